@@ -1,0 +1,608 @@
+//! The `jitgate` command: asks the host agent for access, approves, revokes, inspects, and
+//! launches gated workloads.
+//!
+//! Exit codes (also in the README):
+//! 0 done · 1 error · 2 usage · 3 not permitted · 4 refused or denied · 5 not found ·
+//! 6 conflict (already decided, already revoked) · 7 still pending · 8 daemon unreachable ·
+//! 9 audit log tampered with.
+
+mod output;
+mod run;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    config::{Access, Config, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET},
+    control::{
+        api::{Call, ErrorCode, StatusReport},
+        client::{Client, ClientError},
+    },
+    model::{AuditEvent, Grant, Request, RequestStatus, Session, Timestamp, human_duration},
+    store::audit::VerifyReport,
+};
+
+pub const EXIT_ERROR: u8 = 1;
+pub const EXIT_FORBIDDEN: u8 = 3;
+pub const EXIT_REFUSED: u8 = 4;
+pub const EXIT_NOT_FOUND: u8 = 5;
+pub const EXIT_CONFLICT: u8 = 6;
+pub const EXIT_PENDING: u8 = 7;
+pub const EXIT_UNREACHABLE: u8 = 8;
+pub const EXIT_TAMPERED: u8 = 9;
+
+/// jitgate: just-in-time, kernel-enforced access for AI agents and other workloads.
+#[derive(Parser)]
+#[command(name = "jitgate", version, propagate_version = true)]
+pub struct Cli {
+    /// Control socket of the host agent [default: $JITGATE_SOCKET, then the config's socket]
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Configuration file (to find the socket and the BPF pin directory)
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ask for access to a resource (from a workload: for itself; otherwise --for IDENTITY).
+    Request {
+        resource: String,
+        #[arg(long, value_parser = parse_access)]
+        access: Option<Access>,
+        /// How long the grant should last (e.g. 15m, 1h) [default: the daemon's default_ttl]
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// The workload identity the access is for (operators only).
+        #[arg(long = "for", value_name = "IDENTITY")]
+        for_identity: Option<String>,
+        /// Wait for the decision (exit 0 approved, 4 denied, 7 still pending).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this long.
+        #[arg(long, value_parser = parse_duration, default_value = "15m")]
+        wait_timeout: Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List requests waiting for a decision.
+    Approvals {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a pending request.
+    Approve {
+        id: String,
+        /// Grant for this long instead of what was asked (within policy).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deny a pending request (or withdraw your own).
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List live grants (all recent ones with --all).
+    Grants {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a grant: every connection riding on it is closed at once.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List sessions (open ones; all recent ones with --all).
+    Sessions {
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the audit log, or verify its hash chain.
+    Audit {
+        #[command(subcommand)]
+        action: Option<AuditAction>,
+        /// Events since a time (RFC 3339) or for the last duration (e.g. 1h).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<Timestamp>,
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the host agent's state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command as a gated workload.
+    Run(run::RunArgs),
+    /// Make the host agent re-read its configuration (like SIGHUP).
+    Reload {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the kernel gate itself.
+    Gate {
+        #[command(subcommand)]
+        action: GateAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Check the hash chain: exit 0 intact, 9 tampered.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GateAction {
+    /// Remove the gate from the kernel and stop the host agent. Gated workloads are then no
+    /// longer steered or refused: this opens the gate. Root only.
+    Detach {
+        /// Pin directory to clear when the daemon is not running [default: from the config]
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 15m or 1h: {e}"))
+}
+
+fn parse_access(s: &str) -> Result<Access, String> {
+    s.parse()
+}
+
+fn parse_since(s: &str) -> Result<Timestamp, String> {
+    Timestamp::parse_since(s)
+}
+
+impl Cli {
+    fn config(&self) -> Option<Config> {
+        let path = self.config.clone().unwrap_or_else(|| DEFAULT_CONFIG_PATH.into());
+        Config::load(&path).ok()
+    }
+
+    fn socket(&self) -> PathBuf {
+        if let Some(s) = &self.socket {
+            return s.clone();
+        }
+        if let Some(s) = std::env::var_os("JITGATE_SOCKET").filter(|s| !s.is_empty()) {
+            return s.into();
+        }
+        self.config()
+            .map_or_else(|| DEFAULT_SOCKET.into(), |c| c.daemon.socket)
+    }
+
+    fn client(&self) -> Result<Client, ClientError> {
+        Client::connect(&self.socket())
+    }
+}
+
+/// Prints an error the way every command does, and picks the exit code.
+fn fail(e: &ClientError) -> ExitCode {
+    eprintln!("jitgate: {e}");
+    ExitCode::from(match e {
+        ClientError::Connect { .. } => EXIT_UNREACHABLE,
+        ClientError::Api(api) => match api.code {
+            ErrorCode::Forbidden => EXIT_FORBIDDEN,
+            ErrorCode::Refused => EXIT_REFUSED,
+            ErrorCode::NotFound => EXIT_NOT_FOUND,
+            ErrorCode::Conflict => EXIT_CONFLICT,
+            ErrorCode::Invalid | ErrorCode::Internal => EXIT_ERROR,
+        },
+        _ => EXIT_ERROR,
+    })
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(&cli) {
+        Ok(code) => code,
+        Err(e) => fail(&e),
+    }
+}
+
+fn request_rows(requests: &[Request]) -> Vec<Vec<String>> {
+    requests
+        .iter()
+        .map(|q| {
+            vec![
+                q.id.clone(),
+                q.identity.clone(),
+                q.resource.clone(),
+                q.access.to_string(),
+                human_duration(q.ttl),
+                q.task.clone().unwrap_or_else(|| "-".into()),
+                q.requested_by.user.clone(),
+                output::relative(q.created_at),
+                q.reason.clone(),
+            ]
+        })
+        .collect()
+}
+
+fn grant_rows(grants: &[Grant]) -> Vec<Vec<String>> {
+    let now = Timestamp::now();
+    grants
+        .iter()
+        .map(|g| {
+            vec![
+                g.id.clone(),
+                g.identity.clone(),
+                g.resource.clone(),
+                g.access.to_string(),
+                g.task.clone().unwrap_or_else(|| "-".into()),
+                g.status(now).to_string(),
+                output::relative(g.expires_at),
+                g.approved_by.clone(),
+            ]
+        })
+        .collect()
+}
+
+/// What happened to a request, for people, and the exit code it means.
+pub(crate) fn describe_request(q: &Request) -> (String, u8) {
+    match q.status {
+        RequestStatus::Approved => (
+            format!(
+                "request {} approved: {} has {} access to {} (grant {})",
+                q.id,
+                q.identity,
+                q.access,
+                q.resource,
+                q.grant.as_deref().unwrap_or("?")
+            ),
+            0,
+        ),
+        RequestStatus::Pending => (
+            format!(
+                "request {} is waiting for approval: an approver runs `jitgate approve {}`",
+                q.id, q.id
+            ),
+            EXIT_PENDING,
+        ),
+        RequestStatus::Denied => (
+            format!(
+                "request {} denied{}{}",
+                q.id,
+                q.decided_by
+                    .as_ref()
+                    .map(|a| format!(" by {}", a.user))
+                    .unwrap_or_default(),
+                q.decision_reason
+                    .as_ref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ),
+            EXIT_REFUSED,
+        ),
+        RequestStatus::Expired => (
+            format!(
+                "request {} lapsed{}",
+                q.id,
+                q.decision_reason
+                    .as_ref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ),
+            EXIT_REFUSED,
+        ),
+    }
+}
+
+fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
+    match &cli.command {
+        Command::Request {
+            resource,
+            access,
+            ttl,
+            reason,
+            for_identity,
+            wait,
+            wait_timeout,
+            json,
+        } => {
+            let mut client = cli.client()?;
+            let mut request: Request = client.call_as(&Call::Request {
+                resource: resource.clone(),
+                access: *access,
+                ttl_secs: ttl.map(|t| t.as_secs()),
+                reason: reason.clone(),
+                for_identity: for_identity.clone(),
+            })?;
+            if *wait && request.status == RequestStatus::Pending {
+                eprintln!(
+                    "jitgate: request {} is waiting for approval (an approver runs `jitgate approve {}`)...",
+                    request.id, request.id
+                );
+                request = client.call_as(&Call::Wait {
+                    request: request.id.clone(),
+                    timeout_secs: wait_timeout.as_secs(),
+                })?;
+            }
+            let (text, code) = describe_request(&request);
+            if *json {
+                output::json(&request);
+            } else {
+                println!("{text}");
+            }
+            // Without --wait, filing a request that now waits is success.
+            let code = if !*wait && code == EXIT_PENDING { 0 } else { code };
+            Ok(ExitCode::from(code))
+        }
+        Command::Approvals { json } => {
+            let pending: Vec<Request> = cli.client()?.call_as(&Call::Approvals)?;
+            if *json {
+                output::json(&pending);
+            } else if pending.is_empty() {
+                println!("no requests waiting for approval");
+            } else {
+                output::table(
+                    &["id", "identity", "resource", "access", "ttl", "task", "requested by", "filed", "reason"],
+                    &request_rows(&pending),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Approve { id, ttl, json } => {
+            let grant: Grant = cli.client()?.call_as(&Call::Approve {
+                request: id.clone(),
+                ttl_secs: ttl.map(|t| t.as_secs()),
+            })?;
+            if *json {
+                output::json(&grant);
+            } else {
+                println!(
+                    "approved {id}: grant {} gives {} {} access to {} until {} ({})",
+                    grant.id,
+                    grant.identity,
+                    grant.access,
+                    grant.resource,
+                    output::when(grant.expires_at),
+                    output::relative(grant.expires_at)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deny { id, reason, json } => {
+            let request: Request = cli.client()?.call_as(&Call::Deny {
+                request: id.clone(),
+                reason: reason.clone(),
+            })?;
+            if *json {
+                output::json(&request);
+            } else {
+                println!("denied {id}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Grants { all, json } => {
+            let grants: Vec<Grant> = cli.client()?.call_as(&Call::Grants { all: *all })?;
+            if *json {
+                output::json(&grants);
+            } else if grants.is_empty() {
+                println!("no {}grants", if *all { "" } else { "live " });
+            } else {
+                output::table(
+                    &["id", "identity", "resource", "access", "task", "status", "expires", "approved by"],
+                    &grant_rows(&grants),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Revoke { id, reason, json } => {
+            let grant: Grant = cli.client()?.call_as(&Call::Revoke {
+                grant: id.clone(),
+                reason: reason.clone(),
+            })?;
+            if *json {
+                output::json(&grant);
+            } else {
+                println!(
+                    "revoked {id}: {} no longer has {} access to {}; its connections are closed",
+                    grant.identity, grant.access, grant.resource
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sessions { all, limit, json } => {
+            let sessions: Vec<Session> = cli.client()?.call_as(&Call::Sessions {
+                all: *all,
+                limit: *limit,
+            })?;
+            if *json {
+                output::json(&sessions);
+            } else if sessions.is_empty() {
+                println!("no {}sessions", if *all { "" } else { "open " });
+            } else {
+                let rows: Vec<Vec<String>> = sessions
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.id.clone(),
+                            s.identity.clone().unwrap_or_else(|| "?".into()),
+                            s.resource.clone().unwrap_or_else(|| "-".into()),
+                            s.destination.clone(),
+                            output::when(s.started_at),
+                            s.outcome.to_string(),
+                            output::bytes(s.bytes_up),
+                            output::bytes(s.bytes_down),
+                            format!("{} {}", s.pid, s.command),
+                        ]
+                    })
+                    .collect();
+                output::table(
+                    &["id", "identity", "resource", "destination", "started", "state", "up", "down", "client"],
+                    &rows,
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            action: Some(AuditAction::Verify { json }),
+            ..
+        } => {
+            let report: VerifyReport = cli.client()?.call_as(&Call::AuditVerify)?;
+            if *json {
+                output::json(&report);
+            } else if report.ok {
+                println!("audit log intact: {} records, hash chain verified", report.records);
+            } else {
+                println!(
+                    "AUDIT LOG TAMPERED WITH ({} records checked):",
+                    report.records
+                );
+                for p in &report.problems {
+                    println!("  - {p}");
+                }
+            }
+            Ok(ExitCode::from(if report.ok { 0 } else { EXIT_TAMPERED }))
+        }
+        Command::Audit {
+            action: None,
+            since,
+            limit,
+            json,
+        } => {
+            let events: Vec<AuditEvent> = cli.client()?.call_as(&Call::Audit {
+                since: *since,
+                limit: *limit,
+            })?;
+            if *json {
+                output::json(&events);
+            } else {
+                let rows: Vec<Vec<String>> = events
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.seq.to_string(),
+                            output::when(e.at),
+                            e.kind.clone(),
+                            e.actor.clone(),
+                            e.detail.to_string(),
+                        ]
+                    })
+                    .collect();
+                output::table(&["seq", "at", "event", "actor", "detail"], &rows);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let status: StatusReport = cli.client()?.call_as(&Call::Status)?;
+            if *json {
+                output::json(&status);
+            } else {
+                print_status(&status);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => run::run(cli, args),
+        Command::Reload { json } => {
+            let summary = cli.client()?.call(&Call::Reload)?;
+            if *json {
+                output::json(&summary);
+            } else {
+                println!("configuration reloaded");
+                if let Some(keys) = summary["restart_required_for"].as_array().filter(|k| !k.is_empty()) {
+                    println!(
+                        "note: {} only change on restart; the running values stay",
+                        keys.iter().filter_map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gate {
+            action: GateAction::Detach { pin_dir },
+        } => detach(cli, pin_dir.clone()),
+    }
+}
+
+fn print_status(s: &StatusReport) {
+    println!("jitgated {} (pid {}), up since {}", s.version, s.pid, output::when(s.started_at));
+    println!("  config         {}", s.config);
+    println!("  gate cgroup    {} (attached: {})", s.gate_cgroup, s.attached.join(", "));
+    println!("  pin dir        {}", s.pin_dir);
+    println!("  proxy          {}", s.proxy_listen.join(", "));
+    println!("  egress         {}", s.egress);
+    println!("  identities     {}", s.identities.join(", "));
+    println!("  resources      {}", s.resources.join(", "));
+    println!("  rules          {} destination prefixes in the kernel", s.destination_prefixes);
+    println!(
+        "  grants         {} live, {} requests pending, {} sessions open",
+        s.live_grants, s.pending_requests, s.open_sessions
+    );
+    let counters: Vec<String> = s
+        .kernel_counters
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!("  kernel         {}", counters.join(" "));
+    println!("  you are        {}", s.caller);
+}
+
+fn detach(cli: &Cli, pin_dir: Option<PathBuf>) -> Result<ExitCode, ClientError> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("jitgate: only root can detach the gate");
+        return Ok(ExitCode::from(EXIT_FORBIDDEN));
+    }
+    match cli.client() {
+        Ok(mut client) => {
+            let result = client.call(&Call::Detach)?;
+            println!(
+                "gate detached; jitgated is stopping. Removed: {}",
+                result["removed"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ClientError::Connect { .. }) => {
+            let pin_dir = pin_dir
+                .or_else(|| cli.config().map(|c| c.daemon.bpf_pin_dir))
+                .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/jitgate"));
+            match crate::gate::detach(&pin_dir) {
+                Ok(removed) if removed.is_empty() => {
+                    println!("nothing pinned under {}", pin_dir.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(removed) => {
+                    println!(
+                        "jitgated is not running; removed the pinned gate: {}",
+                        removed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("jitgate: detaching {}: {e:#}", pin_dir.display());
+                    Ok(ExitCode::from(EXIT_ERROR))
+                }
+            }
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,929 @@
+//! The one TOML file that configures the host agent, validated before anything uses it.
+//!
+//! Parsing happens in two steps: serde reads the raw shape (with spans, and refusing unknown
+//! keys), then [`Config::from_toml`] checks meaning (names exist, addresses parse, policies
+//! make sense) and reports each problem with the key and the line it sits on.
+
+pub mod address;
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+pub use self::address::{NetPorts, PortRange, Target};
+
+/// Where the daemon and the CLI look for the config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/jitgate/jitgate.toml";
+/// Where the control socket lives unless the config says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/jitgate/jitgate.sock";
+
+/// A validation or parse error that names the file, line, key and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+/// Access levels, ordered: a higher level includes the lower ones.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    #[default]
+    Read,
+    Write,
+    Admin,
+}
+
+impl Access {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Access {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "read" => Ok(Self::Read),
+            "write" => Ok(Self::Write),
+            "admin" => Ok(Self::Admin),
+            other => Err(format!(
+                "unknown access level `{other}` (use read, write or admin)"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    Deny,
+    Allow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMissingGrant {
+    /// Close the connection at once.
+    Reject,
+    /// File a request and hold the connection until it is decided.
+    Request,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Approval {
+    Auto,
+    Manual,
+}
+
+/// Verbosity of the kernel programs' own log (aya-log). `off` compiles the log statements
+/// out at load time, so they cost nothing on the connect path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelLog {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl KernelLog {
+    /// The value of aya-log's `AYA_LOG_LEVEL` global.
+    pub const fn level(self) -> u8 {
+        match self {
+            Self::Off => 0,
+            Self::Error => 1,
+            Self::Warn => 2,
+            Self::Info => 3,
+            Self::Debug => 4,
+            Self::Trace => 5,
+        }
+    }
+}
+
+/// A unix user or group named in `launchers` or `approvers`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum Principal {
+    User(String),
+    Group(String),
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::User(u) => f.write_str(u),
+            Self::Group(g) => write!(f, "group:{g}"),
+        }
+    }
+}
+
+impl FromStr for Principal {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let valid = |name: &str| {
+            !name.is_empty()
+                && name.len() <= 32
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        };
+        match s.strip_prefix("group:") {
+            Some(group) if valid(group) => Ok(Self::Group(group.to_owned())),
+            None if valid(s) => Ok(Self::User(s.to_owned())),
+            _ => Err(format!(
+                "`{s}` is not a unix user name or `group:NAME`"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file this was read from (for messages and reloads).
+    pub path: PathBuf,
+    pub daemon: DaemonConfig,
+    pub workloads: Vec<Workload>,
+    pub resources: Vec<Resource>,
+    pub policies: Vec<Policy>,
+}
+
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    pub socket_group: Option<String>,
+    pub proxy_listen: SocketAddr,
+    pub proxy_listen6: Option<SocketAddr>,
+    pub gate_cgroup: String,
+    pub bpf_pin_dir: PathBuf,
+    pub egress: Egress,
+    pub allow: Vec<NetPorts>,
+    pub resolvers: Vec<SocketAddr>,
+    pub hold_timeout: Duration,
+    pub default_ttl: Duration,
+    pub dns_min_ttl: Duration,
+    pub dns_max_ttl: Duration,
+    pub kernel_log: KernelLog,
+}
+
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub identity: String,
+    pub launchers: Vec<Principal>,
+    /// A service cgroup (relative to the cgroup2 mount) gated in place.
+    pub cgroup: Option<String>,
+    pub description: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Resource {
+    pub name: String,
+    pub protocol: Protocol,
+    pub target: Target,
+    pub on_missing_grant: OnMissingGrant,
+    pub hold_timeout: Duration,
+    pub connect_access: Access,
+    pub request_access: Access,
+    pub request_ttl: Duration,
+    pub description: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub name: String,
+    /// Identity names, or `*`.
+    pub identities: Vec<String>,
+    /// Resource names, or `*`.
+    pub resources: Vec<String>,
+    pub access: Vec<Access>,
+    pub max_ttl: Duration,
+    pub approval: Approval,
+    pub approvers: Vec<Principal>,
+}
+
+impl Policy {
+    pub fn covers(&self, identity: &str, resource: &str, access: Access) -> bool {
+        let any_or = |list: &[String], name: &str| list.iter().any(|x| x == "*" || x == name);
+        any_or(&self.identities, identity)
+            && any_or(&self.resources, resource)
+            && self.access.contains(&access)
+    }
+}
+
+impl Config {
+    pub fn workload(&self, identity: &str) -> Option<&Workload> {
+        self.workloads.iter().find(|w| w.identity == identity)
+    }
+
+    pub fn resource(&self, name: &str) -> Option<&Resource> {
+        self.resources.iter().find(|r| r.name == name)
+    }
+
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(path, &text)
+    }
+
+    /// Validates `text` as if read from `path`.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let invalid = |span: Option<std::ops::Range<usize>>, message: String| {
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line: span.map_or(1, |s| line_of(text, s.start)),
+                message,
+            }
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            invalid(e.span(), e.message().trim_end().to_owned())
+        })?;
+        let mut v = Validator {
+            text,
+            path,
+            errors: Vec::new(),
+        };
+        let config = v.config(path, raw);
+        match v.errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(config),
+        }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw shape, as serde reads it.
+
+type S<T> = Spanned<T>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    workload: Vec<S<RawWorkload>>,
+    #[serde(default)]
+    resource: Vec<S<RawResource>>,
+    #[serde(default)]
+    policy: Vec<S<RawPolicy>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    state_dir: Option<S<String>>,
+    socket: Option<S<String>>,
+    socket_mode: Option<S<String>>,
+    socket_group: Option<S<String>>,
+    proxy_listen: Option<S<String>>,
+    proxy_listen6: Option<S<String>>,
+    gate_cgroup: Option<S<String>>,
+    bpf_pin_dir: Option<S<String>>,
+    egress: Option<Egress>,
+    #[serde(default)]
+    allow: Vec<S<String>>,
+    resolvers: Option<Vec<S<String>>>,
+    hold_timeout: Option<S<String>>,
+    default_ttl: Option<S<String>>,
+    dns_min_ttl: Option<S<String>>,
+    dns_max_ttl: Option<S<String>>,
+    kernel_log: Option<KernelLog>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    identity: S<String>,
+    #[serde(default)]
+    launchers: Vec<S<String>>,
+    cgroup: Option<S<String>>,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResource {
+    name: S<String>,
+    protocol: Option<S<String>>,
+    address: S<String>,
+    on_missing_grant: Option<OnMissingGrant>,
+    hold_timeout: Option<S<String>>,
+    connect_access: Option<S<String>>,
+    request_access: Option<S<String>>,
+    request_ttl: Option<S<String>>,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Option<S<String>>,
+    identities: S<Vec<String>>,
+    resources: S<Vec<String>>,
+    access: S<Vec<String>>,
+    max_ttl: Option<S<String>>,
+    approval: Approval,
+    #[serde(default)]
+    approvers: Vec<S<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation.
+
+struct Validator<'a> {
+    text: &'a str,
+    path: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+/// Names of identities and resources end up in cgroup paths and CLI arguments: keep them
+/// boring.
+pub fn valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+impl Validator<'_> {
+    fn fail(&mut self, span: std::ops::Range<usize>, message: impl Into<String>) {
+        self.errors.push(ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line: line_of(self.text, span.start),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&S<String>>, default: Duration) -> Duration {
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                self.fail(
+                    value.span(),
+                    format!(
+                        "{key}: `{}` is not a duration (write e.g. `90s`, `15m`, `1h`)",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn access(&mut self, key: &str, value: Option<&S<String>>, default: Access) -> Access {
+        let Some(value) = value else { return default };
+        Access::from_str(value.get_ref()).unwrap_or_else(|e| {
+            self.fail(value.span(), format!("{key}: {e}"));
+            default
+        })
+    }
+
+    fn principals(&mut self, key: &str, values: &[S<String>]) -> Vec<Principal> {
+        values
+            .iter()
+            .filter_map(|v| match Principal::from_str(v.get_ref()) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    self.fail(v.span(), format!("{key}: {e}"));
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn cgroup_path(&mut self, key: &str, value: &S<String>) -> String {
+        let path = value.get_ref().trim_matches('/').to_owned();
+        if path.is_empty()
+            || path
+                .split('/')
+                .any(|part| part.is_empty() || part == "." || part == "..")
+        {
+            self.fail(
+                value.span(),
+                format!(
+                    "{key}: `{}` must be a cgroup path relative to the cgroup2 mount, like `jitgate.slice`",
+                    value.get_ref()
+                ),
+            );
+        }
+        path
+    }
+
+    fn config(&mut self, path: &Path, raw: RawConfig) -> Config {
+        let daemon = self.daemon(raw.daemon);
+        let workloads = self.workloads(&daemon, raw.workload);
+        let resources = self.resources(&daemon, raw.resource);
+        let policies = self.policies(&workloads, &resources, raw.policy);
+        Config {
+            path: path.to_owned(),
+            daemon,
+            workloads,
+            resources,
+            policies,
+        }
+    }
+
+    fn daemon(&mut self, raw: RawDaemon) -> DaemonConfig {
+        let string = |v: &Option<S<String>>, default: &str| {
+            v.as_ref()
+                .map_or_else(|| default.to_owned(), |s| s.get_ref().clone())
+        };
+        let socket_mode = match &raw.socket_mode {
+            None => 0o660,
+            Some(mode) => match u32::from_str_radix(mode.get_ref().trim_start_matches("0o"), 8) {
+                Ok(m) if m <= 0o777 => m,
+                _ => {
+                    self.fail(
+                        mode.span(),
+                        format!(
+                            "socket_mode: `{}` is not an octal file mode like \"0660\"",
+                            mode.get_ref()
+                        ),
+                    );
+                    0o660
+                }
+            },
+        };
+        let listen = |v: &mut Self, key: &str, value: &S<String>| {
+            match address::parse_listen(value.get_ref()) {
+                Ok(addr) if addr.ip().is_loopback() => Some(addr),
+                Ok(_) => {
+                    v.fail(
+                        value.span(),
+                        format!(
+                            "{key}: the proxy must listen on a loopback address (127.0.0.1 or ::1): gated connections are steered to it on this host"
+                        ),
+                    );
+                    None
+                }
+                Err(e) => {
+                    v.fail(value.span(), format!("{key}: {e}"));
+                    None
+                }
+            }
+        };
+        let default_listen: SocketAddr = "127.0.0.1:15001".parse().expect("literal");
+        let proxy_listen = raw
+            .proxy_listen
+            .as_ref()
+            .and_then(|v| listen(self, "proxy_listen", v))
+            .unwrap_or(default_listen);
+        if !proxy_listen.is_ipv4() {
+            if let Some(v) = &raw.proxy_listen {
+                self.fail(
+                    v.span(),
+                    "proxy_listen: must be an IPv4 loopback address; use proxy_listen6 for IPv6",
+                );
+            }
+        }
+        let proxy_listen6 = match &raw.proxy_listen6 {
+            None => Some(SocketAddr::new(
+                address::LOCALHOST6.into(),
+                proxy_listen.port(),
+            )),
+            Some(v) if v.get_ref() == "off" => None,
+            Some(v) => match listen(self, "proxy_listen6", v) {
+                Some(addr) if addr.is_ipv6() && addr.port() == proxy_listen.port() => Some(addr),
+                Some(_) => {
+                    self.fail(
+                        v.span(),
+                        "proxy_listen6: must be an IPv6 loopback address with the same port as proxy_listen, or \"off\"",
+                    );
+                    None
+                }
+                None => None,
+            },
+        };
+        let gate_cgroup = match &raw.gate_cgroup {
+            Some(v) => self.cgroup_path("gate_cgroup", v),
+            None => "jitgate.slice".to_owned(),
+        };
+        let allow = raw
+            .allow
+            .iter()
+            .filter_map(|v| match NetPorts::from_str(v.get_ref()) {
+                Ok(np) => Some(np),
+                Err(e) => {
+                    self.fail(v.span(), format!("allow: {e}"));
+                    None
+                }
+            })
+            .collect();
+        let resolvers = match &raw.resolvers {
+            Some(list) => list
+                .iter()
+                .filter_map(|v| match address::parse_resolver(v.get_ref()) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        self.fail(v.span(), format!("resolvers: {e}"));
+                        None
+                    }
+                })
+                .collect(),
+            None => address::system_resolvers(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            ),
+        };
+        let socket_group = raw.socket_group.as_ref().map(|g| g.get_ref().clone());
+        let hold_timeout = self.duration(
+            "hold_timeout",
+            raw.hold_timeout.as_ref(),
+            Duration::from_secs(300),
+        );
+        let default_ttl = self.duration(
+            "default_ttl",
+            raw.default_ttl.as_ref(),
+            Duration::from_secs(15 * 60),
+        );
+        let dns_min_ttl =
+            self.duration("dns_min_ttl", raw.dns_min_ttl.as_ref(), Duration::from_secs(5));
+        let dns_max_ttl =
+            self.duration("dns_max_ttl", raw.dns_max_ttl.as_ref(), Duration::from_secs(300));
+        DaemonConfig {
+            state_dir: string(&raw.state_dir, "/var/lib/jitgate").into(),
+            socket: string(&raw.socket, DEFAULT_SOCKET).into(),
+            socket_mode,
+            socket_group,
+            proxy_listen,
+            proxy_listen6,
+            gate_cgroup,
+            bpf_pin_dir: string(&raw.bpf_pin_dir, "/sys/fs/bpf/jitgate").into(),
+            egress: raw.egress.unwrap_or(Egress::Deny),
+            allow,
+            resolvers,
+            hold_timeout,
+            default_ttl,
+            dns_min_ttl,
+            dns_max_ttl,
+            kernel_log: raw.kernel_log.unwrap_or(KernelLog::Off),
+        }
+    }
+
+    fn workloads(&mut self, daemon: &DaemonConfig, raw: Vec<S<RawWorkload>>) -> Vec<Workload> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for entry in raw {
+            let span = entry.span();
+            let w = entry.into_inner();
+            let identity = w.identity.get_ref().clone();
+            if !valid_name(&identity) {
+                self.fail(
+                    w.identity.span(),
+                    format!(
+                        "workload.identity: `{identity}` must be 1-63 characters of a-z, 0-9, `.`, `_`, `-`, starting with a letter or digit"
+                    ),
+                );
+            } else if !seen.insert(identity.clone()) {
+                self.fail(
+                    w.identity.span(),
+                    format!("workload.identity: `{identity}` is defined twice"),
+                );
+            }
+            let launchers = self.principals("workload.launchers", &w.launchers);
+            let cgroup = w.cgroup.as_ref().map(|c| self.cgroup_path("workload.cgroup", c));
+            if let Some(cg) = &cgroup {
+                let root = &daemon.gate_cgroup;
+                if cg == root
+                    || cg.starts_with(&format!("{root}/"))
+                    || root.starts_with(&format!("{cg}/"))
+                {
+                    self.fail(
+                        span.clone(),
+                        format!(
+                            "workload.cgroup: `{cg}` overlaps the gate root `{root}`; a service cgroup must sit outside it"
+                        ),
+                    );
+                }
+            }
+            out.push(Workload {
+                identity,
+                launchers,
+                cgroup,
+                description: w.description,
+            });
+        }
+        out
+    }
+
+    fn resources(&mut self, daemon: &DaemonConfig, raw: Vec<S<RawResource>>) -> Vec<Resource> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for entry in raw {
+            let r = entry.into_inner();
+            let name = r.name.get_ref().clone();
+            if !valid_name(&name) {
+                self.fail(
+                    r.name.span(),
+                    format!(
+                        "resource.name: `{name}` must be 1-63 characters of a-z, 0-9, `.`, `_`, `-`"
+                    ),
+                );
+            } else if !seen.insert(name.clone()) {
+                self.fail(r.name.span(), format!("resource.name: `{name}` is defined twice"));
+            }
+            let protocol = match r.protocol.as_ref().map(|p| p.get_ref().as_str()) {
+                None | Some("tcp") => Protocol::Tcp,
+                Some(other) => {
+                    let span = r.protocol.as_ref().map(Spanned::span).unwrap_or_default();
+                    self.fail(
+                        span,
+                        format!("resource.protocol: `{other}` is not supported (use \"tcp\")"),
+                    );
+                    Protocol::Tcp
+                }
+            };
+            let target = match Target::from_str(r.address.get_ref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.fail(r.address.span(), format!("resource.address: {e}"));
+                    continue;
+                }
+            };
+            if let Target::Net { net, ports } = &target {
+                let proxy_port = daemon.proxy_listen.port();
+                let hits_proxy = ports.contains(proxy_port)
+                    && (net.contains(&daemon.proxy_listen.ip())
+                        || daemon
+                            .proxy_listen6
+                            .is_some_and(|a| net.contains(&a.ip())));
+                if hits_proxy {
+                    self.fail(
+                        r.address.span(),
+                        format!(
+                            "resource.address: `{target}` includes the proxy listener {}",
+                            daemon.proxy_listen
+                        ),
+                    );
+                }
+            }
+            let connect_access = self.access(
+                "resource.connect_access",
+                r.connect_access.as_ref(),
+                Access::Read,
+            );
+            let request_access = self.access(
+                "resource.request_access",
+                r.request_access.as_ref(),
+                connect_access,
+            );
+            if request_access < connect_access {
+                let span = r.request_access.as_ref().map(Spanned::span).unwrap_or_default();
+                self.fail(
+                    span,
+                    format!(
+                        "resource.request_access: `{request_access}` is below connect_access `{connect_access}`, so a granted request could never connect"
+                    ),
+                );
+            }
+            out.push(Resource {
+                name,
+                protocol,
+                target,
+                on_missing_grant: r.on_missing_grant.unwrap_or(OnMissingGrant::Reject),
+                hold_timeout: self.duration(
+                    "resource.hold_timeout",
+                    r.hold_timeout.as_ref(),
+                    daemon.hold_timeout,
+                ),
+                connect_access,
+                request_access,
+                request_ttl: self.duration(
+                    "resource.request_ttl",
+                    r.request_ttl.as_ref(),
+                    daemon.default_ttl,
+                ),
+                description: r.description,
+            });
+        }
+        out
+    }
+
+    fn policies(
+        &mut self,
+        workloads: &[Workload],
+        resources: &[Resource],
+        raw: Vec<S<RawPolicy>>,
+    ) -> Vec<Policy> {
+        let mut out = Vec::new();
+        for (index, entry) in raw.into_iter().enumerate() {
+            let span = entry.span();
+            let p = entry.into_inner();
+            let name = p
+                .name
+                .as_ref()
+                .map_or_else(|| format!("policy-{}", index + 1), |n| n.get_ref().clone());
+            for identity in p.identities.get_ref() {
+                if identity != "*" && !workloads.iter().any(|w| &w.identity == identity) {
+                    self.fail(
+                        p.identities.span(),
+                        format!(
+                            "policy.identities: `{identity}` is not a [[workload]] identity"
+                        ),
+                    );
+                }
+            }
+            for resource in p.resources.get_ref() {
+                if resource != "*" && !resources.iter().any(|r| &r.name == resource) {
+                    self.fail(
+                        p.resources.span(),
+                        format!("policy.resources: `{resource}` is not a [[resource]] name"),
+                    );
+                }
+            }
+            let mut access = Vec::new();
+            for a in p.access.get_ref() {
+                match Access::from_str(a) {
+                    Ok(a) => access.push(a),
+                    Err(e) => self.fail(p.access.span(), format!("policy.access: {e}")),
+                }
+            }
+            if access.is_empty() {
+                self.fail(p.access.span(), "policy.access: list at least one access level");
+            }
+            let approvers = self.principals("policy.approvers", &p.approvers);
+            if p.approval == Approval::Manual && approvers.is_empty() {
+                self.fail(
+                    span,
+                    format!(
+                        "policy `{name}`: approval = \"manual\" needs approvers (unix users or \"group:NAME\")"
+                    ),
+                );
+            }
+            let max_ttl = self.duration("policy.max_ttl", p.max_ttl.as_ref(), Duration::from_secs(3600));
+            out.push(Policy {
+                name,
+                identities: p.identities.into_inner(),
+                resources: p.resources.into_inner(),
+                access,
+                max_ttl,
+                approval: p.approval,
+                approvers,
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+[daemon]
+state_dir = "/tmp/jg"
+egress = "deny"
+allow = ["127.0.0.53/32:53"]
+resolvers = ["127.0.0.53"]
+
+[[workload]]
+identity = "ci-bot"
+launchers = ["root", "alice"]
+
+[[resource]]
+name = "orders-db"
+protocol = "tcp"
+address = "10.0.0.5:5432"
+on_missing_grant = "reject"
+
+[[policy]]
+identities = ["ci-bot"]
+resources = ["orders-db"]
+access = ["read"]
+max_ttl = "1h"
+approval = "manual"
+approvers = ["alice", "group:dba"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn sample_parses() {
+        let c = parse(SAMPLE).unwrap();
+        assert_eq!(c.daemon.proxy_listen, "127.0.0.1:15001".parse().unwrap());
+        assert_eq!(c.daemon.proxy_listen6, Some("[::1]:15001".parse().unwrap()));
+        assert_eq!(c.daemon.gate_cgroup, "jitgate.slice");
+        assert_eq!(c.daemon.socket_mode, 0o660);
+        assert_eq!(c.resources[0].target.to_string(), "10.0.0.5:5432");
+        assert_eq!(c.policies[0].name, "policy-1");
+        assert_eq!(
+            c.policies[0].approvers,
+            vec![Principal::User("alice".into()), Principal::Group("dba".into())]
+        );
+        assert!(c.policies[0].covers("ci-bot", "orders-db", Access::Read));
+        assert!(!c.policies[0].covers("ci-bot", "orders-db", Access::Write));
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_key_and_line() {
+        let e = error_of(&SAMPLE.replace("10.0.0.5:5432", "10.0.0.5"));
+        assert!(e.starts_with("test.toml:15: resource.address:"), "{e}");
+        let e = error_of(&SAMPLE.replace("\"orders-db\"]", "\"nope\"]"));
+        assert!(e.starts_with("test.toml:20: policy.resources: `nope`"), "{e}");
+        let e = error_of(&SAMPLE.replace("max_ttl = \"1h\"", "max_ttl = \"forever\""));
+        assert!(e.starts_with("test.toml:22: policy.max_ttl:"), "{e}");
+        let e = error_of(&SAMPLE.replace("egress = \"deny\"", "egres = \"deny\""));
+        assert!(e.contains("test.toml:4:") && e.contains("unknown field `egres`"), "{e}");
+        let e = error_of(&SAMPLE.replace("approvers = [\"alice\", \"group:dba\"]", ""));
+        assert!(e.contains("needs approvers"), "{e}");
+        let e = error_of(&SAMPLE.replace("[daemon]", "[daemon]\nproxy_listen = \"0.0.0.0:15001\""));
+        assert!(e.contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn resource_may_not_cover_the_proxy() {
+        let e = error_of(&SAMPLE.replace("10.0.0.5:5432", "127.0.0.0/8:15000-15002"));
+        assert!(e.contains("includes the proxy listener"), "{e}");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("ci-bot"));
+        assert!(valid_name("orders.db_1"));
+        assert!(!valid_name("Orders"));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(""));
+    }
+}
+
+/// The running config, swapped whole on reload. Readers take a cheap snapshot and never see a
+/// half-applied change.
+#[derive(Clone)]
+pub struct SharedConfig(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Config>>>);
+
+impl SharedConfig {
+    pub fn new(config: Config) -> Self {
+        Self(std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(
+            config,
+        ))))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<Config> {
+        self.0.read().expect("config lock").clone()
+    }
+
+    pub fn set(&self, config: Config) {
+        *self.0.write().expect("config lock") = std::sync::Arc::new(config);
+    }
+}

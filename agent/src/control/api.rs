@@ -1,0 +1,138 @@
+//! The control protocol: one JSON object per line each way over the Unix socket. A
+//! connection may carry several calls in turn. Who is calling is never part of a call: the
+//! server learns it from the kernel (`SO_PEERCRED` and the caller's cgroup).
+
+use serde::{Deserialize, Serialize};
+
+use crate::{config::Access, model::Timestamp, tasks::RunSpec};
+
+/// Largest call or reply line accepted.
+pub const MAX_LINE: usize = 1 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Call {
+    Status,
+    Request {
+        resource: String,
+        access: Option<Access>,
+        ttl_secs: Option<u64>,
+        #[serde(default)]
+        reason: String,
+        for_identity: Option<String>,
+    },
+    /// Waits for a request's decision (at most `timeout_secs`).
+    Wait {
+        request: String,
+        timeout_secs: u64,
+    },
+    Approvals,
+    Approve {
+        request: String,
+        ttl_secs: Option<u64>,
+    },
+    Deny {
+        request: String,
+        reason: Option<String>,
+    },
+    Grants {
+        all: bool,
+    },
+    Revoke {
+        grant: String,
+        reason: Option<String>,
+    },
+    Sessions {
+        all: bool,
+        limit: usize,
+    },
+    Audit {
+        since: Option<Timestamp>,
+        limit: usize,
+    },
+    AuditVerify,
+    Run(RunSpec),
+    Reload,
+    /// Removes the gate from the kernel and stops the host agent.
+    Detach,
+}
+
+/// Why a call failed; the CLI maps each to an exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Bad arguments.
+    Invalid,
+    /// No such request, grant or identity.
+    NotFound,
+    /// The caller may not do this.
+    Forbidden,
+    /// Policy refuses it.
+    Refused,
+    /// The thing is not in a state that allows it (already decided, already revoked).
+    Conflict,
+    /// Something broke on the daemon's side.
+    Internal,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+impl Reply {
+    pub fn ok(data: impl Serialize) -> Self {
+        match serde_json::to_value(data) {
+            Ok(v) => Self {
+                ok: true,
+                data: Some(v),
+                error: None,
+            },
+            Err(e) => Self::err(ErrorCode::Internal, format!("encoding the reply: {e}")),
+        }
+    }
+
+    pub fn err(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            data: None,
+            error: Some(ApiError {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+/// What `jitgate status` shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub pid: u32,
+    pub started_at: Timestamp,
+    pub config: String,
+    pub gate_cgroup: String,
+    pub pin_dir: String,
+    pub attached: Vec<String>,
+    pub egress: String,
+    pub proxy_listen: Vec<String>,
+    pub destination_prefixes: usize,
+    pub kernel_counters: std::collections::BTreeMap<String, u64>,
+    pub live_grants: usize,
+    pub pending_requests: usize,
+    pub open_sessions: usize,
+    pub resources: Vec<String>,
+    pub identities: Vec<String>,
+    /// Who asked, as the daemon sees them.
+    pub caller: String,
+}

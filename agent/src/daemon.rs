@@ -1,0 +1,356 @@
+//! The host agent: starts every part in an order that never leaves the gate open, serves
+//! until SIGTERM/SIGINT (or `jitgate gate detach`), reloads on SIGHUP.
+//!
+//! Start-up order:
+//! 1. config validated, state store opened (and migrated), single-instance lock taken;
+//! 2. proxy listeners bound, so redirected connections have somewhere to land;
+//! 3. resource names resolved, kernel programs loaded and swapped into the pinned links
+//!    (adopting a previous agent's gate without a gap);
+//! 4. grants restored from the store, tasks resumed, control socket opened.
+//!
+//! Stopping leaves the programs attached: gated workloads are refused, not let through.
+
+use std::{
+    fs::File,
+    net::SocketAddr,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use jitgate_common::stats;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{Config, Egress, SharedConfig},
+    control::{api::StatusReport, server},
+    destinations::Destinations,
+    gate::{self, Gate, GateSettings},
+    grants::GrantEngine,
+    identity::{Caller, Workloads},
+    model::{RequestStatus, Timestamp},
+    proxy::{self, ProxyContext, Registry, Routes},
+    store::{Store, audit, queries},
+    tasks::Tasks,
+};
+
+/// How long shutdown waits for sessions to record how they ended.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything the control API reaches.
+pub struct Daemon {
+    pub config: SharedConfig,
+    pub store: Store,
+    pub engine: GrantEngine,
+    pub tasks: Tasks,
+    pub workloads: Workloads,
+    pub gate: Arc<Mutex<Gate>>,
+    pub destinations: Arc<Destinations>,
+    pub registry: Registry,
+    pub started_at: Timestamp,
+    pub shutdown: CancellationToken,
+    pub listen: Vec<SocketAddr>,
+}
+
+fn gate_settings(config: &Config) -> GateSettings {
+    GateSettings {
+        pin_dir: config.daemon.bpf_pin_dir.clone(),
+        gate_cgroup: config.daemon.gate_cgroup.clone(),
+        service_cgroups: config
+            .workloads
+            .iter()
+            .filter_map(|w| w.cgroup.clone())
+            .collect(),
+        kernel_log: config.daemon.kernel_log,
+        proxy_v4: config.daemon.proxy_listen,
+        proxy_v6: config.daemon.proxy_listen6,
+        egress: config.daemon.egress,
+    }
+}
+
+/// Keys a reload cannot change (they name things the running agent holds open).
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&old.daemon, &new.daemon);
+    let mut changed = Vec::new();
+    if a.state_dir != b.state_dir {
+        changed.push("state_dir");
+    }
+    if a.socket != b.socket {
+        changed.push("socket");
+    }
+    if a.proxy_listen != b.proxy_listen || a.proxy_listen6 != b.proxy_listen6 {
+        changed.push("proxy_listen");
+    }
+    if a.gate_cgroup != b.gate_cgroup {
+        changed.push("gate_cgroup");
+    }
+    if a.bpf_pin_dir != b.bpf_pin_dir {
+        changed.push("bpf_pin_dir");
+    }
+    if a.kernel_log != b.kernel_log {
+        changed.push("kernel_log");
+    }
+    changed
+}
+
+/// Takes an exclusive lock on `state_dir` so two agents never share state.
+fn lock_state_dir(state_dir: &Path) -> anyhow::Result<File> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating state_dir {}", state_dir.display()))?;
+    let path = state_dir.join("jitgated.lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!(
+            "another jitgated already uses state_dir {}; stop it first",
+            state_dir.display()
+        );
+    }
+    Ok(file)
+}
+
+impl Daemon {
+    pub fn state_dir(&self) -> PathBuf {
+        self.config.get().daemon.state_dir.clone()
+    }
+
+    /// Re-reads the config file. An invalid file changes nothing.
+    pub async fn reload(&self) -> anyhow::Result<serde_json::Value> {
+        let old = self.config.get();
+        let new = Config::load(&old.path)?;
+        let restart = restart_only_changes(&old, &new);
+        let mut new = new;
+        if !restart.is_empty() {
+            // Keep the running values; say so.
+            new.daemon.state_dir = old.daemon.state_dir.clone();
+            new.daemon.socket = old.daemon.socket.clone();
+            new.daemon.proxy_listen = old.daemon.proxy_listen;
+            new.daemon.proxy_listen6 = old.daemon.proxy_listen6;
+            new.daemon.gate_cgroup = old.daemon.gate_cgroup.clone();
+            new.daemon.bpf_pin_dir = old.daemon.bpf_pin_dir.clone();
+            new.daemon.kernel_log = old.daemon.kernel_log;
+            warn!(keys = ?restart, "these settings only change on restart; keeping the running values");
+        }
+        // Check the new rules compile before switching anything.
+        self.destinations.compile(&new)?;
+        let services: Vec<String> = new.workloads.iter().filter_map(|w| w.cgroup.clone()).collect();
+        let egress = new.daemon.egress;
+        let resources: Vec<String> = new.resources.iter().map(|r| r.name.clone()).collect();
+        self.config.set(new);
+        self.workloads.reconfigure(&self.config.get());
+        {
+            let mut gate = self.gate.lock().expect("gate lock");
+            gate.sync_targets(&services)?;
+            gate.update_settings(egress)?;
+        }
+        self.destinations.resolve_all().await;
+        self.destinations.install(&self.config.get())?;
+        let ended = self.registry.end_resources_not_in(&resources);
+        let summary = serde_json::json!({
+            "config": self.config.get().path.display().to_string(),
+            "resources": resources,
+            "sessions_ended": ended,
+            "restart_required_for": restart,
+        });
+        let detail = summary.clone();
+        self.store
+            .call(move |db| audit::append(db, "config.reloaded", "jitgated", &detail).map(drop))
+            .await?;
+        info!(sessions_ended = ended, "configuration reloaded");
+        Ok(summary)
+    }
+
+    /// Removes the gate from the kernel, then stops the agent.
+    pub fn detach(&self) -> anyhow::Result<Vec<PathBuf>> {
+        let pin_dir = self.config.get().daemon.bpf_pin_dir.clone();
+        let removed = gate::detach(&pin_dir)?;
+        let store = self.store.clone();
+        store.submit(move |db| {
+            audit::append(db, "gate.detached", "root", &serde_json::json!({"pin_dir": pin_dir}))
+                .map(drop)
+        });
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            shutdown.cancel();
+        });
+        Ok(removed)
+    }
+
+    pub async fn status(&self, caller: &Caller) -> StatusReport {
+        let config = self.config.get();
+        let (attached, prefixes, counters) = {
+            let gate = self.gate.lock().expect("gate lock");
+            (
+                gate.attached_targets(),
+                gate.installed().len(),
+                gate.counters().unwrap_or_default(),
+            )
+        };
+        let names = [
+            (stats::REDIRECTED, "redirected"),
+            (stats::TCP_DENIED, "tcp_denied"),
+            (stats::UDP_DENIED, "udp_denied"),
+            (stats::SOCK_DENIED, "socket_denied"),
+            (stats::BIND_DENIED, "bind_denied"),
+            (stats::NOT_READY, "not_ready"),
+            (stats::RECORD_FAILED, "record_failed"),
+            (stats::PROXY_DIRECT, "proxy_direct"),
+        ];
+        let pending = self
+            .store
+            .call(|db| queries::list_requests(db, Some(RequestStatus::Pending), 100_000))
+            .await
+            .map(|v| v.len())
+            .unwrap_or(0);
+        StatusReport {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            started_at: self.started_at,
+            config: config.path.display().to_string(),
+            gate_cgroup: config.daemon.gate_cgroup.clone(),
+            pin_dir: config.daemon.bpf_pin_dir.display().to_string(),
+            attached,
+            egress: match config.daemon.egress {
+                Egress::Deny => "deny".into(),
+                Egress::Allow => "allow".into(),
+            },
+            proxy_listen: self.listen.iter().map(ToString::to_string).collect(),
+            destination_prefixes: prefixes,
+            kernel_counters: names
+                .iter()
+                .map(|(i, n)| ((*n).to_owned(), counters[*i as usize]))
+                .collect(),
+            live_grants: self.engine.live_count(),
+            pending_requests: pending,
+            open_sessions: self.registry.len(),
+            resources: config.resources.iter().map(|r| r.name.clone()).collect(),
+            identities: config.workloads.iter().map(|w| w.identity.clone()).collect(),
+            caller: caller.actor().to_string(),
+        }
+    }
+}
+
+/// Runs the host agent until it is told to stop.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let _lock = lock_state_dir(&config.daemon.state_dir)?;
+    let store = Store::open(&config.daemon.state_dir)?;
+    let orphans = store.call(queries::close_orphan_sessions).await?;
+    if orphans > 0 {
+        info!(sessions = orphans, "closed sessions left open by a previous run");
+    }
+
+    let listeners = proxy::bind(config.daemon.proxy_listen, config.daemon.proxy_listen6).await?;
+    let listen: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+
+    let shared = SharedConfig::new(config.clone());
+    let routes = Routes::default();
+    let destinations = Arc::new(Destinations::new(shared.clone(), routes.clone())?);
+    destinations.resolve_all().await;
+    let trie = destinations.compile(&config)?;
+    let settings = gate_settings(&config);
+    let (mut gate, conns) = tokio::task::spawn_blocking(move || Gate::open(settings, trie))
+        .await
+        .context("gate start-up task")??;
+    gate.spawn_kernel_logger()?;
+    let mount = gate.cgroup_mount().to_owned();
+    let gate = Arc::new(Mutex::new(gate));
+    destinations.attach(gate.clone());
+    destinations.install(&config)?;
+    destinations.clone().spawn(shutdown.clone());
+
+    let workloads = Workloads::new(&mount, &config);
+    let engine = GrantEngine::start(store.clone(), shared.clone(), shutdown.clone()).await?;
+    let tasks = Tasks::start(
+        store.clone(),
+        engine.clone(),
+        workloads.clone(),
+        shared.clone(),
+        mount,
+        shutdown.clone(),
+    )
+    .await?;
+    let registry = Registry::default();
+
+    let proxy_ctx = Arc::new(ProxyContext {
+        conns,
+        config: shared.clone(),
+        engine: engine.clone(),
+        workloads: workloads.clone(),
+        store: store.clone(),
+        routes,
+        registry: registry.clone(),
+        shutdown: shutdown.clone(),
+    });
+    proxy::serve(listeners, proxy_ctx, tracker.clone());
+
+    let control = server::bind(
+        &config.daemon.socket,
+        config.daemon.socket_mode,
+        config.daemon.socket_group.as_deref(),
+    )?;
+    let daemon = Arc::new(Daemon {
+        config: shared,
+        store: store.clone(),
+        engine,
+        tasks,
+        workloads,
+        gate,
+        destinations,
+        registry,
+        started_at: Timestamp::now(),
+        shutdown: shutdown.clone(),
+        listen,
+    });
+    server::serve(control, daemon.clone(), tracker.clone());
+    store
+        .call(|db| audit::append(db, "daemon.started", "jitgated", &serde_json::json!({"pid": std::process::id()})).map(drop))
+        .await?;
+    info!(
+        socket = %config.daemon.socket.display(),
+        proxy = ?daemon.listen,
+        "jitgated ready"
+    );
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => {
+                if let Err(e) = daemon.reload().await {
+                    error!(error = %format!("{e:#}"), "reload rejected; the running configuration stays");
+                }
+            }
+            () = shutdown.cancelled() => break,
+        }
+    }
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+        warn!("some sessions did not finish recording before the drain timeout");
+    }
+    let _ = store
+        .call(|db| audit::append(db, "daemon.stopped", "jitgated", &serde_json::json!({})).map(drop))
+        .await;
+    store.flush().await.ok();
+    let _ = std::fs::remove_file(&config.daemon.socket);
+    info!("stopped; the gate stays closed while jitgated is down");
+    Ok(())
+}

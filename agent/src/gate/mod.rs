@@ -1,0 +1,542 @@
+//! The kernel half of the gate, seen from userspace: loading the programs, adopting what a
+//! previous agent pinned, keeping the maps in step with the config, and detaching.
+//!
+//! Pinned layout under `bpf_pin_dir`:
+//!
+//! ```text
+//! maps-v1/JG_CONFIG JG_DEST JG_SOCK JG_CONNS JG_STATS   state shared across restarts
+//! links/root/<program>                                    links on the gate root cgroup
+//! links/svc-<cgroup path with / as +>/<program>           links on gated service cgroups
+//! ```
+//!
+//! Links are pinned, so the programs stay attached when the agent stops or crashes: redirected
+//! connects then find no proxy and fail (`ECONNREFUSED`), everything else keeps its verdict. On
+//! start the agent loads fresh programs against the pinned maps and swaps them into the pinned
+//! links with `BPF_LINK_UPDATE`, which replaces a program atomically: at no point does a gated
+//! workload run without one.
+
+pub mod bpf_sys;
+pub mod cgroup;
+pub mod preflight;
+pub mod rules;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, SockOps, links::FdLink},
+};
+use jitgate_common::{
+    ConnKey, DestAddr, DestRules, GateConfig, Redirect, config_flags, egress, names, stats,
+};
+use tracing::{debug, info, warn};
+
+use self::rules::{TrieKey, addr_words};
+use crate::config::{Egress, KernelLog};
+
+/// The compiled kernel object, embedded at build time by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jitgate"));
+
+/// Version of the pinned map layout. Bump it whenever a shared struct or map definition in
+/// `jitgate-common` changes: a new layout gets fresh maps beside the old ones, and the link
+/// swap moves every gated workload to it at once.
+const MAP_LAYOUT: &str = "maps-v1";
+
+/// What the kernel side needs from the config.
+#[derive(Clone, Debug)]
+pub struct GateSettings {
+    pub pin_dir: PathBuf,
+    pub gate_cgroup: String,
+    /// Service cgroups gated in place (relative to the cgroup2 mount).
+    pub service_cgroups: Vec<String>,
+    pub kernel_log: KernelLog,
+    pub proxy_v4: SocketAddr,
+    pub proxy_v6: Option<SocketAddr>,
+    pub egress: Egress,
+}
+
+impl GateSettings {
+    fn gate_config(&self, generation: u32) -> GateConfig {
+        let proxy_ip4 = match self.proxy_v4.ip() {
+            IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),
+            IpAddr::V6(_) => u32::from_ne_bytes([127, 0, 0, 1]),
+        };
+        // Without an IPv6 listener, native IPv6 destinations go to the v4-mapped listener:
+        // dual-stack sockets reach it, IPv6-only sockets fail, which is closed.
+        let proxy_ip6 = self.proxy_v6.map_or(jitgate_common::v4_mapped(proxy_ip4), |a| {
+            addr_words(a.ip())
+        });
+        GateConfig {
+            proxy_ip4,
+            proxy_ip6,
+            proxy_port: self.proxy_v4.port(),
+            egress: match self.egress {
+                Egress::Deny => egress::DENY,
+                Egress::Allow => egress::ALLOW,
+            },
+            flags: config_flags::READY,
+            generation,
+        }
+    }
+}
+
+/// Handle on the loaded programs and pinned maps.
+pub struct Gate {
+    ebpf: Ebpf,
+    settings: GateSettings,
+    cgroup_mount: PathBuf,
+    dest: LpmTrie<MapData, DestAddr, DestRules>,
+    config: Array<MapData, GateConfig>,
+    stats: PerCpuArray<MapData, u64>,
+    installed: BTreeMap<TrieKey, DestRules>,
+    generation: u32,
+    attached: BTreeSet<String>,
+}
+
+/// Where redirected connections' records wait for the proxy. Cheap to share.
+pub struct ConnTable {
+    fd: OwnedFd,
+    netns_cookie: u64,
+}
+
+impl ConnTable {
+    /// Takes (reads and deletes) the record of the connection the proxy accepted from
+    /// `client` on `proxy`. `None` when the connection was not redirected by the gate.
+    pub fn take(&self, client: SocketAddr, proxy: SocketAddr) -> io::Result<Option<Redirect>> {
+        let key = ConnKey {
+            netns_cookie: self.netns_cookie,
+            client_addr: addr_words(client.ip()),
+            proxy_addr: addr_words(proxy.ip()),
+            client_port: client.port(),
+            proxy_port: proxy.port(),
+            _pad: 0,
+        };
+        let mut value = Redirect::default();
+        Ok(bpf_sys::map_lookup_and_delete(self.fd.as_fd(), &key, &mut value)?.then_some(value))
+    }
+}
+
+fn netns_cookie() -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid socket, output buffer and length.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The pin directory of links attached to one cgroup.
+fn target_dir(pin_dir: &Path, service: Option<&str>) -> PathBuf {
+    match service {
+        None => pin_dir.join("links/root"),
+        Some(path) => pin_dir.join(format!("links/svc-{}", path.replace('/', "+"))),
+    }
+}
+
+fn expected_map_sizes(name: &str) -> Option<(u32, u32)> {
+    use std::mem::size_of;
+    let s = |k: usize, v: usize| Some((k as u32, v as u32));
+    match name {
+        names::MAP_CONFIG => s(4, size_of::<GateConfig>()),
+        names::MAP_DEST => s(4 + size_of::<DestAddr>(), size_of::<DestRules>()),
+        names::MAP_SOCK => s(4, size_of::<Redirect>()),
+        names::MAP_CONNS => s(size_of::<ConnKey>(), size_of::<Redirect>()),
+        names::MAP_STATS => s(4, 8),
+        _ => None,
+    }
+}
+
+/// Refuses to start on maps pinned by an incompatible build, which the programs would
+/// misread.
+fn check_pinned_maps(maps_dir: &Path) -> anyhow::Result<()> {
+    for name in names::PINNED_MAPS {
+        let path = maps_dir.join(name);
+        let Ok(fd) = bpf_sys::obj_get(&path) else {
+            continue;
+        };
+        let info = bpf_sys::map_info(fd.as_fd())
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        let expected = expected_map_sizes(name).expect("every pinned map has sizes");
+        if (info.key_size, info.value_size) != expected {
+            bail!(
+                "pinned map {} has key/value sizes {}/{} but this jitgated expects {}/{}: it was pinned by an incompatible build; stop every jitgated, run `jitgate gate detach`, then start again",
+                path.display(),
+                info.key_size,
+                info.value_size,
+                expected.0,
+                expected.1
+            );
+        }
+    }
+    Ok(())
+}
+
+impl Gate {
+    /// Loads the programs against the pinned maps (creating them on first start), installs
+    /// `trie` and the gate config, then attaches or adopts every link. Returns the gate and
+    /// the proxy's view of pending connections.
+    pub fn open(
+        settings: GateSettings,
+        trie: BTreeMap<TrieKey, DestRules>,
+    ) -> anyhow::Result<(Self, ConnTable)> {
+        let cgroup_mount = preflight::check()?;
+        if OBJECT.is_empty() {
+            bail!("this jitgated was built with AYA_BUILD_SKIP=1 and carries no kernel programs");
+        }
+        preflight::ensure_bpffs(&settings.pin_dir)?;
+        let maps_dir = settings.pin_dir.join(MAP_LAYOUT);
+        std::fs::create_dir_all(&maps_dir)
+            .with_context(|| format!("creating {}", maps_dir.display()))?;
+        check_pinned_maps(&maps_dir)?;
+
+        let own_cgroup = cgroup::cgroup_of_pid(std::process::id()).unwrap_or_default();
+        if own_cgroup == settings.gate_cgroup
+            || own_cgroup.starts_with(&format!("{}/", settings.gate_cgroup))
+        {
+            bail!(
+                "jitgated runs inside the gate root cgroup {}; it must run outside it, or its own upstream connections would be gated",
+                settings.gate_cgroup
+            );
+        }
+
+        let level = settings.kernel_log.level();
+        let map_paths: Vec<(&str, PathBuf)> = names::PINNED_MAPS
+            .iter()
+            .map(|name| (*name, maps_dir.join(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        loader.override_global("AYA_LOG_LEVEL", &level, false);
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).context("loading the kernel programs")?;
+
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("the kernel object has no map {name}"))
+        };
+        let dest: LpmTrie<MapData, DestAddr, DestRules> =
+            LpmTrie::try_from(take(&mut ebpf, names::MAP_DEST)?)?;
+        let config: Array<MapData, GateConfig> =
+            Array::try_from(take(&mut ebpf, names::MAP_CONFIG)?)?;
+        let stats_map: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(take(&mut ebpf, names::MAP_STATS)?)?;
+        let conns_fd = bpf_sys::obj_get(&maps_dir.join(names::MAP_CONNS))
+            .context("opening the pinned connection table")?;
+        let conns = ConnTable {
+            fd: conns_fd,
+            netns_cookie: netns_cookie().context("reading the network namespace cookie")?,
+        };
+
+        // What a previous agent left in the trie, so the first update removes stale entries.
+        let mut installed = BTreeMap::new();
+        for entry in dest.iter() {
+            let (key, value) = entry.context("reading the pinned destination trie")?;
+            installed.insert(
+                TrieKey {
+                    prefix_len: key.prefix_len(),
+                    addr: key.data().addr,
+                },
+                value,
+            );
+        }
+        let previous = config.get(&0, 0).unwrap_or_default();
+        let adopted = previous.flags & config_flags::READY != 0;
+
+        let mut gate = Self {
+            ebpf,
+            settings,
+            cgroup_mount,
+            dest,
+            config,
+            stats: stats_map,
+            installed,
+            generation: previous.generation,
+            attached: BTreeSet::new(),
+        };
+        gate.apply(trie)?;
+
+        for name in names::PROGRAMS {
+            let program = gate
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("the kernel object has no program {name}"))?;
+            let loaded = match program {
+                Program::CgroupSockAddr(p) => p.load(),
+                Program::CgroupSock(p) => p.load(),
+                Program::SockOps(p) => p.load(),
+                other => bail!("program {name} has unexpected type {:?}", other.prog_type()),
+            };
+            loaded.with_context(|| format!("loading program {name} (verifier)"))?;
+        }
+        let services = gate.settings.service_cgroups.clone();
+        gate.sync_targets(&services)?;
+        info!(
+            adopted,
+            pin_dir = %gate.settings.pin_dir.display(),
+            gate_cgroup = %gate.settings.gate_cgroup,
+            "gate attached"
+        );
+        Ok((gate, conns))
+    }
+
+    /// Starts forwarding the kernel programs' aya-log records to `tracing` (only when
+    /// `kernel_log` is not `off`). Call from within a tokio runtime.
+    pub fn spawn_kernel_logger(&mut self) -> anyhow::Result<()> {
+        if self.settings.kernel_log == KernelLog::Off {
+            return Ok(());
+        }
+        let logger = aya_log::EbpfLogger::init(&mut self.ebpf).context("starting aya-log")?;
+        // SAFETY: the logger owns its ring-buffer descriptor, which stays open and unchanged
+        // until the AsyncFd (and with it the logger) is dropped.
+        let mut logger = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| anyhow!("polling the aya-log ring buffer: {e}"))?;
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = logger.readable_mut().await else {
+                    break;
+                };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    pub fn settings(&self) -> &GateSettings {
+        &self.settings
+    }
+
+    pub fn gate_root(&self) -> PathBuf {
+        self.cgroup_mount.join(&self.settings.gate_cgroup)
+    }
+
+    pub fn cgroup_mount(&self) -> &Path {
+        &self.cgroup_mount
+    }
+
+    /// Installs a new destination trie: new and changed prefixes first, stale ones last, so
+    /// that every lookup during the update sees either the old or the new rules for its
+    /// prefix, never a gap. Then publishes the gate config.
+    pub fn apply(&mut self, trie: BTreeMap<TrieKey, DestRules>) -> anyhow::Result<()> {
+        for (key, value) in &trie {
+            if self.installed.get(key) != Some(value) {
+                self.dest
+                    .insert(&Key::new(key.prefix_len, DestAddr { addr: key.addr }), value, 0)
+                    .context("updating the destination trie")?;
+            }
+        }
+        for key in self.installed.keys() {
+            if !trie.contains_key(key) {
+                match self
+                    .dest
+                    .remove(&Key::new(key.prefix_len, DestAddr { addr: key.addr }))
+                {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e).context("pruning the destination trie"),
+                }
+            }
+        }
+        let prefixes = trie.len();
+        self.installed = trie;
+        self.generation = self.generation.wrapping_add(1);
+        let cfg = self.settings.gate_config(self.generation);
+        self.config
+            .set(0, cfg, 0)
+            .context("publishing the gate config")?;
+        debug!(prefixes, generation = self.generation, "destination rules installed");
+        Ok(())
+    }
+
+    /// The trie as last installed.
+    pub fn installed(&self) -> &BTreeMap<TrieKey, DestRules> {
+        &self.installed
+    }
+
+    /// Changes egress or the proxy addresses (on reload) and republishes the config.
+    pub fn update_settings(&mut self, egress: Egress) -> anyhow::Result<()> {
+        self.settings.egress = egress;
+        let trie = self.installed.clone();
+        self.apply(trie)
+    }
+
+    /// Attaches (or adopts) the programs on the gate root and on `services`, and detaches
+    /// them from service cgroups no longer configured.
+    pub fn sync_targets(&mut self, services: &[String]) -> anyhow::Result<()> {
+        let root = self.gate_root();
+        cgroup::ensure_dir(&root)?;
+        let mut wanted: Vec<(Option<String>, PathBuf)> = vec![(None, root)];
+        for svc in services {
+            let path = self.cgroup_mount.join(svc);
+            if !path.is_dir() {
+                warn!(cgroup = %svc, "service cgroup does not exist yet; creating it so the gate is in place before the service starts");
+                cgroup::ensure_dir(&path)?;
+            }
+            wanted.push((Some(svc.clone()), path));
+        }
+        let mut keep = BTreeSet::new();
+        for (service, path) in &wanted {
+            let dir = target_dir(&self.settings.pin_dir, service.as_deref());
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+            self.attach_all(&dir, path)?;
+            keep.insert(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        }
+        // Unpin links of service cgroups that left the config.
+        let links_dir = self.settings.pin_dir.join("links");
+        if let Ok(entries) = std::fs::read_dir(&links_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&name) {
+                    info!(target = %name, "detaching from a cgroup no longer gated");
+                    remove_pins(&entry.path())?;
+                }
+            }
+        }
+        self.attached = keep;
+        Ok(())
+    }
+
+    fn attach_all(&mut self, dir: &Path, cgroup_path: &Path) -> anyhow::Result<()> {
+        let cgroup_id = cgroup::cgroup_id(cgroup_path)
+            .with_context(|| format!("reading cgroup {}", cgroup_path.display()))?;
+        for name in names::PROGRAMS {
+            let link_path = dir.join(name);
+            if link_path.exists() {
+                match bpf_sys::obj_get(&link_path) {
+                    Ok(link) => {
+                        let info = bpf_sys::link_info(link.as_fd())?;
+                        if info.cgroup_id == cgroup_id {
+                            let program = self.ebpf.program(name).expect("checked at load");
+                            bpf_sys::link_update(link.as_fd(), program.fd()?.as_fd())
+                                .with_context(|| {
+                                    format!("swapping program {name} into {}", link_path.display())
+                                })?;
+                            debug!(program = name, link = info.id, "adopted pinned link");
+                            continue;
+                        }
+                        warn!(
+                            program = name,
+                            "pinned link belongs to a cgroup that no longer exists; attaching afresh"
+                        );
+                        // Attach the new link before dropping the stale one.
+                        let fresh = self.attach_link(name, cgroup_path)?;
+                        std::fs::remove_file(&link_path)?;
+                        fresh.pin(&link_path).map_err(|e| anyhow!("pinning {name}: {e}"))?;
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(program = name, error = %e, "unreadable pinned link; replacing it");
+                        let _ = std::fs::remove_file(&link_path);
+                    }
+                }
+            }
+            let fresh = self.attach_link(name, cgroup_path)?;
+            fresh
+                .pin(&link_path)
+                .map_err(|e| anyhow!("pinning link {}: {e}", link_path.display()))?;
+            debug!(program = name, cgroup = %cgroup_path.display(), "attached");
+        }
+        Ok(())
+    }
+
+    fn attach_link(&mut self, name: &str, cgroup_path: &Path) -> anyhow::Result<FdLink> {
+        let cgroup = File::open(cgroup_path)
+            .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
+        let program = self.ebpf.program_mut(name).expect("checked at load");
+        let mode = CgroupAttachMode::Single;
+        let context = || format!("attaching {name} to {}", cgroup_path.display());
+        let link: FdLink = match program {
+            Program::CgroupSockAddr(p) => {
+                let p: &mut CgroupSockAddr = p;
+                let id = p.attach(&cgroup, mode).with_context(context)?;
+                p.take_link(id)?.try_into()?
+            }
+            Program::CgroupSock(p) => {
+                let p: &mut CgroupSock = p;
+                let id = p.attach(&cgroup, mode).with_context(context)?;
+                p.take_link(id)?.try_into()?
+            }
+            Program::SockOps(p) => {
+                let p: &mut SockOps = p;
+                let id = p.attach(&cgroup, mode).with_context(context)?;
+                p.take_link(id)?.try_into()?
+            }
+            _ => bail!("program {name} has an unexpected type"),
+        };
+        Ok(link)
+    }
+
+    /// Sums the per-CPU kernel counters, indexed by [`jitgate_common::stats`].
+    pub fn counters(&self) -> anyhow::Result<[u64; stats::COUNT as usize]> {
+        let mut out = [0u64; stats::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let values = self.stats.get(&(i as u32), 0)?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Names of the cgroups the programs are attached to.
+    pub fn attached_targets(&self) -> Vec<String> {
+        self.attached.iter().cloned().collect()
+    }
+}
+
+fn remove_pins(dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        std::fs::remove_file(entry.path())
+            .with_context(|| format!("unpinning {}", entry.path().display()))?;
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+/// Removes every pinned link and map under `pin_dir`: the programs detach as soon as no
+/// process holds them, and gated workloads are no longer steered or refused. This is the only
+/// way the gate opens.
+pub fn detach(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    if !pin_dir.exists() {
+        return Ok(removed);
+    }
+    let links = pin_dir.join("links");
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for target in entries.flatten() {
+            remove_pins(&target.path())?;
+            removed.push(target.path());
+        }
+        std::fs::remove_dir(&links).ok();
+    }
+    for entry in std::fs::read_dir(pin_dir)?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            remove_pins(&path)?;
+            removed.push(path);
+        }
+    }
+    std::fs::remove_dir(pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+    Ok(removed)
+}

@@ -1,0 +1,839 @@
+//! Requests, decisions and grants: the only place that creates or ends access.
+//!
+//! Durable state lives in the store and every change is written (with its audit record) in
+//! one transaction before anyone is told about it. Live grants are mirrored in memory for the
+//! proxy's per-connection lookup, each with a `watch` channel that sessions riding on the
+//! grant listen to: expiry and revocation flip it, and those sessions close within the
+//! sweeper's tick.
+
+pub mod policy;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    config::{Access, SharedConfig},
+    identity::{self, Attribution, Caller},
+    ids,
+    model::{Actor, Grant, Request, RequestStatus, Timestamp, human_duration},
+    store::{Store, StoreError, audit, queries},
+};
+
+/// How often expiry is checked. Sessions on an expired grant close within this.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Errors the control API turns into clear answers (and the CLI into exit codes).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The state of a live grant, as sessions see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantState {
+    Active,
+    Expired,
+    Revoked,
+}
+
+/// What the proxy holds while a session rides on a grant.
+#[derive(Clone, Debug)]
+pub struct GrantHandle {
+    pub id: String,
+    pub access: Access,
+    pub expires_at: Timestamp,
+    pub state: watch::Receiver<GrantState>,
+}
+
+struct LiveGrant {
+    grant: Grant,
+    state: watch::Sender<GrantState>,
+}
+
+/// What someone asks for.
+#[derive(Clone, Debug, Default)]
+pub struct RequestSpec {
+    pub resource: String,
+    pub access: Option<Access>,
+    pub ttl: Option<Duration>,
+    pub reason: String,
+    /// The identity to request for (operators only; workloads always request for themselves).
+    pub for_identity: Option<String>,
+    /// Bind the grant to this task (set by `jitgate run`).
+    pub task: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct GrantEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    config: SharedConfig,
+    live: RwLock<HashMap<String, LiveGrant>>,
+    waiters: Mutex<HashMap<String, watch::Sender<RequestStatus>>>,
+}
+
+fn actor_label(actor: &Actor) -> String {
+    match &actor.identity {
+        Some(identity) => format!("workload {identity} (user {})", actor.user),
+        None => format!("user {}", actor.user),
+    }
+}
+
+impl GrantEngine {
+    /// Loads live grants from the store and starts the expiry sweeper.
+    pub async fn start(
+        store: Store,
+        config: SharedConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, EngineError> {
+        let now = Timestamp::now();
+        let grants = store.call(move |db| queries::live_grants(db, now)).await?;
+        let live = grants
+            .into_iter()
+            .map(|g| {
+                let (state, _) = watch::channel(GrantState::Active);
+                (g.id.clone(), LiveGrant { grant: g, state })
+            })
+            .collect::<HashMap<_, _>>();
+        info!(grants = live.len(), "restored live grants");
+        let engine = Self {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                live: RwLock::new(live),
+                waiters: Mutex::new(HashMap::new()),
+            }),
+        };
+        let sweeper = engine.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => sweeper.expire_due().await,
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        });
+        Ok(engine)
+    }
+
+    fn config(&self) -> Arc<crate::config::Config> {
+        self.inner.config.get()
+    }
+
+    /// The best live grant covering `identity` (from `task`) on `resource` at `access`: the one
+    /// that lasts longest. Task-bound grants only count for their own task.
+    pub fn find(
+        &self,
+        identity: &str,
+        task: Option<&str>,
+        resource: &str,
+        access: Access,
+    ) -> Option<GrantHandle> {
+        let now = Timestamp::now();
+        let live = self.inner.live.read().expect("grants lock");
+        live.values()
+            .filter(|l| {
+                let g = &l.grant;
+                g.identity == identity
+                    && g.resource == resource
+                    && g.access >= access
+                    && g.expires_at > now
+                    && g.task.as_deref().is_none_or(|t| Some(t) == task)
+                    && *l.state.borrow() == GrantState::Active
+            })
+            .max_by_key(|l| l.grant.expires_at)
+            .map(|l| GrantHandle {
+                id: l.grant.id.clone(),
+                access: l.grant.access,
+                expires_at: l.grant.expires_at,
+                state: l.state.subscribe(),
+            })
+    }
+
+    /// Files a request on behalf of `caller` (see [`RequestSpec`]).
+    pub async fn file(&self, caller: &Caller, spec: RequestSpec) -> Result<Request, EngineError> {
+        let config = self.config();
+        let (identity, task) = if caller.gated_unattributed {
+            return Err(EngineError::Forbidden(
+                "this process runs inside the gate but belongs to no configured workload".into(),
+            ));
+        } else if let Some(w) = &caller.workload {
+            if let Some(other) = spec.for_identity.as_deref().filter(|i| *i != w.identity) {
+                return Err(EngineError::Forbidden(format!(
+                    "a workload can only request access for itself ({}), not for {other}",
+                    w.identity
+                )));
+            }
+            (w.identity.clone(), w.task.clone())
+        } else {
+            let Some(identity) = spec.for_identity.clone() else {
+                return Err(EngineError::Invalid(
+                    "outside a workload, say which identity the access is for: --for IDENTITY".into(),
+                ));
+            };
+            let Some(workload) = config.workload(&identity) else {
+                return Err(EngineError::NotFound(format!(
+                    "`{identity}` is not a configured workload identity"
+                )));
+            };
+            if !caller.is_root() && !identity::principal_matches(&workload.launchers, caller.uid) {
+                return Err(EngineError::Forbidden(format!(
+                    "{} may not request access for {identity}: only root and its launchers may",
+                    caller.user
+                )));
+            }
+            (identity, spec.task.clone())
+        };
+        self.file_for(
+            &config,
+            caller.actor(),
+            &identity,
+            task.as_deref(),
+            spec,
+        )
+        .await
+    }
+
+    /// Files a request for a held connection: the workload asks by connecting.
+    pub async fn file_for_connection(
+        &self,
+        workload: &Attribution,
+        uid: u32,
+        resource: &str,
+    ) -> Result<Request, EngineError> {
+        let config = self.config();
+        let Some(r) = config.resource(resource) else {
+            return Err(EngineError::NotFound(format!("`{resource}` is not configured")));
+        };
+        let spec = RequestSpec {
+            resource: resource.to_owned(),
+            access: Some(r.request_access),
+            ttl: Some(r.request_ttl),
+            reason: "connection held until a decision".into(),
+            for_identity: None,
+            task: None,
+        };
+        let actor = Actor {
+            uid,
+            user: identity::user_name(uid),
+            identity: Some(workload.identity.clone()),
+            task: workload.task.clone(),
+        };
+        self.file_for(&config, actor, &workload.identity, workload.task.as_deref(), spec)
+            .await
+    }
+
+    async fn file_for(
+        &self,
+        config: &crate::config::Config,
+        actor: Actor,
+        identity: &str,
+        task: Option<&str>,
+        spec: RequestSpec,
+    ) -> Result<Request, EngineError> {
+        let access = spec.access.unwrap_or_default();
+        let resource = spec.resource.clone();
+        let cap = policy::max_ttl(config, identity, &resource, access);
+        let ttl = spec
+            .ttl
+            .unwrap_or_else(|| cap.map_or(config.daemon.default_ttl, |c| c.min(config.daemon.default_ttl)));
+        let verdict = policy::evaluate(config, identity, &resource, access, ttl);
+        let label = actor_label(&actor);
+        if let policy::Verdict::Refused { reason } = &verdict {
+            let detail = json!({
+                "identity": identity, "resource": resource, "access": access,
+                "ttl_secs": ttl.as_secs(), "task": task, "reason": reason,
+            });
+            self.inner
+                .store
+                .call(move |db| audit::append(db, "request.refused", &label, &detail).map(drop))
+                .await?;
+            return Err(EngineError::Refused(reason.clone()));
+        }
+
+        // One pending request per (identity, task, resource, access): asking again (or
+        // connecting again while held) joins the request already waiting.
+        let (id, r, t) = (identity.to_owned(), resource.clone(), task.map(str::to_owned));
+        let existing = self
+            .inner
+            .store
+            .call(move |db| {
+                Ok(queries::list_requests(db, Some(RequestStatus::Pending), 10_000)?
+                    .into_iter()
+                    .find(|q| q.identity == id && q.resource == r && q.task == t && q.access == access))
+            })
+            .await?;
+        if let Some(q) = existing {
+            return Ok(q);
+        }
+
+        let now = Timestamp::now();
+        let policy_name = match &verdict {
+            policy::Verdict::Auto { policy } | policy::Verdict::Manual { policy, .. } => {
+                policy.clone()
+            }
+            policy::Verdict::Refused { .. } => unreachable!("handled above"),
+        };
+        let mut request = Request {
+            id: ids::new(ids::Kind::Request),
+            identity: identity.to_owned(),
+            resource: resource.clone(),
+            access,
+            ttl,
+            reason: spec.reason.clone(),
+            task: task.map(str::to_owned),
+            requested_by: actor.clone(),
+            created_at: now,
+            status: RequestStatus::Pending,
+            policy: policy_name.clone(),
+            decided_by: None,
+            decided_at: None,
+            decision_reason: None,
+            grant: None,
+        };
+        if matches!(verdict, policy::Verdict::Auto { .. }) {
+            let grant = self.new_grant(&request, ttl, format!("auto (policy {policy_name})"));
+            request.status = RequestStatus::Approved;
+            request.decided_at = Some(now);
+            request.decision_reason = Some(format!("auto-approved by policy {policy_name}"));
+            request.grant = Some(grant.id.clone());
+            let (q, g) = (request.clone(), grant.clone());
+            self.inner
+                .store
+                .call(move |db| {
+                    queries::insert_request(db, &q)?;
+                    queries::insert_grant(db, &g)?;
+                    audit::append(db, "request.filed", &label, &request_detail(&q))?;
+                    audit::append(
+                        db,
+                        "grant.issued",
+                        &format!("policy {}", g.policy),
+                        &grant_detail(&g),
+                    )?;
+                    Ok(())
+                })
+                .await?;
+            info!(request = %request.id, grant = %grant.id, identity, resource = %resource, %access, "auto-approved");
+            self.activate(grant);
+        } else {
+            let q = request.clone();
+            self.inner
+                .store
+                .call(move |db| {
+                    queries::insert_request(db, &q)?;
+                    audit::append(db, "request.filed", &label, &request_detail(&q))?;
+                    Ok(())
+                })
+                .await?;
+            let (tx, _) = watch::channel(RequestStatus::Pending);
+            self.inner
+                .waiters
+                .lock()
+                .expect("waiters lock")
+                .insert(request.id.clone(), tx);
+            info!(request = %request.id, identity, resource = %resource, %access, "request pending approval");
+        }
+        Ok(request)
+    }
+
+    fn new_grant(&self, request: &Request, ttl: Duration, approved_by: String) -> Grant {
+        let now = Timestamp::now();
+        Grant {
+            id: ids::new(ids::Kind::Grant),
+            request: request.id.clone(),
+            identity: request.identity.clone(),
+            resource: request.resource.clone(),
+            access: request.access,
+            task: request.task.clone(),
+            created_at: now,
+            expires_at: now.plus(ttl),
+            approved_by,
+            policy: request.policy.clone(),
+            reason: request.reason.clone(),
+            revoked_at: None,
+            revoked_by: None,
+            revoke_reason: None,
+        }
+    }
+
+    fn activate(&self, grant: Grant) {
+        let (state, _) = watch::channel(GrantState::Active);
+        self.inner
+            .live
+            .write()
+            .expect("grants lock")
+            .insert(grant.id.clone(), LiveGrant { grant, state });
+    }
+
+    async fn pending(&self, id: &str) -> Result<Request, EngineError> {
+        let key = id.to_owned();
+        let request = self
+            .inner
+            .store
+            .call(move |db| queries::get_request(db, &key))
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("no request {id}")))?;
+        if request.status != RequestStatus::Pending {
+            let by = request
+                .decided_by
+                .as_ref()
+                .map_or_else(String::new, |a| format!(" by {a}"));
+            return Err(EngineError::Conflict(format!(
+                "request {id} is already {}{by}",
+                request.status
+            )));
+        }
+        Ok(request)
+    }
+
+    /// Checks that `caller` may decide `request` (approve it, or deny it as an approver).
+    fn check_approver(&self, caller: &Caller, request: &Request) -> Result<(), EngineError> {
+        if caller.is_workload() {
+            return Err(EngineError::Forbidden(
+                "a gated workload cannot approve or deny requests".into(),
+            ));
+        }
+        if caller.uid == request.requested_by.uid {
+            return Err(EngineError::Forbidden(format!(
+                "{} filed request {} (as {}); self-approval is refused: another approver must decide it",
+                caller.user,
+                request.id,
+                request.requested_by
+            )));
+        }
+        let config = self.config();
+        let approvers =
+            policy::approvers_for(&config, &request.identity, &request.resource, request.access);
+        if !identity::principal_matches(&approvers, caller.uid) {
+            let list = approvers
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(EngineError::Forbidden(format!(
+                "{} is not an approver for {} {} access to {} (approvers: {})",
+                caller.user,
+                request.identity,
+                request.access,
+                request.resource,
+                if list.is_empty() { "none" } else { &list }
+            )));
+        }
+        Ok(())
+    }
+
+    /// Approves a pending request, optionally with a shorter (or, within policy, longer) ttl.
+    pub async fn approve(
+        &self,
+        caller: &Caller,
+        id: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Grant, EngineError> {
+        let request = self.pending(id).await?;
+        self.check_approver(caller, &request)?;
+        let config = self.config();
+        let ttl = ttl.unwrap_or(request.ttl);
+        let cap = policy::max_ttl(&config, &request.identity, &request.resource, request.access)
+            .unwrap_or_default();
+        if ttl > cap {
+            return Err(EngineError::Invalid(format!(
+                "a ttl of {} is longer than policy allows here ({}); approve with --ttl {} or less",
+                human_duration(ttl),
+                human_duration(cap),
+                human_duration(cap)
+            )));
+        }
+        let approver = caller.actor();
+        let grant = self.new_grant(&request, ttl, caller.user.clone());
+        let (g, by) = (grant.clone(), approver.clone());
+        let label = actor_label(&approver);
+        let task_over = self
+            .inner
+            .store
+            .call(move |db| {
+                if let Some(task) = &g.task {
+                    let ended: Option<Option<i64>> = db
+                        .query_row("SELECT ended_at FROM tasks WHERE id = ?1", [task], |r| r.get(0))
+                        .ok();
+                    if matches!(ended, Some(Some(_))) {
+                        return Ok(true);
+                    }
+                }
+                if !queries::decide_request(
+                    db,
+                    &g.request,
+                    RequestStatus::Approved,
+                    Some(&by),
+                    None,
+                    Some(&g.id),
+                )? {
+                    return Err(StoreError::Invalid(format!(
+                        "request {} was decided meanwhile",
+                        g.request
+                    )));
+                }
+                queries::insert_grant(db, &g)?;
+                audit::append(
+                    db,
+                    "request.approved",
+                    &label,
+                    &json!({"request": g.request, "grant": g.id, "ttl_secs": ttl.as_secs()}),
+                )?;
+                audit::append(db, "grant.issued", &label, &grant_detail(&g))?;
+                Ok(false)
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Invalid(m) => EngineError::Conflict(m),
+                other => EngineError::Store(other),
+            })?;
+        if task_over {
+            return Err(EngineError::Conflict(format!(
+                "request {id} was for task {}, which has ended",
+                request.task.unwrap_or_default()
+            )));
+        }
+        info!(request = %id, grant = %grant.id, approver = %caller.user, "approved");
+        self.activate(grant.clone());
+        self.notify(id, RequestStatus::Approved);
+        Ok(grant)
+    }
+
+    /// Denies a pending request. Approvers may deny; the requester may withdraw their own.
+    pub async fn deny(
+        &self,
+        caller: &Caller,
+        id: &str,
+        reason: Option<String>,
+    ) -> Result<Request, EngineError> {
+        let request = self.pending(id).await?;
+        let own = caller.uid == request.requested_by.uid
+            && caller.workload.as_ref().map(|w| &w.identity) == request.requested_by.identity.as_ref();
+        if !own {
+            self.check_approver(caller, &request)?;
+        }
+        let by = caller.actor();
+        let label = actor_label(&by);
+        let (key, r) = (id.to_owned(), reason.clone());
+        self.inner
+            .store
+            .call(move |db| {
+                if !queries::decide_request(db, &key, RequestStatus::Denied, Some(&by), r.as_deref(), None)? {
+                    return Err(StoreError::Invalid(format!("request {key} was decided meanwhile")));
+                }
+                audit::append(
+                    db,
+                    "request.denied",
+                    &label,
+                    &json!({"request": key, "reason": r}),
+                )?;
+                queries::get_request(db, &key)?
+                    .ok_or_else(|| StoreError::Invalid(format!("request {key} vanished")))
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Invalid(m) => EngineError::Conflict(m),
+                other => EngineError::Store(other),
+            })
+            .inspect(|_| {
+                info!(request = %id, by = %caller.user, "denied");
+                self.notify(id, RequestStatus::Denied);
+            })
+    }
+
+    /// Revokes a live grant: every session riding on it closes.
+    pub async fn revoke(
+        &self,
+        caller: &Caller,
+        id: &str,
+        reason: Option<String>,
+    ) -> Result<Grant, EngineError> {
+        let grant = {
+            let live = self.inner.live.read().expect("grants lock");
+            live.get(id).map(|l| l.grant.clone())
+        };
+        let Some(grant) = grant else {
+            let key = id.to_owned();
+            let stored = self
+                .inner
+                .store
+                .call(move |db| queries::get_grant(db, &key))
+                .await?;
+            return Err(match stored {
+                Some(g) => EngineError::Conflict(format!(
+                    "grant {id} is already {}",
+                    g.status(Timestamp::now())
+                )),
+                None => EngineError::NotFound(format!("no grant {id}")),
+            });
+        };
+        if caller.gated_unattributed {
+            return Err(EngineError::Forbidden("this process may not revoke grants".into()));
+        }
+        if let Some(w) = &caller.workload {
+            let own = w.identity == grant.identity
+                && grant.task.as_ref().is_none_or(|t| Some(t) == w.task.as_ref());
+            if !own {
+                return Err(EngineError::Forbidden(
+                    "a workload may only revoke its own grants".into(),
+                ));
+            }
+        } else if !caller.is_root() {
+            let config = self.config();
+            let approvers =
+                policy::approvers_for(&config, &grant.identity, &grant.resource, grant.access);
+            let launchers = config
+                .workload(&grant.identity)
+                .map(|w| w.launchers.clone())
+                .unwrap_or_default();
+            if !identity::principal_matches(&approvers, caller.uid)
+                && !identity::principal_matches(&launchers, caller.uid)
+            {
+                return Err(EngineError::Forbidden(format!(
+                    "{} may not revoke grant {id}: only root, its approvers and the identity's launchers may",
+                    caller.user
+                )));
+            }
+        }
+        let reason = reason.unwrap_or_else(|| "revoked".into());
+        self.end_grant(id, &actor_label(&caller.actor()), &reason, GrantState::Revoked)
+            .await?;
+        info!(grant = %id, by = %caller.user, "revoked");
+        let key = id.to_owned();
+        Ok(self
+            .inner
+            .store
+            .call(move |db| queries::get_grant(db, &key))
+            .await?
+            .unwrap_or(grant))
+    }
+
+    /// Ends a live grant (revocation or expiry): durable first, then sessions are told.
+    async fn end_grant(
+        &self,
+        id: &str,
+        by: &str,
+        reason: &str,
+        state: GrantState,
+    ) -> Result<(), EngineError> {
+        let (key, who, why) = (id.to_owned(), by.to_owned(), reason.to_owned());
+        self.inner
+            .store
+            .call(move |db| {
+                match state {
+                    GrantState::Revoked => {
+                        queries::revoke_grant(db, &key, &who, &why)?;
+                        audit::append(db, "grant.revoked", &who, &json!({"grant": key, "reason": why}))?;
+                    }
+                    _ => {
+                        audit::append(db, "grant.expired", "jitgated", &json!({"grant": key}))?;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        if let Some(l) = self.inner.live.write().expect("grants lock").remove(id) {
+            l.state.send_replace(state);
+        }
+        Ok(())
+    }
+
+    async fn expire_due(&self) {
+        let now = Timestamp::now();
+        let due: Vec<String> = self
+            .inner
+            .live
+            .read()
+            .expect("grants lock")
+            .values()
+            .filter(|l| l.grant.expires_at <= now)
+            .map(|l| l.grant.id.clone())
+            .collect();
+        for id in due {
+            match self.end_grant(&id, "jitgated", "expired", GrantState::Expired).await {
+                Ok(()) => info!(grant = %id, "expired"),
+                Err(e) => {
+                    // Cut the sessions anyway: the grant's time is up whatever the store says.
+                    warn!(grant = %id, error = %e, "could not record expiry; ending sessions regardless");
+                    if let Some(l) = self.inner.live.write().expect("grants lock").remove(&id) {
+                        l.state.send_replace(GrantState::Expired);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A task's process tree is gone: its grants end and its pending requests lapse.
+    pub async fn task_ended(&self, task: &str) -> Result<(), EngineError> {
+        let bound: Vec<String> = self
+            .inner
+            .live
+            .read()
+            .expect("grants lock")
+            .values()
+            .filter(|l| l.grant.task.as_deref() == Some(task))
+            .map(|l| l.grant.id.clone())
+            .collect();
+        for id in bound {
+            self.end_grant(&id, "jitgated", &format!("task {task} ended"), GrantState::Revoked)
+                .await?;
+            info!(grant = %id, task, "revoked: task ended");
+        }
+        let key = task.to_owned();
+        let lapsed = self
+            .inner
+            .store
+            .call(move |db| {
+                let pending: Vec<String> = queries::list_requests(db, Some(RequestStatus::Pending), 10_000)?
+                    .into_iter()
+                    .filter(|q| q.task.as_deref() == Some(key.as_str()))
+                    .map(|q| q.id)
+                    .collect();
+                for id in &pending {
+                    queries::decide_request(
+                        db,
+                        id,
+                        RequestStatus::Expired,
+                        None,
+                        Some(&format!("task {key} ended")),
+                        None,
+                    )?;
+                    audit::append(db, "request.expired", "jitgated", &json!({"request": id, "task": key}))?;
+                }
+                Ok(pending)
+            })
+            .await?;
+        for id in lapsed {
+            self.notify(&id, RequestStatus::Expired);
+        }
+        Ok(())
+    }
+
+    fn notify(&self, id: &str, status: RequestStatus) {
+        if let Some(tx) = self.inner.waiters.lock().expect("waiters lock").remove(id) {
+            tx.send_replace(status);
+        }
+    }
+
+    /// Waits until request `id` is decided or `timeout` passes; returns it as it then stands.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Request, EngineError> {
+        let rx = {
+            let mut waiters = self.inner.waiters.lock().expect("waiters lock");
+            waiters
+                .entry(id.to_owned())
+                .or_insert_with(|| watch::channel(RequestStatus::Pending).0)
+                .subscribe()
+        };
+        let key = id.to_owned();
+        let current = self
+            .inner
+            .store
+            .call(move |db| queries::get_request(db, &key))
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("no request {id}")))?;
+        if current.status != RequestStatus::Pending {
+            self.inner.waiters.lock().expect("waiters lock").remove(id);
+            return Ok(current);
+        }
+        let mut rx = rx;
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|s| *s != RequestStatus::Pending)).await;
+        let key = id.to_owned();
+        self.inner
+            .store
+            .call(move |db| queries::get_request(db, &key))
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("no request {id}")))
+    }
+
+    pub async fn request(&self, id: &str) -> Result<Option<Request>, EngineError> {
+        let key = id.to_owned();
+        Ok(self
+            .inner
+            .store
+            .call(move |db| queries::get_request(db, &key))
+            .await?)
+    }
+
+    /// Pending requests `caller` may see (workloads see their own identity's).
+    pub async fn approvals(&self, caller: &Caller) -> Result<Vec<Request>, EngineError> {
+        let mut pending = self
+            .inner
+            .store
+            .call(|db| queries::list_requests(db, Some(RequestStatus::Pending), 1000))
+            .await?;
+        if caller.is_workload() {
+            let own = caller.workload.as_ref().map(|w| w.identity.clone());
+            pending.retain(|q| Some(&q.identity) == own.as_ref());
+        }
+        pending.reverse();
+        Ok(pending)
+    }
+
+    /// Grants `caller` may see: live ones, or all recent ones with `all`.
+    pub async fn grants(&self, caller: &Caller, all: bool) -> Result<Vec<Grant>, EngineError> {
+        let mut grants = if all {
+            self.inner
+                .store
+                .call(|db| queries::list_grants(db, 1000))
+                .await?
+        } else {
+            let mut live: Vec<Grant> = self
+                .inner
+                .live
+                .read()
+                .expect("grants lock")
+                .values()
+                .map(|l| l.grant.clone())
+                .collect();
+            live.sort_by_key(|g| g.created_at);
+            live
+        };
+        if caller.is_workload() {
+            let own = caller.workload.as_ref().map(|w| w.identity.clone());
+            grants.retain(|g| Some(&g.identity) == own.as_ref());
+        }
+        Ok(grants)
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.inner.live.read().expect("grants lock").len()
+    }
+}
+
+fn request_detail(q: &Request) -> serde_json::Value {
+    json!({
+        "request": q.id, "identity": q.identity, "resource": q.resource, "access": q.access,
+        "ttl_secs": q.ttl.as_secs(), "task": q.task, "reason": q.reason, "policy": q.policy,
+    })
+}
+
+fn grant_detail(g: &Grant) -> serde_json::Value {
+    json!({
+        "grant": g.id, "request": g.request, "identity": g.identity, "resource": g.resource,
+        "access": g.access, "task": g.task, "expires_at": g.expires_at, "approved_by": g.approved_by,
+    })
+}

@@ -1,0 +1,248 @@
+//! Which requests may be filed, which are approved on the spot, and who may approve the rest.
+//! Pure functions of the config, so every rule is unit-tested.
+
+use std::time::Duration;
+
+use crate::{
+    config::{Access, Approval, Config, Policy, Principal},
+    model::human_duration,
+};
+
+/// What policy says about a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// An `approval = "auto"` policy covers it: grant at once.
+    Auto { policy: String },
+    /// Only `manual` policies cover it: file it for these approvers.
+    Manual {
+        policy: String,
+        approvers: Vec<Principal>,
+    },
+    /// Nothing allows it; the message says why and what would.
+    Refused { reason: String },
+}
+
+/// Evaluates a request for `access` to `resource` by `identity` for `ttl`.
+pub fn evaluate(
+    config: &Config,
+    identity: &str,
+    resource: &str,
+    access: Access,
+    ttl: Duration,
+) -> Verdict {
+    if config.workload(identity).is_none() {
+        return Verdict::Refused {
+            reason: format!("`{identity}` is not a configured workload identity"),
+        };
+    }
+    if config.resource(resource).is_none() {
+        let known: Vec<&str> = config.resources.iter().map(|r| r.name.as_str()).collect();
+        return Verdict::Refused {
+            reason: format!(
+                "`{resource}` is not a configured resource (known: {})",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        };
+    }
+    let covering: Vec<&Policy> = config
+        .policies
+        .iter()
+        .filter(|p| p.covers(identity, resource, access))
+        .collect();
+    if covering.is_empty() {
+        let offered: Vec<String> = config
+            .policies
+            .iter()
+            .filter(|p| {
+                p.identities.iter().any(|i| i == "*" || i == identity)
+                    && p.resources.iter().any(|r| r == "*" || r == resource)
+            })
+            .flat_map(|p| p.access.iter().map(|a| a.to_string()))
+            .collect();
+        let hint = if offered.is_empty() {
+            format!("no policy mentions {identity} and {resource}")
+        } else {
+            format!("policies allow {identity} only: {}", offered.join(", "))
+        };
+        return Verdict::Refused {
+            reason: format!("no policy lets {identity} have {access} access to {resource} ({hint})"),
+        };
+    }
+    let fitting: Vec<&&Policy> = covering.iter().filter(|p| ttl <= p.max_ttl).collect();
+    if fitting.is_empty() {
+        let longest = covering
+            .iter()
+            .map(|p| p.max_ttl)
+            .max()
+            .unwrap_or_default();
+        return Verdict::Refused {
+            reason: format!(
+                "a ttl of {} is longer than policy allows for {identity} on {resource} ({}); ask for --ttl {} or less",
+                human_duration(ttl),
+                human_duration(longest),
+                human_duration(longest)
+            ),
+        };
+    }
+    if let Some(auto) = fitting.iter().find(|p| p.approval == Approval::Auto) {
+        return Verdict::Auto {
+            policy: auto.name.clone(),
+        };
+    }
+    let mut approvers = Vec::new();
+    for p in &fitting {
+        for a in &p.approvers {
+            if !approvers.contains(a) {
+                approvers.push(a.clone());
+            }
+        }
+    }
+    Verdict::Manual {
+        policy: fitting[0].name.clone(),
+        approvers,
+    }
+}
+
+/// The longest ttl any policy allows for this request (to cap an approver's `--ttl`).
+pub fn max_ttl(config: &Config, identity: &str, resource: &str, access: Access) -> Option<Duration> {
+    config
+        .policies
+        .iter()
+        .filter(|p| p.covers(identity, resource, access))
+        .map(|p| p.max_ttl)
+        .max()
+}
+
+/// Everyone who may approve this request under the current config: the approvers of every
+/// manual policy that covers it.
+pub fn approvers_for(
+    config: &Config,
+    identity: &str,
+    resource: &str,
+    access: Access,
+) -> Vec<Principal> {
+    let mut out = Vec::new();
+    for p in config
+        .policies
+        .iter()
+        .filter(|p| p.covers(identity, resource, access))
+    {
+        for a in &p.approvers {
+            if !out.contains(a) {
+                out.push(a.clone());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config() -> Config {
+        Config::from_toml(
+            Path::new("t.toml"),
+            r#"
+[[workload]]
+identity = "ci-bot"
+[[workload]]
+identity = "other"
+[[resource]]
+name = "db"
+address = "10.0.0.5:5432"
+[[resource]]
+name = "web"
+address = "10.0.0.6:443"
+[[policy]]
+name = "db-read"
+identities = ["ci-bot"]
+resources = ["db"]
+access = ["read"]
+max_ttl = "1h"
+approval = "manual"
+approvers = ["alice", "group:dba"]
+[[policy]]
+name = "web-auto"
+identities = ["*"]
+resources = ["web"]
+access = ["read", "write"]
+max_ttl = "10m"
+approval = "auto"
+"#,
+        )
+        .unwrap()
+    }
+
+    const M15: Duration = Duration::from_secs(900);
+
+    #[test]
+    fn manual_policy_files_for_its_approvers() {
+        let v = evaluate(&config(), "ci-bot", "db", Access::Read, M15);
+        assert_eq!(
+            v,
+            Verdict::Manual {
+                policy: "db-read".into(),
+                approvers: vec![Principal::User("alice".into()), Principal::Group("dba".into())]
+            }
+        );
+    }
+
+    #[test]
+    fn auto_policy_grants() {
+        let v = evaluate(&config(), "other", "web", Access::Write, Duration::from_secs(60));
+        assert_eq!(
+            v,
+            Verdict::Auto {
+                policy: "web-auto".into()
+            }
+        );
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let c = config();
+        let Verdict::Refused { reason } = evaluate(&c, "ci-bot", "db", Access::Write, M15) else {
+            panic!()
+        };
+        assert!(reason.contains("no policy lets ci-bot have write access to db"), "{reason}");
+        assert!(reason.contains("only: read"), "{reason}");
+
+        let Verdict::Refused { reason } = evaluate(&c, "other", "db", Access::Read, M15) else {
+            panic!()
+        };
+        assert!(reason.contains("no policy mentions other and db"), "{reason}");
+
+        let Verdict::Refused { reason } = evaluate(&c, "other", "web", Access::Read, M15) else {
+            panic!()
+        };
+        assert!(reason.contains("--ttl 10m or less"), "{reason}");
+
+        let Verdict::Refused { reason } = evaluate(&c, "ci-bot", "nope", Access::Read, M15) else {
+            panic!()
+        };
+        assert!(reason.contains("known: db, web"), "{reason}");
+
+        assert!(matches!(
+            evaluate(&c, "ghost", "db", Access::Read, M15),
+            Verdict::Refused { .. }
+        ));
+    }
+
+    #[test]
+    fn caps_and_approvers() {
+        let c = config();
+        assert_eq!(
+            max_ttl(&c, "ci-bot", "db", Access::Read),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(max_ttl(&c, "ci-bot", "db", Access::Admin), None);
+        assert_eq!(approvers_for(&c, "other", "web", Access::Read), vec![]);
+    }
+}

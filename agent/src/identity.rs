@@ -1,0 +1,324 @@
+//! Who is who, from the kernel's point of view: unix users and groups for people, cgroups for
+//! workloads. Nothing here trusts what a process says about itself.
+
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use nix::unistd::{Gid, Group, Uid, User};
+
+use crate::{
+    config::{Config, Principal},
+    gate::cgroup,
+    model::Actor,
+};
+
+/// The unix name of `uid`, or the number when it has none.
+pub fn user_name(uid: u32) -> String {
+    User::from_uid(Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map_or_else(|| uid.to_string(), |u| u.name)
+}
+
+/// The uid of a user name (or of a numeric string).
+pub fn uid_of(name: &str) -> Option<u32> {
+    if let Ok(uid) = name.parse::<u32>() {
+        return Some(uid);
+    }
+    User::from_name(name).ok().flatten().map(|u| u.uid.as_raw())
+}
+
+/// Whether `uid` is a member (primary or supplementary) of group `group`.
+pub fn user_in_group(uid: u32, group: &str) -> bool {
+    let Some(group) = Group::from_name(group).ok().flatten() else {
+        return false;
+    };
+    let Some(user) = User::from_uid(Uid::from_raw(uid)).ok().flatten() else {
+        return false;
+    };
+    if user.gid == group.gid {
+        return true;
+    }
+    let Ok(name) = CString::new(user.name.clone()) else {
+        return false;
+    };
+    nix::unistd::getgrouplist(&name, user.gid)
+        .map(|groups| groups.contains(&group.gid))
+        .unwrap_or(false)
+        || group.mem.iter().any(|m| m == &user.name)
+}
+
+/// Whether `uid` is one of `principals`.
+pub fn principal_matches(principals: &[Principal], uid: u32) -> bool {
+    let name = user_name(uid);
+    principals.iter().any(|p| match p {
+        Principal::User(u) => u == &name || uid_of(u) == Some(uid),
+        Principal::Group(g) => user_in_group(uid, g),
+    })
+}
+
+/// A primary gid for a uid, for dropping privileges.
+pub fn primary_gid(uid: u32) -> Option<Gid> {
+    User::from_uid(Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.gid)
+}
+
+/// Which workload a cgroup belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attribution {
+    pub identity: String,
+    /// The `jitgate run` task, when the cgroup is a task cgroup.
+    pub task: Option<String>,
+}
+
+/// Maps cgroups (by path or by the id the kernel reports) to workloads.
+///
+/// Task cgroups are `<gate root>/<identity>/<task>`; service cgroups come from
+/// `[[workload]] cgroup = ...`. Ids are cached: a cgroup id is never reused while the cgroup
+/// exists, and we forget task cgroups when we remove them.
+#[derive(Clone)]
+pub struct Workloads {
+    inner: Arc<RwLock<WorkloadsInner>>,
+}
+
+struct WorkloadsInner {
+    mount: PathBuf,
+    gate_root: String,
+    /// Service cgroup path -> identity.
+    services: Vec<(String, String)>,
+    /// Identities declared in the config.
+    identities: Vec<String>,
+    by_id: HashMap<u64, Attribution>,
+}
+
+impl Workloads {
+    pub fn new(mount: &Path, config: &Config) -> Self {
+        let mut inner = WorkloadsInner {
+            mount: mount.to_owned(),
+            gate_root: String::new(),
+            services: Vec::new(),
+            identities: Vec::new(),
+            by_id: HashMap::new(),
+        };
+        inner.configure(config);
+        Self {
+            inner: Arc::new(RwLock::new(inner)),
+        }
+    }
+
+    /// Applies a reloaded config (identities or service cgroups may have changed).
+    pub fn reconfigure(&self, config: &Config) {
+        let mut inner = self.inner.write().expect("workloads lock");
+        inner.configure(config);
+        inner.by_id.clear();
+    }
+
+    /// Remembers a task cgroup created by the agent.
+    pub fn remember(&self, cgroup_id: u64, attribution: Attribution) {
+        self.inner
+            .write()
+            .expect("workloads lock")
+            .by_id
+            .insert(cgroup_id, attribution);
+    }
+
+    pub fn forget(&self, cgroup_id: u64) {
+        self.inner
+            .write()
+            .expect("workloads lock")
+            .by_id
+            .remove(&cgroup_id);
+    }
+
+    /// Attributes a cgroup path (relative to the cgroup2 mount).
+    pub fn attribute_path(&self, path: &str) -> Option<Attribution> {
+        self.inner.read().expect("workloads lock").attribute_path(path)
+    }
+
+    /// Attributes the cgroup id the kernel recorded for a connection.
+    pub fn attribute_id(&self, cgroup_id: u64) -> Option<Attribution> {
+        if let Some(a) = self
+            .inner
+            .read()
+            .expect("workloads lock")
+            .by_id
+            .get(&cgroup_id)
+        {
+            return Some(a.clone());
+        }
+        // Not one of ours by id yet (a service cgroup, or state from before a restart): find
+        // the directory with that inode under the gated subtrees.
+        let (mount, roots) = {
+            let inner = self.inner.read().expect("workloads lock");
+            let mut roots = vec![inner.gate_root.clone()];
+            roots.extend(inner.services.iter().map(|(p, _)| p.clone()));
+            (inner.mount.clone(), roots)
+        };
+        let found = roots
+            .iter()
+            .find_map(|root| find_cgroup_by_id(&mount, &mount.join(root), cgroup_id, 4))?;
+        let attribution = self.attribute_path(&found)?;
+        self.remember(cgroup_id, attribution.clone());
+        Some(attribution)
+    }
+
+    /// The identity (if any) of process `pid`, from its cgroup.
+    pub fn attribute_pid(&self, pid: u32) -> std::io::Result<Option<Attribution>> {
+        let path = cgroup::cgroup_of_pid(pid)?;
+        Ok(self.attribute_path(&path))
+    }
+
+    /// Whether `path` is inside any gated subtree (even if not attributable).
+    pub fn is_gated_path(&self, path: &str) -> bool {
+        let inner = self.inner.read().expect("workloads lock");
+        under(path, &inner.gate_root) || inner.services.iter().any(|(svc, _)| under(path, svc))
+    }
+}
+
+fn under(path: &str, root: &str) -> bool {
+    path == root || path.starts_with(&format!("{root}/"))
+}
+
+impl WorkloadsInner {
+    fn configure(&mut self, config: &Config) {
+        self.gate_root = config.daemon.gate_cgroup.clone();
+        self.services = config
+            .workloads
+            .iter()
+            .filter_map(|w| w.cgroup.clone().map(|c| (c, w.identity.clone())))
+            .collect();
+        self.identities = config.workloads.iter().map(|w| w.identity.clone()).collect();
+    }
+
+    fn attribute_path(&self, path: &str) -> Option<Attribution> {
+        if let Some(rest) = path.strip_prefix(&format!("{}/", self.gate_root)) {
+            let mut parts = rest.split('/');
+            let identity = parts.next()?.to_owned();
+            let task = parts.next().map(str::to_owned);
+            if !self.identities.contains(&identity) {
+                return None;
+            }
+            return Some(Attribution { identity, task });
+        }
+        self.services
+            .iter()
+            .find(|(svc, _)| under(path, svc))
+            .map(|(_, identity)| Attribution {
+                identity: identity.clone(),
+                task: None,
+            })
+    }
+}
+
+fn find_cgroup_by_id(mount: &Path, dir: &Path, id: u64, depth: usize) -> Option<String> {
+    if cgroup::cgroup_id(dir).ok()? == id {
+        return dir
+            .strip_prefix(mount)
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned());
+    }
+    if depth == 0 {
+        return None;
+    }
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|entry| {
+        entry
+            .file_type()
+            .ok()
+            .filter(std::fs::FileType::is_dir)
+            .and_then(|_| find_cgroup_by_id(mount, &entry.path(), id, depth - 1))
+    })
+}
+
+/// A caller of the control API, established from `SO_PEERCRED` and the caller's cgroup.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub pid: u32,
+    pub user: String,
+    /// Set when the caller runs inside the gate: it is a workload, with a workload's rights.
+    pub workload: Option<Attribution>,
+    /// Set when the caller runs inside a gated cgroup that maps to no identity. Such a
+    /// caller gets no rights at all.
+    pub gated_unattributed: bool,
+}
+
+impl Caller {
+    pub fn is_workload(&self) -> bool {
+        self.workload.is_some() || self.gated_unattributed
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.uid == 0 && !self.is_workload()
+    }
+
+    pub fn actor(&self) -> Actor {
+        Actor {
+            uid: self.uid,
+            user: self.user.clone(),
+            identity: self.workload.as_ref().map(|w| w.identity.clone()),
+            task: self.workload.as_ref().and_then(|w| w.task.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::from_toml(
+            Path::new("t.toml"),
+            r#"
+[daemon]
+gate_cgroup = "jitgate.slice"
+[[workload]]
+identity = "ci-bot"
+[[workload]]
+identity = "svc"
+cgroup = "system.slice/agent.service"
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn attributes_task_and_service_cgroups() {
+        let w = Workloads::new(Path::new("/sys/fs/cgroup"), &config());
+        assert_eq!(
+            w.attribute_path("jitgate.slice/ci-bot/t-abc"),
+            Some(Attribution {
+                identity: "ci-bot".into(),
+                task: Some("t-abc".into())
+            })
+        );
+        assert_eq!(
+            w.attribute_path("system.slice/agent.service"),
+            Some(Attribution {
+                identity: "svc".into(),
+                task: None
+            })
+        );
+        assert_eq!(w.attribute_path("jitgate.slice/stranger/t-1"), None);
+        assert_eq!(w.attribute_path("jitgate.slice"), None);
+        assert_eq!(w.attribute_path("user.slice"), None);
+        assert!(w.is_gated_path("jitgate.slice"));
+        assert!(w.is_gated_path("jitgate.slice/stranger"));
+        assert!(!w.is_gated_path("jitgate.slicey"));
+        assert!(w.is_gated_path("system.slice/agent.service/sub"));
+    }
+
+    #[test]
+    fn root_is_a_user() {
+        assert_eq!(user_name(0), "root");
+        assert_eq!(uid_of("root"), Some(0));
+        assert!(principal_matches(&[Principal::User("root".into())], 0));
+        assert!(principal_matches(&[Principal::Group("root".into())], 0));
+        assert!(!principal_matches(&[Principal::User("nobody".into())], 0));
+    }
+}

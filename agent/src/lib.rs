@@ -1,0 +1,27 @@
+//! jitgate's host agent (`jitgated`), its transparent proxy, and the `jitgate` CLI.
+//!
+//! The modules follow the data path (see `docs/ARCHITECTURE.md`):
+//!
+//! * [`gate`]: the kernel side seen from userspace: load, pin, adopt, rules, detach.
+//! * [`destinations`]: keeps the kernel's destination rules in step with config, DNS, host.
+//! * [`proxy`]: accepts redirected connections, one task per session, and relays.
+//! * [`grants`]: requests, policy, approvals, grants, expiry.
+//! * [`tasks`]: `jitgate run` task cgroups and their lifetime.
+//! * [`identity`]: users, groups, and which workload a cgroup is.
+//! * [`store`]: the SQLite state store and the hash-chained audit log.
+//! * [`control`]: the Unix-socket API the CLI speaks.
+//! * [`daemon`]: start-up order, reload, shutdown.
+//! * [`cli`]: the `jitgate` command.
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod destinations;
+pub mod gate;
+pub mod grants;
+pub mod identity;
+pub mod ids;
+pub mod model;
+pub mod proxy;
+pub mod store;
+pub mod tasks;

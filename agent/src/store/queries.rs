@@ -1,0 +1,369 @@
+//! Rows in and out of the state store. Plain functions over a connection, so they compose
+//! inside one [`super::Store::call`] (and so one transaction).
+
+use std::{str::FromStr as _, time::Duration};
+
+use rusqlite::{Connection, OptionalExtension as _, Row, params};
+
+use super::Result;
+use crate::{
+    config::Access,
+    model::{
+        Actor, Grant, Request, RequestStatus, Session, SessionOutcome, Task, Timestamp,
+    },
+};
+
+fn access_of(s: &str) -> rusqlite::Result<Access> {
+    Access::from_str(s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into())
+    })
+}
+
+fn actor_of(s: &str) -> rusqlite::Result<Actor> {
+    serde_json::from_str(s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn json(actor: &Actor) -> String {
+    serde_json::to_string(actor).expect("Actor serializes")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+const REQUEST_COLUMNS: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id";
+
+fn request_of(r: &Row<'_>) -> rusqlite::Result<Request> {
+    let decided_by: Option<String> = r.get(11)?;
+    Ok(Request {
+        id: r.get(0)?,
+        identity: r.get(1)?,
+        resource: r.get(2)?,
+        access: access_of(&r.get::<_, String>(3)?)?,
+        ttl: Duration::from_secs(r.get::<_, i64>(4)?.max(0) as u64),
+        reason: r.get(5)?,
+        task: r.get(6)?,
+        requested_by: actor_of(&r.get::<_, String>(7)?)?,
+        created_at: Timestamp(r.get(8)?),
+        status: RequestStatus::parse(&r.get::<_, String>(9)?).unwrap_or(RequestStatus::Expired),
+        policy: r.get(10)?,
+        decided_by: decided_by.as_deref().map(actor_of).transpose()?,
+        decided_at: r.get::<_, Option<i64>>(12)?.map(Timestamp),
+        decision_reason: r.get(13)?,
+        grant: r.get(14)?,
+    })
+}
+
+pub fn insert_request(db: &Connection, q: &Request) -> Result<()> {
+    db.execute(
+        &format!("INSERT INTO requests ({REQUEST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
+        params![
+            q.id,
+            q.identity,
+            q.resource,
+            q.access.as_str(),
+            q.ttl.as_secs() as i64,
+            q.reason,
+            q.task,
+            json(&q.requested_by),
+            q.created_at.millis(),
+            q.status.as_str(),
+            q.policy,
+            q.decided_by.as_ref().map(json),
+            q.decided_at.map(Timestamp::millis),
+            q.decision_reason,
+            q.grant,
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn get_request(db: &Connection, id: &str) -> Result<Option<Request>> {
+    Ok(db
+        .query_row(
+            &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ?1"),
+            [id],
+            request_of,
+        )
+        .optional()?)
+}
+
+/// Requests with `status`, newest first (all statuses when `None`).
+pub fn list_requests(
+    db: &Connection,
+    status: Option<RequestStatus>,
+    limit: usize,
+) -> Result<Vec<Request>> {
+    let mut stmt = db.prepare(&format!(
+        "SELECT {REQUEST_COLUMNS} FROM requests WHERE (?1 IS NULL OR status = ?1) ORDER BY created_at DESC LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(
+        params![status.map(RequestStatus::as_str), limit as i64],
+        request_of,
+    )?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Records a decision. Only a pending request changes; returns whether it did.
+pub fn decide_request(
+    db: &Connection,
+    id: &str,
+    status: RequestStatus,
+    by: Option<&Actor>,
+    reason: Option<&str>,
+    grant: Option<&str>,
+) -> Result<bool> {
+    let changed = db.execute(
+        "UPDATE requests SET status = ?2, decided_by = ?3, decided_at = ?4, decision_reason = ?5, grant_id = ?6
+         WHERE id = ?1 AND status = 'pending'",
+        params![
+            id,
+            status.as_str(),
+            by.map(json),
+            Timestamp::now().millis(),
+            reason,
+            grant
+        ],
+    )?;
+    Ok(changed == 1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grants
+
+const GRANT_COLUMNS: &str = "id, request_id, identity, resource, access, task_id, created_at, expires_at, approved_by, policy, reason, revoked_at, revoked_by, revoke_reason";
+
+fn grant_of(r: &Row<'_>) -> rusqlite::Result<Grant> {
+    Ok(Grant {
+        id: r.get(0)?,
+        request: r.get(1)?,
+        identity: r.get(2)?,
+        resource: r.get(3)?,
+        access: access_of(&r.get::<_, String>(4)?)?,
+        task: r.get(5)?,
+        created_at: Timestamp(r.get(6)?),
+        expires_at: Timestamp(r.get(7)?),
+        approved_by: r.get(8)?,
+        policy: r.get(9)?,
+        reason: r.get(10)?,
+        revoked_at: r.get::<_, Option<i64>>(11)?.map(Timestamp),
+        revoked_by: r.get(12)?,
+        revoke_reason: r.get(13)?,
+    })
+}
+
+pub fn insert_grant(db: &Connection, g: &Grant) -> Result<()> {
+    db.execute(
+        &format!("INSERT INTO grants ({GRANT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+        params![
+            g.id,
+            g.request,
+            g.identity,
+            g.resource,
+            g.access.as_str(),
+            g.task,
+            g.created_at.millis(),
+            g.expires_at.millis(),
+            g.approved_by,
+            g.policy,
+            g.reason,
+            g.revoked_at.map(Timestamp::millis),
+            g.revoked_by,
+            g.revoke_reason,
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn get_grant(db: &Connection, id: &str) -> Result<Option<Grant>> {
+    Ok(db
+        .query_row(
+            &format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = ?1"),
+            [id],
+            grant_of,
+        )
+        .optional()?)
+}
+
+/// Grants not revoked and not yet expired at `now`.
+pub fn live_grants(db: &Connection, now: Timestamp) -> Result<Vec<Grant>> {
+    let mut stmt = db.prepare(&format!(
+        "SELECT {GRANT_COLUMNS} FROM grants WHERE revoked_at IS NULL AND expires_at > ?1 ORDER BY created_at"
+    ))?;
+    let rows = stmt.query_map([now.millis()], grant_of)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// All grants, newest first.
+pub fn list_grants(db: &Connection, limit: usize) -> Result<Vec<Grant>> {
+    let mut stmt = db.prepare(&format!(
+        "SELECT {GRANT_COLUMNS} FROM grants ORDER BY created_at DESC LIMIT ?1"
+    ))?;
+    let rows = stmt.query_map([limit as i64], grant_of)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Marks a live grant revoked. Returns whether it was live.
+pub fn revoke_grant(db: &Connection, id: &str, by: &str, reason: &str) -> Result<bool> {
+    let changed = db.execute(
+        "UPDATE grants SET revoked_at = ?2, revoked_by = ?3, revoke_reason = ?4
+         WHERE id = ?1 AND revoked_at IS NULL AND expires_at > ?2",
+        params![id, Timestamp::now().millis(), by, reason],
+    )?;
+    Ok(changed == 1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tasks
+
+const TASK_COLUMNS: &str =
+    "id, identity, cgroup, launched_by, run_as_uid, command, reason, started_at, ended_at";
+
+fn task_of(r: &Row<'_>) -> rusqlite::Result<Task> {
+    Ok(Task {
+        id: r.get(0)?,
+        identity: r.get(1)?,
+        cgroup: r.get(2)?,
+        launched_by: actor_of(&r.get::<_, String>(3)?)?,
+        run_as_uid: r.get(4)?,
+        command: r.get(5)?,
+        reason: r.get(6)?,
+        started_at: Timestamp(r.get(7)?),
+        ended_at: r.get::<_, Option<i64>>(8)?.map(Timestamp),
+    })
+}
+
+pub fn insert_task(db: &Connection, t: &Task) -> Result<()> {
+    db.execute(
+        &format!("INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+        params![
+            t.id,
+            t.identity,
+            t.cgroup,
+            json(&t.launched_by),
+            t.run_as_uid,
+            t.command,
+            t.reason,
+            t.started_at.millis(),
+            t.ended_at.map(Timestamp::millis),
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn end_task(db: &Connection, id: &str) -> Result<bool> {
+    let changed = db.execute(
+        "UPDATE tasks SET ended_at = ?2 WHERE id = ?1 AND ended_at IS NULL",
+        params![id, Timestamp::now().millis()],
+    )?;
+    Ok(changed == 1)
+}
+
+pub fn running_tasks(db: &Connection) -> Result<Vec<Task>> {
+    let mut stmt = db.prepare(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE ended_at IS NULL ORDER BY started_at"
+    ))?;
+    let rows = stmt.query_map([], task_of)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions
+
+const SESSION_COLUMNS: &str = "id, identity, task_id, pid, uid, command, resource, grant_id, destination, started_at, ended_at, bytes_up, bytes_down, outcome, detail";
+
+fn session_of(r: &Row<'_>) -> rusqlite::Result<Session> {
+    Ok(Session {
+        id: r.get(0)?,
+        identity: r.get(1)?,
+        task: r.get(2)?,
+        pid: r.get(3)?,
+        uid: r.get(4)?,
+        command: r.get(5)?,
+        resource: r.get(6)?,
+        grant: r.get(7)?,
+        destination: r.get(8)?,
+        started_at: Timestamp(r.get(9)?),
+        ended_at: r.get::<_, Option<i64>>(10)?.map(Timestamp),
+        bytes_up: r.get::<_, i64>(11)?.max(0) as u64,
+        bytes_down: r.get::<_, i64>(12)?.max(0) as u64,
+        outcome: SessionOutcome::parse(&r.get::<_, String>(13)?).unwrap_or(SessionOutcome::Error),
+        detail: r.get(14)?,
+    })
+}
+
+pub fn insert_session(db: &Connection, s: &Session) -> Result<()> {
+    db.execute(
+        &format!("INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
+        params![
+            s.id,
+            s.identity,
+            s.task,
+            s.pid,
+            s.uid,
+            s.command,
+            s.resource,
+            s.grant,
+            s.destination,
+            s.started_at.millis(),
+            s.ended_at.map(Timestamp::millis),
+            s.bytes_up as i64,
+            s.bytes_down as i64,
+            s.outcome.as_str(),
+            s.detail,
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn end_session(
+    db: &Connection,
+    id: &str,
+    ended_at: Timestamp,
+    bytes_up: u64,
+    bytes_down: u64,
+    outcome: SessionOutcome,
+    detail: &str,
+) -> Result<()> {
+    db.execute(
+        "UPDATE sessions SET ended_at = ?2, bytes_up = ?3, bytes_down = ?4, outcome = ?5, detail = ?6 WHERE id = ?1",
+        params![
+            id,
+            ended_at.millis(),
+            bytes_up as i64,
+            bytes_down as i64,
+            outcome.as_str(),
+            detail
+        ],
+    )?;
+    Ok(())
+}
+
+/// Sessions newest first; `open_only` keeps those still relaying.
+pub fn list_sessions(db: &Connection, open_only: bool, limit: usize) -> Result<Vec<Session>> {
+    let mut stmt = db.prepare(&format!(
+        "SELECT {SESSION_COLUMNS} FROM sessions WHERE (?1 = 0 OR outcome = 'open') ORDER BY started_at DESC LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(params![i64::from(open_only), limit as i64], session_of)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+pub fn get_session(db: &Connection, id: &str) -> Result<Option<Session>> {
+    Ok(db
+        .query_row(
+            &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"),
+            [id],
+            session_of,
+        )
+        .optional()?)
+}
+
+/// Sessions a crash left marked open are over: mark them so on start.
+pub fn close_orphan_sessions(db: &Connection) -> Result<usize> {
+    Ok(db.execute(
+        "UPDATE sessions SET outcome = 'shutdown', ended_at = COALESCE(ended_at, ?1), detail = 'the host agent stopped while the session was open'
+         WHERE outcome = 'open'",
+        [Timestamp::now().millis()],
+    )?)
+}

@@ -1,0 +1,128 @@
+//! Schema migrations, applied in order and recorded in `PRAGMA user_version`.
+//!
+//! Never edit a migration that has shipped: append a new one.
+
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: requests, grants, tasks, sessions, audit.
+    r#"
+    CREATE TABLE requests (
+        id              TEXT PRIMARY KEY,
+        identity        TEXT NOT NULL,
+        resource        TEXT NOT NULL,
+        access          TEXT NOT NULL,
+        ttl_secs        INTEGER NOT NULL,
+        reason          TEXT NOT NULL,
+        task_id         TEXT,
+        requested_by    TEXT NOT NULL,   -- JSON Actor
+        created_at      INTEGER NOT NULL,
+        status          TEXT NOT NULL,
+        policy          TEXT NOT NULL,
+        decided_by      TEXT,            -- JSON Actor
+        decided_at      INTEGER,
+        decision_reason TEXT,
+        grant_id        TEXT
+    );
+    CREATE INDEX requests_pending ON requests (status) WHERE status = 'pending';
+
+    CREATE TABLE grants (
+        id            TEXT PRIMARY KEY,
+        request_id    TEXT NOT NULL,
+        identity      TEXT NOT NULL,
+        resource      TEXT NOT NULL,
+        access        TEXT NOT NULL,
+        task_id       TEXT,
+        created_at    INTEGER NOT NULL,
+        expires_at    INTEGER NOT NULL,
+        approved_by   TEXT NOT NULL,
+        policy        TEXT NOT NULL,
+        reason        TEXT NOT NULL,
+        revoked_at    INTEGER,
+        revoked_by    TEXT,
+        revoke_reason TEXT
+    );
+    CREATE INDEX grants_live ON grants (expires_at) WHERE revoked_at IS NULL;
+
+    CREATE TABLE tasks (
+        id          TEXT PRIMARY KEY,
+        identity    TEXT NOT NULL,
+        cgroup      TEXT NOT NULL,
+        launched_by TEXT NOT NULL,       -- JSON Actor
+        run_as_uid  INTEGER NOT NULL,
+        command     TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        started_at  INTEGER NOT NULL,
+        ended_at    INTEGER
+    );
+
+    CREATE TABLE sessions (
+        id          TEXT PRIMARY KEY,
+        identity    TEXT,
+        task_id     TEXT,
+        pid         INTEGER NOT NULL,
+        uid         INTEGER NOT NULL,
+        command     TEXT NOT NULL,
+        resource    TEXT,
+        grant_id    TEXT,
+        destination TEXT NOT NULL,
+        started_at  INTEGER NOT NULL,
+        ended_at    INTEGER,
+        bytes_up    INTEGER NOT NULL DEFAULT 0,
+        bytes_down  INTEGER NOT NULL DEFAULT 0,
+        outcome     TEXT NOT NULL,
+        detail      TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX sessions_started ON sessions (started_at);
+
+    CREATE TABLE audit (
+        seq       INTEGER PRIMARY KEY,
+        at        INTEGER NOT NULL,
+        kind      TEXT NOT NULL,
+        actor     TEXT NOT NULL,
+        detail    TEXT NOT NULL,   -- JSON, hashed as stored
+        prev_hash TEXT NOT NULL,
+        hash      TEXT NOT NULL
+    );
+    "#,
+];
+
+pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: usize = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if version > MIGRATIONS.len() {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "the state store has schema version {version}, newer than this jitgated knows ({}); upgrade jitgated",
+            MIGRATIONS.len()
+        )));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_once_and_is_idempotent() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        migrate(&mut conn).unwrap();
+        let v: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        assert!(migrate(&mut conn).is_err());
+    }
+}
