@@ -65,6 +65,7 @@ fn gate_settings(config: &Config) -> GateSettings {
             .iter()
             .filter_map(|w| w.cgroup.clone())
             .collect(),
+        gated_uids: config.workloads.iter().filter_map(|w| w.uid).collect(),
         kernel_log: config.daemon.kernel_log,
         proxy_v4: config.daemon.proxy_listen,
         proxy_v6: config.daemon.proxy_listen6,
@@ -143,14 +144,19 @@ impl Daemon {
         }
         // Check the new rules compile before switching anything.
         self.destinations.compile(&new)?;
-        let services: Vec<String> = new.workloads.iter().filter_map(|w| w.cgroup.clone()).collect();
+        let services: Vec<String> = new
+            .workloads
+            .iter()
+            .filter_map(|w| w.cgroup.clone())
+            .collect();
+        let uids: Vec<u32> = new.workloads.iter().filter_map(|w| w.uid).collect();
         let egress = new.daemon.egress;
         let resources: Vec<String> = new.resources.iter().map(|r| r.name.clone()).collect();
         self.config.set(new);
         self.workloads.reconfigure(&self.config.get());
         {
             let mut gate = self.gate.lock().expect("gate lock");
-            gate.sync_targets(&services)?;
+            gate.sync_targets(&services, &uids)?;
             gate.update_settings(egress)?;
         }
         self.destinations.resolve_all().await;
@@ -176,8 +182,13 @@ impl Daemon {
         let removed = gate::detach(&pin_dir)?;
         let store = self.store.clone();
         store.submit(move |db| {
-            audit::append(db, "gate.detached", "root", &serde_json::json!({"pin_dir": pin_dir}))
-                .map(drop)
+            audit::append(
+                db,
+                "gate.detached",
+                "root",
+                &serde_json::json!({"pin_dir": pin_dir}),
+            )
+            .map(drop)
         });
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -206,6 +217,7 @@ impl Daemon {
             (stats::NOT_READY, "not_ready"),
             (stats::RECORD_FAILED, "record_failed"),
             (stats::PROXY_DIRECT, "proxy_direct"),
+            (stats::EVENTS_LOST, "events_lost"),
         ];
         let pending = self
             .store
@@ -235,7 +247,11 @@ impl Daemon {
             pending_requests: pending,
             open_sessions: self.registry.len(),
             resources: config.resources.iter().map(|r| r.name.clone()).collect(),
-            identities: config.workloads.iter().map(|w| w.identity.clone()).collect(),
+            identities: config
+                .workloads
+                .iter()
+                .map(|w| w.identity.clone())
+                .collect(),
             caller: caller.actor().to_string(),
         }
     }
@@ -251,11 +267,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let store = Store::open(&config.daemon.state_dir)?;
     let orphans = store.call(queries::close_orphan_sessions).await?;
     if orphans > 0 {
-        info!(sessions = orphans, "closed sessions left open by a previous run");
+        info!(
+            sessions = orphans,
+            "closed sessions left open by a previous run"
+        );
     }
 
     let listeners = proxy::bind(config.daemon.proxy_listen, config.daemon.proxy_listen6).await?;
-    let listen: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let listen: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
 
     let shared = SharedConfig::new(config.clone());
     let routes = Routes::default();
@@ -274,6 +296,9 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     destinations.clone().spawn(shutdown.clone());
 
     let workloads = Workloads::new(&mount, &config);
+    if let Some(events) = gate.lock().expect("gate lock").take_events() {
+        crate::refusals::spawn(events, workloads.clone(), store.clone(), shutdown.clone());
+    }
     let engine = GrantEngine::start(store.clone(), shared.clone(), shutdown.clone()).await?;
     let tasks = Tasks::start(
         store.clone(),
@@ -318,7 +343,15 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     });
     server::serve(control, daemon.clone(), tracker.clone());
     store
-        .call(|db| audit::append(db, "daemon.started", "jitgated", &serde_json::json!({"pid": std::process::id()})).map(drop))
+        .call(|db| {
+            audit::append(
+                db,
+                "daemon.started",
+                "jitgated",
+                &serde_json::json!({"pid": std::process::id()}),
+            )
+            .map(drop)
+        })
         .await?;
     info!(
         socket = %config.daemon.socket.display(),
@@ -343,11 +376,16 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     shutdown.cancel();
     tracker.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
         warn!("some sessions did not finish recording before the drain timeout");
     }
     let _ = store
-        .call(|db| audit::append(db, "daemon.stopped", "jitgated", &serde_json::json!({})).map(drop))
+        .call(|db| {
+            audit::append(db, "daemon.stopped", "jitgated", &serde_json::json!({})).map(drop)
+        })
         .await;
     store.flush().await.ok();
     let _ = std::fs::remove_file(&config.daemon.socket);

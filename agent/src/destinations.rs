@@ -107,7 +107,10 @@ impl Destinations {
     }
 
     /// The rules for `config` with what is known now (no DNS traffic).
-    pub fn compile(&self, config: &Config) -> anyhow::Result<BTreeMap<rules::TrieKey, jitgate_common::DestRules>> {
+    pub fn compile(
+        &self,
+        config: &Config,
+    ) -> anyhow::Result<BTreeMap<rules::TrieKey, jitgate_common::DestRules>> {
         let now = Instant::now();
         let grace = config.daemon.dns_max_ttl;
         let resolved = self.resolved.lock().expect("resolved lock");
@@ -203,7 +206,10 @@ impl Destinations {
         });
         match result {
             Ok(lookup) => {
-                let ttl = lookup.valid_until().saturating_duration_since(now).clamp(min, max);
+                let ttl = lookup
+                    .valid_until()
+                    .saturating_duration_since(now)
+                    .clamp(min, max);
                 let mut added = Vec::new();
                 for addr in lookup.iter() {
                     if entry.addrs.insert(addr, now).is_none() {

@@ -94,8 +94,32 @@ struct WorkloadsInner {
     services: Vec<(String, String)>,
     /// Identities declared in the config.
     identities: Vec<String>,
+    /// uid -> identity, for `[[workload]] uid = ...`.
+    uids: HashMap<u32, String>,
     by_id: HashMap<u64, Attribution>,
+    /// Task cgroups removed recently: events and records about their last moments still
+    /// name the right workload.
+    ended: std::collections::VecDeque<(u64, Attribution)>,
+    /// cgroup ids known to be outside every gated subtree (bounded cache).
+    outside: std::collections::HashSet<u64>,
 }
+
+/// Where a cgroup id sits relative to the gate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Inside a gated subtree, belonging to this workload.
+    Gated(Attribution),
+    /// Inside a gated subtree, but no configured workload owns it: no rights at all.
+    GatedUnknown,
+    /// Outside every gated subtree (a uid workload, or an ordinary process).
+    Outside,
+}
+
+/// Entries kept in the cache of cgroups found outside the gate.
+const OUTSIDE_CACHE: usize = 4096;
+
+/// Ended task cgroups remembered for late events.
+const ENDED_CACHE: usize = 1024;
 
 impl Workloads {
     pub fn new(mount: &Path, config: &Config) -> Self {
@@ -104,7 +128,10 @@ impl Workloads {
             gate_root: String::new(),
             services: Vec::new(),
             identities: Vec::new(),
+            uids: HashMap::new(),
             by_id: HashMap::new(),
+            ended: std::collections::VecDeque::new(),
+            outside: std::collections::HashSet::new(),
         };
         inner.configure(config);
         Self {
@@ -117,6 +144,7 @@ impl Workloads {
         let mut inner = self.inner.write().expect("workloads lock");
         inner.configure(config);
         inner.by_id.clear();
+        inner.outside.clear();
     }
 
     /// Remembers a task cgroup created by the agent.
@@ -129,31 +157,62 @@ impl Workloads {
     }
 
     pub fn forget(&self, cgroup_id: u64) {
-        self.inner
-            .write()
-            .expect("workloads lock")
-            .by_id
-            .remove(&cgroup_id);
+        let mut inner = self.inner.write().expect("workloads lock");
+        if let Some(a) = inner.by_id.remove(&cgroup_id) {
+            if inner.ended.len() >= ENDED_CACHE {
+                inner.ended.pop_front();
+            }
+            inner.ended.push_back((cgroup_id, a));
+        }
     }
 
     /// Attributes a cgroup path (relative to the cgroup2 mount).
     pub fn attribute_path(&self, path: &str) -> Option<Attribution> {
-        self.inner.read().expect("workloads lock").attribute_path(path)
-    }
-
-    /// Attributes the cgroup id the kernel recorded for a connection.
-    pub fn attribute_id(&self, cgroup_id: u64) -> Option<Attribution> {
-        if let Some(a) = self
-            .inner
+        self.inner
             .read()
             .expect("workloads lock")
-            .by_id
-            .get(&cgroup_id)
-        {
-            return Some(a.clone());
+            .attribute_path(path)
+    }
+
+    /// Attributes a connection from what the kernel recorded: its task's cgroup first, then
+    /// (outside every gated subtree) its uid.
+    pub fn attribute(&self, cgroup_id: u64, uid: u32) -> Option<Attribution> {
+        match self.place(cgroup_id) {
+            Placement::Gated(a) => Some(a),
+            Placement::GatedUnknown => None,
+            Placement::Outside => self.attribute_uid(uid),
         }
-        // Not one of ours by id yet (a service cgroup, or state from before a restart): find
-        // the directory with that inode under the gated subtrees.
+    }
+
+    /// The uid workload `uid` belongs to.
+    pub fn attribute_uid(&self, uid: u32) -> Option<Attribution> {
+        self.inner
+            .read()
+            .expect("workloads lock")
+            .uids
+            .get(&uid)
+            .map(|identity| Attribution {
+                identity: identity.clone(),
+                task: None,
+            })
+    }
+
+    /// Where a cgroup id sits relative to the gate.
+    pub fn place(&self, cgroup_id: u64) -> Placement {
+        {
+            let inner = self.inner.read().expect("workloads lock");
+            if let Some(a) = inner.by_id.get(&cgroup_id) {
+                return Placement::Gated(a.clone());
+            }
+            if let Some((_, a)) = inner.ended.iter().find(|(id, _)| *id == cgroup_id) {
+                return Placement::Gated(a.clone());
+            }
+            if inner.outside.contains(&cgroup_id) {
+                return Placement::Outside;
+            }
+        }
+        // Not known by id yet (a service cgroup, state from before a restart, or a uid
+        // workload's cgroup): find the directory with that inode under the gated subtrees.
         let (mount, roots) = {
             let inner = self.inner.read().expect("workloads lock");
             let mut roots = vec![inner.gate_root.clone()];
@@ -162,16 +221,22 @@ impl Workloads {
         };
         let found = roots
             .iter()
-            .find_map(|root| find_cgroup_by_id(&mount, &mount.join(root), cgroup_id, 4))?;
-        let attribution = self.attribute_path(&found)?;
-        self.remember(cgroup_id, attribution.clone());
-        Some(attribution)
-    }
-
-    /// The identity (if any) of process `pid`, from its cgroup.
-    pub fn attribute_pid(&self, pid: u32) -> std::io::Result<Option<Attribution>> {
-        let path = cgroup::cgroup_of_pid(pid)?;
-        Ok(self.attribute_path(&path))
+            .find_map(|root| find_cgroup_by_id(&mount, &mount.join(root), cgroup_id, 4));
+        let Some(path) = found else {
+            let mut inner = self.inner.write().expect("workloads lock");
+            if inner.outside.len() >= OUTSIDE_CACHE {
+                inner.outside.clear();
+            }
+            inner.outside.insert(cgroup_id);
+            return Placement::Outside;
+        };
+        match self.attribute_path(&path) {
+            Some(a) => {
+                self.remember(cgroup_id, a.clone());
+                Placement::Gated(a)
+            }
+            None => Placement::GatedUnknown,
+        }
     }
 
     /// Whether `path` is inside any gated subtree (even if not attributable).
@@ -193,7 +258,16 @@ impl WorkloadsInner {
             .iter()
             .filter_map(|w| w.cgroup.clone().map(|c| (c, w.identity.clone())))
             .collect();
-        self.identities = config.workloads.iter().map(|w| w.identity.clone()).collect();
+        self.identities = config
+            .workloads
+            .iter()
+            .map(|w| w.identity.clone())
+            .collect();
+        self.uids = config
+            .workloads
+            .iter()
+            .filter_map(|w| w.uid.map(|uid| (uid, w.identity.clone())))
+            .collect();
     }
 
     fn attribute_path(&self, path: &str) -> Option<Attribution> {
@@ -320,5 +394,33 @@ cgroup = "system.slice/agent.service"
         assert!(principal_matches(&[Principal::User("root".into())], 0));
         assert!(principal_matches(&[Principal::Group("root".into())], 0));
         assert!(!principal_matches(&[Principal::User("nobody".into())], 0));
+    }
+}
+
+#[cfg(test)]
+mod uid_tests {
+    use super::*;
+
+    #[test]
+    fn uid_workloads_attribute_outside_the_gate() {
+        let config = Config::from_toml(
+            Path::new("t.toml"),
+            "[[workload]]\nidentity = \"uidbot\"\nuid = 995\n",
+        )
+        .unwrap();
+        assert_eq!(config.workloads[0].uid, Some(995));
+        let w = Workloads::new(Path::new("/nonexistent"), &config);
+        assert_eq!(
+            w.attribute_uid(995),
+            Some(Attribution {
+                identity: "uidbot".into(),
+                task: None
+            })
+        );
+        assert_eq!(
+            w.attribute(1, 995).map(|a| a.identity),
+            Some("uidbot".into())
+        );
+        assert_eq!(w.attribute(1, 996), None);
     }
 }

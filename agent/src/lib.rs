@@ -5,6 +5,7 @@
 //! * [`gate`]: the kernel side seen from userspace: load, pin, adopt, rules, detach.
 //! * [`destinations`]: keeps the kernel's destination rules in step with config, DNS, host.
 //! * [`proxy`]: accepts redirected connections, one task per session, and relays.
+//! * [`refusals`]: the kernel's refusal events, folded into audit records.
 //! * [`grants`]: requests, policy, approvals, grants, expiry.
 //! * [`tasks`]: `jitgate run` task cgroups and their lifetime.
 //! * [`identity`]: users, groups, and which workload a cgroup is.
@@ -23,5 +24,6 @@ pub mod identity;
 pub mod ids;
 pub mod model;
 pub mod proxy;
+pub mod refusals;
 pub mod store;
 pub mod tasks;

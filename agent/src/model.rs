@@ -24,7 +24,10 @@ impl Timestamp {
     }
 
     pub fn plus(self, d: Duration) -> Self {
-        Self(self.0.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+        Self(
+            self.0
+                .saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        )
     }
 
     /// Time left until `self`, zero if past.
@@ -48,7 +51,9 @@ impl Timestamp {
         }
         humantime::parse_rfc3339_weak(s)
             .map(Self::from)
-            .map_err(|_| format!("`{s}` is neither a time (2026-11-23T10:00:00Z) nor a duration (1h)"))
+            .map_err(|_| {
+                format!("`{s}` is neither a time (2026-11-23T10:00:00Z) nor a duration (1h)")
+            })
     }
 }
 
@@ -63,7 +68,11 @@ impl From<SystemTime> for Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_rfc3339_millis(self.to_system_time()))
+        write!(
+            f,
+            "{}",
+            humantime::format_rfc3339_millis(self.to_system_time())
+        )
     }
 }
 
@@ -281,6 +290,8 @@ pub enum SessionOutcome {
     GrantExpired,
     /// Cut because the grant was revoked.
     GrantRevoked,
+    /// Cut because its resource left the configuration (reload).
+    ResourceRemoved,
     /// The upstream could not be reached.
     UpstreamFailed,
     /// An I/O error on either side.
@@ -301,6 +312,7 @@ impl SessionOutcome {
             Self::RefusedNoResource => "refused_no_resource",
             Self::GrantExpired => "grant_expired",
             Self::GrantRevoked => "grant_revoked",
+            Self::ResourceRemoved => "resource_removed",
             Self::UpstreamFailed => "upstream_failed",
             Self::Error => "error",
             Self::Shutdown => "shutdown",
@@ -318,6 +330,7 @@ impl SessionOutcome {
             Self::RefusedNoResource,
             Self::GrantExpired,
             Self::GrantRevoked,
+            Self::ResourceRemoved,
             Self::UpstreamFailed,
             Self::Error,
             Self::Shutdown,

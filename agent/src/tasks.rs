@@ -156,11 +156,19 @@ impl Tasks {
         }
         let config = self.inner.config.get();
         let Some(workload) = config.workload(&spec.identity) else {
-            let known: Vec<&str> = config.workloads.iter().map(|w| w.identity.as_str()).collect();
+            let known: Vec<&str> = config
+                .workloads
+                .iter()
+                .map(|w| w.identity.as_str())
+                .collect();
             return Err(EngineError::NotFound(format!(
                 "`{}` is not a configured workload identity (known: {})",
                 spec.identity,
-                if known.is_empty() { "none".into() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
             )));
         };
         if !identity::principal_matches(&workload.launchers, caller.uid) {
@@ -181,7 +189,10 @@ impl Tasks {
         }
 
         let task_id = ids::new(ids::Kind::Task);
-        let rel = format!("{}/{}/{}", config.daemon.gate_cgroup, spec.identity, task_id);
+        let rel = format!(
+            "{}/{}/{}",
+            config.daemon.gate_cgroup, spec.identity, task_id
+        );
         let path = self.inner.mount.join(&rel);
         let setup = (|| {
             cgroup::ensure_dir(&path)?;
@@ -193,7 +204,9 @@ impl Tasks {
             Ok(id) => id,
             Err(e) => {
                 let _ = cgroup::remove(&path, false);
-                return Err(EngineError::Invalid(format!("could not set up the task cgroup: {e:#}")));
+                return Err(EngineError::Invalid(format!(
+                    "could not set up the task cgroup: {e:#}"
+                )));
             }
         };
         let task = Task {
@@ -312,7 +325,9 @@ async fn watch_loop(
 ) {
     // SAFETY: the inotify descriptor is owned by `inotify`, which outlives this AsyncFd (it is
     // moved into it) and is never replaced.
-    let fd = match unsafe { AsyncFd::register_with_interest(InotifyFd(inotify), tokio::io::Interest::READABLE) } {
+    let fd = match unsafe {
+        AsyncFd::register_with_interest(InotifyFd(inotify), tokio::io::Interest::READABLE)
+    } {
         Ok(fd) => fd,
         Err(e) => {
             warn!(error = %e, "cannot watch task cgroups; tasks will end only on restart");
@@ -351,13 +366,12 @@ async fn watch_loop(
                 match guard.get_inner().0.read_events() {
                     Ok(events) => {
                         for event in events {
-                            if let Some((task, path)) = watched.get(&event.wd) {
-                                if check(task, path, &ended) {
+                            if let Some((task, path)) = watched.get(&event.wd)
+                                && check(task, path, &ended) {
                                     let wd = event.wd;
                                     watched.remove(&wd);
                                     let _ = fd.get_ref().0.rm_watch(wd);
                                 }
-                            }
                         }
                     }
                     Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),

@@ -24,12 +24,32 @@ pub mod names {
     pub const MAP_CONNS: &str = "JG_CONNS";
     /// Per-CPU counters indexed by [`crate::stats`].
     pub const MAP_STATS: &str = "JG_STATS";
+    /// uid -> 1 for users gated wherever they run (`[[workload]] uid = ...`).
+    pub const MAP_UIDS: &str = "JG_UIDS";
+    /// cgroup id -> 1 for the roots of gated subtrees (the gate root, service cgroups).
+    pub const MAP_SUBTREES: &str = "JG_SUBTREES";
+    /// Ring buffer of [`crate::RefusalEvent`]s, for the audit log.
+    pub const MAP_EVENTS: &str = "JG_EVENTS";
 
-    /// Every map the host agent pins so that state survives a restart.
-    pub const PINNED_MAPS: [&str; 5] = [MAP_CONFIG, MAP_DEST, MAP_SOCK, MAP_CONNS, MAP_STATS];
+    /// Every map the host agent pins so that state survives a restart and is shared by
+    /// both program instances.
+    pub const PINNED_MAPS: [&str; 8] = [
+        MAP_CONFIG,
+        MAP_DEST,
+        MAP_SOCK,
+        MAP_CONNS,
+        MAP_STATS,
+        MAP_UIDS,
+        MAP_SUBTREES,
+        MAP_EVENTS,
+    ];
 
-    /// The programs, in the order the agent attaches them. Each is also the name of its
-    /// pinned link.
+    /// The load-time global that says which instance a loaded object is (see
+    /// [`crate::mode`]).
+    pub const GLOBAL_MODE: &str = "JG_MODE";
+
+    /// The programs, in the order the agent attaches them (the connect hooks last, once
+    /// everything they rely on is in place). Each is also the name of its pinned link.
     pub const PROGRAMS: [&str; 10] = [
         "jg_sock_create",
         "jg_bind4",
@@ -43,6 +63,28 @@ pub mod names {
         "jg_connect6",
     ];
 }
+
+/// Which sockets an instance of the programs acts on. The same object is loaded once per
+/// mode; the agent sets [`names::GLOBAL_MODE`] at load time.
+pub mod mode {
+    /// Attached to the gate root and service cgroups: everything below is gated.
+    pub const SUBTREE: u8 = 0;
+    /// Attached to the cgroup2 root: only tasks whose uid is in [`super::names::MAP_UIDS`]
+    /// are gated, and tasks inside a gated subtree are left to the subtree instance.
+    pub const UID: u8 = 1;
+}
+
+/// Deepest cgroup nesting the uid instance looks through for a gated subtree.
+pub const MAX_CGROUP_DEPTH: i32 = 16;
+
+/// Largest number of uids gated wherever they run.
+pub const MAX_GATED_UIDS: u32 = 1024;
+
+/// Largest number of gated subtrees (the gate root plus service cgroups).
+pub const MAX_SUBTREES: u32 = 1024;
+
+/// Size of the refusal-event ring buffer, in bytes.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
 
 /// Largest number of port rules one destination prefix can carry (see [`DestRules`]).
 pub const MAX_PORT_RULES: usize = 32;
@@ -221,8 +263,35 @@ pub mod stats {
     pub const RECORD_FAILED: u32 = 6;
     /// Direct connects to the proxy listener, which the proxy would refuse anyway.
     pub const PROXY_DIRECT: u32 = 7;
+    /// Refusal events lost because the ring buffer was full.
+    pub const EVENTS_LOST: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
+}
+
+/// A refusal decided in the kernel, reported to the agent for the audit log.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefusalEvent {
+    /// cgroup v2 id of the refused task.
+    pub cgroup_id: u64,
+    /// The destination (connect, datagram) or local address (bind), as [`DestAddr::addr`];
+    /// zero for socket creation.
+    pub addr: [u32; 4],
+    /// Thread-group id of the refused task.
+    pub tgid: u32,
+    /// Real uid of the refused task.
+    pub uid: u32,
+    /// Destination (or bound) port, host byte order; zero for socket creation.
+    pub port: u16,
+    /// Why: one of the refusal counters in [`stats`].
+    pub reason: u8,
+    /// Socket type (`SOCK_STREAM` = 1, `SOCK_DGRAM` = 2, `SOCK_RAW` = 3, ...).
+    pub sock_type: u8,
+    /// Socket protocol (`IPPROTO_TCP` = 6, `IPPROTO_UDP` = 17, ...).
+    pub protocol: u16,
+    /// Socket family ([`AF_INET`] or [`AF_INET6`]).
+    pub family: u16,
 }
 
 /// Builds the IPv4-mapped form of an IPv4 address given in network byte order.
@@ -246,6 +315,7 @@ mod pod {
     unsafe impl aya::Pod for super::DestRules {}
     unsafe impl aya::Pod for super::Redirect {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::RefusalEvent {}
 }
 
 #[cfg(test)]
@@ -260,6 +330,7 @@ mod tests {
         assert_eq!(size_of::<DestRules>(), 4 + 12 * MAX_PORT_RULES);
         assert_eq!(size_of::<Redirect>(), 56);
         assert_eq!(size_of::<ConnKey>(), 48);
+        assert_eq!(size_of::<RefusalEvent>(), 40);
     }
 
     #[test]
@@ -272,7 +343,10 @@ mod tests {
         for (i, w) in mapped.iter().enumerate() {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
         }
-        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 5]);
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 5]
+        );
         assert!(!is_v4_mapped(&[0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]));
     }
 }

@@ -21,14 +21,14 @@
 mod decide;
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext as _, Global,
     bindings::{BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock},
-    btf_maps::{Array, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_sk_storage_delete,
-            bpf_sk_storage_get,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+            bpf_sk_storage_delete, bpf_sk_storage_get,
         },
     },
     macros::{btf_map, cgroup_sock, cgroup_sock_addr, sock_ops},
@@ -36,8 +36,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use jitgate_common::{
-    AF_INET, AF_INET6, ConnKey, DestAddr, DestRules, GateConfig, MAX_DEST_PREFIXES,
-    MAX_PENDING_CONNS, Redirect, config_flags, stats, v4_mapped,
+    AF_INET, AF_INET6, ConnKey, DestAddr, DestRules, EVENTS_BYTES, GateConfig, MAX_CGROUP_DEPTH,
+    MAX_DEST_PREFIXES, MAX_GATED_UIDS, MAX_PENDING_CONNS, MAX_SUBTREES, Redirect, RefusalEvent,
+    config_flags, mode, stats, v4_mapped,
 };
 
 use crate::decide::{Verdict, decide};
@@ -52,11 +53,24 @@ static JG_DEST: LpmTrie<DestAddr, DestRules, { MAX_DEST_PREFIXES as usize }> = L
 static JG_SOCK: SkStorage<Redirect> = SkStorage::new();
 
 #[btf_map]
-static JG_CONNS: LruHashMap<ConnKey, Redirect, { MAX_PENDING_CONNS as usize }> =
-    LruHashMap::new();
+static JG_CONNS: LruHashMap<ConnKey, Redirect, { MAX_PENDING_CONNS as usize }> = LruHashMap::new();
 
 #[btf_map]
 static JG_STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map]
+static JG_UIDS: HashMap<u32, u8, { MAX_GATED_UIDS as usize }> = HashMap::new();
+
+#[btf_map]
+static JG_SUBTREES: HashMap<u64, u8, { MAX_SUBTREES as usize }> = HashMap::new();
+
+#[btf_map]
+static JG_EVENTS: RingBuf<RefusalEvent, { EVENTS_BYTES as usize }> = RingBuf::new();
+
+/// Which instance this is ([`mode`]); set by the agent at load time, so the verifier prunes
+/// the other branch.
+#[unsafe(no_mangle)]
+static JG_MODE: Global<u8> = Global::new(mode::SUBTREE);
 
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
@@ -74,6 +88,68 @@ fn count(index: u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *counter += 1 };
     }
+}
+
+/// Whether this instance acts on the current task. The subtree instance acts on everything
+/// it is attached under. The uid instance (attached to the cgroup2 root) acts only on gated
+/// uids, and leaves tasks inside a gated subtree to the subtree instance.
+#[inline(always)]
+fn in_scope() -> bool {
+    if JG_MODE.load() == mode::SUBTREE {
+        return true;
+    }
+    let uid = bpf_get_current_uid_gid() as u32;
+    if JG_UIDS.get_ptr(uid).is_none() {
+        return false;
+    }
+    let mut level = 1;
+    while level <= MAX_CGROUP_DEPTH {
+        // SAFETY: helper with an integer argument.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            break;
+        }
+        if JG_SUBTREES.get_ptr(id).is_some() {
+            return false;
+        }
+        level += 1;
+    }
+    true
+}
+
+/// Reports a refusal to the agent (best effort: a full ring buffer loses the event, which
+/// is counted).
+#[inline(always)]
+fn report(reason: u8, addr: [u32; 4], port: u16, sock_type: u32, protocol: u32, family: u32) {
+    let (tgid, uid_gid) = (bpf_get_current_pid_tgid(), bpf_get_current_uid_gid());
+    let event = RefusalEvent {
+        // SAFETY: helper without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        addr,
+        tgid: (tgid >> 32) as u32,
+        uid: uid_gid as u32,
+        port,
+        reason,
+        sock_type: sock_type as u8,
+        protocol: protocol as u16,
+        family: family as u16,
+    };
+    if JG_EVENTS.output(&event, 0).is_err() {
+        count(stats::EVENTS_LOST);
+    }
+}
+
+/// Counts and reports a refused socket-address operation.
+#[inline(always)]
+fn refuse_addr(ctx: &SockAddrContext, reason: u32, addr: [u32; 4], port: u16) -> i32 {
+    count(reason);
+    // SAFETY: context field reads.
+    let (sock_type, protocol, family) = unsafe {
+        let sa = &*ctx.sock_addr;
+        (sa.type_, sa.protocol, sa.family)
+    };
+    report(reason as u8, addr, port, sock_type, protocol, family);
+    REFUSE
 }
 
 /// The gate configuration, or `None` while the agent has not finished filling the maps.
@@ -140,7 +216,7 @@ fn sock_of(ctx: &SockAddrContext) -> *mut bpf_sock {
 #[inline(always)]
 fn on_connect(ctx: &SockAddrContext, dst: [u32; 4], port: u16, family: u16) -> Connect {
     let Some(cfg) = ready_config() else {
-        count(stats::NOT_READY);
+        refuse_addr(ctx, stats::NOT_READY, dst, port);
         return Connect::Refuse;
     };
     // SAFETY: context field read.
@@ -158,17 +234,18 @@ fn on_connect(ctx: &SockAddrContext, dst: [u32; 4], port: u16, family: u16) -> C
             if has_record(ctx) {
                 Connect::Proceed
             } else {
-                count(stats::PROXY_DIRECT);
+                refuse_addr(ctx, stats::PROXY_DIRECT, dst, port);
                 Connect::Refuse
             }
         }
         Verdict::Refuse => {
             forget(ctx);
-            count(if is_stream {
+            let reason = if is_stream {
                 stats::TCP_DENIED
             } else {
                 stats::UDP_DENIED
-            });
+            };
+            refuse_addr(ctx, reason, dst, port);
             debug!(ctx, "refused connect to port {}", port);
             Connect::Refuse
         }
@@ -198,7 +275,7 @@ fn on_connect(ctx: &SockAddrContext, dst: [u32; 4], port: u16, family: u16) -> C
             }
             .cast::<Redirect>();
             if slot.is_null() {
-                count(stats::RECORD_FAILED);
+                refuse_addr(ctx, stats::RECORD_FAILED, dst, port);
                 return Connect::Refuse;
             }
             // SAFETY: non-null pointer to this socket's storage, sized for `Redirect`.
@@ -240,6 +317,9 @@ fn forget(ctx: &SockAddrContext) {
 
 #[cgroup_sock_addr(connect4)]
 pub fn jg_connect4(ctx: SockAddrContext) -> i32 {
+    if !in_scope() {
+        return PROCEED;
+    }
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let dst = v4_mapped(sa.user_ip4);
@@ -257,6 +337,9 @@ pub fn jg_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn jg_connect6(ctx: SockAddrContext) -> i32 {
+    if !in_scope() {
+        return PROCEED;
+    }
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let dst = read_ip6(&sa.user_ip6);
@@ -281,32 +364,36 @@ pub fn jg_connect6(ctx: SockAddrContext) -> i32 {
 
 /// Unconnected UDP datagrams: the same decision as a UDP `connect()`, without redirects.
 #[inline(always)]
-fn on_sendmsg(dst: [u32; 4], port: u16) -> i32 {
+fn on_sendmsg(ctx: &SockAddrContext, dst: [u32; 4], port: u16) -> i32 {
+    if !in_scope() {
+        return PROCEED;
+    }
     let Some(cfg) = ready_config() else {
-        count(stats::NOT_READY);
-        return REFUSE;
+        return refuse_addr(ctx, stats::NOT_READY, dst, port);
     };
     match decide(&JG_DEST, cfg, dst, port, false) {
         Verdict::Pass => PROCEED,
-        _ => {
-            count(stats::UDP_DENIED);
-            REFUSE
-        }
+        _ => refuse_addr(ctx, stats::UDP_DENIED, dst, port),
     }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn jg_sendmsg4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
-    let sa = unsafe { &*ctx.sock_addr };
-    on_sendmsg(v4_mapped(sa.user_ip4), port_from_ctx(sa.user_port))
+    let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    on_sendmsg(&ctx, v4_mapped(ip), port_from_ctx(port))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn jg_sendmsg6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
-    let sa = unsafe { &*ctx.sock_addr };
-    on_sendmsg(read_ip6(&sa.user_ip6), port_from_ctx(sa.user_port))
+    let (ip, port) = unsafe {
+        (
+            read_ip6(&(*ctx.sock_addr).user_ip6),
+            (*ctx.sock_addr).user_port,
+        )
+    };
+    on_sendmsg(&ctx, ip, port_from_ctx(port))
 }
 
 /// The redirect record of the socket behind `ctx`, if it was redirected.
@@ -349,14 +436,15 @@ pub fn jg_getpeername6(ctx: SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn on_bind(port: u16) -> i32 {
+fn on_bind(ctx: &SockAddrContext, addr: [u32; 4], port: u16) -> i32 {
+    if !in_scope() {
+        return PROCEED;
+    }
     let Some(cfg) = ready_config() else {
-        count(stats::NOT_READY);
-        return REFUSE;
+        return refuse_addr(ctx, stats::NOT_READY, addr, port);
     };
     if port != 0 && port == cfg.proxy_port {
-        count(stats::BIND_DENIED);
-        return REFUSE;
+        return refuse_addr(ctx, stats::BIND_DENIED, addr, port);
     }
     PROCEED
 }
@@ -364,19 +452,29 @@ fn on_bind(port: u16) -> i32 {
 #[cgroup_sock_addr(bind4)]
 pub fn jg_bind4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
-    on_bind(port_from_ctx(unsafe { (*ctx.sock_addr).user_port }))
+    let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    on_bind(&ctx, v4_mapped(ip), port_from_ctx(port))
 }
 
 #[cgroup_sock_addr(bind6)]
 pub fn jg_bind6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
-    on_bind(port_from_ctx(unsafe { (*ctx.sock_addr).user_port }))
+    let (ip, port) = unsafe {
+        (
+            read_ip6(&(*ctx.sock_addr).user_ip6),
+            (*ctx.sock_addr).user_port,
+        )
+    };
+    on_bind(&ctx, ip, port_from_ctx(port))
 }
 
 /// Runs for `AF_INET`/`AF_INET6` socket creation only (the kernel calls this hook from
 /// `inet_create`/`inet6_create`), after the protocol has been resolved.
 #[cgroup_sock(sock_create)]
 pub fn jg_sock_create(ctx: SockContext) -> i32 {
+    if !in_scope() {
+        return PROCEED;
+    }
     // SAFETY: the context pointer is valid for the program's run.
     let sk = unsafe { &*ctx.sock };
     let family = sk.family;
@@ -389,6 +487,14 @@ pub fn jg_sock_create(ctx: SockContext) -> i32 {
         PROCEED
     } else {
         count(stats::SOCK_DENIED);
+        report(
+            stats::SOCK_DENIED as u8,
+            [0; 4],
+            0,
+            sk.type_,
+            sk.protocol,
+            family,
+        );
         REFUSE
     }
 }
@@ -405,10 +511,9 @@ pub fn jg_sock_ops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     // SAFETY: lookup without create on our socket-storage map, `sk` checked non-null.
-    let slot = unsafe {
-        bpf_sk_storage_get(map_ptr(&JG_SOCK), sk.cast(), core::ptr::null_mut(), 0)
-    }
-    .cast::<Redirect>();
+    let slot =
+        unsafe { bpf_sk_storage_get(map_ptr(&JG_SOCK), sk.cast(), core::ptr::null_mut(), 0) }
+            .cast::<Redirect>();
     // SAFETY: non-null storage pointers stay valid for the program's run.
     let Some(record) = (unsafe { slot.as_ref() }) else {
         return 1;

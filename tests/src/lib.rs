@@ -1,1 +1,571 @@
+//! Harness for jitgate's end-to-end tests: each test gets its own host agent (own gate
+//! cgroup, bpffs pin directory, proxy port, control socket and state), real upstream servers,
+//! and runs real clients as gated workloads through `jitgate run`.
+//!
+//! The tests need root (they load BPF programs and create cgroups). Without it they skip
+//! with a loud message, except under `CI=true`, where a missing privilege fails the run.
 
+pub mod servers;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{IpAddr, SocketAddr, TcpListener},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Once,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The unprivileged user gated workloads run as.
+pub const WORKLOAD_USER: &str = "nobody";
+/// A second person, for approvals that root itself filed.
+pub const APPROVER_USER: &str = "jitgate-e2e-approver";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Returns false (after saying so loudly) when the tests cannot run here.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !ci,
+        "{test}: end-to-end tests need root (BPF, cgroups) and CI=true: failing instead of skipping"
+    );
+    eprintln!(
+        "\n*** SKIPPED {test}: end-to-end tests need root (they load BPF programs and create cgroups). Run `sudo cargo xtask test`. ***\n"
+    );
+    false
+}
+
+fn target_dir() -> PathBuf {
+    // .../target/debug/deps/<test binary>
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps")
+        .to_owned()
+}
+
+fn find_bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("JITGATE_BIN_DIR").map_or_else(target_dir, PathBuf::from);
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build -p jitgate`, or run `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// Binaries copied where the unprivileged workload user can run them (the build tree may sit
+/// under a home directory it cannot enter).
+pub struct Bins {
+    pub dir: PathBuf,
+    pub jitgated: PathBuf,
+    pub jitgate: PathBuf,
+    pub probe: PathBuf,
+}
+
+fn bins() -> &'static Bins {
+    static BINS: std::sync::OnceLock<Bins> = std::sync::OnceLock::new();
+    BINS.get_or_init(|| {
+        let dir = PathBuf::from(format!("/tmp/jitgate-e2e-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("bin dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let copy = |src: PathBuf, name: &str| {
+            let dst = dir.join(name);
+            std::fs::copy(&src, &dst).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            dst
+        };
+        Bins {
+            jitgated: copy(find_bin("jitgated"), "jitgated"),
+            jitgate: copy(find_bin("jitgate"), "jitgate"),
+            probe: copy(find_bin("jitgate-probe"), "jitgate-probe"),
+            dir,
+        }
+    })
+}
+
+/// Makes sure the approver test user exists.
+pub fn ensure_approver_user() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let exists = Command::new("id")
+            .arg(APPROVER_USER)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !exists {
+            let status = Command::new("useradd")
+                .args([
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    APPROVER_USER,
+                ])
+                .status()
+                .expect("useradd");
+            assert!(status.success(), "could not create user {APPROVER_USER}");
+        }
+    });
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// This host's first non-loopback IPv4 address, if any.
+pub fn host_ipv4() -> Option<IpAddr> {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .and_then(|ip| ip.parse().ok())
+}
+
+/// Output of a command, decoded.
+#[derive(Debug)]
+pub struct Ran {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    fn from(out: Output) -> Self {
+        Self {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+    }
+
+    #[track_caller]
+    pub fn assert_ok(&self) -> &Self {
+        assert_eq!(self.code, 0, "command failed: {self:#?}");
+        self
+    }
+}
+
+/// One host agent under test.
+pub struct Gate {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub gate_cgroup: String,
+    pub proxy_port: u16,
+    daemon: Option<Child>,
+}
+
+impl Gate {
+    /// Starts a host agent. `daemon_extra` lines go under `[daemon]`; `body` holds the
+    /// workloads, resources and policies.
+    pub fn start(test: &str, daemon_extra: &str, body: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("jge2e-{}-{n}", std::process::id());
+        let dir = PathBuf::from(format!("/tmp/{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let proxy_port = free_port();
+        let socket = dir.join("jitgate.sock");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+        let gate_cgroup = format!("{name}.slice");
+        let config = dir.join("jitgate.toml");
+        let text = format!(
+            r#"# test: {test}
+[daemon]
+state_dir = "{state}"
+socket = "{socket}"
+socket_mode = "0666"
+gate_cgroup = "{gate_cgroup}"
+bpf_pin_dir = "{pin}"
+proxy_listen = "127.0.0.1:{proxy_port}"
+{daemon_extra}
+
+{body}
+"#,
+            state = dir.join("state").display(),
+            socket = socket.display(),
+            pin = pin_dir.display(),
+        );
+        std::fs::write(&config, text).expect("config");
+        let mut gate = Self {
+            name,
+            dir,
+            config,
+            socket,
+            pin_dir,
+            gate_cgroup,
+            proxy_port,
+            daemon: None,
+        };
+        gate.launch();
+        gate
+    }
+
+    /// Starts (or restarts) the daemon process and waits until it answers.
+    pub fn launch(&mut self) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("jitgated.log"))
+            .expect("log");
+        let child = Command::new(&bins().jitgated)
+            .arg("--config")
+            .arg(&self.config)
+            .env("JITGATE_LOG", "info,jitgate=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning jitgated");
+        self.daemon = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.daemon.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("jitgated exited during start-up ({status}):\n{}", self.log());
+            }
+            if self.cli(&["status", "--json"]).code == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "jitgated did not come up:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("jitgated.log")).unwrap_or_default()
+    }
+
+    /// `kill -9` the daemon (no chance to clean anything up).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
+    pub fn bins(&self) -> &'static Bins {
+        bins()
+    }
+
+    fn cli_command(&self) -> Command {
+        let mut c = Command::new(&bins().jitgate);
+        c.arg("--socket").arg(&self.socket);
+        c
+    }
+
+    /// Runs `jitgate ARGS` as root.
+    pub fn cli(&self, args: &[&str]) -> Ran {
+        Ran::from(
+            self.cli_command()
+                .args(args)
+                .output()
+                .expect("running jitgate"),
+        )
+    }
+
+    /// Runs `jitgate ARGS` as another unix user.
+    pub fn cli_as(&self, user: &str, args: &[&str]) -> Ran {
+        let out = Command::new("runuser")
+            .args(["-u", user, "--"])
+            .arg(&bins().jitgate)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("runuser");
+        Ran::from(out)
+    }
+
+    fn run_command(&self, identity: &str, run_args: &[&str], cmd: &[&str]) -> Command {
+        let mut c = self.cli_command();
+        c.args(["run", "--as", identity, "--user", WORKLOAD_USER])
+            .args(run_args)
+            .arg("--")
+            .args(cmd)
+            .env(
+                "PATH",
+                format!("{}:/usr/local/bin:/usr/bin:/bin", bins().dir.display()),
+            )
+            .env("JITGATE_SOCKET", &self.socket);
+        c
+    }
+
+    /// Runs `CMD` as a gated workload of `identity` and waits for it.
+    pub fn run(&self, identity: &str, run_args: &[&str], cmd: &[&str]) -> Ran {
+        Ran::from(
+            self.run_command(identity, run_args, cmd)
+                .output()
+                .expect("running jitgate run"),
+        )
+    }
+
+    /// Starts `CMD` as a gated workload without waiting.
+    pub fn spawn(&self, identity: &str, run_args: &[&str], cmd: &[&str]) -> Workload {
+        let child = self
+            .run_command(identity, run_args, cmd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning jitgate run");
+        Workload::new(child)
+    }
+
+    /// Runs the probe as a gated workload (`jitgate-probe ARGS`).
+    pub fn probe(&self, identity: &str, args: &[&str]) -> Ran {
+        let mut cmd = vec![bins().probe.to_str().expect("utf-8 path")];
+        cmd.extend_from_slice(args);
+        self.run(identity, &[], &cmd)
+    }
+
+    /// Polls `f` until it returns `Some` or `timeout` passes.
+    pub fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut() -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The first pending request, once one appears.
+    pub fn pending_request(&self) -> Value {
+        self.wait_for("a pending request", Duration::from_secs(10), || {
+            let list = self.cli(&["approvals", "--json"]).json();
+            list.as_array().and_then(|a| a.first().cloned())
+        })
+    }
+
+    pub fn state_db(&self) -> PathBuf {
+        self.dir.join("state/jitgate.db")
+    }
+
+    pub fn cgroup_root(&self) -> PathBuf {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let mount = mountinfo
+            .lines()
+            .find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                (right.split_whitespace().next()? == "cgroup2")
+                    .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+                    .flatten()
+            })
+            .expect("cgroup2 mount");
+        mount.join(&self.gate_cgroup)
+    }
+}
+
+fn remove_cgroup_tree(path: &Path) {
+    if !path.exists() {
+        return;
+    }
+    let _ = std::fs::write(path.join("cgroup.kill"), "1");
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..100 {
+        if std::fs::remove_dir(path).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = self
+            .cli_command()
+            .args(["gate", "detach", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output();
+        remove_cgroup_tree(&self.cgroup_root());
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("test state kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// A running `jitgate run` whose output is read line by line.
+pub struct Workload {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Workload {
+    fn new(mut child: Child) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle`, returning it.
+    pub fn expect_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line containing {needle:?} within {timeout:?}; saw: {:#?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to end.
+    pub fn wait(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Collect remaining output.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                    self.seen.push(line);
+                }
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "workload still running after {timeout:?}; saw: {:#?}",
+                self.seen
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Milliseconds since the epoch, as the probe prints them.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Parses an RFC 3339 timestamp from the CLI's JSON into epoch milliseconds.
+pub fn rfc3339_ms(v: &Value) -> i64 {
+    let s = v.as_str().expect("timestamp string");
+    // 2026-11-23T01:11:36.123Z
+    let out = Command::new("date")
+        .args(["-u", "-d", s, "+%s%3N"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("epoch ms")
+}
+
+/// A socket address string.
+pub fn addr(a: SocketAddr) -> String {
+    a.to_string()
+}

@@ -181,7 +181,10 @@ fn parse_since(s: &str) -> Result<Timestamp, String> {
 
 impl Cli {
     fn config(&self) -> Option<Config> {
-        let path = self.config.clone().unwrap_or_else(|| DEFAULT_CONFIG_PATH.into());
+        let path = self
+            .config
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CONFIG_PATH.into());
         Config::load(&path).ok()
     }
 
@@ -350,7 +353,11 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                 println!("{text}");
             }
             // Without --wait, filing a request that now waits is success.
-            let code = if !*wait && code == EXIT_PENDING { 0 } else { code };
+            let code = if !*wait && code == EXIT_PENDING {
+                0
+            } else {
+                code
+            };
             Ok(ExitCode::from(code))
         }
         Command::Approvals { json } => {
@@ -361,7 +368,17 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                 println!("no requests waiting for approval");
             } else {
                 output::table(
-                    &["id", "identity", "resource", "access", "ttl", "task", "requested by", "filed", "reason"],
+                    &[
+                        "id",
+                        "identity",
+                        "resource",
+                        "access",
+                        "ttl",
+                        "task",
+                        "requested by",
+                        "filed",
+                        "reason",
+                    ],
                     &request_rows(&pending),
                 );
             }
@@ -407,7 +424,16 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                 println!("no {}grants", if *all { "" } else { "live " });
             } else {
                 output::table(
-                    &["id", "identity", "resource", "access", "task", "status", "expires", "approved by"],
+                    &[
+                        "id",
+                        "identity",
+                        "resource",
+                        "access",
+                        "task",
+                        "status",
+                        "expires",
+                        "approved by",
+                    ],
                     &grant_rows(&grants),
                 );
             }
@@ -455,7 +481,17 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                     })
                     .collect();
                 output::table(
-                    &["id", "identity", "resource", "destination", "started", "state", "up", "down", "client"],
+                    &[
+                        "id",
+                        "identity",
+                        "resource",
+                        "destination",
+                        "started",
+                        "state",
+                        "up",
+                        "down",
+                        "client",
+                    ],
                     &rows,
                 );
             }
@@ -469,7 +505,10 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
             if *json {
                 output::json(&report);
             } else if report.ok {
-                println!("audit log intact: {} records, hash chain verified", report.records);
+                println!(
+                    "audit log intact: {} records, hash chain verified",
+                    report.records
+                );
             } else {
                 println!(
                     "AUDIT LOG TAMPERED WITH ({} records checked):",
@@ -526,10 +565,16 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                 output::json(&summary);
             } else {
                 println!("configuration reloaded");
-                if let Some(keys) = summary["restart_required_for"].as_array().filter(|k| !k.is_empty()) {
+                if let Some(keys) = summary["restart_required_for"]
+                    .as_array()
+                    .filter(|k| !k.is_empty())
+                {
                     println!(
                         "note: {} only change on restart; the running values stay",
-                        keys.iter().filter_map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+                        keys.iter()
+                            .filter_map(|k| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     );
                 }
             }
@@ -542,15 +587,27 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
 }
 
 fn print_status(s: &StatusReport) {
-    println!("jitgated {} (pid {}), up since {}", s.version, s.pid, output::when(s.started_at));
+    println!(
+        "jitgated {} (pid {}), up since {}",
+        s.version,
+        s.pid,
+        output::when(s.started_at)
+    );
     println!("  config         {}", s.config);
-    println!("  gate cgroup    {} (attached: {})", s.gate_cgroup, s.attached.join(", "));
+    println!(
+        "  gate cgroup    {} (attached: {})",
+        s.gate_cgroup,
+        s.attached.join(", ")
+    );
     println!("  pin dir        {}", s.pin_dir);
     println!("  proxy          {}", s.proxy_listen.join(", "));
     println!("  egress         {}", s.egress);
     println!("  identities     {}", s.identities.join(", "));
     println!("  resources      {}", s.resources.join(", "));
-    println!("  rules          {} destination prefixes in the kernel", s.destination_prefixes);
+    println!(
+        "  rules          {} destination prefixes in the kernel",
+        s.destination_prefixes
+    );
     println!(
         "  grants         {} live, {} requests pending, {} sessions open",
         s.live_grants, s.pending_requests, s.open_sessions
@@ -576,7 +633,11 @@ fn detach(cli: &Cli, pin_dir: Option<PathBuf>) -> Result<ExitCode, ClientError> 
                 "gate detached; jitgated is stopping. Removed: {}",
                 result["removed"]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "))
+                    .map(|a| a
+                        .iter()
+                        .filter_map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "))
                     .unwrap_or_default()
             );
             Ok(ExitCode::SUCCESS)
@@ -593,7 +654,11 @@ fn detach(cli: &Cli, pin_dir: Option<PathBuf>) -> Result<ExitCode, ClientError> 
                 Ok(removed) => {
                     println!(
                         "jitgated is not running; removed the pinned gate: {}",
-                        removed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                        removed
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     );
                     Ok(ExitCode::SUCCESS)
                 }

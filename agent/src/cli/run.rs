@@ -45,16 +45,16 @@ pub struct RunArgs {
 
 fn parse_grant(s: &str) -> Result<GrantSpec, String> {
     let mut parts = s.splitn(3, ':');
-    let resource = parts.next().filter(|r| !r.is_empty()).ok_or("empty resource name")?;
+    let resource = parts
+        .next()
+        .filter(|r| !r.is_empty())
+        .ok_or("empty resource name")?;
     let access = parts
         .next()
         .filter(|a| !a.is_empty())
         .map(str::parse::<Access>)
         .transpose()?;
-    let ttl = parts
-        .next()
-        .map(super::parse_duration)
-        .transpose()?;
+    let ttl = parts.next().map(super::parse_duration).transpose()?;
     Ok(GrantSpec {
         resource: resource.to_owned(),
         access,
@@ -68,9 +68,7 @@ fn inet_socket_on(fd: RawFd) -> bool {
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: valid output buffer and length; a non-socket fails with ENOTSOCK.
-    let rc = unsafe {
-        libc::getsockname(fd, std::ptr::from_mut(&mut storage).cast(), &mut len)
-    };
+    let rc = unsafe { libc::getsockname(fd, std::ptr::from_mut(&mut storage).cast(), &mut len) };
     rc == 0 && matches!(i32::from(storage.ss_family), libc::AF_INET | libc::AF_INET6)
 }
 
@@ -147,6 +145,8 @@ pub fn run(cli: &Cli, args: &RunArgs) -> Result<ExitCode, ClientError> {
     unsafe {
         std::env::set_var("JITGATE_TASK", &started.task.id);
         std::env::set_var("JITGATE_IDENTITY", &started.task.identity);
+        // `jitgate request` inside the workload talks to the daemon that launched it.
+        std::env::set_var("JITGATE_SOCKET", cli.socket());
         if args.user.is_some() {
             std::env::set_var("HOME", &target.dir);
             std::env::set_var("USER", &target.name);
@@ -155,13 +155,20 @@ pub fn run(cli: &Cli, args: &RunArgs) -> Result<ExitCode, ClientError> {
     }
     // Nothing inherited beyond stdio crosses into the workload.
     // SAFETY: marks descriptors 3.. close-on-exec; no Rust object relies on them past exec.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
 
-    if target.uid != me {
-        if let Err(e) = drop_to(&target) {
-            eprintln!("jitgate: switching to user {}: {e}", target.name);
-            return Ok(ExitCode::from(EXIT_ERROR));
-        }
+    if target.uid != me
+        && let Err(e) = drop_to(&target)
+    {
+        eprintln!("jitgate: switching to user {}: {e}", target.name);
+        return Ok(ExitCode::from(EXIT_ERROR));
     }
     let argv: Vec<CString> = match args
         .command
@@ -177,7 +184,11 @@ pub fn run(cli: &Cli, args: &RunArgs) -> Result<ExitCode, ClientError> {
     };
     let e = nix::unistd::execvp(&argv[0], &argv).unwrap_err();
     eprintln!("jitgate: cannot run {}: {e}", args.command[0]);
-    Ok(ExitCode::from(if e == nix::errno::Errno::ENOENT { 127 } else { 126 }))
+    Ok(ExitCode::from(if e == nix::errno::Errno::ENOENT {
+        127
+    } else {
+        126
+    }))
 }
 
 fn drop_to(user: &User) -> nix::Result<()> {
@@ -199,7 +210,10 @@ mod tests {
     #[test]
     fn grant_specs() {
         let g = parse_grant("orders-db").unwrap();
-        assert_eq!((g.resource.as_str(), g.access, g.ttl), ("orders-db", None, None));
+        assert_eq!(
+            (g.resource.as_str(), g.access, g.ttl),
+            ("orders-db", None, None)
+        );
         let g = parse_grant("orders-db:write:30m").unwrap();
         assert_eq!(g.access, Some(Access::Write));
         assert_eq!(g.ttl, Some(Duration::from_secs(1800)));

@@ -104,7 +104,9 @@ fn split_host_ports(s: &str) -> Result<(&str, &str), String> {
         .rsplit_once(':')
         .ok_or_else(|| format!("`{s}`: expected HOST:PORT"))?;
     if host.contains(':') {
-        return Err(format!("`{s}`: write IPv6 addresses in brackets, as `[fd00::5]:5432`"));
+        return Err(format!(
+            "`{s}`: write IPv6 addresses in brackets, as `[fd00::5]:5432`"
+        ));
     }
     Ok((host, ports))
 }
@@ -122,7 +124,9 @@ fn is_host_name(host: &str) -> bool {
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                 && !label.starts_with('-')
         })
 }
@@ -143,7 +147,9 @@ impl FromStr for Target {
             return Err(format!("`{s}`: `{host}` is not a valid IPv4 address"));
         }
         if !is_host_name(host) {
-            return Err(format!("`{s}`: `{host}` is neither an IP address nor a host name"));
+            return Err(format!(
+                "`{s}`: `{host}` is neither an IP address nor a host name"
+            ));
         }
         Ok(Self::Host {
             name: host.to_ascii_lowercase(),
@@ -198,7 +204,9 @@ pub fn system_resolvers(resolv_conf: &str) -> Vec<SocketAddr> {
         .lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
-            (words.next() == Some("nameserver")).then(|| words.next()).flatten()
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
         })
         .filter_map(|ns| {
             // Drop a zone suffix (`fe80::1%eth0`): the gate matches addresses only.
@@ -235,7 +243,10 @@ mod tests {
             "10.0.0.5:5432"
         );
         assert_eq!(
-            "10.0.0.7/24:5432-5440".parse::<Target>().unwrap().to_string(),
+            "10.0.0.7/24:5432-5440"
+                .parse::<Target>()
+                .unwrap()
+                .to_string(),
             "10.0.0.0/24:5432-5440"
         );
         assert_eq!(

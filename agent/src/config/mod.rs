@@ -171,9 +171,7 @@ impl FromStr for Principal {
         match s.strip_prefix("group:") {
             Some(group) if valid(group) => Ok(Self::Group(group.to_owned())),
             None if valid(s) => Ok(Self::User(s.to_owned())),
-            _ => Err(format!(
-                "`{s}` is not a unix user name or `group:NAME`"
-            )),
+            _ => Err(format!("`{s}` is not a unix user name or `group:NAME`")),
         }
     }
 }
@@ -214,6 +212,8 @@ pub struct Workload {
     pub launchers: Vec<Principal>,
     /// A service cgroup (relative to the cgroup2 mount) gated in place.
     pub cgroup: Option<String>,
+    /// A unix uid gated wherever its processes run.
+    pub uid: Option<u32>,
     pub description: String,
 }
 
@@ -272,16 +272,14 @@ impl Config {
 
     /// Validates `text` as if read from `path`.
     pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let invalid = |span: Option<std::ops::Range<usize>>, message: String| {
-            ConfigError::Invalid {
+        let invalid =
+            |span: Option<std::ops::Range<usize>>, message: String| ConfigError::Invalid {
                 path: path.to_owned(),
                 line: span.map_or(1, |s| line_of(text, s.start)),
                 message,
-            }
-        };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            invalid(e.span(), e.message().trim_end().to_owned())
-        })?;
+            };
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| invalid(e.span(), e.message().trim_end().to_owned()))?;
         let mut v = Validator {
             text,
             path,
@@ -296,7 +294,11 @@ impl Config {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -346,6 +348,7 @@ struct RawWorkload {
     #[serde(default)]
     launchers: Vec<S<String>>,
     cgroup: Option<S<String>>,
+    uid: Option<S<i64>>,
     #[serde(default)]
     description: String,
 }
@@ -499,22 +502,22 @@ impl Validator<'_> {
                 }
             },
         };
-        let listen = |v: &mut Self, key: &str, value: &S<String>| {
-            match address::parse_listen(value.get_ref()) {
-                Ok(addr) if addr.ip().is_loopback() => Some(addr),
-                Ok(_) => {
-                    v.fail(
+        let listen = |v: &mut Self, key: &str, value: &S<String>| match address::parse_listen(
+            value.get_ref(),
+        ) {
+            Ok(addr) if addr.ip().is_loopback() => Some(addr),
+            Ok(_) => {
+                v.fail(
                         value.span(),
                         format!(
                             "{key}: the proxy must listen on a loopback address (127.0.0.1 or ::1): gated connections are steered to it on this host"
                         ),
                     );
-                    None
-                }
-                Err(e) => {
-                    v.fail(value.span(), format!("{key}: {e}"));
-                    None
-                }
+                None
+            }
+            Err(e) => {
+                v.fail(value.span(), format!("{key}: {e}"));
+                None
             }
         };
         let default_listen: SocketAddr = "127.0.0.1:15001".parse().expect("literal");
@@ -523,13 +526,13 @@ impl Validator<'_> {
             .as_ref()
             .and_then(|v| listen(self, "proxy_listen", v))
             .unwrap_or(default_listen);
-        if !proxy_listen.is_ipv4() {
-            if let Some(v) = &raw.proxy_listen {
-                self.fail(
-                    v.span(),
-                    "proxy_listen: must be an IPv4 loopback address; use proxy_listen6 for IPv6",
-                );
-            }
+        if !proxy_listen.is_ipv4()
+            && let Some(v) = &raw.proxy_listen
+        {
+            self.fail(
+                v.span(),
+                "proxy_listen: must be an IPv4 loopback address; use proxy_listen6 for IPv6",
+            );
         }
         let proxy_listen6 = match &raw.proxy_listen6 {
             None => Some(SocketAddr::new(
@@ -590,10 +593,16 @@ impl Validator<'_> {
             raw.default_ttl.as_ref(),
             Duration::from_secs(15 * 60),
         );
-        let dns_min_ttl =
-            self.duration("dns_min_ttl", raw.dns_min_ttl.as_ref(), Duration::from_secs(5));
-        let dns_max_ttl =
-            self.duration("dns_max_ttl", raw.dns_max_ttl.as_ref(), Duration::from_secs(300));
+        let dns_min_ttl = self.duration(
+            "dns_min_ttl",
+            raw.dns_min_ttl.as_ref(),
+            Duration::from_secs(5),
+        );
+        let dns_max_ttl = self.duration(
+            "dns_max_ttl",
+            raw.dns_max_ttl.as_ref(),
+            Duration::from_secs(300),
+        );
         DaemonConfig {
             state_dir: string(&raw.state_dir, "/var/lib/jitgate").into(),
             socket: string(&raw.socket, DEFAULT_SOCKET).into(),
@@ -616,6 +625,7 @@ impl Validator<'_> {
 
     fn workloads(&mut self, daemon: &DaemonConfig, raw: Vec<S<RawWorkload>>) -> Vec<Workload> {
         let mut seen = HashSet::new();
+        let mut uids = HashSet::new();
         let mut out = Vec::new();
         for entry in raw {
             let span = entry.span();
@@ -635,7 +645,10 @@ impl Validator<'_> {
                 );
             }
             let launchers = self.principals("workload.launchers", &w.launchers);
-            let cgroup = w.cgroup.as_ref().map(|c| self.cgroup_path("workload.cgroup", c));
+            let cgroup = w
+                .cgroup
+                .as_ref()
+                .map(|c| self.cgroup_path("workload.cgroup", c));
             if let Some(cg) = &cgroup {
                 let root = &daemon.gate_cgroup;
                 if cg == root
@@ -650,10 +663,44 @@ impl Validator<'_> {
                     );
                 }
             }
+            let uid = match &w.uid {
+                None => None,
+                Some(v) => match u32::try_from(*v.get_ref()) {
+                    Ok(0) => {
+                        self.fail(
+                            v.span(),
+                            "workload.uid: root (0) cannot be gated by uid: root can leave any restriction; run the agent as an ordinary user",
+                        );
+                        None
+                    }
+                    Ok(uid) if !uids.insert(uid) => {
+                        self.fail(
+                            v.span(),
+                            format!("workload.uid: {uid} belongs to two workloads"),
+                        );
+                        None
+                    }
+                    Ok(uid) => Some(uid),
+                    Err(_) => {
+                        self.fail(
+                            v.span(),
+                            format!("workload.uid: {} is not a uid", v.get_ref()),
+                        );
+                        None
+                    }
+                },
+            };
+            if uid.is_some() && cgroup.is_some() {
+                self.fail(
+                    span.clone(),
+                    format!("workload `{identity}`: give either cgroup or uid, not both"),
+                );
+            }
             out.push(Workload {
                 identity,
                 launchers,
                 cgroup,
+                uid,
                 description: w.description,
             });
         }
@@ -674,7 +721,10 @@ impl Validator<'_> {
                     ),
                 );
             } else if !seen.insert(name.clone()) {
-                self.fail(r.name.span(), format!("resource.name: `{name}` is defined twice"));
+                self.fail(
+                    r.name.span(),
+                    format!("resource.name: `{name}` is defined twice"),
+                );
             }
             let protocol = match r.protocol.as_ref().map(|p| p.get_ref().as_str()) {
                 None | Some("tcp") => Protocol::Tcp,
@@ -698,9 +748,7 @@ impl Validator<'_> {
                 let proxy_port = daemon.proxy_listen.port();
                 let hits_proxy = ports.contains(proxy_port)
                     && (net.contains(&daemon.proxy_listen.ip())
-                        || daemon
-                            .proxy_listen6
-                            .is_some_and(|a| net.contains(&a.ip())));
+                        || daemon.proxy_listen6.is_some_and(|a| net.contains(&a.ip())));
                 if hits_proxy {
                     self.fail(
                         r.address.span(),
@@ -722,7 +770,11 @@ impl Validator<'_> {
                 connect_access,
             );
             if request_access < connect_access {
-                let span = r.request_access.as_ref().map(Spanned::span).unwrap_or_default();
+                let span = r
+                    .request_access
+                    .as_ref()
+                    .map(Spanned::span)
+                    .unwrap_or_default();
                 self.fail(
                     span,
                     format!(
@@ -771,9 +823,7 @@ impl Validator<'_> {
                 if identity != "*" && !workloads.iter().any(|w| &w.identity == identity) {
                     self.fail(
                         p.identities.span(),
-                        format!(
-                            "policy.identities: `{identity}` is not a [[workload]] identity"
-                        ),
+                        format!("policy.identities: `{identity}` is not a [[workload]] identity"),
                     );
                 }
             }
@@ -793,7 +843,10 @@ impl Validator<'_> {
                 }
             }
             if access.is_empty() {
-                self.fail(p.access.span(), "policy.access: list at least one access level");
+                self.fail(
+                    p.access.span(),
+                    "policy.access: list at least one access level",
+                );
             }
             let approvers = self.principals("policy.approvers", &p.approvers);
             if p.approval == Approval::Manual && approvers.is_empty() {
@@ -804,7 +857,11 @@ impl Validator<'_> {
                     ),
                 );
             }
-            let max_ttl = self.duration("policy.max_ttl", p.max_ttl.as_ref(), Duration::from_secs(3600));
+            let max_ttl = self.duration(
+                "policy.max_ttl",
+                p.max_ttl.as_ref(),
+                Duration::from_secs(3600),
+            );
             out.push(Policy {
                 name,
                 identities: p.identities.into_inner(),
@@ -864,7 +921,10 @@ approvers = ["alice", "group:dba"]
         assert_eq!(c.policies[0].name, "policy-1");
         assert_eq!(
             c.policies[0].approvers,
-            vec![Principal::User("alice".into()), Principal::Group("dba".into())]
+            vec![
+                Principal::User("alice".into()),
+                Principal::Group("dba".into())
+            ]
         );
         assert!(c.policies[0].covers("ci-bot", "orders-db", Access::Read));
         assert!(!c.policies[0].covers("ci-bot", "orders-db", Access::Write));
@@ -879,11 +939,17 @@ approvers = ["alice", "group:dba"]
         let e = error_of(&SAMPLE.replace("10.0.0.5:5432", "10.0.0.5"));
         assert!(e.starts_with("test.toml:15: resource.address:"), "{e}");
         let e = error_of(&SAMPLE.replace("\"orders-db\"]", "\"nope\"]"));
-        assert!(e.starts_with("test.toml:20: policy.resources: `nope`"), "{e}");
+        assert!(
+            e.starts_with("test.toml:20: policy.resources: `nope`"),
+            "{e}"
+        );
         let e = error_of(&SAMPLE.replace("max_ttl = \"1h\"", "max_ttl = \"forever\""));
         assert!(e.starts_with("test.toml:22: policy.max_ttl:"), "{e}");
         let e = error_of(&SAMPLE.replace("egress = \"deny\"", "egres = \"deny\""));
-        assert!(e.contains("test.toml:4:") && e.contains("unknown field `egres`"), "{e}");
+        assert!(
+            e.contains("test.toml:4:") && e.contains("unknown field `egres`"),
+            "{e}"
+        );
         let e = error_of(&SAMPLE.replace("approvers = [\"alice\", \"group:dba\"]", ""));
         assert!(e.contains("needs approvers"), "{e}");
         let e = error_of(&SAMPLE.replace("[daemon]", "[daemon]\nproxy_listen = \"0.0.0.0:15001\""));
@@ -914,9 +980,9 @@ pub struct SharedConfig(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Config>>
 
 impl SharedConfig {
     pub fn new(config: Config) -> Self {
-        Self(std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(
-            config,
-        ))))
+        Self(std::sync::Arc::new(std::sync::RwLock::new(
+            std::sync::Arc::new(config),
+        )))
     }
 
     pub fn get(&self) -> std::sync::Arc<Config> {

@@ -10,7 +10,9 @@ use super::api::{ApiError, Call, ErrorCode, MAX_LINE, Reply};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach jitgated at {path}: {source}. Is the daemon running (jitgated --config ...)? Use --socket or JITGATE_SOCKET for another daemon")]
+    #[error(
+        "cannot reach jitgated at {path}: {source}. Is the daemon running (jitgated --config ...)? Use --socket or JITGATE_SOCKET for another daemon"
+    )]
     Connect {
         path: PathBuf,
         #[source]
@@ -50,7 +52,8 @@ impl Client {
 
     /// Sends `call` and returns the reply's data, or the daemon's error.
     pub fn call(&mut self, call: &Call) -> Result<serde_json::Value, ClientError> {
-        let mut line = serde_json::to_vec(call).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut line =
+            serde_json::to_vec(call).map_err(|e| ClientError::Protocol(e.to_string()))?;
         line.push(b'\n');
         self.stream.get_mut().write_all(&line)?;
         let mut reply = String::new();
@@ -58,7 +61,9 @@ impl Client {
             .take(MAX_LINE as u64 * 64)
             .read_line(&mut reply)?;
         if n == 0 {
-            return Err(ClientError::Protocol("the daemon closed the connection".into()));
+            return Err(ClientError::Protocol(
+                "the daemon closed the connection".into(),
+            ));
         }
         let reply: Reply =
             serde_json::from_str(&reply).map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -73,7 +78,10 @@ impl Client {
     }
 
     /// Like [`Self::call`], decoding the data as `T`.
-    pub fn call_as<T: serde::de::DeserializeOwned>(&mut self, call: &Call) -> Result<T, ClientError> {
+    pub fn call_as<T: serde::de::DeserializeOwned>(
+        &mut self,
+        call: &Call,
+    ) -> Result<T, ClientError> {
         let value = self.call(call)?;
         serde_json::from_value(value).map_err(|e| ClientError::Protocol(e.to_string()))
     }

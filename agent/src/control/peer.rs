@@ -80,8 +80,13 @@ pub fn identify(stream: &UnixStream, workloads: &Workloads) -> std::io::Result<C
     if !alive(&pidfd) {
         return Ok(doubtful());
     }
-    let workload = workloads.attribute_path(&path);
-    let gated_unattributed = workload.is_none() && workloads.is_gated_path(&path);
+    let (workload, gated_unattributed) = if workloads.is_gated_path(&path) {
+        let workload = workloads.attribute_path(&path);
+        let unattributed = workload.is_none();
+        (workload, unattributed)
+    } else {
+        (workloads.attribute_uid(uid), false)
+    };
     Ok(Caller {
         uid,
         pid,

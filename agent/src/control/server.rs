@@ -49,7 +49,10 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Result<UnixL
         match nix::unistd::Group::from_name(group) {
             Ok(Some(g)) => nix::unistd::chown(path, None, Some(g.gid))
                 .with_context(|| format!("giving {} to group {group}", path.display()))?,
-            _ => warn!(group, "socket_group does not exist; the socket stays root's group"),
+            _ => warn!(
+                group,
+                "socket_group does not exist; the socket stays root's group"
+            ),
         }
     }
     Ok(listener)
@@ -191,10 +194,14 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
         } => {
             let timeout = Duration::from_secs(timeout_secs).min(MAX_WAIT);
             match daemon.engine.request(&request).await {
-                Ok(Some(q)) if caller.is_workload()
-                    && caller.workload.as_ref().map(|w| &w.identity) != Some(&q.identity) =>
+                Ok(Some(q))
+                    if caller.is_workload()
+                        && caller.workload.as_ref().map(|w| &w.identity) != Some(&q.identity) =>
                 {
-                    Reply::err(ErrorCode::Forbidden, "a workload can only wait on its own requests")
+                    Reply::err(
+                        ErrorCode::Forbidden,
+                        "a workload can only wait on its own requests",
+                    )
                 }
                 Ok(_) => reply(daemon.engine.wait(&request, timeout).await),
                 Err(e) => engine_err(e),

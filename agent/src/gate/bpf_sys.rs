@@ -89,7 +89,11 @@ struct MapElemAttr {
 
 /// Looks `key` up in a hash map and deletes it in the same step, so a record is handed to
 /// exactly one reader. `Ok(false)` when absent.
-pub fn map_lookup_and_delete<K, V>(map: BorrowedFd<'_>, key: &K, value: &mut V) -> io::Result<bool> {
+pub fn map_lookup_and_delete<K, V>(
+    map: BorrowedFd<'_>,
+    key: &K,
+    value: &mut V,
+) -> io::Result<bool> {
     let mut attr = MapElemAttr {
         map_fd: map.as_raw_fd() as u32,
         key: std::ptr::from_ref(key) as u64,

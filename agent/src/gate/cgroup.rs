@@ -40,12 +40,13 @@ fn unescape_mount_path(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v as char);
-                i += 4;
-                continue;
-            }
+        if bytes[i] == b'\\'
+            && i + 4 <= bytes.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v as char);
+            i += 4;
+            continue;
         }
         out.push(bytes[i] as char);
         i += 1;
@@ -90,9 +91,7 @@ pub fn move_pid(path: &Path, pid: u32) -> anyhow::Result<()> {
 /// Whether any process remains in the cgroup at `path` or below it.
 pub fn is_populated(path: &Path) -> io::Result<bool> {
     let events = fs::read_to_string(path.join("cgroup.events"))?;
-    Ok(events
-        .lines()
-        .any(|line| line.trim() == "populated 1"))
+    Ok(events.lines().any(|line| line.trim() == "populated 1"))
 }
 
 /// Removes an empty cgroup and, when `kill` is set and the kernel supports it, kills what is
@@ -138,9 +137,16 @@ mod tests {
             find_cgroup2_mount(info),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        let unified = "25 20 0:22 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(find_cgroup2_mount(unified), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(find_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+        let unified =
+            "25 20 0:22 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            find_cgroup2_mount(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            find_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
         assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
     }
 

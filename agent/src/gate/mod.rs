@@ -4,10 +4,15 @@
 //! Pinned layout under `bpf_pin_dir`:
 //!
 //! ```text
-//! maps-v1/JG_CONFIG JG_DEST JG_SOCK JG_CONNS JG_STATS   state shared across restarts
-//! links/root/<program>                                    links on the gate root cgroup
-//! links/svc-<cgroup path with / as +>/<program>           links on gated service cgroups
+//! maps-v1/JG_*                                  state shared across restarts and instances
+//! links/root/<program>                           links on the gate root cgroup
+//! links/svc-<cgroup path with / as +>/<program>  links on gated service cgroups
+//! links/uid-root/<program>                       links on the cgroup2 root (uid workloads)
 //! ```
+//!
+//! The object is loaded as up to two instances that share every map: the subtree instance
+//! (gate root and service cgroups: everything below is gated) and, when `[[workload]] uid`
+//! entries exist, the uid instance on the cgroup2 root (only those uids, wherever they run).
 //!
 //! Links are pinned, so the programs stay attached when the agent stops or crashes: redirected
 //! connects then find no proxy and fail (`ECONNREFUSED`), everything else keeps its verdict. On
@@ -32,11 +37,12 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, SockOps, links::FdLink},
 };
 use jitgate_common::{
-    ConnKey, DestAddr, DestRules, GateConfig, Redirect, config_flags, egress, names, stats,
+    ConnKey, DestAddr, DestRules, GateConfig, Redirect, RefusalEvent, config_flags, egress, mode,
+    names, stats,
 };
 use tracing::{debug, info, warn};
 
@@ -44,7 +50,7 @@ use self::rules::{TrieKey, addr_words};
 use crate::config::{Egress, KernelLog};
 
 /// The compiled kernel object, embedded at build time by `build.rs`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jitgate"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/jitgate-ebpf"));
 
 /// Version of the pinned map layout. Bump it whenever a shared struct or map definition in
 /// `jitgate-common` changes: a new layout gets fresh maps beside the old ones, and the link
@@ -58,6 +64,8 @@ pub struct GateSettings {
     pub gate_cgroup: String,
     /// Service cgroups gated in place (relative to the cgroup2 mount).
     pub service_cgroups: Vec<String>,
+    /// Uids gated wherever they run.
+    pub gated_uids: Vec<u32>,
     pub kernel_log: KernelLog,
     pub proxy_v4: SocketAddr,
     pub proxy_v6: Option<SocketAddr>,
@@ -72,9 +80,9 @@ impl GateSettings {
         };
         // Without an IPv6 listener, native IPv6 destinations go to the v4-mapped listener:
         // dual-stack sockets reach it, IPv6-only sockets fail, which is closed.
-        let proxy_ip6 = self.proxy_v6.map_or(jitgate_common::v4_mapped(proxy_ip4), |a| {
-            addr_words(a.ip())
-        });
+        let proxy_ip6 = self
+            .proxy_v6
+            .map_or(jitgate_common::v4_mapped(proxy_ip4), |a| addr_words(a.ip()));
         GateConfig {
             proxy_ip4,
             proxy_ip6,
@@ -91,15 +99,27 @@ impl GateSettings {
 
 /// Handle on the loaded programs and pinned maps.
 pub struct Gate {
-    ebpf: Ebpf,
+    subtree: Ebpf,
+    uid: Option<Ebpf>,
     settings: GateSettings,
     cgroup_mount: PathBuf,
+    maps_dir: PathBuf,
     dest: LpmTrie<MapData, DestAddr, DestRules>,
     config: Array<MapData, GateConfig>,
     stats: PerCpuArray<MapData, u64>,
+    uids: HashMap<MapData, u32, u8>,
+    subtrees: HashMap<MapData, u64, u8>,
+    events: Option<RingBuf<MapData>>,
     installed: BTreeMap<TrieKey, DestRules>,
     generation: u32,
     attached: BTreeSet<String>,
+}
+
+/// Where a set of links goes, and which instance's programs they run.
+struct Target {
+    mode: u8,
+    dir: PathBuf,
+    cgroup: PathBuf,
 }
 
 /// Where redirected connections' records wait for the proxy. Cheap to share.
@@ -146,11 +166,29 @@ fn netns_cookie() -> io::Result<u64> {
     Ok(cookie)
 }
 
-/// The pin directory of links attached to one cgroup.
+/// The pin directory of links attached to one cgroup. bpffs refuses names with dots, so a
+/// service cgroup path is reduced to safe characters and disambiguated by a hash.
 fn target_dir(pin_dir: &Path, service: Option<&str>) -> PathBuf {
     match service {
         None => pin_dir.join("links/root"),
-        Some(path) => pin_dir.join(format!("links/svc-{}", path.replace('/', "+"))),
+        Some(path) => {
+            let safe: String = path
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .take(200)
+                .collect();
+            // FNV-1a: stable across builds, unlike the std hasher.
+            let hash = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+            pin_dir.join(format!("links/svc-{safe}-{:08x}", hash as u32))
+        }
     }
 }
 
@@ -163,8 +201,40 @@ fn expected_map_sizes(name: &str) -> Option<(u32, u32)> {
         names::MAP_SOCK => s(4, size_of::<Redirect>()),
         names::MAP_CONNS => s(size_of::<ConnKey>(), size_of::<Redirect>()),
         names::MAP_STATS => s(4, 8),
+        names::MAP_UIDS => s(4, 1),
+        names::MAP_SUBTREES => s(8, 1),
+        names::MAP_EVENTS => s(0, 0),
         _ => None,
     }
+}
+
+/// Loads one instance of the object against the pinned maps and runs the verifier on every
+/// program.
+fn load_instance(maps_dir: &Path, log_level: u8, instance: u8) -> anyhow::Result<Ebpf> {
+    let map_paths: Vec<(&str, PathBuf)> = names::PINNED_MAPS
+        .iter()
+        .map(|name| (*name, maps_dir.join(name)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    loader.override_global("AYA_LOG_LEVEL", &log_level, false);
+    loader.override_global(names::GLOBAL_MODE, &instance, true);
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(OBJECT).context("loading the kernel programs")?;
+    for name in names::PROGRAMS {
+        let program = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the kernel object has no program {name}"))?;
+        let loaded = match program {
+            Program::CgroupSockAddr(p) => p.load(),
+            Program::CgroupSock(p) => p.load(),
+            Program::SockOps(p) => p.load(),
+            other => bail!("program {name} has unexpected type {:?}", other.prog_type()),
+        };
+        loaded.with_context(|| format!("loading program {name} (verifier)"))?;
+    }
+    Ok(ebpf)
 }
 
 /// Refuses to start on maps pinned by an incompatible build, which the programs would
@@ -220,17 +290,7 @@ impl Gate {
             );
         }
 
-        let level = settings.kernel_log.level();
-        let map_paths: Vec<(&str, PathBuf)> = names::PINNED_MAPS
-            .iter()
-            .map(|name| (*name, maps_dir.join(name)))
-            .collect();
-        let mut loader = EbpfLoader::new();
-        loader.override_global("AYA_LOG_LEVEL", &level, false);
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(OBJECT).context("loading the kernel programs")?;
+        let mut ebpf = load_instance(&maps_dir, settings.kernel_log.level(), mode::SUBTREE)?;
 
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
@@ -242,6 +302,10 @@ impl Gate {
             Array::try_from(take(&mut ebpf, names::MAP_CONFIG)?)?;
         let stats_map: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(take(&mut ebpf, names::MAP_STATS)?)?;
+        let uids: HashMap<MapData, u32, u8> = HashMap::try_from(take(&mut ebpf, names::MAP_UIDS)?)?;
+        let subtrees: HashMap<MapData, u64, u8> =
+            HashMap::try_from(take(&mut ebpf, names::MAP_SUBTREES)?)?;
+        let events: RingBuf<MapData> = RingBuf::try_from(take(&mut ebpf, names::MAP_EVENTS)?)?;
         let conns_fd = bpf_sys::obj_get(&maps_dir.join(names::MAP_CONNS))
             .context("opening the pinned connection table")?;
         let conns = ConnTable {
@@ -265,33 +329,27 @@ impl Gate {
         let adopted = previous.flags & config_flags::READY != 0;
 
         let mut gate = Self {
-            ebpf,
+            subtree: ebpf,
+            uid: None,
             settings,
             cgroup_mount,
+            maps_dir,
             dest,
             config,
             stats: stats_map,
+            uids,
+            subtrees,
+            events: Some(events),
             installed,
             generation: previous.generation,
             attached: BTreeSet::new(),
         };
         gate.apply(trie)?;
-
-        for name in names::PROGRAMS {
-            let program = gate
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("the kernel object has no program {name}"))?;
-            let loaded = match program {
-                Program::CgroupSockAddr(p) => p.load(),
-                Program::CgroupSock(p) => p.load(),
-                Program::SockOps(p) => p.load(),
-                other => bail!("program {name} has unexpected type {:?}", other.prog_type()),
-            };
-            loaded.with_context(|| format!("loading program {name} (verifier)"))?;
-        }
-        let services = gate.settings.service_cgroups.clone();
-        gate.sync_targets(&services)?;
+        let (services, gated_uids) = (
+            gate.settings.service_cgroups.clone(),
+            gate.settings.gated_uids.clone(),
+        );
+        gate.sync_targets(&services, &gated_uids)?;
         info!(
             adopted,
             pin_dir = %gate.settings.pin_dir.display(),
@@ -307,7 +365,7 @@ impl Gate {
         if self.settings.kernel_log == KernelLog::Off {
             return Ok(());
         }
-        let logger = aya_log::EbpfLogger::init(&mut self.ebpf).context("starting aya-log")?;
+        let logger = aya_log::EbpfLogger::init(&mut self.subtree).context("starting aya-log")?;
         // SAFETY: the logger owns its ring-buffer descriptor, which stays open and unchanged
         // until the AsyncFd (and with it the logger) is dropped.
         let mut logger = unsafe {
@@ -324,6 +382,11 @@ impl Gate {
             }
         });
         Ok(())
+    }
+
+    /// The kernel's refusal events, for the audit (taken once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
     }
 
     pub fn settings(&self) -> &GateSettings {
@@ -345,7 +408,11 @@ impl Gate {
         for (key, value) in &trie {
             if self.installed.get(key) != Some(value) {
                 self.dest
-                    .insert(&Key::new(key.prefix_len, DestAddr { addr: key.addr }), value, 0)
+                    .insert(
+                        &Key::new(key.prefix_len, DestAddr { addr: key.addr }),
+                        value,
+                        0,
+                    )
                     .context("updating the destination trie")?;
             }
         }
@@ -367,7 +434,11 @@ impl Gate {
         self.config
             .set(0, cfg, 0)
             .context("publishing the gate config")?;
-        debug!(prefixes, generation = self.generation, "destination rules installed");
+        debug!(
+            prefixes,
+            generation = self.generation,
+            "destination rules installed"
+        );
         Ok(())
     }
 
@@ -383,29 +454,68 @@ impl Gate {
         self.apply(trie)
     }
 
-    /// Attaches (or adopts) the programs on the gate root and on `services`, and detaches
-    /// them from service cgroups no longer configured.
-    pub fn sync_targets(&mut self, services: &[String]) -> anyhow::Result<()> {
+    /// Attaches (or adopts) the programs on the gate root, on `services` and (for `uids`) on
+    /// the cgroup2 root, and detaches them from what is no longer configured.
+    pub fn sync_targets(&mut self, services: &[String], uids: &[u32]) -> anyhow::Result<()> {
         let root = self.gate_root();
         cgroup::ensure_dir(&root)?;
-        let mut wanted: Vec<(Option<String>, PathBuf)> = vec![(None, root)];
+        let mut targets = vec![Target {
+            mode: mode::SUBTREE,
+            dir: target_dir(&self.settings.pin_dir, None),
+            cgroup: root,
+        }];
         for svc in services {
             let path = self.cgroup_mount.join(svc);
             if !path.is_dir() {
                 warn!(cgroup = %svc, "service cgroup does not exist yet; creating it so the gate is in place before the service starts");
                 cgroup::ensure_dir(&path)?;
             }
-            wanted.push((Some(svc.clone()), path));
+            targets.push(Target {
+                mode: mode::SUBTREE,
+                dir: target_dir(&self.settings.pin_dir, Some(svc)),
+                cgroup: path,
+            });
         }
+
+        // The uid instance must know which subtrees are already gated (it leaves those to
+        // the subtree instance), and which uids it gates.
+        let subtree_ids = targets
+            .iter()
+            .map(|t| cgroup::cgroup_id(&t.cgroup))
+            .collect::<io::Result<BTreeSet<u64>>>()
+            .context("reading gated cgroup ids")?;
+        sync_set(&mut self.subtrees, &subtree_ids).context("updating gated subtrees")?;
+        let uid_set: BTreeSet<u32> = uids.iter().copied().collect();
+        sync_set(&mut self.uids, &uid_set).context("updating gated uids")?;
+        if !uids.is_empty() {
+            if self.uid.is_none() {
+                self.uid = Some(load_instance(
+                    &self.maps_dir,
+                    self.settings.kernel_log.level(),
+                    mode::UID,
+                )?);
+            }
+            targets.push(Target {
+                mode: mode::UID,
+                dir: self.settings.pin_dir.join("links/uid-root"),
+                cgroup: self.cgroup_mount.clone(),
+            });
+        }
+
         let mut keep = BTreeSet::new();
-        for (service, path) in &wanted {
-            let dir = target_dir(&self.settings.pin_dir, service.as_deref());
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
-            self.attach_all(&dir, path)?;
-            keep.insert(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        for target in &targets {
+            std::fs::create_dir_all(&target.dir)
+                .with_context(|| format!("creating {}", target.dir.display()))?;
+            self.attach_all(target)?;
+            keep.insert(
+                target
+                    .dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
         }
-        // Unpin links of service cgroups that left the config.
+        // Unpin links of cgroups that left the config.
         let links_dir = self.settings.pin_dir.join("links");
         if let Ok(entries) = std::fs::read_dir(&links_dir) {
             for entry in entries.flatten() {
@@ -416,21 +526,33 @@ impl Gate {
                 }
             }
         }
+        self.settings.service_cgroups = services.to_vec();
+        self.settings.gated_uids = uids.to_vec();
         self.attached = keep;
         Ok(())
     }
 
-    fn attach_all(&mut self, dir: &Path, cgroup_path: &Path) -> anyhow::Result<()> {
-        let cgroup_id = cgroup::cgroup_id(cgroup_path)
-            .with_context(|| format!("reading cgroup {}", cgroup_path.display()))?;
+    fn instance(&self, mode: u8) -> &Ebpf {
+        match (mode, &self.uid) {
+            (mode::UID, Some(uid)) => uid,
+            _ => &self.subtree,
+        }
+    }
+
+    fn attach_all(&mut self, target: &Target) -> anyhow::Result<()> {
+        let cgroup_id = cgroup::cgroup_id(&target.cgroup)
+            .with_context(|| format!("reading cgroup {}", target.cgroup.display()))?;
         for name in names::PROGRAMS {
-            let link_path = dir.join(name);
+            let link_path = target.dir.join(name);
             if link_path.exists() {
                 match bpf_sys::obj_get(&link_path) {
                     Ok(link) => {
                         let info = bpf_sys::link_info(link.as_fd())?;
                         if info.cgroup_id == cgroup_id {
-                            let program = self.ebpf.program(name).expect("checked at load");
+                            let program = self
+                                .instance(target.mode)
+                                .program(name)
+                                .expect("checked at load");
                             bpf_sys::link_update(link.as_fd(), program.fd()?.as_fd())
                                 .with_context(|| {
                                     format!("swapping program {name} into {}", link_path.display())
@@ -443,9 +565,11 @@ impl Gate {
                             "pinned link belongs to a cgroup that no longer exists; attaching afresh"
                         );
                         // Attach the new link before dropping the stale one.
-                        let fresh = self.attach_link(name, cgroup_path)?;
+                        let fresh = self.attach_link(target.mode, name, &target.cgroup)?;
                         std::fs::remove_file(&link_path)?;
-                        fresh.pin(&link_path).map_err(|e| anyhow!("pinning {name}: {e}"))?;
+                        fresh
+                            .pin(&link_path)
+                            .map_err(|e| anyhow!("pinning {name}: {e}"))?;
                         continue;
                     }
                     Err(e) => {
@@ -454,19 +578,23 @@ impl Gate {
                     }
                 }
             }
-            let fresh = self.attach_link(name, cgroup_path)?;
+            let fresh = self.attach_link(target.mode, name, &target.cgroup)?;
             fresh
                 .pin(&link_path)
                 .map_err(|e| anyhow!("pinning link {}: {e}", link_path.display()))?;
-            debug!(program = name, cgroup = %cgroup_path.display(), "attached");
+            debug!(program = name, cgroup = %target.cgroup.display(), "attached");
         }
         Ok(())
     }
 
-    fn attach_link(&mut self, name: &str, cgroup_path: &Path) -> anyhow::Result<FdLink> {
+    fn attach_link(&mut self, mode: u8, name: &str, cgroup_path: &Path) -> anyhow::Result<FdLink> {
         let cgroup = File::open(cgroup_path)
             .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
-        let program = self.ebpf.program_mut(name).expect("checked at load");
+        let ebpf = match (mode, self.uid.as_mut()) {
+            (mode::UID, Some(uid)) => uid,
+            _ => &mut self.subtree,
+        };
+        let program = ebpf.program_mut(name).expect("checked at load");
         let mode = CgroupAttachMode::Single;
         let context = || format!("attaching {name} to {}", cgroup_path.display());
         let link: FdLink = match program {
@@ -504,6 +632,35 @@ impl Gate {
     pub fn attached_targets(&self) -> Vec<String> {
         self.attached.iter().cloned().collect()
     }
+}
+
+/// Makes a BPF hash map used as a set hold exactly `wanted`: additions first, removals last.
+fn sync_set<K: aya::Pod + Ord + Copy>(
+    map: &mut HashMap<MapData, K, u8>,
+    wanted: &BTreeSet<K>,
+) -> anyhow::Result<()> {
+    for key in wanted {
+        map.insert(key, 1, 0)?;
+    }
+    let present = map.keys().collect::<Result<Vec<K>, _>>()?;
+    for key in present {
+        if !wanted.contains(&key) {
+            match map.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes one refusal event from the ring buffer.
+pub fn decode_event(bytes: &[u8]) -> Option<RefusalEvent> {
+    (bytes.len() >= std::mem::size_of::<RefusalEvent>()).then(|| {
+        // SAFETY: the buffer holds at least one RefusalEvent written by the kernel program;
+        // read_unaligned copes with any alignment.
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<RefusalEvent>()) }
+    })
 }
 
 fn remove_pins(dir: &Path) -> anyhow::Result<()> {

@@ -156,11 +156,15 @@ pub fn compile(
     let prefixes: BTreeSet<Ipv6Net> = entries.iter().map(|e| e.net).collect();
     let mut out = BTreeMap::new();
     for prefix in prefixes {
-        let mut applicable: Vec<&Entry> = entries
-            .iter()
-            .filter(|e| e.net.contains(&prefix))
-            .collect();
-        applicable.sort_by_key(|e| (priority(e.action), std::cmp::Reverse(e.net.prefix_len()), e.ports));
+        let mut applicable: Vec<&Entry> =
+            entries.iter().filter(|e| e.net.contains(&prefix)).collect();
+        applicable.sort_by_key(|e| {
+            (
+                priority(e.action),
+                std::cmp::Reverse(e.net.prefix_len()),
+                e.ports,
+            )
+        });
         applicable.dedup_by_key(|e| (e.ports, e.action, e.resource));
         if applicable.len() > MAX_PORT_RULES {
             return Err(RulesError::TooManyRules {
@@ -194,11 +198,7 @@ pub fn compile(
 
 /// Looks `addr:port` up the way the kernel does (longest prefix, then first matching port
 /// rule). Used by tests and by `jitgate status` to explain a decision.
-pub fn lookup(
-    trie: &BTreeMap<TrieKey, DestRules>,
-    addr: IpAddr,
-    port: u16,
-) -> Option<PortRule> {
+pub fn lookup(trie: &BTreeMap<TrieKey, DestRules>, addr: IpAddr, port: u16) -> Option<PortRule> {
     let key = to_v6_net(IpNet::from(addr));
     let best = trie
         .iter()
@@ -276,7 +276,15 @@ mod tests {
             &["192.0.2.2".parse().unwrap(), "fd00::2".parse().unwrap()],
         )
         .unwrap();
-        for addr in ["127.0.0.1", "127.0.0.2", "0.0.0.0", "::1", "::", "192.0.2.2", "fd00::2"] {
+        for addr in [
+            "127.0.0.1",
+            "127.0.0.2",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "192.0.2.2",
+            "fd00::2",
+        ] {
             let hit = lookup(&trie, addr.parse().unwrap(), 5432)
                 .unwrap_or_else(|| panic!("{addr} is not gated"));
             assert_eq!((hit.action, hit.resource), (action::RESOURCE, 1), "{addr}");
@@ -294,12 +302,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            lookup(&trie, "10.255.255.53".parse().unwrap(), 53).unwrap().action,
+            lookup(&trie, "10.255.255.53".parse().unwrap(), 53)
+                .unwrap()
+                .action,
             action::RESOLVER
         );
         assert!(lookup(&trie, "10.255.255.53".parse().unwrap(), 54).is_none());
         assert_eq!(
-            lookup(&trie, "fd00::5".parse().unwrap(), 443).unwrap().action,
+            lookup(&trie, "fd00::5".parse().unwrap(), 443)
+                .unwrap()
+                .action,
             action::RESOURCE
         );
     }

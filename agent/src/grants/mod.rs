@@ -192,7 +192,8 @@ impl GrantEngine {
         } else {
             let Some(identity) = spec.for_identity.clone() else {
                 return Err(EngineError::Invalid(
-                    "outside a workload, say which identity the access is for: --for IDENTITY".into(),
+                    "outside a workload, say which identity the access is for: --for IDENTITY"
+                        .into(),
                 ));
             };
             let Some(workload) = config.workload(&identity) else {
@@ -208,14 +209,8 @@ impl GrantEngine {
             }
             (identity, spec.task.clone())
         };
-        self.file_for(
-            &config,
-            caller.actor(),
-            &identity,
-            task.as_deref(),
-            spec,
-        )
-        .await
+        self.file_for(&config, caller.actor(), &identity, task.as_deref(), spec)
+            .await
     }
 
     /// Files a request for a held connection: the workload asks by connecting.
@@ -227,7 +222,9 @@ impl GrantEngine {
     ) -> Result<Request, EngineError> {
         let config = self.config();
         let Some(r) = config.resource(resource) else {
-            return Err(EngineError::NotFound(format!("`{resource}` is not configured")));
+            return Err(EngineError::NotFound(format!(
+                "`{resource}` is not configured"
+            )));
         };
         let spec = RequestSpec {
             resource: resource.to_owned(),
@@ -243,8 +240,14 @@ impl GrantEngine {
             identity: Some(workload.identity.clone()),
             task: workload.task.clone(),
         };
-        self.file_for(&config, actor, &workload.identity, workload.task.as_deref(), spec)
-            .await
+        self.file_for(
+            &config,
+            actor,
+            &workload.identity,
+            workload.task.as_deref(),
+            spec,
+        )
+        .await
     }
 
     async fn file_for(
@@ -258,9 +261,11 @@ impl GrantEngine {
         let access = spec.access.unwrap_or_default();
         let resource = spec.resource.clone();
         let cap = policy::max_ttl(config, identity, &resource, access);
-        let ttl = spec
-            .ttl
-            .unwrap_or_else(|| cap.map_or(config.daemon.default_ttl, |c| c.min(config.daemon.default_ttl)));
+        let ttl = spec.ttl.unwrap_or_else(|| {
+            cap.map_or(config.daemon.default_ttl, |c| {
+                c.min(config.daemon.default_ttl)
+            })
+        });
         let verdict = policy::evaluate(config, identity, &resource, access, ttl);
         let label = actor_label(&actor);
         if let policy::Verdict::Refused { reason } = &verdict {
@@ -277,14 +282,22 @@ impl GrantEngine {
 
         // One pending request per (identity, task, resource, access): asking again (or
         // connecting again while held) joins the request already waiting.
-        let (id, r, t) = (identity.to_owned(), resource.clone(), task.map(str::to_owned));
+        let (id, r, t) = (
+            identity.to_owned(),
+            resource.clone(),
+            task.map(str::to_owned),
+        );
         let existing = self
             .inner
             .store
             .call(move |db| {
-                Ok(queries::list_requests(db, Some(RequestStatus::Pending), 10_000)?
-                    .into_iter()
-                    .find(|q| q.identity == id && q.resource == r && q.task == t && q.access == access))
+                Ok(
+                    queries::list_requests(db, Some(RequestStatus::Pending), 10_000)?
+                        .into_iter()
+                        .find(|q| {
+                            q.identity == id && q.resource == r && q.task == t && q.access == access
+                        }),
+                )
             })
             .await?;
         if let Some(q) = existing {
@@ -420,14 +433,16 @@ impl GrantEngine {
         if caller.uid == request.requested_by.uid {
             return Err(EngineError::Forbidden(format!(
                 "{} filed request {} (as {}); self-approval is refused: another approver must decide it",
-                caller.user,
-                request.id,
-                request.requested_by
+                caller.user, request.id, request.requested_by
             )));
         }
         let config = self.config();
-        let approvers =
-            policy::approvers_for(&config, &request.identity, &request.resource, request.access);
+        let approvers = policy::approvers_for(
+            &config,
+            &request.identity,
+            &request.resource,
+            request.access,
+        );
         if !identity::principal_matches(&approvers, caller.uid) {
             let list = approvers
                 .iter()
@@ -457,8 +472,13 @@ impl GrantEngine {
         self.check_approver(caller, &request)?;
         let config = self.config();
         let ttl = ttl.unwrap_or(request.ttl);
-        let cap = policy::max_ttl(&config, &request.identity, &request.resource, request.access)
-            .unwrap_or_default();
+        let cap = policy::max_ttl(
+            &config,
+            &request.identity,
+            &request.resource,
+            request.access,
+        )
+        .unwrap_or_default();
         if ttl > cap {
             return Err(EngineError::Invalid(format!(
                 "a ttl of {} is longer than policy allows here ({}); approve with --ttl {} or less",
@@ -477,7 +497,9 @@ impl GrantEngine {
             .call(move |db| {
                 if let Some(task) = &g.task {
                     let ended: Option<Option<i64>> = db
-                        .query_row("SELECT ended_at FROM tasks WHERE id = ?1", [task], |r| r.get(0))
+                        .query_row("SELECT ended_at FROM tasks WHERE id = ?1", [task], |r| {
+                            r.get(0)
+                        })
                         .ok();
                     if matches!(ended, Some(Some(_))) {
                         return Ok(true);
@@ -532,7 +554,8 @@ impl GrantEngine {
     ) -> Result<Request, EngineError> {
         let request = self.pending(id).await?;
         let own = caller.uid == request.requested_by.uid
-            && caller.workload.as_ref().map(|w| &w.identity) == request.requested_by.identity.as_ref();
+            && caller.workload.as_ref().map(|w| &w.identity)
+                == request.requested_by.identity.as_ref();
         if !own {
             self.check_approver(caller, &request)?;
         }
@@ -542,8 +565,17 @@ impl GrantEngine {
         self.inner
             .store
             .call(move |db| {
-                if !queries::decide_request(db, &key, RequestStatus::Denied, Some(&by), r.as_deref(), None)? {
-                    return Err(StoreError::Invalid(format!("request {key} was decided meanwhile")));
+                if !queries::decide_request(
+                    db,
+                    &key,
+                    RequestStatus::Denied,
+                    Some(&by),
+                    r.as_deref(),
+                    None,
+                )? {
+                    return Err(StoreError::Invalid(format!(
+                        "request {key} was decided meanwhile"
+                    )));
                 }
                 audit::append(
                     db,
@@ -592,11 +624,16 @@ impl GrantEngine {
             });
         };
         if caller.gated_unattributed {
-            return Err(EngineError::Forbidden("this process may not revoke grants".into()));
+            return Err(EngineError::Forbidden(
+                "this process may not revoke grants".into(),
+            ));
         }
         if let Some(w) = &caller.workload {
             let own = w.identity == grant.identity
-                && grant.task.as_ref().is_none_or(|t| Some(t) == w.task.as_ref());
+                && grant
+                    .task
+                    .as_ref()
+                    .is_none_or(|t| Some(t) == w.task.as_ref());
             if !own {
                 return Err(EngineError::Forbidden(
                     "a workload may only revoke its own grants".into(),
@@ -620,8 +657,13 @@ impl GrantEngine {
             }
         }
         let reason = reason.unwrap_or_else(|| "revoked".into());
-        self.end_grant(id, &actor_label(&caller.actor()), &reason, GrantState::Revoked)
-            .await?;
+        self.end_grant(
+            id,
+            &actor_label(&caller.actor()),
+            &reason,
+            GrantState::Revoked,
+        )
+        .await?;
         info!(grant = %id, by = %caller.user, "revoked");
         let key = id.to_owned();
         Ok(self
@@ -647,7 +689,12 @@ impl GrantEngine {
                 match state {
                     GrantState::Revoked => {
                         queries::revoke_grant(db, &key, &who, &why)?;
-                        audit::append(db, "grant.revoked", &who, &json!({"grant": key, "reason": why}))?;
+                        audit::append(
+                            db,
+                            "grant.revoked",
+                            &who,
+                            &json!({"grant": key, "reason": why}),
+                        )?;
                     }
                     _ => {
                         audit::append(db, "grant.expired", "jitgated", &json!({"grant": key}))?;
@@ -674,7 +721,10 @@ impl GrantEngine {
             .map(|l| l.grant.id.clone())
             .collect();
         for id in due {
-            match self.end_grant(&id, "jitgated", "expired", GrantState::Expired).await {
+            match self
+                .end_grant(&id, "jitgated", "expired", GrantState::Expired)
+                .await
+            {
                 Ok(()) => info!(grant = %id, "expired"),
                 Err(e) => {
                     // Cut the sessions anyway: the grant's time is up whatever the store says.
@@ -699,8 +749,13 @@ impl GrantEngine {
             .map(|l| l.grant.id.clone())
             .collect();
         for id in bound {
-            self.end_grant(&id, "jitgated", &format!("task {task} ended"), GrantState::Revoked)
-                .await?;
+            self.end_grant(
+                &id,
+                "jitgated",
+                &format!("task {task} ended"),
+                GrantState::Revoked,
+            )
+            .await?;
             info!(grant = %id, task, "revoked: task ended");
         }
         let key = task.to_owned();
@@ -708,11 +763,12 @@ impl GrantEngine {
             .inner
             .store
             .call(move |db| {
-                let pending: Vec<String> = queries::list_requests(db, Some(RequestStatus::Pending), 10_000)?
-                    .into_iter()
-                    .filter(|q| q.task.as_deref() == Some(key.as_str()))
-                    .map(|q| q.id)
-                    .collect();
+                let pending: Vec<String> =
+                    queries::list_requests(db, Some(RequestStatus::Pending), 10_000)?
+                        .into_iter()
+                        .filter(|q| q.task.as_deref() == Some(key.as_str()))
+                        .map(|q| q.id)
+                        .collect();
                 for id in &pending {
                     queries::decide_request(
                         db,
@@ -722,7 +778,12 @@ impl GrantEngine {
                         Some(&format!("task {key} ended")),
                         None,
                     )?;
-                    audit::append(db, "request.expired", "jitgated", &json!({"request": id, "task": key}))?;
+                    audit::append(
+                        db,
+                        "request.expired",
+                        "jitgated",
+                        &json!({"request": id, "task": key}),
+                    )?;
                 }
                 Ok(pending)
             })

@@ -69,16 +69,14 @@ pub fn evaluate(
             format!("policies allow {identity} only: {}", offered.join(", "))
         };
         return Verdict::Refused {
-            reason: format!("no policy lets {identity} have {access} access to {resource} ({hint})"),
+            reason: format!(
+                "no policy lets {identity} have {access} access to {resource} ({hint})"
+            ),
         };
     }
     let fitting: Vec<&&Policy> = covering.iter().filter(|p| ttl <= p.max_ttl).collect();
     if fitting.is_empty() {
-        let longest = covering
-            .iter()
-            .map(|p| p.max_ttl)
-            .max()
-            .unwrap_or_default();
+        let longest = covering.iter().map(|p| p.max_ttl).max().unwrap_or_default();
         return Verdict::Refused {
             reason: format!(
                 "a ttl of {} is longer than policy allows for {identity} on {resource} ({}); ask for --ttl {} or less",
@@ -108,7 +106,12 @@ pub fn evaluate(
 }
 
 /// The longest ttl any policy allows for this request (to cap an approver's `--ttl`).
-pub fn max_ttl(config: &Config, identity: &str, resource: &str, access: Access) -> Option<Duration> {
+pub fn max_ttl(
+    config: &Config,
+    identity: &str,
+    resource: &str,
+    access: Access,
+) -> Option<Duration> {
     config
         .policies
         .iter()
@@ -189,14 +192,23 @@ approval = "auto"
             v,
             Verdict::Manual {
                 policy: "db-read".into(),
-                approvers: vec![Principal::User("alice".into()), Principal::Group("dba".into())]
+                approvers: vec![
+                    Principal::User("alice".into()),
+                    Principal::Group("dba".into())
+                ]
             }
         );
     }
 
     #[test]
     fn auto_policy_grants() {
-        let v = evaluate(&config(), "other", "web", Access::Write, Duration::from_secs(60));
+        let v = evaluate(
+            &config(),
+            "other",
+            "web",
+            Access::Write,
+            Duration::from_secs(60),
+        );
         assert_eq!(
             v,
             Verdict::Auto {
@@ -211,13 +223,19 @@ approval = "auto"
         let Verdict::Refused { reason } = evaluate(&c, "ci-bot", "db", Access::Write, M15) else {
             panic!()
         };
-        assert!(reason.contains("no policy lets ci-bot have write access to db"), "{reason}");
+        assert!(
+            reason.contains("no policy lets ci-bot have write access to db"),
+            "{reason}"
+        );
         assert!(reason.contains("only: read"), "{reason}");
 
         let Verdict::Refused { reason } = evaluate(&c, "other", "db", Access::Read, M15) else {
             panic!()
         };
-        assert!(reason.contains("no policy mentions other and db"), "{reason}");
+        assert!(
+            reason.contains("no policy mentions other and db"),
+            "{reason}"
+        );
 
         let Verdict::Refused { reason } = evaluate(&c, "other", "web", Access::Read, M15) else {
             panic!()

@@ -16,12 +16,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::SharedConfig,
-    gate::ConnTable,
-    grants::GrantEngine,
-    identity::Workloads,
-    model::Timestamp,
-    store::Store,
+    config::SharedConfig, gate::ConnTable, grants::GrantEngine, identity::Workloads,
+    model::Timestamp, store::Store,
 };
 
 pub use self::routes::Routes;
@@ -103,10 +99,8 @@ impl Registry {
 /// ready to accept the moment its programs take over.
 pub async fn bind(v4: SocketAddr, v6: Option<SocketAddr>) -> anyhow::Result<Vec<TcpListener>> {
     use anyhow::Context as _;
-    let mut listeners = vec![
-        bind_one(v4)
-            .with_context(|| format!("binding the proxy listener {v4}"))?,
-    ];
+    let mut listeners =
+        vec![bind_one(v4).with_context(|| format!("binding the proxy listener {v4}"))?];
     if let Some(v6) = v6 {
         match bind_one(v6) {
             Ok(l) => listeners.push(l),

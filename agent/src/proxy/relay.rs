@@ -28,7 +28,10 @@ pub struct Counters {
 
 impl Counters {
     pub fn snapshot(&self) -> (u64, u64) {
-        (self.up.load(Ordering::Relaxed), self.down.load(Ordering::Relaxed))
+        (
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -56,7 +59,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
     }
 
@@ -114,7 +121,9 @@ mod tests {
         let counters = std::sync::Arc::new(Counters::default());
         let c = counters.clone();
         let relay = tokio::spawn(async move {
-            relay(&mut client_side, &mut upstream_side, &c).await.unwrap();
+            relay(&mut client_side, &mut upstream_side, &c)
+                .await
+                .unwrap();
         });
         workload.write_all(b"hello upstream").await.unwrap();
         let mut buf = [0u8; 14];

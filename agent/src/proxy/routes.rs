@@ -27,8 +27,12 @@ pub struct Routes {
 /// loopback, and so do we (and we connect upstream there).
 pub fn normalize(dst: SocketAddr) -> SocketAddr {
     match dst.ip() {
-        IpAddr::V4(a) if a.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), dst.port()),
-        IpAddr::V6(a) if a.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), dst.port()),
+        IpAddr::V4(a) if a.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), dst.port())
+        }
+        IpAddr::V6(a) if a.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), dst.port())
+        }
         IpAddr::V6(a) => match a.to_ipv4_mapped() {
             Some(v4) => normalize(SocketAddr::new(v4.into(), dst.port())),
             None => dst,
@@ -87,16 +91,28 @@ mod tests {
             compile(&resources, &allow, &[], &[]).unwrap(),
             vec!["db".into(), "web".into()],
         );
-        assert_eq!(routes.resource_for("10.0.0.5:5432".parse().unwrap()), Some("db".into()));
-        assert_eq!(routes.resource_for("10.1.2.3:443".parse().unwrap()), Some("web".into()));
+        assert_eq!(
+            routes.resource_for("10.0.0.5:5432".parse().unwrap()),
+            Some("db".into())
+        );
+        assert_eq!(
+            routes.resource_for("10.1.2.3:443".parse().unwrap()),
+            Some("web".into())
+        );
         assert_eq!(routes.resource_for("10.0.0.5:80".parse().unwrap()), None);
         assert_eq!(routes.resource_for("10.0.0.6:5432".parse().unwrap()), None);
     }
 
     #[test]
     fn normalizes_like_the_kernel() {
-        assert_eq!(normalize("0.0.0.0:5".parse().unwrap()), "127.0.0.1:5".parse().unwrap());
-        assert_eq!(normalize("[::]:5".parse().unwrap()), "[::1]:5".parse().unwrap());
+        assert_eq!(
+            normalize("0.0.0.0:5".parse().unwrap()),
+            "127.0.0.1:5".parse().unwrap()
+        );
+        assert_eq!(
+            normalize("[::]:5".parse().unwrap()),
+            "[::1]:5".parse().unwrap()
+        );
         assert_eq!(
             normalize("[::ffff:10.0.0.5]:5".parse().unwrap()),
             "10.0.0.5:5".parse().unwrap()

@@ -208,7 +208,7 @@ async fn run(ctx: &ProxyContext, client: TcpStream, s: &mut Record) -> Outcome {
     s.session.uid = record.uid;
     s.session.command = command_line(record.tgid);
 
-    let Some(attribution) = ctx.workloads.attribute_id(record.cgroup_id) else {
+    let Some(attribution) = ctx.workloads.attribute(record.cgroup_id, record.uid) else {
         return refuse(
             SessionOutcome::RefusedUnattributed,
             format!(
@@ -229,7 +229,10 @@ async fn run(ctx: &ProxyContext, client: TcpStream, s: &mut Record) -> Outcome {
     s.session.resource = Some(resource_name.clone());
     let config = ctx.config.get();
     let Some(resource) = config.resource(&resource_name).cloned() else {
-        return refuse(SessionOutcome::RefusedNoResource, "resource removed from the config");
+        return refuse(
+            SessionOutcome::RefusedNoResource,
+            "resource removed from the config",
+        );
     };
 
     let grant = match ctx.engine.find(
@@ -254,7 +257,16 @@ async fn run(ctx: &ProxyContext, client: TcpStream, s: &mut Record) -> Outcome {
                 );
             }
             OnMissingGrant::Request => {
-                match hold(ctx, &attribution, record.uid, &resource.name, resource.connect_access, resource.hold_timeout).await {
+                match hold(
+                    ctx,
+                    &attribution,
+                    record.uid,
+                    &resource.name,
+                    resource.connect_access,
+                    resource.hold_timeout,
+                )
+                .await
+                {
                     Ok(g) => g,
                     Err(outcome) => return outcome,
                 }
@@ -263,18 +275,26 @@ async fn run(ctx: &ProxyContext, client: TcpStream, s: &mut Record) -> Outcome {
     };
     s.session.grant = Some(grant.id.clone());
 
-    let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(destination)).await {
-        Ok(Ok(u)) => u,
-        Ok(Err(e)) => {
-            return refuse(SessionOutcome::UpstreamFailed, format!("connecting to {destination}: {e}"));
-        }
-        Err(_) => {
-            return refuse(
-                SessionOutcome::UpstreamFailed,
-                format!("connecting to {destination}: no answer within {}s", UPSTREAM_CONNECT_TIMEOUT.as_secs()),
-            );
-        }
-    };
+    let upstream =
+        match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(destination)).await
+        {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
+                return refuse(
+                    SessionOutcome::UpstreamFailed,
+                    format!("connecting to {destination}: {e}"),
+                );
+            }
+            Err(_) => {
+                return refuse(
+                    SessionOutcome::UpstreamFailed,
+                    format!(
+                        "connecting to {destination}: no answer within {}s",
+                        UPSTREAM_CONNECT_TIMEOUT.as_secs()
+                    ),
+                );
+            }
+        };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
 
@@ -304,12 +324,24 @@ async fn hold(
     access: crate::config::Access,
     timeout: Duration,
 ) -> Result<GrantHandle, Outcome> {
-    let request = match ctx.engine.file_for_connection(attribution, uid, resource).await {
+    let request = match ctx
+        .engine
+        .file_for_connection(attribution, uid, resource)
+        .await
+    {
         Ok(r) => r,
         Err(EngineError::Refused(reason)) => {
-            return Err(refuse(SessionOutcome::RefusedNoGrant, format!("request refused: {reason}")));
+            return Err(refuse(
+                SessionOutcome::RefusedNoGrant,
+                format!("request refused: {reason}"),
+            ));
         }
-        Err(e) => return Err(refuse(SessionOutcome::Error, format!("filing a request: {e}"))),
+        Err(e) => {
+            return Err(refuse(
+                SessionOutcome::Error,
+                format!("filing a request: {e}"),
+            ));
+        }
     };
     info!(request = %request.id, identity = %attribution.identity, resource, "holding connection for approval");
     let decided = if request.status == RequestStatus::Pending {
@@ -323,14 +355,27 @@ async fn hold(
     match decided.status {
         RequestStatus::Approved => ctx
             .engine
-            .find(&attribution.identity, attribution.task.as_deref(), resource, access)
-            .ok_or_else(|| refuse(SessionOutcome::RefusedNoGrant, "the approved grant is no longer live")),
+            .find(
+                &attribution.identity,
+                attribution.task.as_deref(),
+                resource,
+                access,
+            )
+            .ok_or_else(|| {
+                refuse(
+                    SessionOutcome::RefusedNoGrant,
+                    "the approved grant is no longer live",
+                )
+            }),
         RequestStatus::Denied => Err(refuse(
             SessionOutcome::RefusedDenied,
             format!(
                 "request {} denied{}",
                 decided.id,
-                decided.decision_reason.map(|r| format!(": {r}")).unwrap_or_default()
+                decided
+                    .decision_reason
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
             ),
         )),
         RequestStatus::Pending => Err(refuse(
@@ -342,7 +387,10 @@ async fn hold(
                 decided.id
             ),
         )),
-        RequestStatus::Expired => Err(refuse(SessionOutcome::RefusedTimeout, format!("request {} lapsed", decided.id))),
+        RequestStatus::Expired => Err(refuse(
+            SessionOutcome::RefusedTimeout,
+            format!("request {} lapsed", decided.id),
+        )),
     }
 }
 
@@ -367,7 +415,7 @@ async fn relay_until_done(
             Ok(GrantState::Revoked) => refuse(SessionOutcome::GrantRevoked, format!("grant {} revoked", grant.id)),
             _ => refuse(SessionOutcome::GrantExpired, format!("grant {} expired", grant.id)),
         },
-        () = cancel.cancelled() => refuse(SessionOutcome::RefusedNoResource, "resource removed from the config"),
+        () = cancel.cancelled() => refuse(SessionOutcome::ResourceRemoved, "the resource left the configuration"),
         () = ctx.shutdown.cancelled() => refuse(SessionOutcome::Shutdown, "the host agent is shutting down"),
     };
     if let Err(e) = client.set_zero_linger() {

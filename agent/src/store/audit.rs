@@ -7,12 +7,7 @@
 //! the chain needs the key. Cutting records off the end is caught by the head checkpoint
 //! (`audit.head`) the store rewrites after each commit.
 
-use std::{
-    cell::RefCell,
-    io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
-    path::Path,
-};
+use std::{cell::RefCell, io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path};
 
 use hmac::{Hmac, Mac as _};
 use rusqlite::{Connection, OptionalExtension as _, params};
@@ -66,7 +61,14 @@ pub fn install_key(key: [u8; 32]) {
     KEY.with(|k| *k.borrow_mut() = Some(key));
 }
 
-fn mac(prev_hash: &str, seq: i64, at: i64, kind: &str, actor: &str, detail: &str) -> Result<String> {
+fn mac(
+    prev_hash: &str,
+    seq: i64,
+    at: i64,
+    kind: &str,
+    actor: &str,
+    detail: &str,
+) -> Result<String> {
     KEY.with(|k| {
         let key = k
             .borrow()
@@ -133,7 +135,8 @@ fn row_to_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<(AuditEvent, String)>
             at: Timestamp(r.get(1)?),
             kind: r.get(2)?,
             actor: r.get(3)?,
-            detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail.clone())),
+            detail: serde_json::from_str(&detail)
+                .unwrap_or(serde_json::Value::String(detail.clone())),
             prev_hash: r.get(5)?,
             hash: r.get(6)?,
         },
@@ -148,7 +151,10 @@ pub fn list(db: &Connection, since: Option<Timestamp>, limit: usize) -> Result<V
          ORDER BY seq DESC LIMIT ?2",
     )?;
     let mut events = stmt
-        .query_map(params![since.map_or(0, Timestamp::millis), limit as i64], row_to_event)?
+        .query_map(
+            params![since.map_or(0, Timestamp::millis), limit as i64],
+            row_to_event,
+        )?
         .map(|r| r.map(|(e, _)| e))
         .collect::<rusqlite::Result<Vec<_>>>()?;
     events.reverse();
@@ -221,12 +227,11 @@ pub fn verify(db: &Connection, head_path: &Path) -> Result<VerifyReport> {
                 r.get::<_, String>(0)
             })
             .optional()?
+            && hash != head_hash
         {
-            if hash != head_hash {
-                problems.push(format!(
-                    "record {head_seq} differs from the head checkpoint: the chain was rewritten"
-                ));
-            }
+            problems.push(format!(
+                "record {head_seq} differs from the head checkpoint: the chain was rewritten"
+            ));
         }
     }
     Ok(VerifyReport {
@@ -279,16 +284,36 @@ mod tests {
             .unwrap();
         let report = verify(&conn, &head_path).unwrap();
         assert!(!report.ok);
-        assert!(report.problems.iter().any(|p| p.contains("record 2") && p.contains("edited")));
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("record 2") && p.contains("edited"))
+        );
 
         conn.execute("DELETE FROM audit WHERE seq = 4", []).unwrap();
         let report = verify(&conn, &head_path).unwrap();
-        assert!(report.problems.iter().any(|p| p.contains("4..4 are missing")));
-        assert!(report.problems.iter().any(|p| p.contains("record 5 does not link")));
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("4..4 are missing"))
+        );
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("record 5 does not link"))
+        );
 
         conn.execute("DELETE FROM audit WHERE seq = 6", []).unwrap();
         let report = verify(&conn, &head_path).unwrap();
-        assert!(report.problems.iter().any(|p| p.contains("6..6 are missing from the end")));
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("6..6 are missing from the end"))
+        );
     }
 
     #[test]
@@ -297,8 +322,11 @@ mod tests {
         append(&conn, "a", "x", &json!({})).unwrap();
         sync_head(&conn, dir.path());
         // A forger recomputes with plain SHA-256 (no key): still caught.
-        conn.execute("UPDATE audit SET actor = 'y', hash = 'ff' WHERE seq = 1", [])
-            .unwrap();
+        conn.execute(
+            "UPDATE audit SET actor = 'y', hash = 'ff' WHERE seq = 1",
+            [],
+        )
+        .unwrap();
         let report = verify(&conn, &dir.path().join(HEAD_FILE)).unwrap();
         assert!(!report.ok);
     }

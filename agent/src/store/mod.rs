@@ -60,10 +60,10 @@ where
         let f = self.f.take().expect("a job runs once");
         let result = f(db);
         let ok = result.is_ok();
-        if let Err(e) = &result {
-            if self.reply.is_none() {
-                warn!(error = %e, "background store write failed");
-            }
+        if let Err(e) = &result
+            && self.reply.is_none()
+        {
+            warn!(error = %e, "background store write failed");
         }
         self.result = Some(result);
         ok
@@ -199,10 +199,10 @@ fn run(mut conn: Connection, rx: &mpsc::Receiver<Box<dyn Job>>, head_path: &Path
         if committed.is_ok() {
             match audit::head(&conn) {
                 Ok(head) if head != last_head => {
-                    if let Some(h) = &head {
-                        if let Err(e) = audit::write_head(head_path, h) {
-                            warn!(error = %e, "could not write the audit head checkpoint");
-                        }
+                    if let Some(h) = &head
+                        && let Err(e) = audit::write_head(head_path, h)
+                    {
+                        warn!(error = %e, "could not write the audit head checkpoint");
                     }
                     last_head = head;
                 }

@@ -8,9 +8,7 @@ use rusqlite::{Connection, OptionalExtension as _, Row, params};
 use super::Result;
 use crate::{
     config::Access,
-    model::{
-        Actor, Grant, Request, RequestStatus, Session, SessionOutcome, Task, Timestamp,
-    },
+    model::{Actor, Grant, Request, RequestStatus, Session, SessionOutcome, Task, Timestamp},
 };
 
 fn access_of(s: &str) -> rusqlite::Result<Access> {

@@ -1,0 +1,257 @@
+//! Upstream servers the tests protect: a greeting echo server, a tiny HTTP server and a DNS
+//! server whose answer the test can change.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+/// What the echo server says first on every connection: seeing it means the workload
+/// reached the upstream.
+pub const BANNER: &str = "HELLO-FROM-UPSTREAM";
+
+/// Stops the server thread when dropped.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+    }
+}
+
+fn serve(listener: TcpListener, handler: fn(TcpStream)) -> Server {
+    let addr = listener.local_addr().expect("local addr");
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            if flag.load(Ordering::SeqCst) {
+                break;
+            }
+            if let Ok(s) = stream {
+                std::thread::spawn(move || handler(s));
+            }
+        }
+    });
+    Server { addr, stop }
+}
+
+fn echo(mut s: TcpStream) {
+    if s.write_all(format!("{BANNER}\n").as_bytes()).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 || s.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
+/// Greets, then echoes. Listens on `bind` (use `[::]:0` for dual-stack).
+pub fn echo_server(bind: &str) -> Server {
+    // On Linux `[::]` is dual-stack unless net.ipv6.bindv6only says otherwise.
+    serve(TcpListener::bind(bind).expect("binding echo server"), echo)
+}
+
+fn http(mut s: TcpStream) {
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = format!("{BANNER} over http\n");
+    let _ = s.write_all(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+}
+
+/// Answers every request with 200 and a body containing [`BANNER`].
+pub fn http_server() -> Server {
+    serve(
+        TcpListener::bind("127.0.0.1:0").expect("binding http server"),
+        http,
+    )
+}
+
+/// A DNS server answering A queries for one name with an address the test can change, TTL
+/// one second; every other query gets an empty answer.
+pub struct Dns {
+    pub addr: SocketAddr,
+    answer: Arc<Mutex<Ipv4Addr>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Dns {
+    pub fn start(name: &str, answer: Ipv4Addr) -> Self {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("dns bind");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let addr = socket.local_addr().expect("addr");
+        let answer = Arc::new(Mutex::new(answer));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s, qname) = (answer.clone(), stop.clone(), encode_name(name));
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !s.load(Ordering::SeqCst) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                if let Some(reply) = respond(&buf[..n], &qname, *a.lock().expect("answer")) {
+                    let _ = socket.send_to(&reply, from);
+                }
+            }
+        });
+        Self { addr, answer, stop }
+    }
+
+    pub fn set(&self, ip: Ipv4Addr) {
+        *self.answer.lock().expect("answer") = ip;
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn encode_name(name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for label in name.trim_end_matches('.').split('.') {
+        out.push(label.len() as u8);
+        out.extend(label.to_ascii_lowercase().bytes());
+    }
+    out.push(0);
+    out
+}
+
+fn respond(query: &[u8], name: &[u8], ip: Ipv4Addr) -> Option<Vec<u8>> {
+    if query.len() < 12 {
+        return None;
+    }
+    // Question: name, type, class.
+    let mut i = 12;
+    while i < query.len() && query[i] != 0 {
+        i += usize::from(query[i]) + 1;
+    }
+    let qend = i + 5;
+    if qend > query.len() {
+        return None;
+    }
+    let qname: Vec<u8> = query[12..=i].iter().map(u8::to_ascii_lowercase).collect();
+    let qtype = u16::from_be_bytes([query[i + 1], query[i + 2]]);
+    let answer = qname == name && qtype == 1;
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&query[0..2]); // id
+    out.extend_from_slice(&[0x81, 0x80]); // response, recursion desired+available, NOERROR
+    out.extend_from_slice(&[0, 1]); // qdcount
+    out.extend_from_slice(&[0, u8::from(answer)]); // ancount
+    out.extend_from_slice(&[0, 0, 0, 0]); // nscount, arcount
+    out.extend_from_slice(&query[12..qend]);
+    if answer {
+        out.extend_from_slice(&[0xc0, 0x0c]); // pointer to the question name
+        out.extend_from_slice(&[0, 1, 0, 1]); // A, IN
+        out.extend_from_slice(&1u32.to_be_bytes()); // TTL 1s
+        out.extend_from_slice(&[0, 4]);
+        out.extend_from_slice(&ip.octets());
+    }
+    Some(out)
+}
+
+/// A throwaway PostgreSQL server (trust authentication on loopback), stopped on drop.
+pub struct Postgres {
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+impl Postgres {
+    pub fn start() -> Self {
+        use std::process::Command;
+        let port = crate::free_port();
+        let dir =
+            std::path::PathBuf::from(format!("/tmp/jitgate-e2e-pg-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("pg dir");
+        let chown = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .expect("chown");
+        assert!(chown.success());
+        let as_postgres = |args: &[&str]| {
+            let out = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .args(args)
+                .output()
+                .expect("runuser postgres");
+            assert!(
+                out.status.success(),
+                "{args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let data = dir.join("data");
+        let data_s = data.to_str().expect("utf-8");
+        as_postgres(&[
+            &format!("{PG_BIN}/initdb"),
+            "-D",
+            data_s,
+            "--auth=trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        ]);
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            dir.display()
+        );
+        let log = dir.join("postgres.log");
+        as_postgres(&[
+            &format!("{PG_BIN}/pg_ctl"),
+            "-D",
+            data_s,
+            "-o",
+            &opts,
+            "-l",
+            log.to_str().expect("utf-8"),
+            "-w",
+            "start",
+        ]);
+        Self { port, dir }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", &format!("{PG_BIN}/pg_ctl"), "-D"])
+            .arg(&data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

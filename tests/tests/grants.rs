@@ -1,0 +1,454 @@
+//! Requests, approvals, policy, expiry and revocation, seen from real clients in gated
+//! workloads.
+
+use std::time::Duration;
+
+use jitgate_e2e::{
+    APPROVER_USER, Gate, ensure_approver_user, now_ms, privileged, rfc3339_ms,
+    servers::{self, BANNER},
+};
+
+fn body(web: &str, echo: &str) -> String {
+    format!(
+        r#"
+[[workload]]
+identity = "bot"
+launchers = ["root", "{APPROVER_USER}"]
+
+[[workload]]
+identity = "auto-bot"
+launchers = ["root"]
+
+[[resource]]
+name = "web"
+address = "{web}"
+
+[[resource]]
+name = "echo"
+address = "{echo}"
+
+[[policy]]
+name = "bot-reads"
+identities = ["bot"]
+resources = ["web", "echo"]
+access = ["read"]
+max_ttl = "1h"
+approval = "manual"
+approvers = ["root", "{APPROVER_USER}"]
+
+[[policy]]
+name = "auto-bot"
+identities = ["auto-bot"]
+resources = ["web", "echo"]
+access = ["read", "write"]
+max_ttl = "10m"
+approval = "auto"
+"#
+    )
+}
+
+fn curl(gate: &Gate, identity: &str, url: &str) -> jitgate_e2e::Ran {
+    gate.run(identity, &[], &["curl", "-sS", "-m", "5", url])
+}
+
+#[test]
+fn refused_without_grant_then_works_after_approval() {
+    if !privileged("refused_without_grant_then_works_after_approval") {
+        return;
+    }
+    let web = servers::http_server();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let gate = Gate::start(
+        "approval",
+        "",
+        &body(&web.addr.to_string(), &echo.addr.to_string()),
+    );
+    let url = format!("http://{}/", web.addr);
+
+    // No grant: curl gets nothing from the upstream.
+    let refused = curl(&gate, "bot", &url);
+    assert_ne!(
+        refused.code, 0,
+        "curl must fail without a grant: {refused:#?}"
+    );
+    assert!(!refused.stdout.contains(BANNER));
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    let s = &sessions[0];
+    assert_eq!(s["outcome"], "refused_no_grant");
+    assert_eq!(s["identity"], "bot");
+    assert_eq!(s["resource"], "web");
+    assert!(s["command"].as_str().unwrap().starts_with("curl"), "{s}");
+    assert!(
+        s["detail"]
+            .as_str()
+            .unwrap()
+            .contains("jitgate request web"),
+        "{s}"
+    );
+    assert_eq!(s["bytes_up"], 0);
+    assert_eq!(s["bytes_down"], 0);
+
+    // The workload asks and waits; an approver approves; then curl works, in that task.
+    let script = format!(
+        "jitgate request web --reason 'read the dashboard' --ttl 5m --wait && curl -sS -m 5 {url}"
+    );
+    let mut workload = gate.spawn("bot", &[], &["sh", "-c", &script]);
+    let request = gate.pending_request();
+    assert_eq!(request["identity"], "bot");
+    assert_eq!(request["resource"], "web");
+    assert_eq!(request["reason"], "read the dashboard");
+    assert_eq!(request["ttl_secs"], 300);
+    let id = request["id"].as_str().unwrap();
+    let approved = gate.cli(&["approve", id, "--json"]);
+    approved.assert_ok();
+    assert_eq!(approved.json()["approved_by"], "root");
+    workload.expect_line(BANNER, Duration::from_secs(10));
+    assert_eq!(workload.wait(Duration::from_secs(10)), 0);
+
+    // The successful session is recorded with its bytes and command line.
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    let ok = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["outcome"] == "closed")
+        .expect("a relayed session");
+    assert_eq!(ok["grant"], approved.json()["id"]);
+    assert!(ok["bytes_up"].as_u64().unwrap() > 0);
+    assert!(ok["bytes_down"].as_u64().unwrap() > 0);
+    assert!(ok["task"].as_str().unwrap().starts_with("t-"));
+}
+
+#[test]
+fn auto_policy_grants_at_launch() {
+    if !privileged("auto_policy_grants_at_launch") {
+        return;
+    }
+    let web = servers::http_server();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let gate = Gate::start(
+        "auto",
+        "",
+        &body(&web.addr.to_string(), &echo.addr.to_string()),
+    );
+    let url = format!("http://{}/", web.addr);
+    let ran = gate.run(
+        "auto-bot",
+        &["--grant", "web:read:2m"],
+        &["curl", "-sS", "-m", "5", &url],
+    );
+    ran.assert_ok();
+    assert!(ran.stdout.contains(BANNER), "{ran:#?}");
+    assert!(ran.stderr.contains("approved"), "{ran:#?}");
+    let audit = gate.cli(&["audit", "--json"]).json();
+    let kinds: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    for kind in [
+        "task.started",
+        "request.filed",
+        "grant.issued",
+        "session.start",
+        "session.end",
+    ] {
+        assert!(kinds.contains(&kind), "audit lacks {kind}: {kinds:?}");
+    }
+}
+
+#[test]
+fn requests_no_policy_allows_are_refused_with_a_reason() {
+    if !privileged("requests_no_policy_allows_are_refused_with_a_reason") {
+        return;
+    }
+    let web = servers::http_server();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let gate = Gate::start(
+        "refusal",
+        "",
+        &body(&web.addr.to_string(), &echo.addr.to_string()),
+    );
+
+    let write = gate.run(
+        "bot",
+        &[],
+        &["jitgate", "request", "web", "--access", "write"],
+    );
+    assert_eq!(write.code, 4, "{write:#?}");
+    assert!(
+        write
+            .stderr
+            .contains("no policy lets bot have write access to web"),
+        "{write:#?}"
+    );
+    let long = gate.run(
+        "auto-bot",
+        &[],
+        &["jitgate", "request", "web", "--ttl", "2h"],
+    );
+    assert_eq!(long.code, 4, "{long:#?}");
+    assert!(long.stderr.contains("--ttl 10m or less"), "{long:#?}");
+    let unknown = gate.run("bot", &[], &["jitgate", "request", "payroll"]);
+    assert_eq!(unknown.code, 4, "{unknown:#?}");
+    assert!(
+        unknown.stderr.contains("not a configured resource"),
+        "{unknown:#?}"
+    );
+    // Refusals are audited.
+    let audit = gate.cli(&["audit", "--json"]).json();
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "request.refused")
+            .count()
+            >= 3
+    );
+}
+
+/// Runs the probe's `hold` in a workload and returns when it reports the cut (in epoch ms).
+fn held_connection_cut_at(workload: &mut jitgate_e2e::Workload) -> i64 {
+    let line = workload.expect_line("closed", Duration::from_secs(30));
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected probe output {line}"))
+}
+
+#[test]
+fn expiry_closes_a_live_connection_within_a_second() {
+    if !privileged("expiry_closes_a_live_connection_within_a_second") {
+        return;
+    }
+    let web = servers::http_server();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let gate = Gate::start(
+        "expiry",
+        "",
+        &body(&web.addr.to_string(), &echo.addr.to_string()),
+    );
+    let probe = gate.bins().probe.to_str().unwrap().to_owned();
+    let mut workload = gate.spawn(
+        "auto-bot",
+        &["--grant", "echo:read:3s"],
+        &[&probe, "hold", &echo.addr.to_string()],
+    );
+    workload.expect_line(&format!("connected {BANNER}"), Duration::from_secs(10));
+    let grants = gate.cli(&["grants", "--all", "--json"]).json();
+    let expires = rfc3339_ms(&grants[0]["expires_at"]);
+    let cut = held_connection_cut_at(&mut workload);
+    assert!(cut >= expires - 50, "cut {}ms before expiry", expires - cut);
+    assert!(
+        cut - expires <= 1000,
+        "cut {}ms after expiry",
+        cut - expires
+    );
+    gate.wait_for("the session end record", Duration::from_secs(5), || {
+        let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+        (sessions[0]["outcome"] == "grant_expired").then_some(())
+    });
+    let grants = gate.cli(&["grants", "--all", "--json"]).json();
+    assert_eq!(grants[0]["revoked_at"], serde_json::Value::Null);
+    // A new connection from the same task is refused now.
+    let again = gate.probe("auto-bot", &["connect", &echo.addr.to_string()]);
+    assert!(!again.stdout.contains(BANNER), "{again:#?}");
+}
+
+#[test]
+fn revoke_closes_a_live_connection_within_a_second() {
+    if !privileged("revoke_closes_a_live_connection_within_a_second") {
+        return;
+    }
+    let web = servers::http_server();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let gate = Gate::start(
+        "revoke",
+        "",
+        &body(&web.addr.to_string(), &echo.addr.to_string()),
+    );
+    let probe = gate.bins().probe.to_str().unwrap().to_owned();
+    let mut workload = gate.spawn(
+        "auto-bot",
+        &["--grant", "echo:read:5m"],
+        &[&probe, "hold", &echo.addr.to_string()],
+    );
+    workload.expect_line(&format!("connected {BANNER}"), Duration::from_secs(10));
+    let grants = gate.cli(&["grants", "--json"]).json();
+    let id = grants[0]["id"].as_str().unwrap().to_owned();
+    let before = now_ms();
+    let revoked = gate.cli(&["revoke", &id, "--reason", "incident 42", "--json"]);
+    revoked.assert_ok();
+    assert_eq!(revoked.json()["revoke_reason"], "incident 42");
+    let cut = held_connection_cut_at(&mut workload);
+    assert!(
+        cut - before <= 1000,
+        "cut {}ms after the revoke call",
+        cut - before
+    );
+    gate.wait_for("the session end record", Duration::from_secs(5), || {
+        let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+        (sessions[0]["outcome"] == "grant_revoked").then_some(())
+    });
+    // Revoking twice is a conflict, not a success.
+    assert_eq!(gate.cli(&["revoke", &id]).code, 6);
+}
+
+#[test]
+fn workloads_cannot_approve_and_nobody_approves_their_own_request() {
+    if !privileged("workloads_cannot_approve_and_nobody_approves_their_own_request") {
+        return;
+    }
+    ensure_approver_user();
+    let web = servers::http_server();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let gate = Gate::start(
+        "self-approval",
+        "",
+        &body(&web.addr.to_string(), &echo.addr.to_string()),
+    );
+
+    // A workload files a request and tries to approve it itself.
+    let script = "id=$(jitgate request web --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"id\"])') && jitgate approve $id";
+    let ran = gate.run("bot", &[], &["sh", "-c", script]);
+    assert_eq!(ran.code, 3, "{ran:#?}");
+    assert!(
+        ran.stderr.contains("a gated workload cannot approve"),
+        "{ran:#?}"
+    );
+    // ... or to revoke someone else's grant, or read the audit log.
+    let audit = gate.run("bot", &[], &["jitgate", "audit"]);
+    assert_eq!(audit.code, 3, "{audit:#?}");
+
+    // An operator files a request for the workload and may not approve it either.
+    let filed = gate.cli_as(
+        APPROVER_USER,
+        &["request", "echo", "--for", "bot", "--json"],
+    );
+    filed.assert_ok();
+    let id = filed.json()["id"].as_str().unwrap().to_owned();
+    let self_approve = gate.cli_as(APPROVER_USER, &["approve", &id]);
+    assert_eq!(self_approve.code, 3, "{self_approve:#?}");
+    assert!(
+        self_approve.stderr.contains("self-approval is refused"),
+        "{self_approve:#?}"
+    );
+    // Someone else can; approving twice is a conflict.
+    gate.cli(&["approve", &id]).assert_ok();
+    assert_eq!(gate.cli(&["approve", &id]).code, 6);
+}
+
+#[test]
+fn task_bound_grants_end_with_the_task_and_stay_in_it() {
+    if !privileged("task_bound_grants_end_with_the_task_and_stay_in_it") {
+        return;
+    }
+    let web = servers::http_server();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let gate = Gate::start(
+        "task-bound",
+        "",
+        &body(&web.addr.to_string(), &echo.addr.to_string()),
+    );
+    let probe = gate.bins().probe.to_str().unwrap().to_owned();
+    let target = echo.addr.to_string();
+
+    // Task A holds a task-bound grant and uses it, then lingers.
+    let script = format!("{probe} connect {target}; echo ready; sleep 4");
+    let mut a = gate.spawn("auto-bot", &["--grant", "echo"], &["sh", "-c", &script]);
+    a.expect_line(BANNER, Duration::from_secs(10));
+    a.expect_line("ready", Duration::from_secs(10));
+    let grants = gate.cli(&["grants", "--json"]).json();
+    let grant = grants[0].clone();
+    assert!(grant["task"].as_str().unwrap().starts_with("t-"));
+
+    // Task B, same identity, cannot ride on A's grant.
+    let b = gate.probe("auto-bot", &["connect", &target]);
+    assert!(
+        !b.stdout.contains(BANNER),
+        "another task used a task-bound grant: {b:#?}"
+    );
+
+    // When A's process tree exits, its grant is revoked and its cgroup removed.
+    assert_eq!(a.wait(Duration::from_secs(15)), 0);
+    let id = grant["id"].as_str().unwrap().to_owned();
+    gate.wait_for(
+        "the task-bound grant to be revoked",
+        Duration::from_secs(5),
+        || {
+            let all = gate.cli(&["grants", "--all", "--json"]).json();
+            let g = all
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|g| g["id"] == id.as_str())?
+                .clone();
+            (g["revoked_at"] != serde_json::Value::Null).then_some(g)
+        },
+    );
+    let task = grant["task"].as_str().unwrap();
+    let task_dir = gate.cgroup_root().join("auto-bot").join(task);
+    gate.wait_for("the task cgroup to go", Duration::from_secs(5), || {
+        (!task_dir.exists()).then_some(())
+    });
+}
+
+#[test]
+fn held_connection_waits_for_a_decision() {
+    if !privileged("held_connection_waits_for_a_decision") {
+        return;
+    }
+    let echo = servers::echo_server("127.0.0.1:0");
+    let body = format!(
+        r#"
+[[workload]]
+identity = "bot"
+launchers = ["root"]
+[[resource]]
+name = "echo"
+address = "{}"
+on_missing_grant = "request"
+hold_timeout = "30s"
+[[policy]]
+identities = ["bot"]
+resources = ["echo"]
+access = ["read"]
+approval = "manual"
+approvers = ["root"]
+"#,
+        echo.addr
+    );
+    let gate = Gate::start("hold", "", &body);
+    let probe = gate.bins().probe.to_str().unwrap().to_owned();
+    let target = echo.addr.to_string();
+    let script = format!("{probe} connect {target}; {probe} connect {target}");
+
+    // First connection: held, then approved -> it goes through. The second rides the grant.
+    let mut w = gate.spawn("bot", &[], &["sh", "-c", &script]);
+    let request = gate.pending_request();
+    assert_eq!(request["reason"], "connection held until a decision");
+    gate.cli(&["approve", request["id"].as_str().unwrap()])
+        .assert_ok();
+    w.expect_line(BANNER, Duration::from_secs(10));
+    w.expect_line(BANNER, Duration::from_secs(10));
+    assert_eq!(w.wait(Duration::from_secs(10)), 0);
+
+    // Denied: the held connection is refused with nothing relayed.
+    let mut w = gate.spawn("bot", &[], &[&probe, "connect", &target]);
+    let request = gate.pending_request();
+    gate.cli(&[
+        "deny",
+        request["id"].as_str().unwrap(),
+        "--reason",
+        "not today",
+    ])
+    .assert_ok();
+    assert_ne!(w.wait(Duration::from_secs(10)), 0);
+    assert!(!w.seen.iter().any(|l| l.contains(BANNER)), "{:?}", w.seen);
+    gate.wait_for("the refused session", Duration::from_secs(5), || {
+        let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+        (sessions[0]["outcome"] == "refused_denied").then_some(())
+    });
+}
