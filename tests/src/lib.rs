@@ -13,10 +13,7 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::{
-        Once,
-        atomic::{AtomicU32, Ordering},
-    },
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -97,30 +94,40 @@ fn bins() -> &'static Bins {
     })
 }
 
+/// Makes sure a system user exists (creating it if needed) and returns its uid.
+pub fn ensure_user(name: &str) -> u32 {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let uid = |name: &str| {
+        Command::new("id")
+            .args(["-u", name])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+    };
+    if let Some(u) = uid(name) {
+        return u;
+    }
+    let status = Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ])
+        .status()
+        .expect("useradd");
+    assert!(status.success(), "could not create user {name}");
+    uid(name).expect("uid of the new user")
+}
+
 /// Makes sure the approver test user exists.
 pub fn ensure_approver_user() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let exists = Command::new("id")
-            .arg(APPROVER_USER)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !exists {
-            let status = Command::new("useradd")
-                .args([
-                    "--system",
-                    "--no-create-home",
-                    "--shell",
-                    "/usr/sbin/nologin",
-                    APPROVER_USER,
-                ])
-                .status()
-                .expect("useradd");
-            assert!(status.success(), "could not create user {APPROVER_USER}");
-        }
-    });
+    ensure_user(APPROVER_USER);
 }
 
 /// A free TCP port on loopback.
@@ -183,6 +190,8 @@ pub struct Gate {
     pub pin_dir: PathBuf,
     pub gate_cgroup: String,
     pub proxy_port: u16,
+    /// The `[daemon]` lines every config of this gate starts with.
+    daemon_head: String,
     daemon: Option<Child>,
 }
 
@@ -201,7 +210,7 @@ impl Gate {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
         let gate_cgroup = format!("{name}.slice");
         let config = dir.join("jitgate.toml");
-        let text = format!(
+        let daemon_head = format!(
             r#"# test: {test}
 [daemon]
 state_dir = "{state}"
@@ -210,14 +219,12 @@ socket_mode = "0666"
 gate_cgroup = "{gate_cgroup}"
 bpf_pin_dir = "{pin}"
 proxy_listen = "127.0.0.1:{proxy_port}"
-{daemon_extra}
-
-{body}
 "#,
             state = dir.join("state").display(),
             socket = socket.display(),
             pin = pin_dir.display(),
         );
+        let text = format!("{daemon_head}{daemon_extra}\n\n{body}\n");
         std::fs::write(&config, text).expect("config");
         let mut gate = Self {
             name,
@@ -227,6 +234,7 @@ proxy_listen = "127.0.0.1:{proxy_port}"
             pin_dir,
             gate_cgroup,
             proxy_port,
+            daemon_head,
             daemon: None,
         };
         gate.launch();
@@ -256,7 +264,10 @@ proxy_listen = "127.0.0.1:{proxy_port}"
             if let Some(child) = self.daemon.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!("jitgated exited during start-up ({status}):\n{}", self.log());
+                panic!(
+                    "jitgated exited during start-up ({status}):\n{}",
+                    self.log()
+                );
             }
             if self.cli(&["status", "--json"]).code == 0 {
                 return;
@@ -368,6 +379,16 @@ proxy_listen = "127.0.0.1:{proxy_port}"
             .spawn()
             .expect("spawning jitgate run");
         Workload::new(child)
+    }
+
+    /// Rewrites the config file body (the `[daemon]` part stays as started, plus
+    /// `daemon_extra`).
+    pub fn rewrite_config(&self, daemon_extra: &str, body: &str) {
+        std::fs::write(
+            &self.config,
+            format!("{}{daemon_extra}\n\n{body}\n", self.daemon_head),
+        )
+        .expect("config");
     }
 
     /// Runs the probe as a gated workload (`jitgate-probe ARGS`).

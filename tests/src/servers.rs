@@ -184,7 +184,23 @@ pub struct Postgres {
     dir: std::path::PathBuf,
 }
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The newest PostgreSQL server installed from Debian's packages.
+fn pg_bin() -> std::path::PathBuf {
+    let mut versions: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed (run `cargo xtask setup`)")
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .expect("no PostgreSQL server under /usr/lib/postgresql")
+        .1
+}
 
 impl Postgres {
     pub fn start() -> Self {
@@ -215,8 +231,10 @@ impl Postgres {
         };
         let data = dir.join("data");
         let data_s = data.to_str().expect("utf-8");
+        let bin = pg_bin();
+        let tool = |name: &str| bin.join(name).to_string_lossy().into_owned();
         as_postgres(&[
-            &format!("{PG_BIN}/initdb"),
+            &tool("initdb"),
             "-D",
             data_s,
             "--auth=trust",
@@ -230,7 +248,7 @@ impl Postgres {
         );
         let log = dir.join("postgres.log");
         as_postgres(&[
-            &format!("{PG_BIN}/pg_ctl"),
+            &tool("pg_ctl"),
             "-D",
             data_s,
             "-o",
@@ -248,7 +266,9 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         let data = self.dir.join("data");
         let _ = std::process::Command::new("runuser")
-            .args(["-u", "postgres", "--", &format!("{PG_BIN}/pg_ctl"), "-D"])
+            .args(["-u", "postgres", "--"])
+            .arg(pg_bin().join("pg_ctl"))
+            .arg("-D")
             .arg(&data)
             .args(["-m", "immediate", "stop"])
             .output();
