@@ -1,1 +1,152 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands.
+//!
+//! * `setup`  installs what building and testing need (nightly rust-src, LLVM 22, bpf-linker,
+//!   curl, python3, PostgreSQL, sqlite3), skipping what is already there.
+//! * `test`   setup, build, then every test: unit tests and the end-to-end suite (root).
+//! * `demo`   setup, build, then a narrated end-to-end scenario; leaves the daemon running.
+//! * `lint`   rustfmt --check and clippy with warnings denied.
+//! * `bench`, `package`: not built yet (their own issues).
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install build and test prerequisites that are missing.
+    Setup,
+    /// Build everything (kernel programs included).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run every test (end-to-end tests need root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Show jitgate working end to end on this machine; leaves the daemon running.
+    Demo {
+        /// Stop a demo left running, detach its gate and clean up.
+        #[arg(long)]
+        stop: bool,
+    },
+    /// rustfmt --check and clippy -D warnings.
+    Lint,
+    /// Benchmarks (not built yet).
+    Bench,
+    /// deb/rpm packages (not built yet).
+    Package,
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    // bpf-linker installs into ~/.cargo/bin; make sure the nested eBPF build finds it.
+    c.env("PATH", setup::path_with_cargo_bin());
+    c
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args(["build", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+fn target_dir(profile: &str) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), PathBuf::from)
+        .join(profile)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::setup()?;
+    build(false)?;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if !is_root() {
+        if ci {
+            bail!("CI=true but not running as root: the end-to-end tests need root (BPF, cgroups)");
+        }
+        eprintln!(
+            "\n*** Not root: the end-to-end tests will SKIP. Run `sudo -E cargo xtask test` to run them. ***\n"
+        );
+    }
+    let mut c = cargo();
+    c.args(["test", "--no-fail-fast"])
+        .args(args)
+        .env("JITGATE_BIN_DIR", target_dir("debug"));
+    run(&mut c)
+}
+
+fn lint() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build { release } => setup::setup().and_then(|()| build(release)),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo { stop: true } => demo::stop(),
+        Cmd::Demo { stop: false } => setup::setup()
+            .and_then(|()| build(false))
+            .and_then(|()| demo::run(&target_dir("debug"))),
+        Cmd::Lint => setup::setup().and_then(|()| lint()),
+        Cmd::Bench => Err(anyhow::anyhow!(
+            "benchmarks are not built yet (tracked as their own issue)"
+        )),
+        Cmd::Package => Err(anyhow::anyhow!(
+            "packaging is not built yet (tracked as its own issue)"
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! `cargo xtask demo`: a narrated, scripted scenario on this machine. Starts a local web
+//! server (the protected resource) and a second one (somewhere else), a host agent on the
+//! embedded store, and walks an AI agent's workload through refusal, a request, approval,
+//! expiry on a live connection, revocation and the audit trail. Leaves everything running
+//! for exploration; `cargo xtask demo --stop` cleans up.
+
+use std::{
+    fs,
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::is_root;
+
+const DIR: &str = "/tmp/jitgate-demo";
+const WEB_PORT: u16 = 18080;
+const ELSEWHERE_PORT: u16 = 18081;
+const PROXY_PORT: u16 = 15101;
+const PIN_DIR: &str = "/sys/fs/bpf/jitgate-demo";
+const GATE_CGROUP: &str = "jitgate-demo.slice";
+
+fn dir() -> PathBuf {
+    PathBuf::from(DIR)
+}
+
+fn bin(name: &str) -> PathBuf {
+    dir().join("bin").join(name)
+}
+
+fn socket() -> PathBuf {
+    dir().join("jitgate.sock")
+}
+
+fn config_text() -> String {
+    format!(
+        r#"# jitgate demo configuration (written by `cargo xtask demo`).
+[daemon]
+state_dir = "{DIR}/state"
+socket = "{DIR}/jitgate.sock"
+socket_mode = "0666"          # the demo's workloads run as `nobody` and talk to the daemon too
+gate_cgroup = "{GATE_CGROUP}"
+bpf_pin_dir = "{PIN_DIR}"
+proxy_listen = "127.0.0.1:{PROXY_PORT}"
+egress = "deny"
+
+[[workload]]
+identity = "demo-agent"
+description = "an AI agent that reads the internal dashboard"
+launchers = ["root"]
+
+[[workload]]
+identity = "demo-batch"
+description = "a batch job with standing auto-approval for short grants"
+launchers = ["root"]
+
+[[resource]]
+name = "web"
+description = "the internal dashboard"
+protocol = "tcp"
+address = "127.0.0.1:{WEB_PORT}"
+on_missing_grant = "reject"
+
+[[policy]]
+name = "agent-reads-web"
+identities = ["demo-agent"]
+resources = ["web"]
+access = ["read"]
+max_ttl = "1h"
+approval = "manual"
+approvers = ["root"]
+
+[[policy]]
+name = "batch-short-grants"
+identities = ["demo-batch"]
+resources = ["web"]
+access = ["read"]
+max_ttl = "10m"
+approval = "auto"
+"#
+    )
+}
+
+fn banner(title: &str) {
+    println!("\n\x1b[1;36m━━ {title}\x1b[0m");
+}
+
+fn say(text: &str) {
+    for line in text.lines() {
+        println!("   {line}");
+    }
+}
+
+fn show_cmd(display: &str) {
+    println!("\x1b[1m   $ {display}\x1b[0m");
+}
+
+fn indent(out: &[u8]) {
+    for line in String::from_utf8_lossy(out).lines() {
+        println!("     {line}");
+    }
+}
+
+/// The `jitgate` command as the demo shows it (short) and runs it (full paths).
+fn jitgate(args: &[&str]) -> Command {
+    let mut c = Command::new(bin("jitgate"));
+    c.arg("--socket").arg(socket()).args(args);
+    c.env("PATH", format!("{DIR}/bin:/usr/local/bin:/usr/bin:/bin"));
+    c
+}
+
+fn step(display: &str, mut cmd: Command) -> Result<(i32, String)> {
+    show_cmd(display);
+    let out = cmd.output().with_context(|| format!("running {display}"))?;
+    indent(&out.stdout);
+    indent(&out.stderr);
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}
+
+fn json(cmd: &mut Command) -> Result<serde_json::Value> {
+    let out = cmd.output()?;
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "expected JSON from {cmd:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Starts a process that outlives `cargo xtask demo`, logging to `log`.
+fn detached(cmd: &mut Command, log: &Path) -> Result<Child> {
+    let file = fs::File::create(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .process_group(0);
+    Ok(cmd.spawn()?)
+}
+
+fn write_pid(name: &str, pid: u32) -> Result<()> {
+    fs::write(dir().join(format!("{name}.pid")), pid.to_string())?;
+    Ok(())
+}
+
+fn kill_pidfile(name: &str) {
+    let path = dir().join(format!("{name}.pid"));
+    if let Ok(text) = fs::read_to_string(&path) {
+        if let Ok(pid) = text.trim().parse::<i32>() {
+            // SAFETY: signalling a process we started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            for _ in 0..100 {
+                // SAFETY: signal 0 only checks existence.
+                if unsafe { libc::kill(pid, 0) } != 0 {
+                    break;
+                }
+                sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = fs::remove_file(path);
+    }
+}
+
+fn cgroup_mount() -> Option<PathBuf> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+}
+
+fn remove_cgroup(path: &Path) {
+    if !path.exists() {
+        return;
+    }
+    let _ = fs::write(path.join("cgroup.kill"), "1");
+    if let Ok(entries) = fs::read_dir(path) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    for _ in 0..50 {
+        if fs::remove_dir(path).is_ok() {
+            return;
+        }
+        sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stops a running demo and removes every trace of it.
+pub fn stop() -> Result<()> {
+    if !is_root() {
+        bail!("the demo runs as root; stop it with `sudo -E cargo xtask demo --stop`");
+    }
+    kill_pidfile("jitgated");
+    kill_pidfile("web");
+    kill_pidfile("elsewhere");
+    if bin("jitgate").exists() {
+        let _ = Command::new(bin("jitgate"))
+            .args(["gate", "detach", "--pin-dir", PIN_DIR])
+            .output();
+    } else if Path::new(PIN_DIR).exists() {
+        eprintln!("xtask: {PIN_DIR} is left pinned and no jitgate binary is at hand to detach it");
+    }
+    if let Some(mount) = cgroup_mount() {
+        remove_cgroup(&mount.join(GATE_CGROUP));
+    }
+    let _ = fs::remove_dir_all(DIR);
+    println!("demo stopped: daemon and servers ended, gate detached, {DIR} removed");
+    Ok(())
+}
+
+fn prepare(target: &Path) -> Result<()> {
+    if dir().exists() || Path::new(PIN_DIR).exists() {
+        println!("(stopping the previous demo first)");
+        stop()?;
+    }
+    fs::create_dir_all(dir().join("bin"))?;
+    fs::set_permissions(dir(), fs::Permissions::from_mode(0o755))?;
+    for name in ["jitgated", "jitgate"] {
+        let dst = bin(name);
+        fs::copy(target.join(name), &dst).with_context(|| format!("copying {name}"))?;
+        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))?;
+    }
+    fs::write(dir().join("server.py"), SERVER_PY)?;
+    fs::write(dir().join("jitgate.toml"), config_text())?;
+    Ok(())
+}
+
+/// The demo's upstream: `/` is a small page, `/ticks` streams a line every half second (a
+/// live connection that carries data only as it is produced, so a cut shows at once).
+const SERVER_PY: &str = r#"
+import sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        if self.path == "/ticks":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            for n in range(1, 100000):
+                self.wfile.write(f"{time.strftime('%H:%M:%S')} tick {n}\n".encode())
+                self.wfile.flush()
+                time.sleep(0.5)
+            return
+        body = f"<h1>{sys.argv[2]}</h1><p>revenue: 42 (confidential)</p>\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"#;
+
+fn start_servers() -> Result<()> {
+    for port in [WEB_PORT, ELSEWHERE_PORT, PROXY_PORT] {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            bail!(
+                "port {port} on 127.0.0.1 is taken; the demo needs it (stop whatever uses it: `ss -ltnp | grep {port}`)"
+            );
+        }
+    }
+    for (name, port, title) in [
+        ("web", WEB_PORT, "Internal dashboard"),
+        ("elsewhere", ELSEWHERE_PORT, "Some other service"),
+    ] {
+        let child = detached(
+            Command::new("python3").args([&format!("{DIR}/server.py"), &port.to_string(), title]),
+            &dir().join(format!("{name}.log")),
+        )?;
+        write_pid(name, child.id())?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for port in [WEB_PORT, ELSEWHERE_PORT] {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("the demo web server on port {port} did not start (is the port taken?)");
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
+fn start_daemon() -> Result<()> {
+    let child = detached(
+        Command::new(bin("jitgated"))
+            .arg("--config")
+            .arg(dir().join("jitgate.toml")),
+        &dir().join("jitgated.log"),
+    )?;
+    write_pid("jitgated", child.id())?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !jitgate(&["status"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        if Instant::now() > deadline {
+            let log = fs::read_to_string(dir().join("jitgated.log")).unwrap_or_default();
+            bail!("jitgated did not start:\n{log}");
+        }
+        sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn workload(identity: &str, extra: &[&str], cmd: &[&str]) -> Command {
+    let mut args = vec!["run", "--as", identity, "--user", "nobody"];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(cmd);
+    jitgate(&args)
+}
+
+pub fn run(target: &Path) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the demo loads eBPF programs and creates cgroups: run it as root (`sudo -E cargo xtask demo`)"
+        );
+    }
+    let web = format!("http://127.0.0.1:{WEB_PORT}/");
+    banner("jitgate demo: the gate an AI agent cannot walk around");
+    say(&format!(
+        "Setting up in {DIR}: an internal web service on 127.0.0.1:{WEB_PORT} (the protected\n\
+         resource `web`), another service on 127.0.0.1:{ELSEWHERE_PORT}, and the host agent jitgated."
+    ));
+    prepare(target)?;
+    start_servers()?;
+    start_daemon()?;
+
+    banner("1. The host agent is up; the gate is in the kernel");
+    say(
+        "Every socket of every process under the cgroup jitgate-demo.slice now passes\nthrough jitgate's eBPF programs. The agent runs as identity `demo-agent`.",
+    );
+    step("jitgate status", jitgate(&["status"]))?;
+
+    banner("2. No standing access: the agent is refused");
+    say("The agent runs an unmodified curl against the address it always used.");
+    step(
+        &format!("jitgate run --as demo-agent --user nobody -- curl -sS -m 5 {web}"),
+        workload("demo-agent", &[], &["curl", "-sS", "-m", "5", &web]),
+    )?;
+    say(
+        "The kernel steered the connection to the proxy, which found no grant and closed it\nwithout relaying a byte. It is on record:",
+    );
+    step("jitgate sessions --all", jitgate(&["sessions", "--all"]))?;
+
+    banner("3. No way around it");
+    say(
+        "Other destinations are refused by the kernel (egress = \"deny\"), and other routes to\nthe resource (IPv6, 0.0.0.0) land on the same gate:",
+    );
+    let elsewhere = format!("http://127.0.0.1:{ELSEWHERE_PORT}/");
+    step(
+        &format!("jitgate run --as demo-agent --user nobody -- curl -sS -m 5 {elsewhere}"),
+        workload("demo-agent", &[], &["curl", "-sS", "-m", "5", &elsewhere]),
+    )?;
+    let via_zero = format!("http://0.0.0.0:{WEB_PORT}/");
+    step(
+        &format!("jitgate run --as demo-agent --user nobody -- curl -sS -m 5 {via_zero}"),
+        workload("demo-agent", &[], &["curl", "-sS", "-m", "5", &via_zero]),
+    )?;
+
+    banner("4. Just in time: the agent asks, a human approves");
+    let script = format!(
+        "jitgate request web --reason 'summarize the dashboard' --ttl 5m --wait && curl -sS -m 5 {web}"
+    );
+    show_cmd(&format!(
+        "jitgate run --as demo-agent --user nobody -- sh -c \"{script}\"   # in the background"
+    ));
+    let agent = workload("demo-agent", &[], &["sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let request = loop {
+        let pending = json(&mut jitgate(&["approvals", "--json"]))?;
+        if let Some(first) = pending.as_array().and_then(|a| a.first()) {
+            break first.clone();
+        }
+        if Instant::now() > deadline {
+            bail!("the agent's request did not show up");
+        }
+        sleep(Duration::from_millis(100));
+    };
+    let id = request["id"].as_str().unwrap_or_default().to_owned();
+    step("jitgate approvals", jitgate(&["approvals"]))?;
+    say("A compromised agent would love to approve itself. It cannot:");
+    step(
+        &format!("jitgate run --as demo-agent --user nobody -- jitgate approve {id}"),
+        workload("demo-agent", &[], &["jitgate", "approve", &id]),
+    )?;
+    say("A human approver (here root; self-approval is refused for everyone) decides:");
+    step(&format!("jitgate approve {id}"), jitgate(&["approve", &id]))?;
+    let out = agent.wait_with_output()?;
+    say("The agent's waiting command resumes; its curl now gets the page:");
+    indent(&out.stderr);
+    indent(&out.stdout);
+
+    banner("5. Expiry acts on the live connection");
+    say(
+        "`demo-batch` gets short grants automatically. It follows a live feed (a line every\nhalf second) on a 4-second grant: the connection is cut the moment the grant expires.",
+    );
+    let ticks = format!("{web}ticks");
+    step(
+        &format!(
+            "jitgate run --as demo-batch --user nobody --grant web:read:4s -- curl -sSN {ticks}"
+        ),
+        workload(
+            "demo-batch",
+            &["--grant", "web:read:4s"],
+            &["curl", "-sSN", &ticks],
+        ),
+    )?;
+
+    banner("6. Revocation, too");
+    say("The same feed on a 10-minute grant; an operator revokes the grant after 2 seconds.");
+    let agent = workload(
+        "demo-batch",
+        &["--grant", "web:read:10m"],
+        &["curl", "-sSN", &ticks],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
+    sleep(Duration::from_secs(2));
+    let grants = json(&mut jitgate(&["grants", "--json"]))?;
+    let live = grants
+        .as_array()
+        .and_then(|a| a.iter().find(|g| g["identity"] == "demo-batch"))
+        .and_then(|g| g["id"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    step("jitgate grants", jitgate(&["grants"]))?;
+    step(
+        &format!("jitgate revoke {live} --reason 'incident drill'"),
+        jitgate(&["revoke", &live, "--reason", "incident drill"]),
+    )?;
+    let out = agent.wait_with_output()?;
+    say("The feed, as the agent saw it:");
+    indent(&out.stdout);
+    indent(&out.stderr);
+    say("Grants bound to a task also end when its processes exit:");
+    step("jitgate grants --all", jitgate(&["grants", "--all"]))?;
+
+    banner("7. Everything is on the record, tamper-evident");
+    step(
+        "jitgate audit --limit 12",
+        jitgate(&["audit", "--limit", "12"]),
+    )?;
+    step("jitgate audit verify", jitgate(&["audit", "verify"]))?;
+
+    banner("The daemon is still running: explore");
+    say(&format!(
+        "export JITGATE_SOCKET={sock}
+PATH={DIR}/bin:$PATH
+jitgate status
+jitgate run --as demo-agent --user nobody -- sh        # a gated shell: try curl {web}
+jitgate approvals; jitgate approve ID; jitgate grants; jitgate revoke ID
+jitgate sessions --all; jitgate audit
+
+Config: {DIR}/jitgate.toml   Log: {DIR}/jitgated.log
+Stop everything (daemon, servers, gate): cargo xtask demo --stop",
+        sock = socket().display()
+    ));
+    Ok(())
+}

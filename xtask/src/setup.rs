@@ -1,0 +1,174 @@
+//! Installs what a fresh Debian machine lacks to build and test jitgate. Idempotent: every
+//! step checks first and does nothing when its tool is already there.
+
+use std::{
+    ffi::OsString,
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Result, bail};
+
+use crate::{is_root, run};
+
+/// Debian packages: LLVM 22 for bpf-linker, and the real programs the tests drive. Each
+/// comes with the file whose presence means it is there (whatever package provided it).
+const PACKAGES: &[(&str, &str, &str)] = &[
+    (
+        "llvm-22-dev",
+        "/usr/lib/llvm-22/bin/llvm-config",
+        "LLVM 22, which bpf-linker links against",
+    ),
+    (
+        "libpolly-22-dev",
+        "/usr/lib/llvm-22/lib/libPolly.a",
+        "LLVM 22 Polly, needed to link bpf-linker",
+    ),
+    (
+        "curl",
+        "/usr/bin/curl",
+        "HTTP client driven as a gated workload",
+    ),
+    (
+        "python3",
+        "/usr/bin/python3",
+        "scripted workloads and the demo's web server",
+    ),
+    ("iproute2", "/usr/bin/ip", "host address discovery in tests"),
+    (
+        "sqlite3",
+        "/usr/bin/sqlite3",
+        "tamper test on the audit log",
+    ),
+    (
+        "postgresql",
+        "/usr/lib/postgresql",
+        "a real server behind the gate in tests",
+    ),
+    (
+        "postgresql-client",
+        "/usr/bin/psql",
+        "psql as a gated client",
+    ),
+    ("passwd", "/usr/sbin/useradd", "test accounts"),
+];
+
+fn home() -> PathBuf {
+    std::env::var_os("CARGO_HOME").map_or_else(
+        || {
+            std::env::var_os("HOME")
+                .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+                .join(".cargo")
+        },
+        PathBuf::from,
+    )
+}
+
+/// PATH with `$CARGO_HOME/bin` in front (where `cargo install` puts bpf-linker).
+pub fn path_with_cargo_bin() -> OsString {
+    let mut paths = vec![home().join("bin")];
+    if let Some(p) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(paths).unwrap_or_default()
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, file, _)| !std::path::Path::new(file).exists())
+        .map(|(p, _, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        let list = PACKAGES
+            .iter()
+            .filter(|(p, _, _)| missing.contains(p))
+            .map(|(p, _, why)| format!("  {p}: {why}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        bail!(
+            "missing Debian packages:\n{list}\ninstall them with `sudo apt-get install -y {}` or run this command as root",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get")
+        .args(["update", "-qq"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn nightly_rust_src() -> Result<()> {
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        eprintln!("xtask: installing the nightly toolchain (kernel programs build with it)");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let components = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()?;
+    if !String::from_utf8_lossy(&components.stdout).contains("rust-src") {
+        eprintln!("xtask: adding rust-src to nightly");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    let path = path_with_cargo_bin();
+    if succeeds(
+        Command::new("bpf-linker")
+            .arg("--version")
+            .env("PATH", &path),
+    ) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing bpf-linker (built against LLVM 22, about a minute)");
+    let mut llvm_path = OsString::from("/usr/lib/llvm-22/bin:");
+    llvm_path.push(&path);
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                "0.13.0",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("PATH", llvm_path)
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
+}
+
+pub fn setup() -> Result<()> {
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    Ok(())
+}
