@@ -63,6 +63,19 @@ fn no_route_around_the_gate() {
         );
         assert_ne!(ran.code, 0, "{how} {target}: {ran:#?}");
     }
+    // The same from Python, as an agent would write it.
+    let python = |host: &str| {
+        format!(
+            "import socket\ns = socket.create_connection(('{host}', {p}), timeout=3)\nprint(s.getpeername()[:2], s.recv(100))"
+        )
+    };
+    for host in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+        let ran = gate.run("bot", &[], &["python3", "-c", &python(host)]);
+        assert!(
+            !ran.stdout.contains(BANNER),
+            "python reached {host} without a grant: {ran:#?}"
+        );
+    }
     // Each of those either was refused by the kernel or landed on the proxy, which refused it
     // for lack of a grant; the latter are on record.
     let refused = gate
@@ -76,8 +89,10 @@ fn no_route_around_the_gate() {
             .all(|s| s["outcome"] == "refused_no_grant"),
         "{refused}"
     );
-    assert!(
-        refused.as_array().unwrap().len() >= routes.len() - 2,
+    // Every route above (and the three Python ones) landed on the proxy.
+    assert_eq!(
+        refused.as_array().unwrap().len(),
+        routes.len() + 3,
         "{refused}"
     );
 
@@ -158,6 +173,9 @@ fn no_route_around_the_gate() {
             "{how} {target}: {ran:#?}"
         );
     }
+    let ran = gate.run("bot", &[], &["python3", "-c", &python("::1")]);
+    assert!(ran.stdout.contains(BANNER), "{ran:#?}");
+    assert!(ran.stdout.contains(&format!("('::1', {p})")), "{ran:#?}");
 }
 
 #[test]
