@@ -257,6 +257,29 @@ impl Daemon {
     }
 }
 
+/// Deletes session records older than `session_retention`, hourly. The audit log is kept.
+fn spawn_retention(store: Store, config: SharedConfig, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => break,
+            }
+            let retention = config.get().daemon.session_retention;
+            let cutoff = Timestamp(Timestamp::now().millis() - retention.as_millis() as i64);
+            match store
+                .call(move |db| queries::prune_sessions(db, cutoff))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => info!(sessions = n, "pruned session records past retention"),
+                Err(e) => warn!(error = %e, "pruning session records failed"),
+            }
+        }
+    });
+}
+
 /// Runs the host agent until it is told to stop.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
@@ -310,6 +333,17 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     )
     .await?;
     let registry = Registry::default();
+    let ca = crate::postgres::tls::LocalCa::load_or_create(
+        &config.daemon.state_dir.join("tls"),
+        &config.daemon.ca_cert,
+    )
+    .context("preparing the host-local CA")?;
+    let mask_key = audit::secret_key(&config.daemon.state_dir, "mask.key")?;
+    let pg = Arc::new(crate::postgres::PgContext::new(
+        Some(Arc::new(ca)),
+        mask_key,
+    ));
+    spawn_retention(store.clone(), shared.clone(), shutdown.clone());
 
     let proxy_ctx = Arc::new(ProxyContext {
         conns,
@@ -319,6 +353,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         store: store.clone(),
         routes,
         registry: registry.clone(),
+        pg,
         shutdown: shutdown.clone(),
     });
     proxy::serve(listeners, proxy_ctx, tracker.clone());

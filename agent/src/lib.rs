@@ -23,6 +23,7 @@ pub mod grants;
 pub mod identity;
 pub mod ids;
 pub mod model;
+pub mod postgres;
 pub mod proxy;
 pub mod refusals;
 pub mod store;

@@ -201,6 +201,13 @@ pub struct Request {
     pub decided_at: Option<Timestamp>,
     pub decision_reason: Option<String>,
     pub grant: Option<String>,
+    /// Set for a statement held by a guardrail: approving it lets the statement run (no grant
+    /// is issued).
+    #[serde(default)]
+    pub statement: Option<String>,
+    /// The session the held statement belongs to.
+    #[serde(default)]
+    pub session: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -365,6 +372,68 @@ pub struct Session {
     pub bytes_down: u64,
     pub outcome: SessionOutcome,
     pub detail: String,
+    /// PostgreSQL sessions: the database opened.
+    #[serde(default)]
+    pub database: Option<String>,
+    /// The access level of the grant the session rides on.
+    #[serde(default)]
+    pub access: Option<Access>,
+}
+
+/// How a recorded statement was decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allowed,
+    Denied,
+    Approved,
+    /// Held for approval and refused (denied, or nobody decided in time).
+    Refused,
+}
+
+impl Decision {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Approved => "approved",
+            Self::Refused => "refused",
+        }
+    }
+
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "allowed" => Self::Allowed,
+            "approved" => Self::Approved,
+            "refused" => Self::Refused,
+            _ => Self::Denied,
+        }
+    }
+}
+
+/// One statement of a PostgreSQL session, as recorded (secrets and masked values masked).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatementRecord {
+    pub session: String,
+    pub seq: u32,
+    pub at: Timestamp,
+    pub text: String,
+    pub params: Vec<Option<String>>,
+    pub decision: Decision,
+    /// The rule that decided (access, read-only, a guardrail's name).
+    pub rule: Option<String>,
+    pub approved_by: Option<String>,
+    /// How long the statement waited for approval.
+    pub held_ms: u64,
+    pub duration_ms: Option<f64>,
+    /// Rows returned or affected.
+    pub rows: Option<u64>,
+    /// The command tag (`SELECT 3`, `UPDATE 1`).
+    pub tag: Option<String>,
+    /// `SQLSTATE: message` when it failed.
+    pub error: Option<String>,
+    /// Values masked in its results.
+    pub masked: u64,
 }
 
 /// One entry of the hash-chained audit log.

@@ -68,6 +68,9 @@ pub struct RunSpec {
 pub struct Started {
     pub task: Task,
     pub requests: Vec<Request>,
+    /// The host-local CA certificate, for PostgreSQL clients that verify the gate's TLS.
+    #[serde(default)]
+    pub ca_cert: Option<String>,
 }
 
 #[derive(Clone)]
@@ -257,7 +260,11 @@ impl Tasks {
                 .await?;
             requests.push(request);
         }
-        Ok(Started { task, requests })
+        Ok(Started {
+            task,
+            requests,
+            ca_cert: Some(config.daemon.ca_cert.display().to_string()),
+        })
     }
 
     /// Ends a task: its grants are revoked, its cgroup removed.

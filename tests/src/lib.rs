@@ -71,6 +71,7 @@ pub struct Bins {
     pub jitgated: PathBuf,
     pub jitgate: PathBuf,
     pub probe: PathBuf,
+    pub pgclient: PathBuf,
 }
 
 fn bins() -> &'static Bins {
@@ -89,6 +90,7 @@ fn bins() -> &'static Bins {
             jitgated: copy(find_bin("jitgated"), "jitgated"),
             jitgate: copy(find_bin("jitgate"), "jitgate"),
             probe: copy(find_bin("jitgate-probe"), "jitgate-probe"),
+            pgclient: copy(find_bin("jitgate-pgclient"), "jitgate-pgclient"),
             dir,
         }
     })
@@ -389,6 +391,16 @@ proxy_listen = "127.0.0.1:{proxy_port}"
             format!("{}{daemon_extra}\n\n{body}\n", self.daemon_head),
         )
         .expect("config");
+    }
+
+    /// Starts `CMD` as a gated workload with a pipe to its stdin.
+    pub fn spawn_stdin(&self, identity: &str, run_args: &[&str], cmd: &[&str]) -> Child {
+        self.run_command(identity, run_args, cmd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning jitgate run")
     }
 
     /// Runs the probe as a gated workload (`jitgate-probe ARGS`).

@@ -178,10 +178,35 @@ fn respond(query: &[u8], name: &[u8], ip: Ipv4Addr) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A throwaway PostgreSQL server (trust authentication on loopback), stopped on drop.
+/// A throwaway PostgreSQL server, stopped on drop. `start` trusts every login;
+/// `start_secured` demands SCRAM (md5 for one role), can require TLS, and creates the roles and
+/// data the PostgreSQL gate tests use.
 pub struct Postgres {
     pub port: u16,
     dir: std::path::PathBuf,
+    /// Password files (mode 0600), by role.
+    pub secrets: std::path::PathBuf,
+    /// The CA that signed the server certificate (with TLS).
+    pub ca: Option<std::path::PathBuf>,
+}
+
+/// Passwords of the roles `start_secured` creates.
+pub const PG_ROLES: &[(&str, &str)] = &[
+    ("orders_ro", "ro-Secret-7c1e"),
+    ("orders_rw", "rw-Secret-9a2f"),
+    ("orders_admin", "admin-Secret-3b8d"),
+    ("orders_md5", "md5-Secret-5d0a"),
+];
+
+fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The newest PostgreSQL server installed from Debian's packages.
@@ -204,6 +229,69 @@ fn pg_bin() -> std::path::PathBuf {
 
 impl Postgres {
     pub fn start() -> Self {
+        Self::launch(false, false)
+    }
+
+    /// SCRAM logins, roles and data; with `tls`, the server also offers TLS with a
+    /// certificate for `127.0.0.1` and `db.test` signed by [`Self::ca`].
+    pub fn start_secured(tls: bool) -> Self {
+        let pg = Self::launch(true, tls);
+        let roles = PG_ROLES
+            .iter()
+            .map(|(r, pw)| {
+                let enc = if *r == "orders_md5" {
+                    "md5"
+                } else {
+                    "scram-sha-256"
+                };
+                format!("SET password_encryption = '{enc}'; CREATE ROLE {r} LOGIN PASSWORD '{pw}';")
+            })
+            .collect::<String>();
+        pg.admin("postgres", "CREATE DATABASE orders");
+        pg.admin("postgres", &roles);
+        pg.admin(
+            "orders",
+            "CREATE TABLE users (id int PRIMARY KEY, name text, email text, card text, ssn text, note text);
+             INSERT INTO users VALUES
+               (1, 'Jane', 'jane@example.com', '4111 1111 1111 1111', '123-45-6789', 'vip'),
+               (2, 'John', 'john@example.org', '5500 0000 0000 0004', '234-56-7890', 'call +1 415 555 0100'),
+               (3, 'Ann', 'ann@example.net', 'none', 'none', 'AKIAIOSFODNN7EXAMPLE');
+             CREATE TABLE scratch (id int, v text);
+             CREATE SEQUENCE ticket;
+             GRANT SELECT ON ALL TABLES IN SCHEMA public TO orders_ro, orders_md5;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO orders_rw;
+             GRANT USAGE ON SEQUENCE ticket TO orders_ro, orders_rw;
+             GRANT ALL ON SCHEMA public TO orders_admin;
+             ALTER TABLE users OWNER TO orders_admin; ALTER TABLE scratch OWNER TO orders_admin;",
+        );
+        pg
+    }
+
+    /// The server's Unix socket directory.
+    pub fn socket_dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// Runs SQL as the superuser over the local socket (not through any gate).
+    pub fn admin(&self, db: &str, sql: &str) -> String {
+        run_ok(
+            std::process::Command::new("psql")
+                .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
+                .arg(&self.dir)
+                .args([
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    db,
+                    "-c",
+                    sql,
+                ]),
+        )
+    }
+
+    fn launch(secured: bool, tls: bool) -> Self {
         use std::process::Command;
         let port = crate::free_port();
         let dir =
@@ -247,6 +335,100 @@ impl Postgres {
             dir.display()
         );
         let log = dir.join("postgres.log");
+        let secrets = dir.join("secrets");
+        std::fs::create_dir_all(&secrets).expect("secrets dir");
+        std::fs::set_permissions(
+            &secrets,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("chmod");
+        for (role, pw) in PG_ROLES {
+            let path = secrets.join(format!("{role}.pw"));
+            std::fs::write(&path, format!("{pw}\n")).expect("secret");
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod");
+        }
+        let mut ca = None;
+        let mut conf = String::new();
+        if secured {
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhost all orders_md5 127.0.0.1/32 md5\nhost all all 127.0.0.1/32 scram-sha-256\n",
+            )
+            .expect("hba");
+        }
+        if tls {
+            let tls_dir = dir.join("tls");
+            std::fs::create_dir_all(&tls_dir).expect("tls dir");
+            let t = |name: &str| tls_dir.join(name).to_string_lossy().into_owned();
+            run_ok(std::process::Command::new("openssl").args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=jitgate test CA",
+                "-keyout",
+                &t("ca.key"),
+                "-out",
+                &t("ca.pem"),
+            ]));
+            run_ok(std::process::Command::new("openssl").args([
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=db.test",
+                "-keyout",
+                &t("server.key"),
+                "-out",
+                &t("server.csr"),
+            ]));
+            std::fs::write(
+                tls_dir.join("san.ext"),
+                "subjectAltName=DNS:db.test,IP:127.0.0.1\n",
+            )
+            .expect("ext");
+            run_ok(std::process::Command::new("openssl").args([
+                "x509",
+                "-req",
+                "-in",
+                &t("server.csr"),
+                "-CA",
+                &t("ca.pem"),
+                "-CAkey",
+                &t("ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &t("san.ext"),
+                "-out",
+                &t("server.pem"),
+            ]));
+            run_ok(
+                std::process::Command::new("chown")
+                    .arg("-R")
+                    .arg("postgres:postgres")
+                    .arg(&tls_dir),
+            );
+            std::fs::set_permissions(
+                tls_dir.join("server.key"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .expect("chmod");
+            conf = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                t("server.pem"),
+                t("server.key")
+            );
+            ca = Some(tls_dir.join("ca.pem"));
+        }
+        let opts = format!("{opts}{conf}");
         as_postgres(&[
             &tool("pg_ctl"),
             "-D",
@@ -258,7 +440,12 @@ impl Postgres {
             "-w",
             "start",
         ]);
-        Self { port, dir }
+        Self {
+            port,
+            dir,
+            secrets,
+            ca,
+        }
     }
 }
 

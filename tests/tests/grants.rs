@@ -101,7 +101,7 @@ fn refused_without_grant_then_works_after_approval() {
     let id = request["id"].as_str().unwrap();
     let approved = gate.cli(&["approve", id, "--json"]);
     approved.assert_ok();
-    assert_eq!(approved.json()["approved_by"], "root");
+    assert_eq!(approved.json()["grant"]["approved_by"], "root");
     workload.expect_line(BANNER, Duration::from_secs(10));
     assert_eq!(workload.wait(Duration::from_secs(10)), 0);
 
@@ -113,7 +113,7 @@ fn refused_without_grant_then_works_after_approval() {
         .iter()
         .find(|s| s["outcome"] == "closed")
         .expect("a relayed session");
-    assert_eq!(ok["grant"], approved.json()["id"]);
+    assert_eq!(ok["grant"], approved.json()["grant"]["id"]);
     assert!(ok["bytes_up"].as_u64().unwrap() > 0);
     assert!(ok["bytes_down"].as_u64().unwrap() > 0);
     assert!(ok["task"].as_str().unwrap().starts_with("t-"));

@@ -25,6 +25,11 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "LLVM 22 Polly, needed to link bpf-linker",
     ),
     (
+        "libclang-dev",
+        "/usr/lib/llvm-14/lib/libclang.so",
+        "libclang, for the bindings of pg_query (the PostgreSQL parser)",
+    ),
+    (
         "curl",
         "/usr/bin/curl",
         "HTTP client driven as a gated workload",

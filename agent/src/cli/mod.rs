@@ -109,6 +109,8 @@ enum Command {
     },
     /// List sessions (open ones; all recent ones with --all).
     Sessions {
+        #[command(subcommand)]
+        action: Option<SessionsAction>,
         #[arg(long)]
         all: bool,
         #[arg(long, default_value_t = 100)]
@@ -144,6 +146,17 @@ enum Command {
     Gate {
         #[command(subcommand)]
         action: GateAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionsAction {
+    /// One session as a timeline: every statement, its decision and result (`--json`: all of
+    /// it).
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -385,13 +398,13 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Approve { id, ttl, json } => {
-            let grant: Grant = cli.client()?.call_as(&Call::Approve {
+            let approved: crate::grants::Approved = cli.client()?.call_as(&Call::Approve {
                 request: id.clone(),
                 ttl_secs: ttl.map(|t| t.as_secs()),
             })?;
             if *json {
-                output::json(&grant);
-            } else {
+                output::json(&approved);
+            } else if let Some(grant) = &approved.grant {
                 println!(
                     "approved {id}: grant {} gives {} {} access to {} until {} ({})",
                     grant.id,
@@ -400,6 +413,11 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                     grant.resource,
                     output::when(grant.expires_at),
                     output::relative(grant.expires_at)
+                );
+            } else {
+                println!(
+                    "approved {id}: the held statement of {} on {} runs now",
+                    approved.request.identity, approved.request.resource
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -454,7 +472,26 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sessions { all, limit, json } => {
+        Command::Sessions {
+            action: Some(SessionsAction::Show { id, json }),
+            ..
+        } => {
+            let detail: crate::control::api::SessionDetail = cli
+                .client()?
+                .call_as(&Call::SessionShow { id: id.clone() })?;
+            if *json {
+                output::json(&detail);
+            } else {
+                output::timeline(&detail);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sessions {
+            action: None,
+            all,
+            limit,
+            json,
+        } => {
             let sessions: Vec<Session> = cli.client()?.call_as(&Call::Sessions {
                 all: *all,
                 limit: *limit,

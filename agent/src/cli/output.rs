@@ -71,6 +71,139 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// `jitgate sessions show`: the session, then its statements and events in time order.
+pub fn timeline(d: &crate::control::api::SessionDetail) {
+    let s = &d.session;
+    println!(
+        "session {}  {} -> {}{}{}",
+        s.id,
+        s.identity.as_deref().unwrap_or("?"),
+        s.resource.as_deref().unwrap_or("?"),
+        s.database
+            .as_ref()
+            .map(|db| format!(" (database {db})"))
+            .unwrap_or_default(),
+        s.access
+            .map(|a| format!(", {a} access"))
+            .unwrap_or_default(),
+    );
+    println!(
+        "  client     pid {} uid {}{}: {}",
+        s.pid,
+        s.uid,
+        s.task
+            .as_ref()
+            .map(|t| format!(", task {t}"))
+            .unwrap_or_default(),
+        s.command
+    );
+    println!(
+        "  grant      {}   destination {}",
+        s.grant.as_deref().unwrap_or("-"),
+        s.destination
+    );
+    println!(
+        "  started    {}   ended {}   {}{}",
+        when(s.started_at),
+        s.ended_at.map_or_else(|| "(open)".into(), when),
+        s.outcome,
+        if s.detail.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", s.detail)
+        }
+    );
+    println!(
+        "  traffic    {} up, {} down",
+        bytes(s.bytes_up),
+        bytes(s.bytes_down)
+    );
+    enum Item<'a> {
+        Statement(&'a crate::model::StatementRecord),
+        Event(&'a crate::model::AuditEvent),
+    }
+    let mut items: Vec<(crate::model::Timestamp, Item<'_>)> = d
+        .statements
+        .iter()
+        .map(|st| (st.at, Item::Statement(st)))
+        .chain(
+            d.events
+                .iter()
+                .filter(|e| {
+                    !matches!(
+                        e.kind.as_str(),
+                        "session.start" | "session.end" | "session.refused"
+                    )
+                })
+                .map(|e| (e.at, Item::Event(e))),
+        )
+        .collect();
+    items.sort_by_key(|(t, _)| *t);
+    if items.is_empty() {
+        return;
+    }
+    println!();
+    for (at, item) in items {
+        let time = at.to_string();
+        let time = time.get(11..23).unwrap_or(&time).to_owned();
+        match item {
+            Item::Statement(st) => {
+                let text: String = st.text.split_whitespace().collect::<Vec<_>>().join(" ");
+                let text = if text.chars().count() > 100 {
+                    format!("{}…", text.chars().take(100).collect::<String>())
+                } else {
+                    text
+                };
+                println!(
+                    "  {time}  #{:<4} {:<9} {text}",
+                    st.seq,
+                    st.decision.as_str()
+                );
+                let mut facts = Vec::new();
+                if let Some(rule) = &st.rule {
+                    facts.push(format!("rule: {rule}"));
+                }
+                if st.held_ms > 0 {
+                    facts.push(format!(
+                        "held {}{}",
+                        human_duration(std::time::Duration::from_millis(st.held_ms)),
+                        st.approved_by
+                            .as_ref()
+                            .map(|b| format!(", approved by {b}"))
+                            .unwrap_or_default()
+                    ));
+                }
+                if !st.params.is_empty() {
+                    facts.push(format!(
+                        "params: {}",
+                        st.params
+                            .iter()
+                            .map(|p| p.clone().unwrap_or_else(|| "NULL".into()))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                if let Some(tag) = &st.tag {
+                    facts.push(tag.clone());
+                }
+                if let Some(ms) = st.duration_ms {
+                    facts.push(format!("{ms:.1} ms"));
+                }
+                if st.masked > 0 {
+                    facts.push(format!("{} values masked", st.masked));
+                }
+                if let Some(e) = &st.error {
+                    facts.push(format!("error {e}"));
+                }
+                if !facts.is_empty() {
+                    println!("  {:12}  {:<15}{}", "", "", facts.join(" · "));
+                }
+            }
+            Item::Event(e) => println!("  {time}  {:<15}{} by {}", "event", e.kind, e.actor),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -147,6 +147,12 @@ pub fn run(cli: &Cli, args: &RunArgs) -> Result<ExitCode, ClientError> {
         std::env::set_var("JITGATE_IDENTITY", &started.task.identity);
         // `jitgate request` inside the workload talks to the daemon that launched it.
         std::env::set_var("JITGATE_SOCKET", cli.socket());
+        // PostgreSQL clients that verify TLS (sslmode=verify-full) trust the gate's CA.
+        if let Some(ca) = &started.ca_cert
+            && std::env::var_os("PGSSLROOTCERT").is_none()
+        {
+            std::env::set_var("PGSSLROOTCERT", ca);
+        }
         if args.user.is_some() {
             std::env::set_var("HOME", &target.dir);
             std::env::set_var("USER", &target.name);

@@ -5,6 +5,7 @@
 //! make sense) and reports each problem with the key and the line it sits on.
 
 pub mod address;
+pub mod postgres;
 
 use std::{
     collections::HashSet,
@@ -96,6 +97,7 @@ pub enum Egress {
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
+    Postgres,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +206,10 @@ pub struct DaemonConfig {
     pub dns_min_ttl: Duration,
     pub dns_max_ttl: Duration,
     pub kernel_log: KernelLog,
+    /// Where the host-local CA's certificate is published for workloads to trust.
+    pub ca_cert: PathBuf,
+    /// How long session records (and PostgreSQL statement records) are kept.
+    pub session_retention: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -228,6 +234,8 @@ pub struct Resource {
     pub request_access: Access,
     pub request_ttl: Duration,
     pub description: String,
+    /// Set for `protocol = "postgres"`.
+    pub postgres: Option<postgres::PostgresResource>,
 }
 
 #[derive(Clone, Debug)]
@@ -339,6 +347,8 @@ struct RawDaemon {
     dns_min_ttl: Option<S<String>>,
     dns_max_ttl: Option<S<String>>,
     kernel_log: Option<KernelLog>,
+    ca_cert: Option<S<String>>,
+    session_retention: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -366,6 +376,18 @@ struct RawResource {
     request_ttl: Option<S<String>>,
     #[serde(default)]
     description: String,
+    // protocol = "postgres" keys (serde cannot flatten with deny_unknown_fields).
+    databases: Option<Vec<String>>,
+    upstream_tls: Option<S<String>>,
+    upstream_ca: Option<S<String>>,
+    upstream_server_name: Option<String>,
+    client_tls: Option<S<String>>,
+    credentials: Option<S<std::collections::BTreeMap<String, postgres::RawCredential>>>,
+    mask: Option<Vec<S<postgres::RawMask>>>,
+    mask_exempt_access: Option<S<String>>,
+    guardrail: Option<Vec<S<postgres::RawGuardrail>>>,
+    default_guardrails: Option<bool>,
+    approval_timeout: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -603,6 +625,21 @@ impl Validator<'_> {
             raw.dns_max_ttl.as_ref(),
             Duration::from_secs(300),
         );
+        let socket_path: PathBuf = string(&raw.socket, DEFAULT_SOCKET).into();
+        let ca_cert = raw.ca_cert.as_ref().map_or_else(
+            || {
+                socket_path
+                    .parent()
+                    .unwrap_or(Path::new("/run/jitgate"))
+                    .join("ca.pem")
+            },
+            |v| PathBuf::from(v.get_ref()),
+        );
+        let session_retention = self.duration(
+            "session_retention",
+            raw.session_retention.as_ref(),
+            Duration::from_secs(30 * 24 * 3600),
+        );
         DaemonConfig {
             state_dir: string(&raw.state_dir, "/var/lib/jitgate").into(),
             socket: string(&raw.socket, DEFAULT_SOCKET).into(),
@@ -620,6 +657,8 @@ impl Validator<'_> {
             dns_min_ttl,
             dns_max_ttl,
             kernel_log: raw.kernel_log.unwrap_or(KernelLog::Off),
+            ca_cert,
+            session_retention,
         }
     }
 
@@ -711,6 +750,7 @@ impl Validator<'_> {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
         for entry in raw {
+            let whole = entry.span();
             let r = entry.into_inner();
             let name = r.name.get_ref().clone();
             if !valid_name(&name) {
@@ -728,14 +768,30 @@ impl Validator<'_> {
             }
             let protocol = match r.protocol.as_ref().map(|p| p.get_ref().as_str()) {
                 None | Some("tcp") => Protocol::Tcp,
+                Some("postgres") => Protocol::Postgres,
                 Some(other) => {
                     let span = r.protocol.as_ref().map(Spanned::span).unwrap_or_default();
                     self.fail(
                         span,
-                        format!("resource.protocol: `{other}` is not supported (use \"tcp\")"),
+                        format!(
+                            "resource.protocol: `{other}` is not supported (use \"tcp\" or \"postgres\")"
+                        ),
                     );
                     Protocol::Tcp
                 }
+            };
+            let raw_pg = postgres::RawPostgres {
+                databases: r.databases,
+                upstream_tls: r.upstream_tls,
+                upstream_ca: r.upstream_ca,
+                upstream_server_name: r.upstream_server_name,
+                client_tls: r.client_tls,
+                credentials: r.credentials,
+                mask: r.mask,
+                mask_exempt_access: r.mask_exempt_access,
+                guardrail: r.guardrail,
+                default_guardrails: r.default_guardrails,
+                approval_timeout: r.approval_timeout,
             };
             let target = match Target::from_str(r.address.get_ref()) {
                 Ok(t) => t,
@@ -782,6 +838,30 @@ impl Validator<'_> {
                     ),
                 );
             }
+            let pg = match protocol {
+                Protocol::Postgres => {
+                    if let Target::Net { ports, .. } = &target
+                        && ports.lo != ports.hi
+                    {
+                        self.fail(
+                            r.address.span(),
+                            "resource.address: a postgres resource has one port",
+                        );
+                    }
+                    Some(self.postgres(&name, daemon.hold_timeout, raw_pg, whole.clone()))
+                }
+                Protocol::Tcp => {
+                    if let Some(key) = raw_pg.first_key() {
+                        self.fail(
+                            whole.clone(),
+                            format!(
+                                "resource `{name}`: `{key}` only applies to protocol = \"postgres\""
+                            ),
+                        );
+                    }
+                    None
+                }
+            };
             out.push(Resource {
                 name,
                 protocol,
@@ -800,6 +880,7 @@ impl Validator<'_> {
                     daemon.default_ttl,
                 ),
                 description: r.description,
+                postgres: pg,
             });
         }
         out

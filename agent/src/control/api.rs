@@ -46,6 +46,10 @@ pub enum Call {
         all: bool,
         limit: usize,
     },
+    /// One session with its statements and audit events.
+    SessionShow {
+        id: String,
+    },
     Audit {
         since: Option<Timestamp>,
         limit: usize,
@@ -112,6 +116,14 @@ impl Reply {
             }),
         }
     }
+}
+
+/// What `jitgate sessions show` shows.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SessionDetail {
+    pub session: crate::model::Session,
+    pub statements: Vec<crate::model::StatementRecord>,
+    pub events: Vec<crate::model::AuditEvent>,
 }
 
 /// What `jitgate status` shows.

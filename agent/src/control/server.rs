@@ -240,6 +240,44 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
                 Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
             }
         }
+        Call::SessionShow { id } => {
+            let key = id.clone();
+            let found = daemon
+                .store
+                .call(move |db| {
+                    let Some(session) = queries::get_session(db, &key)? else {
+                        return Ok(None);
+                    };
+                    let statements = queries::session_statements(db, &key)?;
+                    let events = audit::for_session(db, &key)?;
+                    Ok(Some(super::api::SessionDetail {
+                        session,
+                        statements,
+                        events,
+                    }))
+                })
+                .await;
+            match found {
+                Ok(Some(mut detail)) => {
+                    if caller.is_workload()
+                        && caller.workload.as_ref().map(|w| &w.identity)
+                            != detail.session.identity.as_ref()
+                    {
+                        return Reply::err(
+                            ErrorCode::Forbidden,
+                            "a workload can only see its own sessions",
+                        );
+                    }
+                    if let Some((up, down)) = daemon.registry.counts(&id) {
+                        detail.session.bytes_up = up;
+                        detail.session.bytes_down = down;
+                    }
+                    Reply::ok(detail)
+                }
+                Ok(None) => Reply::err(ErrorCode::NotFound, format!("no session {id}")),
+                Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
+            }
+        }
         Call::Audit { since, limit } => {
             if let Some(r) = operators_only(caller, "read the audit log") {
                 return r;

@@ -69,6 +69,14 @@ struct LiveGrant {
     state: watch::Sender<GrantState>,
 }
 
+/// The outcome of an approval: the request as decided, and the grant it issued (none for a
+/// held statement, which simply runs).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Approved {
+    pub request: Request,
+    pub grant: Option<Grant>,
+}
+
 /// What someone asks for.
 #[derive(Clone, Debug, Default)]
 pub struct RequestSpec {
@@ -295,7 +303,11 @@ impl GrantEngine {
                     queries::list_requests(db, Some(RequestStatus::Pending), 10_000)?
                         .into_iter()
                         .find(|q| {
-                            q.identity == id && q.resource == r && q.task == t && q.access == access
+                            q.identity == id
+                                && q.resource == r
+                                && q.task == t
+                                && q.access == access
+                                && q.statement.is_none()
                         }),
                 )
             })
@@ -327,6 +339,8 @@ impl GrantEngine {
             decided_at: None,
             decision_reason: None,
             grant: None,
+            statement: None,
+            session: None,
         };
         if matches!(verdict, policy::Verdict::Auto { .. }) {
             let grant = self.new_grant(&request, ttl, format!("auto (policy {policy_name})"));
@@ -353,24 +367,38 @@ impl GrantEngine {
             info!(request = %request.id, grant = %grant.id, identity, resource = %resource, %access, "auto-approved");
             self.activate(grant);
         } else {
-            let q = request.clone();
-            self.inner
-                .store
-                .call(move |db| {
-                    queries::insert_request(db, &q)?;
-                    audit::append(db, "request.filed", &label, &request_detail(&q))?;
-                    Ok(())
-                })
+            let detail = request_detail(&request);
+            self.file_pending(&request, "request.filed", label, detail)
                 .await?;
-            let (tx, _) = watch::channel(RequestStatus::Pending);
-            self.inner
-                .waiters
-                .lock()
-                .expect("waiters lock")
-                .insert(request.id.clone(), tx);
             info!(request = %request.id, identity, resource = %resource, %access, "request pending approval");
         }
         Ok(request)
+    }
+
+    /// Stores a pending request with its audit entry, then lets waiters wait on it.
+    async fn file_pending(
+        &self,
+        request: &Request,
+        event: &'static str,
+        label: String,
+        detail: serde_json::Value,
+    ) -> Result<(), EngineError> {
+        let q = request.clone();
+        self.inner
+            .store
+            .call(move |db| {
+                queries::insert_request(db, &q)?;
+                audit::append(db, event, &label, &detail)?;
+                Ok(())
+            })
+            .await?;
+        let (tx, _) = watch::channel(RequestStatus::Pending);
+        self.inner
+            .waiters
+            .lock()
+            .expect("waiters lock")
+            .insert(request.id.clone(), tx);
+        Ok(())
     }
 
     fn new_grant(&self, request: &Request, ttl: Duration, approved_by: String) -> Grant {
@@ -400,6 +428,104 @@ impl GrantEngine {
             .write()
             .expect("grants lock")
             .insert(grant.id.clone(), LiveGrant { grant, state });
+    }
+
+    /// Files a request to run one statement a guardrail holds for approval. The session waits
+    /// on it with [`Self::wait`].
+    #[expect(clippy::too_many_arguments, reason = "the facts of a held statement")]
+    pub async fn file_statement(
+        &self,
+        workload: &Attribution,
+        uid: u32,
+        resource: &str,
+        access: Access,
+        session: &str,
+        statement: &str,
+        rule: &str,
+        reason: &str,
+    ) -> Result<Request, EngineError> {
+        let config = self.config();
+        if policy::approvers_for(&config, &workload.identity, resource, access).is_empty() {
+            return Err(EngineError::Refused(format!(
+                "guardrail \"{rule}\" holds this statement for approval, but no policy names approvers for {} on {resource}",
+                workload.identity
+            )));
+        }
+        let actor = Actor {
+            uid,
+            user: identity::user_name(uid),
+            identity: Some(workload.identity.clone()),
+            task: workload.task.clone(),
+        };
+        let request = Request {
+            id: ids::new(ids::Kind::Request),
+            identity: workload.identity.clone(),
+            resource: resource.to_owned(),
+            access,
+            ttl: Duration::ZERO,
+            reason: reason.to_owned(),
+            task: workload.task.clone(),
+            requested_by: actor.clone(),
+            created_at: Timestamp::now(),
+            status: RequestStatus::Pending,
+            policy: format!("guardrail {rule}"),
+            decided_by: None,
+            decided_at: None,
+            decision_reason: None,
+            grant: None,
+            statement: Some(statement.to_owned()),
+            session: Some(session.to_owned()),
+        };
+        let detail = json!({
+            "request": request.id, "session": request.session, "resource": request.resource,
+            "rule": request.policy, "statement": request.statement,
+        });
+        self.file_pending(&request, "statement.held", actor_label(&actor), detail)
+            .await?;
+        info!(request = %request.id, identity = %workload.identity, resource, rule, "statement held for approval");
+        Ok(request)
+    }
+
+    async fn approve_statement(
+        &self,
+        caller: &Caller,
+        request: Request,
+    ) -> Result<Approved, EngineError> {
+        let by = caller.actor();
+        let label = actor_label(&by);
+        let id = request.id.clone();
+        let key = id.clone();
+        let decided = self
+            .inner
+            .store
+            .call(move |db| {
+                if !queries::decide_request(
+                    db,
+                    &key,
+                    RequestStatus::Approved,
+                    Some(&by),
+                    None,
+                    None,
+                )? {
+                    return Err(StoreError::Invalid(format!(
+                        "request {key} was decided meanwhile"
+                    )));
+                }
+                audit::append(db, "statement.approved", &label, &json!({"request": key}))?;
+                queries::get_request(db, &key)?
+                    .ok_or_else(|| StoreError::Invalid(format!("request {key} vanished")))
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Invalid(m) => EngineError::Conflict(m),
+                other => EngineError::Store(other),
+            })?;
+        info!(request = %id, approver = %caller.user, "statement approved");
+        self.notify(&id, RequestStatus::Approved);
+        Ok(Approved {
+            request: decided,
+            grant: None,
+        })
     }
 
     async fn pending(&self, id: &str) -> Result<Request, EngineError> {
@@ -467,9 +593,12 @@ impl GrantEngine {
         caller: &Caller,
         id: &str,
         ttl: Option<Duration>,
-    ) -> Result<Grant, EngineError> {
+    ) -> Result<Approved, EngineError> {
         let request = self.pending(id).await?;
         self.check_approver(caller, &request)?;
+        if request.statement.is_some() {
+            return self.approve_statement(caller, request).await;
+        }
         let config = self.config();
         let ttl = ttl.unwrap_or(request.ttl);
         let cap = policy::max_ttl(
@@ -542,7 +671,11 @@ impl GrantEngine {
         info!(request = %id, grant = %grant.id, approver = %caller.user, "approved");
         self.activate(grant.clone());
         self.notify(id, RequestStatus::Approved);
-        Ok(grant)
+        let request = self.request(id).await?.unwrap_or(request);
+        Ok(Approved {
+            request,
+            grant: Some(grant),
+        })
     }
 
     /// Denies a pending request. Approvers may deny; the requester may withdraw their own.

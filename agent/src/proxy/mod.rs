@@ -31,6 +31,8 @@ pub struct ProxyContext {
     pub store: Store,
     pub routes: Routes,
     pub registry: Registry,
+    /// Shared by PostgreSQL sessions: CA, upstream TLS configs, cancel keys, caches.
+    pub pg: Arc<crate::postgres::PgContext>,
     /// Cancelled when the host agent shuts down: sessions end with a clear outcome.
     pub shutdown: CancellationToken,
 }

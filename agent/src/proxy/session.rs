@@ -18,7 +18,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::{LiveSession, ProxyContext, relay, routes};
 use crate::{
-    config::OnMissingGrant,
+    config::{OnMissingGrant, Protocol, Resource},
     gate::rules::from_words,
     grants::{EngineError, GrantHandle, GrantState},
     identity::Attribution,
@@ -45,13 +45,37 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream) {
 }
 
 /// The session record being built up as the connection progresses.
-struct Record {
-    session: Session,
+pub(crate) struct Record {
+    pub(crate) session: Session,
     inserted: bool,
-    counters: Arc<relay::Counters>,
+    pub(crate) counters: Arc<relay::Counters>,
 }
 
 impl Record {
+    /// Registers the session as live (for `jitgate sessions` and reloads); the token is
+    /// cancelled when the agent must end it.
+    pub(crate) fn register(
+        &self,
+        ctx: &ProxyContext,
+        attribution: &Attribution,
+        resource: &str,
+        grant: &GrantHandle,
+    ) -> CancellationToken {
+        let cancel = CancellationToken::new();
+        ctx.registry.insert(
+            &self.session.id,
+            LiveSession {
+                identity: attribution.identity.clone(),
+                resource: resource.to_owned(),
+                grant: grant.id.clone(),
+                started_at: self.session.started_at,
+                counters: self.counters.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        cancel
+    }
+
     fn new(id: String) -> Self {
         Self {
             session: Session {
@@ -70,6 +94,8 @@ impl Record {
                 bytes_down: 0,
                 outcome: SessionOutcome::Open,
                 detail: String::new(),
+                database: None,
+                access: None,
             },
             inserted: false,
             counters: Arc::default(),
@@ -77,7 +103,7 @@ impl Record {
     }
 
     /// Writes the open session (once relaying starts) so `jitgate sessions` shows it.
-    fn open(&mut self, ctx: &ProxyContext) {
+    pub(crate) fn open(&mut self, ctx: &ProxyContext) {
         let s = self.session.clone();
         ctx.store.submit(move |db| {
             queries::insert_session(db, &s)?;
@@ -174,9 +200,9 @@ fn command_line(pid: u32) -> String {
         .unwrap_or_default()
 }
 
-type Outcome = (SessionOutcome, String);
+pub(crate) type Outcome = (SessionOutcome, String);
 
-fn refuse(outcome: SessionOutcome, detail: impl Into<String>) -> Outcome {
+pub(crate) fn refuse(outcome: SessionOutcome, detail: impl Into<String>) -> Outcome {
     (outcome, detail.into())
 }
 
@@ -235,43 +261,21 @@ async fn run(ctx: &ProxyContext, client: TcpStream, s: &mut Record) -> Outcome {
         );
     };
 
-    let grant = match ctx.engine.find(
-        &attribution.identity,
-        attribution.task.as_deref(),
-        &resource.name,
-        resource.connect_access,
-    ) {
-        Some(g) => g,
-        None => match resource.on_missing_grant {
-            OnMissingGrant::Reject => {
-                return refuse(
-                    SessionOutcome::RefusedNoGrant,
-                    format!(
-                        "no grant: {} has no live {} grant on {}; ask with `jitgate request {} --access {}`",
-                        attribution.identity,
-                        resource.connect_access,
-                        resource.name,
-                        resource.name,
-                        resource.connect_access
-                    ),
-                );
-            }
-            OnMissingGrant::Request => {
-                match hold(
-                    ctx,
-                    &attribution,
-                    record.uid,
-                    &resource.name,
-                    resource.connect_access,
-                    resource.hold_timeout,
-                )
-                .await
-                {
-                    Ok(g) => g,
-                    Err(outcome) => return outcome,
-                }
-            }
-        },
+    if resource.protocol == Protocol::Postgres {
+        return crate::postgres::session::serve(
+            ctx,
+            client,
+            s,
+            &attribution,
+            &resource,
+            record.uid,
+            destination,
+        )
+        .await;
+    }
+    let grant = match acquire_grant(ctx, &attribution, record.uid, &resource).await {
+        Ok(g) => g,
+        Err(outcome) => return outcome,
     };
     s.session.grant = Some(grant.id.clone());
 
@@ -299,20 +303,51 @@ async fn run(ctx: &ProxyContext, client: TcpStream, s: &mut Record) -> Outcome {
     let _ = upstream.set_nodelay(true);
 
     s.open(ctx);
-    let cancel = CancellationToken::new();
-    ctx.registry.insert(
-        &s.session.id,
-        LiveSession {
-            identity: attribution.identity.clone(),
-            resource: resource.name.clone(),
-            grant: grant.id.clone(),
-            started_at: s.session.started_at,
-            counters: s.counters.clone(),
-            cancel: cancel.clone(),
-        },
-    );
+    let cancel = s.register(ctx, &attribution, &resource.name, &grant);
     debug!(identity = %attribution.identity, resource = %resource.name, grant = %grant.id, "relaying");
     relay_until_done(ctx, client, upstream, grant, &cancel, &s.counters).await
+}
+
+/// The live grant this connection may ride on: found, or (for `on_missing_grant = "request"`)
+/// asked for and waited on. `Err` is the refusal to record.
+pub(crate) async fn acquire_grant(
+    ctx: &ProxyContext,
+    attribution: &Attribution,
+    uid: u32,
+    resource: &Resource,
+) -> Result<GrantHandle, Outcome> {
+    if let Some(g) = ctx.engine.find(
+        &attribution.identity,
+        attribution.task.as_deref(),
+        &resource.name,
+        resource.connect_access,
+    ) {
+        return Ok(g);
+    }
+    match resource.on_missing_grant {
+        OnMissingGrant::Reject => Err(refuse(
+            SessionOutcome::RefusedNoGrant,
+            format!(
+                "no grant: {} has no live {} grant on {}; ask with `jitgate request {} --access {}`",
+                attribution.identity,
+                resource.connect_access,
+                resource.name,
+                resource.name,
+                resource.connect_access
+            ),
+        )),
+        OnMissingGrant::Request => {
+            hold(
+                ctx,
+                attribution,
+                uid,
+                &resource.name,
+                resource.connect_access,
+                resource.hold_timeout,
+            )
+            .await
+        }
+    }
 }
 
 /// Files (or joins) a request for this connection and waits for its decision.

@@ -27,8 +27,14 @@ thread_local! {
 
 /// Reads the audit key, creating a random one (mode 0600) on first start.
 pub fn load_or_create_key(state_dir: &Path) -> anyhow::Result<[u8; 32]> {
+    secret_key(state_dir, KEY_FILE)
+}
+
+/// Reads a 32-byte secret from `state_dir/name`, creating a random one (mode 0600) on first
+/// start.
+pub fn secret_key(state_dir: &Path, name: &str) -> anyhow::Result<[u8; 32]> {
     use anyhow::Context as _;
-    let path = state_dir.join(KEY_FILE);
+    let path = state_dir.join(name);
     match std::fs::read(&path) {
         Ok(bytes) if bytes.len() == 32 => {
             let mut key = [0u8; 32];
@@ -36,7 +42,7 @@ pub fn load_or_create_key(state_dir: &Path) -> anyhow::Result<[u8; 32]> {
             Ok(key)
         }
         Ok(_) => anyhow::bail!(
-            "{} is damaged (expected 32 bytes); restore it from backup: without it the audit chain cannot be verified",
+            "{} is damaged (expected 32 bytes); restore it from backup (the audit chain and masking pseudonyms depend on it)",
             path.display()
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -158,6 +164,19 @@ pub fn list(db: &Connection, since: Option<Timestamp>, limit: usize) -> Result<V
         .map(|r| r.map(|(e, _)| e))
         .collect::<rusqlite::Result<Vec<_>>>()?;
     events.reverse();
+    Ok(events)
+}
+
+/// Events that mention `session` (start, end, refusals, held statements).
+pub fn for_session(db: &Connection, session: &str) -> Result<Vec<AuditEvent>> {
+    let pattern = format!("%\"session\":\"{}\"%", session.replace(['%', '_'], ""));
+    let mut stmt = db.prepare(
+        "SELECT seq, at, kind, actor, detail, prev_hash, hash FROM audit WHERE detail LIKE ?1 ORDER BY seq",
+    )?;
+    let events = stmt
+        .query_map([pattern], row_to_event)?
+        .map(|r| r.map(|(e, _)| e))
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(events)
 }
 

@@ -30,7 +30,7 @@ fn json(actor: &Actor) -> String {
 // ---------------------------------------------------------------------------------------------
 // Requests
 
-const REQUEST_COLUMNS: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id";
+const REQUEST_COLUMNS: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id, statement, session_id";
 
 fn request_of(r: &Row<'_>) -> rusqlite::Result<Request> {
     let decided_by: Option<String> = r.get(11)?;
@@ -50,12 +50,14 @@ fn request_of(r: &Row<'_>) -> rusqlite::Result<Request> {
         decided_at: r.get::<_, Option<i64>>(12)?.map(Timestamp),
         decision_reason: r.get(13)?,
         grant: r.get(14)?,
+        statement: r.get(15)?,
+        session: r.get(16)?,
     })
 }
 
 pub fn insert_request(db: &Connection, q: &Request) -> Result<()> {
     db.execute(
-        &format!("INSERT INTO requests ({REQUEST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
+        &format!("INSERT INTO requests ({REQUEST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
         params![
             q.id,
             q.identity,
@@ -72,6 +74,8 @@ pub fn insert_request(db: &Connection, q: &Request) -> Result<()> {
             q.decided_at.map(Timestamp::millis),
             q.decision_reason,
             q.grant,
+            q.statement,
+            q.session,
         ],
     )?;
     Ok(())
@@ -269,7 +273,7 @@ pub fn running_tasks(db: &Connection) -> Result<Vec<Task>> {
 // ---------------------------------------------------------------------------------------------
 // Sessions
 
-const SESSION_COLUMNS: &str = "id, identity, task_id, pid, uid, command, resource, grant_id, destination, started_at, ended_at, bytes_up, bytes_down, outcome, detail";
+const SESSION_COLUMNS: &str = "id, identity, task_id, pid, uid, command, resource, grant_id, destination, started_at, ended_at, bytes_up, bytes_down, outcome, detail, database, access";
 
 fn session_of(r: &Row<'_>) -> rusqlite::Result<Session> {
     Ok(Session {
@@ -288,12 +292,17 @@ fn session_of(r: &Row<'_>) -> rusqlite::Result<Session> {
         bytes_down: r.get::<_, i64>(12)?.max(0) as u64,
         outcome: SessionOutcome::parse(&r.get::<_, String>(13)?).unwrap_or(SessionOutcome::Error),
         detail: r.get(14)?,
+        database: r.get(15)?,
+        access: r
+            .get::<_, Option<String>>(16)?
+            .map(|a| access_of(&a))
+            .transpose()?,
     })
 }
 
 pub fn insert_session(db: &Connection, s: &Session) -> Result<()> {
     db.execute(
-        &format!("INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
+        &format!("INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
         params![
             s.id,
             s.identity,
@@ -310,6 +319,8 @@ pub fn insert_session(db: &Connection, s: &Session) -> Result<()> {
             s.bytes_down as i64,
             s.outcome.as_str(),
             s.detail,
+            s.database,
+            s.access.map(Access::as_str),
         ],
     )?;
     Ok(())
@@ -363,5 +374,74 @@ pub fn close_orphan_sessions(db: &Connection) -> Result<usize> {
         "UPDATE sessions SET outcome = 'shutdown', ended_at = COALESCE(ended_at, ?1), detail = 'the host agent stopped while the session was open'
          WHERE outcome = 'open'",
         [Timestamp::now().millis()],
+    )?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statements
+
+pub fn insert_statement(db: &Connection, s: &crate::model::StatementRecord) -> Result<()> {
+    db.execute(
+        "INSERT OR REPLACE INTO statements (session_id, seq, at, text, params, decision, rule, approved_by, held_ms, duration_ms, rows, tag, error, masked)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        params![
+            s.session,
+            s.seq,
+            s.at.millis(),
+            s.text,
+            serde_json::to_string(&s.params)?,
+            s.decision.as_str(),
+            s.rule,
+            s.approved_by,
+            s.held_ms as i64,
+            s.duration_ms,
+            s.rows.map(|r| r as i64),
+            s.tag,
+            s.error,
+            s.masked as i64,
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn session_statements(
+    db: &Connection,
+    session: &str,
+) -> Result<Vec<crate::model::StatementRecord>> {
+    let mut stmt = db.prepare(
+        "SELECT session_id, seq, at, text, params, decision, rule, approved_by, held_ms, duration_ms, rows, tag, error, masked
+         FROM statements WHERE session_id = ?1 ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([session], |r| {
+        let params: String = r.get(4)?;
+        Ok(crate::model::StatementRecord {
+            session: r.get(0)?,
+            seq: r.get(1)?,
+            at: Timestamp(r.get(2)?),
+            text: r.get(3)?,
+            params: serde_json::from_str(&params).unwrap_or_default(),
+            decision: crate::model::Decision::parse(&r.get::<_, String>(5)?),
+            rule: r.get(6)?,
+            approved_by: r.get(7)?,
+            held_ms: r.get::<_, i64>(8)?.max(0) as u64,
+            duration_ms: r.get(9)?,
+            rows: r.get::<_, Option<i64>>(10)?.map(|v| v.max(0) as u64),
+            tag: r.get(11)?,
+            error: r.get(12)?,
+            masked: r.get::<_, i64>(13)?.max(0) as u64,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Deletes sessions (and their statements) that ended before `cutoff`. The audit log is kept.
+pub fn prune_sessions(db: &Connection, cutoff: Timestamp) -> Result<usize> {
+    db.execute(
+        "DELETE FROM statements WHERE session_id IN (SELECT id FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?1)",
+        [cutoff.millis()],
+    )?;
+    Ok(db.execute(
+        "DELETE FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?1",
+        [cutoff.millis()],
     )?)
 }

@@ -85,6 +85,31 @@ const MIGRATIONS: &[&str] = &[
         hash      TEXT NOT NULL
     );
     "#,
+    // 2: statement-level recording and statement approvals (PostgreSQL gate).
+    r#"
+    ALTER TABLE requests ADD COLUMN statement TEXT;
+    ALTER TABLE requests ADD COLUMN session_id TEXT;
+    ALTER TABLE sessions ADD COLUMN database TEXT;
+    ALTER TABLE sessions ADD COLUMN access TEXT;
+    CREATE TABLE statements (
+        session_id  TEXT NOT NULL,
+        seq         INTEGER NOT NULL,
+        at          INTEGER NOT NULL,
+        text        TEXT NOT NULL,
+        params      TEXT NOT NULL DEFAULT '[]',   -- JSON array, masked
+        decision    TEXT NOT NULL,
+        rule        TEXT,
+        approved_by TEXT,
+        held_ms     INTEGER NOT NULL DEFAULT 0,
+        duration_ms REAL,
+        rows        INTEGER,
+        tag         TEXT,
+        error       TEXT,
+        masked      INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (session_id, seq)
+    );
+    CREATE INDEX statements_at ON statements (at);
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -1,0 +1,538 @@
+//! Keys of a `protocol = "postgres"` resource: upstream connection and credentials, client TLS,
+//! masking rules and guardrails.
+
+use std::{
+    collections::BTreeMap, os::unix::fs::PermissionsExt as _, path::PathBuf, str::FromStr,
+    time::Duration,
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{Access, S, Validator};
+
+/// How the proxy talks to the real server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamTls {
+    /// Plaintext.
+    Disable,
+    /// TLS, certificate not verified (like libpq's `sslmode=require`).
+    Require,
+    /// TLS, certificate verified against `upstream_ca` and the server name.
+    VerifyFull,
+}
+
+/// Whether the proxy answers a client's SSLRequest with TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientTls {
+    /// Answer `N`: plaintext on this loopback hop (libpq's default `prefer` falls back).
+    Disable,
+    /// Terminate TLS with a certificate for the destination, signed by the host-local CA.
+    Enable,
+}
+
+/// One login the proxy uses upstream for grants of one access level.
+#[derive(Clone, Debug)]
+pub struct Credential {
+    pub user: String,
+    /// Read when a session starts (so rotations need no reload); `None` for trust auth.
+    pub password_file: Option<PathBuf>,
+}
+
+/// Content detectors for masking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Detector {
+    Email,
+    Card,
+    Ssn,
+    Phone,
+    Iban,
+    AwsKey,
+    Jwt,
+    PrivateKey,
+    Bearer,
+}
+
+impl Detector {
+    pub const ALL: [Self; 9] = [
+        Self::Email,
+        Self::Card,
+        Self::Ssn,
+        Self::Phone,
+        Self::Iban,
+        Self::AwsKey,
+        Self::Jwt,
+        Self::PrivateKey,
+        Self::Bearer,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Email => "email",
+            Self::Card => "card",
+            Self::Ssn => "ssn",
+            Self::Phone => "phone",
+            Self::Iban => "iban",
+            Self::AwsKey => "aws_key",
+            Self::Jwt => "jwt",
+            Self::PrivateKey => "private_key",
+            Self::Bearer => "bearer",
+        }
+    }
+}
+
+impl FromStr for Detector {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown detector `{s}` (use {})",
+                    Self::ALL.map(Self::as_str).join(", ")
+                )
+            })
+    }
+}
+
+/// What a mask does to a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// `****`.
+    Redact,
+    /// Keep a hint: `j***@example.com`, `************4242`.
+    Partial,
+    /// A stable keyed pseudonym: equal inputs give equal outputs, so joins still line up.
+    Hash,
+    /// SQL NULL.
+    Null,
+}
+
+impl Strategy {
+    /// How little of the value survives: when one rule must stand for several (a value
+    /// computed from more than one masked column), the strictest wins.
+    pub fn strictness(self) -> u8 {
+        match self {
+            Self::Partial => 0,
+            Self::Hash => 1,
+            Self::Redact => 2,
+            Self::Null => 3,
+        }
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "redact" => Ok(Self::Redact),
+            "partial" => Ok(Self::Partial),
+            "hash" => Ok(Self::Hash),
+            "null" => Ok(Self::Null),
+            other => Err(format!(
+                "unknown strategy `{other}` (use redact, partial, hash or null)"
+            )),
+        }
+    }
+}
+
+/// A masking rule: columns by name glob, or detectors over every value, or both.
+#[derive(Clone, Debug)]
+pub struct MaskRule {
+    /// `table.column` globs (`users.email`, `*.ssn`, `*password*`).
+    pub columns: Vec<String>,
+    pub detectors: Vec<Detector>,
+    pub strategy: Strategy,
+    /// Identities that see clear values.
+    pub exempt_identities: Vec<String>,
+}
+
+/// What a guardrail does with a matching statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardAction {
+    Deny,
+    Approve,
+    Allow,
+}
+
+/// A rule over statements.
+#[derive(Clone, Debug)]
+pub struct Guardrail {
+    pub name: String,
+    /// Statement kinds (`select`, `insert`, `update`, `delete`, `ddl`, `copy_from`, ...).
+    pub kinds: Vec<String>,
+    /// Table globs; the rule matches when any table touched matches.
+    pub tables: Vec<String>,
+    /// Function globs; the rule matches when any function called matches.
+    pub functions: Vec<String>,
+    /// Only UPDATE/DELETE without a WHERE clause.
+    pub without_where: bool,
+    /// Only for these identities (empty: everyone).
+    pub identities: Vec<String>,
+    pub action: GuardAction,
+}
+
+/// Statement kinds a guardrail may name.
+pub const STATEMENT_KINDS: &[&str] = &[
+    "select",
+    "insert",
+    "update",
+    "delete",
+    "merge",
+    "copy_from",
+    "copy_to",
+    "ddl",
+    "create",
+    "alter",
+    "drop",
+    "truncate",
+    "privilege",
+    "set",
+    "transaction",
+    "utility",
+    "call",
+    "do",
+    "prepare",
+    "execute",
+    "explain",
+    "lock",
+    "listen",
+];
+
+/// Everything specific to a PostgreSQL resource.
+#[derive(Clone, Debug)]
+pub struct PostgresResource {
+    /// Databases clients may open (empty: any).
+    pub databases: Vec<String>,
+    pub upstream_tls: UpstreamTls,
+    pub upstream_ca: Option<PathBuf>,
+    /// The name verified in the server certificate (default: the host of `address`).
+    pub upstream_server_name: Option<String>,
+    pub client_tls: ClientTls,
+    pub credentials: BTreeMap<Access, Credential>,
+    pub masks: Vec<MaskRule>,
+    /// Grants at or above this level see clear values (`None`: nobody).
+    pub mask_exempt_access: Option<Access>,
+    pub guardrails: Vec<Guardrail>,
+    /// Apply the built-in guardrails after the configured ones.
+    pub default_guardrails: bool,
+    /// How long a statement held for approval waits.
+    pub approval_timeout: Duration,
+}
+
+impl PostgresResource {
+    /// A resource with these masks and guardrails and every other setting at its default
+    /// (built for the recorder's masker and for tests, not read from a config).
+    pub fn with_rules(masks: Vec<MaskRule>, guardrails: Vec<Guardrail>) -> Self {
+        Self {
+            databases: vec![],
+            upstream_tls: UpstreamTls::Disable,
+            upstream_ca: None,
+            upstream_server_name: None,
+            client_tls: ClientTls::Disable,
+            credentials: BTreeMap::new(),
+            masks,
+            mask_exempt_access: None,
+            guardrails,
+            default_guardrails: true,
+            approval_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCredential {
+    user: S<String>,
+    password_file: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMask {
+    #[serde(default)]
+    columns: Vec<String>,
+    #[serde(default)]
+    detectors: Vec<S<String>>,
+    strategy: S<String>,
+    #[serde(default)]
+    exempt_identities: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawGuardrail {
+    name: Option<String>,
+    #[serde(default)]
+    kinds: Vec<S<String>>,
+    #[serde(default)]
+    tables: Vec<String>,
+    #[serde(default)]
+    functions: Vec<String>,
+    #[serde(default)]
+    without_where: bool,
+    #[serde(default)]
+    identities: Vec<String>,
+    action: S<String>,
+}
+
+/// The postgres keys of a `[[resource]]`, all optional in the raw shape.
+#[derive(Deserialize, Default)]
+pub(super) struct RawPostgres {
+    pub(super) databases: Option<Vec<String>>,
+    pub(super) upstream_tls: Option<S<String>>,
+    pub(super) upstream_ca: Option<S<String>>,
+    pub(super) upstream_server_name: Option<String>,
+    pub(super) client_tls: Option<S<String>>,
+    pub(super) credentials: Option<S<BTreeMap<String, RawCredential>>>,
+    pub(super) mask: Option<Vec<S<RawMask>>>,
+    pub(super) mask_exempt_access: Option<S<String>>,
+    pub(super) guardrail: Option<Vec<S<RawGuardrail>>>,
+    pub(super) default_guardrails: Option<bool>,
+    pub(super) approval_timeout: Option<S<String>>,
+}
+
+impl RawPostgres {
+    /// Whether any postgres-only key was given (an error on a `tcp` resource).
+    pub(super) fn first_key(&self) -> Option<&'static str> {
+        [
+            (self.databases.is_some(), "databases"),
+            (self.upstream_tls.is_some(), "upstream_tls"),
+            (self.upstream_ca.is_some(), "upstream_ca"),
+            (self.upstream_server_name.is_some(), "upstream_server_name"),
+            (self.client_tls.is_some(), "client_tls"),
+            (self.credentials.is_some(), "credentials"),
+            (self.mask.is_some(), "mask"),
+            (self.mask_exempt_access.is_some(), "mask_exempt_access"),
+            (self.guardrail.is_some(), "guardrail"),
+            (self.default_guardrails.is_some(), "default_guardrails"),
+            (self.approval_timeout.is_some(), "approval_timeout"),
+        ]
+        .into_iter()
+        .find_map(|(set, key)| set.then_some(key))
+    }
+}
+
+/// Password files hold the keys to the database: refuse any that others can read.
+fn check_secret_file(path: &str) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("`{path}`: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("`{path}` is not a file"));
+    }
+    let owner = std::os::unix::fs::MetadataExt::uid(&meta);
+    if owner != 0 && owner != nix::unistd::geteuid().as_raw() {
+        return Err(format!(
+            "`{path}` belongs to uid {owner}, who could rewrite the password; run `chown root {path}`"
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "`{path}` is readable by others (mode {mode:04o}); run `chmod 600 {path}` (owner root)"
+        ));
+    }
+    Ok(())
+}
+
+impl Validator<'_> {
+    pub(super) fn postgres(
+        &mut self,
+        resource: &str,
+        default_approval_timeout: Duration,
+        raw: RawPostgres,
+        whole: std::ops::Range<usize>,
+    ) -> PostgresResource {
+        let upstream_tls = match raw
+            .upstream_tls
+            .as_ref()
+            .map(|v| (v.get_ref().as_str(), v.span()))
+        {
+            None | Some(("disable", _)) => UpstreamTls::Disable,
+            Some(("require", _)) => UpstreamTls::Require,
+            Some(("verify-full", _)) => UpstreamTls::VerifyFull,
+            Some((other, span)) => {
+                self.fail(
+                    span,
+                    format!(
+                        "resource.upstream_tls: `{other}` is not disable, require or verify-full"
+                    ),
+                );
+                UpstreamTls::Disable
+            }
+        };
+        let upstream_ca = raw.upstream_ca.as_ref().map(|v| PathBuf::from(v.get_ref()));
+        if upstream_tls == UpstreamTls::VerifyFull {
+            match (&raw.upstream_ca, &upstream_ca) {
+                (Some(span), Some(path)) if !path.is_file() => self.fail(
+                    span.span(),
+                    format!("resource.upstream_ca: `{}` does not exist", path.display()),
+                ),
+                (None, _) => self.fail(
+                    whole.clone(),
+                    format!("resource `{resource}`: upstream_tls = \"verify-full\" needs upstream_ca (the CA file that signed the server's certificate)"),
+                ),
+                _ => {}
+            }
+        }
+        let client_tls = match raw
+            .client_tls
+            .as_ref()
+            .map(|v| (v.get_ref().as_str(), v.span()))
+        {
+            None | Some(("disable", _)) => ClientTls::Disable,
+            Some(("enable", _)) => ClientTls::Enable,
+            Some((other, span)) => {
+                self.fail(
+                    span,
+                    format!("resource.client_tls: `{other}` is not disable or enable"),
+                );
+                ClientTls::Disable
+            }
+        };
+
+        let mut credentials = BTreeMap::new();
+        match &raw.credentials {
+            None => self.fail(
+                whole.clone(),
+                format!("resource `{resource}`: a postgres resource needs [resource.credentials.read] (and .write/.admin for those levels)"),
+            ),
+            Some(table) => {
+                for (level, cred) in table.get_ref() {
+                    let access = match Access::from_str(level) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            self.fail(table.span(), format!("resource.credentials.{level}: {e}"));
+                            continue;
+                        }
+                    };
+                    if let Some(file) = &cred.password_file
+                        && let Err(e) = check_secret_file(file.get_ref()) {
+                            self.fail(
+                                file.span(),
+                                format!("resource.credentials.{level}.password_file: {e}"),
+                            );
+                        }
+                    if cred.user.get_ref().is_empty() || cred.user.get_ref().contains('\0') {
+                        self.fail(cred.user.span(), format!("resource.credentials.{level}.user: empty"));
+                    }
+                    credentials.insert(
+                        access,
+                        Credential {
+                            user: cred.user.get_ref().clone(),
+                            password_file: cred.password_file.as_ref().map(|f| PathBuf::from(f.get_ref())),
+                        },
+                    );
+                }
+            }
+        }
+
+        let mut masks = Vec::new();
+        for rule in raw.mask.unwrap_or_default() {
+            let span = rule.span();
+            let rule = rule.into_inner();
+            let strategy = Strategy::from_str(rule.strategy.get_ref()).unwrap_or_else(|e| {
+                self.fail(rule.strategy.span(), format!("resource.mask.strategy: {e}"));
+                Strategy::Redact
+            });
+            let mut detectors = Vec::new();
+            for d in &rule.detectors {
+                match Detector::from_str(d.get_ref()) {
+                    Ok(d) => detectors.push(d),
+                    Err(e) => self.fail(d.span(), format!("resource.mask.detectors: {e}")),
+                }
+            }
+            if rule.columns.is_empty() && detectors.is_empty() {
+                self.fail(
+                    span,
+                    "resource.mask: give columns (globs) or detectors, or both",
+                );
+            }
+            masks.push(MaskRule {
+                columns: rule
+                    .columns
+                    .iter()
+                    .map(|c| c.to_ascii_lowercase())
+                    .collect(),
+                detectors,
+                strategy,
+                exempt_identities: rule.exempt_identities,
+            });
+        }
+        let mask_exempt_access = raw.mask_exempt_access.as_ref().and_then(|v| {
+            Access::from_str(v.get_ref())
+                .map_err(|e| self.fail(v.span(), format!("resource.mask_exempt_access: {e}")))
+                .ok()
+        });
+
+        let mut guardrails = Vec::new();
+        for (i, g) in raw.guardrail.unwrap_or_default().into_iter().enumerate() {
+            let span = g.span();
+            let g = g.into_inner();
+            let action = match g.action.get_ref().as_str() {
+                "deny" => GuardAction::Deny,
+                "approve" => GuardAction::Approve,
+                "allow" => GuardAction::Allow,
+                other => {
+                    self.fail(
+                        g.action.span(),
+                        format!(
+                            "resource.guardrail.action: `{other}` is not deny, approve or allow"
+                        ),
+                    );
+                    GuardAction::Deny
+                }
+            };
+            for k in &g.kinds {
+                if !STATEMENT_KINDS.contains(&k.get_ref().as_str()) {
+                    self.fail(
+                        k.span(),
+                        format!(
+                            "resource.guardrail.kinds: `{}` is not a statement kind (use {})",
+                            k.get_ref(),
+                            STATEMENT_KINDS.join(", ")
+                        ),
+                    );
+                }
+            }
+            if g.kinds.is_empty()
+                && g.tables.is_empty()
+                && g.functions.is_empty()
+                && !g.without_where
+            {
+                self.fail(span, "resource.guardrail: give kinds, tables, functions or without_where to match on");
+            }
+            guardrails.push(Guardrail {
+                name: g
+                    .name
+                    .unwrap_or_else(|| format!("{resource} guardrail #{}", i + 1)),
+                kinds: g.kinds.into_iter().map(Spanned::into_inner).collect(),
+                tables: g.tables.iter().map(|t| t.to_ascii_lowercase()).collect(),
+                functions: g.functions.iter().map(|f| f.to_ascii_lowercase()).collect(),
+                without_where: g.without_where,
+                identities: g.identities,
+                action,
+            });
+        }
+        let approval_timeout = self.duration(
+            "resource.approval_timeout",
+            raw.approval_timeout.as_ref(),
+            default_approval_timeout,
+        );
+        PostgresResource {
+            databases: raw.databases.unwrap_or_default(),
+            upstream_tls,
+            upstream_ca,
+            upstream_server_name: raw.upstream_server_name,
+            client_tls,
+            credentials,
+            masks,
+            mask_exempt_access,
+            guardrails,
+            default_guardrails: raw.default_guardrails.unwrap_or(true),
+            approval_timeout,
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Names the masking rules need and the data stream does not carry: which table a
+//! RowDescription's table oid is, which columns a `COPY table TO` emits, what a
+//! `COPY (query) TO` returns. Looked up on a side connection of the session (same login, so
+//! the same visibility), opened on first need, and cached for the session.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+
+use bytes::BytesMut;
+use postgres_protocol::message::frontend;
+use tokio::io::AsyncWriteExt as _;
+
+use super::{
+    rows::{Column, parse_row_description},
+    tls::UpstreamTlsConfigs,
+    upstream::{self, Target, Upstream},
+    wire::{Frame, take_i16},
+};
+use crate::config::postgres::{Credential, PostgresResource};
+
+/// How the side connection logs in (owned, so it outlives the startup borrow).
+pub struct Login {
+    pub addr: SocketAddr,
+    pub pg: PostgresResource,
+    pub server_name: String,
+    pub tls: Arc<UpstreamTlsConfigs>,
+    pub credential: Credential,
+    pub params: Vec<(String, String)>,
+}
+
+pub struct Catalog {
+    login: Arc<Login>,
+    conn: Option<Upstream>,
+    columns: HashMap<(u32, i16), ColumnName>,
+    relations: HashMap<(Option<String>, String), Option<Arc<Relation>>>,
+}
+
+/// (schema, table, column).
+pub type ColumnName = Arc<(String, String, String)>;
+
+/// A table (or view) and its columns.
+#[derive(Debug)]
+pub struct Relation {
+    pub schema: String,
+    pub table: String,
+    pub columns: Vec<String>,
+}
+
+/// The side connection could not answer: masking decisions that need it fail closed.
+#[derive(Debug, thiserror::Error)]
+#[error("the catalog lookup connection failed")]
+pub struct CatalogError;
+
+/// A lookup that takes longer fails (closed).
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Most relations cached per session.
+const MAX_CACHED: usize = 4096;
+
+/// Quotes an identifier the way `quote_ident` does.
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// An escape-string literal: it means the same whatever `standard_conforming_strings` says.
+fn quote_literal(s: &str) -> String {
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+impl Catalog {
+    pub fn new(login: Arc<Login>) -> Self {
+        Self {
+            login,
+            conn: None,
+            columns: HashMap::new(),
+            relations: HashMap::new(),
+        }
+    }
+
+    async fn conn(&mut self) -> Option<&mut Upstream> {
+        if self.conn.is_none() {
+            let l = &self.login;
+            let target = Target {
+                addr: l.addr,
+                pg: &l.pg,
+                server_name: &l.server_name,
+                tls: &l.tls,
+            };
+            match upstream::connect(&target, &l.credential, &l.params).await {
+                Ok(c) => self.conn = Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "catalog lookup connection failed");
+                    return None;
+                }
+            }
+        }
+        self.conn.as_mut()
+    }
+
+    /// Runs `sql` (simple protocol), returning text rows.
+    /// Runs one simple query; any failure (connection, timeout, server error, a row it cannot
+    /// read) is an error, and a broken connection is dropped so the next lookup reconnects.
+    async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, CatalogError> {
+        let conn = self.conn().await.ok_or(CatalogError)?;
+        let mut buf = BytesMut::new();
+        frontend::query(sql, &mut buf).map_err(|_| CatalogError)?;
+        let exchange = async {
+            conn.writer.write_all(&buf).await.ok()?;
+            let mut rows = Vec::new();
+            let mut failed = false;
+            loop {
+                let frame = conn.reader.next().await.ok()??;
+                match frame.tag {
+                    b'D' => match data_row(&frame) {
+                        Some(r) => rows.push(r),
+                        None => failed = true,
+                    },
+                    b'E' => failed = true,
+                    b'Z' => break,
+                    _ => {}
+                }
+            }
+            Some((rows, failed))
+        };
+        match tokio::time::timeout(LOOKUP_TIMEOUT, exchange).await {
+            Ok(Some((rows, false))) => Ok(rows),
+            Ok(Some((_, true))) => Err(CatalogError),
+            _ => {
+                self.conn = None;
+                Err(CatalogError)
+            }
+        }
+    }
+
+    /// The real (schema, table, column) of each table column of a result, by table oid and
+    /// column number: the output name may be an alias. Columns missing from the answer (a
+    /// failed lookup, a dropped column) are left out; callers treat them as unknown.
+    pub async fn origins(&mut self, cols: &[Column]) -> HashMap<(u32, i16), ColumnName> {
+        let unknown: Vec<(u32, i16)> = cols
+            .iter()
+            .filter(|c| c.table_oid != 0 && c.attnum != 0)
+            .map(|c| (c.table_oid, c.attnum))
+            .filter(|k| !self.columns.contains_key(k))
+            .collect();
+        if !unknown.is_empty() {
+            let list = unknown
+                .iter()
+                .map(|(oid, n)| format!("({oid}::oid,{n}::int2)"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!(
+                "SELECT a.attrelid::text, a.attnum::text, n.nspname, c.relname, a.attname \
+                 FROM pg_catalog.pg_attribute a \
+                 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE (a.attrelid, a.attnum) IN ({list})"
+            );
+            if let Ok(rows) = self.query(&sql).await {
+                for r in rows {
+                    if let [
+                        Some(oid),
+                        Some(num),
+                        Some(schema),
+                        Some(table),
+                        Some(column),
+                    ] = &r[..]
+                        && let (Ok(oid), Ok(num)) = (oid.parse(), num.parse())
+                    {
+                        self.columns.insert(
+                            (oid, num),
+                            Arc::new((schema.clone(), table.clone(), column.clone())),
+                        );
+                    }
+                }
+            }
+        }
+        cols.iter()
+            .filter_map(|c| {
+                let k = (c.table_oid, c.attnum);
+                self.columns.get(&k).map(|n| (k, n.clone()))
+            })
+            .collect()
+    }
+
+    /// A relation's schema, name and columns, as `name` (schema-qualified or found on the
+    /// search path) resolves; `Ok(None)` when no relation has that name (a CTE, a typo).
+    pub async fn relation(
+        &mut self,
+        schema: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Arc<Relation>>, CatalogError> {
+        let key = (schema.map(str::to_owned), name.to_owned());
+        if let Some(hit) = self.relations.get(&key) {
+            return Ok(hit.clone());
+        }
+        let qualified = match schema {
+            Some(s) => format!("{}.{}", quote_ident(s), quote_ident(name)),
+            None => quote_ident(name),
+        };
+        let rows = self
+            .query(&format!(
+                "SELECT n.nspname, c.relname, a.attname FROM pg_catalog.pg_attribute a \
+                 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE a.attrelid = to_regclass({})::oid AND a.attnum > 0 AND NOT a.attisdropped \
+                 ORDER BY a.attnum",
+                quote_literal(&qualified)
+            ))
+            .await?;
+        let found = rows.first().and_then(|r| match (&r[0], &r[1]) {
+            (Some(schema), Some(table)) => Some(Arc::new(Relation {
+                schema: schema.clone(),
+                table: table.clone(),
+                columns: rows.iter().filter_map(|r| r[2].clone()).collect(),
+            })),
+            _ => None,
+        });
+        if self.relations.len() >= MAX_CACHED {
+            self.relations.clear();
+        }
+        self.relations.insert(key, found.clone());
+        Ok(found)
+    }
+
+    pub async fn describe(&mut self, query: &str) -> Option<Vec<Column>> {
+        let conn = self.conn().await?;
+        let mut buf = BytesMut::new();
+        frontend::parse("", query, std::iter::empty(), &mut buf).ok()?;
+        frontend::describe(b'S', "", &mut buf).ok()?;
+        frontend::sync(&mut buf);
+        let exchange = async {
+            conn.writer.write_all(&buf).await.ok()?;
+            let mut cols = None;
+            loop {
+                let frame = conn.reader.next().await.ok()??;
+                match frame.tag {
+                    b'T' => cols = parse_row_description(&frame.body).ok(),
+                    b'n' => cols = Some(Vec::new()),
+                    b'Z' => break,
+                    _ => {}
+                }
+            }
+            Some(cols)
+        };
+        match tokio::time::timeout(LOOKUP_TIMEOUT, exchange).await {
+            Ok(Some(cols)) => cols,
+            _ => {
+                self.conn = None;
+                None
+            }
+        }
+    }
+}
+
+fn data_row(frame: &Frame) -> Option<Vec<Option<String>>> {
+    use bytes::Buf as _;
+    let mut b = frame.body.clone();
+    let n = take_i16(&mut b).ok()?;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        if b.len() < 4 {
+            return None;
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            out.push(None);
+        } else {
+            let len = len as usize;
+            if b.len() < len {
+                return None;
+            }
+            out.push(Some(String::from_utf8_lossy(&b.split_to(len)).into_owned()));
+        }
+    }
+    Some(out)
+}

@@ -1,0 +1,479 @@
+//! The per-statement decision: access level, read-only mode, then guardrails (the resource's
+//! own, in order, then the built-in ones). The first guardrail that matches decides.
+
+use std::collections::HashMap;
+
+use super::{
+    sql::{Hazard, Statement},
+    wire::PgError,
+};
+use crate::config::{
+    Access,
+    postgres::{GuardAction, Guardrail, PostgresResource},
+};
+
+/// What happens to a query string.
+#[derive(Clone, Debug)]
+pub enum Verdict {
+    Allow,
+    /// Refused; the error goes to the client, the rule to the record.
+    Deny {
+        rule: String,
+        error: PgError,
+    },
+    /// Held until an approver decides.
+    Approve {
+        rule: String,
+        reason: String,
+    },
+}
+
+/// Who is asking, with what grant, on which resource.
+pub struct Context<'a> {
+    pub identity: &'a str,
+    pub resource: &'a str,
+    pub access: Access,
+    pub pg: &'a PostgresResource,
+    /// Statements prepared with SQL `PREPARE` in this session, by name.
+    pub prepared: &'a HashMap<String, Statement>,
+    /// Column masking applies to this session: statements that can carry values out some
+    /// other way than result rows are refused.
+    pub masked: bool,
+}
+
+/// `*` and `?` globs, case-insensitive (callers lowercase both sides).
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// Functions that read or write the database host's files.
+const FILE_FUNCTIONS: &[&str] = &[
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_*",
+    "pg_stat_file",
+    "pg_file_*",
+    "pg_logdir_ls",
+    "lo_import",
+    "lo_export",
+];
+
+/// The built-in guardrails, applied after the configured ones.
+fn builtin(s: &Statement) -> Option<(&'static str, GuardAction, String)> {
+    if s.hazards.contains(&Hazard::CopyProgram) {
+        return Some((
+            "builtin: copy-program",
+            GuardAction::Deny,
+            Hazard::CopyProgram.describe(),
+        ));
+    }
+    let file_function = s.functions.iter().find(|f| {
+        FILE_FUNCTIONS
+            .iter()
+            .any(|g| glob(g, f.rsplit('.').next().unwrap_or(f)))
+    });
+    if s.hazards.contains(&Hazard::ServerFile) || file_function.is_some() {
+        let what = file_function.map_or_else(
+            || Hazard::ServerFile.describe(),
+            |f| format!("{f}() {}", Hazard::ServerFile.describe()),
+        );
+        return Some(("builtin: server-files", GuardAction::Deny, what));
+    }
+    if s.hazards.contains(&Hazard::ForeignConnection) {
+        return Some((
+            "builtin: foreign-connections",
+            GuardAction::Deny,
+            Hazard::ForeignConnection.describe(),
+        ));
+    }
+    if s.hazards.contains(&Hazard::DynamicSql) {
+        return Some((
+            "builtin: dynamic-sql",
+            GuardAction::Deny,
+            Hazard::DynamicSql.describe(),
+        ));
+    }
+    if let Some(h) = s
+        .hazards
+        .iter()
+        .find(|h| matches!(h, Hazard::OpaqueBody(_)))
+    {
+        return Some((
+            "builtin: opaque-function-body",
+            GuardAction::Approve,
+            h.describe(),
+        ));
+    }
+    if s.write_without_where {
+        return Some((
+            "builtin: write-without-where",
+            GuardAction::Approve,
+            "UPDATE or DELETE without a WHERE clause touches every row".into(),
+        ));
+    }
+    None
+}
+
+fn matches(rule: &Guardrail, identity: &str, s: &Statement) -> bool {
+    if !rule.identities.is_empty() && !rule.identities.iter().any(|i| i == identity) {
+        return false;
+    }
+    if !rule.kinds.is_empty() && !rule.kinds.iter().any(|k| s.kinds.contains(k.as_str())) {
+        return false;
+    }
+    if !rule.tables.is_empty()
+        && !s
+            .tables
+            .iter()
+            .any(|t| rule.tables.iter().any(|g| glob(g, t)))
+    {
+        return false;
+    }
+    if !rule.functions.is_empty()
+        && !s
+            .functions
+            .iter()
+            .any(|f| rule.functions.iter().any(|g| glob(g, f)))
+    {
+        return false;
+    }
+    if rule.without_where && !s.write_without_where {
+        return false;
+    }
+    true
+}
+
+fn describe(rule: &Guardrail) -> String {
+    let mut parts = Vec::new();
+    if !rule.kinds.is_empty() {
+        parts.push(format!("kinds {}", rule.kinds.join(", ")));
+    }
+    if !rule.tables.is_empty() {
+        parts.push(format!("tables {}", rule.tables.join(", ")));
+    }
+    if !rule.functions.is_empty() {
+        parts.push(format!("functions {}", rule.functions.join(", ")));
+    }
+    if rule.without_where {
+        parts.push("without WHERE".into());
+    }
+    parts.join("; ")
+}
+
+/// Judges one statement (already resolved through `EXECUTE`).
+fn judge_one(ctx: &Context<'_>, s: &Statement) -> Verdict {
+    if let Some(name) = &s.executes {
+        return match ctx.prepared.get(name) {
+            Some(prepared) => judge_one(ctx, prepared),
+            None => Verdict::Deny {
+                rule: "unknown prepared statement".into(),
+                error: PgError::error(
+                    "26000",
+                    format!(
+                        "prepared statement \"{name}\" does not exist (jitgate checks what EXECUTE runs, and has not seen it prepared)"
+                    ),
+                ),
+            },
+        };
+    }
+    if s.sets_parsing.as_deref() == Some("client_encoding") {
+        return Verdict::Deny {
+            rule: "client encoding".into(),
+            error: PgError::error(
+                "0A000",
+                "jitgate: only the UTF8 and SQL_ASCII client encodings are supported on a gated connection",
+            )
+            .hint("convert on the client side; other encodings can hide statements from the gate"),
+        };
+    }
+    if s.access.0 > ctx.access {
+        let need = s.access.0;
+        return Verdict::Deny {
+            rule: format!("access: {need} needed"),
+            error: PgError::error(
+                "42501",
+                format!(
+                    "jitgate: this statement needs {need} access to {}; the session's grant is {}",
+                    ctx.resource, ctx.access
+                ),
+            )
+            .detail(format!(
+                "statement kinds: {}",
+                s.kinds.iter().copied().collect::<Vec<_>>().join(", ")
+            ))
+            .hint(format!("jitgate request {} --access {need}", ctx.resource)),
+        };
+    }
+    if ctx.access == Access::Read
+        && let Some(why) = &s.escapes_read_only
+    {
+        return Verdict::Deny {
+            rule: "read-only session".into(),
+            error: PgError::error(
+                "25006",
+                format!(
+                    "jitgate: {why}; this session has read access to {}",
+                    ctx.resource
+                ),
+            )
+            .hint(format!("jitgate request {} --access write", ctx.resource)),
+        };
+    }
+    if ctx.masked
+        && let Some(why) = &s.side_channel
+    {
+        return Verdict::Deny {
+            rule: "masking side channel".into(),
+            error: PgError::error(
+                "42501",
+                format!(
+                    "jitgate: {why}, which column masking cannot follow; not run while masking applies to {}",
+                    ctx.resource
+                ),
+            )
+            .hint("select the values instead, so that masking applies; or ask the jitgate operator for a grant exempt from masking"),
+        };
+    }
+    let configured = ctx
+        .pg
+        .guardrails
+        .iter()
+        .find(|rule| matches(rule, ctx.identity, s))
+        .map(|rule| (rule.name.clone(), rule.action, describe(rule)));
+    let builtin = || {
+        ctx.pg
+            .default_guardrails
+            .then(|| builtin(s).map(|(n, a, why)| (n.to_owned(), a, why)))
+            .flatten()
+    };
+    // A configured `allow` releases what the built-ins would hold, never what they deny
+    // (turning those off takes `default_guardrails = false`, a visible decision).
+    let decided = match configured {
+        Some((_, GuardAction::Allow, _)) => {
+            builtin().filter(|(_, action, _)| *action == GuardAction::Deny)
+        }
+        Some(c) => Some(c),
+        None => builtin(),
+    };
+    match decided {
+        None | Some((_, GuardAction::Allow, _)) => Verdict::Allow,
+        Some((rule, GuardAction::Deny, why)) => Verdict::Deny {
+            error: PgError::error(
+                "42501",
+                format!("jitgate: statement refused by guardrail \"{rule}\": {why}"),
+            )
+            .hint("this guardrail refuses the statement whatever the grant; ask the resource's owners to change the jitgate configuration if it must run"),
+            rule,
+        },
+        Some((rule, GuardAction::Approve, why)) => Verdict::Approve { rule, reason: why },
+    }
+}
+
+/// Judges a whole query string: any refusal refuses all of it (nothing runs), else any hold
+/// holds all of it.
+pub fn judge(ctx: &Context<'_>, statements: &[Statement]) -> Verdict {
+    let mut hold = None;
+    for s in statements {
+        match judge_one(ctx, s) {
+            Verdict::Allow => {}
+            deny @ Verdict::Deny { .. } => return deny,
+            approve @ Verdict::Approve { .. } => {
+                hold.get_or_insert(approve);
+            }
+        }
+    }
+    hold.unwrap_or(Verdict::Allow)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::postgres::sql::{ParseMode, analyze};
+
+    fn pg(guardrails: Vec<Guardrail>) -> PostgresResource {
+        PostgresResource::with_rules(vec![], guardrails)
+    }
+
+    fn verdict(access: Access, pg: &PostgresResource, sql: &str) -> Verdict {
+        let prepared = HashMap::new();
+        let ctx = Context {
+            identity: "bot",
+            resource: "db",
+            access,
+            pg,
+            prepared: &prepared,
+            masked: false,
+        };
+        judge(&ctx, &analyze(sql, ParseMode::default()).unwrap())
+    }
+
+    fn code(v: &Verdict) -> Option<&'static str> {
+        match v {
+            Verdict::Deny { error, .. } => Some(error.code),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob("*.email", "users.email"));
+        assert!(glob("*.email", ".email"));
+        assert!(glob("*password*", "users.password_hash"));
+        assert!(glob("users.?d", "users.id"));
+        assert!(!glob("users.email", "users.emails"));
+        assert!(glob("pg_ls_*", "pg_ls_dir"));
+    }
+
+    #[test]
+    fn access_levels_mean_something() {
+        let p = pg(vec![]);
+        assert!(matches!(
+            verdict(Access::Read, &p, "SELECT 1"),
+            Verdict::Allow
+        ));
+        let v = verdict(Access::Read, &p, "INSERT INTO t VALUES (1)");
+        assert_eq!(code(&v), Some("42501"));
+        if let Verdict::Deny { error, .. } = &v {
+            assert_eq!(
+                error.hint.as_deref(),
+                Some("jitgate request db --access write")
+            );
+        }
+        assert!(matches!(
+            verdict(Access::Write, &p, "INSERT INTO t VALUES (1)"),
+            Verdict::Allow
+        ));
+        assert_eq!(
+            code(&verdict(Access::Write, &p, "DROP TABLE t")),
+            Some("42501")
+        );
+        assert!(matches!(
+            verdict(Access::Admin, &p, "DROP TABLE t"),
+            Verdict::Allow
+        ));
+        assert_eq!(
+            code(&verdict(Access::Read, &p, "BEGIN READ WRITE")),
+            Some("25006")
+        );
+        assert_eq!(
+            code(&verdict(Access::Read, &p, "SET ROLE postgres")),
+            Some("42501")
+        );
+        assert!(matches!(
+            verdict(Access::Write, &p, "BEGIN READ WRITE"),
+            Verdict::Allow
+        ));
+        // One refused statement refuses the whole string.
+        assert_eq!(
+            code(&verdict(
+                Access::Read,
+                &p,
+                "SELECT 1; DELETE FROM t WHERE a=1"
+            )),
+            Some("42501")
+        );
+    }
+
+    #[test]
+    fn default_guardrails() {
+        let p = pg(vec![]);
+        for sql in [
+            "COPY t TO PROGRAM 'cat /etc/passwd'",
+            "SELECT pg_read_file('/etc/passwd')",
+            "UPDATE t SET a = pg_read_file('x') WHERE id = 1",
+            "SELECT lo_import('/etc/passwd')",
+            "SELECT lo_export(1, '/tmp/x')",
+            "SELECT dblink_connect('host=evil')",
+            "COPY t FROM '/etc/passwd'",
+        ] {
+            assert_eq!(
+                code(&verdict(Access::Admin, &p, sql)),
+                Some("42501"),
+                "{sql}"
+            );
+        }
+        assert!(matches!(
+            verdict(Access::Write, &p, "DELETE FROM t"),
+            Verdict::Approve { .. }
+        ));
+        assert!(matches!(
+            verdict(Access::Write, &p, "UPDATE t SET a = 1"),
+            Verdict::Approve { .. }
+        ));
+        assert!(matches!(
+            verdict(Access::Write, &p, "DELETE FROM t WHERE id = 1"),
+            Verdict::Allow
+        ));
+        let mut off = pg(vec![]);
+        off.default_guardrails = false;
+        assert!(matches!(
+            verdict(Access::Write, &off, "DELETE FROM t"),
+            Verdict::Allow
+        ));
+    }
+
+    #[test]
+    fn configured_guardrails_come_first() {
+        let rule = |action, tables: &[&str]| Guardrail {
+            name: "payroll".into(),
+            kinds: vec![],
+            tables: tables.iter().map(|s| s.to_string()).collect(),
+            functions: vec![],
+            without_where: false,
+            identities: vec![],
+            action,
+        };
+        let p = pg(vec![rule(GuardAction::Deny, &["payroll*"])]);
+        assert_eq!(
+            code(&verdict(Access::Read, &p, "SELECT * FROM payroll_2026")),
+            Some("42501")
+        );
+        assert!(matches!(
+            verdict(Access::Read, &p, "SELECT * FROM orders"),
+            Verdict::Allow
+        ));
+        let p = pg(vec![rule(GuardAction::Allow, &["scratch"])]);
+        assert!(matches!(
+            verdict(Access::Write, &p, "DELETE FROM scratch"),
+            Verdict::Allow
+        ));
+        // ... but an allow never lifts a built-in deny.
+        assert_eq!(
+            code(&verdict(
+                Access::Write,
+                &p,
+                "SELECT pg_read_file('/etc/passwd') FROM scratch"
+            )),
+            Some("42501")
+        );
+        let mut other = rule(GuardAction::Deny, &["orders"]);
+        other.identities = vec!["someone-else".into()];
+        let p = pg(vec![other]);
+        assert!(matches!(
+            verdict(Access::Read, &p, "SELECT * FROM orders"),
+            Verdict::Allow
+        ));
+    }
+}

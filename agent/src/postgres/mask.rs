@@ -1,0 +1,507 @@
+//! Masking: content detectors and the strategies that replace what they find.
+//!
+//! Column rules mask a whole value by the column's name; detectors find sensitive substrings
+//! in any text (emails, Luhn-valid card numbers, US SSNs, phone numbers, IBANs, AWS access
+//! keys, JWTs, PEM private keys, bearer tokens). One pass of a compiled regex set rejects the
+//! common case (nothing sensitive) before any per-detector work.
+
+use std::{borrow::Cow, sync::LazyLock};
+
+use hmac::{Hmac, Mac as _};
+use regex::{Regex, RegexSet};
+use sha2::Sha256;
+
+use super::guard::glob;
+use crate::config::{
+    Access,
+    postgres::{Detector, MaskRule, PostgresResource, Strategy},
+};
+
+/// Detectors in the order their matches win when they overlap (most specific first).
+const ORDER: [Detector; 9] = [
+    Detector::PrivateKey,
+    Detector::Jwt,
+    Detector::Bearer,
+    Detector::AwsKey,
+    Detector::Email,
+    Detector::Iban,
+    Detector::Card,
+    Detector::Ssn,
+    Detector::Phone,
+];
+
+fn pattern(d: Detector) -> &'static str {
+    match d {
+        Detector::PrivateKey => {
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?s:.*?)(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|\z)"
+        }
+        Detector::Jwt => r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}",
+        Detector::Bearer => r"(?i)\bbearer[ \t]+[A-Za-z0-9._~+/-]{8,}=*",
+        Detector::AwsKey => r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z0-9]{16}\b",
+        Detector::Email => r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+        Detector::Iban => r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
+        Detector::Card => r"\b(?:[0-9][ -]?){12,18}[0-9]\b",
+        Detector::Ssn => r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b",
+        Detector::Phone => {
+            r"(?:\+[0-9]{1,3}[ .-]?(?:\(?[0-9]{1,4}\)?[ .-]?){2,4}[0-9]{2,4}|\(?\b[0-9]{3}\)?[ .-][0-9]{3}[ .-][0-9]{4}\b)"
+        }
+    }
+}
+
+struct Compiled {
+    set: RegexSet,
+    each: Vec<(Detector, Regex)>,
+}
+
+static COMPILED: LazyLock<Compiled> = LazyLock::new(|| Compiled {
+    set: RegexSet::new(ORDER.map(pattern)).expect("detector patterns compile"),
+    each: ORDER
+        .iter()
+        .map(|d| {
+            (
+                *d,
+                Regex::new(pattern(*d)).expect("detector pattern compiles"),
+            )
+        })
+        .collect(),
+});
+
+fn luhn(digits: &[u8]) -> bool {
+    let mut sum = 0u32;
+    for (i, d) in digits.iter().rev().enumerate() {
+        let mut v = u32::from(*d);
+        if i % 2 == 1 {
+            v *= 2;
+            if v > 9 {
+                v -= 9;
+            }
+        }
+        sum += v;
+    }
+    sum.is_multiple_of(10)
+}
+
+fn iban_valid(s: &str) -> bool {
+    let compact: Vec<u8> = s.bytes().filter(|b| *b != b' ').collect();
+    if !(15..=34).contains(&compact.len()) {
+        return false;
+    }
+    let rearranged = compact[4..].iter().chain(&compact[..4]);
+    let mut rem = 0u32;
+    for &b in rearranged {
+        let v = match b {
+            b'0'..=b'9' => u32::from(b - b'0'),
+            b'A'..=b'Z' => u32::from(b - b'A') + 10,
+            _ => return false,
+        };
+        rem = if v >= 10 {
+            (rem * 100 + v) % 97
+        } else {
+            (rem * 10 + v) % 97
+        };
+    }
+    rem == 1
+}
+
+/// Extra checks a regex cannot express.
+fn confirm(d: Detector, m: &str) -> bool {
+    match d {
+        Detector::Card => {
+            let digits: Vec<u8> = m
+                .bytes()
+                .filter(u8::is_ascii_digit)
+                .map(|b| b - b'0')
+                .collect();
+            (13..=19).contains(&digits.len()) && luhn(&digits)
+        }
+        Detector::Ssn => {
+            let (area, rest) = m.split_at(3);
+            area != "000"
+                && area != "666"
+                && !area.starts_with('9')
+                && &rest[1..3] != "00"
+                && &rest[4..] != "0000"
+        }
+        Detector::Iban => iban_valid(m),
+        Detector::Phone => m.bytes().filter(u8::is_ascii_digit).count() >= 9,
+        _ => true,
+    }
+}
+
+/// What masking does to one value.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome<'a> {
+    Keep,
+    Replace(Cow<'a, str>),
+    Null,
+}
+
+/// Per-session masking state: the rules that apply to this identity and grant, and the key
+/// for stable pseudonyms.
+#[derive(Clone)]
+pub struct Masker {
+    columns: Vec<(Vec<String>, Strategy)>,
+    detectors: Vec<(Detector, Strategy)>,
+    key: [u8; 32],
+}
+
+impl Masker {
+    /// The rules of `pg` that apply to `identity` holding `access`; `None` when nothing is
+    /// masked (the data path then skips row parsing altogether).
+    pub fn new(
+        pg: &PostgresResource,
+        identity: &str,
+        access: Access,
+        key: [u8; 32],
+    ) -> Option<Self> {
+        if pg.mask_exempt_access.is_some_and(|level| access >= level) {
+            return None;
+        }
+        let applies = |r: &&MaskRule| !r.exempt_identities.iter().any(|i| i == identity);
+        let mut columns = Vec::new();
+        let mut detectors: Vec<(Detector, Strategy)> = Vec::new();
+        for rule in pg.masks.iter().filter(applies) {
+            if !rule.columns.is_empty() {
+                columns.push((rule.columns.clone(), rule.strategy));
+            }
+            for d in &rule.detectors {
+                if !detectors.iter().any(|(x, _)| x == d) {
+                    detectors.push((*d, rule.strategy));
+                }
+            }
+        }
+        if columns.is_empty() && detectors.is_empty() {
+            return None;
+        }
+        Some(Self {
+            columns,
+            detectors,
+            key,
+        })
+    }
+
+    pub fn has_column_rules(&self) -> bool {
+        !self.columns.is_empty()
+    }
+
+    pub fn has_detectors(&self) -> bool {
+        !self.detectors.is_empty()
+    }
+
+    pub fn detects(&self, d: Detector) -> bool {
+        self.detectors.iter().any(|(x, _)| *x == d)
+    }
+
+    /// The column rule for `table.column` (table may be empty when unknown).
+    pub fn column_strategy(&self, schema: &str, table: &str, column: &str) -> Option<Strategy> {
+        let column = column.to_ascii_lowercase();
+        let short = format!("{}.{column}", table.to_ascii_lowercase());
+        let long = format!("{}.{short}", schema.to_ascii_lowercase());
+        self.columns.iter().find_map(|(globs, strategy)| {
+            globs
+                .iter()
+                .any(|g| glob(g, &short) || glob(g, &long) || glob(g, &column))
+                .then_some(*strategy)
+        })
+    }
+
+    /// The column rule for a value with no table: any rule whose column part matches.
+    pub fn column_strategy_by_name(&self, column: &str) -> Option<Strategy> {
+        let column = column.to_ascii_lowercase();
+        self.columns.iter().find_map(|(globs, strategy)| {
+            globs
+                .iter()
+                .any(|g| glob(g.rsplit('.').next().unwrap_or(g), &column))
+                .then_some(*strategy)
+        })
+    }
+
+    /// A stable keyed pseudonym for `value`.
+    pub fn pseudonym(&self, value: &str) -> String {
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.key).expect("any key length");
+        m.update(value.as_bytes());
+        let digest = m.finalize().into_bytes();
+        format!("h:{}", hex::encode(&digest[..6]))
+    }
+
+    /// Masks a whole value under a column rule.
+    pub fn apply_column<'a>(&self, strategy: Strategy, value: &'a str) -> Outcome<'a> {
+        match strategy {
+            Strategy::Null => Outcome::Null,
+            Strategy::Redact => Outcome::Replace(Cow::Borrowed("****")),
+            Strategy::Hash => Outcome::Replace(Cow::Owned(self.pseudonym(value))),
+            Strategy::Partial => {
+                Outcome::Replace(Cow::Owned(if COMPILED.each[4].1.is_match(value) {
+                    partial(Detector::Email, value)
+                } else {
+                    partial_generic(value)
+                }))
+            }
+        }
+    }
+
+    /// Runs the detectors over `value`.
+    pub fn scan<'a>(&self, value: &'a str, hits: &mut impl FnMut(Detector)) -> Outcome<'a> {
+        if self.detectors.is_empty() {
+            return Outcome::Keep;
+        }
+        let matched = COMPILED.set.matches(value);
+        if !matched.matched_any() {
+            return Outcome::Keep;
+        }
+        // Collect confirmed, non-overlapping matches, in priority order.
+        let mut found: Vec<(usize, usize, Detector, Strategy)> = Vec::new();
+        for (i, (d, re)) in COMPILED.each.iter().enumerate() {
+            if !matched.matched(i) {
+                continue;
+            }
+            let Some(strategy) = self.detectors.iter().find(|(x, _)| x == d).map(|(_, s)| *s)
+            else {
+                continue;
+            };
+            for m in re.find_iter(value) {
+                if !confirm(*d, m.as_str()) {
+                    continue;
+                }
+                if found
+                    .iter()
+                    .any(|(s, e, _, _)| m.start() < *e && *s < m.end())
+                {
+                    continue;
+                }
+                found.push((m.start(), m.end(), *d, strategy));
+            }
+        }
+        if found.is_empty() {
+            return Outcome::Keep;
+        }
+        for (_, _, d, _) in &found {
+            hits(*d);
+        }
+        if found.iter().any(|(_, _, _, s)| *s == Strategy::Null) {
+            return Outcome::Null;
+        }
+        found.sort_by_key(|(s, _, _, _)| *s);
+        let mut out = String::with_capacity(value.len());
+        let mut at = 0;
+        for (start, end, d, strategy) in found {
+            out.push_str(&value[at..start]);
+            let piece = &value[start..end];
+            match strategy {
+                Strategy::Redact => out.push_str("****"),
+                Strategy::Hash => out.push_str(&self.pseudonym(piece)),
+                Strategy::Partial => out.push_str(&partial(d, piece)),
+                Strategy::Null => unreachable!("handled above"),
+            }
+            at = end;
+        }
+        out.push_str(&value[at..]);
+        Outcome::Replace(Cow::Owned(out))
+    }
+}
+
+/// Keeps the first and last character: `j***n`.
+fn partial_generic(value: &str) -> String {
+    let chars: Vec<char> = value.chars().collect();
+    match chars.len() {
+        0 => String::new(),
+        1..=2 => "**".into(),
+        n => format!("{}***{}", chars[0], chars[n - 1]),
+    }
+}
+
+/// A detector-aware partial mask that keeps a useful hint.
+fn partial(d: Detector, m: &str) -> String {
+    let keep_last_digits = |m: &str, keep: usize| {
+        let total = m.bytes().filter(u8::is_ascii_digit).count();
+        let mut seen = 0;
+        m.chars()
+            .map(|c| {
+                if c.is_ascii_digit() {
+                    seen += 1;
+                    if seen > total.saturating_sub(keep) {
+                        c
+                    } else {
+                        '*'
+                    }
+                } else {
+                    c
+                }
+            })
+            .collect::<String>()
+    };
+    match d {
+        Detector::Email => match m.split_once('@') {
+            Some((local, domain)) => {
+                let first = local.chars().next().unwrap_or('*');
+                format!("{first}***@{domain}")
+            }
+            None => "****".into(),
+        },
+        Detector::Card => keep_last_digits(m, 4),
+        Detector::Ssn => format!("***-**-{}", &m[m.len() - 4..]),
+        Detector::Phone => keep_last_digits(m, 2),
+        Detector::Iban => {
+            let compact: String = m.chars().filter(|c| *c != ' ').collect();
+            format!(
+                "{}{}{}",
+                &compact[..2],
+                "*".repeat(compact.len() - 6),
+                &compact[compact.len() - 4..]
+            )
+        }
+        Detector::AwsKey => format!("{}****************", &m[..4]),
+        Detector::Jwt => "eyJ****".into(),
+        Detector::Bearer => "Bearer ****".into(),
+        Detector::PrivateKey => "-----BEGIN PRIVATE KEY-----****-----END PRIVATE KEY-----".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masker(rules: Vec<MaskRule>) -> Masker {
+        let pg = PostgresResource {
+            mask_exempt_access: Some(Access::Admin),
+            ..PostgresResource::with_rules(rules, vec![])
+        };
+        Masker::new(&pg, "bot", Access::Read, [7; 32]).unwrap()
+    }
+
+    fn detect(strategy: Strategy) -> Masker {
+        masker(vec![MaskRule {
+            columns: vec![],
+            detectors: Detector::ALL.to_vec(),
+            strategy,
+            exempt_identities: vec![],
+        }])
+    }
+
+    fn scanned(m: &Masker, v: &str) -> String {
+        match m.scan(v, &mut |_| {}) {
+            Outcome::Keep => v.to_owned(),
+            Outcome::Replace(s) => s.into_owned(),
+            Outcome::Null => "NULL".into(),
+        }
+    }
+
+    #[test]
+    fn every_detector_finds_its_kind() {
+        let m = detect(Strategy::Redact);
+        let samples = [
+            ("mail jane.doe@example.com now", "mail **** now"),
+            ("card 4111 1111 1111 1111", "card ****"),
+            ("card 4111111111111111.", "card ****."),
+            ("ssn 123-45-6789", "ssn ****"),
+            ("call +1 415 555 0100", "call ****"),
+            ("call (415) 555-0100", "call ****"),
+            ("iban DE89 3704 0044 0532 0130 00", "iban ****"),
+            ("key AKIAIOSFODNN7EXAMPLE", "key ****"),
+            (
+                "t eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl",
+                "t ****",
+            ),
+            (
+                "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----",
+                "****",
+            ),
+            (
+                "Authorization: Bearer abcdefghij123456",
+                "Authorization: ****",
+            ),
+        ];
+        for (input, want) in samples {
+            assert_eq!(scanned(&m, input), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn look_alikes_are_left_alone() {
+        let m = detect(Strategy::Redact);
+        for v in [
+            "order 4111111111111112",           // fails Luhn
+            "ssn 000-12-3456",                  // invalid area
+            "iban DE00 3704 0044 0532 0130 00", // bad checksum
+            "plain text, nothing here",
+            "id 12345",
+            "2026-11-23",
+        ] {
+            assert_eq!(scanned(&m, v), v, "{v}");
+        }
+    }
+
+    #[test]
+    fn strategies() {
+        assert_eq!(
+            scanned(&detect(Strategy::Partial), "jane.doe@example.com"),
+            "j***@example.com"
+        );
+        assert_eq!(
+            scanned(&detect(Strategy::Partial), "4111 1111 1111 1111"),
+            "**** **** **** 1111"
+        );
+        assert_eq!(
+            scanned(&detect(Strategy::Partial), "123-45-6789"),
+            "***-**-6789"
+        );
+        assert_eq!(
+            scanned(&detect(Strategy::Null), "x jane@example.com"),
+            "NULL"
+        );
+        let h = detect(Strategy::Hash);
+        let a = scanned(&h, "jane@example.com");
+        assert!(a.starts_with("h:") && a.len() == 14, "{a}");
+        assert_eq!(a, scanned(&h, "jane@example.com"), "stable");
+        assert_ne!(a, scanned(&h, "john@example.com"));
+    }
+
+    #[test]
+    fn column_rules_and_exemptions() {
+        let m = masker(vec![MaskRule {
+            columns: vec!["*.email".into(), "*password*".into()],
+            detectors: vec![],
+            strategy: Strategy::Partial,
+            exempt_identities: vec![],
+        }]);
+        assert_eq!(
+            m.column_strategy("public", "users", "email"),
+            Some(Strategy::Partial)
+        );
+        assert_eq!(m.column_strategy("", "", "EMAIL"), Some(Strategy::Partial));
+        assert_eq!(
+            m.column_strategy("public", "users", "password_hash"),
+            Some(Strategy::Partial)
+        );
+        assert_eq!(m.column_strategy("public", "users", "name"), None);
+        assert_eq!(
+            m.apply_column(Strategy::Partial, "jane@example.com"),
+            Outcome::Replace(Cow::Owned("j***@example.com".into()))
+        );
+        assert_eq!(
+            m.apply_column(Strategy::Partial, "hunter2"),
+            Outcome::Replace(Cow::Owned("h***2".into()))
+        );
+        let pg = PostgresResource {
+            mask_exempt_access: Some(Access::Admin),
+            ..PostgresResource::with_rules(
+                vec![MaskRule {
+                    columns: vec!["*".into()],
+                    detectors: vec![],
+                    strategy: Strategy::Redact,
+                    exempt_identities: vec!["auditor".into()],
+                }],
+                vec![],
+            )
+        };
+        assert!(
+            Masker::new(&pg, "bot", Access::Admin, [0; 32]).is_none(),
+            "admin grants see clear values"
+        );
+        assert!(
+            Masker::new(&pg, "auditor", Access::Read, [0; 32]).is_none(),
+            "exempt identity"
+        );
+        assert!(Masker::new(&pg, "bot", Access::Read, [0; 32]).is_some());
+    }
+}

@@ -1,0 +1,1142 @@
+//! What a SQL string will do, as the real PostgreSQL parser (libpg_query) sees it.
+//!
+//! The parse tree is walked generically (every node, however deeply nested), so a function
+//! call is found wherever it sits: in an UPDATE's SET list, an aggregate, a CTE, a default
+//! expression, a view body. Statements that run other statements are judged by what they will
+//! run: `PREPARE` by its query, `EXPLAIN ANALYZE` by its statement, `DO` and function bodies
+//! (SQL and PL/pgSQL) by every statement and expression inside them.
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+use crate::config::Access;
+
+/// One top-level statement, analysed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Statement {
+    /// The statement's text (a slice of the query string).
+    pub text: String,
+    /// Every kind of statement it runs (see [`crate::config::postgres::STATEMENT_KINDS`]).
+    pub kinds: BTreeSet<&'static str>,
+    /// The access level it needs.
+    pub access: AccessNeed,
+    /// Tables it touches, lowercased, as `table` and `schema.table` when qualified.
+    pub tables: BTreeSet<String>,
+    /// Functions it calls, lowercased, as `name` and `schema.name` when qualified.
+    pub functions: BTreeSet<String>,
+    /// An UPDATE or DELETE (anywhere in it) has no WHERE clause.
+    pub write_without_where: bool,
+    /// Things the default guardrails refuse, with a short description each.
+    pub hazards: BTreeSet<Hazard>,
+    /// What would lift the session out of read-only mode or change its role.
+    pub escapes_read_only: Option<String>,
+    /// `PREPARE name AS ...`: the name (the analysis above is the inner statement's).
+    pub prepares: Option<String>,
+    /// `EXECUTE name`: judged by what was prepared under `name`.
+    pub executes: Option<String>,
+    /// `DEALLOCATE name` (`None` inside: `DEALLOCATE ALL`).
+    pub deallocates: Option<Option<String>>,
+    /// `COPY` details, for masking its output.
+    pub copy: Option<Copy>,
+    /// A `SET` of a setting that changes how statements are parsed.
+    pub sets_parsing: Option<String>,
+    /// Column names referenced in anything that produces result rows (SELECT lists,
+    /// RETURNING, at any depth), lowercased; `*` for a star. A result column the server cannot
+    /// trace to a table column (an expression) is masked when one of these is masked.
+    pub output_refs: BTreeSet<String>,
+    /// Relation aliases (`FROM users u`), lowercased: a reference to one is a whole row.
+    pub aliases: BTreeSet<String>,
+    /// Relations as written, case kept: `(schema, name)`.
+    pub relations: BTreeSet<(Option<String>, String)>,
+    /// What it does with a SQL cursor.
+    pub cursor: Option<CursorUse>,
+    /// A way to carry values out of the database other than result rows, which column masking
+    /// cannot follow (`pg_notify` or `set_config` with a computed value, a `DO` block that can
+    /// raise anything it reads).
+    pub side_channel: Option<String>,
+    /// It may change `search_path`, after which unqualified names can resolve differently in
+    /// the session than in the proxy's catalog lookups.
+    pub sets_search_path: bool,
+}
+
+/// What the result rows of a query string (or a prepared statement, or a cursor) may be
+/// computed from: the union over its statements, for masking values the server cannot trace
+/// to a table column.
+#[derive(Clone, Debug, Default)]
+pub struct ResultRefs {
+    /// Column names referenced where they feed results; `*` for a star.
+    pub names: BTreeSet<String>,
+    /// Names that denote whole rows: relations (bare names) and their aliases.
+    pub row_names: BTreeSet<String>,
+    /// Relations as written.
+    pub relations: BTreeSet<(Option<String>, String)>,
+    /// Rows come from something the proxy did not see defined (a cursor or prepared statement
+    /// it does not know): every computed value is masked.
+    pub opaque: bool,
+}
+
+impl ResultRefs {
+    /// Results computed from what the proxy cannot see.
+    pub fn opaque() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            opaque: true,
+            ..Self::default()
+        })
+    }
+
+    pub fn add(&mut self, s: &Statement) {
+        self.names.extend(s.output_refs.iter().cloned());
+        self.row_names
+            .extend(s.tables.iter().filter(|t| !t.contains('.')).cloned());
+        self.row_names.extend(s.aliases.iter().cloned());
+        self.relations.extend(s.relations.iter().cloned());
+    }
+
+    pub fn merge(&mut self, other: &Self) {
+        self.names.extend(other.names.iter().cloned());
+        self.row_names.extend(other.row_names.iter().cloned());
+        self.relations.extend(other.relations.iter().cloned());
+        self.opaque |= other.opaque;
+    }
+
+    /// Whether some result may hold a whole row (`row_to_json(u)`, `SELECT u`) or a star
+    /// expanded where the server loses track of columns (`... UNION SELECT * FROM users`).
+    pub fn whole_rows(&self) -> bool {
+        self.names
+            .iter()
+            .any(|n| n == "*" || self.row_names.contains(n))
+    }
+}
+
+/// `DECLARE`, `FETCH`/`MOVE` and `CLOSE` of SQL cursors: a `FETCH` returns what its
+/// `DECLARE` selected, so it is masked by that statement's references.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CursorUse {
+    Declare(String),
+    Fetch(String),
+    /// `None`: `CLOSE ALL`.
+    Close(Option<String>),
+}
+
+/// Newtype so `Default` gives `read`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AccessNeed(pub Access);
+
+/// Dangerous capabilities found in a statement.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hazard {
+    /// `COPY ... PROGRAM`: runs a shell command on the database host.
+    CopyProgram,
+    /// `COPY ... TO/FROM 'file'` or `LOAD`: server file access.
+    ServerFile,
+    /// A foreign-data connection (`dblink`, `postgres_fdw`).
+    ForeignConnection,
+    /// `EXECUTE` of a dynamic string in PL/pgSQL: cannot be checked before it runs.
+    DynamicSql,
+    /// A function body in a language the proxy cannot read.
+    OpaqueBody(String),
+}
+
+impl Hazard {
+    pub fn describe(&self) -> String {
+        match self {
+            Self::CopyProgram => "COPY ... PROGRAM runs a command on the database host".into(),
+            Self::ServerFile => "reads or writes files on the database host".into(),
+            Self::ForeignConnection => {
+                "opens a connection to another server (dblink/postgres_fdw)".into()
+            }
+            Self::DynamicSql => {
+                "runs dynamic SQL (EXECUTE of a string) that cannot be checked".into()
+            }
+            Self::OpaqueBody(lang) => {
+                format!("defines a function in {lang}, whose body cannot be checked")
+            }
+        }
+    }
+}
+
+/// Where a `COPY` goes and what it carries. Names are as the parser resolved them (quoted
+/// identifiers keep their case).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Copy {
+    pub from: bool,
+    pub schema: Option<String>,
+    /// The table, when it copies a table.
+    pub table: Option<String>,
+    /// Explicit column list.
+    pub columns: Vec<String>,
+    /// `COPY (query) TO`: the query text.
+    pub query: Option<String>,
+    /// `text`, `csv` or `binary`.
+    pub format: String,
+    pub delimiter: Option<u8>,
+    pub null: Option<String>,
+    pub quote: Option<u8>,
+    /// CSV `ESCAPE` (defaults to the quote character).
+    pub escape: Option<u8>,
+    pub header: bool,
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+/// Parser settings that change how the same bytes lex.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParseMode {
+    pub standard_conforming_strings: bool,
+}
+
+impl Default for ParseMode {
+    fn default() -> Self {
+        Self {
+            standard_conforming_strings: true,
+        }
+    }
+}
+
+impl ParseMode {
+    fn options(self) -> i32 {
+        if self.standard_conforming_strings {
+            0
+        } else {
+            pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS.bits()
+        }
+    }
+}
+
+/// Functions whose first argument names a setting that `read` sessions may not change.
+const READ_ONLY_SETTINGS: &[&str] = &[
+    "default_transaction_read_only",
+    "transaction_read_only",
+    "role",
+    "session_authorization",
+];
+
+/// Settings that change lexing: parsed with the mode the server reports, never ahead of it.
+const PARSING_SETTINGS: &[&str] = &["standard_conforming_strings", "backslash_quote"];
+
+/// Analyses a query string (one or more statements).
+pub fn analyze(sql: &str, mode: ParseMode) -> Result<Vec<Statement>, ParseError> {
+    let parsed = pg_query::parse(sql, mode.options()).map_err(|e| ParseError(e.to_string()))?;
+    let tree = serde_json::to_value(&parsed.protobuf).map_err(|e| ParseError(e.to_string()))?;
+    let stmts = tree["stmts"].as_array().cloned().unwrap_or_default();
+    if stmts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::with_capacity(stmts.len());
+    for raw in &stmts {
+        let start = raw["stmt_location"].as_u64().unwrap_or(0) as usize;
+        let len = raw["stmt_len"].as_u64().unwrap_or(0) as usize;
+        let text = if len == 0 {
+            sql.get(start..).unwrap_or(sql)
+        } else {
+            sql.get(start..start + len).unwrap_or(sql)
+        }
+        .trim()
+        .to_owned();
+        let mut s = Statement {
+            text: text.clone(),
+            ..Statement::default()
+        };
+        let node = &raw["stmt"]["node"];
+        top_level(node, &text, mode, &mut s)?;
+        walk(node, &mut s)?;
+        outputs(node, false, &mut s);
+        out.push(s);
+    }
+    Ok(out)
+}
+
+fn raise(s: &mut Statement, access: Access) {
+    if access > s.access.0 {
+        s.access = AccessNeed(access);
+    }
+}
+
+/// The single node variant of a `{"Variant": {...}}` object.
+fn variant(node: &Value) -> Option<(&str, &Value)> {
+    let obj = node.as_object()?;
+    if obj.len() != 1 {
+        return None;
+    }
+    obj.iter().next().map(|(k, v)| (k.as_str(), v))
+}
+
+fn sval(node: &Value) -> Option<&str> {
+    node["node"]["String"]["sval"].as_str()
+}
+
+fn names(list: &Value) -> String {
+    list.as_array()
+        .map(|items| items.iter().filter_map(sval).collect::<Vec<_>>().join("."))
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+fn defelem<'a>(options: &'a Value, name: &str) -> Option<&'a Value> {
+    options.as_array()?.iter().find_map(|o| {
+        let d = &o["node"]["DefElem"];
+        (d["defname"].as_str() == Some(name)).then_some(d)
+    })
+}
+
+/// Whether an `AConst` (or its absence) means "false/off".
+fn const_is_off(arg: &Value) -> bool {
+    let c = &arg["node"]["AConst"];
+    if let Some(i) = c["val"]["Ival"]["ival"].as_i64() {
+        return i == 0;
+    }
+    if let Some(b) = c["val"]["Boolval"]["boolval"].as_bool() {
+        return !b;
+    }
+    if c["val"]["Ival"].is_object() && c["val"]["Ival"]["ival"].is_null() {
+        // proto3 omits zero values.
+        return true;
+    }
+    match c["val"]["Sval"]["sval"].as_str() {
+        Some(s) => matches!(
+            s.to_ascii_lowercase().as_str(),
+            "off" | "false" | "0" | "no" | "f" | "n"
+        ),
+        None => false,
+    }
+}
+
+/// Kind and access from the top-level statement node (and its special cases).
+fn top_level(
+    node: &Value,
+    text: &str,
+    mode: ParseMode,
+    s: &mut Statement,
+) -> Result<(), ParseError> {
+    let Some((name, v)) = variant(node) else {
+        return Err(ParseError("unrecognized parse tree".into()));
+    };
+    let (kind, access): (&'static str, Access) = match name {
+        "SelectStmt" => {
+            if !v["into_clause"].is_null() {
+                ("create", Access::Admin)
+            } else if v["locking_clause"]
+                .as_array()
+                .is_some_and(|l| !l.is_empty())
+            {
+                ("select", Access::Write)
+            } else {
+                ("select", Access::Read)
+            }
+        }
+        "InsertStmt" => ("insert", Access::Write),
+        "UpdateStmt" => ("update", Access::Write),
+        "DeleteStmt" => ("delete", Access::Write),
+        "MergeStmt" => ("merge", Access::Write),
+        "CopyStmt" => {
+            let from = v["is_from"].as_bool().unwrap_or(false);
+            if v["is_program"].as_bool().unwrap_or(false) {
+                s.hazards.insert(Hazard::CopyProgram);
+            } else if v["filename"].as_str().is_some_and(|f| !f.is_empty()) {
+                s.hazards.insert(Hazard::ServerFile);
+            }
+            let rel = &v["relation"];
+            let table = rel["relname"]
+                .as_str()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            let schema = rel["schemaname"]
+                .as_str()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            let columns = v["attlist"]
+                .as_array()
+                .map(|a| a.iter().filter_map(sval).map(str::to_owned).collect())
+                .unwrap_or_default();
+            let opt = |name: &str| {
+                defelem(&v["options"], name).map(|d| {
+                    d["arg"]["node"]["String"]["sval"]
+                        .as_str()
+                        .or_else(|| {
+                            d["arg"]["node"]["Boolean"]["boolval"]
+                                .as_bool()
+                                .map(|b| if b { "true" } else { "false" })
+                        })
+                        .unwrap_or(if d["arg"].is_null() { "true" } else { "" })
+                        .to_owned()
+                })
+            };
+            let byte = |s: Option<String>| s.and_then(|s| s.bytes().next());
+            let query = if v["query"].is_null() {
+                None
+            } else {
+                Some(copy_query(text, mode)?)
+            };
+            s.copy = Some(Copy {
+                from,
+                schema,
+                table,
+                columns,
+                query,
+                format: opt("format")
+                    .unwrap_or_else(|| "text".into())
+                    .to_ascii_lowercase(),
+                delimiter: byte(opt("delimiter")),
+                null: opt("null"),
+                quote: byte(opt("quote")),
+                escape: byte(opt("escape")),
+                header: opt("header").is_some_and(|h| {
+                    !matches!(h.to_ascii_lowercase().as_str(), "false" | "off" | "0")
+                }),
+            });
+            if from {
+                ("copy_from", Access::Write)
+            } else {
+                ("copy_to", Access::Read)
+            }
+        }
+        "VariableSetStmt" => {
+            let setting = v["name"].as_str().unwrap_or("").to_ascii_lowercase();
+            let args = &v["args"];
+            if setting == "search_path" {
+                s.sets_search_path = true;
+            }
+            if setting == "role" || setting == "session_authorization" {
+                s.escapes_read_only = Some(format!(
+                    "SET {} changes the session's role",
+                    setting.to_uppercase().replace('_', " ")
+                ));
+                ("privilege", Access::Admin)
+            } else if setting == "default_transaction_read_only"
+                || setting == "transaction_read_only"
+            {
+                let off = args
+                    .as_array()
+                    .and_then(|a| a.first())
+                    .is_some_and(const_is_off)
+                    || v["kind"].as_i64() == Some(2); // SET ... TO DEFAULT
+                if off {
+                    s.escapes_read_only =
+                        Some(format!("SET {setting} to off leaves read-only mode"));
+                }
+                ("set", Access::Read)
+            } else {
+                if PARSING_SETTINGS.contains(&setting.as_str()) {
+                    s.sets_parsing = Some(setting.clone());
+                }
+                if setting == "client_encoding" {
+                    let value = args
+                        .as_array()
+                        .and_then(|a| a.first())
+                        .and_then(|a| a["node"]["AConst"]["val"]["Sval"]["sval"].as_str())
+                        .unwrap_or("")
+                        .to_ascii_uppercase()
+                        .replace(['-', '_'], "");
+                    if !matches!(value.as_str(), "UTF8" | "UNICODE" | "SQLASCII") {
+                        s.sets_parsing = Some("client_encoding".into());
+                    }
+                }
+                ("set", Access::Read)
+            }
+        }
+        "VariableShowStmt" | "DiscardStmt" => ("set", Access::Read),
+        "TransactionStmt" => ("transaction", Access::Read),
+        "ExplainStmt" => {
+            let analyze = defelem(&v["options"], "analyze")
+                .is_some_and(|d| !const_is_off(&d["arg"]) || d["arg"].is_null());
+            let inner = &v["query"]["node"];
+            if analyze {
+                top_level(inner, text, mode, s)?;
+            } else {
+                let mut scratch = Statement::default();
+                top_level(inner, text, mode, &mut scratch)?;
+                s.hazards.extend(scratch.hazards);
+                s.kinds.extend(scratch.kinds);
+            }
+            ("explain", Access::Read)
+        }
+        "PrepareStmt" => {
+            s.prepares = Some(v["name"].as_str().unwrap_or("").to_ascii_lowercase());
+            top_level(&v["query"]["node"], text, mode, s)?;
+            ("prepare", Access::Read)
+        }
+        "ExecuteStmt" => {
+            s.executes = Some(v["name"].as_str().unwrap_or("").to_ascii_lowercase());
+            ("execute", Access::Read)
+        }
+        "DeallocateStmt" => {
+            s.deallocates = Some(
+                v["name"]
+                    .as_str()
+                    .filter(|n| !n.is_empty() && !v["isall"].as_bool().unwrap_or(false))
+                    .map(str::to_ascii_lowercase),
+            );
+            ("utility", Access::Read)
+        }
+        "DeclareCursorStmt" => {
+            top_level(&v["query"]["node"], text, mode, s)?;
+            s.cursor = Some(CursorUse::Declare(portal_name(v)));
+            ("select", Access::Read)
+        }
+        "FetchStmt" => {
+            s.cursor = Some(CursorUse::Fetch(portal_name(v)));
+            ("select", Access::Read)
+        }
+        "ClosePortalStmt" => {
+            let name = portal_name(v);
+            s.cursor = Some(CursorUse::Close((!name.is_empty()).then_some(name)));
+            ("select", Access::Read)
+        }
+        "ListenStmt" | "UnlistenStmt" => ("listen", Access::Read),
+        "NotifyStmt" => ("listen", Access::Write),
+        "LockStmt" => ("lock", Access::Write),
+        "CallStmt" => ("call", Access::Write),
+        "DoStmt" => {
+            let lang = defelem(&v["args"], "language")
+                .and_then(|d| d["arg"]["node"]["String"]["sval"].as_str())
+                .unwrap_or("plpgsql")
+                .to_ascii_lowercase();
+            let body = defelem(&v["args"], "as")
+                .and_then(|d| d["arg"]["node"]["String"]["sval"].as_str())
+                .unwrap_or("");
+            if lang == "plpgsql" {
+                plpgsql_body(body, mode, s)?;
+            } else {
+                s.hazards.insert(Hazard::OpaqueBody(lang));
+            }
+            s.side_channel = Some("a DO block can raise or log any value it reads".into());
+            ("do", Access::Read)
+        }
+        "CreateFunctionStmt" => {
+            function_body(v, text, mode, s)?;
+            ("create", Access::Admin)
+        }
+        "TruncateStmt" => ("truncate", Access::Admin),
+        "LoadStmt" => {
+            s.hazards.insert(Hazard::ServerFile);
+            ("utility", Access::Admin)
+        }
+        "CreateExtensionStmt" => {
+            let ext = v["extname"].as_str().unwrap_or("").to_ascii_lowercase();
+            if ext == "dblink" || ext == "postgres_fdw" {
+                s.hazards.insert(Hazard::ForeignConnection);
+            }
+            ("create", Access::Admin)
+        }
+        "CreateForeignServerStmt"
+        | "CreateFdwStmt"
+        | "CreateUserMappingStmt"
+        | "AlterUserMappingStmt"
+        | "ImportForeignSchemaStmt" => {
+            s.hazards.insert(Hazard::ForeignConnection);
+            ("create", Access::Admin)
+        }
+        "GrantStmt"
+        | "GrantRoleStmt"
+        | "CreateRoleStmt"
+        | "AlterRoleStmt"
+        | "AlterRoleSetStmt"
+        | "DropRoleStmt"
+        | "ReassignOwnedStmt"
+        | "DropOwnedStmt"
+        | "AlterDefaultPrivilegesStmt" => ("privilege", Access::Admin),
+        n if n.starts_with("Drop") => ("drop", Access::Admin),
+        n if n.starts_with("Alter") || n.starts_with("Rename") => ("alter", Access::Admin),
+        n if n.starts_with("Create")
+            || n == "IndexStmt"
+            || n == "ViewStmt"
+            || n == "RuleStmt"
+            || n == "DefineStmt"
+            || n == "CompositeTypeStmt"
+            || n == "CommentStmt"
+            || n == "SecLabelStmt" =>
+        {
+            ("create", Access::Admin)
+        }
+        // Maintenance and anything unrecognized: admin (fail closed).
+        _ => ("utility", Access::Admin),
+    };
+    s.kinds.insert(kind);
+    if matches!(kind, "create" | "alter" | "drop" | "truncate") {
+        s.kinds.insert("ddl");
+    }
+    raise(s, access);
+    Ok(())
+}
+
+/// A cursor's name as the server keys it (the parser already folded unquoted case).
+fn portal_name(v: &Value) -> String {
+    v["portalname"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Collects what feeds result rows: column references inside any `target_list` or
+/// `returning_list` (at any depth: subqueries, CTEs, set operations, function arguments), and
+/// relation aliases and names anywhere.
+fn outputs(node: &Value, in_output: bool, s: &mut Statement) {
+    match node {
+        Value::Array(items) => {
+            for item in items {
+                outputs(item, in_output, s);
+            }
+        }
+        Value::Object(map) => {
+            if in_output && let Some(fields) = map.get("ColumnRef").map(|c| &c["fields"]) {
+                let last = fields.as_array().and_then(|f| f.last());
+                let name = match last {
+                    Some(f) if f["node"]["AStar"].is_object() => Some("*".to_owned()),
+                    Some(f) => sval(f).map(str::to_ascii_lowercase),
+                    None => None,
+                };
+                if let Some(name) = name {
+                    s.output_refs.insert(name);
+                }
+            }
+            if let Some(alias) = map.get("aliasname").and_then(Value::as_str) {
+                s.aliases.insert(alias.to_ascii_lowercase());
+            }
+            if let (Some(rel), true) = (
+                map.get("relname").and_then(Value::as_str),
+                map.contains_key("relpersistence"),
+            ) && !rel.is_empty()
+            {
+                let schema = map
+                    .get("schemaname")
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned);
+                s.relations.insert((schema, rel.to_owned()));
+            }
+            for (key, value) in map {
+                let out = in_output
+                    || matches!(
+                        key.as_str(),
+                        "target_list" | "returning_list" | "returning_clause"
+                    );
+                outputs(value, out, s);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Every node below `node`: functions, tables, nested DML, read-only escapes.
+fn walk(node: &Value, s: &mut Statement) -> Result<(), ParseError> {
+    match node {
+        Value::Array(items) => {
+            for item in items {
+                walk(item, s)?;
+            }
+        }
+        Value::Object(map) => {
+            // A range variable: in a Node it is wrapped as {"RangeVar": ...}, but typed fields
+            // (UPDATE's target, COPY's table, ...) hold it bare. Recognize it by its shape. A
+            // CTE named like a table counts as touching the table: guardrails err on the side
+            // of matching.
+            if let (Some(rel), true) = (
+                map.get("relname").and_then(Value::as_str),
+                map.contains_key("relpersistence"),
+            ) {
+                let rel = rel.to_ascii_lowercase();
+                let schema = map
+                    .get("schemaname")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_ascii_lowercase();
+                if !rel.is_empty() {
+                    if !schema.is_empty() {
+                        s.tables.insert(format!("{schema}.{rel}"));
+                    }
+                    s.tables.insert(rel);
+                }
+            }
+            for (key, value) in map {
+                match key.as_str() {
+                    "ExplainStmt" => {
+                        // Plain EXPLAIN plans without running: what it mentions counts, what it
+                        // would need to run does not.
+                        let analyze = defelem(&value["options"], "analyze")
+                            .is_some_and(|d| d["arg"].is_null() || !const_is_off(&d["arg"]));
+                        if !analyze {
+                            let mut scratch = Statement::default();
+                            walk(&value["query"], &mut scratch)?;
+                            s.tables.extend(scratch.tables);
+                            s.functions.extend(scratch.functions);
+                            s.hazards.extend(scratch.hazards);
+                            continue;
+                        }
+                    }
+                    "FuncCall" => {
+                        let name = names(&value["funcname"]);
+                        if let Some(last) = name.rsplit('.').next() {
+                            s.functions.insert(last.to_owned());
+                        }
+                        s.functions.insert(name.clone());
+                        let last = name.rsplit('.').next().unwrap_or("");
+                        let computed = value["args"].as_array().is_some_and(|args| {
+                            args.iter().any(|a| !a["node"]["AConst"].is_object())
+                        });
+                        if computed && (last == "pg_notify" || last == "set_config") {
+                            s.side_channel = Some(format!("{last}() with a computed value"));
+                        }
+                        if last == "set_config" {
+                            let first = value["args"].as_array().and_then(|a| a.first());
+                            let setting = first
+                                .and_then(|a| a["node"]["AConst"]["val"]["Sval"]["sval"].as_str())
+                                .map(str::to_ascii_lowercase);
+                            match setting {
+                                Some(name) if READ_ONLY_SETTINGS.contains(&name.as_str()) => {
+                                    s.escapes_read_only = Some(format!(
+                                        "set_config('{name}', ...) changes read-only mode or role"
+                                    ));
+                                }
+                                Some(name)
+                                    if PARSING_SETTINGS.contains(&name.as_str())
+                                        || name == "client_encoding" =>
+                                {
+                                    s.sets_parsing = Some(name);
+                                }
+                                Some(name) if name == "search_path" => {
+                                    s.sets_search_path = true;
+                                }
+                                Some(_) => {}
+                                None => {
+                                    s.sets_search_path = true;
+                                    s.escapes_read_only =
+                                        Some("set_config() with a computed setting name".into());
+                                }
+                            }
+                        }
+                        if last.starts_with("dblink") {
+                            s.hazards.insert(Hazard::ForeignConnection);
+                        }
+                    }
+                    "DefElem" => {
+                        let name = value["defname"].as_str().unwrap_or("");
+                        if (name == "transaction_read_only"
+                            || name == "default_transaction_read_only")
+                            && const_is_off(&value["arg"])
+                        {
+                            s.escapes_read_only = Some("READ WRITE lifts read-only mode".into());
+                        }
+                    }
+                    "InsertStmt" => {
+                        s.kinds.insert("insert");
+                        raise(s, Access::Write);
+                    }
+                    "UpdateStmt" | "DeleteStmt" => {
+                        s.kinds.insert(if key == "UpdateStmt" {
+                            "update"
+                        } else {
+                            "delete"
+                        });
+                        raise(s, Access::Write);
+                        if value["where_clause"].is_null() {
+                            s.write_without_where = true;
+                        }
+                    }
+                    "MergeStmt" => {
+                        s.kinds.insert("merge");
+                        raise(s, Access::Write);
+                    }
+                    "SelectStmt" => {
+                        if !value["into_clause"].is_null() {
+                            s.kinds.insert("create");
+                            raise(s, Access::Admin);
+                        }
+                        if value["locking_clause"]
+                            .as_array()
+                            .is_some_and(|l| !l.is_empty())
+                        {
+                            raise(s, Access::Write);
+                        }
+                    }
+                    _ => {}
+                }
+                walk(value, s)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Folds an inner statement's findings into `s`.
+fn absorb(s: &mut Statement, inner: Statement) {
+    s.kinds.extend(inner.kinds);
+    raise(s, inner.access.0);
+    s.tables.extend(inner.tables);
+    s.functions.extend(inner.functions);
+    s.write_without_where |= inner.write_without_where;
+    s.hazards.extend(inner.hazards);
+    if s.escapes_read_only.is_none() {
+        s.escapes_read_only = inner.escapes_read_only;
+    }
+    if s.side_channel.is_none() {
+        s.side_channel = inner.side_channel;
+    }
+    s.sets_search_path |= inner.sets_search_path;
+}
+
+/// The query of `COPY (query) TO ...`, exactly as written: from the parenthesis that opens it
+/// to the one that closes it, found with the real lexer (strings, comments and nested
+/// parentheses cannot fool it).
+fn copy_query(text: &str, mode: ParseMode) -> Result<String, ParseError> {
+    let bad = || ParseError("cannot find the query of COPY (query)".into());
+    let scanned = pg_query::scan(text).map_err(|e| ParseError(e.to_string()))?;
+    let mut depth = 0usize;
+    let mut open = None;
+    for token in &scanned.tokens {
+        let (start, end) = (token.start as usize, token.end as usize);
+        match text.get(start..end) {
+            Some("(") => {
+                if depth == 0 {
+                    open = Some(end);
+                }
+                depth += 1;
+            }
+            Some(")") => {
+                depth = depth.checked_sub(1).ok_or_else(bad)?;
+                if depth == 0 {
+                    let inner = text.get(open.ok_or_else(bad)?..start).ok_or_else(bad)?;
+                    // The slice must be one statement by itself, or it is not the query.
+                    let check = pg_query::parse(inner, mode.options())
+                        .map_err(|e| ParseError(e.to_string()))?;
+                    if check.protobuf.stmts.len() != 1 {
+                        return Err(bad());
+                    }
+                    return Ok(inner.trim().to_owned());
+                }
+            }
+            _ => {}
+        }
+    }
+    Err(bad())
+}
+
+/// Analyses SQL found inside a body, with PL/pgSQL parse modes (expressions, assignments).
+fn analyze_fragment(
+    sql: &str,
+    parse_mode: i32,
+    mode: ParseMode,
+    s: &mut Statement,
+) -> Result<(), ParseError> {
+    let options = parse_mode | mode.options();
+    let parsed = pg_query::parse(sql, options)
+        .map_err(|e| ParseError(format!("in a function body: {e}")))?;
+    let tree = serde_json::to_value(&parsed.protobuf).map_err(|e| ParseError(e.to_string()))?;
+    for raw in tree["stmts"].as_array().into_iter().flatten() {
+        let mut inner = Statement::default();
+        let node = &raw["stmt"]["node"];
+        if parse_mode == 0 {
+            top_level(node, sql, mode, &mut inner)?;
+        }
+        walk(node, &mut inner)?;
+        absorb(s, inner);
+    }
+    Ok(())
+}
+
+/// Walks a PL/pgSQL function tree for every embedded query and dynamic EXECUTE.
+fn plpgsql_tree(node: &Value, mode: ParseMode, s: &mut Statement) -> Result<(), ParseError> {
+    match node {
+        Value::Array(items) => items.iter().try_for_each(|i| plpgsql_tree(i, mode, s)),
+        Value::Object(map) => {
+            for (key, value) in map {
+                match key.as_str() {
+                    "PLpgSQL_stmt_dynexecute" | "PLpgSQL_stmt_dynfors" | "PLpgSQL_stmt_open"
+                        if key != "PLpgSQL_stmt_open" || !value["dynquery"].is_null() =>
+                    {
+                        s.hazards.insert(Hazard::DynamicSql);
+                    }
+                    "PLpgSQL_expr" => {
+                        if let Some(query) = value["query"].as_str() {
+                            let parse_mode = value["parseMode"].as_i64().unwrap_or(0) as i32;
+                            analyze_fragment(query, parse_mode, mode, s)?;
+                        }
+                        continue;
+                    }
+                    _ => {}
+                }
+                plpgsql_tree(value, mode, s)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn plpgsql_body(body: &str, mode: ParseMode, s: &mut Statement) -> Result<(), ParseError> {
+    // Wrap the block in a function definition, with a dollar tag the body cannot contain.
+    let mut tag = String::from("jitgate");
+    while body.contains(&format!("${tag}$")) {
+        tag.push('x');
+    }
+    let wrapped = format!(
+        "CREATE FUNCTION jitgate_do() RETURNS void LANGUAGE plpgsql AS ${tag}${body}${tag}$"
+    );
+    let tree =
+        pg_query::parse_plpgsql(&wrapped).map_err(|e| ParseError(format!("in a DO block: {e}")))?;
+    plpgsql_tree(&tree, mode, s)
+}
+
+fn function_body(
+    v: &Value,
+    text: &str,
+    mode: ParseMode,
+    s: &mut Statement,
+) -> Result<(), ParseError> {
+    let lang = defelem(&v["options"], "language")
+        .and_then(|d| d["arg"]["node"]["String"]["sval"].as_str())
+        .unwrap_or("sql")
+        .to_ascii_lowercase();
+    // SQL-standard bodies (BEGIN ATOMIC / RETURN expr) are already in the tree: `walk` sees them.
+    if !v["sql_body"].is_null() {
+        return Ok(());
+    }
+    let body: Vec<&str> = defelem(&v["options"], "as")
+        .and_then(|d| d["arg"]["node"]["List"]["items"].as_array())
+        .map(|items| items.iter().filter_map(sval).collect())
+        .unwrap_or_default();
+    match lang.as_str() {
+        "sql" => {
+            for b in body {
+                analyze_fragment(b, 0, mode, s)?;
+            }
+            Ok(())
+        }
+        "plpgsql" => {
+            let tree = pg_query::parse_plpgsql(text)
+                .map_err(|e| ParseError(format!("in a function body: {e}")))?;
+            plpgsql_tree(&tree, mode, s)
+        }
+        other => {
+            s.hazards.insert(Hazard::OpaqueBody(other.to_owned()));
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> Statement {
+        let mut v = analyze(sql, ParseMode::default()).unwrap();
+        assert_eq!(v.len(), 1, "{sql}");
+        v.remove(0)
+    }
+
+    #[test]
+    fn result_feeding_references() {
+        let refs = |sql: &str| one(sql).output_refs.into_iter().collect::<Vec<_>>();
+        assert_eq!(
+            refs("SELECT lower(email) FROM users WHERE ssn = 'x'"),
+            ["email"]
+        );
+        assert_eq!(
+            refs("SELECT x FROM (SELECT u.email || '' AS x FROM users u) s"),
+            ["email", "x"]
+        );
+        assert_eq!(refs("SELECT 1 UNION ALL SELECT * FROM users"), ["*"]);
+        assert_eq!(refs("SELECT row_to_json(u) FROM users u"), ["u"]);
+        assert_eq!(refs("SELECT (u).card FROM users u"), ["u"]);
+        assert_eq!(
+            refs("UPDATE t SET a = b WHERE d = 2 RETURNING c"),
+            ["b", "c"]
+        );
+        assert_eq!(refs("SELECT unnest(ARRAY(SELECT ssn FROM users))"), ["ssn"]);
+        assert_eq!(
+            refs("SELECT count(*) FROM users WHERE email LIKE 'a%'"),
+            [] as [&str; 0]
+        );
+        let s = one(r#"SELECT 1 FROM "Users" u, public.orders"#);
+        assert!(s.aliases.contains("u"));
+        assert!(s.relations.contains(&(None, "Users".to_owned())));
+        assert!(
+            s.relations
+                .contains(&(Some("public".into()), "orders".into()))
+        );
+        assert_eq!(
+            one("DECLARE c CURSOR FOR SELECT email FROM users").cursor,
+            Some(CursorUse::Declare("c".into()))
+        );
+        assert_eq!(
+            one("FETCH 10 FROM c").cursor,
+            Some(CursorUse::Fetch("c".into()))
+        );
+        assert_eq!(one("CLOSE ALL").cursor, Some(CursorUse::Close(None)));
+    }
+
+    #[test]
+    fn reads_writes_and_ddl() {
+        let s = one("SELECT a FROM public.users u JOIN orders o ON o.uid = u.id");
+        assert_eq!(s.access.0, Access::Read);
+        assert!(s.kinds.contains("select"));
+        assert!(
+            s.tables.contains("public.users")
+                && s.tables.contains("users")
+                && s.tables.contains("orders")
+        );
+        assert_eq!(one("INSERT INTO t VALUES (1)").access.0, Access::Write);
+        assert_eq!(one("select * from t for update").access.0, Access::Write);
+        assert_eq!(one("DROP TABLE t").access.0, Access::Admin);
+        assert!(one("DROP TABLE t").kinds.contains("ddl"));
+        assert_eq!(one("TRUNCATE t").access.0, Access::Admin);
+        assert_eq!(one("ALTER TABLE t ADD c int").access.0, Access::Admin);
+        assert_eq!(one("select * into t2 from t").access.0, Access::Admin);
+        assert_eq!(one("VACUUM t").access.0, Access::Admin);
+        assert_eq!(one("BEGIN").access.0, Access::Read);
+    }
+
+    #[test]
+    fn nested_writes_and_missing_where_are_found() {
+        let s = one("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d");
+        assert_eq!(s.access.0, Access::Write);
+        assert!(s.kinds.contains("delete"));
+        assert!(s.write_without_where);
+        assert!(s.tables.contains("t"));
+        assert!(one("UPDATE t SET a = 1").write_without_where);
+        assert!(!one("UPDATE t SET a = 1 WHERE id = 2").write_without_where);
+    }
+
+    #[test]
+    fn functions_are_found_wherever_they_sit() {
+        for sql in [
+            "UPDATE t SET a = pg_read_file('/etc/passwd') WHERE id = 1",
+            "SELECT string_agg(pg_read_file('x'), ',') FROM t",
+            "WITH x AS (SELECT pg_read_file('y')) SELECT * FROM x",
+            "CREATE TABLE t (a text DEFAULT pg_read_file('z'))",
+            "DO $$ BEGIN PERFORM pg_read_file('x'); END $$",
+            "CREATE FUNCTION f() RETURNS text LANGUAGE sql AS $b$ SELECT pg_read_file('x') $b$",
+            "CREATE FUNCTION f() RETURNS text LANGUAGE plpgsql AS $b$ BEGIN RETURN pg_catalog.pg_read_file('x'); END $b$",
+            "PREPARE p AS SELECT pg_read_file($1)",
+            "EXPLAIN ANALYZE SELECT pg_read_file('x')",
+            "SELECT * FROM pg_read_file('x') AS f",
+        ] {
+            let s = one(sql);
+            assert!(
+                s.functions.contains("pg_read_file"),
+                "{sql}: {:?}",
+                s.functions
+            );
+        }
+    }
+
+    #[test]
+    fn nested_statements_are_judged_by_what_they_run() {
+        let p = one("PREPARE p(int) AS DELETE FROM t WHERE id = $1");
+        assert_eq!(
+            (p.access.0, p.prepares.as_deref()),
+            (Access::Write, Some("p"))
+        );
+        assert_eq!(one("EXPLAIN ANALYZE DELETE FROM t").access.0, Access::Write);
+        assert_eq!(one("EXPLAIN DELETE FROM t").access.0, Access::Read);
+        let d = one("DO $$ BEGIN DELETE FROM t; END $$");
+        assert_eq!(d.access.0, Access::Write);
+        assert!(d.write_without_where);
+        let dynamic = one("DO $$ BEGIN EXECUTE 'DROP TABLE ' || 't'; END $$");
+        assert!(dynamic.hazards.contains(&Hazard::DynamicSql));
+        assert_eq!(one("EXECUTE p(1)").executes.as_deref(), Some("p"));
+        let py = one("CREATE FUNCTION f() RETURNS int LANGUAGE plpython3u AS 'return 1'");
+        assert!(
+            py.hazards
+                .contains(&Hazard::OpaqueBody("plpython3u".into()))
+        );
+    }
+
+    #[test]
+    fn read_only_escapes() {
+        for sql in [
+            "BEGIN READ WRITE",
+            "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE",
+            "SET default_transaction_read_only = off",
+            "SET transaction_read_only TO false",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+            "SET TRANSACTION READ WRITE",
+            "SET ROLE postgres",
+            "SET SESSION AUTHORIZATION postgres",
+            "SELECT set_config('default_transaction_read_only', 'off', false)",
+            "SELECT set_config(name, 'off', false) FROM settings",
+            "SET default_transaction_read_only TO DEFAULT",
+        ] {
+            assert!(one(sql).escapes_read_only.is_some(), "{sql} not caught");
+        }
+        for sql in [
+            "BEGIN",
+            "BEGIN READ ONLY",
+            "SET search_path = x",
+            "SET default_transaction_read_only = on",
+        ] {
+            assert!(one(sql).escapes_read_only.is_none(), "{sql} caught");
+        }
+    }
+
+    #[test]
+    fn hazards() {
+        assert!(
+            one("COPY t TO PROGRAM 'ls'")
+                .hazards
+                .contains(&Hazard::CopyProgram)
+        );
+        assert!(
+            one("COPY t FROM '/etc/passwd'")
+                .hazards
+                .contains(&Hazard::ServerFile)
+        );
+        assert!(
+            one("CREATE EXTENSION dblink")
+                .hazards
+                .contains(&Hazard::ForeignConnection)
+        );
+        assert!(
+            one("SELECT dblink_connect('x')")
+                .hazards
+                .contains(&Hazard::ForeignConnection)
+        );
+        let c = one("COPY users (id, email) TO STDOUT");
+        let copy = c.copy.unwrap();
+        assert_eq!((copy.from, copy.table.as_deref()), (false, Some("users")));
+        assert_eq!(copy.columns, vec!["id", "email"]);
+        assert_eq!(c.access.0, Access::Read);
+        let q = one("COPY (SELECT email FROM users) TO STDOUT WITH CSV HEADER")
+            .copy
+            .unwrap();
+        assert_eq!(q.query.as_deref(), Some("SELECT email FROM users"));
+        assert_eq!((q.format.as_str(), q.header), ("csv", true));
+        let d = one("COPY t TO STDOUT (FORMAT csv, DELIMITER ';', NULL 'x')")
+            .copy
+            .unwrap();
+        assert_eq!((d.delimiter, d.null.as_deref()), (Some(b';'), Some("x")));
+        assert_eq!(one("COPY t FROM STDIN").access.0, Access::Write);
+    }
+
+    #[test]
+    fn multi_statement_strings_split() {
+        let v = analyze(
+            "SELECT 1; DELETE FROM t WHERE a = 1; ",
+            ParseMode::default(),
+        )
+        .unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[1].text, "DELETE FROM t WHERE a = 1");
+        assert!(analyze("SELEC 1", ParseMode::default()).is_err());
+        assert!(analyze("", ParseMode::default()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn parsing_settings_are_noticed() {
+        assert!(
+            one("SET standard_conforming_strings = off")
+                .sets_parsing
+                .is_some()
+        );
+        assert!(one("SET client_encoding = 'SJIS'").sets_parsing.is_some());
+        assert!(one("SET client_encoding = 'UTF8'").sets_parsing.is_none());
+        // With standard_conforming_strings off, backslash escapes a quote.
+        let off = ParseMode {
+            standard_conforming_strings: false,
+        };
+        let v = analyze(r"SELECT 'a\'; DROP TABLE t; --'", off).unwrap();
+        assert_eq!(v.len(), 1);
+        let v = analyze(r"SELECT 'a\'; DROP TABLE t; --'", ParseMode::default()).unwrap();
+        assert_eq!(v.len(), 2);
+    }
+}

@@ -1,0 +1,79 @@
+//! A connection that may have switched to TLS, on either hop.
+
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    /// The proxy as TLS client (upstream).
+    TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// The proxy as TLS server (toward the workload).
+    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(s) => s,
+            Self::TlsClient(s) => s.get_ref().0,
+            Self::TlsServer(s) => s.get_ref().0,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, Self::Plain(_))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::TlsServer(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Self::TlsServer(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Self::TlsServer(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::TlsClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Self::TlsServer(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! A PostgreSQL driver client (tokio-postgres) for the end-to-end tests: extended protocol,
+//! prepared statements, binary results, pipelining, cancellation, streaming. Prints one JSON
+//! line: `{"ok": true, "rows": [...]}` or `{"ok": false, "code": "...", "message": "..."}`.
+
+use std::time::Duration;
+
+use futures_util::{StreamExt as _, pin_mut};
+use serde_json::{Value, json};
+use tokio_postgres::{Client, NoTls, Row, types::Type};
+
+fn cell(row: &Row, i: usize) -> Value {
+    let col = &row.columns()[i];
+    match *col.type_() {
+        Type::INT2 => row
+            .get::<_, Option<i16>>(i)
+            .map_or(Value::Null, Value::from),
+        Type::INT4 => row
+            .get::<_, Option<i32>>(i)
+            .map_or(Value::Null, Value::from),
+        Type::INT8 => row
+            .get::<_, Option<i64>>(i)
+            .map_or(Value::Null, Value::from),
+        Type::BOOL => row
+            .get::<_, Option<bool>>(i)
+            .map_or(Value::Null, Value::from),
+        _ => row
+            .get::<_, Option<String>>(i)
+            .map_or(Value::Null, Value::from),
+    }
+}
+
+fn rows(rows: &[Row]) -> Value {
+    Value::Array(
+        rows.iter()
+            .map(|r| Value::Array((0..r.len()).map(|i| cell(r, i)).collect()))
+            .collect(),
+    )
+}
+
+fn failure(e: &tokio_postgres::Error) -> Value {
+    match e.as_db_error() {
+        Some(db) => {
+            json!({"ok": false, "code": db.code().code(), "message": db.message(), "hint": db.hint()})
+        }
+        None => json!({"ok": false, "code": "", "message": e.to_string()}),
+    }
+}
+
+async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+async fn run(args: &[String]) -> Result<Value, tokio_postgres::Error> {
+    let url = &args[1];
+    let client = connect(url).await?;
+    Ok(match args[0].as_str() {
+        // Parse/Bind/Execute with a parameter, binary results.
+        "extended" => {
+            let stmt = client.prepare(&args[2]).await?;
+            let param: i32 = args.get(3).map_or(1, |a| a.parse().unwrap_or(1));
+            let r = if stmt.params().is_empty() {
+                client.query(&stmt, &[]).await?
+            } else {
+                client.query(&stmt, &[&param]).await?
+            };
+            json!({"ok": true, "rows": rows(&r)})
+        }
+        // The same prepared statement executed several times.
+        "prepared" => {
+            let stmt = client.prepare(&args[2]).await?;
+            let mut all = Vec::new();
+            for i in 1..=3i32 {
+                let r = if stmt.params().is_empty() {
+                    client.query(&stmt, &[]).await?
+                } else {
+                    client.query(&stmt, &[&i]).await?
+                };
+                all.push(rows(&r));
+            }
+            json!({"ok": true, "rows": all})
+        }
+        // Several queries in flight at once (pipelining).
+        "pipeline" => {
+            let (a, b, c) = tokio::join!(
+                client.query("SELECT 1::int4", &[]),
+                client.query(args[2].as_str(), &[]),
+                client.query("SELECT 3::int4", &[]),
+            );
+            json!({"ok": true, "rows": [rows(&a?), rows(&b?), rows(&c?)]})
+        }
+        // Execute a statement with text parameters.
+        "execute" => {
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = args[3..]
+                .iter()
+                .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            let n = client.execute(args[2].as_str(), &params).await?;
+            json!({"ok": true, "rows": n})
+        }
+        // Start a long query and cancel it from a second connection (CancelRequest).
+        "cancel" => {
+            let token = client.cancel_token();
+            let slow =
+                tokio::spawn(
+                    async move { client.query("SELECT pg_sleep(20)", &[]).await.map(|_| ()) },
+                );
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            token.cancel_query(NoTls).await?;
+            match slow.await.expect("join") {
+                Ok(()) => json!({"ok": true, "rows": []}),
+                Err(e) => failure(&e),
+            }
+        }
+        // Stream N rows without holding them (query_raw).
+        "stream" => {
+            let stream = client
+                .query_raw(args[2].as_str(), std::iter::empty::<i32>())
+                .await?;
+            pin_mut!(stream);
+            let mut n = 0u64;
+            let mut sample = Value::Null;
+            while let Some(row) = stream.next().await {
+                let row = row?;
+                if n == 0 {
+                    sample = Value::Array((0..row.len()).map(|i| cell(&row, i)).collect());
+                }
+                n += 1;
+            }
+            json!({"ok": true, "rows": n, "first": sample})
+        }
+        other => json!({"ok": false, "code": "", "message": format!("unknown command {other}")}),
+    })
+}
+
+/// Hand-made protocol messages no driver sends: GSSENCRequest, the fastpath FunctionCall, an
+/// unknown message type and an oversized frame, each on a connection through the gate.
+mod raw {
+    use std::{
+        io::{Read as _, Write as _},
+        net::TcpStream,
+        time::Duration,
+    };
+
+    use serde_json::{Value, json};
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn read_message(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head)?;
+        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4)];
+        s.read_exact(&mut body)?;
+        Ok((head[0], body))
+    }
+
+    /// The SQLSTATE of an ErrorResponse body.
+    fn code(body: &[u8]) -> String {
+        body.split(|b| *b == 0)
+            .find(|f| f.first() == Some(&b'C'))
+            .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Reads until ReadyForQuery (or the end); returns the first error's code and the first
+    /// DataRow's first column.
+    fn until_ready(s: &mut TcpStream) -> (Option<String>, Option<String>, bool) {
+        let (mut err, mut value) = (None, None);
+        loop {
+            match read_message(s) {
+                Ok((b'Z', _)) => return (err, value, true),
+                Ok((b'E', body)) => {
+                    err.get_or_insert(code(&body));
+                }
+                Ok((b'D', body)) if value.is_none() && body.len() >= 6 => {
+                    let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
+                    if len >= 0 {
+                        value =
+                            Some(String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return (err, value, false),
+            }
+        }
+    }
+
+    fn startup(
+        addr: &str,
+        gssenc: bool,
+        extra: &[&str],
+    ) -> std::io::Result<(TcpStream, Option<u8>)> {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        let mut answer = None;
+        if gssenc {
+            s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30])?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)?;
+            answer = Some(b[0]);
+        }
+        let mut body = 196_608i32.to_be_bytes().to_vec();
+        for kv in ["user", "mallory", "database", "orders"]
+            .iter()
+            .chain(extra)
+            .chain(&[""])
+        {
+            body.extend_from_slice(kv.as_bytes());
+            body.push(0);
+        }
+        let mut m = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        m.extend_from_slice(&body);
+        s.write_all(&m)?;
+        Ok((s, answer))
+    }
+
+    pub fn run(url: &str) -> std::io::Result<Value> {
+        // postgres://user:password@host:port/db
+        let addr = url
+            .split('@')
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default()
+            .to_owned();
+        let (mut s, gss) = startup(&addr, true, &[])?;
+        let (login_error, _, ready) = until_ready(&mut s);
+        // FunctionCall: function OID 2 (any), no argument formats, no arguments, text result.
+        let mut f = 2u32.to_be_bytes().to_vec();
+        f.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        s.write_all(&message(b'F', &f))?;
+        let (fastpath, _, _) = until_ready(&mut s);
+        s.write_all(&message(b'Q', b"SELECT 'still usable'\0"))?;
+        let (after_error, after, _) = until_ready(&mut s);
+        s.write_all(&message(b'Y', b"junk"))?;
+        let (unknown, _, open) = until_ready(&mut s);
+
+        // The same parameter twice: the server would take the last, a check the first.
+        let (mut s, _) = startup(
+            &addr,
+            false,
+            &["client_encoding", "UTF8", "CLIENT_ENCODING", "SJIS"],
+        )?;
+        let (duplicate, _, _) = until_ready(&mut s);
+
+        let (mut s, _) = startup(&addr, false, &[])?;
+        until_ready(&mut s);
+        // A Query claiming half a gigabyte.
+        let mut big = vec![b'Q'];
+        big.extend_from_slice(&(512 * 1024 * 1024i32).to_be_bytes());
+        big.extend_from_slice(b"SELECT ");
+        s.write_all(&big)?;
+        let (oversize, _, oversize_open) = until_ready(&mut s);
+        Ok(json!({
+            "ok": true,
+            "gssenc": gss.map(|b| (b as char).to_string()),
+            "login_ready": ready,
+            "login_error": login_error,
+            "fastpath": fastpath,
+            "after": after,
+            "after_error": after_error,
+            "unknown": unknown,
+            "unknown_left_open": open,
+            "oversize": oversize,
+            "oversize_left_open": oversize_open,
+            "duplicate_param": duplicate,
+        }))
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() < 2 {
+        eprintln!(
+            "usage: jitgate-pgclient extended|prepared|pipeline|execute|cancel|stream|raw URL [SQL] [ARGS...]"
+        );
+        std::process::exit(2);
+    }
+    if args[0] == "raw" {
+        let out = raw::run(&args[1])
+            .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));
+        println!("{out}");
+        return;
+    }
+    let out = match run(&args).await {
+        Ok(v) => v,
+        Err(e) => failure(&e),
+    };
+    println!("{out}");
+}

@@ -1,0 +1,1133 @@
+//! The PostgreSQL gate with a real server and real clients (psql, pgbench, tokio-postgres) in
+//! gated workloads: credential injection, per-statement enforcement, masking, recording.
+
+use std::{io::Write as _, time::Duration};
+
+use jitgate_e2e::{
+    Gate, Ran, privileged, rfc3339_ms,
+    servers::{PG_ROLES, Postgres},
+};
+use serde_json::Value;
+
+/// Config of a `bot` identity with auto-approved read/write/admin grants on `orders-db`.
+fn body(pg: &Postgres, extra: &str) -> String {
+    let secret = |role: &str| pg.secrets.join(format!("{role}.pw")).display().to_string();
+    format!(
+        r#"
+[[workload]]
+identity = "bot"
+launchers = ["root"]
+
+[[resource]]
+name = "orders-db"
+protocol = "postgres"
+address = "127.0.0.1:{port}"
+databases = ["orders"]
+{extra}
+[resource.credentials.read]
+user = "orders_ro"
+password_file = "{ro}"
+[resource.credentials.write]
+user = "orders_rw"
+password_file = "{rw}"
+[resource.credentials.admin]
+user = "orders_admin"
+password_file = "{admin}"
+[[resource.mask]]
+columns = ["*.email"]
+strategy = "partial"
+[[resource.mask]]
+detectors = ["card", "ssn", "aws_key", "jwt", "private_key"]
+strategy = "redact"
+
+[[policy]]
+identities = ["bot"]
+resources = ["orders-db"]
+access = ["read", "write", "admin"]
+max_ttl = "1h"
+approval = "auto"
+approvers = ["root"]
+"#,
+        port = pg.port,
+        ro = secret("orders_ro"),
+        rw = secret("orders_rw"),
+        admin = secret("orders_admin"),
+    )
+}
+
+/// A connection string with a user and password the gate must ignore.
+fn url(pg: &Postgres, db: &str) -> String {
+    format!(
+        "postgres://mallory:not-the-password@127.0.0.1:{}/{db}",
+        pg.port
+    )
+}
+
+fn psql(gate: &Gate, grant: Option<&str>, pg: &Postgres, sql: &[&str]) -> Ran {
+    let u = url(pg, "orders");
+    let mut cmd: Vec<&str> = vec!["psql", &u, "-X", "-At", "-v", "VERBOSITY=verbose"];
+    for s in sql {
+        cmd.push("-c");
+        cmd.push(s);
+    }
+    let grant_arg;
+    let run_args: Vec<&str> = match grant {
+        Some(g) => {
+            grant_arg = format!("orders-db:{g}");
+            vec!["--grant", &grant_arg]
+        }
+        None => vec![],
+    };
+    gate.run("bot", &run_args, &cmd)
+}
+
+/// Runs a psql script (stdin) in a workload.
+fn psql_script(gate: &Gate, grant: &str, pg: &Postgres, script: &str) -> Ran {
+    let u = url(pg, "orders");
+    let g = format!("orders-db:{grant}");
+    let mut child = gate.spawn_stdin(
+        "bot",
+        &["--grant", &g],
+        &["psql", &u, "-X", "-At", "-v", "VERBOSITY=verbose"],
+    );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn pgclient(gate: &Gate, grant: &str, pg: &Postgres, args: &[&str]) -> Value {
+    let client = gate.bins().pgclient.display().to_string();
+    let u = url(pg, "orders");
+    let g = format!("orders-db:{grant}");
+    let mut cmd = vec![client.as_str(), args[0], &u];
+    cmd.extend_from_slice(&args[1..]);
+    let ran = gate.run("bot", &["--grant", &g], &cmd);
+    serde_json::from_str(ran.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {ran:#?}"))
+}
+
+#[test]
+fn credentials_are_injected_and_results_masked() {
+    if !privileged("credentials_are_injected_and_results_masked") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-basic", "", &body(&pg, ""));
+
+    // No grant: a real ErrorResponse with the command to run (psql prints the HINT; a driver
+    // sees the SQLSTATE, which psql does not print for connection errors).
+    let refused = psql(&gate, None, &pg, &["SELECT 1"]);
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused
+            .stderr
+            .contains("HINT:  jitgate request orders-db --access read"),
+        "{refused:#?}"
+    );
+    let client = gate.bins().pgclient.display().to_string();
+    let u = url(&pg, "orders");
+    let ran = gate.run("bot", &[], &[&client, "extended", &u, "SELECT 1"]);
+    let driver: Value = serde_json::from_str(ran.stdout.trim()).expect("pgclient output");
+    assert_eq!(driver["ok"], false, "{driver}");
+    assert_eq!(driver["code"], "28000", "{driver}");
+    assert!(
+        driver["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("jitgate request orders-db")),
+        "{driver}"
+    );
+
+    // With a read grant: the workload's user and password are ignored, the read role is used,
+    // and sensitive values never reach the client.
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "SELECT current_user",
+            "SELECT id, email, card, ssn, note FROM users ORDER BY id",
+        ],
+    );
+    assert_eq!(ran.code, 0, "{ran:#?}");
+    let lines: Vec<&str> = ran.stdout.lines().collect();
+    assert_eq!(lines[0], "orders_ro");
+    assert_eq!(lines[1], "1|j***@example.com|****|****|vip");
+    assert_eq!(
+        lines[2],
+        "2|j***@example.org|****|****|call +1 415 555 0100"
+    );
+    assert_eq!(lines[3], "3|a***@example.net|none|none|****");
+
+    // The real passwords are nowhere the workload (or a reader of logs and records) can see.
+    let dump = std::process::Command::new("sqlite3")
+        .arg(gate.state_db())
+        .arg(".dump")
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    for (_, pw) in PG_ROLES {
+        assert!(!ran.stdout.contains(pw) && !ran.stderr.contains(pw));
+        assert!(!gate.log().contains(pw), "password in the daemon log");
+        assert!(!dump.contains(pw), "password in the state store");
+    }
+    // A database not listed for the resource is refused.
+    let other = gate.run(
+        "bot",
+        &["--grant", "orders-db:read"],
+        &["psql", &url(&pg, "postgres"), "-X", "-At", "-c", "SELECT 1"],
+    );
+    assert!(
+        other.stderr.contains("3D000") || other.stderr.contains("not available"),
+        "{other:#?}"
+    );
+}
+
+#[test]
+fn read_grants_cannot_write_by_any_route() {
+    if !privileged("read_grants_cannot_write_by_any_route") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-read", "", &body(&pg, ""));
+    let attempts = [
+        "INSERT INTO scratch VALUES (1, 'x')",
+        "UPDATE users SET name = 'x' WHERE id = 1",
+        "DELETE FROM users WHERE id = 1",
+        "WITH d AS (DELETE FROM users WHERE id = 1 RETURNING *) SELECT * FROM d",
+        "BEGIN READ WRITE",
+        "SET default_transaction_read_only = off",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+        "SET ROLE orders_admin",
+        "SET SESSION AUTHORIZATION orders_admin",
+        "SELECT set_config('default_transaction_read_only', 'off', false)",
+        "DO $$ BEGIN INSERT INTO scratch VALUES (2, 'y'); END $$",
+        "PREPARE p AS INSERT INTO scratch VALUES (3, 'z')",
+        "CREATE TABLE evil (a int)",
+        "TRUNCATE scratch",
+        "SELECT nextval('ticket')",
+        "COPY scratch FROM STDIN",
+        "SELECT 1; DELETE FROM users WHERE id = 1",
+        "SELECT * FROM users FOR UPDATE",
+        "SELECT * INTO copied FROM users",
+        "EXPLAIN ANALYZE DELETE FROM users WHERE id = 1",
+        "CREATE TEMP TABLE t AS SELECT 1",
+    ];
+    for sql in attempts {
+        let ran = psql(&gate, Some("read"), &pg, &[sql]);
+        // Refused by the gate itself, not only by the read role's privileges on the server.
+        assert!(
+            ran.stderr.contains("ERROR") && ran.stderr.contains("jitgate"),
+            "a read grant ran {sql:?} or only the server refused it: {ran:#?}"
+        );
+    }
+    // Through the extended protocol too.
+    let r = pgclient(
+        &gate,
+        "read",
+        &pg,
+        &["execute", "INSERT INTO scratch VALUES (4, 'w')"],
+    );
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["code"], "42501");
+    assert_eq!(pg.admin("orders", "SELECT count(*) FROM scratch"), "0\n");
+    assert_eq!(
+        pg.admin("orders", "SELECT name FROM users WHERE id = 1"),
+        "Jane\n"
+    );
+    // Server-side enforcement backs the proxy up: nextval is not a write to the parser, but the
+    // read-only session refuses it.
+    let ran = psql(&gate, Some("read"), &pg, &["SELECT nextval('ticket')"]);
+    assert!(ran.stderr.contains("25006"), "{ran:#?}");
+    // The same statements work with a write grant.
+    let ran = psql(
+        &gate,
+        Some("write"),
+        &pg,
+        &["INSERT INTO scratch VALUES (1, 'x')"],
+    );
+    assert_eq!(ran.code, 0, "{ran:#?}");
+    assert_eq!(pg.admin("orders", "SELECT count(*) FROM scratch"), "1\n");
+}
+
+#[test]
+fn default_guardrails_and_approval_holds() {
+    if !privileged("default_guardrails_and_approval_holds") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-guard", "", &body(&pg, ""));
+    for sql in [
+        "COPY users TO PROGRAM 'id'",
+        "SELECT pg_read_file('/etc/passwd')",
+        "UPDATE users SET note = pg_read_file('/etc/hostname') WHERE id = 1",
+        "SELECT lo_import('/etc/passwd')",
+        "SELECT lo_export(1, '/tmp/x')",
+        "SELECT dblink_connect('host=10.0.0.1')",
+        "CREATE EXTENSION postgres_fdw",
+        "COPY users TO '/tmp/users.txt'",
+    ] {
+        let ran = psql(&gate, Some("admin"), &pg, &[sql]);
+        assert!(ran.stderr.contains("guardrail"), "{sql}: {ran:#?}");
+    }
+    // Admin grants can run DDL, write grants cannot.
+    let ran = psql(&gate, Some("write"), &pg, &["DROP TABLE scratch"]);
+    assert!(ran.stderr.contains("needs admin access"), "{ran:#?}");
+
+    // DELETE without WHERE is held; approve releases it.
+    pg.admin("orders", "INSERT INTO scratch VALUES (1, 'a'), (2, 'b')");
+    let u = url(&pg, "orders");
+    let mut w = gate.spawn(
+        "bot",
+        &["--grant", "orders-db:write"],
+        &["psql", &u, "-X", "-At", "-c", "DELETE FROM scratch"],
+    );
+    let request = gate.pending_request();
+    assert_eq!(request["statement"], "DELETE FROM scratch");
+    assert!(
+        request["policy"]
+            .as_str()
+            .unwrap()
+            .contains("write-without-where"),
+        "{request}"
+    );
+    let approved = gate.cli(&["approve", request["id"].as_str().unwrap(), "--json"]);
+    approved.assert_ok();
+    assert_eq!(approved.json()["grant"], Value::Null);
+    w.expect_line("DELETE 2", Duration::from_secs(10));
+    assert_eq!(w.wait(Duration::from_secs(10)), 0);
+    assert_eq!(pg.admin("orders", "SELECT count(*) FROM scratch"), "0\n");
+
+    // ... deny refuses it, and nothing changes.
+    pg.admin("orders", "INSERT INTO scratch VALUES (1, 'a')");
+    let mut w = gate.spawn(
+        "bot",
+        &["--grant", "orders-db:write"],
+        &[
+            "psql",
+            &u,
+            "-X",
+            "-At",
+            "-v",
+            "VERBOSITY=verbose",
+            "-c",
+            "UPDATE scratch SET v = 'z'",
+        ],
+    );
+    let request = gate.pending_request();
+    gate.cli(&["deny", request["id"].as_str().unwrap(), "--reason", "no"])
+        .assert_ok();
+    w.expect_line("denied by root", Duration::from_secs(10));
+    w.wait(Duration::from_secs(10));
+    assert_eq!(pg.admin("orders", "SELECT v FROM scratch"), "a\n");
+}
+
+#[test]
+fn a_refused_statement_leaves_both_sides_in_the_same_transaction_state() {
+    if !privileged("a_refused_statement_leaves_both_sides_in_the_same_transaction_state") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-txn", "", &body(&pg, ""));
+    let script = "
+BEGIN;
+SELECT 'one';
+INSERT INTO scratch VALUES (1, 'x');
+SELECT 'two';
+ROLLBACK;
+INSERT INTO scratch VALUES (1, 'x');
+SELECT 'three';
+SELEC 'typo';
+SELECT 'four';
+";
+    let ran = psql_script(&gate, "read", &pg, script);
+    let out = format!("{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stdout.contains("one"), "{out}");
+    assert!(
+        !ran.stdout.contains("two"),
+        "the transaction must be aborted on the server too: {out}"
+    );
+    assert!(
+        out.contains("25P02"),
+        "in a failed transaction the server refuses the next statement: {out}"
+    );
+    assert!(
+        ran.stdout.contains("three"),
+        "outside a transaction a refusal changes nothing: {out}"
+    );
+    assert!(out.contains("could not be parsed"), "{out}");
+    assert!(ran.stdout.contains("four"), "{out}");
+    assert_eq!(pg.admin("orders", "SELECT count(*) FROM scratch"), "0\n");
+}
+
+#[test]
+fn drivers_extended_protocol_binary_pipelining_and_cancel() {
+    if !privileged("drivers_extended_protocol_binary_pipelining_and_cancel") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-driver", "", &body(&pg, ""));
+    let r = pgclient(
+        &gate,
+        "read",
+        &pg,
+        &[
+            "extended",
+            "SELECT id, email, card, ssn FROM users WHERE id = $1",
+            "1",
+        ],
+    );
+    assert_eq!(
+        r["rows"],
+        serde_json::json!([[1, "j***@example.com", "****", "****"]]),
+        "{r}"
+    );
+    let r = pgclient(
+        &gate,
+        "read",
+        &pg,
+        &["prepared", "SELECT email FROM users WHERE id = $1::int"],
+    );
+    assert_eq!(
+        r["rows"],
+        serde_json::json!([
+            [["j***@example.com"]],
+            [["j***@example.org"]],
+            [["a***@example.net"]]
+        ]),
+        "{r}"
+    );
+    let r = pgclient(
+        &gate,
+        "read",
+        &pg,
+        &["pipeline", "SELECT email FROM users ORDER BY id LIMIT 1"],
+    );
+    assert_eq!(
+        r["rows"],
+        serde_json::json!([[[1]], [["j***@example.com"]], [[3]]]),
+        "{r}"
+    );
+    // Binary bigint carrying a card number is withheld.
+    let r = pgclient(
+        &gate,
+        "read",
+        &pg,
+        &["extended", "SELECT 4111111111111111::int8, 42::int8"],
+    );
+    assert_eq!(r["rows"], serde_json::json!([[null, 42]]), "{r}");
+    // CancelRequest through the gate reaches the server with its real key.
+    let r = pgclient(&gate, "read", &pg, &["cancel"]);
+    assert_eq!(r["code"], "57014", "{r}");
+}
+
+#[test]
+fn pgbench_runs_in_every_query_mode() {
+    if !privileged("pgbench_runs_in_every_query_mode") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let init = std::process::Command::new("pgbench")
+        .args(["-i", "-s", "1", "-q", "-h"])
+        .arg(pg.socket_dir())
+        .args(["-p", &pg.port.to_string(), "-U", "postgres", "orders"])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    pg.admin(
+        "orders",
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO orders_rw",
+    );
+    let gate = Gate::start("pg-bench", "", &body(&pg, ""));
+    for mode in ["simple", "extended", "prepared"] {
+        let ran = gate.run(
+            "bot",
+            &["--grant", "orders-db:write"],
+            &[
+                "pgbench",
+                "-n",
+                "-M",
+                mode,
+                "-c",
+                "2",
+                "-t",
+                "25",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "mallory",
+                "orders",
+            ],
+        );
+        assert_eq!(ran.code, 0, "pgbench -M {mode}: {ran:#?}");
+        assert!(
+            ran.stdout.contains("number of failed transactions: 0"),
+            "{mode}: {ran:#?}"
+        );
+        assert!(
+            ran.stdout
+                .contains("number of transactions actually processed: 50/50"),
+            "{mode}: {ran:#?}"
+        );
+    }
+}
+
+#[test]
+fn copy_output_and_error_details_are_masked() {
+    if !privileged("copy_output_and_error_details_are_masked") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-copy", "", &body(&pg, ""));
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &["COPY users (id, email, card) TO STDOUT"],
+    );
+    assert_eq!(
+        ran.stdout.lines().next(),
+        Some("1\tj***@example.com\t****"),
+        "{ran:#?}"
+    );
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &["COPY users TO STDOUT WITH (FORMAT csv, HEADER)"],
+    );
+    let lines: Vec<&str> = ran.stdout.lines().collect();
+    assert_eq!(lines[0], "id,name,email,card,ssn,note", "{ran:#?}");
+    assert!(
+        lines[1].starts_with("1,Jane,\"j***@example.com\",\"****\",\"****\""),
+        "{ran:#?}"
+    );
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &["\\copy (SELECT email, ssn FROM users WHERE id = 2) to stdout"],
+    );
+    assert_eq!(ran.stdout.trim(), "j***@example.org\t****", "{ran:#?}");
+    // The server echoes row values in error details: masked too.
+    pg.admin("orders", "CREATE UNIQUE INDEX ON scratch (v)");
+    pg.admin(
+        "orders",
+        "INSERT INTO scratch VALUES (1, '4111111111111111')",
+    );
+    let ran = psql(
+        &gate,
+        Some("write"),
+        &pg,
+        &["INSERT INTO scratch VALUES (2, '4111111111111111')"],
+    );
+    assert!(ran.stderr.contains("23505"), "{ran:#?}");
+    assert!(
+        !ran.stderr.contains("4111111111111111"),
+        "card number in an error detail: {ran:#?}"
+    );
+}
+
+#[test]
+fn a_million_masked_rows_stream_in_bounded_memory() {
+    if !privileged("a_million_masked_rows_stream_in_bounded_memory") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-million", "", &body(&pg, ""));
+    let peak = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse().ok())
+            .unwrap()
+    };
+    let pid = gate.daemon_pid().unwrap();
+    // Warm up (TLS, caches, first session).
+    pgclient(&gate, "read", &pg, &["stream", "SELECT 1"]);
+    let before = peak(pid);
+    let r = pgclient(
+        &gate,
+        "read",
+        &pg,
+        &[
+            "stream",
+            "SELECT i, 'user' || i || '@example.com' AS email FROM generate_series(1, 1000000) i",
+        ],
+    );
+    assert_eq!(r["rows"], 1_000_000, "{r}");
+    assert_eq!(
+        r["first"],
+        serde_json::json!([1, "u***@example.com"]),
+        "{r}"
+    );
+    let grown_kib = peak(pid).saturating_sub(before);
+    assert!(
+        grown_kib < 32 * 1024,
+        "the daemon's peak memory grew by {grown_kib} KiB over a million rows: not streaming"
+    );
+}
+
+#[test]
+fn expiry_ends_a_session_mid_transaction_with_57p01() {
+    if !privileged("expiry_ends_a_session_mid_transaction_with_57p01") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-expiry", "", &body(&pg, ""));
+    let ran = psql_script(
+        &gate,
+        "read:3s",
+        &pg,
+        "BEGIN;\nSELECT 'inside';\n\\! sleep 5\nSELECT 'too late';\n",
+    );
+    let out = format!("{}{}", ran.stdout, ran.stderr);
+    assert!(ran.stdout.contains("inside"), "{out}");
+    assert!(!ran.stdout.contains("too late"), "{out}");
+    assert!(out.contains("57P01"), "{out}");
+    assert!(out.contains("expired"), "{out}");
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    let s = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["outcome"] == "grant_expired")
+        .unwrap_or_else(|| panic!("no expired session: {sessions}"));
+    let grants = gate.cli(&["grants", "--all", "--json"]).json();
+    let expires = rfc3339_ms(&grants[0]["expires_at"]);
+    let ended = rfc3339_ms(&s["ended_at"]);
+    assert!(
+        ended - expires <= 1000,
+        "session ended {}ms after expiry",
+        ended - expires
+    );
+}
+
+#[test]
+fn sessions_are_recorded_statement_by_statement() {
+    if !privileged("sessions_are_recorded_statement_by_statement") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-record", "", &body(&pg, ""));
+    let r = pgclient(
+        &gate,
+        "write",
+        &pg,
+        &[
+            "execute",
+            "INSERT INTO scratch (v) VALUES ($1)",
+            "contact jane@example.com card 4111111111111111",
+        ],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "SELECT email FROM users WHERE id = 1",
+            "DELETE FROM users WHERE id = 1",
+        ],
+    );
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    let find = |resource_stmt: &str| -> Value {
+        for s in sessions.as_array().unwrap() {
+            let id = s["id"].as_str().unwrap();
+            let detail = gate.cli(&["sessions", "show", id, "--json"]).json();
+            if detail["statements"].as_array().is_some_and(|st| {
+                st.iter()
+                    .any(|x| x["text"].as_str().unwrap_or("").contains(resource_stmt))
+            }) {
+                return detail;
+            }
+        }
+        panic!("no session ran {resource_stmt}");
+    };
+    let insert = find("INSERT INTO scratch");
+    let st = insert["statements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["text"].as_str().unwrap().contains("INSERT"))
+        .unwrap()
+        .clone();
+    assert_eq!(st["decision"], "allowed");
+    assert_eq!(st["tag"], "INSERT 0 1");
+    let param = st["params"][0].as_str().unwrap();
+    assert!(
+        !param.contains("4111111111111111"),
+        "card number recorded: {param}"
+    );
+    assert!(param.contains("card ****"), "{param}");
+    assert_eq!(insert["session"]["database"], "orders");
+    assert_eq!(insert["session"]["access"], "write");
+
+    let read = find("DELETE FROM users");
+    let statements = read["statements"].as_array().unwrap();
+    let select = statements
+        .iter()
+        .find(|x| x["text"].as_str().unwrap().starts_with("SELECT"))
+        .unwrap();
+    assert_eq!(select["rows"], 1);
+    assert_eq!(select["masked"], 1);
+    let delete = statements
+        .iter()
+        .find(|x| x["text"].as_str().unwrap().starts_with("DELETE"))
+        .unwrap();
+    assert_eq!(delete["decision"], "denied");
+    assert!(
+        delete["rule"].as_str().unwrap().contains("write"),
+        "{delete}"
+    );
+    // The human timeline names each decision.
+    let text = gate.cli(&["sessions", "show", read["session"]["id"].as_str().unwrap()]);
+    assert!(
+        text.stdout.contains("denied") && text.stdout.contains("rule: access"),
+        "{text:#?}"
+    );
+}
+
+#[test]
+fn scram_md5_and_verified_tls_upstream() {
+    if !privileged("scram_md5_and_verified_tls_upstream") {
+        return;
+    }
+    let pg = Postgres::start_secured(true);
+    let ca = pg.ca.clone().unwrap();
+    let tls = format!(
+        "upstream_tls = \"verify-full\"\nupstream_ca = \"{}\"\nupstream_server_name = \"db.test\"",
+        ca.display()
+    );
+    let gate = Gate::start("pg-tls", "", &body(&pg, &tls));
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            "SELECT current_user",
+        ],
+    );
+    assert_eq!(ran.stdout, "t\norders_ro\n", "{ran:#?}");
+    drop(gate);
+
+    // A CA that did not sign the server's certificate: refused, and said so.
+    let wrong = format!(
+        "upstream_tls = \"verify-full\"\nupstream_ca = \"{}\"\nupstream_server_name = \"db.test\"",
+        std::path::Path::new("/etc/ssl/certs/ca-certificates.crt").display()
+    );
+    let gate = Gate::start("pg-tls-wrong", "", &body(&pg, &wrong));
+    let ran = psql(&gate, Some("read"), &pg, &["SELECT 1"]);
+    assert!(
+        ran.stderr.contains("cannot reach") && ran.stderr.contains("TLS"),
+        "{ran:#?}"
+    );
+    drop(gate);
+
+    // md5 logins work too (and SCRAM was what all the others used).
+    let md5 = body(&pg, "upstream_tls = \"require\"").replace("orders_ro", "orders_md5");
+    let gate = Gate::start("pg-md5", "", &md5);
+    let ran = psql(&gate, Some("read"), &pg, &["SELECT current_user"]);
+    assert_eq!(ran.stdout.trim(), "orders_md5", "{ran:#?}");
+}
+
+#[test]
+fn client_tls_with_the_host_local_ca() {
+    if !privileged("client_tls_with_the_host_local_ca") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-client-tls", "", &body(&pg, "client_tls = \"enable\""));
+    for mode in ["require", "verify-full"] {
+        let u = format!("postgres://x@127.0.0.1:{}/orders?sslmode={mode}", pg.port);
+        let ran = gate.run(
+            "bot",
+            &["--grant", "orders-db:read"],
+            &[
+                "psql",
+                &u,
+                "-X",
+                "-At",
+                "-c",
+                "SELECT email FROM users WHERE id = 1",
+            ],
+        );
+        assert_eq!(
+            ran.stdout.trim(),
+            "j***@example.com",
+            "sslmode={mode}: {ran:#?}"
+        );
+    }
+}
+
+#[test]
+fn every_detector_and_strategy_masks() {
+    if !privileged("every_detector_and_strategy_masks") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    pg.admin(
+        "orders",
+        "CREATE TABLE vault (id int, owner text, secret text, note text);
+         INSERT INTO vault VALUES
+           (1, 'alice', 's3cr3t', 'card 4111 1111 1111 1111'),
+           (2, 'alice', 's3cr3t', 'call +1 415 555 0100'),
+           (3, 'bob', 's3cr3t', 'ssn 123-45-6789'),
+           (4, 'bob', 's3cr3t', 'iban GB82 WEST 1234 5698 7654 32'),
+           (5, 'carol', 's3cr3t', 'key AKIAIOSFODNN7EXAMPLE'),
+           (6, 'carol', 's3cr3t', 'token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl'),
+           (7, 'dave', 's3cr3t', E'-----BEGIN PRIVATE KEY-----\\nMIIBVQIBADANBg\\n-----END PRIVATE KEY-----'),
+           (8, 'dave', 's3cr3t', 'Authorization: Bearer abcdef0123456789'),
+           (9, 'erin', 's3cr3t', 'mail bob@example.com'),
+           (10, 'erin', 's3cr3t', 'not a card 4111 1111 1111 1112, order 42 shipped');
+         GRANT SELECT ON vault TO orders_ro;",
+    );
+    let masks = r#"[[resource.mask]]
+columns = ["vault.owner"]
+strategy = "hash"
+[[resource.mask]]
+columns = ["*.secret"]
+strategy = "null"
+[[resource.mask]]
+detectors = ["card", "phone"]
+strategy = "partial"
+[[resource.mask]]
+detectors = ["ssn", "iban", "aws_key", "jwt", "private_key", "bearer", "email"]
+strategy = "redact"
+"#;
+    let config = body(&pg, "").replace(
+        "[[resource.mask]]\ncolumns = [\"*.email\"]\nstrategy = \"partial\"\n[[resource.mask]]\ndetectors = [\"card\", \"ssn\", \"aws_key\", \"jwt\", \"private_key\"]\nstrategy = \"redact\"\n",
+        masks,
+    );
+    assert!(config.contains("vault.owner"), "mask rules replaced");
+    let gate = Gate::start("pg-detectors", "", &config);
+    let query = "SELECT id, owner, coalesce(secret, '<null>'), note FROM vault ORDER BY id";
+    let ran = psql(&gate, Some("read"), &pg, &[query]);
+    assert_eq!(ran.code, 0, "{ran:#?}");
+    let rows: Vec<Vec<String>> = ran
+        .stdout
+        .split("\n")
+        .filter(|l| !l.is_empty())
+        .map(|l| l.split('|').map(str::to_owned).collect())
+        .collect();
+    assert_eq!(rows.len(), 10, "{ran:#?}");
+    let note = |id: usize| rows[id - 1][3].as_str();
+    assert_eq!(note(1), "card **** **** **** 1111");
+    assert_eq!(note(2), "call +* *** *** **00");
+    assert_eq!(note(3), "ssn ****");
+    assert_eq!(note(4), "iban ****");
+    assert_eq!(note(5), "key ****");
+    assert_eq!(note(6), "token ****");
+    assert_eq!(note(8), "Authorization: ****");
+    assert_eq!(note(9), "mail ****");
+    assert!(
+        !ran.stdout.contains("PRIVATE KEY") && !ran.stdout.contains("MIIBVQ"),
+        "{ran:#?}"
+    );
+    // A Luhn-invalid number is not a card; ordinary text passes untouched.
+    assert_eq!(note(10), "not a card 4111 1111 1111 1112, order 42 shipped");
+    // `null`: a real SQL NULL (the coalesce() above, computed from the column, is masked the
+    // same way, so psql printed nothing for it).
+    assert!(rows.iter().all(|r| r[2].is_empty()), "{ran:#?}");
+    let r = pgclient(
+        &gate,
+        "read",
+        &pg,
+        &[
+            "extended",
+            "SELECT id, secret FROM vault WHERE id = $1",
+            "1",
+        ],
+    );
+    assert_eq!(r["rows"], serde_json::json!([[1, null]]), "{r}");
+    // `hash`: stable pseudonyms, equal for equal values, never the value itself.
+    let owners: Vec<&str> = rows.iter().map(|r| r[1].as_str()).collect();
+    assert!(owners.iter().all(|o| o.starts_with("h:")), "{owners:?}");
+    assert_eq!(owners[0], owners[1]);
+    assert_ne!(owners[0], owners[2]);
+    let again = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &["SELECT owner FROM vault WHERE id = 1"],
+    );
+    assert_eq!(
+        again.stdout.trim(),
+        owners[0],
+        "pseudonyms differ across sessions"
+    );
+}
+
+#[test]
+fn psql_cancel_by_ctrl_c_and_pg_cancel_backend() {
+    if !privileged("psql_cancel_by_ctrl_c_and_pg_cancel_backend") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-cancel", "", &body(&pg, ""));
+    let u = url(&pg, "orders");
+    let sleeping = |pg: &Postgres| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            let n = pg.admin(
+                "orders",
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'",
+            );
+            if n.trim() == "1" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the query never started");
+    };
+
+    // Ctrl-C: psql sends a CancelRequest with the key the gate issued; the server cancels.
+    let mut w = gate.spawn(
+        "bot",
+        &["--grant", "orders-db:read"],
+        &["psql", &u, "-X", "-At", "-c", "SELECT pg_sleep(60)"],
+    );
+    sleeping(&pg);
+    // `jitgate run` execs the command: the workload's pid is psql's.
+    unsafe { libc::kill(w.pid() as i32, libc::SIGINT) };
+    w.expect_line(
+        "canceling statement due to user request",
+        Duration::from_secs(10),
+    );
+    w.wait(Duration::from_secs(10));
+
+    // pg_cancel_backend from a second gated session of the same role.
+    let mut w = gate.spawn(
+        "bot",
+        &["--grant", "orders-db:read"],
+        &["psql", &u, "-X", "-At", "-c", "SELECT pg_sleep(60)"],
+    );
+    sleeping(&pg);
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
+        ],
+    );
+    assert_eq!(ran.stdout, "t\n", "{ran:#?}");
+    w.expect_line(
+        "canceling statement due to user request",
+        Duration::from_secs(10),
+    );
+    w.wait(Duration::from_secs(10));
+}
+
+#[test]
+fn fastpath_unknown_messages_and_oversized_frames_are_refused() {
+    if !privileged("fastpath_unknown_messages_and_oversized_frames_are_refused") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-raw", "", &body(&pg, ""));
+    let client = gate.bins().pgclient.display().to_string();
+    let u = url(&pg, "orders");
+    let ran = gate.run("bot", &["--grant", "orders-db:read"], &[&client, "raw", &u]);
+    let r: Value =
+        serde_json::from_str(ran.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {ran:#?}"));
+    assert_eq!(r["ok"], true, "{r}");
+    // GSSAPI encryption is declined; the client goes on in the clear (loopback hop).
+    assert_eq!(r["gssenc"], "N", "{r}");
+    assert_eq!(r["login_ready"], true, "{r}");
+    // The fastpath FunctionCall is refused and the session stays usable.
+    assert_eq!(r["fastpath"], "0A000", "{r}");
+    assert_eq!(r["after"], "still usable", "{r}");
+    assert_eq!(r["after_error"], Value::Null, "{r}");
+    // An unknown message type ends the session: the gate does not guess.
+    assert_eq!(r["unknown"], "08P01", "{r}");
+    assert_eq!(r["unknown_left_open"], false, "{r}");
+    // A frame over its type's cap ends the session with an error, before it is read.
+    assert_eq!(r["oversize"], "54000", "{r}");
+    assert_eq!(r["oversize_left_open"], false, "{r}");
+    // A startup parameter given twice is refused (the server would honour the last one).
+    assert_eq!(r["duplicate_param"], "08P01", "{r}");
+}
+
+#[test]
+fn column_rules_follow_values_through_aliases_and_expressions() {
+    if !privileged("column_rules_follow_values_through_aliases_and_expressions") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-derived", "", &body(&pg, ""));
+    let leaked = |out: &str| out.to_ascii_lowercase().contains("jane@example.com");
+    // Every way to get users.email out without naming it as a plain column.
+    for sql in [
+        "SELECT email AS contact FROM users WHERE id = 1",
+        "SELECT * FROM users u(a, b, c) WHERE a = 1",
+        "SELECT lower(email) FROM users WHERE id = 1",
+        "SELECT email || '' FROM users WHERE id = 1",
+        "SELECT row_to_json(u) FROM users u WHERE id = 1",
+        "SELECT u FROM users u WHERE id = 1",
+        "SELECT (u).email FROM users u WHERE id = 1",
+        "SELECT 'x' UNION ALL SELECT email FROM users WHERE id = 1",
+        "SELECT 0, '', '', '', '', '' UNION ALL SELECT * FROM users WHERE id = 1",
+        "SELECT x FROM (SELECT email AS x FROM users) s WHERE x LIKE 'jane%'",
+        "WITH c AS (SELECT upper(email) AS e FROM users) SELECT e FROM c",
+        "SELECT string_agg(email, ',') FROM users",
+        "SELECT * FROM users a FULL JOIN users b USING (email) WHERE a.id = 1",
+        "COPY (SELECT lower(email) FROM users) TO STDOUT",
+    ] {
+        let ran = psql(&gate, Some("read"), &pg, &[sql]);
+        assert_eq!(ran.code, 0, "{sql}: {ran:#?}");
+        assert!(!leaked(&ran.stdout), "{sql} leaked: {ran:#?}");
+    }
+    // Prepared statements and cursors carry their statement's references.
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "PREPARE p AS SELECT lower(email) FROM users WHERE id = 1",
+            "EXECUTE p",
+        ],
+    );
+    assert!(ran.stdout.contains("j***@example.com"), "{ran:#?}");
+    let ran = psql_script(
+        &gate,
+        "read",
+        &pg,
+        "BEGIN;\nDECLARE c CURSOR FOR SELECT lower(email) FROM users ORDER BY id;\nFETCH 1 FROM c;\nCOMMIT;\n",
+    );
+    assert!(ran.stdout.contains("j***@example.com"), "{ran:#?}");
+    let r = pgclient(
+        &gate,
+        "read",
+        &pg,
+        &[
+            "extended",
+            "SELECT lower(email) AS e FROM users WHERE id = $1",
+            "1",
+        ],
+    );
+    assert_eq!(r["rows"], serde_json::json!([["j***@example.com"]]), "{r}");
+    // Computed values that do not come from masked columns pass untouched.
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "SELECT count(*), max(id) FROM users",
+            "SELECT id, upper(name) FROM users WHERE id = 1",
+            "SELECT count(*) FROM users WHERE email LIKE 'jane%'",
+        ],
+    );
+    assert_eq!(ran.stdout, "3|3\n1|JANE\n1\n", "{ran:#?}");
+}
+
+#[test]
+fn masked_values_do_not_leave_by_side_channels() {
+    if !privileged("masked_values_do_not_leave_by_side_channels") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    // A delimiter inside a value before the masked column: the COPY parser must not shift.
+    pg.admin(
+        "orders",
+        "INSERT INTO users VALUES (4, E'Tab\\tName', 'tab@example.com', 'none', 'none', 'x')",
+    );
+    let gate = Gate::start("pg-side", "", &body(&pg, ""));
+    let leaked = |s: &str| s.contains("jane@example.com") || s.contains("tab@example.com");
+
+    // Error messages echo values; with column rules in force they are withheld.
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &["SELECT email::int FROM users WHERE id = 1"],
+    );
+    assert!(ran.stderr.contains("22P02"), "{ran:#?}");
+    assert!(!leaked(&ran.stderr), "{ran:#?}");
+
+    // Channels that carry values around result rows are refused while masking applies.
+    for sql in [
+        "SELECT pg_notify('c', email) FROM users WHERE id = 1",
+        "SELECT set_config('my.x', email, false) FROM users WHERE id = 1",
+        "DO $$BEGIN RAISE NOTICE '%', (SELECT email FROM users WHERE id = 1); END$$",
+    ] {
+        let ran = psql(&gate, Some("read"), &pg, &[sql]);
+        assert_ne!(ran.code, 0, "{sql}: {ran:#?}");
+        assert!(
+            ran.stderr.contains("42501") && ran.stderr.contains("masking"),
+            "{sql}: {ran:#?}"
+        );
+        assert!(!leaked(&ran.stderr) && !leaked(&ran.stdout), "{ran:#?}");
+    }
+    // Literal values pass: nothing computed, nothing to leak.
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &["SELECT set_config('application_name', 'agent', false)"],
+    );
+    assert_eq!(ran.stdout.trim(), "agent", "{ran:#?}");
+
+    // COPY: escaped delimiters, a query with parentheses in strings, refused formats.
+    let ran = psql(&gate, Some("read"), &pg, &["COPY users TO STDOUT"]);
+    assert!(
+        ran.stdout.contains("4\tTab\\tName\tt***@example.com\t"),
+        "{ran:#?}"
+    );
+    assert!(!leaked(&ran.stdout), "{ran:#?}");
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "COPY (SELECT email, note FROM users WHERE note <> ')(' AND id = 1) TO STDOUT (FORMAT csv)",
+        ],
+    );
+    assert_eq!(ran.stdout.trim(), "\"j***@example.com\",vip", "{ran:#?}");
+    for sql in [
+        "COPY users TO STDOUT (FORMAT csv, ESCAPE '!')",
+        "COPY users TO STDOUT (FORMAT binary)",
+    ] {
+        let ran = psql(&gate, Some("read"), &pg, &[sql]);
+        assert!(ran.stderr.contains("0A000"), "{sql}: {ran:#?}");
+        assert!(ran.stdout.is_empty(), "{sql}: {ran:#?}");
+    }
+    // After search_path changes, an unqualified COPY cannot be mapped to its table: refused;
+    // a qualified one is masked as always.
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "SET search_path = pg_catalog, public",
+            "COPY users (id, email) TO STDOUT",
+        ],
+    );
+    assert!(
+        ran.stderr.contains("42501") && ran.stderr.contains("search_path"),
+        "{ran:#?}"
+    );
+    assert!(!leaked(&ran.stdout), "{ran:#?}");
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "SET search_path = pg_catalog, public",
+            "COPY public.users (id, email) TO STDOUT",
+        ],
+    );
+    assert!(ran.stdout.contains("1\tj***@example.com"), "{ran:#?}");
+}
