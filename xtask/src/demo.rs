@@ -1,8 +1,9 @@
 //! `cargo xtask demo`: a narrated, scripted scenario on this machine. Starts a local web
-//! server (the protected resource) and a second one (somewhere else), a host agent on the
-//! embedded store, and walks an AI agent's workload through refusal, a request, approval,
-//! expiry on a live connection, revocation and the audit trail. Leaves everything running
-//! for exploration; `cargo xtask demo --stop` cleans up.
+//! server (the protected resource), a second one (somewhere else), a PostgreSQL server and a
+//! host agent on the embedded store, and walks an AI agent's workload through refusal, a
+//! request, approval, expiry on a live connection, revocation, a gated and masked PostgreSQL
+//! session and the audit trail. Leaves everything running for exploration; `cargo xtask demo
+//! --stop` cleans up.
 
 use std::{
     fs,
@@ -21,6 +22,9 @@ const DIR: &str = "/tmp/jitgate-demo";
 const WEB_PORT: u16 = 18080;
 const ELSEWHERE_PORT: u16 = 18081;
 const PROXY_PORT: u16 = 15101;
+const PG_PORT: u16 = 15432;
+/// The read-only role's password: only the host agent reads it (from a root-only file).
+const PG_RO_PASSWORD: &str = "demo-ro-Secret-41d7";
 const PIN_DIR: &str = "/sys/fs/bpf/jitgate-demo";
 const GATE_CGROUP: &str = "jitgate-demo.slice";
 
@@ -64,6 +68,30 @@ description = "the internal dashboard"
 protocol = "tcp"
 address = "127.0.0.1:{WEB_PORT}"
 on_missing_grant = "reject"
+
+[[resource]]
+name = "orders-db"
+description = "the customer database"
+protocol = "postgres"
+address = "127.0.0.1:{PG_PORT}"
+databases = ["orders"]
+[resource.credentials.read]
+user = "orders_ro"
+password_file = "{DIR}/secrets/orders_ro"
+[[resource.mask]]
+columns = ["*.email"]
+strategy = "partial"
+[[resource.mask]]
+detectors = ["card", "ssn"]
+strategy = "redact"
+
+[[policy]]
+name = "agent-reads-orders"
+identities = ["demo-agent"]
+resources = ["orders-db"]
+access = ["read"]
+max_ttl = "10m"
+approval = "auto"
 
 [[policy]]
 name = "agent-reads-web"
@@ -208,6 +236,7 @@ pub fn stop() -> Result<()> {
     kill_pidfile("jitgated");
     kill_pidfile("web");
     kill_pidfile("elsewhere");
+    stop_postgres();
     if bin("jitgate").exists() {
         let _ = Command::new(bin("jitgate"))
             .args(["gate", "detach", "--pin-dir", PIN_DIR])
@@ -271,7 +300,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 "#;
 
 fn start_servers() -> Result<()> {
-    for port in [WEB_PORT, ELSEWHERE_PORT, PROXY_PORT] {
+    for port in [WEB_PORT, ELSEWHERE_PORT, PROXY_PORT, PG_PORT] {
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
             bail!(
                 "port {port} on 127.0.0.1 is taken; the demo needs it (stop whatever uses it: `ss -ltnp | grep {port}`)"
@@ -322,6 +351,154 @@ fn start_daemon() -> Result<()> {
     Ok(())
 }
 
+/// The newest PostgreSQL server installed from Debian's packages (`cargo xtask setup`).
+fn pg_bin() -> Result<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL is not installed (run `cargo xtask setup`)")?
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|v| v.1)
+        .context("no PostgreSQL server under /usr/lib/postgresql")
+}
+
+fn as_postgres(args: &[&str]) -> Result<()> {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args)
+        .output()
+        .context("runuser -u postgres")?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A throwaway PostgreSQL server with SCRAM logins, a read-only role whose password only the
+/// host agent can read, and a table of customers with personal data.
+fn start_postgres() -> Result<()> {
+    let pg = dir().join("pg");
+    fs::create_dir_all(&pg)?;
+    let status = Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(&pg)
+        .status()?;
+    if !status.success() {
+        bail!(
+            "chown postgres {}: is the postgres user there? (`cargo xtask setup`)",
+            pg.display()
+        );
+    }
+    let bin = pg_bin()?;
+    let tool = |name: &str| bin.join(name).to_string_lossy().into_owned();
+    let data = pg.join("data").to_string_lossy().into_owned();
+    as_postgres(&[
+        &tool("initdb"),
+        "-D",
+        &data,
+        "--auth=trust",
+        "-U",
+        "postgres",
+        "--no-sync",
+    ])?;
+    fs::write(
+        pg.join("data/pg_hba.conf"),
+        "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+    )?;
+    let opts = format!(
+        "-p {PG_PORT} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+        pg.display()
+    );
+    let log = pg.join("postgres.log").to_string_lossy().into_owned();
+    as_postgres(&[
+        &tool("pg_ctl"),
+        "-D",
+        &data,
+        "-l",
+        &log,
+        "-o",
+        &opts,
+        "-w",
+        "start",
+    ])?;
+    let sql = format!(
+        "CREATE DATABASE orders;
+         \\c orders
+         SET password_encryption = 'scram-sha-256';
+         CREATE ROLE orders_ro LOGIN PASSWORD '{PG_RO_PASSWORD}';
+         CREATE TABLE customers (id int PRIMARY KEY, name text, email text, card text, note text);
+         INSERT INTO customers VALUES
+           (1, 'Jane Doe', 'jane@example.com', '4111 1111 1111 1111', 'prefers email'),
+           (2, 'John Roe', 'john@example.org', '5500 0000 0000 0004', 'SSN on file: 123-45-6789'),
+           (3, 'Ann Poe', 'ann@example.net', 'none', 'vip');
+         GRANT SELECT ON customers TO orders_ro;"
+    );
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(&pg)
+        .args([
+            "-p",
+            &PG_PORT.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .map(|mut stdin| stdin.write_all(sql.as_bytes()))
+                .transpose()?;
+            child.wait_with_output()
+        })
+        .context("psql (setting up the demo database)")?;
+    if !out.status.success() {
+        bail!(
+            "setting up the demo database failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let secrets = dir().join("secrets");
+    fs::create_dir_all(&secrets)?;
+    fs::set_permissions(&secrets, fs::Permissions::from_mode(0o700))?;
+    let secret = secrets.join("orders_ro");
+    fs::write(&secret, format!("{PG_RO_PASSWORD}\n"))?;
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+fn stop_postgres() {
+    let data = dir().join("pg/data");
+    if data.join("postmaster.pid").exists()
+        && let Ok(bin) = pg_bin()
+    {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "fast", "-w", "stop"])
+            .output();
+    }
+}
+
 fn workload(identity: &str, extra: &[&str], cmd: &[&str]) -> Command {
     let mut args = vec!["run", "--as", identity, "--user", "nobody"];
     args.extend_from_slice(extra);
@@ -344,6 +521,7 @@ pub fn run(target: &Path) -> Result<()> {
     ));
     prepare(target)?;
     start_servers()?;
+    start_postgres()?;
     start_daemon()?;
 
     banner("1. The host agent is up; the gate is in the kernel");
@@ -460,7 +638,52 @@ pub fn run(target: &Path) -> Result<()> {
     say("Grants bound to a task also end when its processes exit:");
     step("jitgate grants --all", jitgate(&["grants", "--all"]))?;
 
-    banner("7. Everything is on the record, tamper-evident");
+    banner("7. PostgreSQL: no password in the agent's hands, every statement judged");
+    say(&format!(
+        "`orders-db` is a PostgreSQL server on 127.0.0.1:{PG_PORT}. The agent uses plain psql with\n\
+         a made-up user and password: the gate ignores them and logs in upstream with a\n\
+         read-only role whose password only the host agent can read. Emails are partially\n\
+         masked by a column rule; card numbers and SSNs by detectors, wherever they appear."
+    ));
+    let url = format!("postgres://agent:no-password-here@127.0.0.1:{PG_PORT}/orders");
+    let psql = |sql: &str| {
+        workload(
+            "demo-agent",
+            &["--grant", "orders-db:read:5m"],
+            &["psql", &url, "-X", "-c", sql],
+        )
+    };
+    let select = "SELECT name, email, card, note FROM customers ORDER BY id";
+    step(
+        &format!(
+            "jitgate run --as demo-agent --user nobody --grant orders-db:read:5m -- psql {url} -c \"{select}\""
+        ),
+        psql(select),
+    )?;
+    say("A read grant cannot write, by any route; the error says what to ask for:");
+    let delete = "DELETE FROM customers";
+    step(
+        &format!("jitgate run ... -- psql {url} -c \"{delete}\""),
+        psql(delete),
+    )?;
+    say("Every statement is recorded with its decision:");
+    let sessions = json(&mut jitgate(&["sessions", "--all", "--json"]))?;
+    let last_pg = sessions
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .filter(|s| s["resource"] == "orders-db" && s["grant"].is_string())
+                .max_by_key(|s| s["started_at"].as_str().unwrap_or_default().to_owned())
+        })
+        .and_then(|s| s["id"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    step(
+        &format!("jitgate sessions show {last_pg}"),
+        jitgate(&["sessions", "show", &last_pg]),
+    )?;
+
+    banner("8. Everything is on the record, tamper-evident");
     step(
         "jitgate audit --limit 12",
         jitgate(&["audit", "--limit", "12"]),
@@ -473,6 +696,7 @@ pub fn run(target: &Path) -> Result<()> {
 PATH={DIR}/bin:$PATH
 jitgate status
 jitgate run --as demo-agent --user nobody -- sh        # a gated shell: try curl {web}
+jitgate run --as demo-agent --user nobody --grant orders-db:read -- psql postgres://x@127.0.0.1:{PG_PORT}/orders
 jitgate approvals; jitgate approve ID; jitgate grants; jitgate revoke ID
 jitgate sessions --all; jitgate audit
 
