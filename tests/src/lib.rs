@@ -53,7 +53,8 @@ fn target_dir() -> PathBuf {
         .to_owned()
 }
 
-fn find_bin(name: &str) -> PathBuf {
+/// A binary of the build under test (`JITGATE_BIN_DIR`, or this test binary's target dir).
+pub fn find_bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("JITGATE_BIN_DIR").map_or_else(target_dir, PathBuf::from);
     let path = dir.join(name);
     assert!(

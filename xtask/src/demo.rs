@@ -7,16 +7,19 @@
 
 use std::{
     fs,
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::is_root;
+use crate::{
+    is_root,
+    local::{Postgres, cgroup_mount, detached, remove_cgroup, terminate},
+};
 
 const DIR: &str = "/tmp/jitgate-demo";
 const WEB_PORT: u16 = 18080;
@@ -163,16 +166,6 @@ fn json(cmd: &mut Command) -> Result<serde_json::Value> {
     })
 }
 
-/// Starts a process that outlives `cargo xtask demo`, logging to `log`.
-fn detached(cmd: &mut Command, log: &Path) -> Result<Child> {
-    let file = fs::File::create(log)?;
-    cmd.stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file)
-        .process_group(0);
-    Ok(cmd.spawn()?)
-}
-
 fn write_pid(name: &str, pid: u32) -> Result<()> {
     fs::write(dir().join(format!("{name}.pid")), pid.to_string())?;
     Ok(())
@@ -181,50 +174,10 @@ fn write_pid(name: &str, pid: u32) -> Result<()> {
 fn kill_pidfile(name: &str) {
     let path = dir().join(format!("{name}.pid"));
     if let Ok(text) = fs::read_to_string(&path) {
-        if let Ok(pid) = text.trim().parse::<i32>() {
-            // SAFETY: signalling a process we started.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            for _ in 0..100 {
-                // SAFETY: signal 0 only checks existence.
-                if unsafe { libc::kill(pid, 0) } != 0 {
-                    break;
-                }
-                sleep(Duration::from_millis(50));
-            }
+        if let Ok(pid) = text.trim().parse::<u32>() {
+            terminate(pid);
         }
         let _ = fs::remove_file(path);
-    }
-}
-
-fn cgroup_mount() -> Option<PathBuf> {
-    fs::read_to_string("/proc/self/mountinfo")
-        .ok()?
-        .lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-                .flatten()
-        })
-}
-
-fn remove_cgroup(path: &Path) {
-    if !path.exists() {
-        return;
-    }
-    let _ = fs::write(path.join("cgroup.kill"), "1");
-    if let Ok(entries) = fs::read_dir(path) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup(&e.path());
-            }
-        }
-    }
-    for _ in 0..50 {
-        if fs::remove_dir(path).is_ok() {
-            return;
-        }
-        sleep(Duration::from_millis(20));
     }
 }
 
@@ -236,7 +189,7 @@ pub fn stop() -> Result<()> {
     kill_pidfile("jitgated");
     kill_pidfile("web");
     kill_pidfile("elsewhere");
-    stop_postgres();
+    Postgres::stop_in(&dir().join("pg"));
     if bin("jitgate").exists() {
         let _ = Command::new(bin("jitgate"))
             .args(["gate", "detach", "--pin-dir", PIN_DIR])
@@ -351,87 +304,10 @@ fn start_daemon() -> Result<()> {
     Ok(())
 }
 
-/// The newest PostgreSQL server installed from Debian's packages (`cargo xtask setup`).
-fn pg_bin() -> Result<PathBuf> {
-    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-        .context("PostgreSQL is not installed (run `cargo xtask setup`)")?
-        .flatten()
-        .filter_map(|e| {
-            let v = e.file_name().to_string_lossy().parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("postgres").exists().then_some((v, bin))
-        })
-        .collect();
-    versions.sort();
-    versions
-        .pop()
-        .map(|v| v.1)
-        .context("no PostgreSQL server under /usr/lib/postgresql")
-}
-
-fn as_postgres(args: &[&str]) -> Result<()> {
-    let out = Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .args(args)
-        .output()
-        .context("runuser -u postgres")?;
-    if !out.status.success() {
-        bail!(
-            "{args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 /// A throwaway PostgreSQL server with SCRAM logins, a read-only role whose password only the
 /// host agent can read, and a table of customers with personal data.
 fn start_postgres() -> Result<()> {
-    let pg = dir().join("pg");
-    fs::create_dir_all(&pg)?;
-    let status = Command::new("chown")
-        .arg("postgres:postgres")
-        .arg(&pg)
-        .status()?;
-    if !status.success() {
-        bail!(
-            "chown postgres {}: is the postgres user there? (`cargo xtask setup`)",
-            pg.display()
-        );
-    }
-    let bin = pg_bin()?;
-    let tool = |name: &str| bin.join(name).to_string_lossy().into_owned();
-    let data = pg.join("data").to_string_lossy().into_owned();
-    as_postgres(&[
-        &tool("initdb"),
-        "-D",
-        &data,
-        "--auth=trust",
-        "-U",
-        "postgres",
-        "--no-sync",
-    ])?;
-    fs::write(
-        pg.join("data/pg_hba.conf"),
-        "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
-    )?;
-    let opts = format!(
-        "-p {PG_PORT} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-        pg.display()
-    );
-    let log = pg.join("postgres.log").to_string_lossy().into_owned();
-    as_postgres(&[
-        &tool("pg_ctl"),
-        "-D",
-        &data,
-        "-l",
-        &log,
-        "-o",
-        &opts,
-        "-w",
-        "start",
-    ])?;
+    let pg = Postgres::start(&dir().join("pg"), PG_PORT, "127.0.0.1", "127.0.0.1/32", &[])?;
     let sql = format!(
         "CREATE DATABASE orders;
          \\c orders
@@ -444,37 +320,9 @@ fn start_postgres() -> Result<()> {
            (3, 'Ann Poe', 'ann@example.net', 'none', 'vip');
          GRANT SELECT ON customers TO orders_ro;"
     );
-    let out = Command::new("psql")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
-        .arg(&pg)
-        .args([
-            "-p",
-            &PG_PORT.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write as _;
-            child
-                .stdin
-                .take()
-                .map(|mut stdin| stdin.write_all(sql.as_bytes()))
-                .transpose()?;
-            child.wait_with_output()
-        })
-        .context("psql (setting up the demo database)")?;
-    if !out.status.success() {
-        bail!(
-            "setting up the demo database failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    pg.psql("postgres", &sql)
+        .context("setting up the demo database")?;
+    pg.leave_running();
     let secrets = dir().join("secrets");
     fs::create_dir_all(&secrets)?;
     fs::set_permissions(&secrets, fs::Permissions::from_mode(0o700))?;
@@ -482,21 +330,6 @@ fn start_postgres() -> Result<()> {
     fs::write(&secret, format!("{PG_RO_PASSWORD}\n"))?;
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o600))?;
     Ok(())
-}
-
-fn stop_postgres() {
-    let data = dir().join("pg/data");
-    if data.join("postmaster.pid").exists()
-        && let Ok(bin) = pg_bin()
-    {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-m", "fast", "-w", "stop"])
-            .output();
-    }
 }
 
 fn workload(identity: &str, extra: &[&str], cmd: &[&str]) -> Command {

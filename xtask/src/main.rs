@@ -5,9 +5,13 @@
 //! * `test`   setup, build, then every test: unit tests and the end-to-end suite (root).
 //! * `demo`   setup, build, then a narrated end-to-end scenario; leaves the daemon running.
 //! * `lint`   rustfmt --check and clippy with warnings denied.
-//! * `bench`, `package`: not built yet (their own issues).
+//! * `bench`  PostgreSQL direct vs pgbouncer vs jitgate (full policy, tcp relay); writes
+//!   BENCHMARKS.md. `--quick` runs every stage with tiny sizes.
+//! * `package`: not built yet (its own issue).
 
+mod bench;
 mod demo;
+mod local;
 mod setup;
 
 use std::{
@@ -48,8 +52,18 @@ enum Cmd {
     },
     /// rustfmt --check and clippy -D warnings.
     Lint,
-    /// Benchmarks (not built yet).
-    Bench,
+    /// Measure the gate against PostgreSQL direct and pgbouncer; writes BENCHMARKS.md.
+    Bench {
+        /// Every stage with tiny sizes (checks the bench works; figures mean nothing).
+        #[arg(long)]
+        quick: bool,
+        /// Binaries already built there (default: a release build first).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Where the report goes (default: BENCHMARKS.md, or target/bench/ with --quick).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// deb/rpm packages (not built yet).
     Package,
 }
@@ -135,9 +149,15 @@ fn main() -> ExitCode {
             .and_then(|()| build(false))
             .and_then(|()| demo::run(&target_dir("debug"))),
         Cmd::Lint => setup::setup().and_then(|()| lint()),
-        Cmd::Bench => Err(anyhow::anyhow!(
-            "benchmarks are not built yet (tracked as their own issue)"
-        )),
+        Cmd::Bench {
+            quick,
+            bin_dir,
+            out,
+        } => bench::run(&bench::Options {
+            quick,
+            bin_dir,
+            out,
+        }),
         Cmd::Package => Err(anyhow::anyhow!(
             "packaging is not built yet (tracked as its own issue)"
         )),

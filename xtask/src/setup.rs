@@ -56,6 +56,11 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "psql as a gated client",
     ),
     ("passwd", "/usr/sbin/useradd", "test accounts"),
+    (
+        "pgbouncer",
+        "/usr/sbin/pgbouncer",
+        "the connection pooler the benchmarks compare with",
+    ),
 ];
 
 fn home() -> PathBuf {

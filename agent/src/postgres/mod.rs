@@ -4,7 +4,8 @@
 //! * [`startup`]: the client's opening (TLS, cancel, startup packet).
 //! * [`upstream`]: the proxy's own login to the server with the grant level's credentials.
 //! * [`session`]: the two pumps (client to server, server to client) and their shared state.
-//! * [`sql`]: what a statement does (libpg_query); [`guard`]: whether it may.
+//! * [`sql`]: what a statement does (libpg_query); [`shape`]: reusing that for the same
+//!   statement with other values; [`guard`]: whether it may.
 //! * [`mask`], [`rows`]: detectors, strategies, and their application to rows and COPY.
 //! * [`catalog`]: table and column names for masking rules.
 //! * [`wire`], [`stream`], [`tls`], [`cancel`]: framing, transports, certificates, cancel keys.
@@ -14,6 +15,7 @@ pub mod guard;
 pub mod mask;
 pub mod rows;
 pub mod session;
+pub mod shape;
 pub mod sql;
 pub mod startup;
 pub mod stream;
@@ -44,6 +46,9 @@ pub struct PgContext {
     /// Key of the `hash` masking strategy's pseudonyms.
     pub mask_key: [u8; 32],
     cache: Mutex<HashMap<AnalysisKey, Analysis>>,
+    /// Analyses by statement shape (literals taken out), for those that cannot depend on a
+    /// literal's value (see [`shape`]).
+    shapes: Mutex<HashMap<AnalysisKey, Arc<Vec<Statement>>>>,
 }
 
 /// Statement text and its `standard_conforming_strings`.
@@ -58,6 +63,7 @@ impl PgContext {
             cancel: CancelKeys::default(),
             mask_key,
             cache: Mutex::new(HashMap::new()),
+            shapes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -72,7 +78,31 @@ impl PgContext {
         {
             return hit.clone();
         }
+        let shape_key = shape::shape(text).map(|s| (s, mode.standard_conforming_strings));
+        if let Some(key) = &shape_key {
+            let template = self
+                .shapes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(key)
+                .cloned();
+            if let Some(template) = template {
+                return Ok(shape::instantiate(&template, text));
+            }
+        }
         let result = sql::analyze(text, mode).map_err(|e| e.0);
+        if let (Some(key), Ok(analysis)) = (shape_key, &result)
+            && shape::reusable(analysis)
+            && analysis.first().map(|s| s.text.as_str()) == Some(&shape::statement_text(text))
+        {
+            let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
+            if shapes.len() >= ANALYSIS_CACHE {
+                shapes.clear();
+            }
+            shapes.insert(key, Arc::new(analysis.clone()));
+            // One entry per shape: the text cache would only fill with its instances.
+            return result;
+        }
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.len() >= ANALYSIS_CACHE {
             cache.clear();

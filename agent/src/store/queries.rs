@@ -381,10 +381,12 @@ pub fn close_orphan_sessions(db: &Connection) -> Result<usize> {
 // Statements
 
 pub fn insert_statement(db: &Connection, s: &crate::model::StatementRecord) -> Result<()> {
-    db.execute(
+    // Every statement of every session lands here: keep the compiled INSERT.
+    db.prepare_cached(
         "INSERT OR REPLACE INTO statements (session_id, seq, at, text, params, decision, rule, approved_by, held_ms, duration_ms, rows, tag, error, masked)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-        params![
+    )?
+    .execute(params![
             s.session,
             s.seq,
             s.at.millis(),
@@ -399,8 +401,7 @@ pub fn insert_statement(db: &Connection, s: &crate::model::StatementRecord) -> R
             s.tag,
             s.error,
             s.masked as i64,
-        ],
-    )?;
+        ])?;
     Ok(())
 }
 

@@ -1,0 +1,78 @@
+//! `cargo xtask bench --quick` end to end: every stage runs against the real kernel, a real
+//! PostgreSQL, pgbouncer and the host agent, and the report comes out complete. The figures
+//! themselves are never checked here (timing belongs to the bench, not to tests); what is
+//! checked is that each one was measured and that the bench's own validity checks held
+//! (masking happened exactly where it should, every idle connection stayed healthy).
+
+use std::process::Command;
+
+use jitgate_e2e::{find_bin, privileged};
+
+#[test]
+fn bench_quick_runs_end_to_end() {
+    if !privileged("bench_quick_runs_end_to_end") {
+        return;
+    }
+    let xtask = find_bin("xtask");
+    let bin_dir = xtask.parent().expect("bin dir").to_owned();
+    let out = std::env::temp_dir().join(format!("jitgate-bench-quick-{}.md", std::process::id()));
+    let run = Command::new(&xtask)
+        .args(["bench", "--quick", "--bin-dir"])
+        .arg(&bin_dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("running xtask bench --quick");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "bench --quick failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = std::fs::read_to_string(&out).expect("the report");
+    let _ = std::fs::remove_file(&out);
+    for section in [
+        "pgbench -S (select-only), simple protocol",
+        "pgbench -S (select-only), prepared protocol",
+        "pgbench TPC-B-like (default script), simple protocol",
+        "pgbench TPC-B-like (default script), prepared protocol",
+        "Connection setup",
+        "Masking, end to end",
+        "Masking engine alone",
+        "Kernel cost",
+        "Scale: idle gated connections",
+        "Targets",
+    ] {
+        assert!(
+            report.contains(&format!("### {section}")),
+            "no {section:?} in:\n{report}"
+        );
+    }
+    // Every pgbench cell: four variants at three client counts, each with a figure.
+    for variant in [
+        "direct",
+        "pgbouncer (session)",
+        "jitgate full policy",
+        "jitgate tcp relay",
+    ] {
+        let rows: Vec<&str> = report
+            .lines()
+            .filter(|l| l.contains(&format!("| {variant} |")))
+            .collect();
+        assert!(rows.len() >= 12, "{variant}: {} pgbench rows", rows.len());
+        for row in rows {
+            let tps: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap_or(0.0);
+            assert!(tps > 0.0, "no throughput in {row}");
+        }
+    }
+    // The idle stage's connections all stayed healthy, and each target got a verdict.
+    assert!(report.contains("200/200 healthy"), "{report}");
+    let verdicts = report
+        .lines()
+        .filter(|l| l.ends_with("| met |") || l.ends_with("| MISSED |"))
+        .count();
+    assert_eq!(verdicts, 6, "{report}");
+    assert!(!report.contains("n/a"), "a figure is missing:\n{report}");
+    // The same tables went to the terminal.
+    assert!(stdout.contains("Targets"), "{stdout}");
+}
