@@ -70,14 +70,20 @@ impl Variant {
     }
 
     /// The command as this variant runs it: gated (with a task grant) or not.
-    fn command(self, env: &mut Env, grant: &str, mut cmd: Command) -> Result<Command> {
+    fn command(
+        self,
+        env: &mut Env,
+        identity: &str,
+        grant: &str,
+        mut cmd: Command,
+    ) -> Result<Command> {
         let mode = match self {
             Self::Direct | Self::Bouncer => return Ok(cmd),
             Self::Full => GateMode::Full,
             Self::Relay => GateMode::Relay,
         };
         env.set_mode(mode)?;
-        Ok(env.gated("bench", grant, &mut cmd))
+        Ok(env.gated(identity, grant, &mut cmd))
     }
 }
 
@@ -236,7 +242,7 @@ fn pgbench(
         .args(["-U", RW_USER, DB])
         .env("PGPASSWORD", variant.password())
         .current_dir(&logs);
-    let mut cmd = variant.command(env, "bench-db:write:4h", cmd)?;
+    let mut cmd = variant.command(env, "bench", "bench-db:write:4h", cmd)?;
     let what = format!("pgbench ({}, {tag})", variant.label());
     let text = output(&mut cmd, &what)?;
     let field = |prefix: &str| {
@@ -338,7 +344,7 @@ fn connection_setup(env: &mut Env, sizes: &Sizes) -> Result<Vec<(Variant, Sample
         for variant in rotated(&Variant::ALL, block) {
             let mut helper = env.helper();
             helper.args(["setup", &variant.url(RO_USER), &per_block.to_string()]);
-            let mut cmd = variant.command(env, "bench-db:read:4h", helper)?;
+            let mut cmd = variant.command(env, "bench", "bench-db:read:4h", helper)?;
             let out = json_line(&output(&mut cmd, "connection setup")?, "connection setup")?;
             let s = results
                 .iter_mut()
@@ -378,17 +384,7 @@ fn masking(env: &mut Env, sizes: &Sizes) -> Result<Vec<Throughput>> {
         for (label, variant, identity) in rotated(&variants, round) {
             let mut helper = env.helper();
             helper.args(["query", &variant.url(RO_USER), sql]);
-            let mut cmd = match variant {
-                Variant::Direct => helper,
-                _ => {
-                    env.set_mode(if variant == Variant::Full {
-                        GateMode::Full
-                    } else {
-                        GateMode::Relay
-                    })?;
-                    env.gated(identity, "bench-db:read:4h", &mut helper)
-                }
-            };
+            let mut cmd = variant.command(env, identity, "bench-db:read:4h", helper)?;
             let out = json_line(&output(&mut cmd, label)?, label)?;
             let r = results
                 .iter_mut()
