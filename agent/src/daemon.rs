@@ -32,14 +32,15 @@ use crate::{
     gate::{self, Gate, GateSettings},
     grants::GrantEngine,
     identity::{Caller, Workloads},
-    model::{RequestStatus, Timestamp},
+    model::Timestamp,
+    ops,
     proxy::{self, ProxyContext, Registry, Routes},
     store::{Store, audit, queries},
     tasks::Tasks,
 };
 
-/// How long shutdown waits for sessions to record how they ended.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// After `drain_timeout`, how long shutdown still waits for sessions to record how they ended.
+const RECORD_GRACE: Duration = Duration::from_secs(5);
 
 /// Everything the control API reaches.
 pub struct Daemon {
@@ -95,6 +96,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if a.kernel_log != b.kernel_log {
         changed.push("kernel_log");
     }
+    if a.metrics_listen != b.metrics_listen {
+        changed.push("metrics_listen");
+    }
     changed
 }
 
@@ -127,6 +131,16 @@ impl Daemon {
 
     /// Re-reads the config file. An invalid file changes nothing.
     pub async fn reload(&self) -> anyhow::Result<serde_json::Value> {
+        ops::notify::reloading();
+        let result = self.reload_inner().await;
+        ops::notify::ready(match &result {
+            Ok(_) => "serving; configuration reloaded",
+            Err(_) => "serving; the last reload was rejected (see the log)",
+        });
+        result
+    }
+
+    async fn reload_inner(&self) -> anyhow::Result<serde_json::Value> {
         let old = self.config.get();
         let new = Config::load(&old.path)?;
         let restart = restart_only_changes(&old, &new);
@@ -140,6 +154,7 @@ impl Daemon {
             new.daemon.gate_cgroup = old.daemon.gate_cgroup.clone();
             new.daemon.bpf_pin_dir = old.daemon.bpf_pin_dir.clone();
             new.daemon.kernel_log = old.daemon.kernel_log;
+            new.daemon.metrics_listen = old.daemon.metrics_listen;
             warn!(keys = ?restart, "these settings only change on restart; keeping the running values");
         }
         // Check the new rules compile before switching anything.
@@ -221,9 +236,8 @@ impl Daemon {
         ];
         let pending = self
             .store
-            .call(|db| queries::list_requests(db, Some(RequestStatus::Pending), 100_000))
+            .call(queries::count_pending_requests)
             .await
-            .map(|v| v.len())
             .unwrap_or(0);
         StatusReport {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -295,6 +309,13 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             "closed sessions left open by a previous run"
         );
     }
+
+    // The operations endpoint binds first: a port clash is a start-up error, not a surprise
+    // found later by a probe. The recorder goes in before anything can count.
+    let ops_endpoint = match config.daemon.metrics_listen {
+        Some(addr) => Some((ops::http::bind(addr).await?, ops::metrics::install()?)),
+        None => None,
+    };
 
     let listeners = proxy::bind(config.daemon.proxy_listen, config.daemon.proxy_listen6).await?;
     let listen: Vec<SocketAddr> = listeners
@@ -388,11 +409,16 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             .map(drop)
         })
         .await?;
+    if let Some((listener, handle)) = ops_endpoint {
+        ops::http::serve(listener, daemon.clone(), handle, shutdown.clone(), &tracker);
+    }
+    ops::notify::spawn_watchdog(daemon.clone(), shutdown.clone());
     info!(
         socket = %config.daemon.socket.display(),
         proxy = ?daemon.listen,
         "jitgated ready"
     );
+    ops::notify::ready("serving: the gate is attached and the proxy listens");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -409,9 +435,16 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             () = shutdown.cancelled() => break,
         }
     }
+    ops::notify::stopping();
+    let drain = daemon.config.get().daemon.drain_timeout;
+    info!(
+        sessions = daemon.registry.len(),
+        drain_timeout = ?drain,
+        "no new connections; sessions finish what is in flight, then end with a protocol error"
+    );
     shutdown.cancel();
     tracker.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+    if tokio::time::timeout(drain + RECORD_GRACE, tracker.wait())
         .await
         .is_err()
     {

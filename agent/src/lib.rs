@@ -12,6 +12,7 @@
 //! * [`store`]: the SQLite state store and the hash-chained audit log.
 //! * [`control`]: the Unix-socket API the CLI speaks.
 //! * [`daemon`]: start-up order, reload, shutdown.
+//! * [`ops`]: metrics and health endpoint, systemd readiness and watchdog, logging.
 //! * [`cli`]: the `jitgate` command.
 pub mod cli;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod grants;
 pub mod identity;
 pub mod ids;
 pub mod model;
+pub mod ops;
 pub mod postgres;
 pub mod proxy;
 pub mod refusals;

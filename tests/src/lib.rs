@@ -5,6 +5,7 @@
 //! The tests need root (they load BPF programs and create cgroups). Without it they skip
 //! with a loud message, except under `CI=true`, where a missing privilege fails the run.
 
+pub mod scrape;
 pub mod servers;
 
 use std::{
@@ -246,6 +247,11 @@ proxy_listen = "127.0.0.1:{proxy_port}"
 
     /// Starts (or restarts) the daemon process and waits until it answers.
     pub fn launch(&mut self) {
+        self.launch_env(&[]);
+    }
+
+    /// [`Gate::launch`] with extra environment (e.g. what systemd sets: `NOTIFY_SOCKET`).
+    pub fn launch_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.daemon.is_none(), "daemon already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -256,6 +262,7 @@ proxy_listen = "127.0.0.1:{proxy_port}"
             .arg("--config")
             .arg(&self.config)
             .env("JITGATE_LOG", "info,jitgate=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -310,6 +317,14 @@ proxy_listen = "127.0.0.1:{proxy_port}"
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Sends the daemon a signal (SIGHUP to reload, say).
+    pub fn signal(&self, signal: libc::c_int) {
+        if let Some(pid) = self.daemon_pid() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
         }
     }
 

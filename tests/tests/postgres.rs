@@ -4,7 +4,8 @@
 use std::{io::Write as _, time::Duration};
 
 use jitgate_e2e::{
-    Gate, Ran, privileged, rfc3339_ms,
+    Gate, Ran, free_port, privileged, rfc3339_ms,
+    scrape::scrape,
     servers::{PG_ROLES, Postgres},
 };
 use serde_json::Value;
@@ -1130,4 +1131,96 @@ fn masked_values_do_not_leave_by_side_channels() {
         ],
     );
     assert!(ran.stdout.contains("1\tj***@example.com"), "{ran:#?}");
+}
+
+#[test]
+fn statement_metrics_and_a_shutdown_that_drains_the_statement_in_flight() {
+    if !privileged("statement_metrics_and_a_shutdown_that_drains_the_statement_in_flight") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let port = free_port();
+    let mut gate = Gate::start(
+        "pg-drain",
+        &format!("metrics_listen = \"127.0.0.1:{port}\""),
+        &body(&pg, ""),
+    );
+
+    // Statements by kind and decision, masked values by detector.
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "SELECT id, email, card FROM users ORDER BY id",
+            "DELETE FROM users",
+        ],
+    );
+    assert_ne!(ran.code, 0, "{ran:#?}");
+    let m = gate.wait_for("statement metrics", Duration::from_secs(10), || {
+        let m = scrape(&gate, port);
+        m.contains_key(
+            r#"jitgate_connections_total{identity="bot",outcome="closed",resource="orders-db"}"#,
+        )
+        .then_some(m)
+    });
+    assert!(
+        m[r#"jitgate_statements_total{decision="allowed",kind="select"}"#] >= 1.0,
+        "{m:#?}"
+    );
+    assert_eq!(
+        m[r#"jitgate_statements_total{decision="denied",kind="delete"}"#], 1.0,
+        "{m:#?}"
+    );
+    assert_eq!(
+        m[r#"jitgate_masked_values_total{detector="card"}"#], 2.0,
+        "{m:#?}"
+    );
+    assert_eq!(
+        m[r#"jitgate_masked_values_total{detector="column_rule"}"#], 3.0,
+        "{m:#?}"
+    );
+    assert!(m["jitgate_statement_check_seconds_count"] >= 2.0, "{m:#?}");
+    assert_eq!(
+        m[r#"jitgate_session_setup_seconds_count{protocol="postgres"}"#], 1.0,
+        "{m:#?}"
+    );
+
+    // SIGTERM while a statement runs: it completes and its result is delivered; the session
+    // then ends with FATAL 57P01 between messages, never cut mid-message.
+    let u = url(&pg, "orders");
+    let mut child = gate.spawn_stdin(
+        "bot",
+        &["--grant", "orders-db:read"],
+        &["psql", &u, "-X", "-At", "-v", "VERBOSITY=verbose"],
+    );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"SELECT 'finished' FROM pg_sleep(3);\n\\! sleep 2\nSELECT 'after';\n")
+        .unwrap();
+    gate.wait_for("the session to open", Duration::from_secs(10), || {
+        let open = gate.cli(&["sessions", "--json"]).json();
+        open.as_array().is_some_and(|a| !a.is_empty()).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    gate.stop();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("finished"), "{stdout}{stderr}");
+    assert!(!stdout.contains("after"), "{stdout}{stderr}");
+    assert!(stderr.contains("57P01"), "{stderr}");
+    assert!(stderr.contains("shutting down"), "{stderr}");
+    gate.launch();
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    assert!(
+        sessions
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["outcome"] == "shutdown"),
+        "{sessions}"
+    );
 }

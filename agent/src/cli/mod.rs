@@ -6,6 +6,8 @@
 //! 6 conflict (already decided, already revoked) · 7 still pending · 8 daemon unreachable ·
 //! 9 audit log tampered with.
 
+pub mod daemon;
+mod docs;
 mod output;
 mod run;
 
@@ -147,6 +149,11 @@ enum Command {
         #[command(subcommand)]
         action: GateAction,
     },
+    /// Print a completion script for a shell (e.g. `jitgate completions bash`).
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages and completions of both binaries under DIR (used by packaging).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -596,6 +603,17 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => run::run(cli, args),
+        Command::Completions { shell } => {
+            docs::print_completions(*shell);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::GenerateDocs { dir } => match docs::generate(dir) {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => {
+                eprintln!("jitgate: writing docs under {}: {e}", dir.display());
+                Ok(ExitCode::from(EXIT_ERROR))
+            }
+        },
         Command::Reload { json } => {
             let summary = cli.client()?.call(&Call::Reload)?;
             if *json {

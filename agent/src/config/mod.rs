@@ -210,6 +210,10 @@ pub struct DaemonConfig {
     pub ca_cert: PathBuf,
     /// How long session records (and PostgreSQL statement records) are kept.
     pub session_retention: Duration,
+    /// Where `/metrics` and `/healthz` are served; `None`: not at all.
+    pub metrics_listen: Option<SocketAddr>,
+    /// On shutdown, how long sessions get to finish what is in flight before they are ended.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -349,6 +353,8 @@ struct RawDaemon {
     kernel_log: Option<KernelLog>,
     ca_cert: Option<S<String>>,
     session_retention: Option<S<String>>,
+    metrics_listen: Option<S<String>>,
+    drain_timeout: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -640,7 +646,37 @@ impl Validator<'_> {
             raw.session_retention.as_ref(),
             Duration::from_secs(30 * 24 * 3600),
         );
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(v) if v.get_ref() == "off" => None,
+            Some(v) => match address::parse_listen(v.get_ref()) {
+                Ok(addr) => Some(addr),
+                Err(e) => {
+                    self.fail(
+                        v.span(),
+                        format!("metrics_listen: {e} (or \"off\" for no endpoint)"),
+                    );
+                    None
+                }
+            },
+        };
+        if let Some(addr) = metrics_listen
+            && (addr == proxy_listen || Some(addr) == proxy_listen6)
+            && let Some(v) = &raw.metrics_listen
+        {
+            self.fail(
+                v.span(),
+                "metrics_listen: must differ from the proxy's address",
+            );
+        }
+        let drain_timeout = self.duration(
+            "drain_timeout",
+            raw.drain_timeout.as_ref(),
+            Duration::from_secs(10),
+        );
         DaemonConfig {
+            metrics_listen,
+            drain_timeout,
             state_dir: string(&raw.state_dir, "/var/lib/jitgate").into(),
             socket: string(&raw.socket, DEFAULT_SOCKET).into(),
             socket_mode,

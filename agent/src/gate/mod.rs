@@ -632,6 +632,26 @@ impl Gate {
     pub fn attached_targets(&self) -> Vec<String> {
         self.attached.iter().cloned().collect()
     }
+
+    /// Checks that every program link of the gate root is still pinned: a pin removed behind
+    /// the agent's back is a gate that opens when the agent stops.
+    pub fn check_pinned(&self) -> Result<(), String> {
+        let dir = target_dir(&self.settings.pin_dir, None);
+        let missing: Vec<&str> = names::PROGRAMS
+            .iter()
+            .filter(|name| !dir.join(name).exists())
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "links missing under {}: {}",
+                dir.display(),
+                missing.join(", ")
+            ))
+        }
+    }
 }
 
 /// Makes a BPF hash map used as a set hold exactly `wanted`: additions first, removals last.

@@ -24,6 +24,7 @@ use crate::{
     identity::{self, Attribution, Caller},
     ids,
     model::{Actor, Grant, Request, RequestStatus, Timestamp, human_duration},
+    ops::metrics,
     store::{Store, StoreError, audit, queries},
 };
 
@@ -521,6 +522,7 @@ impl GrantEngine {
                 other => EngineError::Store(other),
             })?;
         info!(request = %id, approver = %caller.user, "statement approved");
+        metrics::approval_decided("statement", "approved", request.created_at);
         self.notify(&id, RequestStatus::Approved);
         Ok(Approved {
             request: decided,
@@ -669,6 +671,7 @@ impl GrantEngine {
             )));
         }
         info!(request = %id, grant = %grant.id, approver = %caller.user, "approved");
+        metrics::approval_decided("grant", "approved", request.created_at);
         self.activate(grant.clone());
         self.notify(id, RequestStatus::Approved);
         let request = self.request(id).await?.unwrap_or(request);
@@ -726,6 +729,12 @@ impl GrantEngine {
             })
             .inspect(|_| {
                 info!(request = %id, by = %caller.user, "denied");
+                let kind = if request.statement.is_some() {
+                    "statement"
+                } else {
+                    "grant"
+                };
+                metrics::approval_decided(kind, "denied", request.created_at);
                 self.notify(id, RequestStatus::Denied);
             })
     }

@@ -48,6 +48,7 @@ use crate::{
     grants::{GrantHandle, GrantState},
     identity::Attribution,
     model::{Decision, RequestStatus, SessionOutcome, StatementRecord, Timestamp, human_duration},
+    ops::metrics,
     proxy::{
         ProxyContext,
         session::{Outcome, Record, acquire_grant, refuse},
@@ -173,7 +174,7 @@ pub(crate) async fn serve(
         return refuse(SessionOutcome::RefusedNoResource, err.message);
     }
 
-    let grant = match acquire_grant(ctx, who, uid, resource).await {
+    let grant = match acquire_grant(ctx, who, uid, resource, &mut s.held).await {
         Ok(g) => g,
         Err(outcome) => {
             let err = match outcome.0 {
@@ -301,7 +302,7 @@ pub(crate) async fn serve(
         ctx.pg.cancel.remove(proxy_key);
         return refuse(SessionOutcome::Closed, "the client left during login");
     }
-    s.open(ctx);
+    s.open(ctx, "postgres");
     let cancel_token = s.register(ctx, who, &resource.name, &grant);
     info!(
         identity = %who.identity,
@@ -824,10 +825,18 @@ impl Pump<'_> {
 
     /// Judges a statement string; returns the poison error when refused.
     async fn decide(&self, text: &str, rec_kind: &str) -> (Result<Vec<Statement>, PgError>, u32) {
+        let started = Instant::now();
+        let counted = |analysis: &[Statement], decision: Decision| {
+            for s in analysis {
+                metrics::statement(s.primary_kind(), decision);
+            }
+        };
         let analysis = match self.analyze(text) {
             Ok(a) => a,
             Err(e) => {
                 let rec = self.new_record(text, Decision::Denied, Some("unparseable".into()));
+                metrics::statement("unparseable", Decision::Denied);
+                metrics::statement_check(started.elapsed());
                 let err = PgError::error(
                     "42601",
                     format!("jitgate: the statement could not be parsed, so it was not sent: {e}"),
@@ -842,17 +851,29 @@ impl Pump<'_> {
             self.lock().search_path_changed = true;
         }
         match self.judge(&analysis) {
-            Verdict::Allow => (Ok(analysis), self.new_record(text, Decision::Allowed, None)),
+            Verdict::Allow => {
+                let rec = self.new_record(text, Decision::Allowed, None);
+                metrics::statement_check(started.elapsed());
+                counted(&analysis, Decision::Allowed);
+                (Ok(analysis), rec)
+            }
             Verdict::Deny { rule, error } => {
                 info!(rule = %rule, kind = rec_kind, "statement refused");
                 let rec = self.new_record(text, Decision::Denied, Some(rule));
+                metrics::statement_check(started.elapsed());
+                counted(&analysis, Decision::Denied);
                 (Err(error), rec)
             }
             Verdict::Approve { rule, reason } => {
                 let rec = self.new_record(text, Decision::Allowed, Some(rule.clone()));
+                metrics::statement_check(started.elapsed());
                 match self.hold(text, &rule, &reason, rec).await {
-                    Ok(_) => (Ok(analysis), rec),
+                    Ok(_) => {
+                        counted(&analysis, Decision::Approved);
+                        (Ok(analysis), rec)
+                    }
                     Err(e) => {
+                        counted(&analysis, Decision::Refused);
                         self.update_record(rec, |r| r.decision = Decision::Refused);
                         (Err(e), rec)
                     }
@@ -1277,7 +1298,27 @@ impl Pump<'_> {
         let mut out = BytesMut::with_capacity(16 * 1024);
         let mut state_rx = grant.state.clone();
         let mut stats = Masked::default();
+        let mut masked_total = 0u64;
+        // Set when the agent shuts down with work in flight: the session ends at the first
+        // idle point (every reply delivered), or at the deadline, whichever comes first.
+        let mut draining: Option<tokio::time::Instant> = None;
         let outcome = loop {
+            if draining.is_some()
+                && !server.has_frame()
+                && out.is_empty()
+                && self.lock().expect.is_empty()
+            {
+                let err = PgError::fatal(
+                    "57P01",
+                    "terminating connection: the jitgate host agent is shutting down",
+                )
+                .hint(
+                    "the statements already sent have completed; reconnect once jitgated is back",
+                );
+                err.write(&mut out);
+                let _ = client.write_all(&out).await;
+                break Some((SessionOutcome::Shutdown, err.message));
+            }
             let frame = tokio::select! {
                 biased;
                 changed = async { state_rx.wait_for(|s| *s != GrantState::Active).await.map(|r| *r).ok() } => {
@@ -1300,8 +1341,13 @@ impl Pump<'_> {
                     let _ = client.write_all(&out).await;
                     break Some((SessionOutcome::ResourceRemoved, err.message));
                 }
-                () = self.ctx.shutdown.cancelled() => {
-                    let err = PgError::fatal("57P01", "terminating connection: the jitgate host agent is shutting down");
+                () = self.ctx.shutdown.cancelled(), if draining.is_none() => {
+                    draining = Some(tokio::time::Instant::now() + self.ctx.config.get().daemon.drain_timeout);
+                    continue;
+                }
+                () = async { tokio::time::sleep_until(draining.unwrap_or_else(tokio::time::Instant::now)).await }, if draining.is_some() => {
+                    let err = PgError::fatal("57P01", "terminating connection: the jitgate host agent is shutting down")
+                        .hint("a statement was still running when the drain timeout passed; it may not have completed");
                     err.write(&mut out);
                     let _ = client.write_all(&out).await;
                     break Some((SessionOutcome::Shutdown, err.message));
@@ -1346,6 +1392,13 @@ impl Pump<'_> {
                 break Some((SessionOutcome::Error, err.message));
             }
             if !server.has_frame() && !out.is_empty() || out.len() > 64 * 1024 {
+                if stats.values > 0 {
+                    // Published per flush, not per row: counters stay current without a
+                    // recorder call on every masked value.
+                    masked_total += stats.values;
+                    metrics::masked(&stats.by_detector, stats.by_column_rule);
+                    stats = Masked::default();
+                }
                 self.counters
                     .down
                     .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -1358,8 +1411,10 @@ impl Pump<'_> {
         let _ = client.flush().await;
         let _ = client.shutdown().await;
         self.stop.cancel();
-        if stats.values > 0 {
-            debug!(masked = stats.values, "values masked in this session");
+        masked_total += stats.values;
+        metrics::masked(&stats.by_detector, stats.by_column_rule);
+        if masked_total > 0 {
+            debug!(masked = masked_total, "values masked in this session");
         }
         outcome
     }

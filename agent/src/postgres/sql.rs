@@ -60,6 +60,44 @@ pub struct Statement {
     pub sets_search_path: bool,
 }
 
+/// Kinds from most to least consequential: a statement is counted under the first it has.
+const KIND_PRIORITY: [&str; 22] = [
+    "drop",
+    "truncate",
+    "alter",
+    "create",
+    "privilege",
+    "delete",
+    "update",
+    "merge",
+    "insert",
+    "copy_from",
+    "copy_to",
+    "do",
+    "call",
+    "execute",
+    "prepare",
+    "lock",
+    "listen",
+    "explain",
+    "set",
+    "transaction",
+    "select",
+    "utility",
+];
+
+impl Statement {
+    /// The one kind metrics count it under: what it does that matters most.
+    pub fn primary_kind(&self) -> &'static str {
+        KIND_PRIORITY
+            .iter()
+            .find(|k| self.kinds.contains(*k))
+            .copied()
+            .or_else(|| self.kinds.iter().find(|k| **k != "ddl").copied())
+            .unwrap_or("other")
+    }
+}
+
 /// What the result rows of a query string (or a prepared statement, or a cursor) may be
 /// computed from: the union over its statements, for masking values the server cannot trace
 /// to a table column.

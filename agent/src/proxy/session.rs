@@ -9,7 +9,11 @@
 //! Every step that can fail refuses the connection: nothing is relayed unless a live grant
 //! covers this identity, task, resource and access level.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use serde_json::json;
 use tokio::net::TcpStream;
@@ -48,6 +52,9 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream) {
 pub(crate) struct Record {
     pub(crate) session: Session,
     inserted: bool,
+    accepted: Instant,
+    /// Time spent waiting for a human to approve the connection (not the gate's own cost).
+    pub(crate) held: Duration,
     pub(crate) counters: Arc<relay::Counters>,
 }
 
@@ -98,12 +105,18 @@ impl Record {
                 access: None,
             },
             inserted: false,
+            accepted: Instant::now(),
+            held: Duration::ZERO,
             counters: Arc::default(),
         }
     }
 
     /// Writes the open session (once relaying starts) so `jitgate sessions` shows it.
-    pub(crate) fn open(&mut self, ctx: &ProxyContext) {
+    pub(crate) fn open(&mut self, ctx: &ProxyContext, protocol: &'static str) {
+        crate::ops::metrics::session_setup(
+            protocol,
+            self.accepted.elapsed().saturating_sub(self.held),
+        );
         let s = self.session.clone();
         ctx.store.submit(move |db| {
             queries::insert_session(db, &s)?;
@@ -131,6 +144,12 @@ impl Record {
         s.outcome = outcome;
         s.detail = detail;
         ctx.registry.remove(&s.id);
+        crate::ops::metrics::session_ended(
+            s.resource.as_deref(),
+            s.identity.as_deref(),
+            outcome,
+            (up, down),
+        );
         let refused = !self.inserted;
         match outcome {
             SessionOutcome::Closed => debug!(outcome = %outcome, up, down, "session ended"),
@@ -273,7 +292,7 @@ async fn run(ctx: &ProxyContext, client: TcpStream, s: &mut Record) -> Outcome {
         )
         .await;
     }
-    let grant = match acquire_grant(ctx, &attribution, record.uid, &resource).await {
+    let grant = match acquire_grant(ctx, &attribution, record.uid, &resource, &mut s.held).await {
         Ok(g) => g,
         Err(outcome) => return outcome,
     };
@@ -302,7 +321,7 @@ async fn run(ctx: &ProxyContext, client: TcpStream, s: &mut Record) -> Outcome {
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
 
-    s.open(ctx);
+    s.open(ctx, "tcp");
     let cancel = s.register(ctx, &attribution, &resource.name, &grant);
     debug!(identity = %attribution.identity, resource = %resource.name, grant = %grant.id, "relaying");
     relay_until_done(ctx, client, upstream, grant, &cancel, &s.counters).await
@@ -315,6 +334,7 @@ pub(crate) async fn acquire_grant(
     attribution: &Attribution,
     uid: u32,
     resource: &Resource,
+    held: &mut Duration,
 ) -> Result<GrantHandle, Outcome> {
     if let Some(g) = ctx.engine.find(
         &attribution.identity,
@@ -337,7 +357,8 @@ pub(crate) async fn acquire_grant(
             ),
         )),
         OnMissingGrant::Request => {
-            hold(
+            let started = Instant::now();
+            let decided = hold(
                 ctx,
                 attribution,
                 uid,
@@ -345,7 +366,9 @@ pub(crate) async fn acquire_grant(
                 resource.connect_access,
                 resource.hold_timeout,
             )
-            .await
+            .await;
+            *held = started.elapsed();
+            decided
         }
     }
 }

@@ -107,6 +107,16 @@ pub fn list_requests(
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// How many requests wait for a decision (the partial index makes this cheap).
+pub fn count_pending_requests(db: &Connection) -> Result<usize> {
+    let n: i64 = db.query_row(
+        "SELECT count(*) FROM requests WHERE status = 'pending'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(n as usize)
+}
+
 /// Records a decision. Only a pending request changes; returns whether it did.
 pub fn decide_request(
     db: &Connection,

@@ -1,0 +1,81 @@
+//! Is this host agent doing its job? One answer for the health endpoint and the systemd
+//! watchdog, so a probe and systemd never disagree.
+//!
+//! Healthy means: the gate's links are still pinned (so the gate stays closed if we die),
+//! the state store answers (grants can be checked and sessions recorded), and the runtime
+//! runs tasks (this check itself is one).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::{daemon::Daemon, store::queries};
+
+/// How long the store may take to answer before the agent counts as unhealthy.
+const STORE_DEADLINE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    /// What is wrong, when not ok.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub ok: bool,
+    pub checks: Vec<Check>,
+    /// Pending requests, read by the same store round trip (metrics reuse it).
+    #[serde(skip)]
+    pub pending_requests: Option<usize>,
+}
+
+impl Report {
+    /// One line saying what failed, for the watchdog's STATUS and the log.
+    pub fn problems(&self) -> String {
+        self.checks
+            .iter()
+            .filter_map(|c| c.problem.as_ref().map(|p| format!("{}: {p}", c.name)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+fn check(name: &'static str, result: Result<(), String>) -> Check {
+    Check {
+        name,
+        ok: result.is_ok(),
+        problem: result.err(),
+    }
+}
+
+pub async fn check_all(daemon: &Daemon) -> Report {
+    let gate = daemon.gate.lock().map_or_else(
+        |_| Err("the gate's state is poisoned by a panic".to_owned()),
+        |g| g.check_pinned(),
+    );
+    let store = tokio::time::timeout(
+        STORE_DEADLINE,
+        daemon.store.call(queries::count_pending_requests),
+    )
+    .await;
+    let (store, pending) = match store {
+        Ok(Ok(n)) => (Ok(()), Some(n)),
+        Ok(Err(e)) => (Err(format!("the state store failed: {e}")), None),
+        Err(_) => (
+            Err(format!(
+                "the state store did not answer within {}s",
+                STORE_DEADLINE.as_secs()
+            )),
+            None,
+        ),
+    };
+    let checks = vec![check("gate", gate), check("store", store)];
+    Report {
+        ok: checks.iter().all(|c| c.ok),
+        checks,
+        pending_requests: pending,
+    }
+}

@@ -1,0 +1,146 @@
+//! The operations endpoint (`metrics_listen`): `GET /metrics` in Prometheus text format and
+//! `GET /healthz` for probes. Off unless configured; read-only; nothing here changes state.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, warn};
+
+use super::{health, metrics};
+use crate::daemon::Daemon;
+
+/// Scrapers and probes are few; more concurrent connections than this wait their turn.
+const MAX_CONNECTIONS: usize = 32;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding metrics_listen {addr}"))
+}
+
+/// Serves until shutdown.
+pub fn serve(
+    listener: TcpListener,
+    daemon: Arc<Daemon>,
+    handle: PrometheusHandle,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let handle = Arc::new(handle);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tracker.spawn(async move {
+        info!(address = ?listener.local_addr().ok(), "metrics and health endpoint listening");
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "metrics endpoint: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let (daemon, handle, shutdown) = (daemon.clone(), handle.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let (daemon, handle) = (daemon.clone(), handle.clone());
+                    async move { Ok::<_, Infallible>(respond(&req, &daemon, &handle).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => if let Err(e) = r {
+                        debug!(peer = %peer, error = %e, "metrics endpoint connection ended");
+                    },
+                    () = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+                }
+                drop(permit);
+            });
+        }
+    });
+}
+
+async fn respond(
+    req: &Request<Incoming>,
+    daemon: &Daemon,
+    handle: &PrometheusHandle,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET and HEAD are served here\n",
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let report = health::check_all(daemon).await;
+            let kernel = daemon.gate.lock().ok().and_then(|g| g.counters().ok());
+            metrics::publish(&metrics::Snapshot {
+                grants_active: daemon.engine.live_count(),
+                requests_pending: report.pending_requests.unwrap_or(0),
+                sessions_open: daemon.registry.len(),
+                kernel,
+            });
+            let mut body = handle.render();
+            // Health as a metric too, so one scrape tells both.
+            body.push_str("# HELP jitgate_healthy 1 when every health check passes.\n");
+            body.push_str("# TYPE jitgate_healthy gauge\n");
+            body.push_str(if report.ok {
+                "jitgate_healthy 1\n"
+            } else {
+                "jitgate_healthy 0\n"
+            });
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                body,
+            )
+        }
+        "/healthz" => {
+            let report = health::check_all(daemon).await;
+            let status = if report.ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let mut body = serde_json::to_string(&report).unwrap_or_else(|_| "{}".into());
+            body.push('\n');
+            reply(status, "application/json", body)
+        }
+        _ => plain(
+            StatusCode::NOT_FOUND,
+            "not found: this endpoint serves /metrics and /healthz\n",
+        ),
+    }
+}
+
+fn plain(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    reply(status, "text/plain; charset=utf-8", body.to_owned())
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}

@@ -1,0 +1,210 @@
+//! What the host agent counts, under which names, and the Prometheus recorder behind it.
+//!
+//! Event metrics are recorded where the event happens, through the helpers below (one place
+//! names each metric, so a typo cannot split a series). State metrics (active grants, pending
+//! approvals, open sessions, the kernel's counters) are read when scraped: they are facts the
+//! agent already keeps, and copying them on every change would put work on the data path.
+//!
+//! With no `metrics_listen` no recorder is installed and every helper is a no-op call.
+
+use std::time::Duration;
+
+use jitgate_common::stats;
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::{
+    config::postgres::Detector,
+    model::{Decision, SessionOutcome, Timestamp},
+};
+
+pub const CONNECTIONS: &str = "jitgate_connections_total";
+pub const SESSION_BYTES: &str = "jitgate_session_bytes_total";
+pub const SESSIONS_OPEN: &str = "jitgate_sessions_open";
+pub const SESSION_SETUP: &str = "jitgate_session_setup_seconds";
+pub const STATEMENTS: &str = "jitgate_statements_total";
+pub const STATEMENT_CHECK: &str = "jitgate_statement_check_seconds";
+pub const MASKED: &str = "jitgate_masked_values_total";
+pub const GRANTS_ACTIVE: &str = "jitgate_grants_active";
+pub const REQUESTS_PENDING: &str = "jitgate_requests_pending";
+pub const APPROVAL_WAIT: &str = "jitgate_approval_wait_seconds";
+pub const KERNEL_REDIRECTS: &str = "jitgate_kernel_redirects_total";
+pub const KERNEL_REFUSALS: &str = "jitgate_kernel_refusals_total";
+pub const KERNEL_EVENTS_LOST: &str = "jitgate_kernel_events_lost_total";
+pub const BUILD_INFO: &str = "jitgate_build_info";
+pub const STARTED: &str = "jitgate_start_time_seconds";
+
+/// The kernel's refusal counters and the `reason` label each is exported under.
+pub const KERNEL_REASONS: [(u32, &str); 7] = [
+    (stats::TCP_DENIED, "tcp_egress"),
+    (stats::UDP_DENIED, "udp_egress"),
+    (stats::SOCK_DENIED, "socket_type"),
+    (stats::BIND_DENIED, "bind_proxy_port"),
+    (stats::NOT_READY, "not_ready"),
+    (stats::RECORD_FAILED, "record_failed"),
+    (stats::PROXY_DIRECT, "proxy_direct"),
+];
+
+/// Statement checks take microseconds; session setup includes an upstream login
+/// (milliseconds); approvals wait for a human (minutes).
+const FAST_BUCKETS: [f64; 12] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05,
+    0.25,
+];
+const SETUP_BUCKETS: [f64; 11] = [
+    0.000_1, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
+const WAIT_BUCKETS: [f64; 10] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0,
+];
+
+/// Installs the process-wide recorder and describes every metric.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(STATEMENT_CHECK.into()), &FAST_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(SESSION_SETUP.into()), &SETUP_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(APPROVAL_WAIT.into()), &WAIT_BUCKETS)?
+        .install_recorder()?;
+    describe();
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!(STARTED).set(Timestamp::now().millis() as f64 / 1000.0);
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(
+        CONNECTIONS,
+        "Gated connections that ended, by resource, identity and outcome (refusals included)."
+    );
+    describe_counter!(
+        SESSION_BYTES,
+        Unit::Bytes,
+        "Bytes relayed by ended sessions, by resource and direction (up: to the resource)."
+    );
+    describe_gauge!(SESSIONS_OPEN, "Sessions being relayed now.");
+    describe_histogram!(
+        SESSION_SETUP,
+        Unit::Seconds,
+        "From accepting a redirected connection to relaying it (grant lookup, upstream connect and login; approval waits excluded)."
+    );
+    describe_counter!(
+        STATEMENTS,
+        "PostgreSQL statements judged, by kind and decision (a prepared statement counts once, when parsed)."
+    );
+    describe_histogram!(
+        STATEMENT_CHECK,
+        Unit::Seconds,
+        "Time the gate spends judging one statement string: parse, policy, record (approval waits excluded)."
+    );
+    describe_counter!(
+        MASKED,
+        "Values masked in results, by detector (column_rule: a masking rule on a named column)."
+    );
+    describe_gauge!(GRANTS_ACTIVE, "Grants active now.");
+    describe_gauge!(REQUESTS_PENDING, "Requests waiting for a human decision.");
+    describe_histogram!(
+        APPROVAL_WAIT,
+        Unit::Seconds,
+        "From a request being filed to a human deciding it, by kind (grant, statement) and decision."
+    );
+    describe_counter!(
+        KERNEL_REDIRECTS,
+        "Connections the kernel programs steered to the proxy."
+    );
+    describe_counter!(
+        KERNEL_REFUSALS,
+        "Socket operations the kernel programs refused, by reason."
+    );
+    describe_counter!(
+        KERNEL_EVENTS_LOST,
+        "Refusal events the kernel could not queue for the audit log (the refusal itself still happened)."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which jitgated runs."
+    );
+    describe_gauge!(
+        STARTED,
+        Unit::Seconds,
+        "When this jitgated started (unix time)."
+    );
+}
+
+/// A session ended (or was refused before relaying).
+pub fn session_ended(
+    resource: Option<&str>,
+    identity: Option<&str>,
+    outcome: SessionOutcome,
+    bytes: (u64, u64),
+) {
+    let resource = resource.unwrap_or("").to_owned();
+    counter!(
+        CONNECTIONS,
+        "resource" => resource.clone(),
+        "identity" => identity.unwrap_or("").to_owned(),
+        "outcome" => outcome.as_str(),
+    )
+    .increment(1);
+    if bytes.0 > 0 {
+        counter!(SESSION_BYTES, "resource" => resource.clone(), "direction" => "up")
+            .increment(bytes.0);
+    }
+    if bytes.1 > 0 {
+        counter!(SESSION_BYTES, "resource" => resource, "direction" => "down").increment(bytes.1);
+    }
+}
+
+pub fn session_setup(protocol: &'static str, took: Duration) {
+    metrics::histogram!(SESSION_SETUP, "protocol" => protocol).record(took.as_secs_f64());
+}
+
+/// One statement judged. `kind` is the statement's first kind (`select`, `ddl`, ...), or
+/// `unparseable`.
+pub fn statement(kind: &'static str, decision: Decision) {
+    counter!(STATEMENTS, "kind" => kind, "decision" => decision.as_str()).increment(1);
+}
+
+pub fn statement_check(took: Duration) {
+    metrics::histogram!(STATEMENT_CHECK).record(took.as_secs_f64());
+}
+
+/// Adds a result's masked values: per detector, and those masked by column rules.
+pub fn masked(by_detector: &[u64; Detector::ALL.len()], by_column_rule: u64) {
+    for (d, n) in Detector::ALL.iter().zip(by_detector) {
+        if *n > 0 {
+            counter!(MASKED, "detector" => d.as_str()).increment(*n);
+        }
+    }
+    if by_column_rule > 0 {
+        counter!(MASKED, "detector" => "column_rule").increment(by_column_rule);
+    }
+}
+
+/// A human decided a request filed at `filed`.
+pub fn approval_decided(kind: &'static str, decision: &'static str, filed: Timestamp) {
+    let waited = (Timestamp::now().millis() - filed.millis()).max(0) as f64 / 1000.0;
+    metrics::histogram!(APPROVAL_WAIT, "kind" => kind, "decision" => decision).record(waited);
+}
+
+/// State read at scrape time.
+pub struct Snapshot {
+    pub grants_active: usize,
+    pub requests_pending: usize,
+    pub sessions_open: usize,
+    /// The kernel's per-CPU counters, summed; `None` when the map could not be read.
+    pub kernel: Option<[u64; stats::COUNT as usize]>,
+}
+
+/// Publishes a snapshot's values into the recorder just before rendering.
+pub fn publish(s: &Snapshot) {
+    gauge!(GRANTS_ACTIVE).set(s.grants_active as f64);
+    gauge!(REQUESTS_PENDING).set(s.requests_pending as f64);
+    gauge!(SESSIONS_OPEN).set(s.sessions_open as f64);
+    if let Some(k) = &s.kernel {
+        counter!(KERNEL_REDIRECTS).absolute(k[stats::REDIRECTED as usize]);
+        for (index, reason) in KERNEL_REASONS {
+            counter!(KERNEL_REFUSALS, "reason" => reason).absolute(k[index as usize]);
+        }
+        counter!(KERNEL_EVENTS_LOST).absolute(k[stats::EVENTS_LOST as usize]);
+    }
+}

@@ -1,0 +1,245 @@
+//! The host agent as a service: the metrics and health endpoint, the systemd notify protocol
+//! (readiness, watchdog, reload, stop), and configuration checks.
+
+use std::{
+    net::TcpStream,
+    os::unix::net::UnixDatagram,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use jitgate_e2e::{
+    Gate, free_port, privileged,
+    scrape::{get, scrape},
+    servers::{self, BANNER},
+};
+
+fn body(resource: &str) -> String {
+    format!(
+        r#"
+[[workload]]
+identity = "bot"
+launchers = ["root"]
+
+[[resource]]
+name = "echo"
+address = "{resource}"
+
+[[policy]]
+identities = ["bot"]
+resources = ["echo"]
+access = ["read"]
+max_ttl = "1h"
+approval = "auto"
+"#
+    )
+}
+
+#[test]
+fn metrics_and_health_endpoint_report_what_happened() {
+    if !privileged("metrics_and_health_endpoint_report_what_happened") {
+        return;
+    }
+    let echo = servers::echo_server("127.0.0.1:0");
+    let elsewhere = servers::echo_server("127.0.0.1:0");
+    let target = echo.addr.to_string();
+    let port = free_port();
+    let mut gate = Gate::start(
+        "metrics",
+        &format!("metrics_listen = \"127.0.0.1:{port}\""),
+        &body(&target),
+    );
+
+    // Refused without a grant; a kernel refusal elsewhere; then a granted session.
+    let refused = gate.probe("bot", &["connect", &target]);
+    assert!(!refused.stdout.contains(BANNER), "{}", refused.stdout);
+    let denied = gate.probe("bot", &["connect", &elsewhere.addr.to_string()]);
+    assert!(denied.stdout.contains("err 1 "), "{}", denied.stdout);
+    gate.cli(&["request", "echo", "--for", "bot", "--ttl", "10m"])
+        .assert_ok();
+    assert!(
+        gate.probe("bot", &["connect", &target])
+            .stdout
+            .contains(BANNER)
+    );
+
+    let closed = r#"jitgate_connections_total{identity="bot",outcome="closed",resource="echo"}"#;
+    let m = gate.wait_for("the session's metrics", Duration::from_secs(10), || {
+        let m = scrape(&gate, port);
+        m.contains_key(closed).then_some(m)
+    });
+    assert_eq!(m[closed], 1.0, "{m:#?}");
+    assert_eq!(
+        m[r#"jitgate_connections_total{identity="bot",outcome="refused_no_grant",resource="echo"}"#],
+        1.0,
+        "{m:#?}"
+    );
+    assert!(
+        m[r#"jitgate_kernel_refusals_total{reason="tcp_egress"}"#] >= 1.0,
+        "{m:#?}"
+    );
+    assert!(m["jitgate_kernel_redirects_total"] >= 2.0, "{m:#?}");
+    assert_eq!(m["jitgate_grants_active"], 1.0, "{m:#?}");
+    assert_eq!(m["jitgate_requests_pending"], 0.0, "{m:#?}");
+    assert_eq!(m["jitgate_sessions_open"], 0.0, "{m:#?}");
+    assert_eq!(m["jitgate_healthy"], 1.0, "{m:#?}");
+    assert_eq!(
+        m[&format!(
+            "jitgate_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )],
+        1.0
+    );
+    let setups = r#"jitgate_session_setup_seconds_count{protocol="tcp"}"#;
+    assert_eq!(m[setups], 1.0, "{m:#?}");
+    assert!(
+        m.contains_key(r#"jitgate_session_setup_seconds_bucket{le="+Inf",protocol="tcp"}"#),
+        "setup latency is a histogram: {m:#?}"
+    );
+
+    let (status, health) = get(port, "/healthz");
+    assert_eq!(status, 200, "{health}");
+    assert!(health.contains(r#""ok":true"#), "{health}");
+    assert_eq!(get(port, "/nothing").0, 404);
+
+    // A link pin removed behind the agent's back: the gate would open when the agent stops,
+    // so the agent reports itself unhealthy.
+    let pinned = gate.pin_dir.join("links/root/jg_connect4");
+    std::fs::remove_file(&pinned).expect("removing a pinned link");
+    let (status, health) = get(port, "/healthz");
+    assert_eq!(status, 503, "{health}");
+    assert!(health.contains("jg_connect4"), "{health}");
+    assert_eq!(scrape(&gate, port)["jitgate_healthy"], 0.0);
+
+    // A restart re-pins what was lost.
+    gate.stop();
+    gate.launch();
+    let (status, health) = get(port, "/healthz");
+    assert_eq!(status, 200, "{health}\n{}", gate.log());
+    assert!(pinned.exists());
+}
+
+/// Reads notify messages until one contains `want` (or the timeout passes).
+fn expect_notify(sock: &UnixDatagram, want: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.lines().any(|l| l == want) {
+                return msg;
+            }
+            seen.push(msg);
+        }
+    }
+    panic!("no {want} from jitgated within {timeout:?}; got {seen:?}");
+}
+
+#[test]
+fn systemd_notify_ready_watchdog_reload_and_stop() {
+    if !privileged("systemd_notify_ready_watchdog_reload_and_stop") {
+        return;
+    }
+    let echo = servers::echo_server("127.0.0.1:0");
+    let target = echo.addr.to_string();
+    let mut gate = Gate::start("notify", "", &body(&target));
+    gate.stop();
+
+    let path = gate.dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("binding the notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    gate.launch_env(&[
+        ("NOTIFY_SOCKET", path.to_str().unwrap()),
+        ("WATCHDOG_USEC", "400000"),
+    ]);
+    // READY=1 only once the gate is attached and the proxy listens.
+    let ready = expect_notify(&sock, "READY=1", Duration::from_secs(10));
+    assert!(ready.contains("STATUS="), "{ready}");
+    assert!(gate.pin_dir.join("links/root/jg_connect4").exists());
+    assert!(TcpStream::connect(("127.0.0.1", gate.proxy_port)).is_ok());
+    expect_notify(&sock, "WATCHDOG=1", Duration::from_secs(5));
+
+    gate.signal(libc::SIGHUP);
+    expect_notify(&sock, "RELOADING=1", Duration::from_secs(5));
+    let after = expect_notify(&sock, "READY=1", Duration::from_secs(5));
+    assert!(after.contains("reloaded"), "{after}");
+
+    // An invalid config: rejected, the running one stays, and systemd hears READY again.
+    let good = std::fs::read_to_string(&gate.config).unwrap();
+    std::fs::write(&gate.config, format!("{good}\n[[resource]]\nname = 3\n")).unwrap();
+    gate.signal(libc::SIGHUP);
+    let rejected = expect_notify(&sock, "READY=1", Duration::from_secs(5));
+    assert!(rejected.contains("rejected"), "{rejected}");
+    std::fs::write(&gate.config, good).unwrap();
+
+    // Unhealthy (a pin removed): the watchdog pings stop and STATUS says why.
+    std::fs::remove_file(gate.pin_dir.join("links/root/jg_connect4")).unwrap();
+    let status = expect_notify_status(&sock, "unhealthy", Duration::from_secs(5));
+    assert!(status.contains("jg_connect4"), "{status}");
+    let quiet_from = Instant::now();
+    let mut buf = [0u8; 4096];
+    while quiet_from.elapsed() < Duration::from_millis(1500) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]);
+            assert!(
+                !msg.lines().any(|l| l == "WATCHDOG=1"),
+                "watchdog pinged while unhealthy"
+            );
+        }
+    }
+
+    gate.signal(libc::SIGTERM);
+    expect_notify(&sock, "STOPPING=1", Duration::from_secs(5));
+    gate.stop();
+    // Restart without systemd to leave things re-pinned for the harness's cleanup.
+    gate.launch();
+}
+
+fn expect_notify_status(sock: &UnixDatagram, needle: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg
+                .lines()
+                .any(|l| l.starts_with("STATUS=") && l.contains(needle))
+            {
+                return msg;
+            }
+        }
+    }
+    panic!("no STATUS containing {needle:?} within {timeout:?}");
+}
+
+#[test]
+fn check_config_names_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[daemon]\nmetrics_listen = \"127.0.0.1:9187\"\n".to_owned() + &body("127.0.0.1:5432"),
+    )
+    .unwrap();
+    let jitgated = jitgate_e2e::find_bin("jitgated");
+    let ok = Command::new(&jitgated)
+        .arg("--check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("valid (1 workloads, 1 resources"));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[daemon]\nmetrics_listen = \"everywhere\"\n").unwrap();
+    let out = Command::new(&jitgated)
+        .arg("--check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:2: metrics_listen"), "{err}");
+}
