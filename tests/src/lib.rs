@@ -197,12 +197,20 @@ pub struct Gate {
     /// The `[daemon]` lines every config of this gate starts with.
     daemon_head: String,
     daemon: Option<Child>,
+    /// A command `jitgated` runs under (e.g. `setpriv` with a capability set).
+    wrapper: Vec<String>,
 }
 
 impl Gate {
     /// Starts a host agent. `daemon_extra` lines go under `[daemon]`; `body` holds the
     /// workloads, resources and policies.
     pub fn start(test: &str, daemon_extra: &str, body: &str) -> Self {
+        Self::start_wrapped(test, daemon_extra, body, Vec::new())
+    }
+
+    /// [`Gate::start`] with `jitgated` run under `wrapper`. The gate cgroup is created first,
+    /// as systemd creates `jitgate.slice` before the service starts.
+    pub fn start_wrapped(test: &str, daemon_extra: &str, body: &str, wrapper: Vec<String>) -> Self {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("jge2e-{}-{n}", std::process::id());
         let dir = PathBuf::from(format!("/tmp/{name}"));
@@ -240,7 +248,11 @@ proxy_listen = "127.0.0.1:{proxy_port}"
             proxy_port,
             daemon_head,
             daemon: None,
+            wrapper,
         };
+        if !gate.wrapper.is_empty() {
+            std::fs::create_dir_all(gate.cgroup_root()).expect("creating the gate cgroup");
+        }
         gate.launch();
         gate
     }
@@ -258,7 +270,15 @@ proxy_listen = "127.0.0.1:{proxy_port}"
             .append(true)
             .open(self.dir.join("jitgated.log"))
             .expect("log");
-        let child = Command::new(&bins().jitgated)
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&bins().jitgated);
+                c
+            }
+            None => Command::new(&bins().jitgated),
+        };
+        let child = command
             .arg("--config")
             .arg(&self.config)
             .env("JITGATE_LOG", "info,jitgate=debug")

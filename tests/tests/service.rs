@@ -243,3 +243,93 @@ fn check_config_names_the_problem() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.toml:2: metrics_listen"), "{err}");
 }
+
+/// The capabilities the shipped unit grants (`CapabilityBoundingSet=`), as setpriv names them.
+fn unit_capabilities() -> Vec<String> {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/systemd/jitgated.service"
+    ))
+    .expect("the unit file");
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet in the unit");
+    line.split_whitespace()
+        .map(|c| {
+            c.strip_prefix("CAP_")
+                .expect("CAP_ names")
+                .to_ascii_lowercase()
+        })
+        .collect()
+}
+
+#[test]
+fn the_units_capabilities_are_enough() {
+    if !privileged("the_units_capabilities_are_enough") {
+        return;
+    }
+    let caps = unit_capabilities();
+    assert!(caps.contains(&"bpf".to_owned()), "{caps:?}");
+    let bounding = format!(
+        "--bounding-set=-all,{}",
+        caps.iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let wrapper = vec![
+        "setpriv".to_owned(),
+        bounding,
+        "--inh-caps=-all".to_owned(),
+        "--".to_owned(),
+    ];
+    let echo = servers::echo_server("127.0.0.1:0");
+    let elsewhere = servers::echo_server("127.0.0.1:0");
+    let target = echo.addr.to_string();
+    let mut gate = Gate::start_wrapped("caps", "socket_group = \"root\"", &body(&target), wrapper);
+    let status = std::fs::read_to_string(format!(
+        "/proc/{}/status",
+        gate.daemon_pid().expect("running")
+    ))
+    .unwrap();
+    let bnd = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(
+        bnd.count_ones() as usize,
+        caps.len(),
+        "jitgated runs with more than the unit's capabilities: {status}"
+    );
+
+    // Everything the agent does for a workload, with only those capabilities: task cgroups,
+    // caller identification, grants, the redirect, kernel refusals, revocation, reload.
+    let denied = gate.probe("bot", &["connect", &elsewhere.addr.to_string()]);
+    assert!(denied.stdout.contains("err 1 "), "{}", denied.stdout);
+    // A task asks for its own grant (the agent must tell which workload is calling) and uses it.
+    let probe = gate.bins().probe.display().to_string();
+    let own = gate.run(
+        "bot",
+        &[],
+        &[
+            "sh",
+            "-c",
+            &format!("jitgate request echo >/dev/null && {probe} connect {target}"),
+        ],
+    );
+    assert!(own.stdout.contains(BANNER), "{own:#?}\n{}", gate.log());
+    gate.cli(&["request", "echo", "--for", "bot", "--ttl", "10m"])
+        .assert_ok();
+    gate.cli(&["reload"]).assert_ok();
+    gate.stop();
+    gate.launch();
+    assert!(
+        gate.probe("bot", &["connect", &target])
+            .stdout
+            .contains(BANNER),
+        "after a restart with the same capabilities: {}",
+        gate.log()
+    );
+}

@@ -1,17 +1,18 @@
 //! `cargo xtask`: the project's own commands.
 //!
 //! * `setup`  installs what building and testing need (nightly rust-src, LLVM 22, bpf-linker,
-//!   curl, python3, PostgreSQL, sqlite3), skipping what is already there.
+//!   curl, python3, PostgreSQL, pgbouncer, sqlite3, rpm, debootstrap), skipping what is there.
 //! * `test`   setup, build, then every test: unit tests and the end-to-end suite (root).
 //! * `demo`   setup, build, then a narrated end-to-end scenario; leaves the daemon running.
 //! * `lint`   rustfmt --check and clippy with warnings denied.
 //! * `bench`  PostgreSQL direct vs pgbouncer vs jitgate (full policy, tcp relay); writes
 //!   BENCHMARKS.md. `--quick` runs every stage with tiny sizes.
-//! * `package`: not built yet (its own issue).
+//! * `package` the .deb and .rpm (release build, man pages, completions) in target/package/.
 
 mod bench;
 mod demo;
 mod local;
+mod package;
 mod setup;
 
 use std::{
@@ -64,8 +65,12 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// deb/rpm packages (not built yet).
-    Package,
+    /// Build the .deb and .rpm packages.
+    Package {
+        /// Directory for the packages [default: target/package]
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// The workspace root.
@@ -108,7 +113,7 @@ fn build(release: bool) -> Result<()> {
     run(&mut c)
 }
 
-fn target_dir(profile: &str) -> PathBuf {
+pub fn target_dir(profile: &str) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| root().join("target"), PathBuf::from)
         .join(profile)
@@ -158,9 +163,7 @@ fn main() -> ExitCode {
             bin_dir,
             out,
         }),
-        Cmd::Package => Err(anyhow::anyhow!(
-            "packaging is not built yet (tracked as its own issue)"
-        )),
+        Cmd::Package { out } => package::run_package(&package::Options { out }).map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -61,6 +61,21 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "/usr/sbin/pgbouncer",
         "the connection pooler the benchmarks compare with",
     ),
+    (
+        "rpm",
+        "/usr/bin/rpm",
+        "reads the built .rpm in the package test",
+    ),
+    (
+        "debootstrap",
+        "/usr/sbin/debootstrap",
+        "a throwaway Debian root the package test installs the .deb into",
+    ),
+    (
+        "systemd",
+        "/usr/bin/systemd-analyze",
+        "systemd-analyze verify of the shipped units",
+    ),
 ];
 
 fn home() -> PathBuf {
@@ -174,6 +189,33 @@ fn bpf_linker() -> Result<()> {
             .env("PATH", llvm_path)
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
     )
+}
+
+/// cargo-deb and cargo-generate-rpm, at the versions the package metadata is written for.
+pub fn packaging_tools() -> Result<()> {
+    let path = path_with_cargo_bin();
+    for (tool, subcommand, version) in [
+        ("cargo-deb", "deb", "3.8.0"),
+        ("cargo-generate-rpm", "generate-rpm", "0.21.1"),
+    ] {
+        let installed = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([subcommand, "--version"])
+            .env("PATH", &path)
+            .output()
+            .is_ok_and(|o| {
+                o.status.success() && String::from_utf8_lossy(&o.stdout).contains(version)
+            });
+        if installed {
+            continue;
+        }
+        eprintln!("xtask: installing {tool} {version}");
+        run(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["install", "--locked", tool, "--version", version])
+                .env("PATH", &path),
+        )?;
+    }
+    Ok(())
 }
 
 pub fn setup() -> Result<()> {

@@ -8,11 +8,14 @@ use clap_complete::Shell;
 
 use super::{Cli, daemon::DaemonArgs};
 
-/// The shells packages ship completions for, and where each package puts them.
-const SHELLS: [(Shell, &str); 3] = [
-    (Shell::Bash, "bash"),
-    (Shell::Zsh, "zsh"),
-    (Shell::Fish, "fish"),
+/// A command's completion file name, as a shell's completion loader looks for it.
+type FileName = fn(&str) -> String;
+
+/// The shells packages ship completions for: directory and file name.
+const SHELLS: [(Shell, &str, FileName); 3] = [
+    (Shell::Bash, "bash", |cmd| cmd.to_owned()),
+    (Shell::Zsh, "zsh", |cmd| format!("_{cmd}")),
+    (Shell::Fish, "fish", |cmd| format!("{cmd}.fish")),
 ];
 
 /// Writes `DIR/man/*.{1,8}` and `DIR/completions/{bash,zsh,fish}/*`.
@@ -23,11 +26,16 @@ pub fn generate(dir: &Path) -> io::Result<()> {
     clap_mangen::Man::new(DaemonArgs::command())
         .section("8")
         .generate_to(&man)?;
-    for (shell, name) in SHELLS {
+    for (shell, name, file) in SHELLS {
         let out = dir.join("completions").join(name);
         std::fs::create_dir_all(&out)?;
-        clap_complete::generate_to(shell, &mut Cli::command(), "jitgate", &out)?;
-        clap_complete::generate_to(shell, &mut DaemonArgs::command(), "jitgated", &out)?;
+        for (mut cmd, bin) in [
+            (Cli::command(), "jitgate"),
+            (DaemonArgs::command(), "jitgated"),
+        ] {
+            let mut f = std::fs::File::create(out.join(file(bin)))?;
+            clap_complete::generate(shell, &mut cmd, bin, &mut f);
+        }
     }
     Ok(())
 }

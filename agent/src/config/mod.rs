@@ -1074,6 +1074,30 @@ approvers = ["alice", "group:dba"]
     }
 
     #[test]
+    fn metrics_endpoint_is_off_unless_set_and_never_the_proxy() {
+        let c = parse(SAMPLE).unwrap();
+        assert_eq!(c.daemon.metrics_listen, None);
+        assert_eq!(c.daemon.drain_timeout, Duration::from_secs(10));
+        let on = SAMPLE.replace(
+            "[daemon]\n",
+            "[daemon]\nmetrics_listen = \"127.0.0.1:9187\"\ndrain_timeout = \"3s\"\n",
+        );
+        let c = parse(&on).unwrap();
+        assert_eq!(
+            c.daemon.metrics_listen,
+            Some("127.0.0.1:9187".parse().unwrap())
+        );
+        assert_eq!(c.daemon.drain_timeout, Duration::from_secs(3));
+        let clash = SAMPLE.replace(
+            "[daemon]\n",
+            "[daemon]\nmetrics_listen = \"127.0.0.1:15001\"\n",
+        );
+        assert!(error_of(&clash).contains("metrics_listen: must differ"));
+        let bad = SAMPLE.replace("[daemon]\n", "[daemon]\nmetrics_listen = \"9187\"\n");
+        assert!(error_of(&bad).contains("metrics_listen: `9187` is not IP:PORT"));
+    }
+
+    #[test]
     fn resource_may_not_cover_the_proxy() {
         let e = error_of(&SAMPLE.replace("10.0.0.5:5432", "127.0.0.0/8:15000-15002"));
         assert!(e.contains("includes the proxy listener"), "{e}");

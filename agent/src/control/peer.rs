@@ -41,6 +41,9 @@ fn peer_pidfd(stream: &UnixStream, pid: u32) -> Option<OwnedFd> {
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Whether the pidfd's process still exists. EPERM also means it does: the host agent runs
+/// without CAP_KILL, so it may not signal another user's process, but the kernel only says
+/// so for a live one (a dead one is ESRCH).
 fn alive(pidfd: &OwnedFd) -> bool {
     // SAFETY: signal 0 only checks the process exists.
     let rc = unsafe {
@@ -52,7 +55,7 @@ fn alive(pidfd: &OwnedFd) -> bool {
             0,
         )
     };
-    rc == 0
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Identifies the caller on `stream`.
