@@ -177,17 +177,23 @@ impl Daemon {
         self.destinations.resolve_all().await;
         self.destinations.install(&self.config.get())?;
         let ended = self.registry.end_resources_not_in(&resources);
+        let revoked = self.engine.end_unauthorized().await?;
         let summary = serde_json::json!({
             "config": self.config.get().path.display().to_string(),
             "resources": resources,
             "sessions_ended": ended,
+            "grants_revoked": revoked,
             "restart_required_for": restart,
         });
         let detail = summary.clone();
         self.store
             .call(move |db| audit::append(db, "config.reloaded", "jitgated", &detail).map(drop))
             .await?;
-        info!(sessions_ended = ended, "configuration reloaded");
+        info!(
+            sessions_ended = ended,
+            grants_revoked = revoked.len(),
+            "configuration reloaded"
+        );
         Ok(summary)
     }
 

@@ -79,12 +79,34 @@ pub struct Bins {
 fn bins() -> &'static Bins {
     static BINS: std::sync::OnceLock<Bins> = std::sync::OnceLock::new();
     BINS.get_or_init(|| {
+        // Earlier test processes' directories (their process is gone): a static has no
+        // destructor, so each run clears what the ones before it left.
+        if let Ok(entries) = std::fs::read_dir("/tmp") {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let pid = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("jitgate-e2e-bin-"))
+                    .and_then(|p| p.parse::<u32>().ok());
+                if let Some(pid) = pid
+                    && !Path::new(&format!("/proc/{pid}")).exists()
+                {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         let dir = PathBuf::from(format!("/tmp/jitgate-e2e-bin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("bin dir");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // Somewhere every user can execute them from (the build tree may be private). A hard
+        // link costs no space; a copy where the file systems differ.
         let copy = |src: PathBuf, name: &str| {
             let dst = dir.join(name);
-            std::fs::copy(&src, &dst).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
+            let _ = std::fs::remove_file(&dst);
+            if std::fs::hard_link(&src, &dst).is_err() {
+                std::fs::copy(&src, &dst)
+                    .unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
+            }
             std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).expect("chmod");
             dst
         };

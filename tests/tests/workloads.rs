@@ -193,6 +193,48 @@ fn reload_applies_changes_and_keeps_running_on_a_bad_file() {
 }
 
 #[test]
+fn a_reload_that_removes_the_policy_ends_its_grants_and_sessions() {
+    if !privileged("a_reload_that_removes_the_policy_ends_its_grants_and_sessions") {
+        return;
+    }
+    let a = servers::echo_server("127.0.0.1:0");
+    let base = format!(
+        "[[workload]]\nidentity = \"bot\"\nlaunchers = [\"root\"]\n{}",
+        resource("a", &a.addr.to_string())
+    );
+    let gate = Gate::start("reload-policy", "", &format!("{base}{}", policy("bot")));
+    let probe = gate.bins().probe.to_str().unwrap().to_owned();
+    let mut held = gate.spawn(
+        "bot",
+        &["--grant", "a"],
+        &[&probe, "hold", &a.addr.to_string()],
+    );
+    held.expect_line(&format!("connected {BANNER}"), Duration::from_secs(10));
+    let grant = gate.cli(&["grants", "--json"]).json()[0]["id"].clone();
+
+    // Same workload and resource, no policy: the grant ends, and the session riding on it.
+    gate.rewrite_config("", &base);
+    let reloaded = gate.cli(&["reload", "--json"]);
+    reloaded.assert_ok();
+    assert_eq!(
+        reloaded.json()["grants_revoked"],
+        serde_json::json!([grant]),
+        "{reloaded:#?}"
+    );
+    held.expect_line("closed", Duration::from_secs(5));
+    let grants = gate.cli(&["grants", "--all", "--json"]).json();
+    assert_eq!(grants[0]["revoked_by"], "jitgated", "{grants}");
+    assert!(
+        grants[0]["revoke_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no policy allows it")),
+        "{grants}"
+    );
+    let again = gate.cli(&["request", "a", "--for", "bot"]);
+    assert_eq!(again.code, 4, "{again:#?}");
+}
+
+#[test]
 fn kernel_refusals_reach_the_audit_log() {
     if !privileged("kernel_refusals_reach_the_audit_log") {
         return;

@@ -879,6 +879,38 @@ impl GrantEngine {
         }
     }
 
+    /// After a reload: ends every live grant that the configuration no longer allows (its
+    /// identity, resource or every policy covering it removed), and with it every session
+    /// riding on it. Returns the grants ended.
+    pub async fn end_unauthorized(&self) -> Result<Vec<String>, EngineError> {
+        let config = self.config();
+        let allowed = |g: &Grant| {
+            config.workloads.iter().any(|w| w.identity == g.identity)
+                && config.resource(&g.resource).is_some()
+                && policy::max_ttl(&config, &g.identity, &g.resource, g.access).is_some()
+        };
+        let orphaned: Vec<String> = self
+            .inner
+            .live
+            .read()
+            .expect("grants lock")
+            .values()
+            .filter(|l| !allowed(&l.grant))
+            .map(|l| l.grant.id.clone())
+            .collect();
+        for id in &orphaned {
+            self.end_grant(
+                id,
+                "jitgated",
+                "no policy allows it since the last configuration reload",
+                GrantState::Revoked,
+            )
+            .await?;
+            info!(grant = %id, "revoked: the reloaded configuration no longer allows it");
+        }
+        Ok(orphaned)
+    }
+
     /// A task's process tree is gone: its grants end and its pending requests lapse.
     pub async fn task_ended(&self, task: &str) -> Result<(), EngineError> {
         let bound: Vec<String> = self

@@ -453,11 +453,13 @@ type CopyPlan = (CopyFormat, Plan, Option<String>);
 
 #[derive(Default)]
 struct StmtInfo {
-    text: String,
     plan: Option<Plan>,
     refs: Arc<ResultRefs>,
     copy: Option<CopyPlan>,
     rec_decision: Option<(Decision, Option<String>, Option<String>, u64)>,
+    /// `text` as records show it (detectors applied, truncated): computed once at Parse, not
+    /// on every Execute.
+    recorded: String,
 }
 
 struct PortalInfo {
@@ -586,10 +588,8 @@ impl Pump<'_> {
         guard::judge(&ctx, analysis)
     }
 
-    fn new_record(&self, text: &str, decision: Decision, rule: Option<String>) -> u32 {
-        let mut st = self.lock();
-        st.next_seq += 1;
-        let seq = st.next_seq;
+    /// A statement's text as it is recorded: sensitive values redacted, long texts cut.
+    fn recorded_text(&self, text: &str) -> String {
         let mut recorded = match self.recorder.scan(text, &mut |_| {}) {
             super::mask::Outcome::Replace(s) => s.into_owned(),
             _ => text.to_owned(),
@@ -602,6 +602,23 @@ impl Pump<'_> {
             recorded.truncate(cut);
             recorded.push_str(" …");
         }
+        recorded
+    }
+
+    fn new_record(&self, text: &str, decision: Decision, rule: Option<String>) -> u32 {
+        self.new_record_recorded(self.recorded_text(text), decision, rule)
+    }
+
+    /// [`Pump::new_record`] for a text already passed through [`Pump::recorded_text`].
+    fn new_record_recorded(
+        &self,
+        recorded: String,
+        decision: Decision,
+        rule: Option<String>,
+    ) -> u32 {
+        let mut st = self.lock();
+        st.next_seq += 1;
+        let seq = st.next_seq;
         st.records.insert(
             seq,
             InFlight {
@@ -1012,14 +1029,19 @@ impl Pump<'_> {
                 let text = take_cstr(&mut body).map_err(malformed)?;
                 let (verdict, rec) = self.decide(&text, "parse").await;
                 // The record for a prepared statement is per Execute; keep this decision's.
-                let decision = self.lock().records.remove(&rec).map(|r| {
-                    (
-                        r.record.decision,
-                        r.record.rule,
-                        r.record.approved_by,
-                        r.record.held_ms,
-                    )
-                });
+                let removed = self.lock().records.remove(&rec);
+                let (decision, recorded) = match removed {
+                    Some(r) => (
+                        Some((
+                            r.record.decision,
+                            r.record.rule,
+                            r.record.approved_by,
+                            r.record.held_ms,
+                        )),
+                        r.record.text,
+                    ),
+                    None => (None, self.recorded_text(&text)),
+                };
                 match verdict {
                     Ok(analysis) => {
                         let copy = match self.copy_plans(&analysis).await {
@@ -1032,11 +1054,11 @@ impl Pump<'_> {
                         let refs = self.result_refs(&analysis);
                         self.remember_sql_prepared(&analysis);
                         let stmt: Stmt = Arc::new(Mutex::new(StmtInfo {
-                            text,
                             plan: None,
                             refs,
                             copy,
                             rec_decision: decision,
+                            recorded,
                         }));
                         let mut st = self.lock();
                         st.statements.insert(name.clone(), stmt.clone());
@@ -1171,15 +1193,15 @@ impl Pump<'_> {
                             plan: Mutex::new(None),
                         })
                     });
-                let (text, decision) = match &info.statement {
+                let (recorded, decision) = match &info.statement {
                     Some(stmt) => {
                         let s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
-                        (s.text.clone(), s.rec_decision.clone())
+                        (s.recorded.clone(), s.rec_decision.clone())
                     }
                     None => (String::new(), None),
                 };
                 let params = info.params.clone();
-                let rec = self.new_record(&text, Decision::Allowed, None);
+                let rec = self.new_record_recorded(recorded, Decision::Allowed, None);
                 self.update_record(rec, |r| {
                     r.params = params;
                     if let Some((d, rule, by, held)) = decision {
