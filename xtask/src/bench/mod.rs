@@ -147,7 +147,7 @@ pub fn run(opts: &Options) -> Result<()> {
         doc.push('\n');
     }
     doc.push_str(NOTES_MARKER);
-    doc.push('\n');
+    doc.push_str("\n\n");
     if let Ok(old) = fs::read_to_string(&out)
         && let Some((_, notes)) = old.split_once(NOTES_MARKER)
     {
