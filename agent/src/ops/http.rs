@@ -18,6 +18,9 @@ use crate::daemon::Daemon;
 
 /// Scrapers and probes are few; more concurrent connections than this wait their turn.
 const MAX_CONNECTIONS: usize = 32;
+/// How often recorded histogram samples are folded into their buckets. Without it they
+/// accumulate between scrapes, and without scrapes without bound.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -35,6 +38,17 @@ pub fn serve(
     tracker: &TaskTracker,
 ) {
     let handle = Arc::new(handle);
+    let upkeep = (handle.clone(), shutdown.clone());
+    tracker.spawn(async move {
+        let (handle, shutdown) = upkeep;
+        let mut tick = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => handle.run_upkeep(),
+                () = shutdown.cancelled() => break,
+            }
+        }
+    });
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tracker.spawn(async move {
         info!(address = ?listener.local_addr().ok(), "metrics and health endpoint listening");
