@@ -120,6 +120,29 @@ fn bins() -> &'static Bins {
     })
 }
 
+/// The config most tests start from: a `bot` identity that root launches, one tcp resource
+/// `echo` at `address`, and a policy that auto-approves read grants on it.
+pub fn echo_body(address: &str) -> String {
+    format!(
+        r#"
+[[workload]]
+identity = "bot"
+launchers = ["root"]
+
+[[resource]]
+name = "echo"
+address = "{address}"
+
+[[policy]]
+identities = ["bot"]
+resources = ["echo"]
+access = ["read"]
+max_ttl = "1h"
+approval = "auto"
+"#
+    )
+}
+
 /// Makes sure a system user exists (creating it if needed) and returns its uid.
 pub fn ensure_user(name: &str) -> u32 {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -461,6 +484,18 @@ proxy_listen = "127.0.0.1:{proxy_port}"
             .expect("spawning jitgate run")
     }
 
+    /// A workload holding a connection open to `target` (an echo server), launched with
+    /// `--grant GRANT`; returns once the connection is through.
+    pub fn hold(&self, identity: &str, grant: &str, target: &str) -> Workload {
+        let probe = bins().probe.to_str().expect("utf-8 path");
+        let mut held = self.spawn(identity, &["--grant", grant], &[probe, "hold", target]);
+        held.expect_line(
+            &format!("connected {}", servers::BANNER),
+            Duration::from_secs(10),
+        );
+        held
+    }
+
     /// Runs the probe as a gated workload (`jitgate-probe ARGS`).
     pub fn probe(&self, identity: &str, args: &[&str]) -> Ran {
         let mut cmd = vec![bins().probe.to_str().expect("utf-8 path")];
@@ -502,17 +537,9 @@ proxy_listen = "127.0.0.1:{proxy_port}"
     }
 
     pub fn cgroup_root(&self) -> PathBuf {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-        let mount = mountinfo
-            .lines()
-            .find_map(|l| {
-                let (left, right) = l.split_once(" - ")?;
-                (right.split_whitespace().next()? == "cgroup2")
-                    .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-                    .flatten()
-            })
-            .expect("cgroup2 mount");
-        mount.join(&self.gate_cgroup)
+        jitgate::gate::cgroup::cgroup2_mount()
+            .expect("cgroup2 mount")
+            .join(&self.gate_cgroup)
     }
 }
 

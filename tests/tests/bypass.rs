@@ -3,30 +3,9 @@
 //! the workload sees the address it asked for.
 
 use jitgate_e2e::{
-    Gate, host_ipv4, privileged,
+    Gate, echo_body, host_ipv4, privileged,
     servers::{self, BANNER},
 };
-
-fn body(port: u16) -> String {
-    format!(
-        r#"
-[[workload]]
-identity = "bot"
-launchers = ["root"]
-
-[[resource]]
-name = "echo"
-address = "127.0.0.1:{port}"
-
-[[policy]]
-identities = ["bot"]
-resources = ["echo"]
-access = ["read"]
-max_ttl = "1h"
-approval = "auto"
-"#
-    )
-}
 
 #[test]
 fn no_route_around_the_gate() {
@@ -36,7 +15,7 @@ fn no_route_around_the_gate() {
     // Dual-stack upstream, so every address family really could reach it.
     let echo = servers::echo_server("[::]:0");
     let port = echo.addr.port();
-    let gate = Gate::start("bypass", "", &body(port));
+    let gate = Gate::start("bypass", "", &echo_body(&format!("127.0.0.1:{port}")));
     let p = port.to_string();
 
     let mut routes = vec![
@@ -184,7 +163,11 @@ fn only_launchers_launch_and_root_needs_consent() {
         return;
     }
     let echo = servers::echo_server("127.0.0.1:0");
-    let gate = Gate::start("launch", "", &body(echo.addr.port()));
+    let gate = Gate::start(
+        "launch",
+        "",
+        &echo_body(&format!("127.0.0.1:{}", echo.addr.port())),
+    );
     // Root as the workload user is refused without --allow-root, with the reason.
     let out = std::process::Command::new(&gate.bins().jitgate)
         .arg("--socket")

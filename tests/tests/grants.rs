@@ -230,13 +230,7 @@ fn expiry_closes_a_live_connection_within_a_second() {
         "",
         &body(&web.addr.to_string(), &echo.addr.to_string()),
     );
-    let probe = gate.bins().probe.to_str().unwrap().to_owned();
-    let mut workload = gate.spawn(
-        "auto-bot",
-        &["--grant", "echo:read:3s"],
-        &[&probe, "hold", &echo.addr.to_string()],
-    );
-    workload.expect_line(&format!("connected {BANNER}"), Duration::from_secs(10));
+    let mut workload = gate.hold("auto-bot", "echo:read:3s", &echo.addr.to_string());
     let grants = gate.cli(&["grants", "--all", "--json"]).json();
     let expires = rfc3339_ms(&grants[0]["expires_at"]);
     let cut = held_connection_cut_at(&mut workload);
@@ -269,13 +263,7 @@ fn revoke_closes_a_live_connection_within_a_second() {
         "",
         &body(&web.addr.to_string(), &echo.addr.to_string()),
     );
-    let probe = gate.bins().probe.to_str().unwrap().to_owned();
-    let mut workload = gate.spawn(
-        "auto-bot",
-        &["--grant", "echo:read:5m"],
-        &[&probe, "hold", &echo.addr.to_string()],
-    );
-    workload.expect_line(&format!("connected {BANNER}"), Duration::from_secs(10));
+    let mut workload = gate.hold("auto-bot", "echo:read:5m", &echo.addr.to_string());
     let grants = gate.cli(&["grants", "--json"]).json();
     let id = grants[0]["id"].as_str().unwrap().to_owned();
     let before = now_ms();

@@ -4,31 +4,9 @@
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
 use jitgate_e2e::{
-    Gate, privileged,
+    Gate, echo_body, privileged,
     servers::{self, BANNER},
 };
-
-fn body(resource: &str, extra: &str) -> String {
-    format!(
-        r#"
-[[workload]]
-identity = "bot"
-launchers = ["root"]
-
-[[resource]]
-name = "echo"
-address = "{resource}"
-{extra}
-
-[[policy]]
-identities = ["bot"]
-resources = ["*"]
-access = ["read"]
-max_ttl = "1h"
-approval = "auto"
-"#
-    )
-}
 
 #[test]
 fn kill_9_keeps_the_gate_closed_and_restart_restores_grants() {
@@ -38,7 +16,7 @@ fn kill_9_keeps_the_gate_closed_and_restart_restores_grants() {
     let echo = servers::echo_server("127.0.0.1:0");
     let other = servers::echo_server("127.0.0.1:0");
     let target = echo.addr.to_string();
-    let mut gate = Gate::start("kill9", "", &body(&target, ""));
+    let mut gate = Gate::start("kill9", "", &echo_body(&target));
     let granted = gate.cli(&["request", "echo", "--for", "bot", "--ttl", "30m", "--json"]);
     granted.assert_ok();
     let grant = granted.json()["grant"].clone();
@@ -110,7 +88,7 @@ fn egress_deny_refuses_and_allow_passes_but_never_a_resource() {
         "egress = \"deny\"\nallow = [\"127.0.0.1/32:{}\"]",
         allowed.addr.port()
     );
-    let deny = Gate::start("egress-deny", &daemon, &body(&echo.addr.to_string(), ""));
+    let deny = Gate::start("egress-deny", &daemon, &echo_body(&echo.addr.to_string()));
     let ran = deny.probe("bot", &["connect", &other.addr.to_string()]);
     assert!(ran.stdout.starts_with("err 1 "), "deny passed: {ran:#?}");
     let ran = deny.probe("bot", &["connect", &allowed.addr.to_string()]);
@@ -123,7 +101,7 @@ fn egress_deny_refuses_and_allow_passes_but_never_a_resource() {
     let allow = Gate::start(
         "egress-allow",
         "egress = \"allow\"",
-        &body(&echo.addr.to_string(), ""),
+        &echo_body(&echo.addr.to_string()),
     );
     let ran = allow.probe("bot", &["connect", &other.addr.to_string()]);
     assert!(ran.stdout.contains(BANNER), "allow refused: {ran:#?}");
@@ -151,7 +129,7 @@ fn a_changed_dns_answer_never_opens_a_path() {
         "resolvers = [\"{}\"]\ndns_min_ttl = \"1s\"\ndns_max_ttl = \"5m\"",
         dns.addr
     );
-    let gate = Gate::start("dns", &daemon, &body(&format!("{name}:5432"), ""));
+    let gate = Gate::start("dns", &daemon, &echo_body(&format!("{name}:5432")));
     // The first answer is a resource address: redirected to the proxy (refused: no grant).
     let ran = gate.probe("bot", &["connect", "10.99.0.1:5432"]);
     assert!(
@@ -197,7 +175,7 @@ fn audit_verify_catches_a_tampered_row() {
         return;
     }
     let echo = servers::echo_server("127.0.0.1:0");
-    let gate = Gate::start("audit", "", &body(&echo.addr.to_string(), ""));
+    let gate = Gate::start("audit", "", &echo_body(&echo.addr.to_string()));
     gate.cli(&["request", "echo", "--for", "bot"]).assert_ok();
     gate.probe("bot", &["connect", &echo.addr.to_string()]);
     let intact = gate.cli(&["audit", "verify"]);
@@ -237,7 +215,7 @@ fn psql_reaches_postgres_only_with_a_grant() {
         return;
     }
     let pg = servers::Postgres::start();
-    let gate = Gate::start("psql", "", &body(&format!("127.0.0.1:{}", pg.port), ""));
+    let gate = Gate::start("psql", "", &echo_body(&format!("127.0.0.1:{}", pg.port)));
     let port = pg.port.to_string();
     let psql = [
         "psql",

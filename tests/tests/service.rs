@@ -9,31 +9,10 @@ use std::{
 };
 
 use jitgate_e2e::{
-    Gate, free_port, privileged,
+    Gate, echo_body, free_port, privileged,
     scrape::{get, scrape},
     servers::{self, BANNER},
 };
-
-fn body(resource: &str) -> String {
-    format!(
-        r#"
-[[workload]]
-identity = "bot"
-launchers = ["root"]
-
-[[resource]]
-name = "echo"
-address = "{resource}"
-
-[[policy]]
-identities = ["bot"]
-resources = ["echo"]
-access = ["read"]
-max_ttl = "1h"
-approval = "auto"
-"#
-    )
-}
 
 #[test]
 fn metrics_and_health_endpoint_report_what_happened() {
@@ -47,7 +26,7 @@ fn metrics_and_health_endpoint_report_what_happened() {
     let mut gate = Gate::start(
         "metrics",
         &format!("metrics_listen = \"127.0.0.1:{port}\""),
-        &body(&target),
+        &echo_body(&target),
     );
 
     // Refused without a grant; a kernel refusal elsewhere; then a granted session.
@@ -119,21 +98,31 @@ fn metrics_and_health_endpoint_report_what_happened() {
     assert!(pinned.exists());
 }
 
-/// Reads notify messages until one contains `want` (or the timeout passes).
+/// Reads notify messages until one has the line `want` (or the timeout passes).
 fn expect_notify(sock: &UnixDatagram, want: &str, timeout: Duration) -> String {
+    expect_notify_line(sock, want, timeout, |l| l == want)
+}
+
+/// Reads notify messages until one has a line `wanted` accepts (`what` names it on failure).
+fn expect_notify_line(
+    sock: &UnixDatagram,
+    what: &str,
+    timeout: Duration,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
     let deadline = Instant::now() + timeout;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while Instant::now() < deadline {
         if let Ok(n) = sock.recv(&mut buf) {
             let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-            if msg.lines().any(|l| l == want) {
+            if msg.lines().any(&wanted) {
                 return msg;
             }
             seen.push(msg);
         }
     }
-    panic!("no {want} from jitgated within {timeout:?}; got {seen:?}");
+    panic!("no {what} from jitgated within {timeout:?}; got {seen:?}");
 }
 
 #[test]
@@ -143,7 +132,7 @@ fn systemd_notify_ready_watchdog_reload_and_stop() {
     }
     let echo = servers::echo_server("127.0.0.1:0");
     let target = echo.addr.to_string();
-    let mut gate = Gate::start("notify", "", &body(&target));
+    let mut gate = Gate::start("notify", "", &echo_body(&target));
     gate.stop();
 
     let path = gate.dir.join("notify.sock");
@@ -176,7 +165,9 @@ fn systemd_notify_ready_watchdog_reload_and_stop() {
 
     // Unhealthy (a pin removed): the watchdog pings stop and STATUS says why.
     std::fs::remove_file(gate.pin_dir.join("links/root/jg_connect4")).unwrap();
-    let status = expect_notify_status(&sock, "unhealthy", Duration::from_secs(5));
+    let status = expect_notify_line(&sock, "STATUS=...unhealthy", Duration::from_secs(5), |l| {
+        l.starts_with("STATUS=") && l.contains("unhealthy")
+    });
     assert!(status.contains("jg_connect4"), "{status}");
     let quiet_from = Instant::now();
     let mut buf = [0u8; 4096];
@@ -197,30 +188,13 @@ fn systemd_notify_ready_watchdog_reload_and_stop() {
     gate.launch();
 }
 
-fn expect_notify_status(sock: &UnixDatagram, needle: &str, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 4096];
-    while Instant::now() < deadline {
-        if let Ok(n) = sock.recv(&mut buf) {
-            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-            if msg
-                .lines()
-                .any(|l| l.starts_with("STATUS=") && l.contains(needle))
-            {
-                return msg;
-            }
-        }
-    }
-    panic!("no STATUS containing {needle:?} within {timeout:?}");
-}
-
 #[test]
 fn check_config_names_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");
     std::fs::write(
         &good,
-        "[daemon]\nmetrics_listen = \"127.0.0.1:9187\"\n".to_owned() + &body("127.0.0.1:5432"),
+        "[daemon]\nmetrics_listen = \"127.0.0.1:9187\"\n".to_owned() + &echo_body("127.0.0.1:5432"),
     )
     .unwrap();
     let jitgated = jitgate_e2e::find_bin("jitgated");
@@ -287,7 +261,12 @@ fn the_units_capabilities_are_enough() {
     let echo = servers::echo_server("127.0.0.1:0");
     let elsewhere = servers::echo_server("127.0.0.1:0");
     let target = echo.addr.to_string();
-    let mut gate = Gate::start_wrapped("caps", "socket_group = \"root\"", &body(&target), wrapper);
+    let mut gate = Gate::start_wrapped(
+        "caps",
+        "socket_group = \"root\"",
+        &echo_body(&target),
+        wrapper,
+    );
     let status = std::fs::read_to_string(format!(
         "/proc/{}/status",
         gate.daemon_pid().expect("running")

@@ -148,15 +148,9 @@ fn reload_applies_changes_and_keeps_running_on_a_bad_file() {
     let workload = "[[workload]]\nidentity = \"bot\"\nlaunchers = [\"root\"]\n";
     let with = |resources: &str| format!("{workload}{resources}{}", policy("bot"));
     let gate = Gate::start("reload", "", &with(&resource("a", &a.addr.to_string())));
-    let probe = gate.bins().probe.to_str().unwrap().to_owned();
 
     // A live session on resource a.
-    let mut held = gate.spawn(
-        "bot",
-        &["--grant", "a"],
-        &[&probe, "hold", &a.addr.to_string()],
-    );
-    held.expect_line(&format!("connected {BANNER}"), Duration::from_secs(10));
+    let mut held = gate.hold("bot", "a", &a.addr.to_string());
 
     // Swap a for b: the session on a ends, a becomes ordinary egress (denied), b is gated.
     gate.rewrite_config("", &with(&resource("b", &b.addr.to_string())));
@@ -203,13 +197,7 @@ fn a_reload_that_removes_the_policy_ends_its_grants_and_sessions() {
         resource("a", &a.addr.to_string())
     );
     let gate = Gate::start("reload-policy", "", &format!("{base}{}", policy("bot")));
-    let probe = gate.bins().probe.to_str().unwrap().to_owned();
-    let mut held = gate.spawn(
-        "bot",
-        &["--grant", "a"],
-        &[&probe, "hold", &a.addr.to_string()],
-    );
-    held.expect_line(&format!("connected {BANNER}"), Duration::from_secs(10));
+    let mut held = gate.hold("bot", "a", &a.addr.to_string());
     let grant = gate.cli(&["grants", "--json"]).json()[0]["id"].clone();
 
     // Same workload and resource, no policy: the grant ends, and the session riding on it.
