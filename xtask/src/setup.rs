@@ -193,14 +193,12 @@ fn bpf_linker() -> Result<()> {
 
 /// cargo-deb and cargo-generate-rpm, at the versions the package metadata is written for.
 pub fn packaging_tools() -> Result<()> {
-    let path = path_with_cargo_bin();
     for (tool, subcommand, version) in [
         ("cargo-deb", "deb", "3.8.0"),
         ("cargo-generate-rpm", "generate-rpm", "0.21.1"),
     ] {
-        let installed = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        let installed = crate::cargo()
             .args([subcommand, "--version"])
-            .env("PATH", &path)
             .output()
             .is_ok_and(|o| {
                 o.status.success() && String::from_utf8_lossy(&o.stdout).contains(version)
@@ -209,11 +207,7 @@ pub fn packaging_tools() -> Result<()> {
             continue;
         }
         eprintln!("xtask: installing {tool} {version}");
-        run(
-            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["install", "--locked", tool, "--version", version])
-                .env("PATH", &path),
-        )?;
+        run(crate::cargo().args(["install", "--locked", tool, "--version", version]))?;
     }
     Ok(())
 }
