@@ -10,6 +10,7 @@
 use std::{borrow::Cow, sync::LazyLock};
 
 use hmac::{Hmac, Mac as _};
+use memchr::{memchr2_iter, memmem};
 use regex::{Regex, RegexSet};
 use sha2::Sha256;
 
@@ -72,69 +73,107 @@ const fn bit(d: Detector) -> u16 {
     1 << d as u16
 }
 
-/// The detectors that could confirm a match somewhere in `value`, from necessary conditions
-/// of their patterns and of [`confirm`], checked in one pass over the bytes. Never leaves out
-/// a detector that would match (the tests compare against running every regex).
-fn possible(value: &str) -> u16 {
-    let bytes = value.as_bytes();
-    let (mut digits, mut upper) = (0usize, 0usize);
-    let (mut at, mut dash, mut non_ascii) = (false, false, false);
-    // An IBAN starts with two capitals and two digits: the run of capitals before the current
-    // byte, and whether `AB12` has been seen.
-    let (mut caps_run, mut caps_then_digits, mut iban_start) = (0usize, 0usize, false);
-    for &b in bytes {
-        match b {
-            b'0'..=b'9' => {
-                digits += 1;
-                if caps_run >= 2 {
-                    caps_then_digits = 1;
-                } else if caps_then_digits == 1 {
-                    iban_start = true;
-                    caps_then_digits = 0;
-                } else {
-                    caps_then_digits = 0;
-                }
-                caps_run = 0;
-                continue;
-            }
-            b'A'..=b'Z' => {
-                upper += 1;
-                caps_run += 1;
-                caps_then_digits = 0;
-                continue;
-            }
-            b'@' => at = true,
-            b'-' => dash = true,
-            0x80.. => non_ascii = true,
-            _ => {}
-        }
-        caps_run = 0;
-        caps_then_digits = 0;
+/// Byte classes for [`possible`], as counters packed in a `u64`, one byte each: adding a
+/// byte's entry counts it in every class it belongs to, one load and one add per byte.
+const DIGIT: u32 = 0;
+const UPPER: u32 = 8;
+const AT: u32 = 16;
+const DASH: u32 = 24;
+const HIGH: u32 = 32;
+/// `b` or `B`, the start of `bearer` in any case.
+const B: u32 = 40;
+/// `J`, as in the `eyJ` that starts a JWT's header and payload.
+const J: u32 = 48;
+
+static CLASS: [u64; 256] = {
+    let mut t = [0u64; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = match b {
+            b'0'..=b'9' => 1 << DIGIT,
+            b'B' => (1 << UPPER) | (1 << B),
+            b'J' => (1 << UPPER) | (1 << J),
+            b'A'..=b'Z' => 1 << UPPER,
+            b'b' => 1 << B,
+            b'@' => 1 << AT,
+            b'-' => 1 << DASH,
+            0x80.. => 1 << HIGH,
+            _ => 0,
+        };
+        i += 1;
     }
+    t
+};
+
+/// How many bytes of each class `bytes` holds, indexed by class shift / 8.
+fn census(bytes: &[u8]) -> [usize; 7] {
+    let mut counts = [0usize; 7];
+    // A byte-wide counter holds 255 at most: sum chunks of that size, then spill.
+    for chunk in bytes.chunks(255) {
+        let mut acc = 0u64;
+        for &b in chunk {
+            acc += CLASS[usize::from(b)];
+        }
+        for (i, c) in counts.iter_mut().enumerate() {
+            *c += ((acc >> (i * 8)) & 0xff) as usize;
+        }
+    }
+    counts
+}
+
+/// Whether `AB12` (two capitals, then two digits) occurs: how an IBAN starts.
+fn iban_start(bytes: &[u8]) -> bool {
+    bytes.windows(4).any(|w| {
+        w[0].is_ascii_uppercase()
+            && w[1].is_ascii_uppercase()
+            && w[2].is_ascii_digit()
+            && w[3].is_ascii_digit()
+    })
+}
+
+/// Whether `bearer` occurs in any ASCII case.
+fn has_bearer(bytes: &[u8]) -> bool {
+    memchr2_iter(b'b', b'B', bytes).any(|i| {
+        bytes
+            .get(i..i + 6)
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"bearer"))
+    })
+}
+
+/// The detectors that could confirm a match somewhere in `value`, from necessary conditions
+/// of their patterns and of [`confirm`]: one branch-free pass counts the bytes of each class ([`census`]),
+/// and only the conditions those counts leave open look further. Never leaves out a detector
+/// that would match (the tests compare against running every regex).
+fn possible(bytes: &[u8]) -> u16 {
+    let counts = census(bytes);
+    let count = |class: u32| counts[class as usize / 8];
+    let (digits, upper) = (count(DIGIT), count(UPPER));
     let len = bytes.len();
     let mut set = 0;
-    // `-----BEGIN PRIVATE KEY-----` at the least.
-    if len >= 27 && dash && value.contains("-----BEGIN ") {
+    // `-----BEGIN PRIVATE KEY-----` at the least (15 capitals, 10 dashes).
+    if len >= 27 && count(DASH) >= 10 && upper >= 15 && memmem::find(bytes, b"-----BEGIN ").is_some()
+    {
         set |= bit(Detector::PrivateKey);
     }
     // Two `eyJ` segments and a signature: 20 bytes at the least.
-    if len >= 20 && value.contains("eyJ") {
+    if len >= 20 && count(J) >= 2 && memmem::find(bytes, b"eyJ").is_some() {
         set |= bit(Detector::Jwt);
     }
     // `bearer` in any case, a blank and 8 token bytes; the regex folds case by Unicode rules,
     // so any non-ASCII text keeps it in.
-    if len >= 15 && (non_ascii || bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"bearer"))) {
+    if len >= 15 && (count(HIGH) > 0 || (count(B) > 0 && has_bearer(bytes))) {
         set |= bit(Detector::Bearer);
     }
-    // Four uppercase prefix letters (AKIA, ASIA, ...) and 16 more characters.
-    if len >= 20 && upper >= 4 {
+    // Four uppercase prefix letters (AKIA, ASIA, ...) and 16 more capitals or digits.
+    if len >= 20 && upper >= 4 && upper + digits >= 20 {
         set |= bit(Detector::AwsKey);
     }
-    if at {
+    if count(AT) > 0 {
         set |= bit(Detector::Email);
     }
-    // Country code, check digits, and at least 15 characters once compacted.
-    if len >= 15 && iban_start {
+    // Country code, check digits, and at least 15 capitals and digits in all.
+    if upper >= 2 && digits >= 2 && upper + digits >= 15 && iban_start(bytes) {
         set |= bit(Detector::Iban);
     }
     if digits >= 13 {
@@ -142,7 +181,7 @@ fn possible(value: &str) -> u16 {
     }
     if digits >= 9 {
         set |= bit(Detector::Phone);
-        if dash {
+        if count(DASH) > 0 {
             set |= bit(Detector::Ssn);
         }
     }
@@ -186,16 +225,39 @@ fn iban_valid(s: &str) -> bool {
     rem == 1
 }
 
+/// The digits a match of `d` holds at the least, for the detectors built on digits.
+fn min_digits(d: Detector) -> Option<usize> {
+    match d {
+        Detector::Card => Some(13),
+        Detector::Ssn | Detector::Phone => Some(9),
+        _ => None,
+    }
+}
+
+/// The digits of `value` outside the `found` spans.
+fn digits_outside(value: &str, found: &[Found]) -> usize {
+    let digits = |s: &str| s.bytes().filter(u8::is_ascii_digit).count();
+    digits(value)
+        - found
+            .iter()
+            .map(|(start, end, _, _)| digits(&value[*start..*end]))
+            .sum::<usize>()
+}
+
 /// Extra checks a regex cannot express.
 fn confirm(d: Detector, m: &str) -> bool {
     match d {
         Detector::Card => {
-            let digits: Vec<u8> = m
-                .bytes()
-                .filter(u8::is_ascii_digit)
-                .map(|b| b - b'0')
-                .collect();
-            (13..=19).contains(&digits.len()) && luhn(&digits)
+            let mut digits = [0u8; 19];
+            let mut n = 0;
+            for b in m.bytes().filter(u8::is_ascii_digit) {
+                if n == digits.len() {
+                    return false;
+                }
+                digits[n] = b - b'0';
+                n += 1;
+            }
+            n >= 13 && luhn(&digits[..n])
         }
         Detector::Ssn => {
             let (area, rest) = m.split_at(3);
@@ -210,6 +272,9 @@ fn confirm(d: Detector, m: &str) -> bool {
         _ => true,
     }
 }
+
+/// A detector's match: byte span, detector, and the strategy that masks it.
+type Found = (usize, usize, Detector, Strategy);
 
 /// What masking does to one value.
 #[derive(Debug, PartialEq, Eq)]
@@ -317,13 +382,13 @@ impl Masker {
             Strategy::Null => Outcome::Null,
             Strategy::Redact => Outcome::Replace(Cow::Borrowed("****")),
             Strategy::Hash => Outcome::Replace(Cow::Owned(self.pseudonym(value))),
-            Strategy::Partial => {
-                Outcome::Replace(Cow::Owned(if COMPILED.each[4].1.is_match(value) {
+            Strategy::Partial => Outcome::Replace(Cow::Owned(
+                if value.contains('@') && COMPILED.each[4].1.is_match(value) {
                     partial(Detector::Email, value)
                 } else {
                     partial_generic(value)
-                }))
-            }
+                },
+            )),
         }
     }
 
@@ -332,47 +397,29 @@ impl Masker {
         if self.enabled == 0 {
             return Outcome::Keep;
         }
-        self.scan_among(value, possible(value) & self.enabled, hits)
+        self.scan_among(value, self.candidates(value.as_bytes()), hits)
     }
 
-    /// [`Masker::scan`] with only the detectors in `candidates` run.
-    fn scan_among<'a>(
+    /// The detectors that could find something in `raw` (a value's bytes, before any UTF-8
+    /// conversion); 0, the common case, means there is nothing to scan. Sound on invalid
+    /// UTF-8 as well: a lossy conversion keeps every ASCII byte, and every detector's
+    /// necessary conditions are about ASCII bytes (or any non-ASCII byte at all).
+    pub fn candidates(&self, raw: &[u8]) -> u16 {
+        if self.enabled == 0 {
+            return 0;
+        }
+        possible(raw) & self.enabled
+    }
+
+    /// [`Masker::scan`] with only the detectors in `candidates` (from
+    /// [`Masker::candidates`]) run.
+    pub fn scan_among<'a>(
         &self,
         value: &'a str,
         candidates: u16,
         hits: &mut impl FnMut(Detector),
     ) -> Outcome<'a> {
-        if candidates == 0 {
-            return Outcome::Keep;
-        }
-        // Several candidates: one pass of the set finds which match at all.
-        let matched = (candidates.count_ones() >= 3).then(|| COMPILED.set.matches(value));
-        if matched.as_ref().is_some_and(|m| !m.matched_any()) {
-            return Outcome::Keep;
-        }
-        // Collect confirmed, non-overlapping matches, in priority order.
-        let mut found: Vec<(usize, usize, Detector, Strategy)> = Vec::new();
-        for (i, (d, re)) in COMPILED.each.iter().enumerate() {
-            if candidates & bit(*d) == 0 || matched.as_ref().is_some_and(|m| !m.matched(i)) {
-                continue;
-            }
-            let Some(strategy) = self.detectors.iter().find(|(x, _)| x == d).map(|(_, s)| *s)
-            else {
-                continue;
-            };
-            for m in re.find_iter(value) {
-                if !confirm(*d, m.as_str()) {
-                    continue;
-                }
-                if found
-                    .iter()
-                    .any(|(s, e, _, _)| m.start() < *e && *s < m.end())
-                {
-                    continue;
-                }
-                found.push((m.start(), m.end(), *d, strategy));
-            }
-        }
+        let mut found = self.find(value, candidates);
         if found.is_empty() {
             return Outcome::Keep;
         }
@@ -398,6 +445,50 @@ impl Masker {
         }
         out.push_str(&value[at..]);
         Outcome::Replace(Cow::Owned(out))
+    }
+
+    /// The confirmed, non-overlapping matches of the detectors in `candidates`, in priority
+    /// order (a match overlapping one found before it is dropped).
+    fn find(&self, value: &str, candidates: u16) -> Vec<Found> {
+        let mut found: Vec<Found> = Vec::new();
+        if candidates == 0 {
+            return found;
+        }
+        // Several candidates: one pass of the set finds which match at all.
+        let matched = (candidates.count_ones() >= 3).then(|| COMPILED.set.matches(value));
+        if matched.as_ref().is_some_and(|m| !m.matched_any()) {
+            return found;
+        }
+        for (i, (d, re)) in COMPILED.each.iter().enumerate() {
+            if candidates & bit(*d) == 0 || matched.as_ref().is_some_and(|m| !m.matched(i)) {
+                continue;
+            }
+            let Some(strategy) = self.detectors.iter().find(|(x, _)| x == d).map(|(_, s)| *s)
+            else {
+                continue;
+            };
+            // A confirmed card, SSN or phone number holds that many digits, none of them in
+            // a match already found (overlaps lose): when fewer are left, the search is moot.
+            if let Some(need) = min_digits(*d)
+                && !found.is_empty()
+                && digits_outside(value, &found) < need
+            {
+                continue;
+            }
+            for m in re.find_iter(value) {
+                if !confirm(*d, m.as_str()) {
+                    continue;
+                }
+                if found
+                    .iter()
+                    .any(|(s, e, _, _)| m.start() < *e && *s < m.end())
+                {
+                    continue;
+                }
+                found.push((m.start(), m.end(), *d, strategy));
+            }
+        }
+        found
     }
 }
 
@@ -487,16 +578,36 @@ mod tests {
         }
     }
 
-    /// Every detector.
-    const ALL_DETECTORS: u16 = (1 << Detector::ALL.len()) - 1;
+    /// The matches as the patterns define them: every detector's regex over the whole value,
+    /// confirmed, overlaps with an earlier (higher priority) match dropped. No prefilter, no
+    /// regex set, no shortcut.
+    fn every_regex(m: &Masker, v: &str) -> Vec<Found> {
+        let mut found: Vec<Found> = Vec::new();
+        for (d, re) in &COMPILED.each {
+            let Some((_, strategy)) = m.detectors.iter().find(|(x, _)| x == d) else {
+                continue;
+            };
+            for hit in re.find_iter(v) {
+                if confirm(*d, hit.as_str())
+                    && !found
+                        .iter()
+                        .any(|(s, e, _, _)| hit.start() < *e && *s < hit.end())
+                {
+                    found.push((hit.start(), hit.end(), *d, *strategy));
+                }
+            }
+        }
+        found
+    }
 
-    /// What every regex finds, prefilter or not: the prefilter may only skip work.
+    /// What every regex finds, shortcuts or not: the prefilter, the regex set and the digit
+    /// count may only skip work.
     fn agrees_with_every_regex(m: &Masker, v: &str) {
-        let (mut fast, mut full) = (Vec::new(), Vec::new());
-        let a = m.scan(v, &mut |d| fast.push(d));
-        let b = m.scan_among(v, ALL_DETECTORS & m.enabled, &mut |d| full.push(d));
-        assert_eq!(a, b, "{v:?}");
-        assert_eq!(fast, full, "{v:?}");
+        assert_eq!(
+            m.find(v, m.candidates(v.as_bytes())),
+            every_regex(m, v),
+            "{v:?}"
+        );
     }
 
     #[test]
@@ -550,6 +661,26 @@ mod tests {
             for b in fixed {
                 agrees_with_every_regex(&m, &format!("{a} x{b}"));
             }
+        }
+        // Candidates come from the raw bytes, the scan runs on their lossy conversion.
+        for _ in 0..5_000 {
+            let mut raw = Vec::new();
+            for _ in 0..next() % 48 {
+                match next() % 8 {
+                    0 => raw.push([0xff, 0xc3, 0xe2, 0x80][(next() % 4) as usize]),
+                    _ => raw.extend(
+                        alphabet[(next() % alphabet.len() as u64) as usize]
+                            .to_string()
+                            .bytes(),
+                    ),
+                }
+            }
+            let v = String::from_utf8_lossy(&raw);
+            assert_eq!(
+                m.find(&v, m.candidates(&raw)),
+                every_regex(&m, &v),
+                "{raw:?}"
+            );
         }
     }
 

@@ -1,6 +1,8 @@
 //! Applies masking to what the server sends: data rows (text and binary), COPY output (text,
 //! CSV, binary) and the text fields of errors and notices. Row by row, in constant memory.
 
+use std::borrow::Cow;
+
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 
 use super::{
@@ -221,29 +223,42 @@ fn mask_cell(plan: &ColPlan, raw: &[u8], masker: &Masker, stats: &mut Masked) ->
         }
         return Cell::Keep;
     }
-    let text = text_of(plan, raw);
-    let mut hits = Vec::new();
-    let out = match masker.scan(&text, &mut |d| hits.push(d)) {
+    let bytes = text_bytes(plan, raw);
+    let candidates = masker.candidates(bytes);
+    if candidates == 0 {
+        return Cell::Keep;
+    }
+    let text = utf8(bytes);
+    let mut hit = false;
+    let out = match masker.scan_among(&text, candidates, &mut |d| {
+        hit = true;
+        stats.hit(d);
+    }) {
         Outcome::Keep => Cell::Keep,
         Outcome::Null => Cell::Null,
         Outcome::Replace(s) => Cell::Text(s.into_owned()),
     };
-    if !hits.is_empty() {
-        stats.values += 1;
-        for d in hits {
-            stats.hit(d);
-        }
-    }
+    stats.values += u64::from(hit);
     out
 }
 
-fn text_of<'a>(plan: &ColPlan, raw: &'a [u8]) -> std::borrow::Cow<'a, str> {
-    let raw = if plan.binary && plan.type_oid == JSONB && !raw.is_empty() {
+fn text_of<'a>(plan: &ColPlan, raw: &'a [u8]) -> Cow<'a, str> {
+    utf8(text_bytes(plan, raw))
+}
+
+/// The text in a value's bytes: binary jsonb carries a version byte first.
+fn text_bytes<'a>(plan: &ColPlan, raw: &'a [u8]) -> &'a [u8] {
+    if plan.binary && plan.type_oid == JSONB && !raw.is_empty() {
         &raw[1..]
     } else {
         raw
-    };
-    String::from_utf8_lossy(raw)
+    }
+}
+
+fn utf8(raw: &[u8]) -> Cow<'_, str> {
+    // Valid UTF-8 (all but broken input) is borrowed after the fast check; the lossy
+    // conversion only runs for the rest.
+    std::str::from_utf8(raw).map_or_else(|_| String::from_utf8_lossy(raw), Cow::Borrowed)
 }
 
 fn encode(plan: &ColPlan, text: &str, out: &mut BytesMut) {
@@ -264,8 +279,12 @@ pub fn mask_data_row(
     stats: &mut Masked,
     out: &mut BytesMut,
 ) -> Result<(), WireError> {
-    let mut b = body.clone();
-    let n = take_i16(&mut b)?;
+    // Values are sliced out of the frame, never reference-counted pieces of it.
+    let mut b: &[u8] = body;
+    if b.len() < 2 {
+        return Err(WireError::Malformed("truncated int16"));
+    }
+    let n = b.get_i16();
     // Without a plan (no column rules), detectors still scan every text value.
     let fallback = plan.is_empty().then_some(ColPlan {
         rule: None,
@@ -293,17 +312,18 @@ pub fn mask_data_row(
             if b.len() < len {
                 break;
             }
-            let raw = b.split_to(len);
+            let (raw, rest) = b.split_at(len);
+            b = rest;
             let Some(col) = plan.cols.get(i).or(fallback.as_ref()) else {
                 // More values than the RowDescription announced: nothing can say which
                 // rule applies, so nothing of it passes.
                 o.put_i32(-1);
                 continue;
             };
-            match mask_value(col, &raw, masker, stats) {
+            match mask_value(col, raw, masker, stats) {
                 Cell::Keep => {
                     o.put_i32(len as i32);
-                    o.extend_from_slice(&raw);
+                    o.extend_from_slice(raw);
                 }
                 Cell::Null => o.put_i32(-1),
                 Cell::Text(t) => encode(col, &t, o),
