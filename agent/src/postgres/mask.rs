@@ -152,7 +152,10 @@ fn possible(bytes: &[u8]) -> u16 {
     let len = bytes.len();
     let mut set = 0;
     // `-----BEGIN PRIVATE KEY-----` at the least (15 capitals, 10 dashes).
-    if len >= 27 && count(DASH) >= 10 && upper >= 15 && memmem::find(bytes, b"-----BEGIN ").is_some()
+    if len >= 27
+        && count(DASH) >= 10
+        && upper >= 15
+        && memmem::find(bytes, b"-----BEGIN ").is_some()
     {
         set |= bit(Detector::PrivateKey);
     }
@@ -346,13 +349,21 @@ impl Masker {
 
     /// The column rule for `table.column` (table may be empty when unknown).
     pub fn column_strategy(&self, schema: &str, table: &str, column: &str) -> Option<Strategy> {
-        let column = column.to_ascii_lowercase();
-        let short = format!("{}.{column}", table.to_ascii_lowercase());
-        let long = format!("{}.{short}", schema.to_ascii_lowercase());
+        // `schema.table.column` in one buffer; the shorter names are its tails.
+        let mut long = String::with_capacity(schema.len() + table.len() + column.len() + 2);
+        long.push_str(schema);
+        long.push('.');
+        let at_table = long.len();
+        long.push_str(table);
+        long.push('.');
+        let at_column = long.len();
+        long.push_str(column);
+        long.make_ascii_lowercase();
+        let (long, short, column) = (&long[..], &long[at_table..], &long[at_column..]);
         self.columns.iter().find_map(|(globs, strategy)| {
             globs
                 .iter()
-                .any(|g| glob(g, &short) || glob(g, &long) || glob(g, &column))
+                .any(|g| glob(g, short) || glob(g, long) || glob(g, column))
                 .then_some(*strategy)
         })
     }

@@ -1341,53 +1341,66 @@ impl Pump<'_> {
                 let _ = client.write_all(&out).await;
                 break Some((SessionOutcome::Shutdown, err.message));
             }
-            let frame = tokio::select! {
-                biased;
-                changed = async { state_rx.wait_for(|s| *s != GrantState::Active).await.map(|r| *r).ok() } => {
-                    let revoked = changed == Some(GrantState::Revoked);
-                    let (outcome, why) = if revoked {
-                        (SessionOutcome::GrantRevoked, format!("grant {} was revoked", grant.id))
-                    } else {
-                        (SessionOutcome::GrantExpired, format!("grant {} expired", grant.id))
-                    };
-                    let err = PgError::fatal("57P01", format!("terminating connection: jitgate {why}"))
-                        .hint(format!("jitgate request {} --access {}", self.resource, self.access));
-                    err.write(&mut out);
-                    let _ = client.write_all(&out).await;
-                    let _ = client.flush().await;
-                    break Some((outcome, why));
-                }
-                () = cancel.cancelled() => {
-                    let err = PgError::fatal("57P01", format!("terminating connection: resource {} left the jitgate configuration", self.resource));
-                    err.write(&mut out);
-                    let _ = client.write_all(&out).await;
-                    break Some((SessionOutcome::ResourceRemoved, err.message));
-                }
-                () = self.ctx.shutdown.cancelled(), if draining.is_none() => {
-                    draining = Some(tokio::time::Instant::now() + self.ctx.config.get().daemon.drain_timeout);
-                    continue;
-                }
-                () = async { tokio::time::sleep_until(draining.unwrap_or_else(tokio::time::Instant::now)).await }, if draining.is_some() => {
-                    let err = PgError::fatal("57P01", "terminating connection: the jitgate host agent is shutting down")
-                        .hint("a statement was still running when the drain timeout passed; it may not have completed");
-                    err.write(&mut out);
-                    let _ = client.write_all(&out).await;
-                    break Some((SessionOutcome::Shutdown, err.message));
-                }
-                Some(err) = inject.recv() => {
-                    err.write(&mut out);
-                    let _ = client.write_all(&out).await;
-                    break None;
-                }
-                () = self.stop.cancelled() => {
-                    // The client side ended: deliver what the server still sends (its reply to
-                    // Terminate is to close).
-                    match tokio::time::timeout(Duration::from_millis(200), server.next()).await {
-                        Ok(Ok(Some(f))) => Ok(Some(f)),
-                        _ => break None,
+            // A frame already buffered, with nothing else to attend to, is taken without
+            // arming every branch below (most of a result's messages arrive this way).
+            let quiet = server.has_frame()
+                && draining.is_none()
+                && inject.is_empty()
+                && !self.stop.is_cancelled()
+                && !cancel.is_cancelled()
+                && !self.ctx.shutdown.is_cancelled()
+                && *state_rx.borrow() == GrantState::Active;
+            let frame = if quiet {
+                server.next().await
+            } else {
+                tokio::select! {
+                    biased;
+                    changed = async { state_rx.wait_for(|s| *s != GrantState::Active).await.map(|r| *r).ok() } => {
+                        let revoked = changed == Some(GrantState::Revoked);
+                        let (outcome, why) = if revoked {
+                            (SessionOutcome::GrantRevoked, format!("grant {} was revoked", grant.id))
+                        } else {
+                            (SessionOutcome::GrantExpired, format!("grant {} expired", grant.id))
+                        };
+                        let err = PgError::fatal("57P01", format!("terminating connection: jitgate {why}"))
+                            .hint(format!("jitgate request {} --access {}", self.resource, self.access));
+                        err.write(&mut out);
+                        let _ = client.write_all(&out).await;
+                        let _ = client.flush().await;
+                        break Some((outcome, why));
                     }
+                    () = cancel.cancelled() => {
+                        let err = PgError::fatal("57P01", format!("terminating connection: resource {} left the jitgate configuration", self.resource));
+                        err.write(&mut out);
+                        let _ = client.write_all(&out).await;
+                        break Some((SessionOutcome::ResourceRemoved, err.message));
+                    }
+                    () = self.ctx.shutdown.cancelled(), if draining.is_none() => {
+                        draining = Some(tokio::time::Instant::now() + self.ctx.config.get().daemon.drain_timeout);
+                        continue;
+                    }
+                    () = async { tokio::time::sleep_until(draining.unwrap_or_else(tokio::time::Instant::now)).await }, if draining.is_some() => {
+                        let err = PgError::fatal("57P01", "terminating connection: the jitgate host agent is shutting down")
+                            .hint("a statement was still running when the drain timeout passed; it may not have completed");
+                        err.write(&mut out);
+                        let _ = client.write_all(&out).await;
+                        break Some((SessionOutcome::Shutdown, err.message));
+                    }
+                    Some(err) = inject.recv() => {
+                        err.write(&mut out);
+                        let _ = client.write_all(&out).await;
+                        break None;
+                    }
+                    () = self.stop.cancelled() => {
+                        // The client side ended: deliver what the server still sends (its reply to
+                        // Terminate is to close).
+                        match tokio::time::timeout(Duration::from_millis(200), server.next()).await {
+                            Ok(Ok(Some(f))) => Ok(Some(f)),
+                            _ => break None,
+                        }
+                    }
+                    f = server.next() => f,
                 }
-                f = server.next() => f,
             };
             let frame = match frame {
                 Ok(Some(f)) => f,

@@ -4,6 +4,11 @@
 //! queued in one transaction (one fsync for many operations), each closure in its own
 //! savepoint so one failure does not undo the others, and only answers the callers once the
 //! transaction is durable: an approval that was acknowledged survives `kill -9`.
+//!
+//! Fire-and-forget writes (statement records, session bookkeeping) linger up to
+//! [`LINGER`] for company before they commit, so that busy sessions share one fsync instead
+//! of paying one each; a waiting caller ends the lingering at once, and sees every write
+//! queued before it.
 
 pub mod audit;
 pub mod queries;
@@ -13,6 +18,7 @@ use std::{
     path::{Path, PathBuf},
     sync::mpsc,
     thread,
+    time::{Duration, Instant},
 };
 
 use rusqlite::{Connection, TransactionBehavior};
@@ -41,6 +47,8 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// One queued operation. `run` executes inside a savepoint; `finish` is called after the
 /// enclosing transaction committed (or failed to).
 trait Job: Send {
+    /// Whether a caller waits for this job's commit.
+    fn awaited(&self) -> bool;
     fn run(&mut self, db: &Connection) -> bool;
     fn finish(self: Box<Self>, committed: std::result::Result<(), String>);
 }
@@ -56,6 +64,10 @@ where
     T: Send,
     F: FnOnce(&Connection) -> Result<T> + Send,
 {
+    fn awaited(&self) -> bool {
+        self.reply.is_some()
+    }
+
     fn run(&mut self, db: &Connection) -> bool {
         let f = self.f.take().expect("a job runs once");
         let result = f(db);
@@ -90,6 +102,9 @@ pub struct Store {
 
 /// At most this many queued operations share one transaction.
 const MAX_BATCH: usize = 512;
+
+/// How long a transaction of fire-and-forget writes only waits for more before committing.
+const LINGER: Duration = Duration::from_millis(25);
 
 impl Store {
     /// Opens (creating and migrating) the database in `state_dir`, and the audit key beside it.
@@ -182,12 +197,19 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 fn run(mut conn: Connection, rx: &mpsc::Receiver<Box<dyn Job>>, head_path: &Path) {
     let mut last_head = None;
     while let Ok(first) = rx.recv() {
+        let linger_until = Instant::now() + LINGER;
+        let mut waited_for = first.awaited();
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
+            let next = if waited_for {
+                rx.try_recv().ok()
+            } else {
+                rx.recv_timeout(linger_until.saturating_duration_since(Instant::now()))
+                    .ok()
+            };
+            let Some(job) = next else { break };
+            waited_for |= job.awaited();
+            jobs.push(job);
         }
         let committed = run_batch(&mut conn, &mut jobs);
         if let Err(e) = &committed {
