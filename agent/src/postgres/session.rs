@@ -63,6 +63,9 @@ const MAX_RECORDED_TEXT: usize = 64 * 1024;
 /// from a forgotten cursor masks every computed value).
 const MAX_CURSORS: usize = 1024;
 
+/// Most masking plans cached per session (see `State::plans`).
+const MAX_PLANS: usize = 256;
+
 /// Startup parameters passed through to the server (lowercase). Everything else the client
 /// sends is dropped: the proxy decides the role, the read-only mode and the options.
 const PASSTHROUGH: &[&str] = &[
@@ -453,7 +456,7 @@ type CopyPlan = (CopyFormat, Plan, Option<String>);
 
 #[derive(Default)]
 struct StmtInfo {
-    plan: Option<Plan>,
+    plan: Option<Arc<Plan>>,
     refs: Arc<ResultRefs>,
     copy: Option<CopyPlan>,
     rec_decision: Option<(Decision, Option<String>, Option<String>, u64)>,
@@ -466,24 +469,23 @@ struct PortalInfo {
     statement: Option<Stmt>,
     formats: Vec<i16>,
     params: Vec<Option<String>>,
-    /// Set by a Describe of the portal (its RowDescription carries the real formats).
-    plan: Mutex<Option<Plan>>,
+    /// Set by a Describe of the portal (its RowDescription carries the real formats), or
+    /// on first use from its statement's plan and its result formats.
+    plan: Mutex<Option<Arc<Plan>>>,
 }
 
 impl PortalInfo {
     /// How its rows are masked: its own description, else its statement's with its formats.
-    fn plan(&self) -> Option<Plan> {
-        if let Some(p) = self
-            .plan
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-        {
-            return Some(p);
+    fn plan(&self) -> Option<Arc<Plan>> {
+        let mut own = self.plan.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = &*own {
+            return Some(p.clone());
         }
         let stmt = self.statement.as_ref()?;
         let s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
-        s.plan.as_ref().map(|p| p.with_formats(&self.formats))
+        let plan = Arc::new(s.plan.as_ref()?.with_formats(&self.formats));
+        *own = Some(plan.clone());
+        Some(plan)
     }
 }
 
@@ -510,7 +512,10 @@ struct State {
     sql_prepared: HashMap<String, Statement>,
     parse_mode: ParseMode,
     /// The simple-protocol result in progress.
-    current: Option<Plan>,
+    current: Option<Arc<Plan>>,
+    /// Plans by RowDescription, for results whose columns all come straight from tables
+    /// (their plan depends on nothing else): a statement run again is not planned again.
+    plans: HashMap<bytes::Bytes, Arc<Plan>>,
     /// SQL cursors by name: what their `FETCH`es return is computed from.
     cursors: HashMap<String, Arc<ResultRefs>>,
     copy: Option<CopyMasker>,
@@ -744,7 +749,10 @@ impl Pump<'_> {
                 };
                 let mut refs = ResultRefs::default();
                 refs.add(s);
-                self.plan_for(&cols, &refs).await.unwrap_or_default()
+                self.plan_for(None, &cols, &refs)
+                    .await
+                    .map(Arc::unwrap_or_clone)
+                    .unwrap_or_default()
             } else if let Some(table) = &copy.table {
                 let found = self
                     .catalog
@@ -1456,19 +1464,48 @@ impl Pump<'_> {
 
     /// How a result's columns are masked. Table columns go by their real names (looked up
     /// by table oid and column number); computed ones by what the statement fed them from.
-    async fn plan_for(&self, cols: &[rows::Column], refs: &ResultRefs) -> Option<Plan> {
+    ///
+    /// `description` (the RowDescription's body) keys the session's plan cache; plans that
+    /// depend on the statement (computed columns) or on a failed lookup are not cached.
+    async fn plan_for(
+        &self,
+        description: Option<&bytes::Bytes>,
+        cols: &[rows::Column],
+        refs: &ResultRefs,
+    ) -> Option<Arc<Plan>> {
         let masker = self.masker.as_ref()?;
-        if !masker.has_column_rules() {
-            return Some(Plan::new(cols, masker, &|_| Origin::Derived, None));
+        if let Some(key) = description
+            && let Some(plan) = self.lock().plans.get(key)
+        {
+            return Some(plan.clone());
         }
         let derived = |c: &rows::Column| c.table_oid == 0 || c.attnum == 0;
+        let remember = |plan: Plan| {
+            let plan = Arc::new(plan);
+            if let Some(key) = description {
+                let mut st = self.lock();
+                if st.plans.len() >= MAX_PLANS {
+                    st.plans.clear();
+                }
+                st.plans.insert(key.clone(), plan.clone());
+            }
+            plan
+        };
+        if !masker.has_column_rules() {
+            return Some(remember(Plan::new(
+                cols,
+                masker,
+                &|_| Origin::Derived,
+                None,
+            )));
+        }
         let taint = if cols.iter().any(derived) {
             self.derived_rule(masker, refs).await
         } else {
             None
         };
         let origins = self.catalog.lock().await.origins(cols).await;
-        Some(Plan::new(
+        let plan = Plan::new(
             cols,
             masker,
             &|c| {
@@ -1482,7 +1519,15 @@ impl Pump<'_> {
                     })
             },
             taint,
-        ))
+        );
+        let cacheable = cols
+            .iter()
+            .all(|c| !derived(c) && origins.contains_key(&(c.table_oid, c.attnum)));
+        Some(if cacheable {
+            remember(plan)
+        } else {
+            Arc::new(plan)
+        })
     }
 
     /// The rule for computed values: the strictest of the masked columns the statement feeds
@@ -1641,13 +1686,13 @@ impl Pump<'_> {
                 let plan = if frame.tag == b'T' && self.masker.is_some() {
                     let cols = rows::parse_row_description(&frame.body)
                         .map_err(|e| desync(&e.to_string()))?;
-                    self.plan_for(&cols, &refs).await
+                    self.plan_for(Some(&frame.body), &cols, &refs).await
                 } else {
                     None
                 };
                 match front {
                     Some(Expect::Describe { target, internal }) => {
-                        let plan = plan.or(Some(Plan::default()));
+                        let plan = plan.or_else(|| Some(Arc::new(Plan::default())));
                         match target {
                             Some(DescribeTarget::Statement(s)) => {
                                 s.lock().unwrap_or_else(PoisonError::into_inner).plan = plan;
