@@ -616,6 +616,57 @@ fn expiry_ends_a_session_mid_transaction_with_57p01() {
 }
 
 #[test]
+fn an_idle_sessions_statements_are_recorded_while_it_stays_open() {
+    if !privileged("an_idle_sessions_statements_are_recorded_while_it_stays_open") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-idle-record", "", &body(&pg, ""));
+    let u = url(&pg, "orders");
+    let mut child = gate.spawn_stdin(
+        "bot",
+        &["--grant", "orders-db:read"],
+        &["psql", &u, "-X", "-At"],
+    );
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"SELECT 'recorded while open';\n").unwrap();
+    stdin.flush().unwrap();
+    // psql keeps the session open, idle, for as long as its stdin is.
+    let recorded = |gate: &Gate| -> bool {
+        let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+        sessions.as_array().unwrap().iter().any(|s| {
+            s["ended_at"].is_null() && {
+                let id = s["id"].as_str().unwrap();
+                let detail = gate.cli(&["sessions", "show", id, "--json"]).json();
+                detail["statements"].as_array().is_some_and(|st| {
+                    st.iter().any(|x| {
+                        x["text"]
+                            .as_str()
+                            .is_some_and(|t| t.contains("recorded while open"))
+                    })
+                })
+            }
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = false;
+    while !seen && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        seen = recorded(&gate);
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("recorded while open"),
+        "{out:?}"
+    );
+    assert!(
+        seen,
+        "the statement of an open, idle session never reached the session record"
+    );
+}
+
+#[test]
 fn sessions_are_recorded_statement_by_statement() {
     if !privileged("sessions_are_recorded_statement_by_statement") {
         return;

@@ -345,6 +345,7 @@ pub(crate) async fn serve(
         state: shared,
         stop: CancellationToken::new(),
         counters: s.counters.clone(),
+        records_due: tokio::sync::Notify::new(),
     };
     let (inject_tx, inject_rx) = mpsc::channel(4);
     let (c2s, s2c) = tokio::join!(
@@ -541,7 +542,13 @@ struct Pump<'a> {
     state: Mutex<State>,
     stop: CancellationToken,
     counters: Arc<crate::proxy::relay::Counters>,
+    /// Signalled when a finished statement record starts waiting for the store.
+    records_due: tokio::sync::Notify,
 }
+
+/// A finished statement record reaches the store within this long, busy or idle session
+/// alike (or sooner, with 63 others).
+const RECORD_FLUSH: Duration = Duration::from_millis(500);
 
 fn nonce() -> String {
     let mut b = [0u8; 8];
@@ -661,6 +668,9 @@ impl Pump<'_> {
             r.record.duration_ms =
                 Some(r.started.elapsed().as_secs_f64() * 1000.0 - r.record.held_ms as f64);
             st.finished.push(r.record);
+            if st.finished.len() == 1 {
+                self.records_due.notify_one();
+            }
         }
         if st.finished.len() >= 64 {
             let batch = std::mem::take(&mut st.finished);
@@ -679,6 +689,12 @@ impl Pump<'_> {
             }
             Ok(())
         });
+    }
+
+    /// Sends the finished records to the store (those in flight stay).
+    fn flush_finished(&self) {
+        let batch = std::mem::take(&mut self.lock().finished);
+        self.submit(batch);
     }
 
     fn flush_records(&self) {
@@ -1332,6 +1348,11 @@ impl Pump<'_> {
         // Set when the agent shuts down with work in flight: the session ends at the first
         // idle point (every reply delivered), or at the deadline, whichever comes first.
         let mut draining: Option<tokio::time::Instant> = None;
+        // Armed when a finished record waits, so that an idle session's last statements
+        // reach the store too.
+        let flush_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(flush_timer);
+        let mut flush_armed = false;
         let outcome = loop {
             if draining.is_some()
                 && !server.has_frame()
@@ -1406,6 +1427,16 @@ impl Pump<'_> {
                             Ok(Ok(Some(f))) => Ok(Some(f)),
                             _ => break None,
                         }
+                    }
+                    () = self.records_due.notified(), if !flush_armed => {
+                        flush_armed = true;
+                        flush_timer.as_mut().reset(tokio::time::Instant::now() + RECORD_FLUSH);
+                        continue;
+                    }
+                    () = &mut flush_timer, if flush_armed => {
+                        flush_armed = false;
+                        self.flush_finished();
+                        continue;
                     }
                     f = server.next() => f,
                 }
