@@ -631,6 +631,16 @@ mod tests {
         }
     }
 
+    /// A reproducible stream of pseudo-random numbers for generated test inputs.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        }
+    }
+
     /// The matches as the patterns define them: every detector's regex over the whole value,
     /// confirmed, overlaps with an earlier (higher priority) match dropped. No prefilter, no
     /// regex set, no shortcut.
@@ -695,13 +705,7 @@ mod tests {
         let alphabet: Vec<char> = "0123456789 -.+@()AKIASeyJbearBEAR_=/\tGDxzſ\u{212a}é"
             .chars()
             .collect();
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20_000 {
             let len = (next() % 48) as usize;
             let v: String = (0..len)
@@ -831,13 +835,7 @@ mod tests {
             "ab", "c", "Z", "1", ".", ".", "-", "_", "%", "+", "@", "@ab", " ", "é", ".co", "x9",
             ".c", "a.b",
         ];
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         let mut emails = 0;
         for _ in 0..50_000 {
             let v: String = (0..next() % 9)
