@@ -10,7 +10,7 @@
 use std::{borrow::Cow, sync::LazyLock};
 
 use hmac::{Hmac, Mac as _};
-use memchr::{memchr2_iter, memmem};
+use memchr::{memchr_iter, memchr2_iter, memmem};
 use regex::{Regex, RegexSet};
 use sha2::Sha256;
 
@@ -142,9 +142,9 @@ fn has_bearer(bytes: &[u8]) -> bool {
 }
 
 /// The detectors that could confirm a match somewhere in `value`, from necessary conditions
-/// of their patterns and of [`confirm`]: one branch-free pass counts the bytes of each class ([`census`]),
-/// and only the conditions those counts leave open look further. Never leaves out a detector
-/// that would match (the tests compare against running every regex).
+/// of their patterns and of [`confirm`]: one branch-free pass counts the bytes of each class
+/// ([`census`]), and only the conditions those counts leave open look further. Never leaves
+/// out a detector that would match (the tests compare against running every regex).
 fn possible(bytes: &[u8]) -> u16 {
     let counts = census(bytes);
     let count = |class: u32| counts[class as usize / 8];
@@ -235,7 +235,7 @@ fn holds_email(value: &str) -> bool {
     let bytes = value.as_bytes();
     let local = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-');
     let label = |b: u8| b.is_ascii_alphanumeric() || b == b'-';
-    memchr::memchr_iter(b'@', bytes).any(|at| {
+    memchr_iter(b'@', bytes).any(|at| {
         if at == 0 || !local(bytes[at - 1]) {
             return false;
         }
@@ -268,13 +268,17 @@ fn min_digits(d: Detector) -> Option<usize> {
     }
 }
 
+/// How many ASCII digits `s` holds.
+fn digit_count(s: &str) -> usize {
+    s.bytes().filter(u8::is_ascii_digit).count()
+}
+
 /// The digits of `value` outside the `found` spans.
 fn digits_outside(value: &str, found: &[Found]) -> usize {
-    let digits = |s: &str| s.bytes().filter(u8::is_ascii_digit).count();
-    digits(value)
+    digit_count(value)
         - found
             .iter()
-            .map(|(start, end, _, _)| digits(&value[*start..*end]))
+            .map(|(start, end, _, _)| digit_count(&value[*start..*end]))
             .sum::<usize>()
 }
 
@@ -302,7 +306,7 @@ fn confirm(d: Detector, m: &str) -> bool {
                 && &rest[4..] != "0000"
         }
         Detector::Iban => iban_valid(m),
-        Detector::Phone => m.bytes().filter(u8::is_ascii_digit).count() >= 9,
+        Detector::Phone => digit_count(m) >= 9,
         _ => true,
     }
 }
@@ -434,9 +438,6 @@ impl Masker {
 
     /// Runs the detectors over `value`.
     pub fn scan<'a>(&self, value: &'a str, hits: &mut impl FnMut(Detector)) -> Outcome<'a> {
-        if self.enabled == 0 {
-            return Outcome::Keep;
-        }
         self.scan_among(value, self.candidates(value.as_bytes()), hits)
     }
 
@@ -535,7 +536,7 @@ impl Masker {
                     found.push((m.start(), m.end(), *d, strategy));
                 }
                 if let Some(need) = min_digits(*d)
-                    && value[at..].bytes().filter(u8::is_ascii_digit).count() < need
+                    && digit_count(&value[at..]) < need
                 {
                     break;
                 }
@@ -558,7 +559,7 @@ fn partial_generic(value: &str) -> String {
 /// A detector-aware partial mask that keeps a useful hint.
 fn partial(d: Detector, m: &str) -> String {
     let keep_last_digits = |m: &str, keep: usize| {
-        let total = m.bytes().filter(u8::is_ascii_digit).count();
+        let total = digit_count(m);
         let mut seen = 0;
         m.chars()
             .map(|c| {
