@@ -532,8 +532,22 @@ proxy_listen = "127.0.0.1:{proxy_port}"
         })
     }
 
-    pub fn state_db(&self) -> PathBuf {
-        self.dir.join("state/jitgate.db")
+    /// Runs `sqlite3` on the daemon's state store (which the daemon keeps writing), waiting out its
+    /// write lock rather than failing on it, and returns stdout; a failure fails the test, so that
+    /// an empty dump can never pass for a clean one.
+    pub fn sqlite(&self, sql: &str) -> String {
+        let out = Command::new("sqlite3")
+            .args(["-cmd", ".timeout 30000"])
+            .arg(self.dir.join("state/jitgate.db"))
+            .arg(sql)
+            .output()
+            .expect("running sqlite3");
+        assert!(
+            out.status.success(),
+            "sqlite3 {sql:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn cgroup_root(&self) -> PathBuf {

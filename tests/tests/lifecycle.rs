@@ -182,15 +182,7 @@ fn audit_verify_catches_a_tampered_row() {
     assert_eq!(intact.code, 0, "{intact:#?}");
     assert!(intact.stdout.contains("intact"));
 
-    let db = gate.state_db();
-    let sql = |q: &str| {
-        let out = Command::new("sqlite3").arg(&db).arg(q).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let sql = |q: &str| gate.sqlite(q);
     sql("UPDATE audit SET actor = 'user mallory' WHERE kind = 'grant.issued'");
     let tampered = gate.cli(&["audit", "verify", "--json"]);
     assert_eq!(tampered.code, 9, "{tampered:#?}");

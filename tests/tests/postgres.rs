@@ -168,12 +168,8 @@ fn credentials_are_injected_and_results_masked() {
     assert_eq!(lines[3], "3|a***@example.net|none|none|****");
 
     // The real passwords are nowhere the workload (or a reader of logs and records) can see.
-    let dump = std::process::Command::new("sqlite3")
-        .arg(gate.state_db())
-        .arg(".dump")
-        .output()
-        .unwrap();
-    let dump = String::from_utf8_lossy(&dump.stdout);
+    let dump = gate.sqlite(".dump");
+    assert!(dump.contains("CREATE TABLE"), "{dump}");
     for (_, pw) in PG_ROLES {
         assert!(!ran.stdout.contains(pw) && !ran.stderr.contains(pw));
         assert!(!gate.log().contains(pw), "password in the daemon log");
