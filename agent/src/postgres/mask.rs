@@ -132,6 +132,18 @@ fn iban_start(bytes: &[u8]) -> bool {
     })
 }
 
+/// Whether an AWS access key prefix (`AKIA`, `ASIA`, ...) occurs.
+fn aws_prefix(bytes: &[u8]) -> bool {
+    const PREFIXES: [&[u8; 4]; 8] = [
+        b"AKIA", b"ASIA", b"AGPA", b"AIDA", b"AROA", b"ANPA", b"ANVA", b"AIPA",
+    ];
+    memchr_iter(b'A', bytes).any(|i| {
+        bytes
+            .get(i..i + 4)
+            .is_some_and(|w| PREFIXES.iter().any(|p| w == p.as_slice()))
+    })
+}
+
 /// Whether `bearer` occurs in any ASCII case.
 fn has_bearer(bytes: &[u8]) -> bool {
     memchr2_iter(b'b', b'B', bytes).any(|i| {
@@ -168,8 +180,9 @@ fn possible(bytes: &[u8]) -> u16 {
     if len >= 15 && (count(HIGH) > 0 || (count(B) > 0 && has_bearer(bytes))) {
         set |= bit(Detector::Bearer);
     }
-    // Four uppercase prefix letters (AKIA, ASIA, ...) and 16 more capitals or digits.
-    if len >= 20 && upper >= 4 && upper + digits >= 20 {
+    // A prefix (AKIA, ASIA, ...) and 16 more capitals or digits (SQL keywords alone supply
+    // the capitals, so a statement's text needs the prefix check).
+    if len >= 20 && upper >= 4 && upper + digits >= 20 && aws_prefix(bytes) {
         set |= bit(Detector::AwsKey);
     }
     if count(AT) > 0 {
@@ -688,6 +701,9 @@ mod tests {
             "iban: GB82 WEST 1234 5698 7654 32.",
             "ref XDE89370400440532013000",
             "AKIAIOSFODNN7EXAMPLE",
+            "ASIAY34FZKBOKMUTVV7A",
+            "SELECT * FROM KEYS WHERE ID = 'AROA1234567890ABCDEF'",
+            "UPDATE T SET K = 'AIPAAIPA1234567890AB' WHERE ID = 1234567",
             "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl",
             "Authorization: Bearer abcdefgh12345678",
             "BEARER\tabcdefgh12345678==",
@@ -702,6 +718,9 @@ mod tests {
         for v in fixed {
             agrees_with_every_regex(&m, v);
         }
+        // SQL keywords supply the capitals an AWS key needs: the prefix rules it out.
+        let sql = b"SELECT abalance FROM pgbench_accounts WHERE aid = 123456;";
+        assert_eq!(possible(sql) & bit(Detector::AwsKey), 0);
         // Random strings over an alphabet rich in what detectors look for.
         let alphabet: Vec<char> = "0123456789 -.+@()AKIASeyJbearBEAR_=/\tGDxzſ\u{212a}é"
             .chars()

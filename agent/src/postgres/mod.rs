@@ -30,7 +30,7 @@ use std::{
 
 use self::{
     cancel::CancelKeys,
-    sql::{ParseMode, Statement},
+    sql::{ParseMode, ResultRefs, Statement},
     tls::{LocalCa, UpstreamTlsConfigs},
 };
 
@@ -45,15 +45,56 @@ pub struct PgContext {
     pub cancel: CancelKeys,
     /// Key of the `hash` masking strategy's pseudonyms.
     pub mask_key: [u8; 32],
-    cache: Mutex<HashMap<AnalysisKey, Analysis>>,
+    /// Analyses by text, one map per value of `standard_conforming_strings` (so that a
+    /// lookup borrows the text instead of copying it into a key).
+    cache: Mutex<[HashMap<String, Analyzed>; 2]>,
     /// Analyses by statement shape (literals taken out), for those that cannot depend on a
-    /// literal's value (see [`shape`]).
-    shapes: Mutex<HashMap<AnalysisKey, Arc<Vec<Statement>>>>,
+    /// literal's value (see [`shape`]); keyed like `cache`.
+    shapes: Mutex<[HashMap<String, Arc<Analysis>>; 2]>,
 }
 
-/// Statement text and its `standard_conforming_strings`.
-type AnalysisKey = (String, bool);
-type Analysis = Result<Vec<Statement>, String>;
+type Analyzed = Result<Arc<Analysis>, String>;
+
+/// What a query string does, shared (not copied) by every statement with the same text or
+/// shape, in any session.
+#[derive(Debug)]
+pub struct Analysis {
+    pub statements: Vec<Statement>,
+    /// What its result rows may be computed from, when that is known from the text alone (no
+    /// `EXECUTE` of a prepared statement, no cursor): sessions take it as is.
+    pub refs: Option<Arc<ResultRefs>>,
+    /// Each statement's [`Statement::primary_kind`], which metrics count per execution.
+    pub primary_kinds: Vec<&'static str>,
+}
+
+impl Analysis {
+    fn new(statements: Vec<Statement>) -> Self {
+        let standalone = statements
+            .iter()
+            .all(|s| s.executes.is_none() && s.cursor.is_none());
+        let refs = standalone.then(|| {
+            let mut refs = ResultRefs::default();
+            for s in &statements {
+                refs.add(s);
+            }
+            Arc::new(refs)
+        });
+        let primary_kinds = statements.iter().map(Statement::primary_kind).collect();
+        Self {
+            statements,
+            refs,
+            primary_kinds,
+        }
+    }
+}
+
+impl std::ops::Deref for Analysis {
+    type Target = [Statement];
+
+    fn deref(&self) -> &[Statement] {
+        &self.statements
+    }
+}
 
 impl PgContext {
     pub fn new(ca: Option<Arc<LocalCa>>, mask_key: [u8; 32]) -> Self {
@@ -62,53 +103,47 @@ impl PgContext {
             tls: Arc::new(UpstreamTlsConfigs::default()),
             cancel: CancelKeys::default(),
             mask_key,
-            cache: Mutex::new(HashMap::new()),
-            shapes: Mutex::new(HashMap::new()),
+            cache: Mutex::default(),
+            shapes: Mutex::default(),
         }
     }
 
-    /// Analyses `text` (cached).
-    pub fn analyze(&self, text: &str, mode: ParseMode) -> Result<Vec<Statement>, String> {
-        let key = (text.to_owned(), mode.standard_conforming_strings);
-        if let Some(hit) = self
-            .cache
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
+    /// Analyses `text` (cached). An analysis served by shape is its shape's first
+    /// instance's: every field but [`Statement::text`] reads the same for all instances.
+    pub fn analyze(&self, text: &str, mode: ParseMode) -> Analyzed {
+        let scs = usize::from(mode.standard_conforming_strings);
+        if let Some(hit) = self.cache.lock().unwrap_or_else(PoisonError::into_inner)[scs].get(text)
         {
             return hit.clone();
         }
-        let shape_key = shape::shape(text).map(|s| (s, mode.standard_conforming_strings));
-        if let Some(key) = &shape_key {
-            let template = self
-                .shapes
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(key)
-                .cloned();
-            if let Some(template) = template {
-                return Ok(shape::instantiate(&template, text));
-            }
+        let shape_key = shape::shape(text);
+        if let Some(key) = &shape_key
+            && let Some(template) =
+                self.shapes.lock().unwrap_or_else(PoisonError::into_inner)[scs].get(key)
+        {
+            return Ok(template.clone());
         }
-        let result = sql::analyze(text, mode).map_err(|e| e.0);
+        let result = sql::analyze(text, mode)
+            .map(|a| Arc::new(Analysis::new(a)))
+            .map_err(|e| e.0);
         if let (Some(key), Ok(analysis)) = (shape_key, &result)
             && shape::reusable(analysis)
             && analysis.first().map(|s| s.text.as_str()) == Some(&shape::statement_text(text))
         {
-            let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
+            let shapes = &mut self.shapes.lock().unwrap_or_else(PoisonError::into_inner)[scs];
             if shapes.len() >= ANALYSIS_CACHE {
                 shapes.clear();
             }
-            shapes.insert(key, Arc::new(analysis.clone()));
+            shapes.insert(key, analysis.clone());
             // One entry per shape: the text cache would only fill with its instances.
             return result;
         }
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        if cache.len() >= ANALYSIS_CACHE {
-            cache.clear();
-        }
         if text.len() <= 16 * 1024 {
-            cache.insert(key, result.clone());
+            let cache = &mut self.cache.lock().unwrap_or_else(PoisonError::into_inner)[scs];
+            if cache.len() >= ANALYSIS_CACHE {
+                cache.clear();
+            }
+            cache.insert(text.to_owned(), result.clone());
         }
         result
     }

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
+    Analysis,
     cancel::Entry,
     catalog::{Catalog, Login},
     guard::{self, Verdict},
@@ -547,8 +548,12 @@ struct Pump<'a> {
 }
 
 /// A finished statement record reaches the store within this long, busy or idle session
-/// alike (or sooner, with 63 others).
+/// alike (or sooner, in a batch of [`RECORD_BATCH`]).
 const RECORD_FLUSH: Duration = Duration::from_millis(500);
+
+/// Finished records sent to the store together (the batch's room is taken at its first
+/// record, not grown record by record).
+const RECORD_BATCH: usize = 64;
 
 fn nonce() -> String {
     let mut b = [0u8; 8];
@@ -582,19 +587,19 @@ impl Pump<'_> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn analyze(&self, text: &str) -> Result<Vec<Statement>, String> {
+    fn analyze(&self, text: &str) -> Result<Arc<Analysis>, String> {
         let mode = self.lock().parse_mode;
         self.ctx.pg.analyze(text, mode)
     }
 
     fn judge(&self, analysis: &[Statement]) -> Verdict {
-        let prepared = self.lock().sql_prepared.clone();
+        let st = self.lock();
         let ctx = guard::Context {
             identity: &self.who.identity,
             resource: self.resource,
             access: self.access,
             pg: self.pg,
-            prepared: &prepared,
+            prepared: &st.sql_prepared,
             masked: self.masker.as_ref().is_some_and(Masker::has_column_rules),
         };
         guard::judge(&ctx, analysis)
@@ -667,12 +672,15 @@ impl Pump<'_> {
         if let Some(mut r) = st.records.remove(&seq) {
             r.record.duration_ms =
                 Some(r.started.elapsed().as_secs_f64() * 1000.0 - r.record.held_ms as f64);
+            if st.finished.capacity() == 0 {
+                st.finished.reserve_exact(RECORD_BATCH);
+            }
             st.finished.push(r.record);
             if st.finished.len() == 1 {
                 self.records_due.notify_one();
             }
         }
-        if st.finished.len() >= 64 {
+        if st.finished.len() >= RECORD_BATCH {
             let batch = std::mem::take(&mut st.finished);
             drop(st);
             self.submit(batch);
@@ -683,12 +691,9 @@ impl Pump<'_> {
         if batch.is_empty() {
             return;
         }
-        self.ctx.store.submit(move |db| {
-            for r in &batch {
-                queries::insert_statement(db, r)?;
-            }
-            Ok(())
-        });
+        self.ctx
+            .store
+            .submit(move |db| queries::insert_statements(db, &batch));
     }
 
     /// Sends the finished records to the store (those in flight stay).
@@ -865,11 +870,11 @@ impl Pump<'_> {
     }
 
     /// Judges a statement string; returns the poison error when refused.
-    async fn decide(&self, text: &str, rec_kind: &str) -> (Result<Vec<Statement>, PgError>, u32) {
+    async fn decide(&self, text: &str, rec_kind: &str) -> (Result<Arc<Analysis>, PgError>, u32) {
         let started = Instant::now();
-        let counted = |analysis: &[Statement], decision: Decision| {
-            for s in analysis {
-                metrics::statement(s.primary_kind(), decision);
+        let counted = |analysis: &Analysis, decision: Decision| {
+            for kind in &analysis.primary_kinds {
+                metrics::statement(kind, decision);
             }
         };
         let analysis = match self.analyze(text) {
@@ -936,7 +941,7 @@ impl Pump<'_> {
                 Some(None) => st.sql_prepared.clear(),
                 None => {}
             }
-            if s.kinds.contains("set") && s.text.to_ascii_lowercase().starts_with("discard") {
+            if s.discards {
                 st.sql_prepared.clear();
             }
         }
@@ -1602,10 +1607,13 @@ impl Pump<'_> {
 
     /// What a query string's results may be computed from, following `EXECUTE` to its
     /// prepared statement and `FETCH` to its cursor's `DECLARE`, and tracking cursors.
-    fn result_refs(&self, analysis: &[Statement]) -> Arc<ResultRefs> {
+    fn result_refs(&self, analysis: &Analysis) -> Arc<ResultRefs> {
+        if let Some(refs) = &analysis.refs {
+            return refs.clone();
+        }
         let mut refs = ResultRefs::default();
         let mut st = self.lock();
-        for s in analysis {
+        for s in analysis.iter() {
             refs.add(s);
             if let Some(name) = &s.executes {
                 match st.sql_prepared.get(name) {

@@ -134,18 +134,6 @@ pub fn reusable(analysis: &[Statement]) -> bool {
         && !s.sets_search_path
 }
 
-/// A reusable analysis with the statement text of `sql` (the only text-derived field).
-pub fn instantiate(template: &[Statement], sql: &str) -> Vec<Statement> {
-    template
-        .iter()
-        .map(|s| {
-            let mut s = s.clone();
-            s.text = statement_text(sql);
-            s
-        })
-        .collect()
-}
-
 /// The text of a single-statement string as the analysis records it: trimmed, without the
 /// terminating semicolon.
 pub fn statement_text(sql: &str) -> String {
@@ -248,7 +236,7 @@ mod tests {
     }
 
     #[test]
-    fn an_instance_reads_like_a_fresh_analysis() {
+    fn a_shapes_analysis_reads_like_a_fresh_analysis_of_any_instance_but_for_its_text() {
         for (template, other) in [
             (
                 "SELECT abalance FROM a WHERE aid = 1;",
@@ -262,9 +250,10 @@ mod tests {
             assert_eq!(shape(template), shape(other));
             let t = analyze(template, MODE).unwrap();
             assert!(reusable(&t));
-            let fresh = analyze(other, MODE).unwrap();
-            let reused = instantiate(&t, other);
-            assert_eq!(format!("{fresh:?}"), format!("{reused:?}"));
+            let mut fresh = analyze(other, MODE).unwrap();
+            assert_ne!(fresh[0].text, t[0].text);
+            fresh[0].text.clone_from(&t[0].text);
+            assert_eq!(format!("{fresh:?}"), format!("{t:?}"));
         }
     }
 }

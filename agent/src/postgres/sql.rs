@@ -15,7 +15,8 @@ use crate::config::Access;
 /// One top-level statement, analysed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Statement {
-    /// The statement's text (a slice of the query string).
+    /// The statement's text (a slice of the query string). An analysis shared by statement
+    /// shape carries its first instance's text: nothing that judges or masks reads it.
     pub text: String,
     /// Every kind of statement it runs (see [`crate::config::postgres::STATEMENT_KINDS`]).
     pub kinds: BTreeSet<&'static str>,
@@ -58,6 +59,8 @@ pub struct Statement {
     /// It may change `search_path`, after which unqualified names can resolve differently in
     /// the session than in the proxy's catalog lookups.
     pub sets_search_path: bool,
+    /// `DISCARD`: the session's SQL prepared statements may be gone.
+    pub discards: bool,
 }
 
 /// Kinds from most to least consequential: a statement is counted under the first it has.
@@ -475,7 +478,11 @@ fn top_level(
                 ("set", Access::Read)
             }
         }
-        "VariableShowStmt" | "DiscardStmt" => ("set", Access::Read),
+        "VariableShowStmt" => ("set", Access::Read),
+        "DiscardStmt" => {
+            s.discards = true;
+            ("set", Access::Read)
+        }
         "TransactionStmt" => ("transaction", Access::Read),
         "ExplainStmt" => {
             let analyze = defelem(&v["options"], "analyze")
@@ -1176,5 +1183,15 @@ mod tests {
         assert_eq!(v.len(), 1);
         let v = analyze(r"SELECT 'a\'; DROP TABLE t; --'", ParseMode::default()).unwrap();
         assert_eq!(v.len(), 2);
+    }
+
+    #[test]
+    fn discard_is_noticed_by_what_it_is_not_how_it_reads() {
+        for sql in ["DISCARD ALL", "discard plans", "  DISCARD TEMP"] {
+            assert!(one(sql).discards, "{sql}");
+        }
+        for sql in ["SELECT 'discard all'", "SHOW discard", "RESET ALL"] {
+            assert!(!one(sql).discards, "{sql}");
+        }
     }
 }

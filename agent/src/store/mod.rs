@@ -104,7 +104,7 @@ pub struct Store {
 const MAX_BATCH: usize = 512;
 
 /// How long a transaction of fire-and-forget writes only waits for more before committing.
-const LINGER: Duration = Duration::from_millis(25);
+const LINGER: Duration = Duration::from_millis(100);
 
 impl Store {
     /// Opens (creating and migrating) the database in `state_dir`, and the audit key beside it.

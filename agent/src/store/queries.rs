@@ -1,7 +1,7 @@
 //! Rows in and out of the state store. Plain functions over a connection, so they compose
 //! inside one [`super::Store::call`] (and so one transaction).
 
-use std::{str::FromStr as _, time::Duration};
+use std::{borrow::Cow, str::FromStr as _, time::Duration};
 
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
@@ -390,18 +390,25 @@ pub fn close_orphan_sessions(db: &Connection) -> Result<usize> {
 // ---------------------------------------------------------------------------------------------
 // Statements
 
-pub fn insert_statement(db: &Connection, s: &crate::model::StatementRecord) -> Result<()> {
-    // Every statement of every session lands here: keep the compiled INSERT.
-    db.prepare_cached(
+pub fn insert_statements(db: &Connection, records: &[crate::model::StatementRecord]) -> Result<()> {
+    // Every statement of every session lands here: keep the compiled INSERT, and look it up
+    // once per batch.
+    let mut insert = db.prepare_cached(
         "INSERT OR REPLACE INTO statements (session_id, seq, at, text, params, decision, rule, approved_by, held_ms, duration_ms, rows, tag, error, masked)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-    )?
-    .execute(params![
+    )?;
+    for s in records {
+        let params_json = if s.params.is_empty() {
+            Cow::Borrowed("[]")
+        } else {
+            Cow::Owned(serde_json::to_string(&s.params)?)
+        };
+        insert.execute(params![
             s.session,
             s.seq,
             s.at.millis(),
             s.text,
-            serde_json::to_string(&s.params)?,
+            params_json,
             s.decision.as_str(),
             s.rule,
             s.approved_by,
@@ -412,6 +419,7 @@ pub fn insert_statement(db: &Connection, s: &crate::model::StatementRecord) -> R
             s.error,
             s.masked as i64,
         ])?;
+    }
     Ok(())
 }
 

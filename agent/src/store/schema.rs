@@ -110,6 +110,11 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX statements_at ON statements (at);
     "#,
+    // 3: no query reads statements by time (retention goes by session), and every recorded
+    // statement paid for this index's B-tree insert.
+    r#"
+    DROP INDEX statements_at;
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
