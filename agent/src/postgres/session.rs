@@ -1501,8 +1501,9 @@ impl Pump<'_> {
     /// How a result's columns are masked. Table columns go by their real names (looked up
     /// by table oid and column number); computed ones by what the statement fed them from.
     ///
-    /// `description` (the RowDescription's body) keys the session's plan cache; plans that
-    /// depend on the statement (computed columns) or on a failed lookup are not cached.
+    /// `description` (the RowDescription's body) keys the session's plan cache (see
+    /// [`Pump::cached_plan`]); plans that depend on the statement (computed columns) or on a
+    /// failed lookup are not cached.
     async fn plan_for(
         &self,
         description: Option<&bytes::Bytes>,
@@ -1510,11 +1511,6 @@ impl Pump<'_> {
         refs: &ResultRefs,
     ) -> Option<Arc<Plan>> {
         let masker = self.masker.as_ref()?;
-        if let Some(key) = description
-            && let Some(plan) = self.lock().plans.get(key)
-        {
-            return Some(plan.clone());
-        }
         let derived = |c: &rows::Column| c.table_oid == 0 || c.attnum == 0;
         let remember = |plan: Plan| {
             let plan = Arc::new(plan);
@@ -1564,6 +1560,12 @@ impl Pump<'_> {
         } else {
             Arc::new(plan)
         })
+    }
+
+    /// The plan cached for a RowDescription body: the same bytes were parsed (and found
+    /// well-formed) when it was made, so a hit needs no parsing.
+    fn cached_plan(&self, description: &bytes::Bytes) -> Option<Arc<Plan>> {
+        self.lock().plans.get(description).cloned()
     }
 
     /// The rule for computed values: the strictest of the masked columns the statement feeds
@@ -1723,9 +1725,14 @@ impl Pump<'_> {
                     }
                 };
                 let plan = if frame.tag == b'T' && self.masker.is_some() {
-                    let cols = rows::parse_row_description(&frame.body)
-                        .map_err(|e| desync(&e.to_string()))?;
-                    self.plan_for(Some(&frame.body), &cols, &refs).await
+                    match self.cached_plan(&frame.body) {
+                        Some(plan) => Some(plan),
+                        None => {
+                            let cols = rows::parse_row_description(&frame.body)
+                                .map_err(|e| desync(&e.to_string()))?;
+                            self.plan_for(Some(&frame.body), &cols, &refs).await
+                        }
+                    }
                 } else {
                     None
                 };
