@@ -547,8 +547,9 @@ struct Pump<'a> {
     records_due: tokio::sync::Notify,
 }
 
-/// A finished statement record reaches the store within this long, busy or idle session
-/// alike (or sooner, in a batch of [`RECORD_BATCH`]).
+/// A finished statement record is handed to the store within this long, busy or idle
+/// session alike (or sooner, in a batch of [`RECORD_BATCH`]); the store's group commit
+/// (`LINGER` in `store`) adds at most 100 ms.
 const RECORD_FLUSH: Duration = Duration::from_millis(500);
 
 /// Finished records sent to the store together (the batch's room is taken at its first
