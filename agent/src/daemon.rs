@@ -99,6 +99,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if a.metrics_listen != b.metrics_listen {
         changed.push("metrics_listen");
     }
+    if a.worker_threads != b.worker_threads {
+        changed.push("worker_threads");
+    }
     changed
 }
 
@@ -301,8 +304,8 @@ fn spawn_retention(store: Store, config: SharedConfig, shutdown: CancellationTok
 }
 
 /// Runs the host agent until it is told to stop.
-pub async fn run(config_path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
+pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
+    info!(worker_threads, "host agent starting");
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
 

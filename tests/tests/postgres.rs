@@ -370,7 +370,9 @@ fn drivers_extended_protocol_binary_pipelining_and_cancel() {
         return;
     }
     let pg = Postgres::start_secured(false);
-    let gate = Gate::start("pg-driver", "", &body(&pg, ""));
+    // Both runtimes carry sessions, whatever `auto` picks on this machine: this test runs
+    // the multi-threaded one, pg-bench the single-threaded one.
+    let gate = Gate::start("pg-driver", "worker_threads = 4", &body(&pg, ""));
     let r = pgclient(
         &gate,
         "read",
@@ -442,7 +444,7 @@ fn pgbench_runs_in_every_query_mode() {
         "orders",
         "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO orders_rw",
     );
-    let gate = Gate::start("pg-bench", "", &body(&pg, ""));
+    let gate = Gate::start("pg-bench", "worker_threads = 1", &body(&pg, ""));
     for mode in ["simple", "extended", "prepared"] {
         let ran = gate.run(
             "bot",
@@ -540,7 +542,7 @@ fn a_million_masked_rows_stream_in_bounded_memory() {
         return;
     }
     let pg = Postgres::start_secured(false);
-    let gate = Gate::start("pg-million", "", &body(&pg, ""));
+    let gate = Gate::start("pg-million", "worker_threads = 2", &body(&pg, ""));
     let peak = |pid: u32| -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         status

@@ -26,17 +26,30 @@ fn main() -> ExitCode {
         };
     }
     jitgate::ops::logging::init(args.log_json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The config is read before the runtime exists: it says how many threads to start.
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("jitgated: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let threads = config.daemon.worker_threads.resolve();
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("jitgated: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(jitgate::daemon::run(&args.config)) {
+    match runtime.block_on(jitgate::daemon::run(config, threads)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("jitgated: {e:#}");

@@ -143,6 +143,34 @@ impl KernelLog {
     }
 }
 
+/// How many threads carry the proxy's sessions (`worker_threads`).
+///
+/// One thread means a single-threaded runtime: no work stealing and no wake-ups across
+/// threads, which on a small host costs a sixth less CPU per proxied statement than two
+/// workers (measured; see BENCHMARKS.md). The gate shares its host with the workloads it
+/// gates, so `auto` takes half the CPUs the agent may use, at least one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerThreads {
+    Auto,
+    Fixed(usize),
+}
+
+impl WorkerThreads {
+    /// The most `worker_threads` may name.
+    pub const MAX: usize = 1024;
+
+    /// The thread count for this host: `auto` looks at the CPUs this process may run on
+    /// (affinity and cgroup quota included).
+    pub fn resolve(self) -> usize {
+        match self {
+            Self::Fixed(n) => n,
+            Self::Auto => std::thread::available_parallelism()
+                .map_or(1, |n| n.get() / 2)
+                .max(1),
+        }
+    }
+}
+
 /// A unix user or group named in `launchers` or `approvers`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum Principal {
@@ -214,6 +242,8 @@ pub struct DaemonConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// On shutdown, how long sessions get to finish what is in flight before they are ended.
     pub drain_timeout: Duration,
+    /// Threads of the async runtime; read at start only.
+    pub worker_threads: WorkerThreads,
 }
 
 #[derive(Clone, Debug)]
@@ -355,6 +385,7 @@ struct RawDaemon {
     session_retention: Option<S<String>>,
     metrics_listen: Option<S<String>>,
     drain_timeout: Option<S<String>>,
+    worker_threads: Option<S<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -674,9 +705,29 @@ impl Validator<'_> {
             raw.drain_timeout.as_ref(),
             Duration::from_secs(10),
         );
+        let worker_threads = match &raw.worker_threads {
+            None => WorkerThreads::Auto,
+            Some(v) => match v.get_ref() {
+                toml::Value::String(w) if w == "auto" => WorkerThreads::Auto,
+                toml::Value::Integer(n) if (1..=WorkerThreads::MAX as i64).contains(n) => {
+                    WorkerThreads::Fixed(*n as usize)
+                }
+                _ => {
+                    self.fail(
+                        v.span(),
+                        format!(
+                            "worker_threads: a thread count from 1 to {} or \"auto\"",
+                            WorkerThreads::MAX
+                        ),
+                    );
+                    WorkerThreads::Auto
+                }
+            },
+        };
         DaemonConfig {
             metrics_listen,
             drain_timeout,
+            worker_threads,
             state_dir: string(&raw.state_dir, "/var/lib/jitgate").into(),
             socket: string(&raw.socket, DEFAULT_SOCKET).into(),
             socket_mode,
@@ -1071,6 +1122,27 @@ approvers = ["alice", "group:dba"]
         assert!(e.contains("needs approvers"), "{e}");
         let e = error_of(&SAMPLE.replace("[daemon]", "[daemon]\nproxy_listen = \"0.0.0.0:15001\""));
         assert!(e.contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn worker_threads_auto_or_a_count() {
+        let c = parse(SAMPLE).unwrap();
+        assert_eq!(c.daemon.worker_threads, WorkerThreads::Auto);
+        assert!(WorkerThreads::Auto.resolve() >= 1);
+        let with =
+            |v: &str| SAMPLE.replace("[daemon]\n", &format!("[daemon]\nworker_threads = {v}\n"));
+        let c = parse(&with("3")).unwrap();
+        assert_eq!(c.daemon.worker_threads, WorkerThreads::Fixed(3));
+        assert_eq!(c.daemon.worker_threads.resolve(), 3);
+        let c = parse(&with("\"auto\"")).unwrap();
+        assert_eq!(c.daemon.worker_threads, WorkerThreads::Auto);
+        for bad in ["0", "-2", "\"many\"", "1.5", "100000"] {
+            let e = error_of(&with(bad));
+            assert!(
+                e.starts_with("test.toml:3: worker_threads: a thread count"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
