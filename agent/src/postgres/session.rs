@@ -958,14 +958,20 @@ impl Pump<'_> {
         cancel: &CancellationToken,
     ) -> Option<Outcome> {
         let mut out = BytesMut::with_capacity(8 * 1024);
-        let mut state_rx = grant.state.clone();
         let outcome = loop {
+            // The server side watches the grant, the resource and the agent's shutdown, tells
+            // the client why the session ends, and stops this side. Nothing here waits on
+            // them: one wake-up source fewer per message.
             let frame = tokio::select! {
-                f = client.next() => f,
+                biased;
                 () = self.stop.cancelled() => break None,
-                () = cancel.cancelled() => break None,
-                _ = state_rx.wait_for(|s| *s != GrantState::Active) => break None,
+                f = client.next() => f,
             };
+            // Checked per message, not only when woken: a message that arrives with the
+            // grant's end is never forwarded.
+            if *grant.state.borrow() != GrantState::Active || cancel.is_cancelled() {
+                break None;
+            }
             let frame = match frame {
                 Ok(Some(f)) => f,
                 Ok(None) => {
