@@ -22,7 +22,10 @@ mod decide;
 
 use aya_ebpf::{
     EbpfContext as _, Global,
-    bindings::{BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock},
+    bindings::{
+        BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock,
+    },
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SkStorage},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -499,10 +502,14 @@ pub fn jg_sock_create(ctx: SockContext) -> i32 {
     }
 }
 
-/// Publishes a redirected socket's record under its 4-tuple once the local port is known.
+/// Publishes a redirected socket's record under its 4-tuple once the local port is known,
+/// and withdraws it when the socket closes: a record outliving its socket (a connect the proxy
+/// never accepted) would let whoever binds that client port next pass for the workload.
 #[sock_ops]
 pub fn jg_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let op = ctx.op();
+    let closing = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE;
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && !closing {
         return 1;
     }
     // SAFETY: the context pointer is valid for the program's run.
@@ -537,7 +544,15 @@ pub fn jg_sock_ops(ctx: SockOpsContext) -> u32 {
         proxy_port: remote_port(ctx.remote_port()),
         _pad: 0,
     };
+    if closing {
+        // Usually gone already: the proxy takes the record when it accepts.
+        let _ = JG_CONNS.remove(&key);
+        return 1;
+    }
     let _ = JG_CONNS.insert(&key, record, BPF_ANY.into());
+    // State changes of this socket from now on, for the removal above. Failure leaves the
+    // record to the LRU and to the agent's start-up sweep.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     1
 }
 

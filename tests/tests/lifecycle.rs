@@ -28,12 +28,17 @@ fn kill_9_keeps_the_gate_closed_and_restart_restores_grants() {
 
     gate.kill9();
     // Programs stay attached: the resource is unreachable (no proxy), elsewhere still denied.
-    let cut = gate_probe_direct(&gate, &target);
+    // The refused connect comes from a known port, for the check after the restart.
+    let port = jitgate_e2e::free_port();
+    let local = format!("127.0.0.1:{port}");
+    // Its cgroup stays, as a long-lived workload's would.
+    let cut = gate_probe_direct(&gate, "stale-check", &["from", &local, &target]);
     assert!(
         cut.contains("err 111"),
         "resource reachable with the daemon down: {cut}"
     );
-    let elsewhere = gate_probe_direct(&gate, &other.addr.to_string());
+    let elsewhere = gate_probe_direct(&gate, "crash-check", &["connect", &other.addr.to_string()]);
+    let _ = std::fs::remove_dir(gate.cgroup_root().join("bot/crash-check"));
     assert!(
         elsewhere.contains("err 1 "),
         "egress opened with the daemon down: {elsewhere}"
@@ -56,23 +61,37 @@ fn kill_9_keeps_the_gate_closed_and_restart_restores_grants() {
         gate.log().contains("adopted"),
         "restart did not adopt the pinned gate"
     );
+    // A process outside the gate that takes the refused connect's port and calls the proxy
+    // itself is nobody: the record of that connect went with its socket.
+    let proxy = format!("127.0.0.1:{}", gate.proxy_port);
+    let out = Command::new(&gate.bins().probe)
+        .args(["from", &local, &proxy])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.contains(BANNER) && out.starts_with("err "),
+        "a stale connection record let an outsider through: {out}"
+    );
+    let _ = std::fs::remove_dir(gate.cgroup_root().join("bot/stale-check"));
 }
 
-/// Runs the probe in a cgroup of the gate directly (the daemon is down, so `jitgate run`
-/// cannot create a task): what any process already inside the gate experiences.
-fn gate_probe_direct(gate: &Gate, target: &str) -> String {
-    let cg = gate.cgroup_root().join("bot").join("crash-check");
+/// Runs the probe in cgroup `bot/<task>` of the gate directly (the daemon is down, so
+/// `jitgate run` cannot create a task): what any process already inside the gate
+/// experiences. The cgroup is left for the caller to remove.
+fn gate_probe_direct(gate: &Gate, task: &str, args: &[&str]) -> String {
+    let cg = gate.cgroup_root().join("bot").join(task);
     std::fs::create_dir_all(&cg).unwrap();
     let out = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "echo $$ > {}/cgroup.procs && exec runuser -u nobody -- {} connect {target}",
+            "echo $$ > {}/cgroup.procs && exec runuser -u nobody -- {} {}",
             cg.display(),
-            gate.bins().probe.display()
+            gate.bins().probe.display(),
+            args.join(" ")
         ))
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir(&cg);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -124,7 +143,8 @@ fn a_changed_dns_answer_never_opens_a_path() {
         return;
     }
     let name = "db.jitgate.test";
-    let dns = servers::Dns::start(name, Ipv4Addr::new(10, 99, 0, 1));
+    let v6: std::net::Ipv6Addr = "fd99::1".parse().unwrap();
+    let dns = servers::Dns::start_dual(name, Ipv4Addr::new(10, 99, 0, 1), Some(v6));
     let daemon = format!(
         "resolvers = [\"{}\"]\ndns_min_ttl = \"1s\"\ndns_max_ttl = \"5m\"",
         dns.addr
@@ -135,6 +155,12 @@ fn a_changed_dns_answer_never_opens_a_path() {
     assert!(
         !ran.stdout.contains("err 1 "),
         "10.99.0.1 not gated: {ran:#?}"
+    );
+    // A dual-stack name: its IPv6 address is gated too, not plain egress.
+    let ran = gate.probe("bot", &["connect", "[fd99::1]:5432"]);
+    assert!(
+        !ran.stdout.contains("err 1 "),
+        "fd99::1 not gated: {ran:#?}"
     );
     // An address the name does not resolve to is plain egress (denied).
     let ran = gate.probe("bot", &["connect", "10.99.0.2:5432"]);

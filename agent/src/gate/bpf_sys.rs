@@ -1,5 +1,6 @@
 //! The few `bpf(2)` commands aya 0.14 does not expose: replacing a link's program in place,
-//! opening a pinned object, and an atomic lookup-and-delete.
+//! opening a pinned object, an atomic lookup-and-delete, and emptying a map we hold only by
+//! file descriptor.
 
 use std::{
     ffi::CString,
@@ -10,6 +11,8 @@ use std::{
 };
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
@@ -105,6 +108,39 @@ pub fn map_lookup_and_delete<K, V>(
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Deletes every entry of a hash map, up to `max` of them (entries added meanwhile may
+/// remain). Returns how many were deleted.
+pub fn map_clear<K: Default>(map: BorrowedFd<'_>, max: usize) -> io::Result<usize> {
+    let mut deleted = 0;
+    while deleted < max {
+        let mut key = K::default();
+        // A null key asks for the first one.
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            key: 0,
+            value: std::ptr::from_mut(&mut key) as u64,
+            ..Default::default()
+        };
+        match sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            key: std::ptr::from_ref(&key) as u64,
+            ..Default::default()
+        };
+        match sys_bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+            Ok(_) => deleted += 1,
+            // Taken by the proxy or the kernel in between.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
 }
 
 /// Plain lookup, for maps aya hands us only by file descriptor.

@@ -308,6 +308,18 @@ impl Gate {
         let events: RingBuf<MapData> = RingBuf::try_from(take(&mut ebpf, names::MAP_EVENTS)?)?;
         let conns_fd = bpf_sys::obj_get(&maps_dir.join(names::MAP_CONNS))
             .context("opening the pinned connection table")?;
+        // Records left by connects no proxy accepted (the agent was down, or a kernel program
+        // older than the one that drops a record with its socket): whoever binds such a
+        // record's client port later would pass for its workload. Connections queued on the
+        // new listener meanwhile lose theirs too, and are refused: closed, not opened.
+        let stale = bpf_sys::map_clear::<ConnKey>(
+            conns_fd.as_fd(),
+            2 * jitgate_common::MAX_PENDING_CONNS as usize,
+        )
+        .context("emptying the pinned connection table")?;
+        if stale > 0 {
+            info!(records = stale, "dropped connection records no proxy took");
+        }
         let conns = ConnTable {
             fd: conns_fd,
             netns_cookie: netns_cookie().context("reading the network namespace cookie")?,

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! jitgate-probe connect ADDR      TCP connect, read the server's banner, print the peer
+//! jitgate-probe from LOCAL ADDR   the same from the local address LOCAL (bound first)
 //! jitgate-probe iouring ADDR      the same with IORING_OP_CONNECT
 //! jitgate-probe tfo ADDR          the same with sendto(MSG_FASTOPEN)
 //! jitgate-probe udp ADDR          send one datagram
@@ -116,6 +117,22 @@ fn connect_plain(addr: SocketAddr) -> io::Result<String> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     let p = peer(stream.as_raw_fd());
     Ok(format!("{} peer={p}", banner(stream)?))
+}
+
+fn connect_from(local: SocketAddr, addr: SocketAddr) -> io::Result<String> {
+    let fd = socket(addr, libc::SOCK_STREAM, 0)?;
+    let (storage, len) = sockaddr(local);
+    // SAFETY: valid socket and address.
+    if unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&storage).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: valid socket and address.
+    if unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&storage).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let p = peer(fd.as_raw_fd());
+    Ok(format!("{} peer={p}", banner(TcpStream::from(fd))?))
 }
 
 fn connect_iouring(addr: SocketAddr) -> io::Result<String> {
@@ -247,6 +264,7 @@ fn main() -> ExitCode {
     };
     let result = match args.first().map(String::as_str) {
         Some("connect") => addr(1).and_then(connect_plain),
+        Some("from") => addr(1).and_then(|local| connect_from(local, addr(2)?)),
         Some("iouring") => addr(1).and_then(connect_iouring),
         Some("tfo") => addr(1).and_then(connect_tfo),
         Some("udp") => addr(1).and_then(udp),
@@ -254,7 +272,9 @@ fn main() -> ExitCode {
         Some("bind") => addr(1).and_then(bind),
         Some("hold") => addr(1).and_then(hold),
         _ => {
-            eprintln!("usage: jitgate-probe connect|iouring|tfo|udp|bind|hold ADDR | raw");
+            eprintln!(
+                "usage: jitgate-probe connect|iouring|tfo|udp|bind|hold ADDR | from LOCAL ADDR | raw"
+            );
             return ExitCode::from(2);
         }
     };
