@@ -1,10 +1,11 @@
 //! Keeps the kernel's destination rules (and the proxy's routes) in step with the config,
 //! with what resource host names resolve to, and with this host's own addresses.
 //!
-//! Names are re-resolved as their TTL runs out. An address once seen stays a resource
-//! address for `dns_max_ttl` after it was last seen, since workloads may have cached it: a
-//! changed answer only ever adds addresses to the gate before it removes any, so it never
-//! opens a path around it.
+//! Names are re-resolved as their TTL runs out, A and AAAA alike. An address once seen stays
+//! a resource address for `dns_max_ttl` after the last answer that held it, since workloads
+//! may have cached it (while a name cannot be resolved, every address seen stays): a changed
+//! answer only ever adds addresses to the gate before it removes any, so it never opens a
+//! path around it.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,7 +17,7 @@ use std::{
 use anyhow::Context as _;
 use hickory_resolver::{
     TokioResolver,
-    config::{NameServerConfig, NameServerConfigGroup, ResolverConfig},
+    config::{LookupIpStrategy, NameServerConfig, NameServerConfigGroup, ResolverConfig},
     name_server::TokioConnectionProvider,
     proto::xfer::Protocol,
 };
@@ -52,22 +53,24 @@ pub struct Destinations {
 }
 
 fn build_resolver(config: &Config) -> anyhow::Result<TokioResolver> {
-    if config.daemon.resolvers.is_empty() {
-        return Ok(TokioResolver::builder_tokio()
-            .context("reading the system resolver configuration")?
-            .build());
-    }
-    let mut servers = Vec::new();
-    for addr in &config.daemon.resolvers {
-        servers.push(NameServerConfig::new(*addr, Protocol::Udp));
-        servers.push(NameServerConfig::new(*addr, Protocol::Tcp));
-    }
-    let group = NameServerConfigGroup::from(servers);
-    Ok(TokioResolver::builder_with_config(
-        ResolverConfig::from_parts(None, vec![], group),
-        TokioConnectionProvider::default(),
-    )
-    .build())
+    let mut builder = if config.daemon.resolvers.is_empty() {
+        TokioResolver::builder_tokio().context("reading the system resolver configuration")?
+    } else {
+        let mut servers = Vec::new();
+        for addr in &config.daemon.resolvers {
+            servers.push(NameServerConfig::new(*addr, Protocol::Udp));
+            servers.push(NameServerConfig::new(*addr, Protocol::Tcp));
+        }
+        let group = NameServerConfigGroup::from(servers);
+        TokioResolver::builder_with_config(
+            ResolverConfig::from_parts(None, vec![], group),
+            TokioConnectionProvider::default(),
+        )
+    };
+    // Both families, always: the resolver's default asks for AAAA only when there is no A,
+    // which would leave a dual-stack resource's IPv6 addresses ungated.
+    builder.options_mut().ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    Ok(builder.build())
 }
 
 /// This host's interface addresses.
@@ -224,6 +227,11 @@ impl Destinations {
             }
             Err(e) => {
                 entry.next_refresh = now + min;
+                // No answer says nothing about which addresses are still the resource's: they
+                // stay gated (aging out only follows an answer without them).
+                for seen in entry.addrs.values_mut() {
+                    *seen = now;
+                }
                 warn!(name, error = %e, "cannot resolve resource name; keeping the addresses seen before");
             }
         }

@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -96,18 +96,24 @@ pub fn http_server() -> Server {
 /// one second; every other query gets an empty answer.
 pub struct Dns {
     pub addr: SocketAddr,
-    answer: Arc<Mutex<Ipv4Addr>>,
+    answer: Arc<Mutex<(Ipv4Addr, Option<Ipv6Addr>)>>,
     stop: Arc<AtomicBool>,
 }
 
 impl Dns {
+    /// Answers A queries for `name` with `answer`, AAAA queries with nothing.
     pub fn start(name: &str, answer: Ipv4Addr) -> Self {
+        Self::start_dual(name, answer, None)
+    }
+
+    /// Answers A queries for `name` with `answer`, and AAAA queries with `answer6` if given.
+    pub fn start_dual(name: &str, answer: Ipv4Addr, answer6: Option<Ipv6Addr>) -> Self {
         let socket = UdpSocket::bind("127.0.0.1:0").expect("dns bind");
         socket
             .set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");
         let addr = socket.local_addr().expect("addr");
-        let answer = Arc::new(Mutex::new(answer));
+        let answer = Arc::new(Mutex::new((answer, answer6)));
         let stop = Arc::new(AtomicBool::new(false));
         let (a, s, qname) = (answer.clone(), stop.clone(), encode_name(name));
         std::thread::spawn(move || {
@@ -116,7 +122,8 @@ impl Dns {
                 let Ok((n, from)) = socket.recv_from(&mut buf) else {
                     continue;
                 };
-                if let Some(reply) = respond(&buf[..n], &qname, *a.lock().expect("answer")) {
+                let (v4, v6) = *a.lock().expect("answer");
+                if let Some(reply) = respond(&buf[..n], &qname, v4, v6) {
                     let _ = socket.send_to(&reply, from);
                 }
             }
@@ -125,7 +132,7 @@ impl Dns {
     }
 
     pub fn set(&self, ip: Ipv4Addr) {
-        *self.answer.lock().expect("answer") = ip;
+        self.answer.lock().expect("answer").0 = ip;
     }
 }
 
@@ -145,7 +152,7 @@ fn encode_name(name: &str) -> Vec<u8> {
     out
 }
 
-fn respond(query: &[u8], name: &[u8], ip: Ipv4Addr) -> Option<Vec<u8>> {
+fn respond(query: &[u8], name: &[u8], ip: Ipv4Addr, ip6: Option<Ipv6Addr>) -> Option<Vec<u8>> {
     if query.len() < 12 {
         return None;
     }
@@ -160,7 +167,13 @@ fn respond(query: &[u8], name: &[u8], ip: Ipv4Addr) -> Option<Vec<u8>> {
     }
     let qname: Vec<u8> = query[12..=i].iter().map(u8::to_ascii_lowercase).collect();
     let qtype = u16::from_be_bytes([query[i + 1], query[i + 2]]);
-    let answer = qname == name && qtype == 1;
+    let rdata: Option<Vec<u8>> = match qtype {
+        _ if qname != name => None,
+        1 => Some(ip.octets().to_vec()),
+        28 => ip6.map(|v6| v6.octets().to_vec()),
+        _ => None,
+    };
+    let answer = rdata.is_some();
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&query[0..2]); // id
     out.extend_from_slice(&[0x81, 0x80]); // response, recursion desired+available, NOERROR
@@ -168,12 +181,13 @@ fn respond(query: &[u8], name: &[u8], ip: Ipv4Addr) -> Option<Vec<u8>> {
     out.extend_from_slice(&[0, u8::from(answer)]); // ancount
     out.extend_from_slice(&[0, 0, 0, 0]); // nscount, arcount
     out.extend_from_slice(&query[12..qend]);
-    if answer {
+    if let Some(rdata) = rdata {
         out.extend_from_slice(&[0xc0, 0x0c]); // pointer to the question name
-        out.extend_from_slice(&[0, 1, 0, 1]); // A, IN
+        out.extend_from_slice(&qtype.to_be_bytes());
+        out.extend_from_slice(&[0, 1]); // IN
         out.extend_from_slice(&1u32.to_be_bytes()); // TTL 1s
-        out.extend_from_slice(&[0, 4]);
-        out.extend_from_slice(&ip.octets());
+        out.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        out.extend_from_slice(&rdata);
     }
     Some(out)
 }
