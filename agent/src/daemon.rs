@@ -172,13 +172,24 @@ impl Daemon {
         let resources: Vec<String> = new.resources.iter().map(|r| r.name.clone()).collect();
         self.config.set(new);
         self.workloads.reconfigure(&self.config.get());
+        // The stricter side first: a move to `deny` is published before the new rules, a
+        // move to `allow` only once the new resources' addresses are in the kernel (resolving
+        // them can take seconds, during which they would otherwise be plain egress).
         {
             let mut gate = self.gate.lock().expect("gate lock");
             gate.sync_targets(&services, &uids)?;
-            gate.update_settings(egress)?;
+            if egress == Egress::Deny {
+                gate.update_settings(egress)?;
+            }
         }
         self.destinations.resolve_all().await;
         self.destinations.install(&self.config.get())?;
+        if egress == Egress::Allow {
+            self.gate
+                .lock()
+                .expect("gate lock")
+                .update_settings(egress)?;
+        }
         let ended = self.registry.end_resources_not_in(&resources);
         let revoked = self.engine.end_unauthorized().await?;
         let summary = serde_json::json!({
@@ -306,6 +317,9 @@ fn spawn_retention(store: Store, config: SharedConfig, shutdown: CancellationTok
 /// Runs the host agent until it is told to stop.
 pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
     info!(worker_threads, "host agent starting");
+    // What the machine lacks is said first, in one sentence, before anything else can fail
+    // for the same reason with a less useful message.
+    crate::gate::preflight::check()?;
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
 
