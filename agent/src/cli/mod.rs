@@ -248,6 +248,21 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `text` on one line (runs of white space as one space), cut to `max` characters.
+fn one_line(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, word) in text.split_whitespace().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    match out.char_indices().nth(max) {
+        Some((cut, _)) => format!("{} …", &out[..cut]),
+        None => out,
+    }
+}
+
 fn request_rows(requests: &[Request]) -> Vec<Vec<String>> {
     requests
         .iter()
@@ -401,6 +416,16 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                     ],
                     &request_rows(&pending),
                 );
+                // A held statement is what the approver decides on: shown, on one line each.
+                let held: Vec<&Request> =
+                    pending.iter().filter(|q| q.statement.is_some()).collect();
+                if !held.is_empty() {
+                    println!("\nheld statements (as recorded; `--json` for the full text):");
+                    for q in held {
+                        let text = q.statement.as_deref().unwrap_or_default();
+                        println!("  {}  {}", q.id, one_line(text, 200));
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -198,15 +198,30 @@ fn judge_one(ctx: &Context<'_>, s: &Statement) -> Verdict {
             },
         };
     }
-    if s.sets_parsing.as_deref() == Some("client_encoding") {
-        return Verdict::Deny {
-            rule: "client encoding".into(),
-            error: PgError::error(
-                "0A000",
-                "jitgate: only the UTF8 and SQL_ASCII client encodings are supported on a gated connection",
-            )
-            .hint("convert on the client side; other encodings can hide statements from the gate"),
-        };
+    match s.sets_parsing.as_deref() {
+        None => {}
+        Some("client_encoding") => {
+            return Verdict::Deny {
+                rule: "client encoding".into(),
+                error: PgError::error(
+                    "0A000",
+                    "jitgate: only the UTF8 and SQL_ASCII client encodings are supported on a gated connection",
+                )
+                .hint("convert on the client side; other encodings can hide statements from the gate"),
+            };
+        }
+        Some(setting) => {
+            return Verdict::Deny {
+                rule: "string literal mode".into(),
+                error: PgError::error(
+                    "0A000",
+                    format!("jitgate: {setting} cannot be changed on a gated connection"),
+                )
+                .hint(
+                    "write escapes as E'...' strings instead; statements sent behind such a change would be checked in one mode and run in the other",
+                ),
+            };
+        }
     }
     if s.access.0 > ctx.access {
         let need = s.access.0;

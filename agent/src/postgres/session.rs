@@ -914,7 +914,12 @@ impl Pump<'_> {
             Verdict::Approve { rule, reason } => {
                 let rec = self.new_record(text, Decision::Allowed, Some(rule.clone()));
                 metrics::statement_check(started.elapsed());
-                match self.hold(text, &rule, &reason, rec).await {
+                // Approvers see the statement as it is recorded: secrets and masked values
+                // masked (the request and the audit log keep it).
+                match self
+                    .hold(&self.recorded_text(text), &rule, &reason, rec)
+                    .await
+                {
                     Ok(_) => {
                         counted(&analysis, Decision::Approved);
                         (Ok(analysis), rec)

@@ -40,7 +40,7 @@ pub struct Statement {
     pub deallocates: Option<Option<String>>,
     /// `COPY` details, for masking its output.
     pub copy: Option<Copy>,
-    /// A `SET` of a setting that changes how statements are parsed.
+    /// A change of a setting that changes how statements are parsed (refused by the guard).
     pub sets_parsing: Option<String>,
     /// Column names referenced in anything that produces result rows (SELECT lists,
     /// RETURNING, at any depth), lowercased; `*` for a star. A result column the server cannot
@@ -255,8 +255,11 @@ const READ_ONLY_SETTINGS: &[&str] = &[
     "session_authorization",
 ];
 
-/// Settings that change lexing: parsed with the mode the server reports, never ahead of it.
-const PARSING_SETTINGS: &[&str] = &["standard_conforming_strings", "backslash_quote"];
+/// The setting that changes how string literals lex. A change is refused (see
+/// `Statement::sets_parsing`): messages pipelined behind it would be judged in the old mode
+/// and run in the new one. (`backslash_quote` only decides whether the server rejects `\'`,
+/// so it cannot make the two read a statement differently.)
+const PARSING_SETTING: &str = "standard_conforming_strings";
 
 /// Analyses a query string (one or more statements).
 pub fn analyze(sql: &str, mode: ParseMode) -> Result<Vec<Statement>, ParseError> {
@@ -323,26 +326,46 @@ fn defelem<'a>(options: &'a Value, name: &str) -> Option<&'a Value> {
     })
 }
 
-/// Whether an `AConst` (or its absence) means "false/off".
-fn const_is_off(arg: &Value) -> bool {
+/// A boolean as PostgreSQL's `parse_bool` reads it: case-insensitive, and any unique
+/// prefix of `true`, `false`, `yes`, `no`, `on` (two letters at least) and `off`, besides
+/// `1` and `0`. `None`: the server rejects the value.
+fn pg_bool(s: &str) -> Option<bool> {
+    let lower = s.to_ascii_lowercase();
+    let prefix_of = |word: &str, min: usize| lower.len() >= min && word.starts_with(&lower);
+    if prefix_of("true", 1) || prefix_of("yes", 1) || prefix_of("on", 2) || lower == "1" {
+        Some(true)
+    } else if prefix_of("false", 1) || prefix_of("no", 1) || prefix_of("off", 2) || lower == "0" {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// The boolean an `AConst` stands for; `None` when it is no constant or no boolean.
+fn const_bool(arg: &Value) -> Option<bool> {
     let c = &arg["node"]["AConst"];
     if let Some(i) = c["val"]["Ival"]["ival"].as_i64() {
-        return i == 0;
+        return Some(i != 0);
     }
-    if let Some(b) = c["val"]["Boolval"]["boolval"].as_bool() {
-        return !b;
-    }
-    if c["val"]["Ival"].is_object() && c["val"]["Ival"]["ival"].is_null() {
+    if c["val"]["Ival"].is_object() {
         // proto3 omits zero values.
-        return true;
+        return Some(false);
     }
-    match c["val"]["Sval"]["sval"].as_str() {
-        Some(s) => matches!(
-            s.to_ascii_lowercase().as_str(),
-            "off" | "false" | "0" | "no" | "f" | "n"
-        ),
-        None => false,
+    if c["val"]["Boolval"].is_object() {
+        return Some(c["val"]["Boolval"]["boolval"].as_bool().unwrap_or(false));
     }
+    c["val"]["Sval"]["sval"].as_str().and_then(pg_bool)
+}
+
+/// Whether an `AConst` (or its absence) means "false/off" for sure.
+fn const_is_off(arg: &Value) -> bool {
+    const_bool(arg) == Some(false)
+}
+
+/// Whether an `AConst` means "true/on" for sure: what keeps a read-only setting on. Anything
+/// else (off, a prefix of it, a value the gate cannot read) counts as leaving it.
+fn const_is_on(arg: &Value) -> bool {
+    const_bool(arg) == Some(true)
 }
 
 /// Kind and access from the top-level statement node (and its special cases).
@@ -449,18 +472,24 @@ fn top_level(
             } else if setting == "default_transaction_read_only"
                 || setting == "transaction_read_only"
             {
-                let off = args
+                let on = args
                     .as_array()
                     .and_then(|a| a.first())
-                    .is_some_and(const_is_off)
-                    || v["kind"].as_i64() == Some(2); // SET ... TO DEFAULT
-                if off {
+                    .is_some_and(const_is_on)
+                    && v["kind"].as_i64() == Some(1); // SET ... TO a value
+                if !on {
                     s.escapes_read_only =
                         Some(format!("SET {setting} to off leaves read-only mode"));
                 }
                 ("set", Access::Read)
             } else {
-                if PARSING_SETTINGS.contains(&setting.as_str()) {
+                // A value equal to the session's mode changes nothing; so do DEFAULT, RESET
+                // and FROM CURRENT, since no change was ever let through.
+                if setting == PARSING_SETTING
+                    && v["kind"].as_i64() == Some(1)
+                    && args.as_array().and_then(|a| a.first()).and_then(const_bool)
+                        != Some(mode.standard_conforming_strings)
+                {
                     s.sets_parsing = Some(setting.clone());
                 }
                 if setting == "client_encoding" {
@@ -499,12 +528,14 @@ fn top_level(
             ("explain", Access::Read)
         }
         "PrepareStmt" => {
-            s.prepares = Some(v["name"].as_str().unwrap_or("").to_ascii_lowercase());
+            // Names come folded by the parser (`m` and `M` are one, `"M"` another): compared
+            // as they are.
+            s.prepares = Some(v["name"].as_str().unwrap_or("").to_owned());
             top_level(&v["query"]["node"], text, mode, s)?;
             ("prepare", Access::Read)
         }
         "ExecuteStmt" => {
-            s.executes = Some(v["name"].as_str().unwrap_or("").to_ascii_lowercase());
+            s.executes = Some(v["name"].as_str().unwrap_or("").to_owned());
             ("execute", Access::Read)
         }
         "DeallocateStmt" => {
@@ -512,7 +543,7 @@ fn top_level(
                 v["name"]
                     .as_str()
                     .filter(|n| !n.is_empty() && !v["isall"].as_bool().unwrap_or(false))
-                    .map(str::to_ascii_lowercase),
+                    .map(str::to_owned),
             );
             ("utility", Access::Read)
         }
@@ -733,8 +764,7 @@ fn walk(node: &Value, s: &mut Statement) -> Result<(), ParseError> {
                                     ));
                                 }
                                 Some(name)
-                                    if PARSING_SETTINGS.contains(&name.as_str())
-                                        || name == "client_encoding" =>
+                                    if name == PARSING_SETTING || name == "client_encoding" =>
                                 {
                                     s.sets_parsing = Some(name);
                                 }
@@ -757,7 +787,7 @@ fn walk(node: &Value, s: &mut Statement) -> Result<(), ParseError> {
                         let name = value["defname"].as_str().unwrap_or("");
                         if (name == "transaction_read_only"
                             || name == "default_transaction_read_only")
-                            && const_is_off(&value["arg"])
+                            && !const_is_on(&value["arg"])
                         {
                             s.escapes_read_only = Some("READ WRITE lifts read-only mode".into());
                         }
@@ -1167,12 +1197,78 @@ mod tests {
     }
 
     #[test]
-    fn parsing_settings_are_noticed() {
-        assert!(
-            one("SET standard_conforming_strings = off")
-                .sets_parsing
-                .is_some()
+    fn prepared_names_keep_their_case_as_folded_by_the_parser() {
+        assert_eq!(one("PREPARE m AS SELECT 1").prepares.as_deref(), Some("m"));
+        assert_eq!(one("PREPARE M AS SELECT 1").prepares.as_deref(), Some("m"));
+        assert_eq!(
+            one("PREPARE \"M\" AS SELECT 1").prepares.as_deref(),
+            Some("M")
         );
+        assert_eq!(one("EXECUTE \"M\"").executes.as_deref(), Some("M"));
+        assert_eq!(one("EXECUTE M").executes.as_deref(), Some("m"));
+        assert_eq!(
+            one("DEALLOCATE \"M\"").deallocates,
+            Some(Some("M".to_owned()))
+        );
+    }
+
+    #[test]
+    fn booleans_read_as_postgresql_reads_them() {
+        for on in ["on", "ON", "t", "tr", "true", "y", "ye", "yes", "1"] {
+            assert_eq!(pg_bool(on), Some(true), "{on}");
+        }
+        for off in ["of", "off", "f", "fa", "fals", "FALSE", "n", "no", "0"] {
+            assert_eq!(pg_bool(off), Some(false), "{off}");
+        }
+        for neither in ["o", "", "2", "onn", "offf", "truth"] {
+            assert_eq!(pg_bool(neither), None, "{neither}");
+        }
+    }
+
+    #[test]
+    fn only_on_keeps_read_only_mode() {
+        for sql in [
+            "SET default_transaction_read_only = 'fa'",
+            "SET default_transaction_read_only = of",
+            "SET default_transaction_read_only = 'n'",
+            "SET default_transaction_read_only = 0",
+            "SET default_transaction_read_only TO DEFAULT",
+            "RESET default_transaction_read_only",
+            "SET transaction_read_only = 'nonsense'",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+            "BEGIN READ WRITE",
+        ] {
+            assert!(one(sql).escapes_read_only.is_some(), "{sql}");
+        }
+        for sql in [
+            "SET default_transaction_read_only = on",
+            "SET default_transaction_read_only = 'tr'",
+            "SET transaction_read_only = 1",
+            "BEGIN READ ONLY",
+        ] {
+            assert!(one(sql).escapes_read_only.is_none(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn parsing_settings_are_noticed() {
+        for sql in [
+            "SET standard_conforming_strings = off",
+            "SET standard_conforming_strings = 'of'",
+            "SET standard_conforming_strings = 'maybe'",
+            "SELECT set_config('standard_conforming_strings', 'on', false)",
+        ] {
+            assert!(one(sql).sets_parsing.is_some(), "{sql}");
+        }
+        for sql in [
+            "SET standard_conforming_strings = on",
+            "SET standard_conforming_strings = 'tru'",
+            "RESET standard_conforming_strings",
+            "SET standard_conforming_strings TO DEFAULT",
+            "SET backslash_quote = on",
+        ] {
+            assert!(one(sql).sets_parsing.is_none(), "{sql}");
+        }
         assert!(one("SET client_encoding = 'SJIS'").sets_parsing.is_some());
         assert!(one("SET client_encoding = 'UTF8'").sets_parsing.is_none());
         // With standard_conforming_strings off, backslash escapes a quote.
