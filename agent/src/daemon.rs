@@ -291,6 +291,41 @@ impl Daemon {
     }
 }
 
+/// Keeps the programs on the gated cgroups when they are removed or made anew (a service
+/// restarted by systemd gets a fresh cgroup): checked every 100 ms, since between the new
+/// cgroup and the next check a service could run ungated. Gating a service by moving it
+/// under the gate root (`Slice=jitgate.slice`) or by `uid` has no such window.
+fn spawn_target_watch(gate: Arc<Mutex<Gate>>, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Said once per distinct failure, not ten times a second.
+        let mut failing: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => break,
+            }
+            match gate.lock().expect("gate lock").reattach_moved() {
+                Ok(false) => failing = None,
+                Ok(true) => {
+                    failing = None;
+                    warn!(
+                        "a gated cgroup was removed or made anew; the programs are attached again"
+                    );
+                }
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    if failing.as_ref() != Some(&e) {
+                        error!(error = %e, "cannot attach to a gated cgroup again");
+                        failing = Some(e);
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// Deletes session records older than `session_retention`, hourly. The audit log is kept.
 fn spawn_retention(store: Store, config: SharedConfig, shutdown: CancellationToken) {
     tokio::spawn(async move {
@@ -388,6 +423,7 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         mask_key,
     ));
     spawn_retention(store.clone(), shared.clone(), shutdown.clone());
+    spawn_target_watch(gate.clone(), shutdown.clone());
 
     let proxy_ctx = Arc::new(ProxyContext {
         conns,

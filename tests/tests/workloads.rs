@@ -133,6 +133,30 @@ fn service_cgroups_are_gated_in_place() {
         .assert_ok();
     let ran = probe_in(&gate, Some(&cgroup), "nobody", &["connect", &target]);
     assert!(ran.stdout.contains(BANNER), "{ran:#?}");
+
+    // A restart under systemd: the stopped service's cgroup is removed, and a new one (a new
+    // cgroup id, none of the programs) made when it starts. The gate follows it.
+    std::fs::remove_dir(&cgroup).unwrap();
+    match std::fs::create_dir(&cgroup) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {} // the agent was first
+        other => other.unwrap(),
+    }
+    let other = servers::echo_server("127.0.0.1:0");
+    gate.wait_for(
+        "the new service cgroup to be gated",
+        std::time::Duration::from_secs(5),
+        || {
+            let ran = probe_in(
+                &gate,
+                Some(&cgroup),
+                "nobody",
+                &["connect", &other.addr.to_string()],
+            );
+            ran.stdout.starts_with("err 1 ").then_some(())
+        },
+    );
+    let ran = probe_in(&gate, Some(&cgroup), "nobody", &["connect", &target]);
+    assert!(ran.stdout.contains(BANNER), "{ran:#?}");
     drop(gate);
     let _ = std::fs::remove_dir(&cgroup);
     let _ = std::fs::remove_dir(cgroup.parent().unwrap());

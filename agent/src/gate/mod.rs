@@ -113,6 +113,9 @@ pub struct Gate {
     installed: BTreeMap<TrieKey, DestRules>,
     generation: u32,
     attached: BTreeSet<String>,
+    /// The gated subtrees (gate root, service cgroups) with the cgroup id each was attached
+    /// at: a different id at that path is a new cgroup without our programs.
+    subtree_ids: Vec<(PathBuf, u64)>,
 }
 
 /// Where a set of links goes, and which instance's programs they run.
@@ -355,6 +358,7 @@ impl Gate {
             installed,
             generation: previous.generation,
             attached: BTreeSet::new(),
+            subtree_ids: Vec::new(),
         };
         gate.apply(trie)?;
         let (services, gated_uids) = (
@@ -491,11 +495,12 @@ impl Gate {
 
         // The uid instance must know which subtrees are already gated (it leaves those to
         // the subtree instance), and which uids it gates.
-        let subtree_ids = targets
+        let attached_ids = targets
             .iter()
-            .map(|t| cgroup::cgroup_id(&t.cgroup))
-            .collect::<io::Result<BTreeSet<u64>>>()
+            .map(|t| Ok((t.cgroup.clone(), cgroup::cgroup_id(&t.cgroup)?)))
+            .collect::<io::Result<Vec<(PathBuf, u64)>>>()
             .context("reading gated cgroup ids")?;
+        let subtree_ids: BTreeSet<u64> = attached_ids.iter().map(|(_, id)| *id).collect();
         sync_set(&mut self.subtrees, &subtree_ids).context("updating gated subtrees")?;
         let uid_set: BTreeSet<u32> = uids.iter().copied().collect();
         sync_set(&mut self.uids, &uid_set).context("updating gated uids")?;
@@ -541,7 +546,26 @@ impl Gate {
         self.settings.service_cgroups = services.to_vec();
         self.settings.gated_uids = uids.to_vec();
         self.attached = keep;
+        self.subtree_ids = attached_ids;
         Ok(())
+    }
+
+    /// Attaches again where a gated cgroup was removed or made anew since it was attached:
+    /// systemd removes a service's cgroup when the service stops and makes a fresh one, with
+    /// none of our programs, when it starts. A removed one is made again at once, so that
+    /// the service usually starts inside a gated cgroup. Returns whether anything changed.
+    pub fn reattach_moved(&mut self) -> anyhow::Result<bool> {
+        let intact = self
+            .subtree_ids
+            .iter()
+            .all(|(path, id)| cgroup::cgroup_id(path).is_ok_and(|now| now == *id));
+        if intact {
+            return Ok(false);
+        }
+        let services = self.settings.service_cgroups.clone();
+        let uids = self.settings.gated_uids.clone();
+        self.sync_targets(&services, &uids)?;
+        Ok(true)
     }
 
     fn instance(&self, mode: u8) -> &Ebpf {
