@@ -309,6 +309,14 @@ fn workloads_cannot_approve_and_nobody_approves_their_own_request() {
     // ... or to revoke someone else's grant, or read the audit log.
     let audit = gate.run("bot", &[], &["jitgate", "audit"]);
     assert_eq!(audit.code, 3, "{audit:#?}");
+    // Nor can a local user who is no operator, though the socket lets everyone in; an
+    // approver can.
+    for call in [&["audit"][..], &["sessions", "--all"]] {
+        let ran = gate.cli_as("nobody", call);
+        assert_eq!(ran.code, 3, "{ran:#?}");
+        assert!(ran.stderr.contains("only root"), "{ran:#?}");
+        gate.cli_as(APPROVER_USER, call).assert_ok();
+    }
 
     // An operator files a request for the workload and may not approve it either.
     let filed = gate.cli_as(

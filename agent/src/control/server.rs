@@ -16,9 +16,10 @@ use super::{
     peer,
 };
 use crate::{
+    config::Principal,
     daemon::Daemon,
     grants::{EngineError, RequestSpec},
-    identity::Caller,
+    identity::{Caller, principal_matches},
     model::Timestamp,
     store::{audit, queries},
 };
@@ -144,11 +145,36 @@ fn reply<T: serde::Serialize>(r: Result<T, EngineError>) -> Reply {
     }
 }
 
-fn operators_only(caller: &Caller, what: &str) -> Option<Reply> {
-    caller.is_workload().then(|| {
-        Reply::err(
+/// Other people's records (the audit log, every session's statements) are for operators:
+/// root, members of `socket_group` and the approvers of any policy. The socket may be open
+/// to every local user (so that workloads can `jitgate request`); that must not make every
+/// user a reader of what workloads did.
+fn operators_only(daemon: &Daemon, caller: &Caller, what: &str) -> Option<Reply> {
+    if caller.is_workload() {
+        return Some(Reply::err(
             ErrorCode::Forbidden,
             format!("a gated workload cannot {what}"),
+        ));
+    }
+    if caller.is_root() {
+        return None;
+    }
+    let config = daemon.config.get();
+    let mut operators: Vec<Principal> = config
+        .policies
+        .iter()
+        .flat_map(|p| p.approvers.iter().cloned())
+        .collect();
+    if let Some(group) = &config.daemon.socket_group {
+        operators.push(Principal::Group(group.clone()));
+    }
+    (!principal_matches(&operators, caller.uid)).then(|| {
+        Reply::err(
+            ErrorCode::Forbidden,
+            format!(
+                "only root, members of the socket's group and approvers can {what}; {} is none of these",
+                caller.user
+            ),
         )
     })
 }
@@ -218,6 +244,12 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
         Call::Grants { all } => reply(daemon.engine.grants(caller, all).await),
         Call::Revoke { grant, reason } => reply(daemon.engine.revoke(caller, &grant, reason).await),
         Call::Sessions { all, limit } => {
+            // A workload sees its own sessions (filtered below); anyone else must be an operator.
+            if !caller.is_workload()
+                && let Some(r) = operators_only(daemon, caller, "list sessions")
+            {
+                return r;
+            }
             let limit = limit.clamp(1, 10_000);
             match daemon
                 .store
@@ -259,6 +291,11 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
                 .await;
             match found {
                 Ok(Some(mut detail)) => {
+                    if !caller.is_workload()
+                        && let Some(r) = operators_only(daemon, caller, "read a session")
+                    {
+                        return r;
+                    }
                     if caller.is_workload()
                         && caller.workload.as_ref().map(|w| &w.identity)
                             != detail.session.identity.as_ref()
@@ -279,7 +316,7 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
             }
         }
         Call::Audit { since, limit } => {
-            if let Some(r) = operators_only(caller, "read the audit log") {
+            if let Some(r) = operators_only(daemon, caller, "read the audit log") {
                 return r;
             }
             let limit = limit.clamp(1, 100_000);
@@ -293,7 +330,7 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
             }
         }
         Call::AuditVerify => {
-            if let Some(r) = operators_only(caller, "verify the audit log") {
+            if let Some(r) = operators_only(daemon, caller, "verify the audit log") {
                 return r;
             }
             let head = daemon.state_dir().join(audit::HEAD_FILE);
