@@ -635,6 +635,66 @@ fn expiry_ends_a_session_mid_transaction_with_57p01() {
 }
 
 #[test]
+fn an_undecided_hold_times_out_and_its_request_expires() {
+    if !privileged("an_undecided_hold_times_out_and_its_request_expires") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start(
+        "pg-approval-timeout",
+        "",
+        &body(&pg, "approval_timeout = \"1s\""),
+    );
+    pg.admin("orders", "INSERT INTO scratch VALUES (1, 'a')");
+    let ran = psql(&gate, Some("write"), &pg, &["DELETE FROM scratch"]);
+    assert!(ran.stderr.contains("57014"), "{ran:#?}");
+    assert_eq!(pg.admin("orders", "SELECT count(*) FROM scratch"), "1\n");
+    // Nothing waits any more, so nothing is left to approve.
+    let pending = gate.cli(&["approvals", "--json"]).json();
+    assert_eq!(pending, serde_json::json!([]), "{pending}");
+    let audit = gate.cli(&["audit", "--json"]).json();
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "request.expired"
+                && e["detail"]["why"] == "approval_timeout passed"),
+        "{audit}"
+    );
+}
+
+#[test]
+fn expiry_cancels_the_statement_in_flight() {
+    if !privileged("expiry_cancels_the_statement_in_flight") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-expiry-running", "", &body(&pg, ""));
+    // The grant ends 3 s into a 6 s INSERT: the session ends, and the INSERT must not commit
+    // after it (closing the connection alone would let it run to its end).
+    let ran = psql(
+        &gate,
+        Some("write:3s"),
+        &pg,
+        &["INSERT INTO scratch SELECT 99, 'late' FROM pg_sleep(6)"],
+    );
+    assert!(ran.stderr.contains("57P01"), "{ran:#?}");
+    let running =
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'INSERT INTO scratch SELECT 99%'";
+    gate.wait_for(
+        "the cancelled INSERT to end",
+        Duration::from_secs(15),
+        || (pg.admin("orders", running) == "0\n").then_some(()),
+    );
+    assert_eq!(
+        pg.admin("orders", "SELECT count(*) FROM scratch WHERE id = 99"),
+        "0\n"
+    );
+    assert!(gate.log().contains("cancelled"), "{}", gate.log());
+}
+
+#[test]
 fn an_idle_sessions_statements_are_recorded_while_it_stays_open() {
     if !privileged("an_idle_sessions_statements_are_recorded_while_it_stays_open") {
         return;
@@ -812,6 +872,22 @@ fn scram_md5_and_verified_tls_upstream() {
     let gate = Gate::start("pg-md5", "", &md5);
     let ran = psql(&gate, Some("read"), &pg, &["SELECT current_user"]);
     assert_eq!(ran.stdout.trim(), "orders_md5", "{ran:#?}");
+    drop(gate);
+
+    // ... but not to a server the workload picked out of an address range without a verified
+    // certificate: whoever answers there could replay the md5 or read a cleartext password.
+    let range = md5.replace(
+        &format!("address = \"127.0.0.1:{}\"", pg.port),
+        &format!("address = \"127.0.0.0/8:{}\"", pg.port),
+    );
+    assert_ne!(range, md5);
+    let gate = Gate::start("pg-md5-range", "", &range);
+    let ran = psql(&gate, Some("read"), &pg, &["SELECT current_user"]);
+    assert!(
+        ran.code != 0 && ran.stderr.contains("refused jitgate's login"),
+        "{ran:#?}"
+    );
+    assert!(gate.log().contains("SCRAM only"), "{}", gate.log());
 }
 
 #[test]

@@ -73,6 +73,17 @@ impl Target {
             Self::Host { ports, .. } | Self::Net { ports, .. } => *ports,
         }
     }
+
+    /// Whether this names one server: one port of a host name (whose addresses the agent
+    /// resolves) or of one address. Otherwise the workload picks which server it reaches.
+    pub fn one_server(&self) -> bool {
+        let ports = self.ports();
+        ports.lo == ports.hi
+            && match self {
+                Self::Host { .. } => true,
+                Self::Net { net, .. } => net.prefix_len() == net.max_prefix_len(),
+            }
+    }
 }
 
 impl fmt::Display for Target {
@@ -228,6 +239,18 @@ pub const LOCALHOST6: Ipv6Addr = Ipv6Addr::LOCALHOST;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_server_means_one_host_and_one_port() {
+        let one = |s: &str| s.parse::<Target>().unwrap().one_server();
+        assert!(one("db.internal:5432"));
+        assert!(one("10.0.0.5:5432"));
+        assert!(one("[fd00::5]:5432"));
+        assert!(one("10.0.0.5/32:5432"));
+        assert!(!one("10.0.0.0/24:5432"));
+        assert!(!one("10.0.0.5:5432-5433"));
+        assert!(!one("db.internal:5432-5440"));
+    }
 
     #[test]
     fn targets() {

@@ -968,6 +968,41 @@ impl GrantEngine {
         Ok(())
     }
 
+    /// Marks a request that is still pending as expired: no one decided it in time, or the
+    /// session whose statement it holds ended. A later `jitgate approve` then says so instead
+    /// of approving what no longer waits. Returns whether it was still pending.
+    pub async fn lapse(&self, id: &str, why: &str) -> Result<bool, EngineError> {
+        let (key, reason) = (id.to_owned(), why.to_owned());
+        let lapsed = self
+            .inner
+            .store
+            .call(move |db| match queries::get_request(db, &key)? {
+                Some(q) if q.status == RequestStatus::Pending => {
+                    queries::decide_request(
+                        db,
+                        &key,
+                        RequestStatus::Expired,
+                        None,
+                        Some(&reason),
+                        None,
+                    )?;
+                    audit::append(
+                        db,
+                        "request.expired",
+                        "jitgated",
+                        &json!({"request": key, "why": reason}),
+                    )?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            })
+            .await?;
+        if lapsed {
+            self.notify(id, RequestStatus::Expired);
+        }
+        Ok(lapsed)
+    }
+
     fn notify(&self, id: &str, status: RequestStatus) {
         if let Some(tx) = self.inner.waiters.lock().expect("waiters lock").remove(id) {
             tx.send_replace(status);

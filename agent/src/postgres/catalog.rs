@@ -25,6 +25,8 @@ pub struct Login {
     pub tls: Arc<UpstreamTlsConfigs>,
     pub credential: Credential,
     pub params: Vec<(String, String)>,
+    /// See [`Target::one_server`].
+    pub one_server: bool,
 }
 
 pub struct Catalog {
@@ -84,6 +86,7 @@ impl Catalog {
                 pg: &l.pg,
                 server_name: &l.server_name,
                 tls: &l.tls,
+                one_server: l.one_server,
             };
             match upstream::connect(&target, &l.credential, &l.params).await {
                 Ok(c) => self.conn = Some(c),

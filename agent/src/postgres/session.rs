@@ -238,11 +238,13 @@ pub(crate) async fn serve(
             crate::config::Target::Host { name, .. } => name.clone(),
             crate::config::Target::Net { .. } => destination.ip().to_string(),
         });
+    let one_server = resource.target.one_server();
     let target = Target {
         addr: destination,
         pg,
         server_name: &server_name,
         tls: &ctx.pg.tls,
+        one_server,
     };
     let up = match upstream::connect(&target, &credential, &upstream_params).await {
         Ok(u) => u,
@@ -250,7 +252,8 @@ pub(crate) async fn serve(
             let err = match &e {
                 UpstreamError::Rejected { .. }
                 | UpstreamError::Secret { .. }
-                | UpstreamError::Unsupported(_) => PgError::fatal(
+                | UpstreamError::Unsupported(_)
+                | UpstreamError::PasswordExposure(_) => PgError::fatal(
                     "08004",
                     format!(
                         "jitgate: {} refused jitgate's login for {} access",
@@ -300,10 +303,15 @@ pub(crate) async fn serve(
         }
         wire::parameter_status(&mut hello, k, v);
     }
+    // The key leaves the table with the session, however it ends (a panic included): the
+    // table is bounded, and a leaked key would take a slot for good.
+    let _key = IssuedKey {
+        table: &ctx.pg.cancel,
+        key: proxy_key,
+    };
     wire::backend_key_data(&mut hello, proxy_key.0, proxy_key.1);
     wire::ready_for_query(&mut hello, up.status);
     if writer.write_all(&hello).await.is_err() || writer.flush().await.is_err() {
-        ctx.pg.cancel.remove(proxy_key);
         return refuse(SessionOutcome::Closed, "the client left during login");
     }
     s.open(ctx, "postgres");
@@ -325,6 +333,7 @@ pub(crate) async fn serve(
         tls: ctx.pg.tls.clone(),
         credential,
         params: upstream_params,
+        one_server,
     });
     let shared = Mutex::new(State {
         parse_mode: ParseMode {
@@ -342,7 +351,9 @@ pub(crate) async fn serve(
         access: grant.access,
         masker,
         recorder: Masker::recorder(ctx.pg.mask_key),
-        catalog: tokio::sync::Mutex::new(Catalog::new(login)),
+        catalog: tokio::sync::Mutex::new(Catalog::new(login.clone())),
+        login,
+        server_key: up.key,
         state: shared,
         stop: CancellationToken::new(),
         counters: s.counters.clone(),
@@ -353,12 +364,23 @@ pub(crate) async fn serve(
         pump.client_to_server(reader, up.writer, inject_tx, &grant, &cancel_token),
         pump.server_to_client(up.reader, writer, inject_rx, grant.clone(), &cancel_token),
     );
-    ctx.pg.cancel.remove(proxy_key);
     pump.flush_records();
     // The server side knows best why the session ended (grant, shutdown); else the client's.
     match (s2c, c2s) {
         (Some(o), _) | (None, Some(o)) => o,
         (None, None) => (SessionOutcome::Closed, String::new()),
+    }
+}
+
+/// A proxy-issued cancel key, withdrawn from the table on drop.
+struct IssuedKey<'a> {
+    table: &'a super::cancel::CancelKeys,
+    key: (i32, i32),
+}
+
+impl Drop for IssuedKey<'_> {
+    fn drop(&mut self) {
+        self.table.remove(self.key);
     }
 }
 
@@ -387,6 +409,8 @@ async fn cancel(
         pg,
         server_name: &entry.server_name,
         tls: &ctx.pg.tls,
+        // A CancelRequest carries no password.
+        one_server: false,
     };
     match upstream::cancel(&target, entry.key).await {
         Ok(()) => {
@@ -540,6 +564,10 @@ struct Pump<'a> {
     masker: Option<Masker>,
     recorder: Masker,
     catalog: tokio::sync::Mutex<Catalog>,
+    /// Where this session's server is, for a CancelRequest of our own.
+    login: Arc<Login>,
+    /// The server's (process id, secret) for this session.
+    server_key: (i32, i32),
     state: Mutex<State>,
     stop: CancellationToken,
     counters: Arc<crate::proxy::relay::Counters>,
@@ -841,7 +869,21 @@ impl Pump<'_> {
         let started = Instant::now();
         let waited = tokio::select! {
             r = self.ctx.engine.wait(&request.id, self.pg.approval_timeout) => r,
-            () = self.stop.cancelled() => return Err(PgError::fatal("57P01", "jitgate: session ended while a statement waited for approval")),
+            () = self.stop.cancelled() => {
+                self.lapse(&request.id, "the session ended while its statement waited").await;
+                return Err(PgError::fatal("57P01", "jitgate: session ended while a statement waited for approval"));
+            }
+        };
+        let waited = match waited {
+            Ok(q) if q.status == RequestStatus::Pending => {
+                self.lapse(&request.id, "approval_timeout passed").await;
+                // A decision that landed just before wins.
+                match self.ctx.engine.request(&request.id).await {
+                    Ok(Some(now)) => Ok(now),
+                    _ => Ok(q),
+                }
+            }
+            other => other,
         };
         let held = started.elapsed();
         self.update_record(rec, |r| r.held_ms = held.as_millis() as u64);
@@ -940,16 +982,58 @@ impl Pump<'_> {
             if let Some(name) = &s.prepares {
                 st.sql_prepared.insert(name.clone(), s.clone());
             }
+            // SQL and protocol-level prepared statements share one namespace on the server:
+            // DEALLOCATE removes either kind, so both maps follow it.
             match &s.deallocates {
                 Some(Some(name)) => {
                     st.sql_prepared.remove(name);
+                    st.statements.remove(name);
                 }
-                Some(None) => st.sql_prepared.clear(),
+                Some(None) => {
+                    st.sql_prepared.clear();
+                    st.statements.retain(|name, _| name.is_empty());
+                }
                 None => {}
             }
             if s.discards {
                 st.sql_prepared.clear();
+                st.statements.retain(|name, _| name.is_empty());
             }
+        }
+    }
+
+    /// See [`crate::grants::GrantEngine::lapse`]; a failure is logged (the request then stays
+    /// pending, and approving it runs nothing).
+    async fn lapse(&self, request: &str, why: &str) {
+        if let Err(e) = self.ctx.engine.lapse(request, why).await {
+            warn!(request, error = %e, "cannot mark an undecided request expired");
+        }
+    }
+
+    /// Cancels the statement the server is running for this session, if any, before the
+    /// session is ended under it: closing the connection alone lets it run on (a long UPDATE
+    /// would still commit after its grant ended).
+    async fn cancel_in_flight(&self) {
+        if self.lock().expect.is_empty() {
+            return;
+        }
+        let target = Target {
+            addr: self.login.addr,
+            pg: self.pg,
+            server_name: &self.login.server_name,
+            tls: &self.ctx.pg.tls,
+            one_server: false,
+        };
+        let sent = tokio::time::timeout(
+            Duration::from_millis(500),
+            upstream::cancel(&target, self.server_key),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) => info!("the statement in flight was cancelled"),
+            Ok(Err(e)) => warn!(error = %e, "cannot cancel the statement in flight"),
+            // The request went out unless connecting took all that time.
+            Err(_) => debug!("no answer to the cancel request in time"),
         }
     }
 
@@ -1262,7 +1346,9 @@ impl Pump<'_> {
                 let (kind, name) = target_of(&frame.body).map_err(malformed)?;
                 let mut st = self.lock();
                 if kind == b'S' {
+                    // Closes a statement of either kind (one namespace on the server).
                     st.statements.remove(&name);
+                    st.sql_prepared.remove(&name);
                 } else {
                     st.portals.remove(&name);
                 }
@@ -1408,6 +1494,7 @@ impl Pump<'_> {
                         } else {
                             (SessionOutcome::GrantExpired, format!("grant {} expired", grant.id))
                         };
+                        self.cancel_in_flight().await;
                         let err = PgError::fatal("57P01", format!("terminating connection: jitgate {why}"))
                             .hint(format!("jitgate request {} --access {}", self.resource, self.access));
                         err.write(&mut out);
@@ -1416,6 +1503,7 @@ impl Pump<'_> {
                         break Some((outcome, why));
                     }
                     () = cancel.cancelled() => {
+                        self.cancel_in_flight().await;
                         let err = PgError::fatal("57P01", format!("terminating connection: resource {} left the jitgate configuration", self.resource));
                         err.write(&mut out);
                         let _ = client.write_all(&out).await;
@@ -1426,8 +1514,9 @@ impl Pump<'_> {
                         continue;
                     }
                     () = async { tokio::time::sleep_until(draining.unwrap_or_else(tokio::time::Instant::now)).await }, if draining.is_some() => {
+                        self.cancel_in_flight().await;
                         let err = PgError::fatal("57P01", "terminating connection: the jitgate host agent is shutting down")
-                            .hint("a statement was still running when the drain timeout passed; it may not have completed");
+                            .hint("a statement was still running when the drain timeout passed; it was cancelled");
                         err.write(&mut out);
                         let _ = client.write_all(&out).await;
                         break Some((SessionOutcome::Shutdown, err.message));

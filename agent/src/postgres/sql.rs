@@ -59,7 +59,7 @@ pub struct Statement {
     /// It may change `search_path`, after which unqualified names can resolve differently in
     /// the session than in the proxy's catalog lookups.
     pub sets_search_path: bool,
-    /// `DISCARD`: the session's SQL prepared statements may be gone.
+    /// `DISCARD ALL`: the session's prepared statements (SQL and protocol-level) are gone.
     pub discards: bool,
 }
 
@@ -509,7 +509,8 @@ fn top_level(
         }
         "VariableShowStmt" => ("set", Access::Read),
         "DiscardStmt" => {
-            s.discards = true;
+            // DiscardMode: 1 = ALL (PLANS, SEQUENCES and TEMP keep prepared statements).
+            s.discards = v["target"].as_i64() == Some(1);
             ("set", Access::Read)
         }
         "TransactionStmt" => ("transaction", Access::Read),
@@ -938,7 +939,20 @@ fn plpgsql_tree(node: &Value, mode: ParseMode, s: &mut Statement) -> Result<(), 
     }
 }
 
+/// PL/pgSQL is parsed with `standard_conforming_strings` on; under a server that has it off
+/// the gate could read a body's strings otherwise than the server does, so it reads none.
+fn plpgsql_mode(mode: ParseMode) -> Result<(), ParseError> {
+    if mode.standard_conforming_strings {
+        Ok(())
+    } else {
+        Err(ParseError(
+            "PL/pgSQL is not checked while standard_conforming_strings is off; set it on for this database or role".into(),
+        ))
+    }
+}
+
 fn plpgsql_body(body: &str, mode: ParseMode, s: &mut Statement) -> Result<(), ParseError> {
+    plpgsql_mode(mode)?;
     // Wrap the block in a function definition, with a dollar tag the body cannot contain.
     let mut tag = String::from("jitgate");
     while body.contains(&format!("${tag}$")) {
@@ -978,6 +992,7 @@ fn function_body(
             Ok(())
         }
         "plpgsql" => {
+            plpgsql_mode(mode)?;
             let tree = pg_query::parse_plpgsql(text)
                 .map_err(|e| ParseError(format!("in a function body: {e}")))?;
             plpgsql_tree(&tree, mode, s)
@@ -1197,6 +1212,16 @@ mod tests {
     }
 
     #[test]
+    fn plpgsql_is_not_read_with_nonstandard_strings() {
+        let off = ParseMode {
+            standard_conforming_strings: false,
+        };
+        let hidden = "DO $$BEGIN RAISE NOTICE 'a\\''; DELETE FROM t; --';\nEND$$";
+        assert!(analyze(hidden, off).is_err());
+        assert!(analyze(hidden, ParseMode::default()).is_ok());
+    }
+
+    #[test]
     fn prepared_names_keep_their_case_as_folded_by_the_parser() {
         assert_eq!(one("PREPARE m AS SELECT 1").prepares.as_deref(), Some("m"));
         assert_eq!(one("PREPARE M AS SELECT 1").prepares.as_deref(), Some("m"));
@@ -1283,10 +1308,16 @@ mod tests {
 
     #[test]
     fn discard_is_noticed_by_what_it_is_not_how_it_reads() {
-        for sql in ["DISCARD ALL", "discard plans", "  DISCARD TEMP"] {
+        for sql in ["DISCARD ALL", "discard all", "  Discard All"] {
             assert!(one(sql).discards, "{sql}");
         }
-        for sql in ["SELECT 'discard all'", "SHOW discard", "RESET ALL"] {
+        for sql in [
+            "SELECT 'discard all'",
+            "SHOW discard",
+            "RESET ALL",
+            "DISCARD PLANS",
+            "DISCARD TEMP",
+        ] {
             assert!(!one(sql).discards, "{sql}");
         }
     }

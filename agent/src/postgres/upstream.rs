@@ -43,6 +43,10 @@ pub enum UpstreamError {
     Unsupported(&'static str),
     #[error("protocol error from the server: {0}")]
     Protocol(String),
+    #[error(
+        "the server asked for a {0} password, but the workload chose this server out of the resource's address or port range and its certificate is not verified: such servers get SCRAM only (or set upstream_tls = \"verify-full\")"
+    )]
+    PasswordExposure(&'static str),
 }
 
 impl From<WireError> for UpstreamError {
@@ -64,6 +68,19 @@ pub struct Target<'a> {
     /// The name to verify in the server certificate (verify-full).
     pub server_name: &'a str,
     pub tls: &'a UpstreamTlsConfigs,
+    /// Whether the resource names one server (a host name or one address, one port), so the
+    /// workload cannot choose which server answers; see [`Target::may_see_password`].
+    pub one_server: bool,
+}
+
+impl Target<'_> {
+    /// Whether a server that asks for the password itself (cleartext) or for its md5 (which a
+    /// server in the middle can replay) may get it. Not when the workload picked the server
+    /// out of an address or port range and its certificate is not verified: that server could
+    /// be anyone's. SCRAM never shows the password and proves the server, so it always goes.
+    pub fn may_see_password(&self) -> bool {
+        self.one_server || self.pg.upstream_tls == UpstreamTls::VerifyFull
+    }
 }
 
 /// A logged-in upstream connection, ready for queries.
@@ -146,12 +163,15 @@ pub async fn connect(
     params: &[(String, String)],
 ) -> Result<Upstream, UpstreamError> {
     let stream = transport(t).await?;
-    tokio::time::timeout(LOGIN_TIMEOUT, login(stream, cred, params))
-        .await
-        .map_err(|_| UpstreamError::Unreachable {
-            addr: t.addr,
-            reason: format!("login did not finish within {}s", LOGIN_TIMEOUT.as_secs()),
-        })?
+    tokio::time::timeout(
+        LOGIN_TIMEOUT,
+        login(stream, cred, params, t.may_see_password()),
+    )
+    .await
+    .map_err(|_| UpstreamError::Unreachable {
+        addr: t.addr,
+        reason: format!("login did not finish within {}s", LOGIN_TIMEOUT.as_secs()),
+    })?
 }
 
 async fn send(writer: &mut WriteHalf<Stream>, buf: &mut BytesMut) -> Result<(), UpstreamError> {
@@ -187,6 +207,7 @@ async fn login(
     stream: Stream,
     cred: &Credential,
     params: &[(String, String)],
+    may_see_password: bool,
 ) -> Result<Upstream, UpstreamError> {
     let (read, mut writer) = tokio::io::split(stream);
     let mut reader = FrameReader::new(read, server_cap);
@@ -203,6 +224,13 @@ async fn login(
             reason: "the server asked for a password and the credential has no password_file"
                 .into(),
         }),
+    };
+    let exposed = |method: &'static str| {
+        if may_see_password {
+            Ok(())
+        } else {
+            Err(UpstreamError::PasswordExposure(method))
+        }
     };
     let mut scram: Option<sasl::ScramSha256> = None;
     let mut server_proven = false;
@@ -221,6 +249,7 @@ async fn login(
                     }
                     0 => break,
                     3 => {
+                        exposed("cleartext")?;
                         let pw = password()?;
                         frontend::password_message(pw.as_bytes(), &mut buf)?;
                         send(&mut writer, &mut buf).await?;
@@ -230,6 +259,7 @@ async fn login(
                             return Err(UpstreamError::Protocol("short md5 salt".into()));
                         }
                         let salt = [body[0], body[1], body[2], body[3]];
+                        exposed("md5")?;
                         let pw = password()?;
                         let hashed = md5_hash(cred.user.as_bytes(), pw.as_bytes(), salt);
                         frontend::password_message(hashed.as_bytes(), &mut buf)?;

@@ -11,14 +11,16 @@
 
 use std::{
     net::SocketAddr,
+    panic::AssertUnwindSafe,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use futures_util::FutureExt as _;
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{Instrument as _, debug, error, info, info_span, warn};
 
 use super::{LiveSession, ProxyContext, relay, routes};
 use crate::{
@@ -35,13 +37,26 @@ use crate::{
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Handles one accepted connection to its end. Never panics on bad input; every exit is
-/// recorded.
+/// recorded, a panic's too (the session ends, its record is closed and it leaves the live
+/// registry; other sessions go on).
 pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream) {
     let id = ids::new(ids::Kind::Session);
     let span = info_span!("session", session = %id);
     async move {
         let mut s = Record::new(id);
-        let outcome = run(&ctx, client, &mut s).await;
+        let outcome = match AssertUnwindSafe(run(&ctx, client, &mut s))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                error!("session task panicked; its connection is closed");
+                (
+                    SessionOutcome::Error,
+                    "internal error in the host agent; the connection was closed".into(),
+                )
+            }
+        };
         s.finish(&ctx, outcome);
     }
     .instrument(span)
