@@ -420,7 +420,7 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                 let held: Vec<&Request> =
                     pending.iter().filter(|q| q.statement.is_some()).collect();
                 if !held.is_empty() {
-                    println!("\nheld statements (as recorded; `--json` for the full text):");
+                    println!("\nheld statements (secrets masked; `--json` for the full text):");
                     for q in held {
                         let text = q.statement.as_deref().unwrap_or_default();
                         println!("  {}  {}", q.id, one_line(text, 200));

@@ -238,7 +238,20 @@ pub(crate) async fn serve(
             crate::config::Target::Host { name, .. } => name.clone(),
             crate::config::Target::Net { .. } => destination.ip().to_string(),
         });
-    let one_server = resource.target.one_server();
+    // One server only if the workload reached it at the address the resource names: a local
+    // resource answers on every loopback and host address, where anyone may listen.
+    let one_server = resource.target.one_server()
+        && match &resource.target {
+            crate::config::Target::Net { net, .. } => destination.ip() == net.addr(),
+            // `localhost` resolves to the canonical loopback addresses; any other address of
+            // this host is one the workload chose.
+            crate::config::Target::Host { .. } => {
+                let ip = destination.ip().to_canonical();
+                ip == std::net::Ipv4Addr::LOCALHOST
+                    || ip == std::net::Ipv6Addr::LOCALHOST
+                    || (!ip.is_loopback() && !crate::destinations::local_addresses().contains(&ip))
+            }
+        };
     let target = Target {
         addr: destination,
         pg,
@@ -456,7 +469,8 @@ enum Expect {
         /// ends (a COPY the server refused before starting) goes with it.
         copies: VecDeque<CopyPlan>,
     },
-    Parse,
+    /// A Parse of this statement name (`None`: one that must not touch the name's entry).
+    Parse(Option<String>),
     Bind,
     Describe {
         target: Option<DescribeTarget>,
@@ -591,6 +605,14 @@ fn nonce() -> String {
 }
 
 /// The error a refused statement gets, with the verdict's detail.
+fn name_in_use_error(name: &str) -> PgError {
+    PgError::error(
+        "42P05",
+        format!("prepared statement \"{name}\" already exists"),
+    )
+    .hint("DEALLOCATE or Close it first")
+}
+
 fn held_error(rule: &str, status: RequestStatus, by: Option<&str>, waited: Duration) -> PgError {
     match status {
         RequestStatus::Denied => PgError::error(
@@ -621,7 +643,24 @@ impl Pump<'_> {
         self.ctx.pg.analyze(text, mode)
     }
 
+    /// Whether a prepared statement of this name (SQL or protocol-level: one namespace on the
+    /// server) exists.
+    fn name_in_use(&self, name: &str) -> bool {
+        let st = self.lock();
+        st.statements.contains_key(name) || st.sql_prepared.contains_key(name)
+    }
+
     fn judge(&self, analysis: &[Statement]) -> Verdict {
+        if let Some(name) = analysis
+            .iter()
+            .filter_map(|s| s.prepares.as_deref())
+            .find(|name| self.name_in_use(name))
+        {
+            return Verdict::Deny {
+                rule: "prepared statement name in use".into(),
+                error: name_in_use_error(name),
+            };
+        }
         let st = self.lock();
         let ctx = guard::Context {
             identity: &self.who.identity,
@@ -634,12 +673,17 @@ impl Pump<'_> {
         guard::judge(&ctx, analysis)
     }
 
-    /// A statement's text as it is recorded: sensitive values redacted, long texts cut.
-    fn recorded_text(&self, text: &str) -> String {
-        let mut recorded = match self.recorder.scan(text, &mut |_| {}) {
+    /// A statement's text with sensitive values redacted, whole.
+    fn redacted_text(&self, text: &str) -> String {
+        match self.recorder.scan(text, &mut |_| {}) {
             super::mask::Outcome::Replace(s) => s.into_owned(),
             _ => text.to_owned(),
-        };
+        }
+    }
+
+    /// A statement's text as it is recorded: sensitive values redacted, long texts cut.
+    fn recorded_text(&self, text: &str) -> String {
+        let mut recorded = self.redacted_text(text);
         if recorded.len() > MAX_RECORDED_TEXT {
             let mut cut = MAX_RECORDED_TEXT;
             while !recorded.is_char_boundary(cut) {
@@ -956,10 +1000,10 @@ impl Pump<'_> {
             Verdict::Approve { rule, reason } => {
                 let rec = self.new_record(text, Decision::Allowed, Some(rule.clone()));
                 metrics::statement_check(started.elapsed());
-                // Approvers see the statement as it is recorded: secrets and masked values
-                // masked (the request and the audit log keep it).
+                // Approvers see the whole statement with detected secrets masked (never cut:
+                // what they approve is all that runs).
                 match self
-                    .hold(&self.recorded_text(text), &rule, &reason, rec)
+                    .hold(&self.redacted_text(text), &rule, &reason, rec)
                     .await
                 {
                     Ok(_) => {
@@ -1013,9 +1057,13 @@ impl Pump<'_> {
     /// Cancels the statement the server is running for this session, if any, before the
     /// session is ended under it: closing the connection alone lets it run on (a long UPDATE
     /// would still commit after its grant ended).
-    async fn cancel_in_flight(&self) {
+    ///
+    /// One CancelRequest ends the statement running; statements a client pipelined behind it
+    /// may still be read by the server from its socket buffer after the connection closes.
+    /// Returns whether a cancel went out.
+    async fn cancel_in_flight(&self) -> bool {
         if self.lock().expect.is_empty() {
-            return;
+            return false;
         }
         let target = Target {
             addr: self.login.addr,
@@ -1030,10 +1078,19 @@ impl Pump<'_> {
         )
         .await;
         match sent {
-            Ok(Ok(())) => info!("the statement in flight was cancelled"),
-            Ok(Err(e)) => warn!(error = %e, "cannot cancel the statement in flight"),
+            Ok(Ok(())) => {
+                info!("the statement in flight was cancelled");
+                true
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot cancel the statement in flight");
+                false
+            }
             // The request went out unless connecting took all that time.
-            Err(_) => debug!("no answer to the cancel request in time"),
+            Err(_) => {
+                debug!("no answer to the cancel request in time");
+                false
+            }
         }
     }
 
@@ -1152,6 +1209,12 @@ impl Pump<'_> {
                 let mut body = frame.body.clone();
                 let name = take_cstr(&mut body).map_err(malformed)?;
                 let text = take_cstr(&mut body).map_err(malformed)?;
+                // A name in use: the server keeps the statement it has and fails this Parse;
+                // so does the gate, which judges and masks by the statement it has.
+                if !name.is_empty() && self.name_in_use(&name) {
+                    self.poison(None, name_in_use_error(&name), out);
+                    return Ok(true);
+                }
                 let (verdict, rec) = self.decide(&text, "parse").await;
                 // The record for a prepared statement is per Execute; keep this decision's.
                 let removed = self.lock().records.remove(&rec);
@@ -1187,7 +1250,7 @@ impl Pump<'_> {
                         }));
                         let mut st = self.lock();
                         st.statements.insert(name.clone(), stmt.clone());
-                        st.expect.push_back(Expect::Parse);
+                        st.expect.push_back(Expect::Parse(Some(name.clone())));
                         frame.write(out);
                         if self.masker.is_some() {
                             // Learn the result shape now: clients may Execute without Describe.
@@ -1421,6 +1484,13 @@ impl Pump<'_> {
     /// Replaces a refused Parse with one the server rejects; the rest of the batch is skipped
     /// by the server up to Sync, as for any failed Parse.
     fn poison_parse(&self, name: &str, error: PgError, out: &mut BytesMut) {
+        self.poison(Some(name), error, out);
+    }
+
+    /// [`Pump::poison_parse`]; with `None` the Parse is unnamed, and the named statements
+    /// stay as they are on both sides (the server drops its unnamed statement first, so the
+    /// gate does too).
+    fn poison(&self, name: Option<&str>, error: PgError, out: &mut BytesMut) {
         let nonce = nonce();
         let mut st = self.lock();
         let cycle = st.cycles_sent;
@@ -1429,10 +1499,16 @@ impl Pump<'_> {
             error,
             cycle,
         });
-        st.statements.remove(name);
-        st.expect.push_back(Expect::Parse);
+        st.statements.remove(name.unwrap_or(""));
+        st.expect.push_back(Expect::Parse(name.map(str::to_owned)));
         drop(st);
-        let _ = postgres_protocol::message::frontend::parse(name, &nonce, std::iter::empty(), out);
+        // A nonce that is no statement: the server fails this Parse.
+        let _ = postgres_protocol::message::frontend::parse(
+            name.unwrap_or(""),
+            &nonce,
+            std::iter::empty(),
+            out,
+        );
     }
 
     /// Server to client. Returns the outcome when the server side ends the session.
@@ -1494,7 +1570,7 @@ impl Pump<'_> {
                         } else {
                             (SessionOutcome::GrantExpired, format!("grant {} expired", grant.id))
                         };
-                        self.cancel_in_flight().await;
+                        let _ = self.cancel_in_flight().await;
                         let err = PgError::fatal("57P01", format!("terminating connection: jitgate {why}"))
                             .hint(format!("jitgate request {} --access {}", self.resource, self.access));
                         err.write(&mut out);
@@ -1503,7 +1579,7 @@ impl Pump<'_> {
                         break Some((outcome, why));
                     }
                     () = cancel.cancelled() => {
-                        self.cancel_in_flight().await;
+                        let _ = self.cancel_in_flight().await;
                         let err = PgError::fatal("57P01", format!("terminating connection: resource {} left the jitgate configuration", self.resource));
                         err.write(&mut out);
                         let _ = client.write_all(&out).await;
@@ -1514,9 +1590,13 @@ impl Pump<'_> {
                         continue;
                     }
                     () = async { tokio::time::sleep_until(draining.unwrap_or_else(tokio::time::Instant::now)).await }, if draining.is_some() => {
-                        self.cancel_in_flight().await;
+                        let hint = if self.cancel_in_flight().await {
+                            "a statement was still running when the drain timeout passed; it was cancelled"
+                        } else {
+                            "a statement was still running when the drain timeout passed; it may not have completed"
+                        };
                         let err = PgError::fatal("57P01", "terminating connection: the jitgate host agent is shutting down")
-                            .hint("a statement was still running when the drain timeout passed; it was cancelled");
+                            .hint(hint);
                         err.write(&mut out);
                         let _ = client.write_all(&out).await;
                         break Some((SessionOutcome::Shutdown, err.message));
@@ -1775,7 +1855,7 @@ impl Pump<'_> {
                 };
                 let front = self.lock().expect.pop_front();
                 match (frame.tag, front) {
-                    (b'1', Some(Expect::Parse))
+                    (b'1', Some(Expect::Parse(_)))
                     | (b'2', Some(Expect::Bind))
                     | (b'3', Some(Expect::Close)) => {}
                     _ => return Err(desync(want)),
@@ -1952,9 +2032,14 @@ impl Pump<'_> {
                                 if matches!(e, Expect::Sync) {
                                     break;
                                 }
-                                if let Some(Expect::Execute { rec: r, .. }) = st.expect.pop_front()
-                                {
-                                    rec = Some(r);
+                                match st.expect.pop_front() {
+                                    Some(Expect::Execute { rec: r, .. }) => rec = Some(r),
+                                    // The failed Parse, and those the server skipped after
+                                    // it, never made a statement: the name is free again.
+                                    Some(Expect::Parse(Some(name))) => {
+                                        st.statements.remove(&name);
+                                    }
+                                    _ => {}
                                 }
                             }
                         }

@@ -44,7 +44,7 @@ pub enum UpstreamError {
     #[error("protocol error from the server: {0}")]
     Protocol(String),
     #[error(
-        "the server asked for a {0} password, but the workload chose this server out of the resource's address or port range and its certificate is not verified: such servers get SCRAM only (or set upstream_tls = \"verify-full\")"
+        "the server asked for a {0} password, but the workload chose this server (an address or port range, or another address of a local resource) and its certificate is not verified: such servers get no password (set upstream_tls = \"verify-full\", or name one server)"
     )]
     PasswordExposure(&'static str),
 }
@@ -74,10 +74,11 @@ pub struct Target<'a> {
 }
 
 impl Target<'_> {
-    /// Whether a server that asks for the password itself (cleartext) or for its md5 (which a
-    /// server in the middle can replay) may get it. Not when the workload picked the server
-    /// out of an address or port range and its certificate is not verified: that server could
-    /// be anyone's. SCRAM never shows the password and proves the server, so it always goes.
+    /// Whether the login may answer a password challenge at all. Not when the workload picked
+    /// the server (out of an address or port range, or a local resource's other addresses)
+    /// and its certificate is not verified: that server could be anyone's, and could read a
+    /// cleartext password or relay an md5 or SCRAM exchange (without channel binding) to
+    /// the real server.
     pub fn may_see_password(&self) -> bool {
         self.one_server || self.pg.upstream_tls == UpstreamTls::VerifyFull
     }
@@ -273,6 +274,7 @@ async fn login(
                         if !mechanisms.iter().any(|m| m == sasl::SCRAM_SHA_256) {
                             return Err(UpstreamError::Unsupported("SASL without SCRAM-SHA-256"));
                         }
+                        exposed("SCRAM")?;
                         let pw = password()?;
                         // No channel binding ("n"): the TLS hop is authenticated by
                         // certificate verification when upstream_tls = verify-full.
