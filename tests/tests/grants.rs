@@ -311,7 +311,7 @@ fn workloads_cannot_approve_and_nobody_approves_their_own_request() {
     assert_eq!(audit.code, 3, "{audit:#?}");
     // Nor can a local user who is no operator, though the socket lets everyone in; an
     // approver can.
-    for call in [&["audit"][..], &["sessions", "--all"]] {
+    for call in [&["audit"][..], &["sessions", "--all"], &["approvals"]] {
         let ran = gate.cli_as("nobody", call);
         assert_eq!(ran.code, 3, "{ran:#?}");
         assert!(ran.stderr.contains("only root"), "{ran:#?}");

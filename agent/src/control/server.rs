@@ -229,11 +229,29 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
                         "a workload can only wait on its own requests",
                     )
                 }
-                Ok(_) => reply(daemon.engine.wait(&request, timeout).await),
+                Ok(_) => {
+                    // A held statement's text is for operators and its own workload.
+                    let reader = caller.is_workload()
+                        || operators_only(daemon, caller, "read held statements").is_none();
+                    reply(daemon.engine.wait(&request, timeout).await.map(|mut q| {
+                        if !reader {
+                            q.statement = None;
+                        }
+                        q
+                    }))
+                }
                 Err(e) => engine_err(e),
             }
         }
-        Call::Approvals => reply(daemon.engine.approvals(caller).await),
+        Call::Approvals => {
+            if !caller.is_workload()
+                && let Some(r) =
+                    operators_only(daemon, caller, "list requests waiting for approval")
+            {
+                return r;
+            }
+            reply(daemon.engine.approvals(caller).await)
+        }
         Call::Approve { request, ttl_secs } => reply(
             daemon
                 .engine
