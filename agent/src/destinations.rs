@@ -3,7 +3,8 @@
 //!
 //! Names are re-resolved as their TTL runs out, A and AAAA alike. An address once seen stays
 //! a resource address for `dns_max_ttl` after the last answer that held it, since workloads
-//! may have cached it (while a name cannot be resolved, every address seen stays): a changed
+//! may have cached it (while a name, or one of its families, cannot be resolved, every address
+//! seen of it stays): a changed
 //! answer only ever adds addresses to the gate before it removes any, so it never opens a
 //! path around it.
 
@@ -214,9 +215,19 @@ impl Destinations {
                     .saturating_duration_since(now)
                     .clamp(min, max);
                 let mut added = Vec::new();
+                let (mut v4, mut v6) = (false, false);
                 for addr in lookup.iter() {
+                    v4 |= addr.is_ipv4();
+                    v6 |= addr.is_ipv6();
                     if entry.addrs.insert(addr, now).is_none() {
                         added.push(addr);
+                    }
+                }
+                // An answer without one family may be that family's lookup failing: its
+                // addresses stay gated as through any failed lookup.
+                for (addr, seen) in &mut entry.addrs {
+                    if (addr.is_ipv4() && !v4) || (addr.is_ipv6() && !v6) {
+                        *seen = now;
                     }
                 }
                 entry.next_refresh = now + ttl;

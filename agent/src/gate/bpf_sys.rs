@@ -111,16 +111,18 @@ pub fn map_lookup_and_delete<K, V>(
 }
 
 /// Deletes every entry of a hash map, up to `max` of them (entries added meanwhile may
-/// remain). Returns how many were deleted.
-pub fn map_clear<K: Default>(map: BorrowedFd<'_>, max: usize) -> io::Result<usize> {
-    let mut deleted = 0;
-    while deleted < max {
-        let mut key = K::default();
+/// remain). Returns how many were deleted. The keys are walked first with a cursor (a walk
+/// restarted from the first key after each delete would rescan the table every time).
+pub fn map_clear<K: Default + Clone>(map: BorrowedFd<'_>, max: usize) -> io::Result<usize> {
+    let mut keys: Vec<K> = Vec::new();
+    let mut cursor: Option<K> = None;
+    while keys.len() < max {
+        let mut next = K::default();
         // A null key asks for the first one.
         let mut attr = MapElemAttr {
             map_fd: map.as_raw_fd() as u32,
-            key: 0,
-            value: std::ptr::from_mut(&mut key) as u64,
+            key: cursor.as_ref().map_or(0, |k| std::ptr::from_ref(k) as u64),
+            value: std::ptr::from_mut(&mut next) as u64,
             ..Default::default()
         };
         match sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
@@ -128,9 +130,14 @@ pub fn map_clear<K: Default>(map: BorrowedFd<'_>, max: usize) -> io::Result<usiz
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
             Err(e) => return Err(e),
         }
+        keys.push(next.clone());
+        cursor = Some(next);
+    }
+    let mut deleted = 0;
+    for key in &keys {
         let mut attr = MapElemAttr {
             map_fd: map.as_raw_fd() as u32,
-            key: std::ptr::from_ref(&key) as u64,
+            key: std::ptr::from_ref(key) as u64,
             ..Default::default()
         };
         match sys_bpf(BPF_MAP_DELETE_ELEM, &mut attr) {

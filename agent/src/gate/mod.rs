@@ -501,7 +501,6 @@ impl Gate {
             .collect::<io::Result<Vec<(PathBuf, u64)>>>()
             .context("reading gated cgroup ids")?;
         let subtree_ids: BTreeSet<u64> = attached_ids.iter().map(|(_, id)| *id).collect();
-        sync_set(&mut self.subtrees, &subtree_ids).context("updating gated subtrees")?;
         let uid_set: BTreeSet<u32> = uids.iter().copied().collect();
         sync_set(&mut self.uids, &uid_set).context("updating gated uids")?;
         if !uids.is_empty() {
@@ -520,6 +519,8 @@ impl Gate {
         }
 
         let mut keep = BTreeSet::new();
+        // The subtree set is published after the subtree links are in place (below): the uid
+        // instance leaves those subtrees alone, so they must already be gated.
         for target in &targets {
             std::fs::create_dir_all(&target.dir)
                 .with_context(|| format!("creating {}", target.dir.display()))?;
@@ -532,6 +533,7 @@ impl Gate {
                     .unwrap_or_default(),
             );
         }
+        sync_set(&mut self.subtrees, &subtree_ids).context("updating gated subtrees")?;
         // Unpin links of cgroups that left the config.
         let links_dir = self.settings.pin_dir.join("links");
         if let Ok(entries) = std::fs::read_dir(&links_dir) {
@@ -552,7 +554,7 @@ impl Gate {
 
     /// Attaches again where a gated cgroup was removed or made anew since it was attached:
     /// systemd removes a service's cgroup when the service stops and makes a fresh one, with
-    /// none of our programs, when it starts. A removed one is made again at once, so that
+    /// none of our programs, when it starts. A removed one is made again at this check, so that
     /// the service usually starts inside a gated cgroup. Returns whether anything changed.
     pub fn reattach_moved(&mut self) -> anyhow::Result<bool> {
         let intact = self

@@ -944,18 +944,10 @@ impl GrantEngine {
                         .map(|q| q.id)
                         .collect();
                 for id in &pending {
-                    queries::decide_request(
+                    expire_request(
                         db,
                         id,
-                        RequestStatus::Expired,
-                        None,
-                        Some(&format!("task {key} ended")),
-                        None,
-                    )?;
-                    audit::append(
-                        db,
-                        "request.expired",
-                        "jitgated",
+                        &format!("task {key} ended"),
                         &json!({"request": id, "task": key}),
                     )?;
                 }
@@ -978,20 +970,7 @@ impl GrantEngine {
             .store
             .call(move |db| match queries::get_request(db, &key)? {
                 Some(q) if q.status == RequestStatus::Pending => {
-                    queries::decide_request(
-                        db,
-                        &key,
-                        RequestStatus::Expired,
-                        None,
-                        Some(&reason),
-                        None,
-                    )?;
-                    audit::append(
-                        db,
-                        "request.expired",
-                        "jitgated",
-                        &json!({"request": key, "why": reason}),
-                    )?;
+                    expire_request(db, &key, &reason, &json!({"request": key, "why": reason}))?;
                     Ok(true)
                 }
                 _ => Ok(false),
@@ -1092,6 +1071,19 @@ impl GrantEngine {
     pub fn live_count(&self) -> usize {
         self.inner.live.read().expect("grants lock").len()
     }
+}
+
+/// Marks a pending request expired, with its audit record (`detail`), in the caller's
+/// transaction.
+fn expire_request(
+    db: &rusqlite::Connection,
+    id: &str,
+    why: &str,
+    detail: &serde_json::Value,
+) -> crate::store::Result<()> {
+    queries::decide_request(db, id, RequestStatus::Expired, None, Some(why), None)?;
+    audit::append(db, "request.expired", "jitgated", detail)?;
+    Ok(())
 }
 
 fn request_detail(q: &Request) -> serde_json::Value {
