@@ -604,7 +604,7 @@ fn nonce() -> String {
     format!("jitgate_refused_{}", hex::encode(b))
 }
 
-/// The error a refused statement gets, with the verdict's detail.
+/// What the server answers to a Parse or PREPARE of a name in use.
 fn name_in_use_error(name: &str) -> PgError {
     PgError::error(
         "42P05",
@@ -613,6 +613,7 @@ fn name_in_use_error(name: &str) -> PgError {
     .hint("DEALLOCATE or Close it first")
 }
 
+/// The error a held statement gets when it was not approved.
 fn held_error(rule: &str, status: RequestStatus, by: Option<&str>, waited: Duration) -> PgError {
     match status {
         RequestStatus::Denied => PgError::error(
