@@ -74,15 +74,32 @@ impl Target {
         }
     }
 
-    /// Whether this names one server: one port of a host name (whose addresses the agent
-    /// resolves) or of one address. Otherwise the workload picks which server it reaches.
-    pub fn one_server(&self) -> bool {
+    /// Whether a workload that reached this resource at `reached` reached the one server it
+    /// names, or picked a server itself: out of an address or port range, or at another
+    /// loopback or host address of a local resource (which answers on all of them, where
+    /// anyone may listen). A host name counts at the canonical loopback addresses
+    /// (`localhost`) and at addresses not of this host; `host_addresses` (this host's own) is
+    /// only asked for a host name.
+    pub fn names_one_server(
+        &self,
+        reached: IpAddr,
+        host_addresses: impl FnOnce() -> Vec<IpAddr>,
+    ) -> bool {
         let ports = self.ports();
-        ports.lo == ports.hi
-            && match self {
-                Self::Host { .. } => true,
-                Self::Net { net, .. } => net.prefix_len() == net.max_prefix_len(),
+        if ports.lo != ports.hi {
+            return false;
+        }
+        match self {
+            Self::Net { net, .. } => {
+                net.prefix_len() == net.max_prefix_len() && reached == net.addr()
             }
+            Self::Host { .. } => {
+                let ip = reached.to_canonical();
+                ip == Ipv4Addr::LOCALHOST
+                    || ip == Ipv6Addr::LOCALHOST
+                    || (!ip.is_loopback() && !host_addresses().contains(&ip))
+            }
+        }
     }
 }
 
@@ -242,14 +259,25 @@ mod tests {
 
     #[test]
     fn one_server_means_one_host_and_one_port() {
-        let one = |s: &str| s.parse::<Target>().unwrap().one_server();
-        assert!(one("db.internal:5432"));
-        assert!(one("10.0.0.5:5432"));
-        assert!(one("[fd00::5]:5432"));
-        assert!(one("10.0.0.5/32:5432"));
-        assert!(!one("10.0.0.0/24:5432"));
-        assert!(!one("10.0.0.5:5432-5433"));
-        assert!(!one("db.internal:5432-5440"));
+        let one = |s: &str, at: &str| {
+            s.parse::<Target>()
+                .unwrap()
+                .names_one_server(at.parse().unwrap(), || vec!["10.1.1.1".parse().unwrap()])
+        };
+        assert!(one("db.internal:5432", "10.0.0.5"));
+        assert!(one("10.0.0.5:5432", "10.0.0.5"));
+        assert!(one("[fd00::5]:5432", "fd00::5"));
+        assert!(one("10.0.0.5/32:5432", "10.0.0.5"));
+        assert!(!one("10.0.0.0/24:5432", "10.0.0.5"));
+        assert!(!one("10.0.0.5:5432-5433", "10.0.0.5"));
+        assert!(!one("db.internal:5432-5440", "10.0.0.5"));
+        // A local resource at another of this host's addresses.
+        assert!(one("127.0.0.1:5432", "127.0.0.1"));
+        assert!(!one("127.0.0.1:5432", "127.0.0.2"));
+        assert!(one("localhost:5432", "127.0.0.1"));
+        assert!(one("localhost:5432", "::1"));
+        assert!(!one("localhost:5432", "127.0.0.2"));
+        assert!(!one("localhost:5432", "10.1.1.1"));
     }
 
     #[test]

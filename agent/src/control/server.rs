@@ -156,8 +156,27 @@ fn operators_only(daemon: &Daemon, caller: &Caller, what: &str) -> Option<Reply>
             format!("a gated workload cannot {what}"),
         ));
     }
+    own_or_operators(daemon, caller, what)
+}
+
+/// Where a workload may read its own records (the caller filters them): a workload passes,
+/// anyone else must be an operator (see [`operators_only`]).
+fn own_or_operators(daemon: &Daemon, caller: &Caller, what: &str) -> Option<Reply> {
+    (!caller.is_workload() && !is_operator(daemon, caller)).then(|| {
+        Reply::err(
+            ErrorCode::Forbidden,
+            format!(
+                "only root, members of the socket's group and approvers can {what}; {} is none of these",
+                caller.user
+            ),
+        )
+    })
+}
+
+/// Root, a member of `socket_group`, or an approver of any policy.
+fn is_operator(daemon: &Daemon, caller: &Caller) -> bool {
     if caller.is_root() {
-        return None;
+        return true;
     }
     let config = daemon.config.get();
     let mut operators: Vec<Principal> = config
@@ -168,15 +187,7 @@ fn operators_only(daemon: &Daemon, caller: &Caller, what: &str) -> Option<Reply>
     if let Some(group) = &config.daemon.socket_group {
         operators.push(Principal::Group(group.clone()));
     }
-    (!principal_matches(&operators, caller.uid)).then(|| {
-        Reply::err(
-            ErrorCode::Forbidden,
-            format!(
-                "only root, members of the socket's group and approvers can {what}; {} is none of these",
-                caller.user
-            ),
-        )
-    })
+    principal_matches(&operators, caller.uid)
 }
 
 fn root_only(caller: &Caller, what: &str) -> Option<Reply> {
@@ -231,8 +242,7 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
                 }
                 Ok(_) => {
                     // A held statement's text is for operators and its own workload.
-                    let reader = caller.is_workload()
-                        || operators_only(daemon, caller, "read held statements").is_none();
+                    let reader = caller.is_workload() || is_operator(daemon, caller);
                     reply(daemon.engine.wait(&request, timeout).await.map(|mut q| {
                         if !reader {
                             q.statement = None;
@@ -244,9 +254,7 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
             }
         }
         Call::Approvals => {
-            if !caller.is_workload()
-                && let Some(r) =
-                    operators_only(daemon, caller, "list requests waiting for approval")
+            if let Some(r) = own_or_operators(daemon, caller, "list requests waiting for approval")
             {
                 return r;
             }
@@ -263,9 +271,7 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
         Call::Revoke { grant, reason } => reply(daemon.engine.revoke(caller, &grant, reason).await),
         Call::Sessions { all, limit } => {
             // A workload sees its own sessions (filtered below); anyone else must be an operator.
-            if !caller.is_workload()
-                && let Some(r) = operators_only(daemon, caller, "list sessions")
-            {
+            if let Some(r) = own_or_operators(daemon, caller, "list sessions") {
                 return r;
             }
             let limit = limit.clamp(1, 10_000);
@@ -309,9 +315,7 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
                 .await;
             match found {
                 Ok(Some(mut detail)) => {
-                    if !caller.is_workload()
-                        && let Some(r) = operators_only(daemon, caller, "read a session")
-                    {
+                    if let Some(r) = own_or_operators(daemon, caller, "read a session") {
                         return r;
                     }
                     if caller.is_workload()

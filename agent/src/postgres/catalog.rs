@@ -29,6 +29,23 @@ pub struct Login {
     pub one_server: bool,
 }
 
+impl Login {
+    /// Where this login goes, for [`upstream::connect`] and [`upstream::cancel`].
+    pub fn target(&self) -> Target<'_> {
+        Target {
+            addr: self.addr,
+            pg: &self.pg,
+            server_name: &self.server_name,
+            tls: &self.tls,
+            one_server: self.one_server,
+        }
+    }
+
+    pub async fn connect(&self) -> Result<Upstream, upstream::UpstreamError> {
+        upstream::connect(&self.target(), &self.credential, &self.params).await
+    }
+}
+
 pub struct Catalog {
     login: Arc<Login>,
     conn: Option<Upstream>,
@@ -80,15 +97,7 @@ impl Catalog {
 
     async fn conn(&mut self) -> Option<&mut Upstream> {
         if self.conn.is_none() {
-            let l = &self.login;
-            let target = Target {
-                addr: l.addr,
-                pg: &l.pg,
-                server_name: &l.server_name,
-                tls: &l.tls,
-                one_server: l.one_server,
-            };
-            match upstream::connect(&target, &l.credential, &l.params).await {
+            match self.login.connect().await {
                 Ok(c) => self.conn = Some(c),
                 Err(e) => {
                     tracing::warn!(error = %e, "catalog lookup connection failed");

@@ -238,28 +238,18 @@ pub(crate) async fn serve(
             crate::config::Target::Host { name, .. } => name.clone(),
             crate::config::Target::Net { .. } => destination.ip().to_string(),
         });
-    // One server only if the workload reached it at the address the resource names: a local
-    // resource answers on every loopback and host address, where anyone may listen.
-    let one_server = resource.target.one_server()
-        && match &resource.target {
-            crate::config::Target::Net { net, .. } => destination.ip() == net.addr(),
-            // `localhost` resolves to the canonical loopback addresses; any other address of
-            // this host is one the workload chose.
-            crate::config::Target::Host { .. } => {
-                let ip = destination.ip().to_canonical();
-                ip == std::net::Ipv4Addr::LOCALHOST
-                    || ip == std::net::Ipv6Addr::LOCALHOST
-                    || (!ip.is_loopback() && !crate::destinations::local_addresses().contains(&ip))
-            }
-        };
-    let target = Target {
+    let login = Arc::new(Login {
         addr: destination,
-        pg,
-        server_name: &server_name,
-        tls: &ctx.pg.tls,
-        one_server,
-    };
-    let up = match upstream::connect(&target, &credential, &upstream_params).await {
+        pg: pg.clone(),
+        server_name,
+        tls: ctx.pg.tls.clone(),
+        credential,
+        params: upstream_params,
+        one_server: resource
+            .target
+            .names_one_server(destination.ip(), crate::destinations::local_addresses),
+    });
+    let up = match login.connect().await {
         Ok(u) => u,
         Err(e) => {
             let err = match &e {
@@ -300,7 +290,7 @@ pub(crate) async fn serve(
         resource: resource.name.clone(),
         identity: who.identity.clone(),
         upstream: destination,
-        server_name: server_name.clone(),
+        server_name: login.server_name.clone(),
         key: up.key,
     });
     let mut hello = BytesMut::new();
@@ -339,15 +329,6 @@ pub(crate) async fn serve(
     );
 
     let masker = Masker::new(pg, &who.identity, grant.access, ctx.pg.mask_key);
-    let login = Arc::new(Login {
-        addr: destination,
-        pg: pg.clone(),
-        server_name,
-        tls: ctx.pg.tls.clone(),
-        credential,
-        params: upstream_params,
-        one_server,
-    });
     let shared = Mutex::new(State {
         parse_mode: ParseMode {
             standard_conforming_strings: scs,
@@ -567,6 +548,26 @@ struct State {
     search_path_changed: bool,
 }
 
+/// Protocol-level (`statements`) and SQL (`sql_prepared`) prepared statements share one
+/// namespace on the server: these keep the two maps in step with it.
+impl State {
+    fn has_prepared(&self, name: &str) -> bool {
+        self.statements.contains_key(name) || self.sql_prepared.contains_key(name)
+    }
+
+    /// `DEALLOCATE name` or Close: either kind goes.
+    fn forget_prepared(&mut self, name: &str) {
+        self.statements.remove(name);
+        self.sql_prepared.remove(name);
+    }
+
+    /// `DEALLOCATE ALL` or `DISCARD ALL`: every named one goes, the unnamed one stays.
+    fn forget_all_prepared(&mut self) {
+        self.sql_prepared.clear();
+        self.statements.retain(|name, _| name.is_empty());
+    }
+}
+
 struct Pump<'a> {
     ctx: &'a ProxyContext,
     pg: &'a PostgresResource,
@@ -644,25 +645,18 @@ impl Pump<'_> {
         self.ctx.pg.analyze(text, mode)
     }
 
-    /// Whether a prepared statement of this name (SQL or protocol-level: one namespace on the
-    /// server) exists.
-    fn name_in_use(&self, name: &str) -> bool {
-        let st = self.lock();
-        st.statements.contains_key(name) || st.sql_prepared.contains_key(name)
-    }
-
     fn judge(&self, analysis: &[Statement]) -> Verdict {
+        let st = self.lock();
         if let Some(name) = analysis
             .iter()
             .filter_map(|s| s.prepares.as_deref())
-            .find(|name| self.name_in_use(name))
+            .find(|name| st.has_prepared(name))
         {
             return Verdict::Deny {
                 rule: "prepared statement name in use".into(),
                 error: name_in_use_error(name),
             };
         }
-        let st = self.lock();
         let ctx = guard::Context {
             identity: &self.who.identity,
             resource: self.resource,
@@ -1027,22 +1021,13 @@ impl Pump<'_> {
             if let Some(name) = &s.prepares {
                 st.sql_prepared.insert(name.clone(), s.clone());
             }
-            // SQL and protocol-level prepared statements share one namespace on the server:
-            // DEALLOCATE removes either kind, so both maps follow it.
             match &s.deallocates {
-                Some(Some(name)) => {
-                    st.sql_prepared.remove(name);
-                    st.statements.remove(name);
-                }
-                Some(None) => {
-                    st.sql_prepared.clear();
-                    st.statements.retain(|name, _| name.is_empty());
-                }
+                Some(Some(name)) => st.forget_prepared(name),
+                Some(None) => st.forget_all_prepared(),
                 None => {}
             }
             if s.discards {
-                st.sql_prepared.clear();
-                st.statements.retain(|name, _| name.is_empty());
+                st.forget_all_prepared();
             }
         }
     }
@@ -1066,16 +1051,9 @@ impl Pump<'_> {
         if self.lock().expect.is_empty() {
             return false;
         }
-        let target = Target {
-            addr: self.login.addr,
-            pg: self.pg,
-            server_name: &self.login.server_name,
-            tls: &self.ctx.pg.tls,
-            one_server: false,
-        };
         let sent = tokio::time::timeout(
             Duration::from_millis(500),
-            upstream::cancel(&target, self.server_key),
+            upstream::cancel(&self.login.target(), self.server_key),
         )
         .await;
         match sent {
@@ -1212,7 +1190,7 @@ impl Pump<'_> {
                 let text = take_cstr(&mut body).map_err(malformed)?;
                 // A name in use: the server keeps the statement it has and fails this Parse;
                 // so does the gate, which judges and masks by the statement it has.
-                if !name.is_empty() && self.name_in_use(&name) {
+                if !name.is_empty() && self.lock().has_prepared(&name) {
                     self.poison(None, name_in_use_error(&name), out);
                     return Ok(true);
                 }
@@ -1410,9 +1388,7 @@ impl Pump<'_> {
                 let (kind, name) = target_of(&frame.body).map_err(malformed)?;
                 let mut st = self.lock();
                 if kind == b'S' {
-                    // Closes a statement of either kind (one namespace on the server).
-                    st.statements.remove(&name);
-                    st.sql_prepared.remove(&name);
+                    st.forget_prepared(&name);
                 } else {
                     st.portals.remove(&name);
                 }
