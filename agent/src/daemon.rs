@@ -34,7 +34,8 @@ use crate::{
     identity::{Caller, Workloads},
     model::Timestamp,
     ops,
-    proxy::{self, ProxyContext, Registry, Routes},
+    protocol::{Protocols, Services},
+    proxy::{self, ProxyContext, Registry, Routes, attribute::Kernel},
     store::{Store, audit, queries},
     tasks::Tasks,
 };
@@ -412,29 +413,32 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
     )
     .await?;
     let registry = Registry::default();
-    let ca = crate::postgres::tls::LocalCa::load_or_create(
+    let ca = crate::inspect::tls::LocalCa::load_or_create(
         &config.daemon.state_dir.join("tls"),
         &config.daemon.ca_cert,
     )
     .context("preparing the host-local CA")?;
     let mask_key = audit::secret_key(&config.daemon.state_dir, "mask.key")?;
-    let pg = Arc::new(crate::postgres::PgContext::new(
-        Some(Arc::new(ca)),
-        mask_key,
-    ));
     spawn_retention(store.clone(), shared.clone(), shutdown.clone());
     spawn_target_watch(gate.clone(), shutdown.clone());
 
-    let proxy_ctx = Arc::new(ProxyContext {
-        conns,
+    let services = Arc::new(Services {
         config: shared.clone(),
         engine: engine.clone(),
-        workloads: workloads.clone(),
         store: store.clone(),
-        routes,
         registry: registry.clone(),
-        pg,
+        ca: Some(Arc::new(ca)),
+        mask_key,
         shutdown: shutdown.clone(),
+    });
+    let proxy_ctx = Arc::new(ProxyContext {
+        attributor: Arc::new(Kernel {
+            conns,
+            workloads: workloads.clone(),
+        }),
+        routes,
+        protocols: Protocols::start(&services),
+        services,
     });
     proxy::serve(listeners, proxy_ctx, tracker.clone());
 

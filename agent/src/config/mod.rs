@@ -5,7 +5,6 @@
 //! make sense) and reports each problem with the key and the line it sits on.
 
 pub mod address;
-pub mod postgres;
 
 use std::{
     collections::HashSet,
@@ -17,7 +16,10 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use toml::Spanned;
+use toml::{
+    Spanned,
+    de::{DeTable, DeValue},
+};
 
 pub use self::address::{NetPorts, PortRange, Target};
 
@@ -91,13 +93,6 @@ impl FromStr for Access {
 pub enum Egress {
     Deny,
     Allow,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Postgres,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,7 +255,8 @@ pub struct Workload {
 #[derive(Clone, Debug)]
 pub struct Resource {
     pub name: String,
-    pub protocol: Protocol,
+    /// The protocol and its validated settings (`protocol = "..."` and its keys).
+    pub settings: crate::protocol::Settings,
     pub target: Target,
     pub on_missing_grant: OnMissingGrant,
     pub hold_timeout: Duration,
@@ -268,8 +264,6 @@ pub struct Resource {
     pub request_access: Access,
     pub request_ttl: Duration,
     pub description: String,
-    /// Set for `protocol = "postgres"`.
-    pub postgres: Option<postgres::PostgresResource>,
 }
 
 #[derive(Clone, Debug)]
@@ -355,8 +349,10 @@ struct RawConfig {
     daemon: RawDaemon,
     #[serde(default)]
     workload: Vec<S<RawWorkload>>,
-    #[serde(default)]
-    resource: Vec<S<RawResource>>,
+    /// Read again from the text, with spans, by [`Validator::resources`]: which keys a
+    /// resource may have depends on its protocol.
+    #[serde(default, rename = "resource")]
+    _resources: Vec<serde::de::IgnoredAny>,
     #[serde(default)]
     policy: Vec<S<RawPolicy>>,
 }
@@ -404,6 +400,9 @@ struct RawWorkload {
 #[serde(deny_unknown_fields)]
 struct RawResource {
     name: S<String>,
+    /// Read from the table before this is deserialized (it picks the keys that belong
+    /// here); kept so that serde checks its type.
+    #[expect(dead_code, reason = "read from the table by split_resource")]
     protocol: Option<S<String>>,
     address: S<String>,
     on_missing_grant: Option<OnMissingGrant>,
@@ -413,19 +412,20 @@ struct RawResource {
     request_ttl: Option<S<String>>,
     #[serde(default)]
     description: String,
-    // protocol = "postgres" keys (serde cannot flatten with deny_unknown_fields).
-    databases: Option<Vec<String>>,
-    upstream_tls: Option<S<String>>,
-    upstream_ca: Option<S<String>>,
-    upstream_server_name: Option<String>,
-    client_tls: Option<S<String>>,
-    credentials: Option<S<std::collections::BTreeMap<String, postgres::RawCredential>>>,
-    mask: Option<Vec<S<postgres::RawMask>>>,
-    mask_exempt_access: Option<S<String>>,
-    guardrail: Option<Vec<S<postgres::RawGuardrail>>>,
-    default_guardrails: Option<bool>,
-    approval_timeout: Option<S<String>>,
 }
+
+/// The keys of [`RawResource`]: every other key of a `[[resource]]` belongs to its protocol.
+const RESOURCE_KEYS: &[&str] = &[
+    "name",
+    "protocol",
+    "address",
+    "on_missing_grant",
+    "hold_timeout",
+    "connect_access",
+    "request_access",
+    "request_ttl",
+    "description",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -529,7 +529,7 @@ impl Validator<'_> {
     fn config(&mut self, path: &Path, raw: RawConfig) -> Config {
         let daemon = self.daemon(raw.daemon);
         let workloads = self.workloads(&daemon, raw.workload);
-        let resources = self.resources(&daemon, raw.resource);
+        let resources = self.resources(&daemon);
         let policies = self.policies(&workloads, &resources, raw.policy);
         Config {
             path: path.to_owned(),
@@ -833,12 +833,21 @@ impl Validator<'_> {
         out
     }
 
-    fn resources(&mut self, daemon: &DaemonConfig, raw: Vec<S<RawResource>>) -> Vec<Resource> {
+    fn resources(&mut self, daemon: &DaemonConfig) -> Vec<Resource> {
+        let tables = match resource_tables(self.text) {
+            Ok(t) => t,
+            Err((span, message)) => {
+                self.fail(span, message);
+                return Vec::new();
+            }
+        };
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        for entry in raw {
+        for entry in tables {
             let whole = entry.span();
-            let r = entry.into_inner();
+            let Some((r, own, protocol)) = self.split_resource(entry) else {
+                continue;
+            };
             let name = r.name.get_ref().clone();
             if !valid_name(&name) {
                 self.fail(
@@ -853,33 +862,6 @@ impl Validator<'_> {
                     format!("resource.name: `{name}` is defined twice"),
                 );
             }
-            let protocol = match r.protocol.as_ref().map(|p| p.get_ref().as_str()) {
-                None | Some("tcp") => Protocol::Tcp,
-                Some("postgres") => Protocol::Postgres,
-                Some(other) => {
-                    let span = r.protocol.as_ref().map(Spanned::span).unwrap_or_default();
-                    self.fail(
-                        span,
-                        format!(
-                            "resource.protocol: `{other}` is not supported (use \"tcp\" or \"postgres\")"
-                        ),
-                    );
-                    Protocol::Tcp
-                }
-            };
-            let raw_pg = postgres::RawPostgres {
-                databases: r.databases,
-                upstream_tls: r.upstream_tls,
-                upstream_ca: r.upstream_ca,
-                upstream_server_name: r.upstream_server_name,
-                client_tls: r.client_tls,
-                credentials: r.credentials,
-                mask: r.mask,
-                mask_exempt_access: r.mask_exempt_access,
-                guardrail: r.guardrail,
-                default_guardrails: r.default_guardrails,
-                approval_timeout: r.approval_timeout,
-            };
             let target = match Target::from_str(r.address.get_ref()) {
                 Ok(t) => t,
                 Err(e) => {
@@ -925,33 +907,21 @@ impl Validator<'_> {
                     ),
                 );
             }
-            let pg = match protocol {
-                Protocol::Postgres => {
-                    if let Target::Net { ports, .. } = &target
-                        && ports.lo != ports.hi
-                    {
-                        self.fail(
-                            r.address.span(),
-                            "resource.address: a postgres resource has one port",
-                        );
-                    }
-                    Some(self.postgres(&name, daemon.hold_timeout, raw_pg, whole.clone()))
-                }
-                Protocol::Tcp => {
-                    if let Some(key) = raw_pg.first_key() {
-                        self.fail(
-                            whole.clone(),
-                            format!(
-                                "resource `{name}`: `{key}` only applies to protocol = \"postgres\""
-                            ),
-                        );
-                    }
-                    None
-                }
+            let mut cx = ResourceConfig {
+                v: self,
+                name: &name,
+                whole: whole.clone(),
+                address: r.address.span(),
+                target: &target,
+                daemon,
+                own,
+            };
+            let Some(settings) = protocol.configure(&mut cx) else {
+                continue;
             };
             out.push(Resource {
                 name,
-                protocol,
+                settings,
                 target,
                 on_missing_grant: r.on_missing_grant.unwrap_or(OnMissingGrant::Reject),
                 hold_timeout: self.duration(
@@ -967,10 +937,77 @@ impl Validator<'_> {
                     daemon.default_ttl,
                 ),
                 description: r.description,
-                postgres: pg,
             });
         }
         out
+    }
+
+    /// Splits a `[[resource]]` table into the common keys (deserialized, spans kept) and its
+    /// protocol's own keys, which that protocol validates. A key of another protocol is
+    /// named as such; any other unknown key is the common part's serde error.
+    fn split_resource<'t>(
+        &mut self,
+        entry: Spanned<DeTable<'t>>,
+    ) -> Option<(
+        RawResource,
+        Option<Spanned<DeTable<'t>>>,
+        &'static dyn crate::protocol::Registered,
+    )> {
+        let whole = entry.span();
+        let table = entry.into_inner();
+        let text_of = |key: &str| {
+            table.iter().find_map(|(k, v)| match v.get_ref() {
+                DeValue::String(s) if k.get_ref() == key => Some((s.to_string(), v.span())),
+                _ => None,
+            })
+        };
+        let name = text_of("name").map_or_else(|| "?".to_owned(), |(n, _)| n);
+        let protocol = match text_of("protocol") {
+            None => crate::protocol::tcp_registration(),
+            Some((p, span)) => crate::protocol::find(&p).unwrap_or_else(|| {
+                self.fail(
+                    span,
+                    format!(
+                        "resource.protocol: `{p}` is not supported (use {})",
+                        crate::protocol::names_for_humans()
+                    ),
+                );
+                crate::protocol::tcp_registration()
+            }),
+        };
+        let mut common = DeTable::new();
+        let mut own = DeTable::new();
+        for (key, value) in table {
+            let k = key.get_ref().as_ref();
+            if RESOURCE_KEYS.contains(&k) {
+                common.insert(key, value);
+            } else if protocol.keys().contains(&k) {
+                own.insert(key, value);
+            } else if let Some(owner) = crate::protocol::owner_of(k) {
+                self.fail(
+                    whole.clone(),
+                    format!("resource `{name}`: `{k}` only applies to protocol = \"{owner}\""),
+                );
+            } else {
+                // Left for serde to name, with the keys it expects.
+                common.insert(key, value);
+            }
+        }
+        let raw = match RawResource::deserialize(toml::de::Deserializer::from(Spanned::new(
+            whole.clone(),
+            common,
+        ))) {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(
+                    e.span().unwrap_or_else(|| whole.clone()),
+                    e.message().trim_end().to_owned(),
+                );
+                return None;
+            }
+        };
+        let own = (!own.is_empty()).then(|| Spanned::new(whole, own));
+        Some((raw, own, protocol))
     }
 
     fn policies(
@@ -1041,6 +1078,105 @@ impl Validator<'_> {
             });
         }
         out
+    }
+}
+
+/// The `[[resource]]` tables of the document, with their spans.
+fn resource_tables(
+    text: &str,
+) -> Result<Vec<Spanned<DeTable<'_>>>, (std::ops::Range<usize>, String)> {
+    let root = DeTable::parse(text).map_err(|e| {
+        (
+            e.span().unwrap_or_default(),
+            e.message().trim_end().to_owned(),
+        )
+    })?;
+    let Some((_, resources)) = root
+        .into_inner()
+        .into_iter()
+        .find(|(k, _)| k.get_ref() == "resource")
+    else {
+        return Ok(Vec::new());
+    };
+    let span = resources.span();
+    let DeValue::Array(items) = resources.into_inner() else {
+        return Err((span, "resource: expected [[resource]] tables".into()));
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let span = item.span();
+            match item.into_inner() {
+                DeValue::Table(t) => Ok(Spanned::new(span, t)),
+                _ => Err((span, "resource: expected [[resource]] tables".into())),
+            }
+        })
+        .collect()
+}
+
+/// One `[[resource]]` as its protocol validates it: the protocol's own keys, the common
+/// settings already validated, and the validator's error reporting (file, line and key).
+pub struct ResourceConfig<'v, 't> {
+    v: &'v mut Validator<'t>,
+    name: &'v str,
+    whole: std::ops::Range<usize>,
+    address: std::ops::Range<usize>,
+    target: &'v Target,
+    daemon: &'v DaemonConfig,
+    own: Option<Spanned<DeTable<'t>>>,
+}
+
+impl<'v> ResourceConfig<'v, '_> {
+    /// The resource's name.
+    pub fn name(&self) -> &'v str {
+        self.name
+    }
+
+    /// The whole `[[resource]]` table's span (for errors about a missing key).
+    pub fn whole(&self) -> std::ops::Range<usize> {
+        self.whole.clone()
+    }
+
+    /// The span of `address`.
+    pub fn address_span(&self) -> std::ops::Range<usize> {
+        self.address.clone()
+    }
+
+    pub fn target(&self) -> &'v Target {
+        self.target
+    }
+
+    pub fn daemon(&self) -> &'v DaemonConfig {
+        self.daemon
+    }
+
+    /// Reports a problem at `span`.
+    pub fn fail(&mut self, span: std::ops::Range<usize>, message: impl Into<String>) {
+        self.v.fail(span, message);
+    }
+
+    /// A positive duration (`30s`, `5m`), or `default` when not given.
+    pub fn duration(
+        &mut self,
+        key: &str,
+        value: Option<&S<String>>,
+        default: Duration,
+    ) -> Duration {
+        self.v.duration(key, value, default)
+    }
+
+    /// The protocol's keys in its own raw shape (spans kept); its default when it has none
+    /// or they do not fit the shape (that error is reported).
+    pub fn settings<T: serde::de::DeserializeOwned + Default>(&mut self) -> T {
+        let Some(own) = self.own.take() else {
+            return T::default();
+        };
+        let whole = own.span();
+        T::deserialize(toml::de::Deserializer::from(own)).unwrap_or_else(|e| {
+            self.v
+                .fail(e.span().unwrap_or(whole), e.message().trim_end().to_owned());
+            T::default()
+        })
     }
 }
 
@@ -1122,6 +1258,67 @@ approvers = ["alice", "group:dba"]
         assert!(e.contains("needs approvers"), "{e}");
         let e = error_of(&SAMPLE.replace("[daemon]", "[daemon]\nproxy_listen = \"0.0.0.0:15001\""));
         assert!(e.contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn protocol_keys_belong_to_their_protocol() {
+        // A key of another protocol is named as such, on the resource's first line.
+        let e = error_of(&SAMPLE.replace(
+            "on_missing_grant = \"reject\"",
+            "on_missing_grant = \"reject\"\ndatabases = [\"app\"]",
+        ));
+        assert!(
+            e.starts_with("test.toml:12: resource `orders-db`: `databases` only applies to protocol = \"postgres\""),
+            "{e}"
+        );
+        // An unknown protocol lists the registered ones.
+        let e = error_of(&SAMPLE.replace("protocol = \"tcp\"", "protocol = \"smtp\""));
+        assert!(
+            e.starts_with(
+                "test.toml:14: resource.protocol: `smtp` is not supported (use \"tcp\" or \"postgres\")"
+            ),
+            "{e}"
+        );
+        // A key nobody owns is serde's unknown field, at its own line.
+        let e = error_of(&SAMPLE.replace(
+            "on_missing_grant = \"reject\"",
+            "on_missing_grant = \"reject\"\nfrobnicate = 1",
+        ));
+        assert!(
+            e.starts_with("test.toml:17:") && e.contains("unknown field `frobnicate`"),
+            "{e}"
+        );
+        // A postgres resource carries typed postgres settings; a tcp one, tcp settings.
+        let pg_text = SAMPLE.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"postgres\"\ndatabases = [\"app\"]\ncredentials.read = { user = \"ro\" }",
+        );
+        let c = parse(&pg_text).unwrap();
+        let settings = &c.resources[0].settings;
+        assert_eq!(settings.protocol(), "postgres");
+        let pg = settings
+            .get::<crate::postgres::config::PostgresResource>()
+            .expect("postgres settings");
+        assert_eq!(pg.databases, vec!["app".to_owned()]);
+        let c = parse(SAMPLE).unwrap();
+        assert_eq!(c.resources[0].settings.protocol(), "tcp");
+        assert!(
+            c.resources[0]
+                .settings
+                .get::<crate::postgres::config::PostgresResource>()
+                .is_none()
+        );
+        // Errors inside a protocol's keys still name their line.
+        let e = error_of(&pg_text.replace("user = \"ro\"", "user = 7"));
+        assert!(e.starts_with("test.toml:16:"), "{e}");
+        let e = error_of(&SAMPLE.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"postgres\"\nupstream_tls = \"maybe\"\ncredentials.read = { user = \"ro\" }",
+        ));
+        assert!(
+            e.starts_with("test.toml:15: resource.upstream_tls: `maybe`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogra
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::{
-    config::postgres::Detector,
+    inspect::rules::Detector,
     model::{Decision, SessionOutcome, Timestamp},
 };
 

@@ -11,11 +11,13 @@ use tokio::io::AsyncWriteExt as _;
 
 use super::{
     rows::{Column, parse_row_description},
-    tls::UpstreamTlsConfigs,
     upstream::{self, Target, Upstream},
     wire::{Frame, take_i16},
 };
-use crate::config::postgres::{Credential, PostgresResource};
+use crate::{
+    inspect::tls::UpstreamTlsConfigs,
+    postgres::config::{Credential, PostgresResource},
+};
 
 /// How the side connection logs in (owned, so it outlives the startup borrow).
 pub struct Login {

@@ -6,20 +6,21 @@
 //! * [`session`]: the two pumps (client to server, server to client) and their shared state.
 //! * [`sql`]: what a statement does (libpg_query); [`shape`]: reusing that for the same
 //!   statement with other values; [`guard`]: whether it may.
-//! * [`mask`], [`rows`]: detectors, strategies, and their application to rows and COPY.
+//! * [`rows`]: masking (detectors and strategies from [`crate::inspect`]) applied to rows,
+//!   COPY data and error fields.
 //! * [`catalog`]: table and column names for masking rules.
-//! * [`wire`], [`stream`], [`tls`], [`cancel`]: framing, transports, certificates, cancel keys.
+//! * [`wire`], [`stream`], [`cancel`]: framing, transports, cancel keys (certificates and
+//!   upstream TLS come from [`crate::inspect::tls`]).
 pub mod cancel;
 pub mod catalog;
+pub mod config;
 pub mod guard;
-pub mod mask;
 pub mod rows;
 pub mod session;
 pub mod shape;
 pub mod sql;
 pub mod startup;
 pub mod stream;
-pub mod tls;
 pub mod upstream;
 pub mod wire;
 
@@ -31,20 +32,21 @@ use std::{
 use self::{
     cancel::CancelKeys,
     sql::{ParseMode, ResultRefs, Statement},
-    tls::{LocalCa, UpstreamTlsConfigs},
+};
+use crate::{
+    config::ResourceConfig,
+    inspect::tls::UpstreamTlsConfigs,
+    protocol::{Conn, Outcome, Protocol, Services, Session},
 };
 
 /// Analyses kept (by text), so repeated statements (prepared, pooled, pgbench) parse once.
 const ANALYSIS_CACHE: usize = 4096;
 
-/// What every PostgreSQL session shares.
-pub struct PgContext {
-    /// Signs certificates for client-side TLS.
-    pub ca: Option<Arc<LocalCa>>,
+/// The PostgreSQL protocol, and what every PostgreSQL session shares for the agent's
+/// lifetime (kept across reloads: live sessions' cancel keys must outlive a reload).
+pub struct Postgres {
     pub tls: Arc<UpstreamTlsConfigs>,
     pub cancel: CancelKeys,
-    /// Key of the `hash` masking strategy's pseudonyms.
-    pub mask_key: [u8; 32],
     /// Analyses by text, one map per value of `standard_conforming_strings` (so that a
     /// lookup borrows the text instead of copying it into a key).
     cache: Mutex<[HashMap<String, Analyzed>; 2]>,
@@ -96,13 +98,40 @@ impl std::ops::Deref for Analysis {
     }
 }
 
-impl PgContext {
-    pub fn new(ca: Option<Arc<LocalCa>>, mask_key: [u8; 32]) -> Self {
+impl Protocol for Postgres {
+    const NAME: &'static str = "postgres";
+    const KEYS: &'static [&'static str] = config::KEYS;
+    type Settings = config::PostgresResource;
+
+    fn configure(cx: &mut ResourceConfig<'_, '_>) -> Option<config::PostgresResource> {
+        Some(config::configure(cx))
+    }
+
+    fn start(_: &Services) -> Self {
+        Self::new()
+    }
+
+    fn serve<'a>(
+        &'a self,
+        session: Session<'a>,
+        settings: &'a config::PostgresResource,
+        client: Conn,
+    ) -> impl Future<Output = Outcome> + Send + 'a {
+        session::serve(self, session, settings, client)
+    }
+}
+
+impl Default for Postgres {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Postgres {
+    pub fn new() -> Self {
         Self {
-            ca,
             tls: Arc::new(UpstreamTlsConfigs::default()),
             cancel: CancelKeys::default(),
-            mask_key,
             cache: Mutex::default(),
             shapes: Mutex::default(),
         }

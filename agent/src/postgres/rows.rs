@@ -5,11 +5,11 @@ use std::borrow::Cow;
 
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 
-use super::{
+use super::wire::{WireError, message, take_cstr, take_i16, take_i32};
+use crate::inspect::{
     mask::{Masker, Outcome},
-    wire::{WireError, message, take_cstr, take_i16, take_i32},
+    rules::{Detector, Strategy},
 };
-use crate::config::postgres::{Detector, Strategy};
 
 /// One column of a RowDescription.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -793,33 +793,24 @@ fn quote_csv(value: &str, quote: u8) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        config::{
-            Access,
-            postgres::{MaskRule, PostgresResource},
-        },
-        postgres::wire::FrameReader,
-    };
+    use crate::{config::Access, inspect::rules::MaskRule, postgres::wire::FrameReader};
 
     fn masker() -> Masker {
-        let pg = PostgresResource::with_rules(
-            vec![
-                MaskRule {
-                    columns: vec!["*.email".into()],
-                    detectors: vec![],
-                    strategy: Strategy::Partial,
-                    exempt_identities: vec![],
-                },
-                MaskRule {
-                    columns: vec![],
-                    detectors: vec![Detector::Card, Detector::Ssn],
-                    strategy: Strategy::Redact,
-                    exempt_identities: vec![],
-                },
-            ],
-            vec![],
-        );
-        Masker::new(&pg, "bot", Access::Read, [1; 32]).unwrap()
+        let rules = [
+            MaskRule {
+                columns: vec!["*.email".into()],
+                detectors: vec![],
+                strategy: Strategy::Partial,
+                exempt_identities: vec![],
+            },
+            MaskRule {
+                columns: vec![],
+                detectors: vec![Detector::Card, Detector::Ssn],
+                strategy: Strategy::Redact,
+                exempt_identities: vec![],
+            },
+        ];
+        Masker::new(&rules, None, "bot", Access::Read, [1; 32]).unwrap()
     }
 
     fn row(values: &[Option<&[u8]>]) -> Bytes {

@@ -14,7 +14,6 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -22,18 +21,17 @@ use std::{
 use bytes::{Buf as _, BufMut as _, BytesMut};
 use tokio::{
     io::{AsyncWrite, AsyncWriteExt as _, ReadHalf, WriteHalf},
-    net::TcpStream,
     sync::mpsc,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    Analysis,
+    Analysis, Postgres,
     cancel::Entry,
     catalog::{Catalog, Login},
+    config::PostgresResource,
     guard::{self, Verdict},
-    mask::Masker,
     rows::{self, CopyFormat, CopyMasker, Masked, Origin, Plan},
     sql::{CursorUse, ParseMode, ResultRefs, Statement},
     startup::{self, Opening, StartupError},
@@ -42,17 +40,17 @@ use super::{
     wire::{self, Frame, FrameReader, PgError, WireError, take_cstr, take_i16, take_i32},
 };
 use crate::{
-    config::{
-        Access, Resource,
-        postgres::{PostgresResource, Strategy},
-    },
+    config::{Access, Resource},
     grants::{GrantHandle, GrantState},
     identity::Attribution,
+    inspect::{mask::Masker, rules::Strategy},
     model::{Decision, RequestStatus, SessionOutcome, StatementRecord, Timestamp, human_duration},
     ops::metrics,
-    proxy::{
-        ProxyContext,
-        session::{Outcome, Record, acquire_grant, refuse},
+    protocol::{
+        Conn, Outcome, Services, Session,
+        hold::{self, Hold, HoldOutcome},
+        refuse,
+        relay::Counters,
     },
     store::queries,
 };
@@ -98,23 +96,21 @@ async fn refuse_client<W: AsyncWrite + Unpin>(writer: &mut W, err: PgError) {
 
 /// Serves one PostgreSQL connection; returns how it ended.
 pub(crate) async fn serve(
-    ctx: &ProxyContext,
-    client: TcpStream,
-    s: &mut Record,
-    who: &Attribution,
-    resource: &Resource,
-    uid: u32,
-    destination: SocketAddr,
+    shared: &Postgres,
+    mut session: Session<'_>,
+    pg: &PostgresResource,
+    client: Conn,
 ) -> Outcome {
-    let Some(pg) = resource.postgres.as_ref() else {
-        return refuse(
-            SessionOutcome::Error,
-            "postgres resource without postgres settings",
-        );
-    };
-    let _ = client.set_nodelay(true);
+    let ctx = session.services;
+    let (who, resource, uid, destination) = (
+        session.who,
+        session.resource,
+        session.uid,
+        session.destination,
+    );
+    client.set_nodelay();
     let opening =
-        match startup::open(client, pg.client_tls, ctx.pg.ca.as_ref(), destination.ip()).await {
+        match startup::open(client, pg.client_tls, ctx.ca.as_ref(), destination.ip()).await {
             Ok(o) => o,
             Err(StartupError::Refuse(err, stream)) => {
                 if let Some(mut stream) = stream {
@@ -125,7 +121,7 @@ pub(crate) async fn serve(
             Err(e) => return refuse(SessionOutcome::Error, format!("startup: {e}")),
         };
     let (params, reader, mut writer, tls) = match opening {
-        Opening::Cancel { key } => return cancel(ctx, pg, who, resource, key).await,
+        Opening::Cancel { key } => return cancel(shared, pg, who, resource, key).await,
         Opening::Session {
             params,
             reader,
@@ -143,7 +139,7 @@ pub(crate) async fn serve(
         .filter(|d| !d.is_empty())
         .or_else(|| param("user"))
         .unwrap_or_else(|| "postgres".into());
-    s.session.database = Some(database.clone());
+    session.record.session.database = Some(database.clone());
     if param("replication").is_some_and(|r| !matches!(r.as_str(), "false" | "off" | "0")) {
         let err = PgError::fatal(
             "0A000",
@@ -178,7 +174,7 @@ pub(crate) async fn serve(
         return refuse(SessionOutcome::RefusedNoResource, err.message);
     }
 
-    let grant = match acquire_grant(ctx, who, uid, resource, &mut s.held).await {
+    let grant = match session.acquire_grant().await {
         Ok(g) => g,
         Err(outcome) => {
             let err = match outcome.0 {
@@ -202,8 +198,8 @@ pub(crate) async fn serve(
             return outcome;
         }
     };
-    s.session.grant = Some(grant.id.clone());
-    s.session.access = Some(grant.access);
+    session.record.session.grant = Some(grant.id.clone());
+    session.record.session.access = Some(grant.access);
     let Some(credential) = pg.credentials.get(&grant.access).cloned() else {
         let err = PgError::fatal(
             "08004",
@@ -242,7 +238,7 @@ pub(crate) async fn serve(
         addr: destination,
         pg: pg.clone(),
         server_name,
-        tls: ctx.pg.tls.clone(),
+        tls: shared.tls.clone(),
         credential,
         params: upstream_params,
         one_server: resource
@@ -286,7 +282,7 @@ pub(crate) async fn serve(
         }
     };
 
-    let proxy_key = ctx.pg.cancel.issue(Entry {
+    let proxy_key = shared.cancel.issue(Entry {
         resource: resource.name.clone(),
         identity: who.identity.clone(),
         upstream: destination,
@@ -309,7 +305,7 @@ pub(crate) async fn serve(
     // The key leaves the table with the session, however it ends (a panic included): the
     // table is bounded, and a leaked key would take a slot for good.
     let _key = IssuedKey {
-        table: &ctx.pg.cancel,
+        table: &shared.cancel,
         key: proxy_key,
     };
     wire::backend_key_data(&mut hello, proxy_key.0, proxy_key.1);
@@ -317,8 +313,8 @@ pub(crate) async fn serve(
     if writer.write_all(&hello).await.is_err() || writer.flush().await.is_err() {
         return refuse(SessionOutcome::Closed, "the client left during login");
     }
-    s.open(ctx, "postgres");
-    let cancel_token = s.register(ctx, who, &resource.name, &grant);
+    let end = session.open(&grant);
+    let cancel_token = end.removed().clone();
     info!(
         identity = %who.identity,
         resource = %resource.name,
@@ -328,8 +324,14 @@ pub(crate) async fn serve(
         "postgres session started"
     );
 
-    let masker = Masker::new(pg, &who.identity, grant.access, ctx.pg.mask_key);
-    let shared = Mutex::new(State {
+    let masker = Masker::new(
+        &pg.masks,
+        pg.mask_exempt_access,
+        &who.identity,
+        grant.access,
+        ctx.mask_key,
+    );
+    let state = Mutex::new(State {
         parse_mode: ParseMode {
             standard_conforming_strings: scs,
         },
@@ -337,20 +339,21 @@ pub(crate) async fn serve(
     });
     let pump = Pump {
         ctx,
+        shared,
         pg,
         who,
         uid,
         resource: &resource.name,
-        session: s.session.id.clone(),
+        session: session.record.session.id.clone(),
         access: grant.access,
         masker,
-        recorder: Masker::recorder(ctx.pg.mask_key),
+        recorder: Masker::recorder(ctx.mask_key),
         catalog: tokio::sync::Mutex::new(Catalog::new(login.clone())),
         login,
         server_key: up.key,
-        state: shared,
+        state,
         stop: CancellationToken::new(),
-        counters: s.counters.clone(),
+        counters: session.record.counters.clone(),
         records_due: tokio::sync::Notify::new(),
     };
     let (inject_tx, inject_rx) = mpsc::channel(4);
@@ -380,15 +383,14 @@ impl Drop for IssuedKey<'_> {
 
 /// A CancelRequest: forwarded with the server's real key, if this workload owns the session.
 async fn cancel(
-    ctx: &ProxyContext,
+    shared: &Postgres,
     pg: &PostgresResource,
     who: &Attribution,
     resource: &Resource,
     key: (i32, i32),
 ) -> Outcome {
     // A cancel goes where its session went: same identity, same resource.
-    let Some(entry) = ctx
-        .pg
+    let Some(entry) = shared
         .cancel
         .lookup(key, &who.identity)
         .filter(|e| e.resource == resource.name)
@@ -402,7 +404,7 @@ async fn cancel(
         addr: entry.upstream,
         pg,
         server_name: &entry.server_name,
-        tls: &ctx.pg.tls,
+        tls: &shared.tls,
         // A CancelRequest carries no password.
         one_server: false,
     };
@@ -569,7 +571,8 @@ impl State {
 }
 
 struct Pump<'a> {
-    ctx: &'a ProxyContext,
+    ctx: &'a Services,
+    shared: &'a Postgres,
     pg: &'a PostgresResource,
     who: &'a Attribution,
     uid: u32,
@@ -585,7 +588,7 @@ struct Pump<'a> {
     server_key: (i32, i32),
     state: Mutex<State>,
     stop: CancellationToken,
-    counters: Arc<crate::proxy::relay::Counters>,
+    counters: Arc<Counters>,
     /// Signalled when a finished statement record starts waiting for the store.
     records_due: tokio::sync::Notify,
 }
@@ -642,7 +645,7 @@ impl Pump<'_> {
 
     fn analyze(&self, text: &str) -> Result<Arc<Analysis>, String> {
         let mode = self.lock().parse_mode;
-        self.ctx.pg.analyze(text, mode)
+        self.shared.analyze(text, mode)
     }
 
     fn judge(&self, analysis: &[Statement]) -> Verdict {
@@ -671,7 +674,7 @@ impl Pump<'_> {
     /// A statement's text with sensitive values redacted, whole.
     fn redacted_text(&self, text: &str) -> String {
         match self.recorder.scan(text, &mut |_| {}) {
-            super::mask::Outcome::Replace(s) => s.into_owned(),
+            crate::inspect::mask::Outcome::Replace(s) => s.into_owned(),
             _ => text.to_owned(),
         }
     }
@@ -879,75 +882,59 @@ impl Pump<'_> {
         reason: &str,
         rec: u32,
     ) -> Result<String, PgError> {
-        let filed = self
-            .ctx
-            .engine
-            .file_statement(
-                self.who,
-                self.uid,
-                self.resource,
-                self.access,
-                &self.session,
-                text,
-                rule,
-                reason,
-            )
-            .await;
-        let request = match filed {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(PgError::error(
-                    "42501",
-                    format!(
-                        "jitgate: statement held by guardrail \"{rule}\" but cannot be approved: {e}"
-                    ),
-                ));
-            }
+        let what = Hold {
+            text,
+            rule,
+            reason,
+            timeout: self.pg.approval_timeout,
         };
-        info!(request = %request.id, rule, "statement held for approval");
-        let started = Instant::now();
-        let waited = tokio::select! {
-            r = self.ctx.engine.wait(&request.id, self.pg.approval_timeout) => r,
-            () = self.stop.cancelled() => {
-                self.lapse(&request.id, "the session ended while its statement waited").await;
-                return Err(PgError::fatal("57P01", "jitgate: session ended while a statement waited for approval"));
-            }
-        };
-        let waited = match waited {
-            Ok(q) if q.status == RequestStatus::Pending => {
-                self.lapse(&request.id, "approval_timeout passed").await;
-                // A decision that landed just before wins.
-                match self.ctx.engine.request(&request.id).await {
-                    Ok(Some(now)) => Ok(now),
-                    _ => Ok(q),
-                }
-            }
-            other => other,
-        };
-        let held = started.elapsed();
-        self.update_record(rec, |r| r.held_ms = held.as_millis() as u64);
-        match waited {
-            Ok(q) if q.status == RequestStatus::Approved => {
-                let by = q.decided_by.map(|a| a.user).unwrap_or_default();
+        let held = hold::hold(
+            self.ctx,
+            self.who,
+            self.uid,
+            self.resource,
+            self.access,
+            &self.session,
+            what,
+            &self.stop,
+        )
+        .await;
+        let held_ms = held.waited.as_millis() as u64;
+        match held.outcome {
+            HoldOutcome::NotFiled(e) => Err(PgError::error(
+                "42501",
+                format!(
+                    "jitgate: statement held by guardrail \"{rule}\" but cannot be approved: {e}"
+                ),
+            )),
+            HoldOutcome::SessionEnded => Err(PgError::fatal(
+                "57P01",
+                "jitgate: session ended while a statement waited for approval",
+            )),
+            HoldOutcome::Approved { by } => {
                 self.update_record(rec, |r| {
+                    r.held_ms = held_ms;
                     r.decision = Decision::Approved;
                     r.approved_by = Some(by.clone());
                 });
                 Ok(by)
             }
-            Ok(q) => {
-                let by = q.decided_by.as_ref().map(|a| a.user.clone());
+            HoldOutcome::NotApproved { status, by } => {
+                self.update_record(rec, |r| r.held_ms = held_ms);
                 Err(held_error(
                     rule,
-                    q.status,
+                    status,
                     by.as_deref(),
                     self.pg.approval_timeout,
                 ))
             }
-            Err(e) => Err(PgError::error(
-                "42501",
-                format!("jitgate: approval failed: {e}"),
-            )),
+            HoldOutcome::Failed(e) => {
+                self.update_record(rec, |r| r.held_ms = held_ms);
+                Err(PgError::error(
+                    "42501",
+                    format!("jitgate: approval failed: {e}"),
+                ))
+            }
         }
     }
 
@@ -1029,14 +1016,6 @@ impl Pump<'_> {
             if s.discards {
                 st.forget_all_prepared();
             }
-        }
-    }
-
-    /// See [`crate::grants::GrantEngine::lapse`]; a failure is logged (the request then stays
-    /// pending, and approving it runs nothing).
-    async fn lapse(&self, request: &str, why: &str) {
-        if let Err(e) = self.ctx.engine.lapse(request, why).await {
-            warn!(request, error = %e, "cannot mark an undecided request expired");
         }
     }
 
@@ -1303,9 +1282,9 @@ impl Pump<'_> {
                     } else {
                         let text = String::from_utf8_lossy(&raw).into_owned();
                         match self.recorder.scan(&text, &mut |_| {}) {
-                            super::mask::Outcome::Replace(s) => s.into_owned(),
-                            super::mask::Outcome::Null => "****".into(),
-                            super::mask::Outcome::Keep => text,
+                            crate::inspect::mask::Outcome::Replace(s) => s.into_owned(),
+                            crate::inspect::mask::Outcome::Null => "****".into(),
+                            crate::inspect::mask::Outcome::Keep => text,
                         }
                     }));
                 }
@@ -2103,9 +2082,9 @@ impl Pump<'_> {
                     let channel = take_cstr(&mut b).map_err(|e| desync(&e.to_string()))?;
                     let payload = take_cstr(&mut b).map_err(|e| desync(&e.to_string()))?;
                     let masked = match masker.scan(&payload, &mut |_| {}) {
-                        super::mask::Outcome::Keep => payload,
-                        super::mask::Outcome::Null => "****".into(),
-                        super::mask::Outcome::Replace(s) => s.into_owned(),
+                        crate::inspect::mask::Outcome::Keep => payload,
+                        crate::inspect::mask::Outcome::Null => "****".into(),
+                        crate::inspect::mask::Outcome::Replace(s) => s.into_owned(),
                     };
                     wire::message(out, b'A', |o| {
                         o.put_i32(pid);
@@ -2219,21 +2198,4 @@ fn target_of(body: &bytes::Bytes) -> Result<(u8, String), WireError> {
     }
     let kind = body.get_u8();
     Ok((kind, take_cstr(&mut body)?))
-}
-
-impl Masker {
-    /// The masker used on recordings: every detector, redacting.
-    pub fn recorder(key: [u8; 32]) -> Self {
-        use crate::config::postgres::{Detector, MaskRule, Strategy};
-        let pg = PostgresResource::with_rules(
-            vec![MaskRule {
-                columns: vec![],
-                detectors: Detector::ALL.to_vec(),
-                strategy: Strategy::Redact,
-                exempt_identities: vec![],
-            }],
-            vec![],
-        );
-        Self::new(&pg, "", Access::Read, key).expect("a rule with detectors")
-    }
 }

@@ -18,7 +18,7 @@ pub struct Statement {
     /// The statement's text (a slice of the query string). An analysis shared by statement
     /// shape carries its first instance's text: nothing that judges or masks reads it.
     pub text: String,
-    /// Every kind of statement it runs (see [`crate::config::postgres::STATEMENT_KINDS`]).
+    /// Every kind of statement it runs (see [`crate::postgres::config::STATEMENT_KINDS`]).
     pub kinds: BTreeSet<&'static str>,
     /// The access level it needs.
     pub access: AccessNeed,

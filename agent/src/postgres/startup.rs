@@ -5,17 +5,13 @@
 use std::{net::IpAddr, sync::Arc};
 
 use bytes::{Buf as _, BytesMut};
-use tokio::{
-    io::{AsyncWriteExt as _, ReadHalf, WriteHalf},
-    net::TcpStream,
-};
+use tokio::io::{AsyncWriteExt as _, ReadHalf, WriteHalf};
 
 use super::{
     stream::Stream,
-    tls::LocalCa,
     wire::{FrameReader, PgError, WireError, client_cap, message, take_cstr},
 };
-use crate::config::postgres::ClientTls;
+use crate::{inspect::tls::LocalCa, postgres::config::ClientTls, protocol::Conn};
 
 const SSL_REQUEST: i32 = 80_877_103;
 const GSSENC_REQUEST: i32 = 80_877_104;
@@ -55,12 +51,12 @@ impl From<std::io::Error> for StartupError {
 
 /// Reads the opening packets of a client connection.
 pub async fn open(
-    tcp: TcpStream,
+    client: Conn,
     client_tls: ClientTls,
     ca: Option<&Arc<LocalCa>>,
     destination_ip: IpAddr,
 ) -> Result<Opening, StartupError> {
-    let mut stream = Stream::Plain(tcp);
+    let mut stream = Stream::Plain(client);
     let mut tls = false;
     loop {
         let mut reader = FrameReader::new(stream, client_cap);
@@ -90,11 +86,11 @@ pub async fn open(
                     let config = ca
                         .server_config(destination_ip)
                         .map_err(|e| StartupError::Tls(format!("{e:#}")))?;
-                    let Stream::Plain(tcp) = stream else {
+                    let Stream::Plain(plain) = stream else {
                         return Err(StartupError::Tls("TLS requested twice".into()));
                     };
                     let accepted = tokio_rustls::TlsAcceptor::from(config)
-                        .accept(tcp)
+                        .accept(plain)
                         .await
                         .map_err(|e| StartupError::Tls(e.to_string()))?;
                     stream = Stream::TlsServer(Box::new(accepted));

@@ -11,24 +11,19 @@ use tokio::{
     net::TcpStream,
 };
 
+use crate::protocol::Conn;
+
 #[derive(Debug)]
 pub enum Stream {
-    Plain(TcpStream),
+    /// Plaintext: a connection upstream, or the workload's (in tests, an in-memory pipe).
+    Plain(Conn),
     /// The proxy as TLS client (upstream).
     TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// The proxy as TLS server (toward the workload).
-    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    TlsServer(Box<tokio_rustls::server::TlsStream<Conn>>),
 }
 
 impl Stream {
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            Self::Plain(s) => s,
-            Self::TlsClient(s) => s.get_ref().0,
-            Self::TlsServer(s) => s.get_ref().0,
-        }
-    }
-
     pub fn is_tls(&self) -> bool {
         !matches!(self, Self::Plain(_))
     }

@@ -17,10 +17,12 @@ use tokio::{
 
 use super::{
     stream::Stream,
-    tls::UpstreamTlsConfigs,
     wire::{Frame, FrameReader, WireError, parse_fields, server_cap, take_cstr, take_i32},
 };
-use crate::config::postgres::{Credential, PostgresResource, UpstreamTls};
+use crate::{
+    inspect::tls::UpstreamTlsConfigs,
+    postgres::config::{Credential, PostgresResource, UpstreamTls},
+};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -118,7 +120,7 @@ pub async fn transport(t: &Target<'_>) -> Result<Stream, UpstreamError> {
         })?;
     let _ = tcp.set_nodelay(true);
     if t.pg.upstream_tls == UpstreamTls::Disable {
-        return Ok(Stream::Plain(tcp));
+        return Ok(Stream::Plain(crate::protocol::Conn::Tcp(tcp)));
     }
     let mut tcp = tcp;
     let mut req = BytesMut::new();

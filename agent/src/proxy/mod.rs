@@ -1,100 +1,31 @@
 //! The transparent proxy every redirected connection lands on: one listener per address
 //! family, one tokio task per connection (see [`session`]).
 
-pub mod relay;
+pub mod attribute;
 pub mod routes;
 pub mod session;
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpListener;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::{
-    config::SharedConfig, gate::ConnTable, grants::GrantEngine, identity::Workloads,
-    model::Timestamp, store::Store,
-};
-
 pub use self::routes::Routes;
+// Live sessions are the protocols' business; the daemon and the control service find them here.
+pub use crate::protocol::live::{LiveSession, Registry};
+use crate::protocol::{Protocols, Services};
 
-/// Everything a session needs, shared by all of them.
+/// Everything the accept path needs, shared by all sessions.
 pub struct ProxyContext {
-    pub conns: ConnTable,
-    pub config: SharedConfig,
-    pub engine: GrantEngine,
-    pub workloads: Workloads,
-    pub store: Store,
+    /// Who made a connection, and where it was going.
+    pub attributor: Arc<dyn attribute::Attributor>,
+    /// Destination to resource.
     pub routes: Routes,
-    pub registry: Registry,
-    /// Shared by PostgreSQL sessions: CA, upstream TLS configs, cancel keys, caches.
-    pub pg: Arc<crate::postgres::PgContext>,
-    /// Cancelled when the host agent shuts down: sessions end with a clear outcome.
-    pub shutdown: CancellationToken,
-}
-
-/// A session in flight, as `jitgate sessions` and reloads see it.
-pub struct LiveSession {
-    pub identity: String,
-    pub resource: String,
-    pub grant: String,
-    pub started_at: Timestamp,
-    pub counters: Arc<relay::Counters>,
-    /// Cancelled when the session must end for a reason of the agent's (resource removed).
-    pub cancel: CancellationToken,
-}
-
-/// Live sessions by id.
-#[derive(Default, Clone)]
-pub struct Registry {
-    inner: Arc<Mutex<HashMap<String, LiveSession>>>,
-}
-
-impl Registry {
-    pub fn insert(&self, id: &str, session: LiveSession) {
-        self.inner
-            .lock()
-            .expect("registry lock")
-            .insert(id.to_owned(), session);
-    }
-
-    pub fn remove(&self, id: &str) {
-        self.inner.lock().expect("registry lock").remove(id);
-    }
-
-    /// Live byte counts of an open session.
-    pub fn counts(&self, id: &str) -> Option<(u64, u64)> {
-        self.inner
-            .lock()
-            .expect("registry lock")
-            .get(id)
-            .map(|s| s.counters.snapshot())
-    }
-
-    pub fn len(&self) -> usize {
-        self.inner.lock().expect("registry lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Ends every session on a resource that is no longer configured.
-    pub fn end_resources_not_in(&self, names: &[String]) -> usize {
-        let inner = self.inner.lock().expect("registry lock");
-        let mut n = 0;
-        for s in inner.values() {
-            if !names.contains(&s.resource) {
-                s.cancel.cancel();
-                n += 1;
-            }
-        }
-        n
-    }
+    /// The services protocols use.
+    pub services: Arc<Services>,
+    /// Every protocol, started.
+    pub protocols: Protocols,
 }
 
 /// Binds the proxy listeners. Done before the gate attaches, so that a restarted agent is
@@ -160,7 +91,7 @@ pub fn serve(listeners: Vec<TcpListener>, ctx: Arc<ProxyContext>, tracker: TaskT
             info!(address = ?local, "proxy listening");
             loop {
                 tokio::select! {
-                    () = ctx.shutdown.cancelled() => break,
+                    () = ctx.services.shutdown.cancelled() => break,
                     accepted = listener.accept() => match accepted {
                         Ok((stream, _)) => {
                             let ctx = ctx.clone();

@@ -267,14 +267,12 @@ fn data_row(values: &[&str]) -> Bytes {
 /// detectors), masked frame by frame as the session does it.
 fn mask_engine(n: usize) -> Result<Value> {
     use jitgate::{
-        config::{
-            Access,
-            postgres::{Detector, MaskRule, PostgresResource, Strategy},
-        },
-        postgres::{
+        config::Access,
+        inspect::{
             mask::Masker,
-            rows::{self, Column, Masked, Origin, Plan},
+            rules::{Detector, MaskRule, Strategy},
         },
+        postgres::rows::{self, Column, Masked, Origin, Plan},
     };
     let rows: Vec<Bytes> = (0..n)
         .map(|i| {
@@ -351,8 +349,7 @@ fn mask_engine(n: usize) -> Result<Value> {
                 },
             );
         }
-        let pg = PostgresResource::with_rules(masks, vec![]);
-        let masker = Masker::new(&pg, "bench", Access::Read, [7; 32])
+        let masker = Masker::new(&masks, None, "bench", Access::Read, [7; 32])
             .context("the rules must make a masker")?;
         let plan = Plan::new(
             &cols,

@@ -14,11 +14,11 @@ use memchr::{memchr_iter, memchr2_iter, memmem};
 use regex::{Regex, RegexSet};
 use sha2::Sha256;
 
-use super::guard::glob;
-use crate::config::{
-    Access,
-    postgres::{Detector, MaskRule, PostgresResource, Strategy},
+use super::{
+    glob::glob,
+    rules::{Detector, MaskRule, Strategy},
 };
+use crate::config::Access;
 
 /// Detectors in the order their matches win when they overlap (most specific first).
 const ORDER: [Detector; 9] = [
@@ -347,21 +347,35 @@ pub struct Masker {
 }
 
 impl Masker {
-    /// The rules of `pg` that apply to `identity` holding `access`; `None` when nothing is
-    /// masked (the data path then skips row parsing altogether).
+    /// The masker used on recordings and on what approvers see: every detector, redacting,
+    /// whatever the resource's own rules.
+    pub fn recorder(key: [u8; 32]) -> Self {
+        let rule = MaskRule {
+            columns: vec![],
+            detectors: Detector::ALL.to_vec(),
+            strategy: Strategy::Redact,
+            exempt_identities: vec![],
+        };
+        Self::new(&[rule], None, "", Access::Read, key).expect("a rule with detectors")
+    }
+
+    /// The `rules` that apply to `identity` holding `access` (grants at or above
+    /// `exempt_access` see clear values); `None` when nothing is masked (the data path then
+    /// skips parsing values altogether).
     pub fn new(
-        pg: &PostgresResource,
+        rules: &[MaskRule],
+        exempt_access: Option<Access>,
         identity: &str,
         access: Access,
         key: [u8; 32],
     ) -> Option<Self> {
-        if pg.mask_exempt_access.is_some_and(|level| access >= level) {
+        if exempt_access.is_some_and(|level| access >= level) {
             return None;
         }
         let applies = |r: &&MaskRule| !r.exempt_identities.iter().any(|i| i == identity);
         let mut columns = Vec::new();
         let mut detectors: Vec<(Detector, Strategy)> = Vec::new();
-        for rule in pg.masks.iter().filter(applies) {
+        for rule in rules.iter().filter(applies) {
             if !rule.columns.is_empty() {
                 columns.push((rule.columns.clone(), rule.strategy));
             }
@@ -621,11 +635,7 @@ mod tests {
     use super::*;
 
     fn masker(rules: Vec<MaskRule>) -> Masker {
-        let pg = PostgresResource {
-            mask_exempt_access: Some(Access::Admin),
-            ..PostgresResource::with_rules(rules, vec![])
-        };
-        Masker::new(&pg, "bot", Access::Read, [7; 32]).unwrap()
+        Masker::new(&rules, Some(Access::Admin), "bot", Access::Read, [7; 32]).unwrap()
     }
 
     fn detect(strategy: Strategy) -> Masker {
@@ -894,26 +904,21 @@ mod tests {
             m.apply_column(Strategy::Partial, "hunter2"),
             Outcome::Replace(Cow::Owned("h***2".into()))
         );
-        let pg = PostgresResource {
-            mask_exempt_access: Some(Access::Admin),
-            ..PostgresResource::with_rules(
-                vec![MaskRule {
-                    columns: vec!["*".into()],
-                    detectors: vec![],
-                    strategy: Strategy::Redact,
-                    exempt_identities: vec!["auditor".into()],
-                }],
-                vec![],
-            )
-        };
+        let rules = [MaskRule {
+            columns: vec!["*".into()],
+            detectors: vec![],
+            strategy: Strategy::Redact,
+            exempt_identities: vec!["auditor".into()],
+        }];
+        let exempt = Some(Access::Admin);
         assert!(
-            Masker::new(&pg, "bot", Access::Admin, [0; 32]).is_none(),
+            Masker::new(&rules, exempt, "bot", Access::Admin, [0; 32]).is_none(),
             "admin grants see clear values"
         );
         assert!(
-            Masker::new(&pg, "auditor", Access::Read, [0; 32]).is_none(),
+            Masker::new(&rules, exempt, "auditor", Access::Read, [0; 32]).is_none(),
             "exempt identity"
         );
-        assert!(Masker::new(&pg, "bot", Access::Read, [0; 32]).is_some());
+        assert!(Masker::new(&rules, exempt, "bot", Access::Read, [0; 32]).is_some());
     }
 }

@@ -1,5 +1,5 @@
 //! Keys of a `protocol = "postgres"` resource: upstream connection and credentials, client TLS,
-//! masking rules and guardrails.
+//! masking rules and guardrails, validated into [`PostgresResource`].
 
 use std::{
     collections::BTreeMap, os::unix::fs::PermissionsExt as _, path::PathBuf, str::FromStr,
@@ -9,7 +9,10 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{Access, S, Validator};
+use crate::config::{Access, ResourceConfig, Target};
+
+type S<T> = Spanned<T>;
+use crate::inspect::rules::{Detector, MaskRule, Strategy};
 
 /// How the proxy talks to the real server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,117 +40,6 @@ pub struct Credential {
     pub user: String,
     /// Read when a session starts (so rotations need no reload); `None` for trust auth.
     pub password_file: Option<PathBuf>,
-}
-
-/// Content detectors for masking.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Detector {
-    Email,
-    Card,
-    Ssn,
-    Phone,
-    Iban,
-    AwsKey,
-    Jwt,
-    PrivateKey,
-    Bearer,
-}
-
-impl Detector {
-    pub const ALL: [Self; 9] = [
-        Self::Email,
-        Self::Card,
-        Self::Ssn,
-        Self::Phone,
-        Self::Iban,
-        Self::AwsKey,
-        Self::Jwt,
-        Self::PrivateKey,
-        Self::Bearer,
-    ];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Email => "email",
-            Self::Card => "card",
-            Self::Ssn => "ssn",
-            Self::Phone => "phone",
-            Self::Iban => "iban",
-            Self::AwsKey => "aws_key",
-            Self::Jwt => "jwt",
-            Self::PrivateKey => "private_key",
-            Self::Bearer => "bearer",
-        }
-    }
-}
-
-impl FromStr for Detector {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|d| d.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown detector `{s}` (use {})",
-                    Self::ALL.map(Self::as_str).join(", ")
-                )
-            })
-    }
-}
-
-/// What a mask does to a value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Strategy {
-    /// `****`.
-    Redact,
-    /// Keep a hint: `j***@example.com`, `************4242`.
-    Partial,
-    /// A stable keyed pseudonym: equal inputs give equal outputs, so joins still line up.
-    Hash,
-    /// SQL NULL.
-    Null,
-}
-
-impl Strategy {
-    /// How little of the value survives: when one rule must stand for several (a value
-    /// computed from more than one masked column), the strictest wins.
-    pub fn strictness(self) -> u8 {
-        match self {
-            Self::Partial => 0,
-            Self::Hash => 1,
-            Self::Redact => 2,
-            Self::Null => 3,
-        }
-    }
-}
-
-impl FromStr for Strategy {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "redact" => Ok(Self::Redact),
-            "partial" => Ok(Self::Partial),
-            "hash" => Ok(Self::Hash),
-            "null" => Ok(Self::Null),
-            other => Err(format!(
-                "unknown strategy `{other}` (use redact, partial, hash or null)"
-            )),
-        }
-    }
-}
-
-/// A masking rule: columns by name glob, or detectors over every value, or both.
-#[derive(Clone, Debug)]
-pub struct MaskRule {
-    /// `table.column` globs (`users.email`, `*.ssn`, `*password*`).
-    pub columns: Vec<String>,
-    pub detectors: Vec<Detector>,
-    pub strategy: Strategy,
-    /// Identities that see clear values.
-    pub exempt_identities: Vec<String>,
 }
 
 /// What a guardrail does with a matching statement.
@@ -245,14 +137,14 @@ impl PostgresResource {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawCredential {
+struct RawCredential {
     user: S<String>,
     password_file: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawMask {
+struct RawMask {
     #[serde(default)]
     columns: Vec<String>,
     #[serde(default)]
@@ -264,7 +156,7 @@ pub(super) struct RawMask {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RawGuardrail {
+struct RawGuardrail {
     name: Option<String>,
     #[serde(default)]
     kinds: Vec<S<String>>,
@@ -279,41 +171,36 @@ pub(super) struct RawGuardrail {
     action: S<String>,
 }
 
+/// The keys a `[[resource]]` may have for `protocol = "postgres"`.
+pub const KEYS: &[&str] = &[
+    "databases",
+    "upstream_tls",
+    "upstream_ca",
+    "upstream_server_name",
+    "client_tls",
+    "credentials",
+    "mask",
+    "mask_exempt_access",
+    "guardrail",
+    "default_guardrails",
+    "approval_timeout",
+];
+
 /// The postgres keys of a `[[resource]]`, all optional in the raw shape.
 #[derive(Deserialize, Default)]
-pub(super) struct RawPostgres {
-    pub(super) databases: Option<Vec<String>>,
-    pub(super) upstream_tls: Option<S<String>>,
-    pub(super) upstream_ca: Option<S<String>>,
-    pub(super) upstream_server_name: Option<String>,
-    pub(super) client_tls: Option<S<String>>,
-    pub(super) credentials: Option<S<BTreeMap<String, RawCredential>>>,
-    pub(super) mask: Option<Vec<S<RawMask>>>,
-    pub(super) mask_exempt_access: Option<S<String>>,
-    pub(super) guardrail: Option<Vec<S<RawGuardrail>>>,
-    pub(super) default_guardrails: Option<bool>,
-    pub(super) approval_timeout: Option<S<String>>,
-}
-
-impl RawPostgres {
-    /// Whether any postgres-only key was given (an error on a `tcp` resource).
-    pub(super) fn first_key(&self) -> Option<&'static str> {
-        [
-            (self.databases.is_some(), "databases"),
-            (self.upstream_tls.is_some(), "upstream_tls"),
-            (self.upstream_ca.is_some(), "upstream_ca"),
-            (self.upstream_server_name.is_some(), "upstream_server_name"),
-            (self.client_tls.is_some(), "client_tls"),
-            (self.credentials.is_some(), "credentials"),
-            (self.mask.is_some(), "mask"),
-            (self.mask_exempt_access.is_some(), "mask_exempt_access"),
-            (self.guardrail.is_some(), "guardrail"),
-            (self.default_guardrails.is_some(), "default_guardrails"),
-            (self.approval_timeout.is_some(), "approval_timeout"),
-        ]
-        .into_iter()
-        .find_map(|(set, key)| set.then_some(key))
-    }
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    databases: Option<Vec<String>>,
+    upstream_tls: Option<S<String>>,
+    upstream_ca: Option<S<String>>,
+    upstream_server_name: Option<String>,
+    client_tls: Option<S<String>>,
+    credentials: Option<S<BTreeMap<String, RawCredential>>>,
+    mask: Option<Vec<S<RawMask>>>,
+    mask_exempt_access: Option<S<String>>,
+    guardrail: Option<Vec<S<RawGuardrail>>>,
+    default_guardrails: Option<bool>,
+    approval_timeout: Option<S<String>>,
 }
 
 /// Password files hold the keys to the database: refuse any that others can read.
@@ -337,14 +224,20 @@ fn check_secret_file(path: &str) -> Result<(), String> {
     Ok(())
 }
 
-impl Validator<'_> {
-    pub(super) fn postgres(
-        &mut self,
-        resource: &str,
-        default_approval_timeout: Duration,
-        raw: RawPostgres,
-        whole: std::ops::Range<usize>,
-    ) -> PostgresResource {
+/// Validates a postgres resource's keys (errors go to `cx`, with file, line and key).
+pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> PostgresResource {
+    if let Target::Net { ports, .. } = cx.target()
+        && ports.lo != ports.hi
+    {
+        let span = cx.address_span();
+        cx.fail(span, "resource.address: a postgres resource has one port");
+    }
+    let raw: RawPostgres = cx.settings();
+    let resource = &cx.name().to_owned();
+    let whole = cx.whole();
+    let default_approval_timeout = cx.daemon().hold_timeout;
+    {
+        let this = cx;
         let upstream_tls = match raw
             .upstream_tls
             .as_ref()
@@ -354,7 +247,7 @@ impl Validator<'_> {
             Some(("require", _)) => UpstreamTls::Require,
             Some(("verify-full", _)) => UpstreamTls::VerifyFull,
             Some((other, span)) => {
-                self.fail(
+                this.fail(
                     span,
                     format!(
                         "resource.upstream_tls: `{other}` is not disable, require or verify-full"
@@ -366,11 +259,11 @@ impl Validator<'_> {
         let upstream_ca = raw.upstream_ca.as_ref().map(|v| PathBuf::from(v.get_ref()));
         if upstream_tls == UpstreamTls::VerifyFull {
             match (&raw.upstream_ca, &upstream_ca) {
-                (Some(span), Some(path)) if !path.is_file() => self.fail(
+                (Some(span), Some(path)) if !path.is_file() => this.fail(
                     span.span(),
                     format!("resource.upstream_ca: `{}` does not exist", path.display()),
                 ),
-                (None, _) => self.fail(
+                (None, _) => this.fail(
                     whole.clone(),
                     format!("resource `{resource}`: upstream_tls = \"verify-full\" needs upstream_ca (the CA file that signed the server's certificate)"),
                 ),
@@ -385,7 +278,7 @@ impl Validator<'_> {
             None | Some(("disable", _)) => ClientTls::Disable,
             Some(("enable", _)) => ClientTls::Enable,
             Some((other, span)) => {
-                self.fail(
+                this.fail(
                     span,
                     format!("resource.client_tls: `{other}` is not disable or enable"),
                 );
@@ -395,7 +288,7 @@ impl Validator<'_> {
 
         let mut credentials = BTreeMap::new();
         match &raw.credentials {
-            None => self.fail(
+            None => this.fail(
                 whole.clone(),
                 format!("resource `{resource}`: a postgres resource needs [resource.credentials.read] (and .write/.admin for those levels)"),
             ),
@@ -404,19 +297,19 @@ impl Validator<'_> {
                     let access = match Access::from_str(level) {
                         Ok(a) => a,
                         Err(e) => {
-                            self.fail(table.span(), format!("resource.credentials.{level}: {e}"));
+                            this.fail(table.span(), format!("resource.credentials.{level}: {e}"));
                             continue;
                         }
                     };
                     if let Some(file) = &cred.password_file
                         && let Err(e) = check_secret_file(file.get_ref()) {
-                            self.fail(
+                            this.fail(
                                 file.span(),
                                 format!("resource.credentials.{level}.password_file: {e}"),
                             );
                         }
                     if cred.user.get_ref().is_empty() || cred.user.get_ref().contains('\0') {
-                        self.fail(cred.user.span(), format!("resource.credentials.{level}.user: empty"));
+                        this.fail(cred.user.span(), format!("resource.credentials.{level}.user: empty"));
                     }
                     credentials.insert(
                         access,
@@ -434,18 +327,18 @@ impl Validator<'_> {
             let span = rule.span();
             let rule = rule.into_inner();
             let strategy = Strategy::from_str(rule.strategy.get_ref()).unwrap_or_else(|e| {
-                self.fail(rule.strategy.span(), format!("resource.mask.strategy: {e}"));
+                this.fail(rule.strategy.span(), format!("resource.mask.strategy: {e}"));
                 Strategy::Redact
             });
             let mut detectors = Vec::new();
             for d in &rule.detectors {
                 match Detector::from_str(d.get_ref()) {
                     Ok(d) => detectors.push(d),
-                    Err(e) => self.fail(d.span(), format!("resource.mask.detectors: {e}")),
+                    Err(e) => this.fail(d.span(), format!("resource.mask.detectors: {e}")),
                 }
             }
             if rule.columns.is_empty() && detectors.is_empty() {
-                self.fail(
+                this.fail(
                     span,
                     "resource.mask: give columns (globs) or detectors, or both",
                 );
@@ -463,7 +356,7 @@ impl Validator<'_> {
         }
         let mask_exempt_access = raw.mask_exempt_access.as_ref().and_then(|v| {
             Access::from_str(v.get_ref())
-                .map_err(|e| self.fail(v.span(), format!("resource.mask_exempt_access: {e}")))
+                .map_err(|e| this.fail(v.span(), format!("resource.mask_exempt_access: {e}")))
                 .ok()
         });
 
@@ -476,7 +369,7 @@ impl Validator<'_> {
                 "approve" => GuardAction::Approve,
                 "allow" => GuardAction::Allow,
                 other => {
-                    self.fail(
+                    this.fail(
                         g.action.span(),
                         format!(
                             "resource.guardrail.action: `{other}` is not deny, approve or allow"
@@ -487,7 +380,7 @@ impl Validator<'_> {
             };
             for k in &g.kinds {
                 if !STATEMENT_KINDS.contains(&k.get_ref().as_str()) {
-                    self.fail(
+                    this.fail(
                         k.span(),
                         format!(
                             "resource.guardrail.kinds: `{}` is not a statement kind (use {})",
@@ -502,7 +395,7 @@ impl Validator<'_> {
                 && g.functions.is_empty()
                 && !g.without_where
             {
-                self.fail(span, "resource.guardrail: give kinds, tables, functions or without_where to match on");
+                this.fail(span, "resource.guardrail: give kinds, tables, functions or without_where to match on");
             }
             guardrails.push(Guardrail {
                 name: g
@@ -516,7 +409,7 @@ impl Validator<'_> {
                 action,
             });
         }
-        let approval_timeout = self.duration(
+        let approval_timeout = this.duration(
             "resource.approval_timeout",
             raw.approval_timeout.as_ref(),
             default_approval_timeout,

@@ -1,0 +1,275 @@
+//! What a protocol's session is given: the agent's [`Services`], and a [`Session`] that says
+//! who connected where and offers grants, recording and the session's end.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::{Outcome, hold, live::Registry, record::Record, refuse};
+use crate::{
+    config::{OnMissingGrant, Resource, SharedConfig},
+    grants::{EngineError, GrantEngine, GrantHandle, GrantState},
+    identity::Attribution,
+    inspect::tls::LocalCa,
+    model::{RequestStatus, SessionOutcome},
+    store::Store,
+};
+
+/// The agent's services every session may use, shared by all of them.
+pub struct Services {
+    pub config: SharedConfig,
+    pub engine: GrantEngine,
+    pub store: Store,
+    /// Live sessions, as `jitgate sessions` and reloads see them.
+    pub registry: Registry,
+    /// Signs certificates for client-side TLS (the host-local CA).
+    pub ca: Option<Arc<LocalCa>>,
+    /// Key of the `hash` masking strategy's pseudonyms, one per host.
+    pub mask_key: [u8; 32],
+    /// Cancelled when the host agent shuts down: sessions end with a clear outcome.
+    pub shutdown: CancellationToken,
+}
+
+/// One session as its protocol sees it: attributed, routed, not yet granted.
+pub struct Session<'a> {
+    pub services: &'a Services,
+    pub who: &'a Attribution,
+    /// The client's uid (for requests filed on its behalf).
+    pub uid: u32,
+    pub resource: &'a Resource,
+    /// Where the client was going (normalised), which is where the gate connects upstream.
+    pub destination: SocketAddr,
+    /// The session record being built up; the proxy writes it when the session ends.
+    pub record: &'a mut Record,
+}
+
+impl Session<'_> {
+    /// The live grant this connection may ride on: found, or (for `on_missing_grant =
+    /// "request"`) asked for and waited on. `Err` is the refusal to record.
+    pub async fn acquire_grant(&mut self) -> Result<GrantHandle, Outcome> {
+        let (services, who, resource) = (self.services, self.who, self.resource);
+        if let Some(g) = services.engine.find(
+            &who.identity,
+            who.task.as_deref(),
+            &resource.name,
+            resource.connect_access,
+        ) {
+            return Ok(g);
+        }
+        match resource.on_missing_grant {
+            OnMissingGrant::Reject => Err(refuse(
+                SessionOutcome::RefusedNoGrant,
+                format!(
+                    "no grant: {} has no live {} grant on {}; ask with `jitgate request {} --access {}`",
+                    who.identity,
+                    resource.connect_access,
+                    resource.name,
+                    resource.name,
+                    resource.connect_access
+                ),
+            )),
+            OnMissingGrant::Request => {
+                let started = Instant::now();
+                let decided = self.hold_connection().await;
+                self.record.held = started.elapsed();
+                decided
+            }
+        }
+    }
+
+    /// Files (or joins) a request for this connection and waits for its decision.
+    async fn hold_connection(&self) -> Result<GrantHandle, Outcome> {
+        let (services, who, resource) = (self.services, self.who, self.resource);
+        let (access, timeout) = (resource.connect_access, resource.hold_timeout);
+        let request = match services
+            .engine
+            .file_for_connection(who, self.uid, &resource.name)
+            .await
+        {
+            Ok(r) => r,
+            Err(EngineError::Refused(reason)) => {
+                return Err(refuse(
+                    SessionOutcome::RefusedNoGrant,
+                    format!("request refused: {reason}"),
+                ));
+            }
+            Err(e) => {
+                return Err(refuse(
+                    SessionOutcome::Error,
+                    format!("filing a request: {e}"),
+                ));
+            }
+        };
+        info!(request = %request.id, identity = %who.identity, resource = %resource.name, "holding connection for approval");
+        let decided = if request.status == RequestStatus::Pending {
+            tokio::select! {
+                r = services.engine.wait(&request.id, timeout) => r.map_err(|e| refuse(SessionOutcome::Error, e.to_string()))?,
+                () = services.shutdown.cancelled() => return Err(refuse(SessionOutcome::Shutdown, "the host agent is shutting down")),
+            }
+        } else {
+            request
+        };
+        match decided.status {
+            RequestStatus::Approved => services
+                .engine
+                .find(&who.identity, who.task.as_deref(), &resource.name, access)
+                .ok_or_else(|| {
+                    refuse(
+                        SessionOutcome::RefusedNoGrant,
+                        "the approved grant is no longer live",
+                    )
+                }),
+            RequestStatus::Denied => Err(refuse(
+                SessionOutcome::RefusedDenied,
+                format!(
+                    "request {} denied{}",
+                    decided.id,
+                    decided
+                        .decision_reason
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                ),
+            )),
+            RequestStatus::Pending => Err(refuse(
+                SessionOutcome::RefusedTimeout,
+                format!(
+                    "request {} still pending after {}; approve it with `jitgate approve {}`",
+                    decided.id,
+                    crate::model::human_duration(timeout),
+                    decided.id
+                ),
+            )),
+            RequestStatus::Expired => Err(refuse(
+                SessionOutcome::RefusedTimeout,
+                format!("request {} lapsed", decided.id),
+            )),
+        }
+    }
+
+    /// The session is granted and its protocol is up: record it as open (so `jitgate
+    /// sessions` shows it), register it as live, and return the signal of its end.
+    pub fn open(&mut self, grant: &GrantHandle) -> SessionEnd {
+        self.record.session.grant = Some(grant.id.clone());
+        self.record
+            .open(&self.services.store, self.resource.settings.protocol());
+        let removed = self.record.register(
+            &self.services.registry,
+            self.who,
+            &self.resource.name,
+            grant,
+        );
+        SessionEnd {
+            grant: grant.id.clone(),
+            state: grant.state.clone(),
+            removed,
+            shutdown: self.services.shutdown.clone(),
+        }
+    }
+
+    /// Holds an action (a statement, a request) of this session until a human decides it.
+    /// `stop` ends the wait (the session is ending); the request then lapses.
+    pub async fn hold(
+        &self,
+        access: crate::config::Access,
+        what: hold::Hold<'_>,
+        stop: &CancellationToken,
+    ) -> hold::Held {
+        hold::hold(
+            self.services,
+            self.who,
+            self.uid,
+            &self.resource.name,
+            access,
+            &self.record.session.id,
+            what,
+            stop,
+        )
+        .await
+    }
+
+    /// How long the session has waited for approvals so far.
+    pub fn held(&self) -> Duration {
+        self.record.held
+    }
+}
+
+/// Why a session must end for a reason of the agent's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum End {
+    GrantExpired(String),
+    GrantRevoked(String),
+    /// The resource left the configuration (reload).
+    ResourceRemoved,
+    /// The host agent is shutting down (protocols with an idle point may drain first).
+    Shutdown,
+}
+
+impl End {
+    /// The recorded outcome.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::GrantRevoked(id) => {
+                refuse(SessionOutcome::GrantRevoked, format!("grant {id} revoked"))
+            }
+            Self::GrantExpired(id) => {
+                refuse(SessionOutcome::GrantExpired, format!("grant {id} expired"))
+            }
+            Self::ResourceRemoved => refuse(
+                SessionOutcome::ResourceRemoved,
+                "the resource left the configuration",
+            ),
+            Self::Shutdown => refuse(SessionOutcome::Shutdown, "the host agent is shutting down"),
+        }
+    }
+}
+
+/// The one signal of a live session's end: its grant ends (expiry, revocation), its
+/// resource is removed, or the agent shuts down.
+pub struct SessionEnd {
+    grant: String,
+    state: tokio::sync::watch::Receiver<GrantState>,
+    removed: CancellationToken,
+    shutdown: CancellationToken,
+}
+
+impl SessionEnd {
+    /// The reason to end now, if there is one (checked between two messages).
+    pub fn now(&self) -> Option<End> {
+        match *self.state.borrow() {
+            GrantState::Active => {}
+            GrantState::Revoked => return Some(End::GrantRevoked(self.grant.clone())),
+            GrantState::Expired => return Some(End::GrantExpired(self.grant.clone())),
+        }
+        if self.removed.is_cancelled() {
+            return Some(End::ResourceRemoved);
+        }
+        self.shutdown.is_cancelled().then_some(End::Shutdown)
+    }
+
+    /// Resolves when the session must end, with why.
+    pub async fn ended(&mut self) -> End {
+        tokio::select! {
+            changed = self.state.wait_for(|s| *s != GrantState::Active) => match changed.as_deref() {
+                Ok(GrantState::Revoked) => End::GrantRevoked(self.grant.clone()),
+                _ => End::GrantExpired(self.grant.clone()),
+            },
+            () = self.removed.cancelled() => End::ResourceRemoved,
+            () = self.shutdown.cancelled() => End::Shutdown,
+        }
+    }
+
+    /// Cancelled when the resource leaves the configuration.
+    pub fn removed(&self) -> &CancellationToken {
+        &self.removed
+    }
+
+    /// Cancelled when the agent shuts down.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+}

@@ -1,0 +1,126 @@
+//! Approval holds for actions inside a session (a SQL statement today; an HTTP request or an
+//! SSH command tomorrow): file a request an approver sees, wait for the decision, and lapse
+//! the request when the wait ends undecided, so that approving it later runs nothing.
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::Services;
+use crate::{config::Access, identity::Attribution, model::RequestStatus};
+
+/// What is held, as the approver sees it.
+pub struct Hold<'a> {
+    /// The action's full text, secrets masked (what is approved is all that runs).
+    pub text: &'a str,
+    /// The rule that asked for approval.
+    pub rule: &'a str,
+    /// Why, in words.
+    pub reason: &'a str,
+    /// How long to wait for a decision.
+    pub timeout: Duration,
+}
+
+/// How a hold ended.
+#[derive(Debug)]
+pub enum HoldOutcome {
+    /// Approved, by this person.
+    Approved { by: String },
+    /// Denied, or not decided within the timeout (the request then lapsed).
+    NotApproved {
+        status: RequestStatus,
+        by: Option<String>,
+    },
+    /// No request could be filed (no approver for it, or the store failed).
+    NotFiled(String),
+    /// Waiting for the decision failed.
+    Failed(String),
+    /// The session ended while the action waited; the request lapsed.
+    SessionEnded,
+}
+
+/// A hold's outcome and how long it waited (the time a human took, not the gate's cost).
+#[derive(Debug)]
+pub struct Held {
+    pub outcome: HoldOutcome,
+    pub waited: Duration,
+}
+
+/// Files a request for `what`, waits for its decision, lapses it when undecided.
+#[allow(clippy::too_many_arguments)]
+pub async fn hold(
+    services: &Services,
+    who: &Attribution,
+    uid: u32,
+    resource: &str,
+    access: Access,
+    session: &str,
+    what: Hold<'_>,
+    stop: &CancellationToken,
+) -> Held {
+    let filed = services
+        .engine
+        .file_statement(
+            who,
+            uid,
+            resource,
+            access,
+            session,
+            what.text,
+            what.rule,
+            what.reason,
+        )
+        .await;
+    let request = match filed {
+        Ok(r) => r,
+        Err(e) => {
+            return Held {
+                outcome: HoldOutcome::NotFiled(e.to_string()),
+                waited: Duration::ZERO,
+            };
+        }
+    };
+    info!(request = %request.id, rule = what.rule, "held for approval");
+    let started = Instant::now();
+    let waited = tokio::select! {
+        r = services.engine.wait(&request.id, what.timeout) => r,
+        () = stop.cancelled() => {
+            lapse(services, &request.id, "the session ended while its statement waited").await;
+            return Held { outcome: HoldOutcome::SessionEnded, waited: started.elapsed() };
+        }
+    };
+    let waited = match waited {
+        Ok(q) if q.status == RequestStatus::Pending => {
+            lapse(services, &request.id, "approval_timeout passed").await;
+            // A decision that landed just before wins.
+            match services.engine.request(&request.id).await {
+                Ok(Some(now)) => Ok(now),
+                _ => Ok(q),
+            }
+        }
+        other => other,
+    };
+    let outcome = match waited {
+        Ok(q) if q.status == RequestStatus::Approved => HoldOutcome::Approved {
+            by: q.decided_by.map(|a| a.user).unwrap_or_default(),
+        },
+        Ok(q) => HoldOutcome::NotApproved {
+            status: q.status,
+            by: q.decided_by.map(|a| a.user),
+        },
+        Err(e) => HoldOutcome::Failed(e.to_string()),
+    };
+    Held {
+        outcome,
+        waited: started.elapsed(),
+    }
+}
+
+/// See [`crate::grants::GrantEngine::lapse`]; a failure is logged (the request then stays
+/// pending, and approving it runs nothing).
+async fn lapse(services: &Services, request: &str, why: &str) {
+    if let Err(e) = services.engine.lapse(request, why).await {
+        warn!(request, error = %e, "cannot mark an undecided request expired");
+    }
+}
