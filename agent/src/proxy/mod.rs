@@ -4,6 +4,8 @@
 pub mod attribute;
 pub mod routes;
 pub mod session;
+#[cfg(test)]
+mod tests;
 
 use std::{net::SocketAddr, sync::Arc};
 

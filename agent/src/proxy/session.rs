@@ -34,12 +34,12 @@ pub async fn handle(ctx: Arc<ProxyContext>, client: TcpStream) {
 }
 
 /// [`handle`] for any client transport; `ends` are the connection's peer and local
-/// addresses (`None`: it vanished on accept).
+/// addresses (`None`: it vanished on accept). Returns how the session ended, as recorded.
 pub async fn handle_conn(
     ctx: Arc<ProxyContext>,
     client: Conn,
     ends: Option<(SocketAddr, SocketAddr)>,
-) {
+) -> Outcome {
     let id = ids::new(ids::Kind::Session);
     let span = info_span!("session", session = %id);
     async move {
@@ -57,10 +57,11 @@ pub async fn handle_conn(
                 )
             }
         };
-        s.finish(&ctx.services, outcome);
+        s.finish(&ctx.services, outcome.clone());
+        outcome
     }
     .instrument(span)
-    .await;
+    .await
 }
 
 /// Reads `/proc/PID/cmdline` as one line (best effort: the client may be gone already).
