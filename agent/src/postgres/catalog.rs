@@ -3,7 +3,7 @@
 //! `COPY (query) TO` returns. Looked up on a side connection of the session (same login, so
 //! the same visibility), opened on first need, and cached for the session.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
@@ -11,42 +11,9 @@ use tokio::io::AsyncWriteExt as _;
 
 use super::{
     rows::{Column, parse_row_description},
-    upstream::{self, Target, Upstream},
+    upstream::{Login, Upstream},
     wire::{Frame, take_i16},
 };
-use crate::{
-    inspect::tls::UpstreamTlsConfigs,
-    postgres::config::{Credential, PostgresResource},
-};
-
-/// How the side connection logs in (owned, so it outlives the startup borrow).
-pub struct Login {
-    pub addr: SocketAddr,
-    pub pg: PostgresResource,
-    pub server_name: String,
-    pub tls: Arc<UpstreamTlsConfigs>,
-    pub credential: Credential,
-    pub params: Vec<(String, String)>,
-    /// See [`Target::one_server`].
-    pub one_server: bool,
-}
-
-impl Login {
-    /// Where this login goes, for [`upstream::connect`] and [`upstream::cancel`].
-    pub fn target(&self) -> Target<'_> {
-        Target {
-            addr: self.addr,
-            pg: &self.pg,
-            server_name: &self.server_name,
-            tls: &self.tls,
-            one_server: self.one_server,
-        }
-    }
-
-    pub async fn connect(&self) -> Result<Upstream, upstream::UpstreamError> {
-        upstream::connect(&self.target(), &self.credential, &self.params).await
-    }
-}
 
 pub struct Catalog {
     login: Arc<Login>,

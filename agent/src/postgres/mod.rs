@@ -15,6 +15,7 @@ pub mod cancel;
 pub mod catalog;
 pub mod config;
 pub mod guard;
+pub mod message;
 pub mod rows;
 pub mod session;
 pub mod shape;

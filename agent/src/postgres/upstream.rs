@@ -376,3 +376,33 @@ pub async fn cancel(t: &Target<'_>, key: (i32, i32)) -> Result<(), UpstreamError
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
     Ok(())
 }
+
+/// How a session logs in upstream, kept (owned) for the side connection of [`super::catalog`]
+/// and for cancelling the statement in flight.
+pub struct Login {
+    pub addr: SocketAddr,
+    pub pg: PostgresResource,
+    pub server_name: String,
+    pub tls: Arc<UpstreamTlsConfigs>,
+    pub credential: Credential,
+    pub params: Vec<(String, String)>,
+    /// See [`Target::one_server`].
+    pub one_server: bool,
+}
+
+impl Login {
+    /// Where this login goes, for [`connect`] and [`cancel`].
+    pub fn target(&self) -> Target<'_> {
+        Target {
+            addr: self.addr,
+            pg: &self.pg,
+            server_name: &self.server_name,
+            tls: &self.tls,
+            one_server: self.one_server,
+        }
+    }
+
+    pub async fn connect(&self) -> Result<Upstream, UpstreamError> {
+        connect(&self.target(), &self.credential, &self.params).await
+    }
+}

@@ -1,0 +1,444 @@
+//! Client to server: every message judged before it is forwarded; refused statements are
+//! replaced by ones the server rejects ("poison").
+
+use super::*;
+
+pub(super) fn nonce() -> String {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    format!("jitgate_refused_{}", hex::encode(b))
+}
+
+/// What the server answers to a Parse or PREPARE of a name in use.
+pub(super) fn name_in_use_error(name: &str) -> PgError {
+    PgError::error(
+        "42P05",
+        format!("prepared statement \"{name}\" already exists"),
+    )
+    .hint("DEALLOCATE or Close it first")
+}
+
+impl Pump<'_> {
+    /// Client to server. Returns the outcome when the client ends the session.
+    pub(super) async fn client_to_server(
+        &self,
+        mut client: FrameReader<ReadHalf<Stream>>,
+        mut server: WriteHalf<Stream>,
+        inject: mpsc::Sender<PgError>,
+        grant: &GrantHandle,
+        cancel: &CancellationToken,
+    ) -> Option<Outcome> {
+        let mut out = BytesMut::with_capacity(8 * 1024);
+        let outcome = loop {
+            // The server side watches the grant, the resource and the agent's shutdown, tells
+            // the client why the session ends, and stops this side. Nothing here waits on
+            // them: one wake-up source fewer per message.
+            let frame = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => break None,
+                f = client.next() => f,
+            };
+            // Checked per message, not only when woken: a message that arrives with the
+            // grant's end is never forwarded.
+            if *grant.state.borrow() != GrantState::Active || cancel.is_cancelled() {
+                break None;
+            }
+            let frame = match frame {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    let mut bye = BytesMut::new();
+                    postgres_protocol::message::frontend::terminate(&mut bye);
+                    let _ = server.write_all(&bye).await;
+                    break Some((SessionOutcome::Closed, "the client disconnected".to_owned()));
+                }
+                Err(WireError::TooLarge { tag, len, cap }) => {
+                    let err = PgError::fatal(
+                        "54000",
+                        format!(
+                            "jitgate: a {tag:?} message of {len} bytes exceeds the {cap}-byte limit"
+                        ),
+                    );
+                    let _ = inject.send(err.clone()).await;
+                    break Some((SessionOutcome::Error, err.message));
+                }
+                Err(e) => {
+                    let err = PgError::fatal(
+                        "08P01",
+                        format!("jitgate: protocol violation from the client: {e}"),
+                    );
+                    let _ = inject.send(err.clone()).await;
+                    break Some((SessionOutcome::Error, err.message));
+                }
+            };
+            self.counters.up.fetch_add(
+                frame.body.len() as u64 + 5,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            match self.on_client(frame, &mut out).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    let _ = server.write_all(&out).await;
+                    break Some((SessionOutcome::Closed, String::new()));
+                }
+                Err(err) => {
+                    let _ = inject.send(err.clone()).await;
+                    break Some((SessionOutcome::Error, err.message));
+                }
+            }
+            if !client.has_frame() && !out.is_empty() {
+                if server.write_all(&out).await.is_err() || server.flush().await.is_err() {
+                    break None;
+                }
+                out.clear();
+            }
+        };
+        self.stop.cancel();
+        outcome
+    }
+
+    /// Handles one client message. `Ok(false)` when the client terminated.
+    pub(super) async fn on_client(
+        &self,
+        frame: Frame,
+        out: &mut BytesMut,
+    ) -> Result<bool, PgError> {
+        let malformed = |e: WireError| {
+            PgError::fatal("08P01", format!("jitgate: malformed client message: {e}"))
+        };
+        match Frontend::of(frame.tag) {
+            Frontend::Query => {
+                let mut body = frame.body.clone();
+                let text = take_cstr(&mut body).map_err(malformed)?;
+                let (verdict, rec) = self.decide(&text, "query").await;
+                match verdict {
+                    Ok(analysis) => {
+                        let copies = match self.copy_plans(&analysis).await {
+                            Ok(p) => p,
+                            Err(err) => {
+                                self.update_record(rec, |r| {
+                                    r.decision = Decision::Denied;
+                                    r.rule = Some("unmaskable COPY".into());
+                                });
+                                self.poison_query(err, rec, out);
+                                return Ok(true);
+                            }
+                        };
+                        let refs = self.result_refs(&analysis);
+                        self.remember_sql_prepared(&analysis);
+                        let mut st = self.lock();
+                        st.expect.push_back(Expect::Query { rec, refs, copies });
+                        st.cycles_sent += 1;
+                        drop(st);
+                        frame.write(out);
+                    }
+                    Err(err) => self.poison_query(err, rec, out),
+                }
+            }
+            Frontend::Parse => {
+                let mut body = frame.body.clone();
+                let name = take_cstr(&mut body).map_err(malformed)?;
+                let text = take_cstr(&mut body).map_err(malformed)?;
+                // A name in use: the server keeps the statement it has and fails this Parse;
+                // so does the gate, which judges and masks by the statement it has.
+                if !name.is_empty() && self.lock().has_prepared(&name) {
+                    self.poison(None, name_in_use_error(&name), out);
+                    return Ok(true);
+                }
+                let (verdict, rec) = self.decide(&text, "parse").await;
+                // The record for a prepared statement is per Execute; keep this decision's.
+                let removed = self.lock().records.remove(&rec);
+                let (judged, recorded) = match removed {
+                    Some(r) => {
+                        let (judged, text) = Judged::of(r.record);
+                        (Some(judged), text)
+                    }
+                    None => (None, self.recorded_text(&text)),
+                };
+                match verdict {
+                    Ok(analysis) => {
+                        let copy = match self.copy_plans(&analysis).await {
+                            Ok(mut p) => p.pop_front(),
+                            Err(err) => {
+                                self.poison_parse(&name, err, out);
+                                return Ok(true);
+                            }
+                        };
+                        let refs = self.result_refs(&analysis);
+                        self.remember_sql_prepared(&analysis);
+                        let stmt: Stmt = Arc::new(Mutex::new(StmtInfo {
+                            plan: None,
+                            refs,
+                            copy,
+                            judged,
+                            recorded,
+                        }));
+                        let mut st = self.lock();
+                        st.statements.insert(name.clone(), stmt.clone());
+                        st.expect.push_back(Expect::Parse(Some(name.clone())));
+                        frame.write(out);
+                        if self.masker.is_some() {
+                            // Learn the result shape now: clients may Execute without Describe.
+                            st.expect.push_back(Expect::Describe {
+                                target: Some(DescribeTarget::Statement(stmt)),
+                                internal: true,
+                            });
+                            drop(st);
+                            postgres_protocol::message::frontend::describe(b'S', &name, out)
+                                .map_err(|e| PgError::fatal("08P01", e.to_string()))?;
+                        }
+                    }
+                    Err(err) => {
+                        // Record the refusal as its own entry.
+                        let rec = self.new_record(
+                            &text,
+                            Decision::Denied,
+                            judged.as_ref().and_then(|j| j.rule.clone()),
+                        );
+                        if let Some(j) = judged {
+                            self.update_record(rec, |r| {
+                                r.decision = if j.decision == Decision::Allowed {
+                                    Decision::Denied
+                                } else {
+                                    j.decision
+                                };
+                                r.held_ms = j.held_ms;
+                                r.error = Some(format!("{}: {}", err.code, err.message));
+                            });
+                        }
+                        self.finish_record(rec);
+                        self.poison_parse(&name, err, out);
+                    }
+                }
+            }
+            Frontend::Bind => {
+                let mut body = frame.body.clone();
+                let portal = take_cstr(&mut body).map_err(malformed)?;
+                let statement = take_cstr(&mut body).map_err(malformed)?;
+                let nformats = take_i16(&mut body).map_err(malformed)?;
+                let mut pformats = Vec::with_capacity(nformats.max(0) as usize);
+                for _ in 0..nformats {
+                    pformats.push(take_i16(&mut body).map_err(malformed)?);
+                }
+                let nparams = take_i16(&mut body).map_err(malformed)?;
+                let mut params = Vec::with_capacity(nparams.max(0) as usize);
+                for i in 0..nparams.max(0) as usize {
+                    let len = take_i32(&mut body).map_err(malformed)?;
+                    if len < 0 {
+                        params.push(None);
+                        continue;
+                    }
+                    if body.len() < len as usize {
+                        return Err(malformed(WireError::Malformed(
+                            "bind parameter past the end",
+                        )));
+                    }
+                    let raw = body.split_to(len as usize);
+                    let binary = match pformats.len() {
+                        0 => false,
+                        1 => pformats[0] == 1,
+                        _ => pformats.get(i) == Some(&1),
+                    };
+                    // Binary text-like parameters (drivers send text that way too) are
+                    // recorded as text; other binary values by size.
+                    let printable = std::str::from_utf8(&raw)
+                        .ok()
+                        .filter(|s| s.chars().all(|c| !c.is_control() || c == '\n' || c == '\t'));
+                    params.push(Some(if binary && printable.is_none() {
+                        format!("<{} bytes, binary>", raw.len())
+                    } else {
+                        let text = String::from_utf8_lossy(&raw).into_owned();
+                        match self.recorder.scan(&text, &mut |_| {}) {
+                            crate::inspect::mask::Outcome::Replace(s) => s.into_owned(),
+                            crate::inspect::mask::Outcome::Null => "****".into(),
+                            crate::inspect::mask::Outcome::Keep => text,
+                        }
+                    }));
+                }
+                let nres = take_i16(&mut body).map_err(malformed)?;
+                let mut formats = Vec::with_capacity(nres.max(0) as usize);
+                for _ in 0..nres {
+                    formats.push(take_i16(&mut body).map_err(malformed)?);
+                }
+                let mut st = self.lock();
+                let info = Arc::new(PortalInfo {
+                    statement: st.statements.get(&statement).cloned(),
+                    formats,
+                    params,
+                    plan: Mutex::new(None),
+                });
+                st.portals.insert(portal, info);
+                st.expect.push_back(Expect::Bind);
+                frame.write(out);
+            }
+            Frontend::Describe => {
+                let (kind, name) = target_of(&frame.body).map_err(malformed)?;
+                let mut st = self.lock();
+                let target = if kind == b'S' {
+                    st.statements
+                        .get(&name)
+                        .cloned()
+                        .map(DescribeTarget::Statement)
+                } else {
+                    st.portals.get(&name).cloned().map(DescribeTarget::Portal)
+                };
+                st.expect.push_back(Expect::Describe {
+                    target,
+                    internal: false,
+                });
+                drop(st);
+                frame.write(out);
+            }
+            Frontend::Execute => {
+                let mut body = frame.body.clone();
+                let portal = take_cstr(&mut body).map_err(malformed)?;
+                let info = self
+                    .lock()
+                    .portals
+                    .get(&portal)
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        // Unknown to us: the server will refuse it too; track it all the same.
+                        Arc::new(PortalInfo {
+                            statement: None,
+                            formats: Vec::new(),
+                            params: Vec::new(),
+                            plan: Mutex::new(None),
+                        })
+                    });
+                let (recorded, judged) = match &info.statement {
+                    Some(stmt) => {
+                        let s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
+                        (s.recorded.clone(), s.judged.clone())
+                    }
+                    None => (String::new(), None),
+                };
+                let params = info.params.clone();
+                let rec = self.new_record_recorded(recorded, Decision::Allowed, None);
+                self.update_record(rec, |r| {
+                    r.params = params;
+                    if let Some(judged) = judged {
+                        judged.apply(r);
+                    }
+                });
+                // A COPY TO run through Execute masks with its statement's plan.
+                self.lock()
+                    .expect
+                    .push_back(Expect::Execute { portal: info, rec });
+                frame.write(out);
+            }
+            Frontend::Close => {
+                let (kind, name) = target_of(&frame.body).map_err(malformed)?;
+                let mut st = self.lock();
+                if kind == b'S' {
+                    st.forget_prepared(&name);
+                } else {
+                    st.portals.remove(&name);
+                }
+                st.expect.push_back(Expect::Close);
+                frame.write(out);
+            }
+            Frontend::Sync => {
+                let mut st = self.lock();
+                st.expect.push_back(Expect::Sync);
+                st.cycles_sent += 1;
+                frame.write(out);
+            }
+            Frontend::Flush | Frontend::CopyData | Frontend::CopyDone | Frontend::CopyFail => {
+                frame.write(out)
+            }
+            Frontend::Terminate => {
+                frame.write(out);
+                return Ok(false);
+            }
+            Frontend::FunctionCall => {
+                let rec = self.new_record(
+                    "<fastpath function call>",
+                    Decision::Denied,
+                    Some("fastpath".into()),
+                );
+                let err = PgError::error(
+                    "0A000",
+                    "jitgate: the fastpath FunctionCall message is not allowed through the gate",
+                )
+                .hint("call the function with SELECT, where it can be checked");
+                self.poison_query(err, rec, out);
+            }
+            Frontend::Other(other) => {
+                return Err(PgError::fatal(
+                    "08P01",
+                    format!(
+                        "jitgate: unexpected message type {:?} from the client",
+                        other as char
+                    ),
+                ));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Replaces a refused simple query with one the server rejects.
+    pub(super) fn poison_query(&self, error: PgError, rec: u32, out: &mut BytesMut) {
+        let nonce = nonce();
+        self.update_record(rec, |r| {
+            if r.decision == Decision::Allowed {
+                r.decision = Decision::Denied;
+            }
+            r.error = Some(format!("{}: {}", error.code, error.message));
+        });
+        let mut st = self.lock();
+        let cycle = st.cycles_sent;
+        st.poisons.push(Poison {
+            nonce: nonce.clone(),
+            error,
+            cycle,
+        });
+        st.expect.push_back(Expect::Query {
+            rec,
+            refs: Arc::default(),
+            copies: VecDeque::new(),
+        });
+        st.cycles_sent += 1;
+        drop(st);
+        let _ = postgres_protocol::message::frontend::query(&nonce, out);
+    }
+
+    /// Replaces a refused Parse with one the server rejects; the rest of the batch is skipped
+    /// by the server up to Sync, as for any failed Parse.
+    pub(super) fn poison_parse(&self, name: &str, error: PgError, out: &mut BytesMut) {
+        self.poison(Some(name), error, out);
+    }
+
+    /// [`Pump::poison_parse`]; with `None` the Parse is unnamed, and the named statements
+    /// stay as they are on both sides (the server drops its unnamed statement first, so the
+    /// gate does too).
+    pub(super) fn poison(&self, name: Option<&str>, error: PgError, out: &mut BytesMut) {
+        let nonce = nonce();
+        let mut st = self.lock();
+        let cycle = st.cycles_sent;
+        st.poisons.push(Poison {
+            nonce: nonce.clone(),
+            error,
+            cycle,
+        });
+        st.statements.remove(name.unwrap_or(""));
+        st.expect.push_back(Expect::Parse(name.map(str::to_owned)));
+        drop(st);
+        // A nonce that is no statement: the server fails this Parse.
+        let _ = postgres_protocol::message::frontend::parse(
+            name.unwrap_or(""),
+            &nonce,
+            std::iter::empty(),
+            out,
+        );
+    }
+}
+
+/// The target of a Describe or Close: `S` (statement) or `P` (portal), and its name.
+pub(super) fn target_of(body: &bytes::Bytes) -> Result<(u8, String), WireError> {
+    let mut body = body.clone();
+    if body.is_empty() {
+        return Err(WireError::Malformed("Describe or Close without a target"));
+    }
+    let kind = body.get_u8();
+    Ok((kind, take_cstr(&mut body)?))
+}

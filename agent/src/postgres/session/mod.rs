@@ -1,0 +1,430 @@
+//! One PostgreSQL session through the gate.
+//!
+//! ```text
+//! client startup (TLS?, cancel?) -> database allowed? -> grant (or hold) -> upstream login
+//!   with the grant level's credentials -> AuthenticationOk + server parameters + proxy key
+//!   -> two pumps sharing one state:
+//!      client -> server: every Query/Parse analysed and judged; refused ones are replaced by
+//!                        a statement the server rejects ("poison"), so client and server end
+//!                        in the same transaction state, and the server's error is swapped
+//!                        for jitgate's; held ones wait for an approver
+//!      server -> client: rows, COPY data and error details masked; every statement recorded
+//!   -> grant expires / revoked: FATAL 57P01 between two messages, then close
+//! ```
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use bytes::{Buf as _, BufMut as _, BytesMut};
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt as _, ReadHalf, WriteHalf},
+    sync::mpsc,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{
+    Analysis, Postgres,
+    cancel::Entry,
+    catalog::Catalog,
+    config::PostgresResource,
+    guard::{self, Verdict},
+    message::{Backend, Frontend},
+    rows::{self, CopyFormat, CopyMasker, Masked, Origin, Plan},
+    sql::{CursorUse, ParseMode, ResultRefs, Statement},
+    startup::{self, Opening, StartupError},
+    stream::Stream,
+    upstream::{self, Login, Target, UpstreamError},
+    wire::{self, Frame, FrameReader, PgError, WireError, take_cstr, take_i16, take_i32},
+};
+use crate::{
+    config::{Access, Resource},
+    grants::{GrantHandle, GrantState},
+    identity::Attribution,
+    inspect::{mask::Masker, rules::Strategy},
+    model::{Decision, RequestStatus, SessionOutcome, StatementRecord, Timestamp, human_duration},
+    ops::metrics,
+    protocol::{
+        Conn, Outcome, Services, Session,
+        hold::{self, Hold, HoldOutcome},
+        refuse,
+        relay::Counters,
+    },
+    store::queries,
+};
+
+mod client;
+mod pump;
+mod record;
+mod server;
+mod state;
+
+use self::{client::*, pump::*, record::*, state::*};
+
+/// Longest statement text kept in a record.
+const MAX_RECORDED_TEXT: usize = 64 * 1024;
+
+/// Most SQL cursors tracked per session (a client declaring more loses nothing: a `FETCH`
+/// from a forgotten cursor masks every computed value).
+const MAX_CURSORS: usize = 1024;
+
+/// Most masking plans cached per session (see `State::plans`).
+const MAX_PLANS: usize = 256;
+
+/// Startup parameters passed through to the server (lowercase). Everything else the client
+/// sends is dropped: the proxy decides the role, the read-only mode and the options.
+const PASSTHROUGH: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "extra_float_digits",
+    "intervalstyle",
+    "search_path",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "geqo",
+];
+
+fn fatal_to(err: &PgError) -> BytesMut {
+    let mut out = BytesMut::new();
+    err.write(&mut out);
+    out
+}
+
+async fn refuse_client<W: AsyncWrite + Unpin>(writer: &mut W, err: PgError) {
+    let out = fatal_to(&err);
+    let _ = writer.write_all(&out).await;
+    let _ = writer.flush().await;
+    let _ = writer.shutdown().await;
+}
+
+/// Serves one PostgreSQL connection; returns how it ended.
+pub(crate) async fn serve(
+    shared: &Postgres,
+    mut session: Session<'_>,
+    pg: &PostgresResource,
+    client: Conn,
+) -> Outcome {
+    let ctx = session.services;
+    let (who, resource, uid, destination) = (
+        session.who,
+        session.resource,
+        session.uid,
+        session.destination,
+    );
+    client.set_nodelay();
+    let opening =
+        match startup::open(client, pg.client_tls, ctx.ca.as_ref(), destination.ip()).await {
+            Ok(o) => o,
+            Err(StartupError::Refuse(err, stream)) => {
+                if let Some(mut stream) = stream {
+                    refuse_client(&mut stream, err.clone()).await;
+                }
+                return refuse(SessionOutcome::Error, err.message);
+            }
+            Err(e) => return refuse(SessionOutcome::Error, format!("startup: {e}")),
+        };
+    let (params, reader, mut writer, tls) = match opening {
+        Opening::Cancel { key } => return cancel(shared, pg, who, resource, key).await,
+        Opening::Session {
+            params,
+            reader,
+            writer,
+            tls,
+        } => (params, reader, writer, tls),
+    };
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let database = param("database")
+        .filter(|d| !d.is_empty())
+        .or_else(|| param("user"))
+        .unwrap_or_else(|| "postgres".into());
+    session.record.session.database = Some(database.clone());
+    if param("replication").is_some_and(|r| !matches!(r.as_str(), "false" | "off" | "0")) {
+        let err = PgError::fatal(
+            "0A000",
+            "jitgate: replication connections are not supported through the gate",
+        );
+        refuse_client(&mut writer, err.clone()).await;
+        return refuse(SessionOutcome::Error, err.message);
+    }
+    if let Some(enc) = param("client_encoding") {
+        let norm = enc.to_ascii_uppercase().replace(['-', '_'], "");
+        if !matches!(norm.as_str(), "UTF8" | "UNICODE" | "SQLASCII") {
+            let err = PgError::fatal(
+                "0A000",
+                format!(
+                    "jitgate: client_encoding {enc} is not supported on a gated connection; use UTF8"
+                ),
+            );
+            refuse_client(&mut writer, err.clone()).await;
+            return refuse(SessionOutcome::Error, err.message);
+        }
+    }
+    if !pg.databases.is_empty() && !pg.databases.contains(&database) {
+        let err = PgError::fatal(
+            "3D000",
+            format!(
+                "jitgate: database \"{database}\" is not available through resource {}",
+                resource.name
+            ),
+        )
+        .hint(format!("databases available: {}", pg.databases.join(", ")));
+        refuse_client(&mut writer, err.clone()).await;
+        return refuse(SessionOutcome::RefusedNoResource, err.message);
+    }
+
+    let grant = match session.acquire_grant().await {
+        Ok(g) => g,
+        Err(outcome) => {
+            let err = match outcome.0 {
+                SessionOutcome::Shutdown => {
+                    PgError::fatal("57P01", "jitgate: the host agent is shutting down")
+                }
+                _ => PgError::fatal(
+                    "28000",
+                    format!(
+                        "jitgate: {} has no {} grant for {}",
+                        who.identity, resource.connect_access, resource.name
+                    ),
+                )
+                .detail(outcome.1.clone())
+                .hint(format!(
+                    "jitgate request {} --access {}",
+                    resource.name, resource.connect_access
+                )),
+            };
+            refuse_client(&mut writer, err).await;
+            return outcome;
+        }
+    };
+    session.record.session.grant = Some(grant.id.clone());
+    session.record.session.access = Some(grant.access);
+    let Some(credential) = pg.credentials.get(&grant.access).cloned() else {
+        let err = PgError::fatal(
+            "08004",
+            format!(
+                "jitgate: resource {} has no credentials for {} access",
+                resource.name, grant.access
+            ),
+        )
+        .hint(format!(
+            "the operator adds [resource.credentials.{}] to the jitgate configuration",
+            grant.access
+        ));
+        refuse_client(&mut writer, err.clone()).await;
+        return refuse(SessionOutcome::UpstreamFailed, err.message);
+    };
+
+    // Startup parameters for the server: the real database, a safe subset of the client's,
+    // and read-only mode for read grants.
+    let mut upstream_params: Vec<(String, String)> = vec![("database".into(), database.clone())];
+    for (k, v) in &params {
+        if PASSTHROUGH.contains(&k.to_ascii_lowercase().as_str()) {
+            upstream_params.push((k.clone(), v.clone()));
+        }
+    }
+    if grant.access == Access::Read {
+        upstream_params.push(("default_transaction_read_only".into(), "on".into()));
+    }
+    let server_name = pg
+        .upstream_server_name
+        .clone()
+        .unwrap_or_else(|| match &resource.target {
+            crate::config::Target::Host { name, .. } => name.clone(),
+            crate::config::Target::Net { .. } => destination.ip().to_string(),
+        });
+    let login = Arc::new(Login {
+        addr: destination,
+        pg: pg.clone(),
+        server_name,
+        tls: shared.tls.clone(),
+        credential,
+        params: upstream_params,
+        one_server: resource
+            .target
+            .names_one_server(destination.ip(), crate::destinations::local_addresses),
+    });
+    let up = match login.connect().await {
+        Ok(u) => u,
+        Err(e) => {
+            let err = match &e {
+                UpstreamError::Rejected { .. }
+                | UpstreamError::Secret { .. }
+                | UpstreamError::Unsupported(_)
+                | UpstreamError::PasswordExposure(_) => PgError::fatal(
+                    "08004",
+                    format!(
+                        "jitgate: {} refused jitgate's login for {} access",
+                        resource.name, grant.access
+                    ),
+                )
+                // The cause names the upstream role and where its secret lives: for the
+                // operator's log, not for the workload.
+                .hint("the jitgate operator finds the cause in the host agent's log"),
+                UpstreamError::Tls { .. } => PgError::fatal(
+                    "08006",
+                    format!("jitgate: cannot reach {} over TLS", resource.name),
+                )
+                .hint("the jitgate operator finds the cause in the host agent's log"),
+                _ => PgError::fatal("08006", format!("jitgate: cannot reach {}", resource.name))
+                    .hint("the database may be down; try again, or ask the jitgate operator"),
+            };
+            warn!(
+                identity = %who.identity,
+                resource = %resource.name,
+                access = %grant.access,
+                error = %e,
+                "postgres upstream login failed"
+            );
+            refuse_client(&mut writer, err).await;
+            return refuse(SessionOutcome::UpstreamFailed, e.to_string());
+        }
+    };
+
+    let proxy_key = shared.cancel.issue(Entry {
+        resource: resource.name.clone(),
+        identity: who.identity.clone(),
+        upstream: destination,
+        server_name: login.server_name.clone(),
+        key: up.key,
+    });
+    let mut hello = BytesMut::new();
+    wire::authentication_ok(&mut hello);
+    let mut scs = true;
+    for (k, v) in &up.parameters {
+        if k == "standard_conforming_strings" {
+            scs = v != "off";
+        }
+        if k == "session_authorization" {
+            // The upstream role is the gate's, not the workload's business.
+            continue;
+        }
+        wire::parameter_status(&mut hello, k, v);
+    }
+    // The key leaves the table with the session, however it ends (a panic included): the
+    // table is bounded, and a leaked key would take a slot for good.
+    let _key = IssuedKey {
+        table: &shared.cancel,
+        key: proxy_key,
+    };
+    wire::backend_key_data(&mut hello, proxy_key.0, proxy_key.1);
+    wire::ready_for_query(&mut hello, up.status);
+    if writer.write_all(&hello).await.is_err() || writer.flush().await.is_err() {
+        return refuse(SessionOutcome::Closed, "the client left during login");
+    }
+    let end = session.open(&grant);
+    let cancel_token = end.removed().clone();
+    info!(
+        identity = %who.identity,
+        resource = %resource.name,
+        database = %database,
+        access = %grant.access,
+        tls,
+        "postgres session started"
+    );
+
+    let masker = Masker::new(
+        &pg.masks,
+        pg.mask_exempt_access,
+        &who.identity,
+        grant.access,
+        ctx.mask_key,
+    );
+    let state = Mutex::new(State {
+        parse_mode: ParseMode {
+            standard_conforming_strings: scs,
+        },
+        ..State::default()
+    });
+    let pump = Pump {
+        ctx,
+        shared,
+        pg,
+        who,
+        uid,
+        resource: &resource.name,
+        session: session.record.session.id.clone(),
+        access: grant.access,
+        masker,
+        recorder: Masker::recorder(ctx.mask_key),
+        catalog: tokio::sync::Mutex::new(Catalog::new(login.clone())),
+        login,
+        server_key: up.key,
+        state,
+        stop: CancellationToken::new(),
+        counters: session.record.counters.clone(),
+        records_due: tokio::sync::Notify::new(),
+    };
+    let (inject_tx, inject_rx) = mpsc::channel(4);
+    let (c2s, s2c) = tokio::join!(
+        pump.client_to_server(reader, up.writer, inject_tx, &grant, &cancel_token),
+        pump.server_to_client(up.reader, writer, inject_rx, grant.clone(), &cancel_token),
+    );
+    pump.flush_records();
+    // The server side knows best why the session ended (grant, shutdown); else the client's.
+    match (s2c, c2s) {
+        (Some(o), _) | (None, Some(o)) => o,
+        (None, None) => (SessionOutcome::Closed, String::new()),
+    }
+}
+
+/// A proxy-issued cancel key, withdrawn from the table on drop.
+struct IssuedKey<'a> {
+    table: &'a super::cancel::CancelKeys,
+    key: (i32, i32),
+}
+
+impl Drop for IssuedKey<'_> {
+    fn drop(&mut self) {
+        self.table.remove(self.key);
+    }
+}
+
+/// A CancelRequest: forwarded with the server's real key, if this workload owns the session.
+async fn cancel(
+    shared: &Postgres,
+    pg: &PostgresResource,
+    who: &Attribution,
+    resource: &Resource,
+    key: (i32, i32),
+) -> Outcome {
+    // A cancel goes where its session went: same identity, same resource.
+    let Some(entry) = shared
+        .cancel
+        .lookup(key, &who.identity)
+        .filter(|e| e.resource == resource.name)
+    else {
+        return refuse(
+            SessionOutcome::Closed,
+            "cancel request with an unknown key (ignored)",
+        );
+    };
+    let target = Target {
+        addr: entry.upstream,
+        pg,
+        server_name: &entry.server_name,
+        tls: &shared.tls,
+        // A CancelRequest carries no password.
+        one_server: false,
+    };
+    match upstream::cancel(&target, entry.key).await {
+        Ok(()) => {
+            info!(identity = %who.identity, resource = %resource.name, "cancel request forwarded");
+            (SessionOutcome::Closed, "cancel request forwarded".into())
+        }
+        Err(e) => refuse(
+            SessionOutcome::UpstreamFailed,
+            format!("forwarding a cancel request: {e}"),
+        ),
+    }
+}

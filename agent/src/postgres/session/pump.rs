@@ -1,0 +1,373 @@
+//! The two pumps' shared half: the session's fixed parts, statement analysis and judgement,
+//! COPY plans, approval holds, and cancelling the statement in flight.
+
+use super::*;
+
+pub(super) struct Pump<'a> {
+    pub(super) ctx: &'a Services,
+    pub(super) shared: &'a Postgres,
+    pub(super) pg: &'a PostgresResource,
+    pub(super) who: &'a Attribution,
+    pub(super) uid: u32,
+    pub(super) resource: &'a str,
+    pub(super) session: String,
+    pub(super) access: Access,
+    pub(super) masker: Option<Masker>,
+    pub(super) recorder: Masker,
+    pub(super) catalog: tokio::sync::Mutex<Catalog>,
+    /// Where this session's server is, for a CancelRequest of our own.
+    pub(super) login: Arc<Login>,
+    /// The server's (process id, secret) for this session.
+    pub(super) server_key: (i32, i32),
+    pub(super) state: Mutex<State>,
+    pub(super) stop: CancellationToken,
+    pub(super) counters: Arc<Counters>,
+    /// Signalled when a finished statement record starts waiting for the store.
+    pub(super) records_due: tokio::sync::Notify,
+}
+
+/// The error a held statement gets when it was not approved.
+pub(super) fn held_error(
+    rule: &str,
+    status: RequestStatus,
+    by: Option<&str>,
+    waited: Duration,
+) -> PgError {
+    match status {
+        RequestStatus::Denied => PgError::error(
+            "42501",
+            format!(
+                "jitgate: statement denied by {} (guardrail \"{rule}\")",
+                by.unwrap_or("an approver")
+            ),
+        ),
+        _ => PgError::error(
+            "57014",
+            format!(
+                "jitgate: statement held by guardrail \"{rule}\" was not approved within {}",
+                human_duration(waited)
+            ),
+        )
+        .hint("ask an approver to run `jitgate approvals` and approve it, then run the statement again"),
+    }
+}
+
+impl Pump<'_> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn analyze(&self, text: &str) -> Result<Arc<Analysis>, String> {
+        let mode = self.lock().parse_mode;
+        self.shared.analyze(text, mode)
+    }
+
+    pub(super) fn judge(&self, analysis: &[Statement]) -> Verdict {
+        let st = self.lock();
+        if let Some(name) = analysis
+            .iter()
+            .filter_map(|s| s.prepares.as_deref())
+            .find(|name| st.has_prepared(name))
+        {
+            return Verdict::Deny {
+                rule: "prepared statement name in use".into(),
+                error: name_in_use_error(name),
+            };
+        }
+        let ctx = guard::Context {
+            identity: &self.who.identity,
+            resource: self.resource,
+            access: self.access,
+            pg: self.pg,
+            prepared: &st.sql_prepared,
+            masked: self.masker.as_ref().is_some_and(Masker::has_column_rules),
+        };
+        guard::judge(&ctx, analysis)
+    }
+
+    /// A statement's text with sensitive values redacted, whole.
+    pub(super) fn redacted_text(&self, text: &str) -> String {
+        match self.recorder.scan(text, &mut |_| {}) {
+            crate::inspect::mask::Outcome::Replace(s) => s.into_owned(),
+            _ => text.to_owned(),
+        }
+    }
+
+    /// Plans the masking of each `COPY ... TO` in a query string, in order, looking names up
+    /// when needed. A COPY whose columns cannot be known is refused (fail closed).
+    pub(super) async fn copy_plans(
+        &self,
+        analysis: &[Statement],
+    ) -> Result<VecDeque<CopyPlan>, PgError> {
+        let mut plans = VecDeque::new();
+        let Some(masker) = &self.masker else {
+            return Ok(plans);
+        };
+        for s in analysis {
+            let Some(copy) = s.copy.as_ref().filter(|c| !c.from) else {
+                continue;
+            };
+            let format = match copy.format.as_str() {
+                "csv" => {
+                    let quote = copy.quote.unwrap_or(b'"');
+                    if copy.escape.is_some_and(|e| e != quote) {
+                        return Err(PgError::error(
+                            "0A000",
+                            "jitgate: COPY with an ESCAPE other than its QUOTE cannot be masked; it was not run",
+                        )
+                        .hint("drop the ESCAPE option"));
+                    }
+                    CopyFormat::Csv {
+                        delimiter: copy.delimiter.unwrap_or(b','),
+                        quote,
+                        header: copy.header,
+                    }
+                }
+                "binary" if masker.has_detectors() => {
+                    return Err(PgError::error(
+                        "0A000",
+                        "jitgate: binary COPY output cannot be scanned for sensitive values; it was not run",
+                    )
+                    .hint("use COPY ... TO STDOUT with FORMAT text or csv"));
+                }
+                "binary" => CopyFormat::Binary,
+                _ => CopyFormat::Text {
+                    delimiter: copy.delimiter.unwrap_or(b'\t'),
+                    header: copy.header,
+                },
+            };
+            let plan = if !masker.has_column_rules() {
+                Plan::default()
+            } else if (copy.query.is_some() || copy.schema.is_none())
+                && self.lock().search_path_changed
+            {
+                return Err(PgError::error(
+                    "42501",
+                    "jitgate: this session changed search_path, so jitgate cannot tell which table this COPY reads in order to mask it; it was not run",
+                )
+                .hint("schema-qualify the table (COPY schema.table TO STDOUT), or reconnect"));
+            } else if let Some(query) = &copy.query {
+                let cols = self.catalog.lock().await.describe(query).await;
+                let Some(cols) = cols else {
+                    return Err(PgError::error(
+                        "42501",
+                        "jitgate: cannot tell which columns this COPY returns, so it cannot be masked; it was not run",
+                    ));
+                };
+                let mut refs = ResultRefs::default();
+                refs.add(s);
+                self.plan_for(None, &cols, &refs)
+                    .await
+                    .map(Arc::unwrap_or_clone)
+                    .unwrap_or_default()
+            } else if let Some(table) = &copy.table {
+                let found = self
+                    .catalog
+                    .lock()
+                    .await
+                    .relation(copy.schema.as_deref(), table)
+                    .await;
+                let Ok(Some(rel)) = found else {
+                    return Err(PgError::error(
+                        "42501",
+                        format!(
+                            "jitgate: cannot read the columns of {table} to mask this COPY; it was not run"
+                        ),
+                    ));
+                };
+                let names = if copy.columns.is_empty() {
+                    rel.columns.clone()
+                } else {
+                    copy.columns.clone()
+                };
+                Plan::for_names(&names, &rel.schema, &rel.table, masker)
+            } else {
+                Plan::default()
+            };
+            plans.push_back((format, plan, copy.null.clone()));
+        }
+        Ok(plans)
+    }
+
+    /// Holds a statement for approval. `Ok(by)` when approved.
+    pub(super) async fn hold(
+        &self,
+        text: &str,
+        rule: &str,
+        reason: &str,
+        rec: u32,
+    ) -> Result<String, PgError> {
+        let what = Hold {
+            text,
+            rule,
+            reason,
+            timeout: self.pg.approval_timeout,
+        };
+        let held = hold::hold(
+            self.ctx,
+            self.who,
+            self.uid,
+            self.resource,
+            self.access,
+            &self.session,
+            what,
+            &self.stop,
+        )
+        .await;
+        let held_ms = held.waited.as_millis() as u64;
+        match held.outcome {
+            HoldOutcome::NotFiled(e) => Err(PgError::error(
+                "42501",
+                format!(
+                    "jitgate: statement held by guardrail \"{rule}\" but cannot be approved: {e}"
+                ),
+            )),
+            HoldOutcome::SessionEnded => Err(PgError::fatal(
+                "57P01",
+                "jitgate: session ended while a statement waited for approval",
+            )),
+            HoldOutcome::Approved { by } => {
+                self.update_record(rec, |r| {
+                    r.held_ms = held_ms;
+                    r.decision = Decision::Approved;
+                    r.approved_by = Some(by.clone());
+                });
+                Ok(by)
+            }
+            HoldOutcome::NotApproved { status, by } => {
+                self.update_record(rec, |r| r.held_ms = held_ms);
+                Err(held_error(
+                    rule,
+                    status,
+                    by.as_deref(),
+                    self.pg.approval_timeout,
+                ))
+            }
+            HoldOutcome::Failed(e) => {
+                self.update_record(rec, |r| r.held_ms = held_ms);
+                Err(PgError::error(
+                    "42501",
+                    format!("jitgate: approval failed: {e}"),
+                ))
+            }
+        }
+    }
+
+    /// Judges a statement string; returns the poison error when refused.
+    pub(super) async fn decide(
+        &self,
+        text: &str,
+        rec_kind: &str,
+    ) -> (Result<Arc<Analysis>, PgError>, u32) {
+        let started = Instant::now();
+        let counted = |analysis: &Analysis, decision: Decision| {
+            for kind in &analysis.primary_kinds {
+                metrics::statement(kind, decision);
+            }
+        };
+        let analysis = match self.analyze(text) {
+            Ok(a) => a,
+            Err(e) => {
+                let rec = self.new_record(text, Decision::Denied, Some("unparseable".into()));
+                metrics::statement("unparseable", Decision::Denied);
+                metrics::statement_check(started.elapsed());
+                let err = PgError::error(
+                    "42601",
+                    format!("jitgate: the statement could not be parsed, so it was not sent: {e}"),
+                )
+                .hint(
+                    "jitgate checks every statement with PostgreSQL's own parser; fix the syntax",
+                );
+                return (Err(err), rec);
+            }
+        };
+        if analysis.iter().any(|s| s.sets_search_path) {
+            self.lock().search_path_changed = true;
+        }
+        match self.judge(&analysis) {
+            Verdict::Allow => {
+                let rec = self.new_record(text, Decision::Allowed, None);
+                metrics::statement_check(started.elapsed());
+                counted(&analysis, Decision::Allowed);
+                (Ok(analysis), rec)
+            }
+            Verdict::Deny { rule, error } => {
+                info!(rule = %rule, kind = rec_kind, "statement refused");
+                let rec = self.new_record(text, Decision::Denied, Some(rule));
+                metrics::statement_check(started.elapsed());
+                counted(&analysis, Decision::Denied);
+                (Err(error), rec)
+            }
+            Verdict::Approve { rule, reason } => {
+                let rec = self.new_record(text, Decision::Allowed, Some(rule.clone()));
+                metrics::statement_check(started.elapsed());
+                // Approvers see the whole statement with detected secrets masked (never cut:
+                // what they approve is all that runs).
+                match self
+                    .hold(&self.redacted_text(text), &rule, &reason, rec)
+                    .await
+                {
+                    Ok(_) => {
+                        counted(&analysis, Decision::Approved);
+                        (Ok(analysis), rec)
+                    }
+                    Err(e) => {
+                        counted(&analysis, Decision::Refused);
+                        self.update_record(rec, |r| r.decision = Decision::Refused);
+                        (Err(e), rec)
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn remember_sql_prepared(&self, analysis: &[Statement]) {
+        let mut st = self.lock();
+        for s in analysis {
+            if let Some(name) = &s.prepares {
+                st.sql_prepared.insert(name.clone(), s.clone());
+            }
+            match &s.deallocates {
+                Some(Some(name)) => st.forget_prepared(name),
+                Some(None) => st.forget_all_prepared(),
+                None => {}
+            }
+            if s.discards {
+                st.forget_all_prepared();
+            }
+        }
+    }
+
+    /// Cancels the statement the server is running for this session, if any, before the
+    /// session is ended under it: closing the connection alone lets it run on (a long UPDATE
+    /// would still commit after its grant ended).
+    ///
+    /// One CancelRequest ends the statement running; statements a client pipelined behind it
+    /// may still be read by the server from its socket buffer after the connection closes.
+    /// Returns whether a cancel went out.
+    pub(super) async fn cancel_in_flight(&self) -> bool {
+        if self.lock().expect.is_empty() {
+            return false;
+        }
+        let sent = tokio::time::timeout(
+            Duration::from_millis(500),
+            upstream::cancel(&self.login.target(), self.server_key),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) => {
+                info!("the statement in flight was cancelled");
+                true
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot cancel the statement in flight");
+                false
+            }
+            // The request went out unless connecting took all that time.
+            Err(_) => {
+                debug!("no answer to the cancel request in time");
+                false
+            }
+        }
+    }
+}

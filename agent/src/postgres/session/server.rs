@@ -1,0 +1,732 @@
+//! Server to client: results masked by plan, errors and notices withheld or masked, the
+//! expectation queue kept in step, and the session ended when its grant ends.
+
+use super::*;
+
+impl Pump<'_> {
+    /// Server to client. Returns the outcome when the server side ends the session.
+    pub(super) async fn server_to_client(
+        &self,
+        mut server: FrameReader<ReadHalf<Stream>>,
+        mut client: WriteHalf<Stream>,
+        mut inject: mpsc::Receiver<PgError>,
+        grant: GrantHandle,
+        cancel: &CancellationToken,
+    ) -> Option<Outcome> {
+        let mut out = BytesMut::with_capacity(16 * 1024);
+        let mut state_rx = grant.state.clone();
+        let mut stats = Masked::default();
+        let mut masked_total = 0u64;
+        // Set when the agent shuts down with work in flight: the session ends at the first
+        // idle point (every reply delivered), or at the deadline, whichever comes first.
+        let mut draining: Option<tokio::time::Instant> = None;
+        // Armed when a finished record waits, so that an idle session's last statements
+        // reach the store too.
+        let flush_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(flush_timer);
+        let mut flush_armed = false;
+        let outcome = loop {
+            if draining.is_some()
+                && !server.has_frame()
+                && out.is_empty()
+                && self.lock().expect.is_empty()
+            {
+                let err = PgError::fatal(
+                    "57P01",
+                    "terminating connection: the jitgate host agent is shutting down",
+                )
+                .hint(
+                    "the statements already sent have completed; reconnect once jitgated is back",
+                );
+                err.write(&mut out);
+                let _ = client.write_all(&out).await;
+                break Some((SessionOutcome::Shutdown, err.message));
+            }
+            // A frame already buffered, with nothing else to attend to, is taken without
+            // arming every branch below (most of a result's messages arrive this way).
+            let quiet = server.has_frame()
+                && draining.is_none()
+                && inject.is_empty()
+                && !self.stop.is_cancelled()
+                && !cancel.is_cancelled()
+                && !self.ctx.shutdown.is_cancelled()
+                && *state_rx.borrow() == GrantState::Active;
+            let frame = if quiet {
+                server.next().await
+            } else {
+                tokio::select! {
+                    biased;
+                    changed = async { state_rx.wait_for(|s| *s != GrantState::Active).await.map(|r| *r).ok() } => {
+                        let revoked = changed == Some(GrantState::Revoked);
+                        let (outcome, why) = if revoked {
+                            (SessionOutcome::GrantRevoked, format!("grant {} was revoked", grant.id))
+                        } else {
+                            (SessionOutcome::GrantExpired, format!("grant {} expired", grant.id))
+                        };
+                        let _ = self.cancel_in_flight().await;
+                        let err = PgError::fatal("57P01", format!("terminating connection: jitgate {why}"))
+                            .hint(format!("jitgate request {} --access {}", self.resource, self.access));
+                        err.write(&mut out);
+                        let _ = client.write_all(&out).await;
+                        let _ = client.flush().await;
+                        break Some((outcome, why));
+                    }
+                    () = cancel.cancelled() => {
+                        let _ = self.cancel_in_flight().await;
+                        let err = PgError::fatal("57P01", format!("terminating connection: resource {} left the jitgate configuration", self.resource));
+                        err.write(&mut out);
+                        let _ = client.write_all(&out).await;
+                        break Some((SessionOutcome::ResourceRemoved, err.message));
+                    }
+                    () = self.ctx.shutdown.cancelled(), if draining.is_none() => {
+                        draining = Some(tokio::time::Instant::now() + self.ctx.config.get().daemon.drain_timeout);
+                        continue;
+                    }
+                    () = async { tokio::time::sleep_until(draining.unwrap_or_else(tokio::time::Instant::now)).await }, if draining.is_some() => {
+                        let hint = if self.cancel_in_flight().await {
+                            "a statement was still running when the drain timeout passed; it was cancelled"
+                        } else {
+                            "a statement was still running when the drain timeout passed; it may not have completed"
+                        };
+                        let err = PgError::fatal("57P01", "terminating connection: the jitgate host agent is shutting down")
+                            .hint(hint);
+                        err.write(&mut out);
+                        let _ = client.write_all(&out).await;
+                        break Some((SessionOutcome::Shutdown, err.message));
+                    }
+                    Some(err) = inject.recv() => {
+                        err.write(&mut out);
+                        let _ = client.write_all(&out).await;
+                        break None;
+                    }
+                    () = self.stop.cancelled() => {
+                        // The client side ended: deliver what the server still sends (its reply to
+                        // Terminate is to close).
+                        match tokio::time::timeout(Duration::from_millis(200), server.next()).await {
+                            Ok(Ok(Some(f))) => Ok(Some(f)),
+                            _ => break None,
+                        }
+                    }
+                    () = self.records_due.notified(), if !flush_armed => {
+                        flush_armed = true;
+                        flush_timer.as_mut().reset(tokio::time::Instant::now() + RECORD_FLUSH);
+                        continue;
+                    }
+                    () = &mut flush_timer, if flush_armed => {
+                        flush_armed = false;
+                        self.flush_finished();
+                        continue;
+                    }
+                    f = server.next() => f,
+                }
+            };
+            let frame = match frame {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    break Some((
+                        SessionOutcome::Closed,
+                        "the server closed the connection".into(),
+                    ));
+                }
+                Err(e) => {
+                    let err = PgError::fatal(
+                        "08P01",
+                        format!("jitgate: protocol error from the server: {e}"),
+                    );
+                    err.write(&mut out);
+                    let _ = client.write_all(&out).await;
+                    break Some((SessionOutcome::Error, err.message));
+                }
+            };
+            if let Err(err) = self.on_server(frame, &mut out, &mut stats).await {
+                err.write(&mut out);
+                let _ = client.write_all(&out).await;
+                let _ = client.flush().await;
+                break Some((SessionOutcome::Error, err.message));
+            }
+            if !server.has_frame() && !out.is_empty() || out.len() > 64 * 1024 {
+                if stats.values > 0 {
+                    // Published per flush, not per row: counters stay current without a
+                    // recorder call on every masked value.
+                    masked_total += stats.values;
+                    metrics::masked(&stats.by_detector, stats.by_column_rule);
+                    stats = Masked::default();
+                }
+                self.counters
+                    .down
+                    .fetch_add(out.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if client.write_all(&out).await.is_err() || client.flush().await.is_err() {
+                    break Some((SessionOutcome::Closed, "the client went away".into()));
+                }
+                out.clear();
+            }
+        };
+        let _ = client.flush().await;
+        let _ = client.shutdown().await;
+        self.stop.cancel();
+        masked_total += stats.values;
+        metrics::masked(&stats.by_detector, stats.by_column_rule);
+        if masked_total > 0 {
+            debug!(masked = masked_total, "values masked in this session");
+        }
+        outcome
+    }
+
+    /// How a result's columns are masked. Table columns go by their real names (looked up
+    /// by table oid and column number); computed ones by what the statement fed them from.
+    ///
+    /// `description` (the RowDescription's body) keys the session's plan cache (see
+    /// [`Pump::cached_plan`]); plans that depend on the statement (computed columns) or on a
+    /// failed lookup are not cached.
+    pub(super) async fn plan_for(
+        &self,
+        description: Option<&bytes::Bytes>,
+        cols: &[rows::Column],
+        refs: &ResultRefs,
+    ) -> Option<Arc<Plan>> {
+        let masker = self.masker.as_ref()?;
+        let derived = |c: &rows::Column| c.table_oid == 0 || c.attnum == 0;
+        let remember = |plan: Plan| {
+            let plan = Arc::new(plan);
+            if let Some(key) = description {
+                let mut st = self.lock();
+                if st.plans.len() >= MAX_PLANS {
+                    st.plans.clear();
+                }
+                st.plans.insert(key.clone(), plan.clone());
+            }
+            plan
+        };
+        if !masker.has_column_rules() {
+            return Some(remember(Plan::new(
+                cols,
+                masker,
+                &|_| Origin::Derived,
+                None,
+            )));
+        }
+        let taint = if cols.iter().any(derived) {
+            self.derived_rule(masker, refs).await
+        } else {
+            None
+        };
+        let origins = self.catalog.lock().await.origins(cols).await;
+        let plan = Plan::new(
+            cols,
+            masker,
+            &|c| {
+                if derived(c) {
+                    return Origin::Derived;
+                }
+                origins
+                    .get(&(c.table_oid, c.attnum))
+                    .map_or(Origin::Unknown, |n| {
+                        Origin::Column(n.0.clone(), n.1.clone(), n.2.clone())
+                    })
+            },
+            taint,
+        );
+        let cacheable = cols
+            .iter()
+            .all(|c| !derived(c) && origins.contains_key(&(c.table_oid, c.attnum)));
+        Some(if cacheable {
+            remember(plan)
+        } else {
+            Arc::new(plan)
+        })
+    }
+
+    /// The plan cached for a RowDescription body: the same bytes were parsed (and found
+    /// well-formed) when it was made, so a hit needs no parsing.
+    pub(super) fn cached_plan(&self, description: &bytes::Bytes) -> Option<Arc<Plan>> {
+        self.lock().plans.get(description).cloned()
+    }
+
+    /// The rule for computed values: the strictest of the masked columns the statement feeds
+    /// results from, directly or as whole rows (which column went into which value is not
+    /// known). Fails closed when the source is unknown or the catalog cannot answer.
+    pub(super) async fn derived_rule(
+        &self,
+        masker: &Masker,
+        refs: &ResultRefs,
+    ) -> Option<Strategy> {
+        if refs.opaque {
+            return Some(Strategy::Redact);
+        }
+        let mut rule = refs
+            .names
+            .iter()
+            .filter(|n| *n != "*")
+            .filter_map(|n| masker.column_strategy_by_name(n))
+            .max_by_key(|s| s.strictness());
+        if !refs.whole_rows() {
+            return rule;
+        }
+        let search_path_changed = self.lock().search_path_changed;
+        let mut catalog = self.catalog.lock().await;
+        for (schema, name) in &refs.relations {
+            if schema.is_none() && search_path_changed {
+                // Which relation the name means now is the session's secret.
+                return Some(Strategy::Null);
+            }
+            match catalog.relation(schema.as_deref(), name).await {
+                Err(_) => return Some(Strategy::Null),
+                Ok(None) => {}
+                Ok(Some(rel)) => {
+                    rule = rel
+                        .columns
+                        .iter()
+                        .filter_map(|c| masker.column_strategy(&rel.schema, &rel.table, c))
+                        .chain(rule)
+                        .max_by_key(|s| s.strictness());
+                }
+            }
+        }
+        rule
+    }
+
+    /// What a query string's results may be computed from, following `EXECUTE` to its
+    /// prepared statement and `FETCH` to its cursor's `DECLARE`, and tracking cursors.
+    pub(super) fn result_refs(&self, analysis: &Analysis) -> Arc<ResultRefs> {
+        if let Some(refs) = &analysis.refs {
+            return refs.clone();
+        }
+        let mut refs = ResultRefs::default();
+        let mut st = self.lock();
+        for s in analysis.iter() {
+            refs.add(s);
+            if let Some(name) = &s.executes {
+                match st.sql_prepared.get(name) {
+                    Some(p) => refs.add(p),
+                    None => refs.opaque = true,
+                }
+            }
+            match &s.cursor {
+                Some(CursorUse::Declare(name)) => {
+                    let mut own = ResultRefs::default();
+                    own.add(s);
+                    if st.cursors.len() >= MAX_CURSORS {
+                        st.cursors.clear();
+                    }
+                    st.cursors.insert(name.clone(), Arc::new(own));
+                }
+                Some(CursorUse::Fetch(name)) => match st.cursors.get(name) {
+                    Some(c) => refs.merge(c),
+                    None => refs.opaque = true,
+                },
+                Some(CursorUse::Close(Some(name))) => {
+                    st.cursors.remove(name);
+                }
+                Some(CursorUse::Close(None)) => st.cursors.clear(),
+                None => {}
+            }
+        }
+        Arc::new(refs)
+    }
+
+    /// Handles one server message, writing what the client gets to `out`.
+    pub(super) async fn on_server(
+        &self,
+        frame: Frame,
+        out: &mut BytesMut,
+        stats: &mut Masked,
+    ) -> Result<(), PgError> {
+        let desync = |what: &str| {
+            PgError::fatal(
+                "08P01",
+                format!(
+                    "jitgate: lost track of the protocol ({what}); ending the session rather than guessing"
+                ),
+            )
+        };
+        match Backend::of(frame.tag) {
+            Backend::ParseComplete | Backend::BindComplete | Backend::CloseComplete => {
+                let want = match frame.tag {
+                    b'1' => "ParseComplete",
+                    b'2' => "BindComplete",
+                    _ => "CloseComplete",
+                };
+                let front = self.lock().expect.pop_front();
+                match (frame.tag, front) {
+                    (b'1', Some(Expect::Parse(_)))
+                    | (b'2', Some(Expect::Bind))
+                    | (b'3', Some(Expect::Close)) => {}
+                    _ => return Err(desync(want)),
+                }
+                frame.write(out);
+            }
+            Backend::ParameterDescription => {
+                let internal = matches!(
+                    self.lock().expect.front(),
+                    Some(Expect::Describe { internal: true, .. })
+                );
+                if !internal {
+                    frame.write(out);
+                }
+            }
+            Backend::RowDescription | Backend::NoData => {
+                let (front, refs) = {
+                    let mut st = self.lock();
+                    if matches!(st.expect.front(), Some(Expect::Describe { .. })) {
+                        let front = st.expect.pop_front();
+                        let refs = match &front {
+                            Some(Expect::Describe {
+                                target: Some(DescribeTarget::Statement(s)),
+                                ..
+                            }) => s
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .refs
+                                .clone(),
+                            Some(Expect::Describe {
+                                target: Some(DescribeTarget::Portal(p)),
+                                ..
+                            }) => p.statement.as_ref().map_or_else(ResultRefs::opaque, |s| {
+                                s.lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .refs
+                                    .clone()
+                            }),
+                            _ => ResultRefs::opaque(),
+                        };
+                        (front, refs)
+                    } else {
+                        let refs = match st.expect.front() {
+                            Some(Expect::Query { refs, .. }) => refs.clone(),
+                            _ => ResultRefs::opaque(),
+                        };
+                        (None, refs)
+                    }
+                };
+                let plan = if frame.tag == b'T' && self.masker.is_some() {
+                    match self.cached_plan(&frame.body) {
+                        Some(plan) => Some(plan),
+                        None => {
+                            let cols = rows::parse_row_description(&frame.body)
+                                .map_err(|e| desync(&e.to_string()))?;
+                            self.plan_for(Some(&frame.body), &cols, &refs).await
+                        }
+                    }
+                } else {
+                    None
+                };
+                match front {
+                    Some(Expect::Describe { target, internal }) => {
+                        let plan = plan.or_else(|| Some(Arc::new(Plan::default())));
+                        match target {
+                            Some(DescribeTarget::Statement(s)) => {
+                                s.lock().unwrap_or_else(PoisonError::into_inner).plan = plan;
+                            }
+                            Some(DescribeTarget::Portal(p)) => {
+                                *p.plan.lock().unwrap_or_else(PoisonError::into_inner) = plan;
+                            }
+                            // Described something unknown: the server answers with an error.
+                            None => {}
+                        }
+                        if !internal {
+                            frame.write(out);
+                        }
+                    }
+                    _ => {
+                        // A simple query's (or an Execute's) result header.
+                        self.lock().current = plan;
+                        frame.write(out);
+                    }
+                }
+            }
+            Backend::DataRow => {
+                let Some(masker) = &self.masker else {
+                    frame.write(out);
+                    return Ok(());
+                };
+                let plan = {
+                    let st = self.lock();
+                    match st.expect.front() {
+                        Some(Expect::Execute { portal, .. }) => portal.plan(),
+                        _ => st.current.clone(),
+                    }
+                };
+                let Some(plan) = plan else {
+                    return Err(PgError::fatal(
+                        "XX000",
+                        "jitgate: a result arrived whose columns are unknown, so it cannot be masked; ending the session",
+                    ));
+                };
+                let before = stats.values;
+                rows::mask_data_row(&frame.body, &plan, masker, stats, out)
+                    .map_err(|e| desync(&e.to_string()))?;
+                let masked = stats.values - before;
+                self.count_row_masked(masked);
+            }
+            Backend::CommandComplete | Backend::EmptyQueryResponse | Backend::PortalSuspended => {
+                let tag = if frame.tag == b'C' {
+                    let mut b = frame.body.clone();
+                    take_cstr(&mut b).ok()
+                } else {
+                    None
+                };
+                let mut st = self.lock();
+                match st.expect.front() {
+                    Some(Expect::Execute { rec, .. }) => {
+                        let rec = *rec;
+                        st.expect.pop_front();
+                        drop(st);
+                        self.with_record(rec, |r| {
+                            if let Some(t) = &tag {
+                                r.rows = t.rsplit(' ').next().and_then(|n| n.parse().ok());
+                            }
+                            r.tag = tag.clone();
+                        });
+                        self.finish_record(rec);
+                    }
+                    Some(Expect::Query { rec, .. }) => {
+                        let rec = *rec;
+                        st.current = None;
+                        drop(st);
+                        self.with_record(rec, |r| {
+                            if let Some(t) = &tag {
+                                let n: Option<u64> =
+                                    t.rsplit(' ').next().and_then(|n| n.parse().ok());
+                                r.rows = Some(r.rows.unwrap_or(0) + n.unwrap_or(0));
+                                r.tag = Some(match &r.tag {
+                                    Some(prev) => format!("{prev}; {t}"),
+                                    None => t.clone(),
+                                });
+                            }
+                        });
+                    }
+                    _ => return Err(desync("CommandComplete")),
+                }
+                frame.write(out);
+            }
+            Backend::ErrorResponse => {
+                let mut fields =
+                    wire::parse_fields(frame.body.clone()).map_err(|e| desync(&e.to_string()))?;
+                let message = fields
+                    .iter()
+                    .find(|(c, _)| *c == b'M')
+                    .map(|(_, m)| m.clone())
+                    .unwrap_or_default();
+                let poison = {
+                    let mut st = self.lock();
+                    st.poisons
+                        .iter()
+                        .position(|p| message.contains(&p.nonce))
+                        .map(|i| st.poisons.remove(i))
+                };
+                // The server skips the rest of an extended batch up to Sync.
+                let rec = {
+                    let mut st = self.lock();
+                    let mut rec = None;
+                    match st.expect.front() {
+                        Some(Expect::Query { rec: r, .. }) => rec = Some(*r),
+                        _ => {
+                            while let Some(e) = st.expect.front() {
+                                if matches!(e, Expect::Sync) {
+                                    break;
+                                }
+                                match st.expect.pop_front() {
+                                    Some(Expect::Execute { rec: r, .. }) => rec = Some(r),
+                                    // The failed Parse, and those the server skipped after
+                                    // it, never made a statement: the name is free again.
+                                    Some(Expect::Parse(Some(name))) => {
+                                        st.statements.remove(&name);
+                                    }
+                                    _ => {}
+                                }
+                            }
+                        }
+                    }
+                    st.copy = None;
+                    rec
+                };
+                let code = fields
+                    .iter()
+                    .find(|(c, _)| *c == b'C')
+                    .map(|(_, m)| m.clone())
+                    .unwrap_or_default();
+                match poison {
+                    Some(p) => p.error.write(out),
+                    None => {
+                        if let Some(masker) = &self.masker {
+                            rows::mask_fields(&mut fields, masker, stats);
+                        }
+                        if let Some(rec) = rec {
+                            let msg = fields
+                                .iter()
+                                .find(|(c, _)| *c == b'M')
+                                .map(|(_, m)| m.clone())
+                                .unwrap_or_default();
+                            self.with_record(rec, |r| r.error = Some(format!("{code}: {msg}")));
+                        }
+                        wire::write_fields(out, b'E', &fields);
+                    }
+                }
+                if let Some(rec) = rec {
+                    let extended =
+                        !matches!(self.lock().expect.front(), Some(Expect::Query { .. }));
+                    if extended {
+                        self.finish_record(rec);
+                    }
+                }
+            }
+            Backend::ReadyForQuery => {
+                let status = frame.body.first().copied().unwrap_or(b'I');
+                let finished: Vec<u32> = {
+                    let mut st = self.lock();
+                    let mut recs = Vec::new();
+                    loop {
+                        match st.expect.pop_front() {
+                            Some(Expect::Sync) => break,
+                            Some(Expect::Query { rec, .. }) => {
+                                recs.push(rec);
+                                break;
+                            }
+                            Some(Expect::Execute { rec, .. }) => recs.push(rec),
+                            Some(_) => {}
+                            None => break,
+                        }
+                    }
+                    st.cycles_done += 1;
+                    let done = st.cycles_done;
+                    st.poisons.retain(|p| p.cycle >= done);
+                    st.current = None;
+                    st.copy = None;
+                    let _ = status;
+                    recs
+                };
+                for rec in finished {
+                    self.finish_record(rec);
+                }
+                frame.write(out);
+            }
+            Backend::NoticeResponse => {
+                if let Some(masker) = &self.masker {
+                    let mut fields = wire::parse_fields(frame.body.clone())
+                        .map_err(|e| desync(&e.to_string()))?;
+                    if rows::mask_fields(&mut fields, masker, stats) {
+                        wire::write_fields(out, b'N', &fields);
+                        return Ok(());
+                    }
+                }
+                frame.write(out);
+            }
+            Backend::NotificationResponse => {
+                // LISTEN/NOTIFY payloads can carry anything: detectors apply.
+                if let Some(masker) = &self.masker {
+                    let mut b = frame.body.clone();
+                    let pid = take_i32(&mut b).map_err(|e| desync(&e.to_string()))?;
+                    let channel = take_cstr(&mut b).map_err(|e| desync(&e.to_string()))?;
+                    let payload = take_cstr(&mut b).map_err(|e| desync(&e.to_string()))?;
+                    let masked = match masker.scan(&payload, &mut |_| {}) {
+                        crate::inspect::mask::Outcome::Keep => payload,
+                        crate::inspect::mask::Outcome::Null => "****".into(),
+                        crate::inspect::mask::Outcome::Replace(s) => s.into_owned(),
+                    };
+                    wire::message(out, b'A', |o| {
+                        o.put_i32(pid);
+                        o.extend_from_slice(channel.as_bytes());
+                        o.put_u8(0);
+                        o.extend_from_slice(masked.as_bytes());
+                        o.put_u8(0);
+                    });
+                } else {
+                    frame.write(out);
+                }
+            }
+            Backend::ParameterStatus => {
+                let mut b = frame.body.clone();
+                if let (Ok(name), Ok(value)) = (take_cstr(&mut b), take_cstr(&mut b))
+                    && name == "standard_conforming_strings"
+                {
+                    self.lock().parse_mode.standard_conforming_strings = value != "off";
+                }
+                frame.write(out);
+            }
+            Backend::CopyOutResponse => {
+                // CopyOutResponse: the masking plan decided when the COPY was judged.
+                let plan = match self.lock().expect.front_mut() {
+                    Some(Expect::Query { copies, .. }) => copies.pop_front(),
+                    Some(Expect::Execute { portal, .. }) => {
+                        portal.statement.as_ref().and_then(|s| {
+                            s.lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .copy
+                                .clone()
+                        })
+                    }
+                    _ => None,
+                };
+                match (&self.masker, plan) {
+                    (Some(_), Some((format, plan, null))) => {
+                        self.lock().copy = Some(CopyMasker::new(format, plan, null));
+                    }
+                    (Some(_), None) => {
+                        return Err(PgError::fatal(
+                            "XX000",
+                            "jitgate: a COPY started whose columns are unknown, so it cannot be masked; ending the session",
+                        ));
+                    }
+                    (None, _) => {}
+                }
+                frame.write(out);
+            }
+            Backend::CopyData => {
+                let Some(masker) = &self.masker else {
+                    frame.write(out);
+                    return Ok(());
+                };
+                let mut copy = self.lock().copy.take();
+                match copy.as_mut() {
+                    Some(c) => {
+                        c.feed(&frame.body, masker, stats, out)
+                            .map_err(|e| desync(&e.to_string()))?;
+                    }
+                    None => frame.write(out),
+                }
+                self.lock().copy = copy;
+            }
+            Backend::CopyDone => {
+                if let Some(masker) = &self.masker
+                    && let Some(mut c) = self.lock().copy.take()
+                {
+                    c.finish(masker, stats, out)
+                        .map_err(|e| desync(&e.to_string()))?;
+                }
+                frame.write(out);
+            }
+            Backend::CopyInResponse | Backend::CopyBothResponse => frame.write(out),
+            Backend::BackendKeyData
+            | Backend::Authentication
+            | Backend::NegotiateProtocolVersion => {
+                return Err(desync("authentication message mid-session"));
+            }
+            Backend::FunctionCallResponse | Backend::Other(_) => {
+                return Err(PgError::fatal(
+                    "08P01",
+                    format!(
+                        "jitgate: unknown message type {:?} from the server",
+                        frame.tag as char
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn count_row_masked(&self, masked: u64) {
+        if masked == 0 {
+            return;
+        }
+        let mut st = self.lock();
+        let rec = match st.expect.front() {
+            Some(Expect::Execute { rec, .. } | Expect::Query { rec, .. }) => Some(*rec),
+            _ => None,
+        };
+        if let Some(rec) = rec
+            && let Some(r) = st.records.get_mut(&rec)
+        {
+            r.record.masked += masked;
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! What a session tracks of the protocol: what the client is owed in order (`Expect`),
+//! prepared statements and portals, cursors, poisons, masking plans and records in flight.
+
+use super::*;
+
+/// The statement or portal a Describe answer belongs to: the object itself, not its name, so
+/// a pipelined batch that re-uses a name (the unnamed statement, the unnamed portal) cannot
+/// mix up which result is masked how.
+#[derive(Clone)]
+pub(super) enum DescribeTarget {
+    Statement(Stmt),
+    Portal(Portal),
+}
+
+impl std::fmt::Debug for DescribeTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Statement(_) => "statement",
+            Self::Portal(_) => "portal",
+        })
+    }
+}
+
+pub(super) type Stmt = Arc<Mutex<StmtInfo>>;
+pub(super) type Portal = Arc<PortalInfo>;
+
+/// What the client is owed, in order, for what was forwarded.
+#[derive(Debug)]
+pub(super) enum Expect {
+    Query {
+        rec: u32,
+        /// What its results may be computed from.
+        refs: Arc<ResultRefs>,
+        /// How each `COPY ... TO` in it is masked, in order; what is left when the query
+        /// ends (a COPY the server refused before starting) goes with it.
+        copies: VecDeque<CopyPlan>,
+    },
+    /// A Parse of this statement name (`None`: one that must not touch the name's entry).
+    Parse(Option<String>),
+    Bind,
+    Describe {
+        target: Option<DescribeTarget>,
+        internal: bool,
+    },
+    Execute {
+        portal: Portal,
+        rec: u32,
+    },
+    Close,
+    Sync,
+}
+
+/// A refused statement replaced by one the server rejects; its error is swapped for `error`.
+pub(super) struct Poison {
+    pub(super) nonce: String,
+    pub(super) error: PgError,
+    pub(super) cycle: u64,
+}
+
+/// A `COPY ... TO`'s format, masking plan and NULL text.
+pub(super) type CopyPlan = (CopyFormat, Plan, Option<String>);
+
+/// A prepared statement's judgement, copied into the record of every execution.
+#[derive(Clone, Debug)]
+pub(super) struct Judged {
+    pub(super) decision: Decision,
+    /// The guardrail that decided, if any.
+    pub(super) rule: Option<String>,
+    pub(super) approved_by: Option<String>,
+    pub(super) held_ms: u64,
+}
+
+impl Judged {
+    /// The judgement a finished Parse's record carries.
+    pub(super) fn of(record: StatementRecord) -> (Self, String) {
+        (
+            Self {
+                decision: record.decision,
+                rule: record.rule,
+                approved_by: record.approved_by,
+                held_ms: record.held_ms,
+            },
+            record.text,
+        )
+    }
+
+    /// Copies the judgement into an execution's record.
+    pub(super) fn apply(self, r: &mut StatementRecord) {
+        r.decision = self.decision;
+        r.rule = self.rule;
+        r.approved_by = self.approved_by;
+        r.held_ms = self.held_ms;
+    }
+}
+
+#[derive(Default)]
+pub(super) struct StmtInfo {
+    pub(super) plan: Option<Arc<Plan>>,
+    pub(super) refs: Arc<ResultRefs>,
+    pub(super) copy: Option<CopyPlan>,
+    /// How the Parse was judged (a held one: who approved it, after how long), for the
+    /// records of its executions.
+    pub(super) judged: Option<Judged>,
+    /// `text` as records show it (detectors applied, truncated): computed once at Parse, not
+    /// on every Execute.
+    pub(super) recorded: String,
+}
+
+pub(super) struct PortalInfo {
+    pub(super) statement: Option<Stmt>,
+    pub(super) formats: Vec<i16>,
+    pub(super) params: Vec<Option<String>>,
+    /// Set by a Describe of the portal (its RowDescription carries the real formats), or
+    /// on first use from its statement's plan and its result formats.
+    pub(super) plan: Mutex<Option<Arc<Plan>>>,
+}
+
+impl PortalInfo {
+    /// How its rows are masked: its own description, else its statement's with its formats.
+    pub(super) fn plan(&self) -> Option<Arc<Plan>> {
+        let mut own = self.plan.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = &*own {
+            return Some(p.clone());
+        }
+        let stmt = self.statement.as_ref()?;
+        let s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
+        let plan = Arc::new(s.plan.as_ref()?.with_formats(&self.formats));
+        *own = Some(plan.clone());
+        Some(plan)
+    }
+}
+
+impl std::fmt::Debug for PortalInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("portal")
+    }
+}
+
+/// A statement being recorded.
+pub(super) struct InFlight {
+    pub(super) record: StatementRecord,
+    pub(super) started: Instant,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) expect: VecDeque<Expect>,
+    pub(super) poisons: Vec<Poison>,
+    pub(super) cycles_sent: u64,
+    pub(super) cycles_done: u64,
+    pub(super) statements: HashMap<String, Stmt>,
+    pub(super) portals: HashMap<String, Portal>,
+    pub(super) sql_prepared: HashMap<String, Statement>,
+    pub(super) parse_mode: ParseMode,
+    /// The simple-protocol result in progress.
+    pub(super) current: Option<Arc<Plan>>,
+    /// Plans by RowDescription, for results whose columns all come straight from tables
+    /// (their plan depends on nothing else): a statement run again is not planned again.
+    pub(super) plans: HashMap<bytes::Bytes, Arc<Plan>>,
+    /// SQL cursors by name: what their `FETCH`es return is computed from.
+    pub(super) cursors: HashMap<String, Arc<ResultRefs>>,
+    pub(super) copy: Option<CopyMasker>,
+    pub(super) records: HashMap<u32, InFlight>,
+    pub(super) next_seq: u32,
+    pub(super) finished: Vec<StatementRecord>,
+    /// The session may have changed `search_path`: the catalog connection, which keeps the
+    /// startup one, can no longer resolve unqualified names the way the session does.
+    pub(super) search_path_changed: bool,
+}
+
+/// Protocol-level (`statements`) and SQL (`sql_prepared`) prepared statements share one
+/// namespace on the server: these keep the two maps in step with it.
+impl State {
+    pub(super) fn has_prepared(&self, name: &str) -> bool {
+        self.statements.contains_key(name) || self.sql_prepared.contains_key(name)
+    }
+
+    /// `DEALLOCATE name` or Close: either kind goes.
+    pub(super) fn forget_prepared(&mut self, name: &str) {
+        self.statements.remove(name);
+        self.sql_prepared.remove(name);
+    }
+
+    /// `DEALLOCATE ALL` or `DISCARD ALL`: every named one goes, the unnamed one stays.
+    pub(super) fn forget_all_prepared(&mut self) {
+        self.sql_prepared.clear();
+        self.statements.retain(|name, _| name.is_empty());
+    }
+}
