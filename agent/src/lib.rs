@@ -32,3 +32,5 @@ pub mod proxy;
 pub mod refusals;
 pub mod store;
 pub mod tasks;
+#[cfg(test)]
+pub(crate) mod testing;

@@ -61,6 +61,8 @@ mod pump;
 mod record;
 mod server;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use self::{client::*, pump::*, record::*, state::*};
 

@@ -1,0 +1,323 @@
+//! PostgreSQL sessions over in-memory pipes (see [`crate::testing`]): refusals in the
+//! client's own protocol, and whole sessions against a scripted upstream.
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt as _;
+
+use crate::{
+    model::SessionOutcome,
+    testing::{Harness, drain, error_fields, field, outcome, startup},
+};
+
+const PG_KEYS: &str = r#"databases = ["app"]
+credentials.read = { user = "ro" }"#;
+
+#[tokio::test]
+async fn postgres_refusals_speak_postgres() {
+    // A database the resource does not offer: 3D000 naming the ones it does.
+    let h = Harness::new("postgres", PG_KEYS, Some("bot")).await;
+    let (mut client, task) = h.connect();
+    client
+        .write_all(&startup(&[("user", "agent"), ("database", "secrets")]))
+        .await
+        .expect("startup");
+    let got = drain(client).await;
+    let fields = error_fields(&got);
+    assert_eq!(field(&fields, b'S'), "FATAL");
+    assert_eq!(field(&fields, b'C'), "3D000");
+    assert!(field(&fields, b'M').contains("\"secrets\" is not available"));
+    assert_eq!(field(&fields, b'H'), "databases available: app");
+    assert_eq!(outcome(task).await.0, SessionOutcome::RefusedNoResource);
+
+    // No grant: 28000 with the command that asks for one.
+    let h = Harness::new("postgres", PG_KEYS, Some("bot")).await;
+    let (mut client, task) = h.connect();
+    client
+        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
+        .await
+        .expect("startup");
+    let got = drain(client).await;
+    let fields = error_fields(&got);
+    assert_eq!(field(&fields, b'C'), "28000");
+    assert_eq!(field(&fields, b'H'), "jitgate request svc --access read");
+    assert_eq!(outcome(task).await.0, SessionOutcome::RefusedNoGrant);
+
+    // Replication connections are refused whatever the grant.
+    let h = Harness::new("postgres", PG_KEYS, Some("bot")).await;
+    h.grant().await;
+    let (mut client, task) = h.connect();
+    client
+        .write_all(&startup(&[
+            ("user", "agent"),
+            ("database", "app"),
+            ("replication", "database"),
+        ]))
+        .await
+        .expect("startup");
+    let fields = error_fields(&drain(client).await);
+    assert_eq!(field(&fields, b'C'), "0A000");
+    assert_eq!(outcome(task).await.0, SessionOutcome::Error);
+}
+
+#[tokio::test]
+async fn postgres_garbage_before_startup_is_refused() {
+    for hostile in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0, 0, 0, 4][..],
+        &[0xff, 0xff, 0xff, 0xff, 0, 3, 0, 0][..],
+    ] {
+        let h2 = Harness::new("postgres", PG_KEYS, Some("bot")).await;
+        h2.grant().await;
+        let (mut client, task) = h2.connect();
+        let _ = client.write_all(hostile).await;
+        let _ = client.shutdown().await;
+        let (how, detail) = outcome(task).await;
+        assert_eq!(how, SessionOutcome::Error, "{hostile:?}: {detail}");
+        assert!(h2.ctx.services.registry.is_empty());
+    }
+}
+
+/// A scripted PostgreSQL server: trust login, then every simple query is logged and answered
+/// with one text row holding `row` (a statement the gate poisoned gets the syntax error a
+/// real server gives).
+struct FakeServer {
+    addr: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeServer {
+    async fn start(row: &'static str) -> Self {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    // Startup: length, code, parameters.
+                    let Ok(len) = s.read_i32().await else { return };
+                    let mut rest = vec![0u8; len as usize - 4];
+                    if s.read_exact(&mut rest).await.is_err() {
+                        return;
+                    }
+                    let mut out = BytesMut::new();
+                    message(&mut out, b'R', &0i32.to_be_bytes());
+                    for (k, v) in [
+                        ("server_version", "15.0"),
+                        ("standard_conforming_strings", "on"),
+                        ("client_encoding", "UTF8"),
+                        ("server_encoding", "UTF8"),
+                    ] {
+                        message(
+                            &mut out,
+                            b'S',
+                            &[k.as_bytes(), b"\0", v.as_bytes(), b"\0"].concat(),
+                        );
+                    }
+                    message(
+                        &mut out,
+                        b'K',
+                        &[1i32.to_be_bytes(), 2i32.to_be_bytes()].concat(),
+                    );
+                    message(&mut out, b'Z', b"I");
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    loop {
+                        let Ok(tag) = s.read_u8().await else { return };
+                        let Ok(len) = s.read_i32().await else { return };
+                        let mut body = vec![0u8; len as usize - 4];
+                        if s.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        if tag == b'X' {
+                            return;
+                        }
+                        if tag != b'Q' {
+                            continue;
+                        }
+                        let text = String::from_utf8_lossy(&body)
+                            .trim_end_matches('\0')
+                            .to_owned();
+                        log.lock().expect("log").push(text.clone());
+                        let mut out = BytesMut::new();
+                        if text.contains("jitgate_refused_") {
+                            let fields = [
+                                &b"SERROR\0"[..],
+                                b"C42601\0",
+                                b"Msyntax error at or near \"jitgate_refused\"\0",
+                                b"\0",
+                            ]
+                            .concat();
+                            message(&mut out, b'E', &fields);
+                        } else {
+                            // One text column computed by the server (table oid 0).
+                            let mut desc = Vec::new();
+                            desc.extend_from_slice(&1i16.to_be_bytes());
+                            desc.extend_from_slice(b"v\0");
+                            desc.extend_from_slice(&0i32.to_be_bytes());
+                            desc.extend_from_slice(&0i16.to_be_bytes());
+                            desc.extend_from_slice(&25i32.to_be_bytes());
+                            desc.extend_from_slice(&(-1i16).to_be_bytes());
+                            desc.extend_from_slice(&(-1i32).to_be_bytes());
+                            desc.extend_from_slice(&0i16.to_be_bytes());
+                            message(&mut out, b'T', &desc);
+                            let mut data = Vec::new();
+                            data.extend_from_slice(&1i16.to_be_bytes());
+                            data.extend_from_slice(&(row.len() as i32).to_be_bytes());
+                            data.extend_from_slice(row.as_bytes());
+                            message(&mut out, b'D', &data);
+                            message(&mut out, b'C', b"SELECT 1\0");
+                        }
+                        message(&mut out, b'Z', b"I");
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().expect("log").clone()
+    }
+}
+
+fn message(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.extend_from_slice(&[tag]);
+    out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
+/// Reads backend messages up to and including the next ReadyForQuery (or the end).
+async fn until_ready(client: &mut tokio::io::DuplexStream) -> Vec<(u8, Bytes)> {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    loop {
+        let read = async {
+            let tag = client.read_u8().await?;
+            let len = client.read_i32().await?;
+            let mut body = vec![0u8; len as usize - 4];
+            client.read_exact(&mut body).await?;
+            std::io::Result::Ok((tag, Bytes::from(body)))
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+            Ok(Ok((tag, body))) => {
+                got.push((tag, body));
+                if tag == b'Z' {
+                    return got;
+                }
+            }
+            _ => return got,
+        }
+    }
+}
+
+/// The first column of every DataRow.
+fn values(messages: &[(u8, Bytes)]) -> Vec<String> {
+    messages
+        .iter()
+        .filter(|(t, _)| *t == b'D')
+        .map(|(_, b)| {
+            let len = i32::from_be_bytes([b[2], b[3], b[4], b[5]]) as usize;
+            String::from_utf8_lossy(&b[6..6 + len]).into_owned()
+        })
+        .collect()
+}
+
+fn error_code(messages: &[(u8, Bytes)]) -> Option<String> {
+    messages.iter().find(|(t, _)| *t == b'E').map(|(_, b)| {
+        let mut framed = vec![b'E'];
+        framed.extend_from_slice(&(b.len() as i32 + 4).to_be_bytes());
+        framed.extend_from_slice(b);
+        field(&error_fields(&framed), b'C').to_owned()
+    })
+}
+
+fn query(text: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    message(&mut out, b'Q', &[text.as_bytes(), b"\0"].concat());
+    out
+}
+
+const MASKED: &str = r#"databases = ["app"]
+credentials.read = { user = "ro" }
+mask = [{ detectors = ["email", "ssn"], strategy = "redact" }]"#;
+
+#[tokio::test]
+async fn a_whole_session_masks_judges_and_ends_with_its_grant() {
+    let server = FakeServer::start("jane@example.com 123-45-6789").await;
+    let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
+    let grant = h.grant().await;
+    let (mut client, task) = h.connect();
+    client
+        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
+        .await
+        .expect("startup");
+    let hello = until_ready(&mut client).await;
+    assert_eq!(hello.first().map(|(t, _)| *t), Some(b'R'), "{hello:?}");
+    let key = hello
+        .iter()
+        .find(|(t, _)| *t == b'K')
+        .map(|(_, b)| b.clone())
+        .expect("a cancel key");
+    assert_ne!(
+        &key[..],
+        &[0, 0, 0, 1, 0, 0, 0, 2][..],
+        "the server's own cancel key never reaches the workload"
+    );
+
+    // Detected values are masked on the way back, whatever the statement called them.
+    client
+        .write_all(&query("select 1 as v"))
+        .await
+        .expect("query");
+    let reply = until_ready(&mut client).await;
+    let got = values(&reply);
+    assert_eq!(got.len(), 1, "{reply:?}");
+    assert!(!got[0].contains("jane@example.com"), "{got:?}");
+    assert!(!got[0].contains("123-45-6789"), "{got:?}");
+
+    // A write under a read grant never reaches the server, alone or pipelined behind a
+    // harmless statement; the client gets the gate's error, and the session goes on.
+    for hostile in [
+        "drop table users",
+        "select 1; drop table users",
+        "/* x */ DELETE FROM users",
+        "with x as (delete from users returning *) select * from x",
+    ] {
+        client.write_all(&query(hostile)).await.expect("query");
+        let reply = until_ready(&mut client).await;
+        assert!(error_code(&reply).is_some(), "{hostile}: {reply:?}");
+        assert!(values(&reply).is_empty(), "{hostile}: {reply:?}");
+    }
+    let seen = server.seen();
+    assert!(
+        !seen
+            .iter()
+            .any(|q| q.to_ascii_lowercase().contains("users")),
+        "the server saw a refused statement: {seen:?}"
+    );
+    client
+        .write_all(&query("select 2 as v"))
+        .await
+        .expect("query");
+    assert_eq!(values(&until_ready(&mut client).await).len(), 1);
+
+    // The grant ends: the live session ends with 57P01, in PostgreSQL's terms.
+    h.engine
+        .revoke(&crate::testing::root(), &grant, Some("test".into()))
+        .await
+        .expect("revoke");
+    let last = until_ready(&mut client).await;
+    assert_eq!(error_code(&last).as_deref(), Some("57P01"), "{last:?}");
+    let (how, detail) = outcome(task).await;
+    assert_eq!(how, SessionOutcome::GrantRevoked, "{detail}");
+    let _ = drain(client).await;
+}

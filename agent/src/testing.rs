@@ -1,0 +1,259 @@
+//! Test support shared by the middle layer of tests: a proxy whose attributor is a fake and
+//! whose store lives in a temporary directory, so that whole sessions of any protocol run
+//! over in-memory pipes in plain `cargo test`, without root.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use bytes::{Buf as _, BytesMut};
+use tokio::{
+    io::{AsyncReadExt as _, DuplexStream},
+    net::TcpListener,
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{Access, Config, SharedConfig},
+    gate::rules::{ResourceAddrs, compile},
+    grants::{GrantEngine, RequestSpec},
+    identity::{Attribution, Caller},
+    protocol::{Conn, Outcome, Protocols, Services},
+    proxy::{
+        ProxyContext, Registry, Routes,
+        attribute::{Attributor, Origin},
+        session::handle_conn,
+    },
+    store::Store,
+};
+
+/// Attributes every connection to one workload going to one destination, unless told the
+/// connection did not come through the gate.
+pub struct Fake {
+    origin: Mutex<Option<Origin>>,
+    workload: Option<Attribution>,
+}
+
+impl Attributor for Fake {
+    fn origin(&self, _: SocketAddr, _: SocketAddr) -> std::io::Result<Option<Origin>> {
+        // A record serves one connection, like the kernel's.
+        Ok(self
+            .origin
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take())
+    }
+
+    fn workload(&self, _: &Origin) -> Option<Attribution> {
+        self.workload.clone()
+    }
+}
+
+pub struct Harness {
+    pub ctx: Arc<ProxyContext>,
+    pub engine: GrantEngine,
+    pub upstream: SocketAddr,
+    pub shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+pub const ENDS: Option<(SocketAddr, SocketAddr)> = Some((
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 40000),
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15001),
+));
+
+/// An upstream that echoes what it reads.
+pub async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("echo address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+impl Harness {
+    /// One workload `bot`, one resource `svc` at `upstream` (`extra` are more resource keys,
+    /// `protocol` its protocol), one policy granting `bot` read on `svc` without approval.
+    pub async fn new(protocol: &str, extra: &str, workload: Option<&str>) -> Self {
+        Self::with_upstream(echo_server().await, protocol, extra, workload).await
+    }
+
+    /// [`Harness::new`] with the resource at `upstream`.
+    pub async fn with_upstream(
+        upstream: SocketAddr,
+        protocol: &str,
+        extra: &str,
+        workload: Option<&str>,
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let text = format!(
+            r#"
+[daemon]
+state_dir = "{state}"
+
+[[workload]]
+identity = "bot"
+launchers = ["root"]
+
+[[resource]]
+name = "svc"
+protocol = "{protocol}"
+address = "{upstream}"
+{extra}
+
+[[policy]]
+identities = ["bot"]
+resources = ["svc"]
+access = ["read", "write"]
+max_ttl = "1h"
+approval = "auto"
+"#,
+            state = state.display()
+        );
+        let config = Config::from_toml(&dir.path().join("jitgate.toml"), &text)
+            .unwrap_or_else(|e| panic!("config: {e}"));
+        let routes = Routes::default();
+        let net = ipnet::IpNet::from(upstream.ip());
+        routes.update(
+            compile(
+                &[ResourceAddrs {
+                    index: 0,
+                    nets: vec![net],
+                    ports: upstream.port().to_string().parse().expect("port"),
+                }],
+                &[],
+                &[],
+                &[],
+            )
+            .expect("trie"),
+            vec!["svc".into()],
+        );
+        let shared = SharedConfig::new(config);
+        let store = Store::open(&state).expect("store");
+        let shutdown = CancellationToken::new();
+        let engine = GrantEngine::start(store.clone(), shared.clone(), shutdown.clone())
+            .await
+            .expect("engine");
+        let services = Arc::new(Services {
+            config: shared,
+            engine: engine.clone(),
+            store,
+            registry: Registry::default(),
+            ca: None,
+            mask_key: [3; 32],
+            shutdown: shutdown.clone(),
+        });
+        let ctx = Arc::new(ProxyContext {
+            attributor: Arc::new(Fake {
+                origin: Mutex::new(Some(Origin {
+                    original: upstream,
+                    pid: std::process::id(),
+                    uid: 65534,
+                    cgroup_id: 7,
+                })),
+                workload: workload.map(|identity| Attribution {
+                    identity: identity.into(),
+                    task: None,
+                }),
+            }),
+            routes,
+            protocols: Protocols::start(&services),
+            services,
+        });
+        Self {
+            ctx,
+            engine,
+            upstream,
+            shutdown,
+            _dir: dir,
+        }
+    }
+
+    /// Grants `bot` read on `svc` as root would with `jitgate request --for bot`.
+    pub async fn grant(&self) -> String {
+        let spec = RequestSpec {
+            resource: "svc".into(),
+            access: Some(Access::Read),
+            ttl: Some(Duration::from_secs(600)),
+            reason: "test".into(),
+            for_identity: Some("bot".into()),
+            task: None,
+        };
+        self.engine.file(&root(), spec).await.expect("request");
+        self.engine
+            .find("bot", None, "svc", Access::Read)
+            .expect("an auto-approved grant")
+            .id
+    }
+
+    /// Starts a session; returns the workload's end of the pipe and the session's task.
+    pub fn connect(&self) -> (DuplexStream, JoinHandle<Outcome>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(handle_conn(self.ctx.clone(), Conn::Memory(server), ENDS));
+        (client, task)
+    }
+}
+
+pub async fn outcome(task: JoinHandle<Outcome>) -> Outcome {
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the session ends")
+        .expect("the session task does not panic")
+}
+
+/// Reads to the end: what the workload got before the connection closed.
+pub async fn drain(mut client: DuplexStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got)).await;
+    got
+}
+
+/// Root, as the control socket would identify it.
+pub fn root() -> Caller {
+    Caller {
+        uid: 0,
+        pid: 1,
+        user: "root".into(),
+        workload: None,
+        gated_unattributed: false,
+    }
+}
+
+/// A PostgreSQL startup packet.
+pub fn startup(params: &[(&str, &str)]) -> BytesMut {
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(params.iter().copied(), &mut out)
+        .expect("startup message");
+    out
+}
+
+/// The fields of the first ErrorResponse in `bytes`: (severity, code, message, hint).
+pub fn error_fields(bytes: &[u8]) -> Vec<(u8, String)> {
+    let mut buf = bytes::Bytes::copy_from_slice(bytes);
+    while buf.len() >= 5 {
+        let tag = buf.get_u8();
+        let len = buf.get_i32() as usize - 4;
+        let body = buf.split_to(len.min(buf.len()));
+        if tag == b'E' {
+            return crate::postgres::wire::parse_fields(body).expect("error fields");
+        }
+    }
+    panic!("no ErrorResponse in {bytes:?}");
+}
+
+pub fn field(fields: &[(u8, String)], code: u8) -> &str {
+    fields
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map_or("", |(_, v)| v.as_str())
+}
