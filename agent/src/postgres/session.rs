@@ -54,7 +54,6 @@ use crate::{
         ProxyContext,
         session::{Outcome, Record, acquire_grant, refuse},
     },
-    store::queries,
 };
 
 /// Longest statement text kept in a record.
@@ -759,9 +758,7 @@ impl Pump<'_> {
         if batch.is_empty() {
             return;
         }
-        self.ctx
-            .store
-            .submit(move |db| queries::insert_statements(db, &batch));
+        self.ctx.store.record_statements(batch);
     }
 
     /// Sends the finished records to the store (those in flight stay).

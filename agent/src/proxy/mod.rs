@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::SharedConfig, gate::ConnTable, grants::GrantEngine, identity::Workloads,
-    model::Timestamp, store::Store,
+    model::Timestamp, store::SharedStore,
 };
 
 pub use self::routes::Routes;
@@ -28,7 +28,7 @@ pub struct ProxyContext {
     pub config: SharedConfig,
     pub engine: GrantEngine,
     pub workloads: Workloads,
-    pub store: Store,
+    pub store: SharedStore,
     pub routes: Routes,
     pub registry: Registry,
     /// Shared by PostgreSQL sessions: CA, upstream TLS configs, cancel keys, caches.

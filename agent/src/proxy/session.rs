@@ -17,7 +17,6 @@ use std::{
 };
 
 use futures_util::FutureExt as _;
-use serde_json::json;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, error, info, info_span, warn};
@@ -30,7 +29,6 @@ use crate::{
     identity::Attribution,
     ids,
     model::{RequestStatus, Session, SessionOutcome, Timestamp},
-    store::{audit, queries},
 };
 
 /// How long an upstream connect may take before the session is refused.
@@ -132,21 +130,7 @@ impl Record {
             protocol,
             self.accepted.elapsed().saturating_sub(self.held),
         );
-        let s = self.session.clone();
-        ctx.store.submit(move |db| {
-            queries::insert_session(db, &s)?;
-            audit::append(
-                db,
-                "session.start",
-                &format!("workload {}", s.identity.as_deref().unwrap_or("?")),
-                &json!({
-                    "session": s.id, "identity": s.identity, "task": s.task, "resource": s.resource,
-                    "grant": s.grant, "destination": s.destination, "pid": s.pid, "uid": s.uid,
-                    "command": s.command,
-                }),
-            )?;
-            Ok(())
-        });
+        ctx.store.session_opened(self.session.clone());
         self.inserted = true;
     }
 
@@ -176,44 +160,11 @@ impl Record {
                 "session ended"
             ),
         }
-        let s = s.clone();
-        ctx.store.submit(move |db| {
-            let actor = format!("workload {}", s.identity.as_deref().unwrap_or("?"));
-            if refused {
-                queries::insert_session(db, &s)?;
-                audit::append(
-                    db,
-                    "session.refused",
-                    &actor,
-                    &json!({
-                        "session": s.id, "identity": s.identity, "task": s.task,
-                        "resource": s.resource, "destination": s.destination, "pid": s.pid,
-                        "uid": s.uid, "command": s.command, "outcome": s.outcome,
-                        "reason": s.detail,
-                    }),
-                )?;
-            } else {
-                queries::end_session(
-                    db,
-                    &s.id,
-                    s.ended_at.unwrap_or_else(Timestamp::now),
-                    s.bytes_up,
-                    s.bytes_down,
-                    s.outcome,
-                    &s.detail,
-                )?;
-                audit::append(
-                    db,
-                    "session.end",
-                    &actor,
-                    &json!({
-                        "session": s.id, "outcome": s.outcome, "bytes_up": s.bytes_up,
-                        "bytes_down": s.bytes_down, "grant": s.grant, "detail": s.detail,
-                    }),
-                )?;
-            }
-            Ok(())
-        });
+        if refused {
+            ctx.store.session_refused(self.session);
+        } else {
+            ctx.store.session_ended(self.session);
+        }
     }
 }
 
