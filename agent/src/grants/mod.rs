@@ -911,3 +911,6 @@ impl GrantEngine {
 fn decided_meanwhile(id: &str) -> EngineError {
     EngineError::Conflict(format!("request {id} was decided meanwhile"))
 }
+
+#[cfg(test)]
+mod tests;

@@ -112,16 +112,20 @@ pub fn list_requests(
 pub fn pending_request(db: &Connection, key: &RequestKey) -> Result<Option<Request>> {
     Ok(db
         .query_row(
-            &format!(
-                "SELECT {REQUEST_COLUMNS} FROM requests
-                 WHERE status = 'pending' AND identity = ?1 AND resource = ?2 AND access = ?3
-                   AND task_id IS ?4 AND statement IS NULL
-                 ORDER BY created_at DESC LIMIT 1"
-            ),
+            &pending_request_sql(),
             params![key.identity, key.resource, key.access.as_str(), key.task],
             request_of,
         )
         .optional()?)
+}
+
+fn pending_request_sql() -> String {
+    format!(
+        "SELECT {REQUEST_COLUMNS} FROM requests
+         WHERE status = 'pending' AND identity = ?1 AND resource = ?2 AND access = ?3
+           AND task_id IS ?4 AND statement IS NULL
+         ORDER BY created_at DESC LIMIT 1"
+    )
 }
 
 /// The ids of pending requests bound to `task`.
@@ -499,4 +503,27 @@ pub fn prune_sessions(db: &Connection, cutoff: Timestamp) -> Result<usize> {
         "DELETE FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?1",
         [cutoff.millis()],
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Joining a pending request reads pending rows through the partial index, not the table.
+    #[test]
+    fn the_pending_request_is_found_by_index() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", pending_request_sql()))
+            .unwrap()
+            .query_map(params!["a", "b", "read", None::<String>], |r| r.get(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter().any(|step| step.contains("requests_pending")),
+            "{plan:?}"
+        );
+    }
 }
