@@ -512,6 +512,148 @@ mod tests {
                 json!({}),
             ),
         ];
+        let g = Grant {
+            id: "grt_1".into(),
+            request: "req_1".into(),
+            identity: "ci-bot".into(),
+            resource: "cache".into(),
+            access: Access::Read,
+            task: Some("t-1".into()),
+            created_at: Timestamp(1_795_000_000_000),
+            expires_at: Timestamp(1_795_000_600_123),
+            approved_by: "alice".into(),
+            policy: "p".into(),
+            reason: "r".into(),
+            revoked_at: None,
+            revoked_by: None,
+            revoke_reason: None,
+        };
+        let identity = Some("bot".to_owned());
+        let task: Option<String> = None;
+        let refusal = KernelRefusal {
+            identity: identity.clone(),
+            task: task.clone(),
+            pids: vec![7, 8],
+            uid: 1000,
+            destination: Some("10.0.0.9:443".into()),
+            socket_type: 1,
+            protocol: 6,
+            reason: "egress denied (tcp)".into(),
+            count: 10,
+        };
+        let restart: Vec<&'static str> = vec!["socket"];
+        let cases = cases.into_iter().chain([
+            (
+                Event::grant_issued(&g),
+                "grant.issued",
+                json!({
+                    "grant": g.id, "request": g.request, "identity": g.identity, "resource": g.resource,
+                    "access": g.access, "task": g.task, "expires_at": g.expires_at, "approved_by": g.approved_by,
+                }),
+            ),
+            (
+                Event::RequestRefused(RequestRefused {
+                    identity: "ci-bot".into(),
+                    resource: "cache".into(),
+                    access: Access::Admin,
+                    ttl_secs: 60,
+                    task: None,
+                    reason: "no".into(),
+                }),
+                "request.refused",
+                json!({
+                    "identity": "ci-bot", "resource": "cache", "access": Access::Admin,
+                    "ttl_secs": 60u64, "task": None::<&str>, "reason": "no",
+                }),
+            ),
+            (
+                Event::RequestApproved(RequestApproved {
+                    request: "r".into(),
+                    grant: "g".into(),
+                    ttl_secs: 900,
+                }),
+                "request.approved",
+                json!({"request": "r", "grant": "g", "ttl_secs": 900u64}),
+            ),
+            (
+                Event::StatementApproved(RequestRef {
+                    request: "r".into(),
+                }),
+                "statement.approved",
+                json!({"request": "r"}),
+            ),
+            (
+                Event::GrantRevoked(GrantRevoked {
+                    grant: "g".into(),
+                    reason: "why".into(),
+                }),
+                "grant.revoked",
+                json!({"grant": "g", "reason": "why"}),
+            ),
+            (
+                Event::GrantExpired(GrantExpired { grant: "g".into() }),
+                "grant.expired",
+                json!({"grant": "g"}),
+            ),
+            (
+                Event::TaskStarted(TaskStarted {
+                    task: "t".into(),
+                    identity: "i".into(),
+                    run_as_uid: 1000,
+                    command: "make".into(),
+                    reason: "r".into(),
+                }),
+                "task.started",
+                json!({"task": "t", "identity": "i", "run_as_uid": 1000u32, "command": "make", "reason": "r"}),
+            ),
+            (
+                Event::TaskEnded(TaskRef { task: "t".into() }),
+                "task.ended",
+                json!({"task": "t"}),
+            ),
+            (
+                Event::ConnectRefused(refusal.clone()),
+                "connect.refused",
+                json!({
+                    "identity": identity.as_ref(),
+                    "task": task.as_ref(),
+                    "pids": vec![7u32, 8],
+                    "uid": 1000u32,
+                    "destination": Some("10.0.0.9:443".to_owned()),
+                    "socket_type": 1u8,
+                    "protocol": 6u16,
+                    "reason": "egress denied (tcp)",
+                    "count": 10u64,
+                }),
+            ),
+            (
+                Event::ConfigReloaded(ConfigReloaded {
+                    config: "/etc/jitgate/jitgate.toml".into(),
+                    resources: vec!["cache".into()],
+                    sessions_ended: 2,
+                    grants_revoked: vec!["g".into()],
+                    restart_required_for: restart.iter().map(|k| (*k).to_owned()).collect(),
+                }),
+                "config.reloaded",
+                json!({
+                    "config": "/etc/jitgate/jitgate.toml",
+                    "resources": vec!["cache".to_owned()],
+                    "sessions_ended": 2usize,
+                    "grants_revoked": vec!["g".to_owned()],
+                    "restart_required_for": restart,
+                }),
+            ),
+            (
+                Event::DaemonStarted(DaemonStarted { pid: 77 }),
+                "daemon.started",
+                json!({"pid": 77u32}),
+            ),
+        ]);
+        assert_eq!(
+            Event::SocketRefused(refusal.clone()).kind(),
+            "socket.refused"
+        );
+        assert_eq!(Event::BindRefused(refusal).kind(), "bind.refused");
         for (event, kind, old) in cases {
             assert_eq!(event.kind(), kind);
             assert_eq!(
