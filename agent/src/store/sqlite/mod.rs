@@ -1,31 +1,24 @@
 //! The embedded state store: SQLite (WAL, `synchronous = FULL`) owned by one thread.
 //!
-//! Every database operation is a closure sent to that thread. The thread runs whatever is
-//! queued in one transaction (one fsync for many operations), each closure in its own
-//! savepoint so one failure does not undo the others, and only answers the callers once the
-//! transaction is durable: an approval that was acknowledged survives `kill -9`.
+//! Every method is a closure sent to that thread ([`writer`]), which batches whatever is
+//! queued into one transaction and answers only once it is durable: an approval that was
+//! acknowledged survives `kill -9`. Fire-and-forget writes (statement records, session
+//! bookkeeping) linger for company, so busy sessions share one fsync.
 //!
-//! Fire-and-forget writes (statement records, session bookkeeping) linger up to
-//! [`LINGER`] for company before they commit, so that busy sessions share one fsync instead
-//! of paying one each; a waiting caller ends the lingering at once, and sees every write
-//! queued before it.
-//!
-//! This module and its children are the only place that speaks SQL.
+//! This module and its children are the only place that speaks SQL: `schema.rs` the
+//! migrations, `queries.rs` the rows, `audit.rs` the audit log's rows.
 
 mod audit;
 mod queries;
 mod schema;
+mod writer;
 
-use std::{
-    path::{Path, PathBuf},
-    sync::mpsc,
-    thread,
-    time::{Duration, Instant},
-};
+use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, TransactionBehavior};
-use tokio::sync::{broadcast, oneshot};
-use tracing::{error, warn};
+use rusqlite::Connection;
+use tokio::sync::broadcast;
+
+use self::writer::{Db, Writer};
 
 use super::{
     Decided, GrantApproval, GrantChange, RequestKey, Result, SessionHistory, Store, StoreError,
@@ -49,84 +42,13 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// What a queued operation runs against: the open transaction, and the audit key to seal
-/// the records it appends.
-pub(super) struct Db<'a> {
-    pub(super) conn: &'a Connection,
-    key: &'a AuditKey,
-}
-
-impl Db<'_> {
-    /// Appends one audit record in this transaction.
-    pub(super) fn append(&self, actor: &str, event: &Event) -> Result<i64> {
-        audit::append(self.conn, self.key, actor, event)
-    }
-}
-
-/// One queued operation. `run` executes inside a savepoint; `finish` is called after the
-/// enclosing transaction committed (or failed to).
-trait Job: Send {
-    /// Whether a caller waits for this job's commit.
-    fn awaited(&self) -> bool;
-    fn run(&mut self, db: &Db<'_>) -> bool;
-    fn finish(self: Box<Self>, committed: std::result::Result<(), String>);
-}
-
-struct Call<T, F> {
-    f: Option<F>,
-    result: Option<Result<T>>,
-    reply: Option<oneshot::Sender<Result<T>>>,
-}
-
-impl<T, F> Job for Call<T, F>
-where
-    T: Send,
-    F: FnOnce(&Db<'_>) -> Result<T> + Send,
-{
-    fn awaited(&self) -> bool {
-        self.reply.is_some()
-    }
-
-    fn run(&mut self, db: &Db<'_>) -> bool {
-        let Some(f) = self.f.take() else {
-            return false;
-        };
-        let result = f(db);
-        let ok = result.is_ok();
-        if let Err(e) = &result
-            && self.reply.is_none()
-        {
-            warn!(error = %e, "background store write failed");
-        }
-        self.result = Some(result);
-        ok
-    }
-
-    fn finish(self: Box<Self>, committed: std::result::Result<(), String>) {
-        let Some(reply) = self.reply else { return };
-        let result = match (committed, self.result) {
-            (Ok(()), Some(r)) => r,
-            (Err(e), Some(Ok(_))) => Err(StoreError::Commit(e)),
-            (_, Some(Err(e))) => Err(e),
-            (_, None) => Err(StoreError::Closed),
-        };
-        let _ = reply.send(result);
-    }
-}
-
 /// The embedded store: a handle on the writer thread.
 pub struct SqliteStore {
-    tx: mpsc::Sender<Box<dyn Job>>,
+    writer: Writer,
     path: PathBuf,
     head_path: PathBuf,
     changes: broadcast::Sender<GrantChange>,
 }
-
-/// At most this many queued operations share one transaction.
-const MAX_BATCH: usize = 512;
-
-/// How long a transaction of fire-and-forget writes only waits for more before committing.
-const LINGER: Duration = Duration::from_millis(100);
 
 /// Grant changes a slow subscriber may fall behind by before it is told it lagged.
 const CHANGES: usize = 1024;
@@ -146,14 +68,10 @@ impl SqliteStore {
         schema::migrate(&mut conn).context("migrating the state store")?;
         let key = AuditKey::load_or_create(state_dir)?;
         let head_path = state_dir.join(HEAD_FILE);
-        let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
-        let thread_head = head_path.clone();
-        thread::Builder::new()
-            .name("jitgate-store".into())
-            .spawn(move || run(conn, &key, &rx, &thread_head))
-            .context("starting the store thread")?;
+        let writer =
+            Writer::spawn(conn, key, head_path.clone()).context("starting the store thread")?;
         Ok(Self {
-            tx,
+            writer,
             path,
             head_path,
             changes: broadcast::channel(CHANGES).0,
@@ -164,37 +82,19 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Runs `f` on the store thread and returns its result once committed.
     async fn call<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Db<'_>) -> Result<T> + Send + 'static,
     {
-        let (reply, rx) = oneshot::channel();
-        let job = Call {
-            f: Some(f),
-            result: None,
-            reply: Some(reply),
-        };
-        self.tx
-            .send(Box::new(job))
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.writer.call(f).await
     }
 
-    /// Queues `f` without waiting (session bookkeeping on the data path).
     fn submit<F>(&self, f: F)
     where
         F: FnOnce(&Db<'_>) -> Result<()> + Send + 'static,
     {
-        let job: Call<(), F> = Call {
-            f: Some(f),
-            result: None,
-            reply: None,
-        };
-        if self.tx.send(Box::new(job)).is_err() {
-            warn!("state store is shut down; dropping a background write");
-        }
+        self.writer.submit(f);
     }
 
     /// Tells subscribers of a committed change (none listening is fine).
@@ -539,7 +439,7 @@ impl Store for SqliteStore {
 
     fn verify_audit(&self) -> StoreFuture<'_, VerifyReport> {
         let head_path = self.head_path.clone();
-        Box::pin(self.call(move |db| audit::verify(db.conn, db.key, &head_path)))
+        Box::pin(self.call(move |db| db.verify_audit(&head_path)))
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {
@@ -564,65 +464,4 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("restricting permissions of {}", dir.display()))?;
     }
     Ok(())
-}
-
-fn run(mut conn: Connection, key: &AuditKey, rx: &mpsc::Receiver<Box<dyn Job>>, head_path: &Path) {
-    let mut last_head = None;
-    while let Ok(first) = rx.recv() {
-        let linger_until = Instant::now() + LINGER;
-        let mut waited_for = first.awaited();
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            let next = if waited_for {
-                rx.try_recv().ok()
-            } else {
-                rx.recv_timeout(linger_until.saturating_duration_since(Instant::now()))
-                    .ok()
-            };
-            let Some(job) = next else { break };
-            waited_for |= job.awaited();
-            jobs.push(job);
-        }
-        let committed = run_batch(&mut conn, key, &mut jobs);
-        if let Err(e) = &committed {
-            error!(error = %e, "state store transaction failed");
-        }
-        for job in jobs {
-            job.finish(committed.clone());
-        }
-        if committed.is_ok() {
-            match audit::head(&conn) {
-                Ok(head) if head != last_head => {
-                    if let Some(h) = &head
-                        && let Err(e) = audit::write_head(head_path, h)
-                    {
-                        warn!(error = %e, "could not write the audit head checkpoint");
-                    }
-                    last_head = head;
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "could not read the audit head"),
-            }
-        }
-    }
-}
-
-fn run_batch(
-    conn: &mut Connection,
-    key: &AuditKey,
-    jobs: &mut [Box<dyn Job>],
-) -> std::result::Result<(), String> {
-    let mut tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(|e| e.to_string())?;
-    for job in jobs.iter_mut() {
-        let sp = tx.savepoint().map_err(|e| e.to_string())?;
-        if job.run(&Db { conn: &sp, key }) {
-            sp.commit().map_err(|e| e.to_string())?;
-        } else {
-            // Dropping a savepoint rolls it back.
-            drop(sp);
-        }
-    }
-    tx.commit().map_err(|e| e.to_string())
 }
