@@ -10,7 +10,7 @@ pub mod policy;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, PoisonError, RwLock},
     time::Duration,
 };
 
@@ -165,7 +165,11 @@ impl GrantEngine {
         access: Access,
     ) -> Option<GrantHandle> {
         let now = Timestamp::now();
-        let live = self.inner.live.read().expect("grants lock");
+        let live = self
+            .inner
+            .live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         live.values()
             .filter(|l| {
                 let g = &l.grant;
@@ -363,7 +367,7 @@ impl GrantEngine {
         self.inner
             .waiters
             .lock()
-            .expect("waiters lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(request.id.clone(), tx);
         Ok(())
     }
@@ -393,7 +397,7 @@ impl GrantEngine {
         self.inner
             .live
             .write()
-            .expect("grants lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(grant.id.clone(), LiveGrant { grant, state });
     }
 
@@ -634,7 +638,11 @@ impl GrantEngine {
         reason: Option<String>,
     ) -> Result<Grant, EngineError> {
         let grant = {
-            let live = self.inner.live.read().expect("grants lock");
+            let live = self
+                .inner
+                .live
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
             live.get(id).map(|l| l.grant.clone())
         };
         let Some(grant) = grant else {
@@ -714,7 +722,13 @@ impl GrantEngine {
             }
             _ => store.expire_grant(id.to_owned()).await?,
         }
-        if let Some(l) = self.inner.live.write().expect("grants lock").remove(id) {
+        if let Some(l) = self
+            .inner
+            .live
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id)
+        {
             l.state.send_replace(state);
         }
         Ok(())
@@ -726,7 +740,7 @@ impl GrantEngine {
             .inner
             .live
             .read()
-            .expect("grants lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .values()
             .filter(|l| l.grant.expires_at <= now)
             .map(|l| l.grant.id.clone())
@@ -740,7 +754,13 @@ impl GrantEngine {
                 Err(e) => {
                     // Cut the sessions anyway: the grant's time is up whatever the store says.
                     warn!(grant = %id, error = %e, "could not record expiry; ending sessions regardless");
-                    if let Some(l) = self.inner.live.write().expect("grants lock").remove(&id) {
+                    if let Some(l) = self
+                        .inner
+                        .live
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&id)
+                    {
                         l.state.send_replace(GrantState::Expired);
                     }
                 }
@@ -762,7 +782,7 @@ impl GrantEngine {
             .inner
             .live
             .read()
-            .expect("grants lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .values()
             .filter(|l| !allowed(&l.grant))
             .map(|l| l.grant.id.clone())
@@ -786,7 +806,7 @@ impl GrantEngine {
             .inner
             .live
             .read()
-            .expect("grants lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .values()
             .filter(|l| l.grant.task.as_deref() == Some(task))
             .map(|l| l.grant.id.clone())
@@ -828,7 +848,13 @@ impl GrantEngine {
     }
 
     fn notify(&self, id: &str, status: RequestStatus) {
-        if let Some(tx) = self.inner.waiters.lock().expect("waiters lock").remove(id) {
+        if let Some(tx) = self
+            .inner
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id)
+        {
             tx.send_replace(status);
         }
     }
@@ -836,7 +862,11 @@ impl GrantEngine {
     /// Waits until request `id` is decided or `timeout` passes; returns it as it then stands.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Request, EngineError> {
         let rx = {
-            let mut waiters = self.inner.waiters.lock().expect("waiters lock");
+            let mut waiters = self
+                .inner
+                .waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             waiters
                 .entry(id.to_owned())
                 .or_insert_with(|| watch::channel(RequestStatus::Pending).0)
@@ -849,7 +879,11 @@ impl GrantEngine {
             .await?
             .ok_or_else(|| EngineError::NotFound(format!("no request {id}")))?;
         if current.status != RequestStatus::Pending {
-            self.inner.waiters.lock().expect("waiters lock").remove(id);
+            self.inner
+                .waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(id);
             return Ok(current);
         }
         let mut rx = rx;
@@ -889,7 +923,7 @@ impl GrantEngine {
                 .inner
                 .live
                 .read()
-                .expect("grants lock")
+                .unwrap_or_else(PoisonError::into_inner)
                 .values()
                 .map(|l| l.grant.clone())
                 .collect();
@@ -904,7 +938,11 @@ impl GrantEngine {
     }
 
     pub fn live_count(&self) -> usize {
-        self.inner.live.read().expect("grants lock").len()
+        self.inner
+            .live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 
