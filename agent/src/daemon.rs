@@ -36,7 +36,10 @@ use crate::{
     ops,
     protocol::{Protocols, Services},
     proxy::{self, ProxyContext, Registry, Routes, attribute::Kernel},
-    store::{Store, audit, queries},
+    store::{
+        SharedStore, SqliteStore,
+        audit::{self, ConfigReloaded, DaemonStarted, DaemonStopped, Event, GateDetached},
+    },
     tasks::Tasks,
 };
 
@@ -46,7 +49,7 @@ const RECORD_GRACE: Duration = Duration::from_secs(5);
 /// Everything the control API reaches.
 pub struct Daemon {
     pub config: SharedConfig,
-    pub store: Store,
+    pub store: SharedStore,
     pub engine: GrantEngine,
     pub tasks: Tasks,
     pub workloads: Workloads,
@@ -193,16 +196,16 @@ impl Daemon {
         }
         let ended = self.registry.end_resources_not_in(&resources);
         let revoked = self.engine.end_unauthorized().await?;
-        let summary = serde_json::json!({
-            "config": self.config.get().path.display().to_string(),
-            "resources": resources,
-            "sessions_ended": ended,
-            "grants_revoked": revoked,
-            "restart_required_for": restart,
-        });
-        let detail = summary.clone();
+        let reloaded = ConfigReloaded {
+            config: self.config.get().path.display().to_string(),
+            resources,
+            sessions_ended: ended,
+            grants_revoked: revoked.clone(),
+            restart_required_for: restart.iter().map(|k| (*k).to_owned()).collect(),
+        };
+        let summary = serde_json::to_value(&reloaded)?;
         self.store
-            .call(move |db| audit::append(db, "config.reloaded", "jitgated", &detail).map(drop))
+            .append_audit("jitgated".into(), Event::ConfigReloaded(reloaded))
             .await?;
         info!(
             sessions_ended = ended,
@@ -216,16 +219,8 @@ impl Daemon {
     pub fn detach(&self) -> anyhow::Result<Vec<PathBuf>> {
         let pin_dir = self.config.get().daemon.bpf_pin_dir.clone();
         let removed = gate::detach(&pin_dir)?;
-        let store = self.store.clone();
-        store.submit(move |db| {
-            audit::append(
-                db,
-                "gate.detached",
-                "root",
-                &serde_json::json!({"pin_dir": pin_dir}),
-            )
-            .map(drop)
-        });
+        self.store
+            .submit_audit("root".into(), Event::GateDetached(GateDetached { pin_dir }));
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -255,11 +250,7 @@ impl Daemon {
             (stats::PROXY_DIRECT, "proxy_direct"),
             (stats::EVENTS_LOST, "events_lost"),
         ];
-        let pending = self
-            .store
-            .call(queries::count_pending_requests)
-            .await
-            .unwrap_or(0);
+        let pending = self.store.count_pending().await.unwrap_or(0);
         StatusReport {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
@@ -328,7 +319,7 @@ fn spawn_target_watch(gate: Arc<Mutex<Gate>>, shutdown: CancellationToken) {
 }
 
 /// Deletes session records older than `session_retention`, hourly. The audit log is kept.
-fn spawn_retention(store: Store, config: SharedConfig, shutdown: CancellationToken) {
+fn spawn_retention(store: SharedStore, config: SharedConfig, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(3600));
         loop {
@@ -338,10 +329,7 @@ fn spawn_retention(store: Store, config: SharedConfig, shutdown: CancellationTok
             }
             let retention = config.get().daemon.session_retention;
             let cutoff = Timestamp(Timestamp::now().millis() - retention.as_millis() as i64);
-            match store
-                .call(move |db| queries::prune_sessions(db, cutoff))
-                .await
-            {
+            match store.prune_sessions(cutoff).await {
                 Ok(0) => {}
                 Ok(n) => info!(sessions = n, "pruned session records past retention"),
                 Err(e) => warn!(error = %e, "pruning session records failed"),
@@ -360,8 +348,8 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
 
     let _lock = lock_state_dir(&config.daemon.state_dir)?;
-    let store = Store::open(&config.daemon.state_dir)?;
-    let orphans = store.call(queries::close_orphan_sessions).await?;
+    let store: SharedStore = Arc::new(SqliteStore::open(&config.daemon.state_dir)?);
+    let orphans = store.close_orphan_sessions().await?;
     if orphans > 0 {
         info!(
             sessions = orphans,
@@ -462,15 +450,12 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
     });
     server::serve(control, daemon.clone(), tracker.clone());
     store
-        .call(|db| {
-            audit::append(
-                db,
-                "daemon.started",
-                "jitgated",
-                &serde_json::json!({"pid": std::process::id()}),
-            )
-            .map(drop)
-        })
+        .append_audit(
+            "jitgated".into(),
+            Event::DaemonStarted(DaemonStarted {
+                pid: std::process::id(),
+            }),
+        )
         .await?;
     if let Some((listener, handle)) = ops_endpoint {
         ops::http::serve(listener, daemon.clone(), handle, shutdown.clone(), &tracker);
@@ -514,9 +499,7 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         warn!("some sessions did not finish recording before the drain timeout");
     }
     let _ = store
-        .call(|db| {
-            audit::append(db, "daemon.stopped", "jitgated", &serde_json::json!({})).map(drop)
-        })
+        .append_audit("jitgated".into(), Event::DaemonStopped(DaemonStopped {}))
         .await;
     store.flush().await.ok();
     let _ = std::fs::remove_file(&config.daemon.socket);

@@ -9,7 +9,7 @@
 //! * [`grants`]: requests, policy, approvals, grants, expiry.
 //! * [`tasks`]: `jitgate run` task cgroups and their lifetime.
 //! * [`identity`]: users, groups, and which workload a cgroup is.
-//! * [`store`]: the SQLite state store and the hash-chained audit log.
+//! * [`store`]: the state store trait (SQLite and in-memory backends), the hash-chained audit log.
 //! * [`control`]: the Unix-socket API the CLI speaks.
 //! * [`daemon`]: start-up order, reload, shutdown.
 //! * [`ops`]: metrics and health endpoint, systemd readiness and watchdog, logging.

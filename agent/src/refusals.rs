@@ -12,7 +12,6 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use jitgate_common::{RefusalEvent, stats};
-use serde_json::json;
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -20,7 +19,10 @@ use tracing::{info, warn};
 use crate::{
     gate::{decode_event, rules::from_words},
     identity::{Attribution, Workloads},
-    store::{Store, audit},
+    store::{
+        SharedStore,
+        audit::{Event, KernelRefusal},
+    },
 };
 
 /// Events with the same key within this window become one audit record.
@@ -56,11 +58,11 @@ fn reason_name(reason: u8) -> &'static str {
     }
 }
 
-fn kind(reason: u8) -> &'static str {
+fn event(reason: u8, refusal: KernelRefusal) -> Event {
     match u32::from(reason) {
-        stats::SOCK_DENIED => "socket.refused",
-        stats::BIND_DENIED => "bind.refused",
-        _ => "connect.refused",
+        stats::SOCK_DENIED => Event::SocketRefused(refusal),
+        stats::BIND_DENIED => Event::BindRefused(refusal),
+        _ => Event::ConnectRefused(refusal),
     }
 }
 
@@ -71,7 +73,7 @@ struct Folded {
     pids: Vec<u32>,
 }
 
-fn flush(pending: &mut HashMap<Key, Folded>, store: &Store) {
+fn flush(pending: &mut HashMap<Key, Folded>, store: &SharedStore) {
     for (key, folded) in pending.drain() {
         let Folded {
             attribution,
@@ -93,19 +95,18 @@ fn flush(pending: &mut HashMap<Key, Folded>, store: &Store) {
             "workload {}",
             attribution.as_ref().map_or("?", |a| a.identity.as_str())
         );
-        let detail = json!({
-            "identity": attribution.as_ref().map(|a| &a.identity),
-            "task": attribution.as_ref().and_then(|a| a.task.as_ref()),
-            "pids": pids,
-            "uid": key.uid,
-            "destination": destination,
-            "socket_type": key.sock_type,
-            "protocol": key.protocol,
-            "reason": reason,
-            "count": count,
-        });
-        let kind = kind(key.reason);
-        store.submit(move |db| audit::append(db, kind, &actor, &detail).map(drop));
+        let refusal = KernelRefusal {
+            identity: attribution.as_ref().map(|a| a.identity.clone()),
+            task: attribution.as_ref().and_then(|a| a.task.clone()),
+            pids,
+            uid: key.uid,
+            destination,
+            socket_type: key.sock_type,
+            protocol: key.protocol,
+            reason: reason.to_owned(),
+            count,
+        };
+        store.submit_audit(actor, event(key.reason, refusal));
     }
 }
 
@@ -113,7 +114,7 @@ fn flush(pending: &mut HashMap<Key, Folded>, store: &Store) {
 pub fn spawn(
     events: RingBuf<MapData>,
     workloads: Workloads,
-    store: Store,
+    store: SharedStore,
     shutdown: CancellationToken,
 ) {
     tokio::spawn(async move {

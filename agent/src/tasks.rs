@@ -11,7 +11,6 @@ use std::{
 };
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
-use serde_json::json;
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -23,7 +22,7 @@ use crate::{
     identity::{self, Attribution, Caller, Workloads},
     ids,
     model::{Request, Task, Timestamp},
-    store::{Store, audit, queries},
+    store::SharedStore,
 };
 
 /// A grant asked for on the `jitgate run` command line.
@@ -79,7 +78,7 @@ pub struct Tasks {
 }
 
 struct Inner {
-    store: Store,
+    store: SharedStore,
     engine: GrantEngine,
     workloads: Workloads,
     config: SharedConfig,
@@ -91,7 +90,7 @@ struct Inner {
 impl Tasks {
     /// Starts the cgroup watcher and resumes (or ends) tasks recorded as running.
     pub async fn start(
-        store: Store,
+        store: SharedStore,
         engine: GrantEngine,
         workloads: Workloads,
         config: SharedConfig,
@@ -120,7 +119,7 @@ impl Tasks {
             }
         });
 
-        let recorded = tasks.inner.store.call(queries::running_tasks).await?;
+        let recorded = tasks.inner.store.running_tasks().await?;
         for task in recorded {
             let path = tasks.inner.mount.join(&task.cgroup);
             if cgroup::is_populated(&path).unwrap_or(false) {
@@ -223,21 +222,8 @@ impl Tasks {
             started_at: Timestamp::now(),
             ended_at: None,
         };
-        let t = task.clone();
         let label = format!("user {}", caller.user);
-        self.inner
-            .store
-            .call(move |db| {
-                queries::insert_task(db, &t)?;
-                audit::append(
-                    db,
-                    "task.started",
-                    &label,
-                    &json!({"task": t.id, "identity": t.identity, "run_as_uid": t.run_as_uid, "command": t.command, "reason": t.reason}),
-                )?;
-                Ok(())
-            })
-            .await?;
+        self.inner.store.start_task(task.clone(), label).await?;
         self.track(&task_id, &spec.identity, path, cgroup_id);
         info!(task = %task_id, identity = %spec.identity, launcher = %caller.user, "task started");
 
@@ -273,17 +259,7 @@ impl Tasks {
         if let Err(e) = self.inner.engine.task_ended(task).await {
             warn!(task, error = %e, "could not end the task's grants");
         }
-        let key = task.to_owned();
-        let result = self
-            .inner
-            .store
-            .call(move |db| {
-                if queries::end_task(db, &key)? {
-                    audit::append(db, "task.ended", "jitgated", &json!({"task": key}))?;
-                }
-                Ok(())
-            })
-            .await;
+        let result = self.inner.store.end_task(task.to_owned()).await;
         if let Err(e) = result {
             warn!(task, error = %e, "could not record the end of the task");
         }

@@ -1,5 +1,5 @@
 //! Test support shared by the middle layer of tests: a proxy whose attributor is a fake and
-//! whose store lives in a temporary directory, so that whole sessions of any protocol run
+//! whose store is the in-memory one, so that whole sessions of any protocol run
 //! over in-memory pipes in plain `cargo test`, without root.
 
 use std::{
@@ -27,7 +27,7 @@ use crate::{
         attribute::{Attributor, Origin},
         session::handle_conn,
     },
-    store::Store,
+    store::{MemoryStore, SharedStore},
 };
 
 /// Attributes every connection to one workload going to one destination, unless told the
@@ -139,7 +139,7 @@ approval = "auto"
             vec!["svc".into()],
         );
         let shared = SharedConfig::new(config);
-        let store = Store::open(&state).expect("store");
+        let store: SharedStore = Arc::new(MemoryStore::default());
         let shutdown = CancellationToken::new();
         let engine = GrantEngine::start(store.clone(), shared.clone(), shutdown.clone())
             .await

@@ -21,7 +21,6 @@ use crate::{
     grants::{EngineError, RequestSpec},
     identity::{Caller, principal_matches},
     model::Timestamp,
-    store::{audit, queries},
 };
 
 /// Longest a `Wait` call may block.
@@ -275,11 +274,7 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
                 return r;
             }
             let limit = limit.clamp(1, 10_000);
-            match daemon
-                .store
-                .call(move |db| queries::list_sessions(db, !all, limit))
-                .await
-            {
+            match daemon.store.sessions(!all, limit).await {
                 Ok(mut sessions) => {
                     if caller.is_workload() {
                         let own = caller.workload.as_ref().map(|w| w.identity.clone());
@@ -297,22 +292,13 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
             }
         }
         Call::SessionShow { id } => {
-            let key = id.clone();
-            let found = daemon
-                .store
-                .call(move |db| {
-                    let Some(session) = queries::get_session(db, &key)? else {
-                        return Ok(None);
-                    };
-                    let statements = queries::session_statements(db, &key)?;
-                    let events = audit::for_session(db, &key)?;
-                    Ok(Some(super::api::SessionDetail {
-                        session,
-                        statements,
-                        events,
-                    }))
+            let found = daemon.store.session_history(id.clone()).await.map(|h| {
+                h.map(|h| super::api::SessionDetail {
+                    session: h.session,
+                    statements: h.statements,
+                    events: h.events,
                 })
-                .await;
+            });
             match found {
                 Ok(Some(mut detail)) => {
                     if let Some(r) = own_or_operators(daemon, caller, "read a session") {
@@ -342,11 +328,7 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
                 return r;
             }
             let limit = limit.clamp(1, 100_000);
-            match daemon
-                .store
-                .call(move |db| audit::list(db, since, limit))
-                .await
-            {
+            match daemon.store.audit_log(since, limit).await {
                 Ok(events) => Reply::ok(events),
                 Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
             }
@@ -355,8 +337,7 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
             if let Some(r) = operators_only(daemon, caller, "verify the audit log") {
                 return r;
             }
-            let head = daemon.state_dir().join(audit::HEAD_FILE);
-            match daemon.store.call(move |db| audit::verify(db, &head)).await {
+            match daemon.store.verify_audit().await {
                 Ok(report) => Reply::ok(report),
                 Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
             }

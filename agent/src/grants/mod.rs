@@ -10,11 +10,10 @@ pub mod policy;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, PoisonError, RwLock},
     time::Duration,
 };
 
-use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -25,7 +24,10 @@ use crate::{
     ids,
     model::{Actor, Grant, Request, RequestStatus, Timestamp, human_duration},
     ops::metrics,
-    store::{Store, StoreError, audit, queries},
+    store::{
+        Decided, GrantApproval, RequestKey, SharedStore, StoreError,
+        audit::{Event, RequestRefused},
+    },
 };
 
 /// How often expiry is checked. Sessions on an expired grant close within this.
@@ -97,7 +99,7 @@ pub struct GrantEngine {
 }
 
 struct Inner {
-    store: Store,
+    store: SharedStore,
     config: SharedConfig,
     live: RwLock<HashMap<String, LiveGrant>>,
     waiters: Mutex<HashMap<String, watch::Sender<RequestStatus>>>,
@@ -113,12 +115,12 @@ fn actor_label(actor: &Actor) -> String {
 impl GrantEngine {
     /// Loads live grants from the store and starts the expiry sweeper.
     pub async fn start(
-        store: Store,
+        store: SharedStore,
         config: SharedConfig,
         shutdown: CancellationToken,
     ) -> Result<Self, EngineError> {
         let now = Timestamp::now();
-        let grants = store.call(move |db| queries::live_grants(db, now)).await?;
+        let grants = store.live_grants(now).await?;
         let live = grants
             .into_iter()
             .map(|g| {
@@ -163,7 +165,11 @@ impl GrantEngine {
         access: Access,
     ) -> Option<GrantHandle> {
         let now = Timestamp::now();
-        let live = self.inner.live.read().expect("grants lock");
+        let live = self
+            .inner
+            .live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         live.values()
             .filter(|l| {
                 let g = &l.grant;
@@ -278,39 +284,28 @@ impl GrantEngine {
         let verdict = policy::evaluate(config, identity, &resource, access, ttl);
         let label = actor_label(&actor);
         if let policy::Verdict::Refused { reason } = &verdict {
-            let detail = json!({
-                "identity": identity, "resource": resource, "access": access,
-                "ttl_secs": ttl.as_secs(), "task": task, "reason": reason,
+            let event = Event::RequestRefused(RequestRefused {
+                identity: identity.to_owned(),
+                resource: resource.clone(),
+                access,
+                ttl_secs: ttl.as_secs(),
+                task: task.map(str::to_owned),
+                reason: reason.clone(),
             });
-            self.inner
-                .store
-                .call(move |db| audit::append(db, "request.refused", &label, &detail).map(drop))
-                .await?;
+            self.inner.store.append_audit(label, event).await?;
             return Err(EngineError::Refused(reason.clone()));
         }
 
         // One pending request per (identity, task, resource, access): asking again (or
         // connecting again while held) joins the request already waiting.
-        let (id, r, t) = (
-            identity.to_owned(),
-            resource.clone(),
-            task.map(str::to_owned),
-        );
         let existing = self
             .inner
             .store
-            .call(move |db| {
-                Ok(
-                    queries::list_requests(db, Some(RequestStatus::Pending), 10_000)?
-                        .into_iter()
-                        .find(|q| {
-                            q.identity == id
-                                && q.resource == r
-                                && q.task == t
-                                && q.access == access
-                                && q.statement.is_none()
-                        }),
-                )
+            .pending_request(RequestKey {
+                identity: identity.to_owned(),
+                task: task.map(str::to_owned),
+                resource: resource.clone(),
+                access,
             })
             .await?;
         if let Some(q) = existing {
@@ -349,55 +344,30 @@ impl GrantEngine {
             request.decided_at = Some(now);
             request.decision_reason = Some(format!("auto-approved by policy {policy_name}"));
             request.grant = Some(grant.id.clone());
-            let (q, g) = (request.clone(), grant.clone());
             self.inner
                 .store
-                .call(move |db| {
-                    queries::insert_request(db, &q)?;
-                    queries::insert_grant(db, &g)?;
-                    audit::append(db, "request.filed", &label, &request_detail(&q))?;
-                    audit::append(
-                        db,
-                        "grant.issued",
-                        &format!("policy {}", g.policy),
-                        &grant_detail(&g),
-                    )?;
-                    Ok(())
-                })
+                .file_approved(request.clone(), grant.clone(), label)
                 .await?;
             info!(request = %request.id, grant = %grant.id, identity, resource = %resource, %access, "auto-approved");
             self.activate(grant);
         } else {
-            let detail = request_detail(&request);
-            self.file_pending(&request, "request.filed", label, detail)
-                .await?;
+            self.file_pending(&request, label).await?;
             info!(request = %request.id, identity, resource = %resource, %access, "request pending approval");
         }
         Ok(request)
     }
 
     /// Stores a pending request with its audit entry, then lets waiters wait on it.
-    async fn file_pending(
-        &self,
-        request: &Request,
-        event: &'static str,
-        label: String,
-        detail: serde_json::Value,
-    ) -> Result<(), EngineError> {
-        let q = request.clone();
+    async fn file_pending(&self, request: &Request, label: String) -> Result<(), EngineError> {
         self.inner
             .store
-            .call(move |db| {
-                queries::insert_request(db, &q)?;
-                audit::append(db, event, &label, &detail)?;
-                Ok(())
-            })
+            .file_request(request.clone(), label)
             .await?;
         let (tx, _) = watch::channel(RequestStatus::Pending);
         self.inner
             .waiters
             .lock()
-            .expect("waiters lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(request.id.clone(), tx);
         Ok(())
     }
@@ -427,7 +397,7 @@ impl GrantEngine {
         self.inner
             .live
             .write()
-            .expect("grants lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .insert(grant.id.clone(), LiveGrant { grant, state });
     }
 
@@ -477,12 +447,7 @@ impl GrantEngine {
             statement: Some(statement.to_owned()),
             session: Some(session.to_owned()),
         };
-        let detail = json!({
-            "request": request.id, "session": request.session, "resource": request.resource,
-            "rule": request.policy, "statement": request.statement,
-        });
-        self.file_pending(&request, "statement.held", actor_label(&actor), detail)
-            .await?;
+        self.file_pending(&request, actor_label(&actor)).await?;
         info!(request = %request.id, identity = %workload.identity, resource, rule, "statement held for approval");
         Ok(request)
     }
@@ -495,32 +460,15 @@ impl GrantEngine {
         let by = caller.actor();
         let label = actor_label(&by);
         let id = request.id.clone();
-        let key = id.clone();
-        let decided = self
+        let decided = match self
             .inner
             .store
-            .call(move |db| {
-                if !queries::decide_request(
-                    db,
-                    &key,
-                    RequestStatus::Approved,
-                    Some(&by),
-                    None,
-                    None,
-                )? {
-                    return Err(StoreError::Invalid(format!(
-                        "request {key} was decided meanwhile"
-                    )));
-                }
-                audit::append(db, "statement.approved", &label, &json!({"request": key}))?;
-                queries::get_request(db, &key)?
-                    .ok_or_else(|| StoreError::Invalid(format!("request {key} vanished")))
-            })
-            .await
-            .map_err(|e| match e {
-                StoreError::Invalid(m) => EngineError::Conflict(m),
-                other => EngineError::Store(other),
-            })?;
+            .approve_statement(id.clone(), by, label)
+            .await?
+        {
+            Decided::Done(q) => *q,
+            Decided::NotPending | Decided::TaskEnded => return Err(decided_meanwhile(&id)),
+        };
         info!(request = %id, approver = %caller.user, "statement approved");
         metrics::approval_decided("statement", "approved", request.created_at);
         self.notify(&id, RequestStatus::Approved);
@@ -531,11 +479,10 @@ impl GrantEngine {
     }
 
     async fn pending(&self, id: &str) -> Result<Request, EngineError> {
-        let key = id.to_owned();
         let request = self
             .inner
             .store
-            .call(move |db| queries::get_request(db, &key))
+            .request(id.to_owned())
             .await?
             .ok_or_else(|| EngineError::NotFound(format!("no request {id}")))?;
         if request.status != RequestStatus::Pending {
@@ -620,61 +567,27 @@ impl GrantEngine {
         }
         let approver = caller.actor();
         let grant = self.new_grant(&request, ttl, caller.user.clone());
-        let (g, by) = (grant.clone(), approver.clone());
-        let label = actor_label(&approver);
-        let task_over = self
-            .inner
-            .store
-            .call(move |db| {
-                if let Some(task) = &g.task {
-                    let ended: Option<Option<i64>> = db
-                        .query_row("SELECT ended_at FROM tasks WHERE id = ?1", [task], |r| {
-                            r.get(0)
-                        })
-                        .ok();
-                    if matches!(ended, Some(Some(_))) {
-                        return Ok(true);
-                    }
-                }
-                if !queries::decide_request(
-                    db,
-                    &g.request,
-                    RequestStatus::Approved,
-                    Some(&by),
-                    None,
-                    Some(&g.id),
-                )? {
-                    return Err(StoreError::Invalid(format!(
-                        "request {} was decided meanwhile",
-                        g.request
-                    )));
-                }
-                queries::insert_grant(db, &g)?;
-                audit::append(
-                    db,
-                    "request.approved",
-                    &label,
-                    &json!({"request": g.request, "grant": g.id, "ttl_secs": ttl.as_secs()}),
-                )?;
-                audit::append(db, "grant.issued", &label, &grant_detail(&g))?;
-                Ok(false)
-            })
-            .await
-            .map_err(|e| match e {
-                StoreError::Invalid(m) => EngineError::Conflict(m),
-                other => EngineError::Store(other),
-            })?;
-        if task_over {
-            return Err(EngineError::Conflict(format!(
-                "request {id} was for task {}, which has ended",
-                request.task.unwrap_or_default()
-            )));
-        }
+        let approval = GrantApproval {
+            grant: grant.clone(),
+            actor: actor_label(&approver),
+            approver,
+            ttl_secs: ttl.as_secs(),
+        };
+        let decided = match self.inner.store.approve_request(approval).await? {
+            Decided::Done(q) => *q,
+            Decided::NotPending => return Err(decided_meanwhile(id)),
+            Decided::TaskEnded => {
+                return Err(EngineError::Conflict(format!(
+                    "request {id} was for task {}, which has ended",
+                    request.task.unwrap_or_default()
+                )));
+            }
+        };
         info!(request = %id, grant = %grant.id, approver = %caller.user, "approved");
         metrics::approval_decided("grant", "approved", request.created_at);
         self.activate(grant.clone());
         self.notify(id, RequestStatus::Approved);
-        let request = self.request(id).await?.unwrap_or(request);
+        let request = decided;
         Ok(Approved {
             request,
             grant: Some(grant),
@@ -697,46 +610,24 @@ impl GrantEngine {
         }
         let by = caller.actor();
         let label = actor_label(&by);
-        let (key, r) = (id.to_owned(), reason.clone());
-        self.inner
+        let decided = match self
+            .inner
             .store
-            .call(move |db| {
-                if !queries::decide_request(
-                    db,
-                    &key,
-                    RequestStatus::Denied,
-                    Some(&by),
-                    r.as_deref(),
-                    None,
-                )? {
-                    return Err(StoreError::Invalid(format!(
-                        "request {key} was decided meanwhile"
-                    )));
-                }
-                audit::append(
-                    db,
-                    "request.denied",
-                    &label,
-                    &json!({"request": key, "reason": r}),
-                )?;
-                queries::get_request(db, &key)?
-                    .ok_or_else(|| StoreError::Invalid(format!("request {key} vanished")))
-            })
-            .await
-            .map_err(|e| match e {
-                StoreError::Invalid(m) => EngineError::Conflict(m),
-                other => EngineError::Store(other),
-            })
-            .inspect(|_| {
-                info!(request = %id, by = %caller.user, "denied");
-                let kind = if request.statement.is_some() {
-                    "statement"
-                } else {
-                    "grant"
-                };
-                metrics::approval_decided(kind, "denied", request.created_at);
-                self.notify(id, RequestStatus::Denied);
-            })
+            .deny_request(id.to_owned(), by, label, reason)
+            .await?
+        {
+            Decided::Done(q) => *q,
+            Decided::NotPending | Decided::TaskEnded => return Err(decided_meanwhile(id)),
+        };
+        info!(request = %id, by = %caller.user, "denied");
+        let kind = if request.statement.is_some() {
+            "statement"
+        } else {
+            "grant"
+        };
+        metrics::approval_decided(kind, "denied", request.created_at);
+        self.notify(id, RequestStatus::Denied);
+        Ok(decided)
     }
 
     /// Revokes a live grant: every session riding on it closes.
@@ -747,16 +638,15 @@ impl GrantEngine {
         reason: Option<String>,
     ) -> Result<Grant, EngineError> {
         let grant = {
-            let live = self.inner.live.read().expect("grants lock");
+            let live = self
+                .inner
+                .live
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
             live.get(id).map(|l| l.grant.clone())
         };
         let Some(grant) = grant else {
-            let key = id.to_owned();
-            let stored = self
-                .inner
-                .store
-                .call(move |db| queries::get_grant(db, &key))
-                .await?;
+            let stored = self.inner.store.grant(id.to_owned()).await?;
             return Err(match stored {
                 Some(g) => EngineError::Conflict(format!(
                     "grant {id} is already {}",
@@ -807,11 +697,10 @@ impl GrantEngine {
         )
         .await?;
         info!(grant = %id, by = %caller.user, "revoked");
-        let key = id.to_owned();
         Ok(self
             .inner
             .store
-            .call(move |db| queries::get_grant(db, &key))
+            .grant(id.to_owned())
             .await?
             .unwrap_or(grant))
     }
@@ -824,28 +713,22 @@ impl GrantEngine {
         reason: &str,
         state: GrantState,
     ) -> Result<(), EngineError> {
-        let (key, who, why) = (id.to_owned(), by.to_owned(), reason.to_owned());
-        self.inner
-            .store
-            .call(move |db| {
-                match state {
-                    GrantState::Revoked => {
-                        queries::revoke_grant(db, &key, &who, &why)?;
-                        audit::append(
-                            db,
-                            "grant.revoked",
-                            &who,
-                            &json!({"grant": key, "reason": why}),
-                        )?;
-                    }
-                    _ => {
-                        audit::append(db, "grant.expired", "jitgated", &json!({"grant": key}))?;
-                    }
-                }
-                Ok(())
-            })
-            .await?;
-        if let Some(l) = self.inner.live.write().expect("grants lock").remove(id) {
+        let store = &self.inner.store;
+        match state {
+            GrantState::Revoked => {
+                store
+                    .revoke_grant(id.to_owned(), by.to_owned(), reason.to_owned())
+                    .await?;
+            }
+            _ => store.expire_grant(id.to_owned()).await?,
+        }
+        if let Some(l) = self
+            .inner
+            .live
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id)
+        {
             l.state.send_replace(state);
         }
         Ok(())
@@ -857,7 +740,7 @@ impl GrantEngine {
             .inner
             .live
             .read()
-            .expect("grants lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .values()
             .filter(|l| l.grant.expires_at <= now)
             .map(|l| l.grant.id.clone())
@@ -871,7 +754,13 @@ impl GrantEngine {
                 Err(e) => {
                     // Cut the sessions anyway: the grant's time is up whatever the store says.
                     warn!(grant = %id, error = %e, "could not record expiry; ending sessions regardless");
-                    if let Some(l) = self.inner.live.write().expect("grants lock").remove(&id) {
+                    if let Some(l) = self
+                        .inner
+                        .live
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&id)
+                    {
                         l.state.send_replace(GrantState::Expired);
                     }
                 }
@@ -893,7 +782,7 @@ impl GrantEngine {
             .inner
             .live
             .read()
-            .expect("grants lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .values()
             .filter(|l| !allowed(&l.grant))
             .map(|l| l.grant.id.clone())
@@ -917,7 +806,7 @@ impl GrantEngine {
             .inner
             .live
             .read()
-            .expect("grants lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .values()
             .filter(|l| l.grant.task.as_deref() == Some(task))
             .map(|l| l.grant.id.clone())
@@ -932,27 +821,10 @@ impl GrantEngine {
             .await?;
             info!(grant = %id, task, "revoked: task ended");
         }
-        let key = task.to_owned();
         let lapsed = self
             .inner
             .store
-            .call(move |db| {
-                let pending: Vec<String> =
-                    queries::list_requests(db, Some(RequestStatus::Pending), 10_000)?
-                        .into_iter()
-                        .filter(|q| q.task.as_deref() == Some(key.as_str()))
-                        .map(|q| q.id)
-                        .collect();
-                for id in &pending {
-                    expire_request(
-                        db,
-                        id,
-                        &format!("task {key} ended"),
-                        &json!({"request": id, "task": key}),
-                    )?;
-                }
-                Ok(pending)
-            })
+            .expire_task_requests(task.to_owned())
             .await?;
         for id in lapsed {
             self.notify(&id, RequestStatus::Expired);
@@ -964,17 +836,10 @@ impl GrantEngine {
     /// session whose statement it holds ended. A later `jitgate approve` then says so instead
     /// of approving what no longer waits. Returns whether it was still pending.
     pub async fn lapse(&self, id: &str, why: &str) -> Result<bool, EngineError> {
-        let (key, reason) = (id.to_owned(), why.to_owned());
         let lapsed = self
             .inner
             .store
-            .call(move |db| match queries::get_request(db, &key)? {
-                Some(q) if q.status == RequestStatus::Pending => {
-                    expire_request(db, &key, &reason, &json!({"request": key, "why": reason}))?;
-                    Ok(true)
-                }
-                _ => Ok(false),
-            })
+            .expire_request(id.to_owned(), why.to_owned())
             .await?;
         if lapsed {
             self.notify(id, RequestStatus::Expired);
@@ -983,7 +848,13 @@ impl GrantEngine {
     }
 
     fn notify(&self, id: &str, status: RequestStatus) {
-        if let Some(tx) = self.inner.waiters.lock().expect("waiters lock").remove(id) {
+        if let Some(tx) = self
+            .inner
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id)
+        {
             tx.send_replace(status);
         }
     }
@@ -991,40 +862,41 @@ impl GrantEngine {
     /// Waits until request `id` is decided or `timeout` passes; returns it as it then stands.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Request, EngineError> {
         let rx = {
-            let mut waiters = self.inner.waiters.lock().expect("waiters lock");
+            let mut waiters = self
+                .inner
+                .waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             waiters
                 .entry(id.to_owned())
                 .or_insert_with(|| watch::channel(RequestStatus::Pending).0)
                 .subscribe()
         };
-        let key = id.to_owned();
         let current = self
             .inner
             .store
-            .call(move |db| queries::get_request(db, &key))
+            .request(id.to_owned())
             .await?
             .ok_or_else(|| EngineError::NotFound(format!("no request {id}")))?;
         if current.status != RequestStatus::Pending {
-            self.inner.waiters.lock().expect("waiters lock").remove(id);
+            self.inner
+                .waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(id);
             return Ok(current);
         }
         let mut rx = rx;
         let _ = tokio::time::timeout(timeout, rx.wait_for(|s| *s != RequestStatus::Pending)).await;
-        let key = id.to_owned();
         self.inner
             .store
-            .call(move |db| queries::get_request(db, &key))
+            .request(id.to_owned())
             .await?
             .ok_or_else(|| EngineError::NotFound(format!("no request {id}")))
     }
 
     pub async fn request(&self, id: &str) -> Result<Option<Request>, EngineError> {
-        let key = id.to_owned();
-        Ok(self
-            .inner
-            .store
-            .call(move |db| queries::get_request(db, &key))
-            .await?)
+        Ok(self.inner.store.request(id.to_owned()).await?)
     }
 
     /// Pending requests `caller` may see (workloads see their own identity's).
@@ -1032,7 +904,7 @@ impl GrantEngine {
         let mut pending = self
             .inner
             .store
-            .call(|db| queries::list_requests(db, Some(RequestStatus::Pending), 1000))
+            .requests(Some(RequestStatus::Pending), 1000)
             .await?;
         if caller.is_workload() {
             let own = caller.workload.as_ref().map(|w| w.identity.clone());
@@ -1045,16 +917,13 @@ impl GrantEngine {
     /// Grants `caller` may see: live ones, or all recent ones with `all`.
     pub async fn grants(&self, caller: &Caller, all: bool) -> Result<Vec<Grant>, EngineError> {
         let mut grants = if all {
-            self.inner
-                .store
-                .call(|db| queries::list_grants(db, 1000))
-                .await?
+            self.inner.store.grants(1000).await?
         } else {
             let mut live: Vec<Grant> = self
                 .inner
                 .live
                 .read()
-                .expect("grants lock")
+                .unwrap_or_else(PoisonError::into_inner)
                 .values()
                 .map(|l| l.grant.clone())
                 .collect();
@@ -1069,33 +938,17 @@ impl GrantEngine {
     }
 
     pub fn live_count(&self) -> usize {
-        self.inner.live.read().expect("grants lock").len()
+        self.inner
+            .live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 }
 
-/// Marks a pending request expired, with its audit record (`detail`), in the caller's
-/// transaction.
-fn expire_request(
-    db: &rusqlite::Connection,
-    id: &str,
-    why: &str,
-    detail: &serde_json::Value,
-) -> crate::store::Result<()> {
-    queries::decide_request(db, id, RequestStatus::Expired, None, Some(why), None)?;
-    audit::append(db, "request.expired", "jitgated", detail)?;
-    Ok(())
+fn decided_meanwhile(id: &str) -> EngineError {
+    EngineError::Conflict(format!("request {id} was decided meanwhile"))
 }
 
-fn request_detail(q: &Request) -> serde_json::Value {
-    json!({
-        "request": q.id, "identity": q.identity, "resource": q.resource, "access": q.access,
-        "ttl_secs": q.ttl.as_secs(), "task": q.task, "reason": q.reason, "policy": q.policy,
-    })
-}
-
-fn grant_detail(g: &Grant) -> serde_json::Value {
-    json!({
-        "grant": g.id, "request": g.request, "identity": g.identity, "resource": g.resource,
-        "access": g.access, "task": g.task, "expires_at": g.expires_at, "approved_by": g.approved_by,
-    })
-}
+#[cfg(test)]
+mod tests;

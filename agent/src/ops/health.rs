@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::{daemon::Daemon, store::queries};
+use crate::daemon::Daemon;
 
 /// How long the store may take to answer before the agent counts as unhealthy.
 const STORE_DEADLINE: Duration = Duration::from_secs(2);
@@ -56,11 +56,7 @@ pub async fn check_all(daemon: &Daemon) -> Report {
         |_| Err("the gate's state is poisoned by a panic".to_owned()),
         |g| g.check_pinned(),
     );
-    let store = tokio::time::timeout(
-        STORE_DEADLINE,
-        daemon.store.call(queries::count_pending_requests),
-    )
-    .await;
+    let store = tokio::time::timeout(STORE_DEADLINE, daemon.store.count_pending()).await;
     let (store, pending) = match store {
         Ok(Ok(n)) => (Ok(()), Some(n)),
         Ok(Err(e)) => (Err(format!("the state store failed: {e}")), None),

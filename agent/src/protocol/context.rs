@@ -17,14 +17,14 @@ use crate::{
     identity::Attribution,
     inspect::tls::LocalCa,
     model::{RequestStatus, SessionOutcome},
-    store::Store,
+    store::SharedStore,
 };
 
 /// The agent's services every session may use, shared by all of them.
 pub struct Services {
     pub config: SharedConfig,
     pub engine: GrantEngine,
-    pub store: Store,
+    pub store: SharedStore,
     /// Live sessions, as `jitgate sessions` and reloads see them.
     pub registry: Registry,
     /// Signs certificates for client-side TLS (the host-local CA).

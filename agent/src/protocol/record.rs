@@ -6,7 +6,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -19,7 +18,7 @@ use crate::{
     grants::GrantHandle,
     identity::Attribution,
     model::{Session, SessionOutcome, Timestamp},
-    store::{Store, audit, queries},
+    store::SharedStore,
 };
 
 /// The session record being built up as the connection progresses.
@@ -86,26 +85,12 @@ impl Record {
     }
 
     /// Writes the open session (once relaying starts) so `jitgate sessions` shows it.
-    pub(crate) fn open(&mut self, store: &Store, protocol: &'static str) {
+    pub(crate) fn open(&mut self, store: &SharedStore, protocol: &'static str) {
         crate::ops::metrics::session_setup(
             protocol,
             self.accepted.elapsed().saturating_sub(self.held),
         );
-        let s = self.session.clone();
-        store.submit(move |db| {
-            queries::insert_session(db, &s)?;
-            audit::append(
-                db,
-                "session.start",
-                &format!("workload {}", s.identity.as_deref().unwrap_or("?")),
-                &json!({
-                    "session": s.id, "identity": s.identity, "task": s.task, "resource": s.resource,
-                    "grant": s.grant, "destination": s.destination, "pid": s.pid, "uid": s.uid,
-                    "command": s.command,
-                }),
-            )?;
-            Ok(())
-        });
+        store.session_opened(self.session.clone());
         self.inserted = true;
     }
 
@@ -137,43 +122,10 @@ impl Record {
                 "session ended"
             ),
         }
-        let s = s.clone();
-        services.store.submit(move |db| {
-            let actor = format!("workload {}", s.identity.as_deref().unwrap_or("?"));
-            if refused {
-                queries::insert_session(db, &s)?;
-                audit::append(
-                    db,
-                    "session.refused",
-                    &actor,
-                    &json!({
-                        "session": s.id, "identity": s.identity, "task": s.task,
-                        "resource": s.resource, "destination": s.destination, "pid": s.pid,
-                        "uid": s.uid, "command": s.command, "outcome": s.outcome,
-                        "reason": s.detail,
-                    }),
-                )?;
-            } else {
-                queries::end_session(
-                    db,
-                    &s.id,
-                    s.ended_at.unwrap_or_else(Timestamp::now),
-                    s.bytes_up,
-                    s.bytes_down,
-                    s.outcome,
-                    &s.detail,
-                )?;
-                audit::append(
-                    db,
-                    "session.end",
-                    &actor,
-                    &json!({
-                        "session": s.id, "outcome": s.outcome, "bytes_up": s.bytes_up,
-                        "bytes_down": s.bytes_down, "grant": s.grant, "detail": s.detail,
-                    }),
-                )?;
-            }
-            Ok(())
-        });
+        if refused {
+            services.store.session_refused(self.session);
+        } else {
+            services.store.session_ended(self.session);
+        }
     }
 }

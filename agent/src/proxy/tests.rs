@@ -1,5 +1,5 @@
-//! The proxy and the tcp protocol driven over in-memory pipes, with a fake attributor and a
-//! store in a temporary directory: no root, no BPF, no socket to the workload. The kernel
+//! The proxy and the tcp protocol driven over in-memory pipes, with a fake attributor and the
+//! in-memory store: no root, no BPF, no socket to the workload. The kernel
 //! side of the same paths is covered end to end in `tests/`.
 
 use std::time::Duration;

@@ -1,35 +1,43 @@
-//! The embedded state store: SQLite (WAL, `synchronous = FULL`) owned by one thread.
+//! The state store: what the agent keeps (requests, grants, tasks, sessions, statement
+//! records, the audit log), behind one domain-level trait, [`Store`].
 //!
-//! Every database operation is a closure sent to that thread. The thread runs whatever is
-//! queued in one transaction (one fsync for many operations), each closure in its own
-//! savepoint so one failure does not undo the others, and only answers the callers once the
-//! transaction is durable: an approval that was acknowledged survives `kill -9`.
+//! Every method that answers is one transaction, and answers only once that transaction is
+//! durable: an approval that was acknowledged survives `kill -9`. Each change is written with
+//! its audit record in the same transaction. The fire-and-forget methods (session
+//! bookkeeping, statement records, kernel refusals) return at once: the backend batches them
+//! (the SQLite store lingers up to 100 ms for company, so busy sessions share one fsync), and
+//! a later answered call sees every write queued before it.
 //!
-//! Fire-and-forget writes (statement records, session bookkeeping) linger up to
-//! [`LINGER`] for company before they commit, so that busy sessions share one fsync instead
-//! of paying one each; a waiting caller ends the lingering at once, and sees every write
-//! queued before it.
+//! Backends: [`sqlite::SqliteStore`] (the embedded default: one writer thread, group commit)
+//! and [`memory::MemoryStore`] (for tests). A new backend implements [`Store`] and passes the
+//! behavioural suite in `store/tests.rs`; the audit chain it keeps is sealed and verified by
+//! the pure code in [`audit`].
 
 pub mod audit;
-pub mod queries;
-mod schema;
+pub mod memory;
+pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod tests;
 
-use std::{
-    path::{Path, PathBuf},
-    sync::mpsc,
-    thread,
-    time::{Duration, Instant},
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use tokio::sync::broadcast;
+
+use crate::{
+    config::Access,
+    model::{
+        Actor, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord, Task, Timestamp,
+    },
 };
 
-use rusqlite::{Connection, TransactionBehavior};
-use tokio::sync::oneshot;
-use tracing::{error, warn};
+pub use self::{audit::VerifyReport, memory::MemoryStore, sqlite::SqliteStore};
 
 /// Errors from the state store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The backend failed (SQL error, connection lost, ...).
     #[error("state store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("state store: {0}")]
     Json(#[from] serde_json::Error),
     #[error("state store: {0}")]
@@ -44,209 +52,193 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// One queued operation. `run` executes inside a savepoint; `finish` is called after the
-/// enclosing transaction committed (or failed to).
-trait Job: Send {
-    /// Whether a caller waits for this job's commit.
-    fn awaited(&self) -> bool;
-    fn run(&mut self, db: &Connection) -> bool;
-    fn finish(self: Box<Self>, committed: std::result::Result<(), String>);
+/// The future a store method returns: boxed, so that [`Store`] can be used as `dyn Store`.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// How callers hold the store. Cheap to clone.
+pub type SharedStore = Arc<dyn Store>;
+
+/// What identifies a pending request: asking again for the same thing joins it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestKey {
+    pub identity: String,
+    pub task: Option<String>,
+    pub resource: String,
+    pub access: Access,
 }
 
-struct Call<T, F> {
-    f: Option<F>,
-    result: Option<Result<T>>,
-    reply: Option<oneshot::Sender<Result<T>>>,
+/// How a decision on a pending request went.
+#[derive(Clone, Debug)]
+pub enum Decided {
+    /// Recorded; the request as it now stands.
+    Done(Box<Request>),
+    /// The request is not (or no longer) pending: someone decided it meanwhile.
+    NotPending,
+    /// The request is for a task that has ended: nothing was recorded.
+    TaskEnded,
 }
 
-impl<T, F> Job for Call<T, F>
-where
-    T: Send,
-    F: FnOnce(&Connection) -> Result<T> + Send,
-{
-    fn awaited(&self) -> bool {
-        self.reply.is_some()
-    }
-
-    fn run(&mut self, db: &Connection) -> bool {
-        let f = self.f.take().expect("a job runs once");
-        let result = f(db);
-        let ok = result.is_ok();
-        if let Err(e) = &result
-            && self.reply.is_none()
-        {
-            warn!(error = %e, "background store write failed");
-        }
-        self.result = Some(result);
-        ok
-    }
-
-    fn finish(self: Box<Self>, committed: std::result::Result<(), String>) {
-        let Some(reply) = self.reply else { return };
-        let result = match (committed, self.result) {
-            (Ok(()), Some(r)) => r,
-            (Err(e), Some(Ok(_))) => Err(StoreError::Commit(e)),
-            (_, Some(Err(e))) => Err(e),
-            (_, None) => Err(StoreError::Closed),
-        };
-        let _ = reply.send(result);
-    }
+/// An approval that issues a grant.
+#[derive(Clone, Debug)]
+pub struct GrantApproval {
+    /// The grant to issue (its `request` names the request approved).
+    pub grant: Grant,
+    pub approver: Actor,
+    /// The approver as the audit log names them.
+    pub actor: String,
+    /// The ttl approved, as the audit record states it.
+    pub ttl_secs: u64,
 }
 
-/// Handle on the store thread. Cheap to clone.
-#[derive(Clone)]
-pub struct Store {
-    tx: mpsc::Sender<Box<dyn Job>>,
-    path: PathBuf,
+/// A change to the set of grants, as [`Store::grant_changes`] reports it.
+#[derive(Clone, Debug)]
+pub enum GrantChange {
+    Issued(Box<Grant>),
+    Revoked { grant: String },
+    Expired { grant: String },
 }
 
-/// At most this many queued operations share one transaction.
-const MAX_BATCH: usize = 512;
-
-/// How long a transaction of fire-and-forget writes only waits for more before committing.
-const LINGER: Duration = Duration::from_millis(100);
-
-impl Store {
-    /// Opens (creating and migrating) the database in `state_dir`, and the audit key beside it.
-    pub fn open(state_dir: &Path) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
-        create_private_dir(state_dir)?;
-        let path = state_dir.join("jitgate.db");
-        let mut conn = Connection::open(&path)
-            .with_context(|| format!("opening state store {}", path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        schema::migrate(&mut conn).context("migrating the state store")?;
-        let key = audit::load_or_create_key(state_dir)?;
-        let head_path = state_dir.join(audit::HEAD_FILE);
-        let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
-        thread::Builder::new()
-            .name("jitgate-store".into())
-            .spawn(move || {
-                audit::install_key(key);
-                run(conn, &rx, &head_path);
-            })
-            .context("starting the store thread")?;
-        Ok(Self { tx, path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Runs `f` on the store thread and returns its result once committed.
-    pub async fn call<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
-    {
-        let (reply, rx) = oneshot::channel();
-        let job = Call {
-            f: Some(f),
-            result: None,
-            reply: Some(reply),
-        };
-        self.tx
-            .send(Box::new(job))
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Queues `f` without waiting (session bookkeeping on the data path).
-    pub fn submit<F>(&self, f: F)
-    where
-        F: FnOnce(&Connection) -> Result<()> + Send + 'static,
-    {
-        let job: Call<(), F> = Call {
-            f: Some(f),
-            result: None,
-            reply: None,
-        };
-        if self.tx.send(Box::new(job)).is_err() {
-            warn!("state store is shut down; dropping a background write");
-        }
-    }
-
-    /// Waits until everything queued before this call is committed.
-    pub async fn flush(&self) -> Result<()> {
-        self.call(|_| Ok(())).await
-    }
+/// A session with everything recorded about it.
+#[derive(Clone, Debug)]
+pub struct SessionHistory {
+    pub session: Session,
+    pub statements: Vec<StatementRecord>,
+    /// The audit records that name the session.
+    pub events: Vec<AuditEvent>,
 }
 
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+/// The agent's durable state, named by what the domain does with it.
+///
+/// `actor` arguments are the audit log's `actor` column (`user alice`, `workload ci-bot
+/// (user ci)`, `jitgated`); the audit records themselves are built from the arguments by
+/// [`audit::Event`]'s constructors, so every backend writes the same records.
+pub trait Store: Send + Sync + 'static {
+    // -- Requests -----------------------------------------------------------------------------
 
-    use anyhow::Context as _;
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating state_dir {}", dir.display()))?;
-    }
-    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
-    if mode & 0o022 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("restricting permissions of {}", dir.display()))?;
-    }
-    Ok(())
-}
+    /// Files a request with its `request.filed` record (`statement.held` for a held
+    /// statement).
+    fn file_request(&self, request: Request, actor: String) -> StoreFuture<'_, ()>;
 
-fn run(mut conn: Connection, rx: &mpsc::Receiver<Box<dyn Job>>, head_path: &Path) {
-    let mut last_head = None;
-    while let Ok(first) = rx.recv() {
-        let linger_until = Instant::now() + LINGER;
-        let mut waited_for = first.awaited();
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            let next = if waited_for {
-                rx.try_recv().ok()
-            } else {
-                rx.recv_timeout(linger_until.saturating_duration_since(Instant::now()))
-                    .ok()
-            };
-            let Some(job) = next else { break };
-            waited_for |= job.awaited();
-            jobs.push(job);
-        }
-        let committed = run_batch(&mut conn, &mut jobs);
-        if let Err(e) = &committed {
-            error!(error = %e, "state store transaction failed");
-        }
-        for job in jobs {
-            job.finish(committed.clone());
-        }
-        if committed.is_ok() {
-            match audit::head(&conn) {
-                Ok(head) if head != last_head => {
-                    if let Some(h) = &head
-                        && let Err(e) = audit::write_head(head_path, h)
-                    {
-                        warn!(error = %e, "could not write the audit head checkpoint");
-                    }
-                    last_head = head;
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "could not read the audit head"),
-            }
-        }
-    }
-}
+    /// Files a request a policy approved at once, with the grant it issued (`request.filed`
+    /// by `actor`, `grant.issued` by `policy NAME`).
+    fn file_approved(&self, request: Request, grant: Grant, actor: String) -> StoreFuture<'_, ()>;
 
-fn run_batch(conn: &mut Connection, jobs: &mut [Box<dyn Job>]) -> std::result::Result<(), String> {
-    let mut tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(|e| e.to_string())?;
-    for job in jobs.iter_mut() {
-        let sp = tx.savepoint().map_err(|e| e.to_string())?;
-        if job.run(&sp) {
-            sp.commit().map_err(|e| e.to_string())?;
-        } else {
-            // Dropping a savepoint rolls it back.
-            drop(sp);
-        }
-    }
-    tx.commit().map_err(|e| e.to_string())
+    fn request(&self, id: String) -> StoreFuture<'_, Option<Request>>;
+
+    /// The newest pending request for `key` (not a held statement), found by index.
+    fn pending_request(&self, key: RequestKey) -> StoreFuture<'_, Option<Request>>;
+
+    /// Requests with `status` (all when `None`), newest first, at most `limit`.
+    fn requests(
+        &self,
+        status: Option<RequestStatus>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<Request>>;
+
+    fn count_pending(&self) -> StoreFuture<'_, usize>;
+
+    /// Approves a pending request and issues its grant (`request.approved`, `grant.issued`).
+    /// A request for a task that has ended is not approved.
+    fn approve_request(&self, approval: GrantApproval) -> StoreFuture<'_, Decided>;
+
+    /// Approves a held statement (`statement.approved`).
+    fn approve_statement(
+        &self,
+        id: String,
+        approver: Actor,
+        actor: String,
+    ) -> StoreFuture<'_, Decided>;
+
+    /// Denies (or withdraws) a pending request (`request.denied`).
+    fn deny_request(
+        &self,
+        id: String,
+        by: Actor,
+        actor: String,
+        reason: Option<String>,
+    ) -> StoreFuture<'_, Decided>;
+
+    /// Marks a request that is still pending as expired (`request.expired` with `why`).
+    /// Returns whether it was pending.
+    fn expire_request(&self, id: String, why: String) -> StoreFuture<'_, bool>;
+
+    /// Expires every pending request bound to `task` (`request.expired` with the task).
+    /// Returns their ids.
+    fn expire_task_requests(&self, task: String) -> StoreFuture<'_, Vec<String>>;
+
+    // -- Grants -------------------------------------------------------------------------------
+
+    /// Grants neither revoked nor expired at `now`, oldest first (restored at start-up).
+    fn live_grants(&self, now: Timestamp) -> StoreFuture<'_, Vec<Grant>>;
+
+    fn grant(&self, id: String) -> StoreFuture<'_, Option<Grant>>;
+
+    /// Grants newest first, at most `limit`.
+    fn grants(&self, limit: usize) -> StoreFuture<'_, Vec<Grant>>;
+
+    /// Revokes a grant (a no-op on the row if it is no longer live) with its `grant.revoked`
+    /// record by `actor`.
+    fn revoke_grant(&self, id: String, actor: String, reason: String) -> StoreFuture<'_, ()>;
+
+    /// Records that a grant ran out (`grant.expired`).
+    fn expire_grant(&self, id: String) -> StoreFuture<'_, ()>;
+
+    /// Grant changes as this store commits them. The engine's in-memory mirror does not need
+    /// it on a single host; a shared backend pushes other hosts' changes through it.
+    fn grant_changes(&self) -> broadcast::Receiver<GrantChange>;
+
+    // -- Tasks --------------------------------------------------------------------------------
+
+    /// Records a started task (`task.started` by `actor`).
+    fn start_task(&self, task: Task, actor: String) -> StoreFuture<'_, ()>;
+
+    /// Marks a task ended (`task.ended`); returns whether it was running.
+    fn end_task(&self, id: String) -> StoreFuture<'_, bool>;
+
+    fn running_tasks(&self) -> StoreFuture<'_, Vec<Task>>;
+
+    // -- Sessions (fire-and-forget: the data path never waits for the disk) ------------------
+
+    /// A session started relaying (`session.start`).
+    fn session_opened(&self, session: Session);
+
+    /// A session was refused before it relayed (`session.refused`).
+    fn session_refused(&self, session: Session);
+
+    /// A relaying session ended (`session.end`).
+    fn session_ended(&self, session: Session);
+
+    /// Statement records of a session, in batches (no audit record each).
+    fn record_statements(&self, batch: Vec<StatementRecord>);
+
+    /// Sessions newest first; `open_only` keeps those still relaying.
+    fn sessions(&self, open_only: bool, limit: usize) -> StoreFuture<'_, Vec<Session>>;
+
+    /// One session, its statements and the audit records naming it, read together.
+    fn session_history(&self, id: String) -> StoreFuture<'_, Option<SessionHistory>>;
+
+    /// Sessions a crash left open are over: marks them so (at start-up).
+    fn close_orphan_sessions(&self) -> StoreFuture<'_, usize>;
+
+    /// Deletes sessions (and their statements) that ended before `cutoff`. The audit log is
+    /// kept. Returns how many sessions went.
+    fn prune_sessions(&self, cutoff: Timestamp) -> StoreFuture<'_, usize>;
+
+    // -- Audit --------------------------------------------------------------------------------
+
+    /// Appends a record that goes with no other change.
+    fn append_audit(&self, actor: String, event: audit::Event) -> StoreFuture<'_, ()>;
+
+    /// Appends a record without waiting for it (kernel refusals, a detach on its way out).
+    fn submit_audit(&self, actor: String, event: audit::Event);
+
+    /// Records at or after `since`, oldest first: the newest `limit`.
+    fn audit_log(&self, since: Option<Timestamp>, limit: usize)
+    -> StoreFuture<'_, Vec<AuditEvent>>;
+
+    /// Walks the whole chain and its head checkpoint.
+    fn verify_audit(&self) -> StoreFuture<'_, VerifyReport>;
+
+    /// Waits until everything queued before this call is durable.
+    fn flush(&self) -> StoreFuture<'_, ()>;
 }

@@ -53,7 +53,6 @@ use crate::{
         refuse,
         relay::Counters,
     },
-    store::queries,
 };
 
 mod client;

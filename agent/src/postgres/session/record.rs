@@ -96,9 +96,7 @@ impl Pump<'_> {
         if batch.is_empty() {
             return;
         }
-        self.ctx
-            .store
-            .submit(move |db| queries::insert_statements(db, &batch));
+        self.ctx.store.record_statements(batch);
     }
 
     /// Sends the finished records to the store (those in flight stay).

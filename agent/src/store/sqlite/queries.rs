@@ -1,14 +1,14 @@
-//! Rows in and out of the state store. Plain functions over a connection, so they compose
-//! inside one [`super::Store::call`] (and so one transaction).
+//! Rows in and out of the state store. Plain functions over a connection, so that one store
+//! method composes several in one transaction.
 
 use std::{borrow::Cow, str::FromStr as _, time::Duration};
 
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
-use super::Result;
 use crate::{
     config::Access,
     model::{Actor, Grant, Request, RequestStatus, Session, SessionOutcome, Task, Timestamp},
+    store::{RequestKey, Result},
 };
 
 fn access_of(s: &str) -> rusqlite::Result<Access> {
@@ -104,6 +104,36 @@ pub fn list_requests(
         params![status.map(RequestStatus::as_str), limit as i64],
         request_of,
     )?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The newest pending request for `key` that is not a held statement. The partial index
+/// `requests_pending` narrows the search to pending rows.
+pub fn pending_request(db: &Connection, key: &RequestKey) -> Result<Option<Request>> {
+    Ok(db
+        .query_row(
+            &pending_request_sql(),
+            params![key.identity, key.resource, key.access.as_str(), key.task],
+            request_of,
+        )
+        .optional()?)
+}
+
+fn pending_request_sql() -> String {
+    format!(
+        "SELECT {REQUEST_COLUMNS} FROM requests
+         WHERE status = 'pending' AND identity = ?1 AND resource = ?2 AND access = ?3
+           AND task_id IS ?4 AND statement IS NULL
+         ORDER BY created_at DESC LIMIT 1"
+    )
+}
+
+/// The ids of pending requests bound to `task`.
+pub fn pending_for_task(db: &Connection, task: &str) -> Result<Vec<String>> {
+    let mut stmt = db.prepare(
+        "SELECT id FROM requests WHERE status = 'pending' AND task_id = ?1 ORDER BY created_at DESC",
+    )?;
+    let rows = stmt.query_map([task], |r| r.get(0))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
@@ -270,6 +300,16 @@ pub fn end_task(db: &Connection, id: &str) -> Result<bool> {
         params![id, Timestamp::now().millis()],
     )?;
     Ok(changed == 1)
+}
+
+/// Whether `task` is recorded as ended (an unknown task is not).
+pub fn task_ended(db: &Connection, task: &str) -> Result<bool> {
+    let ended: Option<Option<i64>> = db
+        .query_row("SELECT ended_at FROM tasks WHERE id = ?1", [task], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(matches!(ended, Some(Some(_))))
 }
 
 pub fn running_tasks(db: &Connection) -> Result<Vec<Task>> {
@@ -463,4 +503,27 @@ pub fn prune_sessions(db: &Connection, cutoff: Timestamp) -> Result<usize> {
         "DELETE FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?1",
         [cutoff.millis()],
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Joining a pending request reads pending rows through the partial index, not the table.
+    #[test]
+    fn the_pending_request_is_found_by_index() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", pending_request_sql()))
+            .unwrap()
+            .query_map(params!["a", "b", "read", None::<String>], |r| r.get(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter().any(|step| step.contains("requests_pending")),
+            "{plan:?}"
+        );
+    }
 }

@@ -1,0 +1,312 @@
+//! The grant engine over the in-memory store: filing, deciding, revoking, expiring.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{EngineError, GrantEngine, GrantState, RequestSpec};
+use crate::{
+    config::{Access, Config, SharedConfig},
+    identity::{Attribution, Caller},
+    model::RequestStatus,
+    store::{MemoryStore, SharedStore, Store as _},
+};
+
+/// Launcher 4100, approver 4200, bystander 4300 (numeric principals match without passwd).
+const CONFIG: &str = r#"
+[daemon]
+state_dir = "/tmp/jg-engine-test"
+egress = "deny"
+
+[[workload]]
+identity = "ci-bot"
+launchers = ["4100"]
+
+[[resource]]
+name = "orders-db"
+protocol = "tcp"
+address = "10.0.0.5:5432"
+
+[[resource]]
+name = "cache"
+protocol = "tcp"
+address = "10.0.0.6:6379"
+
+[[policy]]
+name = "dba-approves"
+identities = ["ci-bot"]
+resources = ["orders-db"]
+access = ["read"]
+max_ttl = "1h"
+approval = "manual"
+approvers = ["4200"]
+
+[[policy]]
+name = "cache-auto"
+identities = ["ci-bot"]
+resources = ["cache"]
+access = ["read"]
+max_ttl = "10m"
+approval = "auto"
+"#;
+
+struct Harness {
+    store: Arc<MemoryStore>,
+    engine: GrantEngine,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn harness() -> Harness {
+    let store = Arc::new(MemoryStore::default());
+    let config = Config::from_toml(Path::new("test.toml"), CONFIG).unwrap();
+    let shutdown = CancellationToken::new();
+    let shared: SharedStore = store.clone();
+    let engine = GrantEngine::start(shared, SharedConfig::new(config), shutdown.clone())
+        .await
+        .unwrap();
+    Harness {
+        store,
+        engine,
+        shutdown,
+    }
+}
+
+fn user(uid: u32) -> Caller {
+    Caller {
+        uid,
+        pid: 1,
+        user: uid.to_string(),
+        workload: None,
+        gated_unattributed: false,
+    }
+}
+
+fn workload(task: Option<&str>) -> Caller {
+    Caller {
+        uid: 1000,
+        pid: 2,
+        user: "ci".into(),
+        workload: Some(Attribution {
+            identity: "ci-bot".into(),
+            task: task.map(str::to_owned),
+        }),
+        gated_unattributed: false,
+    }
+}
+
+fn spec(resource: &str) -> RequestSpec {
+    RequestSpec {
+        resource: resource.into(),
+        access: Some(Access::Read),
+        ttl: None,
+        reason: "deploy".into(),
+        for_identity: None,
+        task: None,
+    }
+}
+
+async fn kinds(store: &MemoryStore) -> Vec<String> {
+    store
+        .audit_log(None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_manual_request_is_joined_approved_and_used() {
+    let h = harness().await;
+    let q = h
+        .engine
+        .file(&workload(None), spec("orders-db"))
+        .await
+        .unwrap();
+    assert_eq!(q.status, RequestStatus::Pending);
+    let again = h
+        .engine
+        .file(&workload(None), spec("orders-db"))
+        .await
+        .unwrap();
+    assert_eq!(again.id, q.id, "asking again joins the pending request");
+    assert!(
+        h.engine
+            .find("ci-bot", None, "orders-db", Access::Read)
+            .is_none()
+    );
+
+    let bystander = h.engine.approve(&user(4300), &q.id, None).await;
+    assert!(matches!(bystander, Err(EngineError::Forbidden(m)) if m.contains("not an approver")));
+    let too_long = h
+        .engine
+        .approve(&user(4200), &q.id, Some(Duration::from_secs(7200)))
+        .await;
+    assert!(matches!(too_long, Err(EngineError::Invalid(_))));
+
+    let approved = h.engine.approve(&user(4200), &q.id, None).await.unwrap();
+    assert_eq!(approved.request.status, RequestStatus::Approved);
+    let grant = approved.grant.unwrap();
+    assert_eq!(approved.request.grant.as_deref(), Some(grant.id.as_str()));
+    let handle = h
+        .engine
+        .find("ci-bot", None, "orders-db", Access::Read)
+        .unwrap();
+    assert_eq!(handle.id, grant.id);
+    assert!(
+        h.engine
+            .find("ci-bot", None, "orders-db", Access::Write)
+            .is_none()
+    );
+    assert_eq!(h.engine.live_count(), 1);
+
+    let twice = h.engine.approve(&user(4200), &q.id, None).await;
+    assert!(matches!(twice, Err(EngineError::Conflict(m)) if m.contains("already approved")));
+    assert_eq!(
+        kinds(&h.store).await,
+        ["request.filed", "request.approved", "grant.issued"]
+    );
+}
+
+#[tokio::test]
+async fn self_approval_and_workload_approval_are_refused() {
+    let h = harness().await;
+    let mut s = spec("orders-db");
+    s.for_identity = Some("ci-bot".into());
+    let q = h.engine.file(&user(4100), s).await.unwrap();
+    let own = h.engine.approve(&user(4100), &q.id, None).await;
+    assert!(matches!(own, Err(EngineError::Forbidden(m)) if m.contains("self-approval")));
+    let by_workload = h.engine.approve(&workload(None), &q.id, None).await;
+    assert!(matches!(by_workload, Err(EngineError::Forbidden(_))));
+    let mut s = spec("orders-db");
+    s.for_identity = Some("ci-bot".into());
+    let not_launcher = h.engine.file(&user(4300), s).await;
+    assert!(matches!(not_launcher, Err(EngineError::Forbidden(_))));
+}
+
+#[tokio::test]
+async fn an_auto_policy_issues_at_once_and_a_refusal_is_audited() {
+    let h = harness().await;
+    let q = h.engine.file(&workload(None), spec("cache")).await.unwrap();
+    assert_eq!(q.status, RequestStatus::Approved);
+    assert!(
+        h.engine
+            .find("ci-bot", None, "cache", Access::Read)
+            .is_some()
+    );
+    let log = h.store.audit_log(None, 100).await.unwrap();
+    assert_eq!(log[1].kind, "grant.issued");
+    assert_eq!(log[1].actor, "policy cache-auto");
+
+    let mut write = spec("cache");
+    write.access = Some(Access::Write);
+    let refused = h.engine.file(&workload(None), write).await;
+    assert!(matches!(refused, Err(EngineError::Refused(_))));
+    assert_eq!(
+        kinds(&h.store).await,
+        ["request.filed", "grant.issued", "request.refused"]
+    );
+    assert_eq!(
+        h.store.audit_log(None, 100).await.unwrap()[2].actor,
+        "workload ci-bot (user ci)"
+    );
+}
+
+#[tokio::test]
+async fn deny_wakes_the_waiter_and_ends_the_request() {
+    let h = harness().await;
+    let q = h
+        .engine
+        .file(&workload(None), spec("orders-db"))
+        .await
+        .unwrap();
+    let waiter = {
+        let engine = h.engine.clone();
+        let id = q.id.clone();
+        tokio::spawn(async move { engine.wait(&id, Duration::from_secs(10)).await })
+    };
+    tokio::task::yield_now().await;
+    let denied = h
+        .engine
+        .deny(&user(4200), &q.id, Some("not now".into()))
+        .await
+        .unwrap();
+    assert_eq!(denied.status, RequestStatus::Denied);
+    let seen = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.status, RequestStatus::Denied);
+    let late = h.engine.approve(&user(4200), &q.id, None).await;
+    assert!(matches!(late, Err(EngineError::Conflict(m)) if m.contains("already denied")));
+}
+
+#[tokio::test]
+async fn revocation_and_expiry_end_sessions_riding_on_the_grant() {
+    let h = harness().await;
+    h.engine.file(&workload(None), spec("cache")).await.unwrap();
+    let mut handle = h
+        .engine
+        .find("ci-bot", None, "cache", Access::Read)
+        .unwrap();
+    let revoked = h
+        .engine
+        .revoke(&user(0), &handle.id, Some("done".into()))
+        .await
+        .unwrap();
+    assert!(revoked.revoked_at.is_some());
+    handle.state.changed().await.unwrap();
+    assert_eq!(*handle.state.borrow(), GrantState::Revoked);
+    assert_eq!(h.engine.live_count(), 0);
+    let again = h.engine.revoke(&user(0), &handle.id, None).await;
+    assert!(matches!(again, Err(EngineError::Conflict(m)) if m.contains("already revoked")));
+
+    let mut short = spec("cache");
+    short.ttl = Some(Duration::from_millis(300));
+    h.engine.file(&workload(None), short).await.unwrap();
+    let mut handle = h
+        .engine
+        .find("ci-bot", None, "cache", Access::Read)
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), handle.state.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*handle.state.borrow(), GrantState::Expired);
+    let kinds = kinds(&h.store).await;
+    assert!(kinds.contains(&"grant.revoked".to_owned()));
+    assert_eq!(kinds.last().map(String::as_str), Some("grant.expired"));
+}
+
+#[tokio::test]
+async fn live_grants_are_restored_and_a_task_end_lapses_its_requests() {
+    let h = harness().await;
+    h.engine.file(&workload(None), spec("cache")).await.unwrap();
+    let q = h
+        .engine
+        .file(&workload(Some("t-1")), spec("orders-db"))
+        .await
+        .unwrap();
+    assert_eq!(q.task.as_deref(), Some("t-1"));
+
+    let config = Config::from_toml(Path::new("test.toml"), CONFIG).unwrap();
+    let shared: SharedStore = h.store.clone();
+    let restarted = GrantEngine::start(shared, SharedConfig::new(config), h.shutdown.clone())
+        .await
+        .unwrap();
+    assert_eq!(restarted.live_count(), 1);
+
+    h.engine.task_ended("t-1").await.unwrap();
+    let lapsed = h.engine.request(&q.id).await.unwrap().unwrap();
+    assert_eq!(lapsed.status, RequestStatus::Expired);
+    assert_eq!(lapsed.decision_reason.as_deref(), Some("task t-1 ended"));
+    assert!(!h.engine.lapse(&q.id, "late").await.unwrap());
+    assert!(h.engine.approvals(&user(4200)).await.unwrap().is_empty());
+}

@@ -1,0 +1,467 @@
+//! The embedded state store: SQLite (WAL, `synchronous = FULL`) owned by one thread.
+//!
+//! Every method is a closure sent to that thread ([`writer`]), which batches whatever is
+//! queued into one transaction and answers only once it is durable: an approval that was
+//! acknowledged survives `kill -9`. Fire-and-forget writes (statement records, session
+//! bookkeeping) linger for company, so busy sessions share one fsync.
+//!
+//! This module and its children are the only place that speaks SQL: `schema.rs` the
+//! migrations, `queries.rs` the rows, `audit.rs` the audit log's rows.
+
+mod audit;
+mod queries;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::Connection;
+use tokio::sync::broadcast;
+
+use self::writer::{Db, Writer};
+
+use super::{
+    Decided, GrantApproval, GrantChange, RequestKey, Result, SessionHistory, Store, StoreError,
+    StoreFuture, VerifyReport,
+    audit::{
+        AuditKey, Event, GrantExpired, GrantRevoked, RequestApproved, RequestDenied,
+        RequestExpired, RequestRef, TaskRef, TaskStarted, session_actor,
+    },
+};
+use crate::model::{
+    Actor, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord, Task, Timestamp,
+};
+
+/// The file beside the database that holds the audit chain's last link, rewritten after each
+/// commit: cutting records off the end of the log cannot rewrite it too.
+pub const HEAD_FILE: &str = "audit.head";
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Backend(Box::new(e))
+    }
+}
+
+/// The embedded store: a handle on the writer thread.
+pub struct SqliteStore {
+    writer: Writer,
+    path: PathBuf,
+    head_path: PathBuf,
+    changes: broadcast::Sender<GrantChange>,
+}
+
+/// Grant changes a slow subscriber may fall behind by before it is told it lagged.
+const CHANGES: usize = 1024;
+
+impl SqliteStore {
+    /// Opens (creating and migrating) the database in `state_dir`, and the audit key beside it.
+    pub fn open(state_dir: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        create_private_dir(state_dir)?;
+        let path = state_dir.join("jitgate.db");
+        let mut conn = Connection::open(&path)
+            .with_context(|| format!("opening state store {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        schema::migrate(&mut conn).context("migrating the state store")?;
+        let key = AuditKey::load_or_create(state_dir)?;
+        let head_path = state_dir.join(HEAD_FILE);
+        let writer =
+            Writer::spawn(conn, key, head_path.clone()).context("starting the store thread")?;
+        Ok(Self {
+            writer,
+            path,
+            head_path,
+            changes: broadcast::channel(CHANGES).0,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Db<'_>) -> Result<T> + Send + 'static,
+    {
+        self.writer.call(f).await
+    }
+
+    fn submit<F>(&self, f: F)
+    where
+        F: FnOnce(&Db<'_>) -> Result<()> + Send + 'static,
+    {
+        self.writer.submit(f);
+    }
+
+    /// Tells subscribers of a committed change (none listening is fine).
+    fn changed(&self, change: GrantChange) {
+        let _ = self.changes.send(change);
+    }
+
+    /// Records a decision on a pending request with its audit record, and reads it back.
+    async fn decide(
+        &self,
+        id: String,
+        status: RequestStatus,
+        by: Actor,
+        reason: Option<String>,
+        actor: String,
+        event: Event,
+    ) -> Result<Decided> {
+        self.call(move |db| {
+            if !queries::decide_request(db.conn, &id, status, Some(&by), reason.as_deref(), None)? {
+                return Ok(Decided::NotPending);
+            }
+            db.append(&actor, &event)?;
+            Ok(queries::get_request(db.conn, &id)?
+                .map_or(Decided::NotPending, |q| Decided::Done(Box::new(q))))
+        })
+        .await
+    }
+}
+
+/// Marks a pending request expired with its audit record, in the caller's transaction.
+fn expire_request(db: &Db<'_>, id: &str, why: &str, event: &Event) -> Result<()> {
+    queries::decide_request(db.conn, id, RequestStatus::Expired, None, Some(why), None)?;
+    db.append("jitgated", event)?;
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    fn file_request(&self, request: Request, actor: String) -> StoreFuture<'_, ()> {
+        Box::pin(self.call(move |db| {
+            queries::insert_request(db.conn, &request)?;
+            db.append(&actor, &Event::filed(&request))?;
+            Ok(())
+        }))
+    }
+
+    fn file_approved(&self, request: Request, grant: Grant, actor: String) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let g = grant.clone();
+            self.call(move |db| {
+                queries::insert_request(db.conn, &request)?;
+                queries::insert_grant(db.conn, &g)?;
+                db.append(&actor, &Event::filed(&request))?;
+                db.append(&format!("policy {}", g.policy), &Event::grant_issued(&g))?;
+                Ok(())
+            })
+            .await?;
+            self.changed(GrantChange::Issued(Box::new(grant)));
+            Ok(())
+        })
+    }
+
+    fn request(&self, id: String) -> StoreFuture<'_, Option<Request>> {
+        Box::pin(self.call(move |db| queries::get_request(db.conn, &id)))
+    }
+
+    fn pending_request(&self, key: RequestKey) -> StoreFuture<'_, Option<Request>> {
+        Box::pin(self.call(move |db| queries::pending_request(db.conn, &key)))
+    }
+
+    fn requests(
+        &self,
+        status: Option<RequestStatus>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<Request>> {
+        Box::pin(self.call(move |db| queries::list_requests(db.conn, status, limit)))
+    }
+
+    fn count_pending(&self) -> StoreFuture<'_, usize> {
+        Box::pin(self.call(|db| queries::count_pending_requests(db.conn)))
+    }
+
+    fn approve_request(&self, approval: GrantApproval) -> StoreFuture<'_, Decided> {
+        Box::pin(async move {
+            let grant = approval.grant.clone();
+            let decided = self
+                .call(move |db| {
+                    let GrantApproval {
+                        grant: g,
+                        approver,
+                        actor,
+                        ttl_secs,
+                    } = approval;
+                    if let Some(task) = &g.task
+                        && queries::task_ended(db.conn, task)?
+                    {
+                        return Ok(Decided::TaskEnded);
+                    }
+                    if !queries::decide_request(
+                        db.conn,
+                        &g.request,
+                        RequestStatus::Approved,
+                        Some(&approver),
+                        None,
+                        Some(&g.id),
+                    )? {
+                        return Ok(Decided::NotPending);
+                    }
+                    queries::insert_grant(db.conn, &g)?;
+                    db.append(
+                        &actor,
+                        &Event::RequestApproved(RequestApproved {
+                            request: g.request.clone(),
+                            grant: g.id.clone(),
+                            ttl_secs,
+                        }),
+                    )?;
+                    db.append(&actor, &Event::grant_issued(&g))?;
+                    Ok(queries::get_request(db.conn, &g.request)?
+                        .map_or(Decided::NotPending, |q| Decided::Done(Box::new(q))))
+                })
+                .await?;
+            if matches!(decided, Decided::Done(_)) {
+                self.changed(GrantChange::Issued(Box::new(grant)));
+            }
+            Ok(decided)
+        })
+    }
+
+    fn approve_statement(
+        &self,
+        id: String,
+        approver: Actor,
+        actor: String,
+    ) -> StoreFuture<'_, Decided> {
+        let event = Event::StatementApproved(RequestRef {
+            request: id.clone(),
+        });
+        Box::pin(self.decide(id, RequestStatus::Approved, approver, None, actor, event))
+    }
+
+    fn deny_request(
+        &self,
+        id: String,
+        by: Actor,
+        actor: String,
+        reason: Option<String>,
+    ) -> StoreFuture<'_, Decided> {
+        let event = Event::RequestDenied(RequestDenied {
+            request: id.clone(),
+            reason: reason.clone(),
+        });
+        Box::pin(self.decide(id, RequestStatus::Denied, by, reason, actor, event))
+    }
+
+    fn expire_request(&self, id: String, why: String) -> StoreFuture<'_, bool> {
+        Box::pin(
+            self.call(move |db| match queries::get_request(db.conn, &id)? {
+                Some(q) if q.status == RequestStatus::Pending => {
+                    let event = Event::RequestExpired(RequestExpired {
+                        request: id.clone(),
+                        task: None,
+                        why: Some(why.clone()),
+                    });
+                    expire_request(db, &id, &why, &event)?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }),
+        )
+    }
+
+    fn expire_task_requests(&self, task: String) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(self.call(move |db| {
+            let pending = queries::pending_for_task(db.conn, &task)?;
+            let why = format!("task {task} ended");
+            for id in &pending {
+                let event = Event::RequestExpired(RequestExpired {
+                    request: id.clone(),
+                    task: Some(task.clone()),
+                    why: None,
+                });
+                expire_request(db, id, &why, &event)?;
+            }
+            Ok(pending)
+        }))
+    }
+
+    fn live_grants(&self, now: Timestamp) -> StoreFuture<'_, Vec<Grant>> {
+        Box::pin(self.call(move |db| queries::live_grants(db.conn, now)))
+    }
+
+    fn grant(&self, id: String) -> StoreFuture<'_, Option<Grant>> {
+        Box::pin(self.call(move |db| queries::get_grant(db.conn, &id)))
+    }
+
+    fn grants(&self, limit: usize) -> StoreFuture<'_, Vec<Grant>> {
+        Box::pin(self.call(move |db| queries::list_grants(db.conn, limit)))
+    }
+
+    fn revoke_grant(&self, id: String, actor: String, reason: String) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let grant = id.clone();
+            self.call(move |db| {
+                queries::revoke_grant(db.conn, &id, &actor, &reason)?;
+                db.append(
+                    &actor,
+                    &Event::GrantRevoked(GrantRevoked { grant: id, reason }),
+                )?;
+                Ok(())
+            })
+            .await?;
+            self.changed(GrantChange::Revoked { grant });
+            Ok(())
+        })
+    }
+
+    fn expire_grant(&self, id: String) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let grant = id.clone();
+            self.call(move |db| {
+                db.append("jitgated", &Event::GrantExpired(GrantExpired { grant: id }))?;
+                Ok(())
+            })
+            .await?;
+            self.changed(GrantChange::Expired { grant });
+            Ok(())
+        })
+    }
+
+    fn grant_changes(&self) -> broadcast::Receiver<GrantChange> {
+        self.changes.subscribe()
+    }
+
+    fn start_task(&self, task: Task, actor: String) -> StoreFuture<'_, ()> {
+        Box::pin(self.call(move |db| {
+            queries::insert_task(db.conn, &task)?;
+            db.append(
+                &actor,
+                &Event::TaskStarted(TaskStarted {
+                    task: task.id.clone(),
+                    identity: task.identity.clone(),
+                    run_as_uid: task.run_as_uid,
+                    command: task.command.clone(),
+                    reason: task.reason.clone(),
+                }),
+            )?;
+            Ok(())
+        }))
+    }
+
+    fn end_task(&self, id: String) -> StoreFuture<'_, bool> {
+        Box::pin(self.call(move |db| {
+            let ended = queries::end_task(db.conn, &id)?;
+            if ended {
+                db.append("jitgated", &Event::TaskEnded(TaskRef { task: id }))?;
+            }
+            Ok(ended)
+        }))
+    }
+
+    fn running_tasks(&self) -> StoreFuture<'_, Vec<Task>> {
+        Box::pin(self.call(|db| queries::running_tasks(db.conn)))
+    }
+
+    fn session_opened(&self, session: Session) {
+        self.submit(move |db| {
+            queries::insert_session(db.conn, &session)?;
+            db.append(&session_actor(&session), &Event::session_start(&session))?;
+            Ok(())
+        });
+    }
+
+    fn session_refused(&self, session: Session) {
+        self.submit(move |db| {
+            queries::insert_session(db.conn, &session)?;
+            db.append(&session_actor(&session), &Event::session_refused(&session))?;
+            Ok(())
+        });
+    }
+
+    fn session_ended(&self, session: Session) {
+        self.submit(move |db| {
+            let s = &session;
+            queries::end_session(
+                db.conn,
+                &s.id,
+                s.ended_at.unwrap_or_else(Timestamp::now),
+                s.bytes_up,
+                s.bytes_down,
+                s.outcome,
+                &s.detail,
+            )?;
+            db.append(&session_actor(s), &Event::session_end(s))?;
+            Ok(())
+        });
+    }
+
+    fn record_statements(&self, batch: Vec<StatementRecord>) {
+        self.submit(move |db| queries::insert_statements(db.conn, &batch));
+    }
+
+    fn sessions(&self, open_only: bool, limit: usize) -> StoreFuture<'_, Vec<Session>> {
+        Box::pin(self.call(move |db| queries::list_sessions(db.conn, open_only, limit)))
+    }
+
+    fn session_history(&self, id: String) -> StoreFuture<'_, Option<SessionHistory>> {
+        Box::pin(self.call(move |db| {
+            let Some(session) = queries::get_session(db.conn, &id)? else {
+                return Ok(None);
+            };
+            Ok(Some(SessionHistory {
+                session,
+                statements: queries::session_statements(db.conn, &id)?,
+                events: audit::for_session(db.conn, &id)?,
+            }))
+        }))
+    }
+
+    fn close_orphan_sessions(&self) -> StoreFuture<'_, usize> {
+        Box::pin(self.call(|db| queries::close_orphan_sessions(db.conn)))
+    }
+
+    fn prune_sessions(&self, cutoff: Timestamp) -> StoreFuture<'_, usize> {
+        Box::pin(self.call(move |db| queries::prune_sessions(db.conn, cutoff)))
+    }
+
+    fn append_audit(&self, actor: String, event: Event) -> StoreFuture<'_, ()> {
+        Box::pin(self.call(move |db| db.append(&actor, &event).map(drop)))
+    }
+
+    fn submit_audit(&self, actor: String, event: Event) {
+        self.submit(move |db| db.append(&actor, &event).map(drop));
+    }
+
+    fn audit_log(
+        &self,
+        since: Option<Timestamp>,
+        limit: usize,
+    ) -> StoreFuture<'_, Vec<AuditEvent>> {
+        Box::pin(self.call(move |db| audit::list(db.conn, since, limit)))
+    }
+
+    fn verify_audit(&self) -> StoreFuture<'_, VerifyReport> {
+        let head_path = self.head_path.clone();
+        Box::pin(self.call(move |db| db.verify_audit(&head_path)))
+    }
+
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        Box::pin(self.call(|_| Ok(())))
+    }
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+
+    use anyhow::Context as _;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating state_dir {}", dir.display()))?;
+    }
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting permissions of {}", dir.display()))?;
+    }
+    Ok(())
+}

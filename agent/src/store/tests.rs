@@ -1,0 +1,513 @@
+//! The behaviour every [`Store`] backend shares, as one suite run against each of them.
+
+use std::time::Duration;
+
+use super::{
+    Decided, GrantApproval, GrantChange, MemoryStore, RequestKey, SqliteStore, Store,
+    audit::{DaemonStarted, Event},
+};
+use crate::{
+    config::Access,
+    model::{
+        Actor, Decision, Grant, Request, RequestStatus, Session, SessionOutcome, StatementRecord,
+        Task, Timestamp,
+    },
+};
+
+pub(crate) fn actor(uid: u32, user: &str) -> Actor {
+    Actor {
+        uid,
+        user: user.into(),
+        identity: None,
+        task: None,
+    }
+}
+
+pub(crate) fn request(id: &str, task: Option<&str>, statement: Option<&str>) -> Request {
+    Request {
+        id: id.into(),
+        identity: "ci-bot".into(),
+        resource: "orders-db".into(),
+        access: Access::Read,
+        ttl: Duration::from_secs(600),
+        reason: "deploy".into(),
+        task: task.map(str::to_owned),
+        requested_by: actor(1000, "bob"),
+        created_at: Timestamp::now(),
+        status: RequestStatus::Pending,
+        policy: "p".into(),
+        decided_by: None,
+        decided_at: None,
+        decision_reason: None,
+        grant: None,
+        statement: statement.map(str::to_owned),
+        session: statement.map(|_| "s-x".to_owned()),
+    }
+}
+
+pub(crate) fn grant(id: &str, q: &Request) -> Grant {
+    let now = Timestamp::now();
+    Grant {
+        id: id.into(),
+        request: q.id.clone(),
+        identity: q.identity.clone(),
+        resource: q.resource.clone(),
+        access: q.access,
+        task: q.task.clone(),
+        created_at: now,
+        expires_at: now.plus(q.ttl),
+        approved_by: "alice".into(),
+        policy: q.policy.clone(),
+        reason: q.reason.clone(),
+        revoked_at: None,
+        revoked_by: None,
+        revoke_reason: None,
+    }
+}
+
+fn session(id: &str) -> Session {
+    Session {
+        id: id.into(),
+        identity: Some("ci-bot".into()),
+        task: None,
+        pid: 42,
+        uid: 1000,
+        command: "psql".into(),
+        resource: Some("orders-db".into()),
+        grant: Some("grt_1".into()),
+        destination: "10.0.0.5:5432".into(),
+        started_at: Timestamp::now(),
+        ended_at: None,
+        bytes_up: 0,
+        bytes_down: 0,
+        outcome: SessionOutcome::Open,
+        detail: String::new(),
+        database: None,
+        access: None,
+    }
+}
+
+fn statement(session: &str, seq: u32) -> StatementRecord {
+    StatementRecord {
+        session: session.into(),
+        seq,
+        at: Timestamp::now(),
+        text: format!("SELECT {seq}"),
+        params: vec![Some("x".into()), None],
+        decision: Decision::Allowed,
+        rule: None,
+        approved_by: None,
+        held_ms: 0,
+        duration_ms: Some(1.5),
+        rows: Some(1),
+        tag: Some("SELECT 1".into()),
+        error: None,
+        masked: 0,
+    }
+}
+
+fn key(task: Option<&str>) -> RequestKey {
+    RequestKey {
+        identity: "ci-bot".into(),
+        task: task.map(str::to_owned),
+        resource: "orders-db".into(),
+        access: Access::Read,
+    }
+}
+
+fn done(d: Decided) -> Request {
+    match d {
+        Decided::Done(q) => *q,
+        other => panic!("expected a decision, got {other:?}"),
+    }
+}
+
+/// Requests: filing, finding the pending one by key, approving, denying, expiring.
+pub(crate) async fn requests_and_decisions(store: &dyn Store) {
+    let mut changes = store.grant_changes();
+    let q = request("req_1", None, None);
+    store
+        .file_request(q.clone(), "user bob".into())
+        .await
+        .unwrap();
+    assert_eq!(store.count_pending().await.unwrap(), 1);
+    let found = store.pending_request(key(None)).await.unwrap().unwrap();
+    assert_eq!(found.id, "req_1");
+    assert!(
+        store
+            .pending_request(key(Some("tsk_1")))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let held = request("req_held", None, Some("DROP TABLE t"));
+    store.file_request(held, "user bob".into()).await.unwrap();
+    assert_eq!(
+        store.pending_request(key(None)).await.unwrap().unwrap().id,
+        "req_1",
+        "a held statement is not a request to join"
+    );
+
+    let g = grant("grt_1", &q);
+    let approval = GrantApproval {
+        grant: g.clone(),
+        approver: actor(1001, "alice"),
+        actor: "user alice".into(),
+        ttl_secs: 600,
+    };
+    let approved = done(store.approve_request(approval.clone()).await.unwrap());
+    assert_eq!(approved.status, RequestStatus::Approved);
+    assert_eq!(approved.grant.as_deref(), Some("grt_1"));
+    assert_eq!(approved.decided_by.unwrap().user, "alice");
+    assert!(matches!(
+        store.approve_request(approval).await.unwrap(),
+        Decided::NotPending
+    ));
+    assert!(matches!(changes.try_recv(), Ok(GrantChange::Issued(g)) if g.id == "grt_1"));
+    assert!(store.pending_request(key(None)).await.unwrap().is_none());
+
+    let approved = done(
+        store
+            .approve_statement("req_held".into(), actor(1001, "alice"), "user alice".into())
+            .await
+            .unwrap(),
+    );
+    assert_eq!(approved.status, RequestStatus::Approved);
+
+    store
+        .file_request(request("req_2", None, None), "user bob".into())
+        .await
+        .unwrap();
+    let denied = done(
+        store
+            .deny_request(
+                "req_2".into(),
+                actor(1001, "alice"),
+                "user alice".into(),
+                Some("no".into()),
+            )
+            .await
+            .unwrap(),
+    );
+    assert_eq!(denied.status, RequestStatus::Denied);
+    assert_eq!(denied.decision_reason.as_deref(), Some("no"));
+    assert!(matches!(
+        store
+            .deny_request(
+                "req_2".into(),
+                actor(1001, "alice"),
+                "user alice".into(),
+                None
+            )
+            .await
+            .unwrap(),
+        Decided::NotPending
+    ));
+
+    store
+        .file_request(request("req_3", None, None), "user bob".into())
+        .await
+        .unwrap();
+    assert!(
+        store
+            .expire_request("req_3".into(), "timeout".into())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .expire_request("req_3".into(), "timeout".into())
+            .await
+            .unwrap()
+    );
+    let expired = store.request("req_3".into()).await.unwrap().unwrap();
+    assert_eq!(expired.status, RequestStatus::Expired);
+    assert_eq!(expired.decision_reason.as_deref(), Some("timeout"));
+
+    // A task's pending requests lapse with it, and its requests can no longer be approved.
+    let task = Task {
+        id: "tsk_1".into(),
+        identity: "ci-bot".into(),
+        cgroup: "jitgate.slice/ci-bot/tsk_1".into(),
+        launched_by: actor(1000, "bob"),
+        run_as_uid: 1000,
+        command: "make deploy".into(),
+        reason: "deploy".into(),
+        started_at: Timestamp::now(),
+        ended_at: None,
+    };
+    store.start_task(task, "user bob".into()).await.unwrap();
+    assert_eq!(store.running_tasks().await.unwrap().len(), 1);
+    let qt = request("req_4", Some("tsk_1"), None);
+    store
+        .file_request(qt.clone(), "user bob".into())
+        .await
+        .unwrap();
+    let mut newer = request("req_5", Some("tsk_1"), None);
+    newer.created_at = Timestamp(qt.created_at.millis() + 1);
+    store.file_request(newer, "user bob".into()).await.unwrap();
+    assert_eq!(
+        store
+            .pending_request(key(Some("tsk_1")))
+            .await
+            .unwrap()
+            .unwrap()
+            .id,
+        "req_5",
+        "the newest pending request for the key"
+    );
+    assert!(store.end_task("tsk_1".into()).await.unwrap());
+    assert!(!store.end_task("tsk_1".into()).await.unwrap());
+    assert!(store.running_tasks().await.unwrap().is_empty());
+    let approval = GrantApproval {
+        grant: grant("grt_4", &qt),
+        approver: actor(1001, "alice"),
+        actor: "user alice".into(),
+        ttl_secs: 600,
+    };
+    assert!(matches!(
+        store.approve_request(approval).await.unwrap(),
+        Decided::TaskEnded
+    ));
+    let mut lapsed = store.expire_task_requests("tsk_1".into()).await.unwrap();
+    lapsed.sort();
+    assert_eq!(lapsed, ["req_4", "req_5"]);
+    assert_eq!(store.count_pending().await.unwrap(), 0);
+
+    let all = store.requests(None, 100).await.unwrap();
+    assert_eq!(all.len(), 6);
+    assert_eq!(
+        store
+            .requests(Some(RequestStatus::Expired), 100)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(store.requests(None, 2).await.unwrap().len(), 2);
+}
+
+/// Grants: issued at filing, live until revoked, listed.
+pub(crate) async fn grants_live_and_revoked(store: &dyn Store) {
+    let mut changes = store.grant_changes();
+    let q = request("req_a", None, None);
+    let g = grant("grt_a", &q);
+    let mut q = q;
+    q.status = RequestStatus::Approved;
+    q.grant = Some(g.id.clone());
+    store
+        .file_approved(q, g.clone(), "user bob".into())
+        .await
+        .unwrap();
+    let live = store.live_grants(Timestamp::now()).await.unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].id, "grt_a");
+    assert!(store.live_grants(g.expires_at).await.unwrap().is_empty());
+    store
+        .revoke_grant("grt_a".into(), "user alice".into(), "done".into())
+        .await
+        .unwrap();
+    assert!(
+        store
+            .live_grants(Timestamp::now())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let revoked = store.grant("grt_a".into()).await.unwrap().unwrap();
+    assert!(revoked.revoked_at.is_some());
+    assert_eq!(revoked.revoked_by.as_deref(), Some("user alice"));
+    assert_eq!(revoked.revoke_reason.as_deref(), Some("done"));
+    store.expire_grant("grt_a".into()).await.unwrap();
+    assert_eq!(store.grants(10).await.unwrap().len(), 1);
+    assert!(store.grant("grt_none".into()).await.unwrap().is_none());
+    assert!(matches!(changes.try_recv(), Ok(GrantChange::Issued(_))));
+    assert!(matches!(changes.try_recv(), Ok(GrantChange::Revoked { grant }) if grant == "grt_a"));
+    assert!(matches!(changes.try_recv(), Ok(GrantChange::Expired { grant }) if grant == "grt_a"));
+
+    let kinds: Vec<String> = store
+        .audit_log(None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "request.filed",
+            "grant.issued",
+            "grant.revoked",
+            "grant.expired"
+        ]
+    );
+    let issued = &store.audit_log(None, 100).await.unwrap()[1];
+    assert_eq!(issued.actor, "policy p");
+}
+
+/// Sessions: opened, statements recorded in batches, ended; refused; orphans; pruning.
+pub(crate) async fn session_bookkeeping(store: &dyn Store) {
+    store.session_opened(session("s-1"));
+    store.record_statements(vec![statement("s-1", 1), statement("s-1", 2)]);
+    store.record_statements(vec![statement("s-1", 2)]);
+    let mut ended = session("s-1");
+    ended.ended_at = Some(Timestamp::now());
+    ended.bytes_up = 10;
+    ended.bytes_down = 20;
+    ended.outcome = SessionOutcome::Closed;
+    store.session_ended(ended);
+    let mut refused = session("s-2");
+    refused.outcome = SessionOutcome::RefusedNoGrant;
+    refused.detail = "no grant".into();
+    store.session_refused(refused);
+    store.session_opened(session("s-3"));
+    store.flush().await.unwrap();
+
+    assert_eq!(store.sessions(false, 10).await.unwrap().len(), 3);
+    let open = store.sessions(true, 10).await.unwrap();
+    assert_eq!(open.len(), 1);
+    assert_eq!(open[0].id, "s-3");
+
+    let history = store.session_history("s-1".into()).await.unwrap().unwrap();
+    assert_eq!(history.session.outcome, SessionOutcome::Closed);
+    assert_eq!(
+        (history.session.bytes_up, history.session.bytes_down),
+        (10, 20)
+    );
+    assert_eq!(history.statements.len(), 2);
+    assert_eq!(history.statements[1].params, [Some("x".to_owned()), None]);
+    let kinds: Vec<&str> = history.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["session.start", "session.end"]);
+    assert_eq!(history.events[0].actor, "workload ci-bot");
+    assert!(
+        store
+            .session_history("s-none".into())
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    assert_eq!(store.close_orphan_sessions().await.unwrap(), 1);
+    let s3 = store.session_history("s-3".into()).await.unwrap().unwrap();
+    assert_eq!(s3.session.outcome, SessionOutcome::Shutdown);
+    assert_eq!(store.prune_sessions(Timestamp(0)).await.unwrap(), 0);
+    let later = Timestamp::now().plus(Duration::from_secs(1));
+    assert_eq!(store.prune_sessions(later).await.unwrap(), 2);
+    // ses_2 was refused: it never ended (no `ended_at`), so it stays.
+    assert_eq!(store.sessions(false, 10).await.unwrap().len(), 1);
+    assert!(store.session_history("s-1".into()).await.unwrap().is_none());
+}
+
+/// The audit chain: appended in order, verified, tampering found.
+pub(crate) async fn audit_chain(store: &dyn Store, tamper: &dyn Fn(i64)) {
+    for pid in 1..=4 {
+        store
+            .append_audit(
+                "jitgated".into(),
+                Event::DaemonStarted(DaemonStarted { pid }),
+            )
+            .await
+            .unwrap();
+    }
+    store.submit_audit(
+        "root".into(),
+        Event::DaemonStarted(DaemonStarted { pid: 5 }),
+    );
+    store.flush().await.unwrap();
+    let log = store.audit_log(None, 100).await.unwrap();
+    assert_eq!(log.len(), 5);
+    assert_eq!(
+        log.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(log[0].detail, serde_json::json!({"pid": 1}));
+    assert_eq!(log[4].actor, "root");
+    assert_eq!(log[1].prev_hash, log[0].hash);
+    let newest = store.audit_log(None, 2).await.unwrap();
+    assert_eq!(newest.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5]);
+    let future = Timestamp::now().plus(Duration::from_secs(60));
+    assert!(store.audit_log(Some(future), 10).await.unwrap().is_empty());
+
+    let report = store.verify_audit().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    assert_eq!(report.records, 5);
+
+    tamper(3);
+    let report = store.verify_audit().await.unwrap();
+    assert!(!report.ok);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("record 3") && p.contains("edited")),
+        "{:?}",
+        report.problems
+    );
+}
+
+#[tokio::test]
+async fn memory_store_behaves() {
+    requests_and_decisions(&MemoryStore::default()).await;
+    grants_live_and_revoked(&MemoryStore::default()).await;
+    session_bookkeeping(&MemoryStore::default()).await;
+    let store = MemoryStore::default();
+    audit_chain(&store, &|seq| {
+        store.tamper_audit(|records| {
+            if let Some(r) = records.iter_mut().find(|r| r.seq == seq) {
+                r.detail = "{\"pid\":99}".into();
+            }
+        });
+    })
+    .await;
+}
+
+fn sqlite() -> (SqliteStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("state")).unwrap();
+    (store, dir)
+}
+
+#[tokio::test]
+async fn sqlite_store_behaves() {
+    let (store, _dir) = sqlite();
+    requests_and_decisions(&store).await;
+    let (store, _dir) = sqlite();
+    grants_live_and_revoked(&store).await;
+    let (store, _dir) = sqlite();
+    session_bookkeeping(&store).await;
+    let (store, _dir) = sqlite();
+    let path = store.path().to_owned();
+    audit_chain(&store, &|seq| {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute(
+            "UPDATE audit SET detail = '{\"pid\":99}' WHERE seq = ?1",
+            [seq],
+        )
+        .unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_store_reopens_with_its_state_and_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    {
+        let store = SqliteStore::open(&state).unwrap();
+        let q = request("req_1", None, None);
+        store.file_request(q, "user bob".into()).await.unwrap();
+        store.flush().await.unwrap();
+    }
+    let store = SqliteStore::open(&state).unwrap();
+    assert_eq!(store.count_pending().await.unwrap(), 1);
+    store
+        .append_audit(
+            "jitgated".into(),
+            Event::DaemonStarted(DaemonStarted { pid: 1 }),
+        )
+        .await
+        .unwrap();
+    let report = store.verify_audit().await.unwrap();
+    assert!(report.ok, "{:?}", report.problems);
+    assert_eq!(report.records, 2);
+}
