@@ -168,6 +168,7 @@ impl Session<'_> {
             state: grant.state.clone(),
             removed,
             shutdown: self.services.shutdown.clone(),
+            draining: false,
         }
     }
 
@@ -229,12 +230,17 @@ impl End {
 }
 
 /// The one signal of a live session's end: its grant ends (expiry, revocation), its
-/// resource is removed, or the agent shuts down.
+/// resource is removed, or the agent shuts down. Clones watch the same session (one per
+/// direction of a protocol's pumps).
+#[derive(Clone)]
 pub struct SessionEnd {
     grant: String,
     state: tokio::sync::watch::Receiver<GrantState>,
     removed: CancellationToken,
     shutdown: CancellationToken,
+    /// Set once the protocol drains on shutdown: then only a grant's or resource's end is
+    /// news.
+    draining: bool,
 }
 
 impl SessionEnd {
@@ -248,28 +254,27 @@ impl SessionEnd {
         if self.removed.is_cancelled() {
             return Some(End::ResourceRemoved);
         }
-        self.shutdown.is_cancelled().then_some(End::Shutdown)
+        (self.shutdown.is_cancelled() && !self.draining).then_some(End::Shutdown)
     }
 
     /// Resolves when the session must end, with why.
     pub async fn ended(&mut self) -> End {
+        let draining = self.draining;
+        // In this order when several are due: a grant's end says most about why.
         tokio::select! {
+            biased;
             changed = self.state.wait_for(|s| *s != GrantState::Active) => match changed.as_deref() {
                 Ok(GrantState::Revoked) => End::GrantRevoked(self.grant.clone()),
                 _ => End::GrantExpired(self.grant.clone()),
             },
             () = self.removed.cancelled() => End::ResourceRemoved,
-            () = self.shutdown.cancelled() => End::Shutdown,
+            () = self.shutdown.cancelled(), if !draining => End::Shutdown,
         }
     }
 
-    /// Cancelled when the resource leaves the configuration.
-    pub fn removed(&self) -> &CancellationToken {
-        &self.removed
-    }
-
-    /// Cancelled when the agent shuts down.
-    pub fn shutdown(&self) -> &CancellationToken {
-        &self.shutdown
+    /// The protocol has begun draining after [`End::Shutdown`] (it ends the session at its
+    /// next idle point or deadline): from now on only a grant's or resource's end is news.
+    pub fn draining(&mut self) {
+        self.draining = true;
     }
 }

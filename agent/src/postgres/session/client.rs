@@ -25,8 +25,7 @@ impl Pump<'_> {
         mut client: FrameReader<ReadHalf<Stream>>,
         mut server: WriteHalf<Stream>,
         inject: mpsc::Sender<PgError>,
-        grant: &GrantHandle,
-        cancel: &CancellationToken,
+        end: &SessionEnd,
     ) -> Option<Outcome> {
         let mut out = BytesMut::with_capacity(8 * 1024);
         let outcome = loop {
@@ -40,7 +39,10 @@ impl Pump<'_> {
             };
             // Checked per message, not only when woken: a message that arrives with the
             // grant's end is never forwarded.
-            if *grant.state.borrow() != GrantState::Active || cancel.is_cancelled() {
+            if matches!(
+                end.now(),
+                Some(End::GrantExpired(_) | End::GrantRevoked(_) | End::ResourceRemoved)
+            ) {
                 break None;
             }
             let frame = match frame {

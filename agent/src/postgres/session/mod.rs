@@ -42,13 +42,12 @@ use super::{
 };
 use crate::{
     config::{Access, Resource},
-    grants::{GrantHandle, GrantState},
     identity::Attribution,
     inspect::{mask::Masker, rules::Strategy},
     model::{Decision, RequestStatus, SessionOutcome, StatementRecord, Timestamp, human_duration},
     ops::metrics,
     protocol::{
-        Conn, Outcome, Services, Session,
+        Conn, End, Outcome, Services, Session, SessionEnd,
         hold::{self, Hold, HoldOutcome},
         refuse,
         relay::Counters,
@@ -324,7 +323,6 @@ pub(crate) async fn serve(
         return refuse(SessionOutcome::Closed, "the client left during login");
     }
     let end = session.open(&grant);
-    let cancel_token = end.removed().clone();
     info!(
         identity = %who.identity,
         resource = %resource.name,
@@ -368,8 +366,8 @@ pub(crate) async fn serve(
     };
     let (inject_tx, inject_rx) = mpsc::channel(4);
     let (c2s, s2c) = tokio::join!(
-        pump.client_to_server(reader, up.writer, inject_tx, &grant, &cancel_token),
-        pump.server_to_client(up.reader, writer, inject_rx, grant.clone(), &cancel_token),
+        pump.client_to_server(reader, up.writer, inject_tx, &end),
+        pump.server_to_client(up.reader, writer, inject_rx, end.clone()),
     );
     pump.flush_records();
     // The server side knows best why the session ended (grant, shutdown); else the client's.

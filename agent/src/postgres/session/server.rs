@@ -10,11 +10,9 @@ impl Pump<'_> {
         mut server: FrameReader<ReadHalf<Stream>>,
         mut client: WriteHalf<Stream>,
         mut inject: mpsc::Receiver<PgError>,
-        grant: GrantHandle,
-        cancel: &CancellationToken,
+        mut end: SessionEnd,
     ) -> Option<Outcome> {
         let mut out = BytesMut::with_capacity(16 * 1024);
-        let mut state_rx = grant.state.clone();
         let mut stats = Masked::default();
         let mut masked_total = 0u64;
         // Set when the agent shuts down with work in flight: the session ends at the first
@@ -48,20 +46,29 @@ impl Pump<'_> {
                 && draining.is_none()
                 && inject.is_empty()
                 && !self.stop.is_cancelled()
-                && !cancel.is_cancelled()
-                && !self.ctx.shutdown.is_cancelled()
-                && *state_rx.borrow() == GrantState::Active;
+                && end.now().is_none();
             let frame = if quiet {
                 server.next().await
             } else {
                 tokio::select! {
                     biased;
-                    changed = async { state_rx.wait_for(|s| *s != GrantState::Active).await.map(|r| *r).ok() } => {
-                        let revoked = changed == Some(GrantState::Revoked);
-                        let (outcome, why) = if revoked {
-                            (SessionOutcome::GrantRevoked, format!("grant {} was revoked", grant.id))
-                        } else {
-                            (SessionOutcome::GrantExpired, format!("grant {} expired", grant.id))
+                    why = end.ended() => {
+                        let (outcome, why) = match why {
+                            End::GrantRevoked(id) => (SessionOutcome::GrantRevoked, format!("grant {id} was revoked")),
+                            End::GrantExpired(id) => (SessionOutcome::GrantExpired, format!("grant {id} expired")),
+                            End::ResourceRemoved => {
+                                let _ = self.cancel_in_flight().await;
+                                let err = PgError::fatal("57P01", format!("terminating connection: resource {} left the jitgate configuration", self.resource));
+                                err.write(&mut out);
+                                let _ = client.write_all(&out).await;
+                                break Some((SessionOutcome::ResourceRemoved, err.message));
+                            }
+                            End::Shutdown => {
+                                // Drain: the session ends at its next idle point or the deadline.
+                                end.draining();
+                                draining = Some(tokio::time::Instant::now() + self.ctx.config.get().daemon.drain_timeout);
+                                continue;
+                            }
                         };
                         let _ = self.cancel_in_flight().await;
                         let err = PgError::fatal("57P01", format!("terminating connection: jitgate {why}"))
@@ -70,17 +77,6 @@ impl Pump<'_> {
                         let _ = client.write_all(&out).await;
                         let _ = client.flush().await;
                         break Some((outcome, why));
-                    }
-                    () = cancel.cancelled() => {
-                        let _ = self.cancel_in_flight().await;
-                        let err = PgError::fatal("57P01", format!("terminating connection: resource {} left the jitgate configuration", self.resource));
-                        err.write(&mut out);
-                        let _ = client.write_all(&out).await;
-                        break Some((SessionOutcome::ResourceRemoved, err.message));
-                    }
-                    () = self.ctx.shutdown.cancelled(), if draining.is_none() => {
-                        draining = Some(tokio::time::Instant::now() + self.ctx.config.get().daemon.drain_timeout);
-                        continue;
                     }
                     () = async { tokio::time::sleep_until(draining.unwrap_or_else(tokio::time::Instant::now)).await }, if draining.is_some() => {
                         let hint = if self.cancel_in_flight().await {
