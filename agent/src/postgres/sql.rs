@@ -56,6 +56,11 @@ pub struct Statement {
     /// cannot follow (`pg_notify` or `set_config` with a computed value, a `DO` block that can
     /// raise anything it reads).
     pub side_channel: Option<String>,
+    /// Like `side_channel`, but the value is a bind parameter (`$1`): one the client sent,
+    /// unless the statement is run by something that computes it (a SQL `PREPARE`d
+    /// statement's `EXECUTE`, a function's caller). Only the top level of a plain query
+    /// keeps it apart; everywhere else it becomes a `side_channel`.
+    pub param_side_channel: Option<String>,
     /// It may change `search_path`, after which unqualified names can resolve differently in
     /// the session than in the proxy's catalog lookups.
     pub sets_search_path: bool,
@@ -288,6 +293,22 @@ pub fn analyze(sql: &str, mode: ParseMode) -> Result<Vec<Statement>, ParseError>
         top_level(node, &text, mode, &mut s)?;
         walk(node, &mut s)?;
         outputs(node, false, &mut s);
+        // A parameter is the client's own value only in a plain query run with its Bind; in
+        // PREPARE, CREATE FUNCTION (BEGIN ATOMIC) and the like, something else computes it.
+        let plain = variant(node).is_some_and(|(name, _)| {
+            matches!(
+                name,
+                "SelectStmt"
+                    | "InsertStmt"
+                    | "UpdateStmt"
+                    | "DeleteStmt"
+                    | "MergeStmt"
+                    | "DeclareCursorStmt"
+            )
+        });
+        if !plain && s.side_channel.is_none() {
+            s.side_channel = s.param_side_channel.take();
+        }
         out.push(s);
     }
     Ok(out)
@@ -747,11 +768,13 @@ fn walk(node: &Value, s: &mut Statement) -> Result<(), ParseError> {
                         }
                         s.functions.insert(name.clone());
                         let last = name.rsplit('.').next().unwrap_or("");
-                        let computed = value["args"].as_array().is_some_and(|args| {
-                            args.iter().any(|a| !a["node"]["AConst"].is_object())
-                        });
-                        if computed && (last == "pg_notify" || last == "set_config") {
-                            s.side_channel = Some(format!("{last}() with a computed value"));
+                        if last == "pg_notify" || last == "set_config" {
+                            let args = value["args"].as_array().map_or(&[][..], Vec::as_slice);
+                            if args.iter().any(|a| !is_const(a) && !is_param(a)) {
+                                s.side_channel = Some(format!("{last}() with a computed value"));
+                            } else if args.iter().any(is_param) {
+                                s.param_side_channel = Some(format!("{last}() with a parameter"));
+                            }
                         }
                         if last == "set_config" {
                             let first = value["args"].as_array().and_then(|a| a.first());
@@ -834,6 +857,17 @@ fn walk(node: &Value, s: &mut Statement) -> Result<(), ParseError> {
     Ok(())
 }
 
+/// A literal (a cast one counts as computed, as before: a cast can look things up).
+fn is_const(arg: &Value) -> bool {
+    arg["node"]["AConst"].is_object()
+}
+
+/// A bind parameter, possibly cast (`$1`, `$1::text`).
+fn is_param(arg: &Value) -> bool {
+    let node = &arg["node"];
+    node["ParamRef"].is_object() || node["TypeCast"]["arg"]["node"]["ParamRef"].is_object()
+}
+
 /// Folds an inner statement's findings into `s`.
 fn absorb(s: &mut Statement, inner: Statement) {
     s.kinds.extend(inner.kinds);
@@ -845,8 +879,9 @@ fn absorb(s: &mut Statement, inner: Statement) {
     if s.escapes_read_only.is_none() {
         s.escapes_read_only = inner.escapes_read_only;
     }
+    // Inside a body or a fragment, a parameter is whatever its caller computed.
     if s.side_channel.is_none() {
-        s.side_channel = inner.side_channel;
+        s.side_channel = inner.side_channel.or(inner.param_side_channel);
     }
     s.sets_search_path |= inner.sets_search_path;
 }
@@ -962,7 +997,7 @@ fn plpgsql_body(body: &str, mode: ParseMode, s: &mut Statement) -> Result<(), Pa
         "CREATE FUNCTION jitgate_do() RETURNS void LANGUAGE plpgsql AS ${tag}${body}${tag}$"
     );
     let tree =
-        pg_query::parse_plpgsql(&wrapped).map_err(|e| ParseError(format!("in a DO block: {e}")))?;
+        super::plpgsql::parse(&wrapped).map_err(|e| ParseError(format!("in a DO block: {e}")))?;
     plpgsql_tree(&tree, mode, s)
 }
 
@@ -993,7 +1028,7 @@ fn function_body(
         }
         "plpgsql" => {
             plpgsql_mode(mode)?;
-            let tree = pg_query::parse_plpgsql(text)
+            let tree = super::plpgsql::parse(text)
                 .map_err(|e| ParseError(format!("in a function body: {e}")))?;
             plpgsql_tree(&tree, mode, s)
         }
@@ -1012,6 +1047,36 @@ mod tests {
         let mut v = analyze(sql, ParseMode::default()).unwrap();
         assert_eq!(v.len(), 1, "{sql}");
         v.remove(0)
+    }
+
+    #[test]
+    fn bind_parameters_are_the_clients_values_only_in_plain_queries() {
+        // asyncpg's introspection, postgres.js's notify: values the client binds.
+        for sql in [
+            "SELECT set_config('jit', $1, false)",
+            "select pg_notify($1, $2)",
+            "SELECT pg_notify('chan', $1::text)",
+            "DECLARE c CURSOR FOR SELECT set_config('jit', $1, false)",
+        ] {
+            let s = one(sql);
+            assert!(s.side_channel.is_none(), "{sql}: {:?}", s.side_channel);
+            assert!(s.param_side_channel.is_some(), "{sql}");
+        }
+        // Where something else computes the parameter, it is a side channel as before.
+        for sql in [
+            "PREPARE p(text) AS SELECT set_config('jit', $1, false)",
+            "CREATE FUNCTION f(t text) RETURNS text LANGUAGE sql AS $$ SELECT set_config('x', $1, false) $$",
+            "CREATE FUNCTION f(t text) RETURNS text LANGUAGE sql BEGIN ATOMIC SELECT set_config('x', $1, false); END",
+            "CREATE FUNCTION f(t text) RETURNS void LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('c', $1); END $$",
+            "DO $$ BEGIN PERFORM pg_notify('c', 'x'); END $$",
+            "SELECT set_config('jit', $1 || ssn, false) FROM users",
+            "SELECT set_config('jit', (SELECT ssn FROM users LIMIT 1), false)",
+            "SELECT pg_notify('c', ssn) FROM users",
+            "SELECT pg_notify('c', $1), pg_notify('c', email) FROM users",
+        ] {
+            let s = one(sql);
+            assert!(s.side_channel.is_some(), "{sql} not caught");
+        }
     }
 
     #[test]

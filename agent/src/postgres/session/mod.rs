@@ -158,7 +158,13 @@ pub(crate) async fn serve(
         return refuse(SessionOutcome::Error, err.message);
     }
     if let Some(enc) = param("client_encoding") {
-        let norm = enc.to_ascii_uppercase().replace(['-', '_'], "");
+        // Read as the server reads encoding names (clean_encoding_name: letters and digits
+        // only), so asyncpg's 'utf-8', quotes included, is UTF8 here as there.
+        let norm: String = enc
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .map(|c| c.to_ascii_uppercase())
+            .collect();
         if !matches!(norm.as_str(), "UTF8" | "UNICODE" | "SQLASCII") {
             let err = PgError::fatal(
                 "0A000",

@@ -321,3 +321,47 @@ async fn a_whole_session_masks_judges_and_ends_with_its_grant() {
     assert_eq!(how, SessionOutcome::GrantRevoked, "{detail}");
     let _ = drain(client).await;
 }
+
+#[tokio::test]
+async fn client_encodings_as_drivers_spell_them() {
+    let server = FakeServer::start("x").await;
+    // asyncpg quotes it; others use dashes, underscores or lower case.
+    for spelled in ["'utf-8'", "utf8", "UTF-8", "unicode", "'UTF8'", "u_t_f_8"] {
+        let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
+        h.grant().await;
+        let (mut client, task) = h.connect();
+        client
+            .write_all(&startup(&[
+                ("user", "agent"),
+                ("database", "app"),
+                ("client_encoding", spelled),
+            ]))
+            .await
+            .expect("startup");
+        let hello = until_ready(&mut client).await;
+        assert_eq!(
+            hello.last().map(|(t, _)| *t),
+            Some(b'Z'),
+            "{spelled}: {hello:?}"
+        );
+        drop(client);
+        let _ = outcome(task).await;
+    }
+    // An encoding whose bytes the gate would misread is refused, in PostgreSQL's terms.
+    for spelled in ["LATIN1", "'sjis'", "EUC_JP", "utf-16"] {
+        let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
+        h.grant().await;
+        let (mut client, task) = h.connect();
+        client
+            .write_all(&startup(&[
+                ("user", "agent"),
+                ("database", "app"),
+                ("client_encoding", spelled),
+            ]))
+            .await
+            .expect("startup");
+        let fields = error_fields(&drain(client).await);
+        assert_eq!(field(&fields, b'C'), "0A000", "{spelled}");
+        let _ = outcome(task).await;
+    }
+}
