@@ -7,10 +7,7 @@
 //! (which valid JSON never has) outside of string literals, and parses the rest. Nothing
 //! else is touched: a query text inside the tree reads exactly as libpg_query wrote it.
 
-use std::{
-    ffi::{CStr, CString, c_char, c_int},
-    ptr,
-};
+use std::ffi::{CStr, CString, c_char, c_int};
 
 use serde_json::Value;
 
@@ -53,7 +50,7 @@ pub fn parse(text: &str) -> Result<Value, String> {
             } else {
                 CStr::from_ptr(message).to_string_lossy().into_owned()
             })
-        } else if result.plpgsql_funcs == ptr::null_mut() {
+        } else if result.plpgsql_funcs.is_null() {
             Err("no PL/pgSQL parse tree".to_owned())
         } else {
             Ok(CStr::from_ptr(result.plpgsql_funcs)
