@@ -16,6 +16,7 @@ pub mod catalog;
 pub mod config;
 pub mod guard;
 pub mod message;
+pub mod options;
 pub mod plpgsql;
 pub mod rows;
 pub mod session;

@@ -33,6 +33,7 @@ use super::{
     config::PostgresResource,
     guard::{self, Verdict},
     message::{Backend, Frontend},
+    options,
     rows::{self, CopyFormat, CopyMasker, Masked, Origin, Plan},
     sql::{CursorUse, ParseMode, ResultRefs, Statement},
     startup::{self, Opening, StartupError},
@@ -176,6 +177,19 @@ pub(crate) async fn serve(
             return refuse(SessionOutcome::Error, err.message);
         }
     }
+    // Settings in `options` are forwarded one by one, or the connection is refused: never
+    // dropped silently.
+    let from_options = match param("options").map(|o| options::parse(&o)).transpose() {
+        Ok(settings) => settings.unwrap_or_default(),
+        Err(e) => {
+            let err = PgError::fatal("0A000", format!("jitgate: {e}")).hint(format!(
+                "options may set {} (as -c name=value)",
+                options::ALLOWED.join(", ")
+            ));
+            refuse_client(&mut writer, err.clone()).await;
+            return refuse(SessionOutcome::Error, err.message);
+        }
+    };
     if !pg.databases.is_empty() && !pg.databases.contains(&database) {
         let err = PgError::fatal(
             "3D000",
@@ -238,6 +252,10 @@ pub(crate) async fn serve(
         if PASSTHROUGH.contains(&k.to_ascii_lowercase().as_str()) {
             upstream_params.push((k.clone(), v.clone()));
         }
+    }
+    for (name, value) in from_options {
+        upstream_params.retain(|(k, _)| !k.eq_ignore_ascii_case(&name));
+        upstream_params.push((name, value));
     }
     if grant.access == Access::Read {
         upstream_params.push(("default_transaction_read_only".into(), "on".into()));

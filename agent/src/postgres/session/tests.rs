@@ -104,6 +104,23 @@ impl FakeServer {
                     if s.read_exact(&mut rest).await.is_err() {
                         return;
                     }
+                    // Parameters after the protocol code, logged as `startup name=value`.
+                    let fields: Vec<&[u8]> = rest
+                        .get(4..)
+                        .unwrap_or_default()
+                        .split(|b| *b == 0)
+                        .collect();
+                    for pair in fields.chunks(2) {
+                        if let [k, v] = pair
+                            && !k.is_empty()
+                        {
+                            log.lock().expect("log").push(format!(
+                                "startup {}={}",
+                                String::from_utf8_lossy(k),
+                                String::from_utf8_lossy(v)
+                            ));
+                        }
+                    }
                     let mut out = BytesMut::new();
                     message(&mut out, b'R', &0i32.to_be_bytes());
                     for (k, v) in [
@@ -363,5 +380,80 @@ async fn client_encodings_as_drivers_spell_them() {
         let fields = error_fields(&drain(client).await);
         assert_eq!(field(&fields, b'C'), "0A000", "{spelled}");
         let _ = outcome(task).await;
+    }
+}
+
+#[tokio::test]
+async fn startup_options_are_forwarded_or_refused_never_dropped() {
+    let server = FakeServer::start("x").await;
+    let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
+    h.grant().await;
+    let (mut client, task) = h.connect();
+    client
+        .write_all(&startup(&[
+            ("user", "agent"),
+            ("database", "app"),
+            ("statement_timeout", "9"),
+            (
+                "options",
+                "-c statement_timeout=300 --intervalstyle=iso_8601",
+            ),
+        ]))
+        .await
+        .expect("startup");
+    let hello = until_ready(&mut client).await;
+    assert_eq!(hello.last().map(|(t, _)| *t), Some(b'Z'), "{hello:?}");
+    drop(client);
+    let _ = outcome(task).await;
+    let seen = server.seen();
+    assert!(
+        seen.contains(&"startup statement_timeout=300".to_owned()),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.contains(&"startup statement_timeout=9".to_owned()),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&"startup intervalstyle=iso_8601".to_owned()),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&"startup default_transaction_read_only=on".to_owned()),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|l| l.starts_with("startup options")),
+        "{seen:?}"
+    );
+
+    // A setting that would escape the grant, smuggled or not, ends the connection with
+    // a clear error before anything reaches the server.
+    for hostile in [
+        "-c default_transaction_read_only=off",
+        "-c statement_timeout=1 -c role=postgres",
+        "--session-authorization=postgres",
+        "-d 5",
+    ] {
+        let server = FakeServer::start("x").await;
+        let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
+        h.grant().await;
+        let (mut client, task) = h.connect();
+        client
+            .write_all(&startup(&[
+                ("user", "agent"),
+                ("database", "app"),
+                ("options", hostile),
+            ]))
+            .await
+            .expect("startup");
+        let fields = error_fields(&drain(client).await);
+        assert_eq!(field(&fields, b'C'), "0A000", "{hostile}");
+        assert!(
+            field(&fields, b'H').contains("statement_timeout"),
+            "{hostile}"
+        );
+        let _ = outcome(task).await;
+        assert!(server.seen().is_empty(), "{hostile}: {:?}", server.seen());
     }
 }
