@@ -113,6 +113,9 @@ pub struct PostgresResource {
     pub default_guardrails: bool,
     /// How long a statement held for approval waits.
     pub approval_timeout: Duration,
+    /// Largest Query or Parse message a client may send (the text of one round of
+    /// statements): the gate holds and parses it whole.
+    pub max_statement_size: usize,
 }
 
 impl PostgresResource {
@@ -131,6 +134,7 @@ impl PostgresResource {
             guardrails,
             default_guardrails: true,
             approval_timeout: Duration::from_secs(60),
+            max_statement_size: DEFAULT_MAX_STATEMENT_SIZE,
         }
     }
 }
@@ -184,7 +188,14 @@ pub const KEYS: &[&str] = &[
     "guardrail",
     "default_guardrails",
     "approval_timeout",
+    "max_statement_size",
 ];
+
+/// Default of `max_statement_size`: room for bulk INSERTs and 100 MiB literals.
+pub const DEFAULT_MAX_STATEMENT_SIZE: usize = 256 << 20;
+
+/// The server's own limit on a message (PostgreSQL's `PQ_LARGE_MESSAGE_LIMIT`, 1 GiB - 1).
+pub const SERVER_MESSAGE_LIMIT: usize = (1 << 30) - 1;
 
 /// The postgres keys of a `[[resource]]`, all optional in the raw shape.
 #[derive(Deserialize, Default)]
@@ -201,6 +212,26 @@ struct RawPostgres {
     guardrail: Option<Vec<S<RawGuardrail>>>,
     default_guardrails: Option<bool>,
     approval_timeout: Option<S<String>>,
+    max_statement_size: Option<S<String>>,
+}
+
+/// `64MiB`, `512 KiB`, `1GiB`, `1048576`: a size in bytes.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (use e.g. 64MiB)"))?;
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "kB" | "KB" => 1 << 10,
+        "MiB" | "MB" => 1 << 20,
+        "GiB" | "GB" => 1 << 30,
+        other => return Err(format!("unknown unit `{other}` (use B, KiB, MiB or GiB)")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("`{text}` is too large"))
 }
 
 /// Password files hold the keys to the database: refuse any that others can read.
@@ -414,6 +445,23 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> PostgresResource {
             raw.approval_timeout.as_ref(),
             default_approval_timeout,
         );
+        let max_statement_size = match raw.max_statement_size.as_ref() {
+            None => DEFAULT_MAX_STATEMENT_SIZE,
+            Some(v) => match parse_size(v.get_ref()) {
+                Ok(n) if (1024..=SERVER_MESSAGE_LIMIT).contains(&n) => n,
+                Ok(_) => {
+                    this.fail(
+                        v.span(),
+                        "resource.max_statement_size: give 1KiB to 1GiB (the server's own limit)",
+                    );
+                    DEFAULT_MAX_STATEMENT_SIZE
+                }
+                Err(e) => {
+                    this.fail(v.span(), format!("resource.max_statement_size: {e}"));
+                    DEFAULT_MAX_STATEMENT_SIZE
+                }
+            },
+        };
         PostgresResource {
             databases: raw.databases.unwrap_or_default(),
             upstream_tls,
@@ -426,6 +474,23 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> PostgresResource {
             guardrails,
             default_guardrails: raw.default_guardrails.unwrap_or(true),
             approval_timeout,
+            max_statement_size,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512 KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
     }
 }

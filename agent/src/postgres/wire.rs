@@ -74,6 +74,8 @@ pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     cap: fn(u8) -> usize,
+    /// Overrides `cap` for statements (Query, Parse) from a client.
+    statement_cap: Option<usize>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -82,7 +84,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             buf: BytesMut::with_capacity(8 * 1024),
             cap,
+            statement_cap: None,
         }
+    }
+
+    /// Lets a client's Query and Parse messages be up to `cap` bytes (a resource's
+    /// `max_statement_size`).
+    #[must_use]
+    pub fn with_statement_cap(mut self, cap: usize) -> Self {
+        self.statement_cap = Some(cap);
+        self
     }
 
     /// Bytes read but not yet framed (handed over with the stream when TLS starts).
@@ -142,7 +153,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return Err(WireError::Malformed("length below 4"));
         }
         let body_len = len as usize - 4;
-        let cap = (self.cap)(tag);
+        let cap = match (tag, self.statement_cap) {
+            (b'Q' | b'P', Some(cap)) => cap,
+            _ => (self.cap)(tag),
+        };
         if body_len > cap {
             return Err(WireError::TooLarge {
                 tag: tag as char,

@@ -54,12 +54,18 @@ impl Pump<'_> {
                     break Some((SessionOutcome::Closed, "the client disconnected".to_owned()));
                 }
                 Err(WireError::TooLarge { tag, len, cap }) => {
-                    let err = PgError::fatal(
+                    let mut err = PgError::fatal(
                         "54000",
                         format!(
                             "jitgate: a {tag:?} message of {len} bytes exceeds the {cap}-byte limit"
                         ),
                     );
+                    if matches!(tag, 'Q' | 'P') {
+                        err = err.hint(format!(
+                            "the jitgate operator can raise max_statement_size for resource {}, up to 1GiB",
+                            self.resource
+                        ));
+                    }
                     let _ = inject.send(err.clone()).await;
                     break Some((SessionOutcome::Error, err.message));
                 }

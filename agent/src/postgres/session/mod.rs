@@ -137,7 +137,12 @@ pub(crate) async fn serve(
             reader,
             writer,
             tls,
-        } => (params, reader, writer, tls),
+        } => (
+            params,
+            reader.with_statement_cap(pg.max_statement_size),
+            writer,
+            tls,
+        ),
     };
     let param = |name: &str| {
         params

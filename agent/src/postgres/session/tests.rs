@@ -457,3 +457,49 @@ async fn startup_options_are_forwarded_or_refused_never_dropped() {
         assert!(server.seen().is_empty(), "{hostile}: {:?}", server.seen());
     }
 }
+
+#[tokio::test]
+async fn bulk_statements_fit_and_the_cap_is_the_operators() {
+    // A 20 MiB statement (psql inserting a 10 MiB bytea literal, psycopg2 interpolating a big
+    // parameter) goes through with the default cap.
+    let server = FakeServer::start("x").await;
+    let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
+    h.grant().await;
+    let (mut client, task) = h.connect();
+    client
+        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
+        .await
+        .expect("startup");
+    until_ready(&mut client).await;
+    let big = format!("select '{}' as v", "a".repeat(20 << 20));
+    client.write_all(&query(&big)).await.expect("query");
+    let reply = until_ready(&mut client).await;
+    assert_eq!(values(&reply), ["x"], "{:?}", error_code(&reply));
+    assert_eq!(server.seen().last().map(String::len), Some(big.len()));
+    drop(client);
+    let _ = outcome(task).await;
+
+    // Past the resource's max_statement_size: FATAL 54000 naming the setting.
+    let keys = format!("{MASKED}\nmax_statement_size = \"1MiB\"");
+    let h = Harness::with_upstream(server.addr, "postgres", &keys, Some("bot")).await;
+    h.grant().await;
+    let (mut client, task) = h.connect();
+    client
+        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
+        .await
+        .expect("startup");
+    until_ready(&mut client).await;
+    client
+        .write_all(&query(&format!("select '{}'", "a".repeat(1000 << 10))))
+        .await
+        .expect("just under the cap");
+    assert_eq!(values(&until_ready(&mut client).await), ["x"]);
+    let _ = client
+        .write_all(&query(&format!("select '{}'", "b".repeat(2 << 20))))
+        .await;
+    let fields = error_fields(&drain(client).await);
+    assert_eq!(field(&fields, b'C'), "54000");
+    assert!(field(&fields, b'H').contains("max_statement_size"));
+    assert_eq!(outcome(task).await.0, SessionOutcome::Error);
+    assert!(!server.seen().iter().any(|q| q.contains("bbbb")));
+}
