@@ -20,13 +20,19 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use futures_util::future::BoxFuture;
+use jitgate_common::stats;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
 use crate::{
     config::{Config, DaemonConfig, Egress, SharedConfig},
-    control::{api::StatusReport, server},
+    control::{
+        api::StatusReport,
+        server,
+        service::{self, ControlService, Host, ReloadSummary, SessionCounts},
+    },
     destinations::Destinations,
     gate::{self, Gate, GateSettings},
     grants::GrantEngine,
@@ -34,26 +40,27 @@ use crate::{
     model::Timestamp,
     ops,
     proxy::{self, ProxyContext, Registry, Routes},
-    store::{Store, audit, queries},
+    store::{Store, StoreError, audit, queries},
     tasks::Tasks,
 };
 
 /// After `drain_timeout`, how long shutdown still waits for sessions to record how they ended.
 const RECORD_GRACE: Duration = Duration::from_secs(5);
 
-/// Everything the control API reaches.
+/// The running agent as reload, status, detach and the health checks see it. The control
+/// service and the operations endpoint reach it only through the narrow traits it
+/// implements ([`Host`], [`ops::Vitals`]), never its fields.
 pub struct Daemon {
-    pub config: SharedConfig,
-    pub store: Store,
-    pub engine: GrantEngine,
-    pub tasks: Tasks,
-    pub workloads: Workloads,
-    pub gate: Arc<Mutex<Gate>>,
-    pub destinations: Arc<Destinations>,
-    pub registry: Registry,
-    pub started_at: Timestamp,
-    pub shutdown: CancellationToken,
-    pub listen: Vec<SocketAddr>,
+    config: SharedConfig,
+    store: Store,
+    engine: GrantEngine,
+    workloads: Workloads,
+    gate: Arc<Mutex<Gate>>,
+    destinations: Arc<Destinations>,
+    registry: Registry,
+    started_at: Timestamp,
+    shutdown: CancellationToken,
+    listen: Vec<SocketAddr>,
 }
 
 fn gate_settings(config: &Config) -> GateSettings {
@@ -140,12 +147,8 @@ fn lock_state_dir(state_dir: &Path) -> anyhow::Result<File> {
 }
 
 impl Daemon {
-    pub fn state_dir(&self) -> PathBuf {
-        self.config.get().daemon.state_dir.clone()
-    }
-
     /// Re-reads the config file. An invalid file changes nothing.
-    pub async fn reload(&self) -> anyhow::Result<serde_json::Value> {
+    pub async fn reload(&self) -> anyhow::Result<ReloadSummary> {
         ops::notify::reloading();
         let result = self.reload_inner().await;
         ops::notify::ready(match &result {
@@ -155,7 +158,7 @@ impl Daemon {
         result
     }
 
-    async fn reload_inner(&self) -> anyhow::Result<serde_json::Value> {
+    async fn reload_inner(&self) -> anyhow::Result<ReloadSummary> {
         let old = self.config.get();
         let mut new = Config::load(&old.path)?;
         let restart = keep_restart_only(&old.daemon, &mut new.daemon);
@@ -194,20 +197,20 @@ impl Daemon {
         }
         let ended = self.registry.end_resources_not_in(&resources);
         let revoked = self.engine.end_unauthorized().await?;
-        let summary = serde_json::json!({
-            "config": self.config.get().path.display().to_string(),
-            "resources": resources,
-            "sessions_ended": ended,
-            "grants_revoked": revoked,
-            "restart_required_for": restart,
-        });
-        let detail = summary.clone();
+        let summary = ReloadSummary {
+            config: self.config.get().path.display().to_string(),
+            resources,
+            sessions_ended: ended,
+            grants_revoked: revoked,
+            restart_required_for: restart.into_iter().map(str::to_owned).collect(),
+        };
+        let detail = serde_json::to_value(&summary)?;
         self.store
             .call(move |db| audit::append(db, "config.reloaded", "jitgated", &detail).map(drop))
             .await?;
         info!(
             sessions_ended = ended,
-            grants_revoked = revoked.len(),
+            grants_revoked = summary.grants_revoked.len(),
             "configuration reloaded"
         );
         Ok(summary)
@@ -276,6 +279,51 @@ impl Daemon {
                 .collect(),
             caller: caller.actor().to_string(),
         }
+    }
+}
+
+impl Host for Daemon {
+    fn status<'a>(&'a self, caller: &'a Caller) -> BoxFuture<'a, StatusReport> {
+        Box::pin(Daemon::status(self, caller))
+    }
+
+    fn reload(&self) -> BoxFuture<'_, anyhow::Result<ReloadSummary>> {
+        Box::pin(Daemon::reload(self))
+    }
+
+    fn detach(&self) -> anyhow::Result<Vec<PathBuf>> {
+        Daemon::detach(self)
+    }
+}
+
+impl ops::Vitals for Daemon {
+    fn gate_pinned(&self) -> Result<(), String> {
+        self.gate.lock().map_or_else(
+            |_| Err("the gate's state is poisoned by a panic".to_owned()),
+            |g| g.check_pinned(),
+        )
+    }
+
+    fn pending_requests(&self) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(self.store.call(queries::count_pending_requests))
+    }
+
+    fn kernel_counters(&self) -> Option<[u64; stats::COUNT as usize]> {
+        self.gate.lock().ok().and_then(|g| g.counters().ok())
+    }
+
+    fn grants_active(&self) -> usize {
+        self.engine.live_count()
+    }
+
+    fn sessions_open(&self) -> usize {
+        self.registry.len()
+    }
+}
+
+impl SessionCounts for Registry {
+    fn bytes(&self, id: &str) -> Option<(u64, u64)> {
+        self.counts(id)
     }
 }
 
@@ -432,19 +480,32 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         config.daemon.socket_group.as_deref(),
     )?;
     let daemon = Arc::new(Daemon {
-        config: shared,
+        config: shared.clone(),
         store: store.clone(),
-        engine,
-        tasks,
-        workloads,
+        engine: engine.clone(),
+        workloads: workloads.clone(),
         gate,
         destinations,
-        registry,
+        registry: registry.clone(),
         started_at: Timestamp::now(),
         shutdown: shutdown.clone(),
         listen,
     });
-    server::serve(control, daemon.clone(), tracker.clone());
+    let service = ControlService::new(service::Parts {
+        config: shared,
+        engine,
+        store: store.clone(),
+        tasks: Arc::new(tasks),
+        sessions: Arc::new(registry),
+        host: daemon.clone(),
+    });
+    server::serve(
+        control,
+        service,
+        workloads,
+        shutdown.clone(),
+        tracker.clone(),
+    );
     store
         .call(|db| {
             audit::append(
