@@ -197,3 +197,54 @@ async fn dispatch(service: &ControlService, caller: &Caller, call: Call) -> Repl
         Call::Detach => reply(service.detach(caller)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{grants::EngineError, store::StoreError};
+
+    fn line(result: Result<(), ControlError>) -> String {
+        serde_json::to_string(&reply(result)).expect("encoding")
+    }
+
+    /// What the CLI reads back: the code it maps to an exit status, and the message as is.
+    #[test]
+    fn errors_keep_their_codes_and_texts() {
+        assert_eq!(line(Ok(())), r#"{"ok":true,"data":null}"#);
+        assert_eq!(
+            line(Err(ControlError::Forbidden("no".into()))),
+            r#"{"ok":false,"error":{"code":"forbidden","message":"no"}}"#
+        );
+        let cases = [
+            (
+                ControlError::from(EngineError::Invalid("a".into())),
+                "invalid",
+                "a",
+            ),
+            (EngineError::NotFound("b".into()).into(), "not_found", "b"),
+            (EngineError::Refused("c".into()).into(), "refused", "c"),
+            (EngineError::Conflict("d".into()).into(), "conflict", "d"),
+            (
+                EngineError::Store(StoreError::Invalid("e".into())).into(),
+                "internal",
+                &StoreError::Invalid("e".into()).to_string(),
+            ),
+            (
+                ControlError::ReloadRejected(anyhow::anyhow!("bad key").context("t.toml")),
+                "invalid",
+                "t.toml: bad key",
+            ),
+            (
+                ControlError::Detach(anyhow::anyhow!("busy").context("removing")),
+                "internal",
+                "removing: busy",
+            ),
+        ];
+        for (error, code, message) in cases {
+            let reply: serde_json::Value =
+                serde_json::from_str(&line(Err(error))).expect("decoding");
+            assert_eq!(reply["error"]["code"], code);
+            assert_eq!(reply["error"]["message"], message);
+        }
+    }
+}
