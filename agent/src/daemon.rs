@@ -20,14 +20,19 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use futures_util::future::BoxFuture;
 use jitgate_common::stats;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, Egress, SharedConfig},
-    control::{api::StatusReport, server},
+    config::{Config, DaemonConfig, Egress, SharedConfig},
+    control::{
+        api::StatusReport,
+        server,
+        service::{self, ControlService, Host, ReloadSummary, SessionCounts},
+    },
     destinations::Destinations,
     gate::{self, Gate, GateSettings},
     grants::GrantEngine,
@@ -37,7 +42,7 @@ use crate::{
     protocol::{Protocols, Services},
     proxy::{self, ProxyContext, Registry, Routes, attribute::Kernel},
     store::{
-        SharedStore, SqliteStore,
+        SharedStore, SqliteStore, StoreError,
         audit::{self, ConfigReloaded, DaemonStarted, DaemonStopped, Event, GateDetached},
     },
     tasks::Tasks,
@@ -46,19 +51,20 @@ use crate::{
 /// After `drain_timeout`, how long shutdown still waits for sessions to record how they ended.
 const RECORD_GRACE: Duration = Duration::from_secs(5);
 
-/// Everything the control API reaches.
+/// The running agent as reload, status, detach and the health checks see it. The control
+/// service and the operations endpoint reach it only through the narrow traits it
+/// implements ([`Host`], [`ops::Vitals`]), never its fields.
 pub struct Daemon {
-    pub config: SharedConfig,
-    pub store: SharedStore,
-    pub engine: GrantEngine,
-    pub tasks: Tasks,
-    pub workloads: Workloads,
-    pub gate: Arc<Mutex<Gate>>,
-    pub destinations: Arc<Destinations>,
-    pub registry: Registry,
-    pub started_at: Timestamp,
-    pub shutdown: CancellationToken,
-    pub listen: Vec<SocketAddr>,
+    config: SharedConfig,
+    store: SharedStore,
+    engine: GrantEngine,
+    workloads: Workloads,
+    gate: Arc<Mutex<Gate>>,
+    destinations: Arc<Destinations>,
+    registry: Registry,
+    started_at: Timestamp,
+    shutdown: CancellationToken,
+    listen: Vec<SocketAddr>,
 }
 
 fn gate_settings(config: &Config) -> GateSettings {
@@ -78,35 +84,48 @@ fn gate_settings(config: &Config) -> GateSettings {
     }
 }
 
-/// Keys a reload cannot change (they name things the running agent holds open).
-fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
-    let (a, b) = (&old.daemon, &new.daemon);
-    let mut changed = Vec::new();
-    if a.state_dir != b.state_dir {
-        changed.push("state_dir");
-    }
-    if a.socket != b.socket {
-        changed.push("socket");
-    }
-    if a.proxy_listen != b.proxy_listen || a.proxy_listen6 != b.proxy_listen6 {
-        changed.push("proxy_listen");
-    }
-    if a.gate_cgroup != b.gate_cgroup {
-        changed.push("gate_cgroup");
-    }
-    if a.bpf_pin_dir != b.bpf_pin_dir {
-        changed.push("bpf_pin_dir");
-    }
-    if a.kernel_log != b.kernel_log {
-        changed.push("kernel_log");
-    }
-    if a.metrics_listen != b.metrics_listen {
-        changed.push("metrics_listen");
-    }
-    if a.worker_threads != b.worker_threads {
-        changed.push("worker_threads");
-    }
+/// Sets `new` to `running` and says whether they differed.
+fn keep_running<T: Clone + PartialEq>(running: &T, new: &mut T) -> bool {
+    let changed = running != new;
+    *new = running.clone();
     changed
+}
+
+/// The keys a reload cannot change (they name things the running agent holds open, or were
+/// read once at start-up): keeps their running values in `new` and returns the keys that
+/// the file changed, as reported in `restart_required_for`. The one list of them.
+fn keep_restart_only(running: &DaemonConfig, new: &mut DaemonConfig) -> Vec<&'static str> {
+    let (a, b) = (running, new);
+    let keys = [
+        ("state_dir", keep_running(&a.state_dir, &mut b.state_dir)),
+        ("socket", keep_running(&a.socket, &mut b.socket)),
+        (
+            "proxy_listen",
+            // Both, always: `|` does not stop at the first change.
+            keep_running(&a.proxy_listen, &mut b.proxy_listen)
+                | keep_running(&a.proxy_listen6, &mut b.proxy_listen6),
+        ),
+        (
+            "gate_cgroup",
+            keep_running(&a.gate_cgroup, &mut b.gate_cgroup),
+        ),
+        (
+            "bpf_pin_dir",
+            keep_running(&a.bpf_pin_dir, &mut b.bpf_pin_dir),
+        ),
+        ("kernel_log", keep_running(&a.kernel_log, &mut b.kernel_log)),
+        (
+            "metrics_listen",
+            keep_running(&a.metrics_listen, &mut b.metrics_listen),
+        ),
+        (
+            "worker_threads",
+            keep_running(&a.worker_threads, &mut b.worker_threads),
+        ),
+    ];
+    keys.into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
 }
 
 /// Takes an exclusive lock on `state_dir` so two agents never share state.
@@ -132,12 +151,8 @@ fn lock_state_dir(state_dir: &Path) -> anyhow::Result<File> {
 }
 
 impl Daemon {
-    pub fn state_dir(&self) -> PathBuf {
-        self.config.get().daemon.state_dir.clone()
-    }
-
     /// Re-reads the config file. An invalid file changes nothing.
-    pub async fn reload(&self) -> anyhow::Result<serde_json::Value> {
+    pub async fn reload(&self) -> anyhow::Result<ReloadSummary> {
         ops::notify::reloading();
         let result = self.reload_inner().await;
         ops::notify::ready(match &result {
@@ -147,21 +162,11 @@ impl Daemon {
         result
     }
 
-    async fn reload_inner(&self) -> anyhow::Result<serde_json::Value> {
+    async fn reload_inner(&self) -> anyhow::Result<ReloadSummary> {
         let old = self.config.get();
-        let new = Config::load(&old.path)?;
-        let restart = restart_only_changes(&old, &new);
-        let mut new = new;
+        let mut new = Config::load(&old.path)?;
+        let restart = keep_restart_only(&old.daemon, &mut new.daemon);
         if !restart.is_empty() {
-            // Keep the running values; say so.
-            new.daemon.state_dir = old.daemon.state_dir.clone();
-            new.daemon.socket = old.daemon.socket.clone();
-            new.daemon.proxy_listen = old.daemon.proxy_listen;
-            new.daemon.proxy_listen6 = old.daemon.proxy_listen6;
-            new.daemon.gate_cgroup = old.daemon.gate_cgroup.clone();
-            new.daemon.bpf_pin_dir = old.daemon.bpf_pin_dir.clone();
-            new.daemon.kernel_log = old.daemon.kernel_log;
-            new.daemon.metrics_listen = old.daemon.metrics_listen;
             warn!(keys = ?restart, "these settings only change on restart; keeping the running values");
         }
         // Check the new rules compile before switching anything.
@@ -196,20 +201,26 @@ impl Daemon {
         }
         let ended = self.registry.end_resources_not_in(&resources);
         let revoked = self.engine.end_unauthorized().await?;
-        let reloaded = ConfigReloaded {
+        let summary = ReloadSummary {
             config: self.config.get().path.display().to_string(),
             resources,
             sessions_ended: ended,
-            grants_revoked: revoked.clone(),
-            restart_required_for: restart.iter().map(|k| (*k).to_owned()).collect(),
+            grants_revoked: revoked,
+            restart_required_for: restart.into_iter().map(str::to_owned).collect(),
         };
-        let summary = serde_json::to_value(&reloaded)?;
+        let reloaded = ConfigReloaded {
+            config: summary.config.clone(),
+            resources: summary.resources.clone(),
+            sessions_ended: summary.sessions_ended,
+            grants_revoked: summary.grants_revoked.clone(),
+            restart_required_for: summary.restart_required_for.clone(),
+        };
         self.store
             .append_audit("jitgated".into(), Event::ConfigReloaded(reloaded))
             .await?;
         info!(
             sessions_ended = ended,
-            grants_revoked = revoked.len(),
+            grants_revoked = summary.grants_revoked.len(),
             "configuration reloaded"
         );
         Ok(summary)
@@ -239,17 +250,6 @@ impl Daemon {
                 gate.counters().unwrap_or_default(),
             )
         };
-        let names = [
-            (stats::REDIRECTED, "redirected"),
-            (stats::TCP_DENIED, "tcp_denied"),
-            (stats::UDP_DENIED, "udp_denied"),
-            (stats::SOCK_DENIED, "socket_denied"),
-            (stats::BIND_DENIED, "bind_denied"),
-            (stats::NOT_READY, "not_ready"),
-            (stats::RECORD_FAILED, "record_failed"),
-            (stats::PROXY_DIRECT, "proxy_direct"),
-            (stats::EVENTS_LOST, "events_lost"),
-        ];
         let pending = self.store.count_pending().await.unwrap_or(0);
         StatusReport {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -265,10 +265,7 @@ impl Daemon {
             },
             proxy_listen: self.listen.iter().map(ToString::to_string).collect(),
             destination_prefixes: prefixes,
-            kernel_counters: names
-                .iter()
-                .map(|(i, n)| ((*n).to_owned(), counters[*i as usize]))
-                .collect(),
+            kernel_counters: ops::metrics::kernel_status(&counters),
             live_grants: self.engine.live_count(),
             pending_requests: pending,
             open_sessions: self.registry.len(),
@@ -280,6 +277,51 @@ impl Daemon {
                 .collect(),
             caller: caller.actor().to_string(),
         }
+    }
+}
+
+impl Host for Daemon {
+    fn status<'a>(&'a self, caller: &'a Caller) -> BoxFuture<'a, StatusReport> {
+        Box::pin(Daemon::status(self, caller))
+    }
+
+    fn reload(&self) -> BoxFuture<'_, anyhow::Result<ReloadSummary>> {
+        Box::pin(Daemon::reload(self))
+    }
+
+    fn detach(&self) -> anyhow::Result<Vec<PathBuf>> {
+        Daemon::detach(self)
+    }
+}
+
+impl ops::Vitals for Daemon {
+    fn gate_pinned(&self) -> Result<(), String> {
+        self.gate.lock().map_or_else(
+            |_| Err("the gate's state is poisoned by a panic".to_owned()),
+            |g| g.check_pinned(),
+        )
+    }
+
+    fn pending_requests(&self) -> BoxFuture<'_, Result<usize, StoreError>> {
+        self.store.count_pending()
+    }
+
+    fn kernel_counters(&self) -> Option<[u64; stats::COUNT as usize]> {
+        self.gate.lock().ok().and_then(|g| g.counters().ok())
+    }
+
+    fn grants_active(&self) -> usize {
+        self.engine.live_count()
+    }
+
+    fn sessions_open(&self) -> usize {
+        self.registry.len()
+    }
+}
+
+impl SessionCounts for Registry {
+    fn bytes(&self, id: &str) -> Option<(u64, u64)> {
+        self.counts(id)
     }
 }
 
@@ -436,19 +478,32 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         config.daemon.socket_group.as_deref(),
     )?;
     let daemon = Arc::new(Daemon {
-        config: shared,
+        config: shared.clone(),
         store: store.clone(),
-        engine,
-        tasks,
-        workloads,
+        engine: engine.clone(),
+        workloads: workloads.clone(),
         gate,
         destinations,
-        registry,
+        registry: registry.clone(),
         started_at: Timestamp::now(),
         shutdown: shutdown.clone(),
         listen,
     });
-    server::serve(control, daemon.clone(), tracker.clone());
+    let service = ControlService::new(service::Parts {
+        config: shared,
+        engine,
+        store: store.clone(),
+        tasks: Arc::new(tasks),
+        sessions: Arc::new(registry),
+        host: daemon.clone(),
+    });
+    server::serve(
+        control,
+        service,
+        workloads,
+        shutdown.clone(),
+        tracker.clone(),
+    );
     store
         .append_audit(
             "jitgated".into(),
@@ -505,4 +560,40 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&config.daemon.socket);
     info!("stopped; the gate stays closed while jitgated is down");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(daemon: &str) -> Config {
+        Config::from_toml(Path::new("t.toml"), &format!("[daemon]\n{daemon}\n"))
+            .expect("test config")
+    }
+
+    #[test]
+    fn reload_keeps_every_restart_only_key() {
+        let running = config("");
+        let mut new = config(
+            r#"
+socket = "/tmp/other.sock"
+proxy_listen6 = "off"
+metrics_listen = "127.0.0.1:9187"
+worker_threads = 3
+hold_timeout = "7s"
+"#,
+        );
+        let keys = keep_restart_only(&running.daemon, &mut new.daemon);
+        assert_eq!(
+            keys,
+            ["socket", "proxy_listen", "metrics_listen", "worker_threads"]
+        );
+        assert_eq!(new.daemon.socket, running.daemon.socket);
+        assert_eq!(new.daemon.proxy_listen6, running.daemon.proxy_listen6);
+        assert_eq!(new.daemon.metrics_listen, running.daemon.metrics_listen);
+        assert_eq!(new.daemon.worker_threads, running.daemon.worker_threads);
+        // What a reload may change, it changes.
+        assert_eq!(new.daemon.hold_timeout, Duration::from_secs(7));
+        assert!(keep_restart_only(&running.daemon, &mut running.daemon.clone()).is_empty());
+    }
 }

@@ -10,7 +10,8 @@
 //! * [`tasks`]: `jitgate run` task cgroups and their lifetime.
 //! * [`identity`]: users, groups, and which workload a cgroup is.
 //! * [`store`]: the state store trait (SQLite and in-memory backends), the hash-chained audit log.
-//! * [`control`]: the Unix-socket API the CLI speaks.
+//! * [`control`]: the control service (typed calls, who may make them) and its Unix-socket
+//!   front end, which the CLI speaks.
 //! * [`daemon`]: start-up order, reload, shutdown.
 //! * [`ops`]: metrics and health endpoint, systemd readiness and watchdog, logging.
 //! * [`cli`]: the `jitgate` command.

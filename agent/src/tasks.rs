@@ -19,7 +19,7 @@ use crate::{
     config::{Access, SharedConfig},
     gate::cgroup,
     grants::{EngineError, GrantEngine, RequestSpec},
-    identity::{self, Attribution, Caller, Workloads},
+    identity::{Attribution, Caller, Workloads},
     ids,
     model::{Request, Task, Timestamp},
     store::SharedStore,
@@ -150,46 +150,10 @@ impl Tasks {
     }
 
     /// Creates a task for `caller`, moves the caller into its cgroup and files its grants.
+    /// That `caller` may launch `spec` is the control service's decision (`control::authz`),
+    /// made before this is called.
     pub async fn run(&self, caller: &Caller, spec: RunSpec) -> Result<Started, EngineError> {
-        if caller.is_workload() {
-            return Err(EngineError::Forbidden(
-                "a gated workload cannot launch tasks".into(),
-            ));
-        }
         let config = self.inner.config.get();
-        let Some(workload) = config.workload(&spec.identity) else {
-            let known: Vec<&str> = config
-                .workloads
-                .iter()
-                .map(|w| w.identity.as_str())
-                .collect();
-            return Err(EngineError::NotFound(format!(
-                "`{}` is not a configured workload identity (known: {})",
-                spec.identity,
-                if known.is_empty() {
-                    "none".into()
-                } else {
-                    known.join(", ")
-                }
-            )));
-        };
-        if !identity::principal_matches(&workload.launchers, caller.uid) {
-            return Err(EngineError::Forbidden(format!(
-                "{} may not launch {}: add the user (or a group of theirs) to its launchers",
-                caller.user, spec.identity
-            )));
-        }
-        if caller.uid != 0 && spec.run_as_uid != caller.uid {
-            return Err(EngineError::Forbidden(
-                "only root can run a workload as another user".into(),
-            ));
-        }
-        if spec.run_as_uid == 0 && !spec.allow_root {
-            return Err(EngineError::Forbidden(
-                "refusing to run a workload as root: root can move itself out of its cgroup and so walk around the gate. Run it as an ordinary user (--user USER), or pass --allow-root if you accept that".into(),
-            ));
-        }
-
         let task_id = ids::new(ids::Kind::Task);
         let rel = format!(
             "{}/{}/{}",
@@ -233,7 +197,9 @@ impl Tasks {
                 .inner
                 .engine
                 .file(
-                    caller,
+                    caller.actor(),
+                    &spec.identity,
+                    Some(&task_id),
                     RequestSpec {
                         resource: g.resource,
                         access: g.access,

@@ -189,11 +189,23 @@ approval = "auto"
             for_identity: Some("bot".into()),
             task: None,
         };
-        self.engine.file(&root(), spec).await.expect("request");
+        self.engine
+            .file(root().actor(), "bot", None, spec)
+            .await
+            .expect("request");
         self.engine
             .find("bot", None, "svc", Access::Read)
             .expect("an auto-approved grant")
             .id
+    }
+
+    /// Revokes grant `id` as root would.
+    pub async fn revoke(&self, id: &str) {
+        let grant = self.engine.live_grant(id).await.expect("a live grant");
+        self.engine
+            .revoke(&root(), grant, Some("test".into()))
+            .await
+            .expect("revoke");
     }
 
     /// Starts a session; returns the workload's end of the pipe and the session's task.

@@ -1,5 +1,9 @@
-//! The control plane: a Unix socket speaking line-delimited JSON, used by the `jitgate` CLI.
+//! The control plane: [`service`] is the control API (typed calls, their authorization in
+//! [`authz`]); [`server`] is its front end on a Unix socket speaking line-delimited JSON, used
+//! by the `jitgate` CLI ([`client`]).
 pub mod api;
+pub mod authz;
 pub mod client;
 pub mod peer;
 pub mod server;
+pub mod service;

@@ -1,30 +1,27 @@
-//! The control socket: accepts CLI connections, identifies each caller from the kernel, and
-//! dispatches calls to the daemon's parts.
+//! The control socket, the CLI's front end to the control service: reads one JSON call per
+//! line, identifies the caller from the kernel ([`super::peer`]), hands the typed call to
+//! [`ControlService`] and writes its answer back as one JSON line. What a call does and who
+//! may make it are the service's business, not this file's.
 
-use std::{os::unix::fs::PermissionsExt as _, path::Path, sync::Arc, time::Duration};
+use std::{os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
 
 use anyhow::{Context as _, bail};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
 };
-use tokio_util::task::TaskTracker;
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument as _, debug, info_span, warn};
 
 use super::{
     api::{Call, ErrorCode, MAX_LINE, Reply},
     peer,
+    service::{ControlError, ControlService},
 };
 use crate::{
-    config::Principal,
-    daemon::Daemon,
-    grants::{EngineError, RequestSpec},
-    identity::{Caller, principal_matches},
-    model::Timestamp,
+    grants::RequestSpec,
+    identity::{Caller, Workloads},
 };
-
-/// Longest a `Wait` call may block.
-const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// Binds the control socket, refusing to steal it from a running daemon.
 pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Result<UnixListener> {
@@ -58,16 +55,27 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Result<UnixL
     Ok(listener)
 }
 
-pub fn serve(listener: UnixListener, daemon: Arc<Daemon>, tracker: TaskTracker) {
+/// Serves control connections until `shutdown`. `workloads` tells callers inside the gate
+/// apart (see [`peer::identify`]).
+pub fn serve(
+    listener: UnixListener,
+    service: ControlService,
+    workloads: Workloads,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     let inner = tracker.clone();
     tracker.spawn(async move {
         loop {
             tokio::select! {
-                () = daemon.shutdown.cancelled() => break,
+                () = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        let daemon = daemon.clone();
-                        inner.spawn(async move { connection(stream, daemon).await });
+                        let (service, workloads, shutdown) =
+                            (service.clone(), workloads.clone(), shutdown.clone());
+                        inner.spawn(async move {
+                            connection(stream, &service, &workloads, &shutdown).await;
+                        });
                     }
                     Err(e) => {
                         warn!(error = %e, "control accept failed");
@@ -79,8 +87,13 @@ pub fn serve(listener: UnixListener, daemon: Arc<Daemon>, tracker: TaskTracker) 
     });
 }
 
-async fn connection(stream: UnixStream, daemon: Arc<Daemon>) {
-    let caller = match peer::identify(&stream, &daemon.workloads) {
+async fn connection(
+    stream: UnixStream,
+    service: &ControlService,
+    workloads: &Workloads,
+    shutdown: &CancellationToken,
+) {
+    let caller = match peer::identify(&stream, workloads) {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "cannot identify a control caller; closing");
@@ -100,7 +113,7 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>) {
                     Ok(n) => n,
                     Err(_) => break,
                 },
-                () = daemon.shutdown.cancelled() => break,
+                () = shutdown.cancelled() => break,
             };
             if n == 0 {
                 break;
@@ -110,7 +123,7 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>) {
                 Reply::err(ErrorCode::Invalid, "call too large")
             } else {
                 match serde_json::from_str::<Call>(&line) {
-                    Ok(call) => dispatch(&daemon, &caller, call).await,
+                    Ok(call) => dispatch(service, &caller, call).await,
                     Err(e) => Reply::err(ErrorCode::Invalid, format!("malformed call: {e}")),
                 }
             };
@@ -125,83 +138,18 @@ async fn connection(stream: UnixStream, daemon: Arc<Daemon>) {
     .await;
 }
 
-fn engine_err(e: EngineError) -> Reply {
-    let code = match &e {
-        EngineError::NotFound(_) => ErrorCode::NotFound,
-        EngineError::Forbidden(_) => ErrorCode::Forbidden,
-        EngineError::Refused(_) => ErrorCode::Refused,
-        EngineError::Conflict(_) => ErrorCode::Conflict,
-        EngineError::Invalid(_) => ErrorCode::Invalid,
-        EngineError::Store(_) => ErrorCode::Internal,
-    };
-    Reply::err(code, e.to_string())
-}
-
-fn reply<T: serde::Serialize>(r: Result<T, EngineError>) -> Reply {
-    match r {
+fn reply<T: serde::Serialize>(result: Result<T, ControlError>) -> Reply {
+    match result {
         Ok(v) => Reply::ok(v),
-        Err(e) => engine_err(e),
+        Err(e) => Reply::err(e.code(), e.to_string()),
     }
 }
 
-/// Other people's records (the audit log, every session's statements) are for operators:
-/// root, members of `socket_group` and the approvers of any policy. The socket may be open
-/// to every local user (so that workloads can `jitgate request`); that must not make every
-/// user a reader of what workloads did.
-fn operators_only(daemon: &Daemon, caller: &Caller, what: &str) -> Option<Reply> {
-    if caller.is_workload() {
-        return Some(Reply::err(
-            ErrorCode::Forbidden,
-            format!("a gated workload cannot {what}"),
-        ));
-    }
-    own_or_operators(daemon, caller, what)
-}
-
-/// Where a workload may read its own records (the caller filters them): a workload passes,
-/// anyone else must be an operator (see [`operators_only`]).
-fn own_or_operators(daemon: &Daemon, caller: &Caller, what: &str) -> Option<Reply> {
-    (!caller.is_workload() && !is_operator(daemon, caller)).then(|| {
-        Reply::err(
-            ErrorCode::Forbidden,
-            format!(
-                "only root, members of the socket's group and approvers can {what}; {} is none of these",
-                caller.user
-            ),
-        )
-    })
-}
-
-/// Root, a member of `socket_group`, or an approver of any policy.
-fn is_operator(daemon: &Daemon, caller: &Caller) -> bool {
-    if caller.is_root() {
-        return true;
-    }
-    let config = daemon.config.get();
-    let mut operators: Vec<Principal> = config
-        .policies
-        .iter()
-        .flat_map(|p| p.approvers.iter().cloned())
-        .collect();
-    if let Some(group) = &config.daemon.socket_group {
-        operators.push(Principal::Group(group.clone()));
-    }
-    principal_matches(&operators, caller.uid)
-}
-
-fn root_only(caller: &Caller, what: &str) -> Option<Reply> {
-    (!caller.is_root()).then(|| {
-        Reply::err(
-            ErrorCode::Forbidden,
-            format!("only root (outside the gate) can {what}"),
-        )
-    })
-}
-
-async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
+/// One call, decoded, to the service's method for it.
+async fn dispatch(service: &ControlService, caller: &Caller, call: Call) -> Reply {
     debug!(?call, "call");
     match call {
-        Call::Status => Reply::ok(daemon.status(caller).await),
+        Call::Status => Reply::ok(service.status(caller).await),
         Call::Request {
             resource,
             access,
@@ -209,9 +157,8 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
             reason,
             for_identity,
         } => reply(
-            daemon
-                .engine
-                .file(
+            service
+                .request(
                     caller,
                     RequestSpec {
                         resource,
@@ -227,145 +174,77 @@ async fn dispatch(daemon: &Daemon, caller: &Caller, call: Call) -> Reply {
         Call::Wait {
             request,
             timeout_secs,
-        } => {
-            let timeout = Duration::from_secs(timeout_secs).min(MAX_WAIT);
-            match daemon.engine.request(&request).await {
-                Ok(Some(q))
-                    if caller.is_workload()
-                        && caller.workload.as_ref().map(|w| &w.identity) != Some(&q.identity) =>
-                {
-                    Reply::err(
-                        ErrorCode::Forbidden,
-                        "a workload can only wait on its own requests",
-                    )
-                }
-                Ok(_) => {
-                    // A held statement's text is for operators and its own workload.
-                    let reader = caller.is_workload() || is_operator(daemon, caller);
-                    reply(daemon.engine.wait(&request, timeout).await.map(|mut q| {
-                        if !reader {
-                            q.statement = None;
-                        }
-                        q
-                    }))
-                }
-                Err(e) => engine_err(e),
-            }
-        }
-        Call::Approvals => {
-            if let Some(r) = own_or_operators(daemon, caller, "list requests waiting for approval")
-            {
-                return r;
-            }
-            reply(daemon.engine.approvals(caller).await)
-        }
+        } => reply(
+            service
+                .wait(caller, &request, Duration::from_secs(timeout_secs))
+                .await,
+        ),
+        Call::Approvals => reply(service.approvals(caller).await),
         Call::Approve { request, ttl_secs } => reply(
-            daemon
-                .engine
+            service
                 .approve(caller, &request, ttl_secs.map(Duration::from_secs))
                 .await,
         ),
-        Call::Deny { request, reason } => reply(daemon.engine.deny(caller, &request, reason).await),
-        Call::Grants { all } => reply(daemon.engine.grants(caller, all).await),
-        Call::Revoke { grant, reason } => reply(daemon.engine.revoke(caller, &grant, reason).await),
-        Call::Sessions { all, limit } => {
-            // A workload sees its own sessions (filtered below); anyone else must be an operator.
-            if let Some(r) = own_or_operators(daemon, caller, "list sessions") {
-                return r;
-            }
-            let limit = limit.clamp(1, 10_000);
-            match daemon.store.sessions(!all, limit).await {
-                Ok(mut sessions) => {
-                    if caller.is_workload() {
-                        let own = caller.workload.as_ref().map(|w| w.identity.clone());
-                        sessions.retain(|s| s.identity == own);
-                    }
-                    for s in &mut sessions {
-                        if let Some((up, down)) = daemon.registry.counts(&s.id) {
-                            s.bytes_up = up;
-                            s.bytes_down = down;
-                        }
-                    }
-                    Reply::ok(sessions)
-                }
-                Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
-            }
-        }
-        Call::SessionShow { id } => {
-            let found = daemon.store.session_history(id.clone()).await.map(|h| {
-                h.map(|h| super::api::SessionDetail {
-                    session: h.session,
-                    statements: h.statements,
-                    events: h.events,
-                })
-            });
-            match found {
-                Ok(Some(mut detail)) => {
-                    if let Some(r) = own_or_operators(daemon, caller, "read a session") {
-                        return r;
-                    }
-                    if caller.is_workload()
-                        && caller.workload.as_ref().map(|w| &w.identity)
-                            != detail.session.identity.as_ref()
-                    {
-                        return Reply::err(
-                            ErrorCode::Forbidden,
-                            "a workload can only see its own sessions",
-                        );
-                    }
-                    if let Some((up, down)) = daemon.registry.counts(&id) {
-                        detail.session.bytes_up = up;
-                        detail.session.bytes_down = down;
-                    }
-                    Reply::ok(detail)
-                }
-                Ok(None) => Reply::err(ErrorCode::NotFound, format!("no session {id}")),
-                Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
-            }
-        }
-        Call::Audit { since, limit } => {
-            if let Some(r) = operators_only(daemon, caller, "read the audit log") {
-                return r;
-            }
-            let limit = limit.clamp(1, 100_000);
-            match daemon.store.audit_log(since, limit).await {
-                Ok(events) => Reply::ok(events),
-                Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
-            }
-        }
-        Call::AuditVerify => {
-            if let Some(r) = operators_only(daemon, caller, "verify the audit log") {
-                return r;
-            }
-            match daemon.store.verify_audit().await {
-                Ok(report) => Reply::ok(report),
-                Err(e) => Reply::err(ErrorCode::Internal, e.to_string()),
-            }
-        }
-        Call::Run(spec) => reply(daemon.tasks.run(caller, spec).await),
-        Call::Reload => {
-            if let Some(r) = root_only(caller, "reload the configuration") {
-                return r;
-            }
-            match daemon.reload().await {
-                Ok(summary) => Reply::ok(summary),
-                Err(e) => Reply::err(ErrorCode::Invalid, format!("{e:#}")),
-            }
-        }
-        Call::Detach => {
-            if let Some(r) = root_only(caller, "detach the gate") {
-                return r;
-            }
-            match daemon.detach() {
-                Ok(removed) => {
-                    info!(by = %caller.user, "gate detached on request; shutting down");
-                    Reply::ok(serde_json::json!({
-                        "removed": removed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-                        "at": Timestamp::now(),
-                    }))
-                }
-                Err(e) => Reply::err(ErrorCode::Internal, format!("{e:#}")),
-            }
+        Call::Deny { request, reason } => reply(service.deny(caller, &request, reason).await),
+        Call::Grants { all } => reply(service.grants(caller, all).await),
+        Call::Revoke { grant, reason } => reply(service.revoke(caller, &grant, reason).await),
+        Call::Sessions { all, limit } => reply(service.sessions(caller, all, limit).await),
+        Call::SessionShow { id } => reply(service.session(caller, &id).await),
+        Call::Audit { since, limit } => reply(service.audit(caller, since, limit).await),
+        Call::AuditVerify => reply(service.audit_verify(caller).await),
+        Call::Run(spec) => reply(service.run(caller, spec).await),
+        Call::Reload => reply(service.reload(caller).await),
+        Call::Detach => reply(service.detach(caller)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{grants::EngineError, store::StoreError};
+
+    fn line(result: Result<(), ControlError>) -> String {
+        serde_json::to_string(&reply(result)).expect("encoding")
+    }
+
+    /// What the CLI reads back: the code it maps to an exit status, and the message as is.
+    #[test]
+    fn errors_keep_their_codes_and_texts() {
+        assert_eq!(line(Ok(())), r#"{"ok":true,"data":null}"#);
+        assert_eq!(
+            line(Err(ControlError::Forbidden("no".into()))),
+            r#"{"ok":false,"error":{"code":"forbidden","message":"no"}}"#
+        );
+        let cases = [
+            (
+                ControlError::from(EngineError::Invalid("a".into())),
+                "invalid",
+                "a",
+            ),
+            (EngineError::NotFound("b".into()).into(), "not_found", "b"),
+            (EngineError::Refused("c".into()).into(), "refused", "c"),
+            (EngineError::Conflict("d".into()).into(), "conflict", "d"),
+            (
+                EngineError::Store(StoreError::Invalid("e".into())).into(),
+                "internal",
+                &StoreError::Invalid("e".into()).to_string(),
+            ),
+            (
+                ControlError::ReloadRejected(anyhow::anyhow!("bad key").context("t.toml")),
+                "invalid",
+                "t.toml: bad key",
+            ),
+            (
+                ControlError::Detach(anyhow::anyhow!("busy").context("removing")),
+                "internal",
+                "removing: busy",
+            ),
+        ];
+        for (error, code, message) in cases {
+            let reply: serde_json::Value =
+                serde_json::from_str(&line(Err(error))).expect("decoding");
+            assert_eq!(reply["error"]["code"], code);
+            assert_eq!(reply["error"]["message"], message);
         }
     }
 }

@@ -39,8 +39,6 @@ pub enum EngineError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
-    Forbidden(String),
-    #[error("{0}")]
     Refused(String),
     #[error("{0}")]
     Conflict(String),
@@ -189,43 +187,17 @@ impl GrantEngine {
             })
     }
 
-    /// Files a request on behalf of `caller` (see [`RequestSpec`]).
-    pub async fn file(&self, caller: &Caller, spec: RequestSpec) -> Result<Request, EngineError> {
+    /// Files a request by `actor` for `identity` (from `task`). Who may ask for whom is the
+    /// control service's decision (`control::authz`), made before this is called.
+    pub async fn file(
+        &self,
+        actor: Actor,
+        identity: &str,
+        task: Option<&str>,
+        spec: RequestSpec,
+    ) -> Result<Request, EngineError> {
         let config = self.config();
-        let (identity, task) = if caller.gated_unattributed {
-            return Err(EngineError::Forbidden(
-                "this process runs inside the gate but belongs to no configured workload".into(),
-            ));
-        } else if let Some(w) = &caller.workload {
-            if let Some(other) = spec.for_identity.as_deref().filter(|i| *i != w.identity) {
-                return Err(EngineError::Forbidden(format!(
-                    "a workload can only request access for itself ({}), not for {other}",
-                    w.identity
-                )));
-            }
-            (w.identity.clone(), w.task.clone())
-        } else {
-            let Some(identity) = spec.for_identity.clone() else {
-                return Err(EngineError::Invalid(
-                    "outside a workload, say which identity the access is for: --for IDENTITY"
-                        .into(),
-                ));
-            };
-            let Some(workload) = config.workload(&identity) else {
-                return Err(EngineError::NotFound(format!(
-                    "`{identity}` is not a configured workload identity"
-                )));
-            };
-            if !caller.is_root() && !identity::principal_matches(&workload.launchers, caller.uid) {
-                return Err(EngineError::Forbidden(format!(
-                    "{} may not request access for {identity}: only root and its launchers may",
-                    caller.user
-                )));
-            }
-            (identity, spec.task.clone())
-        };
-        self.file_for(&config, caller.actor(), &identity, task.as_deref(), spec)
-            .await
+        self.file_for(&config, actor, identity, task, spec).await
     }
 
     /// Files a request for a held connection: the workload asks by connecting.
@@ -478,7 +450,8 @@ impl GrantEngine {
         })
     }
 
-    async fn pending(&self, id: &str) -> Result<Request, EngineError> {
+    /// Request `id` if it still waits for a decision; else why not.
+    pub async fn pending(&self, id: &str) -> Result<Request, EngineError> {
         let request = self
             .inner
             .store
@@ -498,53 +471,17 @@ impl GrantEngine {
         Ok(request)
     }
 
-    /// Checks that `caller` may decide `request` (approve it, or deny it as an approver).
-    fn check_approver(&self, caller: &Caller, request: &Request) -> Result<(), EngineError> {
-        if caller.is_workload() {
-            return Err(EngineError::Forbidden(
-                "a gated workload cannot approve or deny requests".into(),
-            ));
-        }
-        if caller.uid == request.requested_by.uid {
-            return Err(EngineError::Forbidden(format!(
-                "{} filed request {} (as {}); self-approval is refused: another approver must decide it",
-                caller.user, request.id, request.requested_by
-            )));
-        }
-        let config = self.config();
-        let approvers = policy::approvers_for(
-            &config,
-            &request.identity,
-            &request.resource,
-            request.access,
-        );
-        if !identity::principal_matches(&approvers, caller.uid) {
-            let list = approvers
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(EngineError::Forbidden(format!(
-                "{} is not an approver for {} {} access to {} (approvers: {})",
-                caller.user,
-                request.identity,
-                request.access,
-                request.resource,
-                if list.is_empty() { "none" } else { &list }
-            )));
-        }
-        Ok(())
-    }
-
-    /// Approves a pending request, optionally with a shorter (or, within policy, longer) ttl.
+    /// Approves a pending request (as read by [`Self::pending`]), optionally with a shorter
+    /// (or, within policy, longer) ttl. That `caller` may approve it is the control service's
+    /// decision, made before this is called.
     pub async fn approve(
         &self,
         caller: &Caller,
-        id: &str,
+        request: Request,
         ttl: Option<Duration>,
     ) -> Result<Approved, EngineError> {
-        let request = self.pending(id).await?;
-        self.check_approver(caller, &request)?;
+        let id = request.id.clone();
+        let id = id.as_str();
         if request.statement.is_some() {
             return self.approve_statement(caller, request).await;
         }
@@ -594,20 +531,16 @@ impl GrantEngine {
         })
     }
 
-    /// Denies a pending request. Approvers may deny; the requester may withdraw their own.
+    /// Denies a pending request (as read by [`Self::pending`]). Who may (its approvers, and
+    /// the requester withdrawing their own) is the control service's decision.
     pub async fn deny(
         &self,
         caller: &Caller,
-        id: &str,
+        request: Request,
         reason: Option<String>,
     ) -> Result<Request, EngineError> {
-        let request = self.pending(id).await?;
-        let own = caller.uid == request.requested_by.uid
-            && caller.workload.as_ref().map(|w| &w.identity)
-                == request.requested_by.identity.as_ref();
-        if !own {
-            self.check_approver(caller, &request)?;
-        }
+        let id = request.id.clone();
+        let id = id.as_str();
         let by = caller.actor();
         let label = actor_label(&by);
         let decided = match self
@@ -630,13 +563,8 @@ impl GrantEngine {
         Ok(decided)
     }
 
-    /// Revokes a live grant: every session riding on it closes.
-    pub async fn revoke(
-        &self,
-        caller: &Caller,
-        id: &str,
-        reason: Option<String>,
-    ) -> Result<Grant, EngineError> {
+    /// The live grant `id`; else why it cannot be revoked.
+    pub async fn live_grant(&self, id: &str) -> Result<Grant, EngineError> {
         let grant = {
             let live = self
                 .inner
@@ -645,49 +573,29 @@ impl GrantEngine {
                 .unwrap_or_else(PoisonError::into_inner);
             live.get(id).map(|l| l.grant.clone())
         };
-        let Some(grant) = grant else {
-            let stored = self.inner.store.grant(id.to_owned()).await?;
-            return Err(match stored {
-                Some(g) => EngineError::Conflict(format!(
-                    "grant {id} is already {}",
-                    g.status(Timestamp::now())
-                )),
-                None => EngineError::NotFound(format!("no grant {id}")),
-            });
-        };
-        if caller.gated_unattributed {
-            return Err(EngineError::Forbidden(
-                "this process may not revoke grants".into(),
-            ));
+        if let Some(grant) = grant {
+            return Ok(grant);
         }
-        if let Some(w) = &caller.workload {
-            let own = w.identity == grant.identity
-                && grant
-                    .task
-                    .as_ref()
-                    .is_none_or(|t| Some(t) == w.task.as_ref());
-            if !own {
-                return Err(EngineError::Forbidden(
-                    "a workload may only revoke its own grants".into(),
-                ));
-            }
-        } else if !caller.is_root() {
-            let config = self.config();
-            let approvers =
-                policy::approvers_for(&config, &grant.identity, &grant.resource, grant.access);
-            let launchers = config
-                .workload(&grant.identity)
-                .map(|w| w.launchers.clone())
-                .unwrap_or_default();
-            if !identity::principal_matches(&approvers, caller.uid)
-                && !identity::principal_matches(&launchers, caller.uid)
-            {
-                return Err(EngineError::Forbidden(format!(
-                    "{} may not revoke grant {id}: only root, its approvers and the identity's launchers may",
-                    caller.user
-                )));
-            }
-        }
+        let stored = self.inner.store.grant(id.to_owned()).await?;
+        Err(match stored {
+            Some(g) => EngineError::Conflict(format!(
+                "grant {id} is already {}",
+                g.status(Timestamp::now())
+            )),
+            None => EngineError::NotFound(format!("no grant {id}")),
+        })
+    }
+
+    /// Revokes a live grant (as read by [`Self::live_grant`]): every session riding on it
+    /// closes. That `caller` may is the control service's decision.
+    pub async fn revoke(
+        &self,
+        caller: &Caller,
+        grant: Grant,
+        reason: Option<String>,
+    ) -> Result<Grant, EngineError> {
+        let id = grant.id.clone();
+        let id = id.as_str();
         let reason = reason.unwrap_or_else(|| "revoked".into());
         self.end_grant(
             id,
@@ -899,24 +807,21 @@ impl GrantEngine {
         Ok(self.inner.store.request(id.to_owned()).await?)
     }
 
-    /// Pending requests `caller` may see (workloads see their own identity's).
-    pub async fn approvals(&self, caller: &Caller) -> Result<Vec<Request>, EngineError> {
+    /// Pending requests, oldest first (the control service filters what a caller may see).
+    pub async fn approvals(&self) -> Result<Vec<Request>, EngineError> {
         let mut pending = self
             .inner
             .store
             .requests(Some(RequestStatus::Pending), 1000)
             .await?;
-        if caller.is_workload() {
-            let own = caller.workload.as_ref().map(|w| w.identity.clone());
-            pending.retain(|q| Some(&q.identity) == own.as_ref());
-        }
         pending.reverse();
         Ok(pending)
     }
 
-    /// Grants `caller` may see: live ones, or all recent ones with `all`.
-    pub async fn grants(&self, caller: &Caller, all: bool) -> Result<Vec<Grant>, EngineError> {
-        let mut grants = if all {
+    /// Live grants, or all recent ones with `all` (the control service filters what a
+    /// caller may see).
+    pub async fn grants(&self, all: bool) -> Result<Vec<Grant>, EngineError> {
+        let grants = if all {
             self.inner.store.grants(1000).await?
         } else {
             let mut live: Vec<Grant> = self
@@ -930,10 +835,6 @@ impl GrantEngine {
             live.sort_by_key(|g| g.created_at);
             live
         };
-        if caller.is_workload() {
-            let own = caller.workload.as_ref().map(|w| w.identity.clone());
-            grants.retain(|g| Some(&g.identity) == own.as_ref());
-        }
         Ok(grants)
     }
 

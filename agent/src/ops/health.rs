@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::daemon::Daemon;
+use super::Vitals;
 
 /// How long the store may take to answer before the agent counts as unhealthy.
 const STORE_DEADLINE: Duration = Duration::from_secs(2);
@@ -51,12 +51,9 @@ fn check(name: &'static str, result: Result<(), String>) -> Check {
     }
 }
 
-pub async fn check_all(daemon: &Daemon) -> Report {
-    let gate = daemon.gate.lock().map_or_else(
-        |_| Err("the gate's state is poisoned by a panic".to_owned()),
-        |g| g.check_pinned(),
-    );
-    let store = tokio::time::timeout(STORE_DEADLINE, daemon.store.count_pending()).await;
+pub async fn check_all(agent: &dyn Vitals) -> Report {
+    let gate = agent.gate_pinned();
+    let store = tokio::time::timeout(STORE_DEADLINE, agent.pending_requests()).await;
     let (store, pending) = match store {
         Ok(Ok(n)) => (Ok(()), Some(n)),
         Ok(Err(e)) => (Err(format!("the state store failed: {e}")), None),

@@ -13,8 +13,7 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use super::{health, metrics};
-use crate::daemon::Daemon;
+use super::{Vitals, health, metrics};
 
 /// Scrapers and probes are few; more concurrent connections than this wait their turn.
 const MAX_CONNECTIONS: usize = 32;
@@ -32,7 +31,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 /// Serves until shutdown.
 pub fn serve(
     listener: TcpListener,
-    daemon: Arc<Daemon>,
+    agent: Arc<dyn Vitals>,
     handle: PrometheusHandle,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
@@ -67,11 +66,11 @@ pub fn serve(
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 break;
             };
-            let (daemon, handle, shutdown) = (daemon.clone(), handle.clone(), shutdown.clone());
+            let (agent, handle, shutdown) = (agent.clone(), handle.clone(), shutdown.clone());
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
-                    let (daemon, handle) = (daemon.clone(), handle.clone());
-                    async move { Ok::<_, Infallible>(respond(&req, &daemon, &handle).await) }
+                    let (agent, handle) = (agent.clone(), handle.clone());
+                    async move { Ok::<_, Infallible>(respond(&req, agent.as_ref(), &handle).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -93,7 +92,7 @@ pub fn serve(
 
 async fn respond(
     req: &Request<Incoming>,
-    daemon: &Daemon,
+    agent: &dyn Vitals,
     handle: &PrometheusHandle,
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -104,13 +103,12 @@ async fn respond(
     }
     match req.uri().path() {
         "/metrics" => {
-            let report = health::check_all(daemon).await;
-            let kernel = daemon.gate.lock().ok().and_then(|g| g.counters().ok());
+            let report = health::check_all(agent).await;
             metrics::publish(&metrics::Snapshot {
-                grants_active: daemon.engine.live_count(),
+                grants_active: agent.grants_active(),
                 requests_pending: report.pending_requests.unwrap_or(0),
-                sessions_open: daemon.registry.len(),
-                kernel,
+                sessions_open: agent.sessions_open(),
+                kernel: agent.kernel_counters(),
             });
             let mut body = handle.render();
             // Health as a metric too, so one scrape tells both.
@@ -128,7 +126,7 @@ async fn respond(
             )
         }
         "/healthz" => {
-            let report = health::check_all(daemon).await;
+            let report = health::check_all(agent).await;
             let status = if report.ok {
                 StatusCode::OK
             } else {

@@ -34,16 +34,74 @@ pub const KERNEL_EVENTS_LOST: &str = "jitgate_kernel_events_lost_total";
 pub const BUILD_INFO: &str = "jitgate_build_info";
 pub const STARTED: &str = "jitgate_start_time_seconds";
 
-/// The kernel's refusal counters and the `reason` label each is exported under.
-pub const KERNEL_REASONS: [(u32, &str); 7] = [
-    (stats::TCP_DENIED, "tcp_egress"),
-    (stats::UDP_DENIED, "udp_egress"),
-    (stats::SOCK_DENIED, "socket_type"),
-    (stats::BIND_DENIED, "bind_proxy_port"),
-    (stats::NOT_READY, "not_ready"),
-    (stats::RECORD_FAILED, "record_failed"),
-    (stats::PROXY_DIRECT, "proxy_direct"),
-];
+/// How one of the kernel's counters is exported as a metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelMetric {
+    /// [`KERNEL_REDIRECTS`].
+    Redirects,
+    /// [`KERNEL_REFUSALS`] with this `reason` label.
+    Refusals(&'static str),
+    /// [`KERNEL_EVENTS_LOST`].
+    EventsLost,
+}
+
+/// One of the kernel's per-CPU counters and the names it goes by outside the agent.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelCounter {
+    /// Its index in the kernel's stats map ([`stats`]).
+    pub index: u32,
+    /// Its key in `jitgate status` (`kernel_counters`).
+    pub status: &'static str,
+    /// Its metric.
+    pub metric: KernelMetric,
+}
+
+/// Every kernel counter, by index, with its status key and its metric. The two names differ
+/// for the refusals (`tcp_denied` in status is `reason="tcp_egress"` in metrics); both are
+/// published interfaces, so both stay, and this is the one table that says which is which.
+pub const KERNEL_COUNTERS: [KernelCounter; stats::COUNT as usize] = {
+    use KernelMetric::{EventsLost, Redirects, Refusals};
+    const fn c(index: u32, status: &'static str, metric: KernelMetric) -> KernelCounter {
+        KernelCounter {
+            index,
+            status,
+            metric,
+        }
+    }
+    [
+        c(stats::REDIRECTED, "redirected", Redirects),
+        c(stats::TCP_DENIED, "tcp_denied", Refusals("tcp_egress")),
+        c(stats::UDP_DENIED, "udp_denied", Refusals("udp_egress")),
+        c(stats::SOCK_DENIED, "socket_denied", Refusals("socket_type")),
+        c(
+            stats::BIND_DENIED,
+            "bind_denied",
+            Refusals("bind_proxy_port"),
+        ),
+        c(stats::NOT_READY, "not_ready", Refusals("not_ready")),
+        c(
+            stats::RECORD_FAILED,
+            "record_failed",
+            Refusals("record_failed"),
+        ),
+        c(
+            stats::PROXY_DIRECT,
+            "proxy_direct",
+            Refusals("proxy_direct"),
+        ),
+        c(stats::EVENTS_LOST, "events_lost", EventsLost),
+    ]
+};
+
+/// The kernel's counters as `jitgate status` reports them (`kernel_counters`).
+pub fn kernel_status(
+    values: &[u64; stats::COUNT as usize],
+) -> std::collections::BTreeMap<String, u64> {
+    KERNEL_COUNTERS
+        .iter()
+        .map(|c| (c.status.to_owned(), values[c.index as usize]))
+        .collect()
+}
 
 /// Statement checks take microseconds; session setup includes an upstream login
 /// (milliseconds); approvals wait for a human (minutes).
@@ -201,10 +259,74 @@ pub fn publish(s: &Snapshot) {
     gauge!(REQUESTS_PENDING).set(s.requests_pending as f64);
     gauge!(SESSIONS_OPEN).set(s.sessions_open as f64);
     if let Some(k) = &s.kernel {
-        counter!(KERNEL_REDIRECTS).absolute(k[stats::REDIRECTED as usize]);
-        for (index, reason) in KERNEL_REASONS {
-            counter!(KERNEL_REFUSALS, "reason" => reason).absolute(k[index as usize]);
+        for c in &KERNEL_COUNTERS {
+            let value = k[c.index as usize];
+            match c.metric {
+                KernelMetric::Redirects => counter!(KERNEL_REDIRECTS).absolute(value),
+                KernelMetric::Refusals(reason) => {
+                    counter!(KERNEL_REFUSALS, "reason" => reason).absolute(value);
+                }
+                KernelMetric::EventsLost => counter!(KERNEL_EVENTS_LOST).absolute(value),
+            }
         }
-        counter!(KERNEL_EVENTS_LOST).absolute(k[stats::EVENTS_LOST as usize]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_counter_once_in_index_order() {
+        for (i, c) in KERNEL_COUNTERS.iter().enumerate() {
+            assert_eq!(c.index as usize, i, "{}", c.status);
+        }
+    }
+
+    /// The published names: `jitgate status` keys and the metrics' `reason` labels.
+    #[test]
+    fn kernel_counter_names_stay() {
+        let status: Vec<&str> = KERNEL_COUNTERS.iter().map(|c| c.status).collect();
+        assert_eq!(
+            status,
+            [
+                "redirected",
+                "tcp_denied",
+                "udp_denied",
+                "socket_denied",
+                "bind_denied",
+                "not_ready",
+                "record_failed",
+                "proxy_direct",
+                "events_lost"
+            ]
+        );
+        let reasons: Vec<(u32, &str)> = KERNEL_COUNTERS
+            .iter()
+            .filter_map(|c| match c.metric {
+                KernelMetric::Refusals(r) => Some((c.index, r)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                (stats::TCP_DENIED, "tcp_egress"),
+                (stats::UDP_DENIED, "udp_egress"),
+                (stats::SOCK_DENIED, "socket_type"),
+                (stats::BIND_DENIED, "bind_proxy_port"),
+                (stats::NOT_READY, "not_ready"),
+                (stats::RECORD_FAILED, "record_failed"),
+                (stats::PROXY_DIRECT, "proxy_direct"),
+            ]
+        );
+        assert_eq!(
+            KERNEL_COUNTERS[stats::REDIRECTED as usize].metric,
+            KernelMetric::Redirects
+        );
+        assert_eq!(
+            KERNEL_COUNTERS[stats::EVENTS_LOST as usize].metric,
+            KernelMetric::EventsLost
+        );
     }
 }

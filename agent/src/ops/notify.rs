@@ -11,8 +11,7 @@ use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::health;
-use crate::daemon::Daemon;
+use super::{Vitals, health};
 
 fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -40,7 +39,7 @@ pub fn stopping() {
 
 /// Pings the watchdog at half its interval while healthy. When a check fails the ping is
 /// withheld and STATUS says why; systemd then restarts the agent, which re-pins what was lost.
-pub fn spawn_watchdog(daemon: Arc<Daemon>, shutdown: CancellationToken) {
+pub fn spawn_watchdog(agent: Arc<dyn Vitals>, shutdown: CancellationToken) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;
     };
@@ -54,7 +53,7 @@ pub fn spawn_watchdog(daemon: Arc<Daemon>, shutdown: CancellationToken) {
                 _ = tick.tick() => {}
                 () = shutdown.cancelled() => break,
             }
-            let report = health::check_all(&daemon).await;
+            let report = health::check_all(agent.as_ref()).await;
             if report.ok {
                 if failing {
                     send(&[NotifyState::Status("healthy")]);

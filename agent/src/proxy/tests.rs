@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{
     model::SessionOutcome,
-    testing::{Harness, drain, outcome, root},
+    testing::{Harness, drain, outcome},
 };
 
 #[tokio::test]
@@ -25,10 +25,7 @@ async fn tcp_relays_only_under_a_grant_and_ends_with_it() {
     assert_eq!(&echoed, b"ping");
     assert_eq!(h.ctx.services.registry.len(), 1, "the session is live");
 
-    h.engine
-        .revoke(&root(), &grant, Some("test".into()))
-        .await
-        .expect("revoke");
+    h.revoke(&grant).await;
     let (how, detail) = outcome(task).await;
     assert_eq!(how, SessionOutcome::GrantRevoked, "{detail}");
     assert_eq!(detail, format!("grant {grant} revoked"));

@@ -328,10 +328,7 @@ async fn a_whole_session_masks_judges_and_ends_with_its_grant() {
     assert_eq!(values(&until_ready(&mut client).await).len(), 1);
 
     // The grant ends: the live session ends with 57P01, in PostgreSQL's terms.
-    h.engine
-        .revoke(&crate::testing::root(), &grant, Some("test".into()))
-        .await
-        .expect("revoke");
+    h.revoke(&grant).await;
     let last = until_ready(&mut client).await;
     assert_eq!(error_code(&last).as_deref(), Some("57P01"), "{last:?}");
     let (how, detail) = outcome(task).await;

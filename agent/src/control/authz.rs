@@ -1,0 +1,309 @@
+//! Who may do what through the control API: every authorization decision of the control
+//! service, in one place, so that each front end (the Unix socket today, a web console and
+//! webhooks later) enforces the same rules. Pure functions of the configuration, the
+//! authenticated [`Caller`] and the record concerned; the service calls them after reading
+//! the record and before asking the engine to act, so a missing or already decided record
+//! is reported as such before any refusal.
+//!
+//! The roles:
+//! * **root**: uid 0 outside the gate;
+//! * **operators**: root, members of `socket_group` and the approvers of any policy: they
+//!   read other people's records (the audit log, every session's statements);
+//! * **approvers** of the policy covering a request decide it (never their own);
+//! * **launchers** of an identity start its tasks and request or revoke for it;
+//! * **workloads** (callers inside the gate) act for their own identity only; a process
+//!   inside the gate that maps to no identity gets no rights.
+
+use super::service::ControlError;
+use crate::{
+    config::{Config, Principal},
+    grants::{RequestSpec, policy},
+    identity::{Caller, principal_matches},
+    model::{Grant, Request, Session},
+    tasks::RunSpec,
+};
+
+/// Which records a caller may see in a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Every,
+    /// Only those of this identity (`None`: a process inside the gate with no identity).
+    Own(Option<String>),
+}
+
+impl Scope {
+    /// Whether a record of `identity` is in scope.
+    pub fn covers(&self, identity: Option<&str>) -> bool {
+        match self {
+            Self::Every => true,
+            Self::Own(own) => own.as_deref() == identity,
+        }
+    }
+}
+
+fn own_identity(caller: &Caller) -> Option<String> {
+    caller.workload.as_ref().map(|w| w.identity.clone())
+}
+
+/// Root, a member of `socket_group`, or an approver of any policy.
+pub fn is_operator(config: &Config, caller: &Caller) -> bool {
+    if caller.is_root() {
+        return true;
+    }
+    let mut operators: Vec<Principal> = config
+        .policies
+        .iter()
+        .flat_map(|p| p.approvers.iter().cloned())
+        .collect();
+    if let Some(group) = &config.daemon.socket_group {
+        operators.push(Principal::Group(group.clone()));
+    }
+    principal_matches(&operators, caller.uid)
+}
+
+/// Other people's records (the audit log, every session's statements) are for operators.
+/// The socket may be open to every local user (so that workloads can `jitgate request`);
+/// that must not make every user a reader of what workloads did.
+pub fn operators_only(config: &Config, caller: &Caller, what: &str) -> Result<(), ControlError> {
+    if caller.is_workload() {
+        return Err(ControlError::Forbidden(format!(
+            "a gated workload cannot {what}"
+        )));
+    }
+    own_or_operators(config, caller, what).map(drop)
+}
+
+/// Where a workload may read its own records: a workload gets its own, an operator every
+/// record, anyone else nothing (see [`operators_only`]).
+pub fn own_or_operators(
+    config: &Config,
+    caller: &Caller,
+    what: &str,
+) -> Result<Scope, ControlError> {
+    if caller.is_workload() {
+        return Ok(Scope::Own(own_identity(caller)));
+    }
+    if is_operator(config, caller) {
+        return Ok(Scope::Every);
+    }
+    Err(ControlError::Forbidden(format!(
+        "only root, members of the socket's group and approvers can {what}; {} is none of these",
+        caller.user
+    )))
+}
+
+pub fn root_only(caller: &Caller, what: &str) -> Result<(), ControlError> {
+    if caller.is_root() {
+        Ok(())
+    } else {
+        Err(ControlError::Forbidden(format!(
+            "only root (outside the gate) can {what}"
+        )))
+    }
+}
+
+/// Whom a request is for, and from which task: a workload asks for itself; anyone else
+/// names the identity, and must be root or one of its launchers.
+pub fn requester(
+    config: &Config,
+    caller: &Caller,
+    spec: &RequestSpec,
+) -> Result<(String, Option<String>), ControlError> {
+    if caller.gated_unattributed {
+        return Err(ControlError::Forbidden(
+            "this process runs inside the gate but belongs to no configured workload".into(),
+        ));
+    }
+    if let Some(w) = &caller.workload {
+        if let Some(other) = spec.for_identity.as_deref().filter(|i| *i != w.identity) {
+            return Err(ControlError::Forbidden(format!(
+                "a workload can only request access for itself ({}), not for {other}",
+                w.identity
+            )));
+        }
+        return Ok((w.identity.clone(), w.task.clone()));
+    }
+    let Some(identity) = spec.for_identity.clone() else {
+        return Err(ControlError::Invalid(
+            "outside a workload, say which identity the access is for: --for IDENTITY".into(),
+        ));
+    };
+    let Some(workload) = config.workload(&identity) else {
+        return Err(ControlError::NotFound(format!(
+            "`{identity}` is not a configured workload identity"
+        )));
+    };
+    if !caller.is_root() && !principal_matches(&workload.launchers, caller.uid) {
+        return Err(ControlError::Forbidden(format!(
+            "{} may not request access for {identity}: only root and its launchers may",
+            caller.user
+        )));
+    }
+    Ok((identity, spec.task.clone()))
+}
+
+/// Waiting on a request: a workload only on its own identity's.
+pub fn may_wait(caller: &Caller, request: &Request) -> Result<(), ControlError> {
+    if caller.is_workload() && own_identity(caller).as_ref() != Some(&request.identity) {
+        return Err(ControlError::Forbidden(
+            "a workload can only wait on its own requests".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A held statement's text is for operators and its own workload.
+pub fn reads_held_statements(config: &Config, caller: &Caller) -> bool {
+    caller.is_workload() || is_operator(config, caller)
+}
+
+/// Deciding a request (approving it, or denying it as an approver): an approver of the
+/// policy that covers it, outside the gate, who did not file it.
+pub fn may_decide(config: &Config, caller: &Caller, request: &Request) -> Result<(), ControlError> {
+    if caller.is_workload() {
+        return Err(ControlError::Forbidden(
+            "a gated workload cannot approve or deny requests".into(),
+        ));
+    }
+    if caller.uid == request.requested_by.uid {
+        return Err(ControlError::Forbidden(format!(
+            "{} filed request {} (as {}); self-approval is refused: another approver must decide it",
+            caller.user, request.id, request.requested_by
+        )));
+    }
+    let approvers =
+        policy::approvers_for(config, &request.identity, &request.resource, request.access);
+    if !principal_matches(&approvers, caller.uid) {
+        let list = approvers
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(ControlError::Forbidden(format!(
+            "{} is not an approver for {} {} access to {} (approvers: {})",
+            caller.user,
+            request.identity,
+            request.access,
+            request.resource,
+            if list.is_empty() { "none" } else { &list }
+        )));
+    }
+    Ok(())
+}
+
+/// Denying a request: its approvers (see [`may_decide`]), and whoever filed it (same user,
+/// same workload), withdrawing it.
+pub fn may_deny(config: &Config, caller: &Caller, request: &Request) -> Result<(), ControlError> {
+    let own = caller.uid == request.requested_by.uid
+        && caller.workload.as_ref().map(|w| &w.identity) == request.requested_by.identity.as_ref();
+    if own {
+        return Ok(());
+    }
+    may_decide(config, caller, request)
+}
+
+/// Listing grants: a workload sees its own identity's, anyone else every grant.
+pub fn grants_scope(caller: &Caller) -> Scope {
+    if caller.is_workload() {
+        Scope::Own(own_identity(caller))
+    } else {
+        Scope::Every
+    }
+}
+
+/// Revoking a grant: a workload its own (and, for a task's grant, only from that task);
+/// outside the gate root, the approvers of the policy covering it and its identity's
+/// launchers.
+pub fn may_revoke(config: &Config, caller: &Caller, grant: &Grant) -> Result<(), ControlError> {
+    if caller.gated_unattributed {
+        return Err(ControlError::Forbidden(
+            "this process may not revoke grants".into(),
+        ));
+    }
+    if let Some(w) = &caller.workload {
+        let own = w.identity == grant.identity
+            && grant
+                .task
+                .as_ref()
+                .is_none_or(|t| Some(t) == w.task.as_ref());
+        if !own {
+            return Err(ControlError::Forbidden(
+                "a workload may only revoke its own grants".into(),
+            ));
+        }
+    } else if !caller.is_root() {
+        let approvers =
+            policy::approvers_for(config, &grant.identity, &grant.resource, grant.access);
+        let launchers = config
+            .workload(&grant.identity)
+            .map(|w| w.launchers.clone())
+            .unwrap_or_default();
+        if !principal_matches(&approvers, caller.uid) && !principal_matches(&launchers, caller.uid)
+        {
+            return Err(ControlError::Forbidden(format!(
+                "{} may not revoke grant {}: only root, its approvers and the identity's launchers may",
+                caller.user, grant.id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Reading one session with its statements: operators, and a workload its own.
+pub fn may_read_session(
+    config: &Config,
+    caller: &Caller,
+    session: &Session,
+) -> Result<(), ControlError> {
+    let scope = own_or_operators(config, caller, "read a session")?;
+    if !scope.covers(session.identity.as_deref()) {
+        return Err(ControlError::Forbidden(
+            "a workload can only see its own sessions".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Launching a task: one of the identity's launchers (root included only when listed),
+/// outside the gate, as themselves (only root runs it as someone else), and never as root
+/// without saying so.
+pub fn may_launch(config: &Config, caller: &Caller, spec: &RunSpec) -> Result<(), ControlError> {
+    if caller.is_workload() {
+        return Err(ControlError::Forbidden(
+            "a gated workload cannot launch tasks".into(),
+        ));
+    }
+    let Some(workload) = config.workload(&spec.identity) else {
+        let known: Vec<&str> = config
+            .workloads
+            .iter()
+            .map(|w| w.identity.as_str())
+            .collect();
+        return Err(ControlError::NotFound(format!(
+            "`{}` is not a configured workload identity (known: {})",
+            spec.identity,
+            if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            }
+        )));
+    };
+    if !principal_matches(&workload.launchers, caller.uid) {
+        return Err(ControlError::Forbidden(format!(
+            "{} may not launch {}: add the user (or a group of theirs) to its launchers",
+            caller.user, spec.identity
+        )));
+    }
+    if caller.uid != 0 && spec.run_as_uid != caller.uid {
+        return Err(ControlError::Forbidden(
+            "only root can run a workload as another user".into(),
+        ));
+    }
+    if spec.run_as_uid == 0 && !spec.allow_root {
+        return Err(ControlError::Forbidden(
+            "refusing to run a workload as root: root can move itself out of its cgroup and so walk around the gate. Run it as an ordinary user (--user USER), or pass --allow-root if you accept that".into(),
+        ));
+    }
+    Ok(())
+}

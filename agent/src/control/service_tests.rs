@@ -1,0 +1,682 @@
+//! Who may make each control call: an operator (root), a workload, an approver, a launcher, a
+//! stranger and an unattributed process inside the gate, against the real grant engine over
+//! a store in a temporary directory. No root needed: callers are made up, not identified.
+
+use std::{
+    path::Path,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::{
+    config::{Access, Config},
+    identity::Attribution,
+    model::{RequestStatus, SessionOutcome},
+    store::MemoryStore,
+};
+
+const WORKLOAD: u32 = 4100;
+const APPROVER: u32 = 4200;
+const STRANGER: u32 = 4300;
+const LAUNCHER: u32 = 4400;
+
+fn caller(uid: u32, workload: Option<&str>) -> Caller {
+    Caller {
+        uid,
+        pid: 1,
+        user: uid.to_string(),
+        workload: workload.map(|identity| Attribution {
+            identity: identity.to_owned(),
+            task: None,
+        }),
+        gated_unattributed: false,
+    }
+}
+
+fn operator() -> Caller {
+    caller(0, None)
+}
+fn workload() -> Caller {
+    caller(WORKLOAD, Some("ci-bot"))
+}
+fn other_workload() -> Caller {
+    caller(WORKLOAD, Some("other"))
+}
+fn approver() -> Caller {
+    caller(APPROVER, None)
+}
+fn launcher() -> Caller {
+    caller(LAUNCHER, None)
+}
+fn stranger() -> Caller {
+    caller(STRANGER, None)
+}
+fn unattributed() -> Caller {
+    Caller {
+        gated_unattributed: true,
+        ..caller(STRANGER, None)
+    }
+}
+
+/// The store under test: the in-memory one (the SQLite store passes the same suite in
+/// `store/tests.rs`).
+fn open_store(_dir: &Path) -> SharedStore {
+    Arc::new(MemoryStore::default())
+}
+
+fn config(state_dir: &Path) -> Config {
+    Config::from_toml(
+        Path::new("t.toml"),
+        &format!(
+            r#"
+[daemon]
+state_dir = "{}"
+[[workload]]
+identity = "ci-bot"
+launchers = ["{LAUNCHER}"]
+[[workload]]
+identity = "other"
+launchers = ["0"]
+[[resource]]
+name = "db"
+address = "10.0.0.5:5432"
+[[policy]]
+name = "db-read"
+identities = ["ci-bot", "other"]
+resources = ["db"]
+access = ["read"]
+max_ttl = "1h"
+approval = "manual"
+approvers = ["{APPROVER}"]
+"#,
+            state_dir.display()
+        ),
+    )
+    .expect("test config")
+}
+
+/// Counts launches; the task itself is not started (that needs cgroups).
+#[derive(Default)]
+struct FakeLauncher(AtomicUsize);
+
+impl TaskLauncher for FakeLauncher {
+    fn launch<'a>(
+        &'a self,
+        _: &'a Caller,
+        _: RunSpec,
+    ) -> BoxFuture<'a, Result<Started, EngineError>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Err(EngineError::Invalid("launched".into())) })
+    }
+}
+
+/// Session `ses_live` is open with 7 bytes up and 9 down.
+struct FakeCounts;
+
+impl SessionCounts for FakeCounts {
+    fn bytes(&self, id: &str) -> Option<(u64, u64)> {
+        (id == "ses_live").then_some((7, 9))
+    }
+}
+
+struct FakeHost;
+
+impl Host for FakeHost {
+    fn status<'a>(&'a self, caller: &'a Caller) -> BoxFuture<'a, StatusReport> {
+        Box::pin(async move {
+            StatusReport {
+                version: String::new(),
+                pid: 0,
+                started_at: Timestamp(0),
+                config: String::new(),
+                gate_cgroup: String::new(),
+                pin_dir: String::new(),
+                attached: Vec::new(),
+                egress: String::new(),
+                proxy_listen: Vec::new(),
+                destination_prefixes: 0,
+                kernel_counters: std::collections::BTreeMap::new(),
+                live_grants: 0,
+                pending_requests: 0,
+                open_sessions: 0,
+                resources: Vec::new(),
+                identities: Vec::new(),
+                caller: caller.actor().to_string(),
+            }
+        })
+    }
+
+    fn reload(&self) -> BoxFuture<'_, anyhow::Result<ReloadSummary>> {
+        Box::pin(async {
+            Ok(ReloadSummary {
+                config: "t.toml".into(),
+                grants_revoked: Vec::new(),
+                resources: Vec::new(),
+                restart_required_for: Vec::new(),
+                sessions_ended: 0,
+            })
+        })
+    }
+
+    fn detach(&self) -> anyhow::Result<Vec<PathBuf>> {
+        Ok(Vec::new())
+    }
+}
+
+struct Fixture {
+    service: ControlService,
+    engine: GrantEngine,
+    store: SharedStore,
+    launches: Arc<FakeLauncher>,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = SharedConfig::new(config(dir.path()));
+    let store = open_store(dir.path());
+    let shutdown = CancellationToken::new();
+    let engine = GrantEngine::start(store.clone(), config.clone(), shutdown.clone())
+        .await
+        .expect("grant engine");
+    let launches = Arc::new(FakeLauncher::default());
+    let service = ControlService::new(Parts {
+        config,
+        engine: engine.clone(),
+        store: store.clone(),
+        tasks: launches.clone(),
+        sessions: Arc::new(FakeCounts),
+        host: Arc::new(FakeHost),
+    });
+    Fixture {
+        service,
+        engine,
+        store,
+        launches,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+fn ask(identity: Option<&str>) -> RequestSpec {
+    RequestSpec {
+        resource: "db".into(),
+        access: Some(Access::Read),
+        ttl: None,
+        reason: "test".into(),
+        for_identity: identity.map(str::to_owned),
+        task: None,
+    }
+}
+
+fn forbidden<T: std::fmt::Debug>(result: Result<T>) -> String {
+    match result {
+        Err(ControlError::Forbidden(message)) => message,
+        other => panic!("expected Forbidden, got {other:?}"),
+    }
+}
+
+impl Fixture {
+    /// A pending request for `identity`, filed by root.
+    async fn pending(&self, identity: &str) -> Request {
+        let q = self
+            .service
+            .request(&operator(), ask(Some(identity)))
+            .await
+            .expect("filing");
+        assert_eq!(q.status, RequestStatus::Pending);
+        q
+    }
+
+    /// A live grant for `identity`, approved by the approver.
+    async fn grant(&self, identity: &str) -> Grant {
+        let q = self.pending(identity).await;
+        self.service
+            .approve(&approver(), &q.id, None)
+            .await
+            .expect("approving")
+            .grant
+            .expect("a grant")
+    }
+}
+
+#[tokio::test]
+async fn status_is_for_everyone() {
+    let f = fixture().await;
+    for c in [
+        operator(),
+        workload(),
+        approver(),
+        stranger(),
+        unattributed(),
+    ] {
+        let report = f.service.status(&c).await;
+        assert_eq!(report.caller, c.actor().to_string());
+    }
+}
+
+#[tokio::test]
+async fn request_for_whom() {
+    let f = fixture().await;
+    let q = f.service.request(&workload(), ask(None)).await.unwrap();
+    assert_eq!(q.identity, "ci-bot");
+    assert_eq!(q.requested_by.uid, WORKLOAD);
+    let again = f
+        .service
+        .request(&workload(), ask(Some("ci-bot")))
+        .await
+        .unwrap();
+    assert_eq!(again.id, q.id, "asking again joins the pending request");
+    forbidden(f.service.request(&workload(), ask(Some("other"))).await);
+    forbidden(f.service.request(&unattributed(), ask(None)).await);
+
+    assert!(
+        f.service
+            .request(&operator(), ask(Some("ci-bot")))
+            .await
+            .is_ok()
+    );
+    assert!(matches!(
+        f.service.request(&operator(), ask(None)).await,
+        Err(ControlError::Invalid(_))
+    ));
+    assert!(matches!(
+        f.service.request(&stranger(), ask(Some("nobody"))).await,
+        Err(ControlError::NotFound(_))
+    ));
+    assert!(
+        f.service
+            .request(&launcher(), ask(Some("ci-bot")))
+            .await
+            .is_ok()
+    );
+    forbidden(f.service.request(&launcher(), ask(Some("other"))).await);
+    let m = forbidden(f.service.request(&approver(), ask(Some("ci-bot"))).await);
+    assert!(m.contains("only root and its launchers may"), "{m}");
+    forbidden(f.service.request(&stranger(), ask(Some("ci-bot"))).await);
+}
+
+#[tokio::test]
+async fn approve_is_for_the_policy_approvers() {
+    let f = fixture().await;
+    let q = f.pending("ci-bot").await;
+    for c in [
+        operator(),
+        workload(),
+        launcher(),
+        stranger(),
+        unattributed(),
+    ] {
+        forbidden(f.service.approve(&c, &q.id, None).await);
+    }
+    let approved = f.service.approve(&approver(), &q.id, None).await.unwrap();
+    assert_eq!(approved.request.status, RequestStatus::Approved);
+    assert!(approved.grant.is_some());
+    // Decided or missing is said before any refusal.
+    assert!(matches!(
+        f.service.approve(&stranger(), &q.id, None).await,
+        Err(ControlError::Conflict(_))
+    ));
+    assert!(matches!(
+        f.service.approve(&stranger(), "req_missing", None).await,
+        Err(ControlError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn no_self_approval() {
+    let f = fixture().await;
+    // The approver's uid, running as the workload, files a request...
+    let inside = caller(APPROVER, Some("ci-bot"));
+    let q = f.service.request(&inside, ask(None)).await.unwrap();
+    // ...which the same uid outside the gate may not approve.
+    let m = forbidden(f.service.approve(&approver(), &q.id, None).await);
+    assert!(m.contains("self-approval is refused"), "{m}");
+}
+
+#[tokio::test]
+async fn deny_is_for_approvers_and_the_requester() {
+    let f = fixture().await;
+    let own = f.service.request(&workload(), ask(None)).await.unwrap();
+    forbidden(f.service.deny(&other_workload(), &own.id, None).await);
+    forbidden(f.service.deny(&stranger(), &own.id, None).await);
+    let withdrawn = f.service.deny(&workload(), &own.id, None).await.unwrap();
+    assert_eq!(withdrawn.status, RequestStatus::Denied);
+
+    let q = f.pending("ci-bot").await;
+    for c in [workload(), launcher(), stranger(), unattributed()] {
+        forbidden(f.service.deny(&c, &q.id, Some("no".into())).await);
+    }
+    // Root filed it: root withdraws it.
+    assert!(f.service.deny(&operator(), &q.id, None).await.is_ok());
+    let q = f.pending("other").await;
+    let denied = f.service.deny(&approver(), &q.id, None).await.unwrap();
+    assert_eq!(denied.status, RequestStatus::Denied);
+}
+
+#[tokio::test]
+async fn grants_are_listed_to_all_but_workloads_see_their_own() {
+    let f = fixture().await;
+    let mine = f.grant("ci-bot").await;
+    let theirs = f.grant("other").await;
+    let ids = |grants: Vec<Grant>| grants.into_iter().map(|g| g.id).collect::<Vec<_>>();
+    for c in [operator(), approver(), stranger()] {
+        let seen = ids(f.service.grants(&c, false).await.unwrap());
+        assert!(seen.contains(&mine.id) && seen.contains(&theirs.id));
+    }
+    assert_eq!(
+        ids(f.service.grants(&workload(), true).await.unwrap()),
+        [mine.id]
+    );
+    assert!(
+        f.service
+            .grants(&unattributed(), false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn revoke_is_for_root_approvers_launchers_and_the_workload_itself() {
+    let f = fixture().await;
+    let g = f.grant("ci-bot").await;
+    for c in [other_workload(), stranger(), unattributed()] {
+        forbidden(f.service.revoke(&c, &g.id, None).await);
+    }
+    for c in [operator(), approver(), launcher(), workload()] {
+        let g = f.grant("ci-bot").await;
+        let revoked = f.service.revoke(&c, &g.id, None).await.unwrap();
+        assert!(revoked.revoked_at.is_some());
+    }
+    // The identity's launchers only: the launcher of ci-bot may not revoke other's.
+    let g = f.grant("other").await;
+    forbidden(f.service.revoke(&launcher(), &g.id, None).await);
+    f.service.revoke(&operator(), &g.id, None).await.unwrap();
+    assert!(matches!(
+        f.service.revoke(&stranger(), &g.id, None).await,
+        Err(ControlError::Conflict(_))
+    ));
+}
+
+#[tokio::test]
+async fn approvals_are_for_operators_and_their_own_workload() {
+    let f = fixture().await;
+    let mine = f.pending("ci-bot").await;
+    let theirs = f.pending("other").await;
+    for c in [operator(), approver()] {
+        assert_eq!(f.service.approvals(&c).await.unwrap().len(), 2);
+    }
+    let own = f.service.approvals(&workload()).await.unwrap();
+    assert_eq!(own.len(), 1);
+    assert_eq!(own[0].id, mine.id);
+    assert_ne!(own[0].id, theirs.id);
+    assert!(
+        f.service
+            .approvals(&unattributed())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for c in [stranger(), launcher()] {
+        forbidden(f.service.approvals(&c).await);
+    }
+}
+
+#[tokio::test]
+async fn waiting_and_held_statements() {
+    let f = fixture().await;
+    let held = f
+        .engine
+        .file_statement(
+            &Attribution {
+                identity: "ci-bot".into(),
+                task: None,
+            },
+            WORKLOAD,
+            "db",
+            Access::Read,
+            "ses_1",
+            "DELETE FROM orders",
+            "deletes",
+            "a delete",
+        )
+        .await
+        .unwrap();
+    let wait = |c: Caller| {
+        let (service, id) = (f.service.clone(), held.id.clone());
+        async move { service.wait(&c, &id, Duration::ZERO).await }
+    };
+    forbidden(wait(other_workload()).await);
+    forbidden(wait(unattributed()).await);
+    for c in [workload(), operator(), approver()] {
+        let q = wait(c).await.unwrap();
+        assert_eq!(q.statement.as_deref(), Some("DELETE FROM orders"));
+    }
+    for c in [stranger(), launcher()] {
+        assert_eq!(wait(c).await.unwrap().statement, None);
+    }
+    assert!(matches!(
+        f.service
+            .wait(&stranger(), "req_missing", Duration::ZERO)
+            .await,
+        Err(ControlError::NotFound(_))
+    ));
+}
+
+fn session(id: &str, identity: Option<&str>) -> Session {
+    Session {
+        id: id.into(),
+        identity: identity.map(str::to_owned),
+        task: None,
+        pid: 1,
+        uid: WORKLOAD,
+        command: String::new(),
+        resource: Some("db".into()),
+        grant: None,
+        destination: "10.0.0.5:5432".into(),
+        started_at: Timestamp::now(),
+        ended_at: None,
+        bytes_up: 0,
+        bytes_down: 0,
+        outcome: SessionOutcome::Open,
+        detail: String::new(),
+        database: None,
+        access: None,
+    }
+}
+
+#[tokio::test]
+async fn sessions_are_for_operators_and_their_own_workload() {
+    let f = fixture().await;
+    let records = [
+        session("ses_live", Some("ci-bot")),
+        session("ses_other", Some("other")),
+        session("ses_nobody", None),
+    ];
+    for s in records {
+        f.store.session_opened(s);
+    }
+    f.store.flush().await.unwrap();
+    let ids = |sessions: Vec<Session>| {
+        let mut ids: Vec<String> = sessions.into_iter().map(|s| s.id).collect();
+        ids.sort();
+        ids
+    };
+    for c in [operator(), approver()] {
+        assert_eq!(f.service.sessions(&c, true, 100).await.unwrap().len(), 3);
+    }
+    assert_eq!(
+        ids(f.service.sessions(&workload(), true, 100).await.unwrap()),
+        ["ses_live"]
+    );
+    // As before the service existed: a process inside the gate with no identity sees the
+    // sessions recorded without one.
+    assert_eq!(
+        ids(f
+            .service
+            .sessions(&unattributed(), true, 100)
+            .await
+            .unwrap()),
+        ["ses_nobody"]
+    );
+    for c in [stranger(), launcher()] {
+        forbidden(f.service.sessions(&c, true, 100).await);
+    }
+
+    let detail = f.service.session(&workload(), "ses_live").await.unwrap();
+    assert_eq!((detail.session.bytes_up, detail.session.bytes_down), (7, 9));
+    assert!(f.service.session(&operator(), "ses_other").await.is_ok());
+    assert!(f.service.session(&approver(), "ses_nobody").await.is_ok());
+    let m = forbidden(f.service.session(&workload(), "ses_other").await);
+    assert_eq!(m, "a workload can only see its own sessions");
+    forbidden(f.service.session(&stranger(), "ses_live").await);
+    assert!(matches!(
+        f.service.session(&stranger(), "ses_missing").await,
+        Err(ControlError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn the_audit_log_is_for_operators() {
+    let f = fixture().await;
+    for c in [operator(), approver()] {
+        f.service.audit(&c, None, 10).await.unwrap();
+        assert!(f.service.audit_verify(&c).await.unwrap().ok);
+    }
+    let m = forbidden(f.service.audit(&workload(), None, 10).await);
+    assert_eq!(m, "a gated workload cannot read the audit log");
+    let m = forbidden(f.service.audit_verify(&workload()).await);
+    assert_eq!(m, "a gated workload cannot verify the audit log");
+    for c in [stranger(), launcher()] {
+        let m = forbidden(f.service.audit(&c, None, 10).await);
+        assert!(
+            m.starts_with(
+                "only root, members of the socket's group and approvers can read the audit log"
+            ),
+            "{m}"
+        );
+        forbidden(f.service.audit_verify(&c).await);
+    }
+}
+
+fn run_spec(identity: &str, run_as_uid: u32, allow_root: bool) -> RunSpec {
+    RunSpec {
+        identity: identity.into(),
+        run_as_uid,
+        allow_root,
+        grants: Vec::new(),
+        reason: String::new(),
+        command: vec!["true".into()],
+    }
+}
+
+#[tokio::test]
+async fn tasks_are_for_launchers() {
+    let f = fixture().await;
+    let launched = || f.launches.0.load(Ordering::SeqCst);
+    forbidden(
+        f.service
+            .run(
+                &caller(LAUNCHER, Some("ci-bot")),
+                run_spec("ci-bot", LAUNCHER, false),
+            )
+            .await,
+    );
+    forbidden(
+        f.service
+            .run(&stranger(), run_spec("ci-bot", STRANGER, false))
+            .await,
+    );
+    forbidden(
+        f.service
+            .run(&approver(), run_spec("ci-bot", APPROVER, false))
+            .await,
+    );
+    // Root is no launcher of ci-bot.
+    forbidden(
+        f.service
+            .run(&operator(), run_spec("ci-bot", LAUNCHER, false))
+            .await,
+    );
+    forbidden(
+        f.service
+            .run(&launcher(), run_spec("ci-bot", STRANGER, false))
+            .await,
+    );
+    assert!(matches!(
+        f.service
+            .run(&launcher(), run_spec("nobody", LAUNCHER, false))
+            .await,
+        Err(ControlError::NotFound(_))
+    ));
+    // Root launches "other", as root only when it says so.
+    forbidden(
+        f.service
+            .run(&operator(), run_spec("other", 0, false))
+            .await,
+    );
+    assert_eq!(launched(), 0);
+    let _ = f.service.run(&operator(), run_spec("other", 0, true)).await;
+    let _ = f
+        .service
+        .run(&operator(), run_spec("other", STRANGER, false))
+        .await;
+    let _ = f
+        .service
+        .run(&launcher(), run_spec("ci-bot", LAUNCHER, false))
+        .await;
+    assert_eq!(launched(), 3);
+}
+
+#[tokio::test]
+async fn reload_and_detach_are_for_root() {
+    let f = fixture().await;
+    f.service.reload(&operator()).await.unwrap();
+    f.service.detach(&operator()).unwrap();
+    for c in [
+        approver(),
+        stranger(),
+        caller(0, Some("ci-bot")),
+        unattributed(),
+    ] {
+        let m = forbidden(f.service.reload(&c).await);
+        assert_eq!(
+            m,
+            "only root (outside the gate) can reload the configuration"
+        );
+        forbidden(f.service.detach(&c));
+    }
+}
+
+/// The reload summary's JSON (the reply and the `config.reloaded` audit record) is what the
+/// agent wrote before it was typed.
+#[test]
+fn reload_summary_json_is_unchanged() {
+    let summary = ReloadSummary {
+        config: "/etc/jitgate/jitgate.toml".into(),
+        grants_revoked: vec!["grt_1".into()],
+        resources: vec!["db".into()],
+        restart_required_for: vec!["socket".into()],
+        sessions_ended: 2,
+    };
+    let before = serde_json::json!({
+        "config": "/etc/jitgate/jitgate.toml",
+        "resources": ["db"],
+        "sessions_ended": 2,
+        "grants_revoked": ["grt_1"],
+        "restart_required_for": ["socket"],
+    });
+    let after = serde_json::to_value(&summary).unwrap();
+    assert_eq!(after, before);
+    assert_eq!(after.to_string(), before.to_string());
+}
