@@ -15,9 +15,9 @@ pub mod cancel;
 pub mod catalog;
 pub mod config;
 pub mod guard;
+pub mod libpg;
 pub mod message;
 pub mod options;
-pub mod plpgsql;
 pub mod rows;
 pub mod session;
 pub mod shape;
@@ -58,7 +58,15 @@ pub struct Postgres {
     shapes: Mutex<[HashMap<String, Arc<Analysis>>; 2]>,
 }
 
-type Analyzed = Result<Arc<Analysis>, String>;
+type Analyzed = Result<Arc<Analysis>, Unparsed>;
+
+/// Why a statement text could not be analysed.
+#[derive(Clone, Debug)]
+pub struct Unparsed {
+    pub message: String,
+    /// Where the text stops parsing (1-based characters), when that is the reason.
+    pub position: Option<u32>,
+}
 
 /// What a query string does, shared (not copied) by every statement with the same text or
 /// shape, in any session.
@@ -157,7 +165,10 @@ impl Postgres {
         }
         let result = sql::analyze(text, mode)
             .map(|a| Arc::new(Analysis::new(a)))
-            .map_err(|e| e.0);
+            .map_err(|e| Unparsed {
+                message: e.0,
+                position: libpg::error_position(text, mode.options()),
+            });
         if let (Some(key), Ok(analysis)) = (shape_key, &result)
             && shape::reusable(analysis)
             && analysis.first().map(|s| s.text.as_str()) == Some(&shape::statement_text(text))

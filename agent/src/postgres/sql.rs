@@ -243,7 +243,7 @@ impl Default for ParseMode {
 }
 
 impl ParseMode {
-    fn options(self) -> i32 {
+    pub fn options(self) -> i32 {
         if self.standard_conforming_strings {
             0
         } else {
@@ -997,7 +997,7 @@ fn plpgsql_body(body: &str, mode: ParseMode, s: &mut Statement) -> Result<(), Pa
         "CREATE FUNCTION jitgate_do() RETURNS void LANGUAGE plpgsql AS ${tag}${body}${tag}$"
     );
     let tree =
-        super::plpgsql::parse(&wrapped).map_err(|e| ParseError(format!("in a DO block: {e}")))?;
+        super::libpg::plpgsql(&wrapped).map_err(|e| ParseError(format!("in a DO block: {e}")))?;
     plpgsql_tree(&tree, mode, s)
 }
 
@@ -1028,7 +1028,7 @@ fn function_body(
         }
         "plpgsql" => {
             plpgsql_mode(mode)?;
-            let tree = super::plpgsql::parse(text)
+            let tree = super::libpg::plpgsql(text)
                 .map_err(|e| ParseError(format!("in a function body: {e}")))?;
             plpgsql_tree(&tree, mode, s)
         }

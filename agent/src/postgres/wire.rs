@@ -248,6 +248,8 @@ pub struct PgError {
     pub message: String,
     pub detail: Option<String>,
     pub hint: Option<String>,
+    /// 1-based character position in the statement text (psql shows LINE and a caret).
+    pub position: Option<u32>,
 }
 
 impl PgError {
@@ -258,6 +260,7 @@ impl PgError {
             message: message.into(),
             detail: None,
             hint: None,
+            position: None,
         }
     }
 
@@ -271,6 +274,12 @@ impl PgError {
     #[must_use]
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
+        self
+    }
+
+    #[must_use]
+    pub fn position(mut self, position: Option<u32>) -> Self {
+        self.position = position;
         self
     }
 
@@ -302,6 +311,10 @@ impl PgError {
             if let Some(h) = &self.hint {
                 b.put_u8(b'H');
                 put_cstr(b, h);
+            }
+            if let Some(p) = self.position {
+                b.put_u8(b'P');
+                put_cstr(b, &p.to_string());
             }
             b.put_u8(0);
         });

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    Analysis, Postgres,
+    Analysis, Postgres, Unparsed,
     cancel::Entry,
     catalog::Catalog,
     config::PostgresResource,

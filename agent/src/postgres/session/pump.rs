@@ -57,7 +57,7 @@ impl Pump<'_> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(super) fn analyze(&self, text: &str) -> Result<Arc<Analysis>, String> {
+    pub(super) fn analyze(&self, text: &str) -> Result<Arc<Analysis>, Unparsed> {
         let mode = self.lock().parse_mode;
         self.shared.analyze(text, mode)
     }
@@ -273,8 +273,12 @@ impl Pump<'_> {
                 metrics::statement_check(started.elapsed());
                 let err = PgError::error(
                     "42601",
-                    format!("jitgate: the statement could not be parsed, so it was not sent: {e}"),
+                    format!(
+                        "jitgate: the statement could not be parsed, so it was not sent: {}",
+                        e.message
+                    ),
                 )
+                .position(e.position)
                 .hint(
                     "jitgate checks every statement with PostgreSQL's own parser; fix the syntax",
                 );

@@ -163,13 +163,10 @@ impl FakeServer {
                         log.lock().expect("log").push(text.clone());
                         let mut out = BytesMut::new();
                         if text.contains("jitgate_refused_") {
-                            let fields = [
-                                &b"SERROR\0"[..],
-                                b"C42601\0",
-                                b"Msyntax error at or near \"jitgate_refused\"\0",
-                                b"\0",
-                            ]
-                            .concat();
+                            // As the server words it: the nonce is in the message.
+                            let said = format!("Msyntax error at or near \"{text}\"\0");
+                            let fields =
+                                [&b"SERROR\0"[..], b"C42601\0", said.as_bytes(), b"\0"].concat();
                             message(&mut out, b'E', &fields);
                         } else {
                             // One text column computed by the server (table oid 0).
@@ -499,4 +496,45 @@ async fn bulk_statements_fit_and_the_cap_is_the_operators() {
     assert!(field(&fields, b'H').contains("max_statement_size"));
     assert_eq!(outcome(task).await.0, SessionOutcome::Error);
     assert!(!server.seen().iter().any(|q| q.contains("bbbb")));
+}
+
+#[tokio::test]
+async fn syntax_errors_carry_the_servers_position() {
+    let server = FakeServer::start("x").await;
+    let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
+    h.grant().await;
+    let (mut client, task) = h.connect();
+    client
+        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
+        .await
+        .expect("startup");
+    until_ready(&mut client).await;
+    for (text, position) in [
+        ("select 1 frm t", "14"),
+        ("select 1;\nselect * form t", "20"),
+        ("SELEC 'é'", "1"),
+    ] {
+        client.write_all(&query(text)).await.expect("query");
+        let reply = until_ready(&mut client).await;
+        assert_eq!(error_code(&reply).as_deref(), Some("42601"), "{text}");
+        let (_, body) = reply.iter().find(|(t, _)| *t == b'E').expect("an error");
+        let mut framed = vec![b'E'];
+        framed.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        framed.extend_from_slice(body);
+        assert_eq!(field(&error_fields(&framed), b'P'), position, "{text}");
+    }
+    // Nothing unparsed reached the server, and the session goes on.
+    assert!(
+        !server
+            .seen()
+            .iter()
+            .any(|q| q.contains("frm") || q.contains("SELEC"))
+    );
+    client
+        .write_all(&query("select 1 as v"))
+        .await
+        .expect("query");
+    assert_eq!(values(&until_ready(&mut client).await), ["x"]);
+    drop(client);
+    let _ = outcome(task).await;
 }
