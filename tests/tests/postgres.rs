@@ -1398,3 +1398,128 @@ fn statement_metrics_and_a_shutdown_that_drains_the_statement_in_flight() {
         "{sessions}"
     );
 }
+
+/// What real clients met at the gate and no longer do: tokio-postgres copy_in (a Sync sent
+/// in copy-in mode, which the server ignores), PL/pgSQL trigger functions, PGOPTIONS,
+/// syntax error positions, and set_config with a bound value under masking.
+#[test]
+fn copy_in_triggers_options_and_error_positions_with_real_clients() {
+    if !privileged("copy_in_triggers_options_and_error_positions_with_real_clients") {
+        return;
+    }
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-clients", "", &body(&pg, ""));
+
+    // copy_in, then the same session answers a query: three Syncs, two ReadyForQuery.
+    let r = pgclient(
+        &gate,
+        "write",
+        &pg,
+        &[
+            "copy-in",
+            "COPY scratch (id, v) FROM STDIN",
+            "250",
+            "copied",
+            "SELECT count(*) FROM scratch WHERE v = 'copied'",
+        ],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["rows"], 250, "{r}");
+    assert_eq!(r["after"], serde_json::json!([[250]]), "{r}");
+    // A copy the server refuses (no such table) leaves the session usable too.
+    let r = pgclient(
+        &gate,
+        "write",
+        &pg,
+        &[
+            "copy-in",
+            "COPY nope FROM STDIN",
+            "1",
+            "x",
+            "SELECT 1::int4",
+        ],
+    );
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["code"], "42P01", "{r}");
+
+    // A trigger function and its trigger, created through the gate.
+    let ran = psql(
+        &gate,
+        Some("admin"),
+        &pg,
+        &[
+            "CREATE FUNCTION scratch_touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.v := coalesce(NEW.v, TG_OP); RETURN NEW; END $$",
+            "CREATE TRIGGER scratch_touch BEFORE INSERT ON scratch FOR EACH ROW EXECUTE FUNCTION scratch_touch()",
+            "INSERT INTO scratch (id) VALUES (9001) RETURNING v",
+        ],
+    );
+    assert_eq!(ran.code, 0, "{ran:#?}");
+    assert!(ran.stdout.contains("INSERT"), "{ran:#?}");
+
+    // PGOPTIONS reaches the server; a setting that would escape the grant is refused.
+    let u = url(&pg, "orders");
+    let ran = gate.run(
+        "bot",
+        &["--grant", "orders-db:read"],
+        &[
+            "env",
+            "PGOPTIONS=-c statement_timeout=300",
+            "psql",
+            &u,
+            "-X",
+            "-At",
+            "-c",
+            "SHOW statement_timeout",
+        ],
+    );
+    assert_eq!(ran.stdout.trim(), "300ms", "{ran:#?}");
+    let ran = gate.run(
+        "bot",
+        &["--grant", "orders-db:read"],
+        &[
+            "env",
+            "PGOPTIONS=-c default_transaction_read_only=off",
+            "psql",
+            &u,
+            "-X",
+            "-At",
+            "-c",
+            "SELECT 1",
+        ],
+    );
+    assert_ne!(ran.code, 0, "{ran:#?}");
+    assert!(
+        ran.stderr.contains("default_transaction_read_only=off"),
+        "{ran:#?}"
+    );
+
+    // A syntax error shows where, as the server would.
+    let ran = psql(&gate, Some("read"), &pg, &["SELECT id FRM users"]);
+    assert!(ran.stderr.contains("42601"), "{ran:#?}");
+    assert!(
+        ran.stderr.contains("LINE 1: SELECT id FRM users"),
+        "{ran:#?}"
+    );
+    assert!(ran.stderr.contains('^'), "{ran:#?}");
+
+    // Under masking, set_config with a bound value (asyncpg's introspection) runs; with a
+    // computed one it does not.
+    let r = pgclient(
+        &gate,
+        "read",
+        &pg,
+        &["execute", "SELECT set_config('jit.x', $1, false)", "v"],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let r = pgclient(
+        &gate,
+        "read",
+        &pg,
+        &[
+            "execute",
+            "SELECT set_config('jit.x', email, false) FROM users WHERE id = 1",
+        ],
+    );
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["code"], "42501", "{r}");
+}

@@ -132,6 +132,22 @@ async fn run(args: &[String]) -> Result<Value, tokio_postgres::Error> {
             }
             json!({"ok": true, "rows": n, "first": sample})
         }
+        // COPY ... FROM STDIN with tokio-postgres's copy_in (Bind, Execute, Sync, then the
+        // data, CopyDone, Sync: the server ignores the Sync sent in copy-in mode), `args[3]`
+        // rows of `args[4]`; then the session must still answer a query (`args[5]`).
+        "copy-in" => {
+            use futures_util::SinkExt as _;
+            let n: usize = args[3].parse().unwrap_or(3);
+            let sink = client.copy_in(args[2].as_str()).await?;
+            pin_mut!(sink);
+            for i in 0..n {
+                let line = format!("{}\t{}\n", i, args[4]);
+                sink.send(bytes::Bytes::from(line)).await?;
+            }
+            let copied = sink.finish().await?;
+            let after = client.query(args[5].as_str(), &[]).await?;
+            json!({"ok": true, "rows": copied, "after": rows(&after)})
+        }
         other => json!({"ok": false, "code": "", "message": format!("unknown command {other}")}),
     })
 }

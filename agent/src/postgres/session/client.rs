@@ -134,7 +134,13 @@ impl Pump<'_> {
                         let refs = self.result_refs(&analysis);
                         self.remember_sql_prepared(&analysis);
                         let mut st = self.lock();
-                        st.expect.push_back(Expect::Query { rec, refs, copies });
+                        let copy_in = copies_in(&analysis).then(|| st.copy_in.open());
+                        st.expect.push_back(Expect::Query {
+                            rec,
+                            refs,
+                            copies,
+                            copy_in,
+                        });
                         st.cycles_sent += 1;
                         drop(st);
                         frame.write(out);
@@ -179,6 +185,7 @@ impl Pump<'_> {
                             copy,
                             judged,
                             recorded,
+                            copies_in: copies_in(&analysis),
                         }));
                         let mut st = self.lock();
                         st.statements.insert(name.clone(), stmt.clone());
@@ -313,12 +320,12 @@ impl Pump<'_> {
                             plan: Mutex::new(None),
                         })
                     });
-                let (recorded, judged) = match &info.statement {
+                let (recorded, judged, may_copy_in) = match &info.statement {
                     Some(stmt) => {
                         let s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
-                        (s.recorded.clone(), s.judged.clone())
+                        (s.recorded.clone(), s.judged.clone(), s.copies_in)
                     }
-                    None => (String::new(), None),
+                    None => (String::new(), None, false),
                 };
                 let params = info.params.clone();
                 let rec = self.new_record_recorded(recorded, Decision::Allowed, None);
@@ -329,9 +336,13 @@ impl Pump<'_> {
                     }
                 });
                 // A COPY TO run through Execute masks with its statement's plan.
-                self.lock()
-                    .expect
-                    .push_back(Expect::Execute { portal: info, rec });
+                let mut st = self.lock();
+                let copy_in = may_copy_in.then(|| st.copy_in.open());
+                st.expect.push_back(Expect::Execute {
+                    portal: info,
+                    rec,
+                    copy_in,
+                });
                 frame.write(out);
             }
             Frontend::Close => {
@@ -347,13 +358,16 @@ impl Pump<'_> {
             }
             Frontend::Sync => {
                 let mut st = self.lock();
-                st.expect.push_back(Expect::Sync);
+                let copy_in = st.copy_in.tag();
+                st.expect.push_back(Expect::Sync { copy_in });
                 st.cycles_sent += 1;
                 frame.write(out);
             }
-            Frontend::Flush | Frontend::CopyData | Frontend::CopyDone | Frontend::CopyFail => {
-                frame.write(out)
+            Frontend::CopyData | Frontend::CopyDone | Frontend::CopyFail => {
+                self.lock().copy_in.close();
+                frame.write(out);
             }
+            Frontend::Flush => frame.write(out),
             Frontend::Terminate => {
                 frame.write(out);
                 return Ok(false);
@@ -404,6 +418,7 @@ impl Pump<'_> {
             rec,
             refs: Arc::default(),
             copies: VecDeque::new(),
+            copy_in: None,
         });
         st.cycles_sent += 1;
         drop(st);
@@ -439,6 +454,12 @@ impl Pump<'_> {
             out,
         );
     }
+}
+
+/// Whether a statement may put the server in copy-in mode (a COPY FROM; one from a file
+/// never does, which only means its window is never started).
+fn copies_in(analysis: &[Statement]) -> bool {
+    analysis.iter().any(|s| s.kinds.contains("copy_from"))
 }
 
 /// The target of a Describe or Close: `S` (statement) or `P` (portal), and its name.

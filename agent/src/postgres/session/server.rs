@@ -518,7 +518,7 @@ impl Pump<'_> {
                         Some(Expect::Query { rec: r, .. }) => rec = Some(*r),
                         _ => {
                             while let Some(e) = st.expect.front() {
-                                if matches!(e, Expect::Sync) {
+                                if matches!(e, Expect::Sync { .. }) {
                                     break;
                                 }
                                 match st.expect.pop_front() {
@@ -573,7 +573,12 @@ impl Pump<'_> {
                     let mut recs = Vec::new();
                     loop {
                         match st.expect.pop_front() {
-                            Some(Expect::Sync) => break,
+                            // A Sync the server ignored in copy-in mode got no answer: it
+                            // is done, and this answer is for a later one.
+                            Some(Expect::Sync { copy_in }) if st.copy_in.ignored(copy_in) => {
+                                st.cycles_done += 1;
+                            }
+                            Some(Expect::Sync { .. }) => break,
                             Some(Expect::Query { rec, .. }) => {
                                 recs.push(rec);
                                 break;
@@ -691,7 +696,25 @@ impl Pump<'_> {
                 }
                 frame.write(out);
             }
-            Backend::CopyInResponse | Backend::CopyBothResponse => frame.write(out),
+            Backend::CopyInResponse => {
+                // The COPY started: the Syncs its client sent in its window are ignored.
+                let mut st = self.lock();
+                if let Some(
+                    Expect::Execute {
+                        copy_in: Some(w), ..
+                    }
+                    | Expect::Query {
+                        copy_in: Some(w), ..
+                    },
+                ) = st.expect.front()
+                {
+                    let w = *w;
+                    st.copy_in.started(w);
+                }
+                drop(st);
+                frame.write(out);
+            }
+            Backend::CopyBothResponse => frame.write(out),
             Backend::BackendKeyData
             | Backend::Authentication
             | Backend::NegotiateProtocolVersion => {

@@ -34,6 +34,8 @@ pub(super) enum Expect {
         /// How each `COPY ... TO` in it is masked, in order; what is left when the query
         /// ends (a COPY the server refused before starting) goes with it.
         copies: VecDeque<CopyPlan>,
+        /// Its COPY FROM window, if it may start one (see [`CopyIn`]).
+        copy_in: Option<u64>,
     },
     /// A Parse of this statement name (`None`: one that must not touch the name's entry).
     Parse(Option<String>),
@@ -45,9 +47,69 @@ pub(super) enum Expect {
     Execute {
         portal: Portal,
         rec: u32,
+        /// Its COPY FROM window, if it may start one (see [`CopyIn`]).
+        copy_in: Option<u64>,
     },
     Close,
-    Sync,
+    /// A Sync. One the client sent inside a COPY FROM window is ignored by the server when
+    /// that COPY did start (no ReadyForQuery answers it).
+    Sync {
+        copy_in: Option<u64>,
+    },
+}
+
+/// COPY FROM STDIN and the Syncs sent during it. The server ignores Sync in copy-in mode
+/// (drivers such as tokio-postgres send Bind, Execute, Sync, then the data, CopyDone, Sync:
+/// three Syncs, two ReadyForQuery), but only if the COPY started, which only the server's
+/// CopyInResponse tells. So the client side opens a window at each statement that may copy
+/// in and tags the Syncs sent until its CopyDone or CopyFail; the server side marks the
+/// window started at CopyInResponse and then passes over its Syncs.
+///
+/// Only Syncs sent before the window's first CopyData are tagged: that is where drivers put
+/// them, and a Sync sent after data could meet a server that already left copy mode on a
+/// bad row.
+#[derive(Default)]
+pub(super) struct CopyIn {
+    /// The client's open window (from the Execute or Query to its CopyDone or CopyFail),
+    /// while no CopyData was sent in it.
+    open: Option<u64>,
+    next: u64,
+    /// Windows whose COPY the server started; their tagged Syncs are ignored.
+    started: Vec<u64>,
+}
+
+impl CopyIn {
+    /// Opens a window for a statement that may copy in.
+    pub(super) fn open(&mut self) -> u64 {
+        self.next += 1;
+        self.open = Some(self.next);
+        self.next
+    }
+
+    /// The window a Sync sent now belongs to.
+    pub(super) fn tag(&self) -> Option<u64> {
+        self.open
+    }
+
+    /// The client sent copy data, or ended the copy: later Syncs are not tagged.
+    pub(super) fn close(&mut self) {
+        self.open = None;
+    }
+
+    /// The server started the COPY of `window`.
+    pub(super) fn started(&mut self, window: u64) {
+        self.started.push(window);
+    }
+
+    /// Whether the server ignored this Sync (one of a started window's). A Sync the server
+    /// answers comes after every Sync of the windows started so far: they are forgotten.
+    pub(super) fn ignored(&mut self, sync: Option<u64>) -> bool {
+        if sync.is_some_and(|w| self.started.contains(&w)) {
+            return true;
+        }
+        self.started.clear();
+        false
+    }
 }
 
 /// A refused statement replaced by one the server rejects; its error is swapped for `error`.
@@ -101,6 +163,8 @@ pub(super) struct StmtInfo {
     /// How the Parse was judged (a held one: who approved it, after how long), for the
     /// records of its executions.
     pub(super) judged: Option<Judged>,
+    /// It runs a COPY FROM, which may start copy-in mode.
+    pub(super) copies_in: bool,
     /// `text` as records show it (detectors applied, truncated): computed once at Parse, not
     /// on every Execute.
     pub(super) recorded: String,
@@ -166,6 +230,7 @@ pub(super) struct State {
     /// The session may have changed `search_path`: the catalog connection, which keeps the
     /// startup one, can no longer resolve unqualified names the way the session does.
     pub(super) search_path_changed: bool,
+    pub(super) copy_in: CopyIn,
 }
 
 /// Protocol-level (`statements`) and SQL (`sql_prepared`) prepared statements share one
