@@ -1502,6 +1502,23 @@ fn copy_in_triggers_options_and_error_positions_with_real_clients() {
     );
     assert!(ran.stderr.contains('^'), "{ran:#?}");
 
+    // A typed value a detector matches comes back NULL, and the client is told why, once
+    // per statement.
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &["SELECT 4111111111111111::bigint AS id FROM generate_series(1, 3)"],
+    );
+    assert_eq!(ran.stdout.lines().count(), 3, "{ran:#?}");
+    assert!(!ran.stdout.contains("4111"), "{ran:#?}");
+    assert_eq!(
+        ran.stderr.matches("returned as NULL").count(),
+        1,
+        "{ran:#?}"
+    );
+    assert!(ran.stderr.contains("3 value(s)"), "{ran:#?}");
+
     // Under masking, set_config with a bound value (asyncpg's introspection) runs; with a
     // computed one it does not.
     let r = pgclient(

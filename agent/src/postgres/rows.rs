@@ -163,6 +163,9 @@ pub struct Masked {
     pub values: u64,
     pub by_detector: [u64; 9],
     pub by_column_rule: u64,
+    /// Typed values (integers, dates...) withheld as NULL because `****` cannot be one:
+    /// the client is told once per statement (a NOTICE), not left with a silent NULL.
+    pub withheld: u64,
 }
 
 impl Masked {
@@ -183,7 +186,10 @@ fn mask_value(plan: &ColPlan, raw: &[u8], masker: &Masker, stats: &mut Masked) -
     match mask_cell(plan, raw, masker, stats) {
         // `****` in an integer or date column would break the client's decoding of the
         // whole result: a typed value that cannot be shown is withheld instead.
-        Cell::Text(_) if !text_like(plan.type_oid) => Cell::Null,
+        Cell::Text(_) if !text_like(plan.type_oid) => {
+            stats.withheld += 1;
+            Cell::Null
+        }
         cell => cell,
     }
 }
@@ -194,6 +200,7 @@ fn mask_cell(plan: &ColPlan, raw: &[u8], masker: &Masker, stats: &mut Masked) ->
         stats.by_column_rule += 1;
         if plan.binary && !text_like(plan.type_oid) {
             // A typed binary value cannot carry "****": the value is withheld.
+            stats.withheld += 1;
             return Cell::Null;
         }
         let text = text_of(plan, raw);
@@ -217,6 +224,7 @@ fn mask_cell(plan: &ColPlan, raw: &[u8], masker: &Masker, stats: &mut Masked) ->
             let mut hit = false;
             if !matches!(masker.scan(&n, &mut |_| hit = true), Outcome::Keep) {
                 stats.values += 1;
+                stats.withheld += 1;
                 stats.hit(Detector::Card);
                 return Cell::Null;
             }
@@ -1055,8 +1063,26 @@ mod tests {
         let plan = Plan::new(&cols, &m, &users, None);
         let mut out = BytesMut::new();
         let body = row(&[Some(b"42"), Some(b"4111111111111111")]);
-        mask_data_row(&body, &plan, &m, &mut Masked::default(), &mut out).unwrap();
+        let mut stats = Masked::default();
+        mask_data_row(&body, &plan, &m, &mut stats, &mut out).unwrap();
         assert_eq!(decode(&out).await, vec![None, None]);
+        assert_eq!(
+            stats.withheld, 2,
+            "both are counted for the statement's NOTICE"
+        );
+        // A bigint that is no card stays, and counts nothing.
+        let mut out = BytesMut::new();
+        let mut stats = Masked::default();
+        let ids = Plan::new(&[col("id", 20)], &m, &users, None);
+        mask_data_row(
+            &row(&[Some(b"4111111111111112")]),
+            &ids,
+            &m,
+            &mut stats,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(stats.withheld, 0);
         // A row with another column count than its description is refused.
         let body = row(&[Some(b"42")]);
         assert!(mask_data_row(&body, &plan, &m, &mut Masked::default(), &mut out).is_err());

@@ -321,6 +321,23 @@ impl PgError {
     }
 }
 
+/// Appends a NoticeResponse of the gate's own (severity NOTICE).
+pub fn notice(out: &mut BytesMut, code: &str, text: &str, hint: &str) {
+    message(out, b'N', |b| {
+        for (field, value) in [
+            (b'S', "NOTICE"),
+            (b'V', "NOTICE"),
+            (b'C', code),
+            (b'M', text),
+            (b'H', hint),
+        ] {
+            b.put_u8(field);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    });
+}
+
 pub fn authentication_ok(out: &mut BytesMut) {
     message(out, b'R', |b| b.put_i32(0));
 }

@@ -146,7 +146,11 @@ impl Pump<'_> {
                     // recorder call on every masked value.
                     masked_total += stats.values;
                     metrics::masked(&stats.by_detector, stats.by_column_rule);
-                    stats = Masked::default();
+                    // A statement's withheld count spans flushes: it is told at its end.
+                    stats = Masked {
+                        withheld: stats.withheld,
+                        ..Masked::default()
+                    };
                 }
                 self.counters
                     .down
@@ -493,9 +497,22 @@ impl Pump<'_> {
                     }
                     _ => return Err(desync("CommandComplete")),
                 }
+                if stats.withheld > 0 {
+                    wire::notice(
+                        out,
+                        "01000",
+                        &format!(
+                            "jitgate: {} value(s) of a typed column matched a masking rule and were returned as NULL",
+                            stats.withheld
+                        ),
+                        "a masked value cannot be a number or a date; select the column as text (e.g. col::text) to see its masked form",
+                    );
+                    stats.withheld = 0;
+                }
                 frame.write(out);
             }
             Backend::ErrorResponse => {
+                stats.withheld = 0;
                 let mut fields =
                     wire::parse_fields(frame.body.clone()).map_err(|e| desync(&e.to_string()))?;
                 let message = fields
@@ -567,6 +584,7 @@ impl Pump<'_> {
                 }
             }
             Backend::ReadyForQuery => {
+                stats.withheld = 0;
                 let status = frame.body.first().copied().unwrap_or(b'I');
                 let finished: Vec<u32> = {
                     let mut st = self.lock();
