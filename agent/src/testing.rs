@@ -94,6 +94,18 @@ impl Harness {
         extra: &str,
         workload: Option<&str>,
     ) -> Self {
+        Self::with_origin(upstream, upstream, protocol, extra, workload).await
+    }
+
+    /// [`Harness::with_upstream`] with the workload having connected to `reached` (another
+    /// address the gate routes to the resource).
+    pub async fn with_origin(
+        upstream: SocketAddr,
+        reached: SocketAddr,
+        protocol: &str,
+        extra: &str,
+        workload: Option<&str>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("state");
         let text = format!(
@@ -156,7 +168,7 @@ approval = "auto"
         let ctx = Arc::new(ProxyContext {
             attributor: Arc::new(Fake {
                 origin: Mutex::new(Some(Origin {
-                    original: upstream,
+                    original: reached,
                     pid: std::process::id(),
                     uid: 65534,
                     cgroup_id: 7,

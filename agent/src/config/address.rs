@@ -80,6 +80,48 @@ impl Target {
     /// anyone may listen). A host name counts at the canonical loopback addresses
     /// (`localhost`) and at addresses not of this host; `host_addresses` (this host's own) is
     /// only asked for a host name.
+    /// Where the gate connects for a workload that reached this resource at `reached`: the
+    /// resource's own endpoint, not whatever local address the workload picked. A local
+    /// resource answers at every loopback and host address (the gate routes them all to it),
+    /// but other services may listen at those: `127.0.0.1:5432` is reached at `127.0.0.2`,
+    /// `[::1]` or a host address and still connects to `127.0.0.1:5432`; a host name at a
+    /// non-canonical local address connects to the canonical loopback of the same family;
+    /// an address range only within the range. `Err` says why the reached address is none
+    /// of the resource's.
+    pub fn endpoint(
+        &self,
+        reached: SocketAddr,
+        host_addresses: impl FnOnce() -> Vec<IpAddr>,
+    ) -> Result<SocketAddr, String> {
+        let ports = self.ports();
+        if !(ports.lo..=ports.hi).contains(&reached.port()) {
+            return Err(format!("{reached} is outside the resource's ports {ports}"));
+        }
+        let ip = reached.ip().to_canonical();
+        match self {
+            Self::Net { net, .. } if net.prefix_len() == net.max_prefix_len() => {
+                Ok(SocketAddr::new(net.addr(), reached.port()))
+            }
+            Self::Net { net, .. } if net.contains(&ip) => Ok(SocketAddr::new(ip, reached.port())),
+            Self::Net { net, .. } => Err(format!(
+                "{reached} is a local address outside the resource's {net}"
+            )),
+            Self::Host { .. } => {
+                let canonical = if ip.is_ipv4() {
+                    IpAddr::V4(Ipv4Addr::LOCALHOST)
+                } else {
+                    IpAddr::V6(Ipv6Addr::LOCALHOST)
+                };
+                let local =
+                    ip.is_loopback() || ip.is_unspecified() || host_addresses().contains(&ip);
+                Ok(SocketAddr::new(
+                    if local { canonical } else { ip },
+                    reached.port(),
+                ))
+            }
+        }
+    }
+
     pub fn names_one_server(
         &self,
         reached: IpAddr,
@@ -278,6 +320,58 @@ mod tests {
         assert!(one("localhost:5432", "::1"));
         assert!(!one("localhost:5432", "127.0.0.2"));
         assert!(!one("localhost:5432", "10.1.1.1"));
+    }
+
+    #[test]
+    fn the_gate_connects_to_the_resources_endpoint() {
+        let at = |s: &str, reached: &str| {
+            s.parse::<Target>()
+                .unwrap()
+                .endpoint(reached.parse().unwrap(), || {
+                    vec!["10.1.1.1".parse().unwrap()]
+                })
+                .map(|a| a.to_string())
+        };
+        // A local resource reached at another loopback or host address.
+        for reached in [
+            "127.0.0.1:5432",
+            "127.0.0.2:5432",
+            "[::1]:5432",
+            "10.1.1.1:5432",
+        ] {
+            assert_eq!(
+                at("127.0.0.1:5432", reached).as_deref(),
+                Ok("127.0.0.1:5432")
+            );
+        }
+        assert_eq!(
+            at("[::1]:8080", "127.0.0.9:8080").as_deref(),
+            Ok("[::1]:8080")
+        );
+        // A host name: the address reached, or the canonical loopback for other local ones.
+        assert_eq!(
+            at("db.internal:5432", "10.0.0.5:5432").as_deref(),
+            Ok("10.0.0.5:5432")
+        );
+        assert_eq!(
+            at("localhost:5432", "127.0.0.2:5432").as_deref(),
+            Ok("127.0.0.1:5432")
+        );
+        assert_eq!(
+            at("localhost:5432", "10.1.1.1:5432").as_deref(),
+            Ok("127.0.0.1:5432")
+        );
+        assert_eq!(
+            at("localhost:5432", "[::1]:5432").as_deref(),
+            Ok("[::1]:5432")
+        );
+        // A range: inside it as reached; a local address outside it is none of its own.
+        assert_eq!(
+            at("10.0.0.0/24:5432-5440", "10.0.0.7:5433").as_deref(),
+            Ok("10.0.0.7:5433")
+        );
+        assert!(at("127.0.0.0/30:5432", "10.1.1.1:5432").is_err());
+        assert!(at("127.0.0.1:5432", "127.0.0.1:5433").is_err());
     }
 
     #[test]

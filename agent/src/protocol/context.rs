@@ -42,8 +42,11 @@ pub struct Session<'a> {
     /// The client's uid (for requests filed on its behalf).
     pub uid: u32,
     pub resource: &'a Resource,
-    /// Where the client was going (normalised), which is where the gate connects upstream.
+    /// Where the client was going (normalised): the address its TLS expects, for one.
     pub destination: SocketAddr,
+    /// Where the gate connects: the resource's endpoint for that destination (see
+    /// [`crate::config::Target::endpoint`]), never another local service the workload picked.
+    pub upstream: SocketAddr,
     /// The session record being built up; the proxy writes it when the session ends.
     pub record: &'a mut Record,
 }

@@ -42,7 +42,7 @@ impl Protocol for Tcp {
             Err(outcome) => return outcome,
         };
         session.record.session.grant = Some(grant.id.clone());
-        let destination = session.destination;
+        let destination = session.upstream;
         let mut upstream =
             match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(destination))
                 .await

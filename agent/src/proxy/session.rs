@@ -139,6 +139,13 @@ async fn run(
             "resource removed from the config",
         );
     };
+    let upstream = match resource
+        .target
+        .endpoint(destination, crate::destinations::local_addresses)
+    {
+        Ok(u) => u,
+        Err(why) => return refuse(SessionOutcome::RefusedNoResource, why),
+    };
     let Some(protocol) = ctx.protocols.get(resource.settings.protocol()) else {
         return refuse(
             SessionOutcome::Error,
@@ -151,6 +158,7 @@ async fn run(
         uid: origin.uid,
         resource: &resource,
         destination,
+        upstream,
         record: s,
     };
     protocol.serve(session, client).await

@@ -117,3 +117,36 @@ async fn shutdown_and_resource_removal_end_live_sessions() {
     let (how, detail) = outcome(task).await;
     assert_eq!(how, SessionOutcome::Shutdown, "{detail}");
 }
+
+#[tokio::test]
+async fn a_local_resource_is_reached_at_its_own_endpoint_only() {
+    // The resource is the echo server at 127.0.0.1:P; a rogue service listens at 127.0.0.2:P.
+    let real = crate::testing::echo_server().await;
+    let rogue_addr = std::net::SocketAddr::new("127.0.0.2".parse().expect("ip"), real.port());
+    let rogue = tokio::net::TcpListener::bind(rogue_addr)
+        .await
+        .expect("bind the rogue");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = rogue.accept().await {
+            let _ = s.write_all(b"ROGUE").await;
+        }
+    });
+    for reached in [rogue_addr, "127.0.0.3:0".parse().expect("addr")] {
+        let reached = std::net::SocketAddr::new(reached.ip(), real.port());
+        let h = Harness::with_origin(real, reached, "tcp", "", Some("bot")).await;
+        h.grant().await;
+        let (mut client, task) = h.connect();
+        client.write_all(b"ping").await.expect("write");
+        let mut got = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("an answer")
+            .expect("read");
+        assert_eq!(
+            &got, b"ping",
+            "reached at {reached}: the real endpoint answered"
+        );
+        drop(client);
+        let _ = outcome(task).await;
+    }
+}

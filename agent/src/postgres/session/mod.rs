@@ -112,11 +112,12 @@ pub(crate) async fn serve(
     client: Conn,
 ) -> Outcome {
     let ctx = session.services;
-    let (who, resource, uid, destination) = (
+    let (who, resource, uid, destination, upstream) = (
         session.who,
         session.resource,
         session.uid,
         session.destination,
+        session.upstream,
     );
     client.set_nodelay();
     let opening =
@@ -270,10 +271,10 @@ pub(crate) async fn serve(
         .clone()
         .unwrap_or_else(|| match &resource.target {
             crate::config::Target::Host { name, .. } => name.clone(),
-            crate::config::Target::Net { .. } => destination.ip().to_string(),
+            crate::config::Target::Net { .. } => upstream.ip().to_string(),
         });
     let login = Arc::new(Login {
-        addr: destination,
+        addr: upstream,
         pg: pg.clone(),
         server_name,
         tls: shared.tls.clone(),
@@ -281,7 +282,7 @@ pub(crate) async fn serve(
         params: upstream_params,
         one_server: resource
             .target
-            .names_one_server(destination.ip(), crate::destinations::local_addresses),
+            .names_one_server(upstream.ip(), crate::destinations::local_addresses),
     });
     let up = match login.connect().await {
         Ok(u) => u,
@@ -323,7 +324,7 @@ pub(crate) async fn serve(
     let proxy_key = shared.cancel.issue(Entry {
         resource: resource.name.clone(),
         identity: who.identity.clone(),
-        upstream: destination,
+        upstream,
         server_name: login.server_name.clone(),
         key: up.key,
     });
