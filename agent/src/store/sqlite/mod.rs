@@ -61,6 +61,12 @@ impl SqliteStore {
         let path = state_dir.join("jitgate.db");
         let mut conn = Connection::open(&path)
             .with_context(|| format!("opening state store {}", path.display()))?;
+        // Private whatever the umask (SQLite gives its -wal and -shm files the same mode).
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("restricting {}", path.display()))?;
+        }
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -448,7 +454,7 @@ impl Store for SqliteStore {
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    use std::os::unix::fs::DirBuilderExt as _;
 
     use anyhow::Context as _;
     if !dir.exists() {
@@ -458,10 +464,63 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
             .create(dir)
             .with_context(|| format!("creating state_dir {}", dir.display()))?;
     }
-    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
-    if mode & 0o022 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("restricting permissions of {}", dir.display()))?;
+    check_private_dir(dir, nix::unistd::geteuid().as_raw())
+}
+
+/// The state dir holds every session's statements, the audit log and its key: it must be
+/// the agent's alone, whoever started it (the packaged unit makes it 0700; a daemon started
+/// by hand must not run on one others can read or replace).
+fn check_private_dir(dir: &Path, owner: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| anyhow::anyhow!("reading state_dir {}: {e}", dir.display()))?;
+    let shown = dir.display();
+    if meta.uid() != owner {
+        anyhow::bail!(
+            "state_dir {shown} belongs to uid {}, who could read or replace the agent's records; run `chown {owner} {shown}`",
+            meta.uid()
+        );
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "state_dir {shown} is open to other users (mode {mode:04o}); it holds every session's statements and the audit key: run `chmod 700 {shown}`"
+        );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod private_dir_tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn the_state_dir_is_the_agents_alone() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fresh = tmp.path().join("state");
+        let store = SqliteStore::open(&fresh).expect("a fresh state dir");
+        drop(store);
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&fresh), 0o700);
+        assert_eq!(mode(&fresh.join("jitgate.db")), 0o600);
+
+        for open in [0o755, 0o750, 0o705, 0o777] {
+            std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(open)).expect("chmod");
+            let e = SqliteStore::open(&fresh)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(e.contains("chmod 700"), "{open:o}: {e}");
+        }
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let someone = nix::unistd::geteuid().as_raw() + 1;
+        let e = check_private_dir(&fresh, someone)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("chown"), "{e}");
+    }
 }
