@@ -509,17 +509,16 @@ mod private_dir_tests {
 
         for open in [0o755, 0o750, 0o705, 0o777] {
             std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(open)).expect("chmod");
-            let e = SqliteStore::open(&fresh)
-                .err()
-                .expect("refused")
-                .to_string();
+            let Err(e) = SqliteStore::open(&fresh) else {
+                panic!("{open:o} was not refused")
+            };
+            let e = e.to_string();
             assert!(e.contains("chmod 700"), "{open:o}: {e}");
         }
         std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o700)).expect("chmod");
         let someone = nix::unistd::geteuid().as_raw() + 1;
         let e = check_private_dir(&fresh, someone)
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string();
         assert!(e.contains("chown"), "{e}");
     }
