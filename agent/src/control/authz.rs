@@ -192,10 +192,13 @@ pub fn may_decide(config: &Config, caller: &Caller, request: &Request) -> Result
 }
 
 /// Denying a request: its approvers (see [`may_decide`]), and whoever filed it (same user,
-/// same workload), withdrawing it.
+/// same workload, and from inside a task the same task: a sibling task of the same identity
+/// does not withdraw another's request), withdrawing it.
 pub fn may_deny(config: &Config, caller: &Caller, request: &Request) -> Result<(), ControlError> {
-    let own = caller.uid == request.requested_by.uid
-        && caller.workload.as_ref().map(|w| &w.identity) == request.requested_by.identity.as_ref();
+    let by = &request.requested_by;
+    let own = caller.uid == by.uid
+        && caller.workload.as_ref().map(|w| &w.identity) == by.identity.as_ref()
+        && caller.workload.as_ref().and_then(|w| w.task.as_ref()) == by.task.as_ref();
     if own {
         return Ok(());
     }

@@ -352,6 +352,20 @@ async fn deny_is_for_approvers_and_the_requester() {
     let withdrawn = f.service.deny(&workload(), &own.id, None).await.unwrap();
     assert_eq!(withdrawn.status, RequestStatus::Denied);
 
+    // Tasks of one identity and uid: a sibling does not withdraw another's request, nor
+    // does the identity outside any task; the task itself does.
+    let in_task = |task: &str| Caller {
+        workload: Some(Attribution {
+            identity: "ci-bot".into(),
+            task: Some(task.into()),
+        }),
+        ..workload()
+    };
+    let a = f.service.request(&in_task("t-a"), ask(None)).await.unwrap();
+    forbidden(f.service.deny(&in_task("t-b"), &a.id, None).await);
+    forbidden(f.service.deny(&workload(), &a.id, None).await);
+    assert!(f.service.deny(&in_task("t-a"), &a.id, None).await.is_ok());
+
     let q = f.pending("ci-bot").await;
     for c in [workload(), launcher(), stranger(), unattributed()] {
         forbidden(f.service.deny(&c, &q.id, Some("no".into())).await);
