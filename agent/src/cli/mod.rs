@@ -257,6 +257,7 @@ fn one_line(text: &str, max: usize) -> String {
         }
         out.push_str(word);
     }
+    let out = output::shown(&out).into_owned();
     match out.char_indices().nth(max) {
         Some((cut, _)) => format!("{} …", &out[..cut]),
         None => out,
@@ -332,7 +333,7 @@ pub(crate) fn describe_request(q: &Request) -> (String, u8) {
                     .unwrap_or_default(),
                 q.decision_reason
                     .as_ref()
-                    .map(|r| format!(": {r}"))
+                    .map(|r| format!(": {}", output::shown(r)))
                     .unwrap_or_default()
             ),
             EXIT_REFUSED,
@@ -343,7 +344,7 @@ pub(crate) fn describe_request(q: &Request) -> (String, u8) {
                 q.id,
                 q.decision_reason
                     .as_ref()
-                    .map(|r| format!(": {r}"))
+                    .map(|r| format!(": {}", output::shown(r)))
                     .unwrap_or_default()
             ),
             EXIT_REFUSED,

@@ -1,11 +1,39 @@
 //! How the CLI prints: aligned tables for people, JSON for scripts.
 
-use std::io::Write as _;
+use std::{borrow::Cow, io::Write as _};
 
 use crate::model::{Timestamp, human_duration};
 
+/// Text a workload (or a server) wrote, made safe to print on a terminal: control
+/// characters (ANSI escapes, carriage returns, backspaces, newlines) and the Unicode
+/// direction overrides that reorder what follows are shown as `\u{..}` escapes, so no row
+/// can rewrite, hide or forge another on the approver's screen.
+pub fn shown(text: &str) -> Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// Prints rows under upper-case headers, columns padded to their widest cell.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| shown(c).into_owned()).collect())
+        .collect();
+    let rows = &rows;
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -95,12 +123,12 @@ pub fn timeline(d: &crate::control::api::SessionDetail) {
             .as_ref()
             .map(|t| format!(", task {t}"))
             .unwrap_or_default(),
-        s.command
+        shown(&s.command)
     );
     println!(
         "  grant      {}   destination {}",
         s.grant.as_deref().unwrap_or("-"),
-        s.destination
+        shown(&s.destination)
     );
     println!(
         "  started    {}   ended {}   {}{}",
@@ -110,7 +138,7 @@ pub fn timeline(d: &crate::control::api::SessionDetail) {
         if s.detail.is_empty() {
             String::new()
         } else {
-            format!(": {}", s.detail)
+            format!(": {}", shown(&s.detail))
         }
     );
     println!(
@@ -148,7 +176,10 @@ pub fn timeline(d: &crate::control::api::SessionDetail) {
         let time = time.get(11..23).unwrap_or(&time).to_owned();
         match item {
             Item::Statement(st) => {
-                let text: String = st.text.split_whitespace().collect::<Vec<_>>().join(" ");
+                // White space folded first (a statement's line breaks are not forgery), then
+                // what is left escaped.
+                let folded = st.text.split_whitespace().collect::<Vec<_>>().join(" ");
+                let text = shown(&folded).into_owned();
                 let text = if text.chars().count() > 100 {
                     format!("{}…", text.chars().take(100).collect::<String>())
                 } else {
@@ -196,10 +227,15 @@ pub fn timeline(d: &crate::control::api::SessionDetail) {
                     facts.push(format!("error {e}"));
                 }
                 if !facts.is_empty() {
-                    println!("  {:12}  {:<15}{}", "", "", facts.join(" · "));
+                    println!("  {:12}  {:<15}{}", "", "", shown(&facts.join(" · ")));
                 }
             }
-            Item::Event(e) => println!("  {time}  {:<15}{} by {}", "event", e.kind, e.actor),
+            Item::Event(e) => println!(
+                "  {time}  {:<15}{} by {}",
+                "event",
+                shown(&e.kind),
+                shown(&e.actor)
+            ),
         }
     }
 }
@@ -207,6 +243,18 @@ pub fn timeline(d: &crate::control::api::SessionDetail) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workload_text_cannot_drive_the_terminal() {
+        assert_eq!(shown("plain text, ünïcode ok"), "plain text, ünïcode ok");
+        assert_eq!(
+            shown("why\x1b[2K\rapproved by alice"),
+            "why\\u{1b}[2K\\u{d}approved by alice"
+        );
+        assert_eq!(shown("a\nb\tc\u{8}"), "a\\u{a}b\\u{9}c\\u{8}");
+        assert_eq!(shown("x\u{202e}gnp.exe"), "x\\u{202e}gnp.exe");
+        assert_eq!(shown("\u{9b}31m"), "\\u{9b}31m");
+    }
 
     #[test]
     fn byte_sizes() {
