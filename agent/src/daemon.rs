@@ -130,8 +130,7 @@ fn keep_restart_only(running: &DaemonConfig, new: &mut DaemonConfig) -> Vec<&'st
 
 /// Takes an exclusive lock on `state_dir` so two agents never share state.
 fn lock_state_dir(state_dir: &Path) -> anyhow::Result<File> {
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("creating state_dir {}", state_dir.display()))?;
+    crate::store::sqlite::create_private_dir(state_dir)?;
     let path = state_dir.join("jitgated.lock");
     let file = File::options()
         .create(true)

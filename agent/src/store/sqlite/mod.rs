@@ -453,7 +453,8 @@ impl Store for SqliteStore {
     }
 }
 
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+/// Creates `dir` (0700) if it is missing, and checks it is the agent's alone.
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
 
     use anyhow::Context as _;
