@@ -1408,7 +1408,7 @@ fn copy_in_triggers_options_and_error_positions_with_real_clients() {
         return;
     }
     let pg = Postgres::start_secured(false);
-    let gate = Gate::start("pg-clients", "", &body(&pg, ""));
+    let gate = Gate::start("pg-clients", "", &body(&pg, "approval_timeout = \"1s\""));
 
     // copy_in, then the same session answers a query: three Syncs, two ReadyForQuery.
     let r = pgclient(
@@ -1501,6 +1501,27 @@ fn copy_in_triggers_options_and_error_positions_with_real_clients() {
         "{ran:#?}"
     );
     assert!(ran.stderr.contains('^'), "{ran:#?}");
+
+    // Statements that touch every row however they are spelled are held like a DELETE
+    // without WHERE; nobody approves within the second, so nothing is deleted.
+    for sql in [
+        "MERGE INTO scratch USING (SELECT 1) s ON true WHEN MATCHED THEN DELETE",
+        "DELETE FROM scratch WHERE 1 = 1",
+        "UPDATE scratch SET v = 'x' WHERE 't' OR id = 1",
+    ] {
+        let ran = psql(&gate, Some("write"), &pg, &[sql]);
+        assert!(
+            ran.stderr.contains("57014") && ran.stderr.contains("write-without-where"),
+            "{sql}: {ran:#?}"
+        );
+    }
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &["SELECT count(*) FROM scratch WHERE v = 'copied'"],
+    );
+    assert_eq!(ran.stdout.trim(), "250", "{ran:#?}");
 
     // A typed value a detector matches comes back NULL, and the client is told why, once
     // per statement.

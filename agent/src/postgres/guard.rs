@@ -101,7 +101,7 @@ fn builtin(s: &Statement) -> Option<(&'static str, GuardAction, String)> {
         return Some((
             "builtin: write-without-where",
             GuardAction::Approve,
-            "UPDATE or DELETE without a WHERE clause touches every row".into(),
+            "UPDATE, DELETE or MERGE without a condition that can exclude a row (none, or one always true) touches every row".into(),
         ));
     }
     None

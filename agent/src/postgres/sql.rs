@@ -378,6 +378,103 @@ fn const_bool(arg: &Value) -> Option<bool> {
     c["val"]["Sval"]["sval"].as_str().and_then(pg_bool)
 }
 
+/// What a condition is whatever the row, where that can be decided from the text alone:
+/// constants (`true`, `'t'`, `1::bool`), a constant or a column compared with itself
+/// (`1 = 1`, `'a' = 'a'`, `id = id`), `IS [NOT] NULL` on a constant, `IS TRUE`, and
+/// AND/OR/NOT of those. `None`: it depends on the row (or the gate cannot tell).
+fn truth(node: &Value) -> Option<bool> {
+    let (name, v) = variant(&node["node"])?;
+    match name {
+        "AConst" => {
+            if v["isnull"].as_bool() == Some(true) {
+                return Some(false);
+            }
+            const_bool(node)
+        }
+        "TypeCast" => truth(&v["arg"]),
+        "BoolExpr" => {
+            let args: Vec<Option<bool>> = v["args"]
+                .as_array()
+                .map(|a| a.iter().map(truth).collect())
+                .unwrap_or_default();
+            match v["boolop"].as_i64() {
+                // AND
+                Some(1) if args.contains(&Some(false)) => Some(false),
+                Some(1) if args.iter().all(|a| *a == Some(true)) => Some(true),
+                // OR
+                Some(2) if args.contains(&Some(true)) => Some(true),
+                Some(2) if args.iter().all(|a| *a == Some(false)) => Some(false),
+                // NOT
+                Some(3) => args.first().copied().flatten().map(|b| !b),
+                _ => None,
+            }
+        }
+        "AExpr" if v["kind"].as_i64() == Some(1) => {
+            let op = v["name"]
+                .as_array()
+                .and_then(|n| n.last())
+                .and_then(|n| n["node"]["String"]["sval"].as_str())?;
+            let (l, r) = (&v["lexpr"]["node"], &v["rexpr"]["node"]);
+            // Compared without their locations, which always differ.
+            let same = (l["AConst"].is_object()
+                && r["AConst"].is_object()
+                && l["AConst"]["val"] == r["AConst"]["val"]
+                && l["AConst"]["isnull"] == r["AConst"]["isnull"])
+                || (l["ColumnRef"].is_object()
+                    && l["ColumnRef"]["fields"] == r["ColumnRef"]["fields"]);
+            let unequal_consts = l["AConst"].is_object()
+                && r["AConst"].is_object()
+                && l["AConst"]["val"] != r["AConst"]["val"];
+            match op {
+                "=" | "<=" | ">=" if same => Some(true),
+                "<>" | "!=" | "<" | ">" if same => Some(false),
+                "=" if unequal_consts => Some(false),
+                "<>" | "!=" if unequal_consts => Some(true),
+                _ => None,
+            }
+        }
+        "NullTest" if v["arg"]["node"]["AConst"].is_object() => {
+            let null = v["arg"]["node"]["AConst"]["isnull"].as_bool() == Some(true);
+            match v["nulltesttype"].as_i64() {
+                Some(1) => Some(null),
+                Some(2) => Some(!null),
+                _ => None,
+            }
+        }
+        // x IS TRUE (1), IS NOT FALSE (4)
+        "BooleanTest" => match (v["booltesttype"].as_i64(), truth(&v["arg"])) {
+            (Some(1 | 4), Some(b)) => Some(b),
+            (Some(2 | 3), Some(b)) => Some(!b),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Whether a MERGE updates or deletes every row of its target: a `WHEN MATCHED` update or
+/// delete (without its own condition) under a join condition that is always true, a
+/// `WHEN NOT MATCHED BY SOURCE` one under a condition that is always false, or both kinds.
+fn merge_touches_every_row(merge: &Value) -> bool {
+    let join = truth(&merge["join_condition"]);
+    // The match kinds (MATCHED 1, NOT MATCHED BY SOURCE 2) with an unconditional update
+    // (CMD_UPDATE 3) or delete (CMD_DELETE 5).
+    let kinds: Vec<i64> = merge["merge_when_clauses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| variant(&c["node"]).filter(|(n, _)| *n == "MergeWhenClause"))
+        .filter(|(_, w)| {
+            matches!(w["command_type"].as_i64(), Some(3 | 5))
+                && (w["condition"].is_null() || truth(&w["condition"]) == Some(true))
+        })
+        .filter_map(|(_, w)| w["match_kind"].as_i64())
+        .collect();
+    let matched = kinds.contains(&1);
+    let unmatched = kinds.contains(&2);
+    // Every target row either matches or not: writing both kinds writes them all.
+    (matched && join == Some(true)) || (unmatched && join == Some(false)) || (matched && unmatched)
+}
+
 /// Whether an `AConst` (or its absence) means "false/off" for sure.
 fn const_is_off(arg: &Value) -> bool {
     const_bool(arg) == Some(false)
@@ -827,13 +924,17 @@ fn walk(node: &Value, s: &mut Statement) -> Result<(), ParseError> {
                             "delete"
                         });
                         raise(s, Access::Write);
-                        if value["where_clause"].is_null() {
+                        let condition = &value["where_clause"];
+                        if condition.is_null() || truth(condition) == Some(true) {
                             s.write_without_where = true;
                         }
                     }
                     "MergeStmt" => {
                         s.kinds.insert("merge");
                         raise(s, Access::Write);
+                        if merge_touches_every_row(value) {
+                            s.write_without_where = true;
+                        }
                     }
                     "SelectStmt" => {
                         if !value["into_clause"].is_null() {
@@ -1150,6 +1251,37 @@ mod tests {
         assert!(s.tables.contains("t"));
         assert!(one("UPDATE t SET a = 1").write_without_where);
         assert!(!one("UPDATE t SET a = 1 WHERE id = 2").write_without_where);
+        // Conditions that are always true are no WHERE; MERGE is a delete or update too.
+        for sql in [
+            "DELETE FROM t WHERE true",
+            "DELETE FROM t WHERE 1 = 1",
+            "DELETE FROM t WHERE 't'",
+            "UPDATE t SET a = 1 WHERE 'yes'::bool",
+            "DELETE FROM t WHERE id = id OR false",
+            "DELETE FROM t WHERE NOT false",
+            "DELETE FROM t WHERE 1 IS NOT NULL",
+            "DELETE FROM t WHERE (true) IS TRUE",
+            "UPDATE t SET a = 1 WHERE 'a' <> 'b' AND 2 >= 2",
+            "DELETE FROM t WHERE id = 3 OR 1 = 1",
+            "WITH x AS (DELETE FROM t WHERE true RETURNING 1) SELECT * FROM x",
+            "MERGE INTO t USING (SELECT 1) s ON true WHEN MATCHED THEN DELETE",
+            "MERGE INTO t USING s ON 1 = 1 WHEN MATCHED THEN UPDATE SET a = 1",
+            "MERGE INTO t USING s ON t.id = s.id WHEN NOT MATCHED BY SOURCE THEN DELETE WHEN MATCHED THEN DELETE",
+            "MERGE INTO t USING s ON false WHEN NOT MATCHED BY SOURCE THEN DELETE",
+        ] {
+            assert!(one(sql).write_without_where, "{sql} not caught");
+        }
+        for sql in [
+            "DELETE FROM t WHERE id = 3",
+            "DELETE FROM t WHERE false OR id = 3",
+            "DELETE FROM t WHERE 1 = 2",
+            "DELETE FROM t WHERE id IS NOT NULL",
+            "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE",
+            "MERGE INTO t USING s ON true WHEN MATCHED AND t.id = 3 THEN DELETE",
+            "MERGE INTO t USING s ON true WHEN NOT MATCHED THEN INSERT VALUES (1)",
+        ] {
+            assert!(!one(sql).write_without_where, "{sql} caught");
+        }
     }
 
     #[test]
