@@ -5,6 +5,7 @@
 //! The tests need root (they load BPF programs and create cgroups). Without it they skip
 //! with a loud message, except under `CI=true`, where a missing privilege fails the run.
 
+pub mod config;
 pub mod scrape;
 pub mod servers;
 
@@ -26,6 +27,29 @@ pub const WORKLOAD_USER: &str = "nobody";
 pub const APPROVER_USER: &str = "jitgate-e2e-approver";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The first line of every end-to-end test: returns from the test (after saying so loudly)
+/// when it cannot run here, and fails it under `CI=true` (see [`privileged`]). The test's
+/// name comes from the function it stands in, so it is never spelled twice.
+#[macro_export]
+macro_rules! root_or_skip {
+    () => {{
+        if !$crate::privileged($crate::test_name!()) {
+            return;
+        }
+    }};
+}
+
+/// The name of the function this stands in (the test's name, for messages).
+#[macro_export]
+macro_rules! test_name {
+    () => {{
+        fn here() {}
+        let name = ::std::any::type_name_of_val(&here);
+        let name = name.strip_suffix("::here").unwrap_or(name);
+        name.rsplit("::").next().unwrap_or(name)
+    }};
+}
 
 /// Returns false (after saying so loudly) when the tests cannot run here.
 pub fn privileged(test: &str) -> bool {
@@ -123,24 +147,11 @@ fn bins() -> &'static Bins {
 /// The config most tests start from: a `bot` identity that root launches, one tcp resource
 /// `echo` at `address`, and a policy that auto-approves read grants on it.
 pub fn echo_body(address: &str) -> String {
-    format!(
-        r#"
-[[workload]]
-identity = "bot"
-launchers = ["root"]
-
-[[resource]]
-name = "echo"
-address = "{address}"
-
-[[policy]]
-identities = ["bot"]
-resources = ["echo"]
-access = ["read"]
-max_ttl = "1h"
-approval = "auto"
-"#
-    )
+    config::Body::new()
+        .workload("bot", &["root"])
+        .resource("echo", address)
+        .auto(&["bot"], &["echo"], &["read"])
+        .build()
 }
 
 /// Makes sure a system user exists (creating it if needed) and returns its uid.
@@ -700,4 +711,12 @@ pub fn rfc3339_ms(v: &Value) -> i64 {
 /// A socket address string.
 pub fn addr(a: SocketAddr) -> String {
     a.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_test_is_named_after_its_function() {
+        assert_eq!(crate::test_name!(), "a_test_is_named_after_its_function");
+    }
 }

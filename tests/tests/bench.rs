@@ -6,13 +6,11 @@
 
 use std::process::Command;
 
-use jitgate_e2e::{find_bin, privileged};
+use jitgate_e2e::find_bin;
 
 #[test]
 fn bench_quick_runs_end_to_end() {
-    if !privileged("bench_quick_runs_end_to_end") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let xtask = find_bin("xtask");
     let bin_dir = xtask.parent().expect("bin dir").to_owned();
     let out = std::env::temp_dir().join(format!("jitgate-bench-quick-{}.md", std::process::id()));

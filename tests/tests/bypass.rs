@@ -3,15 +3,13 @@
 //! the workload sees the address it asked for.
 
 use jitgate_e2e::{
-    Gate, echo_body, host_ipv4, privileged,
+    Gate, echo_body, host_ipv4,
     servers::{self, BANNER},
 };
 
 #[test]
 fn no_route_around_the_gate() {
-    if !privileged("no_route_around_the_gate") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     // Dual-stack upstream, so every address family really could reach it.
     let echo = servers::echo_server("[::]:0");
     let port = echo.addr.port();
@@ -159,9 +157,7 @@ fn no_route_around_the_gate() {
 
 #[test]
 fn only_launchers_launch_and_root_needs_consent() {
-    if !privileged("only_launchers_launch_and_root_needs_consent") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let echo = servers::echo_server("127.0.0.1:0");
     let gate = Gate::start(
         "launch",

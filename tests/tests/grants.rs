@@ -4,47 +4,33 @@
 use std::time::Duration;
 
 use jitgate_e2e::{
-    APPROVER_USER, Gate, ensure_approver_user, now_ms, privileged, rfc3339_ms,
+    APPROVER_USER, Gate,
+    config::Body,
+    ensure_approver_user, now_ms, rfc3339_ms,
     servers::{self, BANNER},
 };
 
 fn body(web: &str, echo: &str) -> String {
-    format!(
-        r#"
-[[workload]]
-identity = "bot"
-launchers = ["root", "{APPROVER_USER}"]
-
-[[workload]]
-identity = "auto-bot"
-launchers = ["root"]
-
-[[resource]]
-name = "web"
-address = "{web}"
-
-[[resource]]
-name = "echo"
-address = "{echo}"
-
-[[policy]]
-name = "bot-reads"
-identities = ["bot"]
-resources = ["web", "echo"]
-access = ["read"]
-max_ttl = "1h"
-approval = "manual"
-approvers = ["root", "{APPROVER_USER}"]
-
-[[policy]]
-name = "auto-bot"
-identities = ["auto-bot"]
-resources = ["web", "echo"]
-access = ["read", "write"]
-max_ttl = "10m"
-approval = "auto"
-"#
-    )
+    Body::new()
+        .workload("bot", &["root", APPROVER_USER])
+        .workload("auto-bot", &["root"])
+        .resource("web", web)
+        .resource("echo", echo)
+        .policy(
+            &["bot"],
+            &["web", "echo"],
+            &["read"],
+            &format!(
+                "name = \"bot-reads\"\nmax_ttl = \"1h\"\napproval = \"manual\"\napprovers = [\"root\", \"{APPROVER_USER}\"]"
+            ),
+        )
+        .policy(
+            &["auto-bot"],
+            &["web", "echo"],
+            &["read", "write"],
+            "name = \"auto-bot\"\nmax_ttl = \"10m\"\napproval = \"auto\"",
+        )
+        .build()
 }
 
 fn curl(gate: &Gate, identity: &str, url: &str) -> jitgate_e2e::Ran {
@@ -53,9 +39,7 @@ fn curl(gate: &Gate, identity: &str, url: &str) -> jitgate_e2e::Ran {
 
 #[test]
 fn refused_without_grant_then_works_after_approval() {
-    if !privileged("refused_without_grant_then_works_after_approval") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let web = servers::http_server();
     let echo = servers::echo_server("127.0.0.1:0");
     let gate = Gate::start(
@@ -121,9 +105,7 @@ fn refused_without_grant_then_works_after_approval() {
 
 #[test]
 fn auto_policy_grants_at_launch() {
-    if !privileged("auto_policy_grants_at_launch") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let web = servers::http_server();
     let echo = servers::echo_server("127.0.0.1:0");
     let gate = Gate::start(
@@ -160,9 +142,7 @@ fn auto_policy_grants_at_launch() {
 
 #[test]
 fn requests_no_policy_allows_are_refused_with_a_reason() {
-    if !privileged("requests_no_policy_allows_are_refused_with_a_reason") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let web = servers::http_server();
     let echo = servers::echo_server("127.0.0.1:0");
     let gate = Gate::start(
@@ -220,9 +200,7 @@ fn held_connection_cut_at(workload: &mut jitgate_e2e::Workload) -> i64 {
 
 #[test]
 fn expiry_closes_a_live_connection_within_a_second() {
-    if !privileged("expiry_closes_a_live_connection_within_a_second") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let web = servers::http_server();
     let echo = servers::echo_server("127.0.0.1:0");
     let gate = Gate::start(
@@ -253,9 +231,7 @@ fn expiry_closes_a_live_connection_within_a_second() {
 
 #[test]
 fn revoke_closes_a_live_connection_within_a_second() {
-    if !privileged("revoke_closes_a_live_connection_within_a_second") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let web = servers::http_server();
     let echo = servers::echo_server("127.0.0.1:0");
     let gate = Gate::start(
@@ -286,9 +262,7 @@ fn revoke_closes_a_live_connection_within_a_second() {
 
 #[test]
 fn workloads_cannot_approve_and_nobody_approves_their_own_request() {
-    if !privileged("workloads_cannot_approve_and_nobody_approves_their_own_request") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     ensure_approver_user();
     let web = servers::http_server();
     let echo = servers::echo_server("127.0.0.1:0");
@@ -338,9 +312,7 @@ fn workloads_cannot_approve_and_nobody_approves_their_own_request() {
 
 #[test]
 fn task_bound_grants_end_with_the_task_and_stay_in_it() {
-    if !privileged("task_bound_grants_end_with_the_task_and_stay_in_it") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let web = servers::http_server();
     let echo = servers::echo_server("127.0.0.1:0");
     let gate = Gate::start(
@@ -393,29 +365,22 @@ fn task_bound_grants_end_with_the_task_and_stay_in_it() {
 
 #[test]
 fn held_connection_waits_for_a_decision() {
-    if !privileged("held_connection_waits_for_a_decision") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let echo = servers::echo_server("127.0.0.1:0");
-    let body = format!(
-        r#"
-[[workload]]
-identity = "bot"
-launchers = ["root"]
-[[resource]]
-name = "echo"
-address = "{}"
-on_missing_grant = "request"
-hold_timeout = "30s"
-[[policy]]
-identities = ["bot"]
-resources = ["echo"]
-access = ["read"]
-approval = "manual"
-approvers = ["root"]
-"#,
-        echo.addr
-    );
+    let body = Body::new()
+        .workload("bot", &["root"])
+        .resource_with(
+            "echo",
+            &echo.addr.to_string(),
+            "on_missing_grant = \"request\"\nhold_timeout = \"30s\"",
+        )
+        .policy(
+            &["bot"],
+            &["echo"],
+            &["read"],
+            "approval = \"manual\"\napprovers = [\"root\"]",
+        )
+        .build();
     let gate = Gate::start("hold", "", &body);
     let probe = gate.bins().probe.to_str().unwrap().to_owned();
     let target = echo.addr.to_string();

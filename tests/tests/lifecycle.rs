@@ -4,15 +4,13 @@
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
 use jitgate_e2e::{
-    Gate, echo_body, privileged,
+    Gate, echo_body,
     servers::{self, BANNER},
 };
 
 #[test]
 fn kill_9_keeps_the_gate_closed_and_restart_restores_grants() {
-    if !privileged("kill_9_keeps_the_gate_closed_and_restart_restores_grants") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let echo = servers::echo_server("127.0.0.1:0");
     let other = servers::echo_server("127.0.0.1:0");
     let target = echo.addr.to_string();
@@ -97,9 +95,7 @@ fn gate_probe_direct(gate: &Gate, task: &str, args: &[&str]) -> String {
 
 #[test]
 fn egress_deny_refuses_and_allow_passes_but_never_a_resource() {
-    if !privileged("egress_deny_refuses_and_allow_passes_but_never_a_resource") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let echo = servers::echo_server("127.0.0.1:0");
     let other = servers::echo_server("127.0.0.1:0");
     let allowed = servers::echo_server("127.0.0.1:0");
@@ -139,9 +135,7 @@ fn egress_deny_refuses_and_allow_passes_but_never_a_resource() {
 
 #[test]
 fn a_changed_dns_answer_never_opens_a_path() {
-    if !privileged("a_changed_dns_answer_never_opens_a_path") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let name = "db.jitgate.test";
     let v6: std::net::Ipv6Addr = "fd99::1".parse().unwrap();
     let dns = servers::Dns::start_dual(name, Ipv4Addr::new(10, 99, 0, 1), Some(v6));
@@ -197,9 +191,7 @@ fn a_changed_dns_answer_never_opens_a_path() {
 
 #[test]
 fn audit_verify_catches_a_tampered_row() {
-    if !privileged("audit_verify_catches_a_tampered_row") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let echo = servers::echo_server("127.0.0.1:0");
     let gate = Gate::start("audit", "", &echo_body(&echo.addr.to_string()));
     gate.cli(&["request", "echo", "--for", "bot"]).assert_ok();
@@ -229,9 +221,7 @@ fn audit_verify_catches_a_tampered_row() {
 
 #[test]
 fn psql_reaches_postgres_only_with_a_grant() {
-    if !privileged("psql_reaches_postgres_only_with_a_grant") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = servers::Postgres::start();
     let gate = Gate::start("psql", "", &echo_body(&format!("127.0.0.1:{}", pg.port)));
     let port = pg.port.to_string();

@@ -12,7 +12,7 @@ use std::{
     sync::OnceLock,
 };
 
-use jitgate_e2e::{find_bin, privileged};
+use jitgate_e2e::find_bin;
 
 fn sh(cmd: &mut Command) -> Output {
     let shown = format!("{cmd:?}");
@@ -83,9 +83,7 @@ const FILES: &[&str] = &[
 
 #[test]
 fn packages_carry_binaries_units_config_docs_and_scripts() {
-    if !privileged("packages_carry_binaries_units_config_docs_and_scripts") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let (deb, rpm) = packages();
 
     let listing = stdout(Command::new("dpkg-deb").arg("-c").arg(deb));
@@ -213,9 +211,7 @@ fn ok_in_root(root: &Path, args: &[&str]) -> String {
 
 #[test]
 fn deb_installs_upgrades_removes_and_purges_in_a_debian_root() {
-    if !privileged("deb_installs_upgrades_removes_and_purges_in_a_debian_root") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let (deb, _) = packages();
     let root = debian_root();
     std::fs::copy(deb, root.join("tmp/jitgate.deb")).unwrap();

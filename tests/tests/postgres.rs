@@ -4,7 +4,9 @@
 use std::{io::Write as _, time::Duration};
 
 use jitgate_e2e::{
-    Gate, Ran, free_port, privileged, rfc3339_ms,
+    Gate, Ran,
+    config::Body,
+    free_port, rfc3339_ms,
     scrape::scrape,
     servers::{PG_ROLES, Postgres},
 };
@@ -13,16 +15,8 @@ use serde_json::Value;
 /// Config of a `bot` identity with auto-approved read/write/admin grants on `orders-db`.
 fn body(pg: &Postgres, extra: &str) -> String {
     let secret = |role: &str| pg.secrets.join(format!("{role}.pw")).display().to_string();
-    format!(
-        r#"
-[[workload]]
-identity = "bot"
-launchers = ["root"]
-
-[[resource]]
-name = "orders-db"
-protocol = "postgres"
-address = "127.0.0.1:{port}"
+    let keys = format!(
+        r#"protocol = "postgres"
 databases = ["orders"]
 {extra}
 [resource.credentials.read]
@@ -40,20 +34,21 @@ strategy = "partial"
 [[resource.mask]]
 detectors = ["card", "ssn", "aws_key", "jwt", "private_key"]
 strategy = "redact"
-
-[[policy]]
-identities = ["bot"]
-resources = ["orders-db"]
-access = ["read", "write", "admin"]
-max_ttl = "1h"
-approval = "auto"
-approvers = ["root"]
 "#,
-        port = pg.port,
         ro = secret("orders_ro"),
         rw = secret("orders_rw"),
         admin = secret("orders_admin"),
-    )
+    );
+    Body::new()
+        .workload("bot", &["root"])
+        .resource_with("orders-db", &format!("127.0.0.1:{}", pg.port), &keys)
+        .policy(
+            &["bot"],
+            &["orders-db"],
+            &["read", "write", "admin"],
+            "max_ttl = \"1h\"\napproval = \"auto\"\napprovers = [\"root\"]",
+        )
+        .build()
 }
 
 /// A connection string with a user and password the gate must ignore.
@@ -117,9 +112,7 @@ fn pgclient(gate: &Gate, grant: &str, pg: &Postgres, args: &[&str]) -> Value {
 
 #[test]
 fn credentials_are_injected_and_results_masked() {
-    if !privileged("credentials_are_injected_and_results_masked") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-basic", "", &body(&pg, ""));
 
@@ -189,9 +182,7 @@ fn credentials_are_injected_and_results_masked() {
 
 #[test]
 fn read_grants_cannot_write_by_any_route() {
-    if !privileged("read_grants_cannot_write_by_any_route") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-read", "", &body(&pg, ""));
     let attempts = [
@@ -264,9 +255,7 @@ fn read_grants_cannot_write_by_any_route() {
 
 #[test]
 fn default_guardrails_and_approval_holds() {
-    if !privileged("default_guardrails_and_approval_holds") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-guard", "", &body(&pg, ""));
     for sql in [
@@ -349,9 +338,7 @@ fn default_guardrails_and_approval_holds() {
 
 #[test]
 fn a_refused_statement_leaves_both_sides_in_the_same_transaction_state() {
-    if !privileged("a_refused_statement_leaves_both_sides_in_the_same_transaction_state") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-txn", "", &body(&pg, ""));
     let script = "
@@ -387,9 +374,7 @@ SELECT 'four';
 
 #[test]
 fn drivers_extended_protocol_binary_pipelining_and_cancel() {
-    if !privileged("drivers_extended_protocol_binary_pipelining_and_cancel") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     // Both runtimes carry sessions, whatever `auto` picks on this machine: this test runs
     // the multi-threaded one, pg-bench the single-threaded one.
@@ -450,9 +435,7 @@ fn drivers_extended_protocol_binary_pipelining_and_cancel() {
 
 #[test]
 fn pgbench_runs_in_every_query_mode() {
-    if !privileged("pgbench_runs_in_every_query_mode") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let init = std::process::Command::new("pgbench")
         .args(["-i", "-s", "1", "-q", "-h"])
@@ -503,9 +486,7 @@ fn pgbench_runs_in_every_query_mode() {
 
 #[test]
 fn copy_output_and_error_details_are_masked() {
-    if !privileged("copy_output_and_error_details_are_masked") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-copy", "", &body(&pg, ""));
     let ran = psql(
@@ -559,9 +540,7 @@ fn copy_output_and_error_details_are_masked() {
 
 #[test]
 fn a_million_masked_rows_stream_in_bounded_memory() {
-    if !privileged("a_million_masked_rows_stream_in_bounded_memory") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-million", "worker_threads = 2", &body(&pg, ""));
     let peak = |pid: u32| -> u64 {
@@ -601,9 +580,7 @@ fn a_million_masked_rows_stream_in_bounded_memory() {
 
 #[test]
 fn expiry_ends_a_session_mid_transaction_with_57p01() {
-    if !privileged("expiry_ends_a_session_mid_transaction_with_57p01") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-expiry", "", &body(&pg, ""));
     let ran = psql_script(
@@ -636,9 +613,7 @@ fn expiry_ends_a_session_mid_transaction_with_57p01() {
 
 #[test]
 fn an_undecided_hold_times_out_and_its_request_expires() {
-    if !privileged("an_undecided_hold_times_out_and_its_request_expires") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start(
         "pg-approval-timeout",
@@ -666,9 +641,7 @@ fn an_undecided_hold_times_out_and_its_request_expires() {
 
 #[test]
 fn expiry_cancels_the_statement_in_flight() {
-    if !privileged("expiry_cancels_the_statement_in_flight") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-expiry-running", "", &body(&pg, ""));
     // The grant ends 3 s into a 6 s INSERT: the session ends, and the INSERT must not commit
@@ -696,9 +669,7 @@ fn expiry_cancels_the_statement_in_flight() {
 
 #[test]
 fn an_idle_sessions_statements_are_recorded_while_it_stays_open() {
-    if !privileged("an_idle_sessions_statements_are_recorded_while_it_stays_open") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-idle-record", "", &body(&pg, ""));
     let u = url(&pg, "orders");
@@ -747,9 +718,7 @@ fn an_idle_sessions_statements_are_recorded_while_it_stays_open() {
 
 #[test]
 fn sessions_are_recorded_statement_by_statement() {
-    if !privileged("sessions_are_recorded_statement_by_statement") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-record", "", &body(&pg, ""));
     let r = pgclient(
@@ -832,9 +801,7 @@ fn sessions_are_recorded_statement_by_statement() {
 
 #[test]
 fn scram_md5_and_verified_tls_upstream() {
-    if !privileged("scram_md5_and_verified_tls_upstream") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(true);
     let ca = pg.ca.clone().unwrap();
     let tls = format!(
@@ -892,9 +859,7 @@ fn scram_md5_and_verified_tls_upstream() {
 
 #[test]
 fn client_tls_with_the_host_local_ca() {
-    if !privileged("client_tls_with_the_host_local_ca") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-client-tls", "", &body(&pg, "client_tls = \"enable\""));
     for mode in ["require", "verify-full"] {
@@ -921,9 +886,7 @@ fn client_tls_with_the_host_local_ca() {
 
 #[test]
 fn every_detector_and_strategy_masks() {
-    if !privileged("every_detector_and_strategy_masks") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     pg.admin(
         "orders",
@@ -1019,9 +982,7 @@ strategy = "redact"
 
 #[test]
 fn psql_cancel_by_ctrl_c_and_pg_cancel_backend() {
-    if !privileged("psql_cancel_by_ctrl_c_and_pg_cancel_backend") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-cancel", "", &body(&pg, ""));
     let u = url(&pg, "orders");
@@ -1080,9 +1041,7 @@ fn psql_cancel_by_ctrl_c_and_pg_cancel_backend() {
 
 #[test]
 fn fastpath_unknown_messages_and_oversized_frames_are_refused() {
-    if !privileged("fastpath_unknown_messages_and_oversized_frames_are_refused") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-raw", "", &body(&pg, ""));
     let client = gate.bins().pgclient.display().to_string();
@@ -1110,9 +1069,7 @@ fn fastpath_unknown_messages_and_oversized_frames_are_refused() {
 
 #[test]
 fn column_rules_follow_values_through_aliases_and_expressions() {
-    if !privileged("column_rules_follow_values_through_aliases_and_expressions") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-derived", "", &body(&pg, ""));
     let leaked = |out: &str| out.to_ascii_lowercase().contains("jane@example.com");
@@ -1210,9 +1167,7 @@ fn column_rules_follow_values_through_aliases_and_expressions() {
 
 #[test]
 fn masked_values_do_not_leave_by_side_channels() {
-    if !privileged("masked_values_do_not_leave_by_side_channels") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     // A delimiter inside a value before the masked column: the COPY parser must not shift.
     pg.admin(
@@ -1309,9 +1264,7 @@ fn masked_values_do_not_leave_by_side_channels() {
 
 #[test]
 fn statement_metrics_and_a_shutdown_that_drains_the_statement_in_flight() {
-    if !privileged("statement_metrics_and_a_shutdown_that_drains_the_statement_in_flight") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let port = free_port();
     let mut gate = Gate::start(
@@ -1404,9 +1357,7 @@ fn statement_metrics_and_a_shutdown_that_drains_the_statement_in_flight() {
 /// syntax error positions, and set_config with a bound value under masking.
 #[test]
 fn copy_in_triggers_options_and_error_positions_with_real_clients() {
-    if !privileged("copy_in_triggers_options_and_error_positions_with_real_clients") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-clients", "", &body(&pg, "approval_timeout = \"1s\""));
 

@@ -9,16 +9,14 @@ use std::{
 };
 
 use jitgate_e2e::{
-    Gate, echo_body, free_port, privileged,
+    Gate, echo_body, free_port,
     scrape::{get, scrape},
     servers::{self, BANNER},
 };
 
 #[test]
 fn metrics_and_health_endpoint_report_what_happened() {
-    if !privileged("metrics_and_health_endpoint_report_what_happened") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let echo = servers::echo_server("127.0.0.1:0");
     let elsewhere = servers::echo_server("127.0.0.1:0");
     let target = echo.addr.to_string();
@@ -127,9 +125,7 @@ fn expect_notify_line(
 
 #[test]
 fn systemd_notify_ready_watchdog_reload_and_stop() {
-    if !privileged("systemd_notify_ready_watchdog_reload_and_stop") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let echo = servers::echo_server("127.0.0.1:0");
     let target = echo.addr.to_string();
     let mut gate = Gate::start("notify", "", &echo_body(&target));
@@ -240,9 +236,7 @@ fn unit_capabilities() -> Vec<String> {
 
 #[test]
 fn the_units_capabilities_are_enough() {
-    if !privileged("the_units_capabilities_are_enough") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let caps = unit_capabilities();
     assert!(caps.contains(&"bpf".to_owned()), "{caps:?}");
     let bounding = format!(

@@ -4,26 +4,11 @@
 use std::{process::Command, time::Duration};
 
 use jitgate_e2e::{
-    Gate, Ran, ensure_user, privileged,
+    Gate, Ran,
+    config::Body,
+    ensure_user,
     servers::{self, BANNER},
 };
-
-fn policy(identity: &str) -> String {
-    format!(
-        r#"
-[[policy]]
-identities = ["{identity}"]
-resources = ["*"]
-access = ["read"]
-max_ttl = "1h"
-approval = "auto"
-"#
-    )
-}
-
-fn resource(name: &str, address: &str) -> String {
-    format!("\n[[resource]]\nname = \"{name}\"\naddress = \"{address}\"\n")
-}
 
 /// Runs the probe as `user` from a shell first placed in `cgroup` (absolute path), or
 /// wherever the test runs when `None`.
@@ -49,18 +34,16 @@ fn probe_in(gate: &Gate, cgroup: Option<&std::path::Path>, user: &str, args: &[&
 
 #[test]
 fn uid_workloads_are_gated_wherever_they_run() {
-    if !privileged("uid_workloads_are_gated_wherever_they_run") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let user = "jitgate-e2e-uidbot";
     let uid = ensure_user(user);
     let echo = servers::echo_server("127.0.0.1:0");
     let other = servers::echo_server("127.0.0.1:0");
-    let body = format!(
-        "[[workload]]\nidentity = \"uidbot\"\nuid = {uid}\n{}{}",
-        resource("echo", &echo.addr.to_string()),
-        policy("uidbot")
-    );
+    let body = Body::new()
+        .uid_workload("uidbot", uid)
+        .resource("echo", &echo.addr.to_string())
+        .auto(&["uidbot"], &["*"], &["read"])
+        .build();
     let gate = Gate::start("uid", "", &body);
     let target = echo.addr.to_string();
 
@@ -108,16 +91,14 @@ fn uid_workloads_are_gated_wherever_they_run() {
 
 #[test]
 fn service_cgroups_are_gated_in_place() {
-    if !privileged("service_cgroups_are_gated_in_place") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let echo = servers::echo_server("127.0.0.1:0");
     let svc = format!("jge2e-svc-{}.slice/agent.service", std::process::id());
-    let body = format!(
-        "[[workload]]\nidentity = \"svc-agent\"\ncgroup = \"{svc}\"\n{}{}",
-        resource("echo", &echo.addr.to_string()),
-        policy("svc-agent")
-    );
+    let body = Body::new()
+        .cgroup_workload("svc-agent", &svc)
+        .resource("echo", &echo.addr.to_string())
+        .auto(&["svc-agent"], &["*"], &["read"])
+        .build();
     let gate = Gate::start("service", "", &body);
     let cgroup = gate.cgroup_root().parent().unwrap().join(&svc);
     assert!(cgroup.is_dir(), "the daemon prepares the service cgroup");
@@ -164,20 +145,23 @@ fn service_cgroups_are_gated_in_place() {
 
 #[test]
 fn reload_applies_changes_and_keeps_running_on_a_bad_file() {
-    if !privileged("reload_applies_changes_and_keeps_running_on_a_bad_file") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let a = servers::echo_server("127.0.0.1:0");
     let b = servers::echo_server("127.0.0.1:0");
-    let workload = "[[workload]]\nidentity = \"bot\"\nlaunchers = [\"root\"]\n";
-    let with = |resources: &str| format!("{workload}{resources}{}", policy("bot"));
-    let gate = Gate::start("reload", "", &with(&resource("a", &a.addr.to_string())));
+    let with = |name: &str, addr: &str| {
+        Body::new()
+            .workload("bot", &["root"])
+            .resource(name, addr)
+            .auto(&["bot"], &["*"], &["read"])
+            .build()
+    };
+    let gate = Gate::start("reload", "", &with("a", &a.addr.to_string()));
 
     // A live session on resource a.
     let mut held = gate.hold("bot", "a", &a.addr.to_string());
 
     // Swap a for b: the session on a ends, a becomes ordinary egress (denied), b is gated.
-    gate.rewrite_config("", &with(&resource("b", &b.addr.to_string())));
+    gate.rewrite_config("", &with("b", &b.addr.to_string()));
     let reloaded = gate.cli(&["reload", "--json"]);
     reloaded.assert_ok();
     assert_eq!(reloaded.json()["sessions_ended"], 1);
@@ -199,7 +183,7 @@ fn reload_applies_changes_and_keeps_running_on_a_bad_file() {
     assert_eq!(status["resources"], serde_json::json!(["b"]));
 
     // SIGHUP reloads too.
-    gate.rewrite_config("", &with(&resource("a", &a.addr.to_string())));
+    gate.rewrite_config("", &with("a", &a.addr.to_string()));
     // SAFETY: signalling the daemon this test started.
     unsafe { libc::kill(gate.daemon_pid().unwrap() as i32, libc::SIGHUP) };
     gate.wait_for("SIGHUP reload", Duration::from_secs(10), || {
@@ -212,20 +196,18 @@ fn reload_applies_changes_and_keeps_running_on_a_bad_file() {
 
 #[test]
 fn a_reload_that_removes_the_policy_ends_its_grants_and_sessions() {
-    if !privileged("a_reload_that_removes_the_policy_ends_its_grants_and_sessions") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let a = servers::echo_server("127.0.0.1:0");
-    let base = format!(
-        "[[workload]]\nidentity = \"bot\"\nlaunchers = [\"root\"]\n{}",
-        resource("a", &a.addr.to_string())
-    );
-    let gate = Gate::start("reload-policy", "", &format!("{base}{}", policy("bot")));
+    let base = Body::new()
+        .workload("bot", &["root"])
+        .resource("a", &a.addr.to_string());
+    let with_policy = base.clone().auto(&["bot"], &["*"], &["read"]);
+    let gate = Gate::start("reload-policy", "", &with_policy.build());
     let mut held = gate.hold("bot", "a", &a.addr.to_string());
     let grant = gate.cli(&["grants", "--json"]).json()[0]["id"].clone();
 
     // Same workload and resource, no policy: the grant ends, and the session riding on it.
-    gate.rewrite_config("", &base);
+    gate.rewrite_config("", &base.build());
     let reloaded = gate.cli(&["reload", "--json"]);
     reloaded.assert_ok();
     assert_eq!(
@@ -248,16 +230,14 @@ fn a_reload_that_removes_the_policy_ends_its_grants_and_sessions() {
 
 #[test]
 fn kernel_refusals_reach_the_audit_log() {
-    if !privileged("kernel_refusals_reach_the_audit_log") {
-        return;
-    }
+    jitgate_e2e::root_or_skip!();
     let echo = servers::echo_server("127.0.0.1:0");
     let other = servers::echo_server("127.0.0.1:0");
-    let body = format!(
-        "[[workload]]\nidentity = \"bot\"\nlaunchers = [\"root\"]\n{}{}",
-        resource("echo", &echo.addr.to_string()),
-        policy("bot")
-    );
+    let body = Body::new()
+        .workload("bot", &["root"])
+        .resource("echo", &echo.addr.to_string())
+        .auto(&["bot"], &["*"], &["read"])
+        .build();
     let gate = Gate::start("refusal-audit", "", &body);
     let probe = gate.bins().probe.to_str().unwrap().to_owned();
     // Ten refused connects to the same place fold into one record with a count.
