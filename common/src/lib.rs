@@ -308,13 +308,19 @@ pub const fn is_v4_mapped(addr: &[u32; 4]) -> bool {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are `#[repr(C)]`, `Copy`, contain only integers and arrays of
-    // integers, and have their padding spelled out as fields, so every bit pattern is valid.
+    // All of these are `#[repr(C)]`, `Copy`, contain only integers and arrays of integers,
+    // and have their padding spelled out as fields, so every bit pattern is valid.
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::GateConfig {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::DestAddr {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::DestRules {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Redirect {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::ConnKey {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::RefusalEvent {}
 }
 

@@ -1009,6 +1009,7 @@ fn psql_cancel_by_ctrl_c_and_pg_cancel_backend() {
     );
     sleeping(&pg);
     // `jitgate run` execs the command: the workload's pid is psql's.
+    // SAFETY: signalling the workload this test started.
     unsafe { libc::kill(w.pid() as i32, libc::SIGINT) };
     w.expect_line(
         "canceling statement due to user request",

@@ -65,6 +65,7 @@ fn parse_grant(s: &str) -> Result<GrantSpec, String> {
 /// An internet socket among the standard descriptors would have been created outside the
 /// gate, and could be reconnected anywhere: refuse to start with one.
 fn inet_socket_on(fd: RawFd) -> bool {
+    // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid (empty) value.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: valid output buffer and length; a non-socket fails with ENOTSOCK.

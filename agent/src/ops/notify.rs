@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use super::{Vitals, health};
 
-fn send(states: &[NotifyState]) {
+fn send(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(states) {
         debug!(error = %e, "telling systemd our state failed");
     }
