@@ -5,10 +5,11 @@
 //! the rest with a clear error: a switch dropped silently would leave the client believing a
 //! `statement_timeout` was set.
 
-/// Settings a client may give in `options` (as in the startup parameters the gate passes on,
-/// less `client_encoding`, which the gate checks where it is a parameter of its own).
-pub const ALLOWED: &[&str] = &[
+/// Startup parameters passed through to the server (lowercase). Everything else the client
+/// sends is dropped: the proxy decides the role, the read-only mode and the options.
+pub const PASSTHROUGH: &[&str] = &[
     "application_name",
+    "client_encoding",
     "datestyle",
     "timezone",
     "extra_float_digits",
@@ -19,6 +20,22 @@ pub const ALLOWED: &[&str] = &[
     "idle_in_transaction_session_timeout",
     "geqo",
 ];
+
+/// Whether `options` may set `name`: what is passed through as a startup parameter, less
+/// `client_encoding`, which the gate checks where it is a parameter of its own.
+pub fn allowed(name: &str) -> bool {
+    name != "client_encoding" && PASSTHROUGH.contains(&name)
+}
+
+/// The settings `options` may set, for messages.
+pub fn allowed_list() -> String {
+    PASSTHROUGH
+        .iter()
+        .copied()
+        .filter(|n| allowed(n))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// Why an `options` value is refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -56,7 +73,7 @@ pub fn parse(options: &str) -> Result<Vec<(String, String)>, OptionsError> {
             return Err(OptionsError::Switch(setting));
         };
         let name = name.to_ascii_lowercase().replace('-', "_");
-        if !ALLOWED.contains(&name.as_str()) {
+        if !allowed(&name) {
             return Err(OptionsError::Setting(format!("{name}={value}")));
         }
         out.push((name, value.to_owned()));

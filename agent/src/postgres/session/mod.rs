@@ -75,22 +75,6 @@ const MAX_CURSORS: usize = 1024;
 /// Most masking plans cached per session (see `State::plans`).
 const MAX_PLANS: usize = 256;
 
-/// Startup parameters passed through to the server (lowercase). Everything else the client
-/// sends is dropped: the proxy decides the role, the read-only mode and the options.
-const PASSTHROUGH: &[&str] = &[
-    "application_name",
-    "client_encoding",
-    "datestyle",
-    "timezone",
-    "extra_float_digits",
-    "intervalstyle",
-    "search_path",
-    "statement_timeout",
-    "lock_timeout",
-    "idle_in_transaction_session_timeout",
-    "geqo",
-];
-
 fn fatal_to(err: &PgError) -> BytesMut {
     let mut out = BytesMut::new();
     err.write(&mut out);
@@ -190,7 +174,7 @@ pub(crate) async fn serve(
         Err(e) => {
             let err = PgError::fatal("0A000", format!("jitgate: {e}")).hint(format!(
                 "options may set {} (as -c name=value)",
-                options::ALLOWED.join(", ")
+                options::allowed_list()
             ));
             refuse_client(&mut writer, err.clone()).await;
             return refuse(SessionOutcome::Error, err.message);
@@ -255,7 +239,7 @@ pub(crate) async fn serve(
     // and read-only mode for read grants.
     let mut upstream_params: Vec<(String, String)> = vec![("database".into(), database.clone())];
     for (k, v) in &params {
-        if PASSTHROUGH.contains(&k.to_ascii_lowercase().as_str()) {
+        if options::PASSTHROUGH.contains(&k.to_ascii_lowercase().as_str()) {
             upstream_params.push((k.clone(), v.clone()));
         }
     }

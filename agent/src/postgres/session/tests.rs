@@ -260,6 +260,25 @@ fn query(text: &str) -> BytesMut {
     out
 }
 
+/// Grants `bot` read, connects as the workload with `params` (user and database first), and
+/// reads the server's hello up to ReadyForQuery.
+async fn logged_in(
+    h: &Harness,
+    params: &[(&str, &str)],
+) -> (
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<crate::protocol::Outcome>,
+    Vec<(u8, Bytes)>,
+) {
+    h.grant().await;
+    let (mut client, task) = h.connect();
+    let mut all = vec![("user", "agent"), ("database", "app")];
+    all.extend_from_slice(params);
+    client.write_all(&startup(&all)).await.expect("startup");
+    let hello = until_ready(&mut client).await;
+    (client, task, hello)
+}
+
 const MASKED: &str = r#"databases = ["app"]
 credentials.read = { user = "ro" }
 mask = [{ detectors = ["email", "ssn"], strategy = "redact" }]"#;
@@ -458,13 +477,7 @@ async fn bulk_statements_fit_and_the_cap_is_the_operators() {
     // parameter) goes through with the default cap.
     let server = FakeServer::start("x").await;
     let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
-    h.grant().await;
-    let (mut client, task) = h.connect();
-    client
-        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
-        .await
-        .expect("startup");
-    until_ready(&mut client).await;
+    let (mut client, task, _) = logged_in(&h, &[]).await;
     let big = format!("select '{}' as v", "a".repeat(20 << 20));
     client.write_all(&query(&big)).await.expect("query");
     let reply = until_ready(&mut client).await;
@@ -476,13 +489,7 @@ async fn bulk_statements_fit_and_the_cap_is_the_operators() {
     // Past the resource's max_statement_size: FATAL 54000 naming the setting.
     let keys = format!("{MASKED}\nmax_statement_size = \"1MiB\"");
     let h = Harness::with_upstream(server.addr, "postgres", &keys, Some("bot")).await;
-    h.grant().await;
-    let (mut client, task) = h.connect();
-    client
-        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
-        .await
-        .expect("startup");
-    until_ready(&mut client).await;
+    let (mut client, task, _) = logged_in(&h, &[]).await;
     client
         .write_all(&query(&format!("select '{}'", "a".repeat(1000 << 10))))
         .await
@@ -502,13 +509,7 @@ async fn bulk_statements_fit_and_the_cap_is_the_operators() {
 async fn syntax_errors_carry_the_servers_position() {
     let server = FakeServer::start("x").await;
     let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
-    h.grant().await;
-    let (mut client, task) = h.connect();
-    client
-        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
-        .await
-        .expect("startup");
-    until_ready(&mut client).await;
+    let (mut client, task, _) = logged_in(&h, &[]).await;
     for (text, position) in [
         ("select 1 frm t", "14"),
         ("select 1;\nselect * form t", "20"),
