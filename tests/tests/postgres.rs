@@ -1492,6 +1492,18 @@ fn copy_in_triggers_options_and_error_positions_with_real_clients() {
     );
     assert!(ran.stderr.contains("3 value(s)"), "{ran:#?}");
 
+    // Functions that read a query text, relation or cursor given to them return values
+    // masking cannot follow: refused while masking applies.
+    for sql in [
+        "SELECT query_to_xml('select ssn, card from users', true, true, '')",
+        "SELECT table_to_xml('users', true, true, '')",
+        "SELECT * FROM ts_stat('select to_tsvector(email) from users')",
+    ] {
+        let ran = psql(&gate, Some("read"), &pg, &[sql]);
+        assert!(ran.stderr.contains("42501"), "{sql}: {ran:#?}");
+        assert!(ran.stdout.trim().is_empty(), "{sql}: {ran:#?}");
+    }
+
     // Under masking, set_config with a bound value (asyncpg's introspection) runs; with a
     // computed one it does not.
     let r = pgclient(

@@ -252,6 +252,29 @@ impl ParseMode {
     }
 }
 
+/// Built-in functions that run a query given as text, or read a relation or cursor given by
+/// name, and return what they read: the relations they read are not in the statement, so
+/// masking cannot follow their values (`query_to_xml('select ssn from users', ...)`). Under
+/// masking they are refused like other side channels.
+const RUNS_WHAT_IT_IS_GIVEN: &[&str] = &[
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "table_to_xml",
+    "table_to_xmlschema",
+    "table_to_xml_and_xmlschema",
+    "schema_to_xml",
+    "schema_to_xmlschema",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xmlschema",
+    "database_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "ts_stat",
+    "ts_rewrite",
+];
+
 /// Functions whose first argument names a setting that `read` sessions may not change.
 const READ_ONLY_SETTINGS: &[&str] = &[
     "default_transaction_read_only",
@@ -865,6 +888,11 @@ fn walk(node: &Value, s: &mut Statement) -> Result<(), ParseError> {
                         }
                         s.functions.insert(name.clone());
                         let last = name.rsplit('.').next().unwrap_or("");
+                        if RUNS_WHAT_IT_IS_GIVEN.contains(&last) {
+                            s.side_channel = Some(format!(
+                                "{last}() reads rows named by a query text, relation or cursor, not by this statement"
+                            ));
+                        }
                         if last == "pg_notify" || last == "set_config" {
                             let args = value["args"].as_array().map_or(&[][..], Vec::as_slice);
                             if args.iter().any(|a| !is_const(a) && !is_param(a)) {
@@ -1148,6 +1176,29 @@ mod tests {
         let mut v = analyze(sql, ParseMode::default()).unwrap();
         assert_eq!(v.len(), 1, "{sql}");
         v.remove(0)
+    }
+
+    #[test]
+    fn functions_that_read_what_they_are_given_are_side_channels() {
+        for sql in [
+            "SELECT query_to_xml('select ssn from users', true, true, '')",
+            "SELECT pg_catalog.query_to_xml_and_xmlschema('select 1', true, true, '')",
+            "SELECT table_to_xml('users', true, true, '')",
+            "SELECT schema_to_xml('public', true, true, '')",
+            "SELECT database_to_xml(true, true, '')",
+            "SELECT cursor_to_xml('c', 10, true, true, '')",
+            "SELECT * FROM ts_stat('select to_tsvector(email) from users')",
+            "SELECT ts_rewrite('a & b'::tsquery, 'select t, s from aliases')",
+            "SELECT x FROM (SELECT table_to_xml('users', true, true, '') AS x) s",
+            "CREATE FUNCTION f() RETURNS xml LANGUAGE sql AS $$ SELECT table_to_xml('users', true, true, '') $$",
+        ] {
+            assert!(one(sql).side_channel.is_some(), "{sql} not caught");
+        }
+        assert!(
+            one("SELECT xmlforest(email) FROM users")
+                .side_channel
+                .is_none()
+        );
     }
 
     #[test]
