@@ -1,16 +1,12 @@
 //! What a protocol's session is given: the agent's [`Services`], and a [`Session`] that says
 //! who connected where and offers grants, recording and the session's end.
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{Outcome, hold, live::Registry, record::Record, refuse};
+use super::{Outcome, live::Registry, record::Record, refuse};
 use crate::{
     config::{OnMissingGrant, Resource, SharedConfig},
     grants::{EngineError, GrantEngine, GrantHandle, GrantState},
@@ -173,32 +169,6 @@ impl Session<'_> {
             shutdown: self.services.shutdown.clone(),
             draining: false,
         }
-    }
-
-    /// Holds an action (a statement, a request) of this session until a human decides it.
-    /// `stop` ends the wait (the session is ending); the request then lapses.
-    pub async fn hold(
-        &self,
-        access: crate::config::Access,
-        what: hold::Hold<'_>,
-        stop: &CancellationToken,
-    ) -> hold::Held {
-        hold::hold(
-            self.services,
-            self.who,
-            self.uid,
-            &self.resource.name,
-            access,
-            &self.record.session.id,
-            what,
-            stop,
-        )
-        .await
-    }
-
-    /// How long the session has waited for approvals so far.
-    pub fn held(&self) -> Duration {
-        self.record.held
     }
 }
 

@@ -245,13 +245,18 @@ fn values(messages: &[(u8, Bytes)]) -> Vec<String> {
         .collect()
 }
 
+/// The fields of the first ErrorResponse among `messages` (none: no error).
+fn error_of(messages: &[(u8, Bytes)]) -> Vec<(u8, String)> {
+    messages
+        .iter()
+        .find(|(t, _)| *t == b'E')
+        .map(|(_, b)| crate::postgres::wire::parse_fields(b.clone()).expect("error fields"))
+        .unwrap_or_default()
+}
+
 fn error_code(messages: &[(u8, Bytes)]) -> Option<String> {
-    messages.iter().find(|(t, _)| *t == b'E').map(|(_, b)| {
-        let mut framed = vec![b'E'];
-        framed.extend_from_slice(&(b.len() as i32 + 4).to_be_bytes());
-        framed.extend_from_slice(b);
-        field(&error_fields(&framed), b'C').to_owned()
-    })
+    let fields = error_of(messages);
+    (!fields.is_empty()).then(|| field(&fields, b'C').to_owned())
 }
 
 fn query(text: &str) -> BytesMut {
@@ -358,17 +363,7 @@ async fn client_encodings_as_drivers_spell_them() {
     // asyncpg quotes it; others use dashes, underscores or lower case.
     for spelled in ["'utf-8'", "utf8", "UTF-8", "unicode", "'UTF8'", "u_t_f_8"] {
         let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
-        h.grant().await;
-        let (mut client, task) = h.connect();
-        client
-            .write_all(&startup(&[
-                ("user", "agent"),
-                ("database", "app"),
-                ("client_encoding", spelled),
-            ]))
-            .await
-            .expect("startup");
-        let hello = until_ready(&mut client).await;
+        let (client, task, hello) = logged_in(&h, &[("client_encoding", spelled)]).await;
         assert_eq!(
             hello.last().map(|(t, _)| *t),
             Some(b'Z'),
@@ -380,18 +375,8 @@ async fn client_encodings_as_drivers_spell_them() {
     // An encoding whose bytes the gate would misread is refused, in PostgreSQL's terms.
     for spelled in ["LATIN1", "'sjis'", "EUC_JP", "utf-16"] {
         let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
-        h.grant().await;
-        let (mut client, task) = h.connect();
-        client
-            .write_all(&startup(&[
-                ("user", "agent"),
-                ("database", "app"),
-                ("client_encoding", spelled),
-            ]))
-            .await
-            .expect("startup");
-        let fields = error_fields(&drain(client).await);
-        assert_eq!(field(&fields, b'C'), "0A000", "{spelled}");
+        let (_, task, hello) = logged_in(&h, &[("client_encoding", spelled)]).await;
+        assert_eq!(error_code(&hello).as_deref(), Some("0A000"), "{spelled}");
         let _ = outcome(task).await;
     }
 }
@@ -450,17 +435,8 @@ async fn startup_options_are_forwarded_or_refused_never_dropped() {
     ] {
         let server = FakeServer::start("x").await;
         let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
-        h.grant().await;
-        let (mut client, task) = h.connect();
-        client
-            .write_all(&startup(&[
-                ("user", "agent"),
-                ("database", "app"),
-                ("options", hostile),
-            ]))
-            .await
-            .expect("startup");
-        let fields = error_fields(&drain(client).await);
+        let (_, task, hello) = logged_in(&h, &[("options", hostile)]).await;
+        let fields = error_of(&hello);
         assert_eq!(field(&fields, b'C'), "0A000", "{hostile}");
         assert!(
             field(&fields, b'H').contains("statement_timeout"),
@@ -518,11 +494,7 @@ async fn syntax_errors_carry_the_servers_position() {
         client.write_all(&query(text)).await.expect("query");
         let reply = until_ready(&mut client).await;
         assert_eq!(error_code(&reply).as_deref(), Some("42601"), "{text}");
-        let (_, body) = reply.iter().find(|(t, _)| *t == b'E').expect("an error");
-        let mut framed = vec![b'E'];
-        framed.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-        framed.extend_from_slice(body);
-        assert_eq!(field(&error_fields(&framed), b'P'), position, "{text}");
+        assert_eq!(field(&error_of(&reply), b'P'), position, "{text}");
     }
     // Nothing unparsed reached the server, and the session goes on.
     assert!(
