@@ -15,7 +15,7 @@ use std::{
     net::SocketAddr,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -184,7 +184,7 @@ impl Daemon {
         // move to `allow` only once the new resources' addresses are in the kernel (resolving
         // them can take seconds, during which they would otherwise be plain egress).
         {
-            let mut gate = self.gate.lock().expect("gate lock");
+            let mut gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
             gate.sync_targets(&services, &uids)?;
             if egress == Egress::Deny {
                 gate.update_settings(egress)?;
@@ -195,7 +195,7 @@ impl Daemon {
         if egress == Egress::Allow {
             self.gate
                 .lock()
-                .expect("gate lock")
+                .unwrap_or_else(PoisonError::into_inner)
                 .update_settings(egress)?;
         }
         let ended = self.registry.end_resources_not_in(&resources);
@@ -228,6 +228,11 @@ impl Daemon {
     /// Removes the gate from the kernel, then stops the agent.
     pub fn detach(&self) -> anyhow::Result<Vec<PathBuf>> {
         let pin_dir = self.config.get().daemon.bpf_pin_dir.clone();
+        // Held links would stay attached (and be pinned again) after their pins go.
+        self.gate
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .release();
         let removed = gate::detach(&pin_dir)?;
         self.store
             .submit_audit("root".into(), Event::GateDetached(GateDetached { pin_dir }));
@@ -242,14 +247,15 @@ impl Daemon {
     pub async fn status(&self, caller: &Caller) -> StatusReport {
         let config = self.config.get();
         let (attached, prefixes, counters) = {
-            let gate = self.gate.lock().expect("gate lock");
+            let gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
             (
                 gate.attached_targets(),
                 gate.installed().len(),
                 gate.counters().unwrap_or_default(),
             )
         };
-        let pending = self.store.count_pending().await.unwrap_or(0);
+        let health = ops::health::check_all(self).await;
+        let pending = health.pending_requests.unwrap_or(0);
         StatusReport {
             version: env!("CARGO_PKG_VERSION").into(),
             pid: std::process::id(),
@@ -258,6 +264,11 @@ impl Daemon {
             gate_cgroup: config.daemon.gate_cgroup.clone(),
             pin_dir: config.daemon.bpf_pin_dir.display().to_string(),
             attached,
+            problems: health
+                .checks
+                .iter()
+                .filter_map(|c| c.problem.as_ref().map(|p| format!("{}: {p}", c.name)))
+                .collect(),
             egress: match config.daemon.egress {
                 Egress::Deny => "deny".into(),
                 Egress::Allow => "allow".into(),
@@ -328,6 +339,9 @@ impl SessionCounts for Registry {
 /// restarted by systemd gets a fresh cgroup): checked every 100 ms, since between the new
 /// cgroup and the next check a service could run ungated. Gating a service by moving it
 /// under the gate root (`Slice=jitgate.slice`) or by `uid` has no such window.
+///
+/// The same tick puts back any pin removed behind the agent's back: the agent holds its links
+/// open, so the gate stays closed meanwhile, but a crash before the pin is back would open it.
 fn spawn_target_watch(gate: Arc<Mutex<Gate>>, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -339,7 +353,16 @@ fn spawn_target_watch(gate: Arc<Mutex<Gate>>, shutdown: CancellationToken) {
                 _ = tick.tick() => {}
                 () = shutdown.cancelled() => break,
             }
-            match gate.lock().expect("gate lock").reattach_moved() {
+            let mut held = gate.lock().unwrap_or_else(PoisonError::into_inner);
+            match held.repin() {
+                Ok(restored) if restored.is_empty() => {}
+                Ok(restored) => warn!(
+                    pins = ?restored,
+                    "pins were removed behind the agent's back; pinned again"
+                ),
+                Err(e) => error!(error = %format!("{e:#}"), "cannot pin the gate again"),
+            }
+            match held.reattach_moved() {
                 Ok(false) => failing = None,
                 Ok(true) => {
                     failing = None;
@@ -405,7 +428,22 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         None => None,
     };
 
-    let listeners = proxy::bind(config.daemon.proxy_listen, config.daemon.proxy_listen6).await?;
+    let proxy_ports: std::collections::BTreeSet<u16> = std::iter::once(config.daemon.proxy_listen)
+        .chain(config.daemon.proxy_listen6)
+        .map(|a| a.port())
+        .collect();
+    gate::ports::reserve(&proxy_ports)?;
+    let listeners = proxy::bind(config.daemon.proxy_listen, config.daemon.proxy_listen6)
+        .await
+        .map_err(|e| {
+            let why = e.downcast_ref::<std::io::Error>().and_then(|io| {
+                gate::ports::explain_bind_failure(config.daemon.proxy_listen.port(), io)
+            });
+            match why {
+                Some(why) => e.context(why),
+                None => e,
+            }
+        })?;
     let listen: Vec<SocketAddr> = listeners
         .iter()
         .filter_map(|l| l.local_addr().ok())
@@ -428,7 +466,11 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
     destinations.clone().spawn(shutdown.clone());
 
     let workloads = Workloads::new(&mount, &config);
-    if let Some(events) = gate.lock().expect("gate lock").take_events() {
+    if let Some(events) = gate
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take_events()
+    {
         crate::refusals::spawn(events, workloads.clone(), store.clone(), shutdown.clone());
     }
     let engine = GrantEngine::start(store.clone(), shared.clone(), shutdown.clone()).await?;

@@ -253,7 +253,9 @@ impl Destinations {
         let trie = self.compile(config)?;
         let names = config.resources.iter().map(|r| r.name.clone()).collect();
         if let Some(gate) = self.gate.get() {
-            let mut gate = gate.lock().expect("gate lock");
+            let mut gate = gate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if gate.installed() != &trie {
                 gate.apply(trie.clone())?;
             }

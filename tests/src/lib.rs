@@ -267,13 +267,24 @@ impl Gate {
     /// [`Gate::start`] with `jitgated` run under `wrapper`. The gate cgroup is created first,
     /// as systemd creates `jitgate.slice` before the service starts.
     pub fn start_wrapped(test: &str, daemon_extra: &str, body: &str, wrapper: Vec<String>) -> Self {
+        Self::start_custom(test, daemon_extra, body, wrapper, None)
+    }
+
+    /// [`Gate::start_wrapped`] with the proxy on `proxy_port` (default: a free port).
+    pub fn start_custom(
+        test: &str,
+        daemon_extra: &str,
+        body: &str,
+        wrapper: Vec<String>,
+        proxy_port: Option<u16>,
+    ) -> Self {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("jge2e-{}-{n}", std::process::id());
         let dir = PathBuf::from(format!("/tmp/{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("test dir");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let proxy_port = free_port();
+        let proxy_port = proxy_port.unwrap_or_else(free_port);
         let socket = dir.join("jitgate.sock");
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
         let gate_cgroup = format!("{name}.slice");

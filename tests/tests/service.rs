@@ -159,12 +159,25 @@ fn systemd_notify_ready_watchdog_reload_and_stop() {
     assert!(rejected.contains("rejected"), "{rejected}");
     std::fs::write(&gate.config, good).unwrap();
 
-    // Unhealthy (a pin removed): the watchdog pings stop and STATUS says why.
-    std::fs::remove_file(gate.pin_dir.join("links/root/jg_connect4")).unwrap();
+    // Unhealthy: the pins hidden under a tmpfs, where nothing can be pinned again (a pin
+    // merely removed is put back at once). The watchdog pings stop and STATUS says why.
+    let links = gate.pin_dir.join("links/root");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "none"])
+        .arg(&links)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
     let status = expect_notify_line(&sock, "STATUS=...unhealthy", Duration::from_secs(5), |l| {
         l.starts_with("STATUS=") && l.contains("unhealthy")
     });
     assert!(status.contains("jg_connect4"), "{status}");
+    let shown = gate.cli(&["status"]);
+    assert!(
+        shown.stdout.contains("UNHEALTHY") && shown.stdout.contains("jg_connect4"),
+        "{}",
+        shown.stdout
+    );
     let quiet_from = Instant::now();
     let mut buf = [0u8; 4096];
     while quiet_from.elapsed() < Duration::from_millis(1500) {
@@ -177,6 +190,7 @@ fn systemd_notify_ready_watchdog_reload_and_stop() {
         }
     }
 
+    let _ = Command::new("umount").arg(&links).status();
     gate.signal(libc::SIGTERM);
     expect_notify(&sock, "STOPPING=1", Duration::from_secs(5));
     gate.stop();
@@ -305,4 +319,26 @@ fn the_units_capabilities_are_enough() {
         "after a restart with the same capabilities: {}",
         gate.log()
     );
+}
+
+#[test]
+fn a_user_outside_the_socket_group_is_told_to_join_it() {
+    jitgate_e2e::root_or_skip!();
+    use std::os::unix::fs::PermissionsExt as _;
+    let echo = servers::echo_server("127.0.0.1:0");
+    let gate = Gate::start("sockperm", "", &echo_body(&echo.addr.to_string()));
+    std::fs::set_permissions(&gate.socket, std::fs::Permissions::from_mode(0o660)).expect("chmod");
+    let refused = gate.cli_as("nobody", &["status"]);
+    assert_eq!(refused.code, 3, "{refused:#?}");
+    assert!(
+        refused.stderr.contains("not permitted") && refused.stderr.contains("socket_group"),
+        "{}",
+        refused.stderr
+    );
+    // A daemon that is down is still said to be down.
+    let absent = Command::new(&gate.bins().jitgate)
+        .args(["--socket", "/nonexistent/jitgate.sock", "status"])
+        .output()
+        .expect("jitgate");
+    assert_eq!(absent.status.code(), Some(8));
 }

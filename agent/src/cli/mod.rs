@@ -184,6 +184,10 @@ enum GateAction {
         /// Pin directory to clear when the daemon is not running [default: from the config]
         #[arg(long)]
         pin_dir: Option<PathBuf>,
+        /// Remove the pins even though a live jitgated holds the pin directory without
+        /// answering on its socket (a hung agent; a running one pins them again)
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -229,6 +233,7 @@ fn fail(e: &ClientError) -> ExitCode {
     eprintln!("jitgate: {e}");
     ExitCode::from(match e {
         ClientError::Connect { .. } => EXIT_UNREACHABLE,
+        ClientError::NotPermitted { .. } => EXIT_FORBIDDEN,
         ClientError::Api(api) => match api.code {
             ErrorCode::Forbidden => EXIT_FORBIDDEN,
             ErrorCode::Refused => EXIT_REFUSED,
@@ -662,8 +667,8 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Gate {
-            action: GateAction::Detach { pin_dir },
-        } => detach(cli, pin_dir.clone()),
+            action: GateAction::Detach { pin_dir, force },
+        } => detach(cli, pin_dir.clone(), *force),
     }
 }
 
@@ -680,6 +685,13 @@ fn print_status(s: &StatusReport) {
         s.gate_cgroup,
         s.attached.join(", ")
     );
+    if s.problems.is_empty() {
+        println!("  health         ok");
+    } else {
+        for problem in &s.problems {
+            println!("  health         UNHEALTHY: {}", output::shown(problem));
+        }
+    }
     println!("  pin dir        {}", s.pin_dir);
     println!("  proxy          {}", s.proxy_listen.join(", "));
     println!("  egress         {}", s.egress);
@@ -702,7 +714,7 @@ fn print_status(s: &StatusReport) {
     println!("  you are        {}", s.caller);
 }
 
-fn detach(cli: &Cli, pin_dir: Option<PathBuf>) -> Result<ExitCode, ClientError> {
+fn detach(cli: &Cli, pin_dir: Option<PathBuf>, force: bool) -> Result<ExitCode, ClientError> {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("jitgate: only root can detach the gate");
         return Ok(ExitCode::from(EXIT_FORBIDDEN));
@@ -727,6 +739,21 @@ fn detach(cli: &Cli, pin_dir: Option<PathBuf>) -> Result<ExitCode, ClientError> 
             let pin_dir = pin_dir
                 .or_else(|| cli.config().map(|c| c.daemon.bpf_pin_dir))
                 .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/jitgate"));
+            if let Some(holder) = crate::gate::pinlock::holder(&pin_dir) {
+                let holder = output::shown(&holder.to_string()).into_owned();
+                if !force {
+                    eprintln!(
+                        "jitgate: {holder} holds {} but did not answer on {}; stop it (systemctl stop jitgated), or pass --socket for its socket. --force removes the pins under it",
+                        pin_dir.display(),
+                        cli.socket().display()
+                    );
+                    return Ok(ExitCode::from(EXIT_CONFLICT));
+                }
+                eprintln!(
+                    "jitgate: warning: {holder} still holds {}; while it runs it keeps the programs attached and pins them again",
+                    pin_dir.display()
+                );
+            }
             match crate::gate::detach(&pin_dir) {
                 Ok(removed) if removed.is_empty() => {
                     println!("nothing pinned under {}", pin_dir.display());

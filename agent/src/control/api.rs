@@ -136,6 +136,10 @@ pub struct StatusReport {
     pub gate_cgroup: String,
     pub pin_dir: String,
     pub attached: Vec<String>,
+    /// What the health check finds wrong (the same answer as `/healthz` and the watchdog):
+    /// empty when healthy.
+    #[serde(default)]
+    pub problems: Vec<String>,
     pub egress: String,
     pub proxy_listen: Vec<String>,
     pub destination_prefixes: usize,

@@ -18,6 +18,10 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "not permitted to use jitgated's socket {path}: {access}. Join the daemon's socket_group (an administrator runs `usermod -aG <group> <user>`; then log in again)"
+    )]
+    NotPermitted { path: PathBuf, access: String },
     #[error("talking to jitgated: {0}")]
     Io(#[from] std::io::Error),
     #[error("jitgated sent an unreadable reply: {0}")]
@@ -35,15 +39,39 @@ impl ClientError {
     }
 }
 
+/// Who may use the socket, for the refusal: its group by name (the daemon's `socket_group`).
+fn socket_access(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    match std::fs::metadata(path) {
+        Ok(meta) => nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(meta.gid()))
+            .ok()
+            .flatten()
+            .map_or_else(
+                || format!("it is open to gid {}", meta.gid()),
+                |g| format!("it is open to group {}", g.name),
+            ),
+        Err(_) => "its directory is closed to you".to_owned(),
+    }
+}
+
 pub struct Client {
     stream: BufReader<UnixStream>,
 }
 
 impl Client {
     pub fn connect(path: &Path) -> Result<Self, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            path: path.to_owned(),
-            source,
+        let stream = UnixStream::connect(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::PermissionDenied {
+                ClientError::NotPermitted {
+                    path: path.to_owned(),
+                    access: socket_access(path),
+                }
+            } else {
+                ClientError::Connect {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
         })?;
         Ok(Self {
             stream: BufReader::new(stream),

@@ -134,6 +134,7 @@ impl Host for FakeHost {
                 gate_cgroup: String::new(),
                 pin_dir: String::new(),
                 attached: Vec::new(),
+                problems: Vec::new(),
                 egress: String::new(),
                 proxy_listen: Vec::new(),
                 destination_prefixes: 0,

@@ -1,6 +1,6 @@
 //! The few `bpf(2)` commands aya 0.14 does not expose: replacing a link's program in place,
-//! opening a pinned object, an atomic lookup-and-delete, and emptying a map we hold only by
-//! file descriptor.
+//! opening and pinning an object we hold only by file descriptor, an object's kernel id, an
+//! atomic lookup-and-delete, and emptying a map we hold only by file descriptor.
 
 use std::{
     ffi::CString,
@@ -13,6 +13,7 @@ use std::{
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
@@ -58,6 +59,32 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: on success BPF_OBJ_GET returns a new file descriptor we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the object behind `fd` (map, program or link) at `path` on a bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in pin path"))?;
+    let mut attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_OBJ_PIN, &mut attr)?;
+    Ok(())
+}
+
+/// The kernel id of a map, program or link: each info struct starts with its type and id.
+pub fn object_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = [0u32; 2];
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<[u32; 2]>() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info[1])
 }
 
 #[repr(C)]

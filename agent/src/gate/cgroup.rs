@@ -60,6 +60,29 @@ pub fn cgroup_id(path: &Path) -> io::Result<u64> {
     Ok(fs::metadata(path)?.ino())
 }
 
+/// The cgroup under `mount` whose id is `id`, if it still exists. Walks the hierarchy, so
+/// only for rare events (an agent finding its gate root moved).
+pub fn find_by_id(mount: &Path, id: u64) -> Option<PathBuf> {
+    let mut stack = vec![(mount.to_path_buf(), 0u32)];
+    while let Some((dir, depth)) = stack.pop() {
+        if cgroup_id(&dir).is_ok_and(|ino| ino == id) {
+            return Some(dir);
+        }
+        if depth >= 64 {
+            continue;
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push((entry.path(), depth + 1));
+            }
+        }
+    }
+    None
+}
+
 /// The cgroup2 path (relative to the mount, without leading `/`) of process `pid`.
 pub fn cgroup_of_pid(pid: u32) -> io::Result<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;

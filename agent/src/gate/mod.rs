@@ -8,11 +8,20 @@
 //! links/root/<program>                           links on the gate root cgroup
 //! links/svc-<cgroup path with / as +>/<program>  links on gated service cgroups
 //! links/uid-root/<program>                       links on the cgroup2 root (uid workloads)
+//! links/former-<cgroup id>/<program>             a previous gate root that still holds processes
 //! ```
+//!
+//! One agent holds a pin directory at a time ([`pinlock`]). When `gate_cgroup` changes, the
+//! old root's links are kept (as `former-<id>`) for as long as processes remain there, so a
+//! restart with a new root never lets the old one's workloads out.
 //!
 //! The object is loaded as up to two instances that share every map: the subtree instance
 //! (gate root and service cgroups: everything below is gated) and, when `[[workload]] uid`
 //! entries exist, the uid instance on the cgroup2 root (only those uids, wherever they run).
+//!
+//! While it runs, the agent also holds every link and pinned map open and puts back at once any
+//! pin removed behind its back: removing a pin neither detaches a program nor leaves a gate
+//! that would open if the agent then died.
 //!
 //! Links are pinned, so the programs stay attached when the agent stops or crashes: redirected
 //! connects then find no proxy and fail (`ECONNREFUSED`), everything else keeps its verdict. On
@@ -22,6 +31,8 @@
 
 pub mod bpf_sys;
 pub mod cgroup;
+pub mod pinlock;
+pub mod ports;
 pub mod preflight;
 pub mod rules;
 
@@ -116,6 +127,33 @@ pub struct Gate {
     /// The gated subtrees (gate root, service cgroups) with the cgroup id each was attached
     /// at: a different id at that path is a new cgroup without our programs.
     subtree_ids: Vec<(PathBuf, u64)>,
+    /// Every link and shared map this agent pinned or adopted, by pin path, open for the
+    /// agent's lifetime: a program stays attached while its link is open, so removing the pin
+    /// detaches nothing, and [`Gate::repin`] puts the pin back.
+    held: BTreeMap<PathBuf, Held>,
+    /// This agent's claim on the pin directory, for its lifetime.
+    _pin_lock: pinlock::PinLock,
+}
+
+/// A pinned object this agent keeps open, and its kernel id (to tell it from whatever else
+/// might be put at its path).
+struct Held {
+    fd: OwnedFd,
+    id: u32,
+}
+
+impl Held {
+    fn new(fd: OwnedFd) -> io::Result<Self> {
+        let id = bpf_sys::object_id(fd.as_fd())?;
+        Ok(Self { fd, id })
+    }
+
+    /// Whether `path` pins this very object.
+    fn pinned_at(&self, path: &Path) -> bool {
+        bpf_sys::obj_get(path)
+            .and_then(|fd| bpf_sys::object_id(fd.as_fd()))
+            .is_ok_and(|id| id == self.id)
+    }
 }
 
 /// Where a set of links goes, and which instance's programs they run.
@@ -281,6 +319,8 @@ impl Gate {
         let maps_dir = settings.pin_dir.join(MAP_LAYOUT);
         std::fs::create_dir_all(&maps_dir)
             .with_context(|| format!("creating {}", maps_dir.display()))?;
+        // Before anything pinned is read or changed.
+        let pin_lock = pinlock::acquire(&settings.pin_dir)?;
         check_pinned_maps(&maps_dir)?;
 
         let own_cgroup = cgroup::cgroup_of_pid(std::process::id()).unwrap_or_default();
@@ -359,7 +399,17 @@ impl Gate {
             generation: previous.generation,
             attached: BTreeSet::new(),
             subtree_ids: Vec::new(),
+            held: BTreeMap::new(),
+            _pin_lock: pin_lock,
         };
+        gate.keep_former_root()?;
+        for name in names::PINNED_MAPS {
+            let path = gate.maps_dir.join(name);
+            let held = bpf_sys::obj_get(&path)
+                .and_then(Held::new)
+                .with_context(|| format!("opening pinned map {}", path.display()))?;
+            gate.held.insert(path, held);
+        }
         gate.apply(trie)?;
         let (services, gated_uids) = (
             gate.settings.service_cgroups.clone(),
@@ -493,6 +543,8 @@ impl Gate {
             });
         }
 
+        targets.extend(self.former_roots());
+
         // The uid instance must know which subtrees are already gated (it leaves those to
         // the subtree instance), and which uids it gates.
         let attached_ids = targets
@@ -541,7 +593,9 @@ impl Gate {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if !keep.contains(&name) {
                     info!(target = %name, "detaching from a cgroup no longer gated");
-                    remove_pins(&entry.path())?;
+                    let dir = entry.path();
+                    self.held.retain(|path, _| !path.starts_with(&dir));
+                    remove_pins(&dir)?;
                 }
             }
         }
@@ -550,6 +604,68 @@ impl Gate {
         self.attached = keep;
         self.subtree_ids = attached_ids;
         Ok(())
+    }
+
+    /// When the pinned root links belong to another cgroup than the configured gate root (the
+    /// root was renamed in the config), keeps them as a former root if that cgroup still
+    /// holds processes: those were gated and stay gated. [`Gate::former_roots`] lets them go
+    /// once the cgroup is empty or gone.
+    fn keep_former_root(&mut self) -> anyhow::Result<()> {
+        let root_links = target_dir(&self.settings.pin_dir, None);
+        let Some(old_id) = names::PROGRAMS.iter().find_map(|name| {
+            let link = bpf_sys::obj_get(&root_links.join(name)).ok()?;
+            bpf_sys::link_info(link.as_fd()).ok().map(|i| i.cgroup_id)
+        }) else {
+            return Ok(());
+        };
+        let root = self.gate_root();
+        if cgroup::cgroup_id(&root).is_ok_and(|id| id == old_id) {
+            return Ok(());
+        }
+        let Some(old) = cgroup::find_by_id(&self.cgroup_mount, old_id) else {
+            return Ok(());
+        };
+        if !cgroup::is_populated(&old).unwrap_or(true) {
+            return Ok(());
+        }
+        let former = self.settings.pin_dir.join(format!("links/former-{old_id}"));
+        warn!(
+            old_root = %old.display(),
+            gate_cgroup = %self.settings.gate_cgroup,
+            "the gate root changed while the old one still holds processes; they stay gated until it is empty"
+        );
+        std::fs::rename(&root_links, &former).with_context(|| {
+            format!(
+                "keeping the old gate root's links at {} (jitgate gate detach removes everything)",
+                former.display()
+            )
+        })
+    }
+
+    /// Former gate roots ([`Gate::keep_former_root`]) that still hold processes.
+    fn former_roots(&self) -> Vec<Target> {
+        let Ok(entries) = std::fs::read_dir(self.settings.pin_dir.join("links")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let id: u64 = entry
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("former-")?
+                    .parse()
+                    .ok()?;
+                let cgroup = cgroup::find_by_id(&self.cgroup_mount, id)?;
+                cgroup::is_populated(&cgroup)
+                    .unwrap_or(true)
+                    .then(|| Target {
+                        mode: mode::SUBTREE,
+                        dir: entry.path(),
+                        cgroup,
+                    })
+            })
+            .collect()
     }
 
     /// Attaches again where a gated cgroup was removed or made anew since it was attached:
@@ -596,6 +712,7 @@ impl Gate {
                                     format!("swapping program {name} into {}", link_path.display())
                                 })?;
                             debug!(program = name, link = info.id, "adopted pinned link");
+                            self.held.insert(link_path, Held::new(link)?);
                             continue;
                         }
                         warn!(
@@ -605,9 +722,7 @@ impl Gate {
                         // Attach the new link before dropping the stale one.
                         let fresh = self.attach_link(target.mode, name, &target.cgroup)?;
                         std::fs::remove_file(&link_path)?;
-                        fresh
-                            .pin(&link_path)
-                            .map_err(|e| anyhow!("pinning {name}: {e}"))?;
+                        self.pin_and_hold(fresh, link_path)?;
                         continue;
                     }
                     Err(e) => {
@@ -617,12 +732,72 @@ impl Gate {
                 }
             }
             let fresh = self.attach_link(target.mode, name, &target.cgroup)?;
-            fresh
-                .pin(&link_path)
-                .map_err(|e| anyhow!("pinning link {}: {e}", link_path.display()))?;
+            self.pin_and_hold(fresh, link_path)?;
             debug!(program = name, cgroup = %target.cgroup.display(), "attached");
         }
         Ok(())
+    }
+
+    /// Pins a new link and keeps a descriptor of it (aya's own closes with the `FdLink`).
+    fn pin_and_hold(&mut self, link: FdLink, path: PathBuf) -> anyhow::Result<()> {
+        let id = link
+            .info()
+            .map_err(|e| anyhow!("reading link info for {}: {e}", path.display()))?
+            .id();
+        let pinned = link
+            .pin(&path)
+            .map_err(|e| anyhow!("pinning link {}: {e}", path.display()))?;
+        // Opened through the pin while aya's descriptor still keeps the link alive, and
+        // checked to be the same link.
+        let held = bpf_sys::obj_get(&path)
+            .and_then(Held::new)
+            .with_context(|| format!("opening pinned link {}", path.display()))?;
+        if held.id != id {
+            bail!(
+                "{} changed while it was being pinned (link {} instead of {id})",
+                path.display(),
+                held.id
+            );
+        }
+        drop(pinned);
+        self.held.insert(path, held);
+        Ok(())
+    }
+
+    /// Puts back every pin of a held link or map that was removed (or renamed away) since the
+    /// last call, and returns the paths restored. Between the removal and this call the
+    /// programs stay attached, since this agent holds them open; the pins only matter if the
+    /// agent dies, so callers run this often.
+    pub fn repin(&mut self) -> anyhow::Result<Vec<PathBuf>> {
+        let mut restored = Vec::new();
+        for (path, held) in &self.held {
+            if held.pinned_at(path) {
+                continue;
+            }
+            // Something else put in its place (another object, an empty directory) goes.
+            if let Ok(meta) = path.symlink_metadata() {
+                let removed = if meta.is_dir() {
+                    std::fs::remove_dir(path)
+                } else {
+                    std::fs::remove_file(path)
+                };
+                removed.with_context(|| format!("removing what replaced {}", path.display()))?;
+            }
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            bpf_sys::obj_pin(held.fd.as_fd(), path)
+                .with_context(|| format!("pinning {} again", path.display()))?;
+            restored.push(path.clone());
+        }
+        Ok(restored)
+    }
+
+    /// Lets go of every held link and map, so that removing their pins detaches the
+    /// programs. Only for `jitgate gate detach`, which then removes the pins.
+    pub fn release(&mut self) {
+        self.held.clear();
     }
 
     fn attach_link(&mut self, mode: u8, name: &str, cgroup_path: &Path) -> anyhow::Result<FdLink> {
@@ -671,23 +846,26 @@ impl Gate {
         self.attached.iter().cloned().collect()
     }
 
-    /// Checks that every program link of the gate root is still pinned: a pin removed behind
-    /// the agent's back is a gate that opens when the agent stops.
+    /// Checks that every link and map this agent holds is still pinned where it was: a pin
+    /// missing is a gate that opens if the agent stops before [`Gate::repin`] puts it back.
     pub fn check_pinned(&self) -> Result<(), String> {
-        let dir = target_dir(&self.settings.pin_dir, None);
-        let missing: Vec<&str> = names::PROGRAMS
+        let root = target_dir(&self.settings.pin_dir, None);
+        let mut missing: Vec<String> = names::PROGRAMS
             .iter()
-            .filter(|name| !dir.join(name).exists())
-            .copied()
+            .map(|name| root.join(name))
+            .filter(|path| !self.held.contains_key(path))
+            .map(|path| path.display().to_string())
             .collect();
+        missing.extend(
+            self.held
+                .iter()
+                .filter(|(path, held)| !held.pinned_at(path))
+                .map(|(path, _)| path.display().to_string()),
+        );
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(format!(
-                "links missing under {}: {}",
-                dir.display(),
-                missing.join(", ")
-            ))
+            Err(format!("pins missing: {}", missing.join(", ")))
         }
     }
 }

@@ -11,6 +11,9 @@
 //! jitgate-probe bind ADDR         bind a TCP socket
 //! jitgate-probe hold ADDR         connect, echo pings until the connection is cut; prints
 //!                                 `closed <unix ms> <why>`
+//! jitgate-probe squat PORT SECS   for SECS seconds, let the kernel pick ports (listen() and
+//!                                 bind(0) on unbound IPv4 and IPv6 sockets) until none is
+//!                                 left, then start over; `ok got PORT` if it was handed PORT
 //! ```
 
 use std::{
@@ -225,6 +228,68 @@ fn bind(addr: SocketAddr) -> io::Result<String> {
     Ok(format!("bound {addr}"))
 }
 
+fn local_port(fd: &OwnedFd) -> io::Result<u16> {
+    // SAFETY: zeroed sockaddr_storage is a valid output buffer of the given length.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: valid socket and buffer.
+    if unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            std::ptr::from_mut(&mut storage).cast(),
+            &mut len,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // sin_port and sin6_port sit at the same offset.
+    // SAFETY: the kernel wrote a sockaddr_in or sockaddr_in6.
+    let sin: libc::sockaddr_in = unsafe { std::ptr::read(std::ptr::from_ref(&storage).cast()) };
+    Ok(u16::from_be(sin.sin_port))
+}
+
+/// Takes every port the kernel hands out, the ways a workload can get one without naming it.
+fn squat(port: u16, secs: u64) -> io::Result<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let v4: SocketAddr = "0.0.0.0:0".parse().expect("literal");
+    let v6: SocketAddr = "[::]:0".parse().expect("literal");
+    let (mut handed, mut rounds) = (0u64, 0u64);
+    while std::time::Instant::now() < deadline {
+        rounds += 1;
+        let mut held = Vec::new();
+        for i in 0u64.. {
+            let family = if i % 2 == 0 { v4 } else { v6 };
+            let Ok(fd) = socket(family, libc::SOCK_STREAM, 0) else {
+                break;
+            };
+            let rc = if i % 3 == 0 {
+                let (storage, len) = sockaddr(family);
+                // SAFETY: valid address buffer.
+                unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&storage).cast(), len) }
+            } else {
+                // SAFETY: valid socket; listen on an unbound socket autobinds it.
+                unsafe { libc::listen(fd.as_raw_fd(), 1) }
+            };
+            if rc != 0 {
+                break;
+            }
+            handed += 1;
+            if local_port(&fd)? == port {
+                return Ok(format!("got {port} after {handed} ports"));
+            }
+            held.push(fd);
+            if held.len() > 70_000 {
+                break;
+            }
+        }
+        drop(held);
+    }
+    Err(io::Error::other(format!(
+        "never handed {port}: {handed} ports in {rounds} rounds"
+    )))
+}
+
 fn now_ms() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -271,6 +336,13 @@ fn main() -> ExitCode {
         Some("raw") => raw(),
         Some("bind") => addr(1).and_then(bind),
         Some("hold") => addr(1).and_then(hold),
+        Some("squat") => match (
+            args.get(1).and_then(|p| p.parse().ok()),
+            args.get(2).and_then(|s| s.parse().ok()),
+        ) {
+            (Some(port), Some(secs)) => squat(port, secs),
+            _ => Err(io::Error::other("usage: squat PORT SECS")),
+        },
         _ => {
             eprintln!(
                 "usage: jitgate-probe connect|iouring|tfo|udp|bind|hold ADDR | from LOCAL ADDR | raw"
