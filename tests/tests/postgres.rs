@@ -254,6 +254,96 @@ fn read_grants_cannot_write_by_any_route() {
 }
 
 #[test]
+fn read_grants_cannot_act_through_functions() {
+    jitgate_e2e::root_or_skip!();
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-read-fns", "", &body(&pg, ""));
+    pg.admin(
+        "orders",
+        "SELECT lo_from_bytea(424242, 'original'); \
+         ALTER LARGE OBJECT 424242 OWNER TO orders_rw; \
+         GRANT SELECT, UPDATE ON LARGE OBJECT 424242 TO orders_ro; \
+         CREATE FUNCTION user_count() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM users'; \
+         GRANT EXECUTE ON FUNCTION user_count() TO PUBLIC",
+    );
+    // Named, qualified, in capitals, quoted, nested, in a CTE, in a WHERE, in VALUES: the
+    // decision comes from what the catalog says the function is.
+    let attempts = [
+        "SELECT lo_from_bytea(0, 'x')",
+        "SELECT lo_create(0)",
+        "SELECT lo_creat(-1)",
+        "SELECT pg_catalog.lo_create(0)",
+        "SELECT LO_CREATE(0)",
+        "SELECT \"lo_create\"(0)",
+        "SELECT lo_put(424242, 0, 'XX')",
+        "SELECT lowrite(lo_open(424242, 131072), 'XX')",
+        "SELECT lo_truncate(lo_open(424242, 131072), 0)",
+        "SELECT lo_unlink(424242)",
+        "SELECT x FROM (SELECT lo_unlink(424242) AS x) s",
+        "WITH c AS (SELECT lo_unlink(424242)) SELECT * FROM c",
+        "SELECT 1 WHERE lo_unlink(424242) = 1",
+        "SELECT * FROM (VALUES (lo_unlink(424242))) v(x)",
+        "SELECT pg_logical_emit_message(false, 'jitgate', 'x')",
+        "SELECT pg_advisory_lock(42)",
+        "SELECT pg_try_advisory_xact_lock(43)",
+        "SELECT pg_advisory_lock_shared(44)",
+        "SELECT pg_stat_reset()",
+        "SELECT pg_notify('chan', 'x')",
+        "SELECT query_to_xml('SELECT lo_unlink(424242)', true, true, '')",
+    ];
+    for sql in attempts {
+        let ran = psql(&gate, Some("read"), &pg, &[sql]);
+        // 25006, or 42501 where masking refuses it first (query_to_xml).
+        assert!(
+            (ran.stderr.contains("25006") || ran.stderr.contains("42501"))
+                && ran.stderr.contains(": jitgate: "),
+            "a read grant ran {sql:?}: {ran:#?}"
+        );
+    }
+    // Through the extended protocol too.
+    let r = pgclient(&gate, "read", &pg, &["execute", "SELECT lo_unlink(424242)"]);
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["code"], "25006", "{r}");
+    // As an admin sees it: nothing was created, changed, removed or locked.
+    assert_eq!(
+        pg.admin("orders", "SELECT count(*) FROM pg_largeobject_metadata"),
+        "1\n"
+    );
+    assert_eq!(
+        pg.admin("orders", "SELECT convert_from(lo_get(424242), 'UTF8')"),
+        "original\n"
+    );
+    assert_eq!(
+        pg.admin(
+            "orders",
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+        ),
+        "0\n"
+    );
+    // What only reads still runs: volatile clocks and randomness, sizes, reading a large
+    // object, a SQL function (the read-only transaction governs what it runs).
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "SELECT random() < 2, clock_timestamp() IS NOT NULL, pg_is_in_recovery(), \
+             pg_database_size(current_database()) > 0, convert_from(lo_get(424242), 'UTF8'), \
+             user_count(), upper('a')",
+        ],
+    );
+    assert_eq!(ran.code, 0, "{ran:#?}");
+    assert_eq!(ran.stdout.trim(), "t|t|f|t|original|3|A", "{ran:#?}");
+    // A write grant may.
+    let ran = psql(&gate, Some("write"), &pg, &["SELECT lo_unlink(424242)"]);
+    assert_eq!(ran.code, 0, "{ran:#?}");
+    assert_eq!(
+        pg.admin("orders", "SELECT count(*) FROM pg_largeobject_metadata"),
+        "0\n"
+    );
+}
+
+#[test]
 fn default_guardrails_and_approval_holds() {
     jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
@@ -981,7 +1071,7 @@ strategy = "redact"
 }
 
 #[test]
-fn psql_cancel_by_ctrl_c_and_pg_cancel_backend() {
+fn psql_cancel_by_ctrl_c_and_no_other_session_seen_or_signalled() {
     jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-cancel", "", &body(&pg, ""));
@@ -1017,22 +1107,57 @@ fn psql_cancel_by_ctrl_c_and_pg_cancel_backend() {
     );
     w.wait(Duration::from_secs(10));
 
-    // pg_cancel_backend from a second gated session of the same role.
+    // Another gated session (same upstream role) can neither read the sleeping session's
+    // statement nor signal its backend, under any grant.
     let mut w = gate.spawn(
         "bot",
         &["--grant", "orders-db:read"],
         &["psql", &u, "-X", "-At", "-c", "SELECT pg_sleep(60)"],
     );
     sleeping(&pg);
-    let ran = psql(
-        &gate,
-        Some("read"),
-        &pg,
-        &[
-            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
-        ],
+    let pid = pg.admin(
+        "orders",
+        "SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
     );
-    assert_eq!(ran.stdout, "t\n", "{ran:#?}");
+    let pid = pid.trim();
+    let attempts = [
+        ("read", "SELECT query FROM pg_stat_activity".to_owned()),
+        ("read", "SELECT * FROM pg_catalog.pg_stat_activity".to_owned()),
+        (
+            "read",
+            "SELECT pg_stat_get_backend_activity(s) FROM pg_stat_get_backend_idset() s".to_owned(),
+        ),
+        ("read", "SELECT (pg_stat_get_activity(NULL)).query".to_owned()),
+        (
+            "read",
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
+                .to_owned(),
+        ),
+        ("read", format!("SELECT pg_cancel_backend({pid})")),
+        ("write", format!("SELECT pg_terminate_backend({pid})")),
+        ("admin", format!("SELECT pg_catalog.pg_cancel_backend({pid})")),
+        (
+            "admin",
+            "SELECT query FROM pg_stat_activity WHERE pid <> pg_backend_pid()".to_owned(),
+        ),
+    ];
+    for (grant, sql) in &attempts {
+        let ran = psql(&gate, Some(grant), &pg, &[sql]);
+        assert!(
+            ran.stderr.contains(": jitgate: ") && !ran.stdout.contains("pg_sleep"),
+            "{grant}: {sql}: {ran:#?}"
+        );
+    }
+    assert_eq!(
+        pg.admin(
+            "orders",
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'"
+        ),
+        "1\n",
+        "another session's statement was cancelled"
+    );
+    // SAFETY: signalling the workload this test started.
+    unsafe { libc::kill(w.pid() as i32, libc::SIGINT) };
     w.expect_line(
         "canceling statement due to user request",
         Duration::from_secs(10),

@@ -112,6 +112,23 @@ impl Catalog {
         }
     }
 
+    /// For each of `names` that names a function, whether some function of that name may act
+    /// beyond a read-only transaction (see [`super::effects`]).
+    pub async fn function_effects(
+        &mut self,
+        names: &[String],
+    ) -> Result<Vec<(String, bool)>, CatalogError> {
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let rows = self.query(&super::effects::lookup_sql(&names)).await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| match &r[..] {
+                [Some(name), Some(acts)] => Some((name.clone(), acts == "true")),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// The real (schema, table, column) of each table column of a result, by table oid and
     /// column number: the output name may be an alias. Columns missing from the answer (a
     /// failed lookup, a dropped column) are left out; callers treat them as unknown.

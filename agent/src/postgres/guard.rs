@@ -1,7 +1,7 @@
 //! The per-statement decision: access level, read-only mode, then guardrails (the resource's
 //! own, in order, then the built-in ones). The first guardrail that matches decides.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use super::config::{GuardAction, Guardrail, PostgresResource};
 use super::{
@@ -37,6 +37,9 @@ pub struct Context<'a> {
     /// Column masking applies to this session: statements that can carry values out some
     /// other way than result rows are refused.
     pub masked: bool,
+    /// Functions of the statement that may act beyond a read-only transaction, per the
+    /// catalog ([`super::effects`]); only looked up for read sessions.
+    pub acting: &'a BTreeSet<String>,
 }
 
 /// Functions that read or write the database host's files.
@@ -51,8 +54,59 @@ const FILE_FUNCTIONS: &[&str] = &[
     "lo_export",
 ];
 
+/// Relations and functions that show other sessions' statements. Every session of a grant's
+/// access level logs in as the same upstream role, for which PostgreSQL shows the full text
+/// (literals included) of every other such session, whoever's it is.
+const OTHER_SESSIONS_ACTIVITY: &[&str] = &[
+    "pg_stat_activity",
+    "pg_stat_get_activity",
+    "pg_stat_get_backend_activity",
+    "pg_stat_statements",
+    "pg_stat_statements_info",
+    "pg_stat_statements_reset",
+];
+
+/// Functions that signal a backend, which may be another identity's (same upstream role).
+/// A session cancels its own statement with the protocol's CancelRequest (psql's Ctrl-C),
+/// which the gate maps to that session's server alone.
+const SIGNAL_FUNCTIONS: &[&str] = &["pg_cancel_backend", "pg_terminate_backend"];
+
+/// The last part of a possibly schema-qualified name.
+fn plain(name: &str) -> &str {
+    name.rsplit('.').next().unwrap_or(name)
+}
+
 /// The built-in guardrails, applied after the configured ones.
 fn builtin(s: &Statement) -> Option<(&'static str, GuardAction, String)> {
+    if let Some(name) = s
+        .tables
+        .iter()
+        .chain(&s.functions)
+        .map(|n| plain(n))
+        .find(|n| OTHER_SESSIONS_ACTIVITY.contains(n))
+    {
+        return Some((
+            "builtin: other-sessions",
+            GuardAction::Deny,
+            format!(
+                "{name} shows other sessions' statements, other identities' among them (every gated session of an access level shares one upstream role)"
+            ),
+        ));
+    }
+    if let Some(name) = s
+        .functions
+        .iter()
+        .map(|n| plain(n))
+        .find(|n| SIGNAL_FUNCTIONS.contains(n))
+    {
+        return Some((
+            "builtin: other-sessions",
+            GuardAction::Deny,
+            format!(
+                "{name}() can signal another identity's session (every gated session of an access level shares one upstream role); cancel your own statement with the client's cancel (psql: Ctrl-C)"
+            ),
+        ));
+    }
     if s.hazards.contains(&Hazard::CopyProgram) {
         return Some((
             "builtin: copy-program",
@@ -242,6 +296,21 @@ fn judge_one(ctx: &Context<'_>, s: &Statement) -> Verdict {
             .hint("select the values instead, so that masking applies; or ask the jitgate operator for a grant exempt from masking"),
         };
     }
+    if ctx.access == Access::Read
+        && let Some(function) = s.functions.iter().find(|f| ctx.acting.contains(*f))
+    {
+        return Verdict::Deny {
+            rule: "read-only session: acting function".into(),
+            error: PgError::error(
+                "25006",
+                format!(
+                    "jitgate: {function}() is volatile code the server does not confine, which can act beyond a read-only transaction; this session has read access to {}",
+                    ctx.resource
+                ),
+            )
+            .hint(format!("jitgate request {} --access write", ctx.resource)),
+        };
+    }
     let configured = ctx
         .pg
         .guardrails
@@ -311,6 +380,7 @@ mod tests {
             pg,
             prepared: &prepared,
             masked: false,
+            acting: &BTreeSet::new(),
         };
         judge(&ctx, &analyze(sql, ParseMode::default()).unwrap())
     }
@@ -320,6 +390,66 @@ mod tests {
             Verdict::Deny { error, .. } => Some(error.code),
             _ => None,
         }
+    }
+
+    #[test]
+    fn other_sessions_are_neither_seen_nor_signalled_under_any_grant() {
+        let p = pg(vec![]);
+        for access in [Access::Read, Access::Write, Access::Admin] {
+            for sql in [
+                "SELECT query FROM pg_stat_activity",
+                "SELECT * FROM pg_catalog.pg_stat_activity a JOIN users u ON true",
+                "SELECT (pg_stat_get_activity(NULL)).query",
+                "SELECT pg_stat_get_backend_activity(1)",
+                "SELECT query FROM pg_stat_statements",
+                "SELECT pg_terminate_backend(4242)",
+                "SELECT pg_catalog.pg_cancel_backend(pid) FROM pg_locks",
+            ] {
+                assert_eq!(
+                    code(&verdict(access, &p, sql)),
+                    Some("42501"),
+                    "{access}: {sql}"
+                );
+            }
+        }
+        assert!(matches!(
+            verdict(Access::Read, &p, "SELECT pg_backend_pid()"),
+            Verdict::Allow
+        ));
+    }
+
+    #[test]
+    fn acting_functions_are_refused_on_read_sessions_only() {
+        let p = pg(vec![]);
+        let prepared = HashMap::new();
+        let acting: BTreeSet<String> = ["lo_create".to_owned()].into();
+        let judged = |access, sql: &str| {
+            let ctx = Context {
+                identity: "bot",
+                resource: "db",
+                access,
+                pg: &p,
+                prepared: &prepared,
+                masked: false,
+                acting: &acting,
+            };
+            judge(&ctx, &analyze(sql, ParseMode::default()).unwrap())
+        };
+        for sql in [
+            "SELECT lo_create(0)",
+            "SELECT pg_catalog.lo_create(0)",
+            "SELECT 1 WHERE lo_create(0) > 0",
+        ] {
+            assert_eq!(code(&judged(Access::Read, sql)), Some("25006"), "{sql}");
+            assert!(
+                matches!(judged(Access::Write, sql), Verdict::Allow),
+                "{sql}"
+            );
+        }
+        assert!(matches!(
+            judged(Access::Read, "SELECT upper('a')"),
+            Verdict::Allow
+        ));
     }
 
     #[test]

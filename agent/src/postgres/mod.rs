@@ -14,6 +14,7 @@
 pub mod cancel;
 pub mod catalog;
 pub mod config;
+pub mod effects;
 pub mod guard;
 pub mod libpg;
 pub mod message;
@@ -56,6 +57,8 @@ pub struct Postgres {
     /// Analyses by statement shape (literals taken out), for those that cannot depend on a
     /// literal's value (see [`shape`]); keyed like `cache`.
     shapes: Mutex<[HashMap<String, Arc<Analysis>>; 2]>,
+    /// Which functions may act beyond a read session, as the catalogs said.
+    pub effects: effects::Effects,
 }
 
 type Analyzed = Result<Arc<Analysis>, Unparsed>;
@@ -145,6 +148,7 @@ impl Postgres {
             cancel: CancelKeys::default(),
             cache: Mutex::default(),
             shapes: Mutex::default(),
+            effects: effects::Effects::default(),
         }
     }
 

@@ -1,6 +1,8 @@
 //! The two pumps' shared half: the session's fixed parts, statement analysis and judgement,
 //! COPY plans, approval holds, and cancelling the statement in flight.
 
+use std::collections::BTreeSet;
+
 use super::*;
 
 pub(super) struct Pump<'a> {
@@ -62,7 +64,56 @@ impl Pump<'_> {
         self.shared.analyze(text, mode)
     }
 
-    pub(super) fn judge(&self, analysis: &[Statement]) -> Verdict {
+    /// The functions of `analysis` that may act beyond a read-only transaction, for a read
+    /// session (empty for others): from the shared cache, else from the catalog. A catalog
+    /// that cannot answer refuses the statement.
+    pub(super) async fn acting_functions(
+        &self,
+        analysis: &[Statement],
+    ) -> Result<BTreeSet<String>, PgError> {
+        if self.access != Access::Read {
+            return Ok(BTreeSet::new());
+        }
+        let functions: BTreeSet<String> = analysis
+            .iter()
+            .flat_map(|s| s.functions.iter().cloned())
+            .collect();
+        if functions.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let database = self
+            .login
+            .params
+            .iter()
+            .find_map(|(k, v)| (k == "database").then_some(v.as_str()))
+            .unwrap_or_default();
+        let effects = &self.shared.effects;
+        let mut known = effects.known(self.resource, database, &functions);
+        if !known.unknown.is_empty() {
+            let rows = self
+                .catalog
+                .lock()
+                .await
+                .function_effects(&known.unknown)
+                .await
+                .map_err(|_| {
+                    PgError::error(
+                        "25006",
+                        format!(
+                            "jitgate: cannot look up what {}() do on a read session (the catalog lookup failed), so the statement was not run",
+                            known.unknown.join("(), ")
+                        ),
+                    )
+                    .hint("try again; if it persists, the jitgate operator should check the agent's log")
+                })?;
+            known
+                .acting
+                .extend(effects.learn(self.resource, database, &known.unknown, &rows));
+        }
+        Ok(known.acting)
+    }
+
+    pub(super) fn judge(&self, analysis: &[Statement], acting: &BTreeSet<String>) -> Verdict {
         let st = self.lock();
         if let Some(name) = analysis
             .iter()
@@ -81,6 +132,7 @@ impl Pump<'_> {
             pg: self.pg,
             prepared: &st.sql_prepared,
             masked: self.masker.as_ref().is_some_and(Masker::has_column_rules),
+            acting,
         };
         guard::judge(&ctx, analysis)
     }
@@ -288,7 +340,14 @@ impl Pump<'_> {
         if analysis.iter().any(|s| s.sets_search_path) {
             self.lock().search_path_changed = true;
         }
-        match self.judge(&analysis) {
+        let verdict = match self.acting_functions(&analysis).await {
+            Ok(acting) => self.judge(&analysis, &acting),
+            Err(error) => Verdict::Deny {
+                rule: "read-only session: function lookup failed".into(),
+                error,
+            },
+        };
+        match verdict {
             Verdict::Allow => {
                 let rec = self.new_record(text, Decision::Allowed, None);
                 metrics::statement_check(started.elapsed());
