@@ -1199,6 +1199,15 @@ fn column_rules_follow_values_through_aliases_and_expressions() {
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-derived", "", &body(&pg, ""));
     let leaked = |out: &str| out.to_ascii_lowercase().contains("jane@example.com");
+    // Views made outside the gate that rename the masked column, or read it whole-row.
+    pg.admin(
+        "orders",
+        "CREATE VIEW contacts AS SELECT id, email AS contact FROM users; \
+         CREATE VIEW contacts2 AS SELECT id AS n, contact AS c FROM contacts; \
+         CREATE VIEW as_json AS SELECT id, to_jsonb(u) AS j FROM users u; \
+         CREATE MATERIALIZED VIEW frozen AS SELECT id, email AS e FROM users; \
+         GRANT SELECT ON contacts, contacts2, as_json, frozen TO orders_ro",
+    );
     // Every way to get users.email out without naming it as a plain column.
     for sql in [
         "SELECT email AS contact FROM users WHERE id = 1",
@@ -1215,6 +1224,23 @@ fn column_rules_follow_values_through_aliases_and_expressions() {
         "SELECT string_agg(email, ',') FROM users",
         "SELECT * FROM users a FULL JOIN users b USING (email) WHERE a.id = 1",
         "COPY (SELECT lower(email) FROM users) TO STDOUT",
+        // Renamed by an alias column list, a function in FROM, VALUES, a CTE column list.
+        "SELECT upper(e) FROM users AS u(i, n, e, d) WHERE i = 1",
+        "SELECT value FROM users, jsonb_each_text(to_jsonb(users)) WHERE key = 'email' AND id = 1",
+        "SELECT value FROM users u, jsonb_each_text(to_jsonb(u)) WHERE key = 'email' AND id = 1",
+        "SELECT v FROM users, LATERAL (VALUES (email || '')) s(v) WHERE id = 1",
+        "SELECT column1 FROM users, LATERAL (VALUES (lower(email))) s WHERE id = 1",
+        "WITH c(x) AS (SELECT email FROM users WHERE id = 1) SELECT x || '' FROM c",
+        "SELECT r.email || '' FROM users u, json_to_record(row_to_json(u)) AS r(email text) WHERE id = 1",
+        "SELECT * FROM users u, LATERAL (SELECT upper(u.email)) s(x) WHERE id = 1",
+        "COPY (SELECT v FROM users, LATERAL (VALUES (email || '')) s(v)) TO STDOUT",
+        // Through views.
+        "SELECT contact FROM contacts WHERE id = 1",
+        "SELECT * FROM contacts2 WHERE n = 1",
+        "SELECT j FROM as_json WHERE id = 1",
+        "SELECT j ->> 'email' FROM as_json WHERE id = 1",
+        "SELECT e FROM frozen WHERE id = 1",
+        "COPY (SELECT c FROM contacts2) TO STDOUT",
     ] {
         let ran = psql(&gate, Some("read"), &pg, &[sql]);
         assert_eq!(ran.code, 0, "{sql}: {ran:#?}");

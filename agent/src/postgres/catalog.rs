@@ -20,6 +20,9 @@ pub struct Catalog {
     conn: Option<Upstream>,
     columns: HashMap<(u32, i16), ColumnName>,
     relations: HashMap<(Option<String>, String), Option<Arc<Relation>>>,
+    /// By relation oid: for a view or materialized view, the table columns it reads; `None`
+    /// for anything else.
+    views: HashMap<u32, Option<Arc<Vec<ColumnName>>>>,
 }
 
 /// (schema, table, column).
@@ -28,6 +31,7 @@ pub type ColumnName = Arc<(String, String, String)>;
 /// A table (or view) and its columns.
 #[derive(Debug)]
 pub struct Relation {
+    pub oid: u32,
     pub schema: String,
     pub table: String,
     pub columns: Vec<String>,
@@ -61,6 +65,7 @@ impl Catalog {
             conn: None,
             columns: HashMap::new(),
             relations: HashMap::new(),
+            views: HashMap::new(),
         }
     }
 
@@ -179,6 +184,79 @@ impl Catalog {
             .collect()
     }
 
+    /// For each of `oids` that is a view or materialized view, every column of every table it
+    /// reads, through other views too, as the catalog's dependencies record them. Every
+    /// column, not only those the dependencies name: PostgreSQL drops a whole-row use
+    /// (`to_jsonb(u)`) from them when a column of the same table is named too. A view's
+    /// columns can carry any of those under any name, so masking treats them as computed
+    /// from all of them.
+    pub async fn view_sources(
+        &mut self,
+        oids: &[u32],
+    ) -> Result<HashMap<u32, Arc<Vec<ColumnName>>>, CatalogError> {
+        let unknown: Vec<u32> = oids
+            .iter()
+            .copied()
+            .filter(|o| *o != 0 && !self.views.contains_key(o))
+            .collect();
+        if !unknown.is_empty() {
+            let list = unknown
+                .iter()
+                .map(|o| format!("{o}::oid"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let rows = self
+                .query(&format!(
+                    "WITH RECURSIVE v(root, relid) AS ( \
+                       SELECT c.oid, c.oid FROM pg_catalog.pg_class c \
+                        WHERE c.oid IN ({list}) AND c.relkind IN ('v', 'm') \
+                       UNION \
+                       SELECT v.root, d.refobjid FROM v \
+                         JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.relid \
+                         JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass \
+                          AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::regclass \
+                        WHERE d.refobjid <> v.relid) \
+                     SELECT v.root::text, n.nspname, c.relname, a.attname FROM v \
+                       JOIN pg_catalog.pg_rewrite r ON r.ev_class = v.relid \
+                       JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass \
+                        AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::regclass \
+                       JOIN pg_catalog.pg_class c ON c.oid = d.refobjid \
+                       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                       JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 \
+                        AND NOT a.attisdropped \
+                     UNION ALL SELECT c.oid::text, NULL, NULL, NULL FROM pg_catalog.pg_class c \
+                      WHERE c.oid IN ({list}) AND c.relkind IN ('v', 'm')"
+                ))
+                .await?;
+            let mut found: HashMap<u32, Vec<ColumnName>> = HashMap::new();
+            for r in rows {
+                let Some(Ok(root)) = r.first().and_then(Option::as_ref).map(|o| o.parse()) else {
+                    continue;
+                };
+                let sources = found.entry(root).or_default();
+                if let [_, Some(schema), Some(table), Some(column)] = &r[..] {
+                    sources.push(Arc::new((schema.clone(), table.clone(), column.clone())));
+                }
+            }
+            if self.views.len() >= MAX_CACHED {
+                self.views.clear();
+            }
+            for oid in unknown {
+                let entry = found.remove(&oid).map(Arc::new);
+                self.views.insert(oid, entry);
+            }
+        }
+        Ok(oids
+            .iter()
+            .filter_map(|o| {
+                self.views
+                    .get(o)
+                    .and_then(Clone::clone)
+                    .map(|sources| (*o, sources))
+            })
+            .collect())
+    }
+
     /// A relation's schema, name and columns, as `name` (schema-qualified or found on the
     /// search path) resolves; `Ok(None)` when no relation has that name (a CTE, a typo).
     pub async fn relation(
@@ -196,7 +274,7 @@ impl Catalog {
         };
         let rows = self
             .query(&format!(
-                "SELECT n.nspname, c.relname, a.attname FROM pg_catalog.pg_attribute a \
+                "SELECT n.nspname, c.relname, a.attname, c.oid::text FROM pg_catalog.pg_attribute a \
                  JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                  WHERE a.attrelid = to_regclass({})::oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -204,8 +282,9 @@ impl Catalog {
                 quote_literal(&qualified)
             ))
             .await?;
-        let found = rows.first().and_then(|r| match (&r[0], &r[1]) {
-            (Some(schema), Some(table)) => Some(Arc::new(Relation {
+        let found = rows.first().and_then(|r| match (&r[0], &r[1], &r[3]) {
+            (Some(schema), Some(table), Some(oid)) => Some(Arc::new(Relation {
+                oid: oid.parse().ok()?,
                 schema: schema.clone(),
                 table: table.clone(),
                 columns: rows.iter().filter_map(|r| r[2].clone()).collect(),

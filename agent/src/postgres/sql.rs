@@ -48,6 +48,12 @@ pub struct Statement {
     pub output_refs: BTreeSet<String>,
     /// Relation aliases (`FROM users u`), lowercased: a reference to one is a whole row.
     pub aliases: BTreeSet<String>,
+    /// Results may carry a column under another name than its own, so names in the statement
+    /// cannot say which column a computed value came from: an alias with a column list
+    /// (`users AS u(i, n, e, d)`, `WITH c(x)`), rows made by `VALUES` or by a function in
+    /// `FROM` (`LATERAL (VALUES (ssn)) s(v)`, `jsonb_each_text(to_jsonb(users))`). Computed
+    /// values are then masked as whole rows of every relation the statement reads.
+    pub renames: bool,
     /// Relations as written, case kept: `(schema, name)`.
     pub relations: BTreeSet<(Option<String>, String)>,
     /// What it does with a SQL cursor.
@@ -117,6 +123,8 @@ pub struct ResultRefs {
     pub row_names: BTreeSet<String>,
     /// Relations as written.
     pub relations: BTreeSet<(Option<String>, String)>,
+    /// Some statement renames columns (see [`Statement::renames`]).
+    pub renamed: bool,
     /// Rows come from something the proxy did not see defined (a cursor or prepared statement
     /// it does not know): every computed value is masked.
     pub opaque: bool,
@@ -137,21 +145,25 @@ impl ResultRefs {
             .extend(s.tables.iter().filter(|t| !t.contains('.')).cloned());
         self.row_names.extend(s.aliases.iter().cloned());
         self.relations.extend(s.relations.iter().cloned());
+        self.renamed |= s.renames;
     }
 
     pub fn merge(&mut self, other: &Self) {
         self.names.extend(other.names.iter().cloned());
         self.row_names.extend(other.row_names.iter().cloned());
         self.relations.extend(other.relations.iter().cloned());
+        self.renamed |= other.renamed;
         self.opaque |= other.opaque;
     }
 
     /// Whether some result may hold a whole row (`row_to_json(u)`, `SELECT u`) or a star
     /// expanded where the server loses track of columns (`... UNION SELECT * FROM users`).
     pub fn whole_rows(&self) -> bool {
-        self.names
-            .iter()
-            .any(|n| n == "*" || self.row_names.contains(n))
+        self.renamed
+            || self
+                .names
+                .iter()
+                .any(|n| n == "*" || self.row_names.contains(n))
     }
 }
 
@@ -809,6 +821,27 @@ fn outputs(node: &Value, in_output: bool, s: &mut Statement) {
             }
             if let Some(alias) = map.get("aliasname").and_then(Value::as_str) {
                 s.aliases.insert(alias.to_ascii_lowercase());
+                if map
+                    .get("colnames")
+                    .and_then(Value::as_array)
+                    .is_some_and(|c| !c.is_empty())
+                {
+                    s.renames = true;
+                }
+            }
+            if map
+                .get("aliascolnames")
+                .and_then(Value::as_array)
+                .is_some_and(|c| !c.is_empty())
+                || map
+                    .get("values_lists")
+                    .and_then(Value::as_array)
+                    .is_some_and(|v| !v.is_empty())
+                || ["RangeFunction", "RangeTableFunc", "JsonTable"]
+                    .iter()
+                    .any(|k| map.contains_key(*k))
+            {
+                s.renames = true;
             }
             if let (Some(rel), true) = (
                 map.get("relname").and_then(Value::as_str),
@@ -1228,6 +1261,30 @@ mod tests {
         ] {
             let s = one(sql);
             assert!(s.side_channel.is_some(), "{sql} not caught");
+        }
+    }
+
+    #[test]
+    fn renaming_constructs_are_noticed() {
+        for sql in [
+            "SELECT upper(d) FROM users AS u(i, n, e, d)",
+            "SELECT value FROM users, jsonb_each_text(to_jsonb(users)) WHERE key = 'ssn'",
+            "SELECT v FROM users, LATERAL (VALUES (ssn || '')) s(v)",
+            "SELECT column1 FROM users, LATERAL (VALUES (ssn)) s",
+            "WITH c(x) AS (SELECT ssn FROM users) SELECT x FROM c",
+            "SELECT * FROM json_to_record('{}') AS r(ssn text)",
+            "SELECT * FROM XMLTABLE('/r' PASSING '<r/>' COLUMNS a text)",
+            "SELECT x FROM (SELECT (SELECT v FROM (VALUES (ssn)) t(v)) x FROM users) s",
+        ] {
+            assert!(one(sql).renames, "{sql}");
+        }
+        for sql in [
+            "SELECT upper(email) FROM users u",
+            "SELECT count(*) FROM users WHERE email LIKE 'a%'",
+            "SELECT x FROM (SELECT email AS x FROM users) s",
+            "WITH c AS (SELECT email FROM users) SELECT email FROM c",
+        ] {
+            assert!(!one(sql).renames, "{sql}");
         }
     }
 

@@ -205,18 +205,53 @@ impl Pump<'_> {
                 None,
             )));
         }
-        let taint = if cols.iter().any(derived) {
+        let mut taint = if cols.iter().any(derived) {
             self.derived_rule(masker, refs).await
         } else {
             None
         };
-        let origins = self.catalog.lock().await.origins(cols).await;
+        let (origins, views) = {
+            let mut catalog = self.catalog.lock().await;
+            let origins = catalog.origins(cols).await;
+            let oids: Vec<u32> = cols
+                .iter()
+                .filter(|c| !derived(c))
+                .map(|c| c.table_oid)
+                .collect::<std::collections::BTreeSet<u32>>()
+                .into_iter()
+                .collect();
+            (origins, catalog.view_sources(&oids).await)
+        };
+        // A view's column may carry any masked column it reads under any name: such columns
+        // count as computed, with the strictest rule of what the view reads. Unanswered, every
+        // table column counts as unknown (masked).
+        let tainted_views: std::collections::HashSet<u32> = match &views {
+            Ok(views) => views
+                .iter()
+                .filter_map(|(oid, sources)| {
+                    let rule = sources
+                        .iter()
+                        .filter_map(|n| masker.column_strategy(&n.0, &n.1, &n.2))
+                        .max_by_key(|s| s.strictness())?;
+                    taint = Some(match taint {
+                        Some(t) if t.strictness() >= rule.strictness() => t,
+                        _ => rule,
+                    });
+                    Some(*oid)
+                })
+                .collect(),
+            Err(_) => std::collections::HashSet::new(),
+        };
+        let lookup_failed = views.is_err();
         let plan = Plan::new(
             cols,
             masker,
             &|c| {
-                if derived(c) {
+                if derived(c) || tainted_views.contains(&c.table_oid) {
                     return Origin::Derived;
+                }
+                if lookup_failed {
+                    return Origin::Unknown;
                 }
                 origins
                     .get(&(c.table_oid, c.attnum))
@@ -226,9 +261,10 @@ impl Pump<'_> {
             },
             taint,
         );
-        let cacheable = cols
-            .iter()
-            .all(|c| !derived(c) && origins.contains_key(&(c.table_oid, c.attnum)));
+        let cacheable = !lookup_failed
+            && cols
+                .iter()
+                .all(|c| !derived(c) && origins.contains_key(&(c.table_oid, c.attnum)));
         Some(if cacheable {
             remember(plan)
         } else {
@@ -243,8 +279,9 @@ impl Pump<'_> {
     }
 
     /// The rule for computed values: the strictest of the masked columns the statement feeds
-    /// results from, directly or as whole rows (which column went into which value is not
-    /// known). Fails closed when the source is unknown or the catalog cannot answer.
+    /// results from, directly, as whole rows (which column went into which value is not
+    /// known), or through a view it reads. Fails closed when the source is unknown or the
+    /// catalog cannot answer.
     pub(super) async fn derived_rule(
         &self,
         masker: &Masker,
@@ -259,9 +296,7 @@ impl Pump<'_> {
             .filter(|n| *n != "*")
             .filter_map(|n| masker.column_strategy_by_name(n))
             .max_by_key(|s| s.strictness());
-        if !refs.whole_rows() {
-            return rule;
-        }
+        let whole_rows = refs.whole_rows();
         let search_path_changed = self.lock().search_path_changed;
         let mut catalog = self.catalog.lock().await;
         for (schema, name) in &refs.relations {
@@ -269,14 +304,27 @@ impl Pump<'_> {
                 // Which relation the name means now is the session's secret.
                 return Some(Strategy::Null);
             }
-            match catalog.relation(schema.as_deref(), name).await {
+            let rel = match catalog.relation(schema.as_deref(), name).await {
                 Err(_) => return Some(Strategy::Null),
-                Ok(None) => {}
-                Ok(Some(rel)) => {
-                    rule = rel
-                        .columns
-                        .iter()
-                        .filter_map(|c| masker.column_strategy(&rel.schema, &rel.table, c))
+                Ok(None) => continue,
+                Ok(Some(rel)) => rel,
+            };
+            if whole_rows {
+                rule = rel
+                    .columns
+                    .iter()
+                    .filter_map(|c| masker.column_strategy(&rel.schema, &rel.table, c))
+                    .chain(rule)
+                    .max_by_key(|s| s.strictness());
+            }
+            // A view's columns carry what it reads under names of its own.
+            match catalog.view_sources(&[rel.oid]).await {
+                Err(_) => return Some(Strategy::Null),
+                Ok(views) => {
+                    rule = views
+                        .values()
+                        .flat_map(|sources| sources.iter())
+                        .filter_map(|n| masker.column_strategy(&n.0, &n.1, &n.2))
                         .chain(rule)
                         .max_by_key(|s| s.strictness());
                 }
