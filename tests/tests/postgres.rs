@@ -1338,6 +1338,29 @@ fn masked_values_do_not_leave_by_side_channels() {
     );
     assert!(ran.stderr.contains("22P02"), "{ran:#?}");
     assert!(!leaked(&ran.stderr), "{ran:#?}");
+    // Every lookup that names its argument in the error, in the middle of the message too.
+    for sql in [
+        "SELECT email::regclass FROM users WHERE id = 1",
+        "SELECT email::regrole FROM users WHERE id = 1",
+        "SELECT email::regnamespace FROM users WHERE id = 1",
+        "SELECT email::regproc FROM users WHERE id = 1",
+        "SELECT email::regtype FROM users WHERE id = 1",
+        "SELECT current_setting(email) FROM users WHERE id = 1",
+        "SELECT has_table_privilege(email, 'users', 'select') FROM users WHERE id = 1",
+        "SELECT to_date(email, 'YYYY') FROM users WHERE id = 1",
+        "SELECT email::json FROM users WHERE id = 1",
+        "SELECT upper(e)::int FROM users AS u(i, n, e) WHERE i = 1",
+    ] {
+        let ran = psql(&gate, Some("read"), &pg, &[sql]);
+        assert_ne!(ran.code, 0, "{sql}: {ran:#?}");
+        assert!(
+            !ran.stderr.to_ascii_lowercase().contains("jane"),
+            "{sql} echoed the value: {ran:#?}"
+        );
+    }
+    // What the client wrote itself is still named.
+    let ran = psql(&gate, Some("read"), &pg, &["SELECT nosuchcol FROM users"]);
+    assert!(ran.stderr.contains("\"nosuchcol\""), "{ran:#?}");
 
     // Channels that carry values around result rows are refused while masking applies.
     for sql in [

@@ -348,10 +348,17 @@ pub fn mask_data_row(
 ///
 /// Detectors scan every text field. When column rules apply, the server's echoes of values are
 /// withheld as well, since they can carry a masked column (`invalid input syntax for type
-/// integer: "<email>"`, `Key (ssn)=(...) already exists`, a row in `Failing row contains`, a
-/// `RAISE` of anything): DETAIL, CONTEXT and internal query are dropped, a quoted value at the
-/// end of the message is redacted, and messages raised by user code are replaced.
-pub fn mask_fields(fields: &mut Vec<(u8, String)>, masker: &Masker, stats: &mut Masked) -> bool {
+/// integer: "<email>"`, `relation "<ssn>" does not exist` from `ssn::regclass`, `Key
+/// (ssn)=(...) already exists`, a row in `Failing row contains`, a `RAISE` of anything):
+/// DETAIL, CONTEXT and internal query are dropped, every quoted part of the message and hint
+/// that the client did not itself write in `written` (its statement) is redacted, and messages
+/// raised by user code are replaced.
+pub fn mask_fields(
+    fields: &mut Vec<(u8, String)>,
+    masker: &Masker,
+    written: &str,
+    stats: &mut Masked,
+) -> bool {
     let mut changed = false;
     if masker.has_column_rules() {
         let before = fields.len();
@@ -361,19 +368,16 @@ pub fn mask_fields(fields: &mut Vec<(u8, String)>, masker: &Masker, stats: &mut 
             *code == b'C' && (v == "P0001" || v == "P0004" || v == "00000" || v.starts_with("01"))
         });
         for (code, value) in fields.iter_mut() {
-            if *code != b'M' {
+            if !matches!(code, b'M' | b'H') {
                 continue;
             }
-            if user_raised {
+            if user_raised && *code == b'M' {
                 *value =
                     "(message withheld by jitgate: column masking applies to this session)".into();
                 stats.values += 1;
                 changed = true;
-            } else if let Some(at) = value.find(": \"")
-                && value.ends_with('"')
-                && value.len() > at + 3
-            {
-                value.replace_range(at + 3..value.len() - 1, "****");
+            } else if let Some(redacted) = redact_quoted(value, written) {
+                *value = redacted;
                 stats.values += 1;
                 changed = true;
             }
@@ -399,6 +403,46 @@ pub fn mask_fields(fields: &mut Vec<(u8, String)>, masker: &Masker, stats: &mut 
         }
     }
     changed
+}
+
+/// `text` with every double-quoted part (PostgreSQL quotes values and names that way) that
+/// does not occur in `written` replaced by `****`; `None` when nothing changes. An unclosed
+/// quote runs to the end.
+fn redact_quoted(text: &str, written: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut changed = false;
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..=open]);
+        let after = &rest[open + 1..];
+        let (quoted, tail, closed) = match after.find('"') {
+            Some(close) => (&after[..close], &after[close + 1..], true),
+            None => (after, "", false),
+        };
+        if !quoted.is_empty() && !written_as_word(written, quoted) {
+            out.push_str("****");
+            changed = true;
+        } else {
+            out.push_str(quoted);
+        }
+        if closed {
+            out.push('"');
+        }
+        rest = tail;
+    }
+    out.push_str(rest);
+    changed.then_some(out)
+}
+
+/// Whether `part` occurs in `written` (ASCII case aside, since PostgreSQL folds unquoted
+/// names) as a whole word: not inside a longer name, so that a short value is not taken for
+/// something the client wrote because its letters occur somewhere in the statement.
+fn written_as_word(written: &str, part: &str) -> bool {
+    let (hay, needle) = (written.to_ascii_lowercase(), part.to_ascii_lowercase());
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    hay.match_indices(&needle).any(|(at, _)| {
+        !word(hay[..at].chars().next_back()) && !word(hay[at + needle.len()..].chars().next())
+    })
 }
 
 /// How a COPY stream is encoded.
@@ -1103,7 +1147,7 @@ mod tests {
                 "Key (email)=(jane@example.com) already exists.".to_owned(),
             ),
         ];
-        assert!(mask_fields(&mut fields, &m, &mut Masked::default()));
+        assert!(mask_fields(&mut fields, &m, "", &mut Masked::default()));
         assert_eq!(
             fields,
             vec![
@@ -1119,8 +1163,36 @@ mod tests {
             (b'C', "P0001".to_owned()),
             (b'M', "secret salary 120000".to_owned()),
         ];
-        mask_fields(&mut raised, &m, &mut Masked::default());
+        mask_fields(&mut raised, &m, "", &mut Masked::default());
         assert!(raised[1].1.contains("withheld"), "{raised:?}");
+    }
+
+    #[test]
+    fn quoted_parts_the_client_did_not_write_are_redacted() {
+        let m = masker();
+        let sql = "SELECT ssn::regclass, nosuchcol FROM users";
+        for (message, want) in [
+            (
+                "relation \"123-45-6789\" does not exist",
+                "relation \"****\" does not exist",
+            ),
+            (
+                "column \"nosuchcol\" does not exist",
+                "column \"nosuchcol\" does not exist",
+            ),
+            (
+                "unrecognized configuration parameter \"jane@example.com\"",
+                "unrecognized configuration parameter \"****\"",
+            ),
+            (
+                "role \"a\" and \"users\" and \"b",
+                "role \"****\" and \"users\" and \"****",
+            ),
+        ] {
+            let mut fields = vec![(b'C', "42P01".to_owned()), (b'M', message.to_owned())];
+            mask_fields(&mut fields, &m, sql, &mut Masked::default());
+            assert_eq!(fields[1].1, want);
+        }
     }
 
     #[test]
@@ -1134,7 +1206,7 @@ mod tests {
             ),
         ];
         let mut stats = Masked::default();
-        assert!(mask_fields(&mut fields, &m, &mut stats));
+        assert!(mask_fields(&mut fields, &m, "", &mut stats));
         // Column rules are configured: the detail, which echoes the row, is withheld.
         assert_eq!(fields, vec![(b'M', "duplicate key value".to_owned())]);
     }

@@ -610,7 +610,11 @@ impl Pump<'_> {
                     Some(p) => p.error.write(out),
                     None => {
                         if let Some(masker) = &self.masker {
-                            rows::mask_fields(&mut fields, masker, stats);
+                            let mut written = String::new();
+                            if let Some(rec) = rec {
+                                self.with_record(rec, |r| written.clone_from(&r.text));
+                            }
+                            rows::mask_fields(&mut fields, masker, &written, stats);
                         }
                         if let Some(rec) = rec {
                             let msg = fields
@@ -671,7 +675,7 @@ impl Pump<'_> {
                 if let Some(masker) = &self.masker {
                     let mut fields = wire::parse_fields(frame.body.clone())
                         .map_err(|e| desync(&e.to_string()))?;
-                    if rows::mask_fields(&mut fields, masker, stats) {
+                    if rows::mask_fields(&mut fields, masker, "", stats) {
                         wire::write_fields(out, b'N', &fields);
                         return Ok(());
                     }
