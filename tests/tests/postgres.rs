@@ -1358,6 +1358,36 @@ fn masked_values_do_not_leave_by_side_channels() {
             "{sql} echoed the value: {ran:#?}"
         );
     }
+    // Binary results (tokio-postgres asks for binary): text inside arrays, records, bytea,
+    // tsvector; bytea in text (hex) too.
+    for sql in [
+        "SELECT array_agg(card) FROM users WHERE id = $1",
+        "SELECT row(name, card) FROM users WHERE id = $1",
+        "SELECT convert_to(card, 'UTF8') FROM users WHERE id = $1",
+        "SELECT array_agg(email) FROM users WHERE id = $1",
+        "SELECT row(email, card) FROM users WHERE id = $1",
+        "SELECT to_tsvector(email) FROM users WHERE id = $1",
+        "SELECT convert_to(email, 'UTF8') FROM users WHERE id = $1",
+    ] {
+        let r = pgclient(&gate, "read", &pg, &["extended", sql, "1"]);
+        let text = r.to_string();
+        assert_eq!(r["ok"], true, "{sql}: {r}");
+        assert!(
+            !text.contains("4111") && !text.contains("jane"),
+            "{sql} leaked in binary: {r}"
+        );
+    }
+    for sql in [
+        "SELECT convert_to(card, 'UTF8') FROM users WHERE id = 1",
+        "SELECT convert_to(email, 'UTF8') FROM users WHERE id = 1",
+    ] {
+        let ran = psql(&gate, Some("read"), &pg, &[sql]);
+        assert!(
+            !ran.stdout.contains("34313131") && !ran.stdout.contains("6a616e65"),
+            "{sql}: {ran:#?}"
+        );
+    }
+
     // What the client wrote itself is still named.
     let ran = psql(&gate, Some("read"), &pg, &["SELECT nosuchcol FROM users"]);
     assert!(ran.stderr.contains("\"nosuchcol\""), "{ran:#?}");

@@ -57,6 +57,7 @@ fn text_like(oid: u32) -> bool {
 }
 
 const INT8: u32 = 20;
+const BYTEA: u32 = 17;
 const JSONB: u32 = 3802;
 
 /// What to do with each column of a result.
@@ -229,7 +230,19 @@ fn mask_cell(plan: &ColPlan, raw: &[u8], masker: &Masker, stats: &mut Masked) ->
                 return Cell::Null;
             }
         }
-        return Cell::Keep;
+        // Text inside a binary value (array elements, record fields, tsvector lexemes, bytea)
+        // sits in it as plain bytes between length words: scanned as text, a hit withholds
+        // the whole value, which cannot carry "****".
+        return withhold_on_hit(&lossy_text(raw), masker, stats);
+    }
+    if plan.type_oid == BYTEA
+        && let Some(hex) = raw.strip_prefix(b"\\x")
+    {
+        // `\x6a61...`: detectors look at the bytes, not at their hex digits.
+        return match decode_hex(hex) {
+            Some(bytes) => withhold_on_hit(&lossy_text(&bytes), masker, stats),
+            None => Cell::Keep,
+        };
     }
     let bytes = text_bytes(plan, raw);
     let candidates = masker.candidates(bytes);
@@ -248,6 +261,39 @@ fn mask_cell(plan: &ColPlan, raw: &[u8], masker: &Masker, stats: &mut Masked) ->
     };
     stats.values += u64::from(hit);
     out
+}
+
+/// Withholds a value whose text (`text`) a detector finds something in.
+fn withhold_on_hit(text: &str, masker: &Masker, stats: &mut Masked) -> Cell {
+    let mut hits = Vec::new();
+    if matches!(masker.scan(text, &mut |d| hits.push(d)), Outcome::Keep) {
+        return Cell::Keep;
+    }
+    stats.values += 1;
+    stats.withheld += 1;
+    for d in hits {
+        stats.hit(d);
+    }
+    Cell::Null
+}
+
+/// The printable text in arbitrary bytes: control bytes (length words, separators) become
+/// spaces, so that text split by them is not joined to its neighbours.
+fn lossy_text(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+fn decode_hex(hex: &[u8]) -> Option<Vec<u8>> {
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    hex.chunks(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
 }
 
 fn text_of<'a>(plan: &ColPlan, raw: &'a [u8]) -> Cow<'a, str> {
@@ -989,6 +1035,55 @@ mod tests {
             ]
         );
         assert_eq!(stats.values, 2);
+    }
+
+    #[tokio::test]
+    async fn text_inside_binary_structures_and_bytea_is_scanned() {
+        let m = masker();
+        let col = |name: &str, type_oid: u32, format: i16| Column {
+            name: name.into(),
+            table_oid: 0,
+            attnum: 0,
+            type_oid,
+            format,
+        };
+        // text[] and a record in binary, bytea in binary and in text (hex).
+        let cols = [
+            col("array_agg", 1009, 1),
+            col("row", 2249, 1),
+            col("convert_to", 17, 1),
+            col("convert_to", 17, 0),
+            col("harmless", 1009, 1),
+        ];
+        let plan = Plan::new(&cols, &m, &|_| Origin::Derived, None);
+        let mut array = vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 25, 0, 0, 0, 1, 0, 0, 0, 1];
+        array.extend_from_slice(&19i32.to_be_bytes());
+        array.extend_from_slice(b"4111 1111 1111 1111");
+        let mut record = vec![0, 0, 0, 1, 0, 0, 0, 25];
+        record.extend_from_slice(&11i32.to_be_bytes());
+        record.extend_from_slice(b"123-45-6789");
+        let hex: String = b"4111 1111 1111 1111"
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let hex = format!("\\x{hex}");
+        let mut plain = vec![0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 25, 0, 0, 0, 1, 0, 0, 0, 1];
+        plain.extend_from_slice(&5i32.to_be_bytes());
+        plain.extend_from_slice(b"hello");
+        let body = row(&[
+            Some(&array),
+            Some(&record),
+            Some(b"4111 1111 1111 1111"),
+            Some(hex.as_bytes()),
+            Some(&plain),
+        ]);
+        let mut stats = Masked::default();
+        let mut out = BytesMut::new();
+        mask_data_row(&body, &plan, &m, &mut stats, &mut out).unwrap();
+        let got = decode(&out).await;
+        assert_eq!(got[..4], [None, None, None, None], "{got:?}");
+        assert!(got[4].as_deref().is_some_and(|v| v.contains("hello")));
+        assert_eq!(stats.withheld, 4);
     }
 
     #[tokio::test]

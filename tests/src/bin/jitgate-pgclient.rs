@@ -23,9 +23,26 @@ fn cell(row: &Row, i: usize) -> Value {
         Type::BOOL => row
             .get::<_, Option<bool>>(i)
             .map_or(Value::Null, Value::from),
-        _ => row
-            .get::<_, Option<String>>(i)
-            .map_or(Value::Null, Value::from),
+        _ => match row.try_get::<_, Option<String>>(i) {
+            Ok(v) => v.map_or(Value::Null, Value::from),
+            // Arrays, records, bytea, tsvector: the binary value's bytes, as lossy text.
+            Err(_) => row
+                .get::<_, Option<Raw>>(i)
+                .map_or(Value::Null, |r| Value::from(String::from_utf8_lossy(&r.0))),
+        },
+    }
+}
+
+/// Any value, as the bytes the server sent.
+struct Raw(Vec<u8>);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for Raw {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Self(raw.to_vec()))
+    }
+
+    fn accepts(_: &Type) -> bool {
+        true
     }
 }
 
