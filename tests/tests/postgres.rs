@@ -14,6 +14,11 @@ use serde_json::Value;
 
 /// Config of a `bot` identity with auto-approved read/write/admin grants on `orders-db`.
 fn body(pg: &Postgres, extra: &str) -> String {
+    body_with_policy(pg, extra, "")
+}
+
+/// [`body`] with `policy_extra` lines in the policy.
+fn body_with_policy(pg: &Postgres, extra: &str, policy_extra: &str) -> String {
     let secret = |role: &str| pg.secrets.join(format!("{role}.pw")).display().to_string();
     let keys = format!(
         r#"protocol = "postgres"
@@ -46,7 +51,9 @@ strategy = "redact"
             &["bot"],
             &["orders-db"],
             &["read", "write", "admin"],
-            "max_ttl = \"1h\"\napproval = \"auto\"\napprovers = [\"root\"]",
+            &format!(
+                "max_ttl = \"1h\"\napproval = \"auto\"\napprovers = [\"root\"]\n{policy_extra}"
+            ),
         )
         .build()
 }
@@ -340,6 +347,105 @@ fn read_grants_cannot_act_through_functions() {
     assert_eq!(
         pg.admin("orders", "SELECT count(*) FROM pg_largeobject_metadata"),
         "0\n"
+    );
+}
+
+#[test]
+fn blast_radius_limits_cut_results_and_slow_statements() {
+    jitgate_e2e::root_or_skip!();
+    let pg = Postgres::start_secured(false);
+    let limits = "[policy.limits]\nrows_per_statement = 1000\nbytes_per_statement = \"256KiB\"\n\
+                  rows_per_session = 5000\nstatements_per_second = 20\n";
+    let gate = Gate::start("pg-limits", "", &body_with_policy(&pg, "", limits));
+    // A big result is cut with 54000 and a hint, and the session goes on.
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &["SELECT generate_series(1, 100000)", "SELECT 'still here'"],
+    );
+    assert!(
+        ran.stderr.contains("54000") && ran.stderr.contains("rows_per_statement"),
+        "{ran:#?}"
+    );
+    assert!(ran.stdout.ends_with("still here\n"), "{ran:#?}");
+    assert!(
+        ran.stdout.lines().count() <= 1001,
+        "more than the limit arrived"
+    );
+    // Every route: bytes, a wide row, COPY, a cursor, the extended protocol, a union.
+    for sql in [
+        "SELECT repeat('x', 1000) FROM generate_series(1, 900)",
+        "COPY (SELECT generate_series(1, 100000)) TO STDOUT",
+        "SELECT * FROM generate_series(1, 600) UNION ALL SELECT * FROM generate_series(1, 600)",
+    ] {
+        let ran = psql(&gate, Some("read"), &pg, &[sql, "SELECT 'still here'"]);
+        assert!(ran.stderr.contains("54000"), "{sql}: {ran:#?}");
+        assert!(ran.stdout.ends_with("still here\n"), "{sql}: {ran:#?}");
+    }
+    let ran = psql_script(
+        &gate,
+        "read",
+        &pg,
+        "BEGIN;\nDECLARE c CURSOR FOR SELECT generate_series(1, 100000);\nFETCH ALL FROM c;\nROLLBACK;\nSELECT 'still here';\n",
+    );
+    assert!(ran.stderr.contains("54000"), "{ran:#?}");
+    assert!(ran.stdout.ends_with("still here\n"), "{ran:#?}");
+    let r = pgclient(
+        &gate,
+        "read",
+        &pg,
+        &["stream", "SELECT generate_series(1, 100000)"],
+    );
+    assert_eq!(r["code"], "54000", "{r}");
+    // Fetching in pages stays within the statement limit, until the session's is spent.
+    let ran = psql_script(
+        &gate,
+        "read",
+        &pg,
+        &format!(
+            "BEGIN;\nDECLARE c CURSOR FOR SELECT generate_series(1, 100000);\n{}ROLLBACK;\nSELECT 'after';\n",
+            "FETCH 900 FROM c;\n".repeat(7)
+        ),
+    );
+    assert!(
+        ran.stderr.contains("54000") && ran.stderr.contains("rows_per_session"),
+        "{ran:#?}"
+    );
+    let fetched = ran
+        .stdout
+        .lines()
+        .filter(|l| l.parse::<u64>().is_ok())
+        .count();
+    assert!((4500..=5000).contains(&fetched), "{fetched} rows: {ran:#?}");
+    // Statements per second: a burst past 20 is refused with 53400; the session goes on.
+    let script = "SELECT 1;\n".repeat(60) + "\\! sleep 1.2\nSELECT 'after the pause';\n";
+    let ran = psql_script(&gate, "read", &pg, &script);
+    let refused = ran.stderr.matches("53400").count();
+    let ran_ok = ran.stdout.lines().filter(|l| *l == "1").count();
+    assert!(
+        refused >= 30 && (20..60).contains(&ran_ok),
+        "{refused} refused, {ran_ok} ran: {ran:#?}"
+    );
+    assert!(ran.stdout.contains("after the pause"), "{ran:#?}");
+    // Each limit reached is audited once per session, not once per attempt.
+    let audit = gate.cli(&["audit", "--json"]).json();
+    let reached: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "limit.reached")
+        .collect();
+    assert!(
+        reached
+            .iter()
+            .any(|e| e["detail"]["limit"] == "statements_per_second"),
+        "{audit}"
+    );
+    assert!(
+        reached.len() <= 12,
+        "{} limit records: {audit}",
+        reached.len()
     );
 }
 

@@ -5,6 +5,9 @@
 //! make sense) and reports each problem with the key and the line it sits on.
 
 pub mod address;
+pub mod limits;
+
+pub use limits::{Limits, parse_size};
 
 use std::{
     collections::HashSet,
@@ -277,6 +280,8 @@ pub struct Policy {
     pub max_ttl: Duration,
     pub approval: Approval,
     pub approvers: Vec<Principal>,
+    /// How much a grant under this policy may take ([`Limits`]).
+    pub limits: Limits,
 }
 
 impl Policy {
@@ -295,6 +300,14 @@ impl Config {
 
     pub fn resource(&self, name: &str) -> Option<&Resource> {
         self.resources.iter().find(|r| r.name == name)
+    }
+
+    /// The limits of a grant: the strictest of every policy that covers it.
+    pub fn limits(&self, identity: &str, resource: &str, access: Access) -> Limits {
+        self.policies
+            .iter()
+            .filter(|p| p.covers(identity, resource, access))
+            .fold(Limits::default(), |acc, p| acc.strictest(p.limits))
     }
 
     /// Reads and validates `path`.
@@ -438,6 +451,7 @@ struct RawPolicy {
     approval: Approval,
     #[serde(default)]
     approvers: Vec<S<String>>,
+    limits: Option<S<limits::RawLimits>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1067,6 +1081,18 @@ impl Validator<'_> {
                 p.max_ttl.as_ref(),
                 Duration::from_secs(3600),
             );
+            let limits = match p.limits {
+                None => Limits::default(),
+                Some(raw) => {
+                    let span = raw.span();
+                    raw.into_inner().validate().unwrap_or_else(|errors| {
+                        for e in errors {
+                            self.fail(span.clone(), e);
+                        }
+                        Limits::default()
+                    })
+                }
+            };
             out.push(Policy {
                 name,
                 identities: p.identities.into_inner(),
@@ -1075,6 +1101,7 @@ impl Validator<'_> {
                 max_ttl,
                 approval: p.approval,
                 approvers,
+                limits,
             });
         }
         out

@@ -9,7 +9,7 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::{Access, ResourceConfig, Target};
+use crate::config::{Access, ResourceConfig, Target, parse_size};
 
 type S<T> = Spanned<T>;
 use crate::inspect::rules::{Detector, MaskRule, Strategy};
@@ -213,25 +213,6 @@ struct RawPostgres {
     default_guardrails: Option<bool>,
     approval_timeout: Option<S<String>>,
     max_statement_size: Option<S<String>>,
-}
-
-/// `64MiB`, `512 KiB`, `1GiB`, `1048576`: a size in bytes.
-fn parse_size(text: &str) -> Result<usize, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: usize = digits
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size (use e.g. 64MiB)"))?;
-    let scale: usize = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "kB" | "KB" => 1 << 10,
-        "MiB" | "MB" => 1 << 20,
-        "GiB" | "GB" => 1 << 30,
-        other => return Err(format!("unknown unit `{other}` (use B, KiB, MiB or GiB)")),
-    };
-    n.checked_mul(scale)
-        .ok_or_else(|| format!("`{text}` is too large"))
 }
 
 /// Password files hold the keys to the database: refuse any that others can read.
@@ -476,21 +457,5 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> PostgresResource {
             approval_timeout,
             max_statement_size,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("512 KiB"), Ok(512 << 10));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("12 parsecs").is_err());
-        assert!(parse_size("99999999999999999999GiB").is_err());
     }
 }

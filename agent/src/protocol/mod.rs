@@ -19,6 +19,7 @@ pub mod conn;
 pub mod context;
 pub mod hold;
 pub mod live;
+pub mod rate;
 pub mod record;
 pub mod relay;
 pub mod tcp;

@@ -55,6 +55,7 @@ use crate::{
     },
 };
 
+mod budget;
 mod client;
 mod pump;
 mod record;
@@ -368,6 +369,11 @@ pub(crate) async fn serve(
         resource: &resource.name,
         session: session.record.session.id.clone(),
         access: grant.access,
+        grant: grant.id.clone(),
+        limits: ctx
+            .config
+            .get()
+            .limits(&who.identity, &resource.name, grant.access),
         masker,
         recorder: Masker::recorder(ctx.mask_key),
         catalog: tokio::sync::Mutex::new(Catalog::new(login.clone())),

@@ -14,6 +14,10 @@ pub(super) struct Pump<'a> {
     pub(super) resource: &'a str,
     pub(super) session: String,
     pub(super) access: Access,
+    /// The grant's id, for its statement rate.
+    pub(super) grant: String,
+    /// The grant's blast-radius limits (see [`super::budget`]).
+    pub(super) limits: crate::config::Limits,
     pub(super) masker: Option<Masker>,
     pub(super) recorder: Masker,
     pub(super) catalog: tokio::sync::Mutex<Catalog>,
@@ -62,6 +66,80 @@ impl Pump<'_> {
     pub(super) fn analyze(&self, text: &str) -> Result<Arc<Analysis>, Unparsed> {
         let mode = self.lock().parse_mode;
         self.shared.analyze(text, mode)
+    }
+
+    /// The refusal of a statement the grant's limits do not allow now: the session's result
+    /// budget is spent, or the grant (or its identity) is over its statements per second.
+    fn over_limits(&self) -> Option<Verdict> {
+        let limits = &self.limits;
+        let spent = self.lock().budget.spent(limits);
+        if let Some(passed) = spent {
+            self.limit_reached(passed.key, passed.limit);
+            return Some(Verdict::Deny {
+                rule: format!("limit: {}", passed.key),
+                error: passed.error(self.resource),
+            });
+        }
+        let rates = &self.shared.rates;
+        let over = [
+            (
+                "statements_per_second",
+                limits.statements_per_second,
+                format!("grant:{}", self.grant),
+                "this grant",
+            ),
+            (
+                "identity_statements_per_second",
+                limits.identity_statements_per_second,
+                format!("identity:{}", self.who.identity),
+                "this identity",
+            ),
+        ]
+        .into_iter()
+        .find(|(_, limit, key, _)| limit.is_some_and(|l| !rates.take(key, l)))?;
+        let (key, limit, _, whose) = over;
+        let limit = limit.unwrap_or_default();
+        self.limit_reached(key, u64::from(limit));
+        Some(Verdict::Deny {
+            rule: format!("limit: {key}"),
+            error: PgError::error(
+                "53400",
+                format!(
+                    "jitgate: statement rate limit reached on {}: {whose} may run {limit} statements per second; this one was not run",
+                    self.resource
+                ),
+            )
+            .hint(format!(
+                "slow down and retry; the session stays open (policy.limits.{key})"
+            )),
+        })
+    }
+
+    /// Logs and audits a limit reached, once per session and limit (a client retrying in a
+    /// loop writes one record, not one per attempt).
+    pub(super) fn limit_reached(&self, key: &'static str, limit: u64) {
+        if !self.lock().budget.first_time(key) {
+            return;
+        }
+        warn!(
+            identity = %self.who.identity,
+            resource = %self.resource,
+            session = %self.session,
+            limit = key,
+            value = limit,
+            "blast-radius limit reached"
+        );
+        self.ctx.store.submit_audit(
+            "jitgated".into(),
+            crate::store::audit::Event::LimitReached(crate::store::audit::LimitReached {
+                session: self.session.clone(),
+                identity: self.who.identity.clone(),
+                resource: self.resource.to_owned(),
+                grant: self.grant.clone(),
+                limit: key.to_owned(),
+                value: limit,
+            }),
+        );
     }
 
     /// The functions of `analysis` that may act beyond a read-only transaction, for a read
@@ -340,11 +418,14 @@ impl Pump<'_> {
         if analysis.iter().any(|s| s.sets_search_path) {
             self.lock().search_path_changed = true;
         }
-        let verdict = match self.acting_functions(&analysis).await {
-            Ok(acting) => self.judge(&analysis, &acting),
-            Err(error) => Verdict::Deny {
-                rule: "read-only session: function lookup failed".into(),
-                error,
+        let verdict = match self.over_limits() {
+            Some(denied) => denied,
+            None => match self.acting_functions(&analysis).await {
+                Ok(acting) => self.judge(&analysis, &acting),
+                Err(error) => Verdict::Deny {
+                    rule: "read-only session: function lookup failed".into(),
+                    error,
+                },
             },
         };
         match verdict {

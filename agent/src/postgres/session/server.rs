@@ -372,8 +372,70 @@ impl Pump<'_> {
         Arc::new(refs)
     }
 
-    /// Handles one server message, writing what the client gets to `out`.
+    /// Handles one server message, writing what the client gets to `out`. After a statement
+    /// was cut by a result limit, what the server still sends for that cycle is handled (the
+    /// expectations stay in step) but not sent, up to the ReadyForQuery that ends it.
     pub(super) async fn on_server(
+        &self,
+        frame: Frame,
+        out: &mut BytesMut,
+        stats: &mut Masked,
+    ) -> Result<(), PgError> {
+        let skipping = {
+            let mut st = self.lock();
+            if st.budget.skipping && frame.tag == b'Z' {
+                st.budget.skipping = false;
+            }
+            st.budget.skipping
+        };
+        if skipping {
+            let mut dropped = BytesMut::new();
+            return self.handle_server(frame, &mut dropped, stats).await;
+        }
+        self.handle_server(frame, out, stats).await
+    }
+
+    /// Counts one result row (or COPY line) of `bytes` against the grant's limits. `true`:
+    /// a limit was passed now; the client has its error in `out`, the statement is being
+    /// cancelled, and the row must not be sent.
+    async fn over_budget(&self, bytes: u64, out: &mut BytesMut) -> bool {
+        if !self.limits.limits_results() {
+            return false;
+        }
+        let (passed, rec) = {
+            let mut st = self.lock();
+            if st.budget.skipping {
+                // Already cut: dropped, not counted, not cancelled again.
+                return true;
+            }
+            let passed = st.budget.count(&self.limits, bytes);
+            if passed.is_some() {
+                st.budget.skipping = true;
+                st.copy = None;
+            }
+            let rec = match st.expect.front() {
+                Some(Expect::Query { rec, .. } | Expect::Execute { rec, .. }) => Some(*rec),
+                _ => None,
+            };
+            (passed, rec)
+        };
+        let Some(passed) = passed else {
+            return false;
+        };
+        let error = passed.error(self.resource);
+        if let Some(rec) = rec {
+            self.with_record(rec, |r| {
+                r.error = Some(format!("{}: {}", error.code, error.message));
+            });
+        }
+        error.write(out);
+        self.limit_reached(passed.key, passed.limit);
+        // Stops the server producing what would be dropped anyway.
+        let _ = self.cancel_in_flight().await;
+        true
+    }
+
+    async fn handle_server(
         &self,
         frame: Frame,
         out: &mut BytesMut,
@@ -483,6 +545,9 @@ impl Pump<'_> {
                 }
             }
             Backend::DataRow => {
+                if self.over_budget(frame.body.len() as u64 + 5, out).await {
+                    return Ok(());
+                }
                 let Some(masker) = &self.masker else {
                     frame.write(out);
                     return Ok(());
@@ -507,6 +572,7 @@ impl Pump<'_> {
                 self.count_row_masked(masked);
             }
             Backend::CommandComplete | Backend::EmptyQueryResponse | Backend::PortalSuspended => {
+                self.lock().budget.start_statement();
                 let tag = if frame.tag == b'C' {
                     let mut b = frame.body.clone();
                     take_cstr(&mut b).ok()
@@ -561,6 +627,7 @@ impl Pump<'_> {
             }
             Backend::ErrorResponse => {
                 stats.withheld = 0;
+                self.lock().budget.start_statement();
                 let mut fields =
                     wire::parse_fields(frame.body.clone()).map_err(|e| desync(&e.to_string()))?;
                 let message = fields
@@ -743,6 +810,9 @@ impl Pump<'_> {
                 frame.write(out);
             }
             Backend::CopyData => {
+                if self.over_budget(frame.body.len() as u64 + 5, out).await {
+                    return Ok(());
+                }
                 let Some(masker) = &self.masker else {
                     frame.write(out);
                     return Ok(());

@@ -231,6 +231,8 @@ pub(super) struct State {
     /// startup one, can no longer resolve unqualified names the way the session does.
     pub(super) search_path_changed: bool,
     pub(super) copy_in: CopyIn,
+    /// Rows and bytes returned against the grant's limits.
+    pub(super) budget: super::budget::Budget,
 }
 
 /// Protocol-level (`statements`) and SQL (`sql_prepared`) prepared statements share one

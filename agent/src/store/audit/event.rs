@@ -64,6 +64,9 @@ pub enum Event {
     DaemonStarted(DaemonStarted),
     /// `daemon.stopped`.
     DaemonStopped(DaemonStopped),
+    /// `limit.reached`: a session passed one of its grant's blast-radius limits (once per
+    /// session and limit).
+    LimitReached(LimitReached),
 }
 
 impl Event {
@@ -92,6 +95,7 @@ impl Event {
             Self::GateDetached(_) => "gate.detached",
             Self::DaemonStarted(_) => "daemon.started",
             Self::DaemonStopped(_) => "daemon.stopped",
+            Self::LimitReached(_) => "limit.reached",
         }
     }
 
@@ -203,6 +207,18 @@ pub struct RequestFiled {
     pub task: Option<String>,
     pub reason: String,
     pub policy: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LimitReached {
+    pub session: String,
+    pub identity: String,
+    pub resource: String,
+    pub grant: String,
+    /// The `policy.limits` key.
+    pub limit: String,
+    /// Its value.
+    pub value: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
