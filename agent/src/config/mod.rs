@@ -239,7 +239,40 @@ pub struct DaemonConfig {
     pub drain_timeout: Duration,
     /// Threads of the async runtime; read at start only.
     pub worker_threads: WorkerThreads,
+    /// Concurrency limits and the pre-grant timeout that keep one workload from taking the
+    /// proxy (or a database's connection slots) from the others.
+    pub limits: Limits,
 }
+
+/// See [`DaemonConfig::limits`]. Defaults are sized so that one identity at its limits holds a
+/// small share of the agent's descriptors and of a stock PostgreSQL's 100 connection slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// From accept to the grant decision's start (PostgreSQL: SSL/GSS negotiation, the TLS
+    /// handshake and the startup packet): a client that has not said what it wants by then is
+    /// cut. Waiting for an approver is bounded by `hold_timeout` instead.
+    pub startup_timeout: Duration,
+    /// Connections of one identity between accept and its grant decision.
+    pub max_pending_per_identity: usize,
+    /// Granted sessions of one identity, over all its grants.
+    pub max_sessions_per_identity: usize,
+    /// Granted sessions riding on one grant (a resource may set its own).
+    pub max_sessions_per_grant: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            startup_timeout: Duration::from_secs(10),
+            max_pending_per_identity: 32,
+            max_sessions_per_identity: 64,
+            max_sessions_per_grant: 16,
+        }
+    }
+}
+
+/// Highest value a concurrency limit may be set to (beyond it the descriptor limit rules).
+pub const MAX_LIMIT: i64 = 100_000;
 
 #[derive(Clone, Debug)]
 pub struct Workload {
@@ -263,6 +296,8 @@ pub struct Resource {
     pub connect_access: Access,
     pub request_access: Access,
     pub request_ttl: Duration,
+    /// Granted sessions riding on one grant for this resource (defaults to the daemon's).
+    pub max_sessions_per_grant: usize,
     pub description: String,
 }
 
@@ -382,6 +417,10 @@ struct RawDaemon {
     metrics_listen: Option<S<String>>,
     drain_timeout: Option<S<String>>,
     worker_threads: Option<S<toml::Value>>,
+    startup_timeout: Option<S<String>>,
+    max_pending_per_identity: Option<S<i64>>,
+    max_sessions_per_identity: Option<S<i64>>,
+    max_sessions_per_grant: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -410,6 +449,7 @@ struct RawResource {
     connect_access: Option<S<String>>,
     request_access: Option<S<String>>,
     request_ttl: Option<S<String>>,
+    max_sessions_per_grant: Option<S<i64>>,
     #[serde(default)]
     description: String,
 }
@@ -424,6 +464,7 @@ const RESOURCE_KEYS: &[&str] = &[
     "connect_access",
     "request_access",
     "request_ttl",
+    "max_sessions_per_grant",
     "description",
 ];
 
@@ -479,6 +520,24 @@ impl Validator<'_> {
                     value.span(),
                     format!(
                         "{key}: `{}` is not a duration (write e.g. `90s`, `15m`, `1h`)",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    /// A concurrency limit: a whole number from 1 to [`MAX_LIMIT`].
+    fn limit(&mut self, key: &str, value: Option<&S<i64>>, default: usize) -> usize {
+        let Some(value) = value else { return default };
+        match usize::try_from(*value.get_ref()) {
+            Ok(n) if (1..=MAX_LIMIT).contains(value.get_ref()) => n,
+            _ => {
+                self.fail(
+                    value.span(),
+                    format!(
+                        "{key}: `{}` is not a limit (a whole number from 1 to {MAX_LIMIT})",
                         value.get_ref()
                     ),
                 );
@@ -724,10 +783,34 @@ impl Validator<'_> {
                 }
             },
         };
+        let defaults = Limits::default();
+        let limits = Limits {
+            startup_timeout: self.duration(
+                "startup_timeout",
+                raw.startup_timeout.as_ref(),
+                defaults.startup_timeout,
+            ),
+            max_pending_per_identity: self.limit(
+                "max_pending_per_identity",
+                raw.max_pending_per_identity.as_ref(),
+                defaults.max_pending_per_identity,
+            ),
+            max_sessions_per_identity: self.limit(
+                "max_sessions_per_identity",
+                raw.max_sessions_per_identity.as_ref(),
+                defaults.max_sessions_per_identity,
+            ),
+            max_sessions_per_grant: self.limit(
+                "max_sessions_per_grant",
+                raw.max_sessions_per_grant.as_ref(),
+                defaults.max_sessions_per_grant,
+            ),
+        };
         DaemonConfig {
             metrics_listen,
             drain_timeout,
             worker_threads,
+            limits,
             state_dir: string(&raw.state_dir, "/var/lib/jitgate").into(),
             socket: string(&raw.socket, DEFAULT_SOCKET).into(),
             socket_mode,
@@ -935,6 +1018,11 @@ impl Validator<'_> {
                     "resource.request_ttl",
                     r.request_ttl.as_ref(),
                     daemon.default_ttl,
+                ),
+                max_sessions_per_grant: self.limit(
+                    "resource.max_sessions_per_grant",
+                    r.max_sessions_per_grant.as_ref(),
+                    daemon.limits.max_sessions_per_grant,
                 ),
                 description: r.description,
             });
