@@ -1349,6 +1349,58 @@ approvers = ["alice", "group:dba"]
     }
 
     #[test]
+    fn limits_have_defaults_overrides_and_checked_values() {
+        let c = parse(SAMPLE).unwrap();
+        assert_eq!(c.daemon.limits, Limits::default());
+        assert_eq!(c.resources[0].max_sessions_per_grant, 16);
+        let c = parse(&SAMPLE.replace(
+            "egress = \"deny\"",
+            "egress = \"deny\"\nstartup_timeout = \"3s\"\nmax_pending_per_identity = 4\nmax_sessions_per_identity = 9\nmax_sessions_per_grant = 5",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.daemon.limits,
+            Limits {
+                startup_timeout: Duration::from_secs(3),
+                max_pending_per_identity: 4,
+                max_sessions_per_identity: 9,
+                max_sessions_per_grant: 5,
+            }
+        );
+        // A resource inherits the daemon's per-grant limit unless it sets its own.
+        assert_eq!(c.resources[0].max_sessions_per_grant, 5);
+        let c = parse(&SAMPLE.replace(
+            "on_missing_grant = \"reject\"",
+            "on_missing_grant = \"reject\"\nmax_sessions_per_grant = 2",
+        ))
+        .unwrap();
+        assert_eq!(c.resources[0].max_sessions_per_grant, 2);
+        for bad in ["0", "-1", "1000000"] {
+            let e = error_of(&SAMPLE.replace(
+                "egress = \"deny\"",
+                &format!("egress = \"deny\"\nmax_sessions_per_grant = {bad}"),
+            ));
+            assert!(
+                e.starts_with("test.toml:5: max_sessions_per_grant:") && e.contains("limit"),
+                "{e}"
+            );
+        }
+        let e = error_of(&SAMPLE.replace(
+            "on_missing_grant = \"reject\"",
+            "on_missing_grant = \"reject\"\nmax_sessions_per_grant = 0",
+        ));
+        assert!(
+            e.starts_with("test.toml:17: resource.max_sessions_per_grant:"),
+            "{e}"
+        );
+        let e = error_of(&SAMPLE.replace(
+            "egress = \"deny\"",
+            "egress = \"deny\"\nstartup_timeout = \"soon\"",
+        ));
+        assert!(e.starts_with("test.toml:5: startup_timeout:"), "{e}");
+    }
+
+    #[test]
     fn protocol_keys_belong_to_their_protocol() {
         // A key of another protocol is named as such, on the resource's first line.
         let e = error_of(&SAMPLE.replace(
