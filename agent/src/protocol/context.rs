@@ -82,8 +82,9 @@ impl From<Outcome> for Refused {
     }
 }
 
-/// The outcome a limit refusal records.
-pub fn limit_outcome(e: &limits::Exceeded) -> Outcome {
+/// The outcome a limit refusal of `identity` records (and counts).
+pub fn limit_outcome(identity: &str, e: &limits::Exceeded) -> Outcome {
+    crate::ops::metrics::limit_refusal(e.kind.label(), identity);
     refuse(SessionOutcome::RefusedLimit, format!("{e}; {}", e.hint()))
 }
 
@@ -104,7 +105,7 @@ impl Session<'_> {
                 Ok(grant)
             }
             Err(e) => Err(Refused {
-                outcome: limit_outcome(&e),
+                outcome: limit_outcome(&self.who.identity, &e),
                 limit: Some(e),
             }),
         }

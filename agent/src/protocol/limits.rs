@@ -33,6 +33,16 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The `limit` label of its metric.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::SessionsPerIdentity => "sessions_per_identity",
+            Self::SessionsPerGrant => "sessions_per_grant",
+            Self::Agent => "agent",
+        }
+    }
+
     /// The configuration key that raises it.
     pub const fn key(self) -> &'static str {
         match self {

@@ -179,7 +179,7 @@ async fn run(
                 })
                 .await;
             }
-            return limit_outcome(&e);
+            return limit_outcome(&attribution.identity, &e);
         }
     };
     drop(config);

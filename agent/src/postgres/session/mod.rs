@@ -138,6 +138,7 @@ pub(crate) async fn serve(
                 )
                 .await;
             }
+            crate::ops::metrics::limit_refusal("startup_timeout", &who.identity);
             return refuse(SessionOutcome::RefusedLimit, err.message);
         }
         Err(e) => return refuse(SessionOutcome::Error, format!("startup: {e}")),
