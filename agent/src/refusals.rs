@@ -36,6 +36,9 @@ const MAX_KEYS: usize = 4096;
 /// Distinct process ids listed per folded record.
 const MAX_PIDS: usize = 8;
 
+/// Proxy refusals per key and window written in full before the rest are only counted.
+pub const FULL_PER_WINDOW: u64 = 10;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
     cgroup_id: u64,
@@ -185,9 +188,10 @@ pub fn spawn(
 
 /// Refusals of the proxy (no grant, a limit, a startup timeout, no attribution), folded like
 /// the kernel's: per (identity, uid, resource, destination, outcome) and window, the first
-/// is written in full (`session.refused`, with its session record) and the rest as one
-/// `sessions.refused` record with their count, at the window's end. A connect-and-close
-/// flood thus writes a bounded number of rows, whatever its rate.
+/// [`FULL_PER_WINDOW`] are written in full (`session.refused`, with their session records,
+/// so an occasional refusal is on record as before) and the rest as one `sessions.refused`
+/// record with their count, at the window's end. A connect-and-close flood thus writes a
+/// bounded number of rows, whatever its rate.
 #[derive(Clone)]
 pub struct ProxyRefusals {
     inner: Arc<Mutex<ProxyWindow>>,
@@ -204,7 +208,9 @@ struct ProxyKey {
 }
 
 struct ProxyFolded {
-    /// Refusals beyond the first.
+    /// Refusals written in full this window.
+    full: u64,
+    /// Refusals beyond those.
     count: u64,
     pids: Vec<u32>,
     task: Option<String>,
@@ -249,6 +255,12 @@ impl ProxyRefusals {
         };
         let mut w = self.lock();
         if let Some(folded) = w.pending.get_mut(&key) {
+            if folded.full < FULL_PER_WINDOW {
+                folded.full += 1;
+                drop(w);
+                store.session_refused(session);
+                return;
+            }
             folded.count += 1;
             if folded.pids.len() < MAX_PIDS && !folded.pids.contains(&session.pid) {
                 folded.pids.push(session.pid);
@@ -268,6 +280,7 @@ impl ProxyRefusals {
         w.pending.insert(
             key,
             ProxyFolded {
+                full: 1,
                 count: 0,
                 pids: vec![session.pid],
                 task: session.task.clone(),
@@ -401,20 +414,28 @@ mod tests {
         store.flush().await.expect("flush");
         let log = store.audit_log(None, 100_000).await.expect("audit");
         let kinds: Vec<&str> = log.iter().map(|r| r.kind.as_str()).collect();
+        let full = 2 * FULL_PER_WINDOW + 1;
         assert_eq!(
-            kinds.iter().filter(|k| **k == "session.refused").count(),
-            3,
-            "one full record per key: {kinds:?}"
+            kinds.iter().filter(|k| **k == "session.refused").count() as u64,
+            full,
+            "the first refusals of each key in full: {kinds:?}"
         );
         let counts: u64 = log
             .iter()
             .filter(|r| r.kind == "sessions.refused")
             .map(|r| r.detail["count"].as_u64().expect("count"))
             .sum();
-        assert_eq!(log.len(), 5, "{kinds:?}");
-        assert_eq!(counts, u64::from(N - 1) + u64::from(N / 2 - 1));
+        assert_eq!(log.len() as u64, full + 2, "{kinds:?}");
+        assert_eq!(
+            counts,
+            u64::from(N) - FULL_PER_WINDOW + u64::from(N / 2) - FULL_PER_WINDOW
+        );
         let sessions = store.sessions(false, 100_000).await.expect("sessions");
-        assert_eq!(sessions.len(), 3, "one session row per key and window");
+        assert_eq!(
+            sessions.len() as u64,
+            full,
+            "session rows only for those in full"
+        );
     }
 
     #[tokio::test]
@@ -432,8 +453,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(600)).await;
         store.flush().await.expect("flush");
         let log = store.audit_log(None, 1000).await.expect("audit");
-        assert_eq!(log.len(), 2);
-        assert_eq!(log[1].kind, "sessions.refused");
+        assert_eq!(log.len() as u64, FULL_PER_WINDOW + 1);
+        let last = log.last().expect("records");
+        assert_eq!(last.kind, "sessions.refused");
+        assert_eq!(last.detail["count"], 100 - FULL_PER_WINDOW);
         // The next window starts with a full record again.
         folder.record(
             &store,
@@ -441,6 +464,7 @@ mod tests {
             refused("bot", 7, SessionOutcome::RefusedNoGrant),
         );
         store.flush().await.expect("flush");
-        assert_eq!(store.audit_log(None, 1000).await.expect("audit").len(), 3);
+        let log = store.audit_log(None, 1000).await.expect("audit");
+        assert_eq!(log.len() as u64, FULL_PER_WINDOW + 2);
     }
 }

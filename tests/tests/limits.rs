@@ -244,7 +244,8 @@ fn a_flood_from_one_workload_leaves_service_to_others() {
         .trim()
         .parse()
         .expect("count");
-    assert!(rows <= 100, "{rows} refusal rows");
+    // Per identity, resource and outcome: ten in full and one folded record each 5 s window.
+    assert!(rows <= 150, "{rows} refusal rows");
     let folded: u64 = gate
         .sqlite(
             "select coalesce(sum(json_extract(detail, '$.count')), 0) from audit where kind = 'sessions.refused'",
@@ -253,7 +254,7 @@ fn a_flood_from_one_workload_leaves_service_to_others() {
         .parse()
         .expect("sum");
     eprintln!("audit: {rows} refusal rows, {folded} folded refusals");
-    assert!(folded >= 5900, "folded {folded}");
+    assert!(folded + rows >= 6000, "folded {folded}");
     assert!(
         gate.cli(&["status"]).code == 0,
         "the agent is still healthy: {}",

@@ -57,7 +57,7 @@ pub enum Event {
     /// `bind.refused`: the kernel refused a bind.
     BindRefused(KernelRefusal),
     /// `sessions.refused`: the proxy refused more connections with the same key within a
-    /// window than the one recorded as `session.refused` (folded, like kernel refusals).
+    /// window than it records as `session.refused` (folded, like kernel refusals).
     SessionsRefused(ProxyRefusal),
     /// `config.reloaded`.
     ConfigReloaded(ConfigReloaded),
@@ -348,7 +348,7 @@ pub struct ProxyRefusal {
     pub outcome: SessionOutcome,
     /// The last refusal's reason.
     pub reason: String,
-    /// Refusals in the window beyond the one recorded as `session.refused`.
+    /// Refusals in the window beyond those recorded as `session.refused`.
     pub count: u64,
 }
 
