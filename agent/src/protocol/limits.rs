@@ -9,7 +9,7 @@
 //!   refused at once instead of held until its startup timeout;
 //! * sessions, per identity and per grant: granted sessions (`max_sessions_per_identity`,
 //!   `max_sessions_per_grant`, the latter per resource too);
-//! * every connection, agent-wide: kept below the process's descriptor limit (each session
+//! * every attributed connection, agent-wide: kept below the process's descriptor limit (each session
 //!   holds two descriptors), so that a flood spread over many identities still leaves the
 //!   agent descriptors for its store, control socket and other workloads' next connections.
 
@@ -210,12 +210,11 @@ impl Limits {
         Ok(Pending {
             limits: self.clone(),
             identity: identity.to_owned(),
-            agent: true,
             pending: true,
         })
     }
 
-    /// The agent-wide count and the pending counts of `identity` (metrics and tests).
+    /// Connections agent-wide, and of `identity` those pending and those granted (tests).
     pub fn in_use(&self, identity: &str) -> (usize, usize, usize) {
         let c = self.counts();
         (
@@ -245,7 +244,7 @@ fn decrement(map: &mut HashMap<String, usize>, key: &str) {
 pub struct Pending {
     limits: Limits,
     identity: String,
-    agent: bool,
+    /// Still before the grant decision.
     pending: bool,
 }
 
@@ -296,9 +295,7 @@ impl Drop for Pending {
         if self.pending {
             decrement(&mut c.pending, &self.identity);
         }
-        if self.agent {
-            c.agent = c.agent.saturating_sub(1);
-        }
+        c.agent = c.agent.saturating_sub(1);
     }
 }
 
