@@ -410,6 +410,11 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
     crate::gate::preflight::check()?;
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // The proxy's agent-wide connection cap is derived from the soft limit: raise it first.
+    match crate::protocol::limits::raise_fd_limit() {
+        Ok(fds) => info!(fds, "descriptor limit"),
+        Err(e) => warn!(error = %e, "cannot read or raise the descriptor limit"),
+    }
 
     let _lock = lock_state_dir(&config.daemon.state_dir)?;
     let store: SharedStore = Arc::new(SqliteStore::open(&config.daemon.state_dir)?);
@@ -501,6 +506,8 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         ca: Some(Arc::new(ca)),
         mask_key,
         shutdown: shutdown.clone(),
+        limits: crate::protocol::limits::Limits::default(),
+        refusals: crate::refusals::ProxyRefusals::default(),
     });
     let proxy_ctx = Arc::new(ProxyContext {
         attributor: Arc::new(Kernel {

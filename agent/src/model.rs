@@ -293,6 +293,8 @@ pub enum SessionOutcome {
     RefusedUnattributed,
     /// Refused: no resource matches the original destination any more.
     RefusedNoResource,
+    /// Refused: a concurrency limit (per identity or per grant) or the startup timeout.
+    RefusedLimit,
     /// Cut because the grant expired.
     GrantExpired,
     /// Cut because the grant was revoked.
@@ -317,6 +319,7 @@ impl SessionOutcome {
             Self::RefusedTimeout => "refused_timeout",
             Self::RefusedUnattributed => "refused_unattributed",
             Self::RefusedNoResource => "refused_no_resource",
+            Self::RefusedLimit => "refused_limit",
             Self::GrantExpired => "grant_expired",
             Self::GrantRevoked => "grant_revoked",
             Self::ResourceRemoved => "resource_removed",
@@ -335,6 +338,7 @@ impl SessionOutcome {
             Self::RefusedTimeout,
             Self::RefusedUnattributed,
             Self::RefusedNoResource,
+            Self::RefusedLimit,
             Self::GrantExpired,
             Self::GrantRevoked,
             Self::ResourceRemoved,

@@ -1,12 +1,13 @@
-//! Turns the kernel's refusal events into audit records.
+//! Turns the kernel's refusal events, and the proxy's refused connections, into audit records.
 //!
-//! A workload that hammers a forbidden destination must not flood the audit log: events are
-//! folded per (workload cgroup, uid, reason, destination) over a short window and written as
-//! one record with a count and the processes involved.
+//! A workload that hammers a forbidden destination, or connects and closes without a grant,
+//! must not flood the audit log: refusals are folded per key over a short window and written
+//! as one record with a count and the processes involved.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -19,9 +20,10 @@ use tracing::{info, warn};
 use crate::{
     gate::{decode_event, rules::from_words},
     identity::{Attribution, Workloads},
+    model::{Session, SessionOutcome},
     store::{
         SharedStore,
-        audit::{Event, KernelRefusal},
+        audit::{Event, KernelRefusal, ProxyRefusal},
     },
 };
 
@@ -33,6 +35,9 @@ const MAX_KEYS: usize = 4096;
 
 /// Distinct process ids listed per folded record.
 const MAX_PIDS: usize = 8;
+
+/// Proxy refusals per key and window written in full before the rest are only counted.
+pub const FULL_PER_WINDOW: u64 = 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Key {
@@ -179,4 +184,287 @@ pub fn spawn(
         }
         flush(&mut pending, &store);
     });
+}
+
+/// Refusals of the proxy (no grant, a limit, a startup timeout, no attribution), folded like
+/// the kernel's: per (identity, uid, resource, destination, outcome) and window, the first
+/// [`FULL_PER_WINDOW`] are written in full (`session.refused`, with their session records,
+/// so an occasional refusal is on record as before) and the rest as one `sessions.refused`
+/// record with their count, at the window's end. A connect-and-close flood thus writes a
+/// bounded number of rows, whatever its rate.
+#[derive(Clone)]
+pub struct ProxyRefusals {
+    inner: Arc<Mutex<ProxyWindow>>,
+    window: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ProxyKey {
+    identity: Option<String>,
+    uid: u32,
+    resource: Option<String>,
+    destination: String,
+    outcome: &'static str,
+}
+
+struct ProxyFolded {
+    /// Refusals written in full this window.
+    full: u64,
+    /// Refusals beyond those.
+    count: u64,
+    pids: Vec<u32>,
+    task: Option<String>,
+    outcome: SessionOutcome,
+    reason: String,
+}
+
+#[derive(Default)]
+struct ProxyWindow {
+    pending: HashMap<ProxyKey, ProxyFolded>,
+    /// A task flushes the window at its end.
+    flush_due: bool,
+    lost: u64,
+}
+
+impl Default for ProxyRefusals {
+    fn default() -> Self {
+        Self::new(WINDOW)
+    }
+}
+
+impl ProxyRefusals {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            inner: Arc::default(),
+            window,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProxyWindow> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a session refused before it relayed.
+    pub fn record(&self, store: &SharedStore, shutdown: &CancellationToken, session: Session) {
+        let key = ProxyKey {
+            identity: session.identity.clone(),
+            uid: session.uid,
+            resource: session.resource.clone(),
+            destination: session.destination.clone(),
+            outcome: session.outcome.as_str(),
+        };
+        let mut w = self.lock();
+        if let Some(folded) = w.pending.get_mut(&key) {
+            if folded.full < FULL_PER_WINDOW {
+                folded.full += 1;
+                drop(w);
+                store.session_refused(session);
+                return;
+            }
+            folded.count += 1;
+            if folded.pids.len() < MAX_PIDS && !folded.pids.contains(&session.pid) {
+                folded.pids.push(session.pid);
+            }
+            folded.reason.clone_from(&session.detail);
+            if !w.flush_due {
+                w.flush_due = true;
+                drop(w);
+                self.schedule_flush(store, shutdown);
+            }
+            return;
+        }
+        if w.pending.len() >= MAX_KEYS {
+            w.lost += 1;
+            return;
+        }
+        w.pending.insert(
+            key,
+            ProxyFolded {
+                full: 1,
+                count: 0,
+                pids: vec![session.pid],
+                task: session.task.clone(),
+                outcome: session.outcome,
+                reason: session.detail.clone(),
+            },
+        );
+        let schedule = !w.flush_due;
+        w.flush_due = true;
+        drop(w);
+        store.session_refused(session);
+        if schedule {
+            self.schedule_flush(store, shutdown);
+        }
+    }
+
+    /// Ends the window after [`Self::window`] (or at once on shutdown).
+    fn schedule_flush(&self, store: &SharedStore, shutdown: &CancellationToken) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.flush(store);
+            return;
+        };
+        let (this, store, shutdown, window) =
+            (self.clone(), store.clone(), shutdown.clone(), self.window);
+        runtime.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(window) => {}
+                () = shutdown.cancelled() => {}
+            }
+            this.flush(&store);
+        });
+    }
+
+    /// Writes what the window folded and starts a new one.
+    pub fn flush(&self, store: &SharedStore) {
+        let (pending, lost) = {
+            let mut w = self.lock();
+            w.flush_due = false;
+            (std::mem::take(&mut w.pending), std::mem::take(&mut w.lost))
+        };
+        if lost > 0 {
+            warn!(
+                lost,
+                "proxy refusals folded away: too many distinct refusals"
+            );
+        }
+        for (key, folded) in pending {
+            if folded.count == 0 {
+                continue;
+            }
+            info!(
+                identity = key.identity.as_deref().unwrap_or("?"),
+                resource = key.resource.as_deref().unwrap_or("-"),
+                outcome = key.outcome,
+                count = folded.count,
+                "refused by the proxy"
+            );
+            let actor = format!("workload {}", key.identity.as_deref().unwrap_or("?"));
+            store.submit_audit(
+                actor,
+                Event::SessionsRefused(ProxyRefusal {
+                    identity: key.identity,
+                    task: folded.task,
+                    uid: key.uid,
+                    pids: folded.pids,
+                    resource: key.resource,
+                    destination: key.destination,
+                    outcome: folded.outcome,
+                    reason: folded.reason,
+                    count: folded.count,
+                }),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{model::Timestamp, store::MemoryStore};
+
+    fn refused(identity: &str, pid: u32, outcome: SessionOutcome) -> Session {
+        Session {
+            id: crate::ids::new(crate::ids::Kind::Session),
+            identity: Some(identity.into()),
+            task: None,
+            pid,
+            uid: 65534,
+            command: String::new(),
+            resource: Some("db".into()),
+            grant: None,
+            destination: "10.0.0.1:5432".into(),
+            started_at: Timestamp::now(),
+            ended_at: Some(Timestamp::now()),
+            bytes_up: 0,
+            bytes_down: 0,
+            outcome,
+            detail: format!("refused {pid}"),
+            database: None,
+            access: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_refusals_writes_a_bounded_number_of_rows() {
+        let store: SharedStore = Arc::new(MemoryStore::default());
+        let shutdown = CancellationToken::new();
+        let folder = ProxyRefusals::new(Duration::from_secs(3600));
+        const N: u32 = 20_000;
+        for pid in 0..N {
+            folder.record(
+                &store,
+                &shutdown,
+                refused("bot", pid, SessionOutcome::RefusedNoGrant),
+            );
+            if pid % 2 == 0 {
+                folder.record(
+                    &store,
+                    &shutdown,
+                    refused("bot", pid, SessionOutcome::RefusedLimit),
+                );
+            }
+        }
+        // Another identity's refusal is its own record, not folded into the flood's.
+        folder.record(
+            &store,
+            &shutdown,
+            refused("other", 1, SessionOutcome::RefusedNoGrant),
+        );
+        folder.flush(&store);
+        store.flush().await.expect("flush");
+        let log = store.audit_log(None, 100_000).await.expect("audit");
+        let kinds: Vec<&str> = log.iter().map(|r| r.kind.as_str()).collect();
+        let full = 2 * FULL_PER_WINDOW + 1;
+        assert_eq!(
+            kinds.iter().filter(|k| **k == "session.refused").count() as u64,
+            full,
+            "the first refusals of each key in full: {kinds:?}"
+        );
+        let counts: u64 = log
+            .iter()
+            .filter(|r| r.kind == "sessions.refused")
+            .map(|r| r.detail["count"].as_u64().expect("count"))
+            .sum();
+        assert_eq!(log.len() as u64, full + 2, "{kinds:?}");
+        assert_eq!(
+            counts,
+            u64::from(N) - FULL_PER_WINDOW + u64::from(N / 2) - FULL_PER_WINDOW
+        );
+        let sessions = store.sessions(false, 100_000).await.expect("sessions");
+        assert_eq!(
+            sessions.len() as u64,
+            full,
+            "session rows only for those in full"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_window_is_flushed_by_itself() {
+        let store: SharedStore = Arc::new(MemoryStore::default());
+        let shutdown = CancellationToken::new();
+        let folder = ProxyRefusals::new(Duration::from_millis(200));
+        for pid in 0..100 {
+            folder.record(
+                &store,
+                &shutdown,
+                refused("bot", pid, SessionOutcome::RefusedNoGrant),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        store.flush().await.expect("flush");
+        let log = store.audit_log(None, 1000).await.expect("audit");
+        assert_eq!(log.len() as u64, FULL_PER_WINDOW + 1);
+        let last = log.last().expect("records");
+        assert_eq!(last.kind, "sessions.refused");
+        assert_eq!(last.detail["count"], 100 - FULL_PER_WINDOW);
+        // The next window starts with a full record again.
+        folder.record(
+            &store,
+            &shutdown,
+            refused("bot", 7, SessionOutcome::RefusedNoGrant),
+        );
+        store.flush().await.expect("flush");
+        let log = store.audit_log(None, 1000).await.expect("audit");
+        assert_eq!(log.len() as u64, FULL_PER_WINDOW + 2);
+    }
 }

@@ -35,16 +35,15 @@ use crate::{
 pub struct Fake {
     origin: Mutex<Option<Origin>>,
     workload: Option<Attribution>,
+    /// Every connection gets the record (many connections of one workload).
+    every: bool,
 }
 
 impl Attributor for Fake {
     fn origin(&self, _: SocketAddr, _: SocketAddr) -> std::io::Result<Option<Origin>> {
+        let mut origin = self.origin.lock().unwrap_or_else(PoisonError::into_inner);
         // A record serves one connection, like the kernel's.
-        Ok(self
-            .origin
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take())
+        Ok(if self.every { *origin } else { origin.take() })
     }
 
     fn workload(&self, _: &Origin) -> Option<Attribution> {
@@ -106,12 +105,40 @@ impl Harness {
         extra: &str,
         workload: Option<&str>,
     ) -> Self {
+        Self::build(upstream, reached, protocol, extra, workload, "", false).await
+    }
+
+    /// `bot` connecting many times to `svc` at `upstream`, with `daemon` as more `[daemon]`
+    /// keys (limits, timeouts).
+    pub async fn many(upstream: SocketAddr, protocol: &str, extra: &str, daemon: &str) -> Self {
+        Self::build(
+            upstream,
+            upstream,
+            protocol,
+            extra,
+            Some("bot"),
+            daemon,
+            true,
+        )
+        .await
+    }
+
+    async fn build(
+        upstream: SocketAddr,
+        reached: SocketAddr,
+        protocol: &str,
+        extra: &str,
+        workload: Option<&str>,
+        daemon: &str,
+        every: bool,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("state");
         let text = format!(
             r#"
 [daemon]
 state_dir = "{state}"
+{daemon}
 
 [[workload]]
 identity = "bot"
@@ -164,6 +191,8 @@ approval = "auto"
             ca: None,
             mask_key: [3; 32],
             shutdown: shutdown.clone(),
+            limits: crate::protocol::limits::Limits::default(),
+            refusals: crate::refusals::ProxyRefusals::default(),
         });
         let ctx = Arc::new(ProxyContext {
             attributor: Arc::new(Fake {
@@ -177,6 +206,7 @@ approval = "auto"
                     identity: identity.into(),
                     task: None,
                 }),
+                every,
             }),
             routes,
             protocols: Protocols::start(&services),

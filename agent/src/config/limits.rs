@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 /// The limits of one grant. `None`: unlimited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Limits {
+pub struct GrantLimits {
     /// Result rows one statement may return.
     pub rows_per_statement: Option<u64>,
     /// Result bytes (as sent to the client) one statement may return.
@@ -23,7 +23,7 @@ pub struct Limits {
     pub identity_statements_per_second: Option<u32>,
 }
 
-impl Limits {
+impl GrantLimits {
     /// The strictest of two sets of limits, limit by limit.
     #[must_use]
     pub fn strictest(self, other: Self) -> Self {
@@ -69,7 +69,7 @@ pub(super) struct RawLimits {
 
 impl RawLimits {
     /// The limits, or what is wrong with them (one message per problem).
-    pub(super) fn validate(self) -> Result<Limits, Vec<String>> {
+    pub(super) fn validate(self) -> Result<GrantLimits, Vec<String>> {
         let mut errors = Vec::new();
         let mut size = |key: &str, v: Option<String>| {
             v.and_then(|v| match parse_size(&v) {
@@ -107,7 +107,7 @@ impl RawLimits {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Limits {
+        Ok(GrantLimits {
             rows_per_statement: self.rows_per_statement,
             bytes_per_statement,
             rows_per_session: self.rows_per_session,
@@ -154,23 +154,23 @@ mod tests {
 
     #[test]
     fn the_strictest_of_each_limit_applies() {
-        let a = Limits {
+        let a = GrantLimits {
             rows_per_statement: Some(10),
             statements_per_second: Some(5),
-            ..Limits::default()
+            ..GrantLimits::default()
         };
-        let b = Limits {
+        let b = GrantLimits {
             rows_per_statement: Some(100),
             bytes_per_session: Some(1 << 20),
             statements_per_second: None,
-            ..Limits::default()
+            ..GrantLimits::default()
         };
         let both = a.strictest(b);
         assert_eq!(both.rows_per_statement, Some(10));
         assert_eq!(both.bytes_per_session, Some(1 << 20));
         assert_eq!(both.statements_per_second, Some(5));
         assert!(both.limits_results());
-        assert!(!Limits::default().limits_results());
+        assert!(!GrantLimits::default().limits_results());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 pub mod address;
 pub mod limits;
 
-pub use limits::{Limits, parse_size};
+pub use limits::{GrantLimits, parse_size};
 
 use std::{
     collections::HashSet,
@@ -242,7 +242,40 @@ pub struct DaemonConfig {
     pub drain_timeout: Duration,
     /// Threads of the async runtime; read at start only.
     pub worker_threads: WorkerThreads,
+    /// Concurrency limits and the pre-grant timeout that keep one workload from taking the
+    /// proxy (or a database's connection slots) from the others.
+    pub limits: Limits,
 }
+
+/// See [`DaemonConfig::limits`]. Defaults are sized so that one identity at its limits holds a
+/// small share of the agent's descriptors and of a stock PostgreSQL's 100 connection slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// From accept to the grant decision's start (PostgreSQL: SSL/GSS negotiation, the TLS
+    /// handshake and the startup packet): a client that has not said what it wants by then is
+    /// cut. Waiting for an approver is bounded by `hold_timeout` instead.
+    pub startup_timeout: Duration,
+    /// Connections of one identity between accept and its grant decision.
+    pub max_pending_per_identity: usize,
+    /// Granted sessions of one identity, over all its grants.
+    pub max_sessions_per_identity: usize,
+    /// Granted sessions riding on one grant (a resource may set its own).
+    pub max_sessions_per_grant: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            startup_timeout: Duration::from_secs(10),
+            max_pending_per_identity: 32,
+            max_sessions_per_identity: 64,
+            max_sessions_per_grant: 16,
+        }
+    }
+}
+
+/// Highest value a concurrency limit may be set to (beyond it the descriptor limit rules).
+pub const MAX_LIMIT: i64 = 100_000;
 
 #[derive(Clone, Debug)]
 pub struct Workload {
@@ -266,6 +299,8 @@ pub struct Resource {
     pub connect_access: Access,
     pub request_access: Access,
     pub request_ttl: Duration,
+    /// Granted sessions riding on one grant for this resource (defaults to the daemon's).
+    pub max_sessions_per_grant: usize,
     pub description: String,
 }
 
@@ -280,8 +315,8 @@ pub struct Policy {
     pub max_ttl: Duration,
     pub approval: Approval,
     pub approvers: Vec<Principal>,
-    /// How much a grant under this policy may take ([`Limits`]).
-    pub limits: Limits,
+    /// How much a grant under this policy may take ([`GrantLimits`]).
+    pub limits: GrantLimits,
 }
 
 impl Policy {
@@ -303,11 +338,11 @@ impl Config {
     }
 
     /// The limits of a grant: the strictest of every policy that covers it.
-    pub fn limits(&self, identity: &str, resource: &str, access: Access) -> Limits {
+    pub fn grant_limits(&self, identity: &str, resource: &str, access: Access) -> GrantLimits {
         self.policies
             .iter()
             .filter(|p| p.covers(identity, resource, access))
-            .fold(Limits::default(), |acc, p| acc.strictest(p.limits))
+            .fold(GrantLimits::default(), |acc, p| acc.strictest(p.limits))
     }
 
     /// Reads and validates `path`.
@@ -395,6 +430,10 @@ struct RawDaemon {
     metrics_listen: Option<S<String>>,
     drain_timeout: Option<S<String>>,
     worker_threads: Option<S<toml::Value>>,
+    startup_timeout: Option<S<String>>,
+    max_pending_per_identity: Option<S<i64>>,
+    max_sessions_per_identity: Option<S<i64>>,
+    max_sessions_per_grant: Option<S<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -423,6 +462,7 @@ struct RawResource {
     connect_access: Option<S<String>>,
     request_access: Option<S<String>>,
     request_ttl: Option<S<String>>,
+    max_sessions_per_grant: Option<S<i64>>,
     #[serde(default)]
     description: String,
 }
@@ -437,6 +477,7 @@ const RESOURCE_KEYS: &[&str] = &[
     "connect_access",
     "request_access",
     "request_ttl",
+    "max_sessions_per_grant",
     "description",
 ];
 
@@ -493,6 +534,24 @@ impl Validator<'_> {
                     value.span(),
                     format!(
                         "{key}: `{}` is not a duration (write e.g. `90s`, `15m`, `1h`)",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    /// A concurrency limit: a whole number from 1 to [`MAX_LIMIT`].
+    fn limit(&mut self, key: &str, value: Option<&S<i64>>, default: usize) -> usize {
+        let Some(value) = value else { return default };
+        match usize::try_from(*value.get_ref()) {
+            Ok(n) if (1..=MAX_LIMIT).contains(value.get_ref()) => n,
+            _ => {
+                self.fail(
+                    value.span(),
+                    format!(
+                        "{key}: `{}` is not a limit (a whole number from 1 to {MAX_LIMIT})",
                         value.get_ref()
                     ),
                 );
@@ -738,10 +797,34 @@ impl Validator<'_> {
                 }
             },
         };
+        let defaults = Limits::default();
+        let limits = Limits {
+            startup_timeout: self.duration(
+                "startup_timeout",
+                raw.startup_timeout.as_ref(),
+                defaults.startup_timeout,
+            ),
+            max_pending_per_identity: self.limit(
+                "max_pending_per_identity",
+                raw.max_pending_per_identity.as_ref(),
+                defaults.max_pending_per_identity,
+            ),
+            max_sessions_per_identity: self.limit(
+                "max_sessions_per_identity",
+                raw.max_sessions_per_identity.as_ref(),
+                defaults.max_sessions_per_identity,
+            ),
+            max_sessions_per_grant: self.limit(
+                "max_sessions_per_grant",
+                raw.max_sessions_per_grant.as_ref(),
+                defaults.max_sessions_per_grant,
+            ),
+        };
         DaemonConfig {
             metrics_listen,
             drain_timeout,
             worker_threads,
+            limits,
             state_dir: string(&raw.state_dir, "/var/lib/jitgate").into(),
             socket: string(&raw.socket, DEFAULT_SOCKET).into(),
             socket_mode,
@@ -950,6 +1033,11 @@ impl Validator<'_> {
                     r.request_ttl.as_ref(),
                     daemon.default_ttl,
                 ),
+                max_sessions_per_grant: self.limit(
+                    "resource.max_sessions_per_grant",
+                    r.max_sessions_per_grant.as_ref(),
+                    daemon.limits.max_sessions_per_grant,
+                ),
                 description: r.description,
             });
         }
@@ -1082,14 +1170,14 @@ impl Validator<'_> {
                 Duration::from_secs(3600),
             );
             let limits = match p.limits {
-                None => Limits::default(),
+                None => GrantLimits::default(),
                 Some(raw) => {
                     let span = raw.span();
                     raw.into_inner().validate().unwrap_or_else(|errors| {
                         for e in errors {
                             self.fail(span.clone(), e);
                         }
-                        Limits::default()
+                        GrantLimits::default()
                     })
                 }
             };
@@ -1285,6 +1373,58 @@ approvers = ["alice", "group:dba"]
         assert!(e.contains("needs approvers"), "{e}");
         let e = error_of(&SAMPLE.replace("[daemon]", "[daemon]\nproxy_listen = \"0.0.0.0:15001\""));
         assert!(e.contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn limits_have_defaults_overrides_and_checked_values() {
+        let c = parse(SAMPLE).unwrap();
+        assert_eq!(c.daemon.limits, Limits::default());
+        assert_eq!(c.resources[0].max_sessions_per_grant, 16);
+        let c = parse(&SAMPLE.replace(
+            "egress = \"deny\"",
+            "egress = \"deny\"\nstartup_timeout = \"3s\"\nmax_pending_per_identity = 4\nmax_sessions_per_identity = 9\nmax_sessions_per_grant = 5",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.daemon.limits,
+            Limits {
+                startup_timeout: Duration::from_secs(3),
+                max_pending_per_identity: 4,
+                max_sessions_per_identity: 9,
+                max_sessions_per_grant: 5,
+            }
+        );
+        // A resource inherits the daemon's per-grant limit unless it sets its own.
+        assert_eq!(c.resources[0].max_sessions_per_grant, 5);
+        let c = parse(&SAMPLE.replace(
+            "on_missing_grant = \"reject\"",
+            "on_missing_grant = \"reject\"\nmax_sessions_per_grant = 2",
+        ))
+        .unwrap();
+        assert_eq!(c.resources[0].max_sessions_per_grant, 2);
+        for bad in ["0", "-1", "1000000"] {
+            let e = error_of(&SAMPLE.replace(
+                "egress = \"deny\"",
+                &format!("egress = \"deny\"\nmax_sessions_per_grant = {bad}"),
+            ));
+            assert!(
+                e.starts_with("test.toml:5: max_sessions_per_grant:") && e.contains("limit"),
+                "{e}"
+            );
+        }
+        let e = error_of(&SAMPLE.replace(
+            "on_missing_grant = \"reject\"",
+            "on_missing_grant = \"reject\"\nmax_sessions_per_grant = 0",
+        ));
+        assert!(
+            e.starts_with("test.toml:17: resource.max_sessions_per_grant:"),
+            "{e}"
+        );
+        let e = error_of(&SAMPLE.replace(
+            "egress = \"deny\"",
+            "egress = \"deny\"\nstartup_timeout = \"soon\"",
+        ));
+        assert!(e.starts_with("test.toml:5: startup_timeout:"), "{e}");
     }
 
     #[test]

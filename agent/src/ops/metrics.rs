@@ -19,6 +19,7 @@ use crate::{
 };
 
 pub const CONNECTIONS: &str = "jitgate_connections_total";
+pub const LIMIT_REFUSALS: &str = "jitgate_limit_refusals_total";
 pub const SESSION_BYTES: &str = "jitgate_session_bytes_total";
 pub const SESSIONS_OPEN: &str = "jitgate_sessions_open";
 pub const SESSION_SETUP: &str = "jitgate_session_setup_seconds";
@@ -135,6 +136,10 @@ fn describe() {
         "Gated connections that ended, by resource, identity and outcome (refusals included)."
     );
     describe_counter!(
+        LIMIT_REFUSALS,
+        "Connections refused by a concurrency limit or cut by startup_timeout, by limit and identity."
+    );
+    describe_counter!(
         SESSION_BYTES,
         Unit::Bytes,
         "Bytes relayed by ended sessions, by resource and direction (up: to the resource)."
@@ -210,6 +215,12 @@ pub fn session_ended(
     if bytes.1 > 0 {
         counter!(SESSION_BYTES, "resource" => resource, "direction" => "down").increment(bytes.1);
     }
+}
+
+/// A connection refused by a limit (`pending`, `sessions_per_identity`, `sessions_per_grant`,
+/// `agent`, `startup_timeout`).
+pub fn limit_refusal(limit: &'static str, identity: &str) {
+    counter!(LIMIT_REFUSALS, "limit" => limit, "identity" => identity.to_owned()).increment(1);
 }
 
 pub fn session_setup(protocol: &'static str, took: Duration) {

@@ -127,6 +127,15 @@ impl Protocol for Postgres {
         Self::new()
     }
 
+    fn early_refusal(limit: &crate::protocol::limits::Exceeded) -> Option<Vec<u8>> {
+        // Sent before the startup packet is read: libpq reads it after sending its own
+        // (or as the answer to its SSLRequest) and shows it like the server's "too many
+        // clients".
+        let mut out = bytes::BytesMut::new();
+        session::limit_error(limit).write(&mut out);
+        Some(out.to_vec())
+    }
+
     fn serve<'a>(
         &'a self,
         session: Session<'a>,

@@ -2,7 +2,9 @@
 //! CancelRequest recognized, the StartupMessage read. No password is asked for: the kernel
 //! already said who the workload is, and whatever password it would send is never used.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use tokio::time::{Instant, timeout_at};
 
 use bytes::{Buf as _, BytesMut};
 use tokio::io::{AsyncWriteExt as _, ReadHalf, WriteHalf};
@@ -41,6 +43,34 @@ pub enum StartupError {
     Tls(String),
     #[error("the client closed the connection during startup")]
     Closed,
+    /// The client did not finish its startup by the deadline (`[daemon] startup_timeout`).
+    #[error("{}", .0.message)]
+    Timeout(PgError, Option<Stream>),
+}
+
+/// When the startup must be over, and the configured timeout (for the error).
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline {
+    pub at: Instant,
+    pub timeout: Duration,
+}
+
+impl Deadline {
+    fn expired(self, stream: Option<Stream>) -> StartupError {
+        StartupError::Timeout(
+            PgError::fatal(
+                "08P01",
+                format!(
+                    "jitgate: the connection did not complete its startup within {}",
+                    crate::model::human_duration(self.timeout)
+                ),
+            )
+            .hint(
+                "a client sends its startup packet right after connecting; the jitgate operator sets [daemon] startup_timeout",
+            ),
+            stream,
+        )
+    }
 }
 
 impl From<std::io::Error> for StartupError {
@@ -55,12 +85,19 @@ pub async fn open(
     client_tls: ClientTls,
     ca: Option<&Arc<LocalCa>>,
     destination_ip: IpAddr,
+    deadline: Deadline,
 ) -> Result<Opening, StartupError> {
     let mut stream = Stream::Plain(client);
     let mut tls = false;
     loop {
         let mut reader = FrameReader::new(stream, client_cap);
-        let Some(mut body) = reader.startup().await? else {
+        // Every read and handshake of the startup is bounded by one deadline: a client that
+        // connects and says nothing, or says it one byte at a time, holds its slot only so long.
+        let read = match timeout_at(deadline.at, reader.startup()).await {
+            Ok(read) => read?,
+            Err(_) => return Err(deadline.expired(Some(reader.into_parts().0))),
+        };
+        let Some(mut body) = read else {
             return Err(StartupError::Closed);
         };
         let (inner, leftover) = reader.into_parts();
@@ -89,10 +126,14 @@ pub async fn open(
                     let Stream::Plain(plain) = stream else {
                         return Err(StartupError::Tls("TLS requested twice".into()));
                     };
-                    let accepted = tokio_rustls::TlsAcceptor::from(config)
-                        .accept(plain)
-                        .await
-                        .map_err(|e| StartupError::Tls(e.to_string()))?;
+                    let accepted = timeout_at(
+                        deadline.at,
+                        tokio_rustls::TlsAcceptor::from(config).accept(plain),
+                    )
+                    .await
+                    // Mid-handshake, the client cannot read a PostgreSQL error: it is closed.
+                    .map_err(|_| deadline.expired(None))?
+                    .map_err(|e| StartupError::Tls(e.to_string()))?;
                     stream = Stream::TlsServer(Box::new(accepted));
                     tls = true;
                 } else {

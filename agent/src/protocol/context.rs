@@ -6,7 +6,13 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{Outcome, live::Registry, record::Record, refuse};
+use super::{
+    Outcome,
+    limits::{self, Limits},
+    live::Registry,
+    record::Record,
+    refuse,
+};
 use crate::{
     config::{OnMissingGrant, Resource, SharedConfig},
     grants::{EngineError, GrantEngine, GrantHandle, GrantState},
@@ -29,6 +35,10 @@ pub struct Services {
     pub mask_key: [u8; 32],
     /// Cancelled when the host agent shuts down: sessions end with a clear outcome.
     pub shutdown: CancellationToken,
+    /// Concurrent connections per identity, per grant and agent-wide.
+    pub limits: Limits,
+    /// Refused connections, folded before they reach the audit log.
+    pub refusals: crate::refusals::ProxyRefusals,
 }
 
 /// One session as its protocol sees it: attributed, routed, not yet granted.
@@ -45,12 +55,63 @@ pub struct Session<'a> {
     pub upstream: SocketAddr,
     /// The session record being built up; the proxy writes it when the session ends.
     pub record: &'a mut Record,
+    /// The connection's slots (see [`limits`]): pending until the grant decision.
+    pub slots: limits::Pending,
+    /// The granted session's slots, once [`Session::acquire_grant`] took them.
+    pub granted: Option<limits::Granted>,
+    /// When the pre-grant phase (the protocol's startup) must be over: `[daemon]
+    /// startup_timeout` after accept.
+    pub startup_deadline: tokio::time::Instant,
+}
+
+/// Why [`Session::acquire_grant`] refused, for the client's own protocol.
+pub struct Refused {
+    /// What the session record says.
+    pub outcome: Outcome,
+    /// Set when a concurrency limit refused: the client's error says so (PostgreSQL:
+    /// SQLSTATE 53300) with its hint.
+    pub limit: Option<limits::Exceeded>,
+}
+
+impl From<Outcome> for Refused {
+    fn from(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            limit: None,
+        }
+    }
+}
+
+/// The outcome a limit refusal of `identity` records (and counts).
+pub fn limit_outcome(identity: &str, e: &limits::Exceeded) -> Outcome {
+    crate::ops::metrics::limit_refusal(e.kind.label(), identity);
+    refuse(SessionOutcome::RefusedLimit, format!("{e}; {}", e.hint()))
 }
 
 impl Session<'_> {
     /// The live grant this connection may ride on: found, or (for `on_missing_grant =
-    /// "request"`) asked for and waited on. `Err` is the refusal to record.
-    pub async fn acquire_grant(&mut self) -> Result<GrantHandle, Outcome> {
+    /// "request"`) asked for and waited on, within the identity's and the grant's session
+    /// limits. `Err` is the refusal to record.
+    pub async fn acquire_grant(&mut self) -> Result<GrantHandle, Refused> {
+        let grant = self.find_grant().await?;
+        let limits = &self.services.config.get().daemon.limits;
+        match self.slots.grant(
+            &grant.id,
+            limits.max_sessions_per_identity,
+            self.resource.max_sessions_per_grant,
+        ) {
+            Ok(granted) => {
+                self.granted = Some(granted);
+                Ok(grant)
+            }
+            Err(e) => Err(Refused {
+                outcome: limit_outcome(&self.who.identity, &e),
+                limit: Some(e),
+            }),
+        }
+    }
+
+    async fn find_grant(&mut self) -> Result<GrantHandle, Outcome> {
         let (services, who, resource) = (self.services, self.who, self.resource);
         if let Some(g) = services.engine.find(
             &who.identity,

@@ -18,6 +18,7 @@
 pub mod conn;
 pub mod context;
 pub mod hold;
+pub mod limits;
 pub mod live;
 pub mod rate;
 pub mod record;
@@ -30,7 +31,7 @@ use std::{
 
 pub use self::{
     conn::Conn,
-    context::{End, Services, Session, SessionEnd},
+    context::{End, Refused, Services, Session, SessionEnd, limit_outcome},
     hold::{Held, Hold, HoldOutcome},
 };
 use crate::{config::ResourceConfig, model::SessionOutcome};
@@ -59,6 +60,12 @@ pub trait Protocol: Send + Sync + Sized + 'static {
 
     /// The protocol's agent-lifetime state, built once at start.
     fn start(host: &Services) -> Self;
+
+    /// What to send a client refused by a limit before the protocol saw a byte of it (the
+    /// connection is closed after it). `None`: the client only sees the close.
+    fn early_refusal(_limit: &limits::Exceeded) -> Option<Vec<u8>> {
+        None
+    }
 
     /// Serves one session to its end. Every refusal is answered in the client's own
     /// protocol where it has one; the returned outcome is what the session record says.
@@ -113,6 +120,7 @@ pub trait Registered: Sync {
     fn keys(&self) -> &'static [&'static str];
     fn configure(&self, cx: &mut ResourceConfig<'_, '_>) -> Option<Settings>;
     fn start(&self, host: &Services) -> Arc<dyn Running>;
+    fn early_refusal(&self, limit: &limits::Exceeded) -> Option<Vec<u8>>;
 }
 
 /// A started protocol: serves sessions of its resources.
@@ -149,6 +157,10 @@ impl<P: Protocol> Registered for Registration<P> {
 
     fn start(&self, host: &Services) -> Arc<dyn Running> {
         Arc::new(Started(P::start(host)))
+    }
+
+    fn early_refusal(&self, limit: &limits::Exceeded) -> Option<Vec<u8>> {
+        P::early_refusal(limit)
     }
 }
 

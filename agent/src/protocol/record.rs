@@ -123,7 +123,9 @@ impl Record {
             ),
         }
         if refused {
-            services.store.session_refused(self.session);
+            services
+                .refusals
+                .record(&services.store, &services.shutdown, self.session);
         } else {
             services.store.session_ended(self.session);
         }

@@ -39,7 +39,7 @@ impl Protocol for Tcp {
     ) -> Outcome {
         let grant = match session.acquire_grant().await {
             Ok(g) => g,
-            Err(outcome) => return outcome,
+            Err(refused) => return refused.outcome,
         };
         session.record.session.grant = Some(grant.id.clone());
         let destination = session.upstream;

@@ -12,15 +12,18 @@
 use std::{net::SocketAddr, panic::AssertUnwindSafe, sync::Arc};
 
 use futures_util::FutureExt as _;
-use tokio::net::TcpStream;
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 use tracing::{Instrument as _, error, info_span};
 
 use super::{ProxyContext, routes};
 use crate::{
     ids,
     model::SessionOutcome,
-    protocol::{Conn, Outcome, Session, record::Record, refuse},
+    protocol::{Conn, Outcome, Session, limit_outcome, record::Record, refuse},
 };
+
+/// How long a refusal sent before the protocol starts may take to write.
+const EARLY_REFUSAL_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Handles one accepted connection to its end. Never panics on bad input; every exit is
 /// recorded, a panic's too (the session ends, its record is closed and it leaves the live
@@ -87,6 +90,9 @@ async fn run(
     ends: Option<(SocketAddr, SocketAddr)>,
     s: &mut Record,
 ) -> Outcome {
+    // The pre-grant phase is bounded from accept, whatever the protocol does first.
+    let startup_deadline =
+        tokio::time::Instant::now() + ctx.services.config.get().daemon.limits.startup_timeout;
     let Some((peer, local)) = ends else {
         return refuse(SessionOutcome::Error, "connection vanished on accept");
     };
@@ -152,6 +158,31 @@ async fn run(
             format!("protocol {} is not running", resource.settings.protocol()),
         );
     };
+    // Attribution and routing read no byte of the client's; from here on it could hold the
+    // connection, so it needs a pending slot first.
+    let max_pending = config.daemon.limits.max_pending_per_identity;
+    let slots = match ctx
+        .services
+        .limits
+        .pending(&attribution.identity, max_pending)
+    {
+        Ok(slots) => slots,
+        Err(e) => {
+            if let Some(answer) = crate::protocol::find(resource.settings.protocol())
+                .and_then(|p| p.early_refusal(&e))
+            {
+                let mut client = client;
+                // Best effort, and never waiting on a client that does not read.
+                let _ = tokio::time::timeout(EARLY_REFUSAL_WRITE, async {
+                    client.write_all(&answer).await?;
+                    client.shutdown().await
+                })
+                .await;
+            }
+            return limit_outcome(&attribution.identity, &e);
+        }
+    };
+    drop(config);
     let session = Session {
         services: &ctx.services,
         who: &attribution,
@@ -160,6 +191,9 @@ async fn run(
         destination,
         upstream,
         record: s,
+        slots,
+        granted: None,
+        startup_deadline,
     };
     protocol.serve(session, client).await
 }

@@ -150,3 +150,74 @@ async fn a_local_resource_is_reached_at_its_own_endpoint_only() {
         let _ = outcome(task).await;
     }
 }
+
+/// Opens a tcp session and checks it relays.
+async fn relaying(
+    h: &Harness,
+) -> (
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<crate::protocol::Outcome>,
+) {
+    let (mut client, task) = h.connect();
+    client.write_all(b"ping").await.expect("write");
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    (client, task)
+}
+
+#[tokio::test]
+async fn tcp_sessions_are_limited_per_grant_and_per_identity() {
+    for (resource, daemon, key) in [
+        ("max_sessions_per_grant = 2", "", "max_sessions_per_grant"),
+        ("", "max_sessions_per_grant = 2", "max_sessions_per_grant"),
+        (
+            "",
+            "max_sessions_per_identity = 2",
+            "max_sessions_per_identity",
+        ),
+    ] {
+        let h = Harness::many(crate::testing::echo_server().await, "tcp", resource, daemon).await;
+        h.grant().await;
+        let mut open = vec![relaying(&h).await, relaying(&h).await];
+        let (client, task) = h.connect();
+        let (how, detail) = outcome(task).await;
+        assert_eq!(how, SessionOutcome::RefusedLimit, "{key}: {detail}");
+        assert!(detail.contains(key), "{key}: {detail}");
+        assert!(drain(client).await.is_empty());
+        assert_eq!(h.ctx.services.registry.len(), 2);
+        // A session that ends gives its slots back.
+        let (gone, task) = open.pop().expect("open");
+        drop(gone);
+        let _ = outcome(task).await;
+        open.push(relaying(&h).await);
+        drop(open);
+    }
+}
+
+#[tokio::test]
+async fn refused_connect_and_close_floods_are_folded_in_the_audit() {
+    let h = Harness::many(crate::testing::echo_server().await, "tcp", "", "").await;
+    for _ in 0..500 {
+        let (client, task) = h.connect();
+        drop(client);
+        assert_eq!(outcome(task).await.0, SessionOutcome::RefusedNoGrant);
+    }
+    let store = &h.ctx.services.store;
+    h.ctx.services.refusals.flush(store);
+    store.flush().await.expect("flush");
+    let log = store.audit_log(None, 10_000).await.expect("audit");
+    let kinds: Vec<&str> = log.iter().map(|r| r.kind.as_str()).collect();
+    assert!(
+        log.len() as u64 <= crate::refusals::FULL_PER_WINDOW + 1,
+        "{kinds:?}"
+    );
+    let folded: u64 = log
+        .iter()
+        .filter(|r| r.kind == "sessions.refused")
+        .map(|r| r.detail["count"].as_u64().expect("count"))
+        .sum();
+    assert_eq!(folded, 500 - crate::refusals::FULL_PER_WINDOW, "{kinds:?}");
+}

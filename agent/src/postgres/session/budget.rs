@@ -1,11 +1,11 @@
-//! How much a session has returned against its grant's limits ([`Limits`]): rows and bytes
+//! How much a session has returned against its grant's limits ([`GrantLimits`]): rows and bytes
 //! per statement and per session. A statement that passes a limit is cut: the client gets
 //! SQLSTATE 54000 in place of the rest of its results, the gate cancels it on the server,
 //! and everything the server still sends for that cycle is dropped up to its ReadyForQuery,
 //! so that client and server agree again and the session stays usable. Once the session's
 //! own budget is spent, each further statement is refused the same way before it runs.
 
-use crate::{config::Limits, postgres::wire::PgError};
+use crate::{config::GrantLimits, postgres::wire::PgError};
 
 #[derive(Debug, Default)]
 pub(in crate::postgres) struct Budget {
@@ -15,7 +15,7 @@ pub(in crate::postgres) struct Budget {
     session_bytes: u64,
     /// Frames are dropped until the ReadyForQuery that ends the cut statement's cycle.
     pub(in crate::postgres) skipping: bool,
-    /// Limits already reported (logged and audited) in this session.
+    /// GrantLimits already reported (logged and audited) in this session.
     reported: Vec<&'static str>,
 }
 
@@ -43,7 +43,11 @@ impl Budget {
     }
 
     /// Counts one row of `bytes`; the limit it passes, if any.
-    pub(in crate::postgres) fn count(&mut self, limits: &Limits, bytes: u64) -> Option<Passed> {
+    pub(in crate::postgres) fn count(
+        &mut self,
+        limits: &GrantLimits,
+        bytes: u64,
+    ) -> Option<Passed> {
         self.statement_rows += 1;
         self.statement_bytes += bytes;
         self.session_rows += 1;
@@ -78,7 +82,7 @@ impl Budget {
     }
 
     /// The session limit already spent, if any: further statements are refused.
-    pub(in crate::postgres) fn spent(&self, limits: &Limits) -> Option<Passed> {
+    pub(in crate::postgres) fn spent(&self, limits: &GrantLimits) -> Option<Passed> {
         [
             (
                 "rows_per_session",
@@ -138,10 +142,10 @@ mod tests {
 
     #[test]
     fn statement_limits_reset_and_session_limits_add_up() {
-        let limits = Limits {
+        let limits = GrantLimits {
             rows_per_statement: Some(3),
             bytes_per_session: Some(100),
-            ..Limits::default()
+            ..GrantLimits::default()
         };
         let mut b = Budget::default();
         for _ in 0..3 {

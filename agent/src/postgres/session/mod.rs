@@ -82,6 +82,11 @@ fn fatal_to(err: &PgError) -> BytesMut {
     out
 }
 
+/// A concurrency limit or the startup timeout, as PostgreSQL says "too many connections".
+pub(crate) fn limit_error(limit: &crate::protocol::limits::Exceeded) -> PgError {
+    PgError::fatal("53300", format!("jitgate: {limit}")).hint(limit.hint())
+}
+
 async fn refuse_client<W: AsyncWrite + Unpin>(writer: &mut W, err: PgError) {
     let out = fatal_to(&err);
     let _ = writer.write_all(&out).await;
@@ -105,17 +110,40 @@ pub(crate) async fn serve(
         session.upstream,
     );
     client.set_nodelay();
-    let opening =
-        match startup::open(client, pg.client_tls, ctx.ca.as_ref(), destination.ip()).await {
-            Ok(o) => o,
-            Err(StartupError::Refuse(err, stream)) => {
-                if let Some(mut stream) = stream {
-                    refuse_client(&mut stream, err.clone()).await;
-                }
-                return refuse(SessionOutcome::Error, err.message);
+    let deadline = startup::Deadline {
+        at: session.startup_deadline,
+        timeout: ctx.config.get().daemon.limits.startup_timeout,
+    };
+    let opening = match startup::open(
+        client,
+        pg.client_tls,
+        ctx.ca.as_ref(),
+        destination.ip(),
+        deadline,
+    )
+    .await
+    {
+        Ok(o) => o,
+        Err(StartupError::Refuse(err, stream)) => {
+            if let Some(mut stream) = stream {
+                refuse_client(&mut stream, err.clone()).await;
             }
-            Err(e) => return refuse(SessionOutcome::Error, format!("startup: {e}")),
-        };
+            return refuse(SessionOutcome::Error, err.message);
+        }
+        Err(StartupError::Timeout(err, stream)) => {
+            if let Some(mut stream) = stream {
+                // A client that reads nothing does not hold the session open either.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    refuse_client(&mut stream, err.clone()),
+                )
+                .await;
+            }
+            crate::ops::metrics::limit_refusal("startup_timeout", &who.identity);
+            return refuse(SessionOutcome::RefusedLimit, err.message);
+        }
+        Err(e) => return refuse(SessionOutcome::Error, format!("startup: {e}")),
+    };
     let (params, reader, mut writer, tls) = match opening {
         Opening::Cancel { key } => return cancel(shared, pg, who, resource, key).await,
         Opening::Session {
@@ -196,12 +224,14 @@ pub(crate) async fn serve(
 
     let grant = match session.acquire_grant().await {
         Ok(g) => g,
-        Err(outcome) => {
-            let err = match outcome.0 {
-                SessionOutcome::Shutdown => {
+        Err(refused) => {
+            let outcome = refused.outcome;
+            let err = match (&refused.limit, outcome.0) {
+                (Some(limit), _) => limit_error(limit),
+                (None, SessionOutcome::Shutdown) => {
                     PgError::fatal("57P01", "jitgate: the host agent is shutting down")
                 }
-                _ => PgError::fatal(
+                (None, _) => PgError::fatal(
                     "28000",
                     format!(
                         "jitgate: {} has no {} grant for {}",
@@ -373,7 +403,7 @@ pub(crate) async fn serve(
         limits: ctx
             .config
             .get()
-            .limits(&who.identity, &resource.name, grant.access),
+            .grant_limits(&who.identity, &resource.name, grant.access),
         masker,
         recorder: Masker::recorder(ctx.mask_key),
         catalog: tokio::sync::Mutex::new(Catalog::new(login.clone())),

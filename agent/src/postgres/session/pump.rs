@@ -17,7 +17,7 @@ pub(super) struct Pump<'a> {
     /// The grant's id, for its statement rate.
     pub(super) grant: String,
     /// The grant's blast-radius limits (see [`super::budget`]).
-    pub(super) limits: crate::config::Limits,
+    pub(super) limits: crate::config::GrantLimits,
     pub(super) masker: Option<Masker>,
     pub(super) recorder: Masker,
     pub(super) catalog: tokio::sync::Mutex<Catalog>,

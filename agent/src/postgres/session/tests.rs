@@ -511,3 +511,160 @@ async fn syntax_errors_carry_the_servers_position() {
     drop(client);
     let _ = outcome(task).await;
 }
+
+/// The ErrorResponse in what a refused client read, after the one-byte SSL answer if any.
+fn refusal_of(got: &[u8]) -> Vec<(u8, String)> {
+    let start = usize::from(matches!(got.first(), Some(b'N' | b'S')));
+    error_fields(&got[start..])
+}
+
+#[tokio::test]
+async fn every_pre_grant_phase_times_out_with_a_postgres_error() {
+    const DAEMON: &str = r#"startup_timeout = "300ms""#;
+    // What hostile clients do instead of a startup packet.
+    let ssl_request = {
+        let mut b = BytesMut::new();
+        postgres_protocol::message::frontend::ssl_request(&mut b);
+        b
+    };
+    let whole = startup(&[("user", "agent"), ("database", "app")]);
+    for variant in ["idle", "byte by byte", "SSLRequest then silence"] {
+        let h = Harness::many(
+            "127.0.0.1:1".parse().expect("addr"),
+            "postgres",
+            PG_KEYS,
+            DAEMON,
+        )
+        .await;
+        let (mut client, task) = h.connect();
+        let started = std::time::Instant::now();
+        let trickle = async {
+            match variant {
+                "byte by byte" => {
+                    for b in whole.iter() {
+                        if client.write_all(&[*b]).await.is_err() {
+                            break;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+                "SSLRequest then silence" => {
+                    client.write_all(&ssl_request).await.expect("ssl request");
+                }
+                _ => {}
+            }
+        };
+        // The trickle takes longer than the timeout; the session must end regardless.
+        let (_, (how, detail)) = tokio::join!(
+            tokio::time::timeout(std::time::Duration::from_secs(2), trickle),
+            outcome(task)
+        );
+        assert_eq!(how, SessionOutcome::RefusedLimit, "{variant}: {detail}");
+        assert!(detail.contains("startup within"), "{variant}: {detail}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "{variant}: ended after {:?}",
+            started.elapsed()
+        );
+        let fields = refusal_of(&drain(client).await);
+        assert_eq!(field(&fields, b'C'), "08P01", "{variant}");
+        assert!(
+            field(&fields, b'H').contains("startup_timeout"),
+            "{variant}"
+        );
+        assert_eq!(h.ctx.services.limits.in_use("bot"), (0, 0, 0), "{variant}");
+    }
+}
+
+#[tokio::test]
+async fn pending_connections_are_limited_per_identity() {
+    const DAEMON: &str = "max_pending_per_identity = 3\nstartup_timeout = \"30s\"";
+    let h = Harness::many(
+        "127.0.0.1:1".parse().expect("addr"),
+        "postgres",
+        PG_KEYS,
+        DAEMON,
+    )
+    .await;
+    // Three idle connections without a grant hold the identity's pending slots...
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(h.connect());
+    }
+    for _ in 0..100 {
+        if h.ctx.services.limits.in_use("bot").1 == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.ctx.services.limits.in_use("bot").1, 3);
+    // ...so the fourth is refused at once, in PostgreSQL's words, before it sends anything.
+    let (client, task) = h.connect();
+    let (how, detail) = outcome(task).await;
+    assert_eq!(how, SessionOutcome::RefusedLimit, "{detail}");
+    let fields = error_fields(&drain(client).await);
+    assert_eq!(field(&fields, b'C'), "53300");
+    assert!(field(&fields, b'M').contains("limit 3"), "{fields:?}");
+    assert!(
+        field(&fields, b'H').contains("max_pending_per_identity"),
+        "{fields:?}"
+    );
+    // One idle connection leaves: its slot is free again for the next one.
+    let (gone, gone_task) = idle.pop().expect("idle");
+    drop(gone);
+    let _ = outcome(gone_task).await;
+    let (mut client, task) = h.connect();
+    client
+        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
+        .await
+        .expect("startup");
+    assert_eq!(outcome(task).await.0, SessionOutcome::RefusedNoGrant);
+    drop(client);
+    drop(idle);
+}
+
+#[tokio::test]
+async fn sessions_per_grant_are_limited_with_53300() {
+    let server = FakeServer::start("x").await;
+    let keys = format!("{MASKED}\nmax_sessions_per_grant = 2");
+    let h = Harness::many(server.addr, "postgres", &keys, "").await;
+    h.grant().await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let (mut client, task) = h.connect();
+        client
+            .write_all(&startup(&[("user", "agent"), ("database", "app")]))
+            .await
+            .expect("startup");
+        until_ready(&mut client).await;
+        open.push((client, task));
+    }
+    // The third session under the same grant is refused; the server never saw it.
+    let (mut client, task) = h.connect();
+    client
+        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
+        .await
+        .expect("startup");
+    let fields = error_fields(&drain(client).await);
+    assert_eq!(field(&fields, b'C'), "53300");
+    assert!(
+        field(&fields, b'M').contains("open sessions (limit 2)"),
+        "{fields:?}"
+    );
+    assert!(
+        field(&fields, b'H').contains("max_sessions_per_grant"),
+        "{fields:?}"
+    );
+    assert_eq!(outcome(task).await.0, SessionOutcome::RefusedLimit);
+    // A session that ends gives its slot back.
+    let (gone, gone_task) = open.pop().expect("open");
+    drop(gone);
+    let _ = outcome(gone_task).await;
+    let (mut client, _task) = h.connect();
+    client
+        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
+        .await
+        .expect("startup");
+    let hello = until_ready(&mut client).await;
+    assert!(error_code(&hello).is_none(), "logged in again");
+}

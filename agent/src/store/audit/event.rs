@@ -56,6 +56,9 @@ pub enum Event {
     SocketRefused(KernelRefusal),
     /// `bind.refused`: the kernel refused a bind.
     BindRefused(KernelRefusal),
+    /// `sessions.refused`: the proxy refused more connections with the same key within a
+    /// window than it records as `session.refused` (folded, like kernel refusals).
+    SessionsRefused(ProxyRefusal),
     /// `config.reloaded`.
     ConfigReloaded(ConfigReloaded),
     /// `gate.detached`.
@@ -91,6 +94,7 @@ impl Event {
             Self::ConnectRefused(_) => "connect.refused",
             Self::SocketRefused(_) => "socket.refused",
             Self::BindRefused(_) => "bind.refused",
+            Self::SessionsRefused(_) => "sessions.refused",
             Self::ConfigReloaded(_) => "config.reloaded",
             Self::GateDetached(_) => "gate.detached",
             Self::DaemonStarted(_) => "daemon.started",
@@ -345,6 +349,22 @@ pub struct KernelRefusal {
     pub socket_type: u8,
     pub protocol: u16,
     pub reason: String,
+    pub count: u64,
+}
+
+/// Proxy refusals with the same key, folded over a window.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProxyRefusal {
+    pub identity: Option<String>,
+    pub task: Option<String>,
+    pub uid: u32,
+    pub pids: Vec<u32>,
+    pub resource: Option<String>,
+    pub destination: String,
+    pub outcome: SessionOutcome,
+    /// The last refusal's reason.
+    pub reason: String,
+    /// Refusals in the window beyond those recorded as `session.refused`.
     pub count: u64,
 }
 
