@@ -107,6 +107,11 @@ gate_cgroup = "{GATE_CGROUP}"
 bpf_pin_dir = "{PIN_DIR}"
 proxy_listen = "127.0.0.1:{PROXY_PORT}"
 egress = "deny"
+# The bench measures the data path with many clients on one grant and many idle
+# connections: the per-identity and per-grant connection limits are lifted.
+max_pending_per_identity = 100000
+max_sessions_per_identity = 100000
+max_sessions_per_grant = 100000
 
 [[workload]]
 identity = "bench"
