@@ -1314,6 +1314,17 @@ fn column_rules_follow_values_through_aliases_and_expressions() {
          CREATE MATERIALIZED VIEW frozen AS SELECT id, email AS e FROM users; \
          GRANT SELECT ON contacts, contacts2, as_json, frozen TO orders_ro",
     );
+    // Functions made outside the gate that return the masked column.
+    pg.admin(
+        "orders",
+        "CREATE FUNCTION get_email(int) RETURNS text LANGUAGE sql AS 'SELECT email FROM users WHERE id = $1'; \
+         CREATE FUNCTION wrap_email(int) RETURNS text LANGUAGE sql AS 'SELECT get_email($1)'; \
+         CREATE FUNCTION pl_email(i int) RETURNS text LANGUAGE plpgsql AS \
+           $$ BEGIN RETURN (SELECT email FROM users WHERE id = i); END $$; \
+         CREATE FUNCTION dyn_email(t text) RETURNS text LANGUAGE plpgsql AS \
+           $$ DECLARE r text; BEGIN EXECUTE 'SELECT email FROM ' || t || ' LIMIT 1' INTO r; RETURN r; END $$; \
+         CREATE FUNCTION all_users() RETURNS SETOF users LANGUAGE sql AS 'SELECT * FROM users'",
+    );
     // Every way to get users.email out without naming it as a plain column.
     for sql in [
         "SELECT email AS contact FROM users WHERE id = 1",
@@ -1347,6 +1358,12 @@ fn column_rules_follow_values_through_aliases_and_expressions() {
         "SELECT j ->> 'email' FROM as_json WHERE id = 1",
         "SELECT e FROM frozen WHERE id = 1",
         "COPY (SELECT c FROM contacts2) TO STDOUT",
+        // Through functions.
+        "SELECT get_email(1)",
+        "SELECT upper(wrap_email(1))",
+        "SELECT pl_email(1)",
+        "SELECT dyn_email('users')",
+        "SELECT e FROM all_users() AS f(i, n, e, c, s, o) WHERE i = 1",
     ] {
         let ran = psql(&gate, Some("read"), &pg, &[sql]);
         assert_eq!(ran.code, 0, "{sql}: {ran:#?}");

@@ -23,6 +23,9 @@ pub struct Catalog {
     /// By relation oid: for a view or materialized view, the table columns it reads; `None`
     /// for anything else.
     views: HashMap<u32, Option<Arc<Vec<ColumnName>>>>,
+    /// By plain name: (language, body) of every function of that name outside `pg_catalog`,
+    /// `information_schema` and extensions.
+    bodies: HashMap<String, Arc<Vec<(String, String)>>>,
 }
 
 /// (schema, table, column).
@@ -66,6 +69,7 @@ impl Catalog {
             columns: HashMap::new(),
             relations: HashMap::new(),
             views: HashMap::new(),
+            bodies: HashMap::new(),
         }
     }
 
@@ -115,6 +119,45 @@ impl Catalog {
                 Err(CatalogError)
             }
         }
+    }
+
+    /// The (language, body) of every function named `name` that is not built in: outside
+    /// `pg_catalog` and `information_schema`, and not a member of an extension (code a
+    /// superuser installed, trusted like the built-ins). Empty for built-ins.
+    pub async fn function_bodies(
+        &mut self,
+        name: &str,
+    ) -> Result<Arc<Vec<(String, String)>>, CatalogError> {
+        if let Some(hit) = self.bodies.get(name) {
+            return Ok(hit.clone());
+        }
+        let rows = self
+            .query(&format!(
+                "SELECT l.lanname, p.prosrc FROM pg_catalog.pg_proc p \
+                 JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+                 WHERE p.proname = {} AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                 AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+                   WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid \
+                   AND d.deptype = 'e')",
+                quote_literal(name)
+            ))
+            .await?;
+        let bodies = Arc::new(
+            rows.into_iter()
+                .filter_map(|r| match &r[..] {
+                    [Some(lang), Some(src)] => Some((lang.clone(), src.clone())),
+                    // A body the catalog will not show is not known.
+                    [Some(lang), None] => Some((lang.clone(), String::new())),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        );
+        if self.bodies.len() >= MAX_CACHED {
+            self.bodies.clear();
+        }
+        self.bodies.insert(name.to_owned(), bodies.clone());
+        Ok(bodies)
     }
 
     /// For each of `names` that names a function, whether some function of that name may act

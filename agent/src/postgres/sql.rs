@@ -125,6 +125,8 @@ pub struct ResultRefs {
     pub relations: BTreeSet<(Option<String>, String)>,
     /// Some statement renames columns (see [`Statement::renames`]).
     pub renamed: bool,
+    /// Functions called, plain names: one created outside the gate can read any relation.
+    pub functions: BTreeSet<String>,
     /// Rows come from something the proxy did not see defined (a cursor or prepared statement
     /// it does not know): every computed value is masked.
     pub opaque: bool,
@@ -146,6 +148,8 @@ impl ResultRefs {
         self.row_names.extend(s.aliases.iter().cloned());
         self.relations.extend(s.relations.iter().cloned());
         self.renamed |= s.renames;
+        self.functions
+            .extend(s.functions.iter().filter(|f| !f.contains('.')).cloned());
     }
 
     pub fn merge(&mut self, other: &Self) {
@@ -153,6 +157,7 @@ impl ResultRefs {
         self.row_names.extend(other.row_names.iter().cloned());
         self.relations.extend(other.relations.iter().cloned());
         self.renamed |= other.renamed;
+        self.functions.extend(other.functions.iter().cloned());
         self.opaque |= other.opaque;
     }
 
@@ -1046,6 +1051,11 @@ fn absorb(s: &mut Statement, inner: Statement) {
         s.side_channel = inner.side_channel.or(inner.param_side_channel);
     }
     s.sets_search_path |= inner.sets_search_path;
+    // What a body returns, for masking what a call of it returns.
+    s.output_refs.extend(inner.output_refs);
+    s.aliases.extend(inner.aliases);
+    s.relations.extend(inner.relations);
+    s.renames |= inner.renames;
 }
 
 /// The query of `COPY (query) TO ...`, exactly as written: from the parenthesis that opens it
@@ -1102,6 +1112,7 @@ fn analyze_fragment(
             top_level(node, sql, mode, &mut inner)?;
         }
         walk(node, &mut inner)?;
+        outputs(node, false, &mut inner);
         absorb(s, inner);
     }
     Ok(())
@@ -1161,6 +1172,39 @@ fn plpgsql_body(body: &str, mode: ParseMode, s: &mut Statement) -> Result<(), Pa
     let tree =
         super::libpg::plpgsql(&wrapped).map_err(|e| ParseError(format!("in a DO block: {e}")))?;
     plpgsql_tree(&tree, mode, s)
+}
+
+/// What a function body stored in the catalog reads: its relations (as written) and the
+/// functions it calls, or `None` when that cannot be told (another language, a body that
+/// does not parse, SQL built at run time).
+pub fn body_reads(language: &str, body: &str, mode: ParseMode) -> Option<ResultRefs> {
+    let mut s = Statement::default();
+    match language {
+        "sql" => analyze_fragment(body, 0, mode, &mut s).ok()?,
+        "plpgsql" => {
+            // Which return type the body was written for decides which RETURN forms
+            // compile; the first one that does is the body as the server runs it.
+            plpgsql_mode(mode).ok()?;
+            let mut tag = String::from("jitgate");
+            while body.contains(&format!("${tag}$")) {
+                tag.push('x');
+            }
+            let tree = ["void", "record", "SETOF record"].iter().find_map(|returns| {
+                super::libpg::plpgsql(&format!(
+                    "CREATE FUNCTION jitgate_body() RETURNS {returns} LANGUAGE plpgsql AS ${tag}${body}${tag}$"
+                ))
+                .ok()
+            })?;
+            plpgsql_tree(&tree, mode, &mut s).ok()?;
+        }
+        _ => return None,
+    }
+    if s.hazards.contains(&Hazard::DynamicSql) {
+        return None;
+    }
+    let mut refs = ResultRefs::default();
+    refs.add(&s);
+    Some(refs)
 }
 
 fn function_body(
@@ -1262,6 +1306,36 @@ mod tests {
             let s = one(sql);
             assert!(s.side_channel.is_some(), "{sql} not caught");
         }
+    }
+
+    #[test]
+    fn function_bodies_say_what_they_read() {
+        let mode = ParseMode {
+            standard_conforming_strings: true,
+        };
+        let r = body_reads("sql", "SELECT email FROM public.users WHERE id = $1", mode).unwrap();
+        assert_eq!(
+            r.relations.iter().cloned().collect::<Vec<_>>(),
+            vec![(Some("public".to_owned()), "users".to_owned())]
+        );
+        assert!(r.names.contains("email") && r.functions.is_empty(), "{r:?}");
+        let r = body_reads("sql", "SELECT count(*) FROM users", mode).unwrap();
+        assert!(r.names.is_empty() && !r.whole_rows(), "{r:?}");
+        let r = body_reads(
+            "plpgsql",
+            "BEGIN RETURN (SELECT upper(ssn) FROM people WHERE id = i); END",
+            mode,
+        )
+        .unwrap();
+        assert!(r.relations.contains(&(None, "people".to_owned())), "{r:?}");
+        assert!(
+            r.names.contains("ssn") && r.functions.contains("upper"),
+            "{r:?}"
+        );
+        // Built at run time, another language, or unparseable: cannot be told.
+        assert!(body_reads("plpgsql", "BEGIN EXECUTE 'SELECT 1'; END", mode).is_none());
+        assert!(body_reads("c", "whatever", mode).is_none());
+        assert!(body_reads("sql", "SELEC nope", mode).is_none());
     }
 
     #[test]

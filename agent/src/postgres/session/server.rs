@@ -290,16 +290,55 @@ impl Pump<'_> {
         if refs.opaque {
             return Some(Strategy::Redact);
         }
-        let mut rule = refs
-            .names
-            .iter()
-            .filter(|n| *n != "*")
-            .filter_map(|n| masker.column_strategy_by_name(n))
-            .max_by_key(|s| s.strictness());
-        let whole_rows = refs.whole_rows();
-        let search_path_changed = self.lock().search_path_changed;
+        let mut rule = None;
+        let (search_path_changed, mode) = {
+            let st = self.lock();
+            (st.search_path_changed, st.parse_mode)
+        };
         let mut catalog = self.catalog.lock().await;
-        for (schema, name) in &refs.relations {
+        // Functions created outside the gate return what their bodies compute: each body's
+        // references count like the statement's own. A body that cannot be read (another
+        // language, SQL built at run time) could return anything.
+        let mut all = vec![Arc::new(refs.clone())];
+        let mut pending: Vec<String> = refs.functions.iter().cloned().collect();
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(name) = pending.pop() {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            if seen.len() > 64 {
+                return Some(Strategy::Redact);
+            }
+            let bodies = match catalog.function_bodies(&name).await {
+                Ok(b) => b,
+                Err(_) => return Some(Strategy::Null),
+            };
+            for (language, body) in bodies.iter() {
+                match crate::postgres::sql::body_reads(language, body, mode) {
+                    Some(body) => {
+                        pending.extend(body.functions.iter().cloned());
+                        all.push(Arc::new(body));
+                    }
+                    None => return Some(Strategy::Redact),
+                }
+            }
+        }
+        for refs in &all {
+            rule = refs
+                .names
+                .iter()
+                .filter(|n| *n != "*")
+                .filter_map(|n| masker.column_strategy_by_name(n))
+                .chain(rule)
+                .max_by_key(|s| s.strictness());
+        }
+        let mut relations: Vec<((Option<String>, String), bool)> = Vec::new();
+        for refs in &all {
+            let whole_rows = refs.whole_rows();
+            relations.extend(refs.relations.iter().map(|r| (r.clone(), whole_rows)));
+        }
+        for ((schema, name), whole_rows) in &relations {
+            let whole_rows = *whole_rows;
             if schema.is_none() && search_path_changed {
                 // Which relation the name means now is the session's secret.
                 return Some(Strategy::Null);
