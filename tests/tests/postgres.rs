@@ -1554,13 +1554,35 @@ fn masked_values_do_not_leave_by_side_channels() {
         ],
     );
     assert_eq!(ran.stdout.trim(), "\"j***@example.com\",vip", "{ran:#?}");
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &["COPY users TO STDOUT (FORMAT csv, ESCAPE '!')"],
+    );
+    assert!(ran.stderr.contains("0A000"), "{ran:#?}");
+    assert!(ran.stdout.is_empty(), "{ran:#?}");
+    // Binary COPY: the masked column and every detector hit are withheld (NULL), the rest
+    // arrives as the server sent it.
     for sql in [
-        "COPY users TO STDOUT (FORMAT csv, ESCAPE '!')",
         "COPY users TO STDOUT (FORMAT binary)",
+        "COPY (SELECT name, card, ssn, note FROM users) TO STDOUT (FORMAT binary)",
     ] {
         let ran = psql(&gate, Some("read"), &pg, &[sql]);
-        assert!(ran.stderr.contains("0A000"), "{sql}: {ran:#?}");
-        assert!(ran.stdout.is_empty(), "{sql}: {ran:#?}");
+        assert_eq!(ran.code, 0, "{sql}: {ran:#?}");
+        assert!(ran.stdout.starts_with("PGCOPY"), "{sql}: {ran:#?}");
+        assert!(ran.stdout.contains("Jane"), "{sql}: {ran:#?}");
+        for secret in [
+            "4111 1111",
+            "123-45-6789",
+            "jane@example.com",
+            "AKIAIOSFODNN7EXAMPLE",
+        ] {
+            assert!(
+                !ran.stdout.contains(secret),
+                "{sql} leaked {secret}: {ran:#?}"
+            );
+        }
     }
     // After search_path changes, an unqualified COPY cannot be mapped to its table: refused;
     // a qualified one is masked as always.

@@ -263,6 +263,25 @@ fn mask_cell(plan: &ColPlan, raw: &[u8], masker: &Masker, stats: &mut Masked) ->
     out
 }
 
+/// Whether a detector finds something in a binary value of unknown type: the text inside it,
+/// or, for 8 bytes, the integer they spell (a card number kept in a bigint). Counts a hit as
+/// a withheld value.
+fn binary_hit(raw: &[u8], masker: &Masker, stats: &mut Masked) -> bool {
+    if let Ok(bytes) = <[u8; 8]>::try_from(raw)
+        && masker.detects(Detector::Card)
+        && !matches!(
+            masker.scan(&i64::from_be_bytes(bytes).to_string(), &mut |_| {}),
+            Outcome::Keep
+        )
+    {
+        stats.values += 1;
+        stats.withheld += 1;
+        stats.hit(Detector::Card);
+        return true;
+    }
+    matches!(withhold_on_hit(&lossy_text(raw), masker, stats), Cell::Null)
+}
+
 /// Withholds a value whose text (`text`) a detector finds something in.
 fn withhold_on_hit(text: &str, masker: &Masker, stats: &mut Masked) -> Cell {
     let mut hits = Vec::new();
@@ -737,10 +756,14 @@ impl CopyMasker {
                         continue;
                     }
                     let raw = tuple.split_to(len as usize);
-                    // Binary COPY carries no types: only column rules apply, and they withhold.
+                    // Binary COPY carries no types: a column rule withholds the value, and so
+                    // does a detector's hit on the text inside it (or on an 8-byte integer
+                    // read as a number), since a binary value cannot carry "****".
                     if self.plan.rule(i).is_some() {
                         stats.values += 1;
                         stats.by_column_rule += 1;
+                        o.put_i32(-1);
+                    } else if masker.has_detectors() && binary_hit(&raw, masker, stats) {
                         o.put_i32(-1);
                     } else {
                         o.put_i32(len);
@@ -748,7 +771,6 @@ impl CopyMasker {
                     }
                 }
             });
-            let _ = masker;
         }
     }
 }

@@ -253,13 +253,6 @@ impl Pump<'_> {
                         header: copy.header,
                     }
                 }
-                "binary" if masker.has_detectors() => {
-                    return Err(PgError::error(
-                        "0A000",
-                        "jitgate: binary COPY output cannot be scanned for sensitive values; it was not run",
-                    )
-                    .hint("use COPY ... TO STDOUT with FORMAT text or csv"));
-                }
                 "binary" => CopyFormat::Binary,
                 _ => CopyFormat::Text {
                     delimiter: copy.delimiter.unwrap_or(b'\t'),
