@@ -57,6 +57,31 @@ const PACKAGES: &[(&str, &str, &str)] = &[
     ),
     ("passwd", "/usr/sbin/useradd", "test accounts"),
     (
+        "python3-psycopg2",
+        "/usr/lib/python3/dist-packages/psycopg2/__init__.py",
+        "psycopg2, a driver in the client compatibility tests",
+    ),
+    (
+        "python3-psycopg",
+        "/usr/lib/python3/dist-packages/psycopg/__init__.py",
+        "psycopg 3, a driver in the client compatibility tests",
+    ),
+    (
+        "python3-asyncpg",
+        "/usr/lib/python3/dist-packages/asyncpg/__init__.py",
+        "asyncpg, a driver in the client compatibility tests",
+    ),
+    (
+        "libpostgresql-jdbc-java",
+        "/usr/share/java/postgresql.jar",
+        "the PostgreSQL JDBC driver, in the client compatibility tests",
+    ),
+    (
+        "openjdk-17-jdk-headless",
+        "/usr/lib/jvm/java-17-openjdk-amd64/bin/javac",
+        "runs the JDBC compatibility program from source",
+    ),
+    (
         "pgbouncer",
         "/usr/sbin/pgbouncer",
         "the connection pooler the benchmarks compare with",
