@@ -176,3 +176,25 @@ fn jdbc_matches_direct() {
         &[COMMON, &["prepared"]].concat(),
     );
 }
+
+fn node(driver: &str, expect: &[&str]) {
+    let script = compat_dir().join("drivers.js").display().to_string();
+    compare(
+        driver,
+        &["/usr/bin/node", &script, driver],
+        &["postgresql://orders_admin:{admin_password}@127.0.0.1:{port}/orders"],
+        &["postgresql://mallory:not-the-password@127.0.0.1:{port}/orders"],
+        expect,
+    );
+}
+
+#[test]
+fn node_postgres_matches_direct() {
+    let without_copy: Vec<&str> = COMMON.iter().copied().filter(|k| *k != "copy").collect();
+    node("pg", &[&without_copy[..], &["prepared"]].concat());
+}
+
+#[test]
+fn postgres_js_matches_direct() {
+    node("postgres", &[COMMON, &["prepared"]].concat());
+}

@@ -77,6 +77,16 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "the PostgreSQL JDBC driver, in the client compatibility tests",
     ),
     (
+        "nodejs",
+        "/usr/bin/node",
+        "runs node-postgres and postgres.js in the client compatibility tests",
+    ),
+    (
+        "npm",
+        "/usr/bin/npm",
+        "installs node-postgres and postgres.js",
+    ),
+    (
         "openjdk-17-jdk-headless",
         "/usr/lib/jvm/java-17-openjdk-amd64/bin/javac",
         "runs the JDBC compatibility program from source",
@@ -237,9 +247,35 @@ pub fn packaging_tools() -> Result<()> {
     Ok(())
 }
 
+/// node-postgres and postgres.js for the client compatibility tests, from npm into
+/// `tests/compat/node_modules` (where `drivers.js` finds them), at pinned versions.
+fn node_drivers() -> Result<()> {
+    const DRIVERS: &[(&str, &str)] = &[("pg", "8.13.1"), ("postgres", "3.4.5")];
+    let dir = crate::root().join("tests/compat");
+    let installed = DRIVERS.iter().all(|(name, version)| {
+        std::fs::read_to_string(dir.join("node_modules").join(name).join("package.json"))
+            .is_ok_and(|p| p.contains(&format!("\"version\": \"{version}\"")))
+    });
+    if installed {
+        return Ok(());
+    }
+    eprintln!("xtask: installing node-postgres and postgres.js (npm)");
+    run(Command::new("npm")
+        .args([
+            "install",
+            "--no-save",
+            "--no-audit",
+            "--no-fund",
+            "--prefix",
+        ])
+        .arg(&dir)
+        .args(DRIVERS.iter().map(|(n, v)| format!("{n}@{v}"))))
+}
+
 pub fn setup() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    node_drivers()?;
     Ok(())
 }
