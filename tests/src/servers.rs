@@ -281,6 +281,21 @@ impl Postgres {
         pg
     }
 
+    /// The `[resource.credentials.*]` tables of a gate resource for this server's `orders`
+    /// roles (read, write, admin), with their password files.
+    pub fn credentials_toml(&self) -> String {
+        ["read", "write", "admin"]
+            .iter()
+            .zip(["orders_ro", "orders_rw", "orders_admin"])
+            .map(|(level, role)| {
+                format!(
+                    "[resource.credentials.{level}]\nuser = \"{role}\"\npassword_file = \"{}\"\n",
+                    self.secrets.join(format!("{role}.pw")).display()
+                )
+            })
+            .collect()
+    }
+
     /// The server's Unix socket directory.
     pub fn socket_dir(&self) -> &std::path::Path {
         &self.dir

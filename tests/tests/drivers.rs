@@ -13,23 +13,9 @@ use serde_json::Value;
 
 /// No masking and no guardrail in the way: what is compared is the protocol's fidelity.
 fn body(pg: &Postgres) -> String {
-    let secret = |role: &str| pg.secrets.join(format!("{role}.pw")).display().to_string();
     let keys = format!(
-        r#"protocol = "postgres"
-databases = ["orders"]
-[resource.credentials.read]
-user = "orders_ro"
-password_file = "{ro}"
-[resource.credentials.write]
-user = "orders_rw"
-password_file = "{rw}"
-[resource.credentials.admin]
-user = "orders_admin"
-password_file = "{admin}"
-"#,
-        ro = secret("orders_ro"),
-        rw = secret("orders_rw"),
-        admin = secret("orders_admin"),
+        "protocol = \"postgres\"\ndatabases = [\"orders\"]\n{}",
+        pg.credentials_toml()
     );
     Body::new()
         .workload("bot", &["root"])

@@ -19,20 +19,11 @@ fn body(pg: &Postgres, extra: &str) -> String {
 
 /// [`body`] with `policy_extra` lines in the policy.
 fn body_with_policy(pg: &Postgres, extra: &str, policy_extra: &str) -> String {
-    let secret = |role: &str| pg.secrets.join(format!("{role}.pw")).display().to_string();
     let keys = format!(
         r#"protocol = "postgres"
 databases = ["orders"]
 {extra}
-[resource.credentials.read]
-user = "orders_ro"
-password_file = "{ro}"
-[resource.credentials.write]
-user = "orders_rw"
-password_file = "{rw}"
-[resource.credentials.admin]
-user = "orders_admin"
-password_file = "{admin}"
+{credentials}
 [[resource.mask]]
 columns = ["*.email"]
 strategy = "partial"
@@ -40,9 +31,7 @@ strategy = "partial"
 detectors = ["card", "ssn", "aws_key", "jwt", "private_key"]
 strategy = "redact"
 "#,
-        ro = secret("orders_ro"),
-        rw = secret("orders_rw"),
-        admin = secret("orders_admin"),
+        credentials = pg.credentials_toml(),
     );
     Body::new()
         .workload("bot", &["root"])

@@ -42,17 +42,9 @@ impl Budget {
         self.statement_bytes = 0;
     }
 
-    /// Counts one row of `bytes`; the limit it passes, if any.
-    pub(in crate::postgres) fn count(
-        &mut self,
-        limits: &GrantLimits,
-        bytes: u64,
-    ) -> Option<Passed> {
-        self.statement_rows += 1;
-        self.statement_bytes += bytes;
-        self.session_rows += 1;
-        self.session_bytes += bytes;
-        let checks = [
+    /// Each limit with what it allows and what has been used; the session's last.
+    fn usage(&self, limits: &GrantLimits) -> [(&'static str, Option<u64>, u64); 4] {
+        [
             (
                 "rows_per_statement",
                 limits.rows_per_statement,
@@ -73,34 +65,38 @@ impl Budget {
                 limits.bytes_per_session,
                 self.session_bytes,
             ),
-        ];
-        checks.into_iter().find_map(|(key, limit, used)| {
-            limit
-                .filter(|l| used > *l)
-                .map(|limit| Passed { key, limit })
-        })
+        ]
+    }
+
+    /// Counts one row of `bytes`; the limit it passes, if any.
+    pub(in crate::postgres) fn count(
+        &mut self,
+        limits: &GrantLimits,
+        bytes: u64,
+    ) -> Option<Passed> {
+        self.statement_rows += 1;
+        self.statement_bytes += bytes;
+        self.session_rows += 1;
+        self.session_bytes += bytes;
+        self.usage(limits)
+            .into_iter()
+            .find_map(|(key, limit, used)| {
+                limit
+                    .filter(|l| used > *l)
+                    .map(|limit| Passed { key, limit })
+            })
     }
 
     /// The session limit already spent, if any: further statements are refused.
     pub(in crate::postgres) fn spent(&self, limits: &GrantLimits) -> Option<Passed> {
-        [
-            (
-                "rows_per_session",
-                limits.rows_per_session,
-                self.session_rows,
-            ),
-            (
-                "bytes_per_session",
-                limits.bytes_per_session,
-                self.session_bytes,
-            ),
-        ]
-        .into_iter()
-        .find_map(|(key, limit, used)| {
-            limit
-                .filter(|l| used >= *l)
-                .map(|limit| Passed { key, limit })
-        })
+        self.usage(limits)
+            .into_iter()
+            .skip(2)
+            .find_map(|(key, limit, used)| {
+                limit
+                    .filter(|l| used >= *l)
+                    .map(|limit| Passed { key, limit })
+            })
     }
 }
 
