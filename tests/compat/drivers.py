@@ -199,8 +199,69 @@ async def asyncpg_main():
     await timed.close()
 
 
+def sqlalchemy_run():
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(DSN.replace("postgresql://", "postgresql+psycopg2://"), future=True)
+    meta = sa.MetaData()
+    t = sa.Table(
+        "t",
+        meta,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("v", sa.Text),
+        sa.Column("b", sa.LargeBinary),
+        prefixes=["TEMPORARY"],
+    )
+    with engine.connect() as conn:
+        out["connect"] = conn.execute(sa.text("SELECT 1")).scalar()
+        row = conn.execute(
+            sa.text("SELECT CAST(:a AS int) + 1, CAST(:b AS text), CAST(:c AS int), CAST(:d AS text)"),
+            {"a": 41, "b": UNICODE, "c": None, "d": None},
+        ).one()
+        out["params"] = list(row)
+        meta.create_all(conn)
+        conn.commit()
+        with conn.begin():
+            conn.execute(t.insert(), [{"id": 1, "v": "one"}])
+            nested = conn.begin_nested()
+            conn.execute(t.insert(), [{"id": 2, "v": "two"}])
+            nested.rollback()
+        out["savepoint"] = conn.execute(sa.select(sa.func.count()).select_from(t)).scalar()
+        try:
+            conn.execute(sa.text("SELECT 1/0"))
+        except sa.exc.DBAPIError as e:
+            out["error"] = e.orig.pgcode
+        conn.rollback()
+        out["recovered"] = conn.execute(sa.text("SELECT 2")).scalar()
+        rows = conn.execute(sa.text("SELECT g FROM generate_series(1, 100000) g")).all()
+        out["rows"] = [len(rows), rows[-1][0]]
+        with engine.connect() as streaming:
+            streamed = streaming.execution_options(stream_results=True, yield_per=5000).execute(
+                sa.text("SELECT g FROM generate_series(1, 100000) g")
+            )
+            out["server_cursor"] = sum(1 for _ in streamed)
+        conn.commit()
+        with conn.begin():
+            conn.execute(t.insert(), [{"id": 3, "v": "blob", "b": BLOB}])
+        out["bytea_in"] = conn.execute(sa.text("SELECT length(b) FROM t WHERE id = 3")).scalar()
+        out["bytea_out"] = digest(conn.execute(sa.select(t.c.b).where(t.c.id == 3)).scalar())
+        conn.commit()
+    timed = sa.create_engine(
+        DSN.replace("postgresql://", "postgresql+psycopg2://"),
+        connect_args={"options": "-c statement_timeout=200"},
+        future=True,
+    )
+    with timed.connect() as conn:
+        try:
+            conn.execute(sa.text("SELECT pg_sleep(2)"))
+        except sa.exc.DBAPIError as e:
+            out["options_timeout"] = e.orig.pgcode
+
+
 try:
-    if DRIVER == "psycopg2":
+    if DRIVER == "sqlalchemy":
+        sqlalchemy_run()
+    elif DRIVER == "psycopg2":
         psycopg2_run()
     elif DRIVER == "psycopg3":
         psycopg3_run()

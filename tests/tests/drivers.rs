@@ -141,6 +141,16 @@ fn psycopg3_matches_direct() {
 }
 
 #[test]
+fn sqlalchemy_matches_direct() {
+    let without: Vec<&str> = COMMON
+        .iter()
+        .copied()
+        .filter(|k| !["copy", "notify"].contains(k))
+        .collect();
+    python("sqlalchemy", &without);
+}
+
+#[test]
 fn asyncpg_matches_direct() {
     python("asyncpg", &[COMMON, &["prepared"]].concat());
 }

@@ -72,6 +72,11 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "asyncpg, a driver in the client compatibility tests",
     ),
     (
+        "python3-sqlalchemy",
+        "/usr/lib/python3/dist-packages/sqlalchemy/__init__.py",
+        "SQLAlchemy (over psycopg2), in the client compatibility tests",
+    ),
+    (
         "libpostgresql-jdbc-java",
         "/usr/share/java/postgresql.jar",
         "the PostgreSQL JDBC driver, in the client compatibility tests",
