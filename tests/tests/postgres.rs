@@ -552,7 +552,7 @@ SELECT 'four';
         ran.stdout.contains("three"),
         "outside a transaction a refusal changes nothing: {out}"
     );
-    assert!(out.contains("could not be parsed"), "{out}");
+    assert!(out.contains("syntax error at or near \"SELEC\""), "{out}");
     assert!(ran.stdout.contains("four"), "{out}");
     assert_eq!(pg.admin("orders", "SELECT count(*) FROM scratch"), "0\n");
 }

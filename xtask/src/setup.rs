@@ -97,6 +97,16 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "runs the JDBC compatibility program from source",
     ),
     (
+        "golang-go",
+        "/usr/bin/go",
+        "builds the pgx compatibility program",
+    ),
+    (
+        "golang-github-jackc-pgx-v4-dev",
+        "/usr/share/gocode/src/github.com/jackc/pgx/v4/conn.go",
+        "pgx, a Go driver in the client compatibility tests",
+    ),
+    (
         "pgbouncer",
         "/usr/sbin/pgbouncer",
         "the connection pooler the benchmarks compare with",

@@ -394,18 +394,7 @@ impl Pump<'_> {
                 let rec = self.new_record(text, Decision::Denied, Some("unparseable".into()));
                 metrics::statement("unparseable", Decision::Denied);
                 metrics::statement_check(started.elapsed());
-                let err = PgError::error(
-                    "42601",
-                    format!(
-                        "jitgate: the statement could not be parsed, so it was not sent: {}",
-                        e.message
-                    ),
-                )
-                .position(e.position)
-                .hint(
-                    "jitgate checks every statement with PostgreSQL's own parser; fix the syntax",
-                );
-                return (Err(err), rec);
+                return (Err(unparsed_error(&e)), rec);
             }
         };
         if analysis.iter().any(|s| s.sets_search_path) {
@@ -506,5 +495,26 @@ impl Pump<'_> {
                 false
             }
         }
+    }
+}
+
+/// The answer to a statement the gate cannot analyse. A syntax error gets exactly what the
+/// server would have said (PostgreSQL's own parser found it: same message, SQLSTATE and
+/// position, so psql prints the same LINE and caret); anything else says it was the gate.
+/// Either way the statement was not sent.
+fn unparsed_error(e: &Unparsed) -> PgError {
+    match (e.position, e.message.strip_prefix("Invalid statement: ")) {
+        (Some(position), Some(message)) => {
+            PgError::error("42601", message).position(Some(position))
+        }
+        _ => PgError::error(
+            "42601",
+            format!(
+                "jitgate: the statement could not be analysed, so it was not sent: {}",
+                e.message
+            ),
+        )
+        .position(e.position)
+        .hint("jitgate checks every statement with PostgreSQL's own parser before it runs"),
     }
 }
