@@ -7,12 +7,15 @@
 //! * `lint`   rustfmt --check and clippy with warnings denied.
 //! * `bench`  PostgreSQL direct vs pgbouncer vs jitgate (full policy, tcp relay); writes
 //!   BENCHMARKS.md. `--quick` runs every stage with tiny sizes.
+//! * `compat` PostgreSQL's whole regression suite directly and through the gate, compared
+//!   (`tests/tests/regress.rs`; the test suite runs a subset).
 //! * `package` the .deb and .rpm (release build, man pages, completions) in target/package/.
 
 mod bench;
 mod demo;
 mod local;
 mod package;
+mod regress;
 mod setup;
 
 use std::{
@@ -65,6 +68,9 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Run PostgreSQL's whole regression suite directly and through the gate and compare
+    /// (root); the summary goes to target/compat/regress.md.
+    Compat,
     /// Build the .deb and .rpm packages.
     Package {
         /// Directory for the packages [default: target/package]
@@ -138,6 +144,31 @@ fn test(args: &[String]) -> Result<()> {
     run(&mut c)
 }
 
+/// The full regression comparison: the ignored test in `tests/tests/regress.rs`.
+fn compat() -> Result<()> {
+    setup::setup()?;
+    build(false)?;
+    if !is_root() {
+        bail!(
+            "the regression comparison needs root (BPF, cgroups): run `sudo -E cargo xtask compat`"
+        );
+    }
+    let mut c = cargo();
+    c.args([
+        "test",
+        "-p",
+        "jitgate-e2e",
+        "--test",
+        "regress",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "whole_suite",
+    ])
+    .env("JITGATE_BIN_DIR", target_dir("debug"));
+    run(&mut c)
+}
+
 fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
@@ -163,6 +194,7 @@ fn main() -> ExitCode {
             bin_dir,
             out,
         }),
+        Cmd::Compat => compat(),
         Cmd::Package { out } => package::run_package(&package::Options { out }).map(drop),
     };
     match result {

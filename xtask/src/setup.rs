@@ -51,6 +51,11 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "a real server behind the gate in tests",
     ),
     (
+        "postgresql-server-dev-15",
+        "/usr/include/postgresql/15/server/postgres.h",
+        "server headers, to build the C functions of PostgreSQL's regression suite",
+    ),
+    (
         "postgresql-client",
         "/usr/bin/psql",
         "psql as a gated client",
@@ -292,5 +297,10 @@ pub fn setup() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     node_drivers()?;
+    if is_root() {
+        crate::regress::prepare()?;
+    } else {
+        eprintln!("xtask: not root: PostgreSQL's regression suite is not fetched (its tests skip)");
+    }
     Ok(())
 }

@@ -1174,6 +1174,22 @@ fn plpgsql_body(body: &str, mode: ParseMode, s: &mut Statement) -> Result<(), Pa
     plpgsql_tree(&tree, mode, s)
 }
 
+/// A PL/pgSQL body compiled without its signature: which return type it was written for
+/// decides which RETURN forms compile; the first one that does is the body as the server
+/// runs it.
+fn plpgsql_any_signature(body: &str) -> Option<Value> {
+    let mut tag = String::from("jitgate");
+    while body.contains(&format!("${tag}$")) {
+        tag.push('x');
+    }
+    ["void", "record", "SETOF record"].iter().find_map(|returns| {
+        super::libpg::plpgsql(&format!(
+            "CREATE FUNCTION jitgate_body() RETURNS {returns} LANGUAGE plpgsql AS ${tag}${body}${tag}$"
+        ))
+        .ok()
+    })
+}
+
 /// What a function body stored in the catalog reads: its relations (as written) and the
 /// functions it calls, or `None` when that cannot be told (another language, a body that
 /// does not parse, SQL built at run time).
@@ -1185,16 +1201,7 @@ pub fn body_reads(language: &str, body: &str, mode: ParseMode) -> Option<ResultR
             // Which return type the body was written for decides which RETURN forms
             // compile; the first one that does is the body as the server runs it.
             plpgsql_mode(mode).ok()?;
-            let mut tag = String::from("jitgate");
-            while body.contains(&format!("${tag}$")) {
-                tag.push('x');
-            }
-            let tree = ["void", "record", "SETOF record"].iter().find_map(|returns| {
-                super::libpg::plpgsql(&format!(
-                    "CREATE FUNCTION jitgate_body() RETURNS {returns} LANGUAGE plpgsql AS ${tag}${body}${tag}$"
-                ))
-                .ok()
-            })?;
+            let tree = plpgsql_any_signature(body)?;
             plpgsql_tree(&tree, mode, &mut s).ok()?;
         }
         _ => return None,
@@ -1234,8 +1241,26 @@ fn function_body(
         }
         "plpgsql" => {
             plpgsql_mode(mode)?;
-            let tree = super::libpg::plpgsql(text)
-                .map_err(|e| ParseError(format!("in a function body: {e}")))?;
+            // libpg_query compiles the body against the declared signature without the
+            // catalog, so it rejects some the server accepts (a VARIADIC array parameter)
+            // and some the server rejects with its own words (RETURN forms, OUT parameters).
+            // The statements a body runs do not depend on the signature, so when the
+            // declared one does not compile, the body alone is read as the catalog's bodies
+            // are; the server then judges the definition itself. A body that compiles under
+            // no signature is refused.
+            let tree = match super::libpg::plpgsql(text) {
+                Ok(tree) => tree,
+                Err(declared) => body
+                    .iter()
+                    .try_fold(Value::Array(Vec::new()), |mut all, b| {
+                        let tree = plpgsql_any_signature(b)
+                            .ok_or_else(|| ParseError(format!("in a function body: {declared}")))?;
+                        if let Value::Array(items) = &mut all {
+                            items.push(tree);
+                        }
+                        Ok::<_, ParseError>(all)
+                    })?,
+            };
             plpgsql_tree(&tree, mode, s)
         }
         other => {
@@ -1422,6 +1447,38 @@ mod tests {
         assert_eq!(one("select * into t2 from t").access.0, Access::Admin);
         assert_eq!(one("VACUUM t").access.0, Access::Admin);
         assert_eq!(one("BEGIN").access.0, Access::Read);
+    }
+
+    #[test]
+    fn plpgsql_bodies_the_declared_signature_cannot_compile_are_still_read() {
+        // libpg_query rejects a VARIADIC array parameter without the catalog; the server
+        // does not. The body's statements are what counts, and they are found.
+        let s = one(
+            "CREATE FUNCTION vari(VARIADIC int[]) RETURNS void LANGUAGE plpgsql AS $$ \
+             BEGIN DELETE FROM audit_log; PERFORM pg_read_file('/etc/passwd'); END $$",
+        );
+        assert!(s.kinds.contains("delete"), "{:?}", s.kinds);
+        assert!(s.write_without_where);
+        assert!(s.tables.contains("audit_log"));
+        // A RETURN form the declared signature forbids: the server rejects the definition
+        // in its own words; the gate still reads the body.
+        let s = one(
+            "CREATE FUNCTION f(OUT a int) LANGUAGE plpgsql AS $$ BEGIN UPDATE t SET x = 1; RETURN a + 1; END $$",
+        );
+        assert!(s.kinds.contains("update"), "{:?}", s.kinds);
+        // A body no signature compiles is refused.
+        assert!(
+            analyze(
+                "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$ BEGIN Johnny Yuma; END $$",
+                ParseMode::default()
+            )
+            .is_err()
+        );
+        // So is dynamic SQL hidden behind a signature that does not compile.
+        let s = one(
+            "CREATE FUNCTION g(VARIADIC text[]) RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE $1[1]; END $$",
+        );
+        assert!(s.hazards.contains(&Hazard::DynamicSql));
     }
 
     #[test]

@@ -9,13 +9,12 @@ pub(super) fn nonce() -> String {
     format!("jitgate_refused_{}", hex::encode(b))
 }
 
-/// What the server answers to a Parse or PREPARE of a name in use.
+/// What the server answers to a Parse or PREPARE of a name in use, word for word.
 pub(super) fn name_in_use_error(name: &str) -> PgError {
     PgError::error(
         "42P05",
         format!("prepared statement \"{name}\" already exists"),
     )
-    .hint("DEALLOCATE or Close it first")
 }
 
 impl Pump<'_> {
