@@ -9,10 +9,13 @@
 //!   BENCHMARKS.md. `--quick` runs every stage with tiny sizes.
 //! * `compat` PostgreSQL's whole regression suite directly and through the gate, compared
 //!   (`tests/tests/regress.rs`; the test suite runs a subset).
+//! * `fuzz`   the cargo-fuzz targets in `fuzz/` (every parser that reads a workload's
+//!   bytes), each for `--seconds` (the test suite runs them for a few seconds each).
 //! * `package` the .deb and .rpm (release build, man pages, completions) in target/package/.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod local;
 mod package;
 mod regress;
@@ -71,6 +74,18 @@ enum Cmd {
     /// Run PostgreSQL's whole regression suite directly and through the gate and compare
     /// (root); the summary goes to target/compat/regress.md.
     Compat,
+    /// Run the fuzz targets in fuzz/ (nightly, cargo-fuzz).
+    Fuzz {
+        /// One target (pg_frontend, sql_analysis, masking, config); default all.
+        #[arg(long)]
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+        /// `none`, or `address` to catch memory errors in the C parser (slower build).
+        #[arg(long, default_value = "none")]
+        sanitizer: String,
+    },
     /// Build the .deb and .rpm packages.
     Package {
         /// Directory for the packages [default: target/package]
@@ -141,7 +156,19 @@ fn test(args: &[String]) -> Result<()> {
     c.args(["test", "--no-fail-fast"])
         .args(args)
         .env("JITGATE_BIN_DIR", target_dir("debug"));
-    run(&mut c)
+    let tests = run(&mut c);
+    // Every parser that reads a workload's bytes, briefly (`cargo xtask fuzz` for longer).
+    // Skipped when a filter picks some tests only.
+    let fuzzed = if args.is_empty() {
+        fuzz::run_fuzz(&fuzz::Options {
+            target: None,
+            seconds: 10,
+            sanitizer: "none".into(),
+        })
+    } else {
+        Ok(())
+    };
+    tests.and(fuzzed)
 }
 
 /// The full regression comparison: the ignored test in `tests/tests/regress.rs`.
@@ -171,6 +198,8 @@ fn compat() -> Result<()> {
 
 fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    // The fuzz targets are their own workspace.
+    run(cargo().args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--check"]))?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
 }
 
@@ -195,6 +224,17 @@ fn main() -> ExitCode {
             out,
         }),
         Cmd::Compat => compat(),
+        Cmd::Fuzz {
+            target,
+            seconds,
+            sanitizer,
+        } => setup::setup().and_then(|()| {
+            fuzz::run_fuzz(&fuzz::Options {
+                target,
+                seconds,
+                sanitizer,
+            })
+        }),
         Cmd::Package { out } => package::run_package(&package::Options { out }).map(drop),
     };
     match result {

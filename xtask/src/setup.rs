@@ -297,6 +297,7 @@ pub fn setup() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     node_drivers()?;
+    crate::fuzz::install()?;
     if is_root() {
         crate::regress::prepare()?;
     } else {
