@@ -33,5 +33,8 @@ pub mod proxy;
 pub mod refusals;
 pub mod store;
 pub mod tasks;
-#[cfg(test)]
-pub(crate) mod testing;
+/// Whole sessions over in-memory pipes: the middle layer of tests, and the session fuzz target
+/// (`fuzz/`, feature `fuzzing`).
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod testing;

@@ -10,7 +10,7 @@ use std::{
 
 use bytes::{Buf as _, BytesMut};
 use tokio::{
-    io::{AsyncReadExt as _, DuplexStream},
+    io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream},
     net::TcpListener,
     task::JoinHandle,
 };
@@ -310,4 +310,148 @@ pub fn field(fields: &[(u8, String)], code: u8) -> &str {
         .iter()
         .find(|(c, _)| *c == code)
         .map_or("", |(_, v)| v.as_str())
+}
+
+/// A scripted PostgreSQL server: trust login, then every simple query is logged and answered
+/// with one text row holding `row` (a statement the gate poisoned gets the syntax error a
+/// real server gives).
+pub struct FakePostgres {
+    pub addr: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakePostgres {
+    pub async fn start(row: &'static str) -> Self {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    // Startup: length, code, parameters.
+                    let Ok(len) = s.read_i32().await else { return };
+                    let mut rest = vec![0u8; len as usize - 4];
+                    if s.read_exact(&mut rest).await.is_err() {
+                        return;
+                    }
+                    // Parameters after the protocol code, logged as `startup name=value`.
+                    let fields: Vec<&[u8]> = rest
+                        .get(4..)
+                        .unwrap_or_default()
+                        .split(|b| *b == 0)
+                        .collect();
+                    for pair in fields.chunks(2) {
+                        if let [k, v] = pair
+                            && !k.is_empty()
+                        {
+                            log.lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push(format!(
+                                    "startup {}={}",
+                                    String::from_utf8_lossy(k),
+                                    String::from_utf8_lossy(v)
+                                ));
+                        }
+                    }
+                    let mut out = BytesMut::new();
+                    frame(&mut out, b'R', &0i32.to_be_bytes());
+                    for (k, v) in [
+                        ("server_version", "15.0"),
+                        ("standard_conforming_strings", "on"),
+                        ("client_encoding", "UTF8"),
+                        ("server_encoding", "UTF8"),
+                    ] {
+                        frame(
+                            &mut out,
+                            b'S',
+                            &[k.as_bytes(), b"\0", v.as_bytes(), b"\0"].concat(),
+                        );
+                    }
+                    frame(
+                        &mut out,
+                        b'K',
+                        &[1i32.to_be_bytes(), 2i32.to_be_bytes()].concat(),
+                    );
+                    frame(&mut out, b'Z', b"I");
+                    if s.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    loop {
+                        let Ok(tag) = s.read_u8().await else { return };
+                        let Ok(len) = s.read_i32().await else { return };
+                        let mut body = vec![0u8; len as usize - 4];
+                        if s.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        if tag == b'X' {
+                            return;
+                        }
+                        if tag != b'Q' {
+                            continue;
+                        }
+                        let text = String::from_utf8_lossy(&body)
+                            .trim_end_matches('\0')
+                            .to_owned();
+                        {
+                            let mut seen = log.lock().unwrap_or_else(PoisonError::into_inner);
+                            // Bounded: the fuzz target runs millions of statements through it.
+                            if seen.len() >= 10_000 {
+                                seen.clear();
+                            }
+                            seen.push(text.clone());
+                        }
+                        let mut out = BytesMut::new();
+                        if text.contains("jitgate_refused_") {
+                            // As the server words it: the nonce is in the message.
+                            let said = format!("Msyntax error at or near \"{text}\"\0");
+                            let fields =
+                                [&b"SERROR\0"[..], b"C42601\0", said.as_bytes(), b"\0"].concat();
+                            frame(&mut out, b'E', &fields);
+                        } else {
+                            // One text column computed by the server (table oid 0).
+                            let mut desc = Vec::new();
+                            desc.extend_from_slice(&1i16.to_be_bytes());
+                            desc.extend_from_slice(b"v\0");
+                            desc.extend_from_slice(&0i32.to_be_bytes());
+                            desc.extend_from_slice(&0i16.to_be_bytes());
+                            desc.extend_from_slice(&25i32.to_be_bytes());
+                            desc.extend_from_slice(&(-1i16).to_be_bytes());
+                            desc.extend_from_slice(&(-1i32).to_be_bytes());
+                            desc.extend_from_slice(&0i16.to_be_bytes());
+                            frame(&mut out, b'T', &desc);
+                            let mut data = Vec::new();
+                            data.extend_from_slice(&1i16.to_be_bytes());
+                            data.extend_from_slice(&(row.len() as i32).to_be_bytes());
+                            data.extend_from_slice(row.as_bytes());
+                            frame(&mut out, b'D', &data);
+                            frame(&mut out, b'C', b"SELECT 1\0");
+                        }
+                        frame(&mut out, b'Z', b"I");
+                        if s.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, seen }
+    }
+
+    pub fn seen(&self) -> Vec<String> {
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+fn frame(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.extend_from_slice(&[tag]);
+    out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
 }

@@ -11,7 +11,13 @@ use anyhow::{Context as _, Result, bail};
 use crate::{root, run, target_dir};
 
 /// Every target in `fuzz/fuzz_targets/`, in the order they run.
-pub const TARGETS: &[&str] = &["pg_frontend", "sql_analysis", "masking", "config"];
+pub const TARGETS: &[&str] = &[
+    "pg_frontend",
+    "pg_session",
+    "sql_analysis",
+    "masking",
+    "config",
+];
 
 /// cargo-fuzz at the version the targets are written for.
 pub fn install() -> Result<()> {

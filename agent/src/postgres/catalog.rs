@@ -89,7 +89,14 @@ impl Catalog {
     /// Runs `sql` (simple protocol), returning text rows.
     /// Runs one simple query; any failure (connection, timeout, server error, a row it cannot
     /// read) is an error, and a broken connection is dropped so the next lookup reconnects.
-    async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, CatalogError> {
+    /// Runs one catalog query whose rows have `columns` values each. A row of another width
+    /// fails the lookup (whatever answers is not the catalog the query was written for), so
+    /// callers may read every row's `columns` values without checking.
+    async fn query(
+        &mut self,
+        sql: &str,
+        columns: usize,
+    ) -> Result<Vec<Vec<Option<String>>>, CatalogError> {
         let conn = self.conn().await.ok_or(CatalogError)?;
         let mut buf = BytesMut::new();
         frontend::query(sql, &mut buf).map_err(|_| CatalogError)?;
@@ -101,8 +108,8 @@ impl Catalog {
                 let frame = conn.reader.next().await.ok()??;
                 match frame.tag {
                     b'D' => match data_row(&frame) {
-                        Some(r) => rows.push(r),
-                        None => failed = true,
+                        Some(r) if r.len() == columns => rows.push(r),
+                        _ => failed = true,
                     },
                     b'E' => failed = true,
                     b'Z' => break,
@@ -132,16 +139,19 @@ impl Catalog {
             return Ok(hit.clone());
         }
         let rows = self
-            .query(&format!(
-                "SELECT l.lanname, p.prosrc FROM pg_catalog.pg_proc p \
+            .query(
+                &format!(
+                    "SELECT l.lanname, p.prosrc FROM pg_catalog.pg_proc p \
                  JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
                  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
                  WHERE p.proname = {} AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
                    WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid \
                    AND d.deptype = 'e')",
-                quote_literal(name)
-            ))
+                    quote_literal(name)
+                ),
+                2,
+            )
             .await?;
         let bodies = Arc::new(
             rows.into_iter()
@@ -167,7 +177,7 @@ impl Catalog {
         names: &[String],
     ) -> Result<Vec<(String, bool)>, CatalogError> {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let rows = self.query(&super::effects::lookup_sql(&names)).await?;
+        let rows = self.query(&super::effects::lookup_sql(&names), 2).await?;
         Ok(rows
             .into_iter()
             .filter_map(|r| match &r[..] {
@@ -200,7 +210,7 @@ impl Catalog {
                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                  WHERE (a.attrelid, a.attnum) IN ({list})"
             );
-            if let Ok(rows) = self.query(&sql).await {
+            if let Ok(rows) = self.query(&sql, 5).await {
                 for r in rows {
                     if let [
                         Some(oid),
@@ -269,7 +279,7 @@ impl Catalog {
                         AND NOT a.attisdropped \
                      UNION ALL SELECT c.oid::text, NULL, NULL, NULL FROM pg_catalog.pg_class c \
                       WHERE c.oid IN ({list}) AND c.relkind IN ('v', 'm')"
-                ))
+                ), 4)
                 .await?;
             let mut found: HashMap<u32, Vec<ColumnName>> = HashMap::new();
             for r in rows {
@@ -323,14 +333,17 @@ impl Catalog {
                  WHERE a.attrelid = to_regclass({})::oid AND a.attnum > 0 AND NOT a.attisdropped \
                  ORDER BY a.attnum",
                 quote_literal(&qualified)
-            ))
+            ), 4)
             .await?;
-        let found = rows.first().and_then(|r| match (&r[0], &r[1], &r[3]) {
-            (Some(schema), Some(table), Some(oid)) => Some(Arc::new(Relation {
+        let found = rows.first().and_then(|r| match &r[..] {
+            [Some(schema), Some(table), _, Some(oid)] => Some(Arc::new(Relation {
                 oid: oid.parse().ok()?,
                 schema: schema.clone(),
                 table: table.clone(),
-                columns: rows.iter().filter_map(|r| r[2].clone()).collect(),
+                columns: rows
+                    .iter()
+                    .filter_map(|r| r.get(2).cloned().flatten())
+                    .collect(),
             })),
             _ => None,
         });

@@ -6,7 +6,7 @@ use tokio::io::AsyncWriteExt as _;
 
 use crate::{
     model::SessionOutcome,
-    testing::{Harness, drain, error_fields, field, outcome, startup},
+    testing::{FakePostgres as FakeServer, Harness, drain, error_fields, field, outcome, startup},
 };
 
 const PG_KEYS: &str = r#"databases = ["app"]
@@ -74,132 +74,6 @@ async fn postgres_garbage_before_startup_is_refused() {
         let (how, detail) = outcome(task).await;
         assert_eq!(how, SessionOutcome::Error, "{hostile:?}: {detail}");
         assert!(h2.ctx.services.registry.is_empty());
-    }
-}
-
-/// A scripted PostgreSQL server: trust login, then every simple query is logged and answered
-/// with one text row holding `row` (a statement the gate poisoned gets the syntax error a
-/// real server gives).
-struct FakeServer {
-    addr: std::net::SocketAddr,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl FakeServer {
-    async fn start(row: &'static str) -> Self {
-        use tokio::io::AsyncReadExt as _;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("address");
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let log = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                let log = log.clone();
-                tokio::spawn(async move {
-                    // Startup: length, code, parameters.
-                    let Ok(len) = s.read_i32().await else { return };
-                    let mut rest = vec![0u8; len as usize - 4];
-                    if s.read_exact(&mut rest).await.is_err() {
-                        return;
-                    }
-                    // Parameters after the protocol code, logged as `startup name=value`.
-                    let fields: Vec<&[u8]> = rest
-                        .get(4..)
-                        .unwrap_or_default()
-                        .split(|b| *b == 0)
-                        .collect();
-                    for pair in fields.chunks(2) {
-                        if let [k, v] = pair
-                            && !k.is_empty()
-                        {
-                            log.lock().expect("log").push(format!(
-                                "startup {}={}",
-                                String::from_utf8_lossy(k),
-                                String::from_utf8_lossy(v)
-                            ));
-                        }
-                    }
-                    let mut out = BytesMut::new();
-                    message(&mut out, b'R', &0i32.to_be_bytes());
-                    for (k, v) in [
-                        ("server_version", "15.0"),
-                        ("standard_conforming_strings", "on"),
-                        ("client_encoding", "UTF8"),
-                        ("server_encoding", "UTF8"),
-                    ] {
-                        message(
-                            &mut out,
-                            b'S',
-                            &[k.as_bytes(), b"\0", v.as_bytes(), b"\0"].concat(),
-                        );
-                    }
-                    message(
-                        &mut out,
-                        b'K',
-                        &[1i32.to_be_bytes(), 2i32.to_be_bytes()].concat(),
-                    );
-                    message(&mut out, b'Z', b"I");
-                    if s.write_all(&out).await.is_err() {
-                        return;
-                    }
-                    loop {
-                        let Ok(tag) = s.read_u8().await else { return };
-                        let Ok(len) = s.read_i32().await else { return };
-                        let mut body = vec![0u8; len as usize - 4];
-                        if s.read_exact(&mut body).await.is_err() {
-                            return;
-                        }
-                        if tag == b'X' {
-                            return;
-                        }
-                        if tag != b'Q' {
-                            continue;
-                        }
-                        let text = String::from_utf8_lossy(&body)
-                            .trim_end_matches('\0')
-                            .to_owned();
-                        log.lock().expect("log").push(text.clone());
-                        let mut out = BytesMut::new();
-                        if text.contains("jitgate_refused_") {
-                            // As the server words it: the nonce is in the message.
-                            let said = format!("Msyntax error at or near \"{text}\"\0");
-                            let fields =
-                                [&b"SERROR\0"[..], b"C42601\0", said.as_bytes(), b"\0"].concat();
-                            message(&mut out, b'E', &fields);
-                        } else {
-                            // One text column computed by the server (table oid 0).
-                            let mut desc = Vec::new();
-                            desc.extend_from_slice(&1i16.to_be_bytes());
-                            desc.extend_from_slice(b"v\0");
-                            desc.extend_from_slice(&0i32.to_be_bytes());
-                            desc.extend_from_slice(&0i16.to_be_bytes());
-                            desc.extend_from_slice(&25i32.to_be_bytes());
-                            desc.extend_from_slice(&(-1i16).to_be_bytes());
-                            desc.extend_from_slice(&(-1i32).to_be_bytes());
-                            desc.extend_from_slice(&0i16.to_be_bytes());
-                            message(&mut out, b'T', &desc);
-                            let mut data = Vec::new();
-                            data.extend_from_slice(&1i16.to_be_bytes());
-                            data.extend_from_slice(&(row.len() as i32).to_be_bytes());
-                            data.extend_from_slice(row.as_bytes());
-                            message(&mut out, b'D', &data);
-                            message(&mut out, b'C', b"SELECT 1\0");
-                        }
-                        message(&mut out, b'Z', b"I");
-                        if s.write_all(&out).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Self { addr, seen }
-    }
-
-    fn seen(&self) -> Vec<String> {
-        self.seen.lock().expect("log").clone()
     }
 }
 
@@ -667,4 +541,37 @@ async fn sessions_per_grant_are_limited_with_53300() {
         .expect("startup");
     let hello = until_ready(&mut client).await;
     assert!(error_code(&hello).is_none(), "logged in again");
+}
+
+/// Found by the session fuzz target: a server that answers the gate's catalog lookups in
+/// another shape (here one column where four are asked for) made the session panic. It
+/// fails the lookup instead: the statement is judged without it, fail closed, and nothing
+/// masked passes.
+#[tokio::test]
+async fn a_catalog_answer_of_another_shape_fails_the_lookup_not_the_session() {
+    const COLUMN_RULE: &str = r#"databases = ["app"]
+credentials.read = { user = "ro" }
+mask = [{ columns = ["*.v"], detectors = ["email", "card"], strategy = "redact" }]"#;
+    let server = FakeServer::start("jane@example.com 4111 1111 1111 1111").await;
+    let h = Harness::with_upstream(server.addr, "postgres", COLUMN_RULE, Some("bot")).await;
+    let (mut client, task, _) = logged_in(&h, &[]).await;
+    client
+        .write_all(&query("SELECT v FROM t"))
+        .await
+        .expect("query");
+    let reply = until_ready(&mut client).await;
+    for v in values(&reply) {
+        assert!(
+            !v.contains("jane@example.com") && !v.contains("4111"),
+            "{reply:?}"
+        );
+    }
+    client.write_all(&query("SELECT 1")).await.expect("query");
+    let reply = until_ready(&mut client).await;
+    assert!(
+        reply.iter().any(|(t, _)| *t == b'Z'),
+        "the session goes on: {reply:?}"
+    );
+    drop(client);
+    outcome(task).await;
 }
