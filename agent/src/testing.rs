@@ -388,50 +388,41 @@ impl FakePostgres {
                         if s.read_exact(&mut body).await.is_err() {
                             return;
                         }
-                        if tag == b'X' {
-                            return;
-                        }
-                        if tag != b'Q' {
-                            continue;
-                        }
-                        let text = String::from_utf8_lossy(&body)
-                            .trim_end_matches('\0')
-                            .to_owned();
-                        {
-                            let mut seen = log.lock().unwrap_or_else(PoisonError::into_inner);
-                            // Bounded: the fuzz target runs millions of statements through it.
-                            if seen.len() >= 10_000 {
-                                seen.clear();
+                        let out = match tag {
+                            b'X' => return,
+                            b'Q' => {
+                                let text = String::from_utf8_lossy(&body)
+                                    .trim_end_matches('\0')
+                                    .to_owned();
+                                {
+                                    let mut seen =
+                                        log.lock().unwrap_or_else(PoisonError::into_inner);
+                                    // Bounded: the fuzz target runs millions of statements.
+                                    if seen.len() >= 10_000 {
+                                        seen.clear();
+                                    }
+                                    seen.push(text.clone());
+                                }
+                                let mut out = BytesMut::new();
+                                if text.contains("jitgate_refused_") {
+                                    // As the server words it: the nonce is in the message.
+                                    let said = format!("Msyntax error at or near \"{text}\"\0");
+                                    let fields =
+                                        [&b"SERROR\0"[..], b"C42601\0", said.as_bytes(), b"\0"]
+                                            .concat();
+                                    frame(&mut out, b'E', &fields);
+                                } else {
+                                    frame(&mut out, b'T', &one_text_column());
+                                    frame(&mut out, b'D', &one_value(row));
+                                    frame(&mut out, b'C', b"SELECT 1\0");
+                                }
+                                frame(&mut out, b'Z', b"I");
+                                out
                             }
-                            seen.push(text.clone());
-                        }
-                        let mut out = BytesMut::new();
-                        if text.contains("jitgate_refused_") {
-                            // As the server words it: the nonce is in the message.
-                            let said = format!("Msyntax error at or near \"{text}\"\0");
-                            let fields =
-                                [&b"SERROR\0"[..], b"C42601\0", said.as_bytes(), b"\0"].concat();
-                            frame(&mut out, b'E', &fields);
-                        } else {
-                            // One text column computed by the server (table oid 0).
-                            let mut desc = Vec::new();
-                            desc.extend_from_slice(&1i16.to_be_bytes());
-                            desc.extend_from_slice(b"v\0");
-                            desc.extend_from_slice(&0i32.to_be_bytes());
-                            desc.extend_from_slice(&0i16.to_be_bytes());
-                            desc.extend_from_slice(&25i32.to_be_bytes());
-                            desc.extend_from_slice(&(-1i16).to_be_bytes());
-                            desc.extend_from_slice(&(-1i32).to_be_bytes());
-                            desc.extend_from_slice(&0i16.to_be_bytes());
-                            frame(&mut out, b'T', &desc);
-                            let mut data = Vec::new();
-                            data.extend_from_slice(&1i16.to_be_bytes());
-                            data.extend_from_slice(&(row.len() as i32).to_be_bytes());
-                            data.extend_from_slice(row.as_bytes());
-                            frame(&mut out, b'D', &data);
-                            frame(&mut out, b'C', b"SELECT 1\0");
-                        }
-                        frame(&mut out, b'Z', b"I");
+                            // The extended protocol, in its simplest shape: every statement
+                            // has no parameters and returns the one row.
+                            other => extended_reply(other, &body, row),
+                        };
                         if s.write_all(&out).await.is_err() {
                             return;
                         }
@@ -454,4 +445,49 @@ fn frame(out: &mut BytesMut, tag: u8, body: &[u8]) {
     out.extend_from_slice(&[tag]);
     out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
     out.extend_from_slice(body);
+}
+
+/// RowDescription of one text column computed by the server (table oid 0).
+fn one_text_column() -> Vec<u8> {
+    let mut desc = Vec::new();
+    desc.extend_from_slice(&1i16.to_be_bytes());
+    desc.extend_from_slice(b"v\0");
+    desc.extend_from_slice(&0i32.to_be_bytes());
+    desc.extend_from_slice(&0i16.to_be_bytes());
+    desc.extend_from_slice(&25i32.to_be_bytes());
+    desc.extend_from_slice(&(-1i16).to_be_bytes());
+    desc.extend_from_slice(&(-1i32).to_be_bytes());
+    desc.extend_from_slice(&0i16.to_be_bytes());
+    desc
+}
+
+fn one_value(row: &str) -> Vec<u8> {
+    let mut data = Vec::new();
+    data.extend_from_slice(&1i16.to_be_bytes());
+    data.extend_from_slice(&(row.len() as i32).to_be_bytes());
+    data.extend_from_slice(row.as_bytes());
+    data
+}
+
+/// The fake server's answer to an extended-protocol message (nothing for the others).
+fn extended_reply(tag: u8, body: &[u8], row: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    match tag {
+        b'P' => frame(&mut out, b'1', b""),
+        b'B' => frame(&mut out, b'2', b""),
+        b'D' => {
+            if body.first() == Some(&b'S') {
+                frame(&mut out, b't', &0i16.to_be_bytes());
+            }
+            frame(&mut out, b'T', &one_text_column());
+        }
+        b'E' => {
+            frame(&mut out, b'D', &one_value(row));
+            frame(&mut out, b'C', b"SELECT 1\0");
+        }
+        b'C' => frame(&mut out, b'3', b""),
+        b'S' => frame(&mut out, b'Z', b"I"),
+        _ => {}
+    }
+    out
 }
