@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod destinations;
 pub mod gate;
 pub mod grants;
+pub mod http;
 pub mod identity;
 pub mod ids;
 pub mod inspect;

@@ -1,0 +1,254 @@
+//! Credential injection: the gate, not the workload, holds the upstream's credential.
+//!
+//! Per access level a resource names a header (default `authorization`), a scheme (`bearer`,
+//! `basic` or none) and a `secret_file`. For each request the client's own values of that
+//! header are removed and the credential for the grant's level is set. The secret is re-read
+//! when the file changes (a cheap mtime/size/inode check per request), so rotating it needs no
+//! reload; its ownership and mode are re-checked on each re-read (fail closed: a file others
+//! can read or rewrite is refused, as for postgres password files).
+
+use std::{
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::SystemTime,
+};
+
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+
+/// How the secret is presented in the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// `Bearer <secret>`.
+    Bearer,
+    /// `Basic base64(<secret>)`; the file holds `user:password`.
+    Basic,
+    /// The secret as is (API-key headers).
+    Raw,
+}
+
+impl Scheme {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "bearer" => Self::Bearer,
+            "basic" => Self::Basic,
+            "none" | "" => Self::Raw,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("`{path}`: {reason}")]
+    Unreadable { path: String, reason: String },
+    #[error("`{path}` belongs to uid {uid}, who could rewrite the credential")]
+    Owner { path: String, uid: u32 },
+    #[error("`{path}` is readable by others (mode {mode:04o})")]
+    Mode { path: String, mode: u32 },
+    #[error("`{path}` does not make a valid header value")]
+    NotAHeaderValue { path: String },
+}
+
+/// The file identity that decides whether the cached value is still current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    ino: u64,
+}
+
+/// One credential: where it goes and where its secret comes from.
+#[derive(Debug)]
+pub struct Credential {
+    pub header: HeaderName,
+    pub scheme: Scheme,
+    pub secret_file: PathBuf,
+    cache: Mutex<Option<(Stamp, Loaded)>>,
+}
+
+/// A loaded secret: the header value and the raw secret bytes (for scrubbing responses).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub value: HeaderValue,
+    /// What to scrub from responses: the secret itself (an echo of the header value contains it).
+    pub secret: Vec<u8>,
+}
+
+impl Credential {
+    pub fn new(header: HeaderName, scheme: Scheme, secret_file: PathBuf) -> Self {
+        Self {
+            header,
+            scheme,
+            secret_file,
+            cache: Mutex::new(None),
+        }
+    }
+
+    /// The current value, re-read when the file changed.
+    pub fn load(&self) -> Result<Loaded, SecretError> {
+        let path = self.secret_file.as_path();
+        let meta = std::fs::metadata(path).map_err(|e| unreadable(path, &e.kind().to_string()))?;
+        let stamp = Stamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            ino: meta.ino(),
+        };
+        if let Ok(cache) = self.cache.lock()
+            && let Some((s, loaded)) = cache.as_ref()
+            && *s == stamp
+        {
+            return Ok(loaded.clone());
+        }
+        check(path, &meta)?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| unreadable(path, &e.kind().to_string()))?;
+        let secret = text.trim_end_matches(['\n', '\r']).to_owned();
+        let value = match self.scheme {
+            Scheme::Bearer => format!("Bearer {secret}"),
+            Scheme::Basic => format!("Basic {}", data_encoding::BASE64.encode(secret.as_bytes())),
+            Scheme::Raw => secret.clone(),
+        };
+        let mut value =
+            HeaderValue::from_str(&value).map_err(|_| SecretError::NotAHeaderValue {
+                path: path.display().to_string(),
+            })?;
+        value.set_sensitive(true);
+        // For basic, the echo an upstream could produce is the encoded form: scrub that.
+        let scrub = match self.scheme {
+            Scheme::Basic => value.as_bytes()["Basic ".len()..].to_vec(),
+            _ => secret.into_bytes(),
+        };
+        let loaded = Loaded {
+            value,
+            secret: scrub,
+        };
+        if let Ok(mut cache) = self.cache.lock() {
+            *cache = Some((stamp, loaded.clone()));
+        }
+        Ok(loaded)
+    }
+
+    /// Replaces every client value of the header with the credential.
+    pub fn apply(&self, headers: &mut HeaderMap, loaded: &Loaded) {
+        headers.remove(&self.header);
+        headers.insert(self.header.clone(), loaded.value.clone());
+    }
+}
+
+fn unreadable(path: &Path, reason: &str) -> SecretError {
+    SecretError::Unreadable {
+        path: path.display().to_string(),
+        reason: reason.to_owned(),
+    }
+}
+
+fn check(path: &Path, meta: &std::fs::Metadata) -> Result<(), SecretError> {
+    if !meta.is_file() {
+        return Err(unreadable(path, "not a file"));
+    }
+    let uid = meta.uid();
+    if uid != 0 && uid != nix::unistd::geteuid().as_raw() {
+        return Err(SecretError::Owner {
+            path: path.display().to_string(),
+            uid,
+        });
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(SecretError::Mode {
+            path: path.display().to_string(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn write(path: &Path, text: &str, mode: u32) {
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn replaces_client_header_and_rereads_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        write(&file, "tok-1\n", 0o600);
+        let cred = Credential::new(
+            HeaderName::from_static("authorization"),
+            Scheme::Bearer,
+            file.clone(),
+        );
+        let mut h = HeaderMap::new();
+        h.append(
+            "authorization",
+            HeaderValue::from_static("Bearer client-own"),
+        );
+        h.append("authorization", HeaderValue::from_static("Basic other"));
+        let l = cred.load().unwrap();
+        cred.apply(&mut h, &l);
+        assert_eq!(h.get_all("authorization").iter().count(), 1);
+        assert_eq!(h["authorization"], "Bearer tok-1");
+        assert_eq!(l.secret, b"tok-1");
+
+        write(&file, "tok-rotated-2\n", 0o600);
+        assert_eq!(cred.load().unwrap().value, "Bearer tok-rotated-2");
+    }
+
+    #[test]
+    fn basic_encodes_and_scrubs_the_encoded_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("basic");
+        write(&file, "user:pass", 0o600);
+        let cred = Credential::new(
+            HeaderName::from_static("authorization"),
+            Scheme::Basic,
+            file,
+        );
+        let l = cred.load().unwrap();
+        assert_eq!(l.value, "Basic dXNlcjpwYXNz");
+        assert_eq!(l.secret, b"dXNlcjpwYXNz");
+    }
+
+    #[test]
+    fn refuses_files_others_can_read_even_after_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        write(&file, "a", 0o644);
+        let cred = Credential::new(
+            HeaderName::from_static("x-api-key"),
+            Scheme::Raw,
+            file.clone(),
+        );
+        assert!(matches!(cred.load(), Err(SecretError::Mode { .. })));
+        write(&file, "a", 0o600);
+        assert!(cred.load().is_ok());
+        write(&file, "bb", 0o640);
+        assert!(
+            matches!(cred.load(), Err(SecretError::Mode { .. })),
+            "a changed file is re-checked"
+        );
+    }
+
+    #[test]
+    fn a_secret_with_a_newline_inside_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        write(&file, "a\r\nX-Evil: 1", 0o600);
+        let cred = Credential::new(
+            HeaderName::from_static("authorization"),
+            Scheme::Bearer,
+            file,
+        );
+        assert!(matches!(
+            cred.load(),
+            Err(SecretError::NotAHeaderValue { .. })
+        ));
+    }
+}
