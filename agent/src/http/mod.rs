@@ -8,7 +8,7 @@
 //! * [`scrub`]: overwriting the injected secret in upstream headers and streamed bodies;
 //! * [`refuse`]: refusals as 400/403 JSON responses naming the rule and the command to run.
 //!
-//! Not yet here (see CHANGELOG): the `Protocol` impl and its `PROTOCOLS` line (the hyper
+//! Not yet here (issue 16): the `Protocol` impl and its `PROTOCOLS` line (the hyper
 //! server/client data path, TLS toward client and upstream, holds and recording), so an
 //! `http` resource cannot be configured yet.
 
