@@ -105,15 +105,19 @@ fn candidates(installed: &str, available: &[String]) -> Vec<String> {
         .filter(|v| *v != installed)
         .cloned()
         .collect();
+    // apt lists a version once per suite that has it.
+    others.sort();
+    others.dedup();
+    // Newest first, as dpkg orders versions (a total order on distinct versions).
     others.sort_by(|a, b| {
         let newer = Command::new("dpkg")
             .args(["--compare-versions", a, "gt", b])
             .status()
             .is_ok_and(|s| s.success());
-        if newer {
-            std::cmp::Ordering::Less
-        } else {
-            std::cmp::Ordering::Greater
+        match (a == b, newer) {
+            (true, _) => std::cmp::Ordering::Equal,
+            (false, true) => std::cmp::Ordering::Less,
+            (false, false) => std::cmp::Ordering::Greater,
         }
     });
     let mut all = Vec::new();
