@@ -6,6 +6,7 @@
 //! with a loud message, except under `CI=true`, where a missing privilege fails the run.
 
 pub mod config;
+pub mod http_fixture;
 pub mod scrape;
 pub mod servers;
 

@@ -82,6 +82,16 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "SQLAlchemy (over psycopg2), in the client compatibility tests",
     ),
     (
+        "python3-requests",
+        "/usr/lib/python3/dist-packages/requests/__init__.py",
+        "Python requests, an HTTP client in the http tests",
+    ),
+    (
+        "python3-httpx",
+        "/usr/lib/python3/dist-packages/httpx/__init__.py",
+        "httpx, an HTTP client in the http tests",
+    ),
+    (
         "libpostgresql-jdbc-java",
         "/usr/share/java/postgresql.jar",
         "the PostgreSQL JDBC driver, in the client compatibility tests",

@@ -149,10 +149,19 @@ pub fn run(cli: &Cli, args: &RunArgs) -> Result<ExitCode, ClientError> {
         // `jitgate request` inside the workload talks to the daemon that launched it.
         std::env::set_var("JITGATE_SOCKET", cli.socket());
         // PostgreSQL clients that verify TLS (sslmode=verify-full) trust the gate's CA.
-        if let Some(ca) = &started.ca_cert
-            && std::env::var_os("PGSSLROOTCERT").is_none()
-        {
-            std::env::set_var("PGSSLROOTCERT", ca);
+        if let Some(ca) = &started.ca_cert {
+            for (var, path) in trust_variables(std::path::Path::new(ca)) {
+                let current = std::env::var_os(var);
+                if replaces(current.as_deref()) {
+                    std::env::set_var(var, path);
+                } else if var != "PGSSLROOTCERT" {
+                    eprintln!(
+                        "jitgate: {var} is set to {}, so gated https clients that read it will not trust the gate's certificates; add {} to that file or unset {var}",
+                        current.unwrap_or_default().to_string_lossy(),
+                        ca
+                    );
+                }
+            }
         }
         if args.user.is_some() {
             std::env::set_var("HOME", &target.dir);
@@ -210,9 +219,65 @@ fn drop_to(user: &User) -> nix::Result<()> {
     Ok(())
 }
 
+/// The variables that make unmodified clients trust the gate's certificates, and their
+/// values: libpq the host CA; OpenSSL, curl, Python requests, git and Node the bundle of the
+/// system's CAs plus the host CA (a superset of the system store those variables would
+/// otherwise name).
+fn trust_variables(ca: &std::path::Path) -> Vec<(&'static str, std::path::PathBuf)> {
+    let mut vars = vec![("PGSSLROOTCERT", ca.to_owned())];
+    let bundle = crate::inspect::tls::bundle_path(ca);
+    if bundle.is_file() {
+        for var in [
+            "SSL_CERT_FILE",
+            "CURL_CA_BUNDLE",
+            "REQUESTS_CA_BUNDLE",
+            "GIT_SSL_CAINFO",
+            "NODE_EXTRA_CA_CERTS",
+        ] {
+            vars.push((var, bundle.clone()));
+        }
+    } else {
+        vars.push(("NODE_EXTRA_CA_CERTS", ca.to_owned()));
+    }
+    vars
+}
+
+/// Whether `jitgate run` sets a trust variable the caller's environment already has: yes when
+/// it names the system store (the bundle contains all of it), no when it names anything
+/// else (the caller chose that store: left alone, with a warning, since https resources will
+/// then fail verification unless it holds the host CA).
+fn replaces(current: Option<&std::ffi::OsStr>) -> bool {
+    current.is_none_or(|v| {
+        v.is_empty() || v == crate::http::config::SYSTEM_CA_BUNDLE || v == "/etc/ssl/certs"
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trust_variables_replace_only_the_system_store() {
+        assert!(replaces(None));
+        assert!(replaces(Some(std::ffi::OsStr::new(
+            "/etc/ssl/certs/ca-certificates.crt"
+        ))));
+        assert!(!replaces(Some(std::ffi::OsStr::new("/opt/corp/ca.pem"))));
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let vars = trust_variables(&ca);
+        assert_eq!(vars.len(), 2, "no bundle: libpq and node get the host CA");
+        std::fs::write(crate::inspect::tls::bundle_path(&ca), "x").unwrap();
+        let vars = trust_variables(&ca);
+        assert!(
+            vars.iter()
+                .any(|(v, p)| *v == "SSL_CERT_FILE" && p.ends_with("ca-bundle.pem"))
+        );
+        assert!(
+            vars.iter()
+                .any(|(v, p)| *v == "PGSSLROOTCERT" && p.ends_with("ca.pem"))
+        );
+    }
 
     #[test]
     fn grant_specs() {

@@ -1085,10 +1085,10 @@ impl Validator<'_> {
                 common.insert(key, value);
             } else if protocol.keys().contains(&k) {
                 own.insert(key, value);
-            } else if let Some(owner) = crate::protocol::owner_of(k) {
+            } else if let Some(owners) = crate::protocol::owners_of(k) {
                 self.fail(
                     whole.clone(),
-                    format!("resource `{name}`: `{k}` only applies to protocol = \"{owner}\""),
+                    format!("resource `{name}`: `{k}` only applies to protocol = {owners}"),
                 );
             } else {
                 // Left for serde to name, with the keys it expects.
@@ -1438,11 +1438,20 @@ approvers = ["alice", "group:dba"]
             e.starts_with("test.toml:12: resource `orders-db`: `databases` only applies to protocol = \"postgres\""),
             "{e}"
         );
+        // A key two protocols share names both.
+        let e = error_of(&SAMPLE.replace(
+            "on_missing_grant = \"reject\"",
+            "on_missing_grant = \"reject\"\nupstream_ca = \"/x\"",
+        ));
+        assert!(
+            e.starts_with("test.toml:12: resource `orders-db`: `upstream_ca` only applies to protocol = \"postgres\" or \"http\""),
+            "{e}"
+        );
         // An unknown protocol lists the registered ones.
         let e = error_of(&SAMPLE.replace("protocol = \"tcp\"", "protocol = \"smtp\""));
         assert!(
             e.starts_with(
-                "test.toml:14: resource.protocol: `smtp` is not supported (use \"tcp\" or \"postgres\")"
+                "test.toml:14: resource.protocol: `smtp` is not supported (use \"tcp\", \"postgres\" or \"http\")"
             ),
             "{e}"
         );

@@ -1,19 +1,94 @@
-//! The `http` protocol, first slice: the request-level building blocks that the HTTP data
-//! path is assembled from, each one job and unit-tested against hostile input.
+//! `protocol = "http"`: HTTP/1.1 resources (REST services, model and SaaS APIs) gated per
+//! request, with the promises PostgreSQL keeps: no standing access, credentials the workload
+//! never holds, every request judged and recorded.
 //!
+//! * [`config`]: the resource's keys, validated;
+//! * [`session`]: one connection: TLS (terminated with the host CA), the grant, then each
+//!   request judged, forwarded with the gate's credential, and its response scrubbed;
 //! * [`normalize`]: the canonical request path rules are matched against (and that is
 //!   forwarded upstream), refusing ambiguous encodings;
 //! * [`policy`]: access level per method and the first-match `[[resource.rule]]` list;
 //! * [`inject`]: per-level credentials from root-owned 0600 files, re-read on change;
 //! * [`scrub`]: overwriting the injected secret in upstream headers and streamed bodies;
-//! * [`refuse`]: refusals as 400/403 JSON responses naming the rule and the command to run.
+//! * [`refuse`]: refusals as 400/403 JSON responses naming the rule and the command to run;
+//! * [`upstream`], [`body`], [`io`]: the upstream connection, bodies streamed and counted, and
+//!   the client's stream.
 //!
-//! Not yet here (issue 16): the `Protocol` impl and its `PROTOCOLS` line (the hyper
-//! server/client data path, TLS toward client and upstream, holds and recording), so an
-//! `http` resource cannot be configured yet.
+//! Not yet here (issue 16): HTTP/2, WebSocket and other upgrades (refused with 501),
+//! Kubernetes awareness, JSON masking.
 
+pub mod body;
+pub mod config;
 pub mod inject;
+pub mod io;
 pub mod normalize;
 pub mod policy;
 pub mod refuse;
 pub mod scrub;
+pub mod session;
+pub mod upstream;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use rustls::ClientConfig;
+
+use crate::{
+    config::ResourceConfig,
+    inspect::tls::UpstreamTlsConfigs,
+    protocol::{Conn, Outcome, Protocol, Services, Session},
+};
+
+/// The http protocol's agent-lifetime state: upstream TLS configs per trust-anchor file.
+#[derive(Default)]
+pub struct Http {
+    tls: UpstreamTlsConfigs,
+    /// The verified configs with ALPN `http/1.1` (this hop speaks HTTP/1.1).
+    alpn: Mutex<HashMap<PathBuf, Arc<ClientConfig>>>,
+}
+
+impl Http {
+    /// The client config that verifies upstreams against `ca`.
+    fn upstream_config(&self, ca: &Path) -> Result<Arc<ClientConfig>, String> {
+        let mut cache = self.alpn.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = cache.get(ca) {
+            return Ok(c.clone());
+        }
+        let base = self.tls.get(Some(ca)).map_err(|e| format!("{e:#}"))?;
+        let mut config = (*base).clone();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = Arc::new(config);
+        cache.insert(ca.to_owned(), config.clone());
+        Ok(config)
+    }
+}
+
+impl Protocol for Http {
+    const NAME: &'static str = "http";
+    const KEYS: &'static [&'static str] = config::KEYS;
+    type Settings = config::HttpResource;
+
+    fn configure(cx: &mut ResourceConfig<'_, '_>) -> Option<config::HttpResource> {
+        Some(config::configure(cx))
+    }
+
+    fn start(_: &Services) -> Self {
+        Self::default()
+    }
+
+    fn serve<'a>(
+        &'a self,
+        session: Session<'a>,
+        settings: &'a config::HttpResource,
+        client: Conn,
+    ) -> impl Future<Output = Outcome> + Send + 'a {
+        session::serve(self, session, settings, client)
+    }
+}

@@ -79,6 +79,31 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the trust bundle for gated workloads is published, beside the CA certificate.
+pub fn bundle_path(public: &Path) -> PathBuf {
+    public.with_file_name("ca-bundle.pem")
+}
+
+/// The system's trust anchors, which the bundle starts from.
+const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Writes the bundle gated workloads trust through `SSL_CERT_FILE` and its kin (`jitgate
+/// run` sets them): the system's CAs plus the host CA. Why both: those variables replace
+/// the default store, and a workload must still reach every non-gated HTTPS service it could
+/// before. Refreshed at each start of the host agent.
+fn write_bundle(path: &Path, ca_pem: &str) -> anyhow::Result<()> {
+    let mut bundle = fs::read_to_string(SYSTEM_BUNDLE).unwrap_or_default();
+    if !bundle.is_empty() && !bundle.ends_with('\n') {
+        bundle.push('\n');
+    }
+    bundle.push_str(ca_pem);
+    let tmp = path.with_extension("pem.tmp");
+    fs::write(&tmp, bundle).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))?;
+    fs::rename(&tmp, path).with_context(|| format!("publishing {}", path.display()))?;
+    Ok(())
+}
+
 impl LocalCa {
     /// Loads the CA from `dir` (creating it on first use) and publishes its certificate at
     /// `public` (mode 0644) for workloads to trust.
@@ -106,6 +131,7 @@ impl LocalCa {
         }
         fs::write(public, &cert_pem).with_context(|| format!("writing {}", public.display()))?;
         fs::set_permissions(public, fs::Permissions::from_mode(0o644))?;
+        write_bundle(&bundle_path(public), &cert_pem)?;
         Ok(Self {
             issuer: Issuer::new(ca_params(), key),
             cert_pem,

@@ -38,6 +38,42 @@ impl Conn {
     }
 }
 
+/// Resets the client's connection when the gate cuts a session whose [`Conn`] has moved into
+/// a protocol's stack (TLS, an HTTP server): see [`Conn::cutter`].
+#[derive(Clone, Copy, Debug)]
+pub struct Cutter(Option<std::os::fd::RawFd>);
+
+impl Conn {
+    /// A [`Cutter`] for this connection. It is only valid while the connection is open: use
+    /// it before the stack that owns the connection is dropped, and never after that stack
+    /// finished on its own (the descriptor may then name another socket).
+    pub fn cutter(&self) -> Cutter {
+        match self {
+            Self::Tcp(s) => Cutter(Some(std::os::fd::AsRawFd::as_raw_fd(s))),
+            Self::Memory(_) => Cutter(None),
+        }
+    }
+}
+
+impl Cutter {
+    /// As [`Conn::arm_reset`].
+    pub fn arm_reset(self) -> io::Result<()> {
+        let Some(fd) = self.0 else { return Ok(()) };
+        // SAFETY: the caller holds the stack that owns the connection (see `Conn::cutter`),
+        // so the descriptor is open and is this connection's.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        nix::sys::socket::setsockopt(
+            &fd,
+            nix::sys::socket::sockopt::Linger,
+            &libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )
+        .map_err(io::Error::from)
+    }
+}
+
 impl From<TcpStream> for Conn {
     fn from(s: TcpStream) -> Self {
         Self::Tcp(s)

@@ -81,6 +81,7 @@ pub trait Protocol: Send + Sync + Sized + 'static {
 pub static PROTOCOLS: &[&dyn Registered] = &[
     &Registration::<tcp::Tcp>::NEW,
     &Registration::<crate::postgres::Postgres>::NEW,
+    &Registration::<crate::http::Http>::NEW,
 ];
 
 /// The registry by name.
@@ -106,12 +107,19 @@ pub fn names_for_humans() -> String {
     }
 }
 
-/// The protocol that owns a resource key, if any (for "only applies to" errors).
-pub fn owner_of(key: &str) -> Option<&'static str> {
-    PROTOCOLS
+/// The protocols that own a resource key, for "only applies to" errors: `"postgres"` or
+/// `"postgres" or "http"` (`None`: no protocol has it).
+pub fn owners_of(key: &str) -> Option<String> {
+    let owners: Vec<String> = PROTOCOLS
         .iter()
-        .find(|p| p.keys().contains(&key))
-        .map(|p| p.name())
+        .filter(|p| p.keys().contains(&key))
+        .map(|p| format!("\"{}\"", p.name()))
+        .collect();
+    match owners.split_last() {
+        None => None,
+        Some((last, [])) => Some(last.clone()),
+        Some((last, rest)) => Some(format!("{} or {last}", rest.join(", "))),
+    }
 }
 
 /// A protocol as the registry holds it: [`Protocol`] without its associated types.

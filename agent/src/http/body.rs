@@ -1,0 +1,206 @@
+//! Bodies as they cross the gate: streamed frame by frame (memory bounded by one frame),
+//! counted for the session record, and on the way back scrubbed of the injected secret.
+
+use std::{
+    error::Error as StdError,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
+use hyper::body::{Body, Frame, SizeHint};
+
+use super::scrub::Scrubber;
+use crate::protocol::relay::Counters;
+
+/// Any error a body can end with.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// What the gate answers a client with: the upstream's body, or its own (refusals).
+pub type Out = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The gate's own small body (refusals, errors).
+pub fn full(data: impl Into<Bytes>) -> Out {
+    Full::new(data.into())
+        .map_err(|e| match e {})
+        .boxed_unsync()
+}
+
+/// Which way a body flows (which counter it adds to).
+#[derive(Clone, Copy, Debug)]
+pub enum Direction {
+    /// Workload to upstream.
+    Up,
+    /// Upstream to workload.
+    Down,
+}
+
+/// A body whose data bytes are added to the session's counters as they pass.
+pub struct Counted<B> {
+    inner: B,
+    counters: Arc<Counters>,
+    direction: Direction,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, counters: Arc<Counters>, direction: Direction) -> Self {
+        Self {
+            inner,
+            counters,
+            direction,
+        }
+    }
+
+    fn count(&self, n: usize) {
+        let counter = match self.direction {
+            Direction::Up => &self.counters.up,
+            Direction::Down => &self.counters.down,
+        };
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.count(data.len());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body with every occurrence of the injected secret overwritten (same length, so
+/// `Content-Length` stays true). Trailers are dropped: they cannot be scrubbed in order with
+/// the data, and a secret must not ride in them.
+pub struct Scrubbed<B> {
+    inner: B,
+    scrubber: Scrubber,
+    done: bool,
+}
+
+impl<B> Scrubbed<B> {
+    pub fn new(inner: B, scrubber: Scrubber) -> Self {
+        Self {
+            inner,
+            scrubber,
+            done: false,
+        }
+    }
+}
+
+impl<B> Body for Scrubbed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = this.scrubber.push(&data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    // Trailers end the body here (see the type's documentation).
+                    Err(_trailers) => return Poll::Ready(this.finish()),
+                },
+                Poll::Ready(None) => return Poll::Ready(this.finish()),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Scrubbed<B> {
+    fn finish<E>(&mut self) -> Option<Result<Frame<Bytes>, E>> {
+        self.done = true;
+        let tail = self.scrubber.finish();
+        (!tail.is_empty()).then(|| Ok(Frame::data(tail)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    /// A body of fixed chunks, one frame each.
+    struct Chunks(VecDeque<&'static str>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(
+                self.get_mut()
+                    .0
+                    .pop_front()
+                    .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes())))),
+            )
+        }
+    }
+
+    #[tokio::test]
+    async fn scrubbed_and_counted_body_streams_every_byte_but_the_secret() {
+        let counters = Arc::new(Counters::default());
+        let body = Counted::new(
+            Scrubbed::new(
+                Chunks(["a tok", "en-1 b ", "token-1"].into()),
+                Scrubber::new(b"token-1").unwrap(),
+            ),
+            counters.clone(),
+            Direction::Down,
+        );
+        let out = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&out[..], b"a ******* b *******");
+        assert_eq!(counters.snapshot(), (0, out.len() as u64));
+    }
+}

@@ -1,0 +1,368 @@
+//! Keys of a `protocol = "http"` resource, validated into [`HttpResource`]:
+//!
+//! ```toml
+//! [[resource]]
+//! name = "api"
+//! protocol = "http"
+//! address = "api.internal:443"
+//! client_tls = "auto"            # auto | require | disable
+//! upstream_tls = "auto"          # auto (as the client) | verify-full | disable
+//! upstream_ca = "/etc/ssl/certs/ca-certificates.crt"
+//! upstream_server_name = "api.internal"
+//! hosts = ["api.internal"]       # Host header values accepted
+//! approval_timeout = "5m"
+//! [resource.credentials.read]
+//! header = "authorization"       # default
+//! scheme = "bearer"              # bearer | basic | none
+//! secret_file = "/etc/jitgate/api-read.token"
+//! [[resource.rule]]
+//! methods = ["DELETE"]
+//! paths = ["/items/**"]
+//! action = "approve"             # allow | deny | approve
+//! ```
+
+use std::{collections::BTreeMap, path::PathBuf, str::FromStr as _, sync::Arc, time::Duration};
+
+use hyper::header::HeaderName;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    inject::{Credential, Scheme},
+    policy::{Action, Glob, Rule},
+};
+use crate::config::{Access, ResourceConfig, Target};
+
+type S<T> = Spanned<T>;
+
+/// The system's trust store: the default `upstream_ca` (Debian's `ca-certificates`).
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Whether the gate terminates the client's TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientTls {
+    /// TLS when the client starts with a TLS handshake (`https://`), plaintext otherwise.
+    Auto,
+    /// Only TLS: a plaintext request is refused (the credential never rides a cleartext hop
+    /// the workload chose).
+    Require,
+    /// Only plaintext `http://`.
+    Disable,
+}
+
+/// How the gate talks to the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamTls {
+    /// As the client did: verified TLS after a TLS client, plaintext after a plaintext one.
+    Auto,
+    /// Always verified TLS.
+    VerifyFull,
+    /// Always plaintext.
+    Disable,
+}
+
+/// Everything specific to an HTTP resource.
+#[derive(Debug)]
+pub struct HttpResource {
+    pub client_tls: ClientTls,
+    pub upstream_tls: UpstreamTls,
+    /// The trust anchors for the upstream's certificate.
+    pub upstream_ca: PathBuf,
+    /// The name checked in the upstream's certificate (default: the host of `address`, or for
+    /// an address given as an IP, the name the client asked for).
+    pub upstream_server_name: Option<String>,
+    /// Accepted `Host` values, lower-case, without port (empty: not checked; only for
+    /// resources given by IP without `hosts`).
+    pub hosts: Vec<String>,
+    /// The credential injected per access level (absent: none injected at that level).
+    pub credentials: BTreeMap<Access, Arc<Credential>>,
+    pub rules: Vec<Rule>,
+    /// How long a request held for approval waits.
+    pub approval_timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    header: Option<S<String>>,
+    scheme: Option<S<String>>,
+    secret_file: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(default)]
+    methods: Vec<S<String>>,
+    #[serde(default)]
+    paths: Vec<S<String>>,
+    action: S<String>,
+}
+
+/// The http keys of a `[[resource]]`, all optional in the raw shape.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    client_tls: Option<S<String>>,
+    upstream_tls: Option<S<String>>,
+    upstream_ca: Option<S<String>>,
+    upstream_server_name: Option<S<String>>,
+    hosts: Option<Vec<S<String>>>,
+    credentials: Option<S<BTreeMap<String, RawCredential>>>,
+    rule: Option<Vec<S<RawRule>>>,
+    approval_timeout: Option<S<String>>,
+}
+
+/// The keys a `[[resource]]` may have for `protocol = "http"`.
+pub const KEYS: &[&str] = &[
+    "client_tls",
+    "upstream_tls",
+    "upstream_ca",
+    "upstream_server_name",
+    "hosts",
+    "credentials",
+    "rule",
+    "approval_timeout",
+];
+
+/// A method token as RFC 9110 allows (rules name methods exactly; upper-cased).
+fn valid_method(m: &str) -> bool {
+    !m.is_empty()
+        && m.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A host name or IP literal as a `Host` header carries it (no port).
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
+}
+
+/// Validates an http resource's keys (errors go to `cx`, with file, line and key).
+pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> HttpResource {
+    let raw: RawHttp = cx.settings();
+    let resource = cx.name().to_owned();
+    let whole = cx.whole();
+    let target = cx.target().clone();
+    if let Target::Net { ports, .. } | Target::Host { ports, .. } = &target
+        && ports.lo != ports.hi
+    {
+        let span = cx.address_span();
+        cx.fail(span, "resource.address: an http resource has one port");
+    }
+
+    let client_tls = match raw
+        .client_tls
+        .as_ref()
+        .map(|v| (v.get_ref().as_str(), v.span()))
+    {
+        None | Some(("auto", _)) => ClientTls::Auto,
+        Some(("require", _)) => ClientTls::Require,
+        Some(("disable", _)) => ClientTls::Disable,
+        Some((other, span)) => {
+            cx.fail(
+                span,
+                format!("resource.client_tls: `{other}` is not auto, require or disable"),
+            );
+            ClientTls::Auto
+        }
+    };
+    let upstream_tls = match raw
+        .upstream_tls
+        .as_ref()
+        .map(|v| (v.get_ref().as_str(), v.span()))
+    {
+        None | Some(("auto", _)) => UpstreamTls::Auto,
+        Some(("verify-full", _)) => UpstreamTls::VerifyFull,
+        Some(("disable", _)) => UpstreamTls::Disable,
+        Some(("require", span)) => {
+            cx.fail(
+                span,
+                "resource.upstream_tls: an http resource verifies the upstream it sends credentials to; use verify-full (with upstream_ca) or disable",
+            );
+            UpstreamTls::VerifyFull
+        }
+        Some((other, span)) => {
+            cx.fail(
+                span,
+                format!("resource.upstream_tls: `{other}` is not auto, verify-full or disable"),
+            );
+            UpstreamTls::Auto
+        }
+    };
+    let upstream_ca = match &raw.upstream_ca {
+        Some(v) => {
+            let path = PathBuf::from(v.get_ref());
+            if !path.is_file() {
+                cx.fail(
+                    v.span(),
+                    format!("resource.upstream_ca: `{}` does not exist", path.display()),
+                );
+            }
+            path
+        }
+        None => PathBuf::from(SYSTEM_CA_BUNDLE),
+    };
+    let upstream_server_name = raw.upstream_server_name.as_ref().map(|v| {
+        if !valid_host(v.get_ref()) {
+            cx.fail(
+                v.span(),
+                format!(
+                    "resource.upstream_server_name: `{}` is not a host name",
+                    v.get_ref()
+                ),
+            );
+        }
+        v.get_ref().to_ascii_lowercase()
+    });
+
+    let mut hosts: Vec<String> = Vec::new();
+    match &raw.hosts {
+        Some(list) => {
+            for h in list {
+                if valid_host(h.get_ref()) {
+                    hosts.push(h.get_ref().to_ascii_lowercase());
+                } else {
+                    cx.fail(
+                        h.span(),
+                        format!(
+                            "resource.hosts: `{}` is not a host name (give it without scheme or port)",
+                            h.get_ref()
+                        ),
+                    );
+                }
+            }
+            if list.is_empty() {
+                cx.fail(
+                    whole.clone(),
+                    format!("resource `{resource}`: hosts is empty; give the names clients use, or leave it out"),
+                );
+            }
+        }
+        None => {
+            if let Target::Host { name, .. } = &target {
+                hosts.push(name.to_ascii_lowercase());
+                if let Some(n) = &upstream_server_name
+                    && !hosts.contains(n)
+                {
+                    hosts.push(n.clone());
+                }
+            }
+        }
+    }
+
+    let mut credentials = BTreeMap::new();
+    if let Some(table) = &raw.credentials {
+        for (level, cred) in table.get_ref() {
+            let access = match Access::from_str(level) {
+                Ok(a) => a,
+                Err(e) => {
+                    cx.fail(table.span(), format!("resource.credentials.{level}: {e}"));
+                    continue;
+                }
+            };
+            let header = match &cred.header {
+                None => HeaderName::from_static("authorization"),
+                Some(h) => match HeaderName::from_str(&h.get_ref().to_ascii_lowercase()) {
+                    Ok(name) => name,
+                    Err(_) => {
+                        cx.fail(
+                            h.span(),
+                            format!(
+                                "resource.credentials.{level}.header: `{}` is not a header name",
+                                h.get_ref()
+                            ),
+                        );
+                        continue;
+                    }
+                },
+            };
+            if header == hyper::header::HOST || header == hyper::header::CONTENT_LENGTH {
+                cx.fail(
+                    cred.header.as_ref().map_or(table.span(), Spanned::span),
+                    format!(
+                        "resource.credentials.{level}.header: `{header}` cannot carry a credential"
+                    ),
+                );
+            }
+            let scheme = match &cred.scheme {
+                None => Scheme::Bearer,
+                Some(s) => Scheme::parse(s.get_ref()).unwrap_or_else(|| {
+                    cx.fail(
+                        s.span(),
+                        format!(
+                            "resource.credentials.{level}.scheme: `{}` is not bearer, basic or none",
+                            s.get_ref()
+                        ),
+                    );
+                    Scheme::Bearer
+                }),
+            };
+            let file = PathBuf::from(cred.secret_file.get_ref());
+            let credential = Credential::new(header, scheme, file);
+            if let Err(e) = credential.load() {
+                cx.fail(
+                    cred.secret_file.span(),
+                    format!("resource.credentials.{level}.secret_file: {e}"),
+                );
+            }
+            credentials.insert(access, Arc::new(credential));
+        }
+    }
+
+    let mut rules = Vec::new();
+    for (i, rule) in raw.rule.unwrap_or_default().into_iter().enumerate() {
+        let rule = rule.into_inner();
+        let action = Action::parse(rule.action.get_ref()).unwrap_or_else(|| {
+            cx.fail(
+                rule.action.span(),
+                format!(
+                    "resource.rule.action: `{}` is not allow, deny or approve",
+                    rule.action.get_ref()
+                ),
+            );
+            Action::Deny
+        });
+        let mut methods = Vec::new();
+        for m in &rule.methods {
+            if valid_method(m.get_ref()) {
+                methods.push(m.get_ref().to_ascii_uppercase());
+            } else {
+                cx.fail(
+                    m.span(),
+                    format!("resource.rule.methods: `{}` is not a method", m.get_ref()),
+                );
+            }
+        }
+        let mut paths = Vec::new();
+        for p in &rule.paths {
+            match Glob::new(p.get_ref()) {
+                Ok(g) => paths.push(g),
+                Err(e) => cx.fail(p.span(), format!("resource.rule.paths: {e}")),
+            }
+        }
+        rules.push(Rule {
+            index: i + 1,
+            methods,
+            paths,
+            action,
+        });
+    }
+    let default_timeout = cx.daemon().hold_timeout;
+    let approval_timeout = cx.duration(
+        "approval_timeout",
+        raw.approval_timeout.as_ref(),
+        default_timeout,
+    );
+    HttpResource {
+        client_tls,
+        upstream_tls,
+        upstream_ca,
+        upstream_server_name,
+        hosts,
+        credentials,
+        rules,
+        approval_timeout,
+    }
+}

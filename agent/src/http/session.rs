@@ -1,0 +1,719 @@
+//! One HTTP session, from the client's first byte to how it ended:
+//!
+//! 1. TLS or plaintext, told by the first byte (a TLS handshake starts with 0x16); TLS is
+//!    terminated with a certificate the host-local CA signs for the name the client asked for;
+//! 2. the grant (found, or asked for and waited on); without one, every request is answered
+//!    with a 403 naming the command to run;
+//! 3. requests, one at a time as HTTP/1.1 orders them: the `Host` checked, the path
+//!    normalised, the rules applied (allow, deny, or hold for a human), the client's own
+//!    credential headers replaced by the gate's, and the response scrubbed of that secret;
+//!    each one recorded;
+//! 4. the end: the client or upstream closes, or the grant ends, which cuts the connection
+//!    (also in the middle of a streamed response).
+
+use std::{
+    convert::Infallible,
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use http_body_util::BodyExt as _;
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderName, HeaderValue},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::{io::AsyncReadExt as _, sync::Mutex};
+use tokio_util::{either::Either, sync::CancellationToken};
+use tracing::{debug, info, warn};
+
+use super::{
+    Http,
+    body::{self, BoxError, Counted, Direction, Out, Scrubbed},
+    config::{ClientTls, HttpResource, UpstreamTls},
+    io::{ClientIo, Rewind},
+    normalize::normalize,
+    policy::{self, Decision},
+    refuse::{Refusal, request_hint},
+    scrub::{self, Scrubber},
+    upstream::{Dial, Upstream},
+};
+use crate::{
+    config::Target,
+    grants::GrantHandle,
+    model::{self, SessionOutcome, StatementRecord, Timestamp},
+    protocol::{
+        Conn, Outcome, Services, Session,
+        hold::{self, Hold, HoldOutcome},
+        refuse,
+        relay::Counters,
+    },
+};
+
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a session cut while a request waited for approval may take to lapse it.
+const LAPSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1), plus the
+/// proxy-only ones a workload could use to talk to something behind the upstream.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+pub async fn serve(
+    http: &Http,
+    mut session: Session<'_>,
+    settings: &HttpResource,
+    mut client: Conn,
+) -> Outcome {
+    client.set_nodelay();
+    // 1. TLS or plaintext.
+    let mut first = [0u8; 1];
+    let n = match tokio::time::timeout_at(session.startup_deadline, client.read(&mut first)).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => return refuse(SessionOutcome::Error, format!("reading the request: {e}")),
+        Err(_) => {
+            return refuse(
+                SessionOutcome::RefusedLimit,
+                "no request within startup_timeout",
+            );
+        }
+    };
+    if n == 0 {
+        return refuse(SessionOutcome::Closed, "closed before a request");
+    }
+    let tls = first[0] == 0x16;
+    let cutter = client.cutter();
+    let rewound = Rewind::new(first.to_vec(), client);
+    let (io, sni): (ClientIo, Option<String>) = match (tls, settings.client_tls) {
+        (true, ClientTls::Disable) => {
+            return refuse(
+                SessionOutcome::Error,
+                "the client started TLS, but this resource takes plain http (client_tls = \"disable\")",
+            );
+        }
+        (false, ClientTls::Require) => {
+            let refusal = Refusal {
+                status: 403,
+                error: format!(
+                    "{} takes https only (client_tls = \"require\")",
+                    session.resource.name
+                ),
+                rule: None,
+                hint: Some("use an https:// URL".into()),
+            };
+            answer_refusal(Either::Left(rewound), &refusal).await;
+            return refuse(SessionOutcome::Error, refusal.error);
+        }
+        (true, _) => match accept_tls(session.services, session.destination.ip(), rewound).await {
+            Ok(ok) => ok,
+            Err(e) => return refuse(SessionOutcome::Error, e),
+        },
+        (false, _) => (Either::Left(rewound), None),
+    };
+    session.record.session.destination = match &sni {
+        Some(name) => format!("{name} ({})", session.destination),
+        None => session.destination.to_string(),
+    };
+
+    // 2. The grant.
+    let grant = match session.acquire_grant().await {
+        Ok(g) => g,
+        Err(refused) => {
+            let status = if refused.limit.is_some() { 429 } else { 403 };
+            let refusal = Refusal {
+                status,
+                error: refused.outcome.1.clone(),
+                rule: None,
+                hint: Some(request_hint(
+                    &session.resource.name,
+                    session.resource.connect_access,
+                )),
+            };
+            answer_refusal(io, &refusal).await;
+            return refused.outcome;
+        }
+    };
+
+    // 3. Requests.
+    let upstream_tls = match settings.upstream_tls {
+        UpstreamTls::Auto => tls,
+        UpstreamTls::VerifyFull => true,
+        UpstreamTls::Disable => false,
+    };
+    let dial = match dial(http, settings, &session, sni.as_deref(), upstream_tls) {
+        Ok(d) => d,
+        Err(e) => return refuse(SessionOutcome::UpstreamFailed, e),
+    };
+    let mut end = session.open(&grant);
+    debug!(identity = %session.who.identity, resource = %session.resource.name, grant = %grant.id, tls, "serving http");
+    let stop = CancellationToken::new();
+    let ctx = Arc::new(Ctx {
+        services: session.services,
+        session_id: session.record.session.id.clone(),
+        who: session.who,
+        uid: session.uid,
+        resource: &session.resource.name,
+        settings,
+        grant,
+        upstream: Mutex::new(Upstream::new(dial)),
+        counters: session.record.counters.clone(),
+        seq: AtomicU32::new(0),
+        holding: AtomicBool::new(false),
+        stop: stop.clone(),
+    });
+    let service = {
+        let ctx = ctx.clone();
+        service_fn(move |req| {
+            let ctx = ctx.clone();
+            async move { Ok::<_, Infallible>(ctx.handle(req).await) }
+        })
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let outcome = tokio::select! {
+        r = conn.as_mut() => return match r {
+            Ok(()) => (SessionOutcome::Closed, String::new()),
+            Err(e) if e.is_incomplete_message() || e.is_canceled() => (SessionOutcome::Closed, String::new()),
+            Err(e) if e.is_timeout() => (SessionOutcome::Closed, "the client sent no request within 30s".into()),
+            Err(e) => (SessionOutcome::Error, format!("http: {e}")),
+        },
+        why = end.ended() => why.outcome(),
+    };
+    // 4. Cut. A request waiting for approval lapses its request first, so approving it
+    // later runs nothing.
+    stop.cancel();
+    if ctx.holding.load(Ordering::SeqCst)
+        && tokio::time::timeout(LAPSE_GRACE, conn.as_mut())
+            .await
+            .is_ok()
+    {
+        // The connection finished on its own: its socket is gone.
+        return outcome;
+    }
+    if let Err(e) = cutter.arm_reset() {
+        warn!(error = %e, "could not arm reset on close");
+    }
+    outcome
+}
+
+/// Terminates the client's TLS with a certificate for the name it asked for.
+async fn accept_tls(
+    services: &Services,
+    ip: IpAddr,
+    io: Rewind<Conn>,
+) -> Result<(ClientIo, Option<String>), String> {
+    let Some(ca) = &services.ca else {
+        return Err("the client started TLS, but the host-local CA is not available".into());
+    };
+    let config = ca
+        .server_config(ip)
+        .map_err(|e| format!("client TLS: {e}"))?;
+    let mut config = (*config).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let accepted = tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        .accept(io)
+        .await
+        .map_err(|e| {
+            format!(
+                "client TLS handshake: {e} (a client that pins certificates or does not trust the host CA refuses the gate's certificate)"
+            )
+        })?;
+    let sni = accepted.get_ref().1.server_name().map(str::to_owned);
+    Ok((Either::Right(Box::new(accepted)), sni))
+}
+
+/// Where and how the upstream is reached.
+fn dial(
+    http: &Http,
+    settings: &HttpResource,
+    session: &Session<'_>,
+    sni: Option<&str>,
+    tls: bool,
+) -> Result<Dial, String> {
+    let addr = session.upstream;
+    if !tls {
+        return Ok(Dial { addr, tls: None });
+    }
+    let name = settings
+        .upstream_server_name
+        .clone()
+        .or_else(|| match &session.resource.target {
+            Target::Host { name, .. } => Some(name.clone()),
+            Target::Net { .. } => None,
+        })
+        .or_else(|| sni.map(str::to_owned));
+    let server_name = match name {
+        Some(n) => {
+            ServerName::try_from(n.clone()).map_err(|e| format!("upstream server name {n}: {e}"))?
+        }
+        None => ServerName::IpAddress(addr.ip().into()),
+    };
+    let config = http.upstream_config(&settings.upstream_ca)?;
+    Ok(Dial {
+        addr,
+        tls: Some((config, server_name)),
+    })
+}
+
+/// Answers the client's first request with a refusal, then closes (bounded in time: a
+/// client that sends nothing is not waited on).
+async fn answer_refusal(io: ClientIo, refusal: &Refusal) {
+    let response = refusal.clone();
+    let service = service_fn(move |_req: Request<Incoming>| {
+        let r = response.clone();
+        async move { Ok::<_, Infallible>(refusal_response(&r)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(io), service);
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+}
+
+/// A refusal as the client receives it.
+pub fn refusal_response(r: &Refusal) -> Response<Out> {
+    let mut response = Response::new(body::full(r.body()));
+    *response.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FORBIDDEN);
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// What every request of the session shares.
+struct Ctx<'a> {
+    services: &'a Services,
+    session_id: String,
+    who: &'a crate::identity::Attribution,
+    uid: u32,
+    resource: &'a str,
+    settings: &'a HttpResource,
+    grant: GrantHandle,
+    upstream: Mutex<Upstream>,
+    counters: Arc<Counters>,
+    seq: AtomicU32,
+    /// A request is waiting for approval (the session's cut lets it lapse first).
+    holding: AtomicBool,
+    stop: CancellationToken,
+}
+
+/// How a request was decided, for its record.
+struct Verdict {
+    decision: model::Decision,
+    rule: Option<String>,
+    approved_by: Option<String>,
+    held: Duration,
+}
+
+impl Verdict {
+    fn allowed(rule: Option<String>) -> Self {
+        Self {
+            decision: model::Decision::Allowed,
+            rule,
+            approved_by: None,
+            held: Duration::ZERO,
+        }
+    }
+}
+
+impl Ctx<'_> {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Out> {
+        let started = Instant::now();
+        let at = Timestamp::now();
+        let method = req.method().clone();
+        let target = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+        let text = format!("{method} {target}");
+        let (response, verdict, error) = match self.judge(&req, &method).await {
+            Err((refusal, verdict)) => {
+                info!(identity = %self.who.identity, resource = self.resource, session = %self.session_id, request = %text, status = refusal.status, error = %refusal.error, "http request refused");
+                let error = Some(format!("{}: {}", refusal.status, refusal.error));
+                (refusal_response(&refusal), verdict, error)
+            }
+            Ok((path, verdict)) => match self.forward(req, &path).await {
+                Ok(response) => (response, verdict, None),
+                Err(refusal) => {
+                    let error = Some(format!("{}: {}", refusal.status, refusal.error));
+                    (refusal_response(&refusal), verdict, error)
+                }
+            },
+        };
+        let status = response.status().as_u16();
+        self.record(StatementRecord {
+            session: self.session_id.clone(),
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            at,
+            text,
+            params: Vec::new(),
+            decision: verdict.decision,
+            rule: verdict.rule,
+            approved_by: verdict.approved_by,
+            held_ms: u64::try_from(verdict.held.as_millis()).unwrap_or(u64::MAX),
+            duration_ms: Some(started.elapsed().saturating_sub(verdict.held).as_secs_f64() * 1e3),
+            rows: None,
+            tag: Some(status.to_string()),
+            error,
+            masked: 0,
+        });
+        response
+    }
+
+    fn record(&self, record: StatementRecord) {
+        self.services.store.record_statements(vec![record]);
+    }
+
+    /// Host, path and rules: `Ok` with the normalised path to forward, or the refusal.
+    async fn judge(
+        &self,
+        req: &Request<Incoming>,
+        method: &Method,
+    ) -> Result<(String, Verdict), (Refusal, Verdict)> {
+        let refused = |r: Refusal| {
+            let rule = r.rule.clone();
+            (
+                r,
+                Verdict {
+                    decision: model::Decision::Denied,
+                    ..Verdict::allowed(rule)
+                },
+            )
+        };
+        if method == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
+            return Err(refused(Refusal {
+                status: 501,
+                error: "CONNECT and protocol upgrades (WebSocket) are not supported through the gate yet".into(),
+                rule: None,
+                hint: None,
+            }));
+        }
+        self.check_host(req).map_err(refused)?;
+        let path =
+            normalize(req.uri().path()).map_err(|e| refused(Refusal::malformed(e.to_string())))?;
+        let forwarded = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        match policy::decide(
+            &self.settings.rules,
+            self.grant.access,
+            method.as_str(),
+            &path,
+        ) {
+            Decision::Allow { rule } => Ok((forwarded, Verdict::allowed(rule))),
+            Decision::NeedsLevel { needed } => Err(refused(Refusal::needs_level(
+                self.resource,
+                method.as_str(),
+                needed,
+            ))),
+            Decision::Deny { rule } => Err(refused(Refusal::denied(
+                &rule,
+                method.as_str(),
+                path.as_str(),
+            ))),
+            Decision::Approve { rule } => {
+                let text = format!("{method} {forwarded}");
+                self.hold(&text, &rule, method.as_str(), path.as_str())
+                    .await
+                    .map(|v| (forwarded, v))
+            }
+        }
+    }
+
+    /// Holds a request for a human; `Ok` once approved.
+    async fn hold(
+        &self,
+        text: &str,
+        rule: &str,
+        method: &str,
+        path: &str,
+    ) -> Result<Verdict, (Refusal, Verdict)> {
+        self.holding.store(true, Ordering::SeqCst);
+        let held = hold::hold(
+            self.services,
+            self.who,
+            self.uid,
+            self.resource,
+            self.grant.access,
+            &self.session_id,
+            Hold {
+                text,
+                rule,
+                reason: &format!("{rule} holds {method} {path} for approval"),
+                timeout: self.settings.approval_timeout,
+            },
+            &self.stop,
+        )
+        .await;
+        self.holding.store(false, Ordering::SeqCst);
+        let not = |why: String, decision| {
+            (
+                Refusal::not_approved(rule, method, path, &why),
+                Verdict {
+                    decision,
+                    rule: Some(rule.to_owned()),
+                    approved_by: None,
+                    held: held.waited,
+                },
+            )
+        };
+        match held.outcome {
+            HoldOutcome::Approved { by } => Ok(Verdict {
+                decision: model::Decision::Approved,
+                rule: Some(rule.to_owned()),
+                approved_by: Some(by),
+                held: held.waited,
+            }),
+            HoldOutcome::NotApproved { status, by } => Err(not(
+                match by {
+                    Some(by) => format!("request {status} by {by}"),
+                    None => format!(
+                        "nobody approved it within {}",
+                        model::human_duration(self.settings.approval_timeout)
+                    ),
+                },
+                model::Decision::Refused,
+            )),
+            HoldOutcome::NotFiled(e) => Err(not(e, model::Decision::Denied)),
+            HoldOutcome::Failed(e) => Err(not(e, model::Decision::Refused)),
+            HoldOutcome::SessionEnded => Err(not(
+                "the session ended while it waited".into(),
+                model::Decision::Refused,
+            )),
+        }
+    }
+
+    /// The `Host` the request names must be one of the resource's (when it has names), so a
+    /// workload cannot reach another virtual host behind the same address.
+    fn check_host(&self, req: &Request<Incoming>) -> Result<(), Refusal> {
+        let header = req
+            .headers()
+            .get(header::HOST)
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| Refusal::malformed("the Host header is not ASCII"))
+            })
+            .transpose()?;
+        let authority = req.uri().authority().map(|a| a.as_str());
+        let host = match (authority, header) {
+            (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => {
+                return Err(Refusal::malformed(
+                    "the request target and the Host header name different hosts",
+                ));
+            }
+            (Some(a), _) => Some(a),
+            (None, h) => h,
+        };
+        if self.settings.hosts.is_empty() {
+            return Ok(());
+        }
+        let Some(host) = host else {
+            return Err(Refusal::malformed("the request has no Host header"));
+        };
+        let name = host_without_port(host).to_ascii_lowercase();
+        if self.settings.hosts.contains(&name) {
+            Ok(())
+        } else {
+            Err(Refusal {
+                status: 403,
+                error: format!("host {name} is not served by {}", self.resource),
+                rule: None,
+                hint: Some(format!(
+                    "this resource serves {}",
+                    self.settings.hosts.join(", ")
+                )),
+            })
+        }
+    }
+
+    /// Sends the request upstream with the gate's credential and returns the scrubbed
+    /// response.
+    async fn forward(&self, req: Request<Incoming>, path: &str) -> Result<Response<Out>, Refusal> {
+        let (mut parts, incoming) = req.into_parts();
+        parts.uri = path.parse().map_err(|_| {
+            Refusal::malformed("the request target is not valid after normalisation")
+        })?;
+        strip_hop_by_hop(&mut parts.headers);
+        // Every header a credential of this resource rides in is the gate's, whatever the
+        // client put there.
+        for cred in self.settings.credentials.values() {
+            parts.headers.remove(&cred.header);
+        }
+        let secret = match self.settings.credentials.get(&self.grant.access) {
+            None => None,
+            Some(cred) => {
+                let loaded = cred.load().map_err(|e| {
+                    warn!(resource = self.resource, error = %e, "credential unreadable");
+                    Refusal {
+                        status: 503,
+                        error: format!("the gate cannot read the credential for {}", self.resource),
+                        rule: None,
+                        hint: Some("an operator must fix the resource's secret_file".into()),
+                    }
+                })?;
+                cred.apply(&mut parts.headers, &loaded);
+                // Compressed responses could carry the secret past the scrubber.
+                parts.headers.insert(
+                    header::ACCEPT_ENCODING,
+                    HeaderValue::from_static("identity"),
+                );
+                Some(loaded.secret)
+            }
+        };
+        let request = Request::from_parts(
+            parts,
+            Counted::new(incoming, self.counters.clone(), Direction::Up),
+        );
+        let response = self
+            .upstream
+            .lock()
+            .await
+            .send(request)
+            .await
+            .map_err(|e| Refusal {
+                status: 502,
+                error: e,
+                rule: None,
+                hint: None,
+            })?;
+        let (mut parts, incoming) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let counted = Counted::new(incoming, self.counters.clone(), Direction::Down);
+        let body = match secret.as_deref().and_then(Scrubber::new) {
+            None => counted.map_err(BoxError::from).boxed_unsync(),
+            Some(scrubber) => {
+                if parts
+                    .headers
+                    .get(header::CONTENT_ENCODING)
+                    .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+                {
+                    return Err(Refusal {
+                        status: 502,
+                        error: "the upstream sent a compressed body, which the gate cannot check for the injected credential".into(),
+                        rule: None,
+                        hint: None,
+                    });
+                }
+                scrub_headers(&mut parts.headers, secret.as_deref().unwrap_or_default());
+                Scrubbed::new(counted, scrubber)
+                    .map_err(BoxError::from)
+                    .boxed_unsync()
+            }
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// `host:port`, `[v6]:port`, `host` or `[v6]` without the port.
+fn host_without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// Overwrites the secret wherever a response header carries it.
+fn scrub_headers(headers: &mut HeaderMap, secret: &[u8]) {
+    for value in headers.values_mut() {
+        if scrub::contains(value.as_bytes(), secret) {
+            let mut bytes = value.as_bytes().to_vec();
+            scrub::mask_all(&mut bytes, secret);
+            if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                *value = v;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Access;
+
+    #[test]
+    fn host_port_is_dropped_in_every_spelling() {
+        assert_eq!(host_without_port("api.internal:8443"), "api.internal");
+        assert_eq!(host_without_port("api.internal"), "api.internal");
+        assert_eq!(host_without_port("[::1]:443"), "::1");
+        assert_eq!(host_without_port("[::1]"), "::1");
+        assert_eq!(host_without_port("127.0.0.1:80"), "127.0.0.1");
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn response_headers_lose_the_secret() {
+        let mut h = HeaderMap::new();
+        h.insert("x-echo", HeaderValue::from_static("Bearer tok-1"));
+        h.insert("x-other", HeaderValue::from_static("fine"));
+        scrub_headers(&mut h, b"tok-1");
+        assert_eq!(h["x-echo"], "Bearer *****");
+        assert_eq!(h["x-other"], "fine");
+    }
+
+    #[test]
+    fn access_is_named_in_hints() {
+        assert_eq!(
+            request_hint("api", Access::Write),
+            "jitgate request api --access write"
+        );
+    }
+}

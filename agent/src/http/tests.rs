@@ -1,0 +1,209 @@
+//! The `http` protocol driven over in-memory pipes (the workload's side) against a real
+//! hyper upstream on loopback: no root, no BPF. The kernel path, TLS and real clients are
+//! covered end to end in `tests/tests/http.rs`.
+
+use std::{
+    convert::Infallible, net::SocketAddr, os::unix::fs::PermissionsExt as _, time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::{Request, Response, client::conn::http1::SendRequest, service::service_fn};
+use hyper_util::rt::TokioIo;
+
+use crate::{
+    model::SessionOutcome,
+    testing::{Harness, outcome},
+};
+
+const TOKEN: &str = "tok-in-memory-41";
+
+/// An upstream that answers `target|authorization it received`, and closes the connection
+/// after `/close`.
+async fn upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let auth = req
+                        .headers()
+                        .get_all("authorization")
+                        .iter()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    let target = req.uri().to_string();
+                    let mut response =
+                        Response::new(Full::new(Bytes::from(format!("{target}|{auth}"))));
+                    if target == "/close" {
+                        response.headers_mut().insert(
+                            "connection",
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn harness(extra: &str) -> (Harness, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("token");
+    std::fs::write(&secret, TOKEN).expect("secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let keys = format!(
+        "{extra}\n[resource.credentials.read]\nsecret_file = \"{}\"\n[[resource.rule]]\npaths = [\"/admin/**\"]\naction = \"deny\"\n",
+        secret.display()
+    );
+    (
+        Harness::with_upstream(upstream().await, "http", &keys, Some("bot")).await,
+        dir,
+    )
+}
+
+async fn client(
+    h: &Harness,
+) -> (
+    SendRequest<Empty<Bytes>>,
+    tokio::task::JoinHandle<crate::protocol::Outcome>,
+) {
+    let (pipe, task) = h.connect();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(pipe))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    (sender, task)
+}
+
+async fn get(
+    sender: &mut SendRequest<Empty<Bytes>>,
+    path: &str,
+    auth: Option<&str>,
+) -> (u16, String) {
+    let mut req = Request::get(path).header("host", "svc");
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    sender.ready().await.expect("ready");
+    let response = tokio::time::timeout(
+        Duration::from_secs(10),
+        sender.send_request(req.body(Empty::new()).expect("request")),
+    )
+    .await
+    .expect("an answer in time")
+    .expect("response");
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn without_a_grant_the_client_reads_a_403_naming_the_command() {
+    let (h, _dir) = harness("").await;
+    let (mut sender, task) = client(&h).await;
+    let (status, body) = get(&mut sender, "/x", None).await;
+    assert_eq!(status, 403);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["hint"], "jitgate request svc", "{v}");
+    let (how, _) = outcome(task).await;
+    assert_eq!(how, SessionOutcome::RefusedNoGrant);
+}
+
+#[tokio::test]
+async fn granted_requests_carry_the_gates_credential_across_upstream_reconnects_until_revoked() {
+    let (h, _dir) = harness("").await;
+    let grant = h.grant().await;
+    let (mut sender, task) = client(&h).await;
+    let (status, body) = get(&mut sender, "/x", Some("Bearer mine")).await;
+    assert_eq!(status, 200);
+    // The upstream's echo of the credential is scrubbed; the workload's own is gone.
+    assert_eq!(body, format!("/x|Bearer {}", "*".repeat(TOKEN.len())));
+    let (status, _) = get(&mut sender, "/admin/x", None).await;
+    assert_eq!(status, 403, "the same connection keeps being judged");
+    // The upstream closes after /close: the next request opens a new upstream connection.
+    let (status, _) = get(&mut sender, "/close", None).await;
+    assert_eq!(status, 200);
+    let (status, body) = get(&mut sender, "/after", None).await;
+    assert_eq!(
+        (status, body.starts_with("/after|Bearer ")),
+        (200, true),
+        "{body}"
+    );
+
+    h.revoke(&grant).await;
+    let (how, detail) = outcome(task).await;
+    assert_eq!(how, SessionOutcome::GrantRevoked, "{detail}");
+    let records = h
+        .ctx
+        .services
+        .store
+        .sessions(false, 10)
+        .await
+        .expect("sessions");
+    assert_eq!(records.len(), 1);
+}
+
+#[test]
+fn config_refuses_unverified_upstreams_and_loose_secret_files() {
+    use crate::config::Config;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("token");
+    std::fs::write(&secret, "t").expect("secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let text = |keys: &str| {
+        format!(
+            "[daemon]\nstate_dir = \"{}\"\n[[resource]]\nname = \"api\"\nprotocol = \"http\"\naddress = \"api.internal:443\"\n{keys}\n",
+            dir.path().join("state").display()
+        )
+    };
+    let path = dir.path().join("jitgate.toml");
+    let e = Config::from_toml(&path, &text("upstream_tls = \"require\"")).expect_err("require");
+    assert!(e.to_string().contains("verifies the upstream"), "{e}");
+    let e = Config::from_toml(
+        &path,
+        &text(&format!(
+            "[resource.credentials.read]\nsecret_file = \"{}\"",
+            secret.display()
+        )),
+    )
+    .expect_err("0644 secret");
+    assert!(e.to_string().contains("readable by others"), "{e}");
+    let e = Config::from_toml(
+        &path,
+        &text("[[resource.rule]]\npaths = [\"admin\"]\naction = \"deny\""),
+    )
+    .expect_err("relative glob");
+    assert!(e.to_string().contains("must start with '/'"), "{e}");
+    let e = Config::from_toml(
+        &path,
+        &text("[[resource.rule]]\nmethods = [\"GET /\"]\naction = \"nope\""),
+    )
+    .expect_err("bad rule");
+    assert!(
+        e.to_string().contains("not a method")
+            || e.to_string().contains("not allow, deny or approve"),
+        "{e}"
+    );
+    // A host-named resource checks Host against its name by default.
+    let config = Config::from_toml(&path, &text("")).expect("valid");
+    let settings = config.resources[0]
+        .settings
+        .get::<super::config::HttpResource>()
+        .expect("http settings");
+    assert_eq!(settings.hosts, ["api.internal"]);
+}
