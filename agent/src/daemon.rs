@@ -179,6 +179,9 @@ impl Daemon {
         let egress = new.daemon.egress;
         let resources: Vec<String> = new.resources.iter().map(|r| r.name.clone()).collect();
         self.config.set(new);
+        if let Err(e) = crate::http::kubeconfig::publish(&self.config.get()) {
+            warn!(error = %e, "cannot publish the kubeconfig for gated workloads");
+        }
         self.workloads.reconfigure(&self.config.get());
         // The stricter side first: a move to `deny` is published before the new rules, a
         // move to `allow` only once the new resources' addresses are in the kernel (resolving
@@ -494,6 +497,9 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         &config.daemon.ca_cert,
     )
     .context("preparing the host-local CA")?;
+    if let Err(e) = crate::http::kubeconfig::publish(&config) {
+        warn!(error = %e, "cannot publish the kubeconfig for gated workloads");
+    }
     let mask_key = audit::secret_key(&config.daemon.state_dir, "mask.key")?;
     spawn_retention(store.clone(), shared.clone(), shutdown.clone());
     spawn_target_watch(gate.clone(), shutdown.clone());

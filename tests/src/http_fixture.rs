@@ -63,6 +63,12 @@ impl HttpFixture {
         Self::start(true)
     }
 
+    /// A Kubernetes API server's stand-in over HTTPS (see [`crate::kube_fixture`]): real API
+    /// objects for discovery, pods and secrets, tables, watch, delete.
+    pub fn kube() -> Self {
+        Self::start_as(true, true)
+    }
+
     /// Everything received so far.
     pub fn received(&self) -> Vec<Received> {
         self.received
@@ -72,6 +78,10 @@ impl HttpFixture {
     }
 
     fn start(tls: bool) -> Self {
+        Self::start_as(tls, false)
+    }
+
+    fn start_as(tls: bool, kube: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -98,7 +108,16 @@ impl HttpFixture {
                 let seen = seen.clone();
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(req, seen.clone()));
+                    let service = service_fn(move |req| {
+                        let seen = seen.clone();
+                        async move {
+                            if kube {
+                                crate::kube_fixture::handle(req, seen).await
+                            } else {
+                                handle(req, seen).await
+                            }
+                        }
+                    });
                     let builder = hyper::server::conn::http1::Builder::new();
                     match acceptor {
                         None => {
@@ -123,9 +142,9 @@ impl HttpFixture {
     }
 }
 
-type Out = BoxBody<Bytes, Infallible>;
+pub(crate) type Out = BoxBody<Bytes, Infallible>;
 
-fn full(s: impl Into<Bytes>) -> Out {
+pub(crate) fn full(s: impl Into<Bytes>) -> Out {
     Full::new(s.into()).boxed()
 }
 

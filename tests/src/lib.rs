@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod http_fixture;
+pub mod kube_fixture;
 pub mod scrape;
 pub mod servers;
 

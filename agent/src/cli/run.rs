@@ -154,6 +154,12 @@ pub fn run(cli: &Cli, args: &RunArgs) -> Result<ExitCode, ClientError> {
                 let current = std::env::var_os(var);
                 if replaces(current.as_deref()) {
                     std::env::set_var(var, path);
+                } else if var == "KUBECONFIG" {
+                    eprintln!(
+                        "jitgate: KUBECONFIG is set to {}; gated Kubernetes clients need the cluster entries of {} (the host CA, no credential)",
+                        current.unwrap_or_default().to_string_lossy(),
+                        path.display()
+                    );
                 } else if var != "PGSSLROOTCERT" {
                     eprintln!(
                         "jitgate: {var} is set to {}, so gated https clients that read it will not trust the gate's certificates; add {} to that file or unset {var}",
@@ -238,6 +244,10 @@ fn trust_variables(ca: &std::path::Path) -> Vec<(&'static str, std::path::PathBu
         }
     } else {
         vars.push(("NODE_EXTRA_CA_CERTS", ca.to_owned()));
+    }
+    let kubeconfig = crate::http::kubeconfig::path(ca);
+    if kubeconfig.is_file() {
+        vars.push(("KUBECONFIG", kubeconfig));
     }
     vars
 }

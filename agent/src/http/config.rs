@@ -29,7 +29,7 @@ use toml::Spanned;
 
 use super::{
     inject::{Credential, Scheme},
-    policy::{Action, Glob, Rule},
+    policy::{Action, Glob, KubeMatch, Rule},
 };
 use crate::config::{Access, ResourceConfig, Target};
 
@@ -61,9 +61,18 @@ pub enum UpstreamTls {
     Disable,
 }
 
+/// What the upstream is: any HTTP API, or a Kubernetes API server (requests read as
+/// verbs on resources, Secret values masked, refusals as `Status` objects).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    Http,
+    Kubernetes,
+}
+
 /// Everything specific to an HTTP resource.
 #[derive(Debug)]
 pub struct HttpResource {
+    pub flavor: Flavor,
     pub client_tls: ClientTls,
     pub upstream_tls: UpstreamTls,
     /// The trust anchors for the upstream's certificate.
@@ -96,6 +105,18 @@ struct RawRule {
     methods: Vec<S<String>>,
     #[serde(default)]
     paths: Vec<S<String>>,
+    #[serde(default)]
+    levels: Vec<S<String>>,
+    #[serde(default)]
+    verbs: Vec<String>,
+    #[serde(default)]
+    resources: Vec<String>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default)]
+    names: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
     action: S<String>,
 }
 
@@ -103,6 +124,7 @@ struct RawRule {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawHttp {
+    flavor: Option<S<String>>,
     client_tls: Option<S<String>>,
     upstream_tls: Option<S<String>>,
     upstream_ca: Option<S<String>>,
@@ -115,6 +137,7 @@ struct RawHttp {
 
 /// The keys a `[[resource]]` may have for `protocol = "http"`.
 pub const KEYS: &[&str] = &[
+    "flavor",
     "client_tls",
     "upstream_tls",
     "upstream_ca",
@@ -123,6 +146,24 @@ pub const KEYS: &[&str] = &[
     "credentials",
     "rule",
     "approval_timeout",
+];
+
+/// The verbs a Kubernetes rule may name: RBAC's, plus the subresources the gate treats as
+/// verbs of their own.
+pub const KUBE_VERBS: &[&str] = &[
+    "get",
+    "list",
+    "watch",
+    "create",
+    "update",
+    "patch",
+    "delete",
+    "deletecollection",
+    "exec",
+    "attach",
+    "portforward",
+    "proxy",
+    "*",
 ];
 
 /// A method token as RFC 9110 allows (rules name methods exactly; upper-cased).
@@ -152,6 +193,21 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> HttpResource {
         cx.fail(span, "resource.address: an http resource has one port");
     }
 
+    let flavor = match raw
+        .flavor
+        .as_ref()
+        .map(|v| (v.get_ref().as_str(), v.span()))
+    {
+        None | Some(("http", _)) => Flavor::Http,
+        Some(("kubernetes", _)) => Flavor::Kubernetes,
+        Some((other, span)) => {
+            cx.fail(
+                span,
+                format!("resource.flavor: `{other}` is not http or kubernetes"),
+            );
+            Flavor::Http
+        }
+    };
     let client_tls = match raw
         .client_tls
         .as_ref()
@@ -313,7 +369,45 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> HttpResource {
 
     let mut rules = Vec::new();
     for (i, rule) in raw.rule.unwrap_or_default().into_iter().enumerate() {
+        let span = rule.span();
         let rule = rule.into_inner();
+        let mut levels = Vec::new();
+        for l in &rule.levels {
+            match Access::from_str(l.get_ref()) {
+                Ok(a) => levels.push(a),
+                Err(e) => cx.fail(l.span(), format!("resource.rule.levels: {e}")),
+            }
+        }
+        let kube = KubeMatch {
+            verbs: rule.verbs.iter().map(|v| v.to_ascii_lowercase()).collect(),
+            resources: rule
+                .resources
+                .iter()
+                .map(|v| v.to_ascii_lowercase())
+                .collect(),
+            namespaces: rule.namespaces.clone(),
+            names: rule.names.clone(),
+            groups: rule.groups.clone(),
+        };
+        if !kube.is_empty() && flavor != Flavor::Kubernetes {
+            cx.fail(
+                span.clone(),
+                "resource.rule: verbs, resources, namespaces, names and groups need flavor = \"kubernetes\"",
+            );
+        }
+        if let Some(v) = kube
+            .verbs
+            .iter()
+            .find(|v| !KUBE_VERBS.contains(&v.as_str()))
+        {
+            cx.fail(
+                span.clone(),
+                format!(
+                    "resource.rule.verbs: `{v}` is not a Kubernetes verb (use {})",
+                    KUBE_VERBS.join(", ")
+                ),
+            );
+        }
         let action = Action::parse(rule.action.get_ref()).unwrap_or_else(|| {
             cx.fail(
                 rule.action.span(),
@@ -346,6 +440,8 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> HttpResource {
             index: i + 1,
             methods,
             paths,
+            levels,
+            kube,
             action,
         });
     }
@@ -356,6 +452,7 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> HttpResource {
         default_timeout,
     );
     HttpResource {
+        flavor,
         client_tls,
         upstream_tls,
         upstream_ca,

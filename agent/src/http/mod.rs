@@ -21,6 +21,8 @@ pub mod body;
 pub mod config;
 pub mod inject;
 pub mod io;
+pub mod kube;
+pub mod kubeconfig;
 pub mod normalize;
 pub mod policy;
 pub mod refuse;

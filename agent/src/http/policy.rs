@@ -7,7 +7,7 @@
 
 use crate::config::Access;
 
-use super::normalize::NormalPath;
+use super::{kube::KubeRequest, normalize::NormalPath};
 
 /// What a rule does with a request it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +108,50 @@ fn glob_match(pat: &[u8], text: &[u8]) -> bool {
     dp[text.len()]
 }
 
+/// What a rule says about Kubernetes requests (`flavor = "kubernetes"`); every list empty:
+/// the rule does not look at them. Patterns are globs (`*` within a `/`-separated part), with
+/// RBAC's meaning for resources: `pods` is not `pods/exec`, `pods/*` is every pod subresource.
+#[derive(Debug, Clone, Default)]
+pub struct KubeMatch {
+    pub verbs: Vec<String>,
+    /// `pods`, `pods/exec`, `deployments`.
+    pub resources: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub names: Vec<String>,
+    /// API groups (`""` the core group, `apps`).
+    pub groups: Vec<String>,
+}
+
+impl KubeMatch {
+    pub fn is_empty(&self) -> bool {
+        self.verbs.is_empty()
+            && self.resources.is_empty()
+            && self.namespaces.is_empty()
+            && self.names.is_empty()
+            && self.groups.is_empty()
+    }
+
+    fn matches(&self, r: Option<&KubeRequest>) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let Some(r) = r else { return false };
+        let any = |pats: &[String], v: &str| {
+            pats.is_empty() || pats.iter().any(|p| glob_match(p.as_bytes(), v.as_bytes()))
+        };
+        let scoped = !(self.resources.is_empty()
+            && self.namespaces.is_empty()
+            && self.names.is_empty()
+            && self.groups.is_empty());
+        (!scoped || r.resource_request)
+            && any(&self.verbs, &r.verb)
+            && any(&self.resources, &r.resource_path())
+            && any(&self.namespaces, &r.namespace)
+            && any(&self.names, &r.name)
+            && (self.groups.is_empty() || self.groups.contains(&r.group))
+    }
+}
+
 /// One `[[resource.rule]]`.
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -117,13 +161,24 @@ pub struct Rule {
     pub methods: Vec<String>,
     /// Empty = any path.
     pub paths: Vec<Glob>,
+    /// The grant levels the rule applies to; empty = every level.
+    pub levels: Vec<Access>,
+    pub kube: KubeMatch,
     pub action: Action,
 }
 
 impl Rule {
-    fn matches(&self, method: &str, path: &NormalPath) -> bool {
+    fn matches(
+        &self,
+        method: &str,
+        path: &NormalPath,
+        granted: Access,
+        kube: Option<&KubeRequest>,
+    ) -> bool {
         (self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
             && (self.paths.is_empty() || self.paths.iter().any(|g| g.matches(path)))
+            && (self.levels.is_empty() || self.levels.contains(&granted))
+            && self.kube.matches(kube)
     }
 
     pub fn label(&self) -> String {
@@ -136,6 +191,21 @@ pub fn level_for(method: &str) -> Access {
     match method {
         "GET" | "HEAD" | "OPTIONS" => Access::Read,
         _ => Access::Write,
+    }
+}
+
+/// The access level a request needs: for Kubernetes by verb (read: `get`, `list`, `watch`;
+/// `exec` over a WebSocket GET still needs write), otherwise by method.
+pub fn level_needed(method: &str, kube: Option<&KubeRequest>) -> Access {
+    match kube {
+        Some(r) if r.resource_request => {
+            if r.reads() {
+                Access::Read
+            } else {
+                Access::Write
+            }
+        }
+        _ => level_for(method),
     }
 }
 
@@ -160,11 +230,25 @@ pub enum Decision {
 /// Decides one request: the access level check first (a rule cannot lift a request above
 /// the grant), then the first matching rule.
 pub fn decide(rules: &[Rule], granted: Access, method: &str, path: &NormalPath) -> Decision {
-    let needed = level_for(method);
+    decide_kube(rules, granted, method, path, None)
+}
+
+/// [`decide`], with the request as the Kubernetes API server reads it.
+pub fn decide_kube(
+    rules: &[Rule],
+    granted: Access,
+    method: &str,
+    path: &NormalPath,
+    kube: Option<&KubeRequest>,
+) -> Decision {
+    let needed = level_needed(method, kube);
     if needed > granted {
         return Decision::NeedsLevel { needed };
     }
-    match rules.iter().find(|r| r.matches(method, path)) {
+    match rules
+        .iter()
+        .find(|r| r.matches(method, path, granted, kube))
+    {
         None => Decision::Allow { rule: None },
         Some(r) => match r.action {
             Action::Allow => Decision::Allow {
@@ -222,18 +306,24 @@ mod tests {
                 index: 1,
                 methods: vec![],
                 paths: vec![g("/admin*"), g("/admin/**")],
+                levels: vec![],
+                kube: KubeMatch::default(),
                 action: Action::Deny,
             },
             Rule {
                 index: 2,
                 methods: vec!["DELETE".into()],
                 paths: vec![g("/items/**")],
+                levels: vec![],
+                kube: KubeMatch::default(),
                 action: Action::Approve,
             },
             Rule {
                 index: 3,
                 methods: vec!["GET".into()],
                 paths: vec![g("/public/**")],
+                levels: vec![],
+                kube: KubeMatch::default(),
                 action: Action::Allow,
             },
         ]
@@ -298,5 +388,107 @@ mod tests {
         }
         // The encoded-dot variant never reaches the rules: it is malformed (400).
         assert!(normalize("/public/%2e%2e/admin").is_err());
+    }
+
+    #[test]
+    fn kubernetes_rules_in_the_api_servers_terms() {
+        use crate::http::kube;
+        let rules = vec![
+            Rule {
+                index: 1,
+                methods: vec![],
+                paths: vec![],
+                levels: vec![Access::Read],
+                kube: KubeMatch {
+                    resources: vec!["secrets".into()],
+                    ..KubeMatch::default()
+                },
+                action: Action::Deny,
+            },
+            Rule {
+                index: 2,
+                methods: vec![],
+                paths: vec![],
+                levels: vec![],
+                kube: KubeMatch {
+                    verbs: vec!["delete".into(), "deletecollection".into()],
+                    namespaces: vec!["prod".into()],
+                    ..KubeMatch::default()
+                },
+                action: Action::Approve,
+            },
+            Rule {
+                index: 3,
+                methods: vec![],
+                paths: vec![],
+                levels: vec![],
+                kube: KubeMatch {
+                    verbs: vec!["exec".into(), "attach".into()],
+                    ..KubeMatch::default()
+                },
+                action: Action::Approve,
+            },
+        ];
+        let d = |access, method: &str, target: &str| {
+            let (path, query) = target
+                .split_once('?')
+                .map_or((target, None), |(p, q)| (p, Some(q)));
+            let k = kube::parse(method, path, query).unwrap();
+            decide_kube(&rules, access, method, &np(path), Some(&k))
+        };
+        assert_eq!(
+            d(Access::Read, "GET", "/api/v1/namespaces/x/pods"),
+            Decision::Allow { rule: None }
+        );
+        assert_eq!(
+            d(Access::Read, "GET", "/api/v1/namespaces/x/secrets"),
+            Decision::Deny {
+                rule: "rule 1".into()
+            }
+        );
+        assert_eq!(
+            d(Access::Read, "GET", "/api/v1/watch/namespaces/x/secrets"),
+            Decision::Deny {
+                rule: "rule 1".into()
+            }
+        );
+        assert_eq!(
+            d(Access::Write, "GET", "/api/v1/namespaces/x/secrets"),
+            Decision::Allow { rule: None },
+            "rule 1 is for read grants"
+        );
+        assert_eq!(
+            d(Access::Write, "DELETE", "/api/v1/namespaces/prod/pods/web"),
+            Decision::Approve {
+                rule: "rule 2".into()
+            }
+        );
+        assert_eq!(
+            d(Access::Write, "DELETE", "/api/v1/namespaces/prod/pods"),
+            Decision::Approve {
+                rule: "rule 2".into()
+            }
+        );
+        assert_eq!(
+            d(Access::Write, "DELETE", "/api/v1/namespaces/dev/pods/web"),
+            Decision::Allow { rule: None }
+        );
+        assert_eq!(
+            d(
+                Access::Read,
+                "GET",
+                "/api/v1/namespaces/x/pods/web/exec?command=sh"
+            ),
+            Decision::NeedsLevel {
+                needed: Access::Write
+            },
+            "a WebSocket exec is a GET but not a read"
+        );
+        assert_eq!(
+            d(Access::Write, "POST", "/api/v1/namespaces/x/pods/web/exec"),
+            Decision::Approve {
+                rule: "rule 3".into()
+            }
+        );
     }
 }

@@ -37,8 +37,9 @@ use tracing::{debug, info, warn};
 use super::{
     Http,
     body::{self, BoxError, Counted, Direction, Out, Scrubbed},
-    config::{ClientTls, HttpResource, UpstreamTls},
+    config::{ClientTls, Flavor, HttpResource, UpstreamTls},
     io::{ClientIo, Rewind},
+    kube::{self, KubeRequest},
     normalize::normalize,
     policy::{self, Decision},
     refuse::{Refusal, request_hint},
@@ -119,7 +120,7 @@ pub async fn serve(
                 rule: None,
                 hint: Some("use an https:// URL".into()),
             };
-            answer_refusal(Either::Left(rewound), &refusal).await;
+            answer_refusal(Either::Left(rewound), settings.flavor, &refusal).await;
             return refuse(SessionOutcome::Error, refusal.error);
         }
         (true, _) => match accept_tls(session.services, session.destination.ip(), rewound).await {
@@ -147,7 +148,7 @@ pub async fn serve(
                     session.resource.connect_access,
                 )),
             };
-            answer_refusal(io, &refusal).await;
+            answer_refusal(io, settings.flavor, &refusal).await;
             return refused.outcome;
         }
     };
@@ -278,11 +279,12 @@ fn dial(
 
 /// Answers the client's first request with a refusal, then closes (bounded in time: a
 /// client that sends nothing is not waited on).
-async fn answer_refusal(io: ClientIo, refusal: &Refusal) {
+async fn answer_refusal(io: ClientIo, flavor: Flavor, refusal: &Refusal) {
     let response = refusal.clone();
-    let service = service_fn(move |_req: Request<Incoming>| {
+    let service = service_fn(move |req: Request<Incoming>| {
         let r = response.clone();
-        async move { Ok::<_, Infallible>(refusal_response(&r)) }
+        let wording = Wording::for_request(flavor, req.method(), req.uri());
+        async move { Ok::<_, Infallible>(refusal_response(wording, &r)) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
@@ -290,15 +292,59 @@ async fn answer_refusal(io: ClientIo, refusal: &Refusal) {
     let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
 }
 
-/// A refusal as the client receives it.
-pub fn refusal_response(r: &Refusal) -> Response<Out> {
-    let mut response = Response::new(body::full(r.body()));
+/// How a refusal is worded for the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wording {
+    /// `{"error", "rule", "hint"}` JSON.
+    Json,
+    /// A Kubernetes `Status`, which clients decode and kubectl prints as
+    /// `Error from server (Forbidden): <message>`.
+    KubeStatus,
+    /// The same message as plain text: client-go shows a discovery error's body only when it
+    /// is text (for JSON it prints `unknown`), so refusals of `/api`, `/apis`, `/version` are.
+    KubeText,
+}
+
+impl Wording {
+    /// The wording for a request to `uri` on a resource of `flavor`.
+    pub fn for_request(flavor: Flavor, method: &Method, uri: &hyper::Uri) -> Self {
+        match flavor {
+            Flavor::Http => Self::Json,
+            Flavor::Kubernetes => {
+                let resource = normalize(uri.path())
+                    .ok()
+                    .and_then(|p| kube::parse(method.as_str(), p.as_str(), uri.query()));
+                if resource.is_some_and(|k| k.resource_request) {
+                    Self::KubeStatus
+                } else {
+                    Self::KubeText
+                }
+            }
+        }
+    }
+}
+
+/// A refusal as the client receives it (see [`Wording`]).
+pub fn refusal_response(wording: Wording, r: &Refusal) -> Response<Out> {
+    let kube_message = || {
+        let mut message = format!("jitgate: {}", r.error);
+        if let Some(rule) = &r.rule {
+            message.push_str(&format!(" ({rule})"));
+        }
+        if let Some(hint) = &r.hint {
+            message.push_str(&format!("; {hint}"));
+        }
+        message
+    };
+    let (text, content_type) = match wording {
+        Wording::Json => (r.body(), "application/json"),
+        Wording::KubeStatus => (kube::status(r.status, &kube_message()), "application/json"),
+        Wording::KubeText => (format!("{}\n", kube_message()), "text/plain; charset=utf-8"),
+    };
+    let mut response = Response::new(body::full(text));
     *response.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FORBIDDEN);
     let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
@@ -349,17 +395,18 @@ impl Ctx<'_> {
             .path_and_query()
             .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
         let text = format!("{method} {target}");
-        let (response, verdict, error) = match self.judge(&req, &method).await {
+        let wording = Wording::for_request(self.settings.flavor, &method, req.uri());
+        let (response, verdict, error, masked) = match self.judge(&req, &method).await {
             Err((refusal, verdict)) => {
                 info!(identity = %self.who.identity, resource = self.resource, session = %self.session_id, request = %text, status = refusal.status, error = %refusal.error, "http request refused");
                 let error = Some(format!("{}: {}", refusal.status, refusal.error));
-                (refusal_response(&refusal), verdict, error)
+                (refusal_response(wording, &refusal), verdict, error, 0)
             }
-            Ok((path, verdict)) => match self.forward(req, &path).await {
-                Ok(response) => (response, verdict, None),
+            Ok((path, kube, verdict)) => match self.forward(req, &path, kube.as_ref()).await {
+                Ok((response, masked)) => (response, verdict, None, masked),
                 Err(refusal) => {
                     let error = Some(format!("{}: {}", refusal.status, refusal.error));
-                    (refusal_response(&refusal), verdict, error)
+                    (refusal_response(wording, &refusal), verdict, error, 0)
                 }
             },
         };
@@ -378,7 +425,7 @@ impl Ctx<'_> {
             rows: None,
             tag: Some(status.to_string()),
             error,
-            masked: 0,
+            masked,
         });
         response
     }
@@ -392,7 +439,7 @@ impl Ctx<'_> {
         &self,
         req: &Request<Incoming>,
         method: &Method,
-    ) -> Result<(String, Verdict), (Refusal, Verdict)> {
+    ) -> Result<(String, Option<KubeRequest>, Verdict), (Refusal, Verdict)> {
         let refused = |r: Refusal| {
             let rule = r.rule.clone();
             (
@@ -418,28 +465,54 @@ impl Ctx<'_> {
             Some(q) => format!("{path}?{q}"),
             None => path.to_string(),
         };
-        match policy::decide(
+        let kube = match self.settings.flavor {
+            Flavor::Http => None,
+            Flavor::Kubernetes => {
+                // The gate is the only identity the API server sees: a workload naming
+                // another (Impersonate-User, -Group, -Uid, -Extra-*) is refused outright.
+                if req
+                    .headers()
+                    .keys()
+                    .any(|k| k.as_str().starts_with("impersonate-"))
+                {
+                    return Err(refused(Refusal {
+                        status: 403,
+                        error: "impersonation (Impersonate-* headers, kubectl --as) is not allowed through the gate".into(),
+                        rule: None,
+                        hint: None,
+                    }));
+                }
+                Some(
+                    kube::parse(method.as_str(), path.as_str(), req.uri().query()).ok_or_else(
+                        || refused(Refusal::malformed("not a Kubernetes API request path")),
+                    )?,
+                )
+            }
+        };
+        let what = kube
+            .as_ref()
+            .map_or_else(|| path.to_string(), KubeRequest::describe);
+        match policy::decide_kube(
             &self.settings.rules,
             self.grant.access,
             method.as_str(),
             &path,
+            kube.as_ref(),
         ) {
-            Decision::Allow { rule } => Ok((forwarded, Verdict::allowed(rule))),
+            Decision::Allow { rule } => Ok((forwarded, kube, Verdict::allowed(rule))),
             Decision::NeedsLevel { needed } => Err(refused(Refusal::needs_level(
                 self.resource,
-                method.as_str(),
+                &kube
+                    .as_ref()
+                    .map_or_else(|| method.to_string(), |k| k.verb.clone()),
                 needed,
             ))),
-            Decision::Deny { rule } => Err(refused(Refusal::denied(
-                &rule,
-                method.as_str(),
-                path.as_str(),
-            ))),
+            Decision::Deny { rule } => Err(refused(Refusal::denied(&rule, method.as_str(), &what))),
             Decision::Approve { rule } => {
                 let text = format!("{method} {forwarded}");
-                self.hold(&text, &rule, method.as_str(), path.as_str())
+                self.hold(&text, &rule, method.as_str(), &what)
                     .await
-                    .map(|v| (forwarded, v))
+                    .map(|v| (forwarded, kube, v))
             }
         }
     }
@@ -552,7 +625,12 @@ impl Ctx<'_> {
 
     /// Sends the request upstream with the gate's credential and returns the scrubbed
     /// response.
-    async fn forward(&self, req: Request<Incoming>, path: &str) -> Result<Response<Out>, Refusal> {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        path: &str,
+        kube: Option<&KubeRequest>,
+    ) -> Result<(Response<Out>, u64), Refusal> {
         let (mut parts, incoming) = req.into_parts();
         parts.uri = path.parse().map_err(|_| {
             Refusal::malformed("the request target is not valid after normalisation")
@@ -576,14 +654,24 @@ impl Ctx<'_> {
                     }
                 })?;
                 cred.apply(&mut parts.headers, &loaded);
-                // Compressed responses could carry the secret past the scrubber.
-                parts.headers.insert(
-                    header::ACCEPT_ENCODING,
-                    HeaderValue::from_static("identity"),
-                );
                 Some(loaded.secret)
             }
         };
+        let secrets = kube.is_some_and(KubeRequest::touches_secrets);
+        if secret.is_some() || secrets {
+            // Compressed responses could carry the secret past the scrubber, or Secret
+            // values past the masker.
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
+        if secrets && !accepts_only_json(&parts.headers) {
+            // Protobuf (kubectl's default for some calls) cannot be masked: ask for JSON.
+            parts
+                .headers
+                .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        }
         let request = Request::from_parts(
             parts,
             Counted::new(incoming, self.counters.clone(), Direction::Up),
@@ -602,30 +690,100 @@ impl Ctx<'_> {
             })?;
         let (mut parts, incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        let compressed = parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        if compressed && (secret.is_some() || secrets) {
+            return Err(Refusal {
+                status: 502,
+                error: "the upstream sent a compressed body, which the gate cannot check".into(),
+                rule: None,
+                hint: None,
+            });
+        }
         let counted = Counted::new(incoming, self.counters.clone(), Direction::Down);
-        let body = match secret.as_deref().and_then(Scrubber::new) {
-            None => counted.map_err(BoxError::from).boxed_unsync(),
-            Some(scrubber) => {
-                if parts
-                    .headers
-                    .get(header::CONTENT_ENCODING)
-                    .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
-                {
-                    return Err(Refusal {
+        let mut masked = 0;
+        let mut body: Out = counted.map_err(BoxError::from).boxed_unsync();
+        if let Some(k) = kube.filter(|k| k.touches_secrets()) {
+            let json = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+            let empty =
+                parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
+            if !json && !empty {
+                return Err(Refusal {
+                    status: 502,
+                    error: "the API server answered a Secrets request in a format other than JSON, which the gate cannot mask".into(),
+                    rule: None,
+                    hint: Some("ask for JSON (kubectl does by default)".into()),
+                });
+            }
+            parts.headers.remove(header::CONTENT_LENGTH);
+            if k.verb == "watch" {
+                body = kube::WatchMasked::new(body).boxed_unsync();
+            } else if !empty {
+                let bytes = collect_bounded(&mut body, kube::MAX_MASKED_BODY)
+                    .await
+                    .map_err(|e| Refusal {
                         status: 502,
-                        error: "the upstream sent a compressed body, which the gate cannot check for the injected credential".into(),
+                        error: format!("reading a Secrets response to mask it: {e}"),
                         rule: None,
                         hint: None,
-                    });
-                }
-                scrub_headers(&mut parts.headers, secret.as_deref().unwrap_or_default());
-                Scrubbed::new(counted, scrubber)
-                    .map_err(BoxError::from)
-                    .boxed_unsync()
+                    })?;
+                let (out, n) = kube::mask_body(&bytes).map_err(|e| Refusal {
+                    status: 502,
+                    error: e,
+                    rule: None,
+                    hint: None,
+                })?;
+                masked = n;
+                body = body::full(out);
+            } else {
+                body = body::full(bytes::Bytes::new());
             }
-        };
-        Ok(Response::from_parts(parts, body))
+        }
+        if let Some(scrubber) = secret.as_deref().and_then(Scrubber::new) {
+            scrub_headers(&mut parts.headers, secret.as_deref().unwrap_or_default());
+            body = Scrubbed::new(body, scrubber).boxed_unsync();
+        }
+        Ok((Response::from_parts(parts, body), masked))
     }
+}
+
+/// A whole body, refused past `cap` bytes.
+async fn collect_bounded(body: &mut Out, cap: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > cap {
+                return Err(format!("larger than the {cap} bytes the gate masks"));
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out)
+}
+
+/// Whether every media range the client accepts is JSON (then a Secrets response comes back
+/// in a form the gate masks, kubectl's Table included).
+fn accepts_only_json(headers: &HeaderMap) -> bool {
+    let mut any = false;
+    for value in headers.get_all(header::ACCEPT) {
+        let Ok(text) = value.to_str() else {
+            return false;
+        };
+        for range in text.split(',') {
+            any = true;
+            let media = range.split(';').next().unwrap_or("").trim();
+            if !media.eq_ignore_ascii_case("application/json") {
+                return false;
+            }
+        }
+    }
+    any
 }
 
 /// `host:port`, `[v6]:port`, `host` or `[v6]` without the port.

@@ -1,0 +1,181 @@
+//! `flavor = "kubernetes"` http resources with the real kubectl as the gated workload, against
+//! an API server stand-in (tests/src/kube_fixture.rs): refused without a grant, reading pods
+//! under a read grant with the gate's token, Secret values masked in get, list, tables and
+//! watch, impersonation refused, a delete in prod held until a human approves it.
+
+use std::{os::unix::fs::PermissionsExt as _, time::Duration};
+
+use jitgate_e2e::{
+    Gate, Ran, config::Body, http_fixture::HttpFixture, kube_fixture::SECRET_PASSWORD_B64,
+};
+
+const TOKEN: &str = "kube-sa-token-77c1";
+
+fn gate(test: &str, upstream: &HttpFixture, dir: &std::path::Path) -> Gate {
+    let secret = dir.join("sa.token");
+    std::fs::write(&secret, TOKEN).expect("token");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let keys = format!(
+        "protocol = \"http\"\nflavor = \"kubernetes\"\nupstream_ca = \"{ca}\"\n\
+         [resource.credentials.read]\nsecret_file = \"{s}\"\n\
+         [resource.credentials.write]\nsecret_file = \"{s}\"\n\
+         [[resource.rule]]\nverbs = [\"delete\", \"deletecollection\"]\nnamespaces = [\"prod\"]\naction = \"approve\"\n\
+         [[resource.rule]]\nverbs = [\"exec\", \"attach\"]\naction = \"approve\"\n",
+        ca = upstream.ca.as_ref().expect("tls fixture").display(),
+        s = secret.display()
+    );
+    let body = Body::new()
+        .workload("agent", &["root"])
+        .resource_with("cluster", &upstream.addr.to_string(), &keys)
+        .policy(
+            &["agent"],
+            &["cluster"],
+            &["read", "write"],
+            "max_ttl = \"1h\"\napproval = \"auto\"\napprovers = [\"root\"]",
+        )
+        .build();
+    Gate::start(test, "", &body)
+}
+
+/// kubectl as the gated workload, with only what `jitgate run` gives it (KUBECONFIG, trust).
+fn kubectl(gate: &Gate, grant: Option<&str>, args: &[&str]) -> Ran {
+    let grant_args: Vec<&str> = grant.map_or_else(Vec::new, |g| vec!["--grant", g]);
+    let mut cmd = vec!["kubectl", "--cache-dir", "/tmp/jitgate-e2e-kube-cache"];
+    cmd.extend_from_slice(args);
+    gate.run("agent", &grant_args, &cmd)
+}
+
+#[test]
+fn kubectl_through_the_gate() {
+    jitgate_e2e::root_or_skip!();
+    let upstream = HttpFixture::kube();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = gate("kube", &upstream, dir.path());
+
+    // Without a grant kubectl prints the refusal as the API server's own error.
+    let ran = kubectl(&gate, None, &["get", "pods"]);
+    assert_ne!(ran.code, 0, "{ran:#?}");
+    assert!(
+        ran.stderr.contains("Error from server (Forbidden)")
+            && ran.stderr.contains("jitgate request cluster"),
+        "{ran:#?}"
+    );
+
+    // Read grant: pods listed; the API server saw the gate's token and nothing else.
+    let ran = kubectl(&gate, Some("cluster:read"), &["get", "pods", "-n", "prod"]);
+    assert_eq!(ran.code, 0, "{ran:#?}");
+    assert!(
+        ran.stdout.contains("web-1") && ran.stdout.contains("web-2"),
+        "{ran:#?}"
+    );
+    let pods = upstream
+        .received()
+        .into_iter()
+        .find(|r| r.target.starts_with("/api/v1/namespaces/prod/pods"))
+        .expect("the pod list reached the API server");
+    assert_eq!(pods.header("authorization"), [format!("Bearer {TOKEN}")]);
+
+    // Secret values masked: as an object, as a list, as a table, in a watch.
+    for args in [
+        vec!["get", "secret", "db", "-n", "prod", "-o", "json"],
+        vec!["get", "secrets", "-n", "prod", "-o", "json"],
+        vec!["get", "secrets", "-n", "prod", "-o", "yaml"],
+        vec!["get", "secrets", "-n", "prod", "--show-labels"],
+    ] {
+        let ran = kubectl(&gate, Some("cluster:read"), &args);
+        assert_eq!(ran.code, 0, "{args:?}: {ran:#?}");
+        assert!(
+            !ran.stdout.contains(SECRET_PASSWORD_B64),
+            "{args:?} leaked: {ran:#?}"
+        );
+        assert!(ran.stdout.contains("db"), "{args:?}: {ran:#?}");
+    }
+    let ran = kubectl(
+        &gate,
+        Some("cluster:read"),
+        &[
+            "get",
+            "secret",
+            "db",
+            "-n",
+            "prod",
+            "-o",
+            "jsonpath={.data.password}",
+        ],
+    );
+    assert_eq!(ran.stdout, "KioqKg==", "{ran:#?}");
+    let mut watch = gate.spawn(
+        "agent",
+        &["--grant", "cluster:read"],
+        &[
+            "kubectl",
+            "--cache-dir",
+            "/tmp/jitgate-e2e-kube-cache",
+            "get",
+            "secrets",
+            "-n",
+            "prod",
+            "--watch",
+            "-o",
+            "jsonpath={.data.password}{\"\\n\"}",
+        ],
+    );
+    let line = watch.expect_line("KioqKg==", Duration::from_secs(15));
+    assert!(!line.contains(SECRET_PASSWORD_B64));
+    watch.expect_line("KioqKg==", Duration::from_secs(5));
+    assert!(
+        !watch.seen.iter().any(|l| l.contains(SECRET_PASSWORD_B64)),
+        "{:?}",
+        watch.seen
+    );
+    drop(watch);
+
+    // Impersonation is refused; so is a write under a read grant.
+    let ran = kubectl(
+        &gate,
+        Some("cluster:read"),
+        &["--as", "system:admin", "get", "pods"],
+    );
+    assert_ne!(ran.code, 0);
+    assert!(ran.stderr.contains("impersonation"), "{ran:#?}");
+    let ran = kubectl(
+        &gate,
+        Some("cluster:read"),
+        &["delete", "pod", "web-1", "-n", "dev", "--wait=false"],
+    );
+    assert_ne!(ran.code, 0);
+    assert!(ran.stderr.contains("--access write"), "{ran:#?}");
+    assert!(upstream.received().iter().all(|r| r.method != "DELETE"));
+
+    // A delete in prod waits for a human; approved, it runs.
+    let mut held = gate.spawn(
+        "agent",
+        &["--grant", "cluster:write"],
+        &[
+            "kubectl",
+            "--cache-dir",
+            "/tmp/jitgate-e2e-kube-cache",
+            "delete",
+            "pod",
+            "web-1",
+            "-n",
+            "prod",
+            "--wait=false",
+        ],
+    );
+    let request = gate.pending_request();
+    assert!(request.to_string().contains("pods/web-1"), "{request}");
+    assert!(
+        upstream.received().iter().all(|r| r.method != "DELETE"),
+        "deleted before approval"
+    );
+    gate.cli(&["approve", request["id"].as_str().unwrap()])
+        .assert_ok();
+    held.expect_line("deleted", Duration::from_secs(15));
+    assert!(
+        upstream
+            .received()
+            .iter()
+            .any(|r| r.method == "DELETE" && r.target.contains("/prod/pods/web-1"))
+    );
+}
