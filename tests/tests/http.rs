@@ -204,11 +204,11 @@ fn https_requests_are_judged_injected_and_scrubbed() {
             "-H",
             "Connection: Upgrade",
             "-H",
-            "Upgrade: websocket",
+            "Upgrade: h2c",
             &format!("{base}/echo"),
         ],
     );
-    assert_eq!(code, 501);
+    assert_eq!(code, 501, "only WebSocket and SPDY upgrades are relayed");
 
     // Under a write grant, the write credential.
     let (code, _, ran) = curl(
@@ -440,4 +440,121 @@ print(send(b'GET /echo HTTP/1.1\r\n' + h + b'AUTHORIZATION: Bearer one\r\nauthor
         !ran.stdout.contains("Bearer one") && !ran.stdout.contains("Bearer two"),
         "{ran:#?}"
     );
+}
+
+/// A WebSocket upstream (Python `websockets`, as a separate process): its first message is the
+/// Authorization it received, then it echoes.
+struct WsServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for WsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn ws_server() -> WsServer {
+    use std::io::BufRead as _;
+    let script = r#"
+import asyncio, websockets
+async def handler(ws, path):
+    await ws.send("auth=" + ws.request_headers.get("Authorization", ""))
+    async for m in ws:
+        await ws.send("echo:" + m)
+async def main():
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Future()
+asyncio.run(main())
+"#;
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 websockets server");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("port");
+    let port = line.trim().parse().expect("a port");
+    WsServer { child, port }
+}
+
+#[test]
+fn websocket_upgrades_are_judged_relayed_scrubbed_and_cut() {
+    jitgate_e2e::root_or_skip!();
+    let server = ws_server();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (read, _) = secrets(dir.path());
+    let keys = format!(
+        "protocol = \"http\"\n[resource.credentials.read]\nsecret_file = \"{read}\"\n\
+         [[resource.rule]]\npaths = [\"/admin/**\"]\naction = \"deny\"\n"
+    );
+    let body = Body::new()
+        .workload("bot", &["root"])
+        .resource_with("ws", &format!("127.0.0.1:{}", server.port), &keys)
+        .auto(&["bot"], &["ws"], &["read"])
+        .build();
+    let gate = Gate::start("http-ws", "", &body);
+    let client = |path: &str| {
+        format!(
+            r#"
+import asyncio, websockets
+async def main():
+    async with websockets.connect("ws://127.0.0.1:{port}{path}", extra_headers={{"Authorization": "Bearer mine"}}) as ws:
+        print(await ws.recv(), flush=True)
+        for i in range(100):
+            await ws.send("hello %d" % i)
+            print(await ws.recv(), flush=True)
+            await asyncio.sleep(0.05)
+asyncio.run(main())
+"#,
+            port = server.port
+        )
+    };
+    // The upgrade request is judged: a denied path never upgrades.
+    let ran = gate.run(
+        "bot",
+        &["--grant", "ws:read"],
+        &["/usr/bin/python3", "-c", &client("/admin/ws")],
+    );
+    assert_ne!(ran.code, 0, "{ran:#?}");
+    assert!(ran.stderr.contains("403"), "{ran:#?}");
+
+    // Relayed both ways, the echoed credential scrubbed from the stream, cut on revoke.
+    let mut ws = gate.spawn(
+        "bot",
+        &["--grant", "ws:read"],
+        &["/usr/bin/python3", "-c", &client("/ws")],
+    );
+    let first = ws.expect_line("auth=", Duration::from_secs(10));
+    assert_eq!(
+        first,
+        format!("auth=Bearer {}", "*".repeat(READ_TOKEN.len()))
+    );
+    ws.expect_line("echo:hello 3", Duration::from_secs(10));
+    let grants = gate.cli(&["grants", "--json"]).json();
+    let id = grants[0]["id"].as_str().expect("grant id").to_owned();
+    gate.cli(&["revoke", &id]).assert_ok();
+    assert_ne!(
+        ws.wait(Duration::from_secs(5)),
+        0,
+        "the stream outlived its grant"
+    );
+    assert!(
+        !ws.seen.iter().any(|l| l.contains("echo:hello 60")),
+        "the stream ran on after the revoke: {:?}",
+        ws.seen
+    );
+    gate.wait_for("the session end record", Duration::from_secs(5), || {
+        let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+        sessions
+            .as_array()?
+            .iter()
+            .any(|s| s["outcome"] == "grant_revoked")
+            .then_some(())
+    });
 }

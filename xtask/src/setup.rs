@@ -92,6 +92,11 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "httpx, an HTTP client in the http tests",
     ),
     (
+        "python3-websockets",
+        "/usr/lib/python3/dist-packages/websockets/__init__.py",
+        "a WebSocket server and client in the http tests",
+    ),
+    (
         "libpostgresql-jdbc-java",
         "/usr/share/java/postgresql.jar",
         "the PostgreSQL JDBC driver, in the client compatibility tests",

@@ -14,8 +14,9 @@
 //! * [`upstream`], [`body`], [`io`]: the upstream connection, bodies streamed and counted, and
 //!   the client's stream.
 //!
-//! Not yet here (issue 16): HTTP/2, WebSocket and other upgrades (refused with 501),
-//! Kubernetes awareness, JSON masking.
+//! * [`kube`], [`kubeconfig`]: the Kubernetes flavor; [`upgrade`]: WebSocket and SPDY relays.
+//!
+//! Not yet here (issue 16): HTTP/2, recording of upgraded streams, JSON masking by path.
 
 pub mod body;
 pub mod config;
@@ -28,6 +29,7 @@ pub mod policy;
 pub mod refuse;
 pub mod scrub;
 pub mod session;
+pub mod upgrade;
 pub mod upstream;
 
 #[cfg(test)]

@@ -5,9 +5,9 @@
 //! exact secret bytes is overwritten with `*` of the same length, so `Content-Length` and
 //! any framing stay valid without buffering the body.
 //!
-//! Chunk boundaries: a secret may straddle two body chunks, so the scrubber holds back the
-//! last `secret.len() - 1` bytes of each chunk (they could be the start of a match) and
-//! releases them with the next chunk or at the end. Memory is bounded by one chunk plus the
+//! Chunk boundaries: a secret may straddle two body chunks, so the scrubber holds back the end
+//! of each chunk that is a start of the secret (at most `secret.len() - 1` bytes) and
+//! releases it with the next chunk or at the end. Memory is bounded by one chunk plus the
 //! secret's length.
 
 use bytes::{Bytes, BytesMut};
@@ -33,7 +33,7 @@ impl Scrubber {
     pub fn push(&mut self, chunk: &[u8]) -> Bytes {
         self.tail.extend_from_slice(chunk);
         mask_all(&mut self.tail, &self.secret);
-        let keep = (self.secret.len() - 1).min(self.tail.len());
+        let keep = partial_match(&self.tail, &self.secret);
         let release = self.tail.len() - keep;
         self.tail.split_to(release).freeze()
     }
@@ -42,6 +42,17 @@ impl Scrubber {
     pub fn finish(&mut self) -> Bytes {
         self.tail.split().freeze()
     }
+}
+
+/// The length of the longest end of `buf` that is a proper start of `secret`: the bytes that
+/// could still become a match. Only those are held back, so a stream that does not end in
+/// the secret's first bytes (interactive output) is released at once.
+fn partial_match(buf: &[u8], secret: &[u8]) -> usize {
+    let longest = (secret.len() - 1).min(buf.len());
+    (1..=longest)
+        .rev()
+        .find(|&k| buf[buf.len() - k..] == secret[..k])
+        .unwrap_or(0)
 }
 
 /// Overwrites every occurrence of `secret` in `buf` with `*`.
@@ -105,9 +116,16 @@ mod tests {
     }
 
     #[test]
-    fn holds_back_at_most_secret_len_minus_one() {
+    fn holds_back_only_what_could_start_the_secret() {
         let mut s = Scrubber::new(b"abcdef").unwrap();
-        assert_eq!(s.push(b"0123456789").len(), 5);
-        assert_eq!(s.finish().len(), 5);
+        assert_eq!(
+            s.push(b"0123456789").len(),
+            10,
+            "nothing here starts the secret"
+        );
+        assert_eq!(s.push(b"xxabcd").len(), 2, "`abcd` could");
+        assert_eq!(&s.push(b"ef!")[..], b"******!");
+        assert_eq!(s.push(b"aaaaaaaa").len(), 7);
+        assert_eq!(s.finish().len(), 1);
     }
 }

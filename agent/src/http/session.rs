@@ -44,6 +44,7 @@ use super::{
     policy::{self, Decision},
     refuse::{Refusal, request_hint},
     scrub::{self, Scrubber},
+    upgrade,
     upstream::{Dial, Upstream},
 };
 use crate::{
@@ -178,6 +179,7 @@ pub async fn serve(
         counters: session.record.counters.clone(),
         seq: AtomicU32::new(0),
         holding: AtomicBool::new(false),
+        upgraded: std::sync::Mutex::default(),
         stop: stop.clone(),
     });
     let service = {
@@ -190,16 +192,44 @@ pub async fn serve(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(io), service);
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
     let mut conn = std::pin::pin!(conn);
     let outcome = tokio::select! {
-        r = conn.as_mut() => return match r {
-            Ok(()) => (SessionOutcome::Closed, String::new()),
-            Err(e) if e.is_incomplete_message() || e.is_canceled() => (SessionOutcome::Closed, String::new()),
-            Err(e) if e.is_timeout() => (SessionOutcome::Closed, "the client sent no request within 30s".into()),
-            Err(e) => (SessionOutcome::Error, format!("http: {e}")),
+        r = conn.as_mut() => match r {
+            Ok(()) => None,
+            Err(e) if e.is_incomplete_message() || e.is_canceled() => None,
+            Err(e) if e.is_timeout() => return (SessionOutcome::Closed, "the client sent no request within 30s".into()),
+            Err(e) => return (SessionOutcome::Error, format!("http: {e}")),
         },
-        why = end.ended() => why.outcome(),
+        why = end.ended() => Some(why.outcome()),
+    };
+    let relays: Vec<_> = std::mem::take(
+        &mut *ctx
+            .upgraded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let outcome = match outcome {
+        Some(outcome) => outcome,
+        // The HTTP exchange is over; an upgraded stream may go on until it ends or the
+        // session must.
+        None if relays.is_empty() => return (SessionOutcome::Closed, String::new()),
+        None => {
+            let aborts: Vec<_> = relays.iter().map(|r| r.abort_handle()).collect();
+            tokio::select! {
+                () = async { for r in relays { let _ = r.await; } } => return (SessionOutcome::Closed, String::new()),
+                why = end.ended() => {
+                    if let Err(e) = cutter.arm_reset() {
+                        warn!(error = %e, "could not arm reset on close");
+                    }
+                    for a in aborts {
+                        a.abort();
+                    }
+                    return why.outcome();
+                }
+            }
+        }
     };
     // 4. Cut. A request waiting for approval lapses its request first, so approving it
     // later runs nothing.
@@ -210,10 +240,16 @@ pub async fn serve(
             .is_ok()
     {
         // The connection finished on its own: its socket is gone.
+        for r in relays {
+            r.abort();
+        }
         return outcome;
     }
     if let Err(e) = cutter.arm_reset() {
         warn!(error = %e, "could not arm reset on close");
+    }
+    for r in relays {
+        r.abort();
     }
     outcome
 }
@@ -363,6 +399,9 @@ struct Ctx<'a> {
     seq: AtomicU32,
     /// A request is waiting for approval (the session's cut lets it lapse first).
     holding: AtomicBool,
+    /// Relays of upgraded connections (WebSocket, SPDY): they outlive the HTTP exchange and
+    /// end with the session.
+    upgraded: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop: CancellationToken,
 }
 
@@ -450,10 +489,20 @@ impl Ctx<'_> {
                 },
             )
         };
-        if method == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
+        if method == Method::CONNECT {
             return Err(refused(Refusal {
                 status: 501,
-                error: "CONNECT and protocol upgrades (WebSocket) are not supported through the gate yet".into(),
+                error: "CONNECT is not supported through the gate".into(),
+                rule: None,
+                hint: None,
+            }));
+        }
+        if let Some(Err(token)) = upgrade::requested(req.headers()) {
+            return Err(refused(Refusal {
+                status: 501,
+                error: format!(
+                    "the `{token}` upgrade is not supported through the gate (WebSocket and SPDY/3.1 are)"
+                ),
                 rule: None,
                 hint: None,
             }));
@@ -631,6 +680,9 @@ impl Ctx<'_> {
         path: &str,
         kube: Option<&KubeRequest>,
     ) -> Result<(Response<Out>, u64), Refusal> {
+        let mut req = req;
+        let upgrade = upgrade::requested(req.headers()).and_then(Result::ok);
+        let client_upgraded = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
         parts.uri = path.parse().map_err(|_| {
             Refusal::malformed("the request target is not valid after normalisation")
@@ -657,6 +709,16 @@ impl Ctx<'_> {
                 Some(loaded.secret)
             }
         };
+        if let Some(token) = &upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, token.clone());
+            if secret.is_some() {
+                // A compressed WebSocket stream could carry the credential past the scrubber.
+                parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+            }
+        }
         let secrets = kube.is_some_and(KubeRequest::touches_secrets);
         if secret.is_some() || secrets {
             // Compressed responses could carry the secret past the scrubber, or Secret
@@ -688,6 +750,45 @@ impl Ctx<'_> {
                 rule: None,
                 hint: None,
             })?;
+        let mut response = response;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let (Some(client_upgraded), Some(token)) = (client_upgraded, upgrade)
+        {
+            let upstream_upgraded = hyper::upgrade::on(&mut response);
+            let (mut parts, _) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, token);
+            if let Some(secret) = secret.as_deref() {
+                scrub_headers(&mut parts.headers, secret);
+            }
+            let counters = self.counters.clone();
+            let scrubber = secret.as_deref().and_then(Scrubber::new);
+            let session = self.session_id.clone();
+            let relay = tokio::spawn(async move {
+                let (client, upstream) = tokio::join!(client_upgraded, upstream_upgraded);
+                match (client, upstream) {
+                    (Ok(c), Ok(u)) => {
+                        if let Err(e) = upgrade::relay(c, u, counters, scrubber).await {
+                            debug!(session = %session, error = %e, "upgraded stream ended");
+                        }
+                    }
+                    (c, u) => {
+                        debug!(session = %session, client = ?c.err(), upstream = ?u.err(), "upgrade did not complete")
+                    }
+                }
+            });
+            self.upgraded
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(relay);
+            return Ok((
+                Response::from_parts(parts, body::full(bytes::Bytes::new())),
+                0,
+            ));
+        }
         let (mut parts, incoming) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let compressed = parts

@@ -108,7 +108,7 @@ impl Upstream {
             .await
             .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
         self.driver = Some(tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
         }));

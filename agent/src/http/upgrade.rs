@@ -1,0 +1,119 @@
+//! Protocol upgrades: WebSocket (browsers, API clients, `kubectl exec`, `attach` and
+//! `port-forward` since 1.30) and SPDY/3.1 (older kubectl). The upgrade request is judged like
+//! any other (a held `exec` waits for its approver before the upgrade happens); once the
+//! upstream answers 101, the two upgraded connections are relayed byte for byte, counted, and
+//! scrubbed of the injected credential on the way back, until either side closes or the
+//! session ends.
+//!
+//! Why not parse WebSocket frames: the gate needs no message-level policy there yet, and the
+//! scrubber works on the raw stream because server frames are not masked and compression is
+//! not negotiated while a credential is in play (`Sec-WebSocket-Extensions` is removed).
+
+use std::io;
+
+use hyper::{
+    HeaderMap,
+    header::{self, HeaderValue},
+    upgrade::Upgraded,
+};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use super::scrub::Scrubber;
+use crate::protocol::relay::Counters;
+
+/// The upgrade a request asks for, when it is one the gate relays (`websocket`, `SPDY/3.1`);
+/// `Err` names what was asked for otherwise.
+pub fn requested(headers: &HeaderMap) -> Option<Result<HeaderValue, String>> {
+    let upgrade = headers.get(header::UPGRADE)?;
+    let token = upgrade.to_str().unwrap_or("").trim();
+    let connection_says_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !connection_says_upgrade {
+        // Not an upgrade request (RFC 9110 7.8): the header is dropped as hop-by-hop.
+        return None;
+    }
+    if token.eq_ignore_ascii_case("websocket") || token.eq_ignore_ascii_case("SPDY/3.1") {
+        Some(Ok(upgrade.clone()))
+    } else {
+        Some(Err(token.to_owned()))
+    }
+}
+
+/// Relays two upgraded connections until both directions end; the workload's bytes are
+/// counted up, the upstream's counted and scrubbed down.
+pub async fn relay(
+    client: Upgraded,
+    upstream: Upgraded,
+    counters: std::sync::Arc<Counters>,
+    scrubber: Option<Scrubber>,
+) -> io::Result<()> {
+    let (mut client_read, mut client_write) = tokio::io::split(TokioIo::new(client));
+    let (mut upstream_read, mut upstream_write) = tokio::io::split(TokioIo::new(upstream));
+    let up = pump(&mut client_read, &mut upstream_write, &counters.up, None);
+    let down = pump(
+        &mut upstream_read,
+        &mut client_write,
+        &counters.down,
+        scrubber,
+    );
+    let (a, b) = tokio::join!(up, down);
+    a.and(b)
+}
+
+async fn pump<R, W>(
+    from: &mut R,
+    to: &mut W,
+    counter: &std::sync::atomic::AtomicU64,
+    mut scrubber: Option<Scrubber>,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            if let Some(s) = scrubber.as_mut() {
+                to.write_all(&s.finish()).await?;
+            }
+            to.flush().await?;
+            return to.shutdown().await;
+        }
+        counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        match scrubber.as_mut() {
+            None => to.write_all(&buf[..n]).await?,
+            Some(s) => to.write_all(&s.push(&buf[..n])).await?,
+        }
+        to.flush().await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_websocket_and_spdy_upgrades_with_connection_upgrade() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(
+            requested(&h).is_none(),
+            "no Connection: upgrade, no upgrade"
+        );
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert!(matches!(requested(&h), Some(Ok(_))));
+        h.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+        assert!(matches!(requested(&h), Some(Ok(_))));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert_eq!(requested(&h), Some(Err("h2c".into())));
+    }
+}
