@@ -121,11 +121,17 @@ impl HttpFixture {
                     let builder = hyper::server::conn::http1::Builder::new();
                     match acceptor {
                         None => {
-                            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                            let _ = builder
+                                .serve_connection(TokioIo::new(tcp), service)
+                                .with_upgrades()
+                                .await;
                         }
                         Some(acceptor) => {
                             if let Ok(tls) = acceptor.accept(tcp).await {
-                                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                                let _ = builder
+                                    .serve_connection(TokioIo::new(tls), service)
+                                    .with_upgrades()
+                                    .await;
                             }
                         }
                     }

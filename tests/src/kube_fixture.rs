@@ -64,7 +64,7 @@ fn not_found(what: &str) -> Response<Out> {
 }
 
 pub(crate) async fn handle(
-    req: Request<hyper::body::Incoming>,
+    mut req: Request<hyper::body::Incoming>,
     seen: Arc<Mutex<Vec<Received>>>,
 ) -> Result<Response<Out>, Infallible> {
     let target = req
@@ -89,6 +89,9 @@ pub(crate) async fn handle(
             target: target.clone(),
             headers,
         });
+    if req.uri().path().ends_with("/exec") && req.headers().contains_key("upgrade") {
+        return Ok(exec(&mut req));
+    }
     let accept = req
         .headers()
         .get("accept")
@@ -196,4 +199,140 @@ pub(crate) async fn handle(
         _ => not_found(&path),
     };
     Ok(response)
+}
+
+/// `kubectl exec` over WebSocket (`v5.channel.k8s.io`, kubectl's default since 1.30): the
+/// server side of the handshake, then the command "run" (its words echoed on stdout, channel
+/// 1), a Success status on the error channel (3), and a close frame.
+pub(crate) fn exec(req: &mut Request<hyper::body::Incoming>) -> Response<Out> {
+    let key = req
+        .headers()
+        .get("sec-websocket-key")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let protocols = req
+        .headers()
+        .get("sec-websocket-protocol")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let protocol = ["v5.channel.k8s.io", "v4.channel.k8s.io"]
+        .into_iter()
+        .find(|p| protocols.split(',').any(|x| x.trim() == *p));
+    let (Some(protocol), false) = (protocol, key.is_empty()) else {
+        return not_found("an exec WebSocket");
+    };
+    let words: Vec<String> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("command="))
+        .map(|w| w.replace("%20", " "))
+        .collect();
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt as _;
+        let Ok(upgraded) = on.await else { return };
+        let mut io = hyper_util::rt::TokioIo::new(upgraded);
+        let out = format!("ran: {}\n", words.join(" "));
+        let status = br#"{"metadata":{},"status":"Success"}"#;
+        let _ = io
+            .write_all(&frame(2, &[&[1], out.as_bytes()].concat()))
+            .await;
+        let _ = io.write_all(&frame(2, &[&[3], &status[..]].concat())).await;
+        let _ = io.write_all(&frame(8, &[0x03, 0xe8])).await;
+        let _ = io.flush().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    });
+    let accept = data_encoding::BASE64.encode(&sha1(
+        format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+    ));
+    Response::builder()
+        .status(101)
+        .header("upgrade", "websocket")
+        .header("connection", "Upgrade")
+        .header("sec-websocket-accept", accept)
+        .header("sec-websocket-protocol", protocol)
+        .body(full(""))
+        .unwrap_or_else(|_| Response::new(full("fixture error")))
+}
+
+/// One unmasked server frame (FIN set).
+fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(n as u8),
+        n if n <= 0xffff => {
+            f.push(126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
+/// SHA-1 (FIPS 180-4), for the WebSocket handshake's accept key only.
+fn sha1(data: &[u8]) -> [u8; 20] {
+    let mut h: [u32; 5] = [0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0];
+    let mut msg = data.to_vec();
+    let bits = (data.len() as u64).wrapping_mul(8);
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&bits.to_be_bytes());
+    for block in msg.chunks(64) {
+        let mut w = [0u32; 80];
+        for (i, word) in block.chunks(4).enumerate() {
+            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+        }
+        for i in 16..80 {
+            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e] = h;
+        for (i, wi) in w.iter().enumerate() {
+            let (f, k) = match i {
+                0..=19 => ((b & c) | (!b & d), 0x5A827999),
+                20..=39 => (b ^ c ^ d, 0x6ED9EBA1),
+                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1BBCDC),
+                _ => (b ^ c ^ d, 0xCA62C1D6),
+            };
+            let t = a
+                .rotate_left(5)
+                .wrapping_add(f)
+                .wrapping_add(e)
+                .wrapping_add(k)
+                .wrapping_add(*wi);
+            e = d;
+            d = c;
+            c = b.rotate_left(30);
+            b = a;
+            a = t;
+        }
+        for (x, y) in h.iter_mut().zip([a, b, c, d, e]) {
+            *x = x.wrapping_add(y);
+        }
+    }
+    let mut out = [0u8; 20];
+    for (i, x) in h.iter().enumerate() {
+        out[i * 4..i * 4 + 4].copy_from_slice(&x.to_be_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sha1_matches_the_rfc_6455_example() {
+        // RFC 6455 section 1.3: the accept key for "dGhlIHNhbXBsZSBub25jZQ==".
+        let digest = super::sha1(b"dGhlIHNhbXBsZSBub25jZQ==258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+        assert_eq!(
+            data_encoding::BASE64.encode(&digest),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
 }

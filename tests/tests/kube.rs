@@ -178,4 +178,49 @@ fn kubectl_through_the_gate() {
             .iter()
             .any(|r| r.method == "DELETE" && r.target.contains("/prod/pods/web-1"))
     );
+
+    // exec: never under a read grant; under write, only once a human approves it (kubectl
+    // speaks WebSocket, v5.channel.k8s.io, through the gate).
+    let ran = kubectl(
+        &gate,
+        Some("cluster:read"),
+        &["exec", "web-2", "-n", "dev", "--", "echo", "hi"],
+    );
+    assert_ne!(ran.code, 0);
+    assert!(ran.stderr.contains("--access write"), "{ran:#?}");
+    let mut exec = gate.spawn(
+        "agent",
+        &["--grant", "cluster:write"],
+        &[
+            "kubectl",
+            "--cache-dir",
+            "/tmp/jitgate-e2e-kube-cache",
+            "exec",
+            "web-2",
+            "-n",
+            "dev",
+            "--",
+            "echo",
+            "hi",
+        ],
+    );
+    let request = gate.pending_request();
+    assert!(request.to_string().contains("exec"), "{request}");
+    assert!(
+        upstream
+            .received()
+            .iter()
+            .all(|r| !r.target.contains("/exec")),
+        "exec reached the API server before approval"
+    );
+    gate.cli(&["approve", request["id"].as_str().unwrap()])
+        .assert_ok();
+    exec.expect_line("ran: echo hi", Duration::from_secs(15));
+    assert_eq!(exec.wait(Duration::from_secs(10)), 0, "{:?}", exec.seen);
+    assert!(
+        upstream
+            .received()
+            .iter()
+            .any(|r| r.method == "DELETE" && r.target.contains("/prod/pods/web-1"))
+    );
 }
