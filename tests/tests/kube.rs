@@ -217,6 +217,27 @@ fn kubectl_through_the_gate() {
         .assert_ok();
     exec.expect_line("ran: echo hi", Duration::from_secs(15));
     assert_eq!(exec.wait(Duration::from_secs(10)), 0, "{:?}", exec.seen);
+
+    // The exec stream is recorded and replays.
+    let recorded = gate.wait_for("the exec record", Duration::from_secs(10), || {
+        let rows = gate.sqlite(
+            "SELECT text FROM statements WHERE text LIKE '%/exec%' AND decision = 'approved'",
+        );
+        let line = rows.lines().next()?.to_owned();
+        let file = line
+            .split("[recorded: ")
+            .nth(1)?
+            .trim_end_matches(']')
+            .to_owned();
+        Some(file)
+    });
+    let replay = gate.cli(&["sessions", "replay", &recorded, "--speed", "0"]);
+    replay.assert_ok();
+    assert!(replay.stdout.contains("ran: echo hi"), "{replay:#?}");
+    assert!(
+        replay.stdout.contains("Success"),
+        "the exit status is recorded: {replay:#?}"
+    );
     assert!(
         upstream
             .received()

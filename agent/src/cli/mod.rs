@@ -165,6 +165,14 @@ enum SessionsAction {
         #[arg(long)]
         json: bool,
     },
+    /// Plays a recorded Kubernetes exec or attach stream (the `[recorded: FILE]` of a
+    /// request in `sessions show`; an asciicast v2 file, readable by root) with its timing.
+    Replay {
+        file: PathBuf,
+        /// Playback speed (2 = twice as fast); 0 prints everything at once.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -521,6 +529,16 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                 output::json(&detail);
             } else {
                 output::timeline(&detail);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sessions {
+            action: Some(SessionsAction::Replay { file, speed }),
+            ..
+        } => {
+            if let Err(e) = crate::http::cast::replay(file, *speed, &mut std::io::stdout().lock()) {
+                eprintln!("jitgate: {e:#}");
+                return Ok(ExitCode::from(EXIT_ERROR));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -14,11 +14,13 @@
 //! * [`upstream`], [`body`], [`io`]: the upstream connection, bodies streamed and counted, and
 //!   the client's stream.
 //!
-//! * [`kube`], [`kubeconfig`]: the Kubernetes flavor; [`upgrade`]: WebSocket and SPDY relays.
+//! * [`kube`], [`kubeconfig`]: the Kubernetes flavor; [`upgrade`]: WebSocket and SPDY relays;
+//!   [`cast`]: exec and attach streams recorded as asciicast v2.
 //!
-//! Not yet here (issue 16): HTTP/2, recording of upgraded streams, JSON masking by path.
+//! Not yet here (issue 16): HTTP/2, JSON masking by path.
 
 pub mod body;
+pub mod cast;
 pub mod config;
 pub mod inject;
 pub mod io;

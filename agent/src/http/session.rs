@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 use super::{
     Http,
     body::{self, BoxError, Counted, Direction, Out, Scrubbed},
+    cast,
     config::{ClientTls, Flavor, HttpResource, UpstreamTls},
     io::{ClientIo, Rewind},
     kube::{self, KubeRequest},
@@ -433,7 +434,8 @@ impl Ctx<'_> {
             .uri()
             .path_and_query()
             .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
-        let text = format!("{method} {target}");
+        let mut text = format!("{method} {target}");
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let wording = Wording::for_request(self.settings.flavor, &method, req.uri());
         let (response, verdict, error, masked) = match self.judge(&req, &method).await {
             Err((refusal, verdict)) => {
@@ -441,8 +443,13 @@ impl Ctx<'_> {
                 let error = Some(format!("{}: {}", refusal.status, refusal.error));
                 (refusal_response(wording, &refusal), verdict, error, 0)
             }
-            Ok((path, kube, verdict)) => match self.forward(req, &path, kube.as_ref()).await {
-                Ok((response, masked)) => (response, verdict, None, masked),
+            Ok((path, kube, verdict)) => match self.forward(req, &path, kube.as_ref(), seq).await {
+                Ok((response, masked, recorded)) => {
+                    if let Some(p) = recorded {
+                        text.push_str(&format!(" [recorded: {}]", p.display()));
+                    }
+                    (response, verdict, None, masked)
+                }
                 Err(refusal) => {
                     let error = Some(format!("{}: {}", refusal.status, refusal.error));
                     (refusal_response(wording, &refusal), verdict, error, 0)
@@ -452,7 +459,7 @@ impl Ctx<'_> {
         let status = response.status().as_u16();
         self.record(StatementRecord {
             session: self.session_id.clone(),
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            seq,
             at,
             text,
             params: Vec::new(),
@@ -679,7 +686,9 @@ impl Ctx<'_> {
         req: Request<Incoming>,
         path: &str,
         kube: Option<&KubeRequest>,
-    ) -> Result<(Response<Out>, u64), Refusal> {
+        seq: u32,
+    ) -> Result<(Response<Out>, u64, Option<std::path::PathBuf>), Refusal> {
+        let mut recorded = None;
         let mut req = req;
         let upgrade = upgrade::requested(req.headers()).and_then(Result::ok);
         let client_upgraded = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -767,11 +776,18 @@ impl Ctx<'_> {
             let counters = self.counters.clone();
             let scrubber = secret.as_deref().and_then(Scrubber::new);
             let session = self.session_id.clone();
+            let recording = kube
+                .filter(|k| matches!(k.verb.as_str(), "exec" | "attach"))
+                .and_then(|k| self.start_recording(seq, &k.describe()));
+            if let Some((_, path)) = &recording {
+                recorded = Some(path.clone());
+            }
+            let recording = recording.map(|(cast, _)| cast);
             let relay = tokio::spawn(async move {
                 let (client, upstream) = tokio::join!(client_upgraded, upstream_upgraded);
                 match (client, upstream) {
                     (Ok(c), Ok(u)) => {
-                        if let Err(e) = upgrade::relay(c, u, counters, scrubber).await {
+                        if let Err(e) = upgrade::relay(c, u, counters, scrubber, recording).await {
                             debug!(session = %session, error = %e, "upgraded stream ended");
                         }
                     }
@@ -787,6 +803,7 @@ impl Ctx<'_> {
             return Ok((
                 Response::from_parts(parts, body::full(bytes::Bytes::new())),
                 0,
+                recorded,
             ));
         }
         let (mut parts, incoming) = response.into_parts();
@@ -849,7 +866,32 @@ impl Ctx<'_> {
             scrub_headers(&mut parts.headers, secret.as_deref().unwrap_or_default());
             body = Scrubbed::new(body, scrubber).boxed_unsync();
         }
-        Ok((Response::from_parts(parts, body), masked))
+        Ok((Response::from_parts(parts, body), masked, None))
+    }
+
+    /// Starts the asciicast recording of an exec or attach stream under `state_dir/recordings`.
+    fn start_recording(
+        &self,
+        seq: u32,
+        title: &str,
+    ) -> Option<(cast::SharedCast, std::path::PathBuf)> {
+        let dir = self
+            .services
+            .config
+            .get()
+            .daemon
+            .state_dir
+            .join("recordings");
+        match cast::Cast::create(&dir, &format!("{}-{seq}", self.session_id), title) {
+            Ok(c) => {
+                let path = c.path.clone();
+                Some((Arc::new(std::sync::Mutex::new(c)), path))
+            }
+            Err(e) => {
+                warn!(session = %self.session_id, error = %e, "cannot record the exec stream");
+                None
+            }
+        }
     }
 }
 

@@ -19,7 +19,10 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
-use super::scrub::Scrubber;
+use super::{
+    cast::{self, Frames, SharedCast},
+    scrub::Scrubber,
+};
 use crate::protocol::relay::Counters;
 
 /// The upgrade a request asks for, when it is one the gate relays (`websocket`, `SPDY/3.1`);
@@ -51,15 +54,23 @@ pub async fn relay(
     upstream: Upgraded,
     counters: std::sync::Arc<Counters>,
     scrubber: Option<Scrubber>,
+    recording: Option<SharedCast>,
 ) -> io::Result<()> {
     let (mut client_read, mut client_write) = tokio::io::split(TokioIo::new(client));
     let (mut upstream_read, mut upstream_write) = tokio::io::split(TokioIo::new(upstream));
-    let up = pump(&mut client_read, &mut upstream_write, &counters.up, None);
+    let up = pump(
+        &mut client_read,
+        &mut upstream_write,
+        &counters.up,
+        None,
+        recording.clone().map(|c| (c, true)),
+    );
     let down = pump(
         &mut upstream_read,
         &mut client_write,
         &counters.down,
         scrubber,
+        recording.map(|c| (c, false)),
     );
     let (a, b) = tokio::join!(up, down);
     a.and(b)
@@ -70,25 +81,42 @@ async fn pump<R, W>(
     to: &mut W,
     counter: &std::sync::atomic::AtomicU64,
     mut scrubber: Option<Scrubber>,
+    recording: Option<(SharedCast, bool)>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; 16 * 1024];
+    let mut frames = Frames::default();
+    let mut forward = |bytes: &[u8]| {
+        // What is recorded is what the other side receives (scrubbed).
+        if let Some((cast, from_client)) = &recording {
+            cast::record(cast, *from_client, frames.push(bytes));
+        }
+    };
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
             if let Some(s) = scrubber.as_mut() {
-                to.write_all(&s.finish()).await?;
+                let tail = s.finish();
+                forward(&tail);
+                to.write_all(&tail).await?;
             }
             to.flush().await?;
             return to.shutdown().await;
         }
         counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         match scrubber.as_mut() {
-            None => to.write_all(&buf[..n]).await?,
-            Some(s) => to.write_all(&s.push(&buf[..n])).await?,
+            None => {
+                forward(&buf[..n]);
+                to.write_all(&buf[..n]).await?;
+            }
+            Some(s) => {
+                let out = s.push(&buf[..n]);
+                forward(&out);
+                to.write_all(&out).await?;
+            }
         }
         to.flush().await?;
     }
