@@ -69,6 +69,15 @@ impl HttpFixture {
         Self::start_as(true, true)
     }
 
+    /// [`Self::kube`] on a given address (the demo's), its CA also copied to `ca_out`.
+    pub fn kube_at(listen: &str, ca_out: &Path) -> Self {
+        let fixture = Self::start_on(listen, true, true);
+        if let Some(ca) = &fixture.ca {
+            std::fs::copy(ca, ca_out).expect("copying the CA");
+        }
+        fixture
+    }
+
     /// Everything received so far.
     pub fn received(&self) -> Vec<Received> {
         self.received
@@ -82,6 +91,10 @@ impl HttpFixture {
     }
 
     fn start_as(tls: bool, kube: bool) -> Self {
+        Self::start_on("127.0.0.1:0", tls, kube)
+    }
+
+    fn start_on(listen: &str, tls: bool, kube: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -89,7 +102,7 @@ impl HttpFixture {
             .build()
             .expect("runtime");
         let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .block_on(tokio::net::TcpListener::bind(listen))
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (acceptor, ca) = if tls {

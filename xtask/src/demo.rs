@@ -2,7 +2,8 @@
 //! server (the protected resource), a second one (somewhere else), a PostgreSQL server and a
 //! host agent on the embedded store, and walks an AI agent's workload through refusal, a
 //! request, approval, expiry on a live connection, revocation, a gated and masked PostgreSQL
-//! session and the audit trail. Leaves everything running for exploration; `cargo xtask demo
+//! session, kubectl against a Kubernetes API (stand-in) with its token injected, Secrets
+//! masked and a delete held for approval, and the audit trail. Leaves everything running for exploration; `cargo xtask demo
 //! --stop` cleans up.
 
 use std::{
@@ -26,6 +27,9 @@ const WEB_PORT: u16 = 18080;
 const ELSEWHERE_PORT: u16 = 18081;
 const PROXY_PORT: u16 = 15101;
 const PG_PORT: u16 = 15432;
+const KUBE_PORT: u16 = 16443;
+/// The service account token the gate injects toward the cluster: root-only, never the agent's.
+const KUBE_TOKEN: &str = "demo-cluster-token-6f2a";
 /// The read-only role's password: only the host agent reads it (from a root-only file).
 const PG_RO_PASSWORD: &str = "demo-ro-Secret-41d7";
 const PIN_DIR: &str = "/sys/fs/bpf/jitgate-demo";
@@ -87,6 +91,34 @@ strategy = "partial"
 [[resource.mask]]
 detectors = ["card", "ssn"]
 strategy = "redact"
+
+[[resource]]
+name = "cluster"
+description = "a Kubernetes API server (a stand-in: none can be installed here)"
+protocol = "http"
+flavor = "kubernetes"
+address = "127.0.0.1:{KUBE_PORT}"
+upstream_ca = "{DIR}/kube-ca.pem"
+[resource.credentials.read]
+secret_file = "{DIR}/secrets/cluster.token"
+[resource.credentials.write]
+secret_file = "{DIR}/secrets/cluster.token"
+[[resource.rule]]
+verbs = ["delete", "deletecollection"]
+namespaces = ["prod"]
+action = "approve"
+[[resource.rule]]
+verbs = ["exec", "attach", "portforward"]
+action = "approve"
+
+[[policy]]
+name = "agent-operates-cluster"
+identities = ["demo-agent"]
+resources = ["cluster"]
+access = ["read", "write"]
+max_ttl = "10m"
+approval = "auto"
+approvers = ["root"]
 
 [[policy]]
 name = "agent-reads-orders"
@@ -189,6 +221,7 @@ pub fn stop() -> Result<()> {
     kill_pidfile("jitgated");
     kill_pidfile("web");
     kill_pidfile("elsewhere");
+    kill_pidfile("kube-standin");
     Postgres::stop_in(&dir().join("pg"));
     if bin("jitgate").exists() {
         let _ = Command::new(bin("jitgate"))
@@ -212,12 +245,15 @@ fn prepare(target: &Path) -> Result<()> {
     }
     fs::create_dir_all(dir().join("bin"))?;
     fs::set_permissions(dir(), fs::Permissions::from_mode(0o755))?;
-    for name in ["jitgated", "jitgate"] {
+    for name in ["jitgated", "jitgate", "jitgate-kube-standin"] {
         let dst = bin(name);
         fs::copy(target.join(name), &dst).with_context(|| format!("copying {name}"))?;
         fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))?;
     }
     fs::write(dir().join("server.py"), SERVER_PY)?;
+    // kubectl (as `nobody`) keeps its discovery cache here.
+    fs::create_dir_all(dir().join("kube-cache"))?;
+    fs::set_permissions(dir().join("kube-cache"), fs::Permissions::from_mode(0o1777))?;
     fs::write(dir().join("jitgate.toml"), config_text())?;
     Ok(())
 }
@@ -253,7 +289,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 "#;
 
 fn start_servers() -> Result<()> {
-    for port in [WEB_PORT, ELSEWHERE_PORT, PROXY_PORT, PG_PORT] {
+    for port in [WEB_PORT, ELSEWHERE_PORT, PROXY_PORT, PG_PORT, KUBE_PORT] {
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
             bail!(
                 "port {port} on 127.0.0.1 is taken; the demo needs it (stop whatever uses it: `ss -ltnp | grep {port}`)"
@@ -270,8 +306,16 @@ fn start_servers() -> Result<()> {
         )?;
         write_pid(name, child.id())?;
     }
+    let child = detached(
+        Command::new(bin("jitgate-kube-standin")).args([
+            &format!("127.0.0.1:{KUBE_PORT}"),
+            &format!("{DIR}/kube-ca.pem"),
+        ]),
+        &dir().join("kube-standin.log"),
+    )?;
+    write_pid("kube-standin", child.id())?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    for port in [WEB_PORT, ELSEWHERE_PORT] {
+    for port in [WEB_PORT, ELSEWHERE_PORT, KUBE_PORT] {
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
                 bail!("the demo web server on port {port} did not start (is the port taken?)");
@@ -329,6 +373,9 @@ fn start_postgres() -> Result<()> {
     let secret = secrets.join("orders_ro");
     fs::write(&secret, format!("{PG_RO_PASSWORD}\n"))?;
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o600))?;
+    let token = secrets.join("cluster.token");
+    fs::write(&token, format!("{KUBE_TOKEN}\n"))?;
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o600))?;
     Ok(())
 }
 
@@ -516,7 +563,69 @@ pub fn run(target: &Path) -> Result<()> {
         jitgate(&["sessions", "show", &last_pg]),
     )?;
 
-    banner("8. Everything is on the record, tamper-evident");
+    banner("8. Kubernetes: kubectl as the agent uses it, the cluster's token never in its hands");
+    say(&format!(
+        "`cluster` is a Kubernetes API server on 127.0.0.1:{KUBE_PORT} (a stand-in that answers with\n\
+         real API objects: no API server can be installed here). `jitgate run` hands the agent a\n\
+         kubeconfig with the server URL and the host CA, and no credential: the gate injects a\n\
+         service account token only it can read, reads every request as the API server does, masks\n\
+         Secret values, and holds deletes in `prod` for a human."
+    ));
+    let kube = |grant: Option<&str>, args: &[&str]| {
+        let mut cmd = vec!["kubectl", "--cache-dir", "/tmp/jitgate-demo/kube-cache"];
+        cmd.extend_from_slice(args);
+        let extra: Vec<&str> = grant.map_or_else(Vec::new, |g| vec!["--grant", g]);
+        workload("demo-agent", &extra, &cmd)
+    };
+    step(
+        "jitgate run --as demo-agent --user nobody -- kubectl get pods -n prod",
+        kube(None, &["get", "pods", "-n", "prod"]),
+    )?;
+    step(
+        "jitgate run --as demo-agent --user nobody --grant cluster:read:5m -- kubectl get pods -n prod",
+        kube(Some("cluster:read:5m"), &["get", "pods", "-n", "prod"]),
+    )?;
+    say("The Secret's values as the agent sees them (the API server sent the real ones):");
+    step(
+        "jitgate run ... --grant cluster:read:5m -- kubectl get secret db -n prod -o yaml",
+        kube(
+            Some("cluster:read:5m"),
+            &["get", "secret", "db", "-n", "prod", "-o", "yaml"],
+        ),
+    )?;
+    say("A delete in prod, under a write grant, waits for a human:");
+    show_cmd(
+        "jitgate run ... --grant cluster:write:5m -- kubectl delete pod web-1 -n prod   # in the background",
+    );
+    let deleting = kube(
+        Some("cluster:write:5m"),
+        &["delete", "pod", "web-1", "-n", "prod", "--wait=false"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let held = loop {
+        let pending = json(&mut jitgate(&["approvals", "--json"]))?;
+        if let Some(first) = pending.as_array().and_then(|a| a.first()) {
+            break first["id"].as_str().unwrap_or_default().to_owned();
+        }
+        if Instant::now() > deadline {
+            bail!("the held delete did not show up");
+        }
+        sleep(Duration::from_millis(100));
+    };
+    step("jitgate approvals", jitgate(&["approvals"]))?;
+    step(
+        &format!("jitgate approve {held}"),
+        jitgate(&["approve", &held]),
+    )?;
+    let out = deleting.wait_with_output()?;
+    say("kubectl, released:");
+    indent(&out.stdout);
+    indent(&out.stderr);
+
+    banner("9. Everything is on the record, tamper-evident");
     step(
         "jitgate audit --limit 12",
         jitgate(&["audit", "--limit", "12"]),
@@ -530,6 +639,7 @@ PATH={DIR}/bin:$PATH
 jitgate status
 jitgate run --as demo-agent --user nobody -- sh        # a gated shell: try curl {web}
 jitgate run --as demo-agent --user nobody --grant orders-db:read -- psql postgres://x@127.0.0.1:{PG_PORT}/orders
+jitgate run --as demo-agent --user nobody --grant cluster:read -- kubectl get secrets -n prod -o yaml
 jitgate approvals; jitgate approve ID; jitgate grants; jitgate revoke ID
 jitgate sessions --all; jitgate audit
 

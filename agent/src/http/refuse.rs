@@ -51,20 +51,21 @@ impl Refusal {
     }
 
     /// A `deny` rule matched.
-    pub fn denied(rule: &str, method: &str, path: &str) -> Self {
+    /// `what`: the request as named to people (`GET /admin`, `delete pods/web-1 in prod`).
+    pub fn denied(rule: &str, what: &str) -> Self {
         Self {
             status: 403,
-            error: format!("{method} {path} is denied by policy"),
+            error: format!("{what} is denied by policy"),
             rule: Some(rule.to_owned()),
             hint: None,
         }
     }
 
     /// An `approve` rule held the request and nobody approved it in time (or it was denied).
-    pub fn not_approved(rule: &str, method: &str, path: &str, why: &str) -> Self {
+    pub fn not_approved(rule: &str, what: &str, why: &str) -> Self {
         Self {
             status: 403,
-            error: format!("{method} {path} needs approval: {why}"),
+            error: format!("{what} needs approval: {why}"),
             rule: Some(rule.to_owned()),
             hint: Some("ask an approver to run `jitgate approve <request>`, then retry".into()),
         }
@@ -105,7 +106,7 @@ mod tests {
 
     #[test]
     fn hostile_text_stays_valid_json() {
-        let r = Refusal::denied("rule 1", "GET", "/a\"},{\"x\":\"\n");
+        let r = Refusal::denied("rule 1", "GET /a\"},{\"x\":\"\n");
         let v: serde_json::Value = serde_json::from_str(&r.body()).unwrap();
         assert_eq!(v["rule"], "rule 1");
         assert!(v["error"].as_str().unwrap().contains("/a\"},{"));

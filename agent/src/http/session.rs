@@ -368,7 +368,7 @@ pub fn refusal_response(wording: Wording, r: &Refusal) -> Response<Out> {
         if let Some(rule) = &r.rule {
             message.push_str(&format!(" ({rule})"));
         }
-        if let Some(hint) = &r.hint {
+        if let Some(hint) = r.hint.as_deref().filter(|h| !r.error.contains(*h)) {
             message.push_str(&format!("; {hint}"));
         }
         message
@@ -545,9 +545,10 @@ impl Ctx<'_> {
                 )
             }
         };
+        // How the request is named to approvers and in refusals.
         let what = kube
             .as_ref()
-            .map_or_else(|| path.to_string(), KubeRequest::describe);
+            .map_or_else(|| format!("{method} {path}"), KubeRequest::describe);
         match policy::decide_kube(
             &self.settings.rules,
             self.grant.access,
@@ -563,10 +564,10 @@ impl Ctx<'_> {
                     .map_or_else(|| method.to_string(), |k| k.verb.clone()),
                 needed,
             ))),
-            Decision::Deny { rule } => Err(refused(Refusal::denied(&rule, method.as_str(), &what))),
+            Decision::Deny { rule } => Err(refused(Refusal::denied(&rule, &what))),
             Decision::Approve { rule } => {
                 let text = format!("{method} {forwarded}");
-                self.hold(&text, &rule, method.as_str(), &what)
+                self.hold(&text, &rule, &what)
                     .await
                     .map(|v| (forwarded, kube, v))
             }
@@ -578,8 +579,7 @@ impl Ctx<'_> {
         &self,
         text: &str,
         rule: &str,
-        method: &str,
-        path: &str,
+        what: &str,
     ) -> Result<Verdict, (Refusal, Verdict)> {
         self.holding.store(true, Ordering::SeqCst);
         let held = hold::hold(
@@ -592,7 +592,7 @@ impl Ctx<'_> {
             Hold {
                 text,
                 rule,
-                reason: &format!("{rule} holds {method} {path} for approval"),
+                reason: &format!("{rule} holds {what} for approval"),
                 timeout: self.settings.approval_timeout,
             },
             &self.stop,
@@ -601,7 +601,7 @@ impl Ctx<'_> {
         self.holding.store(false, Ordering::SeqCst);
         let not = |why: String, decision| {
             (
-                Refusal::not_approved(rule, method, path, &why),
+                Refusal::not_approved(rule, what, &why),
                 Verdict {
                     decision,
                     rule: Some(rule.to_owned()),
