@@ -162,6 +162,115 @@ impl<B> Scrubbed<B> {
     }
 }
 
+/// How one line of a line-framed stream is masked (`Err`: the stream ends, fail closed).
+pub type LineMask = Box<dyn FnMut(&[u8]) -> Result<Vec<u8>, String> + Send>;
+
+/// A line-framed stream (a Kubernetes watch, server-sent events, NDJSON) masked line by line
+/// as each completes, so long-lived streams flow without being buffered whole. A line longer
+/// than `max_line` ends the stream with an error.
+pub struct LinesMasked<B> {
+    inner: B,
+    line: bytes::BytesMut,
+    mask: LineMask,
+    max_line: usize,
+    done: bool,
+}
+
+impl<B> LinesMasked<B> {
+    pub fn new(inner: B, max_line: usize, mask: LineMask) -> Self {
+        Self {
+            inner,
+            line: bytes::BytesMut::new(),
+            mask,
+            max_line,
+            done: false,
+        }
+    }
+
+    /// Masks every complete line in the buffer (at the end, the unterminated rest too).
+    fn complete_lines(&mut self, at_end: bool) -> Result<Bytes, BoxError> {
+        let mut out = Vec::new();
+        loop {
+            let end = match memchr::memchr(b'\n', &self.line) {
+                Some(i) => i + 1,
+                None if at_end && !self.line.is_empty() => self.line.len(),
+                None => break,
+            };
+            let line = self.line.split_to(end);
+            let (body, newline) = match line.strip_suffix(b"\n") {
+                Some(b) => (b, true),
+                None => (&line[..], false),
+            };
+            if body.iter().all(u8::is_ascii_whitespace) {
+                out.extend_from_slice(&line);
+                continue;
+            }
+            out.extend_from_slice(&(self.mask)(body)?);
+            if newline {
+                out.push(b'\n');
+            }
+        }
+        if self.line.len() > self.max_line {
+            return Err(format!(
+                "a line longer than the {} bytes the gate masks",
+                self.max_line
+            )
+            .into());
+        }
+        Ok(out.into())
+    }
+}
+
+impl<B> Body for LinesMasked<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    this.line.extend_from_slice(&data);
+                    match this.complete_lines(false) {
+                        Ok(out) if out.is_empty() => {}
+                        Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                        Err(e) => {
+                            this.done = true;
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    return match this.complete_lines(true) {
+                        Ok(out) if out.is_empty() => Poll::Ready(None),
+                        Ok(out) => Poll::Ready(Some(Ok(Frame::data(out)))),
+                        Err(e) => Poll::Ready(Some(Err(e))),
+                    };
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
@@ -202,5 +311,22 @@ mod tests {
         let out = body.collect().await.unwrap().to_bytes();
         assert_eq!(&out[..], b"a ******* b *******");
         assert_eq!(counters.snapshot(), (0, out.len() as u64));
+    }
+
+    #[tokio::test]
+    async fn lines_are_masked_as_they_complete_whatever_the_chunking() {
+        let body = LinesMasked::new(
+            Chunks(["{\"a\":1}\n{\"b", "\":2}\n\n", "tail"].into()),
+            1024,
+            Box::new(|line: &[u8]| Ok(line.to_ascii_uppercase())),
+        );
+        let out = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&out[..], b"{\"A\":1}\n{\"B\":2}\n\nTAIL");
+        let too_long = LinesMasked::new(
+            Chunks([&*"x".repeat(64).leak()].into()),
+            16,
+            Box::new(|l: &[u8]| Ok(l.to_vec())),
+        );
+        assert!(too_long.collect().await.is_err());
     }
 }

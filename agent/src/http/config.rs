@@ -31,7 +31,10 @@ use super::{
     inject::{Credential, Scheme},
     policy::{Action, Glob, KubeMatch, Rule},
 };
-use crate::config::{Access, ResourceConfig, Target};
+use crate::{
+    config::{Access, ResourceConfig, Target},
+    inspect::rules::{Detector, MaskRule, Strategy},
+};
 
 type S<T> = Spanned<T>;
 
@@ -88,6 +91,33 @@ pub struct HttpResource {
     pub rules: Vec<Rule>,
     /// How long a request held for approval waits.
     pub approval_timeout: Duration,
+    /// Response masking: JSON paths (in [`MaskRule::columns`]) and detectors.
+    pub masks: Vec<MaskRule>,
+    /// Grants at or above this level see clear values (`None`: nobody).
+    pub mask_exempt_access: Option<Access>,
+    /// What happens to a response the masks cannot inspect (binary, compressed).
+    pub uninspectable: Uninspectable,
+}
+
+/// A response body masking cannot read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Uninspectable {
+    /// 502 to the client (fail closed; the default).
+    Refuse,
+    /// Passed unmasked (for resources that also serve files the rules are not about).
+    Pass,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMask {
+    #[serde(default)]
+    paths: Vec<S<String>>,
+    #[serde(default)]
+    detectors: Vec<S<String>>,
+    strategy: S<String>,
+    #[serde(default)]
+    exempt_identities: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +163,9 @@ struct RawHttp {
     credentials: Option<S<BTreeMap<String, RawCredential>>>,
     rule: Option<Vec<S<RawRule>>>,
     approval_timeout: Option<S<String>>,
+    mask: Option<Vec<S<RawMask>>>,
+    mask_exempt_access: Option<S<String>>,
+    uninspectable: Option<S<String>>,
 }
 
 /// The keys a `[[resource]]` may have for `protocol = "http"`.
@@ -146,6 +179,9 @@ pub const KEYS: &[&str] = &[
     "credentials",
     "rule",
     "approval_timeout",
+    "mask",
+    "mask_exempt_access",
+    "uninspectable",
 ];
 
 /// The verbs a Kubernetes rule may name: RBAC's, plus the subresources the gate treats as
@@ -451,7 +487,65 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> HttpResource {
         raw.approval_timeout.as_ref(),
         default_timeout,
     );
+    let mut masks = Vec::new();
+    for rule in raw.mask.unwrap_or_default() {
+        let span = rule.span();
+        let rule = rule.into_inner();
+        let strategy = Strategy::from_str(rule.strategy.get_ref()).unwrap_or_else(|e| {
+            cx.fail(rule.strategy.span(), format!("resource.mask.strategy: {e}"));
+            Strategy::Redact
+        });
+        let mut detectors = Vec::new();
+        for d in &rule.detectors {
+            match Detector::from_str(d.get_ref()) {
+                Ok(d) => detectors.push(d),
+                Err(e) => cx.fail(d.span(), format!("resource.mask.detectors: {e}")),
+            }
+        }
+        let mut paths = Vec::new();
+        for p in &rule.paths {
+            match super::jsonmask::JsonPath::parse(p.get_ref()) {
+                Ok(_) => paths.push(p.get_ref().clone()),
+                Err(e) => cx.fail(p.span(), format!("resource.mask.paths: {e}")),
+            }
+        }
+        if paths.is_empty() && detectors.is_empty() {
+            cx.fail(
+                span,
+                "resource.mask: give paths (JSON paths) or detectors, or both",
+            );
+        }
+        masks.push(MaskRule {
+            columns: paths,
+            detectors,
+            strategy,
+            exempt_identities: rule.exempt_identities,
+        });
+    }
+    let mask_exempt_access = raw.mask_exempt_access.as_ref().and_then(|v| {
+        Access::from_str(v.get_ref())
+            .map_err(|e| cx.fail(v.span(), format!("resource.mask_exempt_access: {e}")))
+            .ok()
+    });
+    let uninspectable = match raw
+        .uninspectable
+        .as_ref()
+        .map(|v| (v.get_ref().as_str(), v.span()))
+    {
+        None | Some(("refuse", _)) => Uninspectable::Refuse,
+        Some(("pass", _)) => Uninspectable::Pass,
+        Some((other, span)) => {
+            cx.fail(
+                span,
+                format!("resource.uninspectable: `{other}` is not refuse or pass"),
+            );
+            Uninspectable::Refuse
+        }
+    };
     HttpResource {
+        masks,
+        mask_exempt_access,
+        uninspectable,
         flavor,
         client_tls,
         upstream_tls,

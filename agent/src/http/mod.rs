@@ -17,13 +17,16 @@
 //! * [`kube`], [`kubeconfig`]: the Kubernetes flavor; [`upgrade`]: WebSocket and SPDY relays;
 //!   [`cast`]: exec and attach streams recorded as asciicast v2.
 //!
-//! Not yet here (issue 16): HTTP/2, JSON masking by path.
+//! * [`jsonmask`]: response masking by JSON path and detectors.
+//!
+//! Not yet here (issue 16): HTTP/2.
 
 pub mod body;
 pub mod cast;
 pub mod config;
 pub mod inject;
 pub mod io;
+pub mod jsonmask;
 pub mod kube;
 pub mod kubeconfig;
 pub mod normalize;

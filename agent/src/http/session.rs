@@ -168,6 +168,14 @@ pub async fn serve(
     let mut end = session.open(&grant);
     debug!(identity = %session.who.identity, resource = %session.resource.name, grant = %grant.id, tls, "serving http");
     let stop = CancellationToken::new();
+    let masker = super::jsonmask::BodyMasker::new(
+        &settings.masks,
+        settings.mask_exempt_access,
+        &session.who.identity,
+        grant.access,
+        session.services.mask_key,
+    )
+    .map(Arc::new);
     let ctx = Arc::new(Ctx {
         services: session.services,
         session_id: session.record.session.id.clone(),
@@ -181,6 +189,7 @@ pub async fn serve(
         seq: AtomicU32::new(0),
         holding: AtomicBool::new(false),
         upgraded: std::sync::Mutex::default(),
+        masker,
         stop: stop.clone(),
     });
     let service = {
@@ -400,6 +409,8 @@ struct Ctx<'a> {
     seq: AtomicU32,
     /// A request is waiting for approval (the session's cut lets it lapse first).
     holding: AtomicBool,
+    /// The response masks for this identity and grant (`None`: nothing masked).
+    masker: Option<Arc<super::jsonmask::BodyMasker>>,
     /// Relays of upgraded connections (WebSocket, SPDY): they outlive the HTTP exchange and
     /// end with the session.
     upgraded: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -729,7 +740,7 @@ impl Ctx<'_> {
             }
         }
         let secrets = kube.is_some_and(KubeRequest::touches_secrets);
-        if secret.is_some() || secrets {
+        if secret.is_some() || secrets || self.masker.is_some() {
             // Compressed responses could carry the secret past the scrubber, or Secret
             // values past the masker.
             parts.headers.insert(
@@ -812,7 +823,7 @@ impl Ctx<'_> {
             .headers
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-        if compressed && (secret.is_some() || secrets) {
+        if compressed && (secret.is_some() || secrets || self.masker.is_some()) {
             return Err(Refusal {
                 status: 502,
                 error: "the upstream sent a compressed body, which the gate cannot check".into(),
@@ -823,50 +834,127 @@ impl Ctx<'_> {
         let counted = Counted::new(incoming, self.counters.clone(), Direction::Down);
         let mut masked = 0;
         let mut body: Out = counted.map_err(BoxError::from).boxed_unsync();
-        if let Some(k) = kube.filter(|k| k.touches_secrets()) {
-            let json = parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-            let empty =
-                parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
-            if !json && !empty {
-                return Err(Refusal {
-                    status: 502,
-                    error: "the API server answered a Secrets request in a format other than JSON, which the gate cannot mask".into(),
-                    rule: None,
-                    hint: Some("ask for JSON (kubectl does by default)".into()),
-                });
-            }
-            parts.headers.remove(header::CONTENT_LENGTH);
-            if k.verb == "watch" {
-                body = kube::WatchMasked::new(body).boxed_unsync();
-            } else if !empty {
-                let bytes = collect_bounded(&mut body, kube::MAX_MASKED_BODY)
-                    .await
-                    .map_err(|e| Refusal {
-                        status: 502,
-                        error: format!("reading a Secrets response to mask it: {e}"),
-                        rule: None,
-                        hint: None,
-                    })?;
-                let (out, n) = kube::mask_body(&bytes).map_err(|e| Refusal {
-                    status: 502,
-                    error: e,
-                    rule: None,
-                    hint: None,
-                })?;
-                masked = n;
-                body = body::full(out);
-            } else {
-                body = body::full(bytes::Bytes::new());
-            }
+        let secrets_of = kube.filter(|k| k.touches_secrets());
+        if secrets_of.is_some() || self.masker.is_some() {
+            let (b, n) = self.mask_response(&mut parts, body, secrets_of).await?;
+            body = b;
+            masked = n;
         }
         if let Some(scrubber) = secret.as_deref().and_then(Scrubber::new) {
             scrub_headers(&mut parts.headers, secret.as_deref().unwrap_or_default());
             body = Scrubbed::new(body, scrubber).boxed_unsync();
         }
         Ok((Response::from_parts(parts, body), masked, None))
+    }
+
+    /// Masks a response body: Secret values of a Kubernetes `secrets` request, the resource's
+    /// JSON paths and detectors. JSON and text are held (up to [`kube::MAX_MASKED_BODY`]) and
+    /// masked whole; line-framed streams (watch, server-sent events, NDJSON) line by line;
+    /// anything else is refused unless the resource lets it pass. Fail closed throughout.
+    async fn mask_response(
+        &self,
+        parts: &mut hyper::http::response::Parts,
+        mut body: Out,
+        secrets_of: Option<&KubeRequest>,
+    ) -> Result<(Out, u64), Refusal> {
+        let refusal = |error: String| Refusal {
+            status: 502,
+            error,
+            rule: None,
+            hint: None,
+        };
+        let media = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_default();
+        let empty = parts.status == StatusCode::NO_CONTENT
+            || parts.status == StatusCode::NOT_MODIFIED
+            || parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|v| v == "0");
+        if empty {
+            return Ok((body, 0));
+        }
+        let json = media == "application/json" || media.ends_with("+json");
+        let lines = media == "text/event-stream"
+            || media == "application/x-ndjson"
+            || media == "application/jsonl"
+            || secrets_of.is_some_and(|k| k.verb == "watch");
+        let text = media.starts_with("text/");
+        if secrets_of.is_some() && !json {
+            return Err(Refusal {
+                hint: Some("ask for JSON (kubectl does by default)".into()),
+                ..refusal("the API server answered a Secrets request in a format other than JSON, which the gate cannot mask".into())
+            });
+        }
+        if !(json || lines || text) {
+            return match self.settings.uninspectable {
+                super::config::Uninspectable::Pass => Ok((body, 0)),
+                super::config::Uninspectable::Refuse => Err(Refusal {
+                    hint: Some("the resource's masks cannot read this content type; an operator may set uninspectable = \"pass\"".into()),
+                    ..refusal(format!("the upstream answered with `{media}`, which the gate cannot inspect for masked values"))
+                }),
+            };
+        }
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let secrets = secrets_of.is_some();
+        let masker = self.masker.clone();
+        let mask_json = move |bytes: &[u8]| -> Result<(Vec<u8>, u64), String> {
+            let mut value: serde_json::Value = serde_json::from_slice(bytes)
+                .map_err(|e| format!("a response the gate must mask is not JSON ({e})"))?;
+            let mut n = 0;
+            if secrets {
+                n += kube::mask_secret_fields(&mut value);
+            }
+            if let Some(m) = &masker {
+                n += m.mask_json(&mut value);
+            }
+            serde_json::to_vec(&value)
+                .map(|v| (v, n))
+                .map_err(|e| e.to_string())
+        };
+        if lines {
+            let masker = self.masker.clone();
+            let per_line: super::body::LineMask = Box::new(move |line: &[u8]| {
+                if json || secrets || line.first().is_some_and(|b| *b == b'{' || *b == b'[') {
+                    if let Ok((out, _)) = mask_json(line) {
+                        return Ok(out);
+                    }
+                    if json || secrets {
+                        return Err("a streamed line is not JSON the gate can mask".into());
+                    }
+                }
+                let text = String::from_utf8_lossy(line);
+                Ok(masker.as_ref().map_or_else(
+                    || text.as_bytes().to_vec(),
+                    |m| m.mask_text(&text).0.into_bytes(),
+                ))
+            });
+            let masked = super::body::LinesMasked::new(body, kube::MAX_MASKED_BODY, per_line);
+            return Ok((masked.boxed_unsync(), 0));
+        }
+        let bytes = collect_bounded(&mut body, kube::MAX_MASKED_BODY)
+            .await
+            .map_err(|e| refusal(format!("reading a response to mask it: {e}")))?;
+        if json {
+            let (out, n) = mask_json(&bytes).map_err(refusal)?;
+            return Ok((body::full(out), n));
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let (out, n) = self
+            .masker
+            .as_ref()
+            .map_or_else(|| (text.to_string(), 0), |m| m.mask_text(&text));
+        Ok((body::full(out), n))
     }
 
     /// Starts the asciicast recording of an exec or attach stream under `state_dir/recordings`.

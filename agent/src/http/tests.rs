@@ -37,8 +37,23 @@ async fn upstream() -> SocketAddr {
                         .collect::<Vec<_>>()
                         .join(",");
                     let target = req.uri().to_string();
-                    let mut response =
-                        Response::new(Full::new(Bytes::from(format!("{target}|{auth}"))));
+                    let (body, media) = match target.as_str() {
+                        "/json" => (
+                            r#"{"items":[{"email":"jane@example.com","card":"4111 1111 1111 1111","id":7}],"password":"hunter2"}"#.to_owned(),
+                            "application/json",
+                        ),
+                        "/events" => (
+                            "data: {\"email\":\"jane@example.com\"}\n\ndata: card 4111 1111 1111 1111\n\n".to_owned(),
+                            "text/event-stream",
+                        ),
+                        "/bin" => ("\u{0}\u{1}4111 1111 1111 1111".to_owned(), "application/octet-stream"),
+                        _ => (format!("{target}|{auth}"), "text/plain"),
+                    };
+                    let mut response = Response::new(Full::new(Bytes::from(body)));
+                    response.headers_mut().insert(
+                        "content-type",
+                        hyper::header::HeaderValue::from_static(media),
+                    );
                     if target == "/close" {
                         response.headers_mut().insert(
                             "connection",
@@ -156,6 +171,46 @@ async fn granted_requests_carry_the_gates_credential_across_upstream_reconnects_
         .await
         .expect("sessions");
     assert_eq!(records.len(), 1);
+}
+
+#[tokio::test]
+async fn responses_are_masked_by_json_path_and_detector_and_uninspectable_ones_refused() {
+    let masks = "[[resource.mask]]\npaths = [\"$.items[*].email\"]\nstrategy = \"partial\"\n\
+                 [[resource.mask]]\npaths = [\"$..password\"]\ndetectors = [\"card\", \"email\"]\nstrategy = \"redact\"\n";
+    let (h, _dir) = harness(masks).await;
+    h.grant().await;
+    let (mut sender, _task) = client(&h).await;
+    let (status, body) = get(&mut sender, "/json", None).await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("still JSON");
+    assert_eq!(v["items"][0]["id"], 7, "{v}");
+    assert_ne!(v["items"][0]["email"], "jane@example.com", "{v}");
+    assert!(
+        v["items"][0]["email"]
+            .as_str()
+            .unwrap()
+            .ends_with("example.com"),
+        "partial: {v}"
+    );
+    assert_eq!(v["items"][0]["card"], "****", "{v}");
+    assert_eq!(v["password"], "****", "{v}");
+    let (status, body) = get(&mut sender, "/events", None).await;
+    assert_eq!(status, 200);
+    assert!(
+        !body.contains("jane@example.com") && !body.contains("4111 1111"),
+        "{body}"
+    );
+    assert!(
+        body.starts_with("data: "),
+        "events keep their framing: {body}"
+    );
+    let (status, body) = get(&mut sender, "/bin", None).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("cannot inspect"), "{body}");
+    // The plain text echo is scanned too.
+    let (status, body) = get(&mut sender, "/jane@example.com", None).await;
+    assert_eq!(status, 200);
+    assert!(!body.contains("jane@example.com"), "{body}");
 }
 
 #[test]

@@ -1,0 +1,327 @@
+//! Masking of HTTP response bodies: JSON by path (`$.items[*].email`, `$..password`) plus the
+//! content detectors over every string value; text bodies by the detectors; anything else
+//! refused unless the resource lets it pass.
+//!
+//! Path syntax (a JSONPath subset): `$` the root; `.name` or `['name']` a member; `[*]` or
+//! `.*` every element or member; `[N]` one element; `..name` / `..*` at any depth below.
+//! Names match exactly (JSON keys are case-sensitive).
+
+use serde_json::Value;
+
+use crate::inspect::{
+    mask::{Masker, Outcome},
+    rules::Strategy,
+};
+
+/// One step of a path pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Name(String),
+    Index(usize),
+    Any,
+    /// `..`: zero or more levels, then the next step.
+    Descend,
+}
+
+/// A parsed JSON path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonPath {
+    text: String,
+    steps: Vec<Step>,
+}
+
+/// One level of a concrete location in a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    Name(String),
+    Index(usize),
+}
+
+impl JsonPath {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!(
+                "`{text}` is not a JSON path ({why}); write e.g. $.items[*].email or $..password"
+            )
+        };
+        let rest = text
+            .strip_prefix('$')
+            .ok_or_else(|| bad("it must start with $"))?;
+        let b = rest.as_bytes();
+        let mut steps = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'.' if b.get(i + 1) == Some(&b'.') => {
+                    steps.push(Step::Descend);
+                    i += 2;
+                    let (step, n) = name_or_star(&rest[i..])
+                        .ok_or_else(|| bad("a name or * must follow .."))?;
+                    steps.push(step);
+                    i += n;
+                }
+                b'.' => {
+                    i += 1;
+                    let (step, n) =
+                        name_or_star(&rest[i..]).ok_or_else(|| bad("a name or * must follow ."))?;
+                    steps.push(step);
+                    i += n;
+                }
+                b'[' => {
+                    let close = rest[i..].find(']').ok_or_else(|| bad("unclosed ["))? + i;
+                    let inner = rest[i + 1..close].trim();
+                    let step = if inner == "*" {
+                        Step::Any
+                    } else if let Ok(n) = inner.parse::<usize>() {
+                        Step::Index(n)
+                    } else if let Some(name) = inner
+                        .strip_prefix('\'')
+                        .and_then(|s| s.strip_suffix('\''))
+                        .or_else(|| inner.strip_prefix('"').and_then(|s| s.strip_suffix('"')))
+                    {
+                        Step::Name(name.to_owned())
+                    } else {
+                        return Err(bad("brackets hold *, a number or a quoted name"));
+                    };
+                    steps.push(step);
+                    i = close + 1;
+                }
+                _ => return Err(bad("expected . or [")),
+            }
+        }
+        if steps.is_empty() {
+            return Err(bad("it names no value below $"));
+        }
+        Ok(Self {
+            text: text.to_owned(),
+            steps,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether the location `at` (from the root) matches.
+    pub fn matches(&self, at: &[Key]) -> bool {
+        matches(&self.steps, at)
+    }
+}
+
+fn name_or_star(s: &str) -> Option<(Step, usize)> {
+    if s.starts_with('*') {
+        return Some((Step::Any, 1));
+    }
+    let n = s
+        .bytes()
+        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'$'))
+        .count();
+    (n > 0).then(|| (Step::Name(s[..n].to_owned()), n))
+}
+
+fn matches(steps: &[Step], at: &[Key]) -> bool {
+    match steps.split_first() {
+        None => at.is_empty(),
+        Some((Step::Descend, rest)) => (0..=at.len()).any(|skip| matches(rest, &at[skip..])),
+        Some((step, rest)) => match at.split_first() {
+            None => false,
+            Some((key, tail)) => {
+                let ok = match (step, key) {
+                    (Step::Any, _) => true,
+                    (Step::Name(n), Key::Name(k)) => n == k,
+                    (Step::Index(n), Key::Index(k)) => n == k,
+                    _ => false,
+                };
+                ok && matches(rest, tail)
+            }
+        },
+    }
+}
+
+/// The masking rules of one session: paths with their strategies, and the detectors.
+pub struct BodyMasker {
+    pub paths: Vec<(JsonPath, Strategy)>,
+    pub masker: Masker,
+}
+
+impl BodyMasker {
+    /// The rules that apply to `identity` under `access` (`MaskRule::columns` hold the JSON
+    /// paths of an http resource); `None` when nothing is masked for this session.
+    pub fn new(
+        rules: &[crate::inspect::rules::MaskRule],
+        exempt_access: Option<crate::config::Access>,
+        identity: &str,
+        access: crate::config::Access,
+        key: [u8; 32],
+    ) -> Option<Self> {
+        let masker = Masker::new(rules, exempt_access, identity, access, key)?;
+        let paths = rules
+            .iter()
+            .filter(|r| !r.exempt_identities.iter().any(|i| i == identity))
+            .flat_map(|r| {
+                r.columns
+                    .iter()
+                    .filter_map(|p| JsonPath::parse(p).ok())
+                    .map(move |p| (p, r.strategy))
+            })
+            .collect();
+        Some(Self { paths, masker })
+    }
+
+    /// Masks a JSON document in place; returns how many values were masked.
+    pub fn mask_json(&self, value: &mut Value) -> u64 {
+        let mut at = Vec::new();
+        self.walk(value, &mut at)
+    }
+
+    fn walk(&self, value: &mut Value, at: &mut Vec<Key>) -> u64 {
+        if !at.is_empty()
+            && let Some((_, strategy)) = self.paths.iter().find(|(p, _)| p.matches(at))
+        {
+            // A whole subtree named by a rule: every value in it is masked.
+            return self.mask_all(value, *strategy);
+        }
+        match value {
+            Value::Object(map) => {
+                let mut n = 0;
+                for (k, v) in map.iter_mut() {
+                    at.push(Key::Name(k.clone()));
+                    n += self.walk(v, at);
+                    at.pop();
+                }
+                n
+            }
+            Value::Array(items) => {
+                let mut n = 0;
+                for (i, v) in items.iter_mut().enumerate() {
+                    at.push(Key::Index(i));
+                    n += self.walk(v, at);
+                    at.pop();
+                }
+                n
+            }
+            Value::String(s) => match self.masker.scan(s, &mut |_| {}) {
+                Outcome::Keep => 0,
+                Outcome::Replace(r) => {
+                    *s = r.into_owned();
+                    1
+                }
+                Outcome::Null => {
+                    *value = Value::Null;
+                    1
+                }
+            },
+            _ => 0,
+        }
+    }
+
+    fn mask_all(&self, value: &mut Value, strategy: Strategy) -> u64 {
+        match value {
+            Value::Object(map) => map.values_mut().map(|v| self.mask_all(v, strategy)).sum(),
+            Value::Array(items) => items.iter_mut().map(|v| self.mask_all(v, strategy)).sum(),
+            Value::Null => 0,
+            other => {
+                let text = match &*other {
+                    Value::String(s) => s.clone(),
+                    v => v.to_string(),
+                };
+                *other = match self.masker.apply_column(strategy, &text) {
+                    Outcome::Keep => return 0,
+                    Outcome::Replace(r) => Value::String(r.into_owned()),
+                    Outcome::Null => Value::Null,
+                };
+                1
+            }
+        }
+    }
+
+    /// Masks a text body with the detectors.
+    pub fn mask_text(&self, text: &str) -> (String, u64) {
+        match self.masker.scan(text, &mut |_| {}) {
+            Outcome::Keep => (text.to_owned(), 0),
+            Outcome::Replace(r) => (r.into_owned(), 1),
+            Outcome::Null => (String::new(), 1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        config::Access,
+        inspect::rules::{Detector, MaskRule},
+    };
+
+    fn p(s: &str) -> JsonPath {
+        JsonPath::parse(s).unwrap()
+    }
+    fn at(keys: &[&str]) -> Vec<Key> {
+        keys.iter()
+            .map(|k| match k.parse::<usize>() {
+                Ok(n) => Key::Index(n),
+                Err(_) => Key::Name((*k).to_owned()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn paths_parse_and_match() {
+        assert!(p("$.items[*].email").matches(&at(&["items", "3", "email"])));
+        assert!(!p("$.items[*].email").matches(&at(&["items", "3", "name"])));
+        assert!(p("$..password").matches(&at(&["a", "b", "password"])));
+        assert!(p("$..password").matches(&at(&["password"])));
+        assert!(p("$['user']['ssn']").matches(&at(&["user", "ssn"])));
+        assert!(p("$.users[0].*").matches(&at(&["users", "0", "x"])));
+        assert!(!p("$.users[0].*").matches(&at(&["users", "1", "x"])));
+        for bad in ["items", "$", "$.", "$[", "$[x]", "$..", "$.a b"] {
+            assert!(JsonPath::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn documents_are_masked_by_path_and_detector() {
+        let rule = MaskRule {
+            columns: vec![],
+            detectors: vec![Detector::Card],
+            strategy: Strategy::Redact,
+            exempt_identities: vec![],
+        };
+        let by_path = |path: &str, strategy| MaskRule {
+            columns: vec![path.to_owned()],
+            detectors: vec![],
+            strategy,
+            exempt_identities: vec![],
+        };
+        let rules = [
+            by_path("$.items[*].email", Strategy::Partial),
+            by_path("$..password", Strategy::Redact),
+            rule,
+        ];
+        let m = BodyMasker::new(&rules, None, "bot", Access::Read, [1; 32]).unwrap();
+        assert!(
+            BodyMasker::new(&rules, Some(Access::Write), "bot", Access::Write, [1; 32]).is_none()
+        );
+        let mut doc = json!({
+            "items": [
+                {"email": "jane@example.com", "note": "card 4111 1111 1111 1111"},
+                {"email": "john@example.org", "nested": {"password": {"old": "a", "new": 12345}}}
+            ],
+            "password": "top"
+        });
+        let n = m.mask_json(&mut doc);
+        let text = doc.to_string();
+        assert!(
+            !text.contains("jane@example.com") && !text.contains("4111 1111 1111 1111"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("12345") && !text.contains("\"top\""),
+            "{text}"
+        );
+        assert!(text.contains("example.com"), "partial keeps a hint: {text}");
+        assert_eq!(n, 6, "{text}");
+    }
+}
