@@ -704,6 +704,7 @@ impl Ctx<'_> {
         let upgrade = upgrade::requested(req.headers()).and_then(Result::ok);
         let client_upgraded = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
+        let head = parts.method == Method::HEAD;
         parts.uri = path.parse().map_err(|_| {
             Refusal::malformed("the request target is not valid after normalisation")
         })?;
@@ -836,7 +837,9 @@ impl Ctx<'_> {
         let mut body: Out = counted.map_err(BoxError::from).boxed_unsync();
         let secrets_of = kube.filter(|k| k.touches_secrets());
         if secrets_of.is_some() || self.masker.is_some() {
-            let (b, n) = self.mask_response(&mut parts, body, secrets_of).await?;
+            let (b, n) = self
+                .mask_response(&mut parts, body, secrets_of, head)
+                .await?;
             body = b;
             masked = n;
         }
@@ -856,6 +859,7 @@ impl Ctx<'_> {
         parts: &mut hyper::http::response::Parts,
         mut body: Out,
         secrets_of: Option<&KubeRequest>,
+        head: bool,
     ) -> Result<(Out, u64), Refusal> {
         let refusal = |error: String| Refusal {
             status: 502,
@@ -875,7 +879,9 @@ impl Ctx<'_> {
                     .to_ascii_lowercase()
             })
             .unwrap_or_default();
-        let empty = parts.status == StatusCode::NO_CONTENT
+        // No body to mask (a HEAD answer keeps its Content-Length, and has no body).
+        let empty = head
+            || parts.status == StatusCode::NO_CONTENT
             || parts.status == StatusCode::NOT_MODIFIED
             || parts
                 .headers

@@ -204,6 +204,13 @@ async fn responses_are_masked_by_json_path_and_detector_and_uninspectable_ones_r
         body.starts_with("data: "),
         "events keep their framing: {body}"
     );
+    let head = Request::head("/json")
+        .header("host", "svc")
+        .body(Empty::new())
+        .expect("request");
+    sender.ready().await.expect("ready");
+    let response = sender.send_request(head).await.expect("HEAD");
+    assert_eq!(response.status(), 200, "a HEAD answer has nothing to mask");
     let (status, body) = get(&mut sender, "/bin", None).await;
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("cannot inspect"), "{body}");
