@@ -60,6 +60,13 @@ use crate::{
     },
 };
 
+/// Headers some frameworks take the real method from.
+const METHOD_OVERRIDES: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -524,6 +531,27 @@ impl Ctx<'_> {
                 rule: None,
                 hint: None,
             }));
+        }
+        // A method the upstream reads elsewhere than the request line would dodge the level
+        // check and every method rule (`GET` + `X-HTTP-Method-Override: DELETE`).
+        if let Some(name) = METHOD_OVERRIDES
+            .iter()
+            .find(|h| req.headers().contains_key(**h))
+        {
+            return Err(refused(Refusal::malformed(format!(
+                "the `{name}` header is not allowed through the gate: send the method itself"
+            ))));
+        }
+        if req.uri().query().is_some_and(|q| {
+            q.split('&').any(|kv| {
+                kv.split('=')
+                    .next()
+                    .is_some_and(|k| k.eq_ignore_ascii_case("_method"))
+            })
+        }) {
+            return Err(refused(Refusal::malformed(
+                "a `_method` query parameter is not allowed through the gate: send the method itself",
+            )));
         }
         self.check_host(req).map_err(refused)?;
         let path =
