@@ -17,6 +17,7 @@ pub const TARGETS: &[&str] = &[
     "sql_analysis",
     "masking",
     "config",
+    "http_request",
 ];
 
 /// cargo-fuzz at the version the targets are written for.
