@@ -260,6 +260,24 @@ fn https_requests_are_judged_injected_and_scrubbed() {
         !rows.contains(READ_TOKEN) && !rows.contains(WRITE_TOKEN),
         "{rows}"
     );
+    // ... and shown by `jitgate sessions show`.
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    let echo = sessions
+        .as_array()
+        .and_then(|a| {
+            a.iter().find(|s| {
+                s["grant"].is_string() && s["command"].as_str().is_some_and(|c| c.contains("/echo"))
+            })
+        })
+        .and_then(|s| s["id"].as_str())
+        .expect("the /echo session")
+        .to_owned();
+    let shown = gate.cli(&["sessions", "show", &echo]);
+    shown.assert_ok();
+    assert!(
+        shown.stdout.contains("GET /echo") && shown.stdout.contains("read access"),
+        "{shown:#?}"
+    );
 }
 
 #[test]

@@ -172,6 +172,7 @@ pub async fn serve(
         Ok(d) => d,
         Err(e) => return refuse(SessionOutcome::UpstreamFailed, e),
     };
+    session.record.session.access = Some(grant.access);
     let mut end = session.open(&grant);
     debug!(identity = %session.who.identity, resource = %session.resource.name, grant = %grant.id, tls, "serving http");
     let stop = CancellationToken::new();
