@@ -3,14 +3,17 @@
 //! never holds, every request judged and recorded.
 //!
 //! * [`config`]: the resource's keys, validated;
-//! * [`session`]: one connection: TLS (terminated with the host CA), the grant, then each
-//!   request judged, forwarded with the gate's credential, and its response scrubbed;
+//! * [`session`]: one connection: TLS (terminated with the host CA), the grant, the HTTP/1.1
+//!   server, and the cut when the grant ends;
+//! * [`exchange`]: each request on it: judged, held, forwarded with the gate's credential, its
+//!   response masked and scrubbed, an upgrade relayed, the request recorded;
 //! * [`normalize`]: the canonical request path rules are matched against (and that is
 //!   forwarded upstream), refusing ambiguous encodings;
 //! * [`policy`]: access level per method and the first-match `[[resource.rule]]` list;
 //! * [`inject`]: per-level credentials from root-owned 0600 files, re-read on change;
 //! * [`scrub`]: overwriting the injected secret in upstream headers and streamed bodies;
-//! * [`refuse`]: refusals as 400/403 JSON responses naming the rule and the command to run;
+//! * [`refuse`]: refusals as 400/403 JSON responses (or Kubernetes `Status`) naming the rule
+//!   and the command to run;
 //! * [`upstream`], [`body`], [`io`]: the upstream connection, bodies streamed and counted, and
 //!   the client's stream.
 //!
@@ -24,6 +27,7 @@
 pub mod body;
 pub mod cast;
 pub mod config;
+pub mod exchange;
 pub mod inject;
 pub mod io;
 pub mod jsonmask;

@@ -7,6 +7,18 @@
 
 use crate::config::Access;
 
+use hyper::{
+    Method, Response, StatusCode, Uri,
+    header::{self, HeaderValue},
+};
+
+use super::{
+    body::{self, Out},
+    config::Flavor,
+    kube,
+    normalize::normalize,
+};
+
 /// A refusal, before it becomes a response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -88,6 +100,63 @@ pub fn request_hint(resource: &str, level: Access) -> String {
         Access::Read => format!("jitgate request {resource}"),
         level => format!("jitgate request {resource} --access {}", level.as_str()),
     }
+}
+
+/// How a refusal is worded for the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wording {
+    /// `{"error", "rule", "hint"}` JSON.
+    Json,
+    /// A Kubernetes `Status`, which clients decode and kubectl prints as
+    /// `Error from server (Forbidden): <message>`.
+    KubeStatus,
+    /// The same message as plain text: client-go shows a discovery error's body only when it
+    /// is text (for JSON it prints `unknown`), so refusals of `/api`, `/apis`, `/version` are.
+    KubeText,
+}
+
+impl Wording {
+    /// The wording for a request to `uri` on a resource of `flavor`.
+    pub fn for_request(flavor: Flavor, method: &Method, uri: &Uri) -> Self {
+        match flavor {
+            Flavor::Http => Self::Json,
+            Flavor::Kubernetes => {
+                let resource = normalize(uri.path())
+                    .ok()
+                    .and_then(|p| kube::parse(method.as_str(), p.as_str(), uri.query()));
+                if resource.is_some_and(|k| k.resource_request) {
+                    Self::KubeStatus
+                } else {
+                    Self::KubeText
+                }
+            }
+        }
+    }
+}
+
+/// A refusal as the client receives it (see [`Wording`]).
+pub fn refusal_response(wording: Wording, r: &Refusal) -> Response<Out> {
+    let kube_message = || {
+        let mut message = format!("jitgate: {}", r.error);
+        if let Some(rule) = &r.rule {
+            message.push_str(&format!(" ({rule})"));
+        }
+        if let Some(hint) = r.hint.as_deref().filter(|h| !r.error.contains(*h)) {
+            message.push_str(&format!("; {hint}"));
+        }
+        message
+    };
+    let (text, content_type) = match wording {
+        Wording::Json => (r.body(), "application/json"),
+        Wording::KubeStatus => (kube::status(r.status, &kube_message()), "application/json"),
+        Wording::KubeText => (format!("{}\n", kube_message()), "text/plain; charset=utf-8"),
+    };
+    let mut response = Response::new(body::full(text));
+    *response.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FORBIDDEN);
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 #[cfg(test)]

@@ -1,0 +1,798 @@
+//! One request/response exchange of an HTTP session: the `Host` checked, the path
+//! normalised, the rules applied (allow, deny, or hold for a human), the client's credential
+//! headers replaced by the gate's, the response masked and scrubbed, an upgrade relayed, and
+//! the request recorded. [`super::session`] owns the connection; this owns what happens to
+//! each request on it.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use http_body_util::BodyExt as _;
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderName, HeaderValue},
+};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{
+    body::{self, BoxError, Counted, Direction, Out, Scrubbed},
+    cast,
+    config::{Flavor, HttpResource},
+    jsonmask::BodyMasker,
+    kube::{self, KubeRequest},
+    normalize::normalize,
+    policy::{self, Decision},
+    refuse::{Refusal, Wording, refusal_response},
+    scrub::{self, Scrubber},
+    upgrade,
+    upstream::Upstream,
+};
+use crate::{
+    grants::GrantHandle,
+    identity::Attribution,
+    model::{self, StatementRecord, Timestamp},
+    protocol::{
+        Services,
+        hold::{self, Hold, HoldOutcome},
+        relay::Counters,
+    },
+};
+
+/// Headers some frameworks take the real method from.
+const METHOD_OVERRIDES: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1), plus the
+/// proxy-only ones a workload could use to talk to something behind the upstream.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// What every request of the session shares.
+pub(super) struct Ctx<'a> {
+    pub(super) services: &'a Services,
+    pub(super) session_id: String,
+    pub(super) who: &'a Attribution,
+    pub(super) uid: u32,
+    pub(super) resource: &'a str,
+    pub(super) settings: &'a HttpResource,
+    pub(super) grant: GrantHandle,
+    pub(super) upstream: Mutex<Upstream>,
+    pub(super) counters: Arc<Counters>,
+    pub(super) seq: AtomicU32,
+    /// A request is waiting for approval (the session's cut lets it lapse first).
+    pub(super) holding: AtomicBool,
+    /// The response masks for this identity and grant (`None`: nothing masked).
+    pub(super) masker: Option<Arc<BodyMasker>>,
+    /// Relays of upgraded connections (WebSocket, SPDY): they outlive the HTTP exchange and
+    /// end with the session.
+    pub(super) upgraded: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    pub(super) stop: CancellationToken,
+}
+
+/// How a request was decided, for its record.
+struct Verdict {
+    decision: model::Decision,
+    rule: Option<String>,
+    approved_by: Option<String>,
+    held: Duration,
+}
+
+impl Verdict {
+    fn allowed(rule: Option<String>) -> Self {
+        Self {
+            decision: model::Decision::Allowed,
+            rule,
+            approved_by: None,
+            held: Duration::ZERO,
+        }
+    }
+}
+
+impl Ctx<'_> {
+    pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<Out> {
+        let started = Instant::now();
+        let at = Timestamp::now();
+        let method = req.method().clone();
+        let target = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+        let mut text = format!("{method} {target}");
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let wording = Wording::for_request(self.settings.flavor, &method, req.uri());
+        let (response, verdict, error, masked) = match self.judge(&req, &method).await {
+            Err((refusal, verdict)) => {
+                info!(identity = %self.who.identity, resource = self.resource, session = %self.session_id, request = %text, status = refusal.status, error = %refusal.error, "http request refused");
+                let error = Some(format!("{}: {}", refusal.status, refusal.error));
+                (refusal_response(wording, &refusal), verdict, error, 0)
+            }
+            Ok((path, kube, verdict)) => match self.forward(req, &path, kube.as_ref(), seq).await {
+                Ok((response, masked, recorded)) => {
+                    if let Some(p) = recorded {
+                        text.push_str(&format!(" [recorded: {}]", p.display()));
+                    }
+                    (response, verdict, None, masked)
+                }
+                Err(refusal) => {
+                    let error = Some(format!("{}: {}", refusal.status, refusal.error));
+                    (refusal_response(wording, &refusal), verdict, error, 0)
+                }
+            },
+        };
+        let status = response.status().as_u16();
+        self.record(StatementRecord {
+            session: self.session_id.clone(),
+            seq,
+            at,
+            text,
+            params: Vec::new(),
+            decision: verdict.decision,
+            rule: verdict.rule,
+            approved_by: verdict.approved_by,
+            held_ms: u64::try_from(verdict.held.as_millis()).unwrap_or(u64::MAX),
+            duration_ms: Some(started.elapsed().saturating_sub(verdict.held).as_secs_f64() * 1e3),
+            rows: None,
+            tag: Some(status.to_string()),
+            error,
+            masked,
+        });
+        response
+    }
+
+    fn record(&self, record: StatementRecord) {
+        self.services.store.record_statements(vec![record]);
+    }
+
+    /// Host, path and rules: `Ok` with the normalised path to forward, or the refusal.
+    async fn judge(
+        &self,
+        req: &Request<Incoming>,
+        method: &Method,
+    ) -> Result<(String, Option<KubeRequest>, Verdict), (Refusal, Verdict)> {
+        let refused = |r: Refusal| {
+            let rule = r.rule.clone();
+            (
+                r,
+                Verdict {
+                    decision: model::Decision::Denied,
+                    ..Verdict::allowed(rule)
+                },
+            )
+        };
+        if method == Method::CONNECT {
+            return Err(refused(Refusal {
+                status: 501,
+                error: "CONNECT is not supported through the gate".into(),
+                rule: None,
+                hint: None,
+            }));
+        }
+        if let Some(Err(token)) = upgrade::requested(req.headers()) {
+            return Err(refused(Refusal {
+                status: 501,
+                error: format!(
+                    "the `{token}` upgrade is not supported through the gate (WebSocket and SPDY/3.1 are)"
+                ),
+                rule: None,
+                hint: None,
+            }));
+        }
+        // A method the upstream reads elsewhere than the request line would dodge the level
+        // check and every method rule (`GET` + `X-HTTP-Method-Override: DELETE`).
+        if let Some(name) = METHOD_OVERRIDES
+            .iter()
+            .find(|h| req.headers().contains_key(**h))
+        {
+            return Err(refused(Refusal::malformed(format!(
+                "the `{name}` header is not allowed through the gate: send the method itself"
+            ))));
+        }
+        if req.uri().query().is_some_and(|q| {
+            q.split('&').any(|kv| {
+                kv.split('=')
+                    .next()
+                    .is_some_and(|k| k.eq_ignore_ascii_case("_method"))
+            })
+        }) {
+            return Err(refused(Refusal::malformed(
+                "a `_method` query parameter is not allowed through the gate: send the method itself",
+            )));
+        }
+        self.check_host(req).map_err(refused)?;
+        let path =
+            normalize(req.uri().path()).map_err(|e| refused(Refusal::malformed(e.to_string())))?;
+        let forwarded = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let kube = match self.settings.flavor {
+            Flavor::Http => None,
+            Flavor::Kubernetes => {
+                // The gate is the only identity the API server sees: a workload naming
+                // another (Impersonate-User, -Group, -Uid, -Extra-*) is refused outright.
+                if req
+                    .headers()
+                    .keys()
+                    .any(|k| k.as_str().starts_with("impersonate-"))
+                {
+                    return Err(refused(Refusal {
+                        status: 403,
+                        error: "impersonation (Impersonate-* headers, kubectl --as) is not allowed through the gate".into(),
+                        rule: None,
+                        hint: None,
+                    }));
+                }
+                Some(
+                    kube::parse(method.as_str(), path.as_str(), req.uri().query()).ok_or_else(
+                        || refused(Refusal::malformed("not a Kubernetes API request path")),
+                    )?,
+                )
+            }
+        };
+        // How the request is named to approvers and in refusals.
+        let what = kube
+            .as_ref()
+            .map_or_else(|| format!("{method} {path}"), KubeRequest::describe);
+        match policy::decide_kube(
+            &self.settings.rules,
+            self.grant.access,
+            method.as_str(),
+            &path,
+            kube.as_ref(),
+        ) {
+            Decision::Allow { rule } => Ok((forwarded, kube, Verdict::allowed(rule))),
+            Decision::NeedsLevel { needed } => Err(refused(Refusal::needs_level(
+                self.resource,
+                &kube
+                    .as_ref()
+                    .map_or_else(|| method.to_string(), |k| k.verb.clone()),
+                needed,
+            ))),
+            Decision::Deny { rule } => Err(refused(Refusal::denied(&rule, &what))),
+            Decision::Approve { rule } => {
+                let text = format!("{method} {forwarded}");
+                self.hold(&text, &rule, &what)
+                    .await
+                    .map(|v| (forwarded, kube, v))
+            }
+        }
+    }
+
+    /// Holds a request for a human; `Ok` once approved.
+    async fn hold(
+        &self,
+        text: &str,
+        rule: &str,
+        what: &str,
+    ) -> Result<Verdict, (Refusal, Verdict)> {
+        self.holding.store(true, Ordering::SeqCst);
+        let held = hold::hold(
+            self.services,
+            self.who,
+            self.uid,
+            self.resource,
+            self.grant.access,
+            &self.session_id,
+            Hold {
+                text,
+                rule,
+                reason: &format!("{rule} holds {what} for approval"),
+                timeout: self.settings.approval_timeout,
+            },
+            &self.stop,
+        )
+        .await;
+        self.holding.store(false, Ordering::SeqCst);
+        let not = |why: String, decision| {
+            (
+                Refusal::not_approved(rule, what, &why),
+                Verdict {
+                    decision,
+                    rule: Some(rule.to_owned()),
+                    approved_by: None,
+                    held: held.waited,
+                },
+            )
+        };
+        match held.outcome {
+            HoldOutcome::Approved { by } => Ok(Verdict {
+                decision: model::Decision::Approved,
+                rule: Some(rule.to_owned()),
+                approved_by: Some(by),
+                held: held.waited,
+            }),
+            HoldOutcome::NotApproved { status, by } => Err(not(
+                match by {
+                    Some(by) => format!("request {status} by {by}"),
+                    None => format!(
+                        "nobody approved it within {}",
+                        model::human_duration(self.settings.approval_timeout)
+                    ),
+                },
+                model::Decision::Refused,
+            )),
+            HoldOutcome::NotFiled(e) => Err(not(e, model::Decision::Denied)),
+            HoldOutcome::Failed(e) => Err(not(e, model::Decision::Refused)),
+            HoldOutcome::SessionEnded => Err(not(
+                "the session ended while it waited".into(),
+                model::Decision::Refused,
+            )),
+        }
+    }
+
+    /// The `Host` the request names must be one of the resource's (when it has names), so a
+    /// workload cannot reach another virtual host behind the same address.
+    fn check_host(&self, req: &Request<Incoming>) -> Result<(), Refusal> {
+        let header = req
+            .headers()
+            .get(header::HOST)
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| Refusal::malformed("the Host header is not ASCII"))
+            })
+            .transpose()?;
+        let authority = req.uri().authority().map(|a| a.as_str());
+        let host = match (authority, header) {
+            (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => {
+                return Err(Refusal::malformed(
+                    "the request target and the Host header name different hosts",
+                ));
+            }
+            (Some(a), _) => Some(a),
+            (None, h) => h,
+        };
+        if self.settings.hosts.is_empty() {
+            return Ok(());
+        }
+        let Some(host) = host else {
+            return Err(Refusal::malformed("the request has no Host header"));
+        };
+        let name = host_without_port(host).to_ascii_lowercase();
+        if self.settings.hosts.contains(&name) {
+            Ok(())
+        } else {
+            Err(Refusal {
+                status: 403,
+                error: format!("host {name} is not served by {}", self.resource),
+                rule: None,
+                hint: Some(format!(
+                    "this resource serves {}",
+                    self.settings.hosts.join(", ")
+                )),
+            })
+        }
+    }
+
+    /// Sends the request upstream with the gate's credential and returns the scrubbed
+    /// response.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        path: &str,
+        kube: Option<&KubeRequest>,
+        seq: u32,
+    ) -> Result<(Response<Out>, u64, Option<std::path::PathBuf>), Refusal> {
+        let mut recorded = None;
+        let mut req = req;
+        let upgrade = upgrade::requested(req.headers()).and_then(Result::ok);
+        let client_upgraded = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let (mut parts, incoming) = req.into_parts();
+        let head = parts.method == Method::HEAD;
+        parts.uri = path.parse().map_err(|_| {
+            Refusal::malformed("the request target is not valid after normalisation")
+        })?;
+        strip_hop_by_hop(&mut parts.headers);
+        // Every header a credential of this resource rides in is the gate's, whatever the
+        // client put there.
+        for cred in self.settings.credentials.values() {
+            parts.headers.remove(&cred.header);
+        }
+        let secret = match self.settings.credentials.get(&self.grant.access) {
+            None => None,
+            Some(cred) => {
+                let loaded = cred.load().map_err(|e| {
+                    warn!(resource = self.resource, error = %e, "credential unreadable");
+                    Refusal {
+                        status: 503,
+                        error: format!("the gate cannot read the credential for {}", self.resource),
+                        rule: None,
+                        hint: Some("an operator must fix the resource's secret_file".into()),
+                    }
+                })?;
+                cred.apply(&mut parts.headers, &loaded);
+                Some(loaded.secret)
+            }
+        };
+        if let Some(token) = &upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, token.clone());
+            if secret.is_some() {
+                // A compressed WebSocket stream could carry the credential past the scrubber.
+                parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+            }
+        }
+        let secrets = kube.is_some_and(KubeRequest::touches_secrets);
+        if secret.is_some() || secrets || self.masker.is_some() {
+            // Compressed responses could carry the secret past the scrubber, or Secret
+            // values past the masker.
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
+        if secrets && !accepts_only_json(&parts.headers) {
+            // Protobuf (kubectl's default for some calls) cannot be masked: ask for JSON.
+            parts
+                .headers
+                .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        }
+        let request = Request::from_parts(
+            parts,
+            Counted::new(incoming, self.counters.clone(), Direction::Up),
+        );
+        let response = self
+            .upstream
+            .lock()
+            .await
+            .send(request)
+            .await
+            .map_err(|e| Refusal {
+                status: 502,
+                error: e,
+                rule: None,
+                hint: None,
+            })?;
+        let mut response = response;
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let (Some(client_upgraded), Some(token)) = (client_upgraded, upgrade)
+        {
+            let upstream_upgraded = hyper::upgrade::on(&mut response);
+            let (mut parts, _) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, token);
+            if let Some(secret) = secret.as_deref() {
+                scrub_headers(&mut parts.headers, secret);
+            }
+            let counters = self.counters.clone();
+            let scrubber = secret.as_deref().and_then(Scrubber::new);
+            let session = self.session_id.clone();
+            let recording = kube
+                .filter(|k| matches!(k.verb.as_str(), "exec" | "attach"))
+                .and_then(|k| self.start_recording(seq, &k.describe()));
+            if let Some((_, path)) = &recording {
+                recorded = Some(path.clone());
+            }
+            let recording = recording.map(|(cast, _)| cast);
+            let relay = tokio::spawn(async move {
+                let (client, upstream) = tokio::join!(client_upgraded, upstream_upgraded);
+                match (client, upstream) {
+                    (Ok(c), Ok(u)) => {
+                        if let Err(e) = upgrade::relay(c, u, counters, scrubber, recording).await {
+                            debug!(session = %session, error = %e, "upgraded stream ended");
+                        }
+                    }
+                    (c, u) => {
+                        debug!(session = %session, client = ?c.err(), upstream = ?u.err(), "upgrade did not complete")
+                    }
+                }
+            });
+            self.upgraded
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(relay);
+            return Ok((
+                Response::from_parts(parts, body::full(bytes::Bytes::new())),
+                0,
+                recorded,
+            ));
+        }
+        let (mut parts, incoming) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let compressed = parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        if compressed && (secret.is_some() || secrets || self.masker.is_some()) {
+            return Err(Refusal {
+                status: 502,
+                error: "the upstream sent a compressed body, which the gate cannot check".into(),
+                rule: None,
+                hint: None,
+            });
+        }
+        let counted = Counted::new(incoming, self.counters.clone(), Direction::Down);
+        let mut masked = 0;
+        let mut body: Out = counted.map_err(BoxError::from).boxed_unsync();
+        let secrets_of = kube.filter(|k| k.touches_secrets());
+        if secrets_of.is_some() || self.masker.is_some() {
+            let (b, n) = self
+                .mask_response(&mut parts, body, secrets_of, head)
+                .await?;
+            body = b;
+            masked = n;
+        }
+        if let Some(scrubber) = secret.as_deref().and_then(Scrubber::new) {
+            scrub_headers(&mut parts.headers, secret.as_deref().unwrap_or_default());
+            body = Scrubbed::new(body, scrubber).boxed_unsync();
+        }
+        Ok((Response::from_parts(parts, body), masked, None))
+    }
+
+    /// Masks a response body: Secret values of a Kubernetes `secrets` request, the resource's
+    /// JSON paths and detectors. JSON and text are held (up to [`kube::MAX_MASKED_BODY`]) and
+    /// masked whole; line-framed streams (watch, server-sent events, NDJSON) line by line;
+    /// anything else is refused unless the resource lets it pass. Fail closed throughout.
+    async fn mask_response(
+        &self,
+        parts: &mut hyper::http::response::Parts,
+        mut body: Out,
+        secrets_of: Option<&KubeRequest>,
+        head: bool,
+    ) -> Result<(Out, u64), Refusal> {
+        let refusal = |error: String| Refusal {
+            status: 502,
+            error,
+            rule: None,
+            hint: None,
+        };
+        let media = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_default();
+        // No body to mask (a HEAD answer keeps its Content-Length, and has no body).
+        let empty = head
+            || parts.status == StatusCode::NO_CONTENT
+            || parts.status == StatusCode::NOT_MODIFIED
+            || parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|v| v == "0");
+        if empty {
+            return Ok((body, 0));
+        }
+        let json = media == "application/json" || media.ends_with("+json");
+        let lines = media == "text/event-stream"
+            || media == "application/x-ndjson"
+            || media == "application/jsonl"
+            || secrets_of.is_some_and(|k| k.verb == "watch");
+        let text = media.starts_with("text/");
+        if secrets_of.is_some() && !json {
+            return Err(Refusal {
+                hint: Some("ask for JSON (kubectl does by default)".into()),
+                ..refusal("the API server answered a Secrets request in a format other than JSON, which the gate cannot mask".into())
+            });
+        }
+        if !(json || lines || text) {
+            return match self.settings.uninspectable {
+                super::config::Uninspectable::Pass => Ok((body, 0)),
+                super::config::Uninspectable::Refuse => Err(Refusal {
+                    hint: Some("the resource's masks cannot read this content type; an operator may set uninspectable = \"pass\"".into()),
+                    ..refusal(format!("the upstream answered with `{media}`, which the gate cannot inspect for masked values"))
+                }),
+            };
+        }
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let secrets = secrets_of.is_some();
+        let masker = self.masker.clone();
+        let mask_json = move |bytes: &[u8]| -> Result<(Vec<u8>, u64), String> {
+            let mut value: serde_json::Value = serde_json::from_slice(bytes)
+                .map_err(|e| format!("a response the gate must mask is not JSON ({e})"))?;
+            let mut n = 0;
+            if secrets {
+                n += kube::mask_secret_fields(&mut value);
+            }
+            if let Some(m) = &masker {
+                n += m.mask_json(&mut value);
+            }
+            serde_json::to_vec(&value)
+                .map(|v| (v, n))
+                .map_err(|e| e.to_string())
+        };
+        if lines {
+            let masker = self.masker.clone();
+            let per_line: super::body::LineMask = Box::new(move |line: &[u8]| {
+                if json || secrets || line.first().is_some_and(|b| *b == b'{' || *b == b'[') {
+                    if let Ok((out, _)) = mask_json(line) {
+                        return Ok(out);
+                    }
+                    if json || secrets {
+                        return Err("a streamed line is not JSON the gate can mask".into());
+                    }
+                }
+                let text = String::from_utf8_lossy(line);
+                Ok(masker.as_ref().map_or_else(
+                    || text.as_bytes().to_vec(),
+                    |m| m.mask_text(&text).0.into_bytes(),
+                ))
+            });
+            let masked = super::body::LinesMasked::new(body, kube::MAX_MASKED_BODY, per_line);
+            return Ok((masked.boxed_unsync(), 0));
+        }
+        let bytes = collect_bounded(&mut body, kube::MAX_MASKED_BODY)
+            .await
+            .map_err(|e| refusal(format!("reading a response to mask it: {e}")))?;
+        if json {
+            let (out, n) = mask_json(&bytes).map_err(refusal)?;
+            return Ok((body::full(out), n));
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let (out, n) = self
+            .masker
+            .as_ref()
+            .map_or_else(|| (text.to_string(), 0), |m| m.mask_text(&text));
+        Ok((body::full(out), n))
+    }
+
+    /// Starts the asciicast recording of an exec or attach stream under `state_dir/recordings`.
+    fn start_recording(
+        &self,
+        seq: u32,
+        title: &str,
+    ) -> Option<(cast::SharedCast, std::path::PathBuf)> {
+        let dir = self
+            .services
+            .config
+            .get()
+            .daemon
+            .state_dir
+            .join("recordings");
+        match cast::Cast::create(&dir, &format!("{}-{seq}", self.session_id), title) {
+            Ok(c) => {
+                let path = c.path.clone();
+                Some((Arc::new(std::sync::Mutex::new(c)), path))
+            }
+            Err(e) => {
+                warn!(session = %self.session_id, error = %e, "cannot record the exec stream");
+                None
+            }
+        }
+    }
+}
+
+/// A whole body, refused past `cap` bytes.
+async fn collect_bounded(body: &mut Out, cap: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > cap {
+                return Err(format!("larger than the {cap} bytes the gate masks"));
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out)
+}
+
+/// Whether every media range the client accepts is JSON (then a Secrets response comes back
+/// in a form the gate masks, kubectl's Table included).
+fn accepts_only_json(headers: &HeaderMap) -> bool {
+    let mut any = false;
+    for value in headers.get_all(header::ACCEPT) {
+        let Ok(text) = value.to_str() else {
+            return false;
+        };
+        for range in text.split(',') {
+            any = true;
+            let media = range.split(';').next().unwrap_or("").trim();
+            if !media.eq_ignore_ascii_case("application/json") {
+                return false;
+            }
+        }
+    }
+    any
+}
+
+/// `host:port`, `[v6]:port`, `host` or `[v6]` without the port.
+fn host_without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// Overwrites the secret wherever a response header carries it.
+fn scrub_headers(headers: &mut HeaderMap, secret: &[u8]) {
+    for value in headers.values_mut() {
+        if scrub::contains(value.as_bytes(), secret) {
+            let mut bytes = value.as_bytes().to_vec();
+            scrub::mask_all(&mut bytes, secret);
+            if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                *value = v;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_is_dropped_in_every_spelling() {
+        assert_eq!(host_without_port("api.internal:8443"), "api.internal");
+        assert_eq!(host_without_port("api.internal"), "api.internal");
+        assert_eq!(host_without_port("[::1]:443"), "::1");
+        assert_eq!(host_without_port("[::1]"), "::1");
+        assert_eq!(host_without_port("127.0.0.1:80"), "127.0.0.1");
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("close, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn response_headers_lose_the_secret() {
+        let mut h = HeaderMap::new();
+        h.insert("x-echo", HeaderValue::from_static("Bearer tok-1"));
+        h.insert("x-other", HeaderValue::from_static("fine"));
+        scrub_headers(&mut h, b"tok-1");
+        assert_eq!(h["x-echo"], "Bearer *****");
+        assert_eq!(h["x-other"], "fine");
+    }
+}
