@@ -1280,6 +1280,57 @@ impl<'v> ResourceConfig<'v, '_> {
         self.v.duration(key, value, default)
     }
 
+    /// One of a key's words (`client_tls = "auto"`): the value `choices` gives it, `default`
+    /// when the key is absent; another word is reported (naming the words there are) and
+    /// gives `default`.
+    pub fn choice<T: Copy>(
+        &mut self,
+        key: &str,
+        value: Option<&S<String>>,
+        choices: &[(&str, T)],
+        default: T,
+    ) -> T {
+        let Some(v) = value else { return default };
+        if let Some((_, t)) = choices.iter().find(|(w, _)| *w == v.get_ref()) {
+            return *t;
+        }
+        let words: Vec<&str> = choices.iter().map(|(w, _)| *w).collect();
+        let listed = match words.split_last() {
+            Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+            _ => words.join(""),
+        };
+        self.fail(
+            v.span(),
+            format!("resource.{key}: `{}` is not {listed}", v.get_ref()),
+        );
+        default
+    }
+
+    /// A `[[resource.mask]]` rule's strategy and detectors, whatever names it by (columns for
+    /// PostgreSQL, JSON paths for HTTP); unknown ones are reported.
+    pub fn mask_parts(
+        &mut self,
+        strategy: &S<String>,
+        detectors: &[S<String>],
+    ) -> (
+        crate::inspect::rules::Strategy,
+        Vec<crate::inspect::rules::Detector>,
+    ) {
+        use crate::inspect::rules::{Detector, Strategy};
+        let strategy = Strategy::from_str(strategy.get_ref()).unwrap_or_else(|e| {
+            self.fail(strategy.span(), format!("resource.mask.strategy: {e}"));
+            Strategy::Redact
+        });
+        let mut found = Vec::new();
+        for d in detectors {
+            match Detector::from_str(d.get_ref()) {
+                Ok(d) => found.push(d),
+                Err(e) => self.fail(d.span(), format!("resource.mask.detectors: {e}")),
+            }
+        }
+        (strategy, found)
+    }
+
     /// The protocol's keys in its own raw shape (spans kept); its default when it has none
     /// or they do not fit the shape (that error is reported).
     pub fn settings<T: serde::de::DeserializeOwned + Default>(&mut self) -> T {

@@ -33,7 +33,7 @@ use super::{
 };
 use crate::{
     config::{Access, ResourceConfig, Target},
-    inspect::rules::{Detector, MaskRule, Strategy},
+    inspect::rules::MaskRule,
 };
 
 type S<T> = Spanned<T>;
@@ -229,59 +229,48 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> HttpResource {
         cx.fail(span, "resource.address: an http resource has one port");
     }
 
-    let flavor = match raw
-        .flavor
-        .as_ref()
-        .map(|v| (v.get_ref().as_str(), v.span()))
-    {
-        None | Some(("http", _)) => Flavor::Http,
-        Some(("kubernetes", _)) => Flavor::Kubernetes,
-        Some((other, span)) => {
-            cx.fail(
-                span,
-                format!("resource.flavor: `{other}` is not http or kubernetes"),
-            );
-            Flavor::Http
-        }
-    };
-    let client_tls = match raw
-        .client_tls
-        .as_ref()
-        .map(|v| (v.get_ref().as_str(), v.span()))
-    {
-        None | Some(("auto", _)) => ClientTls::Auto,
-        Some(("require", _)) => ClientTls::Require,
-        Some(("disable", _)) => ClientTls::Disable,
-        Some((other, span)) => {
-            cx.fail(
-                span,
-                format!("resource.client_tls: `{other}` is not auto, require or disable"),
-            );
-            ClientTls::Auto
-        }
-    };
-    let upstream_tls = match raw
+    let flavor = cx.choice(
+        "flavor",
+        raw.flavor.as_ref(),
+        &[("http", Flavor::Http), ("kubernetes", Flavor::Kubernetes)],
+        Flavor::Http,
+    );
+    let client_tls = cx.choice(
+        "client_tls",
+        raw.client_tls.as_ref(),
+        &[
+            ("auto", ClientTls::Auto),
+            ("require", ClientTls::Require),
+            ("disable", ClientTls::Disable),
+        ],
+        ClientTls::Auto,
+    );
+    // `require` (encrypt without verifying) is not offered: the gate sends credentials there.
+    let upstream_tls = if raw
         .upstream_tls
         .as_ref()
-        .map(|v| (v.get_ref().as_str(), v.span()))
+        .is_some_and(|v| v.get_ref() == "require")
     {
-        None | Some(("auto", _)) => UpstreamTls::Auto,
-        Some(("verify-full", _)) => UpstreamTls::VerifyFull,
-        Some(("disable", _)) => UpstreamTls::Disable,
-        Some(("require", span)) => {
-            cx.fail(
-                span,
-                "resource.upstream_tls: an http resource verifies the upstream it sends credentials to; use verify-full (with upstream_ca) or disable",
-            );
-            UpstreamTls::VerifyFull
-        }
-        Some((other, span)) => {
-            cx.fail(
-                span,
-                format!("resource.upstream_tls: `{other}` is not auto, verify-full or disable"),
-            );
-            UpstreamTls::Auto
-        }
+        let span = raw
+            .upstream_tls
+            .as_ref()
+            .map_or(whole.clone(), Spanned::span);
+        cx.fail(
+            span,
+            "resource.upstream_tls: an http resource verifies the upstream it sends credentials to; use verify-full (with upstream_ca) or disable",
+        );
+        UpstreamTls::VerifyFull
+    } else {
+        cx.choice(
+            "upstream_tls",
+            raw.upstream_tls.as_ref(),
+            &[
+                ("auto", UpstreamTls::Auto),
+                ("verify-full", UpstreamTls::VerifyFull),
+                ("disable", UpstreamTls::Disable),
+            ],
+            UpstreamTls::Auto,
+        )
     };
     let upstream_ca = match &raw.upstream_ca {
         Some(v) => {
@@ -491,17 +480,7 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> HttpResource {
     for rule in raw.mask.unwrap_or_default() {
         let span = rule.span();
         let rule = rule.into_inner();
-        let strategy = Strategy::from_str(rule.strategy.get_ref()).unwrap_or_else(|e| {
-            cx.fail(rule.strategy.span(), format!("resource.mask.strategy: {e}"));
-            Strategy::Redact
-        });
-        let mut detectors = Vec::new();
-        for d in &rule.detectors {
-            match Detector::from_str(d.get_ref()) {
-                Ok(d) => detectors.push(d),
-                Err(e) => cx.fail(d.span(), format!("resource.mask.detectors: {e}")),
-            }
-        }
+        let (strategy, detectors) = cx.mask_parts(&rule.strategy, &rule.detectors);
         let mut paths = Vec::new();
         for p in &rule.paths {
             match super::jsonmask::JsonPath::parse(p.get_ref()) {
@@ -527,21 +506,15 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> HttpResource {
             .map_err(|e| cx.fail(v.span(), format!("resource.mask_exempt_access: {e}")))
             .ok()
     });
-    let uninspectable = match raw
-        .uninspectable
-        .as_ref()
-        .map(|v| (v.get_ref().as_str(), v.span()))
-    {
-        None | Some(("refuse", _)) => Uninspectable::Refuse,
-        Some(("pass", _)) => Uninspectable::Pass,
-        Some((other, span)) => {
-            cx.fail(
-                span,
-                format!("resource.uninspectable: `{other}` is not refuse or pass"),
-            );
-            Uninspectable::Refuse
-        }
-    };
+    let uninspectable = cx.choice(
+        "uninspectable",
+        raw.uninspectable.as_ref(),
+        &[
+            ("refuse", Uninspectable::Refuse),
+            ("pass", Uninspectable::Pass),
+        ],
+        Uninspectable::Refuse,
+    );
     HttpResource {
         masks,
         mask_exempt_access,

@@ -261,6 +261,24 @@ fn config_refuses_unverified_upstreams_and_loose_secret_files() {
             || e.to_string().contains("not allow, deny or approve"),
         "{e}"
     );
+    let e = Config::from_toml(&path, &text("flavor = \"grpc\"")).expect_err("flavor");
+    assert!(
+        e.to_string()
+            .contains("resource.flavor: `grpc` is not http or kubernetes"),
+        "{e}"
+    );
+    let e = Config::from_toml(
+        &path,
+        &text("[[resource.mask]]\npaths = [\"$.a\"]\nstrategy = \"scramble\""),
+    )
+    .expect_err("bad strategy");
+    assert!(e.to_string().contains("unknown strategy `scramble`"), "{e}");
+    let e = Config::from_toml(
+        &path,
+        &text("[[resource.mask]]\npaths = [\"items\"]\nstrategy = \"redact\""),
+    )
+    .expect_err("bad path");
+    assert!(e.to_string().contains("not a JSON path"), "{e}");
     // A host-named resource checks Host against its name by default.
     let config = Config::from_toml(&path, &text("")).expect("valid");
     let settings = config.resources[0]

@@ -12,7 +12,7 @@ use toml::Spanned;
 use crate::config::{Access, ResourceConfig, Target, parse_size};
 
 type S<T> = Spanned<T>;
-use crate::inspect::rules::{Detector, MaskRule, Strategy};
+use crate::inspect::rules::MaskRule;
 
 /// How the proxy talks to the real server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -338,17 +338,7 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> PostgresResource {
         for rule in raw.mask.unwrap_or_default() {
             let span = rule.span();
             let rule = rule.into_inner();
-            let strategy = Strategy::from_str(rule.strategy.get_ref()).unwrap_or_else(|e| {
-                this.fail(rule.strategy.span(), format!("resource.mask.strategy: {e}"));
-                Strategy::Redact
-            });
-            let mut detectors = Vec::new();
-            for d in &rule.detectors {
-                match Detector::from_str(d.get_ref()) {
-                    Ok(d) => detectors.push(d),
-                    Err(e) => this.fail(d.span(), format!("resource.mask.detectors: {e}")),
-                }
-            }
+            let (strategy, detectors) = this.mask_parts(&rule.strategy, &rule.detectors);
             if rule.columns.is_empty() && detectors.is_empty() {
                 this.fail(
                     span,
