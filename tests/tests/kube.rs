@@ -245,3 +245,48 @@ fn kubectl_through_the_gate() {
             .any(|r| r.method == "DELETE" && r.target.contains("/prod/pods/web-1"))
     );
 }
+
+#[test]
+fn a_live_watch_ends_with_its_grant_within_a_second() {
+    jitgate_e2e::root_or_skip!();
+    let upstream = HttpFixture::kube();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = gate("kube-expiry", &upstream, dir.path());
+    let mut watch = gate.spawn(
+        "agent",
+        &["--grant", "cluster:read:4s"],
+        &[
+            "kubectl",
+            "--cache-dir",
+            "/tmp/jitgate-e2e-kube-cache",
+            "get",
+            "secrets",
+            "-n",
+            "prod",
+            "--watch",
+            "-o",
+            "jsonpath={.data.password}{\"\\n\"}",
+        ],
+    );
+    watch.expect_line("KioqKg==", Duration::from_secs(15));
+    let grants = gate.cli(&["grants", "--all", "--json"]).json();
+    let expires = jitgate_e2e::rfc3339_ms(&grants[0]["expires_at"]);
+    // kubectl ends a watch the server closed without an error: the proof the gate cut it is
+    // the time (the stand-in streams for a minute) and the session's outcome.
+    watch.wait(Duration::from_secs(15));
+    let ended = jitgate_e2e::now_ms();
+    assert!(
+        ended - expires <= 1000,
+        "the watch ran {}ms past expiry",
+        ended - expires
+    );
+    assert!(!watch.seen.iter().any(|l| l.contains(SECRET_PASSWORD_B64)));
+    gate.wait_for("the session end record", Duration::from_secs(5), || {
+        let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+        sessions
+            .as_array()?
+            .iter()
+            .any(|s| s["outcome"] == "grant_expired")
+            .then_some(())
+    });
+}
