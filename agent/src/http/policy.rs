@@ -209,6 +209,10 @@ pub fn level_needed(method: &str, kube: Option<&KubeRequest>) -> Access {
     }
 }
 
+/// The rule named when a Kubernetes `proxy` request meets no rule.
+pub const PROXY_DEFAULT: &str =
+    "the default for proxy (allow it with a rule naming verbs = [\"proxy\"])";
+
 /// What the policy decided for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -249,6 +253,12 @@ pub fn decide_kube(
         .iter()
         .find(|r| r.matches(method, path, granted, kube))
     {
+        // `proxy` reaches past the API server to any pod, service or node endpoint (the API
+        // server itself included, where Secrets would come back unmasked): only an explicit
+        // rule allows it.
+        None if kube.is_some_and(|k| k.verb == "proxy") => Decision::Deny {
+            rule: PROXY_DEFAULT.to_owned(),
+        },
         None => Decision::Allow { rule: None },
         Some(r) => match r.action {
             Action::Allow => Decision::Allow {
@@ -488,6 +498,42 @@ mod tests {
             d(Access::Write, "POST", "/api/v1/namespaces/x/pods/web/exec"),
             Decision::Approve {
                 rule: "rule 3".into()
+            }
+        );
+        assert_eq!(
+            d(
+                Access::Admin,
+                "GET",
+                "/api/v1/namespaces/default/services/https:kubernetes:443/proxy/api/v1/secrets"
+            ),
+            Decision::Deny {
+                rule: PROXY_DEFAULT.into()
+            },
+            "proxy is refused unless a rule allows it"
+        );
+        let mut allowing = rules.clone();
+        allowing.push(Rule {
+            index: 4,
+            methods: vec![],
+            paths: vec![],
+            levels: vec![],
+            kube: KubeMatch {
+                verbs: vec!["proxy".into()],
+                ..KubeMatch::default()
+            },
+            action: Action::Allow,
+        });
+        let k = kube::parse("GET", "/api/v1/namespaces/d/pods/web/proxy/x", None).unwrap();
+        assert_eq!(
+            decide_kube(
+                &allowing,
+                Access::Write,
+                "GET",
+                &np("/api/v1/namespaces/d/pods/web/proxy/x"),
+                Some(&k)
+            ),
+            Decision::Allow {
+                rule: Some("rule 4".into())
             }
         );
     }
