@@ -595,3 +595,43 @@ asyncio.run(main())
             .then_some(())
     });
 }
+
+#[test]
+fn a_client_stalled_in_the_tls_handshake_is_cut_at_the_startup_deadline() {
+    jitgate_e2e::root_or_skip!();
+    let upstream = HttpFixture::tls();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let body = Body::new()
+        .workload("bot", &["root"])
+        .resource_with(
+            "api",
+            &upstream.addr.to_string(),
+            &api_keys(&upstream, dir.path(), ""),
+        )
+        .auto(&["bot"], &["api"], &["read"])
+        .build();
+    let gate = Gate::start("http-stall", "startup_timeout = \"1s\"", &body);
+    // The first byte of a TLS record, then nothing: the gate must not wait for ever.
+    let script = format!(
+        "import socket, time\ns = socket.create_connection(('127.0.0.1', {}))\ns.sendall(b'\\x16\\x03\\x01')\ntime.sleep(4)\n",
+        upstream.addr.port()
+    );
+    let ran = gate.run(
+        "bot",
+        &["--grant", "api:read"],
+        &["/usr/bin/python3", "-c", &script],
+    );
+    assert_eq!(ran.code, 0, "{ran:#?}");
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    let cut = sessions
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["outcome"] == "refused_limit"))
+        .unwrap_or_else(|| panic!("no session cut at the deadline: {sessions}"));
+    assert!(
+        cut["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("TLS handshake"),
+        "{cut}"
+    );
+}

@@ -94,9 +94,22 @@ pub async fn serve(
             answer_refusal(Either::Left(rewound), settings.flavor, &refusal).await;
             return refuse(SessionOutcome::Error, refusal.error);
         }
-        (true, _) => match accept_tls(session.services, session.destination.ip(), rewound).await {
-            Ok(ok) => ok,
-            Err(e) => return refuse(SessionOutcome::Error, e),
+        // The handshake is part of the startup: a client that stalls in it is cut at the
+        // same deadline as one that sends nothing.
+        (true, _) => match tokio::time::timeout_at(
+            session.startup_deadline,
+            accept_tls(session.services, session.destination.ip(), rewound),
+        )
+        .await
+        {
+            Ok(Ok(ok)) => ok,
+            Ok(Err(e)) => return refuse(SessionOutcome::Error, e),
+            Err(_) => {
+                return refuse(
+                    SessionOutcome::RefusedLimit,
+                    "the TLS handshake did not finish within startup_timeout",
+                );
+            }
         },
         (false, _) => (Either::Left(rewound), None),
     };
