@@ -198,6 +198,38 @@ fn https_requests_are_judged_injected_and_scrubbed() {
     );
     assert_eq!(code, 400);
 
+    let (code, _, _) = curl(
+        &gate,
+        Some("api:read"),
+        &[&format!("{base}/items/1?%5Fmethod=DELETE")],
+    );
+    assert_eq!(code, 400, "an encoded _method is still a method override");
+
+    // Byte ranges would hand the credential out in pieces too short to scrub; routing headers
+    // would send the upstream elsewhere than what was judged.
+    let (code, out, ran) = curl(
+        &gate,
+        Some("api:read"),
+        &[
+            "-H",
+            "Range: bytes=0-7",
+            "-H",
+            "X-Original-URL: /admin/users",
+            "-H",
+            "X-Forwarded-Host: internal-admin.test",
+            &format!("{base}/leak"),
+        ],
+    );
+    assert_eq!(code, 200, "the whole body, scrubbed: {ran:#?}");
+    assert!(!out.contains(READ_TOKEN), "{out}");
+    let last = upstream.received().last().cloned().expect("received");
+    assert!(
+        last.header("range").is_empty()
+            && last.header("x-original-url").is_empty()
+            && last.header("x-forwarded-host").is_empty(),
+        "{last:#?}"
+    );
+
     // Methods beyond the grant's level, other virtual hosts, upgrades: refused.
     let (code, body, _) = curl(
         &gate,
@@ -528,12 +560,13 @@ fn websocket_upgrades_are_judged_relayed_scrubbed_and_cut() {
     let (read, _) = secrets(dir.path());
     let keys = format!(
         "protocol = \"http\"\n[resource.credentials.read]\nsecret_file = \"{read}\"\n\
+         [resource.credentials.write]\nsecret_file = \"{read}\"\n\
          [[resource.rule]]\npaths = [\"/admin/**\"]\naction = \"deny\"\n"
     );
     let body = Body::new()
         .workload("bot", &["root"])
         .resource_with("ws", &format!("127.0.0.1:{}", server.port), &keys)
-        .auto(&["bot"], &["ws"], &["read"])
+        .auto(&["bot"], &["ws"], &["read", "write"])
         .build();
     let gate = Gate::start("http-ws", "", &body);
     let client = |path: &str| {
@@ -552,10 +585,18 @@ asyncio.run(main())
             port = server.port
         )
     };
-    // The upgrade request is judged: a denied path never upgrades.
+    // An upgraded stream may carry writes: a read grant never upgrades.
     let ran = gate.run(
         "bot",
         &["--grant", "ws:read"],
+        &["/usr/bin/python3", "-c", &client("/ws")],
+    );
+    assert_ne!(ran.code, 0, "{ran:#?}");
+    assert!(ran.stderr.contains("403"), "{ran:#?}");
+    // The upgrade request is judged: a denied path never upgrades.
+    let ran = gate.run(
+        "bot",
+        &["--grant", "ws:write"],
         &["/usr/bin/python3", "-c", &client("/admin/ws")],
     );
     assert_ne!(ran.code, 0, "{ran:#?}");
@@ -564,7 +605,7 @@ asyncio.run(main())
     // Relayed both ways, the echoed credential scrubbed from the stream, cut on revoke.
     let mut ws = gate.spawn(
         "bot",
-        &["--grant", "ws:read"],
+        &["--grant", "ws:write"],
         &["/usr/bin/python3", "-c", &client("/ws")],
     );
     let first = ws.expect_line("auth=", Duration::from_secs(10));

@@ -392,6 +392,18 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> HttpResource {
         }
     }
 
+    // The credential goes where the workload connected: with one, the resource must name one
+    // server (an address range would let the workload pick a listener of its own).
+    if !credentials.is_empty()
+        && let Target::Net { net, .. } = &target
+        && net.prefix_len() != net.max_prefix_len()
+    {
+        let span = cx.address_span();
+        cx.fail(
+            span,
+            format!("resource `{resource}`: an http resource with credentials names one server; give one address, not the range {net}"),
+        );
+    }
     let mut rules = Vec::new();
     for (i, rule) in raw.rule.unwrap_or_default().into_iter().enumerate() {
         let span = rule.span();

@@ -30,7 +30,7 @@ use super::{
     kube::{self, KubeRequest},
     normalize::normalize,
     policy::{self, Decision},
-    refuse::{Refusal, Wording, refusal_response},
+    refuse::{Refusal, Wording, refusal_response, request_hint as request_hint_for},
     scrub::{self, Scrubber},
     upgrade,
     upstream::Upstream,
@@ -51,6 +51,18 @@ const METHOD_OVERRIDES: &[&str] = &[
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+];
+
+/// Headers some servers and frameworks route by (instead of the judged request line and Host).
+const ROUTING_HEADERS: &[&str] = &[
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-prefix",
+    "x-forwarded-port",
+    "forwarded",
 ];
 
 /// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1), plus the
@@ -179,6 +191,18 @@ impl Ctx<'_> {
                 },
             )
         };
+        // The grant is checked on every request: a request pipelined behind one that waited
+        // runs only while the grant is live.
+        if self.stop.is_cancelled()
+            || *self.grant.state.borrow() != crate::grants::GrantState::Active
+        {
+            return Err(refused(Refusal {
+                status: 403,
+                error: format!("the grant on {} has ended", self.resource),
+                rule: None,
+                hint: Some(request_hint_for(self.resource, self.grant.access)),
+            }));
+        }
         if method == Method::CONNECT {
             return Err(refused(Refusal {
                 status: 501,
@@ -211,7 +235,7 @@ impl Ctx<'_> {
             q.split('&').any(|kv| {
                 kv.split('=')
                     .next()
-                    .is_some_and(|k| k.eq_ignore_ascii_case("_method"))
+                    .is_some_and(|k| decoded_key_is(k, "_method"))
             })
         }) {
             return Err(refused(Refusal::malformed(
@@ -250,6 +274,34 @@ impl Ctx<'_> {
             }
         };
         // How the request is named to approvers and in refusals.
+        if let Some(Ok(_)) = upgrade::requested(req.headers()) {
+            // An upgraded stream carries anything (GraphQL mutations, JSON-RPC writes), and the
+            // gate does not judge its frames: it needs write. Nor does it mask them, so where
+            // masks or Secrets apply only Kubernetes' own streams (exec, attach, port-forward)
+            // may upgrade.
+            if self.grant.access < crate::config::Access::Write {
+                return Err(refused(Refusal::needs_level(
+                    self.resource,
+                    "a protocol upgrade",
+                    crate::config::Access::Write,
+                )));
+            }
+            let kube_stream = kube
+                .as_ref()
+                .is_some_and(|k| matches!(k.verb.as_str(), "exec" | "attach" | "portforward"));
+            let masked =
+                self.masker.is_some() || kube.as_ref().is_some_and(KubeRequest::touches_secrets);
+            if masked && !kube_stream {
+                return Err(refused(Refusal {
+                    status: 403,
+                    error: "an upgraded stream cannot be masked, and masks apply here".into(),
+                    rule: None,
+                    hint: Some(
+                        "ask over plain HTTP (for Kubernetes watches, without WebSocket)".into(),
+                    ),
+                }));
+            }
+        }
         let what = kube
             .as_ref()
             .map_or_else(|| format!("{method} {path}"), KubeRequest::describe);
@@ -343,6 +395,12 @@ impl Ctx<'_> {
     /// The `Host` the request names must be one of the resource's (when it has names), so a
     /// workload cannot reach another virtual host behind the same address.
     fn check_host(&self, req: &Request<Incoming>) -> Result<(), Refusal> {
+        // Servers differ on which of several Host values they take: one only.
+        if req.headers().get_all(header::HOST).iter().count() > 1 {
+            return Err(Refusal::malformed(
+                "the request has more than one Host header",
+            ));
+        }
         let header = req
             .headers()
             .get(header::HOST)
@@ -402,6 +460,10 @@ impl Ctx<'_> {
             Refusal::malformed("the request target is not valid after normalisation")
         })?;
         strip_hop_by_hop(&mut parts.headers);
+        // Headers some servers route by instead of the request line and Host that were judged.
+        for name in ROUTING_HEADERS {
+            parts.headers.remove(*name);
+        }
         // Every header a credential of this resource rides in is the gate's, whatever the
         // client put there.
         for cred in self.settings.credentials.values() {
@@ -435,6 +497,10 @@ impl Ctx<'_> {
         }
         let secrets = kube.is_some_and(KubeRequest::touches_secrets);
         if secret.is_some() || secrets || self.masker.is_some() {
+            // Byte ranges would hand out a scrubbed or masked value piece by piece, each
+            // piece too short to recognise.
+            parts.headers.remove(header::RANGE);
+            parts.headers.remove(header::IF_RANGE);
             // Compressed responses could carry the secret past the scrubber, or Secret
             // values past the masker.
             parts.headers.insert(
@@ -517,6 +583,20 @@ impl Ctx<'_> {
             .headers
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        if parts.status == StatusCode::PARTIAL_CONTENT
+            && (secret.is_some() || secrets || self.masker.is_some())
+        {
+            return Err(Refusal {
+                status: 502,
+                error: "the upstream answered with a byte range, which the gate cannot check"
+                    .into(),
+                rule: None,
+                hint: None,
+            });
+        }
+        // The reason phrase is written as the upstream sent it: drop it (hyper writes the
+        // standard one).
+        parts.extensions.remove::<hyper::ext::ReasonPhrase>();
         if compressed && (secret.is_some() || secrets || self.masker.is_some()) {
             return Err(Refusal {
                 status: 502,
@@ -716,6 +796,31 @@ fn accepts_only_json(headers: &HeaderMap) -> bool {
     any
 }
 
+/// Whether a query key, percent-decoded (`%5Fmethod`), is `name` (ASCII case ignored).
+fn decoded_key_is(key: &str, name: &str) -> bool {
+    let hex = |c: u8| char::from(c).to_digit(16);
+    let b = key.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(u8::try_from(h * 16 + l).unwrap_or(0));
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(if c == b'+' { b' ' } else { c });
+                i += 1;
+            }
+        }
+    }
+    out.eq_ignore_ascii_case(name.as_bytes())
+}
+
 /// `host:port`, `[v6]:port`, `host` or `[v6]` without the port.
 fn host_without_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
@@ -768,6 +873,15 @@ mod tests {
         assert_eq!(host_without_port("[::1]:443"), "::1");
         assert_eq!(host_without_port("[::1]"), "::1");
         assert_eq!(host_without_port("127.0.0.1:80"), "127.0.0.1");
+    }
+
+    #[test]
+    fn query_keys_are_compared_decoded() {
+        assert!(decoded_key_is("_method", "_method"));
+        assert!(decoded_key_is("%5Fmethod", "_method"));
+        assert!(decoded_key_is("%5fMETHOD", "_method"));
+        assert!(!decoded_key_is("%5", "_method"));
+        assert!(!decoded_key_is("é%", "_method"));
     }
 
     #[test]

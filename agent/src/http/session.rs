@@ -143,7 +143,7 @@ pub async fn serve(
         UpstreamTls::VerifyFull => true,
         UpstreamTls::Disable => false,
     };
-    let dial = match dial(http, settings, &session, sni.as_deref(), upstream_tls) {
+    let dial = match dial(http, settings, &session, upstream_tls) {
         Ok(d) => d,
         Err(e) => return refuse(SessionOutcome::UpstreamFailed, e),
     };
@@ -278,21 +278,20 @@ fn dial(
     http: &Http,
     settings: &HttpResource,
     session: &Session<'_>,
-    sni: Option<&str>,
     tls: bool,
 ) -> Result<Dial, String> {
     let addr = session.upstream;
     if !tls {
         return Ok(Dial { addr, tls: None });
     }
+    // Never the name the client sent (SNI): the workload does not choose what is verified.
     let name = settings
         .upstream_server_name
         .clone()
         .or_else(|| match &session.resource.target {
             Target::Host { name, .. } => Some(name.clone()),
             Target::Net { .. } => None,
-        })
-        .or_else(|| sni.map(str::to_owned));
+        });
     let server_name = match name {
         Some(n) => {
             ServerName::try_from(n.clone()).map_err(|e| format!("upstream server name {n}: {e}"))?
