@@ -13,7 +13,8 @@
 //!   rather than guessed: an encoded dot (`%2e`, so `%2e%2e` can never become a dot segment),
 //!   an encoded slash (`%2F`), an encoded backslash (`%5C`), an encoded percent (`%25`, which
 //!   a double-decoding upstream would turn into a second encoding), NUL and control
-//!   characters raw or encoded, a raw backslash, raw non-ASCII bytes and broken `%` escapes;
+//!   characters raw or encoded, a raw backslash, a `;` (path parameters, which Java servers
+//!   strip before routing), raw non-ASCII bytes and broken `%` escapes;
 //! * repeated slashes collapse to one (`//admin` is `/admin`);
 //! * `.` segments are dropped and `..` removes the previous segment; a `..` that would climb
 //!   above the root is refused (malformed), not clamped;
@@ -43,6 +44,12 @@ pub struct NormalPath(String);
 impl NormalPath {
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// A spelling of an already normalised path (another case, without its trailing slash),
+    /// for matching rules against it.
+    pub(crate) fn from_normalised(path: String) -> Self {
+        Self(path)
     }
 }
 
@@ -103,6 +110,9 @@ fn decode(path: &str) -> Result<String, Malformed> {
             b if b < 0x20 || b == 0x7f => return Err(Malformed::Forbidden("control character")),
             b if b >= 0x80 => return Err(Malformed::Forbidden("non-ASCII byte")),
             b'?' | b'#' => return Err(Malformed::Forbidden("query or fragment in the path")),
+            // Path parameters (`/admin;x=1`, `/..;/admin`): Java servers strip them before
+            // routing, so the rules would judge another path than the one served.
+            b';' => return Err(Malformed::Forbidden("a `;` path parameter")),
             b => {
                 out.push(char::from(b));
                 i += 1;

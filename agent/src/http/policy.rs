@@ -176,9 +176,30 @@ impl Rule {
         kube: Option<&KubeRequest>,
     ) -> bool {
         (self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
-            && (self.paths.is_empty() || self.paths.iter().any(|g| g.matches(path)))
+            && (self.paths.is_empty() || self.paths.iter().any(|g| self.path_matches(g, path)))
             && (self.levels.is_empty() || self.levels.contains(&granted))
             && self.kube.matches(kube)
+    }
+
+    /// A `deny` or `approve` rule also matches the path's other spellings that some servers
+    /// route to the same handler: any letter case (ASP.NET, IIS, Express by default) and
+    /// without a trailing slash. An `allow` rule matches exactly, so no spelling widens it.
+    fn path_matches(&self, glob: &Glob, path: &NormalPath) -> bool {
+        if glob.matches(path) {
+            return true;
+        }
+        if self.action == Action::Allow {
+            return false;
+        }
+        let folded = path.as_str().to_ascii_lowercase();
+        let trimmed = match folded.strip_suffix('/') {
+            Some(t) if !t.is_empty() => t.to_owned(),
+            _ => folded.clone(),
+        };
+        let pattern = Glob(glob.as_str().to_ascii_lowercase());
+        [folded, trimmed]
+            .into_iter()
+            .any(|p| pattern.matches(&NormalPath::from_normalised(p)))
     }
 
     pub fn label(&self) -> String {
@@ -375,6 +396,33 @@ mod tests {
             decide(&r, Access::Write, "POST", &np("/x")),
             Decision::Allow { rule: None }
         );
+    }
+
+    #[test]
+    fn deny_and_approve_rules_catch_other_cases_and_a_trailing_slash_allow_rules_do_not() {
+        let r = rules();
+        for raw in ["/ADMIN/users", "/Admin", "/aDmIn/x/", "/Admin/"] {
+            assert_eq!(
+                decide(&r, Access::Admin, "GET", &np(raw)),
+                Decision::Deny {
+                    rule: "rule 1".into()
+                },
+                "{raw}"
+            );
+        }
+        assert_eq!(
+            decide(&r, Access::Write, "DELETE", &np("/ITEMS/1/")),
+            Decision::Approve {
+                rule: "rule 2".into()
+            }
+        );
+        assert_eq!(
+            decide(&r, Access::Read, "GET", &np("/PUBLIC/x")),
+            Decision::Allow { rule: None },
+            "an allow rule does not widen to other spellings"
+        );
+        assert!(normalize("/admin;x=1/users").is_err());
+        assert!(normalize("/public/..;/admin").is_err());
     }
 
     #[test]
