@@ -92,73 +92,30 @@ where
     }
 }
 
-/// A response body with every occurrence of the injected secret overwritten (same length, so
-/// `Content-Length` stays true). Trailers are dropped: they cannot be scrubbed in order with
-/// the data, and a secret must not ride in them.
-pub struct Scrubbed<B> {
-    inner: B,
-    scrubber: Scrubber,
-    done: bool,
-}
-
-impl<B> Scrubbed<B> {
-    pub fn new(inner: B, scrubber: Scrubber) -> Self {
-        Self {
-            inner,
-            scrubber,
-            done: false,
-        }
+/// A streaming rewrite of a body's bytes, chunk by chunk, in bounded memory: what each chunk
+/// releases now, and what is left at the end. `Err` ends the body (fail closed).
+pub trait Rewrite: Send {
+    fn push(&mut self, chunk: &[u8]) -> Result<Bytes, BoxError>;
+    fn finish(&mut self) -> Result<Bytes, BoxError>;
+    /// Whether the output is exactly as long as the input (the inner size hint, and a
+    /// `Content-Length`, then stay true).
+    fn keeps_length(&self) -> bool {
+        false
     }
 }
 
-impl<B> Body for Scrubbed<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.get_mut();
-        if this.done {
-            return Poll::Ready(None);
-        }
-        loop {
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        let out = this.scrubber.push(&data);
-                        if !out.is_empty() {
-                            return Poll::Ready(Some(Ok(Frame::data(out))));
-                        }
-                    }
-                    // Trailers end the body here (see the type's documentation).
-                    Err(_trailers) => return Poll::Ready(this.finish()),
-                },
-                Poll::Ready(None) => return Poll::Ready(this.finish()),
-            }
-        }
+/// The injected secret overwritten with `*` of the same length.
+impl Rewrite for Scrubber {
+    fn push(&mut self, chunk: &[u8]) -> Result<Bytes, BoxError> {
+        Ok(Scrubber::push(self, chunk))
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.done
+    fn finish(&mut self) -> Result<Bytes, BoxError> {
+        Ok(Scrubber::finish(self))
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl<B> Scrubbed<B> {
-    fn finish<E>(&mut self) -> Option<Result<Frame<Bytes>, E>> {
-        self.done = true;
-        let tail = self.scrubber.finish();
-        (!tail.is_empty()).then(|| Ok(Frame::data(tail)))
+    fn keeps_length(&self) -> bool {
+        true
     }
 }
 
@@ -168,22 +125,18 @@ pub type LineMask = Box<dyn FnMut(&[u8]) -> Result<Vec<u8>, String> + Send>;
 /// A line-framed stream (a Kubernetes watch, server-sent events, NDJSON) masked line by line
 /// as each completes, so long-lived streams flow without being buffered whole. A line longer
 /// than `max_line` ends the stream with an error.
-pub struct LinesMasked<B> {
-    inner: B,
+pub struct LineMasker {
     line: bytes::BytesMut,
     mask: LineMask,
     max_line: usize,
-    done: bool,
 }
 
-impl<B> LinesMasked<B> {
-    pub fn new(inner: B, max_line: usize, mask: LineMask) -> Self {
+impl LineMasker {
+    pub fn new(max_line: usize, mask: LineMask) -> Self {
         Self {
-            inner,
             line: bytes::BytesMut::new(),
             mask,
             max_line,
-            done: false,
         }
     }
 
@@ -221,10 +174,40 @@ impl<B> LinesMasked<B> {
     }
 }
 
-impl<B> Body for LinesMasked<B>
+impl Rewrite for LineMasker {
+    fn push(&mut self, chunk: &[u8]) -> Result<Bytes, BoxError> {
+        self.line.extend_from_slice(chunk);
+        self.complete_lines(false)
+    }
+
+    fn finish(&mut self) -> Result<Bytes, BoxError> {
+        self.complete_lines(true)
+    }
+}
+
+/// A body passed through a [`Rewrite`]. Trailers are dropped: they cannot be rewritten in
+/// order with the data, and a secret or masked value must not ride in them.
+pub struct Rewritten<B, R> {
+    inner: B,
+    rewrite: R,
+    done: bool,
+}
+
+impl<B, R> Rewritten<B, R> {
+    pub fn new(inner: B, rewrite: R) -> Self {
+        Self {
+            inner,
+            rewrite,
+            done: false,
+        }
+    }
+}
+
+impl<B, R> Body for Rewritten<B, R>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
+    R: Rewrite + Unpin,
 {
     type Data = Bytes;
     type Error = BoxError;
@@ -238,35 +221,42 @@ where
             return Poll::Ready(None);
         }
         loop {
-            match Pin::new(&mut this.inner).poll_frame(cx) {
+            let released = match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Err(e))) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-                Poll::Ready(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else {
-                        continue;
-                    };
-                    this.line.extend_from_slice(&data);
-                    match this.complete_lines(false) {
-                        Ok(out) if out.is_empty() => {}
-                        Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
-                        Err(e) => {
-                            this.done = true;
-                            return Poll::Ready(Some(Err(e)));
-                        }
-                    }
-                }
+                Poll::Ready(Some(Err(e))) => Err(e.into()),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => this.rewrite.push(&data),
+                    Err(_trailers) => continue,
+                },
                 Poll::Ready(None) => {
                     this.done = true;
-                    return match this.complete_lines(true) {
+                    return match this.rewrite.finish() {
                         Ok(out) if out.is_empty() => Poll::Ready(None),
                         Ok(out) => Poll::Ready(Some(Ok(Frame::data(out)))),
                         Err(e) => Poll::Ready(Some(Err(e))),
                     };
                 }
+            };
+            match released {
+                Ok(out) if out.is_empty() => {}
+                Ok(out) => return Poll::Ready(Some(Ok(Frame::data(out)))),
+                Err(e) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
             }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.rewrite.keeps_length() {
+            self.inner.size_hint()
+        } else {
+            SizeHint::default()
         }
     }
 }
@@ -301,7 +291,7 @@ mod tests {
     async fn scrubbed_and_counted_body_streams_every_byte_but_the_secret() {
         let counters = Arc::new(Counters::default());
         let body = Counted::new(
-            Scrubbed::new(
+            Rewritten::new(
                 Chunks(["a tok", "en-1 b ", "token-1"].into()),
                 Scrubber::new(b"token-1").unwrap(),
             ),
@@ -315,17 +305,15 @@ mod tests {
 
     #[tokio::test]
     async fn lines_are_masked_as_they_complete_whatever_the_chunking() {
-        let body = LinesMasked::new(
+        let body = Rewritten::new(
             Chunks(["{\"a\":1}\n{\"b", "\":2}\n\n", "tail"].into()),
-            1024,
-            Box::new(|line: &[u8]| Ok(line.to_ascii_uppercase())),
+            LineMasker::new(1024, Box::new(|line: &[u8]| Ok(line.to_ascii_uppercase()))),
         );
         let out = body.collect().await.unwrap().to_bytes();
         assert_eq!(&out[..], b"{\"A\":1}\n{\"B\":2}\n\nTAIL");
-        let too_long = LinesMasked::new(
+        let too_long = Rewritten::new(
             Chunks([&*"x".repeat(64).leak()].into()),
-            16,
-            Box::new(|l: &[u8]| Ok(l.to_vec())),
+            LineMasker::new(16, Box::new(|l: &[u8]| Ok(l.to_vec()))),
         );
         assert!(too_long.collect().await.is_err());
     }

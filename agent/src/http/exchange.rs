@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    body::{self, BoxError, Counted, Direction, Out, Scrubbed},
+    body::{self, BoxError, Counted, Direction, LineMasker, Out, Rewritten},
     cast,
     config::{Flavor, HttpResource},
     jsonmask::BodyMasker,
@@ -618,7 +618,7 @@ impl Ctx<'_> {
         }
         if let Some(scrubber) = secret.as_deref().and_then(Scrubber::new) {
             scrub_headers(&mut parts.headers, secret.as_deref().unwrap_or_default());
-            body = Scrubbed::new(body, scrubber).boxed_unsync();
+            body = Rewritten::new(body, scrubber).boxed_unsync();
         }
         Ok((Response::from_parts(parts, body), masked, None))
     }
@@ -718,7 +718,7 @@ impl Ctx<'_> {
                     |m| m.mask_text(&text).0.into_bytes(),
                 ))
             });
-            let masked = super::body::LinesMasked::new(body, kube::MAX_MASKED_BODY, per_line);
+            let masked = Rewritten::new(body, LineMasker::new(kube::MAX_MASKED_BODY, per_line));
             return Ok((masked.boxed_unsync(), 0));
         }
         let bytes = collect_bounded(&mut body, kube::MAX_MASKED_BODY)
