@@ -156,6 +156,7 @@ resources = ["svc"]
 access = ["read", "write"]
 max_ttl = "1h"
 approval = "auto"
+approvers = ["root"]
 "#,
             state = state.display()
         );

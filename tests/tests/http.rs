@@ -252,6 +252,7 @@ fn https_requests_are_judged_injected_and_scrubbed() {
         &gate,
         Some("api:read"),
         &[
+            "--http1.1",
             "-H",
             "Connection: Upgrade",
             "-H",
@@ -509,6 +510,137 @@ print(send(b'GET /echo HTTP/1.1\r\n' + h + b'AUTHORIZATION: Bearer one\r\nauthor
         !ran.stdout.contains("Bearer one") && !ran.stdout.contains("Bearer two"),
         "{ran:#?}"
     );
+
+    // Plaintext HTTP/2 (prior knowledge) is served as HTTP/2 and judged the same way.
+    // (An encoded dot segment is ambiguous, and refused as malformed.)
+    for (path, want) in [
+        ("/echo", 200),
+        ("/admin/x", 403),
+        ("/x/%2e%2e/admin/x", 400),
+    ] {
+        let ran = gate.run(
+            "bot",
+            &["--grant", "api:write"],
+            &[
+                "curl",
+                "-sS",
+                "--path-as-is",
+                "--http2-prior-knowledge",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{http_code}",
+                &format!("http://{}{path}", upstream.addr),
+            ],
+        );
+        assert_eq!(ran.stdout, format!("2 {want}"), "{path}: {ran:#?}");
+    }
+    assert!(
+        upstream
+            .received()
+            .iter()
+            .all(|r| !r.target.contains("admin")),
+        "an /admin request over HTTP/2 reached the upstream"
+    );
+}
+
+#[test]
+fn http2_streams_are_multiplexed_each_judged_and_cut_with_the_grant() {
+    jitgate_e2e::root_or_skip!();
+    let upstream = HttpFixture::tls();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = gate_for("http-h2", &upstream, dir.path());
+    let base = format!("https://{}", upstream.addr);
+
+    // Node's own HTTP/2 client: a stream that never ends (a watch) stays open while the
+    // requests beside it on the same connection are each judged, then the grant's expiry
+    // cuts the whole connection.
+    let script = format!(
+        r#"
+const http2 = require('http2');
+const s = http2.connect('{base}');
+s.on('error', e => {{ console.log('session error ' + e.code); }});
+function get(path) {{
+  return new Promise(res => {{
+    const r = s.request({{ ':path': path, authorization: 'Bearer mine' }});
+    let status = 0, body = '';
+    r.setEncoding('utf8');
+    r.on('response', h => status = h[':status']);
+    r.on('data', d => body += d);
+    r.on('end', () => res([status, body]));
+    r.on('error', e => res([0, String(e)]));
+  }});
+}}
+const watch = s.request({{ ':path': '/stream' }});
+watch.setEncoding('utf8');
+let started = false;
+watch.on('data', async d => {{
+  if (started) return;
+  started = true;
+  for (const p of ['/echo', '/admin/x', '/x/%2e%2e/admin/y', '/items']) {{
+    const [st, body] = await get(p);
+    console.log(p + ' ' + st + ' ' + JSON.stringify(body));
+  }}
+  console.log('done');
+}});
+watch.on('close', () => {{ console.log('watch closed'); process.exit(watch.rstCode ? 4 : 0); }});
+"#
+    );
+    let mut node = gate.spawn("bot", &["--grant", "api:read:4s"], &["node", "-e", &script]);
+    node.expect_line("done", Duration::from_secs(15));
+    let out = node.seen.join("\n");
+    let grants = gate.cli(&["grants", "--all", "--json"]).json();
+    let expires = rfc3339_ms(&grants[0]["expires_at"]);
+    assert!(out.contains("/echo 200"), "{out}");
+    assert!(
+        !out.contains(READ_TOKEN),
+        "the workload saw the credential: {out}"
+    );
+    assert!(out.contains(&"*".repeat(READ_TOKEN.len())), "{out}");
+    assert!(!out.contains("the-workloads-own"), "{out}");
+    assert!(out.contains("/admin/x 403"), "{out}");
+    assert!(out.contains("/x/%2e%2e/admin/y 400"), "{out}");
+    assert!(out.contains("/items 200"), "{out}");
+    node.wait(Duration::from_secs(10));
+    let ended = now_ms();
+    assert!(
+        ended - expires <= 1000,
+        "the HTTP/2 connection ran {}ms past expiry",
+        ended - expires
+    );
+    let wires = gate.sqlite("SELECT destination FROM sessions");
+    assert!(wires.contains("HTTP/2"), "{wires}");
+    assert!(
+        upstream
+            .received()
+            .iter()
+            .all(|r| !r.target.contains("admin")),
+        "an /admin request over HTTP/2 reached the upstream"
+    );
+
+    // A flood of streams on one connection (120 at once, half of them denied; the gate takes
+    // 100 at a time): every one answered, each as its rule says.
+    let flood = format!(
+        r#"
+const http2 = require('http2');
+const s = http2.connect('{base}');
+const counts = {{}};
+const all = [];
+for (let i = 0; i < 120; i++) {{
+  all.push(new Promise(res => {{
+    const r = s.request({{ ':path': (i % 2 ? '/admin/flood' : '/echo') + '?n=' + i }});
+    r.on('response', h => {{ counts[h[':status']] = (counts[h[':status']] || 0) + 1; }});
+    r.on('data', () => {{}});
+    r.on('end', res);
+    r.on('error', e => {{ counts[e.code] = (counts[e.code] || 0) + 1; res(); }});
+  }}));
+}}
+Promise.all(all).then(() => {{ console.log(JSON.stringify(counts)); s.close(); }});
+"#
+    );
+    let ran = gate.run("bot", &["--grant", "api:read"], &["node", "-e", &flood]);
+    assert_eq!(ran.code, 0, "{ran:#?}");
+    assert_eq!(ran.stdout.trim(), r#"{"200":60,"403":60}"#, "{ran:#?}");
 }
 
 /// A WebSocket upstream (Python `websockets`, as a separate process): its first message is the

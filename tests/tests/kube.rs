@@ -74,6 +74,9 @@ fn kubectl_through_the_gate() {
         .find(|r| r.target.starts_with("/api/v1/namespaces/prod/pods"))
         .expect("the pod list reached the API server");
     assert_eq!(pods.header("authorization"), [format!("Bearer {TOKEN}")]);
+    // kubectl (Go's HTTP client) takes HTTP/2 when the gate offers it.
+    let wires = gate.sqlite("SELECT destination FROM sessions WHERE grant_id IS NOT NULL");
+    assert!(wires.contains("HTTP/2"), "{wires}");
 
     // Secret values masked: as an object, as a list, as a table, in a watch.
     for args in [

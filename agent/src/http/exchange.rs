@@ -7,7 +7,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -18,7 +18,6 @@ use hyper::{
     body::Incoming,
     header::{self, HeaderName, HeaderValue},
 };
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -88,11 +87,11 @@ pub(super) struct Ctx<'a> {
     pub(super) resource: &'a str,
     pub(super) settings: &'a HttpResource,
     pub(super) grant: GrantHandle,
-    pub(super) upstream: Mutex<Upstream>,
+    pub(super) upstream: Upstream,
     pub(super) counters: Arc<Counters>,
     pub(super) seq: AtomicU32,
-    /// A request is waiting for approval (the session's cut lets it lapse first).
-    pub(super) holding: AtomicBool,
+    /// Requests waiting for approval (the session's cut lets them lapse first).
+    pub(super) holding: AtomicU32,
     /// The response masks for this identity and grant (`None`: nothing masked).
     pub(super) masker: Option<Arc<BodyMasker>>,
     /// Relays of upgraded connections (WebSocket, SPDY): they outlive the HTTP exchange and
@@ -337,7 +336,7 @@ impl Ctx<'_> {
         rule: &str,
         what: &str,
     ) -> Result<Verdict, (Refusal, Verdict)> {
-        self.holding.store(true, Ordering::SeqCst);
+        self.holding.fetch_add(1, Ordering::SeqCst);
         let held = hold::hold(
             self.services,
             self.who,
@@ -354,7 +353,7 @@ impl Ctx<'_> {
             &self.stop,
         )
         .await;
-        self.holding.store(false, Ordering::SeqCst);
+        self.holding.fetch_sub(1, Ordering::SeqCst);
         let not = |why: String, decision| {
             (
                 Refusal::not_approved(rule, what, &why),
@@ -456,6 +455,20 @@ impl Ctx<'_> {
         let client_upgraded = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, incoming) = req.into_parts();
         let head = parts.method == Method::HEAD;
+        // The upstream speaks HTTP/1.1 whatever the client spoke: an HTTP/2 request's
+        // authority (checked against the resource's hosts) becomes its Host.
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+        if parts.version == hyper::Version::HTTP_2 {
+            // HTTP/2 splits cookies into several fields; HTTP/1.1 wants one (RFC 9113
+            // section 8.2.3), and servers differ on which of several they read.
+            join_cookies(&mut parts.headers);
+        }
+        parts.version = hyper::Version::HTTP_11;
         parts.uri = path.parse().map_err(|_| {
             Refusal::malformed("the request target is not valid after normalisation")
         })?;
@@ -518,18 +531,12 @@ impl Ctx<'_> {
             parts,
             Counted::new(incoming, self.counters.clone(), Direction::Up),
         );
-        let response = self
-            .upstream
-            .lock()
-            .await
-            .send(request)
-            .await
-            .map_err(|e| Refusal {
-                status: 502,
-                error: e,
-                rule: None,
-                hint: None,
-            })?;
+        let response = self.upstream.send(request).await.map_err(|e| Refusal {
+            status: 502,
+            error: e,
+            rule: None,
+            hint: None,
+        })?;
         let mut response = response;
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let (Some(client_upgraded), Some(token)) = (client_upgraded, upgrade)
@@ -821,6 +828,22 @@ fn decoded_key_is(key: &str, name: &str) -> bool {
     out.eq_ignore_ascii_case(name.as_bytes())
 }
 
+/// Several `Cookie` fields as the one HTTP/1.1 expects, joined with `; `.
+fn join_cookies(headers: &mut HeaderMap) {
+    let cookies: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if cookies.len() < 2 {
+        return;
+    }
+    let joined = cookies.join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// `host:port`, `[v6]:port`, `host` or `[v6]` without the port.
 fn host_without_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
@@ -898,6 +921,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn http2_cookie_fields_become_one() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        join_cookies(&mut h);
+        assert_eq!(
+            h.get_all(header::COOKIE).iter().collect::<Vec<_>>(),
+            ["a=1; b=2"]
+        );
     }
 
     #[test]

@@ -1,10 +1,11 @@
-//! `protocol = "http"`: HTTP/1.1 resources (REST services, model and SaaS APIs) gated per
+//! `protocol = "http"`: HTTP/1.1 and HTTP/2 resources (REST services, model and SaaS APIs) gated per
 //! request, with the promises PostgreSQL keeps: no standing access, credentials the workload
 //! never holds, every request judged and recorded.
 //!
 //! * [`config`]: the resource's keys, validated;
-//! * [`session`]: one connection: TLS (terminated with the host CA), the grant, the HTTP/1.1
-//!   server, and the cut when the grant ends;
+//! * [`session`]: one connection: TLS (terminated with the host CA), the grant, and the cut
+//!   when the grant ends;
+//! * [`serve`]: the client's wire, HTTP/1.1 or HTTP/2 (streams polled on the session's task);
 //! * [`exchange`]: each request on it: judged, held, forwarded with the gate's credential, its
 //!   response masked and scrubbed, an upgrade relayed, the request recorded;
 //! * [`normalize`]: the canonical request path rules are matched against (and that is
@@ -14,15 +15,13 @@
 //! * [`scrub`]: overwriting the injected secret in upstream headers and streamed bodies;
 //! * [`refuse`]: refusals as 400/403 JSON responses (or Kubernetes `Status`) naming the rule
 //!   and the command to run;
-//! * [`upstream`], [`body`], [`io`]: the upstream connection, bodies streamed and counted, and
-//!   the client's stream.
+//! * [`upstream`], [`body`], [`io`]: the session's pool of upstream HTTP/1.1 connections,
+//!   bodies streamed and counted, and the client's stream.
 //!
 //! * [`kube`], [`kubeconfig`]: the Kubernetes flavor; [`upgrade`]: WebSocket and SPDY relays;
 //!   [`cast`]: exec and attach streams recorded as asciicast v2.
 //!
 //! * [`jsonmask`]: response masking by JSON path and detectors.
-//!
-//! Not yet here (issue 16): HTTP/2.
 
 pub mod body;
 pub mod cast;
@@ -37,6 +36,7 @@ pub mod normalize;
 pub mod policy;
 pub mod refuse;
 pub mod scrub;
+pub mod serve;
 pub mod session;
 pub mod upgrade;
 pub mod upstream;

@@ -4,7 +4,8 @@
 //!    terminated with a certificate the host-local CA signs for the name the client asked for;
 //! 2. the grant (found, or asked for and waited on); without one, every request is answered
 //!    with a 403 naming the command to run;
-//! 3. requests, one at a time as HTTP/1.1 orders them: the `Host` checked, the path
+//! 3. requests, over HTTP/1.1 (one at a time, as it orders them) or HTTP/2 (concurrent
+//!    streams, chosen by ALPN or the plaintext preface; see [`super::serve`]): the `Host` checked, the path
 //!    normalised, the rules applied (allow, deny, or hold for a human), the client's own
 //!    credential headers replaced by the gate's, and the response scrubbed of that secret;
 //!    each one recorded;
@@ -12,19 +13,16 @@
 //!    (also in the middle of a streamed response).
 
 use std::{
-    convert::Infallible,
     net::IpAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicU32, Ordering},
     },
     time::Duration,
 };
 
-use hyper::{Request, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use tokio::{io::AsyncReadExt as _, sync::Mutex};
+use tokio::io::AsyncReadExt as _;
 use tokio_util::{either::Either, sync::CancellationToken};
 use tracing::{debug, warn};
 
@@ -35,6 +33,7 @@ use super::{
     io::{ClientIo, Rewind},
     jsonmask::BodyMasker,
     refuse::{Refusal, Wording, refusal_response, request_hint},
+    serve::{H2_PREFACE, Wire, serve as serve_wire},
     upstream::{Dial, Upstream},
 };
 use crate::{
@@ -42,9 +41,6 @@ use crate::{
     model::SessionOutcome,
     protocol::{Conn, Outcome, Services, Session, refuse},
 };
-
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a session cut while a request waited for approval may take to lapse it.
 const LAPSE_GRACE: Duration = Duration::from_secs(2);
@@ -72,9 +68,38 @@ pub async fn serve(
         return refuse(SessionOutcome::Closed, "closed before a request");
     }
     let tls = first[0] == 0x16;
+    let mut head = first.to_vec();
+    if !tls {
+        // A plaintext HTTP/2 client (prior knowledge) starts with the preface; read while
+        // what came can still be one (an HTTP/1.1 request line parts from it at once).
+        while head.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&head) {
+            let mut more = [0u8; 24];
+            let want = H2_PREFACE.len() - head.len();
+            match tokio::time::timeout_at(session.startup_deadline, client.read(&mut more[..want]))
+                .await
+            {
+                Ok(Ok(0)) => return refuse(SessionOutcome::Closed, "closed before a request"),
+                Ok(Ok(n)) => head.extend_from_slice(&more[..n]),
+                Ok(Err(e)) => {
+                    return refuse(SessionOutcome::Error, format!("reading the request: {e}"));
+                }
+                Err(_) => {
+                    return refuse(
+                        SessionOutcome::RefusedLimit,
+                        "no request within startup_timeout",
+                    );
+                }
+            }
+        }
+    }
+    let plain_wire = if head == H2_PREFACE {
+        Wire::Http2
+    } else {
+        Wire::Http1
+    };
     let cutter = client.cutter();
-    let rewound = Rewind::new(first.to_vec(), client);
-    let (io, sni): (ClientIo, Option<String>) = match (tls, settings.client_tls) {
+    let rewound = Rewind::new(head, client);
+    let (io, sni, wire): (ClientIo, Option<String>, Wire) = match (tls, settings.client_tls) {
         (true, ClientTls::Disable) => {
             return refuse(
                 SessionOutcome::Error,
@@ -91,7 +116,7 @@ pub async fn serve(
                 rule: None,
                 hint: Some("use an https:// URL".into()),
             };
-            answer_refusal(Either::Left(rewound), settings.flavor, &refusal).await;
+            answer_refusal(Either::Left(rewound), plain_wire, settings.flavor, &refusal).await;
             return refuse(SessionOutcome::Error, refusal.error);
         }
         // The handshake is part of the startup: a client that stalls in it is cut at the
@@ -111,11 +136,11 @@ pub async fn serve(
                 );
             }
         },
-        (false, _) => (Either::Left(rewound), None),
+        (false, _) => (Either::Left(rewound), None, plain_wire),
     };
     session.record.session.destination = match &sni {
-        Some(name) => format!("{name} ({})", session.destination),
-        None => session.destination.to_string(),
+        Some(name) => format!("{name} ({}, {})", session.destination, wire.name()),
+        None => format!("{} ({})", session.destination, wire.name()),
     };
 
     // 2. The grant.
@@ -132,7 +157,7 @@ pub async fn serve(
                     session.resource.connect_access,
                 )),
             };
-            answer_refusal(io, settings.flavor, &refusal).await;
+            answer_refusal(io, wire, settings.flavor, &refusal).await;
             return refused.outcome;
         }
     };
@@ -149,7 +174,7 @@ pub async fn serve(
     };
     session.record.session.access = Some(grant.access);
     let mut end = session.open(&grant);
-    debug!(identity = %session.who.identity, resource = %session.resource.name, grant = %grant.id, tls, "serving http");
+    debug!(identity = %session.who.identity, resource = %session.resource.name, grant = %grant.id, tls, wire = wire.name(), "serving http");
     let stop = CancellationToken::new();
     let masker = BodyMasker::new(
         &settings.masks,
@@ -167,27 +192,24 @@ pub async fn serve(
         resource: &session.resource.name,
         settings,
         grant,
-        upstream: Mutex::new(Upstream::new(dial)),
+        upstream: Upstream::new(dial),
         counters: session.record.counters.clone(),
         seq: AtomicU32::new(0),
-        holding: AtomicBool::new(false),
+        holding: AtomicU32::new(0),
         upgraded: std::sync::Mutex::default(),
         masker,
         stop: stop.clone(),
     });
-    let service = {
-        let ctx = ctx.clone();
-        service_fn(move |req| {
-            let ctx = ctx.clone();
-            async move { Ok::<_, Infallible>(ctx.handle(req).await) }
-        })
-    };
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
-    let mut conn = std::pin::pin!(conn);
+    let handler = ctx.clone();
+    let mut conn = serve_wire(
+        io,
+        wire,
+        move |req| {
+            let ctx = handler.clone();
+            async move { ctx.handle(req).await }
+        },
+        true,
+    );
     let outcome = tokio::select! {
         r = conn.as_mut() => match r {
             Ok(()) => None,
@@ -227,7 +249,7 @@ pub async fn serve(
     // 4. Cut. A request waiting for approval lapses its request first, so approving it
     // later runs nothing.
     stop.cancel();
-    if ctx.holding.load(Ordering::SeqCst)
+    if ctx.holding.load(Ordering::SeqCst) > 0
         && tokio::time::timeout(LAPSE_GRACE, conn.as_mut())
             .await
             .is_ok()
@@ -247,12 +269,13 @@ pub async fn serve(
     outcome
 }
 
-/// Terminates the client's TLS with a certificate for the name it asked for.
+/// Terminates the client's TLS with a certificate for the name it asked for, offering HTTP/2
+/// and HTTP/1.1 (the client's choice decides the wire).
 async fn accept_tls(
     services: &Services,
     ip: IpAddr,
     io: Rewind<Conn>,
-) -> Result<(ClientIo, Option<String>), String> {
+) -> Result<(ClientIo, Option<String>, Wire), String> {
     let Some(ca) = &services.ca else {
         return Err("the client started TLS, but the host-local CA is not available".into());
     };
@@ -260,7 +283,7 @@ async fn accept_tls(
         .server_config(ip)
         .map_err(|e| format!("client TLS: {e}"))?;
     let mut config = (*config).clone();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let accepted = tokio_rustls::TlsAcceptor::from(Arc::new(config))
         .accept(io)
         .await
@@ -270,7 +293,12 @@ async fn accept_tls(
             )
         })?;
     let sni = accepted.get_ref().1.server_name().map(str::to_owned);
-    Ok((Either::Right(Box::new(accepted)), sni))
+    let wire = if accepted.get_ref().1.alpn_protocol() == Some(b"h2") {
+        Wire::Http2
+    } else {
+        Wire::Http1
+    };
+    Ok((Either::Right(Box::new(accepted)), sni, wire))
 }
 
 /// Where and how the upstream is reached.
@@ -305,17 +333,18 @@ fn dial(
     })
 }
 
-/// Answers the client's first request with a refusal, then closes (bounded in time: a
-/// client that sends nothing is not waited on).
-async fn answer_refusal(io: ClientIo, flavor: Flavor, refusal: &Refusal) {
-    let response = refusal.clone();
-    let service = service_fn(move |req: Request<Incoming>| {
-        let r = response.clone();
-        let wording = Wording::for_request(flavor, req.method(), req.uri());
-        async move { Ok::<_, Infallible>(refusal_response(wording, &r)) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(false)
-        .serve_connection(TokioIo::new(io), service);
+/// Answers the client's request with a refusal, then closes: HTTP/1.1 after that answer,
+/// HTTP/2 when the client leaves (each of its streams refused), within 10 s either way.
+async fn answer_refusal(io: ClientIo, wire: Wire, flavor: Flavor, refusal: &Refusal) {
+    let conn = serve_wire(
+        io,
+        wire,
+        move |req| {
+            let wording = Wording::for_request(flavor, req.method(), req.uri());
+            let response = refusal_response(wording, refusal);
+            async move { response }
+        },
+        false,
+    );
     let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
 }

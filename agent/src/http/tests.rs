@@ -7,9 +7,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Full};
+use futures_util::StreamExt as _;
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::{Request, Response, client::conn::http1::SendRequest, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::{
     model::SessionOutcome,
@@ -47,9 +48,19 @@ async fn upstream() -> SocketAddr {
                             "text/event-stream",
                         ),
                         "/bin" => ("\u{0}\u{1}4111 1111 1111 1111".to_owned(), "application/octet-stream"),
+                        "/hang" => {
+                            // One chunk, then nothing, ever: a watch that stays open.
+                            let body = http_body_util::StreamBody::new(
+                                futures_util::stream::once(async {
+                                    Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(b"first\n")))
+                                })
+                                .chain(futures_util::stream::pending()),
+                            );
+                            return Ok::<_, Infallible>(Response::new(BodyExt::boxed(body)));
+                        }
                         _ => (format!("{target}|{auth}"), "text/plain"),
                     };
-                    let mut response = Response::new(Full::new(Bytes::from(body)));
+                    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
                     response.headers_mut().insert(
                         "content-type",
                         hyper::header::HeaderValue::from_static(media),
@@ -218,6 +229,154 @@ async fn responses_are_masked_by_json_path_and_detector_and_uninspectable_ones_r
     let (status, body) = get(&mut sender, "/jane@example.com", None).await;
     assert_eq!(status, 200);
     assert!(!body.contains("jane@example.com"), "{body}");
+}
+
+/// An HTTP/2 client with prior knowledge over the in-memory pipe.
+async fn h2_client(
+    h: &Harness,
+) -> (
+    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    tokio::task::JoinHandle<crate::protocol::Outcome>,
+) {
+    let (pipe, task) = h.connect();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(pipe))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    (sender, task)
+}
+
+async fn h2_get(
+    sender: &hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    uri: &str,
+) -> (u16, String) {
+    let req = Request::get(uri)
+        .header("authorization", "Bearer mine")
+        .body(Empty::new())
+        .expect("request");
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.clone().send_request(req))
+        .await
+        .expect("an answer in time")
+        .expect("response");
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn http2_without_a_grant_every_stream_is_refused() {
+    let (h, _dir) = harness("").await;
+    let (sender, task) = h2_client(&h).await;
+    let (status, body) = h2_get(&sender, "http://svc/x").await;
+    assert_eq!(status, 403, "no grant yet: {body}");
+    assert!(body.contains("jitgate request svc"), "{body}");
+    let (status, _) = h2_get(&sender, "http://svc/y").await;
+    assert_eq!(status, 403, "every stream is refused");
+    drop(sender);
+    let (how, _) = outcome(task).await;
+    assert_eq!(how, SessionOutcome::RefusedNoGrant);
+}
+
+#[tokio::test]
+async fn http2_streams_run_side_by_side_each_judged_and_all_cut_with_the_grant() {
+    let (h, _dir) = harness("hosts = [\"svc\"]").await;
+    let grant = h.grant().await;
+    let (sender, task) = h2_client(&h).await;
+    // A response that never ends holds one upstream connection...
+    let hanging = sender.clone().send_request(
+        Request::get("http://svc/hang")
+            .body(Empty::new())
+            .expect("request"),
+    );
+    let hanging = tokio::time::timeout(Duration::from_secs(10), hanging)
+        .await
+        .expect("headers in time")
+        .expect("response");
+    assert_eq!(hanging.status(), 200);
+    let mut hanging = hanging.into_body();
+    let first = hanging.frame().await.expect("a frame").expect("data");
+    assert_eq!(first.into_data().expect("data"), "first\n");
+    // ...while the streams beside it are served, each judged on its own.
+    let (status, body) = h2_get(&sender, "http://svc/x").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, format!("/x|Bearer {}", "*".repeat(TOKEN.len())));
+    let answers = futures_util::future::join_all((0..8).map(|i| {
+        h2_get(
+            &sender,
+            if i % 2 == 0 {
+                "http://svc/y"
+            } else {
+                "http://svc/admin/z"
+            },
+        )
+    }))
+    .await;
+    for (i, (status, body)) in answers.iter().enumerate() {
+        assert_eq!(*status, if i % 2 == 0 { 200 } else { 403 }, "{body}");
+    }
+    let (status, body) = h2_get(&sender, "http://svc/a/../admin/z").await;
+    assert_eq!(
+        status, 403,
+        "dot segments are normalised on HTTP/2 too: {body}"
+    );
+    let (status, body) = h2_get(&sender, "http://other/x").await;
+    assert_eq!(status, 403, "the authority is the Host: {body}");
+
+    h.revoke(&grant).await;
+    let (how, detail) = outcome(task).await;
+    assert_eq!(how, SessionOutcome::GrantRevoked, "{detail}");
+    let next = tokio::time::timeout(Duration::from_secs(5), hanging.frame())
+        .await
+        .expect("the open stream ends with the session");
+    assert!(
+        !matches!(next, Some(Ok(ref f)) if f.is_data()),
+        "nothing more flows after the cut: {next:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_http2_stream_reset_while_held_lapses_its_request() {
+    let (h, _dir) =
+        harness("[[resource.rule]]\npaths = [\"/held/**\"]\naction = \"approve\"\n").await;
+    h.grant().await;
+    let (sender, _task) = h2_client(&h).await;
+    let held = sender.clone().send_request(
+        Request::get("http://svc/held/x")
+            .body(Empty::new())
+            .expect("request"),
+    );
+    let store = h.ctx.services.store.clone();
+    let waiting = async {
+        loop {
+            if store.count_pending().await.expect("count") == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        r = held => {
+            let body = r.expect("response").into_body().collect().await.expect("body").to_bytes();
+            panic!("answered before anyone approved: {}", String::from_utf8_lossy(&body));
+        }
+        () = waiting => {}
+    }
+    // The response future was dropped: the client reset the stream.
+    let (status, _) = h2_get(&sender, "http://svc/x").await;
+    assert_eq!(status, 200, "the connection lives on");
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while store.count_pending().await.expect("count") != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the abandoned request lapses");
 }
 
 #[test]

@@ -1,12 +1,22 @@
-//! The session's connection to the upstream: one HTTP/1.1 connection (plaintext or verified
-//! TLS to the resource's own endpoint), opened at the first request and again whenever the
-//! upstream closed the previous one between requests.
+//! The session's connections to the upstream: HTTP/1.1 (plaintext or verified TLS to the
+//! resource's own endpoint), pooled per session. A request takes an idle connection or opens
+//! one; the connection goes back to the pool when the response body has been read to its end,
+//! so a long response (a Kubernetes watch, an event stream) never blocks the requests an
+//! HTTP/2 client multiplexes beside it. Connections never outlive the session, and no two
+//! sessions share one: what a connection carries was judged under one grant.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex, PoisonError, Weak},
+    task::{Context, Poll},
+    time::Duration,
+};
 
+use bytes::Bytes;
 use hyper::{
-    Request, Response,
-    body::Incoming,
+    Request, Response, StatusCode,
+    body::{Body, Frame, Incoming, SizeHint},
     client::conn::http1::{self, SendRequest},
 };
 use hyper_util::rt::TokioIo;
@@ -20,6 +30,9 @@ use super::body::Counted;
 /// How long connecting (TCP and TLS) to the upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Idle connections kept per session; more are closed as their responses end.
+const MAX_IDLE: usize = 8;
+
 /// What a request's body is on its way up: the client's, counted.
 pub type UpBody = Counted<Incoming>;
 
@@ -31,17 +44,24 @@ pub struct Dial {
     pub tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
 }
 
-/// The session's upstream connection (see the module documentation).
+type Idle = Mutex<Vec<SendRequest<UpBody>>>;
+
+/// The session's upstream connections (see the module documentation).
 pub struct Upstream {
     dial: Dial,
-    sender: Option<SendRequest<UpBody>>,
-    driver: Option<JoinHandle<()>>,
+    idle: Arc<Idle>,
+    /// The tasks driving each connection, aborted with the session.
+    drivers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        // The connection ends with the session that owns it.
-        if let Some(d) = self.driver.take() {
+        for d in self
+            .drivers
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
             d.abort();
         }
     }
@@ -51,35 +71,40 @@ impl Upstream {
     pub fn new(dial: Dial) -> Self {
         Self {
             dial,
-            sender: None,
-            driver: None,
+            idle: Arc::default(),
+            drivers: Mutex::default(),
         }
     }
 
-    /// Sends one request, (re)connecting first when there is no usable connection.
-    pub async fn send(&mut self, request: Request<UpBody>) -> Result<Response<Incoming>, String> {
-        let usable = match self.sender.as_mut() {
-            Some(s) => s.ready().await.is_ok(),
-            None => false,
+    /// Sends one request on an idle connection, or a new one when none is usable.
+    pub async fn send(&self, request: Request<UpBody>) -> Result<Response<Returning>, String> {
+        let mut sender = loop {
+            let taken = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            match taken {
+                Some(mut s) if !s.is_closed() => {
+                    if s.ready().await.is_ok() {
+                        break s;
+                    }
+                }
+                Some(_) => {}
+                None => break self.connect().await?,
+            }
         };
-        if !usable {
-            self.connect().await?;
-        }
-        let sender = self
-            .sender
-            .as_mut()
-            .ok_or_else(|| "no upstream connection".to_owned())?;
-        sender
+        let response = sender
             .send_request(request)
             .await
-            .map_err(|e| format!("upstream {}: {e}", self.dial.addr))
+            .map_err(|e| format!("upstream {}: {e}", self.dial.addr))?;
+        // An upgraded connection belongs to its relay from now on.
+        let back = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| (sender, Arc::downgrade(&self.idle)));
+        Ok(response.map(|body| Returning { inner: body, back }))
     }
 
-    async fn connect(&mut self) -> Result<(), String> {
-        if let Some(d) = self.driver.take() {
-            d.abort();
-        }
-        self.sender = None;
+    async fn connect(&self) -> Result<SendRequest<UpBody>, String> {
         let addr = self.dial.addr;
         let connecting = async {
             let tcp = TcpStream::connect(addr)
@@ -107,16 +132,78 @@ impl Upstream {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
-        self.driver = Some(tokio::spawn(async move {
+        let driver = tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
-        }));
+        });
+        {
+            let mut drivers = self.drivers.lock().unwrap_or_else(PoisonError::into_inner);
+            drivers.retain(|d| !d.is_finished());
+            drivers.push(driver);
+        }
         sender
             .ready()
             .await
             .map_err(|e| format!("upstream {addr}: {e}"))?;
-        self.sender = Some(sender);
-        Ok(())
+        Ok(sender)
+    }
+}
+
+/// A response body that hands its connection back to the session's pool once read to the
+/// end. Dropped before that, the connection is dropped with it (HTTP/1.1 cannot skip the
+/// rest of a response).
+pub struct Returning {
+    inner: Incoming,
+    back: Option<(SendRequest<UpBody>, Weak<Idle>)>,
+}
+
+impl Returning {
+    fn give_back(&mut self) {
+        if let Some((sender, pool)) = self.back.take()
+            && let Some(pool) = pool.upgrade()
+        {
+            let mut idle = pool.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < MAX_IDLE && !sender.is_closed() {
+                idle.push(sender);
+            }
+        }
+    }
+}
+
+impl Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.give_back(),
+            Poll::Ready(Some(Err(_))) => this.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        // Only a body already at its end (HEAD, 204, 304, an empty one nobody polled) leaves
+        // the connection reusable.
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
     }
 }

@@ -83,13 +83,21 @@ pub async fn hold(
     };
     info!(request = %request.id, rule = what.rule, "held for approval");
     let started = Instant::now();
+    // Dropped while it waits (an HTTP/2 client resets the stream), the request lapses, so an
+    // approver cannot approve what nothing will run.
+    let mut guard = LapseOnDrop {
+        engine: Some(services.engine.clone()),
+        request: request.id.clone(),
+    };
     let waited = tokio::select! {
         r = services.engine.wait(&request.id, what.timeout) => r,
         () = stop.cancelled() => {
+            guard.engine = None;
             lapse(services, &request.id, "the session ended while its statement waited").await;
             return Held { outcome: HoldOutcome::SessionEnded, waited: started.elapsed() };
         }
     };
+    guard.engine = None;
     let waited = match waited {
         Ok(q) if q.status == RequestStatus::Pending => {
             lapse(services, &request.id, "approval_timeout passed").await;
@@ -122,5 +130,31 @@ pub async fn hold(
 async fn lapse(services: &Services, request: &str, why: &str) {
     if let Err(e) = services.engine.lapse(request, why).await {
         warn!(request, error = %e, "cannot mark an undecided request expired");
+    }
+}
+
+/// Lapses a filed request when the wait for it is dropped half way.
+struct LapseOnDrop {
+    /// `None` once the wait has ended and its own code decided the request's fate.
+    engine: Option<crate::grants::GrantEngine>,
+    request: String,
+}
+
+impl Drop for LapseOnDrop {
+    fn drop(&mut self) {
+        let Some(engine) = self.engine.take() else {
+            return;
+        };
+        let request = std::mem::take(&mut self.request);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = engine
+                    .lapse(&request, "the client went away while it waited")
+                    .await
+                {
+                    warn!(request, error = %e, "cannot mark an undecided request expired");
+                }
+            });
+        }
     }
 }
