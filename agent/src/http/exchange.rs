@@ -585,6 +585,29 @@ impl Ctx<'_> {
             ));
         }
         let (mut parts, incoming) = response.into_parts();
+        // A transfer coding other than chunked (`Transfer-Encoding: gzip, chunked`) reaches
+        // here still applied: hyper removes only the chunking.
+        let transfer_coded = parts
+            .headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .any(|c| {
+                let c = c.trim_ascii();
+                !c.is_empty()
+                    && !c.eq_ignore_ascii_case(b"chunked")
+                    && !c.eq_ignore_ascii_case(b"identity")
+            });
+        if transfer_coded {
+            // Forwarded without its Transfer-Encoding (hop-by-hop), the body would reach the
+            // client still coded, and past the scrubber and masks.
+            return Err(Refusal {
+                status: 502,
+                error: "the upstream used a transfer coding other than chunked, which the gate does not decode".into(),
+                rule: None,
+                hint: None,
+            });
+        }
         strip_hop_by_hop(&mut parts.headers);
         let compressed = parts
             .headers

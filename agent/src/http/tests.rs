@@ -65,6 +65,13 @@ async fn upstream() -> SocketAddr {
                         "content-type",
                         hyper::header::HeaderValue::from_static(media),
                     );
+                    if target == "/te" {
+                        // A transfer coding hyper does not remove (it undoes only chunked).
+                        response.headers_mut().insert(
+                            "transfer-encoding",
+                            hyper::header::HeaderValue::from_static("gzip, chunked"),
+                        );
+                    }
                     if target == "/close" {
                         response.headers_mut().insert(
                             "connection",
@@ -170,6 +177,13 @@ async fn granted_requests_carry_the_gates_credential_across_upstream_reconnects_
         (200, true),
         "{body}"
     );
+
+    let (status, body) = get(&mut sender, "/te", None).await;
+    assert_eq!(
+        status, 502,
+        "a body still transfer-coded is refused: {body}"
+    );
+    assert!(body.contains("transfer coding"), "{body}");
 
     h.revoke(&grant).await;
     let (how, detail) = outcome(task).await;
