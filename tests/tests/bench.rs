@@ -2,7 +2,8 @@
 //! PostgreSQL, pgbouncer and the host agent, and the report comes out complete. The figures
 //! themselves are never checked here (timing belongs to the bench, not to tests); what is
 //! checked is that each one was measured and that the bench's own validity checks held
-//! (masking happened exactly where it should, every idle connection stayed healthy).
+//! (masking happened exactly where it should, over PostgreSQL and HTTP; every idle connection
+//! stayed healthy).
 
 use std::process::Command;
 
@@ -39,6 +40,8 @@ fn bench_quick_runs_end_to_end() {
         "Masking engine alone",
         "Kernel cost",
         "Scale: idle gated connections",
+        "HTTP: small JSON GETs over keep-alive HTTPS",
+        "JSON response masking alone",
         "Targets",
     ] {
         assert!(
@@ -63,13 +66,29 @@ fn bench_quick_runs_end_to_end() {
             assert!(tps > 0.0, "no throughput in {row}");
         }
     }
+    // Every HTTP cell: four variants (one of them nginx) at three client counts, with
+    // throughput and latency.
+    for variant in [
+        "nginx (TLS reverse proxy)",
+        "jitgate full policy (TLS intercepted)",
+    ] {
+        let rows: Vec<&str> = report
+            .lines()
+            .filter(|l| l.contains(&format!("| {variant} |")))
+            .collect();
+        assert_eq!(rows.len(), 3, "{variant}: {report}");
+        for row in rows {
+            let rps: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap_or(0.0);
+            assert!(rps > 0.0, "no throughput in {row}");
+        }
+    }
     // The idle stage's connections all stayed healthy, and each target got a verdict.
     assert!(report.contains("200/200 healthy"), "{report}");
     let verdicts = report
         .lines()
         .filter(|l| l.ends_with("| met |") || l.ends_with("| MISSED |"))
         .count();
-    assert_eq!(verdicts, 6, "{report}");
+    assert_eq!(verdicts, 7, "{report}");
     assert!(!report.contains("n/a"), "a figure is missing:\n{report}");
     // The same tables went to the terminal.
     assert!(stdout.contains("Targets"), "{stdout}");

@@ -35,6 +35,11 @@ const PACKAGES: &[(&str, &str, &str)] = &[
         "HTTP client driven as a gated workload",
     ),
     (
+        "nginx",
+        "/usr/sbin/nginx",
+        "the TLS reverse proxy the HTTP bench compares the gate with",
+    ),
+    (
         "python3",
         "/usr/bin/python3",
         "scripted workloads and the demo's web server",

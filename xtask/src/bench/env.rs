@@ -98,10 +98,12 @@ address = "127.0.0.1:{PG_PORT}"
 "#
         ),
     };
+    let http = super::http::resources();
     format!(
         r#"# Written by `cargo xtask bench` ({mode:?} mode).
 [daemon]
 state_dir = "{DIR}/state"
+ca_cert = "{DIR}/ca.pem"
 socket = "{DIR}/jitgate.sock"
 gate_cgroup = "{GATE_CGROUP}"
 bpf_pin_dir = "{PIN_DIR}"
@@ -123,6 +125,7 @@ description = "sees clear values: the same path as `bench` without masking"
 launchers = ["root"]
 
 {db}
+{http}
 [[resource]]
 name = "bench-sink"
 protocol = "tcp"
@@ -146,6 +149,11 @@ fn clean_leftovers(bin_dir: &Path) {
         terminate(pid);
     }
     if let Ok(pid) = fs::read_to_string(dir().join("pgbouncer/pgbouncer.pid"))
+        && let Ok(pid) = pid.trim().parse()
+    {
+        terminate(pid);
+    }
+    if let Ok(pid) = fs::read_to_string(dir().join("http/nginx.pid"))
         && let Ok(pid) = pid.trim().parse()
     {
         terminate(pid);
@@ -217,6 +225,7 @@ impl Env {
         };
         env.start_postgres(scale, people)?;
         env.start_bouncer()?;
+        super::http::prepare(&env)?;
         env.start_daemon()?;
         Ok(env)
     }

@@ -8,6 +8,7 @@
 //! end to end, never what it measures.
 
 mod env;
+mod http;
 mod stages;
 mod stats;
 

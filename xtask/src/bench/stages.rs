@@ -18,6 +18,7 @@ use super::{
         CONNECT_SINK_PORT, DB, Env, GateMode, IDLE_SINK_PORT, PASSWORD, PG_PORT, RO_USER, RW_USER,
         WRONG_PASSWORD,
     },
+    http::{self, HttpCell},
     stats::{Samples, Table, fmt},
 };
 
@@ -88,7 +89,7 @@ impl Variant {
 }
 
 /// `variants` rotated by `n`: who goes first changes every round.
-fn rotated<T: Copy>(variants: &[T], n: usize) -> Vec<T> {
+pub(super) fn rotated<T: Copy>(variants: &[T], n: usize) -> Vec<T> {
     let mut v = variants.to_vec();
     if !v.is_empty() {
         let k = n % v.len();
@@ -97,7 +98,7 @@ fn rotated<T: Copy>(variants: &[T], n: usize) -> Vec<T> {
     v
 }
 
-fn output(cmd: &mut Command, what: &str) -> Result<String> {
+pub(super) fn output(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -113,14 +114,14 @@ fn output(cmd: &mut Command, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn json_line(text: &str, what: &str) -> Result<Value> {
+pub(super) fn json_line(text: &str, what: &str) -> Result<Value> {
     text.lines()
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
         .with_context(|| format!("{what}: no JSON result in {text:?}"))
 }
 
-fn samples(v: &Value, key: &str, scale: f64) -> Result<Vec<f64>> {
+pub(super) fn samples(v: &Value, key: &str, scale: f64) -> Result<Vec<f64>> {
     v[key]
         .as_array()
         .with_context(|| format!("no {key} in {v}"))?
@@ -203,6 +204,9 @@ pub struct Results {
     /// Plain and redirected `connect()`, µs.
     connect: Vec<(&'static str, Samples)>,
     idle: Idle,
+    http: Vec<HttpCell>,
+    /// The JSON response masker alone, one core.
+    json_engine: Throughput,
 }
 
 pub fn run_all(env: &mut Env, sizes: &Sizes) -> Result<Results> {
@@ -212,6 +216,8 @@ pub fn run_all(env: &mut Env, sizes: &Sizes) -> Result<Results> {
     let engine = engine(env, sizes)?;
     let connect = connect_cost(env, sizes)?;
     let idle = idle(env, sizes)?;
+    let http = http::stage(env, sizes)?;
+    let json_engine = json_engine(env, sizes)?;
     Ok(Results {
         pgbench,
         setup,
@@ -219,6 +225,8 @@ pub fn run_all(env: &mut Env, sizes: &Sizes) -> Result<Results> {
         engine,
         connect,
         idle,
+        http,
+        json_engine,
     })
 }
 
@@ -443,6 +451,25 @@ fn engine(env: &Env, sizes: &Sizes) -> Result<Vec<Throughput>> {
         .collect()
 }
 
+fn json_engine(env: &Env, sizes: &Sizes) -> Result<Throughput> {
+    println!("-- JSON masking engine, one core");
+    let items = (sizes.people / 10).max(500);
+    let out = json_line(
+        &output(
+            env.helper().args(["jsonmask", &items.to_string()]),
+            "JSON masking engine",
+        )?,
+        "JSON masking engine",
+    )?;
+    Ok(Throughput {
+        label: "JSON path + 9 detectors",
+        rows: u64::from(items),
+        bytes: out["bytes"].as_u64().context("bytes")?,
+        secs: out["secs"].as_f64().context("secs")?,
+        masked: out["masked"].as_u64().context("masked")?,
+    })
+}
+
 /// The same destination (an echo server) from outside the gate and from a gated workload.
 fn connect_cost(env: &mut Env, sizes: &Sizes) -> Result<Vec<(&'static str, Samples)>> {
     println!(
@@ -658,6 +685,23 @@ impl Results {
             ]);
         }
         tables.push(t);
+        tables.push(http::table(&self.http));
+        let mut t = Table::new(
+            "JSON response masking alone, one core (a list of objects parsed, masked, written; median of three windows)",
+            &[
+                "rules",
+                "objects per document",
+                "MB/s",
+                "values masked per document",
+            ],
+        );
+        t.row(vec![
+            self.json_engine.label.to_owned(),
+            self.json_engine.rows.to_string(),
+            fmt(self.json_engine.bytes as f64 / 1e6 / self.json_engine.secs),
+            self.json_engine.masked.to_string(),
+        ]);
+        tables.push(t);
         let mut t = Table::new(
             "Kernel cost: the connect() system call alone",
             &["connect()", "samples", "p50 µs", "mean µs", "p99 µs"],
@@ -811,6 +855,7 @@ impl Results {
             format!("{}{} µs", if added >= 0.0 { "+" } else { "" }, fmt(added)),
             verdict(added < 5.0),
         ]);
+        http::target(&self.http, &mut t);
         t
     }
 }
