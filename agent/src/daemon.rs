@@ -514,6 +514,7 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         limits: crate::protocol::limits::Limits::default(),
         refusals: crate::refusals::ProxyRefusals::default(),
+        rates: crate::protocol::rate::Rates::default(),
     });
     let proxy_ctx = Arc::new(ProxyContext {
         attributor: Arc::new(Kernel {

@@ -105,7 +105,28 @@ impl Harness {
         extra: &str,
         workload: Option<&str>,
     ) -> Self {
-        Self::build(upstream, reached, protocol, extra, workload, "", false).await
+        Self::build(upstream, reached, protocol, extra, workload, "", false, "").await
+    }
+
+    /// [`Harness::with_upstream`] for `bot`, its policy given `policy` as more keys
+    /// (`limits = { ... }`).
+    pub async fn with_policy(
+        upstream: SocketAddr,
+        protocol: &str,
+        extra: &str,
+        policy: &str,
+    ) -> Self {
+        Self::build(
+            upstream,
+            upstream,
+            protocol,
+            extra,
+            Some("bot"),
+            "",
+            false,
+            policy,
+        )
+        .await
     }
 
     /// `bot` connecting many times to `svc` at `upstream`, with `daemon` as more `[daemon]`
@@ -119,10 +140,12 @@ impl Harness {
             Some("bot"),
             daemon,
             true,
+            "",
         )
         .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn build(
         upstream: SocketAddr,
         reached: SocketAddr,
@@ -131,6 +154,7 @@ impl Harness {
         workload: Option<&str>,
         daemon: &str,
         every: bool,
+        policy: &str,
     ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("state");
@@ -157,6 +181,7 @@ access = ["read", "write"]
 max_ttl = "1h"
 approval = "auto"
 approvers = ["root"]
+{policy}
 "#,
             state = state.display()
         );
@@ -194,6 +219,7 @@ approvers = ["root"]
             shutdown: shutdown.clone(),
             limits: crate::protocol::limits::Limits::default(),
             refusals: crate::refusals::ProxyRefusals::default(),
+            rates: crate::protocol::rate::Rates::default(),
         });
         let ctx = Arc::new(ProxyContext {
             attributor: Arc::new(Fake {

@@ -40,7 +40,14 @@ fuzz_target!(|data: &[u8]| {
         for method in ["GET", "DELETE", "POST"] {
             let k = kube::parse(method, s, query);
             for granted in [Access::Read, Access::Write] {
-                let d = policy::decide_kube(&[], granted, method, &normal, k.as_ref());
+                let d = policy::decide_kube(
+                    &[],
+                    granted,
+                    method,
+                    &normal,
+                    k.as_ref(),
+                    &policy::RequestParts::default(),
+                );
                 if granted == Access::Read
                     && (method != "GET"
                         || k.as_ref().is_some_and(|k| k.resource_request && !k.reads()))
@@ -51,6 +58,40 @@ fuzz_target!(|data: &[u8]| {
                     );
                 }
             }
+        }
+    }
+    // Rule conditions: whatever a query says, an allow rule's exact match implies the same
+    // condition's loose match under deny (no spelling is allowed that a deny would miss).
+    if let Ok(normal) = normalize("/x") {
+        let rule = |action| {
+            vec![policy::Rule {
+                index: 1,
+                methods: vec![],
+                paths: vec![],
+                levels: vec![],
+                kube: policy::KubeMatch::default(),
+                request: policy::RequestMatch {
+                    query: vec![("force".into(), policy::Wild::new("t*e"))],
+                    ..policy::RequestMatch::default()
+                },
+                action,
+            }]
+        };
+        let parts = policy::RequestParts {
+            query,
+            ..policy::RequestParts::default()
+        };
+        let decide = |rules: &[policy::Rule]| {
+            policy::decide_kube(rules, Access::Read, "GET", &normal, None, &parts)
+        };
+        if decide(&rule(policy::Action::Allow)) != (policy::Decision::Allow { rule: None }) {
+            assert!(
+                matches!(
+                    decide(&rule(policy::Action::Deny)),
+                    policy::Decision::Deny { .. }
+                ),
+                "{query:?}"
+            );
         }
     }
     let _ = jitgate::http::jsonmask::JsonPath::parse(tail.as_ref());

@@ -608,8 +608,14 @@ watch.on('close', () => {{ console.log('watch closed'); process.exit(watch.rstCo
         "the HTTP/2 connection ran {}ms past expiry",
         ended - expires
     );
-    let wires = gate.sqlite("SELECT destination FROM sessions");
-    assert!(wires.contains("HTTP/2"), "{wires}");
+    gate.wait_for(
+        "the session's record, over HTTP/2",
+        Duration::from_secs(10),
+        || {
+            let wires = gate.sqlite("SELECT destination FROM sessions");
+            wires.contains("HTTP/2").then_some(())
+        },
+    );
     assert!(
         upstream
             .received()

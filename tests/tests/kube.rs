@@ -75,8 +75,15 @@ fn kubectl_through_the_gate() {
         .expect("the pod list reached the API server");
     assert_eq!(pods.header("authorization"), [format!("Bearer {TOKEN}")]);
     // kubectl (Go's HTTP client) takes HTTP/2 when the gate offers it.
-    let wires = gate.sqlite("SELECT destination FROM sessions WHERE grant_id IS NOT NULL");
-    assert!(wires.contains("HTTP/2"), "{wires}");
+    // (Session records are written as sessions end, by the store's writer.)
+    gate.wait_for(
+        "a kubectl session over HTTP/2",
+        Duration::from_secs(10),
+        || {
+            let wires = gate.sqlite("SELECT destination FROM sessions WHERE grant_id IS NOT NULL");
+            wires.contains("HTTP/2").then_some(())
+        },
+    );
 
     // Secret values masked: as an object, as a list, as a table, in a watch.
     for args in [

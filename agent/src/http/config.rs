@@ -18,6 +18,9 @@
 //! [[resource.rule]]
 //! methods = ["DELETE"]
 //! paths = ["/items/**"]
+//! hosts = ["api.internal"]       # host globs (optional)
+//! query = { force = "true" }     # parameter = value glob (optional; all must hold)
+//! headers = { "x-dry-run" = "*" } # header = value glob (optional; all must hold)
 //! action = "approve"             # allow | deny | approve
 //! ```
 
@@ -29,7 +32,7 @@ use toml::Spanned;
 
 use super::{
     inject::{Credential, Scheme},
-    policy::{Action, Glob, KubeMatch, Rule},
+    policy::{Action, Glob, KubeMatch, RequestMatch, Rule, Wild},
 };
 use crate::{
     config::{Access, ResourceConfig, Target},
@@ -147,6 +150,12 @@ struct RawRule {
     names: Vec<String>,
     #[serde(default)]
     groups: Vec<String>,
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    query: BTreeMap<String, String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
     action: S<String>,
 }
 
@@ -473,12 +482,35 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> HttpResource {
                 Err(e) => cx.fail(p.span(), format!("resource.rule.paths: {e}")),
             }
         }
+        let mut request = RequestMatch {
+            hosts: rule
+                .hosts
+                .iter()
+                .map(|h| Wild::new(&h.to_ascii_lowercase()))
+                .collect(),
+            query: rule
+                .query
+                .iter()
+                .map(|(k, v)| (k.clone(), Wild::new(v)))
+                .collect(),
+            headers: Vec::new(),
+        };
+        for (name, value) in &rule.headers {
+            match HeaderName::from_bytes(name.as_bytes()) {
+                Ok(h) => request.headers.push((h, Wild::new(value))),
+                Err(_) => cx.fail(
+                    span.clone(),
+                    format!("resource.rule.headers: `{name}` is not a header name"),
+                ),
+            }
+        }
         rules.push(Rule {
             index: i + 1,
             methods,
             paths,
             levels,
             kube,
+            request,
             action,
         });
     }

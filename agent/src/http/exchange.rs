@@ -27,6 +27,7 @@ use super::{
     config::{Flavor, HttpResource},
     jsonmask::BodyMasker,
     kube::{self, KubeRequest},
+    limits::HttpLimits,
     normalize::normalize,
     policy::{self, Decision},
     refuse::{Refusal, Wording, refusal_response, request_hint as request_hint_for},
@@ -98,6 +99,8 @@ pub(super) struct Ctx<'a> {
     /// end with the session.
     pub(super) upgraded: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub(super) stop: CancellationToken,
+    /// The grant's `[policy.limits]` and what the session has used of them.
+    pub(super) limits: HttpLimits,
 }
 
 /// How a request was decided, for its record.
@@ -202,6 +205,7 @@ impl Ctx<'_> {
                 hint: Some(request_hint_for(self.resource, self.grant.access)),
             }));
         }
+        self.limits.admit(&self.services.rates).map_err(refused)?;
         if method == Method::CONNECT {
             return Err(refused(Refusal {
                 status: 501,
@@ -234,14 +238,14 @@ impl Ctx<'_> {
             q.split('&').any(|kv| {
                 kv.split('=')
                     .next()
-                    .is_some_and(|k| decoded_key_is(k, "_method"))
+                    .is_some_and(|k| policy::decode_query_part(k).eq_ignore_ascii_case(b"_method"))
             })
         }) {
             return Err(refused(Refusal::malformed(
                 "a `_method` query parameter is not allowed through the gate: send the method itself",
             )));
         }
-        self.check_host(req).map_err(refused)?;
+        let host = self.check_host(req).map_err(refused)?;
         let path =
             normalize(req.uri().path()).map_err(|e| refused(Refusal::malformed(e.to_string())))?;
         let forwarded = match req.uri().query() {
@@ -304,12 +308,18 @@ impl Ctx<'_> {
         let what = kube
             .as_ref()
             .map_or_else(|| format!("{method} {path}"), KubeRequest::describe);
+        let parts = policy::RequestParts {
+            host: host.as_deref(),
+            query: req.uri().query(),
+            headers: Some(req.headers()),
+        };
         match policy::decide_kube(
             &self.settings.rules,
             self.grant.access,
             method.as_str(),
             &path,
             kube.as_ref(),
+            &parts,
         ) {
             Decision::Allow { rule } => Ok((forwarded, kube, Verdict::allowed(rule))),
             Decision::NeedsLevel { needed } => Err(refused(Refusal::needs_level(
@@ -392,8 +402,9 @@ impl Ctx<'_> {
     }
 
     /// The `Host` the request names must be one of the resource's (when it has names), so a
-    /// workload cannot reach another virtual host behind the same address.
-    fn check_host(&self, req: &Request<Incoming>) -> Result<(), Refusal> {
+    /// workload cannot reach another virtual host behind the same address. `Ok` with the host
+    /// (lower case, without the port) when the request names one.
+    fn check_host(&self, req: &Request<Incoming>) -> Result<Option<String>, Refusal> {
         // Servers differ on which of several Host values they take: one only.
         if req.headers().get_all(header::HOST).iter().count() > 1 {
             return Err(Refusal::malformed(
@@ -418,15 +429,15 @@ impl Ctx<'_> {
             (Some(a), _) => Some(a),
             (None, h) => h,
         };
+        let name = host.map(|h| host_without_port(h).to_ascii_lowercase());
         if self.settings.hosts.is_empty() {
-            return Ok(());
+            return Ok(name);
         }
-        let Some(host) = host else {
+        let Some(name) = name else {
             return Err(Refusal::malformed("the request has no Host header"));
         };
-        let name = host_without_port(host).to_ascii_lowercase();
         if self.settings.hosts.contains(&name) {
-            Ok(())
+            Ok(Some(name))
         } else {
             Err(Refusal {
                 status: 403,
@@ -624,6 +635,14 @@ impl Ctx<'_> {
                 hint: None,
             });
         }
+        self.limits.check_length(
+            parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .filter(|_| !head),
+        )?;
         // The reason phrase is written as the upstream sent it: drop it (hyper writes the
         // standard one).
         parts.extensions.remove::<hyper::ext::ReasonPhrase>();
@@ -650,6 +669,7 @@ impl Ctx<'_> {
             scrub_headers(&mut parts.headers, secret.as_deref().unwrap_or_default());
             body = Rewritten::new(body, scrubber).boxed_unsync();
         }
+        let body = self.limits.cap(body);
         Ok((Response::from_parts(parts, body), masked, None))
     }
 
@@ -826,31 +846,6 @@ fn accepts_only_json(headers: &HeaderMap) -> bool {
     any
 }
 
-/// Whether a query key, percent-decoded (`%5Fmethod`), is `name` (ASCII case ignored).
-fn decoded_key_is(key: &str, name: &str) -> bool {
-    let hex = |c: u8| char::from(c).to_digit(16);
-    let b = key.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (
-            b[i],
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push(u8::try_from(h * 16 + l).unwrap_or(0));
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(if c == b'+' { b' ' } else { c });
-                i += 1;
-            }
-        }
-    }
-    out.eq_ignore_ascii_case(name.as_bytes())
-}
-
 /// Several `Cookie` fields as the one HTTP/1.1 expects, joined with `; `.
 fn join_cookies(headers: &mut HeaderMap) {
     let cookies: Vec<&[u8]> = headers
@@ -919,15 +914,6 @@ mod tests {
         assert_eq!(host_without_port("[::1]:443"), "::1");
         assert_eq!(host_without_port("[::1]"), "::1");
         assert_eq!(host_without_port("127.0.0.1:80"), "127.0.0.1");
-    }
-
-    #[test]
-    fn query_keys_are_compared_decoded() {
-        assert!(decoded_key_is("_method", "_method"));
-        assert!(decoded_key_is("%5Fmethod", "_method"));
-        assert!(decoded_key_is("%5fMETHOD", "_method"));
-        assert!(!decoded_key_is("%5", "_method"));
-        assert!(!decoded_key_is("é%", "_method"));
     }
 
     #[test]

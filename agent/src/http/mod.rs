@@ -21,7 +21,8 @@
 //! * [`kube`], [`kubeconfig`]: the Kubernetes flavor; [`upgrade`]: WebSocket and SPDY relays;
 //!   [`cast`]: exec and attach streams recorded as asciicast v2.
 //!
-//! * [`jsonmask`]: response masking by JSON path and detectors.
+//! * [`jsonmask`]: response masking by JSON path and detectors; [`limits`]: the grant's
+//!   `[policy.limits]` on requests per second and response bytes.
 
 pub mod body;
 pub mod cast;
@@ -32,6 +33,7 @@ pub mod io;
 pub mod jsonmask;
 pub mod kube;
 pub mod kubeconfig;
+pub mod limits;
 pub mod normalize;
 pub mod policy;
 pub mod refuse;

@@ -5,6 +5,8 @@
 //! ([`super::normalize`]); the first match wins. Without a matching rule the request is
 //! decided by access level alone: read = `GET`, `HEAD`, `OPTIONS`; write = every other method.
 
+use hyper::{HeaderMap, header::HeaderName};
+
 use crate::config::Access;
 
 use super::{kube::KubeRequest, normalize::NormalPath};
@@ -152,6 +154,167 @@ impl KubeMatch {
     }
 }
 
+/// A value pattern: `*` matches any run of characters (`/` and `.` included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wild {
+    /// The pattern as [`glob_match`] reads it (each `*` a deep star).
+    deep: Vec<u8>,
+    folded: Vec<u8>,
+}
+
+impl Wild {
+    pub fn new(pattern: &str) -> Self {
+        let deep = pattern.replace('*', "**").into_bytes();
+        let folded = deep.to_ascii_lowercase();
+        Self { deep, folded }
+    }
+
+    fn matches(&self, text: &[u8], fold: bool) -> bool {
+        if fold {
+            glob_match(&self.folded, &text.to_ascii_lowercase())
+        } else {
+            glob_match(&self.deep, text)
+        }
+    }
+}
+
+/// What a rule says about the request beyond its method and path: the host it names, its
+/// query parameters and its headers. Every condition given must hold.
+///
+/// A request can be ambiguous (a parameter given twice, a key in another case, no Host), and
+/// servers read such requests differently. So the action decides how a condition meets one,
+/// and no spelling widens what a rule allows or escapes what it denies:
+///
+/// * `deny` and `approve` match loosely: keys and values ignore ASCII case, a parameter or
+///   header given several times matches when any occurrence does (for headers, also any
+///   comma-separated element), `;` separates query parameters too, and a request without a
+///   host meets a host condition;
+/// * `allow` matches exactly, and every occurrence must match.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMatch {
+    /// Host globs (lower case), matched against the host without its port.
+    pub hosts: Vec<Wild>,
+    /// Query parameter (percent-decoded key) and its value pattern.
+    pub query: Vec<(String, Wild)>,
+    /// Header and its value pattern.
+    pub headers: Vec<(HeaderName, Wild)>,
+}
+
+/// The parts of a request a [`RequestMatch`] looks at.
+#[derive(Clone, Copy, Default)]
+pub struct RequestParts<'a> {
+    /// Lower case, without the port; `None` when the request names no host.
+    pub host: Option<&'a str>,
+    /// The raw query (after `?`).
+    pub query: Option<&'a str>,
+    pub headers: Option<&'a HeaderMap>,
+}
+
+impl RequestMatch {
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty() && self.query.is_empty() && self.headers.is_empty()
+    }
+
+    fn matches(&self, r: &RequestParts<'_>, loose: bool) -> bool {
+        if self.is_empty() {
+            return true;
+        }
+        let hosts = self.hosts.is_empty()
+            || match r.host {
+                None => loose,
+                Some(h) => self.hosts.iter().any(|w| w.matches(h.as_bytes(), true)),
+            };
+        hosts && self.query_matches(r.query, loose) && self.headers_match(r.headers, loose)
+    }
+
+    fn query_matches(&self, query: Option<&str>, loose: bool) -> bool {
+        if self.query.is_empty() {
+            return true;
+        }
+        let params = query.map(|q| query_params(q, loose)).unwrap_or_default();
+        self.query.iter().all(|(key, value)| {
+            let mut seen = params.iter().filter(|(k, _)| {
+                if loose {
+                    k.eq_ignore_ascii_case(key.as_bytes())
+                } else {
+                    k == key.as_bytes()
+                }
+            });
+            if loose {
+                seen.any(|(_, v)| value.matches(v, true))
+            } else {
+                let all: Vec<_> = seen.collect();
+                !all.is_empty() && all.iter().all(|(_, v)| value.matches(v, false))
+            }
+        })
+    }
+
+    fn headers_match(&self, headers: Option<&HeaderMap>, loose: bool) -> bool {
+        self.headers.iter().all(|(name, value)| {
+            let Some(headers) = headers else {
+                return false;
+            };
+            let mut values = headers.get_all(name).iter().map(|v| v.as_bytes());
+            if loose {
+                values.any(|v| {
+                    value.matches(v, true)
+                        || v.split(|b| *b == b',')
+                            .any(|part| value.matches(part.trim_ascii(), true))
+                })
+            } else {
+                let all: Vec<&[u8]> = values.collect();
+                !all.is_empty() && all.iter().all(|v| value.matches(v, false))
+            }
+        })
+    }
+}
+
+/// A query's parameters, keys and values percent-decoded (`+` as a space). With `loose`,
+/// the parameters of both readings servers have: `&` alone separating them, and `;` as well
+/// (`a=1;b=2` is one parameter to most servers and two to some).
+pub fn query_params(query: &str, loose: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let read = |semicolons: bool| {
+        query
+            .split(move |c| c == '&' || (semicolons && c == ';'))
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (decode_query_part(k), decode_query_part(v))
+            })
+    };
+    let mut params: Vec<_> = read(false).collect();
+    if loose && query.contains(';') {
+        params.extend(read(true));
+    }
+    params
+}
+
+/// Percent-decoding of one query key or value, `+` as a space; a `%` not followed by two hex
+/// digits stays as it is.
+pub fn decode_query_part(part: &str) -> Vec<u8> {
+    let hex = |c: u8| char::from(c).to_digit(16);
+    let b = part.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(u8::try_from(h * 16 + l).unwrap_or(0));
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(if c == b'+' { b' ' } else { c });
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 /// One `[[resource.rule]]`.
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -164,6 +327,8 @@ pub struct Rule {
     /// The grant levels the rule applies to; empty = every level.
     pub levels: Vec<Access>,
     pub kube: KubeMatch,
+    /// Host, query and header conditions.
+    pub request: RequestMatch,
     pub action: Action,
 }
 
@@ -174,11 +339,13 @@ impl Rule {
         path: &NormalPath,
         granted: Access,
         kube: Option<&KubeRequest>,
+        parts: &RequestParts<'_>,
     ) -> bool {
         (self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
             && (self.paths.is_empty() || self.paths.iter().any(|g| self.path_matches(g, path)))
             && (self.levels.is_empty() || self.levels.contains(&granted))
             && self.kube.matches(kube)
+            && self.request.matches(parts, self.action != Action::Allow)
     }
 
     /// A `deny` or `approve` rule also matches the path's other spellings that some servers
@@ -255,7 +422,7 @@ pub enum Decision {
 /// Decides one request: the access level check first (a rule cannot lift a request above
 /// the grant), then the first matching rule.
 pub fn decide(rules: &[Rule], granted: Access, method: &str, path: &NormalPath) -> Decision {
-    decide_kube(rules, granted, method, path, None)
+    decide_kube(rules, granted, method, path, None, &RequestParts::default())
 }
 
 /// [`decide`], with the request as the Kubernetes API server reads it.
@@ -265,6 +432,7 @@ pub fn decide_kube(
     method: &str,
     path: &NormalPath,
     kube: Option<&KubeRequest>,
+    parts: &RequestParts<'_>,
 ) -> Decision {
     let needed = level_needed(method, kube);
     if needed > granted {
@@ -272,7 +440,7 @@ pub fn decide_kube(
     }
     match rules
         .iter()
-        .find(|r| r.matches(method, path, granted, kube))
+        .find(|r| r.matches(method, path, granted, kube, parts))
     {
         // `proxy` reaches past the API server to any pod, service or node endpoint (the API
         // server itself included, where Secrets would come back unmasked): only an explicit
@@ -331,6 +499,133 @@ mod tests {
         assert!(!g("/**a**a**a**a**a**b").matches(&path));
     }
 
+    fn only(action: Action, request: RequestMatch) -> Vec<Rule> {
+        vec![Rule {
+            index: 1,
+            methods: vec![],
+            paths: vec![],
+            levels: vec![],
+            kube: KubeMatch::default(),
+            request,
+            action,
+        }]
+    }
+
+    /// Which rule (if any) decided a DELETE of `/x` with these parts.
+    fn hit(rules: &[Rule], parts: RequestParts<'_>) -> Option<String> {
+        match decide_kube(rules, Access::Write, "DELETE", &np("/x"), None, &parts) {
+            Decision::Allow { rule } => rule,
+            Decision::Deny { rule } | Decision::Approve { rule } => Some(rule),
+            Decision::NeedsLevel { .. } => None,
+        }
+    }
+
+    #[test]
+    fn query_conditions_are_loose_for_deny_and_exact_for_allow() {
+        let m = RequestMatch {
+            query: vec![("force".into(), Wild::new("true"))],
+            ..RequestMatch::default()
+        };
+        let q = |query| RequestParts {
+            query: Some(query),
+            ..RequestParts::default()
+        };
+        let deny = only(Action::Deny, m.clone());
+        for query in [
+            "force=true",
+            "force=TRUE",
+            "FORCE=true",
+            "a=1&force=false&force=true",
+            "force=false;force=true",
+            "%66orce=tru%65",
+            "force=true;x=1",
+        ] {
+            assert_eq!(hit(&deny, q(query)), Some("rule 1".into()), "{query}");
+        }
+        for query in ["force=false", "forced=true", "force", "x=force%3Dtrue"] {
+            assert_eq!(hit(&deny, q(query)), None, "{query}");
+        }
+        assert_eq!(hit(&deny, RequestParts::default()), None);
+        let allow = only(Action::Allow, m);
+        assert_eq!(hit(&allow, q("force=true")), Some("rule 1".into()));
+        for query in [
+            "force=TRUE",
+            "FORCE=true",
+            "force=true&force=false",
+            "force=false;force=true",
+        ] {
+            assert_eq!(hit(&allow, q(query)), None, "{query}");
+        }
+    }
+
+    #[test]
+    fn header_and_host_conditions_are_loose_for_deny_and_exact_for_allow() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-mode", "safe".parse().unwrap());
+        headers.append("x-mode", "Dangerous, other".parse().unwrap());
+        let with = |h| RequestParts {
+            headers: Some(h),
+            host: Some("admin.api.internal"),
+            ..RequestParts::default()
+        };
+        let m = RequestMatch {
+            headers: vec![(HeaderName::from_static("x-mode"), Wild::new("dangerous"))],
+            ..RequestMatch::default()
+        };
+        assert_eq!(
+            hit(&only(Action::Approve, m.clone()), with(&headers)),
+            Some("rule 1".into())
+        );
+        assert_eq!(hit(&only(Action::Allow, m), with(&headers)), None);
+        let safe = RequestMatch {
+            headers: vec![(HeaderName::from_static("x-mode"), Wild::new("s*"))],
+            ..RequestMatch::default()
+        };
+        assert_eq!(
+            hit(&only(Action::Allow, safe.clone()), with(&headers)),
+            None,
+            "every value must match"
+        );
+        let mut one = HeaderMap::new();
+        one.insert("x-mode", "safe".parse().unwrap());
+        assert_eq!(
+            hit(&only(Action::Allow, safe), with(&one)),
+            Some("rule 1".into())
+        );
+
+        let hosts = RequestMatch {
+            hosts: vec![Wild::new("*.api.internal")],
+            ..RequestMatch::default()
+        };
+        assert_eq!(
+            hit(&only(Action::Deny, hosts.clone()), with(&one)),
+            Some("rule 1".into())
+        );
+        let other = RequestParts {
+            host: Some("api.internal"),
+            ..RequestParts::default()
+        };
+        assert_eq!(hit(&only(Action::Deny, hosts.clone()), other), None);
+        // No host at all: a deny rule on hosts still applies, an allow rule does not.
+        assert_eq!(
+            hit(&only(Action::Deny, hosts.clone()), RequestParts::default()),
+            Some("rule 1".into())
+        );
+        assert_eq!(
+            hit(&only(Action::Allow, hosts), RequestParts::default()),
+            None
+        );
+    }
+
+    #[test]
+    fn value_patterns_cross_slashes_and_dots() {
+        assert!(Wild::new("*").matches(b"a/b.c", false));
+        assert!(Wild::new("application/*").matches(b"application/json; charset=utf-8", false));
+        assert!(!Wild::new("application/*").matches(b"APPLICATION/json", false));
+        assert!(Wild::new("application/*").matches(b"APPLICATION/json", true));
+        assert!(!Wild::new("true").matches(b"true1", false));
+    }
+
     fn rules() -> Vec<Rule> {
         vec![
             Rule {
@@ -339,6 +634,7 @@ mod tests {
                 paths: vec![g("/admin*"), g("/admin/**")],
                 levels: vec![],
                 kube: KubeMatch::default(),
+                request: RequestMatch::default(),
                 action: Action::Deny,
             },
             Rule {
@@ -347,6 +643,7 @@ mod tests {
                 paths: vec![g("/items/**")],
                 levels: vec![],
                 kube: KubeMatch::default(),
+                request: RequestMatch::default(),
                 action: Action::Approve,
             },
             Rule {
@@ -355,6 +652,7 @@ mod tests {
                 paths: vec![g("/public/**")],
                 levels: vec![],
                 kube: KubeMatch::default(),
+                request: RequestMatch::default(),
                 action: Action::Allow,
             },
         ]
@@ -461,6 +759,7 @@ mod tests {
                     resources: vec!["secrets".into()],
                     ..KubeMatch::default()
                 },
+                request: RequestMatch::default(),
                 action: Action::Deny,
             },
             Rule {
@@ -473,6 +772,7 @@ mod tests {
                     namespaces: vec!["prod".into()],
                     ..KubeMatch::default()
                 },
+                request: RequestMatch::default(),
                 action: Action::Approve,
             },
             Rule {
@@ -484,6 +784,7 @@ mod tests {
                     verbs: vec!["exec".into(), "attach".into()],
                     ..KubeMatch::default()
                 },
+                request: RequestMatch::default(),
                 action: Action::Approve,
             },
         ];
@@ -492,7 +793,14 @@ mod tests {
                 .split_once('?')
                 .map_or((target, None), |(p, q)| (p, Some(q)));
             let k = kube::parse(method, path, query).unwrap();
-            decide_kube(&rules, access, method, &np(path), Some(&k))
+            decide_kube(
+                &rules,
+                access,
+                method,
+                &np(path),
+                Some(&k),
+                &RequestParts::default(),
+            )
         };
         assert_eq!(
             d(Access::Read, "GET", "/api/v1/namespaces/x/pods"),
@@ -569,6 +877,7 @@ mod tests {
                 verbs: vec!["proxy".into()],
                 ..KubeMatch::default()
             },
+            request: RequestMatch::default(),
             action: Action::Allow,
         });
         let k = kube::parse("GET", "/api/v1/namespaces/d/pods/web/proxy/x", None).unwrap();
@@ -578,7 +887,8 @@ mod tests {
                 Access::Write,
                 "GET",
                 &np("/api/v1/namespaces/d/pods/web/proxy/x"),
-                Some(&k)
+                Some(&k),
+                &RequestParts::default(),
             ),
             Decision::Allow {
                 rule: Some("rule 4".into())

@@ -156,6 +156,10 @@ pub fn refusal_response(wording: Wording, r: &Refusal) -> Response<Out> {
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if r.status == 429 {
+        // Rate buckets refill every second.
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     response
 }
 

@@ -32,6 +32,7 @@ use super::{
     exchange::Ctx,
     io::{ClientIo, Rewind},
     jsonmask::BodyMasker,
+    limits::{HttpLimits, Reporter},
     refuse::{Refusal, Wording, refusal_response, request_hint},
     serve::{H2_PREFACE, Wire, serve as serve_wire},
     upstream::{Dial, Upstream},
@@ -184,6 +185,20 @@ pub async fn serve(
         session.services.mask_key,
     )
     .map(Arc::new);
+    let limits = HttpLimits::new(
+        session.services.config.get().grant_limits(
+            &session.who.identity,
+            &session.resource.name,
+            grant.access,
+        ),
+        Reporter::new(
+            session.services.store.clone(),
+            session.record.session.id.clone(),
+            session.who.identity.clone(),
+            session.resource.name.clone(),
+            grant.id.clone(),
+        ),
+    );
     let ctx = Arc::new(Ctx {
         services: session.services,
         session_id: session.record.session.id.clone(),
@@ -199,6 +214,7 @@ pub async fn serve(
         upgraded: std::sync::Mutex::default(),
         masker,
         stop: stop.clone(),
+        limits,
     });
     let handler = ctx.clone();
     let mut conn = serve_wire(

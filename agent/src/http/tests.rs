@@ -90,6 +90,11 @@ async fn upstream() -> SocketAddr {
 }
 
 async fn harness(extra: &str) -> (Harness, tempfile::TempDir) {
+    harness_with(extra, "").await
+}
+
+/// [`harness`] with more keys for `bot`'s policy.
+async fn harness_with(extra: &str, policy: &str) -> (Harness, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let secret = dir.path().join("token");
     std::fs::write(&secret, TOKEN).expect("secret");
@@ -99,7 +104,7 @@ async fn harness(extra: &str) -> (Harness, tempfile::TempDir) {
         secret.display()
     );
     (
-        Harness::with_upstream(upstream().await, "http", &keys, Some("bot")).await,
+        Harness::with_policy(upstream().await, "http", &keys, policy).await,
         dir,
     )
 }
@@ -243,6 +248,80 @@ async fn responses_are_masked_by_json_path_and_detector_and_uninspectable_ones_r
     let (status, body) = get(&mut sender, "/jane@example.com", None).await;
     assert_eq!(status, 200);
     assert!(!body.contains("jane@example.com"), "{body}");
+}
+
+#[tokio::test]
+async fn query_and_header_conditions_hold_under_every_spelling() {
+    let rules = "[[resource.rule]]\nquery = { force = \"true\" }\naction = \"deny\"\n\
+                 [[resource.rule]]\nheaders = { \"x-mode\" = \"danger*\" }\naction = \"deny\"\n";
+    let (h, _dir) = harness(rules).await;
+    h.grant().await;
+    let (mut sender, _task) = client(&h).await;
+    for target in [
+        "/x?force=true",
+        "/x?FORCE=TRUE",
+        "/x?a=1&force=no&force=true",
+        "/x?%66orce=true",
+        "/x?force=no;force=true",
+    ] {
+        let (status, body) = get(&mut sender, target, None).await;
+        assert_eq!(status, 403, "{target}: {body}");
+        assert!(body.contains("rule 1"), "{target}: {body}");
+    }
+    let (status, body) = get(&mut sender, "/x?force=no", None).await;
+    assert_eq!(status, 200, "{body}");
+    let req = Request::get("/x")
+        .header("host", "svc")
+        .header("x-mode", "safe, DANGEROUS")
+        .body(Empty::new())
+        .expect("request");
+    sender.ready().await.expect("ready");
+    let response = sender.send_request(req).await.expect("response");
+    assert_eq!(
+        response.status(),
+        403,
+        "a comma-separated element matches a deny rule"
+    );
+}
+
+#[tokio::test]
+async fn policy_limits_hold_requests_per_second_and_response_bytes() {
+    let (h, _dir) = harness_with(
+        "",
+        "limits = { statements_per_second = 3, bytes_per_statement = \"40\" }",
+    )
+    .await;
+    h.grant().await;
+    let (mut sender, _task) = client(&h).await;
+    let (status, body) = get(&mut sender, "/x", None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(&mut sender, "/json", None).await;
+    assert_eq!(status, 502, "a response over bytes_per_statement: {body}");
+    assert!(body.contains("limit: bytes_per_statement"), "{body}");
+    let (status, _) = get(&mut sender, "/y", None).await;
+    assert_eq!(status, 200);
+    let req = Request::get("/z")
+        .header("host", "svc")
+        .body(Empty::new())
+        .expect("request");
+    sender.ready().await.expect("ready");
+    let response = sender.send_request(req).await.expect("response");
+    assert_eq!(response.status(), 429, "the fourth request within a second");
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("limit: statements_per_second"), "{body}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, _) = get(&mut sender, "/x", None).await;
+    assert_eq!(
+        status, 200,
+        "the connection stays open and the rate refills"
+    );
 }
 
 /// An HTTP/2 client with prior knowledge over the in-memory pipe.

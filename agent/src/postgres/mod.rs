@@ -59,8 +59,6 @@ pub struct Postgres {
     shapes: Mutex<[HashMap<String, Arc<Analysis>>; 2]>,
     /// Which functions may act beyond a read session, as the catalogs said.
     pub effects: effects::Effects,
-    /// Statements per second, per grant and per identity, over all sessions.
-    pub rates: crate::protocol::rate::Rates,
 }
 
 type Analyzed = Result<Arc<Analysis>, Unparsed>;
@@ -160,7 +158,6 @@ impl Postgres {
             cache: Mutex::default(),
             shapes: Mutex::default(),
             effects: effects::Effects::default(),
-            rates: crate::protocol::rate::Rates::default(),
         }
     }
 

@@ -39,6 +39,9 @@ pub struct Services {
     pub limits: Limits,
     /// Refused connections, folded before they reach the audit log.
     pub refusals: crate::refusals::ProxyRefusals,
+    /// Statements (or requests) per second, per grant and per identity, over all sessions of
+    /// every protocol (`[policy.limits]`).
+    pub rates: crate::protocol::rate::Rates,
 }
 
 /// One session as its protocol sees it: attributed, routed, not yet granted.

@@ -80,7 +80,7 @@ impl Pump<'_> {
                 error: passed.error(self.resource),
             });
         }
-        let rates = &self.shared.rates;
+        let rates = &self.ctx.rates;
         let over = [
             (
                 "statements_per_second",
