@@ -65,6 +65,17 @@ const ROUTING_HEADERS: &[&str] = &[
     "forwarded",
 ];
 
+/// Request headers whose values are never recorded (credentials of any scheme, sessions).
+const RECORD_REDACTED: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+    "x-auth-token",
+    "x-csrf-token",
+    "x-xsrf-token",
+];
+
 /// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1), plus the
 /// proxy-only ones a workload could use to talk to something behind the upstream.
 const HOP_BY_HOP: &[&str] = &[
@@ -133,6 +144,7 @@ impl Ctx<'_> {
             .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
         let mut text = format!("{method} {target}");
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let headers = self.headers_for_record(req.headers());
         let wording = Wording::for_request(self.settings.flavor, &method, req.uri());
         let (response, verdict, error, masked) = match self.judge(&req, &method).await {
             Err((refusal, verdict)) => {
@@ -159,7 +171,7 @@ impl Ctx<'_> {
             seq,
             at,
             text,
-            params: Vec::new(),
+            params: headers,
             decision: verdict.decision,
             rule: verdict.rule,
             approved_by: verdict.approved_by,
@@ -171,6 +183,32 @@ impl Ctx<'_> {
             masked,
         });
         response
+    }
+
+    /// The request's headers as recorded: `name: value`, credentials and cookies redacted,
+    /// other values through the resource's detectors when it masks.
+    fn headers_for_record(&self, headers: &HeaderMap) -> Vec<Option<String>> {
+        headers
+            .iter()
+            .map(|(name, value)| {
+                let secret = RECORD_REDACTED.contains(&name.as_str())
+                    || self
+                        .settings
+                        .credentials
+                        .values()
+                        .any(|c| c.header == *name);
+                let value = if secret {
+                    "[redacted]".to_owned()
+                } else {
+                    let text = String::from_utf8_lossy(value.as_bytes());
+                    match &self.masker {
+                        Some(m) => m.mask_text(&text).0,
+                        None => text.into_owned(),
+                    }
+                };
+                Some(format!("{name}: {value}"))
+            })
+            .collect()
     }
 
     fn record(&self, record: StatementRecord) {

@@ -201,6 +201,26 @@ async fn granted_requests_carry_the_gates_credential_across_upstream_reconnects_
         .await
         .expect("sessions");
     assert_eq!(records.len(), 1);
+    let history = h
+        .ctx
+        .services
+        .store
+        .session_history(records[0].id.clone())
+        .await
+        .expect("history")
+        .expect("the session");
+    let first = &history.statements[0];
+    assert_eq!(first.text, "GET /x");
+    let headers: Vec<String> = first.params.iter().flatten().cloned().collect();
+    assert!(
+        headers.contains(&"authorization: [redacted]".to_owned()),
+        "{headers:?}"
+    );
+    assert!(headers.contains(&"host: svc".to_owned()), "{headers:?}");
+    assert!(
+        !headers.iter().any(|h| h.contains("mine")),
+        "the workload's own credential is not recorded: {headers:?}"
+    );
 }
 
 #[tokio::test]
