@@ -261,6 +261,87 @@ where
     }
 }
 
+/// A body that keeps a semaphore permit until it has been read to its end (or dropped):
+/// what it holds in memory counts against a budget until the client has taken it.
+pub struct Permitted<B> {
+    inner: B,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl<B> Permitted<B> {
+    pub fn new(inner: B, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self {
+            inner,
+            permit: Some(permit),
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Permitted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            this.permit = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A body the gate built whole (a masked response), handed out in pieces of at most 64 KiB, so
+/// that a client's flow control paces it: HTTP/2 asks for each piece only when the client
+/// has window for it, instead of queueing all of it at once.
+pub struct Pieces {
+    rest: Bytes,
+}
+
+impl Pieces {
+    const PIECE: usize = 64 * 1024;
+
+    pub fn new(data: impl Into<Bytes>) -> Self {
+        Self { rest: data.into() }
+    }
+}
+
+impl Body for Pieces {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        let n = this.rest.len().min(Self::PIECE);
+        Poll::Ready(Some(Ok(Frame::data(this.rest.split_to(n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.rest.len() as u64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;

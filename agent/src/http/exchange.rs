@@ -46,6 +46,9 @@ use crate::{
     },
 };
 
+/// Requests of one connection that may wait for approval at once.
+const MAX_HOLDS: u32 = 8;
+
 /// Headers some frameworks take the real method from.
 const METHOD_OVERRIDES: &[&str] = &[
     "x-http-method-override",
@@ -112,6 +115,88 @@ pub(super) struct Ctx<'a> {
     pub(super) stop: CancellationToken,
     /// The grant's `[policy.limits]` and what the session has used of them.
     pub(super) limits: HttpLimits,
+    /// Whole response bodies held for masking at once (see [`MAX_MASKED_HELD`]).
+    pub(super) masked_held: Arc<tokio::sync::Semaphore>,
+}
+
+/// Response bodies one connection may hold whole for masking at once, each up to
+/// [`kube::MAX_MASKED_BODY`].
+pub(super) const MAX_MASKED_HELD: usize = 2;
+
+/// One request waiting for approval, counted in [`Ctx::holding`] while it lives.
+struct Holding<'c>(&'c AtomicU32);
+
+impl<'c> Holding<'c> {
+    fn new(count: &'c AtomicU32) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A request's record while its exchange runs (see [`Ctx::handle`]).
+struct Unfinished<'c, 'a> {
+    ctx: &'c Ctx<'a>,
+    started: Instant,
+    held: Duration,
+    /// `None` once written.
+    record: Option<StatementRecord>,
+}
+
+impl Unfinished<'_, '_> {
+    fn verdict(&mut self, v: Verdict) {
+        self.held = v.held;
+        if let Some(r) = self.record.as_mut() {
+            r.decision = v.decision;
+            r.rule = v.rule;
+            r.approved_by = v.approved_by;
+            r.held_ms = u64::try_from(v.held.as_millis()).unwrap_or(u64::MAX);
+        }
+    }
+
+    fn note(&mut self, more: &str) {
+        if let Some(r) = self.record.as_mut() {
+            r.text.push_str(more);
+        }
+    }
+
+    fn finish(&mut self, status: u16, error: Option<String>, masked: u64) {
+        if let Some(mut r) = self.record.take() {
+            r.tag = Some(status.to_string());
+            r.error = error;
+            r.masked = masked;
+            r.duration_ms = Some(
+                self.started
+                    .elapsed()
+                    .saturating_sub(self.held)
+                    .as_secs_f64()
+                    * 1e3,
+            );
+            self.ctx.record(r);
+        }
+    }
+}
+
+impl Drop for Unfinished<'_, '_> {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.record.take() {
+            r.tag = Some("reset".into());
+            r.error = Some(match r.decision {
+                model::Decision::Allowed | model::Decision::Approved => {
+                    "the client reset the request before its answer; the upstream may have run it"
+                }
+                _ => "the client reset the request before it was decided",
+            }
+            .into());
+            r.duration_ms = Some(self.started.elapsed().as_secs_f64() * 1e3);
+            self.ctx.record(r);
+        }
+    }
 }
 
 /// How a request was decided, for its record.
@@ -136,52 +221,61 @@ impl Verdict {
 impl Ctx<'_> {
     pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<Out> {
         let started = Instant::now();
-        let at = Timestamp::now();
         let method = req.method().clone();
         let target = req
             .uri()
             .path_and_query()
             .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
-        let mut text = format!("{method} {target}");
+        let text = format!("{method} {target}");
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let headers = self.headers_for_record(req.headers());
+        // Written however the exchange ends: dropped half way (an HTTP/2 stream reset, the
+        // client gone), it still records the request, which may have reached the upstream.
+        let mut record = Unfinished {
+            ctx: self,
+            started,
+            held: Duration::ZERO,
+            record: Some(StatementRecord {
+                session: self.session_id.clone(),
+                seq,
+                at: Timestamp::now(),
+                text: text.clone(),
+                params: self.headers_for_record(req.headers()),
+                decision: model::Decision::Refused,
+                rule: None,
+                approved_by: None,
+                held_ms: 0,
+                duration_ms: None,
+                rows: None,
+                tag: None,
+                error: None,
+                masked: 0,
+            }),
+        };
         let wording = Wording::for_request(self.settings.flavor, &method, req.uri());
-        let (response, verdict, error, masked) = match self.judge(&req, &method).await {
+        let (response, error, masked) = match self.judge(&req, &method).await {
             Err((refusal, verdict)) => {
+                record.verdict(verdict);
                 info!(identity = %self.who.identity, resource = self.resource, session = %self.session_id, request = %text, status = refusal.status, error = %refusal.error, "http request refused");
                 let error = Some(format!("{}: {}", refusal.status, refusal.error));
-                (refusal_response(wording, &refusal), verdict, error, 0)
+                (refusal_response(wording, &refusal), error, 0)
             }
-            Ok((path, kube, verdict)) => match self.forward(req, &path, kube.as_ref(), seq).await {
-                Ok((response, masked, recorded)) => {
-                    if let Some(p) = recorded {
-                        text.push_str(&format!(" [recorded: {}]", p.display()));
+            Ok((path, kube, verdict)) => {
+                record.verdict(verdict);
+                match self.forward(req, &path, kube.as_ref(), seq).await {
+                    Ok((response, masked, recorded)) => {
+                        if let Some(p) = recorded {
+                            record.note(&format!(" [recorded: {}]", p.display()));
+                        }
+                        (response, None, masked)
                     }
-                    (response, verdict, None, masked)
+                    Err(refusal) => {
+                        let error = Some(format!("{}: {}", refusal.status, refusal.error));
+                        (refusal_response(wording, &refusal), error, 0)
+                    }
                 }
-                Err(refusal) => {
-                    let error = Some(format!("{}: {}", refusal.status, refusal.error));
-                    (refusal_response(wording, &refusal), verdict, error, 0)
-                }
-            },
+            }
         };
-        let status = response.status().as_u16();
-        self.record(StatementRecord {
-            session: self.session_id.clone(),
-            seq,
-            at,
-            text,
-            params: headers,
-            decision: verdict.decision,
-            rule: verdict.rule,
-            approved_by: verdict.approved_by,
-            held_ms: u64::try_from(verdict.held.as_millis()).unwrap_or(u64::MAX),
-            duration_ms: Some(started.elapsed().saturating_sub(verdict.held).as_secs_f64() * 1e3),
-            rows: None,
-            tag: Some(status.to_string()),
-            error,
-            masked,
-        });
+        record.finish(response.status().as_u16(), error, masked);
         response
     }
 
@@ -369,6 +463,17 @@ impl Ctx<'_> {
             ))),
             Decision::Deny { rule } => Err(refused(Refusal::denied(&rule, &what))),
             Decision::Approve { rule } => {
+                // Each hold is a request approvers see: an HTTP/2 client may not flood them.
+                if self.holding.load(Ordering::SeqCst) >= MAX_HOLDS {
+                    return Err(refused(Refusal {
+                        status: 429,
+                        error: format!(
+                            "{MAX_HOLDS} requests on this connection already wait for approval"
+                        ),
+                        rule: Some(rule),
+                        hint: Some("wait for their decisions, then retry".into()),
+                    }));
+                }
                 let text = format!("{method} {forwarded}");
                 self.hold(&text, &rule, &what)
                     .await
@@ -384,7 +489,8 @@ impl Ctx<'_> {
         rule: &str,
         what: &str,
     ) -> Result<Verdict, (Refusal, Verdict)> {
-        self.holding.fetch_add(1, Ordering::SeqCst);
+        // Counted down however the wait ends (a reset stream drops it half way).
+        let holding = Holding::new(&self.holding);
         let held = hold::hold(
             self.services,
             self.who,
@@ -401,7 +507,7 @@ impl Ctx<'_> {
             &self.stop,
         )
         .await;
-        self.holding.fetch_sub(1, Ordering::SeqCst);
+        drop(holding);
         let not = |why: String, decision| {
             (
                 Refusal::not_approved(rule, what, &why),
@@ -809,19 +915,33 @@ impl Ctx<'_> {
             let masked = Rewritten::new(body, LineMasker::new(kube::MAX_MASKED_BODY, per_line));
             return Ok((masked.boxed_unsync(), 0));
         }
+        // A whole body is held from its first byte until the client has read the masked
+        // copy: only a few per connection at once (an HTTP/2 client that reads nothing could
+        // otherwise pin one per stream).
+        let permit = self
+            .masked_held
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| refusal(format!("masking: {e}")))?;
         let bytes = collect_bounded(&mut body, kube::MAX_MASKED_BODY)
             .await
             .map_err(|e| refusal(format!("reading a response to mask it: {e}")))?;
-        if json {
-            let (out, n) = mask_json(&bytes).map_err(refusal)?;
-            return Ok((body::full(out), n));
-        }
-        let text = String::from_utf8_lossy(&bytes);
-        let (out, n) = self
-            .masker
-            .as_ref()
-            .map_or_else(|| (text.to_string(), 0), |m| m.mask_text(&text));
-        Ok((body::full(out), n))
+        let (out, n) = if json {
+            mask_json(&bytes).map_err(refusal)?
+        } else {
+            let text = String::from_utf8_lossy(&bytes);
+            let (out, n) = self
+                .masker
+                .as_ref()
+                .map_or_else(|| (text.to_string(), 0), |m| m.mask_text(&text));
+            (out.into_bytes(), n)
+        };
+        drop(bytes);
+        Ok((
+            body::Permitted::new(body::Pieces::new(out), permit).boxed_unsync(),
+            n,
+        ))
     }
 
     /// Starts the asciicast recording of an exec or attach stream under `state_dir/recordings`.
@@ -919,6 +1039,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        // The Host that was judged is not a client's to take away (`Connection: host` would
+        // send the upstream a request for its default virtual host).
+        .filter(|n| *n != header::HOST)
         .collect();
     for name in named {
         headers.remove(name);
@@ -968,6 +1091,14 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("host"));
+        h.insert("host", HeaderValue::from_static("svc"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(
+            h["host"], "svc",
+            "Connection cannot name the judged Host away"
+        );
     }
 
     #[test]

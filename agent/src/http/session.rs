@@ -215,6 +215,9 @@ pub async fn serve(
         masker,
         stop: stop.clone(),
         limits,
+        masked_held: Arc::new(tokio::sync::Semaphore::new(
+            super::exchange::MAX_MASKED_HELD,
+        )),
     });
     let handler = ctx.clone();
     let mut conn = serve_wire(
@@ -262,10 +265,13 @@ pub async fn serve(
             }
         }
     };
-    // 4. Cut. A request waiting for approval lapses its request first, so approving it
-    // later runs nothing.
+    // 4. Cut. Over HTTP/1.1 a request waiting for approval (the only one in flight) lapses
+    // its request and answers the client first, so approving it later runs nothing. Over
+    // HTTP/2 other streams would flow meanwhile: the cut is immediate, and a held stream
+    // lapses its request as it is dropped.
     stop.cancel();
-    if ctx.holding.load(Ordering::SeqCst) > 0
+    if wire == Wire::Http1
+        && ctx.holding.load(Ordering::SeqCst) > 0
         && tokio::time::timeout(LAPSE_GRACE, conn.as_mut())
             .await
             .is_ok()

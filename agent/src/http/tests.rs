@@ -26,19 +26,24 @@ async fn upstream() -> SocketAddr {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            let accepted = accepted.clone();
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(async move {
-                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let auth = req
-                        .headers()
-                        .get_all("authorization")
-                        .iter()
-                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    let target = req.uri().to_string();
-                    let (body, media) = match target.as_str() {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let accepted = accepted.clone();
+                    async move {
+                        let auth = req
+                            .headers()
+                            .get_all("authorization")
+                            .iter()
+                            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                            .collect::<Vec<_>>()
+                            .join(",");
+                        let target = req.uri().to_string();
+                        let (body, media) = match target.as_str() {
                         "/json" => (
                             r#"{"items":[{"email":"jane@example.com","card":"4111 1111 1111 1111","id":7}],"password":"hunter2"}"#.to_owned(),
                             "application/json",
@@ -48,6 +53,14 @@ async fn upstream() -> SocketAddr {
                             "text/event-stream",
                         ),
                         "/bin" => ("\u{0}\u{1}4111 1111 1111 1111".to_owned(), "application/octet-stream"),
+                        "/conns" => (
+                            accepted.load(std::sync::atomic::Ordering::SeqCst).to_string(),
+                            "text/plain",
+                        ),
+                        "/slow" => {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            ("slow".to_owned(), "text/plain")
+                        }
                         "/hang" => {
                             // One chunk, then nothing, ever: a watch that stays open.
                             let body = http_body_util::StreamBody::new(
@@ -60,25 +73,26 @@ async fn upstream() -> SocketAddr {
                         }
                         _ => (format!("{target}|{auth}"), "text/plain"),
                     };
-                    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
-                    response.headers_mut().insert(
-                        "content-type",
-                        hyper::header::HeaderValue::from_static(media),
-                    );
-                    if target == "/te" {
-                        // A transfer coding hyper does not remove (it undoes only chunked).
+                        let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
                         response.headers_mut().insert(
-                            "transfer-encoding",
-                            hyper::header::HeaderValue::from_static("gzip, chunked"),
+                            "content-type",
+                            hyper::header::HeaderValue::from_static(media),
                         );
+                        if target == "/te" {
+                            // A transfer coding hyper does not remove (it undoes only chunked).
+                            response.headers_mut().insert(
+                                "transfer-encoding",
+                                hyper::header::HeaderValue::from_static("gzip, chunked"),
+                            );
+                        }
+                        if target == "/close" {
+                            response.headers_mut().insert(
+                                "connection",
+                                hyper::header::HeaderValue::from_static("close"),
+                            );
+                        }
+                        Ok::<_, Infallible>(response)
                     }
-                    if target == "/close" {
-                        response.headers_mut().insert(
-                            "connection",
-                            hyper::header::HeaderValue::from_static("close"),
-                        );
-                    }
-                    Ok::<_, Infallible>(response)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service)
@@ -344,6 +358,19 @@ async fn policy_limits_hold_requests_per_second_and_response_bytes() {
     );
 }
 
+#[tokio::test]
+async fn upstream_connections_are_reused_between_requests() {
+    let (h, _dir) = harness("").await;
+    h.grant().await;
+    let (mut sender, _task) = client(&h).await;
+    for _ in 0..5 {
+        let (status, _) = get(&mut sender, "/x", None).await;
+        assert_eq!(status, 200);
+    }
+    let (_, body) = get(&mut sender, "/conns", None).await;
+    assert_eq!(body, "1", "one upstream connection for sequential requests");
+}
+
 /// An HTTP/2 client with prior knowledge over the in-memory pipe.
 async fn h2_client(
     h: &Harness,
@@ -450,6 +477,47 @@ async fn http2_streams_run_side_by_side_each_judged_and_all_cut_with_the_grant()
     assert!(
         !matches!(next, Some(Ok(ref f)) if f.is_data()),
         "nothing more flows after the cut: {next:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_http2_stream_reset_in_flight_is_still_recorded() {
+    let (h, _dir) = harness("").await;
+    let grant = h.grant().await;
+    let (sender, task) = h2_client(&h).await;
+    let slow = sender.clone().send_request(
+        Request::get("http://svc/slow")
+            .body(Empty::new())
+            .expect("request"),
+    );
+    // The client gives up (resets the stream) while the upstream works on it.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), slow)
+            .await
+            .is_err()
+    );
+    let (status, _) = h2_get(&sender, "http://svc/x").await;
+    assert_eq!(status, 200);
+    h.revoke(&grant).await;
+    outcome(task).await;
+    let store = &h.ctx.services.store;
+    let sessions = store.sessions(false, 10).await.expect("sessions");
+    let history = store
+        .session_history(sessions[0].id.clone())
+        .await
+        .expect("history")
+        .expect("the session");
+    let slow = history
+        .statements
+        .iter()
+        .find(|s| s.text == "GET /slow")
+        .expect("the reset request has its record");
+    assert_eq!(slow.tag.as_deref(), Some("reset"), "{slow:?}");
+    assert!(
+        slow.error
+            .as_deref()
+            .is_some_and(|e| e.contains("may have run it")),
+        "{slow:?}"
     );
 }
 

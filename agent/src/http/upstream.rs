@@ -8,7 +8,10 @@
 use std::{
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError, Weak},
+    sync::{
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -33,6 +36,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle connections kept per session; more are closed as their responses end.
 const MAX_IDLE: usize = 8;
 
+/// Requests of one session in flight upstream at once (each on its own connection); more
+/// wait for one to end. An HTTP/2 client could otherwise open a connection per stream.
+pub const MAX_IN_FLIGHT: usize = 16;
+
 /// What a request's body is on its way up: the client's, counted.
 pub type UpBody = Counted<Incoming>;
 
@@ -44,12 +51,13 @@ pub struct Dial {
     pub tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
 }
 
-type Idle = Mutex<Vec<SendRequest<UpBody>>>;
+type Idle = Mutex<Vec<SendRequest<Sent>>>;
 
 /// The session's upstream connections (see the module documentation).
 pub struct Upstream {
     dial: Dial,
     idle: Arc<Idle>,
+    in_flight: Arc<tokio::sync::Semaphore>,
     /// The tasks driving each connection, aborted with the session.
     drivers: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -72,12 +80,19 @@ impl Upstream {
         Self {
             dial,
             idle: Arc::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             drivers: Mutex::default(),
         }
     }
 
     /// Sends one request on an idle connection, or a new one when none is usable.
     pub async fn send(&self, request: Request<UpBody>) -> Result<Response<Returning>, String> {
+        let permit = self
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| format!("upstream: {e}"))?;
         let mut sender = loop {
             let taken = self
                 .idle
@@ -94,6 +109,11 @@ impl Upstream {
                 None => break self.connect().await?,
             }
         };
+        let uploaded = Arc::new(AtomicBool::new(false));
+        let request = request.map(|body| Sent {
+            inner: body,
+            done: uploaded.clone(),
+        });
         let response = sender
             .send_request(request)
             .await
@@ -101,10 +121,15 @@ impl Upstream {
         // An upgraded connection belongs to its relay from now on.
         let back = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
             .then(|| (sender, Arc::downgrade(&self.idle)));
-        Ok(response.map(|body| Returning { inner: body, back }))
+        Ok(response.map(|body| Returning {
+            inner: body,
+            back,
+            uploaded,
+            _permit: permit,
+        }))
     }
 
-    async fn connect(&self) -> Result<SendRequest<UpBody>, String> {
+    async fn connect(&self) -> Result<SendRequest<Sent>, String> {
         let addr = self.dial.addr;
         let connecting = async {
             let tcp = TcpStream::connect(addr)
@@ -155,12 +180,18 @@ impl Upstream {
 /// rest of a response).
 pub struct Returning {
     inner: Incoming,
-    back: Option<(SendRequest<UpBody>, Weak<Idle>)>,
+    back: Option<(SendRequest<Sent>, Weak<Idle>)>,
+    /// The request's body has been sent to its end (a connection still uploading is not
+    /// idle: the next request would wait behind the upload).
+    uploaded: Arc<AtomicBool>,
+    /// The request's place among [`MAX_IN_FLIGHT`], given back with the body.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Returning {
     fn give_back(&mut self) {
         if let Some((sender, pool)) = self.back.take()
+            && self.uploaded.load(Ordering::Acquire)
             && let Some(pool) = pool.upgrade()
         {
             let mut idle = pool.lock().unwrap_or_else(PoisonError::into_inner);
@@ -205,5 +236,40 @@ impl Drop for Returning {
         if self.inner.is_end_stream() {
             self.give_back();
         }
+    }
+}
+
+/// A request body on its way up that says when it has been sent to its end.
+pub struct Sent {
+    inner: UpBody,
+    done: Arc<AtomicBool>,
+}
+
+impl Body for Sent {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            this.done.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.done.store(true, Ordering::Release);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

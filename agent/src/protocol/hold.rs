@@ -59,24 +59,41 @@ pub async fn hold(
     what: Hold<'_>,
     stop: &CancellationToken,
 ) -> Held {
-    let filed = services
-        .engine
-        .file_statement(
-            who,
-            uid,
-            resource,
-            access,
-            session,
-            what.text,
-            what.rule,
-            what.reason,
-        )
-        .await;
+    // Filed from a task of its own: a wait dropped while the store writes the request
+    // still lapses it once written (see [`Filing`]).
+    let mut filing = Filing {
+        engine: services.engine.clone(),
+        handle: Some(tokio::spawn({
+            let engine = services.engine.clone();
+            let who = who.clone();
+            let (resource, session) = (resource.to_owned(), session.to_owned());
+            let (text, rule, reason) = (
+                what.text.to_owned(),
+                what.rule.to_owned(),
+                what.reason.to_owned(),
+            );
+            async move {
+                engine
+                    .file_statement(
+                        &who, uid, &resource, access, &session, &text, &rule, &reason,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        })),
+    };
+    let filed = match filing.handle.as_mut() {
+        Some(h) => h
+            .await
+            .unwrap_or_else(|e| Err(format!("filing the request: {e}"))),
+        None => Err("filing the request: no task".into()),
+    };
+    filing.handle = None;
     let request = match filed {
         Ok(r) => r,
         Err(e) => {
             return Held {
-                outcome: HoldOutcome::NotFiled(e.to_string()),
+                outcome: HoldOutcome::NotFiled(e),
                 waited: Duration::ZERO,
             };
         }
@@ -153,6 +170,33 @@ impl Drop for LapseOnDrop {
                     .await
                 {
                     warn!(request, error = %e, "cannot mark an undecided request expired");
+                }
+            });
+        }
+    }
+}
+
+/// The task filing a request, while the wait for it has not taken its result: dropped then,
+/// it lapses the request once the task has written it.
+struct Filing {
+    engine: crate::grants::GrantEngine,
+    handle: Option<tokio::task::JoinHandle<Result<crate::model::Request, String>>>,
+}
+
+impl Drop for Filing {
+    fn drop(&mut self) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        let engine = self.engine.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Ok(Ok(request)) = handle.await
+                    && let Err(e) = engine
+                        .lapse(&request.id, "the client went away while it waited")
+                        .await
+                {
+                    warn!(request = %request.id, error = %e, "cannot mark an undecided request expired");
                 }
             });
         }
