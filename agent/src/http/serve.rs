@@ -27,6 +27,9 @@ pub const MAX_STREAMS: u32 = 100;
 /// The largest header block an HTTP/2 client may send (HTTP/1.1 has hyper's own bound).
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 
+/// How long an HTTP/2 connection may go without a stream before the gate closes it.
+const IDLE: Duration = Duration::from_secs(30);
+
 /// How often an HTTP/2 client is pinged, and how long its answer may take.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 
@@ -107,11 +110,24 @@ where
             Box::pin(async move {
                 let mut conn = std::pin::pin!(conn);
                 let mut streams = FuturesUnordered::<Stream<'a>>::new();
+                // An idle connection (no stream for IDLE) is closed with a GOAWAY, as an idle
+                // HTTP/1.1 one is: it would hold a session slot until the grant ends.
+                let idle = tokio::time::sleep(IDLE);
+                let mut idle = std::pin::pin!(idle);
+                let mut shut = false;
                 let result = loop {
                     tokio::select! {
                         r = conn.as_mut() => break r,
                         Some(stream) = rx.recv() => streams.push(stream),
-                        Some(()) = streams.next(), if !streams.is_empty() => {}
+                        Some(()) = streams.next(), if !streams.is_empty() => {
+                            if streams.is_empty() {
+                                idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
+                            }
+                        }
+                        () = idle.as_mut(), if streams.is_empty() && !shut => {
+                            shut = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
                     }
                 };
                 // The client is gone: its streams go with it (one waiting for approval lapses

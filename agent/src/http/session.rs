@@ -233,7 +233,10 @@ pub async fn serve(
         r = conn.as_mut() => match r {
             Ok(()) => None,
             Err(e) if e.is_incomplete_message() || e.is_canceled() => None,
-            Err(e) if e.is_timeout() => return (SessionOutcome::Closed, "the client sent no request within 30s".into()),
+            Err(e) if e.is_timeout() => return (SessionOutcome::Closed, match wire {
+                Wire::Http1 => "the client sent no request within 30s".into(),
+                Wire::Http2 => "the client stopped answering HTTP/2 pings".into(),
+            }),
             Err(e) => return (SessionOutcome::Error, format!("http: {e}")),
         },
         why = end.ended() => Some(why.outcome()),
