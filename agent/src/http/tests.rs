@@ -147,13 +147,17 @@ async fn get(
         req = req.header("authorization", a);
     }
     sender.ready().await.expect("ready");
-    let response = tokio::time::timeout(
-        Duration::from_secs(10),
-        sender.send_request(req.body(Empty::new()).expect("request")),
-    )
-    .await
-    .expect("an answer in time")
-    .expect("response");
+    answer(sender.send_request(req.body(Empty::new()).expect("request"))).await
+}
+
+/// The status and body of a response, within 10 s.
+async fn answer(
+    response: impl std::future::Future<Output = hyper::Result<Response<hyper::body::Incoming>>>,
+) -> (u16, String) {
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("an answer in time")
+        .expect("response");
     let status = response.status().as_u16();
     let body = response
         .into_body()
@@ -395,18 +399,7 @@ async fn h2_get(
         .header("authorization", "Bearer mine")
         .body(Empty::new())
         .expect("request");
-    let response = tokio::time::timeout(Duration::from_secs(10), sender.clone().send_request(req))
-        .await
-        .expect("an answer in time")
-        .expect("response");
-    let status = response.status().as_u16();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    answer(sender.clone().send_request(req)).await
 }
 
 #[tokio::test]

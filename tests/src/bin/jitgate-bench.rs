@@ -278,12 +278,30 @@ fn data_row(values: &[&str]) -> Bytes {
 /// The masking engine on one core, without any I/O: the rows a `SELECT * FROM people` returns
 /// (an id, a name, an email under a column rule, a card number and a free-text note for the
 /// detectors), masked frame by frame as the session does it.
+/// Every detector the gate has (what the benches mask with).
+fn all_detectors() -> Result<Vec<jitgate::inspect::rules::Detector>> {
+    [
+        "email",
+        "card",
+        "ssn",
+        "phone",
+        "iban",
+        "aws_key",
+        "jwt",
+        "private_key",
+        "bearer",
+    ]
+    .iter()
+    .map(|d| d.parse().map_err(|e| anyhow::anyhow!("{d}: {e:?}")))
+    .collect()
+}
+
 fn mask_engine(n: usize) -> Result<Value> {
     use jitgate::{
         config::Access,
         inspect::{
             mask::Masker,
-            rules::{Detector, MaskRule, Strategy},
+            rules::{MaskRule, Strategy},
         },
         postgres::rows::{self, Column, Masked, Origin, Plan},
     };
@@ -308,21 +326,7 @@ fn mask_engine(n: usize) -> Result<Value> {
         })
         .collect();
     let input: usize = rows.iter().map(|r| r.len() + 5).sum();
-    let all = [
-        "email",
-        "card",
-        "ssn",
-        "phone",
-        "iban",
-        "aws_key",
-        "jwt",
-        "private_key",
-        "bearer",
-    ];
-    let detectors: Vec<Detector> = all
-        .iter()
-        .map(|d| d.parse().map_err(|e| anyhow::anyhow!("{d}: {e:?}")))
-        .collect::<Result<_>>()?;
+    let detectors = all_detectors()?;
     let cols: Vec<Column> = [
         ("id", 23),
         ("name", 25),
@@ -550,7 +554,7 @@ fn json_mask_engine(items: usize) -> Result<Value> {
     use jitgate::{
         config::Access,
         http::jsonmask::BodyMasker,
-        inspect::rules::{Detector, MaskRule, Strategy},
+        inspect::rules::{MaskRule, Strategy},
     };
     const CARDS: [&str; 3] = ["4111 1111 1111 1111", "5500 0000 0000 0004", "none on file"];
     let doc = serde_json::to_vec(&json!({
@@ -563,20 +567,7 @@ fn json_mask_engine(items: usize) -> Result<Value> {
             "note": format!("prefers email; account opened in {} by referral", 2000 + i % 26),
         })).collect::<Vec<_>>(),
     }))?;
-    let detectors: Vec<Detector> = [
-        "email",
-        "card",
-        "ssn",
-        "phone",
-        "iban",
-        "aws_key",
-        "jwt",
-        "private_key",
-        "bearer",
-    ]
-    .iter()
-    .map(|d| d.parse().map_err(|e| anyhow::anyhow!("{d}: {e:?}")))
-    .collect::<Result<_>>()?;
+    let detectors = all_detectors()?;
     let masks = vec![
         MaskRule {
             columns: vec!["$.items[*].email".to_owned()],
