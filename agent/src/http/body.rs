@@ -342,6 +342,77 @@ impl Body for Pieces {
     }
 }
 
+/// What passed through a body: its size, and its first bytes (up to what the record keeps).
+#[derive(Debug, Default)]
+pub struct Tap {
+    pub total: u64,
+    pub head: Vec<u8>,
+    keep: usize,
+}
+
+impl Tap {
+    pub fn shared(keep: usize) -> SharedTap {
+        Arc::new(std::sync::Mutex::new(Self::default_keeping(keep)))
+    }
+
+    pub fn default_keeping(keep: usize) -> Self {
+        Tap {
+            keep,
+            ..Tap::default()
+        }
+    }
+
+    pub fn see(&mut self, data: &[u8]) {
+        self.total += data.len() as u64;
+        let room = self.keep.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&data[..room.min(data.len())]);
+    }
+}
+
+pub type SharedTap = Arc<std::sync::Mutex<Tap>>;
+
+/// A body whose data is seen by a [`Tap`] as it passes.
+pub struct Tapped<B> {
+    inner: B,
+    tap: SharedTap,
+}
+
+impl<B> Tapped<B> {
+    pub fn new(inner: B, tap: SharedTap) -> Self {
+        Self { inner, tap }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Tapped<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.tap
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .see(data);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::VecDeque;

@@ -11,6 +11,7 @@
 //! upstream_server_name = "api.internal"
 //! hosts = ["api.internal"]       # Host header values accepted
 //! approval_timeout = "5m"
+//! record_bodies = "4KiB"         # of each request and response body, in its record (0: none)
 //! [resource.credentials.read]
 //! header = "authorization"       # default
 //! scheme = "bearer"              # bearer | basic | none
@@ -100,7 +101,13 @@ pub struct HttpResource {
     pub mask_exempt_access: Option<Access>,
     /// What happens to a response the masks cannot inspect (binary, compressed).
     pub uninspectable: Uninspectable,
+    /// How much of each request and response body is kept in the request's record (0:
+    /// none; sizes are recorded either way).
+    pub record_bodies: usize,
 }
+
+/// The most of a body a record may keep.
+pub const MAX_RECORD_BODIES: usize = 64 * 1024;
 
 /// A response body masking cannot read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +182,7 @@ struct RawHttp {
     mask: Option<Vec<S<RawMask>>>,
     mask_exempt_access: Option<S<String>>,
     uninspectable: Option<S<String>>,
+    record_bodies: Option<S<String>>,
 }
 
 /// The keys a `[[resource]]` may have for `protocol = "http"`.
@@ -191,6 +199,7 @@ pub const KEYS: &[&str] = &[
     "mask",
     "mask_exempt_access",
     "uninspectable",
+    "record_bodies",
 ];
 
 /// The verbs a Kubernetes rule may name: RBAC's, plus the subresources the gate treats as
@@ -559,7 +568,25 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> HttpResource {
         ],
         Uninspectable::Refuse,
     );
+    let record_bodies = match raw.record_bodies.as_ref() {
+        None => 0,
+        Some(v) => match crate::config::limits::parse_size(v.get_ref()) {
+            Ok(n) if n <= MAX_RECORD_BODIES => n,
+            Ok(_) => {
+                cx.fail(
+                    v.span(),
+                    format!("resource.record_bodies: at most {MAX_RECORD_BODIES} bytes (64KiB)"),
+                );
+                0
+            }
+            Err(e) => {
+                cx.fail(v.span(), format!("resource.record_bodies: {e}"));
+                0
+            }
+        },
+    };
     HttpResource {
+        record_bodies,
         masks,
         mask_exempt_access,
         uninspectable,

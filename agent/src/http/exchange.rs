@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    body::{self, BoxError, Counted, Direction, LineMasker, Out, Rewritten},
+    body::{
+        self, BoxError, Counted, Direction, LineMasker, Out, Rewritten, SharedTap, Tap, Tapped,
+    },
     cast,
     config::{Flavor, HttpResource},
     jsonmask::BodyMasker,
@@ -123,6 +125,106 @@ pub(super) struct Ctx<'a> {
 /// [`kube::MAX_MASKED_BODY`].
 pub(super) const MAX_MASKED_HELD: usize = 2;
 
+/// A response body that writes its request's record once sent to its end, or dropped (the
+/// client gone, the session cut): with the sizes of both bodies and, where the resource keeps
+/// them (`record_bodies`), their first bytes, through the resource's detectors.
+struct Recorded {
+    inner: Out,
+    /// `None` once written.
+    record: Option<StatementRecord>,
+    store: crate::store::SharedStore,
+    request: SharedTap,
+    response: Tap,
+    masker: Option<Arc<BodyMasker>>,
+    complete: bool,
+    /// The body's length, when known from the start.
+    expected: Option<u64>,
+}
+
+impl Recorded {
+    fn write(&mut self) {
+        let Some(mut r) = self.record.take() else {
+            return;
+        };
+        let shown = |what: &str, tap: &Tap| {
+            let mut line = format!("[{what} body, {} B]", tap.total);
+            if !tap.head.is_empty() {
+                let text = String::from_utf8_lossy(&tap.head);
+                let text = match &self.masker {
+                    Some(m) => m.mask_text(&text).0,
+                    None => text.into_owned(),
+                };
+                line.push(' ');
+                line.push_str(&text);
+                if tap.total > tap.head.len() as u64 {
+                    line.push_str(" ...");
+                }
+            }
+            Some(line)
+        };
+        {
+            let request = self
+                .request
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            r.params.push(shown("request", &request));
+        }
+        r.params.push(shown("response", &self.response));
+        if !self.complete {
+            let cut = format!(" (cut after {} B)", self.response.total);
+            r.tag = Some(r.tag.take().unwrap_or_default() + &cut);
+        }
+        self.store.record_statements(vec![r]);
+    }
+}
+
+impl hyper::body::Body for Recorded {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.response.see(data);
+                }
+            }
+            std::task::Poll::Ready(None) => {
+                this.complete = true;
+                this.write();
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        // A server stops polling a body of known length once it has sent that many bytes;
+        // a body nobody polled (HEAD, 204, 304) is complete if it was empty.
+        if hyper::body::Body::is_end_stream(&self.inner)
+            || self.expected.is_some_and(|n| self.response.total >= n)
+        {
+            self.complete = true;
+        }
+        self.write();
+    }
+}
+
 /// One request waiting for approval, counted in [`Ctx::holding`] while it lives.
 struct Holding<'c>(&'c AtomicU32);
 
@@ -165,20 +267,26 @@ impl Unfinished<'_, '_> {
         }
     }
 
-    fn finish(&mut self, status: u16, error: Option<String>, masked: u64) {
-        if let Some(mut r) = self.record.take() {
-            r.tag = Some(status.to_string());
-            r.error = error;
-            r.masked = masked;
-            r.duration_ms = Some(
-                self.started
-                    .elapsed()
-                    .saturating_sub(self.held)
-                    .as_secs_f64()
-                    * 1e3,
-            );
-            self.ctx.record(r);
-        }
+    /// The record, complete but for the bodies: it is written when the response body has
+    /// been sent (or dropped), by [`Recorded`].
+    fn finish(
+        &mut self,
+        status: u16,
+        error: Option<String>,
+        masked: u64,
+    ) -> Option<StatementRecord> {
+        let mut r = self.record.take()?;
+        r.tag = Some(status.to_string());
+        r.error = error;
+        r.masked = masked;
+        r.duration_ms = Some(
+            self.started
+                .elapsed()
+                .saturating_sub(self.held)
+                .as_secs_f64()
+                * 1e3,
+        );
+        Some(r)
     }
 }
 
@@ -251,6 +359,7 @@ impl Ctx<'_> {
                 masked: 0,
             }),
         };
+        let request_tap = Tap::shared(self.settings.record_bodies);
         let wording = Wording::for_request(self.settings.flavor, &method, req.uri());
         let (response, error, masked) = match self.judge(&req, &method).await {
             Err((refusal, verdict)) => {
@@ -261,7 +370,10 @@ impl Ctx<'_> {
             }
             Ok((path, kube, verdict)) => {
                 record.verdict(verdict);
-                match self.forward(req, &path, kube.as_ref(), seq).await {
+                match self
+                    .forward(req, &path, kube.as_ref(), seq, request_tap.clone())
+                    .await
+                {
                     Ok((response, masked, recorded)) => {
                         if let Some(p) = recorded {
                             record.note(&format!(" [recorded: {}]", p.display()));
@@ -275,8 +387,20 @@ impl Ctx<'_> {
                 }
             }
         };
-        record.finish(response.status().as_u16(), error, masked);
-        response
+        let finished = record.finish(response.status().as_u16(), error, masked);
+        let (parts, body) = response.into_parts();
+        let expected = hyper::body::Body::size_hint(&body).exact();
+        let body = Recorded {
+            expected,
+            inner: body,
+            record: finished,
+            store: self.services.store.clone(),
+            request: request_tap,
+            response: Tap::default_keeping(self.settings.record_bodies),
+            masker: self.masker.clone(),
+            complete: false,
+        };
+        Response::from_parts(parts, body.boxed_unsync())
     }
 
     /// The request's headers as recorded: `name: value`, credentials and cookies redacted,
@@ -603,6 +727,7 @@ impl Ctx<'_> {
         path: &str,
         kube: Option<&KubeRequest>,
         seq: u32,
+        request_tap: SharedTap,
     ) -> Result<(Response<Out>, u64, Option<std::path::PathBuf>), Refusal> {
         let mut recorded = None;
         let mut req = req;
@@ -684,7 +809,10 @@ impl Ctx<'_> {
         }
         let request = Request::from_parts(
             parts,
-            Counted::new(incoming, self.counters.clone(), Direction::Up),
+            Tapped::new(
+                Counted::new(incoming, self.counters.clone(), Direction::Up),
+                request_tap,
+            ),
         );
         let response = self.upstream.send(request).await.map_err(|e| Refusal {
             status: 502,

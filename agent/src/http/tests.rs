@@ -363,6 +363,47 @@ async fn policy_limits_hold_requests_per_second_and_response_bytes() {
 }
 
 #[tokio::test]
+async fn records_carry_body_sizes_and_the_first_bytes_kept() {
+    let (h, _dir) = harness("record_bodies = \"8\"").await;
+    let grant = h.grant().await;
+    let (pipe, task) = h.connect();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(pipe))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = Request::get("/x")
+        .header("host", "svc")
+        .body(Full::new(Bytes::from_static(b"hello world")))
+        .expect("request");
+    let (status, body) = answer(sender.send_request(req)).await;
+    assert_eq!(status, 200, "{body}");
+    h.revoke(&grant).await;
+    outcome(task).await;
+    let store = &h.ctx.services.store;
+    let sessions = store.sessions(false, 10).await.expect("sessions");
+    let history = store
+        .session_history(sessions[0].id.clone())
+        .await
+        .expect("history")
+        .expect("the session");
+    let params: Vec<String> = history.statements[0]
+        .params
+        .iter()
+        .flatten()
+        .cloned()
+        .collect();
+    assert!(
+        params.contains(&"[request body, 11 B] hello wo ...".to_owned()),
+        "{params:?}"
+    );
+    assert!(
+        params.contains(&format!("[response body, {} B] /x|Beare ...", body.len())),
+        "{params:?}"
+    );
+    assert_eq!(history.statements[0].tag.as_deref(), Some("200"));
+}
+
+#[tokio::test]
 async fn upstream_connections_are_reused_between_requests() {
     let (h, _dir) = harness("").await;
     h.grant().await;
@@ -471,6 +512,20 @@ async fn http2_streams_run_side_by_side_each_judged_and_all_cut_with_the_grant()
         !matches!(next, Some(Ok(ref f)) if f.is_data()),
         "nothing more flows after the cut: {next:?}"
     );
+    // The open stream's record says where it was cut.
+    let store = &h.ctx.services.store;
+    let sessions = store.sessions(false, 10).await.expect("sessions");
+    let history = store
+        .session_history(sessions[0].id.clone())
+        .await
+        .expect("history")
+        .expect("the session");
+    let hang = history
+        .statements
+        .iter()
+        .find(|s| s.text == "GET /hang")
+        .expect("the watch's record");
+    assert_eq!(hang.tag.as_deref(), Some("200 (cut after 6 B)"), "{hang:?}");
 }
 
 #[tokio::test]

@@ -28,7 +28,7 @@ use tokio::{net::TcpStream, task::JoinHandle};
 use tokio_rustls::TlsConnector;
 use tokio_util::either::Either;
 
-use super::body::Counted;
+use super::body::{Counted, Tapped};
 
 /// How long connecting (TCP and TLS) to the upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,8 +40,9 @@ const MAX_IDLE: usize = 8;
 /// wait for one to end. An HTTP/2 client could otherwise open a connection per stream.
 pub const MAX_IN_FLIGHT: usize = 16;
 
-/// What a request's body is on its way up: the client's, counted.
-pub type UpBody = Counted<Incoming>;
+/// What a request's body is on its way up: the client's, counted and seen by the request's
+/// record.
+pub type UpBody = Tapped<Counted<Incoming>>;
 
 /// How to reach the upstream.
 #[derive(Clone)]
