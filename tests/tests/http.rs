@@ -586,7 +586,7 @@ watch.on('data', async d => {{
 watch.on('close', () => {{ console.log('watch closed'); process.exit(watch.rstCode ? 4 : 0); }});
 "#
     );
-    let mut node = gate.spawn("bot", &["--grant", "api:read:4s"], &["node", "-e", &script]);
+    let mut node = gate.spawn("bot", &["--grant", "api:read:6s"], &["node", "-e", &script]);
     node.expect_line("done", Duration::from_secs(15));
     let out = node.seen.join("\n");
     let grants = gate.cli(&["grants", "--all", "--json"]).json();
