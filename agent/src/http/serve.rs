@@ -125,6 +125,11 @@ where
                             }
                         }
                         () = idle.as_mut(), if streams.is_empty() && !shut => {
+                            // A stream hyper has just accepted is not idleness.
+                            if let Ok(stream) = rx.try_recv() {
+                                streams.push(stream);
+                                continue;
+                            }
                             shut = true;
                             conn.as_mut().graceful_shutdown();
                         }
