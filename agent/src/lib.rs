@@ -14,6 +14,7 @@
 //!   front end, which the CLI speaks.
 //! * [`daemon`]: start-up order, reload, shutdown.
 //! * [`ops`]: metrics and health endpoint, systemd readiness and watchdog, logging.
+//! * [`secret_file`]: the one rule for files that hold secrets.
 //! * [`cli`]: the `jitgate` command.
 pub mod cli;
 pub mod config;
@@ -32,6 +33,7 @@ pub mod postgres;
 pub mod protocol;
 pub mod proxy;
 pub mod refusals;
+pub mod secret_file;
 pub mod store;
 pub mod tasks;
 /// Whole sessions over in-memory pipes: the middle layer of tests, and the session fuzz target
