@@ -458,6 +458,8 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         .collect();
 
     let shared = SharedConfig::new(config.clone());
+    // Subscribed before anything else is recorded, so no event of this run is missed.
+    crate::webhooks::spawn(&store, shared.clone(), shutdown.clone());
     let routes = Routes::default();
     let destinations = Arc::new(Destinations::new(shared.clone(), routes.clone())?);
     destinations.resolve_all().await;

@@ -14,6 +14,7 @@
 //!   front end, which the CLI speaks.
 //! * [`daemon`]: start-up order, reload, shutdown.
 //! * [`ops`]: metrics and health endpoint, systemd readiness and watchdog, logging.
+//! * [`webhooks`]: notifications of audit events to approvers' chat and scripts, signed.
 //! * [`secret_file`]: the one rule for files that hold secrets.
 //! * [`cli`]: the `jitgate` command.
 pub mod cli;
@@ -41,3 +42,4 @@ pub mod tasks;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod testing;
+pub mod webhooks;

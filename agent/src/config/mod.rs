@@ -6,8 +6,10 @@
 
 pub mod address;
 pub mod limits;
+pub mod webhooks;
 
 pub use limits::{GrantLimits, parse_size};
+pub use webhooks::{Endpoint, Webhook, WebhookFormat, WebhookTarget};
 
 use std::{
     collections::HashSet,
@@ -212,6 +214,8 @@ pub struct Config {
     pub workloads: Vec<Workload>,
     pub resources: Vec<Resource>,
     pub policies: Vec<Policy>,
+    /// Where notifications of audit events go (`[[webhook]]`).
+    pub webhooks: Vec<Webhook>,
 }
 
 #[derive(Clone, Debug)]
@@ -403,6 +407,8 @@ struct RawConfig {
     _resources: Vec<serde::de::IgnoredAny>,
     #[serde(default)]
     policy: Vec<S<RawPolicy>>,
+    #[serde(default)]
+    webhook: Vec<S<webhooks::RawWebhook>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -604,12 +610,14 @@ impl Validator<'_> {
         let workloads = self.workloads(&daemon, raw.workload);
         let resources = self.resources(&daemon);
         let policies = self.policies(&workloads, &resources, raw.policy);
+        let webhooks = self.webhooks(raw.webhook);
         Config {
             path: path.to_owned(),
             daemon,
             workloads,
             resources,
             policies,
+            webhooks,
         }
     }
 
