@@ -208,6 +208,22 @@ pub struct Request {
     /// The session the held statement belongs to.
     #[serde(default)]
     pub session: Option<String>,
+    /// Approvals recorded so far, for a request its policy says needs several
+    /// (`approvals`, `approvals_from`); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<Approval>,
+}
+
+/// One person's approval of a request that needs several.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// The approver as the audit log names them (`user alice`): one approval per person.
+    pub by: String,
+    pub uid: u32,
+    pub at: Timestamp,
+    /// The policy's `approvals_from` principals this approver counted for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub covers: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

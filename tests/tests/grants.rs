@@ -522,3 +522,62 @@ fn approvers_hear_of_requests_by_signed_webhook() {
     assert_eq!(revoked["detail"]["grant"], grant.as_str());
     assert_eq!(revoked["detail"]["reason"], "done");
 }
+
+/// A policy that needs two approvers: the first approval leaves the workload waiting (and
+/// refused), the same person cannot count twice, the second issues the grant naming both.
+#[test]
+fn a_policy_can_require_two_different_approvers() {
+    jitgate_e2e::root_or_skip!();
+    ensure_approver_user();
+    let web = servers::http_server();
+    let config = Body::new()
+        .workload("pair-bot", &["root"])
+        .resource("web", &web.addr.to_string())
+        .policy(
+            &["pair-bot"],
+            &["web"],
+            &["read"],
+            &format!(
+                "name = \"two-keys\"\nmax_ttl = \"1h\"\napproval = \"manual\"\napprovers = [\"root\", \"{APPROVER_USER}\"]\napprovals = 2"
+            ),
+        )
+        .build();
+    let gate = Gate::start("two-approvers", "", &config);
+    let url = format!("http://{}/", web.addr);
+    let script =
+        format!("jitgate request web --reason 'drop the cache' --wait && curl -sS -m 5 {url}");
+    let mut workload = gate.spawn("pair-bot", &[], &["sh", "-c", &script]);
+    let id = gate.pending_request()["id"].as_str().unwrap().to_owned();
+
+    let first = gate.cli(&["approve", &id]);
+    first.assert_ok();
+    assert!(first.stdout.contains("approval 1 recorded"), "{first:#?}");
+    let again = gate.cli(&["approve", &id]);
+    assert_eq!(again.code, 6, "{again:#?}");
+    assert!(again.stderr.contains("already approved"), "{again:#?}");
+    // Still pending, and nothing reaches the resource meanwhile.
+    let pending = gate.cli(&["approvals", "--json"]).json();
+    assert_eq!(pending[0]["id"], id.as_str());
+    assert_eq!(pending[0]["approvals"][0]["by"], "user root");
+    let refused = gate.run("pair-bot", &[], &["curl", "-sS", "-m", "3", &url]);
+    assert_ne!(refused.code, 0, "{refused:#?}");
+
+    let second = gate.cli_as(APPROVER_USER, &["approve", &id, "--json"]);
+    second.assert_ok();
+    let grant = &second.json()["grant"];
+    assert_eq!(grant["approved_by"], format!("root, {APPROVER_USER}"));
+    workload.expect_line(BANNER, Duration::from_secs(10));
+    assert_eq!(workload.wait(Duration::from_secs(10)), 0);
+    let audit = gate.cli(&["audit", "--json"]).json();
+    let kinds: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "request.approval").count(),
+        2,
+        "{kinds:?}"
+    );
+}

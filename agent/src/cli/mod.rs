@@ -440,6 +440,16 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                         println!("  {}  {}", q.id, one_line(text, 200));
                     }
                 }
+                // Requests whose policy needs several approvers: who has approved so far.
+                for q in pending.iter().filter(|q| !q.approvals.is_empty()) {
+                    let by: Vec<&str> = q.approvals.iter().map(|a| a.by.as_str()).collect();
+                    println!(
+                        "\n{} has {} approval(s) so far ({}); its policy needs more",
+                        q.id,
+                        by.len(),
+                        by.join(", ")
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -459,6 +469,18 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                     grant.resource,
                     output::when(grant.expires_at),
                     output::relative(grant.expires_at)
+                );
+            } else if approved.request.status == RequestStatus::Pending {
+                let by: Vec<&str> = approved
+                    .request
+                    .approvals
+                    .iter()
+                    .map(|a| a.by.as_str())
+                    .collect();
+                println!(
+                    "approval {} recorded for {id} (so far: {}); its policy needs more approvers before the grant is issued",
+                    by.len(),
+                    by.join(", ")
                 );
             } else {
                 println!(

@@ -282,6 +282,9 @@ impl Default for Limits {
     }
 }
 
+/// Most approvals a policy may ask for.
+pub const MAX_APPROVALS: u32 = 10;
+
 /// Highest value a concurrency limit may be set to (beyond it the descriptor limit rules).
 pub const MAX_LIMIT: i64 = 100_000;
 
@@ -323,6 +326,11 @@ pub struct Policy {
     pub max_ttl: Duration,
     pub approval: Approval,
     pub approvers: Vec<Principal>,
+    /// Approvals from different people a request needs (`approvals`, default 1).
+    pub approvals: u32,
+    /// Principals of whom at least one must be among those approvals (`approvals_from`:
+    /// e.g. one DBA and one from security).
+    pub approvals_from: Vec<Principal>,
     /// How much a grant under this policy may take ([`GrantLimits`]).
     pub limits: GrantLimits,
 }
@@ -503,6 +511,9 @@ struct RawPolicy {
     approval: Approval,
     #[serde(default)]
     approvers: Vec<S<String>>,
+    approvals: Option<S<i64>>,
+    #[serde(default)]
+    approvals_from: Vec<S<String>>,
     limits: Option<S<limits::RawLimits>>,
 }
 
@@ -1187,9 +1198,52 @@ impl Validator<'_> {
             let approvers = self.principals("policy.approvers", &p.approvers);
             if p.approval == Approval::Manual && approvers.is_empty() {
                 self.fail(
-                    span,
+                    span.clone(),
                     format!(
                         "policy `{name}`: approval = \"manual\" needs approvers (unix users or \"group:NAME\")"
+                    ),
+                );
+            }
+            let approvals_from = self.principals("policy.approvals_from", &p.approvals_from);
+            for (raw, principal) in p.approvals_from.iter().zip(&approvals_from) {
+                if !approvers.contains(principal) {
+                    self.fail(
+                        raw.span(),
+                        format!("policy.approvals_from: `{principal}` is not one of the policy's approvers"),
+                    );
+                }
+            }
+            let approvals = match &p.approvals {
+                None => 1,
+                Some(n) => match u32::try_from(*n.get_ref()) {
+                    Ok(n @ 1..=MAX_APPROVALS) => n,
+                    _ => {
+                        self.fail(
+                            n.span(),
+                            format!("policy.approvals: from 1 to {MAX_APPROVALS}"),
+                        );
+                        1
+                    }
+                },
+            };
+            if (approvals > 1 || !approvals_from.is_empty()) && p.approval != Approval::Manual {
+                self.fail(
+                    span.clone(),
+                    format!(
+                        "policy `{name}`: approvals and approvals_from need approval = \"manual\""
+                    ),
+                );
+            }
+            // Named users only: the count can be checked now (a group may grow).
+            if approvers.iter().all(|a| matches!(a, Principal::User(_)))
+                && !approvers.is_empty()
+                && approvals as usize > approvers.len()
+            {
+                self.fail(
+                    span.clone(),
+                    format!(
+                        "policy `{name}`: approvals = {approvals} can never be met by its {} approvers",
+                        approvers.len()
                     ),
                 );
             }
@@ -1218,6 +1272,8 @@ impl Validator<'_> {
                 max_ttl,
                 approval: p.approval,
                 approvers,
+                approvals: approvals.max(u32::try_from(approvals_from.len()).unwrap_or(u32::MAX)),
+                approvals_from,
                 limits,
             });
         }
@@ -1453,6 +1509,44 @@ approvers = ["alice", "group:dba"]
         assert!(e.contains("needs approvers"), "{e}");
         let e = error_of(&SAMPLE.replace("[daemon]", "[daemon]\nproxy_listen = \"0.0.0.0:15001\""));
         assert!(e.contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn several_approvals_are_checked_against_the_approvers() {
+        let c = parse(&SAMPLE.replace(
+            "approvers = [\"alice\", \"group:dba\"]",
+            "approvers = [\"alice\", \"group:dba\"]\napprovals = 2\napprovals_from = [\"group:dba\"]",
+        ))
+        .unwrap();
+        assert_eq!(c.policies[0].approvals, 2);
+        assert_eq!(
+            c.policies[0].approvals_from,
+            [Principal::Group("dba".into())]
+        );
+        for (keys, want) in [
+            (
+                "approvers = [\"alice\", \"bob\"]\napprovals = 3",
+                "can never be met by its 2 approvers",
+            ),
+            (
+                "approvers = [\"alice\"]\napprovals_from = [\"bob\"]",
+                "`bob` is not one of the policy's approvers",
+            ),
+            (
+                "approvers = [\"alice\"]\napprovals = 0",
+                "policy.approvals: from 1 to 10",
+            ),
+        ] {
+            let e =
+                parse(&SAMPLE.replace("approvers = [\"alice\", \"group:dba\"]", keys)).unwrap_err();
+            assert!(e.to_string().contains(want), "{keys}: {e}");
+        }
+        let e = parse(&SAMPLE.replace(
+            "approval = \"manual\"\napprovers = [\"alice\", \"group:dba\"]",
+            "approval = \"auto\"\napprovals = 2",
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("need approval = \"manual\""), "{e}");
     }
 
     #[test]

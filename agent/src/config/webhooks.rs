@@ -130,6 +130,7 @@ pub const KINDS: &[&str] = &[
     "request.filed",
     "statement.held",
     "request.approved",
+    "request.approval",
     "statement.approved",
     "request.denied",
     "request.expired",

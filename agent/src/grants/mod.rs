@@ -22,7 +22,7 @@ use crate::{
     config::{Access, SharedConfig},
     identity::{self, Attribution, Caller},
     ids,
-    model::{Actor, Grant, Request, RequestStatus, Timestamp, human_duration},
+    model::{Actor, Approval, Grant, Request, RequestStatus, Timestamp, human_duration},
     ops::metrics,
     store::{
         Decided, GrantApproval, RequestKey, SharedStore, StoreError,
@@ -306,6 +306,7 @@ impl GrantEngine {
             decided_by: None,
             decided_at: None,
             decision_reason: None,
+            approvals: Vec::new(),
             grant: None,
             statement: None,
             session: None,
@@ -415,6 +416,7 @@ impl GrantEngine {
             decided_by: None,
             decided_at: None,
             decision_reason: None,
+            approvals: Vec::new(),
             grant: None,
             statement: Some(statement.to_owned()),
             session: Some(session.to_owned()),
@@ -502,8 +504,64 @@ impl GrantEngine {
                 human_duration(cap)
             )));
         }
+        // A policy may ask for several approvers: record this one, and issue the grant only
+        // with the last.
+        let (needed, from) = policy::approvals_needed(
+            &config,
+            &request.identity,
+            &request.resource,
+            request.access,
+        );
+        let mut approved_by = caller.user.clone();
+        if needed > 1 || !from.is_empty() {
+            let approval = Approval {
+                by: actor_label(&caller.actor()),
+                uid: caller.uid,
+                at: Timestamp::now(),
+                covers: from
+                    .iter()
+                    .filter(|p| identity::principal_matches(std::slice::from_ref(*p), caller.uid))
+                    .map(ToString::to_string)
+                    .collect(),
+            };
+            let now = match self
+                .inner
+                .store
+                .add_approval(id.to_owned(), approval, needed)
+                .await
+            {
+                Ok(Decided::Done(q)) => *q,
+                Ok(Decided::NotPending) => return Err(decided_meanwhile(id)),
+                Ok(Decided::TaskEnded) => {
+                    return Err(EngineError::Conflict(format!(
+                        "request {id} was for task {}, which has ended",
+                        request.task.unwrap_or_default()
+                    )));
+                }
+                Err(StoreError::Invalid(why)) => return Err(EngineError::Conflict(why)),
+                Err(e) => return Err(e.into()),
+            };
+            let missing: Vec<String> = from
+                .iter()
+                .map(ToString::to_string)
+                .filter(|p| !now.approvals.iter().any(|a| a.covers.contains(p)))
+                .collect();
+            if now.approvals.len() < needed as usize || !missing.is_empty() {
+                info!(request = %id, approver = %caller.user, approvals = now.approvals.len(), needed, "approval recorded; more needed");
+                return Ok(Approved {
+                    request: now,
+                    grant: None,
+                });
+            }
+            approved_by = now
+                .approvals
+                .iter()
+                .map(|a| a.by.strip_prefix("user ").unwrap_or(&a.by).to_owned())
+                .collect::<Vec<_>>()
+                .join(", ");
+        }
         let approver = caller.actor();
-        let grant = self.new_grant(&request, ttl, caller.user.clone());
+        let grant = self.new_grant(&request, ttl, approved_by);
         let approval = GrantApproval {
             grant: grant.clone(),
             actor: actor_label(&approver),

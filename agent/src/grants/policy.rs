@@ -143,6 +143,34 @@ pub fn approvers_for(
     out
 }
 
+/// What approving a request takes where several policies cover it: the most approvals any
+/// of them asks for, and every principal any of them names in `approvals_from`.
+pub fn approvals_needed(
+    config: &Config,
+    identity: &str,
+    resource: &str,
+    access: Access,
+) -> (u32, Vec<Principal>) {
+    let mut needed = 1;
+    let mut from: Vec<Principal> = Vec::new();
+    for p in config
+        .policies
+        .iter()
+        .filter(|p| p.covers(identity, resource, access))
+    {
+        needed = needed.max(p.approvals);
+        for a in &p.approvals_from {
+            if !from.contains(a) {
+                from.push(a.clone());
+            }
+        }
+    }
+    (
+        needed.max(u32::try_from(from.len()).unwrap_or(u32::MAX)),
+        from,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

@@ -326,3 +326,76 @@ async fn live_grants_are_restored_and_a_task_end_lapses_its_requests() {
     assert!(!h.engine.lapse(&q.id, "late").await.unwrap());
     assert!(h.engine.approvals().await.unwrap().is_empty());
 }
+
+/// A policy that needs two approvers, one of them from a named principal: the first approval
+/// is recorded and issues nothing; the same person again is refused; a second approver who
+/// is not the named one still leaves it pending; the named one issues the grant, naming all.
+#[tokio::test]
+async fn several_approvers_from_different_people() {
+    let text = CONFIG.replace(
+        "approvers = [\"4200\"]",
+        "approvers = [\"4200\", \"4201\", \"4202\"]\napprovals = 2\napprovals_from = [\"4202\"]",
+    );
+    let store = Arc::new(MemoryStore::default());
+    let config = Config::from_toml(Path::new("test.toml"), &text).unwrap();
+    let shutdown = CancellationToken::new();
+    let shared: SharedStore = store.clone();
+    let engine = GrantEngine::start(shared, SharedConfig::new(config), shutdown.clone())
+        .await
+        .unwrap();
+    let q = file(&engine, &workload(None), spec("orders-db"))
+        .await
+        .unwrap();
+    let first = engine
+        .approve(&user(4200), engine.pending(&q.id).await.unwrap(), None)
+        .await
+        .unwrap();
+    assert!(first.grant.is_none());
+    assert_eq!(first.request.status, RequestStatus::Pending);
+    assert_eq!(first.request.approvals.len(), 1);
+    assert!(
+        engine
+            .find("ci-bot", None, "orders-db", Access::Read)
+            .is_none()
+    );
+    // The same person twice counts once: refused.
+    let again = engine
+        .approve(&user(4200), engine.pending(&q.id).await.unwrap(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&again, EngineError::Conflict(m) if m.contains("already approved")),
+        "{again:?}"
+    );
+    // Two people, but not the one `approvals_from` names: still pending.
+    let second = engine
+        .approve(&user(4201), engine.pending(&q.id).await.unwrap(), None)
+        .await
+        .unwrap();
+    assert!(second.grant.is_none(), "4202 has not approved");
+    assert_eq!(second.request.approvals.len(), 2);
+    let last = engine
+        .approve(&user(4202), engine.pending(&q.id).await.unwrap(), None)
+        .await
+        .unwrap();
+    let grant = last.grant.expect("the grant, with the last approval");
+    assert_eq!(grant.approved_by, "4200, 4201, 4202");
+    assert!(
+        engine
+            .find("ci-bot", None, "orders-db", Access::Read)
+            .is_some()
+    );
+    let kinds = kinds(&store).await;
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| k.as_str() == "request.approval")
+            .count(),
+        3
+    );
+    assert!(
+        kinds.ends_with(&["request.approved".into(), "grant.issued".into()]),
+        "{kinds:?}"
+    );
+    shutdown.cancel();
+}

@@ -11,13 +11,14 @@ use super::{
     Decided, GrantApproval, GrantChange, RequestKey, Result, SessionHistory, Store, StoreError,
     StoreFuture, VerifyReport,
     audit::{
-        self, AuditKey, Event, GrantExpired, GrantRevoked, Head, RequestApproved, RequestDenied,
-        RequestExpired, RequestRef, Sealed, TaskRef, TaskStarted, Verifier, session_actor,
+        self, AuditKey, Event, GrantExpired, GrantRevoked, Head, RequestApproval, RequestApproved,
+        RequestDenied, RequestExpired, RequestRef, Sealed, TaskRef, TaskStarted, Verifier,
+        session_actor,
     },
 };
 use crate::model::{
-    Actor, AuditEvent, Grant, Request, RequestStatus, Session, SessionOutcome, StatementRecord,
-    Task, Timestamp,
+    Actor, Approval, AuditEvent, Grant, Request, RequestStatus, Session, SessionOutcome,
+    StatementRecord, Task, Timestamp,
 };
 
 #[derive(Clone, Default)]
@@ -303,6 +304,54 @@ impl Store for MemoryStore {
             self.changed(GrantChange::Issued(Box::new(grant)));
         }
         ready(result)
+    }
+
+    fn add_approval(
+        &self,
+        id: String,
+        approval: Approval,
+        needed: u32,
+    ) -> StoreFuture<'_, Decided> {
+        ready(self.transact(|st, key| {
+            let ended = |st: &State, task: &Option<String>| {
+                task.as_ref().is_some_and(|t| {
+                    st.tasks
+                        .iter()
+                        .any(|x| &x.id == t && x.ended_at.is_some())
+                })
+            };
+            let Some(q) = st.requests.iter().find(|q| q.id == id).cloned() else {
+                return Ok(Decided::NotPending);
+            };
+            if q.status != RequestStatus::Pending {
+                return Ok(Decided::NotPending);
+            }
+            if ended(st, &q.task) {
+                return Ok(Decided::TaskEnded);
+            }
+            if q.approvals.iter().any(|a| a.by == approval.by) {
+                return Err(StoreError::Invalid(format!(
+                    "{} already approved request {id}; it needs approvals from {needed} different people",
+                    approval.by
+                )));
+            }
+            let by = approval.by.clone();
+            let Some(stored) = st.request_mut(&id) else {
+                return Ok(Decided::NotPending);
+            };
+            stored.approvals.push(approval);
+            let now = stored.clone();
+            st.append(
+                key,
+                &by,
+                &Event::RequestApproval(RequestApproval {
+                    request: id.clone(),
+                    count: u32::try_from(now.approvals.len()).unwrap_or(u32::MAX),
+                    needed,
+                }),
+            )?;
+            Ok(Decided::Done(Box::new(now)))
+        }))
     }
 
     fn approve_statement(

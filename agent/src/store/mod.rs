@@ -26,7 +26,8 @@ use tokio::sync::broadcast;
 use crate::{
     config::Access,
     model::{
-        Actor, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord, Task, Timestamp,
+        Actor, Approval, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord, Task,
+        Timestamp,
     },
 };
 
@@ -142,6 +143,13 @@ pub trait Store: Send + Sync + 'static {
     fn approve_request(&self, approval: GrantApproval) -> StoreFuture<'_, Decided>;
 
     /// Approves a held statement (`statement.approved`).
+    /// Records one person's approval of a pending request that needs several, with its
+    /// `request.approval` record (`needed` is the policy's count, for the record). The
+    /// request as it now stands, its approvals included. Fails with
+    /// [`StoreError::Invalid`] if this person (`approval.by`) already approved it.
+    fn add_approval(&self, id: String, approval: Approval, needed: u32)
+    -> StoreFuture<'_, Decided>;
+
     fn approve_statement(
         &self,
         id: String,

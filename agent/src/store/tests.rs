@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::{
-    Decided, GrantApproval, GrantChange, MemoryStore, RequestKey, SqliteStore, Store,
+    Decided, GrantApproval, GrantChange, MemoryStore, RequestKey, SqliteStore, Store, StoreError,
     audit::{DaemonStarted, Event},
 };
 use crate::{
@@ -39,6 +39,7 @@ pub(crate) fn request(id: &str, task: Option<&str>, statement: Option<&str>) -> 
         decided_by: None,
         decided_at: None,
         decision_reason: None,
+        approvals: Vec::new(),
         grant: None,
         statement: statement.map(str::to_owned),
         session: statement.map(|_| "s-x".to_owned()),
@@ -368,6 +369,85 @@ pub(crate) async fn grants_live_and_revoked(store: &dyn Store) {
     assert_eq!(issued.actor, "policy p");
 }
 
+/// Approvals of a request that needs several: one per person, only while pending.
+pub(crate) async fn several_approvals(store: &dyn Store) {
+    use crate::model::Approval;
+    let approval = |by: &str, uid| Approval {
+        by: by.into(),
+        uid,
+        at: Timestamp::now(),
+        covers: vec!["group:dba".into()],
+    };
+    let q = request("req_n", None, None);
+    store
+        .file_request(q.clone(), "user bob".into())
+        .await
+        .unwrap();
+    let one = done(
+        store
+            .add_approval("req_n".into(), approval("user alice", 1001), 2)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(one.status, RequestStatus::Pending);
+    assert_eq!(one.approvals.len(), 1);
+    assert!(matches!(
+        store
+            .add_approval("req_n".into(), approval("user alice", 1001), 2)
+            .await,
+        Err(StoreError::Invalid(m)) if m.contains("already approved")
+    ));
+    let two = done(
+        store
+            .add_approval("req_n".into(), approval("user carol", 1002), 2)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        two.approvals
+            .iter()
+            .map(|a| a.by.as_str())
+            .collect::<Vec<_>>(),
+        ["user alice", "user carol"]
+    );
+    assert_eq!(two.approvals[1].covers, ["group:dba"]);
+    // Read back as stored.
+    assert_eq!(
+        store
+            .request("req_n".into())
+            .await
+            .unwrap()
+            .unwrap()
+            .approvals,
+        two.approvals
+    );
+    // Decided: no more approvals.
+    store
+        .deny_request("req_n".into(), actor(0, "root"), "user root".into(), None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .add_approval("req_n".into(), approval("user dave", 1003), 2)
+            .await
+            .unwrap(),
+        Decided::NotPending
+    ));
+    let log = store.audit_log(None, 100).await.unwrap();
+    let approvals: Vec<_> = log
+        .iter()
+        .filter(|r| r.kind == "request.approval")
+        .collect();
+    assert_eq!(
+        approvals.len(),
+        2,
+        "no record for the refused or late approvals"
+    );
+    assert_eq!(approvals[1].actor, "user carol");
+    assert_eq!(approvals[1].detail["count"], 2);
+    assert_eq!(approvals[1].detail["needed"], 2);
+}
+
 /// Sessions: opened, statements recorded in batches, ended; refused; orphans; pruning.
 pub(crate) async fn session_bookkeeping(store: &dyn Store) {
     store.session_opened(session("s-1"));
@@ -468,6 +548,16 @@ pub(crate) async fn audit_chain(store: &dyn Store, tamper: &dyn Fn(i64)) {
     );
 }
 
+/// The next record on an audit feed, within 20 s (a record that never comes fails the test).
+async fn next(
+    feed: &mut tokio::sync::broadcast::Receiver<crate::model::AuditEvent>,
+) -> crate::model::AuditEvent {
+    tokio::time::timeout(Duration::from_secs(20), feed.recv())
+        .await
+        .expect("a committed record is published")
+        .unwrap()
+}
+
 /// The audit feed: what was committed, in order, and nothing from an operation that failed.
 pub(crate) async fn audit_feed(store: &dyn Store) {
     use tokio::sync::broadcast::error::TryRecvError;
@@ -481,12 +571,12 @@ pub(crate) async fn audit_feed(store: &dyn Store) {
     assert!(store.file_request(q, "user bob".into()).await.is_err());
     store.session_opened(session("s-f1"));
     store.flush().await.unwrap();
-    let filed = feed.recv().await.unwrap();
+    let filed = next(&mut feed).await;
     assert_eq!(filed.kind, "request.filed");
     assert_eq!(filed.actor, "user bob");
     assert_eq!(filed.detail["request"], "req_f1");
     assert_eq!(filed.detail["reason"], "deploy");
-    let start = feed.recv().await.unwrap();
+    let start = next(&mut feed).await;
     assert_eq!(start.kind, "session.start");
     assert_eq!(start.detail["session"], "s-f1");
     assert_eq!(
@@ -500,10 +590,7 @@ pub(crate) async fn audit_feed(store: &dyn Store) {
     let mut ended = session("s-f1");
     ended.ended_at = Some(Timestamp::now());
     store.session_ended(ended);
-    let end = tokio::time::timeout(Duration::from_secs(20), feed.recv())
-        .await
-        .expect("a queued write is committed without a waiter")
-        .unwrap();
+    let end = next(&mut feed).await;
     assert_eq!(end.kind, "session.end");
     // The published records are the log's own.
     let log = store.audit_log(None, 100).await.unwrap();
@@ -514,6 +601,7 @@ pub(crate) async fn audit_feed(store: &dyn Store) {
 #[tokio::test]
 async fn memory_store_behaves() {
     audit_feed(&MemoryStore::default()).await;
+    several_approvals(&MemoryStore::default()).await;
     requests_and_decisions(&MemoryStore::default()).await;
     grants_live_and_revoked(&MemoryStore::default()).await;
     session_bookkeeping(&MemoryStore::default()).await;
@@ -538,6 +626,8 @@ fn sqlite() -> (SqliteStore, tempfile::TempDir) {
 async fn sqlite_store_behaves() {
     let (store, _dir) = sqlite();
     audit_feed(&store).await;
+    let (store, _dir) = sqlite();
+    several_approvals(&store).await;
     let (store, _dir) = sqlite();
     requests_and_decisions(&store).await;
     let (store, _dir) = sqlite();

@@ -28,6 +28,9 @@ pub enum Event {
     StatementHeld(StatementHeld),
     /// `request.approved`.
     RequestApproved(RequestApproved),
+    /// `request.approval`: one approval of a request that needs several (the last one is
+    /// `request.approved`).
+    RequestApproval(RequestApproval),
     /// `statement.approved`.
     StatementApproved(RequestRef),
     /// `request.denied`.
@@ -80,6 +83,7 @@ impl Event {
             Self::RequestFiled(_) => "request.filed",
             Self::StatementHeld(_) => "statement.held",
             Self::RequestApproved(_) => "request.approved",
+            Self::RequestApproval(_) => "request.approval",
             Self::StatementApproved(_) => "statement.approved",
             Self::RequestDenied(_) => "request.denied",
             Self::RequestExpired(_) => "request.expired",
@@ -240,6 +244,15 @@ pub struct RequestApproved {
     pub request: String,
     pub grant: String,
     pub ttl_secs: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RequestApproval {
+    pub request: String,
+    /// Distinct approvals so far, this one included.
+    pub count: u32,
+    /// How many the policy needs.
+    pub needed: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -421,6 +434,7 @@ mod tests {
             decided_by: None,
             decided_at: None,
             decision_reason: None,
+            approvals: Vec::new(),
             grant: None,
             statement: statement.map(str::to_owned),
             session: statement.map(|_| "ses_1".to_owned()),

@@ -24,12 +24,13 @@ use super::{
     Decided, GrantApproval, GrantChange, RequestKey, Result, SessionHistory, Store, StoreError,
     StoreFuture, VerifyReport,
     audit::{
-        AuditKey, Event, GrantExpired, GrantRevoked, RequestApproved, RequestDenied,
-        RequestExpired, RequestRef, TaskRef, TaskStarted, session_actor,
+        AuditKey, Event, GrantExpired, GrantRevoked, RequestApproval, RequestApproved,
+        RequestDenied, RequestExpired, RequestRef, TaskRef, TaskStarted, session_actor,
     },
 };
 use crate::model::{
-    Actor, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord, Task, Timestamp,
+    Actor, Approval, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord, Task,
+    Timestamp,
 };
 
 /// The file beside the database that holds the audit chain's last link, rewritten after each
@@ -233,6 +234,47 @@ impl Store for SqliteStore {
             }
             Ok(decided)
         })
+    }
+
+    fn add_approval(
+        &self,
+        id: String,
+        approval: Approval,
+        needed: u32,
+    ) -> StoreFuture<'_, Decided> {
+        Box::pin(self.call(move |db| {
+            let Some(mut q) = queries::get_request(db.conn, &id)? else {
+                return Ok(Decided::NotPending);
+            };
+            if q.status != RequestStatus::Pending {
+                return Ok(Decided::NotPending);
+            }
+            if let Some(task) = &q.task
+                && queries::task_ended(db.conn, task)?
+            {
+                return Ok(Decided::TaskEnded);
+            }
+            if q.approvals.iter().any(|a| a.by == approval.by) {
+                return Err(StoreError::Invalid(format!(
+                    "{} already approved request {id}; it needs approvals from {needed} different people",
+                    approval.by
+                )));
+            }
+            let by = approval.by.clone();
+            q.approvals.push(approval);
+            if !queries::set_approvals(db.conn, &id, &q.approvals)? {
+                return Ok(Decided::NotPending);
+            }
+            db.append(
+                &by,
+                &Event::RequestApproval(RequestApproval {
+                    request: id,
+                    count: u32::try_from(q.approvals.len()).unwrap_or(u32::MAX),
+                    needed,
+                }),
+            )?;
+            Ok(Decided::Done(Box::new(q)))
+        }))
     }
 
     fn approve_statement(

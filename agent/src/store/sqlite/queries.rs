@@ -23,14 +23,15 @@ fn actor_of(s: &str) -> rusqlite::Result<Actor> {
     })
 }
 
-fn json(actor: &Actor) -> String {
-    serde_json::to_string(actor).expect("Actor serializes")
+/// Plain records (no maps with non-string keys) always serialize.
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("a plain record serializes")
 }
 
 // ---------------------------------------------------------------------------------------------
 // Requests
 
-const REQUEST_COLUMNS: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id, statement, session_id";
+const REQUEST_COLUMNS: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id, statement, session_id, approvals";
 
 fn request_of(r: &Row<'_>) -> rusqlite::Result<Request> {
     let decided_by: Option<String> = r.get(11)?;
@@ -52,12 +53,22 @@ fn request_of(r: &Row<'_>) -> rusqlite::Result<Request> {
         grant: r.get(14)?,
         statement: r.get(15)?,
         session: r.get(16)?,
+        approvals: match r.get::<_, Option<String>>(17)? {
+            None => Vec::new(),
+            Some(text) => serde_json::from_str(&text).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    17,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?,
+        },
     })
 }
 
 pub fn insert_request(db: &Connection, q: &Request) -> Result<()> {
     db.execute(
-        &format!("INSERT INTO requests ({REQUEST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"),
+        &format!("INSERT INTO requests ({REQUEST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"),
         params![
             q.id,
             q.identity,
@@ -70,15 +81,29 @@ pub fn insert_request(db: &Connection, q: &Request) -> Result<()> {
             q.created_at.millis(),
             q.status.as_str(),
             q.policy,
-            q.decided_by.as_ref().map(json),
+            q.decided_by.as_ref().map(json::<Actor>),
             q.decided_at.map(Timestamp::millis),
             q.decision_reason,
             q.grant,
             q.statement,
             q.session,
+            (!q.approvals.is_empty()).then(|| json(&q.approvals)),
         ],
     )?;
     Ok(())
+}
+
+/// Replaces a pending request's approvals; `false` if it is no longer pending.
+pub fn set_approvals(
+    db: &Connection,
+    id: &str,
+    approvals: &[crate::model::Approval],
+) -> Result<bool> {
+    let changed = db.execute(
+        "UPDATE requests SET approvals = ?2 WHERE id = ?1 AND status = 'pending'",
+        params![id, json(&approvals)],
+    )?;
+    Ok(changed == 1)
 }
 
 pub fn get_request(db: &Connection, id: &str) -> Result<Option<Request>> {

@@ -115,6 +115,10 @@ const MIGRATIONS: &[&str] = &[
     r#"
     DROP INDEX statements_at;
     "#,
+    // 4: approvals of requests that need several (JSON array of model::Approval).
+    r#"
+    ALTER TABLE requests ADD COLUMN approvals TEXT;
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
