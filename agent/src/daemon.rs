@@ -122,6 +122,10 @@ fn keep_restart_only(running: &DaemonConfig, new: &mut DaemonConfig) -> Vec<&'st
             "worker_threads",
             keep_running(&a.worker_threads, &mut b.worker_threads),
         ),
+        (
+            "console_listen",
+            keep_running(&a.console_listen, &mut b.console_listen),
+        ),
     ];
     keys.into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -435,6 +439,10 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         Some(addr) => Some((ops::http::bind(addr).await?, ops::metrics::install()?)),
         None => None,
     };
+    let console_listener = match &config.console {
+        Some(console) => Some(crate::console::bind(console).await?),
+        None => None,
+    };
 
     let proxy_ports: std::collections::BTreeSet<u16> = std::iter::once(config.daemon.proxy_listen)
         .chain(config.daemon.proxy_listen6)
@@ -497,6 +505,7 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         &config.daemon.ca_cert,
     )
     .context("preparing the host-local CA")?;
+    let ca = Arc::new(ca);
     if let Err(e) = crate::http::kubeconfig::publish(&config) {
         warn!(error = %e, "cannot publish the kubeconfig for gated workloads");
     }
@@ -509,7 +518,7 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         engine: engine.clone(),
         store: store.clone(),
         registry: registry.clone(),
-        ca: Some(Arc::new(ca)),
+        ca: Some(ca.clone()),
         mask_key,
         shutdown: shutdown.clone(),
         limits: crate::protocol::limits::Limits::default(),
@@ -552,6 +561,11 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         sessions: Arc::new(registry),
         host: daemon.clone(),
     });
+    if let (Some(listener), Some(console)) = (console_listener, &config.console) {
+        let console = crate::console::Console::new(console, service.clone(), ca)
+            .context("starting the web console")?;
+        crate::console::serve(listener, Arc::new(console), shutdown.clone(), &tracker);
+    }
     server::serve(
         control,
         service,

@@ -12,11 +12,14 @@
 //! * [`store`]: the state store trait (SQLite and in-memory backends), the hash-chained audit log.
 //! * [`control`]: the control service (typed calls, who may make them) and its Unix-socket
 //!   front end, which the CLI speaks.
+//! * [`console`]: the web console, a second front end of the control service (HTTPS,
+//!   OpenID Connect sign-in, server-rendered pages).
 //! * [`daemon`]: start-up order, reload, shutdown.
 //! * [`ops`]: metrics and health endpoint, systemd readiness and watchdog, logging.
 //! * [`cli`]: the `jitgate` command.
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod daemon;
 pub mod destinations;

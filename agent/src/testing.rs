@@ -307,6 +307,7 @@ pub fn root() -> Caller {
         user: "root".into(),
         workload: None,
         gated_unattributed: false,
+        person: None,
     }
 }
 

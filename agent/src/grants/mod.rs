@@ -106,6 +106,8 @@ struct Inner {
 fn actor_label(actor: &Actor) -> String {
     match &actor.identity {
         Some(identity) => format!("workload {identity} (user {})", actor.user),
+        // A person of the web console: `oidc alice@example.com`.
+        None if actor.uid == crate::identity::WEB_UID => actor.user.clone(),
         None => format!("user {}", actor.user),
     }
 }
