@@ -609,3 +609,40 @@ impl Console {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_decode_and_the_first_value_wins() {
+        let f = parse_form("id=r-1&csrf=a%2Bb&reason=not+now%21&id=r-2&csrf=evil");
+        assert_eq!(
+            f["id"], "r-1",
+            "a repeated field cannot replace a checked one"
+        );
+        assert_eq!(f["csrf"], "a+b");
+        assert_eq!(f["reason"], "not now!");
+        // Broken escapes and invalid UTF-8 drop the field rather than guess.
+        let f = parse_form("a=%zz&b=%ff&c=%4&d=ok");
+        assert!(!f.contains_key("a") && !f.contains_key("b") && !f.contains_key("c"));
+        assert_eq!(f["d"], "ok");
+    }
+
+    #[test]
+    fn every_answer_is_hardened() {
+        let r = harden(redirect("/login"));
+        let h = r.headers();
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"));
+        assert!(!csp.contains("script-src"), "no script at all");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["cache-control"], "no-store");
+        let cookie = set_cookie(SESSION_COOKIE, "t", Duration::from_secs(60));
+        assert!(cookie.starts_with("__Host-"));
+        for attr in ["Secure", "HttpOnly", "SameSite=Lax", "Path=/"] {
+            assert!(cookie.contains(attr), "{cookie}");
+        }
+        assert!(!cookie.contains("Domain"));
+    }
+}
