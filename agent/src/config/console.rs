@@ -13,7 +13,7 @@ use super::{DaemonConfig, S, Validator};
 /// Where the redirect URL must point: the console serves the provider's answer there.
 pub const CALLBACK_PATH: &str = "/auth/callback";
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsoleConfig {
     pub listen: SocketAddr,
     pub tls: ConsoleTls,
@@ -31,7 +31,7 @@ pub enum ConsoleTls {
     HostCa,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OidcConfig {
     /// The provider's issuer URL, exactly as its discovery document and ID tokens say it.
     pub issuer: String,

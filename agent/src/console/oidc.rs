@@ -411,9 +411,20 @@ pub struct Provider {
     config: OidcConfig,
     secret: String,
     fetcher: Fetcher,
-    metadata: Mutex<Option<Arc<Metadata>>>,
+    metadata: Mutex<Discovery>,
     keys: KeyCache,
 }
+
+/// The discovery document once fetched, or the last failure to fetch it: sign-ins during
+/// [`DISCOVERY_RETRY`] after a failure get that answer without asking the provider again.
+#[derive(Default)]
+struct Discovery {
+    found: Option<Arc<Metadata>>,
+    failed: Option<(Instant, String)>,
+}
+
+/// How long a failed discovery stands before the provider is asked again.
+const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
 
 impl Provider {
     pub fn new(config: OidcConfig, secret: String, fetcher: Fetcher) -> Self {
@@ -421,7 +432,7 @@ impl Provider {
             config,
             secret,
             fetcher,
-            metadata: Mutex::new(None),
+            metadata: Mutex::new(Discovery::default()),
             keys: KeyCache::default(),
         }
     }
@@ -430,9 +441,24 @@ impl Provider {
     /// checked: its issuer must be the configured one, its endpoints HTTPS (or loopback).
     async fn metadata(&self) -> Result<Arc<Metadata>, SignInError> {
         let mut cached = self.metadata.lock().await;
-        if let Some(m) = cached.as_ref() {
+        if let Some(m) = cached.found.as_ref() {
             return Ok(m.clone());
         }
+        if let Some((at, why)) = &cached.failed
+            && at.elapsed() < DISCOVERY_RETRY
+        {
+            return Err(SignInError::Provider(why.clone()));
+        }
+        let found = self.discover().await;
+        match &found {
+            Ok(m) => cached.found = Some(m.clone()),
+            Err(SignInError::Provider(why)) => cached.failed = Some((Instant::now(), why.clone())),
+            Err(SignInError::Token(_)) => {}
+        }
+        found
+    }
+
+    async fn discover(&self) -> Result<Arc<Metadata>, SignInError> {
         let url = format!("{}/.well-known/openid-configuration", self.config.issuer);
         let body = self
             .fetcher
@@ -458,9 +484,7 @@ impl Provider {
                 }
             }
         }
-        let m = Arc::new(m);
-        *cached = Some(m.clone());
-        Ok(m)
+        Ok(Arc::new(m))
     }
 
     /// Starts a sign-in: where to send the browser, `state` (to keep in its cookie) and what

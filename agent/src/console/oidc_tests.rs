@@ -273,3 +273,44 @@ async fn an_unknown_key_is_fetched_again_but_not_too_often() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn a_failed_discovery_is_not_retried_at_once() {
+    // A "provider" that accepts and hangs up, counting connections.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    let config = OidcConfig {
+        issuer: format!("http://{addr}"),
+        client_id: CLIENT.into(),
+        client_secret_file: "/unused".into(),
+        redirect_url: "https://console.example/auth/callback".into(),
+        scopes: vec!["openid".into()],
+        identity_claim: "email".into(),
+        groups_claim: "groups".into(),
+        unix_accounts: Default::default(),
+        ca_file: None,
+    };
+    let provider = Provider::new(
+        config,
+        "secret".into(),
+        super::super::fetch::Fetcher::new(None).unwrap(),
+    );
+    let first = provider.begin().await.err().expect("no provider there");
+    assert!(matches!(first, SignInError::Provider(_)), "{first}");
+    assert!(!first.to_string().contains("secret"));
+    let second = provider.begin().await.err().expect("still none");
+    assert_eq!(first.to_string(), second.to_string());
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "asked once within the retry delay"
+    );
+}
