@@ -218,7 +218,7 @@ pub fn verify_id_token(
         match e.kind() {
             K::InvalidSignature => TokenError::Signature,
             K::ExpiredSignature | K::ImmatureSignature => TokenError::Expired,
-            K::InvalidIssuer => TokenError::Issuer(String::new()),
+            K::InvalidIssuer => TokenError::Issuer("(another issuer)".into()),
             K::InvalidAudience => TokenError::Audience,
             K::InvalidAlgorithm => TokenError::Algorithm(format!("{alg:?} with this key")),
             K::MissingRequiredClaim(c) => TokenError::MissingClaim(c.clone()),
