@@ -93,7 +93,8 @@ fn keep_running<T: Clone + PartialEq>(running: &T, new: &mut T) -> bool {
 
 /// The keys a reload cannot change (they name things the running agent holds open, or were
 /// read once at start-up): keeps their running values in `new` and returns the keys that
-/// the file changed, as reported in `restart_required_for`. The one list of them.
+/// the file changed, as reported in `restart_required_for`. The one list of them (besides the
+/// `[console]` table, compared whole in `reload_inner`).
 fn keep_restart_only(running: &DaemonConfig, new: &mut DaemonConfig) -> Vec<&'static str> {
     let (a, b) = (running, new);
     let keys = [
@@ -121,6 +122,10 @@ fn keep_restart_only(running: &DaemonConfig, new: &mut DaemonConfig) -> Vec<&'st
         (
             "worker_threads",
             keep_running(&a.worker_threads, &mut b.worker_threads),
+        ),
+        (
+            "console_listen",
+            keep_running(&a.console_listen, &mut b.console_listen),
         ),
     ];
     keys.into_iter()
@@ -164,7 +169,11 @@ impl Daemon {
     async fn reload_inner(&self) -> anyhow::Result<ReloadSummary> {
         let old = self.config.get();
         let mut new = Config::load(&old.path)?;
-        let restart = keep_restart_only(&old.daemon, &mut new.daemon);
+        let mut restart = keep_restart_only(&old.daemon, &mut new.daemon);
+        // The console holds its listener, secret and sessions from start-up.
+        if keep_running(&old.console, &mut new.console) {
+            restart.push("console");
+        }
         if !restart.is_empty() {
             warn!(keys = ?restart, "these settings only change on restart; keeping the running values");
         }
@@ -435,6 +444,10 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         Some(addr) => Some((ops::http::bind(addr).await?, ops::metrics::install()?)),
         None => None,
     };
+    let console_listener = match &config.console {
+        Some(console) => Some(crate::console::bind(console).await?),
+        None => None,
+    };
 
     let proxy_ports: std::collections::BTreeSet<u16> = std::iter::once(config.daemon.proxy_listen)
         .chain(config.daemon.proxy_listen6)
@@ -499,6 +512,7 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         &config.daemon.ca_cert,
     )
     .context("preparing the host-local CA")?;
+    let ca = Arc::new(ca);
     if let Err(e) = crate::http::kubeconfig::publish(&config) {
         warn!(error = %e, "cannot publish the kubeconfig for gated workloads");
     }
@@ -511,7 +525,7 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         engine: engine.clone(),
         store: store.clone(),
         registry: registry.clone(),
-        ca: Some(Arc::new(ca)),
+        ca: Some(ca.clone()),
         mask_key,
         shutdown: shutdown.clone(),
         limits: crate::protocol::limits::Limits::default(),
@@ -555,6 +569,11 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         sessions: Arc::new(registry),
         host: daemon.clone(),
     });
+    if let (Some(listener), Some(console)) = (console_listener, &config.console) {
+        let console = crate::console::Console::new(console, service.clone(), ca)
+            .context("starting the web console")?;
+        crate::console::serve(listener, Arc::new(console), shutdown.clone(), &tracker);
+    }
     server::serve(
         control,
         service,
@@ -653,5 +672,22 @@ hold_timeout = "7s"
         // What a reload may change, it changes.
         assert_eq!(new.daemon.hold_timeout, Duration::from_secs(7));
         assert!(keep_restart_only(&running.daemon, &mut running.daemon.clone()).is_empty());
+    }
+
+    #[test]
+    fn the_console_table_is_compared_whole() {
+        let with = |client: &str| {
+            Config::from_toml(
+                Path::new("t.toml"),
+                &format!(
+                    "[daemon]\nconsole_listen = \"127.0.0.1:8443\"\n[console.oidc]\nissuer = \"https://id.example.com\"\nclient_id = \"{client}\"\nclient_secret_file = \"/s\"\nredirect_url = \"https://g.example.com/auth/callback\"\n"
+                ),
+            )
+            .expect("test config")
+        };
+        let (running, mut new) = (with("a"), with("b"));
+        assert!(keep_running(&running.console, &mut new.console));
+        assert_eq!(new.console, running.console);
+        assert!(!keep_running(&running.console, &mut with("a").console));
     }
 }

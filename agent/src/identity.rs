@@ -58,7 +58,36 @@ pub fn principal_matches(principals: &[Principal], uid: u32) -> bool {
     principals.iter().any(|p| match p {
         Principal::User(u) => u == &name || uid_of(u) == Some(uid),
         Principal::Group(g) => user_in_group(uid, g),
+        // People of the web console are never a unix uid.
+        Principal::Oidc(_) | Principal::OidcGroup(_) => false,
     })
+}
+
+/// The uid recorded for a person of the web console: `(uid_t)-1`, which names no unix user,
+/// so no uid comparison can ever take them for a local account.
+pub const WEB_UID: u32 = u32::MAX;
+
+/// A person signed in to the web console, as their identity provider's ID token says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Person {
+    /// The configured identity claim's value (by default the verified e-mail address).
+    pub id: String,
+    /// The configured groups claim's values.
+    pub groups: Vec<String>,
+    /// Their unix account here (`console.oidc.unix_accounts`): only to recognise their own
+    /// requests; it gives them no unix user's rights.
+    pub unix_uid: Option<u32>,
+}
+
+impl Person {
+    /// Whether `principals` name this person (`oidc:ID` or `oidc-group:G`).
+    pub fn named_in(&self, principals: &[Principal]) -> bool {
+        principals.iter().any(|p| match p {
+            Principal::Oidc(id) => id == &self.id,
+            Principal::OidcGroup(g) => self.groups.iter().any(|mine| mine == g),
+            Principal::User(_) | Principal::Group(_) => false,
+        })
+    }
 }
 
 /// A primary gid for a uid, for dropping privileges.
@@ -320,15 +349,48 @@ pub struct Caller {
     /// Set when the caller runs inside a gated cgroup that maps to no identity. Such a
     /// caller gets no rights at all.
     pub gated_unattributed: bool,
+    /// Set for a person signed in to the web console (then `uid` is [`WEB_UID`] and `user`
+    /// reads `oidc ID`): they hold only the rights policy gives `oidc:`/`oidc-group:` names.
+    pub person: Option<Person>,
 }
 
 impl Caller {
+    /// A person signed in to the web console.
+    pub fn web(person: Person) -> Self {
+        Self {
+            uid: WEB_UID,
+            pid: 0,
+            user: format!("oidc {}", person.id),
+            workload: None,
+            gated_unattributed: false,
+            person: Some(person),
+        }
+    }
+
     pub fn is_workload(&self) -> bool {
         self.workload.is_some() || self.gated_unattributed
     }
 
     pub fn is_root(&self) -> bool {
-        self.uid == 0 && !self.is_workload()
+        self.uid == 0 && !self.is_workload() && self.person.is_none()
+    }
+
+    /// Whether `principals` name this caller: a person by their `oidc:` names only, anyone
+    /// else by unix user and group only.
+    pub fn is_named(&self, principals: &[Principal]) -> bool {
+        match &self.person {
+            Some(person) => person.named_in(principals),
+            None => self.uid != WEB_UID && principal_matches(principals, self.uid),
+        }
+    }
+
+    /// Whether the caller is whoever filed a request as `by`: the same uid, or for a person
+    /// their own unix account.
+    pub fn filed(&self, by: &Actor) -> bool {
+        match &self.person {
+            Some(person) => person.unix_uid == Some(by.uid) || by.user == self.user,
+            None => self.uid == by.uid,
+        }
     }
 
     pub fn actor(&self) -> Actor {

@@ -12,6 +12,8 @@
 //! * [`store`]: the state store trait (SQLite and in-memory backends), the hash-chained audit log.
 //! * [`control`]: the control service (typed calls, who may make them) and its Unix-socket
 //!   front end, which the CLI speaks.
+//! * [`console`]: the web console, a second front end of the control service (HTTPS,
+//!   OpenID Connect sign-in, server-rendered pages).
 //! * [`daemon`]: start-up order, reload, shutdown.
 //! * [`ops`]: metrics and health endpoint, systemd readiness and watchdog, logging.
 //! * [`webhooks`]: notifications of audit events to approvers' chat and scripts, signed.
@@ -19,6 +21,7 @@
 //! * [`cli`]: the `jitgate` command.
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod daemon;
 pub mod destinations;

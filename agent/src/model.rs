@@ -214,11 +214,21 @@ pub struct Request {
     pub approvals: Vec<Approval>,
 }
 
+impl Approval {
+    /// Whether two approvals are the same person's: the same name, or the same unix account
+    /// (a person approving once at the console and once with the CLI).
+    pub fn same_person(&self, other: &Self) -> bool {
+        self.by == other.by || (self.uid != u32::MAX && self.uid == other.uid)
+    }
+}
+
 /// One person's approval of a request that needs several.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Approval {
-    /// The approver as the audit log names them (`user alice`): one approval per person.
+    /// The approver as the audit log names them (`user alice`, `oidc alice@example.com`).
     pub by: String,
+    /// Their unix uid (a console person's own unix account, if configured); `u32::MAX`:
+    /// none.
     pub uid: u32,
     pub at: Timestamp,
     /// The policy's `approvals_from` principals this approver counted for.

@@ -334,6 +334,7 @@ pub fn root() -> Caller {
         user: "root".into(),
         workload: None,
         gated_unattributed: false,
+        person: None,
     }
 }
 

@@ -114,7 +114,12 @@ const PACKAGES: &[(&str, &str, &str)] = &[
     (
         "npm",
         "/usr/bin/npm",
-        "installs node-postgres and postgres.js",
+        "installs node-postgres, postgres.js, oidc-provider and playwright-core",
+    ),
+    (
+        "chromium",
+        "/usr/bin/chromium",
+        "the headless browser the web console tests drive (playwright-core cannot download one)",
     ),
     (
         "openjdk-17-jdk-headless",
@@ -312,11 +317,38 @@ fn node_drivers() -> Result<()> {
         .args(DRIVERS.iter().map(|(n, v)| format!("{n}@{v}"))))
 }
 
+/// For the web console tests: a real OpenID Provider (`oidc-provider`) and the driver of
+/// Debian's chromium (`playwright-core`), from npm into `tests/console/node_modules` (where
+/// `provider.mjs` and `browser.mjs` find them; the test runs them as root), at pinned versions.
+fn console_packages() -> Result<()> {
+    const PACKAGES: &[(&str, &str)] = &[("oidc-provider", "9.13.3"), ("playwright-core", "1.65.2")];
+    let dir = crate::root().join("tests/console");
+    let installed = PACKAGES.iter().all(|(name, version)| {
+        std::fs::read_to_string(dir.join("node_modules").join(name).join("package.json"))
+            .is_ok_and(|p| p.contains(&format!("\"version\": \"{version}\"")))
+    });
+    if installed {
+        return Ok(());
+    }
+    eprintln!("xtask: installing oidc-provider and playwright-core (npm)");
+    run(Command::new("npm")
+        .args([
+            "install",
+            "--no-save",
+            "--no-audit",
+            "--no-fund",
+            "--prefix",
+        ])
+        .arg(&dir)
+        .args(PACKAGES.iter().map(|(n, v)| format!("{n}@{v}"))))
+}
+
 pub fn setup() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
     node_drivers()?;
+    console_packages()?;
     crate::fuzz::install()?;
     if is_root() {
         crate::regress::prepare()?;

@@ -5,6 +5,7 @@
 //! make sense) and reports each problem with the key and the line it sits on.
 
 pub mod address;
+pub mod console;
 pub mod limits;
 pub mod webhooks;
 
@@ -171,11 +172,22 @@ impl WorkerThreads {
     }
 }
 
-/// A unix user or group named in `launchers` or `approvers`.
+/// A unix user or group named in `launchers` or `approvers`, or (approvers only) a person
+/// signed in to the web console: `oidc:EMAIL` names one identity, `oidc-group:NAME` a group
+/// the identity provider puts in the ID token (see [`console::OidcConfig::groups_claim`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum Principal {
     User(String),
     Group(String),
+    Oidc(String),
+    OidcGroup(String),
+}
+
+impl Principal {
+    /// Whether this names a person of the web console rather than a unix user or group.
+    pub fn is_oidc(&self) -> bool {
+        matches!(self, Self::Oidc(_) | Self::OidcGroup(_))
+    }
 }
 
 impl fmt::Display for Principal {
@@ -183,6 +195,8 @@ impl fmt::Display for Principal {
         match self {
             Self::User(u) => f.write_str(u),
             Self::Group(g) => write!(f, "group:{g}"),
+            Self::Oidc(who) => write!(f, "oidc:{who}"),
+            Self::OidcGroup(g) => write!(f, "oidc-group:{g}"),
         }
     }
 }
@@ -198,10 +212,38 @@ impl FromStr for Principal {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         };
+        // What an identity provider puts in a claim: printable, no spaces, bounded.
+        let valid_claim = |value: &str| {
+            !value.is_empty()
+                && value.len() <= 254
+                && value.chars().all(|c| {
+                    c.is_ascii_graphic() || (!c.is_ascii() && !c.is_control() && !c.is_whitespace())
+                })
+        };
+        if let Some(who) = s.strip_prefix("oidc:") {
+            return if valid_claim(who) {
+                Ok(Self::Oidc(who.to_owned()))
+            } else {
+                Err(format!(
+                    "`{s}`: `oidc:` must be followed by the identity the provider signs in (like oidc:alice@example.com)"
+                ))
+            };
+        }
+        if let Some(group) = s.strip_prefix("oidc-group:") {
+            return if valid_claim(group) {
+                Ok(Self::OidcGroup(group.to_owned()))
+            } else {
+                Err(format!(
+                    "`{s}`: `oidc-group:` must be followed by a group name from the ID token's groups claim"
+                ))
+            };
+        }
         match s.strip_prefix("group:") {
             Some(group) if valid(group) => Ok(Self::Group(group.to_owned())),
             None if valid(s) => Ok(Self::User(s.to_owned())),
-            _ => Err(format!("`{s}` is not a unix user name or `group:NAME`")),
+            _ => Err(format!(
+                "`{s}` is not a unix user name, `group:NAME`, `oidc:IDENTITY` or `oidc-group:NAME`"
+            )),
         }
     }
 }
@@ -216,6 +258,8 @@ pub struct Config {
     pub policies: Vec<Policy>,
     /// Where notifications of audit events go (`[[webhook]]`).
     pub webhooks: Vec<Webhook>,
+    /// The web console (`[console]`, served on `daemon.console_listen`); `None`: off.
+    pub console: Option<console::ConsoleConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -242,6 +286,8 @@ pub struct DaemonConfig {
     pub session_retention: Duration,
     /// Where `/metrics` and `/healthz` are served; `None`: not at all.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the web console is served (HTTPS); `None`: not at all. Needs `[console.oidc]`.
+    pub console_listen: Option<SocketAddr>,
     /// On shutdown, how long sessions get to finish what is in flight before they are ended.
     pub drain_timeout: Duration,
     /// Threads of the async runtime; read at start only.
@@ -421,6 +467,7 @@ struct RawConfig {
     policy: Vec<S<RawPolicy>>,
     #[serde(default)]
     webhook: Vec<S<webhooks::RawWebhook>>,
+    console: Option<S<console::RawConsole>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -446,6 +493,7 @@ struct RawDaemon {
     ca_cert: Option<S<String>>,
     session_retention: Option<S<String>>,
     metrics_listen: Option<S<String>>,
+    console_listen: Option<S<String>>,
     drain_timeout: Option<S<String>>,
     worker_threads: Option<S<toml::Value>>,
     startup_timeout: Option<S<String>>,
@@ -627,6 +675,7 @@ impl Validator<'_> {
         let resources = self.resources(&daemon);
         let policies = self.policies(&workloads, &resources, raw.policy);
         let webhooks = self.webhooks(raw.webhook);
+        let console = self.console(&daemon, raw.console);
         Config {
             path: path.to_owned(),
             daemon,
@@ -634,6 +683,7 @@ impl Validator<'_> {
             resources,
             policies,
             webhooks,
+            console,
         }
     }
 
@@ -797,6 +847,28 @@ impl Validator<'_> {
                 "metrics_listen: must differ from the proxy's address",
             );
         }
+        let console_listen = match &raw.console_listen {
+            None => None,
+            Some(v) if v.get_ref() == "off" => None,
+            Some(v) => match address::parse_listen(v.get_ref()) {
+                Ok(addr)
+                    if addr == proxy_listen
+                        || Some(addr) == proxy_listen6
+                        || Some(addr) == metrics_listen =>
+                {
+                    self.fail(v.span(), "console_listen: must differ from the proxy's and the metrics endpoint's addresses");
+                    None
+                }
+                Ok(addr) => Some(addr),
+                Err(e) => {
+                    self.fail(
+                        v.span(),
+                        format!("console_listen: {e} (or \"off\" for no console)"),
+                    );
+                    None
+                }
+            },
+        };
         let drain_timeout = self.duration(
             "drain_timeout",
             raw.drain_timeout.as_ref(),
@@ -862,6 +934,7 @@ impl Validator<'_> {
         };
         DaemonConfig {
             metrics_listen,
+            console_listen,
             drain_timeout,
             worker_threads,
             limits,
@@ -908,6 +981,12 @@ impl Validator<'_> {
                 );
             }
             let launchers = self.principals("workload.launchers", &w.launchers);
+            if let Some(web) = launchers.iter().find(|p| p.is_oidc()) {
+                self.fail(
+                    span.clone(),
+                    format!("workload.launchers: `{web}` names a web console person; launchers are unix users and groups (tasks start on this host)"),
+                );
+            }
             let cgroup = w
                 .cgroup
                 .as_ref()

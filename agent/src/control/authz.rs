@@ -12,13 +12,16 @@
 //! * **approvers** of the policy covering a request decide it (never their own);
 //! * **launchers** of an identity start its tasks and request or revoke for it;
 //! * **workloads** (callers inside the gate) act for their own identity only; a process
-//!   inside the gate that maps to no identity gets no rights.
+//!   inside the gate that maps to no identity gets no rights;
+//! * **people of the web console** (signed in with OpenID Connect) hold exactly the rights
+//!   policy gives their `oidc:` and `oidc-group:` names: an approver named so decides and
+//!   revokes like a unix approver; anyone else signed in may see nothing at all.
 
 use super::service::ControlError;
 use crate::{
     config::{Config, Principal},
     grants::{RequestSpec, policy},
-    identity::{Caller, principal_matches},
+    identity::Caller,
     model::{Grant, Request, Session},
     tasks::RunSpec,
 };
@@ -58,7 +61,7 @@ pub fn is_operator(config: &Config, caller: &Caller) -> bool {
     if let Some(group) = &config.daemon.socket_group {
         operators.push(Principal::Group(group.clone()));
     }
-    principal_matches(&operators, caller.uid)
+    caller.is_named(&operators)
 }
 
 /// Other people's records (the audit log, every session's statements) are for operators.
@@ -133,7 +136,7 @@ pub fn requester(
             "`{identity}` is not a configured workload identity"
         )));
     };
-    if !caller.is_root() && !principal_matches(&workload.launchers, caller.uid) {
+    if !caller.is_root() && !caller.is_named(&workload.launchers) {
         return Err(ControlError::Forbidden(format!(
             "{} may not request access for {identity}: only root and its launchers may",
             caller.user
@@ -165,7 +168,7 @@ pub fn may_decide(config: &Config, caller: &Caller, request: &Request) -> Result
             "a gated workload cannot approve or deny requests".into(),
         ));
     }
-    if caller.uid == request.requested_by.uid {
+    if caller.filed(&request.requested_by) {
         return Err(ControlError::Forbidden(format!(
             "{} filed request {} (as {}); self-approval is refused: another approver must decide it",
             caller.user, request.id, request.requested_by
@@ -173,7 +176,7 @@ pub fn may_decide(config: &Config, caller: &Caller, request: &Request) -> Result
     }
     let approvers =
         policy::approvers_for(config, &request.identity, &request.resource, request.access);
-    if !principal_matches(&approvers, caller.uid) {
+    if !caller.is_named(&approvers) {
         let list = approvers
             .iter()
             .map(ToString::to_string)
@@ -205,12 +208,16 @@ pub fn may_deny(config: &Config, caller: &Caller, request: &Request) -> Result<(
     may_decide(config, caller, request)
 }
 
-/// Listing grants: a workload sees its own identity's, anyone else every grant.
-pub fn grants_scope(caller: &Caller) -> Scope {
+/// Listing grants: a workload sees its own identity's, a local user every grant, a person of
+/// the web console every grant when policy names them an approver (whoever can sign in at the
+/// provider is not thereby entitled to see what this host's workloads may reach).
+pub fn grants_scope(config: &Config, caller: &Caller) -> Result<Scope, ControlError> {
     if caller.is_workload() {
-        Scope::Own(own_identity(caller))
+        Ok(Scope::Own(own_identity(caller)))
+    } else if caller.person.is_some() {
+        own_or_operators(config, caller, "list grants")
     } else {
-        Scope::Every
+        Ok(Scope::Every)
     }
 }
 
@@ -241,8 +248,7 @@ pub fn may_revoke(config: &Config, caller: &Caller, grant: &Grant) -> Result<(),
             .workload(&grant.identity)
             .map(|w| w.launchers.clone())
             .unwrap_or_default();
-        if !principal_matches(&approvers, caller.uid) && !principal_matches(&launchers, caller.uid)
-        {
+        if !caller.is_named(&approvers) && !caller.is_named(&launchers) {
             return Err(ControlError::Forbidden(format!(
                 "{} may not revoke grant {}: only root, its approvers and the identity's launchers may",
                 caller.user, grant.id
@@ -292,7 +298,7 @@ pub fn may_launch(config: &Config, caller: &Caller, spec: &RunSpec) -> Result<()
             }
         )));
     };
-    if !principal_matches(&workload.launchers, caller.uid) {
+    if caller.person.is_some() || !caller.is_named(&workload.launchers) {
         return Err(ControlError::Forbidden(format!(
             "{} may not launch {}: add the user (or a group of theirs) to its launchers",
             caller.user, spec.identity

@@ -70,6 +70,7 @@ pub fn identify(stream: &UnixStream, workloads: &Workloads) -> std::io::Result<C
         user: user.clone(),
         workload: None,
         gated_unattributed: true,
+        person: None,
     };
     if pid == 0 {
         return Ok(doubtful());
@@ -96,5 +97,6 @@ pub fn identify(stream: &UnixStream, workloads: &Workloads) -> std::io::Result<C
         user,
         workload,
         gated_unattributed,
+        person: None,
     })
 }

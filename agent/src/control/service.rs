@@ -212,6 +212,13 @@ impl ControlService {
         Ok(pending)
     }
 
+    /// Running `jitgate run` tasks (for their command lines beside their requests): for
+    /// operators.
+    pub async fn running_tasks(&self, caller: &Caller) -> Result<Vec<crate::model::Task>> {
+        authz::operators_only(&self.config(), caller, "list running tasks")?;
+        Ok(self.inner.store.running_tasks().await?)
+    }
+
     pub async fn approve(
         &self,
         caller: &Caller,
@@ -231,7 +238,7 @@ impl ControlService {
 
     /// Live grants, or all recent ones with `all`.
     pub async fn grants(&self, caller: &Caller, all: bool) -> Result<Vec<Grant>> {
-        let scope = authz::grants_scope(caller);
+        let scope = authz::grants_scope(&self.config(), caller)?;
         let mut grants = self.inner.engine.grants(all).await?;
         grants.retain(|g| scope.covers(Some(&g.identity)));
         Ok(grants)

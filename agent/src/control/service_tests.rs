@@ -32,6 +32,7 @@ fn caller(uid: u32, workload: Option<&str>) -> Caller {
             task: None,
         }),
         gated_unattributed: false,
+        person: None,
     }
 }
 
@@ -56,6 +57,7 @@ fn stranger() -> Caller {
 fn unattributed() -> Caller {
     Caller {
         gated_unattributed: true,
+        person: None,
         ..caller(STRANGER, None)
     }
 }
@@ -89,7 +91,7 @@ resources = ["db"]
 access = ["read"]
 max_ttl = "1h"
 approval = "manual"
-approvers = ["{APPROVER}"]
+approvers = ["{APPROVER}", "oidc:ann@example.com", "oidc-group:dba"]
 "#,
             state_dir.display()
         ),
@@ -694,4 +696,88 @@ fn reload_summary_json_is_unchanged() {
     let after = serde_json::to_value(&summary).unwrap();
     assert_eq!(after, before);
     assert_eq!(after.to_string(), before.to_string());
+}
+
+fn person(id: &str, groups: &[&str], unix_uid: Option<u32>) -> Caller {
+    Caller::web(crate::identity::Person {
+        id: id.into(),
+        groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        unix_uid,
+    })
+}
+
+#[tokio::test]
+async fn web_people_decide_only_when_policy_names_them() {
+    let f = fixture().await;
+    // Named by identity: approves, and the records say who, as the provider signed them in.
+    let q = f.pending("ci-bot").await;
+    let ann = person("ann@example.com", &[], None);
+    assert_eq!(f.service.approvals(&ann).await.unwrap().len(), 1);
+    let approved = f.service.approve(&ann, &q.id, None).await.unwrap();
+    let decided_by = approved.request.decided_by.unwrap();
+    assert_eq!(decided_by.user, "oidc ann@example.com");
+    assert_eq!(decided_by.uid, crate::identity::WEB_UID);
+    assert_eq!(approved.grant.unwrap().approved_by, "oidc ann@example.com");
+    // Named by group: denies.
+    let q = f.pending("ci-bot").await;
+    let dba = person("bob@example.com", &["dba"], None);
+    let denied = f
+        .service
+        .deny(&dba, &q.id, Some("not now".into()))
+        .await
+        .unwrap();
+    assert_eq!(denied.status, RequestStatus::Denied);
+
+    // Not named: nothing at all, not even a listing. Hostile look-alikes: a person whose
+    // identity is a unix approver's name, or who claims a unix group's name.
+    let g = f.grant("ci-bot").await;
+    let q = f.pending("ci-bot").await;
+    for c in [
+        person("eve@example.com", &["devs"], None),
+        person(&APPROVER.to_string(), &[], None),
+        person("root", &["root", "group:dba", "oidc-group:dba"], Some(0)),
+        person("ANN@example.com", &[], None),
+    ] {
+        forbidden(f.service.approve(&c, &q.id, None).await);
+        forbidden(f.service.deny(&c, &q.id, None).await);
+        forbidden(f.service.revoke(&c, &g.id, None).await);
+        forbidden(f.service.approvals(&c).await);
+        forbidden(f.service.grants(&c, false).await);
+        forbidden(f.service.audit(&c, None, 10).await);
+        forbidden(f.service.reload(&c).await);
+    }
+    // A named approver may revoke and list, but never launch or file for a workload.
+    assert!(
+        f.service
+            .grants(&ann, false)
+            .await
+            .unwrap()
+            .iter()
+            .any(|x| x.id == g.id)
+    );
+    assert!(f.service.revoke(&ann, &g.id, None).await.is_ok());
+    forbidden(f.service.request(&ann, ask(Some("ci-bot"))).await);
+    forbidden(
+        f.service
+            .run(&ann, run_spec("ci-bot", crate::identity::WEB_UID, false))
+            .await,
+    );
+}
+
+#[tokio::test]
+async fn web_people_cannot_approve_what_their_unix_account_filed() {
+    let f = fixture().await;
+    // LAUNCHER files for ci-bot; ann's unix account here is LAUNCHER.
+    let q = f
+        .service
+        .request(&launcher(), ask(Some("ci-bot")))
+        .await
+        .unwrap();
+    let ann_here = person("ann@example.com", &[], Some(LAUNCHER));
+    let m = forbidden(f.service.approve(&ann_here, &q.id, None).await);
+    assert!(m.contains("self-approval is refused"), "{m}");
+    forbidden(f.service.deny(&ann_here, &q.id, None).await);
+    // Another named person may.
+    let dba = person("bob@example.com", &["dba"], None);
+    assert!(f.service.approve(&dba, &q.id, None).await.is_ok());
 }

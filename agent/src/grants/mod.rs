@@ -106,6 +106,8 @@ struct Inner {
 fn actor_label(actor: &Actor) -> String {
     match &actor.identity {
         Some(identity) => format!("workload {identity} (user {})", actor.user),
+        // A person of the web console: `oidc alice@example.com`.
+        None if actor.uid == crate::identity::WEB_UID => actor.user.clone(),
         None => format!("user {}", actor.user),
     }
 }
@@ -516,11 +518,16 @@ impl GrantEngine {
         if needed > 1 || !from.is_empty() {
             let approval = Approval {
                 by: actor_label(&caller.actor()),
-                uid: caller.uid,
+                // A person of the console counts as their unix account too (if they have
+                // one): approving once on each side is still one person.
+                uid: caller
+                    .person
+                    .as_ref()
+                    .map_or(caller.uid, |p| p.unix_uid.unwrap_or(identity::WEB_UID)),
                 at: Timestamp::now(),
                 covers: from
                     .iter()
-                    .filter(|p| identity::principal_matches(std::slice::from_ref(*p), caller.uid))
+                    .filter(|p| caller.is_named(std::slice::from_ref(*p)))
                     .map(ToString::to_string)
                     .collect(),
             };

@@ -84,6 +84,7 @@ fn user(uid: u32) -> Caller {
         user: uid.to_string(),
         workload: None,
         gated_unattributed: false,
+        person: None,
     }
 }
 
@@ -97,6 +98,7 @@ fn workload(task: Option<&str>) -> Caller {
             task: task.map(str::to_owned),
         }),
         gated_unattributed: false,
+        person: None,
     }
 }
 

@@ -329,7 +329,7 @@ impl Store for MemoryStore {
             if ended(st, &q.task) {
                 return Ok(Decided::TaskEnded);
             }
-            if q.approvals.iter().any(|a| a.by == approval.by) {
+            if q.approvals.iter().any(|a| a.same_person(&approval)) {
                 return Err(StoreError::Invalid(format!(
                     "{} already approved request {id}; it needs approvals from {needed} different people",
                     approval.by

@@ -41,22 +41,19 @@ fn generic(record: &AuditEvent, cx: &Context<'_>) -> Value {
     v
 }
 
-/// The console page of what the record is about: its request, else its grant, else its
-/// session. Only ids the agent made (letters, digits, `_`, `-`) are put in a URL.
+/// Where the console shows what the record is about: its request, else its grant (each a
+/// card on the console's overview, anchored by its id). Only ids the agent made (letters,
+/// digits, `_`, `-`) are put in a URL.
 fn console_link(record: &AuditEvent, cx: &Context<'_>) -> Option<String> {
     let base = cx.console_url?;
-    for (key, page) in [
-        ("request", "requests"),
-        ("grant", "grants"),
-        ("session", "sessions"),
-    ] {
+    for key in ["request", "grant"] {
         if let Some(id) = record.detail.get(key).and_then(Value::as_str)
             && !id.is_empty()
             && id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {
-            return Some(format!("{base}/{page}/{id}"));
+            return Some(format!("{base}/#{id}"));
         }
     }
     None
@@ -210,10 +207,7 @@ mod tests {
         assert_eq!(v["seq"], 7);
         assert_eq!(v["host"], "db-host-1");
         assert_eq!(v["detail"]["reason"], "deploy");
-        assert_eq!(
-            v["console_url"],
-            "https://gate.example.com/requests/req_abc"
-        );
+        assert_eq!(v["console_url"], "https://gate.example.com/#req_abc");
         assert!(v["at"].as_str().unwrap().starts_with("2025-12-06T"), "{v}");
     }
 
@@ -241,7 +235,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("<https://gate.example.com/requests/req_abc|Open in the console>"),
+            text.contains("<https://gate.example.com/#req_abc|Open in the console>"),
             "{text}"
         );
         assert!(text.contains("jitgate approve req_abc"), "{text}");

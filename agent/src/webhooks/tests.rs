@@ -188,10 +188,7 @@ async fn a_filed_request_is_posted_signed_with_the_record() {
         c.delivery.as_str(),
         "the delivery id is the record's hash"
     );
-    assert_eq!(
-        c.body["console_url"],
-        "https://gate.example.com/requests/req_w1"
-    );
+    assert_eq!(c.body["console_url"], "https://gate.example.com/#req_w1");
     // The log holds the same record.
     let log = s.store.audit_log(None, 10).await.unwrap();
     assert_eq!(log.last().unwrap().hash, c.delivery);

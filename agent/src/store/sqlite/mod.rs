@@ -254,7 +254,7 @@ impl Store for SqliteStore {
             {
                 return Ok(Decided::TaskEnded);
             }
-            if q.approvals.iter().any(|a| a.by == approval.by) {
+            if q.approvals.iter().any(|a| a.same_person(&approval)) {
                 return Err(StoreError::Invalid(format!(
                     "{} already approved request {id}; it needs approvals from {needed} different people",
                     approval.by

@@ -1,0 +1,425 @@
+//! The web console, end to end: a real OpenID Provider (panva's `oidc-provider`, started on
+//! loopback by `tests/console/provider.mjs`) and a real browser (Debian's chromium, headless,
+//! driven by `playwright-core` through `tests/console/browser.mjs`) against a real agent.
+//! One browser for the whole test (a fresh context per person), a few pages.
+//!
+//! Ann (`oidc-group:dba`) signs in through the provider's login and consent pages, sees a
+//! gated workload's request, approves it (the workload proceeds), denies another; Eve (not
+//! named) and Wendy (named, but the requester's unix account) are refused; unauthenticated
+//! requests and forms without the right CSRF token or from another origin are refused.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::fs::PermissionsExt as _,
+    path::PathBuf,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use jitgate_e2e::{
+    Gate, WORKLOAD_USER,
+    config::Body,
+    free_port, rfc3339_ms,
+    servers::{self, BANNER},
+};
+use serde_json::{Value, json};
+
+const CLIENT_ID: &str = "jitgate-console";
+const CLIENT_SECRET: &str = "console-e2e-secret-7f3a91";
+
+fn console_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("console")
+}
+
+/// A node process, killed when dropped.
+struct Node {
+    child: Child,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node(script: &str, args: &[&str]) -> (Node, ChildStdin, mpsc::Receiver<String>) {
+    let mut child = Command::new("/usr/bin/node")
+        .arg(console_dir().join(script))
+        .args(args)
+        .current_dir(console_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting node {script}: {e} (run `cargo xtask setup`)"));
+    let stdin = child.stdin.take().expect("stdin");
+    let stdout: ChildStdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Node { child }, stdin, rx)
+}
+
+struct Browser {
+    _node: Node,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Browser {
+    fn start() -> Self {
+        let (node, stdin, lines) = node("browser.mjs", &[]);
+        let first = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the browser driver starts");
+        assert!(first.contains("ready"), "{first}");
+        Self {
+            _node: node,
+            stdin,
+            lines,
+        }
+    }
+
+    #[track_caller]
+    fn cmd(&mut self, command: Value) -> Value {
+        writeln!(self.stdin, "{command}").expect("browser driver stdin");
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no answer to {command}"));
+        let answer: Value = serde_json::from_str(&line).expect("driver answers JSON");
+        assert_eq!(answer["ok"], true, "{command} failed: {answer}");
+        answer
+    }
+
+    fn goto(&mut self, url: &str) -> Value {
+        self.cmd(json!({"op": "goto", "url": url}))
+    }
+
+    fn click(&mut self, selector: &str) -> Value {
+        self.cmd(json!({"op": "click", "selector": selector}))
+    }
+
+    fn fill(&mut self, selector: &str, value: &str) {
+        self.cmd(json!({"op": "fill", "selector": selector, "value": value}));
+    }
+
+    fn post(&mut self, url: &str, form: Value, headers: Value) -> Value {
+        self.cmd(json!({"op": "post", "url": url, "form": form, "headers": headers}))
+    }
+
+    fn csrf(&mut self) -> String {
+        self.cmd(json!({"op": "value", "selector": "input[name=csrf] >> nth=0"}))["value"]
+            .as_str()
+            .expect("a CSRF field")
+            .to_owned()
+    }
+
+    /// Signs `login` in from a fresh context, through the provider's own pages.
+    fn sign_in(&mut self, console: &str, login: &str) -> Value {
+        self.cmd(json!({"op": "context"}));
+        let page = self.goto(&format!("{console}/"));
+        assert!(
+            page["url"].as_str().unwrap().contains("/interaction/"),
+            "an unauthenticated visit goes to the provider's sign-in: {page}"
+        );
+        self.fill("input[name=login]", login);
+        self.fill("input[name=password]", "any");
+        let consent = self.click("button[type=submit]");
+        assert!(
+            consent["url"].as_str().unwrap().contains("/interaction/"),
+            "{consent}"
+        );
+        self.click("button[type=submit]")
+    }
+}
+
+/// The waiting request of the console page's first card.
+fn wait_for_card(browser: &mut Browser, console: &str, id: &str) -> Value {
+    for _ in 0..100 {
+        let page = browser.goto(&format!("{console}/"));
+        if page["text"].as_str().unwrap_or("").contains(id) {
+            return page;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("request {id} never appeared in the console");
+}
+
+#[test]
+fn sign_in_approve_deny_and_refusals() {
+    jitgate_e2e::root_or_skip!();
+    assert!(
+        console_dir()
+            .join("node_modules/oidc-provider/package.json")
+            .exists()
+            && console_dir()
+                .join("node_modules/playwright-core/package.json")
+                .exists(),
+        "oidc-provider and playwright-core are missing from tests/console: run `cargo xtask setup`"
+    );
+    let console_port = free_port();
+    let idp_port = free_port();
+    let console = format!("https://127.0.0.1:{console_port}");
+    let issuer = format!("http://127.0.0.1:{idp_port}");
+    let redirect = format!("{console}/auth/callback");
+
+    let (_idp, _idp_in, idp_out) = node(
+        "provider.mjs",
+        &[&idp_port.to_string(), CLIENT_ID, CLIENT_SECRET, &redirect],
+    );
+    loop {
+        let line = idp_out
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the provider starts");
+        if line.contains("ready") {
+            break;
+        }
+    }
+
+    let echo = servers::echo_server("127.0.0.1:0");
+    let secret_dir = tempfile::tempdir().expect("tempdir");
+    let secret = secret_dir.path().join("oidc-secret");
+    std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).expect("secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let body = Body::new()
+        .workload("bot", &["root"])
+        .resource("echo", &echo.addr.to_string())
+        .policy(
+            &["bot"],
+            &["echo"],
+            &["read"],
+            "name = \"bot-reads\"\nmax_ttl = \"1h\"\napproval = \"manual\"\napprovers = [\"root\", \"oidc-group:dba\", \"oidc:wendy@example.com\"]",
+        )
+        .raw(&format!(
+            "[console]\nsession_ttl = \"10m\"\n[console.oidc]\nissuer = \"{issuer}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret_file = \"{}\"\nredirect_url = \"{redirect}\"\nscopes = [\"openid\", \"email\", \"groups\"]\nunix_accounts = {{ \"wendy@example.com\" = \"{WORKLOAD_USER}\" }}\n",
+            secret.display()
+        ))
+        .build();
+    let gate = Gate::start(
+        "console",
+        &format!("console_listen = \"127.0.0.1:{console_port}\""),
+        &body,
+    );
+    let mut browser = Browser::start();
+
+    // Hostile, before anyone signs in: no session, no page, no action.
+    browser.cmd(json!({"op": "context"}));
+    let anon = browser.post(
+        &format!("{console}/approve"),
+        json!({"id": "req_x", "csrf": "x"}),
+        json!({}),
+    );
+    assert_eq!(anon["status"], 403, "{anon}");
+    let anon = browser.post(&format!("{console}/logout"), json!({}), json!({}));
+    assert_eq!(anon["status"], 403, "{anon}");
+    let forged = browser.goto(&format!("{console}/auth/callback?code=x&state=y"));
+    assert_eq!(
+        forged["status"], 403,
+        "a callback that did not start here: {forged}"
+    );
+
+    // A gated workload asks and waits.
+    let probe = gate.bins().probe.to_str().unwrap().to_owned();
+    let target = echo.addr.to_string();
+    // It stays (holding its task's grant) until the test touches `done`.
+    let done = gate.dir.join("done");
+    let script = format!(
+        "jitgate request echo --reason 'nightly <b>export</b>' --ttl 20m --wait && {probe} connect {target} && while [ ! -e {} ]; do sleep 0.1; done",
+        done.display()
+    );
+    let mut first = gate.spawn("bot", &[], &["sh", "-c", &script]);
+    let request = gate.pending_request();
+    let id = request["id"].as_str().unwrap().to_owned();
+
+    // Ann signs in through the provider and sees it, with who asked and why (escaped).
+    let landing = browser.sign_in(&console, "ann");
+    assert!(
+        landing["url"].as_str().unwrap().starts_with(&console),
+        "{landing}"
+    );
+    let page = wait_for_card(&mut browser, &console, &id);
+    let text = page["text"].as_str().unwrap();
+    assert!(text.contains("ann@example.com"), "{text}");
+    assert!(
+        text.contains("nightly <b>export</b>"),
+        "the reason, as text: {text}"
+    );
+    assert!(
+        text.contains("echo") && text.contains(WORKLOAD_USER),
+        "{text}"
+    );
+
+    // A form with a wrong or missing CSRF token, or from another origin: refused.
+    let csrf = browser.csrf();
+    for (form, headers) in [
+        (json!({"id": id, "csrf": "wrong"}), json!({})),
+        (json!({"id": id}), json!({})),
+        (
+            json!({"id": id, "csrf": csrf}),
+            json!({"origin": "https://evil.example"}),
+        ),
+        (
+            json!({"id": id, "csrf": csrf}),
+            json!({"sec-fetch-site": "cross-site"}),
+        ),
+    ] {
+        let refused = browser.post(&format!("{console}/approve"), form, headers);
+        assert_eq!(refused["status"], 403, "{refused}");
+    }
+    assert_eq!(
+        gate.cli(&["approvals", "--json"]).json()[0]["id"],
+        id.as_str(),
+        "still pending after the refused forms"
+    );
+
+    // Ann approves it with a shorter TTL, from the page; the workload proceeds.
+    browser.fill(&format!("[data-request=\"{id}\"] input[name=ttl]"), "5m");
+    let after = browser.click(&format!("[data-request=\"{id}\"] button.approve"));
+    assert!(
+        after["text"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Request {id} approved")),
+        "{after}"
+    );
+    first.expect_line(BANNER, Duration::from_secs(15));
+    let grants = gate.cli(&["grants", "--json"]).json();
+    let grant = &grants.as_array().unwrap()[0];
+    assert_eq!(grant["approved_by"], "oidc ann@example.com");
+    let ttl_ms = rfc3339_ms(&grant["expires_at"]) - rfc3339_ms(&grant["created_at"]);
+    assert!(
+        (299_000..=301_000).contains(&ttl_ms),
+        "the shorter TTL: {grant}"
+    );
+    let audit = gate.cli(&["audit", "--json", "--limit", "50"]).stdout;
+    assert!(audit.contains("oidc ann@example.com"), "{audit}");
+    assert!(!audit.contains(CLIENT_SECRET));
+    assert!(!gate.log().contains(CLIENT_SECRET), "the secret in the log");
+
+    // The live grant is listed, and revoked from the console.
+    let gid = grant["id"].as_str().unwrap().to_owned();
+    let page = browser.goto(&format!("{console}/"));
+    assert!(
+        page["text"].as_str().unwrap().contains("Live grants (1)"),
+        "{page}"
+    );
+    browser.fill(
+        &format!("[data-grant=\"{gid}\"] input[name=reason]"),
+        "done with it",
+    );
+    let after = browser.click(&format!("[data-grant=\"{gid}\"] button"));
+    assert!(
+        after["text"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Grant {gid} revoked")),
+        "{after}"
+    );
+    assert!(
+        after["text"].as_str().unwrap().contains("Live grants (0)"),
+        "{after}"
+    );
+    assert_eq!(gate.cli(&["grants", "--json"]).json(), json!([]));
+    std::fs::write(&done, "").expect("done");
+    assert_eq!(first.wait(Duration::from_secs(10)), 0);
+
+    // Another request is denied with a reason.
+    let mut second = gate.spawn(
+        "bot",
+        &[],
+        &[
+            "sh",
+            "-c",
+            &format!("jitgate request echo --reason again --wait && {probe} connect {target}"),
+        ],
+    );
+    let id2 = gate.pending_request()["id"].as_str().unwrap().to_owned();
+    wait_for_card(&mut browser, &console, &id2);
+    browser.fill(
+        &format!("[data-request=\"{id2}\"] input[name=reason]"),
+        "not tonight",
+    );
+    let after = browser.click(&format!("[data-request=\"{id2}\"] button.deny"));
+    assert!(
+        after["text"].as_str().unwrap().contains("denied"),
+        "{after}"
+    );
+    assert_ne!(second.wait(Duration::from_secs(10)), 0);
+    let denied = gate.cli(&["audit", "--json", "--limit", "50"]).stdout;
+    assert!(denied.contains("not tonight"), "{denied}");
+
+    // Eve is signed in but named nowhere: she sees nothing and approves nothing.
+    let mut third = gate.spawn(
+        "bot",
+        &[],
+        &[
+            "sh",
+            "-c",
+            &format!("jitgate request echo --reason third --wait && {probe} connect {target}"),
+        ],
+    );
+    let id3 = gate.pending_request()["id"].as_str().unwrap().to_owned();
+    let eve = browser.sign_in(&console, "eve");
+    assert!(
+        eve["text"].as_str().unwrap().contains("is none of these"),
+        "{eve}"
+    );
+    assert!(!eve["text"].as_str().unwrap().contains(&id3), "{eve}");
+    let csrf = browser.csrf();
+    let refused = browser.post(
+        &format!("{console}/approve"),
+        json!({"id": id3, "csrf": csrf}),
+        json!({}),
+    );
+    assert_eq!(refused["status"], 403, "{refused}");
+    assert!(
+        refused["text"]
+            .as_str()
+            .unwrap()
+            .contains("not an approver"),
+        "{refused}"
+    );
+
+    // Wendy is an approver, but the request was filed by her own unix account.
+    browser.sign_in(&console, "wendy");
+    wait_for_card(&mut browser, &console, &id3);
+    let csrf = browser.csrf();
+    let refused = browser.post(
+        &format!("{console}/approve"),
+        json!({"id": id3, "csrf": csrf}),
+        json!({}),
+    );
+    assert_eq!(refused["status"], 403, "{refused}");
+    assert!(
+        refused["text"].as_str().unwrap().contains("self-approval"),
+        "{refused}"
+    );
+    assert_eq!(
+        gate.cli(&["approvals", "--json"]).json()[0]["id"],
+        id3.as_str()
+    );
+
+    // Signing out ends the session: the old page's forms no longer work.
+    let out = browser.click("form[action=\"/logout\"] button");
+    assert!(
+        out["text"].as_str().unwrap().contains("signed out"),
+        "{out}"
+    );
+    let stale = browser.post(
+        &format!("{console}/deny"),
+        json!({"id": id3, "csrf": csrf}),
+        json!({}),
+    );
+    assert_eq!(stale["status"], 403, "{stale}");
+    gate.cli(&["deny", &id3]).assert_ok();
+    assert_ne!(third.wait(Duration::from_secs(10)), 0);
+    browser.cmd(json!({"op": "close"}));
+}
