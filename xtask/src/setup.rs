@@ -295,42 +295,36 @@ pub fn packaging_tools() -> Result<()> {
 /// node-postgres and postgres.js for the client compatibility tests, from npm into
 /// `tests/compat/node_modules` (where `drivers.js` finds them), at pinned versions.
 fn node_drivers() -> Result<()> {
-    const DRIVERS: &[(&str, &str)] = &[("pg", "8.13.1"), ("postgres", "3.4.5")];
-    let dir = crate::root().join("tests/compat");
-    let installed = DRIVERS.iter().all(|(name, version)| {
-        std::fs::read_to_string(dir.join("node_modules").join(name).join("package.json"))
-            .is_ok_and(|p| p.contains(&format!("\"version\": \"{version}\"")))
-    });
-    if installed {
-        return Ok(());
-    }
-    eprintln!("xtask: installing node-postgres and postgres.js (npm)");
-    run(Command::new("npm")
-        .args([
-            "install",
-            "--no-save",
-            "--no-audit",
-            "--no-fund",
-            "--prefix",
-        ])
-        .arg(&dir)
-        .args(DRIVERS.iter().map(|(n, v)| format!("{n}@{v}"))))
+    npm_packages(
+        "tests/compat",
+        "node-postgres and postgres.js",
+        &[("pg", "8.13.1"), ("postgres", "3.4.5")],
+    )
 }
 
 /// For the web console tests: a real OpenID Provider (`oidc-provider`) and the driver of
 /// Debian's chromium (`playwright-core`), from npm into `tests/console/node_modules` (where
 /// `provider.mjs` and `browser.mjs` find them; the test runs them as root), at pinned versions.
 fn console_packages() -> Result<()> {
-    const PACKAGES: &[(&str, &str)] = &[("oidc-provider", "9.13.3"), ("playwright-core", "1.65.2")];
-    let dir = crate::root().join("tests/console");
-    let installed = PACKAGES.iter().all(|(name, version)| {
+    npm_packages(
+        "tests/console",
+        "oidc-provider and playwright-core",
+        &[("oidc-provider", "9.13.3"), ("playwright-core", "1.65.2")],
+    )
+}
+
+/// Installs `packages` (name, pinned version) from npm into `dir/node_modules` (`dir`
+/// relative to the repository), unless those versions are there already.
+fn npm_packages(dir: &str, what: &str, packages: &[(&str, &str)]) -> Result<()> {
+    let dir = crate::root().join(dir);
+    let installed = packages.iter().all(|(name, version)| {
         std::fs::read_to_string(dir.join("node_modules").join(name).join("package.json"))
             .is_ok_and(|p| p.contains(&format!("\"version\": \"{version}\"")))
     });
     if installed {
         return Ok(());
     }
-    eprintln!("xtask: installing oidc-provider and playwright-core (npm)");
+    eprintln!("xtask: installing {what} (npm)");
     run(Command::new("npm")
         .args([
             "install",
@@ -340,7 +334,7 @@ fn console_packages() -> Result<()> {
             "--prefix",
         ])
         .arg(&dir)
-        .args(PACKAGES.iter().map(|(n, v)| format!("{n}@{v}"))))
+        .args(packages.iter().map(|(n, v)| format!("{n}@{v}"))))
 }
 
 pub fn setup() -> Result<()> {

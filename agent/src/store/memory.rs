@@ -313,27 +313,15 @@ impl Store for MemoryStore {
         needed: u32,
     ) -> StoreFuture<'_, Decided> {
         ready(self.transact(|st, key| {
-            let ended = |st: &State, task: &Option<String>| {
-                task.as_ref().is_some_and(|t| {
-                    st.tasks
-                        .iter()
-                        .any(|x| &x.id == t && x.ended_at.is_some())
-                })
-            };
-            let Some(q) = st.requests.iter().find(|q| q.id == id).cloned() else {
+            let Some(q) = st.requests.iter().find(|q| q.id == id) else {
                 return Ok(Decided::NotPending);
             };
-            if q.status != RequestStatus::Pending {
-                return Ok(Decided::NotPending);
-            }
-            if ended(st, &q.task) {
-                return Ok(Decided::TaskEnded);
-            }
-            if q.approvals.iter().any(|a| a.same_person(&approval)) {
-                return Err(StoreError::Invalid(format!(
-                    "{} already approved request {id}; it needs approvals from {needed} different people",
-                    approval.by
-                )));
+            let ended = q
+                .task
+                .as_ref()
+                .is_some_and(|t| st.tasks.iter().any(|x| &x.id == t && x.ended_at.is_some()));
+            if let Some(past) = super::admit_approval(q, &approval, needed, ended)? {
+                return Ok(past);
             }
             let by = approval.by.clone();
             let Some(stored) = st.request_mut(&id) else {

@@ -79,6 +79,30 @@ pub enum Decided {
     TaskEnded,
 }
 
+/// Whether `approval` may be added to request `q` (as stored, `task_ended` for its task):
+/// `Ok(None)` to add it, `Ok(Some(..))` when the request is past deciding, `Err` when this
+/// person already approved it. One rule for every backend.
+pub(crate) fn admit_approval(
+    q: &Request,
+    approval: &Approval,
+    needed: u32,
+    task_ended: bool,
+) -> Result<Option<Decided>> {
+    if q.status != RequestStatus::Pending {
+        return Ok(Some(Decided::NotPending));
+    }
+    if task_ended {
+        return Ok(Some(Decided::TaskEnded));
+    }
+    if q.approvals.iter().any(|a| a.same_person(approval)) {
+        return Err(StoreError::Invalid(format!(
+            "{} already approved request {}; it needs approvals from {needed} different people",
+            approval.by, q.id
+        )));
+    }
+    Ok(None)
+}
+
 /// An approval that issues a grant.
 #[derive(Clone, Debug)]
 pub struct GrantApproval {

@@ -246,19 +246,12 @@ impl Store for SqliteStore {
             let Some(mut q) = queries::get_request(db.conn, &id)? else {
                 return Ok(Decided::NotPending);
             };
-            if q.status != RequestStatus::Pending {
-                return Ok(Decided::NotPending);
-            }
-            if let Some(task) = &q.task
-                && queries::task_ended(db.conn, task)?
-            {
-                return Ok(Decided::TaskEnded);
-            }
-            if q.approvals.iter().any(|a| a.same_person(&approval)) {
-                return Err(StoreError::Invalid(format!(
-                    "{} already approved request {id}; it needs approvals from {needed} different people",
-                    approval.by
-                )));
+            let ended = match &q.task {
+                Some(task) => queries::task_ended(db.conn, task)?,
+                None => false,
+            };
+            if let Some(past) = super::admit_approval(&q, &approval, needed, ended)? {
+                return Ok(past);
             }
             let by = approval.by.clone();
             q.approvals.push(approval);
