@@ -27,7 +27,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
@@ -141,27 +141,15 @@ pub fn serve(
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    tracker.spawn(async move {
-        info!(address = ?listener.local_addr().ok(), "web console listening");
-        loop {
-            let (stream, peer) = tokio::select! {
-                () = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(error = %e, "console: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                break;
-            };
+    crate::ops::http::accept_loop(
+        listener,
+        "web console",
+        MAX_CONNECTIONS,
+        shutdown.clone(),
+        tracker,
+        move |stream, peer| {
             let (console, shutdown) = (console.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
+            async move {
                 let config = match &console.tls {
                     Tls::Fixed(c) => Ok(c.clone()),
                     Tls::HostCa(ca) => stream
@@ -202,9 +190,9 @@ pub fn serve(
                     r = conn.as_mut() => if let Err(e) = r { debug!(%peer, error = %e, "console connection"); },
                     () = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
                 }
-            });
-        }
-    });
+            }
+        },
+    );
 }
 
 /// Decodes `application/x-www-form-urlencoded` (a query string or a form body).

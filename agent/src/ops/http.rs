@@ -9,7 +9,10 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
@@ -48,26 +51,15 @@ pub fn serve(
             }
         }
     });
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    tracker.spawn(async move {
-        info!(address = ?listener.local_addr().ok(), "metrics and health endpoint listening");
-        loop {
-            let (stream, peer) = tokio::select! {
-                () = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(error = %e, "metrics endpoint: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                break;
-            };
+    accept_loop(
+        listener,
+        "metrics and health endpoint",
+        MAX_CONNECTIONS,
+        shutdown.clone(),
+        tracker,
+        move |stream, peer| {
             let (agent, handle, shutdown) = (agent.clone(), handle.clone(), shutdown.clone());
-            tokio::spawn(async move {
+            async move {
                 let service = service_fn(move |req| {
                     let (agent, handle) = (agent.clone(), handle.clone());
                     async move { Ok::<_, Infallible>(respond(&req, agent.as_ref(), &handle).await) }
@@ -84,6 +76,47 @@ pub fn serve(
                     },
                     () = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
                 }
+            }
+        },
+    );
+}
+
+/// The accept loop of the agent's small HTTP servers (this endpoint, the web console):
+/// until shutdown, each connection to `serve` on its own task, at most `max` at once (more
+/// wait their turn in the listen queue). A failed accept (out of descriptors) pauses briefly
+/// instead of spinning.
+pub fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    max: usize,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max));
+    tracker.spawn(async move {
+        info!(address = ?listener.local_addr().ok(), "{what} listening");
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "{what}: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let connection = serve(stream, peer);
+            tokio::spawn(async move {
+                connection.await;
                 drop(permit);
             });
         }
