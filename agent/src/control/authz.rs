@@ -165,7 +165,9 @@ pub fn may_decide(config: &Config, caller: &Caller, request: &Request) -> Result
             "a gated workload cannot approve or deny requests".into(),
         ));
     }
-    if caller.uid == request.requested_by.uid {
+    // By uid on one host; by name too, since in a fleet the request may have been filed on
+    // another host, where the same person can have another uid.
+    if caller.uid == request.requested_by.uid || caller.user == request.requested_by.user {
         return Err(ControlError::Forbidden(format!(
             "{} filed request {} (as {}); self-approval is refused: another approver must decide it",
             caller.user, request.id, request.requested_by
