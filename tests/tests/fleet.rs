@@ -39,9 +39,10 @@ fn fleet(test: &str, echo: &str) -> (servers::Postgres, Gate, Gate) {
     (pg, a, b)
 }
 
+/// The time in `ok closed <unix ms> <why>`, the probe's report of a cut connection.
 fn cut_at(line: &str) -> i64 {
     line.split_whitespace()
-        .nth(1)
+        .nth(2)
         .and_then(|ms| ms.parse().ok())
         .unwrap_or_else(|| panic!("unexpected probe output {line}"))
 }

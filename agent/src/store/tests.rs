@@ -764,4 +764,51 @@ mod postgres {
         assert!(e.contains("password_file"), "{e}");
         assert!(!e.contains("hunter2"), "the password is not echoed: {e}");
     }
+
+    /// Verified TLS and a password from a file: the right CA and password connect; another
+    /// CA, a name the certificate does not carry, a wrong password, or no TLS at all do not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_verify_full_and_a_password_file() {
+        let Some(pg) = TestDb::start_tls() else { return };
+        let db = pg.database("tls");
+        pg.admin(
+            "postgres",
+            "SET password_encryption = 'scram-sha-256'; CREATE ROLE jg LOGIN SUPERUSER PASSWORD 'pw-Store-4d1c'",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let secret = dir.path().join("store.pw");
+        std::fs::write(&secret, "pw-Store-4d1c\n").unwrap();
+        let options = |host: &str, ca: &str, password: &std::path::Path| PostgresOptions {
+            url: format!("postgresql://jg@{host}:{}/{db}", pg.port),
+            password_file: Some(password.to_owned()),
+            ca_file: (!ca.is_empty()).then(|| pg.tls_dir().join(ca)),
+            pool_size: 1,
+            host_id: "h".into(),
+        };
+        let store = PostgresStore::open(&options("127.0.0.1", "ca.pem", &secret), &state)
+            .await
+            .unwrap();
+        store
+            .file_request(request("req_t", None, None), "user bob".into())
+            .await
+            .unwrap();
+        assert_eq!(store.count_pending().await.unwrap(), 1);
+        drop(store);
+
+        let wrong = dir.path().join("wrong.pw");
+        std::fs::write(&wrong, "guess\n").unwrap();
+        for (what, o) in [
+            ("another CA", options("127.0.0.1", "other-ca.pem", &secret)),
+            ("a name the certificate lacks", options("localhost", "ca.pem", &secret)),
+            ("a wrong password", options("127.0.0.1", "ca.pem", &wrong)),
+            ("no TLS", options("127.0.0.1", "", &secret)),
+        ] {
+            let e = PostgresStore::open(&o, &state).await.err();
+            assert!(e.is_some(), "{what} was accepted");
+            let e = format!("{:#}", e.unwrap());
+            assert!(e.contains("connecting to the shared state store"), "{what}: {e}");
+            assert!(!e.contains("pw-Store"), "{what}: the password is not echoed: {e}");
+        }
+    }
 }

@@ -64,7 +64,12 @@ pub async fn follow(
             }
         };
         if let Err(e) = client.batch_execute("LISTEN jitgate_changes").await {
-            warn!(error = %e, "LISTEN on the shared store failed");
+            warn!(error = %e, retry_in = ?backoff, "LISTEN on the shared store failed");
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
             continue;
         }
         backoff = Duration::from_millis(100);

@@ -53,6 +53,21 @@ fn as_postgres(args: &[&str]) {
 impl TestDb {
     /// Starts a server, or says why not: `None` outside CI when PostgreSQL is missing.
     pub fn start() -> Option<Self> {
+        Self::launch(false)
+    }
+
+    /// [`Self::start`] with TLS (a certificate for `127.0.0.1` only, signed by the CA in
+    /// `ca.pem` of [`Self::tls_dir`]) and SCRAM logins over it: plain TCP is refused.
+    pub fn start_tls() -> Option<Self> {
+        Self::launch(true)
+    }
+
+    /// Where the TLS test files are: `ca.pem`, and `other-ca.pem`, a CA that signed nothing.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
+    }
+
+    fn launch(tls: bool) -> Option<Self> {
         let root = nix::unistd::geteuid().is_root();
         let bin = pg_bin();
         let (Some(bin), true) = (bin, root) else {
@@ -94,6 +109,22 @@ impl TestDb {
             dir.display()
         );
         let log = dir.join("postgres.log");
+        let opts = if tls {
+            write_tls(&dir.join("tls"));
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 reject\n",
+            )
+            .expect("hba");
+            let t = |name: &str| dir.join("tls").join(name).to_string_lossy().into_owned();
+            format!(
+                "{opts} -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                t("server.pem"),
+                t("server.key")
+            )
+        } else {
+            opts
+        };
         as_postgres(&[
             &tool("pg_ctl"),
             "-D",
@@ -149,6 +180,44 @@ impl TestDb {
             host_id: host.to_owned(),
         }
     }
+}
+
+/// A CA, a server certificate for `127.0.0.1` it signed (owned by `postgres`, key 0600), and
+/// an unrelated CA.
+fn write_tls(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir).expect("tls dir");
+    let ca = |name: &str| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).expect("self-signed");
+        (Issuer::new(params, key), cert.pem())
+    };
+    let (issuer, ca_pem) = ca("store test CA");
+    let (_, other_pem) = ca("another CA");
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+    let cert = params.signed_by(&key, &issuer).expect("signed");
+    std::fs::write(dir.join("ca.pem"), ca_pem).expect("ca");
+    std::fs::write(dir.join("other-ca.pem"), other_pem).expect("ca");
+    std::fs::write(dir.join("server.pem"), cert.pem()).expect("cert");
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("key");
+    std::fs::set_permissions(dir.join("server.key"), std::fs::Permissions::from_mode(0o600))
+        .expect("chmod");
+    let chown = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(dir)
+        .status()
+        .expect("chown");
+    assert!(chown.success());
 }
 
 impl Drop for TestDb {
