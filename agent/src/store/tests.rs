@@ -562,10 +562,13 @@ mod postgres {
     async fn hosts_share_state_and_hear_each_other() {
         let Some(pg) = TestDb::start() else { return };
         let db = pg.database("fleet");
+        // The hosts log in as their own role, so that logins can be refused below.
+        pg.admin("postgres", "CREATE ROLE fleet LOGIN SUPERUSER");
         // Many agents starting at once migrate once, without tripping over each other.
         let mut opening = Vec::new();
         for host in ["host-a", "host-b", "host-c", "host-d"] {
-            let options = pg.options(&db, host);
+            let mut options = pg.options(&db, host);
+            options.url = options.url.replace("postgres@", "fleet@");
             opening.push(tokio::spawn(async move {
                 let dir = tempfile::tempdir().unwrap();
                 let store = PostgresStore::open(&options, &dir.path().join("state")).await;
@@ -649,8 +652,10 @@ mod postgres {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(heard.try_recv().is_err(), "no echo of A's own change");
 
-        // The follower's connection is cut; a change made meanwhile is still delivered (the
-        // catch-up read after reconnecting), not lost with the notification.
+        // The followers' connections are cut and cannot come back for a while; a change made
+        // meanwhile (on B's open writer connection) is still delivered once A's follower is
+        // back: the catch-up read after reconnecting, not the notification it missed.
+        pg.admin("postgres", "ALTER ROLE fleet NOLOGIN");
         pg.admin(
             &db,
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jitgated listener'",
@@ -658,7 +663,13 @@ mod postgres {
         b.revoke_grant("grt_f2".into(), "user carol".into(), "cut".into())
             .await
             .unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(3), heard.recv())
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            heard.try_recv().is_err(),
+            "nothing heard while A is cut off"
+        );
+        pg.admin("postgres", "ALTER ROLE fleet LOGIN");
+        let got = tokio::time::timeout(Duration::from_secs(8), heard.recv())
             .await
             .expect("delivered after the follower reconnected")
             .unwrap();
@@ -769,7 +780,9 @@ mod postgres {
     /// CA, a name the certificate does not carry, a wrong password, or no TLS at all do not.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tls_verify_full_and_a_password_file() {
-        let Some(pg) = TestDb::start_tls() else { return };
+        let Some(pg) = TestDb::start_tls() else {
+            return;
+        };
         let db = pg.database("tls");
         pg.admin(
             "postgres",
@@ -798,17 +811,36 @@ mod postgres {
 
         let wrong = dir.path().join("wrong.pw");
         std::fs::write(&wrong, "guess\n").unwrap();
-        for (what, o) in [
-            ("another CA", options("127.0.0.1", "other-ca.pem", &secret)),
-            ("a name the certificate lacks", options("localhost", "ca.pem", &secret)),
-            ("a wrong password", options("127.0.0.1", "ca.pem", &wrong)),
-            ("no TLS", options("127.0.0.1", "", &secret)),
+        for (what, o, why) in [
+            (
+                "another CA",
+                options("127.0.0.1", "other-ca.pem", &secret),
+                "UnknownIssuer",
+            ),
+            (
+                "a name the certificate lacks",
+                options("localhost", "ca.pem", &secret),
+                "not valid for name",
+            ),
+            (
+                "a wrong password",
+                options("127.0.0.1", "ca.pem", &wrong),
+                "password authentication failed",
+            ),
+            ("no TLS", options("127.0.0.1", "", &secret), "no encryption"),
         ] {
             let e = PostgresStore::open(&o, &state).await.err();
             assert!(e.is_some(), "{what} was accepted");
             let e = format!("{:#}", e.unwrap());
-            assert!(e.contains("connecting to the shared state store"), "{what}: {e}");
-            assert!(!e.contains("pw-Store"), "{what}: the password is not echoed: {e}");
+            assert!(
+                e.contains("connecting to the shared state store"),
+                "{what}: {e}"
+            );
+            assert!(e.contains(why), "{what}: {e}");
+            assert!(
+                !e.contains("pw-Store"),
+                "{what}: the password is not echoed: {e}"
+            );
         }
     }
 }

@@ -210,8 +210,11 @@ fn write_tls(dir: &std::path::Path) {
     std::fs::write(dir.join("other-ca.pem"), other_pem).expect("ca");
     std::fs::write(dir.join("server.pem"), cert.pem()).expect("cert");
     std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("key");
-    std::fs::set_permissions(dir.join("server.key"), std::fs::Permissions::from_mode(0o600))
-        .expect("chmod");
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod");
     let chown = Command::new("chown")
         .args(["-R", "postgres:postgres"])
         .arg(dir)
