@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 use crate::store::{Result, StoreError};
 
 /// The advisory lock key the migrations serialise on (any fixed number; "jitgate" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6a69_7467_6174_65;
+const MIGRATION_LOCK: i64 = 0x006a_6974_6761_7465;
 
 const MIGRATIONS: &[&str] = &[
     // 1: requests, grants, tasks, sessions, statements, the per-host audit chains and the
