@@ -466,6 +466,8 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         .collect();
 
     let shared = SharedConfig::new(config.clone());
+    // Subscribed before anything else is recorded, so no event of this run is missed.
+    crate::webhooks::spawn(&store, shared.clone(), shutdown.clone());
     let routes = Routes::default();
     let destinations = Arc::new(Destinations::new(shared.clone(), routes.clone())?);
     destinations.resolve_all().await;
@@ -523,6 +525,7 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         limits: crate::protocol::limits::Limits::default(),
         refusals: crate::refusals::ProxyRefusals::default(),
         rates: crate::protocol::rate::Rates::default(),
+        buffers: crate::protocol::buffers::Buffers::new(config.daemon.limits.buffer_budget),
     });
     let proxy_ctx = Arc::new(ProxyContext {
         attributor: Arc::new(Kernel {

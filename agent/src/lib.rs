@@ -14,6 +14,8 @@
 //!   front end, which the CLI speaks.
 //! * [`daemon`]: start-up order, reload, shutdown.
 //! * [`ops`]: metrics and health endpoint, systemd readiness and watchdog, logging.
+//! * [`webhooks`]: notifications of audit events to approvers' chat and scripts, signed.
+//! * [`secret_file`]: the one rule for files that hold secrets.
 //! * [`cli`]: the `jitgate` command.
 pub mod cli;
 pub mod config;
@@ -32,6 +34,7 @@ pub mod postgres;
 pub mod protocol;
 pub mod proxy;
 pub mod refusals;
+pub mod secret_file;
 pub mod store;
 pub mod tasks;
 /// Whole sessions over in-memory pipes: the middle layer of tests, and the session fuzz target
@@ -39,3 +42,4 @@ pub mod tasks;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod testing;
+pub mod webhooks;

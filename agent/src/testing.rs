@@ -129,6 +129,26 @@ impl Harness {
         .await
     }
 
+    /// [`Harness::with_upstream`] for `bot`, with `daemon` as more `[daemon]` keys.
+    pub async fn with_daemon(
+        upstream: SocketAddr,
+        protocol: &str,
+        extra: &str,
+        daemon: &str,
+    ) -> Self {
+        Self::build(
+            upstream,
+            upstream,
+            protocol,
+            extra,
+            Some("bot"),
+            daemon,
+            false,
+            "",
+        )
+        .await
+    }
+
     /// `bot` connecting many times to `svc` at `upstream`, with `daemon` as more `[daemon]`
     /// keys (limits, timeouts).
     pub async fn many(upstream: SocketAddr, protocol: &str, extra: &str, daemon: &str) -> Self {
@@ -203,6 +223,7 @@ approvers = ["root"]
             .expect("trie"),
             vec!["svc".into()],
         );
+        let buffers = crate::protocol::buffers::Buffers::new(config.daemon.limits.buffer_budget);
         let shared = SharedConfig::new(config);
         let store: SharedStore = Arc::new(MemoryStore::default());
         let shutdown = CancellationToken::new();
@@ -220,6 +241,7 @@ approvers = ["root"]
             limits: crate::protocol::limits::Limits::default(),
             refusals: crate::refusals::ProxyRefusals::default(),
             rates: crate::protocol::rate::Rates::default(),
+            buffers,
         });
         let ctx = Arc::new(ProxyContext {
             attributor: Arc::new(Fake {
@@ -250,9 +272,14 @@ approvers = ["root"]
 
     /// Grants `bot` read on `svc` as root would with `jitgate request --for bot`.
     pub async fn grant(&self) -> String {
+        self.grant_access(Access::Read).await
+    }
+
+    /// Grants `bot` `access` on `svc` as root would with `jitgate request --for bot`.
+    pub async fn grant_access(&self, access: Access) -> String {
         let spec = RequestSpec {
             resource: "svc".into(),
-            access: Some(Access::Read),
+            access: Some(access),
             ttl: Some(Duration::from_secs(600)),
             reason: "test".into(),
             for_identity: Some("bot".into()),
@@ -263,7 +290,7 @@ approvers = ["root"]
             .await
             .expect("request");
         self.engine
-            .find("bot", None, "svc", Access::Read)
+            .find("bot", None, "svc", access)
             .expect("an auto-approved grant")
             .id
     }

@@ -30,6 +30,8 @@ pub struct Received {
     pub method: String,
     pub target: String,
     pub headers: Vec<(String, String)>,
+    /// The request body (empty where the fixture does not keep it).
+    pub body: Vec<u8>,
 }
 
 impl Received {
@@ -186,21 +188,34 @@ async fn handle(
         })
         .collect();
     let method = req.method().to_string();
-    seen.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(Received {
-            method: method.clone(),
-            target: target.clone(),
-            headers: headers.clone(),
-        });
     let auth = req
         .headers()
         .get("authorization")
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         .unwrap_or_default();
     let path = req.uri().path().to_owned();
-    // Read (and drop) the request body so keep-alive continues.
-    let _ = req.into_body().collect().await;
+    // Recorded at once (a test may look while the body still streams), its body once read.
+    let index = {
+        let mut seen = seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        seen.push(Received {
+            method: method.clone(),
+            target: target.clone(),
+            headers: headers.clone(),
+            body: Vec::new(),
+        });
+        seen.len() - 1
+    };
+    // Read the request body (kept, and so that keep-alive continues).
+    if let Ok(body) = req.into_body().collect().await
+        && let Some(r) = seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(index)
+    {
+        r.body = body.to_bytes().to_vec();
+    }
     let response = match path.as_str() {
         "/echo" => {
             let h: Vec<_> = headers.iter().map(|(n, v)| json!([n, v])).collect();

@@ -88,6 +88,7 @@ pub(crate) async fn handle(
             method: method.clone(),
             target: target.clone(),
             headers,
+            body: Vec::new(),
         });
     if req.uri().path().ends_with("/exec") && req.headers().contains_key("upgrade") {
         return Ok(exec(&mut req));

@@ -413,3 +413,112 @@ fn held_connection_waits_for_a_decision() {
         (sessions[0]["outcome"] == "refused_denied").then_some(())
     });
 }
+
+/// Approvers hear of requests where they are: each chosen audit event is POSTed, signed, to
+/// an HTTPS receiver verified against its own CA, with what the workload wrote carried
+/// intact (never as markup or broken JSON), and events not chosen are not sent.
+#[test]
+fn approvers_hear_of_requests_by_signed_webhook() {
+    use jitgate_e2e::http_fixture::HttpFixture;
+    use std::os::unix::fs::PermissionsExt as _;
+    jitgate_e2e::root_or_skip!();
+    let web = servers::http_server();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let receiver = HttpFixture::tls();
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("webhook.key");
+    let key = "whsec-e2e-9f8e7d6c5b4a39281706";
+    std::fs::write(&key_path, format!("{key}\n")).unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = Body::new()
+        .raw(&body(&web.addr.to_string(), &echo.addr.to_string()))
+        .raw(&format!(
+            "[[webhook]]\nname = \"approvers\"\nurl = \"https://127.0.0.1:{}/hooks/jitgate\"\nsecret_file = \"{}\"\nca_file = \"{}\"\nevents = [\"request.filed\", \"request.decided\", \"grant.revoked\"]\n",
+            receiver.addr.port(),
+            key_path.display(),
+            receiver.ca.as_ref().unwrap().display()
+        ))
+        .build();
+    let gate = Gate::start("webhook", "", &config);
+    let hooks = || {
+        receiver
+            .received()
+            .into_iter()
+            .filter(|r| r.target == "/hooks/jitgate" && !r.body.is_empty())
+            .collect::<Vec<_>>()
+    };
+    let event_of =
+        |r: &jitgate_e2e::http_fixture::Received| r.header("jitgate-event")[0].to_owned();
+
+    // A hostile reason: markup, a mention, quotes and a line break.
+    let reason = "dash\"}<!channel> <https://evil.example|ok>\nnext";
+    // The task stays alive (a request of an ended task lapses).
+    let _workload = gate.spawn(
+        "bot",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "jitgate request web --reason \"$1\" && sleep 120",
+            "sh",
+            reason,
+        ],
+    );
+    let id = gate.pending_request()["id"].as_str().unwrap().to_owned();
+    gate.wait_for("the request.filed webhook", Duration::from_secs(15), || {
+        (!hooks().is_empty()).then_some(())
+    });
+    let approved = gate.cli(&["approve", &id, "--json"]);
+    approved.assert_ok();
+    let grant = approved.json()["grant"]["id"].as_str().unwrap().to_owned();
+    gate.cli(&["revoke", &grant, "--reason", "done"])
+        .assert_ok();
+    gate.wait_for("three webhooks", Duration::from_secs(15), || {
+        (hooks().len() >= 3).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = hooks();
+    assert_eq!(
+        seen.iter().map(event_of).collect::<Vec<_>>(),
+        ["request.filed", "request.approved", "grant.revoked"],
+        "only the chosen events, in order (no session or grant.issued records)"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for r in &seen {
+        assert_eq!(r.method, "POST");
+        let sig = r.header("jitgate-signature")[0];
+        jitgate::webhooks::sign::verify(key.as_bytes(), sig, &r.body, now, 300)
+            .unwrap_or_else(|e| panic!("{}: {e}", event_of(r)));
+        // Signed with another key, the same call does not verify.
+        assert!(
+            jitgate::webhooks::sign::verify(b"not-the-key-0123456", sig, &r.body, now, 300)
+                .is_err()
+        );
+    }
+    let filed: serde_json::Value = serde_json::from_slice(&seen[0].body).unwrap();
+    assert_eq!(filed["detail"]["request"], id.as_str());
+    assert_eq!(filed["detail"]["identity"], "bot");
+    assert_eq!(filed["detail"]["reason"], reason, "carried intact");
+    assert_eq!(
+        seen[0].header("jitgate-delivery")[0],
+        filed["id"].as_str().unwrap()
+    );
+    // The record sent is the audit log's own.
+    let audit = gate.cli(&["audit", "--json"]).json();
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["hash"] == filed["id"] && a["kind"] == "request.filed"),
+        "{audit}"
+    );
+    let approved: serde_json::Value = serde_json::from_slice(&seen[1].body).unwrap();
+    assert_eq!(approved["actor"], "user root");
+    let revoked: serde_json::Value = serde_json::from_slice(&seen[2].body).unwrap();
+    assert_eq!(revoked["detail"]["grant"], grant.as_str());
+    assert_eq!(revoked["detail"]["reason"], "done");
+}

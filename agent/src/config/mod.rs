@@ -6,8 +6,10 @@
 
 pub mod address;
 pub mod limits;
+pub mod webhooks;
 
 pub use limits::{GrantLimits, parse_size};
+pub use webhooks::{Endpoint, Webhook, WebhookFormat, WebhookTarget};
 
 use std::{
     collections::HashSet,
@@ -212,6 +214,8 @@ pub struct Config {
     pub workloads: Vec<Workload>,
     pub resources: Vec<Resource>,
     pub policies: Vec<Policy>,
+    /// Where notifications of audit events go (`[[webhook]]`).
+    pub webhooks: Vec<Webhook>,
 }
 
 #[derive(Clone, Debug)]
@@ -278,6 +282,9 @@ pub struct Limits {
     pub max_sessions_per_identity: usize,
     /// Granted sessions riding on one grant (a resource may set its own).
     pub max_sessions_per_grant: usize,
+    /// Bytes of bodies the gate may hold whole at once, agent-wide (responses read to be
+    /// masked, held requests read to be shown): see [`crate::protocol::buffers`].
+    pub buffer_budget: usize,
 }
 
 impl Default for Limits {
@@ -287,6 +294,7 @@ impl Default for Limits {
             max_pending_per_identity: 32,
             max_sessions_per_identity: 64,
             max_sessions_per_grant: 16,
+            buffer_budget: crate::protocol::buffers::DEFAULT_BUDGET,
         }
     }
 }
@@ -420,6 +428,8 @@ struct RawConfig {
     _resources: Vec<serde::de::IgnoredAny>,
     #[serde(default)]
     policy: Vec<S<RawPolicy>>,
+    #[serde(default)]
+    webhook: Vec<S<webhooks::RawWebhook>>,
     store: Option<S<RawStore>>,
 }
 
@@ -465,6 +475,7 @@ struct RawDaemon {
     max_pending_per_identity: Option<S<i64>>,
     max_sessions_per_identity: Option<S<i64>>,
     max_sessions_per_grant: Option<S<i64>>,
+    buffer_budget: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -636,12 +647,14 @@ impl Validator<'_> {
         let workloads = self.workloads(&daemon, raw.workload);
         let resources = self.resources(&daemon);
         let policies = self.policies(&workloads, &resources, raw.policy);
+        let webhooks = self.webhooks(raw.webhook);
         Config {
             path: path.to_owned(),
             daemon,
             workloads,
             resources,
             policies,
+            webhooks,
         }
     }
 
@@ -851,6 +864,22 @@ impl Validator<'_> {
                 raw.max_sessions_per_grant.as_ref(),
                 defaults.max_sessions_per_grant,
             ),
+            buffer_budget: match &raw.buffer_budget {
+                None => defaults.buffer_budget,
+                Some(v) => {
+                    match parse_size(v.get_ref()) {
+                        Ok(n) if n >= 4 << 20 => n,
+                        Ok(_) => {
+                            self.fail(v.span(), "buffer_budget: at least 4MiB (one masked response may need that much)");
+                            defaults.buffer_budget
+                        }
+                        Err(e) => {
+                            self.fail(v.span(), format!("buffer_budget: {e}"));
+                            defaults.buffer_budget
+                        }
+                    }
+                }
+            },
         };
         DaemonConfig {
             metrics_listen,
@@ -1715,7 +1744,7 @@ approvers = ["alice", "group:dba"]
         assert_eq!(c.resources[0].max_sessions_per_grant, 16);
         let c = parse(&SAMPLE.replace(
             "egress = \"deny\"",
-            "egress = \"deny\"\nstartup_timeout = \"3s\"\nmax_pending_per_identity = 4\nmax_sessions_per_identity = 9\nmax_sessions_per_grant = 5",
+            "egress = \"deny\"\nstartup_timeout = \"3s\"\nmax_pending_per_identity = 4\nmax_sessions_per_identity = 9\nmax_sessions_per_grant = 5\nbuffer_budget = \"64MiB\"",
         ))
         .unwrap();
         assert_eq!(
@@ -1725,7 +1754,17 @@ approvers = ["alice", "group:dba"]
                 max_pending_per_identity: 4,
                 max_sessions_per_identity: 9,
                 max_sessions_per_grant: 5,
+                buffer_budget: 64 << 20,
             }
+        );
+        let e = parse(&SAMPLE.replace(
+            "egress = \"deny\"",
+            "egress = \"deny\"\nbuffer_budget = \"1MiB\"",
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("buffer_budget: at least 4MiB"),
+            "{e}"
         );
         // A resource inherits the daemon's per-grant limit unless it sets its own.
         assert_eq!(c.resources[0].max_sessions_per_grant, 5);

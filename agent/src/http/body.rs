@@ -13,6 +13,7 @@ use http_body_util::{BodyExt as _, Full, combinators::UnsyncBoxBody};
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::scrub::Scrubber;
+use crate::protocol::buffers::Reservation;
 use crate::protocol::relay::Counters;
 
 /// Any error a body can end with.
@@ -261,18 +262,19 @@ where
     }
 }
 
-/// A body that keeps a semaphore permit until it has been read to its end (or dropped):
-/// what it holds in memory counts against a budget until the client has taken it.
+/// A body that keeps a permit (a semaphore's, a buffer reservation, both) until it has been
+/// read to its end (or dropped): what it holds in memory counts against a budget until the
+/// client has taken it.
 pub struct Permitted<B> {
     inner: B,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: Option<Box<dyn Send>>,
 }
 
 impl<B> Permitted<B> {
-    pub fn new(inner: B, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+    pub fn new(inner: B, permit: impl Send + 'static) -> Self {
         Self {
             inner,
-            permit: Some(permit),
+            permit: Some(Box::new(permit)),
         }
     }
 }
@@ -299,6 +301,65 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Permitted<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A client's request body on its way upstream: streamed as the client sends it, or read
+/// whole beforehand. A request held for approval is read whole before it is filed, so that
+/// the approver is shown its body and exactly those bytes, no others, go upstream once
+/// approved (a client cannot swap the body after the decision).
+pub enum ClientBody {
+    Streaming(hyper::body::Incoming),
+    /// The whole body (`None` once handed on), and its share of the agent's buffer budget,
+    /// given back with it.
+    Read(Option<Bytes>, Option<Reservation>),
+}
+
+impl ClientBody {
+    /// The whole body, if it was read.
+    pub fn read(&self) -> Option<&Bytes> {
+        match self {
+            Self::Read(b, _) => b.as_ref(),
+            Self::Streaming(_) => None,
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Streaming(incoming) => Pin::new(incoming).poll_frame(cx),
+            Self::Read(data, held) => {
+                *held = None;
+                Poll::Ready(
+                    data.take()
+                        .filter(|d| !d.is_empty())
+                        .map(|d| Ok(Frame::data(d))),
+                )
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Streaming(incoming) => incoming.is_end_stream(),
+            Self::Read(data, _) => data.as_ref().is_none_or(Bytes::is_empty),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Streaming(incoming) => incoming.size_hint(),
+            Self::Read(data, _) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
     }
 }
 

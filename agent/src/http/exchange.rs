@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use hyper::{
     HeaderMap, Method, Request, Response, StatusCode,
@@ -23,7 +24,8 @@ use tracing::{debug, info, warn};
 
 use super::{
     body::{
-        self, BoxError, Counted, Direction, LineMasker, Out, Rewritten, SharedTap, Tap, Tapped,
+        self, BoxError, ClientBody, Counted, Direction, LineMasker, Out, Rewritten, SharedTap, Tap,
+        Tapped,
     },
     cast,
     config::{Flavor, HttpResource},
@@ -328,6 +330,7 @@ impl Verdict {
 
 impl Ctx<'_> {
     pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<Out> {
+        let mut req = req.map(ClientBody::Streaming);
         let started = Instant::now();
         let method = req.method().clone();
         let target = req
@@ -361,7 +364,7 @@ impl Ctx<'_> {
         };
         let request_tap = Tap::shared(self.settings.record_bodies);
         let wording = Wording::for_request(self.settings.flavor, &method, req.uri());
-        let (response, error, masked) = match self.judge(&req, &method).await {
+        let (response, error, masked) = match self.judge(&mut req, &method).await {
             Err((refusal, verdict)) => {
                 record.verdict(verdict);
                 info!(identity = %self.who.identity, resource = self.resource, session = %self.session_id, request = %text, status = refusal.status, error = %refusal.error, "http request refused");
@@ -436,7 +439,7 @@ impl Ctx<'_> {
     /// Host, path and rules: `Ok` with the normalised path to forward, or the refusal.
     async fn judge(
         &self,
-        req: &Request<Incoming>,
+        req: &mut Request<ClientBody>,
         method: &Method,
     ) -> Result<(String, Option<KubeRequest>, Verdict), (Refusal, Verdict)> {
         let refused = |r: Refusal| {
@@ -598,10 +601,18 @@ impl Ctx<'_> {
                         hint: Some("wait for their decisions, then retry".into()),
                     }));
                 }
-                let text = format!("{method} {forwarded}");
-                self.hold(&text, &rule, &what)
+                // Counted from here however the wait ends (a reset stream drops it half way),
+                // the body's reading included: a client cannot park more than MAX_HOLDS
+                // bodies on one connection.
+                let holding = Holding::new(&self.holding);
+                // The approver sees the body, and approves exactly it: read whole first.
+                let body = read_held_body(req, &self.services.buffers)
                     .await
-                    .map(|v| (forwarded, kube, v))
+                    .map_err(refused)?;
+                let text = self.held_text(method, &forwarded, req.headers(), &body, kube.as_ref());
+                let verdict = self.hold(&text, &rule, &what).await;
+                drop(holding);
+                verdict.map(|v| (forwarded, kube, v))
             }
         }
     }
@@ -613,8 +624,6 @@ impl Ctx<'_> {
         rule: &str,
         what: &str,
     ) -> Result<Verdict, (Refusal, Verdict)> {
-        // Counted down however the wait ends (a reset stream drops it half way).
-        let holding = Holding::new(&self.holding);
         let held = hold::hold(
             self.services,
             self.who,
@@ -631,7 +640,6 @@ impl Ctx<'_> {
             &self.stop,
         )
         .await;
-        drop(holding);
         let not = |why: String, decision| {
             (
                 Refusal::not_approved(rule, what, &why),
@@ -669,10 +677,78 @@ impl Ctx<'_> {
         }
     }
 
+    /// What approvers are shown of a held request: the request line, its content type and
+    /// size, and its body (the first [`HELD_BODY_SHOWN`] bytes) as the resource would mask it
+    /// in a response: Secret values of a Kubernetes Secret, then the detectors.
+    fn held_text(
+        &self,
+        method: &Method,
+        target: &str,
+        headers: &HeaderMap,
+        body: &Bytes,
+        kube: Option<&KubeRequest>,
+    ) -> String {
+        let mut text = format!("{method} {target}");
+        if body.is_empty() {
+            return text;
+        }
+        let media = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("no content type");
+        let digest = {
+            use sha2::Digest as _;
+            data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(body))
+        };
+        text.push_str(&format!(
+            "\n[body: {} bytes, {media}, sha256 {}]\n",
+            body.len(),
+            &digest[..16]
+        ));
+        let shown: Vec<u8> = if kube.is_some_and(KubeRequest::touches_secrets) {
+            // A Secret's values are never shown, whether the object parses or not.
+            match kube::mask_body(body) {
+                Ok((masked, _)) => masked,
+                Err(_) => {
+                    text.push_str("(a Secret body that is not JSON: not shown)");
+                    return text;
+                }
+            }
+        } else {
+            body.to_vec()
+        };
+        let cut = shown.len() > HELD_BODY_SHOWN;
+        let head = &shown[..shown.len().min(HELD_BODY_SHOWN)];
+        match std::str::from_utf8(head).or_else(|e| {
+            // A cut may fall inside a character.
+            if cut && e.error_len().is_none() {
+                std::str::from_utf8(&head[..e.valid_up_to()])
+            } else {
+                Err(e)
+            }
+        }) {
+            Ok(t) => {
+                let t = match &self.masker {
+                    Some(m) => m.mask_text(t).0,
+                    None => t.to_owned(),
+                };
+                text.push_str(&t);
+                if cut {
+                    text.push_str(&format!(
+                        "\n[... {} more bytes not shown]",
+                        shown.len() - head.len()
+                    ));
+                }
+            }
+            Err(_) => text.push_str("(binary: not shown)"),
+        }
+        text
+    }
+
     /// The `Host` the request names must be one of the resource's (when it has names), so a
     /// workload cannot reach another virtual host behind the same address. `Ok` with the host
     /// (lower case, without the port) when the request names one.
-    fn check_host(&self, req: &Request<Incoming>) -> Result<Option<String>, Refusal> {
+    fn check_host<B>(&self, req: &Request<B>) -> Result<Option<String>, Refusal> {
         // Servers differ on which of several Host values they take: one only.
         if req.headers().get_all(header::HOST).iter().count() > 1 {
             return Err(Refusal::malformed(
@@ -723,7 +799,7 @@ impl Ctx<'_> {
     /// response.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         path: &str,
         kube: Option<&KubeRequest>,
         seq: u32,
@@ -1052,7 +1128,8 @@ impl Ctx<'_> {
             .acquire_owned()
             .await
             .map_err(|e| refusal(format!("masking: {e}")))?;
-        let bytes = collect_bounded(&mut body, kube::MAX_MASKED_BODY)
+        let mut held = self.services.buffers.reservation();
+        let bytes = collect_bounded(&mut body, kube::MAX_MASKED_BODY, &mut held)
             .await
             .map_err(|e| refusal(format!("reading a response to mask it: {e}")))?;
         let (out, n) = if json {
@@ -1067,7 +1144,7 @@ impl Ctx<'_> {
         };
         drop(bytes);
         Ok((
-            body::Permitted::new(body::Pieces::new(out), permit).boxed_unsync(),
+            body::Permitted::new(body::Pieces::new(out), (permit, held)).boxed_unsync(),
             n,
         ))
     }
@@ -1098,8 +1175,95 @@ impl Ctx<'_> {
     }
 }
 
-/// A whole body, refused past `cap` bytes.
-async fn collect_bounded(body: &mut Out, cap: usize) -> Result<Vec<u8>, String> {
+/// Most bytes a request held for approval may carry: it is read whole (and held in memory)
+/// before it is filed. Kubernetes objects stay below 1.5 MiB (etcd's limit).
+pub(super) const MAX_HELD_BODY: usize = 2 * 1024 * 1024;
+
+/// How long a client has to send the body of a request held for approval.
+const HELD_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How much of a held request's body approvers are shown.
+const HELD_BODY_SHOWN: usize = 8 * 1024;
+
+/// Reads a held request's body whole (so it is shown to the approver, and exactly it is sent
+/// on approval), replacing the streaming body with what was read.
+async fn read_held_body(
+    req: &mut Request<ClientBody>,
+    buffers: &crate::protocol::buffers::Buffers,
+) -> Result<Bytes, Refusal> {
+    let body = std::mem::replace(req.body_mut(), ClientBody::Read(None, None));
+    let ClientBody::Streaming(mut incoming) = body else {
+        *req.body_mut() = body;
+        return Ok(req.body().read().cloned().unwrap_or_default());
+    };
+    if hyper::body::Body::size_hint(&incoming)
+        .exact()
+        .is_some_and(|n| n > MAX_HELD_BODY as u64)
+    {
+        return Err(held_too_large());
+    }
+    let mut held = buffers.reservation();
+    let read = async {
+        let mut out = bytes::BytesMut::new();
+        while let Some(frame) = incoming.frame().await {
+            let frame =
+                frame.map_err(|e| Refusal::malformed(format!("reading the request body: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if out.len() + data.len() > MAX_HELD_BODY {
+                    return Err(held_too_large());
+                }
+                held.cover(out.len() + data.len()).map_err(buffers_full)?;
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok(out.freeze())
+    };
+    let data = tokio::time::timeout(HELD_BODY_TIMEOUT, read)
+        .await
+        .map_err(|_| Refusal {
+            status: 408,
+            error: format!(
+                "the request body did not arrive within {}",
+                model::human_duration(HELD_BODY_TIMEOUT)
+            ),
+            rule: None,
+            hint: None,
+        })??;
+    *req.body_mut() = ClientBody::Read(Some(data.clone()), Some(held));
+    Ok(data)
+}
+
+/// The agent-wide buffer budget is spent: a 503 (the request may succeed shortly).
+fn buffers_full(e: crate::protocol::buffers::BuffersFull) -> Refusal {
+    Refusal {
+        status: 503,
+        error: e.to_string(),
+        rule: None,
+        hint: Some("retry in a moment; an operator may raise [daemon] buffer_budget".into()),
+    }
+}
+
+fn held_too_large() -> Refusal {
+    Refusal {
+        status: 413,
+        error: format!(
+            "a request held for approval may carry at most {} KiB (it is read whole, shown to the approver, and exactly it is sent)",
+            MAX_HELD_BODY / 1024
+        ),
+        rule: None,
+        hint: Some(
+            "send a smaller body, or ask for a grant under which the request is not held".into(),
+        ),
+    }
+}
+
+/// A whole body, refused past `cap` bytes or past the agent's buffer budget (`held` grows
+/// with it).
+async fn collect_bounded(
+    body: &mut Out,
+    cap: usize,
+    held: &mut crate::protocol::buffers::Reservation,
+) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| e.to_string())?;
@@ -1107,6 +1271,9 @@ async fn collect_bounded(body: &mut Out, cap: usize) -> Result<Vec<u8>, String> 
             if out.len() + data.len() > cap {
                 return Err(format!("larger than the {cap} bytes the gate masks"));
             }
+            // The masked copy is about as large again while both exist.
+            held.cover(2 * (out.len() + data.len()))
+                .map_err(|e| e.to_string())?;
             out.extend_from_slice(&data);
         }
     }

@@ -8,13 +8,15 @@
 //! can read or rewrite is refused, as for postgres password files).
 
 use std::{
-    os::unix::fs::{MetadataExt, PermissionsExt},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::Mutex,
     time::SystemTime,
 };
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::secret_file::{self, SecretFileError};
 
 /// How the secret is presented in the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,12 +42,8 @@ impl Scheme {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("`{path}`: {reason}")]
-    Unreadable { path: String, reason: String },
-    #[error("`{path}` belongs to uid {uid}, who could rewrite the credential")]
-    Owner { path: String, uid: u32 },
-    #[error("`{path}` is readable by others (mode {mode:04o})")]
-    Mode { path: String, mode: u32 },
+    #[error(transparent)]
+    File(#[from] SecretFileError),
     #[error("`{path}` does not make a valid header value")]
     NotAHeaderValue { path: String },
 }
@@ -88,7 +86,7 @@ impl Credential {
     /// The current value, re-read when the file changed.
     pub fn load(&self) -> Result<Loaded, SecretError> {
         let path = self.secret_file.as_path();
-        let meta = std::fs::metadata(path).map_err(|e| unreadable(path, &e.kind().to_string()))?;
+        let meta = std::fs::metadata(path).map_err(|e| unreadable(path, &e.to_string()))?;
         let stamp = Stamp {
             modified: meta.modified().ok(),
             len: meta.len(),
@@ -100,9 +98,8 @@ impl Credential {
         {
             return Ok(loaded.clone());
         }
-        check(path, &meta)?;
-        let text =
-            std::fs::read_to_string(path).map_err(|e| unreadable(path, &e.kind().to_string()))?;
+        secret_file::check(path, &meta)?;
+        let text = std::fs::read_to_string(path).map_err(|e| unreadable(path, &e.to_string()))?;
         let secret = text.trim_end_matches(['\n', '\r']).to_owned();
         let value = match self.scheme {
             Scheme::Bearer => format!("Bearer {secret}"),
@@ -137,31 +134,10 @@ impl Credential {
 }
 
 fn unreadable(path: &Path, reason: &str) -> SecretError {
-    SecretError::Unreadable {
+    SecretError::File(SecretFileError::Unreadable {
         path: path.display().to_string(),
         reason: reason.to_owned(),
-    }
-}
-
-fn check(path: &Path, meta: &std::fs::Metadata) -> Result<(), SecretError> {
-    if !meta.is_file() {
-        return Err(unreadable(path, "not a file"));
-    }
-    let uid = meta.uid();
-    if uid != 0 && uid != nix::unistd::geteuid().as_raw() {
-        return Err(SecretError::Owner {
-            path: path.display().to_string(),
-            uid,
-        });
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(SecretError::Mode {
-            path: path.display().to_string(),
-            mode,
-        });
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -226,12 +202,18 @@ mod tests {
             Scheme::Raw,
             file.clone(),
         );
-        assert!(matches!(cred.load(), Err(SecretError::Mode { .. })));
+        assert!(matches!(
+            cred.load(),
+            Err(SecretError::File(SecretFileError::Mode { .. }))
+        ));
         write(&file, "a", 0o600);
         assert!(cred.load().is_ok());
         write(&file, "bb", 0o640);
         assert!(
-            matches!(cred.load(), Err(SecretError::Mode { .. })),
+            matches!(
+                cred.load(),
+                Err(SecretError::File(SecretFileError::Mode { .. }))
+            ),
             "a changed file is re-checked"
         );
     }

@@ -43,7 +43,25 @@ async fn upstream() -> SocketAddr {
                             .collect::<Vec<_>>()
                             .join(",");
                         let target = req.uri().to_string();
+                        // What reached the upstream of a body, as its hash and length.
+                        let sent = if target.starts_with("/held/echo") {
+                            let b = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            use sha2::Digest as _;
+                            format!(
+                                "sha256 {} len {}",
+                                data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(&b)),
+                                b.len()
+                            )
+                        } else {
+                            String::new()
+                        };
                         let (body, media) = match target.as_str() {
+                        "/held/echo" => (sent, "text/plain"),
                         "/json" => (
                             r#"{"items":[{"email":"jane@example.com","card":"4111 1111 1111 1111","id":7}],"password":"hunter2"}"#.to_owned(),
                             "application/json",
@@ -105,6 +123,15 @@ async fn upstream() -> SocketAddr {
 
 async fn harness(extra: &str) -> (Harness, tempfile::TempDir) {
     harness_with(extra, "").await
+}
+
+/// [`harness`] with more `[daemon]` keys.
+async fn harness_daemon(extra: &str, daemon: &str) -> (Harness, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    (
+        Harness::with_daemon(upstream().await, "http", extra, daemon).await,
+        dir,
+    )
 }
 
 /// [`harness`] with more keys for `bot`'s policy.
@@ -602,6 +629,167 @@ async fn an_http2_stream_reset_while_held_lapses_its_request() {
     })
     .await
     .expect("the abandoned request lapses");
+}
+
+/// POSTs `body` to `uri` on an HTTP/2 connection.
+async fn h2_post(
+    sender: &hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    uri: &str,
+    body: Vec<u8>,
+) -> (u16, String) {
+    let req = Request::post(uri)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    let response = sender.clone().send_request(req);
+    let response = tokio::time::timeout(Duration::from_secs(30), response)
+        .await
+        .expect("an answer in time")
+        .expect("response");
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn h2_full_client(h: &Harness) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let (pipe, _task) = h.connect();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(pipe))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// The pending requests, once there are `n`.
+async fn pending(h: &Harness, n: usize) -> Vec<crate::model::Request> {
+    let store = h.ctx.services.store.clone();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let q = store
+                .requests(Some(crate::model::RequestStatus::Pending), 100)
+                .await
+                .expect("requests");
+            if q.len() >= n {
+                return q;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the requests are filed")
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    data_encoding::HEXLOWER.encode(&sha2::Sha256::digest(b))
+}
+
+#[tokio::test]
+async fn a_held_request_shows_its_body_masked_and_sends_exactly_it() {
+    let keys = "[[resource.rule]]\npaths = [\"/held/**\"]\naction = \"approve\"\n\
+                [[resource.mask]]\npaths = [\"$..password\"]\ndetectors = [\"email\"]\nstrategy = \"redact\"\n";
+    let (h, _dir) = harness(keys).await;
+    h.grant_access(crate::config::Access::Write).await;
+    let sender = h2_full_client(&h).await;
+    let body = br#"{"to":"jane@example.com","amount":100,"note":"quarterly payout"}"#.to_vec();
+    let want = format!("sha256 {} len {}", sha256_hex(&body), body.len());
+    let posted = tokio::spawn({
+        let sender = sender.clone();
+        let body = body.clone();
+        async move { h2_post(&sender, "http://svc/held/echo", body).await }
+    });
+    let q = pending(&h, 1).await.remove(0);
+    let shown = q.statement.clone().expect("the held request's text");
+    assert!(
+        shown.starts_with("POST /held/echo\n[body: 64 bytes, application/json, sha256 "),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("quarterly payout") && shown.contains("\"amount\":100"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("jane@example.com"),
+        "the detectors apply: {shown}"
+    );
+    h.engine
+        .approve(&crate::testing::root(), q, None)
+        .await
+        .expect("approve");
+    let (status, answer) = posted.await.expect("task");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer, want,
+        "the upstream got exactly the body the approver saw"
+    );
+    assert_eq!(
+        h.ctx.services.buffers.available(),
+        crate::protocol::buffers::DEFAULT_BUDGET,
+        "the body's share of the budget is given back once sent"
+    );
+}
+
+#[tokio::test]
+async fn held_bodies_are_bounded_per_request_and_agent_wide() {
+    let (h, _dir) = harness_daemon(
+        "[[resource.rule]]\npaths = [\"/held/**\"]\naction = \"approve\"\n",
+        "buffer_budget = \"4MiB\"",
+    )
+    .await;
+    h.grant_access(crate::config::Access::Write).await;
+    let sender = h2_full_client(&h).await;
+    // Past the per-request cap: refused at once, nothing filed.
+    let (status, body) = h2_post(
+        &sender,
+        "http://svc/held/echo",
+        vec![b'a'; super::exchange::MAX_HELD_BODY + 1],
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("at most 2048 KiB"), "{body}");
+    assert_eq!(
+        h.ctx.services.store.count_pending().await.expect("count"),
+        0
+    );
+    // Two bodies of 1.9 MiB wait; a third would pass the agent's 4 MiB: 503, at once.
+    let big = vec![b'b'; 1900 * 1024];
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let sender = sender.clone();
+            let big = big.clone();
+            tokio::spawn(async move { h2_post(&sender, "http://svc/held/echo", big).await })
+        })
+        .collect();
+    let filed = pending(&h, 2).await;
+    let (status, body) = h2_post(&sender, "http://svc/held/echo", big.clone()).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("buffer_budget"), "{body}");
+    assert_eq!(
+        h.ctx.services.store.count_pending().await.expect("count"),
+        2
+    );
+    // Once one is decided and sent, its share is back and another fits.
+    h.engine
+        .approve(&crate::testing::root(), filed[0].clone(), None)
+        .await
+        .expect("approve");
+    let done = futures_util::future::select_all(waiting)
+        .await
+        .0
+        .expect("task");
+    assert_eq!(done.0, 200, "{}", done.1);
+    let again = tokio::spawn({
+        let sender = sender.clone();
+        async move { h2_post(&sender, "http://svc/held/echo", big).await }
+    });
+    pending(&h, 2).await;
+    again.abort();
 }
 
 #[test]

@@ -28,7 +28,7 @@ use tokio::{net::TcpStream, task::JoinHandle};
 use tokio_rustls::TlsConnector;
 use tokio_util::either::Either;
 
-use super::body::{Counted, Tapped};
+use super::body::{ClientBody, Counted, Tapped};
 
 /// How long connecting (TCP and TLS) to the upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,7 +42,7 @@ pub const MAX_IN_FLIGHT: usize = 16;
 
 /// What a request's body is on its way up: the client's, counted and seen by the request's
 /// record.
-pub type UpBody = Tapped<Counted<Incoming>>;
+pub type UpBody = Tapped<Counted<ClientBody>>;
 
 /// How to reach the upstream.
 #[derive(Clone)]

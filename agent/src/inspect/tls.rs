@@ -287,6 +287,40 @@ impl ServerCertVerifier for AnyCertificate {
     }
 }
 
+/// A client config that verifies servers against the system's trust anchors plus the PEM
+/// certificates in `extra_ca` (for the agent's own calls out, such as webhooks).
+pub fn system_client_config(extra_ca: Option<&Path>) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    let mut add_file = |path: &Path, required: bool| -> anyhow::Result<()> {
+        let certs = match CertificateDer::pem_file_iter(path) {
+            Ok(certs) => certs,
+            Err(_) if !required => return Ok(()),
+            Err(e) => return Err(anyhow!("reading {}: {e}", path.display())),
+        };
+        for cert in certs {
+            let cert = cert.with_context(|| format!("parsing {}", path.display()))?;
+            // A system bundle may hold a certificate webpki cannot use: skip it there.
+            if let Err(e) = roots.add(cert)
+                && required
+            {
+                return Err(anyhow!("a certificate in {}: {e}", path.display()));
+            }
+        }
+        Ok(())
+    };
+    add_file(Path::new(SYSTEM_BUNDLE), false)?;
+    if let Some(ca) = extra_ca {
+        add_file(ca, true)?;
+    }
+    Ok(Arc::new(
+        ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| anyhow!("TLS versions: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
 /// Client configs for the upstream hop, cached per CA file.
 #[derive(Default)]
 pub struct UpstreamTlsConfigs {

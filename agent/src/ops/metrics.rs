@@ -32,6 +32,7 @@ pub const APPROVAL_WAIT: &str = "jitgate_approval_wait_seconds";
 pub const KERNEL_REDIRECTS: &str = "jitgate_kernel_redirects_total";
 pub const KERNEL_REFUSALS: &str = "jitgate_kernel_refusals_total";
 pub const KERNEL_EVENTS_LOST: &str = "jitgate_kernel_events_lost_total";
+pub const WEBHOOK_DELIVERIES: &str = "jitgate_webhook_deliveries_total";
 pub const BUILD_INFO: &str = "jitgate_build_info";
 pub const STARTED: &str = "jitgate_start_time_seconds";
 
@@ -182,6 +183,10 @@ fn describe() {
         KERNEL_EVENTS_LOST,
         "Refusal events the kernel could not queue for the audit log (the refusal itself still happened)."
     );
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        "Webhook events by webhook and outcome: delivered, rejected (a 4xx), failed (every attempt failed), dropped (the queue was full or fell behind the audit log)."
+    );
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which jitgated runs."
@@ -215,6 +220,12 @@ pub fn session_ended(
     if bytes.1 > 0 {
         counter!(SESSION_BYTES, "resource" => resource, "direction" => "down").increment(bytes.1);
     }
+}
+
+/// How a webhook event ended (`delivered`, `rejected`, `failed`, `dropped`).
+pub fn webhook_delivery(webhook: &str, outcome: &'static str, events: u64) {
+    counter!(WEBHOOK_DELIVERIES, "webhook" => webhook.to_owned(), "outcome" => outcome)
+        .increment(events);
 }
 
 /// A connection refused by a limit (`pending`, `sessions_per_identity`, `sessions_per_grant`,

@@ -1,10 +1,7 @@
 //! Keys of a `protocol = "postgres"` resource: upstream connection and credentials, client TLS,
 //! masking rules and guardrails, validated into [`PostgresResource`].
 
-use std::{
-    collections::BTreeMap, os::unix::fs::PermissionsExt as _, path::PathBuf, str::FromStr,
-    time::Duration,
-};
+use std::{collections::BTreeMap, path::PathBuf, str::FromStr, time::Duration};
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -215,27 +212,6 @@ struct RawPostgres {
     max_statement_size: Option<S<String>>,
 }
 
-/// Password files hold the keys to the database: refuse any that others can read.
-fn check_secret_file(path: &str) -> Result<(), String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("`{path}`: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("`{path}` is not a file"));
-    }
-    let owner = std::os::unix::fs::MetadataExt::uid(&meta);
-    if owner != 0 && owner != nix::unistd::geteuid().as_raw() {
-        return Err(format!(
-            "`{path}` belongs to uid {owner}, who could rewrite the password; run `chown root {path}`"
-        ));
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "`{path}` is readable by others (mode {mode:04o}); run `chmod 600 {path}` (owner root)"
-        ));
-    }
-    Ok(())
-}
-
 /// Validates a postgres resource's keys (errors go to `cx`, with file, line and key).
 pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> PostgresResource {
     if let Target::Net { ports, .. } = cx.target()
@@ -314,7 +290,7 @@ pub fn configure(cx: &mut ResourceConfig<'_, '_>) -> PostgresResource {
                         }
                     };
                     if let Some(file) = &cred.password_file
-                        && let Err(e) = check_secret_file(file.get_ref()) {
+                        && let Err(e) = crate::secret_file::check_path(std::path::Path::new(file.get_ref())) {
                             this.fail(
                                 file.span(),
                                 format!("resource.credentials.{level}.password_file: {e}"),

@@ -42,6 +42,8 @@ pub struct Services {
     /// Statements (or requests) per second, per grant and per identity, over all sessions of
     /// every protocol (`[policy.limits]`).
     pub rates: crate::protocol::rate::Rates,
+    /// Memory held on workloads' behalf (bodies read whole), agent-wide.
+    pub buffers: crate::protocol::buffers::Buffers,
 }
 
 /// One session as its protocol sees it: attributed, routed, not yet granted.

@@ -126,6 +126,7 @@ pub struct MemoryStore {
     /// The head after the last commit.
     checkpoint: Mutex<Option<Head>>,
     changes: broadcast::Sender<GrantChange>,
+    feed: broadcast::Sender<AuditEvent>,
 }
 
 impl Default for MemoryStore {
@@ -141,6 +142,7 @@ impl MemoryStore {
             state: Mutex::default(),
             checkpoint: Mutex::default(),
             changes: broadcast::channel(1024).0,
+            feed: broadcast::channel(1024).0,
         }
     }
 
@@ -149,7 +151,11 @@ impl MemoryStore {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let mut work = state.clone();
         let out = f(&mut work, &self.key)?;
+        let before = state.audit.len();
         *state = work;
+        for sealed in state.audit.iter().skip(before) {
+            let _ = self.feed.send(sealed.to_event());
+        }
         *self
             .checkpoint
             .lock()
@@ -410,39 +416,52 @@ impl Store for MemoryStore {
     fn revoke_grant(&self, id: String, actor: String, reason: String) -> StoreFuture<'_, ()> {
         let result = self.transact(|st, key| {
             let now = Timestamp::now();
-            if let Some(g) = st
+            let Some(g) = st
                 .grants
                 .iter_mut()
                 .find(|g| g.id == id && g.revoked_at.is_none() && g.expires_at > now)
-            {
-                g.revoked_at = Some(now);
-                g.revoked_by = Some(actor.clone());
-                g.revoke_reason = Some(reason.clone());
-            }
+            else {
+                return Ok(false);
+            };
+            g.revoked_at = Some(now);
+            g.revoked_by = Some(actor.clone());
+            g.revoke_reason = Some(reason.clone());
             let event = Event::GrantRevoked(GrantRevoked {
                 grant: id.clone(),
                 reason,
             });
-            st.append(key, &actor, &event)
+            st.append(key, &actor, &event).map(|()| true)
         });
-        if result.is_ok() {
+        if let Ok(true) = result {
             self.changed(GrantChange::Revoked { grant: id });
         }
-        ready(result)
+        ready(result.map(drop))
     }
 
     fn expire_grant(&self, id: String) -> StoreFuture<'_, ()> {
         let result = self.transact(|st, key| {
+            if st
+                .grants
+                .iter()
+                .any(|g| g.id == id && g.revoked_at.is_some())
+            {
+                return Ok(false);
+            }
             st.append(
                 key,
                 "jitgated",
                 &Event::GrantExpired(GrantExpired { grant: id.clone() }),
             )
+            .map(|()| true)
         });
-        if result.is_ok() {
+        if let Ok(true) = result {
             self.changed(GrantChange::Expired { grant: id });
         }
-        ready(result)
+        ready(result.map(drop))
+    }
+
+    fn audit_feed(&self) -> broadcast::Receiver<AuditEvent> {
+        self.feed.subscribe()
     }
 
     fn grant_changes(&self) -> broadcast::Receiver<GrantChange> {

@@ -191,16 +191,23 @@ pub trait Store: Send + Sync + 'static {
     /// Grants newest first, at most `limit`.
     fn grants(&self, limit: usize) -> StoreFuture<'_, Vec<Grant>>;
 
-    /// Revokes a grant (a no-op on the row if it is no longer live) with its `grant.revoked`
-    /// record by `actor`.
+    /// Revokes a grant that is still live, with its `grant.revoked` record by `actor`. A
+    /// grant no longer live (revoked, or past its expiry) is left as it is and nothing is
+    /// recorded: two enders racing (an operator's revoke and its task's end) leave one record.
     fn revoke_grant(&self, id: String, actor: String, reason: String) -> StoreFuture<'_, ()>;
 
-    /// Records that a grant ran out (`grant.expired`).
+    /// Records that a grant ran out (`grant.expired`); nothing for a grant already revoked.
     fn expire_grant(&self, id: String) -> StoreFuture<'_, ()>;
 
     /// Grant changes as this store commits them. The engine's in-memory mirror does not need
     /// it on a single host; a shared backend pushes other hosts' changes through it.
     fn grant_changes(&self) -> broadcast::Receiver<GrantChange>;
+
+    /// Every audit record this store commits from now on, in order, once committed (a
+    /// record from a rolled-back operation never appears). For notifications and live
+    /// views; the log itself stays the record. A subscriber that falls behind by more than
+    /// the backend's buffer is told it lagged (`RecvError::Lagged`) and loses the oldest.
+    fn audit_feed(&self) -> broadcast::Receiver<AuditEvent>;
 
     // -- Tasks --------------------------------------------------------------------------------
 

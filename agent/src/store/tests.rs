@@ -318,12 +318,33 @@ pub(crate) async fn grants_live_and_revoked(store: &dyn Store) {
     assert!(revoked.revoked_at.is_some());
     assert_eq!(revoked.revoked_by.as_deref(), Some("user alice"));
     assert_eq!(revoked.revoke_reason.as_deref(), Some("done"));
+    // A second ender (the task's end racing the operator) and a late expiry change nothing
+    // and record nothing.
+    store
+        .revoke_grant("grt_a".into(), "jitgated".into(), "task ended".into())
+        .await
+        .unwrap();
     store.expire_grant("grt_a".into()).await.unwrap();
-    assert_eq!(store.grants(10).await.unwrap().len(), 1);
+    let still = store.grant("grt_a".into()).await.unwrap().unwrap();
+    assert_eq!(still.revoked_by.as_deref(), Some("user alice"));
+    // A grant that runs out is recorded as expired.
+    let q2 = request("req_b", None, None);
+    let g2 = grant("grt_b", &q2);
+    let mut q2 = q2;
+    q2.status = RequestStatus::Approved;
+    q2.grant = Some(g2.id.clone());
+    store
+        .file_approved(q2, g2, "user bob".into())
+        .await
+        .unwrap();
+    store.expire_grant("grt_b".into()).await.unwrap();
+    assert_eq!(store.grants(10).await.unwrap().len(), 2);
     assert!(store.grant("grt_none".into()).await.unwrap().is_none());
     assert!(matches!(changes.try_recv(), Ok(GrantChange::Issued(_))));
     assert!(matches!(changes.try_recv(), Ok(GrantChange::Revoked { grant }) if grant == "grt_a"));
-    assert!(matches!(changes.try_recv(), Ok(GrantChange::Expired { grant }) if grant == "grt_a"));
+    assert!(matches!(changes.try_recv(), Ok(GrantChange::Issued(_))));
+    assert!(matches!(changes.try_recv(), Ok(GrantChange::Expired { grant }) if grant == "grt_b"));
+    assert!(changes.try_recv().is_err());
 
     let kinds: Vec<String> = store
         .audit_log(None, 100)
@@ -338,6 +359,8 @@ pub(crate) async fn grants_live_and_revoked(store: &dyn Store) {
             "request.filed",
             "grant.issued",
             "grant.revoked",
+            "request.filed",
+            "grant.issued",
             "grant.expired"
         ]
     );
@@ -445,8 +468,52 @@ pub(crate) async fn audit_chain(store: &dyn Store, tamper: &dyn Fn(i64)) {
     );
 }
 
+/// The audit feed: what was committed, in order, and nothing from an operation that failed.
+pub(crate) async fn audit_feed(store: &dyn Store) {
+    use tokio::sync::broadcast::error::TryRecvError;
+    let mut feed = store.audit_feed();
+    let q = request("req_f1", None, None);
+    store
+        .file_request(q.clone(), "user bob".into())
+        .await
+        .unwrap();
+    // Filing the same id again fails, and its record must not be published.
+    assert!(store.file_request(q, "user bob".into()).await.is_err());
+    store.session_opened(session("s-f1"));
+    store.flush().await.unwrap();
+    let filed = feed.recv().await.unwrap();
+    assert_eq!(filed.kind, "request.filed");
+    assert_eq!(filed.actor, "user bob");
+    assert_eq!(filed.detail["request"], "req_f1");
+    assert_eq!(filed.detail["reason"], "deploy");
+    let start = feed.recv().await.unwrap();
+    assert_eq!(start.kind, "session.start");
+    assert_eq!(start.detail["session"], "s-f1");
+    assert_eq!(
+        start.seq,
+        filed.seq + 1,
+        "in chain order, no failed record between"
+    );
+    assert!(matches!(feed.try_recv(), Err(TryRecvError::Empty)));
+    // A fire-and-forget write nobody waits for is committed and published all the same
+    // (the lingering store thread wakes by itself).
+    let mut ended = session("s-f1");
+    ended.ended_at = Some(Timestamp::now());
+    store.session_ended(ended);
+    let end = tokio::time::timeout(Duration::from_secs(20), feed.recv())
+        .await
+        .expect("a queued write is committed without a waiter")
+        .unwrap();
+    assert_eq!(end.kind, "session.end");
+    // The published records are the log's own.
+    let log = store.audit_log(None, 100).await.unwrap();
+    let last = log.iter().find(|r| r.seq == start.seq).unwrap();
+    assert_eq!(last.hash, start.hash);
+}
+
 #[tokio::test]
 async fn memory_store_behaves() {
+    audit_feed(&MemoryStore::default()).await;
     requests_and_decisions(&MemoryStore::default()).await;
     grants_live_and_revoked(&MemoryStore::default()).await;
     session_bookkeeping(&MemoryStore::default()).await;
@@ -469,6 +536,8 @@ fn sqlite() -> (SqliteStore, tempfile::TempDir) {
 
 #[tokio::test]
 async fn sqlite_store_behaves() {
+    let (store, _dir) = sqlite();
+    audit_feed(&store).await;
     let (store, _dir) = sqlite();
     requests_and_decisions(&store).await;
     let (store, _dir) = sqlite();
@@ -535,6 +604,8 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_store_behaves() {
         let Some(pg) = TestDb::start() else { return };
+        let (store, _d0) = open(&pg, &pg.database("feed"), "host-a").await;
+        audit_feed(&store).await;
         let (store, _d1) = open(&pg, &pg.database("requests"), "host-a").await;
         requests_and_decisions(&store).await;
         let (store, _d2) = open(&pg, &pg.database("grants"), "host-a").await;
@@ -792,6 +863,10 @@ mod postgres {
         let state = dir.path().join("state");
         let secret = dir.path().join("store.pw");
         std::fs::write(&secret, "pw-Store-4d1c\n").unwrap();
+        let private = |p: &std::path::Path| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
         let options = |host: &str, ca: &str, password: &std::path::Path| PostgresOptions {
             url: format!("postgresql://jg@{host}:{}/{db}", pg.port),
             password_file: Some(password.to_owned()),
@@ -799,6 +874,16 @@ mod postgres {
             pool_size: 1,
             host_id: "h".into(),
         };
+        // A password file others can read is not used.
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let e = PostgresStore::open(&options("127.0.0.1", "ca.pem", &secret), &state)
+            .await
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(e.contains("chmod 600"), "{e}");
+        private(&secret);
         let store = PostgresStore::open(&options("127.0.0.1", "ca.pem", &secret), &state)
             .await
             .unwrap();
@@ -811,6 +896,7 @@ mod postgres {
 
         let wrong = dir.path().join("wrong.pw");
         std::fs::write(&wrong, "guess\n").unwrap();
+        private(&wrong);
         for (what, o, why) in [
             (
                 "another CA",

@@ -34,7 +34,7 @@ pub async fn append(
     key: &AuditKey,
     actor: &str,
     event: &Event,
-) -> Result<i64> {
+) -> Result<Sealed> {
     let head = head(db, host).await?;
     let r = audit::seal(key, head.as_ref(), Timestamp::now(), actor, event)?;
     db.execute(
@@ -42,7 +42,7 @@ pub async fn append(
         &[&host, &r.seq, &r.at, &r.kind, &r.actor, &r.detail, &r.prev_hash, &r.hash],
     )
     .await?;
-    Ok(r.seq)
+    Ok(r)
 }
 
 /// The last link of `host`'s chain.

@@ -54,9 +54,10 @@ impl Connector {
             );
         }
         if let Some(path) = &options.password_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("[store] password_file {}: {e}", path.display()))?;
-            config.password(text.trim_end_matches(['\n', '\r']));
+            // The one rule for secret files: root's (or the agent's), readable by no one else.
+            let password = crate::secret_file::read(path)
+                .map_err(|e| anyhow::anyhow!("[store] password_file {e}"))?;
+            config.password(password);
         }
         config.application_name("jitgated");
         config.connect_timeout(CONNECT_TIMEOUT);

@@ -58,6 +58,9 @@ pub const HEAD_FILE: &str = "audit-postgres.head";
 /// Grant changes a slow subscriber may fall behind by before it is told it lagged.
 const CHANGES: usize = 1024;
 
+/// Audit records a slow feed subscriber may fall behind by before it is told it lagged.
+const FEED: usize = 4096;
+
 /// The shared store: a writer task, a few read connections, a change-log follower.
 pub struct PostgresStore {
     writer: Writer,
@@ -66,6 +69,7 @@ pub struct PostgresStore {
     key: AuditKey,
     head_path: PathBuf,
     changes: broadcast::Sender<GrantChange>,
+    feed: broadcast::Sender<AuditEvent>,
     stop: CancellationToken,
 }
 
@@ -104,12 +108,14 @@ impl PostgresStore {
         let key = AuditKey::load_or_create(state_dir)?;
         let head_path = state_dir.join(HEAD_FILE);
         let host = options.host_id.clone();
+        let feed = broadcast::channel(FEED).0;
         let writer = Writer::spawn(
             client,
             connector.clone(),
             host.clone(),
             key.clone(),
             head_path.clone(),
+            feed.clone(),
         );
         let (changes, _) = broadcast::channel(CHANGES);
         let stop = CancellationToken::new();
@@ -127,6 +133,7 @@ impl PostgresStore {
             key,
             head_path,
             changes,
+            feed,
             stop,
         })
     }
@@ -429,23 +436,28 @@ impl Store for PostgresStore {
     fn revoke_grant(&self, id: String, actor: String, reason: String) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let grant = id.clone();
-            self.call(op(move |db| {
-                Box::pin(async move {
-                    db.lock_changes().await?;
-                    let was_live = queries::revoke_grant(db.tx, &id, &actor, &reason).await?;
-                    let event = Event::GrantRevoked(GrantRevoked {
-                        grant: id.clone(),
-                        reason,
-                    });
-                    db.append(&actor, &event).await?;
-                    if was_live {
+            let revoked = self
+                .call(op(move |db| {
+                    Box::pin(async move {
+                        db.lock_changes().await?;
+                        // A second ender (say, a task's end racing the operator, here or on
+                        // another host) changes nothing and records nothing.
+                        if !queries::revoke_grant(db.tx, &id, &actor, &reason).await? {
+                            return Ok(false);
+                        }
+                        let event = Event::GrantRevoked(GrantRevoked {
+                            grant: id.clone(),
+                            reason,
+                        });
+                        db.append(&actor, &event).await?;
                         db.changed("revoked", &id).await?;
-                    }
-                    Ok(())
-                })
-            }))
-            .await?;
-            self.changed(GrantChange::Revoked { grant });
+                        Ok(true)
+                    })
+                }))
+                .await?;
+            if revoked {
+                self.changed(GrantChange::Revoked { grant });
+            }
             Ok(())
         })
     }
@@ -453,26 +465,41 @@ impl Store for PostgresStore {
     fn expire_grant(&self, id: String) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let grant = id.clone();
-            self.call(op(move |db| {
-                Box::pin(async move {
-                    db.lock_changes().await?;
-                    db.append(
-                        "jitgated",
-                        &Event::GrantExpired(GrantExpired { grant: id.clone() }),
-                    )
-                    .await?;
-                    db.changed("expired", &id).await?;
-                    Ok(())
-                })
-            }))
-            .await?;
-            self.changed(GrantChange::Expired { grant });
+            let recorded = self
+                .call(op(move |db| {
+                    Box::pin(async move {
+                        db.lock_changes().await?;
+                        // A revoked grant does not expire as well.
+                        if queries::get_grant(db.tx, &id)
+                            .await?
+                            .is_some_and(|g| g.revoked_at.is_some())
+                        {
+                            return Ok(false);
+                        }
+                        db.append(
+                            "jitgated",
+                            &Event::GrantExpired(GrantExpired { grant: id.clone() }),
+                        )
+                        .await?;
+                        db.changed("expired", &id).await?;
+                        Ok(true)
+                    })
+                }))
+                .await?;
+            if recorded {
+                self.changed(GrantChange::Expired { grant });
+            }
             Ok(())
         })
     }
 
     fn grant_changes(&self) -> broadcast::Receiver<GrantChange> {
         self.changes.subscribe()
+    }
+
+    /// This host's records (each host publishes its own chain's).
+    fn audit_feed(&self) -> broadcast::Receiver<AuditEvent> {
+        self.feed.subscribe()
     }
 
     fn start_task(&self, task: Task, actor: String) -> StoreFuture<'_, ()> {

@@ -11,22 +11,25 @@
 
 use std::{
     path::PathBuf,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{Mutex, PoisonError},
     time::Duration,
 };
 
 use futures_util::future::BoxFuture;
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::{broadcast, mpsc, oneshot},
     time::Instant,
 };
 use tokio_postgres::{Client, Transaction};
 use tracing::{error, warn};
 
 use super::{audit, connect::Connector};
-use crate::store::{
-    Result, StoreError,
-    audit::{AuditKey, Event},
+use crate::{
+    model::AuditEvent,
+    store::{
+        Result, StoreError,
+        audit::{AuditKey, Event, Sealed},
+    },
 };
 
 /// At most this many queued operations share one transaction.
@@ -45,15 +48,20 @@ pub struct Db<'a> {
     pub tx: &'a Transaction<'a>,
     pub host: &'a str,
     key: &'a AuditKey,
-    appended: &'a AtomicBool,
+    /// The records this operation appended, published once its transaction commits.
+    appended: &'a Mutex<Vec<Sealed>>,
 }
 
 impl Db<'_> {
     /// Appends one audit record to this host's chain in this transaction.
     pub async fn append(&self, actor: &str, event: &Event) -> Result<i64> {
         audit::lock_chain(self.tx, self.host).await?;
-        let seq = audit::append(self.tx, self.host, self.key, actor, event).await?;
-        self.appended.store(true, Ordering::Relaxed);
+        let sealed = audit::append(self.tx, self.host, self.key, actor, event).await?;
+        let seq = sealed.seq;
+        self.appended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(sealed);
         Ok(seq)
     }
 
@@ -138,13 +146,15 @@ pub struct Writer {
 
 impl Writer {
     /// Starts the task that owns `client` (reopened through `connector` when lost), writing
-    /// as `host` with `key` and keeping the head checkpoint at `head_path`.
+    /// as `host` with `key`, keeping the head checkpoint at `head_path` and publishing
+    /// committed audit records on `feed`.
     pub fn spawn(
         client: Client,
         connector: Connector,
         host: String,
         key: AuditKey,
         head_path: PathBuf,
+        feed: broadcast::Sender<AuditEvent>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel::<Box<dyn Job>>();
         tokio::spawn(run(
@@ -154,6 +164,7 @@ impl Writer {
                 host,
                 key,
                 head_path,
+                feed,
             },
             rx,
         ));
@@ -193,6 +204,7 @@ struct State {
     host: String,
     key: AuditKey,
     head_path: PathBuf,
+    feed: broadcast::Sender<AuditEvent>,
 }
 
 async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Box<dyn Job>>) {
@@ -214,16 +226,21 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Box<dyn Job>>) {
             waited_for |= job.awaited();
             jobs.push(job);
         }
-        let appended = AtomicBool::new(false);
-        let committed = run_batch(&mut state, &mut jobs, &appended).await;
+        let mut published = Vec::new();
+        let committed = run_batch(&mut state, &mut jobs, &mut published).await;
         if let Err(e) = &committed {
             error!(error = %e, "shared state store transaction failed");
         }
         for job in jobs {
             job.finish(committed.clone());
         }
+        if committed.is_ok() && state.feed.receiver_count() > 0 {
+            for sealed in &published {
+                let _ = state.feed.send(sealed.to_event());
+            }
+        }
         if committed.is_ok()
-            && appended.load(Ordering::Relaxed)
+            && !published.is_empty()
             && let Some(client) = &state.client
         {
             match audit::head(client, &state.host).await {
@@ -245,7 +262,7 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Box<dyn Job>>) {
 async fn run_batch(
     state: &mut State,
     jobs: &mut [Box<dyn Job>],
-    appended: &AtomicBool,
+    published: &mut Vec<Sealed>,
 ) -> std::result::Result<(), String> {
     if state.client.as_ref().is_none_or(Client::is_closed) {
         state.client = None;
@@ -259,7 +276,7 @@ async fn run_batch(
     let Some(client) = state.client.as_mut() else {
         return Err("no connection to the shared store".into());
     };
-    let result = batch(client, &state.host, &state.key, jobs, appended).await;
+    let result = batch(client, &state.host, &state.key, jobs, published).await;
     if result.is_err() && client.is_closed() {
         state.client = None;
     }
@@ -271,22 +288,29 @@ async fn batch(
     host: &str,
     key: &AuditKey,
     jobs: &mut [Box<dyn Job>],
-    appended: &AtomicBool,
+    published: &mut Vec<Sealed>,
 ) -> std::result::Result<(), String> {
     let mut tx = client.transaction().await.map_err(|e| e.to_string())?;
     for job in jobs.iter_mut() {
         let sp = tx.savepoint("job").await.map_err(|e| e.to_string())?;
+        let appended = Mutex::new(Vec::new());
         let ok = {
             let db = Db {
                 tx: &sp,
                 host,
                 key,
-                appended,
+                appended: &appended,
             };
             job.run(&db).await
         };
         if ok {
             sp.commit().await.map_err(|e| e.to_string())?;
+            // Published only if the whole transaction commits (the caller checks).
+            published.extend(
+                appended
+                    .into_inner()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
         } else {
             sp.rollback().await.map_err(|e| e.to_string())?;
         }

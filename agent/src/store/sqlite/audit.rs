@@ -13,14 +13,14 @@ use crate::{
 };
 
 /// Appends one record; call inside the transaction that makes the change it records.
-pub fn append(db: &Connection, key: &AuditKey, actor: &str, event: &Event) -> Result<i64> {
+pub fn append(db: &Connection, key: &AuditKey, actor: &str, event: &Event) -> Result<Sealed> {
     let head = head(db)?;
     let r = audit::seal(key, head.as_ref(), Timestamp::now(), actor, event)?;
     db.execute(
         "INSERT INTO audit (seq, at, kind, actor, detail, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![r.seq, r.at, r.kind, r.actor, r.detail, r.prev_hash, r.hash],
     )?;
-    Ok(r.seq)
+    Ok(r)
 }
 
 /// The last record's sequence number and hash.

@@ -48,10 +48,14 @@ pub struct SqliteStore {
     path: PathBuf,
     head_path: PathBuf,
     changes: broadcast::Sender<GrantChange>,
+    feed: broadcast::Sender<AuditEvent>,
 }
 
 /// Grant changes a slow subscriber may fall behind by before it is told it lagged.
 const CHANGES: usize = 1024;
+
+/// Audit records a slow feed subscriber may fall behind by before it is told it lagged.
+const FEED: usize = 4096;
 
 impl SqliteStore {
     /// Opens (creating and migrating) the database in `state_dir`, and the audit key beside it.
@@ -74,13 +78,15 @@ impl SqliteStore {
         schema::migrate(&mut conn).context("migrating the state store")?;
         let key = AuditKey::load_or_create(state_dir)?;
         let head_path = state_dir.join(HEAD_FILE);
-        let writer =
-            Writer::spawn(conn, key, head_path.clone()).context("starting the store thread")?;
+        let feed = broadcast::channel(FEED).0;
+        let writer = Writer::spawn(conn, key, head_path.clone(), feed.clone())
+            .context("starting the store thread")?;
         Ok(Self {
             writer,
             path,
             head_path,
             changes: broadcast::channel(CHANGES).0,
+            feed,
         })
     }
 
@@ -303,16 +309,21 @@ impl Store for SqliteStore {
     fn revoke_grant(&self, id: String, actor: String, reason: String) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let grant = id.clone();
-            self.call(move |db| {
-                queries::revoke_grant(db.conn, &id, &actor, &reason)?;
-                db.append(
-                    &actor,
-                    &Event::GrantRevoked(GrantRevoked { grant: id, reason }),
-                )?;
-                Ok(())
-            })
-            .await?;
-            self.changed(GrantChange::Revoked { grant });
+            let revoked = self
+                .call(move |db| {
+                    if !queries::revoke_grant(db.conn, &id, &actor, &reason)? {
+                        return Ok(false);
+                    }
+                    db.append(
+                        &actor,
+                        &Event::GrantRevoked(GrantRevoked { grant: id, reason }),
+                    )?;
+                    Ok(true)
+                })
+                .await?;
+            if revoked {
+                self.changed(GrantChange::Revoked { grant });
+            }
             Ok(())
         })
     }
@@ -320,18 +331,28 @@ impl Store for SqliteStore {
     fn expire_grant(&self, id: String) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let grant = id.clone();
-            self.call(move |db| {
-                db.append("jitgated", &Event::GrantExpired(GrantExpired { grant: id }))?;
-                Ok(())
-            })
-            .await?;
-            self.changed(GrantChange::Expired { grant });
+            let recorded = self
+                .call(move |db| {
+                    if queries::get_grant(db.conn, &id)?.is_some_and(|g| g.revoked_at.is_some()) {
+                        return Ok(false);
+                    }
+                    db.append("jitgated", &Event::GrantExpired(GrantExpired { grant: id }))?;
+                    Ok(true)
+                })
+                .await?;
+            if recorded {
+                self.changed(GrantChange::Expired { grant });
+            }
             Ok(())
         })
     }
 
     fn grant_changes(&self) -> broadcast::Receiver<GrantChange> {
         self.changes.subscribe()
+    }
+
+    fn audit_feed(&self) -> broadcast::Receiver<AuditEvent> {
+        self.feed.subscribe()
     }
 
     fn start_task(&self, task: Task, actor: String) -> StoreFuture<'_, ()> {

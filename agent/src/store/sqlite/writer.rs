@@ -5,9 +5,15 @@
 //! answers the callers once the transaction is durable. Fire-and-forget writes linger up to
 //! [`LINGER`] for company before they commit, so that busy sessions share one fsync instead
 //! of paying one each; a waiting caller ends the lingering at once, and sees every write
-//! queued before it. After each commit the audit head checkpoint is rewritten.
+//! queued before it. After each commit the audit head checkpoint is rewritten, and the audit
+//! records the transaction made are published on the store's audit feed.
+//!
+//! Lingering never costs the data path a wake-up per write: while the thread lingers it
+//! sleeps (parked with a deadline) instead of blocking on the channel, so a fire-and-forget
+//! send finds no waiter to wake; only a caller that waits for its answer unparks it.
 
 use std::{
+    cell::RefCell,
     path::{Path, PathBuf},
     sync::mpsc,
     thread,
@@ -15,13 +21,16 @@ use std::{
 };
 
 use rusqlite::{Connection, TransactionBehavior};
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 use tracing::{error, warn};
 
 use super::audit;
-use crate::store::{
-    Result, StoreError,
-    audit::{AuditKey, Event},
+use crate::{
+    model::AuditEvent,
+    store::{
+        Result, StoreError,
+        audit::{AuditKey, Event, Sealed},
+    },
 };
 
 /// At most this many queued operations share one transaction.
@@ -35,6 +44,8 @@ const LINGER: Duration = Duration::from_millis(100);
 pub struct Db<'a> {
     pub conn: &'a Connection,
     key: &'a AuditKey,
+    /// The records this operation appended, published once its transaction commits.
+    appended: &'a RefCell<Vec<Sealed>>,
 }
 
 impl Db<'_> {
@@ -45,7 +56,10 @@ impl Db<'_> {
 
     /// Appends one audit record in this transaction.
     pub fn append(&self, actor: &str, event: &Event) -> Result<i64> {
-        audit::append(self.conn, self.key, actor, event)
+        let sealed = audit::append(self.conn, self.key, actor, event)?;
+        let seq = sealed.seq;
+        self.appended.borrow_mut().push(sealed);
+        Ok(seq)
     }
 }
 
@@ -103,17 +117,27 @@ where
 /// Handle on the store thread.
 pub struct Writer {
     tx: mpsc::Sender<Box<dyn Job>>,
+    /// The store thread, unparked by callers that wait (see the module doc).
+    thread: thread::Thread,
 }
 
 impl Writer {
-    /// Starts the thread that owns `conn`, sealing audit records with `key` and keeping the
-    /// head checkpoint at `head_path`.
-    pub fn spawn(conn: Connection, key: AuditKey, head_path: PathBuf) -> std::io::Result<Self> {
+    /// Starts the thread that owns `conn`, sealing audit records with `key`, keeping the head
+    /// checkpoint at `head_path` and publishing committed audit records on `feed`.
+    pub fn spawn(
+        conn: Connection,
+        key: AuditKey,
+        head_path: PathBuf,
+        feed: broadcast::Sender<AuditEvent>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
-        thread::Builder::new()
+        let handle = thread::Builder::new()
             .name("jitgate-store".into())
-            .spawn(move || run(conn, &key, &rx, &head_path))?;
-        Ok(Self { tx })
+            .spawn(move || run(conn, &key, &rx, &head_path, &feed))?;
+        Ok(Self {
+            tx,
+            thread: handle.thread().clone(),
+        })
     }
 
     /// Runs `f` on the store thread and returns its result once committed.
@@ -131,6 +155,8 @@ impl Writer {
         self.tx
             .send(Box::new(job))
             .map_err(|_| StoreError::Closed)?;
+        // Ends a linger in progress (a blocked `recv` is woken by the send itself).
+        self.thread.unpark();
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -150,31 +176,34 @@ impl Writer {
     }
 }
 
-fn run(mut conn: Connection, key: &AuditKey, rx: &mpsc::Receiver<Box<dyn Job>>, head_path: &Path) {
+fn run(
+    mut conn: Connection,
+    key: &AuditKey,
+    rx: &mpsc::Receiver<Box<dyn Job>>,
+    head_path: &Path,
+    feed: &broadcast::Sender<AuditEvent>,
+) {
     let mut last_head = None;
     while let Ok(first) = rx.recv() {
-        let linger_until = Instant::now() + LINGER;
-        let mut waited_for = first.awaited();
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            let next = if waited_for {
-                rx.try_recv().ok()
-            } else {
-                rx.recv_timeout(linger_until.saturating_duration_since(Instant::now()))
-                    .ok()
-            };
-            let Some(job) = next else { break };
-            waited_for |= job.awaited();
-            jobs.push(job);
-        }
-        let committed = run_batch(&mut conn, key, &mut jobs);
+        let jobs = gather(rx, first);
+        let (jobs, committed) = run_batch(&mut conn, key, jobs);
         if let Err(e) = &committed {
             error!(error = %e, "state store transaction failed");
         }
-        for job in jobs {
+        let mut published = Vec::new();
+        for (job, appended) in jobs {
+            if committed.is_ok() {
+                published.extend(appended);
+            }
             job.finish(committed.clone());
         }
         if committed.is_ok() {
+            // Converting costs a JSON parse per record: only for someone listening.
+            if feed.receiver_count() > 0 {
+                for sealed in &published {
+                    let _ = feed.send(sealed.to_event());
+                }
+            }
             match audit::head(&conn) {
                 Ok(head) if head != last_head => {
                     if let Some(h) = &head
@@ -191,22 +220,80 @@ fn run(mut conn: Connection, key: &AuditKey, rx: &mpsc::Receiver<Box<dyn Job>>, 
     }
 }
 
+/// The jobs of one transaction: `first`, and what else is queued. A waited-for job ends the
+/// gathering at once; otherwise it lingers up to [`LINGER`] for company, parked rather than
+/// blocked on the channel so that fire-and-forget senders wake nobody.
+fn gather(rx: &mpsc::Receiver<Box<dyn Job>>, first: Box<dyn Job>) -> Vec<Box<dyn Job>> {
+    let linger_until = Instant::now() + LINGER;
+    let mut waited_for = first.awaited();
+    let mut jobs = vec![first];
+    loop {
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => {
+                    waited_for |= job.awaited();
+                    jobs.push(job);
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+                // The store is closing: commit what there is.
+                Err(mpsc::TryRecvError::Disconnected) => return jobs,
+            }
+        }
+        let now = Instant::now();
+        if waited_for || jobs.len() >= MAX_BATCH || now >= linger_until {
+            return jobs;
+        }
+        thread::park_timeout(linger_until - now);
+    }
+}
+
+/// A job and the audit records it appended.
+type Ran = (Box<dyn Job>, Vec<Sealed>);
+
 fn run_batch(
     conn: &mut Connection,
     key: &AuditKey,
-    jobs: &mut [Box<dyn Job>],
-) -> std::result::Result<(), String> {
-    let mut tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(|e| e.to_string())?;
-    for job in jobs.iter_mut() {
-        let sp = tx.savepoint().map_err(|e| e.to_string())?;
-        if job.run(&Db { conn: &sp, key }) {
-            sp.commit().map_err(|e| e.to_string())?;
-        } else {
-            // Dropping a savepoint rolls it back.
-            drop(sp);
+    jobs: Vec<Box<dyn Job>>,
+) -> (Vec<Ran>, std::result::Result<(), String>) {
+    let mut ran: Vec<Ran> = Vec::with_capacity(jobs.len());
+    let mut jobs = jobs.into_iter();
+    let committed = (|| {
+        let mut tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| e.to_string())?;
+        for mut job in jobs.by_ref() {
+            let appended = RefCell::new(Vec::new());
+            let sp = tx.savepoint().map_err(|e| e.to_string());
+            let sp = match sp {
+                Ok(sp) => sp,
+                Err(e) => {
+                    ran.push((job, Vec::new()));
+                    return Err(e);
+                }
+            };
+            let ok = job.run(&Db {
+                conn: &sp,
+                key,
+                appended: &appended,
+            });
+            let kept = if ok {
+                sp.commit().map_err(|e| e.to_string())
+            } else {
+                // Dropping a savepoint rolls it back, and what it appended with it.
+                drop(sp);
+                Ok(())
+            };
+            let appended = if ok {
+                appended.into_inner()
+            } else {
+                Vec::new()
+            };
+            ran.push((job, appended));
+            kept?;
         }
-    }
-    tx.commit().map_err(|e| e.to_string())
+        tx.commit().map_err(|e| e.to_string())
+    })();
+    // Jobs never run (the transaction failed before them) are answered with the failure.
+    ran.extend(jobs.map(|job| (job, Vec::new())));
+    (ran, committed)
 }
