@@ -27,7 +27,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{Config, DaemonConfig, Egress, SharedConfig},
+    config::{Config, DaemonConfig, Egress, SharedConfig, StoreConfig},
     control::{
         api::StatusReport,
         server,
@@ -42,7 +42,7 @@ use crate::{
     protocol::{Protocols, Services},
     proxy::{self, ProxyContext, Registry, Routes, attribute::Kernel},
     store::{
-        SharedStore, SqliteStore, StoreError,
+        PostgresStore, SharedStore, SqliteStore, StoreError,
         audit::{self, ConfigReloaded, DaemonStarted, DaemonStopped, Event, GateDetached},
     },
     tasks::Tasks,
@@ -127,6 +127,7 @@ fn keep_restart_only(running: &DaemonConfig, new: &mut DaemonConfig) -> Vec<&'st
             "console_listen",
             keep_running(&a.console_listen, &mut b.console_listen),
         ),
+        ("store", keep_running(&a.store, &mut b.store)),
     ];
     keys.into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -429,7 +430,14 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
     }
 
     let _lock = lock_state_dir(&config.daemon.state_dir)?;
-    let store: SharedStore = Arc::new(SqliteStore::open(&config.daemon.state_dir)?);
+    let store: SharedStore = match &config.daemon.store {
+        StoreConfig::Sqlite => Arc::new(SqliteStore::open(&config.daemon.state_dir)?),
+        StoreConfig::Postgres(options) => {
+            let store = PostgresStore::open(options, &config.daemon.state_dir).await?;
+            info!(host_id = %store.host_id(), "state store: shared PostgreSQL");
+            Arc::new(store)
+        }
+    };
     let orphans = store.close_orphan_sessions().await?;
     if orphans > 0 {
         info!(

@@ -385,11 +385,12 @@ impl Caller {
     }
 
     /// Whether the caller is whoever filed a request as `by`: the same uid, or for a person
-    /// their own unix account.
+    /// their own unix account; by name too, since in a fleet the request may have been filed
+    /// on another host, where the same person can have another uid.
     pub fn filed(&self, by: &Actor) -> bool {
         match &self.person {
             Some(person) => person.unix_uid == Some(by.uid) || by.user == self.user,
-            None => self.uid == by.uid,
+            None => self.uid == by.uid || self.user == by.user,
         }
     }
 

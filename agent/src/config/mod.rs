@@ -295,7 +295,24 @@ pub struct DaemonConfig {
     /// Concurrency limits and the pre-grant timeout that keep one workload from taking the
     /// proxy (or a database's connection slots) from the others.
     pub limits: Limits,
+    /// Where requests, grants, sessions and the audit log are kept (`[store]`).
+    pub store: StoreConfig,
 }
+
+/// The state store backend: the embedded SQLite database in `state_dir` (the default), or a
+/// PostgreSQL database shared by a fleet of hosts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StoreConfig {
+    #[default]
+    Sqlite,
+    Postgres(crate::store::postgres::PostgresOptions),
+}
+
+/// Where `host_id` comes from when `[store]` does not set it.
+const MACHINE_ID: &str = "/etc/machine-id";
+
+/// Read connections a PostgreSQL store keeps unless `pool_size` says otherwise.
+const DEFAULT_POOL_SIZE: usize = 4;
 
 /// See [`DaemonConfig::limits`]. Defaults are sized so that one identity at its limits holds a
 /// small share of the agent's descriptors and of a stock PostgreSQL's 100 connection slots.
@@ -468,6 +485,20 @@ struct RawConfig {
     #[serde(default)]
     webhook: Vec<S<webhooks::RawWebhook>>,
     console: Option<S<console::RawConsole>>,
+    store: Option<S<RawStore>>,
+}
+
+/// `[store]`: where the agent keeps its state (see [`StoreConfig`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    backend: Option<S<String>>,
+    url: Option<S<String>>,
+    password_file: Option<S<String>>,
+    sslmode: Option<S<String>>,
+    ca_file: Option<S<String>>,
+    pool_size: Option<S<i64>>,
+    host_id: Option<S<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -670,7 +701,8 @@ impl Validator<'_> {
     }
 
     fn config(&mut self, path: &Path, raw: RawConfig) -> Config {
-        let daemon = self.daemon(raw.daemon);
+        let mut daemon = self.daemon(raw.daemon);
+        daemon.store = self.store(raw.store);
         let workloads = self.workloads(&daemon, raw.workload);
         let resources = self.resources(&daemon);
         let policies = self.policies(&workloads, &resources, raw.policy);
@@ -956,7 +988,176 @@ impl Validator<'_> {
             kernel_log: raw.kernel_log.unwrap_or(KernelLog::Off),
             ca_cert,
             session_retention,
+            store: StoreConfig::Sqlite,
         }
+    }
+
+    fn store(&mut self, raw: Option<S<RawStore>>) -> StoreConfig {
+        let Some(raw) = raw else {
+            return StoreConfig::Sqlite;
+        };
+        let table = raw.span();
+        let raw = raw.into_inner();
+        let backend = raw
+            .backend
+            .as_ref()
+            .map_or("sqlite", |b| b.get_ref().as_str());
+        match backend {
+            "sqlite" => {
+                let postgres_only = [
+                    ("url", raw.url.as_ref().map(Spanned::span)),
+                    (
+                        "password_file",
+                        raw.password_file.as_ref().map(Spanned::span),
+                    ),
+                    ("sslmode", raw.sslmode.as_ref().map(Spanned::span)),
+                    ("ca_file", raw.ca_file.as_ref().map(Spanned::span)),
+                    ("pool_size", raw.pool_size.as_ref().map(Spanned::span)),
+                    ("host_id", raw.host_id.as_ref().map(Spanned::span)),
+                ];
+                for (key, span) in postgres_only {
+                    if let Some(span) = span {
+                        self.fail(
+                            span,
+                            format!("store.{key}: only a `backend = \"postgres\"` store has it; set the backend or remove the key"),
+                        );
+                    }
+                }
+                StoreConfig::Sqlite
+            }
+            "postgres" => self.postgres_store(table, raw),
+            other => {
+                let span = raw.backend.as_ref().map_or(table, Spanned::span);
+                self.fail(
+                    span,
+                    format!("store.backend: `{other}` is not a store backend (write \"sqlite\" or \"postgres\")"),
+                );
+                StoreConfig::Sqlite
+            }
+        }
+    }
+
+    fn absolute_file(&mut self, key: &str, value: Option<&S<String>>) -> Option<PathBuf> {
+        let value = value?;
+        let path = PathBuf::from(value.get_ref());
+        if path.is_absolute() {
+            Some(path)
+        } else {
+            self.fail(
+                value.span(),
+                format!("{key}: `{}` must be an absolute path", value.get_ref()),
+            );
+            None
+        }
+    }
+
+    fn postgres_store(&mut self, table: std::ops::Range<usize>, raw: RawStore) -> StoreConfig {
+        let url = match &raw.url {
+            None => {
+                self.fail(
+                    table.clone(),
+                    "store.url: a postgres store needs url = \"postgresql://USER@HOST:PORT/DBNAME\"",
+                );
+                String::new()
+            }
+            Some(v) => {
+                let text = v.get_ref();
+                match text.parse::<tokio_postgres::Config>() {
+                    Err(e) => self.fail(v.span(), format!("store.url: not a PostgreSQL url: {e}")),
+                    Ok(_) if !(text.starts_with("postgresql://") || text.starts_with("postgres://")) => self.fail(
+                        v.span(),
+                        "store.url: write it as postgresql://USER@HOST:PORT/DBNAME",
+                    ),
+                    Ok(c) if c.get_password().is_some() => self.fail(
+                        v.span(),
+                        "store.url: the url carries a password, which would sit in a world-readable config; put it in a file (mode 0600) named by password_file",
+                    ),
+                    Ok(c) if c.get_user().is_none() => self.fail(
+                        v.span(),
+                        "store.url: name the database user (postgresql://USER@HOST/DBNAME)",
+                    ),
+                    Ok(_) => {}
+                }
+                text.clone()
+            }
+        };
+        let password_file = self.absolute_file("store.password_file", raw.password_file.as_ref());
+        let ca_file = self.absolute_file("store.ca_file", raw.ca_file.as_ref());
+        let sslmode = raw
+            .sslmode
+            .as_ref()
+            .map_or("verify-full", |m| m.get_ref().as_str());
+        let ca_file = match sslmode {
+            "verify-full" => {
+                if ca_file.is_none() && raw.ca_file.is_none() {
+                    self.fail(
+                        raw.sslmode.as_ref().map_or(table.clone(), Spanned::span),
+                        "store.ca_file: sslmode = \"verify-full\" (the default) verifies the server against a CA: set ca_file to its PEM file, or write sslmode = \"disable\" for a store on a trusted network",
+                    );
+                }
+                ca_file
+            }
+            "disable" => {
+                if let Some(v) = &raw.ca_file {
+                    self.fail(
+                        v.span(),
+                        "store.ca_file: sslmode = \"disable\" does not use TLS; remove ca_file or write sslmode = \"verify-full\"",
+                    );
+                }
+                None
+            }
+            other => {
+                let span = raw.sslmode.as_ref().map_or(table.clone(), Spanned::span);
+                self.fail(
+                    span,
+                    format!("store.sslmode: `{other}` is not supported (write \"verify-full\" or \"disable\"; weaker TLS modes would let anyone on the path hand this host grants)"),
+                );
+                None
+            }
+        };
+        let pool_size = match &raw.pool_size {
+            None => DEFAULT_POOL_SIZE,
+            Some(v) => match usize::try_from(*v.get_ref()) {
+                Ok(n) if (1..=64).contains(&n) => n,
+                _ => {
+                    self.fail(
+                        v.span(),
+                        format!("store.pool_size: `{}` is not a pool size (a whole number from 1 to 64)", v.get_ref()),
+                    );
+                    DEFAULT_POOL_SIZE
+                }
+            },
+        };
+        let host_id = match &raw.host_id {
+            Some(v) => {
+                if !valid_name(v.get_ref()) {
+                    self.fail(
+                        v.span(),
+                        format!("store.host_id: `{}` must be 1-63 characters of a-z, 0-9, `.`, `_`, `-`, starting with a letter or digit", v.get_ref()),
+                    );
+                }
+                v.get_ref().clone()
+            }
+            None => {
+                let id = std::fs::read_to_string(MACHINE_ID)
+                    .map(|s| s.trim().to_owned())
+                    .unwrap_or_default();
+                if !valid_name(&id) {
+                    self.fail(
+                        table,
+                        format!("store.host_id: not set, and {MACHINE_ID} holds no usable id; set host_id to a name unique in the fleet"),
+                    );
+                }
+                id
+            }
+        };
+        StoreConfig::Postgres(crate::store::postgres::PostgresOptions {
+            url,
+            password_file,
+            ca_file,
+            pool_size,
+            host_id,
+        })
     }
 
     fn workloads(&mut self, daemon: &DaemonConfig, raw: Vec<S<RawWorkload>>) -> Vec<Workload> {
@@ -1626,6 +1827,87 @@ approvers = ["alice", "group:dba"]
         ))
         .unwrap_err();
         assert!(e.to_string().contains("need approval = \"manual\""), "{e}");
+    }
+
+    #[test]
+    fn the_store_is_sqlite_unless_a_valid_postgres_table_says_otherwise() {
+        assert_eq!(parse(SAMPLE).unwrap().daemon.store, StoreConfig::Sqlite);
+        // SAMPLE is 25 lines; `[store]` starts on line 26.
+        let with = |store: &str| format!("{SAMPLE}\n[store]\n{store}");
+        let c = parse(&with(
+            "backend = \"postgres\"\nurl = \"postgresql://jg@db.test:5432/jitgate\"\npassword_file = \"/etc/jitgate/pw\"\nca_file = \"/etc/jitgate/ca.pem\"\nhost_id = \"web-1\"\npool_size = 2",
+        ))
+        .unwrap();
+        let StoreConfig::Postgres(o) = c.daemon.store else {
+            panic!("not postgres")
+        };
+        assert_eq!(o.host_id, "web-1");
+        assert_eq!(o.pool_size, 2);
+        assert_eq!(o.ca_file.as_deref(), Some(Path::new("/etc/jitgate/ca.pem")));
+        let pg = "backend = \"postgres\"\nhost_id = \"h\"\n";
+        for (store, line, needle) in [
+            ("backend = \"mysql\"", 27, "store.backend: `mysql`"),
+            (
+                "url = \"postgresql://a@b/c\"",
+                27,
+                "only a `backend = \"postgres\"`",
+            ),
+            (
+                "backend = \"postgres\"\nsslmode = \"disable\"",
+                26,
+                "store.url: a postgres store needs url",
+            ),
+            (
+                &format!("{pg}url = \"postgresql://jg:secret@db/j\"\nsslmode = \"disable\""),
+                29,
+                "carries a password",
+            ),
+            (
+                &format!("{pg}url = \"postgresql://jg@db/j\""),
+                26,
+                "store.ca_file: sslmode",
+            ),
+            (
+                &format!("{pg}url = \"postgresql://jg@db/j\"\nsslmode = \"prefer\""),
+                30,
+                "store.sslmode: `prefer`",
+            ),
+            (
+                &format!(
+                    "{pg}url = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\nca_file = \"/x.pem\""
+                ),
+                31,
+                "does not use TLS",
+            ),
+            (
+                &format!("{pg}url = \"postgresql://jg@db/j\"\nca_file = \"ca.pem\""),
+                30,
+                "must be an absolute path",
+            ),
+            (
+                &format!(
+                    "{pg}url = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\npool_size = 0"
+                ),
+                31,
+                "store.pool_size: `0`",
+            ),
+            (
+                "backend = \"postgres\"\nhost_id = \"Bad Host\"\nurl = \"postgresql://jg@db/j\"\nsslmode = \"disable\"",
+                28,
+                "store.host_id: `Bad Host`",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\nhots_id = \"x\"",
+                30,
+                "unknown field `hots_id`",
+            ),
+        ] {
+            let e = error_of(&with(store));
+            assert!(
+                e.starts_with(&format!("test.toml:{line}:")) && e.contains(needle),
+                "{store}: {e}"
+            );
+        }
     }
 
     #[test]

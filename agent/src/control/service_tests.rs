@@ -347,6 +347,18 @@ async fn no_self_approval() {
 }
 
 #[tokio::test]
+async fn no_self_approval_from_another_host() {
+    let f = fixture().await;
+    // The approver, on another host of the fleet under another uid, files a request...
+    let mut elsewhere = caller(4242, Some("ci-bot"));
+    elsewhere.user = approver().user;
+    let q = f.service.request(&elsewhere, ask(None)).await.unwrap();
+    // ...which they may not approve here either, under their uid here.
+    let m = forbidden(f.service.approve(&approver(), &q.id, None).await);
+    assert!(m.contains("self-approval is refused"), "{m}");
+}
+
+#[tokio::test]
 async fn deny_is_for_approvers_and_the_requester() {
     let f = fixture().await;
     let own = f.service.request(&workload(), ask(None)).await.unwrap();

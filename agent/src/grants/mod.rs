@@ -25,7 +25,7 @@ use crate::{
     model::{Actor, Approval, Grant, Request, RequestStatus, Timestamp, human_duration},
     ops::metrics,
     store::{
-        Decided, GrantApproval, RequestKey, SharedStore, StoreError,
+        Decided, GrantApproval, GrantChange, RequestKey, SharedStore, StoreError,
         audit::{Event, RequestRefused},
     },
 };
@@ -119,6 +119,9 @@ impl GrantEngine {
         config: SharedConfig,
         shutdown: CancellationToken,
     ) -> Result<Self, EngineError> {
+        // Subscribed before the live grants are read: a change made on another host in
+        // between is then heard (and applying it twice is harmless).
+        let changes = store.grant_changes();
         let now = Timestamp::now();
         let grants = store.live_grants(now).await?;
         let live = grants
@@ -137,6 +140,7 @@ impl GrantEngine {
                 waiters: Mutex::new(HashMap::new()),
             }),
         };
+        tokio::spawn(engine.clone().follow(changes, shutdown.clone()));
         let sweeper = engine.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_INTERVAL);
@@ -153,6 +157,103 @@ impl GrantEngine {
 
     fn config(&self) -> Arc<crate::config::Config> {
         self.inner.config.get()
+    }
+
+    /// Applies grant changes the store reports from elsewhere (another host sharing it): a
+    /// grant issued there becomes usable here, one revoked or expired there ends the
+    /// sessions riding on it here, a request decided there wakes whoever waits on it here.
+    /// This host's own changes come through too and change nothing. A subscriber that fell
+    /// behind reloads the live grants from the store rather than guess.
+    async fn follow(
+        self,
+        mut changes: tokio::sync::broadcast::Receiver<GrantChange>,
+        shutdown: CancellationToken,
+    ) {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let change = tokio::select! {
+                c = changes.recv() => c,
+                () = shutdown.cancelled() => return,
+            };
+            match change {
+                Ok(change) => self.apply(change),
+                Err(RecvError::Lagged(missed)) => {
+                    warn!(
+                        missed,
+                        "fell behind the store's grant changes; reloading live grants"
+                    );
+                    if let Err(e) = self.resync().await {
+                        warn!(error = %e, "reloading live grants failed");
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn apply(&self, change: GrantChange) {
+        match change {
+            GrantChange::Issued(grant) => {
+                if grant.expires_at <= Timestamp::now() || grant.revoked_at.is_some() {
+                    return;
+                }
+                let mut live = self
+                    .inner
+                    .live
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if !live.contains_key(&grant.id) {
+                    info!(grant = %grant.id, identity = %grant.identity, resource = %grant.resource, "grant issued elsewhere is live here");
+                    let (state, _) = watch::channel(GrantState::Active);
+                    live.insert(
+                        grant.id.clone(),
+                        LiveGrant {
+                            grant: *grant,
+                            state,
+                        },
+                    );
+                }
+            }
+            GrantChange::Revoked { grant } => self.drop_live(&grant, GrantState::Revoked),
+            GrantChange::Expired { grant } => self.drop_live(&grant, GrantState::Expired),
+            GrantChange::Decided { request, status } => self.notify(&request, status),
+        }
+    }
+
+    /// Ends a live grant here without writing anything (the store already recorded it).
+    fn drop_live(&self, id: &str, state: GrantState) {
+        if let Some(l) = self
+            .inner
+            .live
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id)
+        {
+            info!(grant = %id, ?state, "grant ended elsewhere; ending its sessions here");
+            l.state.send_replace(state);
+        }
+    }
+
+    /// Makes the live set what the store says it is.
+    async fn resync(&self) -> Result<(), EngineError> {
+        let stored = self.inner.store.live_grants(Timestamp::now()).await?;
+        let keep: std::collections::HashSet<&str> = stored.iter().map(|g| g.id.as_str()).collect();
+        let gone: Vec<String> = self
+            .inner
+            .live
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .filter(|id| !keep.contains(id.as_str()))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.drop_live(&id, GrantState::Revoked);
+        }
+        for g in stored {
+            self.apply(GrantChange::Issued(Box::new(g)));
+        }
+        Ok(())
     }
 
     /// The best live grant covering `identity` (from `task`) on `resource` at `access`: the one
@@ -368,12 +469,17 @@ impl GrantEngine {
     }
 
     fn activate(&self, grant: Grant) {
-        let (state, _) = watch::channel(GrantState::Active);
+        // The store's change feed may have put it in first: keep that entry, whose state
+        // channel sessions may already hold.
         self.inner
             .live
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(grant.id.clone(), LiveGrant { grant, state });
+            .entry(grant.id.clone())
+            .or_insert_with(|| LiveGrant {
+                grant,
+                state: watch::channel(GrantState::Active).0,
+            });
     }
 
     /// Files a request to run one statement a guardrail holds for approval. The session waits

@@ -8,13 +8,15 @@
 //! (the SQLite store lingers up to 100 ms for company, so busy sessions share one fsync), and
 //! a later answered call sees every write queued before it.
 //!
-//! Backends: [`sqlite::SqliteStore`] (the embedded default: one writer thread, group commit)
-//! and [`memory::MemoryStore`] (for tests). A new backend implements [`Store`] and passes the
+//! Backends: [`sqlite::SqliteStore`] (the embedded default: one writer thread, group commit),
+//! [`postgres::PostgresStore`] (fleet mode: many hosts sharing one PostgreSQL database) and
+//! [`memory::MemoryStore`] (for tests). A new backend implements [`Store`] and passes the
 //! behavioural suite in `store/tests.rs`; the audit chain it keeps is sealed and verified by
 //! the pure code in [`audit`].
 
 pub mod audit;
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -31,7 +33,9 @@ use crate::{
     },
 };
 
-pub use self::{audit::VerifyReport, memory::MemoryStore, sqlite::SqliteStore};
+pub use self::{
+    audit::VerifyReport, memory::MemoryStore, postgres::PostgresStore, sqlite::SqliteStore,
+};
 
 /// Errors from the state store.
 #[derive(Debug, thiserror::Error)]
@@ -119,8 +123,19 @@ pub struct GrantApproval {
 #[derive(Clone, Debug)]
 pub enum GrantChange {
     Issued(Box<Grant>),
-    Revoked { grant: String },
-    Expired { grant: String },
+    Revoked {
+        grant: String,
+    },
+    Expired {
+        grant: String,
+    },
+    /// A request was decided (approved, denied, expired) on another host: whoever waits on
+    /// it here looks again. A store reports only other hosts' decisions this way; its own
+    /// callers already know theirs.
+    Decided {
+        request: String,
+        status: RequestStatus,
+    },
 }
 
 /// A session with everything recorded about it.

@@ -66,7 +66,7 @@ pub(crate) fn grant(id: &str, q: &Request) -> Grant {
     }
 }
 
-fn session(id: &str) -> Session {
+pub(crate) fn session(id: &str) -> Session {
     Session {
         id: id.into(),
         identity: Some("ci-bot".into()),
@@ -669,4 +669,356 @@ async fn sqlite_store_reopens_with_its_state_and_chain() {
     let report = store.verify_audit().await.unwrap();
     assert!(report.ok, "{:?}", report.problems);
     assert_eq!(report.records, 2);
+}
+
+mod postgres {
+    //! The same suite against the shared store, on a real PostgreSQL, plus what only a
+    //! shared store has: several hosts, their own chains, and changes pushed between them.
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::{
+        PostgresStore,
+        postgres::{PostgresOptions, testdb::TestDb},
+    };
+
+    async fn open(pg: &TestDb, db: &str, host: &str) -> (PostgresStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PostgresStore::open(&pg.options(db, host), &dir.path().join("state"))
+            .await
+            .unwrap();
+        (store, dir)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_store_behaves() {
+        let Some(pg) = TestDb::start() else { return };
+        let (store, _d0) = open(&pg, &pg.database("feed"), "host-a").await;
+        audit_feed(&store).await;
+        let (store, _d5) = open(&pg, &pg.database("approvals"), "host-a").await;
+        several_approvals(&store).await;
+        let (store, _d1) = open(&pg, &pg.database("requests"), "host-a").await;
+        requests_and_decisions(&store).await;
+        let (store, _d2) = open(&pg, &pg.database("grants"), "host-a").await;
+        grants_live_and_revoked(&store).await;
+        let (store, _d3) = open(&pg, &pg.database("sessions"), "host-a").await;
+        session_bookkeeping(&store).await;
+        let db = pg.database("audit");
+        let (store, _d4) = open(&pg, &db, "host-a").await;
+        audit_chain(&store, &|seq| {
+            pg.admin(
+                &db,
+                &format!(
+                    "UPDATE audit SET detail = '{{\"pid\":99}}' WHERE host_id = 'host-a' AND seq = {seq}"
+                ),
+            );
+        })
+        .await;
+    }
+
+    /// Two hosts on one database: each keeps its own chain (verified apart: tampering with
+    /// one host's rows is found on that host only), and a grant issued, a request decided
+    /// and a grant revoked on one reach the other's `grant_changes()` within a second, also
+    /// after the follower's connection was cut.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hosts_share_state_and_hear_each_other() {
+        let Some(pg) = TestDb::start() else { return };
+        let db = pg.database("fleet");
+        // The hosts log in as their own role, so that logins can be refused below.
+        pg.admin("postgres", "CREATE ROLE fleet LOGIN SUPERUSER");
+        // Many agents starting at once migrate once, without tripping over each other.
+        let mut opening = Vec::new();
+        for host in ["host-a", "host-b", "host-c", "host-d"] {
+            let mut options = pg.options(&db, host);
+            options.url = options.url.replace("postgres@", "fleet@");
+            opening.push(tokio::spawn(async move {
+                let dir = tempfile::tempdir().unwrap();
+                let store = PostgresStore::open(&options, &dir.path().join("state")).await;
+                (store.map_err(|e| format!("{e:#}")), dir)
+            }));
+        }
+        let mut stores = Vec::new();
+        for o in opening {
+            let (store, dir) = o.await.unwrap();
+            stores.push((store.unwrap(), dir));
+        }
+        let (b, _db_dir) = stores.pop().unwrap();
+        let b_host = "host-d";
+        assert_eq!(b.host_id(), b_host);
+        let (a, _da) = stores.remove(0);
+        let mut heard = a.grant_changes();
+
+        // Filed on A, approved on B: A hears the grant, then the decision.
+        let q = request("req_f1", None, None);
+        a.file_request(q.clone(), "user bob".into()).await.unwrap();
+        assert_eq!(b.count_pending().await.unwrap(), 1, "B sees A's request");
+        let approval = GrantApproval {
+            grant: grant("grt_f1", &q),
+            approver: actor(1001, "alice"),
+            actor: "user alice".into(),
+            ttl_secs: 600,
+        };
+        assert!(matches!(
+            b.approve_request(approval.clone()).await.unwrap(),
+            Decided::Done(_)
+        ));
+        let within = Duration::from_secs(1);
+        let got = tokio::time::timeout(within, heard.recv())
+            .await
+            .expect("in time")
+            .unwrap();
+        assert!(
+            matches!(&got, GrantChange::Issued(g) if g.id == "grt_f1"),
+            "{got:?}"
+        );
+        let got = tokio::time::timeout(within, heard.recv())
+            .await
+            .expect("in time")
+            .unwrap();
+        assert!(
+            matches!(&got, GrantChange::Decided { request, status: RequestStatus::Approved } if request == "req_f1"),
+            "{got:?}"
+        );
+        // Two hosts deciding the same request: one wins.
+        assert!(matches!(
+            a.approve_request(approval).await.unwrap(),
+            Decided::NotPending
+        ));
+
+        // Revoked on B: A hears it.
+        b.revoke_grant("grt_f1".into(), "user alice".into(), "done".into())
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(within, heard.recv())
+            .await
+            .expect("in time")
+            .unwrap();
+        assert!(
+            matches!(&got, GrantChange::Revoked { grant } if grant == "grt_f1"),
+            "{got:?}"
+        );
+        assert!(a.live_grants(Timestamp::now()).await.unwrap().is_empty());
+
+        // A's own changes are not echoed back to it through the log.
+        let q2 = request("req_f2", None, None);
+        let mut q2a = q2.clone();
+        q2a.status = RequestStatus::Approved;
+        a.file_approved(q2a, grant("grt_f2", &q2), "user bob".into())
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(within, heard.recv())
+            .await
+            .expect("in time")
+            .unwrap();
+        assert!(matches!(&got, GrantChange::Issued(g) if g.id == "grt_f2"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(heard.try_recv().is_err(), "no echo of A's own change");
+
+        // The followers' connections are cut and cannot come back for a while; a change made
+        // meanwhile (on B's open writer connection) is still delivered once A's follower is
+        // back: the catch-up read after reconnecting, not the notification it missed.
+        pg.admin("postgres", "ALTER ROLE fleet NOLOGIN");
+        pg.admin(
+            &db,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jitgated listener'",
+        );
+        b.revoke_grant("grt_f2".into(), "user carol".into(), "cut".into())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            heard.try_recv().is_err(),
+            "nothing heard while A is cut off"
+        );
+        pg.admin("postgres", "ALTER ROLE fleet LOGIN");
+        let got = tokio::time::timeout(Duration::from_secs(8), heard.recv())
+            .await
+            .expect("delivered after the follower reconnected")
+            .unwrap();
+        assert!(
+            matches!(&got, GrantChange::Revoked { grant } if grant == "grt_f2"),
+            "{got:?}"
+        );
+
+        // One chain per host, each verified with its own key, apart.
+        let ra = a.verify_audit().await.unwrap();
+        let rb = b.verify_audit().await.unwrap();
+        assert!(ra.ok && rb.ok, "{:?} {:?}", ra.problems, rb.problems);
+        let a_kinds: Vec<String> = a
+            .audit_log(None, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(a_kinds, ["request.filed", "request.filed", "grant.issued"]);
+        assert_eq!(b.audit_log(None, 100).await.unwrap().len(), 4);
+        pg.admin(
+            &db,
+            &format!(
+                "UPDATE audit SET actor = 'user mallory' WHERE host_id = '{b_host}' AND seq = 1"
+            ),
+        );
+        assert!(a.verify_audit().await.unwrap().ok, "A's chain is untouched");
+        let rb = b.verify_audit().await.unwrap();
+        assert!(
+            rb.problems
+                .iter()
+                .any(|p| p.contains("record 1") && p.contains("edited")),
+            "{:?}",
+            rb.problems
+        );
+        // Cutting B's newest record off is found by B's head checkpoint.
+        pg.admin(
+            &db,
+            &format!("DELETE FROM audit WHERE host_id = '{b_host}' AND seq = 4"),
+        );
+        let rb = b.verify_audit().await.unwrap();
+        assert!(
+            rb.problems
+                .iter()
+                .any(|p| p.contains("missing from the end")),
+            "{:?}",
+            rb.problems
+        );
+
+        // Tasks and orphaned sessions are the host's own.
+        let task = Task {
+            id: "tsk_a".into(),
+            identity: "ci-bot".into(),
+            cgroup: "jitgate.slice/ci-bot/tsk_a".into(),
+            launched_by: actor(1000, "bob"),
+            run_as_uid: 1000,
+            command: "make".into(),
+            reason: "r".into(),
+            started_at: Timestamp::now(),
+            ended_at: None,
+        };
+        a.start_task(task, "user bob".into()).await.unwrap();
+        assert_eq!(a.running_tasks().await.unwrap().len(), 1);
+        assert!(b.running_tasks().await.unwrap().is_empty());
+        a.session_opened(session("s-a"));
+        a.flush().await.unwrap();
+        assert_eq!(
+            b.close_orphan_sessions().await.unwrap(),
+            0,
+            "B does not close A's sessions"
+        );
+        assert_eq!(a.close_orphan_sessions().await.unwrap(), 1);
+    }
+
+    /// The store refuses a schema newer than it knows, and a url that carries a password.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refuses_a_newer_schema_and_a_password_in_the_url() {
+        let Some(pg) = TestDb::start() else { return };
+        let db = pg.database("newer");
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        drop(
+            PostgresStore::open(&pg.options(&db, "h"), &state)
+                .await
+                .unwrap(),
+        );
+        pg.admin(&db, "UPDATE jitgate_schema SET version = version + 1");
+        let e = PostgresStore::open(&pg.options(&db, "h"), &state)
+            .await
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(e.contains("newer than this jitgated knows"), "{e}");
+
+        let mut options: PostgresOptions = pg.options(&db, "h");
+        options.url = format!("postgresql://postgres:hunter2@127.0.0.1:{}/{db}", pg.port);
+        let e = PostgresStore::open(&options, &state)
+            .await
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(e.contains("password_file"), "{e}");
+        assert!(!e.contains("hunter2"), "the password is not echoed: {e}");
+    }
+
+    /// Verified TLS and a password from a file: the right CA and password connect; another
+    /// CA, a name the certificate does not carry, a wrong password, or no TLS at all do not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_verify_full_and_a_password_file() {
+        let Some(pg) = TestDb::start_tls() else {
+            return;
+        };
+        let db = pg.database("tls");
+        pg.admin(
+            "postgres",
+            "SET password_encryption = 'scram-sha-256'; CREATE ROLE jg LOGIN SUPERUSER PASSWORD 'pw-Store-4d1c'",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let secret = dir.path().join("store.pw");
+        std::fs::write(&secret, "pw-Store-4d1c\n").unwrap();
+        let private = |p: &std::path::Path| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        let options = |host: &str, ca: &str, password: &std::path::Path| PostgresOptions {
+            url: format!("postgresql://jg@{host}:{}/{db}", pg.port),
+            password_file: Some(password.to_owned()),
+            ca_file: (!ca.is_empty()).then(|| pg.tls_dir().join(ca)),
+            pool_size: 1,
+            host_id: "h".into(),
+        };
+        // A password file others can read is not used.
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let e = PostgresStore::open(&options("127.0.0.1", "ca.pem", &secret), &state)
+            .await
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(e.contains("chmod 600"), "{e}");
+        private(&secret);
+        let store = PostgresStore::open(&options("127.0.0.1", "ca.pem", &secret), &state)
+            .await
+            .unwrap();
+        store
+            .file_request(request("req_t", None, None), "user bob".into())
+            .await
+            .unwrap();
+        assert_eq!(store.count_pending().await.unwrap(), 1);
+        drop(store);
+
+        let wrong = dir.path().join("wrong.pw");
+        std::fs::write(&wrong, "guess\n").unwrap();
+        private(&wrong);
+        for (what, o, why) in [
+            (
+                "another CA",
+                options("127.0.0.1", "other-ca.pem", &secret),
+                "UnknownIssuer",
+            ),
+            (
+                "a name the certificate lacks",
+                options("localhost", "ca.pem", &secret),
+                "not valid for name",
+            ),
+            (
+                "a wrong password",
+                options("127.0.0.1", "ca.pem", &wrong),
+                "password authentication failed",
+            ),
+            ("no TLS", options("127.0.0.1", "", &secret), "no encryption"),
+        ] {
+            let e = PostgresStore::open(&o, &state).await.err();
+            assert!(e.is_some(), "{what} was accepted");
+            let e = format!("{:#}", e.unwrap());
+            assert!(
+                e.contains("connecting to the shared state store"),
+                "{what}: {e}"
+            );
+            assert!(e.contains(why), "{what}: {e}");
+            assert!(
+                !e.contains("pw-Store"),
+                "{what}: the password is not echoed: {e}"
+            );
+        }
+    }
 }
