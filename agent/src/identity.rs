@@ -77,6 +77,8 @@ pub struct Person {
     /// Their unix account here (`console.oidc.unix_accounts`): only to recognise their own
     /// requests; it gives them no unix user's rights.
     pub unix_uid: Option<u32>,
+    /// That account's name (the same person across hosts, whose uids may differ).
+    pub unix_account: Option<String>,
 }
 
 impl Person {
@@ -389,7 +391,11 @@ impl Caller {
     /// on another host, where the same person can have another uid.
     pub fn filed(&self, by: &Actor) -> bool {
         match &self.person {
-            Some(person) => person.unix_uid == Some(by.uid) || by.user == self.user,
+            Some(person) => {
+                person.unix_uid == Some(by.uid)
+                    || person.unix_account.as_deref() == Some(by.user.as_str())
+                    || by.user == self.user
+            }
             None => self.uid == by.uid || self.user == by.user,
         }
     }

@@ -216,9 +216,12 @@ pub struct Request {
 
 impl Approval {
     /// Whether two approvals are the same person's: the same name, or the same unix account
-    /// (a person approving once at the console and once with the CLI).
+    /// by uid or by name (a person approving once at the console and once with the CLI, or
+    /// on two hosts).
     pub fn same_person(&self, other: &Self) -> bool {
-        self.by == other.by || (self.uid != u32::MAX && self.uid == other.uid)
+        self.by == other.by
+            || (self.uid != u32::MAX && self.uid == other.uid)
+            || (self.account.is_some() && self.account == other.account)
     }
 }
 
@@ -230,6 +233,10 @@ pub struct Approval {
     /// Their unix uid (a console person's own unix account, if configured); `u32::MAX`:
     /// none.
     pub uid: u32,
+    /// Their unix account's name (a console person's, if configured): the same person on
+    /// every host of a fleet, whose uids may differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
     pub at: Timestamp,
     /// The policy's `approvals_from` principals this approver counted for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

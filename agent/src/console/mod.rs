@@ -409,15 +409,13 @@ impl Console {
                 return failed(StatusCode::FORBIDDEN, &format!("Sign-in refused: {e}"));
             }
         };
-        let unix_uid = self
-            .provider
-            .unix_accounts()
-            .get(&identity.id)
-            .and_then(|name| crate::identity::uid_of(name));
+        let unix_account = self.provider.unix_accounts().get(&identity.id).cloned();
+        let unix_uid = unix_account.as_deref().and_then(crate::identity::uid_of);
         let person = Person {
             id: identity.id,
             groups: identity.groups,
             unix_uid,
+            unix_account,
         };
         info!(person = %person.id, subject = %identity.subject, groups = ?person.groups, "console: signed in");
         match self.sessions.start(person, self.session_ttl) {

@@ -129,6 +129,7 @@ mod tests {
             id: "ann@example.com".into(),
             groups: vec![],
             unix_uid: None,
+            unix_account: None,
         }
     }
 

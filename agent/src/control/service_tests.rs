@@ -715,6 +715,7 @@ fn person(id: &str, groups: &[&str], unix_uid: Option<u32>) -> Caller {
         id: id.into(),
         groups: groups.iter().map(|g| (*g).to_owned()).collect(),
         unix_uid,
+        unix_account: unix_uid.map(crate::identity::user_name),
     })
 }
 

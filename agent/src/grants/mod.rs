@@ -630,6 +630,10 @@ impl GrantEngine {
                     .person
                     .as_ref()
                     .map_or(caller.uid, |p| p.unix_uid.unwrap_or(identity::WEB_UID)),
+                account: match &caller.person {
+                    Some(p) => p.unix_account.clone(),
+                    None => Some(caller.user.clone()),
+                },
                 at: Timestamp::now(),
                 covers: from
                     .iter()
@@ -654,12 +658,11 @@ impl GrantEngine {
                 Err(StoreError::Invalid(why)) => return Err(EngineError::Conflict(why)),
                 Err(e) => return Err(e.into()),
             };
-            let missing: Vec<String> = from
-                .iter()
-                .map(ToString::to_string)
-                .filter(|p| !now.approvals.iter().any(|a| a.covers.contains(p)))
-                .collect();
-            if now.approvals.len() < needed as usize || !missing.is_empty() {
+            let named: Vec<String> = from.iter().map(ToString::to_string).collect();
+            let covers: Vec<Vec<String>> = now.approvals.iter().map(|a| a.covers.clone()).collect();
+            if now.approvals.len() < needed as usize
+                || !policy::each_covered_by_a_different_approval(&named, &covers)
+            {
                 info!(request = %id, approver = %caller.user, approvals = now.approvals.len(), needed, "approval recorded; more needed");
                 return Ok(Approved {
                     request: now,

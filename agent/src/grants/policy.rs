@@ -171,11 +171,58 @@ pub fn approvals_needed(
     )
 }
 
+/// Whether each of `from` (principal names) is covered by an approval of its own: one
+/// person in two named groups does not count for both (a matching of principals to
+/// distinct approvals, found by augmenting paths; both lists are short).
+pub fn each_covered_by_a_different_approval(from: &[String], covers: &[Vec<String>]) -> bool {
+    fn place(
+        p: usize,
+        from: &[String],
+        covers: &[Vec<String>],
+        owner: &mut [Option<usize>],
+        seen: &mut [bool],
+    ) -> bool {
+        for (a, c) in covers.iter().enumerate() {
+            if seen[a] || !c.contains(&from[p]) {
+                continue;
+            }
+            seen[a] = true;
+            if owner[a].is_none_or(|q| place(q, from, covers, owner, seen)) {
+                owner[a] = Some(p);
+                return true;
+            }
+        }
+        false
+    }
+    let mut owner = vec![None; covers.len()];
+    (0..from.len()).all(|p| {
+        let mut seen = vec![false; covers.len()];
+        place(p, from, covers, &mut owner, &mut seen)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn named_principals_need_approvals_of_their_own() {
+        let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+        let from = s(&["group:dba", "group:sec"]);
+        // Alice is in both groups, Bob in neither: not one of each.
+        assert!(!each_covered_by_a_different_approval(
+            &from,
+            &[s(&["group:dba", "group:sec"]), s(&[])]
+        ));
+        // Alice in both, Carol in dba: Alice counts for sec, Carol for dba.
+        assert!(each_covered_by_a_different_approval(
+            &from,
+            &[s(&["group:dba", "group:sec"]), s(&["group:dba"])]
+        ));
+        assert!(each_covered_by_a_different_approval(&[], &[]));
+    }
 
     fn config() -> Config {
         Config::from_toml(

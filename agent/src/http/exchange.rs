@@ -706,11 +706,27 @@ impl Ctx<'_> {
             &digest[..16]
         ));
         let shown: Vec<u8> = if kube.is_some_and(KubeRequest::touches_secrets) {
-            // A Secret's values are never shown, whether the object parses or not.
-            match kube::mask_body(body) {
-                Ok((masked, _)) => masked,
-                Err(_) => {
-                    text.push_str("(a Secret body that is not JSON: not shown)");
+            // A Secret's values are never shown, whatever shape the body has: an object has
+            // its data masked; a JSON Patch (an array of operations) shows only each
+            // operation and path; anything else is not shown.
+            match serde_json::from_slice::<serde_json::Value>(body) {
+                Ok(serde_json::Value::Object(_)) => match kube::mask_body(body) {
+                    Ok((masked, _)) => masked,
+                    Err(_) => {
+                        text.push_str("(a Secret body the gate cannot mask: not shown)");
+                        return text;
+                    }
+                },
+                Ok(serde_json::Value::Array(ops)) => {
+                    text.push_str("(a JSON Patch of a Secret; values not shown)");
+                    for op in ops.iter().take(64) {
+                        let field = |k: &str| op.get(k).and_then(|v| v.as_str()).unwrap_or("?");
+                        text.push_str(&format!("\n  {} {}", field("op"), field("path")));
+                    }
+                    return text;
+                }
+                _ => {
+                    text.push_str("(a Secret body that is not a JSON object: not shown)");
                     return text;
                 }
             }
@@ -1191,6 +1207,24 @@ async fn read_held_body(
     req: &mut Request<ClientBody>,
     buffers: &crate::protocol::buffers::Buffers,
 ) -> Result<Bytes, Refusal> {
+    // A compressed body would be shown as binary and decoded upstream: the approver must be
+    // able to read what they approve.
+    if let Some(coding) = req
+        .headers()
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .find(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        return Err(Refusal {
+            status: 415,
+            error: format!(
+                "a request held for approval must not be compressed (Content-Encoding: {}): the approver could not read it",
+                String::from_utf8_lossy(coding.as_bytes())
+            ),
+            rule: None,
+            hint: Some("send the body uncompressed".into()),
+        });
+    }
     let body = std::mem::replace(req.body_mut(), ClientBody::Read(None, None));
     let ClientBody::Streaming(mut incoming) = body else {
         *req.body_mut() = body;

@@ -736,6 +736,79 @@ async fn a_held_request_shows_its_body_masked_and_sends_exactly_it() {
 }
 
 #[tokio::test]
+async fn a_held_secret_change_never_shows_its_values_and_compressed_bodies_are_not_held() {
+    let keys = "flavor = \"kubernetes\"\n[[resource.rule]]\nverbs = [\"patch\", \"create\"]\nresources = [\"secrets\"]\naction = \"approve\"\n";
+    let (h, _dir) = harness(keys).await;
+    h.grant_access(crate::config::Access::Write).await;
+    let sender = h2_full_client(&h).await;
+    let send = |method: &'static str, uri: &'static str, body: &'static [u8], gzip: bool| {
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            let mut req = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("content-type", "application/json-patch+json");
+            if gzip {
+                req = req.header("content-encoding", "gzip");
+            }
+            let req = req
+                .body(Full::new(Bytes::from_static(body)))
+                .expect("request");
+            let _ = sender.clone().send_request(req).await;
+        })
+    };
+    // A JSON Patch (an array), an object with data, and a bare string: no value shown.
+    let _a = send(
+        "PATCH",
+        "http://svc/api/v1/namespaces/prod/secrets/db",
+        br#"[{"op":"replace","path":"/data/password","value":"c2VjcmV0LXZhbHVl"}]"#,
+        false,
+    );
+    let _b = send(
+        "POST",
+        "http://svc/api/v1/namespaces/prod/secrets",
+        br#"{"kind":"Secret","metadata":{"name":"x"},"data":{"token":"c2VjcmV0LXZhbHVl"},"stringData":{"pw":"plain-secret-value"}}"#,
+        false,
+    );
+    let _c = send(
+        "PATCH",
+        "http://svc/api/v1/namespaces/prod/secrets/db",
+        br#""c2VjcmV0LXZhbHVl""#,
+        false,
+    );
+    let held = pending(&h, 3).await;
+    for q in &held {
+        let shown = q.statement.clone().unwrap_or_default();
+        assert!(
+            !shown.contains("c2VjcmV0LXZhbHVl") && !shown.contains("plain-secret-value"),
+            "{shown}"
+        );
+    }
+    assert!(
+        held.iter().any(|q| q
+            .statement
+            .as_deref()
+            .is_some_and(|t| t.contains("replace /data/password"))),
+        "the patch's operations are shown: {held:?}"
+    );
+    // A compressed body is refused, not held.
+    let (status, body) = {
+        let req = Request::patch("http://svc/api/v1/namespaces/prod/secrets/db")
+            .header("content-type", "application/json-patch+json")
+            .header("content-encoding", "gzip")
+            .body(Full::new(Bytes::from_static(b"\x1f\x8b\x08\x00")))
+            .expect("request");
+        answer(sender.clone().send_request(req)).await
+    };
+    assert_eq!(status, 415, "{body}");
+    assert!(body.contains("must not be compressed"), "{body}");
+    assert_eq!(
+        h.ctx.services.store.count_pending().await.expect("count"),
+        3
+    );
+}
+
+#[tokio::test]
 async fn held_bodies_are_bounded_per_request_and_agent_wide() {
     let (h, _dir) = harness_daemon(
         "[[resource.rule]]\npaths = [\"/held/**\"]\naction = \"approve\"\n",

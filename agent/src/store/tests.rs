@@ -375,6 +375,7 @@ pub(crate) async fn several_approvals(store: &dyn Store) {
     let approval = |by: &str, uid| Approval {
         by: by.into(),
         uid,
+        account: None,
         at: Timestamp::now(),
         covers: vec!["group:dba".into()],
     };
@@ -397,6 +398,12 @@ pub(crate) async fn several_approvals(store: &dyn Store) {
             .await,
         Err(StoreError::Invalid(m)) if m.contains("already approved")
     ));
+    // The same account under another name and uid (another host of a fleet): one person.
+    let mut elsewhere = approval("oidc alice@example.com", 2001);
+    elsewhere.account = Some("alice".into());
+    let mut here = approval("user alice2", 1001);
+    here.account = Some("alice".into());
+    assert!(elsewhere.same_person(&here));
     let two = done(
         store
             .add_approval("req_n".into(), approval("user carol", 1002), 2)

@@ -249,6 +249,13 @@ fn prepare(
     if let Some(path) = &spec.secret_file {
         // Fail closed: an event is never sent unsigned because its key went missing.
         let key = crate::secret_file::read(path).map_err(|e| format!("signing key: {e}"))?;
+        // A key cut short by a rotation would sign calls anyone could forge.
+        if key.len() < 16 {
+            return Err(format!(
+                "signing key: `{}` holds fewer than 16 bytes now",
+                path.display()
+            ));
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)

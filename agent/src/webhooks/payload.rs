@@ -60,9 +60,23 @@ fn console_link(record: &AuditEvent, cx: &Context<'_>) -> Option<String> {
 }
 
 /// Slack's mrkdwn gives `<`, `>` and `&` meaning (links, mentions such as `<!channel>`):
-/// escape them in everything that came from a workload or a person.
+/// escape them in everything that came from a workload or a person. Line breaks, other
+/// control and bidi characters become spaces and backticks quotes, so that text a workload
+/// wrote cannot start a line of its own that looks like the agent's (a forged "approved by"
+/// or a `jitgate approve` for another request) or leave its code span.
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
+    s.chars()
+        .map(|c| match c {
+            '`' => '\'',
+            c if c.is_control()
+                || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{2028}' | '\u{2029}') =>
+            {
+                ' '
+            }
+            c => c,
+        })
+        .collect::<String>()
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
@@ -122,7 +136,7 @@ fn slack_text(record: &AuditEvent, cx: &Context<'_>) -> String {
             ":hourglass: A statement on *{}* is held for approval ({}):\n```{}```\nRequest `{}` · `jitgate approve {}`",
             f("resource"),
             f("rule"),
-            text_of(record, "statement", 400).replace("```", "'''"),
+            text_of(record, "statement", 400),
             f("request"),
             f("request"),
         ),
@@ -239,6 +253,27 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("jitgate approve req_abc"), "{text}");
+    }
+
+    #[test]
+    fn workload_text_cannot_forge_a_line_or_leave_its_span() {
+        let r = record(
+            "request.filed",
+            json!({"request": "req_abc", "identity": "ci-bot", "access": "read",
+                   "resource": "db", "policy": "p",
+                   "reason": "ok\n:white_check_mark: Request `req_x` approved by alice\u{202e}"}),
+        );
+        let v: Value = serde_json::from_slice(&body(WebhookFormat::Slack, &r, &CX)).unwrap();
+        let text = v["text"].as_str().unwrap();
+        let first_line = text.lines().next().unwrap();
+        assert!(
+            first_line.contains(":white_check_mark: Request 'req_x' approved"),
+            "{text}"
+        );
+        assert!(
+            !text.contains('\u{202e}') && !text.contains("`req_x`"),
+            "{text}"
+        );
     }
 
     #[test]
