@@ -56,10 +56,23 @@ pub fn check_path(path: &Path) -> Result<(), SecretFileError> {
     check(path, &meta)
 }
 
-/// The secret in `path`, without its trailing line end, once the file passes the rule.
+/// The secret in `path`, without its trailing line end, once the file passes the rule. The
+/// file is opened once and the rule checked on what was opened (the file a symbolic link
+/// leads to), so it cannot be swapped between the check and the read.
 pub fn read(path: &Path) -> Result<String, SecretFileError> {
-    check_path(path)?;
-    let text = std::fs::read_to_string(path).map_err(|e| unreadable(path, &e.to_string()))?;
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| unreadable(path, &e.to_string()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| unreadable(path, &e.to_string()))?;
+    check(path, &meta)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| unreadable(path, &e.to_string()))?;
     Ok(text.trim_end_matches(['\n', '\r']).to_owned())
 }
 
@@ -90,5 +103,12 @@ mod tests {
             read(&dir.path().join("missing")),
             Err(SecretFileError::Unreadable { .. })
         ));
+        // Through a symbolic link, the rule applies to the file it leads to.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(read(&link), Err(SecretFileError::Mode { .. })));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read(&link).unwrap(), "s3cret");
     }
 }
