@@ -452,12 +452,17 @@ async fn only_session(h: &Harness) -> crate::store::SessionHistory {
 }
 
 /// An HTTP/2 client with prior knowledge over the in-memory pipe.
-async fn h2_client(
+/// An HTTP/2 client on a new session (requests with bodies of type `B`), and the session.
+async fn h2_client<B>(
     h: &Harness,
 ) -> (
-    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    hyper::client::conn::http2::SendRequest<B>,
     tokio::task::JoinHandle<crate::protocol::Outcome>,
-) {
+)
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (pipe, task) = h.connect();
     let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(pipe))
@@ -656,16 +661,6 @@ async fn h2_post(
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-async fn h2_full_client(h: &Harness) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
-    let (pipe, _task) = h.connect();
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(pipe))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
-    sender
-}
-
 /// The pending requests, once there are `n`.
 async fn pending(h: &Harness, n: usize) -> Vec<crate::model::Request> {
     let store = h.ctx.services.store.clone();
@@ -696,7 +691,7 @@ async fn a_held_request_shows_its_body_masked_and_sends_exactly_it() {
                 [[resource.mask]]\npaths = [\"$..password\"]\ndetectors = [\"email\"]\nstrategy = \"redact\"\n";
     let (h, _dir) = harness(keys).await;
     h.grant_access(crate::config::Access::Write).await;
-    let sender = h2_full_client(&h).await;
+    let sender: hyper::client::conn::http2::SendRequest<Full<Bytes>> = h2_client(&h).await.0;
     let body = br#"{"to":"jane@example.com","amount":100,"note":"quarterly payout"}"#.to_vec();
     let want = format!("sha256 {} len {}", sha256_hex(&body), body.len());
     let posted = tokio::spawn({
@@ -740,7 +735,7 @@ async fn a_held_secret_change_never_shows_its_values_and_compressed_bodies_are_n
     let keys = "flavor = \"kubernetes\"\n[[resource.rule]]\nverbs = [\"patch\", \"create\"]\nresources = [\"secrets\"]\naction = \"approve\"\n";
     let (h, _dir) = harness(keys).await;
     h.grant_access(crate::config::Access::Write).await;
-    let sender = h2_full_client(&h).await;
+    let sender: hyper::client::conn::http2::SendRequest<Full<Bytes>> = h2_client(&h).await.0;
     let send = |method: &'static str, uri: &'static str, body: &'static [u8], gzip: bool| {
         let sender = sender.clone();
         tokio::spawn(async move {
@@ -816,7 +811,7 @@ async fn held_bodies_are_bounded_per_request_and_agent_wide() {
     )
     .await;
     h.grant_access(crate::config::Access::Write).await;
-    let sender = h2_full_client(&h).await;
+    let sender: hyper::client::conn::http2::SendRequest<Full<Bytes>> = h2_client(&h).await.0;
     // Past the per-request cap: refused at once, nothing filed.
     let (status, body) = h2_post(
         &sender,
