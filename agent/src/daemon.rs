@@ -539,7 +539,10 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         limits: crate::protocol::limits::Limits::default(),
         refusals: crate::refusals::ProxyRefusals::default(),
         rates: crate::protocol::rate::Rates::default(),
-        buffers: crate::protocol::buffers::Buffers::new(config.daemon.limits.buffer_budget),
+        buffers: crate::protocol::buffers::Buffers::new(
+            config.daemon.limits.buffer_budget,
+            config.daemon.limits.buffer_share,
+        ),
     });
     let proxy_ctx = Arc::new(ProxyContext {
         attributor: Arc::new(Kernel {

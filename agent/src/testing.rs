@@ -223,7 +223,10 @@ approvers = ["root"]
             .expect("trie"),
             vec!["svc".into()],
         );
-        let buffers = crate::protocol::buffers::Buffers::new(config.daemon.limits.buffer_budget);
+        let buffers = crate::protocol::buffers::Buffers::new(
+            config.daemon.limits.buffer_budget,
+            config.daemon.limits.buffer_share,
+        );
         let shared = SharedConfig::new(config);
         let store: SharedStore = Arc::new(MemoryStore::default());
         let shutdown = CancellationToken::new();

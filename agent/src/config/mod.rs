@@ -331,6 +331,9 @@ pub struct Limits {
     /// Bytes of bodies the gate may hold whole at once, agent-wide (responses read to be
     /// masked, held requests read to be shown): see [`crate::protocol::buffers`].
     pub buffer_budget: usize,
+    /// The most of `buffer_budget` one identity may hold (default half): one workload's
+    /// connections cannot take what the others need.
+    pub buffer_share: usize,
 }
 
 impl Default for Limits {
@@ -341,6 +344,7 @@ impl Default for Limits {
             max_sessions_per_identity: 64,
             max_sessions_per_grant: 16,
             buffer_budget: crate::protocol::buffers::DEFAULT_BUDGET,
+            buffer_share: crate::protocol::buffers::DEFAULT_BUDGET / 2,
         }
     }
 }
@@ -532,6 +536,7 @@ struct RawDaemon {
     max_sessions_per_identity: Option<S<i64>>,
     max_sessions_per_grant: Option<S<i64>>,
     buffer_budget: Option<S<String>>,
+    buffer_share: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -926,6 +931,23 @@ impl Validator<'_> {
             },
         };
         let defaults = Limits::default();
+        let buffer_budget = match &raw.buffer_budget {
+            None => defaults.buffer_budget,
+            Some(v) => match parse_size(v.get_ref()) {
+                Ok(n) if n >= 4 << 20 => n,
+                Ok(_) => {
+                    self.fail(
+                        v.span(),
+                        "buffer_budget: at least 4MiB (one masked response may need that much)",
+                    );
+                    defaults.buffer_budget
+                }
+                Err(e) => {
+                    self.fail(v.span(), format!("buffer_budget: {e}"));
+                    defaults.buffer_budget
+                }
+            },
+        };
         let limits = Limits {
             startup_timeout: self.duration(
                 "startup_timeout",
@@ -947,21 +969,26 @@ impl Validator<'_> {
                 raw.max_sessions_per_grant.as_ref(),
                 defaults.max_sessions_per_grant,
             ),
-            buffer_budget: match &raw.buffer_budget {
-                None => defaults.buffer_budget,
-                Some(v) => {
-                    match parse_size(v.get_ref()) {
-                        Ok(n) if n >= 4 << 20 => n,
-                        Ok(_) => {
-                            self.fail(v.span(), "buffer_budget: at least 4MiB (one masked response may need that much)");
-                            defaults.buffer_budget
-                        }
-                        Err(e) => {
-                            self.fail(v.span(), format!("buffer_budget: {e}"));
-                            defaults.buffer_budget
-                        }
+            buffer_budget,
+            buffer_share: match &raw.buffer_share {
+                None => buffer_budget / 2,
+                Some(v) => match parse_size(v.get_ref()) {
+                    Ok(n) if (1 << 20..=buffer_budget).contains(&n) => n,
+                    Ok(_) => {
+                        self.fail(
+                            v.span(),
+                            format!(
+                                "buffer_share: from 1MiB up to buffer_budget ({} MiB)",
+                                buffer_budget >> 20
+                            ),
+                        );
+                        buffer_budget / 2
                     }
-                }
+                    Err(e) => {
+                        self.fail(v.span(), format!("buffer_share: {e}"));
+                        buffer_budget / 2
+                    }
+                },
             },
         };
         DaemonConfig {
@@ -1928,8 +1955,23 @@ approvers = ["alice", "group:dba"]
                 max_sessions_per_identity: 9,
                 max_sessions_per_grant: 5,
                 buffer_budget: 64 << 20,
+                buffer_share: 32 << 20,
             }
         );
+        let c2 = parse(&SAMPLE.replace(
+            "egress = \"deny\"",
+            "egress = \"deny\"\nbuffer_budget = \"64MiB\"\nbuffer_share = \"8MiB\"",
+        ))
+        .unwrap();
+        assert_eq!(c2.daemon.limits.buffer_share, 8 << 20);
+        for bad in ["\"65MiB\"", "\"512KiB\"", "\"lots\""] {
+            let e = parse(&SAMPLE.replace(
+                "egress = \"deny\"",
+                &format!("egress = \"deny\"\nbuffer_budget = \"64MiB\"\nbuffer_share = {bad}"),
+            ))
+            .unwrap_err();
+            assert!(e.to_string().contains("buffer_share"), "{bad}: {e}");
+        }
         let e = parse(&SAMPLE.replace(
             "egress = \"deny\"",
             "egress = \"deny\"\nbuffer_budget = \"1MiB\"",

@@ -606,7 +606,7 @@ impl Ctx<'_> {
                 // bodies on one connection.
                 let holding = Holding::new(&self.holding);
                 // The approver sees the body, and approves exactly it: read whole first.
-                let body = read_held_body(req, &self.services.buffers)
+                let body = read_held_body(req, &self.services.buffers, &self.who.identity)
                     .await
                     .map_err(refused)?;
                 let text = self.held_text(method, &forwarded, req.headers(), &body, kube.as_ref());
@@ -1144,7 +1144,7 @@ impl Ctx<'_> {
             .acquire_owned()
             .await
             .map_err(|e| refusal(format!("masking: {e}")))?;
-        let mut held = self.services.buffers.reservation();
+        let mut held = self.services.buffers.reservation(&self.who.identity);
         let bytes = collect_bounded(&mut body, kube::MAX_MASKED_BODY, &mut held)
             .await
             .map_err(|e| refusal(format!("reading a response to mask it: {e}")))?;
@@ -1206,6 +1206,7 @@ const HELD_BODY_SHOWN: usize = 8 * 1024;
 async fn read_held_body(
     req: &mut Request<ClientBody>,
     buffers: &crate::protocol::buffers::Buffers,
+    identity: &str,
 ) -> Result<Bytes, Refusal> {
     // A compressed body would be shown as binary and decoded upstream: the approver must be
     // able to read what they approve.
@@ -1236,7 +1237,7 @@ async fn read_held_body(
     {
         return Err(held_too_large());
     }
-    let mut held = buffers.reservation();
+    let mut held = buffers.reservation(identity);
     let read = async {
         let mut out = bytes::BytesMut::new();
         while let Some(frame) = incoming.frame().await {
@@ -1267,13 +1268,28 @@ async fn read_held_body(
     Ok(data)
 }
 
-/// The agent-wide buffer budget is spent: a 503 (the request may succeed shortly).
+/// The buffer budget (agent-wide, or this identity's share) is spent.
 fn buffers_full(e: crate::protocol::buffers::BuffersFull) -> Refusal {
     Refusal {
-        status: 503,
+        // The agent full: a 503 (others' bodies, gone shortly). This workload's share
+        // spent: a 429 (its own doing).
+        status: match e {
+            crate::protocol::buffers::BuffersFull::Agent(_) => 503,
+            crate::protocol::buffers::BuffersFull::Identity(_) => 429,
+        },
         error: e.to_string(),
         rule: None,
-        hint: Some("retry in a moment; an operator may raise [daemon] buffer_budget".into()),
+        hint: Some(
+            match e {
+                crate::protocol::buffers::BuffersFull::Agent(_) => {
+                    "retry in a moment; an operator may raise [daemon] buffer_budget"
+                }
+                crate::protocol::buffers::BuffersFull::Identity(_) => {
+                    "let this workload's other transfers finish, then retry; an operator may raise [daemon] buffer_share"
+                }
+            }
+            .into(),
+        ),
     }
 }
 

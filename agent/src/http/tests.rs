@@ -807,7 +807,7 @@ async fn a_held_secret_change_never_shows_its_values_and_compressed_bodies_are_n
 async fn held_bodies_are_bounded_per_request_and_agent_wide() {
     let (h, _dir) = harness_daemon(
         "[[resource.rule]]\npaths = [\"/held/**\"]\naction = \"approve\"\n",
-        "buffer_budget = \"4MiB\"",
+        "buffer_budget = \"4MiB\"\nbuffer_share = \"4MiB\"",
     )
     .await;
     h.grant_access(crate::config::Access::Write).await;
@@ -858,6 +858,38 @@ async fn held_bodies_are_bounded_per_request_and_agent_wide() {
     });
     pending(&h, 2).await;
     again.abort();
+}
+
+#[tokio::test]
+async fn one_workload_cannot_hold_more_than_its_share_of_the_buffer_budget() {
+    let (h, _dir) = harness_daemon(
+        "[[resource.rule]]\npaths = [\"/held/**\"]\naction = \"approve\"\n",
+        "buffer_budget = \"8MiB\"\nbuffer_share = \"2MiB\"",
+    )
+    .await;
+    h.grant_access(crate::config::Access::Write).await;
+    let sender: hyper::client::conn::http2::SendRequest<Full<Bytes>> = h2_client(&h).await.0;
+    // One 1.9 MiB body waits; a second from the same workload would pass its 2 MiB share
+    // (while the agent has 6 MiB left): 429 at once, naming the share, nothing filed.
+    let big = vec![b'b'; 1900 * 1024];
+    let waiting = tokio::spawn({
+        let sender = sender.clone();
+        let big = big.clone();
+        async move { h2_post(&sender, "http://svc/held/echo", big).await }
+    });
+    pending(&h, 1).await;
+    let (status, body) = h2_post(&sender, "http://svc/held/echo", big).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("buffer_share"), "{body}");
+    assert_eq!(
+        h.ctx.services.store.count_pending().await.expect("count"),
+        1
+    );
+    assert!(
+        h.ctx.services.buffers.available() >= 6 << 20,
+        "the agent-wide budget was not what refused it"
+    );
+    waiting.abort();
 }
 
 #[test]
