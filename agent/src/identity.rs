@@ -389,12 +389,23 @@ impl Caller {
     /// Whether the caller is whoever filed a request as `by`: the same uid, or for a person
     /// their own unix account; by name too, since in a fleet the request may have been filed
     /// on another host, where the same person can have another uid.
+    ///
+    /// A person with no `unix_accounts` entry is also taken to be the unix user named like
+    /// their identity's local part (`ann` for `ann@example.com`): the mapping is easy to
+    /// forget, and without it someone could approve in the console what they filed from a
+    /// shell. Wrongly matching only refuses an approval (another approver decides), so the
+    /// guess errs the safe way.
     pub fn filed(&self, by: &Actor) -> bool {
         match &self.person {
             Some(person) => {
                 person.unix_uid == Some(by.uid)
                     || person.unix_account.as_deref() == Some(by.user.as_str())
                     || by.user == self.user
+                    || person
+                        .id
+                        .split('@')
+                        .next()
+                        .is_some_and(|local| local.eq_ignore_ascii_case(&by.user))
             }
             None => self.uid == by.uid || self.user == by.user,
         }

@@ -794,3 +794,26 @@ async fn web_people_cannot_approve_what_their_unix_account_filed() {
     let dba = person("bob@example.com", &["dba"], None);
     assert!(f.service.approve(&dba, &q.id, None).await.is_ok());
 }
+
+#[tokio::test]
+async fn web_people_without_a_mapping_cannot_approve_what_their_namesake_filed() {
+    let f = fixture().await;
+    let q = f
+        .service
+        .request(&launcher(), ask(Some("ci-bot")))
+        .await
+        .unwrap();
+    // No unix_accounts entry, but the address's local part is the filer's name (any case).
+    let filer = launcher().user;
+    for id in [
+        format!("{filer}@example.com"),
+        format!("{}@corp.example", filer.to_uppercase()),
+    ] {
+        let unmapped = person(&id, &["dba"], None);
+        let m = forbidden(f.service.approve(&unmapped, &q.id, None).await);
+        assert!(m.contains("self-approval is refused"), "{id}: {m}");
+    }
+    // Someone else of the same group still may.
+    let other = person(&format!("not-{filer}@example.com"), &["dba"], None);
+    assert!(f.service.approve(&other, &q.id, None).await.is_ok());
+}
