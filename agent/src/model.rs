@@ -241,6 +241,11 @@ pub struct Approval {
     /// The policy's `approvals_from` principals this approver counted for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub covers: Vec<String>,
+    /// How long this approver agreed the grant may last (their `--ttl`, or the request's):
+    /// the grant gets the shortest any approver gave, never one an approver did not agree
+    /// to. `None` in records written before approvers' TTLs were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

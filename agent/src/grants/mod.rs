@@ -596,7 +596,7 @@ impl GrantEngine {
             return self.approve_statement(caller, request).await;
         }
         let config = self.config();
-        let ttl = ttl.unwrap_or(request.ttl);
+        let mut ttl = ttl.unwrap_or(request.ttl);
         let cap = policy::max_ttl(
             &config,
             &request.identity,
@@ -640,6 +640,7 @@ impl GrantEngine {
                     .filter(|p| caller.is_named(std::slice::from_ref(*p)))
                     .map(ToString::to_string)
                     .collect(),
+                ttl_secs: Some(ttl.as_secs()),
             };
             let now = match self
                 .inner
@@ -675,6 +676,13 @@ impl GrantEngine {
                 .map(|a| a.by.strip_prefix("user ").unwrap_or(&a.by).to_owned())
                 .collect::<Vec<_>>()
                 .join(", ");
+            // Each approver agreed to a duration: the grant gets the shortest of them.
+            ttl = now
+                .approvals
+                .iter()
+                .filter_map(|a| a.ttl_secs)
+                .map(Duration::from_secs)
+                .fold(ttl, Duration::min);
         }
         let approver = caller.actor();
         let grant = self.new_grant(&request, ttl, approved_by);

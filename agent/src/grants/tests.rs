@@ -348,8 +348,13 @@ async fn several_approvers_from_different_people() {
     let q = file(&engine, &workload(None), spec("orders-db"))
         .await
         .unwrap();
+    // The first approver agrees to ten minutes only; the others to the request's duration.
     let first = engine
-        .approve(&user(4200), engine.pending(&q.id).await.unwrap(), None)
+        .approve(
+            &user(4200),
+            engine.pending(&q.id).await.unwrap(),
+            Some(Duration::from_secs(600)),
+        )
         .await
         .unwrap();
     assert!(first.grant.is_none());
@@ -382,6 +387,12 @@ async fn several_approvers_from_different_people() {
         .unwrap();
     let grant = last.grant.expect("the grant, with the last approval");
     assert_eq!(grant.approved_by, "4200, 4201, 4202");
+    // Not the last approver's duration: the shortest any approver agreed to.
+    let lasts = grant.expires_at.0 - grant.created_at.0;
+    assert!(
+        (599_000..=601_000).contains(&lasts),
+        "the grant lasts {lasts} ms, not the first approver's ten minutes"
+    );
     assert!(
         engine
             .find("ci-bot", None, "orders-db", Access::Read)

@@ -378,6 +378,7 @@ pub(crate) async fn several_approvals(store: &dyn Store) {
         account: None,
         at: Timestamp::now(),
         covers: vec!["group:dba".into()],
+        ttl_secs: Some(600),
     };
     let q = request("req_n", None, None);
     store
