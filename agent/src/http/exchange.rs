@@ -337,7 +337,7 @@ impl Ctx<'_> {
             .uri()
             .path_and_query()
             .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
-        let text = format!("{method} {target}");
+        let text = format!("{method} {}", self.shown_target(&target));
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         // Written however the exchange ends: dropped half way (an HTTP/2 stream reset, the
         // client gone), it still records the request, which may have reached the upstream.
@@ -688,7 +688,7 @@ impl Ctx<'_> {
         body: &Bytes,
         kube: Option<&KubeRequest>,
     ) -> String {
-        let mut text = format!("{method} {target}");
+        let mut text = format!("{method} {}", self.shown_target(target));
         if body.is_empty() {
             return text;
         }
@@ -759,6 +759,17 @@ impl Ctx<'_> {
             Err(_) => text.push_str("(binary: not shown)"),
         }
         text
+    }
+
+    /// A request's path and query as people see it (records, logs, approvers, webhooks):
+    /// through the resource's detectors, since a workload may put an address, a card
+    /// number or a token in a URL as easily as in a body. Only what is shown: the upstream
+    /// gets the target as it was.
+    fn shown_target(&self, target: &str) -> String {
+        match &self.masker {
+            Some(m) => m.mask_text(target).0,
+            None => target.to_owned(),
+        }
     }
 
     /// The `Host` the request names must be one of the resource's (when it has names), so a

@@ -61,7 +61,7 @@ async fn upstream() -> SocketAddr {
                             String::new()
                         };
                         let (body, media) = match target.as_str() {
-                        "/held/echo" => (sent, "text/plain"),
+                        t if t.starts_with("/held/echo") => (sent, "text/plain"),
                         "/json" => (
                             r#"{"items":[{"email":"jane@example.com","card":"4111 1111 1111 1111","id":7}],"password":"hunter2"}"#.to_owned(),
                             "application/json",
@@ -697,13 +697,18 @@ async fn a_held_request_shows_its_body_masked_and_sends_exactly_it() {
     let posted = tokio::spawn({
         let sender = sender.clone();
         let body = body.clone();
-        async move { h2_post(&sender, "http://svc/held/echo", body).await }
+        async move { h2_post(&sender, "http://svc/held/echo?cc=boss@example.com", body).await }
     });
     let q = pending(&h, 1).await.remove(0);
     let shown = q.statement.clone().expect("the held request's text");
     assert!(
-        shown.starts_with("POST /held/echo\n[body: 64 bytes, application/json, sha256 "),
+        shown.starts_with("POST /held/echo?cc=")
+            && shown.contains("\n[body: 64 bytes, application/json, sha256 "),
         "{shown}"
+    );
+    assert!(
+        !shown.contains("boss@example.com"),
+        "the URL goes through the detectors too: {shown}"
     );
     assert!(
         shown.contains("quarterly payout") && shown.contains("\"amount\":100"),
@@ -727,6 +732,26 @@ async fn a_held_request_shows_its_body_masked_and_sends_exactly_it() {
         h.ctx.services.buffers.available(),
         crate::protocol::buffers::DEFAULT_BUDGET,
         "the body's share of the budget is given back once sent"
+    );
+    // The request's record shows the URL masked as well.
+    drop(sender);
+    let store = h.ctx.services.store.clone();
+    let recorded = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            for s in store.sessions(false, 10).await.expect("sessions") {
+                let history = store.session_history(s.id).await.expect("history");
+                if let Some(r) = history.and_then(|h| h.statements.into_iter().next()) {
+                    return r.text;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the request is recorded");
+    assert!(
+        recorded.starts_with("POST /held/echo?cc=") && !recorded.contains("boss@example.com"),
+        "{recorded}"
     );
 }
 
