@@ -3,15 +3,17 @@
 //! Per access level a resource names a header (default `authorization`), a scheme (`bearer`,
 //! `basic` or none) and a `secret_file`. For each request the client's own values of that
 //! header are removed and the credential for the grant's level is set. The secret is re-read
-//! when the file changes (a cheap mtime/size/inode check per request), so rotating it needs no
-//! reload; its ownership and mode are re-checked on each re-read (fail closed: a file others
-//! can read or rewrite is refused, as for postgres password files).
+//! when the file changes (an mtime/size/inode check, at most once a second: a `stat` per
+//! request was a measurable part of the gate's cost per request), so rotating it needs no
+//! reload and takes effect within a second; its ownership and mode are re-checked on each
+//! re-read (fail closed: a file others can read or rewrite is refused, as for postgres
+//! password files), on the file actually opened.
 
 use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::Mutex,
-    time::SystemTime,
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant, SystemTime},
 };
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
@@ -56,13 +58,25 @@ struct Stamp {
     ino: u64,
 }
 
+/// How long a loaded secret is used before its file is looked at again.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// What was loaded, from which file version, and when that was last confirmed.
+#[derive(Debug)]
+struct Cached {
+    stamp: Stamp,
+    confirmed: Instant,
+    loaded: Loaded,
+}
+
 /// One credential: where it goes and where its secret comes from.
 #[derive(Debug)]
 pub struct Credential {
     pub header: HeaderName,
     pub scheme: Scheme,
     pub secret_file: PathBuf,
-    cache: Mutex<Option<(Stamp, Loaded)>>,
+    recheck_every: Duration,
+    cache: Mutex<Option<Cached>>,
 }
 
 /// A loaded secret: the header value and the raw secret bytes (for scrubbing responses).
@@ -79,12 +93,20 @@ impl Credential {
             header,
             scheme,
             secret_file,
+            recheck_every: RECHECK_EVERY,
             cache: Mutex::new(None),
         }
     }
 
     /// The current value, re-read when the file changed.
     pub fn load(&self) -> Result<Loaded, SecretError> {
+        let now = Instant::now();
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = cache.as_ref()
+            && now.duration_since(c.confirmed) < self.recheck_every
+        {
+            return Ok(c.loaded.clone());
+        }
         let path = self.secret_file.as_path();
         let meta = std::fs::metadata(path).map_err(|e| unreadable(path, &e.to_string()))?;
         let stamp = Stamp {
@@ -92,15 +114,14 @@ impl Credential {
             len: meta.len(),
             ino: meta.ino(),
         };
-        if let Ok(cache) = self.cache.lock()
-            && let Some((s, loaded)) = cache.as_ref()
-            && *s == stamp
+        if let Some(c) = cache.as_mut()
+            && c.stamp == stamp
         {
-            return Ok(loaded.clone());
+            c.confirmed = now;
+            return Ok(c.loaded.clone());
         }
-        secret_file::check(path, &meta)?;
-        let text = std::fs::read_to_string(path).map_err(|e| unreadable(path, &e.to_string()))?;
-        let secret = text.trim_end_matches(['\n', '\r']).to_owned();
+        // Checked on the file opened, not on the stat above (which only says whether to look).
+        let secret = secret_file::read(path)?;
         let value = match self.scheme {
             Scheme::Bearer => format!("Bearer {secret}"),
             Scheme::Basic => format!("Basic {}", data_encoding::BASE64.encode(secret.as_bytes())),
@@ -120,9 +141,11 @@ impl Credential {
             value,
             secret: scrub,
         };
-        if let Ok(mut cache) = self.cache.lock() {
-            *cache = Some((stamp, loaded.clone()));
-        }
+        *cache = Some(Cached {
+            stamp,
+            confirmed: now,
+            loaded: loaded.clone(),
+        });
         Ok(loaded)
     }
 
@@ -174,6 +197,10 @@ mod tests {
         assert_eq!(l.secret, b"tok-1");
 
         write(&file, "tok-rotated-2\n", 0o600);
+        // Within the second the cached value serves (no stat per request) ...
+        assert_eq!(cred.load().unwrap().value, "Bearer tok-1");
+        // ... then the rotation is seen.
+        std::thread::sleep(RECHECK_EVERY);
         assert_eq!(cred.load().unwrap().value, "Bearer tok-rotated-2");
     }
 
@@ -197,11 +224,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("token");
         write(&file, "a", 0o644);
-        let cred = Credential::new(
+        let mut cred = Credential::new(
             HeaderName::from_static("x-api-key"),
             Scheme::Raw,
             file.clone(),
         );
+        cred.recheck_every = Duration::ZERO;
         assert!(matches!(
             cred.load(),
             Err(SecretError::File(SecretFileError::Mode { .. }))
