@@ -7,16 +7,23 @@
 //! and a bounded queue: a slow or dead receiver delays only its own events, never the data
 //! path or the other webhooks. Delivery is at least once while the agent runs (the record's
 //! hash is the delivery id, the same on every retry, for receivers to drop duplicates),
-//! retried with backoff ([`deliver::backoff`]) on network errors, 5xx, 408, 425 and 429. What
+//! retried with backoff ([`deliver::backoff`]) on network errors, 5xx, 408, 425 and 429. Up to
+//! [`IN_FLIGHT`] events of one webhook are under way at once, so one event its receiver keeps
+//! failing (minutes of backoff) does not hold back the ones behind it; events may therefore
+//! arrive out of order (each carries its audit `seq` and time). What
 //! is still queued when the agent stops, or dropped because a queue was full, is counted
 //! (`jitgate_webhook_deliveries_total{outcome="dropped"}`) and logged: the audit log stays
 //! the complete record.
+//!
+//! A flood of one event from one source (a workload re-sending a held statement) is thinned
+//! out per webhook ([`flood`]).
 //!
 //! Every call is signed ([`sign`]) when the webhook has a `secret_file`; the key and a
 //! `url_file` URL are re-read at each attempt, so rotating them needs no reload. A reload
 //! that changes a webhook starts its task afresh.
 
 pub mod deliver;
+pub mod flood;
 pub mod payload;
 pub mod sign;
 #[cfg(test)]
@@ -28,6 +35,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use futures_util::{StreamExt as _, stream::FuturesUnordered};
 use hyper::body::Bytes;
 use rustls::ClientConfig;
 use tokio::sync::{broadcast, mpsc};
@@ -45,6 +53,9 @@ use crate::{
 /// Events one webhook may have waiting; beyond, new ones are dropped (and counted).
 const QUEUE: usize = 1024;
 
+/// Events of one webhook being delivered (or waiting to retry) at once.
+pub const IN_FLIGHT: usize = 4;
+
 /// Starts the dispatcher: from the store's audit feed to each webhook's queue.
 pub fn spawn(store: &SharedStore, config: SharedConfig, shutdown: CancellationToken) {
     let feed = store.audit_feed();
@@ -55,6 +66,7 @@ pub fn spawn(store: &SharedStore, config: SharedConfig, shutdown: CancellationTo
 struct Worker {
     spec: Webhook,
     queue: mpsc::Sender<AuditEvent>,
+    flood: flood::Flood,
 }
 
 async fn dispatch(
@@ -87,9 +99,25 @@ async fn dispatch(
         };
         let current = config.get();
         sync_workers(&mut workers, &current.webhooks, &host, &shutdown);
-        for w in workers.values() {
+        for w in workers.values_mut() {
             if !w.spec.events.contains(&record.kind.as_str()) {
                 continue;
+            }
+            match w.flood.judge(&record, std::time::Instant::now()) {
+                flood::Verdict::Send { suppressed: 0 } => {}
+                flood::Verdict::Send { suppressed } => {
+                    info!(webhook = %w.spec.name, event = %record.kind, actor = %record.actor, suppressed,
+                          "webhook: sending again after holding back a flood of this event (the audit log has them)");
+                }
+                flood::Verdict::Suppress { first } => {
+                    if first {
+                        warn!(webhook = %w.spec.name, event = %record.kind, actor = %record.actor,
+                              burst = flood::BURST, every = ?flood::REFILL,
+                              "webhook: a flood of this event from one source; holding back all but one per interval (the audit log has them)");
+                    }
+                    metrics::webhook_delivery(&w.spec.name, "suppressed", 1);
+                    continue;
+                }
             }
             if w.queue.try_send(record.clone()).is_err() {
                 warn!(webhook = %w.spec.name, event = %record.kind, seq = record.seq,
@@ -126,6 +154,7 @@ fn sync_workers(
             Worker {
                 spec: spec.clone(),
                 queue,
+                flood: flood::Flood::default(),
             },
         );
     }
@@ -141,15 +170,32 @@ async fn run_worker(
     if let Err(e) = &tls {
         error!(webhook = %spec.name, error = %format!("{e:#}"), "webhook TLS setup failed; its events fail until the CA file is fixed and the config reloaded");
     }
-    loop {
-        let record = tokio::select! {
+    let (spec_ref, host_ref, tls_ref, stop) = (&spec, host.as_str(), &tls, &shutdown);
+    let mut running = FuturesUnordered::new();
+    let mut open = true;
+    while open || !running.is_empty() {
+        tokio::select! {
             () = shutdown.cancelled() => break,
-            r = rx.recv() => match r { Some(r) => r, None => return },
-        };
-        let outcome = match &tls {
-            Ok(tls) => deliver(&spec, tls, &host, &record, &shutdown).await,
-            Err(_) => "failed",
-        };
+            Some(outcome) = running.next(), if !running.is_empty() => {
+                metrics::webhook_delivery(&spec.name, outcome, 1);
+            }
+            r = rx.recv(), if open && running.len() < IN_FLIGHT => match r {
+                Some(record) => running.push(async move {
+                    match tls_ref {
+                        Ok(tls) => deliver(spec_ref, tls, host_ref, &record, stop).await,
+                        Err(_) => "failed",
+                    }
+                }),
+                // Removed or changed by a reload: finish what is under way.
+                None => open = false,
+            },
+        }
+    }
+    if !open {
+        return;
+    }
+    // Stopping: deliveries under way end at their next wait ("dropped").
+    while let Some(outcome) = running.next().await {
         metrics::webhook_delivery(&spec.name, outcome, 1);
     }
     // Stopping: what is still queued is not sent.

@@ -35,8 +35,16 @@ struct Call {
 
 /// A receiver answering with `script` in turn (then 200).
 async fn receiver(script: Vec<u16>) -> (u16, Arc<Mutex<Vec<Call>>>) {
+    let script = Mutex::new(VecDeque::from(script));
+    receiver_by(move |_| script.lock().unwrap().pop_front().unwrap_or(200)).await
+}
+
+/// A receiver answering each call with what `answer` says of its body.
+async fn receiver_by(
+    answer: impl Fn(&serde_json::Value) -> u16 + Send + Sync + 'static,
+) -> (u16, Arc<Mutex<Vec<Call>>>) {
     let calls = Arc::new(Mutex::new(Vec::new()));
-    let script = Arc::new(Mutex::new(VecDeque::from(script)));
+    let script = Arc::new(answer);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = calls.clone();
@@ -82,14 +90,15 @@ async fn receiver(script: Vec<u16>) -> (u16, Arc<Mutex<Vec<Call>>>) {
                                 .as_secs();
                             assert!(now.abs_diff(t.parse().unwrap()) < 60, "fresh timestamp");
                         }
+                        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        let status = script(&body);
                         seen.lock().unwrap().push(Call {
                             event,
                             delivery,
                             attempt,
                             signature,
-                            body: serde_json::from_slice(&body).unwrap(),
+                            body,
                         });
-                        let status = script.lock().unwrap().pop_front().unwrap_or(200);
                         let mut r = Response::new(Full::new(Bytes::new()));
                         *r.status_mut() = StatusCode::from_u16(status).unwrap();
                         if status == 503 {
@@ -222,6 +231,65 @@ async fn a_failing_receiver_gets_retries_and_a_refusing_one_does_not() {
     wait_for(&calls, 1).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(calls.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn an_event_its_receiver_keeps_failing_does_not_hold_back_the_others() {
+    // The receiver fails every call about req_poison (503, retry after 1 s): its retries
+    // take seconds; the events filed after it arrive meanwhile.
+    let (port, calls) = receiver_by(|body| {
+        if body["detail"]["request"] == "req_poison" {
+            503
+        } else {
+            200
+        }
+    })
+    .await;
+    let s = start(hook(port, "max_attempts = 10"));
+    for id in ["req_poison", "req_a", "req_b", "req_c"] {
+        s.store
+            .file_request(request(id, None, None), "user bob".into())
+            .await
+            .unwrap();
+    }
+    let seen = wait_for(&calls, 4).await;
+    let delivered: Vec<String> = seen
+        .iter()
+        .filter(|c| c.body["detail"]["request"] != "req_poison")
+        .map(|c| {
+            c.body["detail"]["request"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(delivered, ["req_a", "req_b", "req_c"], "{seen:?}");
+    assert!(
+        seen.iter()
+            .filter(|c| c.body["detail"]["request"] == "req_poison")
+            .count()
+            < 3,
+        "the others did not wait for the failing event's retries: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_flood_from_one_workload_is_thinned_out() {
+    let (port, calls) = receiver(vec![]).await;
+    let s = start(hook(port, ""));
+    for i in 0..40 {
+        s.store
+            .file_request(request(&format!("req_f{i}"), None, None), "user bob".into())
+            .await
+            .unwrap();
+    }
+    wait_for(&calls, super::flood::BURST as usize).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = calls.lock().unwrap().clone();
+    assert_eq!(seen.len(), super::flood::BURST as usize, "{seen:?}");
+    // The log has all of them.
+    let log = s.store.audit_log(None, 100).await.unwrap();
+    assert_eq!(log.iter().filter(|e| e.kind == "request.filed").count(), 40);
 }
 
 #[tokio::test]
