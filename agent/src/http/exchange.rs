@@ -332,6 +332,7 @@ impl Ctx<'_> {
     pub(super) async fn handle(&self, req: Request<Incoming>) -> Response<Out> {
         let mut req = req.map(ClientBody::Streaming);
         let started = Instant::now();
+        upgrade::from_extended_connect(&mut req);
         let method = req.method().clone();
         let target = req
             .uri()
@@ -468,7 +469,8 @@ impl Ctx<'_> {
         if method == Method::CONNECT {
             return Err(refused(Refusal {
                 status: 501,
-                error: "CONNECT is not supported through the gate".into(),
+                error: "CONNECT is not supported through the gate (except WebSocket over HTTP/2)"
+                    .into(),
                 rule: None,
                 hint: None,
             }));
@@ -836,6 +838,7 @@ impl Ctx<'_> {
         let mut req = req;
         let upgrade = upgrade::requested(req.headers()).and_then(Result::ok);
         let client_upgraded = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let extended_connect = req.extensions().get::<upgrade::ExtendedConnect>().is_some();
         let (mut parts, incoming) = req.into_parts();
         let head = parts.method == Method::HEAD;
         // The upstream speaks HTTP/1.1 whatever the client spoke: an HTTP/2 request's
@@ -930,10 +933,18 @@ impl Ctx<'_> {
             let upstream_upgraded = hyper::upgrade::on(&mut response);
             let (mut parts, _) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, token);
+            if extended_connect {
+                // RFC 8441: a 200 opens the stream; HTTP/2 has no upgrade headers, and the
+                // accept key answered the gate's own Sec-WebSocket-Key.
+                parts.status = StatusCode::OK;
+                parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+                parts.headers.remove(header::CONTENT_LENGTH);
+            } else {
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, token);
+            }
             if let Some(secret) = secret.as_deref() {
                 scrub_headers(&mut parts.headers, secret);
             }

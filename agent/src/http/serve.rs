@@ -103,6 +103,8 @@ where
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(MAX_STREAMS)
                 .max_header_list_size(MAX_HEADER_LIST)
+                // WebSocket over HTTP/2 (RFC 8441), turned into an HTTP/1.1 upgrade upstream.
+                .enable_connect_protocol()
                 // A client that vanished without closing (its host gone) is noticed.
                 .keep_alive_interval(Some(KEEPALIVE))
                 .keep_alive_timeout(KEEPALIVE)

@@ -43,6 +43,35 @@ async fn upstream() -> SocketAddr {
                             .collect::<Vec<_>>()
                             .join(",");
                         let target = req.uri().to_string();
+                        if target == "/ws" && req.headers().contains_key("upgrade") {
+                            // A WebSocket echo: first what the handshake carried, then every
+                            // byte back.
+                            let key = req.headers().contains_key("sec-websocket-key");
+                            let on = hyper::upgrade::on(req);
+                            tokio::spawn(async move {
+                                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                                let Ok(up) = on.await else { return };
+                                let mut io = TokioIo::new(up);
+                                let hello = format!("auth={auth};key={key}\n");
+                                if io.write_all(hello.as_bytes()).await.is_err() {
+                                    return;
+                                }
+                                let mut buf = [0u8; 1024];
+                                while let Ok(n) = io.read(&mut buf).await {
+                                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            });
+                            let response = Response::builder()
+                                .status(101)
+                                .header("connection", "upgrade")
+                                .header("upgrade", "websocket")
+                                .header("sec-websocket-accept", "accepted-by-upstream")
+                                .body(Full::new(Bytes::new()).boxed())
+                                .expect("101");
+                            return Ok::<_, Infallible>(response);
+                        }
                         // What reached the upstream of a body, as its hash and length.
                         let sent = if target.starts_with("/held/echo") {
                             let b = req
@@ -114,6 +143,7 @@ async fn upstream() -> SocketAddr {
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service)
+                    .with_upgrades()
                     .await;
             });
         }
@@ -470,6 +500,81 @@ where
             .expect("h2 handshake");
     tokio::spawn(conn);
     (sender, task)
+}
+
+/// RFC 8441: a WebSocket over HTTP/2 is judged as the HTTP/1.1 upgrade it becomes upstream
+/// (write needed), relayed with the credential injected and scrubbed, answered 200 without
+/// upgrade headers, and cut with the grant.
+#[tokio::test]
+async fn websocket_over_http2_is_judged_relayed_and_cut_with_the_grant() {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+    let connect = |uri: &str| {
+        let mut req = Request::builder()
+            .method("CONNECT")
+            .uri(uri)
+            .header("sec-websocket-version", "13")
+            .header("authorization", "Bearer mine")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        req
+    };
+    // Read access does not open a stream the gate cannot judge.
+    {
+        let (h, _dir) = harness("").await;
+        h.grant_access(crate::config::Access::Read).await;
+        let (sender, _task) = h2_client::<Empty<Bytes>>(&h).await;
+        let (status, body) = answer(sender.clone().send_request(connect("http://svc/ws"))).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(body.contains("write"), "{body}");
+    }
+    let (h, _dir) = harness("").await;
+    let grant = h.grant_access(crate::config::Access::Write).await;
+    let (sender, _task) = h2_client::<Empty<Bytes>>(&h).await;
+    // Another extended CONNECT protocol is refused.
+    let mut other = connect("http://svc/ws");
+    other
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("connect-udp"));
+    let (status, _) = answer(sender.clone().send_request(other)).await;
+    assert_eq!(status, 501);
+
+    let mut res = sender
+        .clone()
+        .send_request(connect("http://svc/ws"))
+        .await
+        .expect("response");
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("sec-websocket-accept").is_none());
+    assert!(res.headers().get("upgrade").is_none());
+    let up = hyper::upgrade::on(&mut res)
+        .await
+        .expect("the stream opens");
+    let mut io = tokio::io::BufReader::new(TokioIo::new(up));
+    let mut hello = String::new();
+    io.read_line(&mut hello).await.expect("hello");
+    assert!(
+        hello.contains("key=true"),
+        "a key was made for the upstream: {hello}"
+    );
+    assert!(
+        !hello.contains(TOKEN),
+        "the credential is scrubbed: {hello}"
+    );
+    assert!(
+        !hello.contains("mine"),
+        "the workload's own header is gone: {hello}"
+    );
+    io.get_mut().write_all(b"ping\n").await.expect("write");
+    let mut echo = String::new();
+    io.read_line(&mut echo).await.expect("echo");
+    assert_eq!(echo, "ping\n");
+    // Revoked: the stream ends within a second.
+    h.revoke(&grant).await;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(1), io.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the stream outlived its grant");
 }
 
 async fn h2_get(

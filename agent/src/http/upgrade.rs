@@ -5,6 +5,12 @@
 //! scrubbed of the injected credential on the way back, until either side closes or the
 //! session ends.
 //!
+//! Over HTTP/2 a WebSocket is an extended CONNECT (RFC 8441: `:method CONNECT`,
+//! `:protocol websocket`), answered 200. The gate offers it (SETTINGS_ENABLE_CONNECT_PROTOCOL)
+//! and turns it into the HTTP/1.1 upgrade its upstream speaks ([`from_extended_connect`]):
+//! from there it is judged, forwarded and relayed exactly as an HTTP/1.1 WebSocket, and only
+//! the answer to the client is shaped back ([`ExtendedConnect`]).
+//!
 //! Why not parse WebSocket frames: the gate needs no message-level policy there yet, and the
 //! scrubber works on the raw stream because server frames are not masked and compression is
 //! not negotiated while a credential is in play (`Sec-WebSocket-Extensions` is removed).
@@ -24,6 +30,39 @@ use super::{
     scrub::Scrubber,
 };
 use crate::protocol::relay::Counters;
+
+/// Marks a request that came as an HTTP/2 extended CONNECT for a WebSocket: its answer is a
+/// 200 without upgrade headers, not a 101.
+#[derive(Clone, Copy, Debug)]
+pub struct ExtendedConnect;
+
+/// An HTTP/2 WebSocket (`CONNECT` with `:protocol websocket`) rewritten as the HTTP/1.1
+/// upgrade request the upstream understands (`GET`, `Upgrade: websocket`, a fresh
+/// `Sec-WebSocket-Key`, which RFC 8441 drops), so that it is judged as one: the same method,
+/// level and rules. `true` if the request was one. Any other `:protocol` is left a CONNECT
+/// (refused).
+pub fn from_extended_connect<B>(req: &mut hyper::Request<B>) -> bool {
+    let is_websocket = req.method() == hyper::Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    if !is_websocket {
+        return false;
+    }
+    *req.method_mut() = hyper::Method::GET;
+    let headers = req.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let mut nonce = [0u8; 16];
+    // Without randomness the key is fixed: it only proves the upstream speaks WebSocket.
+    let _ = getrandom::fill(&mut nonce);
+    if let Ok(key) = HeaderValue::from_str(&data_encoding::BASE64.encode(&nonce)) {
+        headers.insert(header::SEC_WEBSOCKET_KEY, key);
+    }
+    req.extensions_mut().insert(ExtendedConnect);
+    true
+}
 
 /// The upgrade a request asks for, when it is one the gate relays (`websocket`, `SPDY/3.1`);
 /// `Err` names what was asked for otherwise.
