@@ -478,9 +478,14 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                     .map(|a| a.by.as_str())
                     .collect();
                 println!(
-                    "approval {} recorded for {id} (so far: {}); its policy needs more approvers before the grant is issued",
+                    "approval {} recorded for {id} (so far: {}); its policy needs more approvers before {}",
                     by.len(),
-                    by.join(", ")
+                    by.join(", "),
+                    if approved.request.statement.is_some() {
+                        "the held statement runs"
+                    } else {
+                        "the grant is issued"
+                    }
                 );
             } else {
                 println!(

@@ -70,6 +70,26 @@ struct LiveGrant {
     state: watch::Sender<GrantState>,
 }
 
+/// What recording one approval of several came to.
+enum Recorded {
+    /// The policy asks for one approval: this one decides (nothing recorded apart).
+    Enough,
+    /// Recorded; more are needed (the request as it is now).
+    More(Request),
+    /// Recorded, and it was the last needed: decide now, for the shortest `ttl` agreed.
+    Last { now: Request, ttl: Duration },
+}
+
+/// Everyone who approved, as a grant's `approved_by` names them.
+fn approvers_of(request: &Request) -> String {
+    request
+        .approvals
+        .iter()
+        .map(|a| a.by.strip_prefix("user ").unwrap_or(&a.by).to_owned())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The outcome of an approval: the request as decided, and the grant it issued (none for a
 /// held statement, which simply runs).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -539,6 +559,12 @@ impl GrantEngine {
         caller: &Caller,
         request: Request,
     ) -> Result<Approved, EngineError> {
+        if let Recorded::More(now) = self.record_approval(caller, &request, request.ttl).await? {
+            return Ok(Approved {
+                request: now,
+                grant: None,
+            });
+        }
         let by = caller.actor();
         let label = actor_label(&by);
         let id = request.id.clone();
@@ -558,6 +584,82 @@ impl GrantEngine {
             request: decided,
             grant: None,
         })
+    }
+
+    /// One approval where the policy asks for several (`approvals`, `approvals_from`): it is
+    /// recorded, and the caller decides only with the last. A grant request and a held
+    /// statement go through the same rule: the statement is the high-impact action the
+    /// policy protects.
+    async fn record_approval(
+        &self,
+        caller: &Caller,
+        request: &Request,
+        ttl: Duration,
+    ) -> Result<Recorded, EngineError> {
+        let id = request.id.as_str();
+        let config = self.config();
+        let (needed, from) = policy::approvals_needed(
+            &config,
+            &request.identity,
+            &request.resource,
+            request.access,
+        );
+        if needed <= 1 && from.is_empty() {
+            return Ok(Recorded::Enough);
+        }
+        let approval = Approval {
+            by: actor_label(&caller.actor()),
+            // A person of the console counts as their unix account too (if they have
+            // one): approving once on each side is still one person.
+            uid: caller
+                .person
+                .as_ref()
+                .map_or(caller.uid, |p| p.unix_uid.unwrap_or(identity::WEB_UID)),
+            account: match &caller.person {
+                Some(p) => p.unix_account.clone(),
+                None => Some(caller.user.clone()),
+            },
+            at: Timestamp::now(),
+            covers: from
+                .iter()
+                .filter(|p| caller.is_named(std::slice::from_ref(*p)))
+                .map(ToString::to_string)
+                .collect(),
+            ttl_secs: Some(ttl.as_secs()),
+        };
+        let now = match self
+            .inner
+            .store
+            .add_approval(id.to_owned(), approval, needed)
+            .await
+        {
+            Ok(Decided::Done(q)) => *q,
+            Ok(Decided::NotPending) => return Err(decided_meanwhile(id)),
+            Ok(Decided::TaskEnded) => {
+                return Err(EngineError::Conflict(format!(
+                    "request {id} was for task {}, which has ended",
+                    request.task.clone().unwrap_or_default()
+                )));
+            }
+            Err(StoreError::Invalid(why)) => return Err(EngineError::Conflict(why)),
+            Err(e) => return Err(e.into()),
+        };
+        let named: Vec<String> = from.iter().map(ToString::to_string).collect();
+        let covers: Vec<Vec<String>> = now.approvals.iter().map(|a| a.covers.clone()).collect();
+        if now.approvals.len() < needed as usize
+            || !policy::each_covered_by_a_different_approval(&named, &covers)
+        {
+            info!(request = %id, approver = %caller.user, approvals = now.approvals.len(), needed, "approval recorded; more needed");
+            return Ok(Recorded::More(now));
+        }
+        // Each approver agreed to a duration: the grant gets the shortest of them.
+        let ttl = now
+            .approvals
+            .iter()
+            .filter_map(|a| a.ttl_secs)
+            .map(Duration::from_secs)
+            .fold(ttl, Duration::min);
+        Ok(Recorded::Last { now, ttl })
     }
 
     /// Request `id` if it still waits for a decision; else why not.
@@ -614,75 +716,19 @@ impl GrantEngine {
         }
         // A policy may ask for several approvers: record this one, and issue the grant only
         // with the last.
-        let (needed, from) = policy::approvals_needed(
-            &config,
-            &request.identity,
-            &request.resource,
-            request.access,
-        );
         let mut approved_by = caller.user.clone();
-        if needed > 1 || !from.is_empty() {
-            let approval = Approval {
-                by: actor_label(&caller.actor()),
-                // A person of the console counts as their unix account too (if they have
-                // one): approving once on each side is still one person.
-                uid: caller
-                    .person
-                    .as_ref()
-                    .map_or(caller.uid, |p| p.unix_uid.unwrap_or(identity::WEB_UID)),
-                account: match &caller.person {
-                    Some(p) => p.unix_account.clone(),
-                    None => Some(caller.user.clone()),
-                },
-                at: Timestamp::now(),
-                covers: from
-                    .iter()
-                    .filter(|p| caller.is_named(std::slice::from_ref(*p)))
-                    .map(ToString::to_string)
-                    .collect(),
-                ttl_secs: Some(ttl.as_secs()),
-            };
-            let now = match self
-                .inner
-                .store
-                .add_approval(id.to_owned(), approval, needed)
-                .await
-            {
-                Ok(Decided::Done(q)) => *q,
-                Ok(Decided::NotPending) => return Err(decided_meanwhile(id)),
-                Ok(Decided::TaskEnded) => {
-                    return Err(EngineError::Conflict(format!(
-                        "request {id} was for task {}, which has ended",
-                        request.task.unwrap_or_default()
-                    )));
-                }
-                Err(StoreError::Invalid(why)) => return Err(EngineError::Conflict(why)),
-                Err(e) => return Err(e.into()),
-            };
-            let named: Vec<String> = from.iter().map(ToString::to_string).collect();
-            let covers: Vec<Vec<String>> = now.approvals.iter().map(|a| a.covers.clone()).collect();
-            if now.approvals.len() < needed as usize
-                || !policy::each_covered_by_a_different_approval(&named, &covers)
-            {
-                info!(request = %id, approver = %caller.user, approvals = now.approvals.len(), needed, "approval recorded; more needed");
+        match self.record_approval(caller, &request, ttl).await? {
+            Recorded::Enough => {}
+            Recorded::More(now) => {
                 return Ok(Approved {
                     request: now,
                     grant: None,
                 });
             }
-            approved_by = now
-                .approvals
-                .iter()
-                .map(|a| a.by.strip_prefix("user ").unwrap_or(&a.by).to_owned())
-                .collect::<Vec<_>>()
-                .join(", ");
-            // Each approver agreed to a duration: the grant gets the shortest of them.
-            ttl = now
-                .approvals
-                .iter()
-                .filter_map(|a| a.ttl_secs)
-                .map(Duration::from_secs)
-                .fold(ttl, Duration::min);
+            Recorded::Last { now, ttl: agreed } => {
+                approved_by = approvers_of(&now);
+                ttl = agreed;
+            }
         }
         let approver = caller.actor();
         let grant = self.new_grant(&request, ttl, approved_by);

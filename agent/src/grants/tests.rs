@@ -329,6 +329,69 @@ async fn live_grants_are_restored_and_a_task_end_lapses_its_requests() {
     assert!(h.engine.approvals().await.unwrap().is_empty());
 }
 
+/// A held statement is the high-impact action a policy of several approvers protects: it
+/// runs only with the last approval, not the first.
+#[tokio::test]
+async fn a_held_statement_waits_for_every_approval_its_policy_asks() {
+    let text = CONFIG.replace(
+        "approvers = [\"4200\"]",
+        "approvers = [\"4200\", \"4201\"]\napprovals = 2",
+    );
+    let store = Arc::new(MemoryStore::default());
+    let config = Config::from_toml(Path::new("test.toml"), &text).unwrap();
+    let shutdown = CancellationToken::new();
+    let shared: SharedStore = store.clone();
+    let engine = GrantEngine::start(shared, SharedConfig::new(config), shutdown.clone())
+        .await
+        .unwrap();
+    let held = engine
+        .file_statement(
+            &crate::identity::Attribution {
+                identity: "ci-bot".into(),
+                task: None,
+            },
+            1000,
+            "orders-db",
+            Access::Read,
+            "ses_1",
+            "DELETE FROM orders",
+            "deletes",
+            "a delete",
+        )
+        .await
+        .unwrap();
+    let first = engine
+        .approve(&user(4200), engine.pending(&held.id).await.unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(first.request.status, RequestStatus::Pending, "one of two");
+    assert_eq!(first.request.approvals.len(), 1);
+    let again = engine
+        .approve(&user(4200), engine.pending(&held.id).await.unwrap(), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&again, EngineError::Conflict(m) if m.contains("already approved")),
+        "{again:?}"
+    );
+    let second = engine
+        .approve(&user(4201), engine.pending(&held.id).await.unwrap(), None)
+        .await
+        .unwrap();
+    assert_eq!(second.request.status, RequestStatus::Approved);
+    assert!(second.grant.is_none(), "a statement runs; no grant");
+    let kinds = kinds(&store).await;
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| k.as_str() == "request.approval")
+            .count(),
+        2
+    );
+    assert!(kinds.ends_with(&["statement.approved".into()]), "{kinds:?}");
+    shutdown.cancel();
+}
+
 /// A policy that needs two approvers, one of them from a named principal: the first approval
 /// is recorded and issues nothing; the same person again is refused; a second approver who
 /// is not the named one still leaves it pending; the named one issues the grant, naming all.
