@@ -212,6 +212,22 @@ pub struct Request {
     /// (`approvals`, `approvals_from`); empty otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvals: Vec<Approval>,
+    /// The approvals the filing host's policies asked for when it was filed. In a fleet,
+    /// hosts may run different policies for a while (a rollout): whoever approves needs at
+    /// least this and at least what their own host asks, so a host with a laxer policy cannot
+    /// decide with fewer approvals than the request was filed under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs: Option<Needs>,
+}
+
+/// See [`Request::needs`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Needs {
+    /// Approvals from different people.
+    pub approvals: u32,
+    /// Principals each of whom must be among them (`approvals_from`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<String>,
 }
 
 impl Approval {

@@ -22,7 +22,7 @@ use crate::{
     config::{Access, SharedConfig},
     identity::{self, Attribution, Caller},
     ids,
-    model::{Actor, Approval, Grant, Request, RequestStatus, Timestamp, human_duration},
+    model::{Actor, Approval, Grant, Needs, Request, RequestStatus, Timestamp, human_duration},
     ops::metrics,
     store::{
         Decided, GrantApproval, GrantChange, RequestKey, SharedStore, StoreError,
@@ -78,6 +78,21 @@ enum Recorded {
     More(Request),
     /// Recorded, and it was the last needed: decide now, for the shortest `ttl` agreed.
     Last { now: Request, ttl: Duration },
+}
+
+/// What the policies here ask of a request's approvals, kept on it when it needs more than
+/// one (see [`Request::needs`]).
+fn needs_of(
+    config: &crate::config::Config,
+    identity: &str,
+    resource: &str,
+    access: Access,
+) -> Option<Needs> {
+    let (approvals, from) = policy::approvals_needed(config, identity, resource, access);
+    (approvals > 1 || !from.is_empty()).then(|| Needs {
+        approvals,
+        from: from.iter().map(ToString::to_string).collect(),
+    })
 }
 
 /// Everyone who approved, as a grant's `approved_by` names them.
@@ -433,6 +448,7 @@ impl GrantEngine {
             grant: None,
             statement: None,
             session: None,
+            needs: needs_of(config, identity, &resource, access),
         };
         if matches!(verdict, policy::Verdict::Auto { .. }) {
             let grant = self.new_grant(&request, ttl, format!("auto (policy {policy_name})"));
@@ -548,6 +564,7 @@ impl GrantEngine {
             grant: None,
             statement: Some(statement.to_owned()),
             session: Some(session.to_owned()),
+            needs: needs_of(&config, &workload.identity, resource, access),
         };
         self.file_pending(&request, actor_label(&actor)).await?;
         info!(request = %request.id, identity = %workload.identity, resource, rule, "statement held for approval");
@@ -598,13 +615,26 @@ impl GrantEngine {
     ) -> Result<Recorded, EngineError> {
         let id = request.id.as_str();
         let config = self.config();
-        let (needed, from) = policy::approvals_needed(
+        let (here, from_here) = policy::approvals_needed(
             &config,
             &request.identity,
             &request.resource,
             request.access,
         );
-        if needed <= 1 && from.is_empty() {
+        // What the request was filed under counts too (another host's policy, or this
+        // host's before a reload): the stricter of both.
+        let mut named: Vec<String> = from_here.iter().map(ToString::to_string).collect();
+        let mut needed = here;
+        if let Some(n) = &request.needs {
+            needed = needed.max(n.approvals);
+            for p in &n.from {
+                if !named.contains(p) {
+                    named.push(p.clone());
+                }
+            }
+        }
+        needed = needed.max(u32::try_from(named.len()).unwrap_or(u32::MAX));
+        if needed <= 1 && named.is_empty() {
             return Ok(Recorded::Enough);
         }
         let approval = Approval {
@@ -620,10 +650,13 @@ impl GrantEngine {
                 None => Some(caller.user.clone()),
             },
             at: Timestamp::now(),
-            covers: from
+            covers: named
                 .iter()
-                .filter(|p| caller.is_named(std::slice::from_ref(*p)))
-                .map(ToString::to_string)
+                .filter(|p| {
+                    p.parse::<crate::config::Principal>()
+                        .is_ok_and(|p| caller.is_named(std::slice::from_ref(&p)))
+                })
+                .cloned()
                 .collect(),
             ttl_secs: Some(ttl.as_secs()),
         };
@@ -644,7 +677,6 @@ impl GrantEngine {
             Err(StoreError::Invalid(why)) => return Err(EngineError::Conflict(why)),
             Err(e) => return Err(e.into()),
         };
-        let named: Vec<String> = from.iter().map(ToString::to_string).collect();
         let covers: Vec<Vec<String>> = now.approvals.iter().map(|a| a.covers.clone()).collect();
         if now.approvals.len() < needed as usize
             || !policy::each_covered_by_a_different_approval(&named, &covers)

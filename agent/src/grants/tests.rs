@@ -329,6 +329,59 @@ async fn live_grants_are_restored_and_a_task_end_lapses_its_requests() {
     assert!(h.engine.approvals().await.unwrap().is_empty());
 }
 
+/// In a fleet, hosts may run different policies for a while: a request filed where two
+/// approvals were needed is not decided with one where the policy asks one.
+#[tokio::test]
+async fn a_request_keeps_the_approvals_it_was_filed_under() {
+    let strict = CONFIG.replace(
+        "approvers = [\"4200\"]",
+        "approvers = [\"4200\", \"4201\"]\napprovals = 2",
+    );
+    let lax = CONFIG.replace("approvers = [\"4200\"]", "approvers = [\"4200\", \"4201\"]");
+    let store = Arc::new(MemoryStore::default());
+    let shared: SharedStore = store.clone();
+    let shutdown = CancellationToken::new();
+    let filing = GrantEngine::start(
+        shared.clone(),
+        SharedConfig::new(Config::from_toml(Path::new("a.toml"), &strict).unwrap()),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let q = file(&filing, &workload(None), spec("orders-db"))
+        .await
+        .unwrap();
+    assert_eq!(q.needs.as_ref().map(|n| n.approvals), Some(2));
+    // Another host (same store) whose policy asks one approval.
+    let deciding = GrantEngine::start(
+        shared,
+        SharedConfig::new(Config::from_toml(Path::new("b.toml"), &lax).unwrap()),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let first = deciding
+        .approve(&user(4200), deciding.pending(&q.id).await.unwrap(), None)
+        .await
+        .unwrap();
+    assert!(
+        first.grant.is_none(),
+        "one approval of the two it was filed under"
+    );
+    assert_eq!(first.request.status, RequestStatus::Pending);
+    let second = deciding
+        .approve(&user(4201), deciding.pending(&q.id).await.unwrap(), None)
+        .await
+        .unwrap();
+    assert!(second.grant.is_some());
+    // Filed where one approval is enough: nothing kept, one decides.
+    let q = file(&deciding, &workload(None), spec("orders-db"))
+        .await
+        .unwrap();
+    assert!(q.needs.is_none());
+    shutdown.cancel();
+}
+
 /// A held statement is the high-impact action a policy of several approvers protects: it
 /// runs only with the last approval, not the first.
 #[tokio::test]

@@ -40,6 +40,7 @@ pub(crate) fn request(id: &str, task: Option<&str>, statement: Option<&str>) -> 
         decided_at: None,
         decision_reason: None,
         approvals: Vec::new(),
+        needs: None,
         grant: None,
         statement: statement.map(str::to_owned),
         session: statement.map(|_| "s-x".to_owned()),
@@ -380,11 +381,20 @@ pub(crate) async fn several_approvals(store: &dyn Store) {
         covers: vec!["group:dba".into()],
         ttl_secs: Some(600),
     };
-    let q = request("req_n", None, None);
+    let mut q = request("req_n", None, None);
+    q.needs = Some(crate::model::Needs {
+        approvals: 2,
+        from: vec!["group:dba".into()],
+    });
     store
         .file_request(q.clone(), "user bob".into())
         .await
         .unwrap();
+    // What it was filed under is kept (a fleet's other hosts read it).
+    assert_eq!(
+        store.request("req_n".into()).await.unwrap().unwrap().needs,
+        q.needs
+    );
     let one = done(
         store
             .add_approval("req_n".into(), approval("user alice", 1001), 2)

@@ -435,6 +435,7 @@ mod tests {
             decided_at: None,
             decision_reason: None,
             approvals: Vec::new(),
+            needs: None,
             grant: None,
             statement: statement.map(str::to_owned),
             session: statement.map(|_| "ses_1".to_owned()),

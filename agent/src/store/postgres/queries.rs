@@ -42,7 +42,7 @@ fn signed(v: u64) -> i64 {
 // ---------------------------------------------------------------------------------------------
 // Requests
 
-const REQUEST_COLUMNS: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id, statement, session_id, approvals";
+const REQUEST_COLUMNS: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id, statement, session_id, approvals, needs";
 
 fn request_of(r: &Row) -> Result<Request> {
     let decided_by: Option<String> = r.try_get(11)?;
@@ -68,6 +68,10 @@ fn request_of(r: &Row) -> Result<Request> {
             None => Vec::new(),
             Some(text) => serde_json::from_str(&text).map_err(|e| bad("approvals", e))?,
         },
+        needs: match r.try_get::<_, Option<String>>(18)? {
+            None => None,
+            Some(text) => Some(serde_json::from_str(&text).map_err(|e| bad("needs", e))?),
+        },
     })
 }
 
@@ -89,7 +93,7 @@ pub async fn set_approvals(
 
 pub async fn insert_request(db: &impl GenericClient, host: &str, q: &Request) -> Result<()> {
     db.execute(
-        &format!("INSERT INTO requests (host_id, {REQUEST_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"),
+        &format!("INSERT INTO requests (host_id, {REQUEST_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"),
         &[
             &host,
             &q.id,
@@ -112,6 +116,7 @@ pub async fn insert_request(db: &impl GenericClient, host: &str, q: &Request) ->
             &(!q.approvals.is_empty())
                 .then(|| serde_json::to_string(&q.approvals))
                 .transpose()?,
+            &q.needs.as_ref().map(serde_json::to_string).transpose()?,
         ],
     )
     .await?;

@@ -142,6 +142,10 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE requests ADD COLUMN approvals TEXT;
     "#,
+    // 3: the approvals a request was filed under (JSON model::Needs), when more than one.
+    r#"
+    ALTER TABLE requests ADD COLUMN needs TEXT;
+    "#,
 ];
 
 /// Applies the migrations this agent knows that the database lacks. Safe when many agents

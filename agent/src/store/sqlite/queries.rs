@@ -31,7 +31,7 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 // ---------------------------------------------------------------------------------------------
 // Requests
 
-const REQUEST_COLUMNS: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id, statement, session_id, approvals";
+const REQUEST_COLUMNS: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id, statement, session_id, approvals, needs";
 
 fn request_of(r: &Row<'_>) -> rusqlite::Result<Request> {
     let decided_by: Option<String> = r.get(11)?;
@@ -63,12 +63,22 @@ fn request_of(r: &Row<'_>) -> rusqlite::Result<Request> {
                 )
             })?,
         },
+        needs: match r.get::<_, Option<String>>(18)? {
+            None => None,
+            Some(text) => Some(serde_json::from_str(&text).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    18,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?),
+        },
     })
 }
 
 pub fn insert_request(db: &Connection, q: &Request) -> Result<()> {
     db.execute(
-        &format!("INSERT INTO requests ({REQUEST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"),
+        &format!("INSERT INTO requests ({REQUEST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"),
         params![
             q.id,
             q.identity,
@@ -88,6 +98,7 @@ pub fn insert_request(db: &Connection, q: &Request) -> Result<()> {
             q.statement,
             q.session,
             (!q.approvals.is_empty()).then(|| json(&q.approvals)),
+            q.needs.as_ref().map(json::<crate::model::Needs>),
         ],
     )?;
     Ok(())

@@ -119,6 +119,10 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE requests ADD COLUMN approvals TEXT;
     "#,
+    // 5: the approvals a request was filed under (JSON model::Needs), when more than one.
+    r#"
+    ALTER TABLE requests ADD COLUMN needs TEXT;
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
