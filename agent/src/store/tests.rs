@@ -972,6 +972,7 @@ mod postgres {
             ca_file: (!ca.is_empty()).then(|| pg.tls_dir().join(ca)),
             pool_size: 1,
             host_id: "h".into(),
+            lease: std::time::Duration::from_secs(30),
         };
         // A password file others can read is not used.
         std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644))
