@@ -308,7 +308,9 @@ impl Daemon {
                 StoreStatus {
                     state: h.state,
                     since: h.since,
-                    available: h.available(now),
+                    // The engine's word: the store confirmed *and* the live grants
+                    // reloaded on this connection.
+                    available: h.available(now) && self.engine.store_available().is_ok(),
                     confirmed_ms_ago: h.confirmed.map(|at| {
                         u64::try_from(now.saturating_duration_since(at).as_millis())
                             .unwrap_or(u64::MAX)

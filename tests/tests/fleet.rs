@@ -202,17 +202,6 @@ fn a_host_cut_off_from_the_store_fails_closed_and_recovers() {
         "the revocation made while A was cut off applied {}ms after the cut (store_lease is 3 s: it must apply on reconnecting, not at the lease)",
         closed - cut_at_ms
     );
-    a.wait_for(
-        "A's record of the revoked session",
-        Duration::from_secs(5),
-        || {
-            let sessions = a.cli(&["sessions", "--all", "--json"]).json();
-            sessions
-                .as_array()
-                .and_then(|s| s.iter().find(|s| s["grant"] == g1.as_str()).cloned())
-                .filter(|s| s["outcome"] == "grant_revoked")
-        },
-    );
 
     // 2. Cut off for good: the live session runs to the lease, nothing new is let in.
     open(&a);
@@ -236,10 +225,11 @@ fn a_host_cut_off_from_the_store_fails_closed_and_recovers() {
         asked.stderr.contains("shared state store") && asked.stderr.contains("out of reach"),
         "{asked:#?}"
     );
+    // A new workload cannot even start: its task cannot be recorded.
     let again = a.probe("bot", &["connect", &target]);
     assert!(
-        !again.stdout.contains(BANNER),
-        "a new session while the store is lost: {again:#?}"
+        !again.stdout.contains(BANNER) && again.stderr.contains("shared state store"),
+        "a new workload while the store is lost: {again:#?}"
     );
     let closed = cut_at(&w2.expect_line("closed", Duration::from_secs(10)));
     let after = closed - lost_at;
@@ -282,9 +272,12 @@ fn an_agent_started_without_its_store_opens_when_the_store_starts() {
             .contains("has not been reached since the agent started"),
         "{asked:#?}"
     );
+    // `jitgate run` is refused before the workload starts (its task cannot be recorded).
     let refused = a.probe("bot", &["connect", &target]);
-    assert!(!refused.stdout.contains(BANNER), "{refused:#?}");
-    assert!(a.log().contains("refused_store_down"), "{}", a.log());
+    assert!(
+        !refused.stdout.contains(BANNER) && refused.stderr.contains("has not been reached"),
+        "{refused:#?}"
+    );
 
     pg.start_again();
     a.wait_for("the store reached", Duration::from_secs(10), || {

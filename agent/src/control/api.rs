@@ -162,7 +162,8 @@ pub struct StoreStatus {
     /// `connecting` (not reached since start), `up`, `lost`.
     pub state: crate::store::health::StoreState,
     pub since: Timestamp,
-    /// Whether new grants may be issued and new sessions opened now.
+    /// Whether new grants may be issued and new sessions opened now (the store confirmed
+    /// and this host's live grants checked against it since it was last reached).
     pub available: bool,
     /// Milliseconds since this host last confirmed its grants with the store.
     pub confirmed_ms_ago: Option<u64>,

@@ -176,8 +176,12 @@ impl PostgresStore {
     /// Queues a fire-and-forget write; while the store is out of reach it cannot be kept
     /// and is dropped, counted in the log (no local spool yet; new sessions are refused
     /// meanwhile, so what is dropped is the tail of sessions already live).
+    /// A record needs a connection, not a confirmed lease: one made while the change log is
+    /// being caught up after a reconnection (a session cut by a revocation heard then) is kept.
     fn submit(&self, what: &'static str, f: Op<()>) {
-        if let Err(e) = self.health.check() {
+        let health = self.health.get();
+        if health.state != StoreState::Up {
+            let e = health.unavailable();
             warn!(record = what, error = %e, "shared state store out of reach: record not kept");
             return;
         }
