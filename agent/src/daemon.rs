@@ -29,7 +29,7 @@ use tracing::{error, info, warn};
 use crate::{
     config::{Config, DaemonConfig, Egress, SharedConfig, StoreConfig},
     control::{
-        api::StatusReport,
+        api::{StatusReport, StoreStatus},
         server,
         service::{self, ControlService, Host, ReloadSummary, SessionCounts},
     },
@@ -42,11 +42,14 @@ use crate::{
     protocol::{Protocols, Services},
     proxy::{self, ProxyContext, Registry, Routes, attribute::Kernel},
     store::{
-        PostgresStore, SharedStore, SqliteStore, StoreError,
+        PostgresStore, SharedStore, SqliteStore, Store as _, StoreError,
         audit::{self, ConfigReloaded, DaemonStarted, DaemonStopped, Event, GateDetached},
     },
     tasks::Tasks,
 };
+
+/// How long start-up waits for a shared store before it goes on with the gate closed.
+const STORE_WAIT: Duration = Duration::from_secs(5);
 
 /// After `drain_timeout`, how long shutdown still waits for sessions to record how they ended.
 const RECORD_GRACE: Duration = Duration::from_secs(5);
@@ -299,6 +302,24 @@ impl Daemon {
                 .map(|w| w.identity.clone())
                 .collect(),
             caller: caller.actor().to_string(),
+            store: self.store.health().map(|h| {
+                let h = h.get();
+                let now = std::time::Instant::now();
+                StoreStatus {
+                    state: h.state,
+                    since: h.since,
+                    // The engine's word: the store confirmed *and* the live grants
+                    // reloaded on this connection.
+                    available: h.available(now) && self.engine.store_available().is_ok(),
+                    confirmed_ms_ago: h.confirmed.map(|at| {
+                        u64::try_from(now.saturating_duration_since(at).as_millis())
+                            .unwrap_or(u64::MAX)
+                    }),
+                    lease_secs: h.lease.as_secs(),
+                    error: h.error,
+                    url: h.url,
+                }
+            }),
         }
     }
 }
@@ -433,17 +454,37 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
     let store: SharedStore = match &config.daemon.store {
         StoreConfig::Sqlite => Arc::new(SqliteStore::open(&config.daemon.state_dir)?),
         StoreConfig::Postgres(options) => {
-            let store = PostgresStore::open(options, &config.daemon.state_dir).await?;
+            // Never fails for want of the server: the agent then starts with the gate closed
+            // and no grants, and opens once the store is reached (see `store::health`).
+            let store = PostgresStore::start(options, &config.daemon.state_dir)?;
             info!(host_id = %store.host_id(), "state store: shared PostgreSQL");
+            let reached = tokio::time::timeout(STORE_WAIT, async {
+                let Some(health) = store.health() else { return };
+                let mut seen = health.subscribe();
+                let _ = seen
+                    .wait_for(|h| h.available(std::time::Instant::now()))
+                    .await;
+            })
+            .await;
+            if reached.is_err() {
+                let why = store.health().map(|h| h.get().error).unwrap_or_default();
+                warn!(
+                    error = why.as_deref().unwrap_or("no answer"),
+                    "the shared state store is out of reach: starting with the gate closed and no grants; retrying"
+                );
+            }
             Arc::new(store)
         }
     };
-    let orphans = store.close_orphan_sessions().await?;
-    if orphans > 0 {
-        info!(
+    match store.close_orphan_sessions().await {
+        Ok(0) => {}
+        Ok(orphans) => info!(
             sessions = orphans,
             "closed sessions left open by a previous run"
-        );
+        ),
+        // The shared store closes them itself once it is reached.
+        Err(StoreError::Unavailable(_)) => {}
+        Err(e) => return Err(e.into()),
     }
 
     // The operations endpoint binds first: a port clash is a start-up error, not a surprise
@@ -592,14 +633,16 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
         shutdown.clone(),
         tracker.clone(),
     );
-    store
-        .append_audit(
-            "jitgated".into(),
-            Event::DaemonStarted(DaemonStarted {
-                pid: std::process::id(),
-            }),
-        )
-        .await?;
+    let started = Event::DaemonStarted(DaemonStarted {
+        pid: std::process::id(),
+    });
+    match store.append_audit("jitgated".into(), started).await {
+        Ok(()) => {}
+        Err(StoreError::Unavailable(why)) => {
+            warn!(error = %why, "daemon.started not recorded: the shared state store is out of reach");
+        }
+        Err(e) => return Err(e.into()),
+    }
     if let Some((listener, handle)) = ops_endpoint {
         ops::http::serve(listener, daemon.clone(), handle, shutdown.clone(), &tracker);
     }

@@ -355,6 +355,12 @@ pub enum SessionOutcome {
     GrantRevoked,
     /// Cut because its resource left the configuration (reload).
     ResourceRemoved,
+    /// Refused: the shared state store (fleet mode) is out of reach, so no grant can be
+    /// confirmed nor the session recorded.
+    RefusedStoreDown,
+    /// Cut because the host lost the shared state store and could not confirm the grant
+    /// within `store_lease`.
+    StoreLost,
     /// The upstream could not be reached.
     UpstreamFailed,
     /// An I/O error on either side.
@@ -377,6 +383,8 @@ impl SessionOutcome {
             Self::GrantExpired => "grant_expired",
             Self::GrantRevoked => "grant_revoked",
             Self::ResourceRemoved => "resource_removed",
+            Self::RefusedStoreDown => "refused_store_down",
+            Self::StoreLost => "store_lost",
             Self::UpstreamFailed => "upstream_failed",
             Self::Error => "error",
             Self::Shutdown => "shutdown",
@@ -396,6 +404,8 @@ impl SessionOutcome {
             Self::GrantExpired,
             Self::GrantRevoked,
             Self::ResourceRemoved,
+            Self::RefusedStoreDown,
+            Self::StoreLost,
             Self::UpstreamFailed,
             Self::Error,
             Self::Shutdown,

@@ -119,7 +119,16 @@ impl Tasks {
             }
         });
 
-        let recorded = tasks.inner.store.running_tasks().await?;
+        let recorded = match tasks.inner.store.running_tasks().await {
+            Ok(recorded) => recorded,
+            // A shared store not reached yet: a previous run's tasks are not resumed (their
+            // task-bound grants are not loaded either until the store is reached).
+            Err(crate::store::StoreError::Unavailable(why)) => {
+                warn!(error = %why, "not resuming earlier tasks: the shared state store is not reached yet");
+                Vec::new()
+            }
+            Err(e) => return Err(e.into()),
+        };
         for task in recorded {
             let path = tasks.inner.mount.join(&task.cgroup);
             if cgroup::is_populated(&path).unwrap_or(false) {

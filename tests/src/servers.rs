@@ -202,6 +202,8 @@ pub struct Postgres {
     pub secrets: std::path::PathBuf,
     /// The CA that signed the server certificate (with TLS).
     pub ca: Option<std::path::PathBuf>,
+    /// The server's options, to start it again after [`Postgres::stop`].
+    opts: String,
 }
 
 /// Passwords of the roles `start_secured` creates.
@@ -474,7 +476,45 @@ impl Postgres {
             dir,
             secrets,
             ca,
+            opts,
         }
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let data = self.dir.join("data");
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(pg_bin().join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .args(args)
+            .output()
+            .expect("pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the server as a crash would look to its clients: connections cut, nothing
+    /// answering on the port (`immediate` mode).
+    pub fn stop(&self) {
+        self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
+    }
+
+    /// Starts the server again after [`Postgres::stop`], on the same port and data.
+    pub fn start_again(&self) {
+        let log = self.dir.join("postgres.log");
+        self.pg_ctl(&[
+            "-o",
+            &self.opts,
+            "-l",
+            log.to_str().expect("utf-8"),
+            "-w",
+            "start",
+        ]);
     }
 }
 
@@ -489,5 +529,83 @@ impl Drop for Postgres {
             .args(["-m", "immediate", "stop"])
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP forwarder to `upstream` that a test can cut (every connection through it closed,
+/// new ones closed at once) and mend: one host's network path to a shared server failing
+/// while other hosts still reach it. Stops forwarding when dropped.
+pub struct Cable {
+    pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    live: Arc<Mutex<Vec<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Cable {
+    pub fn new(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind cable");
+        let addr = listener.local_addr().expect("local addr");
+        let cut = Arc::new(AtomicBool::new(false));
+        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, l, s) = (cut.clone(), live.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = stream else { continue };
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let mut held = l.lock().expect("cable lock");
+                for s in [&client, &server] {
+                    if let Ok(s) = s.try_clone() {
+                        held.push(s);
+                    }
+                }
+                drop(held);
+                let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                if let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) {
+                    pipe(client, s2);
+                    pipe(server, c2);
+                }
+            }
+        });
+        Self {
+            addr,
+            cut,
+            live,
+            stop,
+        }
+    }
+
+    /// Closes every connection through the cable and refuses new ones until [`Cable::mend`].
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.live.lock().expect("cable lock").drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn mend(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cable {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cut();
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
     }
 }

@@ -11,6 +11,12 @@ use jitgate_e2e::{
 
 /// The fleet's shared database, and the config body of its host `host_id`.
 fn fleet_body(pg: &servers::Postgres, host_id: &str, echo: &str) -> String {
+    fleet_body_via(pg.port, host_id, echo, "")
+}
+
+/// [`fleet_body`] for a host that reaches the database on `port` (a [`servers::Cable`] to
+/// it, say), with `store_extra` added to its `[store]` table.
+fn fleet_body_via(port: u16, host_id: &str, echo: &str, store_extra: &str) -> String {
     let body = Body::new()
         .workload("bot", &["root", APPROVER_USER])
         .resource_with(
@@ -26,8 +32,7 @@ fn fleet_body(pg: &servers::Postgres, host_id: &str, echo: &str) -> String {
         )
         .build();
     format!(
-        "{body}\n[store]\nbackend = \"postgres\"\nurl = \"postgresql://postgres@127.0.0.1:{}/fleet\"\nsslmode = \"disable\"\nhost_id = \"{host_id}\"\n",
-        pg.port
+        "{body}\n[store]\nbackend = \"postgres\"\nurl = \"postgresql://postgres@127.0.0.1:{port}/fleet\"\nsslmode = \"disable\"\nhost_id = \"{host_id}\"\n{store_extra}\n"
     )
 }
 
@@ -136,4 +141,152 @@ fn no_self_approval_across_hosts_and_a_tampered_row_is_found() {
     assert!(problems.contains("edited"), "{problems}");
     let untouched = a.cli(&["audit", "verify"]);
     assert_eq!(untouched.code, 0, "A's chain is its own: {untouched:#?}");
+}
+
+/// The store's state in `jitgate status --json`.
+fn store_state(gate: &Gate) -> serde_json::Value {
+    gate.cli(&["status", "--json"]).json()["store"].clone()
+}
+
+/// Lease used by the failure tests: short, to keep their wall time small.
+const LEASE: &str = "store_lease = \"3s\"";
+
+/// One host (A) loses its path to the shared store while the other (B) keeps it.
+///
+/// Hostile first: a grant revoked on B while A is cut off must end A's live session as soon
+/// as A is back (the catch-up read on reconnecting applies it before any lease renewal),
+/// not merely when the lease runs out. Then, cut off for good: no new grant, no new session
+/// (a clear error naming the store), the live session runs to `store_lease` and ends;
+/// mended: new grants work again.
+#[test]
+fn a_host_cut_off_from_the_store_fails_closed_and_recovers() {
+    jitgate_e2e::root_or_skip!();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let target = echo.addr.to_string();
+    let pg = servers::Postgres::start();
+    pg.admin("postgres", "CREATE DATABASE fleet");
+    let cable = servers::Cable::new(format!("127.0.0.1:{}", pg.port).parse().unwrap());
+    let b = Gate::start("fleet-cut-b", "", &fleet_body(&pg, "host-b", &target));
+    let a = Gate::start(
+        "fleet-cut-a",
+        "",
+        &fleet_body_via(cable.addr.port(), "host-a", &target, LEASE),
+    );
+    let probe = a.bins().probe.to_str().unwrap().to_owned();
+    let open = |gate: &Gate| {
+        gate.wait_for("the store open", Duration::from_secs(10), || {
+            (store_state(gate)["available"] == true).then_some(())
+        })
+    };
+    open(&a);
+    let granted = |w: &mut jitgate_e2e::Workload| {
+        let id = b.pending_request()["id"].as_str().unwrap().to_owned();
+        let approved = b.cli(&["approve", &id, "--json"]);
+        approved.assert_ok();
+        w.expect_line(&format!("connected {BANNER}"), Duration::from_secs(5));
+        approved.json()["grant"]["id"].as_str().unwrap().to_owned()
+    };
+
+    // 1. Revoked elsewhere while cut off: applied on reconnecting.
+    let mut w1 = a.spawn("bot", &[], &[&probe, "hold", &target]);
+    let g1 = granted(&mut w1);
+    cable.cut();
+    let cut_at_ms = now_ms();
+    b.cli(&["revoke", &g1, "--reason", "incident 9"])
+        .assert_ok();
+    std::thread::sleep(Duration::from_millis(300));
+    cable.mend();
+    let closed = cut_at(&w1.expect_line("closed", Duration::from_secs(10)));
+    assert!(
+        closed - cut_at_ms < 1800,
+        "the revocation made while A was cut off applied {}ms after the cut (store_lease is 3 s: it must apply on reconnecting, not at the lease)",
+        closed - cut_at_ms
+    );
+
+    // 2. Cut off for good: the live session runs to the lease, nothing new is let in.
+    open(&a);
+    let mut w2 = a.spawn("bot", &[], &[&probe, "hold", &target]);
+    let _g2 = granted(&mut w2);
+    cable.cut();
+    let lost_at = now_ms();
+    a.wait_for("A sees the store lost", Duration::from_secs(3), || {
+        (store_state(&a)["state"] == "lost").then_some(())
+    });
+    let status = a.cli(&["status"]);
+    assert!(
+        status
+            .stdout
+            .contains("gate closed to new grants and sessions"),
+        "{status:#?}"
+    );
+    let asked = a.cli(&["request", "echo", "--for", "bot"]);
+    assert_ne!(asked.code, 0, "{asked:#?}");
+    assert!(
+        asked.stderr.contains("shared state store") && asked.stderr.contains("out of reach"),
+        "{asked:#?}"
+    );
+    // A new workload cannot even start: its task cannot be recorded.
+    let again = a.probe("bot", &["connect", &target]);
+    assert!(
+        !again.stdout.contains(BANNER) && again.stderr.contains("shared state store"),
+        "a new workload while the store is lost: {again:#?}"
+    );
+    let closed = cut_at(&w2.expect_line("closed", Duration::from_secs(10)));
+    let after = closed - lost_at;
+    assert!(
+        (1500..=4500).contains(&after),
+        "the live session ended {after}ms after the store was lost (store_lease 3 s)"
+    );
+    assert!(a.log().contains("store_lost"), "{}", a.log());
+
+    // 3. Mended: catch-up, the lease renewed, and new grants work again.
+    cable.mend();
+    open(&a);
+    let mut w3 = a.spawn("bot", &[], &[&probe, "hold", &target]);
+    granted(&mut w3);
+}
+
+/// Started while the store is down: the agent comes up with the gate closed and no grants
+/// (a clear error naming the store), and opens by itself once PostgreSQL starts.
+#[test]
+fn an_agent_started_without_its_store_opens_when_the_store_starts() {
+    jitgate_e2e::root_or_skip!();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let target = echo.addr.to_string();
+    let pg = servers::Postgres::start();
+    pg.admin("postgres", "CREATE DATABASE fleet");
+    pg.stop();
+    let a = Gate::start(
+        "fleet-down-a",
+        "",
+        &fleet_body_via(pg.port, "host-a", &target, LEASE),
+    );
+    let store = store_state(&a);
+    assert_eq!(store["state"], "connecting", "{store}");
+    assert_eq!(store["available"], false, "{store}");
+    let asked = a.cli(&["request", "echo", "--for", "bot"]);
+    assert_ne!(asked.code, 0, "{asked:#?}");
+    assert!(
+        asked
+            .stderr
+            .contains("has not been reached since the agent started"),
+        "{asked:#?}"
+    );
+    // `jitgate run` is refused before the workload starts (its task cannot be recorded).
+    let refused = a.probe("bot", &["connect", &target]);
+    assert!(
+        !refused.stdout.contains(BANNER) && refused.stderr.contains("has not been reached"),
+        "{refused:#?}"
+    );
+
+    pg.start_again();
+    a.wait_for("the store reached", Duration::from_secs(10), || {
+        (store_state(&a)["available"] == true).then_some(())
+    });
+    let b = Gate::start("fleet-down-b", "", &fleet_body(&pg, "host-b", &target));
+    let probe = a.bins().probe.to_str().unwrap().to_owned();
+    let mut w = a.spawn("bot", &[], &[&probe, "hold", &target]);
+    let id = b.pending_request()["id"].as_str().unwrap().to_owned();
+    b.cli(&["approve", &id]).assert_ok();
+    w.expect_line(&format!("connected {BANNER}"), Duration::from_secs(5));
 }

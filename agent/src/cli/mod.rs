@@ -756,6 +756,28 @@ fn print_status(s: &StatusReport) {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     println!("  kernel         {}", counters.join(" "));
+    if let Some(store) = &s.store {
+        let confirmed = store
+            .confirmed_ms_ago
+            .map_or_else(|| "never".to_owned(), |ms| format!("{ms} ms ago"));
+        println!(
+            "  store          {} {} since {} ({}; confirmed {confirmed}, store_lease {}s){}",
+            store.url,
+            store.state.as_str(),
+            store.since,
+            if store.available {
+                "open"
+            } else {
+                "gate closed to new grants and sessions"
+            },
+            store.lease_secs,
+            store
+                .error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
     println!("  you are        {}", s.caller);
 }
 

@@ -314,6 +314,10 @@ const MACHINE_ID: &str = "/etc/machine-id";
 /// Read connections a PostgreSQL store keeps unless `pool_size` says otherwise.
 const DEFAULT_POOL_SIZE: usize = 4;
 
+/// How long a host cut off from a shared store trusts the grants it last confirmed, unless
+/// `store_lease` says otherwise.
+const DEFAULT_STORE_LEASE: Duration = Duration::from_secs(30);
+
 /// See [`DaemonConfig::limits`]. Defaults are sized so that one identity at its limits holds a
 /// small share of the agent's descriptors and of a stock PostgreSQL's 100 connection slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -503,6 +507,7 @@ struct RawStore {
     ca_file: Option<S<String>>,
     pool_size: Option<S<i64>>,
     host_id: Option<S<String>>,
+    store_lease: Option<S<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1041,6 +1046,7 @@ impl Validator<'_> {
                     ("ca_file", raw.ca_file.as_ref().map(Spanned::span)),
                     ("pool_size", raw.pool_size.as_ref().map(Spanned::span)),
                     ("host_id", raw.host_id.as_ref().map(Spanned::span)),
+                    ("store_lease", raw.store_lease.as_ref().map(Spanned::span)),
                 ];
                 for (key, span) in postgres_only {
                     if let Some(span) = span {
@@ -1178,12 +1184,18 @@ impl Validator<'_> {
                 id
             }
         };
+        let lease = self.duration(
+            "store.store_lease",
+            raw.store_lease.as_ref(),
+            DEFAULT_STORE_LEASE,
+        );
         StoreConfig::Postgres(crate::store::postgres::PostgresOptions {
             url,
             password_file,
             ca_file,
             pool_size,
             host_id,
+            lease,
         })
     }
 
@@ -1871,6 +1883,19 @@ approvers = ["alice", "group:dba"]
         assert_eq!(o.host_id, "web-1");
         assert_eq!(o.pool_size, 2);
         assert_eq!(o.ca_file.as_deref(), Some(Path::new("/etc/jitgate/ca.pem")));
+        assert_eq!(
+            o.lease,
+            Duration::from_secs(30),
+            "store_lease defaults to 30 s"
+        );
+        let leased = parse(&with(
+            "backend = \"postgres\"\nurl = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\nhost_id = \"h\"\nstore_lease = \"3s\"",
+        ))
+        .unwrap();
+        let StoreConfig::Postgres(o) = leased.daemon.store else {
+            panic!("not postgres")
+        };
+        assert_eq!(o.lease, Duration::from_secs(3));
         let pg = "backend = \"postgres\"\nhost_id = \"h\"\n";
         for (store, line, needle) in [
             ("backend = \"mysql\"", 27, "store.backend: `mysql`"),
@@ -1917,6 +1942,18 @@ approvers = ["alice", "group:dba"]
                 ),
                 31,
                 "store.pool_size: `0`",
+            ),
+            (
+                &format!(
+                    "{pg}url = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\nstore_lease = \"0s\""
+                ),
+                31,
+                "store.store_lease: `0s` is not a duration",
+            ),
+            (
+                "store_lease = \"30s\"",
+                27,
+                "only a `backend = \"postgres\"`",
             ),
             (
                 "backend = \"postgres\"\nhost_id = \"Bad Host\"\nurl = \"postgresql://jg@db/j\"\nsslmode = \"disable\"",

@@ -151,4 +151,23 @@ pub struct StatusReport {
     pub identities: Vec<String>,
     /// Who asked, as the daemon sees them.
     pub caller: String,
+    /// A shared store's state (fleet mode); absent for the embedded store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreStatus>,
+}
+
+/// Where a shared state store stands, as `jitgate status` shows it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct StoreStatus {
+    /// `connecting` (not reached since start), `up`, `lost`.
+    pub state: crate::store::health::StoreState,
+    pub since: Timestamp,
+    /// Whether new grants may be issued and new sessions opened now (the store confirmed
+    /// and this host's live grants checked against it since it was last reached).
+    pub available: bool,
+    /// Milliseconds since this host last confirmed its grants with the store.
+    pub confirmed_ms_ago: Option<u64>,
+    pub lease_secs: u64,
+    pub error: Option<String>,
+    pub url: String,
 }

@@ -147,6 +147,7 @@ impl Host for FakeHost {
                 resources: Vec::new(),
                 identities: Vec::new(),
                 caller: caller.actor().to_string(),
+                store: None,
             }
         })
     }

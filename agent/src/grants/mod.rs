@@ -27,6 +27,7 @@ use crate::{
     store::{
         Decided, GrantApproval, GrantChange, RequestKey, SharedStore, StoreError,
         audit::{Event, RequestRefused},
+        health::StoreHealth,
     },
 };
 
@@ -54,6 +55,8 @@ pub enum GrantState {
     Active,
     Expired,
     Revoked,
+    /// The host lost its shared store and could not confirm the grant within `store_lease`.
+    Unconfirmed,
 }
 
 /// What the proxy holds while a session rides on a grant.
@@ -133,9 +136,24 @@ pub struct GrantEngine {
 
 struct Inner {
     store: SharedStore,
+    /// A shared store's health; `None` for the embedded store (always there).
+    health: Option<StoreHealth>,
+    /// What the live set was last checked against: the store's connection epoch it was
+    /// reloaded on, and the confirmation it holds by (see [`GrantEngine::check_store`]).
+    lease: Mutex<Lease>,
     config: SharedConfig,
     live: RwLock<HashMap<String, LiveGrant>>,
     waiters: Mutex<HashMap<String, watch::Sender<RequestStatus>>>,
+}
+
+/// The engine's view of the lease on its live grants.
+#[derive(Default)]
+struct Lease {
+    /// The store connection the live set was last made to match.
+    epoch: u64,
+    /// The confirmation the live grants hold by: renewed only on an epoch they were checked
+    /// on, so a reconnection renews nothing until the live set was reloaded.
+    confirmed: Option<std::time::Instant>,
 }
 
 fn actor_label(actor: &Actor) -> String {
@@ -158,7 +176,25 @@ impl GrantEngine {
         // between is then heard (and applying it twice is harmless).
         let changes = store.grant_changes();
         let now = Timestamp::now();
-        let grants = store.live_grants(now).await?;
+        let health = store.health();
+        let seen = health.as_ref().map(StoreHealth::get);
+        let grants = match store.live_grants(now).await {
+            Ok(grants) => grants,
+            // A shared store not reached yet: start with no grants (the gate closed); they
+            // are loaded once it is reached.
+            Err(StoreError::Unavailable(why)) => {
+                warn!(error = %why, "starting with no grants: the shared state store is not reached yet");
+                Vec::new()
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let lease = match &seen {
+            Some(h) if h.available(std::time::Instant::now()) => Lease {
+                epoch: h.epoch,
+                confirmed: h.confirmed,
+            },
+            _ => Lease::default(),
+        };
         let live = grants
             .into_iter()
             .map(|g| {
@@ -170,6 +206,8 @@ impl GrantEngine {
         let engine = Self {
             inner: Arc::new(Inner {
                 store,
+                health,
+                lease: Mutex::new(lease),
                 config,
                 live: RwLock::new(live),
                 waiters: Mutex::new(HashMap::new()),
@@ -182,7 +220,10 @@ impl GrantEngine {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => sweeper.expire_due().await,
+                    _ = tick.tick() => {
+                        sweeper.check_store().await;
+                        sweeper.expire_due().await;
+                    }
                     () = shutdown.cancelled() => break,
                 }
             }
@@ -267,6 +308,102 @@ impl GrantEngine {
             info!(grant = %id, ?state, "grant ended elsewhere; ending its sessions here");
             l.state.send_replace(state);
         }
+    }
+
+    /// With a shared store: after every (re)connection, makes the live set what the store
+    /// says (revocations made elsewhere meanwhile apply) before the lease counts as renewed;
+    /// once the lease on what this host last confirmed has lapsed, ends every live grant
+    /// here (its sessions close as unconfirmed). Runs on the sweeper's tick.
+    async fn check_store(&self) {
+        let Some(health) = &self.inner.health else {
+            return;
+        };
+        let h = health.get();
+        let now = std::time::Instant::now();
+        let synced = self
+            .inner
+            .lease
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .epoch;
+        if h.epoch != synced && h.available(now) {
+            match self.resync().await {
+                Ok(()) => {
+                    info!(
+                        epoch = h.epoch,
+                        grants = self.live_count(),
+                        "live grants checked against the shared state store"
+                    );
+                    *self
+                        .inner
+                        .lease
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Lease {
+                        epoch: h.epoch,
+                        confirmed: h.confirmed,
+                    };
+                }
+                Err(e) => {
+                    warn!(error = %e, "reloading live grants from the shared state store failed; retrying")
+                }
+            }
+        } else if h.epoch == synced {
+            self.inner
+                .lease
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .confirmed = h.confirmed;
+        }
+        let lapsed = lease_lapsed(
+            self.inner
+                .lease
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .confirmed,
+            now,
+            h.lease,
+        );
+        if lapsed {
+            let ended: Vec<LiveGrant> = self
+                .inner
+                .live
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .drain()
+                .map(|(_, l)| l)
+                .collect();
+            if !ended.is_empty() {
+                warn!(grants = ended.len(), lease = ?h.lease, "shared state store out of reach past store_lease: ending the sessions on grants this host cannot confirm");
+            }
+            for l in ended {
+                l.state.send_replace(GrantState::Unconfirmed);
+            }
+        }
+    }
+
+    /// `Err` with why, when new sessions and grants must be refused because the shared
+    /// store is out of reach (their records could not be kept, nor a grant confirmed).
+    pub fn store_available(&self) -> Result<(), String> {
+        let Some(health) = &self.inner.health else {
+            return Ok(());
+        };
+        health.check().map_err(|e| e.to_string())?;
+        let h = health.get();
+        let synced = self
+            .inner
+            .lease
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .epoch;
+        if synced != h.epoch {
+            // Reconnected, live grants not yet reloaded: a grant revoked meanwhile may still
+            // be in the live set, so nothing new rides on it yet.
+            return Err(format!(
+                "the shared state store at {} is back; this host is still checking its grants against it (retry in a moment)",
+                h.url
+            ));
+        }
+        Ok(())
     }
 
     /// Makes the live set what the store says it is.
@@ -1105,6 +1242,15 @@ impl GrantEngine {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+}
+
+/// Whether a lease confirmed at `confirmed` (never: `None`) has run out at `now`.
+fn lease_lapsed(
+    confirmed: Option<std::time::Instant>,
+    now: std::time::Instant,
+    lease: Duration,
+) -> bool {
+    confirmed.is_none_or(|at| now.saturating_duration_since(at) > lease)
 }
 
 fn decided_meanwhile(id: &str) -> EngineError {

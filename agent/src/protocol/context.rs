@@ -118,6 +118,11 @@ impl Session<'_> {
 
     async fn find_grant(&mut self) -> Result<GrantHandle, Outcome> {
         let (services, who, resource) = (self.services, self.who, self.resource);
+        // Fleet mode, store out of reach: no grant can be confirmed nor the session
+        // recorded, so the gate stays closed (live sessions run on until store_lease).
+        if let Err(why) = services.engine.store_available() {
+            return Err(refuse(SessionOutcome::RefusedStoreDown, why));
+        }
         if let Some(g) = services.engine.find(
             &who.identity,
             who.task.as_deref(),
@@ -243,6 +248,8 @@ impl Session<'_> {
 pub enum End {
     GrantExpired(String),
     GrantRevoked(String),
+    /// The host lost its shared store and could not confirm the grant within `store_lease`.
+    StoreLost(String),
     /// The resource left the configuration (reload).
     ResourceRemoved,
     /// The host agent is shutting down (protocols with an idle point may drain first).
@@ -259,6 +266,7 @@ impl End {
             Self::GrantExpired(id) => {
                 refuse(SessionOutcome::GrantExpired, format!("grant {id} expired"))
             }
+            Self::StoreLost(id) => refuse(SessionOutcome::StoreLost, store_lost(id)),
             Self::ResourceRemoved => refuse(
                 SessionOutcome::ResourceRemoved,
                 "the resource left the configuration",
@@ -266,6 +274,13 @@ impl End {
             Self::Shutdown => refuse(SessionOutcome::Shutdown, "the host agent is shutting down"),
         }
     }
+}
+
+/// Why a session on grant `id` was cut when the shared store stayed out of reach.
+pub fn store_lost(id: &str) -> String {
+    format!(
+        "the host lost its shared state store and could not confirm grant {id} within store_lease"
+    )
 }
 
 /// The one signal of a live session's end: its grant ends (expiry, revocation), its
@@ -289,6 +304,7 @@ impl SessionEnd {
             GrantState::Active => {}
             GrantState::Revoked => return Some(End::GrantRevoked(self.grant.clone())),
             GrantState::Expired => return Some(End::GrantExpired(self.grant.clone())),
+            GrantState::Unconfirmed => return Some(End::StoreLost(self.grant.clone())),
         }
         if self.removed.is_cancelled() {
             return Some(End::ResourceRemoved);
@@ -304,6 +320,7 @@ impl SessionEnd {
             biased;
             changed = self.state.wait_for(|s| *s != GrantState::Active) => match changed.as_deref() {
                 Ok(GrantState::Revoked) => End::GrantRevoked(self.grant.clone()),
+                Ok(GrantState::Unconfirmed) => End::StoreLost(self.grant.clone()),
                 _ => End::GrantExpired(self.grant.clone()),
             },
             () = self.removed.cancelled() => End::ResourceRemoved,

@@ -15,6 +15,7 @@
 //! the pure code in [`audit`].
 
 pub mod audit;
+pub mod health;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;
@@ -53,6 +54,10 @@ pub enum StoreError {
     Commit(String),
     #[error("{0}")]
     Invalid(String),
+    /// A shared store is out of reach (fleet mode): nothing can be issued or recorded as
+    /// answered until it is back. The message names the store and what to do.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -295,4 +300,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Waits until everything queued before this call is durable.
     fn flush(&self) -> StoreFuture<'_, ()>;
+
+    /// A shared store's health (reached or not, and the lease on what this host last
+    /// confirmed with it). `None` for a store that is always there (the embedded one).
+    fn health(&self) -> Option<health::StoreHealth> {
+        None
+    }
 }

@@ -834,14 +834,30 @@ mod postgres {
         assert!(heard.try_recv().is_err(), "no echo of A's own change");
 
         // The followers' connections are cut and cannot come back for a while; a change made
-        // meanwhile (on B's open writer connection) is still delivered once A's follower is
-        // back: the catch-up read after reconnecting, not the notification it missed.
+        // meanwhile (by a host that still reaches the store) is still delivered once A's
+        // follower is back: the catch-up read after reconnecting, not the notification it
+        // missed. A host cut off itself issues and revokes nothing (its store is lost).
         pg.admin("postgres", "ALTER ROLE fleet NOLOGIN");
         pg.admin(
             &db,
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jitgated listener'",
         );
-        b.revoke_grant("grt_f2".into(), "user carol".into(), "cut".into())
+        tokio::time::timeout(Duration::from_secs(3), async {
+            while b.health().is_some_and(|h| h.check().is_ok()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("B sees its store lost");
+        let refused = b
+            .revoke_grant("grt_f2".into(), "user carol".into(), "cut".into())
+            .await;
+        assert!(
+            matches!(&refused, Err(StoreError::Unavailable(why)) if why.contains("out of reach")),
+            "B, cut off from the store, refuses to write: {refused:?}"
+        );
+        let (e, _de) = open(&pg, &db, "host-e").await;
+        e.revoke_grant("grt_f2".into(), "user carol".into(), "cut".into())
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -859,6 +875,15 @@ mod postgres {
             "{got:?}"
         );
 
+        // B is back too, once its follower has caught up.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while b.health().is_some_and(|h| h.check().is_err()) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("B reaches the store again");
+
         // One chain per host, each verified with its own key, apart.
         let ra = a.verify_audit().await.unwrap();
         let rb = b.verify_audit().await.unwrap();
@@ -871,7 +896,11 @@ mod postgres {
             .map(|e| e.kind)
             .collect();
         assert_eq!(a_kinds, ["request.filed", "request.filed", "grant.issued"]);
-        assert_eq!(b.audit_log(None, 100).await.unwrap().len(), 4);
+        assert_eq!(
+            b.audit_log(None, 100).await.unwrap().len(),
+            3,
+            "the revocation was E's"
+        );
         pg.admin(
             &db,
             &format!(
@@ -890,7 +919,7 @@ mod postgres {
         // Cutting B's newest record off is found by B's head checkpoint.
         pg.admin(
             &db,
-            &format!("DELETE FROM audit WHERE host_id = '{b_host}' AND seq = 4"),
+            &format!("DELETE FROM audit WHERE host_id = '{b_host}' AND seq = 3"),
         );
         let rb = b.verify_audit().await.unwrap();
         assert!(
@@ -983,6 +1012,7 @@ mod postgres {
             ca_file: (!ca.is_empty()).then(|| pg.tls_dir().join(ca)),
             pool_size: 1,
             host_id: "h".into(),
+            lease: std::time::Duration::from_secs(30),
         };
         // A password file others can read is not used.
         std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644))

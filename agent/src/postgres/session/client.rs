@@ -40,7 +40,12 @@ impl Pump<'_> {
             // grant's end is never forwarded.
             if matches!(
                 end.now(),
-                Some(End::GrantExpired(_) | End::GrantRevoked(_) | End::ResourceRemoved)
+                Some(
+                    End::GrantExpired(_)
+                        | End::GrantRevoked(_)
+                        | End::StoreLost(_)
+                        | End::ResourceRemoved
+                )
             ) {
                 break None;
             }

@@ -231,6 +231,12 @@ pub(crate) async fn serve(
                 (None, SessionOutcome::Shutdown) => {
                     PgError::fatal("57P01", "jitgate: the host agent is shutting down")
                 }
+                // 57P03 cannot_connect_now: the client may retry, and should, later.
+                (None, SessionOutcome::RefusedStoreDown) => {
+                    PgError::fatal("57P03", format!("jitgate: {}", outcome.1)).hint(
+                        "retry once the shared state store is back; `jitgate status` on this host shows it",
+                    )
+                }
                 (None, _) => PgError::fatal(
                     "28000",
                     format!(

@@ -56,6 +56,7 @@ impl Pump<'_> {
                         let (outcome, why) = match why {
                             End::GrantRevoked(id) => (SessionOutcome::GrantRevoked, format!("grant {id} was revoked")),
                             End::GrantExpired(id) => (SessionOutcome::GrantExpired, format!("grant {id} expired")),
+                            End::StoreLost(id) => (SessionOutcome::StoreLost, crate::protocol::context::store_lost(&id)),
                             End::ResourceRemoved => {
                                 let _ = self.cancel_in_flight().await;
                                 let err = PgError::fatal("57P01", format!("terminating connection: resource {} left the jitgate configuration", self.resource));

@@ -3,18 +3,21 @@
 //! last row seen. The same read runs after every reconnect, so a change committed while the
 //! connection was down is still delivered: a notification is only a hint to look, the log
 //! is what is read.
+//!
+//! The follower is also what reaches the store in the first place (and migrates it), and what
+//! tells the rest of the agent whether the store is there: see [`crate::store::health`].
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{connect::Connector, queries};
+use super::{connect::Connector, queries, schema};
 use crate::{
-    model::RequestStatus,
-    store::{GrantChange, Result},
+    model::{RequestStatus, Timestamp},
+    store::{GrantChange, Result, health::StoreHealth},
 };
 
 /// How often the log is read even without a notification (a lost `NOTIFY` costs this much).
@@ -34,67 +37,123 @@ pub async fn newest(client: &Client) -> Result<i64> {
         .try_get(0)?)
 }
 
-/// Follows the change log after `last_seen`, passing other hosts' changes to `out`, until
-/// `stop` is cancelled.
-pub async fn follow(
-    connector: Connector,
-    host: String,
-    mut last_seen: i64,
-    out: broadcast::Sender<GrantChange>,
-    stop: CancellationToken,
-) {
+/// What the follower needs: where the store is, who this host is, where changes go, and
+/// where it reports the store's health.
+pub struct Follower {
+    pub connector: Connector,
+    pub host: String,
+    pub out: broadcast::Sender<GrantChange>,
+    pub health: StoreHealth,
+    pub stop: CancellationToken,
+    /// When this store was started: sessions of this host begun before then were left open
+    /// by a previous run, and are closed once the store is first reached.
+    pub started_at: Timestamp,
+}
+
+/// Reaches the store (retrying with backoff for as long as it takes), migrates its schema on
+/// the first connection, then follows the change log, passing other hosts' changes to
+/// `out`, until `stop` is cancelled. Every completed read of the log renews the lease
+/// ([`StoreHealth::confirmed`]); a lost connection is reported at once
+/// ([`StoreHealth::lost`]) and the catch-up read after reconnecting delivers what was
+/// missed before the lease is renewed.
+pub async fn follow(f: Follower) {
+    let lease = f.health.get().lease;
+    // Often enough that a live connection renews the lease well before it lapses.
+    let poll = (lease / 3).clamp(Duration::from_millis(100), POLL);
+    // A read that does not answer (a half-open connection) counts as a lost store.
+    let read_deadline = (lease / 2).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let mut last_seen: Option<i64> = None;
     let mut backoff = Duration::from_millis(100);
-    let mut connected_before = false;
     loop {
         let (wake_tx, mut wake) = mpsc::channel(1);
+        let attempt = async {
+            let mut client = f
+                .connector
+                .connect(Some(wake_tx))
+                .await
+                .map_err(|e| chain(&e))?;
+            if last_seen.is_none() {
+                schema::migrate(&mut client)
+                    .await
+                    .map_err(|e| format!("migrating the schema: {}", chain(&e)))?;
+                let newest = newest(&client).await.map_err(|e| chain(&e))?;
+                let closed = queries::close_sessions_before(&client, &f.host, f.started_at)
+                    .await
+                    .map_err(|e| chain(&e))?;
+                if closed > 0 {
+                    info!(
+                        sessions = closed,
+                        "closed sessions left open by a previous run"
+                    );
+                }
+                last_seen = Some(newest);
+            }
+            client
+                .batch_execute("LISTEN jitgate_changes")
+                .await
+                .map_err(|e| format!("LISTEN: {}", chain(&e)))?;
+            Ok::<_, String>(client)
+        };
         let client = tokio::select! {
-            c = connector.connect(Some(wake_tx)) => c,
-            () = stop.cancelled() => return,
+            c = attempt => c,
+            () = f.stop.cancelled() => return,
         };
         let client = match client {
             Ok(c) => c,
             Err(e) => {
-                warn!(error = %e, retry_in = ?backoff, "cannot reach the shared store to follow other hosts' changes");
+                warn!(error = %e, retry_in = ?backoff, "cannot reach the shared state store; the gate stays closed to new grants until it is back");
+                f.health.lost(format!("connecting: {e}"));
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
-                    () = stop.cancelled() => return,
+                    () = f.stop.cancelled() => return,
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
         };
-        if let Err(e) = client.batch_execute("LISTEN jitgate_changes").await {
-            warn!(error = %e, retry_in = ?backoff, "LISTEN on the shared store failed");
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = stop.cancelled() => return,
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            continue;
-        }
         backoff = Duration::from_millis(100);
-        if connected_before {
-            info!(
-                after = last_seen,
-                "following the shared store again; catching up"
-            );
-        }
-        connected_before = true;
-        loop {
-            if let Err(e) = catch_up(&client, &host, &mut last_seen, &out).await {
-                warn!(error = %e, "reading the shared store's change log failed; reconnecting");
-                break;
+        let mut seen = last_seen.unwrap_or(0);
+        info!(after = seen, "shared state store reached; catching up");
+        f.health.connected();
+        let why = loop {
+            let began = Instant::now();
+            match tokio::time::timeout(read_deadline, catch_up(&client, &f.host, &mut seen, &f.out))
+                .await
+            {
+                Ok(Ok(())) => f.health.confirmed(began),
+                Ok(Err(e)) => break format!("reading the change log: {}", chain(&e)),
+                Err(_) => {
+                    break format!("reading the change log: no answer within {read_deadline:?}");
+                }
             }
             tokio::select! {
                 woken = wake.recv() => if woken.is_none() {
                     // The connection's driver ended: the connection is gone.
-                    break;
+                    break "the connection was closed".to_owned();
                 },
-                () = tokio::time::sleep(POLL) => {}
-                () = stop.cancelled() => return,
+                () = tokio::time::sleep(poll) => {}
+                () = f.stop.cancelled() => return,
             }
-        }
+        };
+        last_seen = Some(seen);
+        warn!(error = %why, "lost the shared state store; no new grants until it is back, live grants end after store_lease");
+        f.health.lost(why);
     }
+}
+
+/// An error with its causes, as one line (tokio-postgres puts the useful part in a source).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let s = cause.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 /// Reads every change after `last_seen` and passes on those made by other hosts.

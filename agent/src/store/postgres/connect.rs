@@ -27,6 +27,9 @@ pub struct PostgresOptions {
     pub pool_size: usize,
     /// This host's name in the shared store (its audit chain, its sessions and tasks).
     pub host_id: String,
+    /// `store_lease`: how long, cut off from the store, this host trusts the grants it last
+    /// confirmed with it (sessions on them end after that).
+    pub lease: Duration,
 }
 
 /// Makes connections with one set of options.

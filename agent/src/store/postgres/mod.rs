@@ -33,6 +33,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::broadcast;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 pub use self::connect::PostgresOptions;
 use self::{
@@ -46,6 +47,7 @@ use super::{
         AuditKey, Event, GrantExpired, GrantRevoked, RequestApproval, RequestApproved,
         RequestDenied, RequestExpired, RequestRef, TaskRef, TaskStarted, session_actor,
     },
+    health::{StoreHealth, StoreState},
 };
 use crate::model::{
     Actor, Approval, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord, Task,
@@ -71,6 +73,7 @@ pub struct PostgresStore {
     head_path: PathBuf,
     changes: broadcast::Sender<GrantChange>,
     feed: broadcast::Sender<AuditEvent>,
+    health: StoreHealth,
     stop: CancellationToken,
 }
 
@@ -90,28 +93,20 @@ where
 }
 
 impl PostgresStore {
-    /// Connects (migrating the schema if this agent is the first to need it), loads this
-    /// host's audit key from `state_dir` and starts following other hosts' changes.
-    pub async fn open(options: &PostgresOptions, state_dir: &Path) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
+    /// Starts the store without waiting for the server: a follower task reaches it (retrying
+    /// with backoff), migrates the schema and follows other hosts' changes; until it has,
+    /// every call fails with [`StoreError::Unavailable`] (the agent starts with the gate
+    /// closed). Fails only on what no retry can mend: the options, the state dir, the key.
+    pub fn start(options: &PostgresOptions, state_dir: &Path) -> anyhow::Result<Self> {
         super::sqlite::create_private_dir(state_dir)?;
         let connector = Connector::new(options)?;
-        let mut client = connector.connect(None).await.with_context(|| {
-            format!(
-                "connecting to the shared state store at {} (check [store] url, password_file and ca_file, and that the server is up)",
-                options.url
-            )
-        })?;
-        schema::migrate(&mut client)
-            .await
-            .context("migrating the shared state store")?;
-        let last_seen = changes::newest(&client).await?;
         let key = AuditKey::load_or_create(state_dir)?;
         let head_path = state_dir.join(HEAD_FILE);
         let host = options.host_id.clone();
         let feed = broadcast::channel(FEED).0;
+        let health = StoreHealth::new(options.url.clone(), options.lease);
         let writer = Writer::spawn(
-            client,
+            None,
             connector.clone(),
             host.clone(),
             key.clone(),
@@ -120,23 +115,50 @@ impl PostgresStore {
         );
         let (changes, _) = broadcast::channel(CHANGES);
         let stop = CancellationToken::new();
-        tokio::spawn(changes::follow(
-            connector.clone(),
-            host.clone(),
-            last_seen,
-            changes.clone(),
-            stop.clone(),
-        ));
+        tokio::spawn(changes::follow(changes::Follower {
+            connector: connector.clone(),
+            host: host.clone(),
+            out: changes.clone(),
+            health: health.clone(),
+            stop: stop.clone(),
+            started_at: Timestamp::now(),
+        }));
         Ok(Self {
             writer,
-            pool: Pool::new(connector, options.pool_size.max(1)),
+            pool: Pool::new(connector, health.clone(), options.pool_size.max(1)),
             host,
             key,
             head_path,
             changes,
             feed,
+            health,
             stop,
         })
+    }
+
+    /// [`PostgresStore::start`], then waits for the first attempt to reach the store: fails
+    /// if it did not (for tools and tests that need the store now, not eventually).
+    pub async fn open(options: &PostgresOptions, state_dir: &Path) -> anyhow::Result<Self> {
+        let store = Self::start(options, state_dir)?;
+        let mut health = store.health.subscribe();
+        let reached = health
+            .wait_for(|h| h.state == StoreState::Up || h.error.is_some())
+            .await
+            .map(|h| h.error.clone())
+            .map_err(|_| anyhow::anyhow!("the shared state store's follower stopped"))?;
+        if let Some(e) = reached {
+            anyhow::bail!(
+                "connecting to the shared state store at {} (check [store] url, password_file and ca_file, and that the server is up): {e}",
+                options.url
+            );
+        }
+        // Reached: wait for the first read of the change log, which opens the store.
+        health
+            .wait_for(|h| h.confirmed.is_some() || h.state != StoreState::Up)
+            .await
+            .map_err(|_| anyhow::anyhow!("the shared state store's follower stopped"))?;
+        store.health.check()?;
+        Ok(store)
     }
 
     /// This host's name in the shared store.
@@ -144,8 +166,26 @@ impl PostgresStore {
         &self.host
     }
 
+    /// Runs `f` in the writer's transaction, if the store is there: while it is out of
+    /// reach (or not yet reached), at once [`StoreError::Unavailable`], which names it.
     async fn call<T: Send + 'static>(&self, f: Op<T>) -> Result<T> {
+        self.health.check()?;
         self.writer.call(f).await
+    }
+
+    /// Queues a fire-and-forget write; while the store is out of reach it cannot be kept
+    /// and is dropped, counted in the log (no local spool yet; new sessions are refused
+    /// meanwhile, so what is dropped is the tail of sessions already live).
+    /// A record needs a connection, not a confirmed lease: one made while the change log is
+    /// being caught up after a reconnection (a session cut by a revocation heard then) is kept.
+    fn submit(&self, what: &'static str, f: Op<()>) {
+        let health = self.health.get();
+        if health.state != StoreState::Up {
+            let e = health.unavailable();
+            warn!(record = what, error = %e, "shared state store out of reach: record not kept");
+            return;
+        }
+        self.writer.submit(f);
     }
 
     /// Tells local subscribers of a committed change (none listening is fine).
@@ -195,14 +235,16 @@ async fn expire_request(db: &Db<'_>, id: &str, why: &str, event: &Event) -> Resu
 /// written by answered calls, committed before they answered). Reopened when lost.
 struct Pool {
     connector: Connector,
+    health: StoreHealth,
     slots: Vec<tokio::sync::Mutex<Option<Client>>>,
     next: AtomicUsize,
 }
 
 impl Pool {
-    fn new(connector: Connector, size: usize) -> Self {
+    fn new(connector: Connector, health: StoreHealth, size: usize) -> Self {
         Self {
             connector,
+            health,
             slots: (0..size).map(|_| tokio::sync::Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
         }
@@ -212,6 +254,7 @@ impl Pool {
     where
         F: for<'a> FnOnce(&'a Client) -> BoxFuture<'a, Result<T>>,
     {
+        self.health.check()?;
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let mut slot = self.slots[i].lock().await;
         if slot.as_ref().is_none_or(Client::is_closed) {
@@ -585,42 +628,52 @@ impl Store for PostgresStore {
     }
 
     fn session_opened(&self, session: Session) {
-        self.writer.submit(op(move |db| {
-            Box::pin(async move {
-                queries::insert_session(db.tx, db.host, &session).await?;
-                db.append(&session_actor(&session), &Event::session_start(&session))
-                    .await?;
-                Ok(())
-            })
-        }));
+        self.submit(
+            "session.start",
+            op(move |db| {
+                Box::pin(async move {
+                    queries::insert_session(db.tx, db.host, &session).await?;
+                    db.append(&session_actor(&session), &Event::session_start(&session))
+                        .await?;
+                    Ok(())
+                })
+            }),
+        );
     }
 
     fn session_refused(&self, session: Session) {
-        self.writer.submit(op(move |db| {
-            Box::pin(async move {
-                queries::insert_session(db.tx, db.host, &session).await?;
-                db.append(&session_actor(&session), &Event::session_refused(&session))
-                    .await?;
-                Ok(())
-            })
-        }));
+        self.submit(
+            "session.refused",
+            op(move |db| {
+                Box::pin(async move {
+                    queries::insert_session(db.tx, db.host, &session).await?;
+                    db.append(&session_actor(&session), &Event::session_refused(&session))
+                        .await?;
+                    Ok(())
+                })
+            }),
+        );
     }
 
     fn session_ended(&self, session: Session) {
-        self.writer.submit(op(move |db| {
-            Box::pin(async move {
-                queries::end_session(db.tx, &session).await?;
-                db.append(&session_actor(&session), &Event::session_end(&session))
-                    .await?;
-                Ok(())
-            })
-        }));
+        self.submit(
+            "session.end",
+            op(move |db| {
+                Box::pin(async move {
+                    queries::end_session(db.tx, &session).await?;
+                    db.append(&session_actor(&session), &Event::session_end(&session))
+                        .await?;
+                    Ok(())
+                })
+            }),
+        );
     }
 
     fn record_statements(&self, batch: Vec<StatementRecord>) {
-        self.writer.submit(op(move |db| {
-            Box::pin(async move { queries::insert_statements(db.tx, &batch).await })
-        }));
+        self.submit(
+            "statements",
+            op(move |db| Box::pin(async move { queries::insert_statements(db.tx, &batch).await })),
+        );
     }
 
     fn sessions(&self, open_only: bool, limit: usize) -> StoreFuture<'_, Vec<Session>> {
@@ -666,12 +719,15 @@ impl Store for PostgresStore {
     }
 
     fn submit_audit(&self, actor: String, event: Event) {
-        self.writer.submit(op(move |db| {
-            Box::pin(async move {
-                db.append(&actor, &event).await?;
-                Ok(())
-            })
-        }));
+        self.submit(
+            "audit",
+            op(move |db| {
+                Box::pin(async move {
+                    db.append(&actor, &event).await?;
+                    Ok(())
+                })
+            }),
+        );
     }
 
     fn audit_log(
@@ -694,5 +750,9 @@ impl Store for PostgresStore {
 
     fn flush(&self) -> StoreFuture<'_, ()> {
         Box::pin(self.call(op(|_| Box::pin(async { Ok(()) }))))
+    }
+
+    fn health(&self) -> Option<StoreHealth> {
+        Some(self.health.clone())
     }
 }

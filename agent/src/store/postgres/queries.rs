@@ -502,6 +502,23 @@ pub async fn get_session(db: &impl GenericClient, id: &str) -> Result<Option<Ses
 
 /// This host's sessions a crash left open are over (another host's open sessions are its
 /// own business: they may well be relaying).
+/// Closes this host's sessions still marked open that began before `before` (left open by a
+/// previous run: this run's own sessions all began later).
+pub async fn close_sessions_before(
+    db: &impl GenericClient,
+    host: &str,
+    before: Timestamp,
+) -> Result<usize> {
+    let n = db
+        .execute(
+            "UPDATE sessions SET outcome = 'shutdown', ended_at = COALESCE(ended_at, $2), detail = 'the host agent stopped while the session was open'
+             WHERE outcome = 'open' AND host_id = $1 AND started_at < $3",
+            &[&host, &Timestamp::now().millis(), &before.millis()],
+        )
+        .await?;
+    Ok(usize::try_from(n).unwrap_or(usize::MAX))
+}
+
 pub async fn close_orphan_sessions(db: &impl GenericClient, host: &str) -> Result<usize> {
     let n = db
         .execute(

@@ -178,6 +178,7 @@ impl TestDb {
             ca_file: None,
             pool_size: 2,
             host_id: host.to_owned(),
+            lease: std::time::Duration::from_secs(30),
         }
     }
 }

@@ -149,7 +149,7 @@ impl Writer {
     /// as `host` with `key`, keeping the head checkpoint at `head_path` and publishing
     /// committed audit records on `feed`.
     pub fn spawn(
-        client: Client,
+        client: Option<Client>,
         connector: Connector,
         host: String,
         key: AuditKey,
@@ -159,7 +159,7 @@ impl Writer {
         let (tx, rx) = mpsc::unbounded_channel::<Box<dyn Job>>();
         tokio::spawn(run(
             State {
-                client: Some(client),
+                client,
                 connector,
                 host,
                 key,
