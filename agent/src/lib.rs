@@ -18,6 +18,7 @@
 //! * [`ops`]: metrics and health endpoint, systemd readiness and watchdog, logging.
 //! * [`webhooks`]: notifications of audit events to approvers' chat and scripts, signed.
 //! * [`secret_file`]: the one rule for files that hold secrets.
+//! * [`neutral`]: text a workload wrote, shown so that no hidden character disguises it.
 //! * [`cli`]: the `jitgate` command.
 pub mod cli;
 pub mod config;
@@ -32,6 +33,7 @@ pub mod identity;
 pub mod ids;
 pub mod inspect;
 pub mod model;
+pub mod neutral;
 pub mod ops;
 pub mod postgres;
 pub mod protocol;

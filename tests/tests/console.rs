@@ -6,7 +6,9 @@
 //! Ann (`oidc-group:dba`) signs in through the provider's login and consent pages, sees a
 //! gated workload's request, approves it (the workload proceeds), denies another; Eve (not
 //! named) and Wendy (named, but the requester's unix account) are refused; unauthenticated
-//! requests and forms without the right CSRF token or from another origin are refused.
+//! requests and forms without the right CSRF token or from another origin are refused. A
+//! gated psql session is then opened in the console's replay view (its statements in order,
+//! a hidden direction override shown escaped) and the audit page shows the log verified.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -21,7 +23,7 @@ use jitgate_e2e::{
     Gate, WORKLOAD_USER,
     config::Body,
     free_port, rfc3339_ms,
-    servers::{self, BANNER},
+    servers::{self, BANNER, Postgres},
 };
 use serde_json::{Value, json};
 
@@ -185,6 +187,7 @@ fn sign_in_approve_deny_and_refusals() {
     }
 
     let echo = servers::echo_server("127.0.0.1:0");
+    let pg = Postgres::start_secured(false);
     let secret_dir = tempfile::tempdir().expect("tempdir");
     let secret = secret_dir.path().join("oidc-secret");
     std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).expect("secret");
@@ -197,6 +200,20 @@ fn sign_in_approve_deny_and_refusals() {
             &["echo"],
             &["read"],
             "name = \"bot-reads\"\nmax_ttl = \"1h\"\napproval = \"manual\"\napprovers = [\"root\", \"oidc-group:dba\", \"oidc:wendy@example.com\"]",
+        )
+        .resource_with(
+            "orders-db",
+            &format!("127.0.0.1:{}", pg.port),
+            &format!(
+                "protocol = \"postgres\"\ndatabases = [\"orders\"]\n{}",
+                pg.credentials_toml()
+            ),
+        )
+        .policy(
+            &["bot"],
+            &["orders-db"],
+            &["read"],
+            "name = \"bot-db\"\nmax_ttl = \"1h\"\napproval = \"auto\"\napprovers = [\"oidc-group:dba\"]",
         )
         .raw(&format!(
             "[console]\nsession_ttl = \"10m\"\n[console.oidc]\nissuer = \"{issuer}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret_file = \"{}\"\nredirect_url = \"{redirect}\"\nscopes = [\"openid\", \"email\", \"groups\"]\nunix_accounts = {{ \"wendy@example.com\" = \"{WORKLOAD_USER}\" }}\n",
@@ -356,6 +373,77 @@ fn sign_in_approve_deny_and_refusals() {
     let denied = gate.cli(&["audit", "--json", "--limit", "50"]).stdout;
     assert!(denied.contains("not tonight"), "{denied}");
 
+    // A gated psql session, replayed in the console: its statements in order, with their
+    // decision and rows, a hidden direction override shown escaped.
+    let url = format!("postgres://mallory:ignored@127.0.0.1:{}/orders", pg.port);
+    let ran = gate.run(
+        "bot",
+        &["--grant", "orders-db:read"],
+        &[
+            "psql",
+            &url,
+            "-X",
+            "-At",
+            "-c",
+            "SELECT 1 AS first_statement",
+            "-c",
+            "SELECT name FROM users ORDER BY id",
+            "-c",
+            "SELECT 'left\u{202e}right' AS hostile_text",
+        ],
+    );
+    assert_eq!(ran.code, 0, "{ran:?}");
+    let sid = gate.wait_for(
+        "the psql session's statements",
+        Duration::from_secs(10),
+        || {
+            let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+            let id = sessions
+                .as_array()?
+                .iter()
+                .find(|s| s["resource"] == "orders-db" && !s["ended_at"].is_null())?["id"]
+                .as_str()?
+                .to_owned();
+            let detail = gate.cli(&["sessions", "show", &id, "--json"]).json();
+            (detail["statements"].as_array()?.len() >= 3).then_some(id)
+        },
+    );
+    let list = browser.goto(&format!("{console}/sessions"));
+    assert_eq!(list["status"], 200, "{list}");
+    assert!(list["text"].as_str().unwrap().contains(&sid), "{list}");
+    let view = browser.click(&format!("a[href=\"/sessions/{sid}\"]"));
+    let text = view["text"].as_str().unwrap();
+    let at = |needle: &str| {
+        text.find(needle)
+            .unwrap_or_else(|| panic!("{needle} not in the replay view: {text}"))
+    };
+    assert!(
+        at("SELECT 1 AS first_statement") < at("SELECT name FROM users ORDER BY id")
+            && at("SELECT name FROM users ORDER BY id") < at("AS hostile_text"),
+        "in order: {text}"
+    );
+    at("left\\u{202e}right");
+    assert!(
+        !text.contains('\u{202e}'),
+        "the override reached the page: {text}"
+    );
+    at("allowed");
+    at("3 rows");
+    at("orders-db");
+    // The audit page: the log verifies, the gate is attached and healthy.
+    let audit = browser.goto(&format!("{console}/audit"));
+    assert_eq!(audit["status"], 200, "{audit}");
+    let text = audit["text"].as_str().unwrap();
+    assert!(text.contains("Audit log verified"), "{text}");
+    assert!(
+        text.contains("healthy") && !text.contains("UNHEALTHY"),
+        "{text}"
+    );
+    assert!(
+        text.contains("oidc ann@example.com"),
+        "the decisions: {text}"
+    );
+
     // Eve is signed in but named nowhere: she sees nothing and approves nothing.
     let mut third = gate.spawn(
         "bot",
@@ -373,6 +461,19 @@ fn sign_in_approve_deny_and_refusals() {
         "{eve}"
     );
     assert!(!eve["text"].as_str().unwrap().contains(&id3), "{eve}");
+    for path in [
+        "/sessions".to_owned(),
+        format!("/sessions/{sid}"),
+        format!("/sessions/{sid}/recordings/1"),
+        "/audit".to_owned(),
+    ] {
+        let refused = browser.goto(&format!("{console}{path}"));
+        assert_eq!(refused["status"], 403, "{path}: {refused}");
+        assert!(
+            !refused["text"].as_str().unwrap().contains("SELECT"),
+            "{refused}"
+        );
+    }
     let csrf = browser.csrf();
     let refused = browser.post(
         &format!("{console}/approve"),

@@ -5,26 +5,12 @@ use std::{borrow::Cow, io::Write as _};
 use crate::model::{Timestamp, human_duration};
 
 /// Text a workload (or a server) wrote, made safe to print on a terminal: control
-/// characters (ANSI escapes, carriage returns, backspaces, newlines) and the Unicode
-/// direction overrides that reorder what follows are shown as `\u{..}` escapes, so no row
-/// can rewrite, hide or forge another on the approver's screen.
+/// characters (ANSI escapes, carriage returns, backspaces, newlines), the Unicode direction
+/// overrides that reorder what follows and zero-width characters are shown as `\u{..}`
+/// escapes ([`crate::neutral`]), so no row can rewrite, hide or forge another on the
+/// approver's screen.
 pub fn shown(text: &str) -> Cow<'_, str> {
-    let unsafe_char = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
-    if !text.chars().any(unsafe_char) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if unsafe_char(c) {
-            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
+    crate::neutral::neutral(text)
 }
 
 /// Prints rows under upper-case headers, columns padded to their widest cell.

@@ -11,9 +11,11 @@
 //! `Referrer-Policy: same-origin` and `no-store`. No token, code or secret ever goes into a page, URL we make,
 //! or log line.
 
+pub mod audit;
 pub mod fetch;
 pub mod oidc;
 pub mod pages;
+pub mod replay;
 pub mod session;
 
 use std::{collections::HashMap, convert::Infallible, path::Path, sync::Arc, time::Duration};
@@ -226,6 +228,15 @@ pub fn parse_form(s: &str) -> HashMap<String, String> {
     map
 }
 
+/// `limit` from a query: `default` when absent or not a number, never above `max`.
+fn bounded_limit(query: &HashMap<String, String>, default: usize, max: usize) -> usize {
+    query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(default)
+        .clamp(1, max)
+}
+
 fn cookie<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     req.headers()
         .get_all(header::COOKIE)
@@ -295,7 +306,9 @@ fn status_of(e: &ControlError) -> StatusCode {
         ControlError::NotFound(_) => StatusCode::NOT_FOUND,
         ControlError::Forbidden(_) | ControlError::Refused(_) => StatusCode::FORBIDDEN,
         ControlError::Conflict(_) => StatusCode::CONFLICT,
-        ControlError::Store(_) | ControlError::Detach(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ControlError::Store(_) | ControlError::Detach(_) | ControlError::Internal(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     }
 }
 
@@ -314,6 +327,9 @@ impl Console {
             (&Method::GET, "/login") => self.login().await,
             (&Method::GET, crate::config::console::CALLBACK_PATH) => self.callback(&req).await,
             (&Method::GET, "/") => self.overview(&req).await,
+            (&Method::GET, "/sessions") => self.sessions_page(&req).await,
+            (&Method::GET, "/audit") => self.audit_page(&req).await,
+            (&Method::GET, p) if p.starts_with("/sessions/") => self.session_page(&req, p).await,
             (&Method::POST, "/approve" | "/deny" | "/revoke" | "/logout") => {
                 self.post(req, &path).await
             }
@@ -469,6 +485,96 @@ impl Console {
                 &pending,
                 &tasks,
                 &grants,
+            ),
+        )
+    }
+
+    /// `/sessions?limit=N&open=1`: sessions, newest first, bounded.
+    async fn sessions_page(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let Some((_, s)) = self.session(req) else {
+            return redirect("/login");
+        };
+        let caller = Caller::web(s.person.clone());
+        let query = parse_form(req.uri().query().unwrap_or(""));
+        let limit = bounded_limit(&query, replay::DEFAULT_LIMIT, replay::MAX_LIMIT);
+        let open_only = query.get("open").is_some_and(|v| v == "1");
+        match self.service.sessions(&caller, !open_only, limit).await {
+            Ok(sessions) => page(
+                StatusCode::OK,
+                replay::list(&s.person, &s.csrf, &sessions, open_only, limit),
+            ),
+            Err(e) => self.refused(&s, &e),
+        }
+    }
+
+    /// `/sessions/ID` (the replay view) and `/sessions/ID/recordings/SEQ` (an exec stream).
+    async fn session_page(&self, req: &Request<Incoming>, path: &str) -> Response<Full<Bytes>> {
+        let Some((_, s)) = self.session(req) else {
+            return redirect("/login");
+        };
+        let caller = Caller::web(s.person.clone());
+        let rest = path.trim_start_matches("/sessions/");
+        let not_found = || {
+            page(
+                StatusCode::NOT_FOUND,
+                pages::problem(
+                    Some((&s.person, s.csrf.as_str())),
+                    "Not found",
+                    "There is no such page.",
+                ),
+            )
+        };
+        match rest.split('/').collect::<Vec<_>>()[..] {
+            [id] if !id.is_empty() => match self.service.session(&caller, id).await {
+                Ok(detail) => page(StatusCode::OK, replay::replay(&s.person, &s.csrf, &detail)),
+                Err(e) => self.refused(&s, &e),
+            },
+            [id, "recordings", seq] if !id.is_empty() => {
+                let Ok(seq) = seq.parse::<u32>() else {
+                    return not_found();
+                };
+                match self.service.recording(&caller, id, seq).await {
+                    Ok(r) => page(StatusCode::OK, replay::recording(&s.person, &s.csrf, &r)),
+                    Err(e) => self.refused(&s, &e),
+                }
+            }
+            _ => not_found(),
+        }
+    }
+
+    /// `/audit?limit=N`: the host's status, the audit log's verification, its newest records.
+    async fn audit_page(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let Some((_, s)) = self.session(req) else {
+            return redirect("/login");
+        };
+        let caller = Caller::web(s.person.clone());
+        let query = parse_form(req.uri().query().unwrap_or(""));
+        let limit = bounded_limit(&query, audit::DEFAULT_LIMIT, audit::MAX_LIMIT);
+        let (status, verify, events) = tokio::join!(
+            self.service.status(&caller),
+            self.service.audit_verify(&caller),
+            self.service.audit(&caller, None, limit),
+        );
+        match (status, verify, events) {
+            (Ok(status), Ok(verify), Ok(events)) => page(
+                StatusCode::OK,
+                audit::page(&s.person, &s.csrf, &status, &verify, &events, limit),
+            ),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => self.refused(&s, &e),
+        }
+    }
+
+    /// A refused or failed read, as a page.
+    fn refused(&self, s: &session::Session, e: &ControlError) -> Response<Full<Bytes>> {
+        if matches!(e, ControlError::Forbidden(_)) {
+            info!(person = %s.person.id, error = %e, "console: read refused");
+        }
+        page(
+            status_of(e),
+            pages::problem(
+                Some((&s.person, s.csrf.as_str())),
+                "Not allowed",
+                &e.to_string(),
             ),
         )
     }

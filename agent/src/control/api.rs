@@ -124,6 +124,9 @@ pub struct SessionDetail {
     pub session: crate::model::Session,
     pub statements: Vec<crate::model::StatementRecord>,
     pub events: Vec<crate::model::AuditEvent>,
+    /// Sequence numbers of the requests whose exec stream was recorded and can be replayed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recordings: Vec<u32>,
 }
 
 /// What `jitgate status` shows.

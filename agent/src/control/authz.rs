@@ -19,7 +19,7 @@
 
 use super::service::ControlError;
 use crate::{
-    config::{Config, Principal},
+    config::{Access, Config, Principal},
     grants::{RequestSpec, policy},
     identity::Caller,
     model::{Grant, Request, Session},
@@ -258,17 +258,63 @@ pub fn may_revoke(config: &Config, caller: &Caller, grant: &Grant) -> Result<(),
     Ok(())
 }
 
-/// Reading one session with its statements: operators, and a workload its own.
+/// Listing sessions: operators (every session a person of the console may see is then
+/// filtered by [`sees_session`]), and a workload its own.
+pub fn sessions_scope(config: &Config, caller: &Caller) -> Result<Scope, ControlError> {
+    own_or_operators(config, caller, "list sessions")
+}
+
+/// Whether `caller`, already in `scope` (see [`sessions_scope`]), sees `session`. A person of
+/// the web console sees a session only when policy names them an approver of what it rode on
+/// (its identity, resource and access; any access level when the session never reached a
+/// grant): an approver of one team's database does not thereby read every statement another
+/// team ran. A session that names no identity or resource (refused before it was attributed)
+/// is for local operators only.
+pub fn sees_session(config: &Config, caller: &Caller, scope: &Scope, session: &Session) -> bool {
+    if !scope.covers(session.identity.as_deref()) {
+        return false;
+    }
+    if caller.person.is_none() {
+        return true;
+    }
+    let (Some(identity), Some(resource)) = (&session.identity, &session.resource) else {
+        return false;
+    };
+    let levels = match session.access {
+        Some(access) => vec![access],
+        None => vec![Access::Read, Access::Write, Access::Admin],
+    };
+    levels
+        .into_iter()
+        .any(|access| caller.is_named(&policy::approvers_for(config, identity, resource, access)))
+}
+
+/// Reading one session with its statements (and its recorded exec streams): operators, a
+/// person of the console as [`sees_session`] says, and a workload its own.
 pub fn may_read_session(
     config: &Config,
     caller: &Caller,
     session: &Session,
 ) -> Result<(), ControlError> {
     let scope = own_or_operators(config, caller, "read a session")?;
-    if !scope.covers(session.identity.as_deref()) {
-        return Err(ControlError::Forbidden(
-            "a workload can only see its own sessions".into(),
-        ));
+    if !sees_session(config, caller, &scope, session) {
+        return Err(ControlError::Forbidden(if caller.is_workload() {
+            "a workload can only see its own sessions".into()
+        } else {
+            format!(
+                "{} is not an approver of what session {} used, so cannot read it",
+                caller.user, session.id
+            )
+        }));
+    }
+    Ok(())
+}
+
+/// The host's status: anyone local may ask (`jitgate status`); a person of the web console
+/// only when policy names them an approver somewhere, like the rest of what the console shows.
+pub fn may_read_status(config: &Config, caller: &Caller) -> Result<(), ControlError> {
+    if caller.person.is_some() {
+        own_or_operators(config, caller, "see the host's status")?;
     }
     Ok(())
 }

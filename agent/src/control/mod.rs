@@ -5,5 +5,6 @@ pub mod api;
 pub mod authz;
 pub mod client;
 pub mod peer;
+pub mod recording;
 pub mod server;
 pub mod service;

@@ -149,7 +149,7 @@ fn reply<T: serde::Serialize>(result: Result<T, ControlError>) -> Reply {
 async fn dispatch(service: &ControlService, caller: &Caller, call: Call) -> Reply {
     debug!(?call, "call");
     match call {
-        Call::Status => Reply::ok(service.status(caller).await),
+        Call::Status => reply(service.status(caller).await),
         Call::Request {
             resource,
             access,

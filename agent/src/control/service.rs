@@ -17,6 +17,7 @@ use tracing::info;
 use super::{
     api::{SessionDetail, StatusReport},
     authz,
+    recording::{self, Recording, RecordingError},
 };
 use crate::{
     config::SharedConfig,
@@ -58,6 +59,9 @@ pub enum ControlError {
     /// Detaching the gate failed.
     #[error("{0:#}")]
     Detach(anyhow::Error),
+    /// Something on the daemon's side could not be read (a recording).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ControlError {
@@ -69,7 +73,7 @@ impl ControlError {
             Self::Forbidden(_) => ErrorCode::Forbidden,
             Self::Refused(_) => ErrorCode::Refused,
             Self::Conflict(_) => ErrorCode::Conflict,
-            Self::Store(_) | Self::Detach(_) => ErrorCode::Internal,
+            Self::Store(_) | Self::Detach(_) | Self::Internal(_) => ErrorCode::Internal,
         }
     }
 }
@@ -174,9 +178,10 @@ impl ControlService {
         self.inner.config.get()
     }
 
-    /// The agent's state. Anyone may ask.
-    pub async fn status(&self, caller: &Caller) -> StatusReport {
-        self.inner.host.status(caller).await
+    /// The agent's state. Anyone local may ask (see [`authz::may_read_status`]).
+    pub async fn status(&self, caller: &Caller) -> Result<StatusReport> {
+        authz::may_read_status(&self.config(), caller)?;
+        Ok(self.inner.host.status(caller).await)
     }
 
     /// Files a request for access (see [`authz::requester`] for whom).
@@ -252,10 +257,11 @@ impl ControlService {
 
     /// Recent sessions (open ones only unless `all`), newest first, at most `limit`.
     pub async fn sessions(&self, caller: &Caller, all: bool, limit: usize) -> Result<Vec<Session>> {
-        let scope = authz::own_or_operators(&self.config(), caller, "list sessions")?;
+        let config = self.config();
+        let scope = authz::sessions_scope(&config, caller)?;
         let limit = limit.clamp(1, 10_000);
         let mut sessions = self.inner.store.sessions(!all, limit).await?;
-        sessions.retain(|s| scope.covers(s.identity.as_deref()));
+        sessions.retain(|s| authz::sees_session(&config, caller, &scope, s));
         for s in &mut sessions {
             self.live_bytes(s);
         }
@@ -273,13 +279,46 @@ impl ControlService {
                 session: h.session,
                 statements: h.statements,
                 events: h.events,
+                recordings: Vec::new(),
             });
         let Some(mut detail) = found else {
             return Err(ControlError::NotFound(format!("no session {id}")));
         };
-        authz::may_read_session(&self.config(), caller, &detail.session)?;
+        let config = self.config();
+        authz::may_read_session(&config, caller, &detail.session)?;
         self.live_bytes(&mut detail.session);
+        // Only requests the HTTP gate noted as recorded can have a file; whether it is there
+        // is asked of the file system, by the name the gate gives it.
+        detail.recordings = detail
+            .statements
+            .iter()
+            .filter(|st| st.text.contains(" [recorded: "))
+            .filter(|st| {
+                recording::path(&config.daemon.state_dir, &detail.session.id, st.seq)
+                    .is_some_and(|p| p.is_file())
+            })
+            .map(|st| st.seq)
+            .collect();
         Ok(detail)
+    }
+
+    /// The recorded exec stream of request `seq` of session `id`, bounded (see
+    /// [`recording::read`]): for whoever may read the session.
+    pub async fn recording(&self, caller: &Caller, id: &str, seq: u32) -> Result<Recording> {
+        let Some(history) = self.inner.store.session_history(id.to_owned()).await? else {
+            return Err(ControlError::NotFound(format!("no session {id}")));
+        };
+        let config = self.config();
+        authz::may_read_session(&config, caller, &history.session)?;
+        let state_dir = config.daemon.state_dir.clone();
+        let session = history.session.id;
+        tokio::task::spawn_blocking(move || recording::read(&state_dir, &session, seq))
+            .await
+            .map_err(|e| ControlError::Internal(format!("reading the recording: {e}")))?
+            .map_err(|e| match e {
+                RecordingError::Missing { .. } => ControlError::NotFound(e.to_string()),
+                RecordingError::Unreadable { .. } => ControlError::Internal(e.to_string()),
+            })
     }
 
     /// An open session's byte counts are the proxy's, not yet the store's.

@@ -263,7 +263,7 @@ async fn status_is_for_everyone() {
         stranger(),
         unattributed(),
     ] {
-        let report = f.service.status(&c).await;
+        let report = f.service.status(&c).await.unwrap();
         assert_eq!(report.caller, c.actor().to_string());
     }
 }
@@ -817,4 +817,119 @@ async fn web_people_without_a_mapping_cannot_approve_what_their_namesake_filed()
     // Someone else of the same group still may.
     let other = person(&format!("not-{filer}@example.com"), &["dba"], None);
     assert!(f.service.approve(&other, &q.id, None).await.is_ok());
+}
+
+fn recorded(session: &str, seq: u32, text: &str) -> crate::model::StatementRecord {
+    crate::model::StatementRecord {
+        session: session.into(),
+        seq,
+        at: Timestamp::now(),
+        text: text.into(),
+        params: vec![],
+        decision: crate::model::Decision::Allowed,
+        rule: None,
+        approved_by: None,
+        held_ms: 0,
+        duration_ms: None,
+        rows: None,
+        tag: None,
+        error: None,
+        masked: 0,
+    }
+}
+
+#[tokio::test]
+async fn web_people_see_the_sessions_of_what_they_approve() {
+    let f = fixture().await;
+    // The one policy: ci-bot and other, read access to db; ann and group dba approve it.
+    let with = |id: &str, identity: Option<&str>, resource: &str, access: Option<Access>| Session {
+        resource: Some(resource.into()),
+        access,
+        ..session(id, identity)
+    };
+    for s in [
+        with("ses_read", Some("ci-bot"), "db", Some(Access::Read)),
+        with("ses_write", Some("ci-bot"), "db", Some(Access::Write)),
+        with("ses_elsewhere", Some("ci-bot"), "cache", Some(Access::Read)),
+        with("ses_unknown_level", Some("other"), "db", None),
+        session("ses_nobody", None),
+    ] {
+        f.store.session_opened(s);
+    }
+    f.store.record_statements(vec![
+        recorded("ses_read", 1, "GET /api/v1/pods [recorded: /etc/shadow]"),
+        recorded("ses_read", 2, "POST /api/v1/namespaces/x/pods/p/exec"),
+        recorded(
+            "ses_read",
+            3,
+            "POST /api/v1/namespaces/x/pods/p/exec [recorded: x]",
+        ),
+    ]);
+    f.store.flush().await.unwrap();
+    let ids = |sessions: Vec<Session>| {
+        let mut ids: Vec<String> = sessions.into_iter().map(|s| s.id).collect();
+        ids.sort();
+        ids
+    };
+    let ann = person("ann@example.com", &[], None);
+    let dba = person("bob@example.com", &["dba"], None);
+    for c in [&ann, &dba] {
+        assert_eq!(
+            ids(f.service.sessions(c, true, 100).await.unwrap()),
+            ["ses_read", "ses_unknown_level"]
+        );
+        assert!(f.service.session(c, "ses_read").await.is_ok());
+        for other in ["ses_write", "ses_elsewhere", "ses_nobody"] {
+            let m = forbidden(f.service.session(c, other).await);
+            assert!(m.contains("not an approver"), "{m}");
+        }
+        assert!(f.service.status(c).await.is_ok());
+    }
+    // Local operators still see every session.
+    for c in [operator(), approver()] {
+        assert_eq!(f.service.sessions(&c, true, 100).await.unwrap().len(), 5);
+    }
+    // Signed in but named nowhere (and look-alikes): no session, no status.
+    for c in [
+        person("eve@example.com", &["devs"], None),
+        person(&APPROVER.to_string(), &[], None),
+        person("ANN@example.com", &[], None),
+    ] {
+        forbidden(f.service.sessions(&c, true, 100).await);
+        forbidden(f.service.session(&c, "ses_read").await);
+        forbidden(f.service.status(&c).await);
+        forbidden(f.service.recording(&c, "ses_read", 3).await);
+    }
+
+    // Recordings: found by session and sequence, never by the text a workload wrote.
+    let dir = f._dir.path().join("recordings");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cast = "{\"version\":2,\"title\":\"exec sh\"}\n[0.5,\"o\",\"hello\\r\\n\"]\n";
+    for name in ["ses_read-3.cast", "ses_read-2.cast", "ses_write-1.cast"] {
+        std::fs::write(dir.join(name), cast).unwrap();
+    }
+    let detail = f.service.session(&ann, "ses_read").await.unwrap();
+    assert_eq!(
+        detail.recordings,
+        [3],
+        "seq 1 names another file, seq 2 was not recorded"
+    );
+    let r = f.service.recording(&ann, "ses_read", 3).await.unwrap();
+    assert_eq!(r.events[0].data, "hello\r\n");
+    assert!(matches!(
+        f.service.recording(&ann, "ses_read", 1).await,
+        Err(ControlError::NotFound(_))
+    ));
+    forbidden(f.service.recording(&ann, "ses_write", 1).await);
+    assert!(matches!(
+        f.service.recording(&ann, "../../etc/passwd", 1).await,
+        Err(ControlError::NotFound(_))
+    ));
+    assert!(
+        f.service
+            .recording(&operator(), "ses_write", 1)
+            .await
+            .is_ok()
+    );
+    forbidden(f.service.recording(&other_workload(), "ses_read", 3).await);
 }
