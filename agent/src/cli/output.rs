@@ -132,27 +132,8 @@ pub fn timeline(d: &crate::control::api::SessionDetail) {
         bytes(s.bytes_up),
         bytes(s.bytes_down)
     );
-    enum Item<'a> {
-        Statement(&'a crate::model::StatementRecord),
-        Event(&'a crate::model::AuditEvent),
-    }
-    let mut items: Vec<(crate::model::Timestamp, Item<'_>)> = d
-        .statements
-        .iter()
-        .map(|st| (st.at, Item::Statement(st)))
-        .chain(
-            d.events
-                .iter()
-                .filter(|e| {
-                    !matches!(
-                        e.kind.as_str(),
-                        "session.start" | "session.end" | "session.refused"
-                    )
-                })
-                .map(|e| (e.at, Item::Event(e))),
-        )
-        .collect();
-    items.sort_by_key(|(t, _)| *t);
+    use crate::control::api::TimelineItem as Item;
+    let items = d.timeline();
     if items.is_empty() {
         return;
     }

@@ -10,7 +10,7 @@ use super::pages::{Section, esc, layout_in, show, show_block};
 use crate::{
     control::{api::SessionDetail, recording::Recording},
     identity::Person,
-    model::{AuditEvent, Session, SessionOutcome, StatementRecord, Timestamp},
+    model::{Session, SessionOutcome, StatementRecord, Timestamp},
 };
 
 /// Sessions listed by default, and at most.
@@ -131,11 +131,7 @@ pub fn list(
     )
 }
 
-/// One row of the replay view.
-enum Item<'a> {
-    Statement(&'a StatementRecord),
-    Event(&'a AuditEvent),
-}
+use crate::control::api::TimelineItem as Item;
 
 fn statement_facts(st: &StatementRecord) -> Vec<String> {
     let mut facts = Vec::new();
@@ -217,24 +213,7 @@ pub fn replay(person: &Person, csrf: &str, d: &SessionDetail) -> String {
         up = bytes(s.bytes_up),
         down = bytes(s.bytes_down),
     );
-    let mut items: Vec<(Timestamp, Item<'_>)> = d
-        .statements
-        .iter()
-        .map(|st| (st.at, Item::Statement(st)))
-        .chain(
-            d.events
-                .iter()
-                .filter(|e| {
-                    !matches!(
-                        e.kind.as_str(),
-                        "session.start" | "session.end" | "session.refused"
-                    )
-                })
-                .map(|e| (e.at, Item::Event(e))),
-        )
-        .collect();
-    // Stable: statements of the same millisecond stay in their sequence.
-    items.sort_by_key(|(t, _)| *t);
+    let items = d.timeline();
     let _ = write!(
         b,
         "<h2>Replay: {} statements or requests, {} events</h2>",

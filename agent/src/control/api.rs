@@ -129,6 +129,39 @@ pub struct SessionDetail {
     pub recordings: Vec<u32>,
 }
 
+/// One entry of a session's timeline: a statement (or HTTP request) it ran, or an audit
+/// event about it.
+pub enum TimelineItem<'a> {
+    Statement(&'a crate::model::StatementRecord),
+    Event(&'a crate::model::AuditEvent),
+}
+
+impl SessionDetail {
+    /// Statements and events in time order, as every front end replays them: the session's
+    /// own start and end are the header, not entries. The sort is stable, so statements of
+    /// the same millisecond stay in their sequence.
+    pub fn timeline(&self) -> Vec<(crate::model::Timestamp, TimelineItem<'_>)> {
+        let mut items: Vec<_> = self
+            .statements
+            .iter()
+            .map(|st| (st.at, TimelineItem::Statement(st)))
+            .chain(
+                self.events
+                    .iter()
+                    .filter(|e| {
+                        !matches!(
+                            e.kind.as_str(),
+                            "session.start" | "session.end" | "session.refused"
+                        )
+                    })
+                    .map(|e| (e.at, TimelineItem::Event(e))),
+            )
+            .collect();
+        items.sort_by_key(|(t, _)| *t);
+        items
+    }
+}
+
 /// What `jitgate status` shows.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatusReport {
