@@ -405,7 +405,9 @@ impl Caller {
                         .id
                         .split('@')
                         .next()
-                        .is_some_and(|local| local.eq_ignore_ascii_case(&by.user))
+                        // `ann+ops@` is ann's address too.
+                        .map(|local| local.split('+').next().unwrap_or(local))
+                        .is_some_and(|local| local.to_lowercase() == by.user.to_lowercase())
             }
             None => self.uid == by.uid || self.user == by.user,
         }

@@ -809,6 +809,7 @@ async fn web_people_without_a_mapping_cannot_approve_what_their_namesake_filed()
     for id in [
         format!("{filer}@example.com"),
         format!("{}@corp.example", filer.to_uppercase()),
+        format!("{filer}+approvals@example.com"),
     ] {
         let unmapped = person(&id, &["dba"], None);
         let m = forbidden(f.service.approve(&unmapped, &q.id, None).await);

@@ -822,11 +822,11 @@ impl GrantEngine {
             return Ok(Recorded::More(now));
         }
         // Each approver agreed to a duration: the grant gets the shortest of them.
+        // An approval recorded without one (an older agent) agreed to the request's.
         let ttl = now
             .approvals
             .iter()
-            .filter_map(|a| a.ttl_secs)
-            .map(Duration::from_secs)
+            .map(|a| a.ttl_secs.map_or(request.ttl, Duration::from_secs))
             .fold(ttl, Duration::min);
         Ok(Recorded::Last { now, ttl })
     }

@@ -566,9 +566,12 @@ impl Ctx<'_> {
                 }));
             }
         }
-        let what = kube
-            .as_ref()
-            .map_or_else(|| format!("{method} {path}"), KubeRequest::describe);
+        // How the request is named in refusals, held requests' reasons and logs: shown
+        // through the detectors like its record's text.
+        let what = kube.as_ref().map_or_else(
+            || format!("{method} {}", self.shown_target(path.as_str())),
+            |k| self.shown_target(&k.describe()),
+        );
         let parts = policy::RequestParts {
             host: host.as_deref(),
             query: req.uri().query(),
@@ -769,7 +772,11 @@ impl Ctx<'_> {
     /// gets the target as it was.
     fn shown_target(&self, target: &str) -> String {
         match &self.masker {
-            Some(m) => m.mask_text(target).0,
+            // Decoded first, or `boss%40example.com` would pass the e-mail detector.
+            Some(m) => {
+                m.mask_text(&super::normalize::decoded_for_display(target))
+                    .0
+            }
             None => target.to_owned(),
         }
     }
@@ -927,6 +934,21 @@ impl Ctx<'_> {
             hint: None,
         })?;
         let mut response = response;
+        if extended_connect && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // The upstream did not switch: a 2xx passed on would open a tunnel that nothing
+            // relays; anything else is an answer the client can read.
+            if response.status().is_success() {
+                return Err(Refusal {
+                    status: 502,
+                    error: format!(
+                        "the upstream answered the WebSocket handshake with {} instead of switching protocols",
+                        response.status()
+                    ),
+                    rule: None,
+                    hint: None,
+                });
+            }
+        }
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let (Some(client_upgraded), Some(token)) = (client_upgraded, upgrade)
         {

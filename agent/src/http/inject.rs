@@ -56,6 +56,11 @@ struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
     ino: u64,
+    /// A `chmod` or `chown` changes neither content nor mtime: these make a loosened file
+    /// be checked again (and refused).
+    ctime: (i64, i64),
+    mode: u32,
+    uid: u32,
 }
 
 /// How long a loaded secret is used before its file is looked at again.
@@ -113,6 +118,9 @@ impl Credential {
             modified: meta.modified().ok(),
             len: meta.len(),
             ino: meta.ino(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+            mode: meta.mode(),
+            uid: meta.uid(),
         };
         if let Some(c) = cache.as_mut()
             && c.stamp == stamp
@@ -243,6 +251,17 @@ mod tests {
                 Err(SecretError::File(SecretFileError::Mode { .. }))
             ),
             "a changed file is re-checked"
+        );
+        // Loosened by chmod alone (same content, same mtime): noticed too.
+        write(&file, "cc", 0o600);
+        assert!(cred.load().is_ok());
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(
+            matches!(
+                cred.load(),
+                Err(SecretError::File(SecretFileError::Mode { .. }))
+            ),
+            "a chmod is noticed"
         );
     }
 

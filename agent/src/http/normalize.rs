@@ -68,6 +68,30 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
+/// Every `%XX` decoded (lossy UTF-8), for showing a target to people through the detectors:
+/// `boss%40example.com` must be recognised as the address it is. Never for judging or
+/// forwarding (see [`normalize`] for that).
+pub fn decoded_for_display(target: &str) -> String {
+    let b = target.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex_value),
+                b.get(i + 2).copied().and_then(hex_value),
+            )
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn is_unreserved_kept(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~')
 }
@@ -192,6 +216,15 @@ mod tests {
         assert_eq!(n("/a/.").as_deref(), Ok("/a/"));
         assert_eq!(n("/a/b/../../admin/x").as_deref(), Ok("/admin/x"));
         assert_eq!(n("/..."), Ok("/...".to_owned()), "three dots is a name");
+    }
+
+    #[test]
+    fn targets_are_decoded_for_display_only() {
+        assert_eq!(
+            decoded_for_display("/a?cc=boss%40example.com&x=%2"),
+            "/a?cc=boss@example.com&x=%2"
+        );
+        assert_eq!(decoded_for_display("/%E2%80%AE%zz"), "/\u{202e}%zz");
     }
 
     #[test]

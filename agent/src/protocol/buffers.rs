@@ -23,8 +23,9 @@ pub const DEFAULT_BUDGET: usize = 256 << 20;
 ///
 /// The share exists because the agent-wide bound alone lets one workload (one grant, many
 /// connections) take the whole budget, and with it every other workload's masked responses
-/// and held requests: a denial of service across identities. With a share, what one
-/// identity holds never stops another from holding its own.
+/// and held requests: a denial of service across identities. With a share, one identity can
+/// take at most that part (by default half: two busy identities can still fill the budget;
+/// lower `buffer_share` where many workloads share an agent). Both are read at start.
 #[derive(Clone, Debug)]
 pub struct Buffers {
     sem: Arc<Semaphore>,

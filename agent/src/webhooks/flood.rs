@@ -46,17 +46,29 @@ pub struct Flood {
     buckets: HashMap<(String, String), Bucket>,
 }
 
-/// Whom an event is about: the workload identity it names, else its actor.
+/// Whom and what an event is about: the workload identity it names (else its actor) and the
+/// resource. The resource is part of it so that a workload cannot spend its budget on
+/// harmless refusals somewhere and then probe the resource that matters unannounced.
 fn source(record: &AuditEvent) -> String {
-    record
-        .detail
-        .get("identity")
-        .and_then(|v| v.as_str())
-        .map_or_else(|| record.actor.clone(), str::to_owned)
+    let field = |k: &str| record.detail.get(k).and_then(|v| v.as_str());
+    let who = field("identity").unwrap_or(&record.actor);
+    match field("resource") {
+        Some(resource) => format!("{who}\u{0}{resource}"),
+        None => who.to_owned(),
+    }
+}
+
+/// Events about the gate itself (detached, reattached, tampering found) are rare and
+/// always sent.
+fn never_thinned(kind: &str) -> bool {
+    kind.starts_with("gate.") || kind.starts_with("audit.")
 }
 
 impl Flood {
     pub fn judge(&mut self, record: &AuditEvent, now: Instant) -> Verdict {
+        if never_thinned(&record.kind) {
+            return Verdict::Send { suppressed: 0 };
+        }
         if self.buckets.len() >= TRACKED {
             self.buckets
                 .retain(|_, b| b.suppressed > 0 || refilled(b.tokens, b.since, now).0 < BURST);
@@ -131,6 +143,18 @@ mod tests {
         assert_eq!(f.judge(&held, t0), Verdict::Suppress { first: true });
         for _ in 0..99 {
             assert_eq!(f.judge(&held, t0), Verdict::Suppress { first: false });
+        }
+        // Another resource of the same identity has its own budget: a workload cannot use
+        // up its notifications somewhere harmless and then act unannounced elsewhere.
+        let mut elsewhere = event("statement.held", "ci-bot");
+        elsewhere.detail["resource"] = "prod-db".into();
+        assert_eq!(f.judge(&elsewhere, t0), Verdict::Send { suppressed: 0 });
+        // Events about the gate itself are never thinned.
+        for _ in 0..(BURST * 2) {
+            assert_eq!(
+                f.judge(&event("gate.detached", "ci-bot"), t0),
+                Verdict::Send { suppressed: 0 }
+            );
         }
         // Another identity, and another kind of the same identity, have their own budgets.
         assert_eq!(
