@@ -70,20 +70,7 @@ pub fn relative(t: Timestamp) -> String {
     }
 }
 
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+pub use crate::model::human_bytes as bytes;
 
 /// `jitgate sessions show`: the session, then its statements and events in time order.
 pub fn timeline(d: &crate::control::api::SessionDetail) {

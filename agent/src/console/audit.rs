@@ -138,18 +138,15 @@ pub fn page(
         }
         b.push_str("</tbody></table></div>");
     }
-    if events.len() >= limit && limit < MAX_LIMIT {
-        let _ = write!(
-            b,
-            r#"<p class="more"><a class="button" href="/audit?limit={}">Show older records</a></p>"#,
-            (limit * 2).min(MAX_LIMIT)
-        );
-    } else if events.len() >= limit {
-        let _ = write!(
-            b,
-            r#"<p class="empty">Only the newest {limit} are shown here; <code>jitgate audit --limit N</code> lists more.</p>"#
-        );
-    }
+    super::pages::more(
+        &mut b,
+        events.len(),
+        limit,
+        MAX_LIMIT,
+        ("/audit?", ""),
+        "records",
+        "jitgate audit --limit N",
+    );
     layout_in(
         "Audit and status",
         Some(Section::Audit),

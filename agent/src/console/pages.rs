@@ -150,6 +150,35 @@ pub(super) fn layout_in(
     )
 }
 
+/// Below a bounded list: a link to twice as many (`href` ends where `limit=N` is appended),
+/// or, at the page's most, the CLI command that lists more. Nothing when the list was short.
+pub(super) fn more(
+    b: &mut String,
+    shown: usize,
+    limit: usize,
+    max: usize,
+    (href, extra): (&str, &str),
+    what: &str,
+    cli: &str,
+) {
+    use std::fmt::Write as _;
+    if shown < limit {
+        return;
+    }
+    if limit < max {
+        let _ = write!(
+            b,
+            r#"<p class="more"><a class="button" href="{href}limit={}{extra}">Show older {what}</a></p>"#,
+            (limit * 2).min(max)
+        );
+    } else {
+        let _ = write!(
+            b,
+            r#"<p class="empty">Only the newest {limit} are shown here; <code>{cli}</code> lists more.</p>"#
+        );
+    }
+}
+
 pub(super) fn age(since: Timestamp, now: Timestamp) -> String {
     let secs = (now.0.saturating_sub(since.0) / 1000).max(0);
     match secs {

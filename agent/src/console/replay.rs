@@ -35,20 +35,7 @@ fn offset(start: Timestamp, t: Timestamp) -> String {
     format!("+{}.{:03} s", ms / 1000, ms % 1000)
 }
 
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+use crate::model::human_bytes as bytes;
 
 fn outcome_class(o: SessionOutcome) -> &'static str {
     match o {
@@ -110,19 +97,15 @@ pub fn list(
         }
         b.push_str("</tbody></table></div>");
     }
-    if sessions.len() >= limit && limit < MAX_LIMIT {
-        let _ = write!(
-            b,
-            r#"<p class="more"><a class="button" href="/sessions?limit={}{}">Show older sessions</a></p>"#,
-            (limit * 2).min(MAX_LIMIT),
-            if open_only { "&open=1" } else { "" }
-        );
-    } else if sessions.len() >= limit {
-        let _ = write!(
-            b,
-            r#"<p class="empty">Only the newest {limit} are shown here; <code>jitgate sessions --all --limit N</code> lists more.</p>"#
-        );
-    }
+    super::pages::more(
+        &mut b,
+        sessions.len(),
+        limit,
+        MAX_LIMIT,
+        ("/sessions?", if open_only { "&open=1" } else { "" }),
+        "sessions",
+        "jitgate sessions --all --limit N",
+    );
     layout_in(
         "Sessions",
         Some(Section::Sessions),

@@ -310,6 +310,15 @@ impl GrantEngine {
         }
     }
 
+    /// The store connection (epoch) this host's live grants were last reloaded on.
+    fn synced_epoch(&self) -> u64 {
+        self.inner
+            .lease
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .epoch
+    }
+
     /// With a shared store: after every (re)connection, makes the live set what the store
     /// says (revocations made elsewhere meanwhile apply) before the lease counts as renewed;
     /// once the lease on what this host last confirmed has lapsed, ends every live grant
@@ -320,12 +329,7 @@ impl GrantEngine {
         };
         let h = health.get();
         let now = std::time::Instant::now();
-        let synced = self
-            .inner
-            .lease
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .epoch;
+        let synced = self.synced_epoch();
         if h.epoch != synced && h.available(now) {
             match self.resync().await {
                 Ok(()) => {
@@ -389,12 +393,7 @@ impl GrantEngine {
         };
         health.check().map_err(|e| e.to_string())?;
         let h = health.get();
-        let synced = self
-            .inner
-            .lease
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .epoch;
+        let synced = self.synced_epoch();
         if synced != h.epoch {
             // Reconnected, live grants not yet reloaded: a grant revoked meanwhile may still
             // be in the live set, so nothing new rides on it yet.
