@@ -3,8 +3,9 @@
 //! host agent on the embedded store, and walks an AI agent's workload through refusal, a
 //! request, approval, expiry on a live connection, revocation, a gated and masked PostgreSQL
 //! session, kubectl against a Kubernetes API (stand-in) with its token injected, Secrets
-//! masked and a delete held for approval, and the audit trail. Leaves everything running for exploration; `cargo xtask demo
-//! --stop` cleans up.
+//! masked and a delete held for approval, an approval in the web console (signed in through
+//! an OpenID provider started for the demo, screenshots of each page), and the audit trail.
+//! Leaves everything running for exploration; `cargo xtask demo --stop` cleans up.
 
 use std::{
     fs,
@@ -28,6 +29,13 @@ const ELSEWHERE_PORT: u16 = 18081;
 const PROXY_PORT: u16 = 15101;
 const PG_PORT: u16 = 15432;
 const KUBE_PORT: u16 = 16443;
+/// The web console (HTTPS, a certificate from the host CA).
+const CONSOLE_PORT: u16 = 18443;
+/// The demo's OpenID provider (panva's oidc-provider, the one the console tests use).
+const IDP_PORT: u16 = 18444;
+const IDP_CLIENT: &str = "jitgate-demo";
+/// Only for the provider on loopback the demo starts, never a real one.
+const IDP_CLIENT_SECRET: &str = "demo-oidc-client-secret-8c1e";
 /// The service account token the gate injects toward the cluster: root-only, never the agent's.
 const KUBE_TOKEN: &str = "demo-cluster-token-6f2a";
 /// The read-only role's password: only the host agent reads it (from a root-only file).
@@ -58,6 +66,16 @@ gate_cgroup = "{GATE_CGROUP}"
 bpf_pin_dir = "{PIN_DIR}"
 proxy_listen = "127.0.0.1:{PROXY_PORT}"
 egress = "deny"
+console_listen = "127.0.0.1:{CONSOLE_PORT}"
+
+[console.oidc]
+# The demo's own OpenID provider on loopback (tests/console/provider.mjs): `ann` signs in
+# with any password. A real deployment names its company's provider here.
+issuer = "http://127.0.0.1:{IDP_PORT}"
+client_id = "{IDP_CLIENT}"
+client_secret_file = "{DIR}/secrets/oidc-client"
+redirect_url = "https://127.0.0.1:{CONSOLE_PORT}/auth/callback"
+scopes = ["openid", "email", "groups"]
 
 [[workload]]
 identity = "demo-agent"
@@ -127,6 +145,7 @@ resources = ["orders-db"]
 access = ["read"]
 max_ttl = "10m"
 approval = "auto"
+approvers = ["root", "oidc:ann@example.com"]   # who may read its sessions in the console
 
 [[policy]]
 name = "agent-reads-web"
@@ -135,7 +154,7 @@ resources = ["web"]
 access = ["read"]
 max_ttl = "1h"
 approval = "manual"
-approvers = ["root"]
+approvers = ["root", "oidc:ann@example.com"]
 
 [[policy]]
 name = "batch-short-grants"
@@ -222,6 +241,7 @@ pub fn stop() -> Result<()> {
     kill_pidfile("web");
     kill_pidfile("elsewhere");
     kill_pidfile("kube-standin");
+    kill_pidfile("oidc-provider");
     Postgres::stop_in(&dir().join("pg"));
     if bin("jitgate").exists() {
         let _ = Command::new(bin("jitgate"))
@@ -289,7 +309,15 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 "#;
 
 fn start_servers() -> Result<()> {
-    for port in [WEB_PORT, ELSEWHERE_PORT, PROXY_PORT, PG_PORT, KUBE_PORT] {
+    for port in [
+        WEB_PORT,
+        ELSEWHERE_PORT,
+        PROXY_PORT,
+        PG_PORT,
+        KUBE_PORT,
+        CONSOLE_PORT,
+        IDP_PORT,
+    ] {
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
             bail!(
                 "port {port} on 127.0.0.1 is taken; the demo needs it (stop whatever uses it: `ss -ltnp | grep {port}`)"
@@ -314,8 +342,22 @@ fn start_servers() -> Result<()> {
         &dir().join("kube-standin.log"),
     )?;
     write_pid("kube-standin", child.id())?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for port in [WEB_PORT, ELSEWHERE_PORT, KUBE_PORT] {
+    let console = console_dir();
+    let child = detached(
+        Command::new("node")
+            .arg(console.join("provider.mjs"))
+            .args([
+                &IDP_PORT.to_string(),
+                IDP_CLIENT,
+                IDP_CLIENT_SECRET,
+                &format!("https://127.0.0.1:{CONSOLE_PORT}/auth/callback"),
+            ])
+            .current_dir(&console),
+        &dir().join("oidc-provider.log"),
+    )?;
+    write_pid("oidc-provider", child.id())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for port in [WEB_PORT, ELSEWHERE_PORT, KUBE_PORT, IDP_PORT] {
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline {
                 bail!("the demo web server on port {port} did not start (is the port taken?)");
@@ -373,10 +415,18 @@ fn start_postgres() -> Result<()> {
     let secret = secrets.join("orders_ro");
     fs::write(&secret, format!("{PG_RO_PASSWORD}\n"))?;
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o600))?;
+    let oidc = secrets.join("oidc-client");
+    fs::write(&oidc, format!("{IDP_CLIENT_SECRET}\n"))?;
+    fs::set_permissions(&oidc, fs::Permissions::from_mode(0o600))?;
     let token = secrets.join("cluster.token");
     fs::write(&token, format!("{KUBE_TOKEN}\n"))?;
     fs::set_permissions(&token, fs::Permissions::from_mode(0o600))?;
     Ok(())
+}
+
+/// The console's browser scripts and their npm packages (installed by `cargo xtask setup`).
+fn console_dir() -> PathBuf {
+    crate::root().join("tests/console")
 }
 
 fn workload(identity: &str, extra: &[&str], cmd: &[&str]) -> Command {
@@ -625,7 +675,64 @@ pub fn run(target: &Path) -> Result<()> {
     indent(&out.stdout);
     indent(&out.stderr);
 
-    banner("9. Everything is on the record, tamper-evident");
+    banner("9. Approvers decide where they are: the web console");
+    say(&format!(
+        "jitgated also serves a web console (https://127.0.0.1:{CONSOLE_PORT}/) with OpenID Connect\n\
+         sign-in. Here the provider is a local one started for the demo; Ann (`oidc:ann@example.com`\n\
+         in the policy) approves from a browser (headless Chromium, driven by a script that takes\n\
+         a screenshot of each page)."
+    ));
+    let script = format!(
+        "jitgate request web --reason 'weekly revenue report' --ttl 5m --wait && curl -sS -m 5 {web}"
+    );
+    show_cmd(&format!(
+        "jitgate run --as demo-agent --user nobody -- sh -c \"{script}\"   # in the background"
+    ));
+    let agent = workload("demo-agent", &[], &["sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let pending = json(&mut jitgate(&["approvals", "--json"]))?;
+        if let Some(first) = pending.as_array().and_then(|a| a.first()) {
+            break first["id"].as_str().unwrap_or_default().to_owned();
+        }
+        if Instant::now() > deadline {
+            bail!("the agent's request did not show up");
+        }
+        sleep(Duration::from_millis(100));
+    };
+    let shots = dir().join("screenshots");
+    fs::create_dir_all(&shots)?;
+    let console = format!("https://127.0.0.1:{CONSOLE_PORT}");
+    let (code, _) = step(
+        &format!(
+            "node tests/console/tour.mjs {console} ann {} {id} {last_pg}",
+            shots.display()
+        ),
+        {
+            let mut c = Command::new("node");
+            c.arg(console_dir().join("tour.mjs"))
+                .args([&console, "ann", &shots.display().to_string(), &id, &last_pg])
+                .current_dir(console_dir());
+            c
+        },
+    )?;
+    if code != 0 {
+        bail!("the console act failed (the browser's output is above)");
+    }
+    let out = agent.wait_with_output()?;
+    say("The agent's waiting command resumes as soon as Ann approves:");
+    indent(&out.stderr);
+    indent(&out.stdout);
+    say("The record names the person who decided, as the provider vouched for them:");
+    step(
+        "jitgate audit --limit 7",
+        jitgate(&["audit", "--limit", "7"]),
+    )?;
+
+    banner("10. Everything is on the record, tamper-evident");
     step(
         "jitgate audit --limit 12",
         jitgate(&["audit", "--limit", "12"]),
@@ -642,6 +749,8 @@ jitgate run --as demo-agent --user nobody --grant orders-db:read -- psql postgre
 jitgate run --as demo-agent --user nobody --grant cluster:read -- kubectl get secrets -n prod -o yaml
 jitgate approvals; jitgate approve ID; jitgate grants; jitgate revoke ID
 jitgate sessions --all; jitgate audit
+Console: https://127.0.0.1:{CONSOLE_PORT}/ (sign in as `ann`, any password; the certificate is
+from the demo host CA, {DIR}/ca.pem: trust it or accept it once). Its pages: {DIR}/screenshots/
 
 Config: {DIR}/jitgate.toml   Log: {DIR}/jitgated.log
 Stop everything (daemon, servers, gate): cargo xtask demo --stop",

@@ -126,18 +126,25 @@ pub type LineMask = Box<dyn FnMut(&[u8]) -> Result<Vec<u8>, String> + Send>;
 /// A line-framed stream (a Kubernetes watch, server-sent events, NDJSON) masked line by line
 /// as each completes, so long-lived streams flow without being buffered whole. A line longer
 /// than `max_line` ends the stream with an error.
+///
+/// The line being gathered, and what masking it takes, are held against the buffer budget
+/// like a body read whole (a watch line can be a 64 MiB object, and a workload can open many
+/// watches); past its share or the agent's budget the stream ends with an error. Between
+/// lines only the unfinished rest stays reserved.
 pub struct LineMasker {
     line: bytes::BytesMut,
     mask: LineMask,
     max_line: usize,
+    held: Reservation,
 }
 
 impl LineMasker {
-    pub fn new(max_line: usize, mask: LineMask) -> Self {
+    pub fn new(max_line: usize, mask: LineMask, held: Reservation) -> Self {
         Self {
             line: bytes::BytesMut::new(),
             mask,
             max_line,
+            held,
         }
     }
 
@@ -159,6 +166,15 @@ impl LineMasker {
                 out.extend_from_slice(&line);
                 continue;
             }
+            // The rest still gathered, this line, its parsed tree, its masked copy and what
+            // is already masked for this chunk.
+            self.held.cover(
+                self.line.len()
+                    + line.len()
+                    + super::jsonmask::parsed_size(body)
+                    + body.len()
+                    + out.len(),
+            )?;
             out.extend_from_slice(&(self.mask)(body)?);
             if newline {
                 out.push(b'\n');
@@ -171,12 +187,14 @@ impl LineMasker {
             )
             .into());
         }
+        self.held.shrink_to(self.line.len() + out.len());
         Ok(out.into())
     }
 }
 
 impl Rewrite for LineMasker {
     fn push(&mut self, chunk: &[u8]) -> Result<Bytes, BoxError> {
+        self.held.cover(self.line.len() + chunk.len())?;
         self.line.extend_from_slice(chunk);
         self.complete_lines(false)
     }
@@ -520,14 +538,70 @@ mod tests {
     async fn lines_are_masked_as_they_complete_whatever_the_chunking() {
         let body = Rewritten::new(
             Chunks(["{\"a\":1}\n{\"b", "\":2}\n\n", "tail"].into()),
-            LineMasker::new(1024, Box::new(|line: &[u8]| Ok(line.to_ascii_uppercase()))),
+            LineMasker::new(
+                1024,
+                Box::new(|line: &[u8]| Ok(line.to_ascii_uppercase())),
+                unbounded(),
+            ),
         );
         let out = body.collect().await.unwrap().to_bytes();
         assert_eq!(&out[..], b"{\"A\":1}\n{\"B\":2}\n\nTAIL");
         let too_long = Rewritten::new(
             Chunks([&*"x".repeat(64).leak()].into()),
-            LineMasker::new(16, Box::new(|l: &[u8]| Ok(l.to_vec()))),
+            LineMasker::new(16, Box::new(|l: &[u8]| Ok(l.to_vec())), unbounded()),
         );
         assert!(too_long.collect().await.is_err());
+    }
+
+    fn unbounded() -> Reservation {
+        crate::protocol::buffers::Buffers::default().reservation("w")
+    }
+
+    #[tokio::test]
+    async fn streamed_lines_are_held_against_the_identitys_share() {
+        use crate::protocol::buffers::Buffers;
+        let buffers = Buffers::new(8 << 20, 1 << 20);
+        // A watch whose objects are small flows, and holds only the line it is gathering.
+        let small: &'static str = "{\"a\":[1,2,3]}\n".repeat(1000).leak();
+        let masker = LineMasker::new(
+            64 << 20,
+            Box::new(|l: &[u8]| Ok(l.to_vec())),
+            buffers.reservation("w"),
+        );
+        let mut body = Rewritten::new(Chunks([small, "{\"b\":"].into()), masker);
+        while let Some(frame) = body.frame().await {
+            frame.expect("small lines flow");
+        }
+        drop(body);
+        assert_eq!(buffers.available(), 8 << 20, "everything given back");
+        // One line of a few hundred KiB of small objects parses to far more than its text:
+        // past the identity's 1 MiB share the stream ends, while the agent has room.
+        let dense: &'static str = format!("[{}]\n", vec!["{\"a\":1}"; 4_000].join(",")).leak();
+        assert!(dense.len() < 1 << 20);
+        let masker = LineMasker::new(
+            64 << 20,
+            Box::new(|l: &[u8]| Ok(l.to_vec())),
+            buffers.reservation("w"),
+        );
+        let e = Rewritten::new(Chunks([dense].into()), masker)
+            .collect()
+            .await
+            .expect_err("the dense line is refused");
+        assert!(e.to_string().contains("buffer_share"), "{e}");
+        // Another identity's masking is untouched, and nothing stays held.
+        assert_eq!(buffers.available(), 8 << 20);
+        // A line gathered in many chunks is held as it grows: one that never ends stops at
+        // the share, not at the 64 MiB line limit.
+        let chunk: &'static str = "x".repeat(64 << 10).leak();
+        let endless = Rewritten::new(
+            Chunks(std::iter::repeat_n(chunk, 64).collect()),
+            LineMasker::new(
+                64 << 20,
+                Box::new(|l: &[u8]| Ok(l.to_vec())),
+                buffers.reservation("w"),
+            ),
+        );
+        let e = endless.collect().await.expect_err("refused");
+        assert!(e.to_string().contains("buffer_share"), "{e}");
     }
 }

@@ -1176,7 +1176,9 @@ impl Ctx<'_> {
                     |m| m.mask_text(&text).0.into_bytes(),
                 ))
             });
-            let masked = Rewritten::new(body, LineMasker::new(kube::MAX_MASKED_BODY, per_line));
+            let held = self.services.buffers.reservation(&self.who.identity);
+            let masked =
+                Rewritten::new(body, LineMasker::new(kube::MAX_MASKED_BODY, per_line, held));
             return Ok((masked.boxed_unsync(), 0));
         }
         // A whole body is held from its first byte until the client has read the masked
@@ -1193,6 +1195,10 @@ impl Ctx<'_> {
             .await
             .map_err(|e| refusal(format!("reading a response to mask it: {e}")))?;
         let (out, n) = if json {
+            // The parsed tree is many times the text (see `parsed_size`): reserved before it
+            // is built, or a workload could make the gate hold far more than its share.
+            held.cover(2 * bytes.len() + super::jsonmask::parsed_size(&bytes))
+                .map_err(buffers_full)?;
             mask_json(&bytes).map_err(refusal)?
         } else {
             let text = String::from_utf8_lossy(&bytes);

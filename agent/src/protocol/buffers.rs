@@ -141,6 +141,23 @@ impl Reservation {
         self.units = want;
         Ok(())
     }
+
+    /// Gives back what is held beyond `bytes`: a stream masked line by line holds its
+    /// current line, not the largest it has seen.
+    pub fn shrink_to(&mut self, bytes: usize) {
+        let want = bytes.div_ceil(UNIT);
+        if want >= self.units {
+            return;
+        }
+        let extra = self.units - want;
+        if want == 0 {
+            self.permits = None;
+        } else if let Some((all, mine)) = &mut self.permits {
+            drop(all.split(extra));
+            drop(mine.split(extra));
+        }
+        self.units = want;
+    }
 }
 
 #[cfg(test)]
@@ -163,6 +180,22 @@ mod tests {
         drop(a);
         b.cover(30 * 1024).unwrap();
         drop(b);
+        assert_eq!(buffers.available(), 64 * 1024);
+    }
+
+    #[test]
+    fn a_shrunk_reservation_gives_back_the_rest() {
+        let buffers = Buffers::new(64 * 1024, 32 * 1024);
+        let mut r = buffers.reservation("a");
+        r.cover(30 * 1024).unwrap();
+        r.shrink_to(2 * 1024);
+        assert_eq!(buffers.available(), 62 * 1024);
+        // The identity's share was given back too: it can grow again to its whole share.
+        r.cover(32 * 1024).unwrap();
+        r.shrink_to(0);
+        assert_eq!(buffers.available(), 64 * 1024);
+        r.cover(1024).unwrap();
+        drop(r);
         assert_eq!(buffers.available(), 64 * 1024);
     }
 

@@ -9,8 +9,11 @@
 //! hash is the delivery id, the same on every retry, for receivers to drop duplicates),
 //! retried with backoff ([`deliver::backoff`]) on network errors, 5xx, 408, 425 and 429. Up to
 //! [`IN_FLIGHT`] events of one webhook are under way at once, so one event its receiver keeps
-//! failing (minutes of backoff) does not hold back the ones behind it; events may therefore
-//! arrive out of order (each carries its audit `seq` and time). What
+//! failing (minutes of backoff) does not hold back the ones behind it. Events about one
+//! subject (one request, grant or session) are still sent in order, one after the other: a
+//! receiver never hears of a request's approval before it hears it was filed, however the
+//! first delivery is retried ([`Subjects`]). Events about different subjects may arrive out
+//! of order (each carries its audit `seq` and time). What
 //! is still queued when the agent stops, or dropped because a queue was full, is counted
 //! (`jitgate_webhook_deliveries_total{outcome="dropped"}`) and logged: the audit log stays
 //! the complete record.
@@ -171,32 +174,46 @@ async fn run_worker(
         error!(webhook = %spec.name, error = %format!("{e:#}"), "webhook TLS setup failed; its events fail until the CA file is fixed and the config reloaded");
     }
     let (spec_ref, host_ref, tls_ref, stop) = (&spec, host.as_str(), &tls, &shutdown);
+    let send = |record: AuditEvent| async move {
+        let outcome = match tls_ref {
+            Ok(tls) => deliver(spec_ref, tls, host_ref, &record, stop).await,
+            Err(_) => "failed",
+        };
+        (outcome, record)
+    };
     let mut running = FuturesUnordered::new();
+    let mut order = Subjects::default();
     let mut open = true;
-    while open || !running.is_empty() {
+    while open || !running.is_empty() || !order.is_empty() {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            Some(outcome) = running.next(), if !running.is_empty() => {
+            Some((outcome, record)) = running.next(), if !running.is_empty() => {
                 metrics::webhook_delivery(&spec.name, outcome, 1);
+                order.done(&record);
             }
-            r = rx.recv(), if open && running.len() < IN_FLIGHT => match r {
-                Some(record) => running.push(async move {
-                    match tls_ref {
-                        Ok(tls) => deliver(spec_ref, tls, host_ref, &record, stop).await,
-                        Err(_) => "failed",
-                    }
-                }),
+            r = rx.recv(), if open && order.has_room() => match r {
+                Some(record) => order.queue(record),
                 // Removed or changed by a reload: finish what is under way.
                 None => open = false,
             },
+        }
+        while running.len() < IN_FLIGHT {
+            let Some(record) = order.next_ready() else {
+                break;
+            };
+            running.push(send(record));
         }
     }
     if !open {
         return;
     }
     // Stopping: deliveries under way end at their next wait ("dropped").
-    while let Some(outcome) = running.next().await {
+    while let Some((outcome, _)) = running.next().await {
         metrics::webhook_delivery(&spec.name, outcome, 1);
+    }
+    let waiting = order.len() as u64;
+    if waiting > 0 {
+        metrics::webhook_delivery(&spec.name, "dropped", waiting);
     }
     // Stopping: what is still queued is not sent.
     rx.close();
@@ -207,6 +224,86 @@ async fn run_worker(
     if left > 0 {
         warn!(webhook = %spec.name, events = left, "agent stopping: queued webhook events not sent (the audit log has them)");
         metrics::webhook_delivery(&spec.name, "dropped", left);
+    }
+}
+
+/// Keeps the events of one subject in order while up to [`IN_FLIGHT`] events of different
+/// subjects are under way: an event waits while an earlier one naming any of the same
+/// request, grant or session is being delivered or waiting itself. Events naming none (gate,
+/// configuration) never wait for others.
+#[derive(Default)]
+struct Subjects {
+    /// In arrival order.
+    waiting: std::collections::VecDeque<AuditEvent>,
+    /// Subjects with a delivery under way, and how many.
+    busy: HashMap<String, usize>,
+}
+
+impl Subjects {
+    /// Ids an event is about: `request:ID`, `grant:ID`, `session:ID`.
+    fn of(record: &AuditEvent) -> impl Iterator<Item = String> + '_ {
+        ["request", "grant", "session"]
+            .into_iter()
+            .filter_map(|key| {
+                record
+                    .detail
+                    .get(key)
+                    .and_then(serde_json::Value::as_str)
+                    .map(|id| format!("{key}:{id}"))
+            })
+    }
+
+    /// Taking more from the webhook's queue only while few wait here keeps the queue (and its
+    /// counted drops) the one place where a slow receiver's backlog shows.
+    fn has_room(&self) -> bool {
+        self.waiting.len() < IN_FLIGHT
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    fn queue(&mut self, record: AuditEvent) {
+        self.waiting.push_back(record);
+    }
+
+    /// The first waiting event none of whose subjects is busy or named by an event waiting
+    /// before it; marked busy.
+    fn next_ready(&mut self) -> Option<AuditEvent> {
+        let mut ahead: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut found = None;
+        for (i, record) in self.waiting.iter().enumerate() {
+            let subjects: Vec<String> = Self::of(record).collect();
+            if subjects
+                .iter()
+                .all(|s| !self.busy.contains_key(s) && !ahead.contains(s))
+            {
+                found = Some(i);
+                break;
+            }
+            ahead.extend(subjects);
+        }
+        let record = self.waiting.remove(found?)?;
+        for subject in Self::of(&record) {
+            *self.busy.entry(subject).or_default() += 1;
+        }
+        Some(record)
+    }
+
+    /// A delivery ended (however): its subjects are free for the next event.
+    fn done(&mut self, record: &AuditEvent) {
+        for subject in Self::of(record) {
+            if let Some(n) = self.busy.get_mut(&subject) {
+                *n -= 1;
+                if *n == 0 {
+                    self.busy.remove(&subject);
+                }
+            }
+        }
     }
 }
 

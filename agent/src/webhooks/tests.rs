@@ -364,3 +364,68 @@ async fn a_slack_webhook_reads_its_url_from_a_private_file() {
     assert!(text.contains("jitgate approve req_s1"), "{text}");
     assert!(seen[0].signature.is_none(), "no key configured");
 }
+
+#[tokio::test]
+async fn events_about_one_request_arrive_in_order_while_its_first_is_retried() {
+    // The first two calls announcing req_o1 fail (503, retry after 1 s); its denial, made
+    // meanwhile, must not reach the receiver before the announcement does.
+    let failures = Mutex::new(0u32);
+    let (port, calls) = receiver_by(move |body| {
+        let mut failed = failures.lock().unwrap();
+        if body["event"] == "request.filed" && body["detail"]["request"] == "req_o1" && *failed < 2
+        {
+            *failed += 1;
+            503
+        } else {
+            200
+        }
+    })
+    .await;
+    let s = start(hook(port, "max_attempts = 5"));
+    s.store
+        .file_request(request("req_o1", None, None), "user bob".into())
+        .await
+        .unwrap();
+    s.store
+        .deny_request(
+            "req_o1".into(),
+            crate::store::tests::actor(0, "root"),
+            "user root".into(),
+            Some("no".into()),
+        )
+        .await
+        .unwrap();
+    s.store
+        .file_request(request("req_o2", None, None), "user bob".into())
+        .await
+        .unwrap();
+    let seen = wait_for(&calls, 5).await;
+    let order: Vec<String> = seen
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {}",
+                c.event,
+                c.body["detail"]["request"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    let last_filed = order
+        .iter()
+        .rposition(|e| e == "request.filed req_o1")
+        .expect("filed sent");
+    let denied = order
+        .iter()
+        .position(|e| e == "request.denied req_o1")
+        .expect("denial sent");
+    assert!(
+        last_filed < denied,
+        "the denial overtook the filing: {order:?}"
+    );
+    // Another request's event did not wait for req_o1's retries.
+    let other = order
+        .iter()
+        .position(|e| e == "request.filed req_o2")
+        .expect("req_o2 sent");
+    assert!(other < last_filed, "{order:?}");
+}
