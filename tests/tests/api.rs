@@ -169,6 +169,8 @@ fn tokens_and_the_http_api() {
         "{}",
         in_url.body
     );
+    let in_path = curl(&[], &format!("{api}/sessions/{token}"));
+    assert_eq!(in_path.status, 400, "{}", in_path.body);
     let mut tampered = token.clone();
     let last = tampered.pop().unwrap();
     tampered.push(if last == 'A' { 'B' } else { 'A' });

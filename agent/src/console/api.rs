@@ -153,7 +153,7 @@ fn control_error(e: &ControlError) -> Response<Full<Bytes>> {
 }
 
 fn answer<T: serde::Serialize>(result: Result<T, ControlError>) -> Response<Full<Bytes>> {
-    match result.map(|v| serde_json::to_value(v)) {
+    match result.map(serde_json::to_value) {
         Ok(Ok(v)) => json_response(StatusCode::OK, &v),
         Ok(Err(e)) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -275,10 +275,15 @@ pub async fn handle(
         return r;
     }
     let query = req.uri().query().unwrap_or("").to_owned();
-    if token_in_query(&query) {
+    let in_path = req
+        .uri()
+        .path()
+        .to_ascii_lowercase()
+        .contains(tokens::PREFIX);
+    if in_path || token_in_query(&query) {
         throttle.failed(peer);
-        // The query is not logged: it holds the secret.
-        warn!(%peer, path = %req.uri().path(), "console API: a credential in the URL (refused)");
+        // Neither path nor query is logged: they hold the secret.
+        warn!(%peer, "console API: a credential in the URL (refused)");
         return error(
             StatusCode::BAD_REQUEST,
             "invalid",
