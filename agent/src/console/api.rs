@@ -174,7 +174,7 @@ fn token_in_query(query: &str) -> bool {
 }
 
 /// The bearer secret, or why there is none.
-fn bearer(req: &Request<Incoming>) -> Result<&str, Response<Full<Bytes>>> {
+fn bearer(req: &Request<Incoming>) -> Result<&str, &'static str> {
     let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
         let message = if req.headers().contains_key(header::AUTHORIZATION) {
@@ -184,15 +184,12 @@ fn bearer(req: &Request<Incoming>) -> Result<&str, Response<Full<Bytes>>> {
         } else {
             "this API needs `Authorization: Bearer <token>` (a token from `jitgate token issue`)"
         };
-        return Err(unauthorized(message, false));
+        return Err(message);
     };
     let value = value.to_str().unwrap_or("");
     match value.split_once(' ') {
         Some((scheme, secret)) if scheme.eq_ignore_ascii_case("bearer") => Ok(secret.trim()),
-        _ => Err(unauthorized(
-            "only the Bearer scheme is accepted: `Authorization: Bearer <token>`",
-            false,
-        )),
+        _ => Err("only the Bearer scheme is accepted: `Authorization: Bearer <token>`"),
     }
 }
 
@@ -292,7 +289,7 @@ pub async fn handle(
     }
     let secret = match bearer(&req) {
         Ok(s) => s.to_owned(),
-        Err(r) => return r,
+        Err(message) => return unauthorized(message, false),
     };
     let caller = match service.authenticate_token(&secret).await {
         Ok(c) => c,
