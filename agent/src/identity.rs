@@ -354,6 +354,20 @@ pub struct Caller {
     /// Set for a person signed in to the web console (then `uid` is [`WEB_UID`] and `user`
     /// reads `oidc ID`): they hold only the rights policy gives `oidc:`/`oidc-group:` names.
     pub person: Option<Person>,
+    /// Set for a call of the console's HTTP API made with a bearer token: the caller is
+    /// the token's unix user (with that user's rights now), limited by the token.
+    pub token: Option<TokenUse>,
+}
+
+/// The API token a call was made with (see [`Caller::token`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenUse {
+    /// `tok_...`: what records name (never the secret).
+    pub id: String,
+    /// Reads only: every change is refused (`control::authz`).
+    pub read_only: bool,
+    /// The unix user it acts as, by name (`Caller::user` reads `alice (token tok_...)`).
+    pub account: String,
 }
 
 impl Caller {
@@ -366,6 +380,7 @@ impl Caller {
             workload: None,
             gated_unattributed: false,
             person: Some(person),
+            token: None,
         }
     }
 
@@ -373,8 +388,14 @@ impl Caller {
         self.workload.is_some() || self.gated_unattributed
     }
 
+    /// Root at the control socket. Never a token's caller: no token acts as root.
     pub fn is_root(&self) -> bool {
-        self.uid == 0 && !self.is_workload() && self.person.is_none()
+        self.uid == 0 && !self.is_workload() && self.person.is_none() && self.token.is_none()
+    }
+
+    /// The unix account's name: the user, or for a token's caller the user it acts as.
+    pub fn unix_name(&self) -> &str {
+        self.token.as_ref().map_or(&self.user, |t| &t.account)
     }
 
     /// Whether `principals` name this caller: a person by their `oidc:` names only, anyone
@@ -409,7 +430,7 @@ impl Caller {
                         .map(|local| local.split('+').next().unwrap_or(local))
                         .is_some_and(|local| local.to_lowercase() == by.user.to_lowercase())
             }
-            None => self.uid == by.uid || self.user == by.user,
+            None => self.uid == by.uid || self.user == by.user || self.unix_name() == by.user,
         }
     }
 

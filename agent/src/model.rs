@@ -574,3 +574,34 @@ mod tests {
         }
     }
 }
+
+/// A bearer token of the console's HTTP API (`jitgate token issue`). It acts as the unix
+/// user `user` with that user's rights as policy gives them at each use. Only a hash of its
+/// secret is kept ([`Self::hash`]), never the secret.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiToken {
+    /// `tok_` and ten base32 letters: what lists, logs and audit records name.
+    pub id: String,
+    /// A label its issuer chose (`ci-approver`), for lists.
+    pub name: String,
+    /// The unix user it acts as (resolved to a uid on the host where it is used).
+    pub user: String,
+    /// Refused any change (approve, deny, revoke): reads only.
+    pub read_only: bool,
+    /// Who issued it, as the audit log names them (`user root` issuing for another user).
+    pub issued_by: String,
+    pub created_at: Timestamp,
+    /// Mandatory: no token lives for ever.
+    pub expires_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+    /// SHA-256 of the whole secret, hex. Never sent to a client.
+    #[serde(skip)]
+    pub hash: String,
+}
+
+impl ApiToken {
+    /// Neither revoked nor expired at `now`.
+    pub fn live(&self, now: Timestamp) -> bool {
+        self.revoked_at.is_none() && now < self.expires_at
+    }
+}

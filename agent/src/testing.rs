@@ -338,6 +338,7 @@ pub fn root() -> Caller {
         workload: None,
         gated_unattributed: false,
         person: None,
+        token: None,
     }
 }
 

@@ -10,6 +10,7 @@ pub mod daemon;
 mod docs;
 mod output;
 mod run;
+mod token;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -139,6 +140,11 @@ enum Command {
     },
     /// Run a command as a gated workload.
     Run(run::RunArgs),
+    /// Bearer tokens of the console's HTTP API (for scripts).
+    Token {
+        #[command(subcommand)]
+        action: token::TokenAction,
+    },
     /// Make the host agent re-read its configuration (like SIGHUP).
     Reload {
         #[arg(long)]
@@ -679,6 +685,7 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => run::run(cli, args),
+        Command::Token { action } => token::run(cli, action),
         Command::Completions { shell } => {
             docs::print_completions(*shell);
             Ok(ExitCode::SUCCESS)

@@ -148,6 +148,9 @@ pub const KINDS: &[&str] = &[
     "daemon.started",
     "daemon.stopped",
     "limit.reached",
+    "token.issued",
+    "token.revoked",
+    "api.call",
 ];
 
 /// Names that stand for several kinds.

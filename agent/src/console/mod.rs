@@ -11,6 +11,7 @@
 //! `Referrer-Policy: same-origin` and `no-store`. No token, code or secret ever goes into a page, URL we make,
 //! or log line.
 
+pub mod api;
 pub mod audit;
 pub mod fetch;
 pub mod oidc;
@@ -18,7 +19,9 @@ pub mod pages;
 pub mod replay;
 pub mod session;
 
-use std::{collections::HashMap, convert::Infallible, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap, convert::Infallible, net::IpAddr, path::Path, sync::Arc, time::Duration,
+};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -68,6 +71,8 @@ pub struct Console {
     /// `https://host[:port]`, from the redirect URL: the only origin forms may come from.
     origin: String,
     tls: Tls,
+    /// Failed API authentications per client ([`api`]).
+    throttle: api::Throttle,
 }
 
 /// Reads the client secret, refusing a file others could read or replace
@@ -126,6 +131,7 @@ impl Console {
             session_ttl: config.session_ttl,
             origin,
             tls,
+            throttle: api::Throttle::default(),
         })
     }
 }
@@ -181,7 +187,7 @@ pub fn serve(
                 };
                 let service = service_fn(move |req| {
                     let console = console.clone();
-                    async move { Ok::<_, Infallible>(console.respond(req).await) }
+                    async move { Ok::<_, Infallible>(console.respond(req, peer.ip()).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -313,9 +319,13 @@ fn status_of(e: &ControlError) -> StatusCode {
 }
 
 impl Console {
-    async fn respond(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn respond(&self, req: Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_owned();
         let r = match (req.method(), path.as_str()) {
+            // Scripts' API: bearer tokens only, never the browser session (see `api`).
+            (_, p) if p.starts_with(api::PREFIX) => {
+                api::handle(&self.service, &self.throttle, req, peer).await
+            }
             (&Method::GET, "/static/console.css") => {
                 let mut r = Response::new(Full::new(Bytes::from_static(pages::CSS.as_bytes())));
                 r.headers_mut().insert(

@@ -59,6 +59,12 @@ pub enum Call {
     Reload,
     /// Removes the gate from the kernel and stops the host agent.
     Detach,
+    /// Issues an API token of the console (its secret comes back once).
+    TokenIssue(super::tokens::TokenSpec),
+    TokenList,
+    TokenRevoke {
+        id: String,
+    },
 }
 
 /// Why a call failed; the CLI maps each to an exit code.

@@ -15,14 +15,18 @@
 //!   inside the gate that maps to no identity gets no rights;
 //! * **people of the web console** (signed in with OpenID Connect) hold exactly the rights
 //!   policy gives their `oidc:` and `oidc-group:` names: an approver named so decides and
-//!   revokes like a unix approver; anyone else signed in may see nothing at all.
+//!   revokes like a unix approver; anyone else signed in may see nothing at all;
+//! * **API tokens** (the console's HTTP API): the unix user who holds the token, with that
+//!   user's rights now, minus every change when the token is read-only. Tokens are issued
+//!   at the control socket only, by a unix user for themselves (root also for another user;
+//!   never for root).
 
 use super::service::ControlError;
 use crate::{
     config::{Access, Config, Principal},
     grants::{RequestSpec, policy},
     identity::Caller,
-    model::{Grant, Request, Session},
+    model::{ApiToken, Grant, Request, Session},
     tasks::RunSpec,
 };
 
@@ -117,6 +121,7 @@ pub fn requester(
             "this process runs inside the gate but belongs to no configured workload".into(),
         ));
     }
+    may_change(caller, "request access")?;
     if let Some(w) = &caller.workload {
         if let Some(other) = spec.for_identity.as_deref().filter(|i| *i != w.identity) {
             return Err(ControlError::Forbidden(format!(
@@ -160,9 +165,22 @@ pub fn reads_held_statements(config: &Config, caller: &Caller) -> bool {
     caller.is_workload() || is_operator(config, caller)
 }
 
+/// A change (approve, deny, revoke, request, launch) needs a caller who may write: a
+/// read-only API token may not.
+pub fn may_change(caller: &Caller, what: &str) -> Result<(), ControlError> {
+    match &caller.token {
+        Some(t) if t.read_only => Err(ControlError::Forbidden(format!(
+            "API token {} is read-only: it cannot {what}; issue one without --read-only",
+            t.id
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Deciding a request (approving it, or denying it as an approver): an approver of the
 /// policy that covers it, outside the gate, who did not file it.
 pub fn may_decide(config: &Config, caller: &Caller, request: &Request) -> Result<(), ControlError> {
+    may_change(caller, "approve or deny requests")?;
     if caller.is_workload() {
         return Err(ControlError::Forbidden(
             "a gated workload cannot approve or deny requests".into(),
@@ -198,6 +216,7 @@ pub fn may_decide(config: &Config, caller: &Caller, request: &Request) -> Result
 /// same workload, and from inside a task the same task: a sibling task of the same identity
 /// does not withdraw another's request), withdrawing it.
 pub fn may_deny(config: &Config, caller: &Caller, request: &Request) -> Result<(), ControlError> {
+    may_change(caller, "deny requests")?;
     let by = &request.requested_by;
     let own = caller.uid == by.uid
         && caller.workload.as_ref().map(|w| &w.identity) == by.identity.as_ref()
@@ -225,6 +244,7 @@ pub fn grants_scope(config: &Config, caller: &Caller) -> Result<Scope, ControlEr
 /// outside the gate root, the approvers of the policy covering it and its identity's
 /// launchers.
 pub fn may_revoke(config: &Config, caller: &Caller, grant: &Grant) -> Result<(), ControlError> {
+    may_change(caller, "revoke grants")?;
     if caller.gated_unattributed {
         return Err(ControlError::Forbidden(
             "this process may not revoke grants".into(),
@@ -328,6 +348,11 @@ pub fn may_launch(config: &Config, caller: &Caller, spec: &RunSpec) -> Result<()
             "a gated workload cannot launch tasks".into(),
         ));
     }
+    if caller.token.is_some() {
+        return Err(ControlError::Forbidden(
+            "an API token cannot launch tasks".into(),
+        ));
+    }
     let Some(workload) = config.workload(&spec.identity) else {
         let known: Vec<&str> = config
             .workloads
@@ -361,4 +386,64 @@ pub fn may_launch(config: &Config, caller: &Caller, spec: &RunSpec) -> Result<()
         ));
     }
     Ok(())
+}
+
+/// Only a unix user at the control socket manages tokens: not a workload (its identity's
+/// rights must not leave the gate), not a person of the console, not a token (a leaked
+/// token must not mint fresh ones).
+fn token_manager(caller: &Caller, what: &str) -> Result<(), ControlError> {
+    if caller.is_workload() || caller.person.is_some() || caller.token.is_some() {
+        return Err(ControlError::Forbidden(format!(
+            "only a unix user outside the gate, at the control socket (`jitgate token`), can {what}"
+        )));
+    }
+    Ok(())
+}
+
+/// Issuing an API token: a unix user for themselves; root also for another user (a service
+/// account of a script, which cannot run `jitgate` itself). Never a token acting as root:
+/// root's rights are not to travel as a bearer secret; issue it for a named user who is an
+/// approver. Returns the user the token acts as.
+pub fn may_issue_token(caller: &Caller, for_user: Option<&str>) -> Result<String, ControlError> {
+    token_manager(caller, "issue API tokens")?;
+    let user = match for_user {
+        Some(u) if u != caller.user => {
+            if !caller.is_root() {
+                return Err(ControlError::Forbidden(format!(
+                    "{} may issue tokens for themselves only; only root issues them for another user",
+                    caller.user
+                )));
+            }
+            u.to_owned()
+        }
+        _ => caller.user.clone(),
+    };
+    match crate::identity::uid_of(&user) {
+        None => Err(ControlError::NotFound(format!(
+            "no unix user {user} on this host"
+        ))),
+        Some(0) => Err(ControlError::Forbidden(
+            "no API token acts as root: issue it for (or as) the named user who approves, with --user USER".into(),
+        )),
+        Some(_) => Ok(user),
+    }
+}
+
+/// Whose tokens a caller lists: root every token (`None`), a user their own.
+pub fn tokens_scope(caller: &Caller) -> Result<Option<String>, ControlError> {
+    token_manager(caller, "list API tokens")?;
+    Ok((!caller.is_root()).then(|| caller.user.clone()))
+}
+
+/// Revoking a token: root, and the user it acts as.
+pub fn may_manage_token(caller: &Caller, token: &ApiToken) -> Result<(), ControlError> {
+    token_manager(caller, "revoke API tokens")?;
+    if caller.is_root() || caller.user == token.user {
+        Ok(())
+    } else {
+        Err(ControlError::Forbidden(format!(
+            "API token {} acts as {}: only they and root may revoke it",
+            token.id, token.user
+        )))
+    }
 }

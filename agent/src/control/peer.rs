@@ -71,6 +71,7 @@ pub fn identify(stream: &UnixStream, workloads: &Workloads) -> std::io::Result<C
         workload: None,
         gated_unattributed: true,
         person: None,
+        token: None,
     };
     if pid == 0 {
         return Ok(doubtful());
@@ -98,5 +99,6 @@ pub fn identify(stream: &UnixStream, workloads: &Workloads) -> std::io::Result<C
         workload,
         gated_unattributed,
         person: None,
+        token: None,
     })
 }

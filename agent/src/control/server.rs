@@ -195,6 +195,9 @@ async fn dispatch(service: &ControlService, caller: &Caller, call: Call) -> Repl
         Call::Run(spec) => reply(service.run(caller, spec).await),
         Call::Reload => reply(service.reload(caller).await),
         Call::Detach => reply(service.detach(caller)),
+        Call::TokenIssue(spec) => reply(service.token_issue(caller, spec).await),
+        Call::TokenList => reply(service.token_list(caller).await),
+        Call::TokenRevoke { id } => reply(service.token_revoke(caller, &id).await),
     }
 }
 

@@ -178,6 +178,11 @@ impl ControlService {
         self.inner.config.get()
     }
 
+    /// The state store, for the API tokens' calls ([`super::tokens`]).
+    pub(super) fn store(&self) -> &SharedStore {
+        &self.inner.store
+    }
+
     /// The agent's state. Anyone local may ask (see [`authz::may_read_status`]).
     pub async fn status(&self, caller: &Caller) -> Result<StatusReport> {
         authz::may_read_status(&self.config(), caller)?;

@@ -33,6 +33,7 @@ fn caller(uid: u32, workload: Option<&str>) -> Caller {
         }),
         gated_unattributed: false,
         person: None,
+        token: None,
     }
 }
 
@@ -58,6 +59,7 @@ fn unattributed() -> Caller {
     Caller {
         gated_unattributed: true,
         person: None,
+        token: None,
         ..caller(STRANGER, None)
     }
 }
@@ -77,7 +79,7 @@ fn config(state_dir: &Path) -> Config {
 state_dir = "{}"
 [[workload]]
 identity = "ci-bot"
-launchers = ["{LAUNCHER}"]
+launchers = ["{LAUNCHER}", "daemon"]
 [[workload]]
 identity = "other"
 launchers = ["0"]
@@ -91,7 +93,7 @@ resources = ["db"]
 access = ["read"]
 max_ttl = "1h"
 approval = "manual"
-approvers = ["{APPROVER}", "oidc:ann@example.com", "oidc-group:dba"]
+approvers = ["{APPROVER}", "oidc:ann@example.com", "oidc-group:dba", "daemon"]
 "#,
             state_dir.display()
         ),
@@ -171,6 +173,7 @@ impl Host for FakeHost {
 
 struct Fixture {
     service: ControlService,
+    config: SharedConfig,
     engine: GrantEngine,
     store: SharedStore,
     launches: Arc<FakeLauncher>,
@@ -194,7 +197,7 @@ async fn fixture() -> Fixture {
         .expect("grant engine");
     let launches = Arc::new(FakeLauncher::default());
     let service = ControlService::new(Parts {
-        config,
+        config: config.clone(),
         engine: engine.clone(),
         store: store.clone(),
         tasks: launches.clone(),
@@ -203,6 +206,7 @@ async fn fixture() -> Fixture {
     });
     Fixture {
         service,
+        config,
         engine,
         store,
         launches,
@@ -933,4 +937,218 @@ async fn web_people_see_the_sessions_of_what_they_approve() {
             .is_ok()
     );
     forbidden(f.service.recording(&other_workload(), "ses_read", 3).await);
+}
+
+// -- API tokens of the console's HTTP API ---------------------------------------------------
+
+/// A unix user of this machine by name (tokens resolve their user by name at each use).
+fn unix(name: &str) -> Caller {
+    let uid = crate::identity::uid_of(name).expect("a user every Debian system has");
+    Caller {
+        user: name.into(),
+        ..caller(uid, None)
+    }
+}
+
+fn issue(read_only: bool) -> super::super::tokens::TokenSpec {
+    super::super::tokens::TokenSpec {
+        name: Some("ci".into()),
+        read_only,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_token_acts_as_its_user_within_its_limits() {
+    use super::super::tokens::TokenError;
+    let f = fixture().await;
+    let daemon = unix("daemon");
+    let issued = f.service.token_issue(&daemon, issue(false)).await.unwrap();
+    assert_eq!(issued.token.user, "daemon");
+    assert!(issued.secret.starts_with("jgt_"));
+    assert!(issued.token.expires_at > Timestamp::now().plus(Duration::from_secs(29 * 86_400)));
+    let by_token = f.service.authenticate_token(&issued.secret).await.unwrap();
+    assert_eq!(by_token.uid, daemon.uid);
+    assert!(!by_token.is_root());
+
+    // It approves as its user would, and the records name the person and the token.
+    let q = f.pending("ci-bot").await;
+    let approved = f.service.approve(&by_token, &q.id, None).await.unwrap();
+    let grant = approved.grant.expect("a grant");
+    let label = format!("daemon (token {})", issued.token.id);
+    assert_eq!(grant.approved_by, label);
+    let log = f.store.audit_log(None, 1000).await.unwrap();
+    assert!(
+        log.iter()
+            .any(|e| e.kind == "request.approved" && e.actor == format!("user {label}")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|e| e.kind == "token.issued" && e.detail["token"] == issued.token.id.as_str())
+    );
+    let text = serde_json::to_string(&log).unwrap();
+    assert!(
+        !text.contains(&issued.secret),
+        "the secret is never recorded"
+    );
+    assert!(!text.contains(&issued.token.hash), "nor its hash");
+
+    // Its user's own request: self-approval is refused through a token too.
+    let own = f
+        .service
+        .request(&daemon, ask(Some("ci-bot")))
+        .await
+        .unwrap();
+    let m = forbidden(f.service.approve(&by_token, &own.id, None).await);
+    assert!(m.contains("self-approval"), "{m}");
+
+    // A read-only token reads but changes nothing.
+    let ro = f.service.token_issue(&daemon, issue(true)).await.unwrap();
+    let ro = f.service.authenticate_token(&ro.secret).await.unwrap();
+    assert_eq!(f.service.approvals(&ro).await.unwrap().len(), 1);
+    let other = f.pending("other").await;
+    let m = forbidden(f.service.approve(&ro, &other.id, None).await);
+    assert!(m.contains("read-only"), "{m}");
+    forbidden(f.service.deny(&ro, &other.id, None).await);
+    forbidden(f.service.revoke(&ro, &grant.id, None).await);
+    assert!(f.service.grants(&ro, false).await.is_ok());
+
+    // Rights are the user's as policy gives them now: dropped from the approvers, refused.
+    let mut changed = (*f.config.get()).clone();
+    for p in &mut changed.policies {
+        p.approvers
+            .retain(|a| !matches!(a, crate::config::Principal::User(u) if u == "daemon"));
+    }
+    f.config.set(changed);
+    let m = forbidden(f.service.approve(&by_token, &other.id, None).await);
+    assert!(m.contains("not an approver"), "{m}");
+
+    // Tampered, unknown and misshapen secrets are all just invalid.
+    let mut tampered = issued.secret.clone();
+    tampered.replace_range(tampered.len() - 5..tampered.len() - 4, "Q");
+    let tampered = if tampered == issued.secret {
+        issued.secret.clone() + "x"
+    } else {
+        tampered
+    };
+    for bad in [
+        tampered.as_str(),
+        "jgt_000000000000_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "",
+        "Bearer",
+    ] {
+        assert_eq!(
+            f.service.authenticate_token(bad).await.unwrap_err(),
+            TokenError::Invalid,
+            "{bad}"
+        );
+    }
+
+    // Revocation is immediate.
+    f.service
+        .token_revoke(&daemon, &issued.token.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        f.service
+            .authenticate_token(&issued.secret)
+            .await
+            .unwrap_err(),
+        TokenError::Revoked(issued.token.id.clone())
+    );
+
+    // Expired: refused, and said so only to the holder of the right secret.
+    let secret = "jgt_0123456789ab_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let mut old = issued.token.clone();
+    old.id = "tok_0123456789ab".into();
+    old.hash = super::super::tokens::hash(secret);
+    old.revoked_at = None;
+    old.expires_at = Timestamp(Timestamp::now().millis() - 1);
+    f.store
+        .insert_api_token(old, "user daemon".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.service.authenticate_token(secret).await.unwrap_err(),
+        TokenError::Expired("tok_0123456789ab".into())
+    );
+    let wrong = "jgt_0123456789ab_BAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    assert_eq!(
+        f.service.authenticate_token(wrong).await.unwrap_err(),
+        TokenError::Invalid
+    );
+}
+
+#[tokio::test]
+async fn who_may_issue_list_and_revoke_tokens() {
+    let f = fixture().await;
+    let (daemon, bin) = (unix("daemon"), unix("bin"));
+    // Not from inside the gate, not by a person of the console, not with a token.
+    forbidden(f.service.token_issue(&workload(), issue(false)).await);
+    forbidden(
+        f.service
+            .token_issue(&person("ann@example.com", &[], None), issue(false))
+            .await,
+    );
+    let t = f.service.token_issue(&daemon, issue(false)).await.unwrap();
+    let by_token = f.service.authenticate_token(&t.secret).await.unwrap();
+    forbidden(f.service.token_issue(&by_token, issue(false)).await);
+    forbidden(f.service.token_list(&by_token).await);
+    forbidden(f.service.token_revoke(&by_token, &t.token.id).await);
+
+    // For someone else: root only; for root: nobody.
+    let for_bin = super::super::tokens::TokenSpec {
+        user: Some("bin".into()),
+        ..issue(false)
+    };
+    forbidden(f.service.token_issue(&daemon, for_bin.clone()).await);
+    let root = Caller {
+        user: "root".into(),
+        ..operator()
+    };
+    let bins = f.service.token_issue(&root, for_bin).await.unwrap();
+    assert_eq!(bins.token.user, "bin");
+    assert_eq!(bins.token.issued_by, "user root");
+    let m = forbidden(f.service.token_issue(&root, issue(false)).await);
+    assert!(m.contains("root"), "{m}");
+    let ghost = super::super::tokens::TokenSpec {
+        user: Some("no-such-user-here".into()),
+        ..issue(false)
+    };
+    assert!(matches!(
+        f.service.token_issue(&root, ghost).await,
+        Err(ControlError::NotFound(_))
+    ));
+
+    // Expiry is mandatory and bounded.
+    for ttl in [0, 91 * 86_400] {
+        let spec = super::super::tokens::TokenSpec {
+            ttl_secs: Some(ttl),
+            ..issue(false)
+        };
+        assert!(matches!(
+            f.service.token_issue(&daemon, spec).await,
+            Err(ControlError::Invalid(_))
+        ));
+    }
+
+    // Each sees their own; root every one.
+    let mine = f.service.token_list(&daemon).await.unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(f.service.token_list(&bin).await.unwrap().len(), 1);
+    assert_eq!(f.service.token_list(&root).await.unwrap().len(), 2);
+
+    // Only the user and root revoke; twice is a conflict.
+    forbidden(f.service.token_revoke(&bin, &t.token.id).await);
+    f.service.token_revoke(&bin, &bins.token.id).await.unwrap();
+    f.service.token_revoke(&root, &t.token.id).await.unwrap();
+    assert!(matches!(
+        f.service.token_revoke(&daemon, &t.token.id).await,
+        Err(ControlError::Conflict(_))
+    ));
+    assert!(matches!(
+        f.service.token_revoke(&daemon, "tok_nope").await,
+        Err(ControlError::NotFound(_))
+    ));
 }

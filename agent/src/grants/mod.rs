@@ -783,7 +783,7 @@ impl GrantEngine {
                 .map_or(caller.uid, |p| p.unix_uid.unwrap_or(identity::WEB_UID)),
             account: match &caller.person {
                 Some(p) => p.unix_account.clone(),
-                None => Some(caller.user.clone()),
+                None => Some(caller.unix_name().to_owned()),
             },
             at: Timestamp::now(),
             covers: named

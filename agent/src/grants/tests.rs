@@ -85,6 +85,7 @@ fn user(uid: u32) -> Caller {
         workload: None,
         gated_unattributed: false,
         person: None,
+        token: None,
     }
 }
 
@@ -99,6 +100,7 @@ fn workload(task: Option<&str>) -> Caller {
         }),
         gated_unattributed: false,
         person: None,
+        token: None,
     }
 }
 

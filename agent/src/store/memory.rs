@@ -17,7 +17,7 @@ use super::{
     },
 };
 use crate::model::{
-    Actor, Approval, AuditEvent, Grant, Request, RequestStatus, Session, SessionOutcome,
+    Actor, ApiToken, Approval, AuditEvent, Grant, Request, RequestStatus, Session, SessionOutcome,
     StatementRecord, Task, Timestamp,
 };
 
@@ -30,6 +30,7 @@ struct State {
     sessions: Vec<Session>,
     statements: Vec<StatementRecord>,
     audit: Vec<Sealed>,
+    api_tokens: Vec<ApiToken>,
 }
 
 impl State {
@@ -706,6 +707,48 @@ impl Store for MemoryStore {
             records.iter().for_each(|r| verifier.check(r));
             verifier.finish()
         })))
+    }
+
+    fn insert_api_token(&self, token: ApiToken, actor: String) -> StoreFuture<'_, ()> {
+        ready(self.transact(|st, key| {
+            if st.api_tokens.iter().any(|t| t.id == token.id) {
+                return Err(StoreError::Invalid(format!("token {} exists", token.id)));
+            }
+            let event = super::token_issued(&token);
+            st.api_tokens.push(token);
+            st.append(key, &actor, &event)
+        }))
+    }
+
+    fn api_token(&self, id: String) -> StoreFuture<'_, Option<ApiToken>> {
+        ready(Ok(self.read(|st| {
+            st.api_tokens.iter().find(|t| t.id == id).cloned()
+        })))
+    }
+
+    fn api_tokens(&self, user: Option<String>, limit: usize) -> StoreFuture<'_, Vec<ApiToken>> {
+        ready(Ok(self.read(|st| {
+            super::list_tokens(st.api_tokens.clone(), user.as_deref(), limit)
+        })))
+    }
+
+    fn revoke_api_token(&self, id: String, actor: String) -> StoreFuture<'_, bool> {
+        ready(self.transact(|st, key| {
+            let Some(t) = st
+                .api_tokens
+                .iter_mut()
+                .find(|t| t.id == id && t.revoked_at.is_none())
+            else {
+                return Ok(false);
+            };
+            t.revoked_at = Some(Timestamp::now());
+            st.append(
+                key,
+                &actor,
+                &Event::TokenRevoked(audit::TokenRef { token: id }),
+            )?;
+            Ok(true)
+        }))
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {

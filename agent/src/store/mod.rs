@@ -21,6 +21,8 @@ pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod token_tests;
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
@@ -29,8 +31,8 @@ use tokio::sync::broadcast;
 use crate::{
     config::Access,
     model::{
-        Actor, Approval, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord, Task,
-        Timestamp,
+        Actor, ApiToken, Approval, AuditEvent, Grant, Request, RequestStatus, Session,
+        StatementRecord, Task, Timestamp,
     },
 };
 
@@ -110,6 +112,29 @@ pub(crate) fn admit_approval(
         )));
     }
     Ok(None)
+}
+
+/// The `token.issued` record of `t`: one for every backend (never the secret or its hash).
+pub(crate) fn token_issued(t: &ApiToken) -> audit::Event {
+    audit::Event::TokenIssued(audit::TokenIssued {
+        token: t.id.clone(),
+        name: t.name.clone(),
+        user: t.user.clone(),
+        read_only: t.read_only,
+        expires_at: t.expires_at,
+    })
+}
+
+/// Newest first, at most `limit`, of `user`'s when given: how every backend lists tokens.
+pub(crate) fn list_tokens(
+    mut tokens: Vec<ApiToken>,
+    user: Option<&str>,
+    limit: usize,
+) -> Vec<ApiToken> {
+    tokens.retain(|t| user.is_none_or(|u| t.user == u));
+    tokens.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+    tokens.truncate(limit);
+    tokens
 }
 
 /// An approval that issues a grant.
@@ -300,6 +325,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Waits until everything queued before this call is durable.
     fn flush(&self) -> StoreFuture<'_, ()>;
+
+    // -- API tokens of the console's HTTP API (see `control::tokens`) -----------------------
+
+    /// Stores a new token (its hash only) with its `token.issued` record by `actor`.
+    fn insert_api_token(&self, token: ApiToken, actor: String) -> StoreFuture<'_, ()>;
+
+    /// One token by id, revoked and expired ones included.
+    fn api_token(&self, id: String) -> StoreFuture<'_, Option<ApiToken>>;
+
+    /// Tokens newest first, at most `limit`; only those acting as `user` when given.
+    fn api_tokens(&self, user: Option<String>, limit: usize) -> StoreFuture<'_, Vec<ApiToken>>;
+
+    /// Revokes a token that is not yet revoked, with its `token.revoked` record by `actor`.
+    /// Returns whether it was (nothing is recorded for one already revoked).
+    fn revoke_api_token(&self, id: String, actor: String) -> StoreFuture<'_, bool>;
 
     /// A shared store's health (reached or not, and the lease on what this host last
     /// confirmed with it). `None` for a store that is always there (the embedded one).

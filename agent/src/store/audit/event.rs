@@ -73,6 +73,13 @@ pub enum Event {
     /// `limit.reached`: a session passed one of its grant's blast-radius limits (once per
     /// session and limit).
     LimitReached(LimitReached),
+    /// `token.issued`: an API token of the console (never its secret).
+    TokenIssued(TokenIssued),
+    /// `token.revoked`.
+    TokenRevoked(TokenRef),
+    /// `api.call`: one call of the console's HTTP API with a token (state changes also
+    /// have their own records, whose actor names the token).
+    ApiCall(ApiCall),
 }
 
 impl Event {
@@ -104,6 +111,9 @@ impl Event {
             Self::DaemonStarted(_) => "daemon.started",
             Self::DaemonStopped(_) => "daemon.stopped",
             Self::LimitReached(_) => "limit.reached",
+            Self::TokenIssued(_) => "token.issued",
+            Self::TokenRevoked(_) => "token.revoked",
+            Self::ApiCall(_) => "api.call",
         }
     }
 
@@ -713,4 +723,27 @@ mod tests {
             );
         }
     }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TokenIssued {
+    pub token: String,
+    pub name: String,
+    pub user: String,
+    pub read_only: bool,
+    pub expires_at: Timestamp,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TokenRef {
+    pub token: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ApiCall {
+    pub token: String,
+    pub method: String,
+    /// The path without its query.
+    pub path: String,
+    pub status: u16,
 }

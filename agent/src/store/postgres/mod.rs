@@ -19,6 +19,7 @@ mod connect;
 mod queries;
 mod schema;
 mod tls;
+mod tokens;
 mod writer;
 
 #[cfg(test)]
@@ -50,8 +51,8 @@ use super::{
     health::{StoreHealth, StoreState},
 };
 use crate::model::{
-    Actor, Approval, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord, Task,
-    Timestamp,
+    Actor, ApiToken, Approval, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord,
+    Task, Timestamp,
 };
 
 /// The file in the state dir that holds this host's chain's last link in the shared store
@@ -745,6 +746,47 @@ impl Store for PostgresStore {
         let head_path = self.head_path.clone();
         Box::pin(self.call(op(move |db| {
             Box::pin(async move { audit::verify(db.tx, db.host, &key, &head_path).await })
+        })))
+    }
+
+    fn insert_api_token(&self, token: ApiToken, actor: String) -> StoreFuture<'_, ()> {
+        Box::pin(self.call(op(move |db| {
+            Box::pin(async move {
+                tokens::insert(db.tx, &token).await?;
+                db.append(&actor, &super::token_issued(&token)).await?;
+                Ok(())
+            })
+        })))
+    }
+
+    fn api_token(&self, id: String) -> StoreFuture<'_, Option<ApiToken>> {
+        Box::pin(
+            self.pool
+                .read(move |c| Box::pin(async move { tokens::get(c, &id).await })),
+        )
+    }
+
+    fn api_tokens(&self, user: Option<String>, limit: usize) -> StoreFuture<'_, Vec<ApiToken>> {
+        Box::pin(
+            self.pool.read(move |c| {
+                Box::pin(async move { tokens::list(c, user.as_deref(), limit).await })
+            }),
+        )
+    }
+
+    fn revoke_api_token(&self, id: String, actor: String) -> StoreFuture<'_, bool> {
+        Box::pin(self.call(op(move |db| {
+            Box::pin(async move {
+                let revoked = tokens::revoke(db.tx, &id, Timestamp::now()).await?;
+                if revoked {
+                    db.append(
+                        &actor,
+                        &Event::TokenRevoked(super::audit::TokenRef { token: id }),
+                    )
+                    .await?;
+                }
+                Ok(revoked)
+            })
         })))
     }
 

@@ -146,6 +146,22 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE requests ADD COLUMN needs TEXT;
     "#,
+    // 4: bearer tokens of the console's HTTP API (a SHA-256 of the secret, never the secret),
+    // fleet-wide.
+    r#"
+    CREATE TABLE api_tokens (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        user_name   TEXT NOT NULL,
+        read_only   BOOLEAN NOT NULL,
+        issued_by   TEXT NOT NULL,
+        created_at  BIGINT NOT NULL,
+        expires_at  BIGINT NOT NULL,
+        revoked_at  BIGINT,
+        hash        TEXT NOT NULL
+    );
+    CREATE INDEX api_tokens_user ON api_tokens (user_name, created_at);
+    "#,
 ];
 
 /// Applies the migrations this agent knows that the database lacks. Safe when many agents

@@ -11,6 +11,7 @@
 mod audit;
 mod queries;
 mod schema;
+mod tokens;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -29,8 +30,8 @@ use super::{
     },
 };
 use crate::model::{
-    Actor, Approval, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord, Task,
-    Timestamp,
+    Actor, ApiToken, Approval, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord,
+    Task, Timestamp,
 };
 
 /// The file beside the database that holds the audit chain's last link, rewritten after each
@@ -502,6 +503,35 @@ impl Store for SqliteStore {
     fn verify_audit(&self) -> StoreFuture<'_, VerifyReport> {
         let head_path = self.head_path.clone();
         Box::pin(self.call(move |db| db.verify_audit(&head_path)))
+    }
+
+    fn insert_api_token(&self, token: ApiToken, actor: String) -> StoreFuture<'_, ()> {
+        Box::pin(self.call(move |db| {
+            tokens::insert(db.conn, &token)?;
+            db.append(&actor, &super::token_issued(&token))?;
+            Ok(())
+        }))
+    }
+
+    fn api_token(&self, id: String) -> StoreFuture<'_, Option<ApiToken>> {
+        Box::pin(self.call(move |db| tokens::get(db.conn, &id)))
+    }
+
+    fn api_tokens(&self, user: Option<String>, limit: usize) -> StoreFuture<'_, Vec<ApiToken>> {
+        Box::pin(self.call(move |db| tokens::list(db.conn, user.as_deref(), limit)))
+    }
+
+    fn revoke_api_token(&self, id: String, actor: String) -> StoreFuture<'_, bool> {
+        Box::pin(self.call(move |db| {
+            let revoked = tokens::revoke(db.conn, &id, Timestamp::now())?;
+            if revoked {
+                db.append(
+                    &actor,
+                    &Event::TokenRevoked(super::audit::TokenRef { token: id }),
+                )?;
+            }
+            Ok(revoked)
+        }))
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {

@@ -123,6 +123,21 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE requests ADD COLUMN needs TEXT;
     "#,
+    // 6: bearer tokens of the console's HTTP API (a SHA-256 of the secret, never the secret).
+    r#"
+    CREATE TABLE api_tokens (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        user_name   TEXT NOT NULL,
+        read_only   INTEGER NOT NULL,
+        issued_by   TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL,
+        revoked_at  INTEGER,
+        hash        TEXT NOT NULL
+    );
+    CREATE INDEX api_tokens_user ON api_tokens (user_name, created_at);
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
