@@ -91,7 +91,7 @@ pub async fn follow(f: Follower) {
             client
                 .batch_execute("LISTEN jitgate_changes")
                 .await
-                .map_err(|e| failure(&e, "LISTEN: "))?;
+                .map_err(|e| failure(&StoreError::from(e), "LISTEN: "))?;
             Ok::<_, Failure>(client)
         };
         let client = tokio::select! {
