@@ -317,7 +317,9 @@ impl Daemon {
                     }),
                     lease_secs: h.lease.as_secs(),
                     error: h.error,
+                    permanent: h.permanent,
                     url: h.url,
+                    spool: h.spool,
                 }
             }),
         }

@@ -290,3 +290,339 @@ fn an_agent_started_without_its_store_opens_when_the_store_starts() {
     b.cli(&["approve", &id]).assert_ok();
     w.expect_line(&format!("connected {BANNER}"), Duration::from_secs(5));
 }
+
+/// An interactive `psql` in a gated workload (`bot`, a read grant on `orders-db`): statements
+/// go in one at a time, and each one's output is waited for.
+struct Psql {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Psql {
+    fn start(gate: &Gate, pg: &servers::Postgres) -> Self {
+        let url = format!("postgres://bot@127.0.0.1:{}/orders", pg.port);
+        let mut child = gate.spawn_stdin(
+            "bot",
+            &["--grant", "orders-db:read"],
+            &["psql", &url, "-X", "-At", "-v", "VERBOSITY=verbose"],
+        );
+        let stdin = child.stdin.take().expect("stdin");
+        let (tx, lines) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead as _;
+                for line in std::io::BufReader::new(stream)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            stdin,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, text: &str) {
+        use std::io::Write as _;
+        self.stdin
+            .write_all(format!("{text}\n").as_bytes())
+            .expect("psql stdin");
+        self.stdin.flush().expect("psql stdin");
+    }
+
+    fn expect(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => {
+                    self.seen.push(line.clone());
+                    return line;
+                }
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("psql printed no {needle:?}; saw {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// Runs `SELECT 'tag'` and waits for its answer.
+    fn select(&mut self, tag: &str) {
+        self.send(&format!("SELECT '{tag}';"));
+        self.expect(tag);
+    }
+
+    fn quit(mut self) {
+        self.send("\\q");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Psql {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One agent, host A, on a PostgreSQL server that is both the fleet's store (reached through
+/// `cable`) and the gated resource `orders-db` (reached directly): cutting the cable cuts the
+/// store only, the workload's session runs on.
+fn spool_fleet(test: &str, store_extra: &str) -> (servers::Postgres, servers::Cable, Gate) {
+    let pg = servers::Postgres::start();
+    pg.admin("postgres", "CREATE DATABASE fleet");
+    pg.admin("postgres", "CREATE DATABASE orders");
+    let cable = servers::Cable::new(format!("127.0.0.1:{}", pg.port).parse().unwrap());
+    let body = Body::new()
+        .workload("bot", &["root"])
+        .resource_with(
+            "orders-db",
+            &format!("127.0.0.1:{}", pg.port),
+            &format!(
+                "protocol = \"postgres\"\ndatabases = [\"orders\"]\n[resource.credentials.read]\nuser = \"postgres\"\n"
+            ),
+        )
+        .auto(&["bot"], &["orders-db"], &["read"])
+        .build();
+    let a = Gate::start(
+        test,
+        "",
+        &format!(
+            "{body}\n[store]\nbackend = \"postgres\"\nurl = \"postgresql://postgres@127.0.0.1:{}/fleet\"\nsslmode = \"disable\"\nhost_id = \"host-a\"\nstore_lease = \"20s\"\n{store_extra}\n",
+            cable.addr.port()
+        ),
+    );
+    open(&a);
+    (pg, cable, a)
+}
+
+fn open(gate: &Gate) {
+    gate.wait_for("the store open", Duration::from_secs(15), || {
+        (store_state(gate)["available"] == true).then_some(())
+    });
+}
+
+/// The spool as `jitgate status --json` shows it, once the agent sees the store lost.
+fn lost(gate: &Gate) {
+    gate.wait_for("the store lost", Duration::from_secs(5), || {
+        (store_state(gate)["state"] == "lost").then_some(())
+    });
+}
+
+/// Waits until the spool holds records and has stopped growing (what the session did is in
+/// it, on disk); returns its status.
+fn spool_settled(gate: &Gate) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    gate.wait_for("the spool settled", Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = store_state(gate)["spool"].clone();
+        let settled = now["records"].as_u64().unwrap_or(0) > 0 && now == last;
+        last = now.clone();
+        settled.then_some(now)
+    })
+}
+
+/// Statements of host A's sessions on the shared store whose text contains `tag`.
+fn stored(pg: &servers::Postgres, tag: &str) -> usize {
+    pg.admin(
+        "fleet",
+        &format!(
+            "SELECT count(*) FROM statements s JOIN sessions n ON n.id = s.session_id \
+             WHERE n.host_id = 'host-a' AND s.text LIKE '%{tag}%'"
+        ),
+    )
+    .trim()
+    .parse()
+    .expect("a count")
+}
+
+/// Store cut while a psql session runs: its statements go on being recorded into the local
+/// spool; store back: the spool is shipped (before the host opens to anything new), every
+/// statement is on the shared store exactly once, each session record once, and the host's
+/// audit chain verifies.
+#[test]
+fn records_made_while_the_store_is_cut_are_spooled_and_shipped_once() {
+    jitgate_e2e::root_or_skip!();
+    let (pg, cable, a) = spool_fleet("fleet-spool", "");
+    let mut psql = Psql::start(&a, &pg);
+    psql.select("pre-1");
+    psql.select("pre-2");
+    cable.cut();
+    lost(&a);
+    for i in 1..=5 {
+        psql.select(&format!("cut-{i}"));
+    }
+    let spool = spool_settled(&a);
+    assert_eq!(spool["problem"], serde_json::Value::Null, "{spool}");
+    assert_eq!(spool["dropped"], 0, "{spool}");
+    assert_eq!(
+        stored(&pg, "cut-"),
+        0,
+        "nothing reached the store while cut"
+    );
+    let status = a.cli(&["status"]);
+    assert!(status.stdout.contains("spool "), "{status:#?}");
+
+    cable.mend();
+    open(&a);
+    assert_eq!(store_state(&a)["spool"]["records"], 0);
+    psql.select("post-1");
+    psql.quit();
+    a.wait_for(
+        "the session ended on the store",
+        Duration::from_secs(10),
+        || {
+            let outcome = pg.admin(
+                "fleet",
+                "SELECT outcome FROM sessions WHERE host_id = 'host-a' AND resource = 'orders-db'",
+            );
+            let outcome = outcome.trim();
+            (!outcome.is_empty() && outcome != "open").then_some(())
+        },
+    );
+    for (tag, n) in [("pre-", 2), ("cut-", 5), ("post-", 1)] {
+        assert_eq!(stored(&pg, tag), n, "statements {tag}*");
+    }
+    let session = pg.admin(
+        "fleet",
+        "SELECT id FROM sessions WHERE host_id = 'host-a' AND resource = 'orders-db'",
+    );
+    let session = session.trim();
+    for kind in ["session.start", "session.end"] {
+        let n = pg.admin(
+            "fleet",
+            &format!(
+                "SELECT count(*) FROM audit WHERE host_id = 'host-a' AND kind = '{kind}' AND detail LIKE '%{session}%'"
+            ),
+        );
+        assert_eq!(n.trim(), "1", "{kind} of {session}");
+    }
+    let verified = a.cli(&["audit", "verify"]);
+    assert_eq!(verified.code, 0, "{verified:#?}");
+}
+
+/// Hostile: the agent crashes while its spool holds records; started again (the store still
+/// cut) it still holds them and ships them once the store is back, exactly once. Then the
+/// spool is tampered with while the agent is down: the agent starts with its gate closed,
+/// reports the damage, and never ships a record from it.
+#[test]
+fn a_spool_survives_a_crash_and_a_tampered_one_is_never_shipped() {
+    jitgate_e2e::root_or_skip!();
+    let (pg, cable, mut a) = spool_fleet("fleet-spool-crash", "");
+    let mut psql = Psql::start(&a, &pg);
+    psql.select("pre-1");
+    cable.cut();
+    lost(&a);
+    for i in 1..=3 {
+        psql.select(&format!("crash-{i}"));
+    }
+    let spool = spool_settled(&a);
+    a.kill9();
+    drop(psql);
+    a.launch();
+    let after = store_state(&a);
+    assert_eq!(after["spool"]["records"], spool["records"], "{after}");
+    assert_eq!(after["available"], false, "{after}");
+    cable.mend();
+    open(&a);
+    assert_eq!(stored(&pg, "crash-"), 3);
+    assert_eq!(stored(&pg, "pre-"), 1);
+    let verified = a.cli(&["audit", "verify"]);
+    assert_eq!(verified.code, 0, "{verified:#?}");
+
+    // Tampered while the agent is down.
+    let mut psql = Psql::start(&a, &pg);
+    psql.select("pre-2");
+    cable.cut();
+    lost(&a);
+    psql.select("tamper-1");
+    psql.select("tamper-2");
+    spool_settled(&a);
+    a.kill9();
+    drop(psql);
+    let spool = a.dir.join("state/spool.sqlite");
+    let edited = std::process::Command::new("sqlite3")
+        .arg(&spool)
+        .arg("UPDATE records SET body = replace(body, 'tamper-2', 'forged-2')")
+        .output()
+        .expect("sqlite3");
+    assert!(edited.status.success(), "{edited:?}");
+    a.launch();
+    cable.mend();
+    std::thread::sleep(Duration::from_secs(2));
+    let store = store_state(&a);
+    assert_eq!(
+        store["available"], false,
+        "a damaged spool keeps the gate closed: {store}"
+    );
+    let problem = store["spool"]["problem"].as_str().unwrap_or_default();
+    assert!(
+        problem.contains("integrity check") && problem.contains("spool.sqlite"),
+        "{store}"
+    );
+    assert_eq!(stored(&pg, "forged-"), 0, "a forged record was shipped");
+    assert_eq!(
+        stored(&pg, "tamper-"),
+        0,
+        "a record of a damaged spool was shipped"
+    );
+    let asked = a.cli(&["request", "orders-db", "--for", "bot"]);
+    assert!(
+        asked.code != 0 && asked.stderr.contains("integrity check"),
+        "{asked:#?}"
+    );
+    assert!(a.cli(&["status"]).stdout.contains("DAMAGED"));
+}
+
+/// Hostile: a cut-off host whose spool fills up refuses new sessions with an error naming the
+/// full spool (PostgreSQL: 57P03 with a hint), and what it did keep is shipped whole.
+#[test]
+fn a_full_spool_refuses_new_sessions_and_loses_nothing_it_took() {
+    jitgate_e2e::root_or_skip!();
+    let (pg, cable, a) = spool_fleet("fleet-spool-full", "spool_limit = \"4KiB\"");
+    let mut psql = Psql::start(&a, &pg);
+    psql.select("warm");
+    cable.cut();
+    lost(&a);
+    let pad = "x".repeat(200);
+    let mut n = 0;
+    loop {
+        n += 1;
+        assert!(n < 40, "the spool never filled");
+        psql.select(&format!("full-{n}-{pad}"));
+        let spool = spool_settled(&a);
+        if spool["bytes"].as_u64() >= spool["limit"].as_u64() {
+            break;
+        }
+    }
+    // A new connection from the running workload: refused, naming the spool.
+    psql.send("\\connect orders");
+    let refused = psql.expect("local spool is full");
+    assert!(
+        refused.contains("57P03") || refused.contains("FATAL"),
+        "{refused}"
+    );
+    psql.expect("HINT");
+    // The refusal's own records get no room past the limit (refusals can be provoked at
+    // will, the reserve is for what live sessions did): not kept, and counted.
+    a.wait_for("the refusal counted", Duration::from_secs(5), || {
+        (store_state(&a)["spool"]["dropped"].as_u64() >= Some(1)).then_some(())
+    });
+    cable.mend();
+    open(&a);
+    assert_eq!(stored(&pg, "full-"), n, "every statement the spool took");
+    let verified = a.cli(&["audit", "verify"]);
+    assert_eq!(verified.code, 0, "{verified:#?}");
+}

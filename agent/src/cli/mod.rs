@@ -768,9 +768,14 @@ fn print_status(s: &StatusReport) {
             .confirmed_ms_ago
             .map_or_else(|| "never".to_owned(), |ms| format!("{ms} ms ago"));
         println!(
-            "  store          {} {} since {} ({}; confirmed {confirmed}, store_lease {}s){}",
+            "  store          {} {}{} since {} ({}; confirmed {confirmed}, store_lease {}s){}",
             store.url,
             store.state.as_str(),
+            if store.permanent {
+                " (PERMANENT error, retried every 30 s: act on it)"
+            } else {
+                ""
+            },
             store.since,
             if store.available {
                 "open"
@@ -782,6 +787,26 @@ fn print_status(s: &StatusReport) {
                 .error
                 .as_deref()
                 .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+        let spool = &store.spool;
+        println!(
+            "  spool          {} records, {} of spool_limit {}{}{}",
+            spool.records,
+            crate::model::human_bytes(spool.bytes),
+            crate::model::human_bytes(spool.limit),
+            if spool.dropped > 0 {
+                format!(
+                    ", {} records NOT kept (spool full or damaged)",
+                    spool.dropped
+                )
+            } else {
+                String::new()
+            },
+            spool
+                .problem
+                .as_deref()
+                .map(|p| format!("; DAMAGED: {p}"))
                 .unwrap_or_default()
         );
     }

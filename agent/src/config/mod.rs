@@ -318,6 +318,10 @@ const DEFAULT_POOL_SIZE: usize = 4;
 /// `store_lease` says otherwise.
 const DEFAULT_STORE_LEASE: Duration = Duration::from_secs(30);
 
+/// How many bytes of records a host keeps in its local spool while its shared store is out
+/// of reach, unless `spool_limit` says otherwise.
+const DEFAULT_SPOOL_LIMIT: u64 = 64 << 20;
+
 /// See [`DaemonConfig::limits`]. Defaults are sized so that one identity at its limits holds a
 /// small share of the agent's descriptors and of a stock PostgreSQL's 100 connection slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -508,6 +512,7 @@ struct RawStore {
     pool_size: Option<S<i64>>,
     host_id: Option<S<String>>,
     store_lease: Option<S<String>>,
+    spool_limit: Option<S<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1047,6 +1052,7 @@ impl Validator<'_> {
                     ("pool_size", raw.pool_size.as_ref().map(Spanned::span)),
                     ("host_id", raw.host_id.as_ref().map(Spanned::span)),
                     ("store_lease", raw.store_lease.as_ref().map(Spanned::span)),
+                    ("spool_limit", raw.spool_limit.as_ref().map(Spanned::span)),
                 ];
                 for (key, span) in postgres_only {
                     if let Some(span) = span {
@@ -1189,6 +1195,26 @@ impl Validator<'_> {
             raw.store_lease.as_ref(),
             DEFAULT_STORE_LEASE,
         );
+        let spool_limit = match &raw.spool_limit {
+            None => DEFAULT_SPOOL_LIMIT,
+            Some(v) => match parse_size(v.get_ref()) {
+                Ok(n) if (4 << 10..=16 << 30).contains(&n) => n as u64,
+                Ok(_) => {
+                    self.fail(
+                        v.span(),
+                        format!(
+                            "store.spool_limit: `{}` is out of range (4KiB to 16GiB)",
+                            v.get_ref()
+                        ),
+                    );
+                    DEFAULT_SPOOL_LIMIT
+                }
+                Err(e) => {
+                    self.fail(v.span(), format!("store.spool_limit: {e}"));
+                    DEFAULT_SPOOL_LIMIT
+                }
+            },
+        };
         StoreConfig::Postgres(crate::store::postgres::PostgresOptions {
             url,
             password_file,
@@ -1196,6 +1222,7 @@ impl Validator<'_> {
             pool_size,
             host_id,
             lease,
+            spool_limit,
         })
     }
 
@@ -1888,6 +1915,7 @@ approvers = ["alice", "group:dba"]
             Duration::from_secs(30),
             "store_lease defaults to 30 s"
         );
+        assert_eq!(o.spool_limit, 64 << 20, "spool_limit defaults to 64 MiB");
         let leased = parse(&with(
             "backend = \"postgres\"\nurl = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\nhost_id = \"h\"\nstore_lease = \"3s\"",
         ))
@@ -1896,6 +1924,21 @@ approvers = ["alice", "group:dba"]
             panic!("not postgres")
         };
         assert_eq!(o.lease, Duration::from_secs(3));
+        let spooled = parse(&with(
+            "backend = \"postgres\"\nurl = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\nhost_id = \"h\"\nspool_limit = \"1MiB\"",
+        ))
+        .unwrap();
+        let StoreConfig::Postgres(o) = spooled.daemon.store else {
+            panic!("not postgres")
+        };
+        assert_eq!(o.spool_limit, 1 << 20);
+        for bad in ["\"1KiB\"", "\"lots\""] {
+            let e = parse(&with(&format!(
+                "backend = \"postgres\"\nurl = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\nhost_id = \"h\"\nspool_limit = {bad}"
+            )))
+            .unwrap_err();
+            assert!(e.to_string().contains("store.spool_limit"), "{bad}: {e}");
+        }
         let pg = "backend = \"postgres\"\nhost_id = \"h\"\n";
         for (store, line, needle) in [
             ("backend = \"mysql\"", 27, "store.backend: `mysql`"),

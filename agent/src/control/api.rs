@@ -211,5 +211,13 @@ pub struct StoreStatus {
     pub confirmed_ms_ago: Option<u64>,
     pub lease_secs: u64,
     pub error: Option<String>,
+    /// `error` is permanent (a wrong password, a schema newer than this agent): retried every
+    /// 30 s, an operator must act.
+    #[serde(default)]
+    pub permanent: bool,
     pub url: String,
+    /// The local spool: records made while the store was out of reach, waiting to be
+    /// shipped (absent from older agents' answers).
+    #[serde(default)]
+    pub spool: crate::store::health::SpoolStats,
 }

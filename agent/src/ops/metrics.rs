@@ -33,6 +33,7 @@ pub const KERNEL_REDIRECTS: &str = "jitgate_kernel_redirects_total";
 pub const KERNEL_REFUSALS: &str = "jitgate_kernel_refusals_total";
 pub const KERNEL_EVENTS_LOST: &str = "jitgate_kernel_events_lost_total";
 pub const WEBHOOK_DELIVERIES: &str = "jitgate_webhook_deliveries_total";
+pub const SPOOL_RECORDS: &str = "jitgate_store_spool_records_total";
 pub const BUILD_INFO: &str = "jitgate_build_info";
 pub const STARTED: &str = "jitgate_start_time_seconds";
 
@@ -187,6 +188,10 @@ fn describe() {
         WEBHOOK_DELIVERIES,
         "Webhook events by webhook and outcome: delivered, rejected (a 4xx), failed (every attempt failed), dropped (the queue was full or fell behind the audit log)."
     );
+    describe_counter!(
+        SPOOL_RECORDS,
+        "Fleet mode: records kept in the local spool while the shared store was out of reach, shipped to it since, and dropped (the spool full past its reserve, or damaged), by outcome."
+    );
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which jitgated runs."
@@ -220,6 +225,21 @@ pub fn session_ended(
     if bytes.1 > 0 {
         counter!(SESSION_BYTES, "resource" => resource, "direction" => "down").increment(bytes.1);
     }
+}
+
+/// Records kept in the local spool (fleet mode, store out of reach).
+pub fn spool_kept(records: u64) {
+    counter!(SPOOL_RECORDS, "outcome" => "kept").increment(records);
+}
+
+/// Spooled records written to the shared store.
+pub fn spool_shipped(records: u64) {
+    counter!(SPOOL_RECORDS, "outcome" => "shipped").increment(records);
+}
+
+/// Records neither written nor spooled.
+pub fn spool_dropped(records: u64) {
+    counter!(SPOOL_RECORDS, "outcome" => "dropped").increment(records);
 }
 
 /// How a webhook event ended (`delivered`, `rejected`, `failed`, `dropped`).

@@ -37,6 +37,36 @@ impl StoreState {
     }
 }
 
+/// The local spool of a shared store (records made while it was out of reach, waiting to be
+/// shipped), as `jitgate status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SpoolStats {
+    /// Records waiting to be shipped.
+    pub records: u64,
+    /// Their size in bytes (what `spool_limit` bounds).
+    pub bytes: u64,
+    /// `spool_limit`.
+    pub limit: u64,
+    /// Records not kept since the agent started (the spool full past its reserve, or
+    /// damaged).
+    pub dropped: u64,
+    /// Set when the spool failed its integrity check: why, and what to do.
+    pub problem: Option<String>,
+}
+
+impl SpoolStats {
+    /// Whether new sessions must be refused because of the spool itself: it holds
+    /// `spool_limit` or more (the reserve above it is for sessions already live), or it is
+    /// damaged.
+    pub fn blocks_new_sessions(&self) -> bool {
+        self.problem.is_some() || (self.limit > 0 && self.bytes >= self.limit)
+    }
+}
+
+/// How the refusal of a new session because the local spool is full begins (the proxies
+/// give such clients a hint of their own).
+pub const SPOOL_FULL: &str = "the local spool is full";
+
 /// A snapshot of a shared store's health.
 #[derive(Clone, Debug)]
 pub struct Health {
@@ -54,10 +84,15 @@ pub struct Health {
     pub confirmed_epoch: u64,
     /// Why the store is out of reach (the last error).
     pub error: Option<String>,
+    /// The last error is one no retry mends until an operator acts (a wrong password, a
+    /// schema newer than this agent): retried slowly, shown as such.
+    pub permanent: bool,
     /// How long a confirmation holds.
     pub lease: Duration,
     /// Where the store is (its url, no password), for errors.
     pub url: String,
+    /// The local spool.
+    pub spool: SpoolStats,
 }
 
 impl Health {
@@ -70,15 +105,42 @@ impl Health {
     /// Whether new grants may be issued and new sessions opened: the store is up and was
     /// confirmed within the lease (an unanswered read on a half-open connection counts as
     /// lost once the lease runs out, even before the connection is known to be gone).
+    ///
+    /// And the local spool is empty: records kept while the store was out of reach are
+    /// shipped first (this host's chain stays in the order records were made), and a spool
+    /// that failed its integrity check keeps the gate closed until an operator has looked.
     pub fn available(&self, now: Instant) -> bool {
         self.state == StoreState::Up
             && self.confirmed_epoch == self.epoch
             && !self.lease_lapsed(now)
+            && self.spool.records == 0
+            && self.spool.problem.is_none()
     }
 
     /// The error callers get while the store is not available.
     pub fn unavailable(&self) -> StoreError {
+        if let Some(problem) = &self.spool.problem {
+            return StoreError::Unavailable(format!(
+                "{problem}; until then no grant can be issued or used on this host"
+            ));
+        }
+        if self.spool.blocks_new_sessions() {
+            return StoreError::Unavailable(format!(
+                "{SPOOL_FULL} ({} of spool_limit {}; {} records kept while the shared state store at {} was out of reach): no new session until they are shipped; raise [store] spool_limit, or bring the store back",
+                crate::model::human_bytes(self.spool.bytes),
+                crate::model::human_bytes(self.spool.limit),
+                self.spool.records,
+                self.url,
+            ));
+        }
+        if self.state == StoreState::Up && self.spool.records > 0 {
+            return StoreError::Unavailable(format!(
+                "the shared state store at {} is back; this host is still shipping the {} records it kept in its local spool meanwhile (retry in a moment)",
+                self.url, self.spool.records,
+            ));
+        }
         let what = match self.state {
+            _ if self.permanent => "refuses this host",
             StoreState::Connecting => "has not been reached since the agent started",
             StoreState::Lost => "is out of reach",
             StoreState::Up => "has not answered within store_lease",
@@ -112,8 +174,10 @@ impl StoreHealth {
             epoch: 0,
             confirmed_epoch: 0,
             error: None,
+            permanent: false,
             lease,
             url,
+            spool: SpoolStats::default(),
         });
         Self { tx }
     }
@@ -145,6 +209,7 @@ impl StoreHealth {
                 h.since = Timestamp::now();
             }
             h.error = None;
+            h.permanent = false;
         });
     }
 
@@ -159,6 +224,18 @@ impl StoreHealth {
         });
     }
 
+    /// The local spool changed.
+    pub fn spool(&self, stats: SpoolStats) {
+        self.tx.send_if_modified(|h| {
+            if h.spool == stats {
+                false
+            } else {
+                h.spool = stats;
+                true
+            }
+        });
+    }
+
     /// The store went out of reach (or could not be reached again).
     pub fn lost(&self, error: String) {
         self.tx.send_modify(|h| {
@@ -167,7 +244,15 @@ impl StoreHealth {
                 h.since = Timestamp::now();
             }
             h.error = Some(error);
+            h.permanent = false;
         });
+    }
+
+    /// The store answered but refused this host in a way no quick retry mends (`error` says
+    /// what the operator must do).
+    pub fn refused(&self, error: String) {
+        self.lost(format!("permanent error: {error}"));
+        self.tx.send_modify(|h| h.permanent = true);
     }
 }
 
@@ -245,5 +330,68 @@ mod tests {
         assert!(!now.available(t0), "available before the catch-up read");
         h.confirmed(t0 + Duration::from_secs(2));
         assert!(h.get().available(t0 + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn records_in_the_spool_keep_the_host_closed_until_shipped_and_a_full_one_says_so() {
+        let h = StoreHealth::new("postgresql://jg@db/j".into(), LEASE);
+        h.connected();
+        let t0 = Instant::now();
+        h.confirmed(t0);
+        assert!(h.get().available(t0));
+        let spool = SpoolStats {
+            records: 3,
+            bytes: 100,
+            limit: 1000,
+            ..SpoolStats::default()
+        };
+        h.spool(spool.clone());
+        assert!(!h.get().available(t0), "records wait to be shipped");
+        let e = h.check().expect_err("shipping").to_string();
+        assert!(e.contains("still shipping the 3 records"), "{e}");
+        h.lost("gone".into());
+        h.spool(SpoolStats {
+            bytes: 1000,
+            ..spool.clone()
+        });
+        let e = h.check().expect_err("full").to_string();
+        assert!(
+            e.starts_with(SPOOL_FULL) && e.contains("spool_limit"),
+            "{e}"
+        );
+        h.spool(SpoolStats {
+            problem: Some("the local spool /s failed its integrity check: x".into()),
+            ..spool
+        });
+        let e = h.check().expect_err("damaged").to_string();
+        assert!(e.contains("integrity check"), "{e}");
+        h.connected();
+        h.confirmed(Instant::now());
+        assert!(h.check().is_err(), "a damaged spool keeps the host closed");
+        h.spool(SpoolStats::default());
+        assert!(h.check().is_ok(), "shipped: open");
+    }
+
+    #[test]
+    fn a_permanent_error_says_so_until_the_store_is_reached() {
+        let h = StoreHealth::new("postgresql://jg@db/j".into(), LEASE);
+        h.refused(
+            "password authentication failed for user \"jg\": check [store] password_file".into(),
+        );
+        let now = h.get();
+        assert!(now.permanent);
+        let e = h.check().expect_err("refused").to_string();
+        assert!(
+            e.contains("refuses this host") && e.contains("password_file"),
+            "{e}"
+        );
+        h.lost("connection refused".into());
+        assert!(
+            !h.get().permanent,
+            "a network error after it is not permanent"
+        );
+        h.refused("x".into());
+        h.connected();
+        assert!(!h.get().permanent);
     }
 }

@@ -974,6 +974,10 @@ mod postgres {
             .map(|e| format!("{e:#}"))
             .unwrap_or_default();
         assert!(e.contains("newer than this jitgated knows"), "{e}");
+        assert!(
+            e.contains("permanent error") && e.contains("upgrade jitgated"),
+            "a newer schema is no network error: {e}"
+        );
 
         let mut options: PostgresOptions = pg.options(&db, "h");
         options.url = format!("postgresql://postgres:hunter2@127.0.0.1:{}/{db}", pg.port);
@@ -1013,6 +1017,7 @@ mod postgres {
             pool_size: 1,
             host_id: "h".into(),
             lease: std::time::Duration::from_secs(30),
+            spool_limit: 64 << 20,
         };
         // A password file others can read is not used.
         std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644))
@@ -1063,6 +1068,12 @@ mod postgres {
                 "{what}: {e}"
             );
             assert!(e.contains(why), "{what}: {e}");
+            // A wrong password is no network error: said to be permanent, with what to do.
+            assert_eq!(
+                e.contains("permanent error") && e.contains("check [store] password_file"),
+                what == "a wrong password",
+                "{what}: {e}"
+            );
             assert!(
                 !e.contains("pw-Store"),
                 "{what}: the password is not echoed: {e}"

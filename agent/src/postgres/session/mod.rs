@@ -234,7 +234,11 @@ pub(crate) async fn serve(
                 // 57P03 cannot_connect_now: the client may retry, and should, later.
                 (None, SessionOutcome::RefusedStoreDown) => {
                     PgError::fatal("57P03", format!("jitgate: {}", outcome.1)).hint(
-                        "retry once the shared state store is back; `jitgate status` on this host shows it",
+                        if outcome.1.contains(crate::store::health::SPOOL_FULL) {
+                            "new sessions open again once the spooled records are shipped to the shared state store; `jitgate status` on this host shows the spool"
+                        } else {
+                            "retry once the shared state store is back; `jitgate status` on this host shows it"
+                        },
                     )
                 }
                 (None, _) => PgError::fatal(

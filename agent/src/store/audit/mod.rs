@@ -173,6 +173,30 @@ pub fn seal(
     })
 }
 
+/// Seals a record already reduced to its `kind` and `detail` (one made while the shared
+/// store was out of reach and spooled): the record after `head`, made at `at` (ms).
+pub fn seal_parts(
+    key: &AuditKey,
+    head: Option<&Head>,
+    at: i64,
+    actor: &str,
+    kind: &str,
+    detail: String,
+) -> Sealed {
+    let (prev_seq, prev_hash) = head.map_or((0, GENESIS), |(s, h)| (*s, h.as_str()));
+    let seq = prev_seq + 1;
+    let hash = mac(key, prev_hash, seq, at, kind, actor, &detail);
+    Sealed {
+        seq,
+        at,
+        kind: kind.to_owned(),
+        actor: actor.to_owned(),
+        detail,
+        prev_hash: prev_hash.to_owned(),
+        hash,
+    }
+}
+
 /// What `jitgate audit verify` reports.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VerifyReport {

@@ -45,6 +45,31 @@ pub async fn append(
     Ok(r)
 }
 
+/// Appends a record made earlier (spooled while the store was out of reach), with the time
+/// it was made, to `host`'s chain; like [`append`], after [`lock_chain`].
+pub async fn append_parts(
+    db: &impl GenericClient,
+    host: &str,
+    key: &AuditKey,
+    record: &super::spool::AuditRecord,
+) -> Result<Sealed> {
+    let head = head(db, host).await?;
+    let r = audit::seal_parts(
+        key,
+        head.as_ref(),
+        record.at,
+        &record.actor,
+        &record.kind,
+        record.detail.clone(),
+    );
+    db.execute(
+        "INSERT INTO audit (host_id, seq, at, kind, actor, detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[&host, &r.seq, &r.at, &r.kind, &r.actor, &r.detail, &r.prev_hash, &r.hash],
+    )
+    .await?;
+    Ok(r)
+}
+
 /// The last link of `host`'s chain.
 pub async fn head(db: &impl GenericClient, host: &str) -> Result<Option<Head>> {
     Ok(db

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{connect::Connector, queries, schema};
 use crate::{
     model::{RequestStatus, Timestamp},
-    store::{GrantChange, Result, health::StoreHealth},
+    store::{GrantChange, Result, StoreError, health::StoreHealth},
 };
 
 /// How often the log is read even without a notification (a lost `NOTIFY` costs this much).
@@ -71,15 +71,15 @@ pub async fn follow(f: Follower) {
                 .connector
                 .connect(Some(wake_tx))
                 .await
-                .map_err(|e| chain(&e))?;
+                .map_err(|e| failure(&e, ""))?;
             if last_seen.is_none() {
                 schema::migrate(&mut client)
                     .await
-                    .map_err(|e| format!("migrating the schema: {}", chain(&e)))?;
-                let newest = newest(&client).await.map_err(|e| chain(&e))?;
+                    .map_err(|e| failure(&e, "migrating the schema: "))?;
+                let newest = newest(&client).await.map_err(|e| failure(&e, ""))?;
                 let closed = queries::close_sessions_before(&client, &f.host, f.started_at)
                     .await
-                    .map_err(|e| chain(&e))?;
+                    .map_err(|e| failure(&e, ""))?;
                 if closed > 0 {
                     info!(
                         sessions = closed,
@@ -91,8 +91,8 @@ pub async fn follow(f: Follower) {
             client
                 .batch_execute("LISTEN jitgate_changes")
                 .await
-                .map_err(|e| format!("LISTEN: {}", chain(&e)))?;
-            Ok::<_, String>(client)
+                .map_err(|e| failure(&StoreError::from(e), "LISTEN: "))?;
+            Ok::<_, Failure>(client)
         };
         let client = tokio::select! {
             c = attempt => c,
@@ -100,7 +100,16 @@ pub async fn follow(f: Follower) {
         };
         let client = match client {
             Ok(c) => c,
-            Err(e) => {
+            Err(Failure::Permanent(e)) => {
+                error!(error = %e, retry_in = ?PERMANENT_RETRY, "the shared state store refuses this host: a permanent error, an operator must act; the gate stays closed to new grants");
+                f.health.refused(e);
+                tokio::select! {
+                    () = tokio::time::sleep(PERMANENT_RETRY) => {}
+                    () = f.stop.cancelled() => return,
+                }
+                continue;
+            }
+            Err(Failure::Transient(e)) => {
                 warn!(error = %e, retry_in = ?backoff, "cannot reach the shared state store; the gate stays closed to new grants until it is back");
                 f.health.lost(format!("connecting: {e}"));
                 tokio::select! {
@@ -138,6 +147,61 @@ pub async fn follow(f: Follower) {
         last_seen = Some(seen);
         warn!(error = %why, "lost the shared state store; no new grants until it is back, live grants end after store_lease");
         f.health.lost(why);
+    }
+}
+
+/// How long the follower waits before trying again after a permanent error (an operator may
+/// mend it, say a password file, without restarting the agent: the file is read again on
+/// every attempt).
+const PERMANENT_RETRY: Duration = Duration::from_secs(30);
+
+/// Why an attempt to reach the store failed.
+#[derive(Debug)]
+enum Failure {
+    /// Worth retrying soon: the network, the server down or starting.
+    Transient(String),
+    /// No retry mends it until an operator acts; the text says what to do.
+    Permanent(String),
+}
+
+/// Sorts an error from reaching the store into [`Failure`]s, `what` prefixed.
+fn failure(e: &StoreError, what: &str) -> Failure {
+    match permanent(e) {
+        Some(advice) => Failure::Permanent(format!("{what}{advice}")),
+        None => Failure::Transient(format!("{what}{}", chain(e))),
+    }
+}
+
+/// The operator's next step, when `e` is one no retry can mend: a wrong password, a user
+/// the server does not let in, a missing database, a schema newer than this agent.
+pub fn permanent(e: &StoreError) -> Option<String> {
+    use tokio_postgres::error::SqlState;
+    match e {
+        // Only migrate says this: the database is ahead of this agent.
+        StoreError::Invalid(why) => Some(why.clone()),
+        // The password file cannot be used (removed, made readable to others).
+        StoreError::Unavailable(why) if why.starts_with("[store] password_file") => {
+            Some(why.clone())
+        }
+        StoreError::Backend(b) => {
+            let db = b
+                .downcast_ref::<tokio_postgres::Error>()
+                .and_then(tokio_postgres::Error::as_db_error)?;
+            let todo = match db.code() {
+                c if *c == SqlState::INVALID_PASSWORD => {
+                    "check [store] password_file (it is read again on every attempt)"
+                }
+                c if *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+                    "let this host in (the server's pg_hba.conf, the role's LOGIN) or fix the user in [store] url"
+                }
+                c if *c == SqlState::INVALID_CATALOG_NAME => {
+                    "create the database, or fix its name in [store] url"
+                }
+                _ => return None,
+            };
+            Some(format!("{}: {todo}", db.message()))
+        }
+        _ => None,
     }
 }
 

@@ -30,6 +30,9 @@ pub struct PostgresOptions {
     /// `store_lease`: how long, cut off from the store, this host trusts the grants it last
     /// confirmed with it (sessions on them end after that).
     pub lease: Duration,
+    /// `spool_limit`: bytes of records the local spool keeps while the store is out of reach
+    /// (new sessions are refused past it; a quarter more is kept for live sessions' tails).
+    pub spool_limit: u64,
 }
 
 /// Makes connections with one set of options.
@@ -37,6 +40,9 @@ pub struct PostgresOptions {
 pub struct Connector {
     config: Config,
     tls: Option<MakeRustls>,
+    /// Read again on every connection, so a password fixed (or rotated) in the file is used
+    /// without restarting the agent.
+    password_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -74,7 +80,11 @@ impl Connector {
                 None
             }
         };
-        Ok(Self { config, tls })
+        Ok(Self {
+            config,
+            tls,
+            password_file: options.password_file.clone(),
+        })
     }
 
     /// Opens a connection; its driver runs on a task of its own. With `notifications`, each
@@ -82,6 +92,11 @@ impl Connector {
     /// says "look").
     pub async fn connect(&self, notifications: Option<mpsc::Sender<()>>) -> Result<Client> {
         let mut config = self.config.clone();
+        if let Some(path) = &self.password_file {
+            let password = crate::secret_file::read(path)
+                .map_err(|e| StoreError::Unavailable(format!("[store] password_file {e}")))?;
+            config.password(password);
+        }
         if notifications.is_some() {
             // Named apart, so an operator (or a test) can find the listener in pg_stat_activity.
             config.application_name("jitgated listener");

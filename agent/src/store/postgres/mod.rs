@@ -18,6 +18,7 @@ mod changes;
 mod connect;
 mod queries;
 mod schema;
+pub mod spool;
 mod tls;
 mod tokens;
 mod writer;
@@ -27,18 +28,22 @@ pub(crate) mod testdb;
 
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use futures_util::future::BoxFuture;
 use tokio::sync::broadcast;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::error;
 
 pub use self::connect::PostgresOptions;
 use self::{
     connect::Connector,
+    spool::{AuditRecord, Record, Spool},
     writer::{Db, Op, Writer},
 };
 use super::{
@@ -106,14 +111,19 @@ impl PostgresStore {
         let host = options.host_id.clone();
         let feed = broadcast::channel(FEED).0;
         let health = StoreHealth::new(options.url.clone(), options.lease);
-        let writer = Writer::spawn(
-            None,
-            connector.clone(),
-            host.clone(),
-            key.clone(),
-            head_path.clone(),
-            feed.clone(),
-        );
+        let spool_key = super::audit::secret_key(state_dir, spool::KEY_FILE)?;
+        let spool = Arc::new(Spool::open(state_dir, spool_key, options.spool_limit));
+        let started_at = Timestamp::now();
+        let writer = Writer::spawn(writer::Setup {
+            connector: connector.clone(),
+            host: host.clone(),
+            key: key.clone(),
+            head_path: head_path.clone(),
+            feed: feed.clone(),
+            health: health.clone(),
+            spool,
+            started_at,
+        });
         let (changes, _) = broadcast::channel(CHANGES);
         let stop = CancellationToken::new();
         tokio::spawn(changes::follow(changes::Follower {
@@ -122,7 +132,7 @@ impl PostgresStore {
             out: changes.clone(),
             health: health.clone(),
             stop: stop.clone(),
-            started_at: Timestamp::now(),
+            started_at,
         }));
         Ok(Self {
             writer,
@@ -174,19 +184,23 @@ impl PostgresStore {
         self.writer.call(f).await
     }
 
-    /// Queues a fire-and-forget write; while the store is out of reach it cannot be kept
-    /// and is dropped, counted in the log (no local spool yet; new sessions are refused
-    /// meanwhile, so what is dropped is the tail of sessions already live).
-    /// A record needs a connection, not a confirmed lease: one made while the change log is
-    /// being caught up after a reconnection (a session cut by a revocation heard then) is kept.
-    fn submit(&self, what: &'static str, f: Op<()>) {
-        let health = self.health.get();
-        if health.state != StoreState::Up {
-            let e = health.unavailable();
-            warn!(record = what, error = %e, "shared state store out of reach: record not kept");
-            return;
+    /// Queues a fire-and-forget record. The writer writes it with its next batch, or, while
+    /// the store is out of reach (or records kept meanwhile still wait), keeps it in the local
+    /// spool and ships it in order once the store is back.
+    fn submit(&self, record: Record) {
+        self.writer.submit(record);
+    }
+
+    /// A record of `event` by `actor`, made now (one that cannot be encoded is logged: it
+    /// could not be written either).
+    fn audit_record(actor: &str, event: &Event) -> Option<AuditRecord> {
+        match AuditRecord::now(actor, event) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                error!(error = %e, kind = event.kind(), "record not kept: cannot encode it");
+                None
+            }
         }
-        self.writer.submit(f);
     }
 
     /// Tells local subscribers of a committed change (none listening is fine).
@@ -629,52 +643,31 @@ impl Store for PostgresStore {
     }
 
     fn session_opened(&self, session: Session) {
-        self.submit(
-            "session.start",
-            op(move |db| {
-                Box::pin(async move {
-                    queries::insert_session(db.tx, db.host, &session).await?;
-                    db.append(&session_actor(&session), &Event::session_start(&session))
-                        .await?;
-                    Ok(())
-                })
-            }),
-        );
+        if let Some(audit) =
+            Self::audit_record(&session_actor(&session), &Event::session_start(&session))
+        {
+            self.submit(Record::SessionStart { session, audit });
+        }
     }
 
     fn session_refused(&self, session: Session) {
-        self.submit(
-            "session.refused",
-            op(move |db| {
-                Box::pin(async move {
-                    queries::insert_session(db.tx, db.host, &session).await?;
-                    db.append(&session_actor(&session), &Event::session_refused(&session))
-                        .await?;
-                    Ok(())
-                })
-            }),
-        );
+        if let Some(audit) =
+            Self::audit_record(&session_actor(&session), &Event::session_refused(&session))
+        {
+            self.submit(Record::SessionRefused { session, audit });
+        }
     }
 
     fn session_ended(&self, session: Session) {
-        self.submit(
-            "session.end",
-            op(move |db| {
-                Box::pin(async move {
-                    queries::end_session(db.tx, &session).await?;
-                    db.append(&session_actor(&session), &Event::session_end(&session))
-                        .await?;
-                    Ok(())
-                })
-            }),
-        );
+        if let Some(audit) =
+            Self::audit_record(&session_actor(&session), &Event::session_end(&session))
+        {
+            self.submit(Record::SessionEnd { session, audit });
+        }
     }
 
     fn record_statements(&self, batch: Vec<StatementRecord>) {
-        self.submit(
-            "statements",
-            op(move |db| Box::pin(async move { queries::insert_statements(db.tx, &batch).await })),
-        );
+        self.submit(Record::Statements { batch });
     }
 
     fn sessions(&self, open_only: bool, limit: usize) -> StoreFuture<'_, Vec<Session>> {
@@ -720,15 +713,9 @@ impl Store for PostgresStore {
     }
 
     fn submit_audit(&self, actor: String, event: Event) {
-        self.submit(
-            "audit",
-            op(move |db| {
-                Box::pin(async move {
-                    db.append(&actor, &event).await?;
-                    Ok(())
-                })
-            }),
-        );
+        if let Some(audit) = Self::audit_record(&actor, &event) {
+            self.submit(Record::Audit { audit });
+        }
     }
 
     fn audit_log(
@@ -790,8 +777,11 @@ impl Store for PostgresStore {
         })))
     }
 
+    /// Waits until every record queued before it is written or, with the store out of
+    /// reach, kept in the spool (so a clean shutdown during an outage loses nothing); fails
+    /// when the store could not be written.
     fn flush(&self) -> StoreFuture<'_, ()> {
-        Box::pin(self.call(op(|_| Box::pin(async { Ok(()) }))))
+        Box::pin(self.writer.call(op(|_| Box::pin(async { Ok(()) }))))
     }
 
     fn health(&self) -> Option<StoreHealth> {

@@ -162,6 +162,17 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX api_tokens_user ON api_tokens (user_name, created_at);
     "#,
+    // 5: per host and local spool, the last spooled record shipped: written in the
+    // transaction that ships, so a host that crashes before clearing its spool skips what
+    // is already here (shipping is exactly once).
+    r#"
+    CREATE TABLE spool_shipped (
+        host_id  TEXT NOT NULL,
+        spool_id TEXT NOT NULL,
+        seq      BIGINT NOT NULL,
+        PRIMARY KEY (host_id, spool_id)
+    );
+    "#,
 ];
 
 /// Applies the migrations this agent knows that the database lacks. Safe when many agents

@@ -179,6 +179,7 @@ impl TestDb {
             pool_size: 2,
             host_id: host.to_owned(),
             lease: std::time::Duration::from_secs(30),
+            spool_limit: 64 << 20,
         }
     }
 }

@@ -11,7 +11,7 @@
 
 use std::{
     path::PathBuf,
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -21,16 +21,29 @@ use tokio::{
     time::Instant,
 };
 use tokio_postgres::{Client, Transaction};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
-use super::{audit, connect::Connector};
+use super::{
+    audit,
+    connect::Connector,
+    queries,
+    spool::{AuditRecord, Record, Spool},
+};
 use crate::{
-    model::AuditEvent,
+    model::{AuditEvent, Timestamp},
     store::{
         Result, StoreError,
-        audit::{AuditKey, Event, Sealed},
+        audit::{AuditKey, Event, Head, Sealed},
+        health::{StoreHealth, StoreState},
     },
 };
+
+/// How often the writer looks whether spooled records can be shipped (the store back and
+/// caught up) when nothing else wakes it.
+const SHIP_POLL: Duration = Duration::from_millis(200);
+
+/// Spooled records shipped per transaction.
+const SHIP_CHUNK: usize = 256;
 
 /// At most this many queued operations share one transaction.
 const MAX_BATCH: usize = 512;
@@ -65,6 +78,18 @@ impl Db<'_> {
         Ok(seq)
     }
 
+    /// Appends a record made earlier (spooled, or queued) with the time it was made.
+    pub async fn append_record(&self, record: &AuditRecord) -> Result<i64> {
+        audit::lock_chain(self.tx, self.host).await?;
+        let sealed = audit::append_parts(self.tx, self.host, self.key, record).await?;
+        let seq = sealed.seq;
+        self.appended
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(sealed);
+        Ok(seq)
+    }
+
     /// Takes the change-log lock. Call first in an operation that will record a change.
     pub async fn lock_changes(&self) -> Result<()> {
         self.tx
@@ -91,6 +116,41 @@ impl Db<'_> {
 
 /// An operation: given the transaction, a future that does the work.
 pub type Op<T> = Box<dyn for<'a> FnOnce(&'a Db<'a>) -> BoxFuture<'a, Result<T>> + Send>;
+
+/// Writes one fire-and-forget record (at once, or shipped from the spool).
+pub async fn apply(db: &Db<'_>, record: &Record) -> Result<()> {
+    match record {
+        Record::SessionStart { session, audit } | Record::SessionRefused { session, audit } => {
+            queries::insert_session(db.tx, db.host, session).await?;
+            db.append_record(audit).await?;
+        }
+        Record::SessionEnd { session, audit } => {
+            queries::end_session(db.tx, session).await?;
+            db.append_record(audit).await?;
+        }
+        Record::Statements { batch } => queries::insert_statements(db.tx, batch).await?,
+        Record::Audit { audit } => {
+            db.append_record(audit).await?;
+        }
+    }
+    Ok(())
+}
+
+/// What the writer's queue carries: an answered call, or a record (kept in the spool when
+/// it cannot be written).
+enum Item {
+    Call(Box<dyn Job>),
+    Put(Record),
+}
+
+impl Item {
+    fn awaited(&self) -> bool {
+        match self {
+            Self::Call(job) => job.awaited(),
+            Self::Put(_) => false,
+        }
+    }
+}
 
 trait Job: Send {
     fn awaited(&self) -> bool;
@@ -141,30 +201,35 @@ impl<T: Send + 'static> Job for Call<T> {
 
 /// Handle on the writer task.
 pub struct Writer {
-    tx: mpsc::UnboundedSender<Box<dyn Job>>,
+    tx: mpsc::UnboundedSender<Item>,
+}
+
+/// Where the writer writes, as whom, and what it reports to.
+pub struct Setup {
+    pub connector: Connector,
+    pub host: String,
+    pub key: AuditKey,
+    /// This host's audit head checkpoint.
+    pub head_path: PathBuf,
+    /// Committed audit records are published here.
+    pub feed: broadcast::Sender<AuditEvent>,
+    pub health: StoreHealth,
+    pub spool: Arc<Spool>,
+    /// When this run began: sessions of this host begun before then and still open once a
+    /// spool is shipped were left open by a run that ended without recording their end.
+    pub started_at: Timestamp,
 }
 
 impl Writer {
-    /// Starts the task that owns `client` (reopened through `connector` when lost), writing
-    /// as `host` with `key`, keeping the head checkpoint at `head_path` and publishing
-    /// committed audit records on `feed`.
-    pub fn spawn(
-        client: Option<Client>,
-        connector: Connector,
-        host: String,
-        key: AuditKey,
-        head_path: PathBuf,
-        feed: broadcast::Sender<AuditEvent>,
-    ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel::<Box<dyn Job>>();
+    /// Starts the task that writes through `setup.connector` (reopened when lost).
+    pub fn spawn(setup: Setup) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel::<Item>();
+        setup.health.spool(setup.spool.stats());
         tokio::spawn(run(
             State {
-                client,
-                connector,
-                host,
-                key,
-                head_path,
-                feed,
+                client: None,
+                setup,
+                last_head: None,
             },
             rx,
         ));
@@ -180,19 +245,15 @@ impl Writer {
             reply: Some(reply),
         };
         self.tx
-            .send(Box::new(job))
+            .send(Item::Call(Box::new(job)))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Queues `f` without waiting (session bookkeeping on the data path).
-    pub fn submit(&self, f: Op<()>) {
-        let job = Call {
-            f: Some(f),
-            result: None,
-            reply: None,
-        };
-        if self.tx.send(Box::new(job)).is_err() {
+    /// Queues a record without waiting (session bookkeeping on the data path): written with
+    /// the next batch, or kept in the spool while the store is out of reach.
+    pub fn submit(&self, record: Record) {
+        if self.tx.send(Item::Put(record)).is_err() {
             warn!("state store is shut down; dropping a background write");
         }
     }
@@ -200,20 +261,28 @@ impl Writer {
 
 struct State {
     client: Option<Client>,
-    connector: Connector,
-    host: String,
-    key: AuditKey,
-    head_path: PathBuf,
-    feed: broadcast::Sender<AuditEvent>,
+    setup: Setup,
+    last_head: Option<Head>,
 }
 
-async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Box<dyn Job>>) {
-    let mut last_head = None;
-    while let Some(first) = rx.recv().await {
+async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Item>) {
+    loop {
+        let first = if state.setup.spool.pending() && state.setup.spool.problem().is_none() {
+            tokio::select! {
+                item = rx.recv() => item,
+                () = tokio::time::sleep(SHIP_POLL) => {
+                    ship_if_due(&mut state).await;
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some(first) = first else { break };
         let linger_until = Instant::now() + LINGER;
         let mut waited_for = first.awaited();
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
+        let mut items = vec![first];
+        while items.len() < MAX_BATCH {
             let next = if waited_for {
                 rx.try_recv().ok()
             } else {
@@ -222,61 +291,285 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Box<dyn Job>>) {
                     .ok()
                     .flatten()
             };
-            let Some(job) = next else { break };
-            waited_for |= job.awaited();
-            jobs.push(job);
+            let Some(item) = next else { break };
+            waited_for |= item.awaited();
+            items.push(item);
+        }
+        ship_if_due(&mut state).await;
+        // Records wait in the spool while the store is out of reach, and behind records
+        // already there (this host's chain is written in the order records were made).
+        let up = state.setup.health.get().state == StoreState::Up;
+        let damaged = state.setup.spool.problem().is_some();
+        if !up || (state.setup.spool.pending() && !damaged) {
+            let (puts, calls): (Vec<Item>, Vec<Item>) =
+                items.into_iter().partition(|i| matches!(i, Item::Put(_)));
+            keep(&state, puts).await;
+            items = calls;
+            if items.is_empty() {
+                continue;
+            }
         }
         let mut published = Vec::new();
-        let committed = run_batch(&mut state, &mut jobs, &mut published).await;
+        let committed = run_batch(&mut state, &mut items, &mut published).await;
         if let Err(e) = &committed {
             error!(error = %e, "shared state store transaction failed");
         }
-        for job in jobs {
-            job.finish(committed.clone());
-        }
-        if committed.is_ok() && state.feed.receiver_count() > 0 {
-            for sealed in &published {
-                let _ = state.feed.send(sealed.to_event());
+        let mut unwritten = Vec::new();
+        for item in items {
+            match item {
+                Item::Call(job) => job.finish(committed.clone()),
+                // Not committed: kept in the spool, to be shipped in order.
+                Item::Put(record) if committed.is_err() => unwritten.push(Item::Put(record)),
+                Item::Put(_) => {}
             }
         }
-        if committed.is_ok()
-            && !published.is_empty()
-            && let Some(client) = &state.client
-        {
-            match audit::head(client, &state.host).await {
-                Ok(head) if head != last_head => {
-                    if let Some(h) = &head
-                        && let Err(e) = audit::write_head(&state.head_path, h)
-                    {
-                        warn!(error = %e, "could not write the audit head checkpoint");
-                    }
-                    last_head = head;
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "could not read the audit head"),
-            }
+        keep(&state, unwritten).await;
+        if committed.is_ok() {
+            after_commit(&mut state, &published).await;
         }
     }
 }
 
-async fn run_batch(
-    state: &mut State,
-    jobs: &mut [Box<dyn Job>],
+/// Keeps `puts` in the spool, in order; what even the spool cannot take is dropped and
+/// logged (it is full past its reserve, or damaged).
+async fn keep(state: &State, puts: Vec<Item>) {
+    let records: Vec<Record> = puts
+        .into_iter()
+        .filter_map(|i| match i {
+            Item::Put(r) => Some(r),
+            Item::Call(_) => None,
+        })
+        .collect();
+    if records.is_empty() {
+        return;
+    }
+    let spool = state.setup.spool.clone();
+    let n = records.len() as u64;
+    let before = spool.stats().records;
+    let result = tokio::task::spawn_blocking(move || spool.append(&records)).await;
+    let kept = state.setup.spool.stats().records.saturating_sub(before);
+    match result {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            // `append` keeps a prefix (order kept): what it did not take is lost, loudly.
+            let lost = n.saturating_sub(kept);
+            state.setup.spool.dropped(lost);
+            crate::ops::metrics::spool_dropped(lost);
+            error!(error = %e, records = lost, "record not kept: the shared state store is out of reach and the local spool cannot take it");
+        }
+        Err(e) => {
+            let lost = n.saturating_sub(kept);
+            state.setup.spool.dropped(lost);
+            crate::ops::metrics::spool_dropped(lost);
+            error!(error = %e, records = lost, "record not kept: the spool task failed");
+        }
+    }
+    if kept > 0 {
+        crate::ops::metrics::spool_kept(kept);
+    }
+    state.setup.health.spool(state.setup.spool.stats());
+}
+
+/// Publishes a committed transaction's audit records and moves the head checkpoint.
+async fn after_commit(state: &mut State, published: &[Sealed]) {
+    let setup = &state.setup;
+    if setup.feed.receiver_count() > 0 {
+        for sealed in published {
+            let _ = setup.feed.send(sealed.to_event());
+        }
+    }
+    if published.is_empty() {
+        return;
+    }
+    let Some(client) = &state.client else { return };
+    match audit::head(client, &setup.host).await {
+        Ok(head) if head != state.last_head => {
+            if let Some(h) = &head
+                && let Err(e) = audit::write_head(&setup.head_path, h)
+            {
+                warn!(error = %e, "could not write the audit head checkpoint");
+            }
+            state.last_head = head;
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not read the audit head"),
+    }
+}
+
+/// Ships the spool if it holds records and the store is back and caught up (the change
+/// log read on this connection: revocations made meanwhile are heard before anything new).
+async fn ship_if_due(state: &mut State) {
+    let spool = &state.setup.spool;
+    if !spool.pending() || spool.problem().is_some() {
+        return;
+    }
+    let h = state.setup.health.get();
+    if h.state != StoreState::Up || h.confirmed_epoch != h.epoch || h.confirmed.is_none() {
+        return;
+    }
+    match ship(state).await {
+        Ok(0) => {}
+        Ok(n) => info!(
+            records = n,
+            "shipped the local spool to the shared state store"
+        ),
+        Err(e) => warn!(error = %e, "shipping the local spool failed; retrying"),
+    }
+    state.setup.health.spool(state.setup.spool.stats());
+}
+
+async fn ship(state: &mut State) -> std::result::Result<usize, String> {
+    connect(state).await?;
+    let spool_id = state.setup.spool.id();
+    let mut total = 0;
+    loop {
+        let spool = state.setup.spool.clone();
+        let chunk = tokio::task::spawn_blocking(move || spool.peek(SHIP_CHUNK))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let Some(&(upto, _)) = chunk.last() else {
+            break;
+        };
+        let Some(client) = state.client.as_mut() else {
+            return Err("no connection to the shared store".into());
+        };
+        let mut published = Vec::new();
+        let setup = &state.setup;
+        let shipped = ship_chunk(
+            client,
+            &setup.host,
+            &setup.key,
+            &spool_id,
+            &chunk,
+            &mut published,
+        )
+        .await;
+        if let Err(e) = shipped {
+            if client.is_closed() {
+                state.client = None;
+            }
+            return Err(e);
+        }
+        let spool = state.setup.spool.clone();
+        tokio::task::spawn_blocking(move || spool.shipped(upto))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        crate::ops::metrics::spool_shipped(chunk.len() as u64);
+        after_commit(state, &published).await;
+        state.setup.health.spool(state.setup.spool.stats());
+        total += chunk.len();
+    }
+    // A previous run's sessions whose end was never recorded (it crashed): closed now
+    // that their start has been shipped.
+    if total > 0
+        && let Some(client) = &state.client
+    {
+        queries::close_sessions_before(client, &state.setup.host, state.setup.started_at)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(total)
+}
+
+/// Writes one chunk of spooled records in one transaction, with the spool's shipped mark:
+/// rows at or below the mark (shipped by a run that crashed before removing them) are
+/// skipped. Returns once committed.
+async fn ship_chunk(
+    client: &mut Client,
+    host: &str,
+    key: &AuditKey,
+    spool_id: &str,
+    chunk: &[(i64, Record)],
     published: &mut Vec<Sealed>,
 ) -> std::result::Result<(), String> {
+    let e = |e: tokio_postgres::Error| super::changes::chain(&e);
+    let mut tx = client.transaction().await.map_err(e)?;
+    let shipped: i64 = tx
+        .query_opt(
+            "SELECT seq FROM spool_shipped WHERE host_id = $1 AND spool_id = $2 FOR UPDATE",
+            &[&host, &spool_id],
+        )
+        .await
+        .map_err(e)?
+        .map_or(0, |r| r.get(0));
+    let mut last = shipped;
+    for (seq, record) in chunk {
+        if *seq <= shipped {
+            continue;
+        }
+        let sp = tx.savepoint("spooled").await.map_err(e)?;
+        let appended = Mutex::new(Vec::new());
+        let result = {
+            let db = Db {
+                tx: &sp,
+                host,
+                key,
+                appended: &appended,
+            };
+            apply(&db, record).await
+        };
+        match result {
+            Ok(()) => {
+                sp.commit().await.map_err(e)?;
+                published.extend(
+                    appended
+                        .into_inner()
+                        .unwrap_or_else(PoisonError::into_inner),
+                );
+            }
+            Err(err) => {
+                sp.rollback().await.map_err(e)?;
+                // The store refuses it as it stands (not a lost connection: that fails the
+                // rollback above); retrying would block the spool for good.
+                error!(error = %err, spool_seq = seq, record = record.what(), "a spooled record was refused by the shared state store; it is not shipped");
+            }
+        }
+        last = *seq;
+    }
+    tx.execute(
+        "INSERT INTO spool_shipped (host_id, spool_id, seq) VALUES ($1, $2, $3) \
+         ON CONFLICT (host_id, spool_id) DO UPDATE SET seq = EXCLUDED.seq",
+        &[&host, &spool_id, &last],
+    )
+    .await
+    .map_err(e)?;
+    tx.commit().await.map_err(e)
+}
+
+/// Opens the writer's connection if it has none.
+async fn connect(state: &mut State) -> std::result::Result<(), String> {
     if state.client.as_ref().is_none_or(Client::is_closed) {
         state.client = None;
         let client = state
+            .setup
             .connector
             .connect(None)
             .await
             .map_err(|e| format!("reconnecting to the shared store: {e}"))?;
         state.client = Some(client);
     }
+    Ok(())
+}
+
+async fn run_batch(
+    state: &mut State,
+    items: &mut [Item],
+    published: &mut Vec<Sealed>,
+) -> std::result::Result<(), String> {
+    connect(state).await?;
     let Some(client) = state.client.as_mut() else {
         return Err("no connection to the shared store".into());
     };
-    let result = batch(client, &state.host, &state.key, jobs, published).await;
+    let result = batch(
+        client,
+        &state.setup.host,
+        &state.setup.key,
+        items,
+        published,
+    )
+    .await;
     if result.is_err() && client.is_closed() {
         state.client = None;
     }
@@ -287,11 +580,11 @@ async fn batch(
     client: &mut Client,
     host: &str,
     key: &AuditKey,
-    jobs: &mut [Box<dyn Job>],
+    items: &mut [Item],
     published: &mut Vec<Sealed>,
 ) -> std::result::Result<(), String> {
     let mut tx = client.transaction().await.map_err(|e| e.to_string())?;
-    for job in jobs.iter_mut() {
+    for item in items.iter_mut() {
         let sp = tx.savepoint("job").await.map_err(|e| e.to_string())?;
         let appended = Mutex::new(Vec::new());
         let ok = {
@@ -301,7 +594,16 @@ async fn batch(
                 key,
                 appended: &appended,
             };
-            job.run(&db).await
+            match item {
+                Item::Call(job) => job.run(&db).await,
+                Item::Put(record) => match apply(&db, record).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(error = %e, record = record.what(), "background store write failed");
+                        false
+                    }
+                },
+            }
         };
         if ok {
             sp.commit().await.map_err(|e| e.to_string())?;
