@@ -16,6 +16,7 @@
 mod audit;
 mod changes;
 mod connect;
+mod fleet;
 mod queries;
 mod schema;
 mod tls;
@@ -100,7 +101,9 @@ impl PostgresStore {
     pub fn start(options: &PostgresOptions, state_dir: &Path) -> anyhow::Result<Self> {
         super::sqlite::create_private_dir(state_dir)?;
         let connector = Connector::new(options)?;
-        let key = AuditKey::load_or_create(state_dir)?;
+        // Fleet mode signs its records too, for `audit verify --fleet` (store/audit/sign.rs).
+        let key = AuditKey::load_or_create(state_dir)?
+            .with_signer(super::audit::sign::AuditSigner::load_or_create(state_dir)?);
         let head_path = state_dir.join(HEAD_FILE);
         let host = options.host_id.clone();
         let feed = broadcast::channel(FEED).0;
@@ -746,6 +749,24 @@ impl Store for PostgresStore {
         Box::pin(self.call(op(move |db| {
             Box::pin(async move { audit::verify(db.tx, db.host, &key, &head_path).await })
         })))
+    }
+
+    fn verify_audit_fleet(&self) -> StoreFuture<'_, super::audit::fleet::FleetReport> {
+        // Fleet verification (store/postgres/fleet.rs): on a read connection, not the writer.
+        let own_key = self.key.signer().map(|s| s.public_key_hex());
+        let pins = self
+            .head_path
+            .with_file_name(super::audit::fleet::PINS_FILE);
+        let host = self.host.clone();
+        Box::pin(async move {
+            self.pool
+                .read(move |c| {
+                    Box::pin(
+                        async move { fleet::verify(c, &host, own_key.as_deref(), &pins).await },
+                    )
+                })
+                .await
+        })
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {
