@@ -103,6 +103,17 @@ async fn register(
     Ok(())
 }
 
+/// The last link of `host`'s chain.
+pub async fn head(db: &impl GenericClient, host: &str) -> Result<Option<Head>> {
+    Ok(db
+        .query_opt(
+            "SELECT seq, hash FROM audit WHERE host_id = $1 ORDER BY seq DESC LIMIT 1",
+            &[&host],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
 fn sealed_of(r: &Row) -> Result<Sealed> {
     Ok(Sealed {
         seq: r.try_get(0)?,

@@ -13,7 +13,7 @@ use std::{
 };
 
 use futures_util::{StreamExt as _, pin_mut};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, IsolationLevel, Transaction};
 use tracing::warn;
 
 use crate::{
@@ -32,20 +32,21 @@ static PINS_LOCK: Mutex<()> = Mutex::new(());
 
 /// Verifies every host's chain; `me` is this host, `own_key` its public key (hex).
 pub async fn verify(
-    client: &Client,
+    client: &mut Client,
     me: &str,
     own_key: Option<&str>,
     pins_path: &Path,
 ) -> Result<FleetReport> {
     let pins = Pins::load(pins_path)?;
-    client
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
         .await?;
-    let result = walk(client, me, own_key, &pins).await;
-    // Read only: ending it either way is the same; a failed end leaves nothing behind that
-    // matters (the connection is dropped by the pool when broken).
-    let _ = client.batch_execute("ROLLBACK").await;
-    let (report, new_pins) = result?;
+    let (report, new_pins) = walk(&tx, me, own_key, &pins).await?;
+    // Read only: nothing to commit.
+    drop(tx);
     if !new_pins.is_empty() {
         save_pins(pins_path, new_pins)?;
     }
@@ -53,7 +54,7 @@ pub async fn verify(
 }
 
 async fn walk(
-    client: &Client,
+    client: &Transaction<'_>,
     me: &str,
     own_key: Option<&str>,
     pins: &Pins,

@@ -757,15 +757,12 @@ impl Store for PostgresStore {
         let pins = self
             .head_path
             .with_file_name(super::audit::fleet::PINS_FILE);
-        let host = self.host.clone();
         Box::pin(async move {
-            self.pool
-                .read(move |c| {
-                    Box::pin(
-                        async move { fleet::verify(c, &host, own_key.as_deref(), &pins).await },
-                    )
-                })
-                .await
+            // A connection of its own, not a pooled one: the snapshot transaction it opens
+            // must never be left behind for another reader if this call is cancelled.
+            self.health.check()?;
+            let mut client = self.pool.connector.connect(None).await?;
+            fleet::verify(&mut client, &self.host, own_key.as_deref(), &pins).await
         })
     }
 
