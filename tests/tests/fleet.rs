@@ -626,3 +626,143 @@ fn a_full_spool_refuses_new_sessions_and_loses_nothing_it_took() {
     let verified = a.cli(&["audit", "verify"]);
     assert_eq!(verified.code, 0, "{verified:#?}");
 }
+
+/// `audit verify --fleet` from host B over host A's records (and its own).
+fn fleet_verify(b: &Gate) -> (i32, serde_json::Value) {
+    let out = b.cli(&["audit", "verify", "--fleet", "--json"]);
+    (out.code, out.json())
+}
+
+/// The report line of `host` in a `--fleet` report.
+fn host_report(report: &serde_json::Value, host: &str) -> serde_json::Value {
+    report["hosts"]
+        .as_array()
+        .and_then(|h| h.iter().find(|h| h["host"] == host).cloned())
+        .unwrap_or_else(|| panic!("{host} missing from {report}"))
+}
+
+/// Hostile: someone with write access to the shared database, but without host A's keys,
+/// edits, deletes, truncates, or swaps A's public key. Host B's `audit verify --fleet`
+/// (A's HMAC key is not on B) names host A and the record each time; B's own chain stays ok.
+#[test]
+fn fleet_verify_from_another_host_finds_tampering() {
+    jitgate_e2e::root_or_skip!();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let (pg, a, b) = fleet("fleet-verify", &echo.addr.to_string());
+
+    // Records on both chains: filed and denied on A, filed on A and approved on B, revoked on A.
+    let filed = |gate: &Gate| {
+        let out = gate.cli(&["request", "echo", "--for", "bot", "--json"]);
+        out.assert_ok();
+        out.json()["id"].as_str().unwrap().to_owned()
+    };
+    let r1 = filed(&a);
+    a.cli(&["deny", &r1]).assert_ok();
+    let r2 = filed(&a);
+    let approved = b.cli(&["approve", &r2, "--json"]);
+    approved.assert_ok();
+    let grant = approved.json()["grant"]["id"].as_str().unwrap().to_owned();
+    a.cli(&["revoke", &grant]).assert_ok();
+    a.cli(&["grants", "--all"]).assert_ok(); // a read: the writer has committed
+    let top: i64 = pg
+        .admin(
+            "fleet",
+            "SELECT max(seq) FROM audit WHERE host_id = 'host-a'",
+        )
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(top >= 4, "host A has {top} records");
+
+    let (code, report) = fleet_verify(&b);
+    assert_eq!(code, 0, "{report}");
+    for host in ["host-a", "host-b"] {
+        assert_eq!(host_report(&report, host)["status"], "ok", "{report}");
+    }
+    // A's own verify sees no difference either.
+    assert_eq!(a.cli(&["audit", "verify"]).code, 0);
+
+    pg.admin(
+        "fleet",
+        "CREATE TABLE a_backup AS SELECT * FROM audit WHERE host_id = 'host-a';
+         CREATE TABLE hosts_backup AS SELECT * FROM audit_hosts;",
+    );
+    let restore = || {
+        pg.admin(
+            "fleet",
+            "DELETE FROM audit WHERE host_id = 'host-a';
+             INSERT INTO audit SELECT * FROM a_backup;
+             DELETE FROM audit_hosts;
+             INSERT INTO audit_hosts SELECT * FROM hosts_backup;",
+        );
+        let (code, report) = fleet_verify(&b);
+        assert_eq!(code, 0, "restored: {report}");
+    };
+    let failed_at = |what: &str, seq: i64, words: &str| {
+        let (code, report) = fleet_verify(&b);
+        assert_eq!(code, 9, "{what}: {report}");
+        let host = host_report(&report, "host-a");
+        assert_eq!(host["status"], "failed", "{what}: {report}");
+        assert_eq!(host["first_bad_seq"], seq, "{what}: {report}");
+        assert!(
+            host["problems"].to_string().contains(words),
+            "{what}: {report}"
+        );
+        assert_eq!(host_report(&report, "host-b")["status"], "ok", "{what}");
+    };
+
+    // 1. A field edited.
+    pg.admin(
+        "fleet",
+        "UPDATE audit SET actor = 'user mallory' WHERE host_id = 'host-a' AND seq = 2",
+    );
+    failed_at("edited", 2, "does not match its signature");
+    restore();
+
+    // 2. One record deleted.
+    pg.admin(
+        "fleet",
+        "DELETE FROM audit WHERE host_id = 'host-a' AND seq = 3",
+    );
+    failed_at("deleted", 3, "3..3 are missing (deleted)");
+    restore();
+
+    // 3. The tail cut off (below what B verified before).
+    pg.admin(
+        "fleet",
+        &format!(
+            "DELETE FROM audit WHERE host_id = 'host-a' AND seq >= {}",
+            top - 1
+        ),
+    );
+    failed_at(
+        "truncated",
+        top - 1,
+        "missing from the end (this host verified up to",
+    );
+    restore();
+
+    // 4. A's public key replaced with another valid one (B's, with its registration
+    //    signature), nothing re-signed.
+    pg.admin(
+        "fleet",
+        "UPDATE audit_hosts SET (public_key, signed_from, sig) =
+            (SELECT public_key, signed_from, sig FROM audit_hosts WHERE host_id = 'host-b')
+         WHERE host_id = 'host-a'",
+    );
+    let (code, report) = fleet_verify(&b);
+    assert_eq!(code, 9, "{report}");
+    let host = host_report(&report, "host-a");
+    assert_eq!(host["status"], "failed", "{report}");
+    assert!(
+        host["problems"].to_string().contains("PUBLIC KEY CHANGED"),
+        "{report}"
+    );
+    let text = b.cli(&["audit", "verify", "--fleet"]);
+    assert_eq!(text.code, 9);
+    assert!(
+        text.stdout.contains("host-a: FAILED") && text.stdout.contains("audit-fleet-pins.json"),
+        "{text:#?}"
+    );
+    restore();
+}

@@ -8,6 +8,7 @@
 
 pub mod daemon;
 mod docs;
+mod fleet_audit;
 mod output;
 mod run;
 mod token;
@@ -187,6 +188,10 @@ enum AuditAction {
     Verify {
         #[arg(long)]
         json: bool,
+        /// Every host's chain in the shared store (fleet mode), checked with the hosts'
+        /// public keys as pinned on this host: exit 9 if any host's chain fails.
+        #[arg(long)]
+        fleet: bool,
     },
 }
 
@@ -624,7 +629,11 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit {
-            action: Some(AuditAction::Verify { json }),
+            action: Some(AuditAction::Verify { json, fleet: true }),
+            ..
+        } => fleet_audit::verify(cli.client()?, *json),
+        Command::Audit {
+            action: Some(AuditAction::Verify { json, fleet: false }),
             ..
         } => {
             let report: VerifyReport = cli.client()?.call_as(&Call::AuditVerify)?;

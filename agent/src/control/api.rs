@@ -55,6 +55,8 @@ pub enum Call {
         limit: usize,
     },
     AuditVerify,
+    /// Every host's chain in a shared store (`audit verify --fleet`).
+    AuditVerifyFleet,
     Run(RunSpec),
     Reload,
     /// Removes the gate from the kernel and stops the host agent.

@@ -192,6 +192,7 @@ async fn dispatch(service: &ControlService, caller: &Caller, call: Call) -> Repl
         Call::SessionShow { id } => reply(service.session(caller, &id).await),
         Call::Audit { since, limit } => reply(service.audit(caller, since, limit).await),
         Call::AuditVerify => reply(service.audit_verify(caller).await),
+        Call::AuditVerifyFleet => reply(service.audit_verify_fleet(caller).await),
         Call::Run(spec) => reply(service.run(caller, spec).await),
         Call::Reload => reply(service.reload(caller).await),
         Call::Detach => reply(service.detach(caller)),

@@ -352,6 +352,13 @@ impl ControlService {
         Ok(self.inner.store.verify_audit().await?)
     }
 
+    /// Checks every host's chain in the shared store with the hosts' public keys (fleet
+    /// mode; any other store says it has no fleet).
+    pub async fn audit_verify_fleet(&self, caller: &Caller) -> Result<audit::fleet::FleetReport> {
+        authz::operators_only(&self.config(), caller, "verify the fleet's audit logs")?;
+        Ok(self.inner.store.verify_audit_fleet().await?)
+    }
+
     /// Starts a `jitgate run` task for `caller` (see [`authz::may_launch`]).
     pub async fn run(&self, caller: &Caller, spec: RunSpec) -> Result<Started> {
         authz::may_launch(&self.config(), caller, &spec)?;

@@ -603,6 +603,21 @@ async fn the_audit_log_is_for_operators() {
     }
 }
 
+/// `audit verify --fleet` on a host without a shared store: a clear error, not an empty
+/// "ok" (and still operators only).
+#[tokio::test]
+async fn fleet_verification_needs_a_shared_store() {
+    let f = fixture().await;
+    let e = f.service.audit_verify_fleet(&operator()).await.unwrap_err();
+    assert!(
+        e.to_string().contains("backend = \"postgres\"")
+            && e.to_string().contains("use `jitgate audit verify`"),
+        "{e}"
+    );
+    forbidden(f.service.audit_verify_fleet(&workload()).await);
+    forbidden(f.service.audit_verify_fleet(&stranger()).await);
+}
+
 fn run_spec(identity: &str, run_as_uid: u32, allow_root: bool) -> RunSpec {
     RunSpec {
         identity: identity.into(),

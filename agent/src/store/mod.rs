@@ -323,6 +323,16 @@ pub trait Store: Send + Sync + 'static {
     /// Walks the whole chain and its head checkpoint.
     fn verify_audit(&self) -> StoreFuture<'_, VerifyReport>;
 
+    /// Walks every host's chain in a shared store with the hosts' public keys and this
+    /// host's pins (`jitgate audit verify --fleet`). Only a shared store has a fleet.
+    fn verify_audit_fleet(&self) -> StoreFuture<'_, audit::fleet::FleetReport> {
+        Box::pin(async {
+            Err(StoreError::Invalid(
+                "`audit verify --fleet` checks the hosts sharing a PostgreSQL store ([store] backend = \"postgres\"); this host keeps its own log: use `jitgate audit verify`".into(),
+            ))
+        })
+    }
+
     /// Waits until everything queued before this call is durable.
     fn flush(&self) -> StoreFuture<'_, ()>;
 

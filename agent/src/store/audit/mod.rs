@@ -10,8 +10,10 @@
 //! same code seals and verifies the SQLite log, the in-memory one, and any other.
 
 mod event;
+pub mod fleet;
+pub mod sign;
 
-use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path};
+use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path, sync::Arc};
 
 use hmac::{Hmac, Mac as _};
 use serde::{Deserialize, Serialize};
@@ -27,17 +29,40 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 
 /// The secret the chain's HMACs are keyed with. Passed to whoever seals or verifies records,
 /// never kept in a global, so two stores (or a test beside the agent) cannot mix keys.
+///
+/// Fleet mode also signs each record with the host's Ed25519 key ([`sign::AuditSigner`]), so
+/// other hosts can check the chain (`audit verify --fleet`); the signer travels with the HMAC
+/// key so every path that seals a record has it without new plumbing.
 #[derive(Clone)]
-pub struct AuditKey([u8; 32]);
+pub struct AuditKey {
+    mac: [u8; 32],
+    signer: Option<Arc<sign::AuditSigner>>,
+}
 
 impl AuditKey {
     pub const fn new(bytes: [u8; 32]) -> Self {
-        Self(bytes)
+        Self {
+            mac: bytes,
+            signer: None,
+        }
+    }
+
+    /// The same key, with records also signed by `signer`.
+    pub fn with_signer(self, signer: sign::AuditSigner) -> Self {
+        Self {
+            signer: Some(Arc::new(signer)),
+            ..self
+        }
+    }
+
+    /// The host's signing key, when records are signed (fleet mode).
+    pub fn signer(&self) -> Option<&sign::AuditSigner> {
+        self.signer.as_deref()
     }
 
     /// Reads the audit key from `state_dir`, creating a random one (mode 0600) on first start.
     pub fn load_or_create(state_dir: &Path) -> anyhow::Result<Self> {
-        secret_key(state_dir, KEY_FILE).map(Self)
+        secret_key(state_dir, KEY_FILE).map(Self::new)
     }
 }
 
@@ -131,7 +156,7 @@ fn mac(
     actor: &str,
     detail: &str,
 ) -> String {
-    let Ok(mut m) = Hmac::<Sha256>::new_from_slice(&key.0) else {
+    let Ok(mut m) = Hmac::<Sha256>::new_from_slice(&key.mac) else {
         unreachable!("HMAC takes a key of any length")
     };
     for field in [

@@ -37,12 +37,7 @@ pub async fn append(
 ) -> Result<Sealed> {
     let head = head(db, host).await?;
     let r = audit::seal(key, head.as_ref(), Timestamp::now(), actor, event)?;
-    db.execute(
-        "INSERT INTO audit (host_id, seq, at, kind, actor, detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        &[&host, &r.seq, &r.at, &r.kind, &r.actor, &r.detail, &r.prev_hash, &r.hash],
-    )
-    .await?;
-    Ok(r)
+    insert(db, host, key, r).await
 }
 
 /// Appends a record made earlier (spooled while the store was out of reach), with the time
@@ -62,12 +57,76 @@ pub async fn append_parts(
         &record.kind,
         record.detail.clone(),
     );
+    insert(db, host, key, r).await
+}
+
+/// Writes a sealed record, signed with the host's public key too (store/audit/sign.rs) so
+/// other hosts can verify it (`audit verify --fleet`), whether made now or shipped from the
+/// spool.
+async fn insert(db: &impl GenericClient, host: &str, key: &AuditKey, r: Sealed) -> Result<Sealed> {
+    let sig = key.signer().map(|s| s.sign_record(host, &r));
     db.execute(
-        "INSERT INTO audit (host_id, seq, at, kind, actor, detail, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        &[&host, &r.seq, &r.at, &r.kind, &r.actor, &r.detail, &r.prev_hash, &r.hash],
+        "INSERT INTO audit (host_id, seq, at, kind, actor, detail, prev_hash, hash, sig) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        &[&host, &r.seq, &r.at, &r.kind, &r.actor, &r.detail, &r.prev_hash, &r.hash, &sig],
     )
     .await?;
+    if let Some(signer) = key.signer() {
+        register(db, host, signer, r.seq).await?;
+    }
     Ok(r)
+}
+
+/// Publishes this host's public key, signing from `seq` on, unless that key is already
+/// published (one indexed read per record). A missing or different row (first signed record,
+/// this host re-keyed, or someone removed or replaced it) is written again; `signed_from` is
+/// then the first of this host's records that its key signed, so a removed registration
+/// cannot come back with a later start that leaves older signed records unchecked.
+async fn register(
+    db: &impl GenericClient,
+    host: &str,
+    signer: &audit::sign::AuditSigner,
+    seq: i64,
+) -> Result<()> {
+    let key = signer.public_key_hex();
+    let published: Option<String> = db
+        .query_opt(
+            "SELECT public_key FROM audit_hosts WHERE host_id = $1",
+            &[&host],
+        )
+        .await?
+        .map(|r| r.try_get(0))
+        .transpose()?;
+    if published.as_deref() == Some(key.as_str()) {
+        return Ok(());
+    }
+    let mut signed_from = seq;
+    for row in db
+        .query(
+            &format!("SELECT {COLUMNS}, sig FROM audit WHERE host_id = $1 AND sig IS NOT NULL AND seq < $2 ORDER BY seq"),
+            &[&host, &seq],
+        )
+        .await?
+    {
+        let sig: String = row.try_get(7)?;
+        let record = sealed_of(&row)?;
+        if audit::sign::verify_record(&key, host, &record, &sig) {
+            signed_from = record.seq;
+            break;
+        }
+    }
+    db.execute(
+        "INSERT INTO audit_hosts (host_id, public_key, signed_from, sig, registered_at) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (host_id) DO UPDATE SET public_key = EXCLUDED.public_key, signed_from = EXCLUDED.signed_from,
+             sig = EXCLUDED.sig, registered_at = EXCLUDED.registered_at",
+        &[&host, &key, &signed_from, &signer.sign_registration(host, signed_from), &Timestamp::now().millis()],
+    )
+    .await?;
+    if let Some(old) = published {
+        tracing::warn!(host, old = %audit::sign::fingerprint(&old), new = %audit::sign::fingerprint(&key), "the shared store had another audit signing key for this host; published this host's own (other hosts' `audit verify --fleet` will report the change)");
+    } else {
+        tracing::info!(host, signed_from, key = %audit::sign::fingerprint(&key), "published this host's audit signing key");
+    }
+    Ok(())
 }
 
 /// The last link of `host`'s chain.

@@ -16,6 +16,7 @@
 mod audit;
 mod changes;
 mod connect;
+mod fleet;
 mod queries;
 mod schema;
 pub mod spool;
@@ -106,7 +107,9 @@ impl PostgresStore {
     pub fn start(options: &PostgresOptions, state_dir: &Path) -> anyhow::Result<Self> {
         super::sqlite::create_private_dir(state_dir)?;
         let connector = Connector::new(options)?;
-        let key = AuditKey::load_or_create(state_dir)?;
+        // Fleet mode signs its records too, for `audit verify --fleet` (store/audit/sign.rs).
+        let key = AuditKey::load_or_create(state_dir)?
+            .with_signer(super::audit::sign::AuditSigner::load_or_create(state_dir)?);
         let head_path = state_dir.join(HEAD_FILE);
         let host = options.host_id.clone();
         let feed = broadcast::channel(FEED).0;
@@ -780,6 +783,21 @@ impl Store for PostgresStore {
     /// Waits until every record queued before it is written or, with the store out of
     /// reach, kept in the spool (so a clean shutdown during an outage loses nothing); fails
     /// when the store could not be written.
+    fn verify_audit_fleet(&self) -> StoreFuture<'_, super::audit::fleet::FleetReport> {
+        // Fleet verification (store/postgres/fleet.rs): on a read connection, not the writer.
+        let own_key = self.key.signer().map(|s| s.public_key_hex());
+        let pins = self
+            .head_path
+            .with_file_name(super::audit::fleet::PINS_FILE);
+        Box::pin(async move {
+            // A connection of its own, not a pooled one: the snapshot transaction it opens
+            // must never be left behind for another reader if this call is cancelled.
+            self.health.check()?;
+            let mut client = self.pool.connector.connect(None).await?;
+            fleet::verify(&mut client, &self.host, own_key.as_deref(), &pins).await
+        })
+    }
+
     fn flush(&self) -> StoreFuture<'_, ()> {
         Box::pin(self.writer.call(op(|_| Box::pin(async { Ok(()) }))))
     }

@@ -173,6 +173,19 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (host_id, spool_id)
     );
     "#,
+    // 6 (fleet audit verification): each record's Ed25519 signature by its host (NULL for
+    // records sealed before hosts signed), and each host's public key with the first record
+    // it signed, signed with that key (store/audit/sign.rs).
+    r#"
+    ALTER TABLE audit ADD COLUMN sig TEXT;
+    CREATE TABLE audit_hosts (
+        host_id       TEXT PRIMARY KEY,
+        public_key    TEXT NOT NULL,   -- hex Ed25519
+        signed_from   BIGINT NOT NULL, -- the first seq signed with this key
+        sig           TEXT NOT NULL,   -- hex, over (host_id, public_key, signed_from)
+        registered_at BIGINT NOT NULL
+    );
+    "#,
 ];
 
 /// Applies the migrations this agent knows that the database lacks. Safe when many agents
