@@ -149,6 +149,10 @@ impl Destinations {
             &config.daemon.allow,
             &config.daemon.resolvers,
             &local,
+            &[config.daemon.console_listen, config.daemon.metrics_listen]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>(),
         )?)
     }
 

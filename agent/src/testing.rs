@@ -219,6 +219,7 @@ approvers = ["root"]
                 &[],
                 &[],
                 &[],
+                &[],
             )
             .expect("trie"),
             vec!["svc".into()],

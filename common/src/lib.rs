@@ -151,6 +151,11 @@ pub mod action {
     pub const ALLOW: u8 = 2;
     /// A DNS resolver: TCP and UDP pass untouched.
     pub const RESOLVER: u8 = 3;
+    /// One of the agent's own listeners (the web console and its API, metrics): refused to
+    /// gated workloads whatever `egress` says (TCP and UDP), so a workload never reaches the
+    /// approvers' front end, even holding someone's API token, unless it is configured as a
+    /// resource (then it goes through the gate as that workload).
+    pub const DENY: u8 = 4;
 }
 
 /// One port range on a destination prefix.

@@ -81,6 +81,7 @@ pub(crate) fn decide(
                     };
                 }
                 action::RESOLVER => return Verdict::Pass,
+                action::DENY => return Verdict::Refuse,
                 // The allowlist is for TCP; a datagram keeps looking (a resolver may follow).
                 action::ALLOW if is_stream => return Verdict::Pass,
                 _ => {}

@@ -103,9 +103,13 @@ fn tokens_and_the_http_api() {
             secret.display()
         ))
         .build();
+    // Egress open: the console and metrics are still out of a gated workload's reach.
+    let metrics_port = free_port();
     let gate = Gate::start(
         "api",
-        &format!("console_listen = \"127.0.0.1:{console_port}\""),
+        &format!(
+            "console_listen = \"127.0.0.1:{console_port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\negress = \"allow\""
+        ),
         &body,
     );
 
@@ -283,9 +287,28 @@ fn tokens_and_the_http_api() {
     );
     assert_eq!(withdrawn.status, 200, "{}", withdrawn.body);
 
-    // A gated workload cannot reach the console at all: the kernel refuses the connect.
-    let reach = gate.probe("bot", &["connect", &format!("127.0.0.1:{console_port}")]);
-    assert!(reach.stdout.starts_with("err 1 "), "{reach:#?}");
+    // A gated workload cannot reach the console (or the agent's metrics) at all, whatever
+    // egress allows and at whichever local address: the kernel refuses the connect.
+    for addr in [
+        format!("127.0.0.1:{console_port}"),
+        format!("127.0.0.2:{console_port}"),
+        format!("[::1]:{console_port}"),
+        format!("127.0.0.1:{metrics_port}"),
+    ] {
+        let reach = gate.probe("bot", &["connect", &addr]);
+        assert!(reach.stdout.starts_with("err 1 "), "{addr}: {reach:#?}");
+    }
+    // While egress is indeed open for everything else.
+    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let elsewhere_addr = elsewhere.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        use std::io::Write as _;
+        if let Ok((mut conn, _)) = elsewhere.accept() {
+            let _ = conn.write_all(b"hello\n");
+        }
+    });
+    let open = gate.probe("bot", &["connect", &elsewhere_addr]);
+    assert!(open.stdout.starts_with("ok"), "{open:#?}");
 
     // Revocation is immediate; an expired token is refused.
     let revoke = gate.cli_as(APPROVER_USER, &["token", "revoke", &token_id]);
@@ -320,7 +343,8 @@ fn tokens_and_the_http_api() {
         assert!(!gate.log().contains(random), "a secret in the daemon's log");
     }
 
-    // Brute force: past a few failures a minute the address gets 429, even with a good token.
+    // Brute force: past a few failures a minute the address gets 429 for anything but a valid
+    // token (a guesser behind the same address locks nobody out).
     let good = gate
         .cli_as(APPROVER_USER, &["token", "issue", "--json"])
         .json()["secret"]
@@ -338,7 +362,12 @@ fn tokens_and_the_http_api() {
         assert_eq!(guess.status, 401, "{}", guess.body);
     }
     assert!(throttled, "guessing was never throttled");
-    assert_eq!(get(&format!("{api}/requests"), &good).status, 429);
+    assert_eq!(get(&format!("{api}/requests"), &tampered).status, 429);
+    assert_eq!(get(&format!("{api}/requests"), &good).status, 200);
+    // A token hidden in the path by percent-encoding is still refused (and never logged).
+    let encoded = good.replacen("jgt_", "jgt%5F", 1);
+    let hidden = get(&format!("{api}/sessions/{encoded}"), &good);
+    assert_eq!(hidden.status, 400, "{}", hidden.body);
     let audit_ok = gate.cli(&["audit", "verify"]);
     assert_eq!(audit_ok.code, 0, "{audit_ok:?}");
 }

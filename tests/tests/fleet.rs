@@ -390,9 +390,7 @@ fn spool_fleet(test: &str, store_extra: &str) -> (servers::Postgres, servers::Ca
         .resource_with(
             "orders-db",
             &format!("127.0.0.1:{}", pg.port),
-            &format!(
-                "protocol = \"postgres\"\ndatabases = [\"orders\"]\n[resource.credentials.read]\nuser = \"postgres\"\n"
-            ),
+            "protocol = \"postgres\"\ndatabases = [\"orders\"]\n[resource.credentials.read]\nuser = \"postgres\"\n",
         )
         .auto(&["bot"], &["orders-db"], &["read"])
         .build();

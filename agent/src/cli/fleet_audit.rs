@@ -1,5 +1,5 @@
 //! `jitgate audit verify --fleet`: every host's audit chain in the shared store, one line per
-//! host (ok / FAILED with the first bad record and why / unsigned); exit 9 if any failed.
+//! host (ok / FAILED with the first bad record and why / unsigned); exit 9 if any failed or is unsigned.
 
 use std::process::ExitCode;
 

@@ -7,7 +7,8 @@
 //! Only `Authorization: Bearer` is read: cookies are ignored (so no request a browser makes
 //! on its own carries a credential: nothing to forge across sites), a token in a URL is
 //! refused (URLs end up in logs and histories). Failed authentications are counted per
-//! client network and, past a few a minute, answered 429 before any token is looked at.
+//! client network and, past a few a minute, answered 429 unless the token presented is valid
+//! (so a guesser sharing an address cannot lock out the valid tokens used from it).
 //! Every authenticated call is audited (`api.call`, naming the user and the token id); state
 //! changes also have their own records, whose actor names the token.
 
@@ -146,7 +147,13 @@ fn control_error(e: &ControlError) -> Response<Full<Bytes>> {
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
         }
         ControlError::Store(_) | ControlError::Detach(_) | ControlError::Internal(_) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            // The detail (database errors among them) is for the agent's log, not clients.
+            tracing::error!(error = %e, "console API: internal error");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the agent could not complete this; its log (journalctl -u jitgated) says why",
+            );
         }
     };
     error(status, code, &e.to_string())
@@ -166,11 +173,51 @@ fn answer<T: serde::Serialize>(result: Result<T, ControlError>) -> Response<Full
 
 /// Whether a query string carries what looks like a credential.
 fn token_in_query(query: &str) -> bool {
-    let lower = query.to_ascii_lowercase();
-    lower.contains(tokens::PREFIX)
+    names_a_token(query)
         || super::parse_form(query)
             .keys()
             .any(|k| matches!(k.as_str(), "access_token" | "token" | "bearer" | "api_key"))
+}
+
+/// Whether URL text holds a token's secret, however it is percent-encoded (`jgt%5F...`, or
+/// encoded twice): such a URL is refused and never logged.
+fn names_a_token(text: &str) -> bool {
+    let mut text = text.to_ascii_lowercase();
+    for _ in 0..3 {
+        if text.contains(tokens::PREFIX) {
+            return true;
+        }
+        let decoded = percent_decoded(&text).to_ascii_lowercase();
+        if decoded == text {
+            return false;
+        }
+        text = decoded;
+    }
+    text.contains(tokens::PREFIX)
+}
+
+/// `%XX` decoded where it is valid, everything else kept (lossy: for checking, not use).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The bearer secret, or why there is none.
@@ -256,8 +303,11 @@ pub async fn handle(
     req: Request<Incoming>,
     peer: IpAddr,
 ) -> Response<Full<Bytes>> {
-    if let Some(left) = throttle.blocked(peer) {
-        warn!(%peer, "console API: too many failed authentications (throttled)");
+    // A blocked address still gets its valid tokens honoured (a guess at a 256-bit secret
+    // is hopeless anyway; the throttle keeps failures cheap and quiet): otherwise anyone
+    // sharing the address, a NAT or the console's own host would lock every script out.
+    let blocked = throttle.blocked(peer);
+    let too_many = |left: std::time::Duration| {
         let mut r = error(
             StatusCode::TOO_MANY_REQUESTS,
             "throttled",
@@ -269,14 +319,10 @@ pub async fn handle(
         if let Ok(v) = HeaderValue::from_str(&left.as_secs().max(1).to_string()) {
             r.headers_mut().insert(header::RETRY_AFTER, v);
         }
-        return r;
-    }
+        r
+    };
     let query = req.uri().query().unwrap_or("").to_owned();
-    let in_path = req
-        .uri()
-        .path()
-        .to_ascii_lowercase()
-        .contains(tokens::PREFIX);
+    let in_path = names_a_token(req.uri().path());
     if in_path || token_in_query(&query) {
         throttle.failed(peer);
         // Neither path nor query is logged: they hold the secret.
@@ -289,6 +335,7 @@ pub async fn handle(
     }
     let secret = match bearer(&req) {
         Ok(s) => s.to_owned(),
+        Err(_) if blocked.is_some() => return too_many(blocked.unwrap_or_default()),
         Err(message) => return unauthorized(message, false),
     };
     let caller = match service.authenticate_token(&secret).await {
@@ -299,6 +346,10 @@ pub async fn handle(
                 "unavailable",
                 &TokenError::Unavailable.to_string(),
             );
+        }
+        Err(_) if blocked.is_some() => {
+            warn!(%peer, "console API: too many failed authentications (throttled)");
+            return too_many(blocked.unwrap_or_default());
         }
         Err(e) => {
             throttle.failed(peer);

@@ -51,8 +51,9 @@ struct Entry {
 const fn priority(action: u8) -> u8 {
     match action {
         action::RESOURCE => 0,
-        action::RESOLVER => 1,
-        _ => 2,
+        action::DENY => 1,
+        action::RESOLVER => 2,
+        _ => 3,
     }
 }
 
@@ -119,6 +120,7 @@ pub fn compile(
     allow: &[NetPorts],
     resolvers: &[SocketAddr],
     local_addrs: &[IpAddr],
+    own: &[SocketAddr],
 ) -> Result<BTreeMap<TrieKey, DestRules>, RulesError> {
     let local = local_nets(local_addrs);
     let mut entries = BTreeSet::new();
@@ -143,6 +145,23 @@ pub fn compile(
             action: action::ALLOW,
             resource: 0,
         });
+    }
+    // The agent's own listeners. One on a local address (or all of them) is reached at every
+    // local address, as a local resource is.
+    for l in own {
+        let nets = if is_local(&IpNet::from(l.ip()), &local) {
+            local.clone()
+        } else {
+            vec![IpNet::from(l.ip())]
+        };
+        for net in nets {
+            entries.insert(Entry {
+                net: to_v6_net(net),
+                ports: PortRange::single(l.port()),
+                action: action::DENY,
+                resource: 0,
+            });
+        }
     }
     for s in resolvers {
         entries.insert(Entry {
@@ -233,6 +252,42 @@ mod tests {
     }
 
     #[test]
+    fn the_agents_own_listeners_are_refused_at_every_local_address() {
+        let console: SocketAddr = "0.0.0.0:8443".parse().unwrap();
+        let local: IpAddr = "10.1.2.3".parse().unwrap();
+        // A resource on another port of the same host stays a resource.
+        let trie = compile(
+            &[res(1, "127.0.0.1/32", "5432")],
+            &[],
+            &[],
+            &[local],
+            &[console],
+        )
+        .unwrap();
+        for addr in ["127.0.0.1", "127.0.0.2", "::1", "0.0.0.0", "10.1.2.3"] {
+            let rule = lookup(&trie, addr.parse().unwrap(), 8443)
+                .unwrap_or_else(|| panic!("{addr} not covered"));
+            assert_eq!(rule.action, action::DENY, "{addr}");
+        }
+        assert_eq!(
+            lookup(&trie, "127.0.0.1".parse().unwrap(), 5432)
+                .unwrap()
+                .action,
+            action::RESOURCE
+        );
+        // Elsewhere, the same port is nobody's business.
+        assert!(lookup(&trie, "10.9.9.9".parse().unwrap(), 8443).is_none());
+        // Configured as a resource, the console goes through the gate as one.
+        let trie = compile(&[res(2, "127.0.0.1/32", "8443")], &[], &[], &[], &[console]).unwrap();
+        assert_eq!(
+            lookup(&trie, "127.0.0.1".parse().unwrap(), 8443)
+                .unwrap()
+                .action,
+            action::RESOURCE
+        );
+    }
+
+    #[test]
     fn words_round_trip() {
         let a: IpAddr = "10.0.0.5".parse().unwrap();
         assert_eq!(from_words(addr_words(a)), a);
@@ -247,7 +302,7 @@ mod tests {
     #[test]
     fn resource_beats_overlapping_allow() {
         let allow: Vec<NetPorts> = vec!["10.0.0.0/8:1-65535".parse().unwrap()];
-        let trie = compile(&[res(3, "10.0.0.5/32", "5432")], &allow, &[], &[]).unwrap();
+        let trie = compile(&[res(3, "10.0.0.5/32", "5432")], &allow, &[], &[], &[]).unwrap();
         let hit = lookup(&trie, "10.0.0.5".parse().unwrap(), 5432).unwrap();
         assert_eq!((hit.action, hit.resource), (action::RESOURCE, 3));
         let other_port = lookup(&trie, "10.0.0.5".parse().unwrap(), 80).unwrap();
@@ -260,7 +315,7 @@ mod tests {
     #[test]
     fn specific_allow_inside_resource_net_keeps_resource() {
         let allow: Vec<NetPorts> = vec!["10.0.0.7/32:5432".parse().unwrap()];
-        let trie = compile(&[res(0, "10.0.0.0/24", "5432-5440")], &allow, &[], &[]).unwrap();
+        let trie = compile(&[res(0, "10.0.0.0/24", "5432-5440")], &allow, &[], &[], &[]).unwrap();
         let hit = lookup(&trie, "10.0.0.7".parse().unwrap(), 5432).unwrap();
         assert_eq!(hit.action, action::RESOURCE);
         let hit = lookup(&trie, "10.0.0.9".parse().unwrap(), 5440).unwrap();
@@ -274,6 +329,7 @@ mod tests {
             &[],
             &[],
             &["192.0.2.2".parse().unwrap(), "fd00::2".parse().unwrap()],
+            &[],
         )
         .unwrap();
         for addr in [
@@ -299,6 +355,7 @@ mod tests {
             &[],
             &["10.255.255.53:53".parse().unwrap()],
             &[],
+            &[],
         )
         .unwrap();
         assert_eq!(
@@ -322,7 +379,7 @@ mod tests {
             .map(|i| res(i, "10.0.0.5/32", &(1000 + i).to_string()))
             .collect();
         assert!(matches!(
-            compile(&resources, &[], &[], &[]),
+            compile(&resources, &[], &[], &[], &[]),
             Err(RulesError::TooManyRules { .. })
         ));
     }

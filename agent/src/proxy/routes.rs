@@ -88,7 +88,7 @@ mod tests {
         let allow = vec!["10.0.0.0/8:80".parse().unwrap()];
         let routes = Routes::default();
         routes.update(
-            compile(&resources, &allow, &[], &[]).unwrap(),
+            compile(&resources, &allow, &[], &[], &[]).unwrap(),
             vec!["db".into(), "web".into()],
         );
         assert_eq!(

@@ -240,23 +240,30 @@ struct Subjects {
 }
 
 impl Subjects {
-    /// Ids an event is about: `request:ID`, `grant:ID`, `session:ID`.
+    /// Ids an event is about: `request:ID`, `grant:ID`, `session:ID`. A session's events are
+    /// about the session alone (they name their grant too, but ordering them behind the
+    /// grant would let a workload opening many short sessions on one grant make the webhook
+    /// deliver one event at a time).
     fn of(record: &AuditEvent) -> impl Iterator<Item = String> + '_ {
-        ["request", "grant", "session"]
-            .into_iter()
-            .filter_map(|key| {
-                record
-                    .detail
-                    .get(key)
-                    .and_then(serde_json::Value::as_str)
-                    .map(|id| format!("{key}:{id}"))
-            })
+        let keys: &'static [&'static str] = if record.kind.starts_with("session.") {
+            &["session"]
+        } else {
+            &["request", "grant"]
+        };
+        keys.iter().filter_map(|key| {
+            record
+                .detail
+                .get(*key)
+                .and_then(serde_json::Value::as_str)
+                .map(|id| format!("{key}:{id}"))
+        })
     }
 
-    /// Taking more from the webhook's queue only while few wait here keeps the queue (and its
-    /// counted drops) the one place where a slow receiver's backlog shows.
+    /// Events waiting here for an earlier one about the same subject do not stop the intake
+    /// (one subject in backoff must not hold back the others); the bound is the webhook's
+    /// queue size, so at most twice [`QUEUE`] events are held per webhook in all.
     fn has_room(&self) -> bool {
-        self.waiting.len() < IN_FLIGHT
+        self.waiting.len() < QUEUE
     }
 
     fn is_empty(&self) -> bool {

@@ -119,7 +119,9 @@ pub struct HostReport {
 /// What `jitgate audit verify --fleet` reports.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FleetReport {
-    /// No host failed (unsigned hosts do not fail it).
+    /// Every host verified. A host that signs nothing cannot be verified from here (it has not
+    /// written since it was upgraded, or someone stripped its signatures and registration),
+    /// so it fails the whole check too: a downgrade must never read as a pass.
     pub ok: bool,
     /// The host that verified (whose pins were used).
     pub verifier: String,

@@ -12,13 +12,22 @@
 //!
 //! Pure: the keys are passed in; nothing here touches the store.
 
-use std::path::Path;
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use ring::signature::{self, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
 
 use super::{Sealed, secret_key};
 
 const SIGN_KEY_FILE: &str = "audit-sign.key";
+
+/// The first record this host signed, as the host itself remembers it: its registration
+/// claims that start whatever the store says, so someone who strips the signatures and
+/// deletes the registration cannot have the host re-register with a later start (which would
+/// pass the stripped records off as from before it signed).
+const FIRST_SIGNED_FILE: &str = "audit-sign.from";
 
 /// Domain separation: a record signature can never be taken for a registration's, or for
 /// anything else this key might sign one day.
@@ -28,6 +37,10 @@ const REGISTRATION_DOMAIN: &[u8] = b"jitgate audit host key v1";
 /// This host's audit signing key.
 pub struct AuditSigner {
     pair: Ed25519KeyPair,
+    /// `state_dir/audit-sign.from` (`None`: keys made in tests, which remember nothing).
+    first_signed_file: Option<PathBuf>,
+    /// Whether the file is known to be written (so a record costs no file check).
+    noted: AtomicBool,
 }
 
 impl std::fmt::Debug for AuditSigner {
@@ -41,12 +54,50 @@ impl AuditSigner {
     pub fn from_seed(seed: &[u8; 32]) -> anyhow::Result<Self> {
         let pair = Ed25519KeyPair::from_seed_unchecked(seed)
             .map_err(|e| anyhow::anyhow!("the audit signing key is unusable: {e}"))?;
-        Ok(Self { pair })
+        Ok(Self {
+            pair,
+            first_signed_file: None,
+            noted: AtomicBool::new(false),
+        })
     }
 
     /// Reads `state_dir/audit-sign.key`, creating a random one (mode 0600) on first start.
     pub fn load_or_create(state_dir: &Path) -> anyhow::Result<Self> {
-        Self::from_seed(&secret_key(state_dir, SIGN_KEY_FILE)?)
+        let mut signer = Self::from_seed(&secret_key(state_dir, SIGN_KEY_FILE)?)?;
+        signer.first_signed_file = Some(state_dir.join(FIRST_SIGNED_FILE));
+        Ok(signer)
+    }
+
+    /// The first record this host signed, as it remembers it.
+    pub fn first_signed(&self) -> Option<i64> {
+        let path = self.first_signed_file.as_ref()?;
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+
+    /// Remembers `seq` as the first record signed, unless one is remembered already.
+    pub fn note_signed(&self, seq: i64) -> std::io::Result<()> {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        let Some(path) = &self.first_signed_file else {
+            return Ok(());
+        };
+        if self.noted.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(mut file) => {
+                file.write_all(seq.to_string().as_bytes())?;
+                file.sync_all()?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        self.noted.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The public key, hex: what the store publishes and verifiers pin.

@@ -64,7 +64,12 @@ pub async fn append_parts(
 /// other hosts can verify it (`audit verify --fleet`), whether made now or shipped from the
 /// spool.
 async fn insert(db: &impl GenericClient, host: &str, key: &AuditKey, r: Sealed) -> Result<Sealed> {
-    let sig = key.signer().map(|s| s.sign_record(host, &r));
+    let sig = key.signer().map(|s| {
+        if let Err(e) = s.note_signed(r.seq) {
+            tracing::error!(error = %e, "cannot remember this host's first signed audit record (state_dir/audit-sign.from): a stripped registration could then claim a later start");
+        }
+        s.sign_record(host, &r)
+    });
     db.execute(
         "INSERT INTO audit (host_id, seq, at, kind, actor, detail, prev_hash, hash, sig) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         &[&host, &r.seq, &r.at, &r.kind, &r.actor, &r.detail, &r.prev_hash, &r.hash, &sig],
@@ -99,7 +104,9 @@ async fn register(
     if published.as_deref() == Some(key.as_str()) {
         return Ok(());
     }
-    let mut signed_from = seq;
+    // What the host remembers signing first bounds the start from below, whatever the
+    // store's rows say now (their signatures may have been stripped).
+    let mut signed_from = signer.first_signed().map_or(seq, |first| first.min(seq));
     for row in db
         .query(
             &format!("SELECT {COLUMNS}, sig FROM audit WHERE host_id = $1 AND sig IS NOT NULL AND seq < $2 ORDER BY seq"),
@@ -110,7 +117,7 @@ async fn register(
         let sig: String = row.try_get(7)?;
         let record = sealed_of(&row)?;
         if audit::sign::verify_record(&key, host, &record, &sig) {
-            signed_from = record.seq;
+            signed_from = signed_from.min(record.seq);
             break;
         }
     }

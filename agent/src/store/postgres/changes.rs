@@ -101,12 +101,17 @@ pub async fn follow(f: Follower) {
         let client = match client {
             Ok(c) => c,
             Err(Failure::Permanent(e)) => {
-                error!(error = %e, retry_in = ?PERMANENT_RETRY, "the shared state store refuses this host: a permanent error, an operator must act; the gate stays closed to new grants");
+                // Slower than a lost connection (each try may count against the account,
+                // and only an operator can mend it), but not at once 30 s: a refusal that
+                // was brief (a role locked for a moment) should not keep the gate closed.
+                let wait = backoff.max(Duration::from_secs(1)).min(PERMANENT_RETRY);
+                error!(error = %e, retry_in = ?wait, "the shared state store refuses this host: a permanent error, an operator must act; the gate stays closed to new grants");
                 f.health.refused(e);
                 tokio::select! {
-                    () = tokio::time::sleep(PERMANENT_RETRY) => {}
+                    () = tokio::time::sleep(wait) => {}
                     () = f.stop.cancelled() => return,
                 }
+                backoff = (wait * 2).min(PERMANENT_RETRY);
                 continue;
             }
             Err(Failure::Transient(e)) => {

@@ -146,11 +146,11 @@ async fn walk(
         finish(host, v, &mut seen);
     }
     hosts.sort_by(|a, b| a.host.cmp(&b.host));
-    let ok = hosts.iter().all(|h| h.status != HostStatus::Failed);
+    let ok = hosts.iter().all(|h| h.status == HostStatus::Ok);
     if !ok {
         let failed: Vec<&str> = hosts
             .iter()
-            .filter(|h| h.status == HostStatus::Failed)
+            .filter(|h| h.status != HostStatus::Ok)
             .map(|h| h.host.as_str())
             .collect();
         warn!(hosts = ?failed, "fleet audit verification failed");
@@ -235,11 +235,16 @@ mod tests {
         for n in 0..3 {
             a.append_audit("jitgated".into(), event(n)).await.unwrap();
         }
-        // Host A as a jitgated from before signatures left it: nothing signed, no key.
+        // Host A as a jitgated from before signatures left it: nothing signed, no key (and
+        // no memory of having signed). It cannot be verified from B: the check does not pass.
         pg.admin(&db, "UPDATE audit SET sig = NULL; DELETE FROM audit_hosts");
+        std::fs::remove_file(da.path().join("state/audit-sign.from")).unwrap();
         b.append_audit("jitgated".into(), event(9)).await.unwrap();
         let report = b.verify_audit_fleet().await.unwrap();
-        assert!(report.ok, "{report:?}");
+        assert!(
+            !report.ok,
+            "an unverifiable host never reads as a pass: {report:?}"
+        );
         assert_eq!(status(&report, "host-a"), HostStatus::Unsigned);
         assert_eq!(status(&report, "host-b"), HostStatus::Ok);
 
@@ -248,6 +253,7 @@ mod tests {
         a.append_audit("jitgated".into(), event(3)).await.unwrap();
         a.append_audit("jitgated".into(), event(4)).await.unwrap();
         let report = b.verify_audit_fleet().await.unwrap();
+        assert!(report.ok, "{report:?}");
         let host_a = report.hosts.iter().find(|h| h.host == "host-a").unwrap();
         assert_eq!(host_a.status, HostStatus::Ok, "{report:?}");
         assert_eq!((host_a.records, host_a.unsigned), (5, 3));
@@ -266,5 +272,40 @@ mod tests {
         assert!(host_a.problems[0].contains("stripped"), "{report:?}");
         // The host's own HMAC check agrees.
         assert!(!a.verify_audit().await.unwrap().ok);
+    }
+
+    /// Hostile: a database writer strips every signature of a host and deletes its
+    /// registration, hoping the host re-registers with a later start that passes the
+    /// stripped records off as from before it signed. The host remembers its first signed
+    /// record, so the downgrade is caught by a verifier that never saw the host before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stripped_signatures_cannot_pass_as_older_than_signing() {
+        let Some(pg) = TestDb::start() else { return };
+        let db = pg.database("fleetdowngrade");
+        let (da, dbb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = PostgresStore::open(&pg.options(&db, "host-a"), &da.path().join("state"))
+            .await
+            .unwrap();
+        let b = PostgresStore::open(&pg.options(&db, "host-b"), &dbb.path().join("state"))
+            .await
+            .unwrap();
+        for n in 0..3 {
+            a.append_audit("jitgated".into(), event(n)).await.unwrap();
+        }
+        pg.admin(
+            &db,
+            "UPDATE audit SET sig = NULL, actor = 'mallory' WHERE host_id = 'host-a'; DELETE FROM audit_hosts WHERE host_id = 'host-a'",
+        );
+        // Before A writes again: unverifiable, which fails the check.
+        let report = b.verify_audit_fleet().await.unwrap();
+        assert!(!report.ok, "{report:?}");
+        // A writes again and re-registers: with its remembered start, the stripped records
+        // are caught.
+        a.append_audit("jitgated".into(), event(3)).await.unwrap();
+        let report = b.verify_audit_fleet().await.unwrap();
+        assert!(!report.ok, "{report:?}");
+        assert_eq!(status(&report, "host-a"), HostStatus::Failed, "{report:?}");
+        let host_a = report.hosts.iter().find(|h| h.host == "host-a").unwrap();
+        assert_eq!(host_a.first_bad_seq, Some(1), "{report:?}");
     }
 }

@@ -140,7 +140,8 @@ pub async fn apply(db: &Db<'_>, record: &Record) -> Result<()> {
 /// it cannot be written).
 enum Item {
     Call(Box<dyn Job>),
-    Put(Record),
+    /// Boxed: records are large, calls small, and both share the queue.
+    Put(Box<Record>),
 }
 
 impl Item {
@@ -253,7 +254,7 @@ impl Writer {
     /// Queues a record without waiting (session bookkeeping on the data path): written with
     /// the next batch, or kept in the spool while the store is out of reach.
     pub fn submit(&self, record: Record) {
-        if self.tx.send(Item::Put(record)).is_err() {
+        if self.tx.send(Item::Put(Box::new(record))).is_err() {
             warn!("state store is shut down; dropping a background write");
         }
     }
@@ -336,7 +337,7 @@ async fn keep(state: &State, puts: Vec<Item>) {
     let records: Vec<Record> = puts
         .into_iter()
         .filter_map(|i| match i {
-            Item::Put(r) => Some(r),
+            Item::Put(r) => Some(*r),
             Item::Call(_) => None,
         })
         .collect();
@@ -521,9 +522,23 @@ async fn ship_chunk(
             }
             Err(err) => {
                 sp.rollback().await.map_err(e)?;
-                // The store refuses it as it stands (not a lost connection: that fails the
-                // rollback above); retrying would block the spool for good.
-                error!(error = %err, spool_seq = seq, record = record.what(), "a spooled record was refused by the shared state store; it is not shipped");
+                if !already_stored(&err) {
+                    // Refused for a reason that may pass (a timeout, a lock, a full disk) or
+                    // may not: neither shipped nor dropped. The chunk is rolled back and
+                    // retried; meanwhile the spool stays pending and the host closed, and
+                    // the error is reported (nothing is lost silently).
+                    return Err(format!(
+                        "the shared state store refused spooled record {seq} ({}): {err}",
+                        record.what()
+                    ));
+                }
+                // Written already, by a batch whose commit's answer was lost with its
+                // connection before it was spooled: shipping it again would record it twice.
+                warn!(
+                    spool_seq = seq,
+                    record = record.what(),
+                    "a spooled record is in the shared state store already; skipped"
+                );
             }
         }
         last = *seq;
@@ -536,6 +551,15 @@ async fn ship_chunk(
     .await
     .map_err(e)?;
     tx.commit().await.map_err(e)
+}
+
+/// Whether the store refused a record because it holds it already (a unique key).
+fn already_stored(err: &crate::store::StoreError) -> bool {
+    matches!(err, crate::store::StoreError::Backend(inner)
+        if inner
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(tokio_postgres::Error::code)
+            == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION))
 }
 
 /// Opens the writer's connection if it has none.
