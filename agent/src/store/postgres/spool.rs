@@ -167,6 +167,25 @@ fn mac(key: &[u8; 32], spool: &str, seq: i64, prev: &str, body: &str) -> String 
     hex::encode(m.finalize().into_bytes())
 }
 
+/// The MAC over the spool's ends: without the key neither end can be moved (records cut off
+/// the front or the end with the base or head rewritten to match).
+fn ends_mac(
+    key: &[u8; 32],
+    spool: &str,
+    base_seq: i64,
+    base_mac: &str,
+    head_seq: i64,
+    head_mac: &str,
+) -> String {
+    mac(
+        key,
+        spool,
+        -1,
+        &format!("{base_seq}:{base_mac}"),
+        &format!("{head_seq}:{head_mac}"),
+    )
+}
+
 /// The size a row counts for against the limit.
 fn row_bytes(body: &str, mac: &str) -> u64 {
     (body.len() + mac.len() + 16) as u64
@@ -179,7 +198,8 @@ const SCHEMA: &str = "
         base_seq INTEGER NOT NULL,
         base_mac TEXT NOT NULL,
         head_seq INTEGER NOT NULL,
-        head_mac TEXT NOT NULL
+        head_mac TEXT NOT NULL,
+        ends_mac TEXT NOT NULL
     );
     CREATE TABLE IF NOT EXISTS records (
         seq  INTEGER PRIMARY KEY,
@@ -260,7 +280,7 @@ impl Spool {
         conn.execute_batch(SCHEMA).map_err(sql)?;
         let meta = conn
             .query_row(
-                "SELECT spool_id, base_seq, base_mac, head_seq, head_mac FROM meta WHERE id = 1",
+                "SELECT spool_id, base_seq, base_mac, head_seq, head_mac, ends_mac FROM meta WHERE id = 1",
                 [],
                 |r| {
                     Ok((
@@ -269,13 +289,21 @@ impl Spool {
                         r.get::<_, String>(2)?,
                         r.get::<_, i64>(3)?,
                         r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
                     ))
                 },
             )
             .optional()
             .map_err(sql)?;
         let (id, base_seq, base_mac, head_seq, head_mac) = match meta {
-            Some(m) => m,
+            Some((id, base_seq, base_mac, head_seq, head_mac, ends)) => {
+                if ends != ends_mac(key, &id, base_seq, &base_mac, head_seq, &head_mac) {
+                    return Err(corrupt(
+                        "its ends (base and head) do not match their MAC: records were cut off the front or the end".into(),
+                    ));
+                }
+                (id, base_seq, base_mac, head_seq, head_mac)
+            }
             None => {
                 let rows: i64 = conn
                     .query_row("SELECT COUNT(*) FROM records", [], |r| r.get(0))
@@ -289,8 +317,8 @@ impl Spool {
                 getrandom::fill(&mut raw).map_err(|e| corrupt(format!("no randomness: {e}")))?;
                 let id = hex::encode(raw);
                 conn.execute(
-                    "INSERT INTO meta (id, spool_id, base_seq, base_mac, head_seq, head_mac) VALUES (1, ?1, 0, ?2, 0, ?2)",
-                    params![id, GENESIS],
+                    "INSERT INTO meta (id, spool_id, base_seq, base_mac, head_seq, head_mac, ends_mac) VALUES (1, ?1, 0, ?2, 0, ?2, ?3)",
+                    params![id, GENESIS, ends_mac(key, &id, 0, GENESIS, 0, GENESIS)],
                 )
                 .map_err(sql)?;
                 (id, 0, GENESIS.to_owned(), 0, GENESIS.to_owned())
@@ -425,9 +453,20 @@ impl Spool {
             kept += 1;
         }
         if kept > 0 {
+            let (base_seq, base_mac): (i64, String) = tx
+                .query_row(
+                    "SELECT base_seq, base_mac FROM meta WHERE id = 1",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(|e| self.sql(e))?;
             tx.execute(
-                "UPDATE meta SET head_seq = ?1, head_mac = ?2 WHERE id = 1",
-                params![seq, prev],
+                "UPDATE meta SET head_seq = ?1, head_mac = ?2, ends_mac = ?3 WHERE id = 1",
+                params![
+                    seq,
+                    prev,
+                    ends_mac(&self.key, id, base_seq, &base_mac, seq, &prev)
+                ],
             )
             .map_err(|e| self.sql(e))?;
             tx.commit().map_err(|e| self.sql(e))?;
@@ -469,13 +508,26 @@ impl Spool {
         let Some(conn) = inner.conn.as_ref() else {
             return Err(corrupt("not open".into()));
         };
-        let (base_seq, base_mac): (i64, String) = conn
-            .query_row(
-                "SELECT base_seq, base_mac FROM meta WHERE id = 1",
+        let (base_seq, base_mac, head_seq, head_mac, ends): (i64, String, i64, String, String) =
+            conn.query_row(
+                "SELECT base_seq, base_mac, head_seq, head_mac, ends_mac FROM meta WHERE id = 1",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .map_err(|e| corrupt(format!("unreadable head: {e}")))?;
+        // The base is read from the file each time (it moves as records are shipped), so it
+        // must match its MAC, and the head the one this process wrote.
+        if ends
+            != ends_mac(
+                &self.key, &inner.id, base_seq, &base_mac, head_seq, &head_mac,
+            )
+            || head_seq != inner.head_seq
+            || head_mac != inner.head_mac
+        {
+            return Err(corrupt(
+                "its ends (base and head) were changed behind the agent: records were cut off the front or the end".into(),
+            ));
+        }
         let mut stmt = conn
             .prepare("SELECT seq, body, mac FROM records ORDER BY seq LIMIT ?1")
             .map_err(|e| corrupt(format!("unreadable: {e}")))?;
@@ -513,7 +565,13 @@ impl Spool {
     /// base the next links to.
     pub fn shipped(&self, upto: i64) -> Result<(), SpoolError> {
         let mut inner = self.lock();
-        let Inner { conn, stats, .. } = &mut *inner;
+        let Inner {
+            conn,
+            stats,
+            id,
+            head_seq,
+            head_mac,
+        } = &mut *inner;
         let Some(conn) = conn.as_mut() else {
             return Ok(());
         };
@@ -539,8 +597,12 @@ impl Spool {
         tx.execute("DELETE FROM records WHERE seq <= ?1", params![upto])
             .map_err(|e| self.sql(e))?;
         tx.execute(
-            "UPDATE meta SET base_seq = ?1, base_mac = ?2 WHERE id = 1",
-            params![upto, last],
+            "UPDATE meta SET base_seq = ?1, base_mac = ?2, ends_mac = ?3 WHERE id = 1",
+            params![
+                upto,
+                last,
+                ends_mac(&self.key, id, upto, &last, *head_seq, head_mac)
+            ],
         )
         .map_err(|e| self.sql(e))?;
         tx.commit().map_err(|e| self.sql(e))?;
@@ -700,6 +762,14 @@ mod tests {
                 "INSERT INTO records (seq, body, mac) VALUES (4, '{\"record\":\"audit\"}', 'ab')",
             ),
             ("head gone", "DELETE FROM meta"),
+            (
+                "cut off the end, head moved back",
+                "DELETE FROM records WHERE seq = 3; UPDATE meta SET head_seq = 2, head_mac = (SELECT mac FROM records WHERE seq = 2)",
+            ),
+            (
+                "cut off the front, base moved up",
+                "UPDATE meta SET base_seq = 1, base_mac = (SELECT mac FROM records WHERE seq = 1); DELETE FROM records WHERE seq = 1",
+            ),
         ] {
             let dir = tempfile::tempdir().unwrap();
             filled(dir.path());

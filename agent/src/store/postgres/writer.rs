@@ -495,6 +495,17 @@ async fn ship_chunk(
         .await
         .map_err(e)?
         .map_or(0, |r| r.get(0));
+    // The store is the spool's outside anchor: what comes next must follow what it already
+    // has, or records were cut off the spool's front.
+    if let Some((first, _)) = chunk.iter().find(|(seq, _)| *seq > shipped)
+        && *first != shipped + 1
+    {
+        return Err(format!(
+            "the local spool's records {}..{} are missing (the store has up to {shipped}): records were removed from the spool; nothing more is shipped from it",
+            shipped + 1,
+            first - 1
+        ));
+    }
     let mut last = shipped;
     for (seq, record) in chunk {
         if *seq <= shipped {
