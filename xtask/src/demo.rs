@@ -429,6 +429,31 @@ fn console_dir() -> PathBuf {
     crate::root().join("tests/console")
 }
 
+/// `demo-agent` asks for `web` with `reason` and, once approved, fetches the page: started
+/// in the background. Returns the running task and the request it filed.
+fn agent_asks_for_web(reason: &str, web: &str) -> Result<(std::process::Child, serde_json::Value)> {
+    let script =
+        format!("jitgate request web --reason '{reason}' --ttl 5m --wait && curl -sS -m 5 {web}");
+    show_cmd(&format!(
+        "jitgate run --as demo-agent --user nobody -- sh -c \"{script}\"   # in the background"
+    ));
+    let agent = workload("demo-agent", &[], &["sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pending = json(&mut jitgate(&["approvals", "--json"]))?;
+        if let Some(first) = pending.as_array().and_then(|a| a.first()) {
+            return Ok((agent, first.clone()));
+        }
+        if Instant::now() > deadline {
+            bail!("the agent's request did not show up");
+        }
+        sleep(Duration::from_millis(100));
+    }
+}
+
 fn workload(identity: &str, extra: &[&str], cmd: &[&str]) -> Command {
     let mut args = vec!["run", "--as", identity, "--user", "nobody"];
     args.extend_from_slice(extra);
@@ -487,27 +512,7 @@ pub fn run(target: &Path) -> Result<()> {
     )?;
 
     banner("4. Just in time: the agent asks, a human approves");
-    let script = format!(
-        "jitgate request web --reason 'summarize the dashboard' --ttl 5m --wait && curl -sS -m 5 {web}"
-    );
-    show_cmd(&format!(
-        "jitgate run --as demo-agent --user nobody -- sh -c \"{script}\"   # in the background"
-    ));
-    let agent = workload("demo-agent", &[], &["sh", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let request = loop {
-        let pending = json(&mut jitgate(&["approvals", "--json"]))?;
-        if let Some(first) = pending.as_array().and_then(|a| a.first()) {
-            break first.clone();
-        }
-        if Instant::now() > deadline {
-            bail!("the agent's request did not show up");
-        }
-        sleep(Duration::from_millis(100));
-    };
+    let (agent, request) = agent_asks_for_web("summarize the dashboard", &web)?;
     let id = request["id"].as_str().unwrap_or_default().to_owned();
     step("jitgate approvals", jitgate(&["approvals"]))?;
     say("A compromised agent would love to approve itself. It cannot:");
@@ -682,27 +687,8 @@ pub fn run(target: &Path) -> Result<()> {
          in the policy) approves from a browser (headless Chromium, driven by a script that takes\n\
          a screenshot of each page)."
     ));
-    let script = format!(
-        "jitgate request web --reason 'weekly revenue report' --ttl 5m --wait && curl -sS -m 5 {web}"
-    );
-    show_cmd(&format!(
-        "jitgate run --as demo-agent --user nobody -- sh -c \"{script}\"   # in the background"
-    ));
-    let agent = workload("demo-agent", &[], &["sh", "-c", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let id = loop {
-        let pending = json(&mut jitgate(&["approvals", "--json"]))?;
-        if let Some(first) = pending.as_array().and_then(|a| a.first()) {
-            break first["id"].as_str().unwrap_or_default().to_owned();
-        }
-        if Instant::now() > deadline {
-            bail!("the agent's request did not show up");
-        }
-        sleep(Duration::from_millis(100));
-    };
+    let (agent, request) = agent_asks_for_web("weekly revenue report", &web)?;
+    let id = request["id"].as_str().unwrap_or_default().to_owned();
     let shots = dir().join("screenshots");
     fs::create_dir_all(&shots)?;
     let console = format!("https://127.0.0.1:{CONSOLE_PORT}");

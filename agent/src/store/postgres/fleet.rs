@@ -221,20 +221,34 @@ mod tests {
             .status
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn other_hosts_chains_verify_and_unsigned_records_are_not_tampering() {
-        let Some(pg) = TestDb::start() else { return };
-        let db = pg.database("fleetverify");
+    /// Hosts A and B on `db`, A with three records; their state directories.
+    async fn two_hosts_a_wrote_three(
+        pg: &TestDb,
+        db: &str,
+    ) -> (
+        PostgresStore,
+        PostgresStore,
+        tempfile::TempDir,
+        tempfile::TempDir,
+    ) {
         let (da, dbb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let a = PostgresStore::open(&pg.options(&db, "host-a"), &da.path().join("state"))
+        let a = PostgresStore::open(&pg.options(db, "host-a"), &da.path().join("state"))
             .await
             .unwrap();
-        let b = PostgresStore::open(&pg.options(&db, "host-b"), &dbb.path().join("state"))
+        let b = PostgresStore::open(&pg.options(db, "host-b"), &dbb.path().join("state"))
             .await
             .unwrap();
         for n in 0..3 {
             a.append_audit("jitgated".into(), event(n)).await.unwrap();
         }
+        (a, b, da, dbb)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn other_hosts_chains_verify_and_unsigned_records_are_not_tampering() {
+        let Some(pg) = TestDb::start() else { return };
+        let db = pg.database("fleetverify");
+        let (a, b, da, _db) = two_hosts_a_wrote_three(&pg, &db).await;
         // Host A as a jitgated from before signatures left it: nothing signed, no key (and
         // no memory of having signed). It cannot be verified from B: the check does not pass.
         pg.admin(&db, "UPDATE audit SET sig = NULL; DELETE FROM audit_hosts");
@@ -282,16 +296,7 @@ mod tests {
     async fn stripped_signatures_cannot_pass_as_older_than_signing() {
         let Some(pg) = TestDb::start() else { return };
         let db = pg.database("fleetdowngrade");
-        let (da, dbb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let a = PostgresStore::open(&pg.options(&db, "host-a"), &da.path().join("state"))
-            .await
-            .unwrap();
-        let b = PostgresStore::open(&pg.options(&db, "host-b"), &dbb.path().join("state"))
-            .await
-            .unwrap();
-        for n in 0..3 {
-            a.append_audit("jitgated".into(), event(n)).await.unwrap();
-        }
+        let (a, b, _da, _db) = two_hosts_a_wrote_three(&pg, &db).await;
         pg.admin(
             &db,
             "UPDATE audit SET sig = NULL, actor = 'mallory' WHERE host_id = 'host-a'; DELETE FROM audit_hosts WHERE host_id = 'host-a'",
