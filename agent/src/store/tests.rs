@@ -878,9 +878,13 @@ mod postgres {
             "{got:?}"
         );
 
-        // B is back too, once its follower has caught up.
+        // B is back too, once its follower has caught up (and A, whose follower may still be
+        // shipping or renewing its lease).
         tokio::time::timeout(Duration::from_secs(10), async {
-            while b.health().is_some_and(|h| h.check().is_err()) {
+            while [&a, &b]
+                .iter()
+                .any(|s| s.health().is_some_and(|h| h.check().is_err()))
+            {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
