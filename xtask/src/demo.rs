@@ -454,6 +454,15 @@ fn agent_asks_for_web(reason: &str, web: &str) -> Result<(std::process::Child, s
     }
 }
 
+/// Waits for the agent started by [`agent_asks_for_web`] and shows what it printed.
+fn show_resumed(agent: std::process::Child, what: &str) -> Result<()> {
+    let out = agent.wait_with_output()?;
+    say(what);
+    indent(&out.stderr);
+    indent(&out.stdout);
+    Ok(())
+}
+
 fn workload(identity: &str, extra: &[&str], cmd: &[&str]) -> Command {
     let mut args = vec!["run", "--as", identity, "--user", "nobody"];
     args.extend_from_slice(extra);
@@ -522,10 +531,10 @@ pub fn run(target: &Path) -> Result<()> {
     )?;
     say("A human approver (here root; self-approval is refused for everyone) decides:");
     step(&format!("jitgate approve {id}"), jitgate(&["approve", &id]))?;
-    let out = agent.wait_with_output()?;
-    say("The agent's waiting command resumes; its curl now gets the page:");
-    indent(&out.stderr);
-    indent(&out.stdout);
+    show_resumed(
+        agent,
+        "The agent's waiting command resumes; its curl now gets the page:",
+    )?;
 
     banner("5. Expiry acts on the live connection");
     say(
@@ -708,10 +717,10 @@ pub fn run(target: &Path) -> Result<()> {
     if code != 0 {
         bail!("the console act failed (the browser's output is above)");
     }
-    let out = agent.wait_with_output()?;
-    say("The agent's waiting command resumes as soon as Ann approves:");
-    indent(&out.stderr);
-    indent(&out.stdout);
+    show_resumed(
+        agent,
+        "The agent's waiting command resumes as soon as Ann approves:",
+    )?;
     say("The record names the person who decided, as the provider vouched for them:");
     step(
         "jitgate audit --limit 7",

@@ -70,24 +70,24 @@ impl Db<'_> {
     pub async fn append(&self, actor: &str, event: &Event) -> Result<i64> {
         audit::lock_chain(self.tx, self.host).await?;
         let sealed = audit::append(self.tx, self.host, self.key, actor, event).await?;
-        let seq = sealed.seq;
-        self.appended
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(sealed);
-        Ok(seq)
+        Ok(self.published_on_commit(sealed))
     }
 
     /// Appends a record made earlier (spooled, or queued) with the time it was made.
     pub async fn append_record(&self, record: &AuditRecord) -> Result<i64> {
         audit::lock_chain(self.tx, self.host).await?;
         let sealed = audit::append_parts(self.tx, self.host, self.key, record).await?;
+        Ok(self.published_on_commit(sealed))
+    }
+
+    /// Keeps an appended record to go out on the audit feed once the transaction commits.
+    fn published_on_commit(&self, sealed: Sealed) -> i64 {
         let seq = sealed.seq;
         self.appended
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(sealed);
-        Ok(seq)
+        seq
     }
 
     /// Takes the change-log lock. Call first in an operation that will record a change.
