@@ -68,7 +68,7 @@ pub fn principal_matches(principals: &[Principal], uid: u32) -> bool {
 pub const WEB_UID: u32 = u32::MAX;
 
 /// A person signed in to the web console, as their identity provider's ID token says.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Person {
     /// The configured identity claim's value (by default the verified e-mail address).
     pub id: String,
@@ -79,6 +79,11 @@ pub struct Person {
     pub unix_uid: Option<u32>,
     /// That account's name (the same person across hosts, whose uids may differ).
     pub unix_account: Option<String>,
+    /// When they last authenticated at the provider (OIDC `auth_time`, seconds since the
+    /// epoch), if the ID token said: what `approval_max_age` is measured against.
+    pub auth_time: Option<u64>,
+    /// How they authenticated (OIDC `acr`), if the ID token said: what `approval_acr` names.
+    pub acr: Option<String>,
 }
 
 impl Person {

@@ -244,6 +244,13 @@ pub struct Needs {
     /// Principals each of whom must be among them (`approvals_from`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub from: Vec<String>,
+    /// What each approver's sign-in must show (`approval_max_age`, `approval_acr`).
+    #[serde(default, skip_serializing_if = "is_no_step_up")]
+    pub step_up: crate::config::StepUp,
+}
+
+fn is_no_step_up(s: &crate::config::StepUp) -> bool {
+    !s.is_required()
 }
 
 impl Approval {

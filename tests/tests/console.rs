@@ -141,6 +141,85 @@ impl Browser {
         );
         self.click("button[type=submit]")
     }
+
+    /// From a page asking for a fresh sign-in: follows its link and signs `login` in again
+    /// with `password` (`otp`: with a second factor, see provider.mjs).
+    fn step_up(&mut self, login: &str, password: &str) -> Value {
+        let prompt = self.click("a.step-up");
+        assert!(
+            prompt["url"].as_str().unwrap().contains("/interaction/"),
+            "a step-up sign-in prompts again, even with a live session at the provider: {prompt}"
+        );
+        self.fill("input[name=login]", login);
+        self.fill("input[name=password]", password);
+        let mut page = self.click("button[type=submit]");
+        if page["url"].as_str().unwrap().contains("/interaction/") {
+            page = self.click("button[type=submit]");
+        }
+        page
+    }
+}
+
+/// A provider, and an agent with its console signing in there; `resources` adds the
+/// workloads, resources and policies.
+struct Setup {
+    gate: Gate,
+    console: String,
+    /// The provider, with its pipes kept open (it dies writing to a closed one).
+    _idp: (Node, ChildStdin, mpsc::Receiver<String>),
+    _secret_dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn start(name: &str, resources: impl FnOnce(Body) -> Body) -> Self {
+        assert!(
+            console_dir()
+                .join("node_modules/oidc-provider/package.json")
+                .exists()
+                && console_dir()
+                    .join("node_modules/playwright-core/package.json")
+                    .exists(),
+            "oidc-provider and playwright-core are missing from tests/console: run `cargo xtask setup`"
+        );
+        let console_port = free_port();
+        let idp_port = free_port();
+        let console = format!("https://127.0.0.1:{console_port}");
+        let issuer = format!("http://127.0.0.1:{idp_port}");
+        let redirect = format!("{console}/auth/callback");
+        let (idp, idp_in, idp_out) = node(
+            "provider.mjs",
+            &[&idp_port.to_string(), CLIENT_ID, CLIENT_SECRET, &redirect],
+        );
+        loop {
+            let line = idp_out
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the provider starts");
+            if line.contains("ready") {
+                break;
+            }
+        }
+        let secret_dir = tempfile::tempdir().expect("tempdir");
+        let secret = secret_dir.path().join("oidc-secret");
+        std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).expect("secret");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let body = resources(Body::new())
+            .raw(&format!(
+                "[console]\nsession_ttl = \"10m\"\n[console.oidc]\nissuer = \"{issuer}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret_file = \"{}\"\nredirect_url = \"{redirect}\"\nscopes = [\"openid\", \"email\", \"groups\"]\nunix_accounts = {{ \"wendy@example.com\" = \"{WORKLOAD_USER}\" }}\n",
+                secret.display()
+            ))
+            .build();
+        let gate = Gate::start(
+            name,
+            &format!("console_listen = \"127.0.0.1:{console_port}\""),
+            &body,
+        );
+        Self {
+            gate,
+            console,
+            _idp: (idp, idp_in, idp_out),
+            _secret_dir: secret_dir,
+        }
+    }
 }
 
 /// The waiting request of the console page's first card.
@@ -158,73 +237,33 @@ fn wait_for_card(browser: &mut Browser, console: &str, id: &str) -> Value {
 #[test]
 fn sign_in_approve_deny_and_refusals() {
     jitgate_e2e::root_or_skip!();
-    assert!(
-        console_dir()
-            .join("node_modules/oidc-provider/package.json")
-            .exists()
-            && console_dir()
-                .join("node_modules/playwright-core/package.json")
-                .exists(),
-        "oidc-provider and playwright-core are missing from tests/console: run `cargo xtask setup`"
-    );
-    let console_port = free_port();
-    let idp_port = free_port();
-    let console = format!("https://127.0.0.1:{console_port}");
-    let issuer = format!("http://127.0.0.1:{idp_port}");
-    let redirect = format!("{console}/auth/callback");
-
-    let (_idp, _idp_in, idp_out) = node(
-        "provider.mjs",
-        &[&idp_port.to_string(), CLIENT_ID, CLIENT_SECRET, &redirect],
-    );
-    loop {
-        let line = idp_out
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the provider starts");
-        if line.contains("ready") {
-            break;
-        }
-    }
-
     let echo = servers::echo_server("127.0.0.1:0");
     let pg = Postgres::start_secured(false);
-    let secret_dir = tempfile::tempdir().expect("tempdir");
-    let secret = secret_dir.path().join("oidc-secret");
-    std::fs::write(&secret, format!("{CLIENT_SECRET}\n")).expect("secret");
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let body = Body::new()
-        .workload("bot", &["root"])
-        .resource("echo", &echo.addr.to_string())
-        .policy(
-            &["bot"],
-            &["echo"],
-            &["read"],
-            "name = \"bot-reads\"\nmax_ttl = \"1h\"\napproval = \"manual\"\napprovers = [\"root\", \"oidc-group:dba\", \"oidc:wendy@example.com\"]",
-        )
-        .resource_with(
-            "orders-db",
-            &format!("127.0.0.1:{}", pg.port),
-            &format!(
-                "protocol = \"postgres\"\ndatabases = [\"orders\"]\n{}",
-                pg.credentials_toml()
-            ),
-        )
-        .policy(
-            &["bot"],
-            &["orders-db"],
-            &["read"],
-            "name = \"bot-db\"\nmax_ttl = \"1h\"\napproval = \"auto\"\napprovers = [\"oidc-group:dba\"]",
-        )
-        .raw(&format!(
-            "[console]\nsession_ttl = \"10m\"\n[console.oidc]\nissuer = \"{issuer}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret_file = \"{}\"\nredirect_url = \"{redirect}\"\nscopes = [\"openid\", \"email\", \"groups\"]\nunix_accounts = {{ \"wendy@example.com\" = \"{WORKLOAD_USER}\" }}\n",
-            secret.display()
-        ))
-        .build();
-    let gate = Gate::start(
-        "console",
-        &format!("console_listen = \"127.0.0.1:{console_port}\""),
-        &body,
-    );
+    let setup = Setup::start("console", |body| {
+        body.workload("bot", &["root"])
+            .resource("echo", &echo.addr.to_string())
+            .policy(
+                &["bot"],
+                &["echo"],
+                &["read"],
+                "name = \"bot-reads\"\nmax_ttl = \"1h\"\napproval = \"manual\"\napprovers = [\"root\", \"oidc-group:dba\", \"oidc:wendy@example.com\"]",
+            )
+            .resource_with(
+                "orders-db",
+                &format!("127.0.0.1:{}", pg.port),
+                &format!(
+                    "protocol = \"postgres\"\ndatabases = [\"orders\"]\n{}",
+                    pg.credentials_toml()
+                ),
+            )
+            .policy(
+                &["bot"],
+                &["orders-db"],
+                &["read"],
+                "name = \"bot-db\"\nmax_ttl = \"1h\"\napproval = \"auto\"\napprovers = [\"oidc-group:dba\"]",
+            )
+    });
+    let (gate, console) = (&setup.gate, setup.console.clone());
     let mut browser = Browser::start();
 
     // Hostile, before anyone signs in: no session, no page, no action.
@@ -522,5 +561,141 @@ fn sign_in_approve_deny_and_refusals() {
     assert_eq!(stale["status"], 403, "{stale}");
     gate.cli(&["deny", &id3]).assert_ok();
     assert_ne!(third.wait(Duration::from_secs(10)), 0);
+    browser.cmd(json!({"op": "close"}));
+}
+
+/// Step-up: a policy asks its approvers for a sign-in within the last 10 s with a second
+/// factor. Root (an approver) cannot approve at the CLI; Ann signed in with a password is
+/// sent to sign in again, and again when she does so without the second factor; with it she
+/// approves and the workload proceeds. Ten seconds later her sign-in is too old for the next
+/// request, while denying needs no step-up. A sign-in link asking for less than policy
+/// allows is refused.
+#[test]
+fn step_up_needs_a_fresh_strong_sign_in() {
+    jitgate_e2e::root_or_skip!();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let setup = Setup::start("console-stepup", |body| {
+        body.workload("bot", &["root"])
+            .resource("echo", &echo.addr.to_string())
+            .policy(
+                &["bot"],
+                &["echo"],
+                &["read"],
+                "name = \"mfa-reads\"\nmax_ttl = \"1h\"\napproval = \"manual\"\napprovers = [\"root\", \"oidc-group:dba\"]\napproval_max_age = \"10s\"\napproval_acr = [\"urn:jitgate:mfa\"]",
+            )
+    });
+    let (gate, console) = (&setup.gate, setup.console.as_str());
+    let probe = gate.bins().probe.to_str().unwrap().to_owned();
+    let target = echo.addr.to_string();
+    let ask = |why: &str| {
+        gate.spawn(
+            "bot",
+            &[],
+            &[
+                "sh",
+                "-c",
+                &format!("jitgate request echo --reason {why} --wait && {probe} connect {target}"),
+            ],
+        )
+    };
+    let mut first = ask("first");
+    let id = gate.pending_request()["id"].as_str().unwrap().to_owned();
+
+    // Root is an approver, but the CLI shows no sign-in.
+    let cli = gate.cli(&["approve", &id]);
+    assert_ne!(cli.code, 0, "{cli:?}");
+    assert!(cli.stderr.contains("web console"), "{cli:?}");
+
+    // Ann, signed in with a password: the card says what approving needs, and approving
+    // sends her to sign in again.
+    let mut browser = Browser::start();
+    browser.sign_in(console, "ann");
+    let page = wait_for_card(&mut browser, console, &id);
+    assert!(
+        page["text"]
+            .as_str()
+            .unwrap()
+            .contains("a sign-in within the last 10s with urn:jitgate:mfa"),
+        "{page}"
+    );
+    let again = browser.click(&format!("[data-request=\"{id}\"] button.approve"));
+    let text = again["text"].as_str().unwrap();
+    assert!(
+        text.contains("Sign in again") && text.contains("did not say when"),
+        "{again}"
+    );
+    // Again, with a password only: fresh now, but not strong enough.
+    browser.step_up("ann", "any");
+    wait_for_card(&mut browser, console, &id);
+    let again = browser.click(&format!("[data-request=\"{id}\"] button.approve"));
+    assert!(
+        again["text"]
+            .as_str()
+            .unwrap()
+            .contains("you signed in with `urn:jitgate:pwd`"),
+        "{again}"
+    );
+    assert_eq!(
+        gate.cli(&["approvals", "--json"]).json()[0]["id"],
+        id.as_str(),
+        "still pending"
+    );
+    // With the second factor: approved, and the workload proceeds.
+    browser.step_up("ann", "otp");
+    // She authenticated before this (whole seconds at the provider: 12 s on, at least 11).
+    let signed = std::time::Instant::now();
+    wait_for_card(&mut browser, console, &id);
+    let done = browser.click(&format!("[data-request=\"{id}\"] button.approve"));
+    assert!(
+        done["text"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Request {id} approved")),
+        "{done}"
+    );
+    first.expect_line(BANNER, Duration::from_secs(15));
+    assert_eq!(first.wait(Duration::from_secs(10)), 0);
+    let grants = gate.cli(&["grants", "--all", "--json"]).json();
+    assert_eq!(grants[0]["approved_by"], "oidc ann@example.com", "{grants}");
+
+    // Ten seconds on, that sign-in is too old for the next request; denying it is fine.
+    let mut second = ask("second");
+    let id2 = loop {
+        let list = gate.cli(&["approvals", "--json"]).json();
+        if let Some(q) = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["id"] != id.as_str())
+        {
+            break q["id"].as_str().unwrap().to_owned();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_secs(12).saturating_sub(signed.elapsed()));
+    wait_for_card(&mut browser, console, &id2);
+    let again = browser.click(&format!("[data-request=\"{id2}\"] button.approve"));
+    let text = again["text"].as_str().unwrap();
+    assert!(
+        text.contains("Sign in again") && text.contains(" s ago"),
+        "{again}"
+    );
+    wait_for_card(&mut browser, console, &id2);
+    let denied = browser.click(&format!("[data-request=\"{id2}\"] button.deny"));
+    assert!(
+        denied["text"].as_str().unwrap().contains("denied"),
+        "{denied}"
+    );
+    assert_ne!(second.wait(Duration::from_secs(10)), 0);
+
+    // Hostile sign-in links: an age below what policy may ask, a control character, a
+    // value too long.
+    let long = format!("acr={}", "x".repeat(300));
+    for query in ["max_age=1", "max_age=x", "acr=a%0Ab", &long] {
+        let refused = browser.goto(&format!("{console}/login?{query}"));
+        assert_eq!(refused["status"], 400, "{query}: {refused}");
+    }
+    let audit = gate.cli(&["audit", "--json", "--limit", "50"]).stdout;
+    assert!(audit.contains("oidc ann@example.com"), "{audit}");
     browser.cmd(json!({"op": "close"}));
 }

@@ -360,6 +360,94 @@ impl Default for Limits {
 /// Most approvals a policy may ask for.
 pub const MAX_APPROVALS: u32 = 10;
 
+/// Bounds of `approval_max_age`: below the shortest, nobody could click "approve" after
+/// signing in; past the longest, it asks for nothing a sign-in does not already give.
+pub const MIN_APPROVAL_MAX_AGE: Duration = Duration::from_secs(10);
+pub const MAX_APPROVAL_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Most `approval_acr` values a policy may list, and the longest one.
+const MAX_ACR_VALUES: usize = 10;
+const MAX_ACR_LEN: usize = 200;
+
+/// What approving under a policy asks of how the approver signed in (step-up): approvals are
+/// then made only by people of the web console whose sign-in at the identity provider is
+/// recent enough and (with `acr`) of an accepted strength, such as with a second factor. A
+/// unix user at the CLI or an API token proves neither, so neither can approve.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepUp {
+    /// The approver signed in at the provider at most this long ago (OIDC `auth_time`; the
+    /// console asks the provider with `max_age`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_secs: Option<u64>,
+    /// The sign-in's authentication context class (OIDC `acr`) is one of these; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acr: Vec<String>,
+}
+
+impl StepUp {
+    /// Whether it asks for anything.
+    pub fn is_required(&self) -> bool {
+        self.max_age_secs.is_some() || !self.acr.is_empty()
+    }
+
+    /// The stricter of two: the shorter age, and only the context classes both accept (when
+    /// both name some, and none are common, nothing can meet it: said so at approval time).
+    #[must_use]
+    pub fn and(&self, other: &Self) -> Self {
+        let max_age_secs = match (self.max_age_secs, other.max_age_secs) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let acr = if self.acr.is_empty() {
+            other.acr.clone()
+        } else if other.acr.is_empty() {
+            self.acr.clone()
+        } else {
+            let common: Vec<String> = self
+                .acr
+                .iter()
+                .filter(|a| other.acr.contains(a))
+                .cloned()
+                .collect();
+            if common.is_empty() {
+                // Nothing in common: a value no sign-in carries, so the requirement stays
+                // and cannot be met rather than vanish.
+                vec![UNSATISFIABLE_ACR.to_owned()]
+            } else {
+                common
+            }
+        };
+        Self { max_age_secs, acr }
+    }
+}
+
+/// "a sign-in within the last 5m with urn:example:mfa": what approving asks, as people read it.
+impl fmt::Display for StepUp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a sign-in")?;
+        if let Some(age) = self.max_age_secs {
+            write!(
+                f,
+                " within the last {}",
+                humantime::format_duration(Duration::from_secs(age))
+            )?;
+        }
+        if !self.acr.is_empty() {
+            write!(f, " with {}", self.acr.join(" or "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Stands for "no context class both policies accept" (contains a space, which an `acr`
+/// value from a provider never does: see [`valid_acr`]).
+pub const UNSATISFIABLE_ACR: &str = "(none common)";
+
+/// An `acr` value as policy may name it: printable ASCII without spaces (they separate
+/// `acr_values` in the sign-in request), bounded.
+pub fn valid_acr(v: &str) -> bool {
+    !v.is_empty() && v.len() <= MAX_ACR_LEN && v.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Highest value a concurrency limit may be set to (beyond it the descriptor limit rules).
 pub const MAX_LIMIT: i64 = 100_000;
 
@@ -406,6 +494,8 @@ pub struct Policy {
     /// Principals of whom at least one must be among those approvals (`approvals_from`:
     /// e.g. one DBA and one from security).
     pub approvals_from: Vec<Principal>,
+    /// What approving asks of the approver's sign-in (`approval_max_age`, `approval_acr`).
+    pub step_up: StepUp,
     /// How much a grant under this policy may take ([`GrantLimits`]).
     pub limits: GrantLimits,
 }
@@ -608,6 +698,8 @@ struct RawPolicy {
     approvals: Option<S<i64>>,
     #[serde(default)]
     approvals_from: Vec<S<String>>,
+    approval_max_age: Option<S<String>>,
+    approval_acr: Option<S<Vec<String>>>,
     limits: Option<S<limits::RawLimits>>,
 }
 
@@ -1598,6 +1690,7 @@ impl Validator<'_> {
                 p.max_ttl.as_ref(),
                 Duration::from_secs(3600),
             );
+            let step_up = self.step_up(&name, &span, &p, &approvers);
             let limits = match p.limits {
                 None => GrantLimits::default(),
                 Some(raw) => {
@@ -1620,10 +1713,74 @@ impl Validator<'_> {
                 approvers,
                 approvals: approvals.max(u32::try_from(approvals_from.len()).unwrap_or(u32::MAX)),
                 approvals_from,
+                step_up,
                 limits,
             });
         }
         out
+    }
+
+    /// `approval_max_age` and `approval_acr`: only people of the web console can meet them,
+    /// so the policy must name some (`oidc:`, `oidc-group:`) and be decided by hand.
+    fn step_up(
+        &mut self,
+        name: &str,
+        span: &std::ops::Range<usize>,
+        p: &RawPolicy,
+        approvers: &[Principal],
+    ) -> StepUp {
+        let mut step_up = StepUp::default();
+        if let Some(v) = &p.approval_max_age {
+            match humantime::parse_duration(v.get_ref()) {
+                Ok(d) if (MIN_APPROVAL_MAX_AGE..=MAX_APPROVAL_MAX_AGE).contains(&d) => {
+                    step_up.max_age_secs = Some(d.as_secs());
+                }
+                _ => self.fail(
+                    v.span(),
+                    format!(
+                        "policy.approval_max_age: `{}` must be a duration from {} to {} (like `5m`)",
+                        v.get_ref(),
+                        humantime::format_duration(MIN_APPROVAL_MAX_AGE),
+                        humantime::format_duration(MAX_APPROVAL_MAX_AGE)
+                    ),
+                ),
+            }
+        }
+        if let Some(v) = &p.approval_acr {
+            let values = v.get_ref();
+            if values.is_empty() || values.len() > MAX_ACR_VALUES {
+                self.fail(
+                    v.span(),
+                    format!("policy.approval_acr: list from 1 to {MAX_ACR_VALUES} values the identity provider puts in `acr` (like \"urn:example:mfa\")"),
+                );
+            }
+            for a in values {
+                if valid_acr(a) {
+                    if !step_up.acr.contains(a) {
+                        step_up.acr.push(a.clone());
+                    }
+                } else {
+                    self.fail(
+                        v.span(),
+                        format!("policy.approval_acr: `{a}` is not an acr value (printable, no spaces, at most {MAX_ACR_LEN} characters)"),
+                    );
+                }
+            }
+        }
+        if step_up.is_required() {
+            if p.approval != Approval::Manual {
+                self.fail(
+                    span.clone(),
+                    format!("policy `{name}`: approval_max_age and approval_acr need approval = \"manual\""),
+                );
+            } else if !approvers.iter().any(Principal::is_oidc) {
+                self.fail(
+                    span.clone(),
+                    format!("policy `{name}`: approval_max_age and approval_acr are met only by people signed in to the web console; name some among its approvers (\"oidc:EMAIL\" or \"oidc-group:NAME\")"),
+                );
+            }
+        }
+        step_up
     }
 }
 
@@ -1890,6 +2047,59 @@ approvers = ["alice", "group:dba"]
         let e = parse(&SAMPLE.replace(
             "approval = \"manual\"\napprovers = [\"alice\", \"group:dba\"]",
             "approval = \"auto\"\napprovals = 2",
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("need approval = \"manual\""), "{e}");
+    }
+
+    #[test]
+    fn step_up_keys_are_checked() {
+        let approvers = "approvers = [\"alice\", \"group:dba\"]";
+        let c = parse(&SAMPLE.replace(
+            approvers,
+            "approvers = [\"alice\", \"oidc-group:dba\"]\napproval_max_age = \"5m\"\napproval_acr = [\"urn:example:mfa\", \"urn:example:mfa\"]",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.policies[0].step_up,
+            StepUp {
+                max_age_secs: Some(300),
+                acr: vec!["urn:example:mfa".into()],
+            }
+        );
+        assert!(!parse(SAMPLE).unwrap().policies[0].step_up.is_required());
+        for (keys, want) in [
+            (
+                "approvers = [\"alice\", \"group:dba\"]\napproval_max_age = \"5m\"",
+                "name some among its approvers",
+            ),
+            (
+                "approvers = [\"oidc:a@example.com\"]\napproval_max_age = \"5s\"",
+                "from 10s to 1day",
+            ),
+            (
+                "approvers = [\"oidc:a@example.com\"]\napproval_max_age = \"2days\"",
+                "from 10s to 1day",
+            ),
+            (
+                "approvers = [\"oidc:a@example.com\"]\napproval_max_age = \"soon\"",
+                "policy.approval_max_age",
+            ),
+            (
+                "approvers = [\"oidc:a@example.com\"]\napproval_acr = [\"mfa otp\"]",
+                "is not an acr value",
+            ),
+            (
+                "approvers = [\"oidc:a@example.com\"]\napproval_acr = []",
+                "list from 1 to 10",
+            ),
+        ] {
+            let e = parse(&SAMPLE.replace(approvers, keys)).unwrap_err();
+            assert!(e.to_string().contains(want), "{keys}: {e}");
+        }
+        let e = parse(&SAMPLE.replace(
+            "approval = \"manual\"\napprovers = [\"alice\", \"group:dba\"]",
+            "approval = \"auto\"\napprovers = [\"oidc:a@example.com\"]\napproval_acr = [\"mfa\"]",
         ))
         .unwrap_err();
         assert!(e.to_string().contains("need approval = \"manual\""), "{e}");

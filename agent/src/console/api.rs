@@ -140,7 +140,9 @@ fn control_error(e: &ControlError) -> Response<Full<Bytes>> {
             (StatusCode::BAD_REQUEST, "invalid")
         }
         ControlError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-        ControlError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+        ControlError::Forbidden(_) | ControlError::SignInAgain { .. } => {
+            (StatusCode::FORBIDDEN, "forbidden")
+        }
         ControlError::Refused(_) => (StatusCode::FORBIDDEN, "refused"),
         ControlError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
         ControlError::Store(StoreError::Unavailable(_)) => {

@@ -166,6 +166,7 @@ mod tests {
             groups: vec![],
             unix_uid: None,
             unix_account: None,
+            ..Default::default()
         }
     }
 

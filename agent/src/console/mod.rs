@@ -38,7 +38,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::console::{ConsoleConfig, ConsoleTls, split_url},
+    config::{
+        MAX_APPROVAL_MAX_AGE, MIN_APPROVAL_MAX_AGE, StepUp,
+        console::{ConsoleConfig, ConsoleTls, split_url},
+        valid_acr,
+    },
     control::service::{ControlError, ControlService},
     identity::{Caller, Person},
     inspect::tls::LocalCa,
@@ -235,6 +239,49 @@ pub fn parse_form(s: &str) -> HashMap<String, String> {
 }
 
 /// `limit` from a query: `default` when absent or not a number, never above `max`.
+/// The step-up a `/login` link asks for (see [`login_url`]): `max_age` in seconds within
+/// policy's bounds, `acr` values separated by spaces.
+fn step_up_of(query: &HashMap<String, String>) -> Result<Option<StepUp>, String> {
+    let max_age_secs = match query.get("max_age") {
+        None => None,
+        Some(v) => match v.parse::<u64>() {
+            Ok(secs)
+                if (MIN_APPROVAL_MAX_AGE.as_secs()..=MAX_APPROVAL_MAX_AGE.as_secs())
+                    .contains(&secs) =>
+            {
+                Some(secs)
+            }
+            _ => return Err(format!("max_age `{v}` is not a number of seconds in range")),
+        },
+    };
+    let acr: Vec<String> = query
+        .get("acr")
+        .map(|v| {
+            v.split(' ')
+                .filter(|a| !a.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    if acr.len() > 10 || acr.iter().any(|a| !valid_acr(a)) {
+        return Err("acr names too many or unusable values".into());
+    }
+    let step_up = StepUp { max_age_secs, acr };
+    Ok(step_up.is_required().then_some(step_up))
+}
+
+/// The console's sign-in link for a step-up (read back by [`step_up_of`]).
+fn login_url(step_up: &StepUp) -> String {
+    let mut params = Vec::new();
+    if let Some(age) = step_up.max_age_secs {
+        params.push(format!("max_age={age}"));
+    }
+    if !step_up.acr.is_empty() {
+        params.push(format!("acr={}", oidc::url_encode(&step_up.acr.join(" "))));
+    }
+    format!("/login?{}", params.join("&"))
+}
+
 fn bounded_limit(query: &HashMap<String, String>, default: usize, max: usize) -> usize {
     query
         .get("limit")
@@ -310,7 +357,9 @@ fn status_of(e: &ControlError) -> StatusCode {
     match e {
         ControlError::Invalid(_) | ControlError::ReloadRejected(_) => StatusCode::BAD_REQUEST,
         ControlError::NotFound(_) => StatusCode::NOT_FOUND,
-        ControlError::Forbidden(_) | ControlError::Refused(_) => StatusCode::FORBIDDEN,
+        ControlError::Forbidden(_)
+        | ControlError::Refused(_)
+        | ControlError::SignInAgain { .. } => StatusCode::FORBIDDEN,
         ControlError::Conflict(_) => StatusCode::CONFLICT,
         ControlError::Store(_) | ControlError::Detach(_) | ControlError::Internal(_) => {
             StatusCode::INTERNAL_SERVER_ERROR
@@ -334,7 +383,7 @@ impl Console {
                 );
                 r
             }
-            (&Method::GET, "/login") => self.login().await,
+            (&Method::GET, "/login") => self.login(&req).await,
             (&Method::GET, crate::config::console::CALLBACK_PATH) => self.callback(&req).await,
             (&Method::GET, "/") => self.overview(&req).await,
             (&Method::GET, "/sessions") => self.sessions_page(&req).await,
@@ -360,8 +409,21 @@ impl Console {
         self.sessions.get(token).map(|s| (token.to_owned(), s))
     }
 
-    async fn login(&self) -> Response<Full<Bytes>> {
-        match self.provider.begin().await {
+    /// `/login`, or `/login?max_age=SECS&acr=A+B` for a step-up sign-in (from the page an
+    /// approval that needs one answers with). Anyone may ask for a stricter sign-in than
+    /// needed; what an approval needs is checked when it is made.
+    async fn login(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let query = parse_form(req.uri().query().unwrap_or(""));
+        let step_up = match step_up_of(&query) {
+            Ok(s) => s,
+            Err(why) => {
+                return page(
+                    StatusCode::BAD_REQUEST,
+                    pages::signed_out(&format!("This sign-in link is not valid: {why}.")),
+                );
+            }
+        };
+        match self.provider.begin(step_up).await {
             Ok((url, state, pending)) => {
                 self.sessions.begin(state.clone(), pending);
                 with_cookie(
@@ -442,8 +504,10 @@ impl Console {
             groups: identity.groups,
             unix_uid,
             unix_account,
+            auth_time: identity.auth_time,
+            acr: identity.acr,
         };
-        info!(person = %person.id, subject = %identity.subject, groups = ?person.groups, "console: signed in");
+        info!(person = %person.id, subject = %identity.subject, groups = ?person.groups, auth_time = ?person.auth_time, acr = ?person.acr, step_up = pending.step_up.is_some(), "console: signed in");
         match self.sessions.start(person, self.session_ttl) {
             Ok(token) => with_cookie(
                 with_cookie(
@@ -686,6 +750,13 @@ impl Console {
             Ok(()) => {
                 info!(person = %s.person.id, action, id, "console: done");
                 redirect(&format!("/?done={action}&id={}", oidc::url_encode(id)))
+            }
+            Err(ControlError::SignInAgain { message, step_up }) => {
+                info!(person = %s.person.id, action, id, why = %message, "console: a fresh sign-in is needed");
+                page(
+                    StatusCode::FORBIDDEN,
+                    pages::sign_in_again(&s.person, &s.csrf, &message, &login_url(&step_up)),
+                )
             }
             Err(e) => {
                 info!(person = %s.person.id, action, id, error = %e, "console: refused");

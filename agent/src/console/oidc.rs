@@ -30,7 +30,10 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use super::fetch::{FetchError, Fetcher};
-use crate::config::console::{OidcConfig, is_loopback_authority, split_url};
+use crate::config::{
+    StepUp,
+    console::{OidcConfig, is_loopback_authority, split_url},
+};
 
 /// Signature algorithms an ID token may use. Asymmetric only: `none` is never accepted, and
 /// neither is HMAC (with a public key taken for a shared secret, anyone could sign).
@@ -82,6 +85,12 @@ pub enum TokenError {
     IssuedAt,
     #[error("the ID token lacks claim `{0}` (or it is not verified)")]
     MissingClaim(String),
+    /// A sign-in that asked for a recent authentication (`max_age`) got a token that does
+    /// not show one (OIDC Core 3.1.2.1 makes `auth_time` mandatory then).
+    #[error(
+        "the identity provider did not show a sign-in within the last {0} s (`auth_time` missing or too old)"
+    )]
+    AuthTime(u64),
 }
 
 /// What a validated ID token tells about the person.
@@ -91,6 +100,10 @@ pub struct Identity {
     /// The configured identity claim's value.
     pub id: String,
     pub groups: Vec<String>,
+    /// When the person authenticated at the provider (`auth_time`), if said.
+    pub auth_time: Option<u64>,
+    /// How (`acr`), if said.
+    pub acr: Option<String>,
 }
 
 /// What the token must match.
@@ -100,6 +113,9 @@ pub struct Expected<'a> {
     pub nonce: &'a str,
     pub identity_claim: &'a str,
     pub groups_claim: &'a str,
+    /// Set when the sign-in asked the provider for an authentication at most this many
+    /// seconds old (`max_age`): the token must then show one (`auth_time`).
+    pub max_age: Option<u64>,
     /// Seconds since the epoch.
     pub now: u64,
 }
@@ -285,10 +301,27 @@ pub fn verify_id_token(
         Some(serde_json::Value::String(one)) => vec![one.clone()],
         _ => Vec::new(),
     };
+    let auth_time = claims.get("auth_time").and_then(serde_json::Value::as_u64);
+    if let Some(max_age) = expected.max_age {
+        let fresh = auth_time.is_some_and(|t| {
+            t <= expected.now + LEEWAY_SECS && expected.now <= t + max_age + LEEWAY_SECS
+        });
+        if !fresh {
+            return Err(TokenError::AuthTime(max_age));
+        }
+    }
+    // Bounded and printable, or not kept (it is shown on pages and compared with policy).
+    let acr = claims
+        .get("acr")
+        .and_then(|v| v.as_str())
+        .filter(|a| crate::config::valid_acr(a))
+        .map(str::to_owned);
     Ok(Identity {
         subject,
         id: id.to_owned(),
         groups,
+        auth_time,
+        acr,
     })
 }
 
@@ -384,6 +417,25 @@ pub struct Pending {
     pub nonce: String,
     pub verifier: String,
     pub created: Instant,
+    /// A step-up sign-in: what it asked the provider for.
+    pub step_up: Option<StepUp>,
+}
+
+/// What a step-up sign-in (one that must show a fresh and, with `acr`, strong enough
+/// authentication; see `approval_max_age` and `approval_acr` in policy) adds to the
+/// authorization request: `prompt=login`, `max_age` and `acr_values`.
+fn step_up_query(step_up: &StepUp) -> String {
+    let mut q = String::from("&prompt=login");
+    if let Some(age) = step_up.max_age_secs {
+        q.push_str(&format!("&max_age={age}"));
+    }
+    if !step_up.acr.is_empty() {
+        q.push_str(&format!(
+            "&acr_values={}",
+            url_encode(&step_up.acr.join(" "))
+        ));
+    }
+    q
 }
 
 /// A random URL-safe string of `bytes` random bytes.
@@ -489,7 +541,10 @@ impl Provider {
 
     /// Starts a sign-in: where to send the browser, `state` (to keep in its cookie) and what
     /// to keep server-side until it comes back.
-    pub async fn begin(&self) -> Result<(String, String, Pending), SignInError> {
+    pub async fn begin(
+        &self,
+        step_up: Option<StepUp>,
+    ) -> Result<(String, String, Pending), SignInError> {
         let m = self.metadata().await?;
         let random =
             |n| random_token(n).map_err(|e| SignInError::Provider(format!("no randomness: {e}")));
@@ -503,11 +558,12 @@ impl Provider {
             '?'
         };
         let url = format!(
-            "{}{sep}response_type=code&client_id={}&redirect_uri={}&scope={}&state={state}&nonce={nonce}&code_challenge={challenge}&code_challenge_method=S256",
+            "{}{sep}response_type=code&client_id={}&redirect_uri={}&scope={}&state={state}&nonce={nonce}&code_challenge={challenge}&code_challenge_method=S256{}",
             m.authorization_endpoint,
             url_encode(&self.config.client_id),
             url_encode(&self.config.redirect_url),
             url_encode(&self.config.scopes.join(" ")),
+            step_up.as_ref().map(step_up_query).unwrap_or_default(),
         );
         Ok((
             url,
@@ -516,6 +572,7 @@ impl Provider {
                 nonce,
                 verifier,
                 created: Instant::now(),
+                step_up,
             },
         ))
     }
@@ -566,6 +623,7 @@ impl Provider {
             nonce: &pending.nonce,
             identity_claim: &self.config.identity_claim,
             groups_claim: &self.config.groups_claim,
+            max_age: pending.step_up.as_ref().and_then(|s| s.max_age_secs),
             now: now_secs(),
         };
         let (jwks_uri, fetcher) = (m.jwks_uri.clone(), self.fetcher.clone());

@@ -62,6 +62,7 @@ fn expected() -> Expected<'static> {
         nonce: NONCE,
         identity_claim: "email",
         groups_claim: "groups",
+        max_age: None,
         now: now_secs(),
     }
 }
@@ -79,6 +80,58 @@ fn a_good_token_names_the_person_and_groups() {
     assert_eq!(who.id, "ann@example.com");
     assert_eq!(who.subject, "s-ann");
     assert_eq!(who.groups, ["dba", "ops"]);
+}
+
+/// A step-up sign-in (`max_age` asked) needs a token showing a recent authentication; the
+/// `acr` is kept only when it is a plain value.
+#[test]
+fn a_step_up_sign_in_needs_a_recent_auth_time() {
+    let k = key("k1");
+    let keys = set(&[&k]);
+    let now = now_secs();
+    let asked = Expected {
+        max_age: Some(300),
+        ..expected()
+    };
+    let check = |c: Value, e: &Expected<'_>| verify_id_token(&sign(&k, &c), &keys, e);
+    let fresh = with(|c| {
+        c.insert("auth_time".into(), json!(now - 20));
+        c.insert("acr".into(), json!("urn:example:mfa"));
+    });
+    let who = check(fresh.clone(), &asked).unwrap();
+    assert_eq!(who.auth_time, Some(now - 20));
+    assert_eq!(who.acr.as_deref(), Some("urn:example:mfa"));
+    assert_eq!(
+        check(claims(), &asked),
+        Err(TokenError::AuthTime(300)),
+        "none"
+    );
+    let stale = with(|c| {
+        c.insert("auth_time".into(), json!(now - 300 - LEEWAY_SECS - 5));
+    });
+    assert_eq!(check(stale.clone(), &asked), Err(TokenError::AuthTime(300)));
+    let future = with(|c| {
+        c.insert("auth_time".into(), json!(now + LEEWAY_SECS + 60));
+    });
+    assert_eq!(check(future, &asked), Err(TokenError::AuthTime(300)));
+    let text = with(|c| {
+        c.insert("auth_time".into(), json!(now.to_string()));
+    });
+    assert_eq!(check(text, &asked), Err(TokenError::AuthTime(300)));
+    // Without a step-up, an old authentication is an ordinary sign-in (kept as it is).
+    assert_eq!(
+        check(stale, &expected()).unwrap().auth_time,
+        Some(now - 300 - LEEWAY_SECS - 5)
+    );
+    let odd = with(|c| {
+        c.insert("acr".into(), json!("mfa plus"));
+    });
+    assert_eq!(
+        check(odd, &expected()).unwrap().acr,
+        None,
+        "not a plain value"
+    );
+    assert_eq!(check(claims(), &expected()).unwrap().acr, None);
 }
 
 #[test]
@@ -303,10 +356,10 @@ async fn a_failed_discovery_is_not_retried_at_once() {
         "secret".into(),
         super::super::fetch::Fetcher::new(None).unwrap(),
     );
-    let first = provider.begin().await.err().expect("no provider there");
+    let first = provider.begin(None).await.err().expect("no provider there");
     assert!(matches!(first, SignInError::Provider(_)), "{first}");
     assert!(!first.to_string().contains("secret"));
-    let second = provider.begin().await.err().expect("still none");
+    let second = provider.begin(None).await.err().expect("still none");
     assert_eq!(first.to_string(), second.to_string());
     assert_eq!(
         accepted.load(Ordering::SeqCst),

@@ -233,6 +233,16 @@ pub fn overview(
                 .as_deref()
                 .map(|s| format!("<dt>Statement</dt><dd><pre>{}</pre></dd>", show_block(s)))
                 .unwrap_or_default()
+                + &q.needs
+                    .as_ref()
+                    .filter(|n| n.step_up.is_required())
+                    .map(|n| {
+                        format!(
+                            "<dt>Approving needs</dt><dd>{} to the console</dd>",
+                            esc(&n.step_up.to_string())
+                        )
+                    })
+                    .unwrap_or_default()
                 + &if q.approvals.is_empty() {
                     String::new()
                 } else {
@@ -288,6 +298,20 @@ pub fn problem(person: Option<(&Person, &str)>, title: &str, message: &str) -> S
         &format!(
             r#"<p class="notice error" role="alert">{}</p><p><a class="button" href="/">Back</a></p>"#,
             esc(message)
+        ),
+    )
+}
+
+/// An approval that needs a fresher or stronger sign-in: why, and the way to it (`login`:
+/// the console's sign-in URL asking the provider for what policy wants).
+pub fn sign_in_again(person: &Person, csrf: &str, message: &str, login: &str) -> String {
+    layout(
+        "Sign in again",
+        Some((person, csrf)),
+        &format!(
+            r#"<p class="notice error" role="alert">{}</p><p><a class="button step-up" href="{}">Sign in again</a> <a class="button" href="/">Back</a></p>"#,
+            esc(message),
+            esc(login)
         ),
     )
 }
@@ -358,6 +382,7 @@ mod tests {
             groups: vec![],
             unix_uid: None,
             unix_account: None,
+            ..Default::default()
         };
         let page = overview(&person, "csrf", None, &[request], &[task], &[]);
         for raw in [

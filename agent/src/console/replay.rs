@@ -346,6 +346,7 @@ mod tests {
             groups: vec![],
             unix_uid: None,
             unix_account: None,
+            ..Default::default()
         }
     }
 

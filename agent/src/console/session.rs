@@ -130,6 +130,7 @@ mod tests {
             groups: vec![],
             unix_uid: None,
             unix_account: None,
+            ..Default::default()
         }
     }
 
@@ -168,6 +169,7 @@ mod tests {
             nonce: "n".into(),
             verifier: "v".into(),
             created: Instant::now(),
+            step_up: None,
         };
         sessions.begin("s1".into(), pending);
         assert!(sessions.take_pending("other").is_none());

@@ -23,7 +23,7 @@
 
 use super::service::ControlError;
 use crate::{
-    config::{Access, Config, Principal},
+    config::{Access, Config, Principal, UNSATISFIABLE_ACR},
     grants::{RequestSpec, policy},
     identity::Caller,
     model::{ApiToken, Grant, Request, Session},
@@ -210,6 +210,69 @@ pub fn may_decide(config: &Config, caller: &Caller, request: &Request) -> Result
         )));
     }
     Ok(())
+}
+
+/// Approving under a policy that asks for a recent or strong sign-in (`approval_max_age`,
+/// `approval_acr`, from this host's policies and from those the request was filed under):
+/// only a person of the web console whose sign-in shows it. A unix user at the CLI and an
+/// API token cannot show either, so cannot approve such a request; denying needs no step-up
+/// (it only ever closes). `now`: seconds since the epoch.
+///
+/// The age is measured without leeway (a provider clock running behind shortens the window;
+/// it never lengthens it); an `auth_time` in the future by more than a minute is not taken.
+pub fn step_up_met(
+    config: &Config,
+    caller: &Caller,
+    request: &Request,
+    now: u64,
+) -> Result<(), ControlError> {
+    let mut need =
+        policy::step_up_needed(config, &request.identity, &request.resource, request.access);
+    if let Some(n) = &request.needs {
+        need = need.and(&n.step_up);
+    }
+    if !need.is_required() {
+        return Ok(());
+    }
+    let what = need.to_string();
+    if need.acr.iter().any(|a| a == UNSATISFIABLE_ACR) {
+        return Err(ControlError::Refused(format!(
+            "request {}: the policies that cover it accept no common sign-in method (approval_acr); no sign-in can approve it until policy is fixed",
+            request.id
+        )));
+    }
+    let Some(person) = &caller.person else {
+        return Err(ControlError::Forbidden(format!(
+            "approving request {} needs a person signed in to the web console ({what}); {} cannot show that: approve it in the console",
+            request.id, caller.user
+        )));
+    };
+    let fresh = need.max_age_secs.is_none_or(|age| {
+        person
+            .auth_time
+            .is_some_and(|t| t <= now + 60 && now.saturating_sub(t) <= age)
+    });
+    let strong = need.acr.is_empty()
+        || person
+            .acr
+            .as_ref()
+            .is_some_and(|a| need.acr.iter().any(|n| n == a));
+    if fresh && strong {
+        return Ok(());
+    }
+    let why = match (fresh, person.auth_time, &person.acr) {
+        (false, None, _) => "your sign-in did not say when you authenticated".to_owned(),
+        (false, Some(t), _) => format!("you authenticated {} s ago", now.saturating_sub(t)),
+        (true, _, Some(acr)) => format!("you signed in with `{acr}`"),
+        (true, _, None) => "your sign-in did not say how you authenticated".to_owned(),
+    };
+    Err(ControlError::SignInAgain {
+        message: format!(
+            "approving request {} needs {what}; {why}: sign in again, then approve",
+            request.id
+        ),
+        step_up: need,
+    })
 }
 
 /// Denying a request: its approvers (see [`may_decide`]), and whoever filed it (same user,

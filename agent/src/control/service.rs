@@ -62,6 +62,13 @@ pub enum ControlError {
     /// Something on the daemon's side could not be read (a recording).
     #[error("{0}")]
     Internal(String),
+    /// Policy asks the approver for a fresher or stronger sign-in to the web console than
+    /// theirs (step-up): the console sends them to sign in again with what `step_up` says.
+    #[error("{message}")]
+    SignInAgain {
+        message: String,
+        step_up: crate::config::StepUp,
+    },
 }
 
 impl ControlError {
@@ -70,7 +77,7 @@ impl ControlError {
         match self {
             Self::Invalid(_) | Self::ReloadRejected(_) => ErrorCode::Invalid,
             Self::NotFound(_) => ErrorCode::NotFound,
-            Self::Forbidden(_) => ErrorCode::Forbidden,
+            Self::Forbidden(_) | Self::SignInAgain { .. } => ErrorCode::Forbidden,
             Self::Refused(_) => ErrorCode::Refused,
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::Store(_) | Self::Detach(_) | Self::Internal(_) => ErrorCode::Internal,
@@ -236,7 +243,10 @@ impl ControlService {
         ttl: Option<Duration>,
     ) -> Result<Approved> {
         let request = self.inner.engine.pending(id).await?;
-        authz::may_decide(&self.config(), caller, &request)?;
+        let config = self.config();
+        authz::may_decide(&config, caller, &request)?;
+        let now = u64::try_from(Timestamp::now().millis() / 1000).unwrap_or(0);
+        authz::step_up_met(&config, caller, &request, now)?;
         Ok(self.inner.engine.approve(caller, request, ttl).await?)
     }
 

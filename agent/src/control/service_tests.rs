@@ -736,6 +736,7 @@ fn person(id: &str, groups: &[&str], unix_uid: Option<u32>) -> Caller {
         groups: groups.iter().map(|g| (*g).to_owned()).collect(),
         unix_uid,
         unix_account: unix_uid.map(crate::identity::user_name),
+        ..Default::default()
     })
 }
 
@@ -1166,4 +1167,176 @@ async fn who_may_issue_list_and_revoke_tokens() {
         f.service.token_revoke(&daemon, "tok_nope").await,
         Err(ControlError::NotFound(_))
     ));
+}
+
+/// A person signed in at `auth_time` (seconds ago) with `acr`.
+fn signed_in(id: &str, ago: Option<u64>, acr: Option<&str>) -> Caller {
+    let now = u64::try_from(Timestamp::now().millis() / 1000).unwrap();
+    Caller::web(crate::identity::Person {
+        id: id.into(),
+        auth_time: ago.map(|a| now - a),
+        acr: acr.map(str::to_owned),
+        ..Default::default()
+    })
+}
+
+/// A policy that asks for a recent, strong sign-in: approvals only from people of the
+/// console whose sign-in shows both, never the CLI or a token; denying needs neither; what
+/// the request was filed under holds after the host's policy is relaxed.
+#[tokio::test]
+async fn step_up_approvals_need_a_fresh_strong_sign_in() {
+    let f = fixture().await;
+    let mut strict = (*f.config.get()).clone();
+    strict.policies[0].step_up = crate::config::StepUp {
+        max_age_secs: Some(300),
+        acr: vec!["urn:example:mfa".into()],
+    };
+    f.config.set(strict);
+    let q = f.pending("ci-bot").await;
+    assert_eq!(
+        q.needs.as_ref().map(|n| n.step_up.max_age_secs),
+        Some(Some(300)),
+        "kept on the request"
+    );
+    let sign_in_again = |r: Result<crate::grants::Approved>| match r {
+        Err(ControlError::SignInAgain { message, step_up }) => {
+            assert_eq!(step_up.max_age_secs, Some(300));
+            assert_eq!(step_up.acr, ["urn:example:mfa"]);
+            message
+        }
+        other => panic!("expected SignInAgain, got {other:?}"),
+    };
+    // The unix approver at the CLI, and a token of theirs: cannot show a sign-in.
+    let m = forbidden(f.service.approve(&approver(), &q.id, None).await);
+    assert!(m.contains("web console"), "{m}");
+    let mut token = approver();
+    token.token = Some(crate::identity::TokenUse {
+        id: "tok_1".into(),
+        read_only: false,
+        account: "approver".into(),
+    });
+    forbidden(f.service.approve(&token, &q.id, None).await);
+    // Signed in without saying when, long ago, or without the second factor.
+    let m = sign_in_again(
+        f.service
+            .approve(
+                &signed_in("ann@example.com", None, Some("urn:example:mfa")),
+                &q.id,
+                None,
+            )
+            .await,
+    );
+    assert!(m.contains("did not say when"), "{m}");
+    let m = sign_in_again(
+        f.service
+            .approve(
+                &signed_in("ann@example.com", Some(301), Some("urn:example:mfa")),
+                &q.id,
+                None,
+            )
+            .await,
+    );
+    assert!(
+        m.contains("301 s ago") && m.contains("within the last 5m"),
+        "{m}"
+    );
+    let m = sign_in_again(
+        f.service
+            .approve(
+                &signed_in("ann@example.com", Some(5), Some("urn:example:pwd")),
+                &q.id,
+                None,
+            )
+            .await,
+    );
+    assert!(
+        m.contains("urn:example:pwd") && m.contains("urn:example:mfa"),
+        "{m}"
+    );
+    sign_in_again(
+        f.service
+            .approve(&signed_in("ann@example.com", Some(5), None), &q.id, None)
+            .await,
+    );
+    // An auth_time far in the future is no proof of a recent sign-in.
+    let now = u64::try_from(Timestamp::now().millis() / 1000).unwrap();
+    let mut ahead = signed_in("ann@example.com", None, Some("urn:example:mfa"));
+    ahead.person.as_mut().unwrap().auth_time = Some(now + 3600);
+    sign_in_again(f.service.approve(&ahead, &q.id, None).await);
+    // Not an approver at all: refused as such, whatever the sign-in.
+    forbidden(
+        f.service
+            .approve(
+                &signed_in("eve@example.com", Some(1), Some("urn:example:mfa")),
+                &q.id,
+                None,
+            )
+            .await,
+    );
+    // Still pending after all that.
+    assert_eq!(
+        f.engine.pending(&q.id).await.unwrap().status,
+        RequestStatus::Pending
+    );
+
+    // The host's policy relaxed (a reload, or another host's laxer policy): the request
+    // still needs what it was filed under.
+    let mut lax = (*f.config.get()).clone();
+    lax.policies[0].step_up = crate::config::StepUp::default();
+    f.config.set(lax);
+    forbidden(f.service.approve(&approver(), &q.id, None).await);
+    // A fresh, strong sign-in approves.
+    let ok = f
+        .service
+        .approve(
+            &signed_in("ann@example.com", Some(5), Some("urn:example:mfa")),
+            &q.id,
+            None,
+        )
+        .await
+        .expect("approved");
+    assert_eq!(ok.request.status, RequestStatus::Approved);
+    // Denying needs no step-up.
+    let mut strict = (*f.config.get()).clone();
+    strict.policies[0].step_up.max_age_secs = Some(60);
+    f.config.set(strict);
+    let q = f.pending("ci-bot").await;
+    assert_eq!(
+        f.service
+            .deny(&approver(), &q.id, None)
+            .await
+            .unwrap()
+            .status,
+        RequestStatus::Denied
+    );
+}
+
+/// Two policies cover a request: the shorter age and the common `acr`; none in common can
+/// never be met, and says so.
+#[test]
+fn step_ups_combine_to_the_stricter() {
+    use crate::config::{StepUp, UNSATISFIABLE_ACR};
+    let a = StepUp {
+        max_age_secs: Some(600),
+        acr: vec!["mfa".into(), "hwk".into()],
+    };
+    let b = StepUp {
+        max_age_secs: Some(60),
+        acr: vec!["hwk".into()],
+    };
+    assert_eq!(
+        a.and(&b),
+        StepUp {
+            max_age_secs: Some(60),
+            acr: vec!["hwk".into()]
+        }
+    );
+    assert_eq!(a.and(&StepUp::default()), a);
+    assert_eq!(StepUp::default().and(&b), b);
+    let c = StepUp {
+        max_age_secs: None,
+        acr: vec!["pwd".into()],
+    };
+    assert_eq!(a.and(&c).acr, [UNSATISFIABLE_ACR]);
+    assert!(!crate::config::valid_acr(UNSATISFIABLE_ACR));
 }

@@ -84,7 +84,7 @@ enum Recorded {
 }
 
 /// What the policies here ask of a request's approvals, kept on it when it needs more than
-/// one (see [`Request::needs`]).
+/// one, or a fresh or stronger sign-in (see [`Request::needs`]).
 fn needs_of(
     config: &crate::config::Config,
     identity: &str,
@@ -92,9 +92,11 @@ fn needs_of(
     access: Access,
 ) -> Option<Needs> {
     let (approvals, from) = policy::approvals_needed(config, identity, resource, access);
-    (approvals > 1 || !from.is_empty()).then(|| Needs {
+    let step_up = policy::step_up_needed(config, identity, resource, access);
+    (approvals > 1 || !from.is_empty() || step_up.is_required()).then(|| Needs {
         approvals,
         from: from.iter().map(ToString::to_string).collect(),
+        step_up,
     })
 }
 

@@ -171,6 +171,23 @@ pub fn approvals_needed(
     )
 }
 
+/// What approving a request asks of the approver's sign-in where several policies cover
+/// it: the strictest of them (see [`crate::config::StepUp::and`]).
+pub fn step_up_needed(
+    config: &Config,
+    identity: &str,
+    resource: &str,
+    access: Access,
+) -> crate::config::StepUp {
+    config
+        .policies
+        .iter()
+        .filter(|p| p.covers(identity, resource, access))
+        .fold(crate::config::StepUp::default(), |acc, p| {
+            acc.and(&p.step_up)
+        })
+}
+
 /// Whether each of `from` (principal names) is covered by an approval of its own: one
 /// person in two named groups does not count for both (a matching of principals to
 /// distinct approvals, found by augmenting paths; both lists are short).

@@ -385,6 +385,10 @@ pub(crate) async fn several_approvals(store: &dyn Store) {
     q.needs = Some(crate::model::Needs {
         approvals: 2,
         from: vec!["group:dba".into()],
+        step_up: crate::config::StepUp {
+            max_age_secs: Some(300),
+            acr: vec!["urn:example:mfa".into()],
+        },
     });
     store
         .file_request(q.clone(), "user bob".into())
