@@ -364,6 +364,52 @@ fn tokens_and_the_http_api() {
     assert!(throttled, "guessing was never throttled");
     assert_eq!(get(&format!("{api}/requests"), &tampered).status, 429);
     assert_eq!(get(&format!("{api}/requests"), &good).status, 200);
+    // A flood of calls with one valid token: past its rate the token gets 429 with
+    // Retry-After for the rest of the minute (and the flood is not audited call by call);
+    // another token is unaffected.
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\\n",
+            "-H",
+            &bearer(&good),
+        ])
+        .arg(format!("{api}/whoami?n=[1-640]"))
+        .output()
+        .expect("curl");
+    let codes = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ok = codes.lines().filter(|c| *c == "200").count();
+    let limited = codes.lines().filter(|c| *c == "429").count();
+    assert_eq!(ok + limited, 640, "{codes}");
+    assert!(
+        (590..=600).contains(&ok),
+        "{ok} calls served before the limit"
+    );
+    let flood = get(&format!("{api}/whoami"), &good);
+    assert_eq!(flood.status, 429, "{}", flood.body);
+    assert!(flood.headers.contains("retry-after:"), "{}", flood.headers);
+    assert!(flood.body.contains("calls this minute"), "{}", flood.body);
+    let other = gate
+        .cli_as(APPROVER_USER, &["token", "issue", "--json"])
+        .json()["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(get(&format!("{api}/whoami"), &other).status, 200);
+    let calls = gate.cli(&["audit", "--json", "--limit", "5000"]).json();
+    let audited = calls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "api.call")
+        .count();
+    assert!(
+        audited <= 700,
+        "{audited} api.call records: the refused flood was audited"
+    );
     // A token hidden in the path by percent-encoding is still refused (and never logged).
     let encoded = good.replacen("jgt_", "jgt%5F", 1);
     let hidden = get(&format!("{api}/sessions/{encoded}"), &good);

@@ -697,5 +697,38 @@ fn step_up_needs_a_fresh_strong_sign_in() {
     }
     let audit = gate.cli(&["audit", "--json", "--limit", "50"]).stdout;
     assert!(audit.contains("oidc ann@example.com"), "{audit}");
+
+    // A sign-in flood from one address gets 429s (with Retry-After) once past the limit,
+    // and pushes nobody else's sign-in out: the browser's address still signs in.
+    let flood = Command::new("curl")
+        .args(["-sk", "--interface", "127.0.0.2", "-o", "/dev/null"])
+        .args(["-w", "%{http_code}\\n"])
+        .arg(format!("{console}/login?n=[1-50]"))
+        .output()
+        .expect("curl");
+    let codes = String::from_utf8_lossy(&flood.stdout).into_owned();
+    let started = codes.lines().filter(|c| *c == "303").count();
+    let limited = codes.lines().filter(|c| *c == "429").count();
+    assert_eq!((started, limited), (40, 10), "{codes}");
+    let head = Command::new("curl")
+        .args([
+            "-sk",
+            "--interface",
+            "127.0.0.2",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+        ])
+        .arg(format!("{console}/auth/callback?code=x&state=y"))
+        .output()
+        .expect("curl");
+    let head = String::from_utf8_lossy(&head.stdout).to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.1 429") && head.contains("retry-after:"),
+        "the callback is counted too: {head}"
+    );
+    let back = browser.sign_in(console, "ann");
+    assert!(back["url"].as_str().unwrap().starts_with(console), "{back}");
     browser.cmd(json!({"op": "close"}));
 }

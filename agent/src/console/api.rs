@@ -12,12 +12,7 @@
 //! Every authenticated call is audited (`api.call`, naming the user and the token id); state
 //! changes also have their own records, whose actor names the token.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -26,6 +21,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::throttle::{Throttle, network};
 use crate::{
     control::{
         service::{ControlError, ControlService},
@@ -41,67 +37,12 @@ pub const PREFIX: &str = "/api/";
 const MAX_BODY: usize = 16 * 1024;
 /// Failed authentications one client network may make per window before it gets 429s.
 pub const MAX_FAILURES: u32 = 10;
-const WINDOW: Duration = Duration::from_secs(60);
-/// Client networks tracked at most (the oldest windows are dropped first).
-const MAX_TRACKED: usize = 4096;
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// Calls one token may make per window (the 429 beyond it names the wait): a script gone
+/// wild, or a stolen token, cannot flood the control service or the audit log.
+pub const MAX_CALLS_PER_TOKEN: u32 = 600;
 /// What `WWW-Authenticate` says.
 const REALM: &str = "Bearer realm=\"jitgate\"";
-
-/// Failed authentications per client network (an IPv4 address, an IPv6 /64: one host
-/// easily owns a whole /64), in fixed windows.
-#[derive(Default)]
-pub struct Throttle {
-    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
-}
-
-fn network(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut s = v6.segments();
-                s[4..].fill(0);
-                IpAddr::V6(s.into())
-            }
-        },
-    }
-}
-
-impl Throttle {
-    /// How long `ip` must wait, if it failed too often.
-    pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
-        let map = self
-            .failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (start, count) = map.get(&network(ip))?;
-        let left = WINDOW.checked_sub(start.elapsed())?;
-        (*count >= MAX_FAILURES).then_some(left)
-    }
-
-    /// Counts a failed authentication from `ip`.
-    pub fn failed(&self, ip: IpAddr) {
-        let mut map = self
-            .failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if map.len() >= MAX_TRACKED {
-            map.retain(|_, (start, _)| start.elapsed() < WINDOW);
-            if map.len() >= MAX_TRACKED {
-                // Still full of live windows: drop the oldest, never grow without bound.
-                if let Some(oldest) = map.iter().min_by_key(|(_, (s, _))| *s).map(|(k, _)| *k) {
-                    map.remove(&oldest);
-                }
-            }
-        }
-        let entry = map.entry(network(ip)).or_insert((Instant::now(), 0));
-        if entry.0.elapsed() >= WINDOW {
-            *entry = (Instant::now(), 0);
-        }
-        entry.1 = entry.1.saturating_add(1);
-    }
-}
 
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
@@ -298,35 +239,59 @@ fn flag(query: &HashMap<String, String>, key: &str) -> bool {
         .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"))
 }
 
+/// What the API counts: failed authentications per client network, calls per token.
+pub struct Limits {
+    pub failures: Throttle<IpAddr>,
+    pub calls: Throttle<String>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            failures: Throttle::new(MAX_FAILURES, WINDOW),
+            calls: Throttle::new(MAX_CALLS_PER_TOKEN, WINDOW),
+        }
+    }
+}
+
+/// `Retry-After` for a 429 (whole seconds, at least one).
+pub fn retry_after(mut r: Response<Full<Bytes>>, left: Duration) -> Response<Full<Bytes>> {
+    if let Ok(v) = HeaderValue::from_str(&left.as_secs().max(1).to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
 /// Serves one API call.
 pub async fn handle(
     service: &ControlService,
-    throttle: &Throttle,
+    limits: &Limits,
     req: Request<Incoming>,
     peer: IpAddr,
 ) -> Response<Full<Bytes>> {
+    let throttle = &limits.failures;
+    let peer_net = network(peer);
     // A blocked address still gets its valid tokens honoured (a guess at a 256-bit secret
     // is hopeless anyway; the throttle keeps failures cheap and quiet): otherwise anyone
     // sharing the address, a NAT or the console's own host would lock every script out.
-    let blocked = throttle.blocked(peer);
-    let too_many = |left: std::time::Duration| {
-        let mut r = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "throttled",
-            &format!(
-                "too many failed authentications from this address; try again in {} s",
-                left.as_secs().max(1)
+    let blocked = throttle.blocked(&peer_net);
+    let too_many = |left: Duration| {
+        retry_after(
+            error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                &format!(
+                    "too many failed authentications from this address; try again in {} s",
+                    left.as_secs().max(1)
+                ),
             ),
-        );
-        if let Ok(v) = HeaderValue::from_str(&left.as_secs().max(1).to_string()) {
-            r.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        r
+            left,
+        )
     };
     let query = req.uri().query().unwrap_or("").to_owned();
     let in_path = names_a_token(req.uri().path());
     if in_path || token_in_query(&query) {
-        throttle.failed(peer);
+        throttle.count(peer_net);
         // Neither path nor query is logged: they hold the secret.
         warn!(%peer, "console API: a credential in the URL (refused)");
         return error(
@@ -354,13 +319,35 @@ pub async fn handle(
             return too_many(blocked.unwrap_or_default());
         }
         Err(e) => {
-            throttle.failed(peer);
+            throttle.count(peer_net);
             // Only the id, which the secret names in clear; never the secret.
             warn!(%peer, token = ?tokens::id_of(&secret), error = %e, "console API: token refused");
             return unauthorized(&e.to_string(), true);
         }
     };
     drop(secret);
+    if let Some(token) = &caller.token
+        && let Err(refused) = limits.calls.take(token.id.clone())
+    {
+        // Neither audited nor logged call by call (that is what a flood would fill): once
+        // per window.
+        if refused.first {
+            warn!(%peer, token = %token.id, "console API: token over its call rate (throttled for the rest of the minute)");
+        }
+        let left = refused.left;
+        return retry_after(
+            error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                &format!(
+                    "token {} made more than {MAX_CALLS_PER_TOKEN} calls this minute; try again in {} s",
+                    token.id,
+                    left.as_secs().max(1)
+                ),
+            ),
+            left,
+        );
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let response = route(service, &caller, req, &path, &super::parse_form(&query)).await;
@@ -457,32 +444,6 @@ async fn route(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn failures_throttle_per_network_and_stay_bounded() {
-        let t = Throttle::default();
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "192.0.2.2".parse().unwrap();
-        for _ in 0..MAX_FAILURES - 1 {
-            t.failed(a);
-        }
-        assert_eq!(t.blocked(a), None, "below the limit");
-        t.failed(a);
-        assert!(t.blocked(a).is_some(), "at the limit");
-        assert_eq!(t.blocked(b), None, "another address is not blocked");
-        // One IPv6 /64 is one client; another /64 is another.
-        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
-        for i in 0..MAX_FAILURES {
-            t.failed(v6(&format!("2001:db8::{i:x}")));
-        }
-        assert!(t.blocked(v6("2001:db8::ffff:1")).is_some());
-        assert_eq!(t.blocked(v6("2001:db8:0:1::1")), None);
-        // A flood of addresses never grows the map past its bound.
-        for i in 0..(MAX_TRACKED as u32 + 100) {
-            t.failed(IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)));
-        }
-        assert!(t.failures.lock().unwrap().len() <= MAX_TRACKED);
-    }
 
     #[test]
     fn credentials_in_urls_are_recognised() {

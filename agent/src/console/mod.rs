@@ -18,6 +18,7 @@ pub mod oidc;
 pub mod pages;
 pub mod replay;
 pub mod session;
+pub mod throttle;
 
 use std::{
     collections::HashMap, convert::Infallible, net::IpAddr, path::Path, sync::Arc, time::Duration,
@@ -48,7 +49,7 @@ use crate::{
     inspect::tls::LocalCa,
 };
 
-use self::{oidc::Provider, session::Sessions};
+use self::{oidc::Provider, session::Sessions, throttle::Throttle};
 
 const SESSION_COOKIE: &str = "__Host-jitgate-session";
 const LOGIN_COOKIE: &str = "__Host-jitgate-login";
@@ -75,9 +76,15 @@ pub struct Console {
     /// `https://host[:port]`, from the redirect URL: the only origin forms may come from.
     origin: String,
     tls: Tls,
-    /// Failed API authentications per client ([`api`]).
-    throttle: api::Throttle,
+    /// Failed API authentications per client network, calls per token ([`api`]).
+    api_limits: api::Limits,
+    /// Sign-in starts and callbacks per client network: a flood of them would otherwise
+    /// push real sign-ins out of the bounded list of those under way.
+    sign_ins: Throttle<IpAddr>,
 }
+
+/// Sign-in starts and callbacks one client network may make per minute (a sign-in is two).
+pub const SIGN_IN_STEPS_PER_MINUTE: u32 = 40;
 
 /// Reads the client secret, refusing a file others could read or replace
 /// ([`crate::secret_file`]).
@@ -135,7 +142,8 @@ impl Console {
             session_ttl: config.session_ttl,
             origin,
             tls,
-            throttle: api::Throttle::default(),
+            api_limits: api::Limits::default(),
+            sign_ins: Throttle::new(SIGN_IN_STEPS_PER_MINUTE, Duration::from_secs(60)),
         })
     }
 }
@@ -373,7 +381,7 @@ impl Console {
         let r = match (req.method(), path.as_str()) {
             // Scripts' API: bearer tokens only, never the browser session (see `api`).
             (_, p) if p.starts_with(api::PREFIX) => {
-                api::handle(&self.service, &self.throttle, req, peer).await
+                api::handle(&self.service, &self.api_limits, req, peer).await
             }
             (&Method::GET, "/static/console.css") => {
                 let mut r = Response::new(Full::new(Bytes::from_static(pages::CSS.as_bytes())));
@@ -382,6 +390,21 @@ impl Console {
                     HeaderValue::from_static("text/css; charset=utf-8"),
                 );
                 r
+            }
+            (&Method::GET, "/login" | crate::config::console::CALLBACK_PATH)
+                if let Err(refused) = self.sign_ins.take(throttle::network(peer)) =>
+            {
+                if refused.first {
+                    warn!(%peer, "console: too many sign-ins from this network (refused for the rest of the minute)");
+                }
+                let page = page(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    pages::signed_out(&format!(
+                        "Too many sign-ins from your network; try again in {} s.",
+                        refused.left.as_secs().max(1)
+                    )),
+                );
+                api::retry_after(page, refused.left)
             }
             (&Method::GET, "/login") => self.login(&req).await,
             (&Method::GET, crate::config::console::CALLBACK_PATH) => self.callback(&req).await,
