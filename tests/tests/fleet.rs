@@ -668,6 +668,13 @@ fn fleet_verify_from_another_host_finds_tampering() {
     let approved = b.cli_as(APPROVER_USER, &["approve", &r2, "--json"]);
     approved.assert_ok();
     let grant = approved.json()["grant"]["id"].as_str().unwrap().to_owned();
+    // Revoked on A once A has heard of it (before, A answers that it is not live there).
+    a.wait_for("the grant live on A", Duration::from_secs(5), || {
+        let live = a.cli(&["grants", "--json"]).json();
+        live.as_array()
+            .is_some_and(|l| l.iter().any(|g| g["id"] == grant.as_str()))
+            .then_some(())
+    });
     a.cli(&["revoke", &grant]).assert_ok();
     a.cli(&["grants", "--all"]).assert_ok(); // a read: the writer has committed
     let top: i64 = pg
