@@ -320,6 +320,7 @@ impl Daemon {
                     permanent: h.permanent,
                     url: h.url,
                     spool: h.spool,
+                    durability: h.durability,
                 }
             }),
         }

@@ -518,6 +518,90 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// A streaming replica of this server (`pg_basebackup -R`), started on a port of its own
+    /// and caught up; then made this server's synchronous standby
+    /// (`synchronous_standby_names = '*'`, set after the copy, so the replica does not
+    /// inherit it: promoted, it has no standby to wait for). Waits until the primary reports
+    /// it as `sync`.
+    pub fn synchronous_standby(&self) -> Self {
+        use std::process::Command;
+        let port = crate::free_port();
+        let dir =
+            std::path::PathBuf::from(format!("/tmp/jitgate-e2e-pg-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("standby dir");
+        run_ok(Command::new("chown").arg("postgres:postgres").arg(&dir));
+        let data = dir.join("data");
+        let as_postgres = |tool: &str, args: &[&std::ffi::OsStr]| {
+            run_ok(
+                Command::new("runuser")
+                    .args(["-u", "postgres", "--"])
+                    .arg(pg_bin().join(tool))
+                    .args(args),
+            )
+        };
+        as_postgres(
+            "pg_basebackup",
+            &[
+                "-h".as_ref(),
+                self.dir.as_os_str(),
+                "-p".as_ref(),
+                self.port.to_string().as_ref(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-R".as_ref(),
+                "-X".as_ref(),
+                "stream".as_ref(),
+                "-c".as_ref(),
+                "fast".as_ref(),
+                "-N".as_ref(),
+            ],
+        );
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            dir.display()
+        );
+        let standby = Self {
+            port,
+            dir,
+            secrets: self.secrets.clone(),
+            ca: None,
+            opts,
+        };
+        standby.start_again();
+        self.admin(
+            "postgres",
+            "ALTER SYSTEM SET synchronous_standby_names = '*'",
+        );
+        self.admin("postgres", "SELECT pg_reload_conf()");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let state = self.admin(
+                "postgres",
+                "SELECT string_agg(sync_state, ',') FROM pg_stat_replication",
+            );
+            if state.trim() == "sync" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the standby did not become synchronous: {state:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        standby
+    }
+
+    /// Promotes this standby to a primary (`pg_ctl promote`), waiting until it accepts
+    /// writes.
+    pub fn promote(&self) {
+        self.pg_ctl(&["-w", "promote"]);
+    }
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
         let data = self.dir.join("data");

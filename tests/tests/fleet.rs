@@ -302,10 +302,16 @@ struct Psql {
 
 impl Psql {
     fn start(gate: &Gate, pg: &servers::Postgres) -> Self {
+        Self::start_with(gate, pg, &["--grant", "orders-db:read"])
+    }
+
+    /// [`Psql::start`] with `jitgate run` arguments of the caller's choice (none: the
+    /// connection is held until a request is approved).
+    fn start_with(gate: &Gate, pg: &servers::Postgres, run_args: &[&str]) -> Self {
         let url = format!("postgres://bot@127.0.0.1:{}/orders", pg.port);
         let mut child = gate.spawn_stdin(
             "bot",
-            &["--grant", "orders-db:read"],
+            run_args,
             &["psql", &url, "-X", "-At", "-v", "VERBOSITY=verbose"],
         );
         let stdin = child.stdin.take().expect("stdin");
@@ -662,6 +668,13 @@ fn fleet_verify_from_another_host_finds_tampering() {
     let approved = b.cli_as(APPROVER_USER, &["approve", &r2, "--json"]);
     approved.assert_ok();
     let grant = approved.json()["grant"]["id"].as_str().unwrap().to_owned();
+    // Revoked on A once A has heard of it (before, A answers that it is not live there).
+    a.wait_for("the grant live on A", Duration::from_secs(5), || {
+        let live = a.cli(&["grants", "--json"]).json();
+        live.as_array()
+            .is_some_and(|l| l.iter().any(|g| g["id"] == grant.as_str()))
+            .then_some(())
+    });
     a.cli(&["revoke", &grant]).assert_ok();
     a.cli(&["grants", "--all"]).assert_ok(); // a read: the writer has committed
     let top: i64 = pg
@@ -765,4 +778,211 @@ fn fleet_verify_from_another_host_finds_tampering() {
         "{text:#?}"
     );
     restore();
+}
+
+/// The store's durability as `jitgate status --json` shows it, once it names `port`'s server.
+fn durability_on(gate: &Gate, port: u16) -> serde_json::Value {
+    gate.wait_for("the store's durability", Duration::from_secs(15), || {
+        let d = store_state(gate)["durability"].clone();
+        (d["server"] == format!("127.0.0.1:{port}")).then_some(d)
+    })
+}
+
+/// Failover: the fleet's store is a primary with a synchronous standby, and each agent's
+/// url names both, the standby first (hostile: an agent that took the first server that
+/// answers would write to a standby; it must pass it over). A decision is acknowledged, the
+/// primary is killed at once (`immediate`: a crash to its clients), and while no primary
+/// exists the hosts stay closed (a standby is not a store) and a live session's statements
+/// go to the spool. The standby is promoted: both hosts find it by themselves, the decision
+/// acknowledged just before the crash is there and usable, a revocation on one host still
+/// cuts the other's live session within a second, the spool is shipped once, and every
+/// chain verifies (each host's, and the fleet's from the other host).
+#[test]
+fn failover_to_a_promoted_standby_loses_no_acknowledged_decision() {
+    jitgate_e2e::root_or_skip!();
+    ensure_approver_user();
+    let started = std::time::Instant::now();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let target = echo.addr.to_string();
+    let primary = servers::Postgres::start();
+    primary.admin("postgres", "CREATE DATABASE fleet");
+    primary.admin("postgres", "CREATE DATABASE orders");
+    let standby = primary.synchronous_standby();
+    // The gated database is on the standby's server: it stays up through the failover, so
+    // a session on it lives on while its records cannot reach the store.
+    let body = Body::new()
+        .workload("bot", &["root", APPROVER_USER])
+        .resource_with(
+            "echo",
+            &target,
+            "on_missing_grant = \"request\"\nhold_timeout = \"30s\"",
+        )
+        .resource_with(
+            "orders-db",
+            &format!("127.0.0.1:{}", standby.port),
+            "protocol = \"postgres\"\ndatabases = [\"orders\"]\non_missing_grant = \"request\"\nhold_timeout = \"30s\"\n[resource.credentials.read]\nuser = \"postgres\"\n",
+        )
+        .policy(
+            &["bot"],
+            &["echo", "orders-db"],
+            &["read"],
+            &format!("approval = \"manual\"\napprovers = [\"root\", \"{APPROVER_USER}\"]"),
+        )
+        .build();
+    // No target_session_attrs: the agent asks for read-write by itself.
+    let config = |host: &str| {
+        format!(
+            "{body}\n[store]\nbackend = \"postgres\"\nurl = \"postgresql://postgres@127.0.0.1:{},127.0.0.1:{}/fleet\"\nsslmode = \"disable\"\nhost_id = \"{host}\"\nstore_lease = \"20s\"\n",
+            standby.port, primary.port
+        )
+    };
+    let a = Gate::start("fleet-failover-a", "", &config("host-a"));
+    let b = Gate::start("fleet-failover-b", "", &config("host-b"));
+    open(&a);
+    open(&b);
+    for gate in [&a, &b] {
+        let d = durability_on(gate, primary.port);
+        assert_eq!(d["synchronous_commit"], "on", "{d}");
+        assert_eq!(d["synchronous_standby_names"], "*", "{d}");
+    }
+    let status = a.cli(&["status"]);
+    assert!(
+        status
+            .stdout
+            .contains("an acknowledged decision survives a failover"),
+        "{status:#?}"
+    );
+
+    // Before: a live echo session and a live psql session on A, approved on B.
+    let probe = a.bins().probe.to_str().unwrap().to_owned();
+    let approve = |id: &str| {
+        let approved = b.cli(&["approve", id, "--json"]);
+        approved.assert_ok();
+        approved.json()["grant"]["id"].as_str().unwrap().to_owned()
+    };
+    let mut held = a.spawn("bot", &[], &[&probe, "hold", &target]);
+    let echo_grant = approve(b.pending_request()["id"].as_str().unwrap());
+    held.expect_line(&format!("connected {BANNER}"), Duration::from_secs(5));
+    let mut psql = Psql::start_with(&a, &standby, &[]);
+    approve(b.pending_request()["id"].as_str().unwrap());
+    psql.select("before-1");
+    // The decision the crash must not lose: acknowledged, then the primary dies at once.
+    let filed = a.cli(&["request", "echo", "--for", "bot", "--json"]);
+    filed.assert_ok();
+    let last = filed.json()["id"].as_str().unwrap().to_owned();
+    let approved = b.cli_as(APPROVER_USER, &["approve", &last, "--json"]);
+    approved.assert_ok();
+    let last_grant = approved.json()["grant"]["id"].as_str().unwrap().to_owned();
+    primary.stop();
+
+    // No primary: the hosts are closed (the standby answers, and is not taken), the live
+    // sessions go on within store_lease, and their records are spooled.
+    lost(&a);
+    for i in 1..=3 {
+        psql.select(&format!("outage-{i}"));
+    }
+    let spool = spool_settled(&a);
+    assert_eq!(spool["problem"], serde_json::Value::Null, "{spool}");
+    std::thread::sleep(Duration::from_millis(1500));
+    for gate in [&a, &b] {
+        let store = store_state(gate);
+        assert_eq!(
+            store["available"], false,
+            "a standby taken as the store: {store}"
+        );
+        assert_eq!(store["state"], "lost", "{store}");
+    }
+    let asked = a.cli(&["request", "echo", "--for", "bot"]);
+    assert_ne!(asked.code, 0, "a request with no primary: {asked:#?}");
+
+    // Promoted: both hosts find the new primary, catch up and ship their spools.
+    let promoted_at = std::time::Instant::now();
+    standby.promote();
+    open(&a);
+    open(&b);
+    let reconnect = promoted_at.elapsed();
+    let d = durability_on(&a, standby.port);
+    assert_eq!(d["synchronous_standby_names"], "", "{d}");
+    let status = a.cli(&["status"]);
+    assert!(
+        status.stdout.contains("NO synchronous standby"),
+        "the new primary has no standby yet, and status says so: {status:#?}"
+    );
+    assert!(
+        a.log().contains("decisions can be lost on a failover"),
+        "{}",
+        a.log()
+    );
+    assert_eq!(store_state(&a)["spool"]["records"], 0);
+
+    // The decision acknowledged just before the crash survived, and is usable.
+    let kept = standby.admin(
+        "fleet",
+        &format!("SELECT count(*) FROM grants WHERE id = '{last_grant}' AND revoked_at IS NULL"),
+    );
+    assert_eq!(kept.trim(), "1", "grant {last_grant} lost in the failover");
+    let grants = a.cli(&["grants", "--json"]).json();
+    for g in [&echo_grant, &last_grant] {
+        assert!(
+            grants
+                .as_array()
+                .is_some_and(|l| l.iter().any(|x| x["id"] == g.as_str())),
+            "grant {g} not live on A after the failover: {grants}"
+        );
+    }
+    let through = a.probe("bot", &["connect", &target]);
+    assert!(
+        through.stdout.contains(BANNER),
+        "a new connection on the surviving grant: {through:#?}"
+    );
+    psql.select("after-1");
+
+    // A revocation on B after the failover cuts A's live session within a second.
+    let before = now_ms();
+    b.cli(&["revoke", &echo_grant, "--reason", "after failover"])
+        .assert_ok();
+    let cut = cut_at(&held.expect_line("closed", Duration::from_secs(10)));
+    assert!(
+        cut - before <= 1000,
+        "cut {}ms after the revoke on B",
+        cut - before
+    );
+
+    // Shipped once; every chain verifies on the new primary.
+    psql.quit();
+    a.cli(&["grants", "--all"]).assert_ok();
+    let stored_on = |tag: &str| -> usize {
+        standby
+            .admin(
+                "fleet",
+                &format!(
+                    "SELECT count(*) FROM statements s JOIN sessions n ON n.id = s.session_id \
+                     WHERE n.host_id = 'host-a' AND s.text LIKE '%{tag}%'"
+                ),
+            )
+            .trim()
+            .parse()
+            .expect("a count")
+    };
+    a.wait_for(
+        "the statements on the store",
+        Duration::from_secs(10),
+        || (stored_on("after-") == 1).then_some(()),
+    );
+    for (tag, n) in [("before-", 1), ("outage-", 3), ("after-", 1)] {
+        assert_eq!(stored_on(tag), n, "statements {tag}*");
+    }
+    for gate in [&a, &b] {
+        let verified = gate.cli(&["audit", "verify"]);
+        assert_eq!(verified.code, 0, "{verified:#?}");
+    }
+    let (code, report) = fleet_verify(&b);
+    assert_eq!(code, 0, "{report}");
+    for host in ["host-a", "host-b"] {
+        assert_eq!(host_report(&report, host)["status"], "ok", "{report}");
+    }
+    eprintln!(
+        "failover: reconnected {reconnect:?} after the promotion; test {:?}",
+        started.elapsed()
+    );
 }

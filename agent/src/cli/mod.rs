@@ -818,6 +818,9 @@ fn print_status(s: &StatusReport) {
                 .map(|p| format!("; DAMAGED: {p}"))
                 .unwrap_or_default()
         );
+        if let Some(d) = &store.durability {
+            println!("  durability     {}", d.describe());
+        }
     }
     println!("  you are        {}", s.caller);
 }

@@ -1207,6 +1207,18 @@ impl Validator<'_> {
                         v.span(),
                         "store.url: name the database user (postgresql://USER@HOST/DBNAME)",
                     ),
+                    // The agent always asks for read-write (the primary, whichever of the
+                    // url's servers that is now); a url asking for a standby, or for any
+                    // server, would have it write to (or trust) one that is not the primary.
+                    Ok(c) if text.contains("target_session_attrs")
+                        && c.get_target_session_attrs()
+                            != tokio_postgres::config::TargetSessionAttrs::ReadWrite =>
+                    {
+                        self.fail(
+                            v.span(),
+                            "store.url: target_session_attrs must be read-write (the agent only ever writes to the primary, and asks for read-write by itself): remove it from the url or write target_session_attrs=read-write",
+                        );
+                    }
                     Ok(_) => {}
                 }
                 text.clone()
@@ -2142,6 +2154,36 @@ approvers = ["alice", "group:dba"]
             panic!("not postgres")
         };
         assert_eq!(o.spool_limit, 1 << 20);
+        // A primary and its standby (libpq's form), each verified against its own name.
+        for url in [
+            "postgresql://jg@db1.test:5432,db2.test:5433/jitgate",
+            "postgresql://jg@db1.test,db2.test/jitgate?target_session_attrs=read-write",
+        ] {
+            let c = parse(&with(&format!(
+                "backend = \"postgres\"\nurl = \"{url}\"\nca_file = \"/etc/jitgate/ca.pem\"\nhost_id = \"h\""
+            )))
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
+            let StoreConfig::Postgres(o) = c.daemon.store else {
+                panic!("not postgres")
+            };
+            assert_eq!(o.url, url);
+        }
+        // Hostile: a url that would let the agent write to (or trust) a standby.
+        for (attrs, needle) in [
+            ("any", "target_session_attrs must be read-write"),
+            ("read-only", "target_session_attrs must be read-write"),
+            ("standby", "not a PostgreSQL url"),
+        ] {
+            let e = parse(&with(&format!(
+                "backend = \"postgres\"\nurl = \"postgresql://jg@db1,db2/j?target_session_attrs={attrs}\"\nsslmode = \"disable\"\nhost_id = \"h\""
+            )))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(needle) && e.contains("store.url"),
+                "{attrs}: {e}"
+            );
+        }
         for bad in ["\"1KiB\"", "\"lots\""] {
             let e = parse(&with(&format!(
                 "backend = \"postgres\"\nurl = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\nhost_id = \"h\"\nspool_limit = {bad}"

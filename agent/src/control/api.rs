@@ -222,4 +222,8 @@ pub struct StoreStatus {
     /// shipped (absent from older agents' answers).
     #[serde(default)]
     pub spool: crate::store::health::SpoolStats,
+    /// How the primary last reached keeps acknowledged decisions through a failover
+    /// (absent until it is reached, and from older agents' answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<crate::store::health::Durability>,
 }

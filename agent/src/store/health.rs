@@ -63,6 +63,54 @@ impl SpoolStats {
     }
 }
 
+/// How the server this host writes to keeps an acknowledged decision through a failover
+/// (fleet mode), read on each connection the store's follower makes (`jitgate status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Durability {
+    /// The primary this host reached (`address:port` as the server sees it).
+    pub server: String,
+    /// `synchronous_commit` on this host's sessions: the agent raises `off` and `local` to
+    /// `on`, so a decision is acknowledged only once flushed (and, with a synchronous
+    /// standby, once the standby has it).
+    pub synchronous_commit: String,
+    /// The primary's `synchronous_standby_names` (empty: no synchronous standby).
+    pub synchronous_standby_names: String,
+}
+
+impl Durability {
+    /// Whether a decision acknowledged to an approver is also on a standby when it is
+    /// acknowledged, so it survives the primary's loss and a standby's promotion.
+    /// `remote_write` counts: the standby has received it, and only a crash of both
+    /// servers' operating systems at once loses it (PostgreSQL's own account).
+    pub fn survives_failover(&self) -> bool {
+        !self.synchronous_standby_names.trim().is_empty()
+            && matches!(
+                self.synchronous_commit.as_str(),
+                "on" | "remote_apply" | "remote_write"
+            )
+    }
+
+    /// One line for `jitgate status` and the log.
+    pub fn describe(&self) -> String {
+        if self.survives_failover() {
+            format!(
+                "primary {}, synchronous_commit {}, synchronous standby {:?}: an acknowledged decision survives a failover",
+                self.server, self.synchronous_commit, self.synchronous_standby_names
+            )
+        } else {
+            let why = if self.synchronous_standby_names.trim().is_empty() {
+                "NO synchronous standby (synchronous_standby_names is empty)"
+            } else {
+                "commits do NOT wait for the synchronous standby"
+            };
+            format!(
+                "primary {}, synchronous_commit {}, {why}: decisions committed since a standby last caught up are lost if the store fails over to it; see \"Fleet deployment\" in the README",
+                self.server, self.synchronous_commit
+            )
+        }
+    }
+}
+
 /// How the refusal of a new session because the local spool is full begins (the proxies
 /// give such clients a hint of their own).
 pub const SPOOL_FULL: &str = "the local spool is full";
@@ -93,6 +141,8 @@ pub struct Health {
     pub url: String,
     /// The local spool.
     pub spool: SpoolStats,
+    /// How the primary reached last keeps acknowledged decisions (absent until reached).
+    pub durability: Option<Durability>,
 }
 
 impl Health {
@@ -178,6 +228,7 @@ impl StoreHealth {
             lease,
             url,
             spool: SpoolStats::default(),
+            durability: None,
         });
         Self { tx }
     }
@@ -231,6 +282,18 @@ impl StoreHealth {
                 false
             } else {
                 h.spool = stats;
+                true
+            }
+        });
+    }
+
+    /// A new connection reached the primary described by `durability`.
+    pub fn durability(&self, durability: Durability) {
+        self.tx.send_if_modified(|h| {
+            if h.durability.as_ref() == Some(&durability) {
+                false
+            } else {
+                h.durability = Some(durability);
                 true
             }
         });
@@ -370,6 +433,28 @@ mod tests {
         assert!(h.check().is_err(), "a damaged spool keeps the host closed");
         h.spool(SpoolStats::default());
         assert!(h.check().is_ok(), "shipped: open");
+    }
+
+    #[test]
+    fn only_a_synchronous_standby_with_a_waiting_commit_survives_a_failover() {
+        let d = |commit: &str, names: &str| Durability {
+            server: "10.0.0.5:5432".into(),
+            synchronous_commit: commit.into(),
+            synchronous_standby_names: names.into(),
+        };
+        for commit in ["on", "remote_apply", "remote_write"] {
+            assert!(d(commit, "ANY 1 (s1, s2)").survives_failover(), "{commit}");
+        }
+        // Hostile: what reads as durable but is not.
+        for (commit, names) in [("on", ""), ("on", "  "), ("local", "s1"), ("off", "*")] {
+            let d = d(commit, names);
+            assert!(!d.survives_failover(), "{commit} {names:?}");
+            assert!(
+                d.describe().contains("are lost if the store fails over"),
+                "{d:?}"
+            );
+        }
+        assert!(d("on", "*").describe().contains("survives a failover"));
     }
 
     #[test]

@@ -1049,6 +1049,16 @@ mod postgres {
             .unwrap();
         assert_eq!(store.count_pending().await.unwrap(), 1);
         drop(store);
+        // Several servers in the url (a primary and its standby): each is verified against
+        // its own name. The first (a name its certificate lacks) fails, the second is taken.
+        let both = options(
+            &format!("localhost:{},127.0.0.1", pg.port),
+            "ca.pem",
+            &secret,
+        );
+        let store = PostgresStore::open(&both, &state).await.unwrap();
+        assert_eq!(store.count_pending().await.unwrap(), 1);
+        drop(store);
 
         let wrong = dir.path().join("wrong.pw");
         std::fs::write(&wrong, "guess\n").unwrap();
@@ -1070,6 +1080,15 @@ mod postgres {
                 "password authentication failed",
             ),
             ("no TLS", options("127.0.0.1", "", &secret), "no encryption"),
+            (
+                "no server whose certificate carries its name",
+                options(
+                    &format!("localhost:{},localhost", pg.port),
+                    "ca.pem",
+                    &secret,
+                ),
+                "not valid for name",
+            ),
         ] {
             let e = PostgresStore::open(&o, &state).await.err();
             assert!(e.is_some(), "{what} was accepted");

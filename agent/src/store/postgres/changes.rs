@@ -67,9 +67,9 @@ pub async fn follow(f: Follower) {
     loop {
         let (wake_tx, mut wake) = mpsc::channel(1);
         let attempt = async {
-            let mut client = f
+            let (mut client, durability) = f
                 .connector
-                .connect(Some(wake_tx))
+                .connect_primary(Some(wake_tx))
                 .await
                 .map_err(|e| failure(&e, ""))?;
             if last_seen.is_none() {
@@ -92,14 +92,22 @@ pub async fn follow(f: Follower) {
                 .batch_execute("LISTEN jitgate_changes")
                 .await
                 .map_err(|e| failure(&StoreError::from(e), "LISTEN: "))?;
-            Ok::<_, Failure>(client)
+            Ok::<_, Failure>((client, durability))
         };
         let client = tokio::select! {
             c = attempt => c,
             () = f.stop.cancelled() => return,
         };
         let client = match client {
-            Ok(c) => c,
+            Ok((c, durability)) => {
+                if durability.survives_failover() {
+                    info!(store = %durability.describe(), "shared state store durability");
+                } else {
+                    warn!(store = %durability.describe(), "shared state store durability: decisions can be lost on a failover");
+                }
+                f.health.durability(durability);
+                c
+            }
             Err(Failure::Permanent(e)) => {
                 // Slower than a lost connection (each try may count against the account,
                 // and only an operator can mend it), but not at once 30 s: a refusal that
