@@ -37,7 +37,7 @@ pub async fn append(
 ) -> Result<Sealed> {
     let head = head(db, host).await?;
     let r = audit::seal(key, head.as_ref(), Timestamp::now(), actor, event)?;
-    insert(db, host, key, r).await
+    insert(db, host, key, r, None).await
 }
 
 /// Appends a record made earlier (spooled while the store was out of reach), with the time
@@ -57,13 +57,20 @@ pub async fn append_parts(
         &record.kind,
         record.detail.clone(),
     );
-    insert(db, host, key, r).await
+    insert(db, host, key, r, record.id.as_deref()).await
 }
 
 /// Writes a sealed record, signed with the host's public key too (store/audit/sign.rs) so
 /// other hosts can verify it (`audit verify --fleet`), whether made now or shipped from the
-/// spool.
-async fn insert(db: &impl GenericClient, host: &str, key: &AuditKey, r: Sealed) -> Result<Sealed> {
+/// spool. `record_id`: a fire-and-forget record's id, which the store refuses twice (a unique
+/// violation, which shipping takes as "stored already").
+async fn insert(
+    db: &impl GenericClient,
+    host: &str,
+    key: &AuditKey,
+    r: Sealed,
+    record_id: Option<&str>,
+) -> Result<Sealed> {
     let sig = key.signer().map(|s| {
         if let Err(e) = s.note_signed(r.seq) {
             tracing::error!(error = %e, "cannot remember this host's first signed audit record (state_dir/audit-sign.from): a stripped registration could then claim a later start");
@@ -71,8 +78,8 @@ async fn insert(db: &impl GenericClient, host: &str, key: &AuditKey, r: Sealed) 
         s.sign_record(host, &r)
     });
     db.execute(
-        "INSERT INTO audit (host_id, seq, at, kind, actor, detail, prev_hash, hash, sig) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        &[&host, &r.seq, &r.at, &r.kind, &r.actor, &r.detail, &r.prev_hash, &r.hash, &sig],
+        "INSERT INTO audit (host_id, seq, at, kind, actor, detail, prev_hash, hash, sig, record_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        &[&host, &r.seq, &r.at, &r.kind, &r.actor, &r.detail, &r.prev_hash, &r.hash, &sig, &record_id],
     )
     .await?;
     if let Some(signer) = key.signer() {

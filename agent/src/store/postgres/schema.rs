@@ -186,6 +186,12 @@ const MIGRATIONS: &[&str] = &[
         registered_at BIGINT NOT NULL
     );
     "#,
+    // 7: each fire-and-forget audit record's id (spool.rs `AuditRecord::id`), unique per host,
+    // so a record stored by a batch whose answer was lost is not chained again when shipped.
+    r#"
+    ALTER TABLE audit ADD COLUMN record_id TEXT;
+    CREATE UNIQUE INDEX audit_record_id ON audit (host_id, record_id) WHERE record_id IS NOT NULL;
+    "#,
 ];
 
 /// Applies the migrations this agent knows that the database lacks. Safe when many agents

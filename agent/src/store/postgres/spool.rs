@@ -50,16 +50,27 @@ pub struct AuditRecord {
     pub actor: String,
     pub kind: String,
     pub detail: String,
+    /// 128 random bits naming this record, stored with it (unique per host): a record written
+    /// by a batch whose commit's answer was lost, then spooled and shipped again, is refused
+    /// as already stored instead of being chained twice. `None` in records spooled before
+    /// records had ids (and if the system had no randomness).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 impl AuditRecord {
     /// `event` by `actor`, made now.
     pub fn now(actor: &str, event: &crate::store::audit::Event) -> serde_json::Result<Self> {
+        let mut raw = [0u8; 16];
+        let id = getrandom::fill(&mut raw)
+            .ok()
+            .map(|()| data_encoding::HEXLOWER.encode(&raw));
         Ok(Self {
             at: Timestamp::now().millis(),
             actor: actor.to_owned(),
             kind: event.kind().to_owned(),
             detail: event.detail()?,
+            id,
         })
     }
 }
@@ -650,6 +661,7 @@ mod tests {
                 actor: "jitgated".into(),
                 kind: "gate.detached".into(),
                 detail: format!("{{\"n\":{n}}}"),
+                id: Some(format!("id-{n}")),
             },
         }
     }

@@ -654,3 +654,67 @@ async fn batch(
     }
     tx.commit().await.map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    //! On a real PostgreSQL: shipping the same spooled audit record again (a lost commit
+    //! answer, a lost shipped mark) never chains it twice.
+
+    use super::{super::testdb::TestDb, *};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_audit_record_shipped_twice_is_stored_once() {
+        let Some(pg) = TestDb::start() else { return };
+        let db = pg.database("shiptwice");
+        let options = pg.options(&db, "host-a");
+        let dir = tempfile::tempdir().unwrap();
+        // Opened for its migrations.
+        let store = super::super::PostgresStore::open(&options, &dir.path().join("state"))
+            .await
+            .unwrap();
+        let key = AuditKey::load_or_create(dir.path()).unwrap();
+        let mut client = Connector::new(&options)
+            .unwrap()
+            .connect(None)
+            .await
+            .unwrap();
+        let event = Event::GrantExpired(crate::store::audit::GrantExpired {
+            grant: "grt_1".into(),
+        });
+        let record = AuditRecord::now("jitgated", &event).unwrap();
+        assert_eq!(record.id.as_ref().map(String::len), Some(32), "128 bits");
+        let chunk = vec![(1, Record::Audit { audit: record })];
+        let mut published = Vec::new();
+        ship_chunk(
+            &mut client,
+            "host-a",
+            &key,
+            "spool-1",
+            &chunk,
+            &mut published,
+        )
+        .await
+        .unwrap();
+        assert_eq!(published.len(), 1);
+        // The same record again, under another spool (its shipped mark lost with the file,
+        // or a batch that stored it before its commit's answer was lost).
+        let mut again = Vec::new();
+        ship_chunk(&mut client, "host-a", &key, "spool-2", &chunk, &mut again)
+            .await
+            .unwrap();
+        assert!(again.is_empty(), "not chained again: {again:?}");
+        let count = pg.admin(
+            &db,
+            "SELECT count(*) FROM audit WHERE host_id = 'host-a' AND kind = 'grant.expired'",
+        );
+        assert_eq!(count.trim(), "1");
+        // A different record (another id) is stored.
+        let other = AuditRecord::now("jitgated", &event).unwrap();
+        let chunk = vec![(2, Record::Audit { audit: other })];
+        ship_chunk(&mut client, "host-a", &key, "spool-2", &chunk, &mut again)
+            .await
+            .unwrap();
+        assert_eq!(again.len(), 1);
+        drop(store);
+    }
+}
