@@ -186,6 +186,13 @@ const MIGRATIONS: &[&str] = &[
         registered_at BIGINT NOT NULL
     );
     "#,
+    // 7 (host scopes, grants/scope.rs): where a grant may be used (`fleet` or host entries
+    // joined by `,`), and the scope a request was filed for. Nullable so that hosts not yet
+    // upgraded keep writing; a grant without one reads as scoped to its request's host.
+    r#"
+    ALTER TABLE grants ADD COLUMN hosts TEXT;
+    ALTER TABLE requests ADD COLUMN hosts TEXT;
+    "#,
 ];
 
 /// Applies the migrations this agent knows that the database lacks. Safe when many agents
