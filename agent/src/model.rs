@@ -8,7 +8,7 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::config::Access;
+use crate::{config::Access, grants::scope::HostScope};
 
 /// A point in time with millisecond precision; RFC 3339 (UTC) on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -234,6 +234,16 @@ pub struct Request {
     /// decide with fewer approvals than the request was filed under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub needs: Option<Needs>,
+    /// The host the request was filed on (a shared store reads it from the row's
+    /// `host_id`, not from what the row says of itself). `None` in records written before
+    /// hosts were kept (the embedded store's only host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Where the grant may be used, as resolved when the request was filed (the filing
+    /// host's policy, narrowed by the request). An approver's host may narrow it further,
+    /// never widen it. `None` for held statements and records from before scopes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<HostScope>,
 }
 
 /// See [`Request::needs`].
@@ -324,6 +334,10 @@ pub struct Grant {
     pub revoked_at: Option<Timestamp>,
     pub revoked_by: Option<String>,
     pub revoke_reason: Option<String>,
+    /// The hosts that may use it (see [`crate::grants::scope`]); a record without one is
+    /// usable nowhere.
+    #[serde(default)]
+    pub hosts: HostScope,
 }
 
 impl Grant {

@@ -216,6 +216,7 @@ impl Tasks {
                         reason: spec.reason.clone(),
                         for_identity: Some(spec.identity.clone()),
                         task: Some(task_id.clone()),
+                        hosts: None,
                     },
                 )
                 .await?;

@@ -288,6 +288,7 @@ approvers = ["root"]
             reason: "test".into(),
             for_identity: Some("bot".into()),
             task: None,
+            hosts: None,
         };
         self.engine
             .file(root().actor(), "bot", None, spec)

@@ -986,3 +986,181 @@ fn failover_to_a_promoted_standby_loses_no_acknowledged_decision() {
         started.elapsed()
     );
 }
+
+/// Two hosts sharing one PostgreSQL server as their store (`fleet`) and as the gated
+/// resource `orders-db` (`orders`, `hosts = "fleet"` in its policy), plus the tcp resource
+/// `echo` whose policy leaves `hosts` at its default (the requesting host). Both refuse a
+/// connection without a grant.
+fn scoped_fleet(test: &str, echo: &str) -> (servers::Postgres, Gate, Gate) {
+    let pg = servers::Postgres::start();
+    pg.admin("postgres", "CREATE DATABASE fleet");
+    pg.admin("postgres", "CREATE DATABASE orders");
+    let body = |host: &str| {
+        let body = Body::new()
+            .workload("bot", &["root"])
+            .resource_with(
+                "orders-db",
+                &format!("127.0.0.1:{}", pg.port),
+                "protocol = \"postgres\"\ndatabases = [\"orders\"]\n[resource.credentials.read]\nuser = \"postgres\"\n",
+            )
+            .resource("echo", echo)
+            .policy(
+                &["bot"],
+                &["orders-db"],
+                &["read"],
+                "name = \"orders-anywhere\"\nmax_ttl = \"1h\"\napproval = \"auto\"\nhosts = \"fleet\"",
+            )
+            .policy(
+                &["bot"],
+                &["echo"],
+                &["read"],
+                "name = \"echo-here\"\nmax_ttl = \"1h\"\napproval = \"auto\"",
+            )
+            .build();
+        format!(
+            "{body}\n[store]\nbackend = \"postgres\"\nurl = \"postgresql://postgres@127.0.0.1:{}/fleet\"\nsslmode = \"disable\"\nhost_id = \"{host}\"\n",
+            pg.port
+        )
+    };
+    let a = Gate::start(&format!("{test}-a"), "", &body("host-a"));
+    let b = Gate::start(&format!("{test}-b"), "", &body("host-b"));
+    (pg, a, b)
+}
+
+/// `SELECT 'tag'` through the gate as workload `bot` on `gate`: psql's output and errors.
+fn psql_select(gate: &Gate, pg: &servers::Postgres, tag: &str) -> jitgate_e2e::Ran {
+    let url = format!("postgres://bot:made-up@127.0.0.1:{}/orders", pg.port);
+    gate.run(
+        "bot",
+        &[],
+        &["psql", &url, "-X", "-At", "-c", &format!("SELECT '{tag}'")],
+    )
+}
+
+/// Files `args` on `gate` for `bot` as root; the grant it issued (auto policies).
+fn granted(gate: &Gate, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["request"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--for", "bot", "--json"]);
+    let out = gate.cli(&all);
+    out.assert_ok();
+    let request = out.json();
+    assert_eq!(request["status"], "approved", "{request}");
+    let id = request["grant"].as_str().unwrap().to_owned();
+    let grants = gate.cli(&["grants", "--json"]).json();
+    grants
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["id"] == id.as_str()).cloned())
+        .unwrap_or_else(|| panic!("grant {id} not listed: {grants}"))
+}
+
+/// Waits until `gate` lists grant `id` (it learns of other hosts' grants by the store's
+/// change feed).
+fn listed(gate: &Gate, id: &str) {
+    gate.wait_for("the grant listed", Duration::from_secs(5), || {
+        gate.cli(&["grants", "--json"])
+            .json()
+            .as_array()
+            .is_some_and(|l| l.iter().any(|g| g["id"] == id))
+            .then_some(())
+    });
+}
+
+/// Host scopes, hostile side first: a grant filed on A under a policy with the default scope
+/// (the requesting host) works on A; on B, a workload of the same identity is refused, and
+/// the refusal names the grant, its scope and what to do. A PostgreSQL grant narrowed to A by
+/// the request (`--hosts requesting`, within its `fleet` policy) is refused on B with an
+/// ErrorResponse (28000) naming them too; a request asking wider than policy (`--hosts fleet`
+/// for `echo`) is refused. A grant under the `fleet` policy works on both hosts.
+#[test]
+fn a_grant_scoped_to_one_host_is_refused_on_another_and_a_fleet_grant_works_on_both() {
+    jitgate_e2e::root_or_skip!();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let target = echo.addr.to_string();
+    let (pg, a, b) = scoped_fleet("fleet-scope", &target);
+
+    // echo: default scope, filed on A.
+    let grant = granted(&a, &["echo"]);
+    assert_eq!(grant["hosts"], serde_json::json!(["host-a"]), "{grant}");
+    let id = grant["id"].as_str().unwrap().to_owned();
+    let on_a = a.probe("bot", &["connect", &target]);
+    assert!(on_a.stdout.contains(BANNER), "usable on A: {on_a:#?}");
+    listed(&b, &id);
+    let shown = b.cli(&["grants"]);
+    assert!(
+        shown.stdout.contains(&id) && shown.stdout.contains("host-a"),
+        "B lists A's grant with its scope: {shown:#?}"
+    );
+    let on_b = b.probe("bot", &["connect", &target]);
+    assert!(!on_b.stdout.contains(BANNER), "not usable on B: {on_b:#?}");
+    let refusal = b.wait_for("B's refusal recorded", Duration::from_secs(5), || {
+        b.cli(&["sessions", "--all", "--json"])
+            .json()
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["resource"] == "echo").cloned())
+    });
+    assert_eq!(refusal["outcome"], "refused_no_grant", "{refusal}");
+    let why = refusal["detail"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&id)
+            && why.contains("scoped to hosts host-a")
+            && why.contains("this host is host-b")
+            && why.contains("jitgate request echo --access read"),
+        "{refusal}"
+    );
+    // The grant's audit record says where it may be used.
+    let issued = a.cli(&["audit", "--json"]).json();
+    let record = issued
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["kind"] == "grant.issued").cloned())
+        .expect("grant.issued");
+    assert_eq!(
+        record["detail"]["hosts"],
+        serde_json::json!(["host-a"]),
+        "{record}"
+    );
+
+    // A request may narrow, never widen: `echo` asked for the fleet is refused.
+    let wider = a.cli(&["request", "echo", "--for", "bot", "--hosts", "fleet"]);
+    assert_ne!(wider.code, 0, "{wider:#?}");
+    assert!(
+        wider.stderr.contains("policy echo-here") && wider.stderr.contains("not on fleet"),
+        "{wider:#?}"
+    );
+
+    // orders-db narrowed to A: works on A, an ErrorResponse on B naming grant and scope.
+    let narrow = granted(&a, &["orders-db", "--hosts", "requesting"]);
+    assert_eq!(narrow["hosts"], serde_json::json!(["host-a"]), "{narrow}");
+    let narrow_id = narrow["id"].as_str().unwrap().to_owned();
+    let ok = psql_select(&a, &pg, "scoped-to-a");
+    assert!(ok.stdout.contains("scoped-to-a"), "{ok:#?}");
+    listed(&b, &narrow_id);
+    let refused = psql_select(&b, &pg, "scoped-to-a");
+    assert!(!refused.stdout.contains("scoped-to-a"), "{refused:#?}");
+    assert!(
+        refused.stderr.contains("28000")
+            || refused.stderr.contains("has no read grant for orders-db"),
+        "{refused:#?}"
+    );
+    assert!(
+        refused.stderr.contains(&narrow_id) && refused.stderr.contains("scoped to hosts host-a"),
+        "the error names the grant and its scope: {refused:#?}"
+    );
+    assert!(
+        refused
+            .stderr
+            .contains("HINT:  jitgate request orders-db --access read"),
+        "{refused:#?}"
+    );
+    a.cli(&["revoke", &narrow_id]).assert_ok();
+
+    // orders-db under its fleet policy: one grant, usable on both hosts.
+    let fleet = granted(&a, &["orders-db"]);
+    assert_eq!(fleet["hosts"], "fleet", "{fleet}");
+    let fleet_id = fleet["id"].as_str().unwrap().to_owned();
+    let on_a = psql_select(&a, &pg, "fleet-on-a");
+    assert!(on_a.stdout.contains("fleet-on-a"), "{on_a:#?}");
+    listed(&b, &fleet_id);
+    let on_b = psql_select(&b, &pg, "fleet-on-b");
+    assert!(on_b.stdout.contains("fleet-on-b"), "{on_b:#?}");
+}

@@ -18,7 +18,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    config::{Access, Config, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET},
+    config::{Access, Config, DEFAULT_CONFIG_PATH, DEFAULT_SOCKET, HostsSpec},
     control::{
         api::{Call, ErrorCode, StatusReport},
         client::{Client, ClientError},
@@ -65,6 +65,11 @@ enum Command {
         /// The workload identity the access is for (operators only).
         #[arg(long = "for", value_name = "IDENTITY")]
         for_identity: Option<String>,
+        /// Where the grant may be used in a fleet: `requesting` (this host), `fleet`, or
+        /// host_ids separated by commas (`ci-*` matches every host_id starting with `ci-`).
+        /// Within what policy allows [default: what the policy says]
+        #[arg(long, value_name = "HOSTS", value_parser = parse_hosts)]
+        hosts: Option<HostsSpec>,
         /// Wait for the decision (exit 0 approved, 4 denied, 7 still pending).
         #[arg(long)]
         wait: bool,
@@ -214,6 +219,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 15m or 1h: {e}"))
 }
 
+fn parse_hosts(s: &str) -> Result<HostsSpec, String> {
+    HostsSpec::parse(s)
+}
+
 fn parse_access(s: &str) -> Result<Access, String> {
     s.parse()
 }
@@ -321,6 +330,7 @@ fn grant_rows(grants: &[Grant]) -> Vec<Vec<String>> {
                 g.status(now).to_string(),
                 output::relative(g.expires_at),
                 g.approved_by.clone(),
+                g.hosts.to_string(),
             ]
         })
         .collect()
@@ -331,12 +341,16 @@ pub(crate) fn describe_request(q: &Request) -> (String, u8) {
     match q.status {
         RequestStatus::Approved => (
             format!(
-                "request {} approved: {} has {} access to {} (grant {})",
+                "request {} approved: {} has {} access to {} (grant {}{})",
                 q.id,
                 q.identity,
                 q.access,
                 q.resource,
-                q.grant.as_deref().unwrap_or("?")
+                q.grant.as_deref().unwrap_or("?"),
+                q.hosts
+                    .as_ref()
+                    .map(|h| format!(", usable on {h}"))
+                    .unwrap_or_default()
             ),
             0,
         ),
@@ -384,6 +398,7 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
             ttl,
             reason,
             for_identity,
+            hosts,
             wait,
             wait_timeout,
             json,
@@ -395,6 +410,7 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                 ttl_secs: ttl.map(|t| t.as_secs()),
                 reason: reason.clone(),
                 for_identity: for_identity.clone(),
+                hosts: hosts.clone(),
             })?;
             if *wait && request.status == RequestStatus::Pending {
                 eprintln!(
@@ -535,6 +551,7 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                         "status",
                         "expires",
                         "approved by",
+                        "hosts",
                     ],
                     &grant_rows(&grants),
                 );

@@ -28,6 +28,7 @@ use toml::{
 };
 
 pub use self::address::{NetPorts, PortRange, Target};
+pub use crate::grants::scope::HostsSpec;
 
 /// Where the daemon and the CLI look for the config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/jitgate/jitgate.toml";
@@ -308,6 +309,17 @@ pub enum StoreConfig {
     Postgres(crate::store::postgres::PostgresOptions),
 }
 
+impl StoreConfig {
+    /// This host's name in grant scopes: the fleet's `host_id`, or
+    /// [`crate::grants::scope::LOCAL_HOST`] for the embedded store (the only host).
+    pub fn host_id(&self) -> &str {
+        match self {
+            Self::Sqlite => crate::grants::scope::LOCAL_HOST,
+            Self::Postgres(o) => &o.host_id,
+        }
+    }
+}
+
 /// Where `host_id` comes from when `[store]` does not set it.
 const MACHINE_ID: &str = "/etc/machine-id";
 
@@ -498,6 +510,9 @@ pub struct Policy {
     pub step_up: StepUp,
     /// How much a grant under this policy may take ([`GrantLimits`]).
     pub limits: GrantLimits,
+    /// Where a grant under this policy may be used (`hosts`; default: the host the request
+    /// was filed on). See [`crate::grants::scope`].
+    pub hosts: HostsSpec,
 }
 
 impl Policy {
@@ -549,6 +564,7 @@ impl Config {
             text,
             path,
             errors: Vec::new(),
+            sqlite_store: false,
         };
         let config = v.config(path, raw);
         match v.errors.into_iter().next() {
@@ -701,6 +717,16 @@ struct RawPolicy {
     approval_max_age: Option<S<String>>,
     approval_acr: Option<S<Vec<String>>>,
     limits: Option<S<limits::RawLimits>>,
+    /// `"requesting"` (the default), `"fleet"`, or a list of hosts.
+    hosts: Option<S<RawHosts>>,
+}
+
+/// A policy's `hosts`: one word or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawHosts {
+    Word(String),
+    List(Vec<String>),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -710,6 +736,9 @@ struct Validator<'a> {
     text: &'a str,
     path: &'a Path,
     errors: Vec<ConfigError>,
+    /// The store is the embedded one (set before policies are read): host lists mean
+    /// nothing on a single host.
+    sqlite_store: bool,
 }
 
 /// Names of identities and resources end up in cgroup paths and CLI arguments: keep them
@@ -810,6 +839,7 @@ impl Validator<'_> {
     fn config(&mut self, path: &Path, raw: RawConfig) -> Config {
         let mut daemon = self.daemon(raw.daemon);
         daemon.store = self.store(raw.store);
+        self.sqlite_store = daemon.store == StoreConfig::Sqlite;
         let workloads = self.workloads(&daemon, raw.workload);
         let resources = self.resources(&daemon);
         let policies = self.policies(&workloads, &resources, raw.policy);
@@ -1715,7 +1745,45 @@ impl Validator<'_> {
                     })
                 }
             };
+            let hosts = match p.hosts {
+                None => HostsSpec::Requesting,
+                Some(raw) => {
+                    let span = raw.span();
+                    match raw.into_inner() {
+                        RawHosts::Word(w) if w == "requesting" => HostsSpec::Requesting,
+                        RawHosts::Word(w) if w == "fleet" => HostsSpec::Fleet,
+                        RawHosts::Word(w) => {
+                            self.fail(
+                                span,
+                                format!("policy.hosts: `{w}` is not a scope: write \"requesting\" (the default: the host the request is filed on), \"fleet\", or a list of host_ids such as [\"db-runner-1\", \"ci-*\"]"),
+                            );
+                            HostsSpec::Requesting
+                        }
+                        RawHosts::List(list) => {
+                            if list.is_empty() {
+                                self.fail(
+                                    span.clone(),
+                                    "policy.hosts: an empty list lets no host use a grant; name hosts, or write \"requesting\" or \"fleet\"",
+                                );
+                            }
+                            for e in &list {
+                                if let Err(e) = crate::grants::scope::check_entry(e) {
+                                    self.fail(span.clone(), format!("policy.hosts: {e}"));
+                                }
+                            }
+                            if self.sqlite_store {
+                                self.fail(
+                                    span,
+                                    "policy.hosts: a list of hosts needs a fleet ([store] backend = \"postgres\"); with the embedded store this is the only host: remove hosts or write \"requesting\"",
+                                );
+                            }
+                            HostsSpec::List(list)
+                        }
+                    }
+                }
+            };
             out.push(Policy {
+                hosts,
                 name,
                 identities: p.identities.into_inner(),
                 resources: p.resources.into_inner(),
@@ -2115,6 +2183,54 @@ approvers = ["alice", "group:dba"]
         ))
         .unwrap_err();
         assert!(e.to_string().contains("need approval = \"manual\""), "{e}");
+    }
+
+    #[test]
+    fn policy_hosts_default_to_the_requesting_host() {
+        use crate::grants::scope::HostsSpec;
+        assert_eq!(
+            parse(SAMPLE).unwrap().policies[0].hosts,
+            HostsSpec::Requesting
+        );
+        assert_eq!(parse(SAMPLE).unwrap().daemon.store.host_id(), "local");
+        let with = |hosts: &str| {
+            SAMPLE.replace(
+                "max_ttl = \"1h\"",
+                &format!("max_ttl = \"1h\"\nhosts = {hosts}"),
+            )
+        };
+        let fleet = "\n[store]\nbackend = \"postgres\"\nurl = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\nhost_id = \"host-a\"\n";
+        assert_eq!(
+            parse(&with("\"fleet\"")).unwrap().policies[0].hosts,
+            HostsSpec::Fleet
+        );
+        assert_eq!(
+            parse(&with("\"requesting\"")).unwrap().policies[0].hosts,
+            HostsSpec::Requesting
+        );
+        let c = parse(&(with("[\"db-runner-1\", \"ci-*\"]") + fleet)).unwrap();
+        assert_eq!(
+            c.policies[0].hosts,
+            HostsSpec::List(vec!["db-runner-1".into(), "ci-*".into()])
+        );
+        assert_eq!(c.daemon.store.host_id(), "host-a");
+        for (hosts, want) in [
+            (
+                "\"everywhere\"",
+                "test.toml:23: policy.hosts: `everywhere` is not a scope",
+            ),
+            ("[]", "an empty list lets no host use a grant"),
+            ("[\"*\"]", "write hosts = \"fleet\""),
+            ("[\"c*i\"]", "`c*i` is not a host"),
+            ("[\"Web-1\"]", "`Web-1` is not a host"),
+            ("[\"fleet\"]", "a scope of its own"),
+        ] {
+            let e = error_of(&(with(hosts) + fleet));
+            assert!(e.contains(want), "{hosts}: {e}");
+        }
+        // One host (the embedded store): a host list means nothing, and says so.
+        let e = error_of(&with("[\"db-runner-1\"]"));
+        assert!(e.contains("a list of hosts needs a fleet"), "{e}");
     }
 
     #[test]

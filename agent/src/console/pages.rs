@@ -272,13 +272,14 @@ pub fn overview(
     for g in grants {
         let _ = write!(
             b,
-            r#"<section class="card grant" id="{id}" data-grant="{id}"><dl><dt>Grant</dt><dd><code>{id}</code></dd><dt>Resource</dt><dd>{resource}</dd><dt>Access</dt><dd>{access}</dd><dt>Identity</dt><dd>{identity}</dd><dt>Task</dt><dd>{task}</dd><dt>Approved by</dt><dd>{by}</dd><dt>Expires in</dt><dd>{left}</dd></dl><form class="inline" method="post" action="/revoke">{csrf_field}<input type="hidden" name="id" value="{id}"><input type="text" name="reason" placeholder="reason (optional)" aria-label="Reason"><button class="deny" type="submit">Revoke</button></form></section>"#,
+            r#"<section class="card grant" id="{id}" data-grant="{id}"><dl><dt>Grant</dt><dd><code>{id}</code></dd><dt>Resource</dt><dd>{resource}</dd><dt>Access</dt><dd>{access}</dd><dt>Identity</dt><dd>{identity}</dd><dt>Task</dt><dd>{task}</dd><dt>Approved by</dt><dd>{by}</dd><dt>Hosts</dt><dd>{hosts}</dd><dt>Expires in</dt><dd>{left}</dd></dl><form class="inline" method="post" action="/revoke">{csrf_field}<input type="hidden" name="id" value="{id}"><input type="text" name="reason" placeholder="reason (optional)" aria-label="Reason"><button class="deny" type="submit">Revoke</button></form></section>"#,
             id = esc(&g.id),
             resource = show(&g.resource),
             access = esc(g.access.as_str()),
             identity = show(&g.identity),
             task = show(g.task.as_deref().unwrap_or("-")),
             by = show(&g.approved_by),
+            hosts = show(&g.hosts.to_string()),
             left = age(now, g.expires_at),
         );
     }

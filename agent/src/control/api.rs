@@ -20,6 +20,9 @@ pub enum Call {
         #[serde(default)]
         reason: String,
         for_identity: Option<String>,
+        /// Where the grant may be used (`--hosts`): within what policy allows.
+        #[serde(default)]
+        hosts: Option<crate::grants::scope::HostsSpec>,
     },
     /// Waits for a request's decision (at most `timeout_secs`).
     Wait {

@@ -156,6 +156,7 @@ async fn dispatch(service: &ControlService, caller: &Caller, call: Call) -> Repl
             ttl_secs,
             reason,
             for_identity,
+            hosts,
         } => reply(
             service
                 .request(
@@ -167,6 +168,7 @@ async fn dispatch(service: &ControlService, caller: &Caller, call: Call) -> Repl
                         reason,
                         for_identity,
                         task: None,
+                        hosts,
                     },
                 )
                 .await,

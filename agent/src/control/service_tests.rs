@@ -223,6 +223,7 @@ fn ask(identity: Option<&str>) -> RequestSpec {
         reason: "test".into(),
         for_identity: identity.map(str::to_owned),
         task: None,
+        hosts: None,
     }
 }
 

@@ -7,6 +7,7 @@
 //! sweeper's tick.
 
 pub mod policy;
+pub mod scope;
 
 use std::{
     collections::HashMap,
@@ -20,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Access, SharedConfig},
+    grants::scope::{HostScope, HostsSpec},
     identity::{self, Attribution, Caller},
     ids,
     model::{Actor, Approval, Grant, Needs, Request, RequestStatus, Timestamp, human_duration},
@@ -129,6 +131,9 @@ pub struct RequestSpec {
     pub for_identity: Option<String>,
     /// Bind the grant to this task (set by `jitgate run`).
     pub task: Option<String>,
+    /// Where the grant may be used (`--hosts`); `None`: what the policy says. A request may
+    /// narrow its policy's scope, never widen it.
+    pub hosts: Option<HostsSpec>,
 }
 
 #[derive(Clone)]
@@ -145,6 +150,12 @@ struct Inner {
     lease: Mutex<Lease>,
     config: SharedConfig,
     live: RwLock<HashMap<String, LiveGrant>>,
+    /// Live grants of the fleet scoped to other hosts: listed, revocable and named in
+    /// refusals here, never usable here (no state channel, never read by [`GrantEngine::find`]).
+    elsewhere: RwLock<HashMap<String, Grant>>,
+    /// This host's `host_id` (see [`crate::config::StoreConfig::host_id`]): fixed for the
+    /// agent's lifetime, like the store.
+    host: String,
     waiters: Mutex<HashMap<String, watch::Sender<RequestStatus>>>,
 }
 
@@ -197,14 +208,25 @@ impl GrantEngine {
             },
             _ => Lease::default(),
         };
-        let live = grants
+        let host = config.get().daemon.store.host_id().to_owned();
+        let (here, there): (Vec<Grant>, Vec<Grant>) =
+            grants.into_iter().partition(|g| g.hosts.allows(&host));
+        let live = here
             .into_iter()
             .map(|g| {
                 let (state, _) = watch::channel(GrantState::Active);
                 (g.id.clone(), LiveGrant { grant: g, state })
             })
             .collect::<HashMap<_, _>>();
-        info!(grants = live.len(), "restored live grants");
+        let elsewhere = there
+            .into_iter()
+            .map(|g| (g.id.clone(), g))
+            .collect::<HashMap<_, _>>();
+        info!(
+            grants = live.len(),
+            elsewhere = elsewhere.len(),
+            "restored live grants"
+        );
         let engine = Self {
             inner: Arc::new(Inner {
                 store,
@@ -212,6 +234,8 @@ impl GrantEngine {
                 lease: Mutex::new(lease),
                 config,
                 live: RwLock::new(live),
+                elsewhere: RwLock::new(elsewhere),
+                host,
                 waiters: Mutex::new(HashMap::new()),
             }),
         };
@@ -275,6 +299,16 @@ impl GrantEngine {
                 if grant.expires_at <= Timestamp::now() || grant.revoked_at.is_some() {
                     return;
                 }
+                if !grant.hosts.allows(&self.inner.host) {
+                    // Another host's grant: known here, never usable here.
+                    self.inner
+                        .elsewhere
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .entry(grant.id.clone())
+                        .or_insert(*grant);
+                    return;
+                }
                 let mut live = self
                     .inner
                     .live
@@ -300,6 +334,11 @@ impl GrantEngine {
 
     /// Ends a live grant here without writing anything (the store already recorded it).
     fn drop_live(&self, id: &str, state: GrantState) {
+        self.inner
+            .elsewhere
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
         if let Some(l) = self
             .inner
             .live
@@ -423,6 +462,11 @@ impl GrantEngine {
         for id in gone {
             self.drop_live(&id, GrantState::Revoked);
         }
+        self.inner
+            .elsewhere
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|id, _| keep.contains(id.as_str()));
         for g in stored {
             self.apply(GrantChange::Issued(Box::new(g)));
         }
@@ -452,6 +496,7 @@ impl GrantEngine {
                     && g.access >= access
                     && g.expires_at > now
                     && g.task.as_deref().is_none_or(|t| Some(t) == task)
+                    && g.hosts.allows(&self.inner.host)
                     && *l.state.borrow() == GrantState::Active
             })
             .max_by_key(|l| l.grant.expires_at)
@@ -461,6 +506,37 @@ impl GrantEngine {
                 expires_at: l.grant.expires_at,
                 state: l.state.subscribe(),
             })
+    }
+
+    /// A live grant that would cover `identity` (from `task`) on `resource` at `access` but is
+    /// scoped to other hosts: what a refusal here names (the grant is never usable here).
+    pub fn scoped_elsewhere(
+        &self,
+        identity: &str,
+        task: Option<&str>,
+        resource: &str,
+        access: Access,
+    ) -> Option<Grant> {
+        let now = Timestamp::now();
+        self.inner
+            .elsewhere
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|g| {
+                g.identity == identity
+                    && g.resource == resource
+                    && g.access >= access
+                    && g.expires_at > now
+                    && g.task.as_deref().is_none_or(|t| Some(t) == task)
+            })
+            .max_by_key(|g| g.expires_at)
+            .cloned()
+    }
+
+    /// This host's name in grant scopes.
+    pub fn host(&self) -> &str {
+        &self.inner.host
     }
 
     /// Files a request by `actor` for `identity` (from `task`). Who may ask for whom is the
@@ -496,6 +572,7 @@ impl GrantEngine {
             reason: "connection held until a decision".into(),
             for_identity: None,
             task: None,
+            hosts: None,
         };
         let actor = Actor {
             uid,
@@ -531,7 +608,7 @@ impl GrantEngine {
         });
         let verdict = policy::evaluate(config, identity, &resource, access, ttl);
         let label = actor_label(&actor);
-        if let policy::Verdict::Refused { reason } = &verdict {
+        let refuse = |reason: String| {
             let event = Event::RequestRefused(RequestRefused {
                 identity: identity.to_owned(),
                 resource: resource.clone(),
@@ -540,9 +617,31 @@ impl GrantEngine {
                 task: task.map(str::to_owned),
                 reason: reason.clone(),
             });
-            self.inner.store.append_audit(label, event).await?;
-            return Err(EngineError::Refused(reason.clone()));
-        }
+            let store = self.inner.store.clone();
+            let label = label.clone();
+            async move {
+                store.append_audit(label, event).await?;
+                Err::<Request, _>(EngineError::Refused(reason))
+            }
+        };
+        let policy_name = match &verdict {
+            policy::Verdict::Refused { reason } => return refuse(reason.clone()).await,
+            policy::Verdict::Auto { policy } | policy::Verdict::Manual { policy, .. } => {
+                policy.clone()
+            }
+        };
+        let hosts = match self.scope_of_request(
+            config,
+            &policy_name,
+            identity,
+            &resource,
+            access,
+            task,
+            spec.hosts.as_ref(),
+        ) {
+            Ok(hosts) => hosts,
+            Err(reason) => return refuse(reason).await,
+        };
 
         // One pending request per (identity, task, resource, access): asking again (or
         // connecting again while held) joins the request already waiting.
@@ -561,12 +660,6 @@ impl GrantEngine {
         }
 
         let now = Timestamp::now();
-        let policy_name = match &verdict {
-            policy::Verdict::Auto { policy } | policy::Verdict::Manual { policy, .. } => {
-                policy.clone()
-            }
-            policy::Verdict::Refused { .. } => unreachable!("handled above"),
-        };
         let mut request = Request {
             id: ids::new(ids::Kind::Request),
             identity: identity.to_owned(),
@@ -587,9 +680,12 @@ impl GrantEngine {
             statement: None,
             session: None,
             needs: needs_of(config, identity, &resource, access),
+            host: Some(self.inner.host.clone()),
+            hosts: Some(hosts.clone()),
         };
         if matches!(verdict, policy::Verdict::Auto { .. }) {
-            let grant = self.new_grant(&request, ttl, format!("auto (policy {policy_name})"));
+            let grant =
+                self.new_grant(&request, ttl, format!("auto (policy {policy_name})"), hosts);
             request.status = RequestStatus::Approved;
             request.decided_at = Some(now);
             request.decision_reason = Some(format!("auto-approved by policy {policy_name}"));
@@ -622,7 +718,61 @@ impl GrantEngine {
         Ok(())
     }
 
-    fn new_grant(&self, request: &Request, ttl: Duration, approved_by: String) -> Grant {
+    /// Where a grant for this request may be used, as filed here: the scope of `policy`
+    /// (the one the request is filed under) from this host, narrowed by what the request
+    /// asks (`asked`, which may not widen it), and by the task for a task-bound grant (a task
+    /// runs on one host). `Err` says why the request is refused.
+    #[expect(clippy::too_many_arguments, reason = "the facts of a request")]
+    fn scope_of_request(
+        &self,
+        config: &crate::config::Config,
+        policy: &str,
+        identity: &str,
+        resource: &str,
+        access: Access,
+        task: Option<&str>,
+        asked: Option<&HostsSpec>,
+    ) -> Result<HostScope, String> {
+        let host = self.inner.host.as_str();
+        let spec = policy::hosts_of(config, policy, identity, resource, access);
+        let allowed = spec.resolve(host);
+        let mut scope = match asked {
+            None => allowed.clone(),
+            Some(asked) => {
+                let asked = asked.resolve(host);
+                if !allowed.contains(&asked) {
+                    return Err(format!(
+                        "policy {policy} lets grants of {identity} on {resource} be used on {} (hosts = \"{spec}\"), not on {asked}; ask for those hosts or fewer (--hosts requesting for this host, {host})",
+                        describe(&allowed, host),
+                    ));
+                }
+                asked
+            }
+        };
+        if task.is_some() {
+            scope = scope.intersect(&HostScope::Hosts(vec![host.to_owned()]));
+        }
+        if scope.is_empty() {
+            return Err(format!(
+                "a grant to {identity} on {resource} under policy {policy} would be usable on no host: the policy scopes it to {}{}, which leaves out this host ({host}); ask from one of those hosts, or have the operator add {host} to the policy's hosts",
+                describe(&allowed, host),
+                if task.is_some() {
+                    " and a task-bound grant is usable only on its task's host"
+                } else {
+                    ""
+                },
+            ));
+        }
+        Ok(scope)
+    }
+
+    fn new_grant(
+        &self,
+        request: &Request,
+        ttl: Duration,
+        approved_by: String,
+        hosts: HostScope,
+    ) -> Grant {
         let now = Timestamp::now();
         Grant {
             id: ids::new(ids::Kind::Grant),
@@ -639,10 +789,20 @@ impl GrantEngine {
             revoked_at: None,
             revoked_by: None,
             revoke_reason: None,
+            hosts,
         }
     }
 
     fn activate(&self, grant: Grant) {
+        if !grant.hosts.allows(&self.inner.host) {
+            // Approved here for another host: known here, usable only there.
+            self.inner
+                .elsewhere
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(grant.id.clone(), grant);
+            return;
+        }
         // The store's change feed may have put it in first: keep that entry, whose state
         // channel sessions may already hold.
         self.inner
@@ -703,6 +863,8 @@ impl GrantEngine {
             statement: Some(statement.to_owned()),
             session: Some(session.to_owned()),
             needs: needs_of(&config, &workload.identity, resource, access),
+            host: Some(self.inner.host.clone()),
+            hosts: None,
         };
         self.file_pending(&request, actor_label(&actor)).await?;
         info!(request = %request.id, identity = %workload.identity, resource, rule, "statement held for approval");
@@ -832,6 +994,47 @@ impl GrantEngine {
         Ok(Recorded::Last { now, ttl })
     }
 
+    /// Where the grant approving `request` may be used: what it was filed for (its host's
+    /// policy, narrowed by the request), narrowed again by this host's policy seen from the
+    /// requesting host (hosts may run different policies during a rollout; the stricter
+    /// wins), and to the requesting host for a task-bound grant.
+    fn scope_of_approval(
+        &self,
+        config: &crate::config::Config,
+        request: &Request,
+    ) -> Result<HostScope, EngineError> {
+        // A request without a host is from before hosts were kept: the embedded store's
+        // (the only host) or this host's view of it.
+        let requesting = request.host.as_deref().unwrap_or(&self.inner.host);
+        let here = policy::hosts_of(
+            config,
+            &request.policy,
+            &request.identity,
+            &request.resource,
+            request.access,
+        )
+        .resolve(requesting);
+        let mut scope = match &request.hosts {
+            Some(filed) => filed.intersect(&here),
+            None => here,
+        };
+        if request.task.is_some() {
+            scope = scope.intersect(&HostScope::Hosts(vec![requesting.to_owned()]));
+        }
+        if scope.is_empty() {
+            return Err(EngineError::Invalid(format!(
+                "request {} was filed on {requesting} for use on {}, and this host's policy allows none of those hosts; approve it on a host whose policy {} allows them, or deny it",
+                request.id,
+                request
+                    .hosts
+                    .as_ref()
+                    .map_or_else(|| requesting.to_owned(), ToString::to_string),
+                request.policy
+            )));
+        }
+        Ok(scope)
+    }
+
     /// Request `id` if it still waits for a decision; else why not.
     pub async fn pending(&self, id: &str) -> Result<Request, EngineError> {
         let request = self
@@ -900,8 +1103,9 @@ impl GrantEngine {
                 ttl = agreed;
             }
         }
+        let hosts = self.scope_of_approval(&config, &request)?;
         let approver = caller.actor();
-        let grant = self.new_grant(&request, ttl, approved_by);
+        let grant = self.new_grant(&request, ttl, approved_by, hosts);
         let approval = GrantApproval {
             grant: grant.clone(),
             actor: actor_label(&approver),
@@ -974,6 +1178,19 @@ impl GrantEngine {
         if let Some(grant) = grant {
             return Ok(grant);
         }
+        // Scoped to other hosts: revocable from anywhere in the fleet.
+        let there = self
+            .inner
+            .elsewhere
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned();
+        if let Some(grant) = there
+            && grant.expires_at > Timestamp::now()
+        {
+            return Ok(grant);
+        }
         let stored = self.inner.store.grant(id.to_owned()).await?;
         Err(match stored {
             Some(g) => EngineError::Conflict(format!(
@@ -1028,6 +1245,11 @@ impl GrantEngine {
             }
             _ => store.expire_grant(id.to_owned()).await?,
         }
+        self.inner
+            .elsewhere
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
         if let Some(l) = self
             .inner
             .live
@@ -1042,6 +1264,13 @@ impl GrantEngine {
 
     async fn expire_due(&self) {
         let now = Timestamp::now();
+        // Another host's grants are expired (and recorded) by that host; here they are only
+        // forgotten.
+        self.inner
+            .elsewhere
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, g| g.expires_at > now);
         let due: Vec<String> = self
             .inner
             .live
@@ -1230,6 +1459,16 @@ impl GrantEngine {
                 .values()
                 .map(|l| l.grant.clone())
                 .collect();
+            let now = Timestamp::now();
+            live.extend(
+                self.inner
+                    .elsewhere
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .values()
+                    .filter(|g| g.expires_at > now)
+                    .cloned(),
+            );
             live.sort_by_key(|g| g.created_at);
             live
         };
@@ -1242,6 +1481,16 @@ impl GrantEngine {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+}
+
+/// A scope for people, with this host named as such: `host-a (this host)`, `fleet`.
+pub fn describe(scope: &HostScope, this_host: &str) -> String {
+    match scope {
+        HostScope::Hosts(e) if e.len() == 1 && e[0] == this_host => {
+            format!("{this_host} (this host)")
+        }
+        other => other.to_string(),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::{
-    config::{Access, Approval, Config, Policy, Principal},
+    config::{Access, Approval, Config, HostsSpec, Policy, Principal},
     model::human_duration,
 };
 
@@ -103,6 +103,24 @@ pub fn evaluate(
         policy: fitting[0].name.clone(),
         approvers,
     }
+}
+
+/// Where grants under policy `name` for this request may be used: its `hosts`, when a policy
+/// of that name covers the request; else (the policy was renamed or removed, or another
+/// host's policy filed it) the narrowest scope, the requesting host.
+pub fn hosts_of<'a>(
+    config: &'a Config,
+    name: &str,
+    identity: &str,
+    resource: &str,
+    access: Access,
+) -> &'a HostsSpec {
+    static REQUESTING: HostsSpec = HostsSpec::Requesting;
+    config
+        .policies
+        .iter()
+        .find(|p| p.name == name && p.covers(identity, resource, access))
+        .map_or(&REQUESTING, |p| &p.hosts)
 }
 
 /// The longest ttl any policy allows for this request (to cap an approver's `--ttl`).

@@ -4,7 +4,10 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{EngineError, GrantEngine, GrantState, RequestSpec};
+use super::{
+    EngineError, GrantEngine, GrantState, RequestSpec,
+    scope::{HostScope, HostsSpec},
+};
 use crate::{
     config::{Access, Config, SharedConfig},
     identity::{Attribution, Caller},
@@ -112,6 +115,7 @@ fn spec(resource: &str) -> RequestSpec {
         reason: "deploy".into(),
         for_identity: None,
         task: None,
+        hosts: None,
     }
 }
 
@@ -529,4 +533,315 @@ async fn several_approvers_from_different_people() {
         "{kinds:?}"
     );
     shutdown.cancel();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host scopes: two engines sharing one store are two hosts of a fleet.
+
+/// A fleet host's config: `db` policies as `db_hosts` says (`""`: the default).
+fn fleet_config(host: &str, db_hosts: &str) -> Config {
+    let text = format!(
+        r#"
+[daemon]
+state_dir = "/tmp/jg-engine-test"
+egress = "deny"
+
+[store]
+backend = "postgres"
+url = "postgresql://jg@db.test/jitgate"
+sslmode = "disable"
+host_id = "{host}"
+
+[[workload]]
+identity = "ci-bot"
+launchers = ["4100"]
+
+[[resource]]
+name = "orders-db"
+protocol = "tcp"
+address = "10.0.0.5:5432"
+
+[[resource]]
+name = "cache"
+protocol = "tcp"
+address = "10.0.0.6:6379"
+
+[[resource]]
+name = "web"
+protocol = "tcp"
+address = "10.0.0.7:443"
+
+[[policy]]
+name = "dba-approves"
+identities = ["ci-bot"]
+resources = ["orders-db"]
+access = ["read"]
+max_ttl = "1h"
+approval = "manual"
+approvers = ["4200"]
+{db_hosts}
+
+[[policy]]
+name = "cache-fleet"
+identities = ["ci-bot"]
+resources = ["cache"]
+access = ["read"]
+max_ttl = "10m"
+approval = "auto"
+hosts = "fleet"
+
+[[policy]]
+name = "web-some"
+identities = ["ci-bot"]
+resources = ["web"]
+access = ["read"]
+max_ttl = "10m"
+approval = "auto"
+hosts = ["host-a", "ci-*"]
+"#
+    );
+    Config::from_toml(Path::new("fleet.toml"), &text).unwrap()
+}
+
+async fn fleet_engine(
+    store: &Arc<MemoryStore>,
+    config: Config,
+    shutdown: &CancellationToken,
+) -> GrantEngine {
+    let shared: SharedStore = store.clone();
+    GrantEngine::start(shared, SharedConfig::new(config), shutdown.clone())
+        .await
+        .unwrap()
+}
+
+/// Waits (briefly) until `cond` holds: other hosts hear of grants through the store's
+/// change feed, on their own task.
+async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..100 {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+fn scope(entries: &[&str]) -> HostScope {
+    HostScope::Hosts(entries.iter().map(|e| (*e).to_owned()).collect())
+}
+
+#[tokio::test]
+async fn a_grant_is_scoped_to_the_requesting_host_and_refused_elsewhere() {
+    let store = Arc::new(MemoryStore::default());
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let a = fleet_engine(&store, fleet_config("host-a", ""), &shutdown).await;
+    let b = fleet_engine(&store, fleet_config("host-b", ""), &shutdown).await;
+
+    // Filed on A, approved on B: the grant is A's, as A's request says.
+    let q = file(&a, &workload(None), spec("orders-db")).await.unwrap();
+    assert_eq!(q.host.as_deref(), Some("host-a"));
+    assert_eq!(q.hosts, Some(scope(&["host-a"])));
+    let approved = b
+        .approve(&user(4200), b.pending(&q.id).await.unwrap(), None)
+        .await
+        .unwrap();
+    let grant = approved.grant.unwrap();
+    assert_eq!(grant.hosts, scope(&["host-a"]));
+
+    assert!(
+        eventually(|| a.find("ci-bot", None, "orders-db", Access::Read).is_some()).await,
+        "the requesting host uses it"
+    );
+    // B approved it and heard of it, yet never lets a session ride on it; a refusal there
+    // names it.
+    assert!(b.find("ci-bot", None, "orders-db", Access::Read).is_none());
+    assert_eq!(b.live_count(), 0, "not in B's live set");
+    let named = b
+        .scoped_elsewhere("ci-bot", None, "orders-db", Access::Read)
+        .unwrap();
+    assert_eq!(named.id, grant.id);
+    assert!(
+        a.scoped_elsewhere("ci-bot", None, "orders-db", Access::Read)
+            .is_none()
+    );
+    // Listed on both hosts with its scope.
+    let listed = b.grants(false).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].hosts, scope(&["host-a"]));
+
+    // A host that starts later loads it as another host's, not as its own.
+    let c = fleet_engine(&store, fleet_config("host-b", ""), &shutdown).await;
+    assert!(c.find("ci-bot", None, "orders-db", Access::Read).is_none());
+    assert!(
+        c.scoped_elsewhere("ci-bot", None, "orders-db", Access::Read)
+            .is_some()
+    );
+
+    // The audit record of the grant says where it may be used.
+    let issued = store
+        .audit_log(None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.kind == "grant.issued")
+        .unwrap();
+    assert_eq!(
+        issued.detail["hosts"],
+        serde_json::json!(["host-a"]),
+        "{}",
+        issued.detail
+    );
+
+    // B may revoke it (revocation works fleet-wide); A's sessions end.
+    let live = b.live_grant(&grant.id).await.unwrap();
+    let state = a
+        .find("ci-bot", None, "orders-db", Access::Read)
+        .unwrap()
+        .state;
+    b.revoke(&user(4200), live, None).await.unwrap();
+    assert!(eventually(|| *state.borrow() == GrantState::Revoked).await);
+    assert!(
+        eventually(|| b
+            .scoped_elsewhere("ci-bot", None, "orders-db", Access::Read)
+            .is_none())
+        .await
+    );
+}
+
+#[tokio::test]
+async fn fleet_and_listed_scopes_reach_the_hosts_they_name() {
+    let store = Arc::new(MemoryStore::default());
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let a = fleet_engine(&store, fleet_config("host-a", ""), &shutdown).await;
+    let b = fleet_engine(&store, fleet_config("host-b", ""), &shutdown).await;
+    let ci = fleet_engine(&store, fleet_config("ci-7", ""), &shutdown).await;
+
+    let q = file(&a, &workload(None), spec("cache")).await.unwrap();
+    assert_eq!(q.status, RequestStatus::Approved);
+    assert!(eventually(|| b.find("ci-bot", None, "cache", Access::Read).is_some()).await);
+    assert!(a.find("ci-bot", None, "cache", Access::Read).is_some());
+
+    // hosts = ["host-a", "ci-*"], filed on B: usable on A and ci-7, not on B itself.
+    let q = file(&b, &workload(None), spec("web")).await.unwrap();
+    assert_eq!(q.hosts, Some(scope(&["host-a", "ci-*"])));
+    assert!(eventually(|| a.find("ci-bot", None, "web", Access::Read).is_some()).await);
+    assert!(eventually(|| ci.find("ci-bot", None, "web", Access::Read).is_some()).await);
+    assert!(b.find("ci-bot", None, "web", Access::Read).is_none());
+}
+
+#[tokio::test]
+async fn a_request_may_narrow_its_scope_never_widen_it() {
+    let store = Arc::new(MemoryStore::default());
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let a = fleet_engine(&store, fleet_config("host-a", ""), &shutdown).await;
+    let ask = |resource: &str, hosts: &str| RequestSpec {
+        hosts: Some(HostsSpec::parse(hosts).unwrap()),
+        ..spec(resource)
+    };
+
+    // Wider than "requesting": refused, and the refusal is audited.
+    for wider in ["fleet", "host-b", "host-a,host-b", "host-*"] {
+        let Err(EngineError::Refused(why)) =
+            file(&a, &workload(None), ask("orders-db", wider)).await
+        else {
+            panic!("{wider} was not refused");
+        };
+        assert!(why.contains("policy dba-approves"), "{why}");
+        assert!(why.contains("host-a (this host)"), "{why}");
+    }
+    assert_eq!(kinds(&store).await, ["request.refused"; 4]);
+    // Wider than a list: a shorter prefix, a name outside it.
+    for wider in ["c*", "host-b", "fleet"] {
+        assert!(
+            matches!(
+                file(&a, &workload(None), ask("web", wider)).await,
+                Err(EngineError::Refused(_))
+            ),
+            "{wider}"
+        );
+    }
+    // Narrower: granted as asked.
+    let q = file(&a, &workload(None), ask("web", "ci-7")).await.unwrap();
+    assert_eq!(q.hosts, Some(scope(&["ci-7"])));
+    let g = store.grant(q.grant.unwrap()).await.unwrap().unwrap();
+    assert_eq!(g.hosts, scope(&["ci-7"]));
+    assert!(
+        a.find("ci-bot", None, "web", Access::Read).is_none(),
+        "narrowed away from A"
+    );
+    let q = file(&a, &workload(None), ask("cache", "requesting"))
+        .await
+        .unwrap();
+    assert_eq!(q.hosts, Some(scope(&["host-a"])));
+
+    // A task runs on one host: its grant stays there whatever the policy allows.
+    let q = file(&a, &workload(Some("t-1")), spec("cache"))
+        .await
+        .unwrap();
+    let g = store.grant(q.grant.unwrap()).await.unwrap().unwrap();
+    assert_eq!(g.hosts, scope(&["host-a"]));
+}
+
+#[tokio::test]
+async fn the_approving_hosts_policy_narrows_never_widens() {
+    let store = Arc::new(MemoryStore::default());
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    // Mid-rollout: A's policy scopes db grants to the fleet, B's still to the requesting host.
+    let a = fleet_engine(
+        &store,
+        fleet_config("host-a", "hosts = \"fleet\""),
+        &shutdown,
+    )
+    .await;
+    let b = fleet_engine(&store, fleet_config("host-b", ""), &shutdown).await;
+    let q = file(&a, &workload(None), spec("orders-db")).await.unwrap();
+    assert_eq!(q.hosts, Some(HostScope::Fleet));
+    let g = b
+        .approve(&user(4200), b.pending(&q.id).await.unwrap(), None)
+        .await
+        .unwrap()
+        .grant
+        .unwrap();
+    assert_eq!(
+        g.hosts,
+        scope(&["host-a"]),
+        "B's policy, from A's viewpoint"
+    );
+
+    // The other way round: filed on B for B only, approved on A (whose policy says fleet):
+    // still B only, and not usable on A.
+    b.revoke(&user(4200), b.live_grant(&g.id).await.unwrap(), None)
+        .await
+        .unwrap();
+    let q = file(&b, &workload(None), spec("orders-db")).await.unwrap();
+    assert_eq!(q.hosts, Some(scope(&["host-b"])));
+    let g = a
+        .approve(&user(4200), a.pending(&q.id).await.unwrap(), None)
+        .await
+        .unwrap()
+        .grant
+        .unwrap();
+    assert_eq!(g.hosts, scope(&["host-b"]));
+    assert!(a.find("ci-bot", None, "orders-db", Access::Read).is_none());
+    assert!(eventually(|| b.find("ci-bot", None, "orders-db", Access::Read).is_some()).await);
+}
+
+#[tokio::test]
+async fn a_single_host_keeps_working_as_before() {
+    let h = harness().await;
+    assert_eq!(h.engine.host(), crate::grants::scope::LOCAL_HOST);
+    let q = file(&h.engine, &workload(None), spec("cache"))
+        .await
+        .unwrap();
+    let g = h.store.grant(q.grant.unwrap()).await.unwrap().unwrap();
+    assert_eq!(g.hosts, scope(&["local"]));
+    assert!(
+        h.engine
+            .find("ci-bot", None, "cache", Access::Read)
+            .is_some()
+    );
 }

@@ -131,6 +131,33 @@ impl Session<'_> {
         ) {
             return Ok(g);
         }
+        // A grant for another host is never usable here; a refusal names it, so the
+        // workload (and whoever reads the log) knows why and what to ask for. (With
+        // `on_missing_grant = "request"` a request is filed here instead, as for no grant.)
+        if resource.on_missing_grant == OnMissingGrant::Reject
+            && let Some(g) = services.engine.scoped_elsewhere(
+                &who.identity,
+                who.task.as_deref(),
+                &resource.name,
+                resource.connect_access,
+            )
+        {
+            let host = services.engine.host();
+            return Err(refuse(
+                SessionOutcome::RefusedNoGrant,
+                format!(
+                    "grant {} ({} access to {} for {}) is scoped to hosts {}, and this host is {host}: it is not usable here; ask for a grant on this host with `jitgate request {} --access {}`, or have the operator widen its policy ({}) with hosts = [...] or \"fleet\"",
+                    g.id,
+                    g.access,
+                    g.resource,
+                    g.identity,
+                    g.hosts,
+                    resource.name,
+                    resource.connect_access,
+                    g.policy,
+                ),
+            ));
+        }
         match resource.on_missing_grant {
             OnMissingGrant::Reject => Err(refuse(
                 SessionOutcome::RefusedNoGrant,

@@ -8,6 +8,7 @@ use super::{
 };
 use crate::{
     config::Access,
+    grants::scope::HostScope,
     model::{
         Actor, Decision, Grant, Request, RequestStatus, Session, SessionOutcome, StatementRecord,
         Task, Timestamp,
@@ -44,6 +45,8 @@ pub(crate) fn request(id: &str, task: Option<&str>, statement: Option<&str>) -> 
         grant: None,
         statement: statement.map(str::to_owned),
         session: statement.map(|_| "s-x".to_owned()),
+        host: None,
+        hosts: None,
     }
 }
 
@@ -64,6 +67,7 @@ pub(crate) fn grant(id: &str, q: &Request) -> Grant {
         revoked_at: None,
         revoked_by: None,
         revoke_reason: None,
+        hosts: HostScope::Hosts(vec!["host-a".into(), "ci-*".into()]),
     }
 }
 
@@ -289,6 +293,28 @@ pub(crate) async fn requests_and_decisions(store: &dyn Store) {
     assert_eq!(store.requests(None, 2).await.unwrap().len(), 2);
 }
 
+/// A grant's host scope and a request's asked scope are kept as written.
+pub(crate) async fn grant_scopes_are_kept(store: &dyn Store) {
+    let mut fleet = grant("grt_fleet", &request("req_fleet", None, None));
+    fleet.hosts = HostScope::Fleet;
+    let mut qf = request("req_fleet", None, None);
+    qf.status = RequestStatus::Approved;
+    qf.grant = Some(fleet.id.clone());
+    qf.hosts = Some(HostScope::Fleet);
+    store
+        .file_approved(qf, fleet.clone(), "user bob".into())
+        .await
+        .unwrap();
+    let read = store.grant("grt_fleet".into()).await.unwrap().unwrap();
+    assert_eq!(read.hosts, HostScope::Fleet);
+    let read = store.request("req_fleet".into()).await.unwrap().unwrap();
+    assert_eq!(read.hosts, Some(HostScope::Fleet));
+    store
+        .revoke_grant("grt_fleet".into(), "user alice".into(), "done".into())
+        .await
+        .unwrap();
+}
+
 /// Grants: issued at filing, live until revoked, listed.
 pub(crate) async fn grants_live_and_revoked(store: &dyn Store) {
     let mut changes = store.grant_changes();
@@ -304,6 +330,7 @@ pub(crate) async fn grants_live_and_revoked(store: &dyn Store) {
     let live = store.live_grants(Timestamp::now()).await.unwrap();
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].id, "grt_a");
+    assert_eq!(live[0].hosts, g.hosts, "the grant's scope is kept");
     assert!(store.live_grants(g.expires_at).await.unwrap().is_empty());
     store
         .revoke_grant("grt_a".into(), "user alice".into(), "done".into())
@@ -626,6 +653,7 @@ async fn memory_store_behaves() {
     several_approvals(&MemoryStore::default()).await;
     requests_and_decisions(&MemoryStore::default()).await;
     grants_live_and_revoked(&MemoryStore::default()).await;
+    grant_scopes_are_kept(&MemoryStore::default()).await;
     session_bookkeeping(&MemoryStore::default()).await;
     let store = MemoryStore::default();
     audit_chain(&store, &|seq| {
@@ -654,6 +682,8 @@ async fn sqlite_store_behaves() {
     requests_and_decisions(&store).await;
     let (store, _dir) = sqlite();
     grants_live_and_revoked(&store).await;
+    let (store, _dir) = sqlite();
+    grant_scopes_are_kept(&store).await;
     let (store, _dir) = sqlite();
     session_bookkeeping(&store).await;
     let (store, _dir) = sqlite();
@@ -724,6 +754,8 @@ mod postgres {
         requests_and_decisions(&store).await;
         let (store, _d2) = open(&pg, &pg.database("grants"), "host-a").await;
         grants_live_and_revoked(&store).await;
+        let (store, _d6) = open(&pg, &pg.database("scopes"), "host-a").await;
+        grant_scopes_are_kept(&store).await;
         let (store, _d3) = open(&pg, &pg.database("sessions"), "host-a").await;
         session_bookkeeping(&store).await;
         let db = pg.database("audit");
@@ -772,9 +804,13 @@ mod postgres {
         let mut heard = a.grant_changes();
 
         // Filed on A, approved on B: A hears the grant, then the decision.
-        let q = request("req_f1", None, None);
+        let mut q = request("req_f1", None, None);
+        // What a request says of its host is not what is read back: the row's writer is.
+        q.host = Some("host-z".into());
         a.file_request(q.clone(), "user bob".into()).await.unwrap();
         assert_eq!(b.count_pending().await.unwrap(), 1, "B sees A's request");
+        let seen = b.request("req_f1".into()).await.unwrap().unwrap();
+        assert_eq!(seen.host.as_deref(), Some("host-a"));
         let approval = GrantApproval {
             grant: grant("grt_f1", &q),
             approver: actor(1001, "alice"),
@@ -791,8 +827,15 @@ mod postgres {
             .expect("in time")
             .unwrap();
         assert!(
-            matches!(&got, GrantChange::Issued(g) if g.id == "grt_f1"),
+            matches!(&got, GrantChange::Issued(g) if g.id == "grt_f1" && g.hosts == grant("grt_f1", &q).hosts),
             "{got:?}"
+        );
+        // A grant row without a scope (from before scopes, or written by a host not yet
+        // upgraded) reads as scoped to the host its request was filed on, never the fleet.
+        pg.admin(&db, "UPDATE grants SET hosts = NULL WHERE id = 'grt_f1'");
+        assert_eq!(
+            b.grant("grt_f1".into()).await.unwrap().unwrap().hosts,
+            HostScope::Hosts(vec!["host-a".into()])
         );
         let got = tokio::time::timeout(within, heard.recv())
             .await

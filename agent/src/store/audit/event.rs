@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::{
     config::Access,
+    grants::scope::HostScope,
     model::{Grant, Request, Session, SessionOutcome, Timestamp},
 };
 
@@ -142,6 +143,8 @@ impl Event {
                 task: q.task.clone(),
                 reason: q.reason.clone(),
                 policy: q.policy.clone(),
+                host: q.host.clone(),
+                hosts: q.hosts.clone(),
             })
         }
     }
@@ -156,6 +159,7 @@ impl Event {
             task: g.task.clone(),
             expires_at: g.expires_at,
             approved_by: g.approved_by.clone(),
+            hosts: g.hosts.clone(),
         })
     }
 
@@ -225,6 +229,11 @@ pub struct RequestFiled {
     pub task: Option<String>,
     pub reason: String,
     pub policy: String,
+    /// The host it was filed on and the scope it asks for (absent in records from before).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<HostScope>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -296,6 +305,8 @@ pub struct GrantIssued {
     pub task: Option<String>,
     pub expires_at: Timestamp,
     pub approved_by: String,
+    /// Where the grant may be used (`"fleet"` or the hosts).
+    pub hosts: HostScope,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -449,6 +460,8 @@ mod tests {
             grant: None,
             statement: statement.map(str::to_owned),
             session: statement.map(|_| "ses_1".to_owned()),
+            host: None,
+            hosts: None,
         }
     }
 
@@ -588,6 +601,7 @@ mod tests {
             revoked_at: None,
             revoked_by: None,
             revoke_reason: None,
+            hosts: HostScope::Fleet,
         };
         let identity = Some("bot".to_owned());
         let task: Option<String> = None;
@@ -610,6 +624,7 @@ mod tests {
                 json!({
                     "grant": g.id, "request": g.request, "identity": g.identity, "resource": g.resource,
                     "access": g.access, "task": g.task, "expires_at": g.expires_at, "approved_by": g.approved_by,
+                    "hosts": "fleet",
                 }),
             ),
             (

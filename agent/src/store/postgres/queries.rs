@@ -8,6 +8,7 @@ use tokio_postgres::{GenericClient, Row};
 
 use crate::{
     config::Access,
+    grants::scope::HostScope,
     model::{
         Actor, Decision, Grant, Request, RequestStatus, Session, SessionOutcome, StatementRecord,
         Task, Timestamp,
@@ -42,7 +43,11 @@ fn signed(v: u64) -> i64 {
 // ---------------------------------------------------------------------------------------------
 // Requests
 
-const REQUEST_COLUMNS: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id, statement, session_id, approvals, needs";
+const REQUEST_COLUMNS: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id, statement, session_id, approvals, needs, hosts";
+
+/// [`REQUEST_COLUMNS`] as read, with the host that wrote the row: the request's host is
+/// where it was filed, whatever the request says of itself.
+const REQUEST_SELECT: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id, statement, session_id, approvals, needs, hosts, host_id";
 
 fn request_of(r: &Row) -> Result<Request> {
     let decided_by: Option<String> = r.try_get(11)?;
@@ -72,6 +77,10 @@ fn request_of(r: &Row) -> Result<Request> {
             None => None,
             Some(text) => Some(serde_json::from_str(&text).map_err(|e| bad("needs", e))?),
         },
+        hosts: r
+            .try_get::<_, Option<String>>(19)?
+            .map(|t| HostScope::from_text(&t)),
+        host: Some(r.try_get(20)?),
     })
 }
 
@@ -93,7 +102,7 @@ pub async fn set_approvals(
 
 pub async fn insert_request(db: &impl GenericClient, host: &str, q: &Request) -> Result<()> {
     db.execute(
-        &format!("INSERT INTO requests (host_id, {REQUEST_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"),
+        &format!("INSERT INTO requests (host_id, {REQUEST_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"),
         &[
             &host,
             &q.id,
@@ -117,6 +126,7 @@ pub async fn insert_request(db: &impl GenericClient, host: &str, q: &Request) ->
                 .then(|| serde_json::to_string(&q.approvals))
                 .transpose()?,
             &q.needs.as_ref().map(serde_json::to_string).transpose()?,
+            &q.hosts.as_ref().map(HostScope::to_text),
         ],
     )
     .await?;
@@ -125,7 +135,7 @@ pub async fn insert_request(db: &impl GenericClient, host: &str, q: &Request) ->
 
 pub async fn get_request(db: &impl GenericClient, id: &str) -> Result<Option<Request>> {
     db.query_opt(
-        &format!("SELECT {REQUEST_COLUMNS} FROM requests WHERE id = $1"),
+        &format!("SELECT {REQUEST_SELECT} FROM requests WHERE id = $1"),
         &[&id],
     )
     .await?
@@ -142,7 +152,7 @@ pub async fn list_requests(
 ) -> Result<Vec<Request>> {
     db.query(
         &format!(
-            "SELECT {REQUEST_COLUMNS} FROM requests WHERE ($1::text IS NULL OR status = $1) ORDER BY created_at DESC, id DESC LIMIT $2"
+            "SELECT {REQUEST_SELECT} FROM requests WHERE ($1::text IS NULL OR status = $1) ORDER BY created_at DESC, id DESC LIMIT $2"
         ),
         &[&status.map(RequestStatus::as_str), &(limit as i64)],
     )
@@ -157,7 +167,7 @@ pub async fn list_requests(
 pub async fn pending_request(db: &impl GenericClient, key: &RequestKey) -> Result<Option<Request>> {
     db.query_opt(
         &format!(
-            "SELECT {REQUEST_COLUMNS} FROM requests
+            "SELECT {REQUEST_SELECT} FROM requests
              WHERE status = 'pending' AND identity = $1 AND resource = $2 AND access = $3
                AND task_id IS NOT DISTINCT FROM $4 AND statement IS NULL
              ORDER BY created_at DESC LIMIT 1"
@@ -228,7 +238,13 @@ pub async fn decide_request(
 // ---------------------------------------------------------------------------------------------
 // Grants
 
-const GRANT_COLUMNS: &str = "id, request_id, identity, resource, access, task_id, created_at, expires_at, approved_by, policy, reason, revoked_at, revoked_by, revoke_reason";
+const GRANT_COLUMNS: &str = "id, request_id, identity, resource, access, task_id, created_at, expires_at, approved_by, policy, reason, revoked_at, revoked_by, revoke_reason, hosts";
+
+/// [`GRANT_COLUMNS`] as read. A grant without a scope (issued before scopes, or by a host
+/// not yet upgraded) is scoped to the host its request was filed on: the least a grant was
+/// ever meant for, never the fleet.
+const GRANT_SELECT: &str = "id, request_id, identity, resource, access, task_id, created_at, expires_at, approved_by, policy, reason, revoked_at, revoked_by, revoke_reason, \
+     COALESCE(hosts, (SELECT r.host_id FROM requests r WHERE r.id = grants.request_id), host_id)";
 
 fn grant_of(r: &Row) -> Result<Grant> {
     Ok(Grant {
@@ -246,12 +262,13 @@ fn grant_of(r: &Row) -> Result<Grant> {
         revoked_at: r.try_get::<_, Option<i64>>(11)?.map(Timestamp),
         revoked_by: r.try_get(12)?,
         revoke_reason: r.try_get(13)?,
+        hosts: HostScope::from_text(r.try_get(14)?),
     })
 }
 
 pub async fn insert_grant(db: &impl GenericClient, host: &str, g: &Grant) -> Result<()> {
     db.execute(
-        &format!("INSERT INTO grants (host_id, {GRANT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"),
+        &format!("INSERT INTO grants (host_id, {GRANT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"),
         &[
             &host,
             &g.id,
@@ -268,6 +285,7 @@ pub async fn insert_grant(db: &impl GenericClient, host: &str, g: &Grant) -> Res
             &g.revoked_at.map(Timestamp::millis),
             &g.revoked_by,
             &g.revoke_reason,
+            &g.hosts.to_text(),
         ],
     )
     .await?;
@@ -276,7 +294,7 @@ pub async fn insert_grant(db: &impl GenericClient, host: &str, g: &Grant) -> Res
 
 pub async fn get_grant(db: &impl GenericClient, id: &str) -> Result<Option<Grant>> {
     db.query_opt(
-        &format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = $1"),
+        &format!("SELECT {GRANT_SELECT} FROM grants WHERE id = $1"),
         &[&id],
     )
     .await?
@@ -287,7 +305,7 @@ pub async fn get_grant(db: &impl GenericClient, id: &str) -> Result<Option<Grant
 
 pub async fn live_grants(db: &impl GenericClient, now: Timestamp) -> Result<Vec<Grant>> {
     db.query(
-        &format!("SELECT {GRANT_COLUMNS} FROM grants WHERE revoked_at IS NULL AND expires_at > $1 ORDER BY created_at, id"),
+        &format!("SELECT {GRANT_SELECT} FROM grants WHERE revoked_at IS NULL AND expires_at > $1 ORDER BY created_at, id"),
         &[&now.millis()],
     )
     .await?
@@ -298,7 +316,7 @@ pub async fn live_grants(db: &impl GenericClient, now: Timestamp) -> Result<Vec<
 
 pub async fn list_grants(db: &impl GenericClient, limit: usize) -> Result<Vec<Grant>> {
     db.query(
-        &format!("SELECT {GRANT_COLUMNS} FROM grants ORDER BY created_at DESC, id DESC LIMIT $1"),
+        &format!("SELECT {GRANT_SELECT} FROM grants ORDER BY created_at DESC, id DESC LIMIT $1"),
         &[&(limit as i64)],
     )
     .await?

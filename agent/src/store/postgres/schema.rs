@@ -192,6 +192,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE audit ADD COLUMN record_id TEXT;
     CREATE UNIQUE INDEX audit_record_id ON audit (host_id, record_id) WHERE record_id IS NOT NULL;
     "#,
+    // 8 (host scopes, grants/scope.rs): where a grant may be used (`fleet` or host entries
+    // joined by `,`), and the scope a request was filed for. Nullable so that hosts not yet
+    // upgraded keep writing; a grant without one reads as scoped to its request's host.
+    r#"
+    ALTER TABLE grants ADD COLUMN hosts TEXT;
+    ALTER TABLE requests ADD COLUMN hosts TEXT;
+    "#,
 ];
 
 /// Applies the migrations this agent knows that the database lacks. Safe when many agents

@@ -7,6 +7,7 @@ use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
 use crate::{
     config::Access,
+    grants::scope::HostScope,
     model::{Actor, Grant, Request, RequestStatus, Session, SessionOutcome, Task, Timestamp},
     store::{RequestKey, Result},
 };
@@ -31,7 +32,7 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 // ---------------------------------------------------------------------------------------------
 // Requests
 
-const REQUEST_COLUMNS: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id, statement, session_id, approvals, needs";
+const REQUEST_COLUMNS: &str = "id, identity, resource, access, ttl_secs, reason, task_id, requested_by, created_at, status, policy, decided_by, decided_at, decision_reason, grant_id, statement, session_id, approvals, needs, host, hosts";
 
 fn request_of(r: &Row<'_>) -> rusqlite::Result<Request> {
     let decided_by: Option<String> = r.get(11)?;
@@ -73,12 +74,16 @@ fn request_of(r: &Row<'_>) -> rusqlite::Result<Request> {
                 )
             })?),
         },
+        host: r.get(19)?,
+        hosts: r
+            .get::<_, Option<String>>(20)?
+            .map(|t| HostScope::from_text(&t)),
     })
 }
 
 pub fn insert_request(db: &Connection, q: &Request) -> Result<()> {
     db.execute(
-        &format!("INSERT INTO requests ({REQUEST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"),
+        &format!("INSERT INTO requests ({REQUEST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"),
         params![
             q.id,
             q.identity,
@@ -99,6 +104,8 @@ pub fn insert_request(db: &Connection, q: &Request) -> Result<()> {
             q.session,
             (!q.approvals.is_empty()).then(|| json(&q.approvals)),
             q.needs.as_ref().map(json::<crate::model::Needs>),
+            q.host,
+            q.hosts.as_ref().map(HostScope::to_text),
         ],
     )?;
     Ok(())
@@ -210,7 +217,11 @@ pub fn decide_request(
 // ---------------------------------------------------------------------------------------------
 // Grants
 
-const GRANT_COLUMNS: &str = "id, request_id, identity, resource, access, task_id, created_at, expires_at, approved_by, policy, reason, revoked_at, revoked_by, revoke_reason";
+const GRANT_COLUMNS: &str = "id, request_id, identity, resource, access, task_id, created_at, expires_at, approved_by, policy, reason, revoked_at, revoked_by, revoke_reason, hosts";
+
+/// [`GRANT_COLUMNS`] as read: a grant from before scopes were kept was issued on this host,
+/// the only one.
+const GRANT_SELECT: &str = "id, request_id, identity, resource, access, task_id, created_at, expires_at, approved_by, policy, reason, revoked_at, revoked_by, revoke_reason, COALESCE(hosts, 'local')";
 
 fn grant_of(r: &Row<'_>) -> rusqlite::Result<Grant> {
     Ok(Grant {
@@ -228,12 +239,13 @@ fn grant_of(r: &Row<'_>) -> rusqlite::Result<Grant> {
         revoked_at: r.get::<_, Option<i64>>(11)?.map(Timestamp),
         revoked_by: r.get(12)?,
         revoke_reason: r.get(13)?,
+        hosts: HostScope::from_text(&r.get::<_, String>(14)?),
     })
 }
 
 pub fn insert_grant(db: &Connection, g: &Grant) -> Result<()> {
     db.execute(
-        &format!("INSERT INTO grants ({GRANT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"),
+        &format!("INSERT INTO grants ({GRANT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"),
         params![
             g.id,
             g.request,
@@ -249,6 +261,7 @@ pub fn insert_grant(db: &Connection, g: &Grant) -> Result<()> {
             g.revoked_at.map(Timestamp::millis),
             g.revoked_by,
             g.revoke_reason,
+            g.hosts.to_text(),
         ],
     )?;
     Ok(())
@@ -257,7 +270,7 @@ pub fn insert_grant(db: &Connection, g: &Grant) -> Result<()> {
 pub fn get_grant(db: &Connection, id: &str) -> Result<Option<Grant>> {
     Ok(db
         .query_row(
-            &format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = ?1"),
+            &format!("SELECT {GRANT_SELECT} FROM grants WHERE id = ?1"),
             [id],
             grant_of,
         )
@@ -267,7 +280,7 @@ pub fn get_grant(db: &Connection, id: &str) -> Result<Option<Grant>> {
 /// Grants not revoked and not yet expired at `now`.
 pub fn live_grants(db: &Connection, now: Timestamp) -> Result<Vec<Grant>> {
     let mut stmt = db.prepare(&format!(
-        "SELECT {GRANT_COLUMNS} FROM grants WHERE revoked_at IS NULL AND expires_at > ?1 ORDER BY created_at"
+        "SELECT {GRANT_SELECT} FROM grants WHERE revoked_at IS NULL AND expires_at > ?1 ORDER BY created_at"
     ))?;
     let rows = stmt.query_map([now.millis()], grant_of)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -276,7 +289,7 @@ pub fn live_grants(db: &Connection, now: Timestamp) -> Result<Vec<Grant>> {
 /// All grants, newest first.
 pub fn list_grants(db: &Connection, limit: usize) -> Result<Vec<Grant>> {
     let mut stmt = db.prepare(&format!(
-        "SELECT {GRANT_COLUMNS} FROM grants ORDER BY created_at DESC LIMIT ?1"
+        "SELECT {GRANT_SELECT} FROM grants ORDER BY created_at DESC LIMIT ?1"
     ))?;
     let rows = stmt.query_map([limit as i64], grant_of)?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)

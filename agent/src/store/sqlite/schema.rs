@@ -138,6 +138,14 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX api_tokens_user ON api_tokens (user_name, created_at);
     "#,
+    // 7: host scopes (grants/scope.rs): where a grant may be used, and the host a request was
+    // filed on with the scope it asked for. A grant from before has none: it was issued
+    // here, the only host, and reads as such.
+    r#"
+    ALTER TABLE grants ADD COLUMN hosts TEXT;
+    ALTER TABLE requests ADD COLUMN host TEXT;
+    ALTER TABLE requests ADD COLUMN hosts TEXT;
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
