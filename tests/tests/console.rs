@@ -698,8 +698,16 @@ fn step_up_needs_a_fresh_strong_sign_in() {
     let audit = gate.cli(&["audit", "--json", "--limit", "50"]).stdout;
     assert!(audit.contains("oidc ann@example.com"), "{audit}");
 
-    // A sign-in flood from one address gets 429s (with Retry-After) once past the limit,
-    // and pushes nobody else's sign-in out: the browser's address still signs in.
+    // A sign-in flood from one address: past its share of sign-ins under way (20) and its
+    // rate (40 a minute) it gets 429s with Retry-After, and cuts off nobody: a sign-in under
+    // way in the browser (another address) before the flood completes after it. Another
+    // site's page (an image: not a navigation) cannot start sign-ins at all.
+    browser.cmd(json!({"op": "context"}));
+    let prompt = browser.goto(&format!("{console}/"));
+    assert!(
+        prompt["url"].as_str().unwrap().contains("/interaction/"),
+        "{prompt}"
+    );
     let flood = Command::new("curl")
         .args(["-sk", "--interface", "127.0.0.2", "-o", "/dev/null"])
         .args(["-w", "%{http_code}\\n"])
@@ -709,7 +717,7 @@ fn step_up_needs_a_fresh_strong_sign_in() {
     let codes = String::from_utf8_lossy(&flood.stdout).into_owned();
     let started = codes.lines().filter(|c| *c == "303").count();
     let limited = codes.lines().filter(|c| *c == "429").count();
-    assert_eq!((started, limited), (40, 10), "{codes}");
+    assert_eq!((started, limited), (20, 30), "{codes}");
     let head = Command::new("curl")
         .args([
             "-sk",
@@ -726,9 +734,33 @@ fn step_up_needs_a_fresh_strong_sign_in() {
     let head = String::from_utf8_lossy(&head.stdout).to_ascii_lowercase();
     assert!(
         head.starts_with("http/1.1 429") && head.contains("retry-after:"),
-        "the callback is counted too: {head}"
+        "a callback for no sign-in under way is counted too: {head}"
     );
-    let back = browser.sign_in(console, "ann");
+    let image = Command::new("curl")
+        .args([
+            "-sk",
+            "--interface",
+            "127.0.0.3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(["-H", "Sec-Fetch-Mode: no-cors"])
+        .arg(format!("{console}/login"))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&image.stdout), "403");
+    browser.fill("input[name=login]", "ann");
+    browser.fill("input[name=password]", "any");
+    let mut back = browser.click("button[type=submit]");
+    if back["url"].as_str().unwrap().contains("/interaction/") {
+        back = browser.click("button[type=submit]");
+    }
     assert!(back["url"].as_str().unwrap().starts_with(console), "{back}");
+    assert!(
+        back["text"].as_str().unwrap().contains("ann@example.com"),
+        "{back}"
+    );
     browser.cmd(json!({"op": "close"}));
 }

@@ -38,9 +38,10 @@ const MAX_BODY: usize = 16 * 1024;
 /// Failed authentications one client network may make per window before it gets 429s.
 pub const MAX_FAILURES: u32 = 10;
 pub const WINDOW: Duration = Duration::from_secs(60);
-/// Calls one token may make per window (the 429 beyond it names the wait): a script gone
-/// wild, or a stolen token, cannot flood the control service or the audit log.
-pub const MAX_CALLS_PER_TOKEN: u32 = 600;
+/// Calls one account's tokens may make per window, all together (the 429 beyond it names the
+/// wait): a script gone wild, a stolen token or a user issuing many cannot flood the control
+/// service or the audit log.
+pub const MAX_CALLS_PER_ACCOUNT: u32 = 600;
 /// What `WWW-Authenticate` says.
 const REALM: &str = "Bearer realm=\"jitgate\"";
 
@@ -239,7 +240,7 @@ fn flag(query: &HashMap<String, String>, key: &str) -> bool {
         .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"))
 }
 
-/// What the API counts: failed authentications per client network, calls per token.
+/// What the API counts: failed authentications per client network, calls per account.
 pub struct Limits {
     pub failures: Throttle<IpAddr>,
     pub calls: Throttle<String>,
@@ -249,7 +250,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             failures: Throttle::new(MAX_FAILURES, WINDOW),
-            calls: Throttle::new(MAX_CALLS_PER_TOKEN, WINDOW),
+            calls: Throttle::new(MAX_CALLS_PER_ACCOUNT, WINDOW),
         }
     }
 }
@@ -291,9 +292,13 @@ pub async fn handle(
     let query = req.uri().query().unwrap_or("").to_owned();
     let in_path = names_a_token(req.uri().path());
     if in_path || token_in_query(&query) {
-        throttle.count(peer_net);
-        // Neither path nor query is logged: they hold the secret.
-        warn!(%peer, "console API: a credential in the URL (refused)");
+        // Neither path nor query is logged: they hold the secret. Logged up to the failure
+        // limit, not past it (a flood would fill the log); answered the same either way, so
+        // whoever leaked a token learns to revoke it.
+        if blocked.is_none() {
+            throttle.count(peer_net);
+            warn!(%peer, "console API: a credential in the URL (refused)");
+        }
         return error(
             StatusCode::BAD_REQUEST,
             "invalid",
@@ -315,7 +320,9 @@ pub async fn handle(
             );
         }
         Err(_) if blocked.is_some() => {
-            warn!(%peer, "console API: too many failed authentications (throttled)");
+            // Each failure up to the limit was logged; the rest of the window's are not (a
+            // flood would fill the log).
+            tracing::debug!(%peer, "console API: too many failed authentications (throttled)");
             return too_many(blocked.unwrap_or_default());
         }
         Err(e) => {
@@ -327,12 +334,12 @@ pub async fn handle(
     };
     drop(secret);
     if let Some(token) = &caller.token
-        && let Err(refused) = limits.calls.take(token.id.clone())
+        && let Err(refused) = limits.calls.take(token.account.clone())
     {
         // Neither audited nor logged call by call (that is what a flood would fill): once
         // per window.
         if refused.first {
-            warn!(%peer, token = %token.id, "console API: token over its call rate (throttled for the rest of the minute)");
+            warn!(%peer, token = %token.id, user = %token.account, "console API: account over its call rate (throttled for the rest of the minute)");
         }
         let left = refused.left;
         return retry_after(
@@ -340,8 +347,8 @@ pub async fn handle(
                 StatusCode::TOO_MANY_REQUESTS,
                 "throttled",
                 &format!(
-                    "token {} made more than {MAX_CALLS_PER_TOKEN} calls this minute; try again in {} s",
-                    token.id,
+                    "the tokens of {} made more than {MAX_CALLS_PER_ACCOUNT} calls this minute; try again in {} s",
+                    token.account,
                     left.as_secs().max(1)
                 ),
             ),

@@ -391,8 +391,26 @@ impl Console {
                 );
                 r
             }
+            // A sign-in starts with the page load of a person, not with an image or a
+            // script of another site's page (each would count against this network).
+            (&Method::GET, "/login")
+                if req
+                    .headers()
+                    .get("sec-fetch-mode")
+                    .is_some_and(|m| m != "navigate") =>
+            {
+                page(
+                    StatusCode::FORBIDDEN,
+                    pages::signed_out(
+                        "A sign-in starts from a page you open, not from another page's content.",
+                    ),
+                )
+            }
+            // Counted: each sign-in start, and each callback that answers none under way (a
+            // person coming back from their provider is never throttled).
             (&Method::GET, "/login" | crate::config::console::CALLBACK_PATH)
-                if let Err(refused) = self.sign_ins.take(throttle::network(peer)) =>
+                if !self.returning(&req)
+                    && let Err(refused) = self.sign_ins.take(throttle::network(peer)) =>
             {
                 if refused.first {
                     warn!(%peer, "console: too many sign-ins from this network (refused for the rest of the minute)");
@@ -406,7 +424,7 @@ impl Console {
                 );
                 api::retry_after(page, refused.left)
             }
-            (&Method::GET, "/login") => self.login(&req).await,
+            (&Method::GET, "/login") => self.login(&req, peer).await,
             (&Method::GET, crate::config::console::CALLBACK_PATH) => self.callback(&req).await,
             (&Method::GET, "/") => self.overview(&req).await,
             (&Method::GET, "/sessions") => self.sessions_page(&req).await,
@@ -427,6 +445,20 @@ impl Console {
         harden(r)
     }
 
+    /// Whether this is the callback of a sign-in under way in this browser (its state in
+    /// the query and in its cookie).
+    fn returning(&self, req: &Request<Incoming>) -> bool {
+        if req.uri().path() != crate::config::console::CALLBACK_PATH {
+            return false;
+        }
+        let query = parse_form(req.uri().query().unwrap_or(""));
+        let state = query.get("state").map(String::as_str).unwrap_or("");
+        !state.is_empty()
+            && cookie(req, LOGIN_COOKIE)
+                .is_some_and(|c| session::same(c.as_bytes(), state.as_bytes()))
+            && self.sessions.is_pending(state)
+    }
+
     fn session(&self, req: &Request<Incoming>) -> Option<(String, session::Session)> {
         let token = cookie(req, SESSION_COOKIE)?;
         self.sessions.get(token).map(|s| (token.to_owned(), s))
@@ -435,7 +467,7 @@ impl Console {
     /// `/login`, or `/login?max_age=SECS&acr=A+B` for a step-up sign-in (from the page an
     /// approval that needs one answers with). Anyone may ask for a stricter sign-in than
     /// needed; what an approval needs is checked when it is made.
-    async fn login(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn login(&self, req: &Request<Incoming>, peer: IpAddr) -> Response<Full<Bytes>> {
         let query = parse_form(req.uri().query().unwrap_or(""));
         let step_up = match step_up_of(&query) {
             Ok(s) => s,
@@ -448,7 +480,16 @@ impl Console {
         };
         match self.provider.begin(step_up).await {
             Ok((url, state, pending)) => {
-                self.sessions.begin(state.clone(), pending);
+                if let Err(e) = self
+                    .sessions
+                    .begin(state.clone(), pending, throttle::network(peer))
+                {
+                    warn!(%peer, error = %e, "console: sign-in refused");
+                    return page(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        pages::signed_out(&format!("Signing in is not possible right now: {e}.")),
+                    );
+                }
                 with_cookie(
                     redirect(&url),
                     &set_cookie(LOGIN_COOKIE, &state, session::LOGIN_TIMEOUT),

@@ -5,6 +5,7 @@
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
     sync::{Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -14,8 +15,11 @@ use crate::identity::Person;
 
 /// Most sessions kept; past this, sign-ins are refused until some expire.
 const MAX_SESSIONS: usize = 10_000;
-/// Most sign-ins under way; past this, the oldest is forgotten.
-const MAX_PENDING: usize = 1_000;
+/// Most sign-ins under way; past this, new ones are refused until some finish or time out
+/// (never the oldest forgotten: a flood must not cut off a person at their provider's MFA).
+pub const MAX_PENDING: usize = 10_000;
+/// Most sign-ins under way from one client network (see [`super::throttle::network`]).
+pub const MAX_PENDING_PER_NETWORK: usize = 20;
 /// How long a person has to get through the provider's pages.
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -37,7 +41,8 @@ pub struct Session {
 #[derive(Default)]
 pub struct Sessions {
     live: Mutex<HashMap<String, Session>>,
-    pending: Mutex<HashMap<String, Pending>>,
+    /// By `state`: the sign-in, and the client network that started it.
+    pending: Mutex<HashMap<String, (Pending, IpAddr)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,28 +51,49 @@ pub enum SessionError {
     Full,
     #[error("no randomness: {0}")]
     Random(String),
+    #[error(
+        "too many sign-ins are under way from your network; finish one, or try again in a few minutes"
+    )]
+    BusyNetwork,
+    #[error("too many sign-ins are under way; try again in a few minutes")]
+    BusyEverywhere,
 }
 
 impl Sessions {
-    /// Remembers a sign-in under way, under its `state`.
-    pub fn begin(&self, state: String, pending: Pending) {
+    /// Remembers a sign-in under way, under its `state`, started from `network`: refused
+    /// past [`MAX_PENDING_PER_NETWORK`] for that network or [`MAX_PENDING`] in all.
+    pub fn begin(
+        &self,
+        state: String,
+        pending: Pending,
+        network: IpAddr,
+    ) -> Result<(), SessionError> {
         let mut map = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        map.retain(|_, p| p.created.elapsed() < LOGIN_TIMEOUT);
-        if map.len() >= MAX_PENDING
-            && let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, p)| p.created)
-                .map(|(k, _)| k.clone())
-        {
-            map.remove(&oldest);
+        map.retain(|_, (p, _)| p.created.elapsed() < LOGIN_TIMEOUT);
+        if map.values().filter(|(_, n)| *n == network).count() >= MAX_PENDING_PER_NETWORK {
+            return Err(SessionError::BusyNetwork);
         }
-        map.insert(state, pending);
+        if map.len() >= MAX_PENDING {
+            return Err(SessionError::BusyEverywhere);
+        }
+        map.insert(state, (pending, network));
+        Ok(())
+    }
+
+    /// Whether a sign-in is under way for `state` (its callback is not throttled).
+    pub fn is_pending(&self, state: &str) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(state)
+            .is_some_and(|(p, _)| p.created.elapsed() < LOGIN_TIMEOUT)
     }
 
     /// Takes the sign-in under way for `state` (once: a replayed callback finds nothing).
     pub fn take_pending(&self, state: &str) -> Option<Pending> {
         let mut map = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         map.remove(state)
+            .map(|(p, _)| p)
             .filter(|p| p.created.elapsed() < LOGIN_TIMEOUT)
     }
 
@@ -171,9 +197,45 @@ mod tests {
             created: Instant::now(),
             step_up: None,
         };
-        sessions.begin("s1".into(), pending);
+        let here: IpAddr = "192.0.2.1".parse().unwrap();
+        sessions.begin("s1".into(), pending, here).unwrap();
+        assert!(sessions.is_pending("s1"));
         assert!(sessions.take_pending("other").is_none());
         assert!(sessions.take_pending("s1").is_some());
         assert!(sessions.take_pending("s1").is_none(), "replayed callback");
+        assert!(!sessions.is_pending("s1"));
+    }
+
+    /// Hostile: a flood of sign-ins from one network stops at its own cap, and one from
+    /// many networks at the total, without cutting off a sign-in already under way.
+    #[test]
+    fn a_flood_of_sign_ins_forgets_nobody() {
+        let sessions = Sessions::default();
+        let pending = || Pending {
+            nonce: "n".into(),
+            verifier: "v".into(),
+            created: Instant::now(),
+            step_up: None,
+        };
+        let person: IpAddr = "198.51.100.7".parse().unwrap();
+        sessions.begin("mine".into(), pending(), person).unwrap();
+        let flood: IpAddr = "192.0.2.1".parse().unwrap();
+        for i in 0..MAX_PENDING_PER_NETWORK {
+            sessions.begin(format!("f{i}"), pending(), flood).unwrap();
+        }
+        assert!(matches!(
+            sessions.begin("one-more".into(), pending(), flood),
+            Err(SessionError::BusyNetwork)
+        ));
+        let mut n = 0u32;
+        let full = loop {
+            let from = IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + n / 10));
+            match sessions.begin(format!("g{n}"), pending(), from) {
+                Ok(()) => n += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(full, SessionError::BusyEverywhere), "{full}");
+        assert!(sessions.take_pending("mine").is_some(), "still there");
     }
 }

@@ -218,8 +218,9 @@ pub fn may_decide(config: &Config, caller: &Caller, request: &Request) -> Result
 /// API token cannot show either, so cannot approve such a request; denying needs no step-up
 /// (it only ever closes). `now`: seconds since the epoch.
 ///
-/// The age is measured without leeway (a provider clock running behind shortens the window;
-/// it never lengthens it); an `auth_time` in the future by more than a minute is not taken.
+/// The age is measured without leeway, as the distance between `auth_time` and now either
+/// way (a provider clock running behind or ahead shortens the window, never lengthens it):
+/// keep the provider's and the agents' clocks in sync (NTP).
 pub fn step_up_met(
     config: &Config,
     caller: &Caller,
@@ -237,7 +238,7 @@ pub fn step_up_met(
     let what = need.to_string();
     if need.acr.iter().any(|a| a == UNSATISFIABLE_ACR) {
         return Err(ControlError::Refused(format!(
-            "request {}: the policies that cover it accept no common sign-in method (approval_acr); no sign-in can approve it until policy is fixed",
+            "request {}: the policies that cover it (here or where it was filed) accept no common sign-in method (approval_acr), so no sign-in can approve it: deny it, make the policies' approval_acr share a value, and file it again",
             request.id
         )));
     }
@@ -247,11 +248,11 @@ pub fn step_up_met(
             request.id, caller.user
         )));
     };
-    let fresh = need.max_age_secs.is_none_or(|age| {
-        person
-            .auth_time
-            .is_some_and(|t| t <= now + 60 && now.saturating_sub(t) <= age)
-    });
+    // A provider clock ahead of ours counts against the window as one behind does: the
+    // distance either way, so skew never lengthens it.
+    let fresh = need
+        .max_age_secs
+        .is_none_or(|age| person.auth_time.is_some_and(|t| now.abs_diff(t) <= age));
     let strong = need.acr.is_empty()
         || person
             .acr

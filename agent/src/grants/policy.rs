@@ -86,11 +86,21 @@ pub fn evaluate(
             ),
         };
     }
-    if let Some(auto) = fitting.iter().find(|p| p.approval == Approval::Auto) {
+    // A covering policy that asks more of approving (several approvers, a step-up sign-in)
+    // is not waived by another that would grant at once: "reads are automatic everywhere"
+    // beside "reads of prod need MFA" means prod reads need MFA.
+    let strict: Vec<&&Policy> = covering
+        .iter()
+        .filter(|p| p.approvals > 1 || !p.approvals_from.is_empty() || p.step_up.is_required())
+        .collect();
+    if strict.is_empty()
+        && let Some(auto) = fitting.iter().find(|p| p.approval == Approval::Auto)
+    {
         return Verdict::Auto {
             policy: auto.name.clone(),
         };
     }
+    let fitting: Vec<&&Policy> = if strict.is_empty() { fitting } else { strict };
     let mut approvers = Vec::new();
     for p in &fitting {
         for a in &p.approvers {
@@ -308,6 +318,49 @@ approval = "auto"
                 ]
             }
         );
+    }
+
+    /// Hostile: an automatic policy over everything does not waive what a stricter policy
+    /// covering the same request asks (a step-up, several approvers).
+    #[test]
+    fn an_automatic_policy_does_not_waive_a_stricter_one() {
+        let mut c = config();
+        let mut auto_all = c.policies[1].clone();
+        auto_all.name = "reads-auto".into();
+        auto_all.identities = vec!["*".into()];
+        auto_all.resources = vec!["*".into()];
+        auto_all.max_ttl = Duration::from_secs(7200);
+        c.policies.push(auto_all);
+        assert!(matches!(
+            evaluate(&c, "ci-bot", "db", Access::Read, M15),
+            Verdict::Auto { .. }
+        ));
+        for strict in [
+            crate::config::StepUp {
+                max_age_secs: Some(300),
+                acr: vec![],
+            },
+            crate::config::StepUp {
+                max_age_secs: None,
+                acr: vec!["mfa".into()],
+            },
+        ] {
+            c.policies[0].step_up = strict;
+            assert!(
+                matches!(
+                    evaluate(&c, "ci-bot", "db", Access::Read, M15),
+                    Verdict::Manual { ref policy, .. } if policy == "db-read"
+                ),
+                "{:?}",
+                c.policies[0].step_up
+            );
+        }
+        c.policies[0].step_up = crate::config::StepUp::default();
+        c.policies[0].approvals = 2;
+        assert!(matches!(
+            evaluate(&c, "ci-bot", "db", Access::Read, M15),
+            Verdict::Manual { ref policy, .. } if policy == "db-read"
+        ));
     }
 
     #[test]
