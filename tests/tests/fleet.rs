@@ -237,7 +237,13 @@ fn a_host_cut_off_from_the_store_fails_closed_and_recovers() {
         (1500..=4500).contains(&after),
         "the live session ended {after}ms after the store was lost (store_lease 3 s)"
     );
-    assert!(a.log().contains("store_lost"), "{}", a.log());
+    // The session's end is logged as it is cut; the line may land just after the workload
+    // saw its connection close.
+    a.wait_for(
+        "the session's end as store_lost in the log",
+        Duration::from_secs(5),
+        || a.log().contains("store_lost").then_some(()),
+    );
 
     // 3. Mended: catch-up, the lease renewed, and new grants work again.
     cable.mend();

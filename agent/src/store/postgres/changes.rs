@@ -63,6 +63,7 @@ pub async fn follow(f: Follower) {
     // A read that does not answer (a half-open connection) counts as a lost store.
     let read_deadline = (lease / 2).clamp(Duration::from_secs(1), Duration::from_secs(10));
     let mut last_seen: Option<i64> = None;
+    let mut recent = Recent::default();
     let mut backoff = Duration::from_millis(100);
     loop {
         let (wake_tx, mut wake) = mpsc::channel(1);
@@ -87,6 +88,23 @@ pub async fn follow(f: Follower) {
                     );
                 }
                 last_seen = Some(newest);
+            } else if let Some(seen) = last_seen {
+                // The store may have gone back in time (a standby promoted without the last
+                // changes, a restore): numbers this host already read may be given to new
+                // changes, which reading on from `seen` would skip. Go on from the newest
+                // change still as read (re-reading is harmless).
+                let resume = recent
+                    .resume(&client, seen)
+                    .await
+                    .map_err(|e| failure(&e, "checking the change log: "))?;
+                if resume != seen {
+                    warn!(
+                        read_up_to = seen,
+                        resume_after = resume,
+                        "the shared store's change log is not the one this host read (a failover that lost changes, or a restore): reading it again from the last change both agree on"
+                    );
+                    last_seen = Some(resume);
+                }
             }
             client
                 .batch_execute("LISTEN jitgate_changes")
@@ -139,8 +157,11 @@ pub async fn follow(f: Follower) {
         f.health.connected();
         let why = loop {
             let began = Instant::now();
-            match tokio::time::timeout(read_deadline, catch_up(&client, &f.host, &mut seen, &f.out))
-                .await
+            match tokio::time::timeout(
+                read_deadline,
+                catch_up(&client, &f.host, &mut seen, &mut recent, &f.out),
+            )
+            .await
             {
                 Ok(Ok(())) => f.health.confirmed(began),
                 Ok(Err(e)) => break format!("reading the change log: {}", chain(&e)),
@@ -238,6 +259,7 @@ async fn catch_up(
     client: &Client,
     host: &str,
     last_seen: &mut i64,
+    recent: &mut Recent,
     out: &broadcast::Sender<GrantChange>,
 ) -> Result<()> {
     loop {
@@ -252,6 +274,12 @@ async fn catch_up(
             let origin: &str = row.try_get(1)?;
             let kind: &str = row.try_get(2)?;
             let subject: String = row.try_get(3)?;
+            recent.push(Seen {
+                seq,
+                host: origin.to_owned(),
+                kind: kind.to_owned(),
+                subject: subject.clone(),
+            });
             // This host's own changes were passed on when they committed.
             if origin != host
                 && let Some(change) = change_of(client, kind, subject).await?
@@ -264,6 +292,71 @@ async fn catch_up(
         if rows.len() < PAGE as usize {
             return Ok(());
         }
+    }
+}
+
+/// One change as this host read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Seen {
+    seq: i64,
+    host: String,
+    kind: String,
+    subject: String,
+}
+
+/// The last changes read, to tell on reconnecting whether the store's log is still the one
+/// read (see [`Recent::resume`]).
+#[derive(Default)]
+struct Recent(std::collections::VecDeque<Seen>);
+
+/// Changes remembered (a failover loses at most what replication had not sent, far less).
+const RECENT: usize = 1024;
+
+impl Recent {
+    fn push(&mut self, seen: Seen) {
+        if self.0.len() == RECENT {
+            self.0.pop_front();
+        }
+        self.0.push_back(seen);
+    }
+
+    /// Where to read on from after reconnecting, having read up to `seen`: `seen` when the
+    /// store still holds the last change read as read; else the newest remembered change it
+    /// still holds as read; else before the oldest remembered (or `seen`, when nothing was
+    /// read on this connection's predecessors: the log had nothing to compare).
+    async fn resume(&self, client: &Client, seen: i64) -> Result<i64> {
+        let (Some(first), Some(last)) = (self.0.front(), self.0.back()) else {
+            return Ok(seen);
+        };
+        let rows = client
+            .query(
+                "SELECT seq, host_id, kind, subject FROM changes WHERE seq BETWEEN $1 AND $2",
+                &[&first.seq, &last.seq],
+            )
+            .await?;
+        let mut now = Vec::with_capacity(rows.len());
+        for row in &rows {
+            now.push(Seen {
+                seq: row.try_get(0)?,
+                host: row.try_get(1)?,
+                kind: row.try_get(2)?,
+                subject: row.try_get(3)?,
+            });
+        }
+        Ok(self.resume_from(&now, seen))
+    }
+
+    /// [`Self::resume`] given the store's rows over the remembered range.
+    fn resume_from(&self, now: &[Seen], seen: i64) -> i64 {
+        let Some(oldest) = self.0.front() else {
+            return seen;
+        };
+        self.0
+            .iter()
+            .rev()
+            .find(|s| now.contains(s))
+            .map_or(oldest.seq - 1, |s| s.seq)
+            .min(seen)
     }
 }
 
@@ -289,4 +382,45 @@ async fn change_of(client: &Client, kind: &str, subject: String) -> Result<Optio
             None
         }
     })
+}
+
+#[cfg(test)]
+mod recent_tests {
+    use super::*;
+
+    fn seen(seq: i64, subject: &str) -> Seen {
+        Seen {
+            seq,
+            host: "b".into(),
+            kind: "revoked".into(),
+            subject: subject.into(),
+        }
+    }
+
+    /// Hostile store history: a promoted standby without the last changes hands their
+    /// numbers to new ones; reading on from the last number read would skip them.
+    #[test]
+    fn a_log_that_went_back_is_read_again_from_where_it_agrees() {
+        let mut r = Recent::default();
+        for n in 1..=5 {
+            r.push(seen(n, &format!("g{n}")));
+        }
+        let same: Vec<Seen> = (1..=5).map(|n| seen(n, &format!("g{n}"))).collect();
+        assert_eq!(
+            r.resume_from(&same, 5),
+            5,
+            "the same log: on from the last read"
+        );
+        // 4 and 5 lost; 4 reused by another change.
+        let lost = vec![seen(1, "g1"), seen(2, "g2"), seen(3, "g3"), seen(4, "x9")];
+        assert_eq!(r.resume_from(&lost, 5), 3);
+        // Nothing remembered is there any more: from before the oldest remembered.
+        assert_eq!(r.resume_from(&[seen(1, "y1")], 5), 0);
+        // Bounded memory.
+        for n in 6..(RECENT as i64 + 100) {
+            r.push(seen(n, "z"));
+        }
+        assert_eq!(r.0.len(), RECENT);
+        assert_eq!(Recent::default().resume_from(&[], 7), 7);
+    }
 }
