@@ -4,7 +4,8 @@
 //! One browser for the whole test (a fresh context per person), a few pages.
 //!
 //! Ann (`oidc-group:dba`) signs in through the provider's login and consent pages, sees a
-//! gated workload's request, approves it (the workload proceeds), denies another; Eve (not
+//! gated workload's request, approves it (the workload proceeds), revokes the grant (its live
+//! connection is cut), denies another, approves a statement a guardrail held; Eve (not
 //! named) and Wendy (named, but the requester's unix account) are refused; unauthenticated
 //! requests and forms without the right CSRF token or from another origin are refused. A
 //! gated psql session is then opened in the console's replay view (its statements in order,
@@ -259,7 +260,7 @@ fn sign_in_approve_deny_and_refusals() {
             .policy(
                 &["bot"],
                 &["orders-db"],
-                &["read"],
+                &["read", "write"],
                 "name = \"bot-db\"\nmax_ttl = \"1h\"\napproval = \"auto\"\napprovers = [\"oidc-group:dba\"]",
             )
     });
@@ -285,11 +286,9 @@ fn sign_in_approve_deny_and_refusals() {
     // A gated workload asks and waits.
     let probe = gate.bins().probe.to_str().unwrap().to_owned();
     let target = echo.addr.to_string();
-    // It stays (holding its task's grant) until the test touches `done`.
-    let done = gate.dir.join("done");
+    // Once granted it holds a live connection until the gate cuts it.
     let script = format!(
-        "jitgate request echo --reason 'nightly <b>export</b>' --ttl 20m --wait && {probe} connect {target} && while [ ! -e {} ]; do sleep 0.1; done",
-        done.display()
+        "jitgate request echo --reason 'nightly <b>export</b>' --ttl 20m --wait && {probe} hold {target}"
     );
     let mut first = gate.spawn("bot", &[], &["sh", "-c", &script]);
     let request = gate.pending_request();
@@ -371,6 +370,7 @@ fn sign_in_approve_deny_and_refusals() {
         &format!("[data-grant=\"{gid}\"] input[name=reason]"),
         "done with it",
     );
+    let revoked_at = std::time::Instant::now();
     let after = browser.click(&format!("[data-grant=\"{gid}\"] button"));
     assert!(
         after["text"]
@@ -379,13 +379,19 @@ fn sign_in_approve_deny_and_refusals() {
             .contains(&format!("Grant {gid} revoked")),
         "{after}"
     );
+    // The live connection riding on it ends.
+    first.expect_line("closed", Duration::from_secs(5));
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(3),
+        "the session ended {:?} after the revoke was sent",
+        revoked_at.elapsed()
+    );
     assert!(
         after["text"].as_str().unwrap().contains("Live grants (0)"),
         "{after}"
     );
     assert_eq!(gate.cli(&["grants", "--json"]).json(), json!([]));
-    std::fs::write(&done, "").expect("done");
-    assert_eq!(first.wait(Duration::from_secs(10)), 0);
+    first.wait(Duration::from_secs(10));
 
     // Another request is denied with a reason.
     let mut second = gate.spawn(
@@ -469,6 +475,43 @@ fn sign_in_approve_deny_and_refusals() {
     at("allowed");
     at("3 rows");
     at("orders-db");
+    // A statement held by a guardrail (DELETE without WHERE): its text on the card, Ann
+    // approves it, it runs, and the session goes on.
+    let mut held = gate.spawn(
+        "bot",
+        &["--grant", "orders-db:write"],
+        &[
+            "psql",
+            &url,
+            "-X",
+            "-At",
+            "-c",
+            "DELETE FROM scratch",
+            "-c",
+            "SELECT 'after'",
+        ],
+    );
+    let hid = gate.pending_request()["id"].as_str().unwrap().to_owned();
+    let card = wait_for_card(&mut browser, &console, &hid);
+    assert!(
+        card["text"]
+            .as_str()
+            .unwrap()
+            .contains("DELETE FROM scratch"),
+        "{card}"
+    );
+    let after = browser.click(&format!("[data-request=\"{hid}\"] button.approve"));
+    assert!(
+        after["text"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("Request {hid} approved")),
+        "{after}"
+    );
+    held.expect_line("DELETE", Duration::from_secs(10));
+    held.expect_line("after", Duration::from_secs(10));
+    assert_eq!(held.wait(Duration::from_secs(10)), 0);
+
     // The audit page: the log verifies, the gate is attached and healthy.
     let audit = browser.goto(&format!("{console}/audit"));
     assert_eq!(audit["status"], 200, "{audit}");
