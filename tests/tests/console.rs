@@ -143,6 +143,23 @@ impl Browser {
         self.click("button[type=submit]")
     }
 
+    /// Clicks Approve on request `id`'s card: the page it leads to.
+    fn approve(&mut self, id: &str) -> Value {
+        self.click(&format!("[data-request=\"{id}\"] button.approve"))
+    }
+
+    /// [`Self::approve`], which must succeed.
+    fn approved(&mut self, id: &str) {
+        let after = self.approve(id);
+        assert!(
+            after["text"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("Request {id} approved")),
+            "{after}"
+        );
+    }
+
     /// From a page asking for a fresh sign-in: follows its link and signs `login` in again
     /// with `password` (`otp`: with a second factor, see provider.mjs).
     fn step_up(&mut self, login: &str, password: &str) -> Value {
@@ -337,14 +354,7 @@ fn sign_in_approve_deny_and_refusals() {
 
     // Ann approves it with a shorter TTL, from the page; the workload proceeds.
     browser.fill(&format!("[data-request=\"{id}\"] input[name=ttl]"), "5m");
-    let after = browser.click(&format!("[data-request=\"{id}\"] button.approve"));
-    assert!(
-        after["text"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("Request {id} approved")),
-        "{after}"
-    );
+    browser.approved(&id);
     first.expect_line(BANNER, Duration::from_secs(15));
     let grants = gate.cli(&["grants", "--json"]).json();
     let grant = &grants.as_array().unwrap()[0];
@@ -500,14 +510,7 @@ fn sign_in_approve_deny_and_refusals() {
             .contains("DELETE FROM scratch"),
         "{card}"
     );
-    let after = browser.click(&format!("[data-request=\"{hid}\"] button.approve"));
-    assert!(
-        after["text"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("Request {hid} approved")),
-        "{after}"
-    );
+    browser.approved(&hid);
     held.expect_line("DELETE", Duration::from_secs(10));
     held.expect_line("after", Duration::from_secs(10));
     assert_eq!(held.wait(Duration::from_secs(10)), 0);
@@ -661,7 +664,7 @@ fn step_up_needs_a_fresh_strong_sign_in() {
             .contains("a sign-in within the last 10s with urn:jitgate:mfa"),
         "{page}"
     );
-    let again = browser.click(&format!("[data-request=\"{id}\"] button.approve"));
+    let again = browser.approve(&id);
     let text = again["text"].as_str().unwrap();
     assert!(
         text.contains("Sign in again") && text.contains("did not say when"),
@@ -670,7 +673,7 @@ fn step_up_needs_a_fresh_strong_sign_in() {
     // Again, with a password only: fresh now, but not strong enough.
     browser.step_up("ann", "any");
     wait_for_card(&mut browser, console, &id);
-    let again = browser.click(&format!("[data-request=\"{id}\"] button.approve"));
+    let again = browser.approve(&id);
     assert!(
         again["text"]
             .as_str()
@@ -688,14 +691,7 @@ fn step_up_needs_a_fresh_strong_sign_in() {
     // She authenticated before this (whole seconds at the provider: 12 s on, at least 11).
     let signed = std::time::Instant::now();
     wait_for_card(&mut browser, console, &id);
-    let done = browser.click(&format!("[data-request=\"{id}\"] button.approve"));
-    assert!(
-        done["text"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("Request {id} approved")),
-        "{done}"
-    );
+    browser.approved(&id);
     first.expect_line(BANNER, Duration::from_secs(15));
     assert_eq!(first.wait(Duration::from_secs(10)), 0);
     let grants = gate.cli(&["grants", "--all", "--json"]).json();
@@ -717,7 +713,7 @@ fn step_up_needs_a_fresh_strong_sign_in() {
     };
     std::thread::sleep(Duration::from_secs(12).saturating_sub(signed.elapsed()));
     wait_for_card(&mut browser, console, &id2);
-    let again = browser.click(&format!("[data-request=\"{id2}\"] button.approve"));
+    let again = browser.approve(&id2);
     let text = again["text"].as_str().unwrap();
     assert!(
         text.contains("Sign in again") && text.contains(" s ago"),
