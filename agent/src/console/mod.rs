@@ -76,14 +76,15 @@ pub struct Console {
     /// `https://host[:port]`, from the redirect URL: the only origin forms may come from.
     origin: String,
     tls: Tls,
-    /// Failed API authentications per client network, calls per token ([`api`]).
+    /// Failed API authentications per client network, calls per user ([`api`]).
     api_limits: api::Limits,
-    /// Sign-in starts and callbacks per client network: a flood of them would otherwise
-    /// push real sign-ins out of the bounded list of those under way.
+    /// Sign-in starts (and callbacks answering no sign-in under way) per client network, so
+    /// that a flood gets 429s rather than provider round trips and sign-ins under way.
     sign_ins: Throttle<IpAddr>,
 }
 
-/// Sign-in starts and callbacks one client network may make per minute (a sign-in is two).
+/// Sign-in starts (and callbacks answering no sign-in under way) one client network may make
+/// per minute; a person returning from their provider is not counted.
 pub const SIGN_IN_STEPS_PER_MINUTE: u32 = 40;
 
 /// Reads the client secret, refusing a file others could read or replace
