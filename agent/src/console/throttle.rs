@@ -64,6 +64,24 @@ impl<K: Hash + Eq + Clone> Throttle<K> {
 
     /// Counts one event of `key`.
     pub fn count(&self, key: K) {
+        self.bump(key);
+    }
+
+    /// Counts one event of `key`, and refuses it past the limit: how long to wait, and
+    /// whether this is the window's first refusal (to log a flood once, not per event).
+    pub fn take(&self, key: K) -> Result<(), Refused> {
+        let (start, n) = self.bump(key);
+        if n <= self.limit {
+            return Ok(());
+        }
+        Err(Refused {
+            left: self.window.saturating_sub(start.elapsed()),
+            first: n == self.limit + 1,
+        })
+    }
+
+    /// Counts one event of `key` under one lock: its window's start and count now.
+    fn bump(&self, key: K) -> (Instant, u32) {
         let mut map = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         if map.len() >= MAX_TRACKED && !map.contains_key(&key) {
             map.retain(|_, (start, _)| start.elapsed() < self.window);
@@ -83,17 +101,7 @@ impl<K: Hash + Eq + Clone> Throttle<K> {
             *entry = (Instant::now(), 0);
         }
         entry.1 = entry.1.saturating_add(1);
-    }
-
-    /// Counts one event of `key`, and refuses it past the limit: how long to wait, and
-    /// whether this is the window's first refusal (to log a flood once, not per event).
-    pub fn take(&self, key: K) -> Result<(), Refused> {
-        let left = self.blocked(&key);
-        self.count(key.clone());
-        let Some(left) = left else { return Ok(()) };
-        let map = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        let first = map.get(&key).is_some_and(|(_, n)| *n == self.limit + 1);
-        Err(Refused { left, first })
+        *entry
     }
 
     #[cfg(test)]
