@@ -93,3 +93,67 @@ fn bench_quick_runs_end_to_end() {
     // The same tables went to the terminal.
     assert!(stdout.contains("Targets"), "{stdout}");
 }
+
+/// `cargo xtask bench fleet --quick`: simulated hosts on the agent's own store code against a
+/// real PostgreSQL; every figure measured, every decision seen across hosts, every recorded
+/// statement found in the store (the run fails otherwise), and the section written between its
+/// markers so that a second run replaces it rather than adding another.
+#[test]
+fn fleet_bench_quick_runs_end_to_end() {
+    jitgate_e2e::root_or_skip!();
+    let xtask = find_bin("xtask");
+    let bin_dir = xtask.parent().expect("bin dir").to_owned();
+    let out = std::env::temp_dir().join(format!("jitgate-fleet-quick-{}.md", std::process::id()));
+    std::fs::write(&out, "# Benchmarks\n\nkept above\n").expect("a report to add to");
+    for _ in 0..2 {
+        let run = Command::new(&xtask)
+            .args(["bench", "fleet", "--quick", "--bin-dir"])
+            .arg(&bin_dir)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("running xtask bench fleet --quick");
+        assert!(
+            run.status.success(),
+            "bench fleet --quick failed:\n{}\n{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    let report = std::fs::read_to_string(&out).expect("the report");
+    let _ = std::fs::remove_file(&out);
+    assert!(
+        report.starts_with("# Benchmarks\n\nkept above\n"),
+        "{report}"
+    );
+    assert_eq!(
+        report
+            .matches("## Fleet: one PostgreSQL store, many hosts")
+            .count(),
+        1,
+        "{report}"
+    );
+    for section in [
+        "Fleet: the store's cost of hosts at rest",
+        "Fleet: recording statements (sessions included)",
+        "Fleet: decisions across hosts, p50 / p99 (ms)",
+        "Fleet targets",
+    ] {
+        assert!(
+            report.contains(&format!("### {section}")),
+            "no {section:?} in:\n{report}"
+        );
+    }
+    // Two fleet sizes, each a row in each of the three figure tables.
+    for hosts in ["| 3 |", "| 6 |"] {
+        let rows = report.lines().filter(|l| l.starts_with(hosts)).count();
+        assert_eq!(rows, 3, "{hosts}: {report}");
+    }
+    assert!(!report.contains("n/a"), "a figure is missing:\n{report}");
+    assert!(!report.contains("NaN"), "a figure is missing:\n{report}");
+    let verdicts = report
+        .lines()
+        .filter(|l| l.ends_with("| met |") || l.ends_with("| MISSED |"))
+        .count();
+    assert_eq!(verdicts, 4, "{report}");
+}

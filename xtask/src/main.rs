@@ -6,7 +6,9 @@
 //! * `demo`   setup, build, then a narrated end-to-end scenario; leaves the daemon running.
 //! * `lint`   rustfmt --check and clippy with warnings denied.
 //! * `bench`  PostgreSQL direct vs pgbouncer vs jitgate (full policy, tcp relay); writes
-//!   BENCHMARKS.md. `--quick` runs every stage with tiny sizes.
+//!   BENCHMARKS.md. `--quick` runs every stage with tiny sizes. `bench fleet`: simulated
+//!   hosts on one shared PostgreSQL store (the store's cost per host and per statement,
+//!   decisions timed across hosts), into the fleet section of BENCHMARKS.md.
 //! * `compat` PostgreSQL's whole regression suite directly and through the gate, compared
 //!   (`tests/tests/regress.rs`; the test suite runs a subset).
 //! * `fuzz`   the cargo-fuzz targets in `fuzz/` (every parser that reads a workload's
@@ -36,6 +38,13 @@ struct Args {
     command: Cmd,
 }
 
+/// A bench run apart from the main one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BenchSuite {
+    /// Simulated hosts on one shared PostgreSQL store (issue 18's scale figures).
+    Fleet,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Install build and test prerequisites that are missing.
@@ -60,7 +69,15 @@ enum Cmd {
     /// rustfmt --check and clippy -D warnings.
     Lint,
     /// Measure the gate against PostgreSQL direct and pgbouncer; writes BENCHMARKS.md.
+    /// `bench fleet`: only the fleet bench (simulated hosts on one shared PostgreSQL store),
+    /// into its own section of BENCHMARKS.md.
     Bench {
+        /// `fleet` for the fleet bench alone.
+        #[arg(value_enum)]
+        suite: Option<BenchSuite>,
+        /// Fleet sizes for `bench fleet` (default 10,100,1000; 3,6 with --quick).
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<usize>,
         /// Every stage with tiny sizes (checks the bench works; figures mean nothing).
         #[arg(long)]
         quick: bool,
@@ -215,10 +232,14 @@ fn main() -> ExitCode {
             .and_then(|()| demo::run(&target_dir("debug"))),
         Cmd::Lint => setup::setup().and_then(|()| lint()),
         Cmd::Bench {
+            suite,
+            hosts,
             quick,
             bin_dir,
             out,
         } => bench::run(&bench::Options {
+            fleet: suite == Some(BenchSuite::Fleet),
+            hosts,
             quick,
             bin_dir,
             out,

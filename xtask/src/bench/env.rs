@@ -173,7 +173,7 @@ fn clean_leftovers(bin_dir: &Path) {
 /// Raises the descriptor limit that every process the bench starts inherits: ten thousand
 /// proxied connections take two descriptors each in the agent. Without CAP_SYS_RESOURCE (some
 /// containers) only the soft limit can rise, to the hard one. Returns the limit in force.
-fn raise_fd_limit() -> Result<u64> {
+pub fn raise_fd_limit() -> Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

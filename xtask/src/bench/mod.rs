@@ -8,6 +8,7 @@
 //! end to end, never what it measures.
 
 mod env;
+mod fleet;
 mod http;
 mod stages;
 mod stats;
@@ -70,6 +71,10 @@ impl Sizes {
 }
 
 pub struct Options {
+    /// Only the fleet bench (`cargo xtask bench fleet`).
+    pub fleet: bool,
+    /// Fleet sizes for the fleet bench (empty: its defaults).
+    pub hosts: Vec<usize>,
     pub quick: bool,
     /// Use binaries already built there (no build step).
     pub bin_dir: Option<PathBuf>,
@@ -97,6 +102,16 @@ pub fn run(opts: &Options) -> Result<()> {
             crate::target_dir("release")
         }
     };
+    if opts.fleet {
+        let out = opts.out.clone().unwrap_or_else(|| {
+            if opts.quick {
+                crate::target_dir("bench").join("BENCHMARKS-fleet-quick.md")
+            } else {
+                crate::root().join("BENCHMARKS.md")
+            }
+        });
+        return fleet::run(&bin_dir, opts.quick, &opts.hosts, &out);
+    }
     let sizes = if opts.quick {
         Sizes::quick()
     } else {

@@ -21,7 +21,13 @@
 //! jitgate-bench http URL CONNS SECS CA..  CONNS keep-alive HTTP/1.1 clients GETting URL for
 //!                                       SECS seconds, trusting the CA files:
 //!                                       {"requests", "secs", "samples_us", "masked"}
+//! jitgate-bench fleet URL PASSWORD_FILE ADMIN_URL POSTMASTER_PID HOSTS SECS RATE ROUNDS DIR
+//!                                       a simulated fleet of HOSTS hosts on one shared store
+//!                                       (see fleet.rs): server cost at rest and under load,
+//!                                       decisions timed across hosts
 //! ```
+
+mod fleet;
 
 use std::{
     io::{self, BufRead as _, Write as _},
@@ -59,8 +65,9 @@ fn main() -> ExitCode {
             let secs: f64 = parse(secs)?;
             runtime()?.block_on(http_load(url, conns, secs, cas))
         }),
+        ["fleet", rest @ ..] => fleet::plan(rest).and_then(|p| fleet::run(&p)),
         _ => {
-            eprintln!("usage: see the module documentation of tests/src/bin/jitgate-bench.rs");
+            eprintln!("usage: see the module documentation of tests/src/bin/jitgate-bench/main.rs");
             return ExitCode::from(2);
         }
     };
