@@ -263,33 +263,27 @@ async fn catch_up(
     out: &broadcast::Sender<GrantChange>,
 ) -> Result<()> {
     loop {
-        let rows = client
-            .query(
-                "SELECT seq, host_id, kind, subject FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2",
-                &[&*last_seen, &PAGE],
-            )
-            .await?;
-        for row in &rows {
-            let seq: i64 = row.try_get(0)?;
-            let origin: &str = row.try_get(1)?;
-            let kind: &str = row.try_get(2)?;
-            let subject: String = row.try_get(3)?;
+        let rows = queries::changes_after(client, *last_seen, PAGE).await?;
+        let full = rows.len() == PAGE as usize;
+        for row in rows {
+            let seq = row.seq;
             recent.push(Seen {
                 seq,
-                host: origin.to_owned(),
-                kind: kind.to_owned(),
-                subject: subject.clone(),
+                host: row.host.clone(),
+                kind: row.kind.clone(),
+                subject: row.subject.clone(),
             });
             // This host's own changes were passed on when they committed.
-            if origin != host
-                && let Some(change) = change_of(client, kind, subject).await?
-            {
-                debug!(seq, origin, kind, "change from another host");
-                let _ = out.send(change);
+            if row.host != host {
+                let origin = row.host.clone();
+                if let Some(change) = change_of(row) {
+                    debug!(seq, origin, "change from another host");
+                    let _ = out.send(change);
+                }
             }
             *last_seen = seq;
         }
-        if rows.len() < PAGE as usize {
+        if !full {
             return Ok(());
         }
     }
@@ -360,19 +354,18 @@ impl Recent {
     }
 }
 
-async fn change_of(client: &Client, kind: &str, subject: String) -> Result<Option<GrantChange>> {
-    Ok(match kind {
-        "issued" => queries::get_grant(client, &subject)
-            .await?
-            .map(|g| GrantChange::Issued(Box::new(g))),
-        "revoked" => Some(GrantChange::Revoked { grant: subject }),
-        "expired" => Some(GrantChange::Expired { grant: subject }),
-        "decided" => queries::get_request(client, &subject)
-            .await?
-            .filter(|q| q.status != RequestStatus::Pending)
-            .map(|q| GrantChange::Decided {
-                request: q.id,
-                status: q.status,
+/// What a logged change means to this host (its grant and request status as read with it).
+fn change_of(row: queries::LoggedChange) -> Option<GrantChange> {
+    match row.kind.as_str() {
+        "issued" => row.grant.map(|g| GrantChange::Issued(Box::new(g))),
+        "revoked" => Some(GrantChange::Revoked { grant: row.subject }),
+        "expired" => Some(GrantChange::Expired { grant: row.subject }),
+        "decided" => row
+            .status
+            .filter(|s| *s != RequestStatus::Pending)
+            .map(|status| GrantChange::Decided {
+                request: row.subject,
+                status,
             }),
         other => {
             warn!(
@@ -381,7 +374,7 @@ async fn change_of(client: &Client, kind: &str, subject: String) -> Result<Optio
             );
             None
         }
-    })
+    }
 }
 
 #[cfg(test)]
