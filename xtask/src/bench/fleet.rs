@@ -33,7 +33,7 @@ struct Sizes {
     hosts: Vec<usize>,
     /// Seconds of the idle window and of the load window, each.
     secs: f64,
-    /// Statements each host records per second under load.
+    /// Statements the whole fleet records per second under load, spread over its hosts.
     rate: f64,
     /// Decisions timed at rest and again under load.
     rounds: usize,
@@ -44,7 +44,7 @@ impl Sizes {
         Self {
             hosts: vec![10, 100, 1000],
             secs: 30.0,
-            rate: 2.0,
+            rate: 400.0,
             rounds: 20,
         }
     }
@@ -53,7 +53,7 @@ impl Sizes {
         Self {
             hosts: vec![3, 6],
             secs: 2.0,
-            rate: 5.0,
+            rate: 20.0,
             rounds: 3,
         }
     }
@@ -125,7 +125,7 @@ pub fn run(bin_dir: &Path, quick: bool, hosts: &[usize], out: &Path) -> Result<(
         let _ = fs::remove_dir_all(&state);
         fs::create_dir_all(&state)?;
         println!(
-            "   {hosts} hosts: {} s idle, {} s at {} statements/s each, {} decisions at rest and under load",
+            "   {hosts} hosts: {} s idle, {} s at {} statements/s in all, {} decisions at rest and under load",
             sizes.secs, sizes.secs, sizes.rate, sizes.rounds
         );
         let output = Command::new(&bench)
@@ -178,19 +178,19 @@ pub fn run(bin_dir: &Path, quick: bool, hosts: &[usize], out: &Path) -> Result<(
          code (`PostgresStore`: the writer that batches records for up to 100 ms, the follower \
          that LISTENs and reads the change log at least every 5 s to renew its lease, the local \
          spool), each with its own `host_id`, state dir and connections, all in one process \
-         (tests/src/bin/jitgate-bench/fleet.rs). The server is a stock PostgreSQL {} with \
+         (tests/src/bin/jitgate-bench/fleet.rs). The server is a stock PostgreSQL {version} with \
          fsync on, on the same machine as the simulated hosts; its cost is read from the \
          server itself (CPU of the postmaster and all its backends, WAL written, transactions). \
-         Under load each host opens a session every {} statements and records {} statements a \
-         second, one call per statement as the agent makes them; every statement submitted is \
+         Under load the fleet records {rate} statements a second in all, spread evenly over its \
+         hosts, each host opening a session every {STATEMENTS_PER_SESSION} statements and making one call per \
+         statement as the agent does (the store's writer batches them); every statement submitted is \
          checked to be in the store at the end. A decision is a request filed on host A and \
          approved from host B half the fleet away; it is timed from B's call until A's store \
          hands the grant to the agent (what a waiting connection waits for: the rest is in \
-         memory), and the same for a revocation. Measuring took {:.1} min.\n\n",
-        super::env::Env::postgres_version(),
-        STATEMENTS_PER_SESSION,
-        sizes.rate,
-        elapsed.as_secs_f64() / 60.0
+         memory), and the same for a revocation. Measuring took {minutes:.1} min.\n\n",
+        version = super::env::Env::postgres_version(),
+        rate = sizes.rate,
+        minutes = elapsed.as_secs_f64() / 60.0
     );
     for t in &tables {
         section.push_str(&t.markdown());

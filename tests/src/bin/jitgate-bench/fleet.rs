@@ -17,7 +17,8 @@
 //! 3. decisions at rest: a request filed on host A is approved on host B; timed from B's call
 //!    to A's store handing the grant to the agent (what a waiting connection waits for), then
 //!    the same for a revocation;
-//! 4. load: every host opens sessions and records statements at a steady rate while the
+//! 4. load: every host opens sessions and records statements at a steady rate (the fleet's
+//!    rate spread over its hosts) while the
 //!    decisions of phase 3 go on; every statement submitted must be stored in the end.
 
 use std::{
@@ -75,7 +76,8 @@ pub struct Plan {
     pub hosts: usize,
     /// Seconds of the idle and of the load window each.
     pub secs: f64,
-    /// Statements each host records per second during the load window.
+    /// Statements the whole fleet records per second during the load window, spread evenly
+    /// over the hosts (fixed across fleet sizes, so the cost per statement compares).
     pub rate: f64,
     /// Decisions timed at rest, and again under load.
     pub rounds: usize,
@@ -176,7 +178,7 @@ async fn simulate(plan: &Plan) -> Result<Value> {
                 s.clone(),
                 i,
                 plan.hosts,
-                plan.rate,
+                plan.rate / plan.hosts as f64,
                 counts.clone(),
                 stop.clone(),
             ))
@@ -292,7 +294,7 @@ async fn record_steadily(
 struct Decision3 {
     /// Host B's approve call, until committed.
     approve_call: f64,
-    /// From B's call to A's store handing the grant on.
+    /// From B's call to A's store handing the grant and the decision on.
     approve_seen: f64,
     /// From B's revoke call to A's store reporting the grant revoked.
     revoke_seen: f64,
@@ -350,12 +352,20 @@ async fn decide_across(stores: &[Arc<PostgresStore>], round: usize) -> Result<De
         bail!("approving {}: {decided:?}", q.id);
     }
     let approve_call = ms(t0.elapsed());
+    // The grant made usable on A, then the request's decision that wakes whoever waits on it
+    // there (the agent's grant engine looks again and finds the grant).
     seen(
         &mut changes,
         |c| matches!(c, GrantChange::Issued(x) if x.id == g.id),
     )
     .await
     .with_context(|| format!("{} waiting for grant {}", a.host_id(), g.id))?;
+    seen(
+        &mut changes,
+        |c| matches!(c, GrantChange::Decided { request, .. } if *request == q.id),
+    )
+    .await
+    .with_context(|| format!("{} waiting for the decision on {}", a.host_id(), q.id))?;
     let approve_seen = ms(t0.elapsed());
     let t1 = Instant::now();
     b.revoke_grant(g.id.clone(), "user bench".into(), "bench".into())
@@ -603,15 +613,28 @@ impl Server {
     }
 }
 
-/// `(ppid, utime + stime, cutime + cstime)` in clock ticks, from `/proc/<pid>/stat`.
-fn stat(pid: &str) -> Option<(u32, u64, u64)> {
+/// `(ppid, cutime + cstime)` from `/proc/<pid>/stat`: the parent, and the CPU (clock ticks)
+/// of children it has reaped.
+fn stat(pid: &str) -> Option<(u32, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state); ppid is field 4, utime..cstime are fields 14..17.
+    // f[0] is field 3 (state); ppid is field 4, cutime and cstime fields 16 and 17.
     let num = |i: usize| f.get(i - 3)?.parse::<u64>().ok();
-    Some((num(4)? as u32, num(14)? + num(15)?, num(16)? + num(17)?))
+    Some((num(4)? as u32, num(16)? + num(17)?))
+}
+
+/// Nanoseconds `pid` has run, from the scheduler (`/proc/<pid>/schedstat`). Not utime +
+/// stime: those are whole clock ticks per process, and a thousand backends that each run a
+/// few milliseconds in a window would all round down to nothing.
+fn ran_ns(pid: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn pids() -> Vec<String> {
@@ -628,26 +651,21 @@ fn pids() -> Vec<String> {
 fn children(postmaster: u32) -> Vec<String> {
     pids()
         .into_iter()
-        .filter(|p| stat(p).is_some_and(|(ppid, _, _)| ppid == postmaster))
+        .filter(|p| stat(p).is_some_and(|(ppid, _)| ppid == postmaster))
         .collect()
 }
 
+/// CPU seconds of the server: the postmaster and its live children, precisely, and the
+/// children it has reaped (in clock ticks: the postmaster's own accounting of them).
 fn cpu_secs(postmaster: u32) -> Result<f64> {
     let pm = postmaster.to_string();
-    let Some((_, own, reaped)) = stat(&pm) else {
+    let (Some((_, reaped)), Some(own)) = (stat(&pm), ran_ns(&pm)) else {
         bail!("the store's server (pid {postmaster}) is gone");
     };
-    let mut ticks = own + reaped;
-    for pid in pids() {
-        if let Some((ppid, t, _)) = stat(&pid)
-            && ppid == postmaster
-        {
-            ticks += t;
-        }
-    }
+    let live: u64 = children(postmaster).iter().filter_map(|p| ran_ns(p)).sum();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok(ticks as f64 / hz)
+    Ok((own + live) as f64 / 1e9 + reaped as f64 / hz)
 }
 
 fn own_cpu_secs() -> f64 {
