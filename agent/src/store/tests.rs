@@ -1072,6 +1072,7 @@ mod postgres {
             host_id: "h".into(),
             lease: std::time::Duration::from_secs(30),
             spool_limit: 64 << 20,
+            change_log_retention: crate::store::postgres::DEFAULT_CHANGE_LOG_RETENTION,
         };
         // A password file others can read is not used.
         std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644))

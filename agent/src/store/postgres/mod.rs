@@ -17,9 +17,11 @@ mod audit;
 mod changes;
 mod connect;
 mod fleet;
+mod prune;
 mod queries;
 mod schema;
 pub mod spool;
+pub mod spools;
 mod tls;
 mod tokens;
 mod writer;
@@ -41,7 +43,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-pub use self::connect::PostgresOptions;
+pub use self::connect::{DEFAULT_CHANGE_LOG_RETENTION, PostgresOptions};
 use self::{
     connect::Connector,
     spool::{AuditRecord, Record, Spool},
@@ -129,6 +131,11 @@ impl PostgresStore {
         });
         let (changes, _) = broadcast::channel(CHANGES);
         let stop = CancellationToken::new();
+        tokio::spawn(prune::run(
+            connector.clone(),
+            options.change_log_retention,
+            stop.clone(),
+        ));
         tokio::spawn(changes::follow(changes::Follower {
             connector: connector.clone(),
             host: host.clone(),
@@ -173,6 +180,71 @@ impl PostgresStore {
             .map_err(|_| anyhow::anyhow!("the shared state store's follower stopped"))?;
         store.health.check()?;
         Ok(store)
+    }
+
+    /// Retires this host's local spool on purpose (`jitgated --retire-spool`, with the agent
+    /// stopped): the spool must be intact and empty (every record shipped, as the store
+    /// confirms) and the store's current spool for this host; the store records it retired
+    /// (`spool.retired` in the host's chain) and the spool's files are removed, so the next
+    /// start's new spool follows it without a `spool.lost` alarm. Returns what was done.
+    pub async fn retire_spool(
+        options: &PostgresOptions,
+        state_dir: &Path,
+    ) -> anyhow::Result<String> {
+        let path = state_dir.join(spool::FILE);
+        if !path.exists() {
+            anyhow::bail!("no local spool at {}: nothing to retire", path.display());
+        }
+        if !state_dir.join(spool::KEY_FILE).exists() {
+            anyhow::bail!(
+                "{} is missing: the spool cannot be checked, so it cannot be retired (when jitgated next reaches the store with a new spool, this one is recorded as lost)",
+                state_dir.join(spool::KEY_FILE).display()
+            );
+        }
+        let spool_key = super::audit::secret_key(state_dir, spool::KEY_FILE)?;
+        let local = Spool::open(state_dir, spool_key, options.spool_limit);
+        if let Some(problem) = local.problem() {
+            anyhow::bail!("{problem}; a damaged spool cannot be retired");
+        }
+        let waiting = local.stats().records;
+        if waiting > 0 {
+            anyhow::bail!(
+                "the local spool {} holds {waiting} records not shipped yet: start jitgated with the shared store reachable so they are shipped (`jitgate status` shows the spool empty), stop it, then retire",
+                path.display()
+            );
+        }
+        let id = local.id();
+        let shipped = local.shipped_through()?;
+        drop(local);
+        let key = AuditKey::load_or_create(state_dir)?
+            .with_signer(super::audit::sign::AuditSigner::load_or_create(state_dir)?);
+        let mut client = Connector::new(options)?.connect(None).await?;
+        let tx = client.transaction().await?;
+        let sealed = spools::retire(&tx, &options.host_id, &key, &id, shipped).await?;
+        tx.commit().await?;
+        if let Err(e) = audit::write_head(
+            &state_dir.join(HEAD_FILE),
+            &(sealed.seq, sealed.hash.clone()),
+        ) {
+            tracing::warn!(error = %e, "could not write the audit head checkpoint");
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let file = state_dir.join(format!("{}{suffix}", spool::FILE));
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => anyhow::bail!(
+                    "spool {id} is retired in the shared store, but {} could not be removed: {e}; remove it before starting jitgated",
+                    file.display()
+                ),
+            }
+        }
+        Ok(format!(
+            "retired spool {id} of host {} (every record shipped, through {shipped}; recorded as spool.retired, audit record {}); removed {}: jitgated starts a new spool",
+            options.host_id,
+            sealed.seq,
+            path.display()
+        ))
     }
 
     /// This host's name in the shared store.
