@@ -1363,3 +1363,59 @@ fn a_deleted_spool_is_reported_lost_and_a_retired_one_is_not() {
     );
     assert_eq!(retirements.trim(), "1");
 }
+
+/// `require_sync_standby = true`: with a synchronous standby streaming, grants are issued as
+/// usual; with it gone, a new grant is refused at once with an error naming the setting
+/// (rather than hanging on a commit that waits for a standby, or committing one a failover
+/// could lose).
+#[test]
+fn require_sync_standby_refuses_grants_while_no_synchronous_standby_streams() {
+    jitgate_e2e::root_or_skip!();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let target = echo.addr.to_string();
+    let primary = servers::Postgres::start();
+    primary.admin("postgres", "CREATE DATABASE fleet");
+    let standby = primary.synchronous_standby();
+    let body = Body::new()
+        .workload("bot", &["root"])
+        .resource("echo", &target)
+        .policy(
+            &["bot"],
+            &["echo"],
+            &["read"],
+            "name = \"echo-auto\"\nmax_ttl = \"1h\"\napproval = \"auto\"",
+        )
+        .build();
+    let a = Gate::start(
+        "fleet-sync-required",
+        "",
+        &format!(
+            "{body}\n[store]\nbackend = \"postgres\"\nurl = \"postgresql://postgres@127.0.0.1:{}/fleet\"\nsslmode = \"disable\"\nhost_id = \"host-a\"\nrequire_sync_standby = true\n",
+            primary.port
+        ),
+    );
+    open(&a);
+    let streaming = || {
+        primary
+            .admin(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+            )
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(streaming(), "1");
+    let first = granted(&a, &["echo"])["id"].as_str().unwrap().to_owned();
+    a.cli(&["revoke", &first]).assert_ok();
+    standby.stop();
+    a.wait_for("the standby gone", Duration::from_secs(10), || {
+        (streaming() == "0").then_some(())
+    });
+    let refused = a.cli(&["request", "echo", "--for", "bot"]);
+    assert_ne!(refused.code, 0, "{refused:#?}");
+    assert!(
+        refused.stderr.contains("require_sync_standby")
+            && refused.stderr.contains("no synchronous standby"),
+        "{refused:#?}"
+    );
+}

@@ -620,6 +620,7 @@ struct RawStore {
     store_lease: Option<S<String>>,
     spool_limit: Option<S<String>>,
     change_log_retention: Option<S<String>>,
+    require_sync_standby: Option<S<bool>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1180,6 +1181,10 @@ impl Validator<'_> {
                         "change_log_retention",
                         raw.change_log_retention.as_ref().map(Spanned::span),
                     ),
+                    (
+                        "require_sync_standby",
+                        raw.require_sync_standby.as_ref().map(Spanned::span),
+                    ),
                 ];
                 for (key, span) in postgres_only {
                     if let Some(span) = span {
@@ -1364,6 +1369,10 @@ impl Validator<'_> {
             lease,
             spool_limit,
             change_log_retention,
+            require_sync_standby: raw
+                .require_sync_standby
+                .as_ref()
+                .is_some_and(|v| *v.get_ref()),
         })
     }
 
@@ -2323,6 +2332,22 @@ approvers = ["alice", "group:dba"]
             panic!("not postgres")
         };
         assert_eq!(o.change_log_retention, Duration::from_secs(36 * 3600));
+        assert!(!o.require_sync_standby, "off unless set");
+        let strict = parse(&with(
+            "backend = \"postgres\"\nurl = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\nhost_id = \"h\"\nrequire_sync_standby = true",
+        ))
+        .unwrap();
+        let StoreConfig::Postgres(o) = strict.daemon.store else {
+            panic!("not postgres")
+        };
+        assert!(o.require_sync_standby);
+        let e = parse(&with("require_sync_standby = true"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("store.require_sync_standby: only a `backend = \"postgres\"`"),
+            "{e}"
+        );
         for (bad, want) in [
             ("\"10m\"", "out of range (1h to 366d)"),
             ("\"400d\"", "out of range (1h to 366d)"),

@@ -50,6 +50,9 @@ pub struct PostgresOptions {
     /// oldest kept reloads its live grants and waiting requests from their tables instead
     /// (see `changes.rs`).
     pub change_log_retention: Duration,
+    /// `require_sync_standby`: no new grant is issued while the store has no synchronous
+    /// standby streaming (`pg_stat_replication`), so every grant survives a failover.
+    pub require_sync_standby: bool,
 }
 
 /// How long change-log rows are kept unless `change_log_retention` says otherwise: longer
@@ -230,6 +233,7 @@ mod tests {
             lease: Duration::from_secs(30),
             spool_limit: 1 << 20,
             change_log_retention: crate::store::postgres::DEFAULT_CHANGE_LOG_RETENTION,
+            require_sync_standby: false,
         }
     }
 

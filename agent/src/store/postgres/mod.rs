@@ -84,6 +84,8 @@ pub struct PostgresStore {
     feed: broadcast::Sender<AuditEvent>,
     health: StoreHealth,
     stop: CancellationToken,
+    /// `[store] require_sync_standby`.
+    require_sync_standby: bool,
 }
 
 impl Drop for PostgresStore {
@@ -154,6 +156,7 @@ impl PostgresStore {
             feed,
             health,
             stop,
+            require_sync_standby: options.require_sync_standby,
         })
     }
 
@@ -312,6 +315,28 @@ impl PostgresStore {
     }
 }
 
+/// With `[store] require_sync_standby`, in the transaction that would issue a grant: refuses
+/// it unless a synchronous standby is streaming now (a grant committed without one is lost if
+/// the store fails over). `pg_stat_replication` shows other sessions' rows in full only to
+/// roles with `pg_monitor` (or superusers); without it no standby is seen and every grant is
+/// refused, which the error says.
+async fn require_sync_standby(db: &Db<'_>) -> Result<()> {
+    let streaming: i64 = db
+        .tx
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if streaming == 0 {
+        return Err(StoreError::Unavailable(
+            "no new grant: [store] require_sync_standby is set and the shared state store has no synchronous standby streaming now (pg_stat_replication shows none in sync_state sync or quorum), so a failover could lose the grant. Bring a synchronous standby back (see \"Fleet deployment\" in the README), or unset require_sync_standby; the agent's database role needs pg_monitor to see the standbys".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Marks a pending request expired with its audit record and change, in the caller's
 /// transaction (which holds the change-log lock).
 async fn expire_request(db: &Db<'_>, id: &str, why: &str, event: &Event) -> Result<()> {
@@ -370,10 +395,14 @@ impl Store for PostgresStore {
     }
 
     fn file_approved(&self, request: Request, grant: Grant, actor: String) -> StoreFuture<'_, ()> {
+        let strict = self.require_sync_standby;
         Box::pin(async move {
             let g = grant.clone();
             self.call(op(move |db| {
                 Box::pin(async move {
+                    if strict {
+                        require_sync_standby(db).await?;
+                    }
                     db.lock_changes().await?;
                     queries::insert_request(db.tx, db.host, &request).await?;
                     queries::insert_grant(db.tx, db.host, &g).await?;
@@ -424,11 +453,15 @@ impl Store for PostgresStore {
     }
 
     fn approve_request(&self, approval: GrantApproval) -> StoreFuture<'_, Decided> {
+        let strict = self.require_sync_standby;
         Box::pin(async move {
             let grant = approval.grant.clone();
             let decided = self
                 .call(op(move |db| {
                     Box::pin(async move {
+                        if strict {
+                            require_sync_standby(db).await?;
+                        }
                         let GrantApproval {
                             grant: g,
                             approver,
