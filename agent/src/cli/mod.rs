@@ -191,12 +191,14 @@ enum SessionsAction {
 
 #[derive(Subcommand)]
 enum AuditAction {
-    /// Check the hash chain: exit 0 intact, 9 tampered.
+    /// Check the hash chain: exit 0 intact, 9 tampered, 10 intact but records were lost
+    /// before they reached it (fleet mode: a `spool.lost` record).
     Verify {
         #[arg(long)]
         json: bool,
         /// Every host's chain in the shared store (fleet mode), checked with the hosts'
-        /// public keys as pinned on this host: exit 9 if any host's chain fails.
+        /// public keys as pinned on this host: exit 9 if any host's chain fails, 10 if a host
+        /// lost spooled records (and none failed).
         #[arg(long)]
         fleet: bool,
     },
