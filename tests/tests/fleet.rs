@@ -1170,3 +1170,252 @@ fn a_grant_scoped_to_one_host_is_refused_on_another_and_a_fleet_grant_works_on_b
     let on_b = psql_select(&b, &pg, "fleet-on-b");
     assert!(on_b.stdout.contains("fleet-on-b"), "{on_b:#?}");
 }
+
+/// A fleet of two whose grants are usable on every host (an automatic `fleet` policy), with
+/// a change log kept for an hour (the shortest retention; the pruner then runs every 5 s) and
+/// a lease long enough that a paused host does not lapse.
+fn pruned_fleet(test: &str, echo: &str) -> (servers::Postgres, Gate, Gate) {
+    let pg = servers::Postgres::start();
+    pg.admin("postgres", "CREATE DATABASE fleet");
+    let body = |host: &str| {
+        let body = Body::new()
+            .workload("bot", &["root"])
+            .resource("echo", echo)
+            .policy(
+                &["bot"],
+                &["echo"],
+                &["read"],
+                "name = \"echo-fleet\"\nmax_ttl = \"1h\"\napproval = \"auto\"\nhosts = \"fleet\"",
+            )
+            .build();
+        format!(
+            "{body}\n[store]\nbackend = \"postgres\"\nurl = \"postgresql://postgres@127.0.0.1:{}/fleet\"\nsslmode = \"disable\"\nhost_id = \"{host}\"\nchange_log_retention = \"1h\"\nstore_lease = \"120s\"\n",
+            pg.port
+        )
+    };
+    let a = Gate::start(&format!("{test}-a"), "", &body("host-a"));
+    let b = Gate::start(&format!("{test}-b"), "", &body("host-b"));
+    (pg, a, b)
+}
+
+/// The change log is pruned past a host that was away (its agent paused, its connections
+/// still open): the revocation and the new grant made meanwhile are gone from the log. Back,
+/// the host must not read on as if nothing happened: it notices its place is gone, reloads
+/// its live grants as at start (logged), so the revoked grant's live session is cut and the
+/// new grant is usable there.
+#[test]
+fn a_host_behind_the_pruned_change_log_reloads_its_grants() {
+    jitgate_e2e::root_or_skip!();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let target = echo.addr.to_string();
+    let (pg, a, b) = pruned_fleet("fleet-prune", &target);
+    let g1 = granted(&a, &["echo"])["id"].as_str().unwrap().to_owned();
+    listed(&b, &g1);
+    // Riding on g1 (no grant of the task's own).
+    let probe = b.bins().probe.to_str().unwrap().to_owned();
+    let mut w = b.spawn("bot", &[], &[&probe, "hold", &target]);
+    w.expect_line(&format!("connected {BANNER}"), Duration::from_secs(10));
+
+    // B paused (SIGSTOP: its follower reads nothing); meanwhile A revokes g1 and issues g2,
+    // and the log is pruned past both (their rows made older than the retention).
+    b.signal(libc::SIGSTOP);
+    let resumed = scopeguard(&b);
+    a.cli(&["revoke", &g1, "--reason", "incident 12"])
+        .assert_ok();
+    let g2 = granted(&a, &["echo"])["id"].as_str().unwrap().to_owned();
+    pg.admin(
+        "fleet",
+        "UPDATE changes SET at = now() - interval '2 hours'",
+    );
+    a.wait_for("the log pruned by A", Duration::from_secs(30), || {
+        (pg.admin("fleet", "SELECT count(*) FROM changes").trim() == "0").then_some(())
+    });
+    let through: i64 = pg
+        .admin("fleet", "SELECT through FROM changes_pruned")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(through > 0, "the cut is recorded");
+    drop(resumed);
+
+    // Back: g1's session on B is cut as revoked, g2 works on B.
+    w.expect_line("closed", Duration::from_secs(15));
+    b.wait_for("the reload in B's log", Duration::from_secs(5), || {
+        b.log()
+            .contains("reloading live grants and waiting requests from the store")
+            .then_some(())
+    });
+    b.wait_for("B's session record", Duration::from_secs(5), || {
+        b.cli(&["sessions", "--all", "--json"])
+            .json()
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["grant"] == g1.as_str()).cloned())
+            .filter(|s| s["outcome"] == "grant_revoked")
+    });
+    listed(&b, &g2);
+    let live = b.cli(&["grants", "--json"]).json();
+    assert!(
+        live.as_array()
+            .is_some_and(|l| l.iter().all(|g| g["id"] != g1.as_str())),
+        "the revoked grant is gone on B: {live}"
+    );
+    let on_b = b.probe("bot", &["connect", &target]);
+    assert!(on_b.stdout.contains(BANNER), "g2 usable on B: {on_b:#?}");
+}
+
+/// Continues a paused agent when dropped (a failed assertion must not leave it stopped).
+fn scopeguard(gate: &Gate) -> impl Drop + '_ {
+    struct Resume<'a>(&'a Gate);
+    impl Drop for Resume<'_> {
+        fn drop(&mut self) {
+            self.0.signal(libc::SIGCONT);
+        }
+    }
+    Resume(gate)
+}
+
+/// Removes `gate`'s spool files (the agent stopped).
+fn remove_spool(gate: &Gate) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(gate.dir.join(format!("state/spool.sqlite{suffix}")));
+    }
+}
+
+/// Hostile: the spool file deleted while the agent is stopped with records in it (kept during
+/// an outage). Back, the host records the loss: `audit verify` exits 10 naming the lost spool
+/// and what to do, `audit verify --fleet` shows the host as RECORDS LOST, the log says so.
+/// Then the clean way: stopped, `jitgated --retire-spool` (refused while the agent runs),
+/// started with a new spool: no second alarm.
+#[test]
+fn a_deleted_spool_is_reported_lost_and_a_retired_one_is_not() {
+    jitgate_e2e::root_or_skip!();
+    let (pg, cable, mut a) = spool_fleet("fleet-spool-lost", "");
+    let mut psql = Psql::start(&a, &pg);
+    psql.select("pre-1");
+    cable.cut();
+    lost(&a);
+    psql.select("gone-1");
+    psql.select("gone-2");
+    spool_settled(&a);
+    a.stop();
+    drop(psql);
+    remove_spool(&a);
+    cable.mend();
+    a.launch();
+    open(&a);
+    a.wait_for("the loss in the log", Duration::from_secs(5), || {
+        a.log().contains("SPOOLED RECORDS LOST").then_some(())
+    });
+    assert_eq!(stored(&pg, "gone-"), 0, "the deleted records never arrive");
+    let verified = a.cli(&["audit", "verify"]);
+    assert_eq!(verified.code, 10, "{verified:#?}");
+    assert!(
+        verified.stdout.contains("RECORDS LOST on this host")
+            && verified.stdout.contains("is LOST")
+            && verified.stdout.contains("jitgated --retire-spool"),
+        "{verified:#?}"
+    );
+    let report = a.cli(&["audit", "verify", "--json"]).json();
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["problems"], serde_json::json!([]), "{report}");
+    assert_eq!(report["lost"].as_array().map(Vec::len), Some(1), "{report}");
+    let fleet = a.cli(&["audit", "verify", "--fleet"]);
+    assert_eq!(fleet.code, 10, "{fleet:#?}");
+    assert!(fleet.stdout.contains("host-a: RECORDS LOST"), "{fleet:#?}");
+
+    // On purpose: refused while the agent runs, done once it is stopped.
+    let retire = |gate: &Gate| {
+        std::process::Command::new(&gate.bins().jitgated)
+            .arg("--config")
+            .arg(&gate.config)
+            .arg("--retire-spool")
+            .output()
+            .expect("jitgated --retire-spool")
+    };
+    let running = retire(&a);
+    assert!(!running.status.success(), "{running:?}");
+    assert!(
+        String::from_utf8_lossy(&running.stderr).contains("jitgated is running"),
+        "{running:?}"
+    );
+    a.stop();
+    let retired = retire(&a);
+    assert!(retired.status.success(), "{retired:?}");
+    assert!(
+        String::from_utf8_lossy(&retired.stdout).contains("retired spool"),
+        "{retired:?}"
+    );
+    assert!(!a.dir.join("state/spool.sqlite").exists());
+    a.launch();
+    open(&a);
+    let losses = pg.admin(
+        "fleet",
+        "SELECT count(*) FROM audit WHERE host_id = 'host-a' AND kind = 'spool.lost'",
+    );
+    assert_eq!(
+        losses.trim(),
+        "1",
+        "a retired spool's successor is no alarm"
+    );
+    let retirements = pg.admin(
+        "fleet",
+        "SELECT count(*) FROM audit WHERE host_id = 'host-a' AND kind = 'spool.retired'",
+    );
+    assert_eq!(retirements.trim(), "1");
+}
+
+/// `require_sync_standby = true`: with a synchronous standby streaming, grants are issued as
+/// usual; with it gone, a new grant is refused at once with an error naming the setting
+/// (rather than hanging on a commit that waits for a standby, or committing one a failover
+/// could lose).
+#[test]
+fn require_sync_standby_refuses_grants_while_no_synchronous_standby_streams() {
+    jitgate_e2e::root_or_skip!();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let target = echo.addr.to_string();
+    let primary = servers::Postgres::start();
+    primary.admin("postgres", "CREATE DATABASE fleet");
+    let standby = primary.synchronous_standby();
+    let body = Body::new()
+        .workload("bot", &["root"])
+        .resource("echo", &target)
+        .policy(
+            &["bot"],
+            &["echo"],
+            &["read"],
+            "name = \"echo-auto\"\nmax_ttl = \"1h\"\napproval = \"auto\"",
+        )
+        .build();
+    let a = Gate::start(
+        "fleet-sync-required",
+        "",
+        &format!(
+            "{body}\n[store]\nbackend = \"postgres\"\nurl = \"postgresql://postgres@127.0.0.1:{}/fleet\"\nsslmode = \"disable\"\nhost_id = \"host-a\"\nrequire_sync_standby = true\n",
+            primary.port
+        ),
+    );
+    open(&a);
+    let streaming = || {
+        primary
+            .admin(
+                "postgres",
+                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+            )
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(streaming(), "1");
+    let first = granted(&a, &["echo"])["id"].as_str().unwrap().to_owned();
+    a.cli(&["revoke", &first]).assert_ok();
+    standby.stop();
+    a.wait_for("the standby gone", Duration::from_secs(10), || {
+        (streaming() == "0").then_some(())
+    });
+    let refused = a.cli(&["request", "echo", "--for", "bot"]);
+    assert_ne!(refused.code, 0, "{refused:#?}");
+    assert!(
+        refused.stderr.contains("require_sync_standby")
+            && refused.stderr.contains("no synchronous standby"),
+        "{refused:#?}"
+    );
+}

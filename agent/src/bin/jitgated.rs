@@ -25,6 +25,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if args.retire_spool {
+        return retire_spool(&args.config);
+    }
     jitgate::ops::logging::init(args.log_json);
     // The config is read before the runtime exists: it says how many threads to start.
     let config = match Config::load(&args.config) {
@@ -65,6 +68,43 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("jitgated: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `jitgated --retire-spool`: see [`jitgate::cli::daemon::DaemonArgs::retire_spool`].
+fn retire_spool(path: &std::path::Path) -> ExitCode {
+    let result = (|| {
+        let config = Config::load(path)?;
+        let jitgate::config::StoreConfig::Postgres(options) = &config.daemon.store else {
+            anyhow::bail!(
+                "[store] is not a postgres store: only a fleet host has a spool to retire"
+            );
+        };
+        // The running agent owns the spool: retiring it under its feet would lose whatever
+        // it spools next.
+        if std::os::unix::net::UnixStream::connect(&config.daemon.socket).is_ok() {
+            anyhow::bail!(
+                "jitgated is running (it answers on {}): stop it first (systemctl stop jitgated)",
+                config.daemon.socket.display()
+            );
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(jitgate::store::postgres::PostgresStore::retire_spool(
+            options,
+            &config.daemon.state_dir,
+        ))
+    })();
+    match result {
+        Ok(done) => {
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("jitgated --retire-spool: {e:#}");
             ExitCode::FAILURE
         }
     }

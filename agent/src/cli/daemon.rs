@@ -20,6 +20,11 @@ pub struct DaemonArgs {
     /// Validate the configuration file and exit (0 when valid).
     #[arg(long, value_name = "PATH")]
     pub check_config: Option<PathBuf>,
+    /// Fleet mode, with jitgated stopped: retire this host's local spool on purpose (every
+    /// record shipped), record it in the shared store, and remove the spool file, so that
+    /// the next start's new spool is not reported as records lost. Exits 0 when done.
+    #[arg(long)]
+    pub retire_spool: bool,
     /// Log as JSON lines instead of text (or the journal, under systemd).
     #[arg(long)]
     pub log_json: bool,

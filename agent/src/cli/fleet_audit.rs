@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use super::{EXIT_TAMPERED, output};
+use super::{EXIT_LOST, EXIT_TAMPERED, output};
 use crate::{
     control::{
         api::Call,
@@ -19,7 +19,17 @@ pub fn verify(mut client: Client, json: bool) -> Result<ExitCode, ClientError> {
     } else {
         print!("{}", render(&report));
     }
-    Ok(ExitCode::from(if report.ok { 0 } else { EXIT_TAMPERED }))
+    let tampered = report
+        .hosts
+        .iter()
+        .any(|h| matches!(h.status, HostStatus::Failed | HostStatus::Unsigned));
+    Ok(ExitCode::from(if report.ok {
+        0
+    } else if tampered {
+        EXIT_TAMPERED
+    } else {
+        EXIT_LOST
+    }))
 }
 
 fn render(report: &FleetReport) -> String {
@@ -35,6 +45,17 @@ fn render(report: &FleetReport) -> String {
         .iter()
         .filter(|h| h.status == HostStatus::Failed)
         .count();
+    let lost = report
+        .hosts
+        .iter()
+        .filter(|h| h.status == HostStatus::Lost)
+        .count();
+    if lost > 0 {
+        out.push_str(&format!(
+            "RECORDS LOST: {lost} of {} hosts lost spooled records before they reached their chains (see each host above)\n",
+            report.hosts.len()
+        ));
+    }
     out.push_str(&if failed > 0 {
         format!(
             "FLEET AUDIT LOG TAMPERED WITH: {failed} of {} hosts failed (verified from {})\n",
@@ -64,6 +85,10 @@ fn line(h: &HostReport) -> String {
         ),
         HostStatus::Unsigned => format!(
             "{}: unsigned, {} records (the host runs a jitgated that does not sign its records: only its own `audit verify` checks them)\n",
+            h.host, h.records
+        ),
+        HostStatus::Lost => format!(
+            "{}: RECORDS LOST, {} records, signed by key {key} (the chain verifies):\n",
             h.host, h.records
         ),
         HostStatus::Failed => format!(

@@ -35,6 +35,8 @@ pub const EXIT_CONFLICT: u8 = 6;
 pub const EXIT_PENDING: u8 = 7;
 pub const EXIT_UNREACHABLE: u8 = 8;
 pub const EXIT_TAMPERED: u8 = 9;
+/// `audit verify`: the chain is intact, but the host lost records before they reached it.
+pub const EXIT_LOST: u8 = 10;
 
 /// jitgate: just-in-time, kernel-enforced access for AI agents and other workloads.
 #[derive(Parser)]
@@ -189,12 +191,14 @@ enum SessionsAction {
 
 #[derive(Subcommand)]
 enum AuditAction {
-    /// Check the hash chain: exit 0 intact, 9 tampered.
+    /// Check the hash chain: exit 0 intact, 9 tampered, 10 intact but records were lost
+    /// before they reached it (fleet mode: a `spool.lost` record).
     Verify {
         #[arg(long)]
         json: bool,
         /// Every host's chain in the shared store (fleet mode), checked with the hosts'
-        /// public keys as pinned on this host: exit 9 if any host's chain fails.
+        /// public keys as pinned on this host: exit 9 if any host's chain fails, 10 if a host
+        /// lost spooled records (and none failed).
         #[arg(long)]
         fleet: bool,
     },
@@ -662,15 +666,37 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
                     report.records
                 );
             } else {
-                println!(
-                    "AUDIT LOG TAMPERED WITH ({} records checked):",
-                    report.records
-                );
-                for p in &report.problems {
-                    println!("  - {p}");
+                if !report.problems.is_empty() {
+                    println!(
+                        "AUDIT LOG TAMPERED WITH ({} records checked):",
+                        report.records
+                    );
+                    for p in &report.problems {
+                        println!("  - {p}");
+                    }
+                }
+                if !report.lost.is_empty() {
+                    println!(
+                        "RECORDS LOST on this host (the hash chain{} of {} records):",
+                        if report.problems.is_empty() {
+                            " is intact"
+                        } else {
+                            ""
+                        },
+                        report.records
+                    );
+                    for p in &report.lost {
+                        println!("  - {p}");
+                    }
                 }
             }
-            Ok(ExitCode::from(if report.ok { 0 } else { EXIT_TAMPERED }))
+            Ok(ExitCode::from(if !report.problems.is_empty() {
+                EXIT_TAMPERED
+            } else if !report.lost.is_empty() {
+                EXIT_LOST
+            } else {
+                0
+            }))
         }
         Command::Audit {
             action: None,

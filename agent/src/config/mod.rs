@@ -619,6 +619,8 @@ struct RawStore {
     host_id: Option<S<String>>,
     store_lease: Option<S<String>>,
     spool_limit: Option<S<String>>,
+    change_log_retention: Option<S<String>>,
+    require_sync_standby: Option<S<bool>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1175,6 +1177,14 @@ impl Validator<'_> {
                     ("host_id", raw.host_id.as_ref().map(Spanned::span)),
                     ("store_lease", raw.store_lease.as_ref().map(Spanned::span)),
                     ("spool_limit", raw.spool_limit.as_ref().map(Spanned::span)),
+                    (
+                        "change_log_retention",
+                        raw.change_log_retention.as_ref().map(Spanned::span),
+                    ),
+                    (
+                        "require_sync_standby",
+                        raw.require_sync_standby.as_ref().map(Spanned::span),
+                    ),
                 ];
                 for (key, span) in postgres_only {
                     if let Some(span) = span {
@@ -1349,6 +1359,7 @@ impl Validator<'_> {
                 }
             },
         };
+        let change_log_retention = self.change_log_retention(raw.change_log_retention.as_ref());
         StoreConfig::Postgres(crate::store::postgres::PostgresOptions {
             url,
             password_file,
@@ -1357,7 +1368,45 @@ impl Validator<'_> {
             host_id,
             lease,
             spool_limit,
+            change_log_retention,
+            require_sync_standby: raw
+                .require_sync_standby
+                .as_ref()
+                .is_some_and(|v| *v.get_ref()),
         })
+    }
+
+    /// `store.change_log_retention`: from an hour (a host away longer than the retention
+    /// reloads everything; shorter would make every brief outage a full reload) to a year
+    /// (the log is one small row per change, but it is read by every host that catches up).
+    fn change_log_retention(&mut self, value: Option<&S<String>>) -> Duration {
+        const MIN: Duration = Duration::from_secs(3600);
+        const MAX: Duration = Duration::from_secs(366 * 24 * 3600);
+        let default = crate::store::postgres::DEFAULT_CHANGE_LOG_RETENTION;
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value.get_ref()) {
+            Ok(d) if (MIN..=MAX).contains(&d) => d,
+            Ok(_) => {
+                self.fail(
+                    value.span(),
+                    format!(
+                        "store.change_log_retention: `{}` is out of range (1h to 366d): how long the fleet keeps its change log; a host away longer reloads its grants",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+            Err(e) => {
+                self.fail(
+                    value.span(),
+                    format!(
+                        "store.change_log_retention: `{}` is not a duration (write e.g. `7d`, `36h`): {e}",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
     }
 
     fn workloads(&mut self, daemon: &DaemonConfig, raw: Vec<S<RawWorkload>>) -> Vec<Workload> {
@@ -2270,6 +2319,56 @@ approvers = ["alice", "group:dba"]
             panic!("not postgres")
         };
         assert_eq!(o.spool_limit, 1 << 20);
+        assert_eq!(
+            o.change_log_retention,
+            Duration::from_secs(7 * 24 * 3600),
+            "change_log_retention defaults to 7 days"
+        );
+        let kept = parse(&with(
+            "backend = \"postgres\"\nurl = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\nhost_id = \"h\"\nchange_log_retention = \"36h\"",
+        ))
+        .unwrap();
+        let StoreConfig::Postgres(o) = kept.daemon.store else {
+            panic!("not postgres")
+        };
+        assert_eq!(o.change_log_retention, Duration::from_secs(36 * 3600));
+        assert!(!o.require_sync_standby, "off unless set");
+        let strict = parse(&with(
+            "backend = \"postgres\"\nurl = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\nhost_id = \"h\"\nrequire_sync_standby = true",
+        ))
+        .unwrap();
+        let StoreConfig::Postgres(o) = strict.daemon.store else {
+            panic!("not postgres")
+        };
+        assert!(o.require_sync_standby);
+        let e = parse(&with("require_sync_standby = true"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("store.require_sync_standby: only a `backend = \"postgres\"`"),
+            "{e}"
+        );
+        for (bad, want) in [
+            ("\"10m\"", "out of range (1h to 366d)"),
+            ("\"400d\"", "out of range (1h to 366d)"),
+            ("\"0s\"", "out of range"),
+            ("\"soon\"", "is not a duration"),
+        ] {
+            let e = parse(&with(&format!(
+                "backend = \"postgres\"\nurl = \"postgresql://jg@db/j\"\nsslmode = \"disable\"\nhost_id = \"h\"\nchange_log_retention = {bad}"
+            )))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("store.change_log_retention"), "{bad}: {e}");
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+        let e = parse(&with("change_log_retention = \"7d\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("store.change_log_retention: only a `backend = \"postgres\"` store"),
+            "{e}"
+        );
         // A primary and its standby (libpq's form), each verified against its own name.
         for url in [
             "postgresql://jg@db1.test:5432,db2.test:5433/jitgate",

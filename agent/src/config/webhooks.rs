@@ -151,6 +151,8 @@ pub const KINDS: &[&str] = &[
     "token.issued",
     "token.revoked",
     "api.call",
+    "spool.lost",
+    "spool.retired",
 ];
 
 /// Names that stand for several kinds.

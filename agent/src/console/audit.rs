@@ -20,7 +20,17 @@ fn when(t: crate::model::Timestamp) -> String {
 }
 
 fn verification(b: &mut String, verify: &VerifyReport) {
-    if verify.ok {
+    if verify.problems.is_empty() && !verify.lost.is_empty() {
+        let _ = write!(
+            b,
+            r#"<section class="card error" id="verify" data-verified="false"><p class="bad" role="alert">RECORDS LOST: the hash chain is intact ({} records), but this host lost records before they reached it:</p><ul>"#,
+            verify.records
+        );
+        for p in &verify.lost {
+            let _ = write!(b, "<li>{}</li>", show(p));
+        }
+        b.push_str("</ul></section>");
+    } else if verify.ok {
         let _ = write!(
             b,
             r#"<section class="card" id="verify" data-verified="true"><p class="ok">Audit log verified: {} records, hash chain intact.</p></section>"#,
@@ -32,7 +42,7 @@ fn verification(b: &mut String, verify: &VerifyReport) {
             r#"<section class="card error" id="verify" data-verified="false"><p class="bad" role="alert">AUDIT LOG TAMPERED WITH ({} records checked):</p><ul>"#,
             verify.records
         );
-        for p in &verify.problems {
+        for p in verify.problems.iter().chain(&verify.lost) {
             let _ = write!(b, "<li>{}</li>", show(p));
         }
         b.push_str("</ul></section>");
@@ -212,6 +222,7 @@ mod tests {
             records: 12,
             ok: true,
             problems: vec![],
+            lost: vec![],
         };
         let page = page(
             &person(),
@@ -243,6 +254,7 @@ mod tests {
             records: 5,
             ok: false,
             problems: vec!["record 3: hash mismatch".into()],
+            lost: vec![],
         };
         let page = page(
             &person(),

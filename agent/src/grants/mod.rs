@@ -470,6 +470,24 @@ impl GrantEngine {
         for g in stored {
             self.apply(GrantChange::Issued(Box::new(g)));
         }
+        // Requests waited on here that were decided elsewhere while this host could not
+        // hear of it (cut off, or its place in the change log pruned away): wake the waiters,
+        // as the decision's change would have.
+        let waited: Vec<String> = self
+            .inner
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        for id in waited {
+            if let Some(q) = self.inner.store.request(id.clone()).await?
+                && q.status != RequestStatus::Pending
+            {
+                self.notify(&id, q.status);
+            }
+        }
         Ok(())
     }
 

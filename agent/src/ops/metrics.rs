@@ -34,6 +34,9 @@ pub const KERNEL_REFUSALS: &str = "jitgate_kernel_refusals_total";
 pub const KERNEL_EVENTS_LOST: &str = "jitgate_kernel_events_lost_total";
 pub const WEBHOOK_DELIVERIES: &str = "jitgate_webhook_deliveries_total";
 pub const SPOOL_RECORDS: &str = "jitgate_store_spool_records_total";
+pub const CHANGE_LOG_PRUNED: &str = "jitgate_store_change_log_pruned_total";
+pub const CHANGE_LOG_RESYNCS: &str = "jitgate_store_change_log_resyncs_total";
+pub const SPOOLS_LOST: &str = "jitgate_store_spools_lost_total";
 pub const BUILD_INFO: &str = "jitgate_build_info";
 pub const STARTED: &str = "jitgate_start_time_seconds";
 
@@ -192,6 +195,18 @@ fn describe() {
         SPOOL_RECORDS,
         "Fleet mode: records kept in the local spool while the shared store was out of reach, shipped to it since, and dropped (the spool full past its reserve, or damaged), by outcome."
     );
+    describe_counter!(
+        CHANGE_LOG_PRUNED,
+        "Fleet mode: rows of the shared store's change log this host deleted as older than change_log_retention."
+    );
+    describe_counter!(
+        CHANGE_LOG_RESYNCS,
+        "Fleet mode: full reloads of live grants and waiting requests because the change log no longer held every change this host had not read (pruned past it, or cut in a failover or restore)."
+    );
+    describe_counter!(
+        SPOOLS_LOST,
+        "Fleet mode: times this host reached the shared store with a local spool other than the one the store knew as its current, which was not retired: records spooled after the last one shipped from it are lost (recorded as spool.lost in this host's audit chain)."
+    );
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which jitgated runs."
@@ -240,6 +255,21 @@ pub fn spool_shipped(records: u64) {
 /// Records neither written nor spooled.
 pub fn spool_dropped(records: u64) {
     counter!(SPOOL_RECORDS, "outcome" => "dropped").increment(records);
+}
+
+/// Change-log rows deleted by this host's pruner.
+pub fn change_log_pruned(rows: u64) {
+    counter!(CHANGE_LOG_PRUNED).increment(rows);
+}
+
+/// A full reload because the change log lost changes this host had not read.
+pub fn change_log_resync() {
+    counter!(CHANGE_LOG_RESYNCS).increment(1);
+}
+
+/// A replaced spool found whose unshipped records are lost.
+pub fn spool_lost() {
+    counter!(SPOOLS_LOST).increment(1);
 }
 
 /// How a webhook event ended (`delivered`, `rejected`, `failed`, `dropped`).

@@ -264,6 +264,14 @@ impl StoreHealth {
         });
     }
 
+    /// The change log no longer holds every change this host had not read (pruned past it,
+    /// or cut in a failover): a new epoch begins, as after a reconnection, so the grant
+    /// engine reloads its live grants (and waiting requests) whole before new grants ride on
+    /// them or the lease counts as renewed.
+    pub fn resync(&self) {
+        self.tx.send_modify(|h| h.epoch += 1);
+    }
+
     /// The change log was read to its end at `at` (taken before the read began: what was
     /// committed before then has been heard).
     pub fn confirmed(&self, at: Instant) {

@@ -743,6 +743,66 @@ mod postgres {
         (store, dir)
     }
 
+    /// `require_sync_standby`: with no synchronous standby streaming (the test server has
+    /// none), no grant is issued, neither approved nor auto-approved, and the error names the
+    /// setting; nothing of the refused decision is committed. Without it, the same works.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn require_sync_standby_refuses_grants_without_a_synchronous_standby() {
+        let Some(pg) = TestDb::start() else { return };
+        let db = pg.database("syncstandby");
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = pg.options(&db, "host-a");
+        options.require_sync_standby = true;
+        let store = PostgresStore::open(&options, &dir.path().join("state"))
+            .await
+            .unwrap();
+        let q = request("req_1", None, None);
+        store
+            .file_request(q.clone(), "user bob".into())
+            .await
+            .unwrap();
+        let approval = GrantApproval {
+            grant: grant("grt_1", &q),
+            approver: actor(1001, "alice"),
+            actor: "user alice".into(),
+            ttl_secs: 600,
+        };
+        let Err(e) = store.approve_request(approval.clone()).await else {
+            panic!("a grant issued without a synchronous standby");
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains("require_sync_standby") && e.contains("pg_stat_replication"),
+            "{e}"
+        );
+        let auto = request("req_2", None, None);
+        let Err(e) = store
+            .file_approved(auto.clone(), grant("grt_2", &auto), "policy p".into())
+            .await
+        else {
+            panic!("an auto-approved grant issued without a synchronous standby");
+        };
+        assert!(e.to_string().contains("require_sync_standby"), "{e}");
+        assert!(store.grant("grt_1".into()).await.unwrap().is_none());
+        assert!(store.grant("grt_2".into()).await.unwrap().is_none());
+        assert_eq!(
+            store.request("req_1".into()).await.unwrap().unwrap().status,
+            RequestStatus::Pending,
+            "the refused approval left the request pending"
+        );
+        drop(store);
+        // The same store without the setting issues it.
+        options.require_sync_standby = false;
+        let dir = tempfile::tempdir().unwrap();
+        let store = PostgresStore::open(&options, &dir.path().join("state"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.approve_request(approval).await.unwrap(),
+            Decided::Done(_)
+        ));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_store_behaves() {
         let Some(pg) = TestDb::start() else { return };
@@ -1072,6 +1132,8 @@ mod postgres {
             host_id: "h".into(),
             lease: std::time::Duration::from_secs(30),
             spool_limit: 64 << 20,
+            change_log_retention: crate::store::postgres::DEFAULT_CHANGE_LOG_RETENTION,
+            require_sync_standby: false,
         };
         // A password file others can read is not used.
         std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644))

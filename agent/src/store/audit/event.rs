@@ -81,6 +81,13 @@ pub enum Event {
     /// `api.call`: one call of the console's HTTP API with a token (state changes also
     /// have their own records, whose actor names the token).
     ApiCall(ApiCall),
+    /// `spool.lost` (fleet mode): this host reached the shared store with a local spool other
+    /// than the one the store knew as its current, which had not been retired: whatever
+    /// that spool held after `shipped_through` was never shipped and is lost.
+    SpoolLost(SpoolLost),
+    /// `spool.retired` (fleet mode): an operator retired this host's spool on purpose, every
+    /// record in it shipped (`jitgated --retire-spool`); a new spool follows it silently.
+    SpoolRetired(SpoolRetired),
 }
 
 impl Event {
@@ -115,6 +122,8 @@ impl Event {
             Self::TokenIssued(_) => "token.issued",
             Self::TokenRevoked(_) => "token.revoked",
             Self::ApiCall(_) => "api.call",
+            Self::SpoolLost(_) => "spool.lost",
+            Self::SpoolRetired(_) => "spool.retired",
         }
     }
 
@@ -761,4 +770,23 @@ pub struct ApiCall {
     /// The path without its query.
     pub path: String,
     pub status: u16,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SpoolLost {
+    /// The spool the store knew as this host's current one.
+    pub spool: String,
+    /// The last of its records the store has (0: none); any after it are lost.
+    pub shipped_through: i64,
+    /// The spool this host has now.
+    pub replaced_by: String,
+    /// When the lost spool was registered (ms since the epoch).
+    pub registered_at: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SpoolRetired {
+    pub spool: String,
+    /// The last of its records the store has (every record it ever held).
+    pub shipped_through: i64,
 }

@@ -99,6 +99,9 @@ pub enum HostStatus {
     Failed,
     /// The host signs nothing (it runs a jitgated from before signatures): not checkable here.
     Unsigned,
+    /// The chain verifies, but the host lost records before they reached it (a `spool.lost`
+    /// record): see `problems`.
+    Lost,
 }
 
 /// One host's line of `jitgate audit verify --fleet`.
@@ -136,6 +139,8 @@ pub struct HostVerifier {
     signed_from: Option<i64>,
     pin: Option<Pin>,
     problems: Vec<String>,
+    /// `spool.lost` records: what they say was lost.
+    lost: Vec<String>,
     first_bad: Option<i64>,
     expected_seq: i64,
     prev_hash: String,
@@ -163,6 +168,7 @@ impl HostVerifier {
             signed_from: None,
             pin: pin.cloned(),
             problems: Vec::new(),
+            lost: Vec::new(),
             first_bad: None,
             expected_seq: 1,
             prev_hash: GENESIS.to_owned(),
@@ -249,6 +255,9 @@ impl HostVerifier {
     /// Checks the next record and its signature (`None`: it has none).
     pub fn check(&mut self, r: &Sealed, sig: Option<&str>) {
         self.records += 1;
+        if r.kind == super::SPOOL_LOST {
+            self.lost.push(super::spool_lost_note(r.seq, &r.detail));
+        }
         if r.seq != self.expected_seq {
             if r.seq > self.expected_seq {
                 self.problem(
@@ -358,12 +367,15 @@ impl HostVerifier {
         }
         let status = if !self.problems.is_empty() {
             HostStatus::Failed
+        } else if !self.lost.is_empty() {
+            HostStatus::Lost
         } else if self.key.is_none() {
             HostStatus::Unsigned
         } else {
             HostStatus::Ok
         };
-        let pin = (status == HostStatus::Ok)
+        // A chain that verifies is pinned, records lost before it or not.
+        let pin = matches!(status, HostStatus::Ok | HostStatus::Lost)
             .then(|| {
                 let base = self.pin.clone().or(self.new_pin.clone())?;
                 let advanced = last > base.seq;
@@ -386,7 +398,7 @@ impl HostVerifier {
                 unsigned: self.unsigned,
                 first_bad_seq: self.first_bad,
                 key: self.key.as_deref().map(sign::fingerprint),
-                problems: self.problems,
+                problems: self.problems.into_iter().chain(self.lost).collect(),
             },
             pin,
         )

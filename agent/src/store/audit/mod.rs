@@ -226,8 +226,38 @@ pub fn seal_parts(
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub records: u64,
+    /// No tampering found and no records lost.
     pub ok: bool,
+    /// Signs of tampering.
     pub problems: Vec<String>,
+    /// Records this host made but lost before they reached the log (fleet mode: a local
+    /// spool replaced before it was shipped, `spool.lost`), each with what to do. The chain
+    /// itself may be intact.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost: Vec<String>,
+}
+
+/// The kind of the record a host writes when it finds its unshipped spool gone.
+pub const SPOOL_LOST: &str = "spool.lost";
+
+/// What `audit verify` says of a `spool.lost` record `seq` with `detail` (its JSON).
+pub fn spool_lost_note(seq: i64, detail: &str) -> String {
+    let d: serde_json::Value = serde_json::from_str(detail).unwrap_or_default();
+    let text = |k: &str| {
+        d.get(k)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("?")
+            .to_owned()
+    };
+    let shipped = d
+        .get("shipped_through")
+        .and_then(serde_json::Value::as_i64)
+        .unwrap_or(0);
+    format!(
+        "record {seq} (spool.lost): the host came back to the shared store with a new local spool ({}) while its spool {} had not been retired: whatever that spool held after its record {shipped} (the last the store has) was never shipped and is LOST. Find out why the spool went (its file deleted or replaced, its key deleted); if the old spool.sqlite was kept, keep it for investigation; account for what the host did meanwhile from its other logs. To replace a spool on purpose, retire it first: `jitgated --retire-spool` (README, \"Fleet deployment\")",
+        text("replaced_by"),
+        text("spool"),
+    )
 }
 
 /// Walks a chain record by record, in sequence order. Every problem is reported, not just the
@@ -238,6 +268,7 @@ pub struct Verifier<'k> {
     /// The stored hash of the record the checkpoint names, once seen.
     at_checkpoint: Option<String>,
     problems: Vec<String>,
+    lost: Vec<String>,
     expected_seq: i64,
     prev_hash: String,
     records: u64,
@@ -251,6 +282,7 @@ impl<'k> Verifier<'k> {
             checkpoint,
             at_checkpoint: None,
             problems: Vec::new(),
+            lost: Vec::new(),
             expected_seq: 1,
             prev_hash: GENESIS.to_owned(),
             records: 0,
@@ -259,6 +291,9 @@ impl<'k> Verifier<'k> {
 
     pub fn check(&mut self, record: &Sealed) {
         self.records += 1;
+        if record.kind == SPOOL_LOST {
+            self.lost.push(spool_lost_note(record.seq, &record.detail));
+        }
         if record.seq != self.expected_seq {
             self.problems.push(if record.seq > self.expected_seq {
                 format!(
@@ -318,8 +353,9 @@ impl<'k> Verifier<'k> {
         }
         VerifyReport {
             records: self.records,
-            ok: self.problems.is_empty(),
+            ok: self.problems.is_empty() && self.lost.is_empty(),
             problems: self.problems,
+            lost: self.lost,
         }
     }
 }

@@ -4,6 +4,13 @@
 //! connection was down is still delivered: a notification is only a hint to look, the log
 //! is what is read.
 //!
+//! The log is pruned ([`super::prune`]): a host whose place in it is gone (away longer than
+//! `change_log_retention`, or a log cut back in a failover past what this host remembers)
+//! cannot catch up row by row. It notices (`changes_pruned.through` past its last read
+//! change, read in the same statement as the rows), and reloads instead: a new epoch of
+//! [`StoreHealth`], on which the grant engine makes its live grants and waiting requests what
+//! their tables say, as at start, before new grants ride on them.
+//!
 //! The follower is also what reaches the store in the first place (and migrates it), and what
 //! tells the rest of the agent whether the store is there: see [`crate::store::health`].
 
@@ -14,7 +21,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::{connect::Connector, queries, schema};
+use super::{connect::Connector, prune, queries, schema};
 use crate::{
     model::{RequestStatus, Timestamp},
     store::{GrantChange, Result, StoreError, health::StoreHealth},
@@ -78,6 +85,10 @@ pub async fn follow(f: Follower) {
                     .await
                     .map_err(|e| failure(&e, "migrating the schema: "))?;
                 let newest = newest(&client).await.map_err(|e| failure(&e, ""))?;
+                // A log cut past its newest row (every change pruned) starts after the cut.
+                let through = prune::pruned_through(&client)
+                    .await
+                    .map_err(|e| failure(&e, ""))?;
                 let closed = queries::close_sessions_before(&client, &f.host, f.started_at)
                     .await
                     .map_err(|e| failure(&e, ""))?;
@@ -87,7 +98,7 @@ pub async fn follow(f: Follower) {
                         "closed sessions left open by a previous run"
                     );
                 }
-                last_seen = Some(newest);
+                last_seen = Some(newest.max(through));
             } else if let Some(seen) = last_seen {
                 // The store may have gone back in time (a standby promoted without the last
                 // changes, a restore): numbers this host already read may be given to new
@@ -159,7 +170,7 @@ pub async fn follow(f: Follower) {
             let began = Instant::now();
             match tokio::time::timeout(
                 read_deadline,
-                catch_up(&client, &f.host, &mut seen, &mut recent, &f.out),
+                read_log(&client, &f.host, &mut seen, &mut recent, &f.out, &f.health),
             )
             .await
             {
@@ -254,18 +265,70 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// Reads every change after `last_seen` and passes on those made by other hosts.
+/// Reads the log on from `last_seen` ([`catch_up`]); where this host's place in it is gone,
+/// goes on from the log's end and starts a new epoch, on which the grant engine reloads
+/// what the skipped changes would have told it (see the module's doc).
+pub(super) async fn read_log(
+    client: &Client,
+    host: &str,
+    last_seen: &mut i64,
+    recent: &mut Recent,
+    out: &broadcast::Sender<GrantChange>,
+    health: &StoreHealth,
+) -> Result<()> {
+    loop {
+        match catch_up(client, host, last_seen, recent, out).await? {
+            Caught::All => return Ok(()),
+            Caught::Gap { through } => {
+                // Read before the engine reloads (it does so once it sees the new epoch):
+                // a change committed in between is then both reloaded and read, which is
+                // harmless; none is missed.
+                let next = newest(client).await?.max(through);
+                warn!(
+                    read_up_to = *last_seen,
+                    pruned_through = through,
+                    resume_after = next,
+                    "changes this host had not read are gone from the shared store's change log (it was away longer than change_log_retention, or the log was cut back in a failover or restore): reloading live grants and waiting requests from the store, as at start"
+                );
+                crate::ops::metrics::change_log_resync();
+                recent.clear();
+                *last_seen = next;
+                health.resync();
+            }
+        }
+    }
+}
+
+/// How a read of the log ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Caught {
+    /// Every change after the last one read was read.
+    All,
+    /// The log has been cut through `through`, past the last change read: some changes this
+    /// host never read are gone. Nothing from this read was passed on.
+    Gap { through: i64 },
+}
+
+/// Reads every change after `last_seen` and passes on those made by other hosts, unless the
+/// log no longer holds them all ([`Caught::Gap`]).
 async fn catch_up(
     client: &Client,
     host: &str,
     last_seen: &mut i64,
     recent: &mut Recent,
     out: &broadcast::Sender<GrantChange>,
-) -> Result<()> {
+) -> Result<Caught> {
     loop {
-        let rows = queries::changes_after(client, *last_seen, PAGE).await?;
-        let full = rows.len() == PAGE as usize;
-        for row in rows {
+        // The cut and the rows in one statement (one snapshot): a cut at or below
+        // `last_seen` then means no row after it was gone when they were read.
+        let log = queries::changes_after(client, *last_seen, PAGE).await?;
+        if log.through > *last_seen {
+            return Ok(Caught::Gap {
+                through: log.through,
+            });
+        }
+        let read = log.changes.len();
+        for row in log.changes {
             let seq = row.seq;
             recent.push(Seen {
                 seq,
@@ -283,8 +346,8 @@ async fn catch_up(
             }
             *last_seen = seq;
         }
-        if !full {
-            return Ok(());
+        if read < PAGE as usize {
+            return Ok(Caught::All);
         }
     }
 }
@@ -301,12 +364,18 @@ struct Seen {
 /// The last changes read, to tell on reconnecting whether the store's log is still the one
 /// read (see [`Recent::resume`]).
 #[derive(Default)]
-struct Recent(std::collections::VecDeque<Seen>);
+pub(super) struct Recent(std::collections::VecDeque<Seen>);
 
 /// Changes remembered (a failover loses at most what replication had not sent, far less).
 const RECENT: usize = 1024;
 
 impl Recent {
+    /// Forgets what was read: after a reload, the log before it is not what this host's
+    /// state was made from.
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
     fn push(&mut self, seen: Seen) {
         if self.0.len() == RECENT {
             self.0.pop_front();
@@ -317,7 +386,9 @@ impl Recent {
     /// Where to read on from after reconnecting, having read up to `seen`: `seen` when the
     /// store still holds the last change read as read; else the newest remembered change it
     /// still holds as read; else before the oldest remembered (or `seen`, when nothing was
-    /// read on this connection's predecessors: the log had nothing to compare).
+    /// read on this connection's predecessors: the log had nothing to compare). Remembered
+    /// changes the log has since been pruned of are not compared: their absence is no sign
+    /// of a log gone back (and a resume point below the cut is then a [`Caught::Gap`]).
     async fn resume(&self, client: &Client, seen: i64) -> Result<i64> {
         let (Some(first), Some(last)) = (self.0.front(), self.0.back()) else {
             return Ok(seen);
@@ -337,16 +408,20 @@ impl Recent {
                 subject: row.try_get(3)?,
             });
         }
-        Ok(self.resume_from(&now, seen))
+        // After the rows: a cut made in between only widens what is not compared.
+        let through = prune::pruned_through(client).await?;
+        Ok(self.resume_from(&now, seen, through))
     }
 
-    /// [`Self::resume`] given the store's rows over the remembered range.
-    fn resume_from(&self, now: &[Seen], seen: i64) -> i64 {
-        let Some(oldest) = self.0.front() else {
+    /// [`Self::resume`] given the store's rows over the remembered range and how far the
+    /// log has been pruned.
+    fn resume_from(&self, now: &[Seen], seen: i64, through: i64) -> i64 {
+        let Some(oldest) = self.0.iter().find(|s| s.seq > through) else {
             return seen;
         };
         self.0
             .iter()
+            .filter(|s| s.seq > through)
             .rev()
             .find(|s| now.contains(s))
             .map_or(oldest.seq - 1, |s| s.seq)
@@ -400,20 +475,135 @@ mod recent_tests {
         }
         let same: Vec<Seen> = (1..=5).map(|n| seen(n, &format!("g{n}"))).collect();
         assert_eq!(
-            r.resume_from(&same, 5),
+            r.resume_from(&same, 5, 0),
             5,
             "the same log: on from the last read"
         );
         // 4 and 5 lost; 4 reused by another change.
         let lost = vec![seen(1, "g1"), seen(2, "g2"), seen(3, "g3"), seen(4, "x9")];
-        assert_eq!(r.resume_from(&lost, 5), 3);
+        assert_eq!(r.resume_from(&lost, 5, 0), 3);
         // Nothing remembered is there any more: from before the oldest remembered.
-        assert_eq!(r.resume_from(&[seen(1, "y1")], 5), 0);
+        assert_eq!(r.resume_from(&[seen(1, "y1")], 5, 0), 0);
         // Bounded memory.
         for n in 6..(RECENT as i64 + 100) {
             r.push(seen(n, "z"));
         }
         assert_eq!(r.0.len(), RECENT);
-        assert_eq!(Recent::default().resume_from(&[], 7), 7);
+        assert_eq!(Recent::default().resume_from(&[], 7, 0), 7);
+    }
+
+    /// Remembered changes pruned away are not a log gone back: no re-read, no warning.
+    #[test]
+    fn pruned_changes_are_not_taken_for_a_log_gone_back() {
+        let mut r = Recent::default();
+        for n in 1..=5 {
+            r.push(seen(n, &format!("g{n}")));
+        }
+        let kept = vec![seen(4, "g4"), seen(5, "g5")];
+        assert_eq!(r.resume_from(&kept, 5, 3), 5, "1..3 pruned: on from 5");
+        assert_eq!(r.resume_from(&[], 5, 5), 5, "all pruned: on from 5");
+        // Pruned through 3 and 4..5 lost in a failover: on from the cut (4 is read again).
+        assert_eq!(r.resume_from(&[seen(4, "x9")], 5, 3), 3);
+        r.clear();
+        assert_eq!(r.resume_from(&[], 5, 0), 5);
+    }
+}
+
+#[cfg(test)]
+mod gap_tests {
+    //! On a real PostgreSQL: a follower whose place in the log was pruned away reloads (a
+    //! new epoch) instead of reading on as if nothing was missed.
+
+    use super::{super::testdb::TestDb, *};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_behind_the_pruned_log_starts_a_reload() {
+        let Some(pg) = TestDb::start() else { return };
+        let db = pg.database("gap");
+        let options = pg.options(&db, "host-a");
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::super::PostgresStore::open(&options, &dir.path().join("state"))
+            .await
+            .unwrap();
+        let client = Connector::new(&options)
+            .unwrap()
+            .connect(None)
+            .await
+            .unwrap();
+        let (out, mut rx) = broadcast::channel(64);
+        let health = StoreHealth::new("test".into(), Duration::from_secs(30));
+        let mut recent = Recent::default();
+        // Host b revokes g1, g2, g3; this follower read g1 only.
+        pg.admin(
+            &db,
+            "INSERT INTO changes (host_id, kind, subject) VALUES ('b', 'revoked', 'g1'), ('b', 'revoked', 'g2'), ('b', 'revoked', 'g3')",
+        );
+        let first: i64 = pg
+            .admin(&db, "SELECT min(seq) FROM changes")
+            .trim()
+            .parse()
+            .unwrap();
+        let mut seen = first - 1;
+        assert_eq!(
+            catch_up(&client, "host-a", &mut seen, &mut recent, &out)
+                .await
+                .unwrap(),
+            Caught::All
+        );
+        assert_eq!(seen, first + 2);
+        for want in ["g1", "g2", "g3"] {
+            assert!(matches!(rx.try_recv(), Ok(GrantChange::Revoked { grant }) if grant == want));
+        }
+        // Rewind to "read g1 only"; the log is then pruned past g2 (g2's change is gone).
+        let mut seen = first;
+        pg.admin(
+            &db,
+            &format!(
+                "DELETE FROM changes WHERE seq <= {0}; UPDATE changes_pruned SET through = {0}",
+                first + 1
+            ),
+        );
+        let epoch = health.get().epoch;
+        assert_eq!(
+            catch_up(&client, "host-a", &mut seen, &mut recent, &out)
+                .await
+                .unwrap(),
+            Caught::Gap { through: first + 1 },
+            "a host behind the cut is told so"
+        );
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing passed on from a gapped read"
+        );
+        read_log(&client, "host-a", &mut seen, &mut recent, &out, &health)
+            .await
+            .unwrap();
+        assert_eq!(
+            health.get().epoch,
+            epoch + 1,
+            "a new epoch: the engine reloads"
+        );
+        assert_eq!(seen, first + 2, "on from the log's end");
+        assert!(recent.0.is_empty());
+        // At or past the cut: read on as usual, no reload.
+        pg.admin(
+            &db,
+            "INSERT INTO changes (host_id, kind, subject) VALUES ('b', 'revoked', 'g4')",
+        );
+        read_log(&client, "host-a", &mut seen, &mut recent, &out, &health)
+            .await
+            .unwrap();
+        assert_eq!(health.get().epoch, epoch + 1);
+        assert!(matches!(rx.try_recv(), Ok(GrantChange::Revoked { grant }) if grant == "g4"));
+        // Everything pruned (an empty log) with the follower at the cut: no reload either.
+        pg.admin(
+            &db,
+            &format!("DELETE FROM changes; UPDATE changes_pruned SET through = {seen}"),
+        );
+        read_log(&client, "host-a", &mut seen, &mut recent, &out, &health)
+            .await
+            .unwrap();
+        assert_eq!(health.get().epoch, epoch + 1);
+        drop(store);
     }
 }

@@ -45,7 +45,19 @@ pub struct PostgresOptions {
     /// `spool_limit`: bytes of records the local spool keeps while the store is out of reach
     /// (new sessions are refused past it; a quarter more is kept for live sessions' tails).
     pub spool_limit: u64,
+    /// `change_log_retention`: how long rows of the change log (`changes`) are kept before
+    /// the fleet's pruner deletes them. A host whose last read change is older than the
+    /// oldest kept reloads its live grants and waiting requests from their tables instead
+    /// (see `changes.rs`).
+    pub change_log_retention: Duration,
+    /// `require_sync_standby`: no new grant is issued while the store has no synchronous
+    /// standby streaming (`pg_stat_replication`), so every grant survives a failover.
+    pub require_sync_standby: bool,
 }
+
+/// How long change-log rows are kept unless `change_log_retention` says otherwise: longer
+/// than any outage a host is expected to ride out and catch up on row by row.
+pub const DEFAULT_CHANGE_LOG_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Makes connections with one set of options.
 #[derive(Clone)]
@@ -220,6 +232,8 @@ mod tests {
             host_id: "h".into(),
             lease: Duration::from_secs(30),
             spool_limit: 1 << 20,
+            change_log_retention: crate::store::postgres::DEFAULT_CHANGE_LOG_RETENTION,
+            require_sync_standby: false,
         }
     }
 

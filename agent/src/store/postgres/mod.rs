@@ -17,9 +17,11 @@ mod audit;
 mod changes;
 mod connect;
 mod fleet;
+mod prune;
 mod queries;
 mod schema;
 pub mod spool;
+pub mod spools;
 mod tls;
 mod tokens;
 mod writer;
@@ -41,7 +43,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-pub use self::connect::PostgresOptions;
+pub use self::connect::{DEFAULT_CHANGE_LOG_RETENTION, PostgresOptions};
 use self::{
     connect::Connector,
     spool::{AuditRecord, Record, Spool},
@@ -82,6 +84,8 @@ pub struct PostgresStore {
     feed: broadcast::Sender<AuditEvent>,
     health: StoreHealth,
     stop: CancellationToken,
+    /// `[store] require_sync_standby`.
+    require_sync_standby: bool,
 }
 
 impl Drop for PostgresStore {
@@ -129,6 +133,11 @@ impl PostgresStore {
         });
         let (changes, _) = broadcast::channel(CHANGES);
         let stop = CancellationToken::new();
+        tokio::spawn(prune::run(
+            connector.clone(),
+            options.change_log_retention,
+            stop.clone(),
+        ));
         tokio::spawn(changes::follow(changes::Follower {
             connector: connector.clone(),
             host: host.clone(),
@@ -147,6 +156,7 @@ impl PostgresStore {
             feed,
             health,
             stop,
+            require_sync_standby: options.require_sync_standby,
         })
     }
 
@@ -173,6 +183,71 @@ impl PostgresStore {
             .map_err(|_| anyhow::anyhow!("the shared state store's follower stopped"))?;
         store.health.check()?;
         Ok(store)
+    }
+
+    /// Retires this host's local spool on purpose (`jitgated --retire-spool`, with the agent
+    /// stopped): the spool must be intact and empty (every record shipped, as the store
+    /// confirms) and the store's current spool for this host; the store records it retired
+    /// (`spool.retired` in the host's chain) and the spool's files are removed, so the next
+    /// start's new spool follows it without a `spool.lost` alarm. Returns what was done.
+    pub async fn retire_spool(
+        options: &PostgresOptions,
+        state_dir: &Path,
+    ) -> anyhow::Result<String> {
+        let path = state_dir.join(spool::FILE);
+        if !path.exists() {
+            anyhow::bail!("no local spool at {}: nothing to retire", path.display());
+        }
+        if !state_dir.join(spool::KEY_FILE).exists() {
+            anyhow::bail!(
+                "{} is missing: the spool cannot be checked, so it cannot be retired (when jitgated next reaches the store with a new spool, this one is recorded as lost)",
+                state_dir.join(spool::KEY_FILE).display()
+            );
+        }
+        let spool_key = super::audit::secret_key(state_dir, spool::KEY_FILE)?;
+        let local = Spool::open(state_dir, spool_key, options.spool_limit);
+        if let Some(problem) = local.problem() {
+            anyhow::bail!("{problem}; a damaged spool cannot be retired");
+        }
+        let waiting = local.stats().records;
+        if waiting > 0 {
+            anyhow::bail!(
+                "the local spool {} holds {waiting} records not shipped yet: start jitgated with the shared store reachable so they are shipped (`jitgate status` shows the spool empty), stop it, then retire",
+                path.display()
+            );
+        }
+        let id = local.id();
+        let shipped = local.shipped_through()?;
+        drop(local);
+        let key = AuditKey::load_or_create(state_dir)?
+            .with_signer(super::audit::sign::AuditSigner::load_or_create(state_dir)?);
+        let mut client = Connector::new(options)?.connect(None).await?;
+        let tx = client.transaction().await?;
+        let sealed = spools::retire(&tx, &options.host_id, &key, &id, shipped).await?;
+        tx.commit().await?;
+        if let Err(e) = audit::write_head(
+            &state_dir.join(HEAD_FILE),
+            &(sealed.seq, sealed.hash.clone()),
+        ) {
+            tracing::warn!(error = %e, "could not write the audit head checkpoint");
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let file = state_dir.join(format!("{}{suffix}", spool::FILE));
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => anyhow::bail!(
+                    "spool {id} is retired in the shared store, but {} could not be removed: {e}; remove it before starting jitgated",
+                    file.display()
+                ),
+            }
+        }
+        Ok(format!(
+            "retired spool {id} of host {} (every record shipped, through {shipped}; recorded as spool.retired, audit record {}); removed {}: jitgated starts a new spool",
+            options.host_id,
+            sealed.seq,
+            path.display()
+        ))
     }
 
     /// This host's name in the shared store.
@@ -240,6 +315,28 @@ impl PostgresStore {
     }
 }
 
+/// With `[store] require_sync_standby`, in the transaction that would issue a grant: refuses
+/// it unless a synchronous standby is streaming now (a grant committed without one is lost if
+/// the store fails over). `pg_stat_replication` shows other sessions' rows in full only to
+/// roles with `pg_monitor` (or superusers); without it no standby is seen and every grant is
+/// refused, which the error says.
+async fn require_sync_standby(db: &Db<'_>) -> Result<()> {
+    let streaming: i64 = db
+        .tx
+        .query_one(
+            "SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if streaming == 0 {
+        return Err(StoreError::Unavailable(
+            "no new grant: [store] require_sync_standby is set and the shared state store has no synchronous standby streaming now (pg_stat_replication shows none in sync_state sync or quorum), so a failover could lose the grant. Bring a synchronous standby back (see \"Fleet deployment\" in the README), or unset require_sync_standby; the agent's database role needs pg_monitor to see the standbys".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Marks a pending request expired with its audit record and change, in the caller's
 /// transaction (which holds the change-log lock).
 async fn expire_request(db: &Db<'_>, id: &str, why: &str, event: &Event) -> Result<()> {
@@ -298,10 +395,14 @@ impl Store for PostgresStore {
     }
 
     fn file_approved(&self, request: Request, grant: Grant, actor: String) -> StoreFuture<'_, ()> {
+        let strict = self.require_sync_standby;
         Box::pin(async move {
             let g = grant.clone();
             self.call(op(move |db| {
                 Box::pin(async move {
+                    if strict {
+                        require_sync_standby(db).await?;
+                    }
                     db.lock_changes().await?;
                     queries::insert_request(db.tx, db.host, &request).await?;
                     queries::insert_grant(db.tx, db.host, &g).await?;
@@ -352,11 +453,15 @@ impl Store for PostgresStore {
     }
 
     fn approve_request(&self, approval: GrantApproval) -> StoreFuture<'_, Decided> {
+        let strict = self.require_sync_standby;
         Box::pin(async move {
             let grant = approval.grant.clone();
             let decided = self
                 .call(op(move |db| {
                     Box::pin(async move {
+                        if strict {
+                            require_sync_standby(db).await?;
+                        }
                         let GrantApproval {
                             grant: g,
                             approver,

@@ -283,49 +283,66 @@ pub struct LoggedChange {
     pub status: Option<RequestStatus>,
 }
 
+/// A page of the change log and how far the log has been pruned, read in one snapshot.
+#[derive(Debug)]
+pub struct LogPage {
+    /// Changes up to this number are gone (pruned); 0 when none are.
+    pub through: i64,
+    pub changes: Vec<LoggedChange>,
+}
+
 /// The change log after `after`, oldest first, at most `limit` entries, each with its grant
-/// or request status joined in: one query per read for each host. Reading each subject apart
-/// made every change cost a fleet of N hosts N queries more, all at once (every host wakes
-/// on the same notification).
-pub async fn changes_after(
-    db: &impl GenericClient,
-    after: i64,
-    limit: i64,
-) -> Result<Vec<LoggedChange>> {
+/// or request status joined in, and the prune point: one query per read for each host.
+/// Reading each subject apart made every change cost a fleet of N hosts N queries more, all
+/// at once (every host wakes on the same notification).
+pub async fn changes_after(db: &impl GenericClient, after: i64, limit: i64) -> Result<LogPage> {
     let rows = db
         .query(
-            "SELECT c.seq, c.host_id, c.kind, c.subject, r.status,
-                    g.id, g.request_id, g.identity, g.resource, g.access, g.task_id, g.created_at,
-                    g.expires_at, g.approved_by, g.policy, g.reason, g.revoked_at, g.revoked_by,
-                    g.revoke_reason,
-                    COALESCE(g.hosts, (SELECT q.host_id FROM requests q WHERE q.id = g.request_id), g.host_id)
-               FROM changes c
-               LEFT JOIN grants g ON c.kind = 'issued' AND g.id = c.subject
-               LEFT JOIN requests r ON c.kind = 'decided' AND r.id = c.subject
-              WHERE c.seq > $1
-              ORDER BY c.seq
-              LIMIT $2",
+            "SELECT p.through, x.* FROM changes_pruned p
+               LEFT JOIN LATERAL (
+                 SELECT c.seq, c.host_id, c.kind, c.subject, r.status,
+                        g.id AS grant_id, g.request_id, g.identity, g.resource, g.access,
+                        g.task_id, g.created_at, g.expires_at, g.approved_by, g.policy,
+                        g.reason, g.revoked_at, g.revoked_by, g.revoke_reason,
+                        COALESCE(g.hosts, (SELECT q.host_id FROM requests q WHERE q.id = g.request_id), g.host_id) AS grant_hosts
+                   FROM changes c
+                   LEFT JOIN grants g ON c.kind = 'issued' AND g.id = c.subject
+                   LEFT JOIN requests r ON c.kind = 'decided' AND r.id = c.subject
+                  WHERE c.seq > $1
+                  ORDER BY c.seq
+                  LIMIT $2
+               ) x ON true
+              WHERE p.id = 1
+              ORDER BY x.seq",
             &[&after, &limit],
         )
         .await?;
-    rows.iter()
-        .map(|r| {
-            let grant = match r.try_get::<_, Option<String>>(5)? {
-                Some(_) => Some(grant_at(r, 5)?),
-                None => None,
-            };
-            Ok(LoggedChange {
-                seq: r.try_get(0)?,
-                host: r.try_get(1)?,
-                kind: r.try_get(2)?,
-                subject: r.try_get(3)?,
-                grant,
-                status: r
-                    .try_get::<_, Option<&str>>(4)?
-                    .and_then(RequestStatus::parse),
-            })
-        })
-        .collect()
+    let through = match rows.first() {
+        Some(r) => r.try_get(0)?,
+        None => 0,
+    };
+    let mut changes = Vec::with_capacity(rows.len());
+    for r in &rows {
+        // The outer row of an empty read has no change.
+        let Some(seq) = r.try_get::<_, Option<i64>>(1)? else {
+            continue;
+        };
+        let grant = match r.try_get::<_, Option<String>>(6)? {
+            Some(_) => Some(grant_at(r, 6)?),
+            None => None,
+        };
+        changes.push(LoggedChange {
+            seq,
+            host: r.try_get(2)?,
+            kind: r.try_get(3)?,
+            subject: r.try_get(4)?,
+            grant,
+            status: r
+                .try_get::<_, Option<&str>>(5)?
+                .and_then(RequestStatus::parse),
+        });
+    }
+    Ok(LogPage { through, changes })
 }
 
 pub async fn insert_grant(db: &impl GenericClient, host: &str, g: &Grant) -> Result<()> {

@@ -199,6 +199,31 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE grants ADD COLUMN hosts TEXT;
     ALTER TABLE requests ADD COLUMN hosts TEXT;
     "#,
+    // 9 (change-log pruning, prune.rs): when each change was logged, by the server's clock
+    // (hosts not yet upgraded leave it to the default; rows logged before this migration read
+    // as logged now), and how far the log has been cut from the front: every change at or
+    // below `through` may be gone, so a host that read less than that must reload whole.
+    r#"
+    ALTER TABLE changes ADD COLUMN at TIMESTAMPTZ NOT NULL DEFAULT now();
+    CREATE TABLE changes_pruned (
+        id      INT PRIMARY KEY CHECK (id = 1),
+        through BIGINT NOT NULL
+    );
+    INSERT INTO changes_pruned (id, through) VALUES (1, 0);
+    "#,
+    // 10 (spool identity, spools.rs): each host's current local spool, registered when the
+    // host first reaches the store with it; `retired_at` set when an operator retired it
+    // with every record shipped. A host that comes back with another spool while its
+    // current one was not retired has lost what that spool held past its shipped mark.
+    r#"
+    CREATE TABLE host_spools (
+        host_id       TEXT PRIMARY KEY,
+        spool_id      TEXT NOT NULL,
+        registered_at BIGINT NOT NULL,
+        retired_at    BIGINT
+    );
+    CREATE INDEX host_spools_spool ON host_spools (spool_id);
+    "#,
 ];
 
 /// Applies the migrations this agent knows that the database lacks. Safe when many agents

@@ -400,6 +400,27 @@ impl Spool {
         self.lock().stats.problem.clone()
     }
 
+    /// Marks the spool unusable (`why` says what to do): nothing more is kept in it or
+    /// shipped from it, and the gate stays closed, as for a damaged spool.
+    pub fn refuse(&self, why: String) {
+        tracing::error!(error = %why, "local spool refused: the gate stays closed");
+        self.lock().stats.problem = Some(why);
+    }
+
+    /// The last record shipped from this spool (its base): with none waiting, every record
+    /// it ever held.
+    pub fn shipped_through(&self) -> Result<i64, SpoolError> {
+        let inner = self.lock();
+        let Some(conn) = inner.conn.as_ref() else {
+            return Err(SpoolError::Corrupt {
+                path: self.path.display().to_string(),
+                why: "not open".into(),
+            });
+        };
+        conn.query_row("SELECT base_seq FROM meta WHERE id = 1", [], |r| r.get(0))
+            .map_err(|e| self.sql(e))
+    }
+
     /// Counts a record that could not be kept at all.
     pub fn dropped(&self, n: u64) {
         self.lock().stats.dropped += n;

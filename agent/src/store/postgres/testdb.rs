@@ -180,6 +180,8 @@ impl TestDb {
             host_id: host.to_owned(),
             lease: std::time::Duration::from_secs(30),
             spool_limit: 64 << 20,
+            change_log_retention: crate::store::postgres::DEFAULT_CHANGE_LOG_RETENTION,
+            require_sync_standby: false,
         }
     }
 }

@@ -231,6 +231,7 @@ impl Writer {
                 client: None,
                 setup,
                 last_head: None,
+                registered: false,
             },
             rx,
         ));
@@ -264,10 +265,15 @@ struct State {
     client: Option<Client>,
     setup: Setup,
     last_head: Option<Head>,
+    /// This run's spool has been registered with the store as this host's current one
+    /// ([`super::spools`]).
+    registered: bool,
 }
 
 async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Item>) {
+    let mut health = state.setup.health.subscribe();
     loop {
+        register_if_due(&mut state).await;
         let first = if state.setup.spool.pending() && state.setup.spool.problem().is_none() {
             tokio::select! {
                 item = rx.recv() => item,
@@ -275,6 +281,18 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Item>) {
                     ship_if_due(&mut state).await;
                     continue;
                 }
+            }
+        } else if !state.registered && state.setup.spool.problem().is_none() {
+            // Woken when the store is reached, to register the spool before anything else.
+            tokio::select! {
+                item = rx.recv() => item,
+                changed = health.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                () = tokio::time::sleep(SHIP_POLL) => continue,
             }
         } else {
             rx.recv().await
@@ -397,11 +415,68 @@ async fn after_commit(state: &mut State, published: &[Sealed]) {
     }
 }
 
+/// Registers this run's spool as the host's current one, once per run, as soon as the store
+/// is reached and its change log read (before anything is shipped from the spool).
+async fn register_if_due(state: &mut State) {
+    let spool = &state.setup.spool;
+    if state.registered || spool.problem().is_some() {
+        return;
+    }
+    let h = state.setup.health.get();
+    if h.state != StoreState::Up || h.confirmed_epoch != h.epoch || h.confirmed.is_none() {
+        return;
+    }
+    let spool_id = spool.id();
+    if let Err(e) = connect(state).await {
+        warn!(error = %e, "registering the local spool with the shared store failed; retrying");
+        return;
+    }
+    let Some(client) = state.client.as_mut() else {
+        return;
+    };
+    let mut published = Vec::new();
+    let registered = async {
+        let tx = client.transaction().await?;
+        let r = super::spools::register(
+            &tx,
+            &state.setup.host,
+            &state.setup.key,
+            &spool_id,
+            &mut published,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok::<_, StoreError>(r)
+    }
+    .await;
+    match registered {
+        Ok(r) => {
+            super::spools::report(&state.setup.host, &spool_id, &r);
+            if let super::spools::Registered::Foreign { owner } = &r {
+                state.setup.spool.refuse(format!(
+                    "the local spool {} is host {owner}'s (its file was copied here, spool id {spool_id}): nothing in it is shipped as this host's. Move it aside (with the agent stopped) and start jitgated again",
+                    state.setup.spool.path().display()
+                ));
+                state.setup.health.spool(state.setup.spool.stats());
+            }
+            state.registered = true;
+            after_commit(state, &published).await;
+        }
+        Err(e) => {
+            if client.is_closed() {
+                state.client = None;
+            }
+            warn!(error = %e, "registering the local spool with the shared store failed; retrying");
+        }
+    }
+}
+
 /// Ships the spool if it holds records and the store is back and caught up (the change
 /// log read on this connection: revocations made meanwhile are heard before anything new).
 async fn ship_if_due(state: &mut State) {
     let spool = &state.setup.spool;
-    if !spool.pending() || spool.problem().is_some() {
+    // Never before the spool is known to be this host's (a foreign spool is refused then).
+    if !state.registered || !spool.pending() || spool.problem().is_some() {
         return;
     }
     let h = state.setup.health.get();

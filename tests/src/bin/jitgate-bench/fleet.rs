@@ -234,6 +234,8 @@ async fn open_host(plan: &Plan, i: usize) -> Result<Arc<PostgresStore>> {
         host_id: host_id(i),
         lease: LEASE,
         spool_limit: SPOOL_LIMIT,
+        change_log_retention: jitgate::store::postgres::DEFAULT_CHANGE_LOG_RETENTION,
+        require_sync_standby: false,
     };
     let state = plan.dir.join(host_id(i));
     PostgresStore::open(&options, &state)
