@@ -137,8 +137,9 @@ fn keep_restart_only(running: &DaemonConfig, new: &mut DaemonConfig) -> Vec<&'st
         .collect()
 }
 
-/// Takes an exclusive lock on `state_dir` so two agents never share state.
-fn lock_state_dir(state_dir: &Path) -> anyhow::Result<File> {
+/// Takes an exclusive lock on `state_dir` so two agents never share state (and so that
+/// `jitgated --retire-spool` never runs beside an agent, however far it got in starting).
+pub fn lock_state_dir(state_dir: &Path) -> anyhow::Result<File> {
     crate::store::sqlite::create_private_dir(state_dir)?;
     let path = state_dir.join("jitgated.lock");
     let file = File::options()

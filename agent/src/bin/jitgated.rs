@@ -90,6 +90,14 @@ fn retire_spool(path: &std::path::Path) -> ExitCode {
                 config.daemon.socket.display()
             );
         }
+        // The agent holds this lock from its first step: the socket answers only later, so
+        // the socket alone would let a retire run beside a starting agent.
+        let _held = jitgate::daemon::lock_state_dir(&config.daemon.state_dir).map_err(|_| {
+            anyhow::anyhow!(
+                "jitgated is running (it holds {}): stop it first (systemctl stop jitgated)",
+                config.daemon.state_dir.join("jitgated.lock").display()
+            )
+        })?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

@@ -166,11 +166,24 @@ pub async fn follow(f: Follower) {
         let mut seen = last_seen.unwrap_or(0);
         info!(after = seen, "shared state store reached; catching up");
         f.health.connected();
+        let reader = match Reader::new(&client).await {
+            Ok(r) => r,
+            Err(e) => {
+                let why = format!("preparing the change log's read: {}", chain(&e));
+                warn!(error = %why, "lost the shared state store; no new grants until it is back, live grants end after store_lease");
+                f.health.lost(why);
+                tokio::select! {
+                    () = tokio::time::sleep(MAX_BACKOFF) => {}
+                    () = f.stop.cancelled() => return,
+                }
+                continue;
+            }
+        };
         let why = loop {
             let began = Instant::now();
             match tokio::time::timeout(
                 read_deadline,
-                read_log(&client, &f.host, &mut seen, &mut recent, &f.out, &f.health),
+                read_log(&reader, &f.host, &mut seen, &mut recent, &f.out, &f.health),
             )
             .await
             {
@@ -269,7 +282,7 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// goes on from the log's end and starts a new epoch, on which the grant engine reloads
 /// what the skipped changes would have told it (see the module's doc).
 pub(super) async fn read_log(
-    client: &Client,
+    reader: &Reader<'_>,
     host: &str,
     last_seen: &mut i64,
     recent: &mut Recent,
@@ -277,13 +290,13 @@ pub(super) async fn read_log(
     health: &StoreHealth,
 ) -> Result<()> {
     loop {
-        match catch_up(client, host, last_seen, recent, out).await? {
+        match catch_up(reader, host, last_seen, recent, out).await? {
             Caught::All => return Ok(()),
             Caught::Gap { through } => {
                 // Read before the engine reloads (it does so once it sees the new epoch):
                 // a change committed in between is then both reloaded and read, which is
                 // harmless; none is missed.
-                let next = newest(client).await?.max(through);
+                let next = newest(reader.client).await?.max(through);
                 warn!(
                     read_up_to = *last_seen,
                     pruned_through = through,
@@ -296,6 +309,22 @@ pub(super) async fn read_log(
                 health.resync();
             }
         }
+    }
+}
+
+/// A follower's connection with its read of the log prepared: planned once per connection,
+/// not once per read (a thousand hosts read on every change and every few seconds).
+pub(super) struct Reader<'a> {
+    client: &'a Client,
+    read: tokio_postgres::Statement,
+}
+
+impl<'a> Reader<'a> {
+    pub(super) async fn new(client: &'a Client) -> Result<Self> {
+        Ok(Self {
+            client,
+            read: client.prepare(queries::CHANGES_AFTER).await?,
+        })
     }
 }
 
@@ -312,7 +341,7 @@ pub(super) enum Caught {
 /// Reads every change after `last_seen` and passes on those made by other hosts, unless the
 /// log no longer holds them all ([`Caught::Gap`]).
 async fn catch_up(
-    client: &Client,
+    reader: &Reader<'_>,
     host: &str,
     last_seen: &mut i64,
     recent: &mut Recent,
@@ -321,7 +350,7 @@ async fn catch_up(
     loop {
         // The cut and the rows in one statement (one snapshot): a cut at or below
         // `last_seen` then means no row after it was gone when they were read.
-        let log = queries::changes_after(client, *last_seen, PAGE).await?;
+        let log = queries::changes_after(reader.client, &reader.read, *last_seen, PAGE).await?;
         if log.through > *last_seen {
             return Ok(Caught::Gap {
                 through: log.through,
@@ -530,6 +559,7 @@ mod gap_tests {
             .connect(None)
             .await
             .unwrap();
+        let reader = Reader::new(&client).await.unwrap();
         let (out, mut rx) = broadcast::channel(64);
         let health = StoreHealth::new("test".into(), Duration::from_secs(30));
         let mut recent = Recent::default();
@@ -545,7 +575,7 @@ mod gap_tests {
             .unwrap();
         let mut seen = first - 1;
         assert_eq!(
-            catch_up(&client, "host-a", &mut seen, &mut recent, &out)
+            catch_up(&reader, "host-a", &mut seen, &mut recent, &out)
                 .await
                 .unwrap(),
             Caught::All
@@ -565,7 +595,7 @@ mod gap_tests {
         );
         let epoch = health.get().epoch;
         assert_eq!(
-            catch_up(&client, "host-a", &mut seen, &mut recent, &out)
+            catch_up(&reader, "host-a", &mut seen, &mut recent, &out)
                 .await
                 .unwrap(),
             Caught::Gap { through: first + 1 },
@@ -575,7 +605,7 @@ mod gap_tests {
             rx.try_recv().is_err(),
             "nothing passed on from a gapped read"
         );
-        read_log(&client, "host-a", &mut seen, &mut recent, &out, &health)
+        read_log(&reader, "host-a", &mut seen, &mut recent, &out, &health)
             .await
             .unwrap();
         assert_eq!(
@@ -590,7 +620,7 @@ mod gap_tests {
             &db,
             "INSERT INTO changes (host_id, kind, subject) VALUES ('b', 'revoked', 'g4')",
         );
-        read_log(&client, "host-a", &mut seen, &mut recent, &out, &health)
+        read_log(&reader, "host-a", &mut seen, &mut recent, &out, &health)
             .await
             .unwrap();
         assert_eq!(health.get().epoch, epoch + 1);
@@ -600,10 +630,26 @@ mod gap_tests {
             &db,
             &format!("DELETE FROM changes; UPDATE changes_pruned SET through = {seen}"),
         );
-        read_log(&client, "host-a", &mut seen, &mut recent, &out, &health)
+        read_log(&reader, "host-a", &mut seen, &mut recent, &out, &health)
             .await
             .unwrap();
         assert_eq!(health.get().epoch, epoch + 1);
+        // Hostile store: the prune mark deleted (a damaged or partial restore). Read as 0 it
+        // would hide any gap; the read fails instead (the store counts as lost: fail closed),
+        // naming the fix.
+        pg.admin(
+            &db,
+            "DELETE FROM changes_pruned; INSERT INTO changes (host_id, kind, subject) VALUES ('b', 'revoked', 'g5')",
+        );
+        let err = read_log(&reader, "host-a", &mut seen, &mut recent, &out, &health)
+            .await
+            .expect_err("no prune mark, no read");
+        assert!(
+            err.to_string().contains("INSERT INTO changes_pruned"),
+            "{err}"
+        );
+        assert!(rx.try_recv().is_err(), "nothing passed on");
+        assert!(super::super::prune::pruned_through(&client).await.is_err());
         drop(store);
     }
 }

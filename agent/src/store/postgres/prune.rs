@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::connect::Connector;
-use crate::store::Result;
+use crate::store::{Result, StoreError};
 
 /// The advisory lock whose holder prunes ("jgprune" in ASCII).
 pub const PRUNE_LOCK: i64 = 0x006a_6770_7275_6e65;
@@ -31,21 +31,23 @@ pub const PRUNE_LOCK: i64 = 0x006a_6770_7275_6e65;
 /// Rows looked at (and at most deleted) per transaction.
 pub const BATCH: i64 = 1000;
 
-/// How often an agent tries to prune: a small share of the retention, between 5 seconds and
+/// How often an agent tries to prune: a small share of the retention, between a minute and
 /// 10 minutes (with the default 7 days, every 10 minutes; a thousand hosts then try under
 /// twice a second in all, and all but one find the lock taken or nothing to do).
 pub fn period(retention: Duration) -> Duration {
-    (retention / 720).clamp(Duration::from_secs(5), Duration::from_secs(600))
+    (retention / 720).clamp(Duration::from_secs(60), Duration::from_secs(600))
 }
 
 /// How far the log has been cut: every change at or below it may be gone (0: never cut).
+/// A missing mark is an error ([`queries::NO_PRUNE_MARK`]): read as 0, it would let a host
+/// behind a cut read on as if nothing were gone.
 pub async fn pruned_through(client: &impl GenericClient) -> Result<i64> {
-    Ok(client
+    client
         .query_opt("SELECT through FROM changes_pruned WHERE id = 1", &[])
         .await?
         .map(|r| r.try_get(0))
         .transpose()?
-        .unwrap_or(0))
+        .ok_or_else(|| StoreError::Invalid(super::queries::NO_PRUNE_MARK.into()))
 }
 
 /// What one round did.
@@ -279,7 +281,8 @@ mod tests {
         assert_eq!(count(&pg), 5);
         assert_eq!(pruned_through(&client).await.unwrap(), late2);
         assert_eq!(period(7 * DAY), Duration::from_secs(600));
-        assert_eq!(period(Duration::from_secs(3600)), Duration::from_secs(5));
+        // Not more often than a minute: each round opens a connection, on every host.
+        assert_eq!(period(Duration::from_secs(3600)), Duration::from_secs(60));
         drop(store);
     }
 }

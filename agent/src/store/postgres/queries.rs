@@ -291,35 +291,47 @@ pub struct LogPage {
     pub changes: Vec<LoggedChange>,
 }
 
-/// The change log after `after`, oldest first, at most `limit` entries, each with its grant
-/// or request status joined in, and the prune point: one query per read for each host.
-/// Reading each subject apart made every change cost a fleet of N hosts N queries more, all
-/// at once (every host wakes on the same notification).
-pub async fn changes_after(db: &impl GenericClient, after: i64, limit: i64) -> Result<LogPage> {
-    let rows = db
-        .query(
-            "SELECT p.through, x.* FROM changes_pruned p
-               LEFT JOIN LATERAL (
-                 SELECT c.seq, c.host_id, c.kind, c.subject, r.status,
-                        g.id AS grant_id, g.request_id, g.identity, g.resource, g.access,
-                        g.task_id, g.created_at, g.expires_at, g.approved_by, g.policy,
-                        g.reason, g.revoked_at, g.revoked_by, g.revoke_reason,
-                        COALESCE(g.hosts, (SELECT q.host_id FROM requests q WHERE q.id = g.request_id), g.host_id) AS grant_hosts
-                   FROM changes c
-                   LEFT JOIN grants g ON c.kind = 'issued' AND g.id = c.subject
-                   LEFT JOIN requests r ON c.kind = 'decided' AND r.id = c.subject
-                  WHERE c.seq > $1
-                  ORDER BY c.seq
-                  LIMIT $2
-               ) x ON true
-              WHERE p.id = 1
-              ORDER BY x.seq",
-            &[&after, &limit],
-        )
-        .await?;
-    let through = match rows.first() {
-        Some(r) => r.try_get(0)?,
-        None => 0,
+/// The change log after `$1`, oldest first, at most `$2` entries, each with its grant or
+/// request status joined in, and the prune mark, in one statement (one snapshot): one query
+/// per read for each host. Reading each subject apart made every change cost a fleet of N
+/// hosts N queries more, all at once (every host wakes on the same notification). Prepared
+/// once per follower connection ([`changes_after`]), so it is planned once.
+pub const CHANGES_AFTER: &str = "SELECT (SELECT through FROM changes_pruned WHERE id = 1), x.*
+       FROM (SELECT 1) AS one
+       LEFT JOIN LATERAL (
+         SELECT c.seq, c.host_id, c.kind, c.subject, r.status,
+                g.id AS grant_id, g.request_id, g.identity, g.resource, g.access,
+                g.task_id, g.created_at, g.expires_at, g.approved_by, g.policy,
+                g.reason, g.revoked_at, g.revoked_by, g.revoke_reason,
+                COALESCE(g.hosts, (SELECT q.host_id FROM requests q WHERE q.id = g.request_id), g.host_id) AS grant_hosts
+           FROM changes c
+           LEFT JOIN grants g ON c.kind = 'issued' AND g.id = c.subject
+           LEFT JOIN requests r ON c.kind = 'decided' AND r.id = c.subject
+          WHERE c.seq > $1
+          ORDER BY c.seq
+          LIMIT $2
+       ) AS x ON true
+      ORDER BY x.seq";
+
+/// What a missing prune mark means and what to do: without it a host cannot tell whether
+/// changes it never read were pruned, so it reads nothing (fail closed).
+pub const NO_PRUNE_MARK: &str = "the shared store's change log has no prune mark (table changes_pruned, row id 1): the schema was damaged or partly restored, and no host can tell whether changes it never read are gone. Restore it: INSERT INTO changes_pruned (id, through) SELECT 1, COALESCE(MIN(seq) - 1, 0) FROM changes";
+
+/// Runs [`CHANGES_AFTER`] (`statement`, prepared from it on this connection).
+pub async fn changes_after(
+    db: &impl GenericClient,
+    statement: &tokio_postgres::Statement,
+    after: i64,
+    limit: i64,
+) -> Result<LogPage> {
+    let rows = db.query(statement, &[&after, &limit]).await?;
+    let Some(through) = rows
+        .first()
+        .map(|r| r.try_get::<_, Option<i64>>(0))
+        .transpose()?
+        .flatten()
+    else {
+        return Err(StoreError::Invalid(NO_PRUNE_MARK.into()));
     };
     let mut changes = Vec::with_capacity(rows.len());
     for r in &rows {
@@ -337,9 +349,10 @@ pub async fn changes_after(db: &impl GenericClient, after: i64, limit: i64) -> R
             kind: r.try_get(3)?,
             subject: r.try_get(4)?,
             grant,
+            // As `request_of` reads a status it does not know: over, so waiters look again.
             status: r
                 .try_get::<_, Option<&str>>(5)?
-                .and_then(RequestStatus::parse),
+                .map(|s| RequestStatus::parse(s).unwrap_or(RequestStatus::Expired)),
         });
     }
     Ok(LogPage { through, changes })
