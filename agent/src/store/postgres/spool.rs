@@ -407,6 +407,11 @@ impl Spool {
         self.lock().stats.problem = Some(why);
     }
 
+    /// The last record this spool ever took (its head; 0: none).
+    pub fn head_seq(&self) -> i64 {
+        self.lock().head_seq
+    }
+
     /// The last record shipped from this spool (its base): with none waiting, every record
     /// it ever held.
     pub fn shipped_through(&self) -> Result<i64, SpoolError> {

@@ -42,6 +42,11 @@ pub enum Registered {
     /// The spool is another host's (its file copied here): nothing in it may be shipped as
     /// this host's. The spool this host had, if not retired, is recorded lost.
     Foreign { owner: String },
+    /// The spool is an older copy of this host's current spool (a backup or snapshot put
+    /// back): the store has records from it past the copy's last one, so what was spooled
+    /// after the copy was taken is lost, and the copy's next records would take numbers the
+    /// store counts as shipped (and skip). `spool.lost` recorded; nothing is shipped from it.
+    RolledBack { head: i64, shipped_through: i64 },
 }
 
 /// The last record of `spool` the store has from `host` (0: none).
@@ -65,6 +70,7 @@ pub async fn register(
     host: &str,
     key: &AuditKey,
     spool: &str,
+    head: i64,
     appended: &mut Vec<Sealed>,
 ) -> Result<Registered> {
     // The chain's lock first: the same order as every other writer of this host's chain.
@@ -100,6 +106,28 @@ pub async fn register(
     let registered_at: i64 = row.try_get(1)?;
     let retired_at: Option<i64> = row.try_get(2)?;
     if old == spool && owner.is_none() {
+        // Every record a spool takes gets the next number and none is renumbered, so the
+        // spool's head is at least what the store has from it; below, the file went back.
+        let shipped = shipped_through(db, host, spool).await?;
+        if head < shipped {
+            let event = Event::SpoolLost(SpoolLost {
+                spool: old.clone(),
+                shipped_through: shipped,
+                replaced_by: format!("{spool} (an older copy of it, whose last record is {head})"),
+                registered_at,
+            });
+            appended.push(audit::append(db, host, key, "jitgated", &event).await?);
+            // Accounted for: moving the copy aside starts a new spool without a second record.
+            db.execute(
+                "UPDATE host_spools SET retired_at = COALESCE(retired_at, $2) WHERE host_id = $1",
+                &[&host, &now],
+            )
+            .await?;
+            return Ok(Registered::RolledBack {
+                head,
+                shipped_through: shipped,
+            });
+        }
         if retired_at.is_some() {
             // Retired, yet still here: the operator retired it and kept (or restored) the
             // file. It is the current spool again; nothing was lost.
@@ -173,6 +201,19 @@ pub fn report(host: &str, spool: &str, registered: &Registered) {
                 lost_spool = %old,
                 shipped_through,
                 "SPOOLED RECORDS LOST: this host came back to the shared store with a new local spool while its spool {old} was not retired; whatever that spool held after its record {shipped_through} was never shipped. Recorded as spool.lost in this host's audit chain (`jitgate audit verify` reports it); see \"Fleet deployment\" in the README"
+            );
+        }
+        Registered::RolledBack {
+            head,
+            shipped_through,
+        } => {
+            crate::ops::metrics::spool_lost();
+            error!(
+                host,
+                spool,
+                head,
+                shipped_through,
+                "SPOOLED RECORDS LOST: the local spool is an older copy of itself (its last record is {head}, the shared store already has records through {shipped_through} from it): what was spooled after the copy was taken is gone. Recorded as spool.lost; nothing in this copy is shipped and the gate stays closed: move it aside with the agent stopped"
             );
         }
         Registered::Foreign { owner } => {
@@ -320,6 +361,73 @@ mod tests {
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(state.join(format!("{}{suffix}", spool::FILE)));
         }
+    }
+
+    /// Hostile: an older copy of the spool put back (a snapshot or backup restored, or the
+    /// file swapped by whoever can write the state dir). Its next records would take numbers
+    /// the store counts as shipped and be skipped without a trace.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_older_copy_of_the_spool_put_back_is_recorded_lost_and_never_shipped() {
+        let Some(pg) = TestDb::start() else { return };
+        let db = pg.database("spoolrollback");
+        let options = pg.options(&db, "host-a");
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let store = open(&pg, &db, &options, &state).await;
+        let id = spool_id(&state);
+        drop(store);
+        let copy = dir.path().join("copy");
+        std::fs::create_dir_all(&copy).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let name = format!("{}{suffix}", spool::FILE);
+            let _ = std::fs::copy(state.join(&name), copy.join(&name));
+        }
+        // Three records spooled and, at the next start, shipped: the store has 1..3.
+        spool_unshipped(&state, 3);
+        let store = open(&pg, &db, &options, &state).await;
+        for _ in 0..200 {
+            if kinds(&pg, &db, "host-a", "gate.detached").len() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(kinds(&pg, &db, "host-a", "gate.detached").len(), 3);
+        assert!(kinds(&pg, &db, "host-a", "spool.lost").is_empty());
+        drop(store);
+        // The copy (same id, valid MACs, head 0) put back.
+        remove_spool(&state);
+        for suffix in ["", "-wal", "-shm"] {
+            let name = format!("{}{suffix}", spool::FILE);
+            let _ = std::fs::copy(copy.join(&name), state.join(&name));
+        }
+        assert_eq!(spool_id(&state), id);
+        let store = PostgresStore::start(&options, &state).unwrap();
+        let mut lost = Vec::new();
+        for _ in 0..200 {
+            lost = kinds(&pg, &db, "host-a", "spool.lost");
+            if !lost.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert!(lost[0].contains("older copy"), "{}", lost[0]);
+        assert!(lost[0].contains("\"shipped_through\":3"), "{}", lost[0]);
+        let problem = store.health.get().spool.problem.clone();
+        assert!(
+            problem.as_deref().is_some_and(|p| p.contains("older copy")),
+            "the copy is refused: {problem:?}"
+        );
+        // Closed until an operator acts: calls fail, naming why.
+        let refused = store.verify_audit().await.expect_err("the store is closed");
+        assert!(refused.to_string().contains("older copy"), "{refused}");
+        drop(store);
+        // Moved aside: a new spool follows without a second record.
+        remove_spool(&state);
+        let store = open(&pg, &db, &options, &state).await;
+        assert_ne!(spool_id(&state), id);
+        assert_eq!(kinds(&pg, &db, "host-a", "spool.lost").len(), 1);
+        drop(store);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

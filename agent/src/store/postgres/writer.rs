@@ -427,6 +427,7 @@ async fn register_if_due(state: &mut State) {
         return;
     }
     let spool_id = spool.id();
+    let head = spool.head_seq();
     if let Err(e) = connect(state).await {
         warn!(error = %e, "registering the local spool with the shared store failed; retrying");
         return;
@@ -442,6 +443,7 @@ async fn register_if_due(state: &mut State) {
             &state.setup.host,
             &state.setup.key,
             &spool_id,
+            head,
             &mut published,
         )
         .await?;
@@ -452,11 +454,22 @@ async fn register_if_due(state: &mut State) {
     match registered {
         Ok(r) => {
             super::spools::report(&state.setup.host, &spool_id, &r);
-            if let super::spools::Registered::Foreign { owner } = &r {
-                state.setup.spool.refuse(format!(
+            let refused = match &r {
+                super::spools::Registered::Foreign { owner } => Some(format!(
                     "the local spool {} is host {owner}'s (its file was copied here, spool id {spool_id}): nothing in it is shipped as this host's. Move it aside (with the agent stopped) and start jitgated again",
                     state.setup.spool.path().display()
-                ));
+                )),
+                super::spools::Registered::RolledBack {
+                    head,
+                    shipped_through,
+                } => Some(format!(
+                    "the local spool {} is an older copy of itself (its last record is {head}; the shared store has records through {shipped_through} from it): records spooled after the copy are lost (recorded as spool.lost) and nothing in it is shipped. Move it aside (with the agent stopped) and start jitgated again",
+                    state.setup.spool.path().display()
+                )),
+                _ => None,
+            };
+            if let Some(why) = refused {
+                state.setup.spool.refuse(why);
                 state.setup.health.spool(state.setup.spool.stats());
             }
             state.registered = true;
