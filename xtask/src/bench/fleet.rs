@@ -100,6 +100,8 @@ pub fn run(bin_dir: &Path, quick: bool, hosts: &[usize], out: &Path) -> Result<(
             "shared_buffers=256MB",
             // The bench server helper turns fsync off; a store commits decisions for real.
             "fsync=on",
+            // What the hosts ask, printed after each run (where the load comes from).
+            "shared_preload_libraries=pg_stat_statements",
         ],
     )?;
     let stop = Stopper(pg.dir.clone());
@@ -120,6 +122,10 @@ pub fn run(bin_dir: &Path, quick: bool, hosts: &[usize], out: &Path) -> Result<(
         pg.psql(
             "postgres",
             &format!("DROP DATABASE IF EXISTS {DB}; CREATE DATABASE {DB} OWNER {USER};"),
+        )?;
+        pg.psql(
+            DB,
+            "CREATE EXTENSION pg_stat_statements; SELECT pg_stat_statements_reset();",
         )?;
         let state = dir.join(format!("hosts-{hosts}"));
         let _ = fs::remove_dir_all(&state);
@@ -158,6 +164,18 @@ pub fn run(bin_dir: &Path, quick: bool, hosts: &[usize], out: &Path) -> Result<(
         let v: Value = serde_json::from_str(line)
             .with_context(|| format!("jitgate-bench fleet printed {line:?}"))?;
         let _ = fs::remove_dir_all(&state);
+        // Diagnostics for the terminal only: the statements the hosts ran most.
+        if let Ok(top) = pg.psql(
+            DB,
+            "SELECT calls || ' calls, ' || round(total_exec_time::numeric, 1) || ' ms: ' \
+                    || left(regexp_replace(query, '\\s+', ' ', 'g'), 90) \
+               FROM pg_stat_statements ORDER BY calls DESC LIMIT 8",
+        ) {
+            println!("   {hosts} hosts, the statements run most:");
+            for line in top.lines() {
+                println!("     {line}");
+            }
+        }
         runs.push(v);
     }
     drop(stop);
@@ -274,6 +292,7 @@ fn tables(runs: &[Value]) -> Vec<Table> {
             "hosts",
             "statements/s, fleet",
             "server CPU per statement (µs)",
+            "of which above rest (µs)",
             "WAL per statement (B)",
             "transactions per statement",
             "server CPU busy (% of a core)",
@@ -315,6 +334,7 @@ fn tables(runs: &[Value]) -> Vec<Table> {
             int(hosts),
             fmt(statements / load_secs),
             fmt(1e6 * load_cpu / statements),
+            fmt(1e6 * (load_cpu - idle_cpu / idle_secs * load_secs).max(0.0) / statements),
             fmt(f(r, &["load", "wal_bytes"]) / statements),
             fmt(f(r, &["load", "xacts"]) / statements),
             fmt(100.0 * load_cpu / load_secs),
