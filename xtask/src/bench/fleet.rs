@@ -196,7 +196,7 @@ pub fn run(bin_dir: &Path, quick: bool, hosts: &[usize], out: &Path) -> Result<(
          code (`PostgresStore`: the writer that batches records for up to 100 ms, the follower \
          that LISTENs and reads the change log at least every 5 s to renew its lease, the local \
          spool), each with its own `host_id`, state dir and connections, all in one process \
-         (tests/src/bin/jitgate-bench/fleet.rs). The server is a stock PostgreSQL {version} with \
+         (tests/src/bin/jitgate-bench/fleet.rs). The server is {version}, stock settings with \
          fsync on, on the same machine as the simulated hosts; its cost is read from the \
          server itself (CPU of the postmaster and all its backends, WAL written, transactions). \
          Under load the fleet records {rate} statements a second in all, spread evenly over its \
