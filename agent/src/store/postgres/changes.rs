@@ -121,21 +121,24 @@ pub async fn follow(f: Follower) {
                 .batch_execute("LISTEN jitgate_changes")
                 .await
                 .map_err(|e| failure(&StoreError::from(e), "LISTEN: "))?;
-            Ok::<_, Failure>((client, durability))
+            let read = prepare_read(&client)
+                .await
+                .map_err(|e| failure(&e, "preparing the change log's read: "))?;
+            Ok::<_, Failure>((client, durability, read))
         };
         let client = tokio::select! {
             c = attempt => c,
             () = f.stop.cancelled() => return,
         };
-        let client = match client {
-            Ok((c, durability)) => {
+        let (client, read) = match client {
+            Ok((c, durability, read)) => {
                 if durability.survives_failover() {
                     info!(store = %durability.describe(), "shared state store durability");
                 } else {
                     warn!(store = %durability.describe(), "shared state store durability: decisions can be lost on a failover");
                 }
                 f.health.durability(durability);
-                c
+                (c, read)
             }
             Err(Failure::Permanent(e)) => {
                 // Slower than a lost connection (each try may count against the account,
@@ -166,18 +169,9 @@ pub async fn follow(f: Follower) {
         let mut seen = last_seen.unwrap_or(0);
         info!(after = seen, "shared state store reached; catching up");
         f.health.connected();
-        let reader = match Reader::new(&client).await {
-            Ok(r) => r,
-            Err(e) => {
-                let why = format!("preparing the change log's read: {}", chain(&e));
-                warn!(error = %why, "lost the shared state store; no new grants until it is back, live grants end after store_lease");
-                f.health.lost(why);
-                tokio::select! {
-                    () = tokio::time::sleep(MAX_BACKOFF) => {}
-                    () = f.stop.cancelled() => return,
-                }
-                continue;
-            }
+        let reader = Reader {
+            client: &client,
+            read,
         };
         let why = loop {
             let began = Instant::now();
@@ -320,12 +314,18 @@ pub(super) struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    #[cfg(test)]
     pub(super) async fn new(client: &'a Client) -> Result<Self> {
         Ok(Self {
             client,
-            read: client.prepare(queries::CHANGES_AFTER).await?,
+            read: prepare_read(client).await?,
         })
     }
+}
+
+/// Prepares [`queries::CHANGES_AFTER`] on `client`: part of making a follower's connection.
+async fn prepare_read(client: &Client) -> Result<tokio_postgres::Statement> {
+    Ok(client.prepare(queries::CHANGES_AFTER).await?)
 }
 
 /// How a read of the log ended.
@@ -358,22 +358,21 @@ async fn catch_up(
         }
         let read = log.changes.len();
         for row in log.changes {
-            let seq = row.seq;
-            recent.push(Seen {
-                seq,
-                host: row.host.clone(),
-                kind: row.kind.clone(),
-                subject: row.subject.clone(),
-            });
+            let seen = Seen {
+                seq: row.seq,
+                host: row.host,
+                kind: row.kind,
+                subject: row.subject,
+            };
             // This host's own changes were passed on when they committed.
-            if row.host != host {
-                let origin = row.host.clone();
-                if let Some(change) = change_of(row) {
-                    debug!(seq, origin, "change from another host");
-                    let _ = out.send(change);
-                }
+            if seen.host != host
+                && let Some(change) = change_of(&seen, row.grant, row.status)
+            {
+                debug!(seq = seen.seq, origin = %seen.host, kind = %seen.kind, "change from another host");
+                let _ = out.send(change);
             }
-            *last_seen = seq;
+            *last_seen = seen.seq;
+            recent.push(seen);
         }
         if read < PAGE as usize {
             return Ok(Caught::All);
@@ -458,17 +457,21 @@ impl Recent {
     }
 }
 
-/// What a logged change means to this host (its grant and request status as read with it).
-fn change_of(row: queries::LoggedChange) -> Option<GrantChange> {
-    match row.kind.as_str() {
-        "issued" => row.grant.map(|g| GrantChange::Issued(Box::new(g))),
-        "revoked" => Some(GrantChange::Revoked { grant: row.subject }),
-        "expired" => Some(GrantChange::Expired { grant: row.subject }),
-        "decided" => row
-            .status
+/// What a logged change means to this host (with the grant and request status read with it).
+fn change_of(
+    seen: &Seen,
+    grant: Option<crate::model::Grant>,
+    status: Option<RequestStatus>,
+) -> Option<GrantChange> {
+    let subject = || seen.subject.clone();
+    match seen.kind.as_str() {
+        "issued" => grant.map(|g| GrantChange::Issued(Box::new(g))),
+        "revoked" => Some(GrantChange::Revoked { grant: subject() }),
+        "expired" => Some(GrantChange::Expired { grant: subject() }),
+        "decided" => status
             .filter(|s| *s != RequestStatus::Pending)
             .map(|status| GrantChange::Decided {
-                request: row.subject,
+                request: subject(),
                 status,
             }),
         other => {
