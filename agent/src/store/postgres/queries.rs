@@ -243,8 +243,18 @@ const GRANT_COLUMNS: &str = "id, request_id, identity, resource, access, task_id
 /// [`GRANT_COLUMNS`] as read. A grant without a scope (issued before scopes, or by a host
 /// not yet upgraded) is scoped to the host its request was filed on: the least a grant was
 /// ever meant for, never the fleet.
-const GRANT_SELECT: &str = "id, request_id, identity, resource, access, task_id, created_at, expires_at, approved_by, policy, reason, revoked_at, revoked_by, revoke_reason, \
-     COALESCE(hosts, (SELECT r.host_id FROM requests r WHERE r.id = grants.request_id), host_id)";
+/// Qualified by the table's name, so that a query joining `grants` to other tables (the change
+/// log's read, [`CHANGES_AFTER`]) selects the same columns in the same order ([`grant_at`]).
+macro_rules! grant_select {
+    () => {
+        "grants.id, grants.request_id, grants.identity, grants.resource, grants.access, \
+         grants.task_id, grants.created_at, grants.expires_at, grants.approved_by, \
+         grants.policy, grants.reason, grants.revoked_at, grants.revoked_by, \
+         grants.revoke_reason, \
+         COALESCE(grants.hosts, (SELECT q.host_id FROM requests q WHERE q.id = grants.request_id), grants.host_id)"
+    };
+}
+const GRANT_SELECT: &str = grant_select!();
 
 fn grant_of(r: &Row) -> Result<Grant> {
     grant_at(r, 0)
@@ -296,22 +306,22 @@ pub struct LogPage {
 /// per read for each host. Reading each subject apart made every change cost a fleet of N
 /// hosts N queries more, all at once (every host wakes on the same notification). Prepared
 /// once per follower connection ([`changes_after`]), so it is planned once.
-pub const CHANGES_AFTER: &str = "SELECT (SELECT through FROM changes_pruned WHERE id = 1), x.*
+pub const CHANGES_AFTER: &str = concat!(
+    "SELECT (SELECT through FROM changes_pruned WHERE id = 1), x.*
        FROM (SELECT 1) AS one
        LEFT JOIN LATERAL (
-         SELECT c.seq, c.host_id, c.kind, c.subject, r.status,
-                g.id AS grant_id, g.request_id, g.identity, g.resource, g.access,
-                g.task_id, g.created_at, g.expires_at, g.approved_by, g.policy,
-                g.reason, g.revoked_at, g.revoked_by, g.revoke_reason,
-                COALESCE(g.hosts, (SELECT q.host_id FROM requests q WHERE q.id = g.request_id), g.host_id) AS grant_hosts
+         SELECT c.seq, c.host_id, c.kind, c.subject, r.status, ",
+    grant_select!(),
+    "
            FROM changes c
-           LEFT JOIN grants g ON c.kind = 'issued' AND g.id = c.subject
+           LEFT JOIN grants ON c.kind = 'issued' AND grants.id = c.subject
            LEFT JOIN requests r ON c.kind = 'decided' AND r.id = c.subject
           WHERE c.seq > $1
           ORDER BY c.seq
           LIMIT $2
        ) AS x ON true
-      ORDER BY x.seq";
+      ORDER BY x.seq"
+);
 
 /// What a missing prune mark means and what to do: without it a host cannot tell whether
 /// changes it never read were pruned, so it reads nothing (fail closed).
