@@ -59,9 +59,6 @@ impl Sizes {
     }
 }
 
-/// As in the simulation (fleet.rs there), for the report's text.
-const STATEMENTS_PER_SESSION: u32 = 10;
-
 /// The connections an agent may hold: the writer's, the follower's and its read pool
 /// (`pool_size`, 4 by default; the simulation opens it only as reads need it).
 const CONNECTIONS_PER_HOST: usize = 6;
@@ -200,13 +197,17 @@ pub fn run(bin_dir: &Path, quick: bool, hosts: &[usize], out: &Path) -> Result<(
          fsync on, on the same machine as the simulated hosts; its cost is read from the \
          server itself (CPU of the postmaster and all its backends, WAL written, transactions). \
          Under load the fleet records {rate} statements a second in all, spread evenly over its \
-         hosts, each host opening a session every {STATEMENTS_PER_SESSION} statements and making one call per \
+         hosts, each host opening a session every {per_session} statements and making one call per \
          statement as the agent does (the store's writer batches them); every statement submitted is \
          checked to be in the store at the end. A decision is a request filed on host A and \
          approved from host B half the fleet away; it is timed from B's call until A's store \
          hands the grant to the agent (what a waiting connection waits for: the rest is in \
          memory), and the same for a revocation. Measuring took {minutes:.1} min.\n\n",
         version = super::env::Env::postgres_version(),
+        // The simulation's own figure, as it reported it.
+        per_session = runs
+            .first()
+            .map_or(f64::NAN, |r| f(r, &["statements_per_session"])),
         rate = sizes.rate,
         minutes = elapsed.as_secs_f64() / 60.0
     );

@@ -210,6 +210,7 @@ async fn simulate(plan: &Plan) -> Result<Value> {
     drop(stores);
     Ok(json!({
         "hosts": plan.hosts,
+        "statements_per_session": STATEMENTS_PER_SESSION,
         "start_secs": start_secs,
         "connections_idle": connections_idle,
         "connections_load": connections_load,
