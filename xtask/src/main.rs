@@ -8,7 +8,8 @@
 //! * `bench`  PostgreSQL direct vs pgbouncer vs jitgate (full policy, tcp relay); writes
 //!   BENCHMARKS.md. `--quick` runs every stage with tiny sizes. `bench fleet`: simulated
 //!   hosts on one shared PostgreSQL store (the store's cost per host and per statement,
-//!   decisions timed across hosts), into the fleet section of BENCHMARKS.md.
+//!   decisions timed across hosts), into the fleet section of BENCHMARKS.md. `bench http`:
+//!   the HTTP stage and the JSON masker alone, reported under target/bench/.
 //! * `compat` PostgreSQL's whole regression suite directly and through the gate, compared
 //!   (`tests/tests/regress.rs`; the test suite runs a subset).
 //! * `fuzz`   the cargo-fuzz targets in `fuzz/` (every parser that reads a workload's
@@ -43,6 +44,8 @@ struct Args {
 enum BenchSuite {
     /// Simulated hosts on one shared PostgreSQL store (issue 18's scale figures).
     Fleet,
+    /// The HTTP stage and the JSON masker alone (report under target/bench/).
+    Http,
 }
 
 #[derive(Subcommand)]
@@ -70,9 +73,9 @@ enum Cmd {
     Lint,
     /// Measure the gate against PostgreSQL direct and pgbouncer; writes BENCHMARKS.md.
     /// `bench fleet`: only the fleet bench (simulated hosts on one shared PostgreSQL store),
-    /// into its own section of BENCHMARKS.md.
+    /// into its own section of BENCHMARKS.md; `bench http`: the HTTP stage alone.
     Bench {
-        /// `fleet` for the fleet bench alone.
+        /// `fleet` for the fleet bench alone; `http` for the HTTP stage alone.
         #[arg(value_enum)]
         suite: Option<BenchSuite>,
         /// Fleet sizes for `bench fleet` (default 10,100,1000; 3,6 with --quick).
@@ -238,7 +241,11 @@ fn main() -> ExitCode {
             bin_dir,
             out,
         } => bench::run(&bench::Options {
-            fleet: suite == Some(BenchSuite::Fleet),
+            suite: match suite {
+                None => bench::Suite::All,
+                Some(BenchSuite::Fleet) => bench::Suite::Fleet,
+                Some(BenchSuite::Http) => bench::Suite::Http,
+            },
             hosts,
             quick,
             bin_dir,

@@ -391,6 +391,11 @@ pidfile = {b}/pgbouncer.pid
             .unwrap_or_else(|| "PostgreSQL (unknown version)".into())
     }
 
+    /// The host agent's process id.
+    pub fn daemon_pid(&self) -> Result<u32> {
+        Ok(self.daemon.as_ref().context("no daemon")?.id())
+    }
+
     /// The host agent's resident set, in KiB.
     pub fn daemon_rss_kib(&self) -> Result<u64> {
         let pid = self.daemon.as_ref().context("no daemon")?.id();

@@ -100,7 +100,7 @@ pub fn prepare(env: &Env) -> Result<()> {
     Ok(())
 }
 
-/// nginx (origin and reverse proxy), stopped when the stage ends, however it ends.
+/// One nginx instance, stopped when the stage ends, however it ends.
 struct Nginx(Child);
 
 impl Drop for Nginx {
@@ -110,43 +110,36 @@ impl Drop for Nginx {
     }
 }
 
-fn start_nginx() -> Result<Nginx> {
+impl Nginx {
+    /// The master and its workers, whose CPU time is the instance's cost.
+    fn pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.0.id()];
+        pids.extend(children(self.0.id()));
+        pids
+    }
+}
+
+/// The origin and, in an instance of its own so that its CPU time can be read apart, nginx
+/// as the reverse proxy users would otherwise run. Both as Debian ships nginx
+/// (`worker_processes auto`), with access logs off.
+fn start_nginx() -> Result<(Nginx, Nginx)> {
     let d = dir();
     for t in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
         fs::create_dir_all(d.join("tmp").join(t))?;
     }
-    let conf = d.join("nginx.conf");
     let dd = d.display();
-    fs::write(
-        &conf,
-        format!(
-            r#"# Written by `cargo xtask bench`.
-daemon off;
-user root;
-worker_processes auto;
-pid {dd}/nginx.pid;
-error_log {dd}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dd}/tmp/body;
-    proxy_temp_path {dd}/tmp/proxy;
-    fastcgi_temp_path {dd}/tmp/fastcgi;
-    uwsgi_temp_path {dd}/tmp/uwsgi;
-    scgi_temp_path {dd}/tmp/scgi;
-    keepalive_requests 10000000;
-    keepalive_timeout 300s;
-    ssl_certificate {dd}/cert.pem;
-    ssl_certificate_key {dd}/key.pem;
-    server {{
+    let origin = format!(
+        r#"    server {{
         listen 127.0.0.1:{ORIGIN_PORT} ssl;
         listen 127.0.0.1:{ORIGIN_RELAY_PORT} ssl;
         location / {{
             default_type application/json;
             return 200 '{ORIGIN_BODY}';
         }}
-    }}
-    upstream origin {{
+    }}"#
+    );
+    let proxy = format!(
+        r#"    upstream origin {{
         server 127.0.0.1:{ORIGIN_PORT};
         keepalive 64;
     }}
@@ -163,26 +156,86 @@ http {{
             proxy_ssl_server_name on;
             proxy_ssl_session_reuse on;
         }}
-    }}
+    }}"#
+    );
+    let start = |name: &str, servers: &str, ports: &[u16]| -> Result<Nginx> {
+        let conf = d.join(format!("nginx-{name}.conf"));
+        fs::write(
+            &conf,
+            format!(
+                r#"# Written by `cargo xtask bench`.
+daemon off;
+user root;
+worker_processes auto;
+pid {dd}/nginx-{name}.pid;
+error_log {dd}/nginx-{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dd}/tmp/body;
+    proxy_temp_path {dd}/tmp/proxy;
+    fastcgi_temp_path {dd}/tmp/fastcgi;
+    uwsgi_temp_path {dd}/tmp/uwsgi;
+    scgi_temp_path {dd}/tmp/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    ssl_certificate {dd}/cert.pem;
+    ssl_certificate_key {dd}/key.pem;
+{servers}
 }}
 "#
-        ),
-    )?;
-    let child = detached(
-        Command::new("nginx").arg("-c").arg(&conf),
-        &d.join("nginx.log"),
-    )
-    .context("starting nginx (is it installed? `cargo xtask setup`)")?;
-    let nginx = Nginx(child);
-    for port in [ORIGIN_PORT, ORIGIN_RELAY_PORT, NGINX_PROXY_PORT] {
-        wait_port(&format!("127.0.0.1:{port}"), Duration::from_secs(10)).with_context(|| {
-            format!(
-                "nginx did not listen on {port}:\n{}",
-                fs::read_to_string(d.join("nginx-error.log")).unwrap_or_default()
-            )
-        })?;
-    }
-    Ok(nginx)
+            ),
+        )?;
+        let child = detached(
+            Command::new("nginx").arg("-c").arg(&conf),
+            &d.join(format!("nginx-{name}.log")),
+        )
+        .context("starting nginx (is it installed? `cargo xtask setup`)")?;
+        let nginx = Nginx(child);
+        for port in ports {
+            wait_port(&format!("127.0.0.1:{port}"), Duration::from_secs(10)).with_context(
+                || {
+                    format!(
+                        "nginx ({name}) did not listen on {port}:\n{}",
+                        fs::read_to_string(d.join(format!("nginx-{name}-error.log")))
+                            .unwrap_or_default()
+                    )
+                },
+            )?;
+        }
+        Ok(nginx)
+    };
+    let origin = start("origin", &origin, &[ORIGIN_PORT, ORIGIN_RELAY_PORT])?;
+    let proxy = start("proxy", &proxy, &[NGINX_PROXY_PORT])?;
+    Ok((origin, proxy))
+}
+
+/// The processes `pid` started (nginx's workers), from `/proc/<pid>/task/*/children`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Nanoseconds the processes have run, every thread counted, from the scheduler
+/// (`/proc/<pid>/task/<tid>/schedstat`: exact, where clock ticks would round small costs
+/// away).
+fn cpu_ns(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| fs::read_dir(format!("/proc/{pid}/task")).ok())
+        .flat_map(|tasks| tasks.flatten())
+        .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,11 +276,21 @@ pub struct HttpCell {
     /// Per-request latency, µs.
     pub latency: Samples,
     pub masked: u64,
+    /// CPU time the proxy in the path (nginx's reverse proxy, or the host agent) spent over
+    /// the variant's runs, ns; none for direct.
+    pub proxy_cpu_ns: Option<u64>,
 }
 
 impl HttpCell {
     fn rps(&self) -> f64 {
         self.requests as f64 / self.secs.max(f64::MIN_POSITIVE)
+    }
+
+    /// The proxy's CPU time per request, µs: the steadier measure of its cost, since the
+    /// load, the origin and the proxy share the machine's cores.
+    fn cpu_per_request_us(&self) -> Option<f64> {
+        self.proxy_cpu_ns
+            .map(|ns| ns as f64 / 1e3 / self.requests.max(1) as f64)
     }
 }
 
@@ -236,7 +299,8 @@ pub fn stage(env: &mut Env, sizes: &Sizes) -> Result<Vec<HttpCell>> {
         "-- http: small JSON GETs over keep-alive HTTPS, {:?} clients x 4 variants x {} round(s) of {} s",
         sizes.clients, sizes.rounds, sizes.secs
     );
-    let _nginx = start_nginx()?;
+    let (_origin, proxy) = start_nginx()?;
+    let agent = env.daemon_pid()?;
     let origin_ca = dir().join("ca.pem").display().to_string();
     let host_ca = host_ca().display().to_string();
     let mut cells = Vec::new();
@@ -250,6 +314,7 @@ pub fn stage(env: &mut Env, sizes: &Sizes) -> Result<Vec<HttpCell>> {
                 secs: 0.0,
                 latency: Samples::default(),
                 masked: 0,
+                proxy_cpu_ns: None,
             });
         }
         for round in 0..sizes.rounds {
@@ -270,7 +335,14 @@ pub fn stage(env: &mut Env, sizes: &Sizes) -> Result<Vec<HttpCell>> {
                         env.gated("bench", "bench-api-relay:read:4h", &mut helper)
                     }
                 };
+                let measured = match variant {
+                    HttpVariant::Direct => Vec::new(),
+                    HttpVariant::Nginx => proxy.pids(),
+                    HttpVariant::Full | HttpVariant::Relay => vec![agent],
+                };
+                let cpu_before = cpu_ns(&measured);
                 let out = json_line(&output(&mut cmd, variant.label())?, variant.label())?;
+                let cpu = cpu_ns(&measured).saturating_sub(cpu_before);
                 let cell = cells[first..]
                     .iter_mut()
                     .find(|c| c.variant == variant)
@@ -279,6 +351,9 @@ pub fn stage(env: &mut Env, sizes: &Sizes) -> Result<Vec<HttpCell>> {
                 cell.secs += out["secs"].as_f64().unwrap_or(0.0);
                 cell.masked += out["masked"].as_u64().unwrap_or(0);
                 cell.latency.extend(samples(&out, "samples_us", 1.0)?);
+                if !measured.is_empty() {
+                    *cell.proxy_cpu_ns.get_or_insert(0) += cpu;
+                }
             }
         }
         // The bench checks itself: every answer through the full policy masked, none other.
@@ -320,6 +395,7 @@ pub fn table(cells: &[HttpCell]) -> Table {
             "p99 µs",
             "added p50 µs",
             "added p99 µs",
+            "proxy CPU µs per request",
         ],
     );
     let mut clients: Vec<u32> = cells.iter().map(|c| c.clients).collect();
@@ -342,6 +418,8 @@ pub fn table(cells: &[HttpCell]) -> Table {
                 fmt(cell.latency.percentile(99.0)),
                 fmt(cell.latency.percentile(50.0) - direct.latency.percentile(50.0)),
                 fmt(cell.latency.percentile(99.0) - direct.latency.percentile(99.0)),
+                cell.cpu_per_request_us()
+                    .map_or_else(|| "-".to_owned(), fmt),
             ]);
         }
     }
@@ -377,4 +455,24 @@ pub fn target(cells: &[HttpCell], t: &mut Table) {
         parts.join(", "),
         if ok { "met" } else { "MISSED" }.to_owned(),
     ]);
+    // What decides the above on a machine the load, the origin and the proxy share: the
+    // proxy's own CPU per request.
+    let mut parts = Vec::new();
+    let mut ok = true;
+    for c in cells.iter().filter(|c| c.variant == HttpVariant::Full) {
+        if let (Some(f), Some(n)) = (
+            c.cpu_per_request_us(),
+            cell(cells, c.clients, HttpVariant::Nginx).and_then(HttpCell::cpu_per_request_us),
+        ) {
+            ok &= f <= n;
+            parts.push(format!("c={}: {} vs {} µs", c.clients, fmt(f), fmt(n)));
+        }
+    }
+    if !parts.is_empty() {
+        t.row(vec![
+            "HTTP: agent CPU per request with full policy <= nginx's as a reverse proxy".into(),
+            parts.join(", "),
+            if ok { "met" } else { "MISSED" }.to_owned(),
+        ]);
+    }
 }

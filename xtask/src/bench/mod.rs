@@ -70,9 +70,20 @@ impl Sizes {
     }
 }
 
+/// Which part of the bench a run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suite {
+    /// Every stage but the fleet's; writes BENCHMARKS.md.
+    All,
+    /// Only the fleet bench (`cargo xtask bench fleet`), into its own BENCHMARKS.md section.
+    Fleet,
+    /// Only the HTTP stage and the JSON masker (`cargo xtask bench http`); the report goes
+    /// under target/bench/, since BENCHMARKS.md holds whole runs only.
+    Http,
+}
+
 pub struct Options {
-    /// Only the fleet bench (`cargo xtask bench fleet`).
-    pub fleet: bool,
+    pub suite: Suite,
     /// Fleet sizes for the fleet bench (empty: its defaults).
     pub hosts: Vec<usize>,
     pub quick: bool,
@@ -102,7 +113,7 @@ pub fn run(opts: &Options) -> Result<()> {
             crate::target_dir("release")
         }
     };
-    if opts.fleet {
+    if opts.suite == Suite::Fleet {
         let out = opts.out.clone().unwrap_or_else(|| {
             if opts.quick {
                 crate::target_dir("bench").join("BENCHMARKS-fleet-quick.md")
@@ -117,6 +128,9 @@ pub fn run(opts: &Options) -> Result<()> {
     } else {
         Sizes::full()
     };
+    if opts.suite == Suite::Http {
+        return run_http(&bin_dir, &sizes, opts);
+    }
     let out = opts.out.clone().unwrap_or_else(|| {
         if opts.quick {
             crate::target_dir("bench").join("BENCHMARKS-quick.md")
@@ -178,6 +192,44 @@ pub fn run(opts: &Options) -> Result<()> {
         out.display(),
         elapsed.as_secs_f64() / 60.0
     );
+    Ok(())
+}
+
+fn run_http(bin_dir: &Path, sizes: &Sizes, opts: &Options) -> Result<()> {
+    let out = opts.out.clone().unwrap_or_else(|| {
+        crate::target_dir("bench").join(if opts.quick {
+            "BENCHMARKS-http-quick.md"
+        } else {
+            "BENCHMARKS-http.md"
+        })
+    });
+    let started = Instant::now();
+    println!(
+        "== jitgate benchmarks, HTTP alone ({}) ==",
+        if opts.quick { "quick" } else { "full" }
+    );
+    let mut env = Env::start(bin_dir, sizes.scale, sizes.people)?;
+    let tables = stages::run_http(&mut env, sizes)?;
+    drop(env);
+    let elapsed = started.elapsed();
+    let mut doc = format!(
+        "# Benchmarks: HTTP alone\n\n{}\n- Command: `cargo xtask bench http{}`; measuring took {:.1} min ({} s per run, {} round(s)).\n\n",
+        machine(bin_dir),
+        if opts.quick { " --quick" } else { "" },
+        elapsed.as_secs_f64() / 60.0,
+        sizes.secs,
+        sizes.rounds,
+    );
+    for t in &tables {
+        println!("\n{}", t.text());
+        doc.push_str(&t.markdown());
+        doc.push('\n');
+    }
+    if let Some(parent) = out.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::write(&out, doc).with_context(|| format!("writing {}", out.display()))?;
+    println!("\nwrote {}", out.display());
     Ok(())
 }
 

@@ -230,6 +230,35 @@ pub fn run_all(env: &mut Env, sizes: &Sizes) -> Result<Results> {
     })
 }
 
+/// `cargo xtask bench http`: the HTTP stage and the JSON masker alone, with the HTTP target,
+/// for working on the HTTP path without the hour the whole run takes.
+pub fn run_http(env: &mut Env, sizes: &Sizes) -> Result<Vec<Table>> {
+    let cells = http::stage(env, sizes)?;
+    let json = json_engine(env, sizes)?;
+    let mut targets = Table::new("Targets", &["target", "measured", "verdict"]);
+    http::target(&cells, &mut targets);
+    Ok(vec![http::table(&cells), json_table(&json), targets])
+}
+
+fn json_table(json: &Throughput) -> Table {
+    let mut t = Table::new(
+        "JSON response masking alone, one core (a list of objects parsed, masked, written; median of three windows)",
+        &[
+            "rules",
+            "objects per document",
+            "MB/s",
+            "values masked per document",
+        ],
+    );
+    t.row(vec![
+        json.label.to_owned(),
+        json.rows.to_string(),
+        fmt(json.bytes as f64 / 1e6 / json.secs),
+        json.masked.to_string(),
+    ]);
+    t
+}
+
 /// One pgbench run: its tps and every transaction's latency (ms).
 fn pgbench(
     env: &mut Env,
@@ -686,22 +715,7 @@ impl Results {
         }
         tables.push(t);
         tables.push(http::table(&self.http));
-        let mut t = Table::new(
-            "JSON response masking alone, one core (a list of objects parsed, masked, written; median of three windows)",
-            &[
-                "rules",
-                "objects per document",
-                "MB/s",
-                "values masked per document",
-            ],
-        );
-        t.row(vec![
-            self.json_engine.label.to_owned(),
-            self.json_engine.rows.to_string(),
-            fmt(self.json_engine.bytes as f64 / 1e6 / self.json_engine.secs),
-            self.json_engine.masked.to_string(),
-        ]);
-        tables.push(t);
+        tables.push(json_table(&self.json_engine));
         let mut t = Table::new(
             "Kernel cost: the connect() system call alone",
             &["connect()", "samples", "p50 µs", "mean µs", "p99 µs"],
