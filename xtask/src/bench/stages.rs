@@ -560,10 +560,12 @@ fn echo_server(env: &Env, port: u16) -> Result<Reaped> {
 
 fn idle(env: &mut Env, sizes: &Sizes) -> Result<Idle> {
     // Each proxied connection holds two descriptors in the agent (the workload's and the
-    // upstream's); a host whose hard limit cannot be raised caps the count.
+    // upstream's), and the agent keeps 256 for everything else (its `RESERVED_FDS`): past
+    // that it refuses new connections, so a host whose hard limit cannot be raised caps the
+    // count.
     let connections = sizes
         .idle
-        .min(usize::try_from(env.fd_limit.saturating_sub(200) / 2).unwrap_or(usize::MAX));
+        .min(usize::try_from(env.fd_limit.saturating_sub(256) / 2).unwrap_or(usize::MAX));
     if connections < sizes.idle {
         println!(
             "   (RLIMIT_NOFILE is {} and cannot be raised here: {connections} connections, not {})",
@@ -837,7 +839,7 @@ impl Results {
             && self.idle.healthy_open == self.idle.connections as u64;
         let capped = if self.idle.connections < self.idle.wanted {
             format!(
-                " (capped: RLIMIT_NOFILE {} allows no more, two descriptors each)",
+                " (capped: RLIMIT_NOFILE {} allows no more: two descriptors each, 256 kept by the agent)",
                 self.idle.fd_limit
             )
         } else {
