@@ -67,7 +67,7 @@ fn bench_quick_runs_end_to_end() {
         }
     }
     // Every HTTP cell: four variants (one of them nginx) at three client counts, with
-    // throughput and latency.
+    // throughput, latency and the proxy's CPU time per request.
     for variant in [
         "nginx (TLS reverse proxy)",
         "jitgate full policy (TLS intercepted)",
@@ -80,15 +80,34 @@ fn bench_quick_runs_end_to_end() {
         for row in rows {
             let rps: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap_or(0.0);
             assert!(rps > 0.0, "no throughput in {row}");
+            // The proxy's own CPU time per request, read from /proc: the last column.
+            let cpu: f64 = row.split('|').nth(9).unwrap().trim().parse().unwrap_or(0.0);
+            assert!(cpu > 0.0, "no CPU time per request in {row}");
         }
     }
     // The idle stage's connections all stayed healthy, and each target got a verdict.
     assert!(report.contains("200/200 healthy"), "{report}");
-    let verdicts = report
+    let verdicts: Vec<&str> = report
         .lines()
         .filter(|l| l.ends_with("| met |") || l.ends_with("| MISSED |"))
-        .count();
-    assert_eq!(verdicts, 7, "{report}");
+        .collect();
+    for target in [
+        "| full policy >= pgbouncer session mode tps",
+        "| full policy >= 0.80 of direct tps",
+        "| < 100 µs added p99 latency per statement",
+        "| masking >= 200 MB/s on one core",
+        "| < 64 KiB per idle connection",
+        "| redirected connect() within 5 µs",
+        "| HTTP: full policy >= nginx reverse proxy requests/s",
+        "| HTTP: agent CPU per request with full policy <= nginx's",
+    ] {
+        assert_eq!(
+            verdicts.iter().filter(|l| l.starts_with(target)).count(),
+            1,
+            "{target}: no verdict, or more than one:\n{report}"
+        );
+    }
+    assert_eq!(verdicts.len(), 8, "{report}");
     assert!(!report.contains("n/a"), "a figure is missing:\n{report}");
     // The same tables went to the terminal.
     assert!(stdout.contains("Targets"), "{stdout}");

@@ -9,7 +9,8 @@
 //!   BENCHMARKS.md. `--quick` runs every stage with tiny sizes. `bench fleet`: simulated
 //!   hosts on one shared PostgreSQL store (the store's cost per host and per statement,
 //!   decisions timed across hosts), into the fleet section of BENCHMARKS.md. `bench http`:
-//!   the HTTP stage and the JSON masker alone, reported under target/bench/.
+//!   the HTTP stage and the JSON masker alone, reported under target/bench/; `bench idle`
+//!   the idle-connection stage alone.
 //! * `compat` PostgreSQL's whole regression suite directly and through the gate, compared
 //!   (`tests/tests/regress.rs`; the test suite runs a subset).
 //! * `fuzz`   the cargo-fuzz targets in `fuzz/` (every parser that reads a workload's
@@ -46,6 +47,8 @@ enum BenchSuite {
     Fleet,
     /// The HTTP stage and the JSON masker alone (report under target/bench/).
     Http,
+    /// The idle-connection stage alone (report under target/bench/).
+    Idle,
 }
 
 #[derive(Subcommand)]
@@ -73,9 +76,9 @@ enum Cmd {
     Lint,
     /// Measure the gate against PostgreSQL direct and pgbouncer; writes BENCHMARKS.md.
     /// `bench fleet`: only the fleet bench (simulated hosts on one shared PostgreSQL store),
-    /// into its own section of BENCHMARKS.md; `bench http`: the HTTP stage alone.
+    /// into its own section of BENCHMARKS.md; `bench http`, `bench idle`: one stage alone.
     Bench {
-        /// `fleet` for the fleet bench alone; `http` for the HTTP stage alone.
+        /// `fleet` for the fleet bench alone; `http` or `idle` for that stage alone.
         #[arg(value_enum)]
         suite: Option<BenchSuite>,
         /// Fleet sizes for `bench fleet` (default 10,100,1000; 3,6 with --quick).
@@ -245,6 +248,7 @@ fn main() -> ExitCode {
                 None => bench::Suite::All,
                 Some(BenchSuite::Fleet) => bench::Suite::Fleet,
                 Some(BenchSuite::Http) => bench::Suite::Http,
+                Some(BenchSuite::Idle) => bench::Suite::Idle,
             },
             hosts,
             quick,

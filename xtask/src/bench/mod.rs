@@ -80,6 +80,8 @@ pub enum Suite {
     /// Only the HTTP stage and the JSON masker (`cargo xtask bench http`); the report goes
     /// under target/bench/, since BENCHMARKS.md holds whole runs only.
     Http,
+    /// Only the idle-connection stage (`cargo xtask bench idle`), under target/bench/.
+    Idle,
 }
 
 pub struct Options {
@@ -128,8 +130,8 @@ pub fn run(opts: &Options) -> Result<()> {
     } else {
         Sizes::full()
     };
-    if opts.suite == Suite::Http {
-        return run_http(&bin_dir, &sizes, opts);
+    if matches!(opts.suite, Suite::Http | Suite::Idle) {
+        return run_part(&bin_dir, &sizes, opts);
     }
     let out = opts.out.clone().unwrap_or_else(|| {
         if opts.quick {
@@ -195,25 +197,35 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-fn run_http(bin_dir: &Path, sizes: &Sizes, opts: &Options) -> Result<()> {
+/// One stage alone (`bench http`, `bench idle`), reported under target/bench/.
+fn run_part(bin_dir: &Path, sizes: &Sizes, opts: &Options) -> Result<()> {
+    let name = if opts.suite == Suite::Http {
+        "http"
+    } else {
+        "idle"
+    };
     let out = opts.out.clone().unwrap_or_else(|| {
         crate::target_dir("bench").join(if opts.quick {
-            "BENCHMARKS-http-quick.md"
+            format!("BENCHMARKS-{name}-quick.md")
         } else {
-            "BENCHMARKS-http.md"
+            format!("BENCHMARKS-{name}.md")
         })
     });
     let started = Instant::now();
     println!(
-        "== jitgate benchmarks, HTTP alone ({}) ==",
+        "== jitgate benchmarks, {name} alone ({}) ==",
         if opts.quick { "quick" } else { "full" }
     );
     let mut env = Env::start(bin_dir, sizes.scale, sizes.people)?;
-    let tables = stages::run_http(&mut env, sizes)?;
+    let tables = if opts.suite == Suite::Http {
+        stages::run_http(&mut env, sizes)?
+    } else {
+        stages::run_idle(&mut env, sizes)?
+    };
     drop(env);
     let elapsed = started.elapsed();
     let mut doc = format!(
-        "# Benchmarks: HTTP alone\n\n{}\n- Command: `cargo xtask bench http{}`; measuring took {:.1} min ({} s per run, {} round(s)).\n\n",
+        "# Benchmarks: {name} alone\n\n{}\n- Command: `cargo xtask bench {name}{}`; measuring took {:.1} min ({} s per run, {} round(s)).\n\n",
         machine(bin_dir),
         if opts.quick { " --quick" } else { "" },
         elapsed.as_secs_f64() / 60.0,

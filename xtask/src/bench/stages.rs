@@ -240,6 +240,44 @@ pub fn run_http(env: &mut Env, sizes: &Sizes) -> Result<Vec<Table>> {
     Ok(vec![http::table(&cells), json_table(&json), targets])
 }
 
+/// `cargo xtask bench idle`: the idle-connection stage alone (about a minute), for work on
+/// the memory a connection holds.
+pub fn run_idle(env: &mut Env, sizes: &Sizes) -> Result<Vec<Table>> {
+    let idle = idle(env, sizes)?;
+    Ok(vec![idle.table()])
+}
+
+impl Idle {
+    fn per_conn_kib(&self) -> f64 {
+        self.rss_kib.saturating_sub(self.rss_before_kib) as f64 / self.connections.max(1) as f64
+    }
+
+    fn table(&self) -> Table {
+        let mut t = Table::new(
+            "Scale: idle gated connections (tcp relay to an echo server)",
+            &[
+                "connections",
+                "healthy when opened",
+                "healthy after idling",
+                "agent RSS before MiB",
+                "agent RSS with all open MiB",
+                "KiB per connection",
+                "RSS / connections KiB",
+            ],
+        );
+        t.row(vec![
+            self.connections.to_string(),
+            self.healthy_open.to_string(),
+            self.healthy_after.to_string(),
+            fmt(self.rss_before_kib as f64 / 1024.0),
+            fmt(self.rss_kib as f64 / 1024.0),
+            fmt(self.per_conn_kib()),
+            fmt(self.rss_kib as f64 / self.connections.max(1) as f64),
+        ]);
+        t
+    }
+}
+
 fn json_table(json: &Throughput) -> Table {
     let mut t = Table::new(
         "JSON response masking alone, one core (a list of objects parsed, masked, written; median of three windows)",
@@ -622,11 +660,6 @@ impl Results {
         })
     }
 
-    fn idle_per_conn_kib(&self) -> f64 {
-        self.idle.rss_kib.saturating_sub(self.idle.rss_before_kib) as f64
-            / self.idle.connections.max(1) as f64
-    }
-
     pub fn tables(&self) -> Vec<Table> {
         let mut tables = Vec::new();
         for script in [Script::SelectOnly, Script::TpcB] {
@@ -732,28 +765,7 @@ impl Results {
             ]);
         }
         tables.push(t);
-        let mut t = Table::new(
-            "Scale: idle gated connections (tcp relay to an echo server)",
-            &[
-                "connections",
-                "healthy when opened",
-                "healthy after idling",
-                "agent RSS before MiB",
-                "agent RSS with all open MiB",
-                "KiB per connection",
-                "RSS / connections KiB",
-            ],
-        );
-        t.row(vec![
-            self.idle.connections.to_string(),
-            self.idle.healthy_open.to_string(),
-            self.idle.healthy_after.to_string(),
-            fmt(self.idle.rss_before_kib as f64 / 1024.0),
-            fmt(self.idle.rss_kib as f64 / 1024.0),
-            fmt(self.idle_per_conn_kib()),
-            fmt(self.idle.rss_kib as f64 / self.idle.connections.max(1) as f64),
-        ]);
-        tables.push(t);
+        tables.push(self.idle.table());
         tables
     }
 
@@ -834,7 +846,7 @@ impl Results {
             verdict(mbs >= 200.0),
         ]);
         // 5. Memory per idle connection.
-        let per = self.idle_per_conn_kib();
+        let per = self.idle.per_conn_kib();
         let healthy = self.idle.healthy_after == self.idle.connections as u64
             && self.idle.healthy_open == self.idle.connections as u64;
         let capped = if self.idle.connections < self.idle.wanted {
