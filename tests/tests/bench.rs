@@ -96,6 +96,8 @@ fn bench_quick_runs_end_to_end() {
         "| full policy >= 0.80 of direct tps",
         "| < 100 µs added p99 latency per statement",
         "| masking >= 200 MB/s on one core",
+        "| masked results end to end >= 0.8 of the tcp relay",
+        "| connection setup p50 with full policy within 10% of direct",
         "| < 64 KiB per idle connection",
         "| redirected connect() within 5 µs",
         "| HTTP: full policy >= nginx reverse proxy requests/s",
@@ -107,7 +109,7 @@ fn bench_quick_runs_end_to_end() {
             "{target}: no verdict, or more than one:\n{report}"
         );
     }
-    assert_eq!(verdicts.len(), 8, "{report}");
+    assert_eq!(verdicts.len(), 10, "{report}");
     assert!(!report.contains("n/a"), "a figure is missing:\n{report}");
     // The same tables went to the terminal.
     assert!(stdout.contains("Targets"), "{stdout}");

@@ -49,6 +49,8 @@ enum BenchSuite {
     Http,
     /// The idle-connection stage alone (report under target/bench/).
     Idle,
+    /// The masking stages alone, end to end and the engine (report under target/bench/).
+    Mask,
 }
 
 #[derive(Subcommand)]
@@ -249,6 +251,7 @@ fn main() -> ExitCode {
                 Some(BenchSuite::Fleet) => bench::Suite::Fleet,
                 Some(BenchSuite::Http) => bench::Suite::Http,
                 Some(BenchSuite::Idle) => bench::Suite::Idle,
+                Some(BenchSuite::Mask) => bench::Suite::Mask,
             },
             hosts,
             quick,

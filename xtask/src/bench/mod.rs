@@ -82,6 +82,8 @@ pub enum Suite {
     Http,
     /// Only the idle-connection stage (`cargo xtask bench idle`), under target/bench/.
     Idle,
+    /// Only the masking stages (`cargo xtask bench mask`), under target/bench/.
+    Mask,
 }
 
 pub struct Options {
@@ -130,7 +132,7 @@ pub fn run(opts: &Options) -> Result<()> {
     } else {
         Sizes::full()
     };
-    if matches!(opts.suite, Suite::Http | Suite::Idle) {
+    if matches!(opts.suite, Suite::Http | Suite::Idle | Suite::Mask) {
         return run_part(&bin_dir, &sizes, opts);
     }
     let out = opts.out.clone().unwrap_or_else(|| {
@@ -197,12 +199,12 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// One stage alone (`bench http`, `bench idle`), reported under target/bench/.
+/// One stage alone (`bench http`, `bench idle`, `bench mask`), reported under target/bench/.
 fn run_part(bin_dir: &Path, sizes: &Sizes, opts: &Options) -> Result<()> {
-    let name = if opts.suite == Suite::Http {
-        "http"
-    } else {
-        "idle"
+    let name = match opts.suite {
+        Suite::Http => "http",
+        Suite::Mask => "mask",
+        _ => "idle",
     };
     let out = opts.out.clone().unwrap_or_else(|| {
         crate::target_dir("bench").join(if opts.quick {
@@ -217,10 +219,10 @@ fn run_part(bin_dir: &Path, sizes: &Sizes, opts: &Options) -> Result<()> {
         if opts.quick { "quick" } else { "full" }
     );
     let mut env = Env::start(bin_dir, sizes.scale, sizes.people)?;
-    let tables = if opts.suite == Suite::Http {
-        stages::run_http(&mut env, sizes)?
-    } else {
-        stages::run_idle(&mut env, sizes)?
+    let tables = match opts.suite {
+        Suite::Http => stages::run_http(&mut env, sizes)?,
+        Suite::Mask => stages::run_mask(&mut env, sizes)?,
+        _ => stages::run_idle(&mut env, sizes)?,
     };
     drop(env);
     let elapsed = started.elapsed();

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// Buffered frames taken between two looks at the session's end signals (see
+/// `server_to_client`).
+const QUIET_RUN: u32 = 32;
+
 impl Pump<'_> {
     /// Server to client. Returns the outcome when the server side ends the session.
     pub(super) async fn server_to_client(
@@ -23,6 +27,7 @@ impl Pump<'_> {
         let flush_timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(flush_timer);
         let mut flush_armed = false;
+        let mut quiet_run = 0u32;
         let outcome = loop {
             if draining.is_some()
                 && !server.has_frame()
@@ -41,12 +46,20 @@ impl Pump<'_> {
                 break Some((SessionOutcome::Shutdown, err.message));
             }
             // A frame already buffered, with nothing else to attend to, is taken without
-            // arming every branch below (most of a result's messages arrive this way).
-            let quiet = server.has_frame()
-                && draining.is_none()
-                && inject.is_empty()
-                && !self.stop.is_cancelled()
-                && end.now().is_none();
+            // arming every branch below (most of a result's messages arrive this way). The
+            // end signals take locks to read, so a run of buffered frames looks at them every
+            // QUIET_RUN frames: a grant's end waits for at most that many frames already in
+            // memory.
+            let quiet = server.has_frame() && draining.is_none() && inject.is_empty() && {
+                quiet_run += 1;
+                quiet_run < QUIET_RUN || {
+                    quiet_run = 0;
+                    !self.stop.is_cancelled() && end.now().is_none()
+                }
+            };
+            if !quiet {
+                quiet_run = 0;
+            }
             let frame = if quiet {
                 server.next().await
             } else {
@@ -421,6 +434,9 @@ impl Pump<'_> {
         out: &mut BytesMut,
         stats: &mut Masked,
     ) -> Result<(), PgError> {
+        if frame.tag == b'D' {
+            return self.data_row(frame, out, stats).await;
+        }
         let skipping = {
             let mut st = self.lock();
             if st.budget.skipping && frame.tag == b'Z' {
@@ -442,26 +458,48 @@ impl Pump<'_> {
         if !self.limits.limits_results() {
             return false;
         }
-        let (passed, rec) = {
+        let counted = {
             let mut st = self.lock();
             if st.budget.skipping {
                 // Already cut: dropped, not counted, not cancelled again.
                 return true;
             }
-            let passed = st.budget.count(&self.limits, bytes);
-            if passed.is_some() {
-                st.budget.skipping = true;
-                st.copy = None;
+            self.count_result(&mut st, bytes)
+        };
+        match counted {
+            None => false,
+            Some(cut) => {
+                self.cut_result(cut, out).await;
+                true
             }
-            let rec = match st.expect.front() {
-                Some(Expect::Query { rec, .. } | Expect::Execute { rec, .. }) => Some(*rec),
-                _ => None,
-            };
-            (passed, rec)
+        }
+    }
+
+    /// Counts `bytes` of result against the limits under the session's lock; a limit
+    /// passed now starts skipping the rest and is returned, with the statement's record, for
+    /// [`Pump::cut_result`].
+    fn count_result(
+        &self,
+        st: &mut State,
+        bytes: u64,
+    ) -> Option<(super::budget::Passed, Option<u32>)> {
+        let passed = st.budget.count(&self.limits, bytes)?;
+        st.budget.skipping = true;
+        st.copy = None;
+        let rec = match st.expect.front() {
+            Some(Expect::Query { rec, .. } | Expect::Execute { rec, .. }) => Some(*rec),
+            _ => None,
         };
-        let Some(passed) = passed else {
-            return false;
-        };
+        Some((passed, rec))
+    }
+
+    /// A result limit passed: the client gets the error, the record says why, and the
+    /// statement is cancelled (the server stops producing what would be dropped anyway).
+    async fn cut_result(
+        &self,
+        (passed, rec): (super::budget::Passed, Option<u32>),
+        out: &mut BytesMut,
+    ) {
         let error = passed.error(self.resource);
         if let Some(rec) = rec {
             self.with_record(rec, |r| {
@@ -470,9 +508,70 @@ impl Pump<'_> {
         }
         error.write(out);
         self.limit_reached(passed.key, passed.limit);
-        // Stops the server producing what would be dropped anyway.
         let _ = self.cancel_in_flight().await;
-        true
+    }
+
+    /// One result row, masked by the result's plan. The hot path of a large result: the
+    /// session's state is locked once per row, for the skip flag, the limits, the plan and
+    /// the statement record's masked count together.
+    async fn data_row(
+        &self,
+        frame: Frame,
+        out: &mut BytesMut,
+        stats: &mut Masked,
+    ) -> Result<(), PgError> {
+        let cut = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            if st.budget.skipping {
+                // A limit cut this statement: its remaining rows are dropped.
+                return Ok(());
+            }
+            let cut = if self.limits.limits_results() {
+                self.count_result(st, frame.body.len() as u64 + 5)
+            } else {
+                None
+            };
+            if cut.is_none() {
+                let Some(masker) = &self.masker else {
+                    drop(guard);
+                    frame.write(out);
+                    return Ok(());
+                };
+                let (plan, rec) = match st.expect.front() {
+                    Some(Expect::Execute { portal, rec, .. }) => (portal.plan(), Some(*rec)),
+                    Some(Expect::Query { rec, .. }) => (st.current.clone(), Some(*rec)),
+                    _ => (st.current.clone(), None),
+                };
+                let Some(plan) = plan else {
+                    return Err(PgError::fatal(
+                        "XX000",
+                        "jitgate: a result arrived whose columns are unknown, so it cannot be masked; ending the session",
+                    ));
+                };
+                let before = stats.values;
+                rows::mask_data_row(&frame.body, &plan, masker, stats, out).map_err(|e| {
+                    PgError::fatal(
+                        "08P01",
+                        format!(
+                            "jitgate: lost track of the protocol ({e}); ending the session rather than guessing"
+                        ),
+                    )
+                })?;
+                let masked = stats.values - before;
+                if masked > 0
+                    && let Some(r) = rec.and_then(|rec| st.records.get_mut(&rec))
+                {
+                    r.record.masked += masked;
+                }
+                return Ok(());
+            }
+            cut
+        };
+        if let Some(cut) = cut {
+            self.cut_result(cut, out).await;
+        }
+        Ok(())
     }
 
     async fn handle_server(
@@ -584,33 +683,8 @@ impl Pump<'_> {
                     }
                 }
             }
-            Backend::DataRow => {
-                if self.over_budget(frame.body.len() as u64 + 5, out).await {
-                    return Ok(());
-                }
-                let Some(masker) = &self.masker else {
-                    frame.write(out);
-                    return Ok(());
-                };
-                let plan = {
-                    let st = self.lock();
-                    match st.expect.front() {
-                        Some(Expect::Execute { portal, .. }) => portal.plan(),
-                        _ => st.current.clone(),
-                    }
-                };
-                let Some(plan) = plan else {
-                    return Err(PgError::fatal(
-                        "XX000",
-                        "jitgate: a result arrived whose columns are unknown, so it cannot be masked; ending the session",
-                    ));
-                };
-                let before = stats.values;
-                rows::mask_data_row(&frame.body, &plan, masker, stats, out)
-                    .map_err(|e| desync(&e.to_string()))?;
-                let masked = stats.values - before;
-                self.count_row_masked(masked);
-            }
+            // Taken by `on_server` before it gets here.
+            Backend::DataRow => return self.data_row(frame, out, stats).await,
             Backend::CommandComplete | Backend::EmptyQueryResponse | Backend::PortalSuspended => {
                 self.lock().budget.start_statement();
                 let tag = if frame.tag == b'C' {
@@ -911,21 +985,5 @@ impl Pump<'_> {
             }
         }
         Ok(())
-    }
-
-    pub(super) fn count_row_masked(&self, masked: u64) {
-        if masked == 0 {
-            return;
-        }
-        let mut st = self.lock();
-        let rec = match st.expect.front() {
-            Some(Expect::Execute { rec, .. } | Expect::Query { rec, .. }) => Some(*rec),
-            _ => None,
-        };
-        if let Some(rec) = rec
-            && let Some(r) = st.records.get_mut(&rec)
-        {
-            r.record.masked += masked;
-        }
     }
 }
