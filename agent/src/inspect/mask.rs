@@ -900,15 +900,18 @@ mod tests {
             "12  34567890123456789",
             "4111 1111 1111 1111 -",
             "٣4111111111111111",
+            "€4111111111111111€",
+            "\u{a0}4111 1111 1111 1111\u{a0}",
         ] {
             check(v);
         }
         // Digit-heavy random text, with the characters at the edges of `\b` and of a
         // chain: separators doubled or trailing, letters, `_`, a combining mark, a digit
-        // that is not ASCII.
-        let alphabet: Vec<char> = "0123456789012345678901234567890123456789  --a_é\u{300}٣.,"
-            .chars()
-            .collect();
+        // that is not ASCII, and characters beyond ASCII that are not word characters.
+        let alphabet: Vec<char> =
+            "0123456789012345678901234567890123456789  --a_é\u{300}٣.,€\u{a0}"
+                .chars()
+                .collect();
         let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..30_000 {
             let len = (next() % 40) as usize;
