@@ -81,24 +81,30 @@ impl Pump<'_> {
             });
         }
         let rates = &self.ctx.rates;
+        // Each bucket's key is built only when its limit is set (most grants set neither,
+        // and this runs for every statement).
         let over = [
             (
                 "statements_per_second",
                 limits.statements_per_second,
-                format!("grant:{}", self.grant),
+                "grant:",
+                self.grant.as_str(),
                 "this grant",
             ),
             (
                 "identity_statements_per_second",
                 limits.identity_statements_per_second,
-                format!("identity:{}", self.who.identity),
+                "identity:",
+                self.who.identity.as_str(),
                 "this identity",
             ),
         ]
         .into_iter()
-        .find(|(_, limit, key, _)| limit.is_some_and(|l| !rates.take(key, l)))?;
-        let (key, limit, _, whose) = over;
-        let limit = limit.unwrap_or_default();
+        .find_map(|(key, limit, kind, id, whose)| {
+            let limit = limit?;
+            (!rates.take(&format!("{kind}{id}"), limit)).then_some((key, limit, whose))
+        })?;
+        let (key, limit, whose) = over;
         self.limit_reached(key, u64::from(limit));
         Some(Verdict::Deny {
             rule: format!("limit: {key}"),
