@@ -346,7 +346,7 @@ fn encode(plan: &ColPlan, text: &str, out: &mut BytesMut) {
 
 /// Writes the (masked) DataRow to `out`.
 pub fn mask_data_row(
-    body: &Bytes,
+    body: &[u8],
     plan: &Plan,
     masker: &Masker,
     stats: &mut Masked,

@@ -122,6 +122,32 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The size cap of a `tag` message from this peer.
+    fn cap_of(&self, tag: u8) -> usize {
+        match (tag, self.statement_cap) {
+            (b'Q' | b'P', Some(cap)) => cap,
+            _ => (self.cap)(tag),
+        }
+    }
+
+    /// Hands the body of the next message to `f` where it lies in the buffer, and drops it,
+    /// when that message is complete, tagged `tag` and within its cap; `None` (nothing
+    /// taken) otherwise, for [`FrameReader::next`] to deal with. Saves splitting off a frame
+    /// (and a reference count) for each of a result's rows.
+    pub fn take_buffered<T>(&mut self, tag: u8, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
+        if self.buf.len() < 5 || self.buf[0] != tag {
+            return None;
+        }
+        let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        let body_len = usize::try_from(len).ok()?.checked_sub(4)?;
+        if body_len > self.cap_of(tag) || self.buf.len() < 5 + body_len {
+            return None;
+        }
+        let out = f(&self.buf[5..5 + body_len]);
+        self.buf.advance(5 + body_len);
+        Some(out)
+    }
+
     async fn fill(&mut self, want: usize) -> Result<bool, WireError> {
         while self.buf.len() < want {
             // Grow as bytes arrive, not by what a header claims: a peer announcing a
@@ -153,10 +179,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return Err(WireError::Malformed("length below 4"));
         }
         let body_len = len as usize - 4;
-        let cap = match (tag, self.statement_cap) {
-            (b'Q' | b'P', Some(cap)) => cap,
-            _ => (self.cap)(tag),
-        };
+        let cap = self.cap_of(tag);
         if body_len > cap {
             return Err(WireError::TooLarge {
                 tag: tag as char,

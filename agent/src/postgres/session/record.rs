@@ -108,7 +108,11 @@ impl Pump<'_> {
     pub(super) fn flush_records(&self) {
         let mut st = self.lock();
         let mut batch = std::mem::take(&mut st.finished);
-        batch.extend(st.records.drain().map(|(_, r)| r.record));
+        batch.extend(
+            std::mem::take(&mut st.records)
+                .into_values()
+                .map(|r| r.record),
+        );
         drop(st);
         self.submit(batch);
     }

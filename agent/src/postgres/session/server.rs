@@ -60,95 +60,114 @@ impl Pump<'_> {
             if !quiet {
                 quiet_run = 0;
             }
-            let frame = if quiet {
-                server.next().await
+            // A buffered DataRow, the bulk of a result, is masked where it lies in the read
+            // buffer: no frame split off it, no reference count per row.
+            let in_place = if quiet {
+                server.take_buffered(b'D', |body| self.row(body, &mut out, &mut stats))
             } else {
-                tokio::select! {
-                    biased;
-                    why = end.ended() => {
-                        let (outcome, why) = match why {
-                            End::GrantRevoked(id) => (SessionOutcome::GrantRevoked, format!("grant {id} was revoked")),
-                            End::GrantExpired(id) => (SessionOutcome::GrantExpired, format!("grant {id} expired")),
-                            End::StoreLost(id) => (SessionOutcome::StoreLost, crate::protocol::context::store_lost(&id)),
-                            End::ResourceRemoved => {
-                                let _ = self.cancel_in_flight().await;
-                                let err = PgError::fatal("57P01", format!("terminating connection: resource {} left the jitgate configuration", self.resource));
-                                err.write(&mut out);
-                                let _ = client.write_all(&out).await;
-                                break Some((SessionOutcome::ResourceRemoved, err.message));
-                            }
-                            End::Shutdown => {
-                                // Drain: the session ends at its next idle point or the deadline.
-                                end.draining();
-                                draining = Some(tokio::time::Instant::now() + self.ctx.config.get().daemon.drain_timeout);
-                                continue;
-                            }
-                        };
-                        let _ = self.cancel_in_flight().await;
-                        let err = PgError::fatal("57P01", format!("terminating connection: jitgate {why}"))
-                            .hint(format!("jitgate request {} --access {}", self.resource, self.access));
-                        err.write(&mut out);
-                        let _ = client.write_all(&out).await;
-                        let _ = client.flush().await;
-                        break Some((outcome, why));
+                None
+            };
+            let handled = if let Some(result) = in_place {
+                match result {
+                    Ok(Some(cut)) => {
+                        self.cut_result(cut, &mut out).await;
+                        Ok(())
                     }
-                    () = async { tokio::time::sleep_until(draining.unwrap_or_else(tokio::time::Instant::now)).await }, if draining.is_some() => {
-                        let hint = if self.cancel_in_flight().await {
-                            "a statement was still running when the drain timeout passed; it was cancelled"
-                        } else {
-                            "a statement was still running when the drain timeout passed; it may not have completed"
-                        };
-                        let err = PgError::fatal("57P01", "terminating connection: the jitgate host agent is shutting down")
-                            .hint(hint);
-                        err.write(&mut out);
-                        let _ = client.write_all(&out).await;
-                        break Some((SessionOutcome::Shutdown, err.message));
-                    }
-                    Some(err) = inject.recv() => {
-                        err.write(&mut out);
-                        let _ = client.write_all(&out).await;
-                        break None;
-                    }
-                    () = self.stop.cancelled() => {
-                        // The client side ended: deliver what the server still sends (its reply to
-                        // Terminate is to close).
-                        match tokio::time::timeout(Duration::from_millis(200), server.next()).await {
-                            Ok(Ok(Some(f))) => Ok(Some(f)),
-                            _ => break None,
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            } else {
+                let frame = if quiet {
+                    server.next().await
+                } else {
+                    tokio::select! {
+                        biased;
+                        why = end.ended() => {
+                            let (outcome, why) = match why {
+                                End::GrantRevoked(id) => (SessionOutcome::GrantRevoked, format!("grant {id} was revoked")),
+                                End::GrantExpired(id) => (SessionOutcome::GrantExpired, format!("grant {id} expired")),
+                                End::StoreLost(id) => (SessionOutcome::StoreLost, crate::protocol::context::store_lost(&id)),
+                                End::ResourceRemoved => {
+                                    let _ = self.cancel_in_flight().await;
+                                    let err = PgError::fatal("57P01", format!("terminating connection: resource {} left the jitgate configuration", self.resource));
+                                    err.write(&mut out);
+                                    let _ = client.write_all(&out).await;
+                                    break Some((SessionOutcome::ResourceRemoved, err.message));
+                                }
+                                End::Shutdown => {
+                                    // Drain: the session ends at its next idle point or the deadline.
+                                    end.draining();
+                                    draining = Some(tokio::time::Instant::now() + self.ctx.config.get().daemon.drain_timeout);
+                                    continue;
+                                }
+                            };
+                            let _ = self.cancel_in_flight().await;
+                            let err = PgError::fatal("57P01", format!("terminating connection: jitgate {why}"))
+                                .hint(format!("jitgate request {} --access {}", self.resource, self.access));
+                            err.write(&mut out);
+                            let _ = client.write_all(&out).await;
+                            let _ = client.flush().await;
+                            break Some((outcome, why));
                         }
+                        () = async { tokio::time::sleep_until(draining.unwrap_or_else(tokio::time::Instant::now)).await }, if draining.is_some() => {
+                            let hint = if self.cancel_in_flight().await {
+                                "a statement was still running when the drain timeout passed; it was cancelled"
+                            } else {
+                                "a statement was still running when the drain timeout passed; it may not have completed"
+                            };
+                            let err = PgError::fatal("57P01", "terminating connection: the jitgate host agent is shutting down")
+                                .hint(hint);
+                            err.write(&mut out);
+                            let _ = client.write_all(&out).await;
+                            break Some((SessionOutcome::Shutdown, err.message));
+                        }
+                        Some(err) = inject.recv() => {
+                            err.write(&mut out);
+                            let _ = client.write_all(&out).await;
+                            break None;
+                        }
+                        () = self.stop.cancelled() => {
+                            // The client side ended: deliver what the server still sends (its reply to
+                            // Terminate is to close).
+                            match tokio::time::timeout(Duration::from_millis(200), server.next()).await {
+                                Ok(Ok(Some(f))) => Ok(Some(f)),
+                                _ => break None,
+                            }
+                        }
+                        () = self.records_due.notified(), if !flush_armed => {
+                            flush_armed = true;
+                            flush_timer.as_mut().reset(tokio::time::Instant::now() + RECORD_FLUSH);
+                            continue;
+                        }
+                        () = &mut flush_timer, if flush_armed => {
+                            flush_armed = false;
+                            self.flush_finished();
+                            continue;
+                        }
+                        f = server.next() => f,
                     }
-                    () = self.records_due.notified(), if !flush_armed => {
-                        flush_armed = true;
-                        flush_timer.as_mut().reset(tokio::time::Instant::now() + RECORD_FLUSH);
-                        continue;
+                };
+                let frame = match frame {
+                    Ok(Some(f)) => f,
+                    Ok(None) => {
+                        break Some((
+                            SessionOutcome::Closed,
+                            "the server closed the connection".into(),
+                        ));
                     }
-                    () = &mut flush_timer, if flush_armed => {
-                        flush_armed = false;
-                        self.flush_finished();
-                        continue;
+                    Err(e) => {
+                        let err = PgError::fatal(
+                            "08P01",
+                            format!("jitgate: protocol error from the server: {e}"),
+                        );
+                        err.write(&mut out);
+                        let _ = client.write_all(&out).await;
+                        break Some((SessionOutcome::Error, err.message));
                     }
-                    f = server.next() => f,
-                }
+                };
+                self.on_server(frame, &mut out, &mut stats).await
             };
-            let frame = match frame {
-                Ok(Some(f)) => f,
-                Ok(None) => {
-                    break Some((
-                        SessionOutcome::Closed,
-                        "the server closed the connection".into(),
-                    ));
-                }
-                Err(e) => {
-                    let err = PgError::fatal(
-                        "08P01",
-                        format!("jitgate: protocol error from the server: {e}"),
-                    );
-                    err.write(&mut out);
-                    let _ = client.write_all(&out).await;
-                    break Some((SessionOutcome::Error, err.message));
-                }
-            };
-            if let Err(err) = self.on_server(frame, &mut out, &mut stats).await {
+            if let Err(err) = handled {
                 err.write(&mut out);
                 let _ = client.write_all(&out).await;
                 let _ = client.flush().await;
@@ -511,67 +530,76 @@ impl Pump<'_> {
         let _ = self.cancel_in_flight().await;
     }
 
-    /// One result row, masked by the result's plan. The hot path of a large result: the
-    /// session's state is locked once per row, for the skip flag, the limits, the plan and
-    /// the statement record's masked count together.
+    /// One result row that arrived as its own frame (see [`Pump::row`]).
     async fn data_row(
         &self,
         frame: Frame,
         out: &mut BytesMut,
         stats: &mut Masked,
     ) -> Result<(), PgError> {
-        let cut = {
-            let mut guard = self.lock();
-            let st = &mut *guard;
-            if st.budget.skipping {
-                // A limit cut this statement: its remaining rows are dropped.
-                return Ok(());
-            }
-            let cut = if self.limits.limits_results() {
-                self.count_result(st, frame.body.len() as u64 + 5)
-            } else {
-                None
-            };
-            if cut.is_none() {
-                let Some(masker) = &self.masker else {
-                    drop(guard);
-                    frame.write(out);
-                    return Ok(());
-                };
-                let (plan, rec) = match st.expect.front() {
-                    Some(Expect::Execute { portal, rec, .. }) => (portal.plan(), Some(*rec)),
-                    Some(Expect::Query { rec, .. }) => (st.current.clone(), Some(*rec)),
-                    _ => (st.current.clone(), None),
-                };
-                let Some(plan) = plan else {
-                    return Err(PgError::fatal(
-                        "XX000",
-                        "jitgate: a result arrived whose columns are unknown, so it cannot be masked; ending the session",
-                    ));
-                };
-                let before = stats.values;
-                rows::mask_data_row(&frame.body, &plan, masker, stats, out).map_err(|e| {
-                    PgError::fatal(
-                        "08P01",
-                        format!(
-                            "jitgate: lost track of the protocol ({e}); ending the session rather than guessing"
-                        ),
-                    )
-                })?;
-                let masked = stats.values - before;
-                if masked > 0
-                    && let Some(r) = rec.and_then(|rec| st.records.get_mut(&rec))
-                {
-                    r.record.masked += masked;
-                }
-                return Ok(());
-            }
-            cut
-        };
-        if let Some(cut) = cut {
+        if let Some(cut) = self.row(&frame.body, out, stats)? {
             self.cut_result(cut, out).await;
         }
         Ok(())
+    }
+
+    /// One result row (`body`: a DataRow's body), masked by the result's plan into `out`.
+    /// The hot path of a large result, so it is synchronous and works on the row where it
+    /// lies (the caller's read buffer, most of the time): the session's state is locked
+    /// once, for the skip flag, the limits, the plan and the statement record's masked
+    /// count together. `Some` when the row passed a result limit: it was not written, and
+    /// the caller cuts the statement ([`Pump::cut_result`]).
+    fn row(
+        &self,
+        body: &[u8],
+        out: &mut BytesMut,
+        stats: &mut Masked,
+    ) -> Result<Option<(super::budget::Passed, Option<u32>)>, PgError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.budget.skipping {
+            // A limit cut this statement: its remaining rows are dropped.
+            return Ok(None);
+        }
+        if self.limits.limits_results()
+            && let Some(cut) = self.count_result(st, body.len() as u64 + 5)
+        {
+            return Ok(Some(cut));
+        }
+        let Some(masker) = &self.masker else {
+            drop(guard);
+            out.put_u8(b'D');
+            out.put_i32(body.len() as i32 + 4);
+            out.extend_from_slice(body);
+            return Ok(None);
+        };
+        let (plan, rec) = match st.expect.front() {
+            Some(Expect::Execute { portal, rec, .. }) => (portal.plan(), Some(*rec)),
+            Some(Expect::Query { rec, .. }) => (st.current.clone(), Some(*rec)),
+            _ => (st.current.clone(), None),
+        };
+        let Some(plan) = plan else {
+            return Err(PgError::fatal(
+                "XX000",
+                "jitgate: a result arrived whose columns are unknown, so it cannot be masked; ending the session",
+            ));
+        };
+        let before = stats.values;
+        rows::mask_data_row(body, &plan, masker, stats, out).map_err(|e| {
+            PgError::fatal(
+                "08P01",
+                format!(
+                    "jitgate: lost track of the protocol ({e}); ending the session rather than guessing"
+                ),
+            )
+        })?;
+        let masked = stats.values - before;
+        if masked > 0
+            && let Some(r) = rec.and_then(|rec| st.records.get_mut(&rec))
+        {
+            r.record.masked += masked;
+        }
+        Ok(None)
     }
 
     async fn handle_server(

@@ -224,7 +224,9 @@ pub(super) struct State {
     /// SQL cursors by name: what their `FETCH`es return is computed from.
     pub(super) cursors: HashMap<String, Arc<ResultRefs>>,
     pub(super) copy: Option<CopyMasker>,
-    pub(super) records: HashMap<u32, InFlight>,
+    /// Statements in flight by sequence number: a handful at most, looked up for every
+    /// masked row, so ordered (no hashing; drained in statement order).
+    pub(super) records: std::collections::BTreeMap<u32, InFlight>,
     pub(super) next_seq: u32,
     pub(super) finished: Vec<StatementRecord>,
     /// The session may have changed `search_path`: the catalog connection, which keeps the
