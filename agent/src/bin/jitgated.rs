@@ -22,6 +22,8 @@ const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 /// idle`, 9,872 connections), at the same CPU per request.
 /// Set before the first arena is reserved: in a constructor, which runs before any Rust
 /// allocation (mimalloc serves only Rust's allocations here; C code keeps glibc's malloc).
+/// Being set in code, it wins over `MIMALLOC_ARENA_EAGER_COMMIT` in the environment (the
+/// other `MIMALLOC_*` variables still apply).
 #[used]
 #[unsafe(link_section = ".init_array")]
 static LAZY_ARENAS: extern "C" fn() = {
