@@ -440,4 +440,89 @@ mod tests {
         let mut r = FrameReader::new(data, client_cap);
         assert!(matches!(r.next().await, Err(WireError::Io(_))));
     }
+
+    /// What `take_buffered` hands over, then `next` for the rest, against `next` alone: the
+    /// same messages, the same error, nothing taken twice or skipped.
+    #[tokio::test]
+    async fn taking_in_place_reads_what_next_reads() {
+        #[derive(Debug, PartialEq)]
+        enum Step {
+            Frame(u8, Vec<u8>),
+            End,
+            Error(String),
+        }
+        async fn by_next(data: &[u8], cap: fn(u8) -> usize) -> Vec<Step> {
+            let mut r = FrameReader::new(data, cap);
+            let mut steps = Vec::new();
+            loop {
+                match r.next().await {
+                    Ok(Some(f)) => steps.push(Step::Frame(f.tag, f.body.to_vec())),
+                    Ok(None) => {
+                        steps.push(Step::End);
+                        return steps;
+                    }
+                    Err(e) => {
+                        steps.push(Step::Error(e.to_string()));
+                        return steps;
+                    }
+                }
+            }
+        }
+        async fn in_place(data: &[u8], cap: fn(u8) -> usize) -> Vec<Step> {
+            // All of it already buffered, as when a read brought several rows at once.
+            let mut r = FrameReader::new(&[][..], cap).with_buffer(BytesMut::from(data));
+            let mut steps = Vec::new();
+            loop {
+                if let Some(body) = r.take_buffered(b'D', <[u8]>::to_vec) {
+                    steps.push(Step::Frame(b'D', body));
+                    continue;
+                }
+                match r.next().await {
+                    Ok(Some(f)) => steps.push(Step::Frame(f.tag, f.body.to_vec())),
+                    Ok(None) => {
+                        steps.push(Step::End);
+                        return steps;
+                    }
+                    Err(e) => {
+                        steps.push(Step::Error(e.to_string()));
+                        return steps;
+                    }
+                }
+            }
+        }
+        let frame = |tag: u8, body: &[u8]| {
+            let mut b = BytesMut::new();
+            message(&mut b, tag, |o| o.put_slice(body));
+            b.to_vec()
+        };
+        let rows = [
+            frame(b'D', b"\x00\x01\x00\x00\x00\x03abc"),
+            frame(b'D', b""),
+            frame(b'C', b"SELECT 2\0"),
+            frame(b'D', &[7; 300]),
+            frame(b'Z', b"I"),
+        ]
+        .concat();
+        let endings: [Vec<u8>; 6] = [
+            vec![],
+            // A row cut short (the stream ends inside it).
+            frame(b'D', &[1; 40])[..20].to_vec(),
+            // A header cut short.
+            vec![b'D', 0, 0],
+            // A length below 4.
+            vec![b'D', 0, 0, 0, 3, 9, 9, 9],
+            // A negative length.
+            vec![b'D', 0xff, 0xff, 0xff, 0xf0, 1, 2, 3, 4],
+            // A row over the reader's cap for its tag (a client's Describe: 64 KiB).
+            frame(b'D', &vec![5; (64 << 10) + 1]),
+        ];
+        for (i, ending) in endings.iter().enumerate() {
+            let data = [rows.clone(), ending.clone()].concat();
+            for cap in [server_cap as fn(u8) -> usize, client_cap] {
+                let want = by_next(&data, cap).await;
+                assert_eq!(in_place(&data, cap).await, want, "ending {i}");
+                assert!(want.len() >= 5, "ending {i}: {want:?}");
+            }
+        }
+    }
 }
