@@ -7,7 +7,7 @@ use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 
 use super::wire::{WireError, message, take_cstr, take_i16, take_i32};
 use crate::inspect::{
-    mask::{Masker, Outcome},
+    mask::{Masker, Outcome, Written},
     rules::{Detector, Strategy},
 };
 
@@ -176,43 +176,72 @@ impl Masked {
     }
 }
 
-/// What one value becomes.
-enum Cell {
-    Keep,
-    Null,
-    Text(String),
-}
-
-fn mask_value(plan: &ColPlan, raw: &[u8], masker: &Masker, stats: &mut Masked) -> Cell {
-    match mask_cell(plan, raw, masker, stats) {
-        // `****` in an integer or date column would break the client's decoding of the
-        // whole result: a typed value that cannot be shown is withheld instead.
-        Cell::Text(_) if !text_like(plan.type_oid) => {
-            stats.withheld += 1;
-            Cell::Null
+/// Masks one value into `out` (the DataRow being built): the value as sent (its length
+/// word and bytes), NULL, or its masked text written once, where it will be sent.
+fn mask_value(plan: &ColPlan, raw: &[u8], masker: &Masker, stats: &mut Masked, out: &mut BytesMut) {
+    let at = out.len();
+    // The length word, filled in once the masked text is written.
+    out.put_i32(0);
+    if plan.binary && plan.type_oid == JSONB {
+        out.put_u8(1);
+    }
+    match mask_typed(plan, raw, masker, stats, out) {
+        Written::Replaced => {
+            let len = (out.len() - at - 4) as i32;
+            out[at..at + 4].copy_from_slice(&len.to_be_bytes());
         }
-        cell => cell,
+        Written::Keep => {
+            out.truncate(at);
+            out.put_i32(raw.len() as i32);
+            out.extend_from_slice(raw);
+        }
+        Written::Null => {
+            out.truncate(at);
+            out.put_i32(-1);
+        }
     }
 }
 
-fn mask_cell(plan: &ColPlan, raw: &[u8], masker: &Masker, stats: &mut Masked) -> Cell {
+/// [`mask_cell`], with a masked text in a typed column withheld instead (what it wrote to
+/// `out` is then the caller's to drop): `****` in an integer or date column would break the
+/// client's decoding of the whole result.
+fn mask_typed(
+    plan: &ColPlan,
+    raw: &[u8],
+    masker: &Masker,
+    stats: &mut Masked,
+    out: &mut BytesMut,
+) -> Written {
+    match mask_cell(plan, raw, masker, stats, out) {
+        Written::Replaced if !text_like(plan.type_oid) => {
+            stats.withheld += 1;
+            Written::Null
+        }
+        written => written,
+    }
+}
+
+/// What masking makes of one value; a masked text is written to `out` (after anything
+/// already there, such as a binary jsonb's version byte).
+fn mask_cell(
+    plan: &ColPlan,
+    raw: &[u8],
+    masker: &Masker,
+    stats: &mut Masked,
+    out: &mut BytesMut,
+) -> Written {
     if let Some(rule) = plan.rule {
         stats.values += 1;
         stats.by_column_rule += 1;
         if plan.binary && !text_like(plan.type_oid) {
             // A typed binary value cannot carry "****": the value is withheld.
             stats.withheld += 1;
-            return Cell::Null;
+            return Written::Null;
         }
-        let text = text_of(plan, raw);
-        return match masker.apply_column(rule, &text) {
-            Outcome::Keep => Cell::Keep,
-            Outcome::Null => Cell::Null,
-            Outcome::Replace(s) => Cell::Text(s.into_owned()),
-        };
+        return masker.apply_column_into(rule, &text_of(plan, raw), out);
     }
     if !masker.has_detectors() {
-        return Cell::Keep;
+        return Written::Keep;
     }
     if plan.binary && !text_like(plan.type_oid) {
         // A card number can hide in a bigint.
@@ -227,7 +256,7 @@ fn mask_cell(plan: &ColPlan, raw: &[u8], masker: &Masker, stats: &mut Masked) ->
                 stats.values += 1;
                 stats.withheld += 1;
                 stats.hit(Detector::Card);
-                return Cell::Null;
+                return Written::Null;
             }
         }
         // Text inside a binary value (array elements, record fields, tsvector lexemes, bytea)
@@ -241,26 +270,26 @@ fn mask_cell(plan: &ColPlan, raw: &[u8], masker: &Masker, stats: &mut Masked) ->
         // `\x6a61...`: detectors look at the bytes, not at their hex digits.
         return match decode_hex(hex) {
             Some(bytes) => withhold_on_hit(&lossy_text(&bytes), masker, stats),
-            None => Cell::Keep,
+            None => Written::Keep,
         };
     }
     let bytes = text_bytes(plan, raw);
     let candidates = masker.candidates(bytes);
     if candidates == 0 {
-        return Cell::Keep;
+        return Written::Keep;
     }
-    let text = utf8(bytes);
     let mut hit = false;
-    let out = match masker.scan_among(&text, candidates, &mut |d| {
-        hit = true;
-        stats.hit(d);
-    }) {
-        Outcome::Keep => Cell::Keep,
-        Outcome::Null => Cell::Null,
-        Outcome::Replace(s) => Cell::Text(s.into_owned()),
-    };
+    let written = masker.scan_into(
+        &utf8(bytes),
+        candidates,
+        &mut |d| {
+            hit = true;
+            stats.hit(d);
+        },
+        out,
+    );
     stats.values += u64::from(hit);
-    out
+    written
 }
 
 /// Whether a detector finds something in a binary value of unknown type: the text inside it,
@@ -279,21 +308,21 @@ fn binary_hit(raw: &[u8], masker: &Masker, stats: &mut Masked) -> bool {
         stats.hit(Detector::Card);
         return true;
     }
-    matches!(withhold_on_hit(&lossy_text(raw), masker, stats), Cell::Null)
+    withhold_on_hit(&lossy_text(raw), masker, stats) == Written::Null
 }
 
 /// Withholds a value whose text (`text`) a detector finds something in.
-fn withhold_on_hit(text: &str, masker: &Masker, stats: &mut Masked) -> Cell {
+fn withhold_on_hit(text: &str, masker: &Masker, stats: &mut Masked) -> Written {
     let mut hits = Vec::new();
     if matches!(masker.scan(text, &mut |d| hits.push(d)), Outcome::Keep) {
-        return Cell::Keep;
+        return Written::Keep;
     }
     stats.values += 1;
     stats.withheld += 1;
     for d in hits {
         stats.hit(d);
     }
-    Cell::Null
+    Written::Null
 }
 
 /// The printable text in arbitrary bytes: control bytes (length words, separators) become
@@ -332,16 +361,6 @@ fn utf8(raw: &[u8]) -> Cow<'_, str> {
     // Valid UTF-8 (all but broken input) is borrowed after the fast check; the lossy
     // conversion only runs for the rest.
     std::str::from_utf8(raw).map_or_else(|_| String::from_utf8_lossy(raw), Cow::Borrowed)
-}
-
-fn encode(plan: &ColPlan, text: &str, out: &mut BytesMut) {
-    if plan.binary && plan.type_oid == JSONB {
-        out.put_i32(text.len() as i32 + 1);
-        out.put_u8(1);
-    } else {
-        out.put_i32(text.len() as i32);
-    }
-    out.extend_from_slice(text.as_bytes());
 }
 
 /// Writes the (masked) DataRow to `out`.
@@ -393,14 +412,7 @@ pub fn mask_data_row(
                 o.put_i32(-1);
                 continue;
             };
-            match mask_value(col, raw, masker, stats) {
-                Cell::Keep => {
-                    o.put_i32(len as i32);
-                    o.extend_from_slice(raw);
-                }
-                Cell::Null => o.put_i32(-1),
-                Cell::Text(t) => encode(col, &t, o),
-            }
+            mask_value(col, raw, masker, stats, o);
         }
     });
     if !b.is_empty() {
@@ -678,16 +690,23 @@ impl CopyMasker {
                 out.extend_from_slice(&raw);
                 continue;
             };
-            match mask_value(&plan, value.as_bytes(), masker, stats) {
-                Cell::Keep => out.extend_from_slice(&raw),
-                Cell::Null => out.extend_from_slice(self.null_text.as_bytes()),
-                Cell::Text(t) => match self.format {
-                    CopyFormat::Text { delimiter, .. } => {
-                        out.extend_from_slice(&escape_text(&t, delimiter))
+            let mut masked = BytesMut::new();
+            match mask_typed(&plan, value.as_bytes(), masker, stats, &mut masked) {
+                Written::Keep => out.extend_from_slice(&raw),
+                Written::Null => out.extend_from_slice(self.null_text.as_bytes()),
+                Written::Replaced => {
+                    // Masked text is pieces of a `str` and ASCII: the lossy view borrows it.
+                    let t = String::from_utf8_lossy(&masked);
+                    match self.format {
+                        CopyFormat::Text { delimiter, .. } => {
+                            out.extend_from_slice(&escape_text(&t, delimiter))
+                        }
+                        CopyFormat::Csv { quote, .. } => {
+                            out.extend_from_slice(&quote_csv(&t, quote))
+                        }
+                        CopyFormat::Binary => unreachable!(),
                     }
-                    CopyFormat::Csv { quote, .. } => out.extend_from_slice(&quote_csv(&t, quote)),
-                    CopyFormat::Binary => unreachable!(),
-                },
+                }
             }
         }
         Ok(out)
@@ -1106,6 +1125,44 @@ mod tests {
         assert_eq!(got[..4], [None, None, None, None], "{got:?}");
         assert!(got[4].as_deref().is_some_and(|v| v.contains("hello")));
         assert_eq!(stats.withheld, 4);
+    }
+
+    #[test]
+    fn masked_binary_jsonb_keeps_its_version_byte() {
+        let m = masker();
+        let cols = [Column {
+            name: "doc".into(),
+            table_oid: 0,
+            attnum: 0,
+            type_oid: JSONB,
+            format: 1,
+        }];
+        let plan = Plan::new(&cols, &m, &|_| Origin::Derived, None).with_formats(&[1]);
+        let clear: &[u8] = b"\x01{\"n\": 1}";
+        for (value, sent) in [
+            (
+                &b"\x01{\"card\": \"4111 1111 1111 1111\"}"[..],
+                &b"\x01{\"card\": \"****\"}"[..],
+            ),
+            (clear, clear),
+        ] {
+            let mut out = BytesMut::new();
+            mask_data_row(
+                &row(&[Some(value)]),
+                &plan,
+                &m,
+                &mut Masked::default(),
+                &mut out,
+            )
+            .unwrap();
+            let mut want = BytesMut::new();
+            message(&mut want, b'D', |o| {
+                o.put_i16(1);
+                o.put_i32(sent.len() as i32);
+                o.extend_from_slice(sent);
+            });
+            assert_eq!(out, want);
+        }
     }
 
     #[tokio::test]
