@@ -7,6 +7,42 @@ use super::*;
 /// `server_to_client`).
 const QUIET_RUN: u32 = 32;
 
+/// Output held before it is written to the client, even while more of a result is buffered.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// A row that passed a result limit, for [`Pump::cut_result`].
+type Cut = (super::budget::Passed, Option<u32>);
+
+/// How the rows of the current result are masked: its plan, and the key of its statement's
+/// record (for the masked count), when it has one.
+type RowPlan = (Arc<Plan>, Option<u32>);
+
+/// The plan and record of the result whose rows arrive now.
+fn row_plan(st: &State) -> Result<RowPlan, PgError> {
+    let (plan, rec) = match st.expect.front() {
+        Some(Expect::Execute { portal, rec, .. }) => (portal.plan(), Some(*rec)),
+        Some(Expect::Query { rec, .. }) => (st.current.clone(), Some(*rec)),
+        _ => (st.current.clone(), None),
+    };
+    let Some(plan) = plan else {
+        return Err(PgError::fatal(
+            "XX000",
+            "jitgate: a result arrived whose columns are unknown, so it cannot be masked; ending the session",
+        ));
+    };
+    Ok((plan, rec))
+}
+
+/// Adds `masked` values to the record of the statement whose rows `plan` masked.
+fn count_masked(st: &mut State, plan: Option<&RowPlan>, masked: u64) {
+    if masked > 0
+        && let Some((_, Some(rec))) = plan
+        && let Some(r) = st.records.get_mut(rec)
+    {
+        r.record.masked += masked;
+    }
+}
+
 impl Pump<'_> {
     /// Server to client. Returns the outcome when the server side ends the session.
     pub(super) async fn server_to_client(
@@ -60,10 +96,15 @@ impl Pump<'_> {
             if !quiet {
                 quiet_run = 0;
             }
-            // A buffered DataRow, the bulk of a result, is masked where it lies in the read
-            // buffer: no frame split off it, no reference count per row.
+            // Buffered DataRows, the bulk of a result, are masked where they lie in the read
+            // buffer (no frame split off, no reference count per row), as many at a time as
+            // the run may still take before its next look at the end signals.
             let in_place = if quiet {
-                server.take_buffered(b'D', |body| self.row(body, &mut out, &mut stats))
+                self.rows_in_place(&mut server, QUIET_RUN - quiet_run, &mut out, &mut stats)
+                    .map(|(taken, result)| {
+                        quiet_run += taken - 1;
+                        result
+                    })
             } else {
                 None
             };
@@ -173,7 +214,7 @@ impl Pump<'_> {
                 let _ = client.flush().await;
                 break Some((SessionOutcome::Error, err.message));
             }
-            if !server.has_frame() && !out.is_empty() || out.len() > 64 * 1024 {
+            if !server.has_frame() && !out.is_empty() || out.len() > FLUSH_AT {
                 if stats.values > 0 {
                     // Published per flush, not per row: counters stay current without a
                     // recorder call on every masked value.
@@ -543,20 +584,70 @@ impl Pump<'_> {
         Ok(())
     }
 
-    /// One result row (`body`: a DataRow's body), masked by the result's plan into `out`.
-    /// The hot path of a large result, so it is synchronous and works on the row where it
-    /// lies (the caller's read buffer, most of the time): the session's state is locked
-    /// once, for the skip flag, the limits, the plan and the statement record's masked
-    /// count together. `Some` when the row passed a result limit: it was not written, and
-    /// the caller cuts the statement ([`Pump::cut_result`]).
+    /// One result row (`body`: a DataRow's body) that arrived as its own frame, masked by
+    /// the result's plan into `out` (see [`Pump::row_locked`]). `Some` when the row passed a
+    /// result limit: it was not written, and the caller cuts the statement
+    /// ([`Pump::cut_result`]).
     fn row(
         &self,
         body: &[u8],
         out: &mut BytesMut,
         stats: &mut Masked,
-    ) -> Result<Option<(super::budget::Passed, Option<u32>)>, PgError> {
+    ) -> Result<Option<Cut>, PgError> {
         let mut guard = self.lock();
-        let st = &mut *guard;
+        let before = stats.values;
+        let mut plan = None;
+        let result = self.row_locked(&mut guard, &mut plan, body, out, stats);
+        count_masked(&mut guard, plan.as_ref(), stats.values - before);
+        result
+    }
+
+    /// The DataRows already buffered whole in `server`, up to `most` of them (and while
+    /// `out` is under [`FLUSH_AT`]), each masked where it lies in the read buffer: the hot
+    /// path of a large result. The session's state is locked once for the run, and the
+    /// result's plan and statement record are looked up at its first row (a run of
+    /// DataRows belongs to one result: the messages that change which result is current
+    /// are not DataRows, so they end the run). `None` when no row was buffered; else how
+    /// many were taken and, as for [`Pump::row`], whether the last one asks for a cut.
+    fn rows_in_place<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        server: &mut FrameReader<R>,
+        most: u32,
+        out: &mut BytesMut,
+        stats: &mut Masked,
+    ) -> Option<(u32, Result<Option<Cut>, PgError>)> {
+        let mut guard = self.lock();
+        let before = stats.values;
+        let mut plan = None;
+        let mut taken = 0;
+        let mut result = Ok(None);
+        while taken < most && out.len() <= FLUSH_AT {
+            let Some(row) = server.take_buffered(b'D', |body| {
+                self.row_locked(&mut guard, &mut plan, body, out, stats)
+            }) else {
+                break;
+            };
+            taken += 1;
+            if !matches!(row, Ok(None)) {
+                result = row;
+                break;
+            }
+        }
+        count_masked(&mut guard, plan.as_ref(), stats.values - before);
+        (taken > 0).then_some((taken, result))
+    }
+
+    /// One result row under the session's lock: the skip flag of a cut result, the
+    /// grant's result limits, then the row masked by `plan` (the result's plan and
+    /// statement record, looked up here when `None`) into `out`.
+    fn row_locked(
+        &self,
+        st: &mut State,
+        plan: &mut Option<RowPlan>,
+        body: &[u8],
+        out: &mut BytesMut,
+        stats: &mut Masked,
+    ) -> Result<Option<Cut>, PgError> {
         if st.budget.skipping {
             // A limit cut this statement: its remaining rows are dropped.
             return Ok(None);
@@ -567,25 +658,16 @@ impl Pump<'_> {
             return Ok(Some(cut));
         }
         let Some(masker) = &self.masker else {
-            drop(guard);
             out.put_u8(b'D');
             out.put_i32(body.len() as i32 + 4);
             out.extend_from_slice(body);
             return Ok(None);
         };
-        let (plan, rec) = match st.expect.front() {
-            Some(Expect::Execute { portal, rec, .. }) => (portal.plan(), Some(*rec)),
-            Some(Expect::Query { rec, .. }) => (st.current.clone(), Some(*rec)),
-            _ => (st.current.clone(), None),
+        let (plan, _) = match plan {
+            Some(plan) => plan,
+            None => plan.insert(row_plan(st)?),
         };
-        let Some(plan) = plan else {
-            return Err(PgError::fatal(
-                "XX000",
-                "jitgate: a result arrived whose columns are unknown, so it cannot be masked; ending the session",
-            ));
-        };
-        let before = stats.values;
-        rows::mask_data_row(body, &plan, masker, stats, out).map_err(|e| {
+        rows::mask_data_row(body, plan, masker, stats, out).map_err(|e| {
             PgError::fatal(
                 "08P01",
                 format!(
@@ -593,12 +675,6 @@ impl Pump<'_> {
                 ),
             )
         })?;
-        let masked = stats.values - before;
-        if masked > 0
-            && let Some(r) = rec.and_then(|rec| st.records.get_mut(&rec))
-        {
-            r.record.masked += masked;
-        }
         Ok(None)
     }
 
