@@ -85,21 +85,26 @@ const HIGH: u32 = 32;
 const B: u32 = 40;
 /// `J`, as in the `eyJ` that starts a JWT's header and payload.
 const J: u32 = 48;
+/// `a` or `A`, the third letter of `bearer` (most values with a `b` have no `a`).
+const A: u32 = 56;
 
 static CLASS: [u64; 256] = {
     let mut t = [0u64; 256];
     let mut i = 0;
     while i < 256 {
         let b = i as u8;
+        // A byte's broad class, then the letters counted on their own.
         t[i] = match b {
             b'0'..=b'9' => 1 << DIGIT,
-            b'B' => (1 << UPPER) | (1 << B),
-            b'J' => (1 << UPPER) | (1 << J),
             b'A'..=b'Z' => 1 << UPPER,
-            b'b' => 1 << B,
             b'@' => 1 << AT,
             b'-' => 1 << DASH,
             0x80.. => 1 << HIGH,
+            _ => 0,
+        } | match b {
+            b'b' | b'B' => 1 << B,
+            b'J' => 1 << J,
+            b'a' | b'A' => 1 << A,
             _ => 0,
         };
         i += 1;
@@ -108,10 +113,10 @@ static CLASS: [u64; 256] = {
 };
 
 /// How many bytes of each class `bytes` holds, indexed by class shift / 8. (Sixteen bytes at
-/// a time with SSE2 was slower: values are short, and seven classes cost more to reduce from
+/// a time with SSE2 was slower: values are short, and eight classes cost more to reduce from
 /// vector lanes than the table's one load and one add per byte.)
-fn census(bytes: &[u8]) -> [usize; 7] {
-    let mut counts = [0usize; 7];
+fn census(bytes: &[u8]) -> [usize; 8] {
+    let mut counts = [0usize; 8];
     // A byte-wide counter holds 255 at most: sum chunks of that size, then spill.
     for chunk in bytes.chunks(255) {
         let mut acc = 0u64;
@@ -178,9 +183,9 @@ fn possible(bytes: &[u8]) -> u16 {
     if len >= 20 && count(J) >= 2 && memmem::find(bytes, b"eyJ").is_some() {
         set |= bit(Detector::Jwt);
     }
-    // `bearer` in any case, a blank and 8 token bytes; the regex folds case by Unicode rules,
-    // so any non-ASCII text keeps it in.
-    if len >= 15 && (count(HIGH) > 0 || (count(B) > 0 && has_bearer(bytes))) {
+    // `bearer` in any case (a `b` and an `a` at the least), a blank and 8 token bytes; the
+    // regex folds case by Unicode rules, so any non-ASCII text keeps it in.
+    if len >= 15 && (count(HIGH) > 0 || (count(B) > 0 && count(A) > 0 && has_bearer(bytes))) {
         set |= bit(Detector::Bearer);
     }
     // A prefix (AKIA, ASIA, ...) and 16 more capitals or digits (SQL keywords alone supply
@@ -244,36 +249,56 @@ fn iban_valid(s: &str) -> bool {
     rem == 1
 }
 
-/// Whether the email detector's pattern matches somewhere in `value`, without running it:
-/// a local-part character, `@`, then labels of `[A-Za-z0-9-]` joined by single dots, and a
-/// dot with two letters after one of them. Cheaper than [`email_at`], which must find where
-/// the match starts and ends. (A test checks it against the regex.)
-fn holds_email(value: &str) -> bool {
-    let bytes = value.as_bytes();
+/// Whether the email detector's pattern matches somewhere in `bytes`, without running it
+/// (a local-part character, `@`, then labels of `[A-Za-z0-9-]` joined by single dots, and a
+/// dot with two letters after one of them): then the position of the first `@`, where a
+/// column's partial mask cuts. Cheaper than [`email_at`], which must find where the match
+/// starts and ends. (A test checks it against the regex.)
+fn email_sign(bytes: &[u8]) -> Option<usize> {
+    let first = memchr::memchr(b'@', bytes)?;
+    // The first `@` is usually the email's.
+    (email_around(bytes, first)
+        || memchr_iter(b'@', &bytes[first + 1..]).any(|i| email_around(bytes, first + 1 + i)))
+    .then_some(first)
+}
+
+/// Whether the email pattern matches around the `@` at `at` (see [`email_sign`]).
+fn email_around(bytes: &[u8], at: usize) -> bool {
     let local = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-');
     let label = |b: u8| b.is_ascii_alphanumeric() || b == b'-';
-    memchr_iter(b'@', bytes).any(|at| {
-        if at == 0 || !local(bytes[at - 1]) {
+    if at == 0 || !local(bytes[at - 1]) {
+        return false;
+    }
+    let domain = &bytes[at + 1..];
+    for (i, &b) in domain.iter().enumerate() {
+        if label(b) {
+            continue;
+        }
+        // A dot after a label: the top-level domain may start here.
+        if b != b'.' || i == 0 || domain[i - 1] == b'.' {
             return false;
         }
-        let domain = &bytes[at + 1..];
-        for (i, &b) in domain.iter().enumerate() {
-            if label(b) {
-                continue;
-            }
-            // A dot after a label: the top-level domain may start here.
-            if b != b'.' || i == 0 || domain[i - 1] == b'.' {
-                return false;
-            }
-            if domain
-                .get(i + 1..i + 3)
-                .is_some_and(|tld| tld.iter().all(u8::is_ascii_alphabetic))
-            {
-                return true;
-            }
+        if domain
+            .get(i + 1..i + 3)
+            .is_some_and(|tld| tld.iter().all(u8::is_ascii_alphabetic))
+        {
+            return true;
         }
-        false
-    })
+    }
+    false
+}
+
+/// A column's partial mask when `value` holds an email: its first character, `***@`, and
+/// all after its first `@` (`j***@example.com`). `false`, with nothing written, when it
+/// holds none.
+fn partial_email_into(value: &str, out: &mut impl Sink) -> bool {
+    let Some(first) = email_sign(value.as_bytes()) else {
+        return false;
+    };
+    out.put_char(value[..first].chars().next().unwrap_or('*'));
+    out.put("***@");
+    out.put(&value[first + 1..]);
+    true
 }
 
 /// The next match of the email pattern at or after `from`, as the regex finds it (leftmost
@@ -521,8 +546,9 @@ type Matches = SmallVec<[Found; 4]>;
 #[derive(Clone)]
 pub struct Masker {
     columns: Vec<(Vec<String>, Strategy)>,
-    detectors: Vec<(Detector, Strategy)>,
-    /// `detectors` as a bit set (see [`bit`]).
+    /// Each detector's strategy (by `Detector as usize`), `None` where it is off.
+    strategies: [Option<Strategy>; 9],
+    /// The detectors on, as a bit set (see [`bit`]).
     enabled: u16,
     key: [u8; 32],
 }
@@ -555,24 +581,26 @@ impl Masker {
         }
         let applies = |r: &&MaskRule| !r.exempt_identities.iter().any(|i| i == identity);
         let mut columns = Vec::new();
-        let mut detectors: Vec<(Detector, Strategy)> = Vec::new();
+        let mut strategies = [None; 9];
         for rule in rules.iter().filter(applies) {
             if !rule.columns.is_empty() {
                 columns.push((rule.columns.clone(), rule.strategy));
             }
+            // The first rule to name a detector decides its strategy.
             for d in &rule.detectors {
-                if !detectors.iter().any(|(x, _)| x == d) {
-                    detectors.push((*d, rule.strategy));
-                }
+                strategies[*d as usize].get_or_insert(rule.strategy);
             }
         }
-        if columns.is_empty() && detectors.is_empty() {
+        let enabled = Detector::ALL
+            .iter()
+            .filter(|d| strategies[**d as usize].is_some())
+            .fold(0, |set, d| set | bit(*d));
+        if columns.is_empty() && enabled == 0 {
             return None;
         }
-        let enabled = detectors.iter().fold(0, |set, (d, _)| set | bit(*d));
         Some(Self {
             columns,
-            detectors,
+            strategies,
             enabled,
             key,
         })
@@ -583,11 +611,11 @@ impl Masker {
     }
 
     pub fn has_detectors(&self) -> bool {
-        !self.detectors.is_empty()
+        self.enabled != 0
     }
 
     pub fn detects(&self, d: Detector) -> bool {
-        self.detectors.iter().any(|(x, _)| *x == d)
+        self.enabled & bit(d) != 0
     }
 
     /// The column rule for `table.column` (table may be empty when unknown).
@@ -661,8 +689,11 @@ impl Masker {
             Strategy::Null => return Written::Null,
             Strategy::Redact => out.put("****"),
             Strategy::Hash => self.pseudonym_into(value, out),
-            Strategy::Partial if holds_email(value) => partial_into(Detector::Email, value, out),
-            Strategy::Partial => partial_generic_into(value, out),
+            Strategy::Partial => {
+                if !partial_email_into(value, out) {
+                    partial_generic_into(value, out);
+                }
+            }
         }
         Written::Replaced
     }
@@ -752,8 +783,7 @@ impl Masker {
             if candidates & bit(*d) == 0 || matched.as_ref().is_some_and(|m| !m.matched(i)) {
                 continue;
             }
-            let Some(strategy) = self.detectors.iter().find(|(x, _)| x == d).map(|(_, s)| *s)
-            else {
+            let Some(strategy) = self.strategies[*d as usize] else {
                 continue;
             };
             // A confirmed card, SSN or phone number holds that many digits, none of them in
@@ -829,14 +859,11 @@ fn partial_into(d: Detector, m: &str, out: &mut impl Sink) {
     match d {
         Detector::Card => keep_last_digits(4),
         Detector::Phone => keep_last_digits(2),
-        Detector::Email => match m.split_once('@') {
-            Some((local, domain)) => {
-                out.put_char(local.chars().next().unwrap_or('*'));
-                out.put("***@");
-                out.put(domain);
+        Detector::Email => {
+            if !partial_email_into(m, out) {
+                out.put("****");
             }
-            None => out.put("****"),
-        },
+        }
         Detector::Ssn => {
             out.put("***-**-");
             out.put(&m[m.len() - 4..]);
@@ -900,7 +927,7 @@ mod tests {
     fn every_regex(m: &Masker, v: &str) -> Vec<Found> {
         let mut found: Vec<Found> = Vec::new();
         for (d, re) in &COMPILED.each {
-            let Some((_, strategy)) = m.detectors.iter().find(|(x, _)| x == d) else {
+            let Some(strategy) = &m.strategies[*d as usize] else {
                 continue;
             };
             for hit in re.find_iter(v) {
@@ -1014,7 +1041,7 @@ mod tests {
                     .count()
             };
             let counts = census(&bytes);
-            for class in [DIGIT, UPPER, AT, DASH, HIGH, B, J] {
+            for class in [DIGIT, UPPER, AT, DASH, HIGH, B, J, A] {
                 assert_eq!(
                     counts[class as usize / 8],
                     naive(class),
@@ -1025,7 +1052,7 @@ mod tests {
         // All one class, at the most a chunk's lane can count; and every byte value once.
         assert_eq!(census(&[b'7'; 1020])[0], 1020);
         let every: Vec<u8> = (0..=255).collect();
-        assert_eq!(census(&every), [10, 26, 1, 1, 128, 2, 1]);
+        assert_eq!(census(&every), [10, 26, 1, 1, 128, 2, 1, 2]);
     }
 
     /// Asserts that `matcher` finds what `d`'s regex finds from every start a search can
@@ -1168,7 +1195,7 @@ mod tests {
         let matched = agrees_with_its_regex(
             Detector::Email,
             email_at,
-            Some(holds_email),
+            Some(|v| email_sign(v.as_bytes()).is_some()),
             &[
                 "jane.doe@example.com",
                 "x a@b.co",
@@ -1340,6 +1367,10 @@ mod tests {
             ("abc", "a***c"),
             ("élan✓", "é***✓"),
             ("jane@example.com", "j***@example.com"),
+            // The email is told by any `@`, the mask cut at the first.
+            ("@x a@b.co", "****@x a@b.co"),
+            ("é@x jane@example.com", "é***@x jane@example.com"),
+            ("a@b", "a***b"),
         ] {
             assert_eq!(
                 p.apply_column(Strategy::Partial, value),
