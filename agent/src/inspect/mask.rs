@@ -4,8 +4,10 @@
 //! in any text (emails, Luhn-valid card numbers, US SSNs, phone numbers, IBANs, AWS access
 //! keys, JWTs, PEM private keys, bearer tokens). One pass over a value's bytes ([`possible`])
 //! rules out every detector that cannot match it (no `@`: no email; fewer than 13 digits: no
-//! card...), so the common case (nothing sensitive) runs no regex at all; the regexes of the
-//! detectors left run only then.
+//! card...), so the common case (nothing sensitive) runs no regex at all. Emails, card
+//! numbers and SSNs, the kinds most often in results, have matchers written to their patterns
+//! (each tested against its regex); the regexes of the other detectors left run only then. A
+//! masked value is written to a [`Sink`]: on the data path, the DataRow being built.
 
 use std::{borrow::Cow, sync::LazyLock};
 
@@ -364,15 +366,13 @@ fn card_at(value: &str, from: usize) -> Option<(usize, usize)> {
     while s < bytes.len() {
         s += bytes[s..].iter().position(u8::is_ascii_digit)?;
         if !word_before(value, s) {
-            // The chain's digits, up to the 19 a match holds at the most.
-            let mut ends = [0usize; 19];
-            let mut n = 0;
+            // Along the chain's digits, up to the 19 a match holds at the most, the last end
+            // from the 13th digit on with no word character after it.
+            let mut end = None;
             let mut p = s;
-            loop {
-                ends[n] = p + 1;
-                n += 1;
-                if n == ends.len() {
-                    break;
+            for n in 1..=19 {
+                if n >= 13 && !word_at(value, p + 1) {
+                    end = Some(p + 1);
                 }
                 p = match bytes.get(p + 1) {
                     Some(b) if b.is_ascii_digit() => p + 1,
@@ -380,12 +380,7 @@ fn card_at(value: &str, from: usize) -> Option<(usize, usize)> {
                     _ => break,
                 };
             }
-            if let Some(&end) = ends[..n]
-                .iter()
-                .skip(12)
-                .rev()
-                .find(|&&end| !word_at(value, end))
-            {
+            if let Some(end) = end {
                 return Some((s, end));
             }
         }
@@ -422,13 +417,19 @@ fn ssn_at(value: &str, from: usize) -> Option<(usize, usize)> {
 /// Whether the character ending at byte `at` of `value` is a word character (`\w` as the
 /// regex crate's Unicode `\b` sees it); `false` at the start.
 fn word_before(value: &str, at: usize) -> bool {
-    value[..at].chars().next_back().is_some_and(is_word)
+    match value.as_bytes()[..at].last() {
+        Some(b) if b.is_ascii() => b.is_ascii_alphanumeric() || *b == b'_',
+        _ => value[..at].chars().next_back().is_some_and(is_word),
+    }
 }
 
 /// Whether the character starting at byte `at` of `value` is a word character; `false` at
 /// the end.
 fn word_at(value: &str, at: usize) -> bool {
-    value[at..].chars().next().is_some_and(is_word)
+    match value.as_bytes().get(at) {
+        Some(b) if b.is_ascii() => b.is_ascii_alphanumeric() || *b == b'_',
+        _ => value[at..].chars().next().is_some_and(is_word),
+    }
 }
 
 /// `\w` as the regex crate's Unicode mode defines it (ASCII answered without its tables).
