@@ -251,55 +251,40 @@ fn iban_valid(s: &str) -> bool {
     rem == 1
 }
 
-/// Whether the email detector's pattern matches somewhere in `bytes`, without running it
-/// (a local-part character, `@`, then labels of `[A-Za-z0-9-]` joined by single dots, and a
-/// dot with two letters after one of them): then the position of the first `@`, where a
-/// column's partial mask cuts. Cheaper than [`email_at`], which must find where the match
-/// starts and ends. (A test checks it against the regex.)
-fn email_sign(bytes: &[u8]) -> Option<usize> {
-    let first = memchr::memchr(b'@', bytes)?;
-    // The first `@` is usually the email's.
-    (email_around(bytes, first)
-        || memchr_iter(b'@', &bytes[first + 1..]).any(|i| email_around(bytes, first + 1 + i)))
-    .then_some(first)
+/// Where the `@` is when `bytes` is one email, whole, as the detector's pattern reads it
+/// (its match from the first byte runs to the last): local-part characters, `@`, labels of
+/// `[A-Za-z0-9-]` joined by single dots, the last of two or more letters. A column's
+/// partial mask keeps what follows the `@` only then: a value with anything else beside an
+/// email is masked as any other text, so nothing but the email's domain passes in clear.
+/// (A test checks it against the regex.)
+fn whole_email(bytes: &[u8]) -> Option<usize> {
+    let at = memchr::memchr(b'@', bytes)?;
+    let local = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-');
+    let label = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-';
+    if at == 0 || !bytes[..at].iter().all(local) {
+        return None;
+    }
+    let mut labels = bytes[at + 1..].split(|b| *b == b'.');
+    let last = labels.next_back()?;
+    let mut before = 0;
+    for l in labels {
+        if l.is_empty() || !l.iter().all(label) {
+            return None;
+        }
+        before += 1;
+    }
+    (before > 0 && last.len() >= 2 && last.iter().all(u8::is_ascii_alphabetic)).then_some(at)
 }
 
-/// Whether the email pattern matches around the `@` at `at` (see [`email_sign`]).
-fn email_around(bytes: &[u8], at: usize) -> bool {
-    let local = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-');
-    let label = |b: u8| b.is_ascii_alphanumeric() || b == b'-';
-    if at == 0 || !local(bytes[at - 1]) {
-        return false;
-    }
-    let domain = &bytes[at + 1..];
-    for (i, &b) in domain.iter().enumerate() {
-        if label(b) {
-            continue;
-        }
-        // A dot after a label: the top-level domain may start here.
-        if b != b'.' || i == 0 || domain[i - 1] == b'.' {
-            return false;
-        }
-        if domain
-            .get(i + 1..i + 3)
-            .is_some_and(|tld| tld.iter().all(u8::is_ascii_alphabetic))
-        {
-            return true;
-        }
-    }
-    false
-}
-
-/// A column's partial mask when `value` holds an email: its first character, `***@`, and
-/// all after its first `@` (`j***@example.com`). `false`, with nothing written, when it
-/// holds none.
+/// A partial mask for an email, whole: its first character, `***@`, and its domain
+/// (`j***@example.com`). `false`, with nothing written, when `value` is not one email.
 fn partial_email_into(value: &str, out: &mut impl Sink) -> bool {
-    let Some(first) = email_sign(value.as_bytes()) else {
+    let Some(at) = whole_email(value.as_bytes()) else {
         return false;
     };
-    out.put_char(value[..first].chars().next().unwrap_or('*'));
-    out.put("***@");
-    out.put(&value[first + 1..]);
+    out.put_str(&value[..1]);
+    out.put_str("***@");
+    out.put_str(&value[at + 1..]);
     true
 }
 
@@ -520,21 +505,21 @@ impl Written {
 /// Where masked text goes: a `String`, or the PostgreSQL message being built (so a masked
 /// value is written once, where it will be sent, with no string of its own per value).
 pub trait Sink {
-    fn put(&mut self, s: &str);
+    fn put_str(&mut self, s: &str);
 
     fn put_char(&mut self, c: char) {
-        self.put(c.encode_utf8(&mut [0; 4]));
+        self.put_str(c.encode_utf8(&mut [0; 4]));
     }
 }
 
 impl Sink for String {
-    fn put(&mut self, s: &str) {
+    fn put_str(&mut self, s: &str) {
         self.push_str(s);
     }
 }
 
 impl Sink for bytes::BytesMut {
-    fn put(&mut self, s: &str) {
+    fn put_str(&mut self, s: &str) {
         self.extend_from_slice(s.as_bytes());
     }
 }
@@ -664,8 +649,8 @@ impl Masker {
         let digest = m.finalize().into_bytes();
         let mut hex = [0u8; 12];
         hex::encode_to_slice(&digest[..6], &mut hex).expect("12 hex digits for 6 bytes");
-        out.put("h:");
-        out.put(std::str::from_utf8(&hex).expect("hex digits are ASCII"));
+        out.put_str("h:");
+        out.put_str(std::str::from_utf8(&hex).expect("hex digits are ASCII"));
     }
 
     /// Masks a whole value under a column rule.
@@ -688,7 +673,7 @@ impl Masker {
     ) -> Written {
         match strategy {
             Strategy::Null => return Written::Null,
-            Strategy::Redact => out.put("****"),
+            Strategy::Redact => out.put_str("****"),
             Strategy::Hash => self.pseudonym_into(value, out),
             Strategy::Partial => {
                 if !partial_email_into(value, out) {
@@ -750,17 +735,17 @@ impl Masker {
         found.sort_unstable_by_key(|(s, _, _, _)| *s);
         let mut at = 0;
         for (start, end, d, strategy) in found {
-            out.put(&value[at..start]);
+            out.put_str(&value[at..start]);
             let piece = &value[start..end];
             match strategy {
-                Strategy::Redact => out.put("****"),
+                Strategy::Redact => out.put_str("****"),
                 Strategy::Hash => self.pseudonym_into(piece, out),
                 Strategy::Partial => partial_into(d, piece, out),
                 Strategy::Null => unreachable!("handled above"),
             }
             at = end;
         }
-        out.put(&value[at..]);
+        out.put_str(&value[at..]);
         Written::Replaced
     }
 
@@ -836,10 +821,10 @@ fn partial_generic_into(value: &str, out: &mut impl Sink) {
         (None, _, _) => {}
         (Some(first), Some(last), Some(_)) => {
             out.put_char(first);
-            out.put("***");
+            out.put_str("***");
             out.put_char(last);
         }
-        _ => out.put("**"),
+        _ => out.put_str("**"),
     }
 }
 
@@ -862,28 +847,30 @@ fn partial_into(d: Detector, m: &str, out: &mut impl Sink) {
         Detector::Phone => keep_last_digits(2),
         Detector::Email => {
             if !partial_email_into(m, out) {
-                out.put("****");
+                out.put_str("****");
             }
         }
         Detector::Ssn => {
-            out.put("***-**-");
-            out.put(&m[m.len() - 4..]);
+            out.put_str("***-**-");
+            out.put_str(&m[m.len() - 4..]);
         }
         Detector::Iban => {
             let compact: String = m.chars().filter(|c| *c != ' ').collect();
-            out.put(&compact[..2]);
+            out.put_str(&compact[..2]);
             for _ in 0..compact.len() - 6 {
-                out.put("*");
+                out.put_str("*");
             }
-            out.put(&compact[compact.len() - 4..]);
+            out.put_str(&compact[compact.len() - 4..]);
         }
         Detector::AwsKey => {
-            out.put(&m[..4]);
-            out.put("****************");
+            out.put_str(&m[..4]);
+            out.put_str("****************");
         }
-        Detector::Jwt => out.put("eyJ****"),
-        Detector::Bearer => out.put("Bearer ****"),
-        Detector::PrivateKey => out.put("-----BEGIN PRIVATE KEY-----****-----END PRIVATE KEY-----"),
+        Detector::Jwt => out.put_str("eyJ****"),
+        Detector::Bearer => out.put_str("Bearer ****"),
+        Detector::PrivateKey => {
+            out.put_str("-----BEGIN PRIVATE KEY-----****-----END PRIVATE KEY-----")
+        }
     }
 }
 
@@ -1057,14 +1044,14 @@ mod tests {
     }
 
     /// Asserts that `matcher` finds what `d`'s regex finds from every start a search can
-    /// resume at (the masking loop resumes after each match), and that `holds`, if given,
-    /// says whether it finds anything, on `fixed` and on 30,000 random strings of up to
-    /// `most` of `pieces`. Returns how many of the random strings hold a match, for the
+    /// resume at (the masking loop resumes after each match), and that `whole`, if given,
+    /// says whether the regex's first match is the whole string, on `fixed` and on 30,000
+    /// random strings of up to `most` of `pieces`. Returns how many of the random strings hold a match, for the
     /// caller to check that both answers were tried.
     fn agrees_with_its_regex(
         d: Detector,
         matcher: fn(&str, usize) -> Option<(usize, usize)>,
-        holds: Option<fn(&str) -> bool>,
+        whole: Option<fn(&str) -> bool>,
         fixed: &[&str],
         pieces: &[&str],
         most: u64,
@@ -1077,8 +1064,9 @@ mod tests {
             .expect("the detector's regex")
             .1;
         let check = |v: &str| {
-            if let Some(holds) = holds {
-                assert_eq!(holds(v), re.is_match(v), "{d:?} in {v:?}");
+            if let Some(whole) = whole {
+                let first = re.find(v).map(|m| (m.start(), m.end()));
+                assert_eq!(whole(v), first == Some((0, v.len())), "{d:?} in {v:?}");
             }
             for from in (0..=v.len()).filter(|i| v.is_char_boundary(*i)) {
                 assert_eq!(
@@ -1196,7 +1184,7 @@ mod tests {
         let matched = agrees_with_its_regex(
             Detector::Email,
             email_at,
-            Some(|v| email_sign(v.as_bytes()).is_some()),
+            Some(|v| whole_email(v.as_bytes()).is_some()),
             &[
                 "jane.doe@example.com",
                 "x a@b.co",
@@ -1368,9 +1356,13 @@ mod tests {
             ("abc", "a***c"),
             ("élan✓", "é***✓"),
             ("jane@example.com", "j***@example.com"),
-            // The email is told by any `@`, the mask cut at the first.
-            ("@x a@b.co", "****@x a@b.co"),
-            ("é@x jane@example.com", "é***@x jane@example.com"),
+            // Only an email, whole, keeps its domain: nothing beside it passes in clear.
+            ("a.b+c@mail.example.org", "a***@mail.example.org"),
+            ("@x a@b.co", "@***o"),
+            ("é@x jane@example.com", "é***m"),
+            ("x@y card 4111 1111 1111 1111", "x***1"),
+            ("Jane <jane@example.com>", "J***>"),
+            ("jane@example.com1", "j***1"),
             ("a@b", "a***b"),
         ] {
             assert_eq!(
@@ -1396,6 +1388,31 @@ mod tests {
             m.apply_column_into(strategy, "jane@example.com", &mut frame);
             assert_eq!(frame, text.as_bytes(), "{strategy:?}");
         }
+    }
+
+    #[test]
+    fn the_first_rule_to_name_a_detector_decides_its_strategy() {
+        let rule = |detectors: Vec<Detector>, strategy| MaskRule {
+            columns: vec![],
+            detectors,
+            strategy,
+            exempt_identities: vec![],
+        };
+        let m = masker(vec![
+            rule(vec![Detector::Email], Strategy::Null),
+            rule(vec![Detector::Email, Detector::Card], Strategy::Partial),
+        ]);
+        assert_eq!(scanned(&m, "x jane@example.com"), "NULL");
+        assert_eq!(
+            scanned(&m, "card 4111 1111 1111 1111"),
+            "card **** **** **** 1111"
+        );
+        let m = masker(vec![
+            rule(vec![Detector::Email], Strategy::Partial),
+            rule(vec![Detector::Email], Strategy::Null),
+        ]);
+        assert_eq!(scanned(&m, "x jane@example.com"), "x j***@example.com");
+        assert!(!m.detects(Detector::Card));
     }
 
     #[test]
