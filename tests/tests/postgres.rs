@@ -923,6 +923,8 @@ fn sessions_are_recorded_statement_by_statement() {
         &pg,
         &[
             "SELECT email FROM users WHERE id = 1",
+            // Many rows, masked in runs: every one counts.
+            "SELECT email FROM users, generate_series(1, 3000) AS g WHERE id = 1",
             "DELETE FROM users WHERE id = 1",
         ],
     );
@@ -967,6 +969,12 @@ fn sessions_are_recorded_statement_by_statement() {
         .unwrap();
     assert_eq!(select["rows"], 1);
     assert_eq!(select["masked"], 1);
+    let many = statements
+        .iter()
+        .find(|x| x["text"].as_str().unwrap().contains("generate_series"))
+        .unwrap();
+    assert_eq!(many["rows"], 3000, "{many}");
+    assert_eq!(many["masked"], 3000, "{many}");
     let delete = statements
         .iter()
         .find(|x| x["text"].as_str().unwrap().starts_with("DELETE"))

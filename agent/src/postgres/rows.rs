@@ -7,7 +7,7 @@ use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 
 use super::wire::{WireError, message, take_cstr, take_i16, take_i32};
 use crate::inspect::{
-    mask::{Masker, Outcome, Written},
+    mask::{Masker, Outcome, Sink, Written},
     rules::{Detector, Strategy},
 };
 
@@ -210,7 +210,7 @@ fn mask_typed(
     raw: &[u8],
     masker: &Masker,
     stats: &mut Masked,
-    out: &mut BytesMut,
+    out: &mut impl Sink,
 ) -> Written {
     match mask_cell(plan, raw, masker, stats, out) {
         Written::Replaced if !text_like(plan.type_oid) => {
@@ -228,7 +228,7 @@ fn mask_cell(
     raw: &[u8],
     masker: &Masker,
     stats: &mut Masked,
-    out: &mut BytesMut,
+    out: &mut impl Sink,
 ) -> Written {
     if let Some(rule) = plan.rule {
         stats.values += 1;
@@ -690,23 +690,17 @@ impl CopyMasker {
                 out.extend_from_slice(&raw);
                 continue;
             };
-            let mut masked = BytesMut::new();
-            match mask_typed(&plan, value.as_bytes(), masker, stats, &mut masked) {
+            let mut t = String::new();
+            match mask_typed(&plan, value.as_bytes(), masker, stats, &mut t) {
                 Written::Keep => out.extend_from_slice(&raw),
                 Written::Null => out.extend_from_slice(self.null_text.as_bytes()),
-                Written::Replaced => {
-                    // Masked text is pieces of a `str` and ASCII: the lossy view borrows it.
-                    let t = String::from_utf8_lossy(&masked);
-                    match self.format {
-                        CopyFormat::Text { delimiter, .. } => {
-                            out.extend_from_slice(&escape_text(&t, delimiter))
-                        }
-                        CopyFormat::Csv { quote, .. } => {
-                            out.extend_from_slice(&quote_csv(&t, quote))
-                        }
-                        CopyFormat::Binary => unreachable!(),
+                Written::Replaced => match self.format {
+                    CopyFormat::Text { delimiter, .. } => {
+                        out.extend_from_slice(&escape_text(&t, delimiter))
                     }
-                }
+                    CopyFormat::Csv { quote, .. } => out.extend_from_slice(&quote_csv(&t, quote)),
+                    CopyFormat::Binary => unreachable!(),
+                },
             }
         }
         Ok(out)

@@ -570,9 +570,10 @@ fn masking(env: &mut Env, sizes: &Sizes) -> Result<Vec<Throughput>> {
     // The bench checks itself: masking must have happened exactly where it should.
     for r in &results {
         let masks = r.label.ends_with("masked");
-        if r.rows != u64::from(sizes.people) * queries as u64 {
+        let expected = u64::from(sizes.people) * queries as u64;
+        if r.rows != expected {
             bail!(
-                "{}: {} rows instead of {} per round",
+                "{}: {} rows instead of {expected} ({queries} queries of {})",
                 r.label,
                 r.rows,
                 sizes.people

@@ -603,12 +603,14 @@ impl Pump<'_> {
     }
 
     /// The DataRows already buffered whole in `server`, up to `most` of them (and while
-    /// `out` is under [`FLUSH_AT`]), each masked where it lies in the read buffer: the hot
-    /// path of a large result. The session's state is locked once for the run, and the
-    /// result's plan and statement record are looked up at its first row (a run of
-    /// DataRows belongs to one result: the messages that change which result is current
-    /// are not DataRows, so they end the run). `None` when no row was buffered; else how
-    /// many were taken and, as for [`Pump::row`], whether the last one asks for a cut.
+    /// what they brought in and what they wrote are each under [`FLUSH_AT`]), each masked
+    /// where it lies in the read buffer: the hot path of a large result. The session's
+    /// state is locked once for the run (when its first row is taken), and the result's plan
+    /// and statement record are looked up at its first row (a run of DataRows belongs to one
+    /// result: the messages that change which result is current are not DataRows, so they
+    /// end the run). An error the client's side raises meanwhile is sent after the run, as
+    /// after any buffered frame. `None` when no row was buffered; else how many were taken
+    /// and, as for [`Pump::row`], whether the last one asks for a cut.
     fn rows_in_place<R: tokio::io::AsyncRead + Unpin>(
         &self,
         server: &mut FrameReader<R>,
@@ -616,14 +618,16 @@ impl Pump<'_> {
         out: &mut BytesMut,
         stats: &mut Masked,
     ) -> Option<(u32, Result<Option<Cut>, PgError>)> {
-        let mut guard = self.lock();
+        let mut guard = None;
         let before = stats.values;
         let mut plan = None;
-        let mut taken = 0;
+        let (mut taken, mut read) = (0, 0);
         let mut result = Ok(None);
-        while taken < most && out.len() <= FLUSH_AT {
+        while taken < most && read <= FLUSH_AT && out.len() <= FLUSH_AT {
             let Some(row) = server.take_buffered(b'D', |body| {
-                self.row_locked(&mut guard, &mut plan, body, out, stats)
+                read += body.len();
+                let st = guard.get_or_insert_with(|| self.lock());
+                self.row_locked(st, &mut plan, body, out, stats)
             }) else {
                 break;
             };
@@ -633,8 +637,9 @@ impl Pump<'_> {
                 break;
             }
         }
-        count_masked(&mut guard, plan.as_ref(), stats.values - before);
-        (taken > 0).then_some((taken, result))
+        let mut st = guard?;
+        count_masked(&mut st, plan.as_ref(), stats.values - before);
+        Some((taken, result))
     }
 
     /// One result row under the session's lock: the skip flag of a cut result, the
