@@ -58,6 +58,7 @@ fn text_like(oid: u32) -> bool {
 
 const INT8: u32 = 20;
 const BYTEA: u32 = 17;
+const JSON: u32 = 114;
 const JSONB: u32 = 3802;
 
 /// What to do with each column of a result.
@@ -212,8 +213,40 @@ fn mask_typed(
     stats: &mut Masked,
     out: &mut impl Sink,
 ) -> Written {
+    if matches!(plan.type_oid, JSON | JSONB) {
+        return mask_json(plan, raw, masker, stats, out);
+    }
     match mask_cell(plan, raw, masker, stats, out) {
         Written::Replaced if !text_like(plan.type_oid) => {
+            stats.withheld += 1;
+            Written::Null
+        }
+        written => written,
+    }
+}
+
+/// [`mask_cell`] for a json or jsonb value, which drivers parse: what is sent stays JSON.
+/// A column rule's mask is sent as a JSON string (`"****"`, `"j***@example.com"`); a
+/// detector's mask that leaves the document malformed (a card number that was a JSON
+/// number: `{"card": ****}`) withholds the value instead, as for other typed columns.
+fn mask_json(
+    plan: &ColPlan,
+    raw: &[u8],
+    masker: &Masker,
+    stats: &mut Masked,
+    out: &mut impl Sink,
+) -> Written {
+    let mut text = String::new();
+    match mask_cell(plan, raw, masker, stats, &mut text) {
+        Written::Replaced if plan.rule.is_some() => {
+            out.put_str(&serde_json::Value::String(text).to_string());
+            Written::Replaced
+        }
+        Written::Replaced if serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok() => {
+            out.put_str(&text);
+            Written::Replaced
+        }
+        Written::Replaced => {
             stats.withheld += 1;
             Written::Null
         }
@@ -1122,40 +1155,95 @@ mod tests {
     }
 
     #[test]
-    fn masked_binary_jsonb_keeps_its_version_byte() {
+    fn masked_json_stays_json() {
         let m = masker();
-        let cols = [Column {
-            name: "doc".into(),
-            table_oid: 0,
-            attnum: 0,
-            type_oid: JSONB,
-            format: 1,
-        }];
-        let plan = Plan::new(&cols, &m, &|_| Origin::Derived, None).with_formats(&[1]);
-        let clear: &[u8] = b"\x01{\"n\": 1}";
-        for (value, sent) in [
+        /// Type, format, a users.email column (else derived), value, what is sent, withheld.
+        type Case = (u32, i16, bool, &'static [u8], Option<&'static [u8]>, u64);
+        let cases: [Case; 7] = [
+            // A detector's mask inside a JSON string; binary jsonb keeps its version byte.
             (
-                &b"\x01{\"card\": \"4111 1111 1111 1111\"}"[..],
-                &b"\x01{\"card\": \"****\"}"[..],
+                JSONB,
+                1,
+                false,
+                b"\x01{\"card\": \"4111 1111 1111 1111\"}",
+                Some(b"\x01{\"card\": \"****\"}"),
+                0,
             ),
-            (clear, clear),
-        ] {
+            (
+                JSONB,
+                1,
+                false,
+                b"\x01{\"n\": 1}",
+                Some(b"\x01{\"n\": 1}"),
+                0,
+            ),
+            // A card number that is a JSON number cannot be masked in place: withheld.
+            (
+                JSONB,
+                1,
+                false,
+                b"\x01{\"card\": 4111111111111111}",
+                None,
+                1,
+            ),
+            (JSON, 0, false, b"{\"card\": 4111111111111111}", None, 1),
+            (JSON, 0, false, b"[\"123-45-6789\"]", Some(b"[\"****\"]"), 0),
+            // A column rule's mask is sent as a JSON string.
+            (
+                JSON,
+                0,
+                true,
+                b"\"jane@example.com\"",
+                Some(br#""\"***\"""#),
+                0,
+            ),
+            (JSONB, 1, true, b"\x01{\"a\": 1}", Some(b"\x01\"{***}\""), 0),
+        ];
+        for (type_oid, format, column, value, sent, withheld) in cases {
+            let cols = [Column {
+                name: if column { "email" } else { "doc" }.into(),
+                table_oid: u32::from(column),
+                attnum: if column { 3 } else { 0 },
+                type_oid,
+                format,
+            }];
+            let origin = |c: &Column| {
+                if c.table_oid == 1 {
+                    users(c)
+                } else {
+                    Origin::Derived
+                }
+            };
+            let plan = Plan::new(&cols, &m, &origin, None).with_formats(&[format]);
+            let mut stats = Masked::default();
             let mut out = BytesMut::new();
-            mask_data_row(
-                &row(&[Some(value)]),
-                &plan,
-                &m,
-                &mut Masked::default(),
-                &mut out,
-            )
-            .unwrap();
+            mask_data_row(&row(&[Some(value)]), &plan, &m, &mut stats, &mut out).unwrap();
             let mut want = BytesMut::new();
             message(&mut want, b'D', |o| {
                 o.put_i16(1);
-                o.put_i32(sent.len() as i32);
-                o.extend_from_slice(sent);
+                match sent {
+                    Some(sent) => {
+                        o.put_i32(sent.len() as i32);
+                        o.extend_from_slice(sent);
+                    }
+                    None => o.put_i32(-1),
+                }
             });
-            assert_eq!(out, want);
+            assert_eq!(out, want, "{:?}", String::from_utf8_lossy(value));
+            assert_eq!(
+                stats.withheld,
+                withheld,
+                "{:?}",
+                String::from_utf8_lossy(value)
+            );
+            if let Some(sent) = sent {
+                let text = &sent[usize::from(format == 1)..];
+                assert!(
+                    serde_json::from_slice::<serde_json::Value>(text).is_ok(),
+                    "{:?}",
+                    String::from_utf8_lossy(text)
+                );
+            }
         }
     }
 

@@ -842,7 +842,7 @@ impl Pump<'_> {
                             "jitgate: {} value(s) of a typed column matched a masking rule and were returned as NULL",
                             stats.withheld
                         ),
-                        "a masked value cannot be a number or a date; select the column as text (e.g. col::text) to see its masked form",
+                        "a masked value cannot be a number or a date, nor JSON the mask would leave malformed; select the column as text (e.g. col::text) to see its masked form",
                     );
                     stats.withheld = 0;
                 }
