@@ -636,13 +636,7 @@ impl Masker {
         })
     }
 
-    /// A stable keyed pseudonym for `value`, `h:` and 12 hex digits.
-    pub fn pseudonym(&self, value: &str) -> String {
-        let mut out = String::with_capacity(14);
-        self.pseudonym_into(value, &mut out);
-        out
-    }
-
+    /// Writes a stable keyed pseudonym for `value`: `h:` and 12 hex digits.
     fn pseudonym_into(&self, value: &str, out: &mut impl Sink) {
         let mut m = Hmac::<Sha256>::new_from_slice(&self.key).expect("any key length");
         m.update(value.as_bytes());
@@ -686,7 +680,9 @@ impl Masker {
 
     /// Runs the detectors over `value`.
     pub fn scan<'a>(&self, value: &'a str, hits: &mut impl FnMut(Detector)) -> Outcome<'a> {
-        self.scan_among(value, self.candidates(value.as_bytes()), hits)
+        let mut out = String::new();
+        self.scan_into(value, self.candidates(value.as_bytes()), hits, &mut out)
+            .outcome(out)
     }
 
     /// The detectors that could find something in `raw` (a value's bytes, before any UTF-8
@@ -701,20 +697,9 @@ impl Masker {
     }
 
     /// [`Masker::scan`] with only the detectors in `candidates` (from
-    /// [`Masker::candidates`]) run.
-    pub fn scan_among<'a>(
-        &self,
-        value: &'a str,
-        candidates: u16,
-        hits: &mut impl FnMut(Detector),
-    ) -> Outcome<'a> {
-        let mut out = String::new();
-        self.scan_into(value, candidates, hits, &mut out)
-            .outcome(out)
-    }
-
-    /// [`Masker::scan_among`], the masked value written to `out` (nothing is written unless
-    /// [`Written::Replaced`]): the data path writes it straight into the row it builds.
+    /// [`Masker::candidates`]) run, the masked value written to `out` (nothing is written
+    /// unless [`Written::Replaced`]): the data path writes it straight into the row it
+    /// builds.
     pub fn scan_into(
         &self,
         value: &str,
