@@ -82,13 +82,13 @@ fn psql_script(gate: &Gate, grant: &str, pg: &Postgres, script: &str) -> Ran {
         &["--grant", &g],
         &["psql", &u, "-X", "-At", "-v", "VERBOSITY=verbose"],
     );
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
+    // Written from a thread of its own: psql answers while it reads, and a script whose
+    // answers fill the stdout pipe before the script is all written would wait forever.
+    let mut stdin = child.stdin.take().unwrap();
+    let script = script.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(script.as_bytes()));
     let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
     Ran {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -760,6 +760,55 @@ fn a_million_masked_rows_stream_in_bounded_memory() {
     assert!(
         grown_kib < 32 * 1024,
         "the daemon's peak memory grew by {grown_kib} KiB over a million rows: not streaming"
+    );
+}
+
+/// A workload chooses what it selects and what its statements say, and both are masked (the
+/// result by the resource's rules, the statement by the recorder's): values built of back to
+/// back matches, megabytes of them, come back and are recorded masked, every match, at a cost
+/// linear in their size (the masking unit tests count the steps; before that fix this test
+/// took the agent minutes of CPU per statement).
+#[test]
+fn values_built_of_matches_are_masked_whole() {
+    jitgate_e2e::root_or_skip!();
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-hostile-values", "", &body(&pg, ""));
+    let unit = "4111 1111 1111 1111 / 123-45-6789 / ";
+    // A result of 200,000 matches in one value (3.6 MB), and a 2.5 MB statement naming
+    // 100,000 card numbers (its result, a count, is not masked).
+    let literal = "4111111111111111 ".repeat(100_000);
+    let script = format!("SELECT repeat('{unit}', 100000);\nSELECT length('{literal}');\n");
+    let ran = psql_script(&gate, "read", &pg, &script);
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let mut lines = ran.stdout.lines();
+    let masked = lines.next().unwrap_or_default();
+    assert_eq!(
+        masked.len(),
+        "**** / **** / ".len() * 100_000,
+        "{}",
+        &masked[..200.min(masked.len())]
+    );
+    assert_eq!(masked.matches("****").count(), 200_000);
+    assert!(!masked.contains("4111") && !masked.contains("6789"));
+    assert_eq!(lines.next(), Some(literal.len().to_string().as_str()));
+    // The statement is recorded with its card numbers redacted (and cut to the recorded
+    // length): not one passes.
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    let id = sessions[0]["id"].as_str().unwrap().to_owned();
+    let detail = gate.cli(&["sessions", "show", &id, "--json"]).json();
+    let texts: Vec<&str> = detail["statements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|st| st["text"].as_str())
+        .collect();
+    let long = texts
+        .iter()
+        .find(|t| t.starts_with("SELECT length("))
+        .unwrap_or_else(|| panic!("the long statement is recorded: {texts:?}"));
+    assert!(
+        long.contains("**** ****") && !long.contains("4111"),
+        "{long:.200}"
     );
 }
 

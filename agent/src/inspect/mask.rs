@@ -437,21 +437,42 @@ fn min_digits(d: Detector) -> Option<usize> {
 
 /// How many ASCII digits `s` holds.
 fn digit_count(s: &str) -> usize {
+    tally(s.len());
     s.bytes().filter(u8::is_ascii_digit).count()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The steps [`Masker::find`]'s own bookkeeping took on this thread (searches, cursor
+    /// steps, digits counted): what the hostile-value tests hold to the value's length.
+    static WORK: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts `n` steps of bookkeeping in tests; nothing otherwise.
+#[inline(always)]
+fn tally(n: usize) {
+    #[cfg(test)]
+    WORK.with(|w| w.set(w.get() + n));
+    #[cfg(not(test))]
+    let _ = n;
 }
 
 /// Whether `value` holds at least `need` digits outside the `found` spans; the bytes left
 /// outside them are counted first, which is often answer enough (a card number that is the
-/// whole value leaves nothing for a phone number).
-fn digits_outside(value: &str, found: &[Found], need: usize) -> bool {
+/// whole value leaves nothing for a phone number). `digits` is the value's digit count,
+/// counted here the first time a detector asks.
+fn digits_outside(value: &str, found: &[Found], need: usize, digits: &mut Option<usize>) -> bool {
     let covered: usize = found.iter().map(|(start, end, _, _)| end - start).sum();
-    value.len() - covered >= need
-        && digit_count(value)
-            - found
-                .iter()
-                .map(|(start, end, _, _)| digit_count(&value[*start..*end]))
-                .sum::<usize>()
-            >= need
+    if value.len() - covered < need {
+        return false;
+    }
+    let total = *digits.get_or_insert_with(|| digit_count(value));
+    total
+        - found
+            .iter()
+            .map(|(start, end, _, _)| digit_count(&value[*start..*end]))
+            .sum::<usize>()
+        >= need
 }
 
 /// Extra checks a regex cannot express.
@@ -707,7 +728,7 @@ impl Masker {
         hits: &mut impl FnMut(Detector),
         out: &mut impl Sink,
     ) -> Written {
-        let mut found = self.find(value, candidates);
+        let found = self.find(value, candidates);
         if found.is_empty() {
             return Written::Keep;
         }
@@ -717,7 +738,6 @@ impl Masker {
         if found.iter().any(|(_, _, _, s)| *s == Strategy::Null) {
             return Written::Null;
         }
-        found.sort_unstable_by_key(|(s, _, _, _)| *s);
         let mut at = 0;
         for (start, end, d, strategy) in found {
             out.put_str(&value[at..start]);
@@ -734,8 +754,15 @@ impl Masker {
         Written::Replaced
     }
 
-    /// The confirmed, non-overlapping matches of the detectors in `candidates`, in priority
-    /// order (a match overlapping one found before it is dropped).
+    /// The confirmed, non-overlapping matches of the detectors in `candidates`, found in
+    /// priority order (a match overlapping one found before it is dropped), sorted by start.
+    ///
+    /// Linear in the value's length however many matches it holds: a workload chooses what
+    /// its queries return and what its statements say (both are masked), and a value of back
+    /// to back card numbers must not cost the agent time quadratic in its size. Each
+    /// detector's matches come in order, so the earlier spans one could overlap are found by
+    /// a cursor that only moves forward, and the digits left after a match are kept as a
+    /// running count rather than counted again.
     fn find(&self, value: &str, candidates: u16) -> Matches {
         let mut found = Matches::new();
         if candidates == 0 {
@@ -750,6 +777,7 @@ impl Masker {
         if matched.as_ref().is_some_and(|m| !m.matched_any()) {
             return found;
         }
+        let mut digits = None;
         for (i, (d, re)) in COMPILED.each.iter().enumerate() {
             if candidates & bit(*d) == 0 || matched.as_ref().is_some_and(|m| !m.matched(i)) {
                 continue;
@@ -757,14 +785,21 @@ impl Masker {
             let Some(strategy) = self.strategies[*d as usize] else {
                 continue;
             };
+            let need = min_digits(*d);
             // A confirmed card, SSN or phone number holds that many digits, none of them in
             // a match already found (overlaps lose): when fewer are left, the search is moot.
-            if let Some(need) = min_digits(*d)
+            if let Some(need) = need
                 && !found.is_empty()
-                && !digits_outside(value, &found, need)
+                && !digits_outside(value, &found, need, &mut digits)
             {
                 continue;
             }
+            // The earlier detectors' spans, sorted by start and (not overlapping) by end:
+            // `prior` is the first that ends after the current match's start.
+            let earlier = found.len();
+            let mut prior = 0;
+            // The digits at or after `at`, once counted.
+            let mut digits_left: Option<usize> = None;
             // `find_iter`, with its last, fruitless search left out: none after a match
             // that ends the value, or when too few digits are left for one.
             let mut at = 0;
@@ -782,17 +817,33 @@ impl Masker {
                     // No detector matches nothing; were one to, this loop must still end.
                     break;
                 }
+                let searched_from = at;
                 at = end;
-                if confirm(*d, &value[start..end])
-                    && !found.iter().any(|(s, e, _, _)| start < *e && *s < end)
-                {
+                tally(1);
+                while prior < earlier && found[prior].1 <= start {
+                    tally(1);
+                    prior += 1;
+                }
+                let overlaps = prior < earlier && found[prior].0 < end;
+                if !overlaps && confirm(*d, &value[start..end]) {
                     found.push((start, end, *d, strategy));
                 }
-                if let Some(need) = min_digits(*d)
-                    && (value.len() - at < need || digit_count(&value[at..]) < need)
-                {
-                    break;
+                if let Some(need) = need {
+                    if value.len() - at < need {
+                        break;
+                    }
+                    let left = match digits_left {
+                        Some(left) => left - digit_count(&value[searched_from..at]),
+                        None => digit_count(&value[at..]),
+                    };
+                    if left < need {
+                        break;
+                    }
+                    digits_left = Some(left);
                 }
+            }
+            if found.len() > earlier {
+                found.sort_unstable_by_key(|(start, _, _, _)| *start);
             }
         }
         found
@@ -913,6 +964,7 @@ mod tests {
                 }
             }
         }
+        found.sort_unstable_by_key(|(start, _, _, _)| *start);
         found
     }
 
@@ -924,6 +976,50 @@ mod tests {
             every_regex(m, v),
             "{v:?}"
         );
+    }
+
+    /// A workload chooses the values masked (what its queries return, what its statements
+    /// say): back to back matches of every kind, and the near misses that make matchers look
+    /// ahead, must cost work in proportion to the value, not to its square. Counted in steps
+    /// of `find`'s bookkeeping (no clock): four times the value, about four times the work.
+    #[test]
+    fn hostile_values_cost_work_linear_in_their_length() {
+        let m = detect(Strategy::Redact);
+        let shapes = [
+            "4111111111111111 ",
+            "4111 1111 1111 1111,",
+            "123-45-6789 ",
+            "a@b.cc ",
+            "a@b.cc.1.",
+            "(555) 123-4567 ",
+            "+1 415 555 0100;",
+            "GB82WEST12345698765432 ",
+            "AKIAIOSFODNN7EXAMPLE ",
+            "Bearer abcdefghij ",
+            "eyJabcd.eyJabcd.abcd ",
+            "4111111111111111 123-45-6789 a@b.cc (555) 123-4567 GB82WEST12345698765432 ",
+            "1-",
+            "1 ",
+            "@",
+            "\u{e9}4111111111111111\u{e9}",
+        ];
+        for unit in shapes {
+            let work = |n: usize| {
+                let v = unit.repeat(n);
+                WORK.with(|w| w.set(0));
+                let found = m.find(&v, m.candidates(v.as_bytes()));
+                (WORK.with(|w| w.get()), found.len())
+            };
+            let (small, found_small) = work(500);
+            let (large, found_large) = work(2000);
+            assert!(
+                large <= small * 9 / 2,
+                "{unit:?}: 500 copies took {small} steps, 2000 took {large}"
+            );
+            assert_eq!(found_large, found_small * 4, "{unit:?}");
+            // And the matches are the patterns' own.
+            agrees_with_every_regex(&m, &unit.repeat(300));
+        }
     }
 
     #[test]
