@@ -306,6 +306,22 @@ const READ_ONLY_SETTINGS: &[&str] = &[
 /// so it cannot make the two read a statement differently.)
 const PARSING_SETTING: &str = "standard_conforming_strings";
 
+/// One statement's own text in the string parsed with it (from its raw parse node's
+/// location and length; the last statement's length is 0: it runs to the end), trimmed.
+/// Each statement is analysed on its own text, never the whole string: what is looked up
+/// in the text (a COPY's query) must be that statement's, and a string of many statements
+/// must not be rescanned once per statement.
+fn statement_text<'a>(sql: &'a str, raw: &Value) -> &'a str {
+    let start = raw["stmt_location"].as_u64().unwrap_or(0) as usize;
+    let len = raw["stmt_len"].as_u64().unwrap_or(0) as usize;
+    if len == 0 {
+        sql.get(start..).unwrap_or(sql)
+    } else {
+        sql.get(start..start + len).unwrap_or(sql)
+    }
+    .trim()
+}
+
 /// Analyses a query string (one or more statements).
 pub fn analyze(sql: &str, mode: ParseMode) -> Result<Vec<Statement>, ParseError> {
     let parsed = pg_query::parse(sql, mode.options()).map_err(|e| ParseError(e.to_string()))?;
@@ -316,15 +332,7 @@ pub fn analyze(sql: &str, mode: ParseMode) -> Result<Vec<Statement>, ParseError>
     }
     let mut out = Vec::with_capacity(stmts.len());
     for raw in &stmts {
-        let start = raw["stmt_location"].as_u64().unwrap_or(0) as usize;
-        let len = raw["stmt_len"].as_u64().unwrap_or(0) as usize;
-        let text = if len == 0 {
-            sql.get(start..).unwrap_or(sql)
-        } else {
-            sql.get(start..start + len).unwrap_or(sql)
-        }
-        .trim()
-        .to_owned();
+        let text = statement_text(sql, raw).to_owned();
         let mut s = Statement {
             text: text.clone(),
             ..Statement::default()
@@ -1109,7 +1117,7 @@ fn analyze_fragment(
         let mut inner = Statement::default();
         let node = &raw["stmt"]["node"];
         if parse_mode == 0 {
-            top_level(node, sql, mode, &mut inner)?;
+            top_level(node, statement_text(sql, raw), mode, &mut inner)?;
         }
         walk(node, &mut inner)?;
         outputs(node, false, &mut inner);
@@ -1159,13 +1167,28 @@ fn plpgsql_mode(mode: ParseMode) -> Result<(), ParseError> {
     }
 }
 
+/// A dollar-quote tag (`jitgate`, `jitgatex`, ...) that `body` does not contain, so the body
+/// can be wrapped in a function definition as it is. One pass over the body: the workload
+/// writes it, and trying tags one by one, each a search of the whole body, costs time
+/// growing faster than the body does (`$jitgate$ $jitgatex$ $jitgatexx$ ...`).
+fn free_dollar_tag(body: &str) -> String {
+    const STEM: &str = "$jitgate";
+    let bytes = body.as_bytes();
+    let longest = memchr::memmem::find_iter(bytes, STEM)
+        .filter_map(|at| {
+            let rest = &bytes[at + STEM.len()..];
+            let xs = rest.iter().take_while(|b| **b == b'x').count();
+            (rest.get(xs) == Some(&b'$')).then_some(xs)
+        })
+        .max();
+    let xs = longest.map_or(0, |n| n + 1);
+    format!("jitgate{}", "x".repeat(xs))
+}
+
 fn plpgsql_body(body: &str, mode: ParseMode, s: &mut Statement) -> Result<(), ParseError> {
     plpgsql_mode(mode)?;
     // Wrap the block in a function definition, with a dollar tag the body cannot contain.
-    let mut tag = String::from("jitgate");
-    while body.contains(&format!("${tag}$")) {
-        tag.push('x');
-    }
+    let tag = free_dollar_tag(body);
     let wrapped = format!(
         "CREATE FUNCTION jitgate_do() RETURNS void LANGUAGE plpgsql AS ${tag}${body}${tag}$"
     );
@@ -1178,10 +1201,7 @@ fn plpgsql_body(body: &str, mode: ParseMode, s: &mut Statement) -> Result<(), Pa
 /// decides which RETURN forms compile; the first one that does is the body as the server
 /// runs it.
 fn plpgsql_any_signature(body: &str) -> Option<Value> {
-    let mut tag = String::from("jitgate");
-    while body.contains(&format!("${tag}$")) {
-        tag.push('x');
-    }
+    let tag = free_dollar_tag(body);
     ["void", "record", "SETOF record"].iter().find_map(|returns| {
         super::libpg::plpgsql(&format!(
             "CREATE FUNCTION jitgate_body() RETURNS {returns} LANGUAGE plpgsql AS ${tag}${body}${tag}$"
@@ -1361,6 +1381,58 @@ mod tests {
         assert!(body_reads("plpgsql", "BEGIN EXECUTE 'SELECT 1'; END", mode).is_none());
         assert!(body_reads("c", "whatever", mode).is_none());
         assert!(body_reads("sql", "SELEC nope", mode).is_none());
+    }
+
+    #[test]
+    fn each_statement_of_a_body_is_read_on_its_own_text() {
+        let mode = ParseMode {
+            standard_conforming_strings: true,
+        };
+        // The COPY's query is the COPY's own, not the first parenthesis of the body (which
+        // here is no statement: the whole analysis failed, a false refusal).
+        let body = "SELECT (1); COPY (SELECT email FROM users) TO STDOUT";
+        assert!(body_reads("sql", body, mode).is_some_and(|r| r.names.contains("email")));
+        one(&format!(
+            "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $b${body}$b$"
+        ));
+        // Many COPYs in one body: each is looked up in its own text (before, each scanned
+        // the whole body: time growing with the square of the body).
+        let many = "COPY (SELECT 1) TO STDOUT; ".repeat(2000);
+        assert!(body_reads("sql", &many, mode).is_some());
+    }
+
+    #[test]
+    fn a_wrapped_body_gets_a_dollar_tag_it_does_not_contain() {
+        assert_eq!(free_dollar_tag("BEGIN NULL; END"), "jitgate");
+        assert_eq!(free_dollar_tag("$jitgate$ $jitgatex$"), "jitgatexx");
+        assert_eq!(free_dollar_tag("$jitgatexx$ $jitgate"), "jitgatexxx");
+        let pieces = ["$", "jitgate", "x", "xx", " ", "$jitgate", "$jitgatex$"];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..20_000 {
+            let mut body = String::new();
+            for _ in 0..(seed % 12) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                body.push_str(pieces[(seed % pieces.len() as u64) as usize]);
+            }
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let tag = free_dollar_tag(&body);
+            assert!(
+                !body.contains(&format!("${tag}$")),
+                "{body:?} contains {tag}"
+            );
+        }
+        // A body naming every tag up to a long one: one pass, the next tag.
+        let hostile: String = (0..3000)
+            .map(|n| format!("$jitgate{}$ ", "x".repeat(n)))
+            .collect();
+        assert_eq!(
+            free_dollar_tag(&hostile),
+            format!("jitgate{}", "x".repeat(3000))
+        );
     }
 
     #[test]
