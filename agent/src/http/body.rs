@@ -133,6 +133,10 @@ pub type LineMask = Box<dyn FnMut(&[u8]) -> Result<Vec<u8>, String> + Send>;
 /// lines only the unfinished rest stays reserved.
 pub struct LineMasker {
     line: bytes::BytesMut,
+    /// How much of `line` is known to hold no newline: a long line arriving in small
+    /// chunks is searched once, not once per chunk (which costs time growing with the
+    /// square of the line, and the upstream chooses the chunks).
+    scanned: usize,
     mask: LineMask,
     max_line: usize,
     held: Reservation,
@@ -142,6 +146,7 @@ impl LineMasker {
     pub fn new(max_line: usize, mask: LineMask, held: Reservation) -> Self {
         Self {
             line: bytes::BytesMut::new(),
+            scanned: 0,
             mask,
             max_line,
             held,
@@ -152,11 +157,15 @@ impl LineMasker {
     fn complete_lines(&mut self, at_end: bool) -> Result<Bytes, BoxError> {
         let mut out = Vec::new();
         loop {
-            let end = match memchr::memchr(b'\n', &self.line) {
-                Some(i) => i + 1,
+            let end = match memchr::memchr(b'\n', &self.line[self.scanned..]) {
+                Some(i) => self.scanned + i + 1,
                 None if at_end && !self.line.is_empty() => self.line.len(),
-                None => break,
+                None => {
+                    self.scanned = self.line.len();
+                    break;
+                }
             };
+            self.scanned = 0;
             let line = self.line.split_to(end);
             let (body, newline) = match line.strip_suffix(b"\n") {
                 Some(b) => (b, true),
@@ -551,6 +560,38 @@ mod tests {
             LineMasker::new(16, Box::new(|l: &[u8]| Ok(l.to_vec())), unbounded()),
         );
         assert!(too_long.collect().await.is_err());
+    }
+
+    #[test]
+    fn lines_split_at_every_size_mask_the_same() {
+        let input = b"{\"a\":1}\n\n  \n{\"long\":\"abcdefghijklmnopqrstuvwxyz\"}\n{\"b\":2}\ntail";
+        let whole = {
+            let mut m = LineMasker::new(
+                1024,
+                Box::new(|l: &[u8]| Ok(l.to_ascii_uppercase())),
+                unbounded(),
+            );
+            let mut out = m.push(input).unwrap().to_vec();
+            out.extend_from_slice(&m.finish().unwrap());
+            out
+        };
+        assert_eq!(
+            whole,
+            b"{\"A\":1}\n\n  \n{\"LONG\":\"ABCDEFGHIJKLMNOPQRSTUVWXYZ\"}\n{\"B\":2}\nTAIL"
+        );
+        for size in 1..input.len() {
+            let mut m = LineMasker::new(
+                1024,
+                Box::new(|l: &[u8]| Ok(l.to_ascii_uppercase())),
+                unbounded(),
+            );
+            let mut out = Vec::new();
+            for chunk in input.chunks(size) {
+                out.extend_from_slice(&m.push(chunk).unwrap());
+            }
+            out.extend_from_slice(&m.finish().unwrap());
+            assert_eq!(out, whole, "chunks of {size}");
+        }
     }
 
     fn unbounded() -> Reservation {

@@ -47,8 +47,12 @@ impl Frames {
             bytes = &bytes[n..];
         }
         self.buf.extend_from_slice(bytes);
+        // Frames are read from `pos` on and what they took is dropped once, at the end:
+        // dropping each frame as it is read moved the rest of the buffer every time (a
+        // read of many small frames cost its size times their count).
+        let mut pos = 0;
         loop {
-            let b = &self.buf;
+            let b = &self.buf[pos..];
             if b.len() < 2 {
                 break;
             }
@@ -78,24 +82,31 @@ impl Frames {
                 None
             };
             if len > MAX_RECORDED_FRAME {
-                let have = self.buf.len() - at;
-                self.skip = len.saturating_sub(have);
                 out.push(Frame::Skipped(len));
+                let have = b.len() - at;
+                if have >= len {
+                    // The whole frame is here: the frames after it are read as usual.
+                    pos += at + len;
+                    continue;
+                }
+                self.skip = len - have;
                 self.buf.clear();
+                pos = 0;
                 break;
             }
-            if self.buf.len() < at + len {
+            if b.len() < at + len {
                 break;
             }
-            let mut payload = self.buf[at..at + len].to_vec();
+            let mut payload = b[at..at + len].to_vec();
             if let Some(m) = mask {
                 for (i, byte) in payload.iter_mut().enumerate() {
                     *byte ^= m[i % 4];
                 }
             }
-            self.buf.drain(..at + len);
+            pos += at + len;
             out.push(Frame::Data { opcode, payload });
         }
+        self.buf.drain(..pos);
         out
     }
 }
@@ -275,6 +286,31 @@ mod tests {
                 payload: b"\x01x".to_vec()
             }]
         );
+    }
+
+    #[test]
+    fn an_oversized_frame_read_whole_leaves_the_frames_after_it() {
+        let big = MAX_RECORDED_FRAME + 1;
+        let mut bytes = vec![0x82, 127];
+        bytes.extend_from_slice(&(big as u64).to_be_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, big));
+        bytes.extend_from_slice(&client_frame(b"\x00rm -rf /\n"));
+        let mut f = Frames::default();
+        assert_eq!(
+            f.push(&bytes),
+            vec![
+                Frame::Skipped(big),
+                Frame::Data {
+                    opcode: 2,
+                    payload: b"\x00rm -rf /\n".to_vec()
+                }
+            ]
+        );
+        // Many small frames in one read: every one, and nothing left over.
+        let many: Vec<u8> = (0..10_000).flat_map(|_| client_frame(b"\x00x")).collect();
+        let frames = f.push(&many);
+        assert_eq!(frames.len(), 10_000);
+        assert!(f.buf.is_empty());
     }
 
     #[test]
