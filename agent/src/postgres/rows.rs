@@ -518,7 +518,14 @@ pub fn mask_fields(
 /// `text` with every double-quoted part (PostgreSQL quotes values and names that way) that
 /// does not occur in `written` replaced by `****`; `None` when nothing changes. An unclosed
 /// quote runs to the end.
+///
+/// Each part costs a search of `written`, and a workload can make the server quote hundreds
+/// of thousands of parts in one message (`repeat('"x"', ...)` cast to a number): past
+/// [`QUOTED_SEARCH_BUDGET`] bytes searched, the parts left are redacted unsearched, which
+/// can only hide more.
 fn redact_quoted(text: &str, written: &str) -> Option<String> {
+    let hay = written.to_ascii_lowercase();
+    let mut budget = QUOTED_SEARCH_BUDGET;
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     let mut changed = false;
@@ -529,7 +536,11 @@ fn redact_quoted(text: &str, written: &str) -> Option<String> {
             Some(close) => (&after[..close], &after[close + 1..], true),
             None => (after, "", false),
         };
-        if !quoted.is_empty() && !written_as_word(written, quoted) {
+        let written_there = !quoted.is_empty() && budget >= hay.len() && {
+            budget -= hay.len();
+            written_as_word(&hay, quoted)
+        };
+        if !quoted.is_empty() && !written_there {
             out.push_str("****");
             changed = true;
         } else {
@@ -544,11 +555,16 @@ fn redact_quoted(text: &str, written: &str) -> Option<String> {
     changed.then_some(out)
 }
 
-/// Whether `part` occurs in `written` (ASCII case aside, since PostgreSQL folds unquoted
-/// names) as a whole word: not inside a longer name, so that a short value is not taken for
-/// something the client wrote because its letters occur somewhere in the statement.
-fn written_as_word(written: &str, part: &str) -> bool {
-    let (hay, needle) = (written.to_ascii_lowercase(), part.to_ascii_lowercase());
+/// Bytes of the statement [`redact_quoted`] searches for one message's quoted parts, at
+/// most (a few milliseconds): an error quotes a handful.
+const QUOTED_SEARCH_BUDGET: usize = 4 << 20;
+
+/// Whether `part` occurs in `hay` (the statement, ASCII-lowercased: PostgreSQL folds
+/// unquoted names) as a whole word: not inside a longer name, so that a short value is not
+/// taken for something the client wrote because its letters occur somewhere in the
+/// statement.
+fn written_as_word(hay: &str, part: &str) -> bool {
+    let needle = part.to_ascii_lowercase();
     let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
     hay.match_indices(&needle).any(|(at, _)| {
         !word(hay[..at].chars().next_back()) && !word(hay[at + needle.len()..].chars().next())
@@ -1449,6 +1465,24 @@ mod tests {
             mask_fields(&mut fields, &m, sql, &mut Masked::default());
             assert_eq!(fields[1].1, want);
         }
+    }
+
+    /// A workload can make the server quote a part per input character: the search is
+    /// bounded, and what is past the bound is redacted, never passed.
+    #[test]
+    fn many_quoted_parts_cost_a_bounded_search_and_pass_nothing_unchecked() {
+        let written = format!("SELECT 'abc' {}", "x".repeat(60_000));
+        let text = "\"abc\" \"x\" ".repeat(100_000);
+        let out = redact_quoted(&text, &written).unwrap();
+        let parts: Vec<&str> = out.split('"').skip(1).step_by(2).collect();
+        assert_eq!(parts.len(), 200_000);
+        // Before the bound, the statement decides ("abc" is written, "x" is not a word
+        // of it); after it, everything is redacted.
+        assert_eq!(&parts[..4], ["abc", "****", "abc", "****"]);
+        assert!(parts.iter().all(|p| *p == "abc" || *p == "****"));
+        assert_eq!(parts.last(), Some(&"****"));
+        let searched = parts.iter().filter(|p| **p == "abc").count() * 2;
+        assert!(searched * written.len() <= QUOTED_SEARCH_BUDGET + 2 * written.len());
     }
 
     #[test]
