@@ -810,6 +810,51 @@ fn values_built_of_matches_are_masked_whole() {
         long.contains("**** ****") && !long.contains("4111"),
         "{long:.200}"
     );
+
+    // Bind parameters are recorded with every execution: redacted whole, then cut to the
+    // recorded size (64 KiB for a Bind's parameters together).
+    let cards = "4111111111111111 ".repeat(6000);
+    let filler = "x".repeat(100_000);
+    let r = pgclient(
+        &gate,
+        "read",
+        &pg,
+        &[
+            "execute",
+            "SELECT length($1::text) + length($2::text) + length($3::text)",
+            &cards,
+            &filler,
+            "tail",
+        ],
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    let params = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| {
+            let id = s["id"].as_str()?;
+            let detail = gate.cli(&["sessions", "show", id, "--json"]).json();
+            detail["statements"].as_array()?.iter().find_map(|st| {
+                st["text"]
+                    .as_str()?
+                    .starts_with("SELECT length($1")
+                    .then(|| st["params"].clone())
+            })
+        })
+        .next()
+        .expect("the execution is recorded");
+    let params: Vec<&str> = params
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(params[0], "**** ".repeat(6000));
+    assert!(params[1].starts_with("xxx") && params[1].ends_with(" …"));
+    assert!(params[0].len() + params[1].len() <= 64 * 1024 + " …".len());
+    assert!(params[2].contains("not recorded"), "{}", params[2]);
 }
 
 #[test]

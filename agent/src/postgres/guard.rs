@@ -1,7 +1,7 @@
 //! The per-statement decision: access level, read-only mode, then guardrails (the resource's
 //! own, in order, then the built-in ones). The first guardrail that matches decides.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::config::{GuardAction, Guardrail, PostgresResource};
 use super::{
@@ -350,7 +350,15 @@ fn judge_one(ctx: &Context<'_>, s: &Statement) -> Verdict {
 /// holds all of it.
 pub fn judge(ctx: &Context<'_>, statements: &[Statement]) -> Verdict {
     let mut hold = None;
+    // An EXECUTE is judged as the statement it runs, which the string cannot change: each
+    // name once (`EXECUTE p;` a hundred thousand times must not judge a large `p` as often).
+    let mut executed = HashSet::new();
     for s in statements {
+        if let Some(name) = &s.executes
+            && !executed.insert(name.as_str())
+        {
+            continue;
+        }
         match judge_one(ctx, s) {
             Verdict::Allow => {}
             deny @ Verdict::Deny { .. } => return deny,
@@ -390,6 +398,50 @@ mod tests {
             Verdict::Deny { error, .. } => Some(error.code),
             _ => None,
         }
+    }
+
+    /// Each prepared statement an EXECUTE names is judged once per string; what it runs
+    /// decides, however often and in whatever order it is named.
+    #[test]
+    fn an_execute_is_judged_as_what_it_runs_each_name_once() {
+        let pg = pg(vec![]);
+        let mode = ParseMode::default();
+        let mut prepared = HashMap::new();
+        prepared.insert("r".to_owned(), analyze("SELECT 1", mode).unwrap().remove(0));
+        prepared.insert(
+            "w".to_owned(),
+            analyze("DELETE FROM users WHERE id = 1", mode)
+                .unwrap()
+                .remove(0),
+        );
+        let acting = BTreeSet::new();
+        let ctx = |access| Context {
+            identity: "bot",
+            resource: "db",
+            access,
+            pg: &pg,
+            prepared: &prepared,
+            masked: false,
+            acting: &acting,
+        };
+        let judged = |access, sql: &str| judge(&ctx(access), &analyze(sql, mode).unwrap());
+        let many_r = "EXECUTE r; ".repeat(1000);
+        assert!(matches!(judged(Access::Read, &many_r), Verdict::Allow));
+        for sql in [
+            format!("{many_r}EXECUTE w"),
+            format!("EXECUTE w; {many_r}"),
+            format!("{many_r}EXECUTE w; EXECUTE w"),
+            format!("{many_r}EXECUTE nosuch"),
+        ] {
+            assert!(
+                matches!(judged(Access::Read, &sql), Verdict::Deny { .. }),
+                "{sql:.60}"
+            );
+        }
+        assert!(matches!(
+            judged(Access::Write, &format!("{many_r}EXECUTE w")),
+            Verdict::Allow
+        ));
     }
 
     #[test]

@@ -240,6 +240,9 @@ impl Pump<'_> {
                 }
                 let nparams = take_i16(&mut body).map_err(malformed)?;
                 let mut params = Vec::with_capacity(nparams.max(0) as usize);
+                // Recorded with every execution of the portal: bounded like a statement's
+                // text, or a large parameter executed many times is copied that many times.
+                let mut room = MAX_RECORDED_TEXT;
                 for i in 0..nparams.max(0) as usize {
                     let len = take_i32(&mut body).map_err(malformed)?;
                     if len < 0 {
@@ -264,13 +267,21 @@ impl Pump<'_> {
                         .filter(|s| s.chars().all(|c| !c.is_control() || c == '\n' || c == '\t'));
                     params.push(Some(if binary && printable.is_none() {
                         format!("<{} bytes, binary>", raw.len())
+                    } else if room == 0 {
+                        format!(
+                            "<{} bytes, not recorded: past the recorded size>",
+                            raw.len()
+                        )
                     } else {
                         let text = String::from_utf8_lossy(&raw).into_owned();
-                        match self.recorder.scan(&text, &mut |_| {}) {
+                        let mut recorded = match self.recorder.scan(&text, &mut |_| {}) {
                             crate::inspect::mask::Outcome::Replace(s) => s.into_owned(),
                             crate::inspect::mask::Outcome::Null => "****".into(),
                             crate::inspect::mask::Outcome::Keep => text,
-                        }
+                        };
+                        record::cut_recorded(&mut recorded, room);
+                        room = room.saturating_sub(recorded.len());
+                        recorded
                     }));
                 }
                 let nres = take_i16(&mut body).map_err(malformed)?;
@@ -413,7 +424,7 @@ impl Pump<'_> {
         });
         let mut st = self.lock();
         let cycle = st.cycles_sent;
-        st.poisons.push(Poison {
+        st.poisons.push_back(Poison {
             nonce: nonce.clone(),
             error,
             cycle,
@@ -442,7 +453,7 @@ impl Pump<'_> {
         let nonce = nonce();
         let mut st = self.lock();
         let cycle = st.cycles_sent;
-        st.poisons.push(Poison {
+        st.poisons.push_back(Poison {
             nonce: nonce.clone(),
             error,
             cycle,

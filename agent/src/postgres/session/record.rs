@@ -12,18 +12,24 @@ pub(super) const RECORD_FLUSH: Duration = Duration::from_millis(500);
 /// record, not grown record by record).
 pub(super) const RECORD_BATCH: usize = 64;
 
+/// Cuts a recorded (already redacted: a cut card number could pass a detector whole)
+/// text to at most `max` bytes and a ` …` mark.
+pub(super) fn cut_recorded(recorded: &mut String, max: usize) {
+    if recorded.len() > max {
+        let mut cut = max;
+        while !recorded.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        recorded.truncate(cut);
+        recorded.push_str(" …");
+    }
+}
+
 impl Pump<'_> {
     /// A statement's text as it is recorded: sensitive values redacted, long texts cut.
     pub(super) fn recorded_text(&self, text: &str) -> String {
         let mut recorded = self.redacted_text(text);
-        if recorded.len() > MAX_RECORDED_TEXT {
-            let mut cut = MAX_RECORDED_TEXT;
-            while !recorded.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            recorded.truncate(cut);
-            recorded.push_str(" …");
-        }
+        cut_recorded(&mut recorded, MAX_RECORDED_TEXT);
         recorded
     }
 

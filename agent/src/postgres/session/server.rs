@@ -454,11 +454,21 @@ impl Pump<'_> {
         }
         let mut refs = ResultRefs::default();
         let mut st = self.lock();
+        // What an EXECUTE or FETCH brings in, each prepared statement or cursor once: the
+        // same `EXECUTE p;` many times over must not copy a large `p`'s names as often.
+        // (Cursors by identity, as a name can be declared again within the string; those
+        // merged are held until the end, so that no address is reused by a later one.)
+        let mut merged: std::collections::HashSet<usize> = std::collections::HashSet::new();
+        let mut held = Vec::new();
         for s in analysis.iter() {
             refs.add(s);
             if let Some(name) = &s.executes {
                 match st.sql_prepared.get(name) {
-                    Some(p) => refs.add(p),
+                    Some(p) => {
+                        if merged.insert(std::ptr::from_ref(p) as usize) {
+                            refs.add(p);
+                        }
+                    }
                     None => refs.opaque = true,
                 }
             }
@@ -472,7 +482,12 @@ impl Pump<'_> {
                     st.cursors.insert(name.clone(), Arc::new(own));
                 }
                 Some(CursorUse::Fetch(name)) => match st.cursors.get(name) {
-                    Some(c) => refs.merge(c),
+                    Some(c) => {
+                        if merged.insert(Arc::as_ptr(c) as usize) {
+                            refs.merge(c);
+                            held.push(c.clone());
+                        }
+                    }
                     None => refs.opaque = true,
                 },
                 Some(CursorUse::Close(Some(name))) => {
@@ -858,12 +873,19 @@ impl Pump<'_> {
                     .find(|(c, _)| *c == b'M')
                     .map(|(_, m)| m.clone())
                     .unwrap_or_default();
+                // The poisons of earlier cycles are gone (retired at their ReadyForQuery):
+                // the front is this cycle's first, the only one its error can answer.
                 let poison = {
                     let mut st = self.lock();
-                    st.poisons
-                        .iter()
-                        .position(|p| message.contains(&p.nonce))
-                        .map(|i| st.poisons.remove(i))
+                    let answers_front = st
+                        .poisons
+                        .front()
+                        .is_some_and(|p| p.cycle <= st.cycles_done && message.contains(&p.nonce));
+                    if answers_front {
+                        st.poisons.pop_front()
+                    } else {
+                        None
+                    }
                 };
                 // The server skips the rest of an extended batch up to Sync.
                 let rec = {
@@ -950,7 +972,9 @@ impl Pump<'_> {
                     }
                     st.cycles_done += 1;
                     let done = st.cycles_done;
-                    st.poisons.retain(|p| p.cycle >= done);
+                    while st.poisons.front().is_some_and(|p| p.cycle < done) {
+                        st.poisons.pop_front();
+                    }
                     st.current = None;
                     st.copy = None;
                     let _ = status;

@@ -209,7 +209,11 @@ pub(super) struct InFlight {
 #[derive(Default)]
 pub(super) struct State {
     pub(super) expect: VecDeque<Expect>,
-    pub(super) poisons: Vec<Poison>,
+    /// In the order sent (so by cycle): a cycle's answers end at its first error, so only
+    /// its first poison can be the one an error answers, and the front is all an error is
+    /// compared with (comparing each error with every poison pending cost time growing
+    /// with their product, and a pipeline can hold many of both).
+    pub(super) poisons: VecDeque<Poison>,
     pub(super) cycles_sent: u64,
     pub(super) cycles_done: u64,
     pub(super) statements: HashMap<String, Stmt>,
