@@ -136,6 +136,9 @@ impl JsonPath {
         if steps.is_empty() {
             return Err(bad("it names no value below $"));
         }
+        if steps.len() >= States::BITS as usize {
+            return Err(bad("it has more than 63 steps"));
+        }
         Ok(Self {
             text: text.to_owned(),
             steps,
@@ -148,8 +151,79 @@ impl JsonPath {
 
     /// Whether the location `at` (from the root) matches.
     pub fn matches(&self, at: &[Key]) -> bool {
-        matches(&self.steps, at)
+        let end = at.iter().fold(self.start(), |states, key| {
+            self.next(
+                states,
+                match key {
+                    Key::Name(n) => KeyRef::Name(n),
+                    Key::Index(i) => KeyRef::Index(*i),
+                },
+            )
+        });
+        self.accepts(end)
     }
+
+    /// The states before any key: the root, and what `..` reaches from it without a key.
+    fn start(&self) -> States {
+        self.closure(1)
+    }
+
+    /// `states` with what each `..` among them reaches without a key (the step after it).
+    /// In step order, so that a run of `..` is followed to its end.
+    fn closure(&self, mut states: States) -> States {
+        for (i, step) in self.steps.iter().enumerate() {
+            if states & (1 << i) != 0 && *step == Step::Descend {
+                states |= 1 << (i + 1);
+            }
+        }
+        states
+    }
+
+    /// The states after one more key below a node in `states`. One pass over the steps,
+    /// however many `..` the path has and however deep the document: a location matched by
+    /// trying every way `..` could split it costs the depth to the power of their count, at
+    /// every node, and the document is the workload's.
+    fn next(&self, states: States, key: KeyRef<'_>) -> States {
+        if states == 0 {
+            return 0;
+        }
+        let mut out = 0;
+        for (i, step) in self.steps.iter().enumerate() {
+            if states & (1 << i) == 0 {
+                continue;
+            }
+            let advance = match (step, key) {
+                (Step::Descend, _) => {
+                    out |= 1 << i;
+                    false
+                }
+                (Step::Any, _) => true,
+                (Step::Name(n), KeyRef::Name(k)) => n == k,
+                (Step::Index(n), KeyRef::Index(k)) => *n == k,
+                _ => false,
+            };
+            if advance {
+                out |= 1 << (i + 1);
+            }
+        }
+        self.closure(out)
+    }
+
+    /// Whether every step has been matched.
+    fn accepts(&self, states: States) -> bool {
+        states & (1 << self.steps.len()) != 0
+    }
+}
+
+/// Where matching a path stands at a node: bit `i` set when the location so far can match
+/// the path's first `i` steps (a path has fewer steps than bits, checked at parsing).
+type States = u64;
+
+/// A [`Key`] borrowed from the document being walked (no copy of each member's name).
+#[derive(Clone, Copy)]
+enum KeyRef<'a> {
+    Name(&'a str),
+    Index(usize),
 }
 
 fn name_or_star(s: &str) -> Option<(Step, usize)> {
@@ -163,24 +237,8 @@ fn name_or_star(s: &str) -> Option<(Step, usize)> {
     (n > 0).then(|| (Step::Name(s[..n].to_owned()), n))
 }
 
-fn matches(steps: &[Step], at: &[Key]) -> bool {
-    match steps.split_first() {
-        None => at.is_empty(),
-        Some((Step::Descend, rest)) => (0..=at.len()).any(|skip| matches(rest, &at[skip..])),
-        Some((step, rest)) => match at.split_first() {
-            None => false,
-            Some((key, tail)) => {
-                let ok = match (step, key) {
-                    (Step::Any, _) => true,
-                    (Step::Name(n), Key::Name(k)) => n == k,
-                    (Step::Index(n), Key::Index(k)) => n == k,
-                    _ => false,
-                };
-                ok && matches(rest, tail)
-            }
-        },
-    }
-}
+/// Each path's [`States`] at one node (few paths: kept inline).
+type PathStates = smallvec::SmallVec<[States; 4]>;
 
 /// The masking rules of one session: paths with their strategies, and the detectors.
 pub struct BodyMasker {
@@ -214,33 +272,42 @@ impl BodyMasker {
 
     /// Masks a JSON document in place; returns how many values were masked.
     pub fn mask_json(&self, value: &mut Value) -> u64 {
-        let mut at = Vec::new();
-        self.walk(value, &mut at)
+        let states: PathStates = self.paths.iter().map(|(p, _)| p.start()).collect();
+        self.walk(value, &states, true)
     }
 
-    fn walk(&self, value: &mut Value, at: &mut Vec<Key>) -> u64 {
-        if !at.is_empty()
-            && let Some((_, strategy)) = self.paths.iter().find(|(p, _)| p.matches(at))
+    /// `states` holds, for each path, where matching it stands at `value`.
+    fn walk(&self, value: &mut Value, states: &PathStates, root: bool) -> u64 {
+        if !root
+            && let Some((_, strategy)) = self
+                .paths
+                .iter()
+                .zip(states)
+                .find(|((p, _), s)| p.accepts(**s))
+                .map(|(p, _)| p)
         {
             // A whole subtree named by a rule: every value in it is masked.
             return self.mask_all(value, *strategy);
         }
+        let below = |key: KeyRef<'_>| -> PathStates {
+            self.paths
+                .iter()
+                .zip(states)
+                .map(|((p, _), s)| p.next(*s, key))
+                .collect()
+        };
         match value {
             Value::Object(map) => {
                 let mut n = 0;
                 for (k, v) in map.iter_mut() {
-                    at.push(Key::Name(k.clone()));
-                    n += self.walk(v, at);
-                    at.pop();
+                    n += self.walk(v, &below(KeyRef::Name(k)), false);
                 }
                 n
             }
             Value::Array(items) => {
                 let mut n = 0;
                 for (i, v) in items.iter_mut().enumerate() {
-                    at.push(Key::Index(i));
-                    n += self.walk(v, at);
-                    at.pop();
+                    n += self.walk(v, &below(KeyRef::Index(i)), false);
                 }
                 n
             }
@@ -347,6 +414,91 @@ mod tests {
         for bad in ["items", "$", "$.", "$[", "$[x]", "$..", "$.a b"] {
             assert!(JsonPath::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// The definition: `..` skips any number of levels, every other step takes one.
+    fn spec(steps: &[Step], at: &[Key]) -> bool {
+        match steps.split_first() {
+            None => at.is_empty(),
+            Some((Step::Descend, rest)) => (0..=at.len()).any(|skip| spec(rest, &at[skip..])),
+            Some((step, rest)) => at.split_first().is_some_and(|(key, tail)| {
+                (match (step, key) {
+                    (Step::Any, _) => true,
+                    (Step::Name(n), Key::Name(k)) => n == k,
+                    (Step::Index(n), Key::Index(k)) => n == k,
+                    _ => false,
+                }) && spec(rest, tail)
+            }),
+        }
+    }
+
+    #[test]
+    fn paths_match_as_defined_in_one_pass() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let (mut matched, mut missed) = (0, 0);
+        for _ in 0..50_000 {
+            let steps: Vec<Step> = (0..1 + next(6))
+                .map(|_| match next(6) {
+                    0 => Step::Name("a".into()),
+                    1 => Step::Name("b".into()),
+                    2 => Step::Index(0),
+                    3 => Step::Any,
+                    _ => Step::Descend,
+                })
+                .collect();
+            let path = JsonPath {
+                text: String::new(),
+                steps,
+            };
+            let keys: Vec<Key> = (0..next(7))
+                .map(|_| match next(4) {
+                    0 => Key::Name("a".into()),
+                    1 => Key::Name("b".into()),
+                    2 => Key::Index(0),
+                    _ => Key::Index(1),
+                })
+                .collect();
+            let want = spec(&path.steps, &keys);
+            assert_eq!(path.matches(&keys), want, "{:?} at {keys:?}", path.steps);
+            if want { matched += 1 } else { missed += 1 }
+        }
+        assert!(matched > 5_000 && missed > 5_000, "{matched} / {missed}");
+        // Many `..` over a deep document: one pass per level.
+        let deep = p("$..a..a..a..a..a..a..a..a..b");
+        let mut doc = json!({"b": "plain secret", "c": "kept"});
+        for _ in 0..120 {
+            doc = json!({ "a": doc });
+        }
+        let m = BodyMasker {
+            paths: vec![(deep, Strategy::Redact)],
+            masker: Masker::new(
+                &[MaskRule {
+                    columns: vec![],
+                    detectors: vec![crate::inspect::rules::Detector::Email],
+                    strategy: Strategy::Redact,
+                    exempt_identities: vec![],
+                }],
+                None,
+                "bot",
+                crate::config::Access::Read,
+                [0; 32],
+            )
+            .unwrap(),
+        };
+        assert_eq!(m.mask_json(&mut doc), 1);
+        let text = doc.to_string();
+        assert!(
+            !text.contains("plain secret") && text.contains("kept"),
+            "{text:.80}"
+        );
+        assert!(JsonPath::parse(&format!("${}", ".a".repeat(64))).is_err());
+        assert!(JsonPath::parse(&format!("${}", ".a".repeat(63))).is_ok());
     }
 
     #[test]
