@@ -178,6 +178,10 @@ enum SessionsAction {
         id: String,
         #[arg(long)]
         json: bool,
+        /// Start at this statement (its `#` number): a long session is shown a page at a
+        /// time, each ending with the command for the next.
+        #[arg(long, default_value_t = 0)]
+        from: u32,
     },
     /// Plays a recorded Kubernetes exec or attach stream (the `[recorded: FILE]` of a
     /// request in `sessions show`; an asciicast v2 file, readable by root) with its timing.
@@ -578,12 +582,14 @@ fn execute(cli: &Cli) -> Result<ExitCode, ClientError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sessions {
-            action: Some(SessionsAction::Show { id, json }),
+            action: Some(SessionsAction::Show { id, json, from }),
             ..
         } => {
-            let detail: crate::control::api::SessionDetail = cli
-                .client()?
-                .call_as(&Call::SessionShow { id: id.clone() })?;
+            let detail: crate::control::api::SessionDetail =
+                cli.client()?.call_as(&Call::SessionShow {
+                    id: id.clone(),
+                    from: *from,
+                })?;
             if *json {
                 output::json(&detail);
             } else {

@@ -192,6 +192,13 @@ pub fn timeline(d: &crate::control::api::SessionDetail) {
             ),
         }
     }
+    if let Some(next) = d.more_from {
+        println!();
+        println!(
+            "  more statements follow: jitgate sessions show {} --from {next}",
+            s.id
+        );
+    }
 }
 
 #[cfg(test)]

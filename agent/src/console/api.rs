@@ -429,7 +429,8 @@ async fn route(
             answer(service.sessions(caller, flag(query, "all"), limit).await)
         }
         (&Method::GET, ["sessions", id]) if !id.is_empty() => {
-            answer(service.session(caller, id).await)
+            let from = query.get("from").and_then(|f| f.parse().ok()).unwrap_or(0);
+            answer(service.session(caller, id, from).await)
         }
         (&Method::GET, ["audit", "verify"]) => answer(service.audit_verify(caller).await),
         (&Method::GET, ["status"]) => answer(service.status(caller).await),

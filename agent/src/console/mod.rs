@@ -664,7 +664,18 @@ impl Console {
             )
         };
         match rest.split('/').collect::<Vec<_>>()[..] {
-            [id] if !id.is_empty() => match self.service.session(&caller, id).await {
+            [id] if !id.is_empty() => match self
+                .service
+                .session(
+                    &caller,
+                    id,
+                    parse_form(req.uri().query().unwrap_or(""))
+                        .get("from")
+                        .and_then(|f| f.parse().ok())
+                        .unwrap_or(0),
+                )
+                .await
+            {
                 Ok(detail) => page(StatusCode::OK, replay::replay(&s.person, &s.csrf, &detail)),
                 Err(e) => self.refused(&s, &e),
             },

@@ -247,6 +247,13 @@ pub fn replay(person: &Person, csrf: &str, d: &SessionDetail) -> String {
         }
         b.push_str("</tbody></table></div>");
     }
+    if let Some(next) = d.more_from {
+        let _ = write!(
+            b,
+            r#"<p><a class="button" href="/sessions/{id}?from={next}">Later statements, from #{next}</a></p>"#,
+            id = esc(&s.id),
+        );
+    }
     layout_in(
         &format!("Session {}", s.id),
         Some(Section::Sessions),
@@ -401,6 +408,7 @@ mod tests {
             statements,
             events: vec![],
             recordings: vec![],
+            more_from: None,
         }
     }
 

@@ -52,6 +52,10 @@ pub enum Call {
     /// One session with its statements and audit events.
     SessionShow {
         id: String,
+        /// The first statement shown (its sequence number); a long session is shown a page
+        /// at a time (see [`SessionDetail::more_from`]).
+        #[serde(default)]
+        from: u32,
     },
     Audit {
         since: Option<Timestamp>,
@@ -138,6 +142,10 @@ pub struct SessionDetail {
     /// Sequence numbers of the requests whose exec stream was recorded and can be replayed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recordings: Vec<u32>,
+    /// Where the next page of statements starts, when this one was cut (replies stay far
+    /// under the control socket's limit however much a session recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub more_from: Option<u32>,
 }
 
 /// One entry of a session's timeline: a statement (or HTTP request) it ran, or an audit

@@ -191,7 +191,7 @@ async fn dispatch(service: &ControlService, caller: &Caller, call: Call) -> Repl
         Call::Grants { all } => reply(service.grants(caller, all).await),
         Call::Revoke { grant, reason } => reply(service.revoke(caller, &grant, reason).await),
         Call::Sessions { all, limit } => reply(service.sessions(caller, all, limit).await),
-        Call::SessionShow { id } => reply(service.session(caller, &id).await),
+        Call::SessionShow { id, from } => reply(service.session(caller, &id, from).await),
         Call::Audit { since, limit } => reply(service.audit(caller, since, limit).await),
         Call::AuditVerify => reply(service.audit_verify(caller).await),
         Call::AuditVerifyFleet => reply(service.audit_verify_fleet(caller).await),

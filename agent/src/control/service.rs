@@ -283,18 +283,24 @@ impl ControlService {
         Ok(sessions)
     }
 
-    /// One session with its statements and audit events.
-    pub async fn session(&self, caller: &Caller, id: &str) -> Result<SessionDetail> {
+    /// One session with its statements from `from` on (a page of at most
+    /// [`SESSION_PAGE_BYTES`] of them: a workload can record far more than one reply may
+    /// carry, and its session must still be shown) and its audit events.
+    pub async fn session(&self, caller: &Caller, id: &str, from: u32) -> Result<SessionDetail> {
         let found = self
             .inner
             .store
             .session_history(id.to_owned())
             .await?
-            .map(|h| SessionDetail {
-                session: h.session,
-                statements: h.statements,
-                events: h.events,
-                recordings: Vec::new(),
+            .map(|h| {
+                let (statements, more_from) = page_of(h.statements, from);
+                SessionDetail {
+                    session: h.session,
+                    statements,
+                    events: h.events,
+                    recordings: Vec::new(),
+                    more_from,
+                }
             });
         let Some(mut detail) = found else {
             return Err(ControlError::NotFound(format!("no session {id}")));
@@ -394,6 +400,31 @@ impl ControlService {
             removed: removed.iter().map(|p| p.display().to_string()).collect(),
         })
     }
+}
+
+/// Most bytes of statements (texts and parameters) one page of a session carries.
+pub const SESSION_PAGE_BYTES: usize = 16 << 20;
+
+/// The statements from sequence number `from` on, up to [`SESSION_PAGE_BYTES`] of them (at
+/// least one), and where the next page starts when they were cut.
+fn page_of(
+    statements: Vec<crate::model::StatementRecord>,
+    from: u32,
+) -> (Vec<crate::model::StatementRecord>, Option<u32>) {
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    for st in statements.into_iter().filter(|st| st.seq >= from) {
+        let size = 256
+            + st.text.len()
+            + st.params.iter().flatten().map(String::len).sum::<usize>()
+            + st.error.as_ref().map_or(0, String::len);
+        if !page.is_empty() && bytes + size > SESSION_PAGE_BYTES {
+            return (page, Some(st.seq));
+        }
+        bytes += size;
+        page.push(st);
+    }
+    (page, None)
 }
 
 #[cfg(test)]

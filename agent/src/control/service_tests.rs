@@ -568,15 +568,20 @@ async fn sessions_are_for_operators_and_their_own_workload() {
         forbidden(f.service.sessions(&c, true, 100).await);
     }
 
-    let detail = f.service.session(&workload(), "ses_live").await.unwrap();
+    let detail = f.service.session(&workload(), "ses_live", 0).await.unwrap();
     assert_eq!((detail.session.bytes_up, detail.session.bytes_down), (7, 9));
-    assert!(f.service.session(&operator(), "ses_other").await.is_ok());
-    assert!(f.service.session(&approver(), "ses_nobody").await.is_ok());
-    let m = forbidden(f.service.session(&workload(), "ses_other").await);
+    assert!(f.service.session(&operator(), "ses_other", 0).await.is_ok());
+    assert!(
+        f.service
+            .session(&approver(), "ses_nobody", 0)
+            .await
+            .is_ok()
+    );
+    let m = forbidden(f.service.session(&workload(), "ses_other", 0).await);
     assert_eq!(m, "a workload can only see its own sessions");
-    forbidden(f.service.session(&stranger(), "ses_live").await);
+    forbidden(f.service.session(&stranger(), "ses_live", 0).await);
     assert!(matches!(
-        f.service.session(&stranger(), "ses_missing").await,
+        f.service.session(&stranger(), "ses_missing", 0).await,
         Err(ControlError::NotFound(_))
     ));
 }
@@ -900,9 +905,9 @@ async fn web_people_see_the_sessions_of_what_they_approve() {
             ids(f.service.sessions(c, true, 100).await.unwrap()),
             ["ses_read", "ses_unknown_level"]
         );
-        assert!(f.service.session(c, "ses_read").await.is_ok());
+        assert!(f.service.session(c, "ses_read", 0).await.is_ok());
         for other in ["ses_write", "ses_elsewhere", "ses_nobody"] {
-            let m = forbidden(f.service.session(c, other).await);
+            let m = forbidden(f.service.session(c, other, 0).await);
             assert!(m.contains("not an approver"), "{m}");
         }
         assert!(f.service.status(c).await.is_ok());
@@ -918,7 +923,7 @@ async fn web_people_see_the_sessions_of_what_they_approve() {
         person("ANN@example.com", &[], None),
     ] {
         forbidden(f.service.sessions(&c, true, 100).await);
-        forbidden(f.service.session(&c, "ses_read").await);
+        forbidden(f.service.session(&c, "ses_read", 0).await);
         forbidden(f.service.status(&c).await);
         forbidden(f.service.recording(&c, "ses_read", 3).await);
     }
@@ -930,7 +935,7 @@ async fn web_people_see_the_sessions_of_what_they_approve() {
     for name in ["ses_read-3.cast", "ses_read-2.cast", "ses_write-1.cast"] {
         std::fs::write(dir.join(name), cast).unwrap();
     }
-    let detail = f.service.session(&ann, "ses_read").await.unwrap();
+    let detail = f.service.session(&ann, "ses_read", 0).await.unwrap();
     assert_eq!(
         detail.recordings,
         [3],
@@ -1340,4 +1345,38 @@ fn step_ups_combine_to_the_stricter() {
     };
     assert_eq!(a.and(&c).acr, [UNSATISFIABLE_ACR]);
     assert!(!crate::config::valid_acr(UNSATISFIABLE_ACR));
+}
+
+/// A session that recorded more than one reply may carry is shown a page at a time: each
+/// page under the bound (and never empty), the next starting where it stopped, every
+/// statement on exactly one page.
+#[test]
+fn a_long_session_is_shown_in_pages() {
+    let big = "x".repeat(60 * 1024);
+    let statements: Vec<_> = (1..=1000)
+        .map(|seq| recorded("ses_big", seq, &big))
+        .collect();
+    let mut from = 0;
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let (page, more) = page_of(statements.clone(), from);
+        pages += 1;
+        assert!(!page.is_empty());
+        let bytes: usize = page.iter().map(|s| s.text.len() + 256).sum();
+        assert!(bytes <= SESSION_PAGE_BYTES, "{bytes}");
+        seen.extend(page.iter().map(|s| s.seq));
+        match more {
+            Some(next) => {
+                assert_eq!(next, page.last().unwrap().seq + 1);
+                from = next;
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, (1..=1000).collect::<Vec<_>>());
+    assert!(pages >= 4, "{pages}");
+    // One statement larger than a page still shows, alone.
+    let huge = vec![recorded("ses_big", 1, &"y".repeat(SESSION_PAGE_BYTES + 1))];
+    assert_eq!(page_of(huge, 0).0.len(), 1);
 }
