@@ -417,6 +417,21 @@ fn blast_radius_limits_cut_results_and_slow_statements() {
         "{refused} refused, {ran_ok} ran: {ran:#?}"
     );
     assert!(ran.stdout.contains("after the pause"), "{ran:#?}");
+    // Prepared once, run many times: each run (a portal's first Execute) takes from the
+    // same rate, and a refused one gets 53400 as a simple query does.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let r = pgclient(&gate, "read", &pg, &["repeat", "SELECT 1", "60"]);
+    let codes: Vec<&str> = r["codes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{r}"))
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let ran = r["ran"].as_u64().unwrap_or_default();
+    assert!(
+        codes.len() >= 30 && codes.iter().all(|c| *c == "53400") && (20..60).contains(&ran),
+        "{r}"
+    );
     // Each limit reached is audited once per session, not once per attempt.
     let audit = gate.cli(&["audit", "--json"]).json();
     let reached: Vec<&Value> = audit
@@ -855,6 +870,86 @@ fn values_built_of_matches_are_masked_whole() {
     assert!(params[1].starts_with("xxx") && params[1].ends_with(" …"));
     assert!(params[0].len() + params[1].len() <= 64 * 1024 + " …".len());
     assert!(params[2].contains("not recorded"), "{}", params[2]);
+}
+
+/// Extended-protocol batches written by hand: after a failed Execute the server skips the
+/// rest up to Sync; each skipped Execute is recorded as not run (the error stays on the one
+/// that failed), and a workload that goes on executing one large statement without a Sync
+/// is ended before the gate holds a record per Execute.
+#[test]
+fn skipped_executes_are_recorded_and_unsynced_ones_bounded() {
+    jitgate_e2e::root_or_skip!();
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-batches", "", &body(&pg, ""));
+    let client = gate.bins().pgclient.display().to_string();
+    let u = url(&pg, "orders");
+    let ran = gate.run(
+        "bot",
+        &["--grant", "orders-db:read"],
+        &[&client, "raw-batch", &u],
+    );
+    let r: Value =
+        serde_json::from_str(ran.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {ran:#?}"));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["skipped_batch"], "22012", "{r}");
+    let end = r["unsynced_end"].as_str().unwrap_or_default();
+    assert_ne!(end, "timeout", "nothing ended the unsynced Executes: {r}");
+    if end == "eof" {
+        assert!(
+            r["unsynced_codes"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c == "54000")),
+            "{r}"
+        );
+    }
+    // Every session shows, the one that recorded hundreds of MiB a page at a time.
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    let details: Vec<Value> = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .map(|id| gate.cli(&["sessions", "show", id, "--json"]).json())
+        .collect();
+    let paged = details
+        .iter()
+        .find_map(|d| Some((d["session"]["id"].as_str()?, d["more_from"].as_u64()?)))
+        .expect("the unsynced session is shown in pages");
+    let next = gate
+        .cli(&[
+            "sessions",
+            "show",
+            paged.0,
+            "--from",
+            &paged.1.to_string(),
+            "--json",
+        ])
+        .json();
+    assert_eq!(
+        next["statements"][0]["seq"].as_u64(),
+        Some(paged.1),
+        "{:.300}",
+        next.to_string()
+    );
+    let errors: Vec<String> = details
+        .iter()
+        .flat_map(|detail| {
+            detail["statements"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|st| st["text"].as_str().is_some_and(|t| t.contains("batch_div")))
+                .map(|st| st["error"].as_str().unwrap_or("<none>").to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(errors[0].starts_with("22012"), "{errors:?}");
+    assert!(
+        errors[1..].iter().all(|e| e.starts_with("not run")),
+        "{errors:?}"
+    );
 }
 
 #[test]

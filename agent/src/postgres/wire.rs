@@ -16,6 +16,20 @@ pub const MAX_STARTUP: usize = 10_000;
 /// Most a frame reader grows its buffer by before reading more.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// Past this, a buffer that held one large message is given back once it is sent on (see
+/// [`shrink_after`]), so a session is not left holding its largest message's size.
+pub const KEEP_CAPACITY: usize = 1 << 20;
+
+/// Clears a write buffer after it was sent, giving back its allocation when a large message
+/// had grown it past [`KEEP_CAPACITY`].
+pub fn shrink_after(out: &mut BytesMut) {
+    if out.capacity() > KEEP_CAPACITY {
+        *out = BytesMut::new();
+    } else {
+        out.clear();
+    }
+}
+
 /// Largest message a client may send, by type. Statements and bind parameters get room;
 /// control messages get none.
 pub fn client_cap(tag: u8) -> usize {
@@ -190,6 +204,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.fill(5 + body_len).await?;
         self.buf.advance(5);
         let body = self.buf.split_to(body_len).freeze();
+        if body_len > KEEP_CAPACITY {
+            // The rest moves to a buffer of its own: the large allocation goes with the
+            // frame once it is dropped, rather than staying the session's read buffer (a
+            // workload can make the server send one 256 MiB row, then idle).
+            self.buf = BytesMut::from(&self.buf[..]);
+        }
         Ok(Some(Frame { tag, body }))
     }
 
@@ -432,6 +452,44 @@ mod tests {
         message(&mut big, b'S', |b| b.put_slice(&[0; 8]));
         let mut r = FrameReader::new(&big[..], client_cap);
         assert!(matches!(r.next().await, Err(WireError::TooLarge { .. })));
+    }
+
+    /// One large row, then small ones: once the large frame is dropped the reader's buffer
+    /// is small again (the session does not keep its largest message's size), and a write
+    /// buffer grown past the bound is given back.
+    #[tokio::test]
+    async fn a_large_message_does_not_stay_the_buffers_size() {
+        let mut data = BytesMut::new();
+        message(&mut data, b'D', |b| b.put_slice(&vec![7; 8 << 20]));
+        for _ in 0..3 {
+            message(&mut data, b'D', |b| b.put_slice(b"small"));
+        }
+        // Arriving in pieces, as from a socket: the small rows are read after the large one
+        // is gone, into whatever buffer the reader kept.
+        let (mut tx, rx) = tokio::io::duplex(16 << 10);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            tx.write_all(&data).await
+        });
+        let mut r = FrameReader::new(rx, server_cap);
+        let big = r.next().await.unwrap().unwrap();
+        assert_eq!(big.body.len(), 8 << 20);
+        drop(big);
+        for _ in 0..3 {
+            assert_eq!(&r.next().await.unwrap().unwrap().body[..], b"small");
+            assert!(r.buf.capacity() <= KEEP_CAPACITY, "{}", r.buf.capacity());
+        }
+        // Its allocation is not the large one's (which could be taken back for 4 MiB).
+        assert!(!r.buf.try_reclaim(4 << 20), "the reader still holds the large allocation");
+        writer.await.unwrap().unwrap();
+        let mut out = BytesMut::with_capacity(4 << 20);
+        out.put_slice(b"sent");
+        shrink_after(&mut out);
+        assert!(out.is_empty() && out.capacity() <= KEEP_CAPACITY);
+        let mut small = BytesMut::with_capacity(64 << 10);
+        small.put_slice(b"sent");
+        shrink_after(&mut small);
+        assert_eq!(small.capacity(), 64 << 10, "a small buffer is kept");
     }
 
     #[tokio::test]

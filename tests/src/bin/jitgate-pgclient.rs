@@ -100,6 +100,20 @@ async fn run(args: &[String]) -> Result<Value, tokio_postgres::Error> {
             }
             json!({"ok": true, "rows": all})
         }
+        // One prepared statement run N times, one Bind and Execute each: how many ran, and
+        // the SQLSTATEs of those refused.
+        "repeat" => {
+            let n: usize = args[3].parse().unwrap_or(1);
+            let stmt = client.prepare(&args[2]).await?;
+            let (mut ran, mut codes) = (0, Vec::new());
+            for _ in 0..n {
+                match client.query(&stmt, &[]).await {
+                    Ok(_) => ran += 1,
+                    Err(e) => codes.push(e.code().map(|c| c.code().to_owned()).unwrap_or_default()),
+                }
+            }
+            json!({"ok": true, "ran": ran, "codes": codes})
+        }
         // Several queries in flight at once (pipelining).
         "pipeline" => {
             let (a, b, c) = tokio::join!(
@@ -180,14 +194,14 @@ mod raw {
 
     use serde_json::{Value, json};
 
-    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    pub(super) fn message(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut m = vec![tag];
         m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
         m.extend_from_slice(body);
         m
     }
 
-    fn read_message(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    pub(super) fn read_message(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
         let mut head = [0u8; 5];
         s.read_exact(&mut head)?;
         let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
@@ -197,7 +211,7 @@ mod raw {
     }
 
     /// The SQLSTATE of an ErrorResponse body.
-    fn code(body: &[u8]) -> String {
+    pub(super) fn code_of(body: &[u8]) -> String {
         body.split(|b| *b == 0)
             .find(|f| f.first() == Some(&b'C'))
             .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
@@ -206,13 +220,13 @@ mod raw {
 
     /// Reads until ReadyForQuery (or the end); returns the first error's code and the first
     /// DataRow's first column.
-    fn until_ready(s: &mut TcpStream) -> (Option<String>, Option<String>, bool) {
+    pub(super) fn until_ready(s: &mut TcpStream) -> (Option<String>, Option<String>, bool) {
         let (mut err, mut value) = (None, None);
         loop {
             match read_message(s) {
                 Ok((b'Z', _)) => return (err, value, true),
                 Ok((b'E', body)) => {
-                    err.get_or_insert(code(&body));
+                    err.get_or_insert(code_of(&body));
                 }
                 Ok((b'D', body)) if value.is_none() && body.len() >= 6 => {
                     let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
@@ -227,7 +241,7 @@ mod raw {
         }
     }
 
-    fn startup(
+    pub(super) fn startup(
         addr: &str,
         gssenc: bool,
         extra: &[&str],
@@ -309,6 +323,104 @@ mod raw {
     }
 }
 
+/// Extended-protocol batches by hand: a batch whose first Execute fails (the server skips
+/// the rest up to Sync), then one large statement executed over and over without a Sync
+/// after a failure (the gate must end the session before it holds a record per Execute).
+mod batch {
+    use std::io::Write as _;
+
+    use serde_json::{Value, json};
+
+    use super::raw::{code_of, message, read_message, startup, until_ready};
+
+    fn cstr(b: &mut Vec<u8>, s: &str) {
+        b.extend_from_slice(s.as_bytes());
+        b.push(0);
+    }
+
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, name);
+        cstr(&mut b, sql);
+        b.extend_from_slice(&0i16.to_be_bytes());
+        message(b'P', &b)
+    }
+
+    fn bind(statement: &str, params: &[&str]) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, "");
+        cstr(&mut b, statement);
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for p in params {
+            b.extend_from_slice(&(p.len() as i32).to_be_bytes());
+            b.extend_from_slice(p.as_bytes());
+        }
+        b.extend_from_slice(&0i16.to_be_bytes());
+        message(b'B', &b)
+    }
+
+    fn execute() -> Vec<u8> {
+        message(b'E', b"\0\0\0\0\0")
+    }
+
+    pub fn run(url: &str) -> std::io::Result<Value> {
+        let addr = url
+            .split('@')
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default()
+            .to_owned();
+        let (mut s, _) = startup(&addr, false, &[])?;
+        until_ready(&mut s);
+        // 10 / 0 fails; the two after it are skipped by the server.
+        let mut m = parse("div", "SELECT 10 / $1::int AS batch_div");
+        for p in ["0", "1", "2"] {
+            m.extend(bind("div", &[p]));
+            m.extend(execute());
+        }
+        m.extend(message(b'S', b""));
+        s.write_all(&m)?;
+        let (skipped_batch, _, _) = until_ready(&mut s);
+
+        // A 60 KiB statement, its first Execute failing, then 10,000 Executes and no Sync.
+        // (Those the gate took before the server's error are finished with it; at most
+        // about 4,400 fit under its 256 MiB, so the rest pass the bound whenever the error
+        // came.)
+        let (mut s, _) = startup(&addr, false, &[])?;
+        until_ready(&mut s);
+        let big = format!("SELECT 1 / $1::int /* {} */", "x".repeat(60 * 1024));
+        let mut m = parse("", &big);
+        m.extend(bind("", &["0"]));
+        for _ in 0..10_000 {
+            m.extend(execute());
+        }
+        s.write_all(&m)?;
+        let mut codes = Vec::new();
+        // How the connection ended: "eof" (closed after what it sent), "reset", or
+        // "timeout" (still open: nothing ended it).
+        let end = loop {
+            match read_message(&mut s) {
+                Ok((b'E', body)) => codes.push(code_of(&body)),
+                Ok(_) => {}
+                Err(e) => {
+                    break match e.kind() {
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => "timeout",
+                        std::io::ErrorKind::UnexpectedEof => "eof",
+                        _ => "reset",
+                    };
+                }
+            }
+        };
+        Ok(json!({
+            "ok": true,
+            "skipped_batch": skipped_batch,
+            "unsynced_codes": codes,
+            "unsynced_end": end,
+        }))
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -317,6 +429,12 @@ async fn main() {
             "usage: jitgate-pgclient extended|prepared|pipeline|execute|cancel|stream|raw URL [SQL] [ARGS...]"
         );
         std::process::exit(2);
+    }
+    if args[0] == "raw-batch" {
+        let out = batch::run(&args[1])
+            .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));
+        println!("{out}");
+        return;
     }
     if args[0] == "raw" {
         let out = raw::run(&args[1])

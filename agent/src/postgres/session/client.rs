@@ -1,6 +1,8 @@
 //! Client to server: every message judged before it is forwarded; refused statements are
 //! replaced by ones the server rejects ("poison").
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::*;
 
 pub(super) fn nonce() -> String {
@@ -101,7 +103,7 @@ impl Pump<'_> {
                 if server.write_all(&out).await.is_err() || server.flush().await.is_err() {
                     break None;
                 }
-                out.clear();
+                wire::shrink_after(&mut out);
             }
         };
         self.stop.cancel();
@@ -121,7 +123,7 @@ impl Pump<'_> {
             Frontend::Query => {
                 let mut body = frame.body.clone();
                 let text = take_cstr(&mut body).map_err(malformed)?;
-                let (verdict, rec) = self.decide(&text, "query").await;
+                let (verdict, rec) = self.decide(&text, "query", true).await;
                 match verdict {
                     Ok(analysis) => {
                         let copies = match self.copy_plans(&analysis).await {
@@ -162,9 +164,9 @@ impl Pump<'_> {
                     self.poison(None, name_in_use_error(&name), out);
                     return Ok(true);
                 }
-                let (verdict, rec) = self.decide(&text, "parse").await;
+                let (verdict, rec) = self.decide(&text, "parse", false).await;
                 // The record for a prepared statement is per Execute; keep this decision's.
-                let removed = self.lock().records.remove(&rec);
+                let removed = Self::take_record(&mut self.lock(), rec);
                 let (judged, recorded) = match removed {
                     Some(r) => {
                         let (judged, text) = Judged::of(r.record);
@@ -239,22 +241,33 @@ impl Pump<'_> {
                     pformats.push(take_i16(&mut body).map_err(malformed)?);
                 }
                 let nparams = take_i16(&mut body).map_err(malformed)?;
-                let mut params = Vec::with_capacity(nparams.max(0) as usize);
+                let mut params = Vec::with_capacity((nparams.max(0) as usize).min(64));
                 // Recorded with every execution of the portal: bounded like a statement's
-                // text, or a large parameter executed many times is copied that many times.
+                // text (every entry counts, placeholders and NULLs too), or a large Bind
+                // executed many times is copied that many times. Past the bound, one note
+                // says how many more were not recorded.
                 let mut room = MAX_RECORDED_TEXT;
+                let mut unrecorded = 0usize;
                 for i in 0..nparams.max(0) as usize {
                     let len = take_i32(&mut body).map_err(malformed)?;
-                    if len < 0 {
-                        params.push(None);
-                        continue;
-                    }
-                    if body.len() < len as usize {
+                    let raw = if len < 0 {
+                        None
+                    } else if body.len() < len as usize {
                         return Err(malformed(WireError::Malformed(
                             "bind parameter past the end",
                         )));
+                    } else {
+                        Some(body.split_to(len as usize))
+                    };
+                    if room == 0 {
+                        unrecorded += 1;
+                        continue;
                     }
-                    let raw = body.split_to(len as usize);
+                    let Some(raw) = raw else {
+                        room = room.saturating_sub(8);
+                        params.push(None);
+                        continue;
+                    };
                     let binary = match pformats.len() {
                         0 => false,
                         1 => pformats[0] == 1,
@@ -265,24 +278,24 @@ impl Pump<'_> {
                     let printable = std::str::from_utf8(&raw)
                         .ok()
                         .filter(|s| s.chars().all(|c| !c.is_control() || c == '\n' || c == '\t'));
-                    params.push(Some(if binary && printable.is_none() {
+                    let mut recorded = if binary && printable.is_none() {
                         format!("<{} bytes, binary>", raw.len())
-                    } else if room == 0 {
-                        format!(
-                            "<{} bytes, not recorded: past the recorded size>",
-                            raw.len()
-                        )
                     } else {
                         let text = String::from_utf8_lossy(&raw).into_owned();
-                        let mut recorded = match self.recorder.scan(&text, &mut |_| {}) {
+                        match self.recorder.scan(&text, &mut |_| {}) {
                             crate::inspect::mask::Outcome::Replace(s) => s.into_owned(),
                             crate::inspect::mask::Outcome::Null => "****".into(),
                             crate::inspect::mask::Outcome::Keep => text,
-                        };
-                        record::cut_recorded(&mut recorded, room);
-                        room = room.saturating_sub(recorded.len());
-                        recorded
-                    }));
+                        }
+                    };
+                    record::cut_recorded(&mut recorded, room);
+                    room = room.saturating_sub(recorded.len().max(8));
+                    params.push(Some(recorded));
+                }
+                if unrecorded > 0 {
+                    params.push(Some(format!(
+                        "<{unrecorded} more, not recorded: past the recorded size>"
+                    )));
                 }
                 let nres = take_i16(&mut body).map_err(malformed)?;
                 let mut formats = Vec::with_capacity(nres.max(0) as usize);
@@ -295,6 +308,7 @@ impl Pump<'_> {
                     formats,
                     params,
                     plan: Mutex::new(None),
+                    executed: AtomicBool::new(false),
                 });
                 st.portals.insert(portal, info);
                 st.expect.push_back(Expect::Bind);
@@ -333,6 +347,7 @@ impl Pump<'_> {
                             formats: Vec::new(),
                             params: Vec::new(),
                             plan: Mutex::new(None),
+                            executed: AtomicBool::new(false),
                         })
                     });
                 let (recorded, judged, may_copy_in) = match &info.statement {
@@ -343,6 +358,7 @@ impl Pump<'_> {
                     None => (String::new(), None, false),
                 };
                 let params = info.params.clone();
+                let params_bytes: usize = params.iter().flatten().map(String::len).sum();
                 let rec = self.new_record_recorded(recorded, Decision::Allowed, None);
                 self.update_record(rec, |r| {
                     r.params = params;
@@ -350,6 +366,41 @@ impl Pump<'_> {
                         judged.apply(r);
                     }
                 });
+                {
+                    let mut st = self.lock();
+                    if let Some(r) = st.records.get_mut(&rec) {
+                        r.bytes += params_bytes;
+                    }
+                    st.records_bytes += params_bytes;
+                    if st.records_bytes > MAX_RECORDS_IN_FLIGHT {
+                        return Err(PgError::fatal(
+                            "54000",
+                            format!(
+                                "jitgate: more than {} MiB of statements in flight on this session without an answer from the server",
+                                MAX_RECORDS_IN_FLIGHT >> 20
+                            ),
+                        )
+                        .hint("send Sync between batches of Executes; the session was ended"));
+                    }
+                }
+                // A portal runs its statement once (Executes after the first continue it, or
+                // find it done): its first Execute is when the statement runs, and takes
+                // from the grant's limits as a simple Query does. Refused, the Execute is
+                // replaced by a Parse the server rejects, under a name of its own (the
+                // client's statements stay as they are), and the server skips to Sync.
+                if !info.executed.swap(true, Ordering::Relaxed)
+                    && let Some(Verdict::Deny { rule, error }) = self.over_limits(true)
+                {
+                    info!(rule = %rule, kind = "execute", "statement refused");
+                    self.update_record(rec, |r| {
+                        r.decision = Decision::Denied;
+                        r.rule = Some(rule);
+                        r.error = Some(format!("{}: {}", error.code, error.message));
+                    });
+                    self.finish_record(rec);
+                    self.poison(Some(&nonce()), error, out);
+                    return Ok(true);
+                }
                 // A COPY TO run through Execute masks with its statement's plan.
                 let mut st = self.lock();
                 let copy_in = may_copy_in.then(|| st.copy_in.open());

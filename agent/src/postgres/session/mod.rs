@@ -69,6 +69,13 @@ use self::{client::*, pump::*, record::*, state::*};
 /// Longest statement text kept in a record.
 const MAX_RECORDED_TEXT: usize = 64 * 1024;
 
+/// Most bytes of statement records (texts and parameters) a session holds in flight. The
+/// server answers each Execute as it runs it, so only a batch the server skips (after an
+/// error, up to a Sync the client has not sent) piles records up: a hundred thousand
+/// skipped inserts take a few tens of MiB; one large statement executed over and over
+/// without a Sync is ended here rather than holding a copy per Execute.
+const MAX_RECORDS_IN_FLIGHT: usize = 256 << 20;
+
 /// Most SQL cursors tracked per session (a client declaring more loses nothing: a `FETCH`
 /// from a forgotten cursor masks every computed value).
 const MAX_CURSORS: usize = 1024;

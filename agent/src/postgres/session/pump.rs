@@ -69,8 +69,10 @@ impl Pump<'_> {
     }
 
     /// The refusal of a statement the grant's limits do not allow now: the session's result
-    /// budget is spent, or the grant (or its identity) is over its statements per second.
-    fn over_limits(&self) -> Option<Verdict> {
+    /// budget is spent, or (when `runs`: the statement is to run now, not be prepared) the
+    /// grant or its identity is over its statements per second. A statement prepared once
+    /// and run many times takes from the rate at each run (its portal's first Execute).
+    pub(super) fn over_limits(&self, runs: bool) -> Option<Verdict> {
         let limits = &self.limits;
         let spent = self.lock().budget.spent(limits);
         if let Some(passed) = spent {
@@ -79,6 +81,9 @@ impl Pump<'_> {
                 rule: format!("limit: {}", passed.key),
                 error: passed.error(self.resource),
             });
+        }
+        if !runs {
+            return None;
         }
         let rates = &self.ctx.rates;
         // Each bucket's key is built only when its limit is set (most grants set neither,
@@ -383,10 +388,13 @@ impl Pump<'_> {
     }
 
     /// Judges a statement string; returns the poison error when refused.
+    /// `runs`: a simple Query (run now), not a Parse (run by its Executes, which take from
+    /// the statement rate then).
     pub(super) async fn decide(
         &self,
         text: &str,
         rec_kind: &str,
+        runs: bool,
     ) -> (Result<Arc<Analysis>, PgError>, u32) {
         let started = Instant::now();
         let counted = |analysis: &Analysis, decision: Decision| {
@@ -406,7 +414,7 @@ impl Pump<'_> {
         if analysis.iter().any(|s| s.sets_search_path) {
             self.lock().search_path_changed = true;
         }
-        let verdict = match self.over_limits() {
+        let verdict = match self.over_limits(runs) {
             Some(denied) => denied,
             None => match self.acting_functions(&analysis).await {
                 Ok(acting) => self.judge(&analysis, &acting),

@@ -47,6 +47,8 @@ impl Pump<'_> {
         let mut st = self.lock();
         st.next_seq += 1;
         let seq = st.next_seq;
+        let bytes = recorded.len();
+        st.records_bytes += bytes;
         st.records.insert(
             seq,
             InFlight {
@@ -67,9 +69,17 @@ impl Pump<'_> {
                     masked: 0,
                 },
                 started: Instant::now(),
+                bytes,
             },
         );
         seq
+    }
+
+    /// Takes a record out of those in flight.
+    pub(super) fn take_record(st: &mut State, seq: u32) -> Option<InFlight> {
+        let r = st.records.remove(&seq)?;
+        st.records_bytes -= r.bytes;
+        Some(r)
     }
 
     pub(super) fn update_record(&self, seq: u32, f: impl FnOnce(&mut StatementRecord)) {
@@ -80,7 +90,7 @@ impl Pump<'_> {
 
     pub(super) fn finish_record(&self, seq: u32) {
         let mut st = self.lock();
-        if let Some(mut r) = st.records.remove(&seq) {
+        if let Some(mut r) = Self::take_record(&mut st, seq) {
             r.record.duration_ms =
                 Some(r.started.elapsed().as_secs_f64() * 1000.0 - r.record.held_ms as f64);
             if st.finished.capacity() == 0 {
@@ -114,6 +124,7 @@ impl Pump<'_> {
     pub(super) fn flush_records(&self) {
         let mut st = self.lock();
         let mut batch = std::mem::take(&mut st.finished);
+        st.records_bytes = 0;
         batch.extend(
             std::mem::take(&mut st.records)
                 .into_values()

@@ -232,7 +232,7 @@ impl Pump<'_> {
                 if client.write_all(&out).await.is_err() || client.flush().await.is_err() {
                     break Some((SessionOutcome::Closed, "the client went away".into()));
                 }
-                out.clear();
+                wire::shrink_after(&mut out);
             }
         };
         let _ = client.flush().await;
@@ -267,7 +267,11 @@ impl Pump<'_> {
                 if st.plans.len() >= MAX_PLANS {
                     st.plans.clear();
                 }
-                st.plans.insert(key.clone(), plan.clone());
+                // A copy: the description is a slice of the read buffer, and a key that
+                // shares it would keep the whole buffer (possibly once grown to a 256 MiB
+                // row) alive as long as the plan is cached.
+                st.plans
+                    .insert(bytes::Bytes::copy_from_slice(key), plan.clone());
             }
             plan
         };
@@ -887,7 +891,10 @@ impl Pump<'_> {
                         None
                     }
                 };
-                // The server skips the rest of an extended batch up to Sync.
+                // The server skips the rest of an extended batch up to Sync. The first
+                // Execute in it is the one that failed (or whose Bind did); those after it
+                // never ran, and are finished as such.
+                let mut skipped = Vec::new();
                 let rec = {
                     let mut st = self.lock();
                     let mut rec = None;
@@ -899,7 +906,13 @@ impl Pump<'_> {
                                     break;
                                 }
                                 match st.expect.pop_front() {
-                                    Some(Expect::Execute { rec: r, .. }) => rec = Some(r),
+                                    Some(Expect::Execute { rec: r, .. }) => {
+                                        if rec.is_none() {
+                                            rec = Some(r);
+                                        } else {
+                                            skipped.push(r);
+                                        }
+                                    }
                                     // The failed Parse, and those the server skipped after
                                     // it, never made a statement: the name is free again.
                                     Some(Expect::Parse(Some(name))) => {
@@ -945,6 +958,14 @@ impl Pump<'_> {
                     if extended {
                         self.finish_record(rec);
                     }
+                }
+                for rec in skipped {
+                    self.with_record(rec, |r| {
+                        r.error = Some(format!(
+                            "not run: an earlier message of its batch failed ({code})"
+                        ));
+                    });
+                    self.finish_record(rec);
                 }
             }
             Backend::ReadyForQuery => {

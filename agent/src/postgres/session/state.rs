@@ -177,6 +177,8 @@ pub(super) struct PortalInfo {
     /// Set by a Describe of the portal (its RowDescription carries the real formats), or
     /// on first use from its statement's plan and its result formats.
     pub(super) plan: Mutex<Option<Arc<Plan>>>,
+    /// Whether an Execute has run it (the first takes from the statement rate).
+    pub(super) executed: std::sync::atomic::AtomicBool,
 }
 
 impl PortalInfo {
@@ -204,6 +206,8 @@ impl std::fmt::Debug for PortalInfo {
 pub(super) struct InFlight {
     pub(super) record: StatementRecord,
     pub(super) started: Instant,
+    /// Its text's and parameters' bytes, counted in [`State::records_bytes`].
+    pub(super) bytes: usize,
 }
 
 #[derive(Default)]
@@ -231,6 +235,8 @@ pub(super) struct State {
     /// Statements in flight by sequence number: a handful at most, looked up for every
     /// masked row, so ordered (no hashing; drained in statement order).
     pub(super) records: std::collections::BTreeMap<u32, InFlight>,
+    /// The bytes of `records`, held under [`super::MAX_RECORDS_IN_FLIGHT`].
+    pub(super) records_bytes: usize,
     pub(super) next_seq: u32,
     pub(super) finished: Vec<StatementRecord>,
     /// The session may have changed `search_path`: the catalog connection, which keeps the
