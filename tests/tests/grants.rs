@@ -310,6 +310,57 @@ fn workloads_cannot_approve_and_nobody_approves_their_own_request() {
     assert_eq!(gate.cli(&["approve", &id]).code, 6);
 }
 
+/// Hostile: a workload holding control connections open is stopped at its cap (each past
+/// it gets one refusal line and is closed), its own CLI calls fail while it holds them, and
+/// the operators' CLI goes on working meanwhile.
+#[test]
+fn a_workload_cannot_exhaust_the_control_socket() {
+    jitgate_e2e::root_or_skip!();
+    let web = servers::http_server();
+    let echo = servers::echo_server("127.0.0.1:0");
+    let gate = Gate::start(
+        "control-flood",
+        "",
+        &body(&web.addr.to_string(), &echo.addr.to_string()),
+    );
+    let script = r#"
+import os, socket, subprocess, time
+path = os.environ["JITGATE_SOCKET"]
+held, refused = [], 0
+for _ in range(80):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    held.append(s)
+for s in held:
+    s.setblocking(False)
+pending, deadline = list(held), time.time() + 10
+while time.time() < deadline and refused < 16:
+    time.sleep(0.2)
+    for s in list(pending):
+        try:
+            if b"too many control connections" in s.recv(4096):
+                refused += 1
+                pending.remove(s)
+        except BlockingIOError:
+            pass
+time.sleep(0.5)
+own = subprocess.run(["jitgate", "status"], capture_output=True, text=True)
+print("flood", refused, own.returncode, "too many control connections" in own.stderr, flush=True)
+time.sleep(4)
+"#;
+    let mut flood = gate.spawn("bot", &[], &["python3", "-c", script]);
+    let line = flood.expect_line("flood ", Duration::from_secs(120));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields[1], "16", "80 opened, 64 admitted: {line}");
+    assert_ne!(fields[2], "0", "{line}");
+    assert_eq!(fields[3], "True", "{line}");
+    // Meanwhile, outside the gate.
+    gate.cli(&["status"]).assert_ok();
+    flood.wait(Duration::from_secs(30));
+    // Closed, the places are given back.
+    gate.run("bot", &[], &["jitgate", "status"]);
+}
+
 #[test]
 fn task_bound_grants_end_with_the_task_and_stay_in_it() {
     jitgate_e2e::root_or_skip!();

@@ -3,7 +3,13 @@
 //! [`ControlService`] and writes its answer back as one JSON line. What a call does and who
 //! may make it are the service's business, not this file's.
 
-use std::{os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
+use std::{
+    collections::HashMap,
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use tokio::{
@@ -55,6 +61,77 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Result<UnixL
     Ok(listener)
 }
 
+/// Most control connections open at once per pool (callers inside the gate, workloads, in
+/// one; everyone else in the other, so that a workload holding connections open cannot lock
+/// the operators out), and per uid within a pool. Each holds a task and up to a call's
+/// buffer ([`MAX_LINE`]).
+const MAX_CONNECTIONS: usize = 256;
+const MAX_PER_UID: usize = 64;
+
+/// A connection that sends no call for this long is closed (the CLI sends its calls one
+/// after another and closes; a call that waits, such as an approval, is not idle).
+const IDLE: Duration = Duration::from_secs(120);
+
+/// Who holds control connections now, by pool and uid.
+#[derive(Default)]
+struct Admission {
+    open: Mutex<HashMap<(bool, u32), usize>>,
+}
+
+/// One admitted connection; given back when dropped.
+struct Admitted {
+    admission: Arc<Admission>,
+    key: (bool, u32),
+}
+
+impl Admission {
+    /// Admits a connection of `caller`, or says why not.
+    fn admit(self: &Arc<Self>, caller: &Caller) -> Result<Admitted, String> {
+        let gated = caller.workload.is_some() || caller.gated_unattributed;
+        let key = (gated, caller.uid);
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let pool: usize = open
+            .iter()
+            .filter(|((g, _), _)| *g == gated)
+            .map(|(_, n)| n)
+            .sum();
+        let mine = open.get(&key).copied().unwrap_or(0);
+        if mine >= MAX_PER_UID || pool >= MAX_CONNECTIONS {
+            return Err(format!(
+                "too many control connections open ({} from uid {}, {pool} from {}; at most {MAX_PER_UID} and {MAX_CONNECTIONS}): close the idle ones and retry",
+                mine,
+                caller.uid,
+                if gated {
+                    "workloads"
+                } else {
+                    "callers outside the gate"
+                }
+            ));
+        }
+        *open.entry(key).or_default() += 1;
+        Ok(Admitted {
+            admission: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = self
+            .admission
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// Serves control connections until `shutdown`. `workloads` tells callers inside the gate
 /// apart (see [`peer::identify`]).
 pub fn serve(
@@ -65,16 +142,17 @@ pub fn serve(
     tracker: TaskTracker,
 ) {
     let inner = tracker.clone();
+    let admission = Arc::new(Admission::default());
     tracker.spawn(async move {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        let (service, workloads, shutdown) =
-                            (service.clone(), workloads.clone(), shutdown.clone());
+                        let (service, workloads, shutdown, admission) =
+                            (service.clone(), workloads.clone(), shutdown.clone(), admission.clone());
                         inner.spawn(async move {
-                            connection(stream, &service, &workloads, &shutdown).await;
+                            connection(stream, &service, &workloads, &shutdown, &admission).await;
                         });
                     }
                     Err(e) => {
@@ -92,11 +170,28 @@ async fn connection(
     service: &ControlService,
     workloads: &Workloads,
     shutdown: &CancellationToken,
+    admission: &Arc<Admission>,
 ) {
     let caller = match peer::identify(&stream, workloads) {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "cannot identify a control caller; closing");
+            return;
+        }
+    };
+    let _admitted = match admission.admit(&caller) {
+        Ok(a) => a,
+        Err(why) => {
+            warn!(
+                uid = caller.uid,
+                pid = caller.pid,
+                "control connection refused: {why}"
+            );
+            let mut stream = stream;
+            let mut out = serde_json::to_vec(&Reply::err(ErrorCode::Refused, why))
+                .unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+            out.push(b'\n');
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
             return;
         }
     };
@@ -109,9 +204,13 @@ async fn connection(
             line.clear();
             let mut limited = (&mut lines).take(MAX_LINE as u64 + 1);
             let n = tokio::select! {
-                r = limited.read_line(&mut line) => match r {
-                    Ok(n) => n,
-                    Err(_) => break,
+                r = tokio::time::timeout(IDLE, limited.read_line(&mut line)) => match r {
+                    Ok(Ok(n)) => n,
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        debug!("idle control connection closed");
+                        break;
+                    }
                 },
                 () = shutdown.cancelled() => break,
             };
@@ -208,6 +307,51 @@ async fn dispatch(service: &ControlService, caller: &Caller, call: Call) -> Repl
 mod tests {
     use super::*;
     use crate::{grants::EngineError, store::StoreError};
+
+    fn caller(uid: u32, gated: bool) -> Caller {
+        Caller {
+            uid,
+            pid: 1,
+            user: format!("u{uid}"),
+            workload: None,
+            gated_unattributed: gated,
+            person: None,
+            token: None,
+        }
+    }
+
+    /// A workload holding control connections open is stopped at its cap, and never takes
+    /// the operators' room; a connection closed gives its place back.
+    #[test]
+    fn connections_are_admitted_per_uid_and_pool() {
+        let admission = Arc::new(Admission::default());
+        let mut held: Vec<Admitted> = (0..MAX_PER_UID)
+            .map(|_| admission.admit(&caller(1000, true)).unwrap())
+            .collect();
+        let why = admission.admit(&caller(1000, true)).err().unwrap();
+        assert!(why.contains("uid 1000"), "{why}");
+        // Other uids of the pool, up to the pool's cap.
+        for uid in 1001.. {
+            match admission.admit(&caller(uid, true)) {
+                Ok(a) => held.push(a),
+                Err(why) => {
+                    assert!(why.contains("workloads"), "{why}");
+                    break;
+                }
+            }
+        }
+        assert_eq!(held.len(), MAX_CONNECTIONS);
+        // The operators' pool is untouched.
+        let root = admission.admit(&caller(0, false)).unwrap();
+        drop(root);
+        held.pop();
+        assert!(admission.admit(&caller(4242, true)).is_ok());
+        drop(held);
+        assert!(
+            admission.open.lock().unwrap().is_empty(),
+            "places given back"
+        );
+    }
 
     fn line(result: Result<(), ControlError>) -> String {
         serde_json::to_string(&reply(result)).expect("encoding")

@@ -480,7 +480,10 @@ mod tests {
             assert!(r.buf.capacity() <= KEEP_CAPACITY, "{}", r.buf.capacity());
         }
         // Its allocation is not the large one's (which could be taken back for 4 MiB).
-        assert!(!r.buf.try_reclaim(4 << 20), "the reader still holds the large allocation");
+        assert!(
+            !r.buf.try_reclaim(4 << 20),
+            "the reader still holds the large allocation"
+        );
         writer.await.unwrap().unwrap();
         let mut out = BytesMut::with_capacity(4 << 20);
         out.put_slice(b"sent");
