@@ -248,6 +248,66 @@ fn kubectl_through_the_gate() {
         replay.stdout.contains("Success"),
         "the exit status is recorded: {replay:#?}"
     );
+
+    // Hostile: with nowhere to record it (the recordings directory replaced by a file), an
+    // exec is refused with 503 before it reaches the cluster.
+    let recordings = std::path::Path::new(&recorded)
+        .parent()
+        .expect("recordings directory")
+        .to_owned();
+    let aside = recordings.with_extension("aside");
+    std::fs::rename(&recordings, &aside).expect("moving the recordings aside");
+    std::fs::write(&recordings, b"not a directory").expect("a file in its place");
+    let execs_before = upstream
+        .received()
+        .iter()
+        .filter(|r| r.target.contains("/exec"))
+        .count();
+    let mut exec = gate.spawn(
+        "agent",
+        &["--grant", "cluster:write"],
+        &[
+            "kubectl",
+            "--cache-dir",
+            "/tmp/jitgate-e2e-kube-cache",
+            "exec",
+            "web-2",
+            "-n",
+            "dev",
+            "--",
+            "echo",
+            "unrecorded",
+        ],
+    );
+    // kubectl tries WebSocket, then (refused) SPDY: each is its own request, held and
+    // approved, and each is refused the same way.
+    for _ in 0..2 {
+        let request = gate.pending_request();
+        gate.cli(&["approve", request["id"].as_str().unwrap()])
+            .assert_ok();
+    }
+    assert_ne!(exec.wait(Duration::from_secs(20)), 0, "{:?}", exec.seen);
+    assert!(
+        exec.seen.iter().any(|l| l.contains("cannot be recorded")),
+        "{:?}",
+        exec.seen
+    );
+    assert!(
+        !exec.seen.iter().any(|l| l.contains("ran: echo unrecorded")),
+        "{:?}",
+        exec.seen
+    );
+    assert_eq!(
+        upstream
+            .received()
+            .iter()
+            .filter(|r| r.target.contains("/exec"))
+            .count(),
+        execs_before,
+        "an unrecordable exec reached the cluster"
+    );
+    std::fs::remove_file(&recordings).expect("removing the file");
+    std::fs::rename(&aside, &recordings).expect("restoring the recordings");
     assert!(
         upstream
             .received()

@@ -22,6 +22,12 @@ use serde_json::json;
 /// Largest frame payload the recorder keeps.
 pub const MAX_RECORDED_FRAME: usize = 1 << 20;
 
+/// Largest recording of one stream. Past it (or once a write fails: the disk full) the
+/// recording ends with a note and the stream is closed: what passes must be recorded, and a
+/// workload streaming output without end must not fill the state directory's disk (where
+/// the statement records live too).
+pub const MAX_RECORDING: u64 = 256 << 20;
+
 /// Incremental WebSocket frame reader for one direction.
 #[derive(Default)]
 pub struct Frames {
@@ -116,6 +122,11 @@ pub struct Cast {
     out: BufWriter<fs::File>,
     started: Instant,
     pub path: PathBuf,
+    /// Bytes written so far, against `limit`.
+    written: u64,
+    limit: u64,
+    /// Why the recording ended early, once it has: the stream is closed then.
+    ended: Option<String>,
 }
 
 /// Shared by the two directions of one stream.
@@ -142,17 +153,55 @@ impl Cast {
             "title": title,
         });
         writeln!(out, "{header}")?;
+        out.flush()?;
         Ok(Self {
             out,
             started: Instant::now(),
             path,
+            written: 0,
+            limit: MAX_RECORDING,
+            ended: None,
         })
     }
 
+    /// A recording ending at `limit` bytes instead of [`MAX_RECORDING`].
+    pub fn with_limit(mut self, limit: u64) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Why the recording ended early, if it has (the stream must then be closed).
+    pub fn ended(&self) -> Option<&str> {
+        self.ended.as_deref()
+    }
+
     fn event(&mut self, kind: &str, data: &[u8]) {
+        if self.ended.is_some() {
+            return;
+        }
         let t = self.started.elapsed().as_secs_f64();
-        let line = json!([(t * 1e6).round() / 1e6, kind, String::from_utf8_lossy(data)]);
-        let _ = writeln!(self.out, "{line}");
+        let line =
+            json!([(t * 1e6).round() / 1e6, kind, String::from_utf8_lossy(data)]).to_string();
+        if self.written + line.len() as u64 + 1 > self.limit {
+            self.end(format!(
+                "the recording reached its {} MiB limit",
+                self.limit >> 20
+            ));
+            return;
+        }
+        self.written += line.len() as u64 + 1;
+        if let Err(e) = writeln!(self.out, "{line}") {
+            self.ended = Some(format!("writing the recording failed: {e}"));
+        }
+    }
+
+    /// Ends the recording early with a last event saying why (if it can still be written).
+    fn end(&mut self, why: String) {
+        let t = self.started.elapsed().as_secs_f64();
+        let note = format!("\r\n[recording ended: {why}; the stream was closed]\r\n");
+        let _ = writeln!(self.out, "{}", json!([(t * 1e6).round() / 1e6, "o", note]));
+        let _ = self.out.flush();
+        self.ended = Some(why);
     }
 
     /// Records the frames of one direction (`from_client`: stdin; else stdout, stderr,
@@ -188,18 +237,27 @@ impl Cast {
     }
 
     pub fn flush(&mut self) {
-        let _ = self.out.flush();
+        if let Err(e) = self.out.flush()
+            && self.ended.is_none()
+        {
+            self.ended = Some(format!("writing the recording failed: {e}"));
+        }
     }
 }
 
 /// Records through a shared cast (poisoned locks are recovered: a recording is best kept).
-pub fn record(cast: &SharedCast, from_client: bool, frames: Vec<Frame>) {
-    if frames.is_empty() {
-        return;
-    }
+/// `Err` with why once the recording has ended early: the stream must be closed, since what
+/// passed from then on would not be recorded.
+pub fn record(cast: &SharedCast, from_client: bool, frames: Vec<Frame>) -> Result<(), String> {
     let mut c = cast.lock().unwrap_or_else(PoisonError::into_inner);
-    c.frames(from_client, frames);
-    c.flush();
+    if !frames.is_empty() {
+        c.frames(from_client, frames);
+        c.flush();
+    }
+    match c.ended() {
+        Some(why) => Err(why.to_owned()),
+        None => Ok(()),
+    }
 }
 
 /// Replays a recording's output to `out`, waiting between events (divided by `speed`; 0: no
@@ -337,5 +395,49 @@ mod tests {
         assert_eq!(String::from_utf8(out).unwrap(), "root\n");
         let text = std::fs::read_to_string(&cast.path).unwrap();
         assert!(text.contains("\"i\",\"whoami\\n\""), "{text}");
+    }
+
+    /// Output without end: the recording stops at its limit with a note saying so, and from
+    /// then on every chunk is refused (the relay closes the stream), in both directions.
+    #[test]
+    fn a_recording_at_its_limit_ends_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let cast = Cast::create(dir.path(), "s-1-1", "exec")
+            .unwrap()
+            .with_limit(64 * 1024);
+        let path = cast.path.clone();
+        let shared: SharedCast = Arc::new(Mutex::new(cast));
+        let out = |text: &str| {
+            let mut payload = vec![1u8];
+            payload.extend_from_slice(text.as_bytes());
+            vec![Frame::Data { opcode: 2, payload }]
+        };
+        let mut ok = 0;
+        let why = loop {
+            match record(&shared, false, out(&"y".repeat(1000))) {
+                Ok(()) => ok += 1,
+                Err(why) => break why,
+            }
+            assert!(ok < 1000, "never ended");
+        };
+        assert!(why.contains("limit"), "{why}");
+        assert!((60..66).contains(&ok), "{ok}");
+        // Stdin after that is refused too, and nothing more is written.
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(record(&shared, true, client_frames(b"\x00rm -rf /\n")).is_err());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.lines().last().unwrap().contains("recording ended"),
+            "{text:.200}"
+        );
+        assert!(size < 64 * 1024 + 512, "{size}");
+    }
+
+    fn client_frames(payload: &[u8]) -> Vec<Frame> {
+        vec![Frame::Data {
+            opcode: 2,
+            payload: payload.to_vec(),
+        }]
     }
 }

@@ -920,6 +920,26 @@ impl Ctx<'_> {
                 .headers
                 .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         }
+        // An exec or attach stream is recorded from its first byte, or not opened at all: its
+        // recording is started before the request goes upstream, so one that cannot be
+        // (the state directory unwritable, the disk full) never reaches the cluster.
+        let mut recording = match kube
+            .filter(|k| upgrade.is_some() && matches!(k.verb.as_str(), "exec" | "attach"))
+        {
+            Some(k) => Some(self.start_recording(seq, &k.describe()).map_err(|e| Refusal {
+                status: 503,
+                error: format!(
+                    "the {} stream cannot be recorded, so it is not opened: {e}",
+                    k.verb
+                ),
+                rule: None,
+                hint: Some(
+                    "the agent's state directory (recordings/) must be writable; see the agent's log"
+                        .into(),
+                ),
+            })?),
+            None => None,
+        };
         let request = Request::from_parts(
             parts,
             Tapped::new(
@@ -973,9 +993,7 @@ impl Ctx<'_> {
             let counters = self.counters.clone();
             let scrubber = secret.as_deref().and_then(Scrubber::new);
             let session = self.session_id.clone();
-            let recording = kube
-                .filter(|k| matches!(k.verb.as_str(), "exec" | "attach"))
-                .and_then(|k| self.start_recording(seq, &k.describe()));
+            let recording = recording.take();
             if let Some((_, path)) = &recording {
                 recorded = Some(path.clone());
             }
@@ -1002,6 +1020,10 @@ impl Ctx<'_> {
                 0,
                 recorded,
             ));
+        }
+        if let Some((_, path)) = recording.take() {
+            // Started for a stream the upstream did not open: nothing to keep.
+            let _ = std::fs::remove_file(&path);
         }
         let (mut parts, incoming) = response.into_parts();
         // A transfer coding other than chunked (`Transfer-Encoding: gzip, chunked`) reaches
@@ -1220,7 +1242,7 @@ impl Ctx<'_> {
         &self,
         seq: u32,
         title: &str,
-    ) -> Option<(cast::SharedCast, std::path::PathBuf)> {
+    ) -> Result<(cast::SharedCast, std::path::PathBuf), String> {
         let dir = self
             .services
             .config
@@ -1231,11 +1253,11 @@ impl Ctx<'_> {
         match cast::Cast::create(&dir, &format!("{}-{seq}", self.session_id), title) {
             Ok(c) => {
                 let path = c.path.clone();
-                Some((Arc::new(std::sync::Mutex::new(c)), path))
+                Ok((Arc::new(std::sync::Mutex::new(c)), path))
             }
             Err(e) => {
-                warn!(session = %self.session_id, error = %e, "cannot record the exec stream");
-                None
+                warn!(session = %self.session_id, error = %e, "cannot record the exec stream: refused");
+                Err(e.to_string())
             }
         }
     }

@@ -111,8 +111,8 @@ pub async fn relay(
         scrubber,
         recording.map(|c| (c, false)),
     );
-    let (a, b) = tokio::join!(up, down);
-    a.and(b)
+    // The first to fail ends both (a recording that ended closes the stream both ways).
+    tokio::try_join!(up, down).map(|_| ())
 }
 
 async fn pump<R, W>(
@@ -128,18 +128,20 @@ where
 {
     let mut buf = vec![0u8; 16 * 1024];
     let mut frames = Frames::default();
-    let mut forward = |bytes: &[u8]| {
-        // What is recorded is what the other side receives (scrubbed).
+    let mut forward = |bytes: &[u8]| -> io::Result<()> {
+        // What is recorded is what the other side receives (scrubbed); nothing passes that
+        // cannot be.
         if let Some((cast, from_client)) = &recording {
-            cast::record(cast, *from_client, frames.push(bytes));
+            cast::record(cast, *from_client, frames.push(bytes)).map_err(io::Error::other)?;
         }
+        Ok(())
     };
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
             if let Some(s) = scrubber.as_mut() {
                 let tail = s.finish();
-                forward(&tail);
+                forward(&tail)?;
                 to.write_all(&tail).await?;
             }
             to.flush().await?;
@@ -148,12 +150,12 @@ where
         counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         match scrubber.as_mut() {
             None => {
-                forward(&buf[..n]);
+                forward(&buf[..n])?;
                 to.write_all(&buf[..n]).await?;
             }
             Some(s) => {
                 let out = s.push(&buf[..n]);
-                forward(&out);
+                forward(&out)?;
                 to.write_all(&out).await?;
             }
         }
