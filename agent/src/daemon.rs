@@ -588,6 +588,7 @@ pub async fn run(config: Config, worker_threads: usize) -> anyhow::Result<()> {
             config.daemon.limits.buffer_budget,
             config.daemon.limits.buffer_share,
         ),
+        holds: crate::protocol::hold::Holds::default(),
     });
     let proxy_ctx = Arc::new(ProxyContext {
         attributor: Arc::new(Kernel {

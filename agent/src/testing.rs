@@ -246,6 +246,7 @@ approvers = ["root"]
             refusals: crate::refusals::ProxyRefusals::default(),
             rates: crate::protocol::rate::Rates::default(),
             buffers,
+            holds: crate::protocol::hold::Holds::default(),
         });
         let ctx = Arc::new(ProxyContext {
             attributor: Arc::new(Fake {

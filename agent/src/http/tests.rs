@@ -745,6 +745,69 @@ async fn an_http2_stream_reset_while_held_lapses_its_request() {
     .expect("the abandoned request lapses");
 }
 
+/// Hostile: holds are bounded per identity over every session (each session within its own
+/// cap), and a wait dropped half way (a reset HTTP/2 stream) keeps its place until its
+/// request has lapsed: a client cannot cycle holds faster than they are written and lapsed,
+/// nor flood the approvers.
+#[tokio::test]
+async fn holds_are_bounded_per_identity_until_their_requests_lapse() {
+    use crate::protocol::hold::{Hold, HoldOutcome, MAX_HOLDS_PER_IDENTITY, hold};
+    let (h, _dir) =
+        harness("[[resource.rule]]\npaths = [\"/held/**\"]\naction = \"approve\"\n").await;
+    h.grant().await;
+    let services = h.ctx.services.clone();
+    let who = crate::identity::Attribution {
+        identity: "bot".into(),
+        task: None,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let held_one = |i: usize| {
+        let (services, who, stop) = (services.clone(), who.clone(), stop.clone());
+        tokio::spawn(async move {
+            hold(
+                &services,
+                &who,
+                65534,
+                "svc",
+                crate::config::Access::Read,
+                &format!("s-{i}"),
+                Hold {
+                    text: &format!("GET /held/{i}"),
+                    rule: "rule 1",
+                    reason: "held",
+                    timeout: Duration::from_secs(60),
+                },
+                &stop,
+            )
+            .await
+        })
+    };
+    let waits: Vec<_> = (0..MAX_HOLDS_PER_IDENTITY).map(held_one).collect();
+    assert_eq!(
+        pending(&h, MAX_HOLDS_PER_IDENTITY).await.len(),
+        MAX_HOLDS_PER_IDENTITY
+    );
+    let over = held_one(99).await.expect("join");
+    match over.outcome {
+        HoldOutcome::NotFiled(why) => assert!(why.contains("already wait"), "{why}"),
+        other => panic!("not refused: {other:?}"),
+    }
+    // Dropped half way (the client went away): the places come back only as the requests
+    // lapse, and then all of them.
+    for w in &waits {
+        w.abort();
+    }
+    let holds = services.holds.clone();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while holds.in_progress("bot") != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the places are given back");
+    assert_eq!(services.store.count_pending().await.expect("count"), 0);
+}
+
 /// POSTs `body` to `uri` on an HTTP/2 connection.
 async fn h2_post(
     sender: &hyper::client::conn::http2::SendRequest<Full<Bytes>>,

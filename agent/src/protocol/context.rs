@@ -44,6 +44,8 @@ pub struct Services {
     pub rates: crate::protocol::rate::Rates,
     /// Memory held on workloads' behalf (bodies read whole), agent-wide.
     pub buffers: crate::protocol::buffers::Buffers,
+    /// Approval holds in progress, per identity.
+    pub holds: crate::protocol::hold::Holds,
 }
 
 /// One session as its protocol sees it: attributed, routed, not yet granted.

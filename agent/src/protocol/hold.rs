@@ -2,7 +2,11 @@
 //! SSH command tomorrow): file a request an approver sees, wait for the decision, and lapse
 //! the request when the wait ends undecided, so that approving it later runs nothing.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -47,6 +51,70 @@ pub struct Held {
     pub waited: Duration,
 }
 
+/// Most holds of one identity in progress at once, over every session and protocol: from
+/// filing until the request is decided or has lapsed, however the wait ended (a client that
+/// resets an HTTP/2 stream leaves its filing and lapse running; counted until they are
+/// done). Each is a request approvers see and two store writes.
+pub const MAX_HOLDS_PER_IDENTITY: usize = 32;
+
+/// Holds in progress, by identity.
+#[derive(Default, Clone)]
+pub struct Holds(Arc<Mutex<HashMap<String, usize>>>);
+
+/// One hold in progress; shared by the work it leaves behind (filing, lapsing), and given
+/// back when the last of it is done.
+#[derive(Clone)]
+struct Ticket {
+    /// Held for its drop: the last clone gives the place back.
+    _held: Arc<TicketInner>,
+}
+
+struct TicketInner {
+    holds: Holds,
+    identity: String,
+}
+
+impl Holds {
+    fn admit(&self, identity: &str) -> Result<Ticket, String> {
+        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = open.entry(identity.to_owned()).or_default();
+        if *n >= MAX_HOLDS_PER_IDENTITY {
+            return Err(format!(
+                "{MAX_HOLDS_PER_IDENTITY} actions of {identity} already wait for approval (or for their requests to lapse); wait for their decisions, then retry"
+            ));
+        }
+        *n += 1;
+        Ok(Ticket {
+            _held: Arc::new(TicketInner {
+                holds: self.clone(),
+                identity: identity.to_owned(),
+            }),
+        })
+    }
+
+    /// Holds of `identity` in progress.
+    pub fn in_progress(&self, identity: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(identity)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for TicketInner {
+    fn drop(&mut self) {
+        let mut open = self.holds.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.identity) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.identity);
+            }
+        }
+    }
+}
+
 /// Files a request for `what`, waits for its decision, lapses it when undecided.
 #[allow(clippy::too_many_arguments)]
 pub async fn hold(
@@ -59,10 +127,20 @@ pub async fn hold(
     what: Hold<'_>,
     stop: &CancellationToken,
 ) -> Held {
+    let ticket = match services.holds.admit(&who.identity) {
+        Ok(t) => t,
+        Err(e) => {
+            return Held {
+                outcome: HoldOutcome::NotFiled(e),
+                waited: Duration::ZERO,
+            };
+        }
+    };
     // Filed from a task of its own: a wait dropped while the store writes the request
     // still lapses it once written (see [`Filing`]).
     let mut filing = Filing {
         engine: services.engine.clone(),
+        ticket: ticket.clone(),
         handle: Some(tokio::spawn({
             let engine = services.engine.clone();
             let who = who.clone();
@@ -105,6 +183,7 @@ pub async fn hold(
     let mut guard = LapseOnDrop {
         engine: Some(services.engine.clone()),
         request: request.id.clone(),
+        ticket: ticket.clone(),
     };
     let waited = tokio::select! {
         r = services.engine.wait(&request.id, what.timeout) => r,
@@ -155,6 +234,8 @@ struct LapseOnDrop {
     /// `None` once the wait has ended and its own code decided the request's fate.
     engine: Option<crate::grants::GrantEngine>,
     request: String,
+    /// Held until the lapse is written.
+    ticket: Ticket,
 }
 
 impl Drop for LapseOnDrop {
@@ -163,8 +244,10 @@ impl Drop for LapseOnDrop {
             return;
         };
         let request = std::mem::take(&mut self.request);
+        let ticket = self.ticket.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
+                let _ticket = ticket;
                 if let Err(e) = engine
                     .lapse(&request, "the client went away while it waited")
                     .await
@@ -180,6 +263,8 @@ impl Drop for LapseOnDrop {
 /// it lapses the request once the task has written it.
 struct Filing {
     engine: crate::grants::GrantEngine,
+    /// Held until the request is written and lapsed.
+    ticket: Ticket,
     handle: Option<tokio::task::JoinHandle<Result<crate::model::Request, String>>>,
 }
 
@@ -189,8 +274,10 @@ impl Drop for Filing {
             return;
         };
         let engine = self.engine.clone();
+        let ticket = self.ticket.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
+                let _ticket = ticket;
                 if let Ok(Ok(request)) = handle.await
                     && let Err(e) = engine
                         .lapse(&request.id, "the client went away while it waited")
