@@ -187,11 +187,18 @@ async fn connection(
                 pid = caller.pid,
                 "control connection refused: {why}"
             );
-            let mut stream = stream;
             let mut out = serde_json::to_vec(&Reply::err(ErrorCode::Refused, why))
                 .unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
             out.push(b'\n');
-            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+            // The refusal answers the first call (a client that has sent one reads its
+            // answer, rather than finding the connection closed under its write), or is
+            // sent after a second if none comes.
+            let (read, mut write) = stream.into_split();
+            let mut first = String::new();
+            let mut limited = BufReader::new(read).take(MAX_LINE as u64 + 1);
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), limited.read_line(&mut first)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), write.write_all(&out)).await;
             return;
         }
     };
