@@ -187,13 +187,23 @@ impl Effects {
         if entry.len() + asked.len() > MAX_NAMES {
             entry.clear();
         }
+        // Looked up, not scanned per name: a statement naming many functions must not cost
+        // their count times the catalog's rows.
+        let acts_by_name: std::collections::HashSet<&str> = rows
+            .iter()
+            .filter(|(_, acts)| *acts)
+            .map(|(n, _)| n.as_str())
+            .collect();
         let mut acting = BTreeSet::new();
         for name in asked {
-            let acts = rows.iter().any(|(n, acts)| n == name && *acts);
+            let acts = acts_by_name.contains(name.as_str());
             if acts {
                 acting.insert(name.clone());
             }
-            entry.insert(name.clone(), (acts, now));
+            // Remembered up to the bound (one statement can name more than it).
+            if entry.len() < MAX_NAMES || entry.contains_key(name) {
+                entry.insert(name.clone(), (acts, now));
+            }
         }
         acting
     }
@@ -241,6 +251,24 @@ mod tests {
                 .unknown
                 .is_empty()
         );
+    }
+
+    /// One statement naming more functions than are remembered: each is answered from the
+    /// catalog's rows, and what is remembered stays within the bound.
+    #[test]
+    fn a_statement_naming_many_functions_is_answered_and_bounded() {
+        let effects = Effects::default();
+        let asked: Vec<String> = (0..MAX_NAMES + 5000).map(|i| format!("f{i}")).collect();
+        let rows: Vec<(String, bool)> = asked
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i % 2 == 0))
+            .collect();
+        let acting = effects.learn("db", "app", &asked, &rows);
+        assert_eq!(acting.len(), asked.len().div_ceil(2));
+        assert!(acting.contains("f0") && !acting.contains("f1"));
+        let known = effects.known.lock().unwrap();
+        assert!(known.values().all(|e| e.len() <= MAX_NAMES));
     }
 
     #[test]

@@ -303,13 +303,16 @@ impl Pump<'_> {
                     formats.push(take_i16(&mut body).map_err(malformed)?);
                 }
                 let mut st = self.lock();
+                let cycle = st.cycles_sent;
                 let info = Arc::new(PortalInfo {
                     statement: st.statements.get(&statement).cloned(),
                     formats,
                     params,
                     plan: Mutex::new(None),
                     executed: AtomicBool::new(false),
+                    cycle,
                 });
+                st.portal_cycles.push_back((cycle, portal.clone()));
                 st.portals.insert(portal, info);
                 st.expect.push_back(Expect::Bind);
                 frame.write(out);
@@ -348,6 +351,7 @@ impl Pump<'_> {
                             params: Vec::new(),
                             plan: Mutex::new(None),
                             executed: AtomicBool::new(false),
+                            cycle: u64::MAX,
                         })
                     });
                 let (recorded, judged, may_copy_in) = match &info.statement {

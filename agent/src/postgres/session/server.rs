@@ -996,6 +996,9 @@ impl Pump<'_> {
                     while st.poisons.front().is_some_and(|p| p.cycle < done) {
                         st.poisons.pop_front();
                     }
+                    if status == b'I' {
+                        st.forget_portals_before(done);
+                    }
                     st.current = None;
                     st.copy = None;
                     let _ = status;

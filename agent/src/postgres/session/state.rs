@@ -179,6 +179,8 @@ pub(super) struct PortalInfo {
     pub(super) plan: Mutex<Option<Arc<Plan>>>,
     /// Whether an Execute has run it (the first takes from the statement rate).
     pub(super) executed: std::sync::atomic::AtomicBool,
+    /// The cycle its Bind was sent in (see [`State::portal_cycles`]).
+    pub(super) cycle: u64,
 }
 
 impl PortalInfo {
@@ -222,6 +224,11 @@ pub(super) struct State {
     pub(super) cycles_done: u64,
     pub(super) statements: HashMap<String, Stmt>,
     pub(super) portals: HashMap<String, Portal>,
+    /// Portals by the cycle (Sync or Query) their Bind was sent in, oldest first: once the
+    /// server is idle (ReadyForQuery `I`: no transaction), those of the cycles it has
+    /// finished are gone on its side, and go here too (else a session binding portals of
+    /// new names without end grows without end).
+    pub(super) portal_cycles: VecDeque<(u64, String)>,
     pub(super) sql_prepared: HashMap<String, Statement>,
     pub(super) parse_mode: ParseMode,
     /// The simple-protocol result in progress.
@@ -260,9 +267,69 @@ impl State {
         self.sql_prepared.remove(name);
     }
 
+    /// Forgets the portals bound before cycle `done` (the server, idle, has dropped them),
+    /// those bound again since excepted.
+    pub(super) fn forget_portals_before(&mut self, done: u64) {
+        while let Some((cycle, _)) = self.portal_cycles.front() {
+            if *cycle >= done {
+                break;
+            }
+            let Some((cycle, name)) = self.portal_cycles.pop_front() else {
+                break;
+            };
+            if self.portals.get(&name).is_some_and(|p| p.cycle == cycle) {
+                self.portals.remove(&name);
+            }
+        }
+    }
+
     /// `DEALLOCATE ALL` or `DISCARD ALL`: every named one goes, the unnamed one stays.
     pub(super) fn forget_all_prepared(&mut self) {
         self.sql_prepared.clear();
         self.statements.retain(|name, _| name.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bind(st: &mut State, name: &str) {
+        let cycle = st.cycles_sent;
+        st.portal_cycles.push_back((cycle, name.to_owned()));
+        st.portals.insert(
+            name.to_owned(),
+            Arc::new(PortalInfo {
+                statement: None,
+                formats: Vec::new(),
+                params: Vec::new(),
+                plan: Mutex::new(None),
+                executed: std::sync::atomic::AtomicBool::new(false),
+                cycle,
+            }),
+        );
+    }
+
+    /// The server drops its portals when idle; so does the gate, those of finished cycles
+    /// only (a pipeline's later Binds stay), a name bound again in a later cycle kept.
+    #[test]
+    fn portals_go_with_the_cycles_that_bound_them() {
+        let mut st = State::default();
+        for i in 0..10_000 {
+            bind(&mut st, &format!("p{i}"));
+            st.cycles_sent += 1;
+        }
+        bind(&mut st, "again");
+        st.cycles_sent += 1;
+        bind(&mut st, "again");
+        bind(&mut st, "later");
+        // The server answered the first 10,001 cycles and is idle.
+        st.forget_portals_before(10_001);
+        let mut left: Vec<&str> = st.portals.keys().map(String::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["again", "later"]);
+        assert_eq!(st.portal_cycles.len(), 2);
+        st.forget_portals_before(10_002);
+        assert!(st.portals.is_empty() && st.portal_cycles.is_empty());
     }
 }
