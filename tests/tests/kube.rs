@@ -45,6 +45,26 @@ fn kubectl(gate: &Gate, grant: Option<&str>, args: &[&str]) -> Ran {
     gate.run("agent", &grant_args, &cmd)
 }
 
+/// `kubectl exec web-2 -n dev -- echo WORD` under a write grant, not waited for.
+fn kubectl_exec(gate: &Gate, word: &str) -> jitgate_e2e::Workload {
+    gate.spawn(
+        "agent",
+        &["--grant", "cluster:write"],
+        &[
+            "kubectl",
+            "--cache-dir",
+            "/tmp/jitgate-e2e-kube-cache",
+            "exec",
+            "web-2",
+            "-n",
+            "dev",
+            "--",
+            "echo",
+            word,
+        ],
+    )
+}
+
 #[test]
 fn kubectl_through_the_gate() {
     jitgate_e2e::root_or_skip!();
@@ -198,22 +218,7 @@ fn kubectl_through_the_gate() {
     );
     assert_ne!(ran.code, 0);
     assert!(ran.stderr.contains("--access write"), "{ran:#?}");
-    let mut exec = gate.spawn(
-        "agent",
-        &["--grant", "cluster:write"],
-        &[
-            "kubectl",
-            "--cache-dir",
-            "/tmp/jitgate-e2e-kube-cache",
-            "exec",
-            "web-2",
-            "-n",
-            "dev",
-            "--",
-            "echo",
-            "hi",
-        ],
-    );
+    let mut exec = kubectl_exec(&gate, "hi");
     let request = gate.pending_request();
     assert!(request.to_string().contains("exec"), "{request}");
     assert!(
@@ -263,22 +268,7 @@ fn kubectl_through_the_gate() {
         .iter()
         .filter(|r| r.target.contains("/exec"))
         .count();
-    let mut exec = gate.spawn(
-        "agent",
-        &["--grant", "cluster:write"],
-        &[
-            "kubectl",
-            "--cache-dir",
-            "/tmp/jitgate-e2e-kube-cache",
-            "exec",
-            "web-2",
-            "-n",
-            "dev",
-            "--",
-            "echo",
-            "unrecorded",
-        ],
-    );
+    let mut exec = kubectl_exec(&gate, "unrecorded");
     // kubectl tries WebSocket, then (refused) SPDY: each is its own request, held and
     // approved, and each is refused the same way.
     for _ in 0..2 {

@@ -270,14 +270,17 @@ mod raw {
         Ok((s, answer))
     }
 
-    pub fn run(url: &str) -> std::io::Result<Value> {
-        // postgres://user:password@host:port/db
-        let addr = url
-            .split('@')
+    /// `host:port` of `postgres://user:password@host:port/db`.
+    pub(super) fn addr_of(url: &str) -> String {
+        url.split('@')
             .nth(1)
             .and_then(|rest| rest.split('/').next())
             .unwrap_or_default()
-            .to_owned();
+            .to_owned()
+    }
+
+    pub fn run(url: &str) -> std::io::Result<Value> {
+        let addr = addr_of(url);
         let (mut s, gss) = startup(&addr, true, &[])?;
         let (login_error, _, ready) = until_ready(&mut s);
         // FunctionCall: function OID 2 (any), no argument formats, no arguments, text result.
@@ -331,7 +334,7 @@ mod batch {
 
     use serde_json::{Value, json};
 
-    use super::raw::{code_of, message, read_message, startup, until_ready};
+    use super::raw::{addr_of, code_of, message, read_message, startup, until_ready};
 
     fn cstr(b: &mut Vec<u8>, s: &str) {
         b.extend_from_slice(s.as_bytes());
@@ -365,12 +368,7 @@ mod batch {
     }
 
     pub fn run(url: &str) -> std::io::Result<Value> {
-        let addr = url
-            .split('@')
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or_default()
-            .to_owned();
+        let addr = addr_of(url);
         let (mut s, _) = startup(&addr, false, &[])?;
         until_ready(&mut s);
         // 10 / 0 fails; the two after it are skipped by the server.
