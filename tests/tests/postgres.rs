@@ -902,8 +902,15 @@ fn skipped_executes_are_recorded_and_unsynced_ones_bounded() {
             "{r}"
         );
     }
-    // Every session shows, the one that recorded hundreds of MiB a page at a time.
+    // Ended by the bound, not by anything else (a reset alone could be a crash).
     let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    assert!(
+        sessions.as_array().unwrap().iter().any(|s| s["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("statements in flight"))),
+        "{sessions}"
+    );
+    // Every session shows, the one that recorded hundreds of MiB a page at a time.
     let details: Vec<Value> = sessions
         .as_array()
         .unwrap()

@@ -72,10 +72,15 @@ const MAX_PER_UID: usize = 64;
 /// after another and closes; a call that waits, such as an approval, is not idle).
 const IDLE: Duration = Duration::from_secs(120);
 
+/// Refused connections answered at once (each waits up to a second for its call); past
+/// this a refused connection is closed without an answer.
+const MAX_REFUSING: usize = 64;
+
 /// Who holds control connections now, by pool and uid.
 #[derive(Default)]
 struct Admission {
     open: Mutex<HashMap<(bool, u32), usize>>,
+    refusing: std::sync::atomic::AtomicUsize,
 }
 
 /// One admitted connection; given back when dropped.
@@ -187,18 +192,23 @@ async fn connection(
                 pid = caller.pid,
                 "control connection refused: {why}"
             );
+            use std::sync::atomic::Ordering;
+            if admission.refusing.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSING {
+                admission.refusing.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
             let mut out = serde_json::to_vec(&Reply::err(ErrorCode::Refused, why))
                 .unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
             out.push(b'\n');
             // The refusal answers the first call (a client that has sent one reads its
             // answer, rather than finding the connection closed under its write), or is
-            // sent after a second if none comes.
-            let (read, mut write) = stream.into_split();
-            let mut first = String::new();
-            let mut limited = BufReader::new(read).take(MAX_LINE as u64 + 1);
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), limited.read_line(&mut first)).await;
+            // sent after a second if none comes. What is read is thrown away, 4 KiB at most
+            // (a CLI call is far shorter).
+            let (mut read, mut write) = stream.into_split();
+            let mut first = [0u8; 4096];
+            let _ = tokio::time::timeout(Duration::from_secs(1), read.read(&mut first)).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), write.write_all(&out)).await;
+            admission.refusing.fetch_sub(1, Ordering::SeqCst);
             return;
         }
     };

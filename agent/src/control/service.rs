@@ -402,8 +402,10 @@ impl ControlService {
     }
 }
 
-/// Most bytes of statements (texts and parameters) one page of a session carries.
-pub const SESSION_PAGE_BYTES: usize = 16 << 20;
+/// Most bytes of statements (texts and parameters) one page of a session carries: as JSON
+/// a control character takes six, so a page stays under the control socket's 64 MiB reply
+/// however its text is made.
+pub const SESSION_PAGE_BYTES: usize = 8 << 20;
 
 /// The statements from sequence number `from` on, up to [`SESSION_PAGE_BYTES`] of them (at
 /// least one), and where the next page starts when they were cut.

@@ -940,6 +940,8 @@ impl Ctx<'_> {
             })?),
             None => None,
         };
+        // Removed unless its stream opens (the upstream may fail or refuse the upgrade).
+        let mut unused_recording = RemoveOnDrop(recording.as_ref().map(|(_, p)| p.clone()));
         let request = Request::from_parts(
             parts,
             Tapped::new(
@@ -994,6 +996,7 @@ impl Ctx<'_> {
             let scrubber = secret.as_deref().and_then(Scrubber::new);
             let session = self.session_id.clone();
             let recording = recording.take();
+            unused_recording.0 = None;
             if let Some((_, path)) = &recording {
                 recorded = Some(path.clone());
             }
@@ -1021,10 +1024,7 @@ impl Ctx<'_> {
                 recorded,
             ));
         }
-        if let Some((_, path)) = recording.take() {
-            // Started for a stream the upstream did not open: nothing to keep.
-            let _ = std::fs::remove_file(&path);
-        }
+        drop(unused_recording);
         let (mut parts, incoming) = response.into_parts();
         // A transfer coding other than chunked (`Transfer-Encoding: gzip, chunked`) reaches
         // here still applied: hyper removes only the chunking.
@@ -1259,6 +1259,17 @@ impl Ctx<'_> {
                 warn!(session = %self.session_id, error = %e, "cannot record the exec stream: refused");
                 Err(e.to_string())
             }
+        }
+    }
+}
+
+/// A file removed when dropped, unless disarmed (its path taken out).
+struct RemoveOnDrop(Option<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

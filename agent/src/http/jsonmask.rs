@@ -137,7 +137,9 @@ impl JsonPath {
             return Err(bad("it names no value below $"));
         }
         if steps.len() >= States::BITS as usize {
-            return Err(bad("it has more than 63 steps"));
+            return Err(bad(
+                "it has more than 63 steps (each name, index, wildcard and `..` is one)",
+            ));
         }
         Ok(Self {
             text: text.to_owned(),

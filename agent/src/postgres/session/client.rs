@@ -5,10 +5,30 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::*;
 
+/// What every poison's nonce starts with; 16 hex digits follow.
+pub(super) const NONCE_PREFIX: &str = "jitgate_refused_";
+
 pub(super) fn nonce() -> String {
     let mut b = [0u8; 8];
     let _ = getrandom::fill(&mut b);
-    format!("jitgate_refused_{}", hex::encode(b))
+    format!("{NONCE_PREFIX}{}", hex::encode(b))
+}
+
+/// Ends the session when it holds more than [`MAX_RECORDS_IN_FLIGHT`] on the workload's
+/// behalf awaiting the server (records and portals' parameters): only messages the server
+/// skips (after an error, up to a Sync the client does not send) pile them up.
+fn in_flight_bound(st: &State) -> Result<(), PgError> {
+    if st.held_bytes() <= MAX_RECORDS_IN_FLIGHT {
+        return Ok(());
+    }
+    Err(PgError::fatal(
+        "54000",
+        format!(
+            "jitgate: more than {} MiB of statements in flight on this session without an answer from the server",
+            MAX_RECORDS_IN_FLIGHT >> 20
+        ),
+    )
+    .hint("send Sync between batches of extended-protocol messages; the session was ended"))
 }
 
 /// What the server answers to a Parse or PREPARE of a name in use, word for word.
@@ -124,6 +144,7 @@ impl Pump<'_> {
                 let mut body = frame.body.clone();
                 let text = take_cstr(&mut body).map_err(malformed)?;
                 let (verdict, rec) = self.decide(&text, "query", true).await;
+                in_flight_bound(&self.lock())?;
                 match verdict {
                     Ok(analysis) => {
                         let copies = match self.copy_plans(&analysis).await {
@@ -164,7 +185,7 @@ impl Pump<'_> {
                     self.poison(None, name_in_use_error(&name), out);
                     return Ok(true);
                 }
-                let (verdict, rec) = self.decide(&text, "parse", false).await;
+                let (verdict, rec) = self.decide(&text, "parse", true).await;
                 // The record for a prepared statement is per Execute; keep this decision's.
                 let removed = Self::take_record(&mut self.lock(), rec);
                 let (judged, recorded) = match removed {
@@ -192,6 +213,7 @@ impl Pump<'_> {
                             judged,
                             recorded,
                             copies_in: copies_in(&analysis),
+                            prepaid: true,
                         }));
                         let mut st = self.lock();
                         st.statements.insert(name.clone(), stmt.clone());
@@ -302,8 +324,11 @@ impl Pump<'_> {
                 for _ in 0..nres {
                     formats.push(take_i16(&mut body).map_err(malformed)?);
                 }
+                let params_bytes = params.iter().flatten().map(String::len).sum();
                 let mut st = self.lock();
                 let cycle = st.cycles_sent;
+                st.binds += 1;
+                let bind = st.binds;
                 let info = Arc::new(PortalInfo {
                     statement: st.statements.get(&statement).cloned(),
                     formats,
@@ -311,9 +336,11 @@ impl Pump<'_> {
                     plan: Mutex::new(None),
                     executed: AtomicBool::new(false),
                     cycle,
+                    bind,
+                    bytes: params_bytes,
                 });
-                st.portal_cycles.push_back((cycle, portal.clone()));
-                st.portals.insert(portal, info);
+                st.insert_portal(portal, info);
+                in_flight_bound(&st)?;
                 st.expect.push_back(Expect::Bind);
                 frame.write(out);
             }
@@ -352,14 +379,22 @@ impl Pump<'_> {
                             plan: Mutex::new(None),
                             executed: AtomicBool::new(false),
                             cycle: u64::MAX,
+                            bind: 0,
+                            bytes: 0,
                         })
                     });
-                let (recorded, judged, may_copy_in) = match &info.statement {
+                // A portal runs its statement once (Executes after the first continue it, or
+                // find it done): its first Execute is when the statement runs. The first run
+                // of a statement was paid for at its Parse; every later one takes from the
+                // grant's limits as a simple Query does.
+                let first_run = !info.executed.load(Ordering::Relaxed);
+                let (recorded, judged, may_copy_in, prepaid) = match &info.statement {
                     Some(stmt) => {
-                        let s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
-                        (s.recorded.clone(), s.judged.clone(), s.copies_in)
+                        let mut s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
+                        let prepaid = first_run && std::mem::take(&mut s.prepaid);
+                        (s.recorded.clone(), s.judged.clone(), s.copies_in, prepaid)
                     }
-                    None => (String::new(), None, false),
+                    None => (String::new(), None, false, false),
                 };
                 let params = info.params.clone();
                 let params_bytes: usize = params.iter().flatten().map(String::len).sum();
@@ -376,25 +411,17 @@ impl Pump<'_> {
                         r.bytes += params_bytes;
                     }
                     st.records_bytes += params_bytes;
-                    if st.records_bytes > MAX_RECORDS_IN_FLIGHT {
-                        return Err(PgError::fatal(
-                            "54000",
-                            format!(
-                                "jitgate: more than {} MiB of statements in flight on this session without an answer from the server",
-                                MAX_RECORDS_IN_FLIGHT >> 20
-                            ),
-                        )
-                        .hint("send Sync between batches of Executes; the session was ended"));
-                    }
+                    in_flight_bound(&st)?;
                 }
-                // A portal runs its statement once (Executes after the first continue it, or
-                // find it done): its first Execute is when the statement runs, and takes
-                // from the grant's limits as a simple Query does. Refused, the Execute is
-                // replaced by a Parse the server rejects, under a name of its own (the
-                // client's statements stay as they are), and the server skips to Sync.
-                if !info.executed.swap(true, Ordering::Relaxed)
-                    && let Some(Verdict::Deny { rule, error }) = self.over_limits(true)
-                {
+                // Refused, the Execute is replaced by a Parse the server rejects, under a name
+                // of its own (the client's statements stay as they are), and the server skips
+                // to Sync; the portal stays unrun (a later Execute of it is judged again).
+                let refused = if first_run {
+                    self.over_limits(!prepaid)
+                } else {
+                    None
+                };
+                if let Some(Verdict::Deny { rule, error }) = refused {
                     info!(rule = %rule, kind = "execute", "statement refused");
                     self.update_record(rec, |r| {
                         r.decision = Decision::Denied;
@@ -405,6 +432,7 @@ impl Pump<'_> {
                     self.poison(Some(&nonce()), error, out);
                     return Ok(true);
                 }
+                info.executed.store(true, Ordering::Relaxed);
                 // A COPY TO run through Execute masks with its statement's plan.
                 let mut st = self.lock();
                 let copy_in = may_copy_in.then(|| st.copy_in.open());
@@ -421,7 +449,7 @@ impl Pump<'_> {
                 if kind == b'S' {
                     st.forget_prepared(&name);
                 } else {
-                    st.portals.remove(&name);
+                    st.remove_portal(&name);
                 }
                 st.expect.push_back(Expect::Close);
                 frame.write(out);
@@ -479,11 +507,8 @@ impl Pump<'_> {
         });
         let mut st = self.lock();
         let cycle = st.cycles_sent;
-        st.poisons.push_back(Poison {
-            nonce: nonce.clone(),
-            error,
-            cycle,
-        });
+        st.poison_order.push_back((cycle, nonce.clone()));
+        st.poisons.insert(nonce.clone(), error);
         st.expect.push_back(Expect::Query {
             rec,
             refs: Arc::default(),
@@ -508,11 +533,8 @@ impl Pump<'_> {
         let nonce = nonce();
         let mut st = self.lock();
         let cycle = st.cycles_sent;
-        st.poisons.push_back(Poison {
-            nonce: nonce.clone(),
-            error,
-            cycle,
-        });
+        st.poison_order.push_back((cycle, nonce.clone()));
+        st.poisons.insert(nonce.clone(), error);
         st.statements.remove(name.unwrap_or(""));
         st.expect.push_back(Expect::Parse(name.map(str::to_owned)));
         drop(st);

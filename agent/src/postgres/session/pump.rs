@@ -69,9 +69,9 @@ impl Pump<'_> {
     }
 
     /// The refusal of a statement the grant's limits do not allow now: the session's result
-    /// budget is spent, or (when `runs`: the statement is to run now, not be prepared) the
-    /// grant or its identity is over its statements per second. A statement prepared once
-    /// and run many times takes from the rate at each run (its portal's first Execute).
+    /// budget is spent, or (when `runs`) the grant or its identity is over its statements
+    /// per second. A Parse takes from the rate for its statement's first run; each later
+    /// run (a portal's first Execute) takes again.
     pub(super) fn over_limits(&self, runs: bool) -> Option<Verdict> {
         let limits = &self.limits;
         let spent = self.lock().budget.spent(limits);
@@ -388,8 +388,8 @@ impl Pump<'_> {
     }
 
     /// Judges a statement string; returns the poison error when refused.
-    /// `runs`: a simple Query (run now), not a Parse (run by its Executes, which take from
-    /// the statement rate then).
+    /// `runs`: whether it takes from the statement rate (a Query and a Parse do; see
+    /// [`Pump::over_limits`]).
     pub(super) async fn decide(
         &self,
         text: &str,

@@ -877,20 +877,20 @@ impl Pump<'_> {
                     .find(|(c, _)| *c == b'M')
                     .map(|(_, m)| m.clone())
                     .unwrap_or_default();
-                // The poisons of earlier cycles are gone (retired at their ReadyForQuery):
-                // the front is this cycle's first, the only one its error can answer.
+                // The poison this error answers, by the nonce it quotes (the server's syntax
+                // error names it; a nonce is random, so none a workload writes matches).
                 let poison = {
                     let mut st = self.lock();
-                    let answers_front = st
-                        .poisons
-                        .front()
-                        .is_some_and(|p| p.cycle <= st.cycles_done && message.contains(&p.nonce));
-                    if answers_front {
-                        st.poisons.pop_front()
-                    } else {
+                    if st.poisons.is_empty() {
                         None
+                    } else {
+                        memchr::memmem::find_iter(message.as_bytes(), NONCE_PREFIX).find_map(|at| {
+                            let nonce = message.get(at..at + NONCE_PREFIX.len() + 16)?;
+                            st.poisons.remove(nonce)
+                        })
                     }
                 };
+                let answers_poison = poison.is_some();
                 // The server skips the rest of an extended batch up to Sync. The first
                 // Execute in it is the one that failed (or whose Bind did); those after it
                 // never ran, and are finished as such.
@@ -906,8 +906,9 @@ impl Pump<'_> {
                                     break;
                                 }
                                 match st.expect.pop_front() {
+                                    // After a poison's error, none of them ran.
                                     Some(Expect::Execute { rec: r, .. }) => {
-                                        if rec.is_none() {
+                                        if rec.is_none() && !answers_poison {
                                             rec = Some(r);
                                         } else {
                                             skipped.push(r);
@@ -932,7 +933,7 @@ impl Pump<'_> {
                     .map(|(_, m)| m.clone())
                     .unwrap_or_default();
                 match poison {
-                    Some(p) => p.error.write(out),
+                    Some(error) => error.write(out),
                     None => {
                         if let Some(masker) = &self.masker {
                             let mut written = String::new();
@@ -993,8 +994,14 @@ impl Pump<'_> {
                     }
                     st.cycles_done += 1;
                     let done = st.cycles_done;
-                    while st.poisons.front().is_some_and(|p| p.cycle < done) {
-                        st.poisons.pop_front();
+                    while st
+                        .poison_order
+                        .front()
+                        .is_some_and(|(cycle, _)| *cycle < done)
+                    {
+                        if let Some((_, nonce)) = st.poison_order.pop_front() {
+                            st.poisons.remove(&nonce);
+                        }
                     }
                     if status == b'I' {
                         st.forget_portals_before(done);

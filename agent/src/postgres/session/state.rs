@@ -112,13 +112,6 @@ impl CopyIn {
     }
 }
 
-/// A refused statement replaced by one the server rejects; its error is swapped for `error`.
-pub(super) struct Poison {
-    pub(super) nonce: String,
-    pub(super) error: PgError,
-    pub(super) cycle: u64,
-}
-
 /// A `COPY ... TO`'s format, masking plan and NULL text.
 pub(super) type CopyPlan = (CopyFormat, Plan, Option<String>);
 
@@ -168,6 +161,8 @@ pub(super) struct StmtInfo {
     /// `text` as records show it (detectors applied, truncated): computed once at Parse, not
     /// on every Execute.
     pub(super) recorded: String,
+    /// Its Parse took from the statement rate for one run, not yet used by an Execute.
+    pub(super) prepaid: bool,
 }
 
 pub(super) struct PortalInfo {
@@ -179,8 +174,12 @@ pub(super) struct PortalInfo {
     pub(super) plan: Mutex<Option<Arc<Plan>>>,
     /// Whether an Execute has run it (the first takes from the statement rate).
     pub(super) executed: std::sync::atomic::AtomicBool,
-    /// The cycle its Bind was sent in (see [`State::portal_cycles`]).
+    /// The cycle its Bind was sent in, and which Bind of the session it was (see
+    /// [`State::portal_cycles`]).
     pub(super) cycle: u64,
+    pub(super) bind: u64,
+    /// Its recorded parameters' bytes, counted in [`State::portal_bytes`].
+    pub(super) bytes: usize,
 }
 
 impl PortalInfo {
@@ -215,11 +214,15 @@ pub(super) struct InFlight {
 #[derive(Default)]
 pub(super) struct State {
     pub(super) expect: VecDeque<Expect>,
-    /// In the order sent (so by cycle): a cycle's answers end at its first error, so only
-    /// its first poison can be the one an error answers, and the front is all an error is
-    /// compared with (comparing each error with every poison pending cost time growing
-    /// with their product, and a pipeline can hold many of both).
-    pub(super) poisons: VecDeque<Poison>,
+    /// Poisons pending, by nonce: an error is matched by the nonces it quotes, looked up
+    /// (comparing each error with every poison pending cost time growing with their
+    /// product, and a pipeline can hold many of both).
+    /// A poison is a refused statement replaced by one the server rejects (a nonce); the
+    /// server's error for it is swapped for the refusal's.
+    pub(super) poisons: HashMap<String, PgError>,
+    /// The pending poisons' nonces in the order sent (so by cycle), for retiring those of
+    /// finished cycles.
+    pub(super) poison_order: VecDeque<(u64, String)>,
     pub(super) cycles_sent: u64,
     pub(super) cycles_done: u64,
     pub(super) statements: HashMap<String, Stmt>,
@@ -228,7 +231,11 @@ pub(super) struct State {
     /// server is idle (ReadyForQuery `I`: no transaction), those of the cycles it has
     /// finished are gone on its side, and go here too (else a session binding portals of
     /// new names without end grows without end).
-    pub(super) portal_cycles: VecDeque<(u64, String)>,
+    pub(super) portal_cycles: VecDeque<(u64, u64, String)>,
+    /// Binds seen, numbering them.
+    pub(super) binds: u64,
+    /// The bytes of the portals' recorded parameters (see [`State::held_bytes`]).
+    pub(super) portal_bytes: usize,
     pub(super) sql_prepared: HashMap<String, Statement>,
     pub(super) parse_mode: ParseMode,
     /// The simple-protocol result in progress.
@@ -267,18 +274,53 @@ impl State {
         self.sql_prepared.remove(name);
     }
 
+    /// Binds a portal under `name` (replacing one of that name).
+    pub(super) fn insert_portal(&mut self, name: String, portal: Portal) {
+        self.portal_bytes += portal.bytes;
+        if let Some(old) = self.portals.insert(name.clone(), portal.clone()) {
+            self.portal_bytes -= old.bytes;
+        }
+        self.note_portal(&portal, name);
+    }
+
+    /// Forgets a portal (closed, or dropped by the server).
+    pub(super) fn remove_portal(&mut self, name: &str) {
+        if let Some(old) = self.portals.remove(name) {
+            self.portal_bytes -= old.bytes;
+        }
+    }
+
+    /// What the session holds on the workload's behalf awaiting the server: records in
+    /// flight and the portals' recorded parameters (bounded by `MAX_RECORDS_IN_FLIGHT`).
+    pub(super) fn held_bytes(&self) -> usize {
+        self.records_bytes + self.portal_bytes
+    }
+
+    /// Notes a portal bound in `cycle`. Inside a long transaction nothing is forgotten, so
+    /// the entries of names bound again since (the unnamed portal, at every Bind) are
+    /// dropped once they outnumber the portals: the queue stays within twice their count.
+    fn note_portal(&mut self, portal: &PortalInfo, name: String) {
+        self.portal_cycles
+            .push_back((portal.cycle, portal.bind, name));
+        if self.portal_cycles.len() > 2 * self.portals.len() + 64 {
+            let portals = &self.portals;
+            self.portal_cycles
+                .retain(|(_, b, n)| portals.get(n).is_some_and(|p| p.bind == *b));
+        }
+    }
+
     /// Forgets the portals bound before cycle `done` (the server, idle, has dropped them),
     /// those bound again since excepted.
     pub(super) fn forget_portals_before(&mut self, done: u64) {
-        while let Some((cycle, _)) = self.portal_cycles.front() {
+        while let Some((cycle, _, _)) = self.portal_cycles.front() {
             if *cycle >= done {
                 break;
             }
-            let Some((cycle, name)) = self.portal_cycles.pop_front() else {
+            let Some((_, bind, name)) = self.portal_cycles.pop_front() else {
                 break;
             };
-            if self.portals.get(&name).is_some_and(|p| p.cycle == cycle) {
-                self.portals.remove(&name);
+            if self.portals.get(&name).is_some_and(|p| p.bind == bind) {
+                self.remove_portal(&name);
             }
         }
     }
@@ -295,19 +337,18 @@ mod tests {
     use super::*;
 
     fn bind(st: &mut State, name: &str) {
-        let cycle = st.cycles_sent;
-        st.portal_cycles.push_back((cycle, name.to_owned()));
-        st.portals.insert(
-            name.to_owned(),
-            Arc::new(PortalInfo {
-                statement: None,
-                formats: Vec::new(),
-                params: Vec::new(),
-                plan: Mutex::new(None),
-                executed: std::sync::atomic::AtomicBool::new(false),
-                cycle,
-            }),
-        );
+        st.binds += 1;
+        let portal = Arc::new(PortalInfo {
+            statement: None,
+            formats: Vec::new(),
+            params: Vec::new(),
+            plan: Mutex::new(None),
+            executed: std::sync::atomic::AtomicBool::new(false),
+            cycle: st.cycles_sent,
+            bind: st.binds,
+            bytes: 100,
+        });
+        st.insert_portal(name.to_owned(), portal);
     }
 
     /// The server drops its portals when idle; so does the gate, those of finished cycles
@@ -331,5 +372,17 @@ mod tests {
         assert_eq!(st.portal_cycles.len(), 2);
         st.forget_portals_before(10_002);
         assert!(st.portals.is_empty() && st.portal_cycles.is_empty());
+        // Inside a transaction (never idle), and within one cycle (a pipeline before its
+        // Sync), the unnamed portal bound over and over keeps one entry, not one per Bind.
+        for _ in 0..100_000 {
+            bind(&mut st, "");
+        }
+        assert_eq!(st.portals.len(), 1);
+        assert!(
+            st.portal_cycles.len() <= 2 + 64,
+            "{}",
+            st.portal_cycles.len()
+        );
+        assert_eq!(st.portal_bytes, 100, "the portals' bytes follow them");
     }
 }
