@@ -1,7 +1,11 @@
 //! What a protocol's session is given: the agent's [`Services`], and a [`Session`] that says
 //! who connected where and offers grants, recording and the session's end.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -21,6 +25,10 @@ use crate::{
     model::{RequestStatus, SessionOutcome},
     store::SharedStore,
 };
+
+/// How long an approved connection waits for its grant to be applied here (see
+/// [`Session::hold_connection`]): a shared store delivers the two by different channels.
+const GRANT_ARRIVAL: Duration = Duration::from_secs(3);
 
 /// The agent's services every session may use, shared by all of them.
 pub struct Services {
@@ -214,15 +222,29 @@ impl Session<'_> {
             request
         };
         match decided.status {
-            RequestStatus::Approved => services
-                .engine
-                .find(&who.identity, who.task.as_deref(), &resource.name, access)
-                .ok_or_else(|| {
-                    refuse(
-                        SessionOutcome::RefusedNoGrant,
-                        "the approved grant is no longer live",
-                    )
-                }),
+            RequestStatus::Approved => {
+                // With a shared store the approval (a notification) can be heard a moment
+                // before the grant it issued is applied here (read from the change log):
+                // wait for it that long before refusing.
+                let deadline = Instant::now() + GRANT_ARRIVAL;
+                loop {
+                    if let Some(grant) = services.engine.find(
+                        &who.identity,
+                        who.task.as_deref(),
+                        &resource.name,
+                        access,
+                    ) {
+                        break Ok(grant);
+                    }
+                    if Instant::now() >= deadline || services.shutdown.is_cancelled() {
+                        break Err(refuse(
+                            SessionOutcome::RefusedNoGrant,
+                            "the approved grant is no longer live",
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             RequestStatus::Denied => Err(refuse(
                 SessionOutcome::RefusedDenied,
                 format!(
