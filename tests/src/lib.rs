@@ -193,11 +193,24 @@ pub fn ensure_approver_user() {
 }
 
 /// A free TCP port on loopback.
+/// A port free now, and not handed out before by this process (the kernel can return the
+/// same one to two binds in a row once the first is closed: a test that asked for a console
+/// port and then a proxy port got one port twice).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// This host's first non-loopback IPv4 address, if any.

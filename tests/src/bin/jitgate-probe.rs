@@ -298,7 +298,9 @@ fn now_ms() -> u128 {
 
 fn hold(addr: SocketAddr) -> io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // Long enough to outlast a paused agent (the fleet tests stop one for as long as the
+    // store takes to prune its change log): the connection is held until the gate ends it.
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut buf = [0u8; 256];
     let n = stream.read(&mut buf)?;
     println!("connected {}", String::from_utf8_lossy(&buf[..n]).trim());
