@@ -399,18 +399,18 @@ impl Pump<'_> {
                 let params = info.params.clone();
                 let params_bytes: usize = params.iter().flatten().map(String::len).sum();
                 let rec = self.new_record_recorded(recorded, Decision::Allowed, None);
-                self.update_record(rec, |r| {
-                    r.params = params;
-                    if let Some(judged) = judged {
-                        judged.apply(r);
-                    }
-                });
                 {
+                    // Its parameters, judgement and their bytes under one hold of the state
+                    // (every Execute comes here).
                     let mut st = self.lock();
                     if let Some(r) = st.records.get_mut(&rec) {
+                        r.record.params = params;
+                        if let Some(judged) = judged {
+                            judged.apply(&mut r.record);
+                        }
                         r.bytes += params_bytes;
+                        st.records_bytes += params_bytes;
                     }
-                    st.records_bytes += params_bytes;
                     in_flight_bound(&st)?;
                 }
                 // Refused, the Execute is replaced by a Parse the server rejects, under a name
