@@ -303,6 +303,7 @@ impl Daemon {
                 .map(|w| w.identity.clone())
                 .collect(),
             caller: caller.actor().to_string(),
+            store_writes: self.store.writes().and_then(|w| w.get()),
             store: self.store.health().map(|h| {
                 let h = h.get();
                 let now = std::time::Instant::now();
@@ -352,6 +353,12 @@ impl ops::Vitals for Daemon {
 
     fn pending_requests(&self) -> BoxFuture<'_, Result<usize, StoreError>> {
         self.store.count_pending()
+    }
+
+    fn store_writes(&self) -> Result<(), String> {
+        self.store
+            .writes()
+            .map_or(Ok(()), |w| w.check().map_err(|e| e.to_string()))
     }
 
     fn kernel_counters(&self) -> Option<[u64; stats::COUNT as usize]> {

@@ -1,7 +1,7 @@
 //! The gate across daemon crashes and restarts, egress modes, DNS changes, the audit chain,
 //! and a real PostgreSQL client.
 
-use std::{net::Ipv4Addr, process::Command, time::Duration};
+use std::{io::Write as _, net::Ipv4Addr, process::Command, time::Duration};
 
 use jitgate_e2e::{
     Gate, echo_body,
@@ -244,4 +244,171 @@ fn psql_reaches_postgres_only_with_a_grant() {
     let ok = gate.run("bot", &["--grant", "echo:read:5m"], &psql);
     ok.assert_ok();
     assert_eq!(ok.stdout.trim(), "through the gate: 42");
+}
+
+/// The gate's state directory moved onto a tmpfs of its own (so a test can fill it); the
+/// daemon is restarted on it. Unmounted on drop (lazily: the daemon may still hold files).
+struct SmallStateDisk {
+    mount: std::path::PathBuf,
+}
+
+impl SmallStateDisk {
+    fn under(gate: &mut Gate, size: &str) -> Self {
+        gate.stop();
+        let state = gate.dir.join("state");
+        let saved = gate.dir.join("state.disk");
+        std::fs::rename(&state, &saved).expect("moving the state dir aside");
+        std::fs::create_dir(&state).expect("mount point");
+        let mounted = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&state)
+            .status()
+            .expect("mount");
+        assert!(mounted.success(), "mounting a tmpfs on {}", state.display());
+        let disk = Self { mount: state };
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", saved.display()))
+            .arg(&disk.mount)
+            .status()
+            .expect("cp");
+        assert!(copied.success(), "copying the state onto the tmpfs");
+        gate.launch();
+        disk
+    }
+
+    /// Fills the disk to its last byte; returns the filler to remove.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let filler = self.mount.join("filler");
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        for chunk in [1 << 20, 4096, 1] {
+            let zeros = vec![0_u8; chunk];
+            while f.write_all(&zeros).is_ok() {}
+        }
+        let _ = f.sync_all();
+        filler
+    }
+}
+
+impl Drop for SmallStateDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+/// Hostile: the disk under the state store fills while a session runs. No statement may
+/// run unrecorded for longer than the store's commit bound: the live session is cut with a
+/// message saying why, a new connection of a workload already running is refused in its own
+/// protocol, `jitgate status` names the failure; once space is back the gate reopens by
+/// itself, the cut session's record is closed, and the audit chain is intact.
+#[test]
+fn a_full_state_disk_cuts_sessions_and_closes_the_gate_until_space_returns() {
+    jitgate_e2e::root_or_skip!();
+    let pg = servers::Postgres::start_secured(false);
+    let keys = format!(
+        "protocol = \"postgres\"\ndatabases = [\"orders\"]\n{}",
+        pg.credentials_toml()
+    );
+    let body = jitgate_e2e::config::Body::new()
+        .workload("bot", &["root"])
+        .resource_with("orders-db", &format!("127.0.0.1:{}", pg.port), &keys)
+        .auto(&["bot"], &["orders-db"], &["read"])
+        .build();
+    let mut gate = Gate::start("full-disk", "", &body);
+    let disk = SmallStateDisk::under(&mut gate, "48m");
+    let url = format!("postgres://bot@127.0.0.1:{}/orders", pg.port);
+
+    // A: a session open and working before the disk fills.
+    let mut a = gate.spawn_stdin(
+        "bot",
+        &["--grant", "orders-db:read"],
+        &["psql", &url, "-X", "-At", "-v", "VERBOSITY=verbose"],
+    );
+    let mut a_in = a.stdin.take().expect("stdin");
+    a_in.write_all(b"SELECT 'before the fill';\n")
+        .expect("write");
+    a_in.flush().expect("flush");
+    gate.wait_for("A's session open", Duration::from_secs(15), || {
+        let s = gate.cli(&["sessions", "--json"]).json();
+        (s.as_array().map_or(0, Vec::len) == 1).then_some(())
+    });
+    // B: a workload already running (its task and grant kept), which connects later.
+    let late = format!("sleep 8; psql '{url}' -X -At -c \"SELECT 'late connection'\"");
+    let mut b = gate.spawn("bot", &["--grant", "orders-db:read"], &["sh", "-c", &late]);
+    std::thread::sleep(Duration::from_secs(1));
+
+    let filler = disk.fill();
+    a_in.write_all(b"SELECT 'while full';\n").expect("write");
+    a_in.flush().expect("flush");
+    std::thread::sleep(Duration::from_secs(3));
+    // Whatever psql does after its connection is cut, nothing more is let through.
+    let _ = a_in.write_all(b"SELECT 'after the cut';\n");
+    drop(a_in);
+    let a = a.wait_with_output().expect("psql A");
+    let a_out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&a.stdout),
+        String::from_utf8_lossy(&a.stderr)
+    );
+    assert!(a_out.contains("before the fill"), "{a_out}");
+    assert!(!a_out.contains("after the cut"), "{a_out}");
+    assert!(
+        a_out.contains("stopped keeping records"),
+        "the cut session was not told why: {a_out}"
+    );
+
+    let status = gate.cli(&["status", "--json"]).json();
+    let failing = &status["store_writes"];
+    assert!(
+        failing["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "status does not show the failing store: {status}"
+    );
+    let text = gate.cli(&["status"]).stdout;
+    assert!(text.contains("FAILING"), "{text}");
+
+    b.wait(Duration::from_secs(30));
+    let b_out = b.seen.join("\n");
+    assert!(
+        !b.seen.iter().any(|l| l.trim() == "late connection"),
+        "{b_out}"
+    );
+    assert!(
+        b_out.contains("cannot keep records"),
+        "a new connection was not refused with the store's failure: {b_out}"
+    );
+
+    // Room again: the gate reopens by itself.
+    std::fs::remove_file(&filler).expect("removing the filler");
+    let psql = ["psql", url.as_str(), "-X", "-At", "-c", "SELECT 'reopened'"];
+    let reopened = gate.wait_for("the gate to reopen", Duration::from_secs(20), || {
+        let ran = gate.run("bot", &["--grant", "orders-db:read"], &psql);
+        (ran.code == 0).then_some(ran)
+    });
+    assert_eq!(reopened.stdout.trim(), "reopened");
+    assert!(
+        gate.cli(&["status", "--json"]).json()["store_writes"].is_null(),
+        "status still shows a failure"
+    );
+    // No session shows as open for ever; the cut one says why it ended.
+    let open = gate.cli(&["sessions", "--json"]).json();
+    assert_eq!(open.as_array().map_or(1, Vec::len), 0, "{open}");
+    let all = gate.cli(&["sessions", "--all", "--json"]).json();
+    assert!(
+        all.as_array()
+            .expect("sessions")
+            .iter()
+            .any(|s| s["outcome"] == "store_lost"),
+        "{all}"
+    );
+    let verified = gate.cli(&["audit", "verify"]);
+    assert_eq!(verified.code, 0, "{verified:#?}");
+    drop(gate);
+    drop(disk);
 }

@@ -821,6 +821,12 @@ fn print_status(s: &StatusReport) {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     println!("  kernel         {}", counters.join(" "));
+    if let Some(f) = &s.store_writes {
+        println!(
+            "  store writes   FAILING since {} ({} failures; last: {}): gate closed to every session until the store keeps writes again; free disk space in state_dir or mend the database",
+            f.since, f.failed, f.error
+        );
+    }
     if let Some(store) = &s.store {
         let confirmed = store
             .confirmed_ms_ago

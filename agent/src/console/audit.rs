@@ -104,6 +104,15 @@ fn host(b: &mut String, s: &StatusReport) {
             lease = store.lease_secs,
         );
     }
+    if let Some(f) = &s.store_writes {
+        let _ = write!(
+            b,
+            r#"<dl><dt>Store writes</dt><dd><span class="bad">failing since {since}: gate closed to every session</span> ({failed} failures; {error})</dd></dl>"#,
+            since = when(f.since),
+            failed = f.failed,
+            error = show(&f.error),
+        );
+    }
     if !s.kernel_counters.is_empty() {
         b.push_str(r#"<div class="scroll"><table class="counters"><thead><tr><th>Kernel counter</th><th>Value</th></tr></thead><tbody>"#);
         for (name, value) in &s.kernel_counters {
@@ -201,6 +210,7 @@ mod tests {
             identities: vec!["bot".into()],
             caller: "oidc ann@example.com".into(),
             store: None,
+            store_writes: None,
         }
     }
 

@@ -209,6 +209,9 @@ pub struct StatusReport {
     /// A shared store's state (fleet mode); absent for the embedded store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<StoreStatus>,
+    /// Set while the store does not keep writes (the gate is closed meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_writes: Option<crate::store::health::WriteFailure>,
 }
 
 /// Where a shared state store stands, as `jitgate status` shows it.

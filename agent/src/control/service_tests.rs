@@ -150,6 +150,7 @@ impl Host for FakeHost {
                 identities: Vec::new(),
                 caller: caller.actor().to_string(),
                 store: None,
+                store_writes: None,
             }
         })
     }

@@ -11,7 +11,10 @@ pub mod scope;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{
+        Arc, Mutex, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -29,7 +32,7 @@ use crate::{
     store::{
         Decided, GrantApproval, GrantChange, RequestKey, SharedStore, StoreError,
         audit::{Event, RequestRefused},
-        health::StoreHealth,
+        health::{StoreHealth, WriteHealth},
     },
 };
 
@@ -59,6 +62,10 @@ pub enum GrantState {
     Revoked,
     /// The host lost its shared store and could not confirm the grant within `store_lease`.
     Unconfirmed,
+    /// The store stopped keeping writes (a full disk, a failing database): the grant's
+    /// sessions end rather than run unrecorded. The grant itself stands, and is live again
+    /// once the store keeps writes.
+    Unrecorded,
 }
 
 /// What the proxy holds while a session rides on a grant.
@@ -145,6 +152,10 @@ struct Inner {
     store: SharedStore,
     /// A shared store's health; `None` for the embedded store (always there).
     health: Option<StoreHealth>,
+    /// Whether the store keeps writes (the embedded store; see [`GrantEngine::check_writes`]).
+    writes: Option<WriteHealth>,
+    /// Set while the live set is emptied because writes failed, until it is reloaded.
+    unrecorded: AtomicBool,
     /// What the live set was last checked against: the store's connection epoch it was
     /// reloaded on, and the confirmation it holds by (see [`GrantEngine::check_store`]).
     lease: Mutex<Lease>,
@@ -229,6 +240,8 @@ impl GrantEngine {
         );
         let engine = Self {
             inner: Arc::new(Inner {
+                writes: store.writes(),
+                unrecorded: AtomicBool::new(false),
                 store,
                 health,
                 lease: Mutex::new(lease),
@@ -365,6 +378,7 @@ impl GrantEngine {
     /// once the lease on what this host last confirmed has lapsed, ends every live grant
     /// here (its sessions close as unconfirmed). Runs on the sweeper's tick.
     async fn check_store(&self) {
+        self.check_writes().await;
         let Some(health) = &self.inner.health else {
             return;
         };
@@ -426,9 +440,56 @@ impl GrantEngine {
         }
     }
 
-    /// `Err` with why, when new sessions and grants must be refused because the shared
-    /// store is out of reach (their records could not be kept, nor a grant confirmed).
+    /// While the store does not keep writes, ends the sessions of every live grant (what
+    /// they do could not be recorded) and keeps the live set empty; once it keeps writes
+    /// again, reloads the live set from it. Runs on the sweeper's tick, so a session ends
+    /// within [`SWEEP_INTERVAL`] of the failure being seen.
+    async fn check_writes(&self) {
+        let Some(writes) = &self.inner.writes else {
+            return;
+        };
+        if let Some(failure) = writes.get() {
+            self.inner.unrecorded.store(true, Ordering::SeqCst);
+            let ended: Vec<LiveGrant> = self
+                .inner
+                .live
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .drain()
+                .map(|(_, l)| l)
+                .collect();
+            if !ended.is_empty() {
+                warn!(grants = ended.len(), error = %failure.error, "the state store does not keep writes: ending the sessions of every live grant");
+            }
+            for l in ended {
+                l.state.send_replace(GrantState::Unrecorded);
+            }
+        } else if self.inner.unrecorded.load(Ordering::SeqCst) {
+            match self.resync().await {
+                Ok(()) => {
+                    self.inner.unrecorded.store(false, Ordering::SeqCst);
+                    info!(
+                        grants = self.live_count(),
+                        "the state store keeps writes again: live grants reloaded"
+                    );
+                }
+                Err(e) => {
+                    warn!(error = %e, "reloading live grants after the store recovered failed; retrying");
+                }
+            }
+        }
+    }
+
+    /// `Err` with why, when new sessions and grants must be refused because the store cannot
+    /// keep their records, or (fleet mode) the shared store is out of reach (nor can a grant
+    /// be confirmed).
     pub fn store_available(&self) -> Result<(), String> {
+        if let Some(writes) = &self.inner.writes {
+            writes.check().map_err(|e| e.to_string())?;
+            if self.inner.unrecorded.load(Ordering::SeqCst) {
+                return Err("the state store on this host keeps writes again after a failure; this host is reloading its grants (retry in a moment)".to_owned());
+            }
+        }
         let Some(health) = &self.inner.health else {
             return Ok(());
         };
@@ -616,6 +677,11 @@ impl GrantEngine {
         task: Option<&str>,
         spec: RequestSpec,
     ) -> Result<Request, EngineError> {
+        // A store that does not keep writes takes no request (nor issues a grant) that could
+        // not be recorded whole, even where this one write would fit.
+        if let Some(writes) = &self.inner.writes {
+            writes.check()?;
+        }
         let access = spec.access.unwrap_or_default();
         let resource = spec.resource.clone();
         let cap = policy::max_ttl(config, identity, &resource, access);

@@ -614,6 +614,58 @@ async fn fleet_engine(
         .unwrap()
 }
 
+/// Hostile: the store stops keeping writes (a full disk). Live sessions end as unrecorded,
+/// nothing new gets in while it fails, nor in the moment after it recovers before the live
+/// set is reloaded; then the same grant is usable again (it was never revoked).
+#[tokio::test]
+async fn a_store_that_stops_keeping_writes_ends_sessions_until_it_keeps_them_again() {
+    let h = harness().await;
+    file(&h.engine, &workload(None), spec("cache"))
+        .await
+        .unwrap();
+    let mut handle = h
+        .engine
+        .find("ci-bot", None, "cache", Access::Read)
+        .unwrap();
+    assert!(h.engine.store_available().is_ok());
+    h.store.writes.failed("database or disk is full");
+    let why = h
+        .engine
+        .store_available()
+        .expect_err("closed while failing");
+    assert!(why.contains("cannot keep records"), "{why}");
+    assert!(why.contains("database or disk is full"), "{why}");
+    tokio::time::timeout(Duration::from_secs(5), handle.state.changed())
+        .await
+        .expect("the session is told within a sweep")
+        .unwrap();
+    assert_eq!(*handle.state.borrow(), GrantState::Unrecorded);
+    assert_eq!(h.engine.live_count(), 0);
+    assert!(
+        h.engine
+            .find("ci-bot", None, "cache", Access::Read)
+            .is_none()
+    );
+    let filed = file(&h.engine, &workload(Some("t-2")), spec("cache")).await;
+    assert!(
+        matches!(&filed, Err(EngineError::Store(e)) if e.to_string().contains("cannot keep records")),
+        "{filed:?}"
+    );
+    // Recovered: refused until the live set is reloaded, then the grant is back.
+    h.store.writes.kept();
+    assert!(h.engine.store_available().is_err(), "not reloaded yet");
+    assert!(
+        eventually(|| h.engine.store_available().is_ok()).await,
+        "reopens once reloaded"
+    );
+    let again = h
+        .engine
+        .find("ci-bot", None, "cache", Access::Read)
+        .expect("the grant is live again");
+    assert_eq!(again.id, handle.id);
+    assert_eq!(*again.state.borrow(), GrantState::Active);
+}
+
 /// Waits (briefly) until `cond` holds: other hosts hear of grants through the store's
 /// change feed, on their own task.
 async fn eventually(mut cond: impl FnMut() -> bool) -> bool {

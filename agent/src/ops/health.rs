@@ -55,7 +55,7 @@ pub async fn check_all(agent: &dyn Vitals) -> Report {
     let gate = agent.gate_pinned();
     let store = tokio::time::timeout(STORE_DEADLINE, agent.pending_requests()).await;
     let (store, pending) = match store {
-        Ok(Ok(n)) => (Ok(()), Some(n)),
+        Ok(Ok(n)) => (agent.store_writes(), Some(n)),
         Ok(Err(e)) => (Err(format!("the state store failed: {e}")), None),
         Err(_) => (
             Err(format!(

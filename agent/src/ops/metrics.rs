@@ -35,6 +35,7 @@ pub const KERNEL_EVENTS_LOST: &str = "jitgate_kernel_events_lost_total";
 pub const WEBHOOK_DELIVERIES: &str = "jitgate_webhook_deliveries_total";
 pub const SPOOL_RECORDS: &str = "jitgate_store_spool_records_total";
 pub const CHANGE_LOG_PRUNED: &str = "jitgate_store_change_log_pruned_total";
+pub const STORE_WRITE_FAILURES: &str = "jitgate_store_write_failures_total";
 pub const CHANGE_LOG_RESYNCS: &str = "jitgate_store_change_log_resyncs_total";
 pub const SPOOLS_LOST: &str = "jitgate_store_spools_lost_total";
 pub const BUILD_INFO: &str = "jitgate_build_info";
@@ -196,6 +197,10 @@ fn describe() {
         "Fleet mode: records kept in the local spool while the shared store was out of reach, shipped to it since, and dropped (the spool full past its reserve, or damaged), by outcome."
     );
     describe_counter!(
+        STORE_WRITE_FAILURES,
+        "Writes (records, changes, transactions) the state store did not keep because the storage failed (a full disk, I/O errors); while any fail, the gate is closed."
+    );
+    describe_counter!(
         CHANGE_LOG_PRUNED,
         "Fleet mode: rows of the shared store's change log this host deleted as older than change_log_retention."
     );
@@ -255,6 +260,11 @@ pub fn spool_shipped(records: u64) {
 /// Records neither written nor spooled.
 pub fn spool_dropped(records: u64) {
     counter!(SPOOL_RECORDS, "outcome" => "dropped").increment(records);
+}
+
+/// A write the state store's storage did not keep.
+pub fn store_write_failed() {
+    counter!(STORE_WRITE_FAILURES).increment(1);
 }
 
 /// Change-log rows deleted by this host's pruner.

@@ -20,6 +20,11 @@ pub trait Vitals: Send + Sync {
     /// Requests waiting for a decision: one store round trip, which also shows the store
     /// answers.
     fn pending_requests(&self) -> BoxFuture<'_, Result<usize, StoreError>>;
+    /// Whether the store keeps what it is given; else why not (a store that answers reads
+    /// can still fail every write: a full disk).
+    fn store_writes(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// The kernel's per-CPU counters, summed; `None` when they cannot be read.
     fn kernel_counters(&self) -> Option<[u64; stats::COUNT as usize]>;
     fn grants_active(&self) -> usize;

@@ -301,6 +301,8 @@ pub enum End {
     GrantRevoked(String),
     /// The host lost its shared store and could not confirm the grant within `store_lease`.
     StoreLost(String),
+    /// The store stopped keeping writes: the session ends rather than run unrecorded.
+    Unrecorded(String),
     /// The resource left the configuration (reload).
     ResourceRemoved,
     /// The host agent is shutting down (protocols with an idle point may drain first).
@@ -318,6 +320,7 @@ impl End {
                 refuse(SessionOutcome::GrantExpired, format!("grant {id} expired"))
             }
             Self::StoreLost(id) => refuse(SessionOutcome::StoreLost, store_lost(id)),
+            Self::Unrecorded(id) => refuse(SessionOutcome::StoreLost, unrecorded(id)),
             Self::ResourceRemoved => refuse(
                 SessionOutcome::ResourceRemoved,
                 "the resource left the configuration",
@@ -331,6 +334,13 @@ impl End {
 pub fn store_lost(id: &str) -> String {
     format!(
         "the host lost its shared state store and could not confirm grant {id} within store_lease"
+    )
+}
+
+/// Why a session on grant `id` was cut when the store stopped keeping writes.
+pub fn unrecorded(id: &str) -> String {
+    format!(
+        "the state store on this host stopped keeping records (a full disk or a failing database), so this session on grant {id} was ended rather than run unrecorded; `jitgate status` shows why, and the grant is usable again once the store keeps writes"
     )
 }
 
@@ -356,6 +366,7 @@ impl SessionEnd {
             GrantState::Revoked => return Some(End::GrantRevoked(self.grant.clone())),
             GrantState::Expired => return Some(End::GrantExpired(self.grant.clone())),
             GrantState::Unconfirmed => return Some(End::StoreLost(self.grant.clone())),
+            GrantState::Unrecorded => return Some(End::Unrecorded(self.grant.clone())),
         }
         if self.removed.is_cancelled() {
             return Some(End::ResourceRemoved);
@@ -372,6 +383,7 @@ impl SessionEnd {
             changed = self.state.wait_for(|s| *s != GrantState::Active) => match changed.as_deref() {
                 Ok(GrantState::Revoked) => End::GrantRevoked(self.grant.clone()),
                 Ok(GrantState::Unconfirmed) => End::StoreLost(self.grant.clone()),
+                Ok(GrantState::Unrecorded) => End::Unrecorded(self.grant.clone()),
                 _ => End::GrantExpired(self.grant.clone()),
             },
             () = self.removed.cancelled() => End::ResourceRemoved,

@@ -327,6 +327,89 @@ impl StoreHealth {
     }
 }
 
+/// Why the store is not keeping what the agent writes (the embedded store: a full disk, an
+/// I/O error, a database made read-only or damaged), as `jitgate status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WriteFailure {
+    /// When writes began to fail.
+    pub since: Timestamp,
+    /// The last failure.
+    pub error: String,
+    /// Failures since `since`: writes not kept, and commits made with the state
+    /// directory's filesystem nearly full.
+    pub failed: u64,
+}
+
+/// Whether the store keeps what it is given. A session whose statements cannot be recorded
+/// must not run on: while writes fail, the grant engine ends live sessions and refuses new
+/// ones and new grants ([`WriteHealth::check`]), and the store probes until a real write
+/// succeeds again ([`WriteHealth::kept`]). Ordinary successes do not clear a failure: a
+/// small write can fit where a statement record does not, and the gate would flap.
+#[derive(Clone, Debug)]
+pub struct WriteHealth {
+    tx: std::sync::Arc<watch::Sender<Option<WriteFailure>>>,
+}
+
+impl Default for WriteHealth {
+    fn default() -> Self {
+        Self {
+            tx: std::sync::Arc::new(watch::channel(None).0),
+        }
+    }
+}
+
+impl WriteHealth {
+    /// `None` while writes are kept.
+    pub fn get(&self) -> Option<WriteFailure> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Option<WriteFailure>> {
+        self.tx.subscribe()
+    }
+
+    /// A write failed (or a transaction could not be committed).
+    pub fn failed(&self, error: &str) {
+        crate::ops::metrics::store_write_failed();
+        self.tx.send_modify(|f| match f {
+            Some(f) => {
+                f.failed += 1;
+                error.clone_into(&mut f.error);
+            }
+            None => {
+                *f = Some(WriteFailure {
+                    since: Timestamp::now(),
+                    error: error.to_owned(),
+                    failed: 1,
+                });
+            }
+        });
+    }
+
+    /// A probe write was committed: writes are kept again.
+    pub fn kept(&self) {
+        self.tx.send_if_modified(|f| f.take().is_some());
+    }
+
+    /// `Ok` while writes are kept, else the error new sessions and grants are refused with.
+    pub fn check(&self) -> Result<(), StoreError> {
+        match &*self.tx.borrow() {
+            None => Ok(()),
+            Some(f) => Err(StoreError::Unavailable(f.refusal())),
+        }
+    }
+}
+
+impl WriteFailure {
+    /// What a refused or ended session is told: what is wrong and who must act.
+    pub fn refusal(&self) -> String {
+        format!(
+            "the state store on this host cannot keep records since {} ({}; {} failures): no session may run unrecorded, so no grant can be used until it can; the operator must free disk space or mend the store (`jitgate status` shows it), and the gate reopens by itself",
+            self.since, self.error, self.failed
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ use super::{
         RequestDenied, RequestExpired, RequestRef, Sealed, TaskRef, TaskStarted, Verifier,
         session_actor,
     },
+    health::WriteHealth,
 };
 use crate::model::{
     Actor, ApiToken, Approval, AuditEvent, Grant, Request, RequestStatus, Session, SessionOutcome,
@@ -129,6 +130,8 @@ pub struct MemoryStore {
     checkpoint: Mutex<Option<Head>>,
     changes: broadcast::Sender<GrantChange>,
     feed: broadcast::Sender<AuditEvent>,
+    /// Never failed by the store itself; tests fail it to see the engine close the gate.
+    pub writes: WriteHealth,
 }
 
 impl Default for MemoryStore {
@@ -145,6 +148,7 @@ impl MemoryStore {
             checkpoint: Mutex::default(),
             changes: broadcast::channel(1024).0,
             feed: broadcast::channel(1024).0,
+            writes: WriteHealth::default(),
         }
     }
 
@@ -500,6 +504,10 @@ impl Store for MemoryStore {
 
     fn audit_feed(&self) -> broadcast::Receiver<AuditEvent> {
         self.feed.subscribe()
+    }
+
+    fn writes(&self) -> Option<WriteHealth> {
+        Some(self.writes.clone())
     }
 
     fn grant_changes(&self) -> broadcast::Receiver<GrantChange> {

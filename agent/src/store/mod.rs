@@ -356,4 +356,10 @@ pub trait Store: Send + Sync + 'static {
     fn health(&self) -> Option<health::StoreHealth> {
         None
     }
+
+    /// Whether the store keeps what it is given (the embedded store reports a full disk or
+    /// a failing database here). `None` for a store that reports no such state.
+    fn writes(&self) -> Option<health::WriteHealth> {
+        None
+    }
 }

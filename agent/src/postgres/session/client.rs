@@ -66,6 +66,7 @@ impl Pump<'_> {
                     End::GrantExpired(_)
                         | End::GrantRevoked(_)
                         | End::StoreLost(_)
+                        | End::Unrecorded(_)
                         | End::ResourceRemoved
                 )
             ) {

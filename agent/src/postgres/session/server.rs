@@ -128,6 +128,7 @@ impl Pump<'_> {
                                 End::GrantRevoked(id) => (SessionOutcome::GrantRevoked, format!("grant {id} was revoked")),
                                 End::GrantExpired(id) => (SessionOutcome::GrantExpired, format!("grant {id} expired")),
                                 End::StoreLost(id) => (SessionOutcome::StoreLost, crate::protocol::context::store_lost(&id)),
+                                End::Unrecorded(id) => (SessionOutcome::StoreLost, crate::protocol::context::unrecorded(&id)),
                                 End::ResourceRemoved => {
                                     let _ = self.cancel_in_flight().await;
                                     let err = PgError::fatal("57P01", format!("terminating connection: resource {} left the jitgate configuration", self.resource));

@@ -14,7 +14,11 @@ mod schema;
 mod tokens;
 mod writer;
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use rusqlite::Connection;
 use tokio::sync::broadcast;
@@ -28,10 +32,11 @@ use super::{
         AuditKey, Event, GrantExpired, GrantRevoked, RequestApproval, RequestApproved,
         RequestDenied, RequestExpired, RequestRef, TaskRef, TaskStarted, session_actor,
     },
+    health::WriteHealth,
 };
 use crate::model::{
-    Actor, ApiToken, Approval, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord,
-    Task, Timestamp,
+    Actor, ApiToken, Approval, AuditEvent, Grant, Request, RequestStatus, Session, SessionOutcome,
+    StatementRecord, Task, Timestamp,
 };
 
 /// The file beside the database that holds the audit chain's last link, rewritten after each
@@ -47,10 +52,56 @@ impl From<rusqlite::Error> for StoreError {
 /// The embedded store: a handle on the writer thread.
 pub struct SqliteStore {
     writer: Writer,
+    /// Whether the disk keeps what the writer thread commits.
+    writes: WriteHealth,
+    /// Sessions opened and not yet ended, by what the store was told (not by what it kept).
+    opened: Opened,
     path: PathBuf,
     head_path: PathBuf,
     changes: broadcast::Sender<GrantChange>,
     feed: broadcast::Sender<AuditEvent>,
+}
+
+/// Ids of the sessions the store was told of as opened and not yet as ended.
+type Opened = Arc<Mutex<HashSet<String>>>;
+
+/// Once writes are kept again after failing: sessions recorded as open that ended meanwhile
+/// (their end was not kept) are closed as `store_lost`, with their audit record, so that no
+/// session shows as open for ever. Runs on the store thread: every end the store was told
+/// of before now has been written (or lost), and no opening after now has.
+fn close_unrecorded_ends(db: &Db<'_>, opened: &Opened) -> Result<()> {
+    let open = opened
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let now = Timestamp::now();
+    let mut closed = 0_usize;
+    for mut s in queries::list_sessions(db.conn, true, usize::MAX)? {
+        if open.contains(&s.id) {
+            continue;
+        }
+        s.ended_at = Some(now);
+        s.outcome = SessionOutcome::StoreLost;
+        s.detail = "ended while the state store could not keep records: its end was not kept, and is recorded here (at the time the store recovered)".to_owned();
+        queries::end_session(
+            db.conn,
+            &s.id,
+            now,
+            s.bytes_up,
+            s.bytes_down,
+            s.outcome,
+            &s.detail,
+        )?;
+        db.append(&session_actor(&s), &Event::session_end(&s))?;
+        closed += 1;
+    }
+    if closed > 0 {
+        tracing::warn!(
+            sessions = closed,
+            "closed the records of sessions that ended while the state store could not keep writes"
+        );
+    }
+    Ok(())
 }
 
 /// Grant changes a slow subscriber may fall behind by before it is told it lagged.
@@ -81,10 +132,25 @@ impl SqliteStore {
         let key = AuditKey::load_or_create(state_dir)?;
         let head_path = state_dir.join(HEAD_FILE);
         let feed = broadcast::channel(FEED).0;
-        let writer = Writer::spawn(conn, key, head_path.clone(), feed.clone())
-            .context("starting the store thread")?;
+        let writes = WriteHealth::default();
+        let opened = Opened::default();
+        let mend = {
+            let opened = opened.clone();
+            Arc::new(move |db: &Db<'_>| close_unrecorded_ends(db, &opened))
+        };
+        let writer = Writer::spawn(
+            conn,
+            key,
+            head_path.clone(),
+            feed.clone(),
+            writes.clone(),
+            mend,
+        )
+        .context("starting the store thread")?;
         Ok(Self {
             writer,
+            writes,
+            opened,
             path,
             head_path,
             changes: broadcast::channel(CHANGES).0,
@@ -391,6 +457,10 @@ impl Store for SqliteStore {
         self.feed.subscribe()
     }
 
+    fn writes(&self) -> Option<WriteHealth> {
+        Some(self.writes.clone())
+    }
+
     fn start_task(&self, task: Task, actor: String) -> StoreFuture<'_, ()> {
         Box::pin(self.call(move |db| {
             queries::insert_task(db.conn, &task)?;
@@ -423,6 +493,10 @@ impl Store for SqliteStore {
     }
 
     fn session_opened(&self, session: Session) {
+        self.opened
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(session.id.clone());
         self.submit(move |db| {
             queries::insert_session(db.conn, &session)?;
             db.append(&session_actor(&session), &Event::session_start(&session))?;
@@ -439,6 +513,10 @@ impl Store for SqliteStore {
     }
 
     fn session_ended(&self, session: Session) {
+        self.opened
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&session.id);
         self.submit(move |db| {
             let s = &session;
             queries::end_session(
@@ -609,4 +687,155 @@ mod private_dir_tests {
             .to_string();
         assert!(e.contains("chown"), "{e}");
     }
+}
+
+#[cfg(test)]
+mod write_failure_tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    async fn until(mut cond: impl FnMut() -> bool, within: Duration) -> bool {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cond()
+    }
+
+    /// Hostile: the disk fills while sessions write. SQLite's `max_page_count` caps the
+    /// database at its current size, so every write that needs a page more fails with
+    /// SQLITE_FULL, as on a full disk. The failed background write closes the store; the
+    /// store's own successes (a write that fits) do not reopen it; a probe does, once the
+    /// room is back.
+    #[tokio::test]
+    async fn a_full_database_is_reported_until_a_probe_write_is_kept() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&tmp.path().join("state")).expect("open");
+        let writes = store.writes().expect("the embedded store reports writes");
+        assert!(writes.check().is_ok());
+        // Two sessions recorded as open while there is room.
+        let (ended, live) = (
+            crate::store::tests::session("s-ended"),
+            crate::store::tests::session("s-live"),
+        );
+        store.session_opened(ended.clone());
+        store.session_opened(live.clone());
+        store.flush().await.expect("kept");
+        let pages: i64 = store
+            .call(|db| Ok(db.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?))
+            .await
+            .expect("page_count");
+        store
+            .call(move |db| {
+                db.conn.pragma_update(None, "max_page_count", pages)?;
+                Ok(())
+            })
+            .await
+            .expect("cap");
+        store.submit(|db| {
+            db.conn.execute(
+                "INSERT INTO store_probe (pad) VALUES (zeroblob(1000000))",
+                [],
+            )?;
+            Ok(())
+        });
+        // One session ends in the same batch: its end is lost with it.
+        let mut end = ended.clone();
+        end.ended_at = Some(Timestamp::now());
+        end.outcome = SessionOutcome::Closed;
+        store.session_ended(end);
+        // Queued behind it in the same batch: must not be committed on its own after
+        // SQLite rolled the transaction back (its caller is told the batch failed).
+        store.submit(|db| {
+            db.conn
+                .execute("INSERT INTO store_probe (pad) VALUES (x'01')", [])?;
+            Ok(())
+        });
+        // The failure rolled the batch back: a flush queued with it is told.
+        let flushed = store.flush().await;
+        let failure = writes
+            .get()
+            .expect("the failed background write is reported");
+        assert!(failure.error.contains("full"), "{failure:?}");
+        if let Err(e) = flushed {
+            assert!(e.to_string().contains("full"), "{e}");
+        }
+        let refusal = writes.check().expect_err("closed").to_string();
+        assert!(refusal.contains("cannot keep records"), "{refusal}");
+        // A write that fits succeeds, and probes keep failing: still closed.
+        store.flush().await.expect("a write that fits");
+        tokio::time::sleep(PROBE_WAIT).await;
+        assert!(writes.get().is_some(), "reopened without room");
+        // An awaited write that does not fit is reported too (and its caller told).
+        let e = store
+            .call(|db| {
+                db.conn.execute(
+                    "INSERT INTO store_probe (pad) VALUES (zeroblob(1000000))",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+            .expect_err("full");
+        assert!(e.to_string().contains("full"), "{e}");
+        assert!(writes.get().expect("failing").failed >= 2);
+        let stray: i64 = store
+            .call(|db| {
+                Ok(db
+                    .conn
+                    .query_row("SELECT count(*) FROM store_probe", [], |r| r.get(0))?)
+            })
+            .await
+            .expect("count");
+        assert_eq!(
+            stray, 0,
+            "a write of the rolled-back batch was committed alone"
+        );
+        // Room again: the next probe reopens the store, and leaves nothing behind.
+        store
+            .call(|db| {
+                db.conn
+                    .pragma_update(None, "max_page_count", 1_000_000_000_i64)?;
+                Ok(())
+            })
+            .await
+            .expect("uncap");
+        assert!(
+            until(|| writes.get().is_none(), PROBE_WAIT * 2).await,
+            "a probe reopens the store"
+        );
+        let left: i64 = store
+            .call(|db| {
+                Ok(db
+                    .conn
+                    .query_row("SELECT count(*) FROM store_probe", [], |r| r.get(0))?)
+            })
+            .await
+            .expect("count");
+        assert_eq!(left, 0);
+        // The session whose end was lost is closed as such (with its audit record); the
+        // one still open stays open.
+        let open = store.sessions(true, 10).await.expect("sessions");
+        let ids: Vec<&str> = open.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["s-live"]);
+        let history = store
+            .session_history("s-ended".into())
+            .await
+            .expect("history")
+            .expect("the session");
+        assert_eq!(history.session.outcome, SessionOutcome::StoreLost);
+        assert!(history.session.ended_at.is_some());
+        assert!(
+            history.events.iter().any(|e| e.kind == "session.end"),
+            "{:?}",
+            history.events
+        );
+    }
+
+    /// Longer than one probe interval.
+    const PROBE_WAIT: Duration = Duration::from_millis(1500);
 }

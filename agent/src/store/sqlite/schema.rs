@@ -146,6 +146,11 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE requests ADD COLUMN host TEXT;
     ALTER TABLE requests ADD COLUMN hosts TEXT;
     "#,
+    // 8: a scratch row the store thread writes and deletes to learn whether the disk keeps
+    // writes again after they failed (see writer.rs, `probe`).
+    r#"
+    CREATE TABLE store_probe (pad BLOB NOT NULL);
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

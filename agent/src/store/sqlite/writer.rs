@@ -8,6 +8,13 @@
 //! queued before it. After each commit the audit head checkpoint is rewritten, and the audit
 //! records the transaction made are published on the store's audit feed.
 //!
+//! A write the disk does not keep (full, an I/O error, a database made read-only or damaged)
+//! (or a state directory about to fill: less than [`MIN_FREE`] left before a commit)
+//! is reported on the store's [`WriteHealth`]: the grant engine then ends live sessions and
+//! refuses new ones, since what they do could not be recorded. From then on the thread
+//! probes every [`PROBE_EVERY`] with a write of its own ([`probe`]) and reports the store
+//! healthy only once one is committed.
+//!
 //! Lingering never costs the data path a wake-up per write: while the thread lingers it
 //! sleeps (parked with a deadline) instead of blocking on the channel, so a fire-and-forget
 //! send finds no waiter to wake; only a caller that waits for its answer unparks it.
@@ -15,7 +22,7 @@
 use std::{
     cell::RefCell,
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{Arc, mpsc},
     thread,
     time::{Duration, Instant},
 };
@@ -30,6 +37,7 @@ use crate::{
     store::{
         Result, StoreError,
         audit::{AuditKey, Event, Sealed},
+        health::WriteHealth,
     },
 };
 
@@ -38,6 +46,17 @@ const MAX_BATCH: usize = 512;
 
 /// How long a transaction of fire-and-forget writes only waits for more before committing.
 const LINGER: Duration = Duration::from_millis(100);
+
+/// How often a store whose writes failed is probed.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The probe's write: enough pages that it needs the room a statement record does.
+const PROBE_BYTES: i64 = 256 * 1024;
+
+/// Free space the state directory's filesystem must keep: below it the store counts as
+/// failing before a write has failed (records are about to be lost), and a probe does not
+/// reopen it (a write that just fits would reopen the gate for the next record to fail).
+const MIN_FREE: u64 = 8 * 1024 * 1024;
 
 /// What a queued operation runs against: the open transaction, and the audit key to seal
 /// the records it appends.
@@ -63,12 +82,45 @@ impl Db<'_> {
     }
 }
 
+/// Why a job failed: `Some` with the error when the storage failed it (see
+/// [`storage_failure`]), `None` for a failure of the job's own (a conflict, bad input).
+type Failed = Option<String>;
+
+/// Whether `e` says the storage cannot keep writes (rather than that this write was wrong):
+/// the disk is full, I/O failed, the database is read-only, locked past the busy timeout,
+/// damaged, or gone.
+fn storage_failure(e: &StoreError) -> bool {
+    use rusqlite::ErrorCode as C;
+    match e {
+        StoreError::Io(_) | StoreError::Commit(_) => true,
+        StoreError::Backend(b) => b
+            .downcast_ref::<rusqlite::Error>()
+            .and_then(rusqlite::Error::sqlite_error_code)
+            .is_some_and(|c| {
+                matches!(
+                    c,
+                    C::DiskFull
+                        | C::SystemIoFailure
+                        | C::ReadOnly
+                        | C::DatabaseCorrupt
+                        | C::NotADatabase
+                        | C::CannotOpen
+                        | C::DatabaseBusy
+                        | C::DatabaseLocked
+                        | C::FileLockingProtocolFailed
+                        | C::OutOfMemory
+                )
+            }),
+        _ => false,
+    }
+}
+
 /// One queued operation. `run` executes inside a savepoint; `finish` is called after the
 /// enclosing transaction committed (or failed to).
 trait Job: Send {
     /// Whether a caller waits for this job's commit.
     fn awaited(&self) -> bool;
-    fn run(&mut self, db: &Db<'_>) -> bool;
+    fn run(&mut self, db: &Db<'_>) -> std::result::Result<(), Failed>;
     fn finish(self: Box<Self>, committed: std::result::Result<(), String>);
 }
 
@@ -87,28 +139,31 @@ where
         self.reply.is_some()
     }
 
-    fn run(&mut self, db: &Db<'_>) -> bool {
+    fn run(&mut self, db: &Db<'_>) -> std::result::Result<(), Failed> {
         let Some(f) = self.f.take() else {
-            return false;
+            return Err(None);
         };
         let result = f(db);
-        let ok = result.is_ok();
-        if let Err(e) = &result
-            && self.reply.is_none()
-        {
-            warn!(error = %e, "background store write failed");
-        }
+        let failed = match &result {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if self.reply.is_none() {
+                    warn!(error = %e, "background store write failed");
+                }
+                Err(storage_failure(e).then(|| e.to_string()))
+            }
+        };
         self.result = Some(result);
-        ok
+        failed
     }
 
     fn finish(self: Box<Self>, committed: std::result::Result<(), String>) {
         let Some(reply) = self.reply else { return };
         let result = match (committed, self.result) {
             (Ok(()), Some(r)) => r,
-            (Err(e), Some(Ok(_))) => Err(StoreError::Commit(e)),
+            (Err(e), Some(Ok(_)) | None) => Err(StoreError::Commit(e)),
             (_, Some(Err(e))) => Err(e),
-            (_, None) => Err(StoreError::Closed),
+            (Ok(()), None) => Err(StoreError::Closed),
         };
         let _ = reply.send(result);
     }
@@ -124,16 +179,31 @@ pub struct Writer {
 impl Writer {
     /// Starts the thread that owns `conn`, sealing audit records with `key`, keeping the head
     /// checkpoint at `head_path` and publishing committed audit records on `feed`.
+    /// Write failures are reported on `writes`; `on_recovery` runs once they are kept again.
     pub fn spawn(
         conn: Connection,
         key: AuditKey,
         head_path: PathBuf,
         feed: broadcast::Sender<AuditEvent>,
+        writes: WriteHealth,
+        on_recovery: Recovery,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
         let handle = thread::Builder::new()
             .name("jitgate-store".into())
-            .spawn(move || run(conn, &key, &rx, &head_path, &feed))?;
+            .spawn(move || {
+                run(
+                    conn,
+                    &key,
+                    &rx,
+                    &Sink {
+                        head_path: &head_path,
+                        feed: &feed,
+                        writes: &writes,
+                        on_recovery,
+                    },
+                );
+            })?;
         Ok(Self {
             tx,
             thread: handle.thread().clone(),
@@ -176,47 +246,122 @@ impl Writer {
     }
 }
 
-fn run(
-    mut conn: Connection,
-    key: &AuditKey,
-    rx: &mpsc::Receiver<Box<dyn Job>>,
-    head_path: &Path,
-    feed: &broadcast::Sender<AuditEvent>,
-) {
+/// Where the thread reports what it committed, and what it could not.
+struct Sink<'a> {
+    /// The audit head checkpoint.
+    head_path: &'a Path,
+    /// Committed audit records, for live subscribers.
+    feed: &'a broadcast::Sender<AuditEvent>,
+    writes: &'a WriteHealth,
+    /// Run (as a write of its own) once writes are kept again after failing.
+    on_recovery: Recovery,
+}
+
+/// What the store mends once its writes are kept again (records lost meanwhile whose
+/// absence would mislead: sessions that ended while their end could not be written).
+pub type Recovery = Arc<dyn Fn(&Db<'_>) -> Result<()> + Send + Sync>;
+
+fn run(mut conn: Connection, key: &AuditKey, rx: &mpsc::Receiver<Box<dyn Job>>, sink: &Sink<'_>) {
+    let writes = sink.writes;
     let mut last_head = None;
-    while let Ok(first) = rx.recv() {
-        let jobs = gather(rx, first);
-        let (jobs, committed) = run_batch(&mut conn, key, jobs);
-        if let Err(e) = &committed {
-            error!(error = %e, "state store transaction failed");
-        }
-        let mut published = Vec::new();
-        for (job, appended) in jobs {
-            if committed.is_ok() {
-                published.extend(appended);
+    let mut probed = Instant::now();
+    loop {
+        // While writes fail, wake at least every PROBE_EVERY to probe.
+        let first = if writes.get().is_some() {
+            match rx.recv_timeout(PROBE_EVERY) {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            job.finish(committed.clone());
+        } else {
+            match rx.recv() {
+                Ok(job) => Some(job),
+                Err(mpsc::RecvError) => break,
+            }
+        };
+        let mut recovered = false;
+        if writes.get().is_some() && probed.elapsed() >= PROBE_EVERY {
+            probed = Instant::now();
+            match probe(&mut conn, sink.head_path) {
+                Ok(()) => {
+                    warn!("the state store keeps writes again: the gate reopens");
+                    writes.kept();
+                    recovered = true;
+                }
+                Err(e) => tracing::debug!(error = %e, "state store probe failed"),
+            }
         }
+        let mut jobs = first.map(|first| gather(rx, first)).unwrap_or_default();
+        if recovered {
+            // After what was queued before: the ends of sessions queued meanwhile are
+            // written first, so only the ones whose writes were lost are mended.
+            let mend = Arc::clone(&sink.on_recovery);
+            jobs.push(Box::new(Call {
+                f: Some(move |db: &Db<'_>| mend(db)),
+                result: None,
+                reply: None::<oneshot::Sender<Result<()>>>,
+            }));
+        }
+        if !jobs.is_empty() {
+            commit(&mut conn, key, jobs, sink, &mut last_head);
+        }
+    }
+}
+
+/// Runs `jobs` in one transaction, answers their callers, publishes the audit records they
+/// appended and moves the head checkpoint on (`last_head`: the head last written).
+fn commit(
+    conn: &mut Connection,
+    key: &AuditKey,
+    jobs: Vec<Box<dyn Job>>,
+    sink: &Sink<'_>,
+    last_head: &mut Option<crate::store::audit::Head>,
+) {
+    let Sink {
+        head_path,
+        feed,
+        writes,
+        ..
+    } = *sink;
+    if let Err(e) = room(head_path) {
+        // Committed all the same (it may fit); the gate closes meanwhile.
+        writes.failed(&e);
+    }
+    let (jobs, committed) = run_batch(conn, key, jobs, writes);
+    if let Err(e) = &committed {
+        error!(error = %e, "state store transaction failed");
+        writes.failed(e);
+    }
+    let mut published = Vec::new();
+    for (job, appended) in jobs {
         if committed.is_ok() {
-            // Converting costs a JSON parse per record: only for someone listening.
-            if feed.receiver_count() > 0 {
-                for sealed in &published {
-                    let _ = feed.send(sealed.to_event());
-                }
-            }
-            match audit::head(&conn) {
-                Ok(head) if head != last_head => {
-                    if let Some(h) = &head
-                        && let Err(e) = audit::write_head(head_path, h)
-                    {
-                        warn!(error = %e, "could not write the audit head checkpoint");
-                    }
-                    last_head = head;
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "could not read the audit head"),
+            published.extend(appended);
+        }
+        job.finish(committed.clone());
+    }
+    if committed.is_err() {
+        return;
+    }
+    // Converting costs a JSON parse per record: only for someone listening.
+    if feed.receiver_count() > 0 {
+        for sealed in &published {
+            let _ = feed.send(sealed.to_event());
+        }
+    }
+    match audit::head(conn) {
+        Ok(head) if head != *last_head => {
+            if let Some(h) = &head
+                && let Err(e) = audit::write_head(head_path, h)
+            {
+                // Retried after the next commit (last_head is not moved on).
+                warn!(error = %e, "could not write the audit head checkpoint");
+                writes.failed(&format!("writing the audit head checkpoint: {e}"));
+            } else {
+                *last_head = head;
             }
         }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not read the audit head"),
     }
 }
 
@@ -250,10 +395,54 @@ fn gather(rx: &mpsc::Receiver<Box<dyn Job>>, first: Box<dyn Job>) -> Vec<Box<dyn
 /// A job and the audit records it appended.
 type Ran = (Box<dyn Job>, Vec<Sealed>);
 
+/// `Err` when the filesystem of the state directory (where `head_path` lives) has less than
+/// [`MIN_FREE`] left: the gate closes before a record has to be lost. A filesystem that
+/// cannot say counts as having room (the writes themselves still report failures).
+fn room(head_path: &Path) -> std::result::Result<(), String> {
+    let dir = head_path.parent().unwrap_or(head_path);
+    let fs = match nix::sys::statvfs::statvfs(dir) {
+        Ok(fs) => fs,
+        Err(e) => {
+            tracing::debug!(error = %e, dir = %dir.display(), "statvfs of the state directory failed");
+            return Ok(());
+        }
+    };
+    #[allow(clippy::useless_conversion)] // the field types differ between targets
+    let free = u64::from(fs.blocks_available()).saturating_mul(u64::from(fs.fragment_size()));
+    if free < MIN_FREE {
+        return Err(format!(
+            "only {} free on the filesystem of the state directory {} (at least {} is kept free for records)",
+            crate::model::human_bytes(free),
+            dir.display(),
+            crate::model::human_bytes(MIN_FREE)
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the storage keeps writes again: the state directory has room, and a write of
+/// [`PROBE_BYTES`] is committed (then deleted).
+fn probe(conn: &mut Connection, head_path: &Path) -> std::result::Result<(), String> {
+    room(head_path)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| e.to_string())?;
+    tx.execute(
+        "INSERT INTO store_probe (pad) VALUES (zeroblob(?1))",
+        [PROBE_BYTES],
+    )
+    .map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())?;
+    conn.execute("DELETE FROM store_probe", [])
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 fn run_batch(
     conn: &mut Connection,
     key: &AuditKey,
     jobs: Vec<Box<dyn Job>>,
+    writes: &WriteHealth,
 ) -> (Vec<Ran>, std::result::Result<(), String>) {
     let mut ran: Vec<Ran> = Vec::with_capacity(jobs.len());
     let mut jobs = jobs.into_iter();
@@ -271,11 +460,28 @@ fn run_batch(
                     return Err(e);
                 }
             };
-            let ok = job.run(&Db {
+            let outcome = job.run(&Db {
                 conn: &sp,
                 key,
                 appended: &appended,
             });
+            if let Err(Some(e)) = &outcome {
+                writes.failed(e);
+            }
+            // SQLite rolls the whole transaction back on some errors (a full disk, I/O,
+            // busy, out of memory). The jobs after this one must not run: their savepoints
+            // would each begin and commit a transaction of their own, while their callers
+            // are told the batch failed.
+            if outcome.is_err() && sp.is_autocommit() {
+                drop(sp);
+                let why = match outcome {
+                    Err(Some(e)) => e,
+                    _ => "a failed write".to_owned(),
+                };
+                ran.push((job, Vec::new()));
+                return Err(format!("the transaction was rolled back: {why}"));
+            }
+            let ok = outcome.is_ok();
             let kept = if ok {
                 sp.commit().map_err(|e| e.to_string())
             } else {
