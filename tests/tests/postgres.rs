@@ -959,6 +959,38 @@ fn skipped_executes_are_recorded_and_unsynced_ones_bounded() {
     );
 }
 
+/// Hostile: a workload preparing statements without end (each kept by the gate for its
+/// judgement and masking plan) is refused past the session's bound, by count and by bytes,
+/// with 54000 and a hint; closing them frees the room; the session stays usable.
+#[test]
+fn prepared_statements_are_bounded_per_session() {
+    jitgate_e2e::root_or_skip!();
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-prepared-bound", "", &body(&pg, ""));
+    for (n, pad, bound) in [("10050", "0", 10_000), ("1000", "100000", 100)] {
+        let out = pgclient(&gate, "read", &pg, &["hoard", n, pad]);
+        let prepared = out["prepared"].as_u64().unwrap_or_default();
+        assert!(
+            prepared >= bound && prepared < 10_001,
+            "{n} statements of {pad} bytes: {out}"
+        );
+        assert_eq!(out["refused"]["code"], "54000", "{out}");
+        let message = out["refused"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("prepared statements"), "{out}");
+        assert_eq!(out["after"][0][0], "after closing", "{out}");
+    }
+    // Re-packaged as SQL: PREPARE in simple queries counts against the same bound.
+    let mut script: String = (0..10_001)
+        .map(|i| format!("PREPARE p{i} AS SELECT {i};\n"))
+        .collect();
+    script.push_str("DEALLOCATE ALL;\nPREPARE again AS SELECT 'again';\nEXECUTE again;\n");
+    let ran = psql_script(&gate, "read", &pg, &script);
+    let refusals = ran.stderr.matches("this session holds").count();
+    assert_eq!(refusals, 1, "{}", ran.stderr);
+    assert!(ran.stderr.contains("54000"), "{}", ran.stderr);
+    assert!(ran.stdout.lines().any(|l| l == "again"), "{ran:#?}");
+}
+
 #[test]
 fn expiry_ends_a_session_mid_transaction_with_57p01() {
     jitgate_e2e::root_or_skip!();

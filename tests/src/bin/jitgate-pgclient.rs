@@ -114,6 +114,41 @@ async fn run(args: &[String]) -> Result<Value, tokio_postgres::Error> {
             }
             json!({"ok": true, "ran": ran, "codes": codes})
         }
+        // Prepares up to N named statements of about PAD bytes each, all kept, until one is
+        // refused: how many were prepared and the refusal's SQLSTATE and message; then
+        // closes them all (Close messages) and prepares one more, whose outcome it reports.
+        "hoard" => {
+            let n: usize = args[2].parse().unwrap_or(1);
+            let pad: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(0);
+            let filler = "x".repeat(pad);
+            let mut held = Vec::new();
+            let mut refused = json!(null);
+            for i in 0..n {
+                match client
+                    .prepare(&format!("SELECT {i}::int4, '{filler}'::text"))
+                    .await
+                {
+                    Ok(s) => held.push(s),
+                    Err(e) => {
+                        refused = json!({
+                            "code": e.code().map(|c| c.code().to_owned()).unwrap_or_default(),
+                            "message": e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string()),
+                        });
+                        break;
+                    }
+                }
+            }
+            let prepared = held.len();
+            drop(held);
+            let after = match client.prepare("SELECT 'after closing'::text").await {
+                Ok(s) => {
+                    let r = client.query(&s, &[]).await?;
+                    json!(rows(&r))
+                }
+                Err(e) => json!(e.code().map(|c| c.code().to_owned()).unwrap_or_default()),
+            };
+            json!({"ok": true, "prepared": prepared, "refused": refused, "after": after})
+        }
         // Several queries in flight at once (pipelining).
         "pipeline" => {
             let (a, b, c) = tokio::join!(

@@ -144,7 +144,7 @@ impl Pump<'_> {
             Frontend::Query => {
                 let mut body = frame.body.clone();
                 let text = take_cstr(&mut body).map_err(malformed)?;
-                let (verdict, rec) = self.decide(&text, "query", true).await;
+                let (verdict, rec) = self.decide(&text, "query", true, None).await;
                 in_flight_bound(&self.lock())?;
                 match verdict {
                     Ok(analysis) => {
@@ -186,7 +186,7 @@ impl Pump<'_> {
                     self.poison(None, name_in_use_error(&name), out);
                     return Ok(true);
                 }
-                let (verdict, rec) = self.decide(&text, "parse", true).await;
+                let (verdict, rec) = self.decide(&text, "parse", true, Some(&name)).await;
                 // The record for a prepared statement is per Execute; keep this decision's.
                 let removed = Self::take_record(&mut self.lock(), rec);
                 let (judged, recorded) = match removed {
@@ -212,12 +212,13 @@ impl Pump<'_> {
                             refs,
                             copy,
                             judged,
+                            bytes: prepared_footprint(recorded.len() + text.len()),
                             recorded,
                             copies_in: copies_in(&analysis),
                             prepaid: true,
                         }));
                         let mut st = self.lock();
-                        st.statements.insert(name.clone(), stmt.clone());
+                        st.insert_statement(name.clone(), stmt.clone());
                         st.expect.push_back(Expect::Parse(Some(name.clone())));
                         frame.write(out);
                         if self.masker.is_some() {

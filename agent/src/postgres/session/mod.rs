@@ -76,6 +76,14 @@ const MAX_RECORDED_TEXT: usize = 64 * 1024;
 /// without a Sync is ended here rather than holding a copy per Execute.
 const MAX_RECORDS_IN_FLIGHT: usize = 256 << 20;
 
+/// Most prepared statements (protocol-level and SQL `PREPARE`, named) a session may hold,
+/// and their bytes (each statement's text and what is derived from it). The gate must know
+/// every statement it lets a portal run (its judgement and masking plan), so it cannot forget
+/// one as it forgets cursors: past either bound a new one is refused (54000) until the
+/// client deallocates some. Rails keeps up to 1,000, pgx and JDBC a few hundred.
+const MAX_PREPARED: usize = 10_000;
+const MAX_PREPARED_BYTES: usize = 64 << 20;
+
 /// Most SQL cursors tracked per session (a client declaring more loses nothing: a `FETCH`
 /// from a forgotten cursor masks every computed value).
 const MAX_CURSORS: usize = 1024;

@@ -72,6 +72,44 @@ impl Pump<'_> {
     /// budget is spent, or (when `runs`) the grant or its identity is over its statements
     /// per second. A Parse takes from the rate for its statement's first run; each later
     /// run (a portal's first Execute) takes again.
+    /// Refuses a statement that would prepare more named statements than the session may
+    /// hold (`MAX_PREPARED`, `MAX_PREPARED_BYTES`): a Parse under `parse`'s name, or SQL
+    /// `PREPARE`s in `analysis`.
+    fn over_prepared(
+        &self,
+        text: &str,
+        parse: Option<&str>,
+        analysis: &Analysis,
+    ) -> Option<Verdict> {
+        let mut adding = 0;
+        let mut bytes = 0;
+        if parse.is_some_and(|name| !name.is_empty()) {
+            adding += 1;
+            bytes += prepared_footprint(text.len().min(MAX_RECORDED_TEXT) + text.len());
+        }
+        for s in analysis.iter().filter(|s| s.prepares.is_some()) {
+            adding += 1;
+            bytes += prepared_footprint(s.text.len());
+        }
+        if adding == 0 {
+            return None;
+        }
+        let (held, held_bytes) = self.lock().over_prepared(adding, bytes)?;
+        self.limit_reached("prepared_statements", MAX_PREPARED as u64);
+        Some(Verdict::Deny {
+            rule: "limit: prepared statements".into(),
+            error: PgError::error(
+                "54000",
+                format!(
+                    "jitgate: this session holds {held} prepared statements ({}); a session may hold at most {MAX_PREPARED} taking {} together: this one was not prepared",
+                    crate::model::human_bytes(held_bytes as u64),
+                    crate::model::human_bytes(MAX_PREPARED_BYTES as u64),
+                ),
+            )
+            .hint("DEALLOCATE (or Close) prepared statements no longer used; the session stays open"),
+        })
+    }
+
     pub(super) fn over_limits(&self, runs: bool) -> Option<Verdict> {
         let limits = &self.limits;
         let spent = self.lock().budget.spent(limits);
@@ -390,11 +428,13 @@ impl Pump<'_> {
     /// Judges a statement string; returns the poison error when refused.
     /// `runs`: whether it takes from the statement rate (a Query and a Parse do; see
     /// [`Pump::over_limits`]).
+    /// `parse` names the statement a Parse prepares (empty: the unnamed one).
     pub(super) async fn decide(
         &self,
         text: &str,
         rec_kind: &str,
         runs: bool,
+        parse: Option<&str>,
     ) -> (Result<Arc<Analysis>, PgError>, u32) {
         let started = Instant::now();
         let counted = |analysis: &Analysis, decision: Decision| {
@@ -414,7 +454,10 @@ impl Pump<'_> {
         if analysis.iter().any(|s| s.sets_search_path) {
             self.lock().search_path_changed = true;
         }
-        let verdict = match self.over_limits(runs) {
+        let verdict = match self
+            .over_limits(runs)
+            .or_else(|| self.over_prepared(text, parse, &analysis))
+        {
             Some(denied) => denied,
             None => match self.acting_functions(&analysis).await {
                 Ok(acting) => self.judge(&analysis, &acting),
@@ -465,7 +508,7 @@ impl Pump<'_> {
         let mut st = self.lock();
         for s in analysis {
             if let Some(name) = &s.prepares {
-                st.sql_prepared.insert(name.clone(), s.clone());
+                st.insert_sql_prepared(name.clone(), s.clone());
             }
             match &s.deallocates {
                 Some(Some(name)) => st.forget_prepared(name),

@@ -163,6 +163,8 @@ pub(super) struct StmtInfo {
     pub(super) recorded: String,
     /// Its Parse took from the statement rate for one run, not yet used by an Execute.
     pub(super) prepaid: bool,
+    /// What it counts in [`State::prepared_bytes`].
+    pub(super) bytes: usize,
 }
 
 pub(super) struct PortalInfo {
@@ -237,6 +239,9 @@ pub(super) struct State {
     /// The bytes of the portals' recorded parameters (see [`State::held_bytes`]).
     pub(super) portal_bytes: usize,
     pub(super) sql_prepared: HashMap<String, Statement>,
+    /// What the prepared statements of both kinds hold (see [`prepared_footprint`]), bounded
+    /// by `MAX_PREPARED_BYTES`.
+    pub(super) prepared_bytes: usize,
     pub(super) parse_mode: ParseMode,
     /// The simple-protocol result in progress.
     pub(super) current: Option<Arc<Plan>>,
@@ -270,8 +275,37 @@ impl State {
 
     /// `DEALLOCATE name` or Close: either kind goes.
     pub(super) fn forget_prepared(&mut self, name: &str) {
-        self.statements.remove(name);
-        self.sql_prepared.remove(name);
+        if let Some(old) = self.statements.remove(name) {
+            self.prepared_bytes -= stmt_bytes(&old);
+        }
+        if let Some(old) = self.sql_prepared.remove(name) {
+            self.prepared_bytes -= prepared_footprint(old.text.len());
+        }
+    }
+
+    /// A Parse's statement under `name` (the unnamed one replaces its predecessor).
+    pub(super) fn insert_statement(&mut self, name: String, stmt: Stmt) {
+        self.prepared_bytes += stmt_bytes(&stmt);
+        if let Some(old) = self.statements.insert(name, stmt) {
+            self.prepared_bytes -= stmt_bytes(&old);
+        }
+    }
+
+    /// A SQL `PREPARE`'s statement under `name`.
+    pub(super) fn insert_sql_prepared(&mut self, name: String, statement: Statement) {
+        self.prepared_bytes += prepared_footprint(statement.text.len());
+        if let Some(old) = self.sql_prepared.insert(name, statement) {
+            self.prepared_bytes -= prepared_footprint(old.text.len());
+        }
+    }
+
+    /// Whether `adding` more named statements of `bytes` more would pass the session's
+    /// bounds; `Some` with how many and how much it holds then.
+    pub(super) fn over_prepared(&self, adding: usize, bytes: usize) -> Option<(usize, usize)> {
+        let held = self.statements.len() + self.sql_prepared.len();
+        (held + adding > super::MAX_PREPARED
+            || self.prepared_bytes + bytes > super::MAX_PREPARED_BYTES)
+            .then_some((held, self.prepared_bytes))
     }
 
     /// Binds a portal under `name` (replacing one of that name).
@@ -329,12 +363,73 @@ impl State {
     pub(super) fn forget_all_prepared(&mut self) {
         self.sql_prepared.clear();
         self.statements.retain(|name, _| name.is_empty());
+        self.prepared_bytes = self.statements.values().map(stmt_bytes).sum();
     }
+}
+
+/// What a prepared statement of `text_len` bytes of text is counted as holding: its text
+/// (or its recorded form) and what the analysis derives from it (tables, functions, output
+/// references), plus the entry itself.
+pub(super) const fn prepared_footprint(text_len: usize) -> usize {
+    2 * text_len + 512
+}
+
+fn stmt_bytes(stmt: &Stmt) -> usize {
+    stmt.lock().unwrap_or_else(PoisonError::into_inner).bytes
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stmt(text_len: usize) -> Stmt {
+        Arc::new(Mutex::new(StmtInfo {
+            bytes: prepared_footprint(text_len),
+            ..StmtInfo::default()
+        }))
+    }
+
+    fn sql(text: &str) -> Statement {
+        Statement {
+            text: text.into(),
+            ..Statement::default()
+        }
+    }
+
+    /// The bytes counted for prepared statements follow every way one comes and goes:
+    /// replaced (the unnamed one at each Parse), closed, deallocated, all at once.
+    #[test]
+    fn prepared_bytes_follow_every_statement_in_and_out() {
+        let mut st = State::default();
+        let recount = |st: &State| -> usize {
+            st.statements.values().map(stmt_bytes).sum::<usize>()
+                + st.sql_prepared
+                    .values()
+                    .map(|s| prepared_footprint(s.text.len()))
+                    .sum::<usize>()
+        };
+        for i in 0..50 {
+            st.insert_statement(String::new(), stmt(i));
+            st.insert_statement(format!("s{i}"), stmt(100 + i));
+            st.insert_sql_prepared(format!("p{i}"), sql(&"x".repeat(i)));
+            assert_eq!(st.prepared_bytes, recount(&st));
+        }
+        st.insert_sql_prepared("p3".into(), sql("replaced"));
+        st.forget_prepared("s7");
+        st.forget_prepared("p9");
+        st.forget_prepared("nothing");
+        assert_eq!(st.prepared_bytes, recount(&st));
+        assert_eq!(st.over_prepared(1, 0), None);
+        assert!(st.over_prepared(super::super::MAX_PREPARED, 0).is_some());
+        assert!(
+            st.over_prepared(1, super::super::MAX_PREPARED_BYTES)
+                .is_some()
+        );
+        st.forget_all_prepared();
+        assert_eq!(st.statements.len(), 1, "the unnamed statement stays");
+        assert_eq!(st.prepared_bytes, recount(&st));
+        assert_eq!(st.prepared_bytes, prepared_footprint(49));
+    }
 
     fn bind(st: &mut State, name: &str) {
         st.binds += 1;
