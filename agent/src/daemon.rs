@@ -304,6 +304,7 @@ impl Daemon {
                 .collect(),
             caller: caller.actor().to_string(),
             store_writes: self.store.writes().and_then(|w| w.get()),
+            store_backlog: self.store.writes().map_or(0, |w| w.backlog() as u64),
             store: self.store.health().map(|h| {
                 let h = h.get();
                 let now = std::time::Instant::now();

@@ -821,6 +821,14 @@ fn print_status(s: &StatusReport) {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     println!("  kernel         {}", counters.join(" "));
+    if s.store_backlog > 1 << 20 {
+        println!(
+            "  store backlog  {} of records not yet written (new sessions are refused past {}, live ones cut past {})",
+            crate::model::human_bytes(s.store_backlog),
+            crate::model::human_bytes(crate::store::health::BACKLOG_REFUSE as u64),
+            crate::model::human_bytes(crate::store::health::BACKLOG_CUT as u64),
+        );
+    }
     if let Some(f) = &s.store_writes {
         println!(
             "  store writes   FAILING since {} ({} failures; last: {}): gate closed to every session until the store keeps writes again; free disk space in state_dir or mend the database",

@@ -211,6 +211,7 @@ mod tests {
             caller: "oidc ann@example.com".into(),
             store: None,
             store_writes: None,
+            store_backlog: 0,
         }
     }
 

@@ -212,6 +212,9 @@ pub struct StatusReport {
     /// Set while the store does not keep writes (the gate is closed meanwhile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_writes: Option<crate::store::health::WriteFailure>,
+    /// Bytes of records handed to the embedded store and not yet written.
+    #[serde(default)]
+    pub store_backlog: u64,
 }
 
 /// Where a shared state store stands, as `jitgate status` shows it.

@@ -151,6 +151,7 @@ impl Host for FakeHost {
                 caller: caller.actor().to_string(),
                 store: None,
                 store_writes: None,
+                store_backlog: 0,
             }
         })
     }

@@ -448,7 +448,7 @@ impl GrantEngine {
         let Some(writes) = &self.inner.writes else {
             return;
         };
-        if let Some(failure) = writes.get() {
+        if let Some(why) = writes.cuts_sessions() {
             self.inner.unrecorded.store(true, Ordering::SeqCst);
             let ended: Vec<LiveGrant> = self
                 .inner
@@ -459,7 +459,7 @@ impl GrantEngine {
                 .map(|(_, l)| l)
                 .collect();
             if !ended.is_empty() {
-                warn!(grants = ended.len(), error = %failure.error, "the state store does not keep writes: ending the sessions of every live grant");
+                warn!(grants = ended.len(), error = %why, "the state store does not keep writes: ending the sessions of every live grant");
             }
             for l in ended {
                 l.state.send_replace(GrantState::Unrecorded);

@@ -664,6 +664,25 @@ async fn a_store_that_stops_keeping_writes_ends_sessions_until_it_keeps_them_aga
         .expect("the grant is live again");
     assert_eq!(again.id, handle.id);
     assert_eq!(*again.state.borrow(), GrantState::Active);
+    // A store far behind on its records: refused first, then live sessions cut too.
+    let mut again = again;
+    let behind = crate::store::health::BACKLOG_REFUSE + 1;
+    h.store.writes.queued(behind);
+    assert!(h.engine.store_available().is_err());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(*again.state.borrow(), GrantState::Active, "not cut yet");
+    let more = crate::store::health::BACKLOG_CUT;
+    h.store.writes.queued(more);
+    tokio::time::timeout(Duration::from_secs(5), again.state.changed())
+        .await
+        .expect("cut within a sweep")
+        .unwrap();
+    assert_eq!(*again.state.borrow(), GrantState::Unrecorded);
+    h.store.writes.done(behind + more);
+    assert!(
+        eventually(|| h.engine.store_available().is_ok()).await,
+        "reopens once caught up"
+    );
 }
 
 /// Waits (briefly) until `cond` holds: other hosts hear of grants through the store's

@@ -32,7 +32,17 @@ pub struct Report {
     pub pending_requests: Option<usize>,
 }
 
+/// The check that the store keeps what it is given. It failing closes the gate on purpose
+/// (a full disk): the agent is doing its job, and a restart would not mend it.
+const STORE_WRITES: &str = "store_writes";
+
 impl Report {
+    /// Whether a failing check is one a restart of the agent may mend (the watchdog then
+    /// lets systemd restart it); a store that cannot write is not.
+    pub fn restart_may_mend(&self) -> bool {
+        self.checks.iter().any(|c| !c.ok && c.name != STORE_WRITES)
+    }
+
     /// One line saying what failed, for the watchdog's STATUS and the log.
     pub fn problems(&self) -> String {
         self.checks
@@ -55,7 +65,7 @@ pub async fn check_all(agent: &dyn Vitals) -> Report {
     let gate = agent.gate_pinned();
     let store = tokio::time::timeout(STORE_DEADLINE, agent.pending_requests()).await;
     let (store, pending) = match store {
-        Ok(Ok(n)) => (agent.store_writes(), Some(n)),
+        Ok(Ok(n)) => (Ok(()), Some(n)),
         Ok(Err(e)) => (Err(format!("the state store failed: {e}")), None),
         Err(_) => (
             Err(format!(
@@ -65,7 +75,11 @@ pub async fn check_all(agent: &dyn Vitals) -> Report {
             None,
         ),
     };
-    let checks = vec![check("gate", gate), check("store", store)];
+    let checks = vec![
+        check("gate", gate),
+        check("store", store),
+        check(STORE_WRITES, agent.store_writes()),
+    ];
     Report {
         ok: checks.iter().all(|c| c.ok),
         checks,

@@ -39,6 +39,8 @@ pub fn stopping() {
 
 /// Pings the watchdog at half its interval while healthy. When a check fails the ping is
 /// withheld and STATUS says why; systemd then restarts the agent, which re-pins what was lost.
+/// A store that cannot write is the exception: the agent keeps the gate closed on purpose,
+/// and a restart would not mend the disk.
 pub fn spawn_watchdog(agent: Arc<dyn Vitals>, shutdown: CancellationToken) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;
@@ -60,6 +62,15 @@ pub fn spawn_watchdog(agent: Arc<dyn Vitals>, shutdown: CancellationToken) {
                     failing = false;
                 }
                 send(&[NotifyState::Watchdog]);
+            } else if !report.restart_may_mend() {
+                // The gate is closed on purpose (a store that cannot write): the agent
+                // works; a restart would only drop what it holds.
+                let problems = report.problems();
+                send(&[
+                    NotifyState::Status(&format!("gate closed: {problems}")),
+                    NotifyState::Watchdog,
+                ]);
+                failing = true;
             } else {
                 let problems = report.problems();
                 warn!(problems = %problems, "unhealthy: withholding the watchdog ping");

@@ -345,20 +345,60 @@ pub struct WriteFailure {
 /// ones and new grants ([`WriteHealth::check`]), and the store probes until a real write
 /// succeeds again ([`WriteHealth::kept`]). Ordinary successes do not clear a failure: a
 /// small write can fit where a statement record does not, and the gate would flap.
+///
+/// It also counts the backlog: bytes of records handed to the store and not yet written. A
+/// disk slower than the sessions' records would otherwise hold them in memory without bound:
+/// past [`BACKLOG_REFUSE`] new sessions are refused until it catches up, past
+/// [`BACKLOG_CUT`] live sessions are cut too (their records could not be kept in time).
 #[derive(Clone, Debug)]
 pub struct WriteHealth {
     tx: std::sync::Arc<watch::Sender<Option<WriteFailure>>>,
+    backlog: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Bytes of records waiting for the store past which new sessions are refused.
+pub const BACKLOG_REFUSE: usize = 64 << 20;
+
+/// Bytes of records waiting for the store past which live sessions are cut.
+pub const BACKLOG_CUT: usize = 256 << 20;
 
 impl Default for WriteHealth {
     fn default() -> Self {
         Self {
             tx: std::sync::Arc::new(watch::channel(None).0),
+            backlog: std::sync::Arc::default(),
         }
     }
 }
 
 impl WriteHealth {
+    /// `bytes` of records were handed to the store.
+    pub fn queued(&self, bytes: usize) {
+        self.backlog
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `bytes` of records handed to the store were written (or failed).
+    pub fn done(&self, bytes: usize) {
+        self.backlog
+            .fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes of records handed to the store and not yet written.
+    pub fn backlog(&self) -> usize {
+        self.backlog.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `Some` with why, when live sessions must end: writes fail, or the backlog is past
+    /// [`BACKLOG_CUT`].
+    pub fn cuts_sessions(&self) -> Option<String> {
+        if let Some(f) = self.get() {
+            return Some(f.error);
+        }
+        let backlog = self.backlog();
+        (backlog > BACKLOG_CUT).then(|| behind(backlog))
+    }
+
     /// `None` while writes are kept.
     pub fn get(&self) -> Option<WriteFailure> {
         self.tx.borrow().clone()
@@ -391,13 +431,28 @@ impl WriteHealth {
         self.tx.send_if_modified(|f| f.take().is_some());
     }
 
-    /// `Ok` while writes are kept, else the error new sessions and grants are refused with.
+    /// `Ok` while writes are kept and the backlog is under [`BACKLOG_REFUSE`], else the
+    /// error new sessions and grants are refused with.
     pub fn check(&self) -> Result<(), StoreError> {
-        match &*self.tx.borrow() {
-            None => Ok(()),
-            Some(f) => Err(StoreError::Unavailable(f.refusal())),
+        if let Some(f) = &*self.tx.borrow() {
+            return Err(StoreError::Unavailable(f.refusal()));
         }
+        let backlog = self.backlog();
+        if backlog > BACKLOG_REFUSE {
+            return Err(StoreError::Unavailable(format!(
+                "{}: no new session until it catches up (retry in a moment; `jitgate status` shows the store)",
+                behind(backlog)
+            )));
+        }
+        Ok(())
     }
+}
+
+fn behind(backlog: usize) -> String {
+    format!(
+        "the state store on this host is {} of records behind (its disk is slower than the sessions' records)",
+        crate::model::human_bytes(backlog as u64)
+    )
 }
 
 impl WriteFailure {

@@ -62,6 +62,24 @@ pub struct SqliteStore {
     feed: broadcast::Sender<AuditEvent>,
 }
 
+/// About what one audit record takes (its event's fields, the seal, the row).
+const AUDIT_BYTES: usize = 1024;
+
+/// About what a session's row and its audit record take.
+fn session_bytes(s: &Session) -> usize {
+    AUDIT_BYTES + s.command.len() + s.detail.len() + s.destination.len()
+}
+
+/// About what a statement's row takes.
+fn statement_bytes(s: &StatementRecord) -> usize {
+    256 + s.text.len()
+        + s.params
+            .iter()
+            .map(|p| p.as_ref().map_or(8, String::len))
+            .sum::<usize>()
+        + s.error.as_ref().map_or(0, String::len)
+}
+
 /// Ids of the sessions the store was told of as opened and not yet as ended.
 type Opened = Arc<Mutex<HashSet<String>>>;
 
@@ -170,11 +188,11 @@ impl SqliteStore {
         self.writer.call(f).await
     }
 
-    fn submit<F>(&self, f: F)
+    fn submit<F>(&self, bytes: usize, f: F)
     where
         F: FnOnce(&Db<'_>) -> Result<()> + Send + 'static,
     {
-        self.writer.submit(f);
+        self.writer.submit(bytes, f);
     }
 
     /// Tells subscribers of a committed change (none listening is fine).
@@ -497,7 +515,7 @@ impl Store for SqliteStore {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(session.id.clone());
-        self.submit(move |db| {
+        self.submit(session_bytes(&session), move |db| {
             queries::insert_session(db.conn, &session)?;
             db.append(&session_actor(&session), &Event::session_start(&session))?;
             Ok(())
@@ -505,7 +523,7 @@ impl Store for SqliteStore {
     }
 
     fn session_refused(&self, session: Session) {
-        self.submit(move |db| {
+        self.submit(session_bytes(&session), move |db| {
             queries::insert_session(db.conn, &session)?;
             db.append(&session_actor(&session), &Event::session_refused(&session))?;
             Ok(())
@@ -517,7 +535,7 @@ impl Store for SqliteStore {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&session.id);
-        self.submit(move |db| {
+        self.submit(session_bytes(&session), move |db| {
             let s = &session;
             queries::end_session(
                 db.conn,
@@ -534,7 +552,8 @@ impl Store for SqliteStore {
     }
 
     fn record_statements(&self, batch: Vec<StatementRecord>) {
-        self.submit(move |db| queries::insert_statements(db.conn, &batch));
+        let bytes = batch.iter().map(statement_bytes).sum();
+        self.submit(bytes, move |db| queries::insert_statements(db.conn, &batch));
     }
 
     fn sessions(&self, open_only: bool, limit: usize) -> StoreFuture<'_, Vec<Session>> {
@@ -567,7 +586,7 @@ impl Store for SqliteStore {
     }
 
     fn submit_audit(&self, actor: String, event: Event) {
-        self.submit(move |db| db.append(&actor, &event).map(drop));
+        self.submit(AUDIT_BYTES, move |db| db.append(&actor, &event).map(drop));
     }
 
     fn audit_log(
@@ -736,7 +755,7 @@ mod write_failure_tests {
             })
             .await
             .expect("cap");
-        store.submit(|db| {
+        store.submit(1 << 20, |db| {
             db.conn.execute(
                 "INSERT INTO store_probe (pad) VALUES (zeroblob(1000000))",
                 [],
@@ -750,7 +769,7 @@ mod write_failure_tests {
         store.session_ended(end);
         // Queued behind it in the same batch: must not be committed on its own after
         // SQLite rolled the transaction back (its caller is told the batch failed).
-        store.submit(|db| {
+        store.submit(1 << 20, |db| {
             db.conn
                 .execute("INSERT INTO store_probe (pad) VALUES (x'01')", [])?;
             Ok(())
@@ -834,6 +853,39 @@ mod write_failure_tests {
             "{:?}",
             history.events
         );
+    }
+
+    /// A store that falls behind (here: its thread held up by a slow write) refuses new
+    /// sessions past BACKLOG_REFUSE and cuts live ones past BACKLOG_CUT, by the bytes handed
+    /// to it and not yet written; it reopens once it has caught up.
+    #[tokio::test]
+    async fn a_store_behind_on_its_records_closes_the_gate_until_it_catches_up() {
+        use crate::store::health::{BACKLOG_CUT, BACKLOG_REFUSE};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&tmp.path().join("state")).expect("open");
+        let writes = store.writes().expect("writes");
+        store.submit(0, |_| {
+            std::thread::sleep(Duration::from_millis(500));
+            Ok(())
+        });
+        let mb = 1 << 20;
+        for _ in 0..=(BACKLOG_REFUSE / mb) {
+            store.submit(mb, |_| Ok(()));
+        }
+        let refusal = writes
+            .check()
+            .expect_err("refused while behind")
+            .to_string();
+        assert!(refusal.contains("behind"), "{refusal}");
+        assert!(writes.cuts_sessions().is_none(), "not yet past BACKLOG_CUT");
+        for _ in 0..=((BACKLOG_CUT - BACKLOG_REFUSE) / mb) {
+            store.submit(mb, |_| Ok(()));
+        }
+        assert!(writes.cuts_sessions().is_some(), "past BACKLOG_CUT");
+        store.flush().await.expect("caught up");
+        assert_eq!(writes.backlog(), 0);
+        assert!(writes.check().is_ok());
+        assert!(writes.cuts_sessions().is_none());
     }
 
     /// Longer than one probe interval.

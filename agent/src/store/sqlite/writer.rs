@@ -120,12 +120,16 @@ fn storage_failure(e: &StoreError) -> bool {
 trait Job: Send {
     /// Whether a caller waits for this job's commit.
     fn awaited(&self) -> bool;
+    /// The bytes of records it counts in the store's backlog (fire-and-forget writes).
+    fn bytes(&self) -> usize;
     fn run(&mut self, db: &Db<'_>) -> std::result::Result<(), Failed>;
     fn finish(self: Box<Self>, committed: std::result::Result<(), String>);
 }
 
 struct Call<T, F> {
     f: Option<F>,
+    /// See [`Job::bytes`].
+    bytes: usize,
     result: Option<Result<T>>,
     reply: Option<oneshot::Sender<Result<T>>>,
 }
@@ -137,6 +141,10 @@ where
 {
     fn awaited(&self) -> bool {
         self.reply.is_some()
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes
     }
 
     fn run(&mut self, db: &Db<'_>) -> std::result::Result<(), Failed> {
@@ -172,6 +180,8 @@ where
 /// Handle on the store thread.
 pub struct Writer {
     tx: mpsc::Sender<Box<dyn Job>>,
+    /// Counts the backlog of fire-and-forget writes.
+    writes: WriteHealth,
     /// The store thread, unparked by callers that wait (see the module doc).
     thread: thread::Thread,
 }
@@ -189,6 +199,7 @@ impl Writer {
         on_recovery: Recovery,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Box<dyn Job>>();
+        let counted = writes.clone();
         let handle = thread::Builder::new()
             .name("jitgate-store".into())
             .spawn(move || {
@@ -206,6 +217,7 @@ impl Writer {
             })?;
         Ok(Self {
             tx,
+            writes: counted,
             thread: handle.thread().clone(),
         })
     }
@@ -219,6 +231,7 @@ impl Writer {
         let (reply, rx) = oneshot::channel();
         let job = Call {
             f: Some(f),
+            bytes: 0,
             result: None,
             reply: Some(reply),
         };
@@ -230,17 +243,21 @@ impl Writer {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Queues `f` without waiting (session bookkeeping on the data path).
-    pub fn submit<F>(&self, f: F)
+    /// Queues `f` without waiting (session bookkeeping on the data path), counting `bytes`
+    /// (about what it writes) in the backlog until it is written.
+    pub fn submit<F>(&self, bytes: usize, f: F)
     where
         F: FnOnce(&Db<'_>) -> Result<()> + Send + 'static,
     {
         let job: Call<(), F> = Call {
             f: Some(f),
+            bytes,
             result: None,
             reply: None,
         };
+        self.writes.queued(bytes);
         if self.tx.send(Box::new(job)).is_err() {
+            self.writes.done(bytes);
             warn!("state store is shut down; dropping a background write");
         }
     }
@@ -298,6 +315,7 @@ fn run(mut conn: Connection, key: &AuditKey, rx: &mpsc::Receiver<Box<dyn Job>>, 
             let mend = Arc::clone(&sink.on_recovery);
             jobs.push(Box::new(Call {
                 f: Some(move |db: &Db<'_>| mend(db)),
+                bytes: 0,
                 result: None,
                 reply: None::<oneshot::Sender<Result<()>>>,
             }));
@@ -337,7 +355,9 @@ fn commit(
         if committed.is_ok() {
             published.extend(appended);
         }
+        let bytes = job.bytes();
         job.finish(committed.clone());
+        writes.done(bytes);
     }
     if committed.is_err() {
         return;
