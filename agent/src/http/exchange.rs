@@ -113,7 +113,8 @@ pub(super) struct Ctx<'a> {
     pub(super) holding: AtomicU32,
     /// The response masks for this identity and grant (`None`: nothing masked).
     pub(super) masker: Option<Arc<BodyMasker>>,
-    /// Relays of upgraded connections (WebSocket, SPDY): they outlive the HTTP exchange and
+    /// Relays of upgraded connections (WebSocket, SPDY), at most [`MAX_TUNNELS`] running:
+    /// they outlive the HTTP exchange and
     /// end with the session.
     pub(super) upgraded: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     pub(super) stop: CancellationToken,
@@ -126,6 +127,10 @@ pub(super) struct Ctx<'a> {
 /// Response bodies one connection may hold whole for masking at once, each up to
 /// [`kube::MAX_MASKED_BODY`].
 pub(super) const MAX_MASKED_HELD: usize = 2;
+
+/// Tunnels (upgraded streams) one session may hold open at once: kubectl opens one per
+/// exec, attach or port-forward; an HTTP/2 client could otherwise open one per stream.
+pub(super) const MAX_TUNNELS: usize = 16;
 
 /// A response body that writes its request's record once sent to its end, or dropped (the
 /// client gone, the session cut): with the sizes of both bodies and, where the resource keeps
@@ -920,6 +925,38 @@ impl Ctx<'_> {
                 .headers
                 .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         }
+        // A tunnel outlives its exchange and holds an upstream descriptor: counted against
+        // the agent's (see `Upstream::hold`), and at most MAX_TUNNELS per session (an HTTP/2
+        // client multiplexes them over its one connection).
+        let tunnel = match &upgrade {
+            None => None,
+            Some(_) => {
+                let open = {
+                    let mut relays = self
+                        .upgraded
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    relays.retain(|r| !r.is_finished());
+                    relays.len()
+                };
+                if open >= MAX_TUNNELS {
+                    return Err(Refusal {
+                        status: 429,
+                        error: format!(
+                            "this connection already holds {open} open streams (exec, attach, port-forward, WebSocket), the most one connection may"
+                        ),
+                        rule: None,
+                        hint: Some("close a stream first, or open another connection".into()),
+                    });
+                }
+                Some(self.upstream.hold().map_err(|e| Refusal {
+                    status: 503,
+                    error: e.to_string(),
+                    rule: None,
+                    hint: Some(e.hint()),
+                })?)
+            }
+        };
         // An exec or attach stream is recorded from its first byte, or not opened at all: its
         // recording is started before the request goes upstream, so one that cannot be
         // (the state directory unwritable, the disk full) never reaches the cluster.
@@ -1002,6 +1039,7 @@ impl Ctx<'_> {
             }
             let recording = recording.map(|(cast, _)| cast);
             let relay = tokio::spawn(async move {
+                let _tunnel = tunnel;
                 let (client, upstream) = tokio::join!(client_upgraded, upstream_upgraded);
                 match (client, upstream) {
                     (Ok(c), Ok(u)) => {

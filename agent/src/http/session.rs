@@ -207,7 +207,7 @@ pub async fn serve(
         resource: &session.resource.name,
         settings,
         grant,
-        upstream: Upstream::new(dial),
+        upstream: Upstream::new(dial, Some(session.services.limits.clone())),
         counters: session.record.counters.clone(),
         seq: AtomicU32::new(0),
         holding: AtomicU32::new(0),

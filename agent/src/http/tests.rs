@@ -502,24 +502,97 @@ where
     (sender, task)
 }
 
+/// An RFC 8441 WebSocket request (extended CONNECT) for `uri`.
+fn websocket_over_h2(uri: &str) -> Request<Empty<Bytes>> {
+    let mut req = Request::builder()
+        .method("CONNECT")
+        .uri(uri)
+        .header("sec-websocket-version", "13")
+        .header("authorization", "Bearer mine")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    req
+}
+
+/// Hostile: an HTTP/2 client multiplexes tunnels over its one connection, each holding an
+/// upstream descriptor after its exchange ended. A session holds at most MAX_TUNNELS (429
+/// past that, room again once one closes), and each upstream descriptor beyond the
+/// session's first holds an agent-wide slot until it closes.
+#[tokio::test]
+async fn tunnels_are_bounded_per_session_and_counted_against_the_agent() {
+    use tokio::io::AsyncBufReadExt as _;
+    let (h, _dir) = harness("").await;
+    h.grant_access(crate::config::Access::Write).await;
+    let (sender, _task) = h2_client::<Empty<Bytes>>(&h).await;
+    let limits = &h.ctx.services.limits;
+    let base = limits.in_use("bot").0;
+    let open_one = || async {
+        let mut res = sender
+            .clone()
+            .send_request(websocket_over_h2("http://svc/ws"))
+            .await
+            .expect("response");
+        if res.status() != 200 {
+            return Err(res.status().as_u16());
+        }
+        let up = hyper::upgrade::on(&mut res)
+            .await
+            .expect("the stream opens");
+        let mut io = tokio::io::BufReader::new(TokioIo::new(up));
+        let mut hello = String::new();
+        io.read_line(&mut hello).await.expect("hello");
+        Ok(io)
+    };
+    let mut open = Vec::new();
+    for _ in 0..super::exchange::MAX_TUNNELS {
+        open.push(open_one().await.expect("within the bound"));
+    }
+    let held = limits.in_use("bot").0;
+    assert!(
+        held >= base + super::exchange::MAX_TUNNELS - 1,
+        "tunnels hold agent-wide slots: {base} then {held}"
+    );
+    let (status, body) = answer(
+        sender
+            .clone()
+            .send_request(websocket_over_h2("http://svc/ws")),
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("open streams"), "{body}");
+    // One closes: room for another, once its relay has ended.
+    drop(open.pop());
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(io) = open_one().await {
+            again = Some(io);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "a closed tunnel gave its place back");
+    drop(again);
+    drop(open);
+    let mut back = limits.in_use("bot").0;
+    for _ in 0..100 {
+        if back <= base + 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        back = limits.in_use("bot").0;
+    }
+    assert!(back <= base + 1, "slots given back: {base} then {back}");
+}
+
 /// RFC 8441: a WebSocket over HTTP/2 is judged as the HTTP/1.1 upgrade it becomes upstream
 /// (write needed), relayed with the credential injected and scrubbed, answered 200 without
 /// upgrade headers, and cut with the grant.
 #[tokio::test]
 async fn websocket_over_http2_is_judged_relayed_and_cut_with_the_grant() {
     use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
-    let connect = |uri: &str| {
-        let mut req = Request::builder()
-            .method("CONNECT")
-            .uri(uri)
-            .header("sec-websocket-version", "13")
-            .header("authorization", "Bearer mine")
-            .body(Empty::<Bytes>::new())
-            .expect("request");
-        req.extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("websocket"));
-        req
-    };
+    let connect = websocket_over_h2;
     // Read access does not open a stream the gate cannot judge.
     {
         let (h, _dir) = harness("").await;

@@ -10,7 +10,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError, Weak,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -29,6 +29,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::either::Either;
 
 use super::body::{ClientBody, Counted, Tapped};
+use crate::protocol::limits::{Exceeded, Extra, Limits};
 
 /// How long connecting (TCP and TLS) to the upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,6 +40,18 @@ const MAX_IDLE: usize = 8;
 /// Requests of one session in flight upstream at once (each on its own connection); more
 /// wait for one to end. An HTTP/2 client could otherwise open a connection per stream.
 pub const MAX_IN_FLIGHT: usize = 16;
+
+/// One upstream descriptor counted (see [`Upstream::hold`]).
+pub struct Held {
+    open: Arc<AtomicUsize>,
+    _extra: Option<Extra>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// What a request's body is on its way up: the client's, counted and seen by the request's
 /// record.
@@ -57,6 +70,11 @@ type Idle = Mutex<Vec<SendRequest<Sent>>>;
 /// The session's upstream connections (see the module documentation).
 pub struct Upstream {
     dial: Dial,
+    /// The agent-wide connection count: each upstream connection or tunnel beyond the
+    /// session's first takes a slot of it (see [`Upstream::hold`]).
+    fds: Option<Limits>,
+    /// Upstream connections and tunnels open now.
+    open: Arc<AtomicUsize>,
     idle: Arc<Idle>,
     in_flight: Arc<tokio::sync::Semaphore>,
     /// The tasks driving each connection, aborted with the session.
@@ -77,9 +95,13 @@ impl Drop for Upstream {
 }
 
 impl Upstream {
-    pub fn new(dial: Dial) -> Self {
+    /// `fds`: the agent-wide limits further connections and tunnels count against (`None`
+    /// in tests of the exchange alone).
+    pub fn new(dial: Dial, fds: Option<Limits>) -> Self {
         Self {
             dial,
+            fds,
+            open: Arc::default(),
             idle: Arc::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             drivers: Mutex::default(),
@@ -130,7 +152,30 @@ impl Upstream {
         }))
     }
 
+    /// Counts one more upstream descriptor of this session (a connection, or a tunnel that
+    /// outlives its connection's driver) until the returned guard drops. The session's
+    /// first is covered by its own slot; each further one takes an agent-wide slot, so the
+    /// agent's descriptors stay within its limit however many an HTTP/2 client multiplexes.
+    pub fn hold(&self) -> Result<Held, Exceeded> {
+        let before = self.open.fetch_add(1, Ordering::SeqCst);
+        let extra = match &self.fds {
+            Some(limits) if before >= 1 => match limits.extra() {
+                Ok(extra) => Some(extra),
+                Err(e) => {
+                    self.open.fetch_sub(1, Ordering::SeqCst);
+                    return Err(e);
+                }
+            },
+            _ => None,
+        };
+        Ok(Held {
+            open: self.open.clone(),
+            _extra: extra,
+        })
+    }
+
     async fn connect(&self) -> Result<SendRequest<Sent>, String> {
+        let held = self.hold().map_err(|e| format!("{e}; {}", e.hint()))?;
         let addr = self.dial.addr;
         let connecting = async {
             let tcp = TcpStream::connect(addr)
@@ -162,6 +207,7 @@ impl Upstream {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
+            drop(held);
         });
         {
             let mut drivers = self.drivers.lock().unwrap_or_else(PoisonError::into_inner);

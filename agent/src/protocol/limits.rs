@@ -12,6 +12,8 @@
 //! * every attributed connection, agent-wide: kept below the process's descriptor limit (each session
 //!   holds two descriptors), so that a flood spread over many identities still leaves the
 //!   agent descriptors for its store, control socket and other workloads' next connections.
+//!   A session that holds more upstream descriptors (an HTTP session's further connections
+//!   and tunnels) takes a slot of this count for each ([`Limits::extra`]).
 
 use std::{
     collections::HashMap,
@@ -239,6 +241,38 @@ fn decrement(map: &mut HashMap<String, usize>, key: &str) {
     }
 }
 
+impl Limits {
+    /// An agent-wide slot for a descriptor a session holds beyond its first upstream
+    /// connection (an HTTP session's further upstream connections and its tunnels: an
+    /// HTTP/2 client multiplexes many on its one connection), held until dropped.
+    pub fn extra(&self) -> Result<Extra, Exceeded> {
+        let mut c = self.counts();
+        if c.agent >= self.agent_max {
+            return Err(Exceeded {
+                kind: Kind::Agent,
+                limit: self.agent_max,
+                scope: "the host agent".into(),
+            });
+        }
+        c.agent += 1;
+        Ok(Extra {
+            limits: self.clone(),
+        })
+    }
+}
+
+/// See [`Limits::extra`].
+pub struct Extra {
+    limits: Limits,
+}
+
+impl Drop for Extra {
+    fn drop(&mut self) {
+        let mut c = self.limits.counts();
+        c.agent = c.agent.saturating_sub(1);
+    }
+}
+
 /// A connection's slots: its agent-wide one for its whole life, its pending one until the
 /// grant decision, its session ones once granted.
 pub struct Pending {
@@ -317,6 +351,24 @@ impl Drop for Granted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extra_descriptors_count_against_the_agent_cap_and_are_given_back() {
+        let limits = Limits::with_agent_max(3);
+        let session = limits.pending("a", 8).expect("slot");
+        let extras: Vec<_> = (0..2).map(|_| limits.extra().expect("extra")).collect();
+        assert_eq!(limits.in_use("a").0, 3);
+        let full = limits.extra().err().expect("the agent is full");
+        assert_eq!(full.kind, Kind::Agent);
+        assert!(
+            limits.pending("b", 8).is_err(),
+            "extras leave no room for sessions"
+        );
+        drop(extras);
+        assert_eq!(limits.in_use("a").0, 1);
+        drop(session);
+        assert_eq!(limits.in_use("a").0, 0);
+    }
 
     #[test]
     fn pending_slots_are_per_identity_and_given_back() {
