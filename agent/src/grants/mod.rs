@@ -13,7 +13,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, PoisonError, RwLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -156,6 +156,8 @@ struct Inner {
     writes: Option<WriteHealth>,
     /// Set while the live set is emptied because writes failed, until it is reloaded.
     unrecorded: AtomicBool,
+    /// The store's failure count last seen (see [`GrantEngine::check_writes`]).
+    writes_seen: AtomicU64,
     /// What the live set was last checked against: the store's connection epoch it was
     /// reloaded on, and the confirmation it holds by (see [`GrantEngine::check_store`]).
     lease: Mutex<Lease>,
@@ -240,6 +242,7 @@ impl GrantEngine {
         );
         let engine = Self {
             inner: Arc::new(Inner {
+                writes_seen: AtomicU64::new(store.writes().map_or(0, |w| w.failures())),
                 writes: store.writes(),
                 unrecorded: AtomicBool::new(false),
                 store,
@@ -448,7 +451,13 @@ impl GrantEngine {
         let Some(writes) = &self.inner.writes else {
             return;
         };
-        if let Some(why) = writes.cuts_sessions() {
+        // A failure counts even if it cleared before this tick: records were lost.
+        let failures = writes.failures();
+        let missed = self.inner.writes_seen.swap(failures, Ordering::SeqCst) != failures;
+        let cut = writes
+            .cuts_sessions()
+            .or_else(|| missed.then(|| "a write was not kept".to_owned()));
+        if let Some(why) = cut {
             self.inner.unrecorded.store(true, Ordering::SeqCst);
             let ended: Vec<LiveGrant> = self
                 .inner
@@ -459,7 +468,7 @@ impl GrantEngine {
                 .map(|(_, l)| l)
                 .collect();
             if !ended.is_empty() {
-                warn!(grants = ended.len(), error = %why, "the state store does not keep writes: ending the sessions of every live grant");
+                warn!(grants = ended.len(), error = %why, "the state store does not keep records in time: ending the sessions of every live grant");
             }
             for l in ended {
                 l.state.send_replace(GrantState::Unrecorded);
@@ -1149,6 +1158,10 @@ impl GrantEngine {
         request: Request,
         ttl: Option<Duration>,
     ) -> Result<Approved, EngineError> {
+        // Nothing is issued that could not be recorded whole (see `file_for`).
+        if let Some(writes) = &self.inner.writes {
+            writes.check()?;
+        }
         let id = request.id.clone();
         let id = id.as_str();
         if request.statement.is_some() {

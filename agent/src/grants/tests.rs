@@ -664,6 +664,24 @@ async fn a_store_that_stops_keeping_writes_ends_sessions_until_it_keeps_them_aga
         .expect("the grant is live again");
     assert_eq!(again.id, handle.id);
     assert_eq!(*again.state.borrow(), GrantState::Active);
+    // Hostile: a failure that clears before the engine looks (a lock held past the busy
+    // timeout, a moment's ENOSPC) still cuts: records were lost.
+    let mut again = again;
+    h.store.writes.failed("database is locked");
+    h.store.writes.kept();
+    tokio::time::timeout(Duration::from_secs(5), again.state.changed())
+        .await
+        .expect("cut though the failure already cleared")
+        .unwrap();
+    assert_eq!(*again.state.borrow(), GrantState::Unrecorded);
+    assert!(
+        eventually(|| h.engine.store_available().is_ok()).await,
+        "reopens"
+    );
+    let again = h
+        .engine
+        .find("ci-bot", None, "cache", Access::Read)
+        .expect("the grant is live again");
     // A store far behind on its records: refused first, then live sessions cut too.
     let mut again = again;
     let behind = crate::store::health::BACKLOG_REFUSE + 1;

@@ -40,7 +40,12 @@ impl Report {
     /// Whether a failing check is one a restart of the agent may mend (the watchdog then
     /// lets systemd restart it); a store that cannot write is not.
     pub fn restart_may_mend(&self) -> bool {
-        self.checks.iter().any(|c| !c.ok && c.name != STORE_WRITES)
+        // While writes fail, a read answered with the failed batch's error fails the store
+        // check too: the same cause.
+        let writes_failing = self.checks.iter().any(|c| !c.ok && c.name == STORE_WRITES);
+        self.checks
+            .iter()
+            .any(|c| !c.ok && c.name != STORE_WRITES && !(writes_failing && c.name == "store"))
     }
 
     /// One line saying what failed, for the watchdog's STATUS and the log.

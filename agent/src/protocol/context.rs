@@ -223,6 +223,10 @@ impl Session<'_> {
         };
         match decided.status {
             RequestStatus::Approved => {
+                // The store may have failed while the connection was held.
+                if let Err(why) = services.engine.store_available() {
+                    return Err(refuse(SessionOutcome::RefusedStoreDown, why));
+                }
                 // With a shared store the approval (a notification) can be heard a moment
                 // before the grant it issued is applied here (read from the change log):
                 // wait for it that long before refusing.
@@ -340,7 +344,7 @@ pub fn store_lost(id: &str) -> String {
 /// Why a session on grant `id` was cut when the store stopped keeping writes.
 pub fn unrecorded(id: &str) -> String {
     format!(
-        "the state store on this host stopped keeping records (a full disk or a failing database), so this session on grant {id} was ended rather than run unrecorded; `jitgate status` shows why, and the grant is usable again once the store keeps writes"
+        "the state store on this host stopped keeping records in time (a full disk, a failing database, or records piling up faster than its disk writes them), so this session on grant {id} was ended rather than run unrecorded; `jitgate status` shows why, and the grant is usable again once the store keeps up"
     )
 }
 

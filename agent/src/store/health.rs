@@ -354,6 +354,9 @@ pub struct WriteFailure {
 pub struct WriteHealth {
     tx: std::sync::Arc<watch::Sender<Option<WriteFailure>>>,
     backlog: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Failures ever reported: a failure that cleared before anyone looked is still seen
+    /// by a reader that compares counts ([`WriteHealth::failures`]).
+    failures: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Bytes of records waiting for the store past which new sessions are refused.
@@ -367,6 +370,7 @@ impl Default for WriteHealth {
         Self {
             tx: std::sync::Arc::new(watch::channel(None).0),
             backlog: std::sync::Arc::default(),
+            failures: std::sync::Arc::default(),
         }
     }
 }
@@ -408,9 +412,16 @@ impl WriteHealth {
         self.tx.subscribe()
     }
 
+    /// Failures reported since the store opened.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// A write failed (or a transaction could not be committed).
     pub fn failed(&self, error: &str) {
         crate::ops::metrics::store_write_failed();
+        self.failures
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.tx.send_modify(|f| match f {
             Some(f) => {
                 f.failed += 1;

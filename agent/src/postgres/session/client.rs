@@ -212,7 +212,13 @@ impl Pump<'_> {
                             refs,
                             copy,
                             judged,
-                            bytes: prepared_footprint(recorded.len() + text.len()),
+                            // The unnamed statement is one at a time (each Parse of it
+                            // replaces it), bounded by the statement size: not counted.
+                            bytes: if name.is_empty() {
+                                0
+                            } else {
+                                prepared_footprint(text.len()) + recorded.len()
+                            },
                             recorded,
                             copies_in: copies_in(&analysis),
                             prepaid: true,
@@ -537,7 +543,7 @@ impl Pump<'_> {
         let cycle = st.cycles_sent;
         st.poison_order.push_back((cycle, nonce.clone()));
         st.poisons.insert(nonce.clone(), error);
-        st.statements.remove(name.unwrap_or(""));
+        st.remove_statement(name.unwrap_or(""));
         st.expect.push_back(Expect::Parse(name.map(str::to_owned)));
         drop(st);
         // A nonce that is no statement: the server fails this Parse.

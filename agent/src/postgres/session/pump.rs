@@ -68,10 +68,6 @@ impl Pump<'_> {
         self.shared.analyze(text, mode)
     }
 
-    /// The refusal of a statement the grant's limits do not allow now: the session's result
-    /// budget is spent, or (when `runs`) the grant or its identity is over its statements
-    /// per second. A Parse takes from the rate for its statement's first run; each later
-    /// run (a portal's first Execute) takes again.
     /// Refuses a statement that would prepare more named statements than the session may
     /// hold (`MAX_PREPARED`, `MAX_PREPARED_BYTES`): a Parse under `parse`'s name, or SQL
     /// `PREPARE`s in `analysis`.
@@ -85,7 +81,7 @@ impl Pump<'_> {
         let mut bytes = 0;
         if parse.is_some_and(|name| !name.is_empty()) {
             adding += 1;
-            bytes += prepared_footprint(text.len().min(MAX_RECORDED_TEXT) + text.len());
+            bytes += prepared_footprint(text.len()) + text.len().min(MAX_RECORDED_TEXT);
         }
         for s in analysis.iter().filter(|s| s.prepares.is_some()) {
             adding += 1;
@@ -95,7 +91,11 @@ impl Pump<'_> {
             return None;
         }
         let (held, held_bytes) = self.lock().over_prepared(adding, bytes)?;
-        self.limit_reached("prepared_statements", MAX_PREPARED as u64);
+        if held + adding > MAX_PREPARED {
+            self.limit_reached("prepared_statements", MAX_PREPARED as u64);
+        } else {
+            self.limit_reached("prepared_statement_bytes", MAX_PREPARED_BYTES as u64);
+        }
         Some(Verdict::Deny {
             rule: "limit: prepared statements".into(),
             error: PgError::error(
@@ -110,6 +110,10 @@ impl Pump<'_> {
         })
     }
 
+    /// The refusal of a statement the grant's limits do not allow now: the session's result
+    /// budget is spent, or (when `runs`) the grant or its identity is over its statements
+    /// per second. A Parse takes from the rate for its statement's first run; each later
+    /// run (a portal's first Execute) takes again.
     pub(super) fn over_limits(&self, runs: bool) -> Option<Verdict> {
         let limits = &self.limits;
         let spent = self.lock().budget.spent(limits);

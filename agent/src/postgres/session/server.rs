@@ -144,8 +144,14 @@ impl Pump<'_> {
                                 }
                             };
                             let _ = self.cancel_in_flight().await;
-                            let err = PgError::fatal("57P01", format!("terminating connection: jitgate {why}"))
-                                .hint(format!("jitgate request {} --access {}", self.resource, self.access));
+                            // A grant that ended is asked for again; one that stands (the
+                            // store failed) is usable again once the store is back.
+                            let hint = match outcome {
+                                SessionOutcome::StoreLost => "the grant still stands: reconnect once the host agent's store is back (`jitgate status` shows it)".to_owned(),
+                                _ => format!("jitgate request {} --access {}", self.resource, self.access),
+                            };
+                            let err = PgError::fatal("57P01", format!("terminating connection: jitgate: {why}"))
+                                .hint(hint);
                             err.write(&mut out);
                             let _ = client.write_all(&out).await;
                             let _ = client.flush().await;
@@ -918,7 +924,7 @@ impl Pump<'_> {
                                     // The failed Parse, and those the server skipped after
                                     // it, never made a statement: the name is free again.
                                     Some(Expect::Parse(Some(name))) => {
-                                        st.statements.remove(&name);
+                                        st.remove_statement(&name);
                                     }
                                     _ => {}
                                 }

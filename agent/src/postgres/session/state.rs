@@ -283,6 +283,13 @@ impl State {
         }
     }
 
+    /// Forgets a protocol-level statement (refused, or failed on the server).
+    pub(super) fn remove_statement(&mut self, name: &str) {
+        if let Some(old) = self.statements.remove(name) {
+            self.prepared_bytes -= stmt_bytes(&old);
+        }
+    }
+
     /// A Parse's statement under `name` (the unnamed one replaces its predecessor).
     pub(super) fn insert_statement(&mut self, name: String, stmt: Stmt) {
         self.prepared_bytes += stmt_bytes(&stmt);

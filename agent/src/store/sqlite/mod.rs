@@ -15,7 +15,7 @@ mod tokens;
 mod writer;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
 };
@@ -23,7 +23,7 @@ use std::{
 use rusqlite::Connection;
 use tokio::sync::broadcast;
 
-use self::writer::{Db, Writer};
+use self::writer::{Db, Lost, Mend, Recovery, Writer};
 
 use super::{
     Decided, GrantApproval, GrantChange, RequestKey, Result, SessionHistory, Store, StoreError,
@@ -56,6 +56,8 @@ pub struct SqliteStore {
     writes: WriteHealth,
     /// Sessions opened and not yet ended, by what the store was told (not by what it kept).
     opened: Opened,
+    /// Session records not kept, to write once the store keeps writes again.
+    lost: LostSessions,
     path: PathBuf,
     head_path: PathBuf,
     changes: broadcast::Sender<GrantChange>,
@@ -83,43 +85,114 @@ fn statement_bytes(s: &StatementRecord) -> usize {
 /// Ids of the sessions the store was told of as opened and not yet as ended.
 type Opened = Arc<Mutex<HashSet<String>>>;
 
-/// Once writes are kept again after failing: sessions recorded as open that ended meanwhile
-/// (their end was not kept) are closed as `store_lost`, with their audit record, so that no
-/// session shows as open for ever. Runs on the store thread: every end the store was told
-/// of before now has been written (or lost), and no opening after now has.
-fn close_unrecorded_ends(db: &Db<'_>, opened: &Opened) -> Result<()> {
+/// Session records whose write was not kept (the store failing), by session id, written
+/// again once the store keeps writes ([`mend_sessions`]). At most [`MAX_LOST`].
+type LostSessions = Arc<Mutex<HashMap<String, LostSession>>>;
+
+/// A session whose latest record was not kept.
+#[derive(Clone)]
+struct LostSession {
+    /// As the store was last told of it (opened, refused, or ended).
+    session: Session,
+    /// It was recorded as refused (a row and a `session.refused` record, no end).
+    refused: bool,
+}
+
+/// Sessions remembered for mending; more are only counted (the store failed for long while
+/// many sessions came and went; their gap stays in the log).
+const MAX_LOST: usize = 65_536;
+
+impl SqliteStore {
+    /// Remembers `session`'s record as not kept: the latest word about it wins (an end
+    /// after an opening).
+    fn lost(&self, session: &Session, refused: bool) -> Lost {
+        let lost = self.lost.clone();
+        let session = session.clone();
+        Box::new(move || {
+            let mut lost = lost.lock().unwrap_or_else(PoisonError::into_inner);
+            if lost.len() < MAX_LOST || lost.contains_key(&session.id) {
+                lost.insert(session.id.clone(), LostSession { session, refused });
+            } else {
+                tracing::warn!(session = %session.id, "a session's record was not kept and is past what is remembered for mending");
+            }
+        })
+    }
+}
+
+/// Once writes are kept again: writes what the store was told of sessions and did not
+/// keep (their row, their end, their audit records), so that no session is missing or shows
+/// as open for ever. A session whose opening was lost and that has ended since (its end,
+/// kept, found no row) is closed as `store_lost`. Idempotent: a row that exists is not
+/// written again, an end only onto an open row; if this write is not kept either, what it
+/// took is put back.
+fn mend_sessions(opened: &Opened, lost: &LostSessions) -> (Mend, Lost) {
+    let taken: Vec<LostSession> = lost
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .drain()
+        .map(|(_, l)| l)
+        .collect();
     let open = opened
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let now = Timestamp::now();
-    let mut closed = 0_usize;
-    for mut s in queries::list_sessions(db.conn, true, usize::MAX)? {
-        if open.contains(&s.id) {
-            continue;
+    let back = {
+        let lost = lost.clone();
+        let taken = taken.clone();
+        Box::new(move || {
+            let mut lost = lost.lock().unwrap_or_else(PoisonError::into_inner);
+            for l in taken {
+                lost.entry(l.session.id.clone()).or_insert(l);
+            }
+        }) as Lost
+    };
+    let mend = Box::new(move |db: &Db<'_>| {
+        let now = Timestamp::now();
+        let mut mended = 0_usize;
+        for l in &taken {
+            let mut s = l.session.clone();
+            match queries::get_session(db.conn, &s.id)? {
+                None => {
+                    if !l.refused && s.ended_at.is_none() && !open.contains(&s.id) {
+                        s.ended_at = Some(now);
+                        s.outcome = SessionOutcome::StoreLost;
+                        s.detail = "its records were not kept while the state store failed; written when it recovered".to_owned();
+                    }
+                    queries::insert_session(db.conn, &s)?;
+                    if l.refused {
+                        db.append(&session_actor(&s), &Event::session_refused(&s))?;
+                    } else {
+                        db.append(&session_actor(&s), &Event::session_start(&s))?;
+                        if s.ended_at.is_some() {
+                            db.append(&session_actor(&s), &Event::session_end(&s))?;
+                        }
+                    }
+                }
+                Some(row) if row.outcome == SessionOutcome::Open && s.ended_at.is_some() => {
+                    queries::end_session(
+                        db.conn,
+                        &s.id,
+                        s.ended_at.unwrap_or(now),
+                        s.bytes_up,
+                        s.bytes_down,
+                        s.outcome,
+                        &s.detail,
+                    )?;
+                    db.append(&session_actor(&s), &Event::session_end(&s))?;
+                }
+                Some(_) => continue,
+            }
+            mended += 1;
         }
-        s.ended_at = Some(now);
-        s.outcome = SessionOutcome::StoreLost;
-        s.detail = "ended while the state store could not keep records: its end was not kept, and is recorded here (at the time the store recovered)".to_owned();
-        queries::end_session(
-            db.conn,
-            &s.id,
-            now,
-            s.bytes_up,
-            s.bytes_down,
-            s.outcome,
-            &s.detail,
-        )?;
-        db.append(&session_actor(&s), &Event::session_end(&s))?;
-        closed += 1;
-    }
-    if closed > 0 {
-        tracing::warn!(
-            sessions = closed,
-            "closed the records of sessions that ended while the state store could not keep writes"
-        );
-    }
-    Ok(())
+        if mended > 0 {
+            tracing::warn!(
+                sessions = mended,
+                "wrote the session records the state store did not keep while it failed"
+            );
+        }
+        Ok(())
+    }) as Mend;
+    (mend, back)
 }
 
 /// Grant changes a slow subscriber may fall behind by before it is told it lagged.
@@ -152,9 +225,10 @@ impl SqliteStore {
         let feed = broadcast::channel(FEED).0;
         let writes = WriteHealth::default();
         let opened = Opened::default();
-        let mend = {
-            let opened = opened.clone();
-            Arc::new(move |db: &Db<'_>| close_unrecorded_ends(db, &opened))
+        let lost = LostSessions::default();
+        let mend: Recovery = {
+            let (opened, lost) = (opened.clone(), lost.clone());
+            Arc::new(move || mend_sessions(&opened, &lost))
         };
         let writer = Writer::spawn(
             conn,
@@ -169,6 +243,7 @@ impl SqliteStore {
             writer,
             writes,
             opened,
+            lost,
             path,
             head_path,
             changes: broadcast::channel(CHANGES).0,
@@ -515,19 +590,29 @@ impl Store for SqliteStore {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(session.id.clone());
-        self.submit(session_bytes(&session), move |db| {
-            queries::insert_session(db.conn, &session)?;
-            db.append(&session_actor(&session), &Event::session_start(&session))?;
-            Ok(())
-        });
+        let lost = self.lost(&session, false);
+        self.writer.submit_or(
+            session_bytes(&session),
+            move |db| {
+                queries::insert_session(db.conn, &session)?;
+                db.append(&session_actor(&session), &Event::session_start(&session))?;
+                Ok(())
+            },
+            Some(lost),
+        );
     }
 
     fn session_refused(&self, session: Session) {
-        self.submit(session_bytes(&session), move |db| {
-            queries::insert_session(db.conn, &session)?;
-            db.append(&session_actor(&session), &Event::session_refused(&session))?;
-            Ok(())
-        });
+        let lost = self.lost(&session, true);
+        self.writer.submit_or(
+            session_bytes(&session),
+            move |db| {
+                queries::insert_session(db.conn, &session)?;
+                db.append(&session_actor(&session), &Event::session_refused(&session))?;
+                Ok(())
+            },
+            Some(lost),
+        );
     }
 
     fn session_ended(&self, session: Session) {
@@ -535,20 +620,27 @@ impl Store for SqliteStore {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&session.id);
-        self.submit(session_bytes(&session), move |db| {
-            let s = &session;
-            queries::end_session(
-                db.conn,
-                &s.id,
-                s.ended_at.unwrap_or_else(Timestamp::now),
-                s.bytes_up,
-                s.bytes_down,
-                s.outcome,
-                &s.detail,
-            )?;
-            db.append(&session_actor(s), &Event::session_end(s))?;
-            Ok(())
-        });
+        let mut session = session;
+        session.ended_at.get_or_insert_with(Timestamp::now);
+        let lost = self.lost(&session, false);
+        self.writer.submit_or(
+            session_bytes(&session),
+            move |db| {
+                let s = &session;
+                queries::end_session(
+                    db.conn,
+                    &s.id,
+                    s.ended_at.unwrap_or_else(Timestamp::now),
+                    s.bytes_up,
+                    s.bytes_down,
+                    s.outcome,
+                    &s.detail,
+                )?;
+                db.append(&session_actor(s), &Event::session_end(s))?;
+                Ok(())
+            },
+            Some(lost),
+        );
     }
 
     fn record_statements(&self, batch: Vec<StatementRecord>) {
@@ -836,8 +928,8 @@ mod write_failure_tests {
             .await
             .expect("count");
         assert_eq!(left, 0);
-        // The session whose end was lost is closed as such (with its audit record); the
-        // one still open stays open.
+        // The session whose end was lost has it written now (as it was, with its audit
+        // record); the one still open stays open.
         let open = store.sessions(true, 10).await.expect("sessions");
         let ids: Vec<&str> = open.iter().map(|s| s.id.as_str()).collect();
         assert_eq!(ids, ["s-live"]);
@@ -846,7 +938,7 @@ mod write_failure_tests {
             .await
             .expect("history")
             .expect("the session");
-        assert_eq!(history.session.outcome, SessionOutcome::StoreLost);
+        assert_eq!(history.session.outcome, SessionOutcome::Closed);
         assert!(history.session.ended_at.is_some());
         assert!(
             history.events.iter().any(|e| e.kind == "session.end"),

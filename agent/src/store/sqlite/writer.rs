@@ -109,6 +109,8 @@ fn storage_failure(e: &StoreError) -> bool {
                         | C::DatabaseLocked
                         | C::FileLockingProtocolFailed
                         | C::OutOfMemory
+                        | C::PermissionDenied
+                        | C::NoLargeFileSupport
                 )
             }),
         _ => false,
@@ -130,6 +132,8 @@ struct Call<T, F> {
     f: Option<F>,
     /// See [`Job::bytes`].
     bytes: usize,
+    /// Called when the job's write was not kept (it failed, or its transaction did).
+    on_lost: Option<Lost>,
     result: Option<Result<T>>,
     reply: Option<oneshot::Sender<Result<T>>>,
 }
@@ -151,7 +155,14 @@ where
         let Some(f) = self.f.take() else {
             return Err(None);
         };
-        let result = f(db);
+        // A panic in an operation must not take the store thread (and every later write)
+        // with it: it fails this operation, as a storage failure (the gate closes).
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(db)))
+            .unwrap_or_else(|_| {
+                Err(StoreError::Io(std::io::Error::other(
+                    "a store operation panicked (a bug: see the agent's log)",
+                )))
+            });
         let failed = match &result {
             Ok(_) => Ok(()),
             Err(e) => {
@@ -165,7 +176,12 @@ where
         failed
     }
 
-    fn finish(self: Box<Self>, committed: std::result::Result<(), String>) {
+    fn finish(mut self: Box<Self>, committed: std::result::Result<(), String>) {
+        if (committed.is_err() || !matches!(self.result, Some(Ok(_))))
+            && let Some(lost) = self.on_lost.take()
+        {
+            lost();
+        }
         let Some(reply) = self.reply else { return };
         let result = match (committed, self.result) {
             (Ok(()), Some(r)) => r,
@@ -203,6 +219,8 @@ impl Writer {
         let handle = thread::Builder::new()
             .name("jitgate-store".into())
             .spawn(move || {
+                // However the thread ends, nothing is written any more: the gate closes.
+                let _stopped = Stopped(writes.clone());
                 run(
                     conn,
                     &key,
@@ -232,6 +250,7 @@ impl Writer {
         let job = Call {
             f: Some(f),
             bytes: 0,
+            on_lost: None,
             result: None,
             reply: Some(reply),
         };
@@ -249,17 +268,38 @@ impl Writer {
     where
         F: FnOnce(&Db<'_>) -> Result<()> + Send + 'static,
     {
+        self.submit_or(bytes, f, None);
+    }
+
+    /// [`Writer::submit`], calling `on_lost` if the write is not kept.
+    pub fn submit_or<F>(&self, bytes: usize, f: F, on_lost: Option<Lost>)
+    where
+        F: FnOnce(&Db<'_>) -> Result<()> + Send + 'static,
+    {
         let job: Call<(), F> = Call {
             f: Some(f),
             bytes,
+            on_lost,
             result: None,
             reply: None,
         };
         self.writes.queued(bytes);
-        if self.tx.send(Box::new(job)).is_err() {
+        if let Err(mpsc::SendError(job)) = self.tx.send(Box::new(job)) {
             self.writes.done(bytes);
+            self.writes.failed("the state store's thread has stopped");
+            job.finish(Err("the state store's thread has stopped".into()));
             warn!("state store is shut down; dropping a background write");
         }
+    }
+}
+
+/// Marks the store failing when the store thread ends (at shutdown, or a panic outside an
+/// operation): no write queued after it would be kept.
+struct Stopped(WriteHealth);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.failed("the state store's thread has stopped");
     }
 }
 
@@ -274,15 +314,31 @@ struct Sink<'a> {
     on_recovery: Recovery,
 }
 
+/// What to do when a fire-and-forget write is not kept.
+pub type Lost = Box<dyn FnOnce() + Send>;
+
 /// What the store mends once its writes are kept again (records lost meanwhile whose
 /// absence would mislead: sessions that ended while their end could not be written).
-pub type Recovery = Arc<dyn Fn(&Db<'_>) -> Result<()> + Send + Sync>;
+/// Called once writes are kept again: the write that mends, and what to do if that write is
+/// not kept either (the store fails again at once).
+pub type Recovery = Arc<dyn Fn() -> (Mend, Lost) + Send + Sync>;
+
+/// A write run on the store thread.
+pub type Mend = Box<dyn FnOnce(&Db<'_>) -> Result<()> + Send>;
 
 fn run(mut conn: Connection, key: &AuditKey, rx: &mpsc::Receiver<Box<dyn Job>>, sink: &Sink<'_>) {
     let writes = sink.writes;
     let mut last_head = None;
     let mut probed = Instant::now();
+    let mut was_failing = false;
     loop {
+        // A probe waits a full interval after a failure begins: it is seen as such (and its
+        // sessions cut) before writes can count as kept again.
+        let failing = writes.get().is_some();
+        if failing && !was_failing {
+            probed = Instant::now();
+        }
+        was_failing = failing;
         // While writes fail, wake at least every PROBE_EVERY to probe.
         let first = if writes.get().is_some() {
             match rx.recv_timeout(PROBE_EVERY) {
@@ -310,12 +366,12 @@ fn run(mut conn: Connection, key: &AuditKey, rx: &mpsc::Receiver<Box<dyn Job>>, 
         }
         let mut jobs = first.map(|first| gather(rx, first)).unwrap_or_default();
         if recovered {
-            // After what was queued before: the ends of sessions queued meanwhile are
-            // written first, so only the ones whose writes were lost are mended.
-            let mend = Arc::clone(&sink.on_recovery);
+            // After what was gathered: what is mended is only what was lost before.
+            let (mend, lost) = (sink.on_recovery)();
             jobs.push(Box::new(Call {
-                f: Some(move |db: &Db<'_>| mend(db)),
+                f: Some(mend),
                 bytes: 0,
+                on_lost: Some(lost),
                 result: None,
                 reply: None::<oneshot::Sender<Result<()>>>,
             }));
@@ -419,6 +475,11 @@ type Ran = (Box<dyn Job>, Vec<Sealed>);
 /// [`MIN_FREE`] left: the gate closes before a record has to be lost. A filesystem that
 /// cannot say counts as having room (the writes themselves still report failures).
 fn room(head_path: &Path) -> std::result::Result<(), String> {
+    room_for(head_path, MIN_FREE)
+}
+
+/// `Err` when the state directory's filesystem has less than `min` free.
+fn room_for(head_path: &Path, min: u64) -> std::result::Result<(), String> {
     let dir = head_path.parent().unwrap_or(head_path);
     let fs = match nix::sys::statvfs::statvfs(dir) {
         Ok(fs) => fs,
@@ -429,12 +490,12 @@ fn room(head_path: &Path) -> std::result::Result<(), String> {
     };
     #[allow(clippy::useless_conversion)] // the field types differ between targets
     let free = u64::from(fs.blocks_available()).saturating_mul(u64::from(fs.fragment_size()));
-    if free < MIN_FREE {
+    if free < min {
         return Err(format!(
             "only {} free on the filesystem of the state directory {} (at least {} is kept free for records)",
             crate::model::human_bytes(free),
             dir.display(),
-            crate::model::human_bytes(MIN_FREE)
+            crate::model::human_bytes(min)
         ));
     }
     Ok(())
@@ -443,9 +504,25 @@ fn room(head_path: &Path) -> std::result::Result<(), String> {
 /// Whether the storage keeps writes again: the state directory has room, and a write of
 /// [`PROBE_BYTES`] is committed (then deleted).
 fn probe(conn: &mut Connection, head_path: &Path) -> std::result::Result<(), String> {
-    room(head_path)?;
+    // Twice the room a commit needs: free space hovering at the bound must not reopen and
+    // close the gate over and over.
+    room_for(head_path, 2 * MIN_FREE)?;
+    // The files beside the database too (the audit head checkpoint is rewritten there).
+    let dir = head_path.parent().unwrap_or(head_path);
+    let file = dir.join(".write-probe");
+    let written = (|| {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&file)?;
+        f.write_all(&[0_u8; 64 * 1024])?;
+        f.sync_all()
+    })();
+    let _ = std::fs::remove_file(&file);
+    written.map_err(|e| format!("writing {}: {e}", file.display()))?;
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| e.to_string())?;
+    // A row an earlier probe could not delete goes first.
+    tx.execute("DELETE FROM store_probe", [])
         .map_err(|e| e.to_string())?;
     tx.execute(
         "INSERT INTO store_probe (pad) VALUES (zeroblob(?1))",
