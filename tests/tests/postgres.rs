@@ -991,6 +991,68 @@ fn prepared_statements_are_bounded_per_session() {
     assert!(ran.stdout.lines().any(|l| l == "again"), "{ran:#?}");
 }
 
+/// Hostile: a statement the client closed (or deallocated) where the server skipped the
+/// Close after an error stays on the server; bound and run later it would run with a record
+/// without its text. The gate refuses a Bind of a statement it does not hold (26000, as the
+/// server would); a statement prepared with SQL PREPARE and bound with the protocol runs,
+/// recorded with its text.
+#[test]
+fn a_statement_the_gate_forgot_is_not_run_unrecorded() {
+    jitgate_e2e::root_or_skip!();
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-diverge", "", &body(&pg, ""));
+    let client = gate.bins().pgclient.display().to_string();
+    let u = url(&pg, "orders");
+    let ran = gate.run(
+        "bot",
+        &["--grant", "orders-db:read"],
+        &[&client, "raw-diverge", &u],
+    );
+    let r: Value =
+        serde_json::from_str(ran.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {ran:#?}"));
+    assert_eq!(r["closed"]["code"], "22012", "{r}");
+    assert_eq!(r["deallocated"]["code"], "22012", "{r}");
+    for key in ["after_close", "after_deallocate"] {
+        assert_eq!(r[key]["code"], "26000", "{key}: {r}");
+        assert!(r[key]["value"].is_null(), "{key} ran: {r}");
+    }
+    assert_eq!(r["sql_prepared"]["value"], "sql prepared", "{r}");
+    // Nothing ran with an empty record.
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    let id = sessions[0]["id"].as_str().expect("a session");
+    let detail = gate.cli(&["sessions", "show", id, "--json"]).json();
+    let statements = detail["statements"].as_array().expect("statements");
+    assert!(
+        statements
+            .iter()
+            .all(|s| !s["text"].as_str().unwrap_or_default().is_empty()),
+        "{detail}"
+    );
+    assert!(
+        statements.iter().any(|s| s["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("PREPARE sqlp"))
+            && s["error"].is_null()),
+        "{detail}"
+    );
+    // The Executes of the refused Binds say so, with the code the client was given.
+    let refused: Vec<&Value> = statements
+        .iter()
+        .filter(|s| {
+            s["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("which the gate does not hold"))
+        })
+        .collect();
+    assert_eq!(refused.len(), 2, "{detail}");
+    assert!(
+        refused
+            .iter()
+            .all(|s| s["error"].as_str().is_some_and(|e| e.contains("26000"))),
+        "{detail}"
+    );
+}
+
 #[test]
 fn expiry_ends_a_session_mid_transaction_with_57p01() {
     jitgate_e2e::root_or_skip!();

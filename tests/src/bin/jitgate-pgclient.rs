@@ -402,6 +402,68 @@ mod batch {
         message(b'E', b"\0\0\0\0\0")
     }
 
+    fn close_statement(name: &str) -> Vec<u8> {
+        let mut b = vec![b'S'];
+        cstr(&mut b, name);
+        message(b'C', &b)
+    }
+
+    fn query(sql: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, sql);
+        message(b'Q', &b)
+    }
+
+    fn outcome((err, value, _): (Option<String>, Option<String>, bool)) -> Value {
+        json!({"code": err, "value": value})
+    }
+
+    /// Statements the server keeps while the client told it to drop them (a Close or a
+    /// DEALLOCATE it skipped after an error), then bound and run; and a statement prepared
+    /// with SQL `PREPARE` bound with the protocol.
+    pub fn diverge(url: &str) -> std::io::Result<Value> {
+        let addr = addr_of(url);
+        let (mut s, _) = startup(&addr, false, &[])?;
+        until_ready(&mut s);
+        let sync = || message(b'S', b"");
+        let run = |s: &mut std::net::TcpStream, statement: &str| -> std::io::Result<Value> {
+            let mut m = bind(statement, &[]);
+            m.extend(execute());
+            m.extend(sync());
+            s.write_all(&m)?;
+            Ok(outcome(until_ready(s)))
+        };
+        let mut m = parse("hidden", "SELECT 'hidden ran'::text AS x");
+        m.extend(parse("hidden2", "SELECT 'hidden2 ran'::text AS x"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        until_ready(&mut s);
+        // A Close after a failing Execute: the server skips it and keeps the statement.
+        let mut m = parse("", "SELECT 1 / $1::int");
+        m.extend(bind("", &["0"]));
+        m.extend(execute());
+        m.extend(close_statement("hidden"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        let closed = outcome(until_ready(&mut s));
+        let after_close = run(&mut s, "hidden")?;
+        // A DEALLOCATE after a failing statement of the same query string never runs.
+        s.write_all(&query("SELECT 1 / 0; DEALLOCATE hidden2"))?;
+        let deallocated = outcome(until_ready(&mut s));
+        let after_deallocate = run(&mut s, "hidden2")?;
+        s.write_all(&query("PREPARE sqlp AS SELECT 'sql prepared'::text AS x"))?;
+        until_ready(&mut s);
+        let sql_prepared = run(&mut s, "sqlp")?;
+        Ok(json!({
+            "ok": true,
+            "closed": closed,
+            "after_close": after_close,
+            "deallocated": deallocated,
+            "after_deallocate": after_deallocate,
+            "sql_prepared": sql_prepared,
+        }))
+    }
+
     pub fn run(url: &str) -> std::io::Result<Value> {
         let addr = addr_of(url);
         let (mut s, _) = startup(&addr, false, &[])?;
@@ -462,6 +524,12 @@ async fn main() {
             "usage: jitgate-pgclient extended|prepared|pipeline|execute|cancel|stream|raw URL [SQL] [ARGS...]"
         );
         std::process::exit(2);
+    }
+    if args[0] == "raw-diverge" {
+        let out = batch::diverge(&args[1])
+            .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));
+        println!("{out}");
+        return;
     }
     if args[0] == "raw-batch" {
         let out = batch::run(&args[1])

@@ -333,12 +333,82 @@ impl Pump<'_> {
                     formats.push(take_i16(&mut body).map_err(malformed)?);
                 }
                 let params_bytes = params.iter().flatten().map(String::len).sum();
+                // The statement it binds, as the gate holds it. One the gate does not hold
+                // is refused here, as the server refuses one it does not hold: the two can
+                // disagree only where the gate forgot a statement the server kept (a Close or
+                // DEALLOCATE the server skipped after an error), and a run of it would be
+                // recorded without its text.
+                let held = {
+                    let st = self.lock();
+                    match st.statements.get(&statement) {
+                        Some(stmt) => Ok(stmt.clone()),
+                        None => Err(st.sql_prepared.get(&statement).cloned()),
+                    }
+                };
+                let stmt = match held {
+                    Ok(stmt) => stmt,
+                    // Prepared with SQL PREPARE, bound with the protocol: the same namespace
+                    // on the server.
+                    Err(Some(prepared)) => {
+                        let mut refs = ResultRefs::default();
+                        refs.add(&prepared);
+                        let stmt: Stmt = Arc::new(Mutex::new(StmtInfo {
+                            refs: Arc::new(refs),
+                            recorded: self.recorded_text(&prepared.text),
+                            copies_in: prepared.kinds.contains("copy_from"),
+                            ..StmtInfo::default()
+                        }));
+                        if self.masker.is_some() {
+                            // Its result shape, learnt before its rows arrive (as at a Parse).
+                            self.lock().expect.push_back(Expect::Describe {
+                                target: Some(DescribeTarget::Statement(stmt.clone())),
+                                internal: true,
+                            });
+                            postgres_protocol::message::frontend::describe(b'S', &statement, out)
+                                .map_err(|e| PgError::fatal("08P01", e.to_string()))?;
+                        }
+                        stmt
+                    }
+                    Err(None) => {
+                        let error = PgError::error(
+                            "26000",
+                            format!("prepared statement \"{statement}\" does not exist"),
+                        )
+                        .hint("jitgate holds no statement of this name (it was closed or deallocated as far as the gate saw, or never prepared): prepare it again");
+                        // Its Executes (skipped by the server) are recorded as of it.
+                        let refused: Stmt = Arc::new(Mutex::new(StmtInfo {
+                            recorded: format!(
+                                "<Bind of statement \"{statement}\", which the gate does not hold: refused>"
+                            ),
+                            ..StmtInfo::default()
+                        }));
+                        self.poison(Some(&nonce()), error, out);
+                        let mut st = self.lock();
+                        let cycle = st.cycles_sent;
+                        st.binds += 1;
+                        let bind = st.binds;
+                        st.insert_portal(
+                            portal,
+                            Arc::new(PortalInfo {
+                                statement: Some(refused),
+                                formats,
+                                params,
+                                plan: Mutex::new(None),
+                                executed: AtomicBool::new(false),
+                                cycle,
+                                bind,
+                                bytes: params_bytes,
+                            }),
+                        );
+                        return Ok(true);
+                    }
+                };
                 let mut st = self.lock();
                 let cycle = st.cycles_sent;
                 st.binds += 1;
                 let bind = st.binds;
                 let info = Arc::new(PortalInfo {
-                    statement: st.statements.get(&statement).cloned(),
+                    statement: Some(stmt),
                     formats,
                     params,
                     plan: Mutex::new(None),

@@ -934,11 +934,15 @@ impl Pump<'_> {
                     st.copy = None;
                     rec
                 };
-                let code = fields
-                    .iter()
-                    .find(|(c, _)| *c == b'C')
-                    .map(|(_, m)| m.clone())
-                    .unwrap_or_default();
+                // What the client is told: a poison's own code, not the nonce's syntax error.
+                let code = match &poison {
+                    Some(error) => error.code.to_owned(),
+                    None => fields
+                        .iter()
+                        .find(|(c, _)| *c == b'C')
+                        .map(|(_, m)| m.clone())
+                        .unwrap_or_default(),
+                };
                 match poison {
                     Some(error) => error.write(out),
                     None => {
