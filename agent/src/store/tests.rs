@@ -514,6 +514,11 @@ pub(crate) async fn session_bookkeeping(store: &dyn Store) {
     store.session_refused(refused);
     store.session_opened(session("s-3"));
     store.flush().await.unwrap();
+    // The backlog counts what was handed over and not yet taken: nothing, after a flush.
+    if let Some(writes) = store.writes() {
+        assert_eq!(writes.backlog(), 0, "the backlog drifted");
+        assert!(writes.check().is_ok());
+    }
 
     assert_eq!(store.sessions(false, 10).await.unwrap().len(), 3);
     let open = store.sessions(true, 10).await.unwrap();

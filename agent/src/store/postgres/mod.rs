@@ -56,7 +56,7 @@ use super::{
         AuditKey, Event, GrantExpired, GrantRevoked, RequestApproval, RequestApproved,
         RequestDenied, RequestExpired, RequestRef, TaskRef, TaskStarted, session_actor,
     },
-    health::{StoreHealth, StoreState},
+    health::{StoreHealth, StoreState, WriteHealth},
 };
 use crate::model::{
     Actor, ApiToken, Approval, AuditEvent, Grant, Request, RequestStatus, Session, StatementRecord,
@@ -76,6 +76,8 @@ const FEED: usize = 4096;
 /// The shared store: a writer task, a few read connections, a change-log follower.
 pub struct PostgresStore {
     writer: Writer,
+    /// The writer's backlog (write failures are the spool's and the health's business).
+    writes: WriteHealth,
     pool: Pool,
     host: String,
     key: AuditKey,
@@ -121,16 +123,20 @@ impl PostgresStore {
         let spool_key = super::audit::secret_key(state_dir, spool::KEY_FILE)?;
         let spool = Arc::new(Spool::open(state_dir, spool_key, options.spool_limit));
         let started_at = Timestamp::now();
-        let writer = Writer::spawn(writer::Setup {
-            connector: connector.clone(),
-            host: host.clone(),
-            key: key.clone(),
-            head_path: head_path.clone(),
-            feed: feed.clone(),
-            health: health.clone(),
-            spool,
-            started_at,
-        });
+        let writes = WriteHealth::default();
+        let writer = Writer::spawn(
+            writer::Setup {
+                connector: connector.clone(),
+                host: host.clone(),
+                key: key.clone(),
+                head_path: head_path.clone(),
+                feed: feed.clone(),
+                health: health.clone(),
+                spool,
+                started_at,
+            },
+            writes.clone(),
+        );
         let (changes, _) = broadcast::channel(CHANGES);
         let stop = CancellationToken::new();
         tokio::spawn(prune::run(
@@ -148,6 +154,7 @@ impl PostgresStore {
         }));
         Ok(Self {
             writer,
+            writes,
             pool: Pool::new(connector, health.clone(), options.pool_size.max(1)),
             host,
             key,
@@ -909,5 +916,9 @@ impl Store for PostgresStore {
 
     fn health(&self) -> Option<StoreHealth> {
         Some(self.health.clone())
+    }
+
+    fn writes(&self) -> Option<WriteHealth> {
+        Some(self.writes.clone())
     }
 }

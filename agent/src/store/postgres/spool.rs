@@ -101,6 +101,30 @@ pub enum Record {
 }
 
 impl Record {
+    /// About what it holds in memory while queued (the writer's backlog, see
+    /// [`crate::store::health::WriteHealth`]).
+    pub fn approx_bytes(&self) -> usize {
+        const AUDIT: usize = 1024;
+        let session = |s: &Session| AUDIT + s.command.len() + s.detail.len() + s.destination.len();
+        match self {
+            Self::SessionStart { session: s, .. }
+            | Self::SessionRefused { session: s, .. }
+            | Self::SessionEnd { session: s, .. } => session(s),
+            Self::Statements { batch } => batch
+                .iter()
+                .map(|s| {
+                    256 + s.text.len()
+                        + s.params
+                            .iter()
+                            .map(|p| p.as_ref().map_or(8, String::len))
+                            .sum::<usize>()
+                        + s.error.as_ref().map_or(0, String::len)
+                })
+                .sum(),
+            Self::Audit { .. } => AUDIT,
+        }
+    }
+
     /// Whether it may use the reserve above `spool_limit`: only what sessions already live
     /// did (their statements and their end). Refusals and other audit records can be
     /// provoked at will from a gated workload; were they let into the reserve, a flood of

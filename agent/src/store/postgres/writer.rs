@@ -34,7 +34,7 @@ use crate::{
     store::{
         Result, StoreError,
         audit::{AuditKey, Event, Head, Sealed},
-        health::{StoreHealth, StoreState},
+        health::{StoreHealth, StoreState, WriteHealth},
     },
 };
 
@@ -203,6 +203,8 @@ impl<T: Send + 'static> Job for Call<T> {
 /// Handle on the writer task.
 pub struct Writer {
     tx: mpsc::UnboundedSender<Item>,
+    /// Counts the records queued and not yet taken by the writer (its backlog).
+    writes: WriteHealth,
 }
 
 /// Where the writer writes, as whom, and what it reports to.
@@ -222,9 +224,11 @@ pub struct Setup {
 }
 
 impl Writer {
-    /// Starts the task that writes through `setup.connector` (reopened when lost).
-    pub fn spawn(setup: Setup) -> Self {
+    /// Starts the task that writes through `setup.connector` (reopened when lost), counting
+    /// its backlog on `writes`.
+    pub fn spawn(setup: Setup, writes: WriteHealth) -> Self {
         let (tx, rx) = mpsc::unbounded_channel::<Item>();
+        let counted = writes.clone();
         setup.health.spool(setup.spool.stats());
         tokio::spawn(run(
             State {
@@ -234,8 +238,9 @@ impl Writer {
                 registered: false,
             },
             rx,
+            counted,
         ));
-        Self { tx }
+        Self { tx, writes }
     }
 
     /// Runs `f` in the writer's transaction; returns its result once committed.
@@ -255,7 +260,10 @@ impl Writer {
     /// Queues a record without waiting (session bookkeeping on the data path): written with
     /// the next batch, or kept in the spool while the store is out of reach.
     pub fn submit(&self, record: Record) {
+        let bytes = record.approx_bytes();
+        self.writes.queued(bytes);
         if self.tx.send(Item::Put(Box::new(record))).is_err() {
+            self.writes.done(bytes);
             warn!("state store is shut down; dropping a background write");
         }
     }
@@ -270,7 +278,7 @@ struct State {
     registered: bool,
 }
 
-async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Item>) {
+async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Item>, writes: WriteHealth) {
     let mut health = state.setup.health.subscribe();
     loop {
         register_if_due(&mut state).await;
@@ -313,6 +321,13 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Item>) {
             let Some(item) = next else { break };
             waited_for |= item.awaited();
             items.push(item);
+        }
+        // Taken off the queue: from here a batch is bounded (MAX_BATCH), and what the store
+        // cannot take goes to the spool, bounded by spool_limit.
+        for item in &items {
+            if let Item::Put(record) = item {
+                writes.done(record.approx_bytes());
+            }
         }
         ship_if_due(&mut state).await;
         // Records wait in the spool while the store is out of reach, and behind records
