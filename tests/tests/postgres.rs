@@ -453,6 +453,35 @@ fn blast_radius_limits_cut_results_and_slow_statements() {
     );
 }
 
+/// Hostile: a portal whose first run was refused by the statement rate stays unrun; rolled
+/// back to a savepoint from before the refusal (the portal survives it), its next Execute is
+/// judged again, not taken for a portal already running (which the rate never sees).
+#[test]
+fn a_portal_refused_by_the_rate_is_judged_again_after_a_savepoint_rollback() {
+    jitgate_e2e::root_or_skip!();
+    let pg = Postgres::start_secured(false);
+    let limits = "[policy.limits]\nstatements_per_second = 2\n";
+    let gate = Gate::start("pg-savepoint-rate", "", &body_with_policy(&pg, "", limits));
+    let client = gate.bins().pgclient.display().to_string();
+    let u = url(&pg, "orders");
+    let ran = gate.run(
+        "bot",
+        &["--grant", "orders-db:read"],
+        &[&client, "raw-savepoint", &u],
+    );
+    let r: Value =
+        serde_json::from_str(ran.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {ran:#?}"));
+    assert!(r["setup"]["code"].is_null(), "{r}");
+    assert!(r["drained_refused"].as_u64() > Some(0), "{r}");
+    assert_eq!(r["first"]["code"], "53400", "{r}");
+    assert!(r["rolled_back"]["code"].is_null(), "{r}");
+    assert_eq!(
+        r["second"]["code"], "53400",
+        "the portal ran past the rate: {r}"
+    );
+    assert!(r["second"]["value"].is_null(), "{r}");
+}
+
 #[test]
 fn default_guardrails_and_approval_holds() {
     jitgate_e2e::root_or_skip!();

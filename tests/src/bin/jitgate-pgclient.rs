@@ -464,6 +464,77 @@ mod batch {
         }))
     }
 
+    fn bind_portal(portal: &str, statement: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, portal);
+        cstr(&mut b, statement);
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        message(b'B', &b)
+    }
+
+    fn execute_portal(portal: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, portal);
+        b.extend_from_slice(&0i32.to_be_bytes());
+        message(b'E', &b)
+    }
+
+    /// Under `statements_per_second = 2`: a portal whose first Execute was refused, run
+    /// again after ROLLBACK TO SAVEPOINT (the portal, bound before the savepoint, survives
+    /// it), at a moment when the rate has a token for the ROLLBACK and none for a second.
+    pub fn savepoint(url: &str) -> std::io::Result<Value> {
+        let pause = |ms| std::thread::sleep(std::time::Duration::from_millis(ms));
+        let addr = addr_of(url);
+        let (mut s, _) = startup(&addr, false, &[])?;
+        until_ready(&mut s);
+        s.write_all(&query("BEGIN"))?;
+        until_ready(&mut s);
+        // The statement's Parse pays for one run, spent on p0; p is bound, not run.
+        let mut m = parse("s", "SELECT 'ran'::text");
+        m.extend(bind_portal("p0", "s"));
+        m.extend(execute_portal("p0"));
+        m.extend(bind_portal("p", "s"));
+        m.extend(message(b'S', b""));
+        s.write_all(&m)?;
+        let setup = outcome(until_ready(&mut s));
+        pause(1100);
+        s.write_all(&query("SAVEPOINT sp"))?;
+        until_ready(&mut s);
+        // The rate spent, then p's first Execute: refused.
+        let mut m = Vec::new();
+        for _ in 0..4 {
+            m.extend(query("SELECT 1"));
+        }
+        m.extend(execute_portal("p"));
+        m.extend(message(b'S', b""));
+        s.write_all(&m)?;
+        let mut drained_refused = 0;
+        for _ in 0..4 {
+            if until_ready(&mut s).0.as_deref() == Some("53400") {
+                drained_refused += 1;
+            }
+        }
+        let first = outcome(until_ready(&mut s));
+        // One token back (half a second at 2/s): the ROLLBACK takes it, p finds none.
+        pause(600);
+        let mut m = query("ROLLBACK TO SAVEPOINT sp");
+        m.extend(execute_portal("p"));
+        m.extend(message(b'S', b""));
+        s.write_all(&m)?;
+        let rolled_back = outcome(until_ready(&mut s));
+        let second = outcome(until_ready(&mut s));
+        Ok(json!({
+            "ok": true,
+            "setup": setup,
+            "drained_refused": drained_refused,
+            "first": first,
+            "rolled_back": rolled_back,
+            "second": second,
+        }))
+    }
+
     pub fn run(url: &str) -> std::io::Result<Value> {
         let addr = addr_of(url);
         let (mut s, _) = startup(&addr, false, &[])?;
@@ -524,6 +595,12 @@ async fn main() {
             "usage: jitgate-pgclient extended|prepared|pipeline|execute|cancel|stream|raw URL [SQL] [ARGS...]"
         );
         std::process::exit(2);
+    }
+    if args[0] == "raw-savepoint" {
+        let out = batch::savepoint(&args[1])
+            .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));
+        println!("{out}");
+        return;
     }
     if args[0] == "raw-diverge" {
         let out = batch::diverge(&args[1])
