@@ -1020,6 +1020,38 @@ fn prepared_statements_are_bounded_per_session() {
     assert!(ran.stdout.lines().any(|l| l == "again"), "{ran:#?}");
 }
 
+/// Hostile: a long statement prepared once and run many times (each run a few bytes on the
+/// wire) is recorded whole once; the other runs' records point at that one instead of
+/// making the store keep the text again each time.
+#[test]
+fn a_long_prepared_statement_is_recorded_whole_once() {
+    jitgate_e2e::root_or_skip!();
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-record-once", "", &body(&pg, ""));
+    let sql = format!("SELECT 1 /* {} */", "long ".repeat(2000));
+    let r = pgclient(&gate, "read", &pg, &["repeat", &sql, "20"]);
+    assert_eq!(r["ran"], 20, "{r}");
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    let id = sessions[0]["id"].as_str().expect("a session");
+    let detail = gate.cli(&["sessions", "show", id, "--json"]).json();
+    let runs: Vec<&str> = detail["statements"]
+        .as_array()
+        .expect("statements")
+        .iter()
+        .filter_map(|s| s["text"].as_str())
+        .filter(|t| t.starts_with("SELECT 1 /* long"))
+        .collect();
+    assert_eq!(runs.len(), 20, "{detail}");
+    let whole = runs.iter().filter(|t| t.len() >= sql.len()).count();
+    assert_eq!(whole, 1, "{runs:?}");
+    assert!(
+        runs.iter()
+            .filter(|t| t.len() < 300)
+            .all(|t| t.contains("whole in #")),
+        "{runs:?}"
+    );
+}
+
 /// Hostile: a statement the client closed (or deallocated) where the server skipped the
 /// Close after an error stays on the server; bound and run later it would run with a record
 /// without its text. The gate refuses a Bind of a statement it does not hold (26000, as the

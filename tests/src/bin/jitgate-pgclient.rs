@@ -549,15 +549,16 @@ mod batch {
         s.write_all(&m)?;
         let (skipped_batch, _, _) = until_ready(&mut s);
 
-        // A 60 KiB statement, its first Execute failing, then 10,000 Executes and no Sync.
-        // (Those the gate took before the server's error are finished with it; at most
-        // about 4,400 fit under its 256 MiB, so the rest pass the bound whenever the error
-        // came.)
+        // A portal bound with a 60 KiB parameter, its first Execute failing, then 10,000
+        // Executes and no Sync (each Execute's record holds the portal's parameters; a long
+        // statement text would be recorded whole only once). Those the gate took before the
+        // server's error are finished with it; at most about 4,400 fit under its 256 MiB,
+        // so the rest pass the bound whenever the error came.
         let (mut s, _) = startup(&addr, false, &[])?;
         until_ready(&mut s);
-        let big = format!("SELECT 1 / $1::int /* {} */", "x".repeat(60 * 1024));
-        let mut m = parse("", &big);
-        m.extend(bind("", &["0"]));
+        let big = "x".repeat(60 * 1024);
+        let mut m = parse("", "SELECT 1 / $1::int, length($2::text)");
+        m.extend(bind("", &["0", &big]));
         for _ in 0..10_000 {
             m.extend(execute());
         }

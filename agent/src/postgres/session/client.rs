@@ -222,6 +222,7 @@ impl Pump<'_> {
                             recorded,
                             copies_in: copies_in(&analysis),
                             prepaid: true,
+                            recorded_in: None,
                         }));
                         let mut st = self.lock();
                         st.insert_statement(name.clone(), stmt.clone());
@@ -470,13 +471,19 @@ impl Pump<'_> {
                     Some(stmt) => {
                         let mut s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
                         let prepaid = first_run && std::mem::take(&mut s.prepaid);
-                        (s.recorded.clone(), s.judged.clone(), s.copies_in, prepaid)
+                        (s.recorded_for_run(), s.judged.clone(), s.copies_in, prepaid)
                     }
                     None => (String::new(), None, false, false),
                 };
                 let params = info.params.clone();
                 let params_bytes: usize = params.iter().flatten().map(String::len).sum();
                 let rec = self.new_record_recorded(recorded, Decision::Allowed, None);
+                if let Some(stmt) = &info.statement {
+                    stmt.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .recorded_in
+                        .get_or_insert(rec);
+                }
                 {
                     // Its parameters, judgement and their bytes under one hold of the state
                     // (every Execute comes here).

@@ -165,6 +165,35 @@ pub(super) struct StmtInfo {
     pub(super) prepaid: bool,
     /// What it counts in [`State::prepared_bytes`].
     pub(super) bytes: usize,
+    /// The record its text was first written in, whole. A run after it refers to that
+    /// record rather than copying a long text again: an Execute of a few bytes would
+    /// otherwise make the store keep up to `MAX_RECORDED_TEXT` each time.
+    pub(super) recorded_in: Option<u32>,
+}
+
+/// Texts up to this long are recorded whole with every run.
+const RECORDED_WHOLE: usize = 512;
+
+impl StmtInfo {
+    /// Its text as a run's record shows it: whole the first time (and when short), then a
+    /// reference to the record that holds it.
+    pub(super) fn recorded_for_run(&self) -> String {
+        match self.recorded_in {
+            Some(seq) if self.recorded.len() > RECORDED_WHOLE => {
+                let mut head = self.recorded.as_str();
+                let mut cut = 120.min(head.len());
+                while !head.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                head = &head[..cut];
+                format!(
+                    "{head}… <prepared statement of {} bytes, whole in #{seq}>",
+                    self.recorded.len()
+                )
+            }
+            _ => self.recorded.clone(),
+        }
+    }
 }
 
 pub(super) struct PortalInfo {
@@ -401,6 +430,33 @@ mod tests {
             text: text.into(),
             ..Statement::default()
         }
+    }
+
+    /// A long statement's text is recorded whole once; later runs point at that record.
+    #[test]
+    fn a_long_statement_is_recorded_whole_once() {
+        let long = format!("SELECT 'é{}'", "x".repeat(2000));
+        let mut s = StmtInfo {
+            recorded: long.clone(),
+            ..StmtInfo::default()
+        };
+        assert_eq!(s.recorded_for_run(), long, "the first run has it whole");
+        s.recorded_in = Some(7);
+        let again = s.recorded_for_run();
+        assert!(again.len() < 200, "{again}");
+        assert!(again.starts_with("SELECT 'é"), "{again}");
+        assert!(again.contains("whole in #7"), "{again}");
+        assert!(again.contains(&format!("{} bytes", long.len())), "{again}");
+        let short = StmtInfo {
+            recorded: "SELECT 1".into(),
+            recorded_in: Some(3),
+            ..StmtInfo::default()
+        };
+        assert_eq!(
+            short.recorded_for_run(),
+            "SELECT 1",
+            "short texts stay whole"
+        );
     }
 
     /// The bytes counted for prepared statements follow every way one comes and goes:
