@@ -117,6 +117,8 @@ pub(super) struct Ctx<'a> {
     /// they outlive the HTTP exchange and
     /// end with the session.
     pub(super) upgraded: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Tunnels open or opening, under [`MAX_TUNNELS`].
+    pub(super) tunnels: Arc<std::sync::atomic::AtomicUsize>,
     pub(super) stop: CancellationToken,
     /// The grant's `[policy.limits]` and what the session has used of them.
     pub(super) limits: HttpLimits,
@@ -131,6 +133,15 @@ pub(super) const MAX_MASKED_HELD: usize = 2;
 /// Tunnels (upgraded streams) one session may hold open at once: kubectl opens one per
 /// exec, attach or port-forward; an HTTP/2 client could otherwise open one per stream.
 pub(super) const MAX_TUNNELS: usize = 16;
+
+/// A session's place for one tunnel, given back on drop (see [`Ctx::tunnels`]).
+struct TunnelPlace(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for TunnelPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// A response body that writes its request's record once sent to its end, or dropped (the
 /// client gone, the session cut): with the sizes of both bodies and, where the resource keeps
@@ -925,21 +936,17 @@ impl Ctx<'_> {
                 .headers
                 .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         }
-        // A tunnel outlives its exchange and holds an upstream descriptor: counted against
-        // the agent's (see `Upstream::hold`), and at most MAX_TUNNELS per session (an HTTP/2
-        // client multiplexes them over its one connection).
+        // A tunnel outlives its exchange: at most MAX_TUNNELS per session (an HTTP/2 client
+        // multiplexes them over its one connection), a place taken here, before anything
+        // is awaited, so that streams opened at once cannot all see room. Its upstream
+        // descriptor stays counted against the agent's with the connection it upgrades.
         let tunnel = match &upgrade {
             None => None,
             Some(_) => {
-                let open = {
-                    let mut relays = self
-                        .upgraded
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    relays.retain(|r| !r.is_finished());
-                    relays.len()
-                };
+                let open = self.tunnels.fetch_add(1, Ordering::SeqCst);
+                let place = TunnelPlace(self.tunnels.clone());
                 if open >= MAX_TUNNELS {
+                    drop(place);
                     return Err(Refusal {
                         status: 429,
                         error: format!(
@@ -949,12 +956,11 @@ impl Ctx<'_> {
                         hint: Some("close a stream first, or open another connection".into()),
                     });
                 }
-                Some(self.upstream.hold().map_err(|e| Refusal {
-                    status: 503,
-                    error: e.to_string(),
-                    rule: None,
-                    hint: Some(e.hint()),
-                })?)
+                self.upgraded
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .retain(|r| !r.is_finished());
+                Some(place)
             }
         };
         // An exec or attach stream is recorded from its first byte, or not opened at all: its
@@ -986,11 +992,19 @@ impl Ctx<'_> {
                 request_tap,
             ),
         );
-        let response = self.upstream.send(request).await.map_err(|e| Refusal {
-            status: 502,
-            error: e,
-            rule: None,
-            hint: None,
+        let response = self.upstream.send(request).await.map_err(|e| match e {
+            super::upstream::SendError::Full(e) => Refusal {
+                status: 503,
+                error: e,
+                rule: None,
+                hint: Some("retry in a moment".into()),
+            },
+            super::upstream::SendError::Upstream(e) => Refusal {
+                status: 502,
+                error: e,
+                rule: None,
+                hint: None,
+            },
         })?;
         let mut response = response;
         if extended_connect && response.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -1012,6 +1026,9 @@ impl Ctx<'_> {
             && let (Some(client_upgraded), Some(token)) = (client_upgraded, upgrade)
         {
             let upstream_upgraded = hyper::upgrade::on(&mut response);
+            let hold = response
+                .extensions_mut()
+                .remove::<super::upstream::TunnelHold>();
             let (mut parts, _) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             if extended_connect {
@@ -1039,7 +1056,7 @@ impl Ctx<'_> {
             }
             let recording = recording.map(|(cast, _)| cast);
             let relay = tokio::spawn(async move {
-                let _tunnel = tunnel;
+                let _tunnel = (tunnel, hold);
                 let (client, upstream) = tokio::join!(client_upgraded, upstream_upgraded);
                 match (client, upstream) {
                     (Ok(c), Ok(u)) => {

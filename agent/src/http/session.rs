@@ -212,6 +212,7 @@ pub async fn serve(
         seq: AtomicU32::new(0),
         holding: AtomicU32::new(0),
         upgraded: std::sync::Mutex::default(),
+        tunnels: Arc::default(),
         masker,
         stop: stop.clone(),
         limits,

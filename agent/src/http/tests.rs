@@ -545,9 +545,37 @@ async fn tunnels_are_bounded_per_session_and_counted_against_the_agent() {
         io.read_line(&mut hello).await.expect("hello");
         Ok(io)
     };
+    // Opened all at once, none waiting for another: still at most MAX_TUNNELS.
+    let at_once: Vec<_> =
+        futures_util::future::join_all((0..super::exchange::MAX_TUNNELS + 4).map(|_| open_one()))
+            .await;
+    let opened = at_once.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(opened, super::exchange::MAX_TUNNELS, "opened at once");
+    assert!(
+        at_once.iter().all(|r| matches!(r, Ok(_) | Err(429))),
+        "refused with 429"
+    );
+    drop(at_once);
+    let mut back_at_once = limits.in_use("bot").0;
+    for _ in 0..100 {
+        if back_at_once <= base + 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        back_at_once = limits.in_use("bot").0;
+    }
+    assert!(back_at_once <= base + 1, "{base} then {back_at_once}");
     let mut open = Vec::new();
     for _ in 0..super::exchange::MAX_TUNNELS {
-        open.push(open_one().await.expect("within the bound"));
+        let mut opened = None;
+        for _ in 0..100 {
+            if let Ok(io) = open_one().await {
+                opened = Some(io);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        open.push(opened.expect("within the bound"));
     }
     let held = limits.in_use("bot").0;
     assert!(

@@ -41,6 +41,15 @@ const MAX_IDLE: usize = 8;
 /// wait for one to end. An HTTP/2 client could otherwise open a connection per stream.
 pub const MAX_IN_FLIGHT: usize = 16;
 
+/// Why a request could not be sent upstream.
+#[derive(Debug)]
+pub enum SendError {
+    /// The agent holds all the connections its descriptors allow (503).
+    Full(String),
+    /// The upstream could not be reached or answered badly (502).
+    Upstream(String),
+}
+
 /// One upstream descriptor counted (see [`Upstream::hold`]).
 pub struct Held {
     open: Arc<AtomicUsize>,
@@ -65,7 +74,20 @@ pub struct Dial {
     pub tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
 }
 
-type Idle = Mutex<Vec<SendRequest<Sent>>>;
+/// An upstream connection: its sender, and its count against the agent's descriptors (held
+/// by the sender, the task driving it and, once upgraded, the tunnel relaying it: the
+/// descriptor is counted as long as any of them lives).
+struct Conn {
+    sender: SendRequest<Sent>,
+    held: Arc<Held>,
+}
+
+type Idle = Mutex<Vec<Conn>>;
+
+/// On a response that switched protocols: the connection's count, for the tunnel to keep
+/// (the connection leaves the pool and its driver).
+#[derive(Clone)]
+pub struct TunnelHold(pub Arc<Held>);
 
 /// The session's upstream connections (see the module documentation).
 pub struct Upstream {
@@ -109,23 +131,23 @@ impl Upstream {
     }
 
     /// Sends one request on an idle connection, or a new one when none is usable.
-    pub async fn send(&self, request: Request<UpBody>) -> Result<Response<Returning>, String> {
+    pub async fn send(&self, request: Request<UpBody>) -> Result<Response<Returning>, SendError> {
         let permit = self
             .in_flight
             .clone()
             .acquire_owned()
             .await
-            .map_err(|e| format!("upstream: {e}"))?;
-        let mut sender = loop {
+            .map_err(|e| SendError::Upstream(format!("upstream: {e}")))?;
+        let mut conn = loop {
             let taken = self
                 .idle
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .pop();
             match taken {
-                Some(mut s) if !s.is_closed() => {
-                    if s.ready().await.is_ok() {
-                        break s;
+                Some(mut c) if !c.sender.is_closed() => {
+                    if c.sender.ready().await.is_ok() {
+                        break c;
                     }
                 }
                 Some(_) => {}
@@ -137,13 +159,20 @@ impl Upstream {
             inner: body,
             done: uploaded.clone(),
         });
-        let response = sender
+        let mut response = conn
+            .sender
             .send_request(request)
             .await
-            .map_err(|e| format!("upstream {}: {e}", self.dial.addr))?;
-        // An upgraded connection belongs to its relay from now on.
-        let back = (response.status() != StatusCode::SWITCHING_PROTOCOLS)
-            .then(|| (sender, Arc::downgrade(&self.idle)));
+            .map_err(|e| SendError::Upstream(format!("upstream {}: {e}", self.dial.addr)))?;
+        // An upgraded connection belongs to its relay from now on, with its count.
+        let back = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            response
+                .extensions_mut()
+                .insert(TunnelHold(conn.held.clone()));
+            None
+        } else {
+            Some((conn, Arc::downgrade(&self.idle)))
+        };
         Ok(response.map(|body| Returning {
             inner: body,
             back,
@@ -174,8 +203,11 @@ impl Upstream {
         })
     }
 
-    async fn connect(&self) -> Result<SendRequest<Sent>, String> {
-        let held = self.hold().map_err(|e| format!("{e}; {}", e.hint()))?;
+    async fn connect(&self) -> Result<Conn, SendError> {
+        let held = Arc::new(
+            self.hold()
+                .map_err(|e| SendError::Full(format!("{e}; {}", e.hint())))?,
+        );
         let addr = self.dial.addr;
         let connecting = async {
             let tcp = TcpStream::connect(addr)
@@ -194,20 +226,22 @@ impl Upstream {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| {
-                format!(
+                SendError::Upstream(format!(
                     "connecting to {addr}: no answer within {}s",
                     CONNECT_TIMEOUT.as_secs()
-                )
-            })??;
+                ))
+            })?
+            .map_err(SendError::Upstream)?;
         let (mut sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
+            .map_err(|e| SendError::Upstream(format!("HTTP handshake with {addr}: {e}")))?;
+        let driving = held.clone();
         let driver = tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
-            drop(held);
+            drop(driving);
         });
         {
             let mut drivers = self.drivers.lock().unwrap_or_else(PoisonError::into_inner);
@@ -217,8 +251,8 @@ impl Upstream {
         sender
             .ready()
             .await
-            .map_err(|e| format!("upstream {addr}: {e}"))?;
-        Ok(sender)
+            .map_err(|e| SendError::Upstream(format!("upstream {addr}: {e}")))?;
+        Ok(Conn { sender, held })
     }
 }
 
@@ -227,7 +261,7 @@ impl Upstream {
 /// rest of a response).
 pub struct Returning {
     inner: Incoming,
-    back: Option<(SendRequest<Sent>, Weak<Idle>)>,
+    back: Option<(Conn, Weak<Idle>)>,
     /// The request's body has been sent to its end (a connection still uploading is not
     /// idle: the next request would wait behind the upload).
     uploaded: Arc<AtomicBool>,
@@ -237,13 +271,13 @@ pub struct Returning {
 
 impl Returning {
     fn give_back(&mut self) {
-        if let Some((sender, pool)) = self.back.take()
+        if let Some((conn, pool)) = self.back.take()
             && self.uploaded.load(Ordering::Acquire)
             && let Some(pool) = pool.upgrade()
         {
             let mut idle = pool.lock().unwrap_or_else(PoisonError::into_inner);
-            if idle.len() < MAX_IDLE && !sender.is_closed() {
-                idle.push(sender);
+            if idle.len() < MAX_IDLE && !conn.sender.is_closed() {
+                idle.push(conn);
             }
         }
     }

@@ -535,6 +535,74 @@ mod batch {
         }))
     }
 
+    fn describe_portal(portal: &str) -> Vec<u8> {
+        let mut b = vec![b'P'];
+        cstr(&mut b, portal);
+        message(b'D', &b)
+    }
+
+    /// Ways to make the gate believe a statement name holds another text than the server's:
+    /// a DEALLOCATE and a PREPARE parsed and never run; a DEALLOCATE the server never ran and
+    /// a PREPARE it refused; a Close it skipped, then a Parse of the name it refuses, bound in
+    /// a later cycle before its answer. Each runs `SELECT upper(email)` of a masked column;
+    /// the first value each returns is reported.
+    pub fn stale(url: &str) -> std::io::Result<Value> {
+        const REAL: &str = "SELECT upper(email) AS x FROM users WHERE id = 1";
+        const FAKE: &str = "SELECT 'x'::text AS x";
+        let addr = addr_of(url);
+        let (mut s, _) = startup(&addr, false, &[])?;
+        until_ready(&mut s);
+        let sync = || message(b'S', b"");
+        let mut m = parse("p", REAL);
+        m.extend(parse("r", REAL));
+        m.extend(sync());
+        s.write_all(&m)?;
+        until_ready(&mut s);
+        // Parsed, never run.
+        let mut m = parse("", "DEALLOCATE p");
+        m.extend(parse("", &format!("PREPARE p AS {FAKE}")));
+        m.extend(bind_portal("", "p"));
+        m.extend(describe_portal(""));
+        m.extend(execute_portal(""));
+        m.extend(sync());
+        s.write_all(&m)?;
+        let unrun = outcome(until_ready(&mut s));
+        // Never run, and refused.
+        s.write_all(&query(&format!("PREPARE q AS {REAL}")))?;
+        until_ready(&mut s);
+        s.write_all(&query("SELECT 1 / 0; DEALLOCATE q"))?;
+        until_ready(&mut s);
+        s.write_all(&query(&format!("PREPARE q AS {FAKE}")))?;
+        let refused = outcome(until_ready(&mut s));
+        s.write_all(&query("EXECUTE q"))?;
+        let executed = outcome(until_ready(&mut s));
+        // A skipped Close, a refused re-Parse, a Bind in the cycle after: one write.
+        let mut m = parse("", "SELECT 1 / $1::int");
+        m.extend(bind("", &["0"]));
+        m.extend(execute());
+        m.extend(close_statement("r"));
+        m.extend(sync());
+        m.extend(parse("r", FAKE));
+        m.extend(sync());
+        m.extend(bind_portal("", "r"));
+        m.extend(describe_portal(""));
+        m.extend(execute_portal(""));
+        m.extend(sync());
+        s.write_all(&m)?;
+        let skipped = outcome(until_ready(&mut s));
+        let reparsed = outcome(until_ready(&mut s));
+        let rebound = outcome(until_ready(&mut s));
+        Ok(json!({
+            "ok": true,
+            "unrun": unrun,
+            "refused": refused,
+            "executed": executed,
+            "skipped": skipped,
+            "reparsed": reparsed,
+            "rebound": rebound,
+        }))
+    }
+
     pub fn run(url: &str) -> std::io::Result<Value> {
         let addr = addr_of(url);
         let (mut s, _) = startup(&addr, false, &[])?;
@@ -596,6 +664,12 @@ async fn main() {
             "usage: jitgate-pgclient extended|prepared|pipeline|execute|cancel|stream|raw URL [SQL] [ARGS...]"
         );
         std::process::exit(2);
+    }
+    if args[0] == "raw-stale" {
+        let out = batch::stale(&args[1])
+            .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));
+        println!("{out}");
+        return;
     }
     if args[0] == "raw-savepoint" {
         let out = batch::savepoint(&args[1])

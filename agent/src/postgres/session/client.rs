@@ -160,7 +160,6 @@ impl Pump<'_> {
                             }
                         };
                         let refs = self.result_refs(&analysis);
-                        self.remember_sql_prepared(&analysis);
                         let mut st = self.lock();
                         let copy_in = copies_in(&analysis).then(|| st.copy_in.open());
                         st.expect.push_back(Expect::Query {
@@ -168,6 +167,7 @@ impl Pump<'_> {
                             refs,
                             copies,
                             copy_in,
+                            effects: SqlEffect::of(&analysis),
                         });
                         st.cycles_sent += 1;
                         drop(st);
@@ -206,7 +206,10 @@ impl Pump<'_> {
                             }
                         };
                         let refs = self.result_refs(&analysis);
-                        self.remember_sql_prepared(&analysis);
+                        let (shadowing, cycle) = {
+                            let st = self.lock();
+                            (st.closing.contains_key(&name), st.cycles_sent)
+                        };
                         let stmt: Stmt = Arc::new(Mutex::new(StmtInfo {
                             plan: None,
                             refs,
@@ -223,6 +226,10 @@ impl Pump<'_> {
                             copies_in: copies_in(&analysis),
                             prepaid: true,
                             recorded_in: None,
+                            effect: SqlEffect::of(&analysis).pop_front(),
+                            shadowing,
+                            confirmed: false,
+                            cycle,
                         }));
                         let mut st = self.lock();
                         st.insert_statement(name.clone(), stmt.clone());
@@ -342,12 +349,34 @@ impl Pump<'_> {
                 let held = {
                     let st = self.lock();
                     match st.statements.get(&statement) {
-                        Some(stmt) => Ok(stmt.clone()),
+                        Some(stmt) => Ok((stmt.clone(), st.cycles_sent)),
                         None => Err(st.sql_prepared.get(&statement).cloned()),
                     }
                 };
                 let stmt = match held {
-                    Ok(stmt) => stmt,
+                    Ok((stmt, cycle_now)) => {
+                        let unsure = {
+                            let s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
+                            (s.shadowing && !s.confirmed && s.cycle < cycle_now).then(|| {
+                                format!(
+                                    "{} <Parse not yet answered; the server may run an earlier statement of this name>",
+                                    s.recorded
+                                )
+                            })
+                        };
+                        match unsure {
+                            // Masked as a statement of unknown text: every computed value.
+                            Some(recorded) => Arc::new(Mutex::new(StmtInfo {
+                                refs: Arc::new(ResultRefs {
+                                    opaque: true,
+                                    ..ResultRefs::default()
+                                }),
+                                recorded,
+                                ..StmtInfo::default()
+                            })),
+                            None => stmt,
+                        }
+                    }
                     // Prepared with SQL PREPARE, bound with the protocol: the same namespace
                     // on the server.
                     Err(Some(prepared)) => {
@@ -401,6 +430,7 @@ impl Pump<'_> {
                                 bytes: params_bytes,
                             }),
                         );
+                        in_flight_bound(&st)?;
                         return Ok(true);
                     }
                 };
@@ -531,12 +561,14 @@ impl Pump<'_> {
             Frontend::Close => {
                 let (kind, name) = target_of(&frame.body).map_err(malformed)?;
                 let mut st = self.lock();
-                if kind == b'S' {
-                    st.forget_prepared(&name);
+                let closes = if kind == b'S' {
+                    st.closing(&name);
+                    Some(name)
                 } else {
                     st.remove_portal(&name);
-                }
-                st.expect.push_back(Expect::Close);
+                    None
+                };
+                st.expect.push_back(Expect::Close(closes));
                 frame.write(out);
             }
             Frontend::Sync => {
@@ -599,6 +631,7 @@ impl Pump<'_> {
             refs: Arc::default(),
             copies: VecDeque::new(),
             copy_in: None,
+            effects: VecDeque::new(),
         });
         st.cycles_sent += 1;
         drop(st);

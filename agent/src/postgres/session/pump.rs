@@ -508,23 +508,6 @@ impl Pump<'_> {
         }
     }
 
-    pub(super) fn remember_sql_prepared(&self, analysis: &[Statement]) {
-        let mut st = self.lock();
-        for s in analysis {
-            if let Some(name) = &s.prepares {
-                st.insert_sql_prepared(name.clone(), s.clone());
-            }
-            match &s.deallocates {
-                Some(Some(name)) => st.forget_prepared(name),
-                Some(None) => st.forget_all_prepared(),
-                None => {}
-            }
-            if s.discards {
-                st.forget_all_prepared();
-            }
-        }
-    }
-
     /// Cancels the statement the server is running for this session, if any, before the
     /// session is ended under it: closing the connection alone lets it run on (a long UPDATE
     /// would still commit after its grant ended).

@@ -730,13 +730,24 @@ impl Pump<'_> {
                     b'2' => "BindComplete",
                     _ => "CloseComplete",
                 };
-                let front = self.lock().expect.pop_front();
-                match (frame.tag, front) {
-                    (b'1', Some(Expect::Parse(_)))
-                    | (b'2', Some(Expect::Bind))
-                    | (b'3', Some(Expect::Close)) => {}
+                let mut st = self.lock();
+                match (frame.tag, st.expect.pop_front()) {
+                    (b'1', Some(Expect::Parse(name))) => {
+                        if let Some(stmt) = name.and_then(|n| st.statements.get(&n)) {
+                            stmt.lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .confirmed = true;
+                        }
+                    }
+                    (b'3', Some(Expect::Close(name))) => {
+                        if let Some(name) = name {
+                            st.closed(&name, true);
+                        }
+                    }
+                    (b'2', Some(Expect::Bind)) => {}
                     _ => return Err(desync(want)),
                 }
+                drop(st);
                 frame.write(out);
             }
             Backend::ParameterDescription => {
@@ -829,10 +840,22 @@ impl Pump<'_> {
                     None
                 };
                 let mut st = self.lock();
-                match st.expect.front() {
-                    Some(Expect::Execute { rec, .. }) => {
+                match st.expect.front_mut() {
+                    Some(Expect::Execute { rec, portal, .. }) => {
                         let rec = *rec;
+                        // A statement that prepares or deallocates: done now on the server.
+                        let effect = portal.statement.as_ref().and_then(|stmt| {
+                            stmt.lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .effect
+                                .clone()
+                        });
                         st.expect.pop_front();
+                        if let Some(effect) = effect
+                            && tag.as_deref() == Some(effect.tag())
+                        {
+                            st.apply_sql_effect(effect);
+                        }
                         drop(st);
                         self.with_record(rec, |r| {
                             if let Some(t) = &tag {
@@ -842,9 +865,19 @@ impl Pump<'_> {
                         });
                         self.finish_record(rec);
                     }
-                    Some(Expect::Query { rec, .. }) => {
+                    Some(Expect::Query { rec, effects, .. }) => {
                         let rec = *rec;
+                        // The statements complete in order; those with no effect answer
+                        // with other tags.
+                        let effect = effects
+                            .front()
+                            .is_some_and(|e| tag.as_deref() == Some(e.tag()))
+                            .then(|| effects.pop_front())
+                            .flatten();
                         st.current = None;
+                        if let Some(effect) = effect {
+                            st.apply_sql_effect(effect);
+                        }
                         drop(st);
                         self.with_record(rec, |r| {
                             if let Some(t) = &tag {
@@ -902,9 +935,17 @@ impl Pump<'_> {
                 // Execute in it is the one that failed (or whose Bind did); those after it
                 // never ran, and are finished as such.
                 let mut skipped = Vec::new();
+                let raw_code = fields
+                    .iter()
+                    .find(|(c, _)| *c == b'C')
+                    .map(|(_, m)| m.as_str())
+                    == Some("42P05");
                 let rec = {
                     let mut st = self.lock();
                     let mut rec = None;
+                    // Closes the server skipped: it still holds those statements.
+                    let mut skipped_closes = Vec::new();
+                    let mut first_parse = true;
                     match st.expect.front() {
                         Some(Expect::Query { rec: r, .. }) => rec = Some(*r),
                         _ => {
@@ -925,11 +966,24 @@ impl Pump<'_> {
                                     // it, never made a statement: the name is free again.
                                     Some(Expect::Parse(Some(name))) => {
                                         st.remove_statement(&name);
+                                        // 42P05: the server holds a statement of that name
+                                        // that the gate does not know.
+                                        if std::mem::take(&mut first_parse)
+                                            && raw_code
+                                            && !answers_poison
+                                        {
+                                            st.phantoms.insert(name);
+                                        }
                                     }
+                                    Some(Expect::Parse(None)) => first_parse = false,
+                                    Some(Expect::Close(Some(name))) => skipped_closes.push(name),
                                     _ => {}
                                 }
                             }
                         }
+                    }
+                    for name in skipped_closes {
+                        st.closed(&name, false);
                     }
                     st.copy = None;
                     rec

@@ -36,6 +36,9 @@ pub(super) enum Expect {
         copies: VecDeque<CopyPlan>,
         /// Its COPY FROM window, if it may start one (see [`CopyIn`]).
         copy_in: Option<u64>,
+        /// What its statements do to the prepared statements, in order, applied as the
+        /// server completes each (see [`SqlEffect`]).
+        effects: VecDeque<SqlEffect>,
     },
     /// A Parse of this statement name (`None`: one that must not touch the name's entry).
     Parse(Option<String>),
@@ -50,7 +53,8 @@ pub(super) enum Expect {
         /// Its COPY FROM window, if it may start one (see [`CopyIn`]).
         copy_in: Option<u64>,
     },
-    Close,
+    /// A Close; of this statement name when it closes a statement.
+    Close(Option<String>),
     /// A Sync. One the client sent inside a COPY FROM window is ignored by the server when
     /// that COPY did start (no ReadyForQuery answers it).
     Sync {
@@ -163,12 +167,67 @@ pub(super) struct StmtInfo {
     pub(super) recorded: String,
     /// Its Parse took from the statement rate for one run, not yet used by an Execute.
     pub(super) prepaid: bool,
+    /// What running it does to the prepared statements (a Parse of `PREPARE` or
+    /// `DEALLOCATE`), applied when the server completes a run.
+    pub(super) effect: Option<SqlEffect>,
+    /// Parsed under a name whose Close the server had not yet answered: until its
+    /// ParseComplete, the server may still hold the statement that name had (a Close it
+    /// skipped after an error), so a Bind in a later cycle is masked as of an unknown one.
+    pub(super) shadowing: bool,
+    /// The server answered its Parse.
+    pub(super) confirmed: bool,
+    /// The cycle its Parse was sent in.
+    pub(super) cycle: u64,
     /// What it counts in [`State::prepared_bytes`].
     pub(super) bytes: usize,
     /// The record its text was first written in, whole. A run after it refers to that
     /// record rather than copying a long text again: an Execute of a few bytes would
     /// otherwise make the store keep up to `MAX_RECORDED_TEXT` each time.
     pub(super) recorded_in: Option<u32>,
+}
+
+/// What a statement does to the server's prepared statements. Applied only when the server
+/// completes it (its CommandComplete): one that fails, is skipped after an error, or is
+/// prepared and never run changes nothing there, and so nothing here (else a `PREPARE` the
+/// server refused, or a `DEALLOCATE` it never ran, would have the gate judge and mask a
+/// name by a statement other than the one the server runs).
+#[derive(Clone, Debug)]
+pub(super) enum SqlEffect {
+    Prepare(String, Box<Statement>),
+    Deallocate(String),
+    /// `DEALLOCATE ALL` (false) or `DISCARD ALL` (true).
+    All(bool),
+}
+
+impl SqlEffect {
+    /// The CommandComplete tag the server answers it with.
+    pub(super) const fn tag(&self) -> &'static str {
+        match self {
+            Self::Prepare(..) => "PREPARE",
+            Self::Deallocate(_) => "DEALLOCATE",
+            Self::All(false) => "DEALLOCATE ALL",
+            Self::All(true) => "DISCARD ALL",
+        }
+    }
+
+    /// The effects of `analysis`'s statements, in order.
+    pub(super) fn of(analysis: &[Statement]) -> VecDeque<Self> {
+        let mut out = VecDeque::new();
+        for s in analysis {
+            if let Some(name) = &s.prepares {
+                out.push_back(Self::Prepare(name.clone(), Box::new(s.clone())));
+            }
+            match &s.deallocates {
+                Some(Some(name)) => out.push_back(Self::Deallocate(name.clone())),
+                Some(None) => out.push_back(Self::All(false)),
+                None => {}
+            }
+            if s.discards {
+                out.push_back(Self::All(true));
+            }
+        }
+        out
+    }
 }
 
 /// Texts up to this long are recorded whole with every run.
@@ -268,6 +327,12 @@ pub(super) struct State {
     /// The bytes of the portals' recorded parameters (see [`State::held_bytes`]).
     pub(super) portal_bytes: usize,
     pub(super) sql_prepared: HashMap<String, Statement>,
+    /// Statement names whose Close was sent and not yet answered.
+    pub(super) closing: HashMap<String, usize>,
+    /// Statement names the server still holds though the gate dropped them (a Close it
+    /// skipped after an error): the gate does not know what they run, so it refuses to bind
+    /// them, and a Parse of the name fails on the server (42P05) as here.
+    pub(super) phantoms: std::collections::HashSet<String>,
     /// What the prepared statements of both kinds hold (see [`prepared_footprint`]), bounded
     /// by `MAX_PREPARED_BYTES`.
     pub(super) prepared_bytes: usize,
@@ -299,7 +364,52 @@ pub(super) struct State {
 /// namespace on the server: these keep the two maps in step with it.
 impl State {
     pub(super) fn has_prepared(&self, name: &str) -> bool {
-        self.statements.contains_key(name) || self.sql_prepared.contains_key(name)
+        self.statements.contains_key(name)
+            || self.sql_prepared.contains_key(name)
+            || self.phantoms.contains(name)
+    }
+
+    /// A Close of statement `name` was sent: the gate drops it now (the next Parse of the
+    /// name is the client's new statement), and remembers the Close until answered.
+    pub(super) fn closing(&mut self, name: &str) {
+        self.forget_prepared(name);
+        *self.closing.entry(name.to_owned()).or_default() += 1;
+    }
+
+    /// The server answered a Close of `name` (`done`), or skipped it after an error: then
+    /// it still holds the statement, which the gate no longer knows.
+    pub(super) fn closed(&mut self, name: &str, done: bool) {
+        if let Some(n) = self.closing.get_mut(name) {
+            *n -= 1;
+            if *n == 0 {
+                self.closing.remove(name);
+            }
+        }
+        if done {
+            self.phantoms.remove(name);
+        } else if !self.statements.contains_key(name) && !self.sql_prepared.contains_key(name) {
+            self.phantoms.insert(name.to_owned());
+        }
+    }
+
+    /// Applies what a statement the server completed did to the prepared statements.
+    pub(super) fn apply_sql_effect(&mut self, effect: SqlEffect) {
+        match effect {
+            SqlEffect::Prepare(name, statement) => {
+                // The server took the name: whatever the gate held under it is stale.
+                self.remove_statement(&name);
+                self.phantoms.remove(&name);
+                self.insert_sql_prepared(name, *statement);
+            }
+            SqlEffect::Deallocate(name) => {
+                self.forget_prepared(&name);
+                self.phantoms.remove(&name);
+            }
+            SqlEffect::All(_) => {
+                self.forget_all_prepared();
+                self.phantoms.clear();
+            }
+        }
     }
 
     /// `DEALLOCATE name` or Close: either kind goes.

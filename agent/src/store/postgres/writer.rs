@@ -264,6 +264,8 @@ impl Writer {
         self.writes.queued(bytes);
         if self.tx.send(Item::Put(Box::new(record))).is_err() {
             self.writes.done(bytes);
+            self.writes
+                .failed("the shared state store's writer has stopped");
             warn!("state store is shut down; dropping a background write");
         }
     }
@@ -279,6 +281,15 @@ struct State {
 }
 
 async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Item>, writes: WriteHealth) {
+    // However the task ends (a panic included), nothing queued after is written: the gate
+    // closes rather than let sessions run unrecorded.
+    struct Stopped(WriteHealth);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            self.0.failed("the shared state store's writer has stopped");
+        }
+    }
+    let _stopped = Stopped(writes.clone());
     let mut health = state.setup.health.subscribe();
     loop {
         register_if_due(&mut state).await;

@@ -121,10 +121,10 @@ impl SqliteStore {
 
 /// Once writes are kept again: writes what the store was told of sessions and did not
 /// keep (their row, their end, their audit records), so that no session is missing or shows
-/// as open for ever. A session whose opening was lost and that has ended since (its end,
-/// kept, found no row) is closed as `store_lost`. Idempotent: a row that exists is not
-/// written again, an end only onto an open row; if this write is not kept either, what it
-/// took is put back.
+/// as open for ever. A session whose opening was lost and that has ended since is left to
+/// its end's write (which writes the whole record when it finds no row). Idempotent: a row
+/// that exists is not written again, an end only onto an open row; if this write is not
+/// kept either, what it took is put back.
 fn mend_sessions(opened: &Opened, lost: &LostSessions) -> (Mend, Lost) {
     let taken: Vec<LostSession> = lost
         .lock()
@@ -150,14 +150,12 @@ fn mend_sessions(opened: &Opened, lost: &LostSessions) -> (Mend, Lost) {
         let now = Timestamp::now();
         let mut mended = 0_usize;
         for l in &taken {
-            let mut s = l.session.clone();
+            let s = l.session.clone();
             match queries::get_session(db.conn, &s.id)? {
+                // An opening lost, of a session that has ended since: its end (kept, or lost
+                // and then remembered in its place) writes the whole record.
+                None if !l.refused && s.ended_at.is_none() && !open.contains(&s.id) => continue,
                 None => {
-                    if !l.refused && s.ended_at.is_none() && !open.contains(&s.id) {
-                        s.ended_at = Some(now);
-                        s.outcome = SessionOutcome::StoreLost;
-                        s.detail = "its records were not kept while the state store failed; written when it recovered".to_owned();
-                    }
                     queries::insert_session(db.conn, &s)?;
                     if l.refused {
                         db.append(&session_actor(&s), &Event::session_refused(&s))?;
@@ -623,11 +621,12 @@ impl Store for SqliteStore {
         let mut session = session;
         session.ended_at.get_or_insert_with(Timestamp::now);
         let lost = self.lost(&session, false);
+        let forget = self.lost.clone();
         self.writer.submit_or(
             session_bytes(&session),
             move |db| {
                 let s = &session;
-                queries::end_session(
+                let ended = queries::end_session(
                     db.conn,
                     &s.id,
                     s.ended_at.unwrap_or_else(Timestamp::now),
@@ -636,7 +635,17 @@ impl Store for SqliteStore {
                     s.outcome,
                     &s.detail,
                 )?;
+                if ended == 0 {
+                    // Its opening was not kept (the store failed meanwhile): the whole
+                    // record is written here, and nothing is left to mend.
+                    queries::insert_session(db.conn, s)?;
+                    db.append(&session_actor(s), &Event::session_start(s))?;
+                }
                 db.append(&session_actor(s), &Event::session_end(s))?;
+                forget
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&s.id);
                 Ok(())
             },
             Some(lost),

@@ -433,8 +433,8 @@ pub fn end_session(
     bytes_down: u64,
     outcome: SessionOutcome,
     detail: &str,
-) -> Result<()> {
-    db.execute(
+) -> Result<usize> {
+    Ok(db.execute(
         "UPDATE sessions SET ended_at = ?2, bytes_up = ?3, bytes_down = ?4, outcome = ?5, detail = ?6 WHERE id = ?1",
         params![
             id,
@@ -444,8 +444,7 @@ pub fn end_session(
             outcome.as_str(),
             detail
         ],
-    )?;
-    Ok(())
+    )?)
 }
 
 /// Sessions newest first; `open_only` keeps those still relaying.
