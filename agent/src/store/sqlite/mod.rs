@@ -989,6 +989,30 @@ mod write_failure_tests {
         assert!(writes.cuts_sessions().is_none());
     }
 
+    /// An end whose opening was not kept (no row) writes the whole record, start and end,
+    /// once; nothing is left for the mend to write a second time.
+    #[tokio::test]
+    async fn an_end_without_its_opening_writes_the_whole_record_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&tmp.path().join("state")).expect("open");
+        let mut s = crate::store::tests::session("s-orphan");
+        s.ended_at = Some(Timestamp::now());
+        s.outcome = SessionOutcome::Closed;
+        s.bytes_up = 7;
+        store.session_ended(s);
+        store.flush().await.expect("kept");
+        let history = store
+            .session_history("s-orphan".into())
+            .await
+            .expect("history")
+            .expect("the row was written");
+        assert_eq!(history.session.outcome, SessionOutcome::Closed);
+        assert_eq!(history.session.bytes_up, 7);
+        let kinds: Vec<&str> = history.events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["session.start", "session.end"]);
+        assert!(store.lost.lock().expect("lost").is_empty());
+    }
+
     /// Longer than one probe interval.
     const PROBE_WAIT: Duration = Duration::from_millis(1500);
 }
