@@ -1087,6 +1087,31 @@ fn a_prepared_name_is_judged_and_masked_by_what_the_server_runs() {
     assert_eq!(r["skipped"]["code"], "22012", "{r}");
     assert_eq!(r["reparsed"]["code"], "42P05", "{r}");
     assert_ne!(r["rebound"]["value"], "x", "{r}");
+    // The same with the names changing while Parses and Binds are pipelined behind.
+    let ran = gate.run(
+        "bot",
+        &["--grant", "orders-db:read"],
+        &[&client, "raw-flux", &u],
+    );
+    let r: Value =
+        serde_json::from_str(ran.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {ran:#?}"));
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        !r.to_string().contains("JANE@EXAMPLE.COM"),
+        "a masked value leaked: {r}"
+    );
+    assert_eq!(r["a"][1]["code"], "42P05", "{r}");
+    assert_eq!(
+        r["a"][2]["code"], "26000",
+        "a contested Bind was let through: {r}"
+    );
+    assert_eq!(r["b"][0]["code"], "42P05", "{r}");
+    let v = r["b"][1]["value"].as_str().unwrap_or_default();
+    assert!(
+        v.contains('@') && v != "x",
+        "pb is not the statement the server holds: {r}"
+    );
+    assert_eq!(r["c"]["code"], "26000", "a phantom was bound: {r}");
 }
 
 /// Hostile: a statement the client closed where the server skipped the Close after an

@@ -603,6 +603,69 @@ mod batch {
         }))
     }
 
+    /// Names changing while Parses and Binds are pipelined behind them (one write each,
+    /// a slow statement first so that everything reaches the gate before the server
+    /// answers): a PREPARE in flight taking a name then Parsed and bound; a DEALLOCATE ALL
+    /// in flight while a name is Parsed; a Close skipped while its name is Parsed again
+    /// (a Parse that fails for another reason).
+    pub fn flux(url: &str) -> std::io::Result<Value> {
+        const REAL: &str = "SELECT upper(email) AS x FROM users WHERE id = 1";
+        const FAKE: &str = "SELECT 'x'::text AS x";
+        let addr = addr_of(url);
+        let (mut s, _) = startup(&addr, false, &[])?;
+        until_ready(&mut s);
+        let sync = || message(b'S', b"");
+        let bound = |name: &str| {
+            let mut m = bind_portal("", name);
+            m.extend(describe_portal(""));
+            m.extend(execute_portal(""));
+            m.extend(message(b'S', b""));
+            m
+        };
+        // A: a PREPARE in flight.
+        let mut m = query(&format!("SELECT pg_sleep(0.3); PREPARE pa AS {REAL}"));
+        m.extend(parse("pa", FAKE));
+        m.extend(sync());
+        m.extend(bound("pa"));
+        s.write_all(&m)?;
+        let a = [
+            outcome(until_ready(&mut s)),
+            outcome(until_ready(&mut s)),
+            outcome(until_ready(&mut s)),
+        ];
+        // B: a DEALLOCATE ALL in flight while a name is parsed; then a Parse of it refused
+        // and a Bind of it.
+        let mut m = query("SELECT pg_sleep(0.3); DEALLOCATE ALL");
+        m.extend(parse("pb", REAL));
+        m.extend(sync());
+        s.write_all(&m)?;
+        until_ready(&mut s);
+        until_ready(&mut s);
+        let mut m = parse("pb", FAKE);
+        m.extend(sync());
+        m.extend(bound("pb"));
+        s.write_all(&m)?;
+        let b = [outcome(until_ready(&mut s)), outcome(until_ready(&mut s))];
+        // C: a Close skipped, its name parsed again (failing: no such table), then bound.
+        let mut m = parse("pc", REAL);
+        m.extend(sync());
+        s.write_all(&m)?;
+        until_ready(&mut s);
+        let mut m = parse("", "SELECT pg_sleep(0.3), 1 / $1::int");
+        m.extend(bind("", &["0"]));
+        m.extend(execute());
+        m.extend(close_statement("pc"));
+        m.extend(sync());
+        m.extend(parse("pc", "SELECT a FROM no_such_table"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        until_ready(&mut s);
+        until_ready(&mut s);
+        s.write_all(&bound("pc"))?;
+        let c = outcome(until_ready(&mut s));
+        Ok(json!({"ok": true, "a": a, "b": b, "c": c}))
+    }
+
     pub fn run(url: &str) -> std::io::Result<Value> {
         let addr = addr_of(url);
         let (mut s, _) = startup(&addr, false, &[])?;
@@ -664,6 +727,12 @@ async fn main() {
             "usage: jitgate-pgclient extended|prepared|pipeline|execute|cancel|stream|raw URL [SQL] [ARGS...]"
         );
         std::process::exit(2);
+    }
+    if args[0] == "raw-flux" {
+        let out = batch::flux(&args[1])
+            .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));
+        println!("{out}");
+        return;
     }
     if args[0] == "raw-stale" {
         let out = batch::stale(&args[1])

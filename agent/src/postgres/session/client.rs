@@ -160,14 +160,21 @@ impl Pump<'_> {
                             }
                         };
                         let refs = self.result_refs(&analysis);
+                        let effects = SqlEffect::of(&analysis);
                         let mut st = self.lock();
                         let copy_in = copies_in(&analysis).then(|| st.copy_in.open());
+                        let names_seq = if effects.is_empty() {
+                            0
+                        } else {
+                            st.name_change()
+                        };
                         st.expect.push_back(Expect::Query {
                             rec,
                             refs,
                             copies,
                             copy_in,
-                            effects: SqlEffect::of(&analysis),
+                            names_seq,
+                            effects,
                         });
                         st.cycles_sent += 1;
                         drop(st);
@@ -206,9 +213,12 @@ impl Pump<'_> {
                             }
                         };
                         let refs = self.result_refs(&analysis);
-                        let (shadowing, cycle) = {
-                            let st = self.lock();
-                            (st.closing.contains_key(&name), st.cycles_sent)
+                        let effect = SqlEffect::of(&analysis).pop_front();
+                        let (contested, cycle, seq) = {
+                            let mut st = self.lock();
+                            let contested = st.names_in_flux();
+                            let seq = st.name_change();
+                            (contested, st.cycles_sent, seq)
                         };
                         let stmt: Stmt = Arc::new(Mutex::new(StmtInfo {
                             plan: None,
@@ -226,14 +236,16 @@ impl Pump<'_> {
                             copies_in: copies_in(&analysis),
                             prepaid: true,
                             recorded_in: None,
-                            effect: SqlEffect::of(&analysis).pop_front(),
-                            shadowing,
+                            effect,
+                            contested,
                             confirmed: false,
                             cycle,
+                            seq,
                         }));
                         let mut st = self.lock();
                         st.insert_statement(name.clone(), stmt.clone());
-                        st.expect.push_back(Expect::Parse(Some(name.clone())));
+                        st.expect
+                            .push_back(Expect::Parse(Some(name.clone()), Some(stmt.clone())));
                         frame.write(out);
                         if self.masker.is_some() {
                             // Learn the result shape now: clients may Execute without Describe.
@@ -355,27 +367,22 @@ impl Pump<'_> {
                 };
                 let stmt = match held {
                     Ok((stmt, cycle_now)) => {
-                        let unsure = {
+                        let contested = {
                             let s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
-                            (s.shadowing && !s.confirmed && s.cycle < cycle_now).then(|| {
-                                format!(
-                                    "{} <Parse not yet answered; the server may run an earlier statement of this name>",
-                                    s.recorded
-                                )
-                            })
+                            s.contested && !s.confirmed && s.cycle < cycle_now
                         };
-                        match unsure {
-                            // Masked as a statement of unknown text: every computed value.
-                            Some(recorded) => Arc::new(Mutex::new(StmtInfo {
-                                refs: Arc::new(ResultRefs {
-                                    opaque: true,
-                                    ..ResultRefs::default()
-                                }),
-                                recorded,
-                                ..StmtInfo::default()
-                            })),
-                            None => stmt,
+                        if contested {
+                            // Its Parse may yet fail (42P05) while the server binds another
+                            // statement of the name: not judged nor masked as this one.
+                            let error = PgError::error(
+                                "26000",
+                                format!("prepared statement \"{statement}\" is not confirmed yet"),
+                            )
+                            .hint("jitgate: its Parse was sent while the statement names were changing (a Close, PREPARE or DEALLOCATE unanswered) and is not answered yet; bind it once the Parse has completed (after its Sync)");
+                            self.poison(Some(&nonce()), error, out);
+                            return Ok(true);
                         }
+                        stmt
                     }
                     // Prepared with SQL PREPARE, bound with the protocol: the same namespace
                     // on the server.
@@ -549,12 +556,20 @@ impl Pump<'_> {
                 }
                 info.executed.store(true, Ordering::Relaxed);
                 // A COPY TO run through Execute masks with its statement's plan.
+                let has_effect = info.statement.as_ref().is_some_and(|stmt| {
+                    stmt.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .effect
+                        .is_some()
+                });
                 let mut st = self.lock();
                 let copy_in = may_copy_in.then(|| st.copy_in.open());
+                let names_seq = if has_effect { st.name_change() } else { 0 };
                 st.expect.push_back(Expect::Execute {
                     portal: info,
                     rec,
                     copy_in,
+                    names_seq,
                 });
                 frame.write(out);
             }
@@ -562,8 +577,7 @@ impl Pump<'_> {
                 let (kind, name) = target_of(&frame.body).map_err(malformed)?;
                 let mut st = self.lock();
                 let closes = if kind == b'S' {
-                    st.closing(&name);
-                    Some(name)
+                    Some(st.closing(&name))
                 } else {
                     st.remove_portal(&name);
                     None
@@ -632,6 +646,7 @@ impl Pump<'_> {
             copies: VecDeque::new(),
             copy_in: None,
             effects: VecDeque::new(),
+            names_seq: 0,
         });
         st.cycles_sent += 1;
         drop(st);
@@ -654,7 +669,8 @@ impl Pump<'_> {
         st.poison_order.push_back((cycle, nonce.clone()));
         st.poisons.insert(nonce.clone(), error);
         st.remove_statement(name.unwrap_or(""));
-        st.expect.push_back(Expect::Parse(name.map(str::to_owned)));
+        st.expect
+            .push_back(Expect::Parse(name.map(str::to_owned), None));
         drop(st);
         // A nonce that is no statement: the server fails this Parse.
         let _ = postgres_protocol::message::frontend::parse(

@@ -732,16 +732,16 @@ impl Pump<'_> {
                 };
                 let mut st = self.lock();
                 match (frame.tag, st.expect.pop_front()) {
-                    (b'1', Some(Expect::Parse(name))) => {
-                        if let Some(stmt) = name.and_then(|n| st.statements.get(&n)) {
+                    (b'1', Some(Expect::Parse(_, stmt))) => {
+                        if let Some(stmt) = stmt {
                             stmt.lock()
                                 .unwrap_or_else(PoisonError::into_inner)
                                 .confirmed = true;
                         }
                     }
-                    (b'3', Some(Expect::Close(name))) => {
-                        if let Some(name) = name {
-                            st.closed(&name, true);
+                    (b'3', Some(Expect::Close(close))) => {
+                        if let Some(close) = close {
+                            st.closed(close, true);
                         }
                     }
                     (b'2', Some(Expect::Bind)) => {}
@@ -841,8 +841,13 @@ impl Pump<'_> {
                 };
                 let mut st = self.lock();
                 match st.expect.front_mut() {
-                    Some(Expect::Execute { rec, portal, .. }) => {
-                        let rec = *rec;
+                    Some(Expect::Execute {
+                        rec,
+                        portal,
+                        names_seq,
+                        ..
+                    }) => {
+                        let (rec, names_seq) = (*rec, *names_seq);
                         // A statement that prepares or deallocates: done now on the server.
                         let effect = portal.statement.as_ref().and_then(|stmt| {
                             stmt.lock()
@@ -854,7 +859,7 @@ impl Pump<'_> {
                         if let Some(effect) = effect
                             && tag.as_deref() == Some(effect.tag())
                         {
-                            st.apply_sql_effect(effect);
+                            st.apply_sql_effect(effect, names_seq);
                         }
                         drop(st);
                         self.with_record(rec, |r| {
@@ -865,8 +870,13 @@ impl Pump<'_> {
                         });
                         self.finish_record(rec);
                     }
-                    Some(Expect::Query { rec, effects, .. }) => {
-                        let rec = *rec;
+                    Some(Expect::Query {
+                        rec,
+                        effects,
+                        names_seq,
+                        ..
+                    }) => {
+                        let (rec, names_seq) = (*rec, *names_seq);
                         // The statements complete in order; those with no effect answer
                         // with other tags.
                         let effect = effects
@@ -876,7 +886,7 @@ impl Pump<'_> {
                             .flatten();
                         st.current = None;
                         if let Some(effect) = effect {
-                            st.apply_sql_effect(effect);
+                            st.apply_sql_effect(effect, names_seq);
                         }
                         drop(st);
                         self.with_record(rec, |r| {
@@ -945,7 +955,8 @@ impl Pump<'_> {
                     let mut rec = None;
                     // Closes the server skipped: it still holds those statements.
                     let mut skipped_closes = Vec::new();
-                    let mut first_parse = true;
+                    // Only the message that failed can have failed with 42P05.
+                    let mut first = true;
                     match st.expect.front() {
                         Some(Expect::Query { rec: r, .. }) => rec = Some(*r),
                         _ => {
@@ -953,6 +964,7 @@ impl Pump<'_> {
                                 if matches!(e, Expect::Sync { .. }) {
                                     break;
                                 }
+                                let was_first = std::mem::take(&mut first);
                                 match st.expect.pop_front() {
                                     // After a poison's error, none of them ran.
                                     Some(Expect::Execute { rec: r, .. }) => {
@@ -964,26 +976,30 @@ impl Pump<'_> {
                                     }
                                     // The failed Parse, and those the server skipped after
                                     // it, never made a statement: the name is free again.
-                                    Some(Expect::Parse(Some(name))) => {
-                                        st.remove_statement(&name);
+                                    Some(Expect::Parse(Some(name), made)) => {
+                                        // Only the statement this Parse made: a later Parse
+                                        // of the name may have replaced it here.
+                                        let ours = match (&made, st.statements.get(&name)) {
+                                            (Some(made), Some(held)) => Arc::ptr_eq(made, held),
+                                            _ => false,
+                                        };
+                                        if ours {
+                                            st.remove_statement(&name);
+                                        }
                                         // 42P05: the server holds a statement of that name
                                         // that the gate does not know.
-                                        if std::mem::take(&mut first_parse)
-                                            && raw_code
-                                            && !answers_poison
-                                        {
+                                        if was_first && raw_code && !answers_poison {
                                             st.phantoms.insert(name);
                                         }
                                     }
-                                    Some(Expect::Parse(None)) => first_parse = false,
-                                    Some(Expect::Close(Some(name))) => skipped_closes.push(name),
+                                    Some(Expect::Close(Some(close))) => skipped_closes.push(close),
                                     _ => {}
                                 }
                             }
                         }
                     }
-                    for name in skipped_closes {
-                        st.closed(&name, false);
+                    for close in skipped_closes {
+                        st.closed(close, false);
                     }
                     st.copy = None;
                     rec

@@ -37,11 +37,15 @@ pub(super) enum Expect {
         /// Its COPY FROM window, if it may start one (see [`CopyIn`]).
         copy_in: Option<u64>,
         /// What its statements do to the prepared statements, in order, applied as the
-        /// server completes each (see [`SqlEffect`]).
+        /// server completes each (see [`SqlEffect`]), and the name-space sequence it was
+        /// sent at.
         effects: VecDeque<SqlEffect>,
+        names_seq: u64,
     },
-    /// A Parse of this statement name (`None`: one that must not touch the name's entry).
-    Parse(Option<String>),
+    /// A Parse of this statement name (`None`: one that must not touch the name's entry),
+    /// and the statement it made here (matched by identity: a later Parse of the name may
+    /// have replaced it in the gate's table meanwhile).
+    Parse(Option<String>, Option<Stmt>),
     Bind,
     Describe {
         target: Option<DescribeTarget>,
@@ -52,9 +56,12 @@ pub(super) enum Expect {
         rec: u32,
         /// Its COPY FROM window, if it may start one (see [`CopyIn`]).
         copy_in: Option<u64>,
+        /// The name-space sequence it was sent at, when its statement has a [`SqlEffect`].
+        names_seq: u64,
     },
-    /// A Close; of this statement name when it closes a statement.
-    Close(Option<String>),
+    /// A Close; of a statement: its name, whether the gate held one under it, and the
+    /// name-space sequence it was sent at.
+    Close(Option<(String, bool, u64)>),
     /// A Sync. One the client sent inside a COPY FROM window is ignored by the server when
     /// that COPY did start (no ReadyForQuery answers it).
     Sync {
@@ -168,16 +175,20 @@ pub(super) struct StmtInfo {
     /// Its Parse took from the statement rate for one run, not yet used by an Execute.
     pub(super) prepaid: bool,
     /// What running it does to the prepared statements (a Parse of `PREPARE` or
-    /// `DEALLOCATE`), applied when the server completes a run.
+    /// `DEALLOCATE`), applied when the server completes a run (as of the run's sending:
+    /// see [`Expect::Execute`]).
     pub(super) effect: Option<SqlEffect>,
-    /// Parsed under a name whose Close the server had not yet answered: until its
-    /// ParseComplete, the server may still hold the statement that name had (a Close it
-    /// skipped after an error), so a Bind in a later cycle is masked as of an unknown one.
-    pub(super) shadowing: bool,
+    /// Parsed while a change to the prepared statements' names (a Close, a `PREPARE`,
+    /// `DEALLOCATE` or `DISCARD ALL`) was still unanswered: until its own ParseComplete, the
+    /// server may hold another statement under its name (and refuse this Parse, 42P05), so
+    /// a Bind of it in a later cycle is refused rather than judged and masked as this one.
+    pub(super) contested: bool,
     /// The server answered its Parse.
     pub(super) confirmed: bool,
     /// The cycle its Parse was sent in.
     pub(super) cycle: u64,
+    /// The name-space sequence its Parse was sent at (see [`State::names_sent`]).
+    pub(super) seq: u64,
     /// What it counts in [`State::prepared_bytes`].
     pub(super) bytes: usize,
     /// The record its text was first written in, whole. A run after it refers to that
@@ -227,6 +238,12 @@ impl SqlEffect {
             }
         }
         out
+    }
+}
+
+impl std::fmt::Debug for StmtInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("statement")
     }
 }
 
@@ -329,6 +346,14 @@ pub(super) struct State {
     pub(super) sql_prepared: HashMap<String, Statement>,
     /// Statement names whose Close was sent and not yet answered.
     pub(super) closing: HashMap<String, usize>,
+    /// The bytes of `closing`'s names in flight (see [`State::held_bytes`]).
+    pub(super) closing_bytes: usize,
+    /// Changes to the statement names sent (Parses, Closes, statements with a
+    /// [`SqlEffect`]), numbering them: an effect applies only to what was sent before it.
+    pub(super) names_sent: u64,
+    /// The cycle of the last name change sent that the server may not have answered (see
+    /// [`StmtInfo::contested`]).
+    pub(super) names_changed_in: Option<u64>,
     /// Statement names the server still holds though the gate dropped them (a Close it
     /// skipped after an error): the gate does not know what they run, so it refuses to bind
     /// them, and a Parse of the name fails on the server (42P05) as here.
@@ -369,44 +394,98 @@ impl State {
             || self.phantoms.contains(name)
     }
 
-    /// A Close of statement `name` was sent: the gate drops it now (the next Parse of the
-    /// name is the client's new statement), and remembers the Close until answered.
-    pub(super) fn closing(&mut self, name: &str) {
-        self.forget_prepared(name);
-        *self.closing.entry(name.to_owned()).or_default() += 1;
+    /// A name change is being sent in the current cycle: returns its sequence.
+    pub(super) fn name_change(&mut self) -> u64 {
+        self.names_sent += 1;
+        self.names_changed_in = Some(self.cycles_sent);
+        self.names_sent
     }
 
-    /// The server answered a Close of `name` (`done`), or skipped it after an error: then
-    /// it still holds the statement, which the gate no longer knows.
-    pub(super) fn closed(&mut self, name: &str, done: bool) {
-        if let Some(n) = self.closing.get_mut(name) {
+    /// Whether a name change sent may still be unanswered (its cycle not yet done).
+    pub(super) fn names_in_flux(&self) -> bool {
+        self.names_changed_in
+            .is_some_and(|cycle| cycle >= self.cycles_done)
+    }
+
+    /// A Close of statement `name` was sent: the gate drops it now (the next Parse of the
+    /// name is the client's new statement), and remembers the Close until answered. Returns
+    /// what its [`Expect::Close`] carries.
+    pub(super) fn closing(&mut self, name: &str) -> (String, bool, u64) {
+        let held = self.has_prepared(name);
+        self.forget_prepared(name);
+        let seq = self.name_change();
+        *self.closing.entry(name.to_owned()).or_default() += 1;
+        self.closing_bytes += name.len();
+        (name.to_owned(), held, seq)
+    }
+
+    /// The server answered a Close of `name` sent at `seq` (`done`), or skipped it after an
+    /// error: then it still holds what the gate held under the name (`held`), which the gate
+    /// no longer knows (a phantom, whatever was parsed under the name since: that Parse
+    /// fails on the server).
+    pub(super) fn closed(&mut self, (name, held, seq): (String, bool, u64), done: bool) {
+        if let Some(n) = self.closing.get_mut(&name) {
             *n -= 1;
             if *n == 0 {
-                self.closing.remove(name);
+                self.closing.remove(&name);
             }
         }
+        self.closing_bytes = self.closing_bytes.saturating_sub(name.len());
         if done {
-            self.phantoms.remove(name);
-        } else if !self.statements.contains_key(name) && !self.sql_prepared.contains_key(name) {
-            self.phantoms.insert(name.to_owned());
+            // Gone on the server, whichever kind it was; a statement parsed since stays.
+            self.phantoms.remove(&name);
+            if let Some(old) = self.sql_prepared.remove(&name) {
+                self.prepared_bytes -= prepared_footprint(old.text.len());
+            }
+            if self
+                .statements
+                .get(&name)
+                .is_some_and(|s| stmt_seq(s) < seq)
+            {
+                self.remove_statement(&name);
+            }
+        } else if held {
+            self.phantoms.insert(name);
         }
     }
 
-    /// Applies what a statement the server completed did to the prepared statements.
-    pub(super) fn apply_sql_effect(&mut self, effect: SqlEffect) {
+    /// Applies what a statement the server completed did to the prepared statements. `seq`:
+    /// when it was sent; statements parsed after it are not touched (the server parsed them
+    /// after it ran).
+    pub(super) fn apply_sql_effect(&mut self, effect: SqlEffect, seq: u64) {
+        let before =
+            |st: &Self, name: &str| st.statements.get(name).is_some_and(|s| stmt_seq(s) < seq);
         match effect {
             SqlEffect::Prepare(name, statement) => {
-                // The server took the name: whatever the gate held under it is stale.
-                self.remove_statement(&name);
+                // The server took the name: whatever the gate held under it from before is
+                // stale (a statement parsed since fails on the server, 42P05).
+                if before(self, &name) {
+                    self.remove_statement(&name);
+                }
                 self.phantoms.remove(&name);
                 self.insert_sql_prepared(name, *statement);
             }
             SqlEffect::Deallocate(name) => {
-                self.forget_prepared(&name);
+                if before(self, &name) {
+                    self.remove_statement(&name);
+                }
+                if let Some(old) = self.sql_prepared.remove(&name) {
+                    self.prepared_bytes -= prepared_footprint(old.text.len());
+                }
                 self.phantoms.remove(&name);
             }
             SqlEffect::All(_) => {
-                self.forget_all_prepared();
+                self.sql_prepared.clear();
+                let later: Vec<String> = self
+                    .statements
+                    .iter()
+                    .filter(|(name, s)| !name.is_empty() && stmt_seq(s) < seq)
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in later {
+                    self.remove_statement(&name);
+                }
+                self.prepared_bytes = self.statements.values().map(stmt_bytes).sum();
                 self.phantoms.clear();
             }
         }
@@ -448,7 +527,7 @@ impl State {
     /// Whether `adding` more named statements of `bytes` more would pass the session's
     /// bounds; `Some` with how many and how much it holds then.
     pub(super) fn over_prepared(&self, adding: usize, bytes: usize) -> Option<(usize, usize)> {
-        let held = self.statements.len() + self.sql_prepared.len();
+        let held = self.statements.len() + self.sql_prepared.len() + self.phantoms.len();
         (held + adding > super::MAX_PREPARED
             || self.prepared_bytes + bytes > super::MAX_PREPARED_BYTES)
             .then_some((held, self.prepared_bytes))
@@ -473,7 +552,7 @@ impl State {
     /// What the session holds on the workload's behalf awaiting the server: records in
     /// flight and the portals' recorded parameters (bounded by `MAX_RECORDS_IN_FLIGHT`).
     pub(super) fn held_bytes(&self) -> usize {
-        self.records_bytes + self.portal_bytes
+        self.records_bytes + self.portal_bytes + self.closing_bytes
     }
 
     /// Notes a portal bound in `cycle`. Inside a long transaction nothing is forgotten, so
@@ -504,13 +583,6 @@ impl State {
             }
         }
     }
-
-    /// `DEALLOCATE ALL` or `DISCARD ALL`: every named one goes, the unnamed one stays.
-    pub(super) fn forget_all_prepared(&mut self) {
-        self.sql_prepared.clear();
-        self.statements.retain(|name, _| name.is_empty());
-        self.prepared_bytes = self.statements.values().map(stmt_bytes).sum();
-    }
 }
 
 /// What a prepared statement of `text_len` bytes of text is counted as holding: its text
@@ -522,6 +594,10 @@ pub(super) const fn prepared_footprint(text_len: usize) -> usize {
 
 fn stmt_bytes(stmt: &Stmt) -> usize {
     stmt.lock().unwrap_or_else(PoisonError::into_inner).bytes
+}
+
+fn stmt_seq(stmt: &Stmt) -> u64 {
+    stmt.lock().unwrap_or_else(PoisonError::into_inner).seq
 }
 
 #[cfg(test)]
@@ -598,7 +674,7 @@ mod tests {
             st.over_prepared(1, super::super::MAX_PREPARED_BYTES)
                 .is_some()
         );
-        st.forget_all_prepared();
+        st.apply_sql_effect(SqlEffect::All(false), u64::MAX);
         assert_eq!(st.statements.len(), 1, "the unnamed statement stays");
         assert_eq!(st.prepared_bytes, recount(&st));
         assert_eq!(st.prepared_bytes, prepared_footprint(49));
