@@ -1112,6 +1112,12 @@ fn a_prepared_name_is_judged_and_masked_by_what_the_server_runs() {
         "pb is not the statement the server holds: {r}"
     );
     assert_eq!(r["c"]["code"], "26000", "a phantom was bound: {r}");
+    let v = r["d"][1]["value"].as_str().unwrap_or_default();
+    assert!(
+        v.contains('@'),
+        "a pipelined Bind with no name change was refused: {r}"
+    );
+    assert_eq!(r["e"]["code"], "42622", "{r}");
 }
 
 /// Hostile: a statement the client closed where the server skipped the Close after an

@@ -663,7 +663,20 @@ mod batch {
         until_ready(&mut s);
         s.write_all(&bound("pc"))?;
         let c = outcome(until_ready(&mut s));
-        Ok(json!({"ok": true, "a": a, "b": b, "c": c}))
+        // D: no name changing: two Parses in a cycle, the second bound in the next cycle
+        // before its answer (psycopg3's pipeline mode) runs.
+        let mut m = parse("", "SELECT 1");
+        m.extend(parse("pd", REAL));
+        m.extend(sync());
+        m.extend(bound("pd"));
+        s.write_all(&m)?;
+        let d = [outcome(until_ready(&mut s)), outcome(until_ready(&mut s))];
+        // E: a name the server would cut to its first 63 bytes.
+        let mut m = parse(&"n".repeat(70), FAKE);
+        m.extend(sync());
+        s.write_all(&m)?;
+        let e = outcome(until_ready(&mut s));
+        Ok(json!({"ok": true, "a": a, "b": b, "c": c, "d": d, "e": e}))
     }
 
     pub fn run(url: &str) -> std::io::Result<Value> {

@@ -31,6 +31,25 @@ fn in_flight_bound(st: &State) -> Result<(), PgError> {
     .hint("send Sync between batches of extended-protocol messages; the session was ended"))
 }
 
+/// Longest statement or portal name the server tells apart: it compares names on their
+/// first `NAMEDATALEN - 1` bytes, and the gate on the whole name, so two names alike in
+/// those bytes would be one statement there and two here.
+const MAX_NAME: usize = 63;
+
+/// Refuses (ending the session) a statement or portal name the server would cut.
+fn name_fits(name: &str) -> Result<(), PgError> {
+    if name.len() > MAX_NAME {
+        return Err(PgError::fatal(
+            "42622",
+            format!(
+                "jitgate: a statement or portal name of {} bytes; PostgreSQL tells names apart by their first {MAX_NAME} bytes only, so the gate refuses longer ones",
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// What the server answers to a Parse or PREPARE of a name in use, word for word.
 pub(super) fn name_in_use_error(name: &str) -> PgError {
     PgError::error(
@@ -186,6 +205,7 @@ impl Pump<'_> {
             Frontend::Parse => {
                 let mut body = frame.body.clone();
                 let name = take_cstr(&mut body).map_err(malformed)?;
+                name_fits(&name)?;
                 let text = take_cstr(&mut body).map_err(malformed)?;
                 // A name in use: the server keeps the statement it has and fails this Parse;
                 // so does the gate, which judges and masks by the statement it has.
@@ -216,8 +236,10 @@ impl Pump<'_> {
                         let effect = SqlEffect::of(&analysis).pop_front();
                         let (contested, cycle, seq) = {
                             let mut st = self.lock();
-                            let contested = st.names_in_flux();
-                            let seq = st.name_change();
+                            // The unnamed statement cannot meet 42P05: each Parse of it
+                            // replaces the last.
+                            let contested = !name.is_empty() && st.names_in_flux();
+                            let seq = st.next_seq();
                             (contested, st.cycles_sent, seq)
                         };
                         let stmt: Stmt = Arc::new(Mutex::new(StmtInfo {
@@ -285,6 +307,8 @@ impl Pump<'_> {
                 let mut body = frame.body.clone();
                 let portal = take_cstr(&mut body).map_err(malformed)?;
                 let statement = take_cstr(&mut body).map_err(malformed)?;
+                name_fits(&portal)?;
+                name_fits(&statement)?;
                 let nformats = take_i16(&mut body).map_err(malformed)?;
                 let mut pformats = Vec::with_capacity(nformats.max(0) as usize);
                 for _ in 0..nformats {
@@ -462,6 +486,7 @@ impl Pump<'_> {
             }
             Frontend::Describe => {
                 let (kind, name) = target_of(&frame.body).map_err(malformed)?;
+                name_fits(&name)?;
                 let mut st = self.lock();
                 let target = if kind == b'S' {
                     st.statements
@@ -481,6 +506,7 @@ impl Pump<'_> {
             Frontend::Execute => {
                 let mut body = frame.body.clone();
                 let portal = take_cstr(&mut body).map_err(malformed)?;
+                name_fits(&portal)?;
                 let info = self
                     .lock()
                     .portals
@@ -575,6 +601,7 @@ impl Pump<'_> {
             }
             Frontend::Close => {
                 let (kind, name) = target_of(&frame.body).map_err(malformed)?;
+                name_fits(&name)?;
                 let mut st = self.lock();
                 let closes = if kind == b'S' {
                     Some(st.closing(&name))
@@ -583,6 +610,7 @@ impl Pump<'_> {
                     None
                 };
                 st.expect.push_back(Expect::Close(closes));
+                in_flight_bound(&st)?;
                 frame.write(out);
             }
             Frontend::Sync => {

@@ -394,11 +394,17 @@ impl State {
             || self.phantoms.contains(name)
     }
 
-    /// A name change is being sent in the current cycle: returns its sequence.
-    pub(super) fn name_change(&mut self) -> u64 {
+    /// The next name-space sequence (a Parse: ordered against changes, not one itself).
+    pub(super) fn next_seq(&mut self) -> u64 {
         self.names_sent += 1;
-        self.names_changed_in = Some(self.cycles_sent);
         self.names_sent
+    }
+
+    /// A name change (a Close, a statement with a [`SqlEffect`]) is being sent in the
+    /// current cycle: returns its sequence.
+    pub(super) fn name_change(&mut self) -> u64 {
+        self.names_changed_in = Some(self.cycles_sent);
+        self.next_seq()
     }
 
     /// Whether a name change sent may still be unanswered (its cycle not yet done).
@@ -476,13 +482,13 @@ impl State {
             }
             SqlEffect::All(_) => {
                 self.sql_prepared.clear();
-                let later: Vec<String> = self
+                let earlier: Vec<String> = self
                     .statements
                     .iter()
                     .filter(|(name, s)| !name.is_empty() && stmt_seq(s) < seq)
                     .map(|(name, _)| name.clone())
                     .collect();
-                for name in later {
+                for name in earlier {
                     self.remove_statement(&name);
                 }
                 self.prepared_bytes = self.statements.values().map(stmt_bytes).sum();
