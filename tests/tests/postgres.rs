@@ -462,15 +462,7 @@ fn a_portal_refused_by_the_rate_is_judged_again_after_a_savepoint_rollback() {
     let pg = Postgres::start_secured(false);
     let limits = "[policy.limits]\nstatements_per_second = 2\n";
     let gate = Gate::start("pg-savepoint-rate", "", &body_with_policy(&pg, "", limits));
-    let client = gate.bins().pgclient.display().to_string();
-    let u = url(&pg, "orders");
-    let ran = gate.run(
-        "bot",
-        &["--grant", "orders-db:read"],
-        &[&client, "raw-savepoint", &u],
-    );
-    let r: Value =
-        serde_json::from_str(ran.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {ran:#?}"));
+    let r = pgclient(&gate, "read", &pg, &["raw-savepoint"]);
     assert!(r["setup"]["code"].is_null(), "{r}");
     assert!(r["drained_refused"].as_u64() > Some(0), "{r}");
     assert_eq!(r["first"]["code"], "53400", "{r}");
@@ -910,15 +902,7 @@ fn skipped_executes_are_recorded_and_unsynced_ones_bounded() {
     jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-batches", "", &body(&pg, ""));
-    let client = gate.bins().pgclient.display().to_string();
-    let u = url(&pg, "orders");
-    let ran = gate.run(
-        "bot",
-        &["--grant", "orders-db:read"],
-        &[&client, "raw-batch", &u],
-    );
-    let r: Value =
-        serde_json::from_str(ran.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {ran:#?}"));
+    let r = pgclient(&gate, "read", &pg, &["raw-batch"]);
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["skipped_batch"], "22012", "{r}");
     let end = r["unsynced_end"].as_str().unwrap_or_default();
@@ -1062,15 +1046,7 @@ fn a_prepared_name_is_judged_and_masked_by_what_the_server_runs() {
     jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-stale-names", "", &body(&pg, ""));
-    let client = gate.bins().pgclient.display().to_string();
-    let u = url(&pg, "orders");
-    let ran = gate.run(
-        "bot",
-        &["--grant", "orders-db:read"],
-        &[&client, "raw-stale", &u],
-    );
-    let r: Value =
-        serde_json::from_str(ran.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {ran:#?}"));
+    let r = pgclient(&gate, "read", &pg, &["raw-stale"]);
     assert_eq!(r["ok"], true, "{r}");
     assert!(
         !r.to_string().contains("JANE@EXAMPLE.COM"),
@@ -1088,13 +1064,7 @@ fn a_prepared_name_is_judged_and_masked_by_what_the_server_runs() {
     assert_eq!(r["reparsed"]["code"], "42P05", "{r}");
     assert_ne!(r["rebound"]["value"], "x", "{r}");
     // The same with the names changing while Parses and Binds are pipelined behind.
-    let ran = gate.run(
-        "bot",
-        &["--grant", "orders-db:read"],
-        &[&client, "raw-flux", &u],
-    );
-    let r: Value =
-        serde_json::from_str(ran.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {ran:#?}"));
+    let r = pgclient(&gate, "read", &pg, &["raw-flux"]);
     assert_eq!(r["ok"], true, "{r}");
     assert!(
         !r.to_string().contains("JANE@EXAMPLE.COM"),
@@ -1131,15 +1101,7 @@ fn a_statement_the_gate_forgot_is_not_run_unrecorded() {
     jitgate_e2e::root_or_skip!();
     let pg = Postgres::start_secured(false);
     let gate = Gate::start("pg-diverge", "", &body(&pg, ""));
-    let client = gate.bins().pgclient.display().to_string();
-    let u = url(&pg, "orders");
-    let ran = gate.run(
-        "bot",
-        &["--grant", "orders-db:read"],
-        &[&client, "raw-diverge", &u],
-    );
-    let r: Value =
-        serde_json::from_str(ran.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {ran:#?}"));
+    let r = pgclient(&gate, "read", &pg, &["raw-diverge"]);
     assert_eq!(r["closed"]["code"], "22012", "{r}");
     assert_eq!(r["deallocated"]["code"], "22012", "{r}");
     assert_eq!(r["after_close"]["code"], "26000", "{r}");

@@ -426,21 +426,28 @@ impl GrantEngine {
             h.lease,
         );
         if lapsed {
-            let ended: Vec<LiveGrant> = self
-                .inner
-                .live
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .drain()
-                .map(|(_, l)| l)
-                .collect();
-            if !ended.is_empty() {
-                warn!(grants = ended.len(), lease = ?h.lease, "shared state store out of reach past store_lease: ending the sessions on grants this host cannot confirm");
-            }
-            for l in ended {
-                l.state.send_replace(GrantState::Unconfirmed);
+            let ended = self.end_all_live(GrantState::Unconfirmed);
+            if ended > 0 {
+                warn!(grants = ended, lease = ?h.lease, "shared state store out of reach past store_lease: ending the sessions on grants this host cannot confirm");
             }
         }
+    }
+
+    /// Empties the live set, telling each grant's sessions to end as `why` (the grants
+    /// themselves stand, and come back with a reload). Returns how many there were.
+    fn end_all_live(&self, why: GrantState) -> usize {
+        let ended: Vec<LiveGrant> = self
+            .inner
+            .live
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .map(|(_, l)| l)
+            .collect();
+        for l in &ended {
+            l.state.send_replace(why);
+        }
+        ended.len()
     }
 
     /// While the store does not keep writes, ends the sessions of every live grant (what
@@ -459,19 +466,9 @@ impl GrantEngine {
             .or_else(|| missed.then(|| "a write was not kept".to_owned()));
         if let Some(why) = cut {
             self.inner.unrecorded.store(true, Ordering::SeqCst);
-            let ended: Vec<LiveGrant> = self
-                .inner
-                .live
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .drain()
-                .map(|(_, l)| l)
-                .collect();
-            if !ended.is_empty() {
-                warn!(grants = ended.len(), error = %why, "the state store does not keep records in time: ending the sessions of every live grant");
-            }
-            for l in ended {
-                l.state.send_replace(GrantState::Unrecorded);
+            let ended = self.end_all_live(GrantState::Unrecorded);
+            if ended > 0 {
+                warn!(grants = ended, error = %why, "the state store does not keep records in time: ending the sessions of every live grant");
             }
         } else if self.inner.unrecorded.load(Ordering::SeqCst) {
             match self.resync().await {

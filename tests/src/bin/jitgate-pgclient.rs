@@ -741,38 +741,18 @@ async fn main() {
         );
         std::process::exit(2);
     }
-    if args[0] == "raw-flux" {
-        let out = batch::flux(&args[1])
-            .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));
-        println!("{out}");
-        return;
-    }
-    if args[0] == "raw-stale" {
-        let out = batch::stale(&args[1])
-            .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));
-        println!("{out}");
-        return;
-    }
-    if args[0] == "raw-savepoint" {
-        let out = batch::savepoint(&args[1])
-            .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));
-        println!("{out}");
-        return;
-    }
-    if args[0] == "raw-diverge" {
-        let out = batch::diverge(&args[1])
-            .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));
-        println!("{out}");
-        return;
-    }
-    if args[0] == "raw-batch" {
-        let out = batch::run(&args[1])
-            .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));
-        println!("{out}");
-        return;
-    }
-    if args[0] == "raw" {
-        let out = raw::run(&args[1])
+    // Raw-protocol scenarios: each prints its JSON report.
+    type Scenario = fn(&str) -> std::io::Result<Value>;
+    let raw: &[(&str, Scenario)] = &[
+        ("raw-flux", batch::flux),
+        ("raw-stale", batch::stale),
+        ("raw-savepoint", batch::savepoint),
+        ("raw-diverge", batch::diverge),
+        ("raw-batch", batch::run),
+        ("raw", raw::run),
+    ];
+    if let Some((_, scenario)) = raw.iter().find(|(mode, _)| *mode == args[0]) {
+        let out = scenario(&args[1])
             .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));
         println!("{out}");
         return;
