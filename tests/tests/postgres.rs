@@ -1088,6 +1088,21 @@ fn a_prepared_name_is_judged_and_masked_by_what_the_server_runs() {
         "a pipelined Bind with no name change was refused: {r}"
     );
     assert_eq!(r["e"]["code"], "42622", "{r}");
+    // The Execute behind the refused Bind (skipped by the server) is recorded as of it.
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    let noted = sessions.as_array().expect("sessions").iter().any(|s| {
+        let id = s["id"].as_str().unwrap_or_default();
+        let detail = gate.cli(&["sessions", "show", id, "--json"]).json();
+        detail["statements"].as_array().is_some_and(|st| {
+            st.iter().any(|x| {
+                x["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("\"pa\", not confirmed yet: refused"))
+                    && x["error"].as_str().is_some_and(|e| e.contains("not run"))
+            })
+        })
+    });
+    assert!(noted, "{sessions}");
 }
 
 /// Hostile: a statement the client closed where the server skipped the Close after an

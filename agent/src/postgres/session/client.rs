@@ -31,6 +31,14 @@ fn in_flight_bound(st: &State) -> Result<(), PgError> {
     .hint("send Sync between batches of extended-protocol messages; the session was ended"))
 }
 
+/// A Bind refused: the portal it named and what its Executes' records carry.
+struct BindRefused {
+    portal: String,
+    formats: Vec<i16>,
+    params: Vec<Option<String>>,
+    bytes: usize,
+}
+
 /// Longest statement or portal name the server tells apart: it compares names on their
 /// first `NAMEDATALEN - 1` bytes, and the gate on the whole name, so two names alike in
 /// those bytes would be one statement there and two here.
@@ -403,7 +411,13 @@ impl Pump<'_> {
                                 format!("prepared statement \"{statement}\" is not confirmed yet"),
                             )
                             .hint("jitgate: its Parse was sent while the statement names were changing (a Close, PREPARE or DEALLOCATE unanswered) and is not answered yet; bind it once the Parse has completed (after its Sync)");
-                            self.poison(Some(&nonce()), error, out);
+                            let refused = BindRefused {
+                                portal,
+                                formats,
+                                params,
+                                bytes: params_bytes,
+                            };
+                            self.refuse_bind(refused, &statement, "not confirmed yet", error, out)?;
                             return Ok(true);
                         }
                         stmt
@@ -436,32 +450,19 @@ impl Pump<'_> {
                             format!("prepared statement \"{statement}\" does not exist"),
                         )
                         .hint("jitgate holds no statement of this name (it was closed or deallocated as far as the gate saw, or never prepared): prepare it again");
-                        // Its Executes (skipped by the server) are recorded as of it.
-                        let refused: Stmt = Arc::new(Mutex::new(StmtInfo {
-                            recorded: format!(
-                                "<Bind of statement \"{statement}\", which the gate does not hold: refused>"
-                            ),
-                            ..StmtInfo::default()
-                        }));
-                        self.poison(Some(&nonce()), error, out);
-                        let mut st = self.lock();
-                        let cycle = st.cycles_sent;
-                        st.binds += 1;
-                        let bind = st.binds;
-                        st.insert_portal(
+                        let refused = BindRefused {
                             portal,
-                            Arc::new(PortalInfo {
-                                statement: Some(refused),
-                                formats,
-                                params,
-                                plan: Mutex::new(None),
-                                executed: AtomicBool::new(false),
-                                cycle,
-                                bind,
-                                bytes: params_bytes,
-                            }),
-                        );
-                        in_flight_bound(&st)?;
+                            formats,
+                            params,
+                            bytes: params_bytes,
+                        };
+                        self.refuse_bind(
+                            refused,
+                            &statement,
+                            "which the gate does not hold",
+                            error,
+                            out,
+                        )?;
                         return Ok(true);
                     }
                 };
@@ -679,6 +680,42 @@ impl Pump<'_> {
         st.cycles_sent += 1;
         drop(st);
         let _ = postgres_protocol::message::frontend::query(&nonce, out);
+    }
+
+    /// Refuses a Bind: replaced by a Parse the server rejects (the rest of the batch is
+    /// skipped), and the portal it named noted as refused, so that its Executes (skipped by
+    /// the server) are recorded as of it, not of an older portal of the name.
+    fn refuse_bind(
+        &self,
+        refused: BindRefused,
+        statement: &str,
+        why: &str,
+        error: PgError,
+        out: &mut BytesMut,
+    ) -> Result<(), PgError> {
+        let stmt: Stmt = Arc::new(Mutex::new(StmtInfo {
+            recorded: format!("<Bind of statement \"{statement}\", {why}: refused>"),
+            ..StmtInfo::default()
+        }));
+        self.poison(Some(&nonce()), error, out);
+        let mut st = self.lock();
+        let cycle = st.cycles_sent;
+        st.binds += 1;
+        let bind = st.binds;
+        st.insert_portal(
+            refused.portal,
+            Arc::new(PortalInfo {
+                statement: Some(stmt),
+                formats: refused.formats,
+                params: refused.params,
+                plan: Mutex::new(None),
+                executed: AtomicBool::new(false),
+                cycle,
+                bind,
+                bytes: refused.bytes,
+            }),
+        );
+        in_flight_bound(&st)
     }
 
     /// Replaces a refused Parse with one the server rejects; the rest of the batch is skipped
