@@ -459,6 +459,24 @@ impl WriteHealth {
     }
 }
 
+/// About what one audit record holds while queued (its event's fields, the seal).
+pub const AUDIT_BYTES: usize = 1024;
+
+/// About what a session's row and its audit record hold while queued (the backlog).
+pub fn session_bytes(s: &crate::model::Session) -> usize {
+    AUDIT_BYTES + s.command.len() + s.detail.len() + s.destination.len()
+}
+
+/// About what a statement's row holds while queued (the backlog).
+pub fn statement_bytes(s: &crate::model::StatementRecord) -> usize {
+    256 + s.text.len()
+        + s.params
+            .iter()
+            .map(|p| p.as_ref().map_or(8, String::len))
+            .sum::<usize>()
+        + s.error.as_ref().map_or(0, String::len)
+}
+
 fn behind(backlog: usize) -> String {
     format!(
         "the state store on this host is {} of records behind (its disk is slower than the sessions' records)",

@@ -104,24 +104,13 @@ impl Record {
     /// About what it holds in memory while queued (the writer's backlog, see
     /// [`crate::store::health::WriteHealth`]).
     pub fn approx_bytes(&self) -> usize {
-        const AUDIT: usize = 1024;
-        let session = |s: &Session| AUDIT + s.command.len() + s.detail.len() + s.destination.len();
+        use crate::store::health::{AUDIT_BYTES, session_bytes, statement_bytes};
         match self {
             Self::SessionStart { session: s, .. }
             | Self::SessionRefused { session: s, .. }
-            | Self::SessionEnd { session: s, .. } => session(s),
-            Self::Statements { batch } => batch
-                .iter()
-                .map(|s| {
-                    256 + s.text.len()
-                        + s.params
-                            .iter()
-                            .map(|p| p.as_ref().map_or(8, String::len))
-                            .sum::<usize>()
-                        + s.error.as_ref().map_or(0, String::len)
-                })
-                .sum(),
-            Self::Audit { .. } => AUDIT,
+            | Self::SessionEnd { session: s, .. } => session_bytes(s),
+            Self::Statements { batch } => batch.iter().map(statement_bytes).sum(),
+            Self::Audit { .. } => AUDIT_BYTES,
         }
     }
 

@@ -32,7 +32,7 @@ use super::{
         AuditKey, Event, GrantExpired, GrantRevoked, RequestApproval, RequestApproved,
         RequestDenied, RequestExpired, RequestRef, TaskRef, TaskStarted, session_actor,
     },
-    health::WriteHealth,
+    health::{AUDIT_BYTES, WriteHealth, session_bytes, statement_bytes},
 };
 use crate::model::{
     Actor, ApiToken, Approval, AuditEvent, Grant, Request, RequestStatus, Session, SessionOutcome,
@@ -64,24 +64,6 @@ pub struct SqliteStore {
     feed: broadcast::Sender<AuditEvent>,
 }
 
-/// About what one audit record takes (its event's fields, the seal, the row).
-const AUDIT_BYTES: usize = 1024;
-
-/// About what a session's row and its audit record take.
-fn session_bytes(s: &Session) -> usize {
-    AUDIT_BYTES + s.command.len() + s.detail.len() + s.destination.len()
-}
-
-/// About what a statement's row takes.
-fn statement_bytes(s: &StatementRecord) -> usize {
-    256 + s.text.len()
-        + s.params
-            .iter()
-            .map(|p| p.as_ref().map_or(8, String::len))
-            .sum::<usize>()
-        + s.error.as_ref().map_or(0, String::len)
-}
-
 /// Ids of the sessions the store was told of as opened and not yet as ended.
 type Opened = Arc<Mutex<HashSet<String>>>;
 
@@ -103,6 +85,26 @@ struct LostSession {
 const MAX_LOST: usize = 65_536;
 
 impl SqliteStore {
+    /// Queues a session's row with its `session.start` (or, `refused`, `session.refused`)
+    /// record, remembered for mending if not kept.
+    fn insert_session(&self, session: Session, refused: bool) {
+        let lost = self.lost(&session, refused);
+        self.writer.submit_or(
+            session_bytes(&session),
+            move |db| {
+                queries::insert_session(db.conn, &session)?;
+                let event = if refused {
+                    Event::session_refused(&session)
+                } else {
+                    Event::session_start(&session)
+                };
+                db.append(&session_actor(&session), &event)?;
+                Ok(())
+            },
+            Some(lost),
+        );
+    }
+
     /// Remembers `session`'s record as not kept: the latest word about it wins (an end
     /// after an opening).
     fn lost(&self, session: &Session, refused: bool) -> Lost {
@@ -588,29 +590,11 @@ impl Store for SqliteStore {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(session.id.clone());
-        let lost = self.lost(&session, false);
-        self.writer.submit_or(
-            session_bytes(&session),
-            move |db| {
-                queries::insert_session(db.conn, &session)?;
-                db.append(&session_actor(&session), &Event::session_start(&session))?;
-                Ok(())
-            },
-            Some(lost),
-        );
+        self.insert_session(session, false);
     }
 
     fn session_refused(&self, session: Session) {
-        let lost = self.lost(&session, true);
-        self.writer.submit_or(
-            session_bytes(&session),
-            move |db| {
-                queries::insert_session(db.conn, &session)?;
-                db.append(&session_actor(&session), &Event::session_refused(&session))?;
-                Ok(())
-            },
-            Some(lost),
-        );
+        self.insert_session(session, true);
     }
 
     fn session_ended(&self, session: Session) {
