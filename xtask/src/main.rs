@@ -10,7 +10,8 @@
 //!   hosts on one shared PostgreSQL store (the store's cost per host and per statement,
 //!   decisions timed across hosts), into the fleet section of BENCHMARKS.md. `bench http`:
 //!   the HTTP stage and the JSON masker alone, reported under target/bench/; `bench idle`
-//!   the idle-connection stage alone.
+//!   the idle-connection stage alone; `bench mask` the masking stages; `bench pg` the pgbench
+//!   matrix.
 //! * `compat` PostgreSQL's whole regression suite directly and through the gate, compared
 //!   (`tests/tests/regress.rs`; the test suite runs a subset).
 //! * `fuzz`   the cargo-fuzz targets in `fuzz/` (every parser that reads a workload's
@@ -51,6 +52,8 @@ enum BenchSuite {
     Idle,
     /// The masking stages alone, end to end and the engine (report under target/bench/).
     Mask,
+    /// The pgbench matrix alone (report under target/bench/).
+    Pg,
 }
 
 #[derive(Subcommand)]
@@ -89,6 +92,9 @@ enum Cmd {
         /// Every stage with tiny sizes (checks the bench works; figures mean nothing).
         #[arg(long)]
         quick: bool,
+        /// pgbench client counts (default 1,8,32).
+        #[arg(long, value_delimiter = ',')]
+        clients: Vec<u32>,
         /// Binaries already built there (default: a release build first).
         #[arg(long)]
         bin_dir: Option<PathBuf>,
@@ -243,6 +249,7 @@ fn main() -> ExitCode {
             suite,
             hosts,
             quick,
+            clients,
             bin_dir,
             out,
         } => bench::run(&bench::Options {
@@ -252,9 +259,11 @@ fn main() -> ExitCode {
                 Some(BenchSuite::Http) => bench::Suite::Http,
                 Some(BenchSuite::Idle) => bench::Suite::Idle,
                 Some(BenchSuite::Mask) => bench::Suite::Mask,
+                Some(BenchSuite::Pg) => bench::Suite::Pg,
             },
             hosts,
             quick,
+            clients,
             bin_dir,
             out,
         }),

@@ -25,7 +25,7 @@ use anyhow::{Context as _, Result, bail};
 
 use super::{
     Sizes,
-    env::{DIR, Env},
+    env::{DIR, Env, process_cpu_ns},
     stages::{json_line, output, rotated, samples},
     stats::{Samples, Table, fmt},
 };
@@ -228,33 +228,6 @@ fn children(pid: u32) -> Vec<u32> {
                 .collect::<Vec<u32>>()
         })
         .collect()
-}
-
-/// CPU time a process has used, ns, from `/proc/<pid>/stat`: every thread it has had, dead
-/// ones included (per-thread counters lose a thread's time when it exits, and the agent's
-/// blocking-pool threads come and go), and with `reaped` the children it has waited for.
-/// Clock ticks: 10 ms, against the hundreds of ms a proxy spends in a run.
-fn process_cpu_ns(pid: u32, reaped: bool) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name (which may hold spaces and parentheses): state, then fields 4
-    // on; utime, stime, cutime and cstime are fields 14 to 17.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<i64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(4)
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    let [utime, stime, cutime, cstime] = fields[..] else {
-        return None;
-    };
-    let mut ticks = utime + stime;
-    if reaped {
-        ticks += cutime + cstime;
-    }
-    // SAFETY: sysconf only reads a configuration value.
-    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    Some(u64::try_from(ticks.max(0)).ok()? * 1_000_000_000 / u64::try_from(per_sec).ok()?)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

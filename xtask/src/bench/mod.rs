@@ -84,6 +84,8 @@ pub enum Suite {
     Idle,
     /// Only the masking stages (`cargo xtask bench mask`), under target/bench/.
     Mask,
+    /// Only the pgbench matrix (`cargo xtask bench pg`), under target/bench/.
+    Pg,
 }
 
 pub struct Options {
@@ -91,6 +93,8 @@ pub struct Options {
     /// Fleet sizes for the fleet bench (empty: its defaults).
     pub hosts: Vec<usize>,
     pub quick: bool,
+    /// pgbench client counts instead of the defaults (empty: the defaults).
+    pub clients: Vec<u32>,
     /// Use binaries already built there (no build step).
     pub bin_dir: Option<PathBuf>,
     pub out: Option<PathBuf>,
@@ -127,12 +131,18 @@ pub fn run(opts: &Options) -> Result<()> {
         });
         return fleet::run(&bin_dir, opts.quick, &opts.hosts, &out);
     }
-    let sizes = if opts.quick {
+    let mut sizes = if opts.quick {
         Sizes::quick()
     } else {
         Sizes::full()
     };
-    if matches!(opts.suite, Suite::Http | Suite::Idle | Suite::Mask) {
+    if !opts.clients.is_empty() {
+        sizes.clients.clone_from(&opts.clients);
+    }
+    if matches!(
+        opts.suite,
+        Suite::Http | Suite::Idle | Suite::Mask | Suite::Pg
+    ) {
         return run_part(&bin_dir, &sizes, opts);
     }
     let out = opts.out.clone().unwrap_or_else(|| {
@@ -199,11 +209,12 @@ pub fn run(opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// One stage alone (`bench http`, `bench idle`, `bench mask`), reported under target/bench/.
+/// One stage alone (`bench http`, `bench idle`, `bench mask`, `bench pg`), reported under target/bench/.
 fn run_part(bin_dir: &Path, sizes: &Sizes, opts: &Options) -> Result<()> {
     let name = match opts.suite {
         Suite::Http => "http",
         Suite::Mask => "mask",
+        Suite::Pg => "pg",
         _ => "idle",
     };
     let out = opts.out.clone().unwrap_or_else(|| {
@@ -222,6 +233,7 @@ fn run_part(bin_dir: &Path, sizes: &Sizes, opts: &Options) -> Result<()> {
     let tables = match opts.suite {
         Suite::Http => stages::run_http(&mut env, sizes)?,
         Suite::Mask => stages::run_mask(&mut env, sizes)?,
+        Suite::Pg => stages::run_pg(&mut env, sizes)?,
         _ => stages::run_idle(&mut env, sizes)?,
     };
     drop(env);

@@ -16,7 +16,7 @@ use super::{
     Sizes,
     env::{
         CONNECT_SINK_PORT, DB, Env, GateMode, IDLE_SINK_PORT, PASSWORD, PG_PORT, RO_USER, RW_USER,
-        WRONG_PASSWORD,
+        WRONG_PASSWORD, process_cpu_ns,
     },
     http::{self, HttpCell},
     stats::{Samples, Table, fmt},
@@ -169,11 +169,19 @@ struct PgCell {
     tps: Vec<f64>,
     /// Per-transaction latency, ms.
     latency: Samples,
+    /// The proxy's CPU time per transaction, µs, one per run (the agent's whole process:
+    /// its runtime and its store thread; pgbouncer's process), none for direct.
+    cpu_us: Vec<f64>,
 }
 
 impl PgCell {
     fn tps(&self) -> f64 {
         self.tps.iter().sum::<f64>() / self.tps.len().max(1) as f64
+    }
+
+    fn cpu_us(&self) -> Option<f64> {
+        (!self.cpu_us.is_empty())
+            .then(|| self.cpu_us.iter().sum::<f64>() / self.cpu_us.len() as f64)
     }
 }
 
@@ -197,7 +205,7 @@ struct Idle {
 }
 
 pub struct Results {
-    pgbench: Vec<PgCell>,
+    pg: PgResults,
     setup: Vec<(Variant, Samples)>,
     masking: Vec<Throughput>,
     engine: Vec<Throughput>,
@@ -210,7 +218,7 @@ pub struct Results {
 }
 
 pub fn run_all(env: &mut Env, sizes: &Sizes) -> Result<Results> {
-    let pgbench = pgbench_matrix(env, sizes)?;
+    let pg = pgbench_matrix(env, sizes)?;
     let setup = connection_setup(env, sizes)?;
     let masking = masking(env, sizes)?;
     let engine = engine(env, sizes)?;
@@ -219,7 +227,7 @@ pub fn run_all(env: &mut Env, sizes: &Sizes) -> Result<Results> {
     let http = http::stage(env, sizes)?;
     let json_engine = json_engine(env, sizes)?;
     Ok(Results {
-        pgbench,
+        pg,
         setup,
         masking,
         engine,
@@ -238,6 +246,17 @@ pub fn run_http(env: &mut Env, sizes: &Sizes) -> Result<Vec<Table>> {
     let mut targets = Table::new("Targets", &["target", "measured", "verdict"]);
     http::target(&cells, &mut targets);
     Ok(vec![http::table(&cells), json_table(&json), targets])
+}
+
+/// `cargo xtask bench pg`: the pgbench matrix alone (direct, pgbouncer, full policy, relay),
+/// with its targets, for work on the PostgreSQL data path.
+pub fn run_pg(env: &mut Env, sizes: &Sizes) -> Result<Vec<Table>> {
+    let pg = pgbench_matrix(env, sizes)?;
+    let mut targets = Table::new("Targets", &["target", "measured", "verdict"]);
+    pg.targets(&mut targets);
+    let mut tables = pg.tables();
+    tables.push(targets);
+    Ok(tables)
 }
 
 /// `cargo xtask bench idle`: the idle-connection stage alone (about a minute), for work on
@@ -397,7 +416,7 @@ fn pgbench(
     (script, proto, clients): (Script, Proto, u32),
     secs: u32,
     tag: &str,
-) -> Result<(f64, Vec<f64>)> {
+) -> Result<(f64, Vec<f64>, Option<f64>)> {
     let logs = Env::log_dir();
     let mut cmd = Command::new("pgbench");
     cmd.args(["-n", "-T", &secs.to_string(), "-c", &clients.to_string()])
@@ -412,7 +431,15 @@ fn pgbench(
         .current_dir(&logs);
     let mut cmd = variant.command(env, "bench", "bench-db:write:4h", cmd)?;
     let what = format!("pgbench ({}, {tag})", variant.label());
+    // The proxy in the path, whose CPU time the run is charged with.
+    let proxy = match variant {
+        Variant::Direct => None,
+        Variant::Bouncer => env.bouncer_pid(),
+        Variant::Full | Variant::Relay => Some(env.daemon_pid()?),
+    };
+    let cpu_before = proxy.and_then(|p| process_cpu_ns(p, false));
     let text = output(&mut cmd, &what)?;
+    let cpu_after = proxy.and_then(|p| process_cpu_ns(p, false));
     let field = |prefix: &str| {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(prefix))
@@ -442,10 +469,15 @@ fn pgbench(
     if latency.is_empty() {
         bail!("{what}: pgbench wrote no transaction log");
     }
-    Ok((tps, latency))
+    let done = field("number of transactions actually processed:").unwrap_or(0.0);
+    let cpu = match (cpu_before, cpu_after) {
+        (Some(a), Some(b)) if done > 0.0 => Some(b.saturating_sub(a) as f64 / 1000.0 / done),
+        _ => None,
+    };
+    Ok((tps, latency, cpu))
 }
 
-fn pgbench_matrix(env: &mut Env, sizes: &Sizes) -> Result<Vec<PgCell>> {
+fn pgbench_matrix(env: &mut Env, sizes: &Sizes) -> Result<PgResults> {
     println!(
         "-- pgbench: 2 scripts x 2 protocols x {:?} clients x 4 variants x {} round(s) of {} s",
         sizes.clients, sizes.rounds, sizes.secs
@@ -464,12 +496,13 @@ fn pgbench_matrix(env: &mut Env, sizes: &Sizes) -> Result<Vec<PgCell>> {
                         variant,
                         tps: Vec::new(),
                         latency: Samples::default(),
+                        cpu_us: Vec::new(),
                     });
                 }
                 for round in 0..sizes.rounds {
                     for (i, variant) in rotated(&Variant::ALL, n + round).into_iter().enumerate() {
                         let tag = format!("run{n}-{round}-{i}");
-                        let (tps, lat) =
+                        let (tps, lat, cpu) =
                             pgbench(env, variant, (script, proto, clients), sizes.secs, &tag)?;
                         let cell = cells[first..]
                             .iter_mut()
@@ -477,6 +510,7 @@ fn pgbench_matrix(env: &mut Env, sizes: &Sizes) -> Result<Vec<PgCell>> {
                             .context("cell")?;
                         cell.tps.push(tps);
                         cell.latency.extend(lat);
+                        cell.cpu_us.extend(cpu);
                     }
                 }
                 n += 1;
@@ -497,7 +531,7 @@ fn pgbench_matrix(env: &mut Env, sizes: &Sizes) -> Result<Vec<PgCell>> {
             }
         }
     }
-    Ok(cells)
+    Ok(PgResults { cells })
 }
 
 fn connection_setup(env: &mut Env, sizes: &Sizes) -> Result<Vec<(Variant, Samples)>> {
@@ -755,11 +789,23 @@ fn idle(env: &mut Env, sizes: &Sizes) -> Result<Idle> {
     })
 }
 
-impl Results {
+/// The pgbench matrix: every script, protocol, client count and variant.
+pub struct PgResults {
+    cells: Vec<PgCell>,
+}
+
+impl PgResults {
     fn cell(&self, script: Script, proto: Proto, clients: u32, v: Variant) -> Option<&PgCell> {
-        self.pgbench.iter().find(|c| {
+        self.cells.iter().find(|c| {
             c.script == script && c.proto == proto && c.clients == clients && c.variant == v
         })
+    }
+
+    fn clients(&self) -> Vec<u32> {
+        let mut clients: Vec<u32> = self.cells.iter().map(|c| c.clients).collect();
+        clients.sort_unstable();
+        clients.dedup();
+        clients
     }
 
     pub fn tables(&self) -> Vec<Table> {
@@ -775,13 +821,10 @@ impl Results {
                         "vs direct",
                         "mean latency ms",
                         "p99 latency ms",
+                        "proxy CPU µs per transaction",
                     ],
                 );
-                let mut clients: Vec<u32> = self.pgbench.iter().map(|c| c.clients).collect();
-                clients.dedup();
-                clients.sort_unstable();
-                clients.dedup();
-                for c in clients {
+                for c in self.clients() {
                     let direct = self
                         .cell(script, proto, c, Variant::Direct)
                         .map_or(f64::NAN, PgCell::tps);
@@ -796,12 +839,104 @@ impl Results {
                             format!("{:.2}", cell.tps() / direct),
                             fmt(cell.latency.mean()),
                             fmt(cell.latency.percentile(99.0)),
+                            cell.cpu_us().map_or_else(|| "-".to_owned(), fmt),
                         ]);
                     }
                 }
                 tables.push(t);
             }
         }
+        tables
+    }
+
+    /// Rows 1-3 of the targets: throughput against pgbouncer and direct, added p99.
+    pub fn targets(&self, t: &mut Table) {
+        let clients = self.clients();
+        // 1. At least pgbouncer's throughput, every client count (every script and protocol).
+        let mut worst = Vec::new();
+        let mut all_ok = true;
+        for &c in &clients {
+            let mut min = f64::INFINITY;
+            for script in [Script::SelectOnly, Script::TpcB] {
+                for proto in [Proto::Simple, Proto::Prepared] {
+                    if let (Some(f), Some(b)) = (
+                        self.cell(script, proto, c, Variant::Full),
+                        self.cell(script, proto, c, Variant::Bouncer),
+                    ) {
+                        min = min.min(f.tps() / b.tps());
+                    }
+                }
+            }
+            all_ok &= min >= 1.0;
+            worst.push(format!("c={c}: {min:.2}x"));
+        }
+        t.row(vec![
+            "full policy >= pgbouncer session mode tps, every client count".into(),
+            format!("worst cell per client count: {}", worst.join(", ")),
+            verdict(all_ok),
+        ]);
+        // 1b. The agent's CPU per -S transaction with full policy, against pgbouncer's.
+        let mut parts = Vec::new();
+        let mut ok = true;
+        for proto in [Proto::Simple, Proto::Prepared] {
+            for &c in &clients {
+                let cpu = |v| {
+                    self.cell(Script::SelectOnly, proto, c, v)
+                        .and_then(PgCell::cpu_us)
+                };
+                if let (Some(f), Some(b)) = (cpu(Variant::Full), cpu(Variant::Bouncer)) {
+                    ok &= f <= b;
+                    parts.push(format!("{} c={c}: {} vs {}", proto.flag(), fmt(f), fmt(b)));
+                }
+            }
+        }
+        t.row(vec![
+            "agent CPU per -S transaction with full policy <= pgbouncer's (µs)".into(),
+            parts.join(", "),
+            verdict(ok && !parts.is_empty()),
+        ]);
+        // 2. 0.80 of direct at 8 clients, -S.
+        let mut parts = Vec::new();
+        let mut ok = true;
+        for proto in [Proto::Simple, Proto::Prepared] {
+            if let (Some(f), Some(d)) = (
+                self.cell(Script::SelectOnly, proto, 8, Variant::Full),
+                self.cell(Script::SelectOnly, proto, 8, Variant::Direct),
+            ) {
+                let r = f.tps() / d.tps();
+                ok &= r >= 0.80;
+                parts.push(format!("{}: {r:.2}", proto.flag()));
+            }
+        }
+        t.row(vec![
+            "full policy >= 0.80 of direct tps, -S, 8 clients".into(),
+            parts.join(", "),
+            verdict(ok && !parts.is_empty()),
+        ]);
+        // 3. Added p99 per statement at one client (-S: one statement per transaction).
+        let mut parts = Vec::new();
+        let mut ok = true;
+        for proto in [Proto::Simple, Proto::Prepared] {
+            if let (Some(f), Some(d)) = (
+                self.cell(Script::SelectOnly, proto, 1, Variant::Full),
+                self.cell(Script::SelectOnly, proto, 1, Variant::Direct),
+            ) {
+                let added_us = (f.latency.percentile(99.0) - d.latency.percentile(99.0)) * 1000.0;
+                ok &= added_us < 100.0;
+                parts.push(format!("{}: {} µs", proto.flag(), fmt(added_us)));
+            }
+        }
+        t.row(vec![
+            "< 100 µs added p99 latency per statement, 1 client (-S)".into(),
+            parts.join(", "),
+            verdict(ok && !parts.is_empty()),
+        ]);
+    }
+}
+
+impl Results {
+    pub fn tables(&self) -> Vec<Table> {
+        let mut tables = self.pg.tables();
         let mut t = Table::new(
             "Connection setup: connect() to the first result of SELECT 1 (SCRAM login)",
             &["variant", "connections", "p50 ms", "p99 ms", "mean ms"],
@@ -841,68 +976,7 @@ impl Results {
     /// Where we stand against each target the issue set.
     pub fn targets(&self) -> Table {
         let mut t = Table::new("Targets", &["target", "measured", "verdict"]);
-        let mut clients: Vec<u32> = self.pgbench.iter().map(|c| c.clients).collect();
-        clients.sort_unstable();
-        clients.dedup();
-        // 1. At least pgbouncer's throughput, every client count (every script and protocol).
-        let mut worst = Vec::new();
-        let mut all_ok = true;
-        for &c in &clients {
-            let mut min = f64::INFINITY;
-            for script in [Script::SelectOnly, Script::TpcB] {
-                for proto in [Proto::Simple, Proto::Prepared] {
-                    if let (Some(f), Some(b)) = (
-                        self.cell(script, proto, c, Variant::Full),
-                        self.cell(script, proto, c, Variant::Bouncer),
-                    ) {
-                        min = min.min(f.tps() / b.tps());
-                    }
-                }
-            }
-            all_ok &= min >= 1.0;
-            worst.push(format!("c={c}: {min:.2}x"));
-        }
-        t.row(vec![
-            "full policy >= pgbouncer session mode tps, every client count".into(),
-            format!("worst cell per client count: {}", worst.join(", ")),
-            verdict(all_ok),
-        ]);
-        // 2. 0.80 of direct at 8 clients, -S.
-        let mut parts = Vec::new();
-        let mut ok = true;
-        for proto in [Proto::Simple, Proto::Prepared] {
-            if let (Some(f), Some(d)) = (
-                self.cell(Script::SelectOnly, proto, 8, Variant::Full),
-                self.cell(Script::SelectOnly, proto, 8, Variant::Direct),
-            ) {
-                let r = f.tps() / d.tps();
-                ok &= r >= 0.80;
-                parts.push(format!("{}: {r:.2}", proto.flag()));
-            }
-        }
-        t.row(vec![
-            "full policy >= 0.80 of direct tps, -S, 8 clients".into(),
-            parts.join(", "),
-            verdict(ok && !parts.is_empty()),
-        ]);
-        // 3. Added p99 per statement at one client (-S: one statement per transaction).
-        let mut parts = Vec::new();
-        let mut ok = true;
-        for proto in [Proto::Simple, Proto::Prepared] {
-            if let (Some(f), Some(d)) = (
-                self.cell(Script::SelectOnly, proto, 1, Variant::Full),
-                self.cell(Script::SelectOnly, proto, 1, Variant::Direct),
-            ) {
-                let added_us = (f.latency.percentile(99.0) - d.latency.percentile(99.0)) * 1000.0;
-                ok &= added_us < 100.0;
-                parts.push(format!("{}: {} µs", proto.flag(), fmt(added_us)));
-            }
-        }
-        t.row(vec![
-            "< 100 µs added p99 latency per statement, 1 client (-S)".into(),
-            parts.join(", "),
-            verdict(ok && !parts.is_empty()),
-        ]);
+        self.pg.targets(&mut t);
         // 4. Masking: the engine on one core, and masked results end to end.
         engine_target(&self.engine, &mut t);
         masking_target(&self.masking, &mut t);
