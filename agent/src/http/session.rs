@@ -240,7 +240,8 @@ pub async fn serve(
             }),
             Err(e) => return (SessionOutcome::Error, format!("http: {e}")),
         },
-        why = end.ended() => Some(why.outcome()),
+        // Polled only when an end signal fires, not at every wake-up of the connection.
+        why = crate::protocol::armed::Armed::new(end.ended()) => Some(why.outcome()),
     };
     let relays: Vec<_> = std::mem::take(
         &mut *ctx

@@ -395,6 +395,14 @@ impl SessionEnd {
         }
     }
 
+    /// [`Self::ended`] as a future that owns what it waits on, so that a pump can arm it
+    /// once and keep it across wake-ups: built anew per message, it registered and removed a
+    /// waiter on each end signal every time (a lock each, on the data path).
+    pub fn ended_owned(&self) -> impl std::future::Future<Output = End> + Send + 'static {
+        let mut end = self.clone();
+        async move { end.ended().await }
+    }
+
     /// The protocol has begun draining after [`End::Shutdown`] (it ends the session at its
     /// next idle point or deadline): from now on only a grant's or resource's end is news.
     pub fn draining(&mut self) {

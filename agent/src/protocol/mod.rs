@@ -15,6 +15,7 @@
 //!   (caches, cancel keys), kept across reloads;
 //! * [`Protocol::serve`]: one session, from the client's first byte to how it ended.
 
+pub mod armed;
 pub mod buffers;
 pub mod conn;
 pub mod context;

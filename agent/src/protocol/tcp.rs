@@ -78,7 +78,8 @@ impl Protocol for Tcp {
                 Ok(()) => return (SessionOutcome::Closed, String::new()),
                 Err(e) => return (SessionOutcome::Error, e.to_string()),
             },
-            why = end.ended() => why.outcome(),
+            // Polled only when an end signal fires, not at every wake-up of the relay.
+            why = super::armed::Armed::new(end.ended()) => why.outcome(),
         };
         if let Err(e) = client.arm_reset() {
             warn!(error = %e, "could not arm reset on close");

@@ -76,13 +76,16 @@ impl Pump<'_> {
         end: &SessionEnd,
     ) -> Option<Outcome> {
         let mut out = BytesMut::with_capacity(8 * 1024);
+        // Armed once and polled only when it fires (see [`Armed`]): a wait built per message
+        // registered and removed a waiter each time.
+        let mut stopped = Armed::new(self.stop.cancelled());
         let outcome = loop {
             // The server side watches the grant, the resource and the agent's shutdown, tells
             // the client why the session ends, and stops this side. Nothing here waits on
             // them: one wake-up source fewer per message.
             let frame = tokio::select! {
                 biased;
-                () = self.stop.cancelled() => break None,
+                () = &mut stopped => break None,
                 f = client.next() => f,
             };
             // Checked per message, not only when woken: a message that arrives with the

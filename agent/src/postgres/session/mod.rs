@@ -49,6 +49,7 @@ use crate::{
     ops::metrics,
     protocol::{
         Conn, End, Outcome, Services, Session, SessionEnd,
+        armed::Armed,
         hold::{self, Hold, HoldOutcome},
         refuse,
         relay::Counters,

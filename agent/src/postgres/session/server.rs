@@ -63,6 +63,14 @@ impl Pump<'_> {
         let flush_timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(flush_timer);
         let mut flush_armed = false;
+        // The waits on the session's end and the client side's end are armed once, kept
+        // across wake-ups and polled only when they fire (see [`Armed`]): built anew per
+        // wake-up, each registered and removed a waiter under a lock per message. A finished
+        // record's wait is re-armed after it fires.
+        let mut ended = Armed::new(end.ended_owned());
+        let mut stopped = Armed::new(self.stop.cancelled());
+        let due = self.records_due.notified();
+        tokio::pin!(due);
         let mut quiet_run = 0u32;
         let outcome = loop {
             if draining.is_some()
@@ -123,7 +131,7 @@ impl Pump<'_> {
                 } else {
                     tokio::select! {
                         biased;
-                        why = end.ended() => {
+                        why = &mut ended => {
                             let (outcome, why) = match why {
                                 End::GrantRevoked(id) => (SessionOutcome::GrantRevoked, format!("grant {id} was revoked")),
                                 End::GrantExpired(id) => (SessionOutcome::GrantExpired, format!("grant {id} expired")),
@@ -139,6 +147,7 @@ impl Pump<'_> {
                                 End::Shutdown => {
                                     // Drain: the session ends at its next idle point or the deadline.
                                     end.draining();
+                                    ended = Armed::new(end.ended_owned());
                                     draining = Some(tokio::time::Instant::now() + self.ctx.config.get().daemon.drain_timeout);
                                     continue;
                                 }
@@ -174,7 +183,7 @@ impl Pump<'_> {
                             let _ = client.write_all(&out).await;
                             break None;
                         }
-                        () = self.stop.cancelled() => {
+                        () = &mut stopped => {
                             // The client side ended: deliver what the server still sends (its reply to
                             // Terminate is to close).
                             match tokio::time::timeout(Duration::from_millis(200), server.next()).await {
@@ -182,7 +191,8 @@ impl Pump<'_> {
                                 _ => break None,
                             }
                         }
-                        () = self.records_due.notified(), if !flush_armed => {
+                        () = &mut due, if !flush_armed => {
+                            due.set(self.records_due.notified());
                             flush_armed = true;
                             flush_timer.as_mut().reset(tokio::time::Instant::now() + RECORD_FLUSH);
                             continue;

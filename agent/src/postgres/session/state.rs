@@ -318,6 +318,12 @@ pub(super) struct InFlight {
     pub(super) bytes: usize,
 }
 
+/// The session's maps: looked up several times per message with keys the session chose
+/// (statement and portal names, nonces), so hashed with foldhash (seeded per map) rather
+/// than SipHash; the keys are bounded per session (`MAX_PREPARED`), and a client could only
+/// slow its own session by colliding them.
+pub(super) type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 pub(super) struct State {
     pub(super) expect: VecDeque<Expect>,
@@ -326,14 +332,14 @@ pub(super) struct State {
     /// product, and a pipeline can hold many of both).
     /// A poison is a refused statement replaced by one the server rejects (a nonce); the
     /// server's error for it is swapped for the refusal's.
-    pub(super) poisons: HashMap<String, PgError>,
+    pub(super) poisons: Map<String, PgError>,
     /// The pending poisons' nonces in the order sent (so by cycle), for retiring those of
     /// finished cycles.
     pub(super) poison_order: VecDeque<(u64, String)>,
     pub(super) cycles_sent: u64,
     pub(super) cycles_done: u64,
-    pub(super) statements: HashMap<String, Stmt>,
-    pub(super) portals: HashMap<String, Portal>,
+    pub(super) statements: Map<String, Stmt>,
+    pub(super) portals: Map<String, Portal>,
     /// Portals by the cycle (Sync or Query) their Bind was sent in, oldest first: once the
     /// server is idle (ReadyForQuery `I`: no transaction), those of the cycles it has
     /// finished are gone on its side, and go here too (else a session binding portals of
@@ -345,7 +351,7 @@ pub(super) struct State {
     pub(super) portal_bytes: usize,
     pub(super) sql_prepared: HashMap<String, Statement>,
     /// Statement names whose Close was sent and not yet answered.
-    pub(super) closing: HashMap<String, usize>,
+    pub(super) closing: Map<String, usize>,
     /// The bytes of `closing`'s names in flight (see [`State::held_bytes`]).
     pub(super) closing_bytes: usize,
     /// Changes to the statement names sent (Parses, Closes, statements with a
@@ -357,7 +363,7 @@ pub(super) struct State {
     /// Statement names the server still holds though the gate dropped them (a Close it
     /// skipped after an error): the gate does not know what they run, so it refuses to bind
     /// them, and a Parse of the name fails on the server (42P05) as here.
-    pub(super) phantoms: std::collections::HashSet<String>,
+    pub(super) phantoms: std::collections::HashSet<String, foldhash::fast::RandomState>,
     /// What the prepared statements of both kinds hold (see [`prepared_footprint`]), bounded
     /// by `MAX_PREPARED_BYTES`.
     pub(super) prepared_bytes: usize,
@@ -366,9 +372,9 @@ pub(super) struct State {
     pub(super) current: Option<Arc<Plan>>,
     /// Plans by RowDescription, for results whose columns all come straight from tables
     /// (their plan depends on nothing else): a statement run again is not planned again.
-    pub(super) plans: HashMap<bytes::Bytes, Arc<Plan>>,
+    pub(super) plans: Map<bytes::Bytes, Arc<Plan>>,
     /// SQL cursors by name: what their `FETCH`es return is computed from.
-    pub(super) cursors: HashMap<String, Arc<ResultRefs>>,
+    pub(super) cursors: Map<String, Arc<ResultRefs>>,
     pub(super) copy: Option<CopyMasker>,
     /// Statements in flight by sequence number: a handful at most, looked up for every
     /// masked row, so ordered (no hashing; drained in statement order).
