@@ -25,6 +25,11 @@ use futures_util::task::AtomicWaker;
 /// Set by the inner future's sources; wakes the task that polls the [`Armed`].
 struct Signal {
     woken: AtomicBool,
+    /// The inner future has been polled and left its waits registered: from then on no
+    /// source fires without calling this signal.
+    registered: AtomicBool,
+    /// A source has fired at least once (sticky; see [`News`]).
+    fired: AtomicBool,
     task: AtomicWaker,
 }
 
@@ -34,8 +39,23 @@ impl Wake for Signal {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
         self.woken.store(true, Ordering::Release);
         self.task.wake();
+    }
+}
+
+/// Whether an [`Armed`] wait may have news, read without polling it: for a check that must
+/// run between two messages (is the session still allowed?) yet costs locks to make.
+#[derive(Clone)]
+pub struct News(Arc<Signal>);
+
+impl News {
+    /// Nothing the wait listens to has fired since it was registered: a check of the state
+    /// its sources guard would find it as it was. False before the wait's first poll (its
+    /// sources could fire unheard) and forever after any source fired.
+    pub fn quiet(&self) -> bool {
+        self.0.registered.load(Ordering::Acquire) && !self.0.fired.load(Ordering::Acquire)
     }
 }
 
@@ -47,6 +67,8 @@ pub struct Armed<F> {
     inner: Pin<Box<F>>,
     signal: Arc<Signal>,
     waker: Waker,
+    /// The task waker last registered with the signal.
+    registered: Option<Waker>,
 }
 
 impl<F: Future> Armed<F> {
@@ -54,6 +76,8 @@ impl<F: Future> Armed<F> {
         let signal = Arc::new(Signal {
             // Polled at the first poll: the inner future registers its waits then.
             woken: AtomicBool::new(true),
+            registered: AtomicBool::new(false),
+            fired: AtomicBool::new(false),
             task: AtomicWaker::new(),
         });
         let waker = Waker::from(signal.clone());
@@ -61,7 +85,13 @@ impl<F: Future> Armed<F> {
             inner: Box::pin(inner),
             signal,
             waker,
+            registered: None,
         }
+    }
+
+    /// A reader of whether this wait may have news, for code that does not poll it.
+    pub fn news(&self) -> News {
+        News(self.signal.clone())
     }
 }
 
@@ -70,14 +100,33 @@ impl<F: Future> Future for Armed<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
+        // Nothing fired since this task's waker was registered: the signal still holds it (a
+        // wake takes it only after setting `woken`, and a wake in progress wakes this task).
+        if !this.signal.woken.load(Ordering::Acquire)
+            && this
+                .registered
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
         // Registered before the flag is read: a source firing after the read wakes this task.
         this.signal.task.register(cx.waker());
         if !this.signal.woken.swap(false, Ordering::AcqRel) {
+            this.registered = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        this.inner
+        // A wake was taken here, perhaps after the registration above (it took the waker):
+        // the next poll registers again.
+        this.registered = None;
+        let polled = this
+            .inner
             .as_mut()
-            .poll(&mut Context::from_waker(&this.waker))
+            .poll(&mut Context::from_waker(&this.waker));
+        if polled.is_pending() {
+            this.signal.registered.store(true, Ordering::Release);
+        }
+        polled
     }
 }
 
@@ -139,6 +188,131 @@ mod tests {
             .await
             .expect("the cancellation reaches the armed wait");
         assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn news_is_quiet_only_while_registered_and_unfired() {
+        let token = CancellationToken::new();
+        let mut armed = Armed::new(token.clone().cancelled_owned());
+        let news = armed.news();
+        assert!(!news.quiet(), "not registered before its first poll");
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut armed).poll(&mut cx).is_pending());
+        assert!(news.quiet(), "registered, nothing fired");
+        token.cancel();
+        assert!(!news.quiet(), "the cancel is seen without a poll");
+        assert!(Pin::new(&mut armed).poll(&mut cx).is_ready());
+        assert!(!news.quiet(), "sticky once fired");
+    }
+
+    /// A source that can fire any number of times, waking whoever polled it last.
+    #[derive(Default)]
+    struct Source(std::sync::Mutex<Option<Waker>>);
+
+    impl Source {
+        fn fire(&self) {
+            if let Some(w) = self.0.lock().expect("source").as_ref() {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    struct Listen(Arc<Source>);
+
+    impl Future for Listen {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            *self.0.0.lock().expect("source") = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    /// A task waker that counts its wakes and can run a hook when it is cloned (as the
+    /// signal's registration clones it): a source firing in the middle of a registration.
+    struct Hooked {
+        wakes: AtomicUsize,
+        on_clone: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    static HOOKED: std::task::RawWakerVTable =
+        std::task::RawWakerVTable::new(hooked_clone, hooked_wake, hooked_wake, hooked_drop);
+
+    unsafe fn hooked_clone(p: *const ()) -> std::task::RawWaker {
+        // SAFETY: `p` is the leaked `Hooked` the waker was made from.
+        let h = unsafe { &*p.cast::<Hooked>() };
+        let hook = h.on_clone.lock().expect("hook").take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        std::task::RawWaker::new(p, &HOOKED)
+    }
+
+    unsafe fn hooked_wake(p: *const ()) {
+        // SAFETY: as above.
+        unsafe { &*p.cast::<Hooked>() }
+            .wakes
+            .fetch_add(1, Ordering::SeqCst);
+    }
+
+    unsafe fn hooked_drop(_: *const ()) {}
+
+    #[test]
+    fn a_wake_during_registration_is_not_lost_at_the_next_fire() {
+        let source = Arc::new(Source::default());
+        let hooked: &'static Hooked = Box::leak(Box::new(Hooked {
+            wakes: AtomicUsize::new(0),
+            on_clone: std::sync::Mutex::new(None),
+        }));
+        // SAFETY: the vtable's functions treat the pointer as the leaked `Hooked`.
+        let task = unsafe {
+            Waker::from_raw(std::task::RawWaker::new(
+                std::ptr::from_ref(hooked).cast(),
+                &HOOKED,
+            ))
+        };
+        let mut cx = Context::from_waker(&task);
+        let mut armed = Armed::new(Listen(source.clone()));
+        // Armed (the inner future polled), then registered with nothing fired.
+        assert!(Pin::new(&mut armed).poll(&mut cx).is_pending());
+        assert!(Pin::new(&mut armed).poll(&mut cx).is_pending());
+        source.fire();
+        assert_eq!(hooked.wakes.load(Ordering::SeqCst), 1);
+        // The next poll registers the task again; the source fires in the middle of it.
+        let again = source.clone();
+        *hooked.on_clone.lock().expect("hook") = Some(Box::new(move || again.fire()));
+        assert!(Pin::new(&mut armed).poll(&mut cx).is_pending());
+        assert_eq!(hooked.wakes.load(Ordering::SeqCst), 2);
+        assert!(Pin::new(&mut armed).poll(&mut cx).is_pending());
+        // A later fire must still reach the task.
+        source.fire();
+        assert_eq!(hooked.wakes.load(Ordering::SeqCst), 3, "a wake was lost");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_inner_future_woken_many_times_from_another_thread_completes() {
+        // The inner wait is woken once per message, from another thread, racing the task's
+        // polls; a wake lost between two polls would leave it waiting for ever.
+        for round in 0..50 {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+            let armed = Armed::new(async move {
+                for _ in 0..200 {
+                    rx.recv().await.expect("sender alive");
+                }
+            });
+            let t = std::thread::spawn(move || {
+                for i in 0..200 {
+                    tx.send(i).expect("receiver alive");
+                    if i % 7 == round % 7 {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+            tokio::time::timeout(Duration::from_secs(10), armed)
+                .await
+                .expect("every wake reaches the task");
+            t.join().expect("sender thread");
+        }
     }
 
     #[tokio::test]

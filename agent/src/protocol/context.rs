@@ -351,6 +351,9 @@ pub fn unrecorded(id: &str) -> String {
 /// The one signal of a live session's end: its grant ends (expiry, revocation), its
 /// resource is removed, or the agent shuts down. Clones watch the same session (one per
 /// direction of a protocol's pumps).
+/// [`SessionEnd::ended_owned`]: a wait on the session's end that owns what it waits on.
+pub type EndWait = std::pin::Pin<Box<dyn std::future::Future<Output = End> + Send + 'static>>;
+
 #[derive(Clone)]
 pub struct SessionEnd {
     grant: String,
@@ -398,9 +401,9 @@ impl SessionEnd {
     /// [`Self::ended`] as a future that owns what it waits on, so that a pump can arm it
     /// once and keep it across wake-ups: built anew per message, it registered and removed a
     /// waiter on each end signal every time (a lock each, on the data path).
-    pub fn ended_owned(&self) -> impl std::future::Future<Output = End> + Send + 'static {
+    pub fn ended_owned(&self) -> EndWait {
         let mut end = self.clone();
-        async move { end.ended().await }
+        Box::pin(async move { end.ended().await })
     }
 
     /// The protocol has begun draining after [`End::Shutdown`] (it ends the session at its

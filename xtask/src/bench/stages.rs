@@ -359,6 +359,16 @@ fn verdict(ok: bool) -> String {
     if ok { "met" } else { "MISSED" }.to_owned()
 }
 
+/// The verdict on a target measured in `parts`: none when the run did not measure it (a
+/// `bench pg --clients` run without the cells it needs).
+fn measured_verdict(ok: bool, parts: &[String]) -> String {
+    if parts.is_empty() {
+        "not measured".to_owned()
+    } else {
+        verdict(ok)
+    }
+}
+
 impl Idle {
     fn per_conn_kib(&self) -> f64 {
         self.rss_kib.saturating_sub(self.rss_before_kib) as f64 / self.connections.max(1) as f64
@@ -893,7 +903,7 @@ impl PgResults {
         t.row(vec![
             "agent CPU per -S transaction with full policy <= pgbouncer's (µs)".into(),
             parts.join(", "),
-            verdict(ok && !parts.is_empty()),
+            measured_verdict(ok, &parts),
         ]);
         // 2. 0.80 of direct at 8 clients, -S.
         let mut parts = Vec::new();
@@ -911,7 +921,7 @@ impl PgResults {
         t.row(vec![
             "full policy >= 0.80 of direct tps, -S, 8 clients".into(),
             parts.join(", "),
-            verdict(ok && !parts.is_empty()),
+            measured_verdict(ok, &parts),
         ]);
         // 3. Added p99 per statement at one client (-S: one statement per transaction).
         let mut parts = Vec::new();
@@ -929,7 +939,7 @@ impl PgResults {
         t.row(vec![
             "< 100 µs added p99 latency per statement, 1 client (-S)".into(),
             parts.join(", "),
-            verdict(ok && !parts.is_empty()),
+            measured_verdict(ok, &parts),
         ]);
     }
 }

@@ -73,7 +73,7 @@ impl Pump<'_> {
         mut client: FrameReader<ReadHalf<Stream>>,
         mut server: WriteHalf<Stream>,
         inject: mpsc::Sender<PgError>,
-        end: &SessionEnd,
+        (end, news): (&SessionEnd, News),
     ) -> Option<Outcome> {
         let mut out = BytesMut::with_capacity(8 * 1024);
         // Armed once and polled only when it fires (see [`Armed`]): a wait built per message
@@ -89,17 +89,21 @@ impl Pump<'_> {
                 f = client.next() => f,
             };
             // Checked per message, not only when woken: a message that arrives with the
-            // grant's end is never forwarded.
-            if matches!(
-                end.now(),
-                Some(
-                    End::GrantExpired(_)
-                        | End::GrantRevoked(_)
-                        | End::StoreLost(_)
-                        | End::Unrecorded(_)
-                        | End::ResourceRemoved
+            // grant's end is never forwarded. Reading the end signals takes locks (one of them
+            // the agent's, shared by every session), so they are read only when the server
+            // side's wait on them may have news: any of them fired, or it is not armed yet.
+            if !news.quiet()
+                && matches!(
+                    end.now(),
+                    Some(
+                        End::GrantExpired(_)
+                            | End::GrantRevoked(_)
+                            | End::StoreLost(_)
+                            | End::Unrecorded(_)
+                            | End::ResourceRemoved
+                    )
                 )
-            ) {
+            {
                 break None;
             }
             let frame = match frame {

@@ -49,7 +49,8 @@ use crate::{
     ops::metrics,
     protocol::{
         Conn, End, Outcome, Services, Session, SessionEnd,
-        armed::Armed,
+        armed::{Armed, News},
+        context::EndWait,
         hold::{self, Hold, HoldOutcome},
         refuse,
         relay::Counters,
@@ -441,9 +442,13 @@ pub(crate) async fn serve(
         records_due: tokio::sync::Notify::new(),
     };
     let (inject_tx, inject_rx) = mpsc::channel(4);
+    // The server side waits on the session's end; the client side reads whether that wait
+    // has news before each message (see `client_to_server`).
+    let ended = Armed::new(end.ended_owned());
+    let news = ended.news();
     let (c2s, s2c) = tokio::join!(
-        pump.client_to_server(reader, up.writer, inject_tx, &end),
-        pump.server_to_client(up.reader, writer, inject_rx, end.clone()),
+        pump.client_to_server(reader, up.writer, inject_tx, (&end, news)),
+        pump.server_to_client(up.reader, writer, inject_rx, (end.clone(), ended)),
     );
     pump.flush_records();
     // The server side knows best why the session ended (grant, shutdown); else the client's.

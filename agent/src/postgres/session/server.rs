@@ -50,7 +50,7 @@ impl Pump<'_> {
         mut server: FrameReader<ReadHalf<Stream>>,
         mut client: WriteHalf<Stream>,
         mut inject: mpsc::Receiver<PgError>,
-        mut end: SessionEnd,
+        (mut end, mut ended): (SessionEnd, Armed<EndWait>),
     ) -> Option<Outcome> {
         let mut out = BytesMut::with_capacity(16 * 1024);
         let mut stats = Masked::default();
@@ -67,7 +67,6 @@ impl Pump<'_> {
         // across wake-ups and polled only when they fire (see [`Armed`]): built anew per
         // wake-up, each registered and removed a waiter under a lock per message. A finished
         // record's wait is re-armed after it fires.
-        let mut ended = Armed::new(end.ended_owned());
         let mut stopped = Armed::new(self.stop.cancelled());
         let due = self.records_due.notified();
         tokio::pin!(due);
