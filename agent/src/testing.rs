@@ -376,7 +376,8 @@ pub fn field(fields: &[(u8, String)], code: u8) -> &str {
 
 /// A scripted PostgreSQL server: trust login, then every simple query is logged and answered
 /// with one text row holding `row` (a statement the gate poisoned gets the syntax error a
-/// real server gives).
+/// real server gives; `select pg_sleep(5)` sends a notice at 100 ms and its answer five seconds
+/// later).
 pub struct FakePostgres {
     pub addr: std::net::SocketAddr,
     seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -464,6 +465,16 @@ impl FakePostgres {
                                         seen.clear();
                                     }
                                     seen.push(text.clone());
+                                }
+                                if text == "select pg_sleep(5)" {
+                                    // A notice at 100 ms, then nothing until the answer.
+                                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                                    let mut notice = BytesMut::new();
+                                    frame(&mut notice, b'N', b"SNOTICE\0C00000\0Msleeping\0\0");
+                                    if s.write_all(&notice).await.is_err() {
+                                        return;
+                                    }
+                                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                                 }
                                 let mut out = BytesMut::new();
                                 if text.contains("jitgate_refused_") {

@@ -61,10 +61,13 @@ impl News {
 
 /// `inner`, polled at its first poll and then only when something it waits on has fired.
 ///
-/// Like any future, an `Armed` must not be polled again once it returned `Ready` unless its
-/// inner future allows it (re-arm with a new `Armed` instead).
+/// Fused: once it returned `Ready` it stays pending (re-arm with a new `Armed`). The inner
+/// future is polled outside tokio's cooperative budget: a wait that returned `Pending` for
+/// want of budget would not have registered its sources, and [`News`] would read as quiet
+/// with nothing listening.
 pub struct Armed<F> {
-    inner: Pin<Box<F>>,
+    inner: Pin<Box<tokio::task::Unconstrained<F>>>,
+    done: bool,
     signal: Arc<Signal>,
     waker: Waker,
     /// The task waker last registered with the signal.
@@ -82,7 +85,8 @@ impl<F: Future> Armed<F> {
         });
         let waker = Waker::from(signal.clone());
         Self {
-            inner: Box::pin(inner),
+            inner: Box::pin(tokio::task::unconstrained(inner)),
+            done: false,
             signal,
             waker,
             registered: None,
@@ -100,6 +104,9 @@ impl<F: Future> Future for Armed<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
+        if this.done {
+            return Poll::Pending;
+        }
         // Nothing fired since this task's waker was registered: the signal still holds it (a
         // wake takes it only after setting `woken`, and a wake in progress wakes this task).
         if !this.signal.woken.load(Ordering::Acquire)
@@ -125,6 +132,8 @@ impl<F: Future> Future for Armed<F> {
             .poll(&mut Context::from_waker(&this.waker));
         if polled.is_pending() {
             this.signal.registered.store(true, Ordering::Release);
+        } else {
+            this.done = true;
         }
         polled
     }
@@ -313,6 +322,18 @@ mod tests {
                 .expect("every wake reaches the task");
             t.join().expect("sender thread");
         }
+    }
+
+    #[test]
+    fn stays_pending_once_it_was_ready() {
+        let token = CancellationToken::new();
+        token.cancel();
+        let mut armed = Armed::new(async move { token.cancelled().await });
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut armed).poll(&mut cx).is_ready());
+        // A completed async block would panic if polled again.
+        assert!(Pin::new(&mut armed).poll(&mut cx).is_pending());
     }
 
     #[tokio::test]

@@ -348,12 +348,12 @@ pub fn unrecorded(id: &str) -> String {
     )
 }
 
-/// The one signal of a live session's end: its grant ends (expiry, revocation), its
-/// resource is removed, or the agent shuts down. Clones watch the same session (one per
-/// direction of a protocol's pumps).
 /// [`SessionEnd::ended_owned`]: a wait on the session's end that owns what it waits on.
 pub type EndWait = std::pin::Pin<Box<dyn std::future::Future<Output = End> + Send + 'static>>;
 
+/// The one signal of a live session's end: its grant ends (expiry, revocation), its
+/// resource is removed, or the agent shuts down. Clones watch the same session (one per
+/// direction of a protocol's pumps).
 #[derive(Clone)]
 pub struct SessionEnd {
     grant: String,

@@ -92,6 +92,9 @@ impl Pump<'_> {
             // grant's end is never forwarded. Reading the end signals takes locks (one of them
             // the agent's, shared by every session), so they are read only when the server
             // side's wait on them may have news: any of them fired, or it is not armed yet.
+            // A signal counts as fired once its sender has woken its waiters (a revocation
+            // acknowledged to the operator has): a message racing the change itself may pass,
+            // as it could when it arrived a moment earlier.
             if !news.quiet()
                 && matches!(
                     end.now(),

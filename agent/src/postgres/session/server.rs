@@ -68,6 +68,7 @@ impl Pump<'_> {
         // wake-up, each registered and removed a waiter under a lock per message. A finished
         // record's wait is re-armed after it fires.
         let mut stopped = Armed::new(self.stop.cancelled());
+        let mut client_gone = false;
         let due = self.records_due.notified();
         tokio::pin!(due);
         let mut quiet_run = 0u32;
@@ -182,9 +183,15 @@ impl Pump<'_> {
                             let _ = client.write_all(&out).await;
                             break None;
                         }
-                        () = &mut stopped => {
-                            // The client side ended: deliver what the server still sends (its reply to
-                            // Terminate is to close).
+                        // The client side ended: deliver what the server still sends (its reply to
+                        // Terminate is to close), each frame within 200 ms. The wait on the client
+                        // side's end fires once; from then on the second branch stands for it.
+                        () = async {
+                            if !client_gone {
+                                (&mut stopped).await;
+                            }
+                        } => {
+                            client_gone = true;
                             match tokio::time::timeout(Duration::from_millis(200), server.next()).await {
                                 Ok(Ok(Some(f))) => Ok(Some(f)),
                                 _ => break None,

@@ -575,3 +575,27 @@ mask = [{ columns = ["*.v"], detectors = ["email", "card"], strategy = "redact" 
     drop(client);
     outcome(task).await;
 }
+
+#[tokio::test]
+async fn a_client_that_terminates_mid_statement_ends_the_session_without_waiting_for_it() {
+    // The client sends Terminate while its statement runs and keeps its socket open: the
+    // session delivers what the server still sends for a moment, then ends; it does not wait
+    // for the statement (a wait on the client side's end that fired once and was polled
+    // again never fired again, and the session lived until the server spoke).
+    let server = FakeServer::start("x").await;
+    let h = Harness::with_upstream(server.addr, "postgres", PG_KEYS, Some("bot")).await;
+    let (mut client, task, _) = logged_in(&h, &[]).await;
+    client
+        .write_all(&query("select pg_sleep(5)"))
+        .await
+        .expect("query");
+    let mut bye = BytesMut::new();
+    message(&mut bye, b'X', b"");
+    client.write_all(&bye).await.expect("terminate");
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
+    assert!(
+        ended.is_ok(),
+        "the session waited for the statement after the client terminated"
+    );
+    drop(client);
+}
