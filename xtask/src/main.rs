@@ -81,9 +81,10 @@ enum Cmd {
     Lint,
     /// Measure the gate against PostgreSQL direct and pgbouncer; writes BENCHMARKS.md.
     /// `bench fleet`: only the fleet bench (simulated hosts on one shared PostgreSQL store),
-    /// into its own section of BENCHMARKS.md; `bench http`, `bench idle`: one stage alone.
+    /// into its own section of BENCHMARKS.md; `bench http|idle|mask|pg`: one stage alone.
     Bench {
-        /// `fleet` for the fleet bench alone; `http` or `idle` for that stage alone.
+        /// `fleet` for the fleet bench alone; `http`, `idle`, `mask` or `pg` for that stage
+        /// alone.
         #[arg(value_enum)]
         suite: Option<BenchSuite>,
         /// Fleet sizes for `bench fleet` (default 10,100,1000; 3,6 with --quick).
@@ -92,7 +93,7 @@ enum Cmd {
         /// Every stage with tiny sizes (checks the bench works; figures mean nothing).
         #[arg(long)]
         quick: bool,
-        /// pgbench client counts (default 1,8,32).
+        /// pgbench client counts (default 1,8,32), for `bench pg` or the whole run.
         #[arg(long, value_delimiter = ',')]
         clients: Vec<u32>,
         /// Binaries already built there (default: a release build first).
