@@ -376,8 +376,8 @@ pub fn field(fields: &[(u8, String)], code: u8) -> &str {
 
 /// A scripted PostgreSQL server: trust login, then every simple query is logged and answered
 /// with one text row holding `row` (a statement the gate poisoned gets the syntax error a
-/// real server gives; `select pg_sleep(5)` sends a notice at 100 ms and its answer five seconds
-/// later).
+/// real server gives; in unit tests, `select pg_sleep(5)` sends a notice at 100 ms and its
+/// answer five seconds later).
 pub struct FakePostgres {
     pub addr: std::net::SocketAddr,
     seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -466,7 +466,7 @@ impl FakePostgres {
                                     }
                                     seen.push(text.clone());
                                 }
-                                if text == "select pg_sleep(5)" {
+                                if cfg!(test) && text == "select pg_sleep(5)" {
                                     // A notice at 100 ms, then nothing until the answer.
                                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                                     let mut notice = BytesMut::new();

@@ -70,8 +70,6 @@ pub struct Armed<F> {
     done: bool,
     signal: Arc<Signal>,
     waker: Waker,
-    /// The task waker last registered with the signal.
-    registered: Option<Waker>,
 }
 
 impl<F: Future> Armed<F> {
@@ -89,7 +87,6 @@ impl<F: Future> Armed<F> {
             done: false,
             signal,
             waker,
-            registered: None,
         }
     }
 
@@ -107,25 +104,13 @@ impl<F: Future> Future for Armed<F> {
         if this.done {
             return Poll::Pending;
         }
-        // Nothing fired since this task's waker was registered: the signal still holds it (a
-        // wake takes it only after setting `woken`, and a wake in progress wakes this task).
-        if !this.signal.woken.load(Ordering::Acquire)
-            && this
-                .registered
-                .as_ref()
-                .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            return Poll::Pending;
-        }
-        // Registered before the flag is read: a source firing after the read wakes this task.
+        // Registered at every poll (it does not clone the same task's waker again), before
+        // the flag is read: a source firing after the read wakes this task. Skipping it when
+        // nothing seemed to have fired would trust a waker a wake still in flight may take.
         this.signal.task.register(cx.waker());
         if !this.signal.woken.swap(false, Ordering::AcqRel) {
-            this.registered = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        // A wake was taken here, perhaps after the registration above (it took the waker):
-        // the next poll registers again.
-        this.registered = None;
         let polled = this
             .inner
             .as_mut()
@@ -332,7 +317,8 @@ mod tests {
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         assert!(Pin::new(&mut armed).poll(&mut cx).is_ready());
-        // A completed async block would panic if polled again.
+        // A late wake from a source: a completed async block would panic if polled again.
+        Waker::from(armed.signal.clone()).wake_by_ref();
         assert!(Pin::new(&mut armed).poll(&mut cx).is_pending());
     }
 

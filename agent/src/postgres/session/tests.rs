@@ -597,5 +597,16 @@ async fn a_client_that_terminates_mid_statement_ends_the_session_without_waiting
         ended.is_ok(),
         "the session waited for the statement after the client terminated"
     );
-    drop(client);
+    // The statement reached the server, and what it sent after the Terminate (its notice)
+    // was delivered: the path under test ran.
+    assert!(
+        server.seen().iter().any(|q| q == "select pg_sleep(5)"),
+        "{:?}",
+        server.seen()
+    );
+    let got = drain(client).await;
+    assert!(
+        got.windows(9).any(|w| w == b"Msleeping"),
+        "the notice sent after the Terminate was not delivered: {got:?}"
+    );
 }
