@@ -377,7 +377,8 @@ pub fn field(fields: &[(u8, String)], code: u8) -> &str {
 /// A scripted PostgreSQL server: trust login, then every simple query is logged and answered
 /// with one text row holding `row` (a statement the gate poisoned gets the syntax error a
 /// real server gives; in unit tests, `select pg_sleep(5)` sends a notice at 100 ms and its
-/// answer five seconds later).
+/// answer five seconds later, and a catalog lookup of `slow_lookup_fn` takes a second and finds it
+/// reads only).
 pub struct FakePostgres {
     pub addr: std::net::SocketAddr,
     seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -465,6 +466,38 @@ impl FakePostgres {
                                         seen.clear();
                                     }
                                     seen.push(text.clone());
+                                }
+                                if cfg!(test)
+                                    && text.contains("FROM pg_catalog.pg_proc p JOIN")
+                                    && text.contains("'slow_lookup_fn'")
+                                {
+                                    // A function lookup that takes a second, and finds a
+                                    // function that only reads.
+                                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                                    let mut out = BytesMut::new();
+                                    let mut desc = 2i16.to_be_bytes().to_vec();
+                                    for name in [&b"proname\0"[..], b"bool_or\0"] {
+                                        desc.extend_from_slice(name);
+                                        desc.extend_from_slice(&0i32.to_be_bytes());
+                                        desc.extend_from_slice(&0i16.to_be_bytes());
+                                        desc.extend_from_slice(&25i32.to_be_bytes());
+                                        desc.extend_from_slice(&(-1i16).to_be_bytes());
+                                        desc.extend_from_slice(&(-1i32).to_be_bytes());
+                                        desc.extend_from_slice(&0i16.to_be_bytes());
+                                    }
+                                    frame(&mut out, b'T', &desc);
+                                    let mut data = 2i16.to_be_bytes().to_vec();
+                                    for v in ["slow_lookup_fn", "false"] {
+                                        data.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                                        data.extend_from_slice(v.as_bytes());
+                                    }
+                                    frame(&mut out, b'D', &data);
+                                    frame(&mut out, b'C', b"SELECT 1\0");
+                                    frame(&mut out, b'Z', b"I");
+                                    if s.write_all(&out).await.is_err() {
+                                        return;
+                                    }
+                                    continue;
                                 }
                                 if cfg!(test) && text == "select pg_sleep(5)" {
                                     // A notice at 100 ms, then nothing until the answer.

@@ -66,6 +66,27 @@ pub(super) fn name_in_use_error(name: &str) -> PgError {
     )
 }
 
+/// The session may no longer send to the server: its grant ended (expired, revoked, not
+/// confirmed or not recorded by the store) or its resource left the configuration (a shutdown
+/// drains instead). Reading the end signals takes locks (one of them the agent's, shared by
+/// every session), so they are read only when the server side's wait on them may have news:
+/// any of them fired, or it is not armed yet. A signal counts as fired once its sender has
+/// woken its waiters (a revocation acknowledged to the operator has): a message racing the
+/// change itself may pass, as it could had it arrived a moment earlier.
+fn grant_gone(end: &SessionEnd, news: &News) -> bool {
+    !news.quiet()
+        && matches!(
+            end.now(),
+            Some(
+                End::GrantExpired(_)
+                    | End::GrantRevoked(_)
+                    | End::StoreLost(_)
+                    | End::Unrecorded(_)
+                    | End::ResourceRemoved
+            )
+        )
+}
+
 impl Pump<'_> {
     /// Client to server. Returns the outcome when the client ends the session.
     pub(super) async fn client_to_server(
@@ -89,24 +110,8 @@ impl Pump<'_> {
                 f = client.next() => f,
             };
             // Checked per message, not only when woken: a message that arrives with the
-            // grant's end is never forwarded. Reading the end signals takes locks (one of them
-            // the agent's, shared by every session), so they are read only when the server
-            // side's wait on them may have news: any of them fired, or it is not armed yet.
-            // A signal counts as fired once its sender has woken its waiters (a revocation
-            // acknowledged to the operator has): a message racing the change itself may pass,
-            // as it could when it arrived a moment earlier.
-            if !news.quiet()
-                && matches!(
-                    end.now(),
-                    Some(
-                        End::GrantExpired(_)
-                            | End::GrantRevoked(_)
-                            | End::StoreLost(_)
-                            | End::Unrecorded(_)
-                            | End::ResourceRemoved
-                    )
-                )
-            {
+            // grant's end is never forwarded.
+            if grant_gone(end, &news) {
                 break None;
             }
             let frame = match frame {
@@ -149,7 +154,9 @@ impl Pump<'_> {
             match self.on_client(frame, &mut out).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    let _ = server.write_all(&out).await;
+                    if !grant_gone(end, &news) {
+                        let _ = server.write_all(&out).await;
+                    }
                     break Some((SessionOutcome::Closed, String::new()));
                 }
                 Err(err) => {
@@ -158,6 +165,11 @@ impl Pump<'_> {
                 }
             }
             if !client.has_frame() && !out.is_empty() {
+                // Handling a message may have waited (a catalog lookup, an approval): what it
+                // produced is not sent if the grant ended meanwhile.
+                if grant_gone(end, &news) {
+                    break None;
+                }
                 if server.write_all(&out).await.is_err() || server.flush().await.is_err() {
                     break None;
                 }

@@ -610,3 +610,49 @@ async fn a_client_that_terminates_mid_statement_ends_the_session_without_waiting
         "the notice sent after the Terminate was not delivered: {got:?}"
     );
 }
+
+#[tokio::test]
+async fn a_statement_whose_grant_ends_while_it_is_judged_is_not_sent() {
+    // A read session's statement calling a function waits for the catalog (what the
+    // function does); the grant is revoked meanwhile. Neither the statement nor its refusal
+    // may reach the server after the grant's end.
+    let server = FakeServer::start("x").await;
+    let h = Harness::with_upstream(server.addr, "postgres", PG_KEYS, Some("bot")).await;
+    let grant = h.grant().await;
+    let (mut client, task) = h.connect();
+    client
+        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
+        .await
+        .expect("startup");
+    until_ready(&mut client).await;
+    client
+        .write_all(&query("select slow_lookup_fn()"))
+        .await
+        .expect("query");
+    // The lookup is under way (the fake catalog answers after a second).
+    for _ in 0..100 {
+        if server
+            .seen()
+            .iter()
+            .any(|q| q.contains("pg_catalog.pg_proc"))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    h.revoke(&grant).await;
+    let (how, detail) = outcome(task).await;
+    assert_eq!(how, SessionOutcome::GrantRevoked, "{detail}");
+    // Whatever the session wrote has reached the fake server's log by now.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let sent: Vec<String> = server
+        .seen()
+        .into_iter()
+        .filter(|q| !q.starts_with("startup ") && !q.contains("pg_catalog."))
+        .collect();
+    assert!(
+        sent.is_empty(),
+        "sent to the server after the grant ended: {sent:?}"
+    );
+    let _ = drain(client).await;
+}
