@@ -64,6 +64,17 @@ fn bench_quick_runs_end_to_end() {
         for row in rows {
             let tps: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap_or(0.0);
             assert!(tps > 0.0, "no throughput in {row}");
+            // A pgbench row (seven columns; other tables share the labels): the proxy's CPU
+            // time per transaction, none in the path when direct.
+            if row.split('|').count() == 9 {
+                let cpu = row.split('|').nth(7).unwrap().trim();
+                if variant == "direct" {
+                    assert_eq!(cpu, "-", "{row}");
+                } else {
+                    let cpu: f64 = cpu.parse().unwrap_or(0.0);
+                    assert!(cpu > 0.0, "no CPU time per transaction in {row}");
+                }
+            }
         }
     }
     // Every HTTP cell: four variants (one of them nginx) at three client counts, with
@@ -100,6 +111,7 @@ fn bench_quick_runs_end_to_end() {
         .collect();
     for target in [
         "| full policy >= pgbouncer session mode tps",
+        "| agent CPU per -S transaction with full policy <= pgbouncer's",
         "| full policy >= 0.80 of direct tps",
         "| < 100 µs added p99 latency per statement",
         "| masking >= 200 MB/s on one core",
@@ -116,8 +128,12 @@ fn bench_quick_runs_end_to_end() {
             "{target}: no verdict, or more than one:\n{report}"
         );
     }
-    assert_eq!(verdicts.len(), 10, "{report}");
+    assert_eq!(verdicts.len(), 11, "{report}");
     assert!(!report.contains("n/a"), "a figure is missing:\n{report}");
+    assert!(
+        !report.contains("not measured"),
+        "a target went unmeasured:\n{report}"
+    );
     // The same tables went to the terminal.
     assert!(stdout.contains("Targets"), "{stdout}");
 }
