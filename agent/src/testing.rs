@@ -475,23 +475,12 @@ impl FakePostgres {
                                     // function that only reads.
                                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                                     let mut out = BytesMut::new();
-                                    let mut desc = 2i16.to_be_bytes().to_vec();
-                                    for name in [&b"proname\0"[..], b"bool_or\0"] {
-                                        desc.extend_from_slice(name);
-                                        desc.extend_from_slice(&0i32.to_be_bytes());
-                                        desc.extend_from_slice(&0i16.to_be_bytes());
-                                        desc.extend_from_slice(&25i32.to_be_bytes());
-                                        desc.extend_from_slice(&(-1i16).to_be_bytes());
-                                        desc.extend_from_slice(&(-1i32).to_be_bytes());
-                                        desc.extend_from_slice(&0i16.to_be_bytes());
-                                    }
-                                    frame(&mut out, b'T', &desc);
-                                    let mut data = 2i16.to_be_bytes().to_vec();
-                                    for v in ["slow_lookup_fn", "false"] {
-                                        data.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                                        data.extend_from_slice(v.as_bytes());
-                                    }
-                                    frame(&mut out, b'D', &data);
+                                    frame(&mut out, b'T', &text_columns(&["proname", "bool_or"]));
+                                    frame(
+                                        &mut out,
+                                        b'D',
+                                        &text_values(&["slow_lookup_fn", "false"]),
+                                    );
                                     frame(&mut out, b'C', b"SELECT 1\0");
                                     frame(&mut out, b'Z', b"I");
                                     if s.write_all(&out).await.is_err() {
@@ -553,26 +542,39 @@ fn frame(out: &mut BytesMut, tag: u8, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
-/// RowDescription of one text column computed by the server (table oid 0).
-fn one_text_column() -> Vec<u8> {
-    let mut desc = Vec::new();
-    desc.extend_from_slice(&1i16.to_be_bytes());
-    desc.extend_from_slice(b"v\0");
-    desc.extend_from_slice(&0i32.to_be_bytes());
-    desc.extend_from_slice(&0i16.to_be_bytes());
-    desc.extend_from_slice(&25i32.to_be_bytes());
-    desc.extend_from_slice(&(-1i16).to_be_bytes());
-    desc.extend_from_slice(&(-1i32).to_be_bytes());
-    desc.extend_from_slice(&0i16.to_be_bytes());
+/// RowDescription of text columns computed by the server (table oid 0).
+fn text_columns(names: &[&str]) -> Vec<u8> {
+    let mut desc = (names.len() as i16).to_be_bytes().to_vec();
+    for name in names {
+        desc.extend_from_slice(name.as_bytes());
+        desc.push(0);
+        desc.extend_from_slice(&0i32.to_be_bytes());
+        desc.extend_from_slice(&0i16.to_be_bytes());
+        desc.extend_from_slice(&25i32.to_be_bytes());
+        desc.extend_from_slice(&(-1i16).to_be_bytes());
+        desc.extend_from_slice(&(-1i32).to_be_bytes());
+        desc.extend_from_slice(&0i16.to_be_bytes());
+    }
     desc
 }
 
-fn one_value(row: &str) -> Vec<u8> {
-    let mut data = Vec::new();
-    data.extend_from_slice(&1i16.to_be_bytes());
-    data.extend_from_slice(&(row.len() as i32).to_be_bytes());
-    data.extend_from_slice(row.as_bytes());
+/// DataRow of text values.
+fn text_values(values: &[&str]) -> Vec<u8> {
+    let mut data = (values.len() as i16).to_be_bytes().to_vec();
+    for v in values {
+        data.extend_from_slice(&(v.len() as i32).to_be_bytes());
+        data.extend_from_slice(v.as_bytes());
+    }
     data
+}
+
+/// RowDescription of the one text column `v` every statement returns.
+fn one_text_column() -> Vec<u8> {
+    text_columns(&["v"])
+}
+
+fn one_value(row: &str) -> Vec<u8> {
+    text_values(&[row])
 }
 
 /// The fake server's answer to an extended-protocol message (nothing for the others).

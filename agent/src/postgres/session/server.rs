@@ -185,7 +185,7 @@ impl Pump<'_> {
                         }
                         // The client side ended: deliver what the server still sends (its reply to
                         // Terminate is to close), each frame within 200 ms. The wait on the client
-                        // side's end fires once; from then on the second branch stands for it.
+                        // side's end fires once; from then on `client_gone` stands for it.
                         () = async {
                             if !client_gone {
                                 (&mut stopped).await;

@@ -150,6 +150,18 @@ async fn logged_in(
     Vec<(u8, Bytes)>,
 ) {
     h.grant().await;
+    connected(h, params).await
+}
+
+/// [`logged_in`] under a grant the caller made.
+async fn connected(
+    h: &Harness,
+    params: &[(&str, &str)],
+) -> (
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<crate::protocol::Outcome>,
+    Vec<(u8, Bytes)>,
+) {
     let (mut client, task) = h.connect();
     let mut all = vec![("user", "agent"), ("database", "app")];
     all.extend_from_slice(params);
@@ -167,12 +179,7 @@ async fn a_whole_session_masks_judges_and_ends_with_its_grant() {
     let server = FakeServer::start("jane@example.com 123-45-6789").await;
     let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
     let grant = h.grant().await;
-    let (mut client, task) = h.connect();
-    client
-        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
-        .await
-        .expect("startup");
-    let hello = until_ready(&mut client).await;
+    let (mut client, task, hello) = connected(&h, &[]).await;
     assert_eq!(hello.first().map(|(t, _)| *t), Some(b'R'), "{hello:?}");
     let key = hello
         .iter()
@@ -619,12 +626,7 @@ async fn a_statement_whose_grant_ends_while_it_is_judged_is_not_sent() {
     let server = FakeServer::start("x").await;
     let h = Harness::with_upstream(server.addr, "postgres", PG_KEYS, Some("bot")).await;
     let grant = h.grant().await;
-    let (mut client, task) = h.connect();
-    client
-        .write_all(&startup(&[("user", "agent"), ("database", "app")]))
-        .await
-        .expect("startup");
-    until_ready(&mut client).await;
+    let (mut client, task, _) = connected(&h, &[]).await;
     client
         .write_all(&query("select slow_lookup_fn()"))
         .await
