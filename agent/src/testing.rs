@@ -377,7 +377,8 @@ pub fn field(fields: &[(u8, String)], code: u8) -> &str {
 /// A scripted PostgreSQL server: trust login, then every simple query is logged and answered
 /// with one text row holding `row` (a statement the gate poisoned gets the syntax error a
 /// real server gives; in unit tests, `select pg_sleep(5)` sends a notice at 100 ms and its
-/// answer five seconds later, and a catalog lookup of `slow_lookup_fn` takes a second and finds it
+/// answer five seconds later, `select * from endless_rows` streams rows until the connection
+/// closes (then logs `endless_rows: the connection closed`), and a catalog lookup of `slow_lookup_fn` takes a second and finds it
 /// reads only).
 pub struct FakePostgres {
     pub addr: std::net::SocketAddr,
@@ -487,6 +488,25 @@ impl FakePostgres {
                                         return;
                                     }
                                     continue;
+                                }
+                                if cfg!(test) && text == "select * from endless_rows" {
+                                    // Rows until the connection closes, then a note of it.
+                                    let mut rows = BytesMut::new();
+                                    frame(&mut rows, b'T', &text_columns(&["v"]));
+                                    let row = "r".repeat(1000);
+                                    for _ in 0..64 {
+                                        frame(&mut rows, b'D', &text_values(&[&row]));
+                                    }
+                                    while s.write_all(&rows).await.is_ok() {
+                                        rows.clear();
+                                        for _ in 0..64 {
+                                            frame(&mut rows, b'D', &text_values(&[&row]));
+                                        }
+                                    }
+                                    log.lock()
+                                        .unwrap_or_else(PoisonError::into_inner)
+                                        .push("endless_rows: the connection closed".into());
+                                    return;
                                 }
                                 if cfg!(test) && text == "select pg_sleep(5)" {
                                     // A notice at 100 ms, then nothing until the answer.

@@ -406,6 +406,26 @@ impl SessionEnd {
         Box::pin(async move { end.ended().await })
     }
 
+    /// Resolves `grace` after the session had to end (`drain` more for a shutdown, which
+    /// the protocol may drain first), for a protocol whose pumps end the session in its own
+    /// terms (PostgreSQL's 57P01): a pump blocked writing to a peer that stopped reading
+    /// never sees the end, so the session races its pumps against this and drops them when
+    /// it fires. The grant's end must reach the live connection whatever the workload does.
+    pub async fn overdue(mut self, drain: std::time::Duration, grace: std::time::Duration) -> End {
+        let why = self.ended().await;
+        let why = if why == End::Shutdown {
+            self.draining();
+            tokio::select! {
+                why = self.ended() => why,
+                () = tokio::time::sleep(drain) => End::Shutdown,
+            }
+        } else {
+            why
+        };
+        tokio::time::sleep(grace).await;
+        why
+    }
+
     /// The protocol has begun draining after [`End::Shutdown`] (it ends the session at its
     /// next idle point or deadline): from now on only a grant's or resource's end is news.
     pub fn draining(&mut self) {

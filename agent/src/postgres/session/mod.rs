@@ -57,6 +57,11 @@ use crate::{
     },
 };
 
+/// How long the pumps have, once the session must end, to end it in PostgreSQL's terms
+/// before the connection is cut (see [`SessionEnd::overdue`]). They take milliseconds unless
+/// a peer stopped reading; cancelling the statement in flight takes up to half a second.
+const CUT_GRACE: Duration = Duration::from_secs(1);
+
 mod budget;
 mod client;
 mod pump;
@@ -446,10 +451,46 @@ pub(crate) async fn serve(
     // has news before each message (see `client_to_server`).
     let ended = Armed::new(end.ended_owned());
     let news = ended.news();
-    let (c2s, s2c) = tokio::join!(
-        pump.client_to_server(reader, up.writer, inject_tx, (&end, news)),
-        pump.server_to_client(up.reader, writer, inject_rx, (end.clone(), ended)),
-    );
+    let pumps = async {
+        tokio::join!(
+            pump.client_to_server(reader, up.writer, inject_tx, (&end, news)),
+            pump.server_to_client(up.reader, writer, inject_rx, (end.clone(), ended)),
+        )
+    };
+    // The pumps end the session in PostgreSQL's terms (57P01), but a pump blocked writing to
+    // a peer that stopped reading (a workload that sends and never reads, or leaves a large
+    // result unread) never gets there: past the grace the session is cut, both sockets
+    // dropped with the pumps. Armed: polled only when an end signal or its timer fires.
+    let drain = ctx.config.get().daemon.drain_timeout;
+    let overdue = Armed::new(Box::pin(end.clone().overdue(drain, CUT_GRACE)));
+    let ends = tokio::select! {
+        biased;
+        (c2s, s2c) = pumps => Ok((c2s, s2c)),
+        why = overdue => Err(why),
+    };
+    let (c2s, s2c) = match ends {
+        Ok(ends) => ends,
+        Err(why) => {
+            let (how, detail) = why.outcome();
+            warn!(
+                identity = %who.identity,
+                resource = %resource.name,
+                session = %pump.session,
+                outcome = ?how,
+                "the session did not end within {CUT_GRACE:?} of {detail}: the client is not reading; connection cut"
+            );
+            // Dropping the upstream socket stops a running statement only when the server
+            // next writes: cancel it.
+            pump.cancel_in_flight().await;
+            (
+                None,
+                Some((
+                    how,
+                    format!("{detail}; the client was not reading, so the connection was cut"),
+                )),
+            )
+        }
+    };
     pump.flush_records();
     // The server side knows best why the session ended (grant, shutdown); else the client's.
     match (s2c, c2s) {

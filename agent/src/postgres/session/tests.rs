@@ -658,3 +658,59 @@ async fn a_statement_whose_grant_ends_while_it_is_judged_is_not_sent() {
     );
     let _ = drain(client).await;
 }
+
+/// A workload that leaves a large result unread and floods statements without reading (its
+/// socket full both ways, both of the gate's pumps blocked writing) still loses the session
+/// when its grant ends, and the upstream connection goes with it.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_when_its_grant_ends() {
+    let server = FakeServer::start("x").await;
+    let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
+    let grant = h.grant().await;
+    let (client, task, _) = connected(&h, &[]).await;
+    let (_unread, mut client) = tokio::io::split(client);
+    client
+        .write_all(&query("select * from endless_rows"))
+        .await
+        .expect("query");
+    // Statements until the pipes are full (the socket buffers to the server included); the
+    // writer stays blocked on them. Long ones: a few records fill megabytes.
+    let flood = tokio::spawn(async move {
+        let one = query(&format!("select 1 -- {}", "x".repeat(256 << 10)));
+        while client.write_all(&one).await.is_ok() {}
+    });
+    let saw = |what: &str| server.seen().iter().any(|l| l == what);
+    for _ in 0..100 {
+        if saw("select * from endless_rows") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        saw("select * from endless_rows"),
+        "the server never saw the statement"
+    );
+    // Long enough for every buffer on the way to fill.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !task.is_finished(),
+        "the session is open while the grant stands"
+    );
+    assert!(!saw("endless_rows: the connection closed"));
+
+    h.revoke(&grant).await;
+    let (how, detail) = outcome(task).await;
+    assert_eq!(how, SessionOutcome::GrantRevoked, "{detail}");
+    assert!(detail.contains("not reading"), "{detail}");
+    for _ in 0..100 {
+        if saw("endless_rows: the connection closed") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        saw("endless_rows: the connection closed"),
+        "the upstream connection outlived the session"
+    );
+    flood.abort();
+}
