@@ -1249,6 +1249,65 @@ fn expiry_cancels_the_statement_in_flight() {
     assert!(gate.log().contains("cancelled"), "{}", gate.log());
 }
 
+/// A workload that sends a statement and never reads its result (a real driver, libpq in
+/// psycopg2's async mode, never polled): the socket buffers fill, the gate's write to it
+/// blocks, and the server's backend waits on its own write. The grant's end still ends it:
+/// the session is cut, the backend goes, and the record says why.
+#[test]
+fn a_workload_that_stops_reading_loses_the_session_when_its_grant_ends() {
+    jitgate_e2e::root_or_skip!();
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-unread", "", &body(&pg, ""));
+    let script = r#"
+import select, sys, time
+import psycopg2, psycopg2.extensions as ext
+conn = psycopg2.connect(sys.argv[1], async_=1)
+while True:
+    state = conn.poll()
+    if state == ext.POLL_OK:
+        break
+    if state == ext.POLL_READ:
+        select.select([conn.fileno()], [], [])
+    else:
+        select.select([], [conn.fileno()], [])
+conn.cursor().execute("SELECT repeat('u', 1000) AS unread FROM generate_series(1, 50000000)")
+print("sent", flush=True)
+time.sleep(120)
+"#;
+    let u = url(&pg, "orders");
+    let mut workload = gate.spawn(
+        "bot",
+        &["--grant", "orders-db:read:4s"],
+        &["/usr/bin/python3", "-c", script, &u],
+    );
+    workload.expect_line("sent", Duration::from_secs(20));
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT repeat(''u''%'";
+    // The statement runs (its backend soon blocked writing) while the grant stands...
+    gate.wait_for("the statement to run", Duration::from_secs(10), || {
+        (pg.admin("orders", running) == "1\n").then_some(())
+    });
+    // ...and its backend is gone once the grant ends, the workload still not reading.
+    gate.wait_for(
+        "the unread statement's backend to end",
+        Duration::from_secs(20),
+        || (pg.admin("orders", running) == "0\n").then_some(()),
+    );
+    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+    let cut = sessions
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["outcome"] == "grant_expired")
+        .unwrap_or_else(|| panic!("no session ended by the grant's expiry: {sessions:#}"));
+    assert!(
+        cut["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("not reading")),
+        "{cut:#}"
+    );
+    drop(workload);
+}
+
 #[test]
 fn an_idle_sessions_statements_are_recorded_while_it_stays_open() {
     jitgate_e2e::root_or_skip!();
