@@ -375,10 +375,10 @@ pub fn field(fields: &[(u8, String)], code: u8) -> &str {
 }
 
 /// A scripted PostgreSQL server: trust login, then every simple query is logged and answered
-/// with one text row holding `row` (a statement the gate poisoned gets the syntax error a
+/// with one text row holding `row`, and a CancelRequest logged as `cancel request` (a statement the gate poisoned gets the syntax error a
 /// real server gives; in unit tests, `select pg_sleep(5)` sends a notice at 100 ms and its
 /// answer five seconds later, `select * from endless_rows` streams rows until the connection
-/// closes (then logs `endless_rows: the connection closed`), and a catalog lookup of `slow_lookup_fn` takes a second and finds it
+/// closes (then logs `endless_rows: the connection closed`), and a catalog lookup of `slow_lookup_fn` takes half a second and finds it
 /// reads only).
 pub struct FakePostgres {
     pub addr: std::net::SocketAddr,
@@ -402,6 +402,12 @@ impl FakePostgres {
                     let Ok(len) = s.read_i32().await else { return };
                     let mut rest = vec![0u8; len as usize - 4];
                     if s.read_exact(&mut rest).await.is_err() {
+                        return;
+                    }
+                    if rest.get(..4) == Some(&80_877_102i32.to_be_bytes()[..]) {
+                        log.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push("cancel request".into());
                         return;
                     }
                     // Parameters after the protocol code, logged as `startup name=value`.
@@ -472,9 +478,9 @@ impl FakePostgres {
                                     && text.contains("FROM pg_catalog.pg_proc p JOIN")
                                     && text.contains("'slow_lookup_fn'")
                                 {
-                                    // A function lookup that takes a second, and finds a
-                                    // function that only reads.
-                                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                                    // A function lookup that takes half a second, and
+                                    // finds a function that only reads.
+                                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                                     let mut out = BytesMut::new();
                                     frame(&mut out, b'T', &text_columns(&["proname", "bool_or"]));
                                     frame(

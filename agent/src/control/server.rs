@@ -72,6 +72,9 @@ const MAX_PER_UID: usize = 64;
 /// after another and closes; a call that waits, such as an approval, is not idle).
 const IDLE: Duration = Duration::from_secs(120);
 
+/// How long a reply may take to be read: the CLI reads at once.
+const REPLY_WRITE: Duration = Duration::from_secs(30);
+
 /// Refused connections answered at once (each waits up to a second for its call); past
 /// this a refused connection is closed without an answer.
 const MAX_REFUSING: usize = 64;
@@ -245,7 +248,16 @@ async fn connection(
             };
             let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
             out.push(b'\n');
-            if write.write_all(&out).await.is_err() || too_large {
+            // A caller that stops reading its reply (a large one fills the socket) does not
+            // keep its admission slot, nor the agent's shutdown waiting, for longer.
+            let written = tokio::select! {
+                r = tokio::time::timeout(REPLY_WRITE, write.write_all(&out)) => matches!(r, Ok(Ok(()))),
+                () = shutdown.cancelled() => false,
+            };
+            if !written || too_large {
+                if !written {
+                    debug!("control caller did not read its reply; connection closed");
+                }
                 break;
             }
         }

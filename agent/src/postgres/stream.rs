@@ -11,7 +11,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::protocol::Conn;
+use crate::protocol::{Conn, conn::Cutter};
 
 #[derive(Debug)]
 pub enum Stream {
@@ -26,6 +26,15 @@ pub enum Stream {
 impl Stream {
     pub fn is_tls(&self) -> bool {
         !matches!(self, Self::Plain(_))
+    }
+
+    /// Resets the connection under the stream when the gate cuts it (see [`Conn::cutter`]).
+    pub fn cutter(&self) -> Cutter {
+        match self {
+            Self::Plain(c) => c.cutter(),
+            Self::TlsClient(s) => Cutter::of(s.get_ref().0),
+            Self::TlsServer(s) => s.get_ref().0.cutter(),
+        }
     }
 }
 

@@ -90,6 +90,8 @@ impl Target<'_> {
 pub struct Upstream {
     pub reader: FrameReader<ReadHalf<Stream>>,
     pub writer: WriteHalf<Stream>,
+    /// Resets the connection when the session is cut (valid while `reader` and `writer` live).
+    pub cutter: crate::protocol::conn::Cutter,
     /// ParameterStatus values the server sent at login.
     pub parameters: Vec<(String, String)>,
     /// The server's cancel key (process id, secret).
@@ -212,6 +214,7 @@ async fn login(
     params: &[(String, String)],
     may_see_password: bool,
 ) -> Result<Upstream, UpstreamError> {
+    let cutter = stream.cutter();
     let (read, mut writer) = tokio::io::split(stream);
     let mut reader = FrameReader::new(read, server_cap);
     let mut buf = BytesMut::new();
@@ -347,6 +350,7 @@ async fn login(
                 return Ok(Upstream {
                     reader,
                     writer,
+                    cutter,
                     parameters,
                     key,
                     status,

@@ -49,13 +49,18 @@ impl Conn {
     /// finished on its own (the descriptor may then name another socket).
     pub fn cutter(&self) -> Cutter {
         match self {
-            Self::Tcp(s) => Cutter(Some(std::os::fd::AsRawFd::as_raw_fd(s))),
+            Self::Tcp(s) => Cutter::of(s),
             Self::Memory(_) => Cutter(None),
         }
     }
 }
 
 impl Cutter {
+    /// A cutter for `s`, under the same rule as [`Conn::cutter`].
+    pub fn of(s: &TcpStream) -> Self {
+        Self(Some(std::os::fd::AsRawFd::as_raw_fd(s)))
+    }
+
     /// As [`Conn::arm_reset`].
     pub fn arm_reset(self) -> io::Result<()> {
         let Some(fd) = self.0 else { return Ok(()) };

@@ -406,15 +406,22 @@ impl SessionEnd {
         Box::pin(async move { end.ended().await })
     }
 
-    /// Resolves `grace` after the session had to end (`drain` more for a shutdown, which
-    /// the protocol may drain first), for a protocol whose pumps end the session in its own
-    /// terms (PostgreSQL's 57P01): a pump blocked writing to a peer that stopped reading
-    /// never sees the end, so the session races its pumps against this and drops them when
-    /// it fires. The grant's end must reach the live connection whatever the workload does.
-    pub async fn overdue(mut self, drain: std::time::Duration, grace: std::time::Duration) -> End {
+    /// Resolves `grace` after the session had to end (after the drain timeout more for a
+    /// shutdown, which the protocol may drain first: `drain` reads it when the shutdown
+    /// begins, as the pump and the daemon do, so a reload in between is seen alike), for a
+    /// protocol whose pumps end the session in its own terms (PostgreSQL's 57P01): a pump
+    /// blocked writing to a peer that stopped reading never sees the end, so the session
+    /// races its pumps against this and cuts them when it fires. The grant's end must reach
+    /// the live connection whatever the workload does.
+    pub async fn overdue(
+        mut self,
+        drain: impl FnOnce() -> std::time::Duration,
+        grace: std::time::Duration,
+    ) -> End {
         let why = self.ended().await;
         let why = if why == End::Shutdown {
             self.draining();
+            let drain = drain();
             tokio::select! {
                 why = self.ended() => why,
                 () = tokio::time::sleep(drain) => End::Shutdown,

@@ -132,6 +132,8 @@ pub(crate) async fn serve(
         session.upstream,
     );
     client.set_nodelay();
+    // Valid while the session's stream over `client` lives (see `Conn::cutter`).
+    let client_cutter = client.cutter();
     let deadline = startup::Deadline {
         at: session.startup_deadline,
         timeout: ctx.config.get().daemon.limits.startup_timeout,
@@ -451,42 +453,74 @@ pub(crate) async fn serve(
     // has news before each message (see `client_to_server`).
     let ended = Armed::new(end.ended_owned());
     let news = ended.news();
+    // The server side's outcome once it has one: it says best why the session ended, even
+    // when the client side is what kept the session from closing.
+    let server_said = std::sync::OnceLock::<Outcome>::new();
+    let up_cutter = up.cutter;
     let pumps = async {
         tokio::join!(
             pump.client_to_server(reader, up.writer, inject_tx, (&end, news)),
-            pump.server_to_client(up.reader, writer, inject_rx, (end.clone(), ended)),
+            async {
+                let said = pump
+                    .server_to_client(up.reader, writer, inject_rx, (end.clone(), ended))
+                    .await;
+                if let Some(o) = &said {
+                    let _ = server_said.set(o.clone());
+                }
+                said
+            },
         )
     };
     // The pumps end the session in PostgreSQL's terms (57P01), but a pump blocked writing to
-    // a peer that stopped reading (a workload that sends and never reads, or leaves a large
-    // result unread) never gets there: past the grace the session is cut, both sockets
-    // dropped with the pumps. Armed: polled only when an end signal or its timer fires.
-    let drain = ctx.config.get().daemon.drain_timeout;
-    let overdue = Armed::new(Box::pin(end.clone().overdue(drain, CUT_GRACE)));
-    let ends = tokio::select! {
-        biased;
-        (c2s, s2c) = pumps => Ok((c2s, s2c)),
-        why = overdue => Err(why),
+    // a peer that stopped reading (a workload that leaves a large result unread, a server
+    // busy with a statement while the workload floods it) or still judging a statement never
+    // gets there: past the grace the session is cut. Armed: polled only when an end signal
+    // or its timer fires.
+    let overdue = Armed::new(
+        end.clone()
+            .overdue(|| ctx.config.get().daemon.drain_timeout, CUT_GRACE),
+    );
+    let ends = {
+        let mut pumps = std::pin::pin!(pumps);
+        let ends = tokio::select! {
+            biased;
+            (c2s, s2c) = &mut pumps => Ok((c2s, s2c)),
+            why = overdue => Err(why),
+        };
+        if ends.is_err() {
+            // Reset, not close, both connections while the pumps still own them: nothing
+            // queued in the kernel is delivered after the cut (masked rows to the workload,
+            // statements judged before the end to the server).
+            for (side, cutter) in [("client", client_cutter), ("server", up_cutter)] {
+                if let Err(e) = cutter.arm_reset() {
+                    warn!(error = %e, side, "could not arm reset on close");
+                }
+            }
+        }
+        ends
     };
     let (c2s, s2c) = match ends {
         Ok(ends) => ends,
         Err(why) => {
-            let (how, detail) = why.outcome();
+            let (how, detail) = server_said.into_inner().unwrap_or_else(|| why.outcome());
             warn!(
                 identity = %who.identity,
                 resource = %resource.name,
                 session = %pump.session,
                 outcome = ?how,
-                "the session did not end within {CUT_GRACE:?} of {detail}: the client is not reading; connection cut"
+                "the session did not close within {CUT_GRACE:?} of its end ({detail}): connection cut"
             );
-            // Dropping the upstream socket stops a running statement only when the server
-            // next writes: cancel it.
+            // The server notices a reset connection only when it next reads or writes:
+            // cancel the statement in flight.
             pump.cancel_in_flight().await;
             (
                 None,
                 Some((
                     how,
-                    format!("{detail}; the client was not reading, so the connection was cut"),
+                    format!(
+                        "{detail}; the session did not close within {}s (a peer not reading, or a statement still being judged), so the connection was cut",
+                        CUT_GRACE.as_secs()
+                    ),
                 )),
             )
         }

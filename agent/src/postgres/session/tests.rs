@@ -84,7 +84,7 @@ fn message(out: &mut BytesMut, tag: u8, body: &[u8]) {
 }
 
 /// Reads backend messages up to and including the next ReadyForQuery (or the end).
-async fn until_ready(client: &mut tokio::io::DuplexStream) -> Vec<(u8, Bytes)> {
+async fn until_ready(client: &mut (impl tokio::io::AsyncRead + Unpin)) -> Vec<(u8, Bytes)> {
     use tokio::io::AsyncReadExt as _;
     let mut got = Vec::new();
     loop {
@@ -631,7 +631,7 @@ async fn a_statement_whose_grant_ends_while_it_is_judged_is_not_sent() {
         .write_all(&query("select slow_lookup_fn()"))
         .await
         .expect("query");
-    // The lookup is under way (the fake catalog answers after a second).
+    // The lookup is under way (the fake catalog answers after half a second).
     for _ in 0..100 {
         if server
             .seen()
@@ -645,6 +645,8 @@ async fn a_statement_whose_grant_ends_while_it_is_judged_is_not_sent() {
     h.revoke(&grant).await;
     let (how, detail) = outcome(task).await;
     assert_eq!(how, SessionOutcome::GrantRevoked, "{detail}");
+    // Ended by the client side's check after the lookup, not by the cut a second later.
+    assert!(!detail.contains("cut"), "{detail}");
     // Whatever the session wrote has reached the fake server's log by now.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let sent: Vec<String> = server
@@ -701,7 +703,7 @@ async fn a_client_that_stops_reading_is_cut_when_its_grant_ends() {
     h.revoke(&grant).await;
     let (how, detail) = outcome(task).await;
     assert_eq!(how, SessionOutcome::GrantRevoked, "{detail}");
-    assert!(detail.contains("not reading"), "{detail}");
+    assert!(detail.contains("connection was cut"), "{detail}");
     for _ in 0..100 {
         if saw("endless_rows: the connection closed") {
             break;
@@ -712,5 +714,49 @@ async fn a_client_that_stops_reading_is_cut_when_its_grant_ends() {
         saw("endless_rows: the connection closed"),
         "the upstream connection outlived the session"
     );
+    assert!(saw("cancel request"), "the statement was not cancelled");
+    flood.abort();
+}
+
+/// The server side is free but the client side is stuck: the server runs a long statement
+/// and reads nothing while the workload floods it. The workload gets 57P01, the session is
+/// cut when the client side does not follow, and the record keeps the server side's why.
+#[tokio::test]
+async fn a_client_side_stuck_writing_to_a_busy_server_is_cut() {
+    let server = FakeServer::start("x").await;
+    let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
+    let grant = h.grant().await;
+    let (client, task, _) = connected(&h, &[]).await;
+    let (mut unread, mut client) = tokio::io::split(client);
+    client
+        .write_all(&query("select pg_sleep(5)"))
+        .await
+        .expect("query");
+    let flood = tokio::spawn(async move {
+        let one = query(&format!("select 1 -- {}", "x".repeat(256 << 10)));
+        while client.write_all(&one).await.is_ok() {}
+    });
+    let saw = |what: &str| server.seen().iter().any(|l| l == what);
+    for _ in 0..100 {
+        if saw("select pg_sleep(5)") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        saw("select pg_sleep(5)"),
+        "the server never saw the statement"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    h.revoke(&grant).await;
+    let last = until_ready(&mut unread).await;
+    assert_eq!(error_code(&last).as_deref(), Some("57P01"), "{last:?}");
+    let (how, detail) = outcome(task).await;
+    assert_eq!(how, SessionOutcome::GrantRevoked, "{detail}");
+    assert!(
+        detail.contains(" was revoked"),
+        "the server side's why: {detail}"
+    );
+    assert!(detail.contains("connection was cut"), "{detail}");
     flood.abort();
 }
