@@ -375,7 +375,9 @@ pub fn field(fields: &[(u8, String)], code: u8) -> &str {
 }
 
 /// A scripted PostgreSQL server: trust login, then every simple query is logged and answered
-/// with one text row holding `row`, and a CancelRequest logged as `cancel request` (a statement the gate poisoned gets the syntax error a
+/// with one text row holding `row`, a Parse of a text naming `fail_parse` or a poison fails
+/// with a syntax error (the rest up to Sync skipped), and a CancelRequest logged as
+/// `cancel request` (a statement the gate poisoned gets the syntax error a
 /// real server gives; in unit tests, `select pg_sleep(5)` sends a notice at 100 ms and its
 /// answer five seconds later, `select * from endless_rows` streams rows until the connection
 /// closes (then logs `endless_rows: the connection closed`), and a catalog lookup of `slow_lookup_fn` takes half a second and finds it
@@ -452,12 +454,41 @@ impl FakePostgres {
                     if s.write_all(&out).await.is_err() {
                         return;
                     }
+                    // After an extended-protocol error, messages up to Sync are skipped.
+                    let mut skipping = false;
                     loop {
                         let Ok(tag) = s.read_u8().await else { return };
                         let Ok(len) = s.read_i32().await else { return };
                         let mut body = vec![0u8; len as usize - 4];
                         if s.read_exact(&mut body).await.is_err() {
                             return;
+                        }
+                        if skipping && tag != b'S' {
+                            continue;
+                        }
+                        skipping = false;
+                        if tag == b'P'
+                            && (memchr::memmem::find(&body, b"fail_parse").is_some()
+                                || memchr::memmem::find(&body, b"jitgate_refused_").is_some())
+                        {
+                            // As the server words it: a poison's nonce is in the message.
+                            let text = body
+                                .split(|b| *b == 0)
+                                .nth(1)
+                                .map(String::from_utf8_lossy)
+                                .unwrap_or_default();
+                            let said = format!("Msyntax error at or near \"{text}\"\0");
+                            let mut out = BytesMut::new();
+                            frame(
+                                &mut out,
+                                b'E',
+                                &[&b"SERROR\0C42601\0"[..], said.as_bytes(), b"\0"].concat(),
+                            );
+                            skipping = true;
+                            if s.write_all(&out).await.is_err() {
+                                return;
+                            }
+                            continue;
                         }
                         let out = match tag {
                             b'X' => return,

@@ -971,6 +971,10 @@ impl Pump<'_> {
                     let mut rec = None;
                     // Closes the server skipped: it still holds those statements.
                     let mut skipped_closes = Vec::new();
+                    // Names whose Parse in this batch failed or was skipped, with its place
+                    // among name changes: a skipped Close sent after it held that Parse's
+                    // statement, which the server never made (no phantom).
+                    let mut unmade: Vec<(String, u64)> = Vec::new();
                     // Only the message that failed can have failed with 42P05.
                     let mut first = true;
                     match st.expect.front() {
@@ -1006,6 +1010,8 @@ impl Pump<'_> {
                                         // that the gate does not know.
                                         if was_first && raw_code && !answers_poison {
                                             st.phantoms.insert(name);
+                                        } else if let Some(made) = &made {
+                                            unmade.push((name, state::stmt_seq(made)));
                                         }
                                     }
                                     Some(Expect::Close(Some(close))) => skipped_closes.push(close),
@@ -1014,8 +1020,10 @@ impl Pump<'_> {
                             }
                         }
                     }
-                    for close in skipped_closes {
-                        st.closed(close, false);
+                    for (name, held, seq) in skipped_closes {
+                        let made_here =
+                            unmade.iter().any(|(n, parsed)| *n == name && *parsed < seq);
+                        st.closed((name, held && !made_here, seq), false);
                     }
                     st.copy = None;
                     rec

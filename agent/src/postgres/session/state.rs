@@ -608,7 +608,7 @@ fn stmt_bytes(stmt: &Stmt) -> usize {
     stmt.lock().unwrap_or_else(PoisonError::into_inner).bytes
 }
 
-fn stmt_seq(stmt: &Stmt) -> u64 {
+pub(super) fn stmt_seq(stmt: &Stmt) -> u64 {
     stmt.lock().unwrap_or_else(PoisonError::into_inner).seq
 }
 

@@ -760,3 +760,71 @@ async fn a_client_side_stuck_writing_to_a_busy_server_is_cut() {
     assert!(detail.contains("connection was cut"), "{detail}");
     flood.abort();
 }
+
+/// Parse of `name` for `text`, Close of it, as a driver sends them.
+fn parse(out: &mut BytesMut, name: &str, text: &str) {
+    let body = [
+        name.as_bytes(),
+        b"\0",
+        text.as_bytes(),
+        b"\0",
+        &0i16.to_be_bytes(),
+    ]
+    .concat();
+    message(out, b'P', &body);
+}
+
+fn close_statement(out: &mut BytesMut, name: &str) {
+    message(out, b'C', &[b"S", name.as_bytes(), b"\0"].concat());
+}
+
+/// Bind of statement `name` to the unnamed portal (no parameters, text results), Execute
+/// of it, Sync.
+fn bind_execute_sync(out: &mut BytesMut, name: &str) {
+    let bind = [b"\0", name.as_bytes(), b"\0", &[0, 0, 0, 0, 0, 0][..]].concat();
+    message(out, b'B', &bind);
+    message(out, b'E', &[0, 0, 0, 0, 0]);
+    message(out, b'S', b"");
+}
+
+/// A Close the server skipped after the Parse of the same name failed in that batch: the
+/// server holds nothing under the name, so the name is free again, here as there.
+#[tokio::test]
+async fn a_name_whose_parse_failed_is_free_again_after_its_skipped_close() {
+    let server = FakeServer::start("x").await;
+    let h = Harness::with_upstream(server.addr, "postgres", PG_KEYS, Some("bot")).await;
+    let (mut client, task, _) = logged_in(&h, &[]).await;
+    let mut batch = BytesMut::new();
+    parse(&mut batch, "s1", "select fail_parse");
+    close_statement(&mut batch, "s1");
+    message(&mut batch, b'S', b"");
+    client.write_all(&batch).await.expect("batch");
+    let reply = until_ready(&mut client).await;
+    assert_eq!(error_code(&reply).as_deref(), Some("42601"), "{reply:?}");
+
+    let mut again = BytesMut::new();
+    parse(&mut again, "s1", "select 1");
+    bind_execute_sync(&mut again, "s1");
+    client.write_all(&again).await.expect("batch");
+    let reply = until_ready(&mut client).await;
+    assert_eq!(error_code(&reply), None, "{reply:?}");
+    assert_eq!(values(&reply), ["x"], "{reply:?}");
+
+    // The converse: a Close skipped after another statement's Parse failed leaves s1 on
+    // the server, so the gate keeps the name taken (a Parse of it fails, as there).
+    let mut batch = BytesMut::new();
+    parse(&mut batch, "s2", "select fail_parse");
+    close_statement(&mut batch, "s1");
+    message(&mut batch, b'S', b"");
+    client.write_all(&batch).await.expect("batch");
+    let reply = until_ready(&mut client).await;
+    assert_eq!(error_code(&reply).as_deref(), Some("42601"), "{reply:?}");
+    let mut again = BytesMut::new();
+    parse(&mut again, "s1", "select 2");
+    message(&mut again, b'S', b"");
+    client.write_all(&again).await.expect("batch");
+    let reply = until_ready(&mut client).await;
+    assert_eq!(error_code(&reply).as_deref(), Some("42P05"), "{reply:?}");
+    drop(client);
+    let _ = outcome(task).await;
+}
