@@ -9,6 +9,7 @@
 //! migrations, `queries.rs` the rows, `audit.rs` the audit log's rows.
 
 mod audit;
+mod chunks;
 mod queries;
 mod schema;
 mod tokens;

@@ -1,7 +1,7 @@
 //! Rows in and out of the state store. Plain functions over a connection, so that one store
 //! method composes several in one transaction.
 
-use std::{borrow::Cow, str::FromStr as _, time::Duration};
+use std::{str::FromStr as _, time::Duration};
 
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
@@ -479,45 +479,28 @@ pub fn close_orphan_sessions(db: &Connection) -> Result<usize> {
 // Statements
 
 pub fn insert_statements(db: &Connection, records: &[crate::model::StatementRecord]) -> Result<()> {
-    // Every statement of every session lands here: keep the compiled INSERT, and look it up
-    // once per batch.
-    let mut insert = db.prepare_cached(
-        "INSERT OR REPLACE INTO statements (session_id, seq, at, text, params, decision, rule, approved_by, held_ms, duration_ms, rows, tag, error, masked)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-    )?;
-    for s in records {
-        let params_json = if s.params.is_empty() {
-            Cow::Borrowed("[]")
-        } else {
-            Cow::Owned(serde_json::to_string(&s.params)?)
-        };
-        insert.execute(params![
-            s.session,
-            s.seq,
-            s.at.millis(),
-            s.text,
-            params_json,
-            s.decision.as_str(),
-            s.rule,
-            s.approved_by,
-            s.held_ms as i64,
-            s.duration_ms,
-            s.rows.map(|r| r as i64),
-            s.tag,
-            s.error,
-            s.masked as i64,
-        ])?;
+    // Every statement of every session lands here: a session's batch goes in as one row
+    // (see `chunks`), the compiled INSERT looked up once per batch.
+    let mut insert =
+        db.prepare_cached("INSERT INTO statement_chunks (session_id, records) VALUES (?1, ?2)")?;
+    // Batches are one session's; a mixed one is stored a run of a session at a time.
+    for run in records.chunk_by(|a, b| a.session == b.session) {
+        let blob = super::chunks::encode(run)?;
+        insert.execute(params![run[0].session, blob])?;
     }
     Ok(())
 }
 
+/// A session's statements in order: rows from before `statement_chunks`, then batches in
+/// the order stored; a statement recorded again replaces what was recorded before.
 pub fn session_statements(
     db: &Connection,
     session: &str,
 ) -> Result<Vec<crate::model::StatementRecord>> {
+    let mut by_seq = std::collections::BTreeMap::new();
     let mut stmt = db.prepare(
         "SELECT session_id, seq, at, text, params, decision, rule, approved_by, held_ms, duration_ms, rows, tag, error, masked
-         FROM statements WHERE session_id = ?1 ORDER BY seq",
+         FROM statements WHERE session_id = ?1",
     )?;
     let rows = stmt.query_map([session], |r| {
         let params: String = r.get(4)?;
@@ -538,13 +521,35 @@ pub fn session_statements(
             masked: r.get::<_, i64>(13)?.max(0) as u64,
         })
     })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+    for row in rows {
+        let row = row?;
+        by_seq.insert(row.seq, row);
+    }
+    let mut chunks = db.prepare_cached(
+        "SELECT records FROM statement_chunks WHERE session_id = ?1 ORDER BY rowid",
+    )?;
+    let mut blobs = chunks.query([session])?;
+    while let Some(row) = blobs.next()? {
+        let blob = row.get_ref(0)?.as_blob().map_err(|e| {
+            crate::store::StoreError::Invalid(format!(
+                "state store: a batch of statement records: {e}"
+            ))
+        })?;
+        for record in super::chunks::decode(session, blob)? {
+            by_seq.insert(record.seq, record);
+        }
+    }
+    Ok(by_seq.into_values().collect())
 }
 
 /// Deletes sessions (and their statements) that ended before `cutoff`. The audit log is kept.
 pub fn prune_sessions(db: &Connection, cutoff: Timestamp) -> Result<usize> {
     db.execute(
         "DELETE FROM statements WHERE session_id IN (SELECT id FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?1)",
+        [cutoff.millis()],
+    )?;
+    db.execute(
+        "DELETE FROM statement_chunks WHERE session_id IN (SELECT id FROM sessions WHERE ended_at IS NOT NULL AND ended_at < ?1)",
         [cutoff.millis()],
     )?;
     Ok(db.execute(
@@ -573,5 +578,79 @@ mod tests {
             plan.iter().any(|step| step.contains("requests_pending")),
             "{plan:?}"
         );
+    }
+
+    fn statement(session: &str, seq: u32, text: &str) -> crate::model::StatementRecord {
+        crate::model::StatementRecord {
+            session: session.into(),
+            seq,
+            at: Timestamp(1_000 + i64::from(seq)),
+            text: text.into(),
+            params: vec![Some("p".into()), None],
+            decision: crate::model::Decision::Allowed,
+            rule: Some("read".into()),
+            approved_by: None,
+            held_ms: 0,
+            duration_ms: Some(0.5),
+            rows: Some(1),
+            tag: Some("SELECT 1".into()),
+            error: None,
+            masked: 0,
+        }
+    }
+
+    /// Statements recorded before the batches' table (rows of `statements`, as an upgraded
+    /// store holds them) read with those recorded since, in order, a statement recorded
+    /// again replaced; batches of several sessions kept apart; pruning takes both.
+    #[test]
+    fn statements_of_both_layouts_read_together_and_prune_together() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        conn.execute(
+            "INSERT INTO statements (session_id, seq, at, text, params, decision, held_ms, masked)
+             VALUES ('s-1', 1, 1001, 'before upgrade 1', '[\"p\"]', 'allowed', 0, 0),
+                    ('s-1', 3, 1003, 'before upgrade 3', '[]', 'denied', 0, 0)",
+            [],
+        )
+        .unwrap();
+        insert_statements(
+            &conn,
+            &[
+                statement("s-1", 2, "after 2"),
+                statement("s-1", 3, "after 3"),
+                statement("s-2", 1, "other session"),
+                statement("s-1", 4, "after 4"),
+            ],
+        )
+        .unwrap();
+        insert_statements(&conn, &[statement("s-1", 4, "after 4, again")]).unwrap();
+        let got = session_statements(&conn, "s-1").unwrap();
+        let texts: Vec<_> = got.iter().map(|s| (s.seq, s.text.as_str())).collect();
+        assert_eq!(
+            texts,
+            [
+                (1, "before upgrade 1"),
+                (2, "after 2"),
+                (3, "after 3"),
+                (4, "after 4, again")
+            ]
+        );
+        assert!(got.iter().all(|s| s.session == "s-1"));
+        assert_eq!(got[0].params, [Some("p".to_owned())]);
+        let other = session_statements(&conn, "s-2").unwrap();
+        assert_eq!(other.len(), 1);
+        assert_eq!(other[0].text, "other session");
+
+        for (id, ended) in [("s-1", Some(10)), ("s-2", None::<i64>)] {
+            conn.execute(
+                "INSERT INTO sessions (id, identity, pid, uid, command, resource, destination, started_at, ended_at, outcome)
+                 VALUES (?1, 'bot', 1, 0, 'psql', 'db', '127.0.0.1:5432', 1, ?2, 'closed')",
+                params![id, ended],
+            )
+            .unwrap();
+        }
+        prune_sessions(&conn, Timestamp(100)).unwrap();
+        assert!(session_statements(&conn, "s-1").unwrap().is_empty());
+        assert_eq!(session_statements(&conn, "s-2").unwrap().len(), 1);
     }
 }

@@ -151,6 +151,15 @@ const MIGRATIONS: &[&str] = &[
     r#"
     CREATE TABLE store_probe (pad BLOB NOT NULL);
     "#,
+    // 9: statement records a session's batch to a row (chunks.rs): the bytes SQLite writes
+    // per record are most of its cost. Rows already in `statements` are read with these.
+    r#"
+    CREATE TABLE statement_chunks (
+        session_id  TEXT NOT NULL,
+        records     BLOB NOT NULL
+    );
+    CREATE INDEX statement_chunks_session ON statement_chunks (session_id);
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
