@@ -517,7 +517,7 @@ impl Decision {
 }
 
 /// One statement of a PostgreSQL session, as recorded (secrets and masked values masked).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatementRecord {
     pub session: String,
     pub seq: u32,

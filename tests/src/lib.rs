@@ -587,6 +587,25 @@ proxy_listen = "127.0.0.1:{proxy_port}"
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Every statement or request recorded, of every session, as `jitgate sessions show
+    /// --json` gives them (the store keeps them in batches no SQL query reads), in the
+    /// order they were recorded.
+    pub fn recorded_statements(&self) -> Vec<serde_json::Value> {
+        let sessions = self.cli(&["sessions", "--all", "--json"]).json();
+        let mut all: Vec<serde_json::Value> = sessions
+            .as_array()
+            .expect("a list of sessions")
+            .iter()
+            .filter_map(|s| s["id"].as_str())
+            .flat_map(|id| {
+                let detail = self.cli(&["sessions", "show", id, "--json"]).json();
+                detail["statements"].as_array().cloned().unwrap_or_default()
+            })
+            .collect();
+        all.sort_by_key(|s| (s["at"].to_string(), s["seq"].as_u64()));
+        all
+    }
+
     pub fn cgroup_root(&self) -> PathBuf {
         jitgate::gate::cgroup::cgroup2_mount()
             .expect("cgroup2 mount")

@@ -278,9 +278,20 @@ fn https_requests_are_judged_injected_and_scrubbed() {
 
     // Every request is recorded with its decision and status.
     let rows = gate.wait_for("the last request's record", Duration::from_secs(10), || {
-        let rows = gate.sqlite(
-            "SELECT text || '|' || decision || '|' || coalesce(rule, '') || '|' || coalesce(tag, '') FROM statements ORDER BY at, seq",
-        );
+        let rows: String = gate
+            .recorded_statements()
+            .iter()
+            .map(|s| {
+                let field = |k: &str| s[k].as_str().unwrap_or_default().to_owned();
+                format!(
+                    "{}|{}|{}|{}\n",
+                    field("text"),
+                    field("decision"),
+                    field("rule"),
+                    field("tag")
+                )
+            })
+            .collect();
         rows.contains("POST /items|").then_some(rows)
     });
     assert!(rows.contains("GET /echo|allowed||200"), "{rows}");

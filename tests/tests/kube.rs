@@ -235,10 +235,13 @@ fn kubectl_through_the_gate() {
 
     // The exec stream is recorded and replays.
     let recorded = gate.wait_for("the exec record", Duration::from_secs(10), || {
-        let rows = gate.sqlite(
-            "SELECT text FROM statements WHERE text LIKE '%/exec%' AND decision = 'approved'",
-        );
-        let line = rows.lines().next()?.to_owned();
+        let line = gate
+            .recorded_statements()
+            .iter()
+            .filter(|s| s["decision"] == "approved")
+            .filter_map(|s| s["text"].as_str())
+            .find(|t| t.contains("/exec"))?
+            .to_owned();
         let file = line
             .split("[recorded: ")
             .nth(1)?

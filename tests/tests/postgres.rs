@@ -157,12 +157,25 @@ fn credentials_are_injected_and_results_masked() {
     assert_eq!(lines[3], "3|a***@example.net|none|none|****");
 
     // The real passwords are nowhere the workload (or a reader of logs and records) can see.
+    // Statement records are stored in binary batches, which the dump shows in hex.
+    let recorded = gate.wait_for("the statements' records", Duration::from_secs(10), || {
+        let all = serde_json::to_string(&gate.recorded_statements()).unwrap();
+        all.contains("current_user").then_some(all)
+    });
     let dump = gate.sqlite(".dump");
     assert!(dump.contains("CREATE TABLE"), "{dump}");
+    assert!(
+        dump.contains("statement_chunks VALUES"),
+        "no records dumped"
+    );
+    let dump_lower = dump.to_ascii_lowercase();
     for (_, pw) in PG_ROLES {
         assert!(!ran.stdout.contains(pw) && !ran.stderr.contains(pw));
         assert!(!gate.log().contains(pw), "password in the daemon log");
         assert!(!dump.contains(pw), "password in the state store");
+        let hex: String = pw.bytes().map(|b| format!("{b:02x}")).collect();
+        assert!(!dump_lower.contains(&hex), "password in a statement batch");
+        assert!(!recorded.contains(pw), "password in a statement record");
     }
     // A database not listed for the resource is refused.
     let other = gate.run(

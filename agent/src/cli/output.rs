@@ -192,6 +192,13 @@ pub fn timeline(d: &crate::control::api::SessionDetail) {
             ),
         }
     }
+    if d.unreadable > 0 {
+        println!();
+        println!(
+            "  warning: {} stored batch(es) of this session's statement records could not be read (damaged); the agent's log names them",
+            d.unreadable
+        );
+    }
     if let Some(next) = d.more_from {
         println!();
         println!(

@@ -247,6 +247,13 @@ pub fn replay(person: &Person, csrf: &str, d: &SessionDetail) -> String {
         }
         b.push_str("</tbody></table></div>");
     }
+    if d.unreadable > 0 {
+        let _ = write!(
+            b,
+            r#"<p class="warning">{n} stored batch(es) of this session's statement records could not be read (damaged); the host agent's log names them.</p>"#,
+            n = d.unreadable,
+        );
+    }
     if let Some(next) = d.more_from {
         let _ = write!(
             b,
@@ -409,6 +416,7 @@ mod tests {
             events: vec![],
             recordings: vec![],
             more_from: None,
+            unreadable: 0,
         }
     }
 
@@ -442,6 +450,18 @@ mod tests {
             assert!(page.contains(needle), "{needle} in {page}");
         }
         assert!(!page.contains("/recordings/"), "no recording, no link");
+    }
+
+    #[test]
+    fn unreadable_records_are_said_not_hidden() {
+        let d = SessionDetail {
+            unreadable: 2,
+            ..detail(vec![statement(1, 1_795_000_000_000, "SELECT 1")])
+        };
+        let page = replay(&person(), "csrf", &d);
+        assert!(page.contains("2 stored batch(es)"), "{page}");
+        let d = detail(vec![statement(1, 1_795_000_000_000, "SELECT 1")]);
+        assert!(!replay(&person(), "csrf", &d).contains("could not be read"));
     }
 
     #[test]

@@ -146,6 +146,14 @@ pub struct SessionDetail {
     /// under the control socket's limit however much a session recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub more_from: Option<u32>,
+    /// Stored batches of statement records the store could not read (damaged): missing
+    /// from `statements`, and said so.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unreadable: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One entry of a session's timeline: a statement (or HTTP request) it ran, or an audit

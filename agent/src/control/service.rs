@@ -300,6 +300,7 @@ impl ControlService {
                     events: h.events,
                     recordings: Vec::new(),
                     more_from,
+                    unreadable: h.unreadable,
                 }
             });
         let Some(mut detail) = found else {

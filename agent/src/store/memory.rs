@@ -637,6 +637,7 @@ impl Store for MemoryStore {
                 session,
                 statements,
                 events,
+                unreadable: 0,
             })
         })))
     }

@@ -175,6 +175,9 @@ pub struct SessionHistory {
     pub statements: Vec<StatementRecord>,
     /// The audit records that name the session.
     pub events: Vec<AuditEvent>,
+    /// Stored batches of statement records that could not be read (damaged): the rest is
+    /// shown, and this says how many are missing from it.
+    pub unreadable: u32,
 }
 
 /// The agent's durable state, named by what the domain does with it.

@@ -801,6 +801,7 @@ impl Store for PostgresStore {
                     session,
                     statements: queries::session_statements(db.tx, &id).await?,
                     events: audit::for_session(db.tx, &id).await?,
+                    unreadable: 0,
                 }))
             })
         })))

@@ -651,10 +651,12 @@ impl Store for SqliteStore {
             let Some(session) = queries::get_session(db.conn, &id)? else {
                 return Ok(None);
             };
+            let (statements, unreadable) = queries::session_statements(db.conn, &id)?;
             Ok(Some(SessionHistory {
                 session,
-                statements: queries::session_statements(db.conn, &id)?,
+                statements,
                 events: audit::for_session(db.conn, &id)?,
+                unreadable,
             }))
         }))
     }

@@ -492,11 +492,13 @@ pub fn insert_statements(db: &Connection, records: &[crate::model::StatementReco
 }
 
 /// A session's statements in order: rows from before `statement_chunks`, then batches in
-/// the order stored; a statement recorded again replaces what was recorded before.
+/// the order stored; a statement recorded again replaces what was recorded before. A batch
+/// that cannot be read (damaged) is logged and counted (the second value), and the rest
+/// returned: an operator still sees what can be shown, and is told what cannot.
 pub fn session_statements(
     db: &Connection,
     session: &str,
-) -> Result<Vec<crate::model::StatementRecord>> {
+) -> Result<(Vec<crate::model::StatementRecord>, u32)> {
     let mut by_seq = std::collections::BTreeMap::new();
     let mut stmt = db.prepare(
         "SELECT session_id, seq, at, text, params, decision, rule, approved_by, held_ms, duration_ms, rows, tag, error, masked
@@ -526,20 +528,31 @@ pub fn session_statements(
         by_seq.insert(row.seq, row);
     }
     let mut chunks = db.prepare_cached(
-        "SELECT records FROM statement_chunks WHERE session_id = ?1 ORDER BY rowid",
+        "SELECT id, records FROM statement_chunks WHERE session_id = ?1 ORDER BY id",
     )?;
     let mut blobs = chunks.query([session])?;
+    let mut unreadable = 0;
     while let Some(row) = blobs.next()? {
-        let blob = row.get_ref(0)?.as_blob().map_err(|e| {
-            crate::store::StoreError::Invalid(format!(
-                "state store: a batch of statement records: {e}"
-            ))
-        })?;
-        for record in super::chunks::decode(session, blob)? {
-            by_seq.insert(record.seq, record);
+        let id: i64 = row.get(0)?;
+        let decoded = match row.get_ref(1)?.as_blob() {
+            Ok(blob) => super::chunks::decode(session, blob),
+            Err(e) => Err(crate::store::StoreError::Invalid(format!(
+                "a batch of statement records is not a blob: {e}"
+            ))),
+        };
+        match decoded {
+            Ok(records) => {
+                for record in records {
+                    by_seq.insert(record.seq, record);
+                }
+            }
+            Err(e) => {
+                tracing::error!(session, batch = id, error = %e, "unreadable statement records");
+                unreadable += 1;
+            }
         }
     }
-    Ok(by_seq.into_values().collect())
+    Ok((by_seq.into_values().collect(), unreadable))
 }
 
 /// Deletes sessions (and their statements) that ended before `cutoff`. The audit log is kept.
@@ -624,7 +637,8 @@ mod tests {
         )
         .unwrap();
         insert_statements(&conn, &[statement("s-1", 4, "after 4, again")]).unwrap();
-        let got = session_statements(&conn, "s-1").unwrap();
+        let (got, unreadable) = session_statements(&conn, "s-1").unwrap();
+        assert_eq!(unreadable, 0);
         let texts: Vec<_> = got.iter().map(|s| (s.seq, s.text.as_str())).collect();
         assert_eq!(
             texts,
@@ -637,7 +651,7 @@ mod tests {
         );
         assert!(got.iter().all(|s| s.session == "s-1"));
         assert_eq!(got[0].params, [Some("p".to_owned())]);
-        let other = session_statements(&conn, "s-2").unwrap();
+        let (other, _) = session_statements(&conn, "s-2").unwrap();
         assert_eq!(other.len(), 1);
         assert_eq!(other[0].text, "other session");
 
@@ -650,7 +664,34 @@ mod tests {
             .unwrap();
         }
         prune_sessions(&conn, Timestamp(100)).unwrap();
-        assert!(session_statements(&conn, "s-1").unwrap().is_empty());
-        assert_eq!(session_statements(&conn, "s-2").unwrap().len(), 1);
+        assert!(session_statements(&conn, "s-1").unwrap().0.is_empty());
+        assert_eq!(session_statements(&conn, "s-2").unwrap().0.len(), 1);
+    }
+
+    /// A damaged batch is counted and the others read; the same statement twice in one
+    /// batch keeps the later record.
+    #[test]
+    fn a_damaged_batch_is_counted_and_the_rest_read() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        insert_statements(
+            &conn,
+            &[
+                statement("s-1", 1, "one"),
+                statement("s-1", 1, "one, again"),
+            ],
+        )
+        .unwrap();
+        insert_statements(&conn, &[statement("s-1", 2, "two")]).unwrap();
+        insert_statements(&conn, &[statement("s-1", 3, "three")]).unwrap();
+        conn.execute(
+            "UPDATE statement_chunks SET records = x'01ffffffff' WHERE id = 2",
+            [],
+        )
+        .unwrap();
+        let (got, unreadable) = session_statements(&conn, "s-1").unwrap();
+        assert_eq!(unreadable, 1);
+        let texts: Vec<_> = got.iter().map(|s| s.text.as_str()).collect();
+        assert_eq!(texts, ["one, again", "three"]);
     }
 }

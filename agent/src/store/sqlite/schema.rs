@@ -155,8 +155,9 @@ const MIGRATIONS: &[&str] = &[
     // per record are most of its cost. Rows already in `statements` are read with these.
     r#"
     CREATE TABLE statement_chunks (
+        id          INTEGER PRIMARY KEY,        -- the order stored: a later record wins
         session_id  TEXT NOT NULL,
-        records     BLOB NOT NULL
+        records     BLOB NOT NULL               -- chunks.rs
     );
     CREATE INDEX statement_chunks_session ON statement_chunks (session_id);
     "#,
