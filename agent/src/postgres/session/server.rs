@@ -757,7 +757,7 @@ impl Pump<'_> {
                     }
                     (b'3', Some(Expect::Close(close))) => {
                         if let Some(close) = close {
-                            st.closed(close, true);
+                            st.closed(close);
                         }
                     }
                     (b'2', Some(Expect::Bind)) => {}
@@ -966,17 +966,25 @@ impl Pump<'_> {
                     .find(|(c, _)| *c == b'C')
                     .map(|(_, m)| m.as_str())
                     == Some("42P05");
+                // What the client is told: a poison's own code, not the nonce's syntax error.
+                let code = match &poison {
+                    Some(error) => error.code.to_owned(),
+                    None => fields
+                        .iter()
+                        .find(|(c, _)| *c == b'C')
+                        .map(|(_, m)| m.clone())
+                        .unwrap_or_default(),
+                };
                 let rec = {
                     let mut st = self.lock();
                     let mut rec = None;
                     // Closes the server skipped: it still holds those statements.
                     let mut skipped_closes = Vec::new();
-                    // Names whose Parse in this batch failed or was skipped, with its place
-                    // among name changes: a skipped Close sent after it held that Parse's
-                    // statement, which the server never made (no phantom).
+                    // Names whose Parse in this batch failed or was skipped (see `Skipping`).
                     let mut unmade: Vec<(String, u64)> = Vec::new();
                     // Only the message that failed can have failed with 42P05.
                     let mut first = true;
+                    let extended = !matches!(st.expect.front(), Some(Expect::Query { .. }));
                     match st.expect.front() {
                         Some(Expect::Query { rec: r, .. }) => rec = Some(*r),
                         _ => {
@@ -1020,22 +1028,19 @@ impl Pump<'_> {
                             }
                         }
                     }
-                    for (name, held, seq) in skipped_closes {
-                        let made_here =
-                            unmade.iter().any(|(n, parsed)| *n == name && *parsed < seq);
-                        st.closed((name, held && !made_here, seq), false);
+                    for close in skipped_closes {
+                        st.close_skipped(close, &unmade);
+                    }
+                    // What the client sends before its Sync is skipped too: see the
+                    // ReadyForQuery below.
+                    if extended {
+                        st.skipping = Some(state::Skipping {
+                            unmade,
+                            code: code.clone(),
+                        });
                     }
                     st.copy = None;
                     rec
-                };
-                // What the client is told: a poison's own code, not the nonce's syntax error.
-                let code = match &poison {
-                    Some(error) => error.code.to_owned(),
-                    None => fields
-                        .iter()
-                        .find(|(c, _)| *c == b'C')
-                        .map(|(_, m)| m.clone())
-                        .unwrap_or_default(),
                 };
                 match poison {
                     Some(error) => error.write(out),
@@ -1077,25 +1082,52 @@ impl Pump<'_> {
             Backend::ReadyForQuery => {
                 stats.withheld = 0;
                 let status = frame.body.first().copied().unwrap_or(b'I');
-                let finished: Vec<u32> = {
+                let (finished, not_run, code) = {
                     let mut st = self.lock();
                     let mut recs = Vec::new();
+                    // After an extended-protocol error the server skipped everything up to
+                    // this Sync, including what the client sent after the error came back:
+                    // those Parses made nothing, those Closes closed nothing, those
+                    // statements never ran.
+                    let skipping = st.skipping.take();
+                    let (mut unmade, code) = skipping
+                        .map(|s| (Some(s.unmade), s.code))
+                        .unwrap_or_default();
+                    let mut not_run = Vec::new();
+                    let mut closes = Vec::new();
                     loop {
-                        match st.expect.pop_front() {
+                        match (st.expect.pop_front(), unmade.as_mut()) {
                             // A Sync the server ignored in copy-in mode got no answer: it
                             // is done, and this answer is for a later one.
-                            Some(Expect::Sync { copy_in }) if st.copy_in.ignored(copy_in) => {
+                            (Some(Expect::Sync { copy_in }), _) if st.copy_in.ignored(copy_in) => {
                                 st.cycles_done += 1;
                             }
-                            Some(Expect::Sync { .. }) => break,
-                            Some(Expect::Query { rec, .. }) => {
+                            (Some(Expect::Sync { .. }), _) | (None, _) => break,
+                            (
+                                Some(Expect::Query { rec, .. } | Expect::Execute { rec, .. }),
+                                Some(_),
+                            ) => not_run.push(rec),
+                            (Some(Expect::Parse(Some(name), Some(made))), Some(unmade)) => {
+                                if st
+                                    .statements
+                                    .get(&name)
+                                    .is_some_and(|held| Arc::ptr_eq(held, &made))
+                                {
+                                    st.remove_statement(&name);
+                                }
+                                unmade.push((name, state::stmt_seq(&made)));
+                            }
+                            (Some(Expect::Close(Some(close))), Some(_)) => closes.push(close),
+                            (Some(Expect::Query { rec, .. }), None) => {
                                 recs.push(rec);
                                 break;
                             }
-                            Some(Expect::Execute { rec, .. }) => recs.push(rec),
-                            Some(_) => {}
-                            None => break,
+                            (Some(Expect::Execute { rec, .. }), None) => recs.push(rec),
+                            (Some(_), _) => {}
                         }
+                    }
+                    for close in closes {
+                        st.close_skipped(close, unmade.as_deref().unwrap_or_default());
                     }
                     st.cycles_done += 1;
                     let done = st.cycles_done;
@@ -1114,9 +1146,17 @@ impl Pump<'_> {
                     st.current = None;
                     st.copy = None;
                     let _ = status;
-                    recs
+                    (recs, not_run, code)
                 };
                 for rec in finished {
+                    self.finish_record(rec);
+                }
+                for rec in not_run {
+                    self.with_record(rec, |r| {
+                        r.error = Some(format!(
+                            "not run: an earlier message of its batch failed ({code})"
+                        ));
+                    });
                     self.finish_record(rec);
                 }
                 frame.write(out);

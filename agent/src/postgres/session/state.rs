@@ -59,9 +59,8 @@ pub(super) enum Expect {
         /// The name-space sequence it was sent at, when its statement has a [`SqlEffect`].
         names_seq: u64,
     },
-    /// A Close; of a statement: its name, whether the gate held one under it, and the
-    /// name-space sequence it was sent at.
-    Close(Option<(String, bool, u64)>),
+    /// A Close; of a statement: what the gate dropped when it sent it.
+    Close(Option<Closing>),
     /// A Sync. One the client sent inside a COPY FROM window is ignored by the server when
     /// that COPY did start (no ReadyForQuery answers it).
     Sync {
@@ -364,6 +363,9 @@ pub(super) struct State {
     /// skipped after an error): the gate does not know what they run, so it refuses to bind
     /// them, and a Parse of the name fails on the server (42P05) as here.
     pub(super) phantoms: std::collections::HashSet<String, foldhash::fast::RandomState>,
+    /// An extended-protocol error arrived and the server skips what follows up to Sync:
+    /// messages the client sends meanwhile are skipped too (see [`Skipping`]).
+    pub(super) skipping: Option<Skipping>,
     /// What the prepared statements of both kinds hold (see [`prepared_footprint`]), bounded
     /// by `MAX_PREPARED_BYTES`.
     pub(super) prepared_bytes: usize,
@@ -389,6 +391,30 @@ pub(super) struct State {
     pub(super) copy_in: CopyIn,
     /// Rows and bytes returned against the grant's limits.
     pub(super) budget: super::budget::Budget,
+}
+
+/// What a Close of a statement name dropped when the gate sent it, for when the server
+/// answers it or skips it.
+#[derive(Debug)]
+pub(super) struct Closing {
+    pub(super) name: String,
+    /// The gate held a SQL-`PREPARE`d statement or a phantom under the name.
+    other: bool,
+    /// The protocol-level statement the gate held under the name: its place among name
+    /// changes.
+    statement: Option<u64>,
+    /// The Close's own place among name changes.
+    seq: u64,
+}
+
+/// The rest of a failed extended-protocol batch, which the server skips up to its Sync.
+#[derive(Debug, Default)]
+pub(super) struct Skipping {
+    /// Names whose Parse in the batch failed or was skipped, with each Parse's place among
+    /// name changes: the server never made those statements.
+    pub(super) unmade: Vec<(String, u64)>,
+    /// The error's SQLSTATE, for the records of Executes that never ran.
+    pub(super) code: String,
 }
 
 /// Protocol-level (`statements`) and SQL (`sql_prepared`) prepared statements share one
@@ -422,20 +448,38 @@ impl State {
     /// A Close of statement `name` was sent: the gate drops it now (the next Parse of the
     /// name is the client's new statement), and remembers the Close until answered. Returns
     /// what its [`Expect::Close`] carries.
-    pub(super) fn closing(&mut self, name: &str) -> (String, bool, u64) {
-        let held = self.has_prepared(name);
+    pub(super) fn closing(&mut self, name: &str) -> Closing {
+        let other = self.sql_prepared.contains_key(name) || self.phantoms.contains(name);
+        let statement = self.statements.get(name).map(stmt_seq);
         self.forget_prepared(name);
         let seq = self.name_change();
         *self.closing.entry(name.to_owned()).or_default() += 1;
         self.closing_bytes += name.len();
-        (name.to_owned(), held, seq)
+        Closing {
+            name: name.to_owned(),
+            other,
+            statement,
+            seq,
+        }
     }
 
-    /// The server answered a Close of `name` sent at `seq` (`done`), or skipped it after an
-    /// error: then it still holds what the gate held under the name (`held`), which the gate
-    /// no longer knows (a phantom, whatever was parsed under the name since: that Parse
-    /// fails on the server).
-    pub(super) fn closed(&mut self, (name, held, seq): (String, bool, u64), done: bool) {
+    /// The server skipped a Close after an error earlier in its batch: it still holds what
+    /// the gate dropped, which the gate no longer knows (a phantom: whatever is parsed under
+    /// the name since fails on the server), unless that was a statement whose Parse failed
+    /// or was skipped in the same batch (`unmade`: each such Parse's name and place among
+    /// name changes), which the server never made.
+    pub(super) fn close_skipped(&mut self, close: Closing, unmade: &[(String, u64)]) {
+        let made_here = |seq: u64| unmade.iter().any(|(n, s)| *n == close.name && *s == seq);
+        let held = close.other || close.statement.is_some_and(|seq| !made_here(seq));
+        let name = self.close_answered(close);
+        if held {
+            self.phantoms.insert(name);
+        }
+    }
+
+    /// A Close is no longer in flight: its count and bytes go; returns its name.
+    fn close_answered(&mut self, close: Closing) -> String {
+        let name = close.name;
         if let Some(n) = self.closing.get_mut(&name) {
             *n -= 1;
             if *n == 0 {
@@ -443,21 +487,24 @@ impl State {
             }
         }
         self.closing_bytes = self.closing_bytes.saturating_sub(name.len());
-        if done {
-            // Gone on the server, whichever kind it was; a statement parsed since stays.
-            self.phantoms.remove(&name);
-            if let Some(old) = self.sql_prepared.remove(&name) {
-                self.prepared_bytes -= prepared_footprint(old.text.len());
-            }
-            if self
-                .statements
-                .get(&name)
-                .is_some_and(|s| stmt_seq(s) < seq)
-            {
-                self.remove_statement(&name);
-            }
-        } else if held {
-            self.phantoms.insert(name);
+        name
+    }
+
+    /// The server closed the statement of a Close sent at `close.seq`.
+    pub(super) fn closed(&mut self, close: Closing) {
+        let seq = close.seq;
+        let name = self.close_answered(close);
+        // Gone on the server, whichever kind it was; a statement parsed since stays.
+        self.phantoms.remove(&name);
+        if let Some(old) = self.sql_prepared.remove(&name) {
+            self.prepared_bytes -= prepared_footprint(old.text.len());
+        }
+        if self
+            .statements
+            .get(&name)
+            .is_some_and(|s| stmt_seq(s) < seq)
+        {
+            self.remove_statement(&name);
         }
     }
 
@@ -628,6 +675,50 @@ mod tests {
             text: text.into(),
             ..Statement::default()
         }
+    }
+
+    /// A skipped Close leaves a phantom for what the server still holds: a SQL-`PREPARE`d
+    /// statement under the name, or a statement the server made, but not a statement whose
+    /// Parse failed or was skipped in the same batch (the server never made it).
+    #[test]
+    fn a_skipped_close_leaves_a_phantom_for_what_the_server_holds() {
+        let parsed = |st: &mut State, name: &str| {
+            let made = stmt(10);
+            made.lock().unwrap().seq = st.next_seq();
+            st.insert_statement(name.into(), made.clone());
+            stmt_seq(&made)
+        };
+        // Made here, its Parse failed in the batch: the name is free.
+        let mut st = State::default();
+        let b = parsed(&mut st, "s1");
+        let close = st.closing("s1");
+        st.close_skipped(close, &[("s1".into(), b)]);
+        assert!(!st.has_prepared("s1"));
+        assert!(st.closing.is_empty() && st.closing_bytes == 0);
+        // A statement the server made before (another Parse failed): still held there.
+        let mut st = State::default();
+        let a = parsed(&mut st, "s1");
+        let close = st.closing("s1");
+        st.close_skipped(close, &[("s1".into(), a + 100), ("s2".into(), a)]);
+        assert!(st.has_prepared("s1"), "the server still holds s1");
+        // A SQL-PREPAREd statement as well as one whose Parse failed: the PREPAREd one is
+        // still on the server.
+        let mut st = State::default();
+        st.insert_sql_prepared("s1".into(), sql("select ssn from users"));
+        let b = parsed(&mut st, "s1");
+        let close = st.closing("s1");
+        st.close_skipped(close, &[("s1".into(), b)]);
+        assert!(
+            st.has_prepared("s1"),
+            "the PREPAREd statement is still there"
+        );
+        // Answered: gone, whatever it was.
+        let mut st = State::default();
+        st.insert_sql_prepared("s1".into(), sql("select 1"));
+        parsed(&mut st, "s1");
+        let close = st.closing("s1");
+        st.closed(close);
+        assert!(!st.has_prepared("s1"));
     }
 
     /// A long statement's text is recorded whole once; later runs point at that record.

@@ -761,7 +761,7 @@ async fn a_client_side_stuck_writing_to_a_busy_server_is_cut() {
     flood.abort();
 }
 
-/// Parse of `name` for `text`, Close of it, as a driver sends them.
+/// Parse of `name` for `text`.
 fn parse(out: &mut BytesMut, name: &str, text: &str) {
     let body = [
         name.as_bytes(),
@@ -825,6 +825,72 @@ async fn a_name_whose_parse_failed_is_free_again_after_its_skipped_close() {
     client.write_all(&again).await.expect("batch");
     let reply = until_ready(&mut client).await;
     assert_eq!(error_code(&reply).as_deref(), Some("42P05"), "{reply:?}");
+    drop(client);
+    let _ = outcome(task).await;
+}
+
+/// Reads one backend message.
+async fn one_message(client: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u8, Bytes) {
+    use tokio::io::AsyncReadExt as _;
+    let read = async {
+        let tag = client.read_u8().await?;
+        let len = client.read_i32().await?;
+        let mut body = vec![0u8; len as usize - 4];
+        client.read_exact(&mut body).await?;
+        std::io::Result::Ok((tag, Bytes::from(body)))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("a message in time")
+        .expect("a message")
+}
+
+/// The server flushes an extended-protocol error at once and skips everything up to Sync,
+/// including what the client sends after reading the error: a Close sent then closed
+/// nothing (the name stays taken, as on the server), and a Parse sent then made nothing
+/// (the name is free again after its Close).
+#[tokio::test]
+async fn messages_sent_after_an_error_came_back_are_skipped_up_to_sync() {
+    let server = FakeServer::start("x").await;
+    let h = Harness::with_upstream(server.addr, "postgres", PG_KEYS, Some("bot")).await;
+    let (mut client, task, _) = logged_in(&h, &[]).await;
+    let mut batch = BytesMut::new();
+    parse(&mut batch, "s1", "select 1");
+    message(&mut batch, b'S', b"");
+    client.write_all(&batch).await.expect("batch");
+    assert_eq!(error_code(&until_ready(&mut client).await), None);
+
+    // The error comes back (Flush), then Close s1, Parse s3, Close s3, Sync.
+    let mut failing = BytesMut::new();
+    parse(&mut failing, "s2", "select fail_parse");
+    message(&mut failing, b'H', b"");
+    client.write_all(&failing).await.expect("batch");
+    let (tag, _) = one_message(&mut client).await;
+    assert_eq!(tag, b'E');
+    let mut rest = BytesMut::new();
+    close_statement(&mut rest, "s1");
+    parse(&mut rest, "s3", "select 3");
+    close_statement(&mut rest, "s3");
+    message(&mut rest, b'S', b"");
+    client.write_all(&rest).await.expect("batch");
+    let reply = until_ready(&mut client).await;
+    assert_eq!(reply.last().map(|(t, _)| *t), Some(b'Z'), "{reply:?}");
+
+    // s1 is still on the server: a Parse of it fails there, so it fails here.
+    let mut again = BytesMut::new();
+    parse(&mut again, "s1", "select 2");
+    message(&mut again, b'S', b"");
+    client.write_all(&again).await.expect("batch");
+    let reply = until_ready(&mut client).await;
+    assert_eq!(error_code(&reply).as_deref(), Some("42P05"), "{reply:?}");
+    // s3 never was: it can be parsed and run.
+    let mut fresh = BytesMut::new();
+    parse(&mut fresh, "s3", "select 3");
+    bind_execute_sync(&mut fresh, "s3");
+    client.write_all(&fresh).await.expect("batch");
+    let reply = until_ready(&mut client).await;
+    assert_eq!(error_code(&reply), None, "{reply:?}");
+    assert_eq!(values(&reply), ["x"], "{reply:?}");
     drop(client);
     let _ = outcome(task).await;
 }
