@@ -376,7 +376,9 @@ pub fn field(fields: &[(u8, String)], code: u8) -> &str {
 
 /// A scripted PostgreSQL server: trust login, then every simple query is logged and answered
 /// with one text row holding `row`, a Parse of a text naming `fail_parse` or a poison fails
-/// with a syntax error (the rest up to Sync skipped), and a CancelRequest logged as
+/// with a syntax error and a Bind naming `fail_bind` with 42P03 (the rest up to Sync
+/// skipped), `begin` opens a transaction ReadyForQuery reports until `commit` or
+/// `rollback`, and a CancelRequest logged as
 /// `cancel request` (a statement the gate poisoned gets the syntax error a
 /// real server gives; in unit tests, `select pg_sleep(5)` sends a notice at 100 ms and its
 /// answer five seconds later, `select * from endless_rows` streams rows until the connection
@@ -456,6 +458,8 @@ impl FakePostgres {
                     }
                     // After an extended-protocol error, messages up to Sync are skipped.
                     let mut skipping = false;
+                    // Inside BEGIN ... COMMIT/ROLLBACK (ReadyForQuery says T).
+                    let mut in_tx = false;
                     loop {
                         let Ok(tag) = s.read_u8().await else { return };
                         let Ok(len) = s.read_i32().await else { return };
@@ -467,6 +471,19 @@ impl FakePostgres {
                             continue;
                         }
                         skipping = false;
+                        if tag == b'B' && memchr::memmem::find(&body, b"fail_bind").is_some() {
+                            let mut out = BytesMut::new();
+                            frame(
+                                &mut out,
+                                b'E',
+                                b"SERROR\0C42P03\0Mcursor already exists\0\0",
+                            );
+                            skipping = true;
+                            if s.write_all(&out).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
                         if tag == b'P'
                             && (memchr::memmem::find(&body, b"fail_parse").is_some()
                                 || memchr::memmem::find(&body, b"jitgate_refused_").is_some())
@@ -568,12 +585,17 @@ impl FakePostgres {
                                     frame(&mut out, b'D', &one_value(row));
                                     frame(&mut out, b'C', b"SELECT 1\0");
                                 }
-                                frame(&mut out, b'Z', b"I");
+                                match text.to_ascii_lowercase().as_str() {
+                                    "begin" => in_tx = true,
+                                    "commit" | "rollback" => in_tx = false,
+                                    _ => {}
+                                }
+                                frame(&mut out, b'Z', if in_tx { b"T" } else { b"I" });
                                 out
                             }
                             // The extended protocol, in its simplest shape: every statement
                             // has no parameters and returns the one row.
-                            other => extended_reply(other, &body, row),
+                            other => extended_reply(other, &body, row, in_tx),
                         };
                         if s.write_all(&out).await.is_err() {
                             return;
@@ -635,7 +657,7 @@ fn one_value(row: &str) -> Vec<u8> {
 }
 
 /// The fake server's answer to an extended-protocol message (nothing for the others).
-fn extended_reply(tag: u8, body: &[u8], row: &str) -> BytesMut {
+fn extended_reply(tag: u8, body: &[u8], row: &str, in_tx: bool) -> BytesMut {
     let mut out = BytesMut::new();
     match tag {
         b'P' => frame(&mut out, b'1', b""),
@@ -651,7 +673,7 @@ fn extended_reply(tag: u8, body: &[u8], row: &str) -> BytesMut {
             frame(&mut out, b'C', b"SELECT 1\0");
         }
         b'C' => frame(&mut out, b'3', b""),
-        b'S' => frame(&mut out, b'Z', b"I"),
+        b'S' => frame(&mut out, b'Z', if in_tx { b"T" } else { b"I" }),
         _ => {}
     }
     out

@@ -502,9 +502,14 @@ impl Pump<'_> {
                     bind,
                     bytes: params_bytes,
                 });
-                st.insert_portal(portal, info);
+                let previous = st.portals.get(&portal).cloned();
+                st.insert_portal(portal.clone(), info);
                 in_flight_bound(&st)?;
-                st.expect.push_back(Expect::Bind);
+                st.expect.push_back(Expect::Bind {
+                    portal,
+                    bind,
+                    previous,
+                });
                 frame.write(out);
             }
             Frontend::Describe => {
@@ -616,6 +621,7 @@ impl Pump<'_> {
                 let names_seq = if has_effect { st.name_change() } else { 0 };
                 st.expect.push_back(Expect::Execute {
                     portal: info,
+                    first_run,
                     rec,
                     copy_in,
                     names_seq,

@@ -760,7 +760,7 @@ impl Pump<'_> {
                             st.closed(close);
                         }
                     }
-                    (b'2', Some(Expect::Bind)) => {}
+                    (b'2', Some(Expect::Bind { .. })) => {}
                     _ => return Err(desync(want)),
                 }
                 drop(st);
@@ -982,6 +982,8 @@ impl Pump<'_> {
                     let mut skipped_closes = Vec::new();
                     // Names whose Parse in this batch failed or was skipped (see `Skipping`).
                     let mut unmade: Vec<(String, u64)> = Vec::new();
+                    // Binds failed or skipped: their portals' names get back what they held.
+                    let mut undone_binds = Vec::new();
                     // Only the message that failed can have failed with 42P05.
                     let mut first = true;
                     let extended = !matches!(st.expect.front(), Some(Expect::Query { .. }));
@@ -995,13 +997,31 @@ impl Pump<'_> {
                                 let was_first = std::mem::take(&mut first);
                                 match st.expect.pop_front() {
                                     // After a poison's error, none of them ran.
-                                    Some(Expect::Execute { rec: r, .. }) => {
+                                    Some(Expect::Execute {
+                                        rec: r,
+                                        portal,
+                                        first_run,
+                                        ..
+                                    }) => {
+                                        if !was_first || answers_poison {
+                                            State::execute_skipped(&portal, first_run);
+                                        }
                                         if rec.is_none() && !answers_poison {
                                             rec = Some(r);
                                         } else {
                                             skipped.push(r);
                                         }
                                     }
+                                    Some(Expect::Bind {
+                                        portal,
+                                        bind,
+                                        previous,
+                                    }) => undone_binds.push((
+                                        portal,
+                                        bind,
+                                        previous,
+                                        was_first && !answers_poison,
+                                    )),
                                     // The failed Parse, and those the server skipped after
                                     // it, never made a statement: the name is free again.
                                     Some(Expect::Parse(Some(name), made)) => {
@@ -1028,6 +1048,7 @@ impl Pump<'_> {
                             }
                         }
                     }
+                    st.binds_undone(undone_binds);
                     for close in skipped_closes {
                         st.close_skipped(close, &unmade);
                     }
@@ -1095,6 +1116,7 @@ impl Pump<'_> {
                         .unwrap_or_default();
                     let mut not_run = Vec::new();
                     let mut closes = Vec::new();
+                    let mut undone_binds = Vec::new();
                     loop {
                         match (st.expect.pop_front(), unmade.as_mut()) {
                             // A Sync the server ignored in copy-in mode got no answer: it
@@ -1103,10 +1125,27 @@ impl Pump<'_> {
                                 st.cycles_done += 1;
                             }
                             (Some(Expect::Sync { .. }), _) | (None, _) => break,
+                            (Some(Expect::Query { rec, .. }), Some(_)) => not_run.push(rec),
                             (
-                                Some(Expect::Query { rec, .. } | Expect::Execute { rec, .. }),
+                                Some(Expect::Execute {
+                                    rec,
+                                    portal,
+                                    first_run,
+                                    ..
+                                }),
                                 Some(_),
-                            ) => not_run.push(rec),
+                            ) => {
+                                State::execute_skipped(&portal, first_run);
+                                not_run.push(rec);
+                            }
+                            (
+                                Some(Expect::Bind {
+                                    portal,
+                                    bind,
+                                    previous,
+                                }),
+                                Some(_),
+                            ) => undone_binds.push((portal, bind, previous, false)),
                             (Some(Expect::Parse(Some(name), Some(made))), Some(unmade)) => {
                                 if st
                                     .statements
@@ -1126,6 +1165,7 @@ impl Pump<'_> {
                             (Some(_), _) => {}
                         }
                     }
+                    st.binds_undone(undone_binds);
                     for close in closes {
                         st.close_skipped(close, unmade.as_deref().unwrap_or_default());
                     }

@@ -46,13 +46,22 @@ pub(super) enum Expect {
     /// and the statement it made here (matched by identity: a later Parse of the name may
     /// have replaced it in the gate's table meanwhile).
     Parse(Option<String>, Option<Stmt>),
-    Bind,
+    /// A Bind of portal `portal` (the gate's `bind` count at it), and what the gate held
+    /// under that name before: put back if the server fails or skips it.
+    Bind {
+        portal: String,
+        bind: u64,
+        previous: Option<Portal>,
+    },
     Describe {
         target: Option<DescribeTarget>,
         internal: bool,
     },
     Execute {
         portal: Portal,
+        /// Its portal's first Execute: the portal counts as run from it (see
+        /// [`State::execute_skipped`]).
+        first_run: bool,
         rec: u32,
         /// Its COPY FROM window, if it may start one (see [`CopyIn`]).
         copy_in: Option<u64>,
@@ -63,9 +72,7 @@ pub(super) enum Expect {
     Close(Option<Closing>),
     /// A Sync. One the client sent inside a COPY FROM window is ignored by the server when
     /// that COPY did start (no ReadyForQuery answers it).
-    Sync {
-        copy_in: Option<u64>,
-    },
+    Sync { copy_in: Option<u64> },
 }
 
 /// COPY FROM STDIN and the Syncs sent during it. The server ignores Sync in copy-in mode
@@ -601,6 +608,36 @@ impl State {
         self.note_portal(&portal, name);
     }
 
+    /// Binds the server failed or skipped, in the order sent (see [`Expect::Bind`]): each
+    /// name gets back what it held before, latest first, where it still holds that Bind's
+    /// portal. A failed Bind of the unnamed portal may have dropped the one before on the
+    /// server (it replaces it once the statement and parameters are checked), so the name is
+    /// forgotten instead: an Execute of it is then refused here, never judged by another
+    /// statement.
+    pub(super) fn binds_undone(&mut self, undone: Vec<(String, u64, Option<Portal>, bool)>) {
+        for (name, bind, previous, failed) in undone.into_iter().rev() {
+            if self.portals.get(&name).is_none_or(|p| p.bind != bind) {
+                continue;
+            }
+            match previous {
+                Some(previous) if !(failed && name.is_empty()) => {
+                    self.insert_portal(name, previous)
+                }
+                _ => self.remove_portal(&name),
+            }
+        }
+    }
+
+    /// An Execute the server skipped: if it was its portal's first, the portal has not run
+    /// (its next Execute is judged against the grant's limits as a first run).
+    pub(super) fn execute_skipped(portal: &Portal, first_run: bool) {
+        if first_run {
+            portal
+                .executed
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Forgets a portal (closed, or dropped by the server).
     pub(super) fn remove_portal(&mut self, name: &str) {
         if let Some(old) = self.portals.remove(name) {
@@ -719,6 +756,77 @@ mod tests {
         let close = st.closing("s1");
         st.closed(close);
         assert!(!st.has_prepared("s1"));
+    }
+
+    /// Binds the server failed or skipped give each portal name back what it held (latest
+    /// first), never a portal judged by another statement than the one the server runs.
+    #[test]
+    fn undone_binds_give_portals_back() {
+        let portal = |bind: u64, text: &str| -> Portal {
+            let made = stmt(10);
+            made.lock().unwrap().recorded = text.into();
+            Arc::new(PortalInfo {
+                statement: Some(made),
+                formats: Vec::new(),
+                params: Vec::new(),
+                plan: Mutex::new(None),
+                executed: std::sync::atomic::AtomicBool::new(true),
+                cycle: 0,
+                bind,
+                bytes: 0,
+            })
+        };
+        let text = |st: &State, name: &str| {
+            st.portals.get(name).map(|p| {
+                p.statement
+                    .as_ref()
+                    .unwrap()
+                    .lock()
+                    .unwrap()
+                    .recorded
+                    .clone()
+            })
+        };
+        // p1 ran A; Binds of p1 to B then C, both skipped: A again, whatever the order.
+        let mut st = State::default();
+        let a = portal(1, "A");
+        st.insert_portal("p1".into(), a.clone());
+        st.insert_portal("p1".into(), portal(2, "B"));
+        st.insert_portal("p1".into(), portal(3, "C"));
+        st.binds_undone(vec![
+            ("p1".into(), 2, Some(a.clone()), false),
+            ("p1".into(), 3, Some(portal(2, "B")), false),
+        ]);
+        assert_eq!(text(&st, "p1").as_deref(), Some("A"));
+        // The Bind to B failed itself (42P03: p1 exists): A stays on the server, and here.
+        let mut st = State::default();
+        st.insert_portal("p1".into(), a.clone());
+        st.insert_portal("p1".into(), portal(2, "B"));
+        st.binds_undone(vec![("p1".into(), 2, Some(a.clone()), true)]);
+        assert_eq!(text(&st, "p1").as_deref(), Some("A"));
+        // A failed Bind of the unnamed portal may have dropped the one before: forgotten.
+        let mut st = State::default();
+        st.insert_portal(String::new(), a.clone());
+        st.insert_portal(String::new(), portal(2, "B"));
+        st.binds_undone(vec![(String::new(), 2, Some(a.clone()), true)]);
+        assert!(!st.portals.contains_key(""));
+        // Skipped, it did not: the one before is back.
+        st.insert_portal(String::new(), portal(3, "C"));
+        st.binds_undone(vec![(String::new(), 3, Some(a.clone()), false)]);
+        assert_eq!(text(&st, "").as_deref(), Some("A"));
+        // A portal bound since by an answered Bind stays; a new name goes.
+        st.insert_portal("p2".into(), portal(4, "D"));
+        st.insert_portal("p1".into(), portal(5, "E"));
+        st.binds_undone(vec![
+            ("p1".into(), 3, Some(a.clone()), false),
+            ("p2".into(), 4, None, false),
+        ]);
+        assert_eq!(text(&st, "p1").as_deref(), Some("E"));
+        assert!(!st.portals.contains_key("p2"));
+        assert_eq!(st.portal_bytes, 0);
+        // A skipped first Execute leaves its portal unrun.
+        State::execute_skipped(&a, true);
+        assert!(!a.executed.load(std::sync::atomic::Ordering::Relaxed));
     }
 
     /// A long statement's text is recorded whole once; later runs point at that record.

@@ -894,3 +894,70 @@ async fn messages_sent_after_an_error_came_back_are_skipped_up_to_sync() {
     drop(client);
     let _ = outcome(task).await;
 }
+
+/// A Bind the server refuses (42P03: the portal exists) or skips leaves the portal as the
+/// server has it: its next Execute is judged and recorded by the statement it runs.
+#[tokio::test]
+async fn a_refused_bind_leaves_the_portal_to_the_statement_the_server_runs() {
+    let server = FakeServer::start("x").await;
+    let h = Harness::with_upstream(server.addr, "postgres", PG_KEYS, Some("bot")).await;
+    let (mut client, task, _) = logged_in(&h, &[]).await;
+    client.write_all(&query("begin")).await.expect("begin");
+    let reply = until_ready(&mut client).await;
+    assert_eq!(reply.last(), Some(&(b'Z', Bytes::from_static(b"T"))));
+    let mut batch = BytesMut::new();
+    parse(&mut batch, "sa", "select 'runs' as first");
+    parse(&mut batch, "fail_bind", "select 'never bound' as other");
+    message(
+        &mut batch,
+        b'B',
+        &[b"p1\0sa\0", &[0, 0, 0, 0, 0, 0][..]].concat(),
+    );
+    message(&mut batch, b'E', &[b"p1\0", &[0, 0, 0, 1][..]].concat());
+    message(&mut batch, b'S', b"");
+    client.write_all(&batch).await.expect("batch");
+    assert_eq!(error_code(&until_ready(&mut client).await), None);
+    // p1 again, to the other statement: refused by the server; then, pipelined behind the
+    // failure, another Bind of p1 the server skips.
+    let mut batch = BytesMut::new();
+    message(
+        &mut batch,
+        b'B',
+        &[b"p1\0fail_bind\0", &[0, 0, 0, 0, 0, 0][..]].concat(),
+    );
+    message(
+        &mut batch,
+        b'B',
+        &[b"p1\0fail_bind\0", &[0, 0, 0, 0, 0, 0][..]].concat(),
+    );
+    message(&mut batch, b'S', b"");
+    client.write_all(&batch).await.expect("batch");
+    let reply = until_ready(&mut client).await;
+    assert_eq!(error_code(&reply).as_deref(), Some("42P03"), "{reply:?}");
+    let mut batch = BytesMut::new();
+    message(&mut batch, b'E', &[b"p1\0", &[0, 0, 0, 0][..]].concat());
+    message(&mut batch, b'S', b"");
+    client.write_all(&batch).await.expect("batch");
+    assert_eq!(error_code(&until_ready(&mut client).await), None);
+    drop(client);
+    let _ = outcome(task).await;
+    h.ctx.services.store.flush().await.expect("flush");
+    let sessions = h
+        .ctx
+        .services
+        .store
+        .sessions(false, 10)
+        .await
+        .expect("sessions");
+    let history = h
+        .ctx
+        .services
+        .store
+        .session_history(sessions[0].id.clone())
+        .await
+        .expect("history")
+        .expect("the session");
+    let texts: Vec<&str> = history.statements.iter().map(|s| s.text.as_str()).collect();
+    let last = texts.last().copied().unwrap_or_default();
+    assert!(last.contains("'runs'"), "{texts:?}");
+}
