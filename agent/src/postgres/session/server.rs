@@ -1092,10 +1092,11 @@ impl Pump<'_> {
                     }
                 }
                 for rec in skipped {
+                    // A refusal's own reason stays.
                     self.with_record(rec, |r| {
-                        r.error = Some(format!(
-                            "not run: an earlier message of its batch failed ({code})"
-                        ));
+                        r.error.get_or_insert_with(|| {
+                            format!("not run: an earlier message of its batch failed ({code})")
+                        });
                     });
                     self.finish_record(rec);
                 }
@@ -1192,10 +1193,11 @@ impl Pump<'_> {
                     self.finish_record(rec);
                 }
                 for rec in not_run {
+                    // A refusal's own reason stays.
                     self.with_record(rec, |r| {
-                        r.error = Some(format!(
-                            "not run: an earlier message of its batch failed ({code})"
-                        ));
+                        r.error.get_or_insert_with(|| {
+                            format!("not run: an earlier message of its batch failed ({code})")
+                        });
                     });
                     self.finish_record(rec);
                 }
