@@ -492,6 +492,7 @@ impl Pump<'_> {
                 let cycle = st.cycles_sent;
                 st.binds += 1;
                 let bind = st.binds;
+                let previous = st.portals.get(&portal).cloned();
                 let info = Arc::new(PortalInfo {
                     statement: Some(stmt),
                     formats,
@@ -501,8 +502,9 @@ impl Pump<'_> {
                     cycle,
                     bind,
                     bytes: params_bytes,
+                    replaced: previous.is_some(),
+                    confirmed: AtomicBool::new(false),
                 });
-                let previous = st.portals.get(&portal).cloned();
                 st.insert_portal(portal.clone(), info);
                 in_flight_bound(&st)?;
                 st.expect.push_back(Expect::Bind {
@@ -551,8 +553,34 @@ impl Pump<'_> {
                             cycle: u64::MAX,
                             bind: 0,
                             bytes: 0,
+                            replaced: false,
+                            confirmed: AtomicBool::new(false),
                         })
                     });
+                // Bound again in an earlier batch the server has not answered: it may still
+                // run the portal before (a named portal's Bind fails, 42P03), so which
+                // statement this Execute runs is not known yet. Refused, not guessed.
+                let contested = info.replaced
+                    && !info.confirmed.load(Ordering::Acquire)
+                    && info.cycle < self.lock().cycles_sent;
+                if contested {
+                    let error = PgError::error(
+                        "55000",
+                        format!("jitgate: portal \"{portal}\" was bound again in an earlier batch the server has not answered yet"),
+                    )
+                    .hint("wait for that batch's answer (its ReadyForQuery) before executing the portal: until then the gate cannot tell which statement it runs");
+                    let rec = self.new_record_recorded(
+                        format!("<Execute of portal \"{portal}\", rebound and not confirmed yet: refused>"),
+                        Decision::Denied,
+                        Some("portal not confirmed".into()),
+                    );
+                    self.update_record(rec, |r| {
+                        r.error = Some(format!("{}: {}", error.code, error.message));
+                    });
+                    self.finish_record(rec);
+                    self.poison(Some(&nonce()), error, out);
+                    return Ok(true);
+                }
                 // A portal runs its statement once (Executes after the first continue it, or
                 // find it done): its first Execute is when the statement runs. The first run
                 // of a statement was paid for at its Parse; every later one takes from the
@@ -741,6 +769,8 @@ impl Pump<'_> {
                 cycle,
                 bind,
                 bytes: refused.bytes,
+                replaced: false,
+                confirmed: AtomicBool::new(false),
             }),
         );
         in_flight_bound(&st)

@@ -760,7 +760,9 @@ impl Pump<'_> {
                             st.closed(close);
                         }
                     }
-                    (b'2', Some(Expect::Bind { .. })) => {}
+                    (b'2', Some(Expect::Bind { portal, bind, .. })) => {
+                        st.bind_confirmed(&portal, bind);
+                    }
                     _ => return Err(desync(want)),
                 }
                 drop(st);

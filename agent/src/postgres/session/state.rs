@@ -293,6 +293,11 @@ pub(super) struct PortalInfo {
     pub(super) bind: u64,
     /// Its recorded parameters' bytes, counted in [`State::portal_bytes`].
     pub(super) bytes: usize,
+    /// Its Bind replaced a portal the gate held under the name: until the server answers it
+    /// (`confirmed`, at BindComplete), the server may still hold the one before (a named
+    /// portal's Bind fails, 42P03), so an Execute from a later batch is refused.
+    pub(super) replaced: bool,
+    pub(super) confirmed: std::sync::atomic::AtomicBool,
 }
 
 impl PortalInfo {
@@ -373,6 +378,9 @@ pub(super) struct State {
     /// An extended-protocol error arrived and the server skips what follows up to Sync:
     /// messages the client sends meanwhile are skipped too (see [`Skipping`]).
     pub(super) skipping: Option<Skipping>,
+    /// Portals bound before this cycle went with the last idle ReadyForQuery (see
+    /// [`State::forget_portals_before`]): none of them is put back.
+    pub(super) portals_forgotten_before: u64,
     /// What the prepared statements of both kinds hold (see [`prepared_footprint`]), bounded
     /// by `MAX_PREPARED_BYTES`.
     pub(super) prepared_bytes: usize,
@@ -610,21 +618,34 @@ impl State {
 
     /// Binds the server failed or skipped, in the order sent (see [`Expect::Bind`]): each
     /// name gets back what it held before, latest first, where it still holds that Bind's
-    /// portal. A failed Bind of the unnamed portal may have dropped the one before on the
-    /// server (it replaces it once the statement and parameters are checked), so the name is
-    /// forgotten instead: an Execute of it is then refused here, never judged by another
-    /// statement.
+    /// portal. The name is forgotten instead where the server may no longer hold the one
+    /// before: a failed Bind of the unnamed portal (the server drops the old one once the
+    /// statement and parameters are checked), or one bound before the last idle
+    /// ReadyForQuery (dropped with its transaction). A portal the gate does not hold runs
+    /// with no statement known here: unrecorded text, and a result with no plan ends the
+    /// session; never judged or masked by another statement.
     pub(super) fn binds_undone(&mut self, undone: Vec<(String, u64, Option<Portal>, bool)>) {
         for (name, bind, previous, failed) in undone.into_iter().rev() {
             if self.portals.get(&name).is_none_or(|p| p.bind != bind) {
                 continue;
             }
             match previous {
-                Some(previous) if !(failed && name.is_empty()) => {
+                Some(previous)
+                    if !(failed && name.is_empty())
+                        && previous.cycle >= self.portals_forgotten_before =>
+                {
                     self.insert_portal(name, previous)
                 }
                 _ => self.remove_portal(&name),
             }
+        }
+    }
+
+    /// BindComplete: the server holds the portal this Bind made.
+    pub(super) fn bind_confirmed(&self, name: &str, bind: u64) {
+        if let Some(p) = self.portals.get(name).filter(|p| p.bind == bind) {
+            p.confirmed
+                .store(true, std::sync::atomic::Ordering::Release);
         }
     }
 
@@ -667,6 +688,7 @@ impl State {
     /// Forgets the portals bound before cycle `done` (the server, idle, has dropped them),
     /// those bound again since excepted.
     pub(super) fn forget_portals_before(&mut self, done: u64) {
+        self.portals_forgotten_before = done;
         while let Some((cycle, _, _)) = self.portal_cycles.front() {
             if *cycle >= done {
                 break;
@@ -771,6 +793,8 @@ mod tests {
                 params: Vec::new(),
                 plan: Mutex::new(None),
                 executed: std::sync::atomic::AtomicBool::new(true),
+                replaced: false,
+                confirmed: std::sync::atomic::AtomicBool::new(true),
                 cycle: 0,
                 bind,
                 bytes: 0,
@@ -899,6 +923,8 @@ mod tests {
             params: Vec::new(),
             plan: Mutex::new(None),
             executed: std::sync::atomic::AtomicBool::new(false),
+            replaced: false,
+            confirmed: std::sync::atomic::AtomicBool::new(true),
             cycle: st.cycles_sent,
             bind: st.binds,
             bytes: 100,

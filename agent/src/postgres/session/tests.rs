@@ -917,6 +917,11 @@ async fn a_refused_bind_leaves_the_portal_to_the_statement_the_server_runs() {
     message(&mut batch, b'S', b"");
     client.write_all(&batch).await.expect("batch");
     assert_eq!(error_code(&until_ready(&mut client).await), None);
+    client
+        .write_all(&query("savepoint s"))
+        .await
+        .expect("savepoint");
+    until_ready(&mut client).await;
     // p1 again, to the other statement: refused by the server; then, pipelined behind the
     // failure, another Bind of p1 the server skips.
     let mut batch = BytesMut::new();
@@ -934,6 +939,12 @@ async fn a_refused_bind_leaves_the_portal_to_the_statement_the_server_runs() {
     client.write_all(&batch).await.expect("batch");
     let reply = until_ready(&mut client).await;
     assert_eq!(error_code(&reply).as_deref(), Some("42P03"), "{reply:?}");
+    // The transaction carries on past the failure, p1 (bound before the savepoint) with it.
+    client
+        .write_all(&query("rollback to s"))
+        .await
+        .expect("rollback to");
+    until_ready(&mut client).await;
     let mut batch = BytesMut::new();
     message(&mut batch, b'E', &[b"p1\0", &[0, 0, 0, 0][..]].concat());
     message(&mut batch, b'S', b"");
@@ -960,4 +971,52 @@ async fn a_refused_bind_leaves_the_portal_to_the_statement_the_server_runs() {
     let texts: Vec<&str> = history.statements.iter().map(|s| s.text.as_str()).collect();
     let last = texts.last().copied().unwrap_or_default();
     assert!(last.contains("'runs'"), "{texts:?}");
+}
+
+/// An Execute pipelined behind a batch that binds its portal again, before the server has
+/// answered that Bind: the server may still run the portal before (a named portal's Bind
+/// fails), so the gate refuses the Execute rather than judge it by either statement.
+#[tokio::test]
+async fn an_execute_of_a_portal_rebound_in_an_unanswered_batch_is_refused() {
+    let server = FakeServer::start("x").await;
+    let h = Harness::with_upstream(server.addr, "postgres", PG_KEYS, Some("bot")).await;
+    let (mut client, task, _) = logged_in(&h, &[]).await;
+    client.write_all(&query("begin")).await.expect("begin");
+    until_ready(&mut client).await;
+    let mut batch = BytesMut::new();
+    parse(&mut batch, "sa", "select 'runs' as first");
+    parse(&mut batch, "fail_bind", "select 'never bound' as other");
+    message(
+        &mut batch,
+        b'B',
+        &[b"p1\0sa\0", &[0, 0, 0, 0, 0, 0][..]].concat(),
+    );
+    message(&mut batch, b'S', b"");
+    client.write_all(&batch).await.expect("batch");
+    assert_eq!(error_code(&until_ready(&mut client).await), None);
+    // Both batches at once: the Execute is judged before the Bind's answer.
+    let mut batch = BytesMut::new();
+    message(
+        &mut batch,
+        b'B',
+        &[b"p1\0fail_bind\0", &[0, 0, 0, 0, 0, 0][..]].concat(),
+    );
+    message(&mut batch, b'S', b"");
+    message(&mut batch, b'E', &[b"p1\0", &[0, 0, 0, 0][..]].concat());
+    message(&mut batch, b'S', b"");
+    client.write_all(&batch).await.expect("batch");
+    let first = until_ready(&mut client).await;
+    assert_eq!(error_code(&first).as_deref(), Some("42P03"), "{first:?}");
+    let second = until_ready(&mut client).await;
+    assert_eq!(error_code(&second).as_deref(), Some("55000"), "{second:?}");
+    assert!(values(&second).is_empty(), "{second:?}");
+    // Once answered, the portal is known again and runs.
+    let mut batch = BytesMut::new();
+    message(&mut batch, b'E', &[b"p1\0", &[0, 0, 0, 0][..]].concat());
+    message(&mut batch, b'S', b"");
+    client.write_all(&batch).await.expect("batch");
+    let third = until_ready(&mut client).await;
+    assert_eq!(error_code(&third), None, "{third:?}");
+    drop(client);
+    let _ = outcome(task).await;
 }
