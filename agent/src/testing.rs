@@ -310,6 +310,20 @@ approvers = ["root"]
             .expect("revoke");
     }
 
+    /// The one ended session of the harness, with its records (what was handed to the store
+    /// is written first).
+    pub async fn only_session(&self) -> crate::store::SessionHistory {
+        let store = &self.ctx.services.store;
+        store.flush().await.expect("flush");
+        let sessions = store.sessions(false, 10).await.expect("sessions");
+        assert_eq!(sessions.len(), 1, "{sessions:?}");
+        store
+            .session_history(sessions[0].id.clone())
+            .await
+            .expect("history")
+            .expect("the session")
+    }
+
     /// Starts a session; returns the workload's end of the pipe and the session's task.
     pub fn connect(&self) -> (DuplexStream, JoinHandle<Outcome>) {
         let (client, server) = tokio::io::duplex(64 * 1024);

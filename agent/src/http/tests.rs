@@ -438,7 +438,7 @@ async fn records_carry_body_sizes_and_the_first_bytes_kept() {
     assert_eq!(status, 200, "{body}");
     h.revoke(&grant).await;
     outcome(task).await;
-    let history = only_session(&h).await;
+    let history = h.only_session().await;
     let params: Vec<String> = history.statements[0]
         .params
         .iter()
@@ -467,18 +467,6 @@ async fn upstream_connections_are_reused_between_requests() {
     }
     let (_, body) = get(&mut sender, "/conns", None).await;
     assert_eq!(body, "1", "one upstream connection for sequential requests");
-}
-
-/// The one ended session of the harness, with its records.
-async fn only_session(h: &Harness) -> crate::store::SessionHistory {
-    let store = &h.ctx.services.store;
-    let sessions = store.sessions(false, 10).await.expect("sessions");
-    assert_eq!(sessions.len(), 1, "{sessions:?}");
-    store
-        .session_history(sessions[0].id.clone())
-        .await
-        .expect("history")
-        .expect("the session")
 }
 
 /// An HTTP/2 client with prior knowledge over the in-memory pipe.
@@ -763,7 +751,7 @@ async fn http2_streams_run_side_by_side_each_judged_and_all_cut_with_the_grant()
         "nothing more flows after the cut: {next:?}"
     );
     // The open stream's record says where it was cut.
-    let history = only_session(&h).await;
+    let history = h.only_session().await;
     let hang = history
         .statements
         .iter()
@@ -792,7 +780,7 @@ async fn an_http2_stream_reset_in_flight_is_still_recorded() {
     assert_eq!(status, 200);
     h.revoke(&grant).await;
     outcome(task).await;
-    let history = only_session(&h).await;
+    let history = h.only_session().await;
     let slow = history
         .statements
         .iter()

@@ -661,6 +661,39 @@ async fn a_statement_whose_grant_ends_while_it_is_judged_is_not_sent() {
     let _ = drain(client).await;
 }
 
+/// Logs in, sends `first`, then floods long statements without reading (the writer stays
+/// blocked once the pipes are full, the socket buffers to the server included); returns
+/// once the server has seen `first` and the buffers had time to fill, with the workload's
+/// unread end, the session's task and the flood's.
+async fn flooding(
+    h: &Harness,
+    server: &FakeServer,
+    first: &str,
+) -> (
+    tokio::io::ReadHalf<tokio::io::DuplexStream>,
+    tokio::task::JoinHandle<crate::protocol::Outcome>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (client, task, _) = connected(h, &[]).await;
+    let (unread, mut client) = tokio::io::split(client);
+    client.write_all(&query(first)).await.expect("query");
+    // Long ones: a few records fill megabytes.
+    let flood = tokio::spawn(async move {
+        let one = query(&format!("select 1 -- {}", "x".repeat(256 << 10)));
+        while client.write_all(&one).await.is_ok() {}
+    });
+    let saw = || server.seen().iter().any(|l| l == first);
+    for _ in 0..100 {
+        if saw() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(saw(), "the server never saw {first}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    (unread, task, flood)
+}
+
 /// A workload that leaves a large result unread and floods statements without reading (its
 /// socket full both ways, both of the gate's pumps blocked writing) still loses the session
 /// when its grant ends, and the upstream connection goes with it.
@@ -669,31 +702,8 @@ async fn a_client_that_stops_reading_is_cut_when_its_grant_ends() {
     let server = FakeServer::start("x").await;
     let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
     let grant = h.grant().await;
-    let (client, task, _) = connected(&h, &[]).await;
-    let (_unread, mut client) = tokio::io::split(client);
-    client
-        .write_all(&query("select * from endless_rows"))
-        .await
-        .expect("query");
-    // Statements until the pipes are full (the socket buffers to the server included); the
-    // writer stays blocked on them. Long ones: a few records fill megabytes.
-    let flood = tokio::spawn(async move {
-        let one = query(&format!("select 1 -- {}", "x".repeat(256 << 10)));
-        while client.write_all(&one).await.is_ok() {}
-    });
+    let (_unread, task, flood) = flooding(&h, &server, "select * from endless_rows").await;
     let saw = |what: &str| server.seen().iter().any(|l| l == what);
-    for _ in 0..100 {
-        if saw("select * from endless_rows") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(
-        saw("select * from endless_rows"),
-        "the server never saw the statement"
-    );
-    // Long enough for every buffer on the way to fill.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(
         !task.is_finished(),
         "the session is open while the grant stands"
@@ -726,28 +736,7 @@ async fn a_client_side_stuck_writing_to_a_busy_server_is_cut() {
     let server = FakeServer::start("x").await;
     let h = Harness::with_upstream(server.addr, "postgres", MASKED, Some("bot")).await;
     let grant = h.grant().await;
-    let (client, task, _) = connected(&h, &[]).await;
-    let (mut unread, mut client) = tokio::io::split(client);
-    client
-        .write_all(&query("select pg_sleep(5)"))
-        .await
-        .expect("query");
-    let flood = tokio::spawn(async move {
-        let one = query(&format!("select 1 -- {}", "x".repeat(256 << 10)));
-        while client.write_all(&one).await.is_ok() {}
-    });
-    let saw = |what: &str| server.seen().iter().any(|l| l == what);
-    for _ in 0..100 {
-        if saw("select pg_sleep(5)") {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(
-        saw("select pg_sleep(5)"),
-        "the server never saw the statement"
-    );
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (mut unread, task, flood) = flooding(&h, &server, "select pg_sleep(5)").await;
     h.revoke(&grant).await;
     let last = until_ready(&mut unread).await;
     assert_eq!(error_code(&last).as_deref(), Some("57P01"), "{last:?}");
@@ -759,6 +748,12 @@ async fn a_client_side_stuck_writing_to_a_busy_server_is_cut() {
     );
     assert!(detail.contains("connection was cut"), "{detail}");
     flood.abort();
+}
+
+/// Writes `batch` and reads the answers up to the next ReadyForQuery.
+async fn sent(client: &mut tokio::io::DuplexStream, batch: &[u8]) -> Vec<(u8, Bytes)> {
+    client.write_all(batch).await.expect("batch");
+    until_ready(client).await
 }
 
 /// Parse of `name` for `text`.
@@ -798,15 +793,13 @@ async fn a_name_whose_parse_failed_is_free_again_after_its_skipped_close() {
     parse(&mut batch, "s1", "select fail_parse");
     close_statement(&mut batch, "s1");
     message(&mut batch, b'S', b"");
-    client.write_all(&batch).await.expect("batch");
-    let reply = until_ready(&mut client).await;
+    let reply = sent(&mut client, &batch).await;
     assert_eq!(error_code(&reply).as_deref(), Some("42601"), "{reply:?}");
 
     let mut again = BytesMut::new();
     parse(&mut again, "s1", "select 1");
     bind_execute_sync(&mut again, "s1");
-    client.write_all(&again).await.expect("batch");
-    let reply = until_ready(&mut client).await;
+    let reply = sent(&mut client, &again).await;
     assert_eq!(error_code(&reply), None, "{reply:?}");
     assert_eq!(values(&reply), ["x"], "{reply:?}");
 
@@ -816,14 +809,12 @@ async fn a_name_whose_parse_failed_is_free_again_after_its_skipped_close() {
     parse(&mut batch, "s2", "select fail_parse");
     close_statement(&mut batch, "s1");
     message(&mut batch, b'S', b"");
-    client.write_all(&batch).await.expect("batch");
-    let reply = until_ready(&mut client).await;
+    let reply = sent(&mut client, &batch).await;
     assert_eq!(error_code(&reply).as_deref(), Some("42601"), "{reply:?}");
     let mut again = BytesMut::new();
     parse(&mut again, "s1", "select 2");
     message(&mut again, b'S', b"");
-    client.write_all(&again).await.expect("batch");
-    let reply = until_ready(&mut client).await;
+    let reply = sent(&mut client, &again).await;
     assert_eq!(error_code(&reply).as_deref(), Some("42P05"), "{reply:?}");
     drop(client);
     let _ = outcome(task).await;
@@ -872,23 +863,21 @@ async fn messages_sent_after_an_error_came_back_are_skipped_up_to_sync() {
     parse(&mut rest, "s3", "select 3");
     close_statement(&mut rest, "s3");
     message(&mut rest, b'S', b"");
-    client.write_all(&rest).await.expect("batch");
-    let reply = until_ready(&mut client).await;
+    let reply = sent(&mut client, &rest).await;
     assert_eq!(reply.last().map(|(t, _)| *t), Some(b'Z'), "{reply:?}");
 
-    // s1 is still on the server: a Parse of it fails there, so it fails here.
+    // s1 is still on the server: the gate refuses a Parse of it as the server would (the
+    // fake server tracks no names; the 42P05 is the gate's).
     let mut again = BytesMut::new();
     parse(&mut again, "s1", "select 2");
     message(&mut again, b'S', b"");
-    client.write_all(&again).await.expect("batch");
-    let reply = until_ready(&mut client).await;
+    let reply = sent(&mut client, &again).await;
     assert_eq!(error_code(&reply).as_deref(), Some("42P05"), "{reply:?}");
     // s3 never was: it can be parsed and run.
     let mut fresh = BytesMut::new();
     parse(&mut fresh, "s3", "select 3");
     bind_execute_sync(&mut fresh, "s3");
-    client.write_all(&fresh).await.expect("batch");
-    let reply = until_ready(&mut client).await;
+    let reply = sent(&mut client, &fresh).await;
     assert_eq!(error_code(&reply), None, "{reply:?}");
     assert_eq!(values(&reply), ["x"], "{reply:?}");
     drop(client);
@@ -936,8 +925,7 @@ async fn a_refused_bind_leaves_the_portal_to_the_statement_the_server_runs() {
         &[b"p1\0fail_bind\0", &[0, 0, 0, 0, 0, 0][..]].concat(),
     );
     message(&mut batch, b'S', b"");
-    client.write_all(&batch).await.expect("batch");
-    let reply = until_ready(&mut client).await;
+    let reply = sent(&mut client, &batch).await;
     assert_eq!(error_code(&reply).as_deref(), Some("42P03"), "{reply:?}");
     // The transaction carries on past the failure, p1 (bound before the savepoint) with it.
     client
@@ -952,22 +940,7 @@ async fn a_refused_bind_leaves_the_portal_to_the_statement_the_server_runs() {
     assert_eq!(error_code(&until_ready(&mut client).await), None);
     drop(client);
     let _ = outcome(task).await;
-    h.ctx.services.store.flush().await.expect("flush");
-    let sessions = h
-        .ctx
-        .services
-        .store
-        .sessions(false, 10)
-        .await
-        .expect("sessions");
-    let history = h
-        .ctx
-        .services
-        .store
-        .session_history(sessions[0].id.clone())
-        .await
-        .expect("history")
-        .expect("the session");
+    let history = h.only_session().await;
     let texts: Vec<&str> = history.statements.iter().map(|s| s.text.as_str()).collect();
     let last = texts.last().copied().unwrap_or_default();
     assert!(last.contains("'runs'"), "{texts:?}");
