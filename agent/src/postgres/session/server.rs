@@ -982,8 +982,6 @@ impl Pump<'_> {
                     let mut rec = None;
                     // Closes the server skipped: it still holds those statements.
                     let mut skipped_closes = Vec::new();
-                    // Names whose Parse in this batch failed or was skipped (see `Skipping`).
-                    let mut unmade: Vec<(String, u64)> = Vec::new();
                     // Binds failed or skipped: their portals' names get back what they held.
                     let mut undone_binds = Vec::new();
                     // Only the message that failed can have failed with 42P05.
@@ -1040,8 +1038,6 @@ impl Pump<'_> {
                                         // that the gate does not know.
                                         if was_first && raw_code && !answers_poison {
                                             st.phantoms.insert(name);
-                                        } else if let Some(made) = &made {
-                                            unmade.push((name, state::stmt_seq(made)));
                                         }
                                     }
                                     Some(Expect::Close(Some(close))) => skipped_closes.push(close),
@@ -1052,15 +1048,12 @@ impl Pump<'_> {
                     }
                     st.binds_undone(undone_binds);
                     for close in skipped_closes {
-                        st.close_skipped(close, &unmade);
+                        st.close_skipped(close);
                     }
                     // What the client sends before its Sync is skipped too: see the
                     // ReadyForQuery below.
                     if extended {
-                        st.skipping = Some(state::Skipping {
-                            unmade,
-                            code: code.clone(),
-                        });
+                        st.skipping = Some(state::Skipping { code: code.clone() });
                     }
                     st.copy = None;
                     rec
@@ -1114,21 +1107,20 @@ impl Pump<'_> {
                     // those Parses made nothing, those Closes closed nothing, those
                     // statements never ran.
                     let skipping = st.skipping.take();
-                    let (mut unmade, code) = skipping
-                        .map(|s| (Some(s.unmade), s.code))
-                        .unwrap_or_default();
+                    let skipped = skipping.is_some();
+                    let code = skipping.map(|s| s.code).unwrap_or_default();
                     let mut not_run = Vec::new();
                     let mut closes = Vec::new();
                     let mut undone_binds = Vec::new();
                     loop {
-                        match (st.expect.pop_front(), unmade.as_mut()) {
+                        match (st.expect.pop_front(), skipped) {
                             // A Sync the server ignored in copy-in mode got no answer: it
                             // is done, and this answer is for a later one.
                             (Some(Expect::Sync { copy_in }), _) if st.copy_in.ignored(copy_in) => {
                                 st.cycles_done += 1;
                             }
                             (Some(Expect::Sync { .. }), _) | (None, _) => break,
-                            (Some(Expect::Query { rec, .. }), Some(_)) => not_run.push(rec),
+                            (Some(Expect::Query { rec, .. }), true) => not_run.push(rec),
                             (
                                 Some(Expect::Execute {
                                     rec,
@@ -1136,7 +1128,7 @@ impl Pump<'_> {
                                     first_run,
                                     ..
                                 }),
-                                Some(_),
+                                true,
                             ) => {
                                 State::execute_skipped(&portal, first_run);
                                 not_run.push(rec);
@@ -1147,9 +1139,9 @@ impl Pump<'_> {
                                     bind,
                                     previous,
                                 }),
-                                Some(_),
+                                true,
                             ) => undone_binds.push((portal, bind, previous, false)),
-                            (Some(Expect::Parse(Some(name), Some(made))), Some(unmade)) => {
+                            (Some(Expect::Parse(Some(name), Some(made))), true) => {
                                 if st
                                     .statements
                                     .get(&name)
@@ -1157,20 +1149,19 @@ impl Pump<'_> {
                                 {
                                     st.remove_statement(&name);
                                 }
-                                unmade.push((name, state::stmt_seq(&made)));
                             }
-                            (Some(Expect::Close(Some(close))), Some(_)) => closes.push(close),
-                            (Some(Expect::Query { rec, .. }), None) => {
+                            (Some(Expect::Close(Some(close))), true) => closes.push(close),
+                            (Some(Expect::Query { rec, .. }), false) => {
                                 recs.push(rec);
                                 break;
                             }
-                            (Some(Expect::Execute { rec, .. }), None) => recs.push(rec),
+                            (Some(Expect::Execute { rec, .. }), false) => recs.push(rec),
                             (Some(_), _) => {}
                         }
                     }
                     st.binds_undone(undone_binds);
                     for close in closes {
-                        st.close_skipped(close, unmade.as_deref().unwrap_or_default());
+                        st.close_skipped(close);
                     }
                     st.cycles_done += 1;
                     let done = st.cycles_done;

@@ -415,9 +415,9 @@ pub(super) struct Closing {
     pub(super) name: String,
     /// The gate held a SQL-`PREPARE`d statement or a phantom under the name.
     other: bool,
-    /// The protocol-level statement the gate held under the name: its place among name
-    /// changes.
-    statement: Option<u64>,
+    /// The protocol-level statement the gate held under the name: whether the server
+    /// holds it too is known when the Close is answered or skipped (its Parse confirmed).
+    statement: Option<Stmt>,
     /// The Close's own place among name changes.
     seq: u64,
 }
@@ -425,9 +425,6 @@ pub(super) struct Closing {
 /// The rest of a failed extended-protocol batch, which the server skips up to its Sync.
 #[derive(Debug, Default)]
 pub(super) struct Skipping {
-    /// Names whose Parse in the batch failed or was skipped, with each Parse's place among
-    /// name changes: the server never made those statements.
-    pub(super) unmade: Vec<(String, u64)>,
     /// The error's SQLSTATE, for the records of Executes that never ran.
     pub(super) code: String,
 }
@@ -465,7 +462,7 @@ impl State {
     /// what its [`Expect::Close`] carries.
     pub(super) fn closing(&mut self, name: &str) -> Closing {
         let other = self.sql_prepared.contains_key(name) || self.phantoms.contains(name);
-        let statement = self.statements.get(name).map(stmt_seq);
+        let statement = self.statements.get(name).cloned();
         self.forget_prepared(name);
         let seq = self.name_change();
         *self.closing.entry(name.to_owned()).or_default() += 1;
@@ -480,12 +477,16 @@ impl State {
 
     /// The server skipped a Close after an error earlier in its batch: it still holds what
     /// the gate dropped, which the gate no longer knows (a phantom: whatever is parsed under
-    /// the name since fails on the server), unless that was a statement whose Parse failed
-    /// or was skipped in the same batch (`unmade`: each such Parse's name and place among
-    /// name changes), which the server never made.
-    pub(super) fn close_skipped(&mut self, close: Closing, unmade: &[(String, u64)]) {
-        let made_here = |seq: u64| unmade.iter().any(|(n, s)| *n == close.name && *s == seq);
-        let held = close.other || close.statement.is_some_and(|seq| !made_here(seq));
+    /// the name since fails on the server), unless that was a statement the server never
+    /// made. Everything sent before the Close has been answered or skipped by now, so a
+    /// statement whose Parse was not confirmed failed or was skipped, in this batch or an
+    /// earlier one.
+    pub(super) fn close_skipped(&mut self, close: Closing) {
+        let held = close.other
+            || close
+                .statement
+                .as_ref()
+                .is_some_and(|s| s.lock().unwrap_or_else(PoisonError::into_inner).confirmed);
         let name = self.close_answered(close);
         if held {
             self.phantoms.insert(name);
@@ -737,36 +738,39 @@ mod tests {
     }
 
     /// A skipped Close leaves a phantom for what the server still holds: a SQL-`PREPARE`d
-    /// statement under the name, or a statement the server made, but not a statement whose
-    /// Parse failed or was skipped in the same batch (the server never made it).
+    /// statement under the name, or a statement the server made (its Parse confirmed), but
+    /// not a statement whose Parse failed or was skipped (the server never made it).
     #[test]
     fn a_skipped_close_leaves_a_phantom_for_what_the_server_holds() {
-        let parsed = |st: &mut State, name: &str| {
+        let parsed = |st: &mut State, name: &str, confirmed: bool| {
             let made = stmt(10);
-            made.lock().unwrap().seq = st.next_seq();
-            st.insert_statement(name.into(), made.clone());
-            stmt_seq(&made)
+            {
+                let mut m = made.lock().unwrap();
+                m.seq = st.next_seq();
+                m.confirmed = confirmed;
+            }
+            st.insert_statement(name.into(), made);
         };
-        // Made here, its Parse failed in the batch: the name is free.
+        // Its Parse failed or was skipped: the name is free.
         let mut st = State::default();
-        let b = parsed(&mut st, "s1");
+        parsed(&mut st, "s1", false);
         let close = st.closing("s1");
-        st.close_skipped(close, &[("s1".into(), b)]);
+        st.close_skipped(close);
         assert!(!st.has_prepared("s1"));
         assert!(st.closing.is_empty() && st.closing_bytes == 0);
-        // A statement the server made before (another Parse failed): still held there.
+        // A statement the server made (another Parse failed): still held there.
         let mut st = State::default();
-        let a = parsed(&mut st, "s1");
+        parsed(&mut st, "s1", true);
         let close = st.closing("s1");
-        st.close_skipped(close, &[("s1".into(), a + 100), ("s2".into(), a)]);
+        st.close_skipped(close);
         assert!(st.has_prepared("s1"), "the server still holds s1");
         // A SQL-PREPAREd statement as well as one whose Parse failed: the PREPAREd one is
         // still on the server.
         let mut st = State::default();
         st.insert_sql_prepared("s1".into(), sql("select ssn from users"));
-        let b = parsed(&mut st, "s1");
+        parsed(&mut st, "s1", false);
         let close = st.closing("s1");
-        st.close_skipped(close, &[("s1".into(), b)]);
+        st.close_skipped(close);
         assert!(
             st.has_prepared("s1"),
             "the PREPAREd statement is still there"
@@ -774,7 +778,7 @@ mod tests {
         // Answered: gone, whatever it was.
         let mut st = State::default();
         st.insert_sql_prepared("s1".into(), sql("select 1"));
-        parsed(&mut st, "s1");
+        parsed(&mut st, "s1", true);
         let close = st.closing("s1");
         st.closed(close);
         assert!(!st.has_prepared("s1"));

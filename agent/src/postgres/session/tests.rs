@@ -820,6 +820,35 @@ async fn a_name_whose_parse_failed_is_free_again_after_its_skipped_close() {
     let _ = outcome(task).await;
 }
 
+/// The same across pipelined batches: s1's Parse fails in one batch, and its Close is
+/// skipped in the next (sent before the first was answered, after another error). The
+/// server never made s1, so the name is free.
+#[tokio::test]
+async fn a_name_whose_parse_failed_in_an_earlier_batch_is_free_after_its_skipped_close() {
+    let server = FakeServer::start("x").await;
+    let h = Harness::with_upstream(server.addr, "postgres", PG_KEYS, Some("bot")).await;
+    let (mut client, task, _) = logged_in(&h, &[]).await;
+    let mut batches = BytesMut::new();
+    parse(&mut batches, "s1", "select fail_parse");
+    message(&mut batches, b'S', b"");
+    parse(&mut batches, "s2", "select fail_parse");
+    close_statement(&mut batches, "s1");
+    message(&mut batches, b'S', b"");
+    let first = sent(&mut client, &batches).await;
+    assert_eq!(error_code(&first).as_deref(), Some("42601"), "{first:?}");
+    let second = until_ready(&mut client).await;
+    assert_eq!(error_code(&second).as_deref(), Some("42601"), "{second:?}");
+
+    let mut again = BytesMut::new();
+    parse(&mut again, "s1", "select 1");
+    bind_execute_sync(&mut again, "s1");
+    let reply = sent(&mut client, &again).await;
+    assert_eq!(error_code(&reply), None, "{reply:?}");
+    assert_eq!(values(&reply), ["x"], "{reply:?}");
+    drop(client);
+    let _ = outcome(task).await;
+}
+
 /// Reads one backend message.
 async fn one_message(client: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u8, Bytes) {
     use tokio::io::AsyncReadExt as _;
