@@ -348,6 +348,11 @@ pub struct Limits {
     pub max_sessions_per_identity: usize,
     /// Granted sessions riding on one grant (a resource may set its own).
     pub max_sessions_per_grant: usize,
+    /// Upstream descriptors one identity's sessions hold beyond each session's first (an
+    /// HTTP session's further connections, one per concurrent request, and its tunnels:
+    /// exec, attach, port-forward, WebSocket), so that one identity cannot take the
+    /// agent-wide count of descriptors from the others.
+    pub max_extra_upstreams_per_identity: usize,
     /// Bytes of bodies the gate may hold whole at once, agent-wide (responses read to be
     /// masked, held requests read to be shown): see [`crate::protocol::buffers`].
     pub buffer_budget: usize,
@@ -363,6 +368,7 @@ impl Default for Limits {
             max_pending_per_identity: 32,
             max_sessions_per_identity: 64,
             max_sessions_per_grant: 16,
+            max_extra_upstreams_per_identity: 128,
             buffer_budget: crate::protocol::buffers::DEFAULT_BUDGET,
             buffer_share: crate::protocol::buffers::DEFAULT_BUDGET / 2,
         }
@@ -653,6 +659,7 @@ struct RawDaemon {
     max_pending_per_identity: Option<S<i64>>,
     max_sessions_per_identity: Option<S<i64>>,
     max_sessions_per_grant: Option<S<i64>>,
+    max_extra_upstreams_per_identity: Option<S<i64>>,
     buffer_budget: Option<S<String>>,
     buffer_share: Option<S<String>>,
 }
@@ -1102,6 +1109,11 @@ impl Validator<'_> {
                 "max_sessions_per_grant",
                 raw.max_sessions_per_grant.as_ref(),
                 defaults.max_sessions_per_grant,
+            ),
+            max_extra_upstreams_per_identity: self.limit(
+                "max_extra_upstreams_per_identity",
+                raw.max_extra_upstreams_per_identity.as_ref(),
+                defaults.max_extra_upstreams_per_identity,
             ),
             buffer_budget,
             buffer_share: match &raw.buffer_share {
@@ -2491,7 +2503,7 @@ approvers = ["alice", "group:dba"]
         assert_eq!(c.resources[0].max_sessions_per_grant, 16);
         let c = parse(&SAMPLE.replace(
             "egress = \"deny\"",
-            "egress = \"deny\"\nstartup_timeout = \"3s\"\nmax_pending_per_identity = 4\nmax_sessions_per_identity = 9\nmax_sessions_per_grant = 5\nbuffer_budget = \"64MiB\"",
+            "egress = \"deny\"\nstartup_timeout = \"3s\"\nmax_pending_per_identity = 4\nmax_sessions_per_identity = 9\nmax_sessions_per_grant = 5\nmax_extra_upstreams_per_identity = 7\nbuffer_budget = \"64MiB\"",
         ))
         .unwrap();
         assert_eq!(
@@ -2501,6 +2513,7 @@ approvers = ["alice", "group:dba"]
                 max_pending_per_identity: 4,
                 max_sessions_per_identity: 9,
                 max_sessions_per_grant: 5,
+                max_extra_upstreams_per_identity: 7,
                 buffer_budget: 64 << 20,
                 buffer_share: 32 << 20,
             }

@@ -994,10 +994,14 @@ impl Ctx<'_> {
         );
         let response = self.upstream.send(request).await.map_err(|e| match e {
             super::upstream::SendError::Full(e) => Refusal {
-                status: 503,
-                error: e,
+                status: if e.kind == crate::protocol::limits::Kind::Agent {
+                    503
+                } else {
+                    429
+                },
+                error: e.to_string(),
                 rule: None,
-                hint: Some("retry in a moment".into()),
+                hint: Some(e.hint()),
             },
             super::upstream::SendError::Upstream(e) => Refusal {
                 status: 502,

@@ -207,7 +207,20 @@ pub async fn serve(
         resource: &session.resource.name,
         settings,
         grant,
-        upstream: Upstream::new(dial, Some(session.services.limits.clone())),
+        upstream: Upstream::new(
+            dial,
+            Some(super::upstream::ExtraSlots {
+                limits: session.services.limits.clone(),
+                identity: session.who.identity.clone(),
+                max: session
+                    .services
+                    .config
+                    .get()
+                    .daemon
+                    .limits
+                    .max_extra_upstreams_per_identity,
+            }),
+        ),
         counters: session.record.counters.clone(),
         seq: AtomicU32::new(0),
         holding: AtomicU32::new(0),

@@ -602,6 +602,86 @@ async fn tunnels_are_bounded_per_session_and_counted_against_the_agent() {
     assert!(back <= base + 1, "slots given back: {base} then {back}");
 }
 
+/// Hostile: one identity opens sessions side by side, each holding tunnels. Beyond each
+/// session's first upstream descriptor they share the identity's own count
+/// (`max_extra_upstreams_per_identity`), refused 429 past it whichever session asks, so the
+/// agent-wide count stays for others; a tunnel closed gives its place to any session.
+#[tokio::test]
+async fn extra_upstreams_are_capped_per_identity_across_its_sessions() {
+    use tokio::io::AsyncBufReadExt as _;
+    let h = Harness::many(
+        upstream().await,
+        "http",
+        "",
+        "max_extra_upstreams_per_identity = 3",
+    )
+    .await;
+    h.grant_access(crate::config::Access::Write).await;
+    let (first, _a) = h2_client::<Empty<Bytes>>(&h).await;
+    let (second, _b) = h2_client::<Empty<Bytes>>(&h).await;
+    let open_on = |sender: &hyper::client::conn::http2::SendRequest<Empty<Bytes>>| {
+        let mut sender = sender.clone();
+        async move {
+            let mut res = sender
+                .send_request(websocket_over_h2("http://svc/ws"))
+                .await
+                .expect("response");
+            if res.status() != 200 {
+                let status = res.status().as_u16();
+                let body = res.into_body().collect().await.expect("body").to_bytes();
+                return Err((status, String::from_utf8_lossy(&body).into_owned()));
+            }
+            let up = hyper::upgrade::on(&mut res)
+                .await
+                .expect("the stream opens");
+            let mut io = tokio::io::BufReader::new(TokioIo::new(up));
+            let mut hello = String::new();
+            io.read_line(&mut hello).await.expect("hello");
+            Ok(io)
+        }
+    };
+    let limits = &h.ctx.services.limits;
+    // The first session: its own descriptor and the identity's three.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(open_on(&first).await.expect("within the identity's count"));
+    }
+    let Err((status, body)) = open_on(&first).await else {
+        panic!("the identity is full")
+    };
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body.contains("max_extra_upstreams_per_identity"),
+        "the refusal names the key: {body}"
+    );
+    assert_eq!(limits.extra_in_use("bot"), 3);
+    // The second session has its own first descriptor, and nothing beyond it.
+    let own = open_on(&second).await.expect("the session's own first");
+    let Err((status, _)) = open_on(&second).await else {
+        panic!("the identity's count is shared")
+    };
+    assert_eq!(status, 429);
+    // One of the first session's tunnels closes: the second session may have its place.
+    drop(held.pop());
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(io) = open_on(&second).await {
+            again = Some(io);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "a closed tunnel gave its place back");
+    drop((again, own, held));
+    for _ in 0..100 {
+        if limits.extra_in_use("bot") == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(limits.extra_in_use("bot"), 0, "given back");
+}
+
 /// RFC 8441: a WebSocket over HTTP/2 is judged as the HTTP/1.1 upgrade it becomes upstream
 /// (write needed), relayed with the credential injected and scrubbed, answered 200 without
 /// upgrade headers, and cut with the grant.

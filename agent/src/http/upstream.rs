@@ -44,8 +44,9 @@ pub const MAX_IN_FLIGHT: usize = 16;
 /// Why a request could not be sent upstream.
 #[derive(Debug)]
 pub enum SendError {
-    /// The agent holds all the connections its descriptors allow (503).
-    Full(String),
+    /// The identity holds all the extra upstream connections it may (429), or the agent
+    /// all its descriptors allow (503).
+    Full(Exceeded),
     /// The upstream could not be reached or answered badly (502).
     Upstream(String),
 }
@@ -89,12 +90,21 @@ type Idle = Mutex<Vec<Conn>>;
 #[derive(Clone)]
 pub struct TunnelHold(pub Arc<Held>);
 
+/// Where a session's descriptors beyond its first are counted: the agent-wide count, within
+/// the identity's own share (see [`Limits::extra`]).
+pub struct ExtraSlots {
+    pub limits: Limits,
+    pub identity: String,
+    /// `[daemon] max_extra_upstreams_per_identity` as the session started.
+    pub max: usize,
+}
+
 /// The session's upstream connections (see the module documentation).
 pub struct Upstream {
     dial: Dial,
     /// The agent-wide connection count: each upstream connection or tunnel beyond the
     /// session's first takes a slot of it (see [`Upstream::hold`]).
-    fds: Option<Limits>,
+    fds: Option<ExtraSlots>,
     /// Upstream connections and tunnels open now.
     open: Arc<AtomicUsize>,
     idle: Arc<Idle>,
@@ -117,9 +127,9 @@ impl Drop for Upstream {
 }
 
 impl Upstream {
-    /// `fds`: the agent-wide limits further connections and tunnels count against (`None`
-    /// in tests of the exchange alone).
-    pub fn new(dial: Dial, fds: Option<Limits>) -> Self {
+    /// `fds`: the limits further connections and tunnels count against (`None` in tests of
+    /// the exchange alone).
+    pub fn new(dial: Dial, fds: Option<ExtraSlots>) -> Self {
         Self {
             dial,
             fds,
@@ -188,10 +198,11 @@ impl Upstream {
     pub fn hold(&self) -> Result<Held, Exceeded> {
         let before = self.open.fetch_add(1, Ordering::SeqCst);
         let extra = match &self.fds {
-            Some(limits) if before >= 1 => match limits.extra() {
+            Some(slots) if before >= 1 => match slots.limits.extra(&slots.identity, slots.max) {
                 Ok(extra) => Some(extra),
                 Err(e) => {
                     self.open.fetch_sub(1, Ordering::SeqCst);
+                    crate::ops::metrics::limit_refusal(e.kind.label(), &slots.identity);
                     return Err(e);
                 }
             },
@@ -204,10 +215,7 @@ impl Upstream {
     }
 
     async fn connect(&self) -> Result<Conn, SendError> {
-        let held = Arc::new(
-            self.hold()
-                .map_err(|e| SendError::Full(format!("{e}; {}", e.hint())))?,
-        );
+        let held = Arc::new(self.hold().map_err(SendError::Full)?);
         let addr = self.dial.addr;
         let connecting = async {
             let tcp = TcpStream::connect(addr)

@@ -289,7 +289,7 @@ pub fn webhook_delivery(webhook: &str, outcome: &'static str, events: u64) {
 }
 
 /// A connection refused by a limit (`pending`, `sessions_per_identity`, `sessions_per_grant`,
-/// `agent`, `startup_timeout`).
+/// `extra_upstreams_per_identity`, `agent`, `startup_timeout`).
 pub fn limit_refusal(limit: &'static str, identity: &str) {
     counter!(LIMIT_REFUSALS, "limit" => limit, "identity" => identity.to_owned()).increment(1);
 }

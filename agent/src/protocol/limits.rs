@@ -13,7 +13,9 @@
 //!   holds two descriptors), so that a flood spread over many identities still leaves the
 //!   agent descriptors for its store, control socket and other workloads' next connections.
 //!   A session that holds more upstream descriptors (an HTTP session's further connections
-//!   and tunnels) takes a slot of this count for each ([`Limits::extra`]).
+//!   and tunnels) takes a slot of this count for each ([`Limits::extra`]), within its
+//!   identity's own count of them (`max_extra_upstreams_per_identity`): an HTTP/2 client
+//!   multiplexing many requests cannot take the agent-wide count from the others.
 
 use std::{
     collections::HashMap,
@@ -31,6 +33,7 @@ pub enum Kind {
     Pending,
     SessionsPerIdentity,
     SessionsPerGrant,
+    ExtraPerIdentity,
     Agent,
 }
 
@@ -41,6 +44,7 @@ impl Kind {
             Self::Pending => "pending",
             Self::SessionsPerIdentity => "sessions_per_identity",
             Self::SessionsPerGrant => "sessions_per_grant",
+            Self::ExtraPerIdentity => "extra_upstreams_per_identity",
             Self::Agent => "agent",
         }
     }
@@ -53,6 +57,7 @@ impl Kind {
             Self::SessionsPerGrant => {
                 "[daemon] max_sessions_per_grant (or the resource's max_sessions_per_grant)"
             }
+            Self::ExtraPerIdentity => "[daemon] max_extra_upstreams_per_identity",
             Self::Agent => "the host agent's descriptor limit (LimitNOFILE)",
         }
     }
@@ -73,6 +78,9 @@ impl Exceeded {
         let wait = match self.kind {
             Kind::Pending => "finish or close connections still starting up",
             Kind::SessionsPerIdentity | Kind::SessionsPerGrant => "close an open session",
+            Kind::ExtraPerIdentity => {
+                "send fewer requests at once, or close streams (exec, watch, port-forward) no longer needed"
+            }
             Kind::Agent => "try again later",
         };
         format!(
@@ -100,6 +108,11 @@ impl fmt::Display for Exceeded {
                 "too many connections: grant {} already carries {} open sessions (limit {})",
                 self.scope, self.limit, self.limit
             ),
+            Kind::ExtraPerIdentity => write!(
+                f,
+                "too many upstream connections: {} already holds {} beyond its sessions' first (concurrent requests and open tunnels; limit {})",
+                self.scope, self.limit, self.limit
+            ),
             Kind::Agent => write!(
                 f,
                 "too many connections: the host agent holds {} proxied connections, the most its descriptor limit allows",
@@ -123,6 +136,8 @@ struct Counts {
     pending: HashMap<String, usize>,
     identity: HashMap<String, usize>,
     grant: HashMap<String, usize>,
+    /// Extra upstream descriptors by identity (see [`Limits::extra`]).
+    extra: HashMap<String, usize>,
 }
 
 impl Default for Limits {
@@ -242,11 +257,20 @@ fn decrement(map: &mut HashMap<String, usize>, key: &str) {
 }
 
 impl Limits {
-    /// An agent-wide slot for a descriptor a session holds beyond its first upstream
-    /// connection (an HTTP session's further upstream connections and its tunnels: an
-    /// HTTP/2 client multiplexes many on its one connection), held until dropped.
-    pub fn extra(&self) -> Result<Extra, Exceeded> {
+    /// An agent-wide slot for a descriptor a session of `identity` holds beyond its first
+    /// upstream connection (an HTTP session's further upstream connections and its tunnels:
+    /// an HTTP/2 client multiplexes many on its one connection), held until dropped. The
+    /// identity holds at most `max` of them over all its sessions.
+    pub fn extra(&self, identity: &str, max: usize) -> Result<Extra, Exceeded> {
         let mut c = self.counts();
+        let held = c.extra.get(identity).copied().unwrap_or(0);
+        if held >= max {
+            return Err(Exceeded {
+                kind: Kind::ExtraPerIdentity,
+                limit: max,
+                scope: identity.to_owned(),
+            });
+        }
         if c.agent >= self.agent_max {
             return Err(Exceeded {
                 kind: Kind::Agent,
@@ -255,21 +279,30 @@ impl Limits {
             });
         }
         c.agent += 1;
+        c.extra.insert(identity.to_owned(), held + 1);
         Ok(Extra {
             limits: self.clone(),
+            identity: identity.to_owned(),
         })
+    }
+
+    /// Extra upstream descriptors `identity` holds (tests).
+    pub fn extra_in_use(&self, identity: &str) -> usize {
+        self.counts().extra.get(identity).copied().unwrap_or(0)
     }
 }
 
 /// See [`Limits::extra`].
 pub struct Extra {
     limits: Limits,
+    identity: String,
 }
 
 impl Drop for Extra {
     fn drop(&mut self) {
         let mut c = self.limits.counts();
         c.agent = c.agent.saturating_sub(1);
+        decrement(&mut c.extra, &self.identity);
     }
 }
 
@@ -356,9 +389,11 @@ mod tests {
     fn extra_descriptors_count_against_the_agent_cap_and_are_given_back() {
         let limits = Limits::with_agent_max(3);
         let session = limits.pending("a", 8).expect("slot");
-        let extras: Vec<_> = (0..2).map(|_| limits.extra().expect("extra")).collect();
+        let extras: Vec<_> = (0..2)
+            .map(|_| limits.extra("a", 8).expect("extra"))
+            .collect();
         assert_eq!(limits.in_use("a").0, 3);
-        let full = limits.extra().err().expect("the agent is full");
+        let full = limits.extra("b", 8).err().expect("the agent is full");
         assert_eq!(full.kind, Kind::Agent);
         assert!(
             limits.pending("b", 8).is_err(),
@@ -366,8 +401,29 @@ mod tests {
         );
         drop(extras);
         assert_eq!(limits.in_use("a").0, 1);
+        assert_eq!(limits.extra_in_use("a"), 0);
         drop(session);
         assert_eq!(limits.in_use("a").0, 0);
+    }
+
+    /// One identity's extras stop at its own count, leaving the agent-wide one to others.
+    #[test]
+    fn extra_descriptors_are_capped_per_identity() {
+        let limits = Limits::with_agent_max(100);
+        let a: Vec<_> = (0..3)
+            .map(|_| limits.extra("a", 3).expect("extra"))
+            .collect();
+        let full = limits.extra("a", 3).err().expect("a's extras are full");
+        assert_eq!(full.kind, Kind::ExtraPerIdentity);
+        assert!(full.to_string().contains("a already holds 3"), "{full}");
+        assert!(full.hint().contains("max_extra_upstreams_per_identity"));
+        let b = limits.extra("b", 3).expect("b has its own");
+        assert_eq!(limits.in_use("x").0, 4);
+        drop(a);
+        assert_eq!(limits.extra_in_use("a"), 0);
+        assert!(limits.extra("a", 3).is_ok(), "given back");
+        drop(b);
+        assert_eq!(limits.in_use("x").0, 0);
     }
 
     #[test]
