@@ -602,10 +602,11 @@ async fn tunnels_are_bounded_per_session_and_counted_against_the_agent() {
     assert!(back <= base + 1, "slots given back: {base} then {back}");
 }
 
-/// Hostile: one identity opens sessions side by side, each holding tunnels. Beyond each
-/// session's first upstream descriptor they share the identity's own count
+/// Hostile: one identity opens sessions side by side, each with requests in flight and
+/// tunnels open. Beyond each session's first they share the identity's own count
 /// (`max_extra_upstreams_per_identity`), refused 429 past it whichever session asks, so the
-/// agent-wide count stays for others; a tunnel closed gives its place to any session.
+/// agent-wide count stays for others; a tunnel closed gives its place to any session, and
+/// idle connections kept for reuse take none.
 #[tokio::test]
 async fn extra_upstreams_are_capped_per_identity_across_its_sessions() {
     use tokio::io::AsyncBufReadExt as _;
@@ -641,7 +642,23 @@ async fn extra_upstreams_are_capped_per_identity_across_its_sessions() {
         }
     };
     let limits = &h.ctx.services.limits;
-    // The first session: its own descriptor and the identity's three.
+    // Requests in flight count as tunnels do: five at once, one past the count.
+    let at_once =
+        futures_util::future::join_all((0..5).map(|_| h2_get(&first, "http://svc/slow"))).await;
+    let statuses: Vec<u16> = at_once.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        4,
+        "{at_once:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        1,
+        "{at_once:?}"
+    );
+    // Their connections wait idle for reuse: not counted, nothing refused for them.
+    assert_eq!(limits.shares_in_use("bot"), 0);
+    // The first session: its own use and the identity's three.
     let mut held = Vec::new();
     for _ in 0..4 {
         held.push(open_on(&first).await.expect("within the identity's count"));
@@ -654,7 +671,7 @@ async fn extra_upstreams_are_capped_per_identity_across_its_sessions() {
         body.contains("max_extra_upstreams_per_identity"),
         "the refusal names the key: {body}"
     );
-    assert_eq!(limits.extra_in_use("bot"), 3);
+    assert_eq!(limits.shares_in_use("bot"), 3);
     // The second session has its own first descriptor, and nothing beyond it.
     let own = open_on(&second).await.expect("the session's own first");
     let Err((status, _)) = open_on(&second).await else {
@@ -674,12 +691,12 @@ async fn extra_upstreams_are_capped_per_identity_across_its_sessions() {
     assert!(again.is_some(), "a closed tunnel gave its place back");
     drop((again, own, held));
     for _ in 0..100 {
-        if limits.extra_in_use("bot") == 0 {
+        if limits.shares_in_use("bot") == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(limits.extra_in_use("bot"), 0, "given back");
+    assert_eq!(limits.shares_in_use("bot"), 0, "given back");
 }
 
 /// RFC 8441: a WebSocket over HTTP/2 is judged as the HTTP/1.1 upgrade it becomes upstream

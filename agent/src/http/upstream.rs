@@ -29,7 +29,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::either::Either;
 
 use super::body::{ClientBody, Counted, Tapped};
-use crate::protocol::limits::{Exceeded, Extra, Limits};
+use crate::protocol::limits::{Exceeded, Extra, Limits, Share};
 
 /// How long connecting (TCP and TLS) to the upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,6 +49,18 @@ pub enum SendError {
     Full(Exceeded),
     /// The upstream could not be reached or answered badly (502).
     Upstream(String),
+}
+
+/// A request in flight upstream or a tunnel open (see [`Upstream::take_use`]).
+pub struct Use {
+    uses: Arc<AtomicUsize>,
+    _share: Option<Share>,
+}
+
+impl Drop for Use {
+    fn drop(&mut self) {
+        self.uses.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// One upstream descriptor counted (see [`Upstream::hold`]).
@@ -85,13 +97,13 @@ struct Conn {
 
 type Idle = Mutex<Vec<Conn>>;
 
-/// On a response that switched protocols: the connection's count, for the tunnel to keep
-/// (the connection leaves the pool and its driver).
+/// On a response that switched protocols: the connection's count and the request's use, for
+/// the tunnel to keep (the connection leaves the pool and its driver).
 #[derive(Clone)]
-pub struct TunnelHold(pub Arc<Held>);
+pub struct TunnelHold(pub Arc<Held>, pub Arc<Use>);
 
-/// Where a session's descriptors beyond its first are counted: the agent-wide count, within
-/// the identity's own share (see [`Limits::extra`]).
+/// Where a session's descriptors and uses beyond its first are counted: the agent-wide
+/// count of descriptors ([`Limits::extra`]), the identity's own of uses ([`Limits::share`]).
 pub struct ExtraSlots {
     pub limits: Limits,
     pub identity: String,
@@ -107,6 +119,8 @@ pub struct Upstream {
     fds: Option<ExtraSlots>,
     /// Upstream connections and tunnels open now.
     open: Arc<AtomicUsize>,
+    /// Requests in flight and tunnels open now.
+    uses: Arc<AtomicUsize>,
     idle: Arc<Idle>,
     in_flight: Arc<tokio::sync::Semaphore>,
     /// The tasks driving each connection, aborted with the session.
@@ -134,6 +148,7 @@ impl Upstream {
             dial,
             fds,
             open: Arc::default(),
+            uses: Arc::default(),
             idle: Arc::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             drivers: Mutex::default(),
@@ -148,6 +163,7 @@ impl Upstream {
             .acquire_owned()
             .await
             .map_err(|e| SendError::Upstream(format!("upstream: {e}")))?;
+        let use_ = Arc::new(self.take_use().map_err(SendError::Full)?);
         let mut conn = loop {
             let taken = self
                 .idle
@@ -178,7 +194,7 @@ impl Upstream {
         let back = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             response
                 .extensions_mut()
-                .insert(TunnelHold(conn.held.clone()));
+                .insert(TunnelHold(conn.held.clone(), use_.clone()));
             None
         } else {
             Some((conn, Arc::downgrade(&self.idle)))
@@ -188,7 +204,30 @@ impl Upstream {
             back,
             uploaded,
             _permit: permit,
+            _use: use_,
         }))
+    }
+
+    /// Counts one more request in flight or tunnel open of this session until the returned
+    /// guard drops. The session's first is its own; each further one takes a place among
+    /// its identity's (see [`Limits::share`]).
+    fn take_use(&self) -> Result<Use, Exceeded> {
+        let before = self.uses.fetch_add(1, Ordering::SeqCst);
+        let share = match &self.fds {
+            Some(slots) if before >= 1 => match slots.limits.share(&slots.identity, slots.max) {
+                Ok(share) => Some(share),
+                Err(e) => {
+                    self.uses.fetch_sub(1, Ordering::SeqCst);
+                    crate::ops::metrics::limit_refusal(e.kind.label(), &slots.identity);
+                    return Err(e);
+                }
+            },
+            _ => None,
+        };
+        Ok(Use {
+            uses: self.uses.clone(),
+            _share: share,
+        })
     }
 
     /// Counts one more upstream descriptor of this session (a connection, or a tunnel that
@@ -198,11 +237,10 @@ impl Upstream {
     pub fn hold(&self) -> Result<Held, Exceeded> {
         let before = self.open.fetch_add(1, Ordering::SeqCst);
         let extra = match &self.fds {
-            Some(slots) if before >= 1 => match slots.limits.extra(&slots.identity, slots.max) {
+            Some(slots) if before >= 1 => match slots.limits.extra() {
                 Ok(extra) => Some(extra),
                 Err(e) => {
                     self.open.fetch_sub(1, Ordering::SeqCst);
-                    crate::ops::metrics::limit_refusal(e.kind.label(), &slots.identity);
                     return Err(e);
                 }
             },
@@ -275,6 +313,8 @@ pub struct Returning {
     uploaded: Arc<AtomicBool>,
     /// The request's place among [`MAX_IN_FLIGHT`], given back with the body.
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// The request's use, given back with the body (a tunnel keeps its own).
+    _use: Arc<Use>,
 }
 
 impl Returning {

@@ -13,9 +13,11 @@
 //!   holds two descriptors), so that a flood spread over many identities still leaves the
 //!   agent descriptors for its store, control socket and other workloads' next connections.
 //!   A session that holds more upstream descriptors (an HTTP session's further connections
-//!   and tunnels) takes a slot of this count for each ([`Limits::extra`]), within its
-//!   identity's own count of them (`max_extra_upstreams_per_identity`): an HTTP/2 client
-//!   multiplexing many requests cannot take the agent-wide count from the others.
+//!   and tunnels) takes a slot of this count for each ([`Limits::extra`]);
+//! * extra upstream uses, per identity: an HTTP session's requests in flight and tunnels
+//!   open beyond its first (`max_extra_upstreams_per_identity`, [`Limits::share`]), so
+//!   that one workload's HTTP/2 connections, each multiplexing many, cannot take the
+//!   agent-wide count from the others.
 
 use std::{
     collections::HashMap,
@@ -110,7 +112,7 @@ impl fmt::Display for Exceeded {
             ),
             Kind::ExtraPerIdentity => write!(
                 f,
-                "too many upstream connections: {} already holds {} beyond its sessions' first (concurrent requests and open tunnels; limit {})",
+                "too many upstream requests: {} already holds {} beyond its sessions' first (requests in flight and streams open; limit {})",
                 self.scope, self.limit, self.limit
             ),
             Kind::Agent => write!(
@@ -136,8 +138,8 @@ struct Counts {
     pending: HashMap<String, usize>,
     identity: HashMap<String, usize>,
     grant: HashMap<String, usize>,
-    /// Extra upstream descriptors by identity (see [`Limits::extra`]).
-    extra: HashMap<String, usize>,
+    /// Extra upstream uses by identity (see [`Limits::share`]).
+    shares: HashMap<String, usize>,
 }
 
 impl Default for Limits {
@@ -257,20 +259,11 @@ fn decrement(map: &mut HashMap<String, usize>, key: &str) {
 }
 
 impl Limits {
-    /// An agent-wide slot for a descriptor a session of `identity` holds beyond its first
-    /// upstream connection (an HTTP session's further upstream connections and its tunnels:
-    /// an HTTP/2 client multiplexes many on its one connection), held until dropped. The
-    /// identity holds at most `max` of them over all its sessions.
-    pub fn extra(&self, identity: &str, max: usize) -> Result<Extra, Exceeded> {
+    /// An agent-wide slot for a descriptor a session holds beyond its first upstream
+    /// connection (an HTTP session's further upstream connections and its tunnels: an
+    /// HTTP/2 client multiplexes many on its one connection), held until dropped.
+    pub fn extra(&self) -> Result<Extra, Exceeded> {
         let mut c = self.counts();
-        let held = c.extra.get(identity).copied().unwrap_or(0);
-        if held >= max {
-            return Err(Exceeded {
-                kind: Kind::ExtraPerIdentity,
-                limit: max,
-                scope: identity.to_owned(),
-            });
-        }
         if c.agent >= self.agent_max {
             return Err(Exceeded {
                 kind: Kind::Agent,
@@ -279,30 +272,60 @@ impl Limits {
             });
         }
         c.agent += 1;
-        c.extra.insert(identity.to_owned(), held + 1);
         Ok(Extra {
+            limits: self.clone(),
+        })
+    }
+
+    /// A place among the upstream uses `identity`'s sessions hold beyond each session's
+    /// first (a request in flight, a tunnel open), at most `max` over all its sessions,
+    /// held until dropped. Idle connections kept for reuse are not uses: they are bounded
+    /// per session, and counting them would let an identity's idle pools refuse its own
+    /// next request.
+    pub fn share(&self, identity: &str, max: usize) -> Result<Share, Exceeded> {
+        let mut c = self.counts();
+        let held = c.shares.get(identity).copied().unwrap_or(0);
+        if held >= max {
+            return Err(Exceeded {
+                kind: Kind::ExtraPerIdentity,
+                limit: max,
+                scope: identity.to_owned(),
+            });
+        }
+        c.shares.insert(identity.to_owned(), held + 1);
+        Ok(Share {
             limits: self.clone(),
             identity: identity.to_owned(),
         })
     }
 
-    /// Extra upstream descriptors `identity` holds (tests).
-    pub fn extra_in_use(&self, identity: &str) -> usize {
-        self.counts().extra.get(identity).copied().unwrap_or(0)
+    /// Extra upstream uses `identity` holds (tests).
+    pub fn shares_in_use(&self, identity: &str) -> usize {
+        self.counts().shares.get(identity).copied().unwrap_or(0)
     }
 }
 
 /// See [`Limits::extra`].
 pub struct Extra {
     limits: Limits,
-    identity: String,
 }
 
 impl Drop for Extra {
     fn drop(&mut self) {
         let mut c = self.limits.counts();
         c.agent = c.agent.saturating_sub(1);
-        decrement(&mut c.extra, &self.identity);
+    }
+}
+
+/// See [`Limits::share`].
+pub struct Share {
+    limits: Limits,
+    identity: String,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        decrement(&mut self.limits.counts().shares, &self.identity);
     }
 }
 
@@ -389,11 +412,9 @@ mod tests {
     fn extra_descriptors_count_against_the_agent_cap_and_are_given_back() {
         let limits = Limits::with_agent_max(3);
         let session = limits.pending("a", 8).expect("slot");
-        let extras: Vec<_> = (0..2)
-            .map(|_| limits.extra("a", 8).expect("extra"))
-            .collect();
+        let extras: Vec<_> = (0..2).map(|_| limits.extra().expect("extra")).collect();
         assert_eq!(limits.in_use("a").0, 3);
-        let full = limits.extra("b", 8).err().expect("the agent is full");
+        let full = limits.extra().err().expect("the agent is full");
         assert_eq!(full.kind, Kind::Agent);
         assert!(
             limits.pending("b", 8).is_err(),
@@ -401,29 +422,27 @@ mod tests {
         );
         drop(extras);
         assert_eq!(limits.in_use("a").0, 1);
-        assert_eq!(limits.extra_in_use("a"), 0);
         drop(session);
         assert_eq!(limits.in_use("a").0, 0);
     }
 
-    /// One identity's extras stop at its own count, leaving the agent-wide one to others.
+    /// One identity's extra uses stop at its own count; another's are its own.
     #[test]
-    fn extra_descriptors_are_capped_per_identity() {
+    fn extra_uses_are_capped_per_identity() {
         let limits = Limits::with_agent_max(100);
         let a: Vec<_> = (0..3)
-            .map(|_| limits.extra("a", 3).expect("extra"))
+            .map(|_| limits.share("a", 3).expect("share"))
             .collect();
-        let full = limits.extra("a", 3).err().expect("a's extras are full");
+        let full = limits.share("a", 3).err().expect("a's uses are full");
         assert_eq!(full.kind, Kind::ExtraPerIdentity);
         assert!(full.to_string().contains("a already holds 3"), "{full}");
         assert!(full.hint().contains("max_extra_upstreams_per_identity"));
-        let b = limits.extra("b", 3).expect("b has its own");
-        assert_eq!(limits.in_use("x").0, 4);
+        let b = limits.share("b", 3).expect("b has its own");
         drop(a);
-        assert_eq!(limits.extra_in_use("a"), 0);
-        assert!(limits.extra("a", 3).is_ok(), "given back");
+        assert_eq!(limits.shares_in_use("a"), 0);
+        assert!(limits.share("a", 3).is_ok(), "given back");
         drop(b);
-        assert_eq!(limits.in_use("x").0, 0);
+        assert_eq!(limits.shares_in_use("b"), 0);
     }
 
     #[test]
