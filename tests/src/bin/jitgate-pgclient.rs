@@ -603,6 +603,80 @@ mod batch {
         }))
     }
 
+    /// Portals and SQL cursors share the server's namespace. A protocol portal the server
+    /// dropped (SQL `CLOSE`, `ROLLBACK TO` a savepoint, `CLOSE ALL`) whose name is then
+    /// declared as a cursor of a masked column and run with Execute; and a cursor the server
+    /// dropped (`ROLLBACK TO`) whose name is then bound as a portal of the masked column and
+    /// read with SQL `FETCH`. Each reports the value it read.
+    pub fn cursor(url: &str) -> std::io::Result<Value> {
+        const REAL: &str = "SELECT upper(email) AS x FROM users WHERE id = 1";
+        const FAKE: &str = "SELECT 'x'::text AS x";
+        let addr = addr_of(url);
+        let (mut s, _) = startup(&addr, false, &[])?;
+        until_ready(&mut s);
+        let sync = || message(b'S', b"");
+        let simple = |s: &mut std::net::TcpStream, sql: &str| -> std::io::Result<Value> {
+            s.write_all(&query(sql))?;
+            Ok(outcome(until_ready(s)))
+        };
+        let bound = |portal: &str| {
+            let mut m = bind_portal(portal, "fake");
+            m.extend(describe_portal(portal));
+            m.extend(message(b'S', b""));
+            m
+        };
+        let executed = |s: &mut std::net::TcpStream, portal: &str| -> std::io::Result<Value> {
+            let mut m = execute_portal(portal);
+            m.extend(message(b'S', b""));
+            s.write_all(&m)?;
+            Ok(outcome(until_ready(s)))
+        };
+        let mut steps = Vec::new();
+        steps.push(simple(&mut s, "BEGIN")?);
+        let mut m = parse("fake", FAKE);
+        m.extend(parse("real", REAL));
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        // A portal closed with SQL CLOSE.
+        s.write_all(&bound("c"))?;
+        steps.push(outcome(until_ready(&mut s)));
+        steps.push(simple(&mut s, "CLOSE c")?);
+        steps.push(simple(&mut s, &format!("DECLARE c CURSOR FOR {REAL}"))?);
+        let closed = executed(&mut s, "c")?;
+        // A portal dropped by ROLLBACK TO its savepoint.
+        steps.push(simple(&mut s, "SAVEPOINT sp")?);
+        s.write_all(&bound("d"))?;
+        steps.push(outcome(until_ready(&mut s)));
+        steps.push(simple(&mut s, "ROLLBACK TO SAVEPOINT sp")?);
+        steps.push(simple(&mut s, &format!("DECLARE d CURSOR FOR {REAL}"))?);
+        let rolled_back = executed(&mut s, "d")?;
+        // Every portal closed with CLOSE ALL.
+        s.write_all(&bound("e"))?;
+        steps.push(outcome(until_ready(&mut s)));
+        steps.push(simple(&mut s, "CLOSE ALL")?);
+        steps.push(simple(&mut s, &format!("DECLARE e CURSOR FOR {REAL}"))?);
+        let closed_all = executed(&mut s, "e")?;
+        // A cursor dropped by ROLLBACK TO, its name bound to the real statement, fetched.
+        steps.push(simple(&mut s, "SAVEPOINT sp2")?);
+        steps.push(simple(&mut s, &format!("DECLARE g CURSOR FOR {FAKE}"))?);
+        steps.push(simple(&mut s, "ROLLBACK TO SAVEPOINT sp2")?);
+        let mut m = bind_portal("g", "real");
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        let fetched = simple(&mut s, "FETCH ALL FROM g")?;
+        steps.push(simple(&mut s, "COMMIT")?);
+        Ok(json!({
+            "ok": true,
+            "steps": steps,
+            "closed": closed,
+            "rolled_back": rolled_back,
+            "closed_all": closed_all,
+            "fetched": fetched,
+        }))
+    }
+
     /// Names changing while Parses and Binds are pipelined behind them (one write each,
     /// a slow statement first so that everything reaches the gate before the server
     /// answers): a PREPARE in flight taking a name then Parsed and bound; a DEALLOCATE ALL
@@ -748,6 +822,7 @@ async fn main() {
         ("raw-stale", batch::stale),
         ("raw-savepoint", batch::savepoint),
         ("raw-diverge", batch::diverge),
+        ("raw-cursor", batch::cursor),
         ("raw-batch", batch::run),
         ("raw", raw::run),
     ];

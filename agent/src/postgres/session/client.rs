@@ -506,6 +506,11 @@ impl Pump<'_> {
                     confirmed: AtomicBool::new(false),
                 });
                 st.insert_portal(portal.clone(), info);
+                // Portals and SQL cursors share the server's namespace: a cursor of this name
+                // is gone if this Bind succeeds (and the Bind fails while it is there).
+                if !portal.is_empty() {
+                    st.cursors.remove(&portal);
+                }
                 in_flight_bound(&st)?;
                 st.expect.push_back(Expect::Bind {
                     portal,
@@ -537,26 +542,11 @@ impl Pump<'_> {
                 let mut body = frame.body.clone();
                 let portal = take_cstr(&mut body).map_err(malformed)?;
                 name_fits(&portal)?;
-                let info = self
-                    .lock()
-                    .portals
-                    .get(&portal)
-                    .cloned()
-                    .unwrap_or_else(|| {
-                        // Unknown to us: the server will refuse it too; track it all the same.
-                        Arc::new(PortalInfo {
-                            statement: None,
-                            formats: Vec::new(),
-                            params: Vec::new(),
-                            plan: Mutex::new(None),
-                            executed: AtomicBool::new(false),
-                            cycle: u64::MAX,
-                            bind: 0,
-                            bytes: 0,
-                            replaced: false,
-                            confirmed: AtomicBool::new(false),
-                        })
-                    });
+                let known = self.lock().portals.get(&portal).cloned();
+                let (info, unbound) = match known {
+                    Some(info) => (info, false),
+                    None => (self.unbound_portal(&portal), true),
+                };
                 // Bound again in an earlier batch the server has not answered: it may still
                 // run the portal before (a named portal's Bind fails, 42P03), so which
                 // statement this Execute runs is not known yet. Refused, not guessed.
@@ -645,6 +635,15 @@ impl Pump<'_> {
                         .is_some()
                 });
                 let mut st = self.lock();
+                if unbound && self.masker.is_some() {
+                    // Its result shape, learnt first: its rows carry no description.
+                    st.expect.push_back(Expect::Describe {
+                        target: Some(DescribeTarget::Portal(info.clone())),
+                        internal: true,
+                    });
+                    postgres_protocol::message::frontend::describe(b'P', &portal, out)
+                        .map_err(|e| PgError::fatal("08P01", e.to_string()))?;
+                }
                 let copy_in = may_copy_in.then(|| st.copy_in.open());
                 let names_seq = if has_effect { st.name_change() } else { 0 };
                 st.expect.push_back(Expect::Execute {
@@ -710,6 +709,36 @@ impl Pump<'_> {
             }
         }
         Ok(true)
+    }
+
+    /// What an Execute of a portal the client did not bind with the protocol runs: a SQL
+    /// cursor (`DECLARE`), whose rows are masked by what its query reads, or nothing (the
+    /// server refuses the Execute). Never another portal's statement: its rows are masked
+    /// by their own description, which the gate asks for first.
+    fn unbound_portal(&self, name: &str) -> Portal {
+        let refs = self
+            .lock()
+            .cursors
+            .get(name)
+            .cloned()
+            .unwrap_or_else(ResultRefs::opaque);
+        let statement: Stmt = Arc::new(Mutex::new(StmtInfo {
+            refs,
+            recorded: format!("<Execute of portal \"{name}\": a SQL cursor, or not bound>"),
+            ..StmtInfo::default()
+        }));
+        Arc::new(PortalInfo {
+            statement: Some(statement),
+            formats: Vec::new(),
+            params: Vec::new(),
+            plan: Mutex::new(None),
+            executed: AtomicBool::new(false),
+            cycle: u64::MAX,
+            bind: 0,
+            bytes: 0,
+            replaced: false,
+            confirmed: AtomicBool::new(false),
+        })
     }
 
     /// Replaces a refused simple query with one the server rejects.

@@ -507,6 +507,11 @@ impl Pump<'_> {
                         st.cursors.clear();
                     }
                     st.cursors.insert(name.clone(), Arc::new(own));
+                    // Portals and cursors share the server's namespace: a portal of this
+                    // name the gate still holds is one the server closed (CLOSE, ROLLBACK
+                    // TO a savepoint), or the DECLARE fails. Never judged or masked as the
+                    // cursor's rows.
+                    st.remove_portal(name);
                 }
                 Some(CursorUse::Fetch(name)) => match st.cursors.get(name) {
                     Some(c) => {
@@ -517,10 +522,15 @@ impl Pump<'_> {
                     }
                     None => refs.opaque = true,
                 },
+                // SQL CLOSE closes a protocol-level portal of the name too.
                 Some(CursorUse::Close(Some(name))) => {
                     st.cursors.remove(name);
+                    st.remove_portal(name);
                 }
-                Some(CursorUse::Close(None)) => st.cursors.clear(),
+                Some(CursorUse::Close(None)) => {
+                    st.cursors.clear();
+                    st.forget_all_portals();
+                }
                 None => {}
             }
         }

@@ -660,6 +660,13 @@ impl State {
         }
     }
 
+    /// Forgets every portal (`CLOSE ALL`).
+    pub(super) fn forget_all_portals(&mut self) {
+        self.portals.clear();
+        self.portal_cycles.clear();
+        self.portal_bytes = 0;
+    }
+
     /// Forgets a portal (closed, or dropped by the server).
     pub(super) fn remove_portal(&mut self, name: &str) {
         if let Some(old) = self.portals.remove(name) {
