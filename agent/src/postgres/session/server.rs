@@ -1051,6 +1051,12 @@ impl Pump<'_> {
                                         }
                                     }
                                     Some(Expect::Close(Some(close))) => skipped_closes.push(close),
+                                    // A simple Query sent inside the batch: skipped, with
+                                    // no ReadyForQuery of its own; its cycle is done.
+                                    Some(Expect::Query { rec: r, .. }) => {
+                                        st.cycles_done += 1;
+                                        skipped.push(r);
+                                    }
                                     _ => {}
                                 }
                             }
@@ -1130,7 +1136,11 @@ impl Pump<'_> {
                                 st.cycles_done += 1;
                             }
                             (Some(Expect::Sync { .. }), _) | (None, _) => break,
-                            (Some(Expect::Query { rec, .. }), true) => not_run.push(rec),
+                            // Skipped with no ReadyForQuery of its own: its cycle is done.
+                            (Some(Expect::Query { rec, .. }), true) => {
+                                st.cycles_done += 1;
+                                not_run.push(rec);
+                            }
                             (
                                 Some(Expect::Execute {
                                     rec,

@@ -849,6 +849,59 @@ async fn a_name_whose_parse_failed_in_an_earlier_batch_is_free_after_its_skipped
     let _ = outcome(task).await;
 }
 
+/// A simple Query inside an extended batch that failed is skipped to the Sync, with no
+/// ReadyForQuery of its own: the gate counts its cycle done, or it would think name changes
+/// answered long ago still in flight (and refuse pipelined Binds of statements parsed
+/// since, 26000), and keep the Query's record open to the session's end.
+#[tokio::test]
+async fn a_query_skipped_inside_a_failed_batch_ends_its_cycle() {
+    let server = FakeServer::start("x").await;
+    let h = Harness::with_upstream(server.addr, "postgres", PG_KEYS, Some("bot")).await;
+    let (mut client, task, _) = logged_in(&h, &[]).await;
+    let mut batch = BytesMut::new();
+    parse(&mut batch, "", "select fail_parse");
+    batch.extend_from_slice(&query("select 'skipped'"));
+    message(&mut batch, b'S', b"");
+    let reply = sent(&mut client, &batch).await;
+    assert_eq!(error_code(&reply).as_deref(), Some("42601"), "{reply:?}");
+
+    let mut made = BytesMut::new();
+    parse(&mut made, "s1", "select 1");
+    message(&mut made, b'S', b"");
+    assert_eq!(error_code(&sent(&mut client, &made).await), None);
+    let mut close = BytesMut::new();
+    close_statement(&mut close, "s1");
+    message(&mut close, b'S', b"");
+    assert_eq!(error_code(&sent(&mut client, &close).await), None);
+    // The Close was answered: a statement parsed now is not contested, and its Bind in
+    // the next cycle of the same write runs.
+    let mut pipelined = BytesMut::new();
+    parse(&mut pipelined, "s2", "select 2");
+    message(&mut pipelined, b'S', b"");
+    bind_execute_sync(&mut pipelined, "s2");
+    let first = sent(&mut client, &pipelined).await;
+    assert_eq!(error_code(&first), None, "{first:?}");
+    let second = until_ready(&mut client).await;
+    assert_eq!(error_code(&second), None, "{second:?}");
+    assert_eq!(values(&second), ["x"], "{second:?}");
+    drop(client);
+    let _ = outcome(task).await;
+    let history = h.only_session().await;
+    let skipped = history
+        .statements
+        .iter()
+        .find(|s| s.text.contains("'skipped'"))
+        .expect("the skipped query's record");
+    assert!(
+        skipped
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("not run")),
+        "{:?}",
+        skipped.error
+    );
+}
+
 /// Reads one backend message.
 async fn one_message(client: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u8, Bytes) {
     use tokio::io::AsyncReadExt as _;
