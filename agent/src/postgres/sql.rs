@@ -72,6 +72,20 @@ pub struct Statement {
     pub sets_search_path: bool,
     /// `DISCARD ALL`: the session's prepared statements (SQL and protocol-level) are gone.
     pub discards: bool,
+    /// Running it may drop every portal and cursor of the transaction: `COMMIT`,
+    /// `ROLLBACK`, `PREPARE TRANSACTION`, `DISCARD ALL` (and their spellings: `END`,
+    /// `ABORT`). `ROLLBACK TO` drops those made since its savepoint: see `savepoint`.
+    pub ends_portals: bool,
+    /// `SAVEPOINT`, `RELEASE` or `ROLLBACK TO` a savepoint, by name.
+    pub savepoint: Option<Savepoint>,
+}
+
+/// A statement on a savepoint (names as the parser folds them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Savepoint {
+    Define(String),
+    Release(String),
+    RollbackTo(String),
 }
 
 /// Kinds from most to least consequential: a statement is counted under the first it has.
@@ -677,9 +691,23 @@ fn top_level(
         "DiscardStmt" => {
             // DiscardMode: 1 = ALL (PLANS, SEQUENCES and TEMP keep prepared statements).
             s.discards = v["target"].as_i64() == Some(1);
+            s.ends_portals = s.discards;
             ("set", Access::Read)
         }
-        "TransactionStmt" => ("transaction", Access::Read),
+        "TransactionStmt" => {
+            // Only these keep the transaction's portals; anything else (or a kind not known
+            // here) may end them.
+            // TransactionStmtKind: 1 BEGIN, 2 START, 5 SAVEPOINT, 6 RELEASE, 7 ROLLBACK TO.
+            let name = || v["savepoint_name"].as_str().unwrap_or("").to_owned();
+            s.savepoint = match v["kind"].as_i64() {
+                Some(5) => Some(Savepoint::Define(name())),
+                Some(6) => Some(Savepoint::Release(name())),
+                Some(7) => Some(Savepoint::RollbackTo(name())),
+                _ => None,
+            };
+            s.ends_portals = !matches!(v["kind"].as_i64(), Some(1 | 2 | 5 | 6 | 7));
+            ("transaction", Access::Read)
+        }
         "ExplainStmt" => {
             let analyze = defelem(&v["options"], "analyze")
                 .is_some_and(|d| !const_is_off(&d["arg"]) || d["arg"].is_null());
@@ -1812,6 +1840,49 @@ mod tests {
         assert_eq!(v.len(), 1);
         let v = analyze(r"SELECT 'a\'; DROP TABLE t; --'", ParseMode::default()).unwrap();
         assert_eq!(v.len(), 2);
+    }
+
+    #[test]
+    fn statements_that_may_end_portals_are_known() {
+        for sql in [
+            "COMMIT",
+            "end",
+            "ROLLBACK",
+            "abort",
+            "PREPARE TRANSACTION 'x'",
+            "COMMIT AND CHAIN",
+            "DISCARD ALL",
+        ] {
+            assert!(one(sql).ends_portals, "{sql}");
+        }
+        for sql in [
+            "BEGIN",
+            "START TRANSACTION",
+            "SAVEPOINT sp",
+            "RELEASE SAVEPOINT sp",
+            "SELECT 'commit'",
+            "DISCARD PLANS",
+        ] {
+            assert!(!one(sql).ends_portals, "{sql}");
+        }
+        let sp = |sql: &str| one(sql).savepoint;
+        assert_eq!(sp("SAVEPOINT Sp"), Some(Savepoint::Define("sp".into())));
+        assert_eq!(sp("savepoint \"Sp\""), Some(Savepoint::Define("Sp".into())));
+        assert_eq!(
+            sp("RELEASE SAVEPOINT sp"),
+            Some(Savepoint::Release("sp".into()))
+        );
+        assert_eq!(sp("release sp"), Some(Savepoint::Release("sp".into())));
+        assert_eq!(
+            sp("ROLLBACK TO SAVEPOINT sp"),
+            Some(Savepoint::RollbackTo("sp".into()))
+        );
+        assert_eq!(
+            sp("rollback to sp"),
+            Some(Savepoint::RollbackTo("sp".into()))
+        );
+        assert!(!one("rollback to sp").ends_portals);
+        assert_eq!(sp("COMMIT"), None);
     }
 
     #[test]

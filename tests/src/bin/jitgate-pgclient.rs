@@ -604,10 +604,11 @@ mod batch {
     }
 
     /// Portals and SQL cursors share the server's namespace. A protocol portal the server
-    /// dropped (SQL `CLOSE`, `ROLLBACK TO` a savepoint, `CLOSE ALL`) whose name is then
-    /// declared as a cursor of a masked column and run with Execute; and a cursor the server
-    /// dropped (`ROLLBACK TO`) whose name is then bound as a portal of the masked column and
-    /// read with SQL `FETCH`. Each reports the value it read.
+    /// dropped (SQL `CLOSE`, `ROLLBACK TO` a savepoint, `CLOSE ALL`, `COMMIT; BEGIN`) whose
+    /// name is then declared as a cursor of a masked column (also by a DECLARE parsed
+    /// before) and run with Execute; a cursor the server dropped (`ROLLBACK TO`) whose name
+    /// is then bound as a portal of the masked column and read with SQL `FETCH`; a DECLARE
+    /// parsed and never run; a rebind the server refuses. Each reports what it read.
     pub fn cursor(url: &str) -> std::io::Result<Value> {
         const REAL: &str = "SELECT upper(email) AS x FROM users WHERE id = 1";
         const FAKE: &str = "SELECT 'x'::text AS x";
@@ -666,6 +667,58 @@ mod batch {
         s.write_all(&m)?;
         steps.push(outcome(until_ready(&mut s)));
         let fetched = simple(&mut s, "FETCH ALL FROM g")?;
+        // A DECLARE of a live portal's name parsed and never run: the portal still runs.
+        let mut m = bind_portal("h", "real");
+        m.extend(parse("", &format!("DECLARE h CURSOR FOR {FAKE}")));
+        m.extend(execute_portal("h"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        let parsed_only = outcome(until_ready(&mut s));
+        // A DECLARE parsed first, run after a ROLLBACK TO dropped a portal of its name.
+        let mut m = parse("decl", &format!("DECLARE m CURSOR FOR {REAL}"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        steps.push(simple(&mut s, "SAVEPOINT sp4")?);
+        s.write_all(&bound("m"))?;
+        steps.push(outcome(until_ready(&mut s)));
+        steps.push(simple(&mut s, "ROLLBACK TO SAVEPOINT sp4")?);
+        let mut m = bind_portal("", "decl");
+        m.extend(execute_portal(""));
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        let declared_later = executed(&mut s, "m")?;
+        // COMMIT and BEGIN in one string: the portal ends, the status stays "in a
+        // transaction".
+        s.write_all(&bound("n"))?;
+        steps.push(outcome(until_ready(&mut s)));
+        steps.push(simple(&mut s, "COMMIT; BEGIN")?);
+        steps.push(simple(&mut s, &format!("DECLARE n CURSOR FOR {REAL}"))?);
+        let committed = executed(&mut s, "n")?;
+        // A portal bound to the real statement before a savepoint, a CLOSE of it parsed
+        // (never run), then in one write a Bind of it to the fake one (refused by the
+        // server: the portal is there), a ROLLBACK TO the savepoint (the portal stays), and
+        // an Execute of it.
+        let mut m = bind_portal("k", "real");
+        m.extend(describe_portal("k"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        steps.push(simple(&mut s, "SAVEPOINT sp3")?);
+        let mut m = parse("", "CLOSE k");
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        let mut m = bind_portal("k", "fake");
+        m.extend(sync());
+        m.extend(query("ROLLBACK TO SAVEPOINT sp3"));
+        m.extend(execute_portal("k"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        let rebound = outcome(until_ready(&mut s));
+        let _ = until_ready(&mut s);
+        let in_doubt = outcome(until_ready(&mut s));
         steps.push(simple(&mut s, "COMMIT")?);
         Ok(json!({
             "ok": true,
@@ -674,6 +727,11 @@ mod batch {
             "rolled_back": rolled_back,
             "closed_all": closed_all,
             "fetched": fetched,
+            "parsed_only": parsed_only,
+            "declared_later": declared_later,
+            "committed": committed,
+            "rebound": rebound,
+            "in_doubt": in_doubt,
         }))
     }
 

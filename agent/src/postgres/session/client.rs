@@ -208,7 +208,7 @@ impl Pump<'_> {
                                 return Ok(true);
                             }
                         };
-                        let refs = self.result_refs(&analysis);
+                        let (refs, _) = self.result_refs(&analysis, true);
                         let effects = SqlEffect::of(&analysis);
                         let mut st = self.lock();
                         let copy_in = copies_in(&analysis).then(|| st.copy_in.open());
@@ -262,7 +262,7 @@ impl Pump<'_> {
                                 return Ok(true);
                             }
                         };
-                        let refs = self.result_refs(&analysis);
+                        let (refs, portal_effects) = self.result_refs(&analysis, false);
                         let effect = SqlEffect::of(&analysis).pop_front();
                         let (contested, cycle, seq) = {
                             let mut st = self.lock();
@@ -288,6 +288,7 @@ impl Pump<'_> {
                             copies_in: copies_in(&analysis),
                             prepaid: true,
                             recorded_in: None,
+                            portal_effects,
                             effect,
                             contested,
                             confirmed: false,
@@ -547,20 +548,24 @@ impl Pump<'_> {
                     Some(info) => (info, false),
                     None => (self.unbound_portal(&portal), true),
                 };
-                // Bound again in an earlier batch the server has not answered: it may still
-                // run the portal before (a named portal's Bind fails, 42P03), so which
-                // statement this Execute runs is not known yet. Refused, not guessed.
-                let contested = info.replaced
+                // Bound in an earlier batch the server has not answered: it may still run
+                // the portal before (a named portal's Bind fails, 42P03, also where the
+                // gate no longer holds that one: a CLOSE or DECLARE of the name parsed and
+                // never run), so which statement this Execute runs is not known yet.
+                // Refused, not guessed.
+                let contested = (info.replaced || !portal.is_empty())
                     && !info.confirmed.load(Ordering::Acquire)
                     && info.cycle < self.lock().cycles_sent;
                 if contested {
                     let error = PgError::error(
                         "55000",
-                        format!("jitgate: portal \"{portal}\" was bound again in an earlier batch the server has not answered yet"),
+                        format!("jitgate: portal \"{portal}\" was bound in an earlier batch the server has not answered yet"),
                     )
                     .hint("wait for that batch's answer (its ReadyForQuery) before executing the portal: until then the gate cannot tell which statement it runs");
                     let rec = self.new_record_recorded(
-                        format!("<Execute of portal \"{portal}\", rebound and not confirmed yet: refused>"),
+                        format!(
+                            "<Execute of portal \"{portal}\", bound and not confirmed yet: refused>"
+                        ),
                         Decision::Denied,
                         Some("portal not confirmed".into()),
                     );
@@ -576,13 +581,25 @@ impl Pump<'_> {
                 // of a statement was paid for at its Parse; every later one takes from the
                 // grant's limits as a simple Query does.
                 let first_run = !info.executed.load(Ordering::Relaxed);
-                let (recorded, judged, may_copy_in, prepaid) = match &info.statement {
+                let (recorded, judged, may_copy_in, prepaid, portal_effects) = match &info.statement
+                {
                     Some(stmt) => {
                         let mut s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
                         let prepaid = first_run && std::mem::take(&mut s.prepaid);
-                        (s.recorded_for_run(), s.judged.clone(), s.copies_in, prepaid)
+                        let effects = if s.portal_effects.is_empty() {
+                            Vec::new()
+                        } else {
+                            s.portal_effects.clone()
+                        };
+                        (
+                            s.recorded_for_run(),
+                            s.judged.clone(),
+                            s.copies_in,
+                            prepaid,
+                            effects,
+                        )
                     }
-                    None => (String::new(), None, false, false),
+                    None => (String::new(), None, false, false, Vec::new()),
                 };
                 let params = info.params.clone();
                 let params_bytes: usize = params.iter().flatten().map(String::len).sum();
@@ -635,6 +652,9 @@ impl Pump<'_> {
                         .is_some()
                 });
                 let mut st = self.lock();
+                for effect in portal_effects {
+                    st.apply_portal_effect(effect);
+                }
                 if unbound && self.masker.is_some() {
                     // Its result shape, learnt first: its rows carry no description.
                     st.expect.push_back(Expect::Describe {
@@ -712,18 +732,14 @@ impl Pump<'_> {
     }
 
     /// What an Execute of a portal the client did not bind with the protocol runs: a SQL
-    /// cursor (`DECLARE`), whose rows are masked by what its query reads, or nothing (the
-    /// server refuses the Execute). Never another portal's statement: its rows are masked
-    /// by their own description, which the gate asks for first.
+    /// cursor (`DECLARE`, or one a function opened), or nothing (the server refuses the
+    /// Execute). Never another portal's statement: its rows are masked by their own
+    /// description, which the gate asks for first, with every computed column masked
+    /// whole. Not by the cursor's query as the gate parsed it: a DECLARE parsed or failed
+    /// and never run would let a workload name the query the rows are masked by.
     fn unbound_portal(&self, name: &str) -> Portal {
-        let refs = self
-            .lock()
-            .cursors
-            .get(name)
-            .cloned()
-            .unwrap_or_else(ResultRefs::opaque);
         let statement: Stmt = Arc::new(Mutex::new(StmtInfo {
-            refs,
+            refs: ResultRefs::opaque(),
             recorded: format!("<Execute of portal \"{name}\": a SQL cursor, or not bound>"),
             ..StmtInfo::default()
         }));

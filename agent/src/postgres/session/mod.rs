@@ -35,7 +35,7 @@ use super::{
     message::{Backend, Frontend},
     options,
     rows::{self, CopyFormat, CopyMasker, Masked, Origin, Plan},
-    sql::{CursorUse, ParseMode, ResultRefs, Statement},
+    sql::{CursorUse, ParseMode, ResultRefs, Savepoint, Statement},
     startup::{self, Opening, StartupError},
     stream::Stream,
     upstream::{self, Login, Target, UpstreamError},
@@ -94,6 +94,10 @@ const MAX_PREPARED_BYTES: usize = 64 << 20;
 /// Most SQL cursors tracked per session (a client declaring more loses nothing: a `FETCH`
 /// from a forgotten cursor masks every computed value).
 const MAX_CURSORS: usize = 1024;
+
+/// Savepoints tracked per transaction (past it the oldest is forgotten: a `ROLLBACK TO` it
+/// forgets every portal and cursor).
+const MAX_SAVEPOINTS: usize = 1024;
 
 /// Most masking plans cached per session (see `State::plans`).
 const MAX_PLANS: usize = 256;

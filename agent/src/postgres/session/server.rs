@@ -474,10 +474,32 @@ impl Pump<'_> {
     }
 
     /// What a query string's results may be computed from, following `EXECUTE` to its
-    /// prepared statement and `FETCH` to its cursor's `DECLARE`, and tracking cursors.
-    pub(super) fn result_refs(&self, analysis: &Analysis) -> Arc<ResultRefs> {
+    /// prepared statement and `FETCH` to its cursor's `DECLARE`. `run`: the string is sent
+    /// to run now (a simple Query), so what it does to the portals and cursors is applied
+    /// as it goes (a later `FETCH` in the string sees an earlier `DECLARE`); else (a Parse,
+    /// which runs nothing) it is returned, for the statement's Executes to apply.
+    pub(super) fn result_refs(
+        &self,
+        analysis: &Analysis,
+        run: bool,
+    ) -> (Arc<ResultRefs>, Vec<PortalEffect>) {
+        let mut effects = Vec::new();
         if let Some(refs) = &analysis.refs {
-            return refs.clone();
+            // No cursor in it; it may still end or mark the transaction's portals.
+            if analysis
+                .iter()
+                .any(|s| s.ends_portals || s.savepoint.is_some())
+            {
+                let mut st = self.lock();
+                for effect in analysis.iter().filter_map(PortalEffect::of_transaction) {
+                    if run {
+                        st.apply_portal_effect(effect);
+                    } else {
+                        effects.push(effect);
+                    }
+                }
+            }
+            return (refs.clone(), effects);
         }
         let mut refs = ResultRefs::default();
         let mut st = self.lock();
@@ -499,42 +521,37 @@ impl Pump<'_> {
                     None => refs.opaque = true,
                 }
             }
-            match &s.cursor {
+            let effect = match &s.cursor {
                 Some(CursorUse::Declare(name)) => {
                     let mut own = ResultRefs::default();
                     own.add(s);
-                    if st.cursors.len() >= MAX_CURSORS {
-                        st.cursors.clear();
-                    }
-                    st.cursors.insert(name.clone(), Arc::new(own));
-                    // Portals and cursors share the server's namespace: a portal of this
-                    // name the gate still holds is one the server closed (CLOSE, ROLLBACK
-                    // TO a savepoint), or the DECLARE fails. Never judged or masked as the
-                    // cursor's rows.
-                    st.remove_portal(name);
+                    Some(PortalEffect::Declare(name.clone(), Arc::new(own)))
                 }
-                Some(CursorUse::Fetch(name)) => match st.cursors.get(name) {
-                    Some(c) => {
-                        if merged.insert(Arc::as_ptr(c) as usize) {
-                            refs.merge(c);
-                            held.push(c.clone());
+                Some(CursorUse::Fetch(name)) => {
+                    match st.cursors.get(name).map(|(_, c)| c) {
+                        Some(c) => {
+                            if merged.insert(Arc::as_ptr(c) as usize) {
+                                refs.merge(c);
+                                held.push(c.clone());
+                            }
                         }
+                        None => refs.opaque = true,
                     }
-                    None => refs.opaque = true,
-                },
-                // SQL CLOSE closes a protocol-level portal of the name too.
-                Some(CursorUse::Close(Some(name))) => {
-                    st.cursors.remove(name);
-                    st.remove_portal(name);
+                    None
                 }
-                Some(CursorUse::Close(None)) => {
-                    st.cursors.clear();
-                    st.forget_all_portals();
+                Some(CursorUse::Close(Some(name))) => Some(PortalEffect::Close(name.clone())),
+                Some(CursorUse::Close(None)) => Some(PortalEffect::CloseAll),
+                None => None,
+            };
+            for effect in effect.into_iter().chain(PortalEffect::of_transaction(s)) {
+                if run {
+                    st.apply_portal_effect(effect);
+                } else {
+                    effects.push(effect);
                 }
-                None => {}
             }
         }
-        Arc::new(refs)
+        (Arc::new(refs), effects)
     }
 
     /// Handles one server message, writing what the client gets to `out`. After a statement
@@ -1196,6 +1213,7 @@ impl Pump<'_> {
                     }
                     if status == b'I' {
                         st.forget_portals_before(done);
+                        st.savepoints.clear();
                     }
                     st.current = None;
                     st.copy = None;

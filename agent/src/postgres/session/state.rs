@@ -197,6 +197,8 @@ pub(super) struct StmtInfo {
     pub(super) seq: u64,
     /// What it counts in [`State::prepared_bytes`].
     pub(super) bytes: usize,
+    /// What running it does to the portals and cursors, applied at each Execute.
+    pub(super) portal_effects: Vec<PortalEffect>,
     /// The record its text was first written in, whole. A run after it refers to that
     /// record rather than copying a long text again: an Execute of a few bytes would
     /// otherwise make the store keep up to `MAX_RECORDED_TEXT` each time.
@@ -390,8 +392,12 @@ pub(super) struct State {
     /// Plans by RowDescription, for results whose columns all come straight from tables
     /// (their plan depends on nothing else): a statement run again is not planned again.
     pub(super) plans: Map<bytes::Bytes, Arc<Plan>>,
-    /// SQL cursors by name: what their `FETCH`es return is computed from.
-    pub(super) cursors: Map<String, Arc<ResultRefs>>,
+    /// SQL cursors by name: when declared (on the [`State::binds`] count) and what their
+    /// `FETCH`es return is computed from.
+    pub(super) cursors: Map<String, (u64, Arc<ResultRefs>)>,
+    /// The transaction's savepoints, oldest first, each with the [`State::binds`] count when
+    /// it was made: a `ROLLBACK TO` drops the portals and cursors made since.
+    pub(super) savepoints: Vec<(String, u64)>,
     pub(super) copy: Option<CopyMasker>,
     /// Statements in flight by sequence number: a handful at most, looked up for every
     /// masked row, so ordered (no hashing; drained in statement order).
@@ -420,6 +426,43 @@ pub(super) struct Closing {
     statement: Option<Stmt>,
     /// The Close's own place among name changes.
     seq: u64,
+}
+
+/// What running a statement does to the server's portals and cursors (see
+/// [`State::apply_portal_effect`]).
+#[derive(Clone, Debug)]
+pub(super) enum PortalEffect {
+    /// `DECLARE name`: a cursor, with what its rows are computed from; a portal of the name
+    /// is gone on the server (or the DECLARE fails).
+    Declare(String, Arc<ResultRefs>),
+    /// SQL `CLOSE name`: the cursor, or a protocol-level portal of the name.
+    Close(String),
+    /// `CLOSE ALL`.
+    CloseAll,
+    /// The transaction's portals and cursors may end: `COMMIT`, `ROLLBACK`, `PREPARE
+    /// TRANSACTION`, `DISCARD ALL` (`WITH HOLD` cursors survive a commit: their rows are
+    /// masked as a cursor the gate does not know).
+    EndAll,
+    /// `SAVEPOINT`, `RELEASE`, `ROLLBACK TO`.
+    Savepoint(Savepoint),
+}
+
+impl PortalEffect {
+    /// What `s` does to the transaction's portals beside its cursor (see
+    /// [`Statement::ends_portals`], [`Statement::savepoint`]).
+    pub(super) fn of_transaction(s: &Statement) -> Option<Self> {
+        if s.ends_portals {
+            Some(Self::EndAll)
+        } else {
+            s.savepoint.clone().map(Self::Savepoint)
+        }
+    }
+}
+
+/// What a completed [`SqlEffect`] did to a name (or to every name: `Dropped(None)`).
+enum Change {
+    Prepared(String),
+    Dropped(Option<String>),
 }
 
 /// The rest of a failed extended-protocol batch, which the server skips up to its Sync.
@@ -530,6 +573,11 @@ impl State {
     pub(super) fn apply_sql_effect(&mut self, effect: SqlEffect, seq: u64) {
         let before =
             |st: &Self, name: &str| st.statements.get(name).is_some_and(|s| stmt_seq(s) < seq);
+        let change = match &effect {
+            SqlEffect::Prepare(name, _) => Change::Prepared(name.clone()),
+            SqlEffect::Deallocate(name) => Change::Dropped(Some(name.clone())),
+            SqlEffect::All(_) => Change::Dropped(None),
+        };
         match effect {
             SqlEffect::Prepare(name, statement) => {
                 // The server took the name: whatever the gate held under it from before is
@@ -562,6 +610,31 @@ impl State {
                 }
                 self.prepared_bytes = self.statements.values().map(stmt_bytes).sum();
                 self.phantoms.clear();
+            }
+        }
+        self.closes_after(&change, seq);
+    }
+
+    /// Closes sent after a name change the server has now completed (`seq`) and not yet
+    /// answered find the name as the change left it, if the server skips them: a
+    /// `PREPARE`d statement is there to stay; a `DEALLOCATE` took what was there before.
+    fn closes_after(&mut self, change: &Change, seq: u64) {
+        for e in &mut self.expect {
+            let Expect::Close(Some(close)) = e else {
+                continue;
+            };
+            if close.seq < seq {
+                continue;
+            }
+            match change {
+                Change::Prepared(name) if *name == close.name => close.other = true,
+                Change::Dropped(name) if name.as_ref().is_none_or(|n| *n == close.name) => {
+                    close.other = false;
+                    if close.statement.as_ref().is_some_and(|s| stmt_seq(s) < seq) {
+                        close.statement = None;
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -657,6 +730,70 @@ impl State {
             portal
                 .executed
                 .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// What a statement sent to run does to the server's portals and cursors (one
+    /// namespace there), mirrored here as it is sent: the server runs statements in that
+    /// order. Where the statement fails instead, the gate has forgotten a portal the server
+    /// keeps: an Execute of it is masked as a portal the gate does not know (every computed
+    /// column whole), never as another statement.
+    pub(super) fn apply_portal_effect(&mut self, effect: PortalEffect) {
+        match effect {
+            PortalEffect::Declare(name, refs) => {
+                if self.cursors.len() >= super::MAX_CURSORS {
+                    self.cursors.clear();
+                }
+                self.remove_portal(&name);
+                self.binds += 1;
+                self.cursors.insert(name, (self.binds, refs));
+            }
+            PortalEffect::Close(name) => {
+                self.cursors.remove(&name);
+                self.remove_portal(&name);
+            }
+            PortalEffect::CloseAll => {
+                self.cursors.clear();
+                self.forget_all_portals();
+            }
+            PortalEffect::EndAll => {
+                self.cursors.clear();
+                self.forget_all_portals();
+                self.savepoints.clear();
+            }
+            PortalEffect::Savepoint(Savepoint::Define(name)) => {
+                // Past the bound the oldest goes: a ROLLBACK TO it then forgets everything.
+                if self.savepoints.len() >= super::MAX_SAVEPOINTS {
+                    self.savepoints.remove(0);
+                }
+                self.savepoints.push((name, self.binds));
+            }
+            PortalEffect::Savepoint(Savepoint::Release(name)) => {
+                if let Some(at) = self.savepoints.iter().rposition(|(n, _)| *n == name) {
+                    self.savepoints.truncate(at);
+                }
+            }
+            PortalEffect::Savepoint(Savepoint::RollbackTo(name)) => {
+                let mark = match self.savepoints.iter().rposition(|(n, _)| *n == name) {
+                    Some(at) => {
+                        self.savepoints.truncate(at + 1);
+                        self.savepoints[at].1
+                    }
+                    // Not known here (the server refuses it, or the bound dropped it):
+                    // whatever it drops, the gate forgets.
+                    None => 0,
+                };
+                self.cursors.retain(|_, (made, _)| *made <= mark);
+                let since: Vec<String> = self
+                    .portals
+                    .iter()
+                    .filter(|(_, p)| p.bind > mark)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for name in since {
+                    self.remove_portal(&name);
+                }
+            }
         }
     }
 
@@ -793,6 +930,66 @@ mod tests {
 
     /// Binds the server failed or skipped give each portal name back what it held (latest
     /// first), never a portal judged by another statement than the one the server runs.
+    /// Portals and cursors as the server keeps them across savepoints: a ROLLBACK TO drops
+    /// those made since its savepoint (and not before), RELEASE keeps them, a savepoint the
+    /// gate does not know drops everything, COMMIT ends them all.
+    #[test]
+    fn savepoints_drop_what_was_made_since() {
+        let mut st = State::default();
+        let bind = |st: &mut State, name: &str| {
+            st.binds += 1;
+            let p = Arc::new(PortalInfo {
+                statement: None,
+                formats: Vec::new(),
+                params: Vec::new(),
+                plan: Mutex::new(None),
+                executed: std::sync::atomic::AtomicBool::new(false),
+                replaced: false,
+                confirmed: std::sync::atomic::AtomicBool::new(true),
+                cycle: 0,
+                bind: st.binds,
+                bytes: 0,
+            });
+            st.insert_portal(name.into(), p);
+        };
+        let declare = |st: &mut State, name: &str| {
+            st.apply_portal_effect(PortalEffect::Declare(name.into(), Arc::default()));
+        };
+        let sp = |st: &mut State, s: Savepoint| st.apply_portal_effect(PortalEffect::Savepoint(s));
+        let held = |st: &State| {
+            let mut names: Vec<String> = st
+                .portals
+                .keys()
+                .chain(st.cursors.keys())
+                .cloned()
+                .collect();
+            names.sort();
+            names.join(",")
+        };
+        bind(&mut st, "p0");
+        declare(&mut st, "c0");
+        sp(&mut st, Savepoint::Define("a".into()));
+        bind(&mut st, "p1");
+        sp(&mut st, Savepoint::Define("b".into()));
+        declare(&mut st, "c1");
+        sp(&mut st, Savepoint::Release("b".into()));
+        assert_eq!(held(&st), "c0,c1,p0,p1");
+        sp(&mut st, Savepoint::RollbackTo("a".into()));
+        assert_eq!(held(&st), "c0,p0", "made since a: dropped");
+        // a stays after its ROLLBACK TO: again.
+        bind(&mut st, "p2");
+        sp(&mut st, Savepoint::RollbackTo("a".into()));
+        assert_eq!(held(&st), "c0,p0");
+        // A savepoint not known here: everything goes.
+        sp(&mut st, Savepoint::RollbackTo("zz".into()));
+        assert_eq!(held(&st), "");
+        bind(&mut st, "p3");
+        sp(&mut st, Savepoint::Define("a".into()));
+        st.apply_portal_effect(PortalEffect::EndAll);
+        assert_eq!(held(&st), "");
+        assert!(st.savepoints.is_empty());
+    }
+
     #[test]
     fn undone_binds_give_portals_back() {
         let portal = |bind: u64, text: &str| -> Portal {
