@@ -459,12 +459,6 @@ impl PortalEffect {
     }
 }
 
-/// What a completed [`SqlEffect`] did to a name (or to every name: `Dropped(None)`).
-enum Change {
-    Prepared(String),
-    Dropped(Option<String>),
-}
-
 /// The rest of a failed extended-protocol batch, which the server skips up to its Sync.
 #[derive(Debug, Default)]
 pub(super) struct Skipping {
@@ -573,10 +567,12 @@ impl State {
     pub(super) fn apply_sql_effect(&mut self, effect: SqlEffect, seq: u64) {
         let before =
             |st: &Self, name: &str| st.statements.get(name).is_some_and(|s| stmt_seq(s) < seq);
-        let change = match &effect {
-            SqlEffect::Prepare(name, _) => Change::Prepared(name.clone()),
-            SqlEffect::Deallocate(name) => Change::Dropped(Some(name.clone())),
-            SqlEffect::All(_) => Change::Dropped(None),
+        // A Close sent after a PREPARE and skipped finds the name held either way (the
+        // PREPAREd statement is kept here).
+        let effect_dropped = match &effect {
+            SqlEffect::Prepare(..) => None,
+            SqlEffect::Deallocate(name) => Some(Some(name.clone())),
+            SqlEffect::All(_) => Some(None),
         };
         match effect {
             SqlEffect::Prepare(name, statement) => {
@@ -612,29 +608,25 @@ impl State {
                 self.phantoms.clear();
             }
         }
-        self.closes_after(&change, seq);
+        if let Some(name) = effect_dropped {
+            self.closes_after(name.as_deref(), seq);
+        }
     }
 
-    /// Closes sent after a name change the server has now completed (`seq`) and not yet
-    /// answered find the name as the change left it, if the server skips them: a
-    /// `PREPARE`d statement is there to stay; a `DEALLOCATE` took what was there before.
-    fn closes_after(&mut self, change: &Change, seq: u64) {
+    /// Closes of `name` (`None`: of any name) sent after a `DEALLOCATE` the server has now
+    /// completed (sent at `seq`) and not yet answered: if the server skips them, it holds
+    /// nothing the DEALLOCATE took (only a statement parsed after it).
+    fn closes_after(&mut self, name: Option<&str>, seq: u64) {
         for e in &mut self.expect {
             let Expect::Close(Some(close)) = e else {
                 continue;
             };
-            if close.seq < seq {
+            if close.seq < seq || name.is_some_and(|n| n != close.name) {
                 continue;
             }
-            match change {
-                Change::Prepared(name) if *name == close.name => close.other = true,
-                Change::Dropped(name) if name.as_ref().is_none_or(|n| *n == close.name) => {
-                    close.other = false;
-                    if close.statement.as_ref().is_some_and(|s| stmt_seq(s) < seq) {
-                        close.statement = None;
-                    }
-                }
-                _ => {}
+            close.other = false;
+            if close.statement.as_ref().is_some_and(|s| stmt_seq(s) < seq) {
+                close.statement = None;
             }
         }
     }
@@ -930,6 +922,45 @@ mod tests {
 
     /// Binds the server failed or skipped give each portal name back what it held (latest
     /// first), never a portal judged by another statement than the one the server runs.
+    /// A Close sent after a `DEALLOCATE` or `PREPARE` of its name that the server then
+    /// completed, and skipped: the name is as the change left it (nothing held after the
+    /// DEALLOCATE though the statement's Parse was confirmed; the PREPAREd statement held
+    /// though the gate held nothing when the Close was sent).
+    #[test]
+    fn a_skipped_close_after_a_completed_name_change_sees_the_change() {
+        let skipped = |st: &mut State| {
+            let Some(Expect::Close(Some(close))) = st.expect.pop_front() else {
+                panic!("a close");
+            };
+            st.close_skipped(close);
+        };
+        let mut st = State::default();
+        let made = stmt(10);
+        {
+            let mut m = made.lock().unwrap();
+            m.seq = st.next_seq();
+            m.confirmed = true;
+        }
+        st.insert_statement("s1".into(), made);
+        let dealloc = st.name_change();
+        let close = st.closing("s1");
+        st.expect.push_back(Expect::Close(Some(close)));
+        st.apply_sql_effect(SqlEffect::Deallocate("s1".into()), dealloc);
+        skipped(&mut st);
+        assert!(!st.has_prepared("s1"), "the DEALLOCATE took it");
+
+        let mut st = State::default();
+        let prepare = st.name_change();
+        let close = st.closing("s2");
+        st.expect.push_back(Expect::Close(Some(close)));
+        st.apply_sql_effect(
+            SqlEffect::Prepare("s2".into(), Box::new(sql("select 1"))),
+            prepare,
+        );
+        skipped(&mut st);
+        assert!(st.has_prepared("s2"), "the PREPAREd statement stays");
+    }
+
     /// Portals and cursors as the server keeps them across savepoints: a ROLLBACK TO drops
     /// those made since its savepoint (and not before), RELEASE keeps them, a savepoint the
     /// gate does not know drops everything, COMMIT ends them all.
