@@ -1055,8 +1055,8 @@ fn a_long_prepared_statement_is_recorded_whole_once() {
 /// query, or by a DECLARE parsed before and executed after) and run with Execute; a cursor
 /// dropped by ROLLBACK TO whose name is bound to the masked column and fetched with SQL; a
 /// DECLARE parsed and never run; a rebind the server refuses, executed after a ROLLBACK TO
-/// that kept the portal: every value comes back masked, never judged or masked as what the
-/// name held before.
+/// that kept the portal; a FETCH parsed before its cursor was declared again: every value
+/// comes back masked, never judged or masked as what the name held before.
 #[test]
 fn a_portal_name_declared_as_a_cursor_is_masked_by_what_the_cursor_reads() {
     jitgate_e2e::root_or_skip!();
@@ -1084,6 +1084,7 @@ fn a_portal_name_declared_as_a_cursor_is_masked_by_what_the_cursor_reads() {
         "parsed_only",
         "declared_later",
         "committed",
+        "fetch_redeclared",
     ] {
         assert!(r[route]["code"].is_null(), "{route}: {r}");
         let v = r[route]["value"].as_str().unwrap_or_default();

@@ -696,6 +696,20 @@ mod batch {
         steps.push(simple(&mut s, "COMMIT; BEGIN")?);
         steps.push(simple(&mut s, &format!("DECLARE n CURSOR FOR {REAL}"))?);
         let committed = executed(&mut s, "n")?;
+        // A FETCH parsed while its cursor read the fake query, run after the cursor was
+        // declared again for the real one.
+        steps.push(simple(&mut s, &format!("DECLARE q CURSOR FOR {FAKE}"))?);
+        let mut m = parse("fq", "FETCH ALL FROM q");
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        steps.push(simple(&mut s, "CLOSE q")?);
+        steps.push(simple(&mut s, &format!("DECLARE q CURSOR FOR {REAL}"))?);
+        let mut m = bind_portal("", "fq");
+        m.extend(execute_portal(""));
+        m.extend(sync());
+        s.write_all(&m)?;
+        let fetch_redeclared = outcome(until_ready(&mut s));
         // A portal bound to the real statement before a savepoint, a CLOSE of it parsed
         // (never run), then in one write a Bind of it to the fake one (refused by the
         // server: the portal is there), a ROLLBACK TO the savepoint (the portal stays), and
@@ -730,6 +744,7 @@ mod batch {
             "parsed_only": parsed_only,
             "declared_later": declared_later,
             "committed": committed,
+            "fetch_redeclared": fetch_redeclared,
             "rebound": rebound,
             "in_doubt": in_doubt,
         }))

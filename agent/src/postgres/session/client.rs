@@ -289,6 +289,13 @@ impl Pump<'_> {
                             prepaid: true,
                             recorded_in: None,
                             portal_effects,
+                            fetches: analysis
+                                .iter()
+                                .filter_map(|s| match &s.cursor {
+                                    Some(CursorUse::Fetch(name)) => Some(name.clone()),
+                                    _ => None,
+                                })
+                                .collect(),
                             effect,
                             contested,
                             confirmed: false,
@@ -581,26 +588,32 @@ impl Pump<'_> {
                 // of a statement was paid for at its Parse; every later one takes from the
                 // grant's limits as a simple Query does.
                 let first_run = !info.executed.load(Ordering::Relaxed);
-                let (recorded, judged, may_copy_in, prepaid, portal_effects) = match &info.statement
-                {
-                    Some(stmt) => {
-                        let mut s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
-                        let prepaid = first_run && std::mem::take(&mut s.prepaid);
-                        let effects = if s.portal_effects.is_empty() {
-                            Vec::new()
-                        } else {
-                            s.portal_effects.clone()
-                        };
-                        (
-                            s.recorded_for_run(),
-                            s.judged.clone(),
-                            s.copies_in,
-                            prepaid,
-                            effects,
-                        )
-                    }
-                    None => (String::new(), None, false, false, Vec::new()),
-                };
+                let (recorded, judged, may_copy_in, prepaid, portal_effects, fetches) =
+                    match &info.statement {
+                        Some(stmt) => {
+                            let mut s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
+                            let prepaid = first_run && std::mem::take(&mut s.prepaid);
+                            let effects = if s.portal_effects.is_empty() {
+                                Vec::new()
+                            } else {
+                                s.portal_effects.clone()
+                            };
+                            let fetches = if s.fetches.is_empty() {
+                                Vec::new()
+                            } else {
+                                s.fetches.clone()
+                            };
+                            (
+                                s.recorded_for_run(),
+                                s.judged.clone(),
+                                s.copies_in,
+                                prepaid,
+                                effects,
+                                fetches,
+                            )
+                        }
+                        None => (String::new(), None, false, false, Vec::new(), Vec::new()),
+                    };
                 let params = info.params.clone();
                 let params_bytes: usize = params.iter().flatten().map(String::len).sum();
                 let rec = self.new_record_recorded(recorded, Decision::Allowed, None);
@@ -655,19 +668,41 @@ impl Pump<'_> {
                 for effect in portal_effects {
                     st.apply_portal_effect(effect);
                 }
-                if unbound && self.masker.is_some() {
-                    // Its result shape, learnt first: its rows carry no description.
-                    st.expect.push_back(Expect::Describe {
-                        target: Some(DescribeTarget::Portal(info.clone())),
-                        internal: true,
-                    });
-                    postgres_protocol::message::frontend::describe(b'P', &portal, out)
-                        .map_err(|e| PgError::fatal("08P01", e.to_string()))?;
+                let mut masked_as = None;
+                if self.masker.is_some() {
+                    // Its result shape, learnt first where the gate's may be stale: a portal
+                    // it does not hold (its rows carry no description), or a FETCH, masked
+                    // by what its cursors hold as it runs.
+                    let target = if unbound {
+                        Some(info.clone())
+                    } else if fetches.is_empty() {
+                        None
+                    } else {
+                        let mut refs = ResultRefs::default();
+                        for name in &fetches {
+                            match st.cursors.get(name) {
+                                Some((_, c)) => refs.merge(c),
+                                None => refs.opaque = true,
+                            }
+                        }
+                        let view = Self::portal_view(Arc::new(refs));
+                        masked_as = Some(view.clone());
+                        Some(view)
+                    };
+                    if let Some(target) = target {
+                        st.expect.push_back(Expect::Describe {
+                            target: Some(DescribeTarget::Portal(target)),
+                            internal: true,
+                        });
+                        postgres_protocol::message::frontend::describe(b'P', &portal, out)
+                            .map_err(|e| PgError::fatal("08P01", e.to_string()))?;
+                    }
                 }
                 let copy_in = may_copy_in.then(|| st.copy_in.open());
                 let names_seq = if has_effect { st.name_change() } else { 0 };
                 st.expect.push_back(Expect::Execute {
                     portal: info,
+                    masked_as,
                     first_run,
                     rec,
                     copy_in,
@@ -743,6 +778,19 @@ impl Pump<'_> {
             recorded: format!("<Execute of portal \"{name}\": a SQL cursor, or not bound>"),
             ..StmtInfo::default()
         }));
+        Self::portal_of(statement)
+    }
+
+    /// A portal that only masks one Execute's rows by `refs`, with the plan its Describe
+    /// brings.
+    fn portal_view(refs: Arc<ResultRefs>) -> Portal {
+        Self::portal_of(Arc::new(Mutex::new(StmtInfo {
+            refs,
+            ..StmtInfo::default()
+        })))
+    }
+
+    fn portal_of(statement: Stmt) -> Portal {
         Arc::new(PortalInfo {
             statement: Some(statement),
             formats: Vec::new(),

@@ -20,7 +20,12 @@ type RowPlan = (Arc<Plan>, Option<u32>);
 /// The plan and record of the result whose rows arrive now.
 fn row_plan(st: &State) -> Result<RowPlan, PgError> {
     let (plan, rec) = match st.expect.front() {
-        Some(Expect::Execute { portal, rec, .. }) => (portal.plan(), Some(*rec)),
+        Some(Expect::Execute {
+            portal,
+            masked_as,
+            rec,
+            ..
+        }) => (masked_as.as_ref().unwrap_or(portal).plan(), Some(*rec)),
         Some(Expect::Query { rec, .. }) => (st.current.clone(), Some(*rec)),
         _ => (st.current.clone(), None),
     };

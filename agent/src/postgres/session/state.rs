@@ -59,6 +59,9 @@ pub(super) enum Expect {
     },
     Execute {
         portal: Portal,
+        /// What its rows are masked by, where not its portal's plan: a `FETCH` described
+        /// anew as it runs (see [`StmtInfo::fetches`]).
+        masked_as: Option<Portal>,
         /// Its portal's first Execute: the portal counts as run from it (see
         /// [`State::execute_skipped`]).
         first_run: bool,
@@ -199,6 +202,10 @@ pub(super) struct StmtInfo {
     pub(super) bytes: usize,
     /// What running it does to the portals and cursors, applied at each Execute.
     pub(super) portal_effects: Vec<PortalEffect>,
+    /// The cursors its `FETCH` reads: what they hold when it runs may not be what they held
+    /// at its Parse (declared again since), so each Execute's rows are described anew and
+    /// masked by the cursors' queries as they are then.
+    pub(super) fetches: Vec<String>,
     /// The record its text was first written in, whole. A run after it refers to that
     /// record rather than copying a long text again: an Execute of a few bytes would
     /// otherwise make the store keep up to `MAX_RECORDED_TEXT` each time.
