@@ -1104,6 +1104,45 @@ fn a_portal_name_declared_as_a_cursor_is_masked_by_what_the_cursor_reads() {
     );
 }
 
+/// Hostile: names whose meaning changes between what the gate sees and what the server runs
+/// (a DECLARE the server does not carry out, FETCH and EXECUTE portals bound before their
+/// cursor or prepared statement changed, an EXECUTE pipelined behind a re-PREPARE, a
+/// SAVEPOINT the server refuses): each masked value comes back masked, or the statement is
+/// refused with an error that says why; never raw.
+#[test]
+fn names_in_flux_are_masked_or_refused_never_guessed() {
+    jitgate_e2e::root_or_skip!();
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-names-flux", "", &body(&pg, ""));
+    let r = pgclient(&gate, "read", &pg, &["raw-names"]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(
+        r["steps"]
+            .as_array()
+            .is_some_and(|s| s.iter().all(|o| o["code"].is_null())),
+        "every step ran: {r}"
+    );
+    let text = r.to_string().to_ascii_lowercase();
+    assert!(
+        !text.contains("jane@example.com"),
+        "a masked value leaked: {r}"
+    );
+    let masked = |route: &str| {
+        let v = r[route]["value"].as_str().unwrap_or_default();
+        assert!(r[route]["code"].is_null(), "{route}: {r}");
+        assert!(!v.is_empty() && !v.contains("JANE"), "{route}: {r}");
+    };
+    masked("explained");
+    assert_eq!(r["taken"]["code"], "42P03", "{r}");
+    masked("after_taken");
+    assert_eq!(r["fetch_sql"]["code"], "0A000", "{r}");
+    assert_eq!(r["fetch_portal"]["code"], "55000", "{r}");
+    assert_eq!(r["execute_portal"]["code"], "55000", "{r}");
+    assert_eq!(r["pipelined"]["code"], "26000", "{r}");
+    assert_eq!(r["aborted"]["code"], "22012", "{r}");
+    masked("savepoint");
+}
+
 /// Hostile: the gate's idea of what a prepared statement's name holds must be the server's:
 /// a PREPARE or DEALLOCATE that was parsed and never run, one the server never ran (after
 /// an error) or refused (42P05), a Close it skipped, changes nothing there and so nothing

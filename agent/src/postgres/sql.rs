@@ -714,6 +714,8 @@ fn top_level(
             let inner = &v["query"]["node"];
             if analyze {
                 top_level(inner, text, mode, s)?;
+                // EXPLAIN ANALYZE DECLARE runs the query and makes no cursor.
+                s.cursor = None;
             } else {
                 let mut scratch = Statement::default();
                 top_level(inner, text, mode, &mut scratch)?;

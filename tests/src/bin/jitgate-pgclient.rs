@@ -750,6 +750,128 @@ mod batch {
         }))
     }
 
+    /// Names whose meaning changes between what the gate sees and what the server runs: a
+    /// DECLARE the server does not carry out (inside EXPLAIN ANALYZE; of a name taken) over
+    /// a cursor of the masked column; FETCH and EXECUTE portals bound before their cursor or
+    /// prepared statement changed (the server describes them as they were at the Bind, and
+    /// runs them as they are); a SQL FETCH of such a portal; an EXECUTE pipelined behind a
+    /// DEALLOCATE and PREPARE of its name; a SAVEPOINT the server refuses (aborted
+    /// transaction) hiding an older one of the same name. Each reports what it read.
+    pub fn names(url: &str) -> std::io::Result<Value> {
+        const REAL: &str = "SELECT upper(email) AS x FROM users WHERE id = 1";
+        const FAKE: &str = "SELECT 'x'::text AS x";
+        const PLAIN: &str = "SELECT name AS x FROM users WHERE id = 1";
+        const EMAIL: &str = "SELECT email AS x FROM users WHERE id = 1";
+        let addr = addr_of(url);
+        let (mut s, _) = startup(&addr, false, &[])?;
+        until_ready(&mut s);
+        let sync = || message(b'S', b"");
+        let simple = |s: &mut std::net::TcpStream, sql: &str| -> std::io::Result<Value> {
+            s.write_all(&query(sql))?;
+            Ok(outcome(until_ready(s)))
+        };
+        let mut steps = Vec::new();
+        steps.push(simple(&mut s, "BEGIN")?);
+        // A DECLARE inside EXPLAIN ANALYZE makes no cursor.
+        steps.push(simple(&mut s, &format!("DECLARE a CURSOR FOR {REAL}"))?);
+        steps.push(simple(
+            &mut s,
+            &format!("EXPLAIN ANALYZE DECLARE a CURSOR FOR {FAKE}"),
+        )?);
+        let explained = simple(&mut s, "FETCH ALL FROM a")?;
+        // A DECLARE of a name taken fails.
+        steps.push(simple(&mut s, &format!("DECLARE b CURSOR FOR {REAL}"))?);
+        steps.push(simple(&mut s, "SAVEPOINT before_taken")?);
+        let taken = simple(&mut s, &format!("DECLARE b CURSOR FOR {FAKE}"))?;
+        steps.push(simple(&mut s, "ROLLBACK TO SAVEPOINT before_taken")?);
+        let after_taken = simple(&mut s, "FETCH ALL FROM b")?;
+        steps.push(simple(&mut s, "COMMIT")?);
+        // A FETCH portal bound, then its cursor declared again over the masked column: read
+        // with SQL FETCH, then (in a transaction of its own) with Execute.
+        let mut fetch = Vec::new();
+        for _ in 0..2 {
+            steps.push(simple(&mut s, "BEGIN")?);
+            steps.push(simple(&mut s, &format!("DECLARE c CURSOR FOR {PLAIN}"))?);
+            let mut m = if fetch.is_empty() {
+                parse("fc", "FETCH ALL FROM c")
+            } else {
+                Vec::new()
+            };
+            m.extend(bind_portal("pc", "fc"));
+            m.extend(sync());
+            s.write_all(&m)?;
+            steps.push(outcome(until_ready(&mut s)));
+            steps.push(simple(&mut s, "CLOSE c")?);
+            steps.push(simple(&mut s, &format!("DECLARE c CURSOR FOR {EMAIL}"))?);
+            if fetch.is_empty() {
+                fetch.push(simple(&mut s, "FETCH ALL FROM pc")?);
+            } else {
+                let mut m = execute_portal("pc");
+                m.extend(sync());
+                s.write_all(&m)?;
+                fetch.push(outcome(until_ready(&mut s)));
+            }
+            steps.push(simple(&mut s, "ROLLBACK")?);
+        }
+        let fetch_portal = fetch.pop().unwrap_or_default();
+        let fetch_sql = fetch.pop().unwrap_or_default();
+        // An EXECUTE portal bound, then its statement prepared again.
+        steps.push(simple(&mut s, &format!("PREPARE q AS {PLAIN}"))?);
+        steps.push(simple(&mut s, "BEGIN")?);
+        let mut m = parse("eq", "EXECUTE q");
+        m.extend(bind_portal("pq", "eq"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        steps.push(simple(&mut s, "DEALLOCATE q")?);
+        steps.push(simple(&mut s, &format!("PREPARE q AS {EMAIL}"))?);
+        let mut m = execute_portal("pq");
+        m.extend(sync());
+        s.write_all(&m)?;
+        let execute_portal_stale = outcome(until_ready(&mut s));
+        steps.push(simple(&mut s, "ROLLBACK")?);
+        // An EXECUTE pipelined behind a DEALLOCATE and PREPARE of its name.
+        steps.push(simple(&mut s, &format!("PREPARE r AS {FAKE}"))?);
+        let mut m = query(&format!(
+            "SELECT pg_sleep(0.3); DEALLOCATE r; PREPARE r AS {REAL}"
+        ));
+        m.extend(query("EXECUTE r"));
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        let pipelined = outcome(until_ready(&mut s));
+        // A SAVEPOINT the server refuses (the transaction is aborted) over an older one of
+        // the same name: ROLLBACK TO goes to the older one and drops the portal bound since.
+        steps.push(simple(&mut s, "BEGIN")?);
+        steps.push(simple(&mut s, "SAVEPOINT s")?);
+        let mut m = parse("fake", FAKE);
+        m.extend(bind_portal("pf", "fake"));
+        m.extend(describe_portal("pf"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        let aborted = simple(&mut s, "SELECT 1/0; SAVEPOINT s")?;
+        steps.push(simple(&mut s, "ROLLBACK TO SAVEPOINT s")?);
+        steps.push(simple(&mut s, &format!("DECLARE pf CURSOR FOR {REAL}"))?);
+        let mut m = execute_portal("pf");
+        m.extend(sync());
+        s.write_all(&m)?;
+        let savepoint = outcome(until_ready(&mut s));
+        steps.push(simple(&mut s, "COMMIT")?);
+        Ok(json!({
+            "ok": true,
+            "steps": steps,
+            "explained": explained,
+            "taken": taken,
+            "after_taken": after_taken,
+            "fetch_sql": fetch_sql,
+            "fetch_portal": fetch_portal,
+            "execute_portal": execute_portal_stale,
+            "pipelined": pipelined,
+            "aborted": aborted,
+            "savepoint": savepoint,
+        }))
+    }
+
     /// Names changing while Parses and Binds are pipelined behind them (one write each,
     /// a slow statement first so that everything reaches the gate before the server
     /// answers): a PREPARE in flight taking a name then Parsed and bound; a DEALLOCATE ALL
@@ -896,6 +1018,7 @@ async fn main() {
         ("raw-savepoint", batch::savepoint),
         ("raw-diverge", batch::diverge),
         ("raw-cursor", batch::cursor),
+        ("raw-names", batch::names),
         ("raw-batch", batch::run),
         ("raw", raw::run),
     ];

@@ -195,6 +195,16 @@ impl Pump<'_> {
                 let text = take_cstr(&mut body).map_err(malformed)?;
                 let (verdict, rec) = self.decide(&text, "query", true, None).await;
                 in_flight_bound(&self.lock())?;
+                let verdict = verdict.and_then(|analysis| match self.names_in_doubt(&analysis) {
+                    Some(error) => {
+                        self.update_record(rec, |r| {
+                            r.decision = Decision::Denied;
+                            r.rule = Some("name not settled".into());
+                        });
+                        Err(error)
+                    }
+                    None => Ok(analysis),
+                });
                 match verdict {
                     Ok(analysis) => {
                         let copies = match self.copy_plans(&analysis).await {
@@ -296,6 +306,7 @@ impl Pump<'_> {
                                     _ => None,
                                 })
                                 .collect(),
+                            executes: analysis.iter().filter_map(|s| s.executes.clone()).collect(),
                             effect,
                             contested,
                             confirmed: false,
@@ -454,6 +465,21 @@ impl Pump<'_> {
                     }
                     // Prepared with SQL PREPARE, bound with the protocol: the same namespace
                     // on the server.
+                    Err(Some(_)) if self.lock().sql_name_pending(&statement) => {
+                        let error = PgError::error(
+                            "26000",
+                            format!("prepared statement \"{statement}\" is being changed by a statement not yet answered"),
+                        )
+                        .hint("jitgate: a PREPARE, DEALLOCATE or DISCARD ALL of it was sent and has not completed; bind it once that statement has completed");
+                        let refused = BindRefused {
+                            portal,
+                            formats,
+                            params,
+                            bytes: params_bytes,
+                        };
+                        self.refuse_bind(refused, &statement, "being changed", error, out)?;
+                        return Ok(true);
+                    }
                     Err(Some(prepared)) => {
                         let mut refs = ResultRefs::default();
                         refs.add(&prepared);
@@ -512,6 +538,7 @@ impl Pump<'_> {
                     bytes: params_bytes,
                     replaced: previous.is_some(),
                     confirmed: AtomicBool::new(false),
+                    stamp: st.names_stamp,
                 });
                 st.insert_portal(portal.clone(), info);
                 // Portals and SQL cursors share the server's namespace: a cursor of this name
@@ -560,27 +587,49 @@ impl Pump<'_> {
                 // gate no longer holds that one: a CLOSE or DECLARE of the name parsed and
                 // never run), so which statement this Execute runs is not known yet.
                 // Refused, not guessed.
-                let contested = (info.replaced || !portal.is_empty())
-                    && !info.confirmed.load(Ordering::Acquire)
-                    && info.cycle < self.lock().cycles_sent;
+                let (contested, stale) = {
+                    let st = self.lock();
+                    let contested = (info.replaced || !portal.is_empty())
+                        && !info.confirmed.load(Ordering::Acquire)
+                        && info.cycle < st.cycles_sent;
+                    // A FETCH or EXECUTE portal runs what its cursor or prepared statement
+                    // is when it runs, described as they were when it was bound.
+                    let stale = !unbound
+                        && info.stamp != st.names_stamp
+                        && info.statement.as_ref().is_some_and(|s| {
+                            let s = s.lock().unwrap_or_else(PoisonError::into_inner);
+                            !s.fetches.is_empty() || !s.executes.is_empty()
+                        });
+                    (contested, stale)
+                };
                 if contested {
                     let error = PgError::error(
                         "55000",
                         format!("jitgate: portal \"{portal}\" was bound in an earlier batch the server has not answered yet"),
                     )
                     .hint("wait for that batch's answer (its ReadyForQuery) before executing the portal: until then the gate cannot tell which statement it runs");
-                    let rec = self.new_record_recorded(
-                        format!(
-                            "<Execute of portal \"{portal}\", bound and not confirmed yet: refused>"
-                        ),
-                        Decision::Denied,
-                        Some("portal not confirmed".into()),
+                    self.refuse_execute(
+                        &portal,
+                        "bound and not confirmed yet",
+                        "portal not confirmed",
+                        error,
+                        out,
                     );
-                    self.update_record(rec, |r| {
-                        r.error = Some(format!("{}: {}", error.code, error.message));
-                    });
-                    self.finish_record(rec);
-                    self.poison(Some(&nonce()), error, out);
+                    return Ok(true);
+                }
+                if stale {
+                    let error = PgError::error(
+                        "55000",
+                        format!("jitgate: the cursor or prepared statement portal \"{portal}\" reads was declared, closed or prepared again since it was bound"),
+                    )
+                    .hint("bind the portal again: the server would run the new one while describing the old");
+                    self.refuse_execute(
+                        &portal,
+                        "its cursor or prepared statement changed since its Bind",
+                        "portal stale",
+                        error,
+                        out,
+                    );
                     return Ok(true);
                 }
                 // A portal runs its statement once (Executes after the first continue it, or
@@ -598,10 +647,10 @@ impl Pump<'_> {
                             } else {
                                 s.portal_effects.clone()
                             };
-                            let fetches = if s.fetches.is_empty() {
-                                Vec::new()
+                            let fetches = if s.fetches.is_empty() && s.executes.is_empty() {
+                                None
                             } else {
-                                s.fetches.clone()
+                                Some((s.fetches.clone(), s.executes.clone()))
                             };
                             (
                                 s.recorded_for_run(),
@@ -612,7 +661,7 @@ impl Pump<'_> {
                                 fetches,
                             )
                         }
-                        None => (String::new(), None, false, false, Vec::new(), Vec::new()),
+                        None => (String::new(), None, false, false, Vec::new(), None),
                     };
                 let params = info.params.clone();
                 let params_bytes: usize = params.iter().flatten().map(String::len).sum();
@@ -665,8 +714,11 @@ impl Pump<'_> {
                         .is_some()
                 });
                 let mut st = self.lock();
-                for effect in portal_effects {
-                    st.apply_portal_effect(effect);
+                // A second Execute of a completed utility portal runs nothing (55000).
+                if first_run {
+                    for effect in portal_effects {
+                        st.apply_portal_effect(effect);
+                    }
                 }
                 let mut masked_as = None;
                 if self.masker.is_some() {
@@ -675,9 +727,7 @@ impl Pump<'_> {
                     // by what its cursors hold as it runs.
                     let target = if unbound {
                         Some(info.clone())
-                    } else if fetches.is_empty() {
-                        None
-                    } else {
+                    } else if let Some((fetches, executes)) = fetches {
                         let mut refs = ResultRefs::default();
                         for name in &fetches {
                             match st.cursors.get(name) {
@@ -685,9 +735,17 @@ impl Pump<'_> {
                                 None => refs.opaque = true,
                             }
                         }
+                        for name in &executes {
+                            match st.sql_prepared.get(name) {
+                                Some(p) => refs.add(p),
+                                None => refs.opaque = true,
+                            }
+                        }
                         let view = Self::portal_view(Arc::new(refs));
                         masked_as = Some(view.clone());
                         Some(view)
+                    } else {
+                        None
                     };
                     if let Some(target) = target {
                         st.expect.push_back(Expect::Describe {
@@ -802,7 +860,68 @@ impl Pump<'_> {
             bytes: 0,
             replaced: false,
             confirmed: AtomicBool::new(false),
+            stamp: 0,
         })
+    }
+
+    /// Refuses an Execute of `portal` (`why` in its record, `rule` deciding).
+    fn refuse_execute(
+        &self,
+        portal: &str,
+        why: &str,
+        rule: &str,
+        error: PgError,
+        out: &mut BytesMut,
+    ) {
+        let rec = self.new_record_recorded(
+            format!("<Execute of portal \"{portal}\", {why}: refused>"),
+            Decision::Denied,
+            Some(rule.into()),
+        );
+        self.update_record(rec, |r| {
+            r.error = Some(format!("{}: {}", error.code, error.message));
+        });
+        self.finish_record(rec);
+        self.poison(Some(&nonce()), error, out);
+    }
+
+    /// A simple query that reads a name whose meaning is not settled: an `EXECUTE` of a
+    /// prepared statement a statement not yet answered changes (the gate would judge and
+    /// mask it as the one before), or a SQL `FETCH` of a protocol portal that runs a FETCH
+    /// or EXECUTE itself (described by what those names were when it was bound).
+    fn names_in_doubt(&self, analysis: &Analysis) -> Option<PgError> {
+        let st = self.lock();
+        for s in analysis.iter() {
+            if let Some(name) = &s.executes
+                && st.sql_name_pending(name)
+            {
+                return Some(
+                    PgError::error(
+                        "26000",
+                        format!("prepared statement \"{name}\" is being changed by a statement not yet answered"),
+                    )
+                    .hint("jitgate: a PREPARE, DEALLOCATE or DISCARD ALL of it was sent and has not completed; run EXECUTE once that statement has completed"),
+                );
+            }
+            if let Some(CursorUse::Fetch(name)) = &s.cursor
+                && !st.cursors.contains_key(name)
+                && st.portals.get(name).is_some_and(|p| {
+                    p.statement.as_ref().is_some_and(|s| {
+                        let s = s.lock().unwrap_or_else(PoisonError::into_inner);
+                        !s.fetches.is_empty() || !s.executes.is_empty()
+                    })
+                })
+            {
+                return Some(
+                    PgError::error(
+                        "0A000",
+                        format!("jitgate: portal \"{name}\" runs a FETCH or EXECUTE of its own: fetch it with Execute"),
+                    )
+                    .hint("the gate masks its rows by what they are read from, which only an Execute of it tells"),
+                );
+            }
+        }
+        None
     }
 
     /// Replaces a refused simple query with one the server rejects.
@@ -864,6 +983,7 @@ impl Pump<'_> {
                 bytes: refused.bytes,
                 replaced: false,
                 confirmed: AtomicBool::new(false),
+                stamp: 0,
             }),
         );
         in_flight_bound(&st)

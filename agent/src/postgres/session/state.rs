@@ -206,6 +206,8 @@ pub(super) struct StmtInfo {
     /// at its Parse (declared again since), so each Execute's rows are described anew and
     /// masked by the cursors' queries as they are then.
     pub(super) fetches: Vec<String>,
+    /// The SQL-prepared statements its `EXECUTE` runs, likewise.
+    pub(super) executes: Vec<String>,
     /// The record its text was first written in, whole. A run after it refers to that
     /// record rather than copying a long text again: an Execute of a few bytes would
     /// otherwise make the store keep up to `MAX_RECORDED_TEXT` each time.
@@ -307,6 +309,10 @@ pub(super) struct PortalInfo {
     /// portal's Bind fails, 42P03), so an Execute from a later batch is refused.
     pub(super) replaced: bool,
     pub(super) confirmed: std::sync::atomic::AtomicBool,
+    /// [`State::names_stamp`] when it was bound: the server describes a `FETCH` or SQL
+    /// `EXECUTE` portal by its cursor or prepared statement as they were then, but looks the
+    /// name up again as it runs it.
+    pub(super) stamp: u64,
 }
 
 impl PortalInfo {
@@ -402,6 +408,8 @@ pub(super) struct State {
     /// SQL cursors by name: when declared (on the [`State::binds`] count) and what their
     /// `FETCH`es return is computed from.
     pub(super) cursors: Map<String, (u64, Arc<ResultRefs>)>,
+    /// Counts changes to the cursors and SQL-prepared statements (see [`PortalInfo::stamp`]).
+    pub(super) names_stamp: u64,
     /// The transaction's savepoints, oldest first, each with the [`State::binds`] count when
     /// it was made: a `ROLLBACK TO` drops the portals and cursors made since.
     pub(super) savepoints: Vec<(String, u64)>,
@@ -572,6 +580,7 @@ impl State {
     /// when it was sent; statements parsed after it are not touched (the server parsed them
     /// after it ran).
     pub(super) fn apply_sql_effect(&mut self, effect: SqlEffect, seq: u64) {
+        self.names_stamp += 1;
         let before =
             |st: &Self, name: &str| st.statements.get(name).is_some_and(|s| stmt_seq(s) < seq);
         // A Close sent after a PREPARE and skipped finds the name held either way (the
@@ -738,6 +747,12 @@ impl State {
     /// keeps: an Execute of it is masked as a portal the gate does not know (every computed
     /// column whole), never as another statement.
     pub(super) fn apply_portal_effect(&mut self, effect: PortalEffect) {
+        if !matches!(
+            effect,
+            PortalEffect::Savepoint(Savepoint::Define(_) | Savepoint::Release(_))
+        ) {
+            self.names_stamp += 1;
+        }
         match effect {
             PortalEffect::Declare(name, refs) => {
                 if self.cursors.len() >= super::MAX_CURSORS {
@@ -745,6 +760,18 @@ impl State {
                 }
                 self.remove_portal(&name);
                 self.binds += 1;
+                // A cursor of the name is there already: the server refuses this DECLARE
+                // (42P03), unless it dropped the old one in a way not seen here. Masked as
+                // either.
+                let refs = match self.cursors.get(&name) {
+                    Some((_, old)) => {
+                        let mut both = ResultRefs::default();
+                        both.merge(old);
+                        both.merge(&refs);
+                        Arc::new(both)
+                    }
+                    None => refs,
+                };
                 self.cursors.insert(name, (self.binds, refs));
             }
             PortalEffect::Close(name) => {
@@ -765,7 +792,17 @@ impl State {
                 if self.savepoints.len() >= super::MAX_SAVEPOINTS {
                     self.savepoints.remove(0);
                 }
-                self.savepoints.push((name, self.binds));
+                // The server may not make it (an aborted transaction, a batch that failed
+                // before it): a ROLLBACK TO the name then goes to an older one of the same
+                // name, so its mark is the oldest's (dropping more here only forgets).
+                let mark = self
+                    .savepoints
+                    .iter()
+                    .filter(|(n, _)| *n == name)
+                    .map(|(_, m)| *m)
+                    .min()
+                    .unwrap_or(self.binds);
+                self.savepoints.push((name, mark));
             }
             PortalEffect::Savepoint(Savepoint::Release(name)) => {
                 if let Some(at) = self.savepoints.iter().rposition(|(n, _)| *n == name) {
@@ -794,6 +831,28 @@ impl State {
                 }
             }
         }
+    }
+
+    /// A `PREPARE`, `DEALLOCATE` or `DISCARD ALL` that may change SQL-prepared statement
+    /// `name` is sent and not yet completed: what an `EXECUTE` of it runs is not known yet.
+    pub(super) fn sql_name_pending(&self, name: &str) -> bool {
+        let touches = |effect: &SqlEffect| match effect {
+            SqlEffect::Prepare(n, _) | SqlEffect::Deallocate(n) => n == name,
+            SqlEffect::All(_) => true,
+        };
+        self.expect.iter().any(|e| match e {
+            Expect::Query { effects, .. } => effects.iter().any(touches),
+            Expect::Execute {
+                portal, names_seq, ..
+            } if *names_seq != 0 => portal.statement.as_ref().is_some_and(|s| {
+                s.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .effect
+                    .as_ref()
+                    .is_some_and(touches)
+            }),
+            _ => false,
+        })
     }
 
     /// Forgets every portal (`CLOSE ALL`).
@@ -987,6 +1046,7 @@ mod tests {
                 cycle: 0,
                 bind: st.binds,
                 bytes: 0,
+                stamp: 0,
             });
             st.insert_portal(name.into(), p);
         };
@@ -1021,6 +1081,13 @@ mod tests {
         // A savepoint not known here: everything goes.
         sp(&mut st, Savepoint::RollbackTo("zz".into()));
         assert_eq!(held(&st), "");
+        // A second savepoint of a name the server may refuse (an aborted transaction): a
+        // ROLLBACK TO the name drops what was made since the first.
+        sp(&mut st, Savepoint::Define("n".into()));
+        bind(&mut st, "p4");
+        sp(&mut st, Savepoint::Define("n".into()));
+        sp(&mut st, Savepoint::RollbackTo("n".into()));
+        assert_eq!(held(&st), "", "p4 was made after the first n");
         bind(&mut st, "p3");
         sp(&mut st, Savepoint::Define("a".into()));
         st.apply_portal_effect(PortalEffect::EndAll);
@@ -1044,6 +1111,7 @@ mod tests {
                 cycle: 0,
                 bind,
                 bytes: 0,
+                stamp: 0,
             })
         };
         let text = |st: &State, name: &str| {
@@ -1174,6 +1242,7 @@ mod tests {
             cycle: st.cycles_sent,
             bind: st.binds,
             bytes: 100,
+            stamp: 0,
         });
         st.insert_portal(name.to_owned(), portal);
     }
