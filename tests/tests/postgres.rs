@@ -1139,6 +1139,11 @@ fn names_in_flux_are_masked_or_refused_never_guessed() {
     assert_eq!(r["fetch_portal"]["code"], "55000", "{r}");
     assert_eq!(r["execute_portal"]["code"], "55000", "{r}");
     assert_eq!(r["pipelined"]["code"], "26000", "{r}");
+    assert_eq!(r["skipped_close"]["code"], "22012", "{r}");
+    assert_eq!(r["redeclared"]["code"], "42P03", "{r}");
+    masked("held");
+    masked("first_row");
+    assert_eq!(r["stored_by_execute"]["code"], "55000", "{r}");
     assert_eq!(r["aborted"]["code"], "22012", "{r}");
     masked("savepoint");
 }

@@ -830,15 +830,49 @@ mod batch {
         s.write_all(&m)?;
         let execute_portal_stale = outcome(until_ready(&mut s));
         steps.push(simple(&mut s, "ROLLBACK")?);
-        // An EXECUTE pipelined behind a DEALLOCATE and PREPARE of its name.
+        // An EXECUTE pipelined behind a DEALLOCATE of its name.
         steps.push(simple(&mut s, &format!("PREPARE r AS {FAKE}"))?);
-        let mut m = query(&format!(
-            "SELECT pg_sleep(0.3); DEALLOCATE r; PREPARE r AS {REAL}"
-        ));
+        let mut m = query("SELECT pg_sleep(0.3); DEALLOCATE r");
         m.extend(query("EXECUTE r"));
         s.write_all(&m)?;
         steps.push(outcome(until_ready(&mut s)));
         let pipelined = outcome(until_ready(&mut s));
+        // A cursor WITH HOLD whose CLOSE the server skipped (an error before it), declared
+        // again (refused there: the name is taken) over another query, then fetched.
+        steps.push(simple(
+            &mut s,
+            &format!("DECLARE hc CURSOR WITH HOLD FOR {REAL}"),
+        )?);
+        let skipped_close = simple(&mut s, "SELECT 1/0; CLOSE hc")?;
+        let redeclared = simple(&mut s, &format!("DECLARE hc CURSOR WITH HOLD FOR {FAKE}"))?;
+        let held = simple(&mut s, "FETCH ALL FROM hc")?;
+        steps.push(simple(&mut s, "CLOSE hc")?);
+        // A FETCH portal run for one row (the server keeps the rest), its cursor declared
+        // again over another column, then the portal read with FETCH: by Execute, by a
+        // simple query.
+        steps.push(simple(&mut s, "BEGIN")?);
+        steps.push(simple(
+            &mut s,
+            "DECLARE dc CURSOR FOR SELECT email AS x FROM users ORDER BY id DESC",
+        )?);
+        let mut m = parse("fd", "FETCH ALL FROM dc");
+        m.extend(bind_portal("pd", "fd"));
+        let mut limited = Vec::new();
+        cstr(&mut limited, "pd");
+        limited.extend_from_slice(&1i32.to_be_bytes());
+        m.extend(message(b'E', &limited));
+        m.extend(sync());
+        s.write_all(&m)?;
+        let first_row = outcome(until_ready(&mut s));
+        steps.push(simple(&mut s, "CLOSE dc")?);
+        steps.push(simple(&mut s, &format!("DECLARE dc CURSOR FOR {PLAIN}"))?);
+        let mut m = parse("", "FETCH ALL FROM pd");
+        m.extend(bind_portal("", ""));
+        m.extend(execute_portal(""));
+        m.extend(sync());
+        s.write_all(&m)?;
+        let stored_by_execute = outcome(until_ready(&mut s));
+        steps.push(simple(&mut s, "ROLLBACK")?);
         // A SAVEPOINT the server refuses (the transaction is aborted) over an older one of
         // the same name: ROLLBACK TO goes to the older one and drops the portal bound since.
         steps.push(simple(&mut s, "BEGIN")?);
@@ -867,6 +901,11 @@ mod batch {
             "fetch_portal": fetch_portal,
             "execute_portal": execute_portal_stale,
             "pipelined": pipelined,
+            "skipped_close": skipped_close,
+            "redeclared": redeclared,
+            "held": held,
+            "first_row": first_row,
+            "stored_by_execute": stored_by_execute,
             "aborted": aborted,
             "savepoint": savepoint,
         }))

@@ -540,6 +540,14 @@ impl Pump<'_> {
                     confirmed: AtomicBool::new(false),
                     stamp: st.names_stamp,
                 });
+                if !portal.is_empty()
+                    && info.statement.as_ref().is_some_and(|s| {
+                        let s = s.lock().unwrap_or_else(PoisonError::into_inner);
+                        !s.fetches.is_empty() || !s.executes.is_empty()
+                    })
+                {
+                    st.note_reading_portal(&portal);
+                }
                 st.insert_portal(portal.clone(), info);
                 // Portals and SQL cursors share the server's namespace: a cursor of this name
                 // is gone if this Bind succeeds (and the Bind fails while it is there).
@@ -587,20 +595,30 @@ impl Pump<'_> {
                 // gate no longer holds that one: a CLOSE or DECLARE of the name parsed and
                 // never run), so which statement this Execute runs is not known yet.
                 // Refused, not guessed.
-                let (contested, stale) = {
+                // A FETCH or EXECUTE portal runs what its cursor or prepared statement is
+                // when it runs, described as they were when it was bound.
+                let reads = if unbound {
+                    None
+                } else {
+                    info.statement.as_ref().and_then(|s| {
+                        let s = s.lock().unwrap_or_else(PoisonError::into_inner);
+                        (!s.fetches.is_empty() || !s.executes.is_empty())
+                            .then(|| (s.fetches.clone(), s.executes.clone()))
+                    })
+                };
+                let may_contest = (info.replaced || !portal.is_empty())
+                    && !info.confirmed.load(Ordering::Acquire);
+                let (contested, stale) = if may_contest || reads.is_some() {
                     let st = self.lock();
-                    let contested = (info.replaced || !portal.is_empty())
-                        && !info.confirmed.load(Ordering::Acquire)
-                        && info.cycle < st.cycles_sent;
-                    // A FETCH or EXECUTE portal runs what its cursor or prepared statement
-                    // is when it runs, described as they were when it was bound.
-                    let stale = !unbound
-                        && info.stamp != st.names_stamp
-                        && info.statement.as_ref().is_some_and(|s| {
-                            let s = s.lock().unwrap_or_else(PoisonError::into_inner);
-                            !s.fetches.is_empty() || !s.executes.is_empty()
-                        });
+                    let contested = may_contest && info.cycle < st.cycles_sent;
+                    let stale = reads.as_ref().is_some_and(|(fetches, executes)| {
+                        info.stamp != st.names_stamp
+                            || executes.iter().any(|n| st.sql_name_pending(n))
+                            || fetches.iter().any(|n| st.is_reading_portal(n))
+                    });
                     (contested, stale)
+                } else {
+                    (false, false)
                 };
                 if contested {
                     let error = PgError::error(
@@ -620,9 +638,9 @@ impl Pump<'_> {
                 if stale {
                     let error = PgError::error(
                         "55000",
-                        format!("jitgate: the cursor or prepared statement portal \"{portal}\" reads was declared, closed or prepared again since it was bound"),
+                        format!("jitgate: what portal \"{portal}\" reads (a cursor, portal or prepared statement) changed since it was bound, is being changed, or is itself a FETCH or EXECUTE"),
                     )
-                    .hint("bind the portal again: the server would run the new one while describing the old");
+                    .hint("bind the portal again once the statements before it have completed: the server would run the new one while describing the old");
                     self.refuse_execute(
                         &portal,
                         "its cursor or prepared statement changed since its Bind",
@@ -890,6 +908,12 @@ impl Pump<'_> {
     /// mask it as the one before), or a SQL `FETCH` of a protocol portal that runs a FETCH
     /// or EXECUTE itself (described by what those names were when it was bound).
     fn names_in_doubt(&self, analysis: &Analysis) -> Option<PgError> {
+        if analysis
+            .iter()
+            .all(|s| s.executes.is_none() && !matches!(s.cursor, Some(CursorUse::Fetch(_))))
+        {
+            return None;
+        }
         let st = self.lock();
         for s in analysis.iter() {
             if let Some(name) = &s.executes
@@ -904,13 +928,7 @@ impl Pump<'_> {
                 );
             }
             if let Some(CursorUse::Fetch(name)) = &s.cursor
-                && !st.cursors.contains_key(name)
-                && st.portals.get(name).is_some_and(|p| {
-                    p.statement.as_ref().is_some_and(|s| {
-                        let s = s.lock().unwrap_or_else(PoisonError::into_inner);
-                        !s.fetches.is_empty() || !s.executes.is_empty()
-                    })
-                })
+                && st.is_reading_portal(name)
             {
                 return Some(
                     PgError::error(

@@ -246,38 +246,15 @@ impl Pump<'_> {
 
     pub(super) fn judge(&self, analysis: &[Statement], acting: &BTreeSet<String>) -> Verdict {
         let st = self.lock();
-        // A PREPARE of a name taken fails on the server as it runs: taken before the string,
-        // unless a DEALLOCATE (or DISCARD ALL) earlier in it freed the name, or by a PREPARE
-        // earlier in it.
-        let mut freed: Vec<&str> = Vec::new();
-        let mut all_freed = false;
-        let mut taken: Vec<&str> = Vec::new();
-        for s in analysis {
-            match &s.deallocates {
-                Some(Some(name)) => {
-                    freed.push(name);
-                    taken.retain(|t| t != name);
-                }
-                Some(None) => {
-                    all_freed = true;
-                    taken.clear();
-                }
-                None => {}
-            }
-            if s.discards {
-                all_freed = true;
-                taken.clear();
-            }
-            if let Some(name) = s.prepares.as_deref() {
-                let held = !all_freed && !freed.contains(&name) && st.has_prepared(name);
-                if held || taken.contains(&name) {
-                    return Verdict::Deny {
-                        rule: "prepared statement name in use".into(),
-                        error: name_in_use_error(name),
-                    };
-                }
-                taken.push(name);
-            }
+        if let Some(name) = analysis
+            .iter()
+            .filter_map(|s| s.prepares.as_deref())
+            .find(|name| st.has_prepared(name))
+        {
+            return Verdict::Deny {
+                rule: "prepared statement name in use".into(),
+                error: name_in_use_error(name),
+            };
         }
         let ctx = guard::Context {
             identity: &self.who.identity,

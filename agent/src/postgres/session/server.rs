@@ -1219,6 +1219,8 @@ impl Pump<'_> {
                     if status == b'I' {
                         st.forget_portals_before(done);
                         st.savepoints.clear();
+                        st.reading_portals.clear();
+                        st.reading_portals_full = false;
                     }
                     st.current = None;
                     st.copy = None;

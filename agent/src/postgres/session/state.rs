@@ -410,6 +410,21 @@ pub(super) struct State {
     pub(super) cursors: Map<String, (u64, Arc<ResultRefs>)>,
     /// Counts changes to the cursors and SQL-prepared statements (see [`PortalInfo::stamp`]).
     pub(super) names_stamp: u64,
+    /// Names of protocol portals bound in this transaction to a FETCH or EXECUTE: a SQL
+    /// `FETCH` of one reads rows stored from what its cursor or statement was, described as
+    /// they are now, so it is refused. Kept to the transaction's end (forgetting the portal
+    /// earlier, as a Close the server skips does, must not let the FETCH through).
+    pub(super) reading_portals: std::collections::HashSet<String, foldhash::fast::RandomState>,
+    /// [`State::reading_portals`] reached its bound this transaction.
+    pub(super) reading_portals_full: bool,
+    /// Cursors the gate dropped (closed, rolled back, ended), by name, with what they read:
+    /// the server may still hold one (a CLOSE it skipped after an error, a `WITH HOLD`
+    /// cursor past its transaction), so a DECLARE of the name, which the server then
+    /// refuses, is masked by both.
+    pub(super) cursors_gone: Map<String, Arc<ResultRefs>>,
+    /// More cursors were dropped than [`super::MAX_CURSORS`]: a DECLARE of a name not known
+    /// is masked as if it read anything.
+    pub(super) cursors_gone_lost: bool,
     /// The transaction's savepoints, oldest first, each with the [`State::binds`] count when
     /// it was made: a `ROLLBACK TO` drops the portals and cursors made since.
     pub(super) savepoints: Vec<(String, u64)>,
@@ -756,34 +771,40 @@ impl State {
         match effect {
             PortalEffect::Declare(name, refs) => {
                 if self.cursors.len() >= super::MAX_CURSORS {
-                    self.cursors.clear();
+                    self.bury_cursors(|_| true);
                 }
                 self.remove_portal(&name);
                 self.binds += 1;
-                // A cursor of the name is there already: the server refuses this DECLARE
-                // (42P03), unless it dropped the old one in a way not seen here. Masked as
-                // either.
-                let refs = match self.cursors.get(&name) {
-                    Some((_, old)) => {
+                // A cursor of the name is there already, or may be (dropped here, maybe
+                // not there): the server refuses this DECLARE (42P03), unless it dropped the
+                // old one in a way not seen here. Masked as either.
+                let old = self
+                    .cursors
+                    .get(&name)
+                    .map(|(_, old)| old.clone())
+                    .or_else(|| self.cursors_gone.remove(&name));
+                let refs = match old {
+                    Some(old) => {
                         let mut both = ResultRefs::default();
-                        both.merge(old);
+                        both.merge(&old);
                         both.merge(&refs);
                         Arc::new(both)
                     }
+                    None if self.cursors_gone_lost => ResultRefs::opaque(),
                     None => refs,
                 };
                 self.cursors.insert(name, (self.binds, refs));
             }
             PortalEffect::Close(name) => {
-                self.cursors.remove(&name);
+                self.bury_cursors(|n| *n == name);
                 self.remove_portal(&name);
             }
             PortalEffect::CloseAll => {
-                self.cursors.clear();
+                self.bury_cursors(|_| true);
                 self.forget_all_portals();
             }
             PortalEffect::EndAll => {
-                self.cursors.clear();
+                self.bury_cursors(|_| true);
                 self.forget_all_portals();
                 self.savepoints.clear();
             }
@@ -819,7 +840,13 @@ impl State {
                     // whatever it drops, the gate forgets.
                     None => 0,
                 };
-                self.cursors.retain(|_, (made, _)| *made <= mark);
+                let since: Vec<String> = self
+                    .cursors
+                    .iter()
+                    .filter(|(_, (made, _))| *made > mark)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                self.bury_cursors(|n| since.contains(n));
                 let since: Vec<String> = self
                     .portals
                     .iter()
@@ -831,6 +858,49 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Drops the cursors whose names `which` picks, keeping what they read (see
+    /// [`State::cursors_gone`]).
+    fn bury_cursors(&mut self, which: impl Fn(&String) -> bool) {
+        let names: Vec<String> = self.cursors.keys().filter(|n| which(n)).cloned().collect();
+        for name in names {
+            let Some((_, refs)) = self.cursors.remove(&name) else {
+                continue;
+            };
+            if self.cursors_gone.len() >= super::MAX_CURSORS
+                && !self.cursors_gone.contains_key(&name)
+            {
+                self.cursors_gone.clear();
+                self.cursors_gone_lost = true;
+            }
+            let refs = match self.cursors_gone.remove(&name) {
+                Some(before) => {
+                    let mut both = ResultRefs::default();
+                    both.merge(&before);
+                    both.merge(&refs);
+                    Arc::new(both)
+                }
+                None => refs,
+            };
+            self.cursors_gone.insert(name, refs);
+        }
+    }
+
+    /// Portal `name` is bound to a FETCH or EXECUTE (see [`State::reading_portals`]). Past
+    /// the bound every name counts as one until the transaction ends.
+    pub(super) fn note_reading_portal(&mut self, name: &str) {
+        if self.reading_portals.len() < super::MAX_CURSORS {
+            self.reading_portals.insert(name.to_owned());
+        } else {
+            self.reading_portals_full = true;
+        }
+    }
+
+    /// Whether a SQL `FETCH` of `name` may read a portal bound to a FETCH or EXECUTE.
+    pub(super) fn is_reading_portal(&self, name: &str) -> bool {
+        self.reading_portals.contains(name)
+            || (self.reading_portals_full && !self.cursors.contains_key(name))
     }
 
     /// A `PREPARE`, `DEALLOCATE` or `DISCARD ALL` that may change SQL-prepared statement
