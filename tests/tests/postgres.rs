@@ -1144,6 +1144,9 @@ fn names_in_flux_are_masked_or_refused_never_guessed() {
     masked("held");
     masked("first_row");
     assert_eq!(r["stored_by_execute"]["code"], "55000", "{r}");
+    assert_eq!(r["bound_over"]["code"], "42P03", "{r}");
+    masked("held_bound_over");
+    assert_eq!(r["rebound_target"]["code"], "55000", "{r}");
     assert_eq!(r["aborted"]["code"], "22012", "{r}");
     masked("savepoint");
 }

@@ -873,6 +873,44 @@ mod batch {
         s.write_all(&m)?;
         let stored_by_execute = outcome(until_ready(&mut s));
         steps.push(simple(&mut s, "ROLLBACK")?);
+        // A Bind of a held cursor's name (refused there: the cursor stays), then a DECLARE
+        // of it over another query (refused too), then a FETCH of it.
+        steps.push(simple(
+            &mut s,
+            &format!("DECLARE hb CURSOR WITH HOLD FOR {REAL}"),
+        )?);
+        let mut m = parse("", "SELECT 1");
+        m.extend(bind_portal("hb", ""));
+        m.extend(sync());
+        s.write_all(&m)?;
+        let bound_over = outcome(until_ready(&mut s));
+        steps.push(simple(&mut s, "SELECT 1")?);
+        let _ = simple(&mut s, &format!("DECLARE hb CURSOR WITH HOLD FOR {FAKE}"))?;
+        let held_bound_over = simple(&mut s, "FETCH ALL FROM hb")?;
+        steps.push(simple(&mut s, "CLOSE hb")?);
+        // A FETCH portal over a protocol portal, whose target is closed and bound again to
+        // the masked column with the protocol.
+        steps.push(simple(&mut s, "BEGIN")?);
+        let mut m = parse("pl", PLAIN);
+        m.extend(parse("em", EMAIL));
+        m.extend(bind_portal("tp", "pl"));
+        m.extend(parse("ftp", "FETCH ALL FROM tp"));
+        m.extend(bind_portal("ptp", "ftp"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        let mut close = vec![b'P'];
+        cstr(&mut close, "tp");
+        let mut m = message(b'C', &close);
+        m.extend(bind_portal("tp", "em"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        let mut m = execute_portal("ptp");
+        m.extend(sync());
+        s.write_all(&m)?;
+        let rebound_target = outcome(until_ready(&mut s));
+        steps.push(simple(&mut s, "ROLLBACK")?);
         // A SAVEPOINT the server refuses (the transaction is aborted) over an older one of
         // the same name: ROLLBACK TO goes to the older one and drops the portal bound since.
         steps.push(simple(&mut s, "BEGIN")?);
@@ -906,6 +944,9 @@ mod batch {
             "held": held,
             "first_row": first_row,
             "stored_by_execute": stored_by_execute,
+            "bound_over": bound_over,
+            "held_bound_over": held_bound_over,
+            "rebound_target": rebound_target,
             "aborted": aborted,
             "savepoint": savepoint,
         }))

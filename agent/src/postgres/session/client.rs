@@ -64,6 +64,7 @@ pub(super) fn name_in_use_error(name: &str) -> PgError {
         "42P05",
         format!("prepared statement \"{name}\" already exists"),
     )
+    .hint("close or DEALLOCATE it first, and wait for that to complete before preparing the name again")
 }
 
 /// The session may no longer send to the server: its grant ended (expired, revoked, not
@@ -314,6 +315,10 @@ impl Pump<'_> {
                             seq,
                         }));
                         let mut st = self.lock();
+                        if !name.is_empty() {
+                            // What an EXECUTE of the name reads changes.
+                            st.names_stamp += 1;
+                        }
                         st.insert_statement(name.clone(), stmt.clone());
                         st.expect
                             .push_back(Expect::Parse(Some(name.clone()), Some(stmt.clone())));
@@ -538,7 +543,13 @@ impl Pump<'_> {
                     bytes: params_bytes,
                     replaced: previous.is_some(),
                     confirmed: AtomicBool::new(false),
-                    stamp: st.names_stamp,
+                    stamp: {
+                        // A named portal bound again changes what a FETCH of it reads.
+                        if !portal.is_empty() {
+                            st.names_stamp += 1;
+                        }
+                        st.names_stamp
+                    },
                 });
                 if !portal.is_empty()
                     && info.statement.as_ref().is_some_and(|s| {
@@ -550,9 +561,10 @@ impl Pump<'_> {
                 }
                 st.insert_portal(portal.clone(), info);
                 // Portals and SQL cursors share the server's namespace: a cursor of this name
-                // is gone if this Bind succeeds (and the Bind fails while it is there).
+                // is gone if this Bind succeeds (and the Bind fails while it is there: what
+                // it read is kept, see `State::cursors_gone`).
                 if !portal.is_empty() {
-                    st.cursors.remove(&portal);
+                    st.bury_cursors(|n| *n == portal);
                 }
                 in_flight_bound(&st)?;
                 st.expect.push_back(Expect::Bind {
@@ -790,10 +802,13 @@ impl Pump<'_> {
                 let (kind, name) = target_of(&frame.body).map_err(malformed)?;
                 name_fits(&name)?;
                 let mut st = self.lock();
+                // What a FETCH or EXECUTE of the name reads changes.
+                st.names_stamp += 1;
                 let closes = if kind == b'S' {
                     Some(st.closing(&name))
                 } else {
                     st.remove_portal(&name);
+                    st.bury_cursors(|n| *n == name);
                     None
                 };
                 st.expect.push_back(Expect::Close(closes));

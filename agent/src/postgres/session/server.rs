@@ -1219,8 +1219,7 @@ impl Pump<'_> {
                     if status == b'I' {
                         st.forget_portals_before(done);
                         st.savepoints.clear();
-                        st.reading_portals.clear();
-                        st.reading_portals_full = false;
+                        st.forget_reading_portals_before(done);
                     }
                     st.current = None;
                     st.copy = None;

@@ -414,9 +414,9 @@ pub(super) struct State {
     /// `FETCH` of one reads rows stored from what its cursor or statement was, described as
     /// they are now, so it is refused. Kept to the transaction's end (forgetting the portal
     /// earlier, as a Close the server skips does, must not let the FETCH through).
-    pub(super) reading_portals: std::collections::HashSet<String, foldhash::fast::RandomState>,
-    /// [`State::reading_portals`] reached its bound this transaction.
-    pub(super) reading_portals_full: bool,
+    pub(super) reading_portals: Map<String, u64>,
+    /// [`State::reading_portals`] reached its bound, in this cycle.
+    pub(super) reading_portals_full: Option<u64>,
     /// Cursors the gate dropped (closed, rolled back, ended), by name, with what they read:
     /// the server may still hold one (a CLOSE it skipped after an error, a `WITH HOLD`
     /// cursor past its transaction), so a DECLARE of the name, which the server then
@@ -456,6 +456,24 @@ pub(super) struct Closing {
     statement: Option<Stmt>,
     /// The Close's own place among name changes.
     seq: u64,
+}
+
+/// Names a cursor's masking may follow before it is masked as reading anything: a name
+/// declared and closed over and over would otherwise gather every query's names.
+const MAX_CURSOR_REFS: usize = 4096;
+
+/// What either cursor reads (a name declared again, or dropped here and maybe not there),
+/// bounded by [`MAX_CURSOR_REFS`].
+fn union(a: &Arc<ResultRefs>, b: &Arc<ResultRefs>) -> Arc<ResultRefs> {
+    let size =
+        |r: &ResultRefs| r.names.len() + r.row_names.len() + r.relations.len() + r.functions.len();
+    if a.opaque || b.opaque || size(a) + size(b) > MAX_CURSOR_REFS {
+        return ResultRefs::opaque();
+    }
+    let mut both = ResultRefs::default();
+    both.merge(a);
+    both.merge(b);
+    Arc::new(both)
 }
 
 /// What running a statement does to the server's portals and cursors (see
@@ -784,12 +802,7 @@ impl State {
                     .map(|(_, old)| old.clone())
                     .or_else(|| self.cursors_gone.remove(&name));
                 let refs = match old {
-                    Some(old) => {
-                        let mut both = ResultRefs::default();
-                        both.merge(&old);
-                        both.merge(&refs);
-                        Arc::new(both)
-                    }
+                    Some(old) => union(&old, &refs),
                     None if self.cursors_gone_lost => ResultRefs::opaque(),
                     None => refs,
                 };
@@ -862,7 +875,7 @@ impl State {
 
     /// Drops the cursors whose names `which` picks, keeping what they read (see
     /// [`State::cursors_gone`]).
-    fn bury_cursors(&mut self, which: impl Fn(&String) -> bool) {
+    pub(super) fn bury_cursors(&mut self, which: impl Fn(&String) -> bool) {
         let names: Vec<String> = self.cursors.keys().filter(|n| which(n)).cloned().collect();
         for name in names {
             let Some((_, refs)) = self.cursors.remove(&name) else {
@@ -875,12 +888,7 @@ impl State {
                 self.cursors_gone_lost = true;
             }
             let refs = match self.cursors_gone.remove(&name) {
-                Some(before) => {
-                    let mut both = ResultRefs::default();
-                    both.merge(&before);
-                    both.merge(&refs);
-                    Arc::new(both)
-                }
+                Some(before) => union(&before, &refs),
                 None => refs,
             };
             self.cursors_gone.insert(name, refs);
@@ -891,16 +899,26 @@ impl State {
     /// the bound every name counts as one until the transaction ends.
     pub(super) fn note_reading_portal(&mut self, name: &str) {
         if self.reading_portals.len() < super::MAX_CURSORS {
-            self.reading_portals.insert(name.to_owned());
+            self.reading_portals
+                .insert(name.to_owned(), self.cycles_sent);
         } else {
-            self.reading_portals_full = true;
+            self.reading_portals_full = Some(self.cycles_sent);
         }
     }
 
     /// Whether a SQL `FETCH` of `name` may read a portal bound to a FETCH or EXECUTE.
     pub(super) fn is_reading_portal(&self, name: &str) -> bool {
-        self.reading_portals.contains(name)
-            || (self.reading_portals_full && !self.cursors.contains_key(name))
+        self.reading_portals.contains_key(name)
+            || (self.reading_portals_full.is_some() && !self.cursors.contains_key(name))
+    }
+
+    /// The server is idle after cycle `done - 1`: the portals noted in finished cycles went
+    /// with their transactions (a later cycle's, pipelined, may be in a new one).
+    pub(super) fn forget_reading_portals_before(&mut self, done: u64) {
+        self.reading_portals.retain(|_, cycle| *cycle >= done);
+        if self.reading_portals_full.is_some_and(|cycle| cycle < done) {
+            self.reading_portals_full = None;
+        }
     }
 
     /// A `PREPARE`, `DEALLOCATE` or `DISCARD ALL` that may change SQL-prepared statement
