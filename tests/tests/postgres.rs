@@ -1147,6 +1147,9 @@ fn names_in_flux_are_masked_or_refused_never_guessed() {
     assert_eq!(r["bound_over"]["code"], "42P03", "{r}");
     masked("held_bound_over");
     assert_eq!(r["rebound_target"]["code"], "55000", "{r}");
+    // Other names changing (a driver's statements and portals) stale nothing.
+    assert!(r["unrelated"]["code"].is_null(), "{r}");
+    assert_eq!(r["unrelated"]["value"], "Jane", "{r}");
     assert_eq!(r["aborted"]["code"], "22012", "{r}");
     masked("savepoint");
 }

@@ -911,6 +911,30 @@ mod batch {
         s.write_all(&m)?;
         let rebound_target = outcome(until_ready(&mut s));
         steps.push(simple(&mut s, "ROLLBACK")?);
+        // A FETCH portal, then statements and portals of other names parsed, bound and
+        // closed (as a driver does between two fetches): the portal still runs.
+        steps.push(simple(&mut s, "BEGIN")?);
+        steps.push(simple(&mut s, &format!("DECLARE u CURSOR FOR {PLAIN}"))?);
+        let mut m = parse("fu", "FETCH ALL FROM u");
+        m.extend(bind_portal("pu", "fu"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        let mut m = parse("other", "SELECT 1");
+        m.extend(bind_portal("po", "other"));
+        m.extend(execute_portal("po"));
+        let mut close = vec![b'P'];
+        cstr(&mut close, "po");
+        m.extend(message(b'C', &close));
+        m.extend(close_statement("other"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        let mut m = execute_portal("pu");
+        m.extend(sync());
+        s.write_all(&m)?;
+        let unrelated = outcome(until_ready(&mut s));
+        steps.push(simple(&mut s, "ROLLBACK")?);
         // A SAVEPOINT the server refuses (the transaction is aborted) over an older one of
         // the same name: ROLLBACK TO goes to the older one and drops the portal bound since.
         steps.push(simple(&mut s, "BEGIN")?);
@@ -947,6 +971,7 @@ mod batch {
             "bound_over": bound_over,
             "held_bound_over": held_bound_over,
             "rebound_target": rebound_target,
+            "unrelated": unrelated,
             "aborted": aborted,
             "savepoint": savepoint,
         }))

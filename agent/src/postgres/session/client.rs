@@ -317,7 +317,7 @@ impl Pump<'_> {
                         let mut st = self.lock();
                         if !name.is_empty() {
                             // What an EXECUTE of the name reads changes.
-                            st.names_stamp += 1;
+                            st.touch(&name);
                         }
                         st.insert_statement(name.clone(), stmt.clone());
                         st.expect
@@ -546,25 +546,28 @@ impl Pump<'_> {
                     stamp: {
                         // A named portal bound again changes what a FETCH of it reads.
                         if !portal.is_empty() {
-                            st.names_stamp += 1;
+                            st.touch(&portal);
                         }
                         st.names_stamp
                     },
                 });
-                if !portal.is_empty()
-                    && info.statement.as_ref().is_some_and(|s| {
-                        let s = s.lock().unwrap_or_else(PoisonError::into_inner);
-                        !s.fetches.is_empty() || !s.executes.is_empty()
-                    })
-                {
-                    st.note_reading_portal(&portal);
+                let targets = info.statement.as_ref().and_then(|s| {
+                    let s = s.lock().unwrap_or_else(PoisonError::into_inner);
+                    (!s.fetches.is_empty() || !s.executes.is_empty())
+                        .then(|| (s.fetches.clone(), s.executes.clone()))
+                });
+                if let Some((fetches, executes)) = targets {
+                    st.note_reading_targets(fetches.into_iter().chain(executes));
+                    if !portal.is_empty() {
+                        st.note_reading_portal(&portal);
+                    }
                 }
                 st.insert_portal(portal.clone(), info);
                 // Portals and SQL cursors share the server's namespace: a cursor of this name
                 // is gone if this Bind succeeds (and the Bind fails while it is there: what
                 // it read is kept, see `State::cursors_gone`).
                 if !portal.is_empty() {
-                    st.bury_cursors(|n| *n == portal);
+                    st.bury_cursor(&portal);
                 }
                 in_flight_bound(&st)?;
                 st.expect.push_back(Expect::Bind {
@@ -803,12 +806,12 @@ impl Pump<'_> {
                 name_fits(&name)?;
                 let mut st = self.lock();
                 // What a FETCH or EXECUTE of the name reads changes.
-                st.names_stamp += 1;
+                st.touch(&name);
                 let closes = if kind == b'S' {
                     Some(st.closing(&name))
                 } else {
                     st.remove_portal(&name);
-                    st.bury_cursors(|n| *n == name);
+                    st.bury_cursor(&name);
                     None
                 };
                 st.expect.push_back(Expect::Close(closes));

@@ -408,8 +408,13 @@ pub(super) struct State {
     /// SQL cursors by name: when declared (on the [`State::binds`] count) and what their
     /// `FETCH`es return is computed from.
     pub(super) cursors: Map<String, (u64, Arc<ResultRefs>)>,
-    /// Counts changes to the cursors and SQL-prepared statements (see [`PortalInfo::stamp`]).
+    /// Counts changes to the names FETCH and EXECUTE portals read (see
+    /// [`PortalInfo::stamp`]): to a cursor, portal or prepared statement one of them reads,
+    /// or to all of them.
     pub(super) names_stamp: u64,
+    /// The names FETCH and EXECUTE portals bound in unfinished cycles read, with the cycle:
+    /// a change to another name (a driver's statements and portals) stales none of them.
+    pub(super) reading_targets: Map<String, u64>,
     /// Names of protocol portals bound in this transaction to a FETCH or EXECUTE: a SQL
     /// `FETCH` of one reads rows stored from what its cursor or statement was, described as
     /// they are now, so it is refused. Kept to the transaction's end (forgetting the portal
@@ -613,7 +618,10 @@ impl State {
     /// when it was sent; statements parsed after it are not touched (the server parsed them
     /// after it ran).
     pub(super) fn apply_sql_effect(&mut self, effect: SqlEffect, seq: u64) {
-        self.names_stamp += 1;
+        match &effect {
+            SqlEffect::Prepare(name, _) | SqlEffect::Deallocate(name) => self.touch(name),
+            SqlEffect::All(_) => self.names_stamp += 1,
+        }
         let before =
             |st: &Self, name: &str| st.statements.get(name).is_some_and(|s| stmt_seq(s) < seq);
         // A Close sent after a PREPARE and skipped finds the name held either way (the
@@ -780,11 +788,10 @@ impl State {
     /// keeps: an Execute of it is masked as a portal the gate does not know (every computed
     /// column whole), never as another statement.
     pub(super) fn apply_portal_effect(&mut self, effect: PortalEffect) {
-        if !matches!(
-            effect,
-            PortalEffect::Savepoint(Savepoint::Define(_) | Savepoint::Release(_))
-        ) {
-            self.names_stamp += 1;
+        match &effect {
+            PortalEffect::Declare(name, _) | PortalEffect::Close(name) => self.touch(name),
+            PortalEffect::Savepoint(Savepoint::Define(_) | Savepoint::Release(_)) => {}
+            _ => self.names_stamp += 1,
         }
         match effect {
             PortalEffect::Declare(name, refs) => {
@@ -906,6 +913,35 @@ impl State {
         }
     }
 
+    /// A FETCH or EXECUTE portal reading `targets` is bound (see [`State::reading_targets`]).
+    pub(super) fn note_reading_targets(&mut self, targets: impl IntoIterator<Item = String>) {
+        for name in targets {
+            if self.reading_targets.len() >= super::MAX_CURSORS {
+                // Past the bound every change counts.
+                self.reading_targets.insert(String::new(), self.cycles_sent);
+                break;
+            }
+            self.reading_targets.insert(name, self.cycles_sent);
+        }
+    }
+
+    /// Cursor, portal or statement `name` changes: portals reading it are stale.
+    pub(super) fn touch(&mut self, name: &str) {
+        if !self.reading_targets.is_empty()
+            && (self.reading_targets.contains_key(name)
+                || self.reading_targets.len() >= super::MAX_CURSORS)
+        {
+            self.names_stamp += 1;
+        }
+    }
+
+    /// Drops cursor `name`, if the gate holds one (see [`State::bury_cursors`]).
+    pub(super) fn bury_cursor(&mut self, name: &str) {
+        if self.cursors.contains_key(name) {
+            self.bury_cursors(|n| n == name);
+        }
+    }
+
     /// Whether a SQL `FETCH` of `name` may read a portal bound to a FETCH or EXECUTE.
     pub(super) fn is_reading_portal(&self, name: &str) -> bool {
         self.reading_portals.contains_key(name)
@@ -916,6 +952,7 @@ impl State {
     /// with their transactions (a later cycle's, pipelined, may be in a new one).
     pub(super) fn forget_reading_portals_before(&mut self, done: u64) {
         self.reading_portals.retain(|_, cycle| *cycle >= done);
+        self.reading_targets.retain(|_, cycle| *cycle >= done);
         if self.reading_portals_full.is_some_and(|cycle| cycle < done) {
             self.reading_portals_full = None;
         }
