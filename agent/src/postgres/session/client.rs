@@ -64,7 +64,6 @@ pub(super) fn name_in_use_error(name: &str) -> PgError {
         "42P05",
         format!("prepared statement \"{name}\" already exists"),
     )
-    .hint("close or DEALLOCATE it first, and wait for that to complete before preparing the name again")
 }
 
 /// The session may no longer send to the server: its grant ended (expired, revoked, not
