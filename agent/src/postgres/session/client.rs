@@ -550,11 +550,10 @@ impl Pump<'_> {
                         st.names_stamp
                     },
                 });
-                let targets = info.statement.as_ref().and_then(|s| {
-                    let s = s.lock().unwrap_or_else(PoisonError::into_inner);
-                    (!s.fetches.is_empty() || !s.executes.is_empty())
-                        .then(|| (s.fetches.clone(), s.executes.clone()))
-                });
+                let targets = info
+                    .statement
+                    .as_ref()
+                    .and_then(|s| s.lock().unwrap_or_else(PoisonError::into_inner).reads());
                 if let Some((fetches, executes)) = targets {
                     st.note_reading_targets(fetches.into_iter().chain(executes));
                     if !portal.is_empty() {
@@ -614,11 +613,9 @@ impl Pump<'_> {
                 let reads = if unbound {
                     None
                 } else {
-                    info.statement.as_ref().and_then(|s| {
-                        let s = s.lock().unwrap_or_else(PoisonError::into_inner);
-                        (!s.fetches.is_empty() || !s.executes.is_empty())
-                            .then(|| (s.fetches.clone(), s.executes.clone()))
-                    })
+                    info.statement
+                        .as_ref()
+                        .and_then(|s| s.lock().unwrap_or_else(PoisonError::into_inner).reads())
                 };
                 let may_contest = (info.replaced || !portal.is_empty())
                     && !info.confirmed.load(Ordering::Acquire);
@@ -669,32 +666,26 @@ impl Pump<'_> {
                 // of a statement was paid for at its Parse; every later one takes from the
                 // grant's limits as a simple Query does.
                 let first_run = !info.executed.load(Ordering::Relaxed);
-                let (recorded, judged, may_copy_in, prepaid, portal_effects, fetches) =
-                    match &info.statement {
-                        Some(stmt) => {
-                            let mut s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
-                            let prepaid = first_run && std::mem::take(&mut s.prepaid);
-                            let effects = if s.portal_effects.is_empty() {
-                                Vec::new()
-                            } else {
-                                s.portal_effects.clone()
-                            };
-                            let fetches = if s.fetches.is_empty() && s.executes.is_empty() {
-                                None
-                            } else {
-                                Some((s.fetches.clone(), s.executes.clone()))
-                            };
-                            (
-                                s.recorded_for_run(),
-                                s.judged.clone(),
-                                s.copies_in,
-                                prepaid,
-                                effects,
-                                fetches,
-                            )
-                        }
-                        None => (String::new(), None, false, false, Vec::new(), None),
-                    };
+                let (recorded, judged, may_copy_in, prepaid, portal_effects) = match &info.statement
+                {
+                    Some(stmt) => {
+                        let mut s = stmt.lock().unwrap_or_else(PoisonError::into_inner);
+                        let prepaid = first_run && std::mem::take(&mut s.prepaid);
+                        let effects = if s.portal_effects.is_empty() {
+                            Vec::new()
+                        } else {
+                            s.portal_effects.clone()
+                        };
+                        (
+                            s.recorded_for_run(),
+                            s.judged.clone(),
+                            s.copies_in,
+                            prepaid,
+                            effects,
+                        )
+                    }
+                    None => (String::new(), None, false, false, Vec::new()),
+                };
                 let params = info.params.clone();
                 let params_bytes: usize = params.iter().flatten().map(String::len).sum();
                 let rec = self.new_record_recorded(recorded, Decision::Allowed, None);
@@ -759,7 +750,7 @@ impl Pump<'_> {
                     // by what its cursors hold as it runs.
                     let target = if unbound {
                         Some(info.clone())
-                    } else if let Some((fetches, executes)) = fetches {
+                    } else if let Some((fetches, executes)) = reads {
                         let mut refs = ResultRefs::default();
                         for name in &fetches {
                             match st.cursors.get(name) {

@@ -268,6 +268,12 @@ impl std::fmt::Debug for StmtInfo {
 const RECORDED_WHOLE: usize = 512;
 
 impl StmtInfo {
+    /// The cursors its FETCH and the prepared statements its EXECUTE read, if any.
+    pub(super) fn reads(&self) -> Option<(Vec<String>, Vec<String>)> {
+        (!self.fetches.is_empty() || !self.executes.is_empty())
+            .then(|| (self.fetches.clone(), self.executes.clone()))
+    }
+
     /// Its text as a run's record shows it: whole the first time (and when short), then a
     /// reference to the record that holds it.
     pub(super) fn recorded_for_run(&self) -> String {
