@@ -1152,6 +1152,77 @@ fn names_in_flux_are_masked_or_refused_never_guessed() {
     assert_eq!(r["unrelated"]["value"], "Jane", "{r}");
     assert_eq!(r["aborted"]["code"], "22012", "{r}");
     masked("savepoint");
+    assert_eq!(r["declared_over_portal"]["code"], "42P03", "{r}");
+    masked("portal_fetched");
+    // DECLAREs the server ran where the gate did not expect a run: their cursors, declared
+    // again (refused there), are still masked by what they read.
+    assert_eq!(r["rerun_failed"]["code"], "22012", "{r}");
+    assert!(r["rerun"]["code"].is_null(), "{r}");
+    assert_eq!(r["rerun_redeclared"]["code"], "42P03", "{r}");
+    masked("rerun_fetched");
+    assert_eq!(r["forgot_close"]["code"], "22012", "{r}");
+    assert!(r["forgotten_run"]["code"].is_null(), "{r}");
+    assert_eq!(r["forgotten_redeclared"]["code"], "42P03", "{r}");
+    masked("forgotten_fetched");
+}
+
+/// Cursors of new names without end, as Django's `iterator()` (a `WITH HOLD` cursor per
+/// query, closed after) and psycopg's named cursors (in a transaction, ended by its commit)
+/// make them: the thousandth and later are masked by their own query like the first (the
+/// gate forgot the dropped ones once the server did, where it used to mask every computed
+/// column of each new cursor whole past 1,024). Hostile: a held cursor whose CLOSE the server
+/// skipped is still remembered; a DECLARE of its name, which the server refuses, leaves its
+/// FETCH masked.
+#[test]
+fn cursors_of_new_names_keep_their_own_masking_without_end() {
+    jitgate_e2e::root_or_skip!();
+    let pg = Postgres::start_secured(false);
+    let gate = Gate::start("pg-cursor-names", "", &body(&pg, ""));
+    const ROUNDS: usize = 1_500;
+    let mut script = String::new();
+    for i in 0..ROUNDS {
+        // A computed column of no masked one: masked whole only if the gate does not know
+        // what the cursor reads.
+        let query = "SELECT upper(name), id FROM users WHERE id = 1";
+        if i % 2 == 0 {
+            script.push_str(&format!(
+                "DECLARE \"_django_curs_{i}\" NO SCROLL CURSOR WITH HOLD FOR {query};\n\
+                 FETCH ALL FROM \"_django_curs_{i}\";\nCLOSE \"_django_curs_{i}\";\n"
+            ));
+        } else {
+            script.push_str(&format!(
+                "BEGIN;\nDECLARE c{i} CURSOR FOR {query};\nFETCH ALL FROM c{i};\nCOMMIT;\n"
+            ));
+        }
+    }
+    let ran = psql_script(&gate, "read", &pg, &script);
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let rows: Vec<&str> = ran.stdout.lines().filter(|l| l.contains('|')).collect();
+    assert_eq!(rows.len(), ROUNDS, "{}", ran.stderr);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(*row, "JANE|1", "cursor {i}");
+    }
+
+    // The CLOSE of a held cursor skipped after an error in its string: the cursor stays on
+    // the server, the DECLARE of its name fails there, the FETCH reads the old one.
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "DECLARE h CURSOR WITH HOLD FOR SELECT lower(email) FROM users WHERE id = 1",
+            "SELECT 1/0; CLOSE h",
+            "DECLARE h CURSOR WITH HOLD FOR SELECT 'harmless'",
+            "FETCH ALL FROM h",
+        ],
+    );
+    assert!(ran.stderr.contains("22012"), "{ran:#?}");
+    assert!(ran.stderr.contains("42P03"), "{ran:#?}");
+    assert!(ran.stdout.contains("j***@example.com"), "{ran:#?}");
+    assert!(
+        !ran.stdout.to_ascii_lowercase().contains("jane@example.com"),
+        "leaked: {ran:#?}"
+    );
 }
 
 /// Hostile: the gate's idea of what a prepared statement's name holds must be the server's:

@@ -190,7 +190,11 @@ impl ResultRefs {
 /// `DECLARE` selected, so it is masked by that statement's references.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CursorUse {
-    Declare(String),
+    /// `hold`: `WITH HOLD`, the cursor outlives its transaction's commit.
+    Declare {
+        name: String,
+        hold: bool,
+    },
     Fetch(String),
     /// `None`: `CLOSE ALL`.
     Close(Option<String>),
@@ -746,7 +750,10 @@ fn top_level(
         }
         "DeclareCursorStmt" => {
             top_level(&v["query"]["node"], text, mode, s)?;
-            s.cursor = Some(CursorUse::Declare(portal_name(v)));
+            s.cursor = Some(CursorUse::Declare {
+                name: portal_name(v),
+                hold: v["options"].as_i64().unwrap_or(0) & CURSOR_OPT_HOLD != 0,
+            });
             ("select", Access::Read)
         }
         "FetchStmt" => {
@@ -836,6 +843,9 @@ fn top_level(
 }
 
 /// A cursor's name as the server keys it (the parser already folded unquoted case).
+/// `DeclareCursorStmt.options`' bit for `WITH HOLD` (PostgreSQL's `CURSOR_OPT_HOLD`).
+const CURSOR_OPT_HOLD: i64 = 0x0020;
+
 fn portal_name(v: &Value) -> String {
     v["portalname"].as_str().unwrap_or_default().to_owned()
 }
@@ -1521,8 +1531,39 @@ mod tests {
         );
         assert_eq!(
             one("DECLARE c CURSOR FOR SELECT email FROM users").cursor,
-            Some(CursorUse::Declare("c".into()))
+            Some(CursorUse::Declare {
+                name: "c".into(),
+                hold: false
+            })
         );
+        // Every spelling that holds, and options around it that do not.
+        for text in [
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "DECLARE c BINARY NO SCROLL CURSOR WITH HOLD FOR SELECT 1",
+            "declare \"c\" insensitive scroll cursor with hold for select 1",
+        ] {
+            assert_eq!(
+                one(text).cursor,
+                Some(CursorUse::Declare {
+                    name: "c".into(),
+                    hold: true
+                }),
+                "{text}"
+            );
+        }
+        for text in [
+            "DECLARE c BINARY INSENSITIVE SCROLL CURSOR WITHOUT HOLD FOR SELECT 1",
+            "DECLARE c NO SCROLL CURSOR FOR SELECT 1",
+        ] {
+            assert_eq!(
+                one(text).cursor,
+                Some(CursorUse::Declare {
+                    name: "c".into(),
+                    hold: false
+                }),
+                "{text}"
+            );
+        }
         assert_eq!(
             one("FETCH 10 FROM c").cursor,
             Some(CursorUse::Fetch("c".into()))

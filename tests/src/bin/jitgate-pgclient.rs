@@ -755,8 +755,10 @@ mod batch {
     /// a cursor of the masked column; FETCH and EXECUTE portals bound before their cursor or
     /// prepared statement changed (the server describes them as they were at the Bind, and
     /// runs them as they are); a SQL FETCH of such a portal; an EXECUTE pipelined behind a
-    /// DEALLOCATE and PREPARE of its name; a SAVEPOINT the server refuses (aborted
-    /// transaction) hiding an older one of the same name. Each reports what it read.
+    /// DEALLOCATE of its name; a SAVEPOINT the server refuses (aborted transaction) hiding
+    /// an older one of the same name; a DECLARE of a protocol portal's name; DECLARE
+    /// portals run where the gate did not expect them to run (a second Execute pipelined
+    /// behind a skipped first, a portal it forgot). Each reports what it read.
     pub fn names(url: &str) -> std::io::Result<Value> {
         const REAL: &str = "SELECT upper(email) AS x FROM users WHERE id = 1";
         const FAKE: &str = "SELECT 'x'::text AS x";
@@ -953,10 +955,90 @@ mod batch {
         s.write_all(&m)?;
         let savepoint = outcome(until_ready(&mut s));
         steps.push(simple(&mut s, "COMMIT")?);
+        // A DECLARE of a protocol portal's name (refused there: the portal is there), then a
+        // SQL FETCH of the name, which reads the portal.
+        steps.push(simple(&mut s, "BEGIN")?);
+        let mut m = parse("real", REAL);
+        m.extend(bind_portal("rp", "real"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        steps.push(simple(&mut s, "SAVEPOINT over_portal")?);
+        let declared_over_portal = simple(&mut s, &format!("DECLARE rp CURSOR FOR {FAKE}"))?;
+        steps.push(simple(&mut s, "ROLLBACK TO SAVEPOINT over_portal")?);
+        let portal_fetched = simple(&mut s, "FETCH ALL FROM rp")?;
+        steps.push(simple(&mut s, "ROLLBACK")?);
+        // A DECLARE portal's first Execute skipped after an error, and a second Execute of
+        // it pipelined behind (sent before the error came back) with the cursor's name
+        // declared and closed in between: the second is the one the server runs. (CLOSE
+        // ALL first: the routes above ran portals the gate did not hold, after which it
+        // masks every cursor as reading anything until a CLOSE ALL completes.)
+        steps.push(simple(&mut s, "CLOSE ALL")?);
+        steps.push(simple(&mut s, "BEGIN")?);
+        let mut m = parse("dcl1", &format!("DECLARE rc CURSOR WITH HOLD FOR {REAL}"));
+        m.extend(bind_portal("pd1", "dcl1"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        steps.push(simple(&mut s, "SAVEPOINT rerun")?);
+        let mut m = parse("", "SELECT pg_sleep(0.3)");
+        m.extend(bind_portal("", ""));
+        m.extend(execute_portal(""));
+        m.extend(parse("", "SELECT 1/0"));
+        m.extend(bind_portal("", ""));
+        m.extend(execute_portal(""));
+        m.extend(execute_portal("pd1"));
+        m.extend(sync());
+        m.extend(query("ROLLBACK TO SAVEPOINT rerun"));
+        m.extend(query("DECLARE rc CURSOR FOR SELECT 1"));
+        m.extend(query("CLOSE rc"));
+        m.extend(execute_portal("pd1"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        let rerun_failed = outcome(until_ready(&mut s));
+        for _ in 0..3 {
+            steps.push(outcome(until_ready(&mut s)));
+        }
+        let rerun = outcome(until_ready(&mut s));
+        steps.push(simple(&mut s, "COMMIT")?);
+        let rerun_redeclared = simple(&mut s, &format!("DECLARE rc CURSOR WITH HOLD FOR {FAKE}"))?;
+        let rerun_fetched = simple(&mut s, "FETCH ALL FROM rc")?;
+        steps.push(simple(&mut s, "CLOSE rc")?);
+        // A DECLARE portal the gate forgot (a CLOSE of it skipped after an error) while the
+        // server kept it (the savepoint rolled back to was made after its Bind), then run.
+        steps.push(simple(&mut s, "CLOSE ALL")?);
+        steps.push(simple(&mut s, "BEGIN")?);
+        let mut m = parse("dcl2", &format!("DECLARE fc CURSOR WITH HOLD FOR {REAL}"));
+        m.extend(bind_portal("pd2", "dcl2"));
+        m.extend(sync());
+        s.write_all(&m)?;
+        steps.push(outcome(until_ready(&mut s)));
+        steps.push(simple(&mut s, "SAVEPOINT forgot")?);
+        let forgot_close = simple(&mut s, "SELECT 1/0; CLOSE pd2")?;
+        steps.push(simple(&mut s, "ROLLBACK TO SAVEPOINT forgot")?);
+        let mut m = execute_portal("pd2");
+        m.extend(sync());
+        s.write_all(&m)?;
+        let forgotten_run = outcome(until_ready(&mut s));
+        steps.push(simple(&mut s, "COMMIT")?);
+        let forgotten_redeclared =
+            simple(&mut s, &format!("DECLARE fc CURSOR WITH HOLD FOR {FAKE}"))?;
+        let forgotten_fetched = simple(&mut s, "FETCH ALL FROM fc")?;
+        steps.push(simple(&mut s, "CLOSE fc")?);
         Ok(json!({
             "ok": true,
             "steps": steps,
             "explained": explained,
+            "declared_over_portal": declared_over_portal,
+            "portal_fetched": portal_fetched,
+            "rerun_failed": rerun_failed,
+            "rerun": rerun,
+            "rerun_redeclared": rerun_redeclared,
+            "rerun_fetched": rerun_fetched,
+            "forgot_close": forgot_close,
+            "forgotten_run": forgotten_run,
+            "forgotten_redeclared": forgotten_redeclared,
+            "forgotten_fetched": forgotten_fetched,
             "taken": taken,
             "after_taken": after_taken,
             "fetch_sql": fetch_sql,

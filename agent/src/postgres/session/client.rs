@@ -218,7 +218,7 @@ impl Pump<'_> {
                                 return Ok(true);
                             }
                         };
-                        let (refs, _) = self.result_refs(&analysis, true);
+                        let (refs, _, closes) = self.result_refs(&analysis, true);
                         let effects = SqlEffect::of(&analysis);
                         let mut st = self.lock();
                         let copy_in = copies_in(&analysis).then(|| st.copy_in.open());
@@ -234,6 +234,7 @@ impl Pump<'_> {
                             copy_in,
                             names_seq,
                             effects,
+                            closes,
                         });
                         st.cycles_sent += 1;
                         drop(st);
@@ -272,7 +273,7 @@ impl Pump<'_> {
                                 return Ok(true);
                             }
                         };
-                        let (refs, portal_effects) = self.result_refs(&analysis, false);
+                        let (refs, portal_effects, _) = self.result_refs(&analysis, false);
                         let effect = SqlEffect::of(&analysis).pop_front();
                         let (contested, cycle, seq) = {
                             let mut st = self.lock();
@@ -737,11 +738,36 @@ impl Pump<'_> {
                         .is_some()
                 });
                 let mut st = self.lock();
-                // A second Execute of a completed utility portal runs nothing (55000).
-                if first_run {
+                // A second Execute of a completed utility portal runs nothing (55000). One
+                // sent while the first is unanswered may be the run (the server skipped the
+                // first): what it does is applied again (only ever more is dropped or
+                // remembered).
+                let mut closes = VecDeque::new();
+                let may_run = first_run
+                    || (!portal_effects.is_empty()
+                        && st.expect.iter().any(|e| {
+                            matches!(e, Expect::Execute { portal: p, first_run: true, .. }
+                                if Arc::ptr_eq(p, &info))
+                        }));
+                if may_run {
                     for effect in portal_effects {
-                        st.apply_portal_effect(effect);
+                        // Run again, a DECLARE may be what the server runs, or fail there
+                        // after a CLOSE of the name the first run was followed by (the
+                        // server then holds no such cursor, which a function could open
+                        // unseen): masked as reading anything.
+                        let effect = match effect {
+                            PortalEffect::Declare(name, _, _) if !first_run => {
+                                PortalEffect::Declare(name, ResultRefs::opaque(), true)
+                            }
+                            effect => effect,
+                        };
+                        closes.extend(st.apply_portal_effect(effect));
                     }
+                }
+                // A SQL cursor run with Execute declares nothing (its query is a SELECT or
+                // VALUES); a portal the gate forgot may.
+                if unbound && !st.cursors.contains_key(&portal) {
+                    st.cursors_unknown();
                 }
                 let mut masked_as = None;
                 if self.masker.is_some() {
@@ -754,7 +780,7 @@ impl Pump<'_> {
                         let mut refs = ResultRefs::default();
                         for name in &fetches {
                             match st.cursors.get(name) {
-                                Some((_, c)) => refs.merge(c),
+                                Some(c) => refs.merge(&c.refs),
                                 None => refs.opaque = true,
                             }
                         }
@@ -788,6 +814,7 @@ impl Pump<'_> {
                     rec,
                     copy_in,
                     names_seq,
+                    closes,
                 });
                 frame.write(out);
             }
@@ -970,6 +997,7 @@ impl Pump<'_> {
             copy_in: None,
             effects: VecDeque::new(),
             names_seq: 0,
+            closes: VecDeque::new(),
         });
         st.cycles_sent += 1;
         drop(st);

@@ -482,13 +482,15 @@ impl Pump<'_> {
     /// prepared statement and `FETCH` to its cursor's `DECLARE`. `run`: the string is sent
     /// to run now (a simple Query), so what it does to the portals and cursors is applied
     /// as it goes (a later `FETCH` in the string sees an earlier `DECLARE`); else (a Parse,
-    /// which runs nothing) it is returned, for the statement's Executes to apply.
+    /// which runs nothing) it is returned, for the statement's Executes to apply. Run, its
+    /// `CLOSE`s are returned in order, for when the server completes each.
     pub(super) fn result_refs(
         &self,
         analysis: &Analysis,
         run: bool,
-    ) -> (Arc<ResultRefs>, Vec<PortalEffect>) {
+    ) -> (Arc<ResultRefs>, Vec<PortalEffect>, VecDeque<CursorClose>) {
         let mut effects = Vec::new();
+        let mut closes = VecDeque::new();
         if let Some(refs) = &analysis.refs {
             // No cursor in it; it may still end or mark the transaction's portals.
             if analysis
@@ -498,13 +500,13 @@ impl Pump<'_> {
                 let mut st = self.lock();
                 for effect in analysis.iter().filter_map(PortalEffect::of_transaction) {
                     if run {
-                        st.apply_portal_effect(effect);
+                        closes.extend(st.apply_portal_effect(effect));
                     } else {
                         effects.push(effect);
                     }
                 }
             }
-            return (refs.clone(), effects);
+            return (refs.clone(), effects, closes);
         }
         let mut refs = ResultRefs::default();
         let mut st = self.lock();
@@ -527,13 +529,13 @@ impl Pump<'_> {
                 }
             }
             let effect = match &s.cursor {
-                Some(CursorUse::Declare(name)) => {
+                Some(CursorUse::Declare { name, hold }) => {
                     let mut own = ResultRefs::default();
                     own.add(s);
-                    Some(PortalEffect::Declare(name.clone(), Arc::new(own)))
+                    Some(PortalEffect::Declare(name.clone(), Arc::new(own), *hold))
                 }
                 Some(CursorUse::Fetch(name)) => {
-                    match st.cursors.get(name).map(|(_, c)| c) {
+                    match st.cursors.get(name).map(|c| &c.refs) {
                         Some(c) => {
                             if merged.insert(Arc::as_ptr(c) as usize) {
                                 refs.merge(c);
@@ -550,13 +552,13 @@ impl Pump<'_> {
             };
             for effect in effect.into_iter().chain(PortalEffect::of_transaction(s)) {
                 if run {
-                    st.apply_portal_effect(effect);
+                    closes.extend(st.apply_portal_effect(effect));
                 } else {
                     effects.push(effect);
                 }
             }
         }
-        (Arc::new(refs), effects)
+        (Arc::new(refs), effects, closes)
     }
 
     /// Handles one server message, writing what the client gets to `out`. After a statement
@@ -895,9 +897,13 @@ impl Pump<'_> {
                         rec,
                         portal,
                         names_seq,
+                        closes,
                         ..
                     }) => {
                         let (rec, names_seq) = (*rec, *names_seq);
+                        let close = closes
+                            .pop_front()
+                            .filter(|c| tag.as_deref() == Some(c.tag()));
                         // A statement that prepares or deallocates: done now on the server.
                         let effect = portal.statement.as_ref().and_then(|stmt| {
                             stmt.lock()
@@ -910,6 +916,9 @@ impl Pump<'_> {
                             && tag.as_deref() == Some(effect.tag())
                         {
                             st.apply_sql_effect(effect, names_seq);
+                        }
+                        if let Some(close) = close {
+                            st.cursor_closed(close);
                         }
                         drop(st);
                         self.with_record(rec, |r| {
@@ -924,19 +933,28 @@ impl Pump<'_> {
                         rec,
                         effects,
                         names_seq,
+                        closes,
                         ..
                     }) => {
                         let (rec, names_seq) = (*rec, *names_seq);
                         // The statements complete in order; those with no effect answer
-                        // with other tags.
+                        // with other tags (and CLOSE's tags are no SqlEffect's).
                         let effect = effects
                             .front()
                             .is_some_and(|e| tag.as_deref() == Some(e.tag()))
                             .then(|| effects.pop_front())
                             .flatten();
+                        let close = closes
+                            .front()
+                            .is_some_and(|c| tag.as_deref() == Some(c.tag()))
+                            .then(|| closes.pop_front())
+                            .flatten();
                         st.current = None;
                         if let Some(effect) = effect {
                             st.apply_sql_effect(effect, names_seq);
+                        }
+                        if let Some(close) = close {
+                            st.cursor_closed(close);
                         }
                         drop(st);
                         self.with_record(rec, |r| {
@@ -1220,6 +1238,7 @@ impl Pump<'_> {
                         st.forget_portals_before(done);
                         st.savepoints.clear();
                         st.forget_reading_portals_before(done);
+                        st.forget_cursors_before(done);
                     }
                     st.current = None;
                     st.copy = None;

@@ -41,6 +41,9 @@ pub(super) enum Expect {
         /// sent at.
         effects: VecDeque<SqlEffect>,
         names_seq: u64,
+        /// Its `CLOSE`s, in order, applied as the server completes each (see
+        /// [`State::cursor_closed`]).
+        closes: VecDeque<CursorClose>,
     },
     /// A Parse of this statement name (`None`: one that must not touch the name's entry),
     /// and the statement it made here (matched by identity: a later Parse of the name may
@@ -70,6 +73,8 @@ pub(super) enum Expect {
         copy_in: Option<u64>,
         /// The name-space sequence it was sent at, when its statement has a [`SqlEffect`].
         names_seq: u64,
+        /// Its statement's `CLOSE`, at its portal's first Execute.
+        closes: VecDeque<CursorClose>,
     },
     /// A Close; of a statement: what the gate dropped when it sent it.
     Close(Option<Closing>),
@@ -411,9 +416,8 @@ pub(super) struct State {
     /// Plans by RowDescription, for results whose columns all come straight from tables
     /// (their plan depends on nothing else): a statement run again is not planned again.
     pub(super) plans: Map<bytes::Bytes, Arc<Plan>>,
-    /// SQL cursors by name: when declared (on the [`State::binds`] count) and what their
-    /// `FETCH`es return is computed from.
-    pub(super) cursors: Map<String, (u64, Arc<ResultRefs>)>,
+    /// SQL cursors by name.
+    pub(super) cursors: Map<String, Cursor>,
     /// Counts changes to the names FETCH and EXECUTE portals read (see
     /// [`PortalInfo::stamp`]): to a cursor, portal or prepared statement one of them reads,
     /// or to all of them.
@@ -429,13 +433,17 @@ pub(super) struct State {
     /// [`State::reading_portals`] reached its bound, in this cycle.
     pub(super) reading_portals_full: Option<u64>,
     /// Cursors the gate dropped (closed, rolled back, ended), by name, with what they read:
-    /// the server may still hold one (a CLOSE it skipped after an error, a `WITH HOLD`
-    /// cursor past its transaction), so a DECLARE of the name, which the server then
-    /// refuses, is masked by both.
-    pub(super) cursors_gone: Map<String, Arc<ResultRefs>>,
-    /// More cursors were dropped than [`super::MAX_CURSORS`]: a DECLARE of a name not known
-    /// is masked as if it read anything.
-    pub(super) cursors_gone_lost: bool,
+    /// the server may still hold one (a CLOSE it skipped after an error), so a DECLARE of
+    /// the name, which the server then refuses, is masked by both. One goes when the server
+    /// is known to have dropped it too: a CLOSE of it (or CLOSE ALL) completed, or, not
+    /// `WITH HOLD`, its transaction over (see [`State::cursor_closed`],
+    /// [`State::forget_cursors_before`]). Else a session declaring cursors of new
+    /// names without end (Django's `iterator()`) would reach the bound below.
+    pub(super) cursors_gone: Map<String, Gone>,
+    /// More cursors were dropped than [`super::MAX_CURSORS`] (at this name sequence): a
+    /// DECLARE of a name not known is masked as if it read anything, until a CLOSE ALL sent
+    /// after it completes.
+    pub(super) cursors_gone_lost: Option<u64>,
     /// The transaction's savepoints, oldest first, each with the [`State::binds`] count when
     /// it was made: a `ROLLBACK TO` drops the portals and cursors made since.
     pub(super) savepoints: Vec<(String, u64)>,
@@ -487,20 +495,69 @@ fn union(a: &Arc<ResultRefs>, b: &Arc<ResultRefs>) -> Arc<ResultRefs> {
     Arc::new(both)
 }
 
+/// A SQL cursor the gate believes the server holds.
+#[derive(Clone, Debug)]
+pub(super) struct Cursor {
+    /// The [`State::binds`] count when declared: a `ROLLBACK TO` drops those made since.
+    pub(super) made: u64,
+    /// What its `FETCH`es return is computed from.
+    pub(super) refs: Arc<ResultRefs>,
+    /// `WITH HOLD` (this declaration or one it may still be, see [`State::cursors_gone`]):
+    /// a commit does not end it.
+    pub(super) hold: bool,
+    /// The cycle it was declared in: not `hold`, it is over once the server is idle after
+    /// that cycle.
+    pub(super) cycle: u64,
+}
+
+/// A cursor the gate dropped that the server may still hold (see [`State::cursors_gone`]).
+#[derive(Debug)]
+pub(super) struct Gone {
+    pub(super) refs: Arc<ResultRefs>,
+    /// The name sequence it was dropped at: a CLOSE sent at or after it that the server
+    /// completes ends it there.
+    seq: u64,
+    /// The cycle it was dropped in: not `hold`, it is over once the server is idle after
+    /// that cycle.
+    cycle: u64,
+    hold: bool,
+}
+
+/// A SQL `CLOSE` sent to run (`name` `None`: `CLOSE ALL`) at name sequence `seq`: once the
+/// server completes it, the cursors the gate dropped up to it are gone there too.
+#[derive(Clone, Debug)]
+pub(super) struct CursorClose {
+    name: Option<String>,
+    seq: u64,
+}
+
+impl CursorClose {
+    /// The CommandComplete tag the server answers it with.
+    pub(super) const fn tag(&self) -> &'static str {
+        match self.name {
+            Some(_) => "CLOSE CURSOR",
+            None => "CLOSE CURSOR ALL",
+        }
+    }
+}
+
 /// What running a statement does to the server's portals and cursors (see
 /// [`State::apply_portal_effect`]).
 #[derive(Clone, Debug)]
 pub(super) enum PortalEffect {
-    /// `DECLARE name`: a cursor, with what its rows are computed from; a portal of the name
-    /// is gone on the server (or the DECLARE fails).
-    Declare(String, Arc<ResultRefs>),
+    /// `DECLARE name`: a cursor, with what its rows are computed from and whether `WITH
+    /// HOLD`; a portal of the name is gone on the server (or the DECLARE fails).
+    Declare(String, Arc<ResultRefs>, bool),
     /// SQL `CLOSE name`: the cursor, or a protocol-level portal of the name.
     Close(String),
     /// `CLOSE ALL`.
     CloseAll,
     /// The transaction's portals and cursors may end: `COMMIT`, `ROLLBACK`, `PREPARE
-    /// TRANSACTION`, `DISCARD ALL` (`WITH HOLD` cursors survive a commit: their rows are
-    /// masked as a cursor the gate does not know).
+    /// TRANSACTION`, `DISCARD ALL`. `WITH HOLD` cursors survive a commit, not a rollback:
+    /// all are dropped here, the held ones remembered as the server may still hold them
+    /// (their `FETCH`es are masked as of cursors the gate does not know: believing one the
+    /// server dropped would let a function that opens a cursor of its name unseen be
+    /// masked as it).
     EndAll,
     /// `SAVEPOINT`, `RELEASE`, `ROLLBACK TO`.
     Savepoint(Savepoint),
@@ -793,14 +850,17 @@ impl State {
     /// order. Where the statement fails instead, the gate has forgotten a portal the server
     /// keeps: an Execute of it is masked as a portal the gate does not know (every computed
     /// column whole), never as another statement.
-    pub(super) fn apply_portal_effect(&mut self, effect: PortalEffect) {
+    ///
+    /// A `CLOSE` is returned: the caller applies it when the server completes it (see
+    /// [`State::cursor_closed`]).
+    pub(super) fn apply_portal_effect(&mut self, effect: PortalEffect) -> Option<CursorClose> {
         match &effect {
-            PortalEffect::Declare(name, _) | PortalEffect::Close(name) => self.touch(name),
+            PortalEffect::Declare(name, ..) | PortalEffect::Close(name) => self.touch(name),
             PortalEffect::Savepoint(Savepoint::Define(_) | Savepoint::Release(_)) => {}
             _ => self.names_stamp += 1,
         }
         match effect {
-            PortalEffect::Declare(name, refs) => {
+            PortalEffect::Declare(name, refs, hold) => {
                 if self.cursors.len() >= super::MAX_CURSORS {
                     self.bury_cursors(|_| true);
                 }
@@ -808,26 +868,43 @@ impl State {
                 self.binds += 1;
                 // A cursor of the name is there already, or may be (dropped here, maybe
                 // not there): the server refuses this DECLARE (42P03), unless it dropped the
-                // old one in a way not seen here. Masked as either.
+                // old one in a way not seen here. Masked as either, and held as long as
+                // either may be.
                 let old = self
                     .cursors
                     .get(&name)
-                    .map(|(_, old)| old.clone())
-                    .or_else(|| self.cursors_gone.remove(&name));
-                let refs = match old {
-                    Some(old) => union(&old, &refs),
-                    None if self.cursors_gone_lost => ResultRefs::opaque(),
-                    None => refs,
+                    .map(|old| (old.refs.clone(), old.hold))
+                    .or_else(|| self.cursors_gone.remove(&name).map(|g| (g.refs, g.hold)));
+                let (refs, hold) = match old {
+                    Some((old, old_hold)) => (union(&old, &refs), hold || old_hold),
+                    None if self.cursors_gone_lost.is_some() => (ResultRefs::opaque(), true),
+                    None => (refs, hold),
                 };
-                self.cursors.insert(name, (self.binds, refs));
+                let (made, cycle) = (self.binds, self.cycles_sent);
+                self.cursors.insert(
+                    name,
+                    Cursor {
+                        made,
+                        refs,
+                        hold,
+                        cycle,
+                    },
+                );
             }
             PortalEffect::Close(name) => {
-                self.bury_cursors(|n| *n == name);
+                let seq = self.next_seq();
+                self.bury_cursors_at(seq, |n, _| *n == name);
                 self.remove_portal(&name);
+                return Some(CursorClose {
+                    name: Some(name),
+                    seq,
+                });
             }
             PortalEffect::CloseAll => {
-                self.bury_cursors(|_| true);
+                let seq = self.next_seq();
+                self.bury_cursors_at(seq, |_, _| true);
                 self.forget_all_portals();
+                return Some(CursorClose { name: None, seq });
             }
             PortalEffect::EndAll => {
                 self.bury_cursors(|_| true);
@@ -869,7 +946,7 @@ impl State {
                 let since: Vec<String> = self
                     .cursors
                     .iter()
-                    .filter(|(_, (made, _))| *made > mark)
+                    .filter(|(_, c)| c.made > mark)
                     .map(|(n, _)| n.clone())
                     .collect();
                 self.bury_cursors(|n| since.contains(n));
@@ -884,28 +961,103 @@ impl State {
                 }
             }
         }
+        None
     }
 
     /// Drops the cursors whose names `which` picks, keeping what they read (see
     /// [`State::cursors_gone`]).
     pub(super) fn bury_cursors(&mut self, which: impl Fn(&String) -> bool) {
-        let names: Vec<String> = self.cursors.keys().filter(|n| which(n)).cloned().collect();
+        let seq = self.next_seq();
+        self.bury_cursors_at(seq, |n, _| which(n));
+    }
+
+    /// [`State::bury_cursors`], at name sequence `seq`, choosing by name and cursor.
+    fn bury_cursors_at(&mut self, seq: u64, which: impl Fn(&String, &Cursor) -> bool) {
+        let names: Vec<String> = self
+            .cursors
+            .iter()
+            .filter(|(n, c)| which(n, c))
+            .map(|(n, _)| n.clone())
+            .collect();
         for name in names {
-            let Some((_, refs)) = self.cursors.remove(&name) else {
+            let Some(cursor) = self.cursors.remove(&name) else {
                 continue;
             };
             if self.cursors_gone.len() >= super::MAX_CURSORS
                 && !self.cursors_gone.contains_key(&name)
             {
                 self.cursors_gone.clear();
-                self.cursors_gone_lost = true;
+                self.cursors_gone_lost = Some(seq);
             }
-            let refs = match self.cursors_gone.remove(&name) {
-                Some(before) => union(&before, &refs),
-                None => refs,
+            let (refs, hold) = match self.cursors_gone.remove(&name) {
+                Some(before) => (
+                    union(&before.refs, &cursor.refs),
+                    before.hold || cursor.hold,
+                ),
+                None => (cursor.refs, cursor.hold),
             };
-            self.cursors_gone.insert(name, refs);
+            let cycle = self.cycles_sent;
+            self.cursors_gone.insert(
+                name,
+                Gone {
+                    refs,
+                    seq,
+                    cycle,
+                    hold,
+                },
+            );
         }
+    }
+
+    /// The server completed `close`: what the gate dropped up to it is gone there too.
+    /// Dropped after it (the CLOSE still ahead of a DECLARE and CLOSE of the name sent
+    /// since), it stays.
+    pub(super) fn cursor_closed(&mut self, close: CursorClose) {
+        match &close.name {
+            Some(name) => {
+                if self
+                    .cursors_gone
+                    .get(name)
+                    .is_some_and(|g| g.seq <= close.seq)
+                {
+                    self.cursors_gone.remove(name);
+                }
+            }
+            None => {
+                self.cursors_gone.retain(|_, g| g.seq > close.seq);
+                if self.cursors_gone_lost.is_some_and(|at| at <= close.seq) {
+                    self.cursors_gone_lost = None;
+                }
+            }
+        }
+    }
+
+    /// The server is idle after cycle `done - 1`: the cursors not `WITH HOLD` declared or
+    /// dropped in finished cycles went with their transactions.
+    pub(super) fn forget_cursors_before(&mut self, done: u64) {
+        self.cursors_gone.retain(|_, g| g.hold || g.cycle >= done);
+        self.cursors.retain(|_, c| c.hold || c.cycle >= done);
+    }
+
+    /// A portal the gate does not hold is run (one it forgot while the server kept it): it
+    /// may declare a cursor of any name over any query, where the server holds none of the
+    /// name whatever the gate believes. Every cursor the gate knows, or remembers dropped,
+    /// is masked as reading anything from here, and so is a DECLARE of a name it does not
+    /// know (the server refuses it where the portal took the name), until a CLOSE of the
+    /// name (or CLOSE ALL) sent after this completes.
+    pub(super) fn cursors_unknown(&mut self) {
+        let seq = self.next_seq();
+        self.names_stamp += 1;
+        for c in self.cursors.values_mut() {
+            c.refs = ResultRefs::opaque();
+            c.hold = true;
+        }
+        for g in self.cursors_gone.values_mut() {
+            g.refs = ResultRefs::opaque();
+            g.hold = true;
+            g.seq = seq;
+        }
+        self.cursors_gone_lost = Some(seq);
     }
 
     /// Portal `name` is bound to a FETCH or EXECUTE (see [`State::reading_portals`]). Past
@@ -1182,9 +1334,11 @@ mod tests {
             st.insert_portal(name.into(), p);
         };
         let declare = |st: &mut State, name: &str| {
-            st.apply_portal_effect(PortalEffect::Declare(name.into(), Arc::default()));
+            st.apply_portal_effect(PortalEffect::Declare(name.into(), Arc::default(), false));
         };
-        let sp = |st: &mut State, s: Savepoint| st.apply_portal_effect(PortalEffect::Savepoint(s));
+        let sp = |st: &mut State, s: Savepoint| {
+            st.apply_portal_effect(PortalEffect::Savepoint(s));
+        };
         let held = |st: &State| {
             let mut names: Vec<String> = st
                 .portals
@@ -1224,6 +1378,158 @@ mod tests {
         st.apply_portal_effect(PortalEffect::EndAll);
         assert_eq!(held(&st), "");
         assert!(st.savepoints.is_empty());
+    }
+
+    /// Cursors the gate dropped are remembered only while the server may still hold them:
+    /// a session declaring and closing cursors of new names without end (Django's
+    /// `iterator()`, one `WITH HOLD` cursor each) keeps masking each by its own query, while
+    /// a CLOSE the server did not complete, or a held cursor past its transaction, still
+    /// masks a DECLARE of the name by both.
+    #[test]
+    fn dropped_cursors_are_forgotten_once_the_server_dropped_them() {
+        let reads = |column: &str| {
+            let mut r = ResultRefs::default();
+            r.names.insert(column.into());
+            Arc::new(r)
+        };
+        let declare = |st: &mut State, name: &str, column: &str, hold: bool| {
+            assert!(
+                st.apply_portal_effect(PortalEffect::Declare(name.into(), reads(column), hold))
+                    .is_none()
+            );
+        };
+        let close = |st: &mut State, name: &str| {
+            st.apply_portal_effect(PortalEffect::Close(name.into()))
+                .expect("a CLOSE to answer")
+        };
+        let masked_by = |st: &State, name: &str| {
+            let c = &st.cursors[name];
+            let mut names: Vec<&str> = c.refs.names.iter().map(String::as_str).collect();
+            if c.refs.opaque {
+                names.push("<anything>");
+            }
+            names.join(",")
+        };
+
+        // Django: far more cursors than the bound, each closed and answered.
+        let mut st = State::default();
+        for i in 0..3 * super::super::MAX_CURSORS {
+            let name = format!("_django_curs_{i}");
+            declare(&mut st, &name, "total", true);
+            assert_eq!(masked_by(&st, &name), "total", "cursor {i}");
+            let c = close(&mut st, &name);
+            assert_eq!(c.tag(), "CLOSE CURSOR");
+            st.cursor_closed(c);
+        }
+        assert!(st.cursors_gone.is_empty());
+        assert!(st.cursors_gone_lost.is_none());
+
+        // A CLOSE never answered (skipped after an error): the name stays taken.
+        let mut st = State::default();
+        declare(&mut st, "c", "email", true);
+        let _skipped = close(&mut st, "c");
+        declare(&mut st, "c", "total", false);
+        assert_eq!(masked_by(&st, "c"), "email,total");
+        assert!(st.cursors["c"].hold, "held as long as the old one may be");
+
+        // Pipelined: CLOSE c, DECLARE c, CLOSE c, the second unanswered. The first CLOSE's
+        // answer ends the first cursor only; the second may still be there.
+        let mut st = State::default();
+        declare(&mut st, "c", "email", true);
+        let first = close(&mut st, "c");
+        declare(&mut st, "c", "phone", true);
+        let _second = close(&mut st, "c");
+        st.cursor_closed(first);
+        declare(&mut st, "c", "total", false);
+        assert_eq!(masked_by(&st, "c"), "email,phone,total");
+
+        // A CLOSE sent after a cursor was dropped some other way (a COMMIT that did not end a
+        // held one the gate thought was not) ends it when answered.
+        let mut st = State::default();
+        declare(&mut st, "c", "email", false);
+        st.apply_portal_effect(PortalEffect::Savepoint(Savepoint::RollbackTo("x".into())));
+        assert!(st.cursors_gone.contains_key("c"));
+        let c = close(&mut st, "c");
+        st.cursor_closed(c);
+        assert!(st.cursors_gone.is_empty());
+
+        // COMMIT drops them all; those not held are over once the server is idle after the
+        // cycle that dropped them, and not before; held ones stay remembered (the server
+        // keeps them past a commit) until their CLOSE completes.
+        let mut st = State::default();
+        declare(&mut st, "held", "email", true);
+        declare(&mut st, "plain", "phone", false);
+        st.cycles_sent = 4;
+        st.apply_portal_effect(PortalEffect::EndAll);
+        assert!(st.cursors.is_empty());
+        st.forget_cursors_before(4);
+        assert!(st.cursors_gone.contains_key("plain"), "its cycle not done");
+        st.forget_cursors_before(5);
+        assert_eq!(st.cursors_gone.keys().collect::<Vec<_>>(), ["held"]);
+        let c = close(&mut st, "held");
+        st.cursor_closed(c);
+        assert!(st.cursors_gone.is_empty());
+        // Cursors not held, declared in finished cycles, went with their (implicit)
+        // transactions once the server is idle; held ones and later cycles' stay.
+        declare(&mut st, "plain", "phone", false);
+        declare(&mut st, "held", "email", true);
+        st.cycles_sent = 5;
+        declare(&mut st, "later", "phone", false);
+        st.forget_cursors_before(5);
+        let mut left: Vec<&String> = st.cursors.keys().collect();
+        left.sort();
+        assert_eq!(left, ["held", "later"]);
+
+        // A portal the gate does not hold is run: it may have declared any name over
+        // anything, where the server held none. Known, dropped and new names are masked as
+        // reading anything until a CLOSE ALL sent after it completes.
+        let mut st = State::default();
+        declare(&mut st, "known", "phone", false);
+        declare(&mut st, "dropped", "phone", true);
+        let early_close = close(&mut st, "dropped");
+        st.cursors_unknown();
+        assert_eq!(masked_by(&st, "known"), "<anything>");
+        st.cursor_closed(early_close);
+        declare(&mut st, "dropped", "phone", false);
+        assert_eq!(
+            masked_by(&st, "dropped"),
+            "<anything>",
+            "closed before the run"
+        );
+        declare(&mut st, "fresh", "phone", false);
+        assert_eq!(masked_by(&st, "fresh"), "<anything>");
+        st.forget_cursors_before(u64::MAX);
+        let all = st.apply_portal_effect(PortalEffect::CloseAll).unwrap();
+        st.cursor_closed(all);
+        declare(&mut st, "fresh", "phone", false);
+        assert_eq!(masked_by(&st, "fresh"), "phone");
+
+        // Past the bound of dropped cursors never answered, a DECLARE of an unknown name is
+        // masked as reading anything, until a CLOSE ALL sent after is answered.
+        let mut st = State::default();
+        for i in 0..=super::super::MAX_CURSORS {
+            let name = format!("c{i}");
+            declare(&mut st, &name, "email", true);
+            let _skipped = close(&mut st, &name);
+        }
+        assert!(st.cursors_gone_lost.is_some());
+        declare(&mut st, "new", "total", false);
+        assert_eq!(masked_by(&st, "new"), "<anything>");
+        let all = st
+            .apply_portal_effect(PortalEffect::CloseAll)
+            .expect("a CLOSE ALL to answer");
+        assert_eq!(all.tag(), "CLOSE CURSOR ALL");
+        declare(&mut st, "late", "phone", true);
+        let _skipped = close(&mut st, "late");
+        st.cursor_closed(all);
+        assert!(st.cursors_gone_lost.is_none());
+        assert_eq!(
+            st.cursors_gone.keys().collect::<Vec<_>>(),
+            ["late"],
+            "dropped after the CLOSE ALL: kept"
+        );
+        declare(&mut st, "new", "total", false);
+        assert_eq!(masked_by(&st, "new"), "total");
     }
 
     #[test]
