@@ -1218,10 +1218,43 @@ fn cursors_of_new_names_keep_their_own_masking_without_end() {
     );
     assert!(ran.stderr.contains("22012"), "{ran:#?}");
     assert!(ran.stderr.contains("42P03"), "{ran:#?}");
-    assert!(ran.stdout.contains("j***@example.com"), "{ran:#?}");
+    // Masked by the old cursor's rule, or whole (the refused DECLARE's string failed: the
+    // gate no longer believes in a cursor of the name).
+    let fetched = ran.stdout.lines().last().unwrap_or_default();
     assert!(
-        !ran.stdout.to_ascii_lowercase().contains("jane@example.com"),
+        fetched == "j***@example.com" || fetched == "****",
         "leaked: {ran:#?}"
+    );
+
+    // A held cursor declared in a string that then fails: the server rolls the implicit
+    // transaction back, cursor and all, and a function that opens a cursor of the name the
+    // caller gives (as PostgreSQL's manual shows) opens it over the masked column. Its
+    // FETCH is masked as of a cursor the gate does not know, not by the rolled-back query.
+    pg.admin(
+        "orders",
+        "CREATE FUNCTION open_named(c refcursor) RETURNS refcursor LANGUAGE plpgsql AS \
+           $$ BEGIN OPEN c FOR SELECT upper(email) AS x FROM users WHERE id = 1; RETURN c; END $$; \
+         GRANT EXECUTE ON FUNCTION open_named(refcursor) TO orders_ro",
+    );
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "DECLARE fc CURSOR WITH HOLD FOR SELECT 'harmless'::text AS x; SELECT 1/0",
+            "BEGIN",
+            "SELECT open_named('fc')",
+            "FETCH ALL FROM fc",
+            "COMMIT",
+        ],
+    );
+    assert!(ran.stderr.contains("22012"), "{ran:#?}");
+    // The FETCH's row is the line before COMMIT's tag.
+    let lines: Vec<&str> = ran.stdout.lines().collect();
+    let fetched = lines.len().checked_sub(2).map_or("", |at| lines[at]);
+    assert!(
+        !fetched.is_empty() && !fetched.contains("JANE") && !fetched.contains("harmless"),
+        "the function's cursor: {ran:#?}"
     );
 }
 

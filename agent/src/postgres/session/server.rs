@@ -987,7 +987,11 @@ impl Pump<'_> {
             }
             Backend::ErrorResponse => {
                 stats.withheld = 0;
-                self.lock().budget.start_statement();
+                {
+                    let mut st = self.lock();
+                    st.budget.start_statement();
+                    st.cycle_failed = true;
+                }
                 let mut fields =
                     wire::parse_fields(frame.body.clone()).map_err(|e| desync(&e.to_string()))?;
                 let message = fields
@@ -1164,6 +1168,8 @@ impl Pump<'_> {
                     // statements never ran.
                     let skipping = st.skipping.take();
                     let skipped = skipping.is_some();
+                    let first = st.cycles_done;
+                    let failed = std::mem::take(&mut st.cycle_failed);
                     let code = skipping.map(|s| s.code).unwrap_or_default();
                     let mut not_run = Vec::new();
                     let mut closes = Vec::new();
@@ -1239,6 +1245,9 @@ impl Pump<'_> {
                         st.savepoints.clear();
                         st.forget_reading_portals_before(done);
                         st.forget_cursors_before(done);
+                        if failed {
+                            st.bury_cursors_declared_in(first..done);
+                        }
                     }
                     st.current = None;
                     st.copy = None;

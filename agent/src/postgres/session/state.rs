@@ -444,6 +444,8 @@ pub(super) struct State {
     /// DECLARE of a name not known is masked as if it read anything, until a CLOSE ALL sent
     /// after it completes.
     pub(super) cursors_gone_lost: Option<u64>,
+    /// An ErrorResponse came in the cycle the next ReadyForQuery ends.
+    pub(super) cycle_failed: bool,
     /// The transaction's savepoints, oldest first, each with the [`State::binds`] count when
     /// it was made: a `ROLLBACK TO` drops the portals and cursors made since.
     pub(super) savepoints: Vec<(String, u64)>,
@@ -1039,6 +1041,22 @@ impl State {
         self.cursors.retain(|_, c| c.hold || c.cycle >= done);
     }
 
+    /// The server is idle after cycles `cycles` that failed: their implicit transaction
+    /// was rolled back, and cursors declared in them (`WITH HOLD` too: a held cursor is kept
+    /// only by a commit) are gone, or were never made (skipped, or refused: a cursor of the
+    /// name was there, and still may be). Dropped, remembered as dropped.
+    pub(super) fn bury_cursors_declared_in(&mut self, cycles: std::ops::Range<u64>) {
+        if self.cursors.values().any(|c| cycles.contains(&c.cycle)) {
+            let declared: Vec<String> = self
+                .cursors
+                .iter()
+                .filter(|(_, c)| cycles.contains(&c.cycle))
+                .map(|(n, _)| n.clone())
+                .collect();
+            self.bury_cursors(|n| declared.contains(n));
+        }
+    }
+
     /// A portal the gate does not hold is run (one it forgot while the server kept it): it
     /// may declare a cursor of any name over any query, where the server holds none of the
     /// name whatever the gate believes. Every cursor the gate knows, or remembers dropped,
@@ -1479,6 +1497,24 @@ mod tests {
         let mut left: Vec<&String> = st.cursors.keys().collect();
         left.sort();
         assert_eq!(left, ["held", "later"]);
+
+        // A string that failed with the server idle after it rolled back what it declared,
+        // held or not: those cursors are dropped (remembered: a refused DECLARE may have
+        // been the failure, the old cursor still there).
+        let mut st = State {
+            cycles_sent: 2,
+            ..State::default()
+        };
+        declare(&mut st, "before", "phone", true);
+        st.cycles_sent = 3;
+        declare(&mut st, "held", "email", true);
+        st.cycles_sent = 4;
+        declare(&mut st, "later", "email", true);
+        st.bury_cursors_declared_in(3..4);
+        let mut left: Vec<&String> = st.cursors.keys().collect();
+        left.sort();
+        assert_eq!(left, ["before", "later"]);
+        assert!(st.cursors_gone["held"].hold);
 
         // A portal the gate does not hold is run: it may have declared any name over
         // anything, where the server held none. Known, dropped and new names are masked as
