@@ -1256,6 +1256,43 @@ fn cursors_of_new_names_keep_their_own_masking_without_end() {
         !fetched.is_empty() && !fetched.contains("JANE") && !fetched.contains("harmless"),
         "the function's cursor: {ran:#?}"
     );
+    // The same pipelined (every string sent before the server answered the first), and
+    // with a cursor not held, which ends with its string's transaction without an error.
+    for declare in [
+        "DECLARE fc CURSOR WITH HOLD FOR SELECT 'harmless'::text AS x; SELECT 1/0",
+        "DECLARE fc CURSOR FOR SELECT 'harmless'::text AS x; SELECT 1",
+    ] {
+        let r = pgclient(
+            &gate,
+            "read",
+            &pg,
+            &[
+                "raw-queries",
+                declare,
+                "BEGIN",
+                "SELECT open_named('fc')",
+                "FETCH ALL FROM fc",
+                "COMMIT",
+            ],
+        );
+        let fetched = &r["results"][3];
+        assert!(fetched["code"].is_null(), "{declare}: {r}");
+        let v = fetched["value"].as_str().unwrap_or_default();
+        assert!(
+            !v.is_empty() && !v.contains("JANE") && !v.contains("harmless"),
+            "{declare}: {r}"
+        );
+    }
+    // Declared in an extended batch that fails, with a simple Query inside it that the
+    // server skips too.
+    let r = pgclient(&gate, "read", &pg, &["raw-skipped-declare"]);
+    assert_eq!(r["failed"]["code"], "22012", "{r}");
+    assert!(r["fetched"]["code"].is_null(), "{r}");
+    let v = r["fetched"]["value"].as_str().unwrap_or_default();
+    assert!(
+        !v.is_empty() && !v.contains("JANE") && !v.contains("harmless"),
+        "{r}"
+    );
 }
 
 /// Hostile: the gate's idea of what a prepared statement's name holds must be the server's:

@@ -1135,6 +1135,53 @@ mod batch {
         Ok(json!({"ok": true, "a": a, "b": b, "c": c, "d": d, "e": e}))
     }
 
+    /// Simple Queries sent in one write (pipelined: each sent before the server answered
+    /// the one before); what each answered (its first error code, its first value).
+    pub fn queries(url: &str, texts: &[String]) -> std::io::Result<Value> {
+        let addr = addr_of(url);
+        let (mut s, _) = startup(&addr, false, &[])?;
+        until_ready(&mut s);
+        let mut m = Vec::new();
+        for text in texts {
+            m.extend(query(text));
+        }
+        s.write_all(&m)?;
+        let results: Vec<Value> = texts.iter().map(|_| outcome(until_ready(&mut s))).collect();
+        Ok(json!({"ok": true, "results": results}))
+    }
+
+    /// A held cursor declared in an extended batch that then fails, a simple Query inside
+    /// the batch (skipped by the server with the rest); then, in a transaction, a function
+    /// the test made (`open_named`) opening a cursor of that name, and a FETCH of it.
+    pub fn skipped_declare(url: &str) -> std::io::Result<Value> {
+        let addr = addr_of(url);
+        let (mut s, _) = startup(&addr, false, &[])?;
+        until_ready(&mut s);
+        let mut m = parse(
+            "",
+            "DECLARE fc CURSOR WITH HOLD FOR SELECT 'harmless'::text AS x",
+        );
+        m.extend(bind_portal("", ""));
+        m.extend(execute_portal(""));
+        m.extend(parse("", "SELECT 1/0"));
+        m.extend(bind_portal("", ""));
+        m.extend(execute_portal(""));
+        m.extend(query("SELECT 1"));
+        m.extend(message(b'S', b""));
+        s.write_all(&m)?;
+        let failed = outcome(until_ready(&mut s));
+        let mut steps = Vec::new();
+        for text in ["BEGIN", "SELECT open_named('fc')"] {
+            s.write_all(&query(text))?;
+            steps.push(outcome(until_ready(&mut s)));
+        }
+        s.write_all(&query("FETCH ALL FROM fc"))?;
+        let fetched = outcome(until_ready(&mut s));
+        s.write_all(&query("COMMIT"))?;
+        steps.push(outcome(until_ready(&mut s)));
+        Ok(json!({"ok": true, "failed": failed, "steps": steps, "fetched": fetched}))
+    }
+
     pub fn run(url: &str) -> std::io::Result<Value> {
         let addr = addr_of(url);
         let (mut s, _) = startup(&addr, false, &[])?;
@@ -1206,9 +1253,16 @@ async fn main() {
         ("raw-diverge", batch::diverge),
         ("raw-cursor", batch::cursor),
         ("raw-names", batch::names),
+        ("raw-skipped-declare", batch::skipped_declare),
         ("raw-batch", batch::run),
         ("raw", raw::run),
     ];
+    if args[0] == "raw-queries" {
+        let out = batch::queries(&args[1], &args[2..])
+            .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));
+        println!("{out}");
+        return;
+    }
     if let Some((_, scenario)) = raw.iter().find(|(mode, _)| *mode == args[0]) {
         let out = scenario(&args[1])
             .unwrap_or_else(|e| json!({"ok": false, "code": "", "message": e.to_string()}));

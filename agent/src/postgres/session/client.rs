@@ -779,8 +779,8 @@ impl Pump<'_> {
                     } else if let Some((fetches, executes)) = reads {
                         let mut refs = ResultRefs::default();
                         for name in &fetches {
-                            match st.cursors.get(name) {
-                                Some(c) => refs.merge(&c.refs),
+                            match st.cursor_refs(name) {
+                                Some(c) => refs.merge(c),
                                 None => refs.opaque = true,
                             }
                         }

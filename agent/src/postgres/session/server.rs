@@ -535,7 +535,7 @@ impl Pump<'_> {
                     Some(PortalEffect::Declare(name.clone(), Arc::new(own), *hold))
                 }
                 Some(CursorUse::Fetch(name)) => {
-                    match st.cursors.get(name).map(|c| &c.refs) {
+                    match st.cursor_refs(name) {
                         Some(c) => {
                             if merged.insert(Arc::as_ptr(c) as usize) {
                                 refs.merge(c);
@@ -990,7 +990,11 @@ impl Pump<'_> {
                 {
                     let mut st = self.lock();
                     st.budget.start_statement();
-                    st.cycle_failed = true;
+                    // The cycle in progress (before this error's skipped Queries count as
+                    // done).
+                    if st.failed_from.is_none() {
+                        st.failed_from = Some(st.cycles_done);
+                    }
                 }
                 let mut fields =
                     wire::parse_fields(frame.body.clone()).map_err(|e| desync(&e.to_string()))?;
@@ -1168,8 +1172,7 @@ impl Pump<'_> {
                     // statements never ran.
                     let skipping = st.skipping.take();
                     let skipped = skipping.is_some();
-                    let first = st.cycles_done;
-                    let failed = std::mem::take(&mut st.cycle_failed);
+                    let failed_from = st.failed_from.take();
                     let code = skipping.map(|s| s.code).unwrap_or_default();
                     let mut not_run = Vec::new();
                     let mut closes = Vec::new();
@@ -1245,7 +1248,7 @@ impl Pump<'_> {
                         st.savepoints.clear();
                         st.forget_reading_portals_before(done);
                         st.forget_cursors_before(done);
-                        if failed {
+                        if let Some(first) = failed_from {
                             st.bury_cursors_declared_in(first..done);
                         }
                     }

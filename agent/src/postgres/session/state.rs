@@ -444,8 +444,8 @@ pub(super) struct State {
     /// DECLARE of a name not known is masked as if it read anything, until a CLOSE ALL sent
     /// after it completes.
     pub(super) cursors_gone_lost: Option<u64>,
-    /// An ErrorResponse came in the cycle the next ReadyForQuery ends.
-    pub(super) cycle_failed: bool,
+    /// An ErrorResponse came in the cycles the next ReadyForQuery ends: the first of them.
+    pub(super) failed_from: Option<u64>,
     /// The transaction's savepoints, oldest first, each with the [`State::binds`] count when
     /// it was made: a `ROLLBACK TO` drops the portals and cursors made since.
     pub(super) savepoints: Vec<(String, u64)>,
@@ -1041,6 +1041,18 @@ impl State {
         self.cursors.retain(|_, c| c.hold || c.cycle >= done);
     }
 
+    /// What a `FETCH` of cursor `name` sent now reads, where the gate knows. Not a cursor
+    /// declared in an earlier cycle the server has not finished: the gate learns only at
+    /// that cycle's end whether the cursor outlives it (not `WITH HOLD`, or the cycle
+    /// failing, it does not, and a function may open one of the name unseen). A FETCH in
+    /// the DECLARE's own cycle runs only if the DECLARE did.
+    pub(super) fn cursor_refs(&self, name: &str) -> Option<&Arc<ResultRefs>> {
+        self.cursors
+            .get(name)
+            .filter(|c| c.cycle >= self.cycles_sent || c.cycle < self.cycles_done)
+            .map(|c| &c.refs)
+    }
+
     /// The server is idle after cycles `cycles` that failed: their implicit transaction
     /// was rolled back, and cursors declared in them (`WITH HOLD` too: a held cursor is kept
     /// only by a commit) are gone, or were never made (skipped, or refused: a cursor of the
@@ -1515,6 +1527,21 @@ mod tests {
         left.sort();
         assert_eq!(left, ["before", "later"]);
         assert!(st.cursors_gone["held"].hold);
+
+        // A FETCH sent in a later cycle than its cursor's DECLARE, before the server
+        // finished that cycle, does not trust the DECLARE (it may not outlive its cycle);
+        // in the same cycle, or once that cycle is done, it does.
+        let mut st = State {
+            cycles_sent: 7,
+            cycles_done: 7,
+            ..State::default()
+        };
+        declare(&mut st, "c", "phone", false);
+        assert!(st.cursor_refs("c").is_some(), "the same cycle");
+        st.cycles_sent = 8;
+        assert!(st.cursor_refs("c").is_none(), "its cycle unanswered");
+        st.cycles_done = 8;
+        assert!(st.cursor_refs("c").is_some(), "its cycle done");
 
         // A portal the gate does not hold is run: it may have declared any name over
         // anything, where the server held none. Known, dropped and new names are masked as
