@@ -1153,33 +1153,63 @@ mod batch {
     /// A held cursor declared in an extended batch that then fails, a simple Query inside
     /// the batch (skipped by the server with the rest); then, in a transaction, a function
     /// the test made (`open_named`) opening a cursor of that name, and a FETCH of it.
+    /// Twice: with the Sync in the batch's write, then held back until the error came,
+    /// and sent with everything after it in one write.
     pub fn skipped_declare(url: &str) -> std::io::Result<Value> {
         let addr = addr_of(url);
-        let (mut s, _) = startup(&addr, false, &[])?;
-        until_ready(&mut s);
-        let mut m = parse(
-            "",
-            "DECLARE fc CURSOR WITH HOLD FOR SELECT 'harmless'::text AS x",
-        );
-        m.extend(bind_portal("", ""));
-        m.extend(execute_portal(""));
-        m.extend(parse("", "SELECT 1/0"));
-        m.extend(bind_portal("", ""));
-        m.extend(execute_portal(""));
-        m.extend(query("SELECT 1"));
-        m.extend(message(b'S', b""));
-        s.write_all(&m)?;
-        let failed = outcome(until_ready(&mut s));
-        let mut steps = Vec::new();
-        for text in ["BEGIN", "SELECT open_named('fc')"] {
-            s.write_all(&query(text))?;
-            steps.push(outcome(until_ready(&mut s)));
+        let mut out = Vec::new();
+        for held_back in [false, true] {
+            let (mut s, _) = startup(&addr, false, &[])?;
+            until_ready(&mut s);
+            let mut m = parse(
+                "",
+                "DECLARE fc CURSOR WITH HOLD FOR SELECT 'harmless'::text AS x",
+            );
+            m.extend(bind_portal("", ""));
+            m.extend(execute_portal(""));
+            m.extend(parse("", "SELECT 1/0"));
+            m.extend(bind_portal("", ""));
+            m.extend(execute_portal(""));
+            m.extend(query("SELECT 1"));
+            let after = [
+                "BEGIN",
+                "SELECT open_named('fc')",
+                "FETCH ALL FROM fc",
+                "COMMIT",
+            ];
+            let mut error = None;
+            if held_back {
+                s.write_all(&m)?;
+                // Up to the error; then the Sync and the rest at once.
+                while error.is_none() {
+                    if let (b'E', body) = read_message(&mut s)? {
+                        error = Some(code_of(&body));
+                    }
+                }
+                let mut rest = message(b'S', b"");
+                for text in after {
+                    rest.extend(query(text));
+                }
+                s.write_all(&rest)?;
+            } else {
+                m.extend(message(b'S', b""));
+                s.write_all(&m)?;
+            }
+            let mut failed = outcome(until_ready(&mut s));
+            if let Some(code) = error {
+                failed["code"] = json!(code);
+            }
+            let mut results = Vec::new();
+            for text in after {
+                if !held_back {
+                    s.write_all(&query(text))?;
+                }
+                results.push(outcome(until_ready(&mut s)));
+            }
+            let fetched = results.remove(2);
+            out.push(json!({"failed": failed, "steps": results, "fetched": fetched}));
         }
-        s.write_all(&query("FETCH ALL FROM fc"))?;
-        let fetched = outcome(until_ready(&mut s));
-        s.write_all(&query("COMMIT"))?;
-        steps.push(outcome(until_ready(&mut s)));
-        Ok(json!({"ok": true, "failed": failed, "steps": steps, "fetched": fetched}))
+        Ok(json!({"ok": true, "synced": out[0], "held_back": out[1]}))
     }
 
     pub fn run(url: &str) -> std::io::Result<Value> {

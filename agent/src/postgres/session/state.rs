@@ -1045,11 +1045,17 @@ impl State {
     /// declared in an earlier cycle the server has not finished: the gate learns only at
     /// that cycle's end whether the cursor outlives it (not `WITH HOLD`, or the cycle
     /// failing, it does not, and a function may open one of the name unseen). A FETCH in
-    /// the DECLARE's own cycle runs only if the DECLARE did.
+    /// the DECLARE's own cycle runs only if the DECLARE did. Nor one declared in the cycles
+    /// an error came in, until their ReadyForQuery tells whether the server rolled them
+    /// back (the client may hold the Sync back: Queries the error skipped count as done
+    /// before that).
     pub(super) fn cursor_refs(&self, name: &str) -> Option<&Arc<ResultRefs>> {
         self.cursors
             .get(name)
-            .filter(|c| c.cycle >= self.cycles_sent || c.cycle < self.cycles_done)
+            .filter(|c| {
+                (c.cycle >= self.cycles_sent || c.cycle < self.cycles_done)
+                    && self.failed_from.is_none_or(|from| c.cycle < from)
+            })
             .map(|c| &c.refs)
     }
 
@@ -1542,6 +1548,11 @@ mod tests {
         assert!(st.cursor_refs("c").is_none(), "its cycle unanswered");
         st.cycles_done = 8;
         assert!(st.cursor_refs("c").is_some(), "its cycle done");
+        // An error in its cycle, the ReadyForQuery not in yet (skipped Queries counted).
+        st.failed_from = Some(7);
+        assert!(st.cursor_refs("c").is_none(), "its cycle failed");
+        st.failed_from = Some(8);
+        assert!(st.cursor_refs("c").is_some(), "a later cycle failed");
 
         // A portal the gate does not hold is run: it may have declared any name over
         // anything, where the server held none. Known, dropped and new names are masked as
