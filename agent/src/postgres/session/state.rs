@@ -895,7 +895,7 @@ impl State {
             }
             PortalEffect::Close(name) => {
                 let seq = self.next_seq();
-                self.bury_cursors_at(seq, |n, _| *n == name);
+                self.bury_cursors_at(seq, |n| *n == name);
                 self.remove_portal(&name);
                 return Some(CursorClose {
                     name: Some(name),
@@ -904,7 +904,7 @@ impl State {
             }
             PortalEffect::CloseAll => {
                 let seq = self.next_seq();
-                self.bury_cursors_at(seq, |_, _| true);
+                self.bury_cursors_at(seq, |_| true);
                 self.forget_all_portals();
                 return Some(CursorClose { name: None, seq });
             }
@@ -970,17 +970,12 @@ impl State {
     /// [`State::cursors_gone`]).
     pub(super) fn bury_cursors(&mut self, which: impl Fn(&String) -> bool) {
         let seq = self.next_seq();
-        self.bury_cursors_at(seq, |n, _| which(n));
+        self.bury_cursors_at(seq, which);
     }
 
-    /// [`State::bury_cursors`], at name sequence `seq`, choosing by name and cursor.
-    fn bury_cursors_at(&mut self, seq: u64, which: impl Fn(&String, &Cursor) -> bool) {
-        let names: Vec<String> = self
-            .cursors
-            .iter()
-            .filter(|(n, c)| which(n, c))
-            .map(|(n, _)| n.clone())
-            .collect();
+    /// [`State::bury_cursors`], at name sequence `seq`.
+    fn bury_cursors_at(&mut self, seq: u64, which: impl Fn(&String) -> bool) {
+        let names: Vec<String> = self.cursors.keys().filter(|n| which(n)).cloned().collect();
         for name in names {
             let Some(cursor) = self.cursors.remove(&name) else {
                 continue;
