@@ -864,7 +864,7 @@ impl State {
         match effect {
             PortalEffect::Declare(name, refs, hold) => {
                 if self.cursors.len() >= super::MAX_CURSORS {
-                    self.bury_cursors(|_| true);
+                    self.bury_cursors(|_, _| true);
                 }
                 self.remove_portal(&name);
                 self.binds += 1;
@@ -895,7 +895,7 @@ impl State {
             }
             PortalEffect::Close(name) => {
                 let seq = self.next_seq();
-                self.bury_cursors_at(seq, |n| *n == name);
+                self.bury_cursors_at(seq, |n, _| *n == name);
                 self.remove_portal(&name);
                 return Some(CursorClose {
                     name: Some(name),
@@ -904,12 +904,12 @@ impl State {
             }
             PortalEffect::CloseAll => {
                 let seq = self.next_seq();
-                self.bury_cursors_at(seq, |_| true);
+                self.bury_cursors_at(seq, |_, _| true);
                 self.forget_all_portals();
                 return Some(CursorClose { name: None, seq });
             }
             PortalEffect::EndAll => {
-                self.bury_cursors(|_| true);
+                self.bury_cursors(|_, _| true);
                 self.forget_all_portals();
                 self.savepoints.clear();
             }
@@ -945,13 +945,7 @@ impl State {
                     // whatever it drops, the gate forgets.
                     None => 0,
                 };
-                let since: Vec<String> = self
-                    .cursors
-                    .iter()
-                    .filter(|(_, c)| c.made > mark)
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                self.bury_cursors(|n| since.contains(n));
+                self.bury_cursors(|_, c| c.made > mark);
                 let since: Vec<String> = self
                     .portals
                     .iter()
@@ -966,16 +960,21 @@ impl State {
         None
     }
 
-    /// Drops the cursors whose names `which` picks, keeping what they read (see
+    /// Drops the cursors `which` picks (by name and cursor), keeping what they read (see
     /// [`State::cursors_gone`]).
-    pub(super) fn bury_cursors(&mut self, which: impl Fn(&String) -> bool) {
+    pub(super) fn bury_cursors(&mut self, which: impl Fn(&String, &Cursor) -> bool) {
         let seq = self.next_seq();
         self.bury_cursors_at(seq, which);
     }
 
     /// [`State::bury_cursors`], at name sequence `seq`.
-    fn bury_cursors_at(&mut self, seq: u64, which: impl Fn(&String) -> bool) {
-        let names: Vec<String> = self.cursors.keys().filter(|n| which(n)).cloned().collect();
+    fn bury_cursors_at(&mut self, seq: u64, which: impl Fn(&String, &Cursor) -> bool) {
+        let names: Vec<String> = self
+            .cursors
+            .iter()
+            .filter(|(n, c)| which(n, c))
+            .map(|(n, _)| n.clone())
+            .collect();
         for name in names {
             let Some(cursor) = self.cursors.remove(&name) else {
                 continue;
@@ -1059,15 +1058,7 @@ impl State {
     /// only by a commit) are gone, or were never made (skipped, or refused: a cursor of the
     /// name was there, and still may be). Dropped, remembered as dropped.
     pub(super) fn bury_cursors_declared_in(&mut self, cycles: std::ops::Range<u64>) {
-        if self.cursors.values().any(|c| cycles.contains(&c.cycle)) {
-            let declared: Vec<String> = self
-                .cursors
-                .iter()
-                .filter(|(_, c)| cycles.contains(&c.cycle))
-                .map(|(n, _)| n.clone())
-                .collect();
-            self.bury_cursors(|n| declared.contains(n));
-        }
+        self.bury_cursors(|_, c| cycles.contains(&c.cycle));
     }
 
     /// A portal the gate does not hold is run (one it forgot while the server kept it): it
@@ -1127,7 +1118,7 @@ impl State {
     /// Drops cursor `name`, if the gate holds one (see [`State::bury_cursors`]).
     pub(super) fn bury_cursor(&mut self, name: &str) {
         if self.cursors.contains_key(name) {
-            self.bury_cursors(|n| n == name);
+            self.bury_cursors(|n, _| n == name);
         }
     }
 
@@ -1433,6 +1424,11 @@ mod tests {
             st.apply_portal_effect(PortalEffect::Close(name.into()))
                 .expect("a CLOSE to answer")
         };
+        let live = |st: &State| {
+            let mut names: Vec<String> = st.cursors.keys().cloned().collect();
+            names.sort();
+            names
+        };
         let masked_by = |st: &State, name: &str| {
             let c = &st.cursors[name];
             let mut names: Vec<&str> = c.refs.names.iter().map(String::as_str).collect();
@@ -1507,9 +1503,7 @@ mod tests {
         st.cycles_sent = 5;
         declare(&mut st, "later", "phone", false);
         st.forget_cursors_before(5);
-        let mut left: Vec<&String> = st.cursors.keys().collect();
-        left.sort();
-        assert_eq!(left, ["held", "later"]);
+        assert_eq!(live(&st), ["held", "later"]);
 
         // A string that failed with the server idle after it rolled back what it declared,
         // held or not: those cursors are dropped (remembered: a refused DECLARE may have
@@ -1524,9 +1518,7 @@ mod tests {
         st.cycles_sent = 4;
         declare(&mut st, "later", "email", true);
         st.bury_cursors_declared_in(3..4);
-        let mut left: Vec<&String> = st.cursors.keys().collect();
-        left.sort();
-        assert_eq!(left, ["before", "later"]);
+        assert_eq!(live(&st), ["before", "later"]);
         assert!(st.cursors_gone["held"].hold);
 
         // A FETCH sent in a later cycle than its cursor's DECLARE, before the server
