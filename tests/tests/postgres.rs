@@ -1560,13 +1560,20 @@ time.sleep(120)
         Duration::from_secs(20),
         || (pg.admin("orders", running) == "0\n").then_some(()),
     );
-    let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
-    let cut = sessions
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["outcome"] == "grant_expired")
-        .unwrap_or_else(|| panic!("no session ended by the grant's expiry: {sessions:#}"));
+    // The session's end is recorded as the gate cuts it, which may be just after the
+    // backend went (the cancel goes first).
+    let cut = gate.wait_for(
+        "a session ended by the grant's expiry",
+        Duration::from_secs(15),
+        || {
+            let sessions = gate.cli(&["sessions", "--all", "--json"]).json();
+            sessions
+                .as_array()?
+                .iter()
+                .find(|s| s["outcome"] == "grant_expired")
+                .cloned()
+        },
+    );
     assert!(
         cut["detail"]
             .as_str()
