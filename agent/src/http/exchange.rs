@@ -47,54 +47,56 @@ use crate::{
         Services,
         hold::{self, Hold, HoldOutcome},
         relay::Counters,
+        statements::Statements,
     },
 };
 
 /// Requests of one connection that may wait for approval at once.
 const MAX_HOLDS: u32 = 8;
 
-/// Headers some frameworks take the real method from.
-const METHOD_OVERRIDES: &[&str] = &[
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
+/// Headers some frameworks take the real method from. (The header lists are `HeaderName`s:
+/// a lookup or removal by `&str` parses the name again on every request.)
+static METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
 ];
 
 /// Headers some servers and frameworks route by (instead of the judged request line and Host).
-const ROUTING_HEADERS: &[&str] = &[
-    "x-original-url",
-    "x-rewrite-url",
-    "x-forwarded-host",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-prefix",
-    "x-forwarded-port",
-    "forwarded",
+static ROUTING_HEADERS: [HeaderName; 8] = [
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("forwarded"),
 ];
 
 /// Request headers whose values are never recorded (credentials of any scheme, sessions).
-const RECORD_REDACTED: &[&str] = &[
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "x-api-key",
-    "x-auth-token",
-    "x-csrf-token",
-    "x-xsrf-token",
+static RECORD_REDACTED: [HeaderName; 7] = [
+    HeaderName::from_static("authorization"),
+    HeaderName::from_static("proxy-authorization"),
+    HeaderName::from_static("cookie"),
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("x-auth-token"),
+    HeaderName::from_static("x-csrf-token"),
+    HeaderName::from_static("x-xsrf-token"),
 ];
 
 /// Headers that describe one hop, never forwarded (RFC 9110 section 7.6.1), plus the
 /// proxy-only ones a workload could use to talk to something behind the upstream.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+static HOP_BY_HOP: [HeaderName; 9] = [
+    HeaderName::from_static("connection"),
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("proxy-authenticate"),
+    HeaderName::from_static("proxy-authorization"),
+    HeaderName::from_static("te"),
+    HeaderName::from_static("trailer"),
+    HeaderName::from_static("transfer-encoding"),
+    HeaderName::from_static("upgrade"),
 ];
 
 /// What every request of the session shares.
@@ -108,6 +110,8 @@ pub(super) struct Ctx<'a> {
     pub(super) grant: GrantHandle,
     pub(super) upstream: Upstream,
     pub(super) counters: Arc<Counters>,
+    /// The session's finished request records, handed to the store in batches.
+    pub(super) statements: Arc<Statements>,
     pub(super) seq: AtomicU32,
     /// Requests waiting for approval (the session's cut lets them lapse first).
     pub(super) holding: AtomicU32,
@@ -150,7 +154,7 @@ struct Recorded {
     inner: Out,
     /// `None` once written.
     record: Option<StatementRecord>,
-    store: crate::store::SharedStore,
+    statements: Arc<Statements>,
     request: SharedTap,
     response: Tap,
     masker: Option<Arc<BodyMasker>>,
@@ -192,7 +196,7 @@ impl Recorded {
             let cut = format!(" (cut after {} B)", self.response.total);
             r.tag = Some(r.tag.take().unwrap_or_default() + &cut);
         }
-        self.store.record_statements(vec![r]);
+        self.statements.push(r);
     }
 }
 
@@ -414,7 +418,7 @@ impl Ctx<'_> {
             expected,
             inner: body,
             record: finished,
-            store: self.services.store.clone(),
+            statements: self.statements.clone(),
             request: request_tap,
             response: Tap::default_keeping(self.settings.record_bodies),
             masker: self.masker.clone(),
@@ -429,7 +433,7 @@ impl Ctx<'_> {
         headers
             .iter()
             .map(|(name, value)| {
-                let secret = RECORD_REDACTED.contains(&name.as_str())
+                let secret = RECORD_REDACTED.contains(name)
                     || self
                         .settings
                         .credentials
@@ -450,7 +454,7 @@ impl Ctx<'_> {
     }
 
     fn record(&self, record: StatementRecord) {
-        self.services.store.record_statements(vec![record]);
+        self.statements.push(record);
     }
 
     /// Host, path and rules: `Ok` with the normalised path to forward, or the refusal.
@@ -505,7 +509,7 @@ impl Ctx<'_> {
         // check and every method rule (`GET` + `X-HTTP-Method-Override: DELETE`).
         if let Some(name) = METHOD_OVERRIDES
             .iter()
-            .find(|h| req.headers().contains_key(**h))
+            .find(|h| req.headers().contains_key(*h))
         {
             return Err(refused(Refusal::malformed(format!(
                 "the `{name}` header is not allowed through the gate: send the method itself"
@@ -883,9 +887,7 @@ impl Ctx<'_> {
         })?;
         strip_hop_by_hop(&mut parts.headers);
         // Headers some servers route by instead of the request line and Host that were judged.
-        for name in ROUTING_HEADERS {
-            parts.headers.remove(*name);
-        }
+        remove_listed(&mut parts.headers, &ROUTING_HEADERS);
         // Every header a credential of this resource rides in is the gate's, whatever the
         // client put there.
         for cred in self.settings.credentials.values() {
@@ -1533,8 +1535,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    remove_listed(headers, &HOP_BY_HOP);
+}
+
+/// Removes the headers of `names` a message has. Most have none: one pass over the few
+/// headers it carries then costs less than a hash lookup per listed name.
+fn remove_listed(headers: &mut HeaderMap, names: &[HeaderName]) {
+    if !headers.keys().any(|k| names.contains(k)) {
+        return;
+    }
+    for name in names {
+        headers.remove(name);
     }
 }
 
@@ -1562,6 +1573,28 @@ mod tests {
         assert_eq!(host_without_port("[::1]:443"), "::1");
         assert_eq!(host_without_port("[::1]"), "::1");
         assert_eq!(host_without_port("127.0.0.1:80"), "127.0.0.1");
+    }
+
+    #[test]
+    fn every_listed_header_goes_alone_in_any_case_with_all_its_values() {
+        for list in [&HOP_BY_HOP[..], &ROUTING_HEADERS[..]] {
+            for name in list {
+                let spelled = name.as_str().to_ascii_uppercase();
+                let mut h = HeaderMap::new();
+                h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+                let parsed = HeaderName::from_bytes(spelled.as_bytes()).expect("a header name");
+                h.append(parsed.clone(), HeaderValue::from_static("1"));
+                h.append(parsed, HeaderValue::from_static("2"));
+                remove_listed(&mut h, list);
+                assert!(!h.contains_key(name), "{spelled} was kept");
+                assert_eq!(h.len(), 1, "{spelled}: only Accept is left");
+            }
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        h.insert("x-forwarded", HeaderValue::from_static("1"));
+        remove_listed(&mut h, &ROUTING_HEADERS);
+        assert_eq!(h.len(), 2, "headers not listed stay");
     }
 
     #[test]

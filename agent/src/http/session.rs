@@ -40,7 +40,7 @@ use super::{
 use crate::{
     config::Target,
     model::SessionOutcome,
-    protocol::{Conn, Outcome, Services, Session, refuse},
+    protocol::{Conn, Outcome, Services, Session, refuse, statements::Statements},
 };
 
 /// How long a session cut while a request waited for approval may take to lapse it.
@@ -199,6 +199,9 @@ pub async fn serve(
             grant.id.clone(),
         ),
     );
+    // Declared before the connection, so dropped after it: the records of exchanges the
+    // connection drops on its way out are in the last batch.
+    let (statements, _flushed) = Statements::start(session.services.store.clone());
     let ctx = Arc::new(Ctx {
         services: session.services,
         session_id: session.record.session.id.clone(),
@@ -222,6 +225,7 @@ pub async fn serve(
             }),
         ),
         counters: session.record.counters.clone(),
+        statements,
         seq: AtomicU32::new(0),
         holding: AtomicU32::new(0),
         upgraded: std::sync::Mutex::default(),

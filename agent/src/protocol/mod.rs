@@ -25,6 +25,7 @@ pub mod live;
 pub mod rate;
 pub mod record;
 pub mod relay;
+pub mod statements;
 pub mod tcp;
 
 use std::{

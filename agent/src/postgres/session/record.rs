@@ -112,7 +112,9 @@ impl Pump<'_> {
         if batch.is_empty() {
             return;
         }
-        self.ctx.store.record_statements(batch);
+        self.ctx
+            .store
+            .record_statements(crate::protocol::statements::fitted(batch));
     }
 
     /// Sends the finished records to the store (those in flight stay).
