@@ -439,16 +439,22 @@ impl Ctx<'_> {
                         .credentials
                         .values()
                         .any(|c| c.header == *name);
-                let value = if secret {
-                    "[redacted]".to_owned()
+                // One string per header, the value masked straight into it.
+                let mut line = String::with_capacity(name.as_str().len() + 2 + value.len());
+                line.push_str(name.as_str());
+                line.push_str(": ");
+                if secret {
+                    line.push_str("[redacted]");
                 } else {
                     let text = String::from_utf8_lossy(value.as_bytes());
                     match &self.masker {
-                        Some(m) => m.mask_text(&text).0,
-                        None => text.into_owned(),
+                        Some(m) => {
+                            m.mask_text_into(&text, &mut line);
+                        }
+                        None => line.push_str(&text),
                     }
-                };
-                Some(format!("{name}: {value}"))
+                }
+                Some(line)
             })
             .collect()
     }
@@ -588,10 +594,13 @@ impl Ctx<'_> {
         }
         // How the request is named in refusals, held requests' reasons and logs: shown
         // through the detectors like its record's text.
-        let what = kube.as_ref().map_or_else(
-            || format!("{method} {}", self.shown_target(path.as_str())),
-            |k| self.shown_target(&k.describe()),
-        );
+        // (Built only for a refusal or a hold: most requests are allowed.)
+        let what = || {
+            kube.as_ref().map_or_else(
+                || format!("{method} {}", self.shown_target(path.as_str())),
+                |k| self.shown_target(&k.describe()),
+            )
+        };
         let parts = policy::RequestParts {
             host: host.as_deref(),
             query: req.uri().query(),
@@ -613,7 +622,7 @@ impl Ctx<'_> {
                     .map_or_else(|| method.to_string(), |k| k.verb.clone()),
                 needed,
             ))),
-            Decision::Deny { rule } => Err(refused(Refusal::denied(&rule, &what))),
+            Decision::Deny { rule } => Err(refused(Refusal::denied(&rule, &what()))),
             Decision::Approve { rule } => {
                 // Each hold is a request approvers see: an HTTP/2 client may not flood them.
                 if self.holding.load(Ordering::SeqCst) >= MAX_HOLDS {
@@ -635,7 +644,7 @@ impl Ctx<'_> {
                     .await
                     .map_err(refused)?;
                 let text = self.held_text(method, &forwarded, req.headers(), &body, kube.as_ref());
-                let verdict = self.hold(&text, &rule, &what).await;
+                let verdict = self.hold(&text, &rule, &what()).await;
                 drop(holding);
                 verdict.map(|v| (forwarded, kube, v))
             }

@@ -9,7 +9,7 @@
 use serde_json::Value;
 
 use crate::inspect::{
-    mask::{Masker, Outcome},
+    mask::{Masker, Outcome, Written},
     rules::Strategy,
 };
 
@@ -356,6 +356,19 @@ impl BodyMasker {
             Outcome::Null => (String::new(), 1),
         }
     }
+
+    /// [`BodyMasker::mask_text`] appended to `out`, with no string of its own (a request's
+    /// record masks each of its headers).
+    pub fn mask_text_into(&self, text: &str, out: &mut String) -> u64 {
+        let m = &self.masker;
+        match m.scan_into(text, m.candidates(text.as_bytes()), &mut |_| {}, out) {
+            Written::Keep => {
+                out.push_str(text);
+                0
+            }
+            Written::Replaced | Written::Null => 1,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -501,6 +514,34 @@ mod tests {
         );
         assert!(JsonPath::parse(&format!("${}", ".a".repeat(64))).is_err());
         assert!(JsonPath::parse(&format!("${}", ".a".repeat(63))).is_ok());
+    }
+
+    #[test]
+    fn text_masked_into_a_buffer_is_the_text_masked() {
+        let rule = |detectors, strategy| MaskRule {
+            columns: vec![],
+            detectors,
+            strategy,
+            exempt_identities: vec![],
+        };
+        let rules = [
+            rule(vec![Detector::Email], Strategy::Partial),
+            rule(vec![Detector::Card], Strategy::Redact),
+            rule(vec![Detector::Ssn], Strategy::Null),
+        ];
+        let m = BodyMasker::new(&rules, None, "bot", Access::Read, [1; 32]).unwrap();
+        for text in [
+            "",
+            "plain text",
+            "jane@example.com",
+            "card 4111 1111 1111 1111 and bob@example.org",
+            "ssn 123-45-6789",
+        ] {
+            let (masked, n) = m.mask_text(text);
+            let mut out = String::from("name: ");
+            let n_into = m.mask_text_into(text, &mut out);
+            assert_eq!((out, n_into), (format!("name: {masked}"), n), "{text}");
+        }
     }
 
     #[test]

@@ -139,22 +139,25 @@ impl HttpLimits {
             ));
         }
         let r = &self.reporter;
-        for (key, limit, bucket, whose) in [
+        // Each bucket's key is built only when its limit is set (most grants set neither).
+        for (key, limit, kind, id, whose) in [
             (
                 "statements_per_second",
                 self.limits.statements_per_second,
-                format!("grant:{}", r.grant),
+                "grant:",
+                r.grant.as_str(),
                 "this grant",
             ),
             (
                 "identity_statements_per_second",
                 self.limits.identity_statements_per_second,
-                format!("identity:{}", r.identity),
+                "identity:",
+                r.identity.as_str(),
                 "this identity",
             ),
         ] {
             if let Some(limit) = limit
-                && !rates.take(&bucket, limit)
+                && !rates.take(&format!("{kind}{id}"), limit)
             {
                 return Err(self.refusal(
                     429,
