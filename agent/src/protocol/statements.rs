@@ -141,29 +141,9 @@ impl Drop for Flushed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        model::{Decision, Timestamp},
-        store::memory::MemoryStore,
-    };
+    use crate::store::memory::MemoryStore;
 
-    fn record(session: &str, seq: u32) -> StatementRecord {
-        StatementRecord {
-            session: session.into(),
-            seq,
-            at: Timestamp::now(),
-            text: format!("GET /{seq}"),
-            params: Vec::new(),
-            decision: Decision::Allowed,
-            rule: None,
-            approved_by: None,
-            held_ms: 0,
-            duration_ms: None,
-            rows: None,
-            tag: Some("200".into()),
-            error: None,
-            masked: 0,
-        }
-    }
+    use crate::store::tests::statement as record;
 
     async fn stored(store: &SharedStore, session: &str) -> Vec<u32> {
         store.flush().await.expect("flush");

@@ -93,7 +93,7 @@ pub(crate) fn session(id: &str) -> Session {
     }
 }
 
-fn statement(session: &str, seq: u32) -> StatementRecord {
+pub(crate) fn statement(session: &str, seq: u32) -> StatementRecord {
     StatementRecord {
         session: session.into(),
         seq,
