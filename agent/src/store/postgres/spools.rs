@@ -357,6 +357,19 @@ mod tests {
         s.append(&records).unwrap();
     }
 
+    /// Moves everything written to the spool into its main file. A dropped store's writer
+    /// ends at its next turn, still holding the spool open until then, and SQLite keeps
+    /// what WAL mode wrote beside the main file until its last connection closes: a copy of
+    /// the main file alone, taken meanwhile, may hold no spool id at all (it then opens as
+    /// a new spool, not as the copied one).
+    fn checkpointed(state: &Path) {
+        let busy: i64 = rusqlite::Connection::open(state.join(spool::FILE))
+            .unwrap()
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(busy, 0, "the spool's WAL was moved into its main file");
+    }
+
     fn remove_spool(state: &Path) {
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(state.join(format!("{}{suffix}", spool::FILE)));
@@ -565,6 +578,7 @@ mod tests {
         let spool_b = spool_id(&state_b);
 
         // Hostile: host b's spool file, with its key, copied over host a's.
+        checkpointed(&state_b);
         remove_spool(&state_a);
         std::fs::copy(state_b.join(spool::FILE), state_a.join(spool::FILE)).unwrap();
         std::fs::copy(state_b.join(spool::KEY_FILE), state_a.join(spool::KEY_FILE)).unwrap();
