@@ -592,9 +592,9 @@ impl Ctx<'_> {
                 }));
             }
         }
-        // How the request is named in refusals, held requests' reasons and logs: shown
-        // through the detectors like its record's text.
-        // (Built only for a refusal or a hold: most requests are allowed.)
+        // How the request is named in refusals and held requests' reasons: shown through the
+        // detectors like its record's text. Built only for a refusal or a hold (most requests
+        // are allowed).
         let what = || {
             kube.as_ref().map_or_else(
                 || format!("{method} {}", self.shown_target(path.as_str())),
