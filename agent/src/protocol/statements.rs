@@ -3,10 +3,10 @@
 //! one session's records as one row (see `store::sqlite::chunks`), so handing them over one
 //! at a time costs several times more per record on a busy session.
 //!
-//! The bound on how late a record reaches the store is the same as PostgreSQL sessions keep
-//! (see `postgres::session::record`): every [`BATCH`] records, or within [`FLUSH`] of the
-//! first record of a batch, or when the session ends; the store's group commit adds at most
-//! its linger.
+//! The bound on how late a record reaches the store is the one PostgreSQL sessions keep
+//! too (their `RECORD_FLUSH` and `RECORD_BATCH` are these): every [`BATCH`] records, or
+//! within [`FLUSH`] of the first record of a batch, or when the session ends; the store's
+//! group commit adds at most its linger.
 
 use std::{
     sync::{Arc, Mutex, PoisonError},
@@ -141,9 +141,7 @@ impl Drop for Flushed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::memory::MemoryStore;
-
-    use crate::store::tests::statement as record;
+    use crate::store::{memory::MemoryStore, tests::statement as record};
 
     async fn stored(store: &SharedStore, session: &str) -> Vec<u32> {
         store.flush().await.expect("flush");

@@ -5,12 +5,13 @@ use super::*;
 
 /// A finished statement record is handed to the store within this long, busy or idle
 /// session alike (or sooner, in a batch of [`RECORD_BATCH`]); the store's group commit
-/// (`LINGER` in `store`) adds at most 100 ms.
-pub(super) const RECORD_FLUSH: Duration = Duration::from_millis(500);
+/// (`LINGER` in `store`) adds at most 100 ms. The bound every protocol keeps (HTTP's
+/// batches are `protocol::statements`; PostgreSQL keeps its own under the session's lock).
+pub(super) const RECORD_FLUSH: Duration = crate::protocol::statements::FLUSH;
 
 /// Finished records sent to the store together (the batch's room is taken at its first
 /// record, not grown record by record).
-pub(super) const RECORD_BATCH: usize = 64;
+pub(super) const RECORD_BATCH: usize = crate::protocol::statements::BATCH;
 
 /// Cuts a recorded (already redacted: a cut card number could pass a detector whole)
 /// text to at most `max` bytes and a ` …` mark.
