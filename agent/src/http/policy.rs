@@ -376,7 +376,14 @@ impl Rule {
         if self.action == Action::Allow {
             return false;
         }
-        let folded = path.as_str().to_ascii_lowercase();
+        // Most paths and patterns are lower case without a trailing slash: folding and
+        // trimming would change nothing, and the exact match above was the answer.
+        let plain = |s: &str| !s.bytes().any(|b| b.is_ascii_uppercase());
+        let p = path.as_str();
+        if plain(p) && plain(glob.as_str()) && !(p.len() > 1 && p.ends_with('/')) {
+            return false;
+        }
+        let folded = p.to_ascii_lowercase();
         let trimmed = match folded.strip_suffix('/') {
             Some(t) if !t.is_empty() => t.to_owned(),
             _ => folded.clone(),
@@ -774,6 +781,37 @@ mod tests {
         );
         assert!(normalize("/admin;x=1/users").is_err());
         assert!(normalize("/public/..;/admin").is_err());
+    }
+
+    #[test]
+    fn other_spellings_are_caught_whichever_side_carries_them() {
+        // The pattern exact (no `**`), so only trimming the path's slash matches it; and a
+        // pattern written in capitals against a path in lower case.
+        let r = vec![Rule {
+            index: 1,
+            methods: vec![],
+            paths: vec![g("/reports/export"), g("/Billing/**")],
+            levels: vec![],
+            kube: KubeMatch::default(),
+            request: RequestMatch::default(),
+            action: Action::Deny,
+        }];
+        for raw in ["/reports/export/", "/billing/x", "/billing", "/BILLING/X/"] {
+            assert_eq!(
+                decide(&r, Access::Admin, "GET", &np(raw)),
+                Decision::Deny {
+                    rule: "rule 1".into()
+                },
+                "{raw}"
+            );
+        }
+        for raw in ["/reports/exports", "/reports/", "/", "/bill"] {
+            assert_eq!(
+                decide(&r, Access::Admin, "GET", &np(raw)),
+                Decision::Allow { rule: None },
+                "{raw}"
+            );
+        }
     }
 
     #[test]
