@@ -1,7 +1,11 @@
 //! Where `jitgated` logs: the journal with structured fields when systemd connected our
 //! stderr to it, else text (or JSON lines) on stderr.
 
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+use tracing::Subscriber;
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::Targets, fmt, layer::SubscriberExt as _, registry::LookupSpan,
+    util::SubscriberInitExt as _,
+};
 
 /// Whether stderr is the journal stream systemd set up (`JOURNAL_STREAM` is `device:inode`
 /// of that stream; a redirected stderr no longer matches and keeps plain output).
@@ -21,14 +25,46 @@ fn stderr_is_journal() -> bool {
     }
 }
 
+/// The filter `spec` (a `JITGATE_LOG` value) asks for; `info` when it is unset or invalid.
+///
+/// A plain spec (`info`, `jitgate=debug,hyper=warn`) becomes a static [`Targets`] filter.
+/// [`EnvFilter`] serves span directives (`jitgate[session{id=...}]=trace`) by taking a shared
+/// lock at every span enter and exit, and every poll of a session enters its span: on the
+/// data path that lock is paid per request whatever the spec, so only a spec that uses span
+/// directives gets it.
+fn filter<S>(spec: Option<&str>) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let spec = spec
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("info");
+    if let Some(targets) = static_targets(spec) {
+        return Box::new(targets);
+    }
+    Box::new(EnvFilter::try_new(spec).unwrap_or_else(|e| {
+        eprintln!("jitgated: JITGATE_LOG={spec:?} is not a filter ({e}); logging at info");
+        EnvFilter::new("info")
+    }))
+}
+
+/// `spec` as a static filter, unless it has span directives (or is not a filter).
+fn static_targets(spec: &str) -> Option<Targets> {
+    if spec.contains(['[', '{']) {
+        return None;
+    }
+    spec.parse().ok()
+}
+
 /// Installs the global subscriber. `JITGATE_LOG` filters (default `info`).
 pub fn init(json: bool) {
-    let filter = EnvFilter::try_from_env("JITGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let spec = std::env::var("JITGATE_LOG").ok();
+    let registry = tracing_subscriber::registry().with(filter(spec.as_deref()));
     if !json && stderr_is_journal() {
         match tracing_journald::layer() {
             Ok(layer) => {
-                tracing_subscriber::registry()
-                    .with(filter)
+                registry
                     .with(layer.with_syslog_identifier("jitgated".into()))
                     .init();
                 return;
@@ -36,12 +72,50 @@ pub fn init(json: bool) {
             Err(e) => eprintln!("jitgated: journald unavailable ({e}); logging to stderr"),
         }
     }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
     if json {
-        builder.json().init();
+        registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .init();
     } else {
-        builder.init();
+        registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+
+    use super::*;
+
+    #[test]
+    fn plain_specs_filter_statically_as_env_filter_would() {
+        let t = static_targets("info,jitgate=debug,hyper=warn").expect("a plain spec");
+        assert!(t.would_enable("jitgate::http::session", &Level::DEBUG));
+        assert!(!t.would_enable("jitgate::http::session", &Level::TRACE));
+        assert!(!t.would_enable("hyper::proto::h1", &Level::INFO));
+        assert!(t.would_enable("hyper::proto::h1", &Level::WARN));
+        assert!(t.would_enable("rustls", &Level::INFO));
+        assert!(!t.would_enable("rustls", &Level::DEBUG));
+        let t = static_targets("jitgate").expect("a target alone");
+        assert!(t.would_enable("jitgate::proxy", &Level::TRACE));
+        assert!(!t.would_enable("tokio", &Level::ERROR));
+    }
+
+    #[test]
+    fn span_directives_and_nonsense_are_not_static() {
+        for spec in [
+            "jitgate[session]=trace",
+            "info,jitgate[session{identity=ci}]=debug",
+            "[{session=7}]=trace",
+        ] {
+            assert!(static_targets(spec).is_none(), "{spec}");
+            assert!(
+                EnvFilter::try_new(spec).is_ok(),
+                "{spec} is an EnvFilter spec"
+            );
+        }
+        assert!(static_targets("jitgate=loud").is_none());
     }
 }
