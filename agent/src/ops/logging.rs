@@ -3,7 +3,11 @@
 
 use tracing::Subscriber;
 use tracing_subscriber::{
-    EnvFilter, Layer, filter::Targets, fmt, layer::SubscriberExt as _, registry::LookupSpan,
+    EnvFilter, Layer,
+    filter::{LevelFilter, Targets},
+    fmt,
+    layer::SubscriberExt as _,
+    registry::LookupSpan,
     util::SubscriberInitExt as _,
 };
 
@@ -49,9 +53,25 @@ where
     }))
 }
 
-/// `spec` as a static filter, unless it has span directives (or is not a filter).
+/// `spec` as a static filter when every directive in it is plain (`level`, `target` or
+/// `target=level`, the target a module path), which [`Targets`] reads exactly as
+/// [`EnvFilter`] does. Anything else (span directives, empty directives, spaces, stray
+/// characters) is left to `EnvFilter`, which tolerates or refuses it as it always has:
+/// `Targets` would read an empty directive (`info,`) as TRACE for every crate, and
+/// accept ` jitgate=debug` as a target that matches nothing.
 fn static_targets(spec: &str) -> Option<Targets> {
-    if spec.contains(['[', '{']) {
+    let plain = |directive: &str| {
+        let (target, level) = match directive.split_once('=') {
+            Some((target, level)) => (target, Some(level)),
+            None => (directive, None),
+        };
+        !target.is_empty()
+            && target
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'-'))
+            && level.is_none_or(|l| l.parse::<LevelFilter>().is_ok())
+    };
+    if !spec.split(',').all(plain) {
         return None;
     }
     spec.parse().ok()
@@ -109,13 +129,32 @@ mod tests {
             "jitgate[session]=trace",
             "info,jitgate[session{identity=ci}]=debug",
             "[{session=7}]=trace",
+            // EnvFilter drops empty directives; Targets would turn one into TRACE for
+            // every crate.
+            "info,",
+            "info,,jitgate=debug",
+            ",",
         ] {
-            assert!(static_targets(spec).is_none(), "{spec}");
+            assert!(static_targets(spec).is_none(), "{spec:?}");
             assert!(
                 EnvFilter::try_new(spec).is_ok(),
-                "{spec} is an EnvFilter spec"
+                "{spec:?} is an EnvFilter spec"
             );
         }
-        assert!(static_targets("jitgate=loud").is_none());
+        // Targets would take the first three (a space or `;` in a target, an empty target
+        // matching everything); EnvFilter reads them as it always has (refusing some, and
+        // the agent says so).
+        for spec in [
+            "warn, jitgate=debug",
+            "=debug",
+            "info;jitgate=debug",
+            "jitgate=loud",
+            "jitgate=debug=x",
+        ] {
+            assert!(static_targets(spec).is_none(), "{spec:?}");
+        }
+        for spec in ["warn, jitgate=debug", "=debug", "jitgate=loud"] {
+            assert!(EnvFilter::try_new(spec).is_err(), "{spec:?}");
+        }
     }
 }
