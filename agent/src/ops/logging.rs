@@ -69,7 +69,8 @@ fn static_targets(spec: &str) -> Option<Targets> {
             && target
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'-'))
-            && level.is_none_or(|l| l.parse::<LevelFilter>().is_ok())
+            // An empty level is TRACE to EnvFilter but ERROR to Targets.
+            && level.is_none_or(|l| !l.is_empty() && l.parse::<LevelFilter>().is_ok())
     };
     if !spec.split(',').all(plain) {
         return None;
@@ -94,11 +95,20 @@ pub fn init(json: bool) {
     }
     if json {
         registry
-            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr)
+                    .log_internal_errors(true),
+            )
             .init();
     } else {
         registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .log_internal_errors(true),
+            )
             .init();
     }
 }
@@ -150,6 +160,8 @@ mod tests {
             "info;jitgate=debug",
             "jitgate=loud",
             "jitgate=debug=x",
+            "jitgate=",
+            "info,hyper=",
         ] {
             assert!(static_targets(spec).is_none(), "{spec:?}");
         }
