@@ -93,23 +93,15 @@ pub fn init(json: bool) {
             Err(e) => eprintln!("jitgated: journald unavailable ({e}); logging to stderr"),
         }
     }
+    // As `fmt()` had it: the layer reports its own formatting and write errors on stderr
+    // (`json()` keeps the writer and that setting).
+    let stderr = fmt::layer()
+        .with_writer(std::io::stderr)
+        .log_internal_errors(true);
     if json {
-        registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .with_writer(std::io::stderr)
-                    .log_internal_errors(true),
-            )
-            .init();
+        registry.with(stderr.json()).init();
     } else {
-        registry
-            .with(
-                fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .log_internal_errors(true),
-            )
-            .init();
+        registry.with(stderr).init();
     }
 }
 
