@@ -2289,6 +2289,53 @@ fn masked_values_do_not_leave_by_side_channels() {
         );
         assert!(!leaked(&ran.stderr) && !leaked(&ran.stdout), "{ran:#?}");
     }
+    // A function body that fetches from or closes a cursor by name can read a cursor the
+    // session declared (its rows come back as the function's values) or close it for other
+    // code to open another query under its name: defined through the gate while masking
+    // applies, refused; defined outside it (here by the database's owner), its values are
+    // masked whole.
+    for body in [
+        "DECLARE r record; BEGIN FETCH c INTO r; RETURN r.x; END",
+        "BEGIN CLOSE c; OPEN c FOR SELECT lower(email) AS x FROM users WHERE id = 1; RETURN 'swapped'; END",
+    ] {
+        let ran = psql(
+            &gate,
+            Some("admin"),
+            &pg,
+            &[&format!(
+                "CREATE FUNCTION cursor_trick(c refcursor) RETURNS text LANGUAGE plpgsql AS $b${body}$b$"
+            )],
+        );
+        assert!(
+            ran.stderr.contains("42501") && ran.stderr.contains("cursor by name"),
+            "{body}: {ran:#?}"
+        );
+    }
+    pg.admin(
+        "orders",
+        "CREATE FUNCTION peek(refcursor) RETURNS text LANGUAGE plpgsql AS \
+           $$ DECLARE c refcursor := $1; r record; BEGIN FETCH c INTO r; RETURN r.x; END $$; \
+         GRANT EXECUTE ON FUNCTION peek(refcursor) TO orders_ro",
+    );
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &[
+            "BEGIN",
+            "DECLARE pc CURSOR FOR SELECT email AS x FROM users WHERE id = 1",
+            "SELECT 'peeked:' || peek('pc')",
+            "COMMIT",
+        ],
+    );
+    assert_eq!(ran.code, 0, "{ran:#?}");
+    let peeked = ran
+        .stdout
+        .lines()
+        .find(|l| l.contains("peeked") || l.contains('*'));
+    assert!(peeked.is_some(), "{ran:#?}");
+    assert!(!leaked(&ran.stdout), "{ran:#?}");
+
     // Literal values pass: nothing computed, nothing to leak.
     let ran = psql(
         &gate,

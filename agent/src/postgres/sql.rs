@@ -67,6 +67,13 @@ pub struct Statement {
     /// statement's `EXECUTE`, a function's caller). Only the top level of a plain query
     /// keeps it apart; everywhere else it becomes a `side_channel`.
     pub param_side_channel: Option<String>,
+    /// Code in a body (PL/pgSQL, a SQL function) fetches from or closes a cursor by name.
+    /// At run time the name may be one the session declared, out of the gate's sight: its
+    /// rows come back as the function's values, masked by what the body reads rather than by
+    /// what the cursor selects; or the cursor is closed for other code to open another query
+    /// under its name, whose rows the gate would mask as the first one's. So such a body is a
+    /// side channel under masking, and a stored one is read as returning anything.
+    pub cursor_by_name: bool,
     /// It may change `search_path`, after which unqualified names can resolve differently in
     /// the session than in the proxy's catalog lookups.
     pub sets_search_path: bool,
@@ -1099,6 +1106,13 @@ fn absorb(s: &mut Statement, inner: Statement) {
         s.side_channel = inner.side_channel.or(inner.param_side_channel);
     }
     s.sets_search_path |= inner.sets_search_path;
+    if matches!(
+        inner.cursor,
+        Some(CursorUse::Fetch(_) | CursorUse::Close(_))
+    ) {
+        cursor_by_name(s, "FETCH, MOVE or CLOSE");
+    }
+    s.cursor_by_name |= inner.cursor_by_name;
     // What a body returns, for masking what a call of it returns.
     s.output_refs.extend(inner.output_refs);
     s.aliases.extend(inner.aliases);
@@ -1178,6 +1192,11 @@ fn plpgsql_tree(node: &Value, mode: ParseMode, s: &mut Statement) -> Result<(), 
                     {
                         s.hazards.insert(Hazard::DynamicSql);
                     }
+                    "PLpgSQL_stmt_close" => cursor_by_name(s, "CLOSE"),
+                    // MOVE returns nothing; FETCH ... INTO returns the cursor's row.
+                    "PLpgSQL_stmt_fetch" if value["is_move"].as_bool() != Some(true) => {
+                        cursor_by_name(s, "FETCH");
+                    }
                     "PLpgSQL_expr" => {
                         if let Some(query) = value["query"].as_str() {
                             let parse_mode = value["parseMode"].as_i64().unwrap_or(0) as i32;
@@ -1192,6 +1211,16 @@ fn plpgsql_tree(node: &Value, mode: ParseMode, s: &mut Statement) -> Result<(), 
             Ok(())
         }
         _ => Ok(()),
+    }
+}
+
+/// A body's code uses a cursor by name (see [`Statement::cursor_by_name`]).
+fn cursor_by_name(s: &mut Statement, what: &str) {
+    s.cursor_by_name = true;
+    if s.side_channel.is_none() {
+        s.side_channel = Some(format!(
+            "a function body's {what} of a cursor by name can read or replace a cursor the session declared"
+        ));
     }
 }
 
@@ -1252,7 +1281,7 @@ fn plpgsql_any_signature(body: &str) -> Option<Value> {
 
 /// What a function body stored in the catalog reads: its relations (as written) and the
 /// functions it calls, or `None` when that cannot be told (another language, a body that
-/// does not parse, SQL built at run time).
+/// does not parse, SQL built at run time, rows fetched from a cursor by name).
 pub fn body_reads(language: &str, body: &str, mode: ParseMode) -> Option<ResultRefs> {
     let mut s = Statement::default();
     match language {
@@ -1266,7 +1295,7 @@ pub fn body_reads(language: &str, body: &str, mode: ParseMode) -> Option<ResultR
         }
         _ => return None,
     }
-    if s.hazards.contains(&Hazard::DynamicSql) {
+    if s.hazards.contains(&Hazard::DynamicSql) || s.cursor_by_name {
         return None;
     }
     let mut refs = ResultRefs::default();
@@ -1421,6 +1450,86 @@ mod tests {
         assert!(body_reads("plpgsql", "BEGIN EXECUTE 'SELECT 1'; END", mode).is_none());
         assert!(body_reads("c", "whatever", mode).is_none());
         assert!(body_reads("sql", "SELEC nope", mode).is_none());
+    }
+
+    /// A body that fetches from or closes a cursor by name can read a cursor the session
+    /// declared (its rows returned as the function's values) or close it for other code to
+    /// open another query under the name: a side channel when defined, a body that could
+    /// return anything when stored. MOVE, OPEN and FOR over a cursor use none but the
+    /// body's own (an OPEN of a name in use fails).
+    #[test]
+    fn bodies_that_fetch_from_or_close_cursors_by_name_are_side_channels() {
+        let mode = ParseMode::default();
+        let text = "(refcursor) RETURNS text";
+        let cursor = "(refcursor) RETURNS refcursor";
+        let caught = [
+            (
+                "plpgsql",
+                text,
+                "DECLARE k refcursor := $1; r record; BEGIN FETCH k INTO r; RETURN r.x; END",
+            ),
+            (
+                "plpgsql",
+                text,
+                "DECLARE k refcursor := $1; r record; BEGIN FETCH LAST FROM k INTO r; RETURN r.x; END",
+            ),
+            (
+                "plpgsql",
+                cursor,
+                "DECLARE k refcursor := $1; BEGIN CLOSE k; OPEN k FOR SELECT upper(ssn) FROM people; RETURN k; END",
+            ),
+            (
+                "plpgsql",
+                "() RETURNS int",
+                "DECLARE k CURSOR FOR SELECT 1 AS x; r record; BEGIN IF true THEN FETCH k INTO r; END IF; RETURN r.x; END",
+            ),
+            ("sql", "() RETURNS void", "CLOSE c"),
+            ("sql", "() RETURNS void", "SELECT 1; FETCH ALL FROM c"),
+        ];
+        for (language, signature, body) in caught {
+            let s = one(&format!(
+                "CREATE FUNCTION f{signature} LANGUAGE {language} AS $b${body}$b$"
+            ));
+            assert!(s.cursor_by_name, "{body}: {s:?}");
+            assert!(
+                s.side_channel
+                    .as_deref()
+                    .is_some_and(|w| w.contains("cursor by name")),
+                "{body}: {:?}",
+                s.side_channel
+            );
+            assert!(body_reads(language, body, mode).is_none(), "{body}");
+        }
+        let fine = [
+            "DECLARE k refcursor := $1; BEGIN RETURN 1; END",
+            "DECLARE c refcursor; BEGIN MOVE NEXT FROM c; RETURN 1; END",
+            "DECLARE k CURSOR FOR SELECT 1 AS x; BEGIN FOR r IN k LOOP NULL; END LOOP; RETURN 1; END",
+            "DECLARE k CURSOR FOR SELECT 1 AS x; BEGIN OPEN k; RETURN 1; END",
+        ];
+        for body in fine {
+            let s = one(&format!(
+                "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $b${body}$b$"
+            ));
+            assert!(
+                !s.cursor_by_name && s.side_channel.is_none(),
+                "{body}: {s:?}"
+            );
+            assert!(body_reads("plpgsql", body, mode).is_some(), "{body}");
+        }
+        // A DO block reads any value it likes anyway; the client's own FETCH and CLOSE are
+        // the gate's to follow, not a body's.
+        assert!(
+            one("DO $$ DECLARE c refcursor := 'c'; BEGIN CLOSE c; END $$")
+                .side_channel
+                .is_some()
+        );
+        for sql in ["FETCH ALL FROM c", "CLOSE c", "MOVE NEXT FROM c"] {
+            let s = one(sql);
+            assert!(
+                !s.cursor_by_name && s.side_channel.is_none(),
+                "{sql}: {s:?}"
+            );
+        }
     }
 
     #[test]
