@@ -2335,6 +2335,36 @@ fn masked_values_do_not_leave_by_side_channels() {
         .find(|l| l.contains("peeked") || l.contains('*'));
     assert!(peeked.is_some(), "{ran:#?}");
     assert!(!leaked(&ran.stdout), "{ran:#?}");
+    // One that closes a cursor by name and opens another query under it: called directly
+    // or through another function, refused while masking applies (the cursor's rows would
+    // be masked as what the session declared).
+    pg.admin(
+        "orders",
+        "CREATE FUNCTION reopen(refcursor) RETURNS text LANGUAGE plpgsql AS \
+           $$ DECLARE c refcursor := $1; BEGIN CLOSE c; \
+              OPEN c FOR SELECT lower(email) AS x FROM users WHERE id = 1; RETURN 'reopened'; END $$; \
+         CREATE FUNCTION via_reopen(refcursor) RETURNS text LANGUAGE sql AS 'SELECT reopen($1)'; \
+         GRANT EXECUTE ON FUNCTION reopen(refcursor), via_reopen(refcursor) TO orders_ro",
+    );
+    for call in ["SELECT reopen('rc')", "SELECT length(via_reopen('rc'))"] {
+        let ran = psql(
+            &gate,
+            Some("read"),
+            &pg,
+            &[
+                "BEGIN",
+                "DECLARE rc CURSOR FOR SELECT 'harmless'::text AS x",
+                call,
+                "FETCH ALL FROM rc",
+                "COMMIT",
+            ],
+        );
+        assert!(
+            ran.stderr.contains("42501") && ran.stderr.contains("closes a cursor"),
+            "{call}: {ran:#?}"
+        );
+        assert!(!leaked(&ran.stdout), "{call}: {ran:#?}");
+    }
 
     // Literal values pass: nothing computed, nothing to leak.
     let ran = psql(

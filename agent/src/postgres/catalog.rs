@@ -26,6 +26,10 @@ pub struct Catalog {
     /// By plain name: (language, body) of every function of that name outside `pg_catalog`,
     /// `information_schema` and extensions.
     bodies: HashMap<String, Arc<Vec<(String, String)>>>,
+    /// By plain name: whether one of its bodies closes a cursor by name, and what they call
+    /// (see [`super::sql::body_closes_cursors`]), kept beside `bodies` so that a body is
+    /// parsed once per session, not per statement that calls it.
+    closes: HashMap<String, Arc<(bool, std::collections::BTreeSet<String>)>>,
 }
 
 /// (schema, table, column).
@@ -70,6 +74,7 @@ impl Catalog {
             relations: HashMap::new(),
             views: HashMap::new(),
             bodies: HashMap::new(),
+            closes: HashMap::new(),
         }
     }
 
@@ -168,6 +173,82 @@ impl Catalog {
         }
         self.bodies.insert(name.to_owned(), bodies.clone());
         Ok(bodies)
+    }
+
+    /// Whether the bodies of the functions named `name` close a cursor by name, and what they
+    /// call: from the cache, else read from the bodies (looked up if need be) with `read`.
+    pub async fn function_closes(
+        &mut self,
+        name: &str,
+        read: impl Fn(&str, &str) -> (bool, std::collections::BTreeSet<String>),
+    ) -> Result<Arc<(bool, std::collections::BTreeSet<String>)>, CatalogError> {
+        if let Some(hit) = self.closes.get(name) {
+            return Ok(hit.clone());
+        }
+        let bodies = self.function_bodies(name).await?;
+        let mut all = (false, std::collections::BTreeSet::new());
+        for (language, body) in bodies.iter() {
+            let (closes, calls) = read(language, body);
+            all.0 |= closes;
+            all.1.extend(calls);
+        }
+        let all = Arc::new(all);
+        if self.closes.len() >= MAX_CACHED {
+            self.closes.clear();
+        }
+        self.closes.insert(name.to_owned(), all.clone());
+        Ok(all)
+    }
+
+    /// Looks up the bodies of every one of `names` not cached yet, in one query (a statement
+    /// names several functions, built-ins mostly, whose answer is that there is none).
+    pub async fn prefetch_bodies(&mut self, names: &[&str]) -> Result<(), CatalogError> {
+        let missing: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| !self.bodies.contains_key(*n))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let list = missing
+            .iter()
+            .map(|n| quote_literal(n))
+            .collect::<Vec<_>>()
+            .join(",");
+        let rows = self
+            .query(
+                &format!(
+                    "SELECT p.proname, l.lanname, p.prosrc FROM pg_catalog.pg_proc p \
+                 JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+                 WHERE p.proname IN ({list}) AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                 AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+                   WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid \
+                   AND d.deptype = 'e')"
+                ),
+                3,
+            )
+            .await?;
+        let mut found: HashMap<&str, Vec<(String, String)>> =
+            missing.iter().map(|n| (*n, Vec::new())).collect();
+        for row in rows {
+            if let [Some(name), Some(lang), src] = &row[..]
+                && let Some(bodies) = found.get_mut(name.as_str())
+            {
+                // A body the catalog will not show is not known.
+                bodies.push((lang.clone(), src.clone().unwrap_or_default()));
+            }
+        }
+        if self.bodies.len() + found.len() > MAX_CACHED {
+            self.bodies.clear();
+        }
+        for (name, bodies) in found {
+            self.bodies.insert(name.to_owned(), Arc::new(bodies));
+        }
+        Ok(())
     }
 
     /// For each of `names` that names a function, whether some function of that name may act

@@ -40,6 +40,9 @@ pub struct Context<'a> {
     /// Functions of the statement that may act beyond a read-only transaction, per the
     /// catalog ([`super::effects`]); only looked up for read sessions.
     pub acting: &'a BTreeSet<String>,
+    /// Functions of the statement whose stored code closes a cursor by name, per the
+    /// catalog ([`crate::postgres::sql::body_closes_cursors`]); only looked up under masking.
+    pub closing: &'a BTreeSet<String>,
 }
 
 /// Functions that read or write the database host's files.
@@ -296,6 +299,21 @@ fn judge_one(ctx: &Context<'_>, s: &Statement) -> Verdict {
             .hint("select the values instead, so that masking applies; or ask the jitgate operator for a grant exempt from masking"),
         };
     }
+    if ctx.masked
+        && let Some(function) = s.functions.iter().find(|f| ctx.closing.contains(*f))
+    {
+        return Verdict::Deny {
+            rule: "masking side channel".into(),
+            error: PgError::error(
+                "42501",
+                format!(
+                    "jitgate: {function}() closes a cursor by name: it could close one this session declared for other code to open another query under its name, whose rows masking would not follow; not run while masking applies to {}",
+                    ctx.resource
+                ),
+            )
+            .hint("call it from a session exempt from masking (ask the jitgate operator), or have the function close only cursors it opened"),
+        };
+    }
     if ctx.access == Access::Read
         && let Some(function) = s.functions.iter().find(|f| ctx.acting.contains(*f))
     {
@@ -389,6 +407,7 @@ mod tests {
             prepared: &prepared,
             masked: false,
             acting: &BTreeSet::new(),
+            closing: &BTreeSet::new(),
         };
         judge(&ctx, &analyze(sql, ParseMode::default()).unwrap())
     }
@@ -414,7 +433,7 @@ mod tests {
                 .unwrap()
                 .remove(0),
         );
-        let acting = BTreeSet::new();
+        let (acting, closing) = (BTreeSet::new(), BTreeSet::new());
         let ctx = |access| Context {
             identity: "bot",
             resource: "db",
@@ -423,6 +442,7 @@ mod tests {
             prepared: &prepared,
             masked: false,
             acting: &acting,
+            closing: &closing,
         };
         let judged = |access, sql: &str| judge(&ctx(access), &analyze(sql, mode).unwrap());
         let many_r = "EXECUTE r; ".repeat(1000);
@@ -484,6 +504,7 @@ mod tests {
                 prepared: &prepared,
                 masked: false,
                 acting: &acting,
+                closing: &BTreeSet::new(),
             };
             judge(&ctx, &analyze(sql, ParseMode::default()).unwrap())
         };
@@ -500,6 +521,53 @@ mod tests {
         }
         assert!(matches!(
             judged(Access::Read, "SELECT upper('a')"),
+            Verdict::Allow
+        ));
+    }
+
+    /// A function whose stored code closes a cursor by name is refused under masking only,
+    /// at any access level and wherever the statement calls it.
+    #[test]
+    fn functions_that_close_cursors_are_refused_under_masking_only() {
+        let p = pg(vec![]);
+        let prepared = HashMap::new();
+        let closing: BTreeSet<String> = ["reopen".to_owned()].into();
+        let judged = |access, masked, sql: &str| {
+            let ctx = Context {
+                identity: "bot",
+                resource: "db",
+                access,
+                pg: &p,
+                prepared: &prepared,
+                masked,
+                acting: &BTreeSet::new(),
+                closing: &closing,
+            };
+            judge(&ctx, &analyze(sql, ParseMode::default()).unwrap())
+        };
+        for sql in [
+            "SELECT reopen('c')",
+            "SELECT public.reopen('c')",
+            "SELECT 1 WHERE reopen('c') IS NOT NULL",
+            "SELECT 1; SELECT upper(reopen('c'))",
+        ] {
+            for access in [Access::Read, Access::Admin] {
+                let v = judged(access, true, sql);
+                assert_eq!(code(&v), Some("42501"), "{sql}");
+                if let Verdict::Deny { error, .. } = &v {
+                    assert!(
+                        error.message.contains("reopen() closes a cursor"),
+                        "{error:?}"
+                    );
+                }
+                assert!(
+                    matches!(judged(access, false, sql), Verdict::Allow),
+                    "{sql}"
+                );
+            }
+        }
+        assert!(matches!(
+            judged(Access::Read, true, "SELECT upper('a')"),
             Verdict::Allow
         ));
     }

@@ -74,6 +74,11 @@ pub struct Statement {
     /// under its name, whose rows the gate would mask as the first one's. So such a body is a
     /// side channel under masking, and a stored one is read as returning anything.
     pub cursor_by_name: bool,
+    /// Of [`Statement::cursor_by_name`]: the body closes a cursor by name. Other code may then
+    /// open another query under the name of a cursor the session declared, and its rows
+    /// would be masked as the declared query's: calling a stored function that does this is
+    /// refused while masking applies.
+    pub closes_cursors: bool,
     /// It may change `search_path`, after which unqualified names can resolve differently in
     /// the session than in the proxy's catalog lookups.
     pub sets_search_path: bool,
@@ -1106,13 +1111,13 @@ fn absorb(s: &mut Statement, inner: Statement) {
         s.side_channel = inner.side_channel.or(inner.param_side_channel);
     }
     s.sets_search_path |= inner.sets_search_path;
-    if matches!(
-        inner.cursor,
-        Some(CursorUse::Fetch(_) | CursorUse::Close(_))
-    ) {
-        cursor_by_name(s, "FETCH, MOVE or CLOSE");
+    match inner.cursor {
+        Some(CursorUse::Fetch(_)) => cursor_by_name(s, "FETCH or MOVE", false),
+        Some(CursorUse::Close(_)) => cursor_by_name(s, "CLOSE", true),
+        _ => {}
     }
     s.cursor_by_name |= inner.cursor_by_name;
+    s.closes_cursors |= inner.closes_cursors;
     // What a body returns, for masking what a call of it returns.
     s.output_refs.extend(inner.output_refs);
     s.aliases.extend(inner.aliases);
@@ -1192,10 +1197,10 @@ fn plpgsql_tree(node: &Value, mode: ParseMode, s: &mut Statement) -> Result<(), 
                     {
                         s.hazards.insert(Hazard::DynamicSql);
                     }
-                    "PLpgSQL_stmt_close" => cursor_by_name(s, "CLOSE"),
+                    "PLpgSQL_stmt_close" => cursor_by_name(s, "CLOSE", true),
                     // MOVE returns nothing; FETCH ... INTO returns the cursor's row.
                     "PLpgSQL_stmt_fetch" if value["is_move"].as_bool() != Some(true) => {
-                        cursor_by_name(s, "FETCH");
+                        cursor_by_name(s, "FETCH", false);
                     }
                     "PLpgSQL_expr" => {
                         if let Some(query) = value["query"].as_str() {
@@ -1215,8 +1220,9 @@ fn plpgsql_tree(node: &Value, mode: ParseMode, s: &mut Statement) -> Result<(), 
 }
 
 /// A body's code uses a cursor by name (see [`Statement::cursor_by_name`]).
-fn cursor_by_name(s: &mut Statement, what: &str) {
+fn cursor_by_name(s: &mut Statement, what: &str, closes: bool) {
     s.cursor_by_name = true;
+    s.closes_cursors |= closes;
     if s.side_channel.is_none() {
         s.side_channel = Some(format!(
             "a function body's {what} of a cursor by name can read or replace a cursor the session declared"
@@ -1301,6 +1307,61 @@ pub fn body_reads(language: &str, body: &str, mode: ParseMode) -> Option<ResultR
     let mut refs = ResultRefs::default();
     refs.add(&s);
     Some(refs)
+}
+
+/// Whether a function body stored in the catalog closes a cursor by name (see
+/// [`Statement::closes_cursors`]), and the functions it calls (which may). A body that
+/// does not parse closes one if the word `close` is in it, and calls every word followed by
+/// a parenthesis (most are no function, which the catalog then says). Bodies in other languages are
+/// not read: code the server runs as compiled or untrusted is the operator's, as it is for
+/// [`body_reads`] (whose values such a body makes masked whole).
+pub fn body_closes_cursors(
+    language: &str,
+    body: &str,
+    mode: ParseMode,
+) -> (bool, BTreeSet<String>) {
+    let mut s = Statement::default();
+    let parsed = match language {
+        "sql" => analyze_fragment(body, 0, mode, &mut s).is_ok(),
+        "plpgsql" => {
+            plpgsql_mode(mode).is_ok()
+                && plpgsql_any_signature(body)
+                    .is_some_and(|tree| plpgsql_tree(&tree, mode, &mut s).is_ok())
+        }
+        _ => return (false, BTreeSet::new()),
+    };
+    if !parsed {
+        let word = |c: char| c.is_alphanumeric() || c == '_' || c == '$';
+        let closes = body
+            .split(|c: char| !word(c))
+            .any(|w| w.eq_ignore_ascii_case("close"));
+        let mut calls = BTreeSet::new();
+        let mut rest = body;
+        while let Some(at) = rest.find('(') {
+            let name: String = rest[..at]
+                .trim_end()
+                .trim_end_matches('"')
+                .chars()
+                .rev()
+                .take_while(|c| word(*c))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            if !name.is_empty() {
+                calls.insert(name.to_lowercase());
+                calls.insert(name);
+            }
+            rest = &rest[at + 1..];
+        }
+        return (closes, calls);
+    }
+    let calls = s
+        .functions
+        .into_iter()
+        .filter(|f| !f.contains('.'))
+        .collect();
+    (s.closes_cursors, calls)
 }
 
 fn function_body(
@@ -1530,6 +1591,49 @@ mod tests {
                 "{sql}: {s:?}"
             );
         }
+    }
+
+    /// What a stored body closes and calls, for refusing calls of one that closes a cursor
+    /// by name: read from the parsed body, or, when it does not parse here (a parameter used
+    /// by name where a variable is needed), from its words.
+    #[test]
+    fn stored_bodies_say_whether_they_close_cursors_and_what_they_call() {
+        let mode = ParseMode::default();
+        let closes = |language, body| body_closes_cursors(language, body, mode);
+        let (yes, calls) = closes(
+            "plpgsql",
+            "DECLARE k refcursor := $1; BEGIN CLOSE k; PERFORM helper(1); RETURN k; END",
+        );
+        assert!(yes && calls.contains("helper"), "{calls:?}");
+        assert!(closes("sql", "SELECT 1; CLOSE c").0);
+        assert!(closes("sql", "CLOSE ALL").0);
+        // Fetching and opening close nothing (fetched values are masked whole, see
+        // `body_reads`).
+        for body in [
+            "DECLARE k refcursor := $1; r record; BEGIN FETCH k INTO r; RETURN r.x; END",
+            "DECLARE k CURSOR FOR SELECT 1; BEGIN OPEN k; RETURN 1; END",
+            "BEGIN RETURN (SELECT close FROM prices LIMIT 1); END",
+        ] {
+            let (yes, calls) = closes("plpgsql", body);
+            assert!(!yes, "{body}");
+            assert!(calls.is_empty(), "{body}: {calls:?}");
+        }
+        let (yes, calls) = closes("plpgsql", "BEGIN PERFORM helper(1); RETURN 1; END");
+        assert!(!yes && calls.contains("helper"));
+        // Does not compile here (`c` is a parameter, a variable is needed): its words tell.
+        let (yes, calls) = closes("plpgsql", "BEGIN CLOSE c; PERFORM \"Other\"(1); END");
+        assert!(yes, "{calls:?}");
+        assert!(
+            calls.contains("Other") && calls.contains("other"),
+            "{calls:?}"
+        );
+        let (yes, calls) = closes("plpgsql", "BEGIN FETCH c INTO r; RETURN helper (r); END");
+        assert!(!yes && calls.contains("helper"), "{calls:?}");
+        // Other languages are not read.
+        assert_eq!(
+            closes("plpython3u", "plpy.execute('CLOSE c')"),
+            (false, BTreeSet::new())
+        );
     }
 
     #[test]

@@ -3,6 +3,10 @@
 
 use std::collections::BTreeSet;
 
+/// Most functions followed from one statement's calls through the bodies that call others
+/// (see [`Pump::closing_functions`]).
+const MAX_CALLS_FOLLOWED: usize = 256;
+
 use super::*;
 
 pub(super) struct Pump<'a> {
@@ -56,6 +60,36 @@ pub(super) fn held_error(
         )
         .hint("ask an approver to run `jitgate approvals` and approve it, then run the statement again"),
     }
+}
+
+/// Which of `called` close a cursor by name themselves or through a function they reach
+/// by calls, given each looked-up function's (closes, calls).
+fn reaching_closers(
+    called: &BTreeSet<&str>,
+    calls_of: &std::collections::BTreeMap<String, Arc<(bool, BTreeSet<String>)>>,
+) -> BTreeSet<String> {
+    let mut closing = BTreeSet::new();
+    for &root in called {
+        let mut stack = vec![root];
+        let mut visited = BTreeSet::from([root]);
+        while let Some(name) = stack.pop() {
+            let Some(facts) = calls_of.get(name) else {
+                continue;
+            };
+            if facts.0 {
+                closing.insert(root.to_owned());
+                break;
+            }
+            stack.extend(
+                facts
+                    .1
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|c| visited.insert(c)),
+            );
+        }
+    }
+    closing
 }
 
 impl Pump<'_> {
@@ -244,7 +278,84 @@ impl Pump<'_> {
         Ok(known.acting)
     }
 
-    pub(super) fn judge(&self, analysis: &[Statement], acting: &BTreeSet<String>) -> Verdict {
+    /// The functions of `analysis` whose stored bodies, or the bodies of functions they call,
+    /// close a cursor by name (see [`crate::postgres::sql::body_closes_cursors`]), for a
+    /// session under masking (empty for others). A catalog that cannot answer, or a chain of
+    /// calls too long to follow, refuses the statement.
+    pub(super) async fn closing_functions(
+        &self,
+        analysis: &[Statement],
+    ) -> Result<BTreeSet<String>, PgError> {
+        if !self.masker.as_ref().is_some_and(Masker::has_column_rules) {
+            return Ok(BTreeSet::new());
+        }
+        let called: BTreeSet<&str> = analysis
+            .iter()
+            .flat_map(|s| s.functions.iter())
+            .map(String::as_str)
+            .filter(|f| !f.contains('.'))
+            .collect();
+        if called.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let failed = |why: &str| {
+            PgError::error(
+                "42501",
+                format!(
+                    "jitgate: cannot tell whether {}() close cursors ({why}), which masking needs to know; the statement was not run",
+                    called.iter().copied().collect::<Vec<_>>().join("(), ")
+                ),
+            )
+            .hint("try again; if it persists, the jitgate operator should check the agent's log")
+        };
+        let mode = self.lock().parse_mode;
+        let mut catalog = self.catalog.lock().await;
+        // Each called function's bodies, then the bodies of what they call, level by level
+        // (one lookup per level for the names not cached), each name once; then each called
+        // function closes if a function it reaches does.
+        let mut calls_of: std::collections::BTreeMap<String, Arc<(bool, BTreeSet<String>)>> =
+            std::collections::BTreeMap::new();
+        let mut seen: BTreeSet<String> = called.iter().map(|f| (*f).to_owned()).collect();
+        let mut level: Vec<String> = seen.iter().cloned().collect();
+        while !level.is_empty() {
+            if seen.len() > MAX_CALLS_FOLLOWED {
+                return Err(failed("too many functions call one another"));
+            }
+            let names: Vec<&str> = level.iter().map(String::as_str).collect();
+            catalog
+                .prefetch_bodies(&names)
+                .await
+                .map_err(|_| failed("the catalog lookup failed"))?;
+            let mut next = Vec::new();
+            for name in level {
+                let read = |language: &str, body: &str| {
+                    crate::postgres::sql::body_closes_cursors(language, body, mode)
+                };
+                let facts = catalog
+                    .function_closes(&name, read)
+                    .await
+                    .map_err(|_| failed("the catalog lookup failed"))?;
+                next.extend(
+                    facts
+                        .1
+                        .iter()
+                        .filter(|c| seen.insert((*c).clone()))
+                        .cloned(),
+                );
+                calls_of.insert(name, facts);
+            }
+            level = next;
+        }
+        let closing = reaching_closers(&called, &calls_of);
+        Ok(closing)
+    }
+
+    pub(super) fn judge(
+        &self,
+        analysis: &[Statement],
+        acting: &BTreeSet<String>,
+        closing: &BTreeSet<String>,
+    ) -> Verdict {
         let st = self.lock();
         if let Some(name) = analysis
             .iter()
@@ -264,6 +375,7 @@ impl Pump<'_> {
             prepared: &st.sql_prepared,
             masked: self.masker.as_ref().is_some_and(Masker::has_column_rules),
             acting,
+            closing,
         };
         guard::judge(&ctx, analysis)
     }
@@ -464,7 +576,13 @@ impl Pump<'_> {
         {
             Some(denied) => denied,
             None => match self.acting_functions(&analysis).await {
-                Ok(acting) => self.judge(&analysis, &acting),
+                Ok(acting) => match self.closing_functions(&analysis).await {
+                    Ok(closing) => self.judge(&analysis, &acting, &closing),
+                    Err(error) => Verdict::Deny {
+                        rule: "masking: function lookup failed".into(),
+                        error,
+                    },
+                },
                 Err(error) => Verdict::Deny {
                     rule: "read-only session: function lookup failed".into(),
                     error,
@@ -560,5 +678,36 @@ fn unparsed_error(e: &Unparsed) -> PgError {
         )
         .position(e.position)
         .hint("jitgate checks every statement with PostgreSQL's own parser before it runs"),
+    }
+}
+
+#[cfg(test)]
+mod closers_tests {
+    use super::*;
+
+    /// A closer reached through a diamond, a longer path and a cycle marks every caller;
+    /// functions that reach none stay unmarked.
+    #[test]
+    fn every_caller_that_reaches_a_closer_is_marked() {
+        let facts = |closes: bool, calls: &[&str]| {
+            Arc::new((closes, calls.iter().map(|c| (*c).to_owned()).collect()))
+        };
+        let calls_of: std::collections::BTreeMap<String, _> = [
+            ("a", facts(false, &["c"])),
+            ("b", facts(false, &["d"])),
+            ("d", facts(false, &["c", "b"])),
+            ("c", facts(true, &[])),
+            ("e", facts(false, &["f", "e"])),
+            ("f", facts(false, &[])),
+            ("upper", facts(false, &[])),
+        ]
+        .into_iter()
+        .map(|(n, f)| (n.to_owned(), f))
+        .collect();
+        let called: BTreeSet<&str> = ["a", "b", "e", "upper", "nosuch"].into();
+        let closing = reaching_closers(&called, &calls_of);
+        assert_eq!(closing, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+        let called: BTreeSet<&str> = ["c"].into();
+        assert_eq!(reaching_closers(&called, &calls_of).len(), 1);
     }
 }
