@@ -273,7 +273,8 @@ fn read_grants_cannot_act_through_functions() {
          ALTER LARGE OBJECT 424242 OWNER TO orders_rw; \
          GRANT SELECT, UPDATE ON LARGE OBJECT 424242 TO orders_ro; \
          CREATE FUNCTION user_count() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM users'; \
-         GRANT EXECUTE ON FUNCTION user_count() TO PUBLIC",
+         GRANT EXECUTE ON FUNCTION user_count() TO PUBLIC; \
+         CREATE FUNCTION public.\"LoUnlink\"(oid) RETURNS int LANGUAGE internal AS 'be_lo_unlink'",
     );
     // Named, qualified, in capitals, quoted, nested, in a CTE, in a WHERE, in VALUES: the
     // decision comes from what the catalog says the function is.
@@ -292,6 +293,9 @@ fn read_grants_cannot_act_through_functions() {
         "WITH c AS (SELECT lo_unlink(424242)) SELECT * FROM c",
         "SELECT 1 WHERE lo_unlink(424242) = 1",
         "SELECT * FROM (VALUES (lo_unlink(424242))) v(x)",
+        // Compiled code under a name of capitals (the gate folds names; the catalog keeps
+        // them).
+        "SELECT \"LoUnlink\"(424242)",
         "SELECT pg_logical_emit_message(false, 'jitgate', 'x')",
         "SELECT pg_advisory_lock(42)",
         "SELECT pg_try_advisory_xact_lock(43)",
@@ -2317,24 +2321,32 @@ fn masked_values_do_not_leave_by_side_channels() {
            $$ DECLARE c refcursor := $1; r record; BEGIN FETCH c INTO r; RETURN r.x; END $$; \
          GRANT EXECUTE ON FUNCTION peek(refcursor) TO orders_ro",
     );
-    let ran = psql(
-        &gate,
-        Some("read"),
-        &pg,
-        &[
-            "BEGIN",
-            "DECLARE pc CURSOR FOR SELECT email AS x FROM users WHERE id = 1",
-            "SELECT 'peeked:' || peek('pc')",
-            "COMMIT",
-        ],
+    // Under a name of capitals too (the gate folds names; the catalog keeps them).
+    pg.admin(
+        "orders",
+        "CREATE FUNCTION \"PeekCase\"(refcursor) RETURNS text LANGUAGE plpgsql AS \
+           $$ DECLARE c refcursor := $1; r record; BEGIN FETCH c INTO r; RETURN r.x; END $$",
     );
-    assert_eq!(ran.code, 0, "{ran:#?}");
-    let peeked = ran
-        .stdout
-        .lines()
-        .find(|l| l.contains("peeked") || l.contains('*'));
-    assert!(peeked.is_some(), "{ran:#?}");
-    assert!(!leaked(&ran.stdout), "{ran:#?}");
+    for call in ["peek('pc')", "\"PeekCase\"('pc')"] {
+        let ran = psql(
+            &gate,
+            Some("read"),
+            &pg,
+            &[
+                "BEGIN",
+                "DECLARE pc CURSOR FOR SELECT email AS x FROM users WHERE id = 1",
+                &format!("SELECT 'peeked:' || {call}"),
+                "COMMIT",
+            ],
+        );
+        assert_eq!(ran.code, 0, "{call}: {ran:#?}");
+        let peeked = ran
+            .stdout
+            .lines()
+            .find(|l| l.contains("peeked") || l.contains('*'));
+        assert!(peeked.is_some(), "{call}: {ran:#?}");
+        assert!(!leaked(&ran.stdout), "{call}: {ran:#?}");
+    }
     // One that closes a cursor by name and opens another query under it: called directly
     // or through another function, refused while masking applies (the cursor's rows would
     // be masked as what the session declared).
@@ -2344,12 +2356,21 @@ fn masked_values_do_not_leave_by_side_channels() {
            $$ DECLARE c refcursor := $1; BEGIN CLOSE c; \
               OPEN c FOR SELECT lower(email) AS x FROM users WHERE id = 1; RETURN 'reopened'; END $$; \
          CREATE FUNCTION via_reopen(refcursor) RETURNS text LANGUAGE sql AS 'SELECT reopen($1)'; \
+         CREATE FUNCTION \"SwapCase\"(refcursor) RETURNS text LANGUAGE sql AS 'SELECT reopen($1)'; \
+         CREATE PROCEDURE swap_proc(refcursor) LANGUAGE plpgsql AS \
+           $$ DECLARE c refcursor := $1; BEGIN CLOSE c; \
+              OPEN c FOR SELECT lower(email) AS x FROM users WHERE id = 1; END $$; \
          GRANT EXECUTE ON FUNCTION reopen(refcursor), via_reopen(refcursor) TO orders_ro",
     );
-    for call in ["SELECT reopen('rc')", "SELECT length(via_reopen('rc'))"] {
+    for (access, call) in [
+        ("read", "SELECT reopen('rc')"),
+        ("read", "SELECT length(via_reopen('rc'))"),
+        ("read", "SELECT \"SwapCase\"('rc')"),
+        ("write", "CALL swap_proc('rc')"),
+    ] {
         let ran = psql(
             &gate,
-            Some("read"),
+            Some(access),
             &pg,
             &[
                 "BEGIN",

@@ -55,6 +55,12 @@ const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most relations cached per session.
 const MAX_CACHED: usize = 4096;
 
+/// A function's name with ASCII capitals folded, as [`super::sql::Statement::functions`]
+/// holds names (a quoted `"ReOpen"` is listed as `reopen`): lookups by name match every
+/// function the name may mean, whatever its case.
+pub const FOLDED_PRONAME: &str =
+    "pg_catalog.translate(p.proname, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')";
+
 /// Quotes an identifier the way `quote_ident` does.
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -149,7 +155,7 @@ impl Catalog {
                     "SELECT l.lanname, p.prosrc FROM pg_catalog.pg_proc p \
                  JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
                  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
-                 WHERE p.proname = {} AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                 WHERE {FOLDED_PRONAME} = {} AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
                    WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid \
                    AND d.deptype = 'e')",
@@ -221,10 +227,10 @@ impl Catalog {
         let rows = self
             .query(
                 &format!(
-                    "SELECT p.proname, l.lanname, p.prosrc FROM pg_catalog.pg_proc p \
+                    "SELECT {FOLDED_PRONAME}, l.lanname, p.prosrc FROM pg_catalog.pg_proc p \
                  JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
                  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
-                 WHERE p.proname IN ({list}) AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                 WHERE {FOLDED_PRONAME} IN ({list}) AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
                    WHERE d.classid = 'pg_catalog.pg_proc'::regclass AND d.objid = p.oid \
                    AND d.deptype = 'e')"

@@ -111,7 +111,7 @@ pub const TTL: Duration = Duration::from_secs(300);
 const MAX_NAMES: usize = 8192;
 
 /// The query that classifies `names`: one row per name found, `t` when some function of that
-/// name (in any schema, any signature) may act. Unqualified and over every overload, so that
+/// name (in any schema, any signature, any ASCII case: statement analysis folds names) may act. Unqualified and over every overload, so that
 /// neither the search path nor argument types can pick a different function than the one
 /// judged.
 pub fn lookup_sql(names: &[&str]) -> String {
@@ -121,9 +121,10 @@ pub fn lookup_sql(names: &[&str]) -> String {
         .collect::<Vec<_>>()
         .join(",");
     format!(
-        "SELECT p.proname, bool_or(p.provolatile = 'v' AND NOT l.lanpltrusted)::text \
+        "SELECT {fold}, bool_or(p.provolatile = 'v' AND NOT l.lanpltrusted)::text \
          FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
-         WHERE p.proname IN ({list}) GROUP BY p.proname"
+         WHERE {fold} IN ({list}) GROUP BY 1",
+        fold = crate::postgres::catalog::FOLDED_PRONAME
     )
 }
 

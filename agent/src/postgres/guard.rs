@@ -566,6 +566,18 @@ mod tests {
                 );
             }
         }
+        // A procedure is called as a function is.
+        for sql in ["CALL reopen('c')", "CALL public.\"ReOpen\"('c')"] {
+            assert_eq!(
+                code(&judged(Access::Write, true, sql)),
+                Some("42501"),
+                "{sql}"
+            );
+            assert!(
+                matches!(judged(Access::Write, false, sql), Verdict::Allow),
+                "{sql}"
+            );
+        }
         assert!(matches!(
             judged(Access::Read, true, "SELECT upper('a')"),
             Verdict::Allow
