@@ -2387,6 +2387,51 @@ fn masked_values_do_not_leave_by_side_channels() {
         assert!(!leaked(&ran.stdout), "{call}: {ran:#?}");
     }
 
+    // A function the session defines itself is masked by what its body reads, before the
+    // catalog connection can see it (inside the transaction) and after the name was looked
+    // up while no function had it.
+    for steps in [
+        [
+            "BEGIN",
+            "CREATE FUNCTION own_email() RETURNS text LANGUAGE sql AS 'SELECT email FROM users WHERE id = 1'",
+            "SELECT 'own:' || own_email()",
+            "ROLLBACK",
+        ],
+        [
+            "SELECT 'own:' || own_email()",
+            "CREATE FUNCTION own_email() RETURNS text LANGUAGE sql AS 'SELECT email FROM users WHERE id = 1'",
+            "SELECT 'own:' || own_email()",
+            "DROP FUNCTION own_email()",
+        ],
+    ] {
+        let ran = psql(&gate, Some("admin"), &pg, &steps);
+        assert!(ran.stdout.contains("CREATE FUNCTION"), "{ran:#?}");
+        assert!(!leaked(&ran.stdout), "{steps:?}: {ran:#?}");
+        assert!(
+            ran.stdout
+                .lines()
+                .any(|l| l.contains('*') || l.contains("own:")),
+            "{ran:#?}"
+        );
+    }
+    // A function body runs in the string mode the gate reads it in: one that sets another is
+    // refused through the gate, and one stored that way is not called under masking.
+    let ran = psql(
+        &gate,
+        Some("admin"),
+        &pg,
+        &[
+            "CREATE FUNCTION modal() RETURNS int LANGUAGE sql SET standard_conforming_strings = off AS 'SELECT 1'",
+        ],
+    );
+    assert!(ran.stderr.contains("0A000"), "{ran:#?}");
+    pg.admin(
+        "orders",
+        "CREATE FUNCTION modal() RETURNS int LANGUAGE sql SET standard_conforming_strings = off AS 'SELECT 1'",
+    );
+    let ran = psql(&gate, Some("read"), &pg, &["SELECT modal()"]);
+    assert!(ran.stderr.contains("42501"), "{ran:#?}");
+
     // Literal values pass: nothing computed, nothing to leak.
     let ran = psql(
         &gate,

@@ -30,6 +30,9 @@ pub struct Catalog {
     /// (see [`super::sql::body_closes_cursors`]), kept beside `bodies` so that a body is
     /// parsed once per session, not per statement that calls it.
     closes: HashMap<String, Arc<(bool, std::collections::BTreeSet<String>)>>,
+    /// By plain name: what functions this session defined through the gate read (see
+    /// [`super::sql::Statement::defines_function`]), each definition's refs merged.
+    defined_here: HashMap<String, Arc<super::sql::ResultRefs>>,
 }
 
 /// (schema, table, column).
@@ -61,6 +64,15 @@ const MAX_CACHED: usize = 4096;
 pub const FOLDED_PRONAME: &str =
     "pg_catalog.translate(p.proname, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')";
 
+/// A function's language, or [`UNREADABLE`] for one that sets the string literal mode or the
+/// encoding it runs in (created outside the gate, which refuses that): its body runs in
+/// another mode than the gate would read it in.
+const LANGUAGE_AS_READ: &str = "CASE WHEN pg_catalog.array_to_string(p.proconfig, ',') \
+     OPERATOR(pg_catalog.~*) 'standard_conforming_strings|client_encoding' THEN '?' ELSE l.lanname END";
+
+/// The language [`LANGUAGE_AS_READ`] gives a body the gate cannot read as the server runs it.
+pub const UNREADABLE: &str = "?";
+
 /// Quotes an identifier the way `quote_ident` does.
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -81,6 +93,7 @@ impl Catalog {
             views: HashMap::new(),
             bodies: HashMap::new(),
             closes: HashMap::new(),
+            defined_here: HashMap::new(),
         }
     }
 
@@ -152,7 +165,7 @@ impl Catalog {
         let rows = self
             .query(
                 &format!(
-                    "SELECT l.lanname, p.prosrc FROM pg_catalog.pg_proc p \
+                    "SELECT {LANGUAGE_AS_READ}, p.prosrc FROM pg_catalog.pg_proc p \
                  JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
                  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
                  WHERE {FOLDED_PRONAME} = {} AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
@@ -179,6 +192,32 @@ impl Catalog {
         }
         self.bodies.insert(name.to_owned(), bodies.clone());
         Ok(bodies)
+    }
+
+    /// The session defined, replaced, altered or dropped something through the gate (a
+    /// function among them, perhaps): what was cached about functions may be stale. A
+    /// function it defined (`defined`, with what its body reads) is remembered for the rest
+    /// of the session beside what the catalog says, which does not show it before the
+    /// session commits (a rolled-back definition stays remembered: more masking, not less).
+    pub fn functions_changed(&mut self, defined: Option<(&str, &super::sql::ResultRefs)>) {
+        self.bodies.clear();
+        self.closes.clear();
+        if let Some((name, refs)) = defined {
+            let mut all = super::sql::ResultRefs::default();
+            if let Some(before) = self.defined_here.get(name) {
+                all.merge(before);
+            }
+            all.merge(refs);
+            if self.defined_here.len() >= MAX_CACHED {
+                self.defined_here.clear();
+            }
+            self.defined_here.insert(name.to_owned(), Arc::new(all));
+        }
+    }
+
+    /// What the session's own definitions of functions named `name` read, if it made any.
+    pub fn defined_here(&self, name: &str) -> Option<Arc<super::sql::ResultRefs>> {
+        self.defined_here.get(name).cloned()
     }
 
     /// Whether the bodies of the functions named `name` close a cursor by name, and what they
@@ -227,7 +266,7 @@ impl Catalog {
         let rows = self
             .query(
                 &format!(
-                    "SELECT {FOLDED_PRONAME}, l.lanname, p.prosrc FROM pg_catalog.pg_proc p \
+                    "SELECT {FOLDED_PRONAME}, {LANGUAGE_AS_READ}, p.prosrc FROM pg_catalog.pg_proc p \
                  JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
                  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
                  WHERE {FOLDED_PRONAME} IN ({list}) AND n.nspname NOT IN ('pg_catalog', 'information_schema') \

@@ -311,7 +311,7 @@ fn judge_one(ctx: &Context<'_>, s: &Statement) -> Verdict {
                     ctx.resource
                 ),
             )
-            .hint("call it from a session exempt from masking (ask the jitgate operator), or have the function close only cursors it opened"),
+            .hint("call it from a session exempt from masking (ask the jitgate operator); the gate cannot tell which cursors a function closes, so any CLOSE by name counts"),
         };
     }
     if ctx.access == Access::Read

@@ -82,6 +82,11 @@ pub struct Statement {
     /// It may change `search_path`, after which unqualified names can resolve differently in
     /// the session than in the proxy's catalog lookups.
     pub sets_search_path: bool,
+    /// `CREATE FUNCTION`/`PROCEDURE`: the name defined (its last part, folded as
+    /// [`Statement::functions`] are). The catalog connection does not see it before the
+    /// session commits, and may have cached the name before: the session keeps what the
+    /// definition reads for masking what calls of it return.
+    pub defines_function: Option<String>,
     /// `DISCARD ALL`: the session's prepared statements (SQL and protocol-level) are gone.
     pub discards: bool,
     /// Running it may drop every portal and cursor of the transaction: `COMMIT`,
@@ -808,6 +813,9 @@ fn top_level(
             ("do", Access::Read)
         }
         "CreateFunctionStmt" => {
+            s.sets_parsing = function_sets_parsing(&v["options"]);
+            let name = names(&v["funcname"]);
+            s.defines_function = name.rsplit('.').next().map(str::to_owned);
             function_body(v, text, mode, s)?;
             ("create", Access::Admin)
         }
@@ -841,6 +849,10 @@ fn top_level(
         | "DropOwnedStmt"
         | "AlterDefaultPrivilegesStmt" => ("privilege", Access::Admin),
         n if n.starts_with("Drop") => ("drop", Access::Admin),
+        "AlterFunctionStmt" => {
+            s.sets_parsing = function_sets_parsing(&v["actions"]);
+            ("alter", Access::Admin)
+        }
         n if n.starts_with("Alter") || n.starts_with("Rename") => ("alter", Access::Admin),
         n if n.starts_with("Create")
             || n == "IndexStmt"
@@ -1311,7 +1323,10 @@ pub fn body_reads(language: &str, body: &str, mode: ParseMode) -> Option<ResultR
         }
         _ => return None,
     }
-    if s.hazards.contains(&Hazard::DynamicSql) || s.cursor_by_name {
+    // SQL built at run time, a cursor used by name, or a function that reads what it is
+    // given (`cursor_to_xml`, `query_to_xml`) or sends values around its result: what it
+    // returns may come from anything.
+    if s.hazards.contains(&Hazard::DynamicSql) || s.cursor_by_name || s.side_channel.is_some() {
         return None;
     }
     let mut refs = ResultRefs::default();
@@ -1321,7 +1336,8 @@ pub fn body_reads(language: &str, body: &str, mode: ParseMode) -> Option<ResultR
 
 /// Whether a function body stored in the catalog closes a cursor by name (see
 /// [`Statement::closes_cursors`]), and the functions it calls (which may). A body that
-/// does not parse closes one if the word `close` is in it, and calls every word followed by
+/// runs SQL built at run time closes one; one that does not parse closes one if the word
+/// `close` is in it, and calls every word followed by
 /// a parenthesis (most are no function, which the catalog then says), its ASCII capitals
 /// folded as names in statements are. Bodies in other languages are
 /// not read: code the server runs as compiled or untrusted is the operator's, as it is for
@@ -1339,6 +1355,9 @@ pub fn body_closes_cursors(
                 && plpgsql_any_signature(body)
                     .is_some_and(|tree| plpgsql_tree(&tree, mode, &mut s).is_ok())
         }
+        // A body run in another string mode than it would be read in (see
+        // `catalog::UNREADABLE`): anything.
+        super::catalog::UNREADABLE => return (true, BTreeSet::new()),
         _ => return (false, BTreeSet::new()),
     };
     if !parsed {
@@ -1371,7 +1390,26 @@ pub fn body_closes_cursors(
         .into_iter()
         .filter(|f| !f.contains('.'))
         .collect();
-    (s.closes_cursors, calls)
+    // SQL built at run time may close anything.
+    (
+        s.closes_cursors || s.hazards.contains(&Hazard::DynamicSql),
+        calls,
+    )
+}
+
+/// A `SET` of the string literal mode or the client encoding among a function's options
+/// (`CREATE FUNCTION ... SET standard_conforming_strings = off`, `ALTER FUNCTION ... SET`):
+/// the body would run in another mode than the gate reads it in, where its strings can hide
+/// statements (see [`Statement::sets_parsing`]).
+fn function_sets_parsing(options: &Value) -> Option<String> {
+    options.as_array()?.iter().find_map(|o| {
+        let d = &o["node"]["DefElem"];
+        let set = &d["arg"]["node"]["VariableSetStmt"];
+        let name = set["name"].as_str()?.to_ascii_lowercase();
+        (d["defname"].as_str() == Some("set")
+            && (name == PARSING_SETTING || name == "client_encoding"))
+            .then_some(name)
+    })
 }
 
 fn function_body(
@@ -1603,6 +1641,29 @@ mod tests {
         }
     }
 
+    /// A function whose body would run in another string literal mode or encoding than the
+    /// gate reads it in is refused, as the same change is at the top level.
+    #[test]
+    fn functions_cannot_set_the_parsing_mode() {
+        for sql in [
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET standard_conforming_strings = off AS 'SELECT 1'",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET STANDARD_CONFORMING_STRINGS TO on AS 'SELECT 1'",
+            "CREATE PROCEDURE p() LANGUAGE sql SET client_encoding = 'SJIS' AS 'SELECT 1'",
+            "ALTER FUNCTION f() SET standard_conforming_strings = off",
+            "ALTER PROCEDURE p() SET standard_conforming_strings FROM CURRENT",
+            "ALTER FUNCTION f() STABLE SET client_encoding TO 'BIG5'",
+        ] {
+            assert!(one(sql).sets_parsing.is_some(), "{sql}");
+        }
+        for sql in [
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path = public AS 'SELECT 1'",
+            "ALTER FUNCTION f() SET work_mem = '64MB'",
+            "ALTER FUNCTION f() RESET ALL",
+        ] {
+            assert!(one(sql).sets_parsing.is_none(), "{sql}");
+        }
+    }
+
     /// What a stored body closes and calls, for refusing calls of one that closes a cursor
     /// by name: read from the parsed body, or, when it does not parse here (a parameter used
     /// by name where a variable is needed), from its words.
@@ -1636,6 +1697,17 @@ mod tests {
         assert!(calls.contains("other"), "{calls:?}");
         let (yes, calls) = closes("plpgsql", "BEGIN FETCH c INTO r; RETURN helper (r); END");
         assert!(!yes && calls.contains("helper"), "{calls:?}");
+        // SQL built at run time may close anything; a procedure called is followed.
+        assert!(closes("plpgsql", "BEGIN EXECUTE 'CLOSE ' || quote_ident($1); END").0);
+        let (yes, calls) = closes("plpgsql", "BEGIN CALL reopen_proc($1); RETURN 1; END");
+        assert!(!yes && calls.contains("reopen_proc"), "{calls:?}");
+        // What reads a cursor or query given to it returns what it read: anything.
+        for body in [
+            "SELECT cursor_to_xml($1, 10, false, false, '')",
+            "SELECT query_to_xml('select email from users', true, true, '')",
+        ] {
+            assert!(body_reads("sql", body, mode).is_none(), "{body}");
+        }
         // Other languages are not read.
         assert_eq!(
             closes("plpython3u", "plpy.execute('CLOSE c')"),

@@ -3,9 +3,11 @@
 
 use std::collections::BTreeSet;
 
-/// Most functions followed from one statement's calls through the bodies that call others
-/// (see [`Pump::closing_functions`]).
+/// Most functions whose bodies call others followed from one statement's calls (see
+/// [`Pump::closing_functions`]); built-ins and names that are no function do not count, up
+/// to [`MAX_NAMES_LOOKED_UP`] in all.
 const MAX_CALLS_FOLLOWED: usize = 256;
+const MAX_NAMES_LOOKED_UP: usize = 4096;
 
 use super::*;
 
@@ -300,7 +302,7 @@ impl Pump<'_> {
         }
         let failed = |why: &str| {
             PgError::error(
-                "42501",
+                "58000",
                 format!(
                     "jitgate: cannot tell whether {}() close cursors ({why}), which masking needs to know; the statement was not run",
                     called.iter().copied().collect::<Vec<_>>().join("(), ")
@@ -318,7 +320,8 @@ impl Pump<'_> {
         let mut seen: BTreeSet<String> = called.iter().map(|f| (*f).to_owned()).collect();
         let mut level: Vec<String> = seen.iter().cloned().collect();
         while !level.is_empty() {
-            if seen.len() > MAX_CALLS_FOLLOWED {
+            let callers = calls_of.values().filter(|f| !f.1.is_empty()).count();
+            if callers > MAX_CALLS_FOLLOWED || seen.len() > MAX_NAMES_LOOKED_UP {
                 return Err(failed("too many functions call one another"));
             }
             let names: Vec<&str> = level.iter().map(String::as_str).collect();
@@ -569,6 +572,35 @@ impl Pump<'_> {
         };
         if analysis.iter().any(|s| s.sets_search_path) {
             self.lock().search_path_changed = true;
+        }
+        // Definitions change what the catalog lookups cached (before the statement is
+        // judged: a refused one only costs lookups again).
+        if self.masker.is_some()
+            && analysis.iter().any(|s| {
+                s.defines_function.is_some()
+                    || ["create", "alter", "drop"]
+                        .iter()
+                        .any(|k| s.kinds.contains(k))
+            })
+        {
+            let mut catalog = self.catalog.lock().await;
+            for s in analysis.iter() {
+                let defined = s.defines_function.as_deref().map(|name| {
+                    let refs = if s
+                        .hazards
+                        .iter()
+                        .any(|h| matches!(h, crate::postgres::sql::Hazard::OpaqueBody(_)))
+                    {
+                        crate::postgres::sql::ResultRefs::opaque()
+                    } else {
+                        let mut refs = crate::postgres::sql::ResultRefs::default();
+                        refs.add(s);
+                        Arc::new(refs)
+                    };
+                    (name, refs)
+                });
+                catalog.functions_changed(defined.as_ref().map(|(n, r)| (*n, &**r)));
+            }
         }
         let verdict = match self
             .over_limits(runs)

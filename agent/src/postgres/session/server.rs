@@ -415,6 +415,13 @@ impl Pump<'_> {
             if seen.len() > 64 {
                 return Some(Strategy::Redact);
             }
+            if let Some(own) = catalog.defined_here(&name) {
+                if own.opaque {
+                    return Some(Strategy::Redact);
+                }
+                pending.extend(own.functions.iter().cloned());
+                all.push(own);
+            }
             let bodies = match catalog.function_bodies(&name).await {
                 Ok(b) => b,
                 Err(_) => return Some(Strategy::Null),
