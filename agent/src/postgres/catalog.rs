@@ -33,6 +33,9 @@ pub struct Catalog {
     /// By plain name: what functions this session defined through the gate read (see
     /// [`super::sql::Statement::defines_function`]), each definition's refs merged.
     defined_here: HashMap<String, Arc<super::sql::ResultRefs>>,
+    /// By name: whether some operator of that name is not built in (see
+    /// [`Catalog::user_operators`]).
+    operators: HashMap<String, bool>,
 }
 
 /// (schema, table, column).
@@ -94,6 +97,7 @@ impl Catalog {
             bodies: HashMap::new(),
             closes: HashMap::new(),
             defined_here: HashMap::new(),
+            operators: HashMap::new(),
         }
     }
 
@@ -202,6 +206,7 @@ impl Catalog {
     pub fn functions_changed(&mut self, defined: Option<(&str, &super::sql::ResultRefs)>) {
         self.bodies.clear();
         self.closes.clear();
+        self.operators.clear();
         if let Some((name, refs)) = defined {
             let mut all = super::sql::ResultRefs::default();
             if let Some(before) = self.defined_here.get(name) {
@@ -213,6 +218,52 @@ impl Catalog {
             }
             self.defined_here.insert(name.to_owned(), Arc::new(all));
         }
+    }
+
+    /// Whether one of `names` names an operator that is not built in (outside `pg_catalog`
+    /// and `information_schema`, and no extension's): it calls a function the statement does
+    /// not name, whose body the gate does not follow, so the values it computes are masked
+    /// whole.
+    pub async fn user_operators(
+        &mut self,
+        names: &std::collections::BTreeSet<String>,
+    ) -> Result<bool, CatalogError> {
+        let missing: Vec<&String> = names
+            .iter()
+            .filter(|n| !self.operators.contains_key(*n))
+            .collect();
+        if !missing.is_empty() {
+            let list = missing
+                .iter()
+                .map(|n| quote_literal(n))
+                .collect::<Vec<_>>()
+                .join(",");
+            let rows = self
+                .query(
+                    &format!(
+                        "SELECT DISTINCT o.oprname FROM pg_catalog.pg_operator o \
+                     JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace \
+                     WHERE o.oprname IN ({list}) AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+                     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+                       WHERE d.classid = 'pg_catalog.pg_operator'::regclass AND d.objid = o.oid \
+                       AND d.deptype = 'e')"
+                    ),
+                    1,
+                )
+                .await?;
+            let user: std::collections::HashSet<&str> =
+                rows.iter().filter_map(|r| r[0].as_deref()).collect();
+            if self.operators.len() + missing.len() > MAX_CACHED {
+                self.operators.clear();
+            }
+            for name in missing {
+                let found = user.contains(name.as_str());
+                self.operators.insert(name.clone(), found);
+            }
+        }
+        Ok(names
+            .iter()
+            .any(|n| self.operators.get(n).copied().unwrap_or(true)))
     }
 
     /// What the session's own definitions of functions named `name` read, if it made any.

@@ -307,7 +307,7 @@ fn judge_one(ctx: &Context<'_>, s: &Statement) -> Verdict {
             error: PgError::error(
                 "42501",
                 format!(
-                    "jitgate: {function}() closes a cursor by name: it could close one this session declared for other code to open another query under its name, whose rows masking would not follow; not run while masking applies to {}",
+                    "jitgate: {function}() may close a cursor by name (its code, or code it calls, runs CLOSE or SQL built at run time, or cannot be read): it could close one this session declared for other code to open another query under its name, whose rows masking would not follow; not run while masking applies to {}",
                     ctx.resource
                 ),
             )
@@ -556,7 +556,7 @@ mod tests {
                 assert_eq!(code(&v), Some("42501"), "{sql}");
                 if let Verdict::Deny { error, .. } = &v {
                     assert!(
-                        error.message.contains("reopen() closes a cursor"),
+                        error.message.contains("reopen() may close a cursor"),
                         "{error:?}"
                     );
                 }

@@ -87,6 +87,9 @@ pub struct Statement {
     /// session commits, and may have cached the name before: the session keeps what the
     /// definition reads for masking what calls of it return.
     pub defines_function: Option<String>,
+    /// Operators used, by name (`=`, `||`, `###`): one defined outside the gate calls a
+    /// function the statement does not name, which can read any relation.
+    pub operators: BTreeSet<String>,
     /// `DISCARD ALL`: the session's prepared statements (SQL and protocol-level) are gone.
     pub discards: bool,
     /// Running it may drop every portal and cursor of the transaction: `COMMIT`,
@@ -158,6 +161,8 @@ pub struct ResultRefs {
     pub renamed: bool,
     /// Functions called, plain names: one created outside the gate can read any relation.
     pub functions: BTreeSet<String>,
+    /// Operators used (see [`Statement::operators`]).
+    pub operators: BTreeSet<String>,
     /// Rows come from something the proxy did not see defined (a cursor or prepared statement
     /// it does not know): every computed value is masked.
     pub opaque: bool,
@@ -181,6 +186,7 @@ impl ResultRefs {
         self.renamed |= s.renames;
         self.functions
             .extend(s.functions.iter().filter(|f| !f.contains('.')).cloned());
+        self.operators.extend(s.operators.iter().cloned());
     }
 
     pub fn merge(&mut self, other: &Self) {
@@ -189,6 +195,7 @@ impl ResultRefs {
         self.relations.extend(other.relations.iter().cloned());
         self.renamed |= other.renamed;
         self.functions.extend(other.functions.iter().cloned());
+        self.operators.extend(other.operators.iter().cloned());
         self.opaque |= other.opaque;
     }
 
@@ -1001,6 +1008,15 @@ fn walk(node: &Value, s: &mut Statement) -> Result<(), ParseError> {
                             continue;
                         }
                     }
+                    "AExpr" => {
+                        if let Some(op) = value["name"]
+                            .as_array()
+                            .and_then(|n| n.last())
+                            .and_then(sval)
+                        {
+                            s.operators.insert(op.to_owned());
+                        }
+                    }
                     "FuncCall" => {
                         let name = names(&value["funcname"]);
                         if let Some(last) = name.rsplit('.').next() {
@@ -1123,6 +1139,7 @@ fn absorb(s: &mut Statement, inner: Statement) {
     raise(s, inner.access.0);
     s.tables.extend(inner.tables);
     s.functions.extend(inner.functions);
+    s.operators.extend(inner.operators);
     s.write_without_where |= inner.write_without_where;
     s.hazards.extend(inner.hazards);
     if s.escapes_read_only.is_none() {
@@ -1639,6 +1656,19 @@ mod tests {
                 "{sql}: {s:?}"
             );
         }
+    }
+
+    /// Operators are listed wherever they are used, schema-qualified or not, in bodies too:
+    /// one created outside the gate calls a function the statement does not name.
+    #[test]
+    fn operators_are_listed_wherever_used() {
+        let s = one("SELECT a ### b FROM t WHERE c OPERATOR(public.@@@) 1 AND d LIKE 'x%'");
+        for op in ["###", "@@@", "~~"] {
+            assert!(s.operators.contains(op), "{op}: {:?}", s.operators);
+        }
+        let r = body_reads("sql", "SELECT ### $1", ParseMode::default()).unwrap();
+        assert!(r.operators.contains("###"), "{r:?}");
+        assert!(one("SELECT 1").operators.is_empty());
     }
 
     /// A function whose body would run in another string literal mode or encoding than the

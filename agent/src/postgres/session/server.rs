@@ -436,6 +436,19 @@ impl Pump<'_> {
                 }
             }
         }
+        // An operator created outside the gate runs a function the statement (or body) does
+        // not name.
+        let operators: std::collections::BTreeSet<String> = all
+            .iter()
+            .flat_map(|r| r.operators.iter().cloned())
+            .collect();
+        if !operators.is_empty() {
+            match catalog.user_operators(&operators).await {
+                Ok(false) => {}
+                Ok(true) => return Some(Strategy::Redact),
+                Err(_) => return Some(Strategy::Null),
+            }
+        }
         for refs in &all {
             rule = refs
                 .names
