@@ -1353,10 +1353,8 @@ pub fn body_reads(language: &str, body: &str, mode: ParseMode) -> Option<ResultR
 
 /// Whether a function body stored in the catalog closes a cursor by name (see
 /// [`Statement::closes_cursors`]), and the functions it calls (which may). A body that
-/// runs SQL built at run time closes one; one that does not parse closes one if the word
-/// `close` is in it, and calls every word followed by
-/// a parenthesis (most are no function, which the catalog then says), its ASCII capitals
-/// folded as names in statements are. Bodies in other languages are
+/// runs SQL built at run time closes one; one that does not parse is read from its tokens
+/// (see [`scanned_body`]). Bodies in other languages are
 /// not read: code the server runs as compiled or untrusted is the operator's, as it is for
 /// [`body_reads`] (whose values such a body makes masked whole).
 pub fn body_closes_cursors(
@@ -1378,29 +1376,7 @@ pub fn body_closes_cursors(
         _ => return (false, BTreeSet::new()),
     };
     if !parsed {
-        let word = |c: char| c.is_alphanumeric() || c == '_' || c == '$';
-        let closes = body
-            .split(|c: char| !word(c))
-            .any(|w| w.eq_ignore_ascii_case("close"));
-        let mut calls = BTreeSet::new();
-        let mut rest = body;
-        while let Some(at) = rest.find('(') {
-            let name: String = rest[..at]
-                .trim_end()
-                .trim_end_matches('"')
-                .chars()
-                .rev()
-                .take_while(|c| word(*c))
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            if !name.is_empty() {
-                calls.insert(name.to_ascii_lowercase());
-            }
-            rest = &rest[at + 1..];
-        }
-        return (closes, calls);
+        return scanned_body(body).unwrap_or_else(|| (true, BTreeSet::new()));
     }
     let calls = s
         .functions
@@ -1427,6 +1403,58 @@ fn function_sets_parsing(options: &Value) -> Option<String> {
             && (name == PARSING_SETTING || name == "client_encoding"))
             .then_some(name)
     })
+}
+
+/// What a body that does not parse here closes and calls, from its tokens (strings and
+/// comments are no words): a `CLOSE` or `EXECUTE` where a statement starts closes (a
+/// column named `close` does not), and every name followed by a parenthesis is called, its
+/// ASCII capitals folded as names in statements are (most are no function, which the catalog
+/// then says). A `U&"..."` name called, which is not read here, counts as closing; `None`
+/// when the body does not even lex.
+fn scanned_body(body: &str) -> Option<(bool, BTreeSet<String>)> {
+    use pg_query::protobuf::Token;
+    let scanned = pg_query::scan(body).ok()?;
+    let tokens: Vec<_> = scanned
+        .tokens
+        .iter()
+        .filter(|t| t.token != Token::SqlComment as i32 && t.token != Token::CComment as i32)
+        .collect();
+    let text = |i: usize| {
+        tokens
+            .get(i)
+            .and_then(|t| body.get(t.start as usize..t.end as usize))
+            .unwrap_or("")
+    };
+    let starts_statement = |i: usize| {
+        i == 0 || {
+            let before = text(i - 1);
+            before == ";"
+                || ["begin", "then", "else", "loop"]
+                    .iter()
+                    .any(|k| before.eq_ignore_ascii_case(k))
+        }
+    };
+    let mut closes = false;
+    let mut calls = BTreeSet::new();
+    for (i, token) in tokens.iter().enumerate() {
+        if (token.token == Token::Close as i32 || token.token == Token::Execute as i32)
+            && starts_statement(i)
+        {
+            closes = true;
+        }
+        if text(i + 1) != "(" {
+            continue;
+        }
+        if token.token == Token::Uident as i32 {
+            closes = true;
+        } else if token.token == Token::Ident as i32 || token.keyword_kind != 0 {
+            let name = text(i).trim_matches('"').to_ascii_lowercase();
+            if !name.is_empty() {
+                calls.insert(name);
+            }
+        }
+    }
+    Some((closes, calls))
 }
 
 fn function_body(
@@ -1727,6 +1755,15 @@ mod tests {
         assert!(calls.contains("other"), "{calls:?}");
         let (yes, calls) = closes("plpgsql", "BEGIN FETCH c INTO r; RETURN helper (r); END");
         assert!(!yes && calls.contains("helper"), "{calls:?}");
+        // Not compiled here (`x` is no variable it declares): its tokens tell. A column, a
+        // comment or a string saying close closes nothing; EXECUTE does; a comment between
+        // a name and its parenthesis hides no call.
+        let unparsed = "BEGIN x := (SELECT close FROM prices); -- close it\n RAISE NOTICE 'close'; x := helper/**/(1); END";
+        let (yes, calls) = closes("plpgsql", unparsed);
+        assert!(!yes && calls.contains("helper"), "{calls:?}");
+        assert!(closes("plpgsql", "BEGIN x := 1; EXECUTE 'SELECT 1'; END").0);
+        assert!(closes("plpgsql", "BEGIN x := 1; IF x THEN CLOSE c; END IF; END").0);
+        assert!(closes("plpgsql", "BEGIN x := U&\"\\0072eopen\"(1); END").0);
         // SQL built at run time may close anything; a procedure called is followed.
         assert!(closes("plpgsql", "BEGIN EXECUTE 'CLOSE ' || quote_ident($1); END").0);
         let (yes, calls) = closes("plpgsql", "BEGIN CALL reopen_proc($1); RETURN 1; END");
