@@ -430,6 +430,18 @@ fn names(list: &Value) -> String {
         .to_ascii_lowercase()
 }
 
+/// A function named with a `.` inside a quoted part (`"get.email"(1)`): names are kept
+/// joined by dots, so its own name would be taken for a schema and a name, and its body
+/// never looked up. Masking cannot follow what it returns or does.
+fn dotted_name(list: &Value, s: &mut Statement) {
+    let dotted = list
+        .as_array()
+        .is_some_and(|items| items.iter().filter_map(sval).any(|part| part.contains('.')));
+    if dotted && s.side_channel.is_none() {
+        s.side_channel = Some("a function whose name holds a '.' cannot be looked up".into());
+    }
+}
+
 fn defelem<'a>(options: &'a Value, name: &str) -> Option<&'a Value> {
     options.as_array()?.iter().find_map(|o| {
         let d = &o["node"]["DefElem"];
@@ -796,6 +808,7 @@ fn top_level(
             // The procedure is a function call like any other (guardrails by function name,
             // what its OUT values are computed from, what its code does), but the tree holds
             // it as a bare FuncCall that `walk` does not see as a node.
+            dotted_name(&v["funccall"]["funcname"], s);
             let name = names(&v["funccall"]["funcname"]);
             if let Some(last) = name.rsplit('.').next() {
                 s.functions.insert(last.to_owned());
@@ -1018,6 +1031,7 @@ fn walk(node: &Value, s: &mut Statement) -> Result<(), ParseError> {
                         }
                     }
                     "FuncCall" => {
+                        dotted_name(&value["funcname"], s);
                         let name = names(&value["funcname"]);
                         if let Some(last) = name.rsplit('.').next() {
                             s.functions.insert(last.to_owned());
@@ -1376,6 +1390,11 @@ pub fn body_closes_cursors(
         _ => return (false, BTreeSet::new()),
     };
     if !parsed {
+        // Tokens are read with standard strings; a body the server reads otherwise is not
+        // read at all.
+        if !mode.standard_conforming_strings {
+            return (true, BTreeSet::new());
+        }
         return scanned_body(body).unwrap_or_else(|| (true, BTreeSet::new()));
     }
     let calls = s
@@ -1437,24 +1456,41 @@ fn scanned_body(body: &str) -> Option<(bool, BTreeSet<String>)> {
     let mut closes = false;
     let mut calls = BTreeSet::new();
     for (i, token) in tokens.iter().enumerate() {
-        if (token.token == Token::Close as i32 || token.token == Token::Execute as i32)
-            && starts_statement(i)
+        // A `U&"..."` name (with UESCAPE or not) is not decoded here: it may call anything.
+        if token.token == Token::Uident as i32
+            || ((token.token == Token::Close as i32 || token.token == Token::Execute as i32)
+                && starts_statement(i))
         {
             closes = true;
         }
         if text(i + 1) != "(" {
             continue;
         }
-        if token.token == Token::Uident as i32 {
-            closes = true;
-        } else if token.token == Token::Ident as i32 || token.keyword_kind != 0 {
-            let name = text(i).trim_matches('"').to_ascii_lowercase();
+        if token.token == Token::Ident as i32 || token.keyword_kind != 0 {
+            let name = identifier(text(i));
             if !name.is_empty() {
                 calls.insert(name);
             }
         }
     }
     Some((closes, calls))
+}
+
+/// An identifier token's name as the server keeps it: a quoted one unquoted (`""` is one
+/// `"`), an unquoted one with its ASCII capitals folded (as [`Statement::functions`] holds
+/// names), cut to the server's 63 bytes (NAMEDATALEN - 1) on a character boundary.
+fn identifier(token: &str) -> String {
+    let mut name = match token.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\"\"", "\""),
+        None => token.to_owned(),
+    };
+    name.make_ascii_lowercase();
+    let mut end = name.len().min(63);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.truncate(end);
+    name
 }
 
 fn function_body(
@@ -1686,6 +1722,19 @@ mod tests {
         }
     }
 
+    /// A function whose quoted name holds a dot cannot be told from a schema-qualified one.
+    #[test]
+    fn dotted_function_names_are_side_channels() {
+        for sql in [
+            "SELECT \"get.email\"(1)",
+            "SELECT public.\"a.b\"(1)",
+            "CALL \"p.q\"()",
+        ] {
+            assert!(one(sql).side_channel.is_some(), "{sql}");
+        }
+        assert!(one("SELECT public.upper('a')").side_channel.is_none());
+    }
+
     /// Operators are listed wherever they are used, schema-qualified or not, in bodies too:
     /// one created outside the gate calls a function the statement does not name.
     #[test]
@@ -1764,6 +1813,24 @@ mod tests {
         assert!(closes("plpgsql", "BEGIN x := 1; EXECUTE 'SELECT 1'; END").0);
         assert!(closes("plpgsql", "BEGIN x := 1; IF x THEN CLOSE c; END IF; END").0);
         assert!(closes("plpgsql", "BEGIN x := U&\"\\0072eopen\"(1); END").0);
+        assert!(
+            closes(
+                "plpgsql",
+                "BEGIN x := U&\"!0072eopen\" UESCAPE '!' (1); END"
+            )
+            .0
+        );
+        let (_, calls) = closes("plpgsql", "BEGIN x := \"a\"\"b\"(1); END");
+        assert!(calls.contains("a\"b"), "{calls:?}");
+        let long = "f".repeat(70);
+        let (_, calls) =
+            body_closes_cursors("plpgsql", &format!("BEGIN x := {long}(1); END"), mode);
+        assert!(calls.contains(&"f".repeat(63)), "{calls:?}");
+        // Under standard_conforming_strings off a body that does not compile is not read.
+        let off = ParseMode {
+            standard_conforming_strings: false,
+        };
+        assert!(body_closes_cursors("plpgsql", "BEGIN x := 1; END", off).0);
         // SQL built at run time may close anything; a procedure called is followed.
         assert!(closes("plpgsql", "BEGIN EXECUTE 'CLOSE ' || quote_ident($1); END").0);
         let (yes, calls) = closes("plpgsql", "BEGIN CALL reopen_proc($1); RETURN 1; END");
