@@ -2364,6 +2364,8 @@ fn masked_values_do_not_leave_by_side_channels() {
               OPEN c FOR SELECT lower(email) AS x FROM users WHERE id = 1; RETURN 'reopened'; END $$; \
          CREATE FUNCTION via_reopen(refcursor) RETURNS text LANGUAGE sql AS 'SELECT reopen($1)'; \
          CREATE FUNCTION \"SwapCase\"(refcursor) RETURNS text LANGUAGE sql AS 'SELECT reopen($1)'; \
+         CREATE FUNCTION std_reopen(c refcursor) RETURNS text LANGUAGE sql RETURN reopen(c); \
+         CREATE OPERATOR %%% (RIGHTARG = refcursor, FUNCTION = reopen); \
          CREATE PROCEDURE swap_proc(refcursor) LANGUAGE plpgsql AS \
            $$ DECLARE c refcursor := $1; BEGIN CLOSE c; \
               OPEN c FOR SELECT lower(email) AS x FROM users WHERE id = 1; END $$; \
@@ -2373,6 +2375,8 @@ fn masked_values_do_not_leave_by_side_channels() {
         ("read", "SELECT reopen('rc')"),
         ("read", "SELECT length(via_reopen('rc'))"),
         ("read", "SELECT \"SwapCase\"('rc')"),
+        ("read", "SELECT std_reopen('rc')"),
+        ("read", "SELECT %%% 'rc'::refcursor"),
         ("write", "CALL swap_proc('rc')"),
     ] {
         let ran = psql(
@@ -2421,6 +2425,18 @@ fn masked_values_do_not_leave_by_side_channels() {
             "{ran:#?}"
         );
     }
+    // A SQL-standard body (kept parsed, with no source text) is read from its definition.
+    pg.admin(
+        "orders",
+        "CREATE FUNCTION std_email(i int) RETURNS text LANGUAGE sql \
+           RETURN (SELECT email FROM users WHERE id = i)",
+    );
+    let ran = psql(&gate, Some("read"), &pg, &["SELECT 'std:' || std_email(1)"]);
+    assert_eq!(ran.code, 0, "{ran:#?}");
+    assert!(
+        !ran.stdout.trim().is_empty() && !leaked(&ran.stdout),
+        "{ran:#?}"
+    );
     // An operator created outside the gate calls a function the statement does not name:
     // what it computes is masked whole.
     pg.admin(
@@ -2434,6 +2450,34 @@ fn masked_values_do_not_leave_by_side_channels() {
         !ran.stdout.trim().is_empty() && !leaked(&ran.stdout),
         "{ran:#?}"
     );
+    // `row.f` calls `f(row)`: followed like the call.
+    pg.admin(
+        "orders",
+        "CREATE FUNCTION mail_of(u users) RETURNS text LANGUAGE sql AS 'SELECT email FROM users WHERE id = 1'",
+    );
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &["SELECT 'attr:' || u.mail_of FROM users u WHERE id = 1"],
+    );
+    assert_eq!(ran.code, 0, "{ran:#?}");
+    assert!(
+        !ran.stdout.trim().is_empty() && !leaked(&ran.stdout),
+        "{ran:#?}"
+    );
+    // An operator of a built-in's name over a built-in function masks nothing more.
+    pg.admin(
+        "orders",
+        "CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = pg_catalog.texteq)",
+    );
+    let ran = psql(
+        &gate,
+        Some("read"),
+        &pg,
+        &["SELECT 'n:' || count(*) FROM users WHERE name = 'nobody'"],
+    );
+    assert_eq!(ran.stdout.trim(), "n:0", "{ran:#?}");
     // A function body runs in the string mode the gate reads it in: one that sets another is
     // refused through the gate, and one stored that way is not called under masking.
     let ran = psql(

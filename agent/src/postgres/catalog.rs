@@ -33,9 +33,9 @@ pub struct Catalog {
     /// By plain name: what functions this session defined through the gate read (see
     /// [`super::sql::Statement::defines_function`]), each definition's refs merged.
     defined_here: HashMap<String, Arc<super::sql::ResultRefs>>,
-    /// By name: whether some operator of that name is not built in (see
-    /// [`Catalog::user_operators`]).
-    operators: HashMap<String, bool>,
+    /// By operator name: the functions behind those of the name that are not built in (see
+    /// [`Catalog::operator_functions`]).
+    operators: HashMap<String, Vec<String>>,
 }
 
 /// (schema, table, column).
@@ -71,7 +71,18 @@ pub const FOLDED_PRONAME: &str =
 /// encoding it runs in (created outside the gate, which refuses that): its body runs in
 /// another mode than the gate would read it in.
 const LANGUAGE_AS_READ: &str = "CASE WHEN pg_catalog.array_to_string(p.proconfig, ',') \
-     OPERATOR(pg_catalog.~*) 'standard_conforming_strings|client_encoding' THEN '?' ELSE l.lanname END";
+     OPERATOR(pg_catalog.~*) 'standard_conforming_strings|client_encoding' THEN '?' \
+     WHEN l.lanname = 'sql' AND p.prosrc = '' THEN 'sql-definition' ELSE l.lanname END";
+
+/// A function's body: its source, or for a SQL-standard body (`BEGIN ATOMIC ... END`,
+/// `RETURN expr`: PostgreSQL 14 keeps it parsed, with an empty source) the whole definition
+/// as the server prints it ([`SQL_DEFINITION`]).
+const BODY_AS_READ: &str = "CASE WHEN l.lanname = 'sql' AND p.prosrc = '' \
+     THEN pg_catalog.pg_get_functiondef(p.oid) ELSE p.prosrc END";
+
+/// The language [`LANGUAGE_AS_READ`] gives a SQL-standard body, read as its whole
+/// `CREATE FUNCTION` statement.
+pub const SQL_DEFINITION: &str = "sql-definition";
 
 /// The language [`LANGUAGE_AS_READ`] gives a body the gate cannot read as the server runs it.
 pub const UNREADABLE: &str = "?";
@@ -169,7 +180,7 @@ impl Catalog {
         let rows = self
             .query(
                 &format!(
-                    "SELECT {LANGUAGE_AS_READ}, p.prosrc FROM pg_catalog.pg_proc p \
+                    "SELECT {LANGUAGE_AS_READ}, {BODY_AS_READ} FROM pg_catalog.pg_proc p \
                  JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
                  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
                  WHERE {FOLDED_PRONAME} = {} AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
@@ -220,14 +231,15 @@ impl Catalog {
         }
     }
 
-    /// Whether one of `names` names an operator that is not built in (outside `pg_catalog`
-    /// and `information_schema`, and no extension's): it calls a function the statement does
-    /// not name, whose body the gate does not follow, so the values it computes are masked
-    /// whole.
-    pub async fn user_operators(
+    /// The functions behind the operators named `names` that are not built in (outside
+    /// `pg_catalog` and `information_schema`, and no extension's), by plain name folded as
+    /// [`super::sql::Statement::functions`] holds names: such an operator calls a function
+    /// the statement does not name, to be followed as if it did (most wrap a built-in, which
+    /// has no body to follow).
+    pub async fn operator_functions(
         &mut self,
         names: &std::collections::BTreeSet<String>,
-    ) -> Result<bool, CatalogError> {
+    ) -> Result<std::collections::BTreeSet<String>, CatalogError> {
         let missing: Vec<&String> = names
             .iter()
             .filter(|n| !self.operators.contains_key(*n))
@@ -241,29 +253,39 @@ impl Catalog {
             let rows = self
                 .query(
                     &format!(
-                        "SELECT DISTINCT o.oprname FROM pg_catalog.pg_operator o \
+                        "SELECT DISTINCT o.oprname, {FOLDED_PRONAME} FROM pg_catalog.pg_operator o \
+                     JOIN pg_catalog.pg_proc p ON p.oid = o.oprcode \
                      JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace \
                      WHERE o.oprname IN ({list}) AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
                        WHERE d.classid = 'pg_catalog.pg_operator'::regclass AND d.objid = o.oid \
                        AND d.deptype = 'e')"
                     ),
-                    1,
+                    2,
                 )
                 .await?;
-            let user: std::collections::HashSet<&str> =
-                rows.iter().filter_map(|r| r[0].as_deref()).collect();
-            if self.operators.len() + missing.len() > MAX_CACHED {
+            let mut found: HashMap<&str, Vec<String>> =
+                missing.iter().map(|n| (n.as_str(), Vec::new())).collect();
+            for row in &rows {
+                if let [Some(op), Some(function)] = &row[..]
+                    && let Some(functions) = found.get_mut(op.as_str())
+                {
+                    functions.push(function.clone());
+                }
+            }
+            if self.operators.len() + found.len() > MAX_CACHED {
                 self.operators.clear();
             }
-            for name in missing {
-                let found = user.contains(name.as_str());
-                self.operators.insert(name.clone(), found);
+            for (name, functions) in found {
+                self.operators.insert(name.to_owned(), functions);
             }
         }
         Ok(names
             .iter()
-            .any(|n| self.operators.get(n).copied().unwrap_or(true)))
+            .filter_map(|n| self.operators.get(n))
+            .flatten()
+            .cloned()
+            .collect())
     }
 
     /// What the session's own definitions of functions named `name` read, if it made any.
@@ -317,7 +339,7 @@ impl Catalog {
         let rows = self
             .query(
                 &format!(
-                    "SELECT {FOLDED_PRONAME}, {LANGUAGE_AS_READ}, p.prosrc FROM pg_catalog.pg_proc p \
+                    "SELECT {FOLDED_PRONAME}, {LANGUAGE_AS_READ}, {BODY_AS_READ} FROM pg_catalog.pg_proc p \
                  JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
                  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
                  WHERE {FOLDED_PRONAME} IN ({list}) AND n.nspname NOT IN ('pg_catalog', 'information_schema') \

@@ -300,7 +300,11 @@ fn judge_one(ctx: &Context<'_>, s: &Statement) -> Verdict {
         };
     }
     if ctx.masked
-        && let Some(function) = s.functions.iter().find(|f| ctx.closing.contains(*f))
+        && let Some(function) = s
+            .functions
+            .iter()
+            .chain(&s.operators)
+            .find(|f| ctx.closing.contains(*f))
     {
         return Verdict::Deny {
             rule: "masking side channel".into(),

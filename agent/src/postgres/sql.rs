@@ -1345,6 +1345,11 @@ pub fn body_reads(language: &str, body: &str, mode: ParseMode) -> Option<ResultR
     let mut s = Statement::default();
     match language {
         "sql" => analyze_fragment(body, 0, mode, &mut s).ok()?,
+        super::catalog::SQL_DEFINITION => {
+            for statement in analyze(body, mode).ok()? {
+                absorb(&mut s, statement);
+            }
+        }
         "plpgsql" => {
             // Which return type the body was written for decides which RETURN forms
             // compile; the first one that does is the body as the server runs it.
@@ -1379,6 +1384,13 @@ pub fn body_closes_cursors(
     let mut s = Statement::default();
     let parsed = match language {
         "sql" => analyze_fragment(body, 0, mode, &mut s).is_ok(),
+        super::catalog::SQL_DEFINITION => match analyze(body, mode) {
+            Ok(statements) => {
+                statements.into_iter().for_each(|st| absorb(&mut s, st));
+                true
+            }
+            Err(_) => return (true, BTreeSet::new()),
+        },
         "plpgsql" => {
             plpgsql_mode(mode).is_ok()
                 && plpgsql_any_signature(body)
@@ -1842,6 +1854,16 @@ mod tests {
         ] {
             assert!(body_reads("sql", body, mode).is_none(), "{body}");
         }
+        // A SQL-standard body is read from its whole definition, as the server prints it.
+        let definition = "CREATE OR REPLACE FUNCTION public.f(c refcursor)\n RETURNS text\n LANGUAGE sql\nRETURN reopen(c)\n";
+        let (yes, calls) = closes(crate::postgres::catalog::SQL_DEFINITION, definition);
+        assert!(!yes && calls.contains("reopen"), "{calls:?}");
+        let definition = "CREATE OR REPLACE FUNCTION public.f(i integer)\n RETURNS text\n LANGUAGE sql\nBEGIN ATOMIC\n SELECT lower(users.email) AS lower\n    FROM users\n   WHERE (users.id = f.i);\nEND\n";
+        let r = body_reads(crate::postgres::catalog::SQL_DEFINITION, definition, mode).unwrap();
+        assert!(
+            r.names.contains("email") && r.relations.contains(&(None, "users".to_owned())),
+            "{r:?}"
+        );
         // Other languages are not read.
         assert_eq!(
             closes("plpython3u", "plpy.execute('CLOSE c')"),

@@ -291,15 +291,21 @@ impl Pump<'_> {
         if !self.masker.as_ref().is_some_and(Masker::has_column_rules) {
             return Ok(BTreeSet::new());
         }
+        // Functions called, and operators used (each a name whose calls are the functions
+        // behind it, when not built in).
         let called: BTreeSet<&str> = analysis
             .iter()
-            .flat_map(|s| s.functions.iter())
+            .flat_map(|s| s.functions.iter().chain(&s.operators))
             .map(String::as_str)
-            .filter(|f| !f.contains('.'))
+            .filter(|f| !f.contains('.') || f.chars().all(|c| !c.is_alphanumeric()))
             .collect();
         if called.is_empty() {
             return Ok(BTreeSet::new());
         }
+        let operators: BTreeSet<String> = analysis
+            .iter()
+            .flat_map(|s| s.operators.iter().cloned())
+            .collect();
         let failed = |why: &str| {
             PgError::error(
                 "58000",
@@ -318,7 +324,21 @@ impl Pump<'_> {
         let mut calls_of: std::collections::BTreeMap<String, Arc<(bool, BTreeSet<String>)>> =
             std::collections::BTreeMap::new();
         let mut seen: BTreeSet<String> = called.iter().map(|f| (*f).to_owned()).collect();
-        let mut level: Vec<String> = seen.iter().cloned().collect();
+        let mut level: Vec<String> = Vec::new();
+        for op in &operators {
+            let behind = catalog
+                .operator_functions(&BTreeSet::from([op.clone()]))
+                .await
+                .map_err(|_| failed("the catalog lookup failed"))?;
+            level.extend(behind.iter().filter(|f| seen.insert((*f).clone())).cloned());
+            calls_of.insert(op.clone(), Arc::new((false, behind)));
+        }
+        level.extend(
+            called
+                .iter()
+                .filter(|f| !operators.contains(**f))
+                .map(|f| (*f).to_owned()),
+        );
         while !level.is_empty() {
             let callers = calls_of.values().filter(|f| !f.1.is_empty()).count();
             if callers > MAX_CALLS_FOLLOWED || seen.len() > MAX_NAMES_LOOKED_UP {

@@ -406,47 +406,57 @@ impl Pump<'_> {
         // references count like the statement's own. A body that cannot be read (another
         // language, SQL built at run time) could return anything.
         let mut all = vec![Arc::new(refs.clone())];
-        let mut pending: Vec<String> = refs.functions.iter().cloned().collect();
+        // An operator created outside the gate calls a function the statement does not
+        // name, and `row.f` calls `f(row)` (attribute notation): both are followed as calls
+        // (a column name that names no function finds no body).
+        let mut pending: Vec<String> = match catalog.operator_functions(&refs.operators).await {
+            Ok(functions) => functions.into_iter().collect(),
+            Err(_) => return Some(Strategy::Null),
+        };
+        pending.extend(refs.functions.iter().cloned());
+        pending.extend(refs.names.iter().filter(|n| *n != "*").cloned());
+        let first: Vec<&str> = pending.iter().map(String::as_str).collect();
+        if catalog.prefetch_bodies(&first).await.is_err() {
+            return Some(Strategy::Null);
+        }
         let mut seen = std::collections::BTreeSet::new();
+        let mut followed = 0usize;
         while let Some(name) = pending.pop() {
             if !seen.insert(name.clone()) {
                 continue;
             }
-            if seen.len() > 64 {
-                return Some(Strategy::Redact);
-            }
-            if let Some(own) = catalog.defined_here(&name) {
-                if own.opaque {
-                    return Some(Strategy::Redact);
-                }
-                pending.extend(own.functions.iter().cloned());
-                all.push(own);
-            }
+            let own = catalog.defined_here(&name);
             let bodies = match catalog.function_bodies(&name).await {
                 Ok(b) => b,
                 Err(_) => return Some(Strategy::Null),
             };
+            if own.is_none() && bodies.is_empty() {
+                continue;
+            }
+            followed += 1;
+            if followed > 64 {
+                return Some(Strategy::Redact);
+            }
+            let mut read = Vec::new();
+            if let Some(own) = own {
+                if own.opaque {
+                    return Some(Strategy::Redact);
+                }
+                read.push(own);
+            }
             for (language, body) in bodies.iter() {
                 match crate::postgres::sql::body_reads(language, body, mode) {
-                    Some(body) => {
-                        pending.extend(body.functions.iter().cloned());
-                        all.push(Arc::new(body));
-                    }
+                    Some(body) => read.push(Arc::new(body)),
                     None => return Some(Strategy::Redact),
                 }
             }
-        }
-        // An operator created outside the gate runs a function the statement (or body) does
-        // not name.
-        let operators: std::collections::BTreeSet<String> = all
-            .iter()
-            .flat_map(|r| r.operators.iter().cloned())
-            .collect();
-        if !operators.is_empty() {
-            match catalog.user_operators(&operators).await {
-                Ok(false) => {}
-                Ok(true) => return Some(Strategy::Redact),
-                Err(_) => return Some(Strategy::Null),
+            for body in read {
+                pending.extend(body.functions.iter().cloned());
+                match catalog.operator_functions(&body.operators).await {
+                    Ok(functions) => pending.extend(functions),
+                    Err(_) => return Some(Strategy::Null),
+                }
+                all.push(body);
             }
         }
         for refs in &all {
