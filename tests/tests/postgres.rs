@@ -2366,6 +2366,8 @@ fn masked_values_do_not_leave_by_side_channels() {
          CREATE FUNCTION \"SwapCase\"(refcursor) RETURNS text LANGUAGE sql AS 'SELECT reopen($1)'; \
          CREATE FUNCTION std_reopen(c refcursor) RETURNS text LANGUAGE sql RETURN reopen(c); \
          CREATE OPERATOR %%% (RIGHTARG = refcursor, FUNCTION = reopen); \
+         CREATE FUNCTION via_op(refcursor) RETURNS text LANGUAGE sql AS 'SELECT %%% $1'; \
+         CREATE OPERATOR ~~~ (LEFTARG = tsquery, RIGHTARG = text, FUNCTION = ts_rewrite); \
          CREATE PROCEDURE swap_proc(refcursor) LANGUAGE plpgsql AS \
            $$ DECLARE c refcursor := $1; BEGIN CLOSE c; \
               OPEN c FOR SELECT lower(email) AS x FROM users WHERE id = 1; END $$; \
@@ -2377,6 +2379,11 @@ fn masked_values_do_not_leave_by_side_channels() {
         ("read", "SELECT \"SwapCase\"('rc')"),
         ("read", "SELECT std_reopen('rc')"),
         ("read", "SELECT %%% 'rc'::refcursor"),
+        ("read", "SELECT via_op('rc')"),
+        (
+            "read",
+            "SELECT 'a'::tsquery ~~~ 'select ''a''::tsquery, to_tsquery(email) from users'",
+        ),
         ("write", "CALL swap_proc('rc')"),
     ] {
         let ran = psql(

@@ -240,9 +240,16 @@ impl Catalog {
         &mut self,
         names: &std::collections::BTreeSet<String>,
     ) -> Result<std::collections::BTreeSet<String>, CatalogError> {
+        let mut behind = std::collections::BTreeSet::new();
         let missing: Vec<&String> = names
             .iter()
-            .filter(|n| !self.operators.contains_key(*n))
+            .filter(|n| match self.operators.get(*n) {
+                Some(functions) => {
+                    behind.extend(functions.iter().cloned());
+                    false
+                }
+                None => true,
+            })
             .collect();
         if !missing.is_empty() {
             let list = missing
@@ -273,6 +280,8 @@ impl Catalog {
                     functions.push(function.clone());
                 }
             }
+            // The answer is taken before the cache may be cleared to make room.
+            behind.extend(found.values().flatten().cloned());
             if self.operators.len() + found.len() > MAX_CACHED {
                 self.operators.clear();
             }
@@ -280,12 +289,7 @@ impl Catalog {
                 self.operators.insert(name.to_owned(), functions);
             }
         }
-        Ok(names
-            .iter()
-            .filter_map(|n| self.operators.get(n))
-            .flatten()
-            .cloned()
-            .collect())
+        Ok(behind)
     }
 
     /// What the session's own definitions of functions named `name` read, if it made any.

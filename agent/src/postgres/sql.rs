@@ -334,6 +334,25 @@ const RUNS_WHAT_IT_IS_GIVEN: &[&str] = &[
     "ts_rewrite",
 ];
 
+/// Whether a built-in function `name` (plain) reads rows or a query named by its arguments,
+/// or carries a value around result rows (`pg_notify`, `set_config`): called behind an
+/// operator, where the statement's own analysis cannot see it, its values cannot be
+/// masked by what the statement reads.
+pub fn reads_or_sends_around_results(name: &str) -> bool {
+    RUNS_WHAT_IT_IS_GIVEN.contains(&name) || name == "pg_notify" || name == "set_config"
+}
+
+/// The key an operator used in a body (or a statement) goes by among function names in the
+/// cursor check: no function name starts with a NUL.
+pub fn operator_key(op: &str) -> String {
+    format!("\0op:{op}")
+}
+
+/// The operator an [`operator_key`] stands for.
+pub fn operator_of_key(key: &str) -> Option<&str> {
+    key.strip_prefix("\0op:")
+}
+
 /// Functions whose first argument names a setting that `read` sessions may not change.
 const READ_ONLY_SETTINGS: &[&str] = &[
     "default_transaction_read_only",
@@ -1414,6 +1433,9 @@ pub fn body_closes_cursors(
         .into_iter()
         .filter(|f| !f.contains('.'))
         .collect();
+    // Operators it uses stand for the functions behind them.
+    let mut calls: BTreeSet<String> = calls;
+    calls.extend(s.operators.iter().map(|op| operator_key(op)));
     // SQL built at run time may close anything.
     (
         s.closes_cursors || s.hazards.contains(&Hazard::DynamicSql),
@@ -1843,6 +1865,10 @@ mod tests {
             standard_conforming_strings: false,
         };
         assert!(body_closes_cursors("plpgsql", "BEGIN x := 1; END", off).0);
+        // Operators a body uses stand for the functions behind them.
+        let (_, calls) = closes("sql", "SELECT %%% $1");
+        assert!(calls.contains(&operator_key("%%%")), "{calls:?}");
+        assert_eq!(operator_of_key(&operator_key("%%%")), Some("%%%"));
         // SQL built at run time may close anything; a procedure called is followed.
         assert!(closes("plpgsql", "BEGIN EXECUTE 'CLOSE ' || quote_ident($1); END").0);
         let (yes, calls) = closes("plpgsql", "BEGIN CALL reopen_proc($1); RETURN 1; END");

@@ -324,33 +324,47 @@ impl Pump<'_> {
         let mut calls_of: std::collections::BTreeMap<String, Arc<(bool, BTreeSet<String>)>> =
             std::collections::BTreeMap::new();
         let mut seen: BTreeSet<String> = called.iter().map(|f| (*f).to_owned()).collect();
-        let mut level: Vec<String> = Vec::new();
-        for op in &operators {
-            let behind = catalog
-                .operator_functions(&BTreeSet::from([op.clone()]))
-                .await
-                .map_err(|_| failed("the catalog lookup failed"))?;
-            level.extend(behind.iter().filter(|f| seen.insert((*f).clone())).cloned());
-            calls_of.insert(op.clone(), Arc::new((false, behind)));
-        }
-        level.extend(
-            called
-                .iter()
-                .filter(|f| !operators.contains(**f))
-                .map(|f| (*f).to_owned()),
-        );
+        // Operators (the statement's, and those bodies use, keyed apart from functions)
+        // stand for the functions behind them; one behind which a built-in reads what it is
+        // given or sends a value around results counts as closing (it cannot be followed).
+        let mut level: Vec<String> = called
+            .iter()
+            .map(|f| {
+                if operators.contains(*f) {
+                    crate::postgres::sql::operator_key(f)
+                } else {
+                    (*f).to_owned()
+                }
+            })
+            .collect();
         while !level.is_empty() {
             let callers = calls_of.values().filter(|f| !f.1.is_empty()).count();
             if callers > MAX_CALLS_FOLLOWED || seen.len() > MAX_NAMES_LOOKED_UP {
                 return Err(failed("too many functions call one another"));
             }
-            let names: Vec<&str> = level.iter().map(String::as_str).collect();
+            let names: Vec<&str> = level
+                .iter()
+                .map(String::as_str)
+                .filter(|n| crate::postgres::sql::operator_of_key(n).is_none())
+                .collect();
             catalog
                 .prefetch_bodies(&names)
                 .await
                 .map_err(|_| failed("the catalog lookup failed"))?;
             let mut next = Vec::new();
             for name in level {
+                if let Some(op) = crate::postgres::sql::operator_of_key(&name) {
+                    let behind = catalog
+                        .operator_functions(&BTreeSet::from([op.to_owned()]))
+                        .await
+                        .map_err(|_| failed("the catalog lookup failed"))?;
+                    let dangerous = behind
+                        .iter()
+                        .any(|f| crate::postgres::sql::reads_or_sends_around_results(f));
+                    next.extend(behind.iter().filter(|f| seen.insert((*f).clone())).cloned());
+                    calls_of.insert(name, Arc::new((dangerous, behind)));
+                    continue;
+                }
                 let read = |language: &str, body: &str| {
                     crate::postgres::sql::body_closes_cursors(language, body, mode)
                 };
@@ -369,7 +383,25 @@ impl Pump<'_> {
             }
             level = next;
         }
-        let closing = reaching_closers(&called, &calls_of);
+        // Operators are judged by their own names (see guard.rs).
+        let roots: BTreeSet<String> = called
+            .iter()
+            .map(|f| {
+                if operators.contains(*f) {
+                    crate::postgres::sql::operator_key(f)
+                } else {
+                    (*f).to_owned()
+                }
+            })
+            .collect();
+        let roots: BTreeSet<&str> = roots.iter().map(String::as_str).collect();
+        let closing = reaching_closers(&roots, &calls_of)
+            .into_iter()
+            .map(|k| match crate::postgres::sql::operator_of_key(&k) {
+                Some(op) => op.to_owned(),
+                None => k,
+            })
+            .collect();
         Ok(closing)
     }
 

@@ -409,7 +409,15 @@ impl Pump<'_> {
         // An operator created outside the gate calls a function the statement does not
         // name, and `row.f` calls `f(row)` (attribute notation): both are followed as calls
         // (a column name that names no function finds no body).
+        // A built-in behind an operator that reads what it is given (`ts_rewrite`) returns
+        // what the statement does not read.
+        let around = |functions: &std::collections::BTreeSet<String>| {
+            functions
+                .iter()
+                .any(|f| crate::postgres::sql::reads_or_sends_around_results(f))
+        };
         let mut pending: Vec<String> = match catalog.operator_functions(&refs.operators).await {
+            Ok(functions) if around(&functions) => return Some(Strategy::Redact),
             Ok(functions) => functions.into_iter().collect(),
             Err(_) => return Some(Strategy::Null),
         };
@@ -453,6 +461,7 @@ impl Pump<'_> {
             for body in read {
                 pending.extend(body.functions.iter().cloned());
                 match catalog.operator_functions(&body.operators).await {
+                    Ok(functions) if around(&functions) => return Some(Strategy::Redact),
                     Ok(functions) => pending.extend(functions),
                     Err(_) => return Some(Strategy::Null),
                 }
