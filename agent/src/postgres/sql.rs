@@ -453,9 +453,12 @@ fn names(list: &Value) -> String {
 /// joined by dots, so its own name would be taken for a schema and a name, and its body
 /// never looked up. Masking cannot follow what it returns or does.
 fn dotted_name(list: &Value, s: &mut Statement) {
+    // The schema's part may hold one: the name's own part is still the last.
     let dotted = list
         .as_array()
-        .is_some_and(|items| items.iter().filter_map(sval).any(|part| part.contains('.')));
+        .and_then(|items| items.last())
+        .and_then(sval)
+        .is_some_and(|part| part.contains('.'));
     if dotted && s.side_channel.is_none() {
         s.side_channel = Some("a function whose name holds a '.' cannot be looked up".into());
     }
@@ -1767,6 +1770,7 @@ mod tests {
             assert!(one(sql).side_channel.is_some(), "{sql}");
         }
         assert!(one("SELECT public.upper('a')").side_channel.is_none());
+        assert!(one("SELECT \"app.v1\".f(1)").side_channel.is_none());
     }
 
     /// Operators are listed wherever they are used, schema-qualified or not, in bodies too:
