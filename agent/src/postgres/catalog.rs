@@ -87,6 +87,15 @@ pub const SQL_DEFINITION: &str = "sql-definition";
 /// The language [`LANGUAGE_AS_READ`] gives a body the gate cannot read as the server runs it.
 pub const UNREADABLE: &str = "?";
 
+/// Names as a list of literals for `IN (...)`.
+fn literal_list(names: &[impl AsRef<str>]) -> String {
+    names
+        .iter()
+        .map(|n| quote_literal(n.as_ref()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Quotes an identifier the way `quote_ident` does.
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -252,11 +261,7 @@ impl Catalog {
             })
             .collect();
         if !missing.is_empty() {
-            let list = missing
-                .iter()
-                .map(|n| quote_literal(n))
-                .collect::<Vec<_>>()
-                .join(",");
+            let list = literal_list(&missing);
             let rows = self
                 .query(
                     &format!(
@@ -335,11 +340,7 @@ impl Catalog {
         if missing.is_empty() {
             return Ok(());
         }
-        let list = missing
-            .iter()
-            .map(|n| quote_literal(n))
-            .collect::<Vec<_>>()
-            .join(",");
+        let list = literal_list(&missing);
         let rows = self
             .query(
                 &format!(

@@ -327,7 +327,7 @@ impl Pump<'_> {
         // Operators (the statement's, and those bodies use, keyed apart from functions)
         // stand for the functions behind them; one behind which a built-in reads what it is
         // given or sends a value around results counts as closing (it cannot be followed).
-        let mut level: Vec<String> = called
+        let roots: BTreeSet<String> = called
             .iter()
             .map(|f| {
                 if operators.contains(*f) {
@@ -337,6 +337,7 @@ impl Pump<'_> {
                 }
             })
             .collect();
+        let mut level: Vec<String> = roots.iter().cloned().collect();
         while !level.is_empty() {
             let callers = calls_of.values().filter(|f| !f.1.is_empty()).count();
             if callers > MAX_CALLS_FOLLOWED || seen.len() > MAX_NAMES_LOOKED_UP {
@@ -384,16 +385,6 @@ impl Pump<'_> {
             level = next;
         }
         // Operators are judged by their own names (see guard.rs).
-        let roots: BTreeSet<String> = called
-            .iter()
-            .map(|f| {
-                if operators.contains(*f) {
-                    crate::postgres::sql::operator_key(f)
-                } else {
-                    (*f).to_owned()
-                }
-            })
-            .collect();
         let roots: BTreeSet<&str> = roots.iter().map(String::as_str).collect();
         let closing = reaching_closers(&roots, &calls_of)
             .into_iter()
