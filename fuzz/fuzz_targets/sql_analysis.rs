@@ -1,6 +1,6 @@
 //! The statement analysis every Query and Parse goes through: libpg_query's parse, the walk
 //! over the tree (kinds, tables, functions, hazards, result sources), PL/pgSQL and SQL
-//! function bodies, DO blocks, the literal-free shape cache key, and error positions. Any
+//! function bodies (what they read, close and call), DO blocks, the literal-free shape cache key, and error positions. Any
 //! text a workload can send: errors are fine, panics and hangs are not.
 #![no_main]
 
@@ -21,6 +21,12 @@ fuzz_target!(|data: &[u8]| {
         let _ = sql::analyze(text, mode);
         let _ = sql::body_reads("plpgsql", text, mode);
         let _ = sql::body_reads("sql", text, mode);
+        // Stored bodies as the cursor check reads them: parsed, or (when they do not
+        // compile here) from their tokens; SQL-standard bodies from their definition.
+        for language in ["plpgsql", "sql", jitgate::postgres::catalog::SQL_DEFINITION] {
+            let _ = sql::body_closes_cursors(language, text, mode);
+        }
+        let _ = sql::body_reads(jitgate::postgres::catalog::SQL_DEFINITION, text, mode);
     }
     let _ = shape::shape(text);
     let _ = shape::statement_text(text);
