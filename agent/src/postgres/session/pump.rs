@@ -343,15 +343,27 @@ impl Pump<'_> {
             if callers > MAX_CALLS_FOLLOWED || seen.len() > MAX_NAMES_LOOKED_UP {
                 return Err(failed("too many functions call one another"));
             }
-            let names: Vec<&str> = level
+            // One lookup per level for the functions' bodies and one for the operators'
+            // functions not cached yet; each name below then reads the caches.
+            let (ops, names): (Vec<&str>, Vec<&str>) = level
                 .iter()
                 .map(String::as_str)
-                .filter(|n| crate::postgres::sql::operator_of_key(n).is_none())
-                .collect();
+                .partition(|n| crate::postgres::sql::operator_of_key(n).is_some());
             catalog
                 .prefetch_bodies(&names)
                 .await
                 .map_err(|_| failed("the catalog lookup failed"))?;
+            let ops: BTreeSet<String> = ops
+                .iter()
+                .filter_map(|k| crate::postgres::sql::operator_of_key(k))
+                .map(str::to_owned)
+                .collect();
+            if !ops.is_empty() {
+                catalog
+                    .operator_functions(&ops)
+                    .await
+                    .map_err(|_| failed("the catalog lookup failed"))?;
+            }
             let mut next = Vec::new();
             for name in level {
                 if let Some(op) = crate::postgres::sql::operator_of_key(&name) {
